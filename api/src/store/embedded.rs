@@ -1,0 +1,411 @@
+//! The embedded store: SQLite, one file in the data directory.
+//!
+//! Why SQLite: it is the most widely deployed transactional engine there is, survives crashes (WAL),
+//! and gives us the uniqueness rules (send parity) as constraints inside one transaction, with no
+//! server to run. One connection behind a mutex is enough for one machine: writes are serialised by
+//! SQLite anyway, and every call runs on the blocking pool so it never stalls the async runtime.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use confab_schema::{Chat, ChatId, Member, MemberRole, Signal, SignalId, User, UserId};
+use rusqlite::{Connection, OptionalExtension, params};
+use uuid::Uuid;
+
+use super::{Inserted, NewChat, Store, StoreError, created_at, from_millis, millis, parse};
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE users (
+    id BLOB PRIMARY KEY,
+    username TEXT NOT NULL,
+    display_name TEXT NOT NULL,
+    email TEXT,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE chats (
+    id BLOB PRIMARY KEY,
+    kind TEXT NOT NULL,
+    name TEXT,
+    description TEXT,
+    created_at INTEGER NOT NULL,
+    created_by BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE chat_members (
+    chat_id BLOB NOT NULL,
+    user_id BLOB NOT NULL,
+    role TEXT NOT NULL,
+    joined_at INTEGER NOT NULL,
+    PRIMARY KEY (chat_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX chat_members_by_user ON chat_members (user_id, chat_id);
+-- Signal ids are UUIDv7 stored big-endian, so byte order is time order.
+CREATE TABLE signals (
+    chat_id BLOB NOT NULL,
+    id BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    author_id BLOB NOT NULL,
+    nonce TEXT,
+    text TEXT,
+    reply_to BLOB,
+    attachments TEXT NOT NULL DEFAULT '[]',
+    edited_at INTEGER,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (chat_id, id)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX signals_send_parity ON signals (chat_id, author_id, nonce) WHERE nonce IS NOT NULL;
+"#];
+
+pub struct EmbeddedStore {
+    connection: Arc<Mutex<Connection>>,
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        }
+        let connection = Connection::open(path).map_err(unavailable)?;
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = NORMAL;
+                 PRAGMA foreign_keys = ON;
+                 PRAGMA busy_timeout = 5000;",
+            )
+            .map_err(unavailable)?;
+        migrate(&connection)?;
+        Ok(EmbeddedStore {
+            connection: Arc::new(Mutex::new(connection)),
+        })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let connection = Arc::clone(&self.connection);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = connection
+                .lock()
+                .map_err(|_| StoreError::Unavailable("embedded store poisoned by a panic".into()))?;
+            work(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    }
+}
+
+fn unavailable(error: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+fn migrate(connection: &Connection) -> Result<(), StoreError> {
+    let applied: usize = connection
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(unavailable)?;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let version = index + 1;
+        connection
+            .execute_batch(&format!("BEGIN; {migration} PRAGMA user_version = {version}; COMMIT;"))
+            .map_err(unavailable)?;
+        tracing::info!(version, "embedded store migrated");
+    }
+    Ok(())
+}
+
+fn blob(id: Uuid) -> [u8; 16] {
+    *id.as_bytes()
+}
+
+fn uuid_from(bytes: Vec<u8>) -> Result<Uuid, StoreError> {
+    Uuid::from_slice(&bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+const SIGNAL_COLUMNS: &str = "chat_id, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted";
+
+type SignalRow = (
+    Vec<u8>,
+    Vec<u8>,
+    String,
+    Vec<u8>,
+    Option<String>,
+    Option<String>,
+    Option<Vec<u8>>,
+    String,
+    Option<i64>,
+    bool,
+);
+
+fn signal_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SignalRow> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+        row.get(7)?,
+        row.get(8)?,
+        row.get(9)?,
+    ))
+}
+
+fn to_signal(row: SignalRow) -> Result<Signal, StoreError> {
+    let (chat_id, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted) = row;
+    let id = SignalId(uuid_from(id)?);
+    Ok(Signal {
+        id,
+        chat_id: ChatId(uuid_from(chat_id)?),
+        kind: parse(&kind)?,
+        author_id: UserId(uuid_from(author_id)?),
+        created_at: created_at(id)?,
+        nonce,
+        text,
+        reply_to: reply_to.map(uuid_from).transpose()?.map(SignalId),
+        attachments: serde_json::from_str(&attachments).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        edited_at: edited_at.map(from_millis).transpose()?,
+        deleted,
+        reactions: Default::default(),
+    })
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn check(&self) -> Result<(), StoreError> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
+            .await
+    }
+
+    async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
+        let user = user.clone();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO users (id, username, display_name, email, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET username = ?2, display_name = ?3, email = ?4, updated_at = ?5",
+                params![
+                    blob(user.id.0),
+                    user.username,
+                    user.display_name,
+                    user.email,
+                    millis(time::OffsetDateTime::now_utc())
+                ],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_user(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        self.with(move |c| {
+            c.query_row(
+                "SELECT username, display_name, email FROM users WHERE id = ?1",
+                params![blob(id.0)],
+                |row| {
+                    Ok(User {
+                        id,
+                        username: row.get(0)?,
+                        display_name: row.get(1)?,
+                        email: row.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn create_chat(&self, chat: &NewChat) -> Result<(), StoreError> {
+        let chat = chat.clone();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO chats (id, kind, name, description, created_at, created_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    blob(chat.id.0),
+                    chat.kind.as_str(),
+                    chat.name,
+                    chat.description,
+                    millis(chat.created_at),
+                    blob(chat.created_by.0)
+                ],
+            )
+            .map_err(unavailable)?;
+            {
+                let mut insert = tx
+                    .prepare(
+                        "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (chat_id, user_id) DO UPDATE SET role = ?3",
+                    )
+                    .map_err(unavailable)?;
+                for (user, role) in &chat.members {
+                    insert
+                        .execute(params![blob(chat.id.0), blob(user.0), role.as_str(), millis(chat.created_at)])
+                        .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn get_chat(&self, id: ChatId) -> Result<Option<Chat>, StoreError> {
+        let row = self
+            .with(move |c| {
+                c.query_row(
+                    "SELECT kind, name, description, created_at, created_by FROM chats WHERE id = ?1",
+                    params![blob(id.0)],
+                    |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, Option<String>>(1)?,
+                            row.get::<_, Option<String>>(2)?,
+                            row.get::<_, i64>(3)?,
+                            row.get::<_, Vec<u8>>(4)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(unavailable)
+            })
+            .await?;
+        row.map(|(kind, name, description, created, created_by)| {
+            Ok(Chat {
+                id,
+                kind: parse(&kind)?,
+                name,
+                description,
+                created_at: from_millis(created)?,
+                created_by: UserId(uuid_from(created_by)?),
+                my_role: None,
+                latest_signal: None,
+                unread_count: 0,
+            })
+        })
+        .transpose()
+    }
+
+    async fn member_role(&self, chat: ChatId, user: UserId) -> Result<Option<MemberRole>, StoreError> {
+        let role = self
+            .with(move |c| {
+                c.query_row(
+                    "SELECT role FROM chat_members WHERE chat_id = ?1 AND user_id = ?2",
+                    params![blob(chat.0), blob(user.0)],
+                    |row| row.get::<_, String>(0),
+                )
+                .optional()
+                .map_err(unavailable)
+            })
+            .await?;
+        role.map(|r| parse(&r)).transpose()
+    }
+
+    async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError> {
+        let rows = self
+            .with(move |c| {
+                let mut statement = c
+                    .prepare_cached("SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ?1")
+                    .map_err(unavailable)?;
+                let rows = statement
+                    .query_map(params![blob(chat.0)], |row| {
+                        Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
+                    })
+                    .map_err(unavailable)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(unavailable)?;
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(user, role, joined)| {
+                Ok(Member {
+                    user_id: UserId(uuid_from(user)?),
+                    role: parse(&role)?,
+                    joined_at: from_millis(joined)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError> {
+        let signal = signal.clone();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            let attachments = serde_json::to_string(&signal.attachments).unwrap_or_else(|_| "[]".into());
+            // The partial unique index makes a second (chat, author, nonce) a no-op.
+            let stored = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO signals (chat_id, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )
+                .map_err(unavailable)?
+                .execute(params![
+                    blob(signal.chat_id.0),
+                    blob(signal.id.0),
+                    signal.kind.as_str(),
+                    blob(signal.author_id.0),
+                    signal.nonce,
+                    signal.text,
+                    signal.reply_to.map(|r| blob(r.0)),
+                    attachments,
+                    signal.edited_at.map(millis),
+                    signal.deleted
+                ])
+                .map_err(unavailable)?;
+            let outcome = if stored == 1 {
+                Inserted::Created(signal)
+            } else {
+                let row = tx
+                    .query_row(
+                        &format!(
+                            "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ?1 AND author_id = ?2 AND nonce = ?3"
+                        ),
+                        params![blob(signal.chat_id.0), blob(signal.author_id.0), signal.nonce],
+                        signal_row,
+                    )
+                    .map_err(unavailable)?;
+                Inserted::Existing(to_signal(row)?)
+            };
+            tx.commit().map_err(unavailable)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn signals_before(
+        &self,
+        chat: ChatId,
+        before: Option<SignalId>,
+        limit: usize,
+    ) -> Result<Vec<Signal>, StoreError> {
+        let rows = self
+            .with(move |c| {
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let rows = match before {
+                    Some(before) => c
+                        .prepare_cached(&format!(
+                            "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3"
+                        ))
+                        .map_err(unavailable)?
+                        .query_map(params![blob(chat.0), blob(before.0), limit], signal_row)
+                        .map_err(unavailable)?
+                        .collect::<Result<Vec<_>, _>>(),
+                    None => c
+                        .prepare_cached(&format!(
+                            "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ?1 ORDER BY id DESC LIMIT ?2"
+                        ))
+                        .map_err(unavailable)?
+                        .query_map(params![blob(chat.0), limit], signal_row)
+                        .map_err(unavailable)?
+                        .collect::<Result<Vec<_>, _>>(),
+                };
+                rows.map_err(unavailable)
+            })
+            .await?;
+        rows.into_iter().map(to_signal).collect()
+    }
+}

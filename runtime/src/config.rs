@@ -1,0 +1,344 @@
+//! confab's one typed configuration: defaults, then a TOML file (`--config`, or `CONFAB_CONFIG`, or
+//! `confab.toml` in the working directory when present), then `CONFAB_` environment variables with
+//! `__` between section and field (`CONFAB_STORE__BACKEND=cql`). Every field's default is documented
+//! next to it. The defaults run the embedded single-node stack.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where embedded state lives (the embedded store, the dev signing key). Default `./confab-data`.
+    pub data_dir: PathBuf,
+    /// Secret for signed tickets and cursors, shared by every instance of a deployment. Default: none,
+    /// which makes each process generate its own at start-up (fine for `confab serve`; set it when
+    /// running several instances).
+    pub secret_key: Option<String>,
+    pub api: ListenConfig,
+    pub notifier: NotifierConfig,
+    pub ws_plexer: ListenConfig,
+    pub store: StoreConfig,
+    pub bus: BusConfig,
+    pub identity: IdentityConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./confab-data"),
+            secret_key: None,
+            api: ListenConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            },
+            notifier: NotifierConfig::default(),
+            ws_plexer: ListenConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 8082)),
+            },
+            store: StoreConfig::default(),
+            bus: BusConfig::default(),
+            identity: IdentityConfig::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Address to listen on. Defaults: api `127.0.0.1:8080` (also `confab serve`'s single port),
+    /// ws-plexer `127.0.0.1:8082`.
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifierConfig {
+    /// Address to listen on. Default `127.0.0.1:8081`.
+    pub listen: SocketAddr,
+    /// How long an SSE/WebSocket ticket stays valid, in seconds. Default 60.
+    pub ticket_ttl_secs: u64,
+    /// Interval of SSE keep-alive comments, in seconds. Default 15.
+    pub keep_alive_secs: u64,
+    /// Events buffered per connection before a slow client is disconnected. Default 1024.
+    pub connection_buffer: usize,
+}
+
+impl Default for NotifierConfig {
+    fn default() -> Self {
+        NotifierConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            ticket_ttl_secs: 60,
+            keep_alive_secs: 15,
+            connection_buffer: 1024,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// SQLite in `data_dir`, for one machine.
+    Embedded,
+    /// ScyllaDB (production) or Apache Cassandra.
+    Cql,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `embedded` or `cql`. Default `embedded`.
+    pub backend: StoreBackend,
+    /// CQL contact points, comma-separated `host:port`. Default `127.0.0.1:9042`.
+    pub cql_contact_points: String,
+    /// CQL keyspace. Default `confab`.
+    pub keyspace: String,
+    /// Replication map used when `confab migrate` creates the keyspace. Default
+    /// `{'class': 'SimpleStrategy', 'replication_factor': 1}`; production uses
+    /// `{'class': 'NetworkTopologyStrategy', '<dc>': 3}`.
+    pub replication: String,
+    /// CQL request timeout in milliseconds. Default 5000.
+    pub request_timeout_ms: u64,
+    /// Embedded database file. Default `<data_dir>/confab.sqlite3`.
+    pub embedded_path: Option<PathBuf>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackend::Embedded,
+            cql_contact_points: "127.0.0.1:9042".into(),
+            keyspace: "confab".into(),
+            replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+            request_timeout_ms: 5_000,
+            embedded_path: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusBackend {
+    /// In-process broadcast, for one process.
+    Embedded,
+    /// NATS.
+    Nats,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// `embedded` or `nats`. Default `embedded`.
+    pub backend: BusBackend,
+    /// NATS server URL. Default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// Prefix of every subject, so deployments (and tests) can share a NATS server. Default `confab`.
+    pub subject_prefix: String,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            backend: BusBackend::Embedded,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            subject_prefix: "confab".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityMode {
+    /// Tokens from `confab dev-token`, signed with a key in `data_dir`. Loopback only.
+    Dev,
+    /// Bearer tokens from an OpenID Connect provider (Keycloak).
+    Oidc,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// `dev` or `oidc`. Default `dev`.
+    pub mode: IdentityMode,
+    /// OIDC issuer URL (discovery at `<issuer>/.well-known/openid-configuration`). Default
+    /// `http://127.0.0.1:8180/realms/confab`.
+    pub issuer_url: String,
+    /// Client ids whose tokens are accepted: a token's `azp` must be one of them, or its `aud` must
+    /// contain one. Comma-separated. Default `confab-web`.
+    pub client_ids: String,
+    /// Clock skew tolerated on `exp`/`nbf`, in seconds. Default 30.
+    pub leeway_secs: u64,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            mode: IdentityMode::Dev,
+            issuer_url: "http://127.0.0.1:8180/realms/confab".into(),
+            client_ids: "confab-web".into(),
+            leeway_secs: 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `tracing` filter directive. Default `info` (overridden by `RUST_LOG`).
+    pub log_filter: String,
+    /// `text` or `json` log lines. Default `text`.
+    pub log_format: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            log_filter: "info".into(),
+            log_format: "text".into(),
+        }
+    }
+}
+
+/// Top-level keys the environment may set; other `CONFAB_*` variables are not configuration.
+const SECTIONS: &[&str] = &[
+    "data_dir", "secret_key", "api", "notifier", "ws_plexer", "store", "bus", "identity", "telemetry",
+];
+
+impl Config {
+    /// Loads defaults, then `file` (or `CONFAB_CONFIG`, or `./confab.toml` when present), then the
+    /// `CONFAB_` environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("CONFAB_CONFIG").map(PathBuf::from))
+            .or_else(|| Some(PathBuf::from("confab.toml")).filter(|p| p.exists()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!("config file {} not found", file.display())));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(
+            Env::prefixed("CONFAB_")
+                .filter(|key| {
+                    let key = key.as_str().to_ascii_lowercase();
+                    SECTIONS.iter().any(|s| key == *s || key.starts_with(&format!("{s}__")))
+                })
+                .split("__"),
+        );
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !confab_schema::subjects::is_valid_prefix(&self.bus.subject_prefix) {
+            return Err(ConfigError::Invalid(format!(
+                "bus.subject_prefix `{}` must be dot-separated tokens of letters, digits, `_` or `-`",
+                self.bus.subject_prefix
+            )));
+        }
+        if !self
+            .store
+            .keyspace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || self.store.keyspace.is_empty()
+            || self.store.keyspace.len() > 48
+        {
+            return Err(ConfigError::Invalid(format!(
+                "store.keyspace `{}` must be 1-48 letters, digits or `_`",
+                self.store.keyspace
+            )));
+        }
+        if self.identity.mode == IdentityMode::Oidc && self.client_ids().is_empty() {
+            return Err(ConfigError::Invalid("identity.client_ids is empty".into()));
+        }
+        Ok(())
+    }
+
+    pub fn client_ids(&self) -> Vec<String> {
+        self.identity
+            .client_ids
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn embedded_store_path(&self) -> PathBuf {
+        self.store
+            .embedded_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("confab.sqlite3"))
+    }
+
+    /// The secret for signed tokens: configured, or fresh random bytes for this process.
+    pub fn secret_bytes(&self) -> Vec<u8> {
+        match &self.secret_key {
+            Some(secret) if !secret.is_empty() => secret.as_bytes().to_vec(),
+            _ => rand::random::<[u8; 32]>().to_vec(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_the_embedded_stack_on_loopback() {
+        let config = Config::default();
+        assert_eq!(config.store.backend, StoreBackend::Embedded);
+        assert_eq!(config.bus.backend, BusBackend::Embedded);
+        assert_eq!(config.identity.mode, IdentityMode::Dev);
+        assert!(config.api.listen.ip().is_loopback());
+        assert_eq!(config.api.listen.port(), 8080);
+        assert_eq!(config.notifier.listen.port(), 8081);
+        assert_eq!(config.ws_plexer.listen.port(), 8082);
+        config.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[store]\nbackend = \"cql\"\nkeyspace = \"from_file\"\n[bus]\nsubject_prefix = \"f\"\n",
+            )?;
+            jail.set_env("CONFAB_STORE__KEYSPACE", "from_env");
+            jail.set_env("CONFAB_TEST_SOMETHING", "ignored");
+            let config = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.store.backend, StoreBackend::Cql);
+            assert_eq!(config.store.keyspace, "from_env");
+            assert_eq!(config.bus.subject_prefix, "f");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[store]\nbakend = \"cql\"\n")?;
+            assert!(Config::load(Some(Path::new("c.toml"))).is_err());
+            jail.create_file("d.toml", "[bus]\nsubject_prefix = \"a b\"\n")?;
+            assert!(Config::load(Some(Path::new("d.toml"))).is_err());
+            Ok(())
+        });
+    }
+}

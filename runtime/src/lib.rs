@@ -1,0 +1,17 @@
+//! The seams every confab process shares: typed configuration, telemetry (tracing, metrics, health
+//! and readiness), identity (OIDC and dev tokens), the event bus (NATS and in-process), signed
+//! tokens (SSE tickets, cursors), `application/problem+json` responses and graceful shutdown.
+//!
+//! Each external system sits behind a small trait here ([`identity::Identity`], [`bus::Bus`]) with a
+//! production implementation and an embedded one.
+
+pub mod bus;
+pub mod config;
+pub mod identity;
+pub mod problem;
+pub mod shutdown;
+pub mod signed;
+pub mod telemetry;
+
+pub use config::Config;
+pub use problem::Problem;

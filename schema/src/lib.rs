@@ -1,0 +1,16 @@
+//! The vocabulary every confab process shares: ids, the wire model, the event envelope published on the
+//! bus, subject names, input limits and the CQL migrations.
+//!
+//! Invariant: this crate does no I/O. It is linked by every process and by clients' test code, so it
+//! stays free of drivers, runtimes and sockets.
+
+pub mod event;
+pub mod ids;
+pub mod limits;
+pub mod migrations;
+pub mod model;
+pub mod subjects;
+
+pub use event::{Envelope, Event, EventKind};
+pub use ids::{ChatId, IdError, SignalId, UserId};
+pub use model::{Chat, ChatKind, Member, MemberRole, Signal, SignalKind, User};

@@ -1,0 +1,70 @@
+//! CQL migrations, numbered and applied in order by `confab migrate`. Each file holds statements
+//! separated by `;` and must be safe to apply twice (`IF NOT EXISTS`), because a migration that failed
+//! half-way is re-run whole. Only CQL that both ScyllaDB and Apache Cassandra 5 accept: no
+//! materialized views, no secondary indexes, no `ALLOW FILTERING`.
+
+/// One schema migration.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub cql: &'static str,
+}
+
+pub const CQL_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "initial",
+    cql: include_str!("../cql/0001_initial.cql"),
+}];
+
+impl Migration {
+    /// The statements of this migration, comments and blank lines removed.
+    pub fn statements(&self) -> Vec<String> {
+        let without_comments: String = self
+            .cql
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        without_comments
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// Width of a history bucket: one UTC day. See docs/ARCHITECTURE.md for the arithmetic.
+pub const SIGNAL_BUCKET_MILLIS: i64 = 86_400_000;
+
+/// The history bucket a signal created at `unix_millis` falls in.
+pub fn signal_bucket(unix_millis: i64) -> i32 {
+    i32::try_from(unix_millis.div_euclid(SIGNAL_BUCKET_MILLIS)).unwrap_or(i32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_in_order_and_idempotent() {
+        for (index, migration) in CQL_MIGRATIONS.iter().enumerate() {
+            assert_eq!(migration.version as usize, index + 1);
+            for statement in migration.statements() {
+                let upper = statement.to_uppercase();
+                assert!(upper.contains("IF NOT EXISTS"), "not idempotent: {statement}");
+                for banned in ["MATERIALIZED VIEW", "CREATE INDEX", "ALLOW FILTERING", "USING TIMEOUT"] {
+                    assert!(!upper.contains(banned), "{banned} is not portable: {statement}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn buckets_are_days() {
+        assert_eq!(signal_bucket(0), 0);
+        assert_eq!(signal_bucket(SIGNAL_BUCKET_MILLIS - 1), 0);
+        assert_eq!(signal_bucket(SIGNAL_BUCKET_MILLIS), 1);
+    }
+}
