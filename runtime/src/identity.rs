@@ -31,7 +31,7 @@ pub struct Principal {
     pub email: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("missing bearer token")]
     Missing,
@@ -497,5 +497,51 @@ mod tests {
         let mut id_token = claims("i", Some("web"), Audience::None);
         id_token.typ = Some("ID".into());
         assert!(principal(&id_token, "i", &ids, 0).is_err());
+    }
+}
+
+/// The bearer token of a request's `Authorization` header.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Result<&str, AuthError> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or(AuthError::Missing)?
+        .to_str()
+        .map_err(|_| AuthError::Invalid("malformed Authorization header"))?;
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or(AuthError::Invalid("malformed Authorization header"))?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(AuthError::Invalid("expected a Bearer token"));
+    }
+    Ok(token.trim())
+}
+
+impl From<&AuthError> for crate::Problem {
+    fn from(error: &AuthError) -> crate::Problem {
+        use axum::http::StatusCode;
+        match error {
+            AuthError::Unavailable(_) => crate::Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "identity-unavailable",
+                "tokens cannot be verified right now",
+            ),
+            other => crate::Problem::new(StatusCode::UNAUTHORIZED, "unauthenticated", other.to_string()),
+        }
+    }
+}
+
+impl axum::response::IntoResponse for AuthError {
+    fn into_response(self) -> axum::response::Response {
+        if let AuthError::Unavailable(why) = &self {
+            tracing::warn!(%why, "identity provider unavailable");
+        }
+        let mut response = crate::Problem::from(&self).into_response();
+        if response.status() == axum::http::StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }

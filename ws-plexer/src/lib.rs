@@ -1,1 +1,138 @@
+//! confab's ws-plexer: one WebSocket per client, `GET /v1/ws`. It carries the client's events (the
+//! same as the notifier's SSE stream) as JSON text frames:
+//!
+//! - `{"type": "ready"}` once the subscription is live;
+//! - `{"type": "event", "id": "<envelope id>", "event": "signal.created", "data": {...}}`;
+//! - `{"type": "error", "problem": {...}}` (an RFC 9457 problem) for frames it cannot serve.
+//!
+//! Authentication is the bearer header or a `?ticket=` from `POST /v1/events/ticket`, checked before
+//! the upgrade. Carrying API calls over the same socket is the next step.
 
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use confab_notifier::Hub;
+use confab_notifier::auth::StreamAuth;
+use confab_runtime::Problem;
+use confab_schema::{Envelope, UserId};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct PlexerState {
+    pub hub: Hub,
+    pub auth: StreamAuth,
+    pub shutdown: CancellationToken,
+}
+
+pub fn routes(state: PlexerState) -> Router {
+    Router::new().route("/v1/ws", get(upgrade)).with_state(state)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WsQuery {
+    #[serde(default)]
+    ticket: Option<String>,
+}
+
+const PING_INTERVAL: Duration = Duration::from_secs(20);
+
+async fn upgrade(
+    State(state): State<PlexerState>,
+    headers: HeaderMap,
+    query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return Problem::new(StatusCode::BAD_REQUEST, "bad-request", "malformed query").into_response();
+    };
+    let user = match state.auth.authenticate(&headers, query.ticket.as_deref()).await {
+        Ok(user) => user,
+        Err(error) => return error.into_response(),
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            return Problem::new(StatusCode::BAD_REQUEST, "not-a-websocket", rejection.body_text()).into_response();
+        }
+    };
+    upgrade
+        .max_message_size(64 * 1024)
+        .on_upgrade(move |socket| serve(socket, user, state))
+}
+
+fn event_frame(envelope: &Envelope) -> String {
+    let client = envelope.client_json();
+    json!({
+        "type": "event",
+        "id": envelope.id,
+        "event": client["type"],
+        "data": client["data"],
+    })
+    .to_string()
+}
+
+fn error_frame(problem: &Problem) -> String {
+    json!({"type": "error", "problem": problem}).to_string()
+}
+
+async fn serve(socket: WebSocket, user: UserId, state: PlexerState) {
+    let mut registration = state.hub.register(user);
+    let (mut sink, mut incoming) = socket.split();
+    metrics::gauge!("confab_ws_connections").increment(1.0);
+    let span = tracing::debug_span!("ws", %user);
+    let _entered = span.enter();
+    if sink.send(Message::Text(json!({"type": "ready"}).to_string().into())).await.is_err() {
+        metrics::gauge!("confab_ws_connections").decrement(1.0);
+        return;
+    }
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => {
+                let _ = sink.send(Message::Close(None)).await;
+                break;
+            }
+            event = registration.events.recv() => match event {
+                Some(envelope) => {
+                    if sink.send(Message::Text(event_frame(&envelope).into())).await.is_err() {
+                        break;
+                    }
+                }
+                // The hub dropped us (slow consumer or shutdown).
+                None => {
+                    let _ = sink.send(Message::Close(None)).await;
+                    break;
+                }
+            },
+            frame = incoming.next() => match frame {
+                Some(Ok(Message::Text(_) | Message::Binary(_))) => {
+                    let problem = Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "unsupported-frame",
+                        "this socket carries events; API calls over it are not supported yet",
+                    );
+                    if sink.send(Message::Text(error_frame(&problem).into())).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+            },
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    metrics::gauge!("confab_ws_connections").decrement(1.0);
+}

@@ -1,0 +1,83 @@
+//! The API's errors and their one mapping to HTTP problem responses (also used for WebSocket error
+//! frames, through [`Problem`]).
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use confab_runtime::Problem;
+use confab_runtime::bus::BusError;
+use confab_runtime::identity::AuthError;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0}")]
+    NotFound(&'static str),
+    /// The request is malformed (syntax, bad id, bad cursor, parameter out of range).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request is well-formed but its content breaks a rule.
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+impl From<&ApiError> for Problem {
+    fn from(error: &ApiError) -> Problem {
+        match error {
+            ApiError::Auth(auth) => Problem::from(auth),
+            ApiError::Forbidden(why) => Problem::new(StatusCode::FORBIDDEN, "forbidden", *why),
+            ApiError::NotFound(what) => Problem::new(StatusCode::NOT_FOUND, "not-found", *what),
+            ApiError::BadRequest(why) => Problem::new(StatusCode::BAD_REQUEST, "bad-request", why.clone()),
+            ApiError::Unprocessable(why) => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-content", why.clone())
+            }
+            ApiError::UnsupportedMediaType(why) => {
+                Problem::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", why.clone())
+            }
+            ApiError::PayloadTooLarge(why) => {
+                Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", why.clone())
+            }
+            ApiError::Store(StoreError::Unavailable(_)) => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "the signal store is unavailable; try again",
+            ),
+            ApiError::Store(StoreError::Corrupt(_)) => Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store-corrupt",
+                "stored data could not be read",
+            ),
+            ApiError::Bus(_) => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bus-unavailable",
+                "the event bus is unavailable; try again",
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            ApiError::Auth(auth) => return auth.clone().into_response(),
+            ApiError::Store(error) => tracing::warn!(%error, "store error"),
+            ApiError::Bus(error) => tracing::warn!(%error, "bus error"),
+            _ => {}
+        }
+        Problem::from(&self).into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,93 @@
+//! `GET /v1/events`: the caller's events as Server-Sent Events, each with `id:` (the envelope id),
+//! `event:` (its type) and `data:` (`{"type", "data"}` JSON). The first event, `ready`, tells the
+//! client its subscription is live.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::routing::{get, post};
+use futures::stream::{self, Stream, StreamExt};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{IssuedTicket, StreamAuth};
+use crate::hub::Hub;
+
+#[derive(Clone)]
+pub struct NotifierState {
+    pub hub: Hub,
+    pub auth: StreamAuth,
+    pub keep_alive: Duration,
+    /// Cancelled at shutdown: open streams end so the server can drain.
+    pub shutdown: CancellationToken,
+}
+
+pub fn routes(state: NotifierState) -> Router {
+    Router::new()
+        .route("/v1/events", get(events))
+        .route("/v1/events/ticket", post(ticket))
+        .with_state(state)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamQuery {
+    #[serde(default)]
+    ticket: Option<String>,
+}
+
+async fn ticket(
+    State(state): State<NotifierState>,
+    headers: HeaderMap,
+) -> Result<Json<IssuedTicket>, confab_runtime::identity::AuthError> {
+    state.auth.issue(&headers).await.map(Json)
+}
+
+async fn events(
+    State(state): State<NotifierState>,
+    headers: HeaderMap,
+    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> axum::response::Response {
+    let ticket = match &query {
+        Ok(Query(q)) => q.ticket.as_deref(),
+        Err(_) => {
+            return confab_runtime::Problem::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "bad-request",
+                "malformed query",
+            )
+            .into_response();
+        }
+    };
+    let user = match state.auth.authenticate(&headers, ticket).await {
+        Ok(user) => user,
+        Err(error) => return error.into_response(),
+    };
+    let registration = state.hub.register(user);
+    tracing::debug!(%user, "event stream opened");
+    let ready = stream::once(async { Ok::<_, Infallible>(SseEvent::default().event("ready").data("{}")) });
+    let shutdown = state.shutdown.clone();
+    let events = stream::unfold(registration, |mut registration| async move {
+        let envelope = registration.events.recv().await?;
+        let event = SseEvent::default()
+            .id(envelope.id.to_string())
+            .event(envelope.event.kind().as_str())
+            .json_data(envelope.client_json())
+            .unwrap_or_else(|_| SseEvent::default().comment("unencodable event"));
+        Some((Ok::<_, Infallible>(event), registration))
+    })
+    .take_until(async move { shutdown.cancelled().await });
+    sse(ready.chain(events), state.keep_alive).into_response()
+}
+
+fn sse(
+    stream: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+    keep_alive: Duration,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(keep_alive))
+}

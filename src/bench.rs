@@ -1,0 +1,310 @@
+//! `confab bench`: time from `POST …/signals` to delivery on an SSE stream, at a steady rate, with a
+//! baseline measured in the same run (a bare publish → subscribe round trip on the same bus), so the
+//! figures can be read as a ratio on a shared, noisy machine.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use confab_runtime::config::{Config, IdentityMode};
+use confab_runtime::identity::DevIdentity;
+use confab_schema::{ChatId, Envelope, Event, Signal, SignalId, SignalKind, UserId};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// A label for the results (e.g. `embedded` or `stack`); the configuration decides what runs.
+    #[arg(long, default_value = "embedded")]
+    pub label: String,
+    /// Messages to send.
+    #[arg(long, default_value_t = 10_000)]
+    pub messages: usize,
+    /// Messages per second.
+    #[arg(long, default_value_t = 500)]
+    pub rate: u32,
+    /// Folder for the results file.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// Password for the OIDC password grant of users `alice` and `bob` in oidc mode; default: the
+    /// user name (as in the dev realm).
+    #[arg(long)]
+    pub password: Option<String>,
+}
+
+struct Summary {
+    count: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    per_second: f64,
+}
+
+impl Summary {
+    fn from(histogram: &Histogram<u64>, elapsed: Duration) -> Summary {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Summary {
+            count: histogram.len(),
+            p50_ms: ms(histogram.value_at_quantile(0.50)),
+            p99_ms: ms(histogram.value_at_quantile(0.99)),
+            max_ms: ms(histogram.max()),
+            per_second: histogram.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "delivered": self.count,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "max_ms": self.max_ms,
+            "messages_per_second": self.per_second,
+        })
+    }
+}
+
+pub async fn run(args: BenchArgs, mut config: Config) -> anyhow::Result<()> {
+    if args.messages == 0 || args.rate == 0 {
+        bail!("--messages and --rate must be positive");
+    }
+    let data_dir = tempfile_dir()?;
+    // The dev key and an embedded store live in a scratch folder, never in the user's data.
+    config.data_dir = data_dir.clone();
+    config.store.embedded_path = None;
+    config.api.listen = "127.0.0.1:0".parse()?;
+
+    let baseline = bus_baseline(&config, args.messages, args.rate).await?;
+    let ours = post_to_sse(&config, &args).await?;
+    let _ = std::fs::remove_dir_all(&data_dir);
+
+    let results = json!({
+        "label": args.label,
+        "messages": args.messages,
+        "rate_per_second": args.rate,
+        "store": format!("{:?}", config.store.backend),
+        "bus": format!("{:?}", config.bus.backend),
+        "identity": format!("{:?}", config.identity.mode),
+        "post_to_sse": ours.json(),
+        "baseline_bus_round_trip": baseline.json(),
+        "ratio_p50": ours.p50_ms / baseline.p50_ms.max(0.001),
+        "ratio_p99": ours.p99_ms / baseline.p99_ms.max(0.001),
+    });
+    std::fs::create_dir_all(&args.out)?;
+    let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+    let path = args.out.join(format!("post-to-sse-{}-{stamp}.json", args.label));
+    std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
+    println!("{}", serde_json::to_string_pretty(&results)?);
+    println!("results written to {}", path.display());
+    if ours.count < args.messages as u64 {
+        bail!("only {} of {} messages were delivered", ours.count, args.messages);
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("confab-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The bus alone: publish envelopes at the same rate and time their arrival at a subscriber.
+async fn bus_baseline(config: &Config, messages: usize, rate: u32) -> anyhow::Result<Summary> {
+    let bus = crate::open_bus(config).await?;
+    let mut events = bus.subscribe().await?;
+    let sent: Arc<Mutex<HashMap<SignalId, Instant>>> = Arc::default();
+    let chat = ChatId::new();
+    let author = UserId::from_subject("bench", "baseline");
+    let receiver = {
+        let sent = Arc::clone(&sent);
+        tokio::spawn(async move {
+            let mut histogram = Histogram::<u64>::new(3).expect("valid histogram");
+            while (histogram.len() as usize) < messages {
+                let Ok(Some(envelope)) = tokio::time::timeout(Duration::from_secs(10), events.next()).await else {
+                    break;
+                };
+                let Event::SignalCreated(signal) = &envelope.event;
+                if signal.chat_id != chat {
+                    continue;
+                }
+                if let Some(at) = sent.lock().ok().and_then(|mut s| s.remove(&signal.id)) {
+                    let _ = histogram.record(at.elapsed().as_micros() as u64);
+                }
+            }
+            histogram
+        })
+    };
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    for _ in 0..messages {
+        ticker.tick().await;
+        let id = SignalId::new();
+        let signal = Signal {
+            id,
+            chat_id: chat,
+            kind: SignalKind::Message,
+            author_id: author,
+            created_at: time::OffsetDateTime::now_utc(),
+            nonce: None,
+            text: Some("baseline".into()),
+            reply_to: None,
+            attachments: vec![],
+            edited_at: None,
+            deleted: false,
+            reactions: Default::default(),
+        };
+        if let Ok(mut s) = sent.lock() {
+            s.insert(id, Instant::now());
+        }
+        bus.publish(&Envelope::new(chat, vec![author], Event::SignalCreated(signal)))
+            .await?;
+    }
+    let histogram = receiver.await?;
+    Ok(Summary::from(&histogram, started.elapsed()))
+}
+
+async fn token(config: &Config, http: &reqwest::Client, user: &str, password: Option<&str>) -> anyhow::Result<String> {
+    match config.identity.mode {
+        IdentityMode::Dev => Ok(DevIdentity::open(&config.data_dir)?.mint(user, Duration::from_secs(3600))),
+        IdentityMode::Oidc => {
+            let discovery: Value = http
+                .get(format!("{}/.well-known/openid-configuration", config.identity.issuer_url))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let endpoint = discovery["token_endpoint"].as_str().context("no token endpoint")?;
+            let client_id = config.client_ids().into_iter().next().context("no client id")?;
+            let response: Value = http
+                .post(endpoint)
+                .form(&[
+                    ("grant_type", "password"),
+                    ("client_id", client_id.as_str()),
+                    ("username", user),
+                    ("password", password.unwrap_or(user)),
+                    ("scope", "openid"),
+                ])
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            Ok(response["access_token"].as_str().context("no access token")?.to_owned())
+        }
+    }
+}
+
+/// The whole path: alice POSTs, bob's SSE stream receives.
+async fn post_to_sse(config: &Config, args: &BenchArgs) -> anyhow::Result<Summary> {
+    let shutdown = CancellationToken::new();
+    let listener = TcpListener::bind(config.api.listen).await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(crate::run(crate::Role::Serve, config.clone(), listener, shutdown.clone()));
+    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+
+    let alice = token(config, &http, "alice", args.password.as_deref()).await?;
+    let bob = token(config, &http, "bob", args.password.as_deref()).await?;
+    let mut bob_id = None;
+    for _ in 0..100 {
+        if let Ok(response) = http.get(format!("{base}/v1/me")).bearer_auth(&bob).send().await
+            && response.status().is_success()
+        {
+            bob_id = Some(response.json::<Value>().await?["id"].clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bob_id = bob_id.context("the server did not answer")?;
+    let chat: Value = http
+        .post(format!("{base}/v1/chats"))
+        .bearer_auth(&alice)
+        .json(&json!({"kind": "group", "name": "bench", "members": [bob_id]}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let chat_id = chat["id"].as_str().context("no chat id")?.to_owned();
+
+    let sse = http
+        .get(format!("{base}/v1/events"))
+        .bearer_auth(&bob)
+        .send()
+        .await?
+        .error_for_status()?;
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let messages = args.messages;
+    let reader = {
+        let sent = Arc::clone(&sent);
+        tokio::spawn(async move {
+            let mut histogram = Histogram::<u64>::new(3).expect("valid histogram");
+            let mut ready = Some(ready_tx);
+            let mut body = sse.bytes_stream();
+            let mut buffer = String::new();
+            while (histogram.len() as usize) < messages {
+                let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(15), body.next()).await else {
+                    break;
+                };
+                let arrived = Instant::now();
+                buffer.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buffer.find("\n\n") {
+                    let frame: String = buffer.drain(..end + 2).collect();
+                    if frame.contains("event: ready")
+                        && let Some(tx) = ready.take()
+                    {
+                        let _ = tx.send(());
+                    }
+                    for line in frame.lines() {
+                        if let Some(data) = line.strip_prefix("data: ")
+                            && let Ok(event) = serde_json::from_str::<Value>(data)
+                            && let Some(nonce) = event["data"]["nonce"].as_str()
+                            && let Some(at) = sent.lock().ok().and_then(|mut s| s.remove(nonce))
+                        {
+                            let _ = histogram.record(arrived.duration_since(at).as_micros() as u64);
+                        }
+                    }
+                }
+            }
+            histogram
+        })
+    };
+    ready_rx.await.context("the event stream never became ready")?;
+
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut posts = Vec::with_capacity(messages);
+    for i in 0..messages {
+        ticker.tick().await;
+        let nonce = format!("bench-{i}");
+        if let Ok(mut s) = sent.lock() {
+            s.insert(nonce.clone(), Instant::now());
+        }
+        let request = http
+            .post(format!("{base}/v1/chats/{chat_id}/signals"))
+            .bearer_auth(&alice)
+            .json(&json!({"kind": "message", "nonce": nonce, "text": format!("message {i}")}));
+        posts.push(tokio::spawn(async move { request.send().await.map(|r| r.status()) }));
+    }
+    let mut failed = 0;
+    for post in posts {
+        if !matches!(post.await, Ok(Ok(status)) if status.is_success()) {
+            failed += 1;
+        }
+    }
+    let histogram = reader.await?;
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    let _ = server.await;
+    if failed > 0 {
+        bail!("{failed} posts failed");
+    }
+    Ok(Summary::from(&histogram, elapsed))
+}

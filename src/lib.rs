@@ -1,0 +1,201 @@
+//! Composition: builds the store, bus and identity named by the [`Config`] and runs confab's
+//! services on a listener until shutdown. `confab serve` runs all three on one listener; `confab api`,
+//! `confab notifier` and `confab ws-plexer` run one each, for the distributed deployment.
+
+pub mod bench;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use confab_api::store::cql::{self, CqlOptions, CqlStore};
+use confab_api::store::embedded::EmbeddedStore;
+use confab_api::store::{Store, StoreReadiness};
+use confab_api::{ApiState, routes as api_routes};
+use confab_notifier::auth::StreamAuth;
+use confab_notifier::{Hub, NotifierState};
+use confab_runtime::bus::{Bus, BusReadiness, EmbeddedBus, NatsBus};
+use confab_runtime::config::{BusBackend, Config, IdentityMode, StoreBackend};
+use confab_runtime::identity::{DevIdentity, Identity, IdentityReadiness, OidcIdentity};
+use confab_runtime::problem;
+use confab_runtime::telemetry::{self, Readiness};
+use confab_ws_plexer::PlexerState;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Which of confab's services a process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// API, notifier and ws-plexer on one listener.
+    Serve,
+    Api,
+    Notifier,
+    WsPlexer,
+}
+
+impl Role {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Serve => "serve",
+            Role::Api => "api",
+            Role::Notifier => "notifier",
+            Role::WsPlexer => "ws-plexer",
+        }
+    }
+
+    /// The address this role listens on by default.
+    pub fn listen(&self, config: &Config) -> SocketAddr {
+        match self {
+            Role::Serve | Role::Api => config.api.listen,
+            Role::Notifier => config.notifier.listen,
+            Role::WsPlexer => config.ws_plexer.listen,
+        }
+    }
+}
+
+/// Opens the configured store. The embedded store migrates itself; a CQL keyspace is migrated by
+/// `confab migrate`, or here when `migrate` is set (`confab serve`).
+pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
+    match config.store.backend {
+        StoreBackend::Embedded => {
+            let path = config.embedded_store_path();
+            let store = EmbeddedStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+        StoreBackend::Cql => {
+            let options = CqlOptions::from_config(&config.store);
+            if migrate {
+                cql::migrate(&options).await.context("migrating the CQL keyspace")?;
+            }
+            let store = CqlStore::connect(&options)
+                .await
+                .context("connecting to the CQL store (has `confab migrate` run?)")?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+pub async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
+    Ok(match config.bus.backend {
+        BusBackend::Embedded => Arc::new(EmbeddedBus::new(65_536)),
+        BusBackend::Nats => Arc::new(
+            NatsBus::connect(&config.bus.nats_url, &config.bus.subject_prefix)
+                .await
+                .context("connecting to NATS")?,
+        ),
+    })
+}
+
+pub fn open_identity(config: &Config) -> anyhow::Result<Arc<dyn Identity>> {
+    Ok(match config.identity.mode {
+        IdentityMode::Dev => Arc::new(
+            DevIdentity::open(&config.data_dir)
+                .with_context(|| format!("opening the dev identity key in {}", config.data_dir.display()))?,
+        ),
+        IdentityMode::Oidc => Arc::new(OidcIdentity::new(
+            &config.identity.issuer_url,
+            config.client_ids(),
+            config.identity.leeway_secs,
+        )?),
+    })
+}
+
+/// Dev identity accepts tokens anyone with the data directory can mint: loopback only.
+fn guard_dev_mode(config: &Config, addr: SocketAddr) -> anyhow::Result<()> {
+    if config.identity.mode == IdentityMode::Dev {
+        if !addr.ip().is_loopback() {
+            bail!(
+                "identity.mode = dev accepts tokens from `confab dev-token`; it only binds loopback \
+                 addresses, not {addr}. Configure identity.mode = oidc for anything else."
+            );
+        }
+        tracing::warn!(
+            "DEV IDENTITY MODE: tokens come from `confab dev-token`; this is NOT FOR PRODUCTION. \
+             Listening on loopback only."
+        );
+    }
+    Ok(())
+}
+
+/// The services built for one process.
+pub struct App {
+    pub router: axum::Router,
+    /// Background workers (the hub's bus consumer), awaited on shutdown.
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Builds the router and workers of `role`.
+pub async fn build(role: Role, config: &Config, shutdown: CancellationToken) -> anyhow::Result<App> {
+    let secret = config.secret_bytes();
+    if config.secret_key.is_none() && role != Role::Serve {
+        tracing::warn!("secret_key is unset: cursors and tickets are valid on this process only");
+    }
+    let identity = open_identity(config)?;
+    let bus = open_bus(config).await?;
+    let mut readiness = Readiness::new()
+        .with(Arc::new(IdentityReadiness(Arc::clone(&identity))))
+        .with(Arc::new(BusReadiness(Arc::clone(&bus))));
+    let mut router = axum::Router::new();
+    let mut workers = Vec::new();
+
+    if matches!(role, Role::Serve | Role::Api) {
+        let store = open_store(config, role == Role::Serve).await?;
+        readiness = readiness.with(Arc::new(StoreReadiness(Arc::clone(&store))));
+        router = router.merge(api_routes(ApiState::new(store, Arc::clone(&bus), Arc::clone(&identity), &secret)));
+    }
+    if matches!(role, Role::Serve | Role::Notifier | Role::WsPlexer) {
+        let hub = Hub::new(config.notifier.connection_buffer);
+        workers.push(
+            hub.start(Arc::clone(&bus), shutdown.clone())
+                .await
+                .context("subscribing to events")?,
+        );
+        let auth = StreamAuth::new(
+            Arc::clone(&identity),
+            &secret,
+            Duration::from_secs(config.notifier.ticket_ttl_secs),
+        );
+        if matches!(role, Role::Serve | Role::Notifier) {
+            router = router.merge(confab_notifier::routes(NotifierState {
+                hub: hub.clone(),
+                auth: auth.clone(),
+                keep_alive: Duration::from_secs(config.notifier.keep_alive_secs.max(1)),
+                shutdown: shutdown.clone(),
+            }));
+        }
+        if matches!(role, Role::Serve | Role::WsPlexer) {
+            router = router.merge(confab_ws_plexer::routes(PlexerState {
+                hub,
+                auth,
+                shutdown: shutdown.clone(),
+            }));
+        }
+    }
+    let router = telemetry::instrument(
+        router
+            .merge(telemetry::routes(readiness))
+            .fallback(problem::not_found)
+            .method_not_allowed_fallback(problem::method_not_allowed),
+    );
+    Ok(App { router, workers })
+}
+
+/// Runs `role` on `listener` until `shutdown`, then drains open requests and workers.
+pub async fn run(role: Role, config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    guard_dev_mode(&config, addr)?;
+    let app = build(role, &config, shutdown.clone()).await?;
+    // Tests and scripts read this line to find a port chosen by the OS.
+    println!("confab {} listening on http://{addr}", role.name());
+    tracing::info!(role = role.name(), %addr, "listening");
+    axum::serve(listener, app.router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("serving HTTP")?;
+    for worker in app.workers {
+        let _ = worker.await;
+    }
+    tracing::info!(role = role.name(), "stopped");
+    Ok(())
+}
