@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Stop the services started by infra/up.sh (all, or the ones named).
 # Only processes recorded in .infra/run/*.pid are touched. Idempotent.
 #
@@ -8,9 +9,9 @@
 # Data stays in .infra/ (delete that directory for a clean slate).
 set -euo pipefail
 
-# shellcheck source=infra/lib.sh
+# shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
-# shellcheck source=infra/services.sh
+# shellcheck source=services.sh
 source "$INFRA_DIR/services.sh"
 
 selected=()

@@ -1,6 +1,7 @@
 # Shared helpers for infra/up.sh, infra/down.sh and infra/status.sh.
 # Sourced, not executed. Everything here is plain bash; callers run with
 # `set -euo pipefail`.
+# shellcheck shell=bash disable=SC2034  # settings are used by the sourcing scripts
 
 # ---------------------------------------------------------------------------
 # Layout
@@ -137,6 +138,7 @@ spawn() {
   # is the service's (and, thanks to setsid, its process group id) no matter
   # whether setsid had to fork.
   # fd 9 is up.sh's lock: closed so a long-lived service never holds it.
+  # shellcheck disable=SC2016  # expanded by the inner bash
   setsid bash -c 'echo $$ >"$0"; exec "$@"' "$tmp" "$@" >>"$logf" 2>&1 </dev/null 9>&- &
   for ((i = 0; i < 100; i++)); do
     [[ -s "$tmp" ]] && break
@@ -178,6 +180,7 @@ stop_service() {
 # ---------------------------------------------------------------------------
 port_open() { # port [host]
   local port=$1 host=${2:-$BIND_HOST}
+  # shellcheck disable=SC2016  # expanded by the inner bash
   timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$host" "$port" 2>/dev/null
 }
 

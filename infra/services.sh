@@ -1,4 +1,5 @@
 # Per-service install / start / readiness functions. Sourced after lib.sh.
+# shellcheck shell=bash
 #
 # Each service NAME has:
 #   NAME_install   download into the cache (no-op when cached)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Print whether each service is up or down. Exit status 0 when every service
 # managed here is up (an absent Meilisearch does not count), 1 otherwise.
 set -euo pipefail
 
-# shellcheck source=infra/lib.sh
+# shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
-# shellcheck source=infra/services.sh
+# shellcheck source=services.sh
 source "$INFRA_DIR/services.sh"
 
 rc=0

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Install (from package registries) and start the services confab's tests
 # need, on loopback, then wait until each one really works.
 #
@@ -9,9 +10,9 @@
 # just re-checked. On success writes .infra/env (source it in tests).
 set -euo pipefail
 
-# shellcheck source=infra/lib.sh
+# shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
-# shellcheck source=infra/services.sh
+# shellcheck source=services.sh
 source "$INFRA_DIR/services.sh"
 
 usage() {

@@ -346,11 +346,17 @@ impl DevIdentity {
     /// A token for `username`, valid for `ttl`.
     pub fn mint(&self, username: &str, ttl: Duration) -> String {
         let now = OffsetDateTime::now_utc().unix_timestamp();
+        self.mint_until(username, now + i64::try_from(ttl.as_secs()).unwrap_or(86_400))
+    }
+
+    /// A token for `username` that expires at `expires` (Unix seconds), which may be in the past.
+    pub fn mint_until(&self, username: &str, expires: i64) -> String {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
         let claims = Claims {
             iss: DEV_ISSUER.into(),
             sub: username.into(),
-            exp: now + i64::try_from(ttl.as_secs()).unwrap_or(86_400),
-            nbf: Some(now - 1),
+            exp: expires,
+            nbf: Some(now.min(expires) - 1),
             azp: Some(DEV_CLIENT.into()),
             aud: Audience::None,
             typ: Some("Bearer".into()),
@@ -450,29 +456,8 @@ mod tests {
     async fn expired_dev_tokens_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let identity = DevIdentity::open(dir.path()).expect("key");
-        let key = identity.key.clone();
-        let now = OffsetDateTime::now_utc().unix_timestamp();
-        let claims = Claims {
-            iss: DEV_ISSUER.into(),
-            sub: "alice".into(),
-            exp: now - 10,
-            nbf: None,
-            azp: Some(DEV_CLIENT.into()),
-            aud: Audience::None,
-            typ: None,
-            preferred_username: None,
-            name: None,
-            email: None,
-        };
-        let signed = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256"}"#),
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("json"))
-        );
-        let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("key");
-        mac.update(signed.as_bytes());
-        let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
-        assert!(matches!(identity.authenticate(&token).await, Err(AuthError::Expired)));
+        let expired = identity.mint_until("alice", OffsetDateTime::now_utc().unix_timestamp() - 10);
+        assert!(matches!(identity.authenticate(&expired).await, Err(AuthError::Expired)));
     }
 
     #[test]

@@ -1,0 +1,188 @@
+//! Black-box tests: the real `confab` binary, started as a user or an operator would start it.
+//! The embedded default (`confab serve` + `confab dev-token`), and the distributed deployment
+//! (`confab migrate`, then `confab api`, `confab notifier` and `confab ws-plexer` as three processes)
+//! against the Cassandra, NATS and Keycloak that `infra/up.sh` started.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::{ConfabProcess, SseStream};
+
+async fn dev_token(dir: &std::path::Path, user: &str) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+        .args(["dev-token", user])
+        .current_dir(dir)
+        .env_remove("CONFAB_IDENTITY__MODE")
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "dev-token: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// The flow a client runs: provision, create a chat, listen, send, receive, read history.
+async fn run_flow(api: &str, notifier: &str, alice: &str, bob: &str) {
+    let http = reqwest::Client::new();
+    let bob_id = http.get(format!("{api}/v1/me")).bearer_auth(bob).send().await.unwrap();
+    assert_eq!(bob_id.status(), 200);
+    let bob_id = bob_id.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let chat = http
+        .post(format!("{api}/v1/chats"))
+        .bearer_auth(alice)
+        .json(&json!({"kind": "group", "name": "black box", "members": [bob_id]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 201);
+    let chat = chat.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+
+    let ticket: Value = http
+        .post(format!("{notifier}/v1/events/ticket"))
+        .bearer_auth(bob)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut events = SseStream::open(http.get(format!(
+        "{notifier}/v1/events?ticket={}",
+        ticket["ticket"].as_str().unwrap()
+    )))
+    .await;
+
+    let sent = http
+        .post(format!("{api}/v1/chats/{chat}/signals"))
+        .bearer_auth(alice)
+        .json(&json!({"kind": "message", "nonce": "bb-1", "text": "hello from outside"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 201);
+    let sent: Value = sent.json().await.unwrap();
+
+    let event = events.next_event().await;
+    assert_eq!(event.event, "signal.created");
+    assert_eq!(event.data["data"], sent);
+
+    let history: Value = http
+        .get(format!("{api}/v1/chats/{chat}/signals?limit=50"))
+        .bearer_auth(bob)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["items"], json!([sent]));
+}
+
+#[tokio::test]
+async fn confab_serve_runs_the_flow_on_embedded_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = vec![("CONFAB_API__LISTEN".to_owned(), "127.0.0.1:0".to_owned())];
+    let serve = ConfabProcess::start(&["serve"], &env, dir.path()).await;
+    let alice = dev_token(dir.path(), "alice").await;
+    let bob = dev_token(dir.path(), "bob").await;
+    run_flow(&serve.base, &serve.base, &alice, &bob).await;
+
+    let ready: Value = reqwest::get(format!("{}/ready", serve.base)).await.unwrap().json().await.unwrap();
+    assert_eq!(ready["status"], "ready");
+    let metrics = reqwest::get(format!("{}/metrics", serve.base)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("confab_http_requests_total"), "{metrics}");
+    serve.terminate().await;
+
+    // The data survives a restart.
+    let again = ConfabProcess::start(&["serve"], &env, dir.path()).await;
+    let me = reqwest::Client::new()
+        .get(format!("{}/v1/me", again.base))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), 200);
+    again.terminate().await;
+}
+
+#[tokio::test]
+async fn dev_identity_refuses_non_loopback_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("CONFAB_API__LISTEN", "0.0.0.0:0")
+        .env_remove("CONFAB_IDENTITY__MODE")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("loopback"));
+}
+
+#[tokio::test]
+async fn distributed_services_run_the_flow_on_the_real_stack() {
+    if !support::real_stack_available("distributed_services_run_the_flow_on_the_real_stack").await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let env: Vec<(String, String)> = [
+        ("CONFAB_STORE__BACKEND", "cql".to_owned()),
+        ("CONFAB_STORE__CQL_CONTACT_POINTS", support::cql_contact_points()),
+        ("CONFAB_STORE__KEYSPACE", support::unique("bb_")),
+        ("CONFAB_BUS__BACKEND", "nats".to_owned()),
+        ("CONFAB_BUS__NATS_URL", support::nats_url()),
+        ("CONFAB_BUS__SUBJECT_PREFIX", support::unique("bb")),
+        ("CONFAB_IDENTITY__MODE", "oidc".to_owned()),
+        ("CONFAB_IDENTITY__ISSUER_URL", support::oidc_issuer()),
+        ("CONFAB_IDENTITY__CLIENT_IDS", support::oidc_client()),
+        ("CONFAB_SECRET_KEY", support::unique("s")),
+        ("CONFAB_API__LISTEN", "127.0.0.1:0".to_owned()),
+        ("CONFAB_NOTIFIER__LISTEN", "127.0.0.1:0".to_owned()),
+        ("CONFAB_WS_PLEXER__LISTEN", "127.0.0.1:0".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+
+    // The API refuses to start on an unmigrated keyspace; `confab migrate` prepares it, twice safely.
+    for _ in 0..2 {
+        let mut migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"));
+        migrate.arg("migrate").current_dir(dir.path()).envs(env.iter().map(|(k, v)| (k, v)));
+        let output = migrate.output().await.unwrap();
+        assert!(output.status.success(), "migrate: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    let api = ConfabProcess::start(&["api"], &env, dir.path()).await;
+    let notifier = ConfabProcess::start(&["notifier"], &env, dir.path()).await;
+    let plexer = ConfabProcess::start(&["ws-plexer"], &env, dir.path()).await;
+    for base in [&api.base, &notifier.base, &plexer.base] {
+        let deadline = tokio::time::Instant::now() + support::DEADLINE;
+        while reqwest::get(format!("{base}/ready")).await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "{base} never became ready");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let alice = support::keycloak_token("alice", "alice").await;
+    let bob = support::keycloak_token("bob", "bob").await;
+    run_flow(&api.base, &notifier.base, &alice, &bob).await;
+
+    // Each service serves only its own routes.
+    let on_notifier = reqwest::Client::new()
+        .get(format!("{}/v1/me", notifier.base))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_notifier.status(), 404);
+
+    api.terminate().await;
+    notifier.terminate().await;
+    plexer.terminate().await;
+    let options = confab_api::store::cql::CqlOptions {
+        contact_points: vec![support::cql_contact_points()],
+        keyspace: env.iter().find(|(k, _)| k == "CONFAB_STORE__KEYSPACE").unwrap().1.clone(),
+        replication: String::new(),
+        request_timeout: std::time::Duration::from_secs(20),
+    };
+    let _ = confab_api::store::cql::drop_keyspace(&options).await;
+}

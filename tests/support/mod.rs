@@ -1,0 +1,397 @@
+//! Test harness: spawns confab on port 0 against either the embedded defaults or the real services
+//! `infra/up.sh` started (fresh keyspace and NATS subject prefix per test), and speaks to it as a
+//! client would: real tokens, real SSE and WebSocket streams.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use confab_runtime::config::{BusBackend, Config, IdentityMode, StoreBackend};
+use confab_runtime::identity::DevIdentity;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stack {
+    /// SQLite, in-process bus, dev identity.
+    Embedded,
+    /// Cassandra, NATS and Keycloak as started by `infra/up.sh`.
+    Real,
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+pub fn cql_contact_points() -> String {
+    env_or("CONFAB_TEST_CQL_CONTACT_POINTS", "127.0.0.1:9042")
+}
+pub fn nats_url() -> String {
+    env_or("CONFAB_TEST_NATS_URL", "nats://127.0.0.1:4222")
+}
+pub fn oidc_issuer() -> String {
+    env_or("CONFAB_TEST_OIDC_ISSUER", "http://127.0.0.1:8180/realms/confab")
+}
+pub fn oidc_client() -> String {
+    env_or("CONFAB_TEST_OIDC_CLIENT_ID", "confab-web")
+}
+
+/// In CI (`CONFAB_REQUIRE_SERVICES=1`) a missing service fails the test; elsewhere it is skipped,
+/// loudly.
+pub fn services_required() -> bool {
+    std::env::var("CONFAB_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// Whether the real services answer; prints a SKIPPED line (or panics in CI) when they do not.
+pub async fn real_stack_available(test: &str) -> bool {
+    let checks = [
+        ("Cassandra", cql_contact_points().split(',').next().unwrap_or_default().to_owned()),
+        ("NATS", nats_url().trim_start_matches("nats://").to_owned()),
+        (
+            "Keycloak",
+            oidc_issuer()
+                .trim_start_matches("http://")
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        ),
+    ];
+    for (name, addr) in checks {
+        if tokio::net::TcpStream::connect(&addr).await.is_err() {
+            assert!(!services_required(), "{name} is not reachable at {addr}; infra/up.sh starts it");
+            eprintln!("SKIPPED {test}: {name} is not reachable at {addr}; run infra/up.sh");
+            return false;
+        }
+    }
+    true
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..16])
+}
+
+/// A configuration for `stack` with its own data folder, keyspace and subject prefix.
+pub fn config_for(stack: Stack, data_dir: PathBuf) -> Config {
+    let mut config = Config {
+        data_dir,
+        ..Config::default()
+    };
+    config.api.listen = "127.0.0.1:0".parse().unwrap();
+    config.notifier.listen = "127.0.0.1:0".parse().unwrap();
+    config.ws_plexer.listen = "127.0.0.1:0".parse().unwrap();
+    config.secret_key = Some(unique("secret-"));
+    if stack == Stack::Real {
+        config.store.backend = StoreBackend::Cql;
+        config.store.cql_contact_points = cql_contact_points();
+        config.store.keyspace = unique("t_");
+        config.store.request_timeout_ms = 20_000;
+        config.bus.backend = BusBackend::Nats;
+        config.bus.nats_url = nats_url();
+        config.bus.subject_prefix = unique("t");
+        config.identity.mode = IdentityMode::Oidc;
+        config.identity.issuer_url = oidc_issuer();
+        config.identity.client_ids = oidc_client();
+    }
+    config
+}
+
+/// confab running in this process (`confab serve`'s composition) on a port chosen by the OS.
+pub struct TestApp {
+    pub stack: Stack,
+    pub base: String,
+    pub config: Config,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _data: tempfile::TempDir,
+}
+
+pub async fn spawn_app(stack: Stack) -> TestApp {
+    let data = tempfile::tempdir().unwrap();
+    let config = config_for(stack, data.path().to_path_buf());
+    spawn_with(stack, config, data).await
+}
+
+pub async fn spawn_with(stack: Stack, config: Config, data: tempfile::TempDir) -> TestApp {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(confab::run(confab::Role::Serve, config.clone(), listener, shutdown.clone()));
+    let app = TestApp {
+        stack,
+        base,
+        config,
+        http: reqwest::Client::new(),
+        shutdown,
+        server: Some(server),
+        _data: data,
+    };
+    app.wait_ready().await;
+    app
+}
+
+impl TestApp {
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Ok(response) = self.http.get(format!("{}/ready", self.base)).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "app at {} never became ready", self.base);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// A bearer token for `username`: minted by the dev key, or from Keycloak's password grant.
+    pub async fn token(&self, username: &str) -> String {
+        match self.stack {
+            Stack::Embedded => DevIdentity::open(&self.config.data_dir)
+                .unwrap()
+                .mint(username, Duration::from_secs(600)),
+            Stack::Real => keycloak_token(username, username).await,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, token: &str, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).bearer_auth(token).send().await.unwrap()
+    }
+
+    pub async fn post(&self, token: &str, path: &str, body: &Value) -> reqwest::Response {
+        self.http.post(self.url(path)).bearer_auth(token).json(body).send().await.unwrap()
+    }
+
+    /// The caller's user id (provisioning them).
+    pub async fn me(&self, token: &str) -> String {
+        let response = self.get(token, "/v1/me").await;
+        assert_eq!(response.status(), 200);
+        response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn group_chat(&self, owner: &str, members: &[&str]) -> String {
+        let response = self
+            .post(owner, "/v1/chats", &serde_json::json!({"kind": "group", "name": "team", "members": members}))
+            .await;
+        assert_eq!(response.status(), 201);
+        response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(DEADLINE, server)
+                .await
+                .expect("server drains within the deadline")
+                .unwrap()
+                .unwrap();
+        }
+        if self.stack == Stack::Real {
+            let options = confab_api::store::cql::CqlOptions::from_config(&self.config.store);
+            let _ = confab_api::store::cql::drop_keyspace(&options).await;
+        }
+    }
+}
+
+/// An access token from Keycloak's password grant (enabled in the dev realm only).
+pub async fn keycloak_token(username: &str, password: &str) -> String {
+    keycloak_token_at(&oidc_issuer(), &oidc_client(), username, password).await
+}
+
+pub async fn keycloak_token_at(issuer: &str, client: &str, username: &str, password: &str) -> String {
+    let response = reqwest::Client::new()
+        .post(format!("{issuer}/protocol/openid-connect/token"))
+        .form(&[
+            ("grant_type", "password"),
+            ("client_id", client),
+            ("username", username),
+            ("password", password),
+            ("scope", "openid"),
+        ])
+        .send()
+        .await
+        .expect("Keycloak answers");
+    assert!(response.status().is_success(), "token request for {username}: {}", response.status());
+    response.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A Server-Sent Events stream, read event by event.
+pub struct SseStream {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: Value,
+}
+
+impl SseStream {
+    /// Opens `url` and waits for the `ready` event, so the subscription is live on return.
+    pub async fn open(request: reqwest::RequestBuilder) -> SseStream {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "event stream refused");
+        assert!(
+            response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"),
+            "not an event stream"
+        );
+        let mut stream = SseStream {
+            body: response.bytes_stream().boxed(),
+            buffer: String::new(),
+        };
+        let ready = stream.next_event().await;
+        assert_eq!(ready.event, "ready");
+        stream
+    }
+
+    /// The next event, within the deadline.
+    pub async fn next_event(&mut self) -> SseEvent {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                if let Some(end) = self.buffer.find("\n\n") {
+                    let frame: String = self.buffer.drain(..end + 2).collect();
+                    let mut event = SseEvent {
+                        id: None,
+                        event: "message".into(),
+                        data: Value::Null,
+                    };
+                    let mut data = String::new();
+                    let mut only_comments = true;
+                    for line in frame.lines() {
+                        if let Some(v) = line.strip_prefix("id:") {
+                            event.id = Some(v.trim().to_owned());
+                            only_comments = false;
+                        } else if let Some(v) = line.strip_prefix("event:") {
+                            event.event = v.trim().to_owned();
+                            only_comments = false;
+                        } else if let Some(v) = line.strip_prefix("data:") {
+                            data.push_str(v.trim_start());
+                            only_comments = false;
+                        }
+                    }
+                    if only_comments {
+                        continue;
+                    }
+                    event.data = serde_json::from_str(&data).unwrap_or(Value::String(data));
+                    return event;
+                }
+                let chunk = self.body.next().await.expect("stream open").expect("stream readable");
+                self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        })
+        .await
+        .expect("an event arrives before the deadline")
+    }
+}
+
+/// A running `confab` binary with stdout watched for its listening address.
+pub struct ConfabProcess {
+    pub child: tokio::process::Child,
+    pub base: String,
+}
+
+impl ConfabProcess {
+    /// Starts `confab <args>` with `env` and waits for its "listening on" line.
+    pub async fn start(args: &[&str], env: &[(String, String)], dir: &std::path::Path) -> ConfabProcess {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"));
+        command
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("CONFAB_") && !key.starts_with("CONFAB_TEST_") {
+                command.env_remove(key);
+            }
+        }
+        command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let mut child = command.spawn().expect("confab starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let base = tokio::time::timeout(DEADLINE * 3, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some((_, url)) = line.split_once(" listening on ") {
+                    return url.trim().to_owned();
+                }
+            }
+            panic!("confab {args:?} exited before listening");
+        })
+        .await
+        .expect("confab listens before the deadline");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ConfabProcess { child, base }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub async fn terminate(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
+        let status = tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("confab exits after SIGTERM")
+            .unwrap();
+        assert!(status.success(), "confab exited with {status}");
+    }
+}
+
+/// A TCP relay between a client and a service, which a test can cut to simulate the service going
+/// down (every relayed connection is closed and new ones are refused).
+pub struct Relay {
+    pub addr: std::net::SocketAddr,
+    cut: CancellationToken,
+}
+
+impl Relay {
+    pub async fn start(target: String) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = CancellationToken::new();
+        let stop = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut inbound, _)) = accepted else { continue };
+                let target = target.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Relay { addr, cut }
+    }
+
+    /// Closes every relayed connection and stops accepting new ones.
+    pub fn cut(&self) {
+        self.cut.cancel();
+    }
+}
