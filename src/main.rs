@@ -60,7 +60,10 @@ fn main() -> anyhow::Result<()> {
             Command::Migrate => migrate(&config).await,
             Command::DevToken { username, hours } => {
                 let identity = DevIdentity::open(&config.data_dir)?;
-                println!("{}", identity.mint(&username, Duration::from_secs(hours * 3600)));
+                println!(
+                    "{}",
+                    identity.mint(&username, Duration::from_secs(hours * 3600))
+                );
                 Ok(())
             }
             Command::Bench(args) => confab::bench::run(args, config).await,
@@ -70,8 +73,16 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(role: Role, config: Config) -> anyhow::Result<()> {
     let addr = role.listen(&config);
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-    confab::run(role, config, listener, confab_runtime::shutdown::on_signal()).await
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    confab::run(
+        role,
+        config,
+        listener,
+        confab_runtime::shutdown::on_signal(),
+    )
+    .await
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {
@@ -79,11 +90,17 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
         StoreBackend::Cql => {
             let options = confab_api::store::cql::CqlOptions::from_config(&config.store);
             let applied = confab_api::store::cql::migrate(&options).await?;
-            println!("keyspace {}: applied migrations {applied:?}", options.keyspace);
+            println!(
+                "keyspace {}: applied migrations {applied:?}",
+                options.keyspace
+            );
         }
         StoreBackend::Embedded => {
             confab::open_store(config, true).await?;
-            println!("embedded store at {} is up to date", config.embedded_store_path().display());
+            println!(
+                "embedded store at {} is up to date",
+                config.embedded_store_path().display()
+            );
         }
     }
     Ok(())

@@ -16,16 +16,28 @@ async fn dev_token(dir: &std::path::Path, user: &str) -> String {
         .output()
         .await
         .unwrap();
-    assert!(output.status.success(), "dev-token: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "dev-token: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
 /// The flow a client runs: provision, create a chat, listen, send, receive, read history.
 async fn run_flow(api: &str, notifier: &str, alice: &str, bob: &str) {
     let http = reqwest::Client::new();
-    let bob_id = http.get(format!("{api}/v1/me")).bearer_auth(bob).send().await.unwrap();
+    let bob_id = http
+        .get(format!("{api}/v1/me"))
+        .bearer_auth(bob)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bob_id.status(), 200);
-    let bob_id = bob_id.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let bob_id = bob_id.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let chat = http
         .post(format!("{api}/v1/chats"))
         .bearer_auth(alice)
@@ -34,7 +46,10 @@ async fn run_flow(api: &str, notifier: &str, alice: &str, bob: &str) {
         .await
         .unwrap();
     assert_eq!(chat.status(), 201);
-    let chat = chat.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let chat = chat.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     let ticket: Value = http
         .post(format!("{notifier}/v1/events/ticket"))
@@ -86,9 +101,19 @@ async fn confab_serve_runs_the_flow_on_embedded_defaults() {
     let bob = dev_token(dir.path(), "bob").await;
     run_flow(&serve.base, &serve.base, &alice, &bob).await;
 
-    let ready: Value = reqwest::get(format!("{}/ready", serve.base)).await.unwrap().json().await.unwrap();
+    let ready: Value = reqwest::get(format!("{}/ready", serve.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ready["status"], "ready");
-    let metrics = reqwest::get(format!("{}/metrics", serve.base)).await.unwrap().text().await.unwrap();
+    let metrics = reqwest::get(format!("{}/metrics", serve.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("confab_http_requests_total"), "{metrics}");
     serve.terminate().await;
 
@@ -127,7 +152,10 @@ async fn distributed_services_run_the_flow_on_the_real_stack() {
     let dir = tempfile::tempdir().unwrap();
     let env: Vec<(String, String)> = [
         ("CONFAB_STORE__BACKEND", "cql".to_owned()),
-        ("CONFAB_STORE__CQL_CONTACT_POINTS", support::cql_contact_points()),
+        (
+            "CONFAB_STORE__CQL_CONTACT_POINTS",
+            support::cql_contact_points(),
+        ),
         ("CONFAB_STORE__KEYSPACE", support::unique("bb_")),
         ("CONFAB_BUS__BACKEND", "nats".to_owned()),
         ("CONFAB_BUS__NATS_URL", support::nats_url()),
@@ -147,9 +175,16 @@ async fn distributed_services_run_the_flow_on_the_real_stack() {
     // The API refuses to start on an unmigrated keyspace; `confab migrate` prepares it, twice safely.
     for _ in 0..2 {
         let mut migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"));
-        migrate.arg("migrate").current_dir(dir.path()).envs(env.iter().map(|(k, v)| (k, v)));
+        migrate
+            .arg("migrate")
+            .current_dir(dir.path())
+            .envs(env.iter().map(|(k, v)| (k, v)));
         let output = migrate.output().await.unwrap();
-        assert!(output.status.success(), "migrate: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "migrate: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     let api = ConfabProcess::start(&["api"], &env, dir.path()).await;
@@ -157,8 +192,16 @@ async fn distributed_services_run_the_flow_on_the_real_stack() {
     let plexer = ConfabProcess::start(&["ws-plexer"], &env, dir.path()).await;
     for base in [&api.base, &notifier.base, &plexer.base] {
         let deadline = tokio::time::Instant::now() + support::DEADLINE;
-        while reqwest::get(format!("{base}/ready")).await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
-            assert!(tokio::time::Instant::now() < deadline, "{base} never became ready");
+        while reqwest::get(format!("{base}/ready"))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+            != 200
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{base} never became ready"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
@@ -180,7 +223,12 @@ async fn distributed_services_run_the_flow_on_the_real_stack() {
     plexer.terminate().await;
     let options = confab_api::store::cql::CqlOptions {
         contact_points: vec![support::cql_contact_points()],
-        keyspace: env.iter().find(|(k, _)| k == "CONFAB_STORE__KEYSPACE").unwrap().1.clone(),
+        keyspace: env
+            .iter()
+            .find(|(k, _)| k == "CONFAB_STORE__KEYSPACE")
+            .unwrap()
+            .1
+            .clone(),
         replication: String::new(),
         request_timeout: std::time::Duration::from_secs(20),
     };

@@ -9,7 +9,10 @@ use support::{Stack, TestApp, spawn_app};
 async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(response.status().as_u16(), status, "status");
     assert_eq!(
-        response.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
         Some("application/problem+json")
     );
     let body: Value = response.json().await.unwrap();
@@ -27,7 +30,12 @@ fn forged(token: &str) -> String {
     let mut claims: Value = serde_json::from_slice(&engine.decode(parts[1]).unwrap()).unwrap();
     claims["preferred_username"] = json!("mallory");
     claims["sub"] = json!("mallory");
-    format!("{}.{}.{}", parts[0], engine.encode(serde_json::to_vec(&claims).unwrap()), parts[2])
+    format!(
+        "{}.{}.{}",
+        parts[0],
+        engine.encode(serde_json::to_vec(&claims).unwrap()),
+        parts[2]
+    )
 }
 
 async fn bad_tokens_are_401(app: &TestApp, foreign_token: &str) {
@@ -38,14 +46,36 @@ async fn bad_tokens_are_401(app: &TestApp, foreign_token: &str) {
     assert_problem(app.get("garbage", "/v1/me").await, 401).await;
     assert_problem(app.get(&forged(&alice), "/v1/me").await, 401).await;
     assert_problem(app.get(foreign_token, "/v1/me").await, 401).await;
-    let basic = app.http.get(app.url("/v1/me")).basic_auth("alice", Some("alice")).send().await.unwrap();
+    let basic = app
+        .http
+        .get(app.url("/v1/me"))
+        .basic_auth("alice", Some("alice"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(basic, 401).await;
     // Streams refuse the same tokens, and forged or foreign tickets.
-    let sse = app.http.get(app.url("/v1/events")).bearer_auth(forged(&alice)).send().await.unwrap();
+    let sse = app
+        .http
+        .get(app.url("/v1/events"))
+        .bearer_auth(forged(&alice))
+        .send()
+        .await
+        .unwrap();
     assert_problem(sse, 401).await;
-    let sse = app.http.get(app.url("/v1/events?ticket=abc.def")).send().await.unwrap();
+    let sse = app
+        .http
+        .get(app.url("/v1/events?ticket=abc.def"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(sse, 401).await;
-    let ticket = app.http.post(app.url("/v1/events/ticket")).send().await.unwrap();
+    let ticket = app
+        .http
+        .post(app.url("/v1/events/ticket"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(ticket, 401).await;
     let ws = app.http.get(app.url("/v1/ws")).send().await.unwrap();
     assert_problem(ws, 401).await;
@@ -63,7 +93,10 @@ async fn bad_tokens_are_refused_on_the_embedded_default() {
     bad_tokens_are_401(&app, &foreign).await;
     let expired = confab_runtime::identity::DevIdentity::open(&app.config.data_dir)
         .unwrap()
-        .mint_until("alice", time::OffsetDateTime::now_utc().unix_timestamp() - 60);
+        .mint_until(
+            "alice",
+            time::OffsetDateTime::now_utc().unix_timestamp() - 60,
+        );
     let body = assert_problem(app.get(&expired, "/v1/me").await, 401).await;
     assert!(body["detail"].as_str().unwrap().contains("expired"));
     app.stop().await;
@@ -91,7 +124,11 @@ async fn bad_tokens_are_refused_by_keycloak_verification() {
 #[tokio::test]
 async fn only_members_read_and_post() {
     let app = spawn_app(Stack::Embedded).await;
-    let (alice, bob, carol) = (app.token("alice").await, app.token("bob").await, app.token("carol").await);
+    let (alice, bob, carol) = (
+        app.token("alice").await,
+        app.token("bob").await,
+        app.token("carol").await,
+    );
     let bob_id = app.me(&bob).await;
     app.me(&carol).await;
     let chat = app.group_chat(&alice, &[&bob_id]).await;
@@ -99,20 +136,38 @@ async fn only_members_read_and_post() {
 
     assert_problem(app.get(&carol, &signals).await, 403).await;
     assert_problem(app.get(&carol, &format!("/v1/chats/{chat}")).await, 403).await;
-    let post = app.post(&carol, &signals, &json!({"kind": "message", "text": "let me in"})).await;
+    let post = app
+        .post(
+            &carol,
+            &signals,
+            &json!({"kind": "message", "text": "let me in"}),
+        )
+        .await;
     assert_problem(post, 403).await;
     // Members can.
     assert_eq!(app.get(&bob, &signals).await.status(), 200);
-    assert_eq!(app.get(&bob, &format!("/v1/chats/{chat}")).await.status(), 200);
+    assert_eq!(
+        app.get(&bob, &format!("/v1/chats/{chat}")).await.status(),
+        200
+    );
     // carol's refused post stored nothing.
     let history: Value = app.get(&alice, &signals).await.json().await.unwrap();
     assert_eq!(history["items"], json!([]));
 
     let unknown = uuid::Uuid::now_v7();
-    assert_problem(app.get(&alice, &format!("/v1/chats/{unknown}/signals")).await, 404).await;
     assert_problem(
-        app.post(&alice, &format!("/v1/chats/{unknown}/signals"), &json!({"kind": "message", "text": "x"}))
+        app.get(&alice, &format!("/v1/chats/{unknown}/signals"))
             .await,
+        404,
+    )
+    .await;
+    assert_problem(
+        app.post(
+            &alice,
+            &format!("/v1/chats/{unknown}/signals"),
+            &json!({"kind": "message", "text": "x"}),
+        )
+        .await,
         404,
     )
     .await;
@@ -136,9 +191,23 @@ async fn malformed_and_invalid_content_is_refused() {
             .header("content-type", "application/json")
             .body(body)
     };
-    assert_problem(raw("{\"kind\": \"message\", \"text\": ").send().await.unwrap(), 400).await;
+    assert_problem(
+        raw("{\"kind\": \"message\", \"text\": ")
+            .send()
+            .await
+            .unwrap(),
+        400,
+    )
+    .await;
     assert_problem(raw("not json").send().await.unwrap(), 400).await;
-    let no_type = app.http.post(&signals).bearer_auth(&alice).body("{}").send().await.unwrap();
+    let no_type = app
+        .http
+        .post(&signals)
+        .bearer_auth(&alice)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     assert_problem(no_type, 415).await;
 
     let signals_path = format!("/v1/chats/{chat}/signals");
@@ -166,10 +235,20 @@ async fn malformed_and_invalid_content_is_refused() {
         assert_problem(response, status).await;
     }
     // The limits themselves are allowed: 4,000 characters (not bytes) and a 128-byte nonce.
-    let longest = post(json!({"kind": "message", "text": "é".repeat(4000), "nonce": "n".repeat(128)})).await;
+    let longest =
+        post(json!({"kind": "message", "text": "é".repeat(4000), "nonce": "n".repeat(128)})).await;
     assert_eq!(longest.status(), 201);
-    let history: Value = app.get(&alice, &format!("/v1/chats/{chat}/signals")).await.json().await.unwrap();
-    assert_eq!(history["items"].as_array().unwrap().len(), 1, "refused posts stored nothing");
+    let history: Value = app
+        .get(&alice, &format!("/v1/chats/{chat}/signals"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        history["items"].as_array().unwrap().len(),
+        1,
+        "refused posts stored nothing"
+    );
 
     // Chats.
     for body in [
@@ -190,13 +269,27 @@ async fn malformed_and_invalid_content_is_refused() {
 
     // Paging parameters.
     let path = format!("/v1/chats/{chat}/signals");
-    for query in ["limit=0", "limit=101", "limit=-1", "limit=x", "cursor=garbage", "before=x", "cursor=a.b"] {
+    for query in [
+        "limit=0",
+        "limit=101",
+        "limit=-1",
+        "limit=x",
+        "cursor=garbage",
+        "before=x",
+        "cursor=a.b",
+    ] {
         assert_problem(app.get(&alice, &format!("{path}?{query}")).await, 400).await;
     }
 
     // Unknown routes and methods.
     assert_problem(app.get(&alice, "/v1/nothing-here").await, 404).await;
-    let wrong_method = app.http.delete(app.url("/v1/me")).bearer_auth(&alice).send().await.unwrap();
+    let wrong_method = app
+        .http
+        .delete(app.url("/v1/me"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
     assert_problem(wrong_method, 405).await;
     app.stop().await;
 }
@@ -211,7 +304,11 @@ async fn history_pages_with_opaque_cursors() {
     let other_chat = app.group_chat(&alice, &[&bob_id]).await;
     for i in 0..7 {
         let response = app
-            .post(&alice, &format!("/v1/chats/{chat}/signals"), &json!({"kind": "message", "text": format!("m{i}")}))
+            .post(
+                &alice,
+                &format!("/v1/chats/{chat}/signals"),
+                &json!({"kind": "message", "text": format!("m{i}")}),
+            )
             .await;
         assert_eq!(response.status(), 201);
     }
@@ -223,16 +320,33 @@ async fn history_pages_with_opaque_cursors() {
             None => format!("/v1/chats/{chat}/signals?limit=3"),
         };
         let page: Value = app.get(&bob, &path).await.json().await.unwrap();
-        texts.extend(page["items"].as_array().unwrap().iter().map(|s| s["text"].as_str().unwrap().to_owned()));
+        texts.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["text"].as_str().unwrap().to_owned()),
+        );
         match page["next_cursor"].as_str() {
             Some(next) => {
                 // A cursor is bound to its chat and cannot be altered.
-                assert_problem(app.get(&bob, &format!("/v1/chats/{other_chat}/signals?cursor={next}")).await, 400)
-                    .await;
+                assert_problem(
+                    app.get(
+                        &bob,
+                        &format!("/v1/chats/{other_chat}/signals?cursor={next}"),
+                    )
+                    .await,
+                    400,
+                )
+                .await;
                 let mut tampered = next.to_owned();
                 tampered.insert(2, 'x');
-                assert_problem(app.get(&bob, &format!("/v1/chats/{chat}/signals?cursor={tampered}")).await, 400)
-                    .await;
+                assert_problem(
+                    app.get(&bob, &format!("/v1/chats/{chat}/signals?cursor={tampered}"))
+                        .await,
+                    400,
+                )
+                .await;
                 cursor = Some(next.to_owned());
             }
             None => break,
@@ -249,10 +363,22 @@ async fn direct_chats_are_one_per_pair() {
     let bob = app.token("bob").await;
     let alice_id = app.me(&alice).await;
     let bob_id = app.me(&bob).await;
-    let first = app.post(&alice, "/v1/chats", &json!({"kind": "direct", "members": [bob_id]})).await;
+    let first = app
+        .post(
+            &alice,
+            "/v1/chats",
+            &json!({"kind": "direct", "members": [bob_id]}),
+        )
+        .await;
     assert_eq!(first.status(), 201);
     let first: Value = first.json().await.unwrap();
-    let second = app.post(&bob, "/v1/chats", &json!({"kind": "direct", "members": [alice_id]})).await;
+    let second = app
+        .post(
+            &bob,
+            "/v1/chats",
+            &json!({"kind": "direct", "members": [alice_id]}),
+        )
+        .await;
     assert_eq!(second.status(), 200);
     let second: Value = second.json().await.unwrap();
     assert_eq!(first["id"], second["id"]);

@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use support::{DEADLINE, SseStream, Stack, spawn_app};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn open_ws(base: &str, token: Option<&str>, ticket: Option<&str>) -> Ws {
     let mut url = format!("{}/v1/ws", base.replacen("http://", "ws://", 1));
@@ -22,7 +23,9 @@ async fn open_ws(base: &str, token: Option<&str>, ticket: Option<&str>) -> Ws {
             .headers_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.expect("WebSocket upgrade");
+    let (mut ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("WebSocket upgrade");
     let ready = next_ws_json(&mut ws).await;
     assert_eq!(ready["type"], "ready");
     ws
@@ -53,8 +56,18 @@ async fn message_reaches_bob(stack: Stack) {
     assert_eq!(me.status(), 200);
     let me: Value = me.json().await.unwrap();
     assert_eq!(me["username"], "alice");
-    assert!(me["display_name"].as_str().is_some_and(|n| n.starts_with("Alice")), "{me}");
-    assert!(me["email"].as_str().is_some_and(|e| e.starts_with("alice@")), "{me}");
+    assert!(
+        me["display_name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("Alice")),
+        "{me}"
+    );
+    assert!(
+        me["email"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("alice@")),
+        "{me}"
+    );
     assert!(me["id"].as_str().unwrap().parse::<uuid::Uuid>().is_ok());
     let bob_id = app.me(&bob).await;
 
@@ -74,13 +87,21 @@ async fn message_reaches_bob(stack: Stack) {
         .await
         .unwrap();
     let ticket = ticket["ticket"].as_str().unwrap().to_owned();
-    let mut sse_by_ticket = SseStream::open(app.http.get(app.url(&format!("/v1/events?ticket={ticket}")))).await;
+    let mut sse_by_ticket = SseStream::open(
+        app.http
+            .get(app.url(&format!("/v1/events?ticket={ticket}"))),
+    )
+    .await;
     let mut ws = open_ws(&app.base, Some(&bob), None).await;
     let mut ws_by_ticket = open_ws(&app.base, None, Some(&ticket)).await;
 
     // 5. alice sends.
     let sent = app
-        .post(&alice, &format!("/v1/chats/{chat}/signals"), &json!({"kind": "message", "nonce": "n-1", "text": "hi"}))
+        .post(
+            &alice,
+            &format!("/v1/chats/{chat}/signals"),
+            &json!({"kind": "message", "nonce": "n-1", "text": "hi"}),
+        )
         .await;
     assert_eq!(sent.status(), 201);
     let sent: Value = sent.json().await.unwrap();
@@ -100,7 +121,11 @@ async fn message_reaches_bob(stack: Stack) {
 
     // The same nonce again: the same signal, nothing new stored or delivered.
     let again = app
-        .post(&alice, &format!("/v1/chats/{chat}/signals"), &json!({"kind": "message", "nonce": "n-1", "text": "hi"}))
+        .post(
+            &alice,
+            &format!("/v1/chats/{chat}/signals"),
+            &json!({"kind": "message", "nonce": "n-1", "text": "hi"}),
+        )
         .await;
     assert_eq!(again.status(), 200);
     assert_eq!(again.json::<Value>().await.unwrap(), sent);
@@ -122,14 +147,20 @@ async fn message_reaches_bob(stack: Stack) {
 
     // The retry was not delivered: the next event is the next message.
     let second = app
-        .post(&alice, &format!("/v1/chats/{chat}/signals"), &json!({"kind": "message", "nonce": "n-2", "text": "second"}))
+        .post(
+            &alice,
+            &format!("/v1/chats/{chat}/signals"),
+            &json!({"kind": "message", "nonce": "n-2", "text": "second"}),
+        )
         .await;
     assert_eq!(second.status(), 201);
     assert_eq!(sse.next_event().await.data["data"]["text"], "second");
     assert_eq!(next_ws_json(&mut ws).await["data"]["text"], "second");
 
     // 7. bob's history: newest first, the retry stored nothing.
-    let history = app.get(&bob, &format!("/v1/chats/{chat}/signals?limit=50")).await;
+    let history = app
+        .get(&bob, &format!("/v1/chats/{chat}/signals?limit=50"))
+        .await;
     assert_eq!(history.status(), 200);
     let history: Value = history.json().await.unwrap();
     let items = history["items"].as_array().unwrap();
@@ -139,9 +170,12 @@ async fn message_reaches_bob(stack: Stack) {
     assert_eq!(history["next_cursor"], Value::Null);
 
     // A WebSocket frame the socket cannot serve gets a problem frame, not a dropped connection.
-    futures::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::Text("{\"call\":1}".into()))
-        .await
-        .unwrap();
+    futures::SinkExt::send(
+        &mut ws,
+        tokio_tungstenite::tungstenite::Message::Text("{\"call\":1}".into()),
+    )
+    .await
+    .unwrap();
     let error = next_ws_json(&mut ws).await;
     assert_eq!(error["type"], "error");
     assert_eq!(error["problem"]["status"], 400);
@@ -165,14 +199,22 @@ async fn message_reaches_bob_on_the_real_stack() {
 #[tokio::test]
 async fn events_reach_only_members() {
     let app = spawn_app(Stack::Embedded).await;
-    let (alice, bob, carol) = (app.token("alice").await, app.token("bob").await, app.token("carol").await);
+    let (alice, bob, carol) = (
+        app.token("alice").await,
+        app.token("bob").await,
+        app.token("carol").await,
+    );
     let bob_id = app.me(&bob).await;
     app.me(&carol).await;
     let chat = app.group_chat(&alice, &[&bob_id]).await;
     let mut carols = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&carol)).await;
     let mut bobs = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&bob)).await;
     let private = app
-        .post(&alice, &format!("/v1/chats/{chat}/signals"), &json!({"kind": "message", "text": "just us"}))
+        .post(
+            &alice,
+            &format!("/v1/chats/{chat}/signals"),
+            &json!({"kind": "message", "text": "just us"}),
+        )
         .await;
     assert_eq!(private.status(), 201);
     assert_eq!(bobs.next_event().await.data["data"]["text"], "just us");
@@ -181,7 +223,11 @@ async fn events_reach_only_members() {
     let carol_id = app.me(&carol).await;
     let hers = app.group_chat(&alice, &[&carol_id]).await;
     let visible = app
-        .post(&alice, &format!("/v1/chats/{hers}/signals"), &json!({"kind": "message", "text": "for carol"}))
+        .post(
+            &alice,
+            &format!("/v1/chats/{hers}/signals"),
+            &json!({"kind": "message", "text": "for carol"}),
+        )
         .await;
     assert_eq!(visible.status(), 201);
     let event = carols.next_event().await;

@@ -39,16 +39,24 @@ impl From<&ApiError> for Problem {
             ApiError::Auth(auth) => Problem::from(auth),
             ApiError::Forbidden(why) => Problem::new(StatusCode::FORBIDDEN, "forbidden", *why),
             ApiError::NotFound(what) => Problem::new(StatusCode::NOT_FOUND, "not-found", *what),
-            ApiError::BadRequest(why) => Problem::new(StatusCode::BAD_REQUEST, "bad-request", why.clone()),
-            ApiError::Unprocessable(why) => {
-                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-content", why.clone())
+            ApiError::BadRequest(why) => {
+                Problem::new(StatusCode::BAD_REQUEST, "bad-request", why.clone())
             }
-            ApiError::UnsupportedMediaType(why) => {
-                Problem::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", why.clone())
-            }
-            ApiError::PayloadTooLarge(why) => {
-                Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", why.clone())
-            }
+            ApiError::Unprocessable(why) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-content",
+                why.clone(),
+            ),
+            ApiError::UnsupportedMediaType(why) => Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                why.clone(),
+            ),
+            ApiError::PayloadTooLarge(why) => Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                why.clone(),
+            ),
             ApiError::Store(StoreError::Unavailable(_)) => Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store-unavailable",

@@ -27,7 +27,11 @@ async fn embedded_store_reopens_with_its_data() {
         display_name: "Persist".into(),
         email: None,
     };
-    EmbeddedStore::open(&path).expect("opens").upsert_user(&user).await.expect("stored");
+    EmbeddedStore::open(&path)
+        .expect("opens")
+        .upsert_user(&user)
+        .await
+        .expect("stored");
     let reopened = EmbeddedStore::open(&path).expect("reopens");
     assert_eq!(reopened.get_user(user.id).await.expect("reads"), Some(user));
 }
@@ -35,7 +39,8 @@ async fn embedded_store_reopens_with_its_data() {
 fn cql_options() -> CqlOptions {
     CqlOptions {
         contact_points: vec![
-            std::env::var("CONFAB_TEST_CQL_CONTACT_POINTS").unwrap_or_else(|_| "127.0.0.1:9042".into()),
+            std::env::var("CONFAB_TEST_CQL_CONTACT_POINTS")
+                .unwrap_or_else(|_| "127.0.0.1:9042".into()),
         ],
         keyspace: format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
         replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
@@ -54,13 +59,18 @@ async fn cql_store_conforms() {
     match cql::migrate(&options).await {
         Ok(applied) => assert!(!applied.is_empty(), "a fresh keyspace gets every migration"),
         Err(error) if !services_required() => {
-            eprintln!("SKIPPED cql_store_conforms: no CQL store reachable ({error}); run infra/up.sh");
+            eprintln!(
+                "SKIPPED cql_store_conforms: no CQL store reachable ({error}); run infra/up.sh"
+            );
             return;
         }
         Err(error) => panic!("CQL store unreachable: {error}"),
     }
     // Migrating again applies nothing and breaks nothing.
-    assert_eq!(cql::migrate(&options).await.expect("re-migrates"), Vec::<i32>::new());
+    assert_eq!(
+        cql::migrate(&options).await.expect("re-migrates"),
+        Vec::<i32>::new()
+    );
     let store = CqlStore::connect(&options).await.expect("connects");
     test_suite(Arc::new(store)).await;
     cql::drop_keyspace(&options).await.expect("drops keyspace");

@@ -60,7 +60,11 @@ impl StreamAuth {
     }
 
     /// The user a stream request is for: from its ticket when it has one, else its bearer token.
-    pub async fn authenticate(&self, headers: &HeaderMap, ticket: Option<&str>) -> Result<UserId, AuthError> {
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        ticket: Option<&str>,
+    ) -> Result<UserId, AuthError> {
         match ticket {
             Some(ticket) => {
                 let ticket: Ticket = self
@@ -72,7 +76,11 @@ impl StreamAuth {
                 }
                 Ok(ticket.u)
             }
-            None => Ok(self.identity.authenticate(bearer_token(headers)?).await?.user_id),
+            None => Ok(self
+                .identity
+                .authenticate(bearer_token(headers)?)
+                .await?
+                .user_id),
         }
     }
 }

@@ -185,7 +185,10 @@ mod tests {
             let _ = b2.events.try_recv();
         }
         while a.events.try_recv().is_ok() {}
-        assert!(matches!(a.events.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
+        assert!(matches!(
+            a.events.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
         hub.dispatch(envelope(vec![bob]));
         assert!(b1.events.try_recv().is_ok());
         drop(b2);

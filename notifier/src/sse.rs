@@ -70,7 +70,8 @@ async fn events(
     };
     let registration = state.hub.register(user);
     tracing::debug!(%user, "event stream opened");
-    let ready = stream::once(async { Ok::<_, Infallible>(SseEvent::default().event("ready").data("{}")) });
+    let ready =
+        stream::once(async { Ok::<_, Infallible>(SseEvent::default().event("ready").data("{}")) });
     let shutdown = state.shutdown.clone();
     let events = stream::unfold(registration, |mut registration| async move {
         let envelope = registration.events.recv().await?;

@@ -84,7 +84,10 @@ impl Bus for NatsBus {
         self.connected()?;
         let payload = serde_json::to_vec(envelope)?;
         self.client
-            .publish(subjects::chat_events(&self.prefix, envelope.chat_id), payload.into())
+            .publish(
+                subjects::chat_events(&self.prefix, envelope.chat_id),
+                payload.into(),
+            )
             .await
             .map_err(|e| BusError::Unavailable(e.to_string()))
     }

@@ -214,7 +214,15 @@ impl Default for TelemetryConfig {
 
 /// Top-level keys the environment may set; other `CONFAB_*` variables are not configuration.
 const SECTIONS: &[&str] = &[
-    "data_dir", "secret_key", "api", "notifier", "ws_plexer", "store", "bus", "identity", "telemetry",
+    "data_dir",
+    "secret_key",
+    "api",
+    "notifier",
+    "ws_plexer",
+    "store",
+    "bus",
+    "identity",
+    "telemetry",
 ];
 
 impl Config {
@@ -228,7 +236,10 @@ impl Config {
             .or_else(|| Some(PathBuf::from("confab.toml")).filter(|p| p.exists()));
         if let Some(file) = file {
             if !file.exists() {
-                return Err(ConfigError::Invalid(format!("config file {} not found", file.display())));
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} not found",
+                    file.display()
+                )));
             }
             figment = figment.merge(Toml::file(file));
         }
@@ -236,7 +247,9 @@ impl Config {
             Env::prefixed("CONFAB_")
                 .filter(|key| {
                     let key = key.as_str().to_ascii_lowercase();
-                    SECTIONS.iter().any(|s| key == *s || key.starts_with(&format!("{s}__")))
+                    SECTIONS
+                        .iter()
+                        .any(|s| key == *s || key.starts_with(&format!("{s}__")))
                 })
                 .split("__"),
         );
@@ -298,6 +311,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail API returns its own error type
 mod tests {
     use super::*;
 

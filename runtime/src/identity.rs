@@ -13,7 +13,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use confab_schema::UserId;
 use futures::future::BoxFuture;
 use hmac::{Hmac, Mac};
-use openidconnect::core::{CoreJsonWebKey, CoreJsonWebKeySet, CoreJwsSigningAlgorithm, CoreProviderMetadata};
+use openidconnect::core::{
+    CoreJsonWebKey, CoreJsonWebKeySet, CoreJwsSigningAlgorithm, CoreProviderMetadata,
+};
 use openidconnect::{IssuerUrl, JsonWebKey};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -127,11 +129,16 @@ fn decode(token: &str) -> Result<Jwt, AuthError> {
         return Err(AuthError::Invalid("too long"));
     }
     let mut parts = token.split('.');
-    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(AuthError::Invalid("not a JWS compact token"));
     };
-    let b64 = |s: &str| URL_SAFE_NO_PAD.decode(s).map_err(|_| AuthError::Invalid("bad base64url"));
+    let b64 = |s: &str| {
+        URL_SAFE_NO_PAD
+            .decode(s)
+            .map_err(|_| AuthError::Invalid("bad base64url"))
+    };
     let header: Header =
         serde_json::from_slice(&b64(header)?).map_err(|_| AuthError::Invalid("bad header"))?;
     let claims: Claims =
@@ -139,13 +146,18 @@ fn decode(token: &str) -> Result<Jwt, AuthError> {
     Ok(Jwt {
         header,
         claims,
-        signed: token[..token.len() - signature.len() - 1].as_bytes().to_vec(),
+        signed: token.as_bytes()[..token.len() - signature.len() - 1].to_vec(),
         signature: b64(signature)?,
     })
 }
 
 /// Checks the time, issuer, audience and type claims, and maps the token to a [`Principal`].
-fn principal(claims: &Claims, issuer: &str, client_ids: &[String], leeway: i64) -> Result<Principal, AuthError> {
+fn principal(
+    claims: &Claims,
+    issuer: &str,
+    client_ids: &[String],
+    leeway: i64,
+) -> Result<Principal, AuthError> {
     let now = OffsetDateTime::now_utc().unix_timestamp();
     if claims.exp + leeway < now {
         return Err(AuthError::Expired);
@@ -171,7 +183,10 @@ fn principal(claims: &Claims, issuer: &str, client_ids: &[String], leeway: i64) 
     if claims.sub.is_empty() {
         return Err(AuthError::Invalid("no subject"));
     }
-    let username = claims.preferred_username.clone().unwrap_or_else(|| claims.sub.clone());
+    let username = claims
+        .preferred_username
+        .clone()
+        .unwrap_or_else(|| claims.sub.clone());
     Ok(Principal {
         user_id: UserId::from_subject(issuer, &claims.sub),
         display_name: claims.name.clone().unwrap_or_else(|| username.clone()),
@@ -200,7 +215,11 @@ struct KeySet {
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 
 impl OidcIdentity {
-    pub fn new(issuer: &str, client_ids: Vec<String>, leeway_secs: u64) -> Result<OidcIdentity, AuthError> {
+    pub fn new(
+        issuer: &str,
+        client_ids: Vec<String>,
+        leeway_secs: u64,
+    ) -> Result<OidcIdentity, AuthError> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(10))
@@ -258,11 +277,19 @@ impl OidcIdentity {
             }
         }
         tracing::info!(issuer = %self.issuer, keys = keys.len() + unnamed.len(), "loaded identity provider keys");
-        *self.keys.write().await = Some(KeySet { jwks_uri, keys, unnamed });
+        *self.keys.write().await = Some(KeySet {
+            jwks_uri,
+            keys,
+            unnamed,
+        });
         Ok(())
     }
 
-    async fn verify_signature(&self, jwt: &Jwt, alg: &CoreJwsSigningAlgorithm) -> Result<bool, AuthError> {
+    async fn verify_signature(
+        &self,
+        jwt: &Jwt,
+        alg: &CoreJwsSigningAlgorithm,
+    ) -> Result<bool, AuthError> {
         let guard = self.keys.read().await;
         let Some(set) = guard.as_ref() else {
             return Err(AuthError::Unavailable("no keys loaded".into()));
@@ -274,9 +301,10 @@ impl OidcIdentity {
             },
             None => set.unnamed.iter().chain(set.keys.values()).collect(),
         };
-        Ok(candidates
-            .into_iter()
-            .any(|key| key.verify_signature(alg, &jwt.signed, &jwt.signature).is_ok()))
+        Ok(candidates.into_iter().any(|key| {
+            key.verify_signature(alg, &jwt.signed, &jwt.signature)
+                .is_ok()
+        }))
     }
 }
 
@@ -298,9 +326,14 @@ impl Identity for OidcIdentity {
         }
         self.refresh_keys(false).await?;
         let mut valid = self.verify_signature(&jwt, &alg).await?;
-        if !valid && jwt.header.kid.as_ref().is_some_and(|kid| {
-            self.keys.try_read().map(|s| s.as_ref().is_some_and(|s| !s.keys.contains_key(kid))).unwrap_or(true)
-        }) {
+        if !valid
+            && jwt.header.kid.as_ref().is_some_and(|kid| {
+                self.keys
+                    .try_read()
+                    .map(|s| s.as_ref().is_some_and(|s| !s.keys.contains_key(kid)))
+                    .unwrap_or(true)
+            })
+        {
             // An unknown key id: the provider may have rotated its keys.
             self.refresh_keys(true).await?;
             valid = self.verify_signature(&jwt, &alg).await?;
@@ -346,7 +379,10 @@ impl DevIdentity {
     /// A token for `username`, valid for `ttl`.
     pub fn mint(&self, username: &str, ttl: Duration) -> String {
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        self.mint_until(username, now + i64::try_from(ttl.as_secs()).unwrap_or(86_400))
+        self.mint_until(
+            username,
+            now + i64::try_from(ttl.as_secs()).unwrap_or(86_400),
+        )
     }
 
     /// A token for `username` that expires at `expires` (Unix seconds), which may be in the past.
@@ -372,7 +408,8 @@ impl DevIdentity {
     }
 
     fn mac(&self, message: &[u8]) -> Hmac<Sha256> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
         mac.update(message);
         mac
     }
@@ -422,69 +459,6 @@ impl Identity for DevIdentity {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn dev_tokens_verify_and_forgeries_do_not() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let identity = DevIdentity::open(dir.path()).expect("key");
-        let token = identity.mint("alice", Duration::from_secs(60));
-        let principal = identity.authenticate(&token).await.expect("valid");
-        assert_eq!(principal.username, "alice");
-        assert_eq!(principal.display_name, "Alice");
-        assert_eq!(principal.user_id, UserId::from_subject(DEV_ISSUER, "alice"));
-
-        // The same key is found again by a second process.
-        let again = DevIdentity::open(dir.path()).expect("key");
-        assert!(again.authenticate(&token).await.is_ok());
-
-        let other = DevIdentity::open(tempfile::tempdir().expect("tempdir").path()).expect("key");
-        assert!(matches!(other.authenticate(&token).await, Err(AuthError::Invalid("bad signature"))));
-
-        let mut parts: Vec<&str> = token.split('.').collect();
-        let tampered_claims = URL_SAFE_NO_PAD.encode(
-            br#"{"iss":"confab-dev","sub":"bob","exp":9999999999,"azp":"confab-dev","preferred_username":"bob"}"#,
-        );
-        parts[1] = &tampered_claims;
-        assert!(identity.authenticate(&parts.join(".")).await.is_err());
-        assert!(identity.authenticate("garbage").await.is_err());
-    }
-
-    #[tokio::test]
-    async fn expired_dev_tokens_are_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let identity = DevIdentity::open(dir.path()).expect("key");
-        let expired = identity.mint_until("alice", OffsetDateTime::now_utc().unix_timestamp() - 10);
-        assert!(matches!(identity.authenticate(&expired).await, Err(AuthError::Expired)));
-    }
-
-    #[test]
-    fn claims_must_name_this_issuer_and_client() {
-        let claims = |iss: &str, azp: Option<&str>, aud: Audience| Claims {
-            iss: iss.into(),
-            sub: "s".into(),
-            exp: OffsetDateTime::now_utc().unix_timestamp() + 60,
-            nbf: None,
-            azp: azp.map(str::to_owned),
-            aud,
-            typ: Some("Bearer".into()),
-            preferred_username: Some("u".into()),
-            name: None,
-            email: None,
-        };
-        let ids = vec!["web".to_owned()];
-        assert!(principal(&claims("i", Some("web"), Audience::None), "i", &ids, 0).is_ok());
-        assert!(principal(&claims("i", Some("x"), Audience::Many(vec!["web".into()])), "i", &ids, 0).is_ok());
-        assert!(principal(&claims("other", Some("web"), Audience::None), "i", &ids, 0).is_err());
-        assert!(principal(&claims("i", Some("x"), Audience::One("y".into())), "i", &ids, 0).is_err());
-        let mut id_token = claims("i", Some("web"), Audience::None);
-        id_token.typ = Some("ID".into());
-        assert!(principal(&id_token, "i", &ids, 0).is_err());
-    }
-}
-
 /// The bearer token of a request's `Authorization` header.
 pub fn bearer_token(headers: &axum::http::HeaderMap) -> Result<&str, AuthError> {
     let value = headers
@@ -510,7 +484,11 @@ impl From<&AuthError> for crate::Problem {
                 "identity-unavailable",
                 "tokens cannot be verified right now",
             ),
-            other => crate::Problem::new(StatusCode::UNAUTHORIZED, "unauthenticated", other.to_string()),
+            other => crate::Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                other.to_string(),
+            ),
         }
     }
 }
@@ -528,5 +506,90 @@ impl axum::response::IntoResponse for AuthError {
             );
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dev_tokens_verify_and_forgeries_do_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let identity = DevIdentity::open(dir.path()).expect("key");
+        let token = identity.mint("alice", Duration::from_secs(60));
+        let principal = identity.authenticate(&token).await.expect("valid");
+        assert_eq!(principal.username, "alice");
+        assert_eq!(principal.display_name, "Alice");
+        assert_eq!(principal.user_id, UserId::from_subject(DEV_ISSUER, "alice"));
+
+        // The same key is found again by a second process.
+        let again = DevIdentity::open(dir.path()).expect("key");
+        assert!(again.authenticate(&token).await.is_ok());
+
+        let other = DevIdentity::open(tempfile::tempdir().expect("tempdir").path()).expect("key");
+        assert!(matches!(
+            other.authenticate(&token).await,
+            Err(AuthError::Invalid("bad signature"))
+        ));
+
+        let mut parts: Vec<&str> = token.split('.').collect();
+        let tampered_claims = URL_SAFE_NO_PAD.encode(
+            br#"{"iss":"confab-dev","sub":"bob","exp":9999999999,"azp":"confab-dev","preferred_username":"bob"}"#,
+        );
+        parts[1] = &tampered_claims;
+        assert!(identity.authenticate(&parts.join(".")).await.is_err());
+        assert!(identity.authenticate("garbage").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn expired_dev_tokens_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let identity = DevIdentity::open(dir.path()).expect("key");
+        let expired = identity.mint_until("alice", OffsetDateTime::now_utc().unix_timestamp() - 10);
+        assert!(matches!(
+            identity.authenticate(&expired).await,
+            Err(AuthError::Expired)
+        ));
+    }
+
+    #[test]
+    fn claims_must_name_this_issuer_and_client() {
+        let claims = |iss: &str, azp: Option<&str>, aud: Audience| Claims {
+            iss: iss.into(),
+            sub: "s".into(),
+            exp: OffsetDateTime::now_utc().unix_timestamp() + 60,
+            nbf: None,
+            azp: azp.map(str::to_owned),
+            aud,
+            typ: Some("Bearer".into()),
+            preferred_username: Some("u".into()),
+            name: None,
+            email: None,
+        };
+        let ids = vec!["web".to_owned()];
+        assert!(principal(&claims("i", Some("web"), Audience::None), "i", &ids, 0).is_ok());
+        assert!(
+            principal(
+                &claims("i", Some("x"), Audience::Many(vec!["web".into()])),
+                "i",
+                &ids,
+                0
+            )
+            .is_ok()
+        );
+        assert!(principal(&claims("other", Some("web"), Audience::None), "i", &ids, 0).is_err());
+        assert!(
+            principal(
+                &claims("i", Some("x"), Audience::One("y".into())),
+                "i",
+                &ids,
+                0
+            )
+            .is_err()
+        );
+        let mut id_token = claims("i", Some("web"), Audience::None);
+        id_token.typ = Some("ID".into());
+        assert!(principal(&id_token, "i", &ids, 0).is_err());
     }
 }

@@ -60,11 +60,16 @@ impl Signer {
             return Err(SignedError::Malformed);
         }
         let (body, tag) = token.split_once('.').ok_or(SignedError::Malformed)?;
-        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| SignedError::Malformed)?;
+        let tag = URL_SAFE_NO_PAD
+            .decode(tag)
+            .map_err(|_| SignedError::Malformed)?;
         let mut mac = self.mac();
         mac.update(body.as_bytes());
-        mac.verify_slice(&tag).map_err(|_| SignedError::BadSignature)?;
-        let json = URL_SAFE_NO_PAD.decode(body).map_err(|_| SignedError::Malformed)?;
+        mac.verify_slice(&tag)
+            .map_err(|_| SignedError::BadSignature)?;
+        let json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| SignedError::Malformed)?;
         serde_json::from_slice(&json).map_err(|_| SignedError::Malformed)
     }
 }
@@ -85,8 +90,14 @@ mod tests {
             signer.open::<(String, i32)>(&format!("{forged_body}.{tag}")),
             Err(SignedError::BadSignature)
         );
-        assert_eq!(signer.open::<(String, i32)>(body), Err(SignedError::Malformed));
-        assert_eq!(signer.open::<(String, i32)>("%%%.%%%"), Err(SignedError::Malformed));
+        assert_eq!(
+            signer.open::<(String, i32)>(body),
+            Err(SignedError::Malformed)
+        );
+        assert_eq!(
+            signer.open::<(String, i32)>("%%%.%%%"),
+            Err(SignedError::Malformed)
+        );
     }
 
     #[test]

@@ -20,8 +20,11 @@ use crate::config::TelemetryConfig;
 
 /// Installs the global tracing subscriber (idempotent: later calls are no-ops).
 pub fn init_tracing(config: &TelemetryConfig) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true);
     let _ = if config.log_format == "json" {
         builder.json().try_init()
     } else {
@@ -91,14 +94,20 @@ impl Readiness {
                 (name.to_owned(), value)
             })
             .collect();
-        (ready, json!({"status": if ready { "ready" } else { "not_ready" }, "checks": checks}))
+        (
+            ready,
+            json!({"status": if ready { "ready" } else { "not_ready" }, "checks": checks}),
+        )
     }
 }
 
 /// `/health`, `/ready` and `/metrics`.
 pub fn routes(readiness: Readiness) -> Router {
     Router::new()
-        .route("/health", get(|| async { axum::Json(json!({"status": "up"})) }))
+        .route(
+            "/health",
+            get(|| async { axum::Json(json!({"status": "up"})) }),
+        )
         .route("/ready", get(ready))
         .route("/metrics", get(|| async { prometheus().render() }))
         .with_state(readiness)
@@ -106,7 +115,11 @@ pub fn routes(readiness: Readiness) -> Router {
 
 async fn ready(State(readiness): State<Readiness>) -> Response {
     let (ready, body) = readiness.report().await;
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(body)).into_response()
 }
 

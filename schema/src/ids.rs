@@ -67,7 +67,10 @@ const USER_NAMESPACE: Uuid = Uuid::from_u128(0x6c0f_a1b2_4e5d_4c1a_9f00_c0fa_b00
 impl UserId {
     /// The user id for subject `sub` at identity provider `issuer`.
     pub fn from_subject(issuer: &str, sub: &str) -> UserId {
-        UserId(Uuid::new_v5(&USER_NAMESPACE, format!("{issuer}|{sub}").as_bytes()))
+        UserId(Uuid::new_v5(
+            &USER_NAMESPACE,
+            format!("{issuer}|{sub}").as_bytes(),
+        ))
     }
 }
 
@@ -131,7 +134,10 @@ mod tests {
         let before = OffsetDateTime::now_utc().unix_timestamp() * 1000;
         let id = SignalId::new();
         let millis = id.unix_millis().expect("v7");
-        assert!(millis >= before && millis <= before + 5_000, "{millis} vs {before}");
+        assert!(
+            millis >= before && millis <= before + 5_000,
+            "{millis} vs {before}"
+        );
     }
 
     #[test]

@@ -53,9 +53,20 @@ mod tests {
             assert_eq!(migration.version as usize, index + 1);
             for statement in migration.statements() {
                 let upper = statement.to_uppercase();
-                assert!(upper.contains("IF NOT EXISTS"), "not idempotent: {statement}");
-                for banned in ["MATERIALIZED VIEW", "CREATE INDEX", "ALLOW FILTERING", "USING TIMEOUT"] {
-                    assert!(!upper.contains(banned), "{banned} is not portable: {statement}");
+                assert!(
+                    upper.contains("IF NOT EXISTS"),
+                    "not idempotent: {statement}"
+                );
+                for banned in [
+                    "MATERIALIZED VIEW",
+                    "CREATE INDEX",
+                    "ALLOW FILTERING",
+                    "USING TIMEOUT",
+                ] {
+                    assert!(
+                        !upper.contains(banned),
+                        "{banned} is not portable: {statement}"
+                    );
                 }
             }
         }

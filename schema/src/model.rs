@@ -158,7 +158,10 @@ mod tests {
     fn enums_round_trip_through_their_wire_names() {
         for kind in SignalKind::ALL {
             assert_eq!(kind.as_str().parse::<SignalKind>().as_ref(), Ok(kind));
-            assert_eq!(serde_json::to_value(kind).ok(), Some(serde_json::json!(kind.as_str())));
+            assert_eq!(
+                serde_json::to_value(kind).ok(),
+                Some(serde_json::json!(kind.as_str()))
+            );
         }
         for role in MemberRole::ALL {
             assert_eq!(role.as_str().parse::<MemberRole>().as_ref(), Ok(role));
@@ -184,13 +187,28 @@ mod tests {
             reactions: BTreeMap::new(),
         };
         let json = serde_json::to_value(&signal).expect("serialises");
-        let mut keys: Vec<&str> = json.as_object().expect("object").keys().map(String::as_str).collect();
+        let mut keys: Vec<&str> = json
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
         keys.sort_unstable();
         assert_eq!(
             keys,
             [
-                "attachments", "author_id", "chat_id", "created_at", "deleted", "edited_at", "id",
-                "kind", "nonce", "reactions", "reply_to", "text"
+                "attachments",
+                "author_id",
+                "chat_id",
+                "created_at",
+                "deleted",
+                "edited_at",
+                "id",
+                "kind",
+                "nonce",
+                "reactions",
+                "reply_to",
+                "text"
             ]
         );
         let back: Signal = serde_json::from_value(json).expect("deserialises");

@@ -17,7 +17,10 @@ pub fn all_chat_events(prefix: &str) -> String {
 pub fn is_valid_prefix(prefix: &str) -> bool {
     !prefix.is_empty()
         && prefix.split('.').all(|token| {
-            !token.is_empty() && token.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            !token.is_empty()
+                && token
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         })
 }
 

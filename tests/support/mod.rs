@@ -2,7 +2,7 @@
 //! `infra/up.sh` started (fresh keyspace and NATS subject prefix per test), and speaks to it as a
 //! client would: real tokens, real SSE and WebSocket streams.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -37,7 +37,10 @@ pub fn nats_url() -> String {
     env_or("CONFAB_TEST_NATS_URL", "nats://127.0.0.1:4222")
 }
 pub fn oidc_issuer() -> String {
-    env_or("CONFAB_TEST_OIDC_ISSUER", "http://127.0.0.1:8180/realms/confab")
+    env_or(
+        "CONFAB_TEST_OIDC_ISSUER",
+        "http://127.0.0.1:8180/realms/confab",
+    )
 }
 pub fn oidc_client() -> String {
     env_or("CONFAB_TEST_OIDC_CLIENT_ID", "confab-web")
@@ -52,7 +55,14 @@ pub fn services_required() -> bool {
 /// Whether the real services answer; prints a SKIPPED line (or panics in CI) when they do not.
 pub async fn real_stack_available(test: &str) -> bool {
     let checks = [
-        ("Cassandra", cql_contact_points().split(',').next().unwrap_or_default().to_owned()),
+        (
+            "Cassandra",
+            cql_contact_points()
+                .split(',')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        ),
         ("NATS", nats_url().trim_start_matches("nats://").to_owned()),
         (
             "Keycloak",
@@ -66,7 +76,10 @@ pub async fn real_stack_available(test: &str) -> bool {
     ];
     for (name, addr) in checks {
         if tokio::net::TcpStream::connect(&addr).await.is_err() {
-            assert!(!services_required(), "{name} is not reachable at {addr}; infra/up.sh starts it");
+            assert!(
+                !services_required(),
+                "{name} is not reachable at {addr}; infra/up.sh starts it"
+            );
             eprintln!("SKIPPED {test}: {name} is not reachable at {addr}; run infra/up.sh");
             return false;
         }
@@ -75,7 +88,10 @@ pub async fn real_stack_available(test: &str) -> bool {
 }
 
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..16])
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..16]
+    )
 }
 
 /// A configuration for `stack` with its own data folder, keyspace and subject prefix.
@@ -124,7 +140,12 @@ pub async fn spawn_with(stack: Stack, config: Config, data: tempfile::TempDir) -
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(confab::run(confab::Role::Serve, config.clone(), listener, shutdown.clone()));
+    let server = tokio::spawn(confab::run(
+        confab::Role::Serve,
+        config.clone(),
+        listener,
+        shutdown.clone(),
+    ));
     let app = TestApp {
         stack,
         base,
@@ -147,7 +168,11 @@ impl TestApp {
             {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "app at {} never became ready", self.base);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "app at {} never became ready",
+                self.base
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -167,26 +192,47 @@ impl TestApp {
     }
 
     pub async fn get(&self, token: &str, path: &str) -> reqwest::Response {
-        self.http.get(self.url(path)).bearer_auth(token).send().await.unwrap()
+        self.http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn post(&self, token: &str, path: &str, body: &Value) -> reqwest::Response {
-        self.http.post(self.url(path)).bearer_auth(token).json(body).send().await.unwrap()
+        self.http
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
     }
 
     /// The caller's user id (provisioning them).
     pub async fn me(&self, token: &str) -> String {
         let response = self.get(token, "/v1/me").await;
         assert_eq!(response.status(), 200);
-        response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+        response.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     pub async fn group_chat(&self, owner: &str, members: &[&str]) -> String {
         let response = self
-            .post(owner, "/v1/chats", &serde_json::json!({"kind": "group", "name": "team", "members": members}))
+            .post(
+                owner,
+                "/v1/chats",
+                &serde_json::json!({"kind": "group", "name": "team", "members": members}),
+            )
             .await;
         assert_eq!(response.status(), 201);
-        response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+        response.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     pub async fn stop(mut self) {
@@ -210,7 +256,12 @@ pub async fn keycloak_token(username: &str, password: &str) -> String {
     keycloak_token_at(&oidc_issuer(), &oidc_client(), username, password).await
 }
 
-pub async fn keycloak_token_at(issuer: &str, client: &str, username: &str, password: &str) -> String {
+pub async fn keycloak_token_at(
+    issuer: &str,
+    client: &str,
+    username: &str,
+    password: &str,
+) -> String {
     let response = reqwest::Client::new()
         .post(format!("{issuer}/protocol/openid-connect/token"))
         .form(&[
@@ -223,7 +274,11 @@ pub async fn keycloak_token_at(issuer: &str, client: &str, username: &str, passw
         .send()
         .await
         .expect("Keycloak answers");
-    assert!(response.status().is_success(), "token request for {username}: {}", response.status());
+    assert!(
+        response.status().is_success(),
+        "token request for {username}: {}",
+        response.status()
+    );
     response.json::<Value>().await.unwrap()["access_token"]
         .as_str()
         .unwrap()
@@ -249,7 +304,10 @@ impl SseStream {
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), 200, "event stream refused");
         assert!(
-            response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"),
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream"),
             "not an event stream"
         );
         let mut stream = SseStream {
@@ -292,7 +350,12 @@ impl SseStream {
                     event.data = serde_json::from_str(&data).unwrap_or(Value::String(data));
                     return event;
                 }
-                let chunk = self.body.next().await.expect("stream open").expect("stream readable");
+                let chunk = self
+                    .body
+                    .next()
+                    .await
+                    .expect("stream open")
+                    .expect("stream readable");
                 self.buffer.push_str(&String::from_utf8_lossy(&chunk));
             }
         })
@@ -309,7 +372,11 @@ pub struct ConfabProcess {
 
 impl ConfabProcess {
     /// Starts `confab <args>` with `env` and waits for its "listening on" line.
-    pub async fn start(args: &[&str], env: &[(String, String)], dir: &std::path::Path) -> ConfabProcess {
+    pub async fn start(
+        args: &[&str],
+        env: &[(String, String)],
+        dir: &std::path::Path,
+    ) -> ConfabProcess {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"));
         command
             .args(args)
@@ -344,7 +411,10 @@ impl ConfabProcess {
     /// Sends SIGTERM and waits for a clean exit.
     pub async fn terminate(mut self) {
         if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
         }
         let status = tokio::time::timeout(DEADLINE, self.child.wait())
             .await
@@ -373,7 +443,9 @@ impl Relay {
                     () = stop.cancelled() => return,
                     accepted = listener.accept() => accepted,
                 };
-                let Ok((mut inbound, _)) = accepted else { continue };
+                let Ok((mut inbound, _)) = accepted else {
+                    continue;
+                };
                 let target = target.clone();
                 let stop = stop.clone();
                 tokio::spawn(async move {

@@ -33,7 +33,9 @@ pub struct PlexerState {
 }
 
 pub fn routes(state: PlexerState) -> Router {
-    Router::new().route("/v1/ws", get(upgrade)).with_state(state)
+    Router::new()
+        .route("/v1/ws", get(upgrade))
+        .with_state(state)
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,16 +53,26 @@ async fn upgrade(
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let Ok(Query(query)) = query else {
-        return Problem::new(StatusCode::BAD_REQUEST, "bad-request", "malformed query").into_response();
+        return Problem::new(StatusCode::BAD_REQUEST, "bad-request", "malformed query")
+            .into_response();
     };
-    let user = match state.auth.authenticate(&headers, query.ticket.as_deref()).await {
+    let user = match state
+        .auth
+        .authenticate(&headers, query.ticket.as_deref())
+        .await
+    {
         Ok(user) => user,
         Err(error) => return error.into_response(),
     };
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(rejection) => {
-            return Problem::new(StatusCode::BAD_REQUEST, "not-a-websocket", rejection.body_text()).into_response();
+            return Problem::new(
+                StatusCode::BAD_REQUEST,
+                "not-a-websocket",
+                rejection.body_text(),
+            )
+            .into_response();
         }
     };
     upgrade
@@ -89,7 +101,11 @@ async fn serve(socket: WebSocket, user: UserId, state: PlexerState) {
     metrics::gauge!("confab_ws_connections").increment(1.0);
     let span = tracing::debug_span!("ws", %user);
     let _entered = span.enter();
-    if sink.send(Message::Text(json!({"type": "ready"}).to_string().into())).await.is_err() {
+    if sink
+        .send(Message::Text(json!({"type": "ready"}).to_string().into()))
+        .await
+        .is_err()
+    {
         metrics::gauge!("confab_ws_connections").decrement(1.0);
         return;
     }

@@ -30,7 +30,9 @@ fn check_length(field: &str, value: &Option<String>, max: usize) -> ApiResult<()
     if let Some(value) = value {
         let chars = value.chars().count();
         if value.trim().is_empty() || chars > max {
-            return Err(ApiError::Unprocessable(format!("{field} must be 1 to {max} characters")));
+            return Err(ApiError::Unprocessable(format!(
+                "{field} must be 1 to {max} characters"
+            )));
         }
     }
     Ok(())
@@ -41,7 +43,10 @@ const DIRECT_NAMESPACE: Uuid = Uuid::from_u128(0x6c0f_a1b2_4e5d_4c1a_9f00_c0fa_b
 
 fn direct_chat_id(a: UserId, b: UserId) -> ChatId {
     let (low, high) = if a <= b { (a, b) } else { (b, a) };
-    ChatId(Uuid::new_v5(&DIRECT_NAMESPACE, format!("direct|{low}|{high}").as_bytes()))
+    ChatId(Uuid::new_v5(
+        &DIRECT_NAMESPACE,
+        format!("direct|{low}|{high}").as_bytes(),
+    ))
 }
 
 /// `POST /v1/chats`: a group (the creator plus the named members) or a direct chat (the creator and
@@ -58,7 +63,12 @@ pub async fn create(
             "at most {MAX_INITIAL_MEMBERS} members can be named at creation"
         )));
     }
-    let others: BTreeSet<UserId> = body.members.iter().copied().filter(|m| *m != caller.id).collect();
+    let others: BTreeSet<UserId> = body
+        .members
+        .iter()
+        .copied()
+        .filter(|m| *m != caller.id)
+        .collect();
     for member in &others {
         if state.store.get_user(*member).await?.is_none() {
             return Err(ApiError::Unprocessable(format!("unknown user {member}")));
@@ -70,7 +80,9 @@ pub async fn create(
                 return Err(ApiError::Unprocessable("a group needs a name".into()));
             }
             if others.is_empty() {
-                return Err(ApiError::Unprocessable("a group needs at least one other member".into()));
+                return Err(ApiError::Unprocessable(
+                    "a group needs at least one other member".into(),
+                ));
             }
             let mut members = vec![(caller.id, MemberRole::Owner)];
             members.extend(others.iter().map(|m| (*m, MemberRole::Member)));
@@ -78,17 +90,24 @@ pub async fn create(
         }
         ChatKind::Direct => {
             if body.name.is_some() || body.description.is_some() {
-                return Err(ApiError::Unprocessable("a direct chat has no name or description".into()));
+                return Err(ApiError::Unprocessable(
+                    "a direct chat has no name or description".into(),
+                ));
             }
             let [other] = others.iter().copied().collect::<Vec<_>>()[..] else {
-                return Err(ApiError::Unprocessable("a direct chat has exactly one other member".into()));
+                return Err(ApiError::Unprocessable(
+                    "a direct chat has exactly one other member".into(),
+                ));
             };
             let id = direct_chat_id(caller.id, other);
             if let Some(mut existing) = state.store.get_chat(id).await? {
                 existing.my_role = Some(MemberRole::Owner);
                 return Ok((StatusCode::OK, Json(existing)));
             }
-            (id, vec![(caller.id, MemberRole::Owner), (other, MemberRole::Owner)])
+            (
+                id,
+                vec![(caller.id, MemberRole::Owner), (other, MemberRole::Owner)],
+            )
         }
     };
     let new_chat = NewChat {
@@ -124,7 +143,11 @@ pub async fn get(
     ApiPath(chat_id): ApiPath<ChatId>,
 ) -> ApiResult<Json<Chat>> {
     let role = require_member(&state, chat_id, &caller).await?;
-    let mut chat = state.store.get_chat(chat_id).await?.ok_or(ApiError::NotFound("no such chat"))?;
+    let mut chat = state
+        .store
+        .get_chat(chat_id)
+        .await?
+        .ok_or(ApiError::NotFound("no such chat"))?;
     chat.my_role = Some(role);
     chat.latest_signal = state
         .store

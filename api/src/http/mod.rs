@@ -34,7 +34,12 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(store: Arc<dyn Store>, bus: Arc<dyn Bus>, identity: Arc<dyn Identity>, secret: &[u8]) -> ApiState {
+    pub fn new(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        identity: Arc<dyn Identity>,
+        secret: &[u8],
+    ) -> ApiState {
         ApiState {
             store,
             bus,
@@ -51,7 +56,10 @@ pub fn routes(state: ApiState) -> Router {
         .route("/v1/me", get(users::me))
         .route("/v1/chats", post(chats::create))
         .route("/v1/chats/{chat_id}", get(chats::get))
-        .route("/v1/chats/{chat_id}/signals", post(signals::create).get(signals::list))
+        .route(
+            "/v1/chats/{chat_id}/signals",
+            post(signals::create).get(signals::list),
+        )
         .with_state(state)
 }
 
@@ -107,8 +115,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             Ok(axum::Json(value)) => Ok(ApiJson(value)),
             Err(JsonRejection::JsonDataError(e)) => Err(ApiError::Unprocessable(e.body_text())),
             Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::BadRequest(e.body_text())),
-            Err(JsonRejection::MissingJsonContentType(e)) => Err(ApiError::UnsupportedMediaType(e.body_text())),
-            Err(JsonRejection::BytesRejection(e)) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(JsonRejection::MissingJsonContentType(e)) => {
+                Err(ApiError::UnsupportedMediaType(e.body_text()))
+            }
+            Err(JsonRejection::BytesRejection(e))
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE =>
+            {
                 Err(ApiError::PayloadTooLarge(e.body_text()))
             }
             Err(other) => Err(ApiError::BadRequest(other.body_text())),

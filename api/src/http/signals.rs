@@ -48,13 +48,19 @@ pub async fn create(
     if let Some(nonce) = &body.nonce
         && (nonce.is_empty() || nonce.len() > MAX_NONCE_BYTES)
     {
-        return Err(ApiError::Unprocessable(format!("nonce must be 1 to {MAX_NONCE_BYTES} bytes")));
+        return Err(ApiError::Unprocessable(format!(
+            "nonce must be 1 to {MAX_NONCE_BYTES} bytes"
+        )));
     }
     if body.reply_to.is_some_and(|r| !r.is_time_ordered()) {
-        return Err(ApiError::Unprocessable("reply_to is not a signal id".into()));
+        return Err(ApiError::Unprocessable(
+            "reply_to is not a signal id".into(),
+        ));
     }
     if !body.attachments.is_empty() {
-        return Err(ApiError::Unprocessable("attachments are not accepted yet".into()));
+        return Err(ApiError::Unprocessable(
+            "attachments are not accepted yet".into(),
+        ));
     }
     require_member(&state, chat_id, &caller).await?;
     // Refuse before storing when events cannot be published, rather than store a silent message.
@@ -66,7 +72,9 @@ pub async fn create(
         chat_id,
         kind: SignalKind::Message,
         author_id: caller.id,
-        created_at: id.created_at().unwrap_or_else(time::OffsetDateTime::now_utc),
+        created_at: id
+            .created_at()
+            .unwrap_or_else(time::OffsetDateTime::now_utc),
         nonce: body.nonce,
         text: Some(text),
         reply_to: body.reply_to,
@@ -78,14 +86,22 @@ pub async fn create(
     match state.store.insert_signal(&signal).await? {
         Inserted::Existing(existing) => Ok((StatusCode::OK, Json(existing))),
         Inserted::Created(created) => {
-            let recipients = state.store.members(chat_id).await?.into_iter().map(|m| m.user_id).collect();
-            let envelope = Envelope::new(chat_id, recipients, Event::SignalCreated(created.clone()));
+            let recipients = state
+                .store
+                .members(chat_id)
+                .await?
+                .into_iter()
+                .map(|m| m.user_id)
+                .collect();
+            let envelope =
+                Envelope::new(chat_id, recipients, Event::SignalCreated(created.clone()));
             if let Err(error) = state.bus.publish(&envelope).await {
                 // Stored is stored: history has it even if live delivery missed it.
                 tracing::warn!(%error, signal = %created.id, "event not published");
                 metrics::counter!("confab_events_unpublished_total").increment(1);
             } else {
-                metrics::counter!("confab_events_published_total", "type" => "signal.created").increment(1);
+                metrics::counter!("confab_events_published_total", "type" => "signal.created")
+                    .increment(1);
             }
             Ok((StatusCode::CREATED, Json(created)))
         }
@@ -125,27 +141,43 @@ pub async fn list(
 ) -> ApiResult<Json<Page<Signal>>> {
     let limit = query.limit.unwrap_or(DEFAULT_PAGE_SIZE);
     if !(1..=MAX_PAGE_SIZE).contains(&limit) {
-        return Err(ApiError::BadRequest(format!("limit must be 1 to {MAX_PAGE_SIZE}")));
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_PAGE_SIZE}"
+        )));
     }
     let before = match (query.cursor, query.before) {
-        (Some(_), Some(_)) => return Err(ApiError::BadRequest("give cursor or before, not both".into())),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give cursor or before, not both".into(),
+            ));
+        }
         (Some(cursor), None) => {
             let cursor: Cursor = state
                 .cursors
                 .open(&cursor)
                 .map_err(|_| ApiError::BadRequest("invalid cursor".into()))?;
             if cursor.c != chat_id {
-                return Err(ApiError::BadRequest("cursor belongs to another chat".into()));
+                return Err(ApiError::BadRequest(
+                    "cursor belongs to another chat".into(),
+                ));
             }
             Some(cursor.b)
         }
         (None, before) => before,
     };
     require_member(&state, chat_id, &caller).await?;
-    let mut items = state.store.signals_before(chat_id, before, limit + 1).await?;
+    let mut items = state
+        .store
+        .signals_before(chat_id, before, limit + 1)
+        .await?;
     let next_cursor = if items.len() > limit {
         items.truncate(limit);
-        items.last().map(|last| state.cursors.sign(&Cursor { c: chat_id, b: last.id }))
+        items.last().map(|last| {
+            state.cursors.sign(&Cursor {
+                c: chat_id,
+                b: last.id,
+            })
+        })
     } else {
         None
     };

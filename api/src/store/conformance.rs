@@ -1,8 +1,6 @@
 //! One behavioural suite every [`Store`] implementation must pass. The tests in `api/tests` run it
 //! against the embedded store and against the CQL store on a fresh keyspace.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -51,7 +49,13 @@ async fn chat_with(store: &dyn Store, owner: UserId, others: &[UserId]) -> ChatI
     id
 }
 
-fn message_at(chat: ChatId, author: UserId, id: SignalId, nonce: Option<&str>, text: &str) -> Signal {
+fn message_at(
+    chat: ChatId,
+    author: UserId,
+    id: SignalId,
+    nonce: Option<&str>,
+    text: &str,
+) -> Signal {
     Signal {
         id,
         chat_id: chat,
@@ -92,8 +96,14 @@ async fn chats_and_members(store: &dyn Store) {
     assert_eq!(stored.kind, ChatKind::Group);
     assert_eq!(stored.name.as_deref(), Some("test"));
     assert_eq!(stored.created_by, alice.id);
-    assert_eq!(store.member_role(chat, alice.id).await.unwrap(), Some(MemberRole::Owner));
-    assert_eq!(store.member_role(chat, bob.id).await.unwrap(), Some(MemberRole::Member));
+    assert_eq!(
+        store.member_role(chat, alice.id).await.unwrap(),
+        Some(MemberRole::Owner)
+    );
+    assert_eq!(
+        store.member_role(chat, bob.id).await.unwrap(),
+        Some(MemberRole::Member)
+    );
     assert_eq!(store.member_role(chat, carol.id).await.unwrap(), None);
     let members: HashSet<(UserId, MemberRole)> = store
         .members(chat)
@@ -113,7 +123,10 @@ async fn send_parity(store: &dyn Store) {
     let bob = user("bob");
     let chat = chat_with(store, alice.id, &[bob.id]).await;
     let first = message(chat, alice.id, Some("n-1"), "hello");
-    assert_eq!(store.insert_signal(&first).await.unwrap(), Inserted::Created(first.clone()));
+    assert_eq!(
+        store.insert_signal(&first).await.unwrap(),
+        Inserted::Created(first.clone())
+    );
 
     // Same author, chat and nonce: the first signal back, nothing new stored.
     let retry = message(chat, alice.id, Some("n-1"), "hello (retried)");
@@ -123,10 +136,16 @@ async fn send_parity(store: &dyn Store) {
     }
     // Another author may use the same nonce.
     let bobs = message(chat, bob.id, Some("n-1"), "bob's");
-    assert!(matches!(store.insert_signal(&bobs).await.unwrap(), Inserted::Created(_)));
+    assert!(matches!(
+        store.insert_signal(&bobs).await.unwrap(),
+        Inserted::Created(_)
+    ));
     // Signals without a nonce are always new.
     let plain = message(chat, alice.id, None, "no nonce");
-    assert!(matches!(store.insert_signal(&plain).await.unwrap(), Inserted::Created(_)));
+    assert!(matches!(
+        store.insert_signal(&plain).await.unwrap(),
+        Inserted::Created(_)
+    ));
 
     let history = store.signals_before(chat, None, 10).await.unwrap();
     assert_eq!(
@@ -150,8 +169,14 @@ async fn racing_senders_store_one_signal(store: Arc<dyn Store>) {
     for racer in racers {
         outcomes.push(racer.await.unwrap());
     }
-    let created = outcomes.iter().filter(|o| matches!(o, Inserted::Created(_))).count();
-    assert_eq!(created, 1, "exactly one racer stores the signal: {outcomes:?}");
+    let created = outcomes
+        .iter()
+        .filter(|o| matches!(o, Inserted::Created(_)))
+        .count();
+    assert_eq!(
+        created, 1,
+        "exactly one racer stores the signal: {outcomes:?}"
+    );
     let ids: HashSet<SignalId> = outcomes.iter().map(|o| o.signal().id).collect();
     assert_eq!(ids.len(), 1, "every racer gets the same signal back");
     let history = store.signals_before(chat, None, 10).await.unwrap();
@@ -164,13 +189,23 @@ fn id_days_ago(days_ago: u64, offset_ms: u64) -> SignalId {
     let now = OffsetDateTime::now_utc().unix_timestamp() as u64;
     let secs = now - days_ago * 86_400 + offset_ms / 1000;
     let nanos = ((offset_ms % 1000) * 1_000_000) as u32;
-    SignalId(Uuid::new_v7(Timestamp::from_unix(uuid::NoContext, secs, nanos)))
+    SignalId(Uuid::new_v7(Timestamp::from_unix(
+        uuid::NoContext,
+        secs,
+        nanos,
+    )))
 }
 
 async fn history_pages_newest_first_across_buckets(store: &dyn Store) {
     let alice = user("alice");
     let chat = chat_with(store, alice.id, &[]).await;
-    assert!(store.signals_before(chat, None, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .signals_before(chat, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // Signals over several days with empty days between, inserted out of order.
     let mut ids = Vec::new();
@@ -178,7 +213,13 @@ async fn history_pages_newest_first_across_buckets(store: &dyn Store) {
         for i in 0..count {
             let id = id_days_ago(days_ago, i * 10);
             store
-                .insert_signal(&message_at(chat, alice.id, id, None, &format!("{days_ago}/{i}")))
+                .insert_signal(&message_at(
+                    chat,
+                    alice.id,
+                    id,
+                    None,
+                    &format!("{days_ago}/{i}"),
+                ))
                 .await
                 .unwrap();
             ids.push(id);
@@ -202,13 +243,19 @@ async fn history_pages_newest_first_across_buckets(store: &dyn Store) {
             before = page.last().map(|s| s.id);
             seen.extend(page.into_iter().map(|s| s.id));
         }
-        assert_eq!(seen, ids, "pages of {page_size} walk the whole history once, newest first");
+        assert_eq!(
+            seen, ids,
+            "pages of {page_size} walk the whole history once, newest first"
+        );
     }
 
     // A cursor in the middle of a day.
     let middle = ids[5];
     let after_middle = store.signals_before(chat, Some(middle), 3).await.unwrap();
-    assert_eq!(after_middle.iter().map(|s| s.id).collect::<Vec<_>>(), ids[6..9].to_vec());
+    assert_eq!(
+        after_middle.iter().map(|s| s.id).collect::<Vec<_>>(),
+        ids[6..9].to_vec()
+    );
 }
 
 async fn chats_do_not_share_history(store: &dyn Store) {
@@ -219,7 +266,16 @@ async fn chats_do_not_share_history(store: &dyn Store) {
     store.insert_signal(&signal).await.unwrap();
     // The same nonce in another chat is a different signal.
     let other = message(two, alice.id, Some("same"), "in two");
-    assert!(matches!(store.insert_signal(&other).await.unwrap(), Inserted::Created(_)));
-    assert_eq!(store.signals_before(one, None, 10).await.unwrap(), vec![signal]);
-    assert_eq!(store.signals_before(two, None, 10).await.unwrap(), vec![other]);
+    assert!(matches!(
+        store.insert_signal(&other).await.unwrap(),
+        Inserted::Created(_)
+    ));
+    assert_eq!(
+        store.signals_before(one, None, 10).await.unwrap(),
+        vec![signal]
+    );
+    assert_eq!(
+        store.signals_before(two, None, 10).await.unwrap(),
+        vec![other]
+    );
 }

@@ -91,8 +91,14 @@ pub async fn migrate(options: &CqlOptions) -> Result<Vec<i32>, StoreError> {
         )
         .await
         .map_err(unavailable)?;
-    session.await_schema_agreement().await.map_err(unavailable)?;
-    session.use_keyspace(keyspace, false).await.map_err(unavailable)?;
+    session
+        .await_schema_agreement()
+        .await
+        .map_err(unavailable)?;
+    session
+        .use_keyspace(keyspace, false)
+        .await
+        .map_err(unavailable)?;
 
     let applied: Vec<i32> = session
         .query_unpaged("SELECT version FROM schema_migrations", &[])
@@ -110,9 +116,15 @@ pub async fn migrate(options: &CqlOptions) -> Result<Vec<i32>, StoreError> {
             continue;
         }
         for statement in migration.statements() {
-            session.query_unpaged(statement, &[]).await.map_err(unavailable)?;
+            session
+                .query_unpaged(statement, &[])
+                .await
+                .map_err(unavailable)?;
         }
-        session.await_schema_agreement().await.map_err(unavailable)?;
+        session
+            .await_schema_agreement()
+            .await
+            .map_err(unavailable)?;
         session
             .query_unpaged(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
@@ -124,7 +136,11 @@ pub async fn migrate(options: &CqlOptions) -> Result<Vec<i32>, StoreError> {
             )
             .await
             .map_err(unavailable)?;
-        tracing::info!(version = migration.version, name = migration.name, "CQL migration applied");
+        tracing::info!(
+            version = migration.version,
+            name = migration.name,
+            "CQL migration applied"
+        );
         newly_applied.push(migration.version);
     }
     Ok(newly_applied)
@@ -164,7 +180,8 @@ pub struct CqlStore {
     statements: Statements,
 }
 
-const SIGNAL_COLUMNS: &str = "id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted";
+const SIGNAL_COLUMNS: &str =
+    "id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted";
 
 type SignalRow = (
     Uuid,
@@ -245,7 +262,10 @@ impl CqlStore {
             ))
             .await?,
         };
-        Ok(CqlStore { session, statements })
+        Ok(CqlStore {
+            session,
+            statements,
+        })
     }
 
     /// The raw session, for benchmarks that compare against driver-level inserts.
@@ -254,7 +274,10 @@ impl CqlStore {
     }
 
     async fn write_signal(&self, signal: &Signal) -> Result<(), StoreError> {
-        let created = signal.id.unix_millis().ok_or_else(|| corrupt("signal id is not time-ordered"))?;
+        let created = signal
+            .id
+            .unix_millis()
+            .ok_or_else(|| corrupt("signal id is not time-ordered"))?;
         let bucket = signal_bucket(created);
         // Bucket first: a signal is never in a day the pager does not know about.
         self.session
@@ -305,7 +328,7 @@ fn to_signal(chat_id: ChatId, row: SignalRow) -> Result<Signal, StoreError> {
     })
 }
 
-fn column<'a>(row: &'a Row, index: usize) -> Option<&'a CqlValue> {
+fn column(row: &Row, index: usize) -> Option<&CqlValue> {
     row.columns.get(index).and_then(Option::as_ref)
 }
 
@@ -419,7 +442,11 @@ impl Store for CqlStore {
         .transpose()
     }
 
-    async fn member_role(&self, chat: ChatId, user: UserId) -> Result<Option<MemberRole>, StoreError> {
+    async fn member_role(
+        &self,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<MemberRole>, StoreError> {
         let row = self
             .session
             .execute_unpaged(&self.statements.member_role, (chat.0, user.0))
@@ -578,7 +605,10 @@ impl Store for CqlStore {
         'buckets: loop {
             let buckets: Vec<i32> = self
                 .session
-                .execute_unpaged(&self.statements.buckets_up_to, (chat.0, upper_bucket, BUCKET_BATCH))
+                .execute_unpaged(
+                    &self.statements.buckets_up_to,
+                    (chat.0, upper_bucket, BUCKET_BATCH),
+                )
                 .await
                 .map_err(unavailable)?
                 .into_rows_result()
@@ -601,7 +631,10 @@ impl Store for CqlStore {
                     }
                     None => {
                         self.session
-                            .execute_unpaged(&self.statements.signals_in_bucket, (chat.0, *bucket, want))
+                            .execute_unpaged(
+                                &self.statements.signals_in_bucket,
+                                (chat.0, *bucket, want),
+                            )
                             .await
                     }
                 }

@@ -87,9 +87,9 @@ impl EmbeddedStore {
     ) -> Result<T, StoreError> {
         let connection = Arc::clone(&self.connection);
         tokio::task::spawn_blocking(move || {
-            let mut guard = connection
-                .lock()
-                .map_err(|_| StoreError::Unavailable("embedded store poisoned by a panic".into()))?;
+            let mut guard = connection.lock().map_err(|_| {
+                StoreError::Unavailable("embedded store poisoned by a panic".into())
+            })?;
             work(&mut guard)
         })
         .await
@@ -108,7 +108,9 @@ fn migrate(connection: &Connection) -> Result<(), StoreError> {
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
         let version = index + 1;
         connection
-            .execute_batch(&format!("BEGIN; {migration} PRAGMA user_version = {version}; COMMIT;"))
+            .execute_batch(&format!(
+                "BEGIN; {migration} PRAGMA user_version = {version}; COMMIT;"
+            ))
             .map_err(unavailable)?;
         tracing::info!(version, "embedded store migrated");
     }
@@ -123,7 +125,8 @@ fn uuid_from(bytes: Vec<u8>) -> Result<Uuid, StoreError> {
     Uuid::from_slice(&bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-const SIGNAL_COLUMNS: &str = "chat_id, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted";
+const SIGNAL_COLUMNS: &str =
+    "chat_id, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted";
 
 type SignalRow = (
     Vec<u8>,
@@ -154,7 +157,8 @@ fn signal_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SignalRow> {
 }
 
 fn to_signal(row: SignalRow) -> Result<Signal, StoreError> {
-    let (chat_id, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted) = row;
+    let (chat_id, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted) =
+        row;
     let id = SignalId(uuid_from(id)?);
     Ok(Signal {
         id,
@@ -165,7 +169,8 @@ fn to_signal(row: SignalRow) -> Result<Signal, StoreError> {
         nonce,
         text,
         reply_to: reply_to.map(uuid_from).transpose()?.map(SignalId),
-        attachments: serde_json::from_str(&attachments).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        attachments: serde_json::from_str(&attachments)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
         edited_at: edited_at.map(from_millis).transpose()?,
         deleted,
         reactions: Default::default(),
@@ -289,7 +294,11 @@ impl Store for EmbeddedStore {
         .transpose()
     }
 
-    async fn member_role(&self, chat: ChatId, user: UserId) -> Result<Option<MemberRole>, StoreError> {
+    async fn member_role(
+        &self,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<MemberRole>, StoreError> {
         let role = self
             .with(move |c| {
                 c.query_row(
@@ -308,11 +317,17 @@ impl Store for EmbeddedStore {
         let rows = self
             .with(move |c| {
                 let mut statement = c
-                    .prepare_cached("SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ?1")
+                    .prepare_cached(
+                        "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ?1",
+                    )
                     .map_err(unavailable)?;
                 let rows = statement
                     .query_map(params![blob(chat.0)], |row| {
-                        Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
+                        Ok((
+                            row.get::<_, Vec<u8>>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, i64>(2)?,
+                        ))
                     })
                     .map_err(unavailable)?
                     .collect::<Result<Vec<_>, _>>()

@@ -68,7 +68,11 @@ pub trait Store: Send + Sync + 'static {
     async fn create_chat(&self, chat: &NewChat) -> Result<(), StoreError>;
     /// A chat as stored (`my_role`, `latest_signal` and `unread_count` left empty).
     async fn get_chat(&self, id: ChatId) -> Result<Option<Chat>, StoreError>;
-    async fn member_role(&self, chat: ChatId, user: UserId) -> Result<Option<MemberRole>, StoreError>;
+    async fn member_role(
+        &self,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<MemberRole>, StoreError>;
     async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError>;
 
     /// Stores `signal` unless its author already stored one with the same nonce in the same chat, in
@@ -114,5 +118,7 @@ pub(crate) fn parse<T: std::str::FromStr>(value: &str) -> Result<T, StoreError>
 where
     T::Err: std::fmt::Display,
 {
-    value.parse().map_err(|e: T::Err| StoreError::Corrupt(e.to_string()))
+    value
+        .parse()
+        .map_err(|e: T::Err| StoreError::Corrupt(e.to_string()))
 }

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs and starts the real services (Cassandra, NATS,
+# SeaweedFS, Keycloak, and Meilisearch when available), then checks formatting and lints and runs
+# every test against them. Services this script started are stopped again at the end; ones that
+# were already running are left alone. CONFAB_KEEP_SERVICES=1 keeps them up either way.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+started_here=0
+if ! bash infra/status.sh >/dev/null 2>&1; then
+  started_here=1
+fi
+stop_services() {
+  if [[ "$started_here" == 1 && "${CONFAB_KEEP_SERVICES:-0}" != 1 ]]; then
+    bash infra/down.sh || true
+  fi
+}
+trap stop_services EXIT
+
+bash infra/up.sh
+# shellcheck disable=SC1091
+. .infra/env
+# A missing service fails the tests instead of skipping them.
+export CONFAB_REQUIRE_SERVICES=1
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
