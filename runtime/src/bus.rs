@@ -161,3 +161,79 @@ impl Bus for EmbeddedBus {
         Ok(())
     }
 }
+
+/// One behavioural suite for every [`Bus`]; `runtime/tests/bus_conformance.rs` runs it against NATS
+/// and the embedded bus.
+pub mod conformance {
+    use std::time::Duration;
+
+    use confab_schema::{ChatId, Envelope, Event, Signal, SignalId, SignalKind, UserId};
+    use futures::StreamExt;
+
+    use super::Bus;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    fn envelope(chat: ChatId, text: &str) -> Envelope {
+        let id = SignalId::new();
+        let author = UserId::from_subject("conformance", "author");
+        Envelope::new(
+            chat,
+            vec![author],
+            Event::SignalCreated(Signal {
+                id,
+                chat_id: chat,
+                kind: SignalKind::Message,
+                author_id: author,
+                created_at: id.created_at().expect("v7"),
+                nonce: None,
+                text: Some(text.into()),
+                reply_to: None,
+                attachments: vec![],
+                edited_at: None,
+                deleted: false,
+                reactions: Default::default(),
+            }),
+        )
+    }
+
+    /// Runs every check against `bus`. `isolated` is a bus on the same server with another subject
+    /// prefix (or another embedded bus): nothing published on one may reach the other.
+    pub async fn test_suite(bus: &dyn Bus, isolated: &dyn Bus) {
+        bus.check().await.expect("bus is usable");
+        let mut first = bus.subscribe().await.expect("subscribes");
+        let mut second = bus.subscribe().await.expect("subscribes");
+        let mut other = isolated.subscribe().await.expect("subscribes");
+
+        // Every subscriber sees every chat's events, in publication order.
+        let (one, two) = (ChatId::new(), ChatId::new());
+        let sent: Vec<Envelope> = (0..50)
+            .map(|i| envelope(if i % 2 == 0 { one } else { two }, &format!("m{i}")))
+            .collect();
+        for envelope in &sent {
+            bus.publish(envelope).await.expect("publishes");
+        }
+        for subscriber in [&mut first, &mut second] {
+            for expected in &sent {
+                let received = tokio::time::timeout(DEADLINE, subscriber.next())
+                    .await
+                    .expect("delivered before the deadline")
+                    .expect("subscription open");
+                assert_eq!(&received, expected);
+            }
+        }
+
+        // Another prefix hears nothing of it, and its own events come through.
+        let own = envelope(one, "isolated");
+        isolated.publish(&own).await.expect("publishes");
+        let received = tokio::time::timeout(DEADLINE, other.next())
+            .await
+            .expect("delivered before the deadline")
+            .expect("subscription open");
+        assert_eq!(received, own, "the isolated bus saw only its own event");
+
+        // Publishing with nobody listening is fine.
+        drop((first, second, other));
+        bus.publish(&envelope(one, "nobody listens")).await.expect("publishes");
+    }
+}
