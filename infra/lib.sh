@@ -193,6 +193,12 @@ port_owner() {
 require_free_ports() {
   local name=$1 p; shift
   for p in "$@"; do
+    # A service we just stopped may still be releasing its ports: give it a moment.
+    local waited=0
+    while port_open "$p" && (( waited < 20 )); do
+      sleep 1
+      waited=$((waited + 1))
+    done
     if port_open "$p"; then
       die "$name: port $p is already in use by something not started by infra/up.sh ($(port_owner "$p")). Stop it or pick another port (see infra/README.md)."
     fi

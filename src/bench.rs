@@ -32,6 +32,9 @@ pub struct BenchArgs {
     /// Folder for the results file.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
+    /// Send messages without a client nonce (no send-parity transaction), to measure its cost.
+    #[arg(long)]
+    pub no_nonce: bool,
     /// Password for the OIDC password grant of users `alice` and `bob` in oidc mode; default: the
     /// user name (as in the dev realm).
     #[arg(long)]
@@ -88,6 +91,7 @@ pub async fn run(args: BenchArgs, mut config: Config) -> anyhow::Result<()> {
         "messages": args.messages,
         "rate_per_second": args.rate,
         "store": format!("{:?}", config.store.backend),
+        "nonces": !args.no_nonce,
         "bus": format!("{:?}", config.bus.backend),
         "identity": format!("{:?}", config.identity.mode),
         "post_to_sse": ours.json(),
@@ -308,8 +312,8 @@ async fn post_to_sse(config: &Config, args: &BenchArgs) -> anyhow::Result<Summar
                     for line in frame.lines() {
                         if let Some(data) = line.strip_prefix("data: ")
                             && let Ok(event) = serde_json::from_str::<Value>(data)
-                            && let Some(nonce) = event["data"]["nonce"].as_str()
-                            && let Some(at) = sent.lock().ok().and_then(|mut s| s.remove(nonce))
+                            && let Some(text) = event["data"]["text"].as_str()
+                            && let Some(at) = sent.lock().ok().and_then(|mut s| s.remove(text))
                         {
                             let _ = histogram.record(arrived.duration_since(at).as_micros() as u64);
                         }
@@ -329,14 +333,19 @@ async fn post_to_sse(config: &Config, args: &BenchArgs) -> anyhow::Result<Summar
     let mut posts = Vec::with_capacity(messages);
     for i in 0..messages {
         ticker.tick().await;
-        let nonce = format!("bench-{i}");
+        let text = format!("message {i}");
+        let body = if args.no_nonce {
+            json!({"kind": "message", "text": text})
+        } else {
+            json!({"kind": "message", "nonce": format!("bench-{i}"), "text": text})
+        };
         if let Ok(mut s) = sent.lock() {
-            s.insert(nonce.clone(), Instant::now());
+            s.insert(text, Instant::now());
         }
         let request = http
             .post(format!("{base}/v1/chats/{chat_id}/signals"))
             .bearer_auth(&alice)
-            .json(&json!({"kind": "message", "nonce": nonce, "text": format!("message {i}")}));
+            .json(&body);
         posts.push(tokio::spawn(async move {
             request.send().await.map(|r| r.status())
         }));

@@ -208,6 +208,13 @@ pub async fn run(
     // Tests and scripts read this line to find a port chosen by the OS.
     println!("confab {} listening on http://{addr}", role.name());
     tracing::info!(role = role.name(), %addr, "listening");
+    // Events are small writes; without TCP_NODELAY, Nagle's algorithm holds them back for up to a
+    // delayed-ACK interval (~40 ms).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, app.router)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await

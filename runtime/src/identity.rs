@@ -361,18 +361,30 @@ pub struct DevIdentity {
 }
 
 impl DevIdentity {
-    /// Loads the key from `data_dir`, creating it (readable by the owner only) on first use.
+    /// Loads the key from `data_dir`, creating it (readable by the owner only) on first use. Safe when
+    /// several processes start at once: the key is written aside and linked into place, so all of
+    /// them end up with the one that landed first.
     pub fn open(data_dir: &Path) -> std::io::Result<DevIdentity> {
         std::fs::create_dir_all(data_dir)?;
         let path = data_dir.join(DEV_KEY_FILE);
-        let key = match std::fs::read(&path) {
-            Ok(key) if key.len() >= 32 => key,
-            _ => {
-                let key = rand::random::<[u8; 32]>().to_vec();
-                write_private(&path, &key)?;
-                key
-            }
-        };
+        if let Ok(key) = std::fs::read(&path)
+            && key.len() >= 32
+        {
+            return Ok(DevIdentity { key });
+        }
+        let candidate = data_dir.join(format!("{DEV_KEY_FILE}.{}", uuid::Uuid::new_v4().simple()));
+        write_private(&candidate, &rand::random::<[u8; 32]>())?;
+        let linked = std::fs::hard_link(&candidate, &path);
+        let _ = std::fs::remove_file(&candidate);
+        match linked {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(error),
+        }
+        let key = std::fs::read(&path)?;
+        if key.len() < 32 {
+            return Err(std::io::Error::other(format!("{} is not a dev identity key", path.display())));
+        }
         Ok(DevIdentity { key })
     }
 
@@ -540,6 +552,24 @@ mod tests {
         parts[1] = &tampered_claims;
         assert!(identity.authenticate(&parts.join(".")).await.is_err());
         assert!(identity.authenticate("garbage").await.is_err());
+    }
+
+    #[test]
+    fn processes_starting_together_agree_on_one_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        let keys: Vec<Vec<u8>> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || DevIdentity::open(&path).expect("key").key)
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] == w[1]));
+        let leftovers = std::fs::read_dir(&path).expect("dir").count();
+        assert_eq!(leftovers, 1, "only the key file remains");
     }
 
     #[tokio::test]

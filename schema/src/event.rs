@@ -4,8 +4,31 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::ids::{ChatId, UserId};
-use crate::model::Signal;
+use crate::ids::{ChatId, SignalId, UserId};
+use crate::model::{Chat, MemberRole, Signal};
+
+/// A reaction added or removed, with the emoji's count after the change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReactionChange {
+    pub signal_id: SignalId,
+    pub emoji: String,
+    pub user_id: UserId,
+    pub count: i64,
+}
+
+/// A member's read (or delivery) marker moved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkerChange {
+    pub user_id: UserId,
+    pub up_to: SignalId,
+}
+
+/// A member joined, left or changed role.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberChange {
+    pub user_id: UserId,
+    pub role: Option<MemberRole>,
+}
 
 /// What happened. Serialised as `{"type": "<kind>", "data": {...}}`; `type` is also the SSE event
 /// name and the WebSocket frame's `event` field.
@@ -14,18 +37,58 @@ use crate::model::Signal;
 pub enum Event {
     #[serde(rename = "signal.created")]
     SignalCreated(Signal),
+    #[serde(rename = "signal.updated")]
+    SignalUpdated(Signal),
+    #[serde(rename = "signal.deleted")]
+    SignalDeleted(Signal),
+    #[serde(rename = "reaction.added")]
+    ReactionAdded(ReactionChange),
+    #[serde(rename = "reaction.removed")]
+    ReactionRemoved(ReactionChange),
+    #[serde(rename = "read.updated")]
+    ReadUpdated(MarkerChange),
+    #[serde(rename = "delivered.updated")]
+    DeliveredUpdated(MarkerChange),
+    #[serde(rename = "member.joined")]
+    MemberJoined(MemberChange),
+    #[serde(rename = "member.left")]
+    MemberLeft(MemberChange),
+    #[serde(rename = "member.updated")]
+    MemberUpdated(MemberChange),
+    #[serde(rename = "chat.updated")]
+    ChatUpdated(Box<Chat>),
 }
 
 /// The kind of an [`Event`], for metrics and routing without looking at the payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
     SignalCreated,
+    SignalUpdated,
+    SignalDeleted,
+    ReactionAdded,
+    ReactionRemoved,
+    ReadUpdated,
+    DeliveredUpdated,
+    MemberJoined,
+    MemberLeft,
+    MemberUpdated,
+    ChatUpdated,
 }
 
 impl EventKind {
     pub fn as_str(&self) -> &'static str {
         match self {
             EventKind::SignalCreated => "signal.created",
+            EventKind::SignalUpdated => "signal.updated",
+            EventKind::SignalDeleted => "signal.deleted",
+            EventKind::ReactionAdded => "reaction.added",
+            EventKind::ReactionRemoved => "reaction.removed",
+            EventKind::ReadUpdated => "read.updated",
+            EventKind::DeliveredUpdated => "delivered.updated",
+            EventKind::MemberJoined => "member.joined",
+            EventKind::MemberLeft => "member.left",
+            EventKind::MemberUpdated => "member.updated",
+            EventKind::ChatUpdated => "chat.updated",
         }
     }
 }
@@ -34,6 +97,16 @@ impl Event {
     pub fn kind(&self) -> EventKind {
         match self {
             Event::SignalCreated(_) => EventKind::SignalCreated,
+            Event::SignalUpdated(_) => EventKind::SignalUpdated,
+            Event::SignalDeleted(_) => EventKind::SignalDeleted,
+            Event::ReactionAdded(_) => EventKind::ReactionAdded,
+            Event::ReactionRemoved(_) => EventKind::ReactionRemoved,
+            Event::ReadUpdated(_) => EventKind::ReadUpdated,
+            Event::DeliveredUpdated(_) => EventKind::DeliveredUpdated,
+            Event::MemberJoined(_) => EventKind::MemberJoined,
+            Event::MemberLeft(_) => EventKind::MemberLeft,
+            Event::MemberUpdated(_) => EventKind::MemberUpdated,
+            Event::ChatUpdated(_) => EventKind::ChatUpdated,
         }
     }
 }
@@ -74,7 +147,6 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::ids::SignalId;
     use crate::model::SignalKind;
 
     #[test]
@@ -106,5 +178,18 @@ mod tests {
         let back: Envelope = serde_json::from_value(json).expect("deserialises");
         assert_eq!(back, envelope);
         assert_eq!(envelope.client_json()["type"], "signal.created");
+    }
+
+    #[test]
+    fn every_kind_names_its_wire_type() {
+        let user = UserId::from_subject("i", "s");
+        let change = MarkerChange {
+            user_id: user,
+            up_to: SignalId::new(),
+        };
+        for event in [Event::ReadUpdated(change.clone()), Event::DeliveredUpdated(change)] {
+            let json = serde_json::to_value(&event).expect("serialises");
+            assert_eq!(json["type"], event.kind().as_str());
+        }
     }
 }

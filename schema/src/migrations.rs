@@ -11,11 +11,18 @@ pub struct Migration {
     pub cql: &'static str,
 }
 
-pub const CQL_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    cql: include_str!("../cql/0001_initial.cql"),
-}];
+pub const CQL_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        cql: include_str!("../cql/0001_initial.cql"),
+    },
+    Migration {
+        version: 2,
+        name: "activity_reactions_markers_search",
+        cql: include_str!("../cql/0002_activity_reactions_markers_search.cql"),
+    },
+];
 
 impl Migration {
     /// The statements of this migration, comments and blank lines removed.

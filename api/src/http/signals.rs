@@ -62,7 +62,14 @@ pub async fn create(
             "attachments are not accepted yet".into(),
         ));
     }
-    require_member(&state, chat_id, &caller).await?;
+    // One read gives both the caller's right to post and the event's recipients.
+    let members = state.store.members(chat_id).await?;
+    if !members.iter().any(|m| m.user_id == caller.id) {
+        return Err(match state.store.get_chat(chat_id).await? {
+            Some(_) => ApiError::Forbidden("you are not a member of this chat"),
+            None => ApiError::NotFound("no such chat"),
+        });
+    }
     // Refuse before storing when events cannot be published, rather than store a silent message.
     state.bus.check().await?;
 

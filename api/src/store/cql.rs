@@ -17,7 +17,13 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimestamp, CqlValue, Row};
 use uuid::Uuid;
 
-use super::{Inserted, NewChat, Store, StoreError, created_at, from_millis, millis, parse};
+use std::collections::{BTreeMap, HashMap};
+
+use futures::{StreamExt, TryStreamExt};
+
+use super::{
+    ChatActivity, Inserted, MarkerKind, NewChat, Store, StoreError, created_at, from_millis, millis, parse, search_terms,
+};
 
 /// Where and how to reach the cluster.
 #[derive(Clone, Debug)]
@@ -173,12 +179,47 @@ struct Statements {
     signals_in_bucket: PreparedStatement,
     signals_in_bucket_before: PreparedStatement,
     get_signal: PreparedStatement,
+    update_signal: PreparedStatement,
+    buckets_from: PreparedStatement,
+    signals_in_bucket_after: PreparedStatement,
+    unread_in_bucket: PreparedStatement,
+    insert_term: PreparedStatement,
+    delete_term: PreparedStatement,
+    terms_from: PreparedStatement,
+    terms_after: PreparedStatement,
+    update_chat: PreparedStatement,
+    members_first: PreparedStatement,
+    members_after: PreparedStatement,
+    delete_chat_member: PreparedStatement,
+    delete_user_chat: PreparedStatement,
+    get_activity: PreparedStatement,
+    set_activity: PreparedStatement,
+    insert_user_activity: PreparedStatement,
+    delete_user_activity: PreparedStatement,
+    activity_first: PreparedStatement,
+    activity_same: PreparedStatement,
+    activity_older: PreparedStatement,
+    claim_reaction: PreparedStatement,
+    release_reaction: PreparedStatement,
+    count_reaction: PreparedStatement,
+    reaction_counts: PreparedStatement,
+    reactions_first: PreparedStatement,
+    reactions_after: PreparedStatement,
+    set_marker: PreparedStatement,
+    get_marker: PreparedStatement,
+    markers_first: PreparedStatement,
+    markers_after: PreparedStatement,
 }
 
 pub struct CqlStore {
     session: Session,
     statements: Statements,
+    /// (chat, bucket) pairs this process has written to `signal_buckets`: the row is idempotent, so
+    /// writing it once per day per chat is enough.
+    known_buckets: std::sync::Mutex<std::collections::HashSet<(Uuid, i32)>>,
 }
+
+const KNOWN_BUCKETS_MAX: usize = 100_000;
 
 const SIGNAL_COLUMNS: &str =
     "id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted";
@@ -261,10 +302,118 @@ impl CqlStore {
                 "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ? AND bucket = ? AND id = ?"
             ))
             .await?,
+            update_signal: prepare(
+                "UPDATE signals SET text = ?, edited_at = ?, deleted = ? WHERE chat_id = ? AND bucket = ? AND id = ?"
+                    .into(),
+            )
+            .await?,
+            buckets_from: prepare(
+                "SELECT bucket FROM signal_buckets WHERE chat_id = ? AND bucket >= ? ORDER BY bucket ASC LIMIT ?".into(),
+            )
+            .await?,
+            signals_in_bucket_after: prepare(format!(
+                "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ? AND bucket = ? AND id > ? ORDER BY id ASC LIMIT ?"
+            ))
+            .await?,
+            unread_in_bucket: prepare(
+                "SELECT id, author_id, kind, deleted FROM signals WHERE chat_id = ? AND bucket = ? AND id > ? \
+                 ORDER BY id ASC LIMIT ?"
+                    .into(),
+            )
+            .await?,
+            insert_term: prepare("INSERT INTO user_search (shard, term, user_id) VALUES (?, ?, ?)".into()).await?,
+            delete_term: prepare("DELETE FROM user_search WHERE shard = ? AND term = ? AND user_id = ?".into()).await?,
+            terms_from: prepare(
+                "SELECT term, user_id FROM user_search WHERE shard = ? AND term >= ? AND term < ? LIMIT ?".into(),
+            )
+            .await?,
+            terms_after: prepare(
+                "SELECT term, user_id FROM user_search WHERE shard = ? AND (term, user_id) > (?, ?) AND (term) < (?) LIMIT ?"
+                    .into(),
+            )
+            .await?,
+            update_chat: prepare("UPDATE chats SET name = ?, description = ? WHERE id = ?".into()).await?,
+            members_first: prepare(
+                "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? LIMIT ?".into(),
+            )
+            .await?,
+            members_after: prepare(
+                "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? AND user_id > ? LIMIT ?".into(),
+            )
+            .await?,
+            delete_chat_member: prepare("DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?".into()).await?,
+            delete_user_chat: prepare("DELETE FROM user_chats WHERE user_id = ? AND chat_id = ?".into()).await?,
+            get_activity: prepare("SELECT activity FROM chat_activity WHERE chat_id = ?".into()).await?,
+            set_activity: prepare(
+                "INSERT INTO chat_activity (chat_id, activity) VALUES (?, ?) USING TIMESTAMP ?".into(),
+            )
+            .await?,
+            insert_user_activity: prepare(
+                "INSERT INTO chat_activity_by_user (user_id, activity, chat_id) VALUES (?, ?, ?)".into(),
+            )
+            .await?,
+            delete_user_activity: prepare(
+                "DELETE FROM chat_activity_by_user WHERE user_id = ? AND activity = ? AND chat_id = ?".into(),
+            )
+            .await?,
+            activity_first: prepare(
+                "SELECT activity, chat_id FROM chat_activity_by_user WHERE user_id = ? LIMIT ?".into(),
+            )
+            .await?,
+            activity_same: prepare(
+                "SELECT activity, chat_id FROM chat_activity_by_user WHERE user_id = ? AND activity = ? AND chat_id > ? LIMIT ?"
+                    .into(),
+            )
+            .await?,
+            activity_older: prepare(
+                "SELECT activity, chat_id FROM chat_activity_by_user WHERE user_id = ? AND activity < ? LIMIT ?".into(),
+            )
+            .await?,
+            claim_reaction: prepare(
+                "INSERT INTO reactions (chat_id, signal_id, emoji, user_id) VALUES (?, ?, ?, ?) IF NOT EXISTS".into(),
+            )
+            .await?,
+            release_reaction: prepare(
+                "DELETE FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ? AND user_id = ? IF EXISTS".into(),
+            )
+            .await?,
+            count_reaction: prepare(
+                "UPDATE reaction_counts SET count = count + ? WHERE chat_id = ? AND signal_id = ? AND emoji = ?".into(),
+            )
+            .await?,
+            reaction_counts: prepare(
+                "SELECT emoji, count FROM reaction_counts WHERE chat_id = ? AND signal_id = ?".into(),
+            )
+            .await?,
+            reactions_first: prepare(
+                "SELECT emoji, user_id FROM reactions WHERE chat_id = ? AND signal_id = ? LIMIT ?".into(),
+            )
+            .await?,
+            reactions_after: prepare(
+                "SELECT emoji, user_id FROM reactions WHERE chat_id = ? AND signal_id = ? AND (emoji, user_id) > (?, ?) LIMIT ?"
+                    .into(),
+            )
+            .await?,
+            // The write timestamp is the marked signal's time: the newest marker wins in any order.
+            set_marker: prepare(
+                "INSERT INTO markers (chat_id, kind, user_id, up_to) VALUES (?, ?, ?, ?) USING TIMESTAMP ?".into(),
+            )
+            .await?,
+            get_marker: prepare("SELECT up_to FROM markers WHERE chat_id = ? AND kind = ? AND user_id = ?".into())
+                .await?,
+            markers_first: prepare(
+                "SELECT user_id, up_to FROM markers WHERE chat_id = ? AND kind = ? LIMIT ?".into(),
+            )
+            .await?,
+            markers_after: prepare(
+                "SELECT user_id, up_to FROM markers WHERE chat_id = ? AND kind = ? AND user_id > ? LIMIT ?".into(),
+            )
+            .await?,
         };
         Ok(CqlStore {
             session,
             statements,
+            known_buckets: Default::default(),
         })
     }
 
@@ -280,10 +429,20 @@ impl CqlStore {
             .ok_or_else(|| corrupt("signal id is not time-ordered"))?;
         let bucket = signal_bucket(created);
         // Bucket first: a signal is never in a day the pager does not know about.
-        self.session
-            .execute_unpaged(&self.statements.insert_bucket, (signal.chat_id.0, bucket))
-            .await
-            .map_err(unavailable)?;
+        let key = (signal.chat_id.0, bucket);
+        let known = self.known_buckets.lock().map(|k| k.contains(&key)).unwrap_or(false);
+        if !known {
+            self.session
+                .execute_unpaged(&self.statements.insert_bucket, key)
+                .await
+                .map_err(unavailable)?;
+            if let Ok(mut known) = self.known_buckets.lock() {
+                if known.len() >= KNOWN_BUCKETS_MAX {
+                    known.clear();
+                }
+                known.insert(key);
+            }
+        }
         let attachments = (!signal.attachments.is_empty()).then(|| signal.attachments.clone());
         self.session
             .execute_unpaged(
@@ -312,6 +471,7 @@ impl CqlStore {
 fn to_signal(chat_id: ChatId, row: SignalRow) -> Result<Signal, StoreError> {
     let (id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted) = row;
     let id = SignalId(id);
+    let deleted = deleted.unwrap_or(false);
     Ok(Signal {
         id,
         chat_id,
@@ -319,11 +479,11 @@ fn to_signal(chat_id: ChatId, row: SignalRow) -> Result<Signal, StoreError> {
         author_id: UserId(author_id),
         created_at: created_at(id)?,
         nonce,
-        text,
+        text: if deleted { None } else { text },
         reply_to: reply_to.map(SignalId),
         attachments: attachments.unwrap_or_default(),
         edited_at: edited_at.map(|t| from_millis(t.0)).transpose()?,
-        deleted: deleted.unwrap_or(false),
+        deleted,
         reactions: Default::default(),
     })
 }
@@ -343,6 +503,23 @@ impl Store for CqlStore {
     }
 
     async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
+        let old_terms = match self.get_user(user.id).await? {
+            Some(old) => search_terms(&old),
+            None => Vec::new(),
+        };
+        let new_terms = search_terms(user);
+        for term in old_terms.iter().filter(|t| !new_terms.contains(t)) {
+            self.session
+                .execute_unpaged(&self.statements.delete_term, (shard(term), term.as_str(), user.id.0))
+                .await
+                .map_err(unavailable)?;
+        }
+        for term in new_terms.iter().filter(|t| !old_terms.contains(t)) {
+            self.session
+                .execute_unpaged(&self.statements.insert_term, (shard(term), term.as_str(), user.id.0))
+                .await
+                .map_err(unavailable)?;
+        }
         self.session
             .execute_unpaged(
                 &self.statements.upsert_user,
@@ -658,4 +835,516 @@ impl Store for CqlStore {
         }
         Ok(out)
     }
+
+    async fn user_terms(
+        &self,
+        prefix: &str,
+        after: Option<(String, UserId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, UserId)>, StoreError> {
+        if prefix.is_empty() {
+            return Ok(Vec::new());
+        }
+        let shard = shard(prefix);
+        let upper = format!("{prefix}\u{10FFFF}");
+        let limit = limit_i32(limit);
+        let result = match after {
+            Some((term, user)) => {
+                self.session
+                    .execute_unpaged(&self.statements.terms_after, (shard, term, user.0, upper, limit))
+                    .await
+            }
+            None => {
+                self.session
+                    .execute_unpaged(&self.statements.terms_from, (shard, prefix, upper, limit))
+                    .await
+            }
+        }
+        .map_err(unavailable)?;
+        rows::<(String, Uuid)>(result)?
+            .into_iter()
+            .map(|(term, user)| Ok((term, UserId(user))))
+            .collect()
+    }
+
+    async fn update_chat(&self, id: ChatId, name: Option<&str>, description: Option<&str>) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.statements.update_chat, (name, description, id.0))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn members_page(&self, chat: ChatId, after: Option<UserId>, limit: usize) -> Result<Vec<Member>, StoreError> {
+        let result = match after {
+            Some(after) => {
+                self.session
+                    .execute_unpaged(&self.statements.members_after, (chat.0, after.0, limit_i32(limit)))
+                    .await
+            }
+            None => {
+                self.session
+                    .execute_unpaged(&self.statements.members_first, (chat.0, limit_i32(limit)))
+                    .await
+            }
+        }
+        .map_err(unavailable)?;
+        rows::<(Uuid, String, CqlTimestamp)>(result)?
+            .into_iter()
+            .map(|(user, role, joined)| {
+                Ok(Member {
+                    user_id: UserId(user),
+                    role: parse(&role)?,
+                    joined_at: from_millis(joined.0)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_member(&self, chat: ChatId, member: &Member) -> Result<(), StoreError> {
+        let joined = CqlTimestamp(millis(member.joined_at));
+        let user = member.user_id.0;
+        self.session
+            .execute_unpaged(&self.statements.insert_user_chat, (user, chat.0, member.role.as_str(), joined))
+            .await
+            .map_err(unavailable)?;
+        self.session
+            .execute_unpaged(&self.statements.insert_chat_member, (chat.0, user, member.role.as_str(), joined))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+        // The authoritative row first: once it is gone the user can no longer read or post.
+        self.session
+            .execute_unpaged(&self.statements.delete_chat_member, (chat.0, user.0))
+            .await
+            .map_err(unavailable)?;
+        self.session
+            .execute_unpaged(&self.statements.delete_user_chat, (user.0, chat.0))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn touch_chat(&self, chat: ChatId, members: &[UserId], activity: SignalId) -> Result<(), StoreError> {
+        let previous = self.activity_of(chat).await?;
+        if previous.is_some_and(|p| p >= activity) {
+            // A newer signal already moved the chat; this one must not move it back.
+            return Ok(());
+        }
+        futures::stream::iter(members.iter().copied())
+            .map(|member| async move {
+                if let Some(previous) = previous {
+                    self.session
+                        .execute_unpaged(&self.statements.delete_user_activity, (member.0, previous.0, chat.0))
+                        .await
+                        .map_err(unavailable)?;
+                }
+                self.session
+                    .execute_unpaged(&self.statements.insert_user_activity, (member.0, activity.0, chat.0))
+                    .await
+                    .map_err(unavailable)?;
+                Ok::<_, StoreError>(())
+            })
+            .buffer_unordered(32)
+            .try_collect::<Vec<()>>()
+            .await?;
+        let at = activity.unix_millis().unwrap_or_default() * 1000;
+        self.session
+            .execute_unpaged(&self.statements.set_activity, (chat.0, activity.0, at))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn untouch_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+        if let Some(activity) = self.activity_of(chat).await? {
+            self.session
+                .execute_unpaged(&self.statements.delete_user_activity, (user.0, activity.0, chat.0))
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn chats_by_activity(
+        &self,
+        user: UserId,
+        after: Option<ChatActivity>,
+        limit: usize,
+    ) -> Result<Vec<ChatActivity>, StoreError> {
+        let mut found: Vec<ChatActivity> = Vec::with_capacity(limit);
+        let mut position = after;
+        let mut current: HashMap<ChatId, Option<SignalId>> = HashMap::new();
+        loop {
+            let want = limit_i32(limit.max(16));
+            let batch: Vec<(Uuid, Uuid)> = match position {
+                None => rows(
+                    self.session
+                        .execute_unpaged(&self.statements.activity_first, (user.0, want))
+                        .await
+                        .map_err(unavailable)?,
+                )?,
+                Some(p) => {
+                    let mut same: Vec<(Uuid, Uuid)> = rows(
+                        self.session
+                            .execute_unpaged(&self.statements.activity_same, (user.0, p.activity.0, p.chat_id.0, want))
+                            .await
+                            .map_err(unavailable)?,
+                    )?;
+                    let older: Vec<(Uuid, Uuid)> = rows(
+                        self.session
+                            .execute_unpaged(&self.statements.activity_older, (user.0, p.activity.0, want))
+                            .await
+                            .map_err(unavailable)?,
+                    )?;
+                    same.extend(older);
+                    same.truncate(want as usize);
+                    same
+                }
+            };
+            let exhausted = batch.len() < want as usize;
+            for (activity, chat) in batch {
+                let row = ChatActivity {
+                    chat_id: ChatId(chat),
+                    activity: SignalId(activity),
+                };
+                position = Some(row);
+                let latest = match current.get(&row.chat_id) {
+                    Some(latest) => *latest,
+                    None => {
+                        let latest = self.activity_of(row.chat_id).await?;
+                        current.insert(row.chat_id, latest);
+                        latest
+                    }
+                };
+                if latest != Some(row.activity) {
+                    // Left behind by a concurrent move: remove it so it is not read again.
+                    self.session
+                        .execute_unpaged(&self.statements.delete_user_activity, (user.0, activity, chat))
+                        .await
+                        .map_err(unavailable)?;
+                    continue;
+                }
+                found.push(row);
+                if found.len() == limit {
+                    return Ok(found);
+                }
+            }
+            if exhausted {
+                return Ok(found);
+            }
+        }
+    }
+
+    async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError> {
+        let Some(created) = id.unix_millis() else {
+            return Ok(None);
+        };
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.get_signal, (chat.0, signal_bucket(created), id.0))
+            .await
+            .map_err(unavailable)?;
+        result
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<SignalRow>()
+            .map_err(corrupt)?
+            .map(|row| to_signal(chat, row))
+            .transpose()
+    }
+
+    async fn update_signal(&self, signal: &Signal) -> Result<(), StoreError> {
+        let created = signal.id.unix_millis().ok_or_else(|| corrupt("signal id is not time-ordered"))?;
+        self.session
+            .execute_unpaged(
+                &self.statements.update_signal,
+                (
+                    signal.text.as_deref(),
+                    signal.edited_at.map(|t| CqlTimestamp(millis(t))),
+                    signal.deleted,
+                    signal.chat_id.0,
+                    signal_bucket(created),
+                    signal.id.0,
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn signals_after(&self, chat: ChatId, after: SignalId, limit: usize) -> Result<Vec<Signal>, StoreError> {
+        let mut out = Vec::with_capacity(limit);
+        let mut lower_bucket = signal_bucket(after.unix_millis().unwrap_or(0));
+        'buckets: loop {
+            let buckets: Vec<(i32,)> = rows(
+                self.session
+                    .execute_unpaged(&self.statements.buckets_from, (chat.0, lower_bucket, BUCKET_BATCH))
+                    .await
+                    .map_err(unavailable)?,
+            )?;
+            for (bucket,) in &buckets {
+                let want = limit_i32(limit - out.len());
+                let result = self
+                    .session
+                    .execute_unpaged(&self.statements.signals_in_bucket_after, (chat.0, *bucket, after.0, want))
+                    .await
+                    .map_err(unavailable)?;
+                for row in rows::<SignalRow>(result)? {
+                    out.push(to_signal(chat, row)?);
+                }
+                if out.len() >= limit {
+                    break 'buckets;
+                }
+            }
+            match buckets.last() {
+                Some((last,)) if buckets.len() == BUCKET_BATCH as usize => lower_bucket = last + 1,
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn count_unread(
+        &self,
+        chat: ChatId,
+        after: Option<SignalId>,
+        reader: UserId,
+        cap: usize,
+    ) -> Result<usize, StoreError> {
+        const SCAN_PAGE: i32 = 500;
+        let after_id = after.map(|a| a.0).unwrap_or(Uuid::nil());
+        let mut lower_bucket = after
+            .and_then(|a| a.unix_millis())
+            .map(signal_bucket)
+            .unwrap_or(i32::MIN);
+        let mut count = 0;
+        loop {
+            let buckets: Vec<(i32,)> = rows(
+                self.session
+                    .execute_unpaged(&self.statements.buckets_from, (chat.0, lower_bucket, BUCKET_BATCH))
+                    .await
+                    .map_err(unavailable)?,
+            )?;
+            for (bucket,) in &buckets {
+                let mut from = after_id;
+                loop {
+                    let page: Vec<(Uuid, Uuid, String, Option<bool>)> = rows(
+                        self.session
+                            .execute_unpaged(&self.statements.unread_in_bucket, (chat.0, *bucket, from, SCAN_PAGE))
+                            .await
+                            .map_err(unavailable)?,
+                    )?;
+                    for (_, author, kind, deleted) in &page {
+                        if *author != reader.0 && kind == SignalKind::Message.as_str() && !deleted.unwrap_or(false) {
+                            count += 1;
+                            if count >= cap {
+                                return Ok(cap);
+                            }
+                        }
+                    }
+                    match page.last() {
+                        Some((last, ..)) if page.len() == SCAN_PAGE as usize => from = *last,
+                        _ => break,
+                    }
+                }
+            }
+            match buckets.last() {
+                Some((last,)) if buckets.len() == BUCKET_BATCH as usize => lower_bucket = last + 1,
+                _ => break,
+            }
+        }
+        Ok(count)
+    }
+
+    async fn add_reaction(&self, chat: ChatId, signal: SignalId, emoji: &str, user: UserId) -> Result<bool, StoreError> {
+        let claimed = self
+            .session
+            .execute_unpaged(&self.statements.claim_reaction, (chat.0, signal.0, emoji, user.0))
+            .await
+            .map_err(unavailable)?;
+        if !applied(claimed)? {
+            return Ok(false);
+        }
+        self.session
+            .execute_unpaged(&self.statements.count_reaction, (1i64, chat.0, signal.0, emoji))
+            .await
+            .map_err(unavailable)?;
+        Ok(true)
+    }
+
+    async fn remove_reaction(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        let released = self
+            .session
+            .execute_unpaged(&self.statements.release_reaction, (chat.0, signal.0, emoji, user.0))
+            .await
+            .map_err(unavailable)?;
+        if !applied(released)? {
+            return Ok(false);
+        }
+        self.session
+            .execute_unpaged(&self.statements.count_reaction, (-1i64, chat.0, signal.0, emoji))
+            .await
+            .map_err(unavailable)?;
+        Ok(true)
+    }
+
+    async fn reaction_counts(&self, chat: ChatId, signal: SignalId) -> Result<BTreeMap<String, i64>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.reaction_counts, (chat.0, signal.0))
+            .await
+            .map_err(unavailable)?;
+        Ok(rows::<(String, scylla::value::Counter)>(result)?
+            .into_iter()
+            .filter(|(_, count)| count.0 > 0)
+            .map(|(emoji, count)| (emoji, count.0))
+            .collect())
+    }
+
+    async fn reactions_page(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        after: Option<(String, UserId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, UserId)>, StoreError> {
+        let result = match after {
+            Some((emoji, user)) => {
+                self.session
+                    .execute_unpaged(
+                        &self.statements.reactions_after,
+                        (chat.0, signal.0, emoji, user.0, limit_i32(limit)),
+                    )
+                    .await
+            }
+            None => {
+                self.session
+                    .execute_unpaged(&self.statements.reactions_first, (chat.0, signal.0, limit_i32(limit)))
+                    .await
+            }
+        }
+        .map_err(unavailable)?;
+        Ok(rows::<(String, Uuid)>(result)?
+            .into_iter()
+            .map(|(emoji, user)| (emoji, UserId(user)))
+            .collect())
+    }
+
+    async fn advance_marker(
+        &self,
+        kind: MarkerKind,
+        chat: ChatId,
+        user: UserId,
+        up_to: SignalId,
+    ) -> Result<(), StoreError> {
+        let at = up_to.unix_millis().ok_or_else(|| corrupt("marker is not a time-ordered id"))? * 1000;
+        self.session
+            .execute_unpaged(&self.statements.set_marker, (chat.0, kind.as_str(), user.0, up_to.0, at))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn marker(&self, kind: MarkerKind, chat: ChatId, user: UserId) -> Result<Option<SignalId>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.get_marker, (chat.0, kind.as_str(), user.0))
+            .await
+            .map_err(unavailable)?;
+        Ok(result
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Uuid,)>()
+            .map_err(corrupt)?
+            .map(|(id,)| SignalId(id)))
+    }
+
+    async fn markers_page(
+        &self,
+        kind: MarkerKind,
+        chat: ChatId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<Vec<(UserId, SignalId)>, StoreError> {
+        let result = match after {
+            Some(after) => {
+                self.session
+                    .execute_unpaged(
+                        &self.statements.markers_after,
+                        (chat.0, kind.as_str(), after.0, limit_i32(limit)),
+                    )
+                    .await
+            }
+            None => {
+                self.session
+                    .execute_unpaged(&self.statements.markers_first, (chat.0, kind.as_str(), limit_i32(limit)))
+                    .await
+            }
+        }
+        .map_err(unavailable)?;
+        Ok(rows::<(Uuid, Uuid)>(result)?
+            .into_iter()
+            .map(|(user, up_to)| (UserId(user), SignalId(up_to)))
+            .collect())
+    }
+}
+
+impl CqlStore {
+    async fn activity_of(&self, chat: ChatId) -> Result<Option<SignalId>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.get_activity, (chat.0,))
+            .await
+            .map_err(unavailable)?;
+        Ok(result
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Uuid,)>()
+            .map_err(corrupt)?
+            .map(|(id,)| SignalId(id)))
+    }
+}
+
+/// The `user_search` partition of a term: its first character.
+fn shard(term: &str) -> String {
+    term.chars().next().map(String::from).unwrap_or_default()
+}
+
+fn limit_i32(limit: usize) -> i32 {
+    i32::try_from(limit).unwrap_or(i32::MAX)
+}
+
+/// Every row of an unpaged result, typed.
+fn rows<T>(result: scylla::response::query_result::QueryResult) -> Result<Vec<T>, StoreError>
+where
+    T: for<'frame, 'metadata> scylla::deserialize::row::DeserializeRow<'frame, 'metadata>,
+{
+    result
+        .into_rows_result()
+        .map_err(corrupt)?
+        .rows::<T>()
+        .map_err(corrupt)?
+        .map(|row| row.map_err(corrupt))
+        .collect()
+}
+
+/// Whether a lightweight transaction was applied (its first column, `[applied]`).
+fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool, StoreError> {
+    let row = result
+        .into_rows_result()
+        .map_err(corrupt)?
+        .maybe_first_row::<Row>()
+        .map_err(corrupt)?
+        .ok_or_else(|| corrupt("lightweight transaction returned no row"))?;
+    Ok(matches!(column(&row, 0), Some(CqlValue::Boolean(true))))
 }

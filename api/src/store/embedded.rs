@@ -13,7 +13,10 @@ use confab_schema::{Chat, ChatId, Member, MemberRole, Signal, SignalId, User, Us
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
-use super::{Inserted, NewChat, Store, StoreError, created_at, from_millis, millis, parse};
+use super::{
+    ChatActivity, Inserted, MarkerKind, NewChat, Store, StoreError, created_at, from_millis, millis, parse, search_terms,
+};
+use std::collections::BTreeMap;
 
 const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE users (
@@ -54,10 +57,36 @@ CREATE TABLE signals (
     PRIMARY KEY (chat_id, id)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX signals_send_parity ON signals (chat_id, author_id, nonce) WHERE nonce IS NOT NULL;
+"#, r#"
+CREATE TABLE user_terms (
+    term TEXT NOT NULL,
+    user_id BLOB NOT NULL,
+    PRIMARY KEY (term, user_id)
+) WITHOUT ROWID;
+CREATE TABLE chat_activity (
+    chat_id BLOB PRIMARY KEY,
+    activity BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE reactions (
+    chat_id BLOB NOT NULL,
+    signal_id BLOB NOT NULL,
+    emoji TEXT NOT NULL,
+    user_id BLOB NOT NULL,
+    PRIMARY KEY (chat_id, signal_id, emoji, user_id)
+) WITHOUT ROWID;
+CREATE TABLE markers (
+    chat_id BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    user_id BLOB NOT NULL,
+    up_to BLOB NOT NULL,
+    PRIMARY KEY (chat_id, kind, user_id)
+) WITHOUT ROWID;
 "#];
 
 pub struct EmbeddedStore {
     connection: Arc<Mutex<Connection>>,
+    /// Stops the background checkpointer when the store is dropped.
+    _checkpointer: std::sync::mpsc::Sender<()>,
 }
 
 impl EmbeddedStore {
@@ -72,12 +101,14 @@ impl EmbeddedStore {
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = NORMAL;
                  PRAGMA foreign_keys = ON;
-                 PRAGMA busy_timeout = 5000;",
+                 PRAGMA busy_timeout = 5000;
+                 PRAGMA wal_autocheckpoint = 0;",
             )
             .map_err(unavailable)?;
         migrate(&connection)?;
         Ok(EmbeddedStore {
             connection: Arc::new(Mutex::new(connection)),
+            _checkpointer: spawn_checkpointer(path)?,
         })
     }
 
@@ -95,6 +126,31 @@ impl EmbeddedStore {
         .await
         .map_err(|e| StoreError::Unavailable(e.to_string()))?
     }
+}
+
+/// Checkpoints the WAL from a connection of its own, off the request path: SQLite's automatic
+/// checkpoint would run inside a committing request (while it holds the store) and stall every other
+/// request behind an fsync.
+fn spawn_checkpointer(path: &Path) -> Result<std::sync::mpsc::Sender<()>, StoreError> {
+    let connection = Connection::open(path).map_err(unavailable)?;
+    connection
+        .execute_batch("PRAGMA busy_timeout = 5000;")
+        .map_err(unavailable)?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("confab-sqlite-checkpoint".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(std::time::Duration::from_millis(500))
+            {
+                if let Err(error) = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(%error, "embedded store checkpoint failed");
+                }
+            }
+            let _ = connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        })
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    Ok(stop)
 }
 
 fn unavailable(error: rusqlite::Error) -> StoreError {
@@ -167,7 +223,7 @@ fn to_signal(row: SignalRow) -> Result<Signal, StoreError> {
         author_id: UserId(uuid_from(author_id)?),
         created_at: created_at(id)?,
         nonce,
-        text,
+        text: if deleted { None } else { text },
         reply_to: reply_to.map(uuid_from).transpose()?.map(SignalId),
         attachments: serde_json::from_str(&attachments)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?,
@@ -187,7 +243,17 @@ impl Store for EmbeddedStore {
     async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
         let user = user.clone();
         self.with(move |c| {
-            c.execute(
+            let tx = c.transaction().map_err(unavailable)?;
+            tx.execute("DELETE FROM user_terms WHERE user_id = ?1", params![blob(user.id.0)])
+                .map_err(unavailable)?;
+            for term in search_terms(&user) {
+                tx.execute(
+                    "INSERT OR IGNORE INTO user_terms (term, user_id) VALUES (?1, ?2)",
+                    params![term, blob(user.id.0)],
+                )
+                .map_err(unavailable)?;
+            }
+            tx.execute(
                 "INSERT INTO users (id, username, display_name, email, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (id) DO UPDATE SET username = ?2, display_name = ?3, email = ?4, updated_at = ?5",
                 params![
@@ -199,7 +265,7 @@ impl Store for EmbeddedStore {
                 ],
             )
             .map_err(unavailable)?;
-            Ok(())
+            tx.commit().map_err(unavailable)
         })
         .await
     }
@@ -422,5 +488,409 @@ impl Store for EmbeddedStore {
             })
             .await?;
         rows.into_iter().map(to_signal).collect()
+    }
+
+    async fn user_terms(
+        &self,
+        prefix: &str,
+        after: Option<(String, UserId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, UserId)>, StoreError> {
+        let prefix = prefix.to_owned();
+        let rows = self
+            .with(move |c| {
+                // Terms starting with `prefix`: [prefix, prefix + U+10FFFF).
+                let upper = format!("{prefix}\u{10FFFF}");
+                let (after_term, after_user) = match after {
+                    Some((term, user)) => (term, blob(user.0).to_vec()),
+                    None => (String::new(), Vec::new()),
+                };
+                let mut statement = c
+                    .prepare_cached(
+                        "SELECT term, user_id FROM user_terms
+                         WHERE term >= ?1 AND term < ?2 AND (term > ?3 OR (term = ?3 AND user_id > ?4))
+                         ORDER BY term, user_id LIMIT ?5",
+                    )
+                    .map_err(unavailable)?;
+                let rows = statement
+                    .query_map(
+                        params![prefix, upper, after_term, after_user, i64::try_from(limit).unwrap_or(i64::MAX)],
+                        |row| Ok((row.get::<_, String>(0)?, row.get::<_, Vec<u8>>(1)?)),
+                    )
+                    .map_err(unavailable)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(unavailable)?;
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(term, user)| Ok((term, UserId(uuid_from(user)?))))
+            .collect()
+    }
+
+    async fn update_chat(&self, id: ChatId, name: Option<&str>, description: Option<&str>) -> Result<(), StoreError> {
+        let (name, description) = (name.map(str::to_owned), description.map(str::to_owned));
+        self.with(move |c| {
+            c.execute(
+                "UPDATE chats SET name = ?2, description = ?3 WHERE id = ?1",
+                params![blob(id.0), name, description],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn members_page(&self, chat: ChatId, after: Option<UserId>, limit: usize) -> Result<Vec<Member>, StoreError> {
+        let rows = self
+            .with(move |c| {
+                let after = after.map(|a| blob(a.0).to_vec()).unwrap_or_default();
+                let mut statement = c
+                    .prepare_cached(
+                        "SELECT user_id, role, joined_at FROM chat_members
+                         WHERE chat_id = ?1 AND user_id > ?2 ORDER BY user_id LIMIT ?3",
+                    )
+                    .map_err(unavailable)?;
+                let rows = statement
+                    .query_map(params![blob(chat.0), after, i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
+                        Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
+                    })
+                    .map_err(unavailable)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(unavailable)?;
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(user, role, joined)| {
+                Ok(Member {
+                    user_id: UserId(uuid_from(user)?),
+                    role: parse(&role)?,
+                    joined_at: from_millis(joined)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_member(&self, chat: ChatId, member: &Member) -> Result<(), StoreError> {
+        let member = member.clone();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (chat_id, user_id) DO UPDATE SET role = ?3",
+                params![blob(chat.0), blob(member.user_id.0), member.role.as_str(), millis(member.joined_at)],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM chat_members WHERE chat_id = ?1 AND user_id = ?2",
+                params![blob(chat.0), blob(user.0)],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn touch_chat(&self, chat: ChatId, _members: &[UserId], activity: SignalId) -> Result<(), StoreError> {
+        // One row per chat: the members' view of it is a join.
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO chat_activity (chat_id, activity) VALUES (?1, ?2)
+                 ON CONFLICT (chat_id) DO UPDATE SET activity = max(activity, ?2)",
+                params![blob(chat.0), blob(activity.0)],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn untouch_chat(&self, _chat: ChatId, _user: UserId) -> Result<(), StoreError> {
+        // Activity is read through membership, which the caller has already removed.
+        Ok(())
+    }
+
+    async fn chats_by_activity(
+        &self,
+        user: UserId,
+        after: Option<ChatActivity>,
+        limit: usize,
+    ) -> Result<Vec<ChatActivity>, StoreError> {
+        let rows = self
+            .with(move |c| {
+                let (after_activity, after_chat) = match after {
+                    Some(a) => (blob(a.activity.0).to_vec(), blob(a.chat_id.0).to_vec()),
+                    None => (vec![0xff; 17], Vec::new()),
+                };
+                let mut statement = c
+                    .prepare_cached(
+                        "SELECT a.chat_id, a.activity FROM chat_members m
+                         JOIN chat_activity a ON a.chat_id = m.chat_id
+                         WHERE m.user_id = ?1 AND (a.activity < ?2 OR (a.activity = ?2 AND a.chat_id > ?3))
+                         ORDER BY a.activity DESC, a.chat_id ASC LIMIT ?4",
+                    )
+                    .map_err(unavailable)?;
+                let rows = statement
+                    .query_map(
+                        params![blob(user.0), after_activity, after_chat, i64::try_from(limit).unwrap_or(i64::MAX)],
+                        |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?)),
+                    )
+                    .map_err(unavailable)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(unavailable)?;
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(chat, activity)| {
+                Ok(ChatActivity {
+                    chat_id: ChatId(uuid_from(chat)?),
+                    activity: SignalId(uuid_from(activity)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError> {
+        let row = self
+            .with(move |c| {
+                c.query_row(
+                    &format!("SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ?1 AND id = ?2"),
+                    params![blob(chat.0), blob(id.0)],
+                    signal_row,
+                )
+                .optional()
+                .map_err(unavailable)
+            })
+            .await?;
+        row.map(to_signal).transpose()
+    }
+
+    async fn update_signal(&self, signal: &Signal) -> Result<(), StoreError> {
+        let signal = signal.clone();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE signals SET text = ?3, edited_at = ?4, deleted = ?5 WHERE chat_id = ?1 AND id = ?2",
+                params![
+                    blob(signal.chat_id.0),
+                    blob(signal.id.0),
+                    signal.text,
+                    signal.edited_at.map(millis),
+                    signal.deleted
+                ],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn signals_after(&self, chat: ChatId, after: SignalId, limit: usize) -> Result<Vec<Signal>, StoreError> {
+        let rows = self
+            .with(move |c| {
+                c.prepare_cached(&format!(
+                    "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ?1 AND id > ?2 ORDER BY id ASC LIMIT ?3"
+                ))
+                .map_err(unavailable)?
+                .query_map(
+                    params![blob(chat.0), blob(after.0), i64::try_from(limit).unwrap_or(i64::MAX)],
+                    signal_row,
+                )
+                .map_err(unavailable)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable)
+            })
+            .await?;
+        rows.into_iter().map(to_signal).collect()
+    }
+
+    async fn count_unread(
+        &self,
+        chat: ChatId,
+        after: Option<SignalId>,
+        reader: UserId,
+        cap: usize,
+    ) -> Result<usize, StoreError> {
+        self.with(move |c| {
+            let after = after.map(|a| blob(a.0).to_vec()).unwrap_or_default();
+            let count: i64 = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM signals
+                     WHERE chat_id = ?1 AND id > ?2 AND kind = 'message' AND deleted = 0 AND author_id != ?3
+                     LIMIT ?4)",
+                )
+                .map_err(unavailable)?
+                .query_row(
+                    params![blob(chat.0), after, blob(reader.0), i64::try_from(cap).unwrap_or(i64::MAX)],
+                    |row| row.get(0),
+                )
+                .map_err(unavailable)?;
+            Ok(usize::try_from(count).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn add_reaction(&self, chat: ChatId, signal: SignalId, emoji: &str, user: UserId) -> Result<bool, StoreError> {
+        let emoji = emoji.to_owned();
+        self.with(move |c| {
+            let added = c
+                .execute(
+                    "INSERT OR IGNORE INTO reactions (chat_id, signal_id, emoji, user_id) VALUES (?1, ?2, ?3, ?4)",
+                    params![blob(chat.0), blob(signal.0), emoji, blob(user.0)],
+                )
+                .map_err(unavailable)?;
+            Ok(added == 1)
+        })
+        .await
+    }
+
+    async fn remove_reaction(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        let emoji = emoji.to_owned();
+        self.with(move |c| {
+            let removed = c
+                .execute(
+                    "DELETE FROM reactions WHERE chat_id = ?1 AND signal_id = ?2 AND emoji = ?3 AND user_id = ?4",
+                    params![blob(chat.0), blob(signal.0), emoji, blob(user.0)],
+                )
+                .map_err(unavailable)?;
+            Ok(removed == 1)
+        })
+        .await
+    }
+
+    async fn reaction_counts(&self, chat: ChatId, signal: SignalId) -> Result<BTreeMap<String, i64>, StoreError> {
+        self.with(move |c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT emoji, COUNT(*) FROM reactions WHERE chat_id = ?1 AND signal_id = ?2 GROUP BY emoji",
+                )
+                .map_err(unavailable)?
+                .query_map(params![blob(chat.0), blob(signal.0)], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })
+                .map_err(unavailable)?
+                .collect::<Result<BTreeMap<_, _>, _>>()
+                .map_err(unavailable)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn reactions_page(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        after: Option<(String, UserId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, UserId)>, StoreError> {
+        let rows = self
+            .with(move |c| {
+                let (after_emoji, after_user) = match after {
+                    Some((emoji, user)) => (emoji, blob(user.0).to_vec()),
+                    None => (String::new(), Vec::new()),
+                };
+                let rows = c
+                    .prepare_cached(
+                        "SELECT emoji, user_id FROM reactions WHERE chat_id = ?1 AND signal_id = ?2
+                         AND (emoji > ?3 OR (emoji = ?3 AND user_id > ?4)) ORDER BY emoji, user_id LIMIT ?5",
+                    )
+                    .map_err(unavailable)?
+                    .query_map(
+                        params![
+                            blob(chat.0),
+                            blob(signal.0),
+                            after_emoji,
+                            after_user,
+                            i64::try_from(limit).unwrap_or(i64::MAX)
+                        ],
+                        |row| Ok((row.get::<_, String>(0)?, row.get::<_, Vec<u8>>(1)?)),
+                    )
+                    .map_err(unavailable)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(unavailable)?;
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(emoji, user)| Ok((emoji, UserId(uuid_from(user)?))))
+            .collect()
+    }
+
+    async fn advance_marker(
+        &self,
+        kind: MarkerKind,
+        chat: ChatId,
+        user: UserId,
+        up_to: SignalId,
+    ) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO markers (chat_id, kind, user_id, up_to) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (chat_id, kind, user_id) DO UPDATE SET up_to = max(up_to, ?4)",
+                params![blob(chat.0), kind.as_str(), blob(user.0), blob(up_to.0)],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn marker(&self, kind: MarkerKind, chat: ChatId, user: UserId) -> Result<Option<SignalId>, StoreError> {
+        let row = self
+            .with(move |c| {
+                c.query_row(
+                    "SELECT up_to FROM markers WHERE chat_id = ?1 AND kind = ?2 AND user_id = ?3",
+                    params![blob(chat.0), kind.as_str(), blob(user.0)],
+                    |row| row.get::<_, Vec<u8>>(0),
+                )
+                .optional()
+                .map_err(unavailable)
+            })
+            .await?;
+        row.map(|r| uuid_from(r).map(SignalId)).transpose()
+    }
+
+    async fn markers_page(
+        &self,
+        kind: MarkerKind,
+        chat: ChatId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<Vec<(UserId, SignalId)>, StoreError> {
+        let rows = self
+            .with(move |c| {
+                let after = after.map(|a| blob(a.0).to_vec()).unwrap_or_default();
+                let rows = c
+                    .prepare_cached(
+                        "SELECT user_id, up_to FROM markers WHERE chat_id = ?1 AND kind = ?2 AND user_id > ?3
+                         ORDER BY user_id LIMIT ?4",
+                    )
+                    .map_err(unavailable)?
+                    .query_map(
+                        params![blob(chat.0), kind.as_str(), after, i64::try_from(limit).unwrap_or(i64::MAX)],
+                        |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?)),
+                    )
+                    .map_err(unavailable)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(unavailable)?;
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(user, up_to)| Ok((UserId(uuid_from(user)?), SignalId(uuid_from(up_to)?))))
+            .collect()
     }
 }

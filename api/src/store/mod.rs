@@ -10,6 +10,8 @@ pub mod embedded;
 
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use confab_runtime::telemetry::ReadinessCheck;
 use confab_schema::{Chat, ChatId, ChatKind, Member, MemberRole, Signal, SignalId, User, UserId};
@@ -55,29 +57,89 @@ impl Inserted {
     }
 }
 
+/// Which marker: how far a member has read, or how far their client has acknowledged delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MarkerKind {
+    Read,
+    Delivered,
+}
+
+impl MarkerKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MarkerKind::Read => "read",
+            MarkerKind::Delivered => "delivered",
+        }
+    }
+}
+
+/// A chat in a user's activity order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChatActivity {
+    pub chat_id: ChatId,
+    /// The newest signal's id (or, before the first signal, a time-ordered id of the creation).
+    pub activity: SignalId,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Whether the store answers now.
     async fn check(&self) -> Result<(), StoreError>;
 
-    /// Creates or refreshes a user's profile.
+    // Users.
+
+    /// Creates or refreshes a user's profile and its search terms.
     async fn upsert_user(&self, user: &User) -> Result<(), StoreError>;
     async fn get_user(&self, id: UserId) -> Result<Option<User>, StoreError>;
+    /// Search-term rows `(term, user)` with `term` starting with `prefix` (lower-case), after `after`
+    /// in (term, user) order. May include rows of terms a user no longer has; [`search_users`] skips
+    /// them.
+    async fn user_terms(
+        &self,
+        prefix: &str,
+        after: Option<(String, UserId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, UserId)>, StoreError>;
+
+    // Chats and membership.
 
     /// Creates a chat and its members. The chat becomes visible only once its members are stored.
     async fn create_chat(&self, chat: &NewChat) -> Result<(), StoreError>;
     /// A chat as stored (`my_role`, `latest_signal` and `unread_count` left empty).
     async fn get_chat(&self, id: ChatId) -> Result<Option<Chat>, StoreError>;
-    async fn member_role(
-        &self,
-        chat: ChatId,
-        user: UserId,
-    ) -> Result<Option<MemberRole>, StoreError>;
+    /// Sets the chat's name and description.
+    async fn update_chat(&self, id: ChatId, name: Option<&str>, description: Option<&str>) -> Result<(), StoreError>;
+    async fn member_role(&self, chat: ChatId, user: UserId) -> Result<Option<MemberRole>, StoreError>;
+    /// Every member of `chat`.
     async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError>;
+    /// Members of `chat` after `after`, in user-id order.
+    async fn members_page(&self, chat: ChatId, after: Option<UserId>, limit: usize) -> Result<Vec<Member>, StoreError>;
+    /// Adds or re-roles a member.
+    async fn put_member(&self, chat: ChatId, member: &Member) -> Result<(), StoreError>;
+    async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
+
+    // Activity.
+
+    /// Moves `chat` to `activity` in the activity order of each of `members`.
+    async fn touch_chat(&self, chat: ChatId, members: &[UserId], activity: SignalId) -> Result<(), StoreError>;
+    /// Takes `chat` out of `user`'s activity order (they left).
+    async fn untouch_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
+    /// `user`'s chats, most recent activity first, after `after`.
+    async fn chats_by_activity(
+        &self,
+        user: UserId,
+        after: Option<ChatActivity>,
+        limit: usize,
+    ) -> Result<Vec<ChatActivity>, StoreError>;
+
+    // Signals.
 
     /// Stores `signal` unless its author already stored one with the same nonce in the same chat, in
     /// which case that one is returned. Holds when two requests race.
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError>;
+    async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError>;
+    /// Rewrites a stored signal's text, `edited_at` and `deleted` (edits and tombstones).
+    async fn update_signal(&self, signal: &Signal) -> Result<(), StoreError>;
     /// Up to `limit` signals of `chat` older than `before` (or the newest), newest first.
     async fn signals_before(
         &self,
@@ -85,6 +147,100 @@ pub trait Store: Send + Sync + 'static {
         before: Option<SignalId>,
         limit: usize,
     ) -> Result<Vec<Signal>, StoreError>;
+    /// Up to `limit` signals of `chat` newer than `after`, oldest first.
+    async fn signals_after(&self, chat: ChatId, after: SignalId, limit: usize) -> Result<Vec<Signal>, StoreError>;
+    /// How many messages (not deleted, not by `reader`) `chat` has after `after` (all when `None`),
+    /// counting at most `cap`.
+    async fn count_unread(
+        &self,
+        chat: ChatId,
+        after: Option<SignalId>,
+        reader: UserId,
+        cap: usize,
+    ) -> Result<usize, StoreError>;
+
+    // Reactions.
+
+    /// Adds `user`'s `emoji` reaction; `false` when it was already there.
+    async fn add_reaction(&self, chat: ChatId, signal: SignalId, emoji: &str, user: UserId) -> Result<bool, StoreError>;
+    /// Removes it; `false` when it was not there.
+    async fn remove_reaction(&self, chat: ChatId, signal: SignalId, emoji: &str, user: UserId)
+    -> Result<bool, StoreError>;
+    /// Emoji → count, for counts above zero.
+    async fn reaction_counts(&self, chat: ChatId, signal: SignalId) -> Result<BTreeMap<String, i64>, StoreError>;
+    /// Who reacted with what, in (emoji, user) order after `after`.
+    async fn reactions_page(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        after: Option<(String, UserId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, UserId)>, StoreError>;
+
+    // Markers.
+
+    /// Moves `user`'s marker forward to `up_to`; never back.
+    async fn advance_marker(&self, kind: MarkerKind, chat: ChatId, user: UserId, up_to: SignalId)
+    -> Result<(), StoreError>;
+    async fn marker(&self, kind: MarkerKind, chat: ChatId, user: UserId) -> Result<Option<SignalId>, StoreError>;
+    /// Markers of `chat` after user `after`, in user-id order.
+    async fn markers_page(
+        &self,
+        kind: MarkerKind,
+        chat: ChatId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<Vec<(UserId, SignalId)>, StoreError>;
+}
+
+/// The lower-cased search terms of a user: user name, display name and e-mail address.
+pub fn search_terms(user: &User) -> Vec<String> {
+    let mut terms: Vec<String> = [Some(&user.username), Some(&user.display_name), user.email.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|t| t.trim().to_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    terms.sort();
+    terms.dedup();
+    terms
+}
+
+/// The (term, user) position a user-search page stopped at.
+pub type UserSearchPosition = (String, UserId);
+
+/// Users whose user name, display name or e-mail starts with `prefix` (case-insensitive), each once,
+/// ordered by their smallest matching term, after `after`. Returns the page and, when more may
+/// follow, the position to continue from.
+pub async fn search_users(
+    store: &dyn Store,
+    prefix: &str,
+    mut after: Option<UserSearchPosition>,
+    limit: usize,
+) -> Result<(Vec<User>, Option<UserSearchPosition>), StoreError> {
+    let prefix = prefix.trim().to_lowercase();
+    let mut found = Vec::with_capacity(limit);
+    loop {
+        let batch = store.user_terms(&prefix, after.clone(), limit.max(16)).await?;
+        let exhausted = batch.len() < limit.max(16);
+        for (term, user_id) in batch {
+            after = Some((term.clone(), user_id));
+            let Some(user) = store.get_user(user_id).await? else { continue };
+            let terms = search_terms(&user);
+            // Each user appears once, at their smallest matching term; rows of old terms are stale.
+            let smallest = terms.iter().find(|t| t.starts_with(&prefix));
+            if smallest != Some(&term) {
+                continue;
+            }
+            found.push(user);
+            if found.len() == limit {
+                return Ok((found, after));
+            }
+        }
+        if exhausted {
+            return Ok((found, None));
+        }
+    }
 }
 
 /// Readiness of a [`Store`].
