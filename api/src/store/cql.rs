@@ -1170,7 +1170,7 @@ impl Store for CqlStore {
             return Ok(false);
         }
         self.session
-            .execute_unpaged(&self.statements.count_reaction, (1i64, chat.0, signal.0, emoji))
+            .execute_unpaged(&self.statements.count_reaction, (scylla::value::Counter(1), chat.0, signal.0, emoji))
             .await
             .map_err(unavailable)?;
         Ok(true)
@@ -1192,7 +1192,7 @@ impl Store for CqlStore {
             return Ok(false);
         }
         self.session
-            .execute_unpaged(&self.statements.count_reaction, (-1i64, chat.0, signal.0, emoji))
+            .execute_unpaged(&self.statements.count_reaction, (scylla::value::Counter(-1), chat.0, signal.0, emoji))
             .await
             .map_err(unavailable)?;
         Ok(true)
