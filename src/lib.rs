@@ -71,7 +71,7 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dy
                     .await
                     .context("migrating the CQL keyspace")?;
             }
-            let store = Box::pin(CqlStore::connect(&options))
+            let store = CqlStore::connect(&options)
                 .await
                 .context("connecting to the CQL store (has `confab migrate` run?)")?;
             Ok(Arc::new(store))

@@ -242,6 +242,11 @@ const BUCKET_BATCH: i32 = 16;
 impl CqlStore {
     /// Connects to an already migrated keyspace and prepares every statement.
     pub async fn connect(options: &CqlOptions) -> Result<CqlStore, StoreError> {
+        // Boxed: the state machine that prepares every statement is large.
+        Box::pin(Self::prepare_all(options)).await
+    }
+
+    async fn prepare_all(options: &CqlOptions) -> Result<CqlStore, StoreError> {
         let session = session(options, Some(&options.keyspace)).await?;
         let prepare = |cql: String| {
             let session = &session;
