@@ -140,7 +140,9 @@ async fn bus_baseline(config: &Config, messages: usize, rate: u32) -> anyhow::Re
                 else {
                     break;
                 };
-                let Event::SignalCreated(signal) = &envelope.event else { continue };
+                let Event::SignalCreated(signal) = &envelope.event else {
+                    continue;
+                };
                 if signal.chat_id != chat {
                     continue;
                 }

@@ -146,17 +146,20 @@ pub async fn build(
         .with(Arc::new(IdentityReadiness(Arc::clone(&identity))))
         .with(Arc::new(BusReadiness(Arc::clone(&bus))));
     let mut router = axum::Router::new();
+    let mut openapi = confab_api::http::openapi_base();
     let mut workers = Vec::new();
 
     if matches!(role, Role::Serve | Role::Api) {
         let store = open_store(config, role == Role::Serve).await?;
         readiness = readiness.with(Arc::new(StoreReadiness(Arc::clone(&store))));
-        router = router.merge(api_routes(ApiState::new(
+        let (routes, doc) = api_routes(ApiState::new(
             store,
             Arc::clone(&bus),
             Arc::clone(&identity),
             &secret,
-        )));
+        ));
+        router = router.merge(routes);
+        openapi.merge(doc);
     }
     if matches!(role, Role::Serve | Role::Notifier | Role::WsPlexer) {
         let hub = Hub::new(config.notifier.connection_buffer);
@@ -171,23 +174,35 @@ pub async fn build(
             Duration::from_secs(config.notifier.ticket_ttl_secs),
         );
         if matches!(role, Role::Serve | Role::Notifier) {
-            router = router.merge(confab_notifier::routes(NotifierState {
+            let (routes, doc) = confab_notifier::routes(NotifierState {
                 hub: hub.clone(),
                 auth: auth.clone(),
                 keep_alive: Duration::from_secs(config.notifier.keep_alive_secs.max(1)),
                 shutdown: shutdown.clone(),
-            }));
+            });
+            router = router.merge(routes);
+            openapi.merge(doc);
         }
         if matches!(role, Role::Serve | Role::WsPlexer) {
-            router = router.merge(confab_ws_plexer::routes(PlexerState {
+            let (routes, doc) = confab_ws_plexer::routes(PlexerState {
                 hub,
                 auth,
                 shutdown: shutdown.clone(),
-            }));
+            });
+            router = router.merge(routes);
+            openapi.merge(doc);
         }
     }
+    let openapi = Arc::new(openapi);
     let router = telemetry::instrument(
         router
+            .route(
+                "/v1/openapi.json",
+                axum::routing::get(move || {
+                    let openapi = Arc::clone(&openapi);
+                    async move { axum::Json(openapi.as_ref().clone()) }
+                }),
+            )
             .merge(telemetry::routes(readiness))
             .fallback(problem::not_found)
             .method_not_allowed_fallback(problem::method_not_allowed),

@@ -76,8 +76,7 @@ async fn run_flow(api: &str, notifier: &str, alice: &str, bob: &str) {
     assert_eq!(sent.status(), 201);
     let sent: Value = sent.json().await.unwrap();
 
-    let event = events.next_event().await;
-    assert_eq!(event.event, "signal.created");
+    let event = events.next_of("signal.created").await;
     assert_eq!(event.data["data"], sent);
 
     let history: Value = http

@@ -31,6 +31,16 @@ async fn open_ws(base: &str, token: Option<&str>, ticket: Option<&str>) -> Ws {
     ws
 }
 
+/// The next `event` frame of type `name`, skipping other events.
+async fn next_ws_event(ws: &mut Ws, name: &str) -> Value {
+    loop {
+        let frame = next_ws_json(ws).await;
+        if frame["type"] != "event" || frame["event"] == name {
+            return frame;
+        }
+    }
+}
+
 async fn next_ws_json(ws: &mut Ws) -> Value {
     tokio::time::timeout(DEADLINE, async {
         loop {
@@ -132,14 +142,14 @@ async fn message_reaches_bob(stack: Stack) {
 
     // 6. Delivered on every stream, as `signal.created` with an id.
     for stream in [&mut sse, &mut sse_by_ticket] {
-        let event = stream.next_event().await;
+        let event = stream.next_of("signal.created").await;
         assert_eq!(event.event, "signal.created");
         assert!(event.id.as_deref().is_some_and(|id| !id.is_empty()));
         assert_eq!(event.data["type"], "signal.created");
         assert_eq!(event.data["data"], sent);
     }
     for socket in [&mut ws, &mut ws_by_ticket] {
-        let frame = next_ws_json(socket).await;
+        let frame = next_ws_event(socket, "signal.created").await;
         assert_eq!(frame["type"], "event");
         assert_eq!(frame["event"], "signal.created");
         assert_eq!(frame["data"], sent);
@@ -154,8 +164,8 @@ async fn message_reaches_bob(stack: Stack) {
         )
         .await;
     assert_eq!(second.status(), 201);
-    assert_eq!(sse.next_event().await.data["data"]["text"], "second");
-    assert_eq!(next_ws_json(&mut ws).await["data"]["text"], "second");
+    assert_eq!(sse.next_of("signal.created").await.data["data"]["text"], "second");
+    assert_eq!(next_ws_event(&mut ws, "signal.created").await["data"]["text"], "second");
 
     // 7. bob's history: newest first, the retry stored nothing.
     let history = app
@@ -217,7 +227,7 @@ async fn events_reach_only_members() {
         )
         .await;
     assert_eq!(private.status(), 201);
-    assert_eq!(bobs.next_event().await.data["data"]["text"], "just us");
+    assert_eq!(bobs.next_of("signal.created").await.data["data"]["text"], "just us");
 
     // carol's first event is from a chat she is in, not the private one.
     let carol_id = app.me(&carol).await;
@@ -230,7 +240,8 @@ async fn events_reach_only_members() {
         )
         .await;
     assert_eq!(visible.status(), 201);
-    let event = carols.next_event().await;
+    // (The first event she gets is the new chat itself.)
+    let event = carols.next_of("signal.created").await;
     assert_eq!(event.data["data"]["text"], "for carol");
     app.stop().await;
 }

@@ -26,7 +26,7 @@ struct Ticket {
     e: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct IssuedTicket {
     pub ticket: String,
     #[serde(with = "time::serde::rfc3339")]

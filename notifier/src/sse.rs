@@ -11,10 +11,11 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::routing::{get, post};
 use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::{IssuedTicket, StreamAuth};
 use crate::hub::Hub;
@@ -28,19 +29,32 @@ pub struct NotifierState {
     pub shutdown: CancellationToken,
 }
 
-pub fn routes(state: NotifierState) -> Router {
-    Router::new()
-        .route("/v1/events", get(events))
-        .route("/v1/events/ticket", post(ticket))
+/// The notifier's routes, with their OpenAPI description.
+pub fn routes(state: NotifierState) -> (Router, utoipa::openapi::OpenApi) {
+    OpenApiRouter::new()
+        .routes(routes!(events))
+        .routes(routes!(ticket))
         .with_state(state)
+        .split_for_parts()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
+    /// A ticket from `POST /v1/events/ticket`, for clients that cannot send an Authorization header.
     #[serde(default)]
     ticket: Option<String>,
 }
 
+/// A short-lived ticket that authenticates `GET /v1/events` and `GET /v1/ws` as `?ticket=`.
+#[utoipa::path(
+    post, path = "/v1/events/ticket", tag = "events",
+    responses(
+        (status = 200, body = IssuedTicket),
+        (status = 401, body = confab_runtime::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
 async fn ticket(
     State(state): State<NotifierState>,
     headers: HeaderMap,
@@ -48,6 +62,17 @@ async fn ticket(
     state.auth.issue(&headers).await.map(Json)
 }
 
+/// The caller's events as Server-Sent Events: `ready` first, then one event per change, each with an
+/// `id:` line, the event type as `event:` and `{"type", "data"}` JSON as `data:`.
+#[utoipa::path(
+    get, path = "/v1/events", tag = "events",
+    params(StreamQuery),
+    responses(
+        (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 401, body = confab_runtime::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn events(
     State(state): State<NotifierState>,
     headers: HeaderMap,

@@ -234,6 +234,8 @@ pub mod conformance {
 
         // Publishing with nobody listening is fine.
         drop((first, second, other));
-        bus.publish(&envelope(one, "nobody listens")).await.expect("publishes");
+        bus.publish(&envelope(one, "nobody listens"))
+            .await
+            .expect("publishes");
     }
 }

@@ -383,7 +383,10 @@ impl DevIdentity {
         }
         let key = std::fs::read(&path)?;
         if key.len() < 32 {
-            return Err(std::io::Error::other(format!("{} is not a dev identity key", path.display())));
+            return Err(std::io::Error::other(format!(
+                "{} is not a dev identity key",
+                path.display()
+            )));
         }
         Ok(DevIdentity { key })
     }

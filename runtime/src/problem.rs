@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 
 pub const CONTENT_TYPE: &str = "application/problem+json";
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// An RFC 9457 problem: the body of every error response (`application/problem+json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Problem {
     /// A URI reference naming the problem type; `about:blank` when the status says it all.
     #[serde(rename = "type")]

@@ -8,7 +8,7 @@ use crate::ids::{ChatId, SignalId, UserId};
 use crate::model::{Chat, MemberRole, Signal};
 
 /// A reaction added or removed, with the emoji's count after the change.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReactionChange {
     pub signal_id: SignalId,
     pub emoji: String,
@@ -17,14 +17,14 @@ pub struct ReactionChange {
 }
 
 /// A member's read (or delivery) marker moved.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MarkerChange {
     pub user_id: UserId,
     pub up_to: SignalId,
 }
 
 /// A member joined, left or changed role.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MemberChange {
     pub user_id: UserId,
     pub role: Option<MemberRole>,
@@ -187,7 +187,10 @@ mod tests {
             user_id: user,
             up_to: SignalId::new(),
         };
-        for event in [Event::ReadUpdated(change.clone()), Event::DeliveredUpdated(change)] {
+        for event in [
+            Event::ReadUpdated(change.clone()),
+            Event::DeliveredUpdated(change),
+        ] {
             let json = serde_json::to_value(&event).expect("serialises");
             assert_eq!(json["type"], event.kind().as_str());
         }

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::ids::{ChatId, SignalId, UserId};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct User {
     pub id: UserId,
     pub username: String,
@@ -22,7 +22,7 @@ pub struct User {
 macro_rules! wire_enum {
     ($(#[$doc:meta])* $name:ident { $($variant:ident => $wire:literal),+ $(,)? }) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
         pub enum $name {
             $(#[serde(rename = $wire)] $variant),+
         }
@@ -94,7 +94,7 @@ wire_enum!(
     }
 );
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Member {
     pub user_id: UserId,
     pub role: MemberRole,
@@ -102,7 +102,7 @@ pub struct Member {
     pub joined_at: OffsetDateTime,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Chat {
     pub id: ChatId,
     pub kind: ChatKind,
@@ -115,13 +115,14 @@ pub struct Chat {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub my_role: Option<MemberRole>,
     #[serde(default)]
+    #[schema(value_type = Option<Signal>)]
     pub latest_signal: Option<Box<Signal>>,
     #[serde(default)]
     pub unread_count: u64,
 }
 
 /// One entry of a chat's history.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Signal {
     pub id: SignalId,
     pub chat_id: ChatId,

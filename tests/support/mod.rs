@@ -319,6 +319,16 @@ impl SseStream {
         stream
     }
 
+    /// The next event of type `name`, skipping others, within the deadline.
+    pub async fn next_of(&mut self, name: &str) -> SseEvent {
+        loop {
+            let event = self.next_event().await;
+            if event.event == name {
+                return event;
+            }
+        }
+    }
+
     /// The next event, within the deadline.
     pub async fn next_event(&mut self) -> SseEvent {
         tokio::time::timeout(DEADLINE, async {

@@ -15,7 +15,6 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use confab_notifier::Hub;
 use confab_notifier::auth::StreamAuth;
 use confab_runtime::Problem;
@@ -24,6 +23,8 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 #[derive(Clone)]
 pub struct PlexerState {
@@ -32,20 +33,36 @@ pub struct PlexerState {
     pub shutdown: CancellationToken,
 }
 
-pub fn routes(state: PlexerState) -> Router {
-    Router::new()
-        .route("/v1/ws", get(upgrade))
+/// The ws-plexer's routes, with their OpenAPI description.
+pub fn routes(state: PlexerState) -> (Router, utoipa::openapi::OpenApi) {
+    OpenApiRouter::new()
+        .routes(routes!(upgrade))
         .with_state(state)
+        .split_for_parts()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WsQuery {
+    /// A ticket from `POST /v1/events/ticket`, for clients that cannot send an Authorization header.
     #[serde(default)]
     ticket: Option<String>,
 }
 
 const PING_INTERVAL: Duration = Duration::from_secs(20);
 
+/// Upgrades to a WebSocket carrying the caller's events as JSON text frames (`ready`, `event`,
+/// `error`).
+#[utoipa::path(
+    get, path = "/v1/ws", tag = "events",
+    params(WsQuery),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn upgrade(
     State(state): State<PlexerState>,
     headers: HeaderMap,

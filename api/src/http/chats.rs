@@ -3,30 +3,41 @@ use std::collections::BTreeSet;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use confab_runtime::Problem;
 use confab_schema::limits::{MAX_CHAT_DESCRIPTION_CHARS, MAX_CHAT_NAME_CHARS, MAX_INITIAL_MEMBERS};
 use confab_schema::model::to_millis;
-use confab_schema::{Chat, ChatId, ChatKind, MemberRole, UserId};
+use confab_schema::{
+    Chat, ChatId, ChatKind, Event, MemberRole, SignalId, SignalKind, User, UserId,
+};
 use serde::Deserialize;
 use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiJson, ApiPath, ApiState, Caller, require_member};
+use super::signals::{append_system_signal, decorate};
+use super::{ApiJson, ApiPath, ApiQuery, ApiState, Caller, Page, page_limit, require_member};
 use crate::error::{ApiError, ApiResult};
-use crate::store::NewChat;
+use crate::store::{ChatActivity, MarkerKind, NewChat};
 
-#[derive(Debug, Deserialize)]
+/// Unread counts stop counting here; clients show "100+".
+pub(crate) const UNREAD_CAP: usize = 100;
+
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateChat {
     kind: ChatKind,
+    /// Groups only: 1 to 200 characters.
     #[serde(default)]
     name: Option<String>,
+    /// Groups only: 1 to 2,000 characters.
     #[serde(default)]
     description: Option<String>,
+    /// The other members: one for a direct chat, one or more for a group.
     #[serde(default)]
     members: Vec<UserId>,
 }
 
-fn check_length(field: &str, value: &Option<String>, max: usize) -> ApiResult<()> {
+pub(crate) fn check_length(field: &str, value: &Option<String>, max: usize) -> ApiResult<()> {
     if let Some(value) = value {
         let chars = value.chars().count();
         if value.trim().is_empty() || chars > max {
@@ -38,7 +49,8 @@ fn check_length(field: &str, value: &Option<String>, max: usize) -> ApiResult<()
     Ok(())
 }
 
-/// Namespace of direct-chat ids: the same pair of users always names the same chat.
+/// Namespace of direct-chat ids: the same pair of users always names the same chat, without a
+/// lightweight transaction (concurrent creations write the same rows).
 const DIRECT_NAMESPACE: Uuid = Uuid::from_u128(0x6c0f_a1b2_4e5d_4c1a_9f00_c0fa_b000_0002);
 
 fn direct_chat_id(a: UserId, b: UserId) -> ChatId {
@@ -49,8 +61,45 @@ fn direct_chat_id(a: UserId, b: UserId) -> ChatId {
     ))
 }
 
-/// `POST /v1/chats`: a group (the creator plus the named members) or a direct chat (the creator and
-/// exactly one other user; the same pair always gets the same chat back).
+/// The chat as `caller` sees it: their role, the latest signal and their unread count.
+pub(crate) async fn chat_view(
+    state: &ApiState,
+    mut chat: Chat,
+    caller: &User,
+    role: MemberRole,
+) -> ApiResult<Chat> {
+    chat.my_role = Some(role);
+    let latest = state.store.signals_before(chat.id, None, 1).await?;
+    chat.latest_signal = decorate(state, latest)
+        .await?
+        .into_iter()
+        .next()
+        .map(Box::new);
+    let read = state
+        .store
+        .marker(MarkerKind::Read, chat.id, caller.id)
+        .await?;
+    chat.unread_count = state
+        .store
+        .count_unread(chat.id, read, caller.id, UNREAD_CAP)
+        .await? as u64;
+    Ok(chat)
+}
+
+/// Creates a group (the caller as owner plus the named members) or a direct chat (the caller and
+/// exactly one other user; the same pair always gets the same chat back, with 200).
+#[utoipa::path(
+    post, path = "/v1/chats", tag = "chats",
+    request_body = CreateChat,
+    responses(
+        (status = 201, description = "Created", body = Chat),
+        (status = 200, description = "The existing direct chat of this pair", body = Chat),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create(
     State(state): State<ApiState>,
     Caller(caller): Caller,
@@ -100,9 +149,12 @@ pub async fn create(
                 ));
             };
             let id = direct_chat_id(caller.id, other);
-            if let Some(mut existing) = state.store.get_chat(id).await? {
-                existing.my_role = Some(MemberRole::Owner);
-                return Ok((StatusCode::OK, Json(existing)));
+            if let Some(existing) = state.store.get_chat(id).await? {
+                let role = require_member(&state, id, caller.id).await?;
+                return Ok((
+                    StatusCode::OK,
+                    Json(chat_view(&state, existing, &caller, role).await?),
+                ));
             }
             (
                 id,
@@ -120,41 +172,218 @@ pub async fn create(
         members,
     };
     state.store.create_chat(&new_chat).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(Chat {
-            id: new_chat.id,
-            kind: new_chat.kind,
-            name: new_chat.name,
-            description: new_chat.description,
-            created_at: new_chat.created_at,
-            created_by: new_chat.created_by,
-            my_role: Some(MemberRole::Owner),
-            latest_signal: None,
-            unread_count: 0,
-        }),
-    ))
+    let member_ids: Vec<UserId> = new_chat.members.iter().map(|(m, _)| *m).collect();
+    state
+        .store
+        .touch_chat(id, &member_ids, SignalId::new())
+        .await?;
+    let chat = Chat {
+        id: new_chat.id,
+        kind: new_chat.kind,
+        name: new_chat.name,
+        description: new_chat.description,
+        created_at: new_chat.created_at,
+        created_by: new_chat.created_by,
+        my_role: Some(MemberRole::Owner),
+        latest_signal: None,
+        unread_count: 0,
+    };
+    state
+        .publish(
+            id,
+            member_ids,
+            Event::ChatUpdated(Box::new(Chat {
+                my_role: None,
+                ..chat.clone()
+            })),
+        )
+        .await;
+    Ok((StatusCode::CREATED, Json(chat)))
 }
 
-/// `GET /v1/chats/{chat_id}`: members only.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListChats {
+    cursor: Option<String>,
+    /// 1 to 100; default 50.
+    limit: Option<usize>,
+}
+
+/// The caller's chats, most recent activity first, each with its latest signal and the caller's
+/// unread count.
+#[utoipa::path(
+    get, path = "/v1/chats", tag = "chats",
+    params(ListChats),
+    responses(
+        (status = 200, body = Page<Chat>),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiQuery(query): ApiQuery<ListChats>,
+) -> ApiResult<Json<Page<Chat>>> {
+    let limit = page_limit(query.limit)?;
+    let list = format!("chats:{}", caller.id);
+    let after = match &query.cursor {
+        Some(cursor) => {
+            let (chat_id, activity) = state.open_cursor::<(ChatId, SignalId)>(&list, cursor)?;
+            Some(ChatActivity { chat_id, activity })
+        }
+        None => None,
+    };
+    let rows = state
+        .store
+        .chats_by_activity(caller.id, after, limit + 1)
+        .await?;
+    let more = rows.len() > limit;
+    let rows = &rows[..rows.len().min(limit)];
+    let views = futures::future::join_all(rows.iter().map(|row| {
+        let (state, caller) = (&state, &caller);
+        async move {
+            let Some(role) = state.store.member_role(row.chat_id, caller.id).await? else {
+                return Ok(None);
+            };
+            let Some(chat) = state.store.get_chat(row.chat_id).await? else {
+                return Ok(None);
+            };
+            chat_view(state, chat, caller, role).await.map(Some)
+        }
+    }))
+    .await;
+    let mut items = Vec::with_capacity(rows.len());
+    for view in views {
+        if let Some(chat) = view? {
+            items.push(chat);
+        }
+    }
+    let next_cursor = match rows.last() {
+        Some(last) if more => Some(state.cursor(&list, (last.chat_id, last.activity))),
+        _ => None,
+    };
+    Ok(Json(Page { items, next_cursor }))
+}
+
+/// One chat (members only).
+#[utoipa::path(
+    get, path = "/v1/chats/{chat_id}", tag = "chats",
+    params(("chat_id" = ChatId, Path, description = "The chat")),
+    responses(
+        (status = 200, body = Chat),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn get(
     State(state): State<ApiState>,
     Caller(caller): Caller,
     ApiPath(chat_id): ApiPath<ChatId>,
 ) -> ApiResult<Json<Chat>> {
-    let role = require_member(&state, chat_id, &caller).await?;
-    let mut chat = state
+    let role = require_member(&state, chat_id, caller.id).await?;
+    let chat = state
         .store
         .get_chat(chat_id)
         .await?
         .ok_or(ApiError::NotFound("no such chat"))?;
-    chat.my_role = Some(role);
-    chat.latest_signal = state
+    Ok(Json(chat_view(&state, chat, &caller, role).await?))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateChat {
+    /// New name, 1 to 200 characters.
+    #[serde(default)]
+    name: Option<String>,
+    /// New description, 1 to 2,000 characters; an empty string clears it.
+    #[serde(default)]
+    description: Option<String>,
+}
+
+/// Renames or describes a group (owners and admins). A new name is written into the history as a
+/// `renamed` signal.
+#[utoipa::path(
+    patch, path = "/v1/chats/{chat_id}", tag = "chats",
+    params(("chat_id" = ChatId, Path, description = "The chat")),
+    request_body = UpdateChat,
+    responses(
+        (status = 200, body = Chat),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn update(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiPath(chat_id): ApiPath<ChatId>,
+    ApiJson(body): ApiJson<UpdateChat>,
+) -> ApiResult<Json<Chat>> {
+    check_length("name", &body.name, MAX_CHAT_NAME_CHARS)?;
+    if body
+        .description
+        .as_ref()
+        .is_some_and(|d| d.chars().count() > MAX_CHAT_DESCRIPTION_CHARS)
+    {
+        return Err(ApiError::Unprocessable(format!(
+            "description must be at most {MAX_CHAT_DESCRIPTION_CHARS} characters"
+        )));
+    }
+    if body.name.is_none() && body.description.is_none() {
+        return Err(ApiError::Unprocessable(
+            "give a name or a description".into(),
+        ));
+    }
+    let role = require_member(&state, chat_id, caller.id).await?;
+    let chat = state
         .store
-        .signals_before(chat_id, None, 1)
+        .get_chat(chat_id)
         .await?
-        .into_iter()
-        .next()
-        .map(Box::new);
-    Ok(Json(chat))
+        .ok_or(ApiError::NotFound("no such chat"))?;
+    if chat.kind == ChatKind::Direct {
+        return Err(ApiError::Unprocessable(
+            "a direct chat has no name or description".into(),
+        ));
+    }
+    if !role.is_admin() {
+        return Err(ApiError::Forbidden("only owners and admins change a chat"));
+    }
+    let name = body.name.clone().or(chat.name.clone());
+    let description = match body.description {
+        Some(d) if d.trim().is_empty() => None,
+        Some(d) => Some(d),
+        None => chat.description.clone(),
+    };
+    state
+        .store
+        .update_chat(chat_id, name.as_deref(), description.as_deref())
+        .await?;
+    if body.name.is_some() && name != chat.name {
+        append_system_signal(
+            &state,
+            chat_id,
+            SignalKind::Renamed,
+            caller.id,
+            name.clone(),
+        )
+        .await?;
+    }
+    let updated = state
+        .store
+        .get_chat(chat_id)
+        .await?
+        .ok_or(ApiError::NotFound("no such chat"))?;
+    state
+        .publish_to_members(chat_id, Event::ChatUpdated(Box::new(updated.clone())))
+        .await?;
+    Ok(Json(chat_view(&state, updated, &caller, role).await?))
 }

@@ -1,7 +1,11 @@
-//! The HTTP surface: routes, shared state and the extractors that turn every malformed request into
-//! a problem response before a handler runs.
+//! The HTTP surface: routes (each documented in the OpenAPI description it is registered with),
+//! shared state, and the extractors that turn every malformed request into a problem response
+//! before a handler runs.
 
 mod chats;
+mod markers;
+mod members;
+mod reactions;
 mod signals;
 mod users;
 
@@ -9,16 +13,20 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::routing::{get, post};
 use confab_runtime::bus::Bus;
 use confab_runtime::identity::{Identity, Principal, bearer_token};
 use confab_runtime::signed::Signer;
-use confab_schema::User;
+use confab_schema::limits::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use confab_schema::{ChatId, Envelope, Event, MemberRole, User, UserId};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::ApiError;
 use crate::store::Store;
@@ -30,7 +38,7 @@ pub struct ApiState {
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) identity: Arc<dyn Identity>,
     pub(crate) cursors: Signer,
-    provisioned: Arc<Mutex<HashMap<confab_schema::UserId, (User, Instant)>>>,
+    provisioned: Arc<Mutex<HashMap<UserId, (User, Instant)>>>,
 }
 
 impl ApiState {
@@ -50,17 +58,65 @@ impl ApiState {
     }
 }
 
-/// The API routes, under `/v1`.
-pub fn routes(state: ApiState) -> Router {
-    Router::new()
-        .route("/v1/me", get(users::me))
-        .route("/v1/chats", post(chats::create))
-        .route("/v1/chats/{chat_id}", get(chats::get))
-        .route(
-            "/v1/chats/{chat_id}/signals",
-            post(signals::create).get(signals::list),
-        )
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "confab", description = "A distributed chat backend: chats, members and signals."),
+    modifiers(&BearerAuth),
+    components(schemas(confab_runtime::Problem)),
+    tags(
+        (name = "users", description = "Who is calling, and finding others"),
+        (name = "chats", description = "Direct and group chats"),
+        (name = "members", description = "Who is in a chat, and their roles"),
+        (name = "signals", description = "A chat's history: messages, joins, leaves, renames"),
+        (name = "reactions", description = "Emoji reactions to signals"),
+        (name = "markers", description = "Read and delivery markers"),
+        (name = "events", description = "Live events over Server-Sent Events and WebSocket"),
+    )
+)]
+struct ApiDoc;
+
+/// Adds the bearer-token security scheme every operation uses.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The document every service's OpenAPI description is merged into: title, tags, security scheme.
+pub fn openapi_base() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The API routes under `/v1`, with their OpenAPI description.
+pub fn routes(state: ApiState) -> (axum::Router, utoipa::openapi::OpenApi) {
+    OpenApiRouter::new()
+        .routes(routes!(users::me))
+        .routes(routes!(users::search))
+        .routes(routes!(chats::create, chats::list))
+        .routes(routes!(chats::get, chats::update))
+        .routes(routes!(members::list, members::add))
+        .routes(routes!(members::remove, members::set_role))
+        .routes(routes!(signals::create, signals::list))
+        .routes(routes!(signals::edit, signals::delete))
+        .routes(routes!(reactions::add, reactions::remove))
+        .routes(routes!(reactions::list))
+        .routes(routes!(markers::read))
+        .routes(routes!(markers::delivered))
+        .routes(routes!(markers::views))
+        .routes(routes!(markers::deliveries))
         .with_state(state)
+        .split_for_parts()
 }
 
 /// How long a provisioned profile is trusted before the store is written again.
@@ -156,18 +212,111 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+/// A page of a list: `{"items": [...], "next_cursor": "…" | null}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Opaque; pass back as `?cursor=` for the next page. `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Checks a page size: 1 to 100, 50 when absent.
+pub(crate) fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE_SIZE);
+    if (1..=MAX_PAGE_SIZE).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_PAGE_SIZE}"
+        )))
+    }
+}
+
+/// What every cursor carries: which list it belongs to, so it cannot be replayed elsewhere.
+#[derive(Serialize, Deserialize)]
+struct Cursor<P> {
+    /// The list: e.g. `signals:<chat id>`.
+    l: String,
+    p: P,
+}
+
+impl ApiState {
+    pub(crate) fn cursor<P: Serialize>(&self, list: &str, position: P) -> String {
+        self.cursors.sign(&Cursor {
+            l: list.to_owned(),
+            p: position,
+        })
+    }
+
+    pub(crate) fn open_cursor<P: DeserializeOwned>(
+        &self,
+        list: &str,
+        cursor: &str,
+    ) -> Result<P, ApiError> {
+        let cursor: Cursor<P> = self
+            .cursors
+            .open(cursor)
+            .map_err(|_| ApiError::BadRequest("invalid cursor".into()))?;
+        if cursor.l != list {
+            return Err(ApiError::BadRequest(
+                "cursor belongs to another list".into(),
+            ));
+        }
+        Ok(cursor.p)
+    }
+
+    /// Publishes `event` on `chat` to `recipients`. Stored is stored: a failed publish is logged and
+    /// counted, and history still has the change.
+    pub(crate) async fn publish(&self, chat: ChatId, recipients: Vec<UserId>, event: Event) {
+        let kind = event.kind().as_str();
+        let envelope = Envelope::new(chat, recipients, event);
+        match self.bus.publish(&envelope).await {
+            Ok(()) => {
+                metrics::counter!("confab_events_published_total", "type" => kind).increment(1)
+            }
+            Err(error) => {
+                tracing::warn!(%error, event = kind, %chat, "event not published");
+                metrics::counter!("confab_events_unpublished_total", "type" => kind).increment(1);
+            }
+        }
+    }
+
+    /// Publishes `event` to every current member of `chat`.
+    pub(crate) async fn publish_to_members(
+        &self,
+        chat: ChatId,
+        event: Event,
+    ) -> Result<(), ApiError> {
+        let recipients = self
+            .store
+            .members(chat)
+            .await?
+            .into_iter()
+            .map(|m| m.user_id)
+            .collect();
+        self.publish(chat, recipients, event).await;
+        Ok(())
+    }
+}
+
 /// Checks that `caller` is a member of `chat`: 404 when the chat does not exist, 403 when it does
 /// but the caller is not in it.
 pub(crate) async fn require_member(
     state: &ApiState,
-    chat: confab_schema::ChatId,
-    caller: &User,
-) -> Result<confab_schema::MemberRole, ApiError> {
-    match state.store.member_role(chat, caller.id).await? {
+    chat: ChatId,
+    caller: UserId,
+) -> Result<MemberRole, ApiError> {
+    match state.store.member_role(chat, caller).await? {
         Some(role) => Ok(role),
-        None => match state.store.get_chat(chat).await? {
-            Some(_) => Err(ApiError::Forbidden("you are not a member of this chat")),
-            None => Err(ApiError::NotFound("no such chat")),
-        },
+        None => Err(not_member(state, chat).await),
+    }
+}
+
+/// The refusal for a non-member: 404 for an unknown chat, else 403.
+pub(crate) async fn not_member(state: &ApiState, chat: ChatId) -> ApiError {
+    match state.store.get_chat(chat).await {
+        Ok(Some(_)) => ApiError::Forbidden("you are not a member of this chat"),
+        Ok(None) => ApiError::NotFound("no such chat"),
+        Err(error) => error.into(),
     }
 }

@@ -1,31 +1,148 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use confab_schema::limits::{DEFAULT_PAGE_SIZE, MAX_NONCE_BYTES, MAX_PAGE_SIZE, MAX_TEXT_CHARS};
-use confab_schema::{ChatId, Envelope, Event, Signal, SignalId, SignalKind};
-use serde::{Deserialize, Serialize};
+use confab_runtime::Problem;
+use confab_schema::limits::{MAX_NONCE_BYTES, MAX_TEXT_CHARS};
+use confab_schema::model::to_millis;
+use confab_schema::{ChatId, Event, Signal, SignalId, SignalKind, UserId};
+use serde::Deserialize;
+use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiJson, ApiPath, ApiQuery, ApiState, Caller, require_member};
+use super::{
+    ApiJson, ApiPath, ApiQuery, ApiState, Caller, Page, not_member, page_limit, require_member,
+};
 use crate::error::{ApiError, ApiResult};
-use crate::store::Inserted;
+use crate::store::{Inserted, MarkerKind};
 
-#[derive(Debug, Deserialize)]
+/// Fills in each signal's reaction counts.
+pub(crate) async fn decorate(state: &ApiState, signals: Vec<Signal>) -> ApiResult<Vec<Signal>> {
+    let counts = futures::future::join_all(
+        signals
+            .iter()
+            .map(|s| state.store.reaction_counts(s.chat_id, s.id)),
+    )
+    .await;
+    signals
+        .into_iter()
+        .zip(counts)
+        .map(|(mut signal, counts)| {
+            signal.reactions = counts?;
+            Ok(signal)
+        })
+        .collect()
+}
+
+fn check_text(text: Option<&str>) -> ApiResult<String> {
+    let text = text.unwrap_or_default();
+    if text.trim().is_empty() || text.chars().count() > MAX_TEXT_CHARS {
+        return Err(ApiError::Unprocessable(format!(
+            "text must be 1 to {MAX_TEXT_CHARS} characters"
+        )));
+    }
+    Ok(text.to_owned())
+}
+
+/// Stores `signal` as new history: moves the chat up in its members' lists, and publishes it.
+async fn record(state: &ApiState, signal: &Signal, members: Vec<UserId>) -> ApiResult<Inserted> {
+    let inserted = state.store.insert_signal(signal).await?;
+    if let Inserted::Created(created) = &inserted {
+        state
+            .store
+            .touch_chat(created.chat_id, &members, created.id)
+            .await?;
+        // Writing is reading: the author has seen their own signal.
+        state
+            .store
+            .advance_marker(
+                MarkerKind::Read,
+                created.chat_id,
+                created.author_id,
+                created.id,
+            )
+            .await?;
+        state
+            .publish(
+                created.chat_id,
+                members,
+                Event::SignalCreated(created.clone()),
+            )
+            .await;
+    }
+    Ok(inserted)
+}
+
+/// Writes a `joined`, `left` or `renamed` signal into the history, for the current members.
+pub(crate) async fn append_system_signal(
+    state: &ApiState,
+    chat: ChatId,
+    kind: SignalKind,
+    author: UserId,
+    text: Option<String>,
+) -> ApiResult<Signal> {
+    let id = SignalId::new();
+    let signal = Signal {
+        id,
+        chat_id: chat,
+        kind,
+        author_id: author,
+        created_at: id.created_at().unwrap_or_else(OffsetDateTime::now_utc),
+        nonce: None,
+        text,
+        reply_to: None,
+        attachments: Vec::new(),
+        edited_at: None,
+        deleted: false,
+        reactions: Default::default(),
+    };
+    let members = state
+        .store
+        .members(chat)
+        .await?
+        .into_iter()
+        .map(|m| m.user_id)
+        .collect();
+    Ok(record(state, &signal, members).await?.signal().clone())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSignal {
+    /// Clients post `message`; the server writes the other kinds.
     kind: SignalKind,
+    /// Send parity: the same author, chat and nonce give back the same signal. 1 to 128 bytes.
     #[serde(default)]
     nonce: Option<String>,
+    /// 1 to 4,000 characters.
     #[serde(default)]
     text: Option<String>,
+    /// A signal of the same chat this one answers.
     #[serde(default)]
     reply_to: Option<SignalId>,
+    /// Attachment ids (uploaded separately).
     #[serde(default)]
     attachments: Vec<Uuid>,
 }
 
-/// `POST /v1/chats/{chat_id}/signals`: members post messages. 201 with the stored signal; a retry
-/// with the same nonce answers 200 with the signal stored the first time.
+/// Posts a message (members only). 201 with the stored signal; a retry with the same nonce answers
+/// 200 with the signal stored the first time and stores nothing.
+#[utoipa::path(
+    post, path = "/v1/chats/{chat_id}/signals", tag = "signals",
+    params(("chat_id" = ChatId, Path, description = "The chat")),
+    request_body = CreateSignal,
+    responses(
+        (status = 201, description = "Stored", body = Signal),
+        (status = 200, description = "Already stored with this nonce", body = Signal),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create(
     State(state): State<ApiState>,
     Caller(caller): Caller,
@@ -38,13 +155,7 @@ pub async fn create(
             body.kind
         )));
     }
-    let text = body.text.unwrap_or_default();
-    let chars = text.chars().count();
-    if text.trim().is_empty() || chars > MAX_TEXT_CHARS {
-        return Err(ApiError::Unprocessable(format!(
-            "text must be 1 to {MAX_TEXT_CHARS} characters"
-        )));
-    }
+    let text = check_text(body.text.as_deref())?;
     if let Some(nonce) = &body.nonce
         && (nonce.is_empty() || nonce.len() > MAX_NONCE_BYTES)
     {
@@ -63,12 +174,22 @@ pub async fn create(
         ));
     }
     // One read gives both the caller's right to post and the event's recipients.
-    let members = state.store.members(chat_id).await?;
-    if !members.iter().any(|m| m.user_id == caller.id) {
-        return Err(match state.store.get_chat(chat_id).await? {
-            Some(_) => ApiError::Forbidden("you are not a member of this chat"),
-            None => ApiError::NotFound("no such chat"),
-        });
+    let members: Vec<UserId> = state
+        .store
+        .members(chat_id)
+        .await?
+        .into_iter()
+        .map(|m| m.user_id)
+        .collect();
+    if !members.contains(&caller.id) {
+        return Err(not_member(&state, chat_id).await);
+    }
+    if let Some(reply_to) = body.reply_to
+        && state.store.get_signal(chat_id, reply_to).await?.is_none()
+    {
+        return Err(ApiError::Unprocessable(
+            "reply_to names no signal of this chat".into(),
+        ));
     }
     // Refuse before storing when events cannot be published, rather than store a silent message.
     state.bus.check().await?;
@@ -79,9 +200,7 @@ pub async fn create(
         chat_id,
         kind: SignalKind::Message,
         author_id: caller.id,
-        created_at: id
-            .created_at()
-            .unwrap_or_else(time::OffsetDateTime::now_utc),
+        created_at: id.created_at().unwrap_or_else(OffsetDateTime::now_utc),
         nonce: body.nonce,
         text: Some(text),
         reply_to: body.reply_to,
@@ -90,103 +209,186 @@ pub async fn create(
         deleted: false,
         reactions: Default::default(),
     };
-    match state.store.insert_signal(&signal).await? {
-        Inserted::Existing(existing) => Ok((StatusCode::OK, Json(existing))),
-        Inserted::Created(created) => {
-            let recipients = state
-                .store
-                .members(chat_id)
-                .await?
-                .into_iter()
-                .map(|m| m.user_id)
-                .collect();
-            let envelope =
-                Envelope::new(chat_id, recipients, Event::SignalCreated(created.clone()));
-            if let Err(error) = state.bus.publish(&envelope).await {
-                // Stored is stored: history has it even if live delivery missed it.
-                tracing::warn!(%error, signal = %created.id, "event not published");
-                metrics::counter!("confab_events_unpublished_total").increment(1);
-            } else {
-                metrics::counter!("confab_events_published_total", "type" => "signal.created")
-                    .increment(1);
-            }
-            Ok((StatusCode::CREATED, Json(created)))
+    match record(&state, &signal, members).await? {
+        Inserted::Existing(existing) => {
+            let existing = decorate(&state, vec![existing]).await?.remove(0);
+            Ok((StatusCode::OK, Json(existing)))
         }
+        Inserted::Created(created) => Ok((StatusCode::CREATED, Json(created))),
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListSignals {
-    #[serde(default)]
+    /// 1 to 100; default 50.
     limit: Option<usize>,
-    #[serde(default)]
+    /// From a previous page's `next_cursor`.
     cursor: Option<String>,
-    #[serde(default)]
+    /// Signals older than this one, newest first (the default direction).
     before: Option<SignalId>,
+    /// Signals newer than this one, oldest first (catching up).
+    after: Option<SignalId>,
 }
 
-/// What a history cursor carries: the chat it belongs to and the last signal returned.
-#[derive(Serialize, Deserialize)]
-struct Cursor {
-    c: ChatId,
-    b: SignalId,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Page<T> {
-    items: Vec<T>,
-    next_cursor: Option<String>,
-}
-
-/// `GET /v1/chats/{chat_id}/signals?limit=&cursor=&before=`: members read history, newest first.
+/// The chat's history (members only): newest first, or oldest first after `after`.
+#[utoipa::path(
+    get, path = "/v1/chats/{chat_id}/signals", tag = "signals",
+    params(("chat_id" = ChatId, Path, description = "The chat"), ListSignals),
+    responses(
+        (status = 200, body = Page<Signal>),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<ApiState>,
     Caller(caller): Caller,
     ApiPath(chat_id): ApiPath<ChatId>,
     ApiQuery(query): ApiQuery<ListSignals>,
 ) -> ApiResult<Json<Page<Signal>>> {
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE_SIZE);
-    if !(1..=MAX_PAGE_SIZE).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be 1 to {MAX_PAGE_SIZE}"
-        )));
-    }
-    let before = match (query.cursor, query.before) {
-        (Some(_), Some(_)) => {
+    let limit = page_limit(query.limit)?;
+    let list = format!("signals:{chat_id}");
+    // (forward, position): forward pages run oldest first.
+    let (forward, position) = match (query.cursor, query.before, query.after) {
+        (Some(cursor), None, None) => {
+            let (forward, position) = state.open_cursor::<(bool, SignalId)>(&list, &cursor)?;
+            (forward, Some(position))
+        }
+        (None, before, None) => (false, before),
+        (None, None, Some(after)) => (true, Some(after)),
+        _ => {
             return Err(ApiError::BadRequest(
-                "give cursor or before, not both".into(),
+                "give one of cursor, before and after".into(),
             ));
         }
-        (Some(cursor), None) => {
-            let cursor: Cursor = state
-                .cursors
-                .open(&cursor)
-                .map_err(|_| ApiError::BadRequest("invalid cursor".into()))?;
-            if cursor.c != chat_id {
-                return Err(ApiError::BadRequest(
-                    "cursor belongs to another chat".into(),
-                ));
-            }
-            Some(cursor.b)
-        }
-        (None, before) => before,
     };
-    require_member(&state, chat_id, &caller).await?;
-    let mut items = state
-        .store
-        .signals_before(chat_id, before, limit + 1)
-        .await?;
+    require_member(&state, chat_id, caller.id).await?;
+    let mut items = match (forward, position) {
+        (true, Some(after)) => state.store.signals_after(chat_id, after, limit + 1).await?,
+        (_, before) => {
+            state
+                .store
+                .signals_before(chat_id, before, limit + 1)
+                .await?
+        }
+    };
     let next_cursor = if items.len() > limit {
         items.truncate(limit);
-        items.last().map(|last| {
-            state.cursors.sign(&Cursor {
-                c: chat_id,
-                b: last.id,
-            })
-        })
+        items
+            .last()
+            .map(|last| state.cursor(&list, (forward, last.id)))
     } else {
         None
     };
-    Ok(Json(Page { items, next_cursor }))
+    Ok(Json(Page {
+        items: decorate(&state, items).await?,
+        next_cursor,
+    }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EditSignal {
+    /// The new text, 1 to 4,000 characters.
+    text: String,
+}
+
+/// Loads a signal of the chat, as 404 when there is none.
+async fn load(state: &ApiState, chat: ChatId, id: SignalId) -> ApiResult<Signal> {
+    state
+        .store
+        .get_signal(chat, id)
+        .await?
+        .ok_or(ApiError::NotFound("no such signal"))
+}
+
+/// Edits a message's text (its author only); `edited_at` records when.
+#[utoipa::path(
+    patch, path = "/v1/chats/{chat_id}/signals/{signal_id}", tag = "signals",
+    params(("chat_id" = ChatId, Path, description = "The chat"), ("signal_id" = SignalId, Path, description = "The signal")),
+    request_body = EditSignal,
+    responses(
+        (status = 200, body = Signal),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn edit(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiPath((chat_id, signal_id)): ApiPath<(ChatId, SignalId)>,
+    ApiJson(body): ApiJson<EditSignal>,
+) -> ApiResult<Json<Signal>> {
+    let text = check_text(Some(&body.text))?;
+    require_member(&state, chat_id, caller.id).await?;
+    let mut signal = load(&state, chat_id, signal_id).await?;
+    if signal.author_id != caller.id {
+        return Err(ApiError::Forbidden("only the author edits a signal"));
+    }
+    if signal.kind != SignalKind::Message || signal.deleted {
+        return Err(ApiError::Unprocessable(
+            "only messages that are not deleted can be edited".into(),
+        ));
+    }
+    signal.text = Some(text);
+    signal.edited_at = Some(to_millis(OffsetDateTime::now_utc()));
+    state.store.update_signal(&signal).await?;
+    let signal = decorate(&state, vec![signal]).await?.remove(0);
+    state
+        .publish_to_members(chat_id, Event::SignalUpdated(signal.clone()))
+        .await?;
+    Ok(Json(signal))
+}
+
+/// Deletes a message (its author, or an owner or admin): history keeps a tombstone without text.
+#[utoipa::path(
+    delete, path = "/v1/chats/{chat_id}/signals/{signal_id}", tag = "signals",
+    params(("chat_id" = ChatId, Path, description = "The chat"), ("signal_id" = SignalId, Path, description = "The signal")),
+    responses(
+        (status = 200, description = "The tombstone", body = Signal),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiPath((chat_id, signal_id)): ApiPath<(ChatId, SignalId)>,
+) -> ApiResult<Json<Signal>> {
+    let role = require_member(&state, chat_id, caller.id).await?;
+    let mut signal = load(&state, chat_id, signal_id).await?;
+    if signal.author_id != caller.id && !role.is_admin() {
+        return Err(ApiError::Forbidden(
+            "only the author or an admin deletes a signal",
+        ));
+    }
+    if signal.kind != SignalKind::Message {
+        return Err(ApiError::Unprocessable(
+            "only messages can be deleted".into(),
+        ));
+    }
+    if signal.deleted {
+        return Ok(Json(signal));
+    }
+    signal.deleted = true;
+    signal.text = None;
+    state.store.update_signal(&signal).await?;
+    let signal = decorate(&state, vec![signal]).await?.remove(0);
+    state
+        .publish_to_members(chat_id, Event::SignalDeleted(signal.clone()))
+        .await?;
+    Ok(Json(signal))
 }

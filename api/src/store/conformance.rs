@@ -298,9 +298,21 @@ async fn user_search(store: &dyn Store) {
     // Matches `q{tag}` by user name, display name and e-mail, and one user by all three.
     let by_name = make(format!("q{tag}-ann"), "Ann".into(), None);
     let by_display = make(format!("x{tag}-bea"), format!("Q{tag} Bea"), None);
-    let by_email = make(format!("y{tag}-cy"), "Cy".into(), Some(format!("q{tag}-cy@example.com")));
-    let by_all = make(format!("q{tag}-dee"), format!("Q{tag}-Dee"), Some(format!("q{tag}-dee@example.com")));
-    let unrelated = make(format!("z{tag}-eve"), "Eve".into(), Some(format!("eve{tag}@example.com")));
+    let by_email = make(
+        format!("y{tag}-cy"),
+        "Cy".into(),
+        Some(format!("q{tag}-cy@example.com")),
+    );
+    let by_all = make(
+        format!("q{tag}-dee"),
+        format!("Q{tag}-Dee"),
+        Some(format!("q{tag}-dee@example.com")),
+    );
+    let unrelated = make(
+        format!("z{tag}-eve"),
+        "Eve".into(),
+        Some(format!("eve{tag}@example.com")),
+    );
     for user in [&by_name, &by_display, &by_email, &by_all, &unrelated] {
         store.upsert_user(user).await.unwrap();
     }
@@ -308,7 +320,10 @@ async fn user_search(store: &dyn Store) {
     let (all, _) = search_users(store, &prefix, None, 50).await.unwrap();
     let ids: HashSet<UserId> = all.iter().map(|u| u.id).collect();
     assert_eq!(all.len(), 4, "each matching user once: {all:?}");
-    assert_eq!(ids, HashSet::from([by_name.id, by_display.id, by_email.id, by_all.id]));
+    assert_eq!(
+        ids,
+        HashSet::from([by_name.id, by_display.id, by_email.id, by_all.id])
+    );
 
     // Pages of one walk the same users, each once.
     let mut paged = Vec::new();
@@ -329,15 +344,28 @@ async fn user_search(store: &dyn Store) {
     store.upsert_user(&renamed).await.unwrap();
     let (after_rename, _) = search_users(store, &prefix, None, 50).await.unwrap();
     assert!(!after_rename.iter().any(|u| u.id == by_name.id));
-    let (found, _) = search_users(store, &format!("r{tag}"), None, 50).await.unwrap();
+    let (found, _) = search_users(store, &format!("r{tag}"), None, 50)
+        .await
+        .unwrap();
     assert_eq!(found, vec![renamed]);
-    assert!(search_users(store, &format!("nothing{tag}"), None, 50).await.unwrap().0.is_empty());
+    assert!(
+        search_users(store, &format!("nothing{tag}"), None, 50)
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    );
 }
 
 async fn membership_changes(store: &dyn Store) {
     let owner = user("owner");
     let others: Vec<User> = (0..7).map(|i| user(&format!("m{i}"))).collect();
-    let chat = chat_with(store, owner.id, &others.iter().map(|u| u.id).collect::<Vec<_>>()).await;
+    let chat = chat_with(
+        store,
+        owner.id,
+        &others.iter().map(|u| u.id).collect::<Vec<_>>(),
+    )
+    .await;
 
     let mut paged = Vec::new();
     let mut after = None;
@@ -350,7 +378,11 @@ async fn membership_changes(store: &dyn Store) {
         paged.extend(page.into_iter().map(|m| m.user_id));
     }
     assert_eq!(paged.len(), 8);
-    assert_eq!(paged.iter().collect::<HashSet<_>>().len(), 8, "no member twice");
+    assert_eq!(
+        paged.iter().collect::<HashSet<_>>().len(),
+        8,
+        "no member twice"
+    );
 
     let newcomer = user("newcomer");
     let member = Member {
@@ -359,17 +391,32 @@ async fn membership_changes(store: &dyn Store) {
         joined_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
     };
     store.put_member(chat, &member).await.unwrap();
-    assert_eq!(store.member_role(chat, newcomer.id).await.unwrap(), Some(MemberRole::Member));
+    assert_eq!(
+        store.member_role(chat, newcomer.id).await.unwrap(),
+        Some(MemberRole::Member)
+    );
     store
-        .put_member(chat, &Member { role: MemberRole::Admin, ..member.clone() })
+        .put_member(
+            chat,
+            &Member {
+                role: MemberRole::Admin,
+                ..member.clone()
+            },
+        )
         .await
         .unwrap();
-    assert_eq!(store.member_role(chat, newcomer.id).await.unwrap(), Some(MemberRole::Admin));
+    assert_eq!(
+        store.member_role(chat, newcomer.id).await.unwrap(),
+        Some(MemberRole::Admin)
+    );
     store.remove_member(chat, newcomer.id).await.unwrap();
     assert_eq!(store.member_role(chat, newcomer.id).await.unwrap(), None);
     assert_eq!(store.members(chat).await.unwrap().len(), 8);
 
-    store.update_chat(chat, Some("renamed"), Some("about")).await.unwrap();
+    store
+        .update_chat(chat, Some("renamed"), Some("about"))
+        .await
+        .unwrap();
     let updated = store.get_chat(chat).await.unwrap().unwrap();
     assert_eq!(updated.name.as_deref(), Some("renamed"));
     assert_eq!(updated.description.as_deref(), Some("about"));
@@ -381,18 +428,30 @@ async fn activity_orders_chats(store: &dyn Store) {
     let mut chats = Vec::new();
     for _ in 0..5 {
         let chat = chat_with(store, alice.id, &[bob.id]).await;
-        store.touch_chat(chat, &[alice.id, bob.id], SignalId::new()).await.unwrap();
+        store
+            .touch_chat(chat, &[alice.id, bob.id], SignalId::new())
+            .await
+            .unwrap();
         chats.push(chat);
     }
     let order = |list: Vec<ChatActivity>| list.into_iter().map(|a| a.chat_id).collect::<Vec<_>>();
     let newest_first: Vec<ChatId> = chats.iter().rev().copied().collect();
-    assert_eq!(order(store.chats_by_activity(alice.id, None, 10).await.unwrap()), newest_first);
+    assert_eq!(
+        order(store.chats_by_activity(alice.id, None, 10).await.unwrap()),
+        newest_first
+    );
 
     // A new signal in the oldest chat moves it to the front, for every member.
     let moved = SignalId::new();
-    store.touch_chat(chats[0], &[alice.id, bob.id], moved).await.unwrap();
+    store
+        .touch_chat(chats[0], &[alice.id, bob.id], moved)
+        .await
+        .unwrap();
     // An older activity arriving late does not move it back.
-    store.touch_chat(chats[0], &[alice.id, bob.id], id_days_ago(1, 0)).await.unwrap();
+    store
+        .touch_chat(chats[0], &[alice.id, bob.id], id_days_ago(1, 0))
+        .await
+        .unwrap();
     let mut expected = vec![chats[0]];
     expected.extend(chats[1..].iter().rev());
     for member in [alice.id, bob.id] {
@@ -429,26 +488,47 @@ async fn edits_tombstones_and_forward_paging(store: &dyn Store) {
     for (days_ago, i) in [(9u64, 0u64), (9, 1), (4, 0), (0, 0), (0, 1)] {
         let id = id_days_ago(days_ago, i * 10);
         store
-            .insert_signal(&message_at(chat, alice.id, id, None, &format!("{days_ago}/{i}")))
+            .insert_signal(&message_at(
+                chat,
+                alice.id,
+                id,
+                None,
+                &format!("{days_ago}/{i}"),
+            ))
             .await
             .unwrap();
         ids.push(id);
     }
     ids.sort();
-    assert!(store.get_signal(chat, SignalId::new()).await.unwrap().is_none());
+    assert!(
+        store
+            .get_signal(chat, SignalId::new())
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // Forward from the oldest, across buckets, oldest first.
     let forward = store.signals_after(chat, ids[0], 10).await.unwrap();
-    assert_eq!(forward.iter().map(|s| s.id).collect::<Vec<_>>(), ids[1..].to_vec());
+    assert_eq!(
+        forward.iter().map(|s| s.id).collect::<Vec<_>>(),
+        ids[1..].to_vec()
+    );
     let two = store.signals_after(chat, ids[1], 2).await.unwrap();
-    assert_eq!(two.iter().map(|s| s.id).collect::<Vec<_>>(), ids[2..4].to_vec());
+    assert_eq!(
+        two.iter().map(|s| s.id).collect::<Vec<_>>(),
+        ids[2..4].to_vec()
+    );
 
     // An edit keeps the id and records when.
     let mut edited = store.get_signal(chat, ids[2]).await.unwrap().unwrap();
     edited.text = Some("edited".into());
     edited.edited_at = Some(confab_schema::model::to_millis(OffsetDateTime::now_utc()));
     store.update_signal(&edited).await.unwrap();
-    assert_eq!(store.get_signal(chat, ids[2]).await.unwrap().unwrap(), edited);
+    assert_eq!(
+        store.get_signal(chat, ids[2]).await.unwrap().unwrap(),
+        edited
+    );
 
     // A tombstone has no text, in history too.
     let mut deleted = store.get_signal(chat, ids[3]).await.unwrap().unwrap();
@@ -461,11 +541,27 @@ async fn edits_tombstones_and_forward_paging(store: &dyn Store) {
     assert_eq!(tombstone.text, None);
 
     // Unread: bob has read up to ids[1]; of the 3 after it, one is deleted.
-    assert_eq!(store.count_unread(chat, Some(ids[1]), bob.id, 100).await.unwrap(), 2);
-    assert_eq!(store.count_unread(chat, None, bob.id, 100).await.unwrap(), 4);
-    assert_eq!(store.count_unread(chat, None, bob.id, 3).await.unwrap(), 3, "capped");
+    assert_eq!(
+        store
+            .count_unread(chat, Some(ids[1]), bob.id, 100)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        store.count_unread(chat, None, bob.id, 100).await.unwrap(),
+        4
+    );
+    assert_eq!(
+        store.count_unread(chat, None, bob.id, 3).await.unwrap(),
+        3,
+        "capped"
+    );
     // Alice wrote them all: nothing is unread for her.
-    assert_eq!(store.count_unread(chat, None, alice.id, 100).await.unwrap(), 0);
+    assert_eq!(
+        store.count_unread(chat, None, alice.id, 100).await.unwrap(),
+        0
+    );
 }
 
 async fn reactions_count_once_per_user(store: &dyn Store) {
@@ -473,19 +569,54 @@ async fn reactions_count_once_per_user(store: &dyn Store) {
     let chat = chat_with(store, alice.id, &[bob.id]).await;
     let signal = message(chat, alice.id, None, "react to me");
     store.insert_signal(&signal).await.unwrap();
-    assert!(store.reaction_counts(chat, signal.id).await.unwrap().is_empty());
+    assert!(
+        store
+            .reaction_counts(chat, signal.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
-    assert!(store.add_reaction(chat, signal.id, "👍", alice.id).await.unwrap());
-    assert!(!store.add_reaction(chat, signal.id, "👍", alice.id).await.unwrap(), "idempotent");
-    assert!(store.add_reaction(chat, signal.id, "👍", bob.id).await.unwrap());
-    assert!(store.add_reaction(chat, signal.id, "🎉", bob.id).await.unwrap());
+    assert!(
+        store
+            .add_reaction(chat, signal.id, "👍", alice.id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .add_reaction(chat, signal.id, "👍", alice.id)
+            .await
+            .unwrap(),
+        "idempotent"
+    );
+    assert!(
+        store
+            .add_reaction(chat, signal.id, "👍", bob.id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .add_reaction(chat, signal.id, "🎉", bob.id)
+            .await
+            .unwrap()
+    );
     let counts = store.reaction_counts(chat, signal.id).await.unwrap();
-    assert_eq!(counts, [("🎉".to_owned(), 1), ("👍".to_owned(), 2)].into_iter().collect());
+    assert_eq!(
+        counts,
+        [("🎉".to_owned(), 1), ("👍".to_owned(), 2)]
+            .into_iter()
+            .collect()
+    );
 
     let mut who = Vec::new();
     let mut after = None;
     loop {
-        let page = store.reactions_page(chat, signal.id, after, 2).await.unwrap();
+        let page = store
+            .reactions_page(chat, signal.id, after, 2)
+            .await
+            .unwrap();
         if page.is_empty() {
             break;
         }
@@ -495,11 +626,31 @@ async fn reactions_count_once_per_user(store: &dyn Store) {
     assert_eq!(who.len(), 3);
     assert_eq!(who.iter().collect::<HashSet<_>>().len(), 3);
 
-    assert!(store.remove_reaction(chat, signal.id, "👍", alice.id).await.unwrap());
-    assert!(!store.remove_reaction(chat, signal.id, "👍", alice.id).await.unwrap(), "idempotent");
-    assert!(store.remove_reaction(chat, signal.id, "🎉", bob.id).await.unwrap());
+    assert!(
+        store
+            .remove_reaction(chat, signal.id, "👍", alice.id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .remove_reaction(chat, signal.id, "👍", alice.id)
+            .await
+            .unwrap(),
+        "idempotent"
+    );
+    assert!(
+        store
+            .remove_reaction(chat, signal.id, "🎉", bob.id)
+            .await
+            .unwrap()
+    );
     let counts = store.reaction_counts(chat, signal.id).await.unwrap();
-    assert_eq!(counts, [("👍".to_owned(), 1)].into_iter().collect(), "zero counts are not listed");
+    assert_eq!(
+        counts,
+        [("👍".to_owned(), 1)].into_iter().collect(),
+        "zero counts are not listed"
+    );
 }
 
 async fn markers_move_forward_only(store: &dyn Store) {
@@ -507,19 +658,46 @@ async fn markers_move_forward_only(store: &dyn Store) {
     let chat = chat_with(store, alice.id, &[bob.id]).await;
     let older = id_days_ago(2, 0);
     let newer = SignalId::new();
-    assert_eq!(store.marker(MarkerKind::Read, chat, bob.id).await.unwrap(), None);
-    store.advance_marker(MarkerKind::Read, chat, bob.id, newer).await.unwrap();
-    store.advance_marker(MarkerKind::Read, chat, bob.id, older).await.unwrap();
-    assert_eq!(store.marker(MarkerKind::Read, chat, bob.id).await.unwrap(), Some(newer));
+    assert_eq!(
+        store.marker(MarkerKind::Read, chat, bob.id).await.unwrap(),
+        None
+    );
+    store
+        .advance_marker(MarkerKind::Read, chat, bob.id, newer)
+        .await
+        .unwrap();
+    store
+        .advance_marker(MarkerKind::Read, chat, bob.id, older)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.marker(MarkerKind::Read, chat, bob.id).await.unwrap(),
+        Some(newer)
+    );
     // Delivery is a separate marker.
-    assert_eq!(store.marker(MarkerKind::Delivered, chat, bob.id).await.unwrap(), None);
-    store.advance_marker(MarkerKind::Delivered, chat, bob.id, older).await.unwrap();
-    store.advance_marker(MarkerKind::Read, chat, alice.id, older).await.unwrap();
+    assert_eq!(
+        store
+            .marker(MarkerKind::Delivered, chat, bob.id)
+            .await
+            .unwrap(),
+        None
+    );
+    store
+        .advance_marker(MarkerKind::Delivered, chat, bob.id, older)
+        .await
+        .unwrap();
+    store
+        .advance_marker(MarkerKind::Read, chat, alice.id, older)
+        .await
+        .unwrap();
 
     let mut read = Vec::new();
     let mut after = None;
     loop {
-        let page = store.markers_page(MarkerKind::Read, chat, after, 1).await.unwrap();
+        let page = store
+            .markers_page(MarkerKind::Read, chat, after, 1)
+            .await
+            .unwrap();
         if page.is_empty() {
             break;
         }

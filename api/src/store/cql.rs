@@ -22,7 +22,8 @@ use std::collections::{BTreeMap, HashMap};
 use futures::{StreamExt, TryStreamExt};
 
 use super::{
-    ChatActivity, Inserted, MarkerKind, NewChat, Store, StoreError, created_at, from_millis, millis, parse, search_terms,
+    ChatActivity, Inserted, MarkerKind, NewChat, Store, StoreError, created_at, from_millis,
+    millis, parse, search_terms,
 };
 
 /// Where and how to reach the cluster.
@@ -435,7 +436,11 @@ impl CqlStore {
         let bucket = signal_bucket(created);
         // Bucket first: a signal is never in a day the pager does not know about.
         let key = (signal.chat_id.0, bucket);
-        let known = self.known_buckets.lock().map(|k| k.contains(&key)).unwrap_or(false);
+        let known = self
+            .known_buckets
+            .lock()
+            .map(|k| k.contains(&key))
+            .unwrap_or(false);
         if !known {
             self.session
                 .execute_unpaged(&self.statements.insert_bucket, key)
@@ -515,13 +520,19 @@ impl Store for CqlStore {
         let new_terms = search_terms(user);
         for term in old_terms.iter().filter(|t| !new_terms.contains(t)) {
             self.session
-                .execute_unpaged(&self.statements.delete_term, (shard(term), term.as_str(), user.id.0))
+                .execute_unpaged(
+                    &self.statements.delete_term,
+                    (shard(term), term.as_str(), user.id.0),
+                )
                 .await
                 .map_err(unavailable)?;
         }
         for term in new_terms.iter().filter(|t| !old_terms.contains(t)) {
             self.session
-                .execute_unpaged(&self.statements.insert_term, (shard(term), term.as_str(), user.id.0))
+                .execute_unpaged(
+                    &self.statements.insert_term,
+                    (shard(term), term.as_str(), user.id.0),
+                )
                 .await
                 .map_err(unavailable)?;
         }
@@ -856,7 +867,10 @@ impl Store for CqlStore {
         let result = match after {
             Some((term, user)) => {
                 self.session
-                    .execute_unpaged(&self.statements.terms_after, (shard, term, user.0, upper, limit))
+                    .execute_unpaged(
+                        &self.statements.terms_after,
+                        (shard, term, user.0, upper, limit),
+                    )
                     .await
             }
             None => {
@@ -872,7 +886,12 @@ impl Store for CqlStore {
             .collect()
     }
 
-    async fn update_chat(&self, id: ChatId, name: Option<&str>, description: Option<&str>) -> Result<(), StoreError> {
+    async fn update_chat(
+        &self,
+        id: ChatId,
+        name: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.session
             .execute_unpaged(&self.statements.update_chat, (name, description, id.0))
             .await
@@ -880,11 +899,19 @@ impl Store for CqlStore {
         Ok(())
     }
 
-    async fn members_page(&self, chat: ChatId, after: Option<UserId>, limit: usize) -> Result<Vec<Member>, StoreError> {
+    async fn members_page(
+        &self,
+        chat: ChatId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<Vec<Member>, StoreError> {
         let result = match after {
             Some(after) => {
                 self.session
-                    .execute_unpaged(&self.statements.members_after, (chat.0, after.0, limit_i32(limit)))
+                    .execute_unpaged(
+                        &self.statements.members_after,
+                        (chat.0, after.0, limit_i32(limit)),
+                    )
                     .await
             }
             None => {
@@ -910,11 +937,17 @@ impl Store for CqlStore {
         let joined = CqlTimestamp(millis(member.joined_at));
         let user = member.user_id.0;
         self.session
-            .execute_unpaged(&self.statements.insert_user_chat, (user, chat.0, member.role.as_str(), joined))
+            .execute_unpaged(
+                &self.statements.insert_user_chat,
+                (user, chat.0, member.role.as_str(), joined),
+            )
             .await
             .map_err(unavailable)?;
         self.session
-            .execute_unpaged(&self.statements.insert_chat_member, (chat.0, user, member.role.as_str(), joined))
+            .execute_unpaged(
+                &self.statements.insert_chat_member,
+                (chat.0, user, member.role.as_str(), joined),
+            )
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -933,7 +966,12 @@ impl Store for CqlStore {
         Ok(())
     }
 
-    async fn touch_chat(&self, chat: ChatId, members: &[UserId], activity: SignalId) -> Result<(), StoreError> {
+    async fn touch_chat(
+        &self,
+        chat: ChatId,
+        members: &[UserId],
+        activity: SignalId,
+    ) -> Result<(), StoreError> {
         let previous = self.activity_of(chat).await?;
         if previous.is_some_and(|p| p >= activity) {
             // A newer signal already moved the chat; this one must not move it back.
@@ -943,12 +981,18 @@ impl Store for CqlStore {
             .map(|member| async move {
                 if let Some(previous) = previous {
                     self.session
-                        .execute_unpaged(&self.statements.delete_user_activity, (member.0, previous.0, chat.0))
+                        .execute_unpaged(
+                            &self.statements.delete_user_activity,
+                            (member.0, previous.0, chat.0),
+                        )
                         .await
                         .map_err(unavailable)?;
                 }
                 self.session
-                    .execute_unpaged(&self.statements.insert_user_activity, (member.0, activity.0, chat.0))
+                    .execute_unpaged(
+                        &self.statements.insert_user_activity,
+                        (member.0, activity.0, chat.0),
+                    )
                     .await
                     .map_err(unavailable)?;
                 Ok::<_, StoreError>(())
@@ -967,7 +1011,10 @@ impl Store for CqlStore {
     async fn untouch_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
         if let Some(activity) = self.activity_of(chat).await? {
             self.session
-                .execute_unpaged(&self.statements.delete_user_activity, (user.0, activity.0, chat.0))
+                .execute_unpaged(
+                    &self.statements.delete_user_activity,
+                    (user.0, activity.0, chat.0),
+                )
                 .await
                 .map_err(unavailable)?;
         }
@@ -995,13 +1042,19 @@ impl Store for CqlStore {
                 Some(p) => {
                     let mut same: Vec<(Uuid, Uuid)> = rows(
                         self.session
-                            .execute_unpaged(&self.statements.activity_same, (user.0, p.activity.0, p.chat_id.0, want))
+                            .execute_unpaged(
+                                &self.statements.activity_same,
+                                (user.0, p.activity.0, p.chat_id.0, want),
+                            )
                             .await
                             .map_err(unavailable)?,
                     )?;
                     let older: Vec<(Uuid, Uuid)> = rows(
                         self.session
-                            .execute_unpaged(&self.statements.activity_older, (user.0, p.activity.0, want))
+                            .execute_unpaged(
+                                &self.statements.activity_older,
+                                (user.0, p.activity.0, want),
+                            )
                             .await
                             .map_err(unavailable)?,
                     )?;
@@ -1028,7 +1081,10 @@ impl Store for CqlStore {
                 if latest != Some(row.activity) {
                     // Left behind by a concurrent move: remove it so it is not read again.
                     self.session
-                        .execute_unpaged(&self.statements.delete_user_activity, (user.0, activity, chat))
+                        .execute_unpaged(
+                            &self.statements.delete_user_activity,
+                            (user.0, activity, chat),
+                        )
                         .await
                         .map_err(unavailable)?;
                     continue;
@@ -1050,7 +1106,10 @@ impl Store for CqlStore {
         };
         let result = self
             .session
-            .execute_unpaged(&self.statements.get_signal, (chat.0, signal_bucket(created), id.0))
+            .execute_unpaged(
+                &self.statements.get_signal,
+                (chat.0, signal_bucket(created), id.0),
+            )
             .await
             .map_err(unavailable)?;
         result
@@ -1063,7 +1122,10 @@ impl Store for CqlStore {
     }
 
     async fn update_signal(&self, signal: &Signal) -> Result<(), StoreError> {
-        let created = signal.id.unix_millis().ok_or_else(|| corrupt("signal id is not time-ordered"))?;
+        let created = signal
+            .id
+            .unix_millis()
+            .ok_or_else(|| corrupt("signal id is not time-ordered"))?;
         self.session
             .execute_unpaged(
                 &self.statements.update_signal,
@@ -1081,13 +1143,21 @@ impl Store for CqlStore {
         Ok(())
     }
 
-    async fn signals_after(&self, chat: ChatId, after: SignalId, limit: usize) -> Result<Vec<Signal>, StoreError> {
+    async fn signals_after(
+        &self,
+        chat: ChatId,
+        after: SignalId,
+        limit: usize,
+    ) -> Result<Vec<Signal>, StoreError> {
         let mut out = Vec::with_capacity(limit);
         let mut lower_bucket = signal_bucket(after.unix_millis().unwrap_or(0));
         'buckets: loop {
             let buckets: Vec<(i32,)> = rows(
                 self.session
-                    .execute_unpaged(&self.statements.buckets_from, (chat.0, lower_bucket, BUCKET_BATCH))
+                    .execute_unpaged(
+                        &self.statements.buckets_from,
+                        (chat.0, lower_bucket, BUCKET_BATCH),
+                    )
                     .await
                     .map_err(unavailable)?,
             )?;
@@ -1095,7 +1165,10 @@ impl Store for CqlStore {
                 let want = limit_i32(limit - out.len());
                 let result = self
                     .session
-                    .execute_unpaged(&self.statements.signals_in_bucket_after, (chat.0, *bucket, after.0, want))
+                    .execute_unpaged(
+                        &self.statements.signals_in_bucket_after,
+                        (chat.0, *bucket, after.0, want),
+                    )
                     .await
                     .map_err(unavailable)?;
                 for row in rows::<SignalRow>(result)? {
@@ -1130,7 +1203,10 @@ impl Store for CqlStore {
         loop {
             let buckets: Vec<(i32,)> = rows(
                 self.session
-                    .execute_unpaged(&self.statements.buckets_from, (chat.0, lower_bucket, BUCKET_BATCH))
+                    .execute_unpaged(
+                        &self.statements.buckets_from,
+                        (chat.0, lower_bucket, BUCKET_BATCH),
+                    )
                     .await
                     .map_err(unavailable)?,
             )?;
@@ -1139,12 +1215,18 @@ impl Store for CqlStore {
                 loop {
                     let page: Vec<(Uuid, Uuid, String, Option<bool>)> = rows(
                         self.session
-                            .execute_unpaged(&self.statements.unread_in_bucket, (chat.0, *bucket, from, SCAN_PAGE))
+                            .execute_unpaged(
+                                &self.statements.unread_in_bucket,
+                                (chat.0, *bucket, from, SCAN_PAGE),
+                            )
                             .await
                             .map_err(unavailable)?,
                     )?;
                     for (_, author, kind, deleted) in &page {
-                        if *author != reader.0 && kind == SignalKind::Message.as_str() && !deleted.unwrap_or(false) {
+                        if *author != reader.0
+                            && kind == SignalKind::Message.as_str()
+                            && !deleted.unwrap_or(false)
+                        {
                             count += 1;
                             if count >= cap {
                                 return Ok(cap);
@@ -1165,17 +1247,29 @@ impl Store for CqlStore {
         Ok(count)
     }
 
-    async fn add_reaction(&self, chat: ChatId, signal: SignalId, emoji: &str, user: UserId) -> Result<bool, StoreError> {
+    async fn add_reaction(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
         let claimed = self
             .session
-            .execute_unpaged(&self.statements.claim_reaction, (chat.0, signal.0, emoji, user.0))
+            .execute_unpaged(
+                &self.statements.claim_reaction,
+                (chat.0, signal.0, emoji, user.0),
+            )
             .await
             .map_err(unavailable)?;
         if !applied(claimed)? {
             return Ok(false);
         }
         self.session
-            .execute_unpaged(&self.statements.count_reaction, (scylla::value::Counter(1), chat.0, signal.0, emoji))
+            .execute_unpaged(
+                &self.statements.count_reaction,
+                (scylla::value::Counter(1), chat.0, signal.0, emoji),
+            )
             .await
             .map_err(unavailable)?;
         Ok(true)
@@ -1190,20 +1284,30 @@ impl Store for CqlStore {
     ) -> Result<bool, StoreError> {
         let released = self
             .session
-            .execute_unpaged(&self.statements.release_reaction, (chat.0, signal.0, emoji, user.0))
+            .execute_unpaged(
+                &self.statements.release_reaction,
+                (chat.0, signal.0, emoji, user.0),
+            )
             .await
             .map_err(unavailable)?;
         if !applied(released)? {
             return Ok(false);
         }
         self.session
-            .execute_unpaged(&self.statements.count_reaction, (scylla::value::Counter(-1), chat.0, signal.0, emoji))
+            .execute_unpaged(
+                &self.statements.count_reaction,
+                (scylla::value::Counter(-1), chat.0, signal.0, emoji),
+            )
             .await
             .map_err(unavailable)?;
         Ok(true)
     }
 
-    async fn reaction_counts(&self, chat: ChatId, signal: SignalId) -> Result<BTreeMap<String, i64>, StoreError> {
+    async fn reaction_counts(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+    ) -> Result<BTreeMap<String, i64>, StoreError> {
         let result = self
             .session
             .execute_unpaged(&self.statements.reaction_counts, (chat.0, signal.0))
@@ -1234,7 +1338,10 @@ impl Store for CqlStore {
             }
             None => {
                 self.session
-                    .execute_unpaged(&self.statements.reactions_first, (chat.0, signal.0, limit_i32(limit)))
+                    .execute_unpaged(
+                        &self.statements.reactions_first,
+                        (chat.0, signal.0, limit_i32(limit)),
+                    )
                     .await
             }
         }
@@ -1252,15 +1359,26 @@ impl Store for CqlStore {
         user: UserId,
         up_to: SignalId,
     ) -> Result<(), StoreError> {
-        let at = up_to.unix_millis().ok_or_else(|| corrupt("marker is not a time-ordered id"))? * 1000;
+        let at = up_to
+            .unix_millis()
+            .ok_or_else(|| corrupt("marker is not a time-ordered id"))?
+            * 1000;
         self.session
-            .execute_unpaged(&self.statements.set_marker, (chat.0, kind.as_str(), user.0, up_to.0, at))
+            .execute_unpaged(
+                &self.statements.set_marker,
+                (chat.0, kind.as_str(), user.0, up_to.0, at),
+            )
             .await
             .map_err(unavailable)?;
         Ok(())
     }
 
-    async fn marker(&self, kind: MarkerKind, chat: ChatId, user: UserId) -> Result<Option<SignalId>, StoreError> {
+    async fn marker(
+        &self,
+        kind: MarkerKind,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<SignalId>, StoreError> {
         let result = self
             .session
             .execute_unpaged(&self.statements.get_marker, (chat.0, kind.as_str(), user.0))
@@ -1292,7 +1410,10 @@ impl Store for CqlStore {
             }
             None => {
                 self.session
-                    .execute_unpaged(&self.statements.markers_first, (chat.0, kind.as_str(), limit_i32(limit)))
+                    .execute_unpaged(
+                        &self.statements.markers_first,
+                        (chat.0, kind.as_str(), limit_i32(limit)),
+                    )
                     .await
             }
         }

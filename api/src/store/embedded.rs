@@ -14,11 +14,13 @@ use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::{
-    ChatActivity, Inserted, MarkerKind, NewChat, Store, StoreError, created_at, from_millis, millis, parse, search_terms,
+    ChatActivity, Inserted, MarkerKind, NewChat, Store, StoreError, created_at, from_millis,
+    millis, parse, search_terms,
 };
 use std::collections::BTreeMap;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users (
     id BLOB PRIMARY KEY,
     username TEXT NOT NULL,
@@ -57,7 +59,8 @@ CREATE TABLE signals (
     PRIMARY KEY (chat_id, id)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX signals_send_parity ON signals (chat_id, author_id, nonce) WHERE nonce IS NOT NULL;
-"#, r#"
+"#,
+    r#"
 CREATE TABLE user_terms (
     term TEXT NOT NULL,
     user_id BLOB NOT NULL,
@@ -81,7 +84,8 @@ CREATE TABLE markers (
     up_to BLOB NOT NULL,
     PRIMARY KEY (chat_id, kind, user_id)
 ) WITHOUT ROWID;
-"#];
+"#,
+];
 
 pub struct EmbeddedStore {
     connection: Arc<Mutex<Connection>>,
@@ -143,7 +147,9 @@ fn spawn_checkpointer(path: &Path) -> Result<std::sync::mpsc::Sender<()>, StoreE
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 stopped.recv_timeout(std::time::Duration::from_millis(500))
             {
-                if let Err(error) = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                if let Err(error) =
+                    connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                {
                     tracing::warn!(%error, "embedded store checkpoint failed");
                 }
             }
@@ -528,7 +534,12 @@ impl Store for EmbeddedStore {
             .collect()
     }
 
-    async fn update_chat(&self, id: ChatId, name: Option<&str>, description: Option<&str>) -> Result<(), StoreError> {
+    async fn update_chat(
+        &self,
+        id: ChatId,
+        name: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<(), StoreError> {
         let (name, description) = (name.map(str::to_owned), description.map(str::to_owned));
         self.with(move |c| {
             c.execute(
@@ -541,7 +552,12 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn members_page(&self, chat: ChatId, after: Option<UserId>, limit: usize) -> Result<Vec<Member>, StoreError> {
+    async fn members_page(
+        &self,
+        chat: ChatId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<Vec<Member>, StoreError> {
         let rows = self
             .with(move |c| {
                 let after = after.map(|a| blob(a.0).to_vec()).unwrap_or_default();
@@ -552,9 +568,20 @@ impl Store for EmbeddedStore {
                     )
                     .map_err(unavailable)?;
                 let rows = statement
-                    .query_map(params![blob(chat.0), after, i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
-                        Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
-                    })
+                    .query_map(
+                        params![
+                            blob(chat.0),
+                            after,
+                            i64::try_from(limit).unwrap_or(i64::MAX)
+                        ],
+                        |row| {
+                            Ok((
+                                row.get::<_, Vec<u8>>(0)?,
+                                row.get::<_, String>(1)?,
+                                row.get::<_, i64>(2)?,
+                            ))
+                        },
+                    )
                     .map_err(unavailable)?
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(unavailable)?;
@@ -598,7 +625,12 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn touch_chat(&self, chat: ChatId, _members: &[UserId], activity: SignalId) -> Result<(), StoreError> {
+    async fn touch_chat(
+        &self,
+        chat: ChatId,
+        _members: &[UserId],
+        activity: SignalId,
+    ) -> Result<(), StoreError> {
         // One row per chat: the members' view of it is a join.
         self.with(move |c| {
             c.execute(
@@ -692,7 +724,12 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn signals_after(&self, chat: ChatId, after: SignalId, limit: usize) -> Result<Vec<Signal>, StoreError> {
+    async fn signals_after(
+        &self,
+        chat: ChatId,
+        after: SignalId,
+        limit: usize,
+    ) -> Result<Vec<Signal>, StoreError> {
         let rows = self
             .with(move |c| {
                 c.prepare_cached(&format!(
@@ -737,7 +774,13 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn add_reaction(&self, chat: ChatId, signal: SignalId, emoji: &str, user: UserId) -> Result<bool, StoreError> {
+    async fn add_reaction(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
         let emoji = emoji.to_owned();
         self.with(move |c| {
             let added = c
@@ -771,7 +814,11 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn reaction_counts(&self, chat: ChatId, signal: SignalId) -> Result<BTreeMap<String, i64>, StoreError> {
+    async fn reaction_counts(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+    ) -> Result<BTreeMap<String, i64>, StoreError> {
         self.with(move |c| {
             let rows = c
                 .prepare_cached(
@@ -848,7 +895,12 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn marker(&self, kind: MarkerKind, chat: ChatId, user: UserId) -> Result<Option<SignalId>, StoreError> {
+    async fn marker(
+        &self,
+        kind: MarkerKind,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<SignalId>, StoreError> {
         let row = self
             .with(move |c| {
                 c.query_row(

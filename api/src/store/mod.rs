@@ -108,12 +108,26 @@ pub trait Store: Send + Sync + 'static {
     /// A chat as stored (`my_role`, `latest_signal` and `unread_count` left empty).
     async fn get_chat(&self, id: ChatId) -> Result<Option<Chat>, StoreError>;
     /// Sets the chat's name and description.
-    async fn update_chat(&self, id: ChatId, name: Option<&str>, description: Option<&str>) -> Result<(), StoreError>;
-    async fn member_role(&self, chat: ChatId, user: UserId) -> Result<Option<MemberRole>, StoreError>;
+    async fn update_chat(
+        &self,
+        id: ChatId,
+        name: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<(), StoreError>;
+    async fn member_role(
+        &self,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<MemberRole>, StoreError>;
     /// Every member of `chat`.
     async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError>;
     /// Members of `chat` after `after`, in user-id order.
-    async fn members_page(&self, chat: ChatId, after: Option<UserId>, limit: usize) -> Result<Vec<Member>, StoreError>;
+    async fn members_page(
+        &self,
+        chat: ChatId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<Vec<Member>, StoreError>;
     /// Adds or re-roles a member.
     async fn put_member(&self, chat: ChatId, member: &Member) -> Result<(), StoreError>;
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
@@ -121,7 +135,12 @@ pub trait Store: Send + Sync + 'static {
     // Activity.
 
     /// Moves `chat` to `activity` in the activity order of each of `members`.
-    async fn touch_chat(&self, chat: ChatId, members: &[UserId], activity: SignalId) -> Result<(), StoreError>;
+    async fn touch_chat(
+        &self,
+        chat: ChatId,
+        members: &[UserId],
+        activity: SignalId,
+    ) -> Result<(), StoreError>;
     /// Takes `chat` out of `user`'s activity order (they left).
     async fn untouch_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
     /// `user`'s chats, most recent activity first, after `after`.
@@ -148,7 +167,12 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Signal>, StoreError>;
     /// Up to `limit` signals of `chat` newer than `after`, oldest first.
-    async fn signals_after(&self, chat: ChatId, after: SignalId, limit: usize) -> Result<Vec<Signal>, StoreError>;
+    async fn signals_after(
+        &self,
+        chat: ChatId,
+        after: SignalId,
+        limit: usize,
+    ) -> Result<Vec<Signal>, StoreError>;
     /// How many messages (not deleted, not by `reader`) `chat` has after `after` (all when `None`),
     /// counting at most `cap`.
     async fn count_unread(
@@ -162,12 +186,27 @@ pub trait Store: Send + Sync + 'static {
     // Reactions.
 
     /// Adds `user`'s `emoji` reaction; `false` when it was already there.
-    async fn add_reaction(&self, chat: ChatId, signal: SignalId, emoji: &str, user: UserId) -> Result<bool, StoreError>;
+    async fn add_reaction(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+        user: UserId,
+    ) -> Result<bool, StoreError>;
     /// Removes it; `false` when it was not there.
-    async fn remove_reaction(&self, chat: ChatId, signal: SignalId, emoji: &str, user: UserId)
-    -> Result<bool, StoreError>;
+    async fn remove_reaction(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+        user: UserId,
+    ) -> Result<bool, StoreError>;
     /// Emoji → count, for counts above zero.
-    async fn reaction_counts(&self, chat: ChatId, signal: SignalId) -> Result<BTreeMap<String, i64>, StoreError>;
+    async fn reaction_counts(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+    ) -> Result<BTreeMap<String, i64>, StoreError>;
     /// Who reacted with what, in (emoji, user) order after `after`.
     async fn reactions_page(
         &self,
@@ -180,9 +219,19 @@ pub trait Store: Send + Sync + 'static {
     // Markers.
 
     /// Moves `user`'s marker forward to `up_to`; never back.
-    async fn advance_marker(&self, kind: MarkerKind, chat: ChatId, user: UserId, up_to: SignalId)
-    -> Result<(), StoreError>;
-    async fn marker(&self, kind: MarkerKind, chat: ChatId, user: UserId) -> Result<Option<SignalId>, StoreError>;
+    async fn advance_marker(
+        &self,
+        kind: MarkerKind,
+        chat: ChatId,
+        user: UserId,
+        up_to: SignalId,
+    ) -> Result<(), StoreError>;
+    async fn marker(
+        &self,
+        kind: MarkerKind,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<SignalId>, StoreError>;
     /// Markers of `chat` after user `after`, in user-id order.
     async fn markers_page(
         &self,
@@ -195,12 +244,16 @@ pub trait Store: Send + Sync + 'static {
 
 /// The lower-cased search terms of a user: user name, display name and e-mail address.
 pub fn search_terms(user: &User) -> Vec<String> {
-    let mut terms: Vec<String> = [Some(&user.username), Some(&user.display_name), user.email.as_ref()]
-        .into_iter()
-        .flatten()
-        .map(|t| t.trim().to_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
+    let mut terms: Vec<String> = [
+        Some(&user.username),
+        Some(&user.display_name),
+        user.email.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|t| t.trim().to_lowercase())
+    .filter(|t| !t.is_empty())
+    .collect();
     terms.sort();
     terms.dedup();
     terms
@@ -221,11 +274,15 @@ pub async fn search_users(
     let prefix = prefix.trim().to_lowercase();
     let mut found = Vec::with_capacity(limit);
     loop {
-        let batch = store.user_terms(&prefix, after.clone(), limit.max(16)).await?;
+        let batch = store
+            .user_terms(&prefix, after.clone(), limit.max(16))
+            .await?;
         let exhausted = batch.len() < limit.max(16);
         for (term, user_id) in batch {
             after = Some((term.clone(), user_id));
-            let Some(user) = store.get_user(user_id).await? else { continue };
+            let Some(user) = store.get_user(user_id).await? else {
+                continue;
+            };
             let terms = search_terms(&user);
             // Each user appears once, at their smallest matching term; rows of old terms are stale.
             let smallest = terms.iter().find(|t| t.starts_with(&prefix));
