@@ -24,6 +24,15 @@ use confab_ws_plexer::PlexerState;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// The OpenAPI description of every service: what `confab serve` answers.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = confab_api::openapi_base();
+    doc.merge(confab_api::openapi());
+    doc.merge(confab_notifier::openapi());
+    doc.merge(confab_ws_plexer::openapi());
+    doc
+}
+
 /// Which of confab's services a process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {

@@ -39,6 +39,8 @@ enum Command {
         #[arg(long, default_value_t = 12)]
         hours: u64,
     },
+    /// Prints the OpenAPI description of every route.
+    Openapi,
     /// Measures POST-to-delivery latency and writes a results file.
     Bench(confab::bench::BenchArgs),
 }
@@ -67,6 +69,10 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Bench(args) => confab::bench::run(args, config).await,
+            Command::Openapi => {
+                println!("{}", serde_json::to_string_pretty(&confab::openapi())?);
+                Ok(())
+            }
         }
     })
 }

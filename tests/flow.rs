@@ -164,8 +164,14 @@ async fn message_reaches_bob(stack: Stack) {
         )
         .await;
     assert_eq!(second.status(), 201);
-    assert_eq!(sse.next_of("signal.created").await.data["data"]["text"], "second");
-    assert_eq!(next_ws_event(&mut ws, "signal.created").await["data"]["text"], "second");
+    assert_eq!(
+        sse.next_of("signal.created").await.data["data"]["text"],
+        "second"
+    );
+    assert_eq!(
+        next_ws_event(&mut ws, "signal.created").await["data"]["text"],
+        "second"
+    );
 
     // 7. bob's history: newest first, the retry stored nothing.
     let history = app
@@ -227,7 +233,10 @@ async fn events_reach_only_members() {
         )
         .await;
     assert_eq!(private.status(), 201);
-    assert_eq!(bobs.next_of("signal.created").await.data["data"]["text"], "just us");
+    assert_eq!(
+        bobs.next_of("signal.created").await.data["data"]["text"],
+        "just us"
+    );
 
     // carol's first event is from a chat she is in, not the private one.
     let carol_id = app.me(&carol).await;

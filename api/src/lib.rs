@@ -7,4 +7,4 @@ pub mod error;
 pub mod http;
 pub mod store;
 
-pub use http::{ApiState, Page, openapi_base, routes};
+pub use http::{ApiState, Page, openapi, openapi_base, routes};

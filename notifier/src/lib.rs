@@ -7,4 +7,4 @@ pub mod hub;
 pub mod sse;
 
 pub use hub::Hub;
-pub use sse::{NotifierState, routes};
+pub use sse::{NotifierState, openapi, routes};

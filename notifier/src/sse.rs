@@ -31,11 +31,18 @@ pub struct NotifierState {
 
 /// The notifier's routes, with their OpenAPI description.
 pub fn routes(state: NotifierState) -> (Router, utoipa::openapi::OpenApi) {
+    router().with_state(state).split_for_parts()
+}
+
+/// The OpenAPI description of the notifier's routes.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    router().into_openapi()
+}
+
+fn router() -> OpenApiRouter<NotifierState> {
     OpenApiRouter::new()
         .routes(routes!(events))
         .routes(routes!(ticket))
-        .with_state(state)
-        .split_for_parts()
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -48,10 +55,10 @@ pub struct StreamQuery {
 
 /// A short-lived ticket that authenticates `GET /v1/events` and `GET /v1/ws` as `?ticket=`.
 #[utoipa::path(
-    post, path = "/v1/events/ticket", tag = "events",
+    post, operation_id = "create_ticket", path = "/v1/events/ticket", tag = "events",
     responses(
-        (status = 200, body = IssuedTicket),
-        (status = 401, body = confab_runtime::Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = IssuedTicket),
+        (status = 401, description = "Missing or invalid token", body = confab_runtime::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -65,11 +72,11 @@ async fn ticket(
 /// The caller's events as Server-Sent Events: `ready` first, then one event per change, each with an
 /// `id:` line, the event type as `event:` and `{"type", "data"}` JSON as `data:`.
 #[utoipa::path(
-    get, path = "/v1/events", tag = "events",
+    get, operation_id = "stream_events", path = "/v1/events", tag = "events",
     params(StreamQuery),
     responses(
         (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
-        (status = 401, body = confab_runtime::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = confab_runtime::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []), ())
 )]

@@ -35,10 +35,16 @@ pub struct PlexerState {
 
 /// The ws-plexer's routes, with their OpenAPI description.
 pub fn routes(state: PlexerState) -> (Router, utoipa::openapi::OpenApi) {
-    OpenApiRouter::new()
-        .routes(routes!(upgrade))
-        .with_state(state)
-        .split_for_parts()
+    router().with_state(state).split_for_parts()
+}
+
+/// The OpenAPI description of the ws-plexer's routes.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    router().into_openapi()
+}
+
+fn router() -> OpenApiRouter<PlexerState> {
+    OpenApiRouter::new().routes(routes!(upgrade))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -54,12 +60,12 @@ const PING_INTERVAL: Duration = Duration::from_secs(20);
 /// Upgrades to a WebSocket carrying the caller's events as JSON text frames (`ready`, `event`,
 /// `error`).
 #[utoipa::path(
-    get, path = "/v1/ws", tag = "events",
+    get, operation_id = "open_websocket", path = "/v1/ws", tag = "events",
     params(WsQuery),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []), ())
 )]

@@ -89,14 +89,14 @@ pub(crate) async fn chat_view(
 /// Creates a group (the caller as owner plus the named members) or a direct chat (the caller and
 /// exactly one other user; the same pair always gets the same chat back, with 200).
 #[utoipa::path(
-    post, path = "/v1/chats", tag = "chats",
+    post, operation_id = "create_chat", path = "/v1/chats", tag = "chats",
     request_body = CreateChat,
     responses(
         (status = 201, description = "Created", body = Chat),
         (status = 200, description = "The existing direct chat of this pair", body = Chat),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -213,12 +213,12 @@ pub struct ListChats {
 /// The caller's chats, most recent activity first, each with its latest signal and the caller's
 /// unread count.
 #[utoipa::path(
-    get, path = "/v1/chats", tag = "chats",
+    get, operation_id = "list_chats", path = "/v1/chats", tag = "chats",
     params(ListChats),
     responses(
-        (status = 200, body = Page<Chat>),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = Page<Chat>),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -270,14 +270,14 @@ pub async fn list(
 
 /// One chat (members only).
 #[utoipa::path(
-    get, path = "/v1/chats/{chat_id}", tag = "chats",
+    get, operation_id = "get_chat", path = "/v1/chats/{chat_id}", tag = "chats",
     params(("chat_id" = ChatId, Path, description = "The chat")),
     responses(
-        (status = 200, body = Chat),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = Chat),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -309,16 +309,16 @@ pub struct UpdateChat {
 /// Renames or describes a group (owners and admins). A new name is written into the history as a
 /// `renamed` signal.
 #[utoipa::path(
-    patch, path = "/v1/chats/{chat_id}", tag = "chats",
+    patch, operation_id = "update_chat", path = "/v1/chats/{chat_id}", tag = "chats",
     params(("chat_id" = ChatId, Path, description = "The chat")),
     request_body = UpdateChat,
     responses(
-        (status = 200, body = Chat),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = Chat),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]

@@ -59,16 +59,16 @@ async fn advance(
 
 /// Moves the caller's read marker forward (never back). Unread counts follow from it.
 #[utoipa::path(
-    post, path = "/v1/chats/{chat_id}/read", tag = "markers",
+    post, operation_id = "mark_read", path = "/v1/chats/{chat_id}/read", tag = "markers",
     params(("chat_id" = ChatId, Path, description = "The chat")),
     request_body = AdvanceMarker,
     responses(
-        (status = 200, body = MarkerState),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = MarkerState),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -83,16 +83,16 @@ pub async fn read(
 
 /// Moves the caller's delivery marker forward (a client acknowledges what it has received).
 #[utoipa::path(
-    post, path = "/v1/chats/{chat_id}/delivered", tag = "markers",
+    post, operation_id = "mark_delivered", path = "/v1/chats/{chat_id}/delivered", tag = "markers",
     params(("chat_id" = ChatId, Path, description = "The chat")),
     request_body = AdvanceMarker,
     responses(
-        (status = 200, body = MarkerState),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = MarkerState),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -174,14 +174,14 @@ async fn reached(
 
 /// Who has read the signal (members only).
 #[utoipa::path(
-    get, path = "/v1/chats/{chat_id}/signals/{signal_id}/views", tag = "markers",
+    get, operation_id = "list_views", path = "/v1/chats/{chat_id}/signals/{signal_id}/views", tag = "markers",
     params(("chat_id" = ChatId, Path, description = "The chat"), ("signal_id" = SignalId, Path, description = "The signal"), ListMarked),
     responses(
-        (status = 200, body = Page<Seen>),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = Page<Seen>),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -204,14 +204,14 @@ pub async fn views(
 
 /// Whose clients have acknowledged delivery of the signal (members only).
 #[utoipa::path(
-    get, path = "/v1/chats/{chat_id}/signals/{signal_id}/deliveries", tag = "markers",
+    get, operation_id = "list_deliveries", path = "/v1/chats/{chat_id}/signals/{signal_id}/deliveries", tag = "markers",
     params(("chat_id" = ChatId, Path, description = "The chat"), ("signal_id" = SignalId, Path, description = "The signal"), ListMarked),
     responses(
-        (status = 200, body = Page<Seen>),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = Page<Seen>),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]

@@ -24,14 +24,14 @@ pub struct ListMembers {
 
 /// The chat's members (members only).
 #[utoipa::path(
-    get, path = "/v1/chats/{chat_id}/members", tag = "members",
+    get, operation_id = "list_members", path = "/v1/chats/{chat_id}/members", tag = "members",
     params(("chat_id" = ChatId, Path, description = "The chat"), ListMembers),
     responses(
-        (status = 200, body = Page<Member>),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = Page<Member>),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -69,17 +69,17 @@ pub struct AddMember {
 
 /// Adds a member to a group (owners and admins). Written into the history as `joined`.
 #[utoipa::path(
-    post, path = "/v1/chats/{chat_id}/members", tag = "members",
+    post, operation_id = "add_member", path = "/v1/chats/{chat_id}/members", tag = "members",
     params(("chat_id" = ChatId, Path, description = "The chat")),
     request_body = AddMember,
     responses(
         (status = 201, description = "Added", body = Member),
         (status = 200, description = "Already a member", body = Member),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -144,15 +144,15 @@ pub async fn add(
 /// Removes a member (owners remove anyone, admins remove members), or leaves (anyone, themselves).
 /// The last owner hands over ownership before leaving. Written into the history as `left`.
 #[utoipa::path(
-    delete, path = "/v1/chats/{chat_id}/members/{user_id}", tag = "members",
+    delete, operation_id = "remove_member", path = "/v1/chats/{chat_id}/members/{user_id}", tag = "members",
     params(("chat_id" = ChatId, Path, description = "The chat"), ("user_id" = UserId, Path, description = "The member")),
     responses(
         (status = 204, description = "Removed"),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -226,16 +226,16 @@ pub struct SetRole {
 /// Changes a member's role. Owners change any role (a chat keeps at least one owner); admins move
 /// members and admins between `member` and `admin`.
 #[utoipa::path(
-    patch, path = "/v1/chats/{chat_id}/members/{user_id}", tag = "members",
+    patch, operation_id = "set_member_role", path = "/v1/chats/{chat_id}/members/{user_id}", tag = "members",
     params(("chat_id" = ChatId, Path, description = "The chat"), ("user_id" = UserId, Path, description = "The member")),
     request_body = SetRole,
     responses(
-        (status = 200, body = Member),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = Member),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]

@@ -100,6 +100,15 @@ pub fn openapi_base() -> utoipa::openapi::OpenApi {
 
 /// The API routes under `/v1`, with their OpenAPI description.
 pub fn routes(state: ApiState) -> (axum::Router, utoipa::openapi::OpenApi) {
+    router().with_state(state).split_for_parts()
+}
+
+/// The OpenAPI description of the API routes.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    router().into_openapi()
+}
+
+fn router() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
         .routes(routes!(users::me))
         .routes(routes!(users::search))
@@ -115,8 +124,6 @@ pub fn routes(state: ApiState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(markers::delivered))
         .routes(routes!(markers::views))
         .routes(routes!(markers::deliveries))
-        .with_state(state)
-        .split_for_parts()
 }
 
 /// How long a provisioned profile is trusted before the store is written again.

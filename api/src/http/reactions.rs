@@ -86,7 +86,7 @@ async fn count(
 
 /// Adds the caller's reaction (idempotent: 201 when added, 200 when it was there).
 #[utoipa::path(
-    put, path = "/v1/chats/{chat_id}/signals/{signal_id}/reactions/{emoji}", tag = "reactions",
+    put, operation_id = "add_reaction", path = "/v1/chats/{chat_id}/signals/{signal_id}/reactions/{emoji}", tag = "reactions",
     params(
         ("chat_id" = ChatId, Path, description = "The chat"),
         ("signal_id" = SignalId, Path, description = "The signal"),
@@ -95,11 +95,11 @@ async fn count(
     responses(
         (status = 201, description = "Added", body = ReactionChange),
         (status = 200, description = "Already there", body = ReactionChange),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -130,19 +130,19 @@ pub async fn add(
 
 /// Removes the caller's reaction (idempotent).
 #[utoipa::path(
-    delete, path = "/v1/chats/{chat_id}/signals/{signal_id}/reactions/{emoji}", tag = "reactions",
+    delete, operation_id = "remove_reaction", path = "/v1/chats/{chat_id}/signals/{signal_id}/reactions/{emoji}", tag = "reactions",
     params(
         ("chat_id" = ChatId, Path, description = "The chat"),
         ("signal_id" = SignalId, Path, description = "The signal"),
         ("emoji" = String, Path, description = "One emoji, percent-encoded"),
     ),
     responses(
-        (status = 200, body = ReactionChange),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = ReactionChange),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -188,18 +188,18 @@ pub struct Reaction {
 
 /// Who reacted to a signal, with what (members only).
 #[utoipa::path(
-    get, path = "/v1/chats/{chat_id}/signals/{signal_id}/reactions", tag = "reactions",
+    get, operation_id = "list_reactions", path = "/v1/chats/{chat_id}/signals/{signal_id}/reactions", tag = "reactions",
     params(
         ("chat_id" = ChatId, Path, description = "The chat"),
         ("signal_id" = SignalId, Path, description = "The signal"),
         ListReactions,
     ),
     responses(
-        (status = 200, body = Page<Reaction>),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = Page<Reaction>),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]

@@ -128,18 +128,18 @@ pub struct CreateSignal {
 /// Posts a message (members only). 201 with the stored signal; a retry with the same nonce answers
 /// 200 with the signal stored the first time and stores nothing.
 #[utoipa::path(
-    post, path = "/v1/chats/{chat_id}/signals", tag = "signals",
+    post, operation_id = "create_signal", path = "/v1/chats/{chat_id}/signals", tag = "signals",
     params(("chat_id" = ChatId, Path, description = "The chat")),
     request_body = CreateSignal,
     responses(
         (status = 201, description = "Stored", body = Signal),
         (status = 200, description = "Already stored with this nonce", body = Signal),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A dependency is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -234,14 +234,14 @@ pub struct ListSignals {
 
 /// The chat's history (members only): newest first, or oldest first after `after`.
 #[utoipa::path(
-    get, path = "/v1/chats/{chat_id}/signals", tag = "signals",
+    get, operation_id = "list_signals", path = "/v1/chats/{chat_id}/signals", tag = "signals",
     params(("chat_id" = ChatId, Path, description = "The chat"), ListSignals),
     responses(
-        (status = 200, body = Page<Signal>),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = Page<Signal>),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -309,16 +309,16 @@ async fn load(state: &ApiState, chat: ChatId, id: SignalId) -> ApiResult<Signal>
 
 /// Edits a message's text (its author only); `edited_at` records when.
 #[utoipa::path(
-    patch, path = "/v1/chats/{chat_id}/signals/{signal_id}", tag = "signals",
+    patch, operation_id = "edit_signal", path = "/v1/chats/{chat_id}/signals/{signal_id}", tag = "signals",
     params(("chat_id" = ChatId, Path, description = "The chat"), ("signal_id" = SignalId, Path, description = "The signal")),
     request_body = EditSignal,
     responses(
-        (status = 200, body = Signal),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = Signal),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -351,15 +351,15 @@ pub async fn edit(
 
 /// Deletes a message (its author, or an owner or admin): history keeps a tombstone without text.
 #[utoipa::path(
-    delete, path = "/v1/chats/{chat_id}/signals/{signal_id}", tag = "signals",
+    delete, operation_id = "delete_signal", path = "/v1/chats/{chat_id}/signals/{signal_id}", tag = "signals",
     params(("chat_id" = ChatId, Path, description = "The chat"), ("signal_id" = SignalId, Path, description = "The signal")),
     responses(
         (status = 200, description = "The tombstone", body = Signal),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]

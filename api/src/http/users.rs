@@ -11,10 +11,10 @@ use crate::store::search_users;
 
 /// The caller, as provisioned from their token.
 #[utoipa::path(
-    get, path = "/v1/me", tag = "users",
+    get, operation_id = "me", path = "/v1/me", tag = "users",
     responses(
-        (status = 200, body = User),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = User),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -38,12 +38,12 @@ pub struct SearchUsers {
 
 /// Users whose user name, display name or e-mail address starts with `q`, each once.
 #[utoipa::path(
-    get, path = "/v1/users", tag = "users",
+    get, operation_id = "search_users", path = "/v1/users", tag = "users",
     params(SearchUsers),
     responses(
-        (status = 200, body = Page<User>),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "OK", body = Page<User>),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
