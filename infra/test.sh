@@ -26,3 +26,7 @@ export CONFAB_REQUIRE_SERVICES=1
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+
+# The OpenAPI description confab serves must be valid OpenAPI 3.1.
+cargo run --quiet --locked -- openapi > .infra/openapi.json
+"${CONFAB_INFRA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/confab-infra}/venv/bin/openapi-spec-validator" .infra/openapi.json
