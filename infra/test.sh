@@ -25,7 +25,8 @@ export CONFAB_REQUIRE_SERVICES=1
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+# A hung test must not eat the CI budget: the whole suite gets 40 minutes.
+timeout --kill-after=30 2400 cargo test --workspace --locked
 
 # The OpenAPI description confab serves must be valid OpenAPI 3.1.
 cargo run --quiet --locked -- openapi > .infra/openapi.json

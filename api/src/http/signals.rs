@@ -224,7 +224,7 @@ pub async fn create(
 pub struct ListSignals {
     /// 1 to 100; default 50.
     limit: Option<usize>,
-    /// From a previous page's `next_cursor`.
+    /// From a previous page's `next_cursor`; it overrides `before` and `after`.
     cursor: Option<String>,
     /// Signals older than this one, newest first (the default direction).
     before: Option<SignalId>,
@@ -254,16 +254,18 @@ pub async fn list(
     let limit = page_limit(query.limit)?;
     let list = format!("signals:{chat_id}");
     // (forward, position): forward pages run oldest first.
+    // A cursor continues the listing it came from (clients may resend the first page's
+    // `before`/`after` with it); without one, `before` and `after` are exclusive.
     let (forward, position) = match (query.cursor, query.before, query.after) {
-        (Some(cursor), None, None) => {
+        (Some(cursor), _, _) => {
             let (forward, position) = state.open_cursor::<(bool, SignalId)>(&list, &cursor)?;
             (forward, Some(position))
         }
         (None, before, None) => (false, before),
         (None, None, Some(after)) => (true, Some(after)),
-        _ => {
+        (None, Some(_), Some(_)) => {
             return Err(ApiError::BadRequest(
-                "give one of cursor, before and after".into(),
+                "give before or after, not both".into(),
             ));
         }
     };
