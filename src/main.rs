@@ -39,6 +39,8 @@ enum Command {
         #[arg(long, default_value_t = 12)]
         hours: u64,
     },
+    /// Measures the CQL store layer against raw prepared inserts and writes a results file.
+    BenchStore(confab::bench_store::StoreBenchArgs),
     /// Prints the OpenAPI description of every route.
     Openapi,
     /// Measures POST-to-delivery latency and writes a results file.
@@ -69,6 +71,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Bench(args) => confab::bench::run(args, config).await,
+            Command::BenchStore(args) => confab::bench_store::run(args, config).await,
             Command::Openapi => {
                 println!("{}", serde_json::to_string_pretty(&confab::openapi())?);
                 Ok(())

@@ -1,0 +1,236 @@
+//! `confab bench-store`: the CQL store layer against raw prepared inserts of the same rows, in one
+//! run on one keyspace, so the figures read as ratios on a shared, noisy machine.
+//!
+//! - inserts N messages into one chat, and N messages spread over M chats, through
+//!   [`Store::insert_signal`] and through a bare prepared `INSERT` of the same `signals` rows;
+//! - reads the newest page of 50 of a chat R times through [`Store::signals_before`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use confab_api::store::Store;
+use confab_api::store::cql::{self, CqlOptions, CqlStore};
+use confab_runtime::config::{Config, StoreBackend};
+use confab_schema::migrations::signal_bucket;
+use confab_schema::{ChatId, Signal, SignalId, SignalKind, UserId};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct StoreBenchArgs {
+    /// Messages inserted per scenario (one chat; spread over `--chats`).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub messages: usize,
+    /// Chats the second scenario spreads its messages over.
+    #[arg(long, default_value_t = 10_000)]
+    pub chats: usize,
+    /// Reads of a chat's newest 50.
+    #[arg(long, default_value_t = 100_000)]
+    pub reads: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 128)]
+    pub concurrency: usize,
+    /// Reads in flight at once (latency is measured, not throughput).
+    #[arg(long, default_value_t = 4)]
+    pub read_concurrency: usize,
+    /// Folder for the results file.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+}
+
+fn message(chat: ChatId, author: UserId, i: usize) -> Signal {
+    let id = SignalId::new();
+    Signal {
+        id,
+        chat_id: chat,
+        kind: SignalKind::Message,
+        author_id: author,
+        created_at: id.created_at().unwrap_or_else(time::OffsetDateTime::now_utc),
+        nonce: None,
+        // About the size of a typical chat message.
+        text: Some(format!("benchmark message number {i}, about as long as a typical chat line")),
+        reply_to: None,
+        attachments: Vec::new(),
+        edited_at: None,
+        deleted: false,
+        reactions: Default::default(),
+    }
+}
+
+struct Measured {
+    per_second: f64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+impl Measured {
+    /// Two equal halves of one run: rates by harmonic mean (equal work), latencies by the worse.
+    fn combine(a: &Measured, b: &Measured) -> Measured {
+        Measured {
+            per_second: 2.0 / (1.0 / a.per_second.max(1e-9) + 1.0 / b.per_second.max(1e-9)),
+            p50_us: a.p50_us.max(b.p50_us),
+            p99_us: a.p99_us.max(b.p99_us),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "per_second": self.per_second,
+            "p50_ms": self.p50_us as f64 / 1000.0,
+            "p99_ms": self.p99_us as f64 / 1000.0,
+        })
+    }
+}
+
+/// Runs `op` for each of `items` with `concurrency` in flight; times each.
+async fn measure<T, F, Fut>(items: Vec<T>, concurrency: usize, op: F) -> anyhow::Result<Measured>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let count = items.len();
+    let started = Instant::now();
+    let latencies: Vec<anyhow::Result<u64>> = futures::stream::iter(items)
+        .map(|item| {
+            let op = &op;
+            async move {
+                let at = Instant::now();
+                op(item).await?;
+                Ok(at.elapsed().as_micros() as u64)
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let elapsed = started.elapsed();
+    let mut histogram = Histogram::<u64>::new(3).context("histogram")?;
+    for latency in latencies {
+        histogram.record(latency?.max(1)).context("recording")?;
+    }
+    Ok(Measured {
+        per_second: count as f64 / elapsed.as_secs_f64().max(1e-9),
+        p50_us: histogram.value_at_quantile(0.5),
+        p99_us: histogram.value_at_quantile(0.99),
+    })
+}
+
+pub async fn run(args: StoreBenchArgs, config: Config) -> anyhow::Result<()> {
+    if config.store.backend != StoreBackend::Cql {
+        bail!("bench-store measures the CQL store: set CONFAB_STORE__BACKEND=cql");
+    }
+    if args.messages == 0 || args.chats == 0 || args.reads == 0 {
+        bail!("--messages, --chats and --reads must be positive");
+    }
+    let mut options = CqlOptions::from_config(&config.store);
+    options.keyspace = format!("bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    options.request_timeout = Duration::from_secs(30);
+    cql::migrate(&options).await?;
+    let store = Arc::new(CqlStore::connect(&options).await?);
+    let result = scenarios(&args, &store).await;
+    let _ = cql::drop_keyspace(&options).await;
+    let results = result?;
+
+    std::fs::create_dir_all(&args.out)?;
+    let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+    let path = args.out.join(format!("store-{stamp}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
+    println!("{}", serde_json::to_string_pretty(&results)?);
+    println!("results written to {}", path.display());
+    Ok(())
+}
+
+async fn scenarios(args: &StoreBenchArgs, store: &Arc<CqlStore>) -> anyhow::Result<serde_json::Value> {
+    let session = store.session();
+    let raw_insert = session
+        .prepare(
+            "INSERT INTO signals (chat_id, bucket, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .await?;
+    let raw = |signal: Signal| {
+        let raw_insert = &raw_insert;
+        async move {
+            let bucket = signal_bucket(signal.id.unix_millis().unwrap_or_default());
+            session
+                .execute_unpaged(
+                    raw_insert,
+                    (
+                        signal.chat_id.0,
+                        bucket,
+                        signal.id.0,
+                        signal.kind.as_str(),
+                        signal.author_id.0,
+                        None::<&str>,
+                        signal.text.as_deref(),
+                        None::<uuid::Uuid>,
+                        None::<Vec<uuid::Uuid>>,
+                        None::<scylla::value::CqlTimestamp>,
+                        false,
+                    ),
+                )
+                .await?;
+            Ok(())
+        }
+    };
+    let layered = |signal: Signal| async move {
+        store.insert_signal(&signal).await?;
+        Ok(())
+    };
+    let author = UserId::from_subject("bench", "author");
+
+    let mut report = serde_json::Map::new();
+    for (name, chat_count) in [("one_chat", 1usize), ("many_chats", args.chats)] {
+        let chats: Vec<ChatId> = (0..chat_count).map(|_| ChatId::new()).collect();
+        let rows = |offset: usize| -> Vec<Signal> {
+            (0..args.messages)
+                .map(|i| message(chats[(i + offset) % chats.len()], author, i))
+                .collect()
+        };
+        // Alternating halves (raw, store, raw, store) so neither side gets the colder or the
+        // warmer node; each on fresh rows of the same shape.
+        let half = |offset: usize| {
+            let mut all = rows(offset);
+            let second = all.split_off(all.len() / 2);
+            (all, second)
+        };
+        let (raw_a, raw_b) = half(0);
+        let (store_a, store_b) = half(1);
+        let raw_1 = measure(raw_a, args.concurrency, raw).await?;
+        let store_1 = measure(store_a, args.concurrency, layered).await?;
+        let raw_2 = measure(raw_b, args.concurrency, raw).await?;
+        let store_2 = measure(store_b, args.concurrency, layered).await?;
+        let raw_result = Measured::combine(&raw_1, &raw_2);
+        let store_result = Measured::combine(&store_1, &store_2);
+        eprintln!(
+            "{name}: raw {:.0}/s, store {:.0}/s",
+            raw_result.per_second, store_result.per_second
+        );
+        report.insert(
+            name.to_owned(),
+            json!({
+                "chats": chat_count,
+                "messages": args.messages,
+                "raw_insert": raw_result.json(),
+                "store_insert": store_result.json(),
+                "ratio_store_to_raw": store_result.per_second / raw_result.per_second.max(1e-9),
+            }),
+        );
+        if name == "one_chat" {
+            let chat = chats[0];
+            let reads = measure((0..args.reads).collect(), args.read_concurrency, |_| async move {
+                let page = store.signals_before(chat, None, 50).await?;
+                if page.len() != 50 {
+                    bail!("a page had {} signals", page.len());
+                }
+                Ok(())
+            })
+            .await?;
+            report.insert("newest_50_reads".to_owned(), json!({"reads": args.reads, "latency": reads.json()}));
+        }
+    }
+    report.insert("concurrency".to_owned(), json!(args.concurrency));
+    Ok(serde_json::Value::Object(report))
+}
