@@ -48,27 +48,19 @@ fn check_text(text: Option<&str>) -> ApiResult<String> {
 async fn record(state: &ApiState, signal: &Signal, members: Vec<UserId>) -> ApiResult<Inserted> {
     let inserted = state.store.insert_signal(signal).await?;
     if let Inserted::Created(created) = &inserted {
+        // Deliver first: the chat list order and the author's marker are not on the live path.
         state
-            .store
-            .touch_chat(created.chat_id, &members, created.id)
-            .await?;
-        // Writing is reading: the author has seen their own signal.
-        state
-            .store
-            .advance_marker(
-                MarkerKind::Read,
-                created.chat_id,
-                created.author_id,
-                created.id,
-            )
-            .await?;
-        state
-            .publish(
-                created.chat_id,
-                members,
-                Event::SignalCreated(created.clone()),
-            )
+            .publish(created.chat_id, members.clone(), Event::SignalCreated(created.clone()))
             .await;
+        let (touched, marked) = futures::join!(
+            state.store.touch_chat(created.chat_id, &members, created.id),
+            // Writing is reading: the author has seen their own signal.
+            state
+                .store
+                .advance_marker(MarkerKind::Read, created.chat_id, created.author_id, created.id),
+        );
+        touched?;
+        marked?;
     }
     Ok(inserted)
 }
