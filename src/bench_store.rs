@@ -48,10 +48,14 @@ fn message(chat: ChatId, author: UserId, i: usize) -> Signal {
         chat_id: chat,
         kind: SignalKind::Message,
         author_id: author,
-        created_at: id.created_at().unwrap_or_else(time::OffsetDateTime::now_utc),
+        created_at: id
+            .created_at()
+            .unwrap_or_else(time::OffsetDateTime::now_utc),
         nonce: None,
         // About the size of a typical chat message.
-        text: Some(format!("benchmark message number {i}, about as long as a typical chat line")),
+        text: Some(format!(
+            "benchmark message number {i}, about as long as a typical chat line"
+        )),
         reply_to: None,
         attachments: Vec::new(),
         edited_at: None,
@@ -142,7 +146,10 @@ pub async fn run(args: StoreBenchArgs, config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn scenarios(args: &StoreBenchArgs, store: &Arc<CqlStore>) -> anyhow::Result<serde_json::Value> {
+async fn scenarios(
+    args: &StoreBenchArgs,
+    store: &Arc<CqlStore>,
+) -> anyhow::Result<serde_json::Value> {
     let session = store.session();
     let raw_insert = session
         .prepare(
@@ -220,15 +227,22 @@ async fn scenarios(args: &StoreBenchArgs, store: &Arc<CqlStore>) -> anyhow::Resu
         );
         if name == "one_chat" {
             let chat = chats[0];
-            let reads = measure((0..args.reads).collect(), args.read_concurrency, |_| async move {
-                let page = store.signals_before(chat, None, 50).await?;
-                if page.len() != 50 {
-                    bail!("a page had {} signals", page.len());
-                }
-                Ok(())
-            })
+            let reads = measure(
+                (0..args.reads).collect(),
+                args.read_concurrency,
+                |_| async move {
+                    let page = store.signals_before(chat, None, 50).await?;
+                    if page.len() != 50 {
+                        bail!("a page had {} signals", page.len());
+                    }
+                    Ok(())
+                },
+            )
             .await?;
-            report.insert("newest_50_reads".to_owned(), json!({"reads": args.reads, "latency": reads.json()}));
+            report.insert(
+                "newest_50_reads".to_owned(),
+                json!({"reads": args.reads, "latency": reads.json()}),
+            );
         }
     }
     report.insert("concurrency".to_owned(), json!(args.concurrency));

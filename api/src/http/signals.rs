@@ -50,14 +50,23 @@ async fn record(state: &ApiState, signal: &Signal, members: Vec<UserId>) -> ApiR
     if let Inserted::Created(created) = &inserted {
         // Deliver first: the chat list order and the author's marker are not on the live path.
         state
-            .publish(created.chat_id, members.clone(), Event::SignalCreated(created.clone()))
+            .publish(
+                created.chat_id,
+                members.clone(),
+                Event::SignalCreated(created.clone()),
+            )
             .await;
         let (touched, marked) = futures::join!(
-            state.store.touch_chat(created.chat_id, &members, created.id),
-            // Writing is reading: the author has seen their own signal.
             state
                 .store
-                .advance_marker(MarkerKind::Read, created.chat_id, created.author_id, created.id),
+                .touch_chat(created.chat_id, &members, created.id),
+            // Writing is reading: the author has seen their own signal.
+            state.store.advance_marker(
+                MarkerKind::Read,
+                created.chat_id,
+                created.author_id,
+                created.id
+            ),
         );
         touched?;
         marked?;
