@@ -26,8 +26,12 @@ export CONFAB_REQUIRE_SERVICES=1
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # A hung test must not eat the CI budget: the whole suite gets 40 minutes.
-timeout --kill-after=30 2400 cargo test --workspace --locked
+timeout --kill-after=30 2400 cargo test --workspace --locked 2>&1 | tee .infra/test-output.log
 
 # The OpenAPI description confab serves must be valid OpenAPI 3.1.
 cargo run --quiet --locked -- openapi > .infra/openapi.json
 "${CONFAB_INFRA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/confab-infra}/venv/bin/openapi-spec-validator" .infra/openapi.json
+
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "confab: %d passed, %d failed\n", passed, failed }' \
+  .infra/test-output.log

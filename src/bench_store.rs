@@ -152,10 +152,10 @@ async fn scenarios(
 ) -> anyhow::Result<serde_json::Value> {
     let session = store.session();
     let raw_insert = session
-        .prepare(
+        .prepare(store.qualify(
             "INSERT INTO signals (chat_id, bucket, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
+        ))
         .await?;
     let raw = |signal: Signal| {
         let raw_insert = &raw_insert;

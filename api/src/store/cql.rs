@@ -60,24 +60,45 @@ fn corrupt(error: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(error.to_string())
 }
 
-async fn session(options: &CqlOptions, keyspace: Option<&str>) -> Result<Session, StoreError> {
+async fn session(options: &CqlOptions) -> Result<Session, StoreError> {
     let profile = ExecutionProfile::builder()
         .request_timeout(Some(options.request_timeout))
         .build();
-    let mut builder = SessionBuilder::new()
+    SessionBuilder::new()
         .known_nodes(&options.contact_points)
         .connection_timeout(Duration::from_secs(5))
-        .default_execution_profile_handle(profile.into_handle());
-    if let Some(keyspace) = keyspace {
-        builder = builder.use_keyspace(keyspace, false);
-    }
-    builder.build().await.map_err(unavailable)
+        .default_execution_profile_handle(profile.into_handle())
+        .build()
+        .await
+        .map_err(unavailable)
+}
+
+/// Qualifies the table after every `FROM`, `INTO` and `UPDATE` with `keyspace`. Prepared statements
+/// name their keyspace rather than rely on `USE`, which is ambiguous with prepared statements (and
+/// Cassandra warns about it).
+pub fn qualify(cql: &str, keyspace: &str) -> String {
+    let mut previous = "";
+    cql.split(' ')
+        .map(|token| {
+            let keyword = previous.trim().to_ascii_uppercase();
+            previous = token;
+            if matches!(keyword.as_str(), "FROM" | "INTO" | "UPDATE")
+                && !token.is_empty()
+                && !token.contains('.')
+            {
+                format!("{keyspace}.{token}")
+            } else {
+                token.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Creates the keyspace if needed and applies every migration not yet recorded. Safe to run twice and
 /// from several processes at once (every statement is `IF NOT EXISTS`).
 pub async fn migrate(options: &CqlOptions) -> Result<Vec<i32>, StoreError> {
-    let session = session(options, None).await?;
+    let session = session(options).await?;
     let keyspace = &options.keyspace;
     session
         .query_unpaged(
@@ -155,7 +176,7 @@ pub async fn migrate(options: &CqlOptions) -> Result<Vec<i32>, StoreError> {
 
 /// Drops a keyspace (tests use one per test).
 pub async fn drop_keyspace(options: &CqlOptions) -> Result<(), StoreError> {
-    let session = session(options, None).await?;
+    let session = session(options).await?;
     session
         .query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", options.keyspace), &[])
         .await
@@ -214,6 +235,7 @@ struct Statements {
 
 pub struct CqlStore {
     session: Session,
+    keyspace: String,
     statements: Statements,
     /// (chat, bucket) pairs this process has written to `signal_buckets`: the row is idempotent, so
     /// writing it once per day per chat is enough.
@@ -248,10 +270,16 @@ impl CqlStore {
     }
 
     async fn prepare_all(options: &CqlOptions) -> Result<CqlStore, StoreError> {
-        let session = session(options, Some(&options.keyspace)).await?;
+        let session = session(options).await?;
+        let keyspace = options.keyspace.as_str();
         let prepare = |cql: String| {
             let session = &session;
-            async move { session.prepare(cql).await.map_err(unavailable) }
+            async move {
+                session
+                    .prepare(qualify(&cql, keyspace))
+                    .await
+                    .map_err(unavailable)
+            }
         };
         let statements = Statements {
             check: prepare("SELECT version FROM schema_migrations LIMIT 1".into()).await?,
@@ -418,6 +446,7 @@ impl CqlStore {
         };
         Ok(CqlStore {
             session,
+            keyspace: options.keyspace.clone(),
             statements,
             known_buckets: Default::default(),
         })
@@ -426,6 +455,11 @@ impl CqlStore {
     /// The raw session, for benchmarks that compare against driver-level inserts.
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// `cql` with its tables qualified by this store's keyspace.
+    pub fn qualify(&self, cql: &str) -> String {
+        qualify(cql, &self.keyspace)
     }
 
     async fn write_signal(&self, signal: &Signal) -> Result<(), StoreError> {
@@ -500,6 +534,34 @@ fn to_signal(chat_id: ChatId, row: SignalRow) -> Result<Signal, StoreError> {
 
 fn column(row: &Row, index: usize) -> Option<&CqlValue> {
     row.columns.get(index).and_then(Option::as_ref)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::qualify;
+
+    #[test]
+    fn tables_are_qualified_with_the_keyspace() {
+        assert_eq!(
+            qualify(
+                "SELECT a FROM signals WHERE chat_id = ? AND (b) < (?)",
+                "ks"
+            ),
+            "SELECT a FROM ks.signals WHERE chat_id = ? AND (b) < (?)"
+        );
+        assert_eq!(
+            qualify("INSERT INTO users (id) VALUES (?)", "ks"),
+            "INSERT INTO ks.users (id) VALUES (?)"
+        );
+        assert_eq!(
+            qualify("UPDATE reaction_counts SET count = count + ?", "k"),
+            "UPDATE k.reaction_counts SET count = count + ?"
+        );
+        assert_eq!(
+            qualify("DELETE FROM other.t WHERE x = ?", "ks"),
+            "DELETE FROM other.t WHERE x = ?"
+        );
+    }
 }
 
 #[async_trait]
