@@ -536,34 +536,6 @@ fn column(row: &Row, index: usize) -> Option<&CqlValue> {
     row.columns.get(index).and_then(Option::as_ref)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::qualify;
-
-    #[test]
-    fn tables_are_qualified_with_the_keyspace() {
-        assert_eq!(
-            qualify(
-                "SELECT a FROM signals WHERE chat_id = ? AND (b) < (?)",
-                "ks"
-            ),
-            "SELECT a FROM ks.signals WHERE chat_id = ? AND (b) < (?)"
-        );
-        assert_eq!(
-            qualify("INSERT INTO users (id) VALUES (?)", "ks"),
-            "INSERT INTO ks.users (id) VALUES (?)"
-        );
-        assert_eq!(
-            qualify("UPDATE reaction_counts SET count = count + ?", "k"),
-            "UPDATE k.reaction_counts SET count = count + ?"
-        );
-        assert_eq!(
-            qualify("DELETE FROM other.t WHERE x = ?", "ks"),
-            "DELETE FROM other.t WHERE x = ?"
-        );
-    }
-}
-
 #[async_trait]
 impl Store for CqlStore {
     async fn check(&self) -> Result<(), StoreError> {
@@ -1535,4 +1507,32 @@ fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool, 
         .map_err(corrupt)?
         .ok_or_else(|| corrupt("lightweight transaction returned no row"))?;
     Ok(matches!(column(&row, 0), Some(CqlValue::Boolean(true))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::qualify;
+
+    #[test]
+    fn tables_are_qualified_with_the_keyspace() {
+        assert_eq!(
+            qualify(
+                "SELECT a FROM signals WHERE chat_id = ? AND (b) < (?)",
+                "ks"
+            ),
+            "SELECT a FROM ks.signals WHERE chat_id = ? AND (b) < (?)"
+        );
+        assert_eq!(
+            qualify("INSERT INTO users (id) VALUES (?)", "ks"),
+            "INSERT INTO ks.users (id) VALUES (?)"
+        );
+        assert_eq!(
+            qualify("UPDATE reaction_counts SET count = count + ?", "k"),
+            "UPDATE k.reaction_counts SET count = count + ?"
+        );
+        assert_eq!(
+            qualify("DELETE FROM other.t WHERE x = ?", "ks"),
+            "DELETE FROM other.t WHERE x = ?"
+        );
+    }
 }
