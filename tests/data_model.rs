@@ -105,6 +105,56 @@ async fn data_model(stack: Stack) {
     // A group; bob listens.
     let chat = app.group_chat(&alice, &[&bob_id, &carol_id]).await;
     let mut bobs = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&bob)).await;
+    // Racing retries of one nonce store one signal: one 201, the rest 200 with the same signal.
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let (http, url, token) = (
+                app.http.clone(),
+                app.url(&format!("/v1/chats/{chat}/signals")),
+                alice.clone(),
+            );
+            tokio::spawn(async move {
+                let response = http
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&json!({"kind": "message", "nonce": "raced", "text": "once"}))
+                    .send()
+                    .await
+                    .unwrap();
+                (
+                    response.status().as_u16(),
+                    response.json::<Value>().await.unwrap(),
+                )
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for racer in racers {
+        outcomes.push(racer.await.unwrap());
+    }
+    assert_eq!(
+        outcomes.iter().filter(|(status, _)| *status == 201).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .all(|(status, body)| (*status == 200 || *status == 201)
+                && body["id"] == outcomes[0].1["id"])
+    );
+    let raced = outcomes[0].1["id"].clone();
+    let (_, deleted) = status_of(
+        delete(
+            &app,
+            &alice,
+            &format!("/v1/chats/{chat}/signals/{}", raced.as_str().unwrap()),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(deleted["deleted"], true);
+
     let first = send(&app, &alice, &chat, "one").await;
     send(&app, &alice, &chat, "two").await;
     let third = send(&app, &carol, &chat, "three").await;
