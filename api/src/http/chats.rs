@@ -15,7 +15,9 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::signals::{append_system_signal, decorate};
-use super::{ApiJson, ApiPath, ApiQuery, ApiState, Caller, Page, page_limit, require_member};
+use super::{
+    ApiJson, ApiPath, ApiQuery, ApiState, Caller, Page, member_of, page_limit, require_member,
+};
 use crate::error::{ApiError, ApiResult};
 use crate::store::{ChatActivity, MarkerKind, NewChat};
 
@@ -286,12 +288,7 @@ pub async fn get(
     Caller(caller): Caller,
     ApiPath(chat_id): ApiPath<ChatId>,
 ) -> ApiResult<Json<Chat>> {
-    let role = require_member(&state, chat_id, caller.id).await?;
-    let chat = state
-        .store
-        .get_chat(chat_id)
-        .await?
-        .ok_or(ApiError::NotFound("no such chat"))?;
+    let (role, chat) = member_of(&state, chat_id, caller.id).await?;
     Ok(Json(chat_view(&state, chat, &caller, role).await?))
 }
 
@@ -343,12 +340,7 @@ pub async fn update(
             "give a name or a description".into(),
         ));
     }
-    let role = require_member(&state, chat_id, caller.id).await?;
-    let chat = state
-        .store
-        .get_chat(chat_id)
-        .await?
-        .ok_or(ApiError::NotFound("no such chat"))?;
+    let (role, chat) = member_of(&state, chat_id, caller.id).await?;
     if chat.kind == ChatKind::Direct {
         return Err(ApiError::Unprocessable(
             "a direct chat has no name or description".into(),

@@ -10,7 +10,9 @@ use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 
 use super::signals::append_system_signal;
-use super::{ApiJson, ApiPath, ApiQuery, ApiState, Caller, Page, page_limit, require_member};
+use super::{
+    ApiJson, ApiPath, ApiQuery, ApiState, Caller, Page, member_of, page_limit, require_member,
+};
 use crate::error::{ApiError, ApiResult};
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -89,12 +91,7 @@ pub async fn add(
     ApiPath(chat_id): ApiPath<ChatId>,
     ApiJson(body): ApiJson<AddMember>,
 ) -> ApiResult<(StatusCode, Json<Member>)> {
-    let my_role = require_member(&state, chat_id, caller.id).await?;
-    let chat = state
-        .store
-        .get_chat(chat_id)
-        .await?
-        .ok_or(ApiError::NotFound("no such chat"))?;
+    let (my_role, chat) = member_of(&state, chat_id, caller.id).await?;
     if chat.kind == ChatKind::Direct {
         return Err(ApiError::Unprocessable(
             "a direct chat takes no new members".into(),
@@ -161,12 +158,7 @@ pub async fn remove(
     Caller(caller): Caller,
     ApiPath((chat_id, user_id)): ApiPath<(ChatId, UserId)>,
 ) -> ApiResult<StatusCode> {
-    let my_role = require_member(&state, chat_id, caller.id).await?;
-    let chat = state
-        .store
-        .get_chat(chat_id)
-        .await?
-        .ok_or(ApiError::NotFound("no such chat"))?;
+    let (my_role, chat) = member_of(&state, chat_id, caller.id).await?;
     if chat.kind == ChatKind::Direct {
         return Err(ApiError::Unprocessable(
             "members of a direct chat cannot leave or be removed".into(),
@@ -245,12 +237,7 @@ pub async fn set_role(
     ApiPath((chat_id, user_id)): ApiPath<(ChatId, UserId)>,
     ApiJson(body): ApiJson<SetRole>,
 ) -> ApiResult<Json<Member>> {
-    let my_role = require_member(&state, chat_id, caller.id).await?;
-    let chat = state
-        .store
-        .get_chat(chat_id)
-        .await?
-        .ok_or(ApiError::NotFound("no such chat"))?;
+    let (my_role, chat) = member_of(&state, chat_id, caller.id).await?;
     if chat.kind == ChatKind::Direct {
         return Err(ApiError::Unprocessable(
             "roles in a direct chat do not change".into(),

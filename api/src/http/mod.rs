@@ -319,6 +319,21 @@ pub(crate) async fn require_member(
     }
 }
 
+/// The caller's role in `chat` and the chat itself, with the refusals of [`require_member`].
+pub(crate) async fn member_of(
+    state: &ApiState,
+    chat: ChatId,
+    caller: UserId,
+) -> Result<(MemberRole, confab_schema::Chat), ApiError> {
+    let role = require_member(state, chat, caller).await?;
+    let chat = state
+        .store
+        .get_chat(chat)
+        .await?
+        .ok_or(ApiError::NotFound("no such chat"))?;
+    Ok((role, chat))
+}
+
 /// The refusal for a non-member: 404 for an unknown chat, else 403.
 pub(crate) async fn not_member(state: &ApiState, chat: ChatId) -> ApiError {
     match state.store.get_chat(chat).await {
