@@ -193,7 +193,6 @@ struct Statements {
     insert_chat_member: PreparedStatement,
     insert_user_chat: PreparedStatement,
     member_role: PreparedStatement,
-    members: PreparedStatement,
     claim_nonce: PreparedStatement,
     insert_signal: PreparedStatement,
     insert_bucket: PreparedStatement,
@@ -306,7 +305,7 @@ impl CqlStore {
             )
             .await?,
             member_role: prepare("SELECT role FROM chat_members WHERE chat_id = ? AND user_id = ?".into()).await?,
-            members: prepare("SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ?".into()).await?,
+
             claim_nonce: prepare(
                 "INSERT INTO signal_nonces (chat_id, author_id, nonce, signal_id, kind, text, reply_to, attachments) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
@@ -687,34 +686,19 @@ impl Store for CqlStore {
     }
 
     async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError> {
-        // A chat's members fit in one partition; the driver pages through it.
-        let mut members = Vec::new();
-        let mut paging = scylla::response::PagingState::start();
+        // A chat's members fit in one partition; read it a page at a time.
+        const PAGE: usize = 1_000;
+        let mut members: Vec<Member> = Vec::new();
         loop {
-            let (result, next) = self
-                .session
-                .execute_single_page(&self.statements.members, (chat.0,), paging)
-                .await
-                .map_err(unavailable)?;
-            for row in result
-                .into_rows_result()
-                .map_err(corrupt)?
-                .rows::<(Uuid, String, CqlTimestamp)>()
-                .map_err(corrupt)?
-            {
-                let (user, role, joined) = row.map_err(corrupt)?;
-                members.push(Member {
-                    user_id: UserId(user),
-                    role: parse(&role)?,
-                    joined_at: from_millis(joined.0)?,
-                });
-            }
-            match next.into_paging_control_flow() {
-                std::ops::ControlFlow::Break(()) => break,
-                std::ops::ControlFlow::Continue(state) => paging = state,
+            let page = self
+                .members_page(chat, members.last().map(|m| m.user_id), PAGE)
+                .await?;
+            let done = page.len() < PAGE;
+            members.extend(page);
+            if done {
+                return Ok(members);
             }
         }
-        Ok(members)
     }
 
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError> {

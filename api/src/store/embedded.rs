@@ -179,6 +179,35 @@ fn migrate(connection: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Every row of a cached statement, mapped.
+fn all<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StoreError> {
+    c.prepare_cached(sql)
+        .map_err(unavailable)?
+        .query_map(params, map)
+        .map_err(unavailable)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(unavailable)
+}
+
+type MemberRow = (Vec<u8>, String, i64);
+
+fn member_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MemberRow> {
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+}
+
+fn to_member((user, role, joined): MemberRow) -> Result<Member, StoreError> {
+    Ok(Member {
+        user_id: UserId(uuid_from(user)?),
+        role: parse(&role)?,
+        joined_at: from_millis(joined)?,
+    })
+}
+
 fn blob(id: Uuid) -> [u8; 16] {
     *id.as_bytes()
 }
@@ -386,36 +415,18 @@ impl Store for EmbeddedStore {
     }
 
     async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError> {
-        let rows = self
-            .with(move |c| {
-                let mut statement = c
-                    .prepare_cached(
-                        "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ?1",
-                    )
-                    .map_err(unavailable)?;
-                let rows = statement
-                    .query_map(params![blob(chat.0)], |row| {
-                        Ok((
-                            row.get::<_, Vec<u8>>(0)?,
-                            row.get::<_, String>(1)?,
-                            row.get::<_, i64>(2)?,
-                        ))
-                    })
-                    .map_err(unavailable)?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(unavailable)?;
-                Ok(rows)
-            })
-            .await?;
-        rows.into_iter()
-            .map(|(user, role, joined)| {
-                Ok(Member {
-                    user_id: UserId(uuid_from(user)?),
-                    role: parse(&role)?,
-                    joined_at: from_millis(joined)?,
-                })
-            })
-            .collect()
+        self.with(move |c| {
+            all(
+                c,
+                "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ?1",
+                params![blob(chat.0)],
+                member_row,
+            )
+        })
+        .await?
+        .into_iter()
+        .map(to_member)
+        .collect()
     }
 
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError> {
@@ -558,45 +569,24 @@ impl Store for EmbeddedStore {
         after: Option<UserId>,
         limit: usize,
     ) -> Result<Vec<Member>, StoreError> {
-        let rows = self
-            .with(move |c| {
-                let after = after.map(|a| blob(a.0).to_vec()).unwrap_or_default();
-                let mut statement = c
-                    .prepare_cached(
-                        "SELECT user_id, role, joined_at FROM chat_members
-                         WHERE chat_id = ?1 AND user_id > ?2 ORDER BY user_id LIMIT ?3",
-                    )
-                    .map_err(unavailable)?;
-                let rows = statement
-                    .query_map(
-                        params![
-                            blob(chat.0),
-                            after,
-                            i64::try_from(limit).unwrap_or(i64::MAX)
-                        ],
-                        |row| {
-                            Ok((
-                                row.get::<_, Vec<u8>>(0)?,
-                                row.get::<_, String>(1)?,
-                                row.get::<_, i64>(2)?,
-                            ))
-                        },
-                    )
-                    .map_err(unavailable)?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(unavailable)?;
-                Ok(rows)
-            })
-            .await?;
-        rows.into_iter()
-            .map(|(user, role, joined)| {
-                Ok(Member {
-                    user_id: UserId(uuid_from(user)?),
-                    role: parse(&role)?,
-                    joined_at: from_millis(joined)?,
-                })
-            })
-            .collect()
+        let after = after.map(|a| blob(a.0).to_vec()).unwrap_or_default();
+        self.with(move |c| {
+            all(
+                c,
+                "SELECT user_id, role, joined_at FROM chat_members
+                 WHERE chat_id = ?1 AND user_id > ?2 ORDER BY user_id LIMIT ?3",
+                params![
+                    blob(chat.0),
+                    after,
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                member_row,
+            )
+        })
+        .await?
+        .into_iter()
+        .map(to_member)
+        .collect()
     }
 
     async fn put_member(&self, chat: ChatId, member: &Member) -> Result<(), StoreError> {
@@ -843,32 +833,25 @@ impl Store for EmbeddedStore {
         after: Option<(String, UserId)>,
         limit: usize,
     ) -> Result<Vec<(String, UserId)>, StoreError> {
+        let (after_emoji, after_user) = match after {
+            Some((emoji, user)) => (emoji, blob(user.0).to_vec()),
+            None => (String::new(), Vec::new()),
+        };
         let rows = self
             .with(move |c| {
-                let (after_emoji, after_user) = match after {
-                    Some((emoji, user)) => (emoji, blob(user.0).to_vec()),
-                    None => (String::new(), Vec::new()),
-                };
-                let rows = c
-                    .prepare_cached(
-                        "SELECT emoji, user_id FROM reactions WHERE chat_id = ?1 AND signal_id = ?2
-                         AND (emoji > ?3 OR (emoji = ?3 AND user_id > ?4)) ORDER BY emoji, user_id LIMIT ?5",
-                    )
-                    .map_err(unavailable)?
-                    .query_map(
-                        params![
-                            blob(chat.0),
-                            blob(signal.0),
-                            after_emoji,
-                            after_user,
-                            i64::try_from(limit).unwrap_or(i64::MAX)
-                        ],
-                        |row| Ok((row.get::<_, String>(0)?, row.get::<_, Vec<u8>>(1)?)),
-                    )
-                    .map_err(unavailable)?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(unavailable)?;
-                Ok(rows)
+                all(
+                    c,
+                    "SELECT emoji, user_id FROM reactions WHERE chat_id = ?1 AND signal_id = ?2
+                     AND (emoji > ?3 OR (emoji = ?3 AND user_id > ?4)) ORDER BY emoji, user_id LIMIT ?5",
+                    params![
+                        blob(chat.0),
+                        blob(signal.0),
+                        after_emoji,
+                        after_user,
+                        i64::try_from(limit).unwrap_or(i64::MAX)
+                    ],
+                    |row| Ok((row.get::<_, String>(0)?, row.get::<_, Vec<u8>>(1)?)),
+                )
             })
             .await?;
         rows.into_iter()
@@ -922,23 +905,16 @@ impl Store for EmbeddedStore {
         after: Option<UserId>,
         limit: usize,
     ) -> Result<Vec<(UserId, SignalId)>, StoreError> {
+        let after = after.map(|a| blob(a.0).to_vec()).unwrap_or_default();
         let rows = self
             .with(move |c| {
-                let after = after.map(|a| blob(a.0).to_vec()).unwrap_or_default();
-                let rows = c
-                    .prepare_cached(
-                        "SELECT user_id, up_to FROM markers WHERE chat_id = ?1 AND kind = ?2 AND user_id > ?3
-                         ORDER BY user_id LIMIT ?4",
-                    )
-                    .map_err(unavailable)?
-                    .query_map(
-                        params![blob(chat.0), kind.as_str(), after, i64::try_from(limit).unwrap_or(i64::MAX)],
-                        |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?)),
-                    )
-                    .map_err(unavailable)?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(unavailable)?;
-                Ok(rows)
+                all(
+                    c,
+                    "SELECT user_id, up_to FROM markers WHERE chat_id = ?1 AND kind = ?2 AND user_id > ?3
+                     ORDER BY user_id LIMIT ?4",
+                    params![blob(chat.0), kind.as_str(), after, i64::try_from(limit).unwrap_or(i64::MAX)],
+                    |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?)),
+                )
             })
             .await?;
         rows.into_iter()
