@@ -212,6 +212,15 @@ struct KeySet {
     unnamed: Vec<CoreJsonWebKey>,
 }
 
+/// The outcome of checking a token's signature against the loaded keys.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Valid,
+    Invalid,
+    /// The token names a key id the loaded set does not have.
+    UnknownKey,
+}
+
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 
 impl OidcIdentity {
@@ -289,7 +298,7 @@ impl OidcIdentity {
         &self,
         jwt: &Jwt,
         alg: &CoreJwsSigningAlgorithm,
-    ) -> Result<bool, AuthError> {
+    ) -> Result<Verdict, AuthError> {
         let guard = self.keys.read().await;
         let Some(set) = guard.as_ref() else {
             return Err(AuthError::Unavailable("no keys loaded".into()));
@@ -297,14 +306,19 @@ impl OidcIdentity {
         let candidates: Vec<&CoreJsonWebKey> = match &jwt.header.kid {
             Some(kid) => match set.keys.get(kid) {
                 Some(key) => vec![key],
-                None => return Ok(false),
+                None => return Ok(Verdict::UnknownKey),
             },
             None => set.unnamed.iter().chain(set.keys.values()).collect(),
         };
-        Ok(candidates.into_iter().any(|key| {
+        let valid = candidates.into_iter().any(|key| {
             key.verify_signature(alg, &jwt.signed, &jwt.signature)
                 .is_ok()
-        }))
+        });
+        Ok(if valid {
+            Verdict::Valid
+        } else {
+            Verdict::Invalid
+        })
     }
 }
 
@@ -325,20 +339,13 @@ impl Identity for OidcIdentity {
             return Err(AuthError::Invalid("unsupported algorithm"));
         }
         self.refresh_keys(false).await?;
-        let mut valid = self.verify_signature(&jwt, &alg).await?;
-        if !valid
-            && jwt.header.kid.as_ref().is_some_and(|kid| {
-                self.keys
-                    .try_read()
-                    .map(|s| s.as_ref().is_some_and(|s| !s.keys.contains_key(kid)))
-                    .unwrap_or(true)
-            })
-        {
-            // An unknown key id: the provider may have rotated its keys.
+        let mut verdict = self.verify_signature(&jwt, &alg).await?;
+        if verdict == Verdict::UnknownKey {
+            // The provider may have rotated its keys.
             self.refresh_keys(true).await?;
-            valid = self.verify_signature(&jwt, &alg).await?;
+            verdict = self.verify_signature(&jwt, &alg).await?;
         }
-        if !valid {
+        if verdict != Verdict::Valid {
             return Err(AuthError::Invalid("bad signature"));
         }
         principal(&jwt.claims, &self.issuer, &self.client_ids, self.leeway)
