@@ -34,6 +34,15 @@ pub(crate) async fn decorate(state: &ApiState, signals: Vec<Signal>) -> ApiResul
         .collect()
 }
 
+/// Fills in one signal's reaction counts.
+pub(crate) async fn decorate_one(state: &ApiState, mut signal: Signal) -> ApiResult<Signal> {
+    signal.reactions = state
+        .store
+        .reaction_counts(signal.chat_id, signal.id)
+        .await?;
+    Ok(signal)
+}
+
 fn check_text(text: Option<&str>) -> ApiResult<String> {
     let text = text.unwrap_or_default();
     if text.trim().is_empty() || text.chars().count() > MAX_TEXT_CHARS {
@@ -212,7 +221,7 @@ pub async fn create(
     };
     match record(&state, &signal, members).await? {
         Inserted::Existing(existing) => {
-            let existing = decorate(&state, vec![existing]).await?.remove(0);
+            let existing = decorate_one(&state, existing).await?;
             Ok((StatusCode::OK, Json(existing)))
         }
         Inserted::Created(created) => Ok((StatusCode::CREATED, Json(created))),
@@ -345,7 +354,7 @@ pub async fn edit(
     signal.text = Some(text);
     signal.edited_at = Some(to_millis(OffsetDateTime::now_utc()));
     state.store.update_signal(&signal).await?;
-    let signal = decorate(&state, vec![signal]).await?.remove(0);
+    let signal = decorate_one(&state, signal).await?;
     state
         .publish_to_members(chat_id, Event::SignalUpdated(signal.clone()))
         .await?;
@@ -389,7 +398,7 @@ pub async fn delete(
     signal.deleted = true;
     signal.text = None;
     state.store.update_signal(&signal).await?;
-    let signal = decorate(&state, vec![signal]).await?.remove(0);
+    let signal = decorate_one(&state, signal).await?;
     state
         .publish_to_members(chat_id, Event::SignalDeleted(signal.clone()))
         .await?;
