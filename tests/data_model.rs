@@ -550,6 +550,60 @@ async fn data_model(stack: Stack) {
     app.stop().await;
 }
 
+/// Many messages into one chat at once: the chat-list position and the author's read marker are
+/// written once per burst, not once per message, and must still end on the newest message.
+async fn burst_into_one_chat(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let (alice, bob) = (app.token("alice").await, app.token("bob").await);
+    let bob_id = app.me(&bob).await;
+    let quiet = app.group_chat(&alice, &[&bob_id]).await;
+    let busy = app.group_chat(&alice, &[&bob_id]).await;
+    send(&app, &alice, &quiet, "later than the busy chat's creation").await;
+
+    const BURST: usize = 40;
+    let path = format!("/v1/chats/{busy}/signals");
+    let posts = (0..BURST).map(|i| {
+        let (app, alice, path) = (&app, &alice, &path);
+        async move {
+            let body = json!({"kind": "message", "nonce": format!("burst-{i}"), "text": format!("burst {i}")});
+            app.post(alice, path, &body).await
+        }
+    });
+    let mut ids = Vec::new();
+    for response in futures::future::join_all(posts).await {
+        let (status, body) = status_of(response).await;
+        assert_eq!(status, 201, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    // Time-ordered ids: the greatest is the newest.
+    let newest = ids.iter().max().unwrap().clone();
+
+    // Right after the last response: bob's list has the busy chat first, on its newest message.
+    let chats = all_pages(&app, &bob, "/v1/chats", 10).await;
+    assert_eq!(chats[0]["id"], busy.as_str(), "{chats:?}");
+    assert_eq!(chats[0]["latest_signal"]["id"], newest.as_str());
+    assert_eq!(chats[0]["unread_count"], BURST);
+    assert_eq!(chats[1]["id"], quiet.as_str());
+    // alice has read everything she wrote.
+    let (_, view) = status_of(app.get(&alice, &format!("/v1/chats/{busy}")).await).await;
+    assert_eq!(view["unread_count"], 0, "{view}");
+
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn burst_into_one_chat_on_the_embedded_default() {
+    burst_into_one_chat(Stack::Embedded).await;
+}
+
+#[tokio::test]
+async fn burst_into_one_chat_on_the_real_stack() {
+    if !support::real_stack_available("burst_into_one_chat_on_the_real_stack").await {
+        return;
+    }
+    burst_into_one_chat(Stack::Real).await;
+}
+
 #[tokio::test]
 async fn data_model_on_the_embedded_default() {
     data_model(Stack::Embedded).await;

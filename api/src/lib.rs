@@ -3,6 +3,7 @@
 //!
 //! Invariant: the API is the only writer to the store, and nothing unchecked reaches it.
 
+pub mod coalesce;
 pub mod error;
 pub mod http;
 pub mod store;

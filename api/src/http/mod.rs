@@ -28,6 +28,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::coalesce::Coalescer;
 use crate::error::ApiError;
 use crate::store::Store;
 
@@ -38,6 +39,10 @@ pub struct ApiState {
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) identity: Arc<dyn Identity>,
     pub(crate) cursors: Signer,
+    /// A chat's position in its members' lists, written once per burst rather than per signal.
+    pub(crate) chat_activity: Arc<Coalescer<ChatId, Vec<UserId>>>,
+    /// Authors' read markers, moved by their own signals.
+    pub(crate) author_markers: Arc<Coalescer<(ChatId, UserId), ()>>,
     provisioned: Arc<Mutex<HashMap<UserId, (User, Instant)>>>,
 }
 
@@ -53,6 +58,8 @@ impl ApiState {
             bus,
             identity,
             cursors: Signer::new(secret, "cursor"),
+            chat_activity: Arc::default(),
+            author_markers: Arc::default(),
             provisioned: Arc::default(),
         }
     }

@@ -65,17 +65,22 @@ async fn record(state: &ApiState, signal: &Signal, members: Vec<UserId>) -> ApiR
                 Event::SignalCreated(created.clone()),
             )
             .await;
+        let chat = created.chat_id;
+        let author = created.author_id;
         let (touched, marked) = futures::join!(
             state
-                .store
-                .touch_chat(created.chat_id, &members, created.id),
+                .chat_activity
+                .advance(chat, created.id, members, |newest, members| async move {
+                    state.store.touch_chat(chat, &members, newest).await
+                }),
             // Writing is reading: the author has seen their own signal.
-            state.store.advance_marker(
-                MarkerKind::Read,
-                created.chat_id,
-                created.author_id,
-                created.id
-            ),
+            state
+                .author_markers
+                .advance((chat, author), created.id, (), |newest, ()| {
+                    state
+                        .store
+                        .advance_marker(MarkerKind::Read, chat, author, newest)
+                }),
         );
         touched?;
         marked?;
