@@ -29,6 +29,11 @@ pub struct BenchArgs {
     /// Messages per second.
     #[arg(long, default_value_t = 500)]
     pub rate: u32,
+    /// Messages sent at the same rate before the measured ones, and not measured. A freshly
+    /// started Cassandra needs about a minute of load before its JIT-compiled paths and start-up
+    /// compactions settle; the figure asked for is the steady state. Pass 0 to measure a cold node.
+    #[arg(long, default_value_t = 30_000)]
+    pub warmup: usize,
     /// Folder for the results file.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
@@ -42,6 +47,8 @@ pub struct BenchArgs {
 }
 
 struct Summary {
+    /// Per-second p99s (by send time), to tell a steady cost from a stall.
+    per_second_p99_ms: Vec<f64>,
     count: u64,
     p50_ms: f64,
     p99_ms: f64,
@@ -53,6 +60,7 @@ impl Summary {
     fn from(histogram: &Histogram<u64>, elapsed: Duration) -> Summary {
         let ms = |us: u64| us as f64 / 1000.0;
         Summary {
+            per_second_p99_ms: Vec::new(),
             count: histogram.len(),
             p50_ms: ms(histogram.value_at_quantile(0.50)),
             p99_ms: ms(histogram.value_at_quantile(0.99)),
@@ -68,6 +76,7 @@ impl Summary {
             "p99_ms": self.p99_ms,
             "max_ms": self.max_ms,
             "messages_per_second": self.per_second,
+            "p99_ms_by_second": self.per_second_p99_ms,
         })
     }
 }
@@ -89,6 +98,7 @@ pub async fn run(args: BenchArgs, mut config: Config) -> anyhow::Result<()> {
     let results = json!({
         "label": args.label,
         "messages": args.messages,
+        "warmup_messages": args.warmup,
         "rate_per_second": args.rate,
         "store": format!("{:?}", config.store.backend),
         "nonces": !args.no_nonce,
@@ -287,12 +297,14 @@ async fn post_to_sse(config: &Config, args: &BenchArgs) -> anyhow::Result<Summar
         .await?
         .error_for_status()?;
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let origin = Instant::now();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let messages = args.messages;
     let reader = {
         let sent = Arc::clone(&sent);
         tokio::spawn(async move {
             let mut histogram = Histogram::<u64>::new(3).expect("valid histogram");
+            let mut by_second: Vec<Histogram<u64>> = Vec::new();
             let mut ready = Some(ready_tx);
             let mut body = sse.bytes_stream();
             let mut buffer = String::new();
@@ -317,31 +329,48 @@ async fn post_to_sse(config: &Config, args: &BenchArgs) -> anyhow::Result<Summar
                             && let Some(text) = event["data"]["text"].as_str()
                             && let Some(at) = sent.lock().ok().and_then(|mut s| s.remove(text))
                         {
-                            let _ = histogram.record(arrived.duration_since(at).as_micros() as u64);
+                            let latency = arrived.duration_since(at).as_micros() as u64;
+                            let _ = histogram.record(latency);
+                            let second = at.duration_since(origin).as_secs() as usize;
+                            if by_second.len() <= second {
+                                by_second.resize_with(second + 1, || {
+                                    Histogram::new(3).expect("valid histogram")
+                                });
+                            }
+                            let _ = by_second[second].record(latency);
                         }
                     }
                 }
             }
-            histogram
+            (histogram, by_second)
         })
     };
     ready_rx
         .await
         .context("the event stream never became ready")?;
 
-    let started = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut posts = Vec::with_capacity(messages);
-    for i in 0..messages {
+    let mut posts = Vec::with_capacity(args.warmup + messages);
+    let mut started = Instant::now();
+    for i in 0..args.warmup + messages {
         ticker.tick().await;
-        let text = format!("message {i}");
+        let measured = i >= args.warmup;
+        if i == args.warmup {
+            started = Instant::now();
+        }
+        // Warm-up messages take the same path; the reader skips them (their text is not in `sent`).
+        let text = if measured {
+            format!("message {i}")
+        } else {
+            format!("warm-up {i}")
+        };
         let body = if args.no_nonce {
             json!({"kind": "message", "text": text})
         } else {
             json!({"kind": "message", "nonce": format!("bench-{i}"), "text": text})
         };
-        if let Ok(mut s) = sent.lock() {
+        if measured && let Ok(mut s) = sent.lock() {
             s.insert(text, Instant::now());
         }
         let request = http
@@ -358,12 +387,18 @@ async fn post_to_sse(config: &Config, args: &BenchArgs) -> anyhow::Result<Summar
             failed += 1;
         }
     }
-    let histogram = reader.await?;
+    let (histogram, by_second) = reader.await?;
     let elapsed = started.elapsed();
     shutdown.cancel();
     let _ = server.await;
     if failed > 0 {
         bail!("{failed} posts failed");
     }
-    Ok(Summary::from(&histogram, elapsed))
+    let mut summary = Summary::from(&histogram, elapsed);
+    summary.per_second_p99_ms = by_second
+        .iter()
+        .filter(|h| !h.is_empty())
+        .map(|h| h.value_at_quantile(0.99) as f64 / 1000.0)
+        .collect();
+    Ok(summary)
 }
