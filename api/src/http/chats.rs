@@ -3,7 +3,6 @@ use std::collections::BTreeSet;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use confab_runtime::Problem;
 use confab_schema::limits::{MAX_CHAT_DESCRIPTION_CHARS, MAX_CHAT_NAME_CHARS, MAX_INITIAL_MEMBERS};
 use confab_schema::model::to_millis;
 use confab_schema::{
@@ -14,6 +13,7 @@ use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use super::responses::{CallerErrors, ChatErrors, Invalid};
 use super::signals::{append_system_signal, decorate};
 use super::{
     ApiJson, ApiPath, ApiQuery, ApiState, Caller, Page, member_of, page_limit, require_member,
@@ -96,9 +96,7 @@ pub(crate) async fn chat_view(
     responses(
         (status = 201, description = "Created", body = Chat),
         (status = 200, description = "The existing direct chat of this pair", body = Chat),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
+        CallerErrors, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -219,8 +217,7 @@ pub struct ListChats {
     params(ListChats),
     responses(
         (status = 200, description = "OK", body = Page<Chat>),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        CallerErrors,
     ),
     security(("bearer" = []))
 )]
@@ -276,10 +273,7 @@ pub async fn list(
     params(("chat_id" = ChatId, Path, description = "The chat")),
     responses(
         (status = 200, description = "OK", body = Chat),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        ChatErrors,
     ),
     security(("bearer" = []))
 )]
@@ -311,11 +305,7 @@ pub struct UpdateChat {
     request_body = UpdateChat,
     responses(
         (status = 200, description = "OK", body = Chat),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
+        ChatErrors, Invalid,
     ),
     security(("bearer" = []))
 )]

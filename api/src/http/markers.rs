@@ -1,11 +1,11 @@
 use axum::Json;
 use axum::extract::State;
-use confab_runtime::Problem;
 use confab_schema::event::MarkerChange;
 use confab_schema::{ChatId, Event, SignalId, UserId};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::responses::{ChatErrors, Invalid};
 use super::{ApiJson, ApiPath, ApiQuery, ApiState, Caller, Page, page_limit, require_member};
 use crate::error::{ApiError, ApiResult};
 use crate::store::MarkerKind;
@@ -64,11 +64,7 @@ async fn advance(
     request_body = AdvanceMarker,
     responses(
         (status = 200, description = "OK", body = MarkerState),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
+        ChatErrors, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -88,11 +84,7 @@ pub async fn read(
     request_body = AdvanceMarker,
     responses(
         (status = 200, description = "OK", body = MarkerState),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
+        ChatErrors, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -178,10 +170,7 @@ async fn reached(
     params(("chat_id" = ChatId, Path, description = "The chat"), ("signal_id" = SignalId, Path, description = "The signal"), ListMarked),
     responses(
         (status = 200, description = "OK", body = Page<Seen>),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        ChatErrors,
     ),
     security(("bearer" = []))
 )]
@@ -208,10 +197,7 @@ pub async fn views(
     params(("chat_id" = ChatId, Path, description = "The chat"), ("signal_id" = SignalId, Path, description = "The signal"), ListMarked),
     responses(
         (status = 200, description = "OK", body = Page<Seen>),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        ChatErrors,
     ),
     security(("bearer" = []))
 )]

@@ -1,7 +1,6 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use confab_runtime::Problem;
 use confab_schema::event::MemberChange;
 use confab_schema::model::to_millis;
 use confab_schema::{ChatId, ChatKind, Event, Member, MemberRole, SignalKind, UserId};
@@ -9,6 +8,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 
+use super::responses::{ChatErrors, Invalid};
 use super::signals::append_system_signal;
 use super::{
     ApiJson, ApiPath, ApiQuery, ApiState, Caller, Page, member_of, page_limit, require_member,
@@ -30,10 +30,7 @@ pub struct ListMembers {
     params(("chat_id" = ChatId, Path, description = "The chat"), ListMembers),
     responses(
         (status = 200, description = "OK", body = Page<Member>),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        ChatErrors,
     ),
     security(("bearer" = []))
 )]
@@ -77,11 +74,7 @@ pub struct AddMember {
     responses(
         (status = 201, description = "Added", body = Member),
         (status = 200, description = "Already a member", body = Member),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
+        ChatErrors, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -145,11 +138,7 @@ pub async fn add(
     params(("chat_id" = ChatId, Path, description = "The chat"), ("user_id" = UserId, Path, description = "The member")),
     responses(
         (status = 204, description = "Removed"),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
+        ChatErrors, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -223,11 +212,7 @@ pub struct SetRole {
     request_body = SetRole,
     responses(
         (status = 200, description = "OK", body = Member),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
+        ChatErrors, Invalid,
     ),
     security(("bearer" = []))
 )]

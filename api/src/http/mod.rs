@@ -6,6 +6,7 @@ mod chats;
 mod markers;
 mod members;
 mod reactions;
+mod responses;
 mod signals;
 mod users;
 

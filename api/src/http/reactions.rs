@@ -1,12 +1,12 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use confab_runtime::Problem;
 use confab_schema::event::ReactionChange;
 use confab_schema::{ChatId, Event, SignalId, UserId};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::responses::{ChatErrors, Invalid};
 use super::{ApiPath, ApiQuery, ApiState, Caller, Page, page_limit, require_member};
 use crate::error::{ApiError, ApiResult};
 
@@ -95,11 +95,7 @@ async fn count(
     responses(
         (status = 201, description = "Added", body = ReactionChange),
         (status = 200, description = "Already there", body = ReactionChange),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
+        ChatErrors, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -138,11 +134,7 @@ pub async fn add(
     ),
     responses(
         (status = 200, description = "OK", body = ReactionChange),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
+        ChatErrors, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -196,10 +188,7 @@ pub struct Reaction {
     ),
     responses(
         (status = 200, description = "OK", body = Page<Reaction>),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        ChatErrors,
     ),
     security(("bearer" = []))
 )]

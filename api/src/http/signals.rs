@@ -1,7 +1,6 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use confab_runtime::Problem;
 use confab_schema::limits::{MAX_NONCE_BYTES, MAX_TEXT_CHARS};
 use confab_schema::model::to_millis;
 use confab_schema::{ChatId, Event, Signal, SignalId, SignalKind, UserId};
@@ -10,6 +9,7 @@ use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use super::responses::{ChatErrors, Invalid};
 use super::{
     ApiJson, ApiPath, ApiQuery, ApiState, Caller, Page, not_member, page_limit, require_member,
 };
@@ -149,12 +149,7 @@ pub struct CreateSignal {
     responses(
         (status = 201, description = "Stored", body = Signal),
         (status = 200, description = "Already stored with this nonce", body = Signal),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "A dependency is unavailable", body = Problem, content_type = "application/problem+json"),
+        ChatErrors, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -253,10 +248,7 @@ pub struct ListSignals {
     params(("chat_id" = ChatId, Path, description = "The chat"), ListSignals),
     responses(
         (status = 200, description = "OK", body = Page<Signal>),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+        ChatErrors,
     ),
     security(("bearer" = []))
 )]
@@ -331,11 +323,7 @@ async fn load(state: &ApiState, chat: ChatId, id: SignalId) -> ApiResult<Signal>
     request_body = EditSignal,
     responses(
         (status = 200, description = "OK", body = Signal),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
+        ChatErrors, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -372,11 +360,7 @@ pub async fn edit(
     params(("chat_id" = ChatId, Path, description = "The chat"), ("signal_id" = SignalId, Path, description = "The signal")),
     responses(
         (status = 200, description = "The tombstone", body = Signal),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid content", body = Problem, content_type = "application/problem+json"),
+        ChatErrors, Invalid,
     ),
     security(("bearer" = []))
 )]

@@ -5,6 +5,7 @@ use confab_schema::{User, UserId};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
+use super::responses::CallerErrors;
 use super::{ApiQuery, ApiState, Caller, Page, page_limit};
 use crate::error::{ApiError, ApiResult};
 use crate::store::search_users;
@@ -15,6 +16,7 @@ use crate::store::search_users;
     responses(
         (status = 200, description = "OK", body = User),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A dependency is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -42,8 +44,7 @@ pub struct SearchUsers {
     params(SearchUsers),
     responses(
         (status = 200, description = "OK", body = Page<User>),
-        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        CallerErrors,
     ),
     security(("bearer" = []))
 )]

@@ -1,0 +1,78 @@
+//! The error responses of the API's OpenAPI description, declared once. Every error is an
+//! `application/problem+json` body (see `crate::error`, the one place errors become HTTP). A handler
+//! lists its success responses and then the groups below that apply to it.
+
+use confab_runtime::Problem;
+use utoipa::IntoResponses;
+
+/// Every authenticated call: malformed input, a missing or invalid token, and the store or the bus
+/// being down.
+#[allow(dead_code)] // Variants exist for the OpenAPI description only.
+#[derive(IntoResponses)]
+pub(crate) enum CallerErrors {
+    #[response(
+        status = 400,
+        description = "Malformed request",
+        content_type = "application/problem+json"
+    )]
+    Malformed(Problem),
+    #[response(
+        status = 401,
+        description = "Missing or invalid token",
+        content_type = "application/problem+json"
+    )]
+    Unauthenticated(Problem),
+    #[response(
+        status = 503,
+        description = "A dependency is unavailable",
+        content_type = "application/problem+json"
+    )]
+    Unavailable(Problem),
+}
+
+/// Calls on one chat or something in it: the [`CallerErrors`], plus refusals to non-members and
+/// unknown chats.
+#[allow(dead_code)] // Variants exist for the OpenAPI description only.
+#[derive(IntoResponses)]
+pub(crate) enum ChatErrors {
+    #[response(
+        status = 400,
+        description = "Malformed request",
+        content_type = "application/problem+json"
+    )]
+    Malformed(Problem),
+    #[response(
+        status = 401,
+        description = "Missing or invalid token",
+        content_type = "application/problem+json"
+    )]
+    Unauthenticated(Problem),
+    #[response(
+        status = 403,
+        description = "Not allowed",
+        content_type = "application/problem+json"
+    )]
+    Forbidden(Problem),
+    #[response(
+        status = 404,
+        description = "Not found",
+        content_type = "application/problem+json"
+    )]
+    NotFound(Problem),
+    #[response(
+        status = 503,
+        description = "A dependency is unavailable",
+        content_type = "application/problem+json"
+    )]
+    Unavailable(Problem),
+}
+
+/// Content that is well-formed but breaks a rule (lengths, kinds, roles, the last owner…).
+#[allow(dead_code)] // Exists for the OpenAPI description only.
+#[derive(IntoResponses)]
+#[response(
+    status = 422,
+    description = "Invalid content",
+    content_type = "application/problem+json"
+)]
+pub(crate) struct Invalid(Problem);
