@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use confab_api::store::Store;
+use confab_api::store::cql::signal_bucket;
 use confab_api::store::cql::{self, CqlOptions, CqlStore};
 use confab_runtime::config::{Config, StoreBackend};
-use confab_schema::migrations::signal_bucket;
 use confab_schema::{ChatId, Signal, SignalId, SignalKind, UserId};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -128,7 +128,7 @@ pub async fn run(args: StoreBenchArgs, config: Config) -> anyhow::Result<()> {
     if args.messages == 0 || args.chats == 0 || args.reads == 0 {
         bail!("--messages, --chats and --reads must be positive");
     }
-    let mut options = CqlOptions::from_config(&config.store);
+    let mut options = CqlOptions::from_config(&config);
     options.keyspace = format!("bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     options.request_timeout = Duration::from_secs(30);
     cql::migrate(&options).await?;

@@ -75,7 +75,7 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dy
             Ok(Arc::new(store))
         }
         StoreBackend::Cql => {
-            let options = CqlOptions::from_config(&config.store);
+            let options = CqlOptions::from_config(config);
             if migrate {
                 cql::migrate(&options)
                     .await

@@ -97,7 +97,7 @@ async fn serve(role: Role, config: Config) -> anyhow::Result<()> {
 async fn migrate(config: &Config) -> anyhow::Result<()> {
     match config.store.backend {
         StoreBackend::Cql => {
-            let options = confab_api::store::cql::CqlOptions::from_config(&config.store);
+            let options = confab_api::store::cql::CqlOptions::from_config(config);
             let applied = confab_api::store::cql::migrate(&options).await?;
             println!(
                 "keyspace {}: applied migrations {applied:?}",

@@ -220,16 +220,22 @@ async fn distributed_services_run_the_flow_on_the_real_stack() {
     api.terminate().await;
     notifier.terminate().await;
     plexer.terminate().await;
+    let keyspace = env
+        .iter()
+        .find(|(k, _)| k == "CONFAB_STORE__KEYSPACE")
+        .unwrap()
+        .1
+        .clone();
     let options = confab_api::store::cql::CqlOptions {
         contact_points: vec![support::cql_contact_points()],
-        keyspace: env
-            .iter()
-            .find(|(k, _)| k == "CONFAB_STORE__KEYSPACE")
-            .unwrap()
-            .1
-            .clone(),
+        keyspace: keyspace.clone(),
         replication: String::new(),
         request_timeout: std::time::Duration::from_secs(20),
+        nonce_ttl: std::time::Duration::from_secs(60),
+        parity: confab_api::store::cql::SendParity::JetStream {
+            nats_url: support::nats_url(),
+            bucket: format!("{}_nonces", keyspace),
+        },
     };
     let _ = confab_api::store::cql::drop_keyspace(&options).await;
 }

@@ -114,6 +114,23 @@ pub struct StoreConfig {
     pub request_timeout_ms: u64,
     /// Embedded database file. Default `<data_dir>/confab.sqlite3`.
     pub embedded_path: Option<PathBuf>,
+    /// How long, in seconds, a message's nonce makes a repeated send return the first one instead
+    /// of storing a second. Retries come within seconds or minutes; after this the nonce is
+    /// forgotten. Default 3600.
+    pub nonce_ttl_secs: u64,
+    /// How the CQL store settles racing sends of one nonce: `jetstream` (a compare-and-set in a
+    /// JetStream key-value bucket on `bus.nats_url`, no Paxos round) or `lwt` (a lightweight
+    /// transaction per send, for deployments without NATS). Default `jetstream`. The embedded store
+    /// settles them in its own transaction and ignores this.
+    pub send_parity: SendParityMode,
+}
+
+/// See [`StoreConfig::send_parity`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendParityMode {
+    Jetstream,
+    Lwt,
 }
 
 impl Default for StoreConfig {
@@ -125,6 +142,8 @@ impl Default for StoreConfig {
             replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
             request_timeout_ms: 5_000,
             embedded_path: None,
+            nonce_ttl_secs: 3_600,
+            send_parity: SendParityMode::Jetstream,
         }
     }
 }

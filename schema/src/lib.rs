@@ -1,5 +1,5 @@
 //! The vocabulary every confab process shares: ids, the wire model, the event envelope published on the
-//! bus, subject names, input limits and the CQL migrations.
+//! bus, subject names and input limits.
 //!
 //! Invariant: this crate does no I/O. It is linked by every process and by clients' test code, so it
 //! stays free of drivers, runtimes and sockets.
@@ -7,7 +7,6 @@
 pub mod event;
 pub mod ids;
 pub mod limits;
-pub mod migrations;
 pub mod model;
 pub mod subjects;
 

@@ -245,7 +245,7 @@ impl TestApp {
                 .unwrap();
         }
         if self.stack == Stack::Real {
-            let options = confab_api::store::cql::CqlOptions::from_config(&self.config.store);
+            let options = confab_api::store::cql::CqlOptions::from_config(&self.config);
             let _ = confab_api::store::cql::drop_keyspace(&options).await;
         }
     }

@@ -14,15 +14,12 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::responses::{CallerErrors, ChatErrors, Invalid};
-use super::signals::{append_system_signal, decorate};
+use super::signals::append_system_signal;
 use super::{
     ApiJson, ApiPath, ApiQuery, ApiState, Caller, Page, member_of, page_limit, require_member,
 };
 use crate::error::{ApiError, ApiResult};
-use crate::store::{ChatActivity, MarkerKind, NewChat};
-
-/// Unread counts stop counting here; clients show "100+".
-pub(crate) const UNREAD_CAP: usize = 100;
+use crate::store::{ChatActivity, NewChat, UNREAD_CAP};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -63,29 +60,42 @@ fn direct_chat_id(a: UserId, b: UserId) -> ChatId {
     ))
 }
 
-/// The chat as `caller` sees it: their role, the latest signal and their unread count.
-pub(crate) async fn chat_view(
+/// The chats as `caller` sees them: their role, the latest signal and their unread count. A
+/// constant number of store round trips for the entries, then one bounded count per chat that has
+/// signals past the caller's read marker.
+pub(crate) async fn chat_views(
     state: &ApiState,
-    mut chat: Chat,
+    chats: &[ChatId],
     caller: &User,
-    role: MemberRole,
-) -> ApiResult<Chat> {
-    chat.my_role = Some(role);
-    let latest = state.store.signals_before(chat.id, None, 1).await?;
-    chat.latest_signal = decorate(state, latest)
+) -> ApiResult<Vec<Chat>> {
+    let entries = state.store.chat_entries(caller.id, chats).await?;
+    let counts = futures::future::try_join_all(entries.iter().map(|entry| async move {
+        if !entry.may_have_unread() {
+            return Ok(0);
+        }
+        state
+            .store
+            .count_unread(entry.chat.id, entry.read_marker, caller.id, UNREAD_CAP)
+            .await
+    }))
+    .await?;
+    Ok(entries
+        .into_iter()
+        .zip(counts)
+        .map(|(entry, unread)| Chat {
+            unread_count: unread as u64,
+            ..entry.chat
+        })
+        .collect())
+}
+
+/// One chat as `caller` sees it.
+pub(crate) async fn chat_view(state: &ApiState, chat: ChatId, caller: &User) -> ApiResult<Chat> {
+    chat_views(state, &[chat], caller)
         .await?
         .into_iter()
         .next()
-        .map(Box::new);
-    let read = state
-        .store
-        .marker(MarkerKind::Read, chat.id, caller.id)
-        .await?;
-    chat.unread_count = state
-        .store
-        .count_unread(chat.id, read, caller.id, UNREAD_CAP)
-        .await? as u64;
-    Ok(chat)
+        .ok_or(ApiError::NotFound("no such chat"))
 }
 
 /// Creates a group (the caller as owner plus the named members) or a direct chat (the caller and
@@ -150,11 +160,8 @@ pub async fn create(
             };
             let id = direct_chat_id(caller.id, other);
             if let Some(existing) = state.store.get_chat(id).await? {
-                let role = require_member(&state, id, caller.id).await?;
-                return Ok((
-                    StatusCode::OK,
-                    Json(chat_view(&state, existing, &caller, role).await?),
-                ));
+                require_member(&state, existing.id, caller.id).await?;
+                return Ok((StatusCode::OK, Json(chat_view(&state, id, &caller).await?)));
             }
             (
                 id,
@@ -175,7 +182,7 @@ pub async fn create(
     let member_ids: Vec<UserId> = new_chat.members.iter().map(|(m, _)| *m).collect();
     state
         .store
-        .touch_chat(id, &member_ids, SignalId::new())
+        .touch_chat(id, &member_ids, SignalId::new(), None)
         .await?;
     let chat = Chat {
         id: new_chat.id,
@@ -241,25 +248,8 @@ pub async fn list(
         .await?;
     let more = rows.len() > limit;
     let rows = &rows[..rows.len().min(limit)];
-    let views = futures::future::join_all(rows.iter().map(|row| {
-        let (state, caller) = (&state, &caller);
-        async move {
-            let Some(role) = state.store.member_role(row.chat_id, caller.id).await? else {
-                return Ok(None);
-            };
-            let Some(chat) = state.store.get_chat(row.chat_id).await? else {
-                return Ok(None);
-            };
-            chat_view(state, chat, caller, role).await.map(Some)
-        }
-    }))
-    .await;
-    let mut items = Vec::with_capacity(rows.len());
-    for view in views {
-        if let Some(chat) = view? {
-            items.push(chat);
-        }
-    }
+    let ids: Vec<ChatId> = rows.iter().map(|row| row.chat_id).collect();
+    let items = chat_views(&state, &ids, &caller).await?;
     let next_cursor = match rows.last() {
         Some(last) if more => Some(state.cursor(&list, (last.chat_id, last.activity))),
         _ => None,
@@ -282,8 +272,8 @@ pub async fn get(
     Caller(caller): Caller,
     ApiPath(chat_id): ApiPath<ChatId>,
 ) -> ApiResult<Json<Chat>> {
-    let (role, chat) = member_of(&state, chat_id, caller.id).await?;
-    Ok(Json(chat_view(&state, chat, &caller, role).await?))
+    member_of(&state, chat_id, caller.id).await?;
+    Ok(Json(chat_view(&state, chat_id, &caller).await?))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -367,5 +357,5 @@ pub async fn update(
     state
         .publish_to_members(chat_id, Event::ChatUpdated(Box::new(updated.clone())))
         .await?;
-    Ok(Json(chat_view(&state, updated, &caller, role).await?))
+    Ok(Json(chat_view(&state, updated.id, &caller).await?))
 }

@@ -41,7 +41,7 @@ pub struct ApiState {
     pub(crate) identity: Arc<dyn Identity>,
     pub(crate) cursors: Signer,
     /// A chat's position in its members' lists, written once per burst rather than per signal.
-    pub(crate) chat_activity: Arc<Coalescer<ChatId, Vec<UserId>>>,
+    pub(crate) chat_activity: Arc<Coalescer<ChatId, (Vec<UserId>, confab_schema::Signal)>>,
     /// Authors' read markers, moved by their own signals.
     pub(crate) author_markers: Arc<Coalescer<(ChatId, UserId), ()>>,
     provisioned: Arc<Mutex<HashMap<UserId, (User, Instant)>>>,

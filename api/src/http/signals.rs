@@ -16,22 +16,20 @@ use super::{
 use crate::error::{ApiError, ApiResult};
 use crate::store::{Inserted, MarkerKind};
 
-/// Fills in each signal's reaction counts.
+/// Fills in each signal's reaction counts: one store round trip per history bucket.
 pub(crate) async fn decorate(state: &ApiState, signals: Vec<Signal>) -> ApiResult<Vec<Signal>> {
-    let counts = futures::future::join_all(
-        signals
-            .iter()
-            .map(|s| state.store.reaction_counts(s.chat_id, s.id)),
-    )
-    .await;
-    signals
+    let Some(chat) = signals.first().map(|s| s.chat_id) else {
+        return Ok(signals);
+    };
+    let ids: Vec<SignalId> = signals.iter().map(|s| s.id).collect();
+    let mut counts = state.store.reaction_counts_of(chat, &ids).await?;
+    Ok(signals
         .into_iter()
-        .zip(counts)
-        .map(|(mut signal, counts)| {
-            signal.reactions = counts?;
-            Ok(signal)
+        .map(|mut signal| {
+            signal.reactions = counts.remove(&signal.id).unwrap_or_default();
+            signal
         })
-        .collect()
+        .collect())
 }
 
 /// Fills in one signal's reaction counts.
@@ -65,27 +63,79 @@ async fn record(state: &ApiState, signal: &Signal, members: Vec<UserId>) -> ApiR
                 Event::SignalCreated(created.clone()),
             )
             .await;
-        let chat = created.chat_id;
-        let author = created.author_id;
-        let (touched, marked) = futures::join!(
-            state
-                .chat_activity
-                .advance(chat, created.id, members, |newest, members| async move {
-                    state.store.touch_chat(chat, &members, newest).await
-                }),
-            // Writing is reading: the author has seen their own signal.
-            state
-                .author_markers
-                .advance((chat, author), created.id, (), |newest, ()| {
-                    state
-                        .store
-                        .advance_marker(MarkerKind::Read, chat, author, newest)
-                }),
-        );
-        touched?;
-        marked?;
+        bookkeep(state, created, members).await;
     }
     Ok(inserted)
+}
+
+/// After a signal is stored and published: moves the chat up in its members' lists and the author's
+/// read marker to it, coalesced per chat. The signal is history already, so a failure here is not
+/// the sender's failure: it is retried in the background, and the send still succeeds.
+async fn bookkeep(state: &ApiState, created: &Signal, members: Vec<UserId>) {
+    let touched = touch(state, created.clone(), members.clone()).await;
+    let marked = mark_authors_read(state, created).await;
+    if touched.is_ok() && marked.is_ok() {
+        return;
+    }
+    for error in [touched.err(), marked.err()].into_iter().flatten() {
+        tracing::warn!(%error, chat = %created.chat_id, "bookkeeping after a send failed; retrying in the background");
+    }
+    metrics::counter!("confab_bookkeeping_retries_total").increment(1);
+    let state = state.clone();
+    let created = created.clone();
+    tokio::spawn(async move {
+        let mut delay = std::time::Duration::from_millis(200);
+        for _ in 0..8 {
+            tokio::time::sleep(delay).await;
+            let touched = touch(&state, created.clone(), members.clone()).await;
+            let marked = mark_authors_read(&state, &created).await;
+            if touched.is_ok() && marked.is_ok() {
+                return;
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(10));
+        }
+        metrics::counter!("confab_bookkeeping_failures_total").increment(1);
+        tracing::error!(chat = %created.chat_id, signal = %created.id, "bookkeeping after a send gave up");
+    });
+}
+
+/// Moves the chat to `created` in its members' lists (one write per burst of a chat).
+async fn touch(
+    state: &ApiState,
+    created: Signal,
+    members: Vec<UserId>,
+) -> Result<(), crate::store::StoreError> {
+    let chat = created.chat_id;
+    state
+        .chat_activity
+        .advance(
+            chat,
+            created.id,
+            (members, created),
+            |newest, (members, latest)| async move {
+                state
+                    .store
+                    .touch_chat(chat, &members, newest, Some(&latest))
+                    .await
+            },
+        )
+        .await
+}
+
+/// Writing is reading: the author has seen their own signal.
+async fn mark_authors_read(
+    state: &ApiState,
+    created: &Signal,
+) -> Result<(), crate::store::StoreError> {
+    let (chat, author) = (created.chat_id, created.author_id);
+    state
+        .author_markers
+        .advance((chat, author), created.id, (), |newest, ()| {
+            state
+                .store
+                .advance_marker(MarkerKind::Read, chat, author, newest)
+        })
+        .await
 }
 
 /// Writes a `joined`, `left` or `renamed` signal into the history, for the current members.
@@ -335,19 +385,29 @@ pub async fn edit(
 ) -> ApiResult<Json<Signal>> {
     let text = check_text(Some(&body.text))?;
     require_member(&state, chat_id, caller.id).await?;
-    let mut signal = load(&state, chat_id, signal_id).await?;
+    let signal = load(&state, chat_id, signal_id).await?;
     if signal.author_id != caller.id {
         return Err(ApiError::Forbidden("only the author edits a signal"));
     }
+    let not_editable =
+        || ApiError::Unprocessable("only messages that are not deleted can be edited".into());
     if signal.kind != SignalKind::Message || signal.deleted {
-        return Err(ApiError::Unprocessable(
-            "only messages that are not deleted can be edited".into(),
-        ));
+        return Err(not_editable());
     }
-    signal.text = Some(text);
-    signal.edited_at = Some(to_millis(OffsetDateTime::now_utc()));
-    state.store.update_signal(&signal).await?;
-    let signal = decorate_one(&state, signal).await?;
+    let signal = state
+        .store
+        .edit_signal(
+            chat_id,
+            signal_id,
+            &text,
+            to_millis(OffsetDateTime::now_utc()),
+        )
+        .await?
+        .ok_or(ApiError::NotFound("no such signal"))?;
+    if signal.deleted {
+        // Deleted while this edit was on its way: the deletion stands.
+        return Err(not_editable());
+    }
     state
         .publish_to_members(chat_id, Event::SignalUpdated(signal.clone()))
         .await?;
@@ -370,7 +430,7 @@ pub async fn delete(
     ApiPath((chat_id, signal_id)): ApiPath<(ChatId, SignalId)>,
 ) -> ApiResult<Json<Signal>> {
     let role = require_member(&state, chat_id, caller.id).await?;
-    let mut signal = load(&state, chat_id, signal_id).await?;
+    let signal = load(&state, chat_id, signal_id).await?;
     if signal.author_id != caller.id && !role.is_admin() {
         return Err(ApiError::Forbidden(
             "only the author or an admin deletes a signal",
@@ -382,12 +442,13 @@ pub async fn delete(
         ));
     }
     if signal.deleted {
-        return Ok(Json(signal));
+        return Ok(Json(decorate_one(&state, signal).await?));
     }
-    signal.deleted = true;
-    signal.text = None;
-    state.store.update_signal(&signal).await?;
-    let signal = decorate_one(&state, signal).await?;
+    let signal = state
+        .store
+        .delete_signal(chat_id, signal_id)
+        .await?
+        .ok_or(ApiError::NotFound("no such signal"))?;
     state
         .publish_to_members(chat_id, Event::SignalDeleted(signal.clone()))
         .await?;

@@ -1,31 +1,61 @@
 //! One behavioural suite every [`Store`] implementation must pass. The tests in `api/tests` run it
-//! against the embedded store and against the CQL store on a fresh keyspace.
+//! against the embedded store and against the CQL store on a fresh keyspace, one test per case
+//! ([`store_conformance_tests!`](crate::store_conformance_tests)).
 
 use std::collections::HashSet;
+
+use futures::StreamExt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use confab_schema::{ChatId, ChatKind, MemberRole, Signal, SignalId, SignalKind, User, UserId};
 use time::OffsetDateTime;
 use uuid::{Timestamp, Uuid};
 
-use super::{ChatActivity, Inserted, MarkerKind, NewChat, Store, search_users};
+use super::{
+    ChatActivity, Inserted, MarkerKind, NewChat, Store, UNREAD_CAP, UNREAD_SCAN_LIMIT, search_users,
+};
 use confab_schema::Member;
 
-/// Runs every check against `store`, which must be empty.
-pub async fn test_suite(store: Arc<dyn Store>) {
-    store.check().await.expect("store answers");
-    users(&*store).await;
-    chats_and_members(&*store).await;
-    send_parity(&*store).await;
-    racing_senders_store_one_signal(Arc::clone(&store)).await;
-    history_pages_newest_first_across_buckets(&*store).await;
-    chats_do_not_share_history(&*store).await;
-    user_search(&*store).await;
-    membership_changes(&*store).await;
-    activity_orders_chats(&*store).await;
-    edits_tombstones_and_forward_paging(&*store).await;
-    reactions_count_once_per_user(&*store).await;
-    markers_move_forward_only(&*store).await;
+/// The cases, one test each, so that one failure does not hide the others. Every case makes its own
+/// users and chats, so cases may share one store and run concurrently.
+#[macro_export]
+macro_rules! store_conformance_tests {
+    // `$open` is an async block giving `Option<Arc<dyn Store>>` (`None`: skip, the store is not
+    // reachable and the suite was told it may skip).
+    ($open:expr) => {
+        $crate::store_conformance_tests!(@cases $open;
+            users,
+            chats_and_members,
+            send_parity,
+            racing_senders_store_one_signal,
+            deleted_text_is_kept_nowhere,
+            history_pages_newest_first_across_buckets,
+            chats_do_not_share_history,
+            user_search,
+            membership_changes,
+            activity_orders_chats,
+            activity_of_a_leaver_does_not_come_back,
+            edits_tombstones_and_forward_paging,
+            an_edit_never_undoes_a_delete,
+            an_edit_wins_over_the_original_whatever_the_clocks,
+            reactions_count_once_per_user,
+            reaction_counts_of_a_page,
+            chat_entries_show_role_latest_and_marker,
+            unread_counts_are_capped_and_the_scan_bounded,
+            markers_move_forward_only
+        );
+    };
+    (@cases $open:expr; $($case:ident),+) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                if let Some(store) = $open.await {
+                    $crate::store::conformance::$case(store).await;
+                }
+            }
+        )+
+    };
 }
 
 fn user(name: &str) -> User {
@@ -83,7 +113,8 @@ fn message(chat: ChatId, author: UserId, nonce: Option<&str>, text: &str) -> Sig
     message_at(chat, author, SignalId::new(), nonce, text)
 }
 
-async fn users(store: &dyn Store) {
+pub async fn users(store: Arc<dyn Store>) {
+    let store = &*store;
     let mut alice = user("alice");
     assert_eq!(store.get_user(alice.id).await.unwrap(), None);
     store.upsert_user(&alice).await.unwrap();
@@ -94,7 +125,8 @@ async fn users(store: &dyn Store) {
     assert_eq!(store.get_user(alice.id).await.unwrap(), Some(alice));
 }
 
-async fn chats_and_members(store: &dyn Store) {
+pub async fn chats_and_members(store: Arc<dyn Store>) {
+    let store = &*store;
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
     assert!(store.get_chat(ChatId::new()).await.unwrap().is_none());
     let chat = chat_with(store, alice.id, &[bob.id]).await;
@@ -125,7 +157,8 @@ async fn chats_and_members(store: &dyn Store) {
     );
 }
 
-async fn send_parity(store: &dyn Store) {
+pub async fn send_parity(store: Arc<dyn Store>) {
+    let store = &*store;
     let alice = user("alice");
     let bob = user("bob");
     let chat = chat_with(store, alice.id, &[bob.id]).await;
@@ -162,7 +195,7 @@ async fn send_parity(store: &dyn Store) {
     assert_eq!(history[2], first);
 }
 
-async fn racing_senders_store_one_signal(store: Arc<dyn Store>) {
+pub async fn racing_senders_store_one_signal(store: Arc<dyn Store>) {
     let alice = user("alice");
     let chat = chat_with(&*store, alice.id, &[]).await;
     let racers: Vec<_> = (0..8)
@@ -203,7 +236,8 @@ fn id_days_ago(days_ago: u64, offset_ms: u64) -> SignalId {
     )))
 }
 
-async fn history_pages_newest_first_across_buckets(store: &dyn Store) {
+pub async fn history_pages_newest_first_across_buckets(store: Arc<dyn Store>) {
+    let store = &*store;
     let alice = user("alice");
     let chat = chat_with(store, alice.id, &[]).await;
     assert!(
@@ -265,7 +299,8 @@ async fn history_pages_newest_first_across_buckets(store: &dyn Store) {
     );
 }
 
-async fn chats_do_not_share_history(store: &dyn Store) {
+pub async fn chats_do_not_share_history(store: Arc<dyn Store>) {
+    let store = &*store;
     let alice = user("alice");
     let one = chat_with(store, alice.id, &[]).await;
     let two = chat_with(store, alice.id, &[]).await;
@@ -287,7 +322,8 @@ async fn chats_do_not_share_history(store: &dyn Store) {
     );
 }
 
-async fn user_search(store: &dyn Store) {
+pub async fn user_search(store: Arc<dyn Store>) {
+    let store = &*store;
     let tag = &Uuid::new_v4().simple().to_string()[..8];
     let make = |username: String, display: String, email: Option<String>| User {
         id: UserId::from_subject("conformance", &username),
@@ -357,7 +393,8 @@ async fn user_search(store: &dyn Store) {
     );
 }
 
-async fn membership_changes(store: &dyn Store) {
+pub async fn membership_changes(store: Arc<dyn Store>) {
+    let store = &*store;
     let owner = user("owner");
     let others: Vec<User> = (0..7).map(|i| user(&format!("m{i}"))).collect();
     let chat = chat_with(
@@ -422,14 +459,15 @@ async fn membership_changes(store: &dyn Store) {
     assert_eq!(updated.description.as_deref(), Some("about"));
 }
 
-async fn activity_orders_chats(store: &dyn Store) {
+pub async fn activity_orders_chats(store: Arc<dyn Store>) {
+    let store = &*store;
     let alice = user("alice");
     let bob = user("bob");
     let mut chats = Vec::new();
     for _ in 0..5 {
         let chat = chat_with(store, alice.id, &[bob.id]).await;
         store
-            .touch_chat(chat, &[alice.id, bob.id], SignalId::new())
+            .touch_chat(chat, &[alice.id, bob.id], SignalId::new(), None)
             .await
             .unwrap();
         chats.push(chat);
@@ -444,12 +482,12 @@ async fn activity_orders_chats(store: &dyn Store) {
     // A new signal in the oldest chat moves it to the front, for every member.
     let moved = SignalId::new();
     store
-        .touch_chat(chats[0], &[alice.id, bob.id], moved)
+        .touch_chat(chats[0], &[alice.id, bob.id], moved, None)
         .await
         .unwrap();
     // An older activity arriving late does not move it back.
     store
-        .touch_chat(chats[0], &[alice.id, bob.id], id_days_ago(1, 0))
+        .touch_chat(chats[0], &[alice.id, bob.id], id_days_ago(1, 0), None)
         .await
         .unwrap();
     let mut expected = vec![chats[0]];
@@ -480,7 +518,8 @@ async fn activity_orders_chats(store: &dyn Store) {
     assert!(order(store.chats_by_activity(alice.id, None, 10).await.unwrap()).contains(&chats[2]));
 }
 
-async fn edits_tombstones_and_forward_paging(store: &dyn Store) {
+pub async fn edits_tombstones_and_forward_paging(store: Arc<dyn Store>) {
+    let store = &*store;
     let alice = user("alice");
     let bob = user("bob");
     let chat = chat_with(store, alice.id, &[bob.id]).await;
@@ -524,17 +563,33 @@ async fn edits_tombstones_and_forward_paging(store: &dyn Store) {
     let mut edited = store.get_signal(chat, ids[2]).await.unwrap().unwrap();
     edited.text = Some("edited".into());
     edited.edited_at = Some(confab_schema::model::to_millis(OffsetDateTime::now_utc()));
-    store.update_signal(&edited).await.unwrap();
+    let answered = store
+        .edit_signal(chat, ids[2], "edited", edited.edited_at.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(answered.as_ref(), Some(&edited));
     assert_eq!(
         store.get_signal(chat, ids[2]).await.unwrap().unwrap(),
         edited
     );
+    assert_eq!(
+        store
+            .edit_signal(chat, SignalId::new(), "x", OffsetDateTime::now_utc())
+            .await
+            .unwrap(),
+        None,
+        "no such signal"
+    );
 
     // A tombstone has no text, in history too.
-    let mut deleted = store.get_signal(chat, ids[3]).await.unwrap().unwrap();
-    deleted.deleted = true;
-    deleted.text = None;
-    store.update_signal(&deleted).await.unwrap();
+    let deleted = store.delete_signal(chat, ids[3]).await.unwrap().unwrap();
+    assert!(deleted.deleted);
+    assert_eq!(deleted.text, None);
+    assert_eq!(
+        store.delete_signal(chat, ids[3]).await.unwrap(),
+        Some(deleted),
+        "idempotent"
+    );
     let history = store.signals_before(chat, None, 10).await.unwrap();
     let tombstone = history.iter().find(|s| s.id == ids[3]).unwrap();
     assert!(tombstone.deleted);
@@ -564,7 +619,8 @@ async fn edits_tombstones_and_forward_paging(store: &dyn Store) {
     );
 }
 
-async fn reactions_count_once_per_user(store: &dyn Store) {
+pub async fn reactions_count_once_per_user(store: Arc<dyn Store>) {
+    let store = &*store;
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = chat_with(store, alice.id, &[bob.id]).await;
     let signal = message(chat, alice.id, None, "react to me");
@@ -653,7 +709,8 @@ async fn reactions_count_once_per_user(store: &dyn Store) {
     );
 }
 
-async fn markers_move_forward_only(store: &dyn Store) {
+pub async fn markers_move_forward_only(store: Arc<dyn Store>) {
+    let store = &*store;
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = chat_with(store, alice.id, &[bob.id]).await;
     let older = id_days_ago(2, 0);
@@ -706,4 +763,331 @@ async fn markers_move_forward_only(store: &dyn Store) {
     }
     let read: HashSet<(UserId, SignalId)> = read.into_iter().collect();
     assert_eq!(read, HashSet::from([(bob.id, newer), (alice.id, older)]));
+}
+
+/// A UUIDv7 for a moment `ms_ahead` milliseconds after now: a signal created by a process whose
+/// clock runs ahead of this one's.
+fn id_ahead(ms_ahead: u64) -> SignalId {
+    let ahead = OffsetDateTime::now_utc() + Duration::from_millis(ms_ahead);
+    let nanos = ahead.unix_timestamp_nanos();
+    SignalId(Uuid::new_v7(Timestamp::from_unix(
+        uuid::NoContext,
+        (nanos / 1_000_000_000) as u64,
+        (nanos % 1_000_000_000) as u32,
+    )))
+}
+
+pub async fn deleted_text_is_kept_nowhere(store: Arc<dyn Store>) {
+    let alice = user("alice");
+    let chat = chat_with(&*store, alice.id, &[]).await;
+    let sent = message(chat, alice.id, Some("to-delete"), "a secret");
+    store.insert_signal(&sent).await.unwrap();
+    let tombstone = store.delete_signal(chat, sent.id).await.unwrap().unwrap();
+    assert!(tombstone.deleted && tombstone.text.is_none());
+    // A retry of the deleted send gets the tombstone: the nonce record kept no text to answer (or
+    // repair) with.
+    let retry = message(chat, alice.id, Some("to-delete"), "a secret");
+    match store.insert_signal(&retry).await.unwrap() {
+        Inserted::Existing(existing) => {
+            assert_eq!(existing.id, sent.id);
+            assert!(existing.deleted, "{existing:?}");
+            assert_eq!(existing.text, None);
+        }
+        other => panic!("expected the tombstone, got {other:?}"),
+    }
+    let stored = store.get_signal(chat, sent.id).await.unwrap().unwrap();
+    assert!(stored.deleted && stored.text.is_none(), "{stored:?}");
+    assert_eq!(store.signals_before(chat, None, 10).await.unwrap().len(), 1);
+}
+
+pub async fn an_edit_never_undoes_a_delete(store: Arc<dyn Store>) {
+    let alice = user("alice");
+    let chat = chat_with(&*store, alice.id, &[]).await;
+    // An edit that arrives after the deletion (it read the signal before it was deleted).
+    let late = message(chat, alice.id, None, "original");
+    store.insert_signal(&late).await.unwrap();
+    store.delete_signal(chat, late.id).await.unwrap();
+    let answered = store
+        .edit_signal(chat, late.id, "edited too late", OffsetDateTime::now_utc())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answered.deleted && answered.text.is_none(), "{answered:?}");
+    let stored = store.get_signal(chat, late.id).await.unwrap().unwrap();
+    assert!(stored.deleted && stored.text.is_none(), "{stored:?}");
+
+    // Edits and deletions racing, many times over: every signal ends deleted, without text.
+    let mut racing = Vec::new();
+    for round in 0..12 {
+        let signal = message(chat, alice.id, None, &format!("round {round}"));
+        store.insert_signal(&signal).await.unwrap();
+        racing.push(signal.id);
+    }
+    let races = racing.iter().map(|id| {
+        let store = Arc::clone(&store);
+        let id = *id;
+        async move {
+            let (edit_store, delete_store) = (Arc::clone(&store), store);
+            let edit = tokio::spawn(async move {
+                for n in 0..3 {
+                    edit_store
+                        .edit_signal(chat, id, &format!("edit {n}"), OffsetDateTime::now_utc())
+                        .await
+                        .unwrap();
+                }
+            });
+            let delete =
+                tokio::spawn(async move { delete_store.delete_signal(chat, id).await.unwrap() });
+            edit.await.unwrap();
+            delete.await.unwrap();
+        }
+    });
+    futures::future::join_all(races).await;
+    for id in racing {
+        let stored = store.get_signal(chat, id).await.unwrap().unwrap();
+        assert!(stored.deleted, "an edit undid a deletion: {stored:?}");
+        assert_eq!(stored.text, None, "text survived a deletion: {stored:?}");
+    }
+    let history = store.signals_before(chat, None, 20).await.unwrap();
+    assert!(history.iter().all(|s| s.deleted && s.text.is_none()));
+}
+
+pub async fn an_edit_wins_over_the_original_whatever_the_clocks(store: Arc<dyn Store>) {
+    let alice = user("alice");
+    let chat = chat_with(&*store, alice.id, &[]).await;
+    // Sent through a process whose clock is two minutes ahead; edited through one that is right.
+    let sent = message_at(chat, alice.id, id_ahead(120_000), Some("skewed"), "first");
+    store.insert_signal(&sent).await.unwrap();
+    let edited_at = confab_schema::model::to_millis(OffsetDateTime::now_utc());
+    store
+        .edit_signal(chat, sent.id, "second", edited_at)
+        .await
+        .unwrap();
+    let stored = store.get_signal(chat, sent.id).await.unwrap().unwrap();
+    assert_eq!(stored.text.as_deref(), Some("second"), "{stored:?}");
+    // A retry of the send re-writes the original (repairing a winner that died): it must not undo
+    // the edit either.
+    let retry = message(chat, alice.id, Some("skewed"), "first");
+    let existing = store.insert_signal(&retry).await.unwrap();
+    assert_eq!(existing.signal().text.as_deref(), Some("second"));
+    let stored = store.get_signal(chat, sent.id).await.unwrap().unwrap();
+    assert_eq!(stored.text.as_deref(), Some("second"));
+    assert_eq!(stored.edited_at, Some(edited_at));
+}
+
+pub async fn activity_of_a_leaver_does_not_come_back(store: Arc<dyn Store>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let store = &*store;
+    let chat = chat_with(store, alice.id, &[bob.id]).await;
+    store
+        .touch_chat(chat, &[alice.id, bob.id], SignalId::new(), None)
+        .await
+        .unwrap();
+    // Bob leaves while a send that read the members before he left is still moving the chat.
+    store.remove_member(chat, bob.id).await.unwrap();
+    store.untouch_chat(chat, bob.id).await.unwrap();
+    store
+        .touch_chat(chat, &[alice.id, bob.id], SignalId::new(), None)
+        .await
+        .unwrap();
+    let listed = |user: UserId| async move {
+        store
+            .chats_by_activity(user, None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.chat_id)
+            .collect::<Vec<_>>()
+    };
+    assert!(!listed(bob.id).await.contains(&chat));
+    assert!(listed(alice.id).await.contains(&chat));
+    // Removed for good, not only skipped.
+    assert!(!listed(bob.id).await.contains(&chat));
+}
+
+pub async fn reaction_counts_of_a_page(store: Arc<dyn Store>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = chat_with(&*store, alice.id, &[bob.id]).await;
+    let mut ids = Vec::new();
+    // Across two history buckets.
+    for (days_ago, i) in [(3u64, 0u64), (3, 1), (0, 0), (0, 1), (0, 2)] {
+        let id = id_days_ago(days_ago, i * 10);
+        store
+            .insert_signal(&message_at(chat, alice.id, id, None, "m"))
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    store
+        .add_reaction(chat, ids[0], "👍", bob.id)
+        .await
+        .unwrap();
+    store
+        .add_reaction(chat, ids[0], "👍", alice.id)
+        .await
+        .unwrap();
+    store
+        .add_reaction(chat, ids[3], "🎉", bob.id)
+        .await
+        .unwrap();
+    store
+        .add_reaction(chat, ids[4], "🎉", bob.id)
+        .await
+        .unwrap();
+    store
+        .remove_reaction(chat, ids[4], "🎉", bob.id)
+        .await
+        .unwrap();
+    let counts = store.reaction_counts_of(chat, &ids[..4]).await.unwrap();
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert_eq!(
+        counts[&ids[0]],
+        [("👍".to_owned(), 2)].into_iter().collect()
+    );
+    assert_eq!(
+        counts[&ids[3]],
+        [("🎉".to_owned(), 1)].into_iter().collect()
+    );
+    assert!(
+        store
+            .reaction_counts_of(chat, &ids[4..])
+            .await
+            .unwrap()
+            .is_empty(),
+        "a count back at zero is not listed"
+    );
+}
+
+pub async fn chat_entries_show_role_latest_and_marker(store: Arc<dyn Store>) {
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let store = &*store;
+    let with_bob = chat_with(store, alice.id, &[bob.id]).await;
+    let without_bob = chat_with(store, alice.id, &[carol.id]).await;
+    let quiet = chat_with(store, alice.id, &[bob.id]).await;
+    store
+        .touch_chat(quiet, &[alice.id, bob.id], SignalId::new(), None)
+        .await
+        .unwrap();
+    let mut sent = Vec::new();
+    for text in ["one", "two"] {
+        let signal = message(with_bob, alice.id, None, text);
+        store.insert_signal(&signal).await.unwrap();
+        store
+            .touch_chat(with_bob, &[alice.id, bob.id], signal.id, Some(&signal))
+            .await
+            .unwrap();
+        sent.push(signal);
+    }
+    store
+        .advance_marker(MarkerKind::Read, with_bob, bob.id, sent[0].id)
+        .await
+        .unwrap();
+    let entries = store
+        .chat_entries(bob.id, &[quiet, without_bob, with_bob])
+        .await
+        .unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.chat.id).collect::<Vec<_>>(),
+        vec![quiet, with_bob],
+        "in the order asked, without chats bob is not in"
+    );
+    let (quiet_entry, entry) = (&entries[0], &entries[1]);
+    assert_eq!(quiet_entry.chat.latest_signal, None);
+    assert!(!quiet_entry.may_have_unread());
+    assert_eq!(entry.chat.my_role, Some(MemberRole::Member));
+    assert_eq!(entry.chat.name.as_deref(), Some("test"));
+    assert_eq!(entry.read_marker, Some(sent[0].id));
+    assert!(entry.may_have_unread());
+    assert_eq!(
+        entry.chat.latest_signal.as_ref().map(|s| s.id),
+        Some(sent[1].id)
+    );
+
+    // Edits, reactions and deletion of the latest signal show in the entry.
+    store
+        .edit_signal(
+            with_bob,
+            sent[1].id,
+            "two, edited",
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+    store
+        .add_reaction(with_bob, sent[1].id, "👍", bob.id)
+        .await
+        .unwrap();
+    let latest = |entries: Vec<crate::store::ChatEntry>| {
+        entries[0].chat.latest_signal.clone().map(|s| *s).unwrap()
+    };
+    let shown = latest(store.chat_entries(bob.id, &[with_bob]).await.unwrap());
+    assert_eq!(shown.text.as_deref(), Some("two, edited"));
+    assert_eq!(shown.reactions.get("👍"), Some(&1));
+    store.delete_signal(with_bob, sent[1].id).await.unwrap();
+    let shown = latest(store.chat_entries(bob.id, &[with_bob]).await.unwrap());
+    assert!(shown.deleted && shown.text.is_none(), "{shown:?}");
+    // An older signal's change does not replace the latest one.
+    store
+        .edit_signal(
+            with_bob,
+            sent[0].id,
+            "one, edited",
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        latest(store.chat_entries(bob.id, &[with_bob]).await.unwrap()).id,
+        sent[1].id
+    );
+    // A chat touched without a copy of its signal (as before copies existed) still shows it.
+    let third = message(with_bob, alice.id, None, "three");
+    store.insert_signal(&third).await.unwrap();
+    store
+        .touch_chat(with_bob, &[alice.id, bob.id], third.id, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        latest(store.chat_entries(bob.id, &[with_bob]).await.unwrap()).text,
+        Some("three".into())
+    );
+}
+
+pub async fn unread_counts_are_capped_and_the_scan_bounded(store: Arc<dyn Store>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = chat_with(&*store, alice.id, &[bob.id]).await;
+    // More of bob's own signals than a count scans, then one of alice's.
+    let own: Vec<Signal> = (0..UNREAD_SCAN_LIMIT)
+        .map(|i| message(chat, bob.id, None, &format!("mine {i}")))
+        .collect();
+    futures::stream::iter(own)
+        .map(|signal| {
+            let store = Arc::clone(&store);
+            async move { store.insert_signal(&signal).await.unwrap() }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let hers = message(chat, alice.id, None, "hers");
+    store.insert_signal(&hers).await.unwrap();
+    assert_eq!(
+        store
+            .count_unread(chat, None, bob.id, UNREAD_CAP)
+            .await
+            .unwrap(),
+        UNREAD_CAP,
+        "past the scan limit the count is reported as the cap"
+    );
+    assert_eq!(
+        store
+            .count_unread(chat, None, alice.id, UNREAD_CAP)
+            .await
+            .unwrap(),
+        UNREAD_CAP,
+        "capped"
+    );
+    assert_eq!(
+        store.count_unread(chat, None, alice.id, 5).await.unwrap(),
+        5
+    );
 }

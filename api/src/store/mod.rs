@@ -8,9 +8,9 @@ pub mod conformance;
 pub mod cql;
 pub mod embedded;
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-
-use std::collections::BTreeMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use confab_runtime::telemetry::ReadinessCheck;
@@ -69,6 +69,41 @@ impl MarkerKind {
         match self {
             MarkerKind::Read => "read",
             MarkerKind::Delivered => "delivered",
+        }
+    }
+}
+
+/// How long a nonce protects against a repeated send when no setting says otherwise. Retries come
+/// within seconds or minutes; an hour also covers a client that lost a response and came back later.
+pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(3_600);
+
+/// Unread counts stop counting here; clients show "100+".
+pub const UNREAD_CAP: usize = 100;
+
+/// An unread count scans at most this many signals after the reader's marker. A chat with more
+/// signals than that after the marker (own messages and deletions do not count as unread) reports
+/// [`UNREAD_CAP`], so the scan never grows with the history.
+pub const UNREAD_SCAN_LIMIT: usize = 1_000;
+
+/// One chat as a member sees it in their list, read in a constant number of store round trips per
+/// page (see `Store::chat_entries`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatEntry {
+    /// The chat with `my_role` and `latest_signal` (with its reaction counts) filled in;
+    /// `unread_count` is left to [`Store::count_unread`].
+    pub chat: Chat,
+    /// The member's read marker.
+    pub read_marker: Option<SignalId>,
+}
+
+impl ChatEntry {
+    /// Whether the newest signal is past the member's read marker (only then can anything be
+    /// unread, and only then is an unread count worth a scan).
+    pub fn may_have_unread(&self) -> bool {
+        match (&self.chat.latest_signal, self.read_marker) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(latest), Some(marker)) => latest.id > marker,
         }
     }
 }
@@ -134,16 +169,19 @@ pub trait Store: Send + Sync + 'static {
 
     // Activity.
 
-    /// Moves `chat` to `activity` in the activity order of each of `members`.
+    /// Moves `chat` to `activity` in the activity order of each of `members`, and records `latest`
+    /// (the signal whose id is `activity`; `None` when the chat was just created) as its newest.
     async fn touch_chat(
         &self,
         chat: ChatId,
         members: &[UserId],
         activity: SignalId,
+        latest: Option<&Signal>,
     ) -> Result<(), StoreError>;
     /// Takes `chat` out of `user`'s activity order (they left).
     async fn untouch_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
-    /// `user`'s chats, most recent activity first, after `after`.
+    /// `user`'s chats, most recent activity first, after `after`. Rows left behind by a concurrent
+    /// move, or by a touch that raced the user's leaving, are skipped and removed.
     async fn chats_by_activity(
         &self,
         user: UserId,
@@ -151,14 +189,35 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ChatActivity>, StoreError>;
 
+    /// The entries of `chats` as `user` sees them, in the order given; chats `user` is not a member
+    /// of are left out. A constant number of store round trips, whatever the number of chats.
+    async fn chat_entries(
+        &self,
+        user: UserId,
+        chats: &[ChatId],
+    ) -> Result<Vec<ChatEntry>, StoreError>;
+
     // Signals.
 
     /// Stores `signal` unless its author already stored one with the same nonce in the same chat, in
     /// which case that one is returned. Holds when two requests race.
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError>;
     async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError>;
-    /// Rewrites a stored signal's text, `edited_at` and `deleted` (edits and tombstones).
-    async fn update_signal(&self, signal: &Signal) -> Result<(), StoreError>;
+    /// Sets a message's text and `edited_at`, unless it is deleted. Returns the signal as stored
+    /// afterwards (a tombstone if it was deleted, before or concurrently), or `None` if there is no
+    /// such signal. An edit never undoes a deletion and never loses to the original text, whatever
+    /// the clocks of the processes involved.
+    async fn edit_signal(
+        &self,
+        chat: ChatId,
+        id: SignalId,
+        text: &str,
+        edited_at: OffsetDateTime,
+    ) -> Result<Option<Signal>, StoreError>;
+    /// Turns a signal into a tombstone: `deleted`, no text, here and in the send-parity record.
+    /// Idempotent. Returns the tombstone, or `None` if there is no such signal.
+    async fn delete_signal(&self, chat: ChatId, id: SignalId)
+    -> Result<Option<Signal>, StoreError>;
     /// Up to `limit` signals of `chat` older than `before` (or the newest), newest first.
     async fn signals_before(
         &self,
@@ -174,7 +233,8 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Signal>, StoreError>;
     /// How many messages (not deleted, not by `reader`) `chat` has after `after` (all when `None`),
-    /// counting at most `cap`.
+    /// counting at most `cap` and scanning at most [`UNREAD_SCAN_LIMIT`] signals (beyond which it
+    /// answers `cap`).
     async fn count_unread(
         &self,
         chat: ChatId,
@@ -185,7 +245,8 @@ pub trait Store: Send + Sync + 'static {
 
     // Reactions.
 
-    /// Adds `user`'s `emoji` reaction; `false` when it was already there.
+    /// Adds `user`'s `emoji` reaction; `false` when it was already there. Either way the count of
+    /// that emoji is brought up to date, so a retry repairs a count that a failure left behind.
     async fn add_reaction(
         &self,
         chat: ChatId,
@@ -193,7 +254,7 @@ pub trait Store: Send + Sync + 'static {
         emoji: &str,
         user: UserId,
     ) -> Result<bool, StoreError>;
-    /// Removes it; `false` when it was not there.
+    /// Removes it; `false` when it was not there. Either way the count is brought up to date.
     async fn remove_reaction(
         &self,
         chat: ChatId,
@@ -206,7 +267,20 @@ pub trait Store: Send + Sync + 'static {
         &self,
         chat: ChatId,
         signal: SignalId,
-    ) -> Result<BTreeMap<String, i64>, StoreError>;
+    ) -> Result<BTreeMap<String, i64>, StoreError> {
+        Ok(self
+            .reaction_counts_of(chat, &[signal])
+            .await?
+            .remove(&signal)
+            .unwrap_or_default())
+    }
+    /// The reaction counts of several signals of `chat` (a page of history): one store round trip
+    /// per history bucket the signals fall in. Signals without reactions are absent.
+    async fn reaction_counts_of(
+        &self,
+        chat: ChatId,
+        signals: &[SignalId],
+    ) -> Result<HashMap<SignalId, BTreeMap<String, i64>>, StoreError>;
     /// Who reacted with what, in (emoji, user) order after `after`.
     async fn reactions_page(
         &self,

@@ -5,8 +5,10 @@
 //! server to run. One connection behind a mutex is enough for one machine: writes are serialised by
 //! SQLite anyway, and every call runs on the blocking pool so it never stalls the async runtime.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use confab_schema::{Chat, ChatId, Member, MemberRole, Signal, SignalId, User, UserId};
@@ -14,88 +16,38 @@ use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::{
-    ChatActivity, Inserted, MarkerKind, NewChat, Store, StoreError, created_at, from_millis,
-    millis, parse, search_terms,
+    ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, Inserted, MarkerKind, NewChat, Store, StoreError,
+    UNREAD_SCAN_LIMIT, created_at, from_millis, millis, parse, search_terms,
 };
 use std::collections::BTreeMap;
 
+/// The schema, one file per version, applied in order and recorded in `PRAGMA user_version`.
 const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE users (
-    id BLOB PRIMARY KEY,
-    username TEXT NOT NULL,
-    display_name TEXT NOT NULL,
-    email TEXT,
-    updated_at INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE chats (
-    id BLOB PRIMARY KEY,
-    kind TEXT NOT NULL,
-    name TEXT,
-    description TEXT,
-    created_at INTEGER NOT NULL,
-    created_by BLOB NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE chat_members (
-    chat_id BLOB NOT NULL,
-    user_id BLOB NOT NULL,
-    role TEXT NOT NULL,
-    joined_at INTEGER NOT NULL,
-    PRIMARY KEY (chat_id, user_id)
-) WITHOUT ROWID;
-CREATE INDEX chat_members_by_user ON chat_members (user_id, chat_id);
--- Signal ids are UUIDv7 stored big-endian, so byte order is time order.
-CREATE TABLE signals (
-    chat_id BLOB NOT NULL,
-    id BLOB NOT NULL,
-    kind TEXT NOT NULL,
-    author_id BLOB NOT NULL,
-    nonce TEXT,
-    text TEXT,
-    reply_to BLOB,
-    attachments TEXT NOT NULL DEFAULT '[]',
-    edited_at INTEGER,
-    deleted INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (chat_id, id)
-) WITHOUT ROWID;
-CREATE UNIQUE INDEX signals_send_parity ON signals (chat_id, author_id, nonce) WHERE nonce IS NOT NULL;
-"#,
-    r#"
-CREATE TABLE user_terms (
-    term TEXT NOT NULL,
-    user_id BLOB NOT NULL,
-    PRIMARY KEY (term, user_id)
-) WITHOUT ROWID;
-CREATE TABLE chat_activity (
-    chat_id BLOB PRIMARY KEY,
-    activity BLOB NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE reactions (
-    chat_id BLOB NOT NULL,
-    signal_id BLOB NOT NULL,
-    emoji TEXT NOT NULL,
-    user_id BLOB NOT NULL,
-    PRIMARY KEY (chat_id, signal_id, emoji, user_id)
-) WITHOUT ROWID;
-CREATE TABLE markers (
-    chat_id BLOB NOT NULL,
-    kind TEXT NOT NULL,
-    user_id BLOB NOT NULL,
-    up_to BLOB NOT NULL,
-    PRIMARY KEY (chat_id, kind, user_id)
-) WITHOUT ROWID;
-"#,
+    include_str!("schema/0001_initial.sql"),
+    include_str!("schema/0002_activity_reactions_markers_search.sql"),
+    include_str!("schema/0003_nonces_with_expiry.sql"),
 ];
 
 pub struct EmbeddedStore {
     connection: Arc<Mutex<Connection>>,
+    /// How long a nonce protects against a repeated send, in milliseconds.
+    nonce_ttl_ms: i64,
     /// Stops the background checkpointer when the store is dropped.
     _checkpointer: std::sync::mpsc::Sender<()>,
 }
 
 impl EmbeddedStore {
-    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date. Nonces
+    /// expire after [`DEFAULT_NONCE_TTL`].
     pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
+        Self::open_with_nonce_ttl(path, DEFAULT_NONCE_TTL)
+    }
+
+    /// [`EmbeddedStore::open`], with nonces expiring after `nonce_ttl`.
+    pub fn open_with_nonce_ttl(
+        path: &Path,
+        nonce_ttl: Duration,
+    ) -> Result<EmbeddedStore, StoreError> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         }
@@ -112,6 +64,7 @@ impl EmbeddedStore {
         migrate(&connection)?;
         Ok(EmbeddedStore {
             connection: Arc::new(Mutex::new(connection)),
+            nonce_ttl_ms: i64::try_from(nonce_ttl.as_millis()).unwrap_or(i64::MAX),
             _checkpointer: spawn_checkpointer(path)?,
         })
     }
@@ -268,6 +221,76 @@ fn to_signal(row: SignalRow) -> Result<Signal, StoreError> {
     })
 }
 
+/// A chat as stored (`my_role`, `latest_signal` and `unread_count` left empty).
+fn chat_row(c: &Connection, id: ChatId) -> Result<Option<Chat>, StoreError> {
+    let row = c
+        .prepare_cached(
+            "SELECT kind, name, description, created_at, created_by FROM chats WHERE id = ?1",
+        )
+        .map_err(unavailable)?
+        .query_row(params![blob(id.0)], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, Option<String>>(1)?,
+                row.get::<_, Option<String>>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, Vec<u8>>(4)?,
+            ))
+        })
+        .optional()
+        .map_err(unavailable)?;
+    row.map(|(kind, name, description, created_at, created_by)| {
+        Ok(Chat {
+            id,
+            kind: parse(&kind)?,
+            name,
+            description,
+            created_at: from_millis(created_at)?,
+            created_by: UserId(uuid_from(created_by)?),
+            my_role: None,
+            latest_signal: None,
+            unread_count: 0,
+        })
+    })
+    .transpose()
+}
+
+/// Emoji → count of one signal's reactions.
+fn reaction_counts(
+    c: &Connection,
+    chat: ChatId,
+    signal: SignalId,
+) -> Result<BTreeMap<String, i64>, StoreError> {
+    c.prepare_cached(
+        "SELECT emoji, COUNT(*) FROM reactions WHERE chat_id = ?1 AND signal_id = ?2 GROUP BY emoji",
+    )
+    .map_err(unavailable)?
+    .query_map(params![blob(chat.0), blob(signal.0)], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+    })
+    .map_err(unavailable)?
+    .collect::<Result<BTreeMap<_, _>, _>>()
+    .map_err(unavailable)
+}
+
+/// A signal with its reaction counts.
+fn decorated(c: &Connection, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError> {
+    let row = c
+        .prepare_cached(&format!(
+            "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ?1 AND id = ?2"
+        ))
+        .map_err(unavailable)?
+        .query_row(params![blob(chat.0), blob(id.0)], signal_row)
+        .optional()
+        .map_err(unavailable)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let mut signal = to_signal(row)?;
+    signal.reactions = reaction_counts(c, chat, id)?;
+    Ok(Some(signal))
+}
+
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn check(&self) -> Result<(), StoreError> {
@@ -360,39 +383,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn get_chat(&self, id: ChatId) -> Result<Option<Chat>, StoreError> {
-        let row = self
-            .with(move |c| {
-                c.query_row(
-                    "SELECT kind, name, description, created_at, created_by FROM chats WHERE id = ?1",
-                    params![blob(id.0)],
-                    |row| {
-                        Ok((
-                            row.get::<_, String>(0)?,
-                            row.get::<_, Option<String>>(1)?,
-                            row.get::<_, Option<String>>(2)?,
-                            row.get::<_, i64>(3)?,
-                            row.get::<_, Vec<u8>>(4)?,
-                        ))
-                    },
-                )
-                .optional()
-                .map_err(unavailable)
-            })
-            .await?;
-        row.map(|(kind, name, description, created, created_by)| {
-            Ok(Chat {
-                id,
-                kind: parse(&kind)?,
-                name,
-                description,
-                created_at: from_millis(created)?,
-                created_by: UserId(uuid_from(created_by)?),
-                my_role: None,
-                latest_signal: None,
-                unread_count: 0,
-            })
-        })
-        .transpose()
+        self.with(move |c| chat_row(c, id)).await
     }
 
     async fn member_role(
@@ -431,45 +422,72 @@ impl Store for EmbeddedStore {
 
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError> {
         let signal = signal.clone();
+        let ttl = self.nonce_ttl_ms;
         self.with(move |c| {
             let tx = c.transaction().map_err(unavailable)?;
-            let attachments = serde_json::to_string(&signal.attachments).unwrap_or_else(|_| "[]".into());
-            // The partial unique index makes a second (chat, author, nonce) a no-op.
-            let stored = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO signals (chat_id, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            if let Some(nonce) = &signal.nonce {
+                let now = millis(time::OffsetDateTime::now_utc());
+                // Forget a few expired nonces on every send, oldest first: bounded work, and the
+                // table stays the size of one TTL's sends.
+                tx.prepare_cached(
+                    "DELETE FROM signal_nonces WHERE (chat_id, author_id, nonce) IN
+                     (SELECT chat_id, author_id, nonce FROM signal_nonces WHERE claimed_at < ?1
+                      ORDER BY claimed_at LIMIT 16)",
                 )
                 .map_err(unavailable)?
-                .execute(params![
-                    blob(signal.chat_id.0),
-                    blob(signal.id.0),
-                    signal.kind.as_str(),
-                    blob(signal.author_id.0),
-                    signal.nonce,
-                    signal.text,
-                    signal.reply_to.map(|r| blob(r.0)),
-                    attachments,
-                    signal.edited_at.map(millis),
-                    signal.deleted
-                ])
+                .execute(params![now - ttl])
                 .map_err(unavailable)?;
-            let outcome = if stored == 1 {
-                Inserted::Created(signal)
-            } else {
-                let row = tx
+                let holder: Option<(Vec<u8>, i64)> = tx
                     .query_row(
-                        &format!(
-                            "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ?1 AND author_id = ?2 AND nonce = ?3"
-                        ),
-                        params![blob(signal.chat_id.0), blob(signal.author_id.0), signal.nonce],
-                        signal_row,
+                        "SELECT signal_id, claimed_at FROM signal_nonces
+                         WHERE chat_id = ?1 AND author_id = ?2 AND nonce = ?3",
+                        params![blob(signal.chat_id.0), blob(signal.author_id.0), nonce],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
                     )
+                    .optional()
                     .map_err(unavailable)?;
-                Inserted::Existing(to_signal(row)?)
-            };
+                if let Some((holder, claimed_at)) = holder
+                    && claimed_at >= now - ttl
+                {
+                    let row = tx
+                        .query_row(
+                            &format!("SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ?1 AND id = ?2"),
+                            params![blob(signal.chat_id.0), holder],
+                            signal_row,
+                        )
+                        .map_err(unavailable)?;
+                    let existing = to_signal(row)?;
+                    tx.commit().map_err(unavailable)?;
+                    return Ok(Inserted::Existing(existing));
+                }
+                tx.execute(
+                    "INSERT OR REPLACE INTO signal_nonces (chat_id, author_id, nonce, signal_id, claimed_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![blob(signal.chat_id.0), blob(signal.author_id.0), nonce, blob(signal.id.0), now],
+                )
+                .map_err(unavailable)?;
+            }
+            let attachments = serde_json::to_string(&signal.attachments).unwrap_or_else(|_| "[]".into());
+            tx.prepare_cached(
+                "INSERT INTO signals (chat_id, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .map_err(unavailable)?
+            .execute(params![
+                blob(signal.chat_id.0),
+                blob(signal.id.0),
+                signal.kind.as_str(),
+                blob(signal.author_id.0),
+                signal.nonce,
+                signal.text,
+                signal.reply_to.map(|r| blob(r.0)),
+                attachments,
+                signal.edited_at.map(millis),
+                signal.deleted
+            ])
+            .map_err(unavailable)?;
             tx.commit().map_err(unavailable)?;
-            Ok(outcome)
+            Ok(Inserted::Created(signal))
         })
         .await
     }
@@ -620,6 +638,7 @@ impl Store for EmbeddedStore {
         chat: ChatId,
         _members: &[UserId],
         activity: SignalId,
+        _latest: Option<&Signal>,
     ) -> Result<(), StoreError> {
         // One row per chat: the members' view of it is a join.
         self.with(move |c| {
@@ -695,21 +714,95 @@ impl Store for EmbeddedStore {
         row.map(to_signal).transpose()
     }
 
-    async fn update_signal(&self, signal: &Signal) -> Result<(), StoreError> {
-        let signal = signal.clone();
+    async fn edit_signal(
+        &self,
+        chat: ChatId,
+        id: SignalId,
+        text: &str,
+        edited_at: time::OffsetDateTime,
+    ) -> Result<Option<Signal>, StoreError> {
+        let text = text.to_owned();
         self.with(move |c| {
-            c.execute(
-                "UPDATE signals SET text = ?3, edited_at = ?4, deleted = ?5 WHERE chat_id = ?1 AND id = ?2",
-                params![
-                    blob(signal.chat_id.0),
-                    blob(signal.id.0),
-                    signal.text,
-                    signal.edited_at.map(millis),
-                    signal.deleted
-                ],
+            let tx = c.transaction().map_err(unavailable)?;
+            // One transaction: a deleted signal stays deleted.
+            tx.execute(
+                "UPDATE signals SET text = ?3, edited_at = ?4 WHERE chat_id = ?1 AND id = ?2 AND deleted = 0",
+                params![blob(chat.0), blob(id.0), text, millis(edited_at)],
             )
             .map_err(unavailable)?;
-            Ok(())
+            let signal = decorated(&tx, chat, id)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(signal)
+        })
+        .await
+    }
+
+    async fn delete_signal(
+        &self,
+        chat: ChatId,
+        id: SignalId,
+    ) -> Result<Option<Signal>, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            // The nonce record holds only the signal's id, so the text lives nowhere else.
+            tx.execute(
+                "UPDATE signals SET deleted = 1, text = NULL WHERE chat_id = ?1 AND id = ?2",
+                params![blob(chat.0), blob(id.0)],
+            )
+            .map_err(unavailable)?;
+            let signal = decorated(&tx, chat, id)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(signal)
+        })
+        .await
+    }
+
+    async fn chat_entries(
+        &self,
+        user: UserId,
+        chats: &[ChatId],
+    ) -> Result<Vec<ChatEntry>, StoreError> {
+        let chats = chats.to_vec();
+        self.with(move |c| {
+            let mut entries = Vec::with_capacity(chats.len());
+            for chat_id in chats {
+                let Some(role) = c
+                    .prepare_cached("SELECT role FROM chat_members WHERE chat_id = ?1 AND user_id = ?2")
+                    .map_err(unavailable)?
+                    .query_row(params![blob(chat_id.0), blob(user.0)], |row| row.get::<_, String>(0))
+                    .optional()
+                    .map_err(unavailable)?
+                else {
+                    continue;
+                };
+                let Some(mut chat) = chat_row(c, chat_id)? else {
+                    continue;
+                };
+                chat.my_role = Some(parse(&role)?);
+                let latest: Option<Vec<u8>> = c
+                    .prepare_cached("SELECT id FROM signals WHERE chat_id = ?1 ORDER BY id DESC LIMIT 1")
+                    .map_err(unavailable)?
+                    .query_row(params![blob(chat_id.0)], |row| row.get(0))
+                    .optional()
+                    .map_err(unavailable)?;
+                if let Some(latest) = latest {
+                    chat.latest_signal =
+                        decorated(c, chat_id, SignalId(uuid_from(latest)?))?.map(Box::new);
+                }
+                let read_marker: Option<Vec<u8>> = c
+                    .prepare_cached(
+                        "SELECT up_to FROM markers WHERE chat_id = ?1 AND kind = 'read' AND user_id = ?2",
+                    )
+                    .map_err(unavailable)?
+                    .query_row(params![blob(chat_id.0), blob(user.0)], |row| row.get(0))
+                    .optional()
+                    .map_err(unavailable)?;
+                entries.push(ChatEntry {
+                    chat,
+                    read_marker: read_marker.map(uuid_from).transpose()?.map(SignalId),
+                });
+            }
+            Ok(entries)
         })
         .await
     }
@@ -747,19 +840,29 @@ impl Store for EmbeddedStore {
     ) -> Result<usize, StoreError> {
         self.with(move |c| {
             let after = after.map(|a| blob(a.0).to_vec()).unwrap_or_default();
-            let count: i64 = c
+            // Scan at most UNREAD_SCAN_LIMIT signals after the marker; count those that are unread.
+            let (scanned, unread): (i64, i64) = c
                 .prepare_cached(
-                    "SELECT COUNT(*) FROM (SELECT 1 FROM signals
-                     WHERE chat_id = ?1 AND id > ?2 AND kind = 'message' AND deleted = 0 AND author_id != ?3
-                     LIMIT ?4)",
+                    "SELECT COUNT(*), COALESCE(SUM(unread), 0) FROM
+                     (SELECT (kind = 'message' AND deleted = 0 AND author_id != ?3) AS unread
+                      FROM signals WHERE chat_id = ?1 AND id > ?2 ORDER BY id LIMIT ?4)",
                 )
                 .map_err(unavailable)?
                 .query_row(
-                    params![blob(chat.0), after, blob(reader.0), i64::try_from(cap).unwrap_or(i64::MAX)],
-                    |row| row.get(0),
+                    params![
+                        blob(chat.0),
+                        after,
+                        blob(reader.0),
+                        i64::try_from(UNREAD_SCAN_LIMIT).unwrap_or(i64::MAX)
+                    ],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
                 )
                 .map_err(unavailable)?;
-            Ok(usize::try_from(count).unwrap_or(0))
+            let unread = usize::try_from(unread).unwrap_or(0);
+            if unread >= cap || usize::try_from(scanned).unwrap_or(0) >= UNREAD_SCAN_LIMIT {
+                return Ok(cap);
+            }
+            Ok(unread)
         })
         .await
     }
@@ -804,24 +907,21 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn reaction_counts(
+    async fn reaction_counts_of(
         &self,
         chat: ChatId,
-        signal: SignalId,
-    ) -> Result<BTreeMap<String, i64>, StoreError> {
+        signals: &[SignalId],
+    ) -> Result<HashMap<SignalId, BTreeMap<String, i64>>, StoreError> {
+        let signals = signals.to_vec();
         self.with(move |c| {
-            let rows = c
-                .prepare_cached(
-                    "SELECT emoji, COUNT(*) FROM reactions WHERE chat_id = ?1 AND signal_id = ?2 GROUP BY emoji",
-                )
-                .map_err(unavailable)?
-                .query_map(params![blob(chat.0), blob(signal.0)], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
-                })
-                .map_err(unavailable)?
-                .collect::<Result<BTreeMap<_, _>, _>>()
-                .map_err(unavailable)?;
-            Ok(rows)
+            let mut counts = HashMap::new();
+            for signal in signals {
+                let of_signal = reaction_counts(c, chat, signal)?;
+                if !of_signal.is_empty() {
+                    counts.insert(signal, of_signal);
+                }
+            }
+            Ok(counts)
         })
         .await
     }

@@ -8,8 +8,14 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use confab_schema::migrations::{CQL_MIGRATIONS, signal_bucket};
+mod migrations;
+mod parity;
+
+pub use parity::SendParity;
+use parity::{Claim, NonceBucket};
+
 use confab_schema::{Chat, ChatId, Member, MemberRole, Signal, SignalId, SignalKind, User, UserId};
+pub use migrations::{CQL_MIGRATIONS, Migration, SIGNAL_BUCKET_MILLIS, signal_bucket};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -17,13 +23,13 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimestamp, CqlValue, Row};
 use uuid::Uuid;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::{StreamExt, TryFutureExt, TryStreamExt};
 
 use super::{
-    ChatActivity, Inserted, MarkerKind, NewChat, Store, StoreError, created_at, from_millis,
-    millis, parse, search_terms,
+    ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, Store, StoreError, UNREAD_SCAN_LIMIT,
+    created_at, from_millis, millis, parse, search_terms,
 };
 
 /// Where and how to reach the cluster.
@@ -33,11 +39,27 @@ pub struct CqlOptions {
     pub keyspace: String,
     pub replication: String,
     pub request_timeout: Duration,
+    /// How long a nonce protects against a repeated send.
+    pub nonce_ttl: Duration,
+    /// How racing sends of one nonce are settled.
+    pub parity: SendParity,
 }
 
 impl CqlOptions {
-    pub fn from_config(config: &confab_runtime::config::StoreConfig) -> CqlOptions {
+    /// The options the configuration names: send parity through the JetStream bucket
+    /// `<keyspace>_nonces` on the configured NATS server unless `store.send_parity = "lwt"`.
+    pub fn from_config(config: &confab_runtime::config::Config) -> CqlOptions {
+        let nats_url = config.bus.nats_url.clone();
+        let config = &config.store;
         CqlOptions {
+            nonce_ttl: Duration::from_secs(config.nonce_ttl_secs.max(1)),
+            parity: match config.send_parity {
+                confab_runtime::config::SendParityMode::Jetstream => SendParity::JetStream {
+                    nats_url,
+                    bucket: format!("{}_nonces", config.keyspace),
+                },
+                confab_runtime::config::SendParityMode::Lwt => SendParity::Lwt,
+            },
             contact_points: config
                 .cql_contact_points
                 .split(',')
@@ -169,9 +191,63 @@ pub async fn migrate(options: &CqlOptions) -> Result<Vec<i32>, StoreError> {
             name = migration.name,
             "CQL migration applied"
         );
+        if migration.version == 3 {
+            backfill_tallies_and_summaries(&session).await?;
+        }
         newly_applied.push(migration.version);
     }
+    if let SendParity::JetStream { nats_url, bucket } = &options.parity {
+        NonceBucket::open(nats_url, bucket, options.nonce_ttl).await?;
+    }
     Ok(newly_applied)
+}
+
+/// Migration 3 moves reaction counts from counters to per-bucket tallies, and the chat list's
+/// activity to `chat_summaries`: copies what the old tables hold. Idempotent (plain upserts), so a
+/// migration re-run after a failure copies again.
+async fn backfill_tallies_and_summaries(session: &Session) -> Result<(), StoreError> {
+    let mut activity = session
+        .query_iter("SELECT chat_id, activity FROM chat_activity", ())
+        .await
+        .map_err(unavailable)?
+        .rows_stream::<(Uuid, Option<Uuid>)>()
+        .map_err(corrupt)?;
+    while let Some(row) = activity.next().await {
+        let (chat, Some(activity)) = row.map_err(corrupt)? else {
+            continue;
+        };
+        let at = SignalId(activity).unix_millis().unwrap_or_default() * 1000;
+        session
+            .query_unpaged(
+                "INSERT INTO chat_summaries (chat_id, activity) VALUES (?, ?) USING TIMESTAMP ?",
+                (chat, activity, at),
+            )
+            .await
+            .map_err(unavailable)?;
+    }
+    let mut counts = session
+        .query_iter(
+            "SELECT chat_id, signal_id, emoji, count FROM reaction_counts",
+            (),
+        )
+        .await
+        .map_err(unavailable)?
+        .rows_stream::<(Uuid, Uuid, String, Option<scylla::value::Counter>)>()
+        .map_err(corrupt)?;
+    while let Some(row) = counts.next().await {
+        let (chat, signal, emoji, count) = row.map_err(corrupt)?;
+        let bucket = signal_bucket(SignalId(signal).unix_millis().unwrap_or_default());
+        let count = i32::try_from(count.map(|c| c.0).unwrap_or(0)).unwrap_or(i32::MAX);
+        // Timestamp 1: any recount since wins over the copied counter.
+        session
+            .query_unpaged(
+                "INSERT INTO reaction_tallies (chat_id, bucket, signal_id, emoji, count) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP 1",
+                (chat, bucket, signal, emoji, count),
+            )
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 /// Drops a keyspace (tests use one per test).
@@ -181,6 +257,9 @@ pub async fn drop_keyspace(options: &CqlOptions) -> Result<(), StoreError> {
         .query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", options.keyspace), &[])
         .await
         .map_err(unavailable)?;
+    if let SendParity::JetStream { nats_url, bucket } = &options.parity {
+        parity::delete_bucket(nats_url, bucket).await?;
+    }
     Ok(())
 }
 
@@ -200,7 +279,11 @@ struct Statements {
     signals_in_bucket: PreparedStatement,
     signals_in_bucket_before: PreparedStatement,
     get_signal: PreparedStatement,
-    update_signal: PreparedStatement,
+    signal_text_state: PreparedStatement,
+    edit_text: PreparedStatement,
+    mark_deleted: PreparedStatement,
+    scrub_text: PreparedStatement,
+    scrub_nonce: PreparedStatement,
     buckets_from: PreparedStatement,
     signals_in_bucket_after: PreparedStatement,
     unread_in_bucket: PreparedStatement,
@@ -213,8 +296,13 @@ struct Statements {
     members_after: PreparedStatement,
     delete_chat_member: PreparedStatement,
     delete_user_chat: PreparedStatement,
-    get_activity: PreparedStatement,
-    set_activity: PreparedStatement,
+    get_summary: PreparedStatement,
+    summaries_in: PreparedStatement,
+    set_summary: PreparedStatement,
+    set_latest: PreparedStatement,
+    chats_in: PreparedStatement,
+    roles_in: PreparedStatement,
+    markers_in: PreparedStatement,
     insert_user_activity: PreparedStatement,
     delete_user_activity: PreparedStatement,
     activity_first: PreparedStatement,
@@ -222,8 +310,9 @@ struct Statements {
     activity_older: PreparedStatement,
     claim_reaction: PreparedStatement,
     release_reaction: PreparedStatement,
-    count_reaction: PreparedStatement,
-    reaction_counts: PreparedStatement,
+    recount_reaction: PreparedStatement,
+    set_tally: PreparedStatement,
+    tallies_between: PreparedStatement,
     reactions_first: PreparedStatement,
     reactions_after: PreparedStatement,
     set_marker: PreparedStatement,
@@ -239,6 +328,9 @@ pub struct CqlStore {
     /// (chat, bucket) pairs this process has written to `signal_buckets`: the row is idempotent, so
     /// writing it once per day per chat is enough.
     known_buckets: std::sync::Mutex<std::collections::HashSet<(Uuid, i32)>>,
+    /// Send parity through JetStream; `None` for the lightweight transaction.
+    nonce_bucket: Option<NonceBucket>,
+    nonce_ttl_secs: i32,
 }
 
 const KNOWN_BUCKETS_MAX: usize = 100_000;
@@ -293,7 +385,7 @@ impl CqlStore {
             )
             .await?,
             get_chat: prepare(
-                "SELECT kind, name, description, created_at, created_by FROM chats WHERE id = ?".into(),
+                "SELECT id, kind, name, description, created_at, created_by FROM chats WHERE id = ?".into(),
             )
             .await?,
             insert_chat_member: prepare(
@@ -308,8 +400,12 @@ impl CqlStore {
 
             claim_nonce: prepare(
                 "INSERT INTO signal_nonces (chat_id, author_id, nonce, signal_id, kind, text, reply_to, attachments) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?"
                     .into(),
+            )
+            .await?,
+            scrub_nonce: prepare(
+                "UPDATE signal_nonces SET text = null WHERE chat_id = ? AND author_id = ? AND nonce = ? IF EXISTS".into(),
             )
             .await?,
             // The write timestamp is the signal's creation time, so a repair re-write of the original
@@ -335,9 +431,24 @@ impl CqlStore {
                 "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ? AND bucket = ? AND id = ?"
             ))
             .await?,
-            update_signal: prepare(
-                "UPDATE signals SET text = ?, edited_at = ?, deleted = ? WHERE chat_id = ? AND bucket = ? AND id = ?"
+            signal_text_state: prepare(
+                "SELECT deleted, text, WRITETIME(text) FROM signals WHERE chat_id = ? AND bucket = ? AND id = ?".into(),
+            )
+            .await?,
+            // Edits write only `text` and `edited_at`, and deletions only `deleted` and `text`: an
+            // edit never writes `deleted`, so it cannot undo a deletion. See `edit_signal`.
+            edit_text: prepare(
+                "UPDATE signals USING TIMESTAMP ? SET text = ?, edited_at = ? WHERE chat_id = ? AND bucket = ? AND id = ?"
                     .into(),
+            )
+            .await?,
+            mark_deleted: prepare(
+                "UPDATE signals USING TIMESTAMP ? SET deleted = true, text = null WHERE chat_id = ? AND bucket = ? AND id = ?"
+                    .into(),
+            )
+            .await?,
+            scrub_text: prepare(
+                "UPDATE signals USING TIMESTAMP ? SET text = null WHERE chat_id = ? AND bucket = ? AND id = ?".into(),
             )
             .await?,
             buckets_from: prepare(
@@ -376,9 +487,29 @@ impl CqlStore {
             .await?,
             delete_chat_member: prepare("DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?".into()).await?,
             delete_user_chat: prepare("DELETE FROM user_chats WHERE user_id = ? AND chat_id = ?".into()).await?,
-            get_activity: prepare("SELECT activity FROM chat_activity WHERE chat_id = ?".into()).await?,
-            set_activity: prepare(
-                "INSERT INTO chat_activity (chat_id, activity) VALUES (?, ?) USING TIMESTAMP ?".into(),
+            get_summary: prepare("SELECT activity, latest FROM chat_summaries WHERE chat_id = ?".into()).await?,
+            summaries_in: prepare(
+                "SELECT chat_id, activity, latest FROM chat_summaries WHERE chat_id IN ?".into(),
+            )
+            .await?,
+            set_summary: prepare(
+                "INSERT INTO chat_summaries (chat_id, activity, latest) VALUES (?, ?, ?) USING TIMESTAMP ?".into(),
+            )
+            .await?,
+            set_latest: prepare(
+                "UPDATE chat_summaries USING TIMESTAMP ? SET latest = ? WHERE chat_id = ?".into(),
+            )
+            .await?,
+            chats_in: prepare(
+                "SELECT id, kind, name, description, created_at, created_by FROM chats WHERE id IN ?".into(),
+            )
+            .await?,
+            roles_in: prepare(
+                "SELECT chat_id, role FROM user_chats WHERE user_id = ? AND chat_id IN ?".into(),
+            )
+            .await?,
+            markers_in: prepare(
+                "SELECT chat_id, up_to FROM markers WHERE chat_id IN ? AND kind = ? AND user_id = ?".into(),
             )
             .await?,
             insert_user_activity: prepare(
@@ -410,12 +541,19 @@ impl CqlStore {
                 "DELETE FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ? AND user_id = ? IF EXISTS".into(),
             )
             .await?,
-            count_reaction: prepare(
-                "UPDATE reaction_counts SET count = count + ? WHERE chat_id = ? AND signal_id = ? AND emoji = ?".into(),
+            recount_reaction: prepare(
+                "SELECT COUNT(*) FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ?".into(),
             )
             .await?,
-            reaction_counts: prepare(
-                "SELECT emoji, count FROM reaction_counts WHERE chat_id = ? AND signal_id = ?".into(),
+            // The write timestamp is the recount's start: the newest recount wins.
+            set_tally: prepare(
+                "INSERT INTO reaction_tallies (chat_id, bucket, signal_id, emoji, count) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+                    .into(),
+            )
+            .await?,
+            tallies_between: prepare(
+                "SELECT signal_id, emoji, count FROM reaction_tallies WHERE chat_id = ? AND bucket = ? AND signal_id >= ? AND signal_id <= ?"
+                    .into(),
             )
             .await?,
             reactions_first: prepare(
@@ -443,11 +581,19 @@ impl CqlStore {
             )
             .await?,
         };
+        let nonce_bucket = match &options.parity {
+            SendParity::JetStream { nats_url, bucket } => {
+                Some(NonceBucket::open(nats_url, bucket, options.nonce_ttl).await?)
+            }
+            SendParity::Lwt => None,
+        };
         Ok(CqlStore {
             session,
             keyspace: options.keyspace.clone(),
             statements,
             known_buckets: Default::default(),
+            nonce_bucket,
+            nonce_ttl_secs: i32::try_from(options.nonce_ttl.as_secs()).unwrap_or(i32::MAX),
         })
     }
 
@@ -459,6 +605,89 @@ impl CqlStore {
     /// `cql` with its tables qualified by this store's keyspace.
     pub fn qualify(&self, cql: &str) -> String {
         qualify(cql, &self.keyspace)
+    }
+
+    /// Claims `signal`'s nonce with a lightweight transaction; `None` when this signal won, else
+    /// the signal recorded with the nonce.
+    async fn claim_nonce_with_lwt(
+        &self,
+        signal: &Signal,
+        nonce: &str,
+    ) -> Result<Option<Signal>, StoreError> {
+        let attachments = (!signal.attachments.is_empty()).then(|| signal.attachments.clone());
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.statements.claim_nonce,
+                (
+                    signal.chat_id.0,
+                    signal.author_id.0,
+                    nonce,
+                    signal.id.0,
+                    signal.kind.as_str(),
+                    signal.text.as_deref(),
+                    signal.reply_to.map(|r| r.0),
+                    attachments,
+                    self.nonce_ttl_secs,
+                ),
+            )
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(corrupt)?;
+        let row = result
+            .maybe_first_row::<Row>()
+            .map_err(corrupt)?
+            .ok_or_else(|| corrupt("lightweight transaction returned no row"))?;
+        // Columns: [applied], then (when not applied) the existing row, by name.
+        if matches!(column(&row, 0), Some(CqlValue::Boolean(true))) {
+            return Ok(None);
+        }
+        let specs = result.column_specs();
+        let named = |name: &str| {
+            specs
+                .iter()
+                .position(|spec| spec.name() == name)
+                .and_then(|index| column(&row, index))
+        };
+        let Some(CqlValue::Uuid(existing_id)) = named("signal_id") else {
+            return Err(corrupt("nonce row without signal id"));
+        };
+        let kind: SignalKind = match named("kind") {
+            Some(CqlValue::Text(kind)) => parse(kind)?,
+            _ => return Err(corrupt("nonce row without kind")),
+        };
+        let text = match named("text") {
+            Some(CqlValue::Text(text)) => Some(text.clone()),
+            _ => None,
+        };
+        Ok(Some(Signal {
+            id: SignalId(*existing_id),
+            chat_id: signal.chat_id,
+            kind,
+            author_id: signal.author_id,
+            created_at: created_at(SignalId(*existing_id))?,
+            nonce: Some(nonce.to_owned()),
+            // A message without text in its nonce row was deleted (its text scrubbed).
+            deleted: kind == SignalKind::Message && text.is_none(),
+            text,
+            reply_to: match named("reply_to") {
+                Some(CqlValue::Uuid(id)) => Some(SignalId(*id)),
+                _ => None,
+            },
+            attachments: match named("attachments") {
+                Some(CqlValue::List(items)) => items
+                    .iter()
+                    .filter_map(|item| match item {
+                        CqlValue::Uuid(id) => Some(*id),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            },
+            edited_at: None,
+            reactions: Default::default(),
+        }))
     }
 
     async fn write_signal(&self, signal: &Signal) -> Result<(), StoreError> {
@@ -643,29 +872,16 @@ impl Store for CqlStore {
     }
 
     async fn get_chat(&self, id: ChatId) -> Result<Option<Chat>, StoreError> {
-        let row = self
+        let result = self
             .session
             .execute_unpaged(&self.statements.get_chat, (id.0,))
             .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(corrupt)?
-            .maybe_first_row::<(String, Option<String>, Option<String>, CqlTimestamp, Uuid)>()
-            .map_err(corrupt)?;
-        row.map(|(kind, name, description, created, created_by)| {
-            Ok(Chat {
-                id,
-                kind: parse(&kind)?,
-                name,
-                description,
-                created_at: from_millis(created.0)?,
-                created_by: UserId(created_by),
-                my_role: None,
-                latest_signal: None,
-                unread_count: 0,
-            })
-        })
-        .transpose()
+            .map_err(unavailable)?;
+        rows::<ChatRow>(result)?
+            .into_iter()
+            .next()
+            .map(to_chat)
+            .transpose()
     }
 
     async fn member_role(
@@ -706,100 +922,26 @@ impl Store for CqlStore {
             self.write_signal(signal).await?;
             return Ok(Inserted::Created(signal.clone()));
         };
-        let attachments = (!signal.attachments.is_empty()).then(|| signal.attachments.clone());
-        let result = self
-            .session
-            .execute_unpaged(
-                &self.statements.claim_nonce,
-                (
-                    signal.chat_id.0,
-                    signal.author_id.0,
-                    nonce,
-                    signal.id.0,
-                    signal.kind.as_str(),
-                    signal.text.as_deref(),
-                    signal.reply_to.map(|r| r.0),
-                    attachments,
-                ),
-            )
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(corrupt)?;
-        let row = result
-            .maybe_first_row::<Row>()
-            .map_err(corrupt)?
-            .ok_or_else(|| corrupt("lightweight transaction returned no row"))?;
-        // Columns: [applied], then (when not applied) the existing row in table order:
-        // chat_id, author_id, nonce, attachments, kind, reply_to, signal_id, text.
-        let applied = matches!(column(&row, 0), Some(CqlValue::Boolean(true)));
-        if applied {
+        let holder = match &self.nonce_bucket {
+            Some(bucket) => match bucket.claim(signal, nonce).await? {
+                Claim::Won => None,
+                Claim::Taken(holder) => Some(*holder),
+            },
+            None => self.claim_nonce_with_lwt(signal, nonce).await?,
+        };
+        let Some(holder) = holder else {
             self.write_signal(signal).await?;
             return Ok(Inserted::Created(signal.clone()));
+        };
+        // The winner may have died between claiming the nonce and writing the signal: write it
+        // again. Its write timestamp is the creation time, so this cannot undo a later edit or
+        // deletion (those are written later in time; see `edit_signal`).
+        if !holder.deleted {
+            self.write_signal(&holder).await?;
         }
-        let specs = result.column_specs();
-        let named = |name: &str| {
-            specs
-                .iter()
-                .position(|spec| spec.name() == name)
-                .and_then(|index| column(&row, index))
-        };
-        let Some(CqlValue::Uuid(existing_id)) = named("signal_id") else {
-            return Err(corrupt("nonce row without signal id"));
-        };
-        let kind: SignalKind = match named("kind") {
-            Some(CqlValue::Text(kind)) => parse(kind)?,
-            _ => return Err(corrupt("nonce row without kind")),
-        };
-        let existing = Signal {
-            id: SignalId(*existing_id),
-            chat_id: signal.chat_id,
-            kind,
-            author_id: signal.author_id,
-            created_at: created_at(SignalId(*existing_id))?,
-            nonce: Some(nonce.to_owned()),
-            text: match named("text") {
-                Some(CqlValue::Text(text)) => Some(text.clone()),
-                _ => None,
-            },
-            reply_to: match named("reply_to") {
-                Some(CqlValue::Uuid(id)) => Some(SignalId(*id)),
-                _ => None,
-            },
-            attachments: match named("attachments") {
-                Some(CqlValue::List(items)) => items
-                    .iter()
-                    .filter_map(|item| match item {
-                        CqlValue::Uuid(id) => Some(*id),
-                        _ => None,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            },
-            edited_at: None,
-            deleted: false,
-            reactions: Default::default(),
-        };
-        // The winner may have died between claiming the nonce and writing the signal: write it again.
-        // Its write timestamp is the creation time, so this cannot undo a later edit or deletion.
-        self.write_signal(&existing).await?;
         // Answer with the stored row, which carries any edits since.
-        let bucket = signal_bucket(existing.id.unix_millis().unwrap_or_default());
-        let stored = self
-            .session
-            .execute_unpaged(
-                &self.statements.get_signal,
-                (signal.chat_id.0, bucket, existing.id.0),
-            )
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(corrupt)?
-            .maybe_first_row::<SignalRow>()
-            .map_err(corrupt)?
-            .map(|row| to_signal(signal.chat_id, row))
-            .transpose()?;
-        Ok(Inserted::Existing(stored.unwrap_or(existing)))
+        let stored = self.get_signal(holder.chat_id, holder.id).await?;
+        Ok(Inserted::Existing(stored.unwrap_or(holder)))
     }
 
     async fn signals_before(
@@ -989,8 +1131,9 @@ impl Store for CqlStore {
         chat: ChatId,
         members: &[UserId],
         activity: SignalId,
+        latest: Option<&Signal>,
     ) -> Result<(), StoreError> {
-        let previous = self.activity_of(chat).await?;
+        let previous = self.summary_of(chat).await?.map(|(activity, _)| activity);
         if previous.is_some_and(|p| p >= activity) {
             // A newer signal already moved the chat; this one must not move it back.
             return Ok(());
@@ -1018,16 +1161,19 @@ impl Store for CqlStore {
             .buffer_unordered(32)
             .try_collect::<Vec<()>>()
             .await?;
+        // The signal's time is the write timestamp: concurrent touches settle on the newest, and
+        // a refresh of the copy after an edit (written later in time) wins over this one.
         let at = activity.unix_millis().unwrap_or_default() * 1000;
+        let copy = latest.map(summary_copy).transpose()?;
         self.session
-            .execute_unpaged(&self.statements.set_activity, (chat.0, activity.0, at))
+            .execute_unpaged(&self.statements.set_summary, (chat.0, activity.0, copy, at))
             .await
             .map_err(unavailable)?;
         Ok(())
     }
 
     async fn untouch_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
-        if let Some(activity) = self.activity_of(chat).await? {
+        if let Some((activity, _)) = self.summary_of(chat).await? {
             self.session
                 .execute_unpaged(
                     &self.statements.delete_user_activity,
@@ -1047,7 +1193,6 @@ impl Store for CqlStore {
     ) -> Result<Vec<ChatActivity>, StoreError> {
         let mut found: Vec<ChatActivity> = Vec::with_capacity(limit);
         let mut position = after;
-        let mut current: HashMap<ChatId, Option<SignalId>> = HashMap::new();
         loop {
             let want = limit_i32(limit.max(16));
             let batch: Vec<(Uuid, Uuid)> = match position {
@@ -1058,46 +1203,56 @@ impl Store for CqlStore {
                         .map_err(unavailable)?,
                 )?,
                 Some(p) => {
-                    let mut same: Vec<(Uuid, Uuid)> = rows(
+                    let (same, older) = futures::try_join!(
                         self.session
                             .execute_unpaged(
                                 &self.statements.activity_same,
                                 (user.0, p.activity.0, p.chat_id.0, want),
                             )
-                            .await
-                            .map_err(unavailable)?,
-                    )?;
-                    let older: Vec<(Uuid, Uuid)> = rows(
+                            .map_err(unavailable),
                         self.session
                             .execute_unpaged(
                                 &self.statements.activity_older,
                                 (user.0, p.activity.0, want),
                             )
-                            .await
-                            .map_err(unavailable)?,
+                            .map_err(unavailable),
                     )?;
-                    same.extend(older);
+                    let mut same: Vec<(Uuid, Uuid)> = rows(same)?;
+                    same.extend(rows::<(Uuid, Uuid)>(older)?);
                     same.truncate(want as usize);
                     same
                 }
             };
             let exhausted = batch.len() < want as usize;
+            // One read each for the whole batch: the chats' current activity, and whether the user
+            // is still a member.
+            let chat_ids: Vec<Uuid> = batch.iter().map(|(_, chat)| *chat).collect();
+            let (current, memberships) = futures::try_join!(
+                self.session
+                    .execute_unpaged(&self.statements.summaries_in, (&chat_ids,))
+                    .map_err(unavailable),
+                self.session
+                    .execute_unpaged(&self.statements.roles_in, (user.0, &chat_ids))
+                    .map_err(unavailable),
+            )?;
+            let current: HashMap<Uuid, Uuid> =
+                rows::<(Uuid, Option<Uuid>, Option<Vec<u8>>)>(current)?
+                    .into_iter()
+                    .filter_map(|(chat, activity, _)| activity.map(|a| (chat, a)))
+                    .collect();
+            let member_of: HashSet<Uuid> = rows::<(Uuid, String)>(memberships)?
+                .into_iter()
+                .map(|(chat, _)| chat)
+                .collect();
             for (activity, chat) in batch {
                 let row = ChatActivity {
                     chat_id: ChatId(chat),
                     activity: SignalId(activity),
                 };
                 position = Some(row);
-                let latest = match current.get(&row.chat_id) {
-                    Some(latest) => *latest,
-                    None => {
-                        let latest = self.activity_of(row.chat_id).await?;
-                        current.insert(row.chat_id, latest);
-                        latest
-                    }
-                };
-                if latest != Some(row.activity) {
-                    // Left behind by a concurrent move: remove it so it is not read again.
+                if current.get(&chat) != Some(&activity) || !member_of.contains(&chat) {
+                    // Left behind by a concurrent move, or written by a touch that raced the
+                    // user's leaving: remove it so it is not read again.
                     self.session
                         .execute_unpaged(
                             &self.statements.delete_user_activity,
@@ -1116,6 +1271,80 @@ impl Store for CqlStore {
                 return Ok(found);
             }
         }
+    }
+
+    async fn chat_entries(
+        &self,
+        user: UserId,
+        chats: &[ChatId],
+    ) -> Result<Vec<ChatEntry>, StoreError> {
+        if chats.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = chats.iter().map(|c| c.0).collect();
+        let (chat_rows, roles, summaries, markers) = futures::try_join!(
+            self.session
+                .execute_unpaged(&self.statements.chats_in, (&ids,))
+                .map_err(unavailable),
+            self.session
+                .execute_unpaged(&self.statements.roles_in, (user.0, &ids))
+                .map_err(unavailable),
+            self.session
+                .execute_unpaged(&self.statements.summaries_in, (&ids,))
+                .map_err(unavailable),
+            self.session
+                .execute_unpaged(
+                    &self.statements.markers_in,
+                    (&ids, MarkerKind::Read.as_str(), user.0)
+                )
+                .map_err(unavailable),
+        )?;
+        let mut by_id: HashMap<Uuid, Chat> = HashMap::new();
+        for row in rows::<ChatRow>(chat_rows)? {
+            let chat = to_chat(row)?;
+            by_id.insert(chat.id.0, chat);
+        }
+        let roles: HashMap<Uuid, MemberRole> = rows::<(Uuid, String)>(roles)?
+            .into_iter()
+            .map(|(chat, role)| Ok((chat, parse(&role)?)))
+            .collect::<Result<_, StoreError>>()?;
+        let summaries: HashMap<Uuid, (Option<Uuid>, Option<Vec<u8>>)> =
+            rows::<(Uuid, Option<Uuid>, Option<Vec<u8>>)>(summaries)?
+                .into_iter()
+                .map(|(chat, activity, latest)| (chat, (activity, latest)))
+                .collect();
+        let markers: HashMap<Uuid, Uuid> = rows::<(Uuid, Uuid)>(markers)?.into_iter().collect();
+        let mut entries = Vec::with_capacity(chats.len());
+        let mut stale = Vec::new();
+        for id in chats {
+            let (Some(mut chat), Some(role)) = (by_id.remove(&id.0), roles.get(&id.0)) else {
+                continue;
+            };
+            chat.my_role = Some(*role);
+            if let Some((Some(activity), copy)) = summaries.get(&id.0) {
+                match copy.as_deref().map(read_summary_copy).transpose()? {
+                    Some(latest) if latest.id.0 == *activity => {
+                        chat.latest_signal = Some(Box::new(latest));
+                    }
+                    // No copy (the chat's creation, or written before copies existed) or one of
+                    // an older signal (an edit refresh that raced a newer touch): read the signal.
+                    _ => stale.push((entries.len(), SignalId(*activity))),
+                }
+            }
+            entries.push(ChatEntry {
+                chat,
+                read_marker: markers.get(&id.0).copied().map(SignalId),
+            });
+        }
+        let refreshed = futures::future::try_join_all(stale.iter().map(|(index, activity)| {
+            let chat = entries[*index].chat.id;
+            async move { self.decorated_signal(chat, *activity).await }
+        }))
+        .await?;
+        for ((index, _), latest) in stale.into_iter().zip(refreshed) {
+            entries[index].chat.latest_signal = latest.map(Box::new);
+        }
+        Ok(entries)
     }
 
     async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError> {
@@ -1139,26 +1368,83 @@ impl Store for CqlStore {
             .transpose()
     }
 
-    async fn update_signal(&self, signal: &Signal) -> Result<(), StoreError> {
-        let created = signal
-            .id
-            .unix_millis()
-            .ok_or_else(|| corrupt("signal id is not time-ordered"))?;
+    async fn edit_signal(
+        &self,
+        chat: ChatId,
+        id: SignalId,
+        text: &str,
+        edited_at: time::OffsetDateTime,
+    ) -> Result<Option<Signal>, StoreError> {
+        let Some(before) = self.get_signal(chat, id).await? else {
+            return Ok(None);
+        };
+        if before.deleted {
+            return Ok(Some(before));
+        }
+        let bucket = signal_bucket(created_millis(id)?);
+        // Later than the original's write (its creation time), whatever this process's clock says.
+        let at = change_timestamp(id)?;
         self.session
             .execute_unpaged(
-                &self.statements.update_signal,
+                &self.statements.edit_text,
                 (
-                    signal.text.as_deref(),
-                    signal.edited_at.map(|t| CqlTimestamp(millis(t))),
-                    signal.deleted,
-                    signal.chat_id.0,
-                    signal_bucket(created),
-                    signal.id.0,
+                    at,
+                    text,
+                    CqlTimestamp(millis(edited_at)),
+                    chat.0,
+                    bucket,
+                    id.0,
                 ),
             )
             .await
             .map_err(unavailable)?;
-        Ok(())
+        // A deletion that raced this edit may have been written before it (then the edit's text
+        // is live again under `deleted`) or after it. Each side reads the other's cell after its
+        // own write, so at least one of them sees both and scrubs the text.
+        self.scrub_if_deleted(chat, id).await?;
+        self.refresh_latest(chat, id).await?;
+        self.decorated_signal(chat, id).await
+    }
+
+    async fn delete_signal(
+        &self,
+        chat: ChatId,
+        id: SignalId,
+    ) -> Result<Option<Signal>, StoreError> {
+        let Some(before) = self.get_signal(chat, id).await? else {
+            return Ok(None);
+        };
+        let bucket = signal_bucket(created_millis(id)?);
+        self.session
+            .execute_unpaged(
+                &self.statements.mark_deleted,
+                (change_timestamp(id)?, chat.0, bucket, id.0),
+            )
+            .await
+            .map_err(unavailable)?;
+        self.scrub_if_deleted(chat, id).await?;
+        let tombstone = Signal {
+            text: None,
+            deleted: true,
+            reactions: Default::default(),
+            ..before
+        };
+        if let Some(nonce) = tombstone.nonce.as_deref() {
+            match &self.nonce_bucket {
+                Some(bucket) => bucket.scrub(&tombstone, nonce).await?,
+                None => {
+                    self.session
+                        .execute_unpaged(
+                            &self.statements.scrub_nonce,
+                            (chat.0, tombstone.author_id.0, nonce),
+                        )
+                        .await
+                        .map_err(unavailable)?;
+                }
+            }
+        }
+        self.refresh_latest(chat, id).await?;
+        self.decorated_signal(chat, id).await
     }
 
     async fn signals_after(
@@ -1218,6 +1504,7 @@ impl Store for CqlStore {
             .map(signal_bucket)
             .unwrap_or(i32::MIN);
         let mut count = 0;
+        let mut scanned = 0;
         loop {
             let buckets: Vec<(i32,)> = rows(
                 self.session
@@ -1231,15 +1518,21 @@ impl Store for CqlStore {
             for (bucket,) in &buckets {
                 let mut from = after_id;
                 loop {
+                    if scanned >= UNREAD_SCAN_LIMIT {
+                        // Too many of the reader's own or deleted signals to count further.
+                        return Ok(cap);
+                    }
+                    let want = SCAN_PAGE.min(limit_i32(UNREAD_SCAN_LIMIT - scanned));
                     let page: Vec<(Uuid, Uuid, String, Option<bool>)> = rows(
                         self.session
                             .execute_unpaged(
                                 &self.statements.unread_in_bucket,
-                                (chat.0, *bucket, from, SCAN_PAGE),
+                                (chat.0, *bucket, from, want),
                             )
                             .await
                             .map_err(unavailable)?,
                     )?;
+                    scanned += page.len();
                     for (_, author, kind, deleted) in &page {
                         if *author != reader.0
                             && kind == SignalKind::Message.as_str()
@@ -1252,7 +1545,7 @@ impl Store for CqlStore {
                         }
                     }
                     match page.last() {
-                        Some((last, ..)) if page.len() == SCAN_PAGE as usize => from = *last,
+                        Some((last, ..)) if page.len() == want as usize => from = *last,
                         _ => break,
                     }
                 }
@@ -1280,17 +1573,10 @@ impl Store for CqlStore {
             )
             .await
             .map_err(unavailable)?;
-        if !applied(claimed)? {
-            return Ok(false);
-        }
-        self.session
-            .execute_unpaged(
-                &self.statements.count_reaction,
-                (scylla::value::Counter(1), chat.0, signal.0, emoji),
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(true)
+        let added = applied(claimed)?;
+        // Also when it was there already: a retry repairs a count a failure left behind.
+        self.recount(chat, signal, emoji).await?;
+        Ok(added)
     }
 
     async fn remove_reaction(
@@ -1308,34 +1594,46 @@ impl Store for CqlStore {
             )
             .await
             .map_err(unavailable)?;
-        if !applied(released)? {
-            return Ok(false);
-        }
-        self.session
-            .execute_unpaged(
-                &self.statements.count_reaction,
-                (scylla::value::Counter(-1), chat.0, signal.0, emoji),
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(true)
+        let removed = applied(released)?;
+        self.recount(chat, signal, emoji).await?;
+        Ok(removed)
     }
 
-    async fn reaction_counts(
+    async fn reaction_counts_of(
         &self,
         chat: ChatId,
-        signal: SignalId,
-    ) -> Result<BTreeMap<String, i64>, StoreError> {
-        let result = self
-            .session
-            .execute_unpaged(&self.statements.reaction_counts, (chat.0, signal.0))
-            .await
-            .map_err(unavailable)?;
-        Ok(rows::<(String, scylla::value::Counter)>(result)?
-            .into_iter()
-            .filter(|(_, count)| count.0 > 0)
-            .map(|(emoji, count)| (emoji, count.0))
-            .collect())
+        signals: &[SignalId],
+    ) -> Result<HashMap<SignalId, BTreeMap<String, i64>>, StoreError> {
+        // One range read per history bucket the signals fall in.
+        let mut ranges: BTreeMap<i32, (SignalId, SignalId)> = BTreeMap::new();
+        for id in signals {
+            let bucket = signal_bucket(created_millis(*id)?);
+            let range = ranges.entry(bucket).or_insert((*id, *id));
+            range.0 = range.0.min(*id);
+            range.1 = range.1.max(*id);
+        }
+        let wanted: HashSet<SignalId> = signals.iter().copied().collect();
+        let results =
+            futures::future::try_join_all(ranges.into_iter().map(|(bucket, (low, high))| {
+                self.session
+                    .execute_unpaged(
+                        &self.statements.tallies_between,
+                        (chat.0, bucket, low.0, high.0),
+                    )
+                    .map_err(unavailable)
+            }))
+            .await?;
+        let mut counts: HashMap<SignalId, BTreeMap<String, i64>> = HashMap::new();
+        for result in results {
+            for (signal, emoji, count) in rows::<(Uuid, String, Option<i32>)>(result)? {
+                let signal = SignalId(signal);
+                let count = i64::from(count.unwrap_or(0));
+                if count > 0 && wanted.contains(&signal) {
+                    counts.entry(signal).or_default().insert(emoji, count);
+                }
+            }
+        }
+        Ok(counts)
     }
 
     async fn reactions_page(
@@ -1444,19 +1742,173 @@ impl Store for CqlStore {
 }
 
 impl CqlStore {
-    async fn activity_of(&self, chat: ChatId) -> Result<Option<SignalId>, StoreError> {
+    /// The chat's newest signal id and the copy of that signal, as stored.
+    async fn summary_of(
+        &self,
+        chat: ChatId,
+    ) -> Result<Option<(SignalId, Option<Vec<u8>>)>, StoreError> {
         let result = self
             .session
-            .execute_unpaged(&self.statements.get_activity, (chat.0,))
+            .execute_unpaged(&self.statements.get_summary, (chat.0,))
             .await
             .map_err(unavailable)?;
-        Ok(result
-            .into_rows_result()
-            .map_err(corrupt)?
-            .maybe_first_row::<(Uuid,)>()
-            .map_err(corrupt)?
-            .map(|(id,)| SignalId(id)))
+        Ok(rows::<(Option<Uuid>, Option<Vec<u8>>)>(result)?
+            .into_iter()
+            .next()
+            .and_then(|(activity, copy)| activity.map(|a| (SignalId(a), copy))))
     }
+
+    /// A signal with its reaction counts.
+    async fn decorated_signal(
+        &self,
+        chat: ChatId,
+        id: SignalId,
+    ) -> Result<Option<Signal>, StoreError> {
+        let ids = [id];
+        let (signal, mut counts) = futures::try_join!(
+            self.get_signal(chat, id),
+            self.reaction_counts_of(chat, &ids)
+        )?;
+        Ok(signal.map(|mut signal| {
+            signal.reactions = counts.remove(&id).unwrap_or_default();
+            signal
+        }))
+    }
+
+    /// After a change to signal `id` (edit, deletion, reaction): if it is still the chat's newest,
+    /// rewrites the chat list's copy of it from a fresh read. The write timestamp is the time this
+    /// refresh started reading, so of two refreshes the one that read later wins, and a refresh
+    /// always wins over the touch that first wrote the copy (whose timestamp is the signal's
+    /// creation). A refresh that races a newer signal's touch may leave a copy of this older
+    /// signal; readers see its id differ from `activity` and read the newest signal instead.
+    async fn refresh_latest(&self, chat: ChatId, id: SignalId) -> Result<(), StoreError> {
+        let started = change_timestamp(id)?;
+        let Some((activity, _)) = self.summary_of(chat).await? else {
+            return Ok(());
+        };
+        if activity != id {
+            return Ok(());
+        }
+        let Some(latest) = self.decorated_signal(chat, id).await? else {
+            return Ok(());
+        };
+        self.session
+            .execute_unpaged(
+                &self.statements.set_latest,
+                (started, summary_copy(&latest)?, chat.0),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Counts `emoji` on `signal` again and stores the count in its bucket's tallies, with the time
+    /// the count started as write timestamp: a count that read later wins. Every change of a
+    /// reaction, and every retry of one, ends with a recount, so counts converge.
+    async fn recount(&self, chat: ChatId, signal: SignalId, emoji: &str) -> Result<(), StoreError> {
+        let started = change_timestamp(signal)?;
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.recount_reaction, (chat.0, signal.0, emoji))
+            .await
+            .map_err(unavailable)?;
+        let count = rows::<(i64,)>(result)?
+            .into_iter()
+            .next()
+            .map(|(count,)| count)
+            .unwrap_or(0);
+        self.session
+            .execute_unpaged(
+                &self.statements.set_tally,
+                (
+                    chat.0,
+                    signal_bucket(created_millis(signal)?),
+                    signal.0,
+                    emoji,
+                    i32::try_from(count).unwrap_or(i32::MAX),
+                    started,
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        self.refresh_latest(chat, signal).await
+    }
+
+    /// If signal `id` is deleted but has text (an edit that raced the deletion), writes the text
+    /// away with the text's own write timestamp: on equal timestamps a deletion wins.
+    async fn scrub_if_deleted(&self, chat: ChatId, id: SignalId) -> Result<(), StoreError> {
+        let bucket = signal_bucket(created_millis(id)?);
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.signal_text_state, (chat.0, bucket, id.0))
+            .await
+            .map_err(unavailable)?;
+        let state = rows::<(Option<bool>, Option<String>, Option<i64>)>(result)?
+            .into_iter()
+            .next();
+        if let Some((Some(true), Some(_), Some(written))) = state {
+            self.session
+                .execute_unpaged(&self.statements.scrub_text, (written, chat.0, bucket, id.0))
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
+
+/// The columns of `chats`, in the order the statements select them.
+type ChatRow = (
+    Uuid,
+    String,
+    Option<String>,
+    Option<String>,
+    CqlTimestamp,
+    Uuid,
+);
+
+fn to_chat(row: ChatRow) -> Result<Chat, StoreError> {
+    let (id, kind, name, description, created, created_by) = row;
+    Ok(Chat {
+        id: ChatId(id),
+        kind: parse(&kind)?,
+        name,
+        description,
+        created_at: from_millis(created.0)?,
+        created_by: UserId(created_by),
+        my_role: None,
+        latest_signal: None,
+        unread_count: 0,
+    })
+}
+
+/// The chat list's copy of a signal: its 16-byte id, then its JSON. The id comes first so that
+/// two copies written with the same timestamp (two signals of one millisecond) resolve the same
+/// way as their `activity` cells do: the greater id wins both.
+fn summary_copy(signal: &Signal) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = signal.id.0.as_bytes().to_vec();
+    serde_json::to_writer(&mut bytes, signal).map_err(corrupt)?;
+    Ok(bytes)
+}
+
+fn read_summary_copy(bytes: &[u8]) -> Result<Signal, StoreError> {
+    let json = bytes
+        .get(16..)
+        .ok_or_else(|| corrupt("chat summary copy too short"))?;
+    serde_json::from_slice(json).map_err(corrupt)
+}
+
+fn created_millis(id: SignalId) -> Result<i64, StoreError> {
+    id.unix_millis()
+        .ok_or_else(|| corrupt("signal id is not time-ordered"))
+}
+
+/// The write timestamp of a change to signal `id` made now: this process's clock in microseconds,
+/// but never at or before the signal's creation (the original row's write timestamp), so a change
+/// cannot lose to the original, or to a repair re-write of it, through clock skew.
+fn change_timestamp(id: SignalId) -> Result<i64, StoreError> {
+    let now = i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000)
+        .unwrap_or(i64::MAX);
+    Ok(now.max(created_millis(id)? * 1000 + 1))
 }
 
 /// The `user_search` partition of a term: its first character.

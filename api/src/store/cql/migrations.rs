@@ -15,12 +15,17 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "initial",
-        cql: include_str!("../cql/0001_initial.cql"),
+        cql: include_str!("migrations/0001_initial.cql"),
     },
     Migration {
         version: 2,
         name: "activity_reactions_markers_search",
-        cql: include_str!("../cql/0002_activity_reactions_markers_search.cql"),
+        cql: include_str!("migrations/0002_activity_reactions_markers_search.cql"),
+    },
+    Migration {
+        version: 3,
+        name: "tallies_summaries",
+        cql: include_str!("migrations/0003_tallies_summaries.cql"),
     },
 ];
 

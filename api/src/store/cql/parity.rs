@@ -1,0 +1,151 @@
+//! Send parity for the CQL store: one signal per (chat, author, nonce), however many requests race.
+//!
+//! Cassandra and ScyllaDB can only arbitrate a race between writers with a lightweight transaction,
+//! which is a Paxos round on every first send. Deciding a winner among concurrent writers needs
+//! consensus: with plain writes and reads, a writer whose write is delayed can overtake one that
+//! already answered. So the arbitration goes to the system that already runs consensus cheaply on
+//! the send path, NATS JetStream: a key-value `create` is a compare-and-set on the stream's leader
+//! (Raft-replicated in a cluster), and costs one request to NATS. See `docs/ARCHITECTURE.md`
+//! ("Send parity") for the argument.
+//!
+//! [`SendParity::Lwt`] keeps the lightweight transaction, for deployments of the CQL store without
+//! NATS.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::kv;
+use confab_schema::{ChatId, Signal, UserId};
+use sha2::{Digest, Sha256};
+
+use crate::store::StoreError;
+
+/// How the CQL store settles racing sends of one nonce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendParity {
+    /// A JetStream key-value bucket holds one entry per nonce, created with compare-and-set.
+    JetStream {
+        /// NATS server URL.
+        nats_url: String,
+        /// Bucket name; one per keyspace.
+        bucket: String,
+    },
+    /// `INSERT … IF NOT EXISTS` on `signal_nonces` (a Paxos round per send).
+    Lwt,
+}
+
+/// The JetStream side of [`SendParity::JetStream`].
+pub(crate) struct NonceBucket {
+    kv: kv::Store,
+}
+
+/// The outcome of [`NonceBucket::claim`].
+pub(crate) enum Claim {
+    /// This caller's signal now owns the nonce.
+    Won,
+    /// Another signal owns it: the one recorded when it was claimed (a tombstone once deleted).
+    Taken(Box<Signal>),
+}
+
+fn unavailable(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("nonce bucket: {error}"))
+}
+
+impl NonceBucket {
+    /// Connects to NATS and opens the bucket, creating it (idempotently) when it does not exist.
+    /// Entries expire after `ttl`.
+    pub(crate) async fn open(
+        nats_url: &str,
+        bucket: &str,
+        ttl: Duration,
+    ) -> Result<NonceBucket, StoreError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("confab-send-parity")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(3))
+            .connect(nats_url)
+            .await
+            .map_err(unavailable)?;
+        let context = jetstream::new(client);
+        let kv = match context.get_key_value(bucket).await {
+            Ok(kv) => kv,
+            Err(_) => context
+                .create_key_value(kv::Config {
+                    bucket: bucket.to_owned(),
+                    description: "confab send parity: one entry per (chat, author, nonce)".into(),
+                    history: 1,
+                    max_age: ttl,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable)?,
+        };
+        Ok(NonceBucket { kv })
+    }
+
+    /// The key of a nonce: a hash, since nonces are arbitrary client strings and keys are subject
+    /// tokens.
+    fn key(chat: ChatId, author: UserId, nonce: &str) -> String {
+        let mut hash = Sha256::new();
+        hash.update(chat.0.as_bytes());
+        hash.update(author.0.as_bytes());
+        hash.update(nonce.as_bytes());
+        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Claims `signal`'s nonce for it, or returns the signal that holds it.
+    pub(crate) async fn claim(&self, signal: &Signal, nonce: &str) -> Result<Claim, StoreError> {
+        let key = Self::key(signal.chat_id, signal.author_id, nonce);
+        let value = serde_json::to_vec(signal).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        match self.kv.create(&key, value.into()).await {
+            Ok(_) => Ok(Claim::Won),
+            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let stored = self.kv.get(&key).await.map_err(unavailable)?;
+                let Some(stored) = stored else {
+                    // Expired between the two calls: the nonce is free again.
+                    return Box::pin(self.claim(signal, nonce)).await;
+                };
+                let holder: Signal = serde_json::from_slice(&stored)
+                    .map_err(|e| StoreError::Corrupt(format!("nonce entry: {e}")))?;
+                Ok(Claim::Taken(Box::new(holder)))
+            }
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
+    /// Replaces the record of a deleted signal's nonce by its tombstone, so no deleted text stays
+    /// in the bucket. A nonce that has already expired is left absent.
+    pub(crate) async fn scrub(&self, tombstone: &Signal, nonce: &str) -> Result<(), StoreError> {
+        let key = Self::key(tombstone.chat_id, tombstone.author_id, nonce);
+        let Some(entry) = self.kv.entry(&key).await.map_err(unavailable)? else {
+            return Ok(());
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(());
+        }
+        let value =
+            serde_json::to_vec(tombstone).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        match self.kv.update(&key, value.into(), entry.revision).await {
+            Ok(_) => Ok(()),
+            // Changed meanwhile (only another scrub writes here): that one has scrubbed it.
+            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(()),
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+}
+
+/// Deletes a bucket (tests drop theirs with their keyspace). A missing bucket is not an error.
+pub(crate) async fn delete_bucket(nats_url: &str, bucket: &str) -> Result<(), StoreError> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(3))
+        .connect(nats_url)
+        .await
+        .map_err(unavailable)?;
+    let context = jetstream::new(client);
+    match context.delete_key_value(bucket).await {
+        Ok(_) => Ok(()),
+        Err(error) if error.to_string().contains("not found") => Ok(()),
+        Err(error) => Err(unavailable(error)),
+    }
+}
