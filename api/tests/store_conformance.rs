@@ -308,3 +308,111 @@ async fn cql_reaction_count_is_repaired_by_a_retry() {
     );
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
+
+/// A deletion leaves no text in the send-parity record: neither in the JetStream bucket nor in the
+/// lightweight transaction's table.
+#[tokio::test]
+async fn cql_deletion_scrubs_the_nonce_record() {
+    use confab_api::store::NewChat;
+    use confab_schema::{ChatId, ChatKind, MemberRole, Signal, SignalId, SignalKind, UserId};
+    let keyspace = fresh_keyspace();
+    let bucket = format!("{keyspace}_nonces");
+    for parity in [
+        SendParity::JetStream {
+            nats_url: nats_url(),
+            bucket: bucket.clone(),
+        },
+        SendParity::Lwt,
+    ] {
+        let options = cql_options(&keyspace, parity.clone(), Duration::from_secs(600));
+        if !migrated(&options, "cql_deletion_scrubs_the_nonce_record").await {
+            return;
+        }
+        let store = CqlStore::connect(&options).await.expect("connects");
+        let alice = UserId::from_subject("t", &uuid::Uuid::new_v4().to_string());
+        let chat = ChatId::new();
+        store
+            .create_chat(&NewChat {
+                id: chat,
+                kind: ChatKind::Group,
+                name: Some("scrub".into()),
+                description: None,
+                created_at: time::OffsetDateTime::now_utc(),
+                created_by: alice,
+                members: vec![(alice, MemberRole::Owner)],
+            })
+            .await
+            .unwrap();
+        let id = SignalId::new();
+        let secret = format!("secret {id}");
+        store
+            .insert_signal(&Signal {
+                id,
+                chat_id: chat,
+                kind: SignalKind::Message,
+                author_id: alice,
+                created_at: id.created_at().unwrap(),
+                nonce: Some("scrub-me".into()),
+                text: Some(secret.clone()),
+                reply_to: None,
+                attachments: vec![],
+                edited_at: None,
+                deleted: false,
+                reactions: Default::default(),
+            })
+            .await
+            .unwrap();
+        let record = || async {
+            match &parity {
+                SendParity::JetStream { nats_url, bucket } => {
+                    let client = async_nats::connect(nats_url.as_str()).await.unwrap();
+                    let kv = async_nats::jetstream::new(client)
+                        .get_key_value(bucket)
+                        .await
+                        .unwrap();
+                    let mut keys = kv.keys().await.unwrap();
+                    let mut values = Vec::new();
+                    while let Some(key) = futures::StreamExt::next(&mut keys).await {
+                        if let Some(value) = kv.get(key.unwrap()).await.unwrap() {
+                            values.push(String::from_utf8_lossy(&value).into_owned());
+                        }
+                    }
+                    values.join("\n")
+                }
+                SendParity::Lwt => {
+                    let rows = store
+                        .session()
+                        .query_unpaged(
+                            store.qualify("SELECT text FROM signal_nonces"),
+                            (),
+                        )
+                        .await
+                        .unwrap()
+                        .into_rows_result()
+                        .unwrap();
+                    rows.rows::<(Option<String>,)>()
+                        .unwrap()
+                        .filter_map(|row| row.unwrap().0)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }
+            }
+        };
+        assert!(record().await.contains(&secret), "the record holds the send");
+        store.delete_signal(chat, id).await.unwrap();
+        assert!(
+            !record().await.contains(&secret),
+            "deleted text stayed in the nonce record ({parity:?})"
+        );
+    }
+    cql::drop_keyspace(&cql_options(
+        &keyspace,
+        SendParity::JetStream {
+            nats_url: nats_url(),
+            bucket,
+        },
+        Duration::from_secs(600),
+    ))
+    .await
+    .expect("drops keyspace and bucket");
+}
