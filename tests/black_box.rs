@@ -239,3 +239,131 @@ async fn distributed_services_run_the_flow_on_the_real_stack() {
     };
     let _ = confab_api::store::cql::drop_keyspace(&options).await;
 }
+
+/// Send parity across processes: retries of one nonce race through two `confab api` processes on
+/// one Cassandra and one NATS. Each round stores one signal; exactly one request gets 201 and every
+/// other gets 200 with that same signal.
+#[tokio::test]
+async fn two_api_processes_racing_one_nonce_store_one_signal() {
+    if !support::real_stack_available("two_api_processes_racing_one_nonce_store_one_signal").await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keyspace = support::unique("race_");
+    let env: Vec<(String, String)> = [
+        ("CONFAB_STORE__BACKEND", "cql".to_owned()),
+        (
+            "CONFAB_STORE__CQL_CONTACT_POINTS",
+            support::cql_contact_points(),
+        ),
+        ("CONFAB_STORE__KEYSPACE", keyspace.clone()),
+        ("CONFAB_BUS__BACKEND", "nats".to_owned()),
+        ("CONFAB_BUS__NATS_URL", support::nats_url()),
+        ("CONFAB_BUS__SUBJECT_PREFIX", support::unique("race")),
+        ("CONFAB_IDENTITY__MODE", "oidc".to_owned()),
+        ("CONFAB_IDENTITY__ISSUER_URL", support::oidc_issuer()),
+        ("CONFAB_IDENTITY__CLIENT_IDS", support::oidc_client()),
+        ("CONFAB_SECRET_KEY", support::unique("s")),
+        ("CONFAB_API__LISTEN", "127.0.0.1:0".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+        .arg("migrate")
+        .current_dir(dir.path())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let first = ConfabProcess::start(&["api"], &env, dir.path()).await;
+    let second = ConfabProcess::start(&["api"], &env, dir.path()).await;
+    let alice = support::keycloak_token("alice", "alice").await;
+    let bob = support::keycloak_token("bob", "bob").await;
+    let http = reqwest::Client::new();
+    let bob_id: Value = http
+        .get(format!("{}/v1/me", first.base))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chat: Value = http
+        .post(format!("{}/v1/chats", first.base))
+        .bearer_auth(&alice)
+        .json(&json!({"kind": "group", "name": "race", "members": [bob_id["id"]]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chat = chat["id"].as_str().unwrap().to_owned();
+
+    const ROUNDS: usize = 5;
+    const RACERS: usize = 12;
+    for round in 0..ROUNDS {
+        let nonce = format!("raced-{round}-{}", support::unique(""));
+        let racers = (0..RACERS).map(|i| {
+            let base = if i % 2 == 0 {
+                &first.base
+            } else {
+                &second.base
+            };
+            http.post(format!("{base}/v1/chats/{chat}/signals"))
+                .bearer_auth(&alice)
+                .json(&json!({"kind": "message", "nonce": nonce, "text": format!("attempt {i}")}))
+                .send()
+        });
+        let mut created = 0;
+        let mut ids = std::collections::HashSet::new();
+        for response in futures::future::join_all(racers).await {
+            let response = response.unwrap();
+            let status = response.status().as_u16();
+            assert!(status == 201 || status == 200, "status {status}");
+            if status == 201 {
+                created += 1;
+            }
+            let signal: Value = response.json().await.unwrap();
+            ids.insert(signal["id"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(created, 1, "round {round}: one 201");
+        assert_eq!(
+            ids.len(),
+            1,
+            "round {round}: every racer got the same signal"
+        );
+    }
+    let history: Value = http
+        .get(format!("{}/v1/chats/{chat}/signals?limit=100", second.base))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["items"].as_array().unwrap().len(), ROUNDS);
+
+    first.terminate().await;
+    second.terminate().await;
+    let options = confab_api::store::cql::CqlOptions {
+        contact_points: vec![support::cql_contact_points()],
+        keyspace: keyspace.clone(),
+        replication: String::new(),
+        request_timeout: std::time::Duration::from_secs(20),
+        nonce_ttl: std::time::Duration::from_secs(60),
+        parity: confab_api::store::cql::SendParity::JetStream {
+            nats_url: support::nats_url(),
+            bucket: format!("{keyspace}_nonces"),
+        },
+    };
+    let _ = confab_api::store::cql::drop_keyspace(&options).await;
+}

@@ -382,10 +382,7 @@ async fn cql_deletion_scrubs_the_nonce_record() {
                 SendParity::Lwt => {
                     let rows = store
                         .session()
-                        .query_unpaged(
-                            store.qualify("SELECT text FROM signal_nonces"),
-                            (),
-                        )
+                        .query_unpaged(store.qualify("SELECT text FROM signal_nonces"), ())
                         .await
                         .unwrap()
                         .into_rows_result()
@@ -398,7 +395,10 @@ async fn cql_deletion_scrubs_the_nonce_record() {
                 }
             }
         };
-        assert!(record().await.contains(&secret), "the record holds the send");
+        assert!(
+            record().await.contains(&secret),
+            "the record holds the send"
+        );
         store.delete_signal(chat, id).await.unwrap();
         assert!(
             !record().await.contains(&secret),
