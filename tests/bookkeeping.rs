@@ -1,0 +1,324 @@
+//! A send whose signal is stored and published succeeds, even when the writes that follow it (the
+//! chat's place in its members' lists, the author's read marker) fail: they are retried in the
+//! background and catch up. The store here is the real embedded store, wrapped so that those two
+//! writes fail on demand.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use confab_api::store::embedded::EmbeddedStore;
+use confab_api::store::{
+    ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, Store, StoreError,
+};
+use confab_api::{ApiState, routes};
+use confab_runtime::bus::EmbeddedBus;
+use confab_runtime::identity::DevIdentity;
+use confab_schema::{Chat, ChatId, Member, MemberRole, Signal, SignalId, User, UserId};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+/// The embedded store, whose bookkeeping writes fail while `failing` is set.
+struct FlakyBookkeeping {
+    inner: EmbeddedStore,
+    failing: AtomicBool,
+}
+
+impl FlakyBookkeeping {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable("injected failure".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Store for FlakyBookkeeping {
+    async fn check(&self) -> Result<(), StoreError> {
+        self.inner.check().await
+    }
+    async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
+        self.inner.upsert_user(user).await
+    }
+    async fn get_user(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        self.inner.get_user(id).await
+    }
+    async fn user_terms(
+        &self,
+        prefix: &str,
+        after: Option<(String, UserId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, UserId)>, StoreError> {
+        self.inner.user_terms(prefix, after, limit).await
+    }
+    async fn create_chat(&self, chat: &NewChat) -> Result<(), StoreError> {
+        self.inner.create_chat(chat).await
+    }
+    async fn get_chat(&self, id: ChatId) -> Result<Option<Chat>, StoreError> {
+        self.inner.get_chat(id).await
+    }
+    async fn update_chat(
+        &self,
+        id: ChatId,
+        name: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.inner.update_chat(id, name, description).await
+    }
+    async fn member_role(
+        &self,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<MemberRole>, StoreError> {
+        self.inner.member_role(chat, user).await
+    }
+    async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError> {
+        self.inner.members(chat).await
+    }
+    async fn members_page(
+        &self,
+        chat: ChatId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<Vec<Member>, StoreError> {
+        self.inner.members_page(chat, after, limit).await
+    }
+    async fn put_member(&self, chat: ChatId, member: &Member) -> Result<(), StoreError> {
+        self.inner.put_member(chat, member).await
+    }
+    async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+        self.inner.remove_member(chat, user).await
+    }
+    async fn touch_chat(
+        &self,
+        chat: ChatId,
+        members: &[UserId],
+        activity: SignalId,
+        latest: Option<&Signal>,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.touch_chat(chat, members, activity, latest).await
+    }
+    async fn untouch_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+        self.inner.untouch_chat(chat, user).await
+    }
+    async fn chats_by_activity(
+        &self,
+        user: UserId,
+        after: Option<ChatActivity>,
+        limit: usize,
+    ) -> Result<Vec<ChatActivity>, StoreError> {
+        self.inner.chats_by_activity(user, after, limit).await
+    }
+    async fn chat_entries(
+        &self,
+        user: UserId,
+        chats: &[ChatId],
+    ) -> Result<Vec<ChatEntry>, StoreError> {
+        self.inner.chat_entries(user, chats).await
+    }
+    async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError> {
+        self.inner.insert_signal(signal).await
+    }
+    async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError> {
+        self.inner.get_signal(chat, id).await
+    }
+    async fn edit_signal(
+        &self,
+        chat: ChatId,
+        id: SignalId,
+        text: &str,
+        edited_at: OffsetDateTime,
+    ) -> Result<Option<Signal>, StoreError> {
+        self.inner.edit_signal(chat, id, text, edited_at).await
+    }
+    async fn delete_signal(
+        &self,
+        chat: ChatId,
+        id: SignalId,
+    ) -> Result<Option<Signal>, StoreError> {
+        self.inner.delete_signal(chat, id).await
+    }
+    async fn signals_before(
+        &self,
+        chat: ChatId,
+        before: Option<SignalId>,
+        limit: usize,
+    ) -> Result<Vec<Signal>, StoreError> {
+        self.inner.signals_before(chat, before, limit).await
+    }
+    async fn signals_after(
+        &self,
+        chat: ChatId,
+        after: SignalId,
+        limit: usize,
+    ) -> Result<Vec<Signal>, StoreError> {
+        self.inner.signals_after(chat, after, limit).await
+    }
+    async fn count_unread(
+        &self,
+        chat: ChatId,
+        after: Option<SignalId>,
+        reader: UserId,
+        cap: usize,
+    ) -> Result<usize, StoreError> {
+        self.inner.count_unread(chat, after, reader, cap).await
+    }
+    async fn add_reaction(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        self.inner.add_reaction(chat, signal, emoji, user).await
+    }
+    async fn remove_reaction(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        self.inner.remove_reaction(chat, signal, emoji, user).await
+    }
+    async fn reaction_counts_of(
+        &self,
+        chat: ChatId,
+        signals: &[SignalId],
+    ) -> Result<HashMap<SignalId, BTreeMap<String, i64>>, StoreError> {
+        self.inner.reaction_counts_of(chat, signals).await
+    }
+    async fn reactions_page(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        after: Option<(String, UserId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, UserId)>, StoreError> {
+        self.inner.reactions_page(chat, signal, after, limit).await
+    }
+    async fn advance_marker(
+        &self,
+        kind: MarkerKind,
+        chat: ChatId,
+        user: UserId,
+        up_to: SignalId,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.advance_marker(kind, chat, user, up_to).await
+    }
+    async fn marker(
+        &self,
+        kind: MarkerKind,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<SignalId>, StoreError> {
+        self.inner.marker(kind, chat, user).await
+    }
+    async fn markers_page(
+        &self,
+        kind: MarkerKind,
+        chat: ChatId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<Vec<(UserId, SignalId)>, StoreError> {
+        self.inner.markers_page(kind, chat, after, limit).await
+    }
+}
+
+#[tokio::test]
+async fn a_stored_send_succeeds_when_bookkeeping_fails_and_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FlakyBookkeeping {
+        inner: EmbeddedStore::open(&dir.path().join("store.sqlite3")).unwrap(),
+        failing: AtomicBool::new(false),
+    });
+    let identity = Arc::new(DevIdentity::open(dir.path()).unwrap());
+    let (alice, bob) = (
+        identity.mint("alice", Duration::from_secs(600)),
+        identity.mint("bob", Duration::from_secs(600)),
+    );
+    let state = ApiState::new(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Arc::new(EmbeddedBus::new(1024)),
+        identity,
+        b"bookkeeping test secret",
+    );
+    let (router, _) = routes(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let http = reqwest::Client::new();
+    let get = |token: &str, path: &str| http.get(format!("{base}{path}")).bearer_auth(token).send();
+    let bob_id: Value = get(&bob, "/v1/me").await.unwrap().json().await.unwrap();
+    let chat: Value = http
+        .post(format!("{base}/v1/chats"))
+        .bearer_auth(&alice)
+        .json(&json!({"kind": "group", "name": "flaky", "members": [bob_id["id"]]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chat = chat["id"].as_str().unwrap();
+
+    store.failing.store(true, Ordering::SeqCst);
+    let sent = http
+        .post(format!("{base}/v1/chats/{chat}/signals"))
+        .bearer_auth(&alice)
+        .json(&json!({"kind": "message", "nonce": "n-1", "text": "stored, then the store hiccups"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        sent.status(),
+        201,
+        "the signal is stored and published: the send succeeded"
+    );
+    let sent: Value = sent.json().await.unwrap();
+    let history: Value = get(&bob, &format!("/v1/chats/{chat}/signals"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["items"][0]["id"], sent["id"]);
+
+    let views_path = format!(
+        "/v1/chats/{chat}/signals/{}/views",
+        sent["id"].as_str().unwrap()
+    );
+    let views: Value = get(&bob, &views_path).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        views["items"],
+        json!([]),
+        "the author's marker did not move yet"
+    );
+
+    // Once the store answers again, the background retry moves alice's read marker.
+    store.failing.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let views: Value = get(&bob, &views_path).await.unwrap().json().await.unwrap();
+        if views["items"]
+            .as_array()
+            .is_some_and(|seen| !seen.is_empty())
+        {
+            assert_eq!(views["items"][0]["user_id"], sent["author_id"]);
+            assert_eq!(views["items"][0]["up_to"], sent["id"]);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bookkeeping never caught up: {views}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
