@@ -583,7 +583,7 @@ impl CqlStore {
         };
         let nonce_bucket = match &options.parity {
             SendParity::JetStream { nats_url, bucket } => {
-                Some(NonceBucket::open(nats_url, bucket, options.nonce_ttl).await?)
+                Some(NonceBucket::connect(nats_url, bucket, options.nonce_ttl).await?)
             }
             SendParity::Lwt => None,
         };

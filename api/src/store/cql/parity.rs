@@ -34,9 +34,13 @@ pub enum SendParity {
     Lwt,
 }
 
-/// The JetStream side of [`SendParity::JetStream`].
+/// The JetStream side of [`SendParity::JetStream`]. The bucket is opened on first use, so a
+/// process can start (and report itself not ready) before NATS is up.
 pub(crate) struct NonceBucket {
-    kv: kv::Store,
+    context: jetstream::Context,
+    bucket: String,
+    ttl: Duration,
+    kv: tokio::sync::OnceCell<kv::Store>,
 }
 
 /// The outcome of [`NonceBucket::claim`].
@@ -52,9 +56,9 @@ fn unavailable(error: impl std::fmt::Display) -> StoreError {
 }
 
 impl NonceBucket {
-    /// Connects to NATS and opens the bucket, creating it (idempotently) when it does not exist.
-    /// Entries expire after `ttl`.
-    pub(crate) async fn open(
+    /// Connects to NATS (in the background while it is down). Entries of the bucket expire after
+    /// `ttl`.
+    pub(crate) async fn connect(
         nats_url: &str,
         bucket: &str,
         ttl: Duration,
@@ -66,22 +70,47 @@ impl NonceBucket {
             .connect(nats_url)
             .await
             .map_err(unavailable)?;
-        let context = jetstream::new(client);
-        let kv = match context.get_key_value(bucket).await {
-            Ok(kv) => kv,
-            Err(_) => context
-                .create_key_value(kv::Config {
-                    bucket: bucket.to_owned(),
-                    description: "confab send parity: one entry per (chat, author, nonce)".into(),
-                    history: 1,
-                    max_age: ttl,
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(unavailable)?,
-        };
-        Ok(NonceBucket { kv })
+        Ok(NonceBucket {
+            context: jetstream::new(client),
+            bucket: bucket.to_owned(),
+            ttl,
+            kv: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// Connects and opens the bucket now, creating it if it does not exist (`confab migrate`).
+    pub(crate) async fn open(
+        nats_url: &str,
+        bucket: &str,
+        ttl: Duration,
+    ) -> Result<NonceBucket, StoreError> {
+        let opened = Self::connect(nats_url, bucket, ttl).await?;
+        opened.kv().await?;
+        Ok(opened)
+    }
+
+    /// The bucket, opened (or created, idempotently) on first use.
+    async fn kv(&self) -> Result<&kv::Store, StoreError> {
+        self.kv
+            .get_or_try_init(|| async {
+                match self.context.get_key_value(&self.bucket).await {
+                    Ok(kv) => Ok(kv),
+                    Err(_) => self
+                        .context
+                        .create_key_value(kv::Config {
+                            bucket: self.bucket.clone(),
+                            description: "confab send parity: one entry per (chat, author, nonce)"
+                                .into(),
+                            history: 1,
+                            max_age: self.ttl,
+                            storage: jetstream::stream::StorageType::File,
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(unavailable),
+                }
+            })
+            .await
     }
 
     /// The key of a nonce: a hash, since nonces are arbitrary client strings and keys are subject
@@ -98,10 +127,11 @@ impl NonceBucket {
     pub(crate) async fn claim(&self, signal: &Signal, nonce: &str) -> Result<Claim, StoreError> {
         let key = Self::key(signal.chat_id, signal.author_id, nonce);
         let value = serde_json::to_vec(signal).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        match self.kv.create(&key, value.into()).await {
+        let kv = self.kv().await?;
+        match kv.create(&key, value.into()).await {
             Ok(_) => Ok(Claim::Won),
             Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let stored = self.kv.get(&key).await.map_err(unavailable)?;
+                let stored = kv.get(&key).await.map_err(unavailable)?;
                 let Some(stored) = stored else {
                     // Expired between the two calls: the nonce is free again.
                     return Box::pin(self.claim(signal, nonce)).await;
@@ -118,7 +148,8 @@ impl NonceBucket {
     /// in the bucket. A nonce that has already expired is left absent.
     pub(crate) async fn scrub(&self, tombstone: &Signal, nonce: &str) -> Result<(), StoreError> {
         let key = Self::key(tombstone.chat_id, tombstone.author_id, nonce);
-        let Some(entry) = self.kv.entry(&key).await.map_err(unavailable)? else {
+        let kv = self.kv().await?;
+        let Some(entry) = kv.entry(&key).await.map_err(unavailable)? else {
             return Ok(());
         };
         if entry.operation != kv::Operation::Put {
@@ -126,7 +157,7 @@ impl NonceBucket {
         }
         let value =
             serde_json::to_vec(tombstone).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        match self.kv.update(&key, value.into(), entry.revision).await {
+        match kv.update(&key, value.into(), entry.revision).await {
             Ok(_) => Ok(()),
             // Changed meanwhile (only another scrub writes here): that one has scrubbed it.
             Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(()),
