@@ -1,19 +1,16 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use confab_schema::event::MemberChange;
-use confab_schema::model::to_millis;
-use confab_schema::{ChatId, ChatKind, Event, Member, MemberRole, SignalKind, UserId};
+use confab_schema::{ChatId, Member, MemberRole, UserId};
 use serde::Deserialize;
-use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 
 use super::responses::{ChatErrors, Invalid};
-use super::signals::append_system_signal;
-use super::{
-    ApiJson, ApiPath, ApiQuery, ApiState, Caller, Page, member_of, page_limit, require_member,
-};
-use crate::error::{ApiError, ApiResult};
+use super::{ApiJson, ApiPath, ApiQuery, Caller};
+use crate::domain::inputs::PageLimit;
+use crate::domain::{Outcome, Page};
+use crate::error::ApiResult;
+use crate::state::ApiState;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -40,21 +37,12 @@ pub async fn list(
     ApiPath(chat_id): ApiPath<ChatId>,
     ApiQuery(query): ApiQuery<ListMembers>,
 ) -> ApiResult<Json<Page<Member>>> {
-    let limit = page_limit(query.limit)?;
-    let list = format!("members:{chat_id}");
-    let after = match &query.cursor {
-        Some(cursor) => Some(state.open_cursor::<UserId>(&list, cursor)?),
-        None => None,
-    };
-    require_member(&state, chat_id, caller.id).await?;
-    let mut items = state.store.members_page(chat_id, after, limit + 1).await?;
-    let next_cursor = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(|m| state.cursor(&list, m.user_id))
-    } else {
-        None
-    };
-    Ok(Json(Page { items, next_cursor }))
+    let limit = PageLimit::parse(query.limit)?;
+    Ok(Json(
+        state
+            .list_members(caller.id, chat_id, query.cursor.as_deref(), limit)
+            .await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -84,51 +72,15 @@ pub async fn add(
     ApiPath(chat_id): ApiPath<ChatId>,
     ApiJson(body): ApiJson<AddMember>,
 ) -> ApiResult<(StatusCode, Json<Member>)> {
-    let (my_role, chat) = member_of(&state, chat_id, caller.id).await?;
-    if chat.kind == ChatKind::Direct {
-        return Err(ApiError::Unprocessable(
-            "a direct chat takes no new members".into(),
-        ));
-    }
-    if !my_role.is_admin() {
-        return Err(ApiError::Forbidden("only owners and admins add members"));
-    }
-    let role = body.role.unwrap_or(MemberRole::Member);
-    if role == MemberRole::Owner && my_role != MemberRole::Owner {
-        return Err(ApiError::Forbidden("only owners make owners"));
-    }
-    if state.store.get_user(body.user_id).await?.is_none() {
-        return Err(ApiError::Unprocessable(format!(
-            "unknown user {}",
-            body.user_id
-        )));
-    }
-    if let Some(existing) = state
-        .store
-        .members(chat_id)
-        .await?
-        .into_iter()
-        .find(|m| m.user_id == body.user_id)
-    {
-        return Ok((StatusCode::OK, Json(existing)));
-    }
-    let member = Member {
-        user_id: body.user_id,
-        role,
-        joined_at: to_millis(OffsetDateTime::now_utc()),
-    };
-    state.store.put_member(chat_id, &member).await?;
-    append_system_signal(&state, chat_id, SignalKind::Joined, body.user_id, None).await?;
-    state
-        .publish_to_members(
-            chat_id,
-            Event::MemberJoined(MemberChange {
-                user_id: member.user_id,
-                role: Some(role),
-            }),
-        )
-        .await?;
-    Ok((StatusCode::CREATED, Json(member)))
+    Ok(
+        match state
+            .add_member(caller.id, chat_id, body.user_id, body.role)
+            .await?
+        {
+            Outcome::Created(member) => (StatusCode::CREATED, Json(member)),
+            Outcome::Existing(member) => (StatusCode::OK, Json(member)),
+        },
+    )
 }
 
 /// Removes a member (owners remove anyone, admins remove members), or leaves (anyone, themselves).
@@ -147,54 +99,7 @@ pub async fn remove(
     Caller(caller): Caller,
     ApiPath((chat_id, user_id)): ApiPath<(ChatId, UserId)>,
 ) -> ApiResult<StatusCode> {
-    let (my_role, chat) = member_of(&state, chat_id, caller.id).await?;
-    if chat.kind == ChatKind::Direct {
-        return Err(ApiError::Unprocessable(
-            "members of a direct chat cannot leave or be removed".into(),
-        ));
-    }
-    let members = state.store.members(chat_id).await?;
-    let Some(target) = members.iter().find(|m| m.user_id == user_id) else {
-        return Err(ApiError::NotFound("no such member"));
-    };
-    if user_id != caller.id {
-        let allowed = match my_role {
-            MemberRole::Owner => true,
-            MemberRole::Admin => target.role == MemberRole::Member,
-            MemberRole::Member => false,
-        };
-        if !allowed {
-            return Err(ApiError::Forbidden(
-                "owners remove anyone, admins remove members",
-            ));
-        }
-    }
-    let owners = members
-        .iter()
-        .filter(|m| m.role == MemberRole::Owner)
-        .count();
-    if target.role == MemberRole::Owner && owners == 1 && members.len() > 1 {
-        return Err(ApiError::Unprocessable(
-            "the last owner hands over ownership before leaving".into(),
-        ));
-    }
-    state.store.remove_member(chat_id, user_id).await?;
-    state.store.untouch_chat(chat_id, user_id).await?;
-    append_system_signal(&state, chat_id, SignalKind::Left, user_id, None).await?;
-    let mut recipients: Vec<UserId> = members.iter().map(|m| m.user_id).collect();
-    if !recipients.contains(&user_id) {
-        recipients.push(user_id);
-    }
-    state
-        .publish(
-            chat_id,
-            recipients,
-            Event::MemberLeft(MemberChange {
-                user_id,
-                role: None,
-            }),
-        )
-        .await;
+    state.remove_member(caller.id, chat_id, user_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -222,51 +127,9 @@ pub async fn set_role(
     ApiPath((chat_id, user_id)): ApiPath<(ChatId, UserId)>,
     ApiJson(body): ApiJson<SetRole>,
 ) -> ApiResult<Json<Member>> {
-    let (my_role, chat) = member_of(&state, chat_id, caller.id).await?;
-    if chat.kind == ChatKind::Direct {
-        return Err(ApiError::Unprocessable(
-            "roles in a direct chat do not change".into(),
-        ));
-    }
-    let members = state.store.members(chat_id).await?;
-    let Some(target) = members.iter().find(|m| m.user_id == user_id).cloned() else {
-        return Err(ApiError::NotFound("no such member"));
-    };
-    let allowed = match my_role {
-        MemberRole::Owner => true,
-        MemberRole::Admin => target.role != MemberRole::Owner && body.role != MemberRole::Owner,
-        MemberRole::Member => false,
-    };
-    if !allowed {
-        return Err(ApiError::Forbidden(
-            "owners change any role; admins move members and admins",
-        ));
-    }
-    let owners = members
-        .iter()
-        .filter(|m| m.role == MemberRole::Owner)
-        .count();
-    if target.role == MemberRole::Owner && body.role != MemberRole::Owner && owners == 1 {
-        return Err(ApiError::Unprocessable(
-            "a chat keeps at least one owner".into(),
-        ));
-    }
-    if target.role == body.role {
-        return Ok(Json(target));
-    }
-    let updated = Member {
-        role: body.role,
-        ..target
-    };
-    state.store.put_member(chat_id, &updated).await?;
-    state
-        .publish_to_members(
-            chat_id,
-            Event::MemberUpdated(MemberChange {
-                user_id,
-                role: Some(body.role),
-            }),
-        )
-        .await?;
-    Ok(Json(updated))
+    Ok(Json(
+        state
+            .set_role(caller.id, chat_id, user_id, body.role)
+            .await?,
+    ))
 }

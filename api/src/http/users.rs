@@ -1,14 +1,16 @@
 use axum::Json;
 use axum::extract::State;
 use confab_runtime::Problem;
-use confab_schema::{User, UserId};
+use confab_schema::User;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::responses::CallerErrors;
-use super::{ApiQuery, ApiState, Caller, Page, page_limit};
-use crate::error::{ApiError, ApiResult};
-use crate::store::search_users;
+use super::{ApiQuery, Caller};
+use crate::domain::Page;
+use crate::domain::inputs::{PageLimit, UserQuery};
+use crate::error::ApiResult;
+use crate::state::ApiState;
 
 /// The caller, as provisioned from their token.
 #[utoipa::path(
@@ -23,9 +25,6 @@ use crate::store::search_users;
 pub async fn me(Caller(user): Caller) -> Json<User> {
     Json(user)
 }
-
-/// Longest search prefix.
-const MAX_QUERY_CHARS: usize = 64;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -53,22 +52,11 @@ pub async fn search(
     Caller(_caller): Caller,
     ApiQuery(query): ApiQuery<SearchUsers>,
 ) -> ApiResult<Json<Page<User>>> {
-    let limit = page_limit(query.limit)?;
-    let q = query.q.trim().to_lowercase();
-    let chars = q.chars().count();
-    if chars == 0 || chars > MAX_QUERY_CHARS {
-        return Err(ApiError::BadRequest(format!(
-            "q must be 1 to {MAX_QUERY_CHARS} characters"
-        )));
-    }
-    let list = format!("users:{q}");
-    let after = match &query.cursor {
-        Some(cursor) => Some(state.open_cursor::<(String, UserId)>(&list, cursor)?),
-        None => None,
-    };
-    let (items, next) = search_users(&*state.store, &q, after, limit).await?;
-    Ok(Json(Page {
-        items,
-        next_cursor: next.map(|position| state.cursor(&list, position)),
-    }))
+    let limit = PageLimit::parse(query.limit)?;
+    let q = UserQuery::parse(&query.q)?;
+    Ok(Json(
+        state
+            .search_users(q, query.cursor.as_deref(), limit)
+            .await?,
+    ))
 }

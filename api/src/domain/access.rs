@@ -1,0 +1,48 @@
+//! Membership, checked against the store: only members read or post. The other rules are in
+//! [`super::rules`].
+
+use confab_schema::{Chat, ChatId, Member, MemberRole, UserId};
+
+use crate::error::{ApiError, ApiResult};
+use crate::state::ApiState;
+
+impl ApiState {
+    /// The caller's role in `chat`: 404 when the chat does not exist, 403 when it does but the
+    /// caller is not in it.
+    pub async fn require_member(&self, chat: ChatId, caller: UserId) -> ApiResult<MemberRole> {
+        match self.store.member_role(chat, caller).await? {
+            Some(role) => Ok(role),
+            None => Err(self.not_member(chat).await),
+        }
+    }
+
+    /// The caller's role and the chat, with the refusals of [`ApiState::require_member`].
+    pub async fn member_of(&self, chat: ChatId, caller: UserId) -> ApiResult<(MemberRole, Chat)> {
+        let role = self.require_member(chat, caller).await?;
+        let chat = self
+            .store
+            .get_chat(chat)
+            .await?
+            .ok_or(ApiError::NotFound("no such chat"))?;
+        Ok((role, chat))
+    }
+
+    /// Every member of `chat`, if the caller is one (one read for both), with the refusals of
+    /// [`ApiState::require_member`].
+    pub async fn members_if_member(&self, chat: ChatId, caller: UserId) -> ApiResult<Vec<Member>> {
+        let members = self.store.members(chat).await?;
+        if !members.iter().any(|m| m.user_id == caller) {
+            return Err(self.not_member(chat).await);
+        }
+        Ok(members)
+    }
+
+    /// The refusal for a non-member: 404 for an unknown chat, else 403.
+    async fn not_member(&self, chat: ChatId) -> ApiError {
+        match self.store.get_chat(chat).await {
+            Ok(Some(_)) => ApiError::Forbidden("you are not a member of this chat"),
+            Ok(None) => ApiError::NotFound("no such chat"),
+            Err(error) => error.into(),
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Typed inputs, parsed once at the edge (HTTP today, WebSocket request frames later). A value of
+//! one of these types is valid by construction, so operations never check it again.
+
+use confab_schema::limits::{
+    DEFAULT_PAGE_SIZE, MAX_CHAT_DESCRIPTION_CHARS, MAX_CHAT_NAME_CHARS, MAX_NONCE_BYTES,
+    MAX_PAGE_SIZE, MAX_TEXT_CHARS,
+};
+
+use crate::error::{ApiError, ApiResult};
+
+/// A client's send-parity token: 1 to 128 bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nonce(String);
+
+impl Nonce {
+    pub fn parse(value: String) -> ApiResult<Nonce> {
+        if value.is_empty() || value.len() > MAX_NONCE_BYTES {
+            return Err(ApiError::Unprocessable(format!(
+                "nonce must be 1 to {MAX_NONCE_BYTES} bytes"
+            )));
+        }
+        Ok(Nonce(value))
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+/// The text of a message: 1 to 4,000 characters, not only white space.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageText(String);
+
+impl MessageText {
+    pub fn parse(value: String) -> ApiResult<MessageText> {
+        if value.trim().is_empty() || value.chars().count() > MAX_TEXT_CHARS {
+            return Err(ApiError::Unprocessable(format!(
+                "text must be 1 to {MAX_TEXT_CHARS} characters"
+            )));
+        }
+        Ok(MessageText(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+/// Checks a bounded, non-blank string field.
+fn bounded(field: &str, value: String, max: usize) -> ApiResult<String> {
+    if value.trim().is_empty() || value.chars().count() > max {
+        return Err(ApiError::Unprocessable(format!(
+            "{field} must be 1 to {max} characters"
+        )));
+    }
+    Ok(value)
+}
+
+/// A group's name: 1 to 200 characters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatName(String);
+
+impl ChatName {
+    pub fn parse(value: String) -> ApiResult<ChatName> {
+        bounded("name", value, MAX_CHAT_NAME_CHARS).map(ChatName)
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+/// A group's description: 1 to 2,000 characters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatDescription(String);
+
+impl ChatDescription {
+    pub fn parse(value: String) -> ApiResult<ChatDescription> {
+        bounded("description", value, MAX_CHAT_DESCRIPTION_CHARS).map(ChatDescription)
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+/// A change of a group's description: a new one, or clearing it (an empty string on the wire).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DescriptionChange {
+    Set(ChatDescription),
+    Clear,
+}
+
+impl DescriptionChange {
+    pub fn parse(value: String) -> ApiResult<DescriptionChange> {
+        if value.chars().count() > MAX_CHAT_DESCRIPTION_CHARS {
+            return Err(ApiError::Unprocessable(format!(
+                "description must be at most {MAX_CHAT_DESCRIPTION_CHARS} characters"
+            )));
+        }
+        if value.trim().is_empty() {
+            return Ok(DescriptionChange::Clear);
+        }
+        Ok(DescriptionChange::Set(ChatDescription(value)))
+    }
+}
+
+/// Longest reaction, in bytes (a family emoji with skin tones is about 35).
+const MAX_EMOJI_BYTES: usize = 64;
+
+/// A reaction: one emoji (or emoji sequence) in Unicode form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Emoji(String);
+
+impl Emoji {
+    pub fn parse(value: String) -> ApiResult<Emoji> {
+        if !valid_emoji(&value) {
+            return Err(ApiError::BadRequest(
+                "a reaction is one emoji in Unicode form".into(),
+            ));
+        }
+        Ok(Emoji(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+/// Whether `c` is a pictographic code point that can stand as an emoji.
+fn is_pictographic(c: char) -> bool {
+    matches!(c as u32,
+        0x00A9 | 0x00AE | 0x203C | 0x2049 | 0x2122 | 0x2139 | 0x2194..=0x21AA | 0x231A..=0x23FF
+        | 0x24C2 | 0x25AA..=0x25FE | 0x2600..=0x27BF | 0x2934 | 0x2935 | 0x2B00..=0x2BFF | 0x3030
+        | 0x303D | 0x3297 | 0x3299 | 0x1F000..=0x1FAFF)
+}
+
+/// Whether `c` may join or modify emoji in a sequence.
+fn is_emoji_component(c: char) -> bool {
+    matches!(c as u32,
+        0x200D                    // zero-width joiner
+        | 0xFE0F | 0xFE0E         // presentation selectors
+        | 0x20E3                  // combining keycap
+        | 0x1F3FB..=0x1F3FF       // skin tones
+        | 0xE0020..=0xE007F       // tag sequences (subdivision flags)
+        | 0x30..=0x39 | 0x23 | 0x2A) // keycap bases 0-9, #, *
+}
+
+/// At least one pictographic character, otherwise only joiners and modifiers.
+fn valid_emoji(emoji: &str) -> bool {
+    !emoji.is_empty()
+        && emoji.len() <= MAX_EMOJI_BYTES
+        && emoji.chars().any(|c| is_pictographic(c) || c == '\u{20E3}')
+        && emoji
+            .chars()
+            .all(|c| is_pictographic(c) || is_emoji_component(c))
+}
+
+/// A page size: 1 to 100, 50 when absent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageLimit(usize);
+
+impl PageLimit {
+    pub fn parse(limit: Option<usize>) -> ApiResult<PageLimit> {
+        let limit = limit.unwrap_or(DEFAULT_PAGE_SIZE);
+        if (1..=MAX_PAGE_SIZE).contains(&limit) {
+            Ok(PageLimit(limit))
+        } else {
+            Err(ApiError::BadRequest(format!(
+                "limit must be 1 to {MAX_PAGE_SIZE}"
+            )))
+        }
+    }
+
+    pub fn get(&self) -> usize {
+        self.0
+    }
+}
+
+/// Longest user-search prefix.
+const MAX_QUERY_CHARS: usize = 64;
+
+/// A user-search prefix: trimmed and lower-cased, 1 to 64 characters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserQuery(String);
+
+impl UserQuery {
+    pub fn parse(value: &str) -> ApiResult<UserQuery> {
+        let q = value.trim().to_lowercase();
+        let chars = q.chars().count();
+        if chars == 0 || chars > MAX_QUERY_CHARS {
+            return Err(ApiError::BadRequest(format!(
+                "q must be 1 to {MAX_QUERY_CHARS} characters"
+            )));
+        }
+        Ok(UserQuery(q))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emoji_forms() {
+        for ok in [
+            "👍",
+            "🎉",
+            "❤️",
+            "👍🏽",
+            "👨‍👩‍👧",
+            "🇫🇷",
+            "1️⃣",
+            "#️⃣",
+            "🏴\u{E0067}\u{E0062}\u{E0065}\u{E006E}\u{E0067}\u{E007F}",
+        ] {
+            assert!(Emoji::parse(ok.into()).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a",
+            ":thumbsup:",
+            "👍 ",
+            "1",
+            "👍x",
+            "<script>",
+            &"👍".repeat(17),
+        ] {
+            assert!(Emoji::parse(bad.into()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bounds() {
+        assert!(MessageText::parse("hi".into()).is_ok());
+        assert!(MessageText::parse("  ".into()).is_err());
+        assert!(MessageText::parse("x".repeat(MAX_TEXT_CHARS)).is_ok());
+        assert!(MessageText::parse("x".repeat(MAX_TEXT_CHARS + 1)).is_err());
+        assert!(Nonce::parse(String::new()).is_err());
+        assert!(Nonce::parse("n".repeat(MAX_NONCE_BYTES + 1)).is_err());
+        assert!(ChatName::parse("x".repeat(MAX_CHAT_NAME_CHARS + 1)).is_err());
+        assert_eq!(
+            DescriptionChange::parse(" ".into()).unwrap(),
+            DescriptionChange::Clear
+        );
+        assert_eq!(PageLimit::parse(None).unwrap().get(), DEFAULT_PAGE_SIZE);
+        assert!(PageLimit::parse(Some(0)).is_err());
+        assert!(PageLimit::parse(Some(MAX_PAGE_SIZE + 1)).is_err());
+        assert_eq!(UserQuery::parse("  AlI ").unwrap().as_str(), "ali");
+        assert!(UserQuery::parse(" ").is_err());
+    }
+}

@@ -1,0 +1,90 @@
+//! Read and delivery markers, and who has reached a signal.
+
+use confab_schema::event::MarkerChange;
+use confab_schema::{ChatId, Event, SignalId, UserId};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::inputs::PageLimit;
+use super::paging::{Page, Pager};
+use crate::error::{ApiError, ApiResult};
+use crate::state::ApiState;
+use crate::store::MarkerKind;
+
+/// A member whose marker has reached the signal.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Seen {
+    user_id: UserId,
+    up_to: SignalId,
+}
+
+/// Markers are scanned this many at a time while filling a page.
+const SCAN: usize = 200;
+
+impl ApiState {
+    /// Moves the caller's marker forward to `up_to` (never back); answers the marker after.
+    pub async fn mark(
+        &self,
+        kind: MarkerKind,
+        caller: UserId,
+        chat: ChatId,
+        up_to: SignalId,
+    ) -> ApiResult<Option<SignalId>> {
+        self.require_member(chat, caller).await?;
+        if self.store.get_signal(chat, up_to).await?.is_none() {
+            return Err(ApiError::Unprocessable(
+                "up_to names no signal of this chat".into(),
+            ));
+        }
+        let before = self.store.marker(kind, chat, caller).await?;
+        if before.is_some_and(|b| b >= up_to) {
+            // Markers only move forward; an older one changes nothing.
+            return Ok(before);
+        }
+        self.store.advance_marker(kind, chat, caller, up_to).await?;
+        let change = MarkerChange {
+            user_id: caller,
+            up_to,
+        };
+        let event = match kind {
+            MarkerKind::Read => Event::ReadUpdated(change),
+            MarkerKind::Delivered => Event::DeliveredUpdated(change),
+        };
+        self.publish_to_members(chat, event).await?;
+        Ok(Some(up_to))
+    }
+
+    /// Members whose `kind` marker has reached `signal` (members only).
+    pub async fn list_reached(
+        &self,
+        kind: MarkerKind,
+        caller: UserId,
+        chat: ChatId,
+        signal: SignalId,
+        cursor: Option<&str>,
+        limit: PageLimit,
+    ) -> ApiResult<Page<Seen>> {
+        let pager = Pager::new(self, format!("{}:{chat}:{signal}", kind.as_str()), limit);
+        let mut after = pager.open::<UserId>(cursor)?;
+        self.require_member(chat, caller).await?;
+        self.load_signal(chat, signal).await?;
+        // Markers that have not reached the signal are skipped, so fill the page by scanning.
+        let mut reached = Vec::new();
+        loop {
+            let batch = self.store.markers_page(kind, chat, after, SCAN).await?;
+            let exhausted = batch.len() < SCAN;
+            for (user_id, up_to) in batch {
+                after = Some(user_id);
+                if up_to >= signal {
+                    reached.push(Seen { user_id, up_to });
+                    if reached.len() == pager.fetch() {
+                        return Ok(pager.page(reached, |last| last.user_id));
+                    }
+                }
+            }
+            if exhausted {
+                return Ok(pager.page(reached, |last| last.user_id));
+            }
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Emoji reactions to signals.
+
+use confab_schema::event::ReactionChange;
+use confab_schema::{ChatId, Event, SignalId, UserId};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::Outcome;
+use super::inputs::{Emoji, PageLimit};
+use super::paging::{Page, Pager};
+use crate::error::{ApiError, ApiResult};
+use crate::state::ApiState;
+
+/// One reaction: who, with what.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Reaction {
+    emoji: String,
+    user_id: UserId,
+}
+
+impl ApiState {
+    /// Adds the caller's reaction: `Created`, or `Existing` when it was there (idempotent).
+    pub async fn add_reaction(
+        &self,
+        caller: UserId,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: Emoji,
+    ) -> ApiResult<Outcome<ReactionChange>> {
+        self.reactable(caller, chat, signal).await?;
+        let added = self
+            .store
+            .add_reaction(chat, signal, emoji.as_str(), caller)
+            .await?;
+        let change = self.reaction_change(caller, chat, signal, emoji).await?;
+        if !added {
+            return Ok(Outcome::Existing(change));
+        }
+        self.publish_to_members(chat, Event::ReactionAdded(change.clone()))
+            .await?;
+        Ok(Outcome::Created(change))
+    }
+
+    /// Removes the caller's reaction (idempotent).
+    pub async fn remove_reaction(
+        &self,
+        caller: UserId,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: Emoji,
+    ) -> ApiResult<ReactionChange> {
+        self.reactable(caller, chat, signal).await?;
+        let removed = self
+            .store
+            .remove_reaction(chat, signal, emoji.as_str(), caller)
+            .await?;
+        let change = self.reaction_change(caller, chat, signal, emoji).await?;
+        if removed {
+            self.publish_to_members(chat, Event::ReactionRemoved(change.clone()))
+                .await?;
+        }
+        Ok(change)
+    }
+
+    /// Who reacted to a signal, with what (members only).
+    pub async fn list_reactions(
+        &self,
+        caller: UserId,
+        chat: ChatId,
+        signal: SignalId,
+        cursor: Option<&str>,
+        limit: PageLimit,
+    ) -> ApiResult<Page<Reaction>> {
+        let pager = Pager::new(self, format!("reactions:{chat}:{signal}"), limit);
+        let after = pager.open::<(String, UserId)>(cursor)?;
+        self.require_member(chat, caller).await?;
+        self.load_signal(chat, signal).await?;
+        let fetched = self
+            .store
+            .reactions_page(chat, signal, after, pager.fetch())
+            .await?
+            .into_iter()
+            .map(|(emoji, user_id)| Reaction { emoji, user_id })
+            .collect();
+        Ok(pager.page(fetched, |last: &Reaction| {
+            (last.emoji.clone(), last.user_id)
+        }))
+    }
+
+    /// Members react to signals that are not deleted.
+    async fn reactable(&self, caller: UserId, chat: ChatId, signal: SignalId) -> ApiResult<()> {
+        self.require_member(chat, caller).await?;
+        if self.load_signal(chat, signal).await?.deleted {
+            return Err(ApiError::Unprocessable(
+                "deleted signals take no reactions".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn reaction_change(
+        &self,
+        caller: UserId,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: Emoji,
+    ) -> ApiResult<ReactionChange> {
+        let count = self
+            .store
+            .reaction_counts(chat, signal)
+            .await?
+            .get(emoji.as_str())
+            .copied()
+            .unwrap_or(0);
+        Ok(ReactionChange {
+            signal_id: signal,
+            count,
+            emoji: emoji.into_inner(),
+            user_id: caller,
+        })
+    }
+}

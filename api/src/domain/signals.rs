@@ -1,0 +1,364 @@
+//! A chat's history: sending messages (with send parity), paging, edits and deletions, and the
+//! `joined`, `left` and `renamed` signals the server writes.
+
+use std::time::Duration;
+
+use confab_schema::model::to_millis;
+use confab_schema::{ChatId, Event, Signal, SignalId, SignalKind, User, UserId};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::Outcome;
+use super::inputs::{MessageText, Nonce, PageLimit};
+use super::paging::{Page, Pager};
+use super::rules;
+use crate::error::{ApiError, ApiResult};
+use crate::state::ApiState;
+use crate::store::{Inserted, MarkerKind, StoreError};
+
+/// A message to send, checked.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    pub nonce: Option<Nonce>,
+    pub text: MessageText,
+    pub reply_to: Option<SignalId>,
+}
+
+impl NewMessage {
+    /// Checks a message as a client posts it: only `message` signals, text within bounds, a nonce
+    /// within bounds, `reply_to` a signal id, and no attachments yet.
+    pub fn parse(
+        kind: SignalKind,
+        text: Option<String>,
+        nonce: Option<String>,
+        reply_to: Option<SignalId>,
+        attachments: &[Uuid],
+    ) -> ApiResult<NewMessage> {
+        rules::may_post(kind)?;
+        let text = MessageText::parse(text.unwrap_or_default())?;
+        let nonce = nonce.map(Nonce::parse).transpose()?;
+        if reply_to.is_some_and(|r| !r.is_time_ordered()) {
+            return Err(ApiError::Unprocessable(
+                "reply_to is not a signal id".into(),
+            ));
+        }
+        if !attachments.is_empty() {
+            return Err(ApiError::Unprocessable(
+                "attachments are not accepted yet".into(),
+            ));
+        }
+        Ok(NewMessage {
+            nonce,
+            text,
+            reply_to,
+        })
+    }
+}
+
+/// Where a page of history starts.
+#[derive(Clone, Copy, Debug)]
+pub enum HistoryFrom {
+    /// The newest signals, going back.
+    Newest,
+    /// Signals older than this one, newest first.
+    Before(SignalId),
+    /// Signals newer than this one, oldest first (catching up).
+    After(SignalId),
+}
+
+impl HistoryFrom {
+    /// From the query's `before` and `after`, which exclude each other.
+    pub fn parse(before: Option<SignalId>, after: Option<SignalId>) -> ApiResult<HistoryFrom> {
+        match (before, after) {
+            (None, None) => Ok(HistoryFrom::Newest),
+            (Some(before), None) => Ok(HistoryFrom::Before(before)),
+            (None, Some(after)) => Ok(HistoryFrom::After(after)),
+            (Some(_), Some(_)) => Err(ApiError::BadRequest(
+                "give before or after, not both".into(),
+            )),
+        }
+    }
+}
+
+impl ApiState {
+    /// Posts a message (members only). `Created` with the stored signal, or, when the author
+    /// already sent this nonce to this chat, `Existing` with that signal and nothing stored.
+    pub async fn send_message(
+        &self,
+        caller: &User,
+        chat: ChatId,
+        message: NewMessage,
+    ) -> ApiResult<Outcome<Signal>> {
+        // One read gives both the caller's right to post and the event's recipients.
+        let members: Vec<UserId> = self
+            .members_if_member(chat, caller.id)
+            .await?
+            .into_iter()
+            .map(|m| m.user_id)
+            .collect();
+        if let Some(reply_to) = message.reply_to
+            && self.store.get_signal(chat, reply_to).await?.is_none()
+        {
+            return Err(ApiError::Unprocessable(
+                "reply_to names no signal of this chat".into(),
+            ));
+        }
+        // Refuse before storing when events cannot be published, rather than store a silent message.
+        self.bus.check().await?;
+        let id = SignalId::new();
+        let signal = Signal {
+            id,
+            chat_id: chat,
+            kind: SignalKind::Message,
+            author_id: caller.id,
+            created_at: id.created_at().unwrap_or_else(OffsetDateTime::now_utc),
+            nonce: message.nonce.map(Nonce::into_inner),
+            text: Some(message.text.into_inner()),
+            reply_to: message.reply_to,
+            attachments: Vec::new(),
+            edited_at: None,
+            deleted: false,
+            reactions: Default::default(),
+        };
+        match self.record(&signal, members).await? {
+            Inserted::Existing(existing) => {
+                Ok(Outcome::Existing(self.decorate_one(existing).await?))
+            }
+            Inserted::Created(created) => Ok(Outcome::Created(created)),
+        }
+    }
+
+    /// A page of the chat's history (members only): newest first, or oldest first after `after`.
+    /// A cursor continues the listing it came from and overrides `from`.
+    pub async fn history(
+        &self,
+        caller: UserId,
+        chat: ChatId,
+        from: HistoryFrom,
+        cursor: Option<&str>,
+        limit: PageLimit,
+    ) -> ApiResult<Page<Signal>> {
+        let pager = Pager::new(self, format!("signals:{chat}"), limit);
+        // (forward, position): forward pages run oldest first.
+        let (forward, position) = match pager.open::<(bool, SignalId)>(cursor)? {
+            Some((forward, position)) => (forward, Some(position)),
+            None => match from {
+                HistoryFrom::Newest => (false, None),
+                HistoryFrom::Before(before) => (false, Some(before)),
+                HistoryFrom::After(after) => (true, Some(after)),
+            },
+        };
+        self.require_member(chat, caller).await?;
+        let fetched = match (forward, position) {
+            (true, Some(after)) => self.store.signals_after(chat, after, pager.fetch()).await?,
+            (_, before) => {
+                self.store
+                    .signals_before(chat, before, pager.fetch())
+                    .await?
+            }
+        };
+        let page = pager.page(fetched, |last| (forward, last.id));
+        Ok(Page {
+            items: self.decorate(page.items).await?,
+            next_cursor: page.next_cursor,
+        })
+    }
+
+    /// Edits a message's text (its author only); `edited_at` records when.
+    pub async fn edit_message(
+        &self,
+        caller: UserId,
+        chat: ChatId,
+        id: SignalId,
+        text: MessageText,
+    ) -> ApiResult<Signal> {
+        self.require_member(chat, caller).await?;
+        let signal = self.load_signal(chat, id).await?;
+        rules::may_edit(caller, &signal)?;
+        let signal = self
+            .store
+            .edit_signal(
+                chat,
+                id,
+                text.as_str(),
+                to_millis(OffsetDateTime::now_utc()),
+            )
+            .await?
+            .ok_or(ApiError::NotFound("no such signal"))?;
+        if signal.deleted {
+            // Deleted while this edit was on its way: the deletion stands.
+            return Err(rules::not_editable());
+        }
+        self.publish_to_members(chat, Event::SignalUpdated(signal.clone()))
+            .await?;
+        Ok(signal)
+    }
+
+    /// Deletes a message (its author, or an owner or admin): history keeps a tombstone without
+    /// text. Deleting it again answers the tombstone.
+    pub async fn delete_message(
+        &self,
+        caller: UserId,
+        chat: ChatId,
+        id: SignalId,
+    ) -> ApiResult<Signal> {
+        let role = self.require_member(chat, caller).await?;
+        let signal = self.load_signal(chat, id).await?;
+        rules::may_delete(caller, role, &signal)?;
+        if signal.deleted {
+            return self.decorate_one(signal).await;
+        }
+        let tombstone = self
+            .store
+            .delete_signal(chat, id)
+            .await?
+            .ok_or(ApiError::NotFound("no such signal"))?;
+        self.publish_to_members(chat, Event::SignalDeleted(tombstone.clone()))
+            .await?;
+        Ok(tombstone)
+    }
+
+    /// Writes a `joined`, `left` or `renamed` signal into the history, for the current members.
+    pub(crate) async fn record_system_signal(
+        &self,
+        chat: ChatId,
+        kind: SignalKind,
+        author: UserId,
+        text: Option<String>,
+    ) -> ApiResult<Signal> {
+        let id = SignalId::new();
+        let signal = Signal {
+            id,
+            chat_id: chat,
+            kind,
+            author_id: author,
+            created_at: id.created_at().unwrap_or_else(OffsetDateTime::now_utc),
+            nonce: None,
+            text,
+            reply_to: None,
+            attachments: Vec::new(),
+            edited_at: None,
+            deleted: false,
+            reactions: Default::default(),
+        };
+        let members = self
+            .store
+            .members(chat)
+            .await?
+            .into_iter()
+            .map(|m| m.user_id)
+            .collect();
+        Ok(self.record(&signal, members).await?.signal().clone())
+    }
+
+    /// A signal of the chat, as 404 when there is none.
+    pub(crate) async fn load_signal(&self, chat: ChatId, id: SignalId) -> ApiResult<Signal> {
+        self.store
+            .get_signal(chat, id)
+            .await?
+            .ok_or(ApiError::NotFound("no such signal"))
+    }
+
+    /// Fills in the reaction counts of a page of one chat's signals: one store round trip per
+    /// history bucket.
+    pub(crate) async fn decorate(&self, signals: Vec<Signal>) -> ApiResult<Vec<Signal>> {
+        let Some(chat) = signals.first().map(|s| s.chat_id) else {
+            return Ok(signals);
+        };
+        let ids: Vec<SignalId> = signals.iter().map(|s| s.id).collect();
+        let mut counts = self.store.reaction_counts_of(chat, &ids).await?;
+        Ok(signals
+            .into_iter()
+            .map(|mut signal| {
+                signal.reactions = counts.remove(&signal.id).unwrap_or_default();
+                signal
+            })
+            .collect())
+    }
+
+    pub(crate) async fn decorate_one(&self, signal: Signal) -> ApiResult<Signal> {
+        let mut decorated = self.decorate(vec![signal]).await?;
+        decorated
+            .pop()
+            .ok_or_else(|| ApiError::Store(StoreError::Corrupt("signal vanished".into())))
+    }
+
+    /// Stores `signal` as new history, publishes it, then moves the chat up in its members' lists.
+    async fn record(&self, signal: &Signal, members: Vec<UserId>) -> ApiResult<Inserted> {
+        let inserted = self.store.insert_signal(signal).await?;
+        if let Inserted::Created(created) = &inserted {
+            // Deliver first: the chat list order and the author's marker are not on the live path.
+            self.publish(
+                created.chat_id,
+                members.clone(),
+                Event::SignalCreated(created.clone()),
+            )
+            .await;
+            self.bookkeep(created, members).await;
+        }
+        Ok(inserted)
+    }
+
+    /// After a signal is stored and published: moves the chat up in its members' lists and the
+    /// author's read marker to it, coalesced per chat. The signal is history already, so a failure
+    /// here is not the sender's failure: it is retried in the background, and the send succeeds.
+    async fn bookkeep(&self, created: &Signal, members: Vec<UserId>) {
+        let (touched, marked) = futures::join!(
+            self.touch(created.clone(), members.clone()),
+            self.mark_authors_read(created)
+        );
+        if touched.is_ok() && marked.is_ok() {
+            return;
+        }
+        for error in [touched.err(), marked.err()].into_iter().flatten() {
+            tracing::warn!(%error, chat = %created.chat_id, "bookkeeping after a send failed; retrying in the background");
+        }
+        metrics::counter!("confab_bookkeeping_retries_total").increment(1);
+        let state = self.clone();
+        let created = created.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            for _ in 0..8 {
+                tokio::time::sleep(delay).await;
+                let (touched, marked) = futures::join!(
+                    state.touch(created.clone(), members.clone()),
+                    state.mark_authors_read(&created)
+                );
+                if touched.is_ok() && marked.is_ok() {
+                    return;
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            metrics::counter!("confab_bookkeeping_failures_total").increment(1);
+            tracing::error!(chat = %created.chat_id, signal = %created.id, "bookkeeping after a send gave up");
+        });
+    }
+
+    /// Moves the chat to `created` in its members' lists: one write per burst of a chat.
+    async fn touch(&self, created: Signal, members: Vec<UserId>) -> Result<(), StoreError> {
+        let chat = created.chat_id;
+        self.chat_activity
+            .advance(
+                chat,
+                created.id,
+                (members, created),
+                |newest, (members, latest)| async move {
+                    self.store
+                        .touch_chat(chat, &members, newest, Some(&latest))
+                        .await
+                },
+            )
+            .await
+    }
+
+    /// Writing is reading: the author has seen their own signal.
+    async fn mark_authors_read(&self, created: &Signal) -> Result<(), StoreError> {
+        let (chat, author) = (created.chat_id, created.author_id);
+        self.author_markers
+            .advance((chat, author), created.id, (), |newest, ()| {
+                self.store
+                    .advance_marker(MarkerKind::Read, chat, author, newest)
+            })
+            .await
+    }
+}

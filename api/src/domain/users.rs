@@ -1,0 +1,61 @@
+//! Who is calling (provisioned from their token), and finding others.
+
+use std::time::{Duration, Instant};
+
+use confab_runtime::identity::Principal;
+use confab_schema::{User, UserId};
+
+use super::inputs::{PageLimit, UserQuery};
+use super::paging::{Page, Pager};
+use crate::error::ApiResult;
+use crate::state::ApiState;
+use crate::store::search_users;
+
+/// How long a provisioned profile is trusted before the store is written again.
+const PROVISION_REFRESH: Duration = Duration::from_secs(600);
+const PROVISION_CACHE_MAX: usize = 100_000;
+
+impl ApiState {
+    /// The user a verified token names, provisioned from its claims: written on first sight, and
+    /// again when the claims change or the cached copy is old.
+    pub async fn provision(&self, principal: Principal) -> ApiResult<User> {
+        let user = User {
+            id: principal.user_id,
+            username: principal.username,
+            display_name: principal.display_name,
+            email: principal.email,
+        };
+        let fresh = self
+            .provisioned
+            .lock()
+            .ok()
+            .and_then(|cache| cache.get(&user.id).cloned())
+            .is_some_and(|(cached, at)| cached == user && at.elapsed() < PROVISION_REFRESH);
+        if !fresh {
+            self.store.upsert_user(&user).await?;
+            if let Ok(mut cache) = self.provisioned.lock() {
+                if cache.len() >= PROVISION_CACHE_MAX {
+                    cache.clear();
+                }
+                cache.insert(user.id, (user.clone(), Instant::now()));
+            }
+        }
+        Ok(user)
+    }
+
+    /// Users whose user name, display name or e-mail address starts with `query`, each once.
+    pub async fn search_users(
+        &self,
+        query: UserQuery,
+        cursor: Option<&str>,
+        limit: PageLimit,
+    ) -> ApiResult<Page<User>> {
+        let pager = Pager::new(self, format!("users:{}", query.as_str()), limit);
+        let after = pager.open::<(String, UserId)>(cursor)?;
+        let (items, next) = search_users(&*self.store, query.as_str(), after, pager.limit).await?;
+        Ok(Page {
+            items,
+            next_cursor: next.map(|position| pager.cursor(position)),
+        })
+    }
+}

@@ -1,0 +1,48 @@
+//! What every operation works with: the store, the bus, identity, the cursor signer, the write
+//! coalescers and the provisioning cache. Cheap to clone.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use confab_runtime::bus::Bus;
+use confab_runtime::identity::Identity;
+use confab_runtime::signed::Signer;
+use confab_schema::{ChatId, Signal, User, UserId};
+
+use crate::coalesce::Coalescer;
+use crate::store::Store;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) identity: Arc<dyn Identity>,
+    pub(crate) cursors: Signer,
+    /// A chat's position in its members' lists, written once per burst rather than per signal,
+    /// with the members to move it for and the newest signal.
+    pub(crate) chat_activity: Arc<Coalescer<ChatId, (Vec<UserId>, Signal)>>,
+    /// Authors' read markers, moved by their own signals.
+    pub(crate) author_markers: Arc<Coalescer<(ChatId, UserId), ()>>,
+    /// Users provisioned recently, and when: see `domain::users`.
+    pub(crate) provisioned: Arc<Mutex<HashMap<UserId, (User, Instant)>>>,
+}
+
+impl ApiState {
+    pub fn new(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        identity: Arc<dyn Identity>,
+        secret: &[u8],
+    ) -> ApiState {
+        ApiState {
+            store,
+            bus,
+            identity,
+            cursors: Signer::new(secret, "cursor"),
+            chat_activity: Arc::default(),
+            author_markers: Arc::default(),
+            provisioned: Arc::default(),
+        }
+    }
+}
