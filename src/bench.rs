@@ -44,11 +44,37 @@ pub struct BenchArgs {
     /// user name (as in the dev realm).
     #[arg(long)]
     pub password: Option<String>,
+    /// Measured runs in a row on the same warm node (the warm-up only before the first), each
+    /// reported on its own.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// Chats the messages are spread over, round-robin (all with the same two members).
+    #[arg(long, default_value_t = 1)]
+    pub chats: usize,
+    /// The p99 a run must stay within to count as meeting the target, in milliseconds.
+    #[arg(long, default_value_t = 20.0)]
+    pub p99_target_ms: f64,
+    /// After the runs, search for the highest rate whose p99 stays within `--p99-target-ms`: short
+    /// runs at rising rates, from `--rate` up by `--rate-step` to `--max-rate`.
+    #[arg(long)]
+    pub find_max_rate: bool,
+    /// Length of each step of the rate search, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub step_secs: u64,
+    /// Rate increase per step of the rate search.
+    #[arg(long, default_value_t = 250)]
+    pub rate_step: u32,
+    /// Highest rate the search tries.
+    #[arg(long, default_value_t = 4_000)]
+    pub max_rate: u32,
 }
 
 struct Summary {
     /// Per-second p99s (by send time), to tell a steady cost from a stall.
     per_second_p99_ms: Vec<f64>,
+    /// The rate the load generator actually sent at (posts started per second). A generator that
+    /// falls behind its schedule measures itself, not the server.
+    sent_per_second: f64,
     count: u64,
     p50_ms: f64,
     p99_ms: f64,
@@ -61,6 +87,7 @@ impl Summary {
         let ms = |us: u64| us as f64 / 1000.0;
         Summary {
             per_second_p99_ms: Vec::new(),
+            sent_per_second: 0.0,
             count: histogram.len(),
             p50_ms: ms(histogram.value_at_quantile(0.50)),
             p99_ms: ms(histogram.value_at_quantile(0.99)),
@@ -76,14 +103,15 @@ impl Summary {
             "p99_ms": self.p99_ms,
             "max_ms": self.max_ms,
             "messages_per_second": self.per_second,
+            "sent_per_second": self.sent_per_second,
             "p99_ms_by_second": self.per_second_p99_ms,
         })
     }
 }
 
 pub async fn run(args: BenchArgs, mut config: Config) -> anyhow::Result<()> {
-    if args.messages == 0 || args.rate == 0 {
-        bail!("--messages and --rate must be positive");
+    if args.messages == 0 || args.rate == 0 || args.runs == 0 || args.chats == 0 {
+        bail!("--messages, --rate, --runs and --chats must be positive");
     }
     let data_dir = tempfile_dir()?;
     // The dev key and an embedded store live in a scratch folder, never in the user's data.
@@ -92,22 +120,83 @@ pub async fn run(args: BenchArgs, mut config: Config) -> anyhow::Result<()> {
     config.api.listen = "127.0.0.1:0".parse()?;
 
     let baseline = bus_baseline(&config, args.messages, args.rate).await?;
-    let ours = post_to_sse(&config, &args).await?;
+    let mut bench = PostToSse::start(&config, &args).await?;
+    if args.warmup > 0 {
+        println!("warming up: {} messages at {}/s", args.warmup, args.rate);
+        bench.phase(args.warmup, args.rate, false).await?;
+    }
+    let mut runs = Vec::new();
+    for run in 1..=args.runs {
+        let summary = bench.phase(args.messages, args.rate, true).await?;
+        println!(
+            "run {run}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{}",
+            summary.p50_ms,
+            summary.p99_ms,
+            summary.max_ms,
+            if summary.p99_ms <= args.p99_target_ms {
+                ""
+            } else {
+                "  (over the target)"
+            }
+        );
+        runs.push(summary);
+    }
+    let mut search = Vec::new();
+    let mut highest_met = None;
+    if args.find_max_rate {
+        let mut rate = args.rate;
+        while rate <= args.max_rate {
+            let messages = usize::try_from(u64::from(rate) * args.step_secs)?;
+            let summary = bench.phase(messages, rate, true).await?;
+            let met = summary.p99_ms <= args.p99_target_ms
+                && summary.count == messages as u64
+                && summary.sent_per_second >= f64::from(rate) * 0.95;
+            println!(
+                "rate {rate}/s: sent {:.0}/s, delivered {}/{messages}, p50 {:.2} ms, p99 {:.2} ms{}",
+                summary.sent_per_second,
+                summary.count,
+                summary.p50_ms,
+                summary.p99_ms,
+                if met { "" } else { "  (over the target)" }
+            );
+            search.push((rate, summary, met));
+            if !met {
+                break;
+            }
+            highest_met = Some(rate);
+            rate += args.rate_step.max(1);
+        }
+    }
+    bench.stop().await;
     let _ = std::fs::remove_dir_all(&data_dir);
 
+    let meeting = runs
+        .iter()
+        .filter(|r| r.p99_ms <= args.p99_target_ms)
+        .count();
+    let first = &runs[0];
     let results = json!({
         "label": args.label,
         "messages": args.messages,
         "warmup_messages": args.warmup,
         "rate_per_second": args.rate,
+        "chats": args.chats,
         "store": format!("{:?}", config.store.backend),
+        "send_parity": format!("{:?}", config.store.send_parity),
         "nonces": !args.no_nonce,
         "bus": format!("{:?}", config.bus.backend),
         "identity": format!("{:?}", config.identity.mode),
-        "post_to_sse": ours.json(),
+        "p99_target_ms": args.p99_target_ms,
+        "post_to_sse": first.json(),
+        "runs": runs.iter().map(Summary::json).collect::<Vec<_>>(),
+        "runs_meeting_target": meeting,
+        "rate_search": search.iter().map(|(rate, summary, met)| json!({
+            "rate": rate, "met": met, "result": summary.json(),
+        })).collect::<Vec<_>>(),
+        "highest_rate_meeting_target": highest_met,
         "baseline_bus_round_trip": baseline.json(),
-        "ratio_p50": ours.p50_ms / baseline.p50_ms.max(0.001),
-        "ratio_p99": ours.p99_ms / baseline.p99_ms.max(0.001),
+        "ratio_p50": first.p50_ms / baseline.p50_ms.max(0.001),
+        "ratio_p99": first.p99_ms / baseline.p99_ms.max(0.001),
     });
     std::fs::create_dir_all(&args.out)?;
     let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -115,19 +204,36 @@ pub async fn run(args: BenchArgs, mut config: Config) -> anyhow::Result<()> {
         .out
         .join(format!("post-to-sse-{}-{stamp}.json", args.label));
     std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
-    println!("{}", serde_json::to_string_pretty(&results)?);
+    println!(
+        "bus baseline: p50 {:.3} ms, p99 {:.3} ms",
+        baseline.p50_ms, baseline.p99_ms
+    );
+    println!(
+        "runs meeting p99 <= {} ms: {meeting} of {}",
+        args.p99_target_ms,
+        runs.len()
+    );
+    if args.find_max_rate {
+        match highest_met {
+            Some(rate) => println!(
+                "highest rate with p99 <= {} ms over {} chat(s): {rate}/s",
+                args.p99_target_ms, args.chats
+            ),
+            None => println!("no rate met p99 <= {} ms", args.p99_target_ms),
+        }
+    }
     println!("results written to {}", path.display());
-    if ours.count < args.messages as u64 {
+    if let Some(short) = runs.iter().find(|r| r.count < args.messages as u64) {
         bail!(
-            "only {} of {} messages were delivered",
-            ours.count,
+            "only {} of {} messages were delivered in a run",
+            short.count,
             args.messages
         );
     }
     Ok(())
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("confab-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
@@ -196,7 +302,7 @@ async fn bus_baseline(config: &Config, messages: usize, rate: u32) -> anyhow::Re
     Ok(Summary::from(&histogram, started.elapsed()))
 }
 
-async fn token(
+pub(crate) async fn token(
     config: &Config,
     http: &reqwest::Client,
     user: &str,
@@ -247,158 +353,212 @@ async fn token(
     }
 }
 
-/// The whole path: alice POSTs, bob's SSE stream receives.
-async fn post_to_sse(config: &Config, args: &BenchArgs) -> anyhow::Result<Summary> {
-    let shutdown = CancellationToken::new();
-    let listener = TcpListener::bind(config.api.listen).await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let server = tokio::spawn(crate::run(
-        crate::Role::Serve,
-        config.clone(),
-        listener,
-        shutdown.clone(),
-    ));
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()?;
+/// The whole path: alice POSTs, bob's SSE stream receives. One server, one stream and one set of
+/// chats serve every phase (warm-up, runs, rate search).
+struct PostToSse {
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    http: reqwest::Client,
+    base: String,
+    alice: String,
+    chats: Vec<String>,
+    nonces: bool,
+    /// Measured messages in flight: text → when its POST started.
+    sent: Arc<Mutex<HashMap<String, Instant>>>,
+    /// (latency in µs, when its POST started) of each measured delivery.
+    deliveries: tokio::sync::mpsc::UnboundedReceiver<(u64, Instant)>,
+    reader: tokio::task::JoinHandle<()>,
+    /// Numbers every message, so texts and nonces never repeat across phases.
+    next: usize,
+}
 
-    let alice = token(config, &http, "alice", args.password.as_deref()).await?;
-    let bob = token(config, &http, "bob", args.password.as_deref()).await?;
-    let mut bob_id = None;
-    for _ in 0..100 {
-        if let Ok(response) = http
-            .get(format!("{base}/v1/me"))
+impl PostToSse {
+    async fn start(config: &Config, args: &BenchArgs) -> anyhow::Result<PostToSse> {
+        let shutdown = CancellationToken::new();
+        let listener = TcpListener::bind(config.api.listen).await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let server = tokio::spawn(crate::run(
+            crate::Role::Serve,
+            config.clone(),
+            listener,
+            shutdown.clone(),
+        ));
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .build()?;
+        let alice = token(config, &http, "alice", args.password.as_deref()).await?;
+        let bob = token(config, &http, "bob", args.password.as_deref()).await?;
+        let mut bob_id = None;
+        for _ in 0..100 {
+            if let Ok(response) = http
+                .get(format!("{base}/v1/me"))
+                .bearer_auth(&bob)
+                .send()
+                .await
+                && response.status().is_success()
+            {
+                bob_id = Some(response.json::<Value>().await?["id"].clone());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let bob_id = bob_id.context("the server did not answer")?;
+        let mut chats = Vec::with_capacity(args.chats);
+        for n in 0..args.chats {
+            let chat: Value = http
+                .post(format!("{base}/v1/chats"))
+                .bearer_auth(&alice)
+                .json(&json!({"kind": "group", "name": format!("bench {n}"), "members": [bob_id]}))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            chats.push(chat["id"].as_str().context("no chat id")?.to_owned());
+        }
+
+        let sse = http
+            .get(format!("{base}/v1/events"))
             .bearer_auth(&bob)
             .send()
-            .await
-            && response.status().is_success()
-        {
-            bob_id = Some(response.json::<Value>().await?["id"].clone());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let bob_id = bob_id.context("the server did not answer")?;
-    let chat: Value = http
-        .post(format!("{base}/v1/chats"))
-        .bearer_auth(&alice)
-        .json(&json!({"kind": "group", "name": "bench", "members": [bob_id]}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let chat_id = chat["id"].as_str().context("no chat id")?.to_owned();
-
-    let sse = http
-        .get(format!("{base}/v1/events"))
-        .bearer_auth(&bob)
-        .send()
-        .await?
-        .error_for_status()?;
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let origin = Instant::now();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let messages = args.messages;
-    let reader = {
-        let sent = Arc::clone(&sent);
-        tokio::spawn(async move {
-            let mut histogram = Histogram::<u64>::new(3).expect("valid histogram");
-            let mut by_second: Vec<Histogram<u64>> = Vec::new();
-            let mut ready = Some(ready_tx);
-            let mut body = sse.bytes_stream();
-            let mut buffer = String::new();
-            while (histogram.len() as usize) < messages {
-                let Ok(Some(Ok(chunk))) =
-                    tokio::time::timeout(Duration::from_secs(15), body.next()).await
-                else {
-                    break;
-                };
-                let arrived = Instant::now();
-                buffer.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(end) = buffer.find("\n\n") {
-                    let frame: String = buffer.drain(..end + 2).collect();
-                    if frame.contains("event: ready")
-                        && let Some(tx) = ready.take()
-                    {
-                        let _ = tx.send(());
-                    }
-                    for line in frame.lines() {
-                        if let Some(data) = line.strip_prefix("data: ")
-                            && let Ok(event) = serde_json::from_str::<Value>(data)
-                            && let Some(text) = event["data"]["text"].as_str()
-                            && let Some(at) = sent.lock().ok().and_then(|mut s| s.remove(text))
+            .await?
+            .error_for_status()?;
+        let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (deliveries_tx, deliveries) = tokio::sync::mpsc::unbounded_channel();
+        let reader = {
+            let sent = Arc::clone(&sent);
+            tokio::spawn(async move {
+                let mut ready = Some(ready_tx);
+                let mut body = sse.bytes_stream();
+                let mut buffer = String::new();
+                while let Some(Ok(chunk)) = body.next().await {
+                    let arrived = Instant::now();
+                    buffer.push_str(&String::from_utf8_lossy(&chunk));
+                    while let Some(end) = buffer.find("\n\n") {
+                        let frame: String = buffer.drain(..end + 2).collect();
+                        if frame.contains("event: ready")
+                            && let Some(tx) = ready.take()
                         {
-                            let latency = arrived.duration_since(at).as_micros() as u64;
-                            let _ = histogram.record(latency);
-                            let second = at.duration_since(origin).as_secs() as usize;
-                            if by_second.len() <= second {
-                                by_second.resize_with(second + 1, || {
-                                    Histogram::new(3).expect("valid histogram")
-                                });
+                            let _ = tx.send(());
+                        }
+                        for line in frame.lines() {
+                            if let Some(data) = line.strip_prefix("data: ")
+                                && let Ok(event) = serde_json::from_str::<Value>(data)
+                                && let Some(text) = event["data"]["text"].as_str()
+                                && let Some(at) = sent.lock().ok().and_then(|mut s| s.remove(text))
+                            {
+                                let latency = arrived.duration_since(at).as_micros() as u64;
+                                let _ = deliveries_tx.send((latency, at));
                             }
-                            let _ = by_second[second].record(latency);
                         }
                     }
                 }
-            }
-            (histogram, by_second)
+            })
+        };
+        ready_rx
+            .await
+            .context("the event stream never became ready")?;
+        Ok(PostToSse {
+            shutdown,
+            server,
+            http,
+            base,
+            alice,
+            chats,
+            nonces: !args.no_nonce,
+            sent,
+            deliveries,
+            reader,
+            next: 0,
         })
-    };
-    ready_rx
-        .await
-        .context("the event stream never became ready")?;
+    }
 
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate)));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut posts = Vec::with_capacity(args.warmup + messages);
-    let mut started = Instant::now();
-    for i in 0..args.warmup + messages {
-        ticker.tick().await;
-        let measured = i >= args.warmup;
-        if i == args.warmup {
-            started = Instant::now();
+    /// Sends `messages` at `rate`, spread over the chats; when `measured`, times each from its POST
+    /// to its arrival on the stream.
+    async fn phase(
+        &mut self,
+        messages: usize,
+        rate: u32,
+        measured: bool,
+    ) -> anyhow::Result<Summary> {
+        let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut posts = Vec::with_capacity(messages);
+        let started = Instant::now();
+        for _ in 0..messages {
+            ticker.tick().await;
+            let n = self.next;
+            self.next += 1;
+            // Unmeasured messages take the same path; the reader skips them (not in `sent`).
+            let text = if measured {
+                format!("message {n}")
+            } else {
+                format!("warm-up {n}")
+            };
+            let body = if self.nonces {
+                json!({"kind": "message", "nonce": format!("bench-{n}"), "text": text})
+            } else {
+                json!({"kind": "message", "text": text})
+            };
+            if measured && let Ok(mut s) = self.sent.lock() {
+                s.insert(text, Instant::now());
+            }
+            let chat = &self.chats[n % self.chats.len()];
+            let request = self
+                .http
+                .post(format!("{}/v1/chats/{chat}/signals", self.base))
+                .bearer_auth(&self.alice)
+                .json(&body);
+            posts.push(tokio::spawn(async move {
+                request.send().await.map(|r| r.status())
+            }));
         }
-        // Warm-up messages take the same path; the reader skips them (their text is not in `sent`).
-        let text = if measured {
-            format!("message {i}")
-        } else {
-            format!("warm-up {i}")
-        };
-        let body = if args.no_nonce {
-            json!({"kind": "message", "text": text})
-        } else {
-            json!({"kind": "message", "nonce": format!("bench-{i}"), "text": text})
-        };
-        if measured && let Ok(mut s) = sent.lock() {
-            s.insert(text, Instant::now());
+        let sending = started.elapsed();
+        let mut failed = 0;
+        for post in posts {
+            if !matches!(post.await, Ok(Ok(status)) if status.is_success()) {
+                failed += 1;
+            }
         }
-        let request = http
-            .post(format!("{base}/v1/chats/{chat_id}/signals"))
-            .bearer_auth(&alice)
-            .json(&body);
-        posts.push(tokio::spawn(async move {
-            request.send().await.map(|r| r.status())
-        }));
-    }
-    let mut failed = 0;
-    for post in posts {
-        if !matches!(post.await, Ok(Ok(status)) if status.is_success()) {
-            failed += 1;
+        if failed > 0 {
+            bail!("{failed} posts failed");
         }
+        let mut histogram = Histogram::<u64>::new(3).expect("valid histogram");
+        let mut by_second: Vec<Histogram<u64>> = Vec::new();
+        if measured {
+            while (histogram.len() as usize) < messages {
+                let Ok(Some((latency, at))) =
+                    tokio::time::timeout(Duration::from_secs(15), self.deliveries.recv()).await
+                else {
+                    break;
+                };
+                let _ = histogram.record(latency);
+                let second = at.duration_since(started).as_secs() as usize;
+                if by_second.len() <= second {
+                    by_second
+                        .resize_with(second + 1, || Histogram::new(3).expect("valid histogram"));
+                }
+                let _ = by_second[second].record(latency);
+            }
+            // Whatever did not arrive is not waited for in the next phase.
+            if let Ok(mut s) = self.sent.lock() {
+                s.clear();
+            }
+        }
+        let mut summary = Summary::from(&histogram, started.elapsed());
+        summary.sent_per_second = messages as f64 / sending.as_secs_f64().max(1e-9);
+        summary.per_second_p99_ms = by_second
+            .iter()
+            .filter(|h| !h.is_empty())
+            .map(|h| h.value_at_quantile(0.99) as f64 / 1000.0)
+            .collect();
+        Ok(summary)
     }
-    let (histogram, by_second) = reader.await?;
-    let elapsed = started.elapsed();
-    shutdown.cancel();
-    let _ = server.await;
-    if failed > 0 {
-        bail!("{failed} posts failed");
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.reader.abort();
+        let _ = self.server.await;
     }
-    let mut summary = Summary::from(&histogram, elapsed);
-    summary.per_second_p99_ms = by_second
-        .iter()
-        .filter(|h| !h.is_empty())
-        .map(|h| h.value_at_quantile(0.99) as f64 / 1000.0)
-        .collect();
-    Ok(summary)
 }

@@ -39,9 +39,14 @@ pub struct StoreBenchArgs {
     /// Folder for the results file.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
+    /// Give every stored message a client nonce, so each insert goes through send parity
+    /// (`store.send_parity`). The raw baseline writes the same signal rows, nonce included, and
+    /// nothing else: no parity record.
+    #[arg(long)]
+    pub nonces: bool,
 }
 
-fn message(chat: ChatId, author: UserId, i: usize) -> Signal {
+fn message(chat: ChatId, author: UserId, i: usize, nonce: bool) -> Signal {
     let id = SignalId::new();
     Signal {
         id,
@@ -51,7 +56,7 @@ fn message(chat: ChatId, author: UserId, i: usize) -> Signal {
         created_at: id
             .created_at()
             .unwrap_or_else(time::OffsetDateTime::now_utc),
-        nonce: None,
+        nonce: nonce.then(|| format!("bench-{}", uuid::Uuid::new_v4().simple())),
         // About the size of a typical chat message.
         text: Some(format!(
             "benchmark message number {i}, about as long as a typical chat line"
@@ -131,11 +136,15 @@ pub async fn run(args: StoreBenchArgs, config: Config) -> anyhow::Result<()> {
     let mut options = CqlOptions::from_config(&config);
     options.keyspace = format!("bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     options.request_timeout = Duration::from_secs(30);
+    if let cql::SendParity::JetStream { bucket, .. } = &mut options.parity {
+        *bucket = format!("{}_nonces", options.keyspace);
+    }
     cql::migrate(&options).await?;
     let store = Arc::new(CqlStore::connect(&options).await?);
     let result = scenarios(&args, &store).await;
     let _ = cql::drop_keyspace(&options).await;
-    let results = result?;
+    let mut results = result?;
+    results["send_parity"] = json!(format!("{:?}", config.store.send_parity));
 
     std::fs::create_dir_all(&args.out)?;
     let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -170,7 +179,7 @@ async fn scenarios(
                         signal.id.0,
                         signal.kind.as_str(),
                         signal.author_id.0,
-                        None::<&str>,
+                        signal.nonce.as_deref(),
                         signal.text.as_deref(),
                         None::<uuid::Uuid>,
                         None::<Vec<uuid::Uuid>>,
@@ -193,7 +202,7 @@ async fn scenarios(
         let chats: Vec<ChatId> = (0..chat_count).map(|_| ChatId::new()).collect();
         let rows = |offset: usize| -> Vec<Signal> {
             (0..args.messages)
-                .map(|i| message(chats[(i + offset) % chats.len()], author, i))
+                .map(|i| message(chats[(i + offset) % chats.len()], author, i, args.nonces))
                 .collect()
         };
         // Alternating halves (raw, store, raw, store) so neither side gets the colder or the
@@ -246,5 +255,6 @@ async fn scenarios(
         }
     }
     report.insert("concurrency".to_owned(), json!(args.concurrency));
+    report.insert("nonces".to_owned(), json!(args.nonces));
     Ok(serde_json::Value::Object(report))
 }

@@ -45,6 +45,8 @@ enum Command {
     Openapi,
     /// Measures POST-to-delivery latency and writes a results file.
     Bench(confab::bench::BenchArgs),
+    /// Measures a page of history and a page of the chat list through the HTTP API.
+    BenchReads(confab::bench_reads::ReadsBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,6 +74,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Bench(args) => confab::bench::run(args, config).await,
             Command::BenchStore(args) => confab::bench_store::run(args, config).await,
+            Command::BenchReads(args) => confab::bench_reads::run(args, config).await,
             Command::Openapi => {
                 println!("{}", serde_json::to_string_pretty(&confab::openapi())?);
                 Ok(())

@@ -1224,6 +1224,9 @@ impl Store for CqlStore {
                 }
             };
             let exhausted = batch.len() < want as usize;
+            if batch.is_empty() {
+                return Ok(found);
+            }
             // One read each for the whole batch: the chats' current activity, and whether the user
             // is still a member.
             let chat_ids: Vec<Uuid> = batch.iter().map(|(_, chat)| *chat).collect();
