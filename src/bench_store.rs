@@ -17,6 +17,7 @@ use confab_runtime::config::{Config, StoreBackend};
 use confab_schema::{ChatId, Signal, SignalId, SignalKind, UserId};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
+use scylla::value::MaybeUnset;
 use serde_json::json;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -179,12 +180,13 @@ async fn scenarios(
                         signal.id.0,
                         signal.kind.as_str(),
                         signal.author_id.0,
-                        signal.nonce.as_deref(),
+                        // The same cells the store writes: absent values unset, not null.
+                        MaybeUnset::from_option(signal.nonce.as_deref()),
                         signal.text.as_deref(),
-                        None::<uuid::Uuid>,
-                        None::<Vec<uuid::Uuid>>,
-                        None::<scylla::value::CqlTimestamp>,
-                        false,
+                        MaybeUnset::<uuid::Uuid>::Unset,
+                        MaybeUnset::<Vec<uuid::Uuid>>::Unset,
+                        MaybeUnset::<scylla::value::CqlTimestamp>::Unset,
+                        MaybeUnset::<bool>::Unset,
                     ),
                 )
                 .await?;

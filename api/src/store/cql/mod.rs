@@ -20,7 +20,7 @@ use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::prepared::PreparedStatement;
-use scylla::value::{CqlTimestamp, CqlValue, Row};
+use scylla::value::{CqlTimestamp, CqlValue, MaybeUnset, Row};
 use uuid::Uuid;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -725,12 +725,15 @@ impl CqlStore {
                     signal.id.0,
                     signal.kind.as_str(),
                     signal.author_id.0,
-                    signal.nonce.as_deref(),
-                    signal.text.as_deref(),
-                    signal.reply_to.map(|r| r.0),
-                    attachments,
-                    signal.edited_at.map(|t| CqlTimestamp(millis(t))),
-                    signal.deleted,
+                    // Absent values are left unset, not bound as null: a null is a tombstone
+                    // cell, which every read of the row would then have to skip. `deleted` is
+                    // written by deletions only (see `edit_signal`).
+                    MaybeUnset::from_option(signal.nonce.as_deref()),
+                    MaybeUnset::from_option(signal.text.as_deref()),
+                    MaybeUnset::from_option(signal.reply_to.map(|r| r.0)),
+                    MaybeUnset::from_option(attachments),
+                    MaybeUnset::from_option(signal.edited_at.map(|t| CqlTimestamp(millis(t)))),
+                    MaybeUnset::from_option(signal.deleted.then_some(true)),
                     created * 1000,
                 ),
             )
