@@ -256,7 +256,7 @@ async fn bus_baseline(config: &Config, messages: usize, rate: u32) -> anyhow::Re
                 else {
                     break;
                 };
-                let Event::SignalCreated(signal) = &envelope.event else {
+                let Event::SignalCreated(signal) = &envelope.envelope.event else {
                     continue;
                 };
                 if signal.chat_id != chat {
@@ -291,12 +291,7 @@ async fn bus_baseline(config: &Config, messages: usize, rate: u32) -> anyhow::Re
         if let Ok(mut s) = sent.lock() {
             s.insert(id, Instant::now());
         }
-        bus.publish(&Envelope::new(
-            chat,
-            vec![author],
-            Event::SignalCreated(signal),
-        ))
-        .await?;
+        bus.publish(&Envelope::signal_created(signal)).await?;
     }
     let histogram = receiver.await?;
     Ok(Summary::from(&histogram, started.elapsed()))

@@ -16,12 +16,13 @@ use confab_api::store::embedded::EmbeddedStore;
 use confab_api::store::{Store, StoreReadiness};
 use confab_api::{ApiState, routes as api_routes};
 use confab_notifier::auth::StreamAuth;
-use confab_notifier::{Hub, NotifierState};
+use confab_notifier::{Hub, HubReadiness, Membership, NotifierState};
 use confab_runtime::bus::{Bus, BusReadiness, EmbeddedBus, NatsBus};
 use confab_runtime::config::{BusBackend, Config, IdentityMode, StoreBackend};
 use confab_runtime::identity::{DevIdentity, Identity, IdentityReadiness, OidcIdentity};
 use confab_runtime::problem;
 use confab_runtime::telemetry::{self, Readiness};
+use confab_schema::{ChatId, UserId};
 use confab_ws_plexer::PlexerState;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -92,13 +93,34 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dy
 
 pub async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
     Ok(match config.bus.backend {
-        BusBackend::Embedded => Arc::new(EmbeddedBus::new(65_536)),
+        BusBackend::Embedded => {
+            let path = config.embedded_bus_path();
+            Arc::new(
+                EmbeddedBus::open(&path, config.log_settings())
+                    .with_context(|| format!("opening the event log {}", path.display()))?,
+            )
+        }
         BusBackend::Nats => Arc::new(
-            NatsBus::connect(&config.bus.nats_url, &config.bus.subject_prefix)
-                .await
-                .context("connecting to NATS")?,
+            NatsBus::connect(
+                &config.bus.nats_url,
+                &config.bus.subject_prefix,
+                config.log_settings(),
+            )
+            .await
+            .context("connecting to NATS")?,
         ),
     })
+}
+
+/// What a notifier routes by: the chats a user is in, read from the store. (The notifier and the
+/// ws-plexer read this and nothing else; only the API writes.)
+pub struct StoreMembership(pub Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl Membership for StoreMembership {
+    async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, String> {
+        self.0.chats_of(user).await.map_err(|e| e.to_string())
+    }
 }
 
 pub fn open_identity(config: &Config) -> anyhow::Result<Arc<dyn Identity>> {
@@ -160,25 +182,34 @@ pub async fn build(
     let mut openapi = confab_api::http::openapi_base();
     let mut workers = Vec::new();
 
+    let store = open_store(config, role == Role::Serve).await?;
+    readiness = readiness.with(Arc::new(StoreReadiness(Arc::clone(&store))));
     if matches!(role, Role::Serve | Role::Api) {
-        let store = open_store(config, role == Role::Serve).await?;
-        readiness = readiness.with(Arc::new(StoreReadiness(Arc::clone(&store))));
-        let (routes, doc) = api_routes(ApiState::new(
-            store,
-            Arc::clone(&bus),
-            Arc::clone(&identity),
-            &secret,
-        ));
+        let (routes, doc) = api_routes(
+            ApiState::new(
+                Arc::clone(&store),
+                Arc::clone(&bus),
+                Arc::clone(&identity),
+                &secret,
+            )
+            .with_republish_window(config.log_settings().duplicate_window),
+        );
         router = router.merge(routes);
         openapi.merge(doc);
     }
     if matches!(role, Role::Serve | Role::Notifier | Role::WsPlexer) {
-        let hub = Hub::new(config.notifier.connection_buffer);
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(StoreMembership(Arc::clone(&store))),
+            config.notifier.connection_buffer,
+            config.notifier.replay_limit,
+        );
         workers.push(
-            hub.start(Arc::clone(&bus), shutdown.clone())
+            hub.start(shutdown.clone())
                 .await
                 .context("subscribing to events")?,
         );
+        readiness = readiness.with(Arc::new(HubReadiness(hub.clone())));
         let auth = StreamAuth::new(
             Arc::clone(&identity),
             &secret,

@@ -115,5 +115,18 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
             );
         }
     }
+    if config.bus.backend == confab_runtime::config::BusBackend::Nats {
+        let bus = confab_runtime::bus::NatsBus::connect(
+            &config.bus.nats_url,
+            &config.bus.subject_prefix,
+            config.log_settings(),
+        )
+        .await?;
+        bus.ensure_stream().await?;
+        println!(
+            "event stream {} is up to date",
+            confab_runtime::bus::NatsBus::stream_name(&config.bus.subject_prefix)
+        );
+    }
     Ok(())
 }

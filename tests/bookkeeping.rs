@@ -79,6 +79,9 @@ impl Store for FlakyBookkeeping {
     async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError> {
         self.inner.members(chat).await
     }
+    async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, StoreError> {
+        self.inner.chats_of(user).await
+    }
     async fn members_page(
         &self,
         chat: ChatId,
@@ -245,7 +248,9 @@ async fn a_stored_send_succeeds_when_bookkeeping_fails_and_catches_up() {
     );
     let state = ApiState::new(
         Arc::clone(&store) as Arc<dyn Store>,
-        Arc::new(EmbeddedBus::new(1024)),
+        Arc::new(
+            EmbeddedBus::open(&dir.path().join("events.sqlite3"), Default::default()).unwrap(),
+        ),
         identity,
         b"bookkeeping test secret",
     );

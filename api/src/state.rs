@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use confab_runtime::bus::Bus;
 use confab_runtime::identity::Identity;
@@ -26,6 +26,10 @@ pub struct ApiState {
     pub(crate) author_markers: Arc<Coalescer<(ChatId, UserId), ()>>,
     /// Users provisioned recently, and when: see `domain::users`.
     pub(crate) provisioned: Arc<Mutex<HashMap<UserId, (User, Instant)>>>,
+    /// How long the event log recognises a re-published event (`bus.duplicate_window_secs`): a
+    /// retried send within it publishes its signal's event again, in case the first attempt could
+    /// not.
+    pub(crate) republish_window: Duration,
 }
 
 impl ApiState {
@@ -43,6 +47,14 @@ impl ApiState {
             chat_activity: Arc::default(),
             author_markers: Arc::default(),
             provisioned: Arc::default(),
+            republish_window: confab_runtime::bus::LogSettings::default().duplicate_window,
         }
+    }
+
+    /// Sets the window within which a retried send publishes its signal's event again; the log's
+    /// duplicate window.
+    pub fn with_republish_window(mut self, window: Duration) -> ApiState {
+        self.republish_window = window;
+        self
     }
 }

@@ -1,198 +1,530 @@
-//! Routes bus envelopes to the connections of their recipients on this instance.
+//! Routes the event log to the connections on this node, and opens each connection's stream at the
+//! right place: now, or exactly after the last event its client saw.
+//!
+//! Routing is by interest, not by recipient lists: a connection is registered for the chats its
+//! user is in (read once when it opens, through [`Membership`]), and the membership changes in the
+//! log itself (an envelope's `joined` and `left`) keep that set current, in log order. An event is
+//! rendered once per node and the same bytes are shared by every connection that receives it.
+//!
+//! Opening a stream without a gap or a duplicate (see `docs/ARCHITECTURE.md`, "Resume"):
+//! 1. the connection registers as *pending*: it receives every event the node dispatches, and the
+//!    hub notes its user's membership changes;
+//! 2. the user's chats are read;
+//! 3. the connection is *installed*: the hub applies the noted changes to those chats, routes by
+//!    them from now on, and answers the sequence `installed_at` of the last event it dispatched;
+//! 4. a fresh stream delivers the pending events of the user's chats (filtered by [`visible`]),
+//!    then everything routed to it. A resumed stream replays the log after the client's last id up
+//!    to `installed_at` instead, and then skips what it replayed.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use confab_runtime::bus::{Bus, BusError};
-use confab_schema::{Envelope, UserId};
+use async_trait::async_trait;
+use confab_runtime::bus::{Bus, BusError, ChatFilter, ReadError};
+use confab_runtime::telemetry::ReadinessCheck;
+use confab_schema::{ChatId, Envelope, LoggedEvent, UserId};
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-type Connections = HashMap<UserId, Vec<(u64, mpsc::Sender<Arc<Envelope>>)>>;
-
-/// Connections on this instance, by user.
-#[derive(Clone)]
-pub struct Hub {
-    connections: Arc<RwLock<Connections>>,
-    next_id: Arc<AtomicU64>,
-    buffer: usize,
+/// Where a notifier learns which chats a user is in, when one of their connections opens.
+#[async_trait]
+pub trait Membership: Send + Sync + 'static {
+    async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, String>;
 }
 
-/// A client's registration; dropping it unregisters the connection.
-pub struct Registration {
-    hub: Hub,
+/// An event rendered once for every connection on this node that receives it.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub seq: u64,
+    pub envelope: Envelope,
+    /// `{"type": …, "data": …}`: an SSE event's `data:`.
+    pub sse_data: String,
+    /// `{"type": "event", "id": …, "event": …, "data": …}`: a WebSocket text frame.
+    pub ws_frame: String,
+}
+
+#[derive(Serialize)]
+struct WsEventFrame<'a> {
+    r#type: &'static str,
+    id: String,
+    event: &'static str,
+    data: &'a serde_json::Value,
+}
+
+impl Outgoing {
+    pub fn render(event: LoggedEvent) -> Outgoing {
+        let client = event.envelope.client_json();
+        let ws_frame = serde_json::to_string(&WsEventFrame {
+            r#type: "event",
+            id: event.seq.to_string(),
+            event: event.envelope.event.kind().as_str(),
+            data: &client["data"],
+        })
+        .unwrap_or_default();
+        Outgoing {
+            seq: event.seq,
+            sse_data: client.to_string(),
+            ws_frame,
+            envelope: event.envelope,
+        }
+    }
+}
+
+/// What a stream carries.
+#[derive(Clone, Debug)]
+pub enum Item {
+    Event(Arc<Outgoing>),
+    /// The stream could not resume where the client asked: it must re-read its chats and their
+    /// history. Events after this one continue normally.
+    Reset(&'static str),
+}
+
+struct Connection {
     user: UserId,
+    sender: mpsc::Sender<Arc<Outgoing>>,
+    /// `None` while pending: it receives everything, and `changes` notes its user's membership
+    /// changes (chat, joined) until it is installed.
+    chats: Option<HashSet<ChatId>>,
+    changes: Vec<(ChatId, bool)>,
+}
+
+#[derive(Default)]
+struct Routes {
+    connections: HashMap<u64, Connection>,
+    by_chat: HashMap<ChatId, HashSet<u64>>,
+    by_user: HashMap<UserId, Vec<u64>>,
+    pending: HashSet<u64>,
+    /// The sequence of the last event dispatched.
+    last_seq: u64,
+}
+
+impl Routes {
+    fn remove(&mut self, id: u64) -> bool {
+        let Some(connection) = self.connections.remove(&id) else {
+            return false;
+        };
+        self.pending.remove(&id);
+        for chat in connection.chats.iter().flatten() {
+            if let Some(set) = self.by_chat.get_mut(chat) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.by_chat.remove(chat);
+                }
+            }
+        }
+        if let Some(list) = self.by_user.get_mut(&connection.user) {
+            list.retain(|c| *c != id);
+            if list.is_empty() {
+                self.by_user.remove(&connection.user);
+            }
+        }
+        true
+    }
+
+    /// Applies a membership change of `user` in `chat` to their connections.
+    fn change(&mut self, user: UserId, chat: ChatId, joined: bool) {
+        for id in self.by_user.get(&user).cloned().unwrap_or_default() {
+            let Some(connection) = self.connections.get_mut(&id) else {
+                continue;
+            };
+            match &mut connection.chats {
+                None => connection.changes.push((chat, joined)),
+                Some(chats) if joined => {
+                    chats.insert(chat);
+                    self.by_chat.entry(chat).or_default().insert(id);
+                }
+                Some(chats) => {
+                    chats.remove(&chat);
+                    if let Some(set) = self.by_chat.get_mut(&chat) {
+                        set.remove(&id);
+                        if set.is_empty() {
+                            self.by_chat.remove(&chat);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why a stream could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("this node's event subscription is down")]
+    NotReady,
+    #[error("membership unavailable: {0}")]
+    Membership(String),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// The connections on this node.
+#[derive(Clone)]
+pub struct Hub {
+    routes: Arc<RwLock<Routes>>,
+    next_id: Arc<AtomicU64>,
+    buffer: usize,
+    replay_limit: usize,
+    alive: Arc<AtomicBool>,
+    bus: Arc<dyn Bus>,
+    membership: Arc<dyn Membership>,
+}
+
+/// A connection's place in the hub; dropping it unregisters the connection.
+struct Registration {
+    hub: Hub,
     id: u64,
-    pub events: mpsc::Receiver<Arc<Envelope>>,
+    events: mpsc::Receiver<Arc<Outgoing>>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.hub.unregister(self.user, self.id);
+        if let Ok(mut routes) = self.hub.routes.write()
+            && routes.remove(self.id)
+        {
+            metrics::gauge!("confab_notifier_connections").decrement(1.0);
+        }
     }
+}
+
+/// One client's stream of events.
+pub struct Subscription {
+    registration: Registration,
+    queue: VecDeque<Item>,
+    /// Routed events up to this sequence were replayed already.
+    skip_up_to: u64,
+}
+
+impl Subscription {
+    /// The next item, or `None` when the hub dropped this connection (it fell behind, or the node
+    /// is shutting down): the client reconnects and resumes.
+    pub async fn next(&mut self) -> Option<Item> {
+        if let Some(item) = self.queue.pop_front() {
+            return Some(item);
+        }
+        loop {
+            let event = self.registration.events.recv().await?;
+            if event.seq > self.skip_up_to {
+                return Some(Item::Event(event));
+            }
+        }
+    }
+}
+
+/// Which of `events` (in log order, of the chats `user` is in at the end) the user receives: a
+/// chat's events while they were a member. Their first membership change in the range tells
+/// whether they were a member at its start; without one, they were a member all along. Chats they
+/// are not in at the end (`current`) give nothing, not even their `left`.
+pub fn visible<T>(
+    user: UserId,
+    events: Vec<T>,
+    envelope: impl Fn(&T) -> &Envelope,
+    current: &HashSet<ChatId>,
+) -> Vec<T> {
+    let mut member: HashMap<ChatId, bool> = HashMap::new();
+    for event in &events {
+        let envelope = envelope(event);
+        if envelope.joined.contains(&user) {
+            member.entry(envelope.chat_id).or_insert(false);
+        } else if envelope.left.contains(&user) {
+            member.entry(envelope.chat_id).or_insert(true);
+        }
+    }
+    events
+        .into_iter()
+        .filter(|event| {
+            let envelope = envelope(event);
+            if !current.contains(&envelope.chat_id) {
+                return false;
+            }
+            let is_member = member.entry(envelope.chat_id).or_insert(true);
+            if envelope.joined.contains(&user) {
+                *is_member = true;
+            }
+            let keep = *is_member;
+            if envelope.left.contains(&user) {
+                *is_member = false;
+            }
+            keep
+        })
+        .collect()
 }
 
 impl Hub {
     /// `buffer` events are held per connection; a connection that falls further behind is closed
-    /// (its client reconnects and reads history) rather than slowing everyone else.
-    pub fn new(buffer: usize) -> Hub {
+    /// (its client resumes from its last id) rather than slowing everyone else. A resume replays
+    /// at most `replay_limit` events, else the client gets a reset.
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        membership: Arc<dyn Membership>,
+        buffer: usize,
+        replay_limit: usize,
+    ) -> Hub {
         Hub {
-            connections: Arc::default(),
+            routes: Arc::default(),
             next_id: Arc::default(),
             buffer: buffer.max(1),
+            replay_limit: replay_limit.max(1),
+            alive: Arc::new(AtomicBool::new(false)),
+            bus,
+            membership,
         }
     }
 
-    pub fn register(&self, user: UserId) -> Registration {
+    /// Whether this node's subscription to the log is live.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Opens `user`'s stream: from now when `resume_after` is `None`, else exactly after that
+    /// sequence (or with a [`Item::Reset`] first when the log cannot replay from there).
+    pub async fn open(
+        &self,
+        user: UserId,
+        resume_after: Option<u64>,
+    ) -> Result<Subscription, OpenError> {
+        if !self.is_alive() {
+            return Err(OpenError::NotReady);
+        }
+        let mut registration = self.register(user);
+        let chats: HashSet<ChatId> = self
+            .membership
+            .chats_of(user)
+            .await
+            .map_err(OpenError::Membership)?
+            .into_iter()
+            .collect();
+        let (installed_at, current) = self.install(registration.id, chats)?;
+        let mut queue = VecDeque::new();
+        let mut skip_up_to = 0;
+        let mut replayed = false;
+        if let Some(after) = resume_after {
+            match self
+                .bus
+                .read(
+                    after,
+                    installed_at,
+                    ChatFilter::Only(&current),
+                    self.replay_limit,
+                )
+                .await
+            {
+                Ok(events) => {
+                    metrics::counter!("confab_notifier_resumes_total").increment(1);
+                    queue.extend(
+                        visible(user, events, |e| &e.envelope, &current)
+                            .into_iter()
+                            .map(|event| Item::Event(Arc::new(Outgoing::render(event)))),
+                    );
+                    skip_up_to = after.max(installed_at);
+                    replayed = true;
+                }
+                Err(ReadError::Bus(error)) => return Err(error.into()),
+                Err(error) => {
+                    metrics::counter!("confab_notifier_resets_total").increment(1);
+                    tracing::debug!(%user, %error, "resume impossible; resetting");
+                    queue.push_back(Item::Reset(match error {
+                        ReadError::Expired(_) => "expired",
+                        ReadError::Unknown(_) => "unknown-id",
+                        _ => "too-far-behind",
+                    }));
+                }
+            }
+        }
+        // What reached the connection while it was pending: the events of every chat.
+        let mut pending = Vec::new();
+        let mut routed = Vec::new();
+        while let Ok(event) = registration.events.try_recv() {
+            if event.seq <= installed_at {
+                pending.push(event);
+            } else {
+                routed.push(event);
+            }
+        }
+        if !replayed {
+            queue.extend(
+                visible(user, pending, |e| &e.envelope, &current)
+                    .into_iter()
+                    .map(Item::Event),
+            );
+        }
+        queue.extend(
+            routed
+                .into_iter()
+                .filter(|e| e.seq > skip_up_to)
+                .map(Item::Event),
+        );
+        Ok(Subscription {
+            registration,
+            queue,
+            skip_up_to,
+        })
+    }
+
+    fn register(&self, user: UserId) -> Registration {
         let (sender, events) = mpsc::channel(self.buffer);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut connections) = self.connections.write() {
-            connections.entry(user).or_default().push((id, sender));
+        if let Ok(mut routes) = self.routes.write() {
+            routes.connections.insert(
+                id,
+                Connection {
+                    user,
+                    sender,
+                    chats: None,
+                    changes: Vec::new(),
+                },
+            );
+            routes.by_user.entry(user).or_default().push(id);
+            routes.pending.insert(id);
         }
         metrics::gauge!("confab_notifier_connections").increment(1.0);
         Registration {
             hub: self.clone(),
-            user,
             id,
             events,
         }
     }
 
-    fn unregister(&self, user: UserId, id: u64) {
-        if let Ok(mut connections) = self.connections.write()
-            && let Some(list) = connections.get_mut(&user)
-        {
-            let before = list.len();
-            list.retain(|(conn, _)| *conn != id);
-            if list.len() < before {
+    /// Routes connection `id` by `chats` (with the changes noted while it was pending) from now on.
+    /// Answers the last sequence dispatched and the chats it routes by.
+    fn install(
+        &self,
+        id: u64,
+        mut chats: HashSet<ChatId>,
+    ) -> Result<(u64, HashSet<ChatId>), OpenError> {
+        let mut routes = self
+            .routes
+            .write()
+            .map_err(|_| OpenError::Membership("hub poisoned".into()))?;
+        let Some(connection) = routes.connections.get_mut(&id) else {
+            // Dropped while pending (it fell behind already): the stream ends at once.
+            return Ok((routes.last_seq, chats));
+        };
+        for (chat, joined) in connection.changes.drain(..) {
+            if joined {
+                chats.insert(chat);
+            } else {
+                chats.remove(&chat);
+            }
+        }
+        connection.chats = Some(chats.clone());
+        for chat in &chats {
+            routes.by_chat.entry(*chat).or_default().insert(id);
+        }
+        routes.pending.remove(&id);
+        Ok((routes.last_seq, chats))
+    }
+
+    /// Hands `event` to the connections of its chat (and to pending ones), applying the membership
+    /// change it carries: members who join receive it, members who leave receive it last.
+    pub fn dispatch(&self, event: LoggedEvent) {
+        let Ok(mut routes) = self.routes.write() else {
+            return;
+        };
+        let chat = event.envelope.chat_id;
+        for user in &event.envelope.joined {
+            routes.change(*user, chat, true);
+        }
+        let targets: Vec<u64> = routes
+            .by_chat
+            .get(&chat)
+            .into_iter()
+            .flatten()
+            .chain(routes.pending.iter())
+            .copied()
+            .collect();
+        for user in &event.envelope.left {
+            routes.change(*user, chat, false);
+        }
+        routes.last_seq = routes.last_seq.max(event.seq);
+        if targets.is_empty() {
+            return;
+        }
+        let outgoing = Arc::new(Outgoing::render(event));
+        let mut slow = Vec::new();
+        for id in targets {
+            let Some(connection) = routes.connections.get(&id) else {
+                continue;
+            };
+            match connection.sender.try_send(Arc::clone(&outgoing)) {
+                Ok(()) => metrics::counter!("confab_notifier_delivered_total").increment(1),
+                Err(mpsc::error::TrySendError::Full(_)) => slow.push(id),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        for id in slow {
+            tracing::warn!(connection = id, "closing a connection that fell behind");
+            metrics::counter!("confab_notifier_slow_disconnects_total").increment(1);
+            if routes.remove(id) {
                 metrics::gauge!("confab_notifier_connections").decrement(1.0);
             }
-            if list.is_empty() {
-                connections.remove(&user);
-            }
         }
     }
 
-    /// Hands `envelope` to every connection of its recipients.
-    pub fn dispatch(&self, envelope: Envelope) {
-        let envelope = Arc::new(envelope);
-        let mut slow = Vec::new();
-        if let Ok(connections) = self.connections.read() {
-            for user in &envelope.recipients {
-                for (id, sender) in connections.get(user).into_iter().flatten() {
-                    match sender.try_send(Arc::clone(&envelope)) {
-                        Ok(()) => metrics::counter!("confab_notifier_delivered_total").increment(1),
-                        Err(mpsc::error::TrySendError::Full(_)) => slow.push((*user, *id)),
-                        Err(mpsc::error::TrySendError::Closed(_)) => {}
-                    }
-                }
-            }
-        }
-        for (user, id) in slow {
-            tracing::warn!(%user, connection = id, "closing a connection that fell behind");
-            metrics::counter!("confab_notifier_slow_disconnects_total").increment(1);
-            self.unregister(user, id);
-        }
-    }
-
-    /// Subscribes to every chat's events and dispatches them until `shutdown`. Returns once the
-    /// subscription is active; the returned task ends after shutdown.
+    /// Subscribes to the log and dispatches it until `shutdown`. Returns once the subscription is
+    /// active. When the subscription dies the node reports not ready, refuses new streams and ends
+    /// the open ones, whose clients resume elsewhere.
     pub async fn start(
         &self,
-        bus: Arc<dyn Bus>,
         shutdown: CancellationToken,
     ) -> Result<tokio::task::JoinHandle<()>, BusError> {
-        let mut events = bus.subscribe().await?;
+        let mut events = self.bus.subscribe().await?;
+        let last = self.bus.last_seq().await?;
+        if let Ok(mut routes) = self.routes.write() {
+            routes.last_seq = routes.last_seq.max(last);
+        }
+        self.alive.store(true, Ordering::Release);
         let hub = self.clone();
         Ok(tokio::spawn(async move {
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     next = events.next() => match next {
-                        Some(envelope) => {
-                            let span = tracing::debug_span!("consume", event = envelope.event.kind().as_str(), chat = %envelope.chat_id);
+                        Some(event) => {
+                            let span = tracing::debug_span!("consume", seq = event.seq, event = event.envelope.event.kind().as_str(), chat = %event.envelope.chat_id);
                             let _entered = span.enter();
-                            hub.dispatch(envelope);
+                            hub.dispatch(event);
                         }
                         None => {
-                            tracing::error!("event subscription ended");
+                            tracing::error!("event subscription ended; this node is not ready");
+                            metrics::counter!("confab_notifier_subscription_failures_total").increment(1);
                             break;
                         }
                     }
                 }
             }
+            hub.alive.store(false, Ordering::Release);
             // Dropping every sender ends every client stream, so connections close cleanly.
-            if let Ok(mut connections) = hub.connections.write() {
-                connections.clear();
+            if let Ok(mut routes) = hub.routes.write() {
+                let ids: Vec<u64> = routes.connections.keys().copied().collect();
+                for id in ids {
+                    if routes.remove(id) {
+                        metrics::gauge!("confab_notifier_connections").decrement(1.0);
+                    }
+                }
             }
         }))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use confab_schema::{ChatId, Event, Signal, SignalId, SignalKind};
+/// Readiness of a node's subscription to the log.
+pub struct HubReadiness(pub Hub);
 
-    fn envelope(recipients: Vec<UserId>) -> Envelope {
-        let id = SignalId::new();
-        let chat = ChatId::new();
-        Envelope::new(
-            chat,
-            recipients.clone(),
-            Event::SignalCreated(Signal {
-                id,
-                chat_id: chat,
-                kind: SignalKind::Message,
-                author_id: recipients[0],
-                created_at: id.created_at().expect("v7"),
-                nonce: None,
-                text: Some("x".into()),
-                reply_to: None,
-                attachments: vec![],
-                edited_at: None,
-                deleted: false,
-                reactions: Default::default(),
-            }),
-        )
+impl ReadinessCheck for HubReadiness {
+    fn name(&self) -> &'static str {
+        "event-subscription"
     }
-
-    #[test]
-    fn delivers_only_to_recipients_and_drops_slow_connections() {
-        let hub = Hub::new(2);
-        let (alice, bob, carol) = (
-            UserId::from_subject("t", "a"),
-            UserId::from_subject("t", "b"),
-            UserId::from_subject("t", "c"),
-        );
-        let mut a = hub.register(alice);
-        let mut b1 = hub.register(bob);
-        let mut b2 = hub.register(bob);
-        let mut c = hub.register(carol);
-        let sent = envelope(vec![alice, bob]);
-        hub.dispatch(sent.clone());
-        assert_eq!(*a.events.try_recv().expect("alice"), sent);
-        assert_eq!(*b1.events.try_recv().expect("bob 1"), sent);
-        assert_eq!(*b2.events.try_recv().expect("bob 2"), sent);
-        assert!(c.events.try_recv().is_err(), "carol is not a recipient");
-
-        // Alice stops reading: after her buffer of 2 she is disconnected, bob is not.
-        for _ in 0..3 {
-            hub.dispatch(envelope(vec![alice, bob]));
-            let _ = b1.events.try_recv();
-            let _ = b2.events.try_recv();
-        }
-        while a.events.try_recv().is_ok() {}
-        assert!(matches!(
-            a.events.try_recv(),
-            Err(mpsc::error::TryRecvError::Disconnected)
-        ));
-        hub.dispatch(envelope(vec![bob]));
-        assert!(b1.events.try_recv().is_ok());
-        drop(b2);
-        hub.dispatch(envelope(vec![bob]));
-        assert!(b1.events.try_recv().is_ok());
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            if self.0.is_alive() {
+                Ok(())
+            } else {
+                Err("the node's subscription to the event log is down".into())
+            }
+        })
     }
 }

@@ -6,5 +6,5 @@ pub mod auth;
 pub mod hub;
 pub mod sse;
 
-pub use hub::Hub;
+pub use hub::{Hub, HubReadiness, Membership};
 pub use sse::{NotifierState, openapi, routes};

@@ -1,6 +1,8 @@
-//! `GET /v1/events`: the caller's events as Server-Sent Events, each with `id:` (the envelope id),
-//! `event:` (its type) and `data:` (`{"type", "data"}` JSON). The first event, `ready`, tells the
-//! client its subscription is live.
+//! `GET /v1/events`: the caller's events as Server-Sent Events, each with `id:` (its sequence in
+//! the event log), `event:` (its type) and `data:` (`{"type", "data"}` JSON). The first event,
+//! `ready`, tells the client its subscription is live. A reconnecting client sends the last id it
+//! saw (`Last-Event-ID`, as `EventSource` does, or `?last_event_id=`) and gets exactly the events it
+//! missed, or a `reset` event when they cannot be replayed.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -17,8 +19,11 @@ use tokio_util::sync::CancellationToken;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use axum::http::StatusCode;
+use confab_runtime::Problem;
+
 use crate::auth::{IssuedTicket, StreamAuth};
-use crate::hub::Hub;
+use crate::hub::{Hub, Item, OpenError};
 
 #[derive(Clone)]
 pub struct NotifierState {
@@ -51,6 +56,38 @@ pub struct StreamQuery {
     /// A ticket from `POST /v1/events/ticket`, for clients that cannot send an Authorization header.
     #[serde(default)]
     ticket: Option<String>,
+    /// Resume after this event id, for clients that cannot send `Last-Event-ID` (which wins).
+    #[serde(default)]
+    last_event_id: Option<String>,
+}
+
+/// Parses a client's last event id: the decimal sequence of an event it received.
+pub fn parse_last_event_id(raw: &str) -> Result<u64, Problem> {
+    let raw = raw.trim();
+    if raw.is_empty() || raw.len() > 20 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "bad-last-event-id",
+            "a last event id is the decimal id of an event this server sent",
+        ));
+    }
+    raw.parse().map_err(|_| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "bad-last-event-id",
+            "the last event id is out of range",
+        )
+    })
+}
+
+/// The problem a stream that cannot open answers.
+pub fn open_problem(error: &OpenError) -> Problem {
+    tracing::warn!(%error, "event stream not opened");
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "events are unavailable on this node; retry",
+    )
 }
 
 /// A short-lived ticket that authenticates `GET /v1/events` and `GET /v1/ws` as `?ticket=`.
@@ -70,13 +107,17 @@ async fn ticket(
 }
 
 /// The caller's events as Server-Sent Events: `ready` first, then one event per change, each with an
-/// `id:` line, the event type as `event:` and `{"type", "data"}` JSON as `data:`.
+/// `id:` line (its sequence), the event type as `event:` and `{"type", "data"}` JSON as `data:`.
+/// With `Last-Event-ID` (or `last_event_id`) the stream first replays exactly the events after that
+/// id, or sends a `reset` event when the log no longer holds them or never issued the id.
 #[utoipa::path(
     get, operation_id = "stream_events", path = "/v1/events", tag = "events",
     params(StreamQuery),
     responses(
         (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Malformed query or last event id", body = confab_runtime::Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = confab_runtime::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Events are unavailable on this node", body = confab_runtime::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []), ())
 )]
@@ -85,34 +126,47 @@ async fn events(
     headers: HeaderMap,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
 ) -> axum::response::Response {
-    let ticket = match &query {
-        Ok(Query(q)) => q.ticket.as_deref(),
-        Err(_) => {
-            return confab_runtime::Problem::new(
-                axum::http::StatusCode::BAD_REQUEST,
-                "bad-request",
-                "malformed query",
-            )
+    let Ok(Query(query)) = query else {
+        return Problem::new(StatusCode::BAD_REQUEST, "bad-request", "malformed query")
             .into_response();
-        }
     };
-    let user = match state.auth.authenticate(&headers, ticket).await {
+    let header = headers
+        .get("last-event-id")
+        .map(|value| value.to_str().unwrap_or("\u{fffd}"));
+    let resume_after = match header.or(query.last_event_id.as_deref()) {
+        None => None,
+        Some(raw) => match parse_last_event_id(raw) {
+            Ok(seq) => Some(seq),
+            Err(problem) => return problem.into_response(),
+        },
+    };
+    let user = match state
+        .auth
+        .authenticate(&headers, query.ticket.as_deref())
+        .await
+    {
         Ok(user) => user,
         Err(error) => return error.into_response(),
     };
-    let registration = state.hub.register(user);
-    tracing::debug!(%user, "event stream opened");
+    let subscription = match state.hub.open(user, resume_after).await {
+        Ok(subscription) => subscription,
+        Err(error) => return open_problem(&error).into_response(),
+    };
+    tracing::debug!(%user, ?resume_after, "event stream opened");
     let ready =
         stream::once(async { Ok::<_, Infallible>(SseEvent::default().event("ready").data("{}")) });
     let shutdown = state.shutdown.clone();
-    let events = stream::unfold(registration, |mut registration| async move {
-        let envelope = registration.events.recv().await?;
-        let event = SseEvent::default()
-            .id(envelope.id.to_string())
-            .event(envelope.event.kind().as_str())
-            .json_data(envelope.client_json())
-            .unwrap_or_else(|_| SseEvent::default().comment("unencodable event"));
-        Some((Ok::<_, Infallible>(event), registration))
+    let events = stream::unfold(subscription, |mut subscription| async move {
+        let event = match subscription.next().await? {
+            Item::Event(event) => SseEvent::default()
+                .id(event.seq.to_string())
+                .event(event.envelope.event.kind().as_str())
+                .data(&event.sse_data),
+            Item::Reset(reason) => SseEvent::default()
+                .event("reset")
+                .data(serde_json::json!({"type": "reset", "data": {"reason": reason}}).to_string()),
+        };
+        Some((Ok::<_, Infallible>(event), subscription))
     })
     .take_until(async move { shutdown.cancelled().await });
     sse(ready.chain(events), state.keep_alive).into_response()

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -75,6 +76,9 @@ pub struct NotifierConfig {
     pub keep_alive_secs: u64,
     /// Events buffered per connection before a slow client is disconnected. Default 1024.
     pub connection_buffer: usize,
+    /// The most events a resume replays; a client further behind gets a `reset` and re-reads its
+    /// chats instead. Default 10000.
+    pub replay_limit: usize,
 }
 
 impl Default for NotifierConfig {
@@ -84,6 +88,7 @@ impl Default for NotifierConfig {
             ticket_ttl_secs: 60,
             keep_alive_secs: 15,
             connection_buffer: 1024,
+            replay_limit: 10_000,
         }
     }
 }
@@ -164,8 +169,17 @@ pub struct BusConfig {
     pub backend: BusBackend,
     /// NATS server URL. Default `nats://127.0.0.1:4222`.
     pub nats_url: String,
-    /// Prefix of every subject, so deployments (and tests) can share a NATS server. Default `confab`.
+    /// Prefix of every subject, so deployments (and tests) can share a NATS server. The event
+    /// stream is named after it (`<prefix>_events`, dots and dashes as `_`). Default `confab`.
     pub subject_prefix: String,
+    /// How long the event log keeps events, so a client can resume after a disconnect this long.
+    /// Default 86400 (24 hours).
+    pub retention_secs: u64,
+    /// How long the log recognises a re-published event id and drops the copy (JetStream's
+    /// duplicate window). Default 120.
+    pub duplicate_window_secs: u64,
+    /// The embedded log's SQLite file. Default `<data_dir>/events.sqlite3`.
+    pub embedded_path: Option<PathBuf>,
 }
 
 impl Default for BusConfig {
@@ -174,6 +188,9 @@ impl Default for BusConfig {
             backend: BusBackend::Embedded,
             nats_url: "nats://127.0.0.1:4222".into(),
             subject_prefix: "confab".into(),
+            retention_secs: 24 * 3600,
+            duplicate_window_secs: 120,
+            embedded_path: None,
         }
     }
 }
@@ -311,6 +328,22 @@ impl Config {
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect()
+    }
+
+    /// The embedded event log's file.
+    pub fn embedded_bus_path(&self) -> PathBuf {
+        self.bus
+            .embedded_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("events.sqlite3"))
+    }
+
+    /// The event log's retention and duplicate window.
+    pub fn log_settings(&self) -> crate::bus::LogSettings {
+        crate::bus::LogSettings {
+            retention: Duration::from_secs(self.bus.retention_secs.max(1)),
+            duplicate_window: Duration::from_secs(self.bus.duplicate_window_secs.max(1)),
+        }
     }
 
     pub fn embedded_store_path(&self) -> PathBuf {

@@ -111,35 +111,71 @@ impl Event {
     }
 }
 
-/// An event with its routing: which chat it belongs to and which users receive it.
+/// An event with its routing. It names no recipient list: every event is published once on its
+/// chat's subject, and each notifier delivers it to the connections interested in that chat. Only
+/// membership changes name users: those who start receiving the chat's events with this one
+/// (`joined`: at most the initial members of a new chat, or the one member added) and those who stop
+/// after it (`left`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
-    /// Unique per event; the SSE `id:` line.
+    /// Unique per event. The log drops a re-publication of an id it has already stored.
     pub id: Uuid,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
     pub chat_id: ChatId,
-    /// Users this event is delivered to (the chat's members when it happened).
-    pub recipients: Vec<UserId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub joined: Vec<UserId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left: Vec<UserId>,
     #[serde(flatten)]
     pub event: Event,
 }
 
 impl Envelope {
-    pub fn new(chat_id: ChatId, recipients: Vec<UserId>, event: Event) -> Envelope {
+    pub fn new(chat_id: ChatId, event: Event) -> Envelope {
         Envelope {
             id: Uuid::now_v7(),
             at: OffsetDateTime::now_utc(),
             chat_id,
-            recipients,
+            joined: Vec::new(),
+            left: Vec::new(),
             event,
         }
+    }
+
+    /// The `signal.created` event of `signal`. Its id is the signal's id, so that publishing it
+    /// again (a retried send) is recognised as the same event.
+    pub fn signal_created(signal: Signal) -> Envelope {
+        Envelope {
+            id: signal.id.as_uuid(),
+            ..Envelope::new(signal.chat_id, Event::SignalCreated(signal))
+        }
+    }
+
+    /// `users` receive this chat's events from this event on.
+    pub fn joining(mut self, users: Vec<UserId>) -> Envelope {
+        self.joined = users;
+        self
+    }
+
+    /// `users` receive this event, and none of the chat's events after it.
+    pub fn leaving(mut self, users: Vec<UserId>) -> Envelope {
+        self.left = users;
+        self
     }
 
     /// The event's `type` and `data` as the JSON a client receives.
     pub fn client_json(&self) -> serde_json::Value {
         serde_json::to_value(&self.event).unwrap_or(serde_json::Value::Null)
     }
+}
+
+/// An event as the log stored it: `seq` is its position in the log, increasing by publication
+/// order, and the id a client resumes from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoggedEvent {
+    pub seq: u64,
+    pub envelope: Envelope,
 }
 
 #[cfg(test)]
@@ -154,30 +190,35 @@ mod tests {
         let id = SignalId::new();
         let chat = ChatId::new();
         let user = UserId::from_subject("i", "s");
-        let envelope = Envelope::new(
-            chat,
-            vec![user],
-            Event::SignalCreated(Signal {
-                id,
-                chat_id: chat,
-                kind: SignalKind::Message,
-                author_id: user,
-                created_at: id.created_at().expect("v7"),
-                nonce: None,
-                text: Some("hi".into()),
-                reply_to: None,
-                attachments: vec![],
-                edited_at: None,
-                deleted: false,
-                reactions: BTreeMap::new(),
-            }),
-        );
+        let envelope = Envelope::signal_created(Signal {
+            id,
+            chat_id: chat,
+            kind: SignalKind::Message,
+            author_id: user,
+            created_at: id.created_at().expect("v7"),
+            nonce: None,
+            text: Some("hi".into()),
+            reply_to: None,
+            attachments: vec![],
+            edited_at: None,
+            deleted: false,
+            reactions: BTreeMap::new(),
+        })
+        .joining(vec![user]);
         let json = serde_json::to_value(&envelope).expect("serialises");
         assert_eq!(json["type"], "signal.created");
         assert_eq!(json["data"]["text"], "hi");
         let back: Envelope = serde_json::from_value(json).expect("deserialises");
         assert_eq!(back, envelope);
         assert_eq!(envelope.client_json()["type"], "signal.created");
+        assert_eq!(
+            envelope.id,
+            id.as_uuid(),
+            "a signal's event has the signal's id"
+        );
+        let bare =
+            serde_json::to_value(Envelope::new(chat, envelope.event.clone())).expect("serialises");
+        assert!(bare.get("joined").is_none() && bare.get("left").is_none());
     }
 
     #[test]

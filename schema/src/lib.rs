@@ -10,6 +10,6 @@ pub mod limits;
 pub mod model;
 pub mod subjects;
 
-pub use event::{Envelope, Event, EventKind};
+pub use event::{Envelope, Event, EventKind, LoggedEvent};
 pub use ids::{ChatId, IdError, SignalId, UserId};
 pub use model::{Chat, ChatKind, Member, MemberRole, Signal, SignalKind, User};

@@ -247,6 +247,15 @@ impl TestApp {
         if self.stack == Stack::Real {
             let options = confab_api::store::cql::CqlOptions::from_config(&self.config);
             let _ = confab_api::store::cql::drop_keyspace(&options).await;
+            if let Ok(bus) = confab_runtime::bus::NatsBus::connect(
+                &self.config.bus.nats_url,
+                &self.config.bus.subject_prefix,
+                self.config.log_settings(),
+            )
+            .await
+            {
+                let _ = bus.delete_stream().await;
+            }
         }
     }
 }

@@ -2,11 +2,15 @@
 //! same as the notifier's SSE stream) as JSON text frames:
 //!
 //! - `{"type": "ready"}` once the subscription is live;
-//! - `{"type": "event", "id": "<envelope id>", "event": "signal.created", "data": {...}}`;
+//! - `{"type": "event", "id": "<sequence>", "event": "signal.created", "data": {...}}`;
+//! - `{"type": "reset", "reason": "..."}` when a resume cannot be served: re-read chats and history;
 //! - `{"type": "error", "problem": {...}}` (an RFC 9457 problem) for frames it cannot serve.
 //!
-//! Authentication is the bearer header or a `?ticket=` from `POST /v1/events/ticket`, checked before
-//! the upgrade. Carrying API calls over the same socket is the next step.
+//! A client resumes after the last event id it saw with `?last_event_id=` at connect, or with a
+//! `{"type": "resume", "last_event_id": "<id>"}` frame at any time (the stream restarts after that
+//! id, and `ready` is sent again). Authentication is the bearer header or a `?ticket=` from
+//! `POST /v1/events/ticket`, checked before the upgrade. Carrying API calls over the same socket is
+//! the next step.
 
 use std::time::Duration;
 
@@ -17,8 +21,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use confab_notifier::Hub;
 use confab_notifier::auth::StreamAuth;
+use confab_notifier::hub::Item;
+use confab_notifier::sse::{open_problem, parse_last_event_id};
 use confab_runtime::Problem;
-use confab_schema::{Envelope, UserId};
+use confab_schema::UserId;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -53,6 +59,24 @@ pub struct WsQuery {
     /// A ticket from `POST /v1/events/ticket`, for clients that cannot send an Authorization header.
     #[serde(default)]
     ticket: Option<String>,
+    /// Resume after this event id.
+    #[serde(default)]
+    last_event_id: Option<String>,
+}
+
+/// A frame from the client.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientFrame {
+    Resume { last_event_id: IdValue },
+}
+
+/// An id as a string or a number.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IdValue {
+    Text(String),
+    Number(u64),
 }
 
 const PING_INTERVAL: Duration = Duration::from_secs(20);
@@ -79,6 +103,11 @@ async fn upgrade(
         return Problem::new(StatusCode::BAD_REQUEST, "bad-request", "malformed query")
             .into_response();
     };
+    let resume_after = match query.last_event_id.as_deref().map(parse_last_event_id) {
+        None => None,
+        Some(Ok(seq)) => Some(seq),
+        Some(Err(problem)) => return problem.into_response(),
+    };
     let user = match state
         .auth
         .authenticate(&headers, query.ticket.as_deref())
@@ -100,30 +129,37 @@ async fn upgrade(
     };
     upgrade
         .max_message_size(64 * 1024)
-        .on_upgrade(move |socket| serve(socket, user, state))
-}
-
-fn event_frame(envelope: &Envelope) -> String {
-    let client = envelope.client_json();
-    json!({
-        "type": "event",
-        "id": envelope.id,
-        "event": client["type"],
-        "data": client["data"],
-    })
-    .to_string()
+        .on_upgrade(move |socket| serve(socket, user, resume_after, state))
 }
 
 fn error_frame(problem: &Problem) -> String {
     json!({"type": "error", "problem": problem}).to_string()
 }
 
-async fn serve(socket: WebSocket, user: UserId, state: PlexerState) {
-    let mut registration = state.hub.register(user);
+fn bad_frame(detail: &str) -> String {
+    error_frame(&Problem::new(
+        StatusCode::BAD_REQUEST,
+        "bad-frame",
+        detail.to_owned(),
+    ))
+}
+
+async fn serve(socket: WebSocket, user: UserId, resume_after: Option<u64>, state: PlexerState) {
     let (mut sink, mut incoming) = socket.split();
     metrics::gauge!("confab_ws_connections").increment(1.0);
     let span = tracing::debug_span!("ws", %user);
     let _entered = span.enter();
+    let mut subscription = match state.hub.open(user, resume_after).await {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            let _ = sink
+                .send(Message::Text(error_frame(&open_problem(&error)).into()))
+                .await;
+            let _ = sink.send(Message::Close(None)).await;
+            metrics::gauge!("confab_ws_connections").decrement(1.0);
+            return;
+        }
+    };
     if sink
         .send(Message::Text(json!({"type": "ready"}).to_string().into()))
         .await
@@ -140,26 +176,55 @@ async fn serve(socket: WebSocket, user: UserId, state: PlexerState) {
                 let _ = sink.send(Message::Close(None)).await;
                 break;
             }
-            event = registration.events.recv() => match event {
-                Some(envelope) => {
-                    if sink.send(Message::Text(event_frame(&envelope).into())).await.is_err() {
+            item = subscription.next() => match item {
+                Some(Item::Event(event)) => {
+                    if sink.send(Message::Text(event.ws_frame.as_str().into())).await.is_err() {
                         break;
                     }
                 }
-                // The hub dropped us (slow consumer or shutdown).
+                Some(Item::Reset(reason)) => {
+                    let frame = json!({"type": "reset", "reason": reason}).to_string();
+                    if sink.send(Message::Text(frame.into())).await.is_err() {
+                        break;
+                    }
+                }
+                // The hub dropped us (slow consumer or shutdown): the client resumes.
                 None => {
                     let _ = sink.send(Message::Close(None)).await;
                     break;
                 }
             },
             frame = incoming.next() => match frame {
-                Some(Ok(Message::Text(_) | Message::Binary(_))) => {
-                    let problem = Problem::new(
-                        StatusCode::BAD_REQUEST,
-                        "unsupported-frame",
-                        "this socket carries events; API calls over it are not supported yet",
-                    );
-                    if sink.send(Message::Text(error_frame(&problem).into())).await.is_err() {
+                Some(Ok(Message::Text(text))) => {
+                    let reply = match serde_json::from_str::<ClientFrame>(&text) {
+                        Ok(ClientFrame::Resume { last_event_id }) => {
+                            let parsed = match last_event_id {
+                                IdValue::Number(seq) => Ok(seq),
+                                IdValue::Text(raw) => parse_last_event_id(&raw),
+                            };
+                            match parsed {
+                                Err(problem) => Some(error_frame(&problem)),
+                                Ok(after) => match state.hub.open(user, Some(after)).await {
+                                    Ok(resumed) => {
+                                        subscription = resumed;
+                                        Some(json!({"type": "ready"}).to_string())
+                                    }
+                                    Err(error) => Some(error_frame(&open_problem(&error))),
+                                },
+                            }
+                        }
+                        Err(error) => Some(bad_frame(&format!(
+                            "not a frame this socket accepts (API calls over it come next): {error}"
+                        ))),
+                    };
+                    if let Some(reply) = reply
+                        && sink.send(Message::Text(reply.into())).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    if sink.send(Message::Text(bad_frame("binary frames are not accepted").into())).await.is_err() {
                         break;
                     }
                 }

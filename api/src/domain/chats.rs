@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use confab_schema::limits::MAX_INITIAL_MEMBERS;
 use confab_schema::model::to_millis;
 use confab_schema::{
-    Chat, ChatId, ChatKind, Event, MemberRole, SignalId, SignalKind, User, UserId,
+    Chat, ChatId, ChatKind, Envelope, Event, MemberRole, SignalId, SignalKind, User, UserId,
 };
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -174,13 +174,16 @@ impl ApiState {
             latest_signal: None,
             unread_count: 0,
         };
+        // The members start receiving the chat's events with this one.
         self.publish(
-            id,
-            member_ids,
-            Event::ChatUpdated(Box::new(Chat {
-                my_role: None,
-                ..chat.clone()
-            })),
+            Envelope::new(
+                id,
+                Event::ChatUpdated(Box::new(Chat {
+                    my_role: None,
+                    ..chat.clone()
+                })),
+            )
+            .joining(member_ids),
         )
         .await;
         Ok(Outcome::Created(chat))
@@ -245,8 +248,11 @@ impl ApiState {
             .get_chat(chat_id)
             .await?
             .ok_or(ApiError::NotFound("no such chat"))?;
-        self.publish_to_members(chat_id, Event::ChatUpdated(Box::new(updated.clone())))
-            .await?;
+        self.publish(Envelope::new(
+            chat_id,
+            Event::ChatUpdated(Box::new(updated.clone())),
+        ))
+        .await;
         self.chat_view(chat_id, caller).await
     }
 

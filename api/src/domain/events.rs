@@ -1,37 +1,52 @@
 //! Publishing the event of every change.
+//!
+//! Every request that changes something runs in a task of its own (`http::run_changes_to_completion`),
+//! so a client that disconnects after its change is stored cannot stop the event from being
+//! published. A
+//! publish that fails is retried in the background with backoff, and counted; the log drops a copy
+//! of an event id it already holds, so a retry that races a slow first attempt publishes once.
 
-use confab_schema::{ChatId, Envelope, Event, UserId};
+use std::time::Duration;
 
-use crate::error::ApiResult;
+use confab_schema::Envelope;
+
 use crate::state::ApiState;
 
+/// How long a failed publish is retried: the bus may be down for a while.
+const RETRY_ATTEMPTS: u32 = 12;
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const LONGEST_RETRY: Duration = Duration::from_secs(30);
+
 impl ApiState {
-    /// Publishes `event` on `chat` to `recipients`. Stored is stored: a failed publish is logged and
-    /// counted, and history still has the change.
-    pub(crate) async fn publish(&self, chat: ChatId, recipients: Vec<UserId>, event: Event) {
-        let kind = event.kind().as_str();
-        let envelope = Envelope::new(chat, recipients, event);
+    /// Appends `envelope` to the event log. The change it describes is stored already, so a failed
+    /// publish does not fail the request: it is retried in the background until the bus takes it.
+    pub(crate) async fn publish(&self, envelope: Envelope) {
+        let kind = envelope.event.kind().as_str();
         match self.bus.publish(&envelope).await {
-            Ok(()) => {
-                metrics::counter!("confab_events_published_total", "type" => kind).increment(1)
+            Ok(_) => {
+                metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
             }
             Err(error) => {
-                tracing::warn!(%error, event = kind, %chat, "event not published");
-                metrics::counter!("confab_events_unpublished_total", "type" => kind).increment(1);
+                tracing::warn!(%error, event = kind, chat = %envelope.chat_id, "event not published yet; retrying in the background");
+                metrics::counter!("confab_events_publish_retries_total", "type" => kind)
+                    .increment(1);
+                let bus = std::sync::Arc::clone(&self.bus);
+                tokio::spawn(async move {
+                    let mut delay = FIRST_RETRY;
+                    for _ in 0..RETRY_ATTEMPTS {
+                        tokio::time::sleep(delay).await;
+                        if bus.publish(&envelope).await.is_ok() {
+                            metrics::counter!("confab_events_published_total", "type" => kind)
+                                .increment(1);
+                            return;
+                        }
+                        delay = (delay * 2).min(LONGEST_RETRY);
+                    }
+                    metrics::counter!("confab_events_unpublished_total", "type" => kind)
+                        .increment(1);
+                    tracing::error!(event = kind, chat = %envelope.chat_id, id = %envelope.id, "event not published: the bus refused every retry");
+                });
             }
         }
-    }
-
-    /// Publishes `event` to every current member of `chat`.
-    pub(crate) async fn publish_to_members(&self, chat: ChatId, event: Event) -> ApiResult<()> {
-        let recipients = self
-            .store
-            .members(chat)
-            .await?
-            .into_iter()
-            .map(|m| m.user_id)
-            .collect();
-        self.publish(chat, recipients, event).await;
-        Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! Read and delivery markers, and who has reached a signal.
 
 use confab_schema::event::MarkerChange;
-use confab_schema::{ChatId, Event, SignalId, UserId};
+use confab_schema::{ChatId, Envelope, Event, SignalId, UserId};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -50,7 +50,7 @@ impl ApiState {
             MarkerKind::Read => Event::ReadUpdated(change),
             MarkerKind::Delivered => Event::DeliveredUpdated(change),
         };
-        self.publish_to_members(chat, event).await?;
+        self.publish(Envelope::new(chat, event)).await;
         Ok(Some(up_to))
     }
 

@@ -2,7 +2,7 @@
 
 use confab_schema::event::MemberChange;
 use confab_schema::model::to_millis;
-use confab_schema::{ChatId, Event, Member, MemberRole, SignalKind, UserId};
+use confab_schema::{ChatId, Envelope, Event, Member, MemberRole, SignalKind, UserId};
 use time::OffsetDateTime;
 
 use super::Outcome;
@@ -58,16 +58,20 @@ impl ApiState {
             joined_at: to_millis(OffsetDateTime::now_utc()),
         };
         self.store.put_member(chat_id, &member).await?;
+        // The new member receives the chat's events from this one on, `joined` signal included.
+        self.publish(
+            Envelope::new(
+                chat_id,
+                Event::MemberJoined(MemberChange {
+                    user_id: user,
+                    role: Some(role),
+                }),
+            )
+            .joining(vec![user]),
+        )
+        .await;
         self.record_system_signal(chat_id, SignalKind::Joined, user, None)
             .await?;
-        self.publish_to_members(
-            chat_id,
-            Event::MemberJoined(MemberChange {
-                user_id: user,
-                role: Some(role),
-            }),
-        )
-        .await?;
         Ok(Outcome::Created(member))
     }
 
@@ -90,17 +94,16 @@ impl ApiState {
         self.store.untouch_chat(chat_id, user).await?;
         self.record_system_signal(chat_id, SignalKind::Left, user, None)
             .await?;
-        let mut recipients: Vec<UserId> = members.iter().map(|m| m.user_id).collect();
-        if !recipients.contains(&user) {
-            recipients.push(user);
-        }
+        // The last event of this chat the member who left receives.
         self.publish(
-            chat_id,
-            recipients,
-            Event::MemberLeft(MemberChange {
-                user_id: user,
-                role: None,
-            }),
+            Envelope::new(
+                chat_id,
+                Event::MemberLeft(MemberChange {
+                    user_id: user,
+                    role: None,
+                }),
+            )
+            .leaving(vec![user]),
         )
         .await;
         Ok(())
@@ -127,14 +130,14 @@ impl ApiState {
         }
         let updated = Member { role, ..target };
         self.store.put_member(chat_id, &updated).await?;
-        self.publish_to_members(
+        self.publish(Envelope::new(
             chat_id,
             Event::MemberUpdated(MemberChange {
                 user_id: user,
                 role: Some(role),
             }),
-        )
-        .await?;
+        ))
+        .await;
         Ok(updated)
     }
 }

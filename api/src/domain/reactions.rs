@@ -1,7 +1,7 @@
 //! Emoji reactions to signals.
 
 use confab_schema::event::ReactionChange;
-use confab_schema::{ChatId, Event, SignalId, UserId};
+use confab_schema::{ChatId, Envelope, Event, SignalId, UserId};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -36,8 +36,8 @@ impl ApiState {
         if !added {
             return Ok(Outcome::Existing(change));
         }
-        self.publish_to_members(chat, Event::ReactionAdded(change.clone()))
-            .await?;
+        self.publish(Envelope::new(chat, Event::ReactionAdded(change.clone())))
+            .await;
         Ok(Outcome::Created(change))
     }
 
@@ -56,8 +56,8 @@ impl ApiState {
             .await?;
         let change = self.reaction_change(caller, chat, signal, emoji).await?;
         if removed {
-            self.publish_to_members(chat, Event::ReactionRemoved(change.clone()))
-                .await?;
+            self.publish(Envelope::new(chat, Event::ReactionRemoved(change.clone())))
+                .await;
         }
         Ok(change)
     }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use confab_schema::model::to_millis;
-use confab_schema::{ChatId, Event, Signal, SignalId, SignalKind, User, UserId};
+use confab_schema::{ChatId, Envelope, Event, Signal, SignalId, SignalKind, User, UserId};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -122,10 +122,22 @@ impl ApiState {
         };
         match self.record(&signal, members).await? {
             Inserted::Existing(existing) => {
+                // The first attempt may have stored the signal and then failed to publish its
+                // event (a crash, the bus down): publish it again. Within the log's duplicate
+                // window a copy is dropped, so this never delivers it twice.
+                if !existing.deleted && self.within_republish_window(&existing) {
+                    self.publish(Envelope::signal_created(existing.clone()))
+                        .await;
+                }
                 Ok(Outcome::Existing(self.decorate_one(existing).await?))
             }
             Inserted::Created(created) => Ok(Outcome::Created(created)),
         }
+    }
+
+    fn within_republish_window(&self, signal: &Signal) -> bool {
+        let age = OffsetDateTime::now_utc() - signal.created_at;
+        age < self.republish_window
     }
 
     /// A page of the chat's history (members only): newest first, or oldest first after `after`.
@@ -189,8 +201,8 @@ impl ApiState {
             // Deleted while this edit was on its way: the deletion stands.
             return Err(rules::not_editable());
         }
-        self.publish_to_members(chat, Event::SignalUpdated(signal.clone()))
-            .await?;
+        self.publish(Envelope::new(chat, Event::SignalUpdated(signal.clone())))
+            .await;
         Ok(signal)
     }
 
@@ -213,8 +225,8 @@ impl ApiState {
             .delete_signal(chat, id)
             .await?
             .ok_or(ApiError::NotFound("no such signal"))?;
-        self.publish_to_members(chat, Event::SignalDeleted(tombstone.clone()))
-            .await?;
+        self.publish(Envelope::new(chat, Event::SignalDeleted(tombstone.clone())))
+            .await;
         Ok(tombstone)
     }
 
@@ -288,12 +300,8 @@ impl ApiState {
         let inserted = self.store.insert_signal(signal).await?;
         if let Inserted::Created(created) = &inserted {
             // Deliver first: the chat list order and the author's marker are not on the live path.
-            self.publish(
-                created.chat_id,
-                members.clone(),
-                Event::SignalCreated(created.clone()),
-            )
-            .await;
+            self.publish(Envelope::signal_created(created.clone()))
+                .await;
             self.bookkeep(created, members).await;
         }
         Ok(inserted)

@@ -67,7 +67,32 @@ pub fn openapi_base() -> utoipa::openapi::OpenApi {
 
 /// The API routes under `/v1`, with their OpenAPI description.
 pub fn routes(state: ApiState) -> (axum::Router, utoipa::openapi::OpenApi) {
-    router().with_state(state).split_for_parts()
+    let (router, openapi) = router().with_state(state).split_for_parts();
+    (
+        router.layer(axum::middleware::from_fn(run_changes_to_completion)),
+        openapi,
+    )
+}
+
+/// A request that changes something runs to completion in a task of its own, even when its client
+/// disconnects and the server drops the connection's future: a change is never stored without its
+/// event published (`domain::events`), nor left half made.
+async fn run_changes_to_completion(
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if request.method().is_safe() {
+        return next.run(request).await;
+    }
+    match tokio::spawn(next.run(request)).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::error!(%error, "request task failed");
+            axum::response::IntoResponse::into_response(ApiError::Store(
+                crate::store::StoreError::Unavailable("the request could not complete".into()),
+            ))
+        }
+    }
 }
 
 /// The OpenAPI description of the API routes.

@@ -34,6 +34,7 @@ macro_rules! store_conformance_tests {
             chats_do_not_share_history,
             user_search,
             membership_changes,
+            chats_of_a_user,
             activity_orders_chats,
             activity_of_a_leaver_does_not_come_back,
             edits_tombstones_and_forward_paging,
@@ -457,6 +458,57 @@ pub async fn membership_changes(store: Arc<dyn Store>) {
     let updated = store.get_chat(chat).await.unwrap().unwrap();
     assert_eq!(updated.name.as_deref(), Some("renamed"));
     assert_eq!(updated.description.as_deref(), Some("about"));
+}
+
+/// The chats a user is in: what a notifier routes their events by.
+pub async fn chats_of_a_user(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (alice, bob) = (user("alice"), user("bob"));
+    for u in [&alice, &bob] {
+        store.upsert_user(u).await.unwrap();
+    }
+    assert!(store.chats_of(alice.id).await.unwrap().is_empty());
+    let mut expected = HashSet::new();
+    for _ in 0..3 {
+        expected.insert(chat_with(store, alice.id, &[bob.id]).await);
+    }
+    let bobs_own = chat_with(store, bob.id, &[]).await;
+    let found: HashSet<ChatId> = store
+        .chats_of(alice.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(found, expected);
+    let left = *expected.iter().next().unwrap();
+    store.remove_member(left, alice.id).await.unwrap();
+    expected.remove(&left);
+    let found: HashSet<ChatId> = store
+        .chats_of(alice.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(found, expected, "a chat left is no longer listed");
+    store
+        .put_member(
+            bobs_own,
+            &Member {
+                user_id: alice.id,
+                role: MemberRole::Member,
+                joined_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+            },
+        )
+        .await
+        .unwrap();
+    expected.insert(bobs_own);
+    let found: HashSet<ChatId> = store
+        .chats_of(alice.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(found, expected, "a chat joined is listed");
 }
 
 pub async fn activity_orders_chats(store: Arc<dyn Store>) {

@@ -156,6 +156,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<MemberRole>, StoreError>;
     /// Every member of `chat`.
     async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError>;
+    /// Every chat `user` is a member of, in no particular order (what a notifier routes by).
+    async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, StoreError>;
     /// Members of `chat` after `after`, in user-id order.
     async fn members_page(
         &self,

@@ -272,6 +272,7 @@ struct Statements {
     insert_chat_member: PreparedStatement,
     insert_user_chat: PreparedStatement,
     member_role: PreparedStatement,
+    chats_of: PreparedStatement,
     claim_nonce: PreparedStatement,
     insert_signal: PreparedStatement,
     insert_bucket: PreparedStatement,
@@ -397,6 +398,7 @@ impl CqlStore {
             )
             .await?,
             member_role: prepare("SELECT role FROM chat_members WHERE chat_id = ? AND user_id = ?".into()).await?,
+            chats_of: prepare("SELECT chat_id FROM user_chats WHERE user_id = ?".into()).await?,
 
             claim_nonce: prepare(
                 "INSERT INTO signal_nonces (chat_id, author_id, nonce, signal_id, kind, text, reply_to, attachments) \
@@ -918,6 +920,22 @@ impl Store for CqlStore {
                 return Ok(members);
             }
         }
+    }
+
+    async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, StoreError> {
+        // One partition, read a page at a time by the driver.
+        let mut rows = self
+            .session
+            .execute_iter(self.statements.chats_of.clone(), (user.0,))
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<(Uuid,)>()
+            .map_err(corrupt)?;
+        let mut chats = Vec::new();
+        while let Some(row) = rows.next().await {
+            chats.push(ChatId(row.map_err(corrupt)?.0));
+        }
+        Ok(chats)
     }
 
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError> {

@@ -405,6 +405,23 @@ impl Store for EmbeddedStore {
         role.map(|r| parse(&r)).transpose()
     }
 
+    async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, StoreError> {
+        self.with(move |c| {
+            let mut statement = c
+                .prepare_cached("SELECT chat_id FROM chat_members WHERE user_id = ?1")
+                .map_err(unavailable)?;
+            let ids = statement
+                .query_map(params![blob(user.0)], |row| row.get::<_, Vec<u8>>(0))
+                .map_err(unavailable)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable)?;
+            ids.into_iter()
+                .map(|id| uuid_from(id).map(ChatId))
+                .collect()
+        })
+        .await
+    }
+
     async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError> {
         self.with(move |c| {
             all(

@@ -1,0 +1,129 @@
+//! The event log. The API publishes one [`Envelope`] per change on its chat's subject; the log
+//! gives each event a sequence number, keeps it for the retention period, and hands every new event
+//! to each live subscriber (one per notifier node) in sequence order. A client resumes from the
+//! sequence of the last event it saw: [`Bus::read`] replays the log after it.
+//!
+//! [`NatsBus`] is the production log (a JetStream stream); [`EmbeddedBus`] keeps the log in a SQLite
+//! file of its own, for `confab serve`. Both pass [`conformance::test_suite`].
+
+mod embedded;
+mod nats;
+
+pub mod conformance;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use confab_schema::{ChatId, Envelope, LoggedEvent};
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+
+pub use embedded::EmbeddedBus;
+pub use nats::NatsBus;
+
+use crate::telemetry::ReadinessCheck;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("event bus unavailable: {0}")]
+    Unavailable(String),
+    #[error("event could not be encoded: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Why [`Bus::read`] cannot replay from a position.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Events after the position were dropped by retention.
+    #[error("events after {0} are no longer kept")]
+    Expired(u64),
+    /// The log never issued the position.
+    #[error("no event {0} was ever published")]
+    Unknown(u64),
+    /// More than the limit of matching events: the client is better served by re-reading history.
+    #[error("more than {0} events to replay")]
+    TooMany(usize),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// How long the log keeps events, and how long it recognises a re-published event id.
+#[derive(Clone, Copy, Debug)]
+pub struct LogSettings {
+    pub retention: Duration,
+    pub duplicate_window: Duration,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            retention: Duration::from_secs(24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Which chats' events a read returns.
+#[derive(Clone, Copy, Debug)]
+pub enum ChatFilter<'a> {
+    All,
+    Only(&'a HashSet<ChatId>),
+}
+
+impl ChatFilter<'_> {
+    pub fn admits(&self, chat: ChatId) -> bool {
+        match self {
+            ChatFilter::All => true,
+            ChatFilter::Only(chats) => chats.contains(&chat),
+        }
+    }
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Appends `envelope` to the log and returns its sequence. An envelope whose id the log stored
+    /// within the duplicate window is not stored again: the first one's sequence is returned.
+    async fn publish(&self, envelope: &Envelope) -> Result<u64, BusError>;
+    /// Every event appended from now on, in sequence order with no gap. The subscription is active
+    /// when this returns; the stream ends only if the subscription cannot continue.
+    async fn subscribe(&self) -> Result<BoxStream<'static, LoggedEvent>, BusError>;
+    /// The sequence of the newest event (0 when none was ever published).
+    async fn last_seq(&self) -> Result<u64, BusError>;
+    /// The events with `after < seq <= up_to` of the chats `chats` admits, in order. At most `limit`
+    /// of them, else [`ReadError::TooMany`].
+    async fn read(
+        &self,
+        after: u64,
+        up_to: u64,
+        chats: ChatFilter<'_>,
+        limit: usize,
+    ) -> Result<Vec<LoggedEvent>, ReadError>;
+    /// Whether publishing works now.
+    async fn check(&self) -> Result<(), BusError>;
+}
+
+/// Readiness of a [`Bus`].
+pub struct BusReadiness(pub Arc<dyn Bus>);
+
+impl ReadinessCheck for BusReadiness {
+    fn name(&self) -> &'static str {
+        "bus"
+    }
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.0.check().await.map_err(|e| e.to_string()) })
+    }
+}
+
+/// Checks `after` against the log's bounds: `first` is the oldest kept sequence (`last + 1` when
+/// nothing is kept).
+fn check_position(after: u64, first: u64, last: u64) -> Result<(), ReadError> {
+    if after > last {
+        return Err(ReadError::Unknown(after));
+    }
+    if after + 1 < first {
+        return Err(ReadError::Expired(after));
+    }
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! The production event log: a JetStream stream of every chat subject, `<prefix>_events`. Its
+//! stream sequence is the event's position. Each notifier node reads it live through one ordered
+//! consumer; a resume reads it through a short-lived pull consumer filtered to the user's chats.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_trait::async_trait;
+use confab_schema::{Envelope, LoggedEvent, subjects};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+use super::{Bus, BusError, ChatFilter, LogSettings, ReadError, check_position};
+
+/// A read filtered to more chats than this reads every chat's events and filters them here: the
+/// server's per-subject filters cost more than they save past a few hundred subjects.
+const MAX_SUBJECT_FILTERS: usize = 256;
+const READ_BATCH: usize = 1024;
+
+fn unavailable(error: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(error.to_string())
+}
+
+/// The JetStream event log.
+pub struct NatsBus {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    prefix: String,
+    settings: LogSettings,
+    stream: tokio::sync::OnceCell<stream::Stream>,
+}
+
+impl NatsBus {
+    /// Connects to `url`. Returns at once and keeps reconnecting in the background if the server is
+    /// down, so a process can start (and report "not ready") before NATS is up. The stream is
+    /// created (or its settings updated) on first use; [`NatsBus::ensure_stream`] does it now.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        settings: LogSettings,
+    ) -> Result<NatsBus, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("confab")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(3))
+            .connect(url)
+            .await
+            .map_err(unavailable)?;
+        Ok(NatsBus {
+            jetstream: jetstream::new(client.clone()),
+            client,
+            prefix: prefix.to_owned(),
+            settings,
+            stream: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// The stream's name for a subject prefix: dots and dashes become underscores.
+    pub fn stream_name(prefix: &str) -> String {
+        format!("{}_events", prefix.replace(['.', '-'], "_"))
+    }
+
+    /// Creates the stream, or brings an existing one's retention and duplicate window to the
+    /// configured values. Idempotent.
+    pub async fn ensure_stream(&self) -> Result<(), BusError> {
+        self.stream().await.map(|_| ())
+    }
+
+    /// Deletes the stream and every event in it (tests and benchmarks clean up with this).
+    pub async fn delete_stream(&self) -> Result<(), BusError> {
+        self.jetstream
+            .delete_stream(Self::stream_name(&self.prefix))
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn stream(&self) -> Result<&stream::Stream, BusError> {
+        self.stream
+            .get_or_try_init(|| async {
+                let config = stream::Config {
+                    name: Self::stream_name(&self.prefix),
+                    subjects: vec![subjects::all_chat_events(&self.prefix)],
+                    retention: stream::RetentionPolicy::Limits,
+                    storage: stream::StorageType::File,
+                    max_age: self.settings.retention,
+                    duplicate_window: self.settings.duplicate_window.min(self.settings.retention),
+                    ..Default::default()
+                };
+                self.jetstream
+                    .create_or_update_stream(config.clone())
+                    .await
+                    .map_err(unavailable)?;
+                self.jetstream
+                    .get_stream(&config.name)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await
+    }
+
+    fn connected(&self) -> Result<(), BusError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            other => Err(BusError::Unavailable(format!("NATS connection {other}"))),
+        }
+    }
+
+    async fn bounds(&self) -> Result<(u64, u64), BusError> {
+        let state = self
+            .stream()
+            .await?
+            .get_info()
+            .await
+            .map_err(unavailable)?
+            .state;
+        let first = if state.messages == 0 {
+            state.last_sequence + 1
+        } else {
+            state.first_sequence
+        };
+        Ok((first, state.last_sequence))
+    }
+}
+
+fn decode(seq: u64, subject: &str, payload: &[u8]) -> Option<LoggedEvent> {
+    match serde_json::from_slice::<Envelope>(payload) {
+        Ok(envelope) => Some(LoggedEvent { seq, envelope }),
+        Err(error) => {
+            tracing::warn!(%subject, seq, %error, "skipping an undecodable event");
+            metrics::counter!("confab_bus_undecodable_total").increment(1);
+            None
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn publish(&self, envelope: &Envelope) -> Result<u64, BusError> {
+        // The client would otherwise buffer while disconnected and wait for the ack timeout.
+        self.connected()?;
+        self.stream().await?;
+        let payload = serde_json::to_vec(envelope)?;
+        let ack = self
+            .jetstream
+            .send_publish(
+                subjects::chat_events(&self.prefix, envelope.chat_id),
+                jetstream::message::PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(envelope.id.to_string()),
+            )
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        Ok(ack.sequence)
+    }
+
+    async fn subscribe(&self) -> Result<BoxStream<'static, LoggedEvent>, BusError> {
+        let consumer = self
+            .stream()
+            .await?
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let messages = consumer.messages().await.map_err(unavailable)?;
+        // The ordered consumer recreates itself after a gap or a reconnect and resumes after the
+        // last sequence it delivered, so the stream has no gap; it ends only on a terminal error.
+        Ok(messages
+            .take_while(|message| {
+                let alive = match message {
+                    Ok(_) => true,
+                    Err(error) => {
+                        tracing::error!(%error, "event subscription failed");
+                        false
+                    }
+                };
+                async move { alive }
+            })
+            .filter_map(|message| async move {
+                let message = message.ok()?;
+                let seq = message.info().ok()?.stream_sequence;
+                decode(seq, message.subject.as_str(), &message.payload)
+            })
+            .boxed())
+    }
+
+    async fn last_seq(&self) -> Result<u64, BusError> {
+        Ok(self.bounds().await?.1)
+    }
+
+    async fn read(
+        &self,
+        after: u64,
+        up_to: u64,
+        chats: ChatFilter<'_>,
+        limit: usize,
+    ) -> Result<Vec<LoggedEvent>, ReadError> {
+        let (first, last) = self.bounds().await?;
+        check_position(after, first, last)?;
+        let up_to = up_to.min(last);
+        if after >= up_to {
+            return Ok(Vec::new());
+        }
+        let filter_subjects = match chats {
+            ChatFilter::Only(chats) if chats.is_empty() => return Ok(Vec::new()),
+            ChatFilter::Only(chats) if chats.len() <= MAX_SUBJECT_FILTERS => chats
+                .iter()
+                .map(|chat| subjects::chat_events(&self.prefix, *chat))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let stream = self.stream().await?;
+        let consumer: consumer::PullConsumer = stream
+            .create_consumer(consumer::pull::Config {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                filter_subjects,
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let mut events = Vec::new();
+        let result = async {
+            'batches: loop {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(READ_BATCH)
+                    .messages()
+                    .await
+                    .map_err(unavailable)?;
+                let mut received = 0;
+                while let Some(message) = batch.next().await {
+                    let message = message.map_err(unavailable)?;
+                    received += 1;
+                    let seq = message.info().map_err(unavailable)?.stream_sequence;
+                    if seq > up_to {
+                        break 'batches;
+                    }
+                    if let Some(event) = decode(seq, message.subject.as_str(), &message.payload)
+                        && chats.admits(event.envelope.chat_id)
+                    {
+                        if events.len() == limit {
+                            return Err(ReadError::TooMany(limit));
+                        }
+                        events.push(event);
+                    }
+                    if seq == up_to {
+                        break 'batches;
+                    }
+                }
+                if received == 0 {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        let name = consumer.cached_info().name.clone();
+        if let Err(error) = stream.delete_consumer(&name).await {
+            // It expires by itself after its inactive threshold.
+            tracing::debug!(%error, "replay consumer not deleted");
+        }
+        result.map(|()| events)
+    }
+
+    async fn check(&self) -> Result<(), BusError> {
+        self.connected()
+    }
+}

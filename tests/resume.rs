@@ -1,0 +1,428 @@
+//! Exact resume, on the embedded default and on the real stack: a client that reconnects with the
+//! last event id it saw gets exactly the events it missed (in order, none twice), without the
+//! chats it left and with the chats it joined meanwhile; an id the server cannot resume from gets a
+//! `reset`; a malformed one a 400.
+
+mod support;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use support::{DEADLINE, SseEvent, SseStream, Stack, TestApp, spawn_app};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn send(app: &TestApp, token: &str, chat: &str, text: &str) -> String {
+    let response = app
+        .post(
+            token,
+            &format!("/v1/chats/{chat}/signals"),
+            &json!({"kind": "message", "text": text}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn events_url(app: &TestApp) -> String {
+    app.url("/v1/events")
+}
+
+/// The `(type, chat, text)` of an event, for comparing sequences of them.
+fn describe(event: &SseEvent) -> (String, String, String) {
+    let data = &event.data["data"];
+    let chat = data["chat_id"].as_str().unwrap_or_default().to_owned();
+    let text = data["text"]
+        .as_str()
+        .or(data["kind"].as_str())
+        .or(data["user_id"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    (event.event.clone(), chat, text)
+}
+
+/// Reads events until one is a message with `text`, returning all it read (that one included).
+async fn read_until_message(stream: &mut SseStream, text: &str) -> Vec<SseEvent> {
+    let mut read = Vec::new();
+    loop {
+        let event = stream.next_event().await;
+        let done = event.event == "signal.created" && event.data["data"]["text"] == text;
+        read.push(event);
+        if done {
+            return read;
+        }
+    }
+}
+
+fn seq(event: &SseEvent) -> u64 {
+    event
+        .id
+        .as_deref()
+        .expect("every event has an id")
+        .parse()
+        .expect("ids are sequences")
+}
+
+async fn resume_replays_exactly_what_was_missed(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+
+    let mut first = SseStream::open(app.http.get(events_url(&app)).bearer_auth(&bob)).await;
+    send(&app, &alice, &chat, "seen").await;
+    let seen = read_until_message(&mut first, "seen").await;
+    let last_seen = seen.last().unwrap().id.clone().unwrap();
+    drop(first);
+
+    // While bob is away: five messages.
+    for i in 0..5 {
+        send(&app, &alice, &chat, &format!("missed {i}")).await;
+    }
+    let mut resumed = SseStream::open(
+        app.http
+            .get(events_url(&app))
+            .bearer_auth(&bob)
+            .header("Last-Event-ID", &last_seen),
+    )
+    .await;
+    send(&app, &alice, &chat, "live").await;
+    let after = read_until_message(&mut resumed, "live").await;
+    let messages: Vec<String> = after
+        .iter()
+        .filter(|e| e.event == "signal.created")
+        .map(|e| e.data["data"]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            "missed 0", "missed 1", "missed 2", "missed 3", "missed 4", "live"
+        ],
+        "exactly the missed messages, in order, then the live one"
+    );
+    let seqs: Vec<u64> = after.iter().map(seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]) && seqs[0] > last_seen.parse::<u64>().unwrap(),
+        "ids increase with no repeat: {seqs:?}"
+    );
+
+    // The same through the query parameter, from the middle.
+    let middle = after[2].id.clone().unwrap();
+    let mut by_query = SseStream::open(
+        app.http
+            .get(format!("{}?last_event_id={middle}", events_url(&app)))
+            .bearer_auth(&bob),
+    )
+    .await;
+    let replayed = read_until_message(&mut by_query, "live").await;
+    assert_eq!(
+        replayed.iter().map(describe).collect::<Vec<_>>(),
+        after[3..].iter().map(describe).collect::<Vec<_>>()
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn resume_replays_exactly_what_was_missed_on_the_embedded_default() {
+    resume_replays_exactly_what_was_missed(Stack::Embedded).await;
+}
+
+#[tokio::test]
+async fn resume_replays_exactly_what_was_missed_on_the_real_stack() {
+    if support::real_stack_available("resume_replays_exactly_what_was_missed_on_the_real_stack")
+        .await
+    {
+        resume_replays_exactly_what_was_missed(Stack::Real).await;
+    }
+}
+
+async fn resume_follows_membership(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let left = app.group_chat(&alice, &[&bob_id]).await;
+    let stayed = app.group_chat(&alice, &[&bob_id]).await;
+    let carol = app.token("carol").await;
+    let carol_id = app.me(&carol).await;
+    let joined = app.group_chat(&alice, &[&carol_id]).await;
+
+    let mut first = SseStream::open(app.http.get(events_url(&app)).bearer_auth(&bob)).await;
+    send(&app, &alice, &stayed, "before").await;
+    let last_seen = read_until_message(&mut first, "before")
+        .await
+        .last()
+        .unwrap()
+        .id
+        .clone()
+        .unwrap();
+    drop(first);
+
+    send(&app, &alice, &joined, "before bob joined").await;
+    send(&app, &alice, &left, "before bob left").await;
+    let removed = app
+        .http
+        .delete(app.url(&format!("/v1/chats/{left}/members/{bob_id}")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 204);
+    send(&app, &alice, &left, "after bob left").await;
+    let added = app
+        .post(
+            &alice,
+            &format!("/v1/chats/{joined}/members"),
+            &json!({"user_id": bob_id}),
+        )
+        .await;
+    assert_eq!(added.status(), 201);
+    send(&app, &alice, &joined, "after bob joined").await;
+    send(&app, &alice, &stayed, "end").await;
+
+    let mut resumed = SseStream::open(
+        app.http
+            .get(events_url(&app))
+            .bearer_auth(&bob)
+            .header("Last-Event-ID", &last_seen),
+    )
+    .await;
+    let replayed = read_until_message(&mut resumed, "end").await;
+    let chats: Vec<&str> = replayed
+        .iter()
+        .map(|e| {
+            if e.event == "member.joined" {
+                joined.as_str()
+            } else {
+                e.data["data"]["chat_id"].as_str().unwrap_or("?")
+            }
+        })
+        .collect();
+    assert!(
+        !chats.contains(&left.as_str()),
+        "nothing of the chat bob left: {replayed:?}"
+    );
+    let texts: Vec<String> = replayed
+        .iter()
+        .filter(|e| e.event == "signal.created")
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e.data["data"]["kind"].as_str().unwrap(),
+                e.data["data"]["text"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        ["joined:", "message:after bob joined", "message:end"],
+        "the joined chat from bob's join on, the chat he stayed in"
+    );
+    assert_eq!(
+        replayed[0].event, "member.joined",
+        "the join comes first: {replayed:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn resume_follows_membership_on_the_embedded_default() {
+    resume_follows_membership(Stack::Embedded).await;
+}
+
+#[tokio::test]
+async fn resume_follows_membership_on_the_real_stack() {
+    if support::real_stack_available("resume_follows_membership_on_the_real_stack").await {
+        resume_follows_membership(Stack::Real).await;
+    }
+}
+
+async fn ids_that_cannot_resume(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+
+    // Never issued: a reset, then the stream goes on live.
+    let mut stream = SseStream::open(
+        app.http
+            .get(events_url(&app))
+            .bearer_auth(&bob)
+            .header("Last-Event-ID", "987654321987"),
+    )
+    .await;
+    let reset = stream.next_event().await;
+    assert_eq!(reset.event, "reset");
+    assert_eq!(reset.data["type"], "reset");
+    assert_eq!(reset.data["data"]["reason"], "unknown-id");
+    send(&app, &alice, &chat, "after the reset").await;
+    read_until_message(&mut stream, "after the reset").await;
+
+    for garbage in ["abc", "-1", "1.5", "99999999999999999999999"] {
+        let response = app
+            .http
+            .get(events_url(&app))
+            .bearer_auth(&bob)
+            .header("Last-Event-ID", garbage)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{garbage}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert!(
+            problem["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("bad-last-event-id"),
+            "{problem}"
+        );
+    }
+    let response = app
+        .http
+        .get(format!("{}?last_event_id=x1", events_url(&app)))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn ids_that_cannot_resume_on_the_embedded_default() {
+    ids_that_cannot_resume(Stack::Embedded).await;
+}
+
+#[tokio::test]
+async fn ids_that_cannot_resume_on_the_real_stack() {
+    if support::real_stack_available("ids_that_cannot_resume_on_the_real_stack").await {
+        ids_that_cannot_resume(Stack::Real).await;
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_frame(ws: &mut Ws) -> Value {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Message::Text(text) = ws.next().await.expect("socket open").expect("frame") {
+                return serde_json::from_str::<Value>(&text).unwrap();
+            }
+        }
+    })
+    .await
+    .expect("a frame before the deadline")
+}
+
+async fn until_message(ws: &mut Ws, text: &str) -> Vec<Value> {
+    let mut read = Vec::new();
+    loop {
+        let frame = next_frame(ws).await;
+        let done = frame["event"] == "signal.created" && frame["data"]["text"] == text;
+        read.push(frame);
+        if done {
+            return read;
+        }
+    }
+}
+
+async fn websocket_resumes(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let ws_url = format!("{}/v1/ws", app.base.replacen("http://", "ws://", 1));
+    let connect = |query: String| {
+        let bob = bob.clone();
+        let ws_url = ws_url.clone();
+        async move {
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            let mut request = format!("{ws_url}{query}").into_client_request().unwrap();
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {bob}").parse().unwrap());
+            let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+            assert_eq!(next_frame(&mut ws).await["type"], "ready");
+            ws
+        }
+    };
+    let mut ws = connect(String::new()).await;
+    send(&app, &alice, &chat, "one").await;
+    let frames = until_message(&mut ws, "one").await;
+    let last = frames.last().unwrap()["id"].as_str().unwrap().to_owned();
+    drop(ws);
+    send(&app, &alice, &chat, "two").await;
+    send(&app, &alice, &chat, "three").await;
+
+    // At connect.
+    let mut ws = connect(format!("?last_event_id={last}")).await;
+    let frames = until_message(&mut ws, "three").await;
+    let texts: Vec<&str> = frames
+        .iter()
+        .filter(|f| f["event"] == "signal.created")
+        .map(|f| f["data"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["two", "three"]);
+
+    // With a frame, on an open socket: the stream restarts after that id.
+    ws.send(Message::Text(
+        json!({"type": "resume", "last_event_id": last})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let mut frame = next_frame(&mut ws).await;
+    while frame["type"] != "ready" {
+        frame = next_frame(&mut ws).await;
+    }
+    let frames = until_message(&mut ws, "three").await;
+    assert_eq!(
+        frames
+            .iter()
+            .filter(|f| f["event"] == "signal.created")
+            .count(),
+        2
+    );
+
+    // A malformed id: an error frame, and the socket stays up.
+    ws.send(Message::Text(
+        json!({"type": "resume", "last_event_id": "nope"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let error = next_frame(&mut ws).await;
+    assert_eq!(error["type"], "error");
+    assert!(
+        error["problem"]["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("bad-last-event-id")
+    );
+    send(&app, &alice, &chat, "still here").await;
+    until_message(&mut ws, "still here").await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_resumes_on_the_embedded_default() {
+    websocket_resumes(Stack::Embedded).await;
+}
+
+#[tokio::test]
+async fn websocket_resumes_on_the_real_stack() {
+    if support::real_stack_available("websocket_resumes_on_the_real_stack").await {
+        websocket_resumes(Stack::Real).await;
+    }
+}
