@@ -528,3 +528,183 @@ impl ReadinessCheck for HubReadiness {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use confab_runtime::bus::{EmbeddedBus, LogSettings};
+    use confab_schema::event::MemberChange;
+    use confab_schema::{Event, Signal, SignalId, SignalKind};
+
+    use super::*;
+
+    fn message(chat: ChatId, text: &str) -> Envelope {
+        let id = SignalId::new();
+        Envelope::signal_created(Signal {
+            id,
+            chat_id: chat,
+            kind: SignalKind::Message,
+            author_id: UserId::from_subject("t", "author"),
+            created_at: id.created_at().expect("v7"),
+            nonce: None,
+            text: Some(text.into()),
+            reply_to: None,
+            attachments: vec![],
+            edited_at: None,
+            deleted: false,
+            reactions: Default::default(),
+        })
+    }
+
+    fn joined(chat: ChatId, user: UserId) -> Envelope {
+        Envelope::new(
+            chat,
+            Event::MemberJoined(MemberChange {
+                user_id: user,
+                role: None,
+            }),
+        )
+        .joining(vec![user])
+    }
+
+    fn left(chat: ChatId, user: UserId) -> Envelope {
+        Envelope::new(
+            chat,
+            Event::MemberLeft(MemberChange {
+                user_id: user,
+                role: None,
+            }),
+        )
+        .leaving(vec![user])
+    }
+
+    fn text(envelope: &Envelope) -> String {
+        match &envelope.event {
+            Event::SignalCreated(signal) => signal.text.clone().unwrap_or_default(),
+            other => other.kind().as_str().to_owned(),
+        }
+    }
+
+    #[test]
+    fn visible_follows_membership_through_the_range() {
+        let me = UserId::from_subject("t", "me");
+        let (stayed, joined_later, left_later, rejoined) =
+            (ChatId::new(), ChatId::new(), ChatId::new(), ChatId::new());
+        let events = vec![
+            message(stayed, "s1"),
+            message(joined_later, "before join"),
+            message(left_later, "before leave"),
+            joined(joined_later, me),
+            message(joined_later, "after join"),
+            left(left_later, me),
+            message(left_later, "after leave"),
+            left(rejoined, me),
+            message(rejoined, "while out"),
+            joined(rejoined, me),
+            message(rejoined, "back"),
+        ];
+        let current: HashSet<ChatId> = [stayed, joined_later, rejoined].into();
+        let seen: Vec<String> = visible(me, events, |e| e, &current)
+            .iter()
+            .map(text)
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                "s1",
+                "member.joined",
+                "after join",
+                "member.left",
+                "member.joined",
+                "back"
+            ]
+        );
+    }
+
+    struct Fixed(HashMap<UserId, Vec<ChatId>>);
+
+    #[async_trait]
+    impl Membership for Fixed {
+        async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, String> {
+            Ok(self.0.get(&user).cloned().unwrap_or_default())
+        }
+    }
+
+    async fn next_text(subscription: &mut Subscription) -> String {
+        match tokio::time::timeout(Duration::from_secs(5), subscription.next())
+            .await
+            .expect("an item before the deadline")
+            .expect("open")
+        {
+            Item::Event(event) => text(&event.envelope),
+            Item::Reset(reason) => format!("reset:{reason}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_by_interest_and_follows_joins_and_leaves() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let (alice, bob) = (UserId::from_subject("t", "a"), UserId::from_subject("t", "b"));
+        let (shared, alices, later) = (ChatId::new(), ChatId::new(), ChatId::new());
+        let membership = Fixed(HashMap::from([
+            (alice, vec![shared, alices]),
+            (bob, vec![shared]),
+        ]));
+        let hub = Hub::new(Arc::clone(&bus), Arc::new(membership), 16, 100);
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let mut a = hub.open(alice, None).await.expect("opens");
+        let mut b = hub.open(bob, None).await.expect("opens");
+        for envelope in [
+            message(alices, "for alice"),
+            message(shared, "for both"),
+            joined(later, bob),
+            message(later, "bob joined"),
+            left(shared, bob),
+            message(shared, "bob left"),
+        ] {
+            bus.publish(&envelope).await.expect("publishes");
+        }
+        assert_eq!(next_text(&mut a).await, "for alice");
+        assert_eq!(next_text(&mut a).await, "for both");
+        assert_eq!(next_text(&mut b).await, "for both");
+        assert_eq!(next_text(&mut b).await, "member.joined");
+        assert_eq!(next_text(&mut b).await, "bob joined");
+        assert_eq!(next_text(&mut b).await, "member.left");
+        assert_eq!(next_text(&mut a).await, "member.left");
+        assert_eq!(next_text(&mut a).await, "bob left");
+        bus.publish(&message(alices, "end")).await.expect("publishes");
+        assert_eq!(next_text(&mut a).await, "end");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), b.next())
+                .await
+                .is_err(),
+            "bob got nothing after he left, and nothing of alice's chat"
+        );
+
+        // A connection that stops reading is dropped after its buffer; the others go on.
+        let mut last = 0;
+        for i in 0..20 {
+            last = bus
+                .publish(&message(alices, &format!("flood {i}")))
+                .await
+                .expect("publishes");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while hub.routes.read().expect("lock").last_seq < last {
+            assert!(tokio::time::Instant::now() < deadline, "never dispatched");
+            tokio::task::yield_now().await;
+        }
+        let mut received = 0;
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), a.next()).await {
+            received += 1;
+        }
+        assert_eq!(received, 16, "alice was dropped when her buffer filled");
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+        assert!(!hub.is_alive());
+        assert!(matches!(hub.open(bob, None).await, Err(OpenError::NotReady)));
+    }
+}
