@@ -23,7 +23,8 @@ use confab_runtime::identity::{DevIdentity, Identity, IdentityReadiness, OidcIde
 use confab_runtime::problem;
 use confab_runtime::telemetry::{self, Readiness};
 use confab_schema::{ChatId, UserId};
-use confab_ws_plexer::PlexerState;
+use confab_ws_plexer::api::{ApiCaller, InProcess, OverHttp};
+use confab_ws_plexer::{Limits, PlexerState};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -181,6 +182,8 @@ pub async fn build(
     let mut router = axum::Router::new();
     let mut openapi = confab_api::http::openapi_base();
     let mut workers = Vec::new();
+    // The API's own router, for the ws-plexer to call in process (`confab serve`).
+    let mut api_router = None;
 
     let store = open_store(config, role == Role::Serve).await?;
     readiness = readiness.with(Arc::new(StoreReadiness(Arc::clone(&store))));
@@ -193,6 +196,12 @@ pub async fn build(
                 &secret,
             )
             .with_republish_window(config.log_settings().duplicate_window),
+        );
+        api_router = Some(
+            routes
+                .clone()
+                .fallback(problem::not_found)
+                .method_not_allowed_fallback(problem::method_not_allowed),
         );
         router = router.merge(routes);
         openapi.merge(doc);
@@ -226,9 +235,18 @@ pub async fn build(
             openapi.merge(doc);
         }
         if matches!(role, Role::Serve | Role::WsPlexer) {
+            let api: Arc<dyn ApiCaller> = match api_router.take() {
+                Some(router) => Arc::new(InProcess(router)),
+                None => Arc::new(OverHttp::new(&config.ws_plexer.api_url)),
+            };
             let (routes, doc) = confab_ws_plexer::routes(PlexerState {
                 hub,
                 auth,
+                api,
+                limits: Limits {
+                    max_in_flight: config.ws_plexer.max_in_flight,
+                    max_frame_bytes: config.ws_plexer.max_frame_bytes,
+                },
                 shutdown: shutdown.clone(),
             });
             router = router.merge(routes);

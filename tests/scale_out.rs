@@ -101,8 +101,17 @@ async fn two_of_each_service_and_a_notifier_killed_mid_stream() {
     let notifier_a = ConfabProcess::start(&["notifier"], &env, dir.path()).await;
     let notifier_b = ConfabProcess::start(&["notifier"], &env, dir.path()).await;
     let plexer_a = ConfabProcess::start(&["ws-plexer"], &env, dir.path()).await;
-    let plexer_b = ConfabProcess::start(&["ws-plexer"], &env, dir.path()).await;
-    for process in [&api_a, &api_b, &notifier_a, &notifier_b, &plexer_a, &plexer_b] {
+    let mut plexer_env = env.clone();
+    plexer_env.push(("CONFAB_WS_PLEXER__API_URL".into(), api_b.base.clone()));
+    let plexer_b = ConfabProcess::start(&["ws-plexer"], &plexer_env, dir.path()).await;
+    for process in [
+        &api_a,
+        &api_b,
+        &notifier_a,
+        &notifier_b,
+        &plexer_a,
+        &plexer_b,
+    ] {
         ready(&process.base).await;
     }
     let http = reqwest::Client::new();
@@ -146,7 +155,10 @@ async fn two_of_each_service_and_a_notifier_killed_mid_stream() {
     post(&api_b.base, &alice, &chat, "through api b").await;
     let on_b_seen = messages_until(&mut on_b, "through api b").await;
     assert_eq!(
-        on_b_seen.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(),
+        on_b_seen
+            .iter()
+            .map(|(_, t)| t.as_str())
+            .collect::<Vec<_>>(),
         ["through api a", "through api b"]
     );
     let mut ws_texts = Vec::new();
@@ -164,6 +176,42 @@ async fn two_of_each_service_and_a_notifier_killed_mid_stream() {
         }
     }
     assert_eq!(ws_texts, ["through api a", "through api b"]);
+
+    // An API call over a socket of a separate ws-plexer process goes to its API process.
+    let mut request = format!("{}/v1/ws", plexer_b.base.replacen("http://", "ws://", 1))
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {bob}").parse().unwrap());
+    let (mut bobs_socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    futures::SinkExt::send(
+        &mut bobs_socket,
+        Message::Text(
+            json!({"type": "request", "id": 7, "method": "POST",
+                   "path": format!("/v1/chats/{chat}/signals"),
+                   "body": {"kind": "message", "text": "over plexer b"}})
+            .to_string()
+            .into(),
+        ),
+    )
+    .await
+    .unwrap();
+    let response = loop {
+        let frame = tokio::time::timeout(DEADLINE, bobs_socket.next())
+            .await
+            .expect("a frame before the deadline")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(text) = frame {
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            if frame["type"] == "response" {
+                break frame;
+            }
+        }
+    };
+    assert_eq!(response["status"], 201, "{response}");
+    messages_until(&mut on_b, "over plexer b").await;
 
     // bob streams from notifier A, sees part of a burst, and A dies.
     let mut on_a = SseStream::open(

@@ -2,6 +2,11 @@
 //! `EventSource`/`WebSocket` cannot set headers, a short-lived ticket from `POST /v1/events/ticket`
 //! passed as `?ticket=`. Tickets are HMAC-signed with the deployment secret, so any instance can
 //! check one without shared state.
+//!
+//! A ticket opens a stream within its short lifetime. A browser's `EventSource` reconnects by itself
+//! with the URL it was given, so a *reconnect* (a request that resumes with a last event id) is
+//! accepted with that same ticket for as long as the token it was issued from is valid. No stream
+//! outlives that token: [`StreamIdentity::expires_at`] is when it ends.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +27,13 @@ pub struct StreamAuth {
 
 #[derive(Serialize, Deserialize)]
 struct Ticket {
+    /// The user.
     u: UserId,
+    /// Opens a new stream until then (Unix seconds).
     e: i64,
+    /// The expiry of the token it was issued from: reconnects until then, and no stream beyond.
+    #[serde(default)]
+    x: i64,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -31,6 +41,24 @@ pub struct IssuedTicket {
     pub ticket: String,
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
+}
+
+/// Who a stream is for, and until when.
+#[derive(Clone, Debug)]
+pub struct StreamIdentity {
+    pub user: UserId,
+    /// The bearer token, when the client sent one (a ticket carries none).
+    pub token: Option<String>,
+    /// When the stream must end (Unix seconds).
+    pub expires_at: i64,
+}
+
+impl StreamIdentity {
+    /// The time left before the stream must end.
+    pub fn remaining(&self) -> Duration {
+        let left = self.expires_at - OffsetDateTime::now_utc().unix_timestamp();
+        Duration::from_secs(u64::try_from(left).unwrap_or(0))
+    }
 }
 
 impl StreamAuth {
@@ -54,33 +82,52 @@ impl StreamAuth {
             ticket: self.tickets.sign(&Ticket {
                 u: principal.user_id,
                 e: expires_at.unix_timestamp(),
+                x: principal.expires_at,
             }),
             expires_at,
         })
     }
 
-    /// The user a stream request is for: from its ticket when it has one, else its bearer token.
+    /// Checks a bearer token: for a socket that refreshes its token.
+    pub async fn token(&self, token: &str) -> Result<StreamIdentity, AuthError> {
+        let principal = self.identity.authenticate(token).await?;
+        Ok(StreamIdentity {
+            user: principal.user_id,
+            token: Some(token.to_owned()),
+            expires_at: principal.expires_at,
+        })
+    }
+
+    /// Who a stream request is for: from its ticket when it has one, else its bearer token.
+    /// `reconnect` is true when the request resumes after a last event id.
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
         ticket: Option<&str>,
-    ) -> Result<UserId, AuthError> {
+        reconnect: bool,
+    ) -> Result<StreamIdentity, AuthError> {
         match ticket {
             Some(ticket) => {
                 let ticket: Ticket = self
                     .tickets
                     .open(ticket)
                     .map_err(|_| AuthError::Invalid("invalid ticket"))?;
-                if ticket.e < OffsetDateTime::now_utc().unix_timestamp() {
+                let now = OffsetDateTime::now_utc().unix_timestamp();
+                let valid_until = if reconnect {
+                    ticket.x.max(ticket.e)
+                } else {
+                    ticket.e
+                };
+                if valid_until < now {
                     return Err(AuthError::Expired);
                 }
-                Ok(ticket.u)
+                Ok(StreamIdentity {
+                    user: ticket.u,
+                    token: None,
+                    expires_at: ticket.x.max(ticket.e),
+                })
             }
-            None => Ok(self
-                .identity
-                .authenticate(bearer_token(headers)?)
-                .await?
-                .user_id),
+            None => self.token(bearer_token(headers)?).await,
         }
     }
 }

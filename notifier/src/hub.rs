@@ -646,7 +646,10 @@ mod tests {
     async fn routes_by_interest_and_follows_joins_and_leaves() {
         let bus: Arc<dyn Bus> =
             Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
-        let (alice, bob) = (UserId::from_subject("t", "a"), UserId::from_subject("t", "b"));
+        let (alice, bob) = (
+            UserId::from_subject("t", "a"),
+            UserId::from_subject("t", "b"),
+        );
         let (shared, alices, later) = (ChatId::new(), ChatId::new(), ChatId::new());
         let membership = Fixed(HashMap::from([
             (alice, vec![shared, alices]),
@@ -675,7 +678,9 @@ mod tests {
         assert_eq!(next_text(&mut b).await, "member.left");
         assert_eq!(next_text(&mut a).await, "member.left");
         assert_eq!(next_text(&mut a).await, "bob left");
-        bus.publish(&message(alices, "end")).await.expect("publishes");
+        bus.publish(&message(alices, "end"))
+            .await
+            .expect("publishes");
         assert_eq!(next_text(&mut a).await, "end");
         assert!(
             tokio::time::timeout(Duration::from_millis(50), b.next())
@@ -705,6 +710,9 @@ mod tests {
         shutdown.cancel();
         worker.await.expect("worker ends");
         assert!(!hub.is_alive());
-        assert!(matches!(hub.open(bob, None).await, Err(OpenError::NotReady)));
+        assert!(matches!(
+            hub.open(bob, None).await,
+            Err(OpenError::NotReady)
+        ));
     }
 }

@@ -140,14 +140,15 @@ async fn events(
             Err(problem) => return problem.into_response(),
         },
     };
-    let user = match state
+    let caller = match state
         .auth
-        .authenticate(&headers, query.ticket.as_deref())
+        .authenticate(&headers, query.ticket.as_deref(), resume_after.is_some())
         .await
     {
-        Ok(user) => user,
+        Ok(caller) => caller,
         Err(error) => return error.into_response(),
     };
+    let user = caller.user;
     let subscription = match state.hub.open(user, resume_after).await {
         Ok(subscription) => subscription,
         Err(error) => return open_problem(&error).into_response(),
@@ -156,6 +157,9 @@ async fn events(
     let ready =
         stream::once(async { Ok::<_, Infallible>(SseEvent::default().event("ready").data("{}")) });
     let shutdown = state.shutdown.clone();
+    // The stream ends when the token it was opened with expires; the client reconnects with a
+    // fresh one and resumes.
+    let expiry = tokio::time::sleep(caller.remaining());
     let events = stream::unfold(subscription, |mut subscription| async move {
         let event = match subscription.next().await? {
             Item::Event(event) => SseEvent::default()
@@ -168,7 +172,12 @@ async fn events(
         };
         Some((Ok::<_, Infallible>(event), subscription))
     })
-    .take_until(async move { shutdown.cancelled().await });
+    .take_until(async move {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = expiry => {}
+        }
+    });
     sse(ready.chain(events), state.keep_alive).into_response()
 }
 

@@ -30,7 +30,7 @@ pub struct Config {
     pub secret_key: Option<String>,
     pub api: ListenConfig,
     pub notifier: NotifierConfig,
-    pub ws_plexer: ListenConfig,
+    pub ws_plexer: WsPlexerConfig,
     pub store: StoreConfig,
     pub bus: BusConfig,
     pub identity: IdentityConfig,
@@ -46,9 +46,7 @@ impl Default for Config {
                 listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             },
             notifier: NotifierConfig::default(),
-            ws_plexer: ListenConfig {
-                listen: SocketAddr::from(([127, 0, 0, 1], 8082)),
-            },
+            ws_plexer: WsPlexerConfig::default(),
             store: StoreConfig::default(),
             bus: BusConfig::default(),
             identity: IdentityConfig::default(),
@@ -63,6 +61,31 @@ pub struct ListenConfig {
     /// Address to listen on. Defaults: api `127.0.0.1:8080` (also `confab serve`'s single port),
     /// ws-plexer `127.0.0.1:8082`.
     pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsPlexerConfig {
+    /// Address to listen on. Default `127.0.0.1:8082`.
+    pub listen: SocketAddr,
+    /// Where `confab ws-plexer` sends the API calls its sockets carry (`confab serve` calls its own
+    /// API in process). Default `http://127.0.0.1:8080`.
+    pub api_url: String,
+    /// API calls a socket may have in flight at once; more are answered 429. Default 32.
+    pub max_in_flight: usize,
+    /// The largest frame a client may send, in bytes; a larger one closes the socket. Default 65536.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for WsPlexerConfig {
+    fn default() -> Self {
+        WsPlexerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8082)),
+            api_url: "http://127.0.0.1:8080".into(),
+            max_in_flight: 32,
+            max_frame_bytes: 64 * 1024,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

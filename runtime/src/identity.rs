@@ -31,6 +31,9 @@ pub struct Principal {
     pub username: String,
     pub display_name: String,
     pub email: Option<String>,
+    /// When the token stops being valid (Unix seconds, leeway not included): a stream or socket
+    /// opened with it ends then, unless the client refreshes it.
+    pub expires_at: i64,
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -192,6 +195,7 @@ fn principal(
         display_name: claims.name.clone().unwrap_or_else(|| username.clone()),
         username,
         email: claims.email.clone(),
+        expires_at: claims.exp,
     })
 }
 

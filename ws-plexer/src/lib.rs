@@ -1,33 +1,48 @@
-//! confab's ws-plexer: one WebSocket per client, `GET /v1/ws`. It carries the client's events (the
-//! same as the notifier's SSE stream) as JSON text frames:
+//! confab's ws-plexer: one WebSocket per client, `GET /v1/ws` (subprotocol `confab.v1`). It
+//! carries the client's events (the same as the notifier's SSE stream) and its API calls, as JSON
+//! text frames.
 //!
+//! From the server:
 //! - `{"type": "ready"}` once the subscription is live;
 //! - `{"type": "event", "id": "<sequence>", "event": "signal.created", "data": {...}}`;
 //! - `{"type": "reset", "reason": "..."}` when a resume cannot be served: re-read chats and history;
+//! - `{"type": "response", "id": ..., "status": 201, "body": {...}}` answering a request;
+//! - `{"type": "auth", "expires_at": "..."}` accepting a refreshed token;
 //! - `{"type": "error", "problem": {...}}` (an RFC 9457 problem) for frames it cannot serve.
 //!
-//! A client resumes after the last event id it saw with `?last_event_id=` at connect, or with a
-//! `{"type": "resume", "last_event_id": "<id>"}` frame at any time (the stream restarts after that
-//! id, and `ready` is sent again). Authentication is the bearer header or a `?ticket=` from
-//! `POST /v1/events/ticket`, checked before the upgrade. Carrying API calls over the same socket is
-//! the next step.
+//! From the client:
+//! - `{"type": "request", "id": ..., "method": "POST", "path": "/v1/chats/…/signals", "body": {...}}`:
+//!   an API call, made through the API's own router with the socket's token, so it is checked and
+//!   answered exactly as over HTTP. At most `ws_plexer.max_in_flight` at once (more get 429);
+//! - `{"type": "auth", "token": "..."}`: a fresh token for the same user, before the current one
+//!   expires. When it expires the socket closes (code 4001, "token expired");
+//! - `{"type": "resume", "last_event_id": "<id>"}`: restart the stream after that id (also
+//!   `?last_event_id=` at connect).
+//!
+//! Authentication is the bearer header or a `?ticket=` from `POST /v1/events/ticket`, checked before
+//! the upgrade; a socket opened with a ticket makes API calls after an `auth` frame.
+
+pub mod api;
 
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use confab_notifier::Hub;
-use confab_notifier::auth::StreamAuth;
+use confab_notifier::auth::{StreamAuth, StreamIdentity};
 use confab_notifier::hub::Item;
 use confab_notifier::sse::{open_problem, parse_last_event_id};
 use confab_runtime::Problem;
-use confab_schema::UserId;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::api::ApiCaller;
 use tokio_util::sync::CancellationToken;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -36,8 +51,21 @@ use utoipa_axum::routes;
 pub struct PlexerState {
     pub hub: Hub,
     pub auth: StreamAuth,
+    /// Where request frames go.
+    pub api: Arc<dyn ApiCaller>,
+    pub limits: Limits,
     pub shutdown: CancellationToken,
 }
+
+/// Per-socket limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_in_flight: usize,
+    pub max_frame_bytes: usize,
+}
+
+/// The subprotocol this socket speaks.
+pub const SUBPROTOCOL: &str = "confab.v1";
 
 /// The ws-plexer's routes, with their OpenAPI description.
 pub fn routes(state: PlexerState) -> (Router, utoipa::openapi::OpenApi) {
@@ -66,9 +94,21 @@ pub struct WsQuery {
 
 /// A frame from the client.
 #[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 enum ClientFrame {
-    Resume { last_event_id: IdValue },
+    Resume {
+        last_event_id: IdValue,
+    },
+    Auth {
+        token: String,
+    },
+    Request {
+        id: Value,
+        method: String,
+        path: String,
+        #[serde(default)]
+        body: Option<Value>,
+    },
 }
 
 /// An id as a string or a number.
@@ -108,12 +148,12 @@ async fn upgrade(
         Some(Ok(seq)) => Some(seq),
         Some(Err(problem)) => return problem.into_response(),
     };
-    let user = match state
+    let caller = match state
         .auth
-        .authenticate(&headers, query.ticket.as_deref())
+        .authenticate(&headers, query.ticket.as_deref(), resume_after.is_some())
         .await
     {
-        Ok(user) => user,
+        Ok(caller) => caller,
         Err(error) => return error.into_response(),
     };
     let upgrade = match upgrade {
@@ -127,9 +167,14 @@ async fn upgrade(
             .into_response();
         }
     };
+    // Small buffers: most sockets idle, and each one's buffers are its memory.
     upgrade
-        .max_message_size(64 * 1024)
-        .on_upgrade(move |socket| serve(socket, user, resume_after, state))
+        .protocols([SUBPROTOCOL])
+        .max_message_size(state.limits.max_frame_bytes)
+        .max_frame_size(state.limits.max_frame_bytes)
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+        .on_upgrade(move |socket| serve(socket, caller, resume_after, state))
 }
 
 fn error_frame(problem: &Problem) -> String {
@@ -144,9 +189,103 @@ fn bad_frame(detail: &str) -> String {
     ))
 }
 
-async fn serve(socket: WebSocket, user: UserId, resume_after: Option<u64>, state: PlexerState) {
+/// Why a socket closes, as the close frame says it.
+const TOKEN_EXPIRED: u16 = 4001;
+const WRONG_USER: u16 = 4003;
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// A request frame's id: a string or a number, echoed in its response.
+fn valid_request_id(id: &Value) -> bool {
+    match id {
+        Value::String(s) => !s.is_empty() && s.len() <= 64,
+        Value::Number(_) => true,
+        _ => false,
+    }
+}
+
+/// Checks a request frame and builds the HTTP request it stands for, with the socket's token.
+fn api_request(
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    token: &str,
+) -> Result<axum::http::Request<axum::body::Body>, Problem> {
+    let method = match method {
+        "GET" | "POST" | "PUT" | "PATCH" | "DELETE" => {
+            axum::http::Method::from_bytes(method.as_bytes())
+                .map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "bad-frame", "unknown method"))?
+        }
+        _ => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "bad-frame",
+                "method is one of GET, POST, PUT, PATCH, DELETE",
+            ));
+        }
+    };
+    let streaming = ["/v1/events", "/v1/ws"].iter().any(|p| {
+        path == *p || path.starts_with(&format!("{p}?")) || path.starts_with(&format!("{p}/"))
+    });
+    if !path.starts_with("/v1/") || path.len() > 2048 || streaming {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "bad-frame",
+            "path is an API path under /v1/ (not an event stream)",
+        ));
+    }
+    let uri: axum::http::Uri = path.parse().map_err(|_| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "bad-frame",
+            "path is not a valid URI path",
+        )
+    })?;
+    let mut request = axum::http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("authorization", format!("Bearer {token}"));
+    let body = match body {
+        Some(body) => {
+            request = request.header("content-type", "application/json");
+            axum::body::Body::from(body.to_string())
+        }
+        None => axum::body::Body::empty(),
+    };
+    request
+        .body(body)
+        .map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "bad-frame", "malformed request"))
+}
+
+fn response_frame(id: &Value, status: StatusCode, body: &[u8]) -> String {
+    let body: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+    };
+    json!({"type": "response", "id": id, "status": status.as_u16(), "body": body}).to_string()
+}
+
+fn problem_response(id: &Value, problem: &Problem) -> String {
+    json!({"type": "response", "id": id, "status": problem.status().as_u16(), "body": problem})
+        .to_string()
+}
+
+async fn serve(
+    socket: WebSocket,
+    mut caller: StreamIdentity,
+    resume_after: Option<u64>,
+    state: PlexerState,
+) {
     let (mut sink, mut incoming) = socket.split();
     metrics::gauge!("confab_ws_connections").increment(1.0);
+    let user = caller.user;
     let span = tracing::debug_span!("ws", %user);
     let _entered = span.enter();
     let mut subscription = match state.hub.open(user, resume_after).await {
@@ -168,12 +307,20 @@ async fn serve(socket: WebSocket, user: UserId, resume_after: Option<u64>, state
         metrics::gauge!("confab_ws_connections").decrement(1.0);
         return;
     }
+    let in_flight = Arc::new(Semaphore::new(state.limits.max_in_flight.max(1)));
+    let (responses, mut answered) = mpsc::channel::<String>(state.limits.max_in_flight.max(1));
+    let expiry = tokio::time::sleep(caller.remaining());
+    tokio::pin!(expiry);
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.tick().await;
     loop {
         tokio::select! {
             () = state.shutdown.cancelled() => {
                 let _ = sink.send(Message::Close(None)).await;
+                break;
+            }
+            () = &mut expiry => {
+                let _ = sink.send(close(TOKEN_EXPIRED, "token expired")).await;
                 break;
             }
             item = subscription.next() => match item {
@@ -194,6 +341,11 @@ async fn serve(socket: WebSocket, user: UserId, resume_after: Option<u64>, state
                     break;
                 }
             },
+            Some(response) = answered.recv() => {
+                if sink.send(Message::Text(response.into())).await.is_err() {
+                    break;
+                }
+            }
             frame = incoming.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     let reply = match serde_json::from_str::<ClientFrame>(&text) {
@@ -213,9 +365,64 @@ async fn serve(socket: WebSocket, user: UserId, resume_after: Option<u64>, state
                                 },
                             }
                         }
-                        Err(error) => Some(bad_frame(&format!(
-                            "not a frame this socket accepts (API calls over it come next): {error}"
-                        ))),
+                        Ok(ClientFrame::Auth { token }) => match state.auth.token(&token).await {
+                            Ok(fresh) if fresh.user == user => {
+                                caller = fresh;
+                                expiry.as_mut().reset(tokio::time::Instant::now() + caller.remaining());
+                                let expires_at = time::OffsetDateTime::from_unix_timestamp(caller.expires_at)
+                                    .ok()
+                                    .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+                                Some(json!({"type": "auth", "expires_at": expires_at}).to_string())
+                            }
+                            Ok(_) => {
+                                let _ = sink.send(close(WRONG_USER, "a token of another user")).await;
+                                break;
+                            }
+                            Err(error) => Some(error_frame(&Problem::from(&error))),
+                        },
+                        Ok(ClientFrame::Request { id, method, path, body }) => {
+                            if !valid_request_id(&id) {
+                                Some(bad_frame("a request's id is a non-empty string of at most 64 bytes, or a number"))
+                            } else if let Some(token) = caller.token.clone() {
+                                match api_request(&method, &path, body.as_ref(), &token) {
+                                    Err(problem) => Some(problem_response(&id, &problem)),
+                                    Ok(request) => match Arc::clone(&in_flight).try_acquire_owned() {
+                                        Err(_) => Some(problem_response(&id, &Problem::new(
+                                            StatusCode::TOO_MANY_REQUESTS,
+                                            "too-many-requests",
+                                            format!("at most {} requests in flight per socket", state.limits.max_in_flight),
+                                        ))),
+                                        Ok(permit) => {
+                                            let api = Arc::clone(&state.api);
+                                            let responses = responses.clone();
+                                            tokio::spawn(async move {
+                                                let frame = match api.call(request).await {
+                                                    Ok(response) => response_frame(&id, response.status, &response.body),
+                                                    Err(error) => {
+                                                        tracing::warn!(%error, "API call over the socket failed");
+                                                        problem_response(&id, &Problem::new(
+                                                            StatusCode::BAD_GATEWAY,
+                                                            "api-unavailable",
+                                                            "the API could not be reached; retry",
+                                                        ))
+                                                    }
+                                                };
+                                                drop(permit);
+                                                let _ = responses.send(frame).await;
+                                            });
+                                            None
+                                        }
+                                    },
+                                }
+                            } else {
+                                Some(problem_response(&id, &Problem::new(
+                                    StatusCode::UNAUTHORIZED,
+                                    "unauthorized",
+                                    "this socket was opened with a ticket: send an auth frame with a token first",
+                                )))
+                            }
+                        }
+                        Err(error) => Some(bad_frame(&format!("not a frame this socket accepts: {error}"))),
                     };
                     if let Some(reply) = reply
                         && sink.send(Message::Text(reply.into())).await.is_err()
@@ -229,7 +436,13 @@ async fn serve(socket: WebSocket, user: UserId, resume_after: Option<u64>, state
                     }
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Err(error)) => {
+                    // Over the frame limit, or a protocol error: say why where the socket still can.
+                    tracing::debug!(%error, "socket error");
+                    let _ = sink.send(close(1009, "frame too large or malformed")).await;
+                    break;
+                }
+                Some(Ok(Message::Close(_))) | None => break,
             },
             _ = ping.tick() => {
                 if sink.send(Message::Ping(Vec::new().into())).await.is_err() {

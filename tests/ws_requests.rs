@@ -1,0 +1,314 @@
+//! The ws-plexer carries the API: request frames are answered exactly as the HTTP API answers the
+//! same call (status, body, authorization), tokens are refreshed over the socket, and bad frames get
+//! a clear error while the socket stays up. On the embedded default and on the real stack.
+
+mod support;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use support::{DEADLINE, Stack, TestApp, spawn_app};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(app: &TestApp, token: Option<&str>, query: &str) -> Ws {
+    let url = format!("{}/v1/ws{query}", app.base.replacen("http://", "ws://", 1));
+    let mut request = url.into_client_request().unwrap();
+    if let Some(token) = token {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "confab.v1".parse().unwrap());
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "confab.v1",
+        "the server speaks the versioned subprotocol"
+    );
+    assert_eq!(next(&mut ws).await["type"], "ready");
+    ws
+}
+
+async fn next(ws: &mut Ws) -> Value {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match ws.next().await.expect("socket open").expect("frame") {
+                Message::Text(text) => return serde_json::from_str::<Value>(&text).unwrap(),
+                Message::Close(frame) => {
+                    return json!({"type": "closed", "code": frame.as_ref().map(|f| u16::from(f.code)), "reason": frame.map(|f| f.reason.to_string())});
+                }
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("a frame before the deadline")
+}
+
+/// Sends `frame` and returns the response frame with `id` (events in between are skipped).
+async fn call(ws: &mut Ws, frame: Value) -> Value {
+    let id = frame["id"].clone();
+    ws.send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+    loop {
+        let reply = next(ws).await;
+        if reply["type"] == "response" && reply["id"] == id || reply["type"] == "error" {
+            return reply;
+        }
+    }
+}
+
+async fn the_socket_carries_the_api(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let carol = app.token("carol").await;
+    let bob_id = app.me(&bob).await;
+    app.me(&carol).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let mut ws = connect(&app, Some(&bob), "").await;
+
+    // A request is answered as over HTTP, and its event arrives on the same socket (before or
+    // after the response).
+    ws.send(Message::Text(
+        json!({"type": "request", "id": "r1", "method": "POST",
+               "path": format!("/v1/chats/{chat}/signals"),
+               "body": {"kind": "message", "text": "over the socket", "nonce": "ws-1"}})
+        .to_string()
+        .into(),
+    ))
+    .await
+    .unwrap();
+    let (mut sent, mut event) = (Value::Null, Value::Null);
+    while sent.is_null() || event.is_null() {
+        let frame = next(&mut ws).await;
+        if frame["type"] == "response" {
+            sent = frame;
+        } else if frame["event"] == "signal.created" {
+            event = frame;
+        }
+    }
+    assert_eq!(sent["id"], "r1");
+    assert_eq!(sent["status"], 201, "{sent}");
+    assert_eq!(sent["body"]["text"], "over the socket");
+    let signal_id = sent["body"]["id"].clone();
+    assert_eq!(event["data"]["id"], signal_id);
+    // A retry of the nonce: 200 with the same signal, as over HTTP.
+    let again = call(
+        &mut ws,
+        json!({"type": "request", "id": 2, "method": "POST",
+               "path": format!("/v1/chats/{chat}/signals"),
+               "body": {"kind": "message", "text": "over the socket", "nonce": "ws-1"}}),
+    )
+    .await;
+    assert_eq!(again["status"], 200);
+    assert_eq!(again["id"], 2);
+    assert_eq!(again["body"]["id"], signal_id);
+
+    // Same authorization and errors as HTTP: carol, not a member, over both.
+    let mut carols = connect(&app, Some(&carol), "").await;
+    for (method, path, body) in [
+        ("GET", format!("/v1/chats/{chat}/signals"), None),
+        (
+            "POST",
+            format!("/v1/chats/{chat}/signals"),
+            Some(json!({"kind": "message", "text": "intruder"})),
+        ),
+        (
+            "POST",
+            format!("/v1/chats/{chat}/signals"),
+            Some(json!({"kind": "message", "text": ""})),
+        ),
+        ("GET", "/v1/chats/not-a-uuid".to_owned(), None),
+        ("DELETE", "/v1/nowhere".to_owned(), None),
+    ] {
+        let mut http = app
+            .http
+            .request(method.parse().unwrap(), app.url(&path))
+            .bearer_auth(&carol);
+        if let Some(body) = &body {
+            http = http.json(body);
+        }
+        let http = http.send().await.unwrap();
+        let http_status = http.status().as_u16();
+        let http_body: Value = http.json().await.unwrap_or(Value::Null);
+        let mut frame = json!({"type": "request", "id": "same", "method": method, "path": path});
+        if let Some(body) = body {
+            frame["body"] = body;
+        }
+        let over_ws = call(&mut carols, frame).await;
+        assert_eq!(over_ws["status"], http_status, "{method} {path}: {over_ws}");
+        assert_eq!(
+            over_ws["body"]["type"], http_body["type"],
+            "{method} {path}"
+        );
+    }
+
+    // Bad frames: a clear error, and the socket stays up.
+    for bad in [
+        "not json".to_owned(),
+        json!({"type": "teleport"}).to_string(),
+        json!({"type": "request", "id": {"nested": 1}, "method": "GET", "path": "/v1/me"})
+            .to_string(),
+    ] {
+        ws.send(Message::Text(bad.clone().into())).await.unwrap();
+        let reply = next(&mut ws).await;
+        assert_eq!(reply["type"], "error", "{bad}: {reply}");
+        assert!(
+            reply["problem"]["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("bad-frame")
+        );
+    }
+    for (method, path) in [("TRACE", "/v1/me"), ("GET", "/v1/events"), ("GET", "me")] {
+        let reply = call(
+            &mut ws,
+            json!({"type": "request", "id": "bad", "method": method, "path": path}),
+        )
+        .await;
+        assert_eq!(reply["status"], 400, "{method} {path}: {reply}");
+    }
+    let me = call(
+        &mut ws,
+        json!({"type": "request", "id": "me", "method": "GET", "path": "/v1/me"}),
+    )
+    .await;
+    assert_eq!(me["status"], 200);
+    assert_eq!(me["body"]["id"], bob_id.as_str());
+
+    // A fresh token of the same user is accepted; another user's closes the socket.
+    let fresh = app.token("bob").await;
+    ws.send(Message::Text(
+        json!({"type": "auth", "token": fresh}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    let accepted = loop {
+        let frame = next(&mut ws).await;
+        if frame["type"] != "event" {
+            break frame;
+        }
+    };
+    assert_eq!(accepted["type"], "auth", "{accepted}");
+    assert!(accepted["expires_at"].is_string());
+    ws.send(Message::Text(
+        json!({"type": "auth", "token": alice}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    let closed = loop {
+        let frame = next(&mut ws).await;
+        if frame["type"] != "event" {
+            break frame;
+        }
+    };
+    assert_eq!(closed["type"], "closed");
+    assert_eq!(closed["code"], 4003);
+
+    // A socket opened with a ticket calls the API after an auth frame.
+    let ticket: Value = app
+        .http
+        .post(app.url("/v1/events/ticket"))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut by_ticket = connect(
+        &app,
+        None,
+        &format!("?ticket={}", ticket["ticket"].as_str().unwrap()),
+    )
+    .await;
+    let refused = call(
+        &mut by_ticket,
+        json!({"type": "request", "id": 1, "method": "GET", "path": "/v1/me"}),
+    )
+    .await;
+    assert_eq!(refused["status"], 401);
+    by_ticket
+        .send(Message::Text(
+            json!({"type": "auth", "token": bob}).to_string().into(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut by_ticket).await["type"], "auth");
+    let allowed = call(
+        &mut by_ticket,
+        json!({"type": "request", "id": 2, "method": "GET", "path": "/v1/me"}),
+    )
+    .await;
+    assert_eq!(allowed["status"], 200);
+
+    // A frame over the limit closes the socket with a reason.
+    let huge = json!({"type": "request", "id": 1, "method": "POST", "path": "/v1/me",
+                      "body": {"x": "y".repeat(100_000)}})
+    .to_string();
+    let _ = by_ticket.send(Message::Text(huge.into())).await;
+    let closed = next(&mut by_ticket).await;
+    assert_eq!(closed["type"], "closed", "{closed}");
+    assert_eq!(closed["code"], 1009);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_socket_carries_the_api_on_the_embedded_default() {
+    Box::pin(the_socket_carries_the_api(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn the_socket_carries_the_api_on_the_real_stack() {
+    if support::real_stack_available("the_socket_carries_the_api_on_the_real_stack").await {
+        Box::pin(the_socket_carries_the_api(Stack::Real)).await;
+    }
+}
+
+/// Requests beyond the in-flight limit are answered 429, never dropped: every id gets exactly one
+/// response.
+#[tokio::test]
+async fn every_request_is_answered_once_within_the_in_flight_limit() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(Stack::Embedded, data.path().to_path_buf());
+    config.ws_plexer.max_in_flight = 2;
+    let app = support::spawn_with(Stack::Embedded, config, data).await;
+    let alice = app.token("alice").await;
+    let mut ws = connect(&app, Some(&alice), "").await;
+    let count = 200;
+    let frames: Vec<Message> = (0..count)
+        .map(|i| {
+            Message::Text(
+                json!({"type": "request", "id": i, "method": "GET", "path": "/v1/me"})
+                    .to_string()
+                    .into(),
+            )
+        })
+        .collect();
+    ws.send_all(&mut futures::stream::iter(frames.into_iter().map(Ok)))
+        .await
+        .unwrap();
+    let mut answered = vec![0; count];
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..count {
+        let reply = next(&mut ws).await;
+        assert_eq!(reply["type"], "response", "{reply}");
+        answered[reply["id"].as_u64().unwrap() as usize] += 1;
+        *statuses
+            .entry(reply["status"].as_u64().unwrap())
+            .or_insert(0) += 1;
+    }
+    assert!(answered.iter().all(|n| *n == 1), "each id answered once");
+    assert!(
+        statuses.keys().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    app.stop().await;
+}

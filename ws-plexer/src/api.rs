@@ -1,0 +1,87 @@
+//! How the ws-plexer makes the API calls its sockets carry: through the API's own router, so every
+//! rule, check and error is the HTTP API's (no second implementation, no bypass). `confab serve`
+//! calls its router in process; `confab ws-plexer` sends the same request to an API process.
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use bytes::Bytes;
+use tower::ServiceExt;
+
+/// The largest API response a socket relays.
+const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// An API response: its status and body.
+pub struct ApiResponse {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+#[async_trait]
+pub trait ApiCaller: Send + Sync + 'static {
+    async fn call(&self, request: Request<Body>) -> Result<ApiResponse, String>;
+}
+
+/// The API's router in this process.
+pub struct InProcess(pub axum::Router);
+
+#[async_trait]
+impl ApiCaller for InProcess {
+    async fn call(&self, request: Request<Body>) -> Result<ApiResponse, String> {
+        let response = self
+            .0
+            .clone()
+            .oneshot(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), MAX_RESPONSE_BYTES)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(ApiResponse { status, body })
+    }
+}
+
+/// An API process, over HTTP.
+pub struct OverHttp {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl OverHttp {
+    pub fn new(base: &str) -> OverHttp {
+        OverHttp {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_owned(),
+        }
+    }
+}
+
+#[async_trait]
+impl ApiCaller for OverHttp {
+    async fn call(&self, request: Request<Body>) -> Result<ApiResponse, String> {
+        let (parts, body) = request.into_parts();
+        let body = axum::body::to_bytes(body, MAX_RESPONSE_BYTES)
+            .await
+            .map_err(|e| e.to_string())?;
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut outgoing = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .body(body);
+        for (name, value) in &parts.headers {
+            outgoing = outgoing.header(name.as_str(), value.as_bytes());
+        }
+        let response = outgoing.send().await.map_err(|e| e.to_string())?;
+        let status =
+            StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let body = response.bytes().await.map_err(|e| e.to_string())?;
+        Ok(ApiResponse { status, body })
+    }
+}
