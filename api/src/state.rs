@@ -30,6 +30,8 @@ pub struct ApiState {
     /// retried send within it publishes its signal's event again, in case the first attempt could
     /// not.
     pub(crate) republish_window: Duration,
+    /// When each (user, chat) last published a `typing` event: see `domain::typing`.
+    pub(crate) typing: Arc<Mutex<HashMap<(UserId, ChatId), Instant>>>,
 }
 
 impl ApiState {
@@ -48,6 +50,7 @@ impl ApiState {
             author_markers: Arc::default(),
             provisioned: Arc::default(),
             republish_window: confab_runtime::bus::LogSettings::default().duplicate_window,
+            typing: Arc::default(),
         }
     }
 

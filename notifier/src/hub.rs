@@ -39,6 +39,7 @@ pub trait Membership: Send + Sync + 'static {
 /// An event rendered once for every connection on this node that receives it.
 #[derive(Debug)]
 pub struct Outgoing {
+    /// Its sequence in the log; 0 for an ephemeral event, which has none (and no id on the wire).
     pub seq: u64,
     pub envelope: Envelope,
     /// `{"type": …, "data": …}`: an SSE event's `data:`.
@@ -50,7 +51,8 @@ pub struct Outgoing {
 #[derive(Serialize)]
 struct WsEventFrame<'a> {
     r#type: &'static str,
-    id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
     event: &'static str,
     data: &'a serde_json::Value,
 }
@@ -60,7 +62,7 @@ impl Outgoing {
         let client = event.envelope.client_json();
         let ws_frame = serde_json::to_string(&WsEventFrame {
             r#type: "event",
-            id: event.seq.to_string(),
+            id: (event.seq > 0).then(|| event.seq.to_string()),
             event: event.envelope.event.kind().as_str(),
             data: &client["data"],
         })
@@ -208,7 +210,7 @@ impl Subscription {
         }
         loop {
             let event = self.registration.events.recv().await?;
-            if event.seq > self.skip_up_to {
+            if event.seq == 0 || event.seq > self.skip_up_to {
                 return Some(Item::Event(event));
             }
         }
@@ -355,7 +357,7 @@ impl Hub {
         queue.extend(
             routed
                 .into_iter()
-                .filter(|e| e.seq > skip_up_to)
+                .filter(|e| e.seq == 0 || e.seq > skip_up_to)
                 .map(Item::Event),
         );
         Ok(Subscription {
@@ -419,6 +421,31 @@ impl Hub {
         Ok((routes.last_seq, chats))
     }
 
+    /// Hands an ephemeral event to the connections of its chat (and to pending ones).
+    pub fn dispatch_ephemeral(&self, envelope: Envelope) {
+        let Ok(routes) = self.routes.read() else {
+            return;
+        };
+        let targets: Vec<&Connection> = routes
+            .by_chat
+            .get(&envelope.chat_id)
+            .into_iter()
+            .flatten()
+            .chain(routes.pending.iter())
+            .filter_map(|id| routes.connections.get(id))
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let outgoing = Arc::new(Outgoing::render(LoggedEvent { seq: 0, envelope }));
+        for connection in targets {
+            // Ephemeral: a full buffer skips it rather than dropping the connection.
+            if connection.sender.try_send(Arc::clone(&outgoing)).is_ok() {
+                metrics::counter!("confab_notifier_delivered_total").increment(1);
+            }
+        }
+    }
+
     /// Hands `event` to the connections of its chat (and to pending ones), applying the membership
     /// change it carries: members who join receive it, members who leave receive it last.
     pub fn dispatch(&self, event: LoggedEvent) {
@@ -473,6 +500,7 @@ impl Hub {
         shutdown: CancellationToken,
     ) -> Result<tokio::task::JoinHandle<()>, BusError> {
         let mut events = self.bus.subscribe().await?;
+        let mut ephemeral = self.bus.subscribe_ephemeral().await?;
         let last = self.bus.last_seq().await?;
         if let Ok(mut routes) = self.routes.write() {
             routes.last_seq = routes.last_seq.max(last);
@@ -491,6 +519,14 @@ impl Hub {
                         }
                         None => {
                             tracing::error!("event subscription ended; this node is not ready");
+                            metrics::counter!("confab_notifier_subscription_failures_total").increment(1);
+                            break;
+                        }
+                    },
+                    next = ephemeral.next() => match next {
+                        Some(envelope) => hub.dispatch_ephemeral(envelope),
+                        None => {
+                            tracing::error!("ephemeral event subscription ended; this node is not ready");
                             metrics::counter!("confab_notifier_subscription_failures_total").increment(1);
                             break;
                         }

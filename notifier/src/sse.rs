@@ -162,6 +162,10 @@ async fn events(
     let expiry = tokio::time::sleep(caller.remaining());
     let events = stream::unfold(subscription, |mut subscription| async move {
         let event = match subscription.next().await? {
+            // An ephemeral event has no id: the client's last id stays the last logged one.
+            Item::Event(event) if event.seq == 0 => SseEvent::default()
+                .event(event.envelope.event.kind().as_str())
+                .data(&event.sse_data),
             Item::Event(event) => SseEvent::default()
                 .id(event.seq.to_string())
                 .event(event.envelope.event.kind().as_str())

@@ -30,6 +30,13 @@ pub struct MemberChange {
     pub role: Option<MemberRole>,
 }
 
+/// A member is typing in a chat; clients show it for `expires_in_ms` unless renewed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TypingChange {
+    pub user_id: UserId,
+    pub expires_in_ms: u64,
+}
+
 /// What happened. Serialised as `{"type": "<kind>", "data": {...}}`; `type` is also the SSE event
 /// name and the WebSocket frame's `event` field.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -57,6 +64,9 @@ pub enum Event {
     MemberUpdated(MemberChange),
     #[serde(rename = "chat.updated")]
     ChatUpdated(Box<Chat>),
+    /// Ephemeral: never logged nor replayed.
+    #[serde(rename = "typing")]
+    Typing(TypingChange),
 }
 
 /// The kind of an [`Event`], for metrics and routing without looking at the payload.
@@ -73,6 +83,7 @@ pub enum EventKind {
     MemberLeft,
     MemberUpdated,
     ChatUpdated,
+    Typing,
 }
 
 impl EventKind {
@@ -89,6 +100,7 @@ impl EventKind {
             EventKind::MemberLeft => "member.left",
             EventKind::MemberUpdated => "member.updated",
             EventKind::ChatUpdated => "chat.updated",
+            EventKind::Typing => "typing",
         }
     }
 }
@@ -107,6 +119,7 @@ impl Event {
             Event::MemberLeft(_) => EventKind::MemberLeft,
             Event::MemberUpdated(_) => EventKind::MemberUpdated,
             Event::ChatUpdated(_) => EventKind::ChatUpdated,
+            Event::Typing(_) => EventKind::Typing,
         }
     }
 }

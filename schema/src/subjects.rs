@@ -13,6 +13,16 @@ pub fn all_chat_events(prefix: &str) -> String {
     format!("{prefix}.chat.>")
 }
 
+/// The subject `chat`'s ephemeral events (typing) travel on: outside the event log.
+pub fn chat_live(prefix: &str, chat: ChatId) -> String {
+    format!("{prefix}.live.{chat}")
+}
+
+/// The wildcard a notifier subscribes to for every chat's ephemeral events.
+pub fn all_chat_live(prefix: &str) -> String {
+    format!("{prefix}.live.>")
+}
+
 /// Whether `prefix` is usable as a subject prefix: dot-separated tokens of `[A-Za-z0-9_-]`.
 pub fn is_valid_prefix(prefix: &str) -> bool {
     !prefix.is_empty()

@@ -14,6 +14,7 @@ pub mod paging;
 pub mod reactions;
 pub mod rules;
 pub mod signals;
+pub mod typing;
 pub mod users;
 
 pub use paging::Page;

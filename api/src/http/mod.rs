@@ -9,6 +9,7 @@ mod members;
 mod reactions;
 mod responses;
 mod signals;
+mod typing;
 mod users;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -116,6 +117,7 @@ fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(markers::delivered))
         .routes(routes!(markers::views))
         .routes(routes!(markers::deliveries))
+        .routes(routes!(typing::typing))
 }
 
 /// The authenticated caller. Extracting it verifies the bearer token and provisions the user from

@@ -230,6 +230,37 @@ pub async fn a_slow_subscriber_misses_nothing(fixture: Fixture) {
     }
 }
 
+/// Ephemeral events reach live subscribers and are not logged.
+pub async fn ephemeral_events_are_delivered_not_logged(fixture: Fixture) {
+    let bus = fixture.bus;
+    let mut live = bus.subscribe_ephemeral().await.expect("subscribes");
+    let mut other = fixture
+        .isolated
+        .subscribe_ephemeral()
+        .await
+        .expect("subscribes");
+    let before = bus.last_seq().await.expect("last");
+    let typing = message(ChatId::new(), "typing");
+    bus.publish_ephemeral(&typing).await.expect("publishes");
+    let received = tokio::time::timeout(DEADLINE, live.next())
+        .await
+        .expect("delivered before the deadline")
+        .expect("subscription open");
+    assert_eq!(received, typing);
+    assert_eq!(bus.last_seq().await.expect("last"), before, "not logged");
+    let own = message(ChatId::new(), "other's");
+    fixture
+        .isolated
+        .publish_ephemeral(&own)
+        .await
+        .expect("publishes");
+    let received = tokio::time::timeout(DEADLINE, other.next())
+        .await
+        .expect("delivered before the deadline")
+        .expect("subscription open");
+    assert_eq!(received, own, "isolated from the other log");
+}
+
 /// Another prefix (or another embedded log) hears nothing of this one.
 pub async fn prefixes_are_isolated(fixture: Fixture) {
     let mut other = fixture.isolated.subscribe().await.expect("subscribes");
@@ -274,6 +305,10 @@ macro_rules! bus_conformance_tests {
             case!(refuses_an_expired_position, suite::short_retention());
             case!(a_slow_subscriber_misses_nothing, LogSettings::default());
             case!(prefixes_are_isolated, LogSettings::default());
+            case!(
+                ephemeral_events_are_delivered_not_logged,
+                LogSettings::default()
+            );
         }
     };
 }

@@ -33,6 +33,7 @@ struct Log {
 struct Shared {
     log: Mutex<Log>,
     sender: broadcast::Sender<Arc<LoggedEvent>>,
+    ephemeral: broadcast::Sender<Arc<Envelope>>,
     settings: LogSettings,
 }
 
@@ -90,6 +91,7 @@ impl EmbeddedBus {
             )
             .map_err(unavailable)?;
         let (sender, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let (ephemeral, _) = broadcast::channel(BROADCAST_CAPACITY);
         Ok(EmbeddedBus {
             shared: Arc::new(Shared {
                 log: Mutex::new(Log {
@@ -97,6 +99,7 @@ impl EmbeddedBus {
                     last_prune_ms: 0,
                 }),
                 sender,
+                ephemeral,
                 settings,
             }),
         })
@@ -319,6 +322,20 @@ impl Bus for EmbeddedBus {
             )
         })
         .await
+    }
+
+    async fn publish_ephemeral(&self, envelope: &Envelope) -> Result<(), BusError> {
+        // No subscriber is not an error: nobody is connected.
+        let _ = self.shared.ephemeral.send(Arc::new(envelope.clone()));
+        Ok(())
+    }
+
+    async fn subscribe_ephemeral(&self) -> Result<BoxStream<'static, Envelope>, BusError> {
+        Ok(
+            tokio_stream::wrappers::BroadcastStream::new(self.shared.ephemeral.subscribe())
+                .filter_map(|item| async move { item.ok().map(|e| Envelope::clone(&e)) })
+                .boxed(),
+        )
     }
 
     async fn check(&self) -> Result<(), BusError> {

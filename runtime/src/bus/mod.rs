@@ -100,6 +100,12 @@ pub trait Bus: Send + Sync + 'static {
         chats: ChatFilter<'_>,
         limit: usize,
     ) -> Result<Vec<LoggedEvent>, ReadError>;
+    /// Hands `envelope` to the live subscribers of [`Bus::subscribe_ephemeral`] now, without
+    /// logging it: for events that mean nothing later (typing). It has no sequence and is never
+    /// replayed; a subscriber that is not keeping up may miss it.
+    async fn publish_ephemeral(&self, envelope: &Envelope) -> Result<(), BusError>;
+    /// Every ephemeral event published from now on.
+    async fn subscribe_ephemeral(&self) -> Result<BoxStream<'static, Envelope>, BusError>;
     /// Whether publishing works now.
     async fn check(&self) -> Result<(), BusError>;
 }

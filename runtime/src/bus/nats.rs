@@ -271,6 +271,33 @@ impl Bus for NatsBus {
         result.map(|()| events)
     }
 
+    async fn publish_ephemeral(&self, envelope: &Envelope) -> Result<(), BusError> {
+        self.connected()?;
+        let payload = serde_json::to_vec(envelope)?;
+        self.client
+            .publish(
+                subjects::chat_live(&self.prefix, envelope.chat_id),
+                payload.into(),
+            )
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn subscribe_ephemeral(&self) -> Result<BoxStream<'static, Envelope>, BusError> {
+        let subscriber = self
+            .client
+            .subscribe(subjects::all_chat_live(&self.prefix))
+            .await
+            .map_err(unavailable)?;
+        // The SUB must reach the server before the subscription counts as active.
+        self.client.flush().await.map_err(unavailable)?;
+        Ok(subscriber
+            .filter_map(|message| async move {
+                decode(0, message.subject.as_str(), &message.payload).map(|e| e.envelope)
+            })
+            .boxed())
+    }
+
     async fn check(&self) -> Result<(), BusError> {
         self.connected()
     }
