@@ -20,6 +20,7 @@ use confab_notifier::{Hub, HubReadiness, Membership, NotifierState};
 use confab_runtime::bus::{Bus, BusReadiness, EmbeddedBus, NatsBus};
 use confab_runtime::config::{BusBackend, Config, IdentityMode, StoreBackend};
 use confab_runtime::identity::{DevIdentity, Identity, IdentityReadiness, OidcIdentity};
+use confab_runtime::presence::{EmbeddedPresence, NatsPresence, Presence};
 use confab_runtime::problem;
 use confab_runtime::telemetry::{self, Readiness};
 use confab_schema::{ChatId, UserId};
@@ -113,6 +114,19 @@ pub async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
     })
 }
 
+/// Where presence records live: the NATS key-value bucket with the NATS bus, else in memory (one
+/// process).
+pub async fn open_presence(config: &Config) -> anyhow::Result<Arc<dyn Presence>> {
+    Ok(match config.bus.backend {
+        BusBackend::Embedded => Arc::new(EmbeddedPresence::default()),
+        BusBackend::Nats => Arc::new(
+            NatsPresence::connect(&config.bus.nats_url, &config.bus.subject_prefix)
+                .await
+                .context("connecting to NATS for presence")?,
+        ),
+    })
+}
+
 /// What a notifier routes by: the chats a user is in, read from the store. (The notifier and the
 /// ws-plexer read this and nothing else; only the API writes.)
 pub struct StoreMembership(pub Arc<dyn Store>);
@@ -176,6 +190,7 @@ pub async fn build(
     }
     let identity = open_identity(config)?;
     let bus = open_bus(config).await?;
+    let presence = open_presence(config).await?;
     let mut readiness = Readiness::new()
         .with(Arc::new(IdentityReadiness(Arc::clone(&identity))))
         .with(Arc::new(BusReadiness(Arc::clone(&bus))));
@@ -195,7 +210,8 @@ pub async fn build(
                 Arc::clone(&identity),
                 &secret,
             )
-            .with_republish_window(config.log_settings().duplicate_window),
+            .with_republish_window(config.log_settings().duplicate_window)
+            .with_presence(Arc::clone(&presence)),
         );
         api_router = Some(
             routes
@@ -210,6 +226,7 @@ pub async fn build(
         let hub = Hub::new(
             Arc::clone(&bus),
             Arc::new(StoreMembership(Arc::clone(&store))),
+            Arc::clone(&presence),
             config.notifier.connection_buffer,
             config.notifier.replay_limit,
         );

@@ -706,12 +706,15 @@ async fn openapi_is_served_and_lists_every_route() {
         "GET /v1/events",
         "POST /v1/events/ticket",
         "GET /v1/ws",
+        "POST /v1/chats/{chat_id}/typing",
+        "PUT /v1/me/status",
+        "GET /v1/users/{user_id}/presence",
     ] {
         assert!(
             operations.iter().any(|o| o == expected),
             "{expected} is not documented"
         );
     }
-    assert_eq!(operations.len(), 24, "{operations:?}");
+    assert_eq!(operations.len(), 27, "{operations:?}");
     app.stop().await;
 }

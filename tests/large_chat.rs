@@ -72,12 +72,12 @@ async fn a_chat_of_50_000_members(stack: Stack) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_of_50_000_members_on_the_embedded_default() {
-    a_chat_of_50_000_members(Stack::Embedded).await;
+    Box::pin(a_chat_of_50_000_members(Stack::Embedded)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_of_50_000_members_on_the_real_stack() {
     if support::real_stack_available("a_chat_of_50_000_members_on_the_real_stack").await {
-        a_chat_of_50_000_members(Stack::Real).await;
+        Box::pin(a_chat_of_50_000_members(Stack::Real)).await;
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use confab_runtime::bus::Bus;
 use confab_runtime::identity::Identity;
+use confab_runtime::presence::{EmbeddedPresence, Presence};
 use confab_runtime::signed::Signer;
 use confab_schema::{ChatId, Signal, User, UserId};
 
@@ -32,6 +33,10 @@ pub struct ApiState {
     pub(crate) republish_window: Duration,
     /// When each (user, chat) last published a `typing` event: see `domain::typing`.
     pub(crate) typing: Arc<Mutex<HashMap<(UserId, ChatId), Instant>>>,
+    /// Presence records (written by the notifiers) and custom statuses.
+    pub(crate) presence: Arc<dyn Presence>,
+    /// When each user's last status change was announced: see `domain::presence`.
+    pub(crate) status_events: Arc<Mutex<HashMap<UserId, Instant>>>,
 }
 
 impl ApiState {
@@ -51,7 +56,15 @@ impl ApiState {
             provisioned: Arc::default(),
             republish_window: confab_runtime::bus::LogSettings::default().duplicate_window,
             typing: Arc::default(),
+            presence: Arc::new(EmbeddedPresence::default()),
+            status_events: Arc::default(),
         }
+    }
+
+    /// Where presence records live (shared with the notifiers).
+    pub fn with_presence(mut self, presence: Arc<dyn Presence>) -> ApiState {
+        self.presence = presence;
+        self
     }
 
     /// Sets the window within which a retried send publishes its signal's event again; the log's

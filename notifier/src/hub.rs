@@ -18,17 +18,24 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use confab_runtime::bus::{Bus, BusError, ChatFilter, ReadError};
+use confab_runtime::presence::{Change, HEARTBEAT_EVERY, Presence, now_ms};
 use confab_runtime::telemetry::ReadinessCheck;
-use confab_schema::{ChatId, Envelope, LoggedEvent, UserId};
+use confab_schema::{ChatId, Envelope, Event, LoggedEvent, UserId};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// A user's presence events go out at most this often.
+pub const PRESENCE_EVENT_INTERVAL: Duration = Duration::from_secs(2);
+/// A presence event goes to at most this many of the user's chats.
+pub const MAX_PRESENCE_FANOUT: usize = 1_000;
 
 /// Where a notifier learns which chats a user is in, when one of their connections opens.
 #[async_trait]
@@ -106,9 +113,12 @@ struct Routes {
 
 impl Routes {
     fn remove(&mut self, id: u64) -> bool {
-        let Some(connection) = self.connections.remove(&id) else {
-            return false;
-        };
+        self.take(id).is_some()
+    }
+
+    /// Removes connection `id`, answering it and whether it was its user's last on this node.
+    fn take(&mut self, id: u64) -> Option<(Connection, bool)> {
+        let connection = self.connections.remove(&id)?;
         self.pending.remove(&id);
         for chat in connection.chats.iter().flatten() {
             if let Some(set) = self.by_chat.get_mut(chat) {
@@ -118,13 +128,15 @@ impl Routes {
                 }
             }
         }
+        let mut last = true;
         if let Some(list) = self.by_user.get_mut(&connection.user) {
             list.retain(|c| *c != id);
-            if list.is_empty() {
+            last = list.is_empty();
+            if last {
                 self.by_user.remove(&connection.user);
             }
         }
-        true
+        Some((connection, last))
     }
 
     /// Applies a membership change of `user` in `chat` to their connections.
@@ -168,6 +180,11 @@ pub enum OpenError {
 #[derive(Clone)]
 pub struct Hub {
     routes: Arc<RwLock<Routes>>,
+    presence: Arc<dyn Presence>,
+    /// This node's id in presence records.
+    node: Arc<str>,
+    /// When each user's last presence event went out, and whether a catch-up one is scheduled.
+    presence_events: Arc<Mutex<HashMap<UserId, (Instant, bool)>>>,
     next_id: Arc<AtomicU64>,
     buffer: usize,
     replay_limit: usize,
@@ -180,15 +197,25 @@ pub struct Hub {
 struct Registration {
     hub: Hub,
     id: u64,
+    /// The user had no other connection on this node.
+    first_on_node: bool,
     events: mpsc::Receiver<Arc<Outgoing>>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Ok(mut routes) = self.hub.routes.write()
-            && routes.remove(self.id)
-        {
-            metrics::gauge!("confab_notifier_connections").decrement(1.0);
+        let taken = match self.hub.routes.write() {
+            Ok(mut routes) => routes.take(self.id),
+            Err(_) => None,
+        };
+        let Some((connection, last)) = taken else {
+            return;
+        };
+        metrics::gauge!("confab_notifier_connections").decrement(1.0);
+        if last && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let hub = self.hub.clone();
+            let chats = connection.chats.unwrap_or_default().into_iter().collect();
+            runtime.spawn(async move { hub.announce(connection.user, chats, false).await });
         }
     }
 }
@@ -263,11 +290,15 @@ impl Hub {
     pub fn new(
         bus: Arc<dyn Bus>,
         membership: Arc<dyn Membership>,
+        presence: Arc<dyn Presence>,
         buffer: usize,
         replay_limit: usize,
     ) -> Hub {
         Hub {
             routes: Arc::default(),
+            presence,
+            node: uuid::Uuid::new_v4().to_string().into(),
+            presence_events: Arc::default(),
             next_id: Arc::default(),
             buffer: buffer.max(1),
             replay_limit: replay_limit.max(1),
@@ -301,6 +332,11 @@ impl Hub {
             .into_iter()
             .collect();
         let (installed_at, current) = self.install(registration.id, chats)?;
+        if registration.first_on_node {
+            let hub = self.clone();
+            let chats = current.iter().copied().collect();
+            tokio::spawn(async move { hub.announce(user, chats, true).await });
+        }
         let mut queue = VecDeque::new();
         let mut skip_up_to = 0;
         let mut replayed = false;
@@ -370,6 +406,7 @@ impl Hub {
     fn register(&self, user: UserId) -> Registration {
         let (sender, events) = mpsc::channel(self.buffer);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut first_on_node = false;
         if let Ok(mut routes) = self.routes.write() {
             routes.connections.insert(
                 id,
@@ -380,13 +417,16 @@ impl Hub {
                     changes: Vec::new(),
                 },
             );
-            routes.by_user.entry(user).or_default().push(id);
+            let mine = routes.by_user.entry(user).or_default();
+            mine.push(id);
+            first_on_node = mine.len() == 1;
             routes.pending.insert(id);
         }
         metrics::gauge!("confab_notifier_connections").increment(1.0);
         Registration {
             hub: self.clone(),
             id,
+            first_on_node,
             events,
         }
     }
@@ -421,10 +461,134 @@ impl Hub {
         Ok((routes.last_seq, chats))
     }
 
-    /// Hands an ephemeral event to the connections of its chat (and to pending ones).
+    /// Records that `user` has a connection on this node (`connected`) or no longer has one, and
+    /// when that moves them between online and offline, tells the members of their chats.
+    async fn announce(&self, user: UserId, chats: Vec<ChatId>, connected: bool) {
+        let node = Arc::clone(&self.node);
+        let now = now_ms();
+        let change: Change = if connected {
+            Box::new(move |record| record.heartbeat(&node, now))
+        } else {
+            Box::new(move |record| record.gone(&node, now))
+        };
+        let (before, after) = match self.presence.update(user, change).await {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::warn!(%error, %user, "presence not recorded");
+                return;
+            }
+        };
+        if before.online(now) == after.online(now) {
+            return;
+        }
+        let view = after.view(user, now);
+        let event = if connected {
+            Event::UserConnected(view)
+        } else {
+            Event::UserDisconnected(view)
+        };
+        self.publish_presence(user, chats, event).await;
+    }
+
+    /// Publishes a presence event of `user` to their chats, at most one per user per
+    /// [`PRESENCE_EVENT_INTERVAL`]: changes in between are summed up by one `presence.updated` at
+    /// the end of the interval, with the state then.
+    async fn publish_presence(&self, user: UserId, chats: Vec<ChatId>, event: Event) {
+        let now = Instant::now();
+        let wait = {
+            let Ok(mut last) = self.presence_events.lock() else {
+                return;
+            };
+            match last.get_mut(&user) {
+                Some((at, scheduled)) if now.duration_since(*at) < PRESENCE_EVENT_INTERVAL => {
+                    if *scheduled {
+                        return;
+                    }
+                    *scheduled = true;
+                    Some(PRESENCE_EVENT_INTERVAL - now.duration_since(*at))
+                }
+                _ => {
+                    last.insert(user, (now, false));
+                    if last.len() > 100_000 {
+                        last.retain(|_, (at, scheduled)| {
+                            *scheduled || now.duration_since(*at) < PRESENCE_EVENT_INTERVAL
+                        });
+                    }
+                    None
+                }
+            }
+        };
+        if let Some(wait) = wait {
+            metrics::counter!("confab_presence_events_coalesced_total").increment(1);
+            let hub = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                if let Ok(mut last) = hub.presence_events.lock() {
+                    last.insert(user, (Instant::now(), false));
+                }
+                if let Ok(record) = hub.presence.get(user).await {
+                    let view = record.view(user, now_ms());
+                    hub.send_to_chats(chats, Event::PresenceUpdated(view)).await;
+                }
+            });
+            return;
+        }
+        self.send_to_chats(chats, event).await;
+    }
+
+    async fn send_to_chats(&self, chats: Vec<ChatId>, event: Event) {
+        for chat in chats.into_iter().take(MAX_PRESENCE_FANOUT) {
+            if let Err(error) = self
+                .bus
+                .publish_ephemeral(&Envelope::new(chat, event.clone()))
+                .await
+            {
+                tracing::debug!(%error, "presence event not published");
+                return;
+            }
+        }
+    }
+
+    /// Renews the presence of every user connected to this node, until `shutdown`.
+    async fn heartbeat(&self, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(HEARTBEAT_EVERY);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let users: Vec<UserId> = match self.routes.read() {
+                Ok(routes) => routes.by_user.keys().copied().collect(),
+                Err(_) => return,
+            };
+            let now = now_ms();
+            futures::stream::iter(users)
+                .for_each_concurrent(32, |user| {
+                    let node = Arc::clone(&self.node);
+                    async move {
+                        let change: Change = Box::new(move |record| record.heartbeat(&node, now));
+                        if let Err(error) = self.presence.update(user, change).await {
+                            tracing::debug!(%error, "presence heartbeat failed");
+                        }
+                    }
+                })
+                .await;
+        }
+    }
+
+    /// Hands an ephemeral event to the connections of its chat (and to pending ones), except the
+    /// ones of the user it is about: nobody is told they are typing, or that they came online.
     pub fn dispatch_ephemeral(&self, envelope: Envelope) {
         let Ok(routes) = self.routes.read() else {
             return;
+        };
+        let subject = match &envelope.event {
+            Event::Typing(typing) => Some(typing.user_id),
+            Event::UserConnected(presence)
+            | Event::UserDisconnected(presence)
+            | Event::PresenceUpdated(presence) => Some(presence.user_id),
+            _ => None,
         };
         let targets: Vec<&Connection> = routes
             .by_chat
@@ -433,6 +597,7 @@ impl Hub {
             .flatten()
             .chain(routes.pending.iter())
             .filter_map(|id| routes.connections.get(id))
+            .filter(|connection| Some(connection.user) != subject)
             .collect();
         if targets.is_empty() {
             return;
@@ -506,6 +671,11 @@ impl Hub {
             routes.last_seq = routes.last_seq.max(last);
         }
         self.alive.store(true, Ordering::Release);
+        {
+            let hub = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { hub.heartbeat(shutdown).await });
+        }
         let hub = self.clone();
         Ok(tokio::spawn(async move {
             loop {
@@ -667,14 +837,18 @@ mod tests {
         }
     }
 
+    /// The next logged event's text (presence events, which are ephemeral, skipped).
     async fn next_text(subscription: &mut Subscription) -> String {
-        match tokio::time::timeout(Duration::from_secs(5), subscription.next())
-            .await
-            .expect("an item before the deadline")
-            .expect("open")
-        {
-            Item::Event(event) => text(&event.envelope),
-            Item::Reset(reason) => format!("reset:{reason}"),
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), subscription.next())
+                .await
+                .expect("an item before the deadline")
+                .expect("open")
+            {
+                Item::Event(event) if event.seq == 0 => continue,
+                Item::Event(event) => return text(&event.envelope),
+                Item::Reset(reason) => return format!("reset:{reason}"),
+            }
         }
     }
 
@@ -691,7 +865,13 @@ mod tests {
             (alice, vec![shared, alices]),
             (bob, vec![shared]),
         ]));
-        let hub = Hub::new(Arc::clone(&bus), Arc::new(membership), 16, 100);
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(membership),
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        );
         let shutdown = CancellationToken::new();
         let worker = hub.start(shutdown.clone()).await.expect("starts");
         let mut a = hub.open(alice, None).await.expect("opens");
@@ -718,11 +898,15 @@ mod tests {
             .await
             .expect("publishes");
         assert_eq!(next_text(&mut a).await, "end");
+        let mut after_leaving = Vec::new();
+        while let Ok(Some(Item::Event(event))) =
+            tokio::time::timeout(Duration::from_millis(50), b.next()).await
+        {
+            after_leaving.push(text(&event.envelope));
+        }
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), b.next())
-                .await
-                .is_err(),
-            "bob got nothing after he left, and nothing of alice's chat"
+            after_leaving.iter().all(|t| t.starts_with("user.")),
+            "bob got nothing logged after he left, and nothing of alice's chat: {after_leaving:?}"
         );
 
         // A connection that stops reading is dropped after its buffer; the others go on.

@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod config;
 pub mod identity;
+pub mod presence;
 pub mod problem;
 pub mod shutdown;
 pub mod signed;

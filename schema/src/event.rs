@@ -37,6 +37,20 @@ pub struct TypingChange {
     pub expires_in_ms: u64,
 }
 
+/// A user's presence as others see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UserPresence {
+    pub user_id: UserId,
+    /// `online`, `away` or `offline`.
+    pub state: String,
+    /// When they were last seen connected (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_at: Option<String>,
+    /// Their custom status text, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_text: Option<String>,
+}
+
 /// What happened. Serialised as `{"type": "<kind>", "data": {...}}`; `type` is also the SSE event
 /// name and the WebSocket frame's `event` field.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -67,6 +81,15 @@ pub enum Event {
     /// Ephemeral: never logged nor replayed.
     #[serde(rename = "typing")]
     Typing(TypingChange),
+    /// Ephemeral: a member of the chat came online (their first connection on any node).
+    #[serde(rename = "user.connected")]
+    UserConnected(UserPresence),
+    /// Ephemeral: a member of the chat went offline (their last connection closed).
+    #[serde(rename = "user.disconnected")]
+    UserDisconnected(UserPresence),
+    /// Ephemeral: a member's presence or custom status changed.
+    #[serde(rename = "presence.updated")]
+    PresenceUpdated(UserPresence),
 }
 
 /// The kind of an [`Event`], for metrics and routing without looking at the payload.
@@ -84,6 +107,9 @@ pub enum EventKind {
     MemberUpdated,
     ChatUpdated,
     Typing,
+    UserConnected,
+    UserDisconnected,
+    PresenceUpdated,
 }
 
 impl EventKind {
@@ -101,6 +127,9 @@ impl EventKind {
             EventKind::MemberUpdated => "member.updated",
             EventKind::ChatUpdated => "chat.updated",
             EventKind::Typing => "typing",
+            EventKind::UserConnected => "user.connected",
+            EventKind::UserDisconnected => "user.disconnected",
+            EventKind::PresenceUpdated => "presence.updated",
         }
     }
 }
@@ -120,6 +149,9 @@ impl Event {
             Event::MemberUpdated(_) => EventKind::MemberUpdated,
             Event::ChatUpdated(_) => EventKind::ChatUpdated,
             Event::Typing(_) => EventKind::Typing,
+            Event::UserConnected(_) => EventKind::UserConnected,
+            Event::UserDisconnected(_) => EventKind::UserDisconnected,
+            Event::PresenceUpdated(_) => EventKind::PresenceUpdated,
         }
     }
 }

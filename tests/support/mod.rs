@@ -256,6 +256,14 @@ impl TestApp {
             {
                 let _ = bus.delete_stream().await;
             }
+            if let Ok(presence) = confab_runtime::presence::NatsPresence::connect(
+                &self.config.bus.nats_url,
+                &self.config.bus.subject_prefix,
+            )
+            .await
+            {
+                let _ = presence.delete_bucket().await;
+            }
         }
     }
 }

@@ -74,6 +74,22 @@ impl ChatName {
     }
 }
 
+/// A custom status text: 1 to 100 characters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusText(String);
+
+impl StatusText {
+    pub const MAX_CHARS: usize = 100;
+
+    pub fn parse(value: String) -> ApiResult<StatusText> {
+        bounded("text", value, Self::MAX_CHARS).map(StatusText)
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
 /// A group's description: 1 to 2,000 characters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatDescription(String);

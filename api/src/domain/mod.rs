@@ -11,6 +11,7 @@ pub mod inputs;
 pub mod markers;
 pub mod members;
 pub mod paging;
+pub mod presence;
 pub mod reactions;
 pub mod rules;
 pub mod signals;

@@ -105,6 +105,8 @@ fn router() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
         .routes(routes!(users::me))
         .routes(routes!(users::search))
+        .routes(routes!(users::set_status))
+        .routes(routes!(users::presence))
         .routes(routes!(chats::create, chats::list))
         .routes(routes!(chats::get, chats::update))
         .routes(routes!(members::list, members::add))

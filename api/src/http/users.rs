@@ -1,16 +1,70 @@
 use axum::Json;
 use axum::extract::State;
 use confab_runtime::Problem;
-use confab_schema::User;
+use confab_schema::event::UserPresence;
+use confab_schema::{User, UserId};
 use serde::Deserialize;
-use utoipa::IntoParams;
+use utoipa::{IntoParams, ToSchema};
 
-use super::responses::CallerErrors;
-use super::{ApiQuery, Caller};
+use super::responses::{CallerErrors, Invalid};
+use super::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::domain::Page;
 use crate::domain::inputs::{PageLimit, UserQuery};
+use crate::domain::presence::StatusChange;
 use crate::error::ApiResult;
 use crate::state::ApiState;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetStatus {
+    /// 1 to 100 characters; absent for none.
+    text: Option<String>,
+    /// Show as `away` while connected.
+    away: Option<bool>,
+    /// When the status stops applying; absent for never.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    expires_at: Option<time::OffsetDateTime>,
+}
+
+/// Sets the caller's custom status (`{}` clears it). Members of the caller's chats get a
+/// `presence.updated` event.
+#[utoipa::path(
+    put, operation_id = "set_status", path = "/v1/me/status", tag = "users",
+    request_body = SetStatus,
+    responses(
+        (status = 200, description = "The caller's presence after the change", body = UserPresence),
+        CallerErrors, Invalid,
+    ),
+    security(("bearer" = []))
+)]
+pub async fn set_status(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiJson(body): ApiJson<SetStatus>,
+) -> ApiResult<Json<UserPresence>> {
+    let change = StatusChange::parse(body.text, body.away, body.expires_at)?;
+    Ok(Json(state.set_status(caller.id, change).await?))
+}
+
+/// A user's presence (`online`, `away` or `offline`), last-seen time and status text: for the
+/// caller and the users who share a chat with them.
+#[utoipa::path(
+    get, operation_id = "user_presence", path = "/v1/users/{user_id}/presence", tag = "users",
+    params(("user_id" = UserId, Path, description = "The user")),
+    responses(
+        (status = 200, description = "OK", body = UserPresence),
+        (status = 404, description = "No such user, or none sharing a chat with the caller", body = Problem, content_type = "application/problem+json"),
+        CallerErrors,
+    ),
+    security(("bearer" = []))
+)]
+pub async fn presence(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiPath(user_id): ApiPath<UserId>,
+) -> ApiResult<Json<UserPresence>> {
+    Ok(Json(state.presence_of(caller.id, user_id).await?))
+}
 
 /// The caller, as provisioned from their token.
 #[utoipa::path(

@@ -1,0 +1,109 @@
+//! Presence as the API serves it: a user's state (from the notifiers' heartbeats) and custom
+//! status, visible to the users who share a chat with them.
+
+use std::time::{Duration, Instant};
+
+use confab_runtime::presence::{CustomStatus, now_ms};
+use confab_schema::event::UserPresence;
+use confab_schema::{Envelope, Event, UserId};
+use time::OffsetDateTime;
+
+use super::inputs::StatusText;
+use crate::error::{ApiError, ApiResult};
+use crate::state::ApiState;
+
+/// A user's status changes are announced at most this often (the record itself always changes).
+const STATUS_EVENT_INTERVAL: Duration = Duration::from_secs(2);
+/// A status change is announced in at most this many of the user's chats.
+const MAX_STATUS_FANOUT: usize = 1_000;
+
+/// A custom status to set, checked: no text and not away clears it.
+#[derive(Clone, Debug)]
+pub struct StatusChange {
+    pub text: Option<StatusText>,
+    pub away: bool,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+impl StatusChange {
+    pub fn parse(
+        text: Option<String>,
+        away: Option<bool>,
+        expires_at: Option<OffsetDateTime>,
+    ) -> ApiResult<StatusChange> {
+        if expires_at.is_some_and(|at| at <= OffsetDateTime::now_utc()) {
+            return Err(ApiError::Unprocessable("expires_at is in the past".into()));
+        }
+        Ok(StatusChange {
+            text: text.map(StatusText::parse).transpose()?,
+            away: away.unwrap_or(false),
+            expires_at,
+        })
+    }
+}
+
+impl ApiState {
+    /// Sets (or clears) the caller's custom status, and tells the members of their chats.
+    pub async fn set_status(
+        &self,
+        caller: UserId,
+        change: StatusChange,
+    ) -> ApiResult<UserPresence> {
+        let status = (change.text.is_some() || change.away).then(|| CustomStatus {
+            text: change.text.map(StatusText::into_inner),
+            away: change.away,
+            expires_at_ms: change
+                .expires_at
+                .map(|at| i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)),
+        });
+        let (_, after) = self
+            .presence
+            .update(
+                caller,
+                Box::new(move |record| record.status = status.clone()),
+            )
+            .await?;
+        let view = after.view(caller, now_ms());
+        if self.may_announce_status(caller) {
+            let chats = self.store.chats_of(caller).await?;
+            for chat in chats.into_iter().take(MAX_STATUS_FANOUT) {
+                self.bus
+                    .publish_ephemeral(&Envelope::new(chat, Event::PresenceUpdated(view.clone())))
+                    .await?;
+            }
+        }
+        Ok(view)
+    }
+
+    /// A user's presence, for themselves and for users who share a chat with them; anyone else is
+    /// told there is no such user.
+    pub async fn presence_of(&self, caller: UserId, user: UserId) -> ApiResult<UserPresence> {
+        if caller != user {
+            let (mine, theirs) =
+                futures::try_join!(self.store.chats_of(caller), self.store.chats_of(user))?;
+            let mine: std::collections::HashSet<_> = mine.into_iter().collect();
+            if !theirs.iter().any(|chat| mine.contains(chat)) {
+                return Err(ApiError::NotFound("no such user"));
+            }
+        }
+        Ok(self.presence.get(user).await?.view(user, now_ms()))
+    }
+
+    fn may_announce_status(&self, caller: UserId) -> bool {
+        let now = Instant::now();
+        let Ok(mut last) = self.status_events.lock() else {
+            return false;
+        };
+        if last
+            .get(&caller)
+            .is_some_and(|at| now.duration_since(*at) < STATUS_EVENT_INTERVAL)
+        {
+            return false;
+        }
+        last.insert(caller, now);
+        if last.len() > 100_000 {
+            last.retain(|_, at| now.duration_since(*at) < STATUS_EVENT_INTERVAL);
+        }
+        true
+    }
+}

@@ -1,0 +1,133 @@
+//! Presence: derived from live connections, announced to the users who share a chat, with a
+//! custom status, and hidden from everyone else. On the embedded default and on the real stack.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::{SseEvent, SseStream, Stack, TestApp, spawn_app};
+
+async fn presence_of(app: &TestApp, token: &str, user: &str) -> reqwest::Response {
+    app.get(token, &format!("/v1/users/{user}/presence")).await
+}
+
+/// The next presence event about `user` (`user.connected`, `user.disconnected` or
+/// `presence.updated`), skipping everything else.
+async fn next_presence(stream: &mut SseStream, user: &str) -> SseEvent {
+    loop {
+        let event = stream.next_event().await;
+        if matches!(
+            event.event.as_str(),
+            "user.connected" | "user.disconnected" | "presence.updated"
+        ) && event.data["data"]["user_id"] == user
+        {
+            return event;
+        }
+    }
+}
+
+async fn presence_follows_connections(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let carol = app.token("carol").await;
+    app.me(&alice).await;
+    let bob_id = app.me(&bob).await;
+    app.me(&carol).await;
+    app.group_chat(&alice, &[&bob_id]).await;
+
+    let offline: Value = presence_of(&app, &alice, &bob_id)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(offline["state"], "offline", "{offline}");
+
+    let mut alices = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&alice)).await;
+    let bobs = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&bob)).await;
+    let connected = next_presence(&mut alices, &bob_id).await;
+    assert_eq!(connected.event, "user.connected");
+    assert_eq!(connected.data["data"]["state"], "online");
+    assert!(connected.id.is_none(), "presence events are ephemeral");
+    let online: Value = presence_of(&app, &alice, &bob_id)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(online["state"], "online");
+
+    // A custom status: away, with a text.
+    let set = app
+        .http
+        .put(app.url("/v1/me/status"))
+        .bearer_auth(&bob)
+        .json(&json!({"text": "at lunch", "away": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 200);
+    let set: Value = set.json().await.unwrap();
+    assert_eq!(set["state"], "away");
+    let updated = next_presence(&mut alices, &bob_id).await;
+    assert_eq!(updated.event, "presence.updated");
+    assert_eq!(updated.data["data"]["state"], "away");
+    assert_eq!(updated.data["data"]["status_text"], "at lunch");
+
+    // Bad statuses are 422 problems; nobody outside bob's chats sees his presence.
+    for bad in [
+        json!({"text": ""}),
+        json!({"text": "x".repeat(101)}),
+        json!({"away": true, "expires_at": "2001-01-01T00:00:00Z"}),
+        json!({"mood": "fine"}),
+    ] {
+        let response = app
+            .http
+            .put(app.url("/v1/me/status"))
+            .bearer_auth(&bob)
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422, "{bad}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+    assert_eq!(presence_of(&app, &carol, &bob_id).await.status(), 404);
+    assert_eq!(
+        presence_of(&app, &alice, "not-a-user-id").await.status(),
+        400
+    );
+
+    // bob's last connection closes: offline, with a last-seen time.
+    drop(bobs);
+    let gone = next_presence(&mut alices, &bob_id).await;
+    assert!(
+        matches!(
+            gone.event.as_str(),
+            "user.disconnected" | "presence.updated"
+        ),
+        "{gone:?}"
+    );
+    assert_eq!(gone.data["data"]["state"], "offline", "{gone:?}");
+    let after: Value = presence_of(&app, &alice, &bob_id)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after["state"], "offline");
+    assert!(after["last_seen_at"].is_string(), "{after}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn presence_follows_connections_on_the_embedded_default() {
+    Box::pin(presence_follows_connections(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn presence_follows_connections_on_the_real_stack() {
+    if support::real_stack_available("presence_follows_connections_on_the_real_stack").await {
+        Box::pin(presence_follows_connections(Stack::Real)).await;
+    }
+}
