@@ -593,7 +593,7 @@ async fn burst_into_one_chat(stack: Stack) {
 
 #[tokio::test]
 async fn burst_into_one_chat_on_the_embedded_default() {
-    burst_into_one_chat(Stack::Embedded).await;
+    Box::pin(burst_into_one_chat(Stack::Embedded)).await;
 }
 
 #[tokio::test]
@@ -601,12 +601,12 @@ async fn burst_into_one_chat_on_the_real_stack() {
     if !support::real_stack_available("burst_into_one_chat_on_the_real_stack").await {
         return;
     }
-    burst_into_one_chat(Stack::Real).await;
+    Box::pin(burst_into_one_chat(Stack::Real)).await;
 }
 
 #[tokio::test]
 async fn data_model_on_the_embedded_default() {
-    data_model(Stack::Embedded).await;
+    Box::pin(data_model(Stack::Embedded)).await;
 }
 
 #[tokio::test]
@@ -614,7 +614,7 @@ async fn data_model_on_the_real_stack() {
     if !support::real_stack_available("data_model_on_the_real_stack").await {
         return;
     }
-    data_model(Stack::Real).await;
+    Box::pin(data_model(Stack::Real)).await;
 }
 
 #[tokio::test]

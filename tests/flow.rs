@@ -201,7 +201,7 @@ async fn message_reaches_bob(stack: Stack) {
 
 #[tokio::test]
 async fn message_reaches_bob_on_the_embedded_default() {
-    message_reaches_bob(Stack::Embedded).await;
+    Box::pin(message_reaches_bob(Stack::Embedded)).await;
 }
 
 #[tokio::test]
@@ -209,7 +209,7 @@ async fn message_reaches_bob_on_the_real_stack() {
     if !support::real_stack_available("message_reaches_bob_on_the_real_stack").await {
         return;
     }
-    message_reaches_bob(Stack::Real).await;
+    Box::pin(message_reaches_bob(Stack::Real)).await;
 }
 
 #[tokio::test]
