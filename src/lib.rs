@@ -270,6 +270,16 @@ pub async fn build(
             openapi.merge(doc);
         }
     }
+    if matches!(role, Role::Serve | Role::Notifier | Role::WsPlexer) {
+        let asyncapi = Arc::new(confab_notifier::asyncapi::document());
+        router = router.route(
+            "/v1/asyncapi.json",
+            axum::routing::get(move || {
+                let asyncapi = Arc::clone(&asyncapi);
+                async move { axum::Json(asyncapi.as_ref().clone()) }
+            }),
+        );
+    }
     let openapi = Arc::new(openapi);
     let router = telemetry::instrument(
         router

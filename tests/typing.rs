@@ -98,3 +98,138 @@ async fn typing_is_live_only_on_the_real_stack() {
         Box::pin(typing_is_live_only(Stack::Real)).await;
     }
 }
+
+/// `GET /v1/asyncapi.json` describes every event a client can receive: the ones this flow makes
+/// (logged and ephemeral) are all in it, with their payload schemas.
+#[tokio::test]
+async fn the_asyncapi_document_describes_every_event_received() {
+    let app = spawn_app(Stack::Embedded).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let carol = app.token("carol").await;
+    let bob_id = app.me(&bob).await;
+    let carol_id = app.me(&carol).await;
+    let mut events = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&alice)).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let bobs = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&bob)).await;
+    let signal: Value = app
+        .post(
+            &bob,
+            &format!("/v1/chats/{chat}/signals"),
+            &json!({"kind": "message", "text": "a"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = signal["id"].as_str().unwrap();
+    let base = format!("/v1/chats/{chat}/signals/{id}");
+    let calls = [
+        ("PATCH", base.clone(), json!({"text": "b"}), &bob),
+        (
+            "PUT",
+            format!("{base}/reactions/%F0%9F%91%8D"),
+            Value::Null,
+            &alice,
+        ),
+        (
+            "DELETE",
+            format!("{base}/reactions/%F0%9F%91%8D"),
+            Value::Null,
+            &alice,
+        ),
+        (
+            "POST",
+            format!("/v1/chats/{chat}/read"),
+            json!({"up_to": id}),
+            &alice,
+        ),
+        (
+            "POST",
+            format!("/v1/chats/{chat}/delivered"),
+            json!({"up_to": id}),
+            &alice,
+        ),
+        ("POST", format!("/v1/chats/{chat}/typing"), json!({}), &bob),
+        (
+            "PATCH",
+            format!("/v1/chats/{chat}"),
+            json!({"name": "renamed"}),
+            &alice,
+        ),
+        (
+            "POST",
+            format!("/v1/chats/{chat}/members"),
+            json!({"user_id": carol_id}),
+            &alice,
+        ),
+        (
+            "PATCH",
+            format!("/v1/chats/{chat}/members/{carol_id}"),
+            json!({"role": "admin"}),
+            &alice,
+        ),
+        (
+            "DELETE",
+            format!("/v1/chats/{chat}/members/{carol_id}"),
+            Value::Null,
+            &alice,
+        ),
+        ("DELETE", base.clone(), Value::Null, &bob),
+    ];
+    for (method, path, body, token) in calls {
+        let mut request = app
+            .http
+            .request(method.parse().unwrap(), app.url(&path))
+            .bearer_auth(token);
+        if !body.is_null() {
+            request = request.json(&body);
+        }
+        let status = request.send().await.unwrap().status();
+        assert!(status.is_success(), "{method} {path}: {status}");
+    }
+    drop(bobs);
+    let document: Value = app
+        .http
+        .get(app.url("/v1/asyncapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(document["asyncapi"], "3.0.0");
+    let described: Vec<String> = document["channels"]["events"]["messages"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|name| {
+            document["components"]["messages"][name]["name"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let mut received = std::collections::BTreeSet::new();
+    loop {
+        let event = events.next_event().await;
+        received.insert(event.event.clone());
+        if event.event == "signal.deleted" {
+            break;
+        }
+    }
+    // bob's disconnect, possibly summed up as a presence update after the rate limit.
+    let mut gone = events.next_event().await;
+    while !gone.event.starts_with("user.") && !gone.event.starts_with("presence.") {
+        gone = events.next_event().await;
+    }
+    received.insert(gone.event);
+    assert!(received.len() >= 14, "{received:?}");
+    for event_type in &received {
+        assert!(
+            described.contains(event_type),
+            "{event_type} is not in the AsyncAPI document"
+        );
+    }
+    app.stop().await;
+}

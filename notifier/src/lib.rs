@@ -2,6 +2,7 @@
 //! connections. [`hub::Hub`] routes envelopes to connections; [`sse`] serves `GET /v1/events`
 //! (Server-Sent Events) and `POST /v1/events/ticket`. The ws-plexer reuses the hub for WebSockets.
 
+pub mod asyncapi;
 pub mod auth;
 pub mod hub;
 pub mod sse;

@@ -53,7 +53,7 @@ pub struct UserPresence {
 
 /// What happened. Serialised as `{"type": "<kind>", "data": {...}}`; `type` is also the SSE event
 /// name and the WebSocket frame's `event` field.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", content = "data")]
 pub enum Event {
     #[serde(rename = "signal.created")]

@@ -1,0 +1,157 @@
+//! The AsyncAPI 3 description of the events (`GET /v1/asyncapi.json`), generated from the same
+//! types the events are serialised from: each message's payload is the schema of an [`Event`]
+//! variant, so a new kind of event is described as soon as it exists.
+
+use confab_schema::Event;
+use serde_json::{Map, Value, json};
+use utoipa::{PartialSchema, ToSchema};
+
+/// The event types the document describes, in the order of [`Event`]'s variants.
+pub fn event_types() -> Vec<String> {
+    variants()
+        .iter()
+        .filter_map(|variant| variant["properties"]["type"]["enum"][0].as_str())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// One JSON schema per [`Event`] variant: `{"type": <name>, "data": <payload>}`.
+fn variants() -> Vec<Value> {
+    let schema = serde_json::to_value(Event::schema()).unwrap_or(Value::Null);
+    schema["oneOf"].as_array().cloned().unwrap_or_default()
+}
+
+/// The schemas the variants refer to, by name.
+fn components() -> Map<String, Value> {
+    let mut schemas = Vec::new();
+    <Event as ToSchema>::schemas(&mut schemas);
+    let mut components = Map::new();
+    for (name, schema) in schemas {
+        components.insert(name, serde_json::to_value(schema).unwrap_or(Value::Null));
+    }
+    components
+}
+
+fn message_name(event_type: &str) -> String {
+    event_type.replace('.', "_")
+}
+
+fn channel_refs(names: &[&str]) -> Vec<Value> {
+    names
+        .iter()
+        .map(|n| json!({"$ref": format!("#/channels/socket/messages/{n}")}))
+        .collect()
+}
+
+pub fn document() -> Value {
+    let mut messages = Map::new();
+    let mut sse_messages = Map::new();
+    let mut ws_event_types = Vec::new();
+    for variant in variants() {
+        let Some(event_type) = variant["properties"]["type"]["enum"][0].as_str() else {
+            continue;
+        };
+        let name = message_name(event_type);
+        let ephemeral = matches!(
+            event_type,
+            "typing" | "user.connected" | "user.disconnected" | "presence.updated"
+        );
+        messages.insert(
+            name.clone(),
+            json!({
+                "name": event_type,
+                "title": event_type,
+                "summary": if ephemeral {
+                    "Ephemeral: delivered live only, without an id, never replayed."
+                } else {
+                    "Logged: carries an id (its sequence) a client resumes from."
+                },
+                "payload": variant,
+            }),
+        );
+        sse_messages.insert(
+            name.clone(),
+            json!({"$ref": format!("#/components/messages/{name}")}),
+        );
+        ws_event_types.push(Value::String(event_type.to_owned()));
+    }
+    let frame = |properties: Value, required: &[&str]| json!({"type": "object", "required": required, "properties": properties});
+    let ws_frames = json!({
+        "ws_event": {"name": "event", "summary": "An event: the `type` and `data` of an SSE event, with its id (absent for ephemeral ones).",
+            "payload": frame(json!({"type": {"const": "event"}, "id": {"type": "string"}, "event": {"type": "string", "enum": ws_event_types}, "data": {}}), &["type", "event", "data"])},
+        "ws_ready": {"name": "ready", "payload": frame(json!({"type": {"const": "ready"}}), &["type"])},
+        "ws_reset": {"name": "reset", "summary": "The stream could not resume: re-read the chat list and history.",
+            "payload": frame(json!({"type": {"const": "reset"}, "reason": {"type": "string", "enum": ["expired", "unknown-id", "too-far-behind"]}}), &["type", "reason"])},
+        "ws_response": {"name": "response", "payload": frame(json!({"type": {"const": "response"}, "id": {"type": ["string", "number"]}, "status": {"type": "integer"}, "body": {}}), &["type", "id", "status"])},
+        "ws_auth_accepted": {"name": "auth", "payload": frame(json!({"type": {"const": "auth"}, "expires_at": {"type": "string", "format": "date-time"}}), &["type"])},
+        "ws_error": {"name": "error", "payload": frame(json!({"type": {"const": "error"}, "problem": {"type": "object"}}), &["type", "problem"])},
+        "ws_request": {"name": "request", "summary": "An API call, answered by a `response` with the same id.",
+            "payload": frame(json!({"type": {"const": "request"}, "id": {"type": ["string", "number"]}, "method": {"type": "string", "enum": ["GET", "POST", "PUT", "PATCH", "DELETE"]}, "path": {"type": "string", "pattern": "^/v1/"}, "body": {}}), &["type", "id", "method", "path"])},
+        "ws_auth": {"name": "auth", "summary": "A fresh token for the same user.",
+            "payload": frame(json!({"type": {"const": "auth"}, "token": {"type": "string"}}), &["type", "token"])},
+        "ws_resume": {"name": "resume", "payload": frame(json!({"type": {"const": "resume"}, "last_event_id": {"type": ["string", "integer"]}}), &["type", "last_event_id"])},
+    });
+    let ws_frames = ws_frames.as_object().cloned().unwrap_or_default();
+    let reference = |name: &str| json!({"$ref": format!("#/components/messages/{name}")});
+    let mut ws_channel_messages = Map::new();
+    for name in ws_frames.keys() {
+        ws_channel_messages.insert(name.clone(), reference(name));
+    }
+    messages.extend(ws_frames);
+    json!({
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "confab events",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Live events over Server-Sent Events (GET /v1/events) and WebSocket (GET /v1/ws, subprotocol confab.v1). Logged events carry an id; a client resumes after the last id it saw (Last-Event-ID, ?last_event_id=, or a resume frame).",
+        },
+        "channels": {
+            "events": {
+                "address": "/v1/events",
+                "description": "Server-Sent Events: `event:` is the type, `id:` the sequence, `data:` the message payload.",
+                "messages": sse_messages,
+            },
+            "socket": {
+                "address": "/v1/ws",
+                "description": "JSON text frames both ways.",
+                "messages": ws_channel_messages,
+            },
+        },
+        "operations": {
+            "receiveEvents": {"action": "receive", "channel": {"$ref": "#/channels/events"}},
+            "receiveFrames": {"action": "receive", "channel": {"$ref": "#/channels/socket"},
+                "messages": channel_refs(&["ws_event", "ws_ready", "ws_reset", "ws_response", "ws_auth_accepted", "ws_error"])},
+            "sendFrames": {"action": "send", "channel": {"$ref": "#/channels/socket"},
+                "messages": channel_refs(&["ws_request", "ws_auth", "ws_resume"])},
+        },
+        "components": {
+            "messages": messages,
+            "schemas": components(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_is_a_message_with_its_payload_schemas() {
+        let document = document();
+        let types = event_types();
+        assert!(types.len() >= 15, "{types:?}");
+        for event_type in &types {
+            let message = &document["components"]["messages"][message_name(event_type)];
+            assert_eq!(message["name"], event_type.as_str());
+            let data = &message["payload"]["properties"]["data"]["$ref"];
+            let schema = data
+                .as_str()
+                .and_then(|r| r.strip_prefix("#/components/schemas/"))
+                .unwrap_or_else(|| panic!("{event_type} refers to its payload: {message}"));
+            assert!(
+                document["components"]["schemas"][schema].is_object(),
+                "{schema} is described"
+            );
+        }
+    }
+}
