@@ -16,6 +16,7 @@ use confab_api::store::embedded::EmbeddedStore;
 use confab_api::store::{Store, StoreReadiness};
 use confab_api::{ApiState, routes as api_routes};
 use confab_notifier::auth::StreamAuth;
+use confab_notifier::hub::Caps;
 use confab_notifier::{Hub, HubReadiness, Membership, NotifierState};
 use confab_runtime::bus::{Bus, BusReadiness, EmbeddedBus, NatsBus};
 use confab_runtime::config::{BusBackend, Config, IdentityMode, StoreBackend};
@@ -229,7 +230,11 @@ pub async fn build(
             Arc::clone(&presence),
             config.notifier.connection_buffer,
             config.notifier.replay_limit,
-        );
+        )
+        .with_caps(Caps {
+            per_node: config.notifier.max_connections,
+            per_user: config.notifier.max_connections_per_user,
+        });
         workers.push(
             hub.start(shutdown.clone())
                 .await

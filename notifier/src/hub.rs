@@ -170,10 +170,30 @@ impl Routes {
 pub enum OpenError {
     #[error("this node's event subscription is down")]
     NotReady,
+    #[error("this node holds as many streams as it may")]
+    NodeFull,
+    #[error("this user holds as many streams as they may on this node")]
+    TooManyForUser,
     #[error("membership unavailable: {0}")]
     Membership(String),
     #[error(transparent)]
     Bus(#[from] BusError),
+}
+
+/// How many streams a node, and a user on it, may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Caps {
+    pub per_node: usize,
+    pub per_user: usize,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Caps {
+            per_node: 200_000,
+            per_user: 32,
+        }
+    }
 }
 
 /// The connections on this node.
@@ -188,6 +208,7 @@ pub struct Hub {
     next_id: Arc<AtomicU64>,
     buffer: usize,
     replay_limit: usize,
+    caps: Caps,
     alive: Arc<AtomicBool>,
     bus: Arc<dyn Bus>,
     membership: Arc<dyn Membership>,
@@ -302,10 +323,17 @@ impl Hub {
             next_id: Arc::default(),
             buffer: buffer.max(1),
             replay_limit: replay_limit.max(1),
+            caps: Caps::default(),
             alive: Arc::new(AtomicBool::new(false)),
             bus,
             membership,
         }
+    }
+
+    /// Sets the connection caps.
+    pub fn with_caps(mut self, caps: Caps) -> Hub {
+        self.caps = caps;
+        self
     }
 
     /// Whether this node's subscription to the log is live.
@@ -323,7 +351,7 @@ impl Hub {
         if !self.is_alive() {
             return Err(OpenError::NotReady);
         }
-        let mut registration = self.register(user);
+        let mut registration = self.register(user)?;
         let chats: HashSet<ChatId> = self
             .membership
             .chats_of(user)
@@ -403,11 +431,19 @@ impl Hub {
         })
     }
 
-    fn register(&self, user: UserId) -> Registration {
+    fn register(&self, user: UserId) -> Result<Registration, OpenError> {
         let (sender, events) = mpsc::channel(self.buffer);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut first_on_node = false;
         if let Ok(mut routes) = self.routes.write() {
+            if routes.connections.len() >= self.caps.per_node {
+                metrics::counter!("confab_notifier_refused_total", "cap" => "node").increment(1);
+                return Err(OpenError::NodeFull);
+            }
+            if routes.by_user.get(&user).map_or(0, Vec::len) >= self.caps.per_user {
+                metrics::counter!("confab_notifier_refused_total", "cap" => "user").increment(1);
+                return Err(OpenError::TooManyForUser);
+            }
             routes.connections.insert(
                 id,
                 Connection {
@@ -423,12 +459,12 @@ impl Hub {
             routes.pending.insert(id);
         }
         metrics::gauge!("confab_notifier_connections").increment(1.0);
-        Registration {
+        Ok(Registration {
             hub: self.clone(),
             id,
             first_on_node,
             events,
-        }
+        })
     }
 
     /// Routes connection `id` by `chats` (with the changes noted while it was pending) from now on.

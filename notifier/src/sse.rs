@@ -82,12 +82,26 @@ pub fn parse_last_event_id(raw: &str) -> Result<u64, Problem> {
 
 /// The problem a stream that cannot open answers.
 pub fn open_problem(error: &OpenError) -> Problem {
-    tracing::warn!(%error, "event stream not opened");
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "events are unavailable on this node; retry",
-    )
+    match error {
+        OpenError::TooManyForUser => Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-connections",
+            "this user holds as many event streams as allowed; close one first",
+        ),
+        OpenError::NodeFull => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node-full",
+            "this node holds as many event streams as it may; retry on another",
+        ),
+        _ => {
+            tracing::warn!(%error, "event stream not opened");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "events are unavailable on this node; retry",
+            )
+        }
+    }
 }
 
 /// A short-lived ticket that authenticates `GET /v1/events` and `GET /v1/ws` as `?ticket=`.
@@ -117,6 +131,7 @@ async fn ticket(
         (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
         (status = 400, description = "Malformed query or last event id", body = confab_runtime::Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = confab_runtime::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The user holds as many streams as allowed", body = confab_runtime::Problem, content_type = "application/problem+json"),
         (status = 503, description = "Events are unavailable on this node", body = confab_runtime::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []), ())

@@ -102,6 +102,10 @@ pub struct NotifierConfig {
     /// The most events a resume replays; a client further behind gets a `reset` and re-reads its
     /// chats instead. Default 10000.
     pub replay_limit: usize,
+    /// Streams (SSE and WebSocket) one node holds at most; more are refused with 503. Default 200000.
+    pub max_connections: usize,
+    /// Streams one user holds at most on one node; more are refused with 429. Default 32.
+    pub max_connections_per_user: usize,
 }
 
 impl Default for NotifierConfig {
@@ -112,6 +116,8 @@ impl Default for NotifierConfig {
             keep_alive_secs: 15,
             connection_buffer: 1024,
             replay_limit: 10_000,
+            max_connections: 200_000,
+            max_connections_per_user: 32,
         }
     }
 }

@@ -33,7 +33,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use confab_notifier::Hub;
 use confab_notifier::auth::{StreamAuth, StreamIdentity};
-use confab_notifier::hub::Item;
+use confab_notifier::hub::{Item, Subscription};
 use confab_notifier::sse::{open_problem, parse_last_event_id};
 use confab_runtime::Problem;
 use futures::{SinkExt, StreamExt};
@@ -120,6 +120,23 @@ enum IdValue {
 }
 
 const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// A client that takes longer than this to accept one frame is disconnected; it resumes later.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends one frame, within [`SEND_TIMEOUT`].
+async fn send(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    message: Message,
+) -> Result<(), ()> {
+    match tokio::time::timeout(SEND_TIMEOUT, sink.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(()),
+        Err(_) => {
+            metrics::counter!("confab_ws_send_timeouts_total").increment(1);
+            Err(())
+        }
+    }
+}
 
 /// Upgrades to a WebSocket carrying the caller's events as JSON text frames (`ready`, `event`,
 /// `error`).
@@ -130,6 +147,8 @@ const PING_INTERVAL: Duration = Duration::from_secs(20);
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The user holds as many streams as allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Events are unavailable on this node", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []), ())
 )]
@@ -156,6 +175,11 @@ async fn upgrade(
         Ok(caller) => caller,
         Err(error) => return error.into_response(),
     };
+    // Opened before the upgrade, so a refusal (caps, a node not ready) is a plain HTTP problem.
+    let subscription = match state.hub.open(caller.user, resume_after).await {
+        Ok(subscription) => subscription,
+        Err(error) => return open_problem(&error).into_response(),
+    };
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(rejection) => {
@@ -174,7 +198,7 @@ async fn upgrade(
         .max_frame_size(state.limits.max_frame_bytes)
         .read_buffer_size(4 * 1024)
         .write_buffer_size(4 * 1024)
-        .on_upgrade(move |socket| serve(socket, caller, resume_after, state))
+        .on_upgrade(move |socket| serve(socket, caller, subscription, state))
 }
 
 fn error_frame(problem: &Problem) -> String {
@@ -280,7 +304,7 @@ fn problem_response(id: &Value, problem: &Problem) -> String {
 async fn serve(
     socket: WebSocket,
     mut caller: StreamIdentity,
-    resume_after: Option<u64>,
+    mut subscription: Subscription,
     state: PlexerState,
 ) {
     let (mut sink, mut incoming) = socket.split();
@@ -288,21 +312,12 @@ async fn serve(
     let user = caller.user;
     let span = tracing::debug_span!("ws", %user);
     let _entered = span.enter();
-    let mut subscription = match state.hub.open(user, resume_after).await {
-        Ok(subscription) => subscription,
-        Err(error) => {
-            let _ = sink
-                .send(Message::Text(error_frame(&open_problem(&error)).into()))
-                .await;
-            let _ = sink.send(Message::Close(None)).await;
-            metrics::gauge!("confab_ws_connections").decrement(1.0);
-            return;
-        }
-    };
-    if sink
-        .send(Message::Text(json!({"type": "ready"}).to_string().into()))
-        .await
-        .is_err()
+    if send(
+        &mut sink,
+        Message::Text(json!({"type": "ready"}).to_string().into()),
+    )
+    .await
+    .is_err()
     {
         metrics::gauge!("confab_ws_connections").decrement(1.0);
         return;
@@ -316,33 +331,33 @@ async fn serve(
     loop {
         tokio::select! {
             () = state.shutdown.cancelled() => {
-                let _ = sink.send(Message::Close(None)).await;
+                let _ = send(&mut sink, Message::Close(None)).await;
                 break;
             }
             () = &mut expiry => {
-                let _ = sink.send(close(TOKEN_EXPIRED, "token expired")).await;
+                let _ = send(&mut sink, close(TOKEN_EXPIRED, "token expired")).await;
                 break;
             }
             item = subscription.next() => match item {
                 Some(Item::Event(event)) => {
-                    if sink.send(Message::Text(event.ws_frame.as_str().into())).await.is_err() {
+                    if send(&mut sink, Message::Text(event.ws_frame.as_str().into())).await.is_err() {
                         break;
                     }
                 }
                 Some(Item::Reset(reason)) => {
                     let frame = json!({"type": "reset", "reason": reason}).to_string();
-                    if sink.send(Message::Text(frame.into())).await.is_err() {
+                    if send(&mut sink, Message::Text(frame.into())).await.is_err() {
                         break;
                     }
                 }
                 // The hub dropped us (slow consumer or shutdown): the client resumes.
                 None => {
-                    let _ = sink.send(Message::Close(None)).await;
+                    let _ = send(&mut sink, Message::Close(None)).await;
                     break;
                 }
             },
             Some(response) = answered.recv() => {
-                if sink.send(Message::Text(response.into())).await.is_err() {
+                if send(&mut sink, Message::Text(response.into())).await.is_err() {
                     break;
                 }
             }
@@ -375,7 +390,7 @@ async fn serve(
                                 Some(json!({"type": "auth", "expires_at": expires_at}).to_string())
                             }
                             Ok(_) => {
-                                let _ = sink.send(close(WRONG_USER, "a token of another user")).await;
+                                let _ = send(&mut sink, close(WRONG_USER, "a token of another user")).await;
                                 break;
                             }
                             Err(error) => Some(error_frame(&Problem::from(&error))),
@@ -425,13 +440,13 @@ async fn serve(
                         Err(error) => Some(bad_frame(&format!("not a frame this socket accepts: {error}"))),
                     };
                     if let Some(reply) = reply
-                        && sink.send(Message::Text(reply.into())).await.is_err()
+                        && send(&mut sink, Message::Text(reply.into())).await.is_err()
                     {
                         break;
                     }
                 }
                 Some(Ok(Message::Binary(_))) => {
-                    if sink.send(Message::Text(bad_frame("binary frames are not accepted").into())).await.is_err() {
+                    if send(&mut sink, Message::Text(bad_frame("binary frames are not accepted").into())).await.is_err() {
                         break;
                     }
                 }
@@ -439,13 +454,13 @@ async fn serve(
                 Some(Err(error)) => {
                     // Over the frame limit, or a protocol error: say why where the socket still can.
                     tracing::debug!(%error, "socket error");
-                    let _ = sink.send(close(1009, "frame too large or malformed")).await;
+                    let _ = send(&mut sink, close(1009, "frame too large or malformed")).await;
                     break;
                 }
                 Some(Ok(Message::Close(_))) | None => break,
             },
             _ = ping.tick() => {
-                if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                if send(&mut sink, Message::Ping(Vec::new().into())).await.is_err() {
                     break;
                 }
             }
