@@ -47,6 +47,9 @@ enum Command {
     Bench(confab::bench::BenchArgs),
     /// Measures a page of history and a page of the chat list through the HTTP API.
     BenchReads(confab::bench_reads::ReadsBenchArgs),
+    /// Measures fan-out (idle memory per connection, deliveries, latency, CPU) side by side with
+    /// Centrifugo and writes a results file.
+    BenchFanout(confab::bench_fanout::FanoutArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,6 +78,7 @@ fn main() -> anyhow::Result<()> {
             Command::Bench(args) => confab::bench::run(args, config).await,
             Command::BenchStore(args) => confab::bench_store::run(args, config).await,
             Command::BenchReads(args) => confab::bench_reads::run(args, config).await,
+            Command::BenchFanout(args) => confab::bench_fanout::run(args, config).await,
             Command::Openapi => {
                 println!("{}", serde_json::to_string_pretty(&confab::openapi())?);
                 Ok(())
