@@ -49,10 +49,12 @@ pub struct Outgoing {
     /// Its sequence in the log; 0 for an ephemeral event, which has none (and no id on the wire).
     pub seq: u64,
     pub envelope: Envelope,
-    /// `{"type": …, "data": …}`: an SSE event's `data:`.
-    pub sse_data: String,
-    /// `{"type": "event", "id": …, "event": …, "data": …}`: a WebSocket text frame.
-    pub ws_frame: String,
+    /// The whole SSE event (`id:` unless ephemeral, `event:`, `data:` with `{"type", "data"}`).
+    /// Reference counted: every stream sends these same bytes, none copies them.
+    pub sse_frame: bytes::Bytes,
+    /// `{"type": "event", "id": …, "event": …, "data": …}`: a WebSocket text frame. Reference
+    /// counted: every socket sends these same bytes, none copies them.
+    pub ws_frame: axum::extract::ws::Utf8Bytes,
 }
 
 #[derive(Serialize)]
@@ -74,10 +76,17 @@ impl Outgoing {
             data: &client["data"],
         })
         .unwrap_or_default();
+        let kind = event.envelope.event.kind().as_str();
+        // `client` is one line of JSON (serde_json escapes newlines), so one `data:` line holds it.
+        let sse_frame = if event.seq > 0 {
+            format!("id: {}\nevent: {kind}\ndata: {client}\n\n", event.seq)
+        } else {
+            format!("event: {kind}\ndata: {client}\n\n")
+        };
         Outgoing {
             seq: event.seq,
-            sse_data: client.to_string(),
-            ws_frame,
+            sse_frame: sse_frame.into(),
+            ws_frame: ws_frame.into(),
             envelope: event.envelope,
         }
     }

@@ -12,7 +12,7 @@ use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -169,27 +169,24 @@ async fn events(
         Err(error) => return open_problem(&error).into_response(),
     };
     tracing::debug!(%user, ?resume_after, "event stream opened");
-    let ready =
-        stream::once(async { Ok::<_, Infallible>(SseEvent::default().event("ready").data("{}")) });
+    let ready = stream::once(async {
+        Ok::<_, Infallible>(Bytes::from_static(b"event: ready\ndata: {}\n\n"))
+    });
     let shutdown = state.shutdown.clone();
     // The stream ends when the token it was opened with expires; the client reconnects with a
     // fresh one and resumes.
     let expiry = tokio::time::sleep(caller.remaining());
     let events = stream::unfold(subscription, |mut subscription| async move {
-        let event = match subscription.next().await? {
-            // An ephemeral event has no id: the client's last id stays the last logged one.
-            Item::Event(event) if event.seq == 0 => SseEvent::default()
-                .event(event.envelope.event.kind().as_str())
-                .data(&event.sse_data),
-            Item::Event(event) => SseEvent::default()
-                .id(event.seq.to_string())
-                .event(event.envelope.event.kind().as_str())
-                .data(&event.sse_data),
-            Item::Reset(reason) => SseEvent::default()
-                .event("reset")
-                .data(serde_json::json!({"type": "reset", "data": {"reason": reason}}).to_string()),
+        let frame = match subscription.next().await? {
+            // Rendered once per node; an ephemeral event has no id, so the client's last id stays
+            // the last logged one.
+            Item::Event(event) => event.sse_frame.clone(),
+            Item::Reset(reason) => Bytes::from(format!(
+                "event: reset\ndata: {}\n\n",
+                serde_json::json!({"type": "reset", "data": {"reason": reason}})
+            )),
         };
-        Some((Ok::<_, Infallible>(event), subscription))
+        Some((Ok::<_, Infallible>(frame), subscription))
     })
     .take_until(async move {
         tokio::select! {
@@ -197,12 +194,37 @@ async fn events(
             () = expiry => {}
         }
     });
-    sse(ready.chain(events), state.keep_alive).into_response()
+    sse(ready.chain(events), state.keep_alive)
 }
 
+/// An event stream response: the frames as they come, and a comment line whenever nothing was
+/// sent for `keep_alive`, so proxies keep the connection open.
 fn sse(
-    stream: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+    frames: impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
     keep_alive: Duration,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(keep_alive))
+) -> axum::response::Response {
+    let frames = frames.boxed();
+    let body = stream::unfold(
+        (frames, tokio::time::Instant::now() + keep_alive),
+        move |(mut frames, mut next_ping)| async move {
+            tokio::select! {
+                frame = frames.next() => {
+                    next_ping = tokio::time::Instant::now() + keep_alive;
+                    frame.map(|frame| (frame, (frames, next_ping)))
+                }
+                () = tokio::time::sleep_until(next_ping) => {
+                    next_ping = tokio::time::Instant::now() + keep_alive;
+                    Some((Ok(Bytes::from_static(b":\n\n")), (frames, next_ping)))
+                }
+            }
+        },
+    );
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/event-stream"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }

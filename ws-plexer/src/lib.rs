@@ -340,7 +340,7 @@ async fn serve(
             }
             item = subscription.next() => match item {
                 Some(Item::Event(event)) => {
-                    if send(&mut sink, Message::Text(event.ws_frame.as_str().into())).await.is_err() {
+                    if send(&mut sink, Message::Text(event.ws_frame.clone())).await.is_err() {
                         break;
                     }
                 }
