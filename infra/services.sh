@@ -24,7 +24,7 @@ service_config() {
     keycloak)
       echo "$KEYCLOAK_VERSION $BIND_HOST $KEYCLOAK_PORT $KEYCLOAK_MGMT_PORT"
       cat "$INFRA_DIR/keycloak/confab-realm.json" ;;
-    meilisearch) echo "$BIND_HOST $MEILI_PORT $(command -v meilisearch)" ;;
+    meilisearch) echo "$BIND_HOST $MEILI_PORT $(meili_binary)" ;;
   esac
 }
 config_fingerprint() { service_config "$1" | sha256sum | cut -d' ' -f1; }
@@ -352,10 +352,19 @@ keycloak_alive() {
 MEILI_STATE="$STATE_DIR/meilisearch"
 meilisearch_deadline() { echo "${CONFAB_INFRA_MEILI_TIMEOUT:-60}"; }
 
-# managed: binary on PATH, we run it. external: MEILI_URL given. absent: skip.
+# The server binary: the one provided beside the project root (../shared/bin, built from the
+# public source; no registry carries it), else one on PATH.
+meili_binary() {
+  local provided="$REPO_DIR/../shared/bin/meilisearch"
+  if [[ -x "$provided" ]]; then echo "$(cd "$(dirname "$provided")" && pwd)/meilisearch"
+  else command -v meilisearch 2>/dev/null || true
+  fi
+}
+
+# managed: a binary we run (provided or on PATH). external: MEILI_URL given. absent: skip.
 meili_mode() {
-  if command -v meilisearch >/dev/null 2>&1; then echo managed
-  elif [[ -n "${MEILI_URL:-}" ]]; then echo external
+  if [[ -n "${MEILI_URL:-}" ]]; then echo external
+  elif [[ -n "$(meili_binary)" ]]; then echo managed
   else echo absent
   fi
 }
@@ -374,8 +383,8 @@ meilisearch_install() { :; }
 meilisearch_start() {
   require_free_ports meilisearch "$MEILI_PORT"
   mkdir -p "$MEILI_STATE"
-  log "meilisearch: starting on $BIND_HOST:$MEILI_PORT ($(command -v meilisearch))"
-  spawn meilisearch meilisearch \
+  log "meilisearch: starting on $BIND_HOST:$MEILI_PORT ($(meili_binary))"
+  spawn meilisearch "$(meili_binary)" \
     --http-addr "$BIND_HOST:$MEILI_PORT" \
     --master-key "$(meili_key)" \
     --env development --no-analytics \

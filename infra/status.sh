@@ -22,7 +22,7 @@ for svc in "${ALL_SERVICES[@]}"; do
     meilisearch) ep=$(meili_url) ;;
   esac
   if [[ "$svc" == meilisearch && "$(meili_mode)" == absent ]]; then
-    row "$svc" absent - "no binary on PATH, MEILI_URL unset"
+    row "$svc" absent - "no ../shared/bin/meilisearch, none on PATH, MEILI_URL unset"
     continue
   fi
   if [[ "$svc" == meilisearch && "$(meili_mode)" == external ]]; then

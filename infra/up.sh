@@ -94,7 +94,7 @@ if is_selected meilisearch; then
       meilisearch_ready || die "meilisearch: MEILI_URL=$(meili_url) does not answer /health with status available"
       ;;
     absent)
-      echo "!!! meilisearch: not found (no binary on PATH, MEILI_URL unset) — search tests will be SKIPPED"
+      echo "!!! meilisearch: not found (no ../shared/bin/meilisearch, none on PATH, MEILI_URL unset) — search tests will be SKIPPED"
       ;;
   esac
 fi
