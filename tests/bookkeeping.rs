@@ -82,6 +82,25 @@ impl Store for FlakyBookkeeping {
     async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, StoreError> {
         self.inner.chats_of(user).await
     }
+    async fn put_device(
+        &self,
+        device: &confab_schema::push::Device,
+    ) -> Result<Option<confab_schema::push::Device>, StoreError> {
+        self.inner.put_device(device).await
+    }
+    async fn devices_of(
+        &self,
+        user: UserId,
+    ) -> Result<Vec<confab_schema::push::Device>, StoreError> {
+        self.inner.devices_of(user).await
+    }
+    async fn delete_device(
+        &self,
+        user: UserId,
+        id: confab_schema::DeviceId,
+    ) -> Result<bool, StoreError> {
+        self.inner.delete_device(user, id).await
+    }
     async fn members_page(
         &self,
         chat: ChatId,

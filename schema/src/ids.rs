@@ -62,6 +62,25 @@ uuid_id!(
     SignalId
 );
 
+uuid_id!(
+    /// A device registered for push notifications. UUIDv5 of its platform and its endpoint or
+    /// token, so registering the same subscription again finds the same device.
+    DeviceId
+);
+
+impl DeviceId {
+    /// The id of the device with `platform` and `address` (endpoint or token).
+    pub fn of(platform: &str, address: &str) -> DeviceId {
+        DeviceId(Uuid::new_v5(
+            &DEVICE_NAMESPACE,
+            format!("{platform}|{address}").as_bytes(),
+        ))
+    }
+}
+
+/// Namespace for deriving [`DeviceId`]s.
+const DEVICE_NAMESPACE: Uuid = Uuid::from_u128(0x6c0f_a1b2_4e5d_4c1a_9f00_c0fa_b000_0002);
+
 /// Namespace for deriving [`UserId`]s from `issuer|subject` pairs.
 const USER_NAMESPACE: Uuid = Uuid::from_u128(0x6c0f_a1b2_4e5d_4c1a_9f00_c0fa_b000_0001);
 

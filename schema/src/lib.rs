@@ -8,8 +8,9 @@ pub mod event;
 pub mod ids;
 pub mod limits;
 pub mod model;
+pub mod push;
 pub mod subjects;
 
 pub use event::{Envelope, Event, EventKind, LoggedEvent};
-pub use ids::{ChatId, IdError, SignalId, UserId};
+pub use ids::{ChatId, DeviceId, IdError, SignalId, UserId};
 pub use model::{Chat, ChatKind, Member, MemberRole, Signal, SignalKind, User};

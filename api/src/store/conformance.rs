@@ -35,6 +35,7 @@ macro_rules! store_conformance_tests {
             user_search,
             membership_changes,
             chats_of_a_user,
+            devices_belong_to_one_user,
             activity_orders_chats,
             activity_of_a_leaver_does_not_come_back,
             edits_tombstones_and_forward_paging,
@@ -458,6 +459,57 @@ pub async fn membership_changes(store: Arc<dyn Store>) {
     let updated = store.get_chat(chat).await.unwrap().unwrap();
     assert_eq!(updated.name.as_deref(), Some("renamed"));
     assert_eq!(updated.description.as_deref(), Some("about"));
+}
+
+fn device(user: UserId, token: &str) -> confab_schema::push::Device {
+    confab_schema::push::Device {
+        id: confab_schema::DeviceId::of("fcm", token),
+        user_id: user,
+        platform: confab_schema::push::Platform::Fcm,
+        endpoint: None,
+        keys: None,
+        token: Some(token.into()),
+        topic: None,
+        created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+    }
+}
+
+/// Devices: registered again, they are the same device; registered by another user, they move;
+/// only their owner deletes them.
+pub async fn devices_belong_to_one_user(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (alice, bob) = (user("alice"), user("bob"));
+    let token = format!("token-{}", Uuid::new_v4());
+    let phone = device(alice.id, &token);
+    assert_eq!(store.put_device(&phone).await.unwrap(), None);
+    assert_eq!(
+        store.put_device(&phone).await.unwrap(),
+        Some(phone.clone()),
+        "the same device again"
+    );
+    let tablet = device(alice.id, &format!("{token}-tablet"));
+    store.put_device(&tablet).await.unwrap();
+    let mut mine = store.devices_of(alice.id).await.unwrap();
+    mine.sort_by_key(|d| d.id);
+    let mut expected = vec![phone.clone(), tablet.clone()];
+    expected.sort_by_key(|d| d.id);
+    assert_eq!(mine, expected);
+    assert!(store.devices_of(bob.id).await.unwrap().is_empty());
+
+    // bob registers the phone's token: it is his now.
+    let handed_over = device(bob.id, &token);
+    let before = store.put_device(&handed_over).await.unwrap();
+    assert_eq!(before.map(|d| d.user_id), Some(alice.id));
+    assert_eq!(store.devices_of(bob.id).await.unwrap(), vec![handed_over]);
+    assert_eq!(store.devices_of(alice.id).await.unwrap(), vec![tablet.clone()]);
+
+    assert!(
+        !store.delete_device(bob.id, tablet.id).await.unwrap(),
+        "not bob's"
+    );
+    assert!(store.delete_device(alice.id, tablet.id).await.unwrap());
+    assert!(!store.delete_device(alice.id, tablet.id).await.unwrap());
+    assert!(store.devices_of(alice.id).await.unwrap().is_empty());
 }
 
 /// The chats a user is in: what a notifier routes their events by.

@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use confab_runtime::telemetry::ReadinessCheck;
-use confab_schema::{Chat, ChatId, ChatKind, Member, MemberRole, Signal, SignalId, User, UserId};
+use confab_schema::push::Device;
+use confab_schema::{
+    Chat, ChatId, ChatKind, DeviceId, Member, MemberRole, Signal, SignalId, User, UserId,
+};
 use futures::future::BoxFuture;
 use time::OffsetDateTime;
 
@@ -158,6 +161,14 @@ pub trait Store: Send + Sync + 'static {
     async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError>;
     /// Every chat `user` is a member of, in no particular order (what a notifier routes by).
     async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, StoreError>;
+
+    /// Stores `device` (a new one, or one registered again, perhaps by another user: it then
+    /// moves to `device.user_id`). Answers the device as it was before, if any.
+    async fn put_device(&self, device: &Device) -> Result<Option<Device>, StoreError>;
+    /// `user`'s devices.
+    async fn devices_of(&self, user: UserId) -> Result<Vec<Device>, StoreError>;
+    /// Removes `user`'s device `id`; false when they have none with that id.
+    async fn delete_device(&self, user: UserId, id: DeviceId) -> Result<bool, StoreError>;
     /// Members of `chat` after `after`, in user-id order.
     async fn members_page(
         &self,

@@ -27,6 +27,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "tallies_summaries",
         cql: include_str!("migrations/0003_tallies_summaries.cql"),
     },
+    Migration {
+        version: 4,
+        name: "devices",
+        cql: include_str!("migrations/0004_devices.cql"),
+    },
 ];
 
 impl Migration {

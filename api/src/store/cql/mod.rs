@@ -14,7 +14,10 @@ mod parity;
 pub use parity::SendParity;
 use parity::{Claim, NonceBucket};
 
-use confab_schema::{Chat, ChatId, Member, MemberRole, Signal, SignalId, SignalKind, User, UserId};
+use confab_schema::push::Device;
+use confab_schema::{
+    Chat, ChatId, DeviceId, Member, MemberRole, Signal, SignalId, SignalKind, User, UserId,
+};
 pub use migrations::{CQL_MIGRATIONS, Migration, SIGNAL_BUCKET_MILLIS, signal_bucket};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
@@ -273,6 +276,12 @@ struct Statements {
     insert_user_chat: PreparedStatement,
     member_role: PreparedStatement,
     chats_of: PreparedStatement,
+    get_device: PreparedStatement,
+    put_device: PreparedStatement,
+    put_device_by_user: PreparedStatement,
+    delete_device: PreparedStatement,
+    delete_device_by_user: PreparedStatement,
+    devices_of: PreparedStatement,
     claim_nonce: PreparedStatement,
     insert_signal: PreparedStatement,
     insert_bucket: PreparedStatement,
@@ -355,6 +364,21 @@ type SignalRow = (
 const BUCKET_BATCH: i32 = 16;
 
 impl CqlStore {
+    async fn get_device(&self, id: DeviceId) -> Result<Option<Device>, StoreError> {
+        let row = self
+            .session
+            .execute_unpaged(&self.statements.get_device, (id.0,))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<String>,)>()
+            .map_err(corrupt)?;
+        row.and_then(|(body,)| body)
+            .map(|body| serde_json::from_str(&body).map_err(corrupt))
+            .transpose()
+    }
+
     /// Connects to an already migrated keyspace and prepares every statement.
     pub async fn connect(options: &CqlOptions) -> Result<CqlStore, StoreError> {
         // Boxed: the state machine that prepares every statement is large.
@@ -399,6 +423,12 @@ impl CqlStore {
             .await?,
             member_role: prepare("SELECT role FROM chat_members WHERE chat_id = ? AND user_id = ?".into()).await?,
             chats_of: prepare("SELECT chat_id FROM user_chats WHERE user_id = ?".into()).await?,
+            get_device: prepare("SELECT body FROM devices WHERE device_id = ?".into()).await?,
+            put_device: prepare("INSERT INTO devices (device_id, user_id, body) VALUES (?, ?, ?)".into()).await?,
+            put_device_by_user: prepare("INSERT INTO devices_by_user (user_id, device_id, body) VALUES (?, ?, ?)".into()).await?,
+            delete_device: prepare("DELETE FROM devices WHERE device_id = ?".into()).await?,
+            delete_device_by_user: prepare("DELETE FROM devices_by_user WHERE user_id = ? AND device_id = ?".into()).await?,
+            devices_of: prepare("SELECT body FROM devices_by_user WHERE user_id = ?".into()).await?,
 
             claim_nonce: prepare(
                 "INSERT INTO signal_nonces (chat_id, author_id, nonce, signal_id, kind, text, reply_to, attachments) \
@@ -936,6 +966,70 @@ impl Store for CqlStore {
             chats.push(ChatId(row.map_err(corrupt)?.0));
         }
         Ok(chats)
+    }
+
+    async fn put_device(&self, device: &Device) -> Result<Option<Device>, StoreError> {
+        let previous = self.get_device(device.id).await?;
+        if let Some(previous) = &previous
+            && previous.user_id != device.user_id
+        {
+            self.session
+                .execute_unpaged(
+                    &self.statements.delete_device_by_user,
+                    (previous.user_id.0, device.id.0),
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        let body = serde_json::to_string(device).map_err(corrupt)?;
+        self.session
+            .execute_unpaged(
+                &self.statements.put_device_by_user,
+                (device.user_id.0, device.id.0, &body),
+            )
+            .await
+            .map_err(unavailable)?;
+        self.session
+            .execute_unpaged(
+                &self.statements.put_device,
+                (device.id.0, device.user_id.0, &body),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(previous)
+    }
+
+    async fn devices_of(&self, user: UserId) -> Result<Vec<Device>, StoreError> {
+        let mut rows = self
+            .session
+            .execute_iter(self.statements.devices_of.clone(), (user.0,))
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<(String,)>()
+            .map_err(corrupt)?;
+        let mut devices = Vec::new();
+        while let Some(row) = rows.next().await {
+            devices.push(serde_json::from_str(&row.map_err(corrupt)?.0).map_err(corrupt)?);
+        }
+        Ok(devices)
+    }
+
+    async fn delete_device(&self, user: UserId, id: DeviceId) -> Result<bool, StoreError> {
+        let Some(device) = self.get_device(id).await? else {
+            return Ok(false);
+        };
+        if device.user_id != user {
+            return Ok(false);
+        }
+        self.session
+            .execute_unpaged(&self.statements.delete_device_by_user, (user.0, id.0))
+            .await
+            .map_err(unavailable)?;
+        self.session
+            .execute_unpaged(&self.statements.delete_device, (id.0,))
+            .await
+            .map_err(unavailable)?;
+        Ok(true)
     }
 
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError> {

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use confab_schema::{Chat, ChatId, Member, MemberRole, Signal, SignalId, User, UserId};
+use confab_schema::push::Device;
+use confab_schema::{Chat, ChatId, DeviceId, Member, MemberRole, Signal, SignalId, User, UserId};
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
@@ -26,6 +27,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0001_initial.sql"),
     include_str!("schema/0002_activity_reactions_markers_search.sql"),
     include_str!("schema/0003_nonces_with_expiry.sql"),
+    include_str!("schema/0004_devices.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -418,6 +420,68 @@ impl Store for EmbeddedStore {
             ids.into_iter()
                 .map(|id| uuid_from(id).map(ChatId))
                 .collect()
+        })
+        .await
+    }
+
+    async fn put_device(&self, device: &Device) -> Result<Option<Device>, StoreError> {
+        let body = serde_json::to_string(device).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (id, user) = (device.id, device.user_id);
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            let previous: Option<String> = tx
+                .query_row(
+                    "SELECT body FROM devices WHERE id = ?1",
+                    params![blob(id.0)],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO devices (id, user_id, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, body = excluded.body",
+                params![blob(id.0), blob(user.0), body],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            previous
+                .map(|body| {
+                    serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))
+                })
+                .transpose()
+        })
+        .await
+    }
+
+    async fn devices_of(&self, user: UserId) -> Result<Vec<Device>, StoreError> {
+        self.with(move |c| {
+            let mut statement = c
+                .prepare_cached("SELECT body FROM devices WHERE user_id = ?1 ORDER BY id")
+                .map_err(unavailable)?;
+            let bodies = statement
+                .query_map(params![blob(user.0)], |row| row.get::<_, String>(0))
+                .map_err(unavailable)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable)?;
+            bodies
+                .into_iter()
+                .map(|body| {
+                    serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn delete_device(&self, user: UserId, id: DeviceId) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            let deleted = c
+                .execute(
+                    "DELETE FROM devices WHERE id = ?1 AND user_id = ?2",
+                    params![blob(id.0), blob(user.0)],
+                )
+                .map_err(unavailable)?;
+            Ok(deleted > 0)
         })
         .await
     }
