@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use confab_api::domain::devices::PushSettings;
 use confab_api::store::cql::{self, CqlOptions, CqlStore};
 use confab_api::store::embedded::EmbeddedStore;
 use confab_api::store::{Store, StoreReadiness};
@@ -213,7 +214,11 @@ pub async fn build(
                 &secret,
             )
             .with_republish_window(config.log_settings().duplicate_window)
-            .with_presence(Arc::clone(&presence)),
+            .with_presence(Arc::clone(&presence))
+            .with_push(PushSettings {
+                allow_insecure_endpoints: config.push.allow_insecure_endpoints,
+                vapid_public_key: config.push.vapid_public_key.clone(),
+            }),
         );
         api_router = Some(
             routes

@@ -41,6 +41,8 @@ enum Command {
     },
     /// Measures the CQL store layer against raw prepared inserts and writes a results file.
     BenchStore(confab::bench_store::StoreBenchArgs),
+    /// Prints a new VAPID key pair for Web Push, as configuration lines.
+    VapidKeys,
     /// Prints the OpenAPI description of every route.
     Openapi,
     /// Measures POST-to-delivery latency and writes a results file.
@@ -79,6 +81,12 @@ fn main() -> anyhow::Result<()> {
             Command::BenchStore(args) => confab::bench_store::run(args, config).await,
             Command::BenchReads(args) => confab::bench_reads::run(args, config).await,
             Command::BenchFanout(args) => confab::bench_fanout::run(args, config).await,
+            Command::VapidKeys => {
+                let keys = confab_runtime::vapid::VapidKeys::generate();
+                println!("CONFAB_PUSH__VAPID_PUBLIC_KEY={}", keys.public_key);
+                println!("CONFAB_PUSH__VAPID_PRIVATE_KEY={}", keys.private_key);
+                Ok(())
+            }
             Command::Openapi => {
                 println!("{}", serde_json::to_string_pretty(&confab::openapi())?);
                 Ok(())

@@ -709,12 +709,16 @@ async fn openapi_is_served_and_lists_every_route() {
         "POST /v1/chats/{chat_id}/typing",
         "PUT /v1/me/status",
         "GET /v1/users/{user_id}/presence",
+        "POST /v1/devices",
+        "GET /v1/devices",
+        "DELETE /v1/devices/{device_id}",
+        "GET /v1/push/vapid-public-key",
     ] {
         assert!(
             operations.iter().any(|o| o == expected),
             "{expected} is not documented"
         );
     }
-    assert_eq!(operations.len(), 27, "{operations:?}");
+    assert_eq!(operations.len(), 31, "{operations:?}");
     app.stop().await;
 }

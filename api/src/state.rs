@@ -12,6 +12,7 @@ use confab_runtime::signed::Signer;
 use confab_schema::{ChatId, Signal, User, UserId};
 
 use crate::coalesce::Coalescer;
+use crate::domain::devices::PushSettings;
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -37,6 +38,8 @@ pub struct ApiState {
     pub(crate) presence: Arc<dyn Presence>,
     /// When each user's last status change was announced: see `domain::presence`.
     pub(crate) status_events: Arc<Mutex<HashMap<UserId, Instant>>>,
+    /// How push registrations are checked.
+    pub(crate) push: PushSettings,
 }
 
 impl ApiState {
@@ -58,7 +61,14 @@ impl ApiState {
             typing: Arc::default(),
             presence: Arc::new(EmbeddedPresence::default()),
             status_events: Arc::default(),
+            push: PushSettings::default(),
         }
+    }
+
+    /// How push registrations are checked.
+    pub fn with_push(mut self, push: PushSettings) -> ApiState {
+        self.push = push;
+        self
     }
 
     /// Where presence records live (shared with the notifiers).

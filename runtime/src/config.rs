@@ -35,6 +35,20 @@ pub struct Config {
     pub bus: BusConfig,
     pub identity: IdentityConfig,
     pub telemetry: TelemetryConfig,
+    pub push: PushConfig,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Accept `http` push endpoints on loopback hosts (tests, local development). Anything else
+    /// must be `https`. Default false.
+    pub allow_insecure_endpoints: bool,
+    /// The VAPID public key browsers subscribe with: base64url of the uncompressed P-256 point
+    /// (`confab vapid-keys` makes a pair). Default: none (Web Push devices are refused).
+    pub vapid_public_key: Option<String>,
+    /// The VAPID private key (base64url of the 32-byte scalar). Default: none.
+    pub vapid_private_key: Option<String>,
 }
 
 impl Default for Config {
@@ -51,6 +65,7 @@ impl Default for Config {
             bus: BusConfig::default(),
             identity: IdentityConfig::default(),
             telemetry: TelemetryConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -288,6 +303,7 @@ const SECTIONS: &[&str] = &[
     "bus",
     "identity",
     "telemetry",
+    "push",
 ];
 
 impl Config {
@@ -324,6 +340,24 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.push.vapid_public_key, &self.push.vapid_private_key) {
+            (None, None) => {}
+            (Some(public), Some(private)) => {
+                let keys = crate::vapid::VapidKeys::from_private_key(private)
+                    .map_err(|e| ConfigError::Invalid(format!("push.vapid_private_key: {e}")))?;
+                if keys.public_key != public.trim() {
+                    return Err(ConfigError::Invalid(
+                        "push.vapid_public_key is not the public half of push.vapid_private_key"
+                            .into(),
+                    ));
+                }
+            }
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "set both push.vapid_public_key and push.vapid_private_key, or neither".into(),
+                ));
+            }
+        }
         if !confab_schema::subjects::is_valid_prefix(&self.bus.subject_prefix) {
             return Err(ConfigError::Invalid(format!(
                 "bus.subject_prefix `{}` must be dot-separated tokens of letters, digits, `_` or `-`",

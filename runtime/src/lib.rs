@@ -13,6 +13,7 @@ pub mod problem;
 pub mod shutdown;
 pub mod signed;
 pub mod telemetry;
+pub mod vapid;
 
 pub use config::Config;
 pub use problem::Problem;

@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod chats;
+pub mod devices;
 pub mod events;
 pub mod inputs;
 pub mod markers;

@@ -4,6 +4,7 @@
 //! [`crate::domain`], and maps the result to a status and a body.
 
 mod chats;
+mod devices;
 mod markers;
 mod members;
 mod reactions;
@@ -39,6 +40,7 @@ use crate::state::ApiState;
         (name = "reactions", description = "Emoji reactions to signals"),
         (name = "markers", description = "Read and delivery markers"),
         (name = "events", description = "Live events over Server-Sent Events and WebSocket"),
+        (name = "push", description = "Devices for push notifications"),
     )
 )]
 struct ApiDoc;
@@ -120,6 +122,9 @@ fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(markers::views))
         .routes(routes!(markers::deliveries))
         .routes(routes!(typing::typing))
+        .routes(routes!(devices::register, devices::list))
+        .routes(routes!(devices::remove))
+        .routes(routes!(devices::vapid_public_key))
 }
 
 /// The authenticated caller. Extracting it verifies the bearer token and provisions the user from

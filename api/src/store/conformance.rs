@@ -501,7 +501,10 @@ pub async fn devices_belong_to_one_user(store: Arc<dyn Store>) {
     let before = store.put_device(&handed_over).await.unwrap();
     assert_eq!(before.map(|d| d.user_id), Some(alice.id));
     assert_eq!(store.devices_of(bob.id).await.unwrap(), vec![handed_over]);
-    assert_eq!(store.devices_of(alice.id).await.unwrap(), vec![tablet.clone()]);
+    assert_eq!(
+        store.devices_of(alice.id).await.unwrap(),
+        vec![tablet.clone()]
+    );
 
     assert!(
         !store.delete_device(bob.id, tablet.id).await.unwrap(),

@@ -1,0 +1,177 @@
+//! Devices for push notifications, on both stacks: registering (again), listing, moving to another
+//! user, removing, who may do what, bad registrations, and the VAPID public key.
+
+mod support;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use confab_runtime::vapid::VapidKeys;
+use serde_json::{Value, json};
+use support::{Stack, TestApp};
+
+async fn app_with_web_push(stack: Stack) -> (TestApp, VapidKeys) {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    let keys = VapidKeys::generate();
+    config.push.vapid_public_key = Some(keys.public_key.clone());
+    config.push.vapid_private_key = Some(keys.private_key.clone());
+    config.push.allow_insecure_endpoints = true;
+    (support::spawn_with(stack, config, data).await, keys)
+}
+
+fn subscription(endpoint: &str) -> Value {
+    json!({
+        "platform": "webpush",
+        "endpoint": endpoint,
+        "expirationTime": null,
+        "keys": {
+            "p256dh": URL_SAFE_NO_PAD.encode(VapidKeys::generate().public_key_bytes()),
+            "auth": URL_SAFE_NO_PAD.encode([7u8; 16]),
+        }
+    })
+}
+
+async fn devices_belong_to_their_user(stack: Stack) {
+    let (app, keys) = app_with_web_push(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let alice_id = app.me(&alice).await;
+    let bob_id = app.me(&bob).await;
+
+    let key: Value = app
+        .http
+        .get(app.url("/v1/push/vapid-public-key"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(key["public_key"], keys.public_key.as_str());
+
+    let browser = subscription("http://127.0.0.1:9/push/abc");
+    let first = app.post(&alice, "/v1/devices", &browser).await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(first["platform"], "webpush");
+    assert_eq!(first["user_id"], alice_id.as_str());
+    let again = app.post(&alice, "/v1/devices", &browser).await;
+    assert_eq!(
+        again.status(),
+        200,
+        "the same subscription is the same device"
+    );
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["created_at"], first["created_at"]);
+    let phone = app
+        .post(
+            &alice,
+            "/v1/devices",
+            &json!({"platform": "fcm", "token": "fcm-token-1"}),
+        )
+        .await;
+    assert_eq!(phone.status(), 201);
+    let phone: Value = phone.json().await.unwrap();
+
+    let mine: Value = app.get(&alice, "/v1/devices").await.json().await.unwrap();
+    assert_eq!(mine["items"].as_array().unwrap().len(), 2);
+    let bobs: Value = app.get(&bob, "/v1/devices").await.json().await.unwrap();
+    assert!(
+        bobs["items"].as_array().unwrap().is_empty(),
+        "bob sees none of alice's"
+    );
+
+    // bob cannot remove alice's device; registering her phone's token makes it his.
+    let id = phone["id"].as_str().unwrap();
+    let refused = app
+        .http
+        .delete(app.url(&format!("/v1/devices/{id}")))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 404);
+    let moved = app
+        .post(
+            &bob,
+            "/v1/devices",
+            &json!({"platform": "fcm", "token": "fcm-token-1"}),
+        )
+        .await;
+    assert_eq!(moved.status(), 201);
+    let moved: Value = moved.json().await.unwrap();
+    assert_eq!(moved["id"], phone["id"]);
+    assert_eq!(moved["user_id"], bob_id.as_str());
+    let mine: Value = app.get(&alice, "/v1/devices").await.json().await.unwrap();
+    assert_eq!(mine["items"].as_array().unwrap().len(), 1);
+
+    let removed = app
+        .http
+        .delete(app.url(&format!("/v1/devices/{}", first["id"].as_str().unwrap())))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 204);
+    let mine: Value = app.get(&alice, "/v1/devices").await.json().await.unwrap();
+    assert!(mine["items"].as_array().unwrap().is_empty());
+
+    // Bad registrations are 4xx problems.
+    for bad in [
+        json!({"platform": "webpush", "endpoint": "http://push.example/x", "keys": browser["keys"]}),
+        json!({"platform": "webpush", "endpoint": "https://push.example/x", "keys": {"p256dh": "AAAA", "auth": "AAAA"}}),
+        json!({"platform": "webpush", "endpoint": "https://push.example/x"}),
+        json!({"platform": "apns", "token": "not-hex", "topic": "com.example"}),
+        json!({"platform": "apns", "token": "ab".repeat(32)}),
+        json!({"platform": "fcm"}),
+        json!({"platform": "fcm", "token": "t", "endpoint": "https://push.example/x"}),
+        json!({"platform": "pager", "token": "t"}),
+        json!({"token": "t"}),
+        json!({"platform": "fcm", "token": "t", "colour": "blue"}),
+    ] {
+        let response = app.post(&alice, "/v1/devices", &bad).await;
+        assert_eq!(response.status(), 422, "{bad}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+    let anonymous = app.http.get(app.url("/v1/devices")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn devices_belong_to_their_user_on_the_embedded_default() {
+    Box::pin(devices_belong_to_their_user(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn devices_belong_to_their_user_on_the_real_stack() {
+    if support::real_stack_available("devices_belong_to_their_user_on_the_real_stack").await {
+        Box::pin(devices_belong_to_their_user(Stack::Real)).await;
+    }
+}
+
+#[tokio::test]
+async fn without_vapid_keys_web_push_is_refused() {
+    let app = support::spawn_app(Stack::Embedded).await;
+    let alice = app.token("alice").await;
+    let key = app
+        .http
+        .get(app.url("/v1/push/vapid-public-key"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(key.status(), 404);
+    let refused = app
+        .post(
+            &alice,
+            "/v1/devices",
+            &subscription("https://push.example/abc"),
+        )
+        .await;
+    assert_eq!(refused.status(), 422);
+    app.stop().await;
+}
