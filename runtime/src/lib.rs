@@ -14,6 +14,7 @@ pub mod shutdown;
 pub mod signed;
 pub mod telemetry;
 pub mod vapid;
+pub mod webpush;
 
 pub use config::Config;
 pub use problem::Problem;
