@@ -256,6 +256,30 @@ impl Presence for NatsPresence {
     }
 }
 
+impl PresenceRecord {
+    /// How `user` appears to others now.
+    pub fn view(&self, user: UserId, now_ms: i64) -> confab_schema::event::UserPresence {
+        let state = match self.state(now_ms) {
+            PresenceState::Online => "online",
+            PresenceState::Away => "away",
+            PresenceState::Offline => "offline",
+        };
+        confab_schema::event::UserPresence {
+            user_id: user,
+            state: state.into(),
+            last_seen_at: self.last_seen_ms.and_then(|ms| {
+                OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                    .ok()?
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            }),
+            status_text: self
+                .active_status(now_ms)
+                .and_then(|status| status.text.clone()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,29 +308,5 @@ mod tests {
             PresenceState::Online,
             "status expired"
         );
-    }
-}
-
-impl PresenceRecord {
-    /// How `user` appears to others now.
-    pub fn view(&self, user: UserId, now_ms: i64) -> confab_schema::event::UserPresence {
-        let state = match self.state(now_ms) {
-            PresenceState::Online => "online",
-            PresenceState::Away => "away",
-            PresenceState::Offline => "offline",
-        };
-        confab_schema::event::UserPresence {
-            user_id: user,
-            state: state.into(),
-            last_seen_at: self.last_seen_ms.and_then(|ms| {
-                OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-                    .ok()?
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            }),
-            status_text: self
-                .active_status(now_ms)
-                .and_then(|status| status.text.clone()),
-        }
     }
 }
