@@ -19,14 +19,18 @@ use confab_api::store::{Store, StoreReadiness};
 use confab_api::{ApiState, routes as api_routes};
 use confab_notifier::auth::StreamAuth;
 use confab_notifier::hub::Caps;
+use confab_notifier::push::{DeviceDirectory, PushSender};
 use confab_notifier::{Hub, HubReadiness, Membership, NotifierState};
 use confab_runtime::bus::{Bus, BusReadiness, EmbeddedBus, NatsBus};
 use confab_runtime::config::{BusBackend, Config, IdentityMode, StoreBackend};
 use confab_runtime::identity::{DevIdentity, Identity, IdentityReadiness, OidcIdentity};
 use confab_runtime::presence::{EmbeddedPresence, NatsPresence, Presence};
 use confab_runtime::problem;
+use confab_runtime::push_queue::{EmbeddedPushQueue, NatsPushQueue, PushQueue};
 use confab_runtime::telemetry::{self, Readiness};
-use confab_schema::{ChatId, UserId};
+use confab_runtime::vapid::VapidKeys;
+use confab_schema::push::Device;
+use confab_schema::{ChatId, DeviceId, UserId};
 use confab_ws_plexer::api::{ApiCaller, InProcess, OverHttp};
 use confab_ws_plexer::{Limits, PlexerState};
 use tokio::net::TcpListener;
@@ -130,6 +134,42 @@ pub async fn open_presence(config: &Config) -> anyhow::Result<Arc<dyn Presence>>
     })
 }
 
+/// Where pushes wait for their delay: a NATS key-value bucket with the NATS bus, else a SQLite
+/// file in the data directory.
+pub async fn open_push_queue(config: &Config) -> anyhow::Result<Arc<dyn PushQueue>> {
+    Ok(match config.bus.backend {
+        BusBackend::Embedded => {
+            let path = config.data_dir.join("push.sqlite3");
+            Arc::new(
+                EmbeddedPushQueue::open(&path)
+                    .with_context(|| format!("opening the push queue {}", path.display()))?,
+            )
+        }
+        BusBackend::Nats => Arc::new(
+            NatsPushQueue::connect(&config.bus.nats_url, &config.bus.subject_prefix)
+                .await
+                .context("connecting to NATS for the push queue")?,
+        ),
+    })
+}
+
+/// The devices the push sender delivers to, from the store.
+pub struct StoreDevices(pub Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl DeviceDirectory for StoreDevices {
+    async fn devices_of(&self, user: UserId) -> Result<Vec<Device>, String> {
+        self.0.devices_of(user).await.map_err(|e| e.to_string())
+    }
+    async fn remove(&self, user: UserId, device: DeviceId) -> Result<(), String> {
+        self.0
+            .delete_device(user, device)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// What a notifier routes by: the chats a user is in, read from the store. (The notifier and the
 /// ws-plexer read this and nothing else; only the API writes.)
 pub struct StoreMembership(pub Arc<dyn Store>);
@@ -194,6 +234,7 @@ pub async fn build(
     let identity = open_identity(config)?;
     let bus = open_bus(config).await?;
     let presence = open_presence(config).await?;
+    let push_queue = open_push_queue(config).await?;
     let mut readiness = Readiness::new()
         .with(Arc::new(IdentityReadiness(Arc::clone(&identity))))
         .with(Arc::new(BusReadiness(Arc::clone(&bus))));
@@ -218,7 +259,10 @@ pub async fn build(
             .with_push(PushSettings {
                 allow_insecure_endpoints: config.push.allow_insecure_endpoints,
                 vapid_public_key: config.push.vapid_public_key.clone(),
-            }),
+                delay: config.push.delay(),
+                ttl: config.push.ttl(),
+            })
+            .with_push_queue(Arc::clone(&push_queue)),
         );
         api_router = Some(
             routes
@@ -247,6 +291,25 @@ pub async fn build(
                 .context("subscribing to events")?,
         );
         readiness = readiness.with(Arc::new(HubReadiness(hub.clone())));
+        if matches!(role, Role::Serve | Role::Notifier) {
+            let vapid = match &config.push.vapid_private_key {
+                Some(private) => Some(VapidKeys::from_private_key(private)?),
+                None => None,
+            };
+            workers.push(
+                PushSender {
+                    queue: Arc::clone(&push_queue),
+                    devices: Arc::new(StoreDevices(Arc::clone(&store))),
+                    http: reqwest::Client::builder()
+                        .timeout(Duration::from_secs(15))
+                        .build()?,
+                    vapid,
+                    subject: config.push.subject(),
+                    poll: Duration::from_millis(100),
+                }
+                .start(shutdown.clone()),
+            );
+        }
         let auth = StreamAuth::new(
             Arc::clone(&identity),
             &secret,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use confab_runtime::bus::Bus;
 use confab_runtime::identity::Identity;
 use confab_runtime::presence::{EmbeddedPresence, Presence};
+use confab_runtime::push_queue::PushQueue;
 use confab_runtime::signed::Signer;
 use confab_schema::{ChatId, Signal, User, UserId};
 
@@ -40,6 +41,8 @@ pub struct ApiState {
     pub(crate) status_events: Arc<Mutex<HashMap<UserId, Instant>>>,
     /// How push registrations are checked.
     pub(crate) push: PushSettings,
+    /// Pushes waiting for their delay (`None`: no pushes scheduled).
+    pub(crate) push_queue: Option<Arc<dyn PushQueue>>,
 }
 
 impl ApiState {
@@ -62,12 +65,19 @@ impl ApiState {
             presence: Arc::new(EmbeddedPresence::default()),
             status_events: Arc::default(),
             push: PushSettings::default(),
+            push_queue: None,
         }
     }
 
     /// How push registrations are checked.
     pub fn with_push(mut self, push: PushSettings) -> ApiState {
         self.push = push;
+        self
+    }
+
+    /// Where pushes wait for their delay.
+    pub fn with_push_queue(mut self, queue: Arc<dyn PushQueue>) -> ApiState {
+        self.push_queue = Some(queue);
         self
     }
 

@@ -5,6 +5,7 @@
 pub mod asyncapi;
 pub mod auth;
 pub mod hub;
+pub mod push;
 pub mod sse;
 
 pub use hub::{Hub, HubReadiness, Membership};

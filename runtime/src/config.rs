@@ -49,6 +49,30 @@ pub struct PushConfig {
     pub vapid_public_key: Option<String>,
     /// The VAPID private key (base64url of the 32-byte scalar). Default: none.
     pub vapid_private_key: Option<String>,
+    /// The contact push services see in the VAPID token (`mailto:` or `https:`). Default
+    /// `mailto:push@localhost`.
+    pub vapid_subject: Option<String>,
+    /// How long a message waits, unfetched, before its recipient's devices get a push, in
+    /// milliseconds. Default 10000.
+    pub delay_ms: Option<u64>,
+    /// How long after its due time a push may still be sent; later it is dropped. Default 3600.
+    pub ttl_secs: Option<u64>,
+}
+
+impl PushConfig {
+    pub fn delay(&self) -> Duration {
+        Duration::from_millis(self.delay_ms.unwrap_or(10_000))
+    }
+
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_secs.unwrap_or(3_600).max(1))
+    }
+
+    pub fn subject(&self) -> String {
+        self.vapid_subject
+            .clone()
+            .unwrap_or_else(|| "mailto:push@localhost".into())
+    }
 }
 
 impl Default for Config {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod identity;
 pub mod presence;
 pub mod problem;
+pub mod push_queue;
 pub mod shutdown;
 pub mod signed;
 pub mod telemetry;

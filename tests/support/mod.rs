@@ -235,7 +235,13 @@ impl TestApp {
             .to_owned()
     }
 
-    pub async fn stop(mut self) {
+    /// Stops the app and drops what it made on the real services. Boxed: the cleanup's future is
+    /// large.
+    pub fn stop(self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(self.stop_now())
+    }
+
+    async fn stop_now(mut self) {
         self.shutdown.cancel();
         if let Some(server) = self.server.take() {
             tokio::time::timeout(DEADLINE, server)
@@ -263,6 +269,14 @@ impl TestApp {
             .await
             {
                 let _ = presence.delete_bucket().await;
+            }
+            if let Ok(queue) = confab_runtime::push_queue::NatsPushQueue::connect(
+                &self.config.bus.nats_url,
+                &self.config.bus.subject_prefix,
+            )
+            .await
+            {
+                let _ = queue.delete_bucket().await;
             }
         }
     }

@@ -42,6 +42,8 @@ impl ApiState {
             return Ok(before);
         }
         self.store.advance_marker(kind, chat, caller, up_to).await?;
+        // Read or received up to there (on any device): no push for it.
+        self.cancel_pushes(caller, chat, up_to).await;
         let change = MarkerChange {
             user_id: caller,
             up_to,

@@ -170,6 +170,15 @@ impl ApiState {
             }
         };
         let page = pager.page(fetched, |last| (forward, last.id));
+        // A page that reaches the newest signal covers everything: its push is not needed.
+        let reaches_newest = match (forward, position) {
+            (false, None) => true,
+            (true, _) => page.next_cursor.is_none(),
+            (false, Some(_)) => false,
+        };
+        if reaches_newest && let Some(newest) = page.items.iter().map(|s| s.id).max() {
+            self.cancel_pushes(caller, chat, newest).await;
+        }
         Ok(Page {
             items: self.decorate(page.items).await?,
             next_cursor: page.next_cursor,
@@ -311,6 +320,7 @@ impl ApiState {
     /// author's read marker to it, coalesced per chat. The signal is history already, so a failure
     /// here is not the sender's failure: it is retried in the background, and the send succeeds.
     async fn bookkeep(&self, created: &Signal, members: Vec<UserId>) {
+        self.schedule_pushes(created, &members).await;
         let (touched, marked) = futures::join!(
             self.touch(created.clone(), members.clone()),
             self.mark_authors_read(created)

@@ -1,0 +1,338 @@
+//! Delayed push, on both stacks, to a Web Push receiver in this test that holds a real subscription
+//! key pair: it decrypts every payload per RFC 8291 (its own implementation, not the server's) and
+//! verifies the VAPID JWT per RFC 8292, so it proves the bytes a browser's push service would get.
+//! With a delay of a few hundred milliseconds: an unfetched message gives exactly one push per
+//! device; three messages give one collapsed push; a fetched one gives none; a 410 removes the
+//! device.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::{Aes128Gcm, Nonce};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use confab_runtime::vapid::VapidKeys;
+use hmac::{Hmac, Mac};
+use p256::ecdsa::signature::Verifier;
+use p256::elliptic_curve::sec1::ToSec1Point;
+use serde_json::{Value, json};
+use sha2::Sha256;
+use support::{DEADLINE, Stack, TestApp};
+
+/// A browser's side of one subscription: its key pair and auth secret.
+struct Subscription {
+    secret: p256::SecretKey,
+    auth: [u8; 16],
+}
+
+impl Subscription {
+    fn new(seed: u8) -> Subscription {
+        let mut scalar = [seed; 32];
+        scalar[0] = 1;
+        Subscription {
+            secret: p256::SecretKey::from_slice(&scalar).unwrap(),
+            auth: [seed; 16],
+        }
+    }
+
+    fn public(&self) -> Vec<u8> {
+        self.secret
+            .public_key()
+            .to_sec1_point(false)
+            .as_bytes()
+            .to_vec()
+    }
+
+    /// RFC 8291 decryption of an `aes128gcm` body with one record.
+    fn decrypt(&self, body: &[u8]) -> Vec<u8> {
+        let hkdf = |salt: &[u8], ikm: &[u8], info: &[u8], len: usize| {
+            let mut extract = <Hmac<Sha256> as Mac>::new_from_slice(salt).unwrap();
+            extract.update(ikm);
+            let prk = extract.finalize().into_bytes();
+            let mut expand = <Hmac<Sha256> as Mac>::new_from_slice(&prk).unwrap();
+            expand.update(info);
+            expand.update(&[1]);
+            expand.finalize().into_bytes()[..len].to_vec()
+        };
+        let salt = &body[..16];
+        let record_size = u32::from_be_bytes(body[16..20].try_into().unwrap());
+        assert!(record_size >= 18);
+        let id_len = body[20] as usize;
+        let sender_public = &body[21..21 + id_len];
+        let sealed = &body[21 + id_len..];
+        let sender = p256::PublicKey::from_sec1_bytes(sender_public).unwrap();
+        let shared =
+            p256::ecdh::diffie_hellman(self.secret.to_nonzero_scalar(), sender.as_affine());
+        let mut info = b"WebPush: info\0".to_vec();
+        info.extend_from_slice(&self.public());
+        info.extend_from_slice(sender_public);
+        let ikm = hkdf(&self.auth, shared.raw_secret_bytes(), &info, 32);
+        let key = hkdf(salt, &ikm, b"Content-Encoding: aes128gcm\0", 16);
+        let nonce = hkdf(salt, &ikm, b"Content-Encoding: nonce\0", 12);
+        let mut plain = Aes128Gcm::new_from_slice(&key)
+            .unwrap()
+            .decrypt(Nonce::from_slice(&nonce), sealed)
+            .expect("the payload decrypts with the subscription's keys");
+        // Strip the padding and the last-record delimiter.
+        while plain.last() == Some(&0) {
+            plain.pop();
+        }
+        assert_eq!(plain.pop(), Some(2), "one record, the last");
+        plain
+    }
+}
+
+/// A push as the receiver saw it: decrypted and verified.
+#[derive(Debug, Clone)]
+struct Received {
+    device: String,
+    payload: Value,
+    topic: Option<String>,
+}
+
+#[derive(Clone)]
+struct Receiver {
+    origin: String,
+    vapid_public: String,
+    subscriptions: Arc<HashMap<String, Subscription>>,
+    received: Arc<Mutex<Vec<Received>>>,
+    /// Devices whose endpoint answers 410 Gone.
+    gone: Arc<Mutex<Vec<String>>>,
+}
+
+async fn receive(
+    State(receiver): State<Receiver>,
+    Path(device): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    if receiver.gone.lock().unwrap().contains(&device) {
+        return StatusCode::GONE;
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(header("content-encoding").as_deref(), Some("aes128gcm"));
+    assert!(header("ttl").unwrap().parse::<u64>().unwrap() > 0);
+    // RFC 8292: `vapid t=<JWT>, k=<key>`, the JWT signed by that key for this origin.
+    let authorization = header("authorization").expect("a VAPID authorization");
+    let (token, key) = authorization
+        .strip_prefix("vapid t=")
+        .and_then(|rest| rest.split_once(", k="))
+        .expect("vapid t=…, k=…");
+    assert_eq!(key, receiver.vapid_public);
+    let (signed, signature) = token.rsplit_once('.').unwrap();
+    let claims: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(signed.split_once('.').unwrap().1)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["aud"], receiver.origin.as_str());
+    assert!(claims["exp"].as_i64().unwrap() > time::OffsetDateTime::now_utc().unix_timestamp());
+    assert!(
+        claims["exp"].as_i64().unwrap()
+            <= time::OffsetDateTime::now_utc().unix_timestamp() + 86_400
+    );
+    p256::ecdsa::VerifyingKey::from_sec1_bytes(&URL_SAFE_NO_PAD.decode(key).unwrap())
+        .unwrap()
+        .verify(
+            signed.as_bytes(),
+            &p256::ecdsa::Signature::from_slice(&URL_SAFE_NO_PAD.decode(signature).unwrap())
+                .unwrap(),
+        )
+        .expect("the VAPID signature verifies");
+    let subscription = &receiver.subscriptions[&device];
+    let payload: Value = serde_json::from_slice(&subscription.decrypt(&body)).unwrap();
+    receiver.received.lock().unwrap().push(Received {
+        device,
+        payload,
+        topic: header("topic"),
+    });
+    StatusCode::CREATED
+}
+
+async fn start_receiver(vapid_public: &str, devices: &[&str]) -> Receiver {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    let receiver = Receiver {
+        origin,
+        vapid_public: vapid_public.to_owned(),
+        subscriptions: Arc::new(
+            devices
+                .iter()
+                .enumerate()
+                .map(|(i, d)| ((*d).to_owned(), Subscription::new(i as u8 + 7)))
+                .collect(),
+        ),
+        received: Arc::default(),
+        gone: Arc::default(),
+    };
+    let router = axum::Router::new()
+        .route("/push/{device}", axum::routing::post(receive))
+        .with_state(receiver.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    receiver
+}
+
+impl Receiver {
+    fn registration(&self, device: &str) -> Value {
+        let subscription = &self.subscriptions[device];
+        json!({
+            "platform": "webpush",
+            "endpoint": format!("{}/push/{device}", self.origin),
+            "keys": {
+                "p256dh": URL_SAFE_NO_PAD.encode(subscription.public()),
+                "auth": URL_SAFE_NO_PAD.encode(subscription.auth),
+            }
+        })
+    }
+
+    /// Waits until a push for `chat` reaches `device`, and returns it.
+    async fn next_for(&self, device: &str, chat: &str) -> Received {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(push) = self
+                .received
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|p| p.device == device && p.payload["chat_id"] == chat)
+            {
+                return push.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no push for {chat} reached {device}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn count_for(&self, chat: &str) -> usize {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.payload["chat_id"] == chat)
+            .count()
+    }
+}
+
+async fn send(app: &TestApp, token: &str, chat: &str, text: &str) -> String {
+    let response = app
+        .post(
+            token,
+            &format!("/v1/chats/{chat}/signals"),
+            &json!({"kind": "message", "text": text}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn delayed_push(stack: Stack) {
+    let keys = VapidKeys::generate();
+    let receiver = start_receiver(&keys.public_key, &["laptop", "phone"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    config.push.vapid_public_key = Some(keys.public_key.clone());
+    config.push.vapid_private_key = Some(keys.private_key.clone());
+    config.push.allow_insecure_endpoints = true;
+    config.push.delay_ms = Some(300);
+    let app = support::spawn_with(stack, config, data).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let alice_id = app.me(&alice).await;
+    let bob_id = app.me(&bob).await;
+    for device in ["laptop", "phone"] {
+        let registered = app
+            .post(&bob, "/v1/devices", &receiver.registration(device))
+            .await;
+        assert_eq!(registered.status(), 201);
+    }
+    let (first, burst, fetched, later) = (
+        app.group_chat(&alice, &[&bob_id]).await,
+        app.group_chat(&alice, &[&bob_id]).await,
+        app.group_chat(&alice, &[&bob_id]).await,
+        app.group_chat(&alice, &[&bob_id]).await,
+    );
+
+    // Unfetched: one push per device, none to the author.
+    let signal = send(&app, &alice, &first, "hello").await;
+    for device in ["laptop", "phone"] {
+        let push = receiver.next_for(device, &first).await;
+        assert_eq!(push.payload["signal_id"], signal.as_str());
+        assert_eq!(push.payload["author_id"], alice_id.as_str());
+        assert_eq!(push.payload["count"], 1);
+        assert!(push.topic.is_some(), "a topic collapses a chat's pushes");
+    }
+
+    // Three messages in the window: one push each device, announcing three.
+    for i in 0..3 {
+        send(&app, &alice, &burst, &format!("burst {i}")).await;
+    }
+    let collapsed = receiver.next_for("laptop", &burst).await;
+    assert_eq!(collapsed.payload["count"], 3);
+
+    // Fetched before its delay: no push. A later message in another chat, due after it, shows
+    // the queue has moved past it.
+    send(&app, &alice, &fetched, "read at once").await;
+    let history = app.get(&bob, &format!("/v1/chats/{fetched}/signals")).await;
+    assert_eq!(history.status(), 200);
+    send(&app, &alice, &later, "after").await;
+    receiver.next_for("laptop", &later).await;
+    receiver.next_for("phone", &later).await;
+    assert_eq!(
+        receiver.count_for(&fetched),
+        0,
+        "the fetched message was not pushed"
+    );
+    assert_eq!(
+        receiver.count_for(&first),
+        2,
+        "exactly one push per device, never twice"
+    );
+
+    // A 410 from the push service: the device is gone.
+    receiver.gone.lock().unwrap().push("phone".into());
+    send(&app, &alice, &first, "to a gone phone").await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let devices: Value = app.get(&bob, "/v1/devices").await.json().await.unwrap();
+        if devices["items"].as_array().unwrap().len() == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gone device was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn delayed_push_on_the_embedded_default() {
+    Box::pin(delayed_push(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn delayed_push_on_the_real_stack() {
+    if support::real_stack_available("delayed_push_on_the_real_stack").await {
+        Box::pin(delayed_push(Stack::Real)).await;
+    }
+}
