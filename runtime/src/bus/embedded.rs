@@ -171,7 +171,13 @@ impl Log {
             ])
             .map_err(unavailable)?;
         let mut events = Vec::new();
+        let max_scan = limit.saturating_mul(super::SCAN_FACTOR);
+        let mut scanned = 0usize;
         while let Some(row) = rows.next().map_err(unavailable)? {
+            scanned += 1;
+            if scanned > max_scan {
+                return Err(ReadError::TooMany(limit));
+            }
             let seq: i64 = row.get(0).map_err(unavailable)?;
             let body: Vec<u8> = row.get(1).map_err(unavailable)?;
             let envelope: Envelope = serde_json::from_slice(&body).map_err(BusError::Encode)?;

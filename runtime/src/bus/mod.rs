@@ -49,6 +49,9 @@ pub enum ReadError {
     Bus(#[from] BusError),
 }
 
+/// How many events a read may look at per event it may return.
+pub const SCAN_FACTOR: usize = 20;
+
 /// How long the log keeps events, and how long it recognises a re-published event id.
 #[derive(Clone, Copy, Debug)]
 pub struct LogSettings {
@@ -92,7 +95,9 @@ pub trait Bus: Send + Sync + 'static {
     /// The sequence of the newest event (0 when none was ever published).
     async fn last_seq(&self) -> Result<u64, BusError>;
     /// The events with `after < seq <= up_to` of the chats `chats` admits, in order. At most `limit`
-    /// of them, else [`ReadError::TooMany`].
+    /// of them, else [`ReadError::TooMany`]; and a read that would look at more than
+    /// [`SCAN_FACTOR`] × `limit` events of other chats to find them stops with it too, so an old
+    /// id costs the server a bounded amount of work.
     async fn read(
         &self,
         after: u64,

@@ -228,6 +228,8 @@ impl Bus for NatsBus {
             .await
             .map_err(unavailable)?;
         let mut events = Vec::new();
+        let max_scan = limit.saturating_mul(super::SCAN_FACTOR);
+        let mut scanned = 0usize;
         let result = async {
             'batches: loop {
                 let mut batch = consumer
@@ -240,6 +242,10 @@ impl Bus for NatsBus {
                 while let Some(message) = batch.next().await {
                     let message = message.map_err(unavailable)?;
                     received += 1;
+                    scanned += 1;
+                    if scanned > max_scan {
+                        return Err(ReadError::TooMany(limit));
+                    }
                     let seq = message.info().map_err(unavailable)?.stream_sequence;
                     if seq > up_to {
                         break 'batches;
