@@ -11,13 +11,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use async_trait::async_trait;
 use confab_schema::UserId;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::bus::BusError;
+use crate::kv_bucket::KvBucket;
 
 /// How often a node renews the presence of the users connected to it.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
@@ -153,56 +154,34 @@ fn unavailable(error: impl std::fmt::Display) -> BusError {
 
 /// Presence in a JetStream key-value bucket, one key per user.
 pub struct NatsPresence {
-    context: jetstream::Context,
-    bucket: String,
-    kv: tokio::sync::OnceCell<kv::Store>,
+    bucket: KvBucket,
 }
 
 impl NatsPresence {
     /// Connects (in the background while NATS is down); the bucket is created on first use.
     pub async fn connect(url: &str, prefix: &str) -> Result<NatsPresence, BusError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("confab-presence")
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(3))
-            .connect(url)
-            .await
-            .map_err(unavailable)?;
-        Ok(NatsPresence {
-            context: jetstream::new(client),
-            bucket: format!("{}_presence", prefix.replace(['.', '-'], "_")),
-            kv: tokio::sync::OnceCell::new(),
-        })
+        let bucket = KvBucket::connect(
+            url,
+            "confab-presence",
+            kv::Config {
+                bucket: format!("{}_presence", prefix.replace(['.', '-'], "_")),
+                description: "confab presence: one record per user".into(),
+                history: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(unavailable)?;
+        Ok(NatsPresence { bucket })
     }
 
     /// Deletes the bucket (tests clean up with this).
     pub async fn delete_bucket(&self) -> Result<(), BusError> {
-        self.context
-            .delete_key_value(&self.bucket)
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        self.bucket.delete().await.map_err(unavailable)
     }
 
     async fn kv(&self) -> Result<&kv::Store, BusError> {
-        self.kv
-            .get_or_try_init(|| async {
-                match self.context.get_key_value(&self.bucket).await {
-                    Ok(kv) => Ok(kv),
-                    Err(_) => self
-                        .context
-                        .create_key_value(kv::Config {
-                            bucket: self.bucket.clone(),
-                            description: "confab presence: one record per user".into(),
-                            history: 1,
-                            storage: jetstream::stream::StorageType::File,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(unavailable),
-                }
-            })
-            .await
+        self.bucket.store().await.map_err(unavailable)
     }
 }
 

@@ -8,9 +8,8 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use async_trait::async_trait;
 use confab_schema::{ChatId, SignalId, UserId};
 use futures::StreamExt;
@@ -18,6 +17,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::bus::BusError;
+use crate::kv_bucket::KvBucket;
 
 /// A push waiting for its due time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,55 +65,33 @@ fn unavailable(error: impl std::fmt::Display) -> BusError {
 
 /// The push queue in a JetStream key-value bucket.
 pub struct NatsPushQueue {
-    context: jetstream::Context,
-    bucket: String,
-    kv: tokio::sync::OnceCell<kv::Store>,
+    bucket: KvBucket,
 }
 
 impl NatsPushQueue {
     pub async fn connect(url: &str, prefix: &str) -> Result<NatsPushQueue, BusError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("confab-push")
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(3))
-            .connect(url)
-            .await
-            .map_err(unavailable)?;
-        Ok(NatsPushQueue {
-            context: jetstream::new(client),
-            bucket: format!("{}_push", prefix.replace(['.', '-'], "_")),
-            kv: tokio::sync::OnceCell::new(),
-        })
+        let bucket = KvBucket::connect(
+            url,
+            "confab-push",
+            kv::Config {
+                bucket: format!("{}_push", prefix.replace(['.', '-'], "_")),
+                description: "confab pending pushes: one per (user, chat)".into(),
+                history: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(unavailable)?;
+        Ok(NatsPushQueue { bucket })
     }
 
     /// Deletes the bucket (tests clean up with this).
     pub async fn delete_bucket(&self) -> Result<(), BusError> {
-        self.context
-            .delete_key_value(&self.bucket)
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        self.bucket.delete().await.map_err(unavailable)
     }
 
     async fn kv(&self) -> Result<&kv::Store, BusError> {
-        self.kv
-            .get_or_try_init(|| async {
-                match self.context.get_key_value(&self.bucket).await {
-                    Ok(kv) => Ok(kv),
-                    Err(_) => self
-                        .context
-                        .create_key_value(kv::Config {
-                            bucket: self.bucket.clone(),
-                            description: "confab pending pushes: one per (user, chat)".into(),
-                            history: 1,
-                            storage: jetstream::stream::StorageType::File,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(unavailable),
-                }
-            })
-            .await
+        self.bucket.store().await.map_err(unavailable)
     }
 
     async fn pending(

@@ -13,8 +13,8 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream;
 use async_nats::jetstream::kv;
+use confab_runtime::kv_bucket::KvBucket;
 use confab_schema::{ChatId, Signal, UserId};
 use sha2::{Digest, Sha256};
 
@@ -37,10 +37,7 @@ pub enum SendParity {
 /// The JetStream side of [`SendParity::JetStream`]. The bucket is opened on first use, so a
 /// process can start (and report itself not ready) before NATS is up.
 pub(crate) struct NonceBucket {
-    context: jetstream::Context,
-    bucket: String,
-    ttl: Duration,
-    kv: tokio::sync::OnceCell<kv::Store>,
+    bucket: KvBucket,
 }
 
 /// The outcome of [`NonceBucket::claim`].
@@ -63,19 +60,20 @@ impl NonceBucket {
         bucket: &str,
         ttl: Duration,
     ) -> Result<NonceBucket, StoreError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("confab-send-parity")
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(3))
-            .connect(nats_url)
-            .await
-            .map_err(unavailable)?;
-        Ok(NonceBucket {
-            context: jetstream::new(client),
-            bucket: bucket.to_owned(),
-            ttl,
-            kv: tokio::sync::OnceCell::new(),
-        })
+        let bucket = KvBucket::connect(
+            nats_url,
+            "confab-send-parity",
+            kv::Config {
+                bucket: bucket.to_owned(),
+                description: "confab send parity: one entry per (chat, author, nonce)".into(),
+                history: 1,
+                max_age: ttl,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(unavailable)?;
+        Ok(NonceBucket { bucket })
     }
 
     /// Connects and opens the bucket now, creating it if it does not exist (`confab migrate`).
@@ -91,26 +89,7 @@ impl NonceBucket {
 
     /// The bucket, opened (or created, idempotently) on first use.
     async fn kv(&self) -> Result<&kv::Store, StoreError> {
-        self.kv
-            .get_or_try_init(|| async {
-                match self.context.get_key_value(&self.bucket).await {
-                    Ok(kv) => Ok(kv),
-                    Err(_) => self
-                        .context
-                        .create_key_value(kv::Config {
-                            bucket: self.bucket.clone(),
-                            description: "confab send parity: one entry per (chat, author, nonce)"
-                                .into(),
-                            history: 1,
-                            max_age: self.ttl,
-                            storage: jetstream::stream::StorageType::File,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(unavailable),
-                }
-            })
-            .await
+        self.bucket.store().await.map_err(unavailable)
     }
 
     /// The key of a nonce: a hash, since nonces are arbitrary client strings and keys are subject
@@ -168,15 +147,17 @@ impl NonceBucket {
 
 /// Deletes a bucket (tests drop theirs with their keyspace). A missing bucket is not an error.
 pub(crate) async fn delete_bucket(nats_url: &str, bucket: &str) -> Result<(), StoreError> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(3))
-        .connect(nats_url)
-        .await
-        .map_err(unavailable)?;
-    let context = jetstream::new(client);
-    match context.delete_key_value(bucket).await {
-        Ok(_) => Ok(()),
-        Err(error) if error.to_string().contains("not found") => Ok(()),
-        Err(error) => Err(unavailable(error)),
-    }
+    KvBucket::connect(
+        nats_url,
+        "confab-send-parity",
+        kv::Config {
+            bucket: bucket.to_owned(),
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(unavailable)?
+    .delete()
+    .await
+    .map_err(unavailable)
 }
