@@ -39,10 +39,6 @@ impl KvBucket {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.config.bucket
-    }
-
     /// The bucket, opened or created on first use.
     pub async fn store(&self) -> Result<&kv::Store, String> {
         self.store

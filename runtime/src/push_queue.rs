@@ -36,6 +36,42 @@ pub struct PendingPush {
     pub expires_ms: i64,
 }
 
+impl PendingPush {
+    /// `pending` with one more message, `signal`, joined in: it keeps its due time and announces
+    /// the newest message. A new push when nothing was pending.
+    #[allow(clippy::too_many_arguments)]
+    fn joined(
+        pending: Option<PendingPush>,
+        user: UserId,
+        chat: ChatId,
+        signal: SignalId,
+        author: UserId,
+        due_ms: i64,
+        expires_ms: i64,
+    ) -> PendingPush {
+        match pending {
+            Some(mut push) => {
+                if signal > push.newest {
+                    push.newest = signal;
+                    push.author = author;
+                }
+                push.count = push.count.saturating_add(1);
+                push.expires_ms = push.expires_ms.max(expires_ms);
+                push
+            }
+            None => PendingPush {
+                user,
+                chat,
+                newest: signal,
+                author,
+                count: 1,
+                due_ms,
+                expires_ms,
+            },
+        }
+    }
+}
+
 #[async_trait]
 pub trait PushQueue: Send + Sync + 'static {
     /// Schedules a push for `user` about `signal` in `chat`, due at `due_ms` unless one is pending
@@ -125,29 +161,11 @@ impl PushQueue for NatsPushQueue {
         let kv = self.kv().await?;
         let key = key(user, chat);
         for _ in 0..16 {
-            let (push, revision) = match self.pending(kv, &key).await? {
-                Some((mut push, revision)) => {
-                    if signal > push.newest {
-                        push.newest = signal;
-                        push.author = author;
-                    }
-                    push.count = push.count.saturating_add(1);
-                    push.expires_ms = push.expires_ms.max(expires_ms);
-                    (push, Some(revision))
-                }
-                None => (
-                    PendingPush {
-                        user,
-                        chat,
-                        newest: signal,
-                        author,
-                        count: 1,
-                        due_ms,
-                        expires_ms,
-                    },
-                    None,
-                ),
+            let (pending, revision) = match self.pending(kv, &key).await? {
+                Some((push, revision)) => (Some(push), Some(revision)),
+                None => (None, None),
             };
+            let push = PendingPush::joined(pending, user, chat, signal, author, due_ms, expires_ms);
             let value: bytes::Bytes = serde_json::to_vec(&push)?.into();
             let written = match revision {
                 Some(revision) => kv.update(&key, value, revision).await.is_ok(),
@@ -277,26 +295,15 @@ impl PushQueue for EmbeddedPushQueue {
         self.with(move |connection| {
             let key = key(user, chat);
             let tx = connection.transaction().map_err(unavailable)?;
-            let push = match read(&tx, &key)? {
-                Some(mut push) => {
-                    if signal > push.newest {
-                        push.newest = signal;
-                        push.author = author;
-                    }
-                    push.count = push.count.saturating_add(1);
-                    push.expires_ms = push.expires_ms.max(expires_ms);
-                    push
-                }
-                None => PendingPush {
-                    user,
-                    chat,
-                    newest: signal,
-                    author,
-                    count: 1,
-                    due_ms,
-                    expires_ms,
-                },
-            };
+            let push = PendingPush::joined(
+                read(&tx, &key)?,
+                user,
+                chat,
+                signal,
+                author,
+                due_ms,
+                expires_ms,
+            );
             tx.execute(
                 "INSERT INTO pending_pushes (key, due_ms, body) VALUES (?1, ?2, ?3)
                  ON CONFLICT (key) DO UPDATE SET due_ms = excluded.due_ms, body = excluded.body",
