@@ -101,6 +101,40 @@ impl Store for FlakyBookkeeping {
     ) -> Result<bool, StoreError> {
         self.inner.delete_device(user, id).await
     }
+    async fn user_settings(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, confab_schema::settings::UserSettings)>, StoreError> {
+        self.inner.user_settings(users).await
+    }
+    async fn put_user_settings(
+        &self,
+        user: UserId,
+        settings: &confab_schema::settings::UserSettings,
+    ) -> Result<(), StoreError> {
+        self.inner.put_user_settings(user, settings).await
+    }
+    async fn chat_settings(
+        &self,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<confab_schema::settings::ChatSettings>, StoreError> {
+        self.inner.chat_settings(chat, user).await
+    }
+    async fn chat_settings_of(
+        &self,
+        chat: ChatId,
+    ) -> Result<Vec<(UserId, confab_schema::settings::ChatSettings)>, StoreError> {
+        self.inner.chat_settings_of(chat).await
+    }
+    async fn put_chat_settings(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        settings: &confab_schema::settings::ChatSettings,
+    ) -> Result<(), StoreError> {
+        self.inner.put_chat_settings(chat, user, settings).await
+    }
     async fn members_page(
         &self,
         chat: ChatId,

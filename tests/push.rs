@@ -3,7 +3,8 @@
 //! verifies the VAPID JWT per RFC 8292, so it proves the bytes a browser's push service would get.
 //! With a delay of a few hundred milliseconds: an unfetched message gives exactly one push per
 //! device; three messages give one collapsed push; a fetched one gives none; a 410 removes the
-//! device.
+//! device. The recipient's settings are kept (mute, delay, previews), and reading a chat whose
+//! push was sent withdraws it from every device.
 
 mod support;
 
@@ -219,6 +220,23 @@ impl Receiver {
         }
     }
 
+    /// Waits until a push of `kind` (`messages`, `withdrawn`) for `chat` reaches `device`.
+    async fn next_of(&self, kind: &str, device: &str, chat: &str) -> Received {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(push) = self.received.lock().unwrap().iter().find(|p| {
+                p.device == device && p.payload["chat_id"] == chat && p.payload["type"] == kind
+            }) {
+                return push.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {kind} push for {chat} reached {device}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn count_for(&self, chat: &str) -> usize {
         self.received
             .lock()
@@ -281,7 +299,16 @@ async fn delayed_push(stack: Stack) {
         assert!(push.topic.is_some(), "a topic collapses a chat's pushes");
     }
 
-    // Three messages in the window: one push each device, announcing three.
+    // Three messages in the window: one push each device, announcing three. The window of this
+    // chat is bob's own setting, long enough for three sends on a slow machine.
+    let window = app
+        .put(
+            &bob,
+            &format!("/v1/chats/{burst}/settings"),
+            &json!({"push_delay_ms": 2_000}),
+        )
+        .await;
+    assert_eq!(window.status(), 200);
     for i in 0..3 {
         send(&app, &alice, &burst, &format!("burst {i}")).await;
     }
@@ -323,6 +350,196 @@ async fn delayed_push(stack: Stack) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     app.stop().await;
+}
+
+async fn settings_and_withdrawal(stack: Stack) {
+    let keys = VapidKeys::generate();
+    let receiver = start_receiver(&keys.public_key, &["laptop", "phone"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    config.push.vapid_public_key = Some(keys.public_key.clone());
+    config.push.vapid_private_key = Some(keys.private_key.clone());
+    config.push.allow_insecure_endpoints = true;
+    config.push.delay_ms = Some(300);
+    let app = support::spawn_with(stack, config, data).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let carol = app.token("carol").await;
+    let bob_id = app.me(&bob).await;
+    let alice_name: Value = app.get(&alice, "/v1/me").await.json().await.unwrap();
+    for device in ["laptop", "phone"] {
+        let registered = app
+            .post(&bob, "/v1/devices", &receiver.registration(device))
+            .await;
+        assert_eq!(registered.status(), 201);
+    }
+    let mut chats = Vec::new();
+    for _ in 0..7 {
+        chats.push(app.group_chat(&alice, &[&bob_id]).await);
+    }
+    let [
+        muted,
+        slow,
+        private,
+        read_elsewhere,
+        delivered,
+        withdrawn,
+        later,
+    ] = <[String; 7]>::try_from(chats).unwrap();
+
+    // Settings: the defaults, then what bob chose; refused when out of range, unknown, or not his.
+    let defaults: Value = app.get(&bob, "/v1/me/settings").await.json().await.unwrap();
+    assert_eq!(
+        defaults,
+        json!({"push_delay_ms": null, "push_previews": true, "auto_load_images": true, "low_quality_previews": false})
+    );
+    let muted_now = app
+        .put(
+            &bob,
+            &format!("/v1/chats/{muted}/settings"),
+            &json!({"muted": true}),
+        )
+        .await;
+    assert_eq!(muted_now.status(), 200);
+    assert_eq!(muted_now.json::<Value>().await.unwrap()["muted"], true);
+    let one_day = app
+        .put(
+            &bob,
+            &format!("/v1/chats/{slow}/settings"),
+            &json!({"push_delay_ms": 86_400_000}),
+        )
+        .await;
+    assert_eq!(one_day.status(), 200);
+    let stored: Value = app
+        .get(&bob, &format!("/v1/chats/{slow}/settings"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored["push_delay_ms"], 86_400_000);
+    for (path, body) in [
+        (
+            format!("/v1/chats/{slow}/settings"),
+            json!({"push_delay_ms": 86_400_001}),
+        ),
+        ("/v1/me/settings".to_owned(), json!({"push_delay_ms": -1})),
+        ("/v1/me/settings".to_owned(), json!({"bogus": true})),
+        (
+            format!("/v1/chats/{slow}/settings"),
+            json!({"muted_until": "tomorrow"}),
+        ),
+    ] {
+        let refused = app.put(&bob, &path, &body).await;
+        assert!(
+            refused.status().is_client_error(),
+            "{path} {body}: {}",
+            refused.status()
+        );
+        assert_eq!(
+            refused.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+    let not_his = app
+        .put(
+            &carol,
+            &format!("/v1/chats/{muted}/settings"),
+            &json!({"muted": false}),
+        )
+        .await;
+    assert!(
+        [403, 404].contains(&not_his.status().as_u16()),
+        "a non-member changed a chat's settings: {}",
+        not_his.status()
+    );
+
+    // Sent, then read on another device: the notification is withdrawn from both devices, with
+    // the topic that replaces it.
+    let hello = send(&app, &alice, &withdrawn, "hello there").await;
+    for device in ["laptop", "phone"] {
+        let push = receiver.next_of("messages", device, &withdrawn).await;
+        assert_eq!(push.payload["preview"], "hello there");
+        assert_eq!(push.payload["author_name"], alice_name["display_name"]);
+    }
+    let read = app
+        .post(
+            &bob,
+            &format!("/v1/chats/{withdrawn}/read"),
+            &json!({"up_to": hello}),
+        )
+        .await;
+    assert_eq!(read.status(), 200);
+    for device in ["laptop", "phone"] {
+        let pushed = receiver.next_of("messages", device, &withdrawn).await;
+        let withdrawal = receiver.next_of("withdrawn", device, &withdrawn).await;
+        assert_eq!(withdrawal.payload["up_to"], hello.as_str());
+        assert_eq!(
+            withdrawal.topic, pushed.topic,
+            "the withdrawal replaces the push"
+        );
+    }
+
+    // Read, or acknowledged as delivered, before the delay: nothing is sent.
+    let early = send(&app, &alice, &read_elsewhere, "read at once").await;
+    let read = app
+        .post(
+            &bob,
+            &format!("/v1/chats/{read_elsewhere}/read"),
+            &json!({"up_to": early}),
+        )
+        .await;
+    assert_eq!(read.status(), 200);
+    let live = send(&app, &alice, &delivered, "received live").await;
+    let acknowledged = app
+        .post(
+            &bob,
+            &format!("/v1/chats/{delivered}/delivered"),
+            &json!({"up_to": live}),
+        )
+        .await;
+    assert_eq!(acknowledged.status(), 200);
+
+    // Muted, or delayed for a day: nothing now.
+    send(&app, &alice, &muted, "muted").await;
+    send(&app, &alice, &slow, "slow").await;
+
+    // Previews off: the push says who, not what.
+    let no_previews = app
+        .put(&bob, "/v1/me/settings", &json!({"push_previews": false}))
+        .await;
+    assert_eq!(no_previews.status(), 200);
+    send(&app, &alice, &private, "a secret").await;
+    let push = receiver.next_of("messages", "laptop", &private).await;
+    assert!(push.payload.get("preview").is_none(), "{}", push.payload);
+    assert_eq!(push.payload["author_name"], alice_name["display_name"]);
+
+    // A message sent after all of them, with the default delay, arrives; none of those did.
+    send(&app, &alice, &later, "after").await;
+    receiver.next_of("messages", "laptop", &later).await;
+    receiver.next_of("messages", "phone", &later).await;
+    for (chat, what) in [
+        (&muted, "muted"),
+        (&slow, "delayed a day"),
+        (&read_elsewhere, "read before its delay"),
+        (&delivered, "delivered before its delay"),
+    ] {
+        assert_eq!(receiver.count_for(chat), 0, "a push for a chat {what}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn settings_mute_previews_and_withdrawal_on_the_embedded_default() {
+    Box::pin(settings_and_withdrawal(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn settings_mute_previews_and_withdrawal_on_the_real_stack() {
+    if support::real_stack_available("settings_mute_previews_and_withdrawal_on_the_real_stack")
+        .await
+    {
+        Box::pin(settings_and_withdrawal(Stack::Real)).await;
+    }
 }
 
 #[tokio::test]

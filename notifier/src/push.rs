@@ -3,6 +3,10 @@
 //! RFC 8292 VAPID); UnifiedPush as a plain POST to the distributor's endpoint. A device whose push
 //! service says it is gone (404, 410) is removed; 429 and 5xx are retried with backoff within the
 //! push's time to live; a push past it is dropped, not sent late.
+//!
+//! A push that reached a device is remembered, so that reading the chat later sends a withdrawal:
+//! a data message with the same `Topic` (Web Push) or collapse key, on which the client's service
+//! worker or app takes the chat's notification away.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +15,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use confab_runtime::presence::now_ms;
-use confab_runtime::push_queue::{PendingPush, PushQueue};
+use confab_runtime::push_queue::{PendingPush, PushKind, PushQueue};
 use confab_runtime::vapid::VapidKeys;
 use confab_runtime::webpush;
 use confab_schema::push::{Device, Platform};
@@ -97,30 +101,34 @@ impl PushSender {
                 return;
             }
         };
-        let payload = serde_json::json!({
-            "type": "messages",
-            "chat_id": push.chat,
-            "signal_id": push.newest,
-            "author_id": push.author,
-            "count": push.count,
-        })
-        .to_string();
-        futures::future::join_all(
+        let payload = payload(&push);
+        let delivered = futures::future::join_all(
             devices
                 .iter()
                 .map(|device| self.deliver(&push, device, payload.as_bytes())),
         )
         .await;
+        if delivered.into_iter().any(|sent| sent) {
+            // Reading the chat later takes this notification away.
+            if let Err(error) = self.queue.sent(&push, now_ms()).await {
+                tracing::warn!(%error, "a sent push was not remembered; it will not be withdrawn");
+            }
+        }
     }
 
-    async fn deliver(&self, push: &PendingPush, device: &Device, payload: &[u8]) {
+    /// Sends `payload` to `device`, retrying what may pass; true when the push service took it.
+    async fn deliver(&self, push: &PendingPush, device: &Device, payload: &[u8]) -> bool {
         let platform = device.platform.as_str();
+        let kind = match push.kind {
+            PushKind::Messages => "messages",
+            PushKind::Withdrawal => "withdrawal",
+        };
         let mut delay = Duration::from_millis(250);
         for attempt in 0..=RETRIES {
             let left_ms = push.expires_ms - now_ms();
             if left_ms <= 0 {
                 metrics::counter!("confab_pushes_expired_total").increment(1);
-                return;
+                return false;
             }
             let started = Instant::now();
             let outcome = match device.platform {
@@ -130,16 +138,16 @@ impl PushSender {
                     // Not sent yet: their providers come next.
                     metrics::counter!("confab_pushes_unsupported_total", "platform" => platform)
                         .increment(1);
-                    return;
+                    return false;
                 }
             };
             metrics::histogram!("confab_push_provider_seconds", "platform" => platform)
                 .record(started.elapsed().as_secs_f64());
             match outcome {
                 Delivery::Sent => {
-                    metrics::counter!("confab_pushes_sent_total", "platform" => platform)
+                    metrics::counter!("confab_pushes_sent_total", "platform" => platform, "kind" => kind)
                         .increment(1);
-                    return;
+                    return true;
                 }
                 Delivery::Gone => {
                     metrics::counter!("confab_push_devices_gone_total", "platform" => platform)
@@ -147,7 +155,7 @@ impl PushSender {
                     if let Err(error) = self.devices.remove(push.user, device.id).await {
                         tracing::warn!(%error, "a gone device was not removed");
                     }
-                    return;
+                    return false;
                 }
                 Delivery::Failed => break,
                 Delivery::Retry if attempt < RETRIES => {
@@ -158,6 +166,7 @@ impl PushSender {
             }
         }
         metrics::counter!("confab_pushes_failed_total", "platform" => platform).increment(1);
+        false
     }
 
     async fn web_push(
@@ -213,6 +222,33 @@ impl PushSender {
             return Delivery::Failed;
         };
         classify(self.http.post(endpoint).body(payload.to_vec()).send().await)
+    }
+}
+
+/// What the device's app or service worker gets: new messages of a chat (a preview only when the
+/// recipient allows it), or the withdrawal of that chat's notification.
+fn payload(push: &PendingPush) -> String {
+    match push.kind {
+        PushKind::Messages => {
+            let mut payload = serde_json::json!({
+                "type": "messages",
+                "chat_id": push.chat,
+                "signal_id": push.newest,
+                "author_id": push.author,
+                "author_name": push.author_name,
+                "count": push.count,
+            });
+            if let Some(preview) = &push.preview {
+                payload["preview"] = preview.as_str().into();
+            }
+            payload.to_string()
+        }
+        PushKind::Withdrawal => serde_json::json!({
+            "type": "withdrawn",
+            "chat_id": push.chat,
+            "up_to": push.newest,
+        })
+        .to_string(),
     }
 }
 

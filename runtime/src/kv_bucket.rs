@@ -29,14 +29,19 @@ impl KvBucket {
             .connect(url)
             .await
             .map_err(|e| e.to_string())?;
-        Ok(KvBucket {
-            context: jetstream::new(client),
+        Ok(KvBucket::on(jetstream::new(client), config))
+    }
+
+    /// A bucket reached through `context` (a connection shared with other buckets or streams).
+    pub fn on(context: jetstream::Context, config: kv::Config) -> KvBucket {
+        KvBucket {
+            context,
             config: kv::Config {
                 storage: jetstream::stream::StorageType::File,
                 ..config
             },
             store: tokio::sync::OnceCell::new(),
-        })
+        }
     }
 
     /// The bucket, opened or created on first use.

@@ -9,6 +9,7 @@ pub mod ids;
 pub mod limits;
 pub mod model;
 pub mod push;
+pub mod settings;
 pub mod subjects;
 
 pub use event::{Envelope, Event, EventKind, LoggedEvent};

@@ -211,6 +211,16 @@ impl TestApp {
     }
 
     /// The caller's user id (provisioning them).
+    pub async fn put(&self, token: &str, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .put(self.url(path))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn me(&self, token: &str) -> String {
         let response = self.get(token, "/v1/me").await;
         assert_eq!(response.status(), 200);

@@ -4,7 +4,6 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use confab_schema::push::{Device, Platform, WebPushKeys};
 use confab_schema::{DeviceId, UserId};
-use futures::StreamExt;
 use time::OffsetDateTime;
 
 use super::Outcome;
@@ -14,8 +13,6 @@ use crate::state::ApiState;
 const MAX_ENDPOINT_BYTES: usize = 2048;
 const MAX_TOKEN_BYTES: usize = 4096;
 const MAX_TOPIC_BYTES: usize = 255;
-/// Chats with more members than this get no pushes (one queue entry per recipient and message).
-const MAX_PUSHED_MEMBERS: usize = 1_000;
 
 /// How the API checks push registrations.
 #[derive(Clone, Debug, Default)]
@@ -200,70 +197,6 @@ impl NewDevice {
 }
 
 impl ApiState {
-    /// Schedules a push of `created` for each member but its author, due after the delay. Part of
-    /// the bookkeeping after a send: a failure is logged and counted, never the sender's failure.
-    ///
-    /// It completes before the send answers, so a fetch that follows the answer always finds the
-    /// push to cancel. The recipients are scheduled concurrently.
-    pub(crate) async fn schedule_pushes(
-        &self,
-        created: &confab_schema::Signal,
-        members: &[UserId],
-    ) {
-        let Some(queue) = &self.push_queue else {
-            return;
-        };
-        if created.kind != confab_schema::SignalKind::Message {
-            return;
-        }
-        if members.len() > MAX_PUSHED_MEMBERS {
-            // One queue entry per recipient does not scale to very large chats; they get none yet.
-            metrics::counter!("confab_pushes_skipped_large_chat_total").increment(1);
-            return;
-        }
-        let now = confab_runtime::presence::now_ms();
-        let due = now + i64::try_from(self.push.delay.as_millis()).unwrap_or(i64::MAX / 4);
-        let expires = due + i64::try_from(self.push.ttl.as_millis()).unwrap_or(i64::MAX / 4);
-        futures::stream::iter(members.iter().filter(|m| **m != created.author_id))
-            .for_each_concurrent(64, |member| async move {
-                match queue
-                    .schedule(
-                        *member,
-                        created.chat_id,
-                        created.id,
-                        created.author_id,
-                        due,
-                        expires,
-                    )
-                    .await
-                {
-                    Ok(()) => metrics::counter!("confab_pushes_scheduled_total").increment(1),
-                    Err(error) => {
-                        metrics::counter!("confab_pushes_schedule_failures_total").increment(1);
-                        tracing::warn!(%error, "push not scheduled");
-                    }
-                }
-            })
-            .await;
-    }
-
-    /// Cancels `user`'s pending push of `chat` when it announces nothing newer than `up_to`: they
-    /// fetched, read or received that far.
-    pub(crate) async fn cancel_pushes(
-        &self,
-        user: UserId,
-        chat: confab_schema::ChatId,
-        up_to: confab_schema::SignalId,
-    ) {
-        let Some(queue) = &self.push_queue else {
-            return;
-        };
-        match queue.cancel(user, chat, up_to).await {
-            Ok(()) => metrics::counter!("confab_push_cancels_total").increment(1),
-            Err(error) => tracing::warn!(%error, "push not cancelled"),
-        }
-    }
-
     /// Registers a device of the caller: `Created`, or `Existing` (updated) when they had
     /// registered it already. A device another user had registered becomes the caller's.
     pub async fn register_device(

@@ -9,6 +9,7 @@ mod markers;
 mod members;
 mod reactions;
 mod responses;
+mod settings;
 mod signals;
 mod typing;
 mod users;
@@ -125,6 +126,8 @@ fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(devices::register, devices::list))
         .routes(routes!(devices::remove))
         .routes(routes!(devices::vapid_public_key))
+        .routes(routes!(settings::get, settings::put))
+        .routes(routes!(settings::get_for_chat, settings::put_for_chat))
 }
 
 /// The authenticated caller. Extracting it verifies the bearer token and provisions the user from

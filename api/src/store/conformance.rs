@@ -36,6 +36,7 @@ macro_rules! store_conformance_tests {
             membership_changes,
             chats_of_a_user,
             devices_belong_to_one_user,
+            settings_are_per_user_and_per_chat,
             activity_orders_chats,
             activity_of_a_leaver_does_not_come_back,
             edits_tombstones_and_forward_paging,
@@ -472,6 +473,72 @@ fn device(user: UserId, token: &str) -> confab_schema::push::Device {
         topic: None,
         created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
     }
+}
+
+/// Settings: saved ones are read back, replaced whole, and kept apart per user and per chat.
+pub async fn settings_are_per_user_and_per_chat(store: Arc<dyn Store>) {
+    use confab_schema::settings::{ChatSettings, UserSettings};
+    let store = &*store;
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    for u in [&alice, &bob, &carol] {
+        store.upsert_user(u).await.unwrap();
+    }
+    assert!(
+        store
+            .user_settings(&[alice.id, bob.id])
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing saved yet"
+    );
+    let quiet = UserSettings {
+        push_delay_ms: Some(60_000),
+        push_previews: false,
+        ..UserSettings::default()
+    };
+    store.put_user_settings(alice.id, &quiet).await.unwrap();
+    let loud = UserSettings {
+        push_delay_ms: Some(0),
+        ..UserSettings::default()
+    };
+    store.put_user_settings(bob.id, &loud).await.unwrap();
+    store.put_user_settings(bob.id, &quiet).await.unwrap();
+    let mut found = store
+        .user_settings(&[alice.id, bob.id, carol.id])
+        .await
+        .unwrap();
+    found.sort_by_key(|(user, _)| *user);
+    let mut expected = vec![(alice.id, quiet.clone()), (bob.id, quiet.clone())];
+    expected.sort_by_key(|(user, _)| *user);
+    assert_eq!(found, expected, "the latest of each, none for carol");
+
+    let chat = chat_with(store, alice.id, &[bob.id, carol.id]).await;
+    let other = chat_with(store, alice.id, &[bob.id]).await;
+    assert_eq!(store.chat_settings(chat, bob.id).await.unwrap(), None);
+    let muted = ChatSettings {
+        muted: true,
+        ..ChatSettings::default()
+    };
+    store.put_chat_settings(chat, bob.id, &muted).await.unwrap();
+    let slow = ChatSettings {
+        push_delay_ms: Some(5_000),
+        ..ChatSettings::default()
+    };
+    store
+        .put_chat_settings(chat, carol.id, &slow)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.chat_settings(chat, bob.id).await.unwrap(),
+        Some(muted.clone())
+    );
+    assert_eq!(store.chat_settings(other, bob.id).await.unwrap(), None);
+    let mut of_chat = store.chat_settings_of(chat).await.unwrap();
+    of_chat.sort_by_key(|(user, _)| *user);
+    let mut expected = vec![(bob.id, muted), (carol.id, slow)];
+    expected.sort_by_key(|(user, _)| *user);
+    assert_eq!(of_chat, expected);
+    assert!(store.chat_settings_of(other).await.unwrap().is_empty());
 }
 
 /// Devices: registered again, they are the same device; registered by another user, they move;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use confab_runtime::telemetry::ReadinessCheck;
 use confab_schema::push::Device;
+use confab_schema::settings::{ChatSettings, UserSettings};
 use confab_schema::{
     Chat, ChatId, ChatKind, DeviceId, Member, MemberRole, Signal, SignalId, User, UserId,
 };
@@ -169,6 +170,33 @@ pub trait Store: Send + Sync + 'static {
     async fn devices_of(&self, user: UserId) -> Result<Vec<Device>, StoreError>;
     /// Removes `user`'s device `id`; false when they have none with that id.
     async fn delete_device(&self, user: UserId, id: DeviceId) -> Result<bool, StoreError>;
+    /// The settings of those of `users` who saved any (the others use the defaults).
+    async fn user_settings(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, UserSettings)>, StoreError>;
+    async fn put_user_settings(
+        &self,
+        user: UserId,
+        settings: &UserSettings,
+    ) -> Result<(), StoreError>;
+    /// `user`'s settings for `chat`, if they saved any.
+    async fn chat_settings(
+        &self,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<ChatSettings>, StoreError>;
+    /// Every saved member setting of `chat` (one partition: what a send reads for its pushes).
+    async fn chat_settings_of(
+        &self,
+        chat: ChatId,
+    ) -> Result<Vec<(UserId, ChatSettings)>, StoreError>;
+    async fn put_chat_settings(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        settings: &ChatSettings,
+    ) -> Result<(), StoreError>;
     /// Members of `chat` after `after`, in user-id order.
     async fn members_page(
         &self,

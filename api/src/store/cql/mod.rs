@@ -15,6 +15,7 @@ pub use parity::SendParity;
 use parity::{Claim, NonceBucket};
 
 use confab_schema::push::Device;
+use confab_schema::settings::{ChatSettings, UserSettings};
 use confab_schema::{
     Chat, ChatId, DeviceId, Member, MemberRole, Signal, SignalId, SignalKind, User, UserId,
 };
@@ -282,6 +283,11 @@ struct Statements {
     delete_device: PreparedStatement,
     delete_device_by_user: PreparedStatement,
     devices_of: PreparedStatement,
+    user_settings: PreparedStatement,
+    put_user_settings: PreparedStatement,
+    chat_settings: PreparedStatement,
+    chat_settings_of: PreparedStatement,
+    put_chat_settings: PreparedStatement,
     claim_nonce: PreparedStatement,
     insert_signal: PreparedStatement,
     insert_bucket: PreparedStatement,
@@ -360,6 +366,9 @@ type SignalRow = (
     Option<bool>,
 );
 
+/// How many users' settings one `IN` query asks for.
+const SETTINGS_BATCH: usize = 100;
+
 /// How many bucket rows to look up at a time when a page spans days.
 const BUCKET_BATCH: i32 = 16;
 
@@ -429,6 +438,11 @@ impl CqlStore {
             delete_device: prepare("DELETE FROM devices WHERE device_id = ?".into()).await?,
             delete_device_by_user: prepare("DELETE FROM devices_by_user WHERE user_id = ? AND device_id = ?".into()).await?,
             devices_of: prepare("SELECT body FROM devices_by_user WHERE user_id = ?".into()).await?,
+            user_settings: prepare("SELECT user_id, body FROM user_settings WHERE user_id IN ?".into()).await?,
+            put_user_settings: prepare("INSERT INTO user_settings (user_id, body) VALUES (?, ?)".into()).await?,
+            chat_settings: prepare("SELECT body FROM chat_member_settings WHERE chat_id = ? AND user_id = ?".into()).await?,
+            chat_settings_of: prepare("SELECT user_id, body FROM chat_member_settings WHERE chat_id = ?".into()).await?,
+            put_chat_settings: prepare("INSERT INTO chat_member_settings (chat_id, user_id, body) VALUES (?, ?, ?)".into()).await?,
 
             claim_nonce: prepare(
                 "INSERT INTO signal_nonces (chat_id, author_id, nonce, signal_id, kind, text, reply_to, attachments) \
@@ -1012,6 +1026,96 @@ impl Store for CqlStore {
             devices.push(serde_json::from_str(&row.map_err(corrupt)?.0).map_err(corrupt)?);
         }
         Ok(devices)
+    }
+
+    async fn user_settings(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, UserSettings)>, StoreError> {
+        // `IN` on the partition key, a bounded list at a time, the lists read concurrently.
+        let reads = users.chunks(SETTINGS_BATCH).map(|batch| async move {
+            let ids: Vec<Uuid> = batch.iter().map(|user| user.0).collect();
+            let mut rows = self
+                .session
+                .execute_iter(self.statements.user_settings.clone(), (ids,))
+                .await
+                .map_err(unavailable)?
+                .rows_stream::<(Uuid, String)>()
+                .map_err(corrupt)?;
+            let mut found = Vec::new();
+            while let Some(row) = rows.next().await {
+                let (user, body) = row.map_err(corrupt)?;
+                found.push((UserId(user), serde_json::from_str(&body).map_err(corrupt)?));
+            }
+            Ok::<_, StoreError>(found)
+        });
+        let batches = futures::future::try_join_all(reads).await?;
+        Ok(batches.into_iter().flatten().collect())
+    }
+
+    async fn put_user_settings(
+        &self,
+        user: UserId,
+        settings: &UserSettings,
+    ) -> Result<(), StoreError> {
+        let body = serde_json::to_string(settings).map_err(corrupt)?;
+        self.session
+            .execute_unpaged(&self.statements.put_user_settings, (user.0, body))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn chat_settings(
+        &self,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<ChatSettings>, StoreError> {
+        let row = self
+            .session
+            .execute_unpaged(&self.statements.chat_settings, (chat.0, user.0))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<String>,)>()
+            .map_err(corrupt)?;
+        row.and_then(|(body,)| body)
+            .map(|body| serde_json::from_str(&body).map_err(corrupt))
+            .transpose()
+    }
+
+    async fn chat_settings_of(
+        &self,
+        chat: ChatId,
+    ) -> Result<Vec<(UserId, ChatSettings)>, StoreError> {
+        let mut rows = self
+            .session
+            .execute_iter(self.statements.chat_settings_of.clone(), (chat.0,))
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<(Uuid, String)>()
+            .map_err(corrupt)?;
+        let mut found = Vec::new();
+        while let Some(row) = rows.next().await {
+            let (user, body) = row.map_err(corrupt)?;
+            found.push((UserId(user), serde_json::from_str(&body).map_err(corrupt)?));
+        }
+        Ok(found)
+    }
+
+    async fn put_chat_settings(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        settings: &ChatSettings,
+    ) -> Result<(), StoreError> {
+        let body = serde_json::to_string(settings).map_err(corrupt)?;
+        self.session
+            .execute_unpaged(&self.statements.put_chat_settings, (chat.0, user.0, body))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn delete_device(&self, user: UserId, id: DeviceId) -> Result<bool, StoreError> {

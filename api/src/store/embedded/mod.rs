@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use confab_schema::push::Device;
+use confab_schema::settings::{ChatSettings, UserSettings};
 use confab_schema::{Chat, ChatId, DeviceId, Member, MemberRole, Signal, SignalId, User, UserId};
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
@@ -28,6 +29,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0002_activity_reactions_markers_search.sql"),
     include_str!("schema/0003_nonces_with_expiry.sql"),
     include_str!("schema/0004_devices.sql"),
+    include_str!("schema/0005_settings.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -161,6 +163,14 @@ fn to_member((user, role, joined): MemberRow) -> Result<Member, StoreError> {
         role: parse(&role)?,
         joined_at: from_millis(joined)?,
     })
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, StoreError> {
+    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn blob(id: Uuid) -> [u8; 16] {
@@ -469,6 +479,108 @@ impl Store for EmbeddedStore {
                     serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))
                 })
                 .collect()
+        })
+        .await
+    }
+
+    async fn user_settings(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, UserSettings)>, StoreError> {
+        let users = users.to_vec();
+        self.with(move |c| {
+            let mut statement = c
+                .prepare_cached("SELECT body FROM user_settings WHERE user_id = ?1")
+                .map_err(unavailable)?;
+            let mut found = Vec::new();
+            for user in users {
+                let body: Option<String> = statement
+                    .query_row(params![blob(user.0)], |row| row.get(0))
+                    .optional()
+                    .map_err(unavailable)?;
+                if let Some(body) = body {
+                    found.push((user, from_json(&body)?));
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn put_user_settings(
+        &self,
+        user: UserId,
+        settings: &UserSettings,
+    ) -> Result<(), StoreError> {
+        let body = to_json(settings)?;
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO user_settings (user_id, body) VALUES (?1, ?2)
+                 ON CONFLICT (user_id) DO UPDATE SET body = excluded.body",
+                params![blob(user.0), body],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn chat_settings(
+        &self,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<ChatSettings>, StoreError> {
+        self.with(move |c| {
+            let body: Option<String> = c
+                .query_row(
+                    "SELECT body FROM chat_member_settings WHERE chat_id = ?1 AND user_id = ?2",
+                    params![blob(chat.0), blob(user.0)],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            body.map(|body| from_json(&body)).transpose()
+        })
+        .await
+    }
+
+    async fn chat_settings_of(
+        &self,
+        chat: ChatId,
+    ) -> Result<Vec<(UserId, ChatSettings)>, StoreError> {
+        self.with(move |c| {
+            let mut statement = c
+                .prepare_cached("SELECT user_id, body FROM chat_member_settings WHERE chat_id = ?1")
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(params![blob(chat.0)], |row| {
+                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?))
+                })
+                .map_err(unavailable)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable)?;
+            rows.into_iter()
+                .map(|(user, body)| Ok((UserId(uuid_from(user)?), from_json(&body)?)))
+                .collect()
+        })
+        .await
+    }
+
+    async fn put_chat_settings(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        settings: &ChatSettings,
+    ) -> Result<(), StoreError> {
+        let body = to_json(settings)?;
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO chat_member_settings (chat_id, user_id, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (chat_id, user_id) DO UPDATE SET body = excluded.body",
+                params![blob(chat.0), blob(user.0), body],
+            )
+            .map_err(unavailable)?;
+            Ok(())
         })
         .await
     }

@@ -1,0 +1,312 @@
+//! One behavioural suite for every [`PushQueue`], split into cases so one failure does not hide the
+//! rest. `runtime/tests/push_queue_conformance.rs` runs each case against the JetStream queue and
+//! the embedded one through [`push_queue_conformance_tests!`](crate::push_queue_conformance_tests).
+//!
+//! Due times are real times: the JetStream queue hands a ticket back until its due time passes on
+//! the clock, so the cases wait on the clock too (by condition, with a deadline).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_schema::{ChatId, SignalId, UserId};
+
+use super::{Cancelled, PendingPush, PushKind, PushMessage, PushQueue};
+use crate::presence::now_ms;
+
+const DEADLINE: Duration = Duration::from_secs(15);
+const HOUR_MS: i64 = 3_600_000;
+
+/// Two handles on one queue (two connections, or the same file opened twice): what one schedules
+/// the other can claim, as two notifier nodes would.
+pub struct Fixture {
+    pub first: Arc<dyn PushQueue>,
+    pub second: Arc<dyn PushQueue>,
+}
+
+fn user() -> UserId {
+    UserId::from_subject("push-conformance", &uuid::Uuid::new_v4().to_string())
+}
+
+fn message(text: &str) -> PushMessage {
+    PushMessage {
+        signal: SignalId::new(),
+        author: UserId::from_subject("push-conformance", "author"),
+        author_name: "Author".into(),
+        preview: Some(text.into()),
+    }
+}
+
+/// Claims from `queue` until `wanted` pushes came, or the deadline; answers what was claimed.
+async fn claim(queue: &dyn PushQueue, wanted: usize) -> Vec<PendingPush> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut claimed = Vec::new();
+    while claimed.len() < wanted && tokio::time::Instant::now() < deadline {
+        let mut round = queue.claim_due(now_ms(), 64).await.expect("claims");
+        if round.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        claimed.append(&mut round);
+    }
+    claimed
+}
+
+/// Claims for a while and expects nothing.
+async fn nothing_claimed(queue: &dyn PushQueue, for_ms: u64) {
+    let until = tokio::time::Instant::now() + Duration::from_millis(for_ms);
+    while tokio::time::Instant::now() < until {
+        let claimed = queue.claim_due(now_ms(), 64).await.expect("claims");
+        assert!(claimed.is_empty(), "nothing is due: {claimed:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A due push is claimed once, by one handle, with what it was scheduled with.
+pub async fn a_due_push_is_claimed_once(fixture: Fixture) {
+    let (alice, chat) = (user(), ChatId::new());
+    let hello = message("hello");
+    let now = now_ms();
+    fixture
+        .first
+        .schedule(alice, chat, &hello, now, now + HOUR_MS)
+        .await
+        .expect("schedules");
+    let claimed = claim(&*fixture.second, 1).await;
+    assert_eq!(claimed.len(), 1, "claimed: {claimed:?}");
+    let push = &claimed[0];
+    assert_eq!((push.user, push.chat), (alice, chat));
+    assert_eq!(push.kind, PushKind::Messages);
+    assert_eq!(push.newest, hello.signal);
+    assert_eq!(push.author_name, "Author");
+    assert_eq!(push.preview.as_deref(), Some("hello"));
+    assert_eq!(push.count, 1);
+    nothing_claimed(&*fixture.first, 200).await;
+    nothing_claimed(&*fixture.second, 50).await;
+}
+
+/// Nothing is claimed before its due time; then it is.
+pub async fn nothing_is_claimed_before_it_is_due(fixture: Fixture) {
+    let (alice, chat) = (user(), ChatId::new());
+    let due = now_ms() + 700;
+    fixture
+        .first
+        .schedule(alice, chat, &message("later"), due, due + HOUR_MS)
+        .await
+        .expect("schedules");
+    nothing_claimed(&*fixture.first, 300).await;
+    let claimed = claim(&*fixture.first, 1).await;
+    assert_eq!(claimed.len(), 1);
+    assert!(now_ms() >= due, "claimed before its due time");
+}
+
+/// Messages of one chat in the window become one push announcing all, due when the first was,
+/// showing the newest; other chats and users have their own.
+pub async fn a_burst_collapses_into_one_push(fixture: Fixture) {
+    let (alice, bob, chat, other) = (user(), user(), ChatId::new(), ChatId::new());
+    let due = now_ms() + 300;
+    let burst: Vec<PushMessage> = (0..3).map(|i| message(&format!("m{i}"))).collect();
+    for m in &burst {
+        fixture
+            .first
+            .schedule(alice, chat, m, due + 5_000, due + HOUR_MS)
+            .await
+            .expect("schedules");
+    }
+    // The first one's due time stands: the later ones asked for a later one.
+    fixture
+        .first
+        .schedule(alice, other, &message("elsewhere"), due, due + HOUR_MS)
+        .await
+        .expect("schedules");
+    fixture
+        .first
+        .schedule(bob, chat, &message("to bob"), due, due + HOUR_MS)
+        .await
+        .expect("schedules");
+    let claimed = claim(&*fixture.second, 2).await;
+    assert_eq!(claimed.len(), 2, "the other chat's and bob's: {claimed:?}");
+    let claimed = claim(&*fixture.second, 1).await;
+    assert_eq!(claimed.len(), 1);
+    let push = &claimed[0];
+    assert_eq!((push.user, push.chat, push.count), (alice, chat, 3));
+    assert_eq!(push.newest, burst[2].signal);
+    assert_eq!(push.preview.as_deref(), Some("m2"));
+}
+
+/// A cancel drops a pending push only when what was read covers everything it announces.
+pub async fn a_cancel_covers_only_what_was_read(fixture: Fixture) {
+    let (alice, chat) = (user(), ChatId::new());
+    let (one, two) = (message("one"), message("two"));
+    let due = now_ms() + 400;
+    let queue = &*fixture.first;
+    queue
+        .schedule(alice, chat, &one, due, due + HOUR_MS)
+        .await
+        .expect("schedules");
+    assert_eq!(
+        queue
+            .cancel(alice, chat, one.signal, now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Pending
+    );
+    assert_eq!(
+        queue
+            .cancel(alice, chat, one.signal, now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Nothing,
+        "cancelling is idempotent"
+    );
+    queue
+        .schedule(alice, chat, &one, due, due + HOUR_MS)
+        .await
+        .expect("schedules");
+    queue
+        .schedule(alice, chat, &two, due, due + HOUR_MS)
+        .await
+        .expect("schedules");
+    assert_eq!(
+        queue
+            .cancel(alice, chat, one.signal, now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Nothing,
+        "the second message was not read"
+    );
+    let claimed = claim(&*fixture.second, 1).await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].newest, claimed[0].count), (two.signal, 2));
+    nothing_claimed(&*fixture.second, 200).await;
+}
+
+/// Two handles claiming at once share the due pushes: each is claimed exactly once.
+pub async fn claimers_share_without_doubles(fixture: Fixture) {
+    let now = now_ms();
+    let mut scheduled = Vec::new();
+    for _ in 0..60 {
+        let (u, c) = (user(), ChatId::new());
+        fixture
+            .first
+            .schedule(u, c, &message("x"), now, now + HOUR_MS)
+            .await
+            .expect("schedules");
+        scheduled.push((u, c));
+    }
+    let (a, b) = tokio::join!(claim(&*fixture.first, 30), claim(&*fixture.second, 30));
+    let mut rest = claim(&*fixture.first, 60usize.saturating_sub(a.len() + b.len())).await;
+    let mut seen: HashMap<(UserId, ChatId), usize> = HashMap::new();
+    for push in a.iter().chain(&b).chain(&rest) {
+        *seen.entry((push.user, push.chat)).or_default() += 1;
+    }
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "a push was claimed twice: {seen:?}"
+    );
+    assert_eq!(seen.len(), scheduled.len(), "every push was claimed");
+    rest.clear();
+    nothing_claimed(&*fixture.second, 100).await;
+}
+
+/// A push that was sent and is then read is withdrawn, once; one that a newer push will replace
+/// is not.
+pub async fn reading_a_sent_push_withdraws_it(fixture: Fixture) {
+    let (alice, chat) = (user(), ChatId::new());
+    let (one, two) = (message("one"), message("two"));
+    let queue = &*fixture.first;
+    let now = now_ms();
+    queue
+        .schedule(alice, chat, &one, now, now + HOUR_MS)
+        .await
+        .expect("schedules");
+    let claimed = claim(queue, 1).await;
+    assert_eq!(claimed.len(), 1);
+    queue.sent(&claimed[0], now_ms()).await.expect("remembers");
+
+    // Read up to it: the notification is taken away.
+    assert_eq!(
+        fixture
+            .second
+            .cancel(alice, chat, one.signal, now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Withdrawn
+    );
+    assert_eq!(
+        queue
+            .cancel(alice, chat, one.signal, now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Nothing,
+        "withdrawn once"
+    );
+    let claimed = claim(&*fixture.second, 1).await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].kind, PushKind::Withdrawal);
+    assert_eq!(claimed[0].newest, one.signal);
+    queue.sent(&claimed[0], now_ms()).await.expect("remembers");
+    assert_eq!(
+        queue
+            .cancel(alice, chat, one.signal, now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Nothing,
+        "a withdrawal is not withdrawn"
+    );
+
+    // Sent, then a newer message pending: reading the first leaves the newer one to replace it.
+    let now = now_ms();
+    queue
+        .schedule(alice, chat, &one, now, now + HOUR_MS)
+        .await
+        .expect("schedules");
+    let claimed = claim(queue, 1).await;
+    queue.sent(&claimed[0], now_ms()).await.expect("remembers");
+    let due = now_ms() + 300;
+    queue
+        .schedule(alice, chat, &two, due, due + HOUR_MS)
+        .await
+        .expect("schedules");
+    assert_eq!(
+        queue
+            .cancel(alice, chat, one.signal, now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Nothing
+    );
+    let claimed = claim(queue, 1).await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        (claimed[0].kind, claimed[0].newest),
+        (PushKind::Messages, two.signal)
+    );
+}
+
+/// Runs every case against the queues `$make` opens (an `async fn() -> Option<Fixture>`; `None`
+/// skips, for a backend that is not reachable).
+#[macro_export]
+macro_rules! push_queue_conformance_tests {
+    ($module:ident, $make:path) => {
+        mod $module {
+            use $crate::push_queue::conformance as suite;
+
+            macro_rules! case {
+                ($case:ident) => {
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $case() {
+                        if let Some(fixture) = $make().await {
+                            suite::$case(fixture).await;
+                        }
+                    }
+                };
+            }
+
+            case!(a_due_push_is_claimed_once);
+            case!(nothing_is_claimed_before_it_is_due);
+            case!(a_burst_collapses_into_one_push);
+            case!(a_cancel_covers_only_what_was_read);
+            case!(claimers_share_without_doubles);
+            case!(reading_a_sent_push_withdraws_it);
+        }
+    };
+}

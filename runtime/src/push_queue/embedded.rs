@@ -1,0 +1,210 @@
+//! The push queue in a SQLite file of its own, for `confab serve`: pending pushes indexed by due
+//! time, and the pushes sent lately.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use confab_schema::{ChatId, SignalId, UserId};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Cancelled, PendingPush, PushKind, PushMessage, PushQueue, SentPush, key, unavailable};
+use crate::bus::BusError;
+
+pub struct EmbeddedPushQueue {
+    connection: Arc<Mutex<Connection>>,
+}
+
+impl EmbeddedPushQueue {
+    pub fn open(path: &Path) -> Result<EmbeddedPushQueue, BusError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(unavailable)?;
+        }
+        let connection = Connection::open(path).map_err(unavailable)?;
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = NORMAL;
+                 PRAGMA busy_timeout = 5000;
+                 CREATE TABLE IF NOT EXISTS pending_pushes (
+                     key TEXT PRIMARY KEY,
+                     due_ms INTEGER NOT NULL,
+                     body TEXT NOT NULL
+                 );
+                 CREATE INDEX IF NOT EXISTS pending_pushes_by_due ON pending_pushes (due_ms);
+                 CREATE TABLE IF NOT EXISTS sent_pushes (
+                     key TEXT PRIMARY KEY,
+                     forget_ms INTEGER NOT NULL,
+                     body TEXT NOT NULL
+                 );
+                 CREATE INDEX IF NOT EXISTS sent_pushes_by_age ON sent_pushes (forget_ms);",
+            )
+            .map_err(unavailable)?;
+        Ok(EmbeddedPushQueue {
+            connection: Arc::new(Mutex::new(connection)),
+        })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, BusError> + Send + 'static,
+    ) -> Result<T, BusError> {
+        let connection = Arc::clone(&self.connection);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = connection
+                .lock()
+                .map_err(|_| unavailable("poisoned by a panic"))?;
+            work(&mut guard)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+fn read<T: serde::de::DeserializeOwned>(
+    connection: &Connection,
+    table: &str,
+    key: &str,
+) -> Result<Option<T>, BusError> {
+    let body: Option<String> = connection
+        .query_row(
+            &format!("SELECT body FROM {table} WHERE key = ?1"),
+            params![key],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    Ok(body.and_then(|body| serde_json::from_str(&body).ok()))
+}
+
+fn put_pending(connection: &Connection, key: &str, push: &PendingPush) -> Result<(), BusError> {
+    connection
+        .execute(
+            "INSERT INTO pending_pushes (key, due_ms, body) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET due_ms = excluded.due_ms, body = excluded.body",
+            params![key, push.due_ms, serde_json::to_string(push)?],
+        )
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+#[async_trait]
+impl PushQueue for EmbeddedPushQueue {
+    async fn schedule(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        message: &PushMessage,
+        due_ms: i64,
+        expires_ms: i64,
+    ) -> Result<(), BusError> {
+        let message = message.clone();
+        self.with(move |connection| {
+            let key = key(user, chat);
+            let tx = connection.transaction().map_err(unavailable)?;
+            let pending = read(&tx, "pending_pushes", &key)?;
+            let push = PendingPush::joined(pending, user, chat, &message, due_ms, expires_ms);
+            put_pending(&tx, &key, &push)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn cancel(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        up_to: SignalId,
+        now_ms: i64,
+    ) -> Result<Cancelled, BusError> {
+        self.with(move |connection| {
+            let key = key(user, chat);
+            let tx = connection.transaction().map_err(unavailable)?;
+            let mut outcome = Cancelled::Nothing;
+            let pending: Option<PendingPush> = read(&tx, "pending_pushes", &key)?;
+            let still_pending = match pending {
+                Some(push) if push.kind == PushKind::Messages && push.newest <= up_to => {
+                    tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
+                        .map_err(unavailable)?;
+                    outcome = Cancelled::Pending;
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            };
+            if !still_pending {
+                let sent: Option<SentPush> = read(&tx, "sent_pushes", &key)?;
+                if let Some(sent) = sent.filter(|sent| sent.newest <= up_to) {
+                    tx.execute("DELETE FROM sent_pushes WHERE key = ?1", params![key])
+                        .map_err(unavailable)?;
+                    if sent.forget_ms > now_ms {
+                        put_pending(
+                            &tx,
+                            &key,
+                            &PendingPush::withdrawal(user, chat, &sent, now_ms),
+                        )?;
+                        outcome = Cancelled::Withdrawn;
+                    }
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<PendingPush>, BusError> {
+        self.with(move |connection| {
+            let tx = connection.transaction().map_err(unavailable)?;
+            let due: Vec<(String, String)> = {
+                let mut statement = tx
+                    .prepare_cached(
+                        "SELECT key, body FROM pending_pushes WHERE due_ms <= ?1 ORDER BY due_ms LIMIT ?2",
+                    )
+                    .map_err(unavailable)?;
+                statement
+                    .query_map(
+                        params![now_ms, i64::try_from(limit).unwrap_or(i64::MAX)],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )
+                    .map_err(unavailable)?
+                    .collect::<Result<_, _>>()
+                    .map_err(unavailable)?
+            };
+            for (key, _) in &due {
+                tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
+                    .map_err(unavailable)?;
+            }
+            // Sent pushes old enough to be gone from the devices need no withdrawal.
+            tx.execute(
+                "DELETE FROM sent_pushes WHERE forget_ms < ?1",
+                params![now_ms],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(due
+                .into_iter()
+                .filter_map(|(_, body)| serde_json::from_str(&body).ok())
+                .collect())
+        })
+        .await
+    }
+
+    async fn sent(&self, push: &PendingPush, now_ms: i64) -> Result<(), BusError> {
+        let key = key(push.user, push.chat);
+        let Some(sent) = SentPush::of(push, now_ms) else {
+            return Ok(());
+        };
+        self.with(move |connection| {
+            connection
+                .execute(
+                    "INSERT INTO sent_pushes (key, forget_ms, body) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (key) DO UPDATE SET forget_ms = excluded.forget_ms, body = excluded.body",
+                    params![key, sent.forget_ms, serde_json::to_string(&sent)?],
+                )
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+}

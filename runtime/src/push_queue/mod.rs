@@ -1,0 +1,199 @@
+//! Pushes waiting for their delay: one entry per (user, chat), due when the first unfetched message
+//! of that chat's burst has waited the delay, collapsing later messages into it. Cancelling is
+//! deleting that entry when what the user fetched or read covers it; sending is claiming a due entry
+//! with compare-and-delete, so of several notifier nodes exactly one sends it.
+//!
+//! A push that was sent is remembered per (user, chat) for a while; when the user later reads that
+//! far, a withdrawal is queued in its place, so the notification vanishes from their devices.
+//!
+//! [`NatsPushQueue`] keeps the entries in JetStream (a key-value bucket and a work queue of due
+//! tickets), so they survive a restart of any node and of NATS; [`EmbeddedPushQueue`] in a SQLite
+//! file of its own. Both pass [`conformance`].
+
+pub mod conformance;
+mod embedded;
+mod nats;
+
+use async_trait::async_trait;
+use confab_schema::{ChatId, SignalId, UserId};
+use serde::{Deserialize, Serialize};
+
+use crate::bus::BusError;
+
+pub use embedded::EmbeddedPushQueue;
+pub use nats::NatsPushQueue;
+
+/// What a queued push does on the user's devices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushKind {
+    /// Announces new messages of the chat.
+    #[default]
+    Messages,
+    /// Takes the chat's notification away: the user has read what it announced.
+    Withdrawal,
+}
+
+/// The message a push is scheduled for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushMessage {
+    pub signal: SignalId,
+    pub author: UserId,
+    /// The author's display name, shown on the notification.
+    pub author_name: String,
+    /// A preview of the text, when the recipient's settings allow one.
+    pub preview: Option<String>,
+}
+
+/// A push waiting for its due time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingPush {
+    pub user: UserId,
+    pub chat: ChatId,
+    #[serde(default)]
+    pub kind: PushKind,
+    /// The newest message it announces (a withdrawal: the newest one it takes away).
+    pub newest: SignalId,
+    /// Who sent the newest one.
+    pub author: UserId,
+    #[serde(default)]
+    pub author_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
+    /// Messages it announces (collapsed).
+    pub count: u32,
+    /// When it is due (Unix ms).
+    pub due_ms: i64,
+    /// When it must no longer be sent (Unix ms).
+    pub expires_ms: i64,
+}
+
+impl PendingPush {
+    /// `pending` with one more message joined in: it keeps its due time and announces the newest
+    /// message. A new push when nothing was pending, or only a withdrawal (the new notification
+    /// replaces the one it would take away).
+    fn joined(
+        pending: Option<PendingPush>,
+        user: UserId,
+        chat: ChatId,
+        message: &PushMessage,
+        due_ms: i64,
+        expires_ms: i64,
+    ) -> PendingPush {
+        match pending {
+            Some(mut push) if push.kind == PushKind::Messages => {
+                if message.signal > push.newest {
+                    push.newest = message.signal;
+                    push.author = message.author;
+                    push.author_name.clone_from(&message.author_name);
+                    push.preview.clone_from(&message.preview);
+                }
+                push.count = push.count.saturating_add(1);
+                push.expires_ms = push.expires_ms.max(expires_ms);
+                push
+            }
+            _ => PendingPush {
+                user,
+                chat,
+                kind: PushKind::Messages,
+                newest: message.signal,
+                author: message.author,
+                author_name: message.author_name.clone(),
+                preview: message.preview.clone(),
+                count: 1,
+                due_ms,
+                expires_ms,
+            },
+        }
+    }
+
+    /// The withdrawal of a push that announced up to `newest`, due at `now_ms`.
+    fn withdrawal(user: UserId, chat: ChatId, sent: &SentPush, now_ms: i64) -> PendingPush {
+        PendingPush {
+            user,
+            chat,
+            kind: PushKind::Withdrawal,
+            newest: sent.newest,
+            author: sent.author,
+            author_name: String::new(),
+            preview: None,
+            count: 0,
+            due_ms: now_ms,
+            expires_ms: now_ms + WITHDRAWAL_TTL_MS,
+        }
+    }
+}
+
+/// How long a sent push is remembered for its withdrawal: a week, after which a notification
+/// still on a device is left alone.
+pub const SENT_MEMORY_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// How long a withdrawal may wait for its push service before it is dropped.
+pub const WITHDRAWAL_TTL_MS: i64 = 3600 * 1000;
+
+/// What is remembered of a push that was sent, so that reading it withdraws it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct SentPush {
+    newest: SignalId,
+    author: UserId,
+    /// After this it is forgotten, and nothing is withdrawn.
+    forget_ms: i64,
+}
+
+impl SentPush {
+    /// What to remember of `push`, sent at `now_ms`; nothing of a withdrawal.
+    fn of(push: &PendingPush, now_ms: i64) -> Option<SentPush> {
+        (push.kind == PushKind::Messages).then(|| SentPush {
+            newest: push.newest,
+            author: push.author,
+            forget_ms: now_ms + SENT_MEMORY_MS,
+        })
+    }
+}
+
+/// What a cancel did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cancelled {
+    /// Nothing pending or sent was covered.
+    Nothing,
+    /// A pending push was dropped before it was sent.
+    Pending,
+    /// A sent push was covered: its withdrawal is queued.
+    Withdrawn,
+}
+
+#[async_trait]
+pub trait PushQueue: Send + Sync + 'static {
+    /// Schedules a push for `user` about `message` in `chat`, due at `due_ms` unless one is
+    /// pending for that chat already (then it announces one more message, and stays due when it
+    /// was).
+    async fn schedule(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        message: &PushMessage,
+        due_ms: i64,
+        expires_ms: i64,
+    ) -> Result<(), BusError>;
+    /// Cancels `user`'s pending push of `chat` if it announces nothing newer than `up_to`, and
+    /// queues the withdrawal of a sent one that announced nothing newer.
+    async fn cancel(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        up_to: SignalId,
+        now_ms: i64,
+    ) -> Result<Cancelled, BusError>;
+    /// Claims up to `limit` pushes due at `now_ms`: each is handed to one caller only.
+    async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<PendingPush>, BusError>;
+    /// Remembers that `push` reached at least one device at `now_ms`, for [`SENT_MEMORY_MS`].
+    async fn sent(&self, push: &PendingPush, now_ms: i64) -> Result<(), BusError>;
+}
+
+fn key(user: UserId, chat: ChatId) -> String {
+    format!("{user}.{chat}")
+}
+
+fn unavailable(error: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(format!("push queue: {error}"))
+}
