@@ -4,7 +4,8 @@
 //! With a delay of a few hundred milliseconds: an unfetched message gives exactly one push per
 //! device; three messages give one collapsed push; a fetched one gives none; a 410 removes the
 //! device. The recipient's settings are kept (mute, delay, previews), and reading a chat whose
-//! push was sent withdraws it from every device.
+//! push was sent withdraws it from every device. The real binary killed with SIGKILL while pushes
+//! are pending, and started again, sends each of them exactly once.
 
 mod support;
 
@@ -25,7 +26,7 @@ use p256::ecdsa::signature::Verifier;
 use p256::elliptic_curve::sec1::ToSec1Point;
 use serde_json::{Value, json};
 use sha2::Sha256;
-use support::{DEADLINE, Stack, TestApp};
+use support::{ConfabProcess, DEADLINE, Stack, TestApp};
 
 /// A browser's side of one subscription: its key pair and auth secret.
 struct Subscription {
@@ -551,5 +552,242 @@ async fn delayed_push_on_the_embedded_default() {
 async fn delayed_push_on_the_real_stack() {
     if support::real_stack_available("delayed_push_on_the_real_stack").await {
         Box::pin(delayed_push(Stack::Real)).await;
+    }
+}
+
+/// Waits until `base` answers ready.
+async fn ready(base: &str) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while reqwest::get(format!("{base}/ready"))
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+        != 200
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{base} never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A loopback address no one listens on now.
+async fn free_address() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+fn kill(process: &mut ConfabProcess) {
+    let pid = process.child.id().expect("running");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+}
+
+/// Pushes pending when the process that sends them is killed (SIGKILL) are sent once it is
+/// started again: each exactly once. On the real stack two notifiers then share the work, still
+/// with no push sent twice.
+async fn pushes_survive_a_killed_sender(stack: Stack) {
+    let keys = VapidKeys::generate();
+    let receiver = start_receiver(&keys.public_key, &["laptop"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough to kill the sender before anything is due, even on a slow machine.
+    let delay_ms = 3_000;
+    let mut env: Vec<(String, String)> = vec![
+        ("CONFAB_DATA_DIR".into(), dir.path().display().to_string()),
+        ("CONFAB_SECRET_KEY".into(), support::unique("s")),
+        ("CONFAB_PUSH__DELAY_MS".into(), delay_ms.to_string()),
+        (
+            "CONFAB_PUSH__ALLOW_INSECURE_ENDPOINTS".into(),
+            "true".into(),
+        ),
+        (
+            "CONFAB_PUSH__VAPID_PUBLIC_KEY".into(),
+            keys.public_key.clone(),
+        ),
+        (
+            "CONFAB_PUSH__VAPID_PRIVATE_KEY".into(),
+            keys.private_key.clone(),
+        ),
+        // The API keeps its address across the restart (on the embedded default `serve` is
+        // the API too).
+        ("CONFAB_API__LISTEN".into(), free_address().await),
+        ("CONFAB_NOTIFIER__LISTEN".into(), "127.0.0.1:0".into()),
+        ("CONFAB_WS_PLEXER__LISTEN".into(), "127.0.0.1:0".into()),
+    ];
+    if stack == Stack::Real {
+        env.extend([
+            ("CONFAB_STORE__BACKEND".into(), "cql".into()),
+            (
+                "CONFAB_STORE__CQL_CONTACT_POINTS".into(),
+                support::cql_contact_points(),
+            ),
+            ("CONFAB_STORE__KEYSPACE".into(), support::unique("push_")),
+            ("CONFAB_BUS__BACKEND".into(), "nats".into()),
+            ("CONFAB_BUS__NATS_URL".into(), support::nats_url()),
+            ("CONFAB_BUS__SUBJECT_PREFIX".into(), support::unique("push")),
+            ("CONFAB_IDENTITY__MODE".into(), "oidc".into()),
+            ("CONFAB_IDENTITY__ISSUER_URL".into(), support::oidc_issuer()),
+            ("CONFAB_IDENTITY__CLIENT_IDS".into(), support::oidc_client()),
+        ]);
+        let migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+            .arg("migrate")
+            .current_dir(dir.path())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            migrate.status.success(),
+            "{}",
+            String::from_utf8_lossy(&migrate.stderr)
+        );
+    }
+    // On the embedded default one `serve` process does everything; on the real stack the sender
+    // is the `notifier`, and the API stays up.
+    let sender_role = if stack == Stack::Real {
+        "notifier"
+    } else {
+        "serve"
+    };
+    let api = if stack == Stack::Real {
+        Some(ConfabProcess::start(&["api"], &env, dir.path()).await)
+    } else {
+        None
+    };
+    let mut sender = ConfabProcess::start(&[sender_role], &env, dir.path()).await;
+    let base = api
+        .as_ref()
+        .map_or(sender.base.clone(), |api| api.base.clone());
+    ready(&base).await;
+    ready(&sender.base).await;
+    let token = |user: &str| {
+        let user = user.to_owned();
+        let data = dir.path().to_path_buf();
+        async move {
+            match stack {
+                Stack::Embedded => confab_runtime::identity::DevIdentity::open(&data)
+                    .unwrap()
+                    .mint(&user, Duration::from_secs(600)),
+                Stack::Real => support::keycloak_token(&user, &user).await,
+            }
+        }
+    };
+    let (alice, bob) = (token("alice").await, token("bob").await);
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, token: &str, path: &str, body: Value| {
+        http.request(method, format!("{base}{path}"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    };
+    let bob_id: Value = call(reqwest::Method::GET, &bob, "/v1/me", json!({}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let registered = call(
+        reqwest::Method::POST,
+        &bob,
+        "/v1/devices",
+        receiver.registration("laptop"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(registered.status(), 201);
+    let mut chats = Vec::new();
+    for _ in 0..4 {
+        let chat: Value = call(
+            reqwest::Method::POST,
+            &alice,
+            "/v1/chats",
+            json!({"kind": "group", "name": "restart", "members": [bob_id["id"]]}),
+        )
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        chats.push(chat["id"].as_str().unwrap().to_owned());
+    }
+    let sent_at = tokio::time::Instant::now();
+    for chat in &chats {
+        let posted = call(
+            reqwest::Method::POST,
+            &alice,
+            &format!("/v1/chats/{chat}/signals"),
+            json!({"kind": "message", "text": "before the crash"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(posted.status(), 201);
+    }
+    kill(&mut sender);
+    let _ = sender.child.wait().await;
+    assert!(
+        sent_at.elapsed() < Duration::from_millis(delay_ms),
+        "the sender died before anything was due (else this proves nothing)"
+    );
+    assert_eq!(receiver.received.lock().unwrap().len(), 0);
+
+    let restarted = ConfabProcess::start(&[sender_role], &env, dir.path()).await;
+    ready(&restarted.base).await;
+    let second = if stack == Stack::Real {
+        Some(ConfabProcess::start(&["notifier"], &env, dir.path()).await)
+    } else {
+        None
+    };
+    for chat in &chats {
+        receiver.next_for("laptop", chat).await;
+    }
+    // One more message, sent after the restart: once it arrives, a duplicate of the earlier ones
+    // would have too.
+    let extra: Value = call(
+        reqwest::Method::POST,
+        &alice,
+        "/v1/chats",
+        json!({"kind": "group", "name": "after", "members": [bob_id["id"]]}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let extra = extra["id"].as_str().unwrap().to_owned();
+    let posted = call(
+        reqwest::Method::POST,
+        &alice,
+        &format!("/v1/chats/{extra}/signals"),
+        json!({"kind": "message", "text": "after the restart"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(posted.status(), 201);
+    receiver.next_for("laptop", &extra).await;
+    for chat in &chats {
+        assert_eq!(receiver.count_for(chat), 1, "exactly one push for {chat}");
+    }
+    restarted.terminate().await;
+    if let Some(second) = second {
+        second.terminate().await;
+    }
+    if let Some(api) = api {
+        api.terminate().await;
+    }
+}
+
+#[tokio::test]
+async fn pushes_survive_a_killed_sender_on_the_embedded_default() {
+    Box::pin(pushes_survive_a_killed_sender(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn pushes_survive_a_killed_notifier_on_the_real_stack() {
+    if support::real_stack_available("pushes_survive_a_killed_notifier_on_the_real_stack").await {
+        Box::pin(pushes_survive_a_killed_sender(Stack::Real)).await;
     }
 }
