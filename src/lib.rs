@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bench_fanout;
+pub mod bench_push;
 pub mod bench_reads;
 pub mod bench_store;
 
@@ -305,6 +306,7 @@ pub async fn build(
                         .build()?,
                     vapid,
                     subject: config.push.subject(),
+                    vapid_tokens: Arc::default(),
                     poll: Duration::from_millis(100),
                 }
                 .start(shutdown.clone()),

@@ -52,6 +52,9 @@ enum Command {
     /// Measures fan-out (idle memory per connection, deliveries, latency, CPU) side by side with
     /// Centrifugo and writes a results file.
     BenchFanout(confab::bench_fanout::FanoutArgs),
+    /// Schedules, cancels and sends delayed pushes to a local Web Push receiver on each queue
+    /// backend, and writes a results file.
+    BenchPush(confab::bench_push::PushBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,6 +84,7 @@ fn main() -> anyhow::Result<()> {
             Command::BenchStore(args) => confab::bench_store::run(args, config).await,
             Command::BenchReads(args) => confab::bench_reads::run(args, config).await,
             Command::BenchFanout(args) => confab::bench_fanout::run(args, config).await,
+            Command::BenchPush(args) => confab::bench_push::run(args, config).await,
             Command::VapidKeys => {
                 let keys = confab_runtime::vapid::VapidKeys::generate();
                 println!("CONFAB_PUSH__VAPID_PUBLIC_KEY={}", keys.public_key);

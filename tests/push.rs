@@ -771,6 +771,32 @@ async fn pushes_survive_a_killed_sender(stack: Stack) {
     for chat in &chats {
         assert_eq!(receiver.count_for(chat), 1, "exactly one push for {chat}");
     }
+
+    // What happened is on /metrics: scheduled by the API, sent (with provider latency) by the
+    // senders.
+    let metrics = |base: String| async move {
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let api_metrics = metrics(base.clone()).await;
+    assert!(
+        api_metrics.contains("confab_pushes_scheduled_total"),
+        "{api_metrics}"
+    );
+    let mut sender_metrics = metrics(restarted.base.clone()).await;
+    if let Some(second) = &second {
+        sender_metrics.push_str(&metrics(second.base.clone()).await);
+    }
+    for name in ["confab_pushes_sent_total", "confab_push_provider_seconds"] {
+        assert!(
+            sender_metrics.contains(name),
+            "{name} missing: {sender_metrics}"
+        );
+    }
     restarted.terminate().await;
     if let Some(second) = second {
         second.terminate().await;

@@ -39,6 +39,8 @@ pub struct PushSender {
     /// Without keys, Web Push devices get nothing.
     pub vapid: Option<VapidKeys>,
     pub subject: String,
+    /// Signed VAPID tokens, reused per push service.
+    pub vapid_tokens: Arc<webpush::VapidTokens>,
     /// How often the queue is polled for due pushes.
     pub poll: Duration,
 }
@@ -52,40 +54,67 @@ enum Delivery {
 }
 
 const RETRIES: u32 = 4;
+/// Pushes claimed at a time.
+const BATCH: usize = 256;
+/// Pushes in flight at a time.
+const CONCURRENCY: usize = 64;
 
 impl PushSender {
-    /// Polls for due pushes until `shutdown`.
+    /// Polls for due pushes until `shutdown`, and sends them. Claiming and sending overlap: the
+    /// claimer hands pushes to the senders through a bounded channel, so it claims no more than
+    /// they can take (a claimed push is out of the queue), and after a full batch it claims again
+    /// at once, so a backlog drains at the speed of the push services, not of the poll.
     pub fn start(self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(self.poll);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            let (handoff, claimed) = futures::channel::mpsc::channel::<PendingPush>(BATCH);
+            let sending = {
+                let sender = self.clone();
+                claimed.for_each_concurrent(CONCURRENCY, move |push| {
+                    let sender = sender.clone();
+                    async move { sender.send(push).await }
+                })
+            };
+            let claiming = self.claim_until(shutdown.clone(), handoff);
+            // Shutdown does not wait for a queue that is down, nor for a slow push service.
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                _ = futures::future::join(claiming, sending) => {}
+            }
+        })
+    }
+
+    /// Claims due pushes into `handoff` until `shutdown`.
+    async fn claim_until(
+        &self,
+        shutdown: CancellationToken,
+        mut handoff: futures::channel::mpsc::Sender<PendingPush>,
+    ) {
+        use futures::SinkExt;
+        let mut every = tokio::time::interval(self.poll);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backlog = false;
+        while !shutdown.is_cancelled() {
+            if !backlog {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     _ = every.tick() => {}
                 }
-                // Shutdown does not wait for a queue that is down, nor for a slow push service.
-                let round = async {
-                    let due = match self.queue.claim_due(now_ms(), 256).await {
-                        Ok(due) => due,
-                        Err(error) => {
-                            tracing::warn!(%error, "push queue unavailable");
-                            return;
-                        }
-                    };
-                    futures::stream::iter(due)
-                        .for_each_concurrent(32, |push| {
-                            let sender = self.clone();
-                            async move { sender.send(push).await }
-                        })
-                        .await;
-                };
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = round => {}
+            }
+            let due = match self.queue.claim_due(now_ms(), BATCH).await {
+                Ok(due) => due,
+                Err(error) => {
+                    tracing::warn!(%error, "push queue unavailable");
+                    backlog = false;
+                    continue;
+                }
+            };
+            backlog = due.len() >= BATCH;
+            for push in due {
+                if handoff.send(push).await.is_err() {
+                    return;
                 }
             }
-        })
+        }
     }
 
     async fn send(&self, push: PendingPush) {
@@ -188,11 +217,11 @@ impl PushSender {
                 return Delivery::Failed;
             }
         };
-        let authorization = match webpush::vapid_authorization(
+        let authorization = match self.vapid_tokens.authorization(
             vapid,
             endpoint,
             &self.subject,
-            time::OffsetDateTime::now_utc().unix_timestamp() + 12 * 3600,
+            time::OffsetDateTime::now_utc().unix_timestamp(),
         ) {
             Ok(authorization) => authorization,
             Err(error) => {

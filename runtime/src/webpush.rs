@@ -143,6 +143,43 @@ pub fn vapid_authorization(
     ))
 }
 
+/// VAPID authorizations by push service origin, each reused until an hour before it expires: a
+/// token is an ECDSA signature, and one push service takes many pushes.
+#[derive(Default)]
+pub struct VapidTokens {
+    by_audience: std::sync::Mutex<std::collections::HashMap<String, (String, i64)>>,
+}
+
+/// How long a VAPID token is valid (RFC 8292 allows at most 24 hours).
+const VAPID_VALIDITY_SECS: i64 = 12 * 3600;
+
+impl VapidTokens {
+    /// The `Authorization` header for `endpoint` at `now` (Unix seconds): a cached one while it
+    /// has more than an hour left, else a new one.
+    pub fn authorization(
+        &self,
+        keys: &crate::vapid::VapidKeys,
+        endpoint: &str,
+        subject: &str,
+        now: i64,
+    ) -> Result<String, WebPushError> {
+        let url = url::Url::parse(endpoint).map_err(|_| WebPushError::Endpoint("not a URL"))?;
+        let audience = url.origin().ascii_serialization();
+        if let Ok(cache) = self.by_audience.lock()
+            && let Some((header, expires)) = cache.get(&audience)
+            && *expires - now > 3600
+        {
+            return Ok(header.clone());
+        }
+        let expires = now + VAPID_VALIDITY_SECS;
+        let header = vapid_authorization(keys, endpoint, subject, expires)?;
+        if let Ok(mut cache) = self.by_audience.lock() {
+            cache.insert(audience, (header.clone(), expires));
+        }
+        Ok(header)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

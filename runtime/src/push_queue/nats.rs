@@ -19,7 +19,7 @@ use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind, kv};
 use async_trait::async_trait;
 use confab_schema::{ChatId, SignalId, UserId};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use super::{
     Cancelled, PendingPush, PushKind, PushMessage, PushQueue, SENT_MEMORY_MS, SentPush, key,
@@ -27,6 +27,9 @@ use super::{
 };
 use crate::bus::BusError;
 use crate::kv_bucket::KvBucket;
+
+/// Tickets looked at concurrently by one claim.
+const TICKETS_IN_FLIGHT: usize = 32;
 
 /// How long a node may hold a ticket before it is handed to another.
 const ACK_WAIT: Duration = Duration::from_secs(30);
@@ -142,6 +145,32 @@ impl NatsPushQueue {
         Ok(serde_json::from_slice(&entry.value)
             .ok()
             .map(|push| (push, entry.revision)))
+    }
+
+    /// What `key`'s ticket finds at `now_ms`: the push, claimed, when it is due (then the ticket is
+    /// done); nothing and the ticket handed back until the due time when it is not; nothing and
+    /// the ticket done when the entry is gone.
+    async fn claim_ticket(
+        &self,
+        kv: &kv::Store,
+        key: &str,
+        now_ms: i64,
+    ) -> Result<(Option<PendingPush>, AckKind), BusError> {
+        for _ in 0..16 {
+            let Some((push, revision)) = self.pending(kv, key).await? else {
+                return Ok((None, AckKind::Ack));
+            };
+            if push.due_ms > now_ms {
+                let wait = u64::try_from(push.due_ms - now_ms).unwrap_or(0);
+                return Ok((None, AckKind::Nak(Some(Duration::from_millis(wait)))));
+            }
+            // Compare-and-delete: the node whose delete lands sends it.
+            if kv.delete_expect_revision(key, Some(revision)).await.is_ok() {
+                return Ok((Some(push), AckKind::Ack));
+            }
+        }
+        // Changing all the time: look again shortly.
+        Ok((None, AckKind::Nak(Some(Duration::from_millis(100)))))
     }
 
     /// Puts `key`'s ticket on the stream, the entry just created at `revision`. When that fails
@@ -281,36 +310,25 @@ impl PushQueue for NatsPushQueue {
             .messages()
             .await
             .map_err(unavailable)?;
-        let mut claimed = Vec::new();
+        let mut batch = Vec::with_capacity(limit);
         while let Some(ticket) = tickets.next().await {
-            let ticket = ticket.map_err(unavailable)?;
-            let key = String::from_utf8_lossy(&ticket.payload).into_owned();
-            let mut answer = AckKind::Ack;
-            for _ in 0..16 {
-                let Some((push, revision)) = self.pending(kv, &key).await? else {
-                    break;
-                };
-                if push.due_ms > now_ms {
-                    let wait = u64::try_from(push.due_ms - now_ms).unwrap_or(0);
-                    answer = AckKind::Nak(Some(Duration::from_millis(wait)));
-                    break;
-                }
-                // Compare-and-delete: the node whose delete lands sends it.
-                if kv
-                    .delete_expect_revision(&key, Some(revision))
-                    .await
-                    .is_ok()
-                {
-                    claimed.push(push);
-                    break;
-                }
-            }
-            if let Err(error) = ticket.ack_with(answer).await {
-                // Unanswered, the ticket comes back after the ack wait: late, never lost.
-                tracing::warn!(%error, "push ticket not answered");
-            }
+            batch.push(ticket.map_err(unavailable)?);
         }
-        Ok(claimed)
+        // Tickets are looked at concurrently: each costs a read, a delete and an ack.
+        let claimed: Vec<Option<PendingPush>> = futures::stream::iter(batch)
+            .map(|ticket: jetstream::Message| async move {
+                let key = String::from_utf8_lossy(&ticket.payload).into_owned();
+                let (claimed, answer) = self.claim_ticket(kv, &key, now_ms).await?;
+                if let Err(error) = ticket.ack_with(answer).await {
+                    // Unanswered, the ticket comes back after the ack wait: late, never lost.
+                    tracing::warn!(%error, "push ticket not answered");
+                }
+                Ok::<_, BusError>(claimed)
+            })
+            .buffer_unordered(TICKETS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        Ok(claimed.into_iter().flatten().collect())
     }
 
     async fn sent(&self, push: &PendingPush, now_ms: i64) -> Result<(), BusError> {
