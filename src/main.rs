@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
             Command::BenchStore(args) => confab::bench_store::run(args, config).await,
             Command::BenchReads(args) => confab::bench_reads::run(args, config).await,
             Command::BenchFanout(args) => confab::bench_fanout::run(args, config).await,
-            Command::BenchPush(args) => confab::bench_push::run(args, config).await,
+            Command::BenchPush(args) => Box::pin(confab::bench_push::run(args, config)).await,
             Command::VapidKeys => {
                 let keys = confab_runtime::vapid::VapidKeys::generate();
                 println!("CONFAB_PUSH__VAPID_PUBLIC_KEY={}", keys.public_key);
