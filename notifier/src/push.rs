@@ -1,7 +1,8 @@
 //! Sends the pushes that came due: claims them from the [`PushQueue`] (each to one node), and
 //! delivers each to every device of its user. Web Push for real (RFC 8291 payload encryption,
-//! RFC 8292 VAPID); UnifiedPush as a plain POST to the distributor's endpoint. A device whose push
-//! service says it is gone (404, 410) is removed; 429 and 5xx are retried with backoff within the
+//! RFC 8292 VAPID); UnifiedPush as a plain POST to the distributor's endpoint; FCM and APNs in
+//! [`crate::push_fcm`] and [`crate::push_apns`]. A device whose push service says it is gone
+//! (404, 410, or the provider's own reason) is removed; 429 and 5xx are retried with backoff within the
 //! push's time to live; a push past it is dropped, not sent late.
 
 use std::sync::Arc;
@@ -17,6 +18,9 @@ use confab_runtime::webpush;
 use confab_schema::push::{Device, Platform};
 use confab_schema::{DeviceId, UserId};
 use futures::StreamExt;
+
+use crate::push_apns::Apns;
+use crate::push_fcm::Fcm;
 use tokio_util::sync::CancellationToken;
 
 /// Where the sender finds a user's devices, and forgets one that is gone.
@@ -37,13 +41,19 @@ pub struct PushSender {
     pub subject: String,
     /// How often the queue is polled for due pushes.
     pub poll: Duration,
+    /// Without a service-account key, FCM devices get nothing.
+    pub fcm: Option<Arc<Fcm>>,
+    /// Without a token key, APNs devices get nothing.
+    pub apns: Option<Arc<Apns>>,
 }
 
 /// What became of one push to one device.
-enum Delivery {
+pub(crate) enum Delivery {
     Sent,
     Gone,
     Retry,
+    /// Retry, not before the push service's `Retry-After`.
+    RetryAfter(Duration),
     Failed,
 }
 
@@ -126,12 +136,18 @@ impl PushSender {
             let outcome = match device.platform {
                 Platform::Webpush => self.web_push(push, device, payload, left_ms).await,
                 Platform::Unifiedpush => self.unified_push(device, payload).await,
-                Platform::Fcm | Platform::Apns => {
-                    // Not sent yet: their providers come next.
-                    metrics::counter!("confab_pushes_unsupported_total", "platform" => platform)
-                        .increment(1);
-                    return;
-                }
+                Platform::Fcm | Platform::Apns => match (device.platform, &self.fcm, &self.apns) {
+                    (Platform::Fcm, Some(fcm), _) => {
+                        fcm.deliver(push, device, payload, left_ms).await
+                    }
+                    (Platform::Apns, _, Some(apns)) => apns.deliver(push, device, payload).await,
+                    _ => {
+                        // Not configured (`push.fcm`, `push.apns`).
+                        metrics::counter!("confab_pushes_unsupported_total", "platform" => platform)
+                            .increment(1);
+                        return;
+                    }
+                },
             };
             metrics::histogram!("confab_push_provider_seconds", "platform" => platform)
                 .record(started.elapsed().as_secs_f64());
@@ -154,7 +170,11 @@ impl PushSender {
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
-                Delivery::Retry => break,
+                Delivery::RetryAfter(wait) if attempt < RETRIES => {
+                    tokio::time::sleep(wait.max(delay)).await;
+                    delay *= 2;
+                }
+                Delivery::Retry | Delivery::RetryAfter(_) => break,
             }
         }
         metrics::counter!("confab_pushes_failed_total", "platform" => platform).increment(1);
