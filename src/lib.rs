@@ -158,12 +158,10 @@ pub async fn open_push_queue(config: &Config) -> anyhow::Result<Arc<dyn PushQueu
 /// How long one request to a push service may take.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The FCM and APNs senders the configuration has keys for.
-#[allow(clippy::type_complexity)]
-pub fn native_push(
-    config: &Config,
-    http: &reqwest::Client,
-) -> anyhow::Result<(Option<Arc<Fcm>>, Option<Arc<Apns>>)> {
+/// The FCM and APNs senders, each when the configuration has its keys.
+type NativePush = (Option<Arc<Fcm>>, Option<Arc<Apns>>);
+
+fn native_push(config: &Config, http: &reqwest::Client) -> anyhow::Result<NativePush> {
     let fcm = match config.push.fcm.service_account()? {
         Some(account) => {
             let token_uri = config.push.fcm.token_uri(&account)?;
