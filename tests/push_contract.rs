@@ -584,6 +584,27 @@ async fn wait_for_devices(app: &TestApp, token: &str, n: usize) {
     }
 }
 
+/// `/metrics` counts the platform's pushes (sent, retried into sent, gone) and times its requests.
+async fn assert_metrics(app: &TestApp, platform: &str) {
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "confab_pushes_sent_total",
+        "confab_push_devices_gone_total",
+        "confab_push_provider_seconds_count",
+    ] {
+        let series = format!("{name}{{platform=\"{platform}\"}}");
+        assert!(metrics.contains(&series), "{series} is missing: {metrics}");
+    }
+}
+
 /// A recipient's two devices on one provider, sent to through confab.
 struct Scenario {
     app: TestApp,
@@ -678,6 +699,7 @@ async fn fcm_contract(stack: Stack) {
     wait_for_devices(&s.app, &s.bob, 0).await;
     assert_eq!(receiver.log.count_for(gone), 0);
     receiver.log.violations.assert_none();
+    assert_metrics(&s.app, "fcm").await;
     s.app.stop().await;
 }
 
@@ -759,6 +781,7 @@ async fn apns_contract(stack: Stack) {
     wait_for_devices(&s.app, &s.bob, 0).await;
     assert_eq!(receiver.log.count_for(gone), 0);
     receiver.log.violations.assert_none();
+    assert_metrics(&s.app, "apns").await;
     s.app.stop().await;
 }
 

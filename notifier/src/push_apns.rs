@@ -52,9 +52,13 @@ impl Apns {
     /// The provider token: the current one, or a new one when it is 50 minutes old, or when
     /// `refused` is the current one and APNs allows a renewal (it is 20 minutes old).
     fn bearer(&self, refused: Option<&str>) -> String {
+        self.bearer_at(refused, Instant::now())
+    }
+
+    fn bearer_at(&self, refused: Option<&str>, now: Instant) -> String {
         let mut current = self.token.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(token) = current.as_ref() {
-            let age = token.issued.elapsed();
+            let age = now.saturating_duration_since(token.issued);
             let refused = refused == Some(token.value.as_str());
             if age < TOKEN_REUSE && !(refused && age >= MIN_TOKEN_AGE) {
                 return token.value.clone();
@@ -64,7 +68,7 @@ impl Apns {
             value: self
                 .key
                 .token(time::OffsetDateTime::now_utc().unix_timestamp()),
-            issued: Instant::now(),
+            issued: now,
         };
         *current = Some(token.clone());
         token.value
@@ -203,6 +207,33 @@ mod tests {
         assert_eq!(three["aps"]["alert"]["title"], "Alice");
         let previewed = alert("c", br#"{"count":1,"preview":"hi"}"#);
         assert_eq!(previewed["aps"]["alert"]["body"], "hi");
+    }
+
+    #[test]
+    fn a_provider_token_is_reused_and_renewed_only_when_apns_allows() {
+        use p256::pkcs8::EncodePrivateKey;
+        let pem = p256::SecretKey::from_slice(&[3u8; 32])
+            .unwrap()
+            .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+            .unwrap();
+        let key = ApnsKey::from_pem(&pem, "ABC123DEFG", "TEAM123456").unwrap();
+        let apns = Apns::new(key, "http://127.0.0.1:9".into(), Duration::from_secs(1)).unwrap();
+        let issued = || apns.token.lock().unwrap().as_ref().unwrap().issued;
+        let start = Instant::now();
+        let minutes = |m: u64| start + Duration::from_secs(m * 60);
+        let first = apns.bearer_at(None, start);
+        assert_eq!(apns.bearer_at(None, minutes(10)), first, "reused");
+        // Refused while young: APNs would refuse a renewal too, so none is made.
+        assert_eq!(apns.bearer_at(Some(&first), minutes(10)), first);
+        assert_eq!(issued(), start);
+        // Refused at 21 minutes: renewed.
+        apns.bearer_at(Some(&first), minutes(21));
+        assert_eq!(issued(), minutes(21));
+        // Not refused: reused until 50 minutes, renewed before APNs would call it expired.
+        apns.bearer_at(None, minutes(70));
+        assert_eq!(issued(), minutes(21));
+        apns.bearer_at(None, minutes(72));
+        assert_eq!(issued(), minutes(72));
     }
 
     #[test]
