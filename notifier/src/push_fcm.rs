@@ -154,9 +154,10 @@ fn message(token: &str, chat: &str, payload: &[u8], left_ms: i64) -> Value {
     let data: Map<String, Value> = match serde_json::from_slice::<Value>(payload) {
         Ok(Value::Object(fields)) => fields
             .into_iter()
-            .map(|(key, value)| match value {
-                Value::String(text) => (key, Value::String(text)),
-                other => (key, Value::String(other.to_string())),
+            .filter_map(|(key, value)| match value {
+                Value::Null => None,
+                Value::String(text) => Some((key, Value::String(text))),
+                other => Some((key, Value::String(other.to_string()))),
             })
             .collect(),
         _ => Map::from_iter([(
@@ -252,12 +253,13 @@ mod tests {
         let message = message(
             "tok",
             "chat-1",
-            br#"{"type":"messages","count":3,"chat_id":"chat-1"}"#,
+            br#"{"type":"messages","count":3,"chat_id":"chat-1","preview":null}"#,
             90_500,
         );
         assert_eq!(message["message"]["token"], "tok");
         assert_eq!(message["message"]["data"]["count"], "3");
         assert_eq!(message["message"]["data"]["type"], "messages");
+        assert!(message["message"]["data"].get("preview").is_none());
         assert_eq!(message["message"]["android"]["collapse_key"], "chat-1");
         assert_eq!(message["message"]["android"]["ttl"], "90s");
     }
