@@ -2,8 +2,8 @@
 //! delivers each to every device of its user. Web Push for real (RFC 8291 payload encryption,
 //! RFC 8292 VAPID); UnifiedPush as a plain POST to the distributor's endpoint; FCM and APNs in
 //! [`crate::push_fcm`] and [`crate::push_apns`]. A device whose push service says it is gone
-//! (404, 410, or the provider's own reason) is removed; 429 and 5xx are retried with backoff within the
-//! push's time to live; a push past it is dropped, not sent late.
+//! (404, 410, or the provider's own reason) is removed; 429 and 5xx are retried with backoff
+//! within the push's time to live; a push past it is dropped, not sent late.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,10 +18,10 @@ use confab_runtime::webpush;
 use confab_schema::push::{Device, Platform};
 use confab_schema::{DeviceId, UserId};
 use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 
 use crate::push_apns::Apns;
 use crate::push_fcm::Fcm;
-use tokio_util::sync::CancellationToken;
 
 /// Where the sender finds a user's devices, and forgets one that is gone.
 #[async_trait]
