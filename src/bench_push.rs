@@ -202,6 +202,8 @@ async fn measure(args: &PushBenchArgs, queue: Arc<dyn PushQueue>) -> anyhow::Res
         subject: "mailto:bench@localhost".into(),
         vapid_tokens: Arc::default(),
         poll: Duration::from_millis(100),
+        fcm: None,
+        apns: None,
     }
     .start(shutdown.clone());
 

@@ -21,6 +21,8 @@ use confab_api::{ApiState, routes as api_routes};
 use confab_notifier::auth::StreamAuth;
 use confab_notifier::hub::Caps;
 use confab_notifier::push::{DeviceDirectory, PushSender};
+use confab_notifier::push_apns::Apns;
+use confab_notifier::push_fcm::Fcm;
 use confab_notifier::{Hub, HubReadiness, Membership, NotifierState};
 use confab_runtime::bus::{Bus, BusReadiness, EmbeddedBus, NatsBus};
 use confab_runtime::config::{BusBackend, Config, IdentityMode, StoreBackend};
@@ -152,6 +154,35 @@ pub async fn open_push_queue(config: &Config) -> anyhow::Result<Arc<dyn PushQueu
                 .context("connecting to NATS for the push queue")?,
         ),
     })
+}
+
+/// How long one request to a push service may take.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The FCM and APNs senders, each when the configuration has its keys.
+type NativePush = (Option<Arc<Fcm>>, Option<Arc<Apns>>);
+
+fn native_push(config: &Config, http: &reqwest::Client) -> anyhow::Result<NativePush> {
+    let fcm = match config.push.fcm.service_account()? {
+        Some(account) => {
+            let token_uri = config.push.fcm.token_uri(&account)?;
+            Some(Arc::new(Fcm::new(
+                http.clone(),
+                account,
+                &config.push.fcm.base_url()?,
+                token_uri,
+            )))
+        }
+        None => None,
+    };
+    let apns = match config.push.apns.key()? {
+        Some(key) => Some(Arc::new(
+            Apns::new(key, config.push.apns.base_url()?, PUSH_TIMEOUT)
+                .context("building the APNs client")?,
+        )),
+        None => None,
+    };
+    Ok((fcm, apns))
 }
 
 /// The devices the push sender delivers to, from the store.
@@ -297,17 +328,19 @@ pub async fn build(
                 Some(private) => Some(VapidKeys::from_private_key(private)?),
                 None => None,
             };
+            let http = reqwest::Client::builder().timeout(PUSH_TIMEOUT).build()?;
+            let (fcm, apns) = native_push(config, &http)?;
             workers.push(
                 PushSender {
                     queue: Arc::clone(&push_queue),
                     devices: Arc::new(StoreDevices(Arc::clone(&store))),
-                    http: reqwest::Client::builder()
-                        .timeout(Duration::from_secs(15))
-                        .build()?,
+                    http,
                     vapid,
                     subject: config.push.subject(),
                     vapid_tokens: Arc::default(),
                     poll: Duration::from_millis(100),
+                    fcm,
+                    apns,
                 }
                 .start(shutdown.clone()),
             );

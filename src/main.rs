@@ -104,12 +104,13 @@ async fn serve(role: Role, config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    confab::run(
+    // Boxed: the whole process's future is large.
+    Box::pin(confab::run(
         role,
         config,
         listener,
         confab_runtime::shutdown::on_signal(),
-    )
+    ))
     .await
 }
 

@@ -6,6 +6,8 @@ pub mod asyncapi;
 pub mod auth;
 pub mod hub;
 pub mod push;
+pub mod push_apns;
+pub mod push_fcm;
 pub mod sse;
 
 pub use hub::{Hub, HubReadiness, Membership};

@@ -1,8 +1,9 @@
 //! Sends the pushes that came due: claims them from the [`PushQueue`] (each to one node), and
 //! delivers each to every device of its user. Web Push for real (RFC 8291 payload encryption,
-//! RFC 8292 VAPID); UnifiedPush as a plain POST to the distributor's endpoint. A device whose push
-//! service says it is gone (404, 410) is removed; 429 and 5xx are retried with backoff within the
-//! push's time to live; a push past it is dropped, not sent late.
+//! RFC 8292 VAPID); UnifiedPush as a plain POST to the distributor's endpoint; FCM and APNs in
+//! [`crate::push_fcm`] and [`crate::push_apns`]. A device whose push service says it is gone
+//! (404, 410, or the provider's own reason) is removed; 429 and 5xx are retried with backoff
+//! within the push's time to live; a push past it is dropped, not sent late.
 //!
 //! A push that reached a device is remembered, so that reading the chat later sends a withdrawal:
 //! a data message with the same `Topic` (Web Push) or collapse key, on which the client's service
@@ -22,6 +23,9 @@ use confab_schema::push::{Device, Platform};
 use confab_schema::{DeviceId, UserId};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+
+use crate::push_apns::Apns;
+use crate::push_fcm::Fcm;
 
 /// Where the sender finds a user's devices, and forgets one that is gone.
 #[async_trait]
@@ -43,13 +47,19 @@ pub struct PushSender {
     pub vapid_tokens: Arc<webpush::VapidTokens>,
     /// How often the queue is polled for due pushes.
     pub poll: Duration,
+    /// Without a service-account key, FCM devices get nothing.
+    pub fcm: Option<Arc<Fcm>>,
+    /// Without a token key, APNs devices get nothing.
+    pub apns: Option<Arc<Apns>>,
 }
 
 /// What became of one push to one device.
-enum Delivery {
+pub(crate) enum Delivery {
     Sent,
     Gone,
     Retry,
+    /// Retry, not before the push service's `Retry-After`.
+    RetryAfter(Duration),
     Failed,
 }
 
@@ -163,12 +173,18 @@ impl PushSender {
             let outcome = match device.platform {
                 Platform::Webpush => self.web_push(push, device, payload, left_ms).await,
                 Platform::Unifiedpush => self.unified_push(device, payload).await,
-                Platform::Fcm | Platform::Apns => {
-                    // Not sent yet: their providers come next.
-                    metrics::counter!("confab_pushes_unsupported_total", "platform" => platform)
-                        .increment(1);
-                    return false;
-                }
+                Platform::Fcm | Platform::Apns => match (device.platform, &self.fcm, &self.apns) {
+                    (Platform::Fcm, Some(fcm), _) => {
+                        fcm.deliver(push, device, payload, left_ms).await
+                    }
+                    (Platform::Apns, _, Some(apns)) => apns.deliver(push, device, payload).await,
+                    _ => {
+                        // Not configured (`push.fcm`, `push.apns`).
+                        metrics::counter!("confab_pushes_unsupported_total", "platform" => platform)
+                            .increment(1);
+                        return false;
+                    }
+                },
             };
             metrics::histogram!("confab_push_provider_seconds", "platform" => platform)
                 .record(started.elapsed().as_secs_f64());
@@ -191,7 +207,11 @@ impl PushSender {
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
-                Delivery::Retry => break,
+                Delivery::RetryAfter(wait) if attempt < RETRIES => {
+                    tokio::time::sleep(wait.max(delay)).await;
+                    delay *= 2;
+                }
+                Delivery::Retry | Delivery::RetryAfter(_) => break,
             }
         }
         metrics::counter!("confab_pushes_failed_total", "platform" => platform).increment(1);

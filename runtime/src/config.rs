@@ -57,6 +57,156 @@ pub struct PushConfig {
     pub delay_ms: Option<u64>,
     /// How long after its due time a push may still be sent; later it is dropped. Default 3600.
     pub ttl_secs: Option<u64>,
+    /// Firebase Cloud Messaging (HTTP v1). Without a service-account key, FCM devices get no
+    /// pushes.
+    pub fcm: FcmConfig,
+    /// Apple Push Notification service, with a token key. Without one, APNs devices get no
+    /// pushes.
+    pub apns: ApnsConfig,
+}
+
+/// FCM's credentials and address.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FcmConfig {
+    /// Path of the service-account key file as Google issues it (JSON with `project_id`,
+    /// `client_email`, `private_key` and `token_uri`). Default: none.
+    pub service_account_file: Option<PathBuf>,
+    /// The same key inline, as its JSON text (for a secret passed in the environment). Set this
+    /// or `service_account_file`, not both. Default: none.
+    pub service_account_json: Option<String>,
+    /// FCM's base URL; messages go to `{base_url}/v1/projects/{project_id}/messages:send`.
+    /// Default `https://fcm.googleapis.com`.
+    pub base_url: Option<String>,
+    /// Where access tokens are requested (OAuth 2.0 JWT-bearer grant). Default: the key's
+    /// `token_uri`.
+    pub token_uri: Option<String>,
+}
+
+/// APNs' credentials and address (token-based authentication).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApnsConfig {
+    /// Path of the token key (`AuthKey_<key id>.p8`: PKCS #8 PEM of a P-256 key) from the Apple
+    /// developer account. Default: none.
+    pub key_file: Option<PathBuf>,
+    /// The same key inline, as its PEM text. Set this or `key_file`, not both. Default: none.
+    pub key_pem: Option<String>,
+    /// The key's id (10 characters, shown with the key). Required with a key.
+    pub key_id: Option<String>,
+    /// The developer account's team id (10 characters). Required with a key.
+    pub team_id: Option<String>,
+    /// APNs' base URL; pushes go to `{base_url}/3/device/{token}` over HTTP/2. Default
+    /// `https://api.push.apple.com`; `https://api.sandbox.push.apple.com` for development builds
+    /// of an app.
+    pub base_url: Option<String>,
+}
+
+/// FCM's base URL when none is configured.
+pub const FCM_BASE_URL: &str = "https://fcm.googleapis.com";
+/// APNs' base URL when none is configured.
+pub const APNS_BASE_URL: &str = "https://api.push.apple.com";
+
+/// A base URL setting: `http` or `https`, without a trailing slash.
+fn base_url(value: Option<&str>, default: &str, name: &str) -> Result<String, ConfigError> {
+    let value = value.map(str::trim).unwrap_or(default);
+    match url::Url::parse(value) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+            Ok(value.trim_end_matches('/').to_owned())
+        }
+        _ => Err(ConfigError::Invalid(format!(
+            "{name} `{value}` is not an http or https URL"
+        ))),
+    }
+}
+
+/// One key given as a file or inline: its text, or none.
+fn key_text(
+    file: Option<&Path>,
+    inline: Option<&str>,
+    names: (&str, &str),
+) -> Result<Option<String>, ConfigError> {
+    match (file, inline) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(ConfigError::Invalid(format!(
+            "set {} or {}, not both",
+            names.0, names.1
+        ))),
+        (Some(path), None) => std::fs::read_to_string(path)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("{} {}: {e}", names.0, path.display()))),
+        (None, Some(text)) => Ok(Some(text.to_owned())),
+    }
+}
+
+impl FcmConfig {
+    /// The service account, when a key is configured; a key that does not parse is an error.
+    pub fn service_account(&self) -> Result<Option<crate::push_auth::ServiceAccount>, ConfigError> {
+        let names = (
+            "push.fcm.service_account_file",
+            "push.fcm.service_account_json",
+        );
+        let Some(json) = key_text(
+            self.service_account_file.as_deref(),
+            self.service_account_json.as_deref(),
+            names,
+        )?
+        else {
+            return Ok(None);
+        };
+        crate::push_auth::ServiceAccount::from_json(&json)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("push.fcm: {e}")))
+    }
+
+    /// The base URL, without a trailing slash.
+    pub fn base_url(&self) -> Result<String, ConfigError> {
+        base_url(self.base_url.as_deref(), FCM_BASE_URL, "push.fcm.base_url")
+    }
+
+    /// The token URI: the setting, else the key's.
+    pub fn token_uri(
+        &self,
+        account: &crate::push_auth::ServiceAccount,
+    ) -> Result<String, ConfigError> {
+        base_url(
+            self.token_uri.as_deref(),
+            &account.token_uri,
+            "push.fcm.token_uri",
+        )
+    }
+}
+
+impl ApnsConfig {
+    /// The token key, when one is configured; a key that does not parse, or one without its key
+    /// id and team id, is an error.
+    pub fn key(&self) -> Result<Option<crate::push_auth::ApnsKey>, ConfigError> {
+        let Some(pem) = key_text(
+            self.key_file.as_deref(),
+            self.key_pem.as_deref(),
+            ("push.apns.key_file", "push.apns.key_pem"),
+        )?
+        else {
+            return Ok(None);
+        };
+        let (Some(key_id), Some(team_id)) = (&self.key_id, &self.team_id) else {
+            return Err(ConfigError::Invalid(
+                "push.apns.key_id and push.apns.team_id are required with an APNs key".into(),
+            ));
+        };
+        crate::push_auth::ApnsKey::from_pem(&pem, key_id, team_id)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("push.apns: {e}")))
+    }
+
+    /// The base URL, without a trailing slash.
+    pub fn base_url(&self) -> Result<String, ConfigError> {
+        base_url(
+            self.base_url.as_deref(),
+            APNS_BASE_URL,
+            "push.apns.base_url",
+        )
+    }
 }
 
 impl PushConfig {
@@ -382,6 +532,13 @@ impl Config {
                 ));
             }
         }
+        // The native push services' keys parse now, not at the first push.
+        if let Some(account) = self.push.fcm.service_account()? {
+            self.push.fcm.token_uri(&account)?;
+        }
+        self.push.fcm.base_url()?;
+        self.push.apns.key()?;
+        self.push.apns.base_url()?;
         if !confab_schema::subjects::is_valid_prefix(&self.bus.subject_prefix) {
             return Err(ConfigError::Invalid(format!(
                 "bus.subject_prefix `{}` must be dot-separated tokens of letters, digits, `_` or `-`",
@@ -493,5 +650,97 @@ mod tests {
             assert!(Config::load(Some(Path::new("d.toml"))).is_err());
             Ok(())
         });
+    }
+
+    #[test]
+    fn native_push_keys_load_from_files_and_the_environment() {
+        use p256::pkcs8::EncodePrivateKey;
+        let service_account = include_str!("../../tests/fixtures/fcm-test-service-account.json");
+        let p8 = p256::SecretKey::from_slice(&[9u8; 32])
+            .unwrap()
+            .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+            .unwrap()
+            .to_string();
+        figment::Jail::expect_with(|jail| {
+            // Inline, from the environment: JSON and PEM stay text.
+            jail.set_env("CONFAB_PUSH__FCM__SERVICE_ACCOUNT_JSON", service_account);
+            jail.set_env("CONFAB_PUSH__FCM__BASE_URL", "http://127.0.0.1:9/");
+            jail.set_env("CONFAB_PUSH__APNS__KEY_PEM", &p8);
+            jail.set_env("CONFAB_PUSH__APNS__KEY_ID", "ABC123DEFG");
+            jail.set_env("CONFAB_PUSH__APNS__TEAM_ID", "TEAM123456");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let account = config.push.fcm.service_account().unwrap().unwrap();
+            assert_eq!(account.project_id, "confab-contract-test");
+            assert_eq!(
+                config.push.fcm.token_uri(&account).unwrap(),
+                "https://oauth2.googleapis.com/token"
+            );
+            assert_eq!(config.push.fcm.base_url().unwrap(), "http://127.0.0.1:9");
+            let key = config.push.apns.key().unwrap().unwrap();
+            assert_eq!(key.key_id, "ABC123DEFG");
+            assert_eq!(
+                config.push.apns.base_url().unwrap(),
+                "https://api.push.apple.com"
+            );
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            // From files named in a config file.
+            jail.create_file("sa.json", service_account)?;
+            jail.create_file("AuthKey.p8", &p8)?;
+            jail.create_file(
+                "c.toml",
+                "[push.fcm]\nservice_account_file = \"sa.json\"\ntoken_uri = \"http://127.0.0.1:9/token\"\n\
+                 [push.apns]\nkey_file = \"AuthKey.p8\"\nkey_id = \"ABC123DEFG\"\n\
+                 team_id = \"TEAM123456\"\nbase_url = \"https://api.sandbox.push.apple.com\"\n",
+            )?;
+            let config = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            let account = config.push.fcm.service_account().unwrap().unwrap();
+            assert_eq!(
+                config.push.fcm.token_uri(&account).unwrap(),
+                "http://127.0.0.1:9/token"
+            );
+            assert!(config.push.apns.key().unwrap().is_some());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_native_push_settings_are_refused_at_start_up() {
+        let refused = |toml: &str, expected: &str| {
+            figment::Jail::expect_with(|jail| {
+                jail.create_file("c.toml", toml)?;
+                let error = Config::load(Some(Path::new("c.toml")))
+                    .expect_err(toml)
+                    .to_string();
+                assert!(error.contains(expected), "{error} should say {expected}");
+                Ok(())
+            });
+        };
+        refused(
+            "[push.fcm]\nservice_account_file = \"missing.json\"\n",
+            "push.fcm.service_account_file missing.json",
+        );
+        refused(
+            "[push.fcm]\nservice_account_json = \"{}\"\n",
+            "push.fcm: the service-account key is not JSON as Google issues it",
+        );
+        refused(
+            "[push.fcm]\nservice_account_json = \"{}\"\nservice_account_file = \"a\"\n",
+            "not both",
+        );
+        refused(
+            "[push.fcm]\nbase_url = \"fcm.googleapis.com\"\n",
+            "push.fcm.base_url",
+        );
+        refused(
+            "[push.apns]\nkey_pem = \"-----BEGIN PRIVATE KEY-----\"\nkey_id = \"ABC123DEFG\"\n\
+             team_id = \"TEAM123456\"\n",
+            "push.apns: the APNs key is not a PKCS #8 PEM P-256 private key",
+        );
+        refused(
+            "[push.apns]\nkey_pem = \"x\"\n",
+            "push.apns.key_id and push.apns.team_id are required",
+        );
     }
 }

@@ -11,6 +11,7 @@ pub mod identity;
 pub mod kv_bucket;
 pub mod presence;
 pub mod problem;
+pub mod push_auth;
 pub mod push_queue;
 pub mod shutdown;
 pub mod signed;
