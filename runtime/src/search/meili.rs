@@ -267,7 +267,15 @@ impl Search for MeiliSearch {
             .with_crop_marker(CROP_MARKER)
             .with_highlight_pre_tag(&start)
             .with_highlight_post_tag(&end);
-        let results = self.call(request.execute::<Found>()).await?;
+        let results = match tokio::time::timeout(self.timeout, request.execute::<Found>()).await {
+            Err(_) => return Err(unavailable("Meilisearch did not answer in time")),
+            Ok(Ok(results)) => results,
+            // Not created yet (no indexer has prepared it): nothing is indexed.
+            Ok(Err(Error::Meilisearch(error))) if error.error_code == ErrorCode::IndexNotFound => {
+                return Ok(Hits::default());
+            }
+            Ok(Err(error)) => return Err(classify(error)),
+        };
         let more = results.hits.len() > limit && offset + limit < MAX_HITS;
         let mut hits = Vec::with_capacity(limit);
         for hit in results.hits.into_iter().take(limit) {
