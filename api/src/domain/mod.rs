@@ -15,6 +15,7 @@ pub mod paging;
 pub mod presence;
 pub mod reactions;
 pub mod rules;
+pub mod search;
 pub mod signals;
 pub mod typing;
 pub mod users;

@@ -9,6 +9,7 @@ mod markers;
 mod members;
 mod reactions;
 mod responses;
+mod search;
 mod signals;
 mod typing;
 mod users;
@@ -122,6 +123,7 @@ fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(markers::views))
         .routes(routes!(markers::deliveries))
         .routes(routes!(typing::typing))
+        .routes(routes!(search::search))
         .routes(routes!(devices::register, devices::list))
         .routes(routes!(devices::remove))
         .routes(routes!(devices::vapid_public_key))
