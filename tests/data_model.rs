@@ -713,12 +713,13 @@ async fn openapi_is_served_and_lists_every_route() {
         "GET /v1/devices",
         "DELETE /v1/devices/{device_id}",
         "GET /v1/push/vapid-public-key",
+        "GET /v1/search",
     ] {
         assert!(
             operations.iter().any(|o| o == expected),
             "{expected} is not documented"
         );
     }
-    assert_eq!(operations.len(), 31, "{operations:?}");
+    assert_eq!(operations.len(), 32, "{operations:?}");
     app.stop().await;
 }

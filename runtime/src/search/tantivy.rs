@@ -425,8 +425,13 @@ impl Search for TantivySearch {
     }
 
     async fn checkpoint(&self, name: &str) -> Result<Option<String>, SearchError> {
-        let writer = self.inner.writer.lock().map_err(failed)?;
-        Ok(writer.checkpoints.get(name).cloned())
+        // The writer's lock may be held through a commit: wait for it off the async threads.
+        let name = name.to_owned();
+        self.blocking(move |inner| {
+            let writer = inner.writer.lock().map_err(failed)?;
+            Ok(writer.checkpoints.get(&name).cloned())
+        })
+        .await
     }
 
     async fn search(&self, query: &Query) -> Result<Hits, SearchError> {
