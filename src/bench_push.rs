@@ -46,6 +46,9 @@ pub struct PushBenchArgs {
     /// Producers scheduling at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Messages per second, paced; 0 schedules as fast as the producers can.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
     /// Comma-separated: `embedded`, `nats`.
     #[arg(long, default_value = "embedded,nats")]
     pub backends: String,
@@ -157,6 +160,7 @@ pub async fn run(args: PushBenchArgs, config: Config) -> anyhow::Result<()> {
             "pushes": args.pushes,
             "cancel_every": args.cancel_every,
             "delay_ms": args.delay_ms,
+            "rate": args.rate,
             "results": rows,
         }))?,
     )?;
@@ -223,7 +227,12 @@ async fn measure(args: &PushBenchArgs, queue: Arc<dyn PushQueue>) -> anyhow::Res
                 Arc::clone(&cancel_us),
                 Arc::clone(&cancel_secs),
             );
+            let rate = args.rate;
             async move {
+                if rate > 0 {
+                    let at = started + Duration::from_secs_f64(i as f64 / f64::from(rate));
+                    tokio::time::sleep_until(at.into()).await;
+                }
                 let (recipient, chat) = (user(i), ChatId::new());
                 let message = PushMessage {
                     signal: SignalId::new(),

@@ -6,7 +6,9 @@ pub mod bench;
 pub mod bench_fanout;
 pub mod bench_push;
 pub mod bench_reads;
+pub mod bench_search;
 pub mod bench_store;
+pub mod reindex;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use confab_api::domain::devices::PushSettings;
+use confab_api::indexer::Indexer;
 use confab_api::store::cql::{self, CqlOptions, CqlStore};
 use confab_api::store::embedded::EmbeddedStore;
 use confab_api::store::{Store, StoreReadiness};
@@ -25,11 +28,12 @@ use confab_notifier::push_apns::Apns;
 use confab_notifier::push_fcm::Fcm;
 use confab_notifier::{Hub, HubReadiness, Membership, NotifierState};
 use confab_runtime::bus::{Bus, BusReadiness, EmbeddedBus, NatsBus};
-use confab_runtime::config::{BusBackend, Config, IdentityMode, StoreBackend};
+use confab_runtime::config::{BusBackend, Config, IdentityMode, SearchBackend, StoreBackend};
 use confab_runtime::identity::{DevIdentity, Identity, IdentityReadiness, OidcIdentity};
 use confab_runtime::presence::{EmbeddedPresence, NatsPresence, Presence};
 use confab_runtime::problem;
 use confab_runtime::push_queue::{EmbeddedPushQueue, NatsPushQueue, PushQueue};
+use confab_runtime::search::{MeiliSearch, Search, SearchError, TantivySearch};
 use confab_runtime::telemetry::{self, Readiness};
 use confab_runtime::vapid::VapidKeys;
 use confab_schema::push::Device;
@@ -185,6 +189,31 @@ fn native_push(config: &Config, http: &reqwest::Client) -> anyhow::Result<Native
     Ok((fcm, apns))
 }
 
+/// The message search engine: a tantivy index in the data directory, or a Meilisearch index.
+/// `None` when the tantivy index is open in another process (one process at a time opens it): this
+/// one then runs without search, loudly.
+pub fn open_search(config: &Config) -> anyhow::Result<Option<Arc<dyn Search>>> {
+    Ok(Some(match config.search.backend {
+        SearchBackend::Tantivy => {
+            let path = config.embedded_search_path();
+            match TantivySearch::open(&path) {
+                Ok(search) => Arc::new(search),
+                Err(SearchError::InUse(why)) => {
+                    tracing::warn!("SEARCH DISABLED in this process: {why}");
+                    return Ok(None);
+                }
+                Err(error) => {
+                    return Err(error)
+                        .with_context(|| format!("opening the search index {}", path.display()));
+                }
+            }
+        }
+        SearchBackend::Meilisearch => {
+            Arc::new(MeiliSearch::new(&config.meili_settings()).context("configuring Meilisearch")?)
+        }
+    }))
+}
+
 /// The devices the push sender delivers to, from the store.
 pub struct StoreDevices(pub Arc<dyn Store>);
 
@@ -279,23 +308,41 @@ pub async fn build(
     let store = open_store(config, role == Role::Serve).await?;
     readiness = readiness.with(Arc::new(StoreReadiness(Arc::clone(&store))));
     if matches!(role, Role::Serve | Role::Api) {
-        let (routes, doc) = api_routes(
-            ApiState::new(
-                Arc::clone(&store),
-                Arc::clone(&bus),
-                Arc::clone(&identity),
-                &secret,
-            )
-            .with_republish_window(config.log_settings().duplicate_window)
-            .with_presence(Arc::clone(&presence))
-            .with_push(PushSettings {
-                allow_insecure_endpoints: config.push.allow_insecure_endpoints,
-                vapid_public_key: config.push.vapid_public_key.clone(),
-                delay: config.push.delay(),
-                ttl: config.push.ttl(),
-            })
-            .with_push_queue(Arc::clone(&push_queue)),
-        );
+        // Not a readiness check: search being down must not take the API (and sending) down.
+        let search = open_search(config)?;
+        if let Some(search) = &search
+            && config.search.indexer
+        {
+            workers.push(
+                Indexer {
+                    store: Arc::clone(&store),
+                    bus: Arc::clone(&bus),
+                    search: Arc::clone(search),
+                    batch_size: config.search.batch_size,
+                    batch_wait: Duration::from_millis(config.search.batch_wait_ms),
+                }
+                .start(shutdown.clone()),
+            );
+        }
+        let mut state = ApiState::new(
+            Arc::clone(&store),
+            Arc::clone(&bus),
+            Arc::clone(&identity),
+            &secret,
+        )
+        .with_republish_window(config.log_settings().duplicate_window)
+        .with_presence(Arc::clone(&presence))
+        .with_push(PushSettings {
+            allow_insecure_endpoints: config.push.allow_insecure_endpoints,
+            vapid_public_key: config.push.vapid_public_key.clone(),
+            delay: config.push.delay(),
+            ttl: config.push.ttl(),
+        })
+        .with_push_queue(Arc::clone(&push_queue));
+        if let Some(search) = search {
+            state = state.with_search(search);
+        }
+        let (routes, doc) = api_routes(state);
         api_router = Some(
             routes
                 .clone()
@@ -415,7 +462,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     guard_dev_mode(&config, addr)?;
-    let app = build(role, &config, shutdown.clone()).await?;
+    // Boxed: building every service makes a large future.
+    let app = Box::pin(build(role, &config, shutdown.clone())).await?;
     // Tests and scripts read this line to find a port chosen by the OS.
     println!("confab {} listening on http://{addr}", role.name());
     tracing::info!(role = role.name(), %addr, "listening");

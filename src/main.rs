@@ -32,6 +32,8 @@ enum Command {
     WsPlexer,
     /// Creates or upgrades the store's schema. Safe to run twice.
     Migrate,
+    /// Rebuilds the message search index from the store (resumes an interrupted run).
+    Reindex(confab::reindex::ReindexArgs),
     /// Prints a token for USERNAME that a server in dev identity mode accepts.
     DevToken {
         username: String,
@@ -41,6 +43,9 @@ enum Command {
     },
     /// Measures the CQL store layer against raw prepared inserts and writes a results file.
     BenchStore(confab::bench_store::StoreBenchArgs),
+    /// Measures message search: indexing rate and query latency on each engine, the search
+    /// endpoint against the same queries sent to the engine directly.
+    BenchSearch(confab::bench_search::SearchBenchArgs),
     /// Prints a new VAPID key pair for Web Push, as configuration lines.
     VapidKeys,
     /// Prints the OpenAPI description of every route.
@@ -72,6 +77,8 @@ fn main() -> anyhow::Result<()> {
             Command::Notifier => serve(Role::Notifier, config).await,
             Command::WsPlexer => serve(Role::WsPlexer, config).await,
             Command::Migrate => migrate(&config).await,
+            Command::Reindex(args) => confab::reindex::run(args, config).await,
+            Command::BenchSearch(args) => confab::bench_search::run(args, config).await,
             Command::DevToken { username, hours } => {
                 let identity = DevIdentity::open(&config.data_dir)?;
                 println!(
@@ -131,6 +138,14 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
                 config.embedded_store_path().display()
             );
         }
+    }
+    if config.search.backend == confab_runtime::config::SearchBackend::Meilisearch {
+        let search = confab::open_search(config)?.context("no search engine")?;
+        search
+            .prepare()
+            .await
+            .context("creating the Meilisearch index and its settings")?;
+        println!("search index {} is up to date", config.search.index);
     }
     if config.bus.backend == confab_runtime::config::BusBackend::Nats {
         let bus = confab_runtime::bus::NatsBus::connect(

@@ -82,6 +82,13 @@ impl Store for FlakyBookkeeping {
     async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, StoreError> {
         self.inner.chats_of(user).await
     }
+    async fn chat_ids(
+        &self,
+        after: Option<ChatId>,
+        limit: usize,
+    ) -> Result<Vec<ChatId>, StoreError> {
+        self.inner.chat_ids(after, limit).await
+    }
     async fn put_device(
         &self,
         device: &confab_schema::push::Device,

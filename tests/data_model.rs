@@ -713,12 +713,17 @@ async fn openapi_is_served_and_lists_every_route() {
         "GET /v1/devices",
         "DELETE /v1/devices/{device_id}",
         "GET /v1/push/vapid-public-key",
+        "GET /v1/search",
+        "GET /v1/me/settings",
+        "PUT /v1/me/settings",
+        "GET /v1/chats/{chat_id}/settings",
+        "PUT /v1/chats/{chat_id}/settings",
     ] {
         assert!(
             operations.iter().any(|o| o == expected),
             "{expected} is not documented"
         );
     }
-    assert_eq!(operations.len(), 31, "{operations:?}");
+    assert_eq!(operations.len(), 36, "{operations:?}");
     app.stop().await;
 }

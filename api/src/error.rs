@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use confab_runtime::Problem;
 use confab_runtime::bus::BusError;
 use confab_runtime::identity::AuthError;
+use confab_runtime::search::SearchError;
 
 use crate::store::StoreError;
 
@@ -31,6 +32,11 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Search(#[from] SearchError),
+    /// This process has no search engine.
+    #[error("search is not enabled")]
+    SearchDisabled,
 }
 
 impl From<&ApiError> for Problem {
@@ -72,6 +78,11 @@ impl From<&ApiError> for Problem {
                 "bus-unavailable",
                 "the event bus is unavailable; try again",
             ),
+            ApiError::Search(_) | ApiError::SearchDisabled => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "search-unavailable",
+                "search is unavailable; try again",
+            ),
         }
     }
 }
@@ -82,6 +93,7 @@ impl IntoResponse for ApiError {
             ApiError::Auth(auth) => return auth.clone().into_response(),
             ApiError::Store(error) => tracing::warn!(%error, "store error"),
             ApiError::Bus(error) => tracing::warn!(%error, "bus error"),
+            ApiError::Search(error) => tracing::warn!(%error, "search error"),
             _ => {}
         }
         Problem::from(&self).into_response()

@@ -9,6 +9,7 @@ use confab_runtime::bus::Bus;
 use confab_runtime::identity::Identity;
 use confab_runtime::presence::{EmbeddedPresence, Presence};
 use confab_runtime::push_queue::PushQueue;
+use confab_runtime::search::Search;
 use confab_runtime::signed::Signer;
 use confab_schema::{ChatId, Signal, User, UserId};
 
@@ -43,6 +44,8 @@ pub struct ApiState {
     pub(crate) push: PushSettings,
     /// Pushes waiting for their delay (`None`: no pushes scheduled).
     pub(crate) push_queue: Option<Arc<dyn PushQueue>>,
+    /// The message search engine (`None`: search answers 503).
+    pub(crate) search: Option<Arc<dyn Search>>,
 }
 
 impl ApiState {
@@ -66,6 +69,7 @@ impl ApiState {
             status_events: Arc::default(),
             push: PushSettings::default(),
             push_queue: None,
+            search: None,
         }
     }
 
@@ -78,6 +82,12 @@ impl ApiState {
     /// Where pushes wait for their delay.
     pub fn with_push_queue(mut self, queue: Arc<dyn PushQueue>) -> ApiState {
         self.push_queue = Some(queue);
+        self
+    }
+
+    /// The engine message search queries.
+    pub fn with_search(mut self, search: Arc<dyn Search>) -> ApiState {
+        self.search = Some(search);
         self
     }
 

@@ -36,6 +36,7 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub telemetry: TelemetryConfig,
     pub push: PushConfig,
+    pub search: SearchConfig,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -240,6 +241,7 @@ impl Default for Config {
             identity: IdentityConfig::default(),
             telemetry: TelemetryConfig::default(),
             push: PushConfig::default(),
+            search: SearchConfig::default(),
         }
     }
 }
@@ -373,6 +375,59 @@ impl Default for StoreConfig {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum SearchBackend {
+    /// A tantivy index in `data_dir`, for one process.
+    Tantivy,
+    /// A Meilisearch server.
+    Meilisearch,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchConfig {
+    /// `tantivy` or `meilisearch`. Default `tantivy`.
+    pub backend: SearchBackend,
+    /// Meilisearch's URL. Default `http://127.0.0.1:7700`.
+    pub meili_url: String,
+    /// Meilisearch's API key: the master key, or a key allowed `search`, `documents.*`,
+    /// `indexes.*`, `settings.*` and `tasks.get` on the index. Default: none.
+    pub meili_key: Option<String>,
+    /// The Meilisearch index's uid. Default `confab_signals`.
+    pub index: String,
+    /// How long a Meilisearch request, or waiting for one of its tasks, may take, in milliseconds.
+    /// Default 10000.
+    pub request_timeout_ms: u64,
+    /// The tantivy index's directory. Default `<data_dir>/search`.
+    pub embedded_path: Option<PathBuf>,
+    /// Whether `confab api` (and `confab serve`) runs the indexer, which reads the event log into the
+    /// index. Every running indexer does the same (idempotent) work; with several API replicas turn
+    /// it off on all but one or two. Default true.
+    pub indexer: bool,
+    /// The most events the indexer applies in one batch. Default 500.
+    pub batch_size: usize,
+    /// How long the indexer waits for more events before applying a batch, in milliseconds.
+    /// Default 50.
+    pub batch_wait_ms: u64,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig {
+            backend: SearchBackend::Tantivy,
+            meili_url: "http://127.0.0.1:7700".into(),
+            meili_key: None,
+            index: "confab_signals".into(),
+            request_timeout_ms: 10_000,
+            embedded_path: None,
+            indexer: true,
+            batch_size: 500,
+            batch_wait_ms: 50,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BusBackend {
     /// In-process broadcast, for one process.
     Embedded,
@@ -478,6 +533,7 @@ const SECTIONS: &[&str] = &[
     "identity",
     "telemetry",
     "push",
+    "search",
 ];
 
 impl Config {
@@ -558,6 +614,24 @@ impl Config {
                 self.store.keyspace
             )));
         }
+        if self.search.index.is_empty()
+            || self.search.index.len() > 400
+            || !self
+                .search
+                .index
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(ConfigError::Invalid(format!(
+                "search.index `{}` must be 1-400 letters, digits, `_` or `-`",
+                self.search.index
+            )));
+        }
+        if self.search.batch_size == 0 {
+            return Err(ConfigError::Invalid(
+                "search.batch_size must be at least 1".into(),
+            ));
+        }
         if self.identity.mode == IdentityMode::Oidc && self.client_ids().is_empty() {
             return Err(ConfigError::Invalid("identity.client_ids is empty".into()));
         }
@@ -587,6 +661,24 @@ impl Config {
         crate::bus::LogSettings {
             retention: Duration::from_secs(self.bus.retention_secs.max(1)),
             duplicate_window: Duration::from_secs(self.bus.duplicate_window_secs.max(1)),
+        }
+    }
+
+    /// The tantivy index's directory.
+    pub fn embedded_search_path(&self) -> PathBuf {
+        self.search
+            .embedded_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("search"))
+    }
+
+    /// Where the Meilisearch index is.
+    pub fn meili_settings(&self) -> crate::search::MeiliSettings {
+        crate::search::MeiliSettings {
+            url: self.search.meili_url.clone(),
+            api_key: self.search.meili_key.clone().filter(|k| !k.is_empty()),
+            index: self.search.index.clone(),
+            timeout: Duration::from_millis(self.search.request_timeout_ms.max(1)),
         }
     }
 

@@ -2,7 +2,8 @@
 //! and readiness), identity (OIDC and dev tokens), the event bus (NATS and in-process), signed
 //! tokens (SSE tickets, cursors), `application/problem+json` responses and graceful shutdown.
 //!
-//! Each external system sits behind a small trait here ([`identity::Identity`], [`bus::Bus`]) with a
+//! Each external system sits behind a small trait here ([`identity::Identity`], [`bus::Bus`],
+//! [`search::Search`]) with a
 //! production implementation and an embedded one.
 
 pub mod bus;
@@ -13,6 +14,7 @@ pub mod presence;
 pub mod problem;
 pub mod push_auth;
 pub mod push_queue;
+pub mod search;
 pub mod shutdown;
 pub mod signed;
 pub mod telemetry;

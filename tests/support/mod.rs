@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use confab_runtime::config::{BusBackend, Config, IdentityMode, StoreBackend};
+use confab_runtime::config::{BusBackend, Config, IdentityMode, SearchBackend, StoreBackend};
 use confab_runtime::identity::DevIdentity;
 use futures::StreamExt;
 use serde_json::Value;
@@ -44,6 +44,40 @@ pub fn oidc_issuer() -> String {
 }
 pub fn oidc_client() -> String {
     env_or("CONFAB_TEST_OIDC_CLIENT_ID", "confab-web")
+}
+/// The Meilisearch `infra/up.sh` started, if it started one.
+pub fn meili_url() -> Option<String> {
+    std::env::var("CONFAB_TEST_MEILI_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+}
+pub fn meili_key() -> Option<String> {
+    std::env::var("CONFAB_TEST_MEILI_KEY").ok()
+}
+
+/// Whether a Meilisearch server is configured and answers; prints a SKIPPED line (or panics in CI)
+/// when it does not.
+pub async fn meilisearch_available(test: &str) -> bool {
+    let Some(url) = meili_url() else {
+        assert!(
+            !services_required(),
+            "CONFAB_TEST_MEILI_URL is not set; infra/up.sh starts Meilisearch when its binary is there"
+        );
+        eprintln!(
+            "SKIPPED {test}: no Meilisearch (CONFAB_TEST_MEILI_URL is not set); see infra/README.md"
+        );
+        return false;
+    };
+    let healthy = reqwest::Client::new()
+        .get(format!("{}/health", url.trim_end_matches('/')))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success());
+    if !healthy {
+        assert!(!services_required(), "Meilisearch does not answer at {url}");
+        eprintln!("SKIPPED {test}: Meilisearch does not answer at {url}; run infra/up.sh");
+    }
+    healthy
 }
 
 /// In CI (`CONFAB_REQUIRE_SERVICES=1`) a missing service fails the test; elsewhere it is skipped,
@@ -115,6 +149,13 @@ pub fn config_for(stack: Stack, data_dir: PathBuf) -> Config {
         config.identity.mode = IdentityMode::Oidc;
         config.identity.issuer_url = oidc_issuer();
         config.identity.client_ids = oidc_client();
+        // Search on Meilisearch when there is one (a fresh index per app), else on tantivy.
+        if let Some(url) = meili_url() {
+            config.search.backend = SearchBackend::Meilisearch;
+            config.search.meili_url = url;
+            config.search.meili_key = meili_key();
+            config.search.index = unique("t_");
+        }
     }
     config
 }
@@ -287,6 +328,12 @@ impl TestApp {
             .await
             {
                 let _ = queue.delete_bucket().await;
+            }
+            if self.config.search.backend == SearchBackend::Meilisearch
+                && let Ok(search) =
+                    confab_runtime::search::MeiliSearch::new(&self.config.meili_settings())
+            {
+                let _ = search.delete_index().await;
             }
         }
     }
@@ -484,7 +531,12 @@ pub struct Relay {
 
 impl Relay {
     pub async fn start(target: String) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Relay::start_at("127.0.0.1:0".parse().unwrap(), target).await
+    }
+
+    /// A relay on `addr` (a cut relay's address, to bring the service back).
+    pub async fn start_at(addr: std::net::SocketAddr, target: String) -> Relay {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = CancellationToken::new();
         let stop = cut.clone();

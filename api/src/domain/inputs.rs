@@ -225,9 +225,49 @@ impl UserQuery {
     }
 }
 
+/// Longest message-search query.
+pub const MAX_SEARCH_CHARS: usize = 200;
+
+/// What to find in messages: trimmed, 1 to 200 characters, with at least one letter or digit (a
+/// query of punctuation alone would match everything).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SearchText(String);
+
+impl SearchText {
+    pub fn parse(value: &str) -> ApiResult<SearchText> {
+        let q = value.trim();
+        let chars = q.chars().count();
+        if chars == 0 || chars > MAX_SEARCH_CHARS {
+            return Err(ApiError::BadRequest(format!(
+                "q must be 1 to {MAX_SEARCH_CHARS} characters"
+            )));
+        }
+        if !q.chars().any(char::is_alphanumeric) {
+            return Err(ApiError::BadRequest(
+                "q must contain a letter or a digit".into(),
+            ));
+        }
+        Ok(SearchText(q.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn search_texts() {
+        assert_eq!(SearchText::parse("  hello ").unwrap().as_str(), "hello");
+        assert!(SearchText::parse("").is_err());
+        assert!(SearchText::parse("   ").is_err());
+        assert!(SearchText::parse("?!").is_err());
+        assert!(SearchText::parse(&"a".repeat(MAX_SEARCH_CHARS)).is_ok());
+        assert!(SearchText::parse(&"a".repeat(MAX_SEARCH_CHARS + 1)).is_err());
+    }
 
     #[test]
     fn emoji_forms() {

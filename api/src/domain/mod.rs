@@ -16,6 +16,7 @@ pub mod presence;
 pub mod pushes;
 pub mod reactions;
 pub mod rules;
+pub mod search;
 pub mod settings;
 pub mod signals;
 pub mod typing;

@@ -9,6 +9,7 @@ mod markers;
 mod members;
 mod reactions;
 mod responses;
+mod search;
 mod settings;
 mod signals;
 mod typing;
@@ -123,6 +124,7 @@ fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(markers::views))
         .routes(routes!(markers::deliveries))
         .routes(routes!(typing::typing))
+        .routes(routes!(search::search))
         .routes(routes!(devices::register, devices::list))
         .routes(routes!(devices::remove))
         .routes(routes!(devices::vapid_public_key))

@@ -35,6 +35,7 @@ macro_rules! store_conformance_tests {
             user_search,
             membership_changes,
             chats_of_a_user,
+            every_chat_id_pages_once,
             devices_belong_to_one_user,
             settings_are_per_user_and_per_chat,
             activity_orders_chats,
@@ -1264,4 +1265,28 @@ pub async fn unread_counts_are_capped_and_the_scan_bounded(store: Arc<dyn Store>
         store.count_unread(chat, None, alice.id, 5).await.unwrap(),
         5
     );
+}
+
+/// Paging through every chat id gives each chat once, whatever the page size.
+pub async fn every_chat_id_pages_once(store: Arc<dyn Store>) {
+    let owner = user("scanner");
+    store.upsert_user(&owner).await.expect("user");
+    let mut mine = HashSet::new();
+    for _ in 0..5 {
+        mine.insert(chat_with(&*store, owner.id, &[]).await);
+    }
+    let mut seen = HashSet::new();
+    let mut after = None;
+    loop {
+        let page = store.chat_ids(after, 2).await.expect("a page of chat ids");
+        assert!(page.len() <= 2);
+        for id in &page {
+            assert!(seen.insert(*id), "chat {id} listed twice");
+        }
+        match page.last() {
+            Some(last) if page.len() == 2 => after = Some(*last),
+            _ => break,
+        }
+    }
+    assert!(mine.is_subset(&seen), "every chat is listed");
 }

@@ -162,6 +162,14 @@ pub trait Store: Send + Sync + 'static {
     async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError>;
     /// Every chat `user` is a member of, in no particular order (what a notifier routes by).
     async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, StoreError>;
+    /// Every chat's id, a page at a time, in the store's own order (token order on CQL): the last
+    /// id of a page, as `after`, gives the next. For rebuilding what is derived from the history
+    /// (`confab reindex`); a chat created meanwhile may or may not appear.
+    async fn chat_ids(
+        &self,
+        after: Option<ChatId>,
+        limit: usize,
+    ) -> Result<Vec<ChatId>, StoreError>;
 
     /// Stores `device` (a new one, or one registered again, perhaps by another user: it then
     /// moves to `device.user_id`). Answers the device as it was before, if any.

@@ -277,6 +277,8 @@ struct Statements {
     insert_user_chat: PreparedStatement,
     member_role: PreparedStatement,
     chats_of: PreparedStatement,
+    chat_ids_first: PreparedStatement,
+    chat_ids_after: PreparedStatement,
     get_device: PreparedStatement,
     put_device: PreparedStatement,
     put_device_by_user: PreparedStatement,
@@ -432,6 +434,8 @@ impl CqlStore {
             .await?,
             member_role: prepare("SELECT role FROM chat_members WHERE chat_id = ? AND user_id = ?".into()).await?,
             chats_of: prepare("SELECT chat_id FROM user_chats WHERE user_id = ?".into()).await?,
+            chat_ids_first: prepare("SELECT id FROM chats LIMIT ?".into()).await?,
+            chat_ids_after: prepare("SELECT id FROM chats WHERE token(id) > token(?) LIMIT ?".into()).await?,
             get_device: prepare("SELECT body FROM devices WHERE device_id = ?".into()).await?,
             put_device: prepare("INSERT INTO devices (device_id, user_id, body) VALUES (?, ?, ?)".into()).await?,
             put_device_by_user: prepare("INSERT INTO devices_by_user (user_id, device_id, body) VALUES (?, ?, ?)".into()).await?,
@@ -980,6 +984,34 @@ impl Store for CqlStore {
             chats.push(ChatId(row.map_err(corrupt)?.0));
         }
         Ok(chats)
+    }
+
+    async fn chat_ids(
+        &self,
+        after: Option<ChatId>,
+        limit: usize,
+    ) -> Result<Vec<ChatId>, StoreError> {
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let result = match after {
+            None => {
+                self.session
+                    .execute_unpaged(&self.statements.chat_ids_first, (limit,))
+                    .await
+            }
+            Some(after) => {
+                self.session
+                    .execute_unpaged(&self.statements.chat_ids_after, (after.0, limit))
+                    .await
+            }
+        }
+        .map_err(unavailable)?;
+        result
+            .into_rows_result()
+            .map_err(corrupt)?
+            .rows::<(Uuid,)>()
+            .map_err(corrupt)?
+            .map(|row| row.map(|(id,)| ChatId(id)).map_err(corrupt))
+            .collect()
     }
 
     async fn put_device(&self, device: &Device) -> Result<Option<Device>, StoreError> {

@@ -434,6 +434,30 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn chat_ids(
+        &self,
+        after: Option<ChatId>,
+        limit: usize,
+    ) -> Result<Vec<ChatId>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(move |c| {
+            // Ids are 16-byte blobs in byte order; no chat has the nil id.
+            let after = after.map(|a| blob(a.0)).unwrap_or([0; 16]);
+            let mut statement = c
+                .prepare_cached("SELECT id FROM chats WHERE id > ?1 ORDER BY id LIMIT ?2")
+                .map_err(unavailable)?;
+            let ids = statement
+                .query_map(params![after, limit], |row| row.get::<_, Vec<u8>>(0))
+                .map_err(unavailable)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable)?;
+            ids.into_iter()
+                .map(|id| uuid_from(id).map(ChatId))
+                .collect()
+        })
+        .await
+    }
+
     async fn put_device(&self, device: &Device) -> Result<Option<Device>, StoreError> {
         let body = serde_json::to_string(device).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let (id, user) = (device.id, device.user_id);

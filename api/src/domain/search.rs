@@ -1,0 +1,114 @@
+//! Message search over the caller's chats. The engine is given the caller's chats as a filter, so
+//! it never returns a hit of another chat and a page is full whenever more hits exist; the hits'
+//! signals are then read from the store, so they show the current text and reactions.
+
+use confab_runtime::search::{Query, Search};
+use confab_schema::{ChatId, Signal, UserId};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+use super::inputs::{PageLimit, SearchText};
+use super::paging::{Page, Pager};
+use crate::error::{ApiError, ApiResult};
+use crate::state::ApiState;
+
+/// A message found.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SearchHit {
+    pub signal: Signal,
+    pub chat_id: ChatId,
+    /// The text around the matches, as HTML: escaped, matched words in `<mark>…</mark>`, `…` where
+    /// it is cropped.
+    pub highlight: String,
+}
+
+/// What to search for, and where.
+#[derive(Clone, Debug)]
+pub struct MessageSearch {
+    pub text: SearchText,
+    /// Only this chat (the caller must be a member).
+    pub chat: Option<ChatId>,
+    pub author: Option<UserId>,
+    pub before: Option<OffsetDateTime>,
+    pub after: Option<OffsetDateTime>,
+}
+
+impl MessageSearch {
+    /// The list a cursor of this search belongs to: the caller and every parameter, hashed.
+    fn list(&self, caller: UserId) -> String {
+        let mut hash = Sha256::new();
+        for part in [
+            caller.to_string(),
+            self.text.as_str().to_owned(),
+            format!("{:?}", self.chat),
+            format!("{:?}", self.author),
+            format!("{:?}", self.before.map(|t| t.unix_timestamp_nanos())),
+            format!("{:?}", self.after.map(|t| t.unix_timestamp_nanos())),
+        ] {
+            hash.update(part.as_bytes());
+            hash.update([0]);
+        }
+        let digest = hash.finalize();
+        let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        format!("search:{hex}")
+    }
+}
+
+impl ApiState {
+    fn search_engine(&self) -> ApiResult<&dyn Search> {
+        self.search.as_deref().ok_or(ApiError::SearchDisabled)
+    }
+
+    /// A page of the messages matching `search` in the caller's chats, best first.
+    pub async fn search_messages(
+        &self,
+        caller: UserId,
+        search: MessageSearch,
+        cursor: Option<&str>,
+        limit: PageLimit,
+    ) -> ApiResult<Page<SearchHit>> {
+        let engine = self.search_engine()?;
+        let pager = Pager::new(self, search.list(caller), limit);
+        let offset: usize = pager.open(cursor)?.unwrap_or(0);
+        let chats = match search.chat {
+            Some(chat) => {
+                self.require_member(chat, caller).await?;
+                vec![chat]
+            }
+            None => self.store.chats_of(caller).await?,
+        };
+        let found = engine
+            .search(&Query {
+                text: search.text.as_str().to_owned(),
+                chats,
+                author: search.author,
+                before: search.before,
+                after: search.after,
+                offset,
+                limit: pager.limit,
+            })
+            .await?;
+        let next_cursor = found.more.then(|| pager.cursor(offset + found.hits.len()));
+        let signals = futures::future::join_all(found.hits.iter().map(|hit| async move {
+            match self.store.get_signal(hit.chat_id, hit.id).await? {
+                Some(signal) if !signal.deleted => Ok(Some(self.decorate_one(signal).await?)),
+                // Deleted since it was indexed; the indexer removes it shortly.
+                _ => Ok::<_, ApiError>(None),
+            }
+        }))
+        .await;
+        let mut items = Vec::with_capacity(found.hits.len());
+        for (hit, signal) in found.hits.into_iter().zip(signals) {
+            if let Some(signal) = signal? {
+                items.push(SearchHit {
+                    signal,
+                    chat_id: hit.chat_id,
+                    highlight: hit.highlight,
+                });
+            }
+        }
+        Ok(Page { items, next_cursor })
+    }
+}

@@ -1,0 +1,331 @@
+//! Keeps the search index in step with the history.
+//!
+//! [`Indexer`] reads the event log after the index's `bus` checkpoint, a batch at a time, turns
+//! `signal.created`/`signal.updated` into upserts and `signal.deleted` into removals, and applies
+//! each batch with the checkpoint moved past it: at least once (a batch that fails is read again),
+//! idempotent (documents are keyed by signal id, and a batch leaves the last state of each), and
+//! never on the send path (it runs in a task of its own; the send path only appends to the log). A
+//! subscription to the log only wakes it up; the log itself is the source. When the log no longer
+//! holds the events after the checkpoint (retention) or never issued it (a new log), it rebuilds the
+//! index from the store ([`reindex`]).
+//!
+//! [`reindex`] scans every chat's history into the index, recording after each batch the last chat
+//! done, so an interrupted run resumes. It notes the log's position before it starts and, once the
+//! scan is done, replays the log from there: a change made during the scan may have been read
+//! before it was made, and the replay applies it after.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use confab_runtime::bus::{Bus, BusError, ChatFilter, ReadError};
+use confab_runtime::search::{Change, Search, SearchError};
+use confab_schema::ChatId;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Store, StoreError};
+
+/// The checkpoint holding the last event sequence applied.
+pub const BUS_CHECKPOINT: &str = "bus";
+/// The checkpoint holding a reindex's progress ([`ReindexState`]).
+pub const REINDEX_CHECKPOINT: &str = "reindex";
+
+/// Signals read from the store per request during a reindex.
+const HISTORY_PAGE: usize = 500;
+/// How often the indexer looks at the log when no event woke it.
+const POLL: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error(transparent)]
+    Search(#[from] SearchError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("event log: {0}")]
+    Log(String),
+}
+
+/// How far a reindex got.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReindexState {
+    /// The log's last sequence when the reindex started: replayed from there once the scan ends.
+    pub bus_from: u64,
+    /// The last chat whose history is in the index (chats in the store's order).
+    pub after: Option<ChatId>,
+    pub chats: u64,
+    pub messages: u64,
+    pub done: bool,
+}
+
+impl ReindexState {
+    async fn load(search: &dyn Search) -> Result<Option<ReindexState>, IndexError> {
+        Ok(search
+            .checkpoint(REINDEX_CHECKPOINT)
+            .await?
+            .and_then(|value| serde_json::from_str(&value).ok()))
+    }
+
+    fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Reads the event log into the search index.
+#[derive(Clone)]
+pub struct Indexer {
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
+    pub search: Arc<dyn Search>,
+    /// The most events per batch.
+    pub batch_size: usize,
+    /// How long to wait for more events before applying a batch.
+    pub batch_wait: Duration,
+}
+
+impl Indexer {
+    /// Runs until `shutdown`: prepares the index, then follows the log.
+    pub fn start(self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = self.run() => {}
+            }
+        })
+    }
+
+    async fn run(&self) {
+        let mut backoff = Duration::from_millis(100);
+        while let Err(error) = self.search.prepare().await {
+            metrics::counter!("confab_search_index_failures_total").increment(1);
+            tracing::warn!(%error, "search index not prepared; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        let mut wakeups = None;
+        backoff = Duration::from_millis(100);
+        loop {
+            if wakeups.is_none() {
+                wakeups = self.bus.subscribe().await.ok();
+            }
+            match self.catch_up().await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(error) => {
+                    metrics::counter!("confab_search_index_failures_total").increment(1);
+                    tracing::warn!(%error, "indexing failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            }
+            // Wait for an event (or the next poll), then a little longer so one batch takes a
+            // burst.
+            let (woken, ended) = match wakeups.as_mut() {
+                Some(stream) => match tokio::time::timeout(POLL, stream.next()).await {
+                    Ok(Some(_)) => (true, false),
+                    Ok(None) => (false, true),
+                    Err(_) => (false, false),
+                },
+                None => {
+                    tokio::time::sleep(POLL).await;
+                    (false, false)
+                }
+            };
+            if ended {
+                wakeups = None;
+            }
+            if woken {
+                tokio::time::sleep(self.batch_wait).await;
+                if let Some(stream) = wakeups.as_mut() {
+                    while let Some(Some(_)) = futures::FutureExt::now_or_never(stream.next()) {}
+                }
+            }
+        }
+    }
+
+    /// Applies every event after the index's checkpoint, in batches; returns once caught up. Falls
+    /// back to [`reindex`] when the log cannot replay from the checkpoint.
+    pub async fn catch_up(&self) -> Result<(), IndexError> {
+        let mut position = self.position().await?;
+        loop {
+            let last = self.bus.last_seq().await?;
+            if position == last {
+                return Ok(());
+            }
+            let up_to = last.min(position.saturating_add(self.batch_size as u64));
+            let read = if position > last {
+                Err(ReadError::Unknown(position))
+            } else {
+                self.bus
+                    .read(position, up_to, ChatFilter::All, self.batch_size)
+                    .await
+            };
+            match read {
+                Ok(events) => {
+                    let changes: Vec<Change> = events
+                        .iter()
+                        .filter_map(|event| Change::of_event(&event.envelope))
+                        .collect();
+                    self.search
+                        .apply(&changes, Some((BUS_CHECKPOINT, &up_to.to_string())))
+                        .await?;
+                    metrics::counter!("confab_search_indexed_events_total")
+                        .increment(events.len() as u64);
+                    metrics::gauge!("confab_search_indexed_position").set(up_to as f64);
+                    position = up_to;
+                }
+                Err(ReadError::Expired(_) | ReadError::Unknown(_)) => {
+                    tracing::warn!(
+                        position,
+                        last,
+                        "the event log cannot replay from the index's position; rebuilding the \
+                         index from the store"
+                    );
+                    metrics::counter!("confab_search_reindex_total").increment(1);
+                    reindex(&*self.store, &*self.bus, &*self.search, false, |_| {}).await?;
+                    position = self.position().await?;
+                }
+                Err(ReadError::TooMany(n)) => {
+                    return Err(IndexError::Log(format!("more than {n} events in a batch")));
+                }
+                Err(ReadError::Bus(error)) => return Err(error.into()),
+            }
+        }
+    }
+
+    async fn position(&self) -> Result<u64, IndexError> {
+        Ok(self
+            .search
+            .checkpoint(BUS_CHECKPOINT)
+            .await?
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0))
+    }
+}
+
+/// Progress of a [`reindex`], reported after each batch.
+#[derive(Clone, Debug)]
+pub struct ReindexProgress {
+    pub chats: u64,
+    pub messages: u64,
+    pub elapsed: Duration,
+}
+
+/// Rebuilds the index from the store. Resumes an unfinished reindex unless `restart`; otherwise
+/// (or with nothing to resume) clears the index first. Safe to run beside running indexers.
+pub async fn reindex(
+    store: &dyn Store,
+    bus: &dyn Bus,
+    search: &dyn Search,
+    restart: bool,
+    mut progress: impl FnMut(&ReindexProgress),
+) -> Result<ReindexState, IndexError> {
+    let started = Instant::now();
+    search.prepare().await?;
+    let mut state = match ReindexState::load(search).await? {
+        Some(state) if !state.done && !restart => {
+            tracing::info!(chats = state.chats, "resuming the reindex");
+            state
+        }
+        _ => {
+            let state = ReindexState {
+                bus_from: bus.last_seq().await?,
+                ..ReindexState::default()
+            };
+            search.clear().await?;
+            // The log position first, so a running indexer keeps following the log meanwhile.
+            search
+                .apply(&[], Some((BUS_CHECKPOINT, &state.bus_from.to_string())))
+                .await?;
+            search
+                .apply(&[], Some((REINDEX_CHECKPOINT, &state.encode())))
+                .await?;
+            state
+        }
+    };
+    let mut batch: Vec<Change> = Vec::new();
+    loop {
+        let chats = store.chat_ids(state.after, 100).await?;
+        let Some(&last_chat) = chats.last() else {
+            break;
+        };
+        for chat in chats {
+            let mut before = None;
+            loop {
+                let page = store.signals_before(chat, before, HISTORY_PAGE).await?;
+                let Some(oldest) = page.last() else {
+                    break;
+                };
+                before = Some(oldest.id);
+                let full = page.len() == HISTORY_PAGE;
+                state.messages += page.iter().filter(|s| s.text.is_some()).count() as u64;
+                batch.extend(page.iter().map(Change::of_signal));
+                if !full {
+                    break;
+                }
+                if batch.len() >= HISTORY_PAGE * 4 {
+                    // A long history: apply what was read, without moving past the chat.
+                    search.apply(&batch, None).await?;
+                    batch.clear();
+                }
+            }
+            state.chats += 1;
+            state.after = Some(chat);
+            if batch.len() >= HISTORY_PAGE || chat == last_chat {
+                search
+                    .apply(&batch, Some((REINDEX_CHECKPOINT, &state.encode())))
+                    .await?;
+                batch.clear();
+                progress(&ReindexProgress {
+                    chats: state.chats,
+                    messages: state.messages,
+                    elapsed: started.elapsed(),
+                });
+            }
+        }
+    }
+    // Replay what changed while the scan ran, then hand over to the indexers.
+    let last = bus.last_seq().await?;
+    let mut position = state.bus_from;
+    while position < last {
+        let up_to = last.min(position + 1_000);
+        match bus.read(position, up_to, ChatFilter::All, 1_000).await {
+            Ok(events) => {
+                let changes: Vec<Change> = events
+                    .iter()
+                    .filter_map(|event| Change::of_event(&event.envelope))
+                    .collect();
+                search.apply(&changes, None).await?;
+                position = up_to;
+            }
+            Err(ReadError::Expired(_) | ReadError::Unknown(_)) => {
+                tracing::warn!(
+                    from = state.bus_from,
+                    "the event log no longer holds the changes made during the reindex; changes \
+                     made while it ran may be missing until edited again"
+                );
+                position = last;
+            }
+            Err(ReadError::TooMany(n)) => {
+                return Err(IndexError::Log(format!("more than {n} events in a batch")));
+            }
+            Err(ReadError::Bus(error)) => return Err(error.into()),
+        }
+    }
+    search
+        .apply(&[], Some((BUS_CHECKPOINT, &position.to_string())))
+        .await?;
+    state.done = true;
+    search
+        .apply(&[], Some((REINDEX_CHECKPOINT, &state.encode())))
+        .await?;
+    progress(&ReindexProgress {
+        chats: state.chats,
+        messages: state.messages,
+        elapsed: started.elapsed(),
+    });
+    Ok(state)
+}

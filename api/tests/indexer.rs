@@ -1,0 +1,456 @@
+//! The indexer and the reindex on both stacks: the embedded store, log and tantivy index, and
+//! Cassandra, JetStream and Meilisearch as `infra/up.sh` started them (a fresh keyspace, subject
+//! prefix and index per test).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_api::indexer::{BUS_CHECKPOINT, Indexer, REINDEX_CHECKPOINT, ReindexState, reindex};
+use confab_api::store::cql::{self, CqlOptions, CqlStore, SendParity};
+use confab_api::store::embedded::EmbeddedStore;
+use confab_api::store::{NewChat, Store};
+use confab_runtime::bus::{Bus, ChatFilter, EmbeddedBus, LogSettings, NatsBus, ReadError};
+use confab_runtime::search::{MeiliSearch, MeiliSettings, Query, Search, TantivySearch};
+use confab_schema::event::Event;
+use confab_schema::{ChatId, ChatKind, Envelope, MemberRole, Signal, SignalId, SignalKind, UserId};
+use futures::future::BoxFuture;
+use time::OffsetDateTime;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+struct Parts {
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    search: Arc<dyn Search>,
+    cleanup: Option<BoxFuture<'static, ()>>,
+}
+
+impl Parts {
+    fn indexer(&self) -> Indexer {
+        Indexer {
+            store: Arc::clone(&self.store),
+            bus: Arc::clone(&self.bus),
+            search: Arc::clone(&self.search),
+            batch_size: 3,
+            batch_wait: Duration::from_millis(10),
+        }
+    }
+
+    async fn finish(self) {
+        if let Some(cleanup) = self.cleanup {
+            cleanup.await;
+        }
+    }
+}
+
+fn required() -> bool {
+    std::env::var("CONFAB_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+async fn embedded(settings: LogSettings) -> Option<Parts> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open(&dir.path().join("store.sqlite3")).expect("store");
+    let bus = EmbeddedBus::open(&dir.path().join("events.sqlite3"), settings).expect("bus");
+    let search = TantivySearch::open(&dir.path().join("search")).expect("index");
+    Some(Parts {
+        store: Arc::new(store),
+        bus: Arc::new(bus),
+        search: Arc::new(search),
+        cleanup: Some(Box::pin(async move { drop(dir) })),
+    })
+}
+
+async fn real(settings: LogSettings) -> Option<Parts> {
+    let test = "a real-stack indexer test";
+    let Some(meili_url) = std::env::var("CONFAB_TEST_MEILI_URL").ok() else {
+        assert!(!required(), "CONFAB_TEST_MEILI_URL is not set");
+        eprintln!("SKIPPED {test}: CONFAB_TEST_MEILI_URL is not set (no Meilisearch)");
+        return None;
+    };
+    let options = CqlOptions {
+        contact_points: vec![
+            std::env::var("CONFAB_TEST_CQL_CONTACT_POINTS")
+                .unwrap_or_else(|_| "127.0.0.1:9042".into()),
+        ],
+        keyspace: format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
+        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+        request_timeout: Duration::from_secs(20),
+        nonce_ttl: Duration::from_secs(600),
+        parity: SendParity::Lwt,
+    };
+    if let Err(error) = cql::migrate(&options).await {
+        assert!(!required(), "CQL store unreachable: {error}");
+        eprintln!("SKIPPED {test}: no CQL store reachable ({error}); run infra/up.sh");
+        return None;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let nats =
+        std::env::var("CONFAB_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let bus = NatsBus::connect(&nats, &prefix, settings)
+        .await
+        .expect("connects");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while Bus::check(&bus).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "NATS never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let search = MeiliSearch::new(&MeiliSettings {
+        url: meili_url,
+        api_key: std::env::var("CONFAB_TEST_MEILI_KEY").ok(),
+        index: format!("t_{}", uuid::Uuid::new_v4().simple()),
+        timeout: Duration::from_secs(30),
+    })
+    .expect("client");
+    let bus = Arc::new(bus);
+    let (cleanup_bus, cleanup_search) = (Arc::clone(&bus), search.clone());
+    Some(Parts {
+        store: Arc::new(store),
+        bus,
+        search: Arc::new(search),
+        cleanup: Some(Box::pin(async move {
+            let _ = cql::drop_keyspace(&options).await;
+            let _ = cleanup_bus.delete_stream().await;
+            let _ = cleanup_search.delete_index().await;
+        })),
+    })
+}
+
+fn author() -> UserId {
+    UserId::from_subject("indexer", "author")
+}
+
+async fn chat(store: &dyn Store) -> ChatId {
+    let id = ChatId::new();
+    store
+        .create_chat(&NewChat {
+            id,
+            kind: ChatKind::Group,
+            name: Some("indexed".into()),
+            description: None,
+            created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+            created_by: author(),
+            members: vec![(author(), MemberRole::Owner)],
+        })
+        .await
+        .expect("chat");
+    id
+}
+
+/// Stores a message and, unless `quiet`, logs its event, as the API does.
+async fn send(parts: &Parts, chat: ChatId, text: &str, quiet: bool) -> SignalId {
+    let id = SignalId::new();
+    let signal = Signal {
+        id,
+        chat_id: chat,
+        kind: SignalKind::Message,
+        author_id: author(),
+        created_at: id.created_at().expect("v7"),
+        nonce: None,
+        text: Some(text.into()),
+        reply_to: None,
+        attachments: vec![],
+        edited_at: None,
+        deleted: false,
+        reactions: Default::default(),
+    };
+    parts.store.insert_signal(&signal).await.expect("stored");
+    if !quiet {
+        parts
+            .bus
+            .publish(&Envelope::signal_created(signal))
+            .await
+            .expect("published");
+    }
+    id
+}
+
+async fn found(parts: &Parts, chats: &[ChatId], text: &str) -> BTreeSet<SignalId> {
+    parts
+        .search
+        .search(&Query {
+            text: text.into(),
+            chats: chats.to_vec(),
+            author: None,
+            before: None,
+            after: None,
+            offset: 0,
+            limit: 50,
+        })
+        .await
+        .expect("searches")
+        .hits
+        .into_iter()
+        .map(|hit| hit.id)
+        .collect()
+}
+
+fn set(ids: &[SignalId]) -> BTreeSet<SignalId> {
+    ids.iter().copied().collect()
+}
+
+/// Created, edited and deleted messages reach the index in batches; the checkpoint follows the log;
+/// replaying the log again leaves the same index; events that are not messages change nothing.
+async fn follows_the_log(parts: Parts) {
+    let indexer = parts.indexer();
+    parts.search.prepare().await.expect("prepares");
+    let chat = chat(&*parts.store).await;
+    let mut sent = Vec::new();
+    for i in 0..7 {
+        sent.push(send(&parts, chat, &format!("harbour crane {i}"), false).await);
+    }
+    parts
+        .bus
+        .publish(&Envelope::new(
+            chat,
+            Event::ChatUpdated(Box::new(parts.store.get_chat(chat).await.unwrap().unwrap())),
+        ))
+        .await
+        .expect("published");
+    indexer.catch_up().await.expect("catches up");
+    assert_eq!(found(&parts, &[chat], "harbour").await, set(&sent));
+    let last = parts.bus.last_seq().await.expect("last");
+    assert_eq!(
+        parts
+            .search
+            .checkpoint(BUS_CHECKPOINT)
+            .await
+            .expect("reads"),
+        Some(last.to_string())
+    );
+
+    let edited = parts
+        .store
+        .edit_signal(
+            chat,
+            sent[0],
+            "lighthouse keeper",
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        .expect("edits")
+        .expect("exists");
+    parts
+        .bus
+        .publish(&Envelope::new(chat, Event::SignalUpdated(edited)))
+        .await
+        .expect("published");
+    let deleted = parts
+        .store
+        .delete_signal(chat, sent[1])
+        .await
+        .expect("deletes")
+        .expect("exists");
+    parts
+        .bus
+        .publish(&Envelope::new(chat, Event::SignalDeleted(deleted)))
+        .await
+        .expect("published");
+    indexer.catch_up().await.expect("catches up");
+    assert_eq!(found(&parts, &[chat], "lighthouse").await, set(&sent[..1]));
+    assert_eq!(found(&parts, &[chat], "harbour").await, set(&sent[2..]));
+
+    // At least once: the whole log again changes nothing.
+    parts
+        .search
+        .apply(&[], Some((BUS_CHECKPOINT, "0")))
+        .await
+        .expect("rewinds");
+    indexer.catch_up().await.expect("catches up");
+    assert_eq!(found(&parts, &[chat], "lighthouse").await, set(&sent[..1]));
+    assert_eq!(found(&parts, &[chat], "harbour").await, set(&sent[2..]));
+    parts.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_log_embedded() {
+    if let Some(parts) = embedded(LogSettings::default()).await {
+        Box::pin(follows_the_log(parts)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_log_real() {
+    if let Some(parts) = Box::pin(real(LogSettings::default())).await {
+        Box::pin(follows_the_log(parts)).await;
+    }
+}
+
+/// A started indexer picks up new events by itself.
+async fn runs_in_the_background(parts: Parts) {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = parts.indexer().start(shutdown.clone());
+    let chat = chat(&*parts.store).await;
+    let id = send(&parts, chat, "background worker", false).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let query = Query {
+        text: "background".into(),
+        chats: vec![chat],
+        author: None,
+        before: None,
+        after: None,
+        offset: 0,
+        limit: 10,
+    };
+    // Until the indexer has prepared the index, a search may fail; that is part of the wait.
+    while !parts
+        .search
+        .search(&query)
+        .await
+        .is_ok_and(|found| found.hits.iter().map(|h| h.id).collect::<Vec<_>>() == [id])
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never indexed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, worker)
+        .await
+        .expect("stops")
+        .expect("joins");
+    parts.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_in_the_background_embedded() {
+    if let Some(parts) = embedded(LogSettings::default()).await {
+        Box::pin(runs_in_the_background(parts)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_in_the_background_real() {
+    if let Some(parts) = Box::pin(real(LogSettings::default())).await {
+        Box::pin(runs_in_the_background(parts)).await;
+    }
+}
+
+/// When the log no longer holds the events after the index's position, the indexer rebuilds the
+/// index from the store.
+async fn rebuilds_when_the_log_expired(parts: Parts) {
+    let indexer = parts.indexer();
+    parts.search.prepare().await.expect("prepares");
+    let chat = chat(&*parts.store).await;
+    let early = send(&parts, chat, "expired event", false).await;
+    let first = parts.bus.last_seq().await.expect("last");
+    // Wait for retention to drop it, publishing meanwhile as a live deployment does.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut later = Vec::new();
+    loop {
+        match parts
+            .bus
+            .read(first - 1, u64::MAX, ChatFilter::All, 100_000)
+            .await
+        {
+            Err(ReadError::Expired(_)) => break,
+            Ok(_) => {}
+            Err(other) => panic!("unexpected {other}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never expired");
+        later.push(send(&parts, chat, "expired later", false).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    indexer.catch_up().await.expect("catches up");
+    assert_eq!(
+        found(&parts, &[chat], "expired").await.len(),
+        later.len() + 1
+    );
+    assert!(found(&parts, &[chat], "expired").await.contains(&early));
+    let state: ReindexState = serde_json::from_str(
+        &parts
+            .search
+            .checkpoint(REINDEX_CHECKPOINT)
+            .await
+            .expect("reads")
+            .expect("a reindex ran"),
+    )
+    .expect("decodes");
+    assert!(state.done);
+    parts.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuilds_when_the_log_expired_embedded() {
+    let settings = LogSettings {
+        retention: Duration::from_secs(1),
+        duplicate_window: Duration::from_millis(500),
+    };
+    if let Some(parts) = embedded(settings).await {
+        Box::pin(rebuilds_when_the_log_expired(parts)).await;
+    }
+}
+
+/// A reindex covers every chat, records its progress, and resumes after the last chat it
+/// finished; with `restart` it starts over.
+async fn reindex_resumes(parts: Parts) {
+    let (one, two) = (chat(&*parts.store).await, chat(&*parts.store).await);
+    let a = send(&parts, one, "quiet history", true).await;
+    let b = send(&parts, two, "quiet history", true).await;
+    let mut reports = 0;
+    let state = reindex(&*parts.store, &*parts.bus, &*parts.search, true, |_| {
+        reports += 1
+    })
+    .await
+    .expect("reindexes");
+    assert!(reports >= 1);
+    assert!(state.done && state.chats >= 2);
+    assert_eq!(found(&parts, &[one, two], "quiet").await, set(&[a, b]));
+
+    // An interrupted run: the first chat in the store's order was done, then the index was lost.
+    let order = parts.store.chat_ids(None, 1_000).await.expect("chats");
+    let position = |c: ChatId| order.iter().position(|x| *x == c).expect("listed");
+    let (first, second, first_id, second_id) = if position(one) < position(two) {
+        (one, two, a, b)
+    } else {
+        (two, one, b, a)
+    };
+    parts.search.clear().await.expect("clears");
+    let interrupted = ReindexState {
+        bus_from: parts.bus.last_seq().await.expect("last"),
+        after: Some(first),
+        chats: 1,
+        messages: 1,
+        done: false,
+    };
+    parts
+        .search
+        .apply(
+            &[],
+            Some((
+                REINDEX_CHECKPOINT,
+                &serde_json::to_string(&interrupted).unwrap(),
+            )),
+        )
+        .await
+        .expect("records");
+    reindex(&*parts.store, &*parts.bus, &*parts.search, false, |_| {})
+        .await
+        .expect("resumes");
+    assert_eq!(
+        found(&parts, &[first, second], "quiet").await,
+        set(&[second_id]),
+        "chats up to the recorded one are not read again"
+    );
+    reindex(&*parts.store, &*parts.bus, &*parts.search, true, |_| {})
+        .await
+        .expect("restarts");
+    assert_eq!(
+        found(&parts, &[first, second], "quiet").await,
+        set(&[first_id, second_id])
+    );
+    parts.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reindex_resumes_embedded() {
+    if let Some(parts) = embedded(LogSettings::default()).await {
+        Box::pin(reindex_resumes(parts)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reindex_resumes_real() {
+    if let Some(parts) = Box::pin(real(LogSettings::default())).await {
+        Box::pin(reindex_resumes(parts)).await;
+    }
+}
