@@ -5,6 +5,7 @@
 //! Each external system sits behind a small trait here ([`identity::Identity`], [`bus::Bus`]) with a
 //! production implementation and an embedded one.
 
+pub mod blobs;
 pub mod bus;
 pub mod config;
 pub mod identity;
