@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use confab_api::domain::attachments::AttachmentSettings;
 use confab_api::domain::devices::PushSettings;
 use confab_api::store::cql::{self, CqlOptions, CqlStore};
 use confab_api::store::embedded::EmbeddedStore;
@@ -21,8 +22,9 @@ use confab_notifier::auth::StreamAuth;
 use confab_notifier::hub::Caps;
 use confab_notifier::push::{DeviceDirectory, PushSender};
 use confab_notifier::{Hub, HubReadiness, Membership, NotifierState};
+use confab_runtime::blobs::{Blobs, BlobsReadiness, LocalBlobs, S3Blobs};
 use confab_runtime::bus::{Bus, BusReadiness, EmbeddedBus, NatsBus};
-use confab_runtime::config::{BusBackend, Config, IdentityMode, StoreBackend};
+use confab_runtime::config::{BlobsBackend, BusBackend, Config, IdentityMode, StoreBackend};
 use confab_runtime::identity::{DevIdentity, Identity, IdentityReadiness, OidcIdentity};
 use confab_runtime::presence::{EmbeddedPresence, NatsPresence, Presence};
 use confab_runtime::problem;
@@ -153,6 +155,32 @@ pub async fn open_push_queue(config: &Config) -> anyhow::Result<Arc<dyn PushQueu
     })
 }
 
+/// Where attachments' bytes live: a directory under the data directory, or an S3 bucket.
+pub fn open_blobs(config: &Config) -> anyhow::Result<Arc<dyn Blobs>> {
+    Ok(match config.attachments.backend {
+        BlobsBackend::Local => {
+            let dir = config.attachments_dir();
+            Arc::new(
+                LocalBlobs::open(&dir).with_context(|| {
+                    format!("opening the attachments directory {}", dir.display())
+                })?,
+            )
+        }
+        BlobsBackend::S3 => Arc::new(S3Blobs::new(&config.attachments.s3_settings())),
+    })
+}
+
+/// How the API stores and serves attachments.
+pub fn attachment_settings(config: &Config, blobs: Arc<dyn Blobs>) -> AttachmentSettings {
+    AttachmentSettings {
+        blobs,
+        max_bytes: config.attachments.max_bytes,
+        presigned_redirect: config.attachments.presigned_redirect,
+        presigned_ttl: config.attachments.presigned_ttl(),
+        max_image_pixels: config.attachments.max_image_pixels,
+    }
+}
+
 /// The devices the push sender delivers to, from the store.
 pub struct StoreDevices(pub Arc<dyn Store>);
 
@@ -247,6 +275,8 @@ pub async fn build(
     let store = open_store(config, role == Role::Serve).await?;
     readiness = readiness.with(Arc::new(StoreReadiness(Arc::clone(&store))));
     if matches!(role, Role::Serve | Role::Api) {
+        let blobs = open_blobs(config)?;
+        readiness = readiness.with(Arc::new(BlobsReadiness(Arc::clone(&blobs))));
         let (routes, doc) = api_routes(
             ApiState::new(
                 Arc::clone(&store),
@@ -262,7 +292,8 @@ pub async fn build(
                 delay: config.push.delay(),
                 ttl: config.push.ttl(),
             })
-            .with_push_queue(Arc::clone(&push_queue)),
+            .with_push_queue(Arc::clone(&push_queue))
+            .with_attachments(attachment_settings(config, blobs)),
         );
         api_router = Some(
             routes
@@ -380,7 +411,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     guard_dev_mode(&config, addr)?;
-    let app = build(role, &config, shutdown.clone()).await?;
+    // Boxed: building every service makes a large future.
+    let app = Box::pin(build(role, &config, shutdown.clone())).await?;
     // Tests and scripts read this line to find a port chosen by the OS.
     println!("confab {} listening on http://{addr}", role.name());
     tracing::info!(role = role.name(), %addr, "listening");
@@ -399,5 +431,45 @@ pub async fn run(
         let _ = worker.await;
     }
     tracing::info!(role = role.name(), "stopped");
+    Ok(())
+}
+
+/// `confab gc-blobs`: removes the attachment objects no attachment references, with a progress
+/// line on standard error, and prints what it did.
+pub async fn gc_blobs(config: &Config, min_age: Duration) -> anyhow::Result<()> {
+    use std::io::Write;
+    let store = open_store(config, false).await?;
+    let blobs = open_blobs(config)?;
+    blobs.check().await.context("reaching attachment storage")?;
+    let started = std::time::Instant::now();
+    let mut last_shown = std::time::Instant::now() - Duration::from_secs(1);
+    let done = confab_api::domain::attachments::collect_garbage(
+        store.as_ref(),
+        blobs.as_ref(),
+        min_age,
+        |progress| {
+            if last_shown.elapsed() >= Duration::from_millis(200) {
+                last_shown = std::time::Instant::now();
+                eprint!(
+                    "\r{spinner} scanned {} objects, removed {} ({} bytes)   ",
+                    progress.scanned,
+                    progress.removed,
+                    progress.removed_bytes,
+                    spinner = ['|', '/', '-', '\\'][(progress.scanned % 4) as usize],
+                );
+                let _ = std::io::stderr().flush();
+            }
+        },
+    )
+    .await?;
+    eprintln!();
+    println!(
+        "gc-blobs: scanned {} objects, removed {} ({} bytes) and {} stale uploads in {:.1}s",
+        done.scanned,
+        done.removed,
+        done.removed_bytes,
+        done.swept,
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -52,6 +52,14 @@ enum Command {
     /// Measures fan-out (idle memory per connection, deliveries, latency, CPU) side by side with
     /// Centrifugo and writes a results file.
     BenchFanout(confab::bench_fanout::FanoutArgs),
+    /// Removes attachment objects that no attachment references any more (never one still
+    /// referenced, even while an upload of the same bytes runs), and staging objects older than a
+    /// day, showing its progress.
+    GcBlobs {
+        /// Leave objects modified within this many seconds for a later run.
+        #[arg(long, default_value_t = 0)]
+        min_age_secs: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,6 +89,9 @@ fn main() -> anyhow::Result<()> {
             Command::BenchStore(args) => confab::bench_store::run(args, config).await,
             Command::BenchReads(args) => confab::bench_reads::run(args, config).await,
             Command::BenchFanout(args) => confab::bench_fanout::run(args, config).await,
+            Command::GcBlobs { min_age_secs } => {
+                confab::gc_blobs(&config, Duration::from_secs(min_age_secs)).await
+            }
             Command::VapidKeys => {
                 let keys = confab_runtime::vapid::VapidKeys::generate();
                 println!("CONFAB_PUSH__VAPID_PUBLIC_KEY={}", keys.public_key);

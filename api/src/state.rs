@@ -13,6 +13,7 @@ use confab_runtime::signed::Signer;
 use confab_schema::{ChatId, Signal, User, UserId};
 
 use crate::coalesce::Coalescer;
+use crate::domain::attachments::AttachmentSettings;
 use crate::domain::devices::PushSettings;
 use crate::store::Store;
 
@@ -43,6 +44,10 @@ pub struct ApiState {
     pub(crate) push: PushSettings,
     /// Pushes waiting for their delay (`None`: no pushes scheduled).
     pub(crate) push_queue: Option<Arc<dyn PushQueue>>,
+    /// Where attachments go (`None`: uploads and downloads answer 503).
+    pub(crate) attachments: Option<AttachmentSettings>,
+    /// Image decodes running at once (thumbnails are made off the request path).
+    pub(crate) image_work: Arc<tokio::sync::Semaphore>,
 }
 
 impl ApiState {
@@ -66,6 +71,8 @@ impl ApiState {
             status_events: Arc::default(),
             push: PushSettings::default(),
             push_queue: None,
+            attachments: None,
+            image_work: Arc::new(tokio::sync::Semaphore::new(2)),
         }
     }
 
@@ -78,6 +85,12 @@ impl ApiState {
     /// Where pushes wait for their delay.
     pub fn with_push_queue(mut self, queue: Arc<dyn PushQueue>) -> ApiState {
         self.push_queue = Some(queue);
+        self
+    }
+
+    /// Where attachments are stored, and how they are served.
+    pub fn with_attachments(mut self, attachments: AttachmentSettings) -> ApiState {
+        self.attachments = Some(attachments);
         self
     }
 

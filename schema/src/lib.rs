@@ -4,6 +4,7 @@
 //! Invariant: this crate does no I/O. It is linked by every process and by clients' test code, so it
 //! stays free of drivers, runtimes and sockets.
 
+pub mod attachment;
 pub mod event;
 pub mod ids;
 pub mod limits;
@@ -11,6 +12,7 @@ pub mod model;
 pub mod push;
 pub mod subjects;
 
+pub use attachment::{Attachment, AttachmentKind, AttachmentRef};
 pub use event::{Envelope, Event, EventKind, LoggedEvent};
 pub use ids::{ChatId, DeviceId, IdError, SignalId, UserId};
 pub use model::{Chat, ChatKind, Member, MemberRole, Signal, SignalKind, User};

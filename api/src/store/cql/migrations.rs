@@ -32,6 +32,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "devices",
         cql: include_str!("migrations/0004_devices.cql"),
     },
+    Migration {
+        version: 5,
+        name: "attachments",
+        cql: include_str!("migrations/0005_attachments.cql"),
+    },
 ];
 
 impl Migration {
