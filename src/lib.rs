@@ -3,6 +3,7 @@
 //! `confab notifier` and `confab ws-plexer` run one each, for the distributed deployment.
 
 pub mod bench;
+pub mod bench_attachments;
 pub mod bench_fanout;
 pub mod bench_reads;
 pub mod bench_store;

@@ -52,6 +52,9 @@ enum Command {
     /// Measures fan-out (idle memory per connection, deliveries, latency, CPU) side by side with
     /// Centrifugo and writes a results file.
     BenchFanout(confab::bench_fanout::FanoutArgs),
+    /// Measures attachment upload and download throughput through confab against direct S3
+    /// requests, and the server's memory while a large upload streams; writes a results file.
+    BenchAttachments(confab::bench_attachments::AttachmentsBenchArgs),
     /// Removes attachment objects that no attachment references any more (never one still
     /// referenced, even while an upload of the same bytes runs), and staging objects older than a
     /// day, showing its progress.
@@ -89,6 +92,7 @@ fn main() -> anyhow::Result<()> {
             Command::BenchStore(args) => confab::bench_store::run(args, config).await,
             Command::BenchReads(args) => confab::bench_reads::run(args, config).await,
             Command::BenchFanout(args) => confab::bench_fanout::run(args, config).await,
+            Command::BenchAttachments(args) => confab::bench_attachments::run(args, config).await,
             Command::GcBlobs { min_age_secs } => {
                 confab::gc_blobs(&config, Duration::from_secs(min_age_secs)).await
             }

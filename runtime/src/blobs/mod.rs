@@ -19,6 +19,8 @@ use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
+/// The S3 SDK, for tools that talk to the bucket directly (`confab bench-attachments`).
+pub use aws_sdk_s3 as s3_sdk;
 pub use local::LocalBlobs;
 pub use s3::{DEFAULT_PART_BYTES, S3Blobs, S3Settings};
 

@@ -93,6 +93,15 @@ impl S3Blobs {
         }
     }
 
+    /// The SDK client, configured as above.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
     fn object_key(&self, name: &BlobName) -> String {
         format!("{}blobs/{}", self.prefix, name.as_str())
     }
