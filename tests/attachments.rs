@@ -503,6 +503,15 @@ async fn messages_carry_attachments(stack: Stack) {
     assert_eq!(event.data["data"]["attachments"], json!([file]));
     let history: Value = app.get(&bob, &signals).await.json().await.unwrap();
     assert_eq!(history["items"][0]["attachments"], json!([file]));
+    let chats: Value = app.get(&bob, "/v1/chats").await.json().await.unwrap();
+    let entry = chats["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == chat.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(entry["latest_signal"]["attachments"], json!([file]));
 
     // Another chat's upload, someone else's upload, an unknown id, too many: 422.
     for ids in [
