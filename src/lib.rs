@@ -3,6 +3,7 @@
 //! `confab notifier` and `confab ws-plexer` run one each, for the distributed deployment.
 
 pub mod bench;
+pub mod bench_attachments;
 pub mod bench_fanout;
 pub mod bench_push;
 pub mod bench_reads;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use confab_api::domain::attachments::AttachmentSettings;
 use confab_api::domain::devices::PushSettings;
 use confab_api::indexer::Indexer;
 use confab_api::store::cql::{self, CqlOptions, CqlStore};
@@ -27,8 +29,11 @@ use confab_notifier::push::{DeviceDirectory, PushSender};
 use confab_notifier::push_apns::Apns;
 use confab_notifier::push_fcm::Fcm;
 use confab_notifier::{Hub, HubReadiness, Membership, NotifierState};
+use confab_runtime::blobs::{Blobs, BlobsReadiness, LocalBlobs, S3Blobs};
 use confab_runtime::bus::{Bus, BusReadiness, EmbeddedBus, NatsBus};
-use confab_runtime::config::{BusBackend, Config, IdentityMode, SearchBackend, StoreBackend};
+use confab_runtime::config::{
+    BlobsBackend, BusBackend, Config, IdentityMode, SearchBackend, StoreBackend,
+};
 use confab_runtime::identity::{DevIdentity, Identity, IdentityReadiness, OidcIdentity};
 use confab_runtime::presence::{EmbeddedPresence, NatsPresence, Presence};
 use confab_runtime::problem;
@@ -214,6 +219,32 @@ pub fn open_search(config: &Config) -> anyhow::Result<Option<Arc<dyn Search>>> {
     }))
 }
 
+/// Where attachments' bytes live: a directory under the data directory, or an S3 bucket.
+pub fn open_blobs(config: &Config) -> anyhow::Result<Arc<dyn Blobs>> {
+    Ok(match config.attachments.backend {
+        BlobsBackend::Local => {
+            let dir = config.attachments_dir();
+            Arc::new(
+                LocalBlobs::open(&dir).with_context(|| {
+                    format!("opening the attachments directory {}", dir.display())
+                })?,
+            )
+        }
+        BlobsBackend::S3 => Arc::new(S3Blobs::new(&config.attachments.s3_settings())),
+    })
+}
+
+/// How the API stores and serves attachments.
+pub fn attachment_settings(config: &Config, blobs: Arc<dyn Blobs>) -> AttachmentSettings {
+    AttachmentSettings {
+        blobs,
+        max_bytes: config.attachments.max_bytes,
+        presigned_redirect: config.attachments.presigned_redirect,
+        presigned_ttl: config.attachments.presigned_ttl(),
+        max_image_pixels: config.attachments.max_image_pixels,
+    }
+}
+
 /// The devices the push sender delivers to, from the store.
 pub struct StoreDevices(pub Arc<dyn Store>);
 
@@ -308,6 +339,8 @@ pub async fn build(
     let store = open_store(config, role == Role::Serve).await?;
     readiness = readiness.with(Arc::new(StoreReadiness(Arc::clone(&store))));
     if matches!(role, Role::Serve | Role::Api) {
+        let blobs = open_blobs(config)?;
+        readiness = readiness.with(Arc::new(BlobsReadiness(Arc::clone(&blobs))));
         // Not a readiness check: search being down must not take the API (and sending) down.
         let search = open_search(config)?;
         if let Some(search) = &search
@@ -338,7 +371,8 @@ pub async fn build(
             delay: config.push.delay(),
             ttl: config.push.ttl(),
         })
-        .with_push_queue(Arc::clone(&push_queue));
+        .with_push_queue(Arc::clone(&push_queue))
+        .with_attachments(attachment_settings(config, blobs));
         if let Some(search) = search {
             state = state.with_search(search);
         }
@@ -482,5 +516,45 @@ pub async fn run(
         let _ = worker.await;
     }
     tracing::info!(role = role.name(), "stopped");
+    Ok(())
+}
+
+/// `confab gc-blobs`: removes the attachment objects no attachment references, with a progress
+/// line on standard error, and prints what it did.
+pub async fn gc_blobs(config: &Config, min_age: Duration) -> anyhow::Result<()> {
+    use std::io::Write;
+    let store = open_store(config, false).await?;
+    let blobs = open_blobs(config)?;
+    blobs.check().await.context("reaching attachment storage")?;
+    let started = std::time::Instant::now();
+    let mut last_shown = std::time::Instant::now() - Duration::from_secs(1);
+    let done = confab_api::domain::attachments::collect_garbage(
+        store.as_ref(),
+        blobs.as_ref(),
+        min_age,
+        |progress| {
+            if last_shown.elapsed() >= Duration::from_millis(200) {
+                last_shown = std::time::Instant::now();
+                eprint!(
+                    "\r{spinner} scanned {} objects, removed {} ({} bytes)   ",
+                    progress.scanned,
+                    progress.removed,
+                    progress.removed_bytes,
+                    spinner = ['|', '/', '-', '\\'][(progress.scanned % 4) as usize],
+                );
+                let _ = std::io::stderr().flush();
+            }
+        },
+    )
+    .await?;
+    eprintln!();
+    println!(
+        "gc-blobs: scanned {} objects, removed {} ({} bytes) and {} stale uploads in {:.1}s",
+        done.scanned,
+        done.removed,
+        done.removed_bytes,
+        done.swept,
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

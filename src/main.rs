@@ -60,6 +60,17 @@ enum Command {
     /// Schedules, cancels and sends delayed pushes to a local Web Push receiver on each queue
     /// backend, and writes a results file.
     BenchPush(confab::bench_push::PushBenchArgs),
+    /// Measures attachment upload and download throughput through confab against direct S3
+    /// requests, and the server's memory while a large upload streams; writes a results file.
+    BenchAttachments(confab::bench_attachments::AttachmentsBenchArgs),
+    /// Removes attachment objects that no attachment references any more (never one still
+    /// referenced, even while an upload of the same bytes runs), and staging objects older than a
+    /// day, showing its progress.
+    GcBlobs {
+        /// Leave objects modified within this many seconds for a later run.
+        #[arg(long, default_value_t = 0)]
+        min_age_secs: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,6 +103,10 @@ fn main() -> anyhow::Result<()> {
             Command::BenchReads(args) => confab::bench_reads::run(args, config).await,
             Command::BenchFanout(args) => confab::bench_fanout::run(args, config).await,
             Command::BenchPush(args) => Box::pin(confab::bench_push::run(args, config)).await,
+            Command::BenchAttachments(args) => confab::bench_attachments::run(args, config).await,
+            Command::GcBlobs { min_age_secs } => {
+                confab::gc_blobs(&config, Duration::from_secs(min_age_secs)).await
+            }
             Command::VapidKeys => {
                 let keys = confab_runtime::vapid::VapidKeys::generate();
                 println!("CONFAB_PUSH__VAPID_PUBLIC_KEY={}", keys.public_key);

@@ -89,6 +89,59 @@ impl Store for FlakyBookkeeping {
     ) -> Result<Vec<ChatId>, StoreError> {
         self.inner.chat_ids(after, limit).await
     }
+    async fn put_attachment(
+        &self,
+        attachment: &confab_schema::Attachment,
+    ) -> Result<(), StoreError> {
+        self.inner.put_attachment(attachment).await
+    }
+    async fn add_blob_refs(
+        &self,
+        attachment: uuid::Uuid,
+        blobs: &[String],
+    ) -> Result<(), StoreError> {
+        self.inner.add_blob_refs(attachment, blobs).await
+    }
+    async fn get_attachments(
+        &self,
+        ids: &[uuid::Uuid],
+    ) -> Result<Vec<confab_schema::Attachment>, StoreError> {
+        self.inner.get_attachments(ids).await
+    }
+    async fn chat_attachments(
+        &self,
+        chat: ChatId,
+        kind: Option<confab_schema::AttachmentKind>,
+        before: Option<uuid::Uuid>,
+        limit: usize,
+    ) -> Result<Vec<confab_schema::Attachment>, StoreError> {
+        self.inner.chat_attachments(chat, kind, before, limit).await
+    }
+    async fn delete_attachments(
+        &self,
+        attachments: &[confab_schema::Attachment],
+    ) -> Result<(), StoreError> {
+        self.inner.delete_attachments(attachments).await
+    }
+    async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError> {
+        self.inner.blob_referenced(sha256).await
+    }
+    async fn condemn_blob(
+        &self,
+        sha256: &str,
+        until: time::OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.inner.condemn_blob(sha256, until).await
+    }
+    async fn blob_condemned(
+        &self,
+        sha256: &str,
+    ) -> Result<Option<time::OffsetDateTime>, StoreError> {
+        self.inner.blob_condemned(sha256).await
+    }
+    async fn absolve_blob(&self, sha256: &str) -> Result<(), StoreError> {
+        self.inner.absolve_blob(sha256).await
+    }
     async fn put_device(
         &self,
         device: &confab_schema::push::Device,

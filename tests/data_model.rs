@@ -650,6 +650,7 @@ async fn openapi_is_served_and_lists_every_route() {
                 .replace("{chat_id}", &id.to_string())
                 .replace("{signal_id}", &id.to_string())
                 .replace("{user_id}", &id.to_string())
+                .replace("{attachment_id}", &id.to_string())
                 .replace("{emoji}", "%F0%9F%91%8D");
             let request = app
                 .http
@@ -718,12 +719,17 @@ async fn openapi_is_served_and_lists_every_route() {
         "PUT /v1/me/settings",
         "GET /v1/chats/{chat_id}/settings",
         "PUT /v1/chats/{chat_id}/settings",
+        "POST /v1/chats/{chat_id}/attachments",
+        "GET /v1/chats/{chat_id}/attachments",
+        "GET /v1/attachments/{attachment_id}",
+        "GET /v1/attachments/{attachment_id}/thumbnail",
+        "GET /v1/attachments/{attachment_id}/preview",
     ] {
         assert!(
             operations.iter().any(|o| o == expected),
             "{expected} is not documented"
         );
     }
-    assert_eq!(operations.len(), 36, "{operations:?}");
+    assert_eq!(operations.len(), 41, "{operations:?}");
     app.stop().await;
 }

@@ -4,6 +4,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use confab_runtime::Problem;
+use confab_runtime::blobs::BlobError;
 use confab_runtime::bus::BusError;
 use confab_runtime::identity::AuthError;
 use confab_runtime::search::SearchError;
@@ -37,6 +38,8 @@ pub enum ApiError {
     /// This process has no search engine.
     #[error("search is not enabled")]
     SearchDisabled,
+    #[error(transparent)]
+    Blobs(#[from] BlobError),
 }
 
 impl From<&ApiError> for Problem {
@@ -83,6 +86,22 @@ impl From<&ApiError> for Problem {
                 "search-unavailable",
                 "search is unavailable; try again",
             ),
+            ApiError::Blobs(BlobError::Unavailable(_)) => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "blobs-unavailable",
+                "attachment storage is unavailable; try again",
+            ),
+            ApiError::Blobs(BlobError::TooLarge(max)) => Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                format!("an attachment is at most {max} bytes"),
+            ),
+            ApiError::Blobs(BlobError::Body(why)) => {
+                Problem::new(StatusCode::BAD_REQUEST, "bad-request", why.clone())
+            }
+            ApiError::Blobs(BlobError::NotFound) => {
+                Problem::new(StatusCode::NOT_FOUND, "not-found", "no such attachment")
+            }
         }
     }
 }
@@ -94,6 +113,9 @@ impl IntoResponse for ApiError {
             ApiError::Store(error) => tracing::warn!(%error, "store error"),
             ApiError::Bus(error) => tracing::warn!(%error, "bus error"),
             ApiError::Search(error) => tracing::warn!(%error, "search error"),
+            ApiError::Blobs(error @ BlobError::Unavailable(_)) => {
+                tracing::warn!(%error, "blob storage error")
+            }
             _ => {}
         }
         Problem::from(&self).into_response()

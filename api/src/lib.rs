@@ -8,6 +8,7 @@ pub mod coalesce;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod images;
 pub mod indexer;
 pub mod state;
 pub mod store;

@@ -14,6 +14,7 @@ use confab_runtime::signed::Signer;
 use confab_schema::{ChatId, Signal, User, UserId};
 
 use crate::coalesce::Coalescer;
+use crate::domain::attachments::AttachmentSettings;
 use crate::domain::devices::PushSettings;
 use crate::store::Store;
 
@@ -46,6 +47,10 @@ pub struct ApiState {
     pub(crate) push_queue: Option<Arc<dyn PushQueue>>,
     /// The message search engine (`None`: search answers 503).
     pub(crate) search: Option<Arc<dyn Search>>,
+    /// Where attachments go (`None`: uploads and downloads answer 503).
+    pub(crate) attachments: Option<AttachmentSettings>,
+    /// Image decodes running at once (thumbnails are made off the request path).
+    pub(crate) image_work: Arc<tokio::sync::Semaphore>,
 }
 
 impl ApiState {
@@ -70,6 +75,8 @@ impl ApiState {
             push: PushSettings::default(),
             push_queue: None,
             search: None,
+            attachments: None,
+            image_work: Arc::new(tokio::sync::Semaphore::new(2)),
         }
     }
 
@@ -88,6 +95,12 @@ impl ApiState {
     /// The engine message search queries.
     pub fn with_search(mut self, search: Arc<dyn Search>) -> ApiState {
         self.search = Some(search);
+        self
+    }
+
+    /// Where attachments are stored, and how they are served.
+    pub fn with_attachments(mut self, attachments: AttachmentSettings) -> ApiState {
+        self.attachments = Some(attachments);
         self
     }
 

@@ -37,6 +37,90 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub push: PushConfig,
     pub search: SearchConfig,
+    pub attachments: AttachmentsConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobsBackend {
+    /// Files in a directory (`attachments.dir`), for one machine.
+    Local,
+    /// An S3 bucket (SeaweedFS's S3 gateway in production), path-style.
+    S3,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttachmentsConfig {
+    /// `local` or `s3`. Default `local`.
+    pub backend: BlobsBackend,
+    /// The local backend's directory. Default `<data_dir>/attachments`.
+    pub dir: Option<PathBuf>,
+    /// The S3 endpoint. Default `http://127.0.0.1:8333` (SeaweedFS's S3 gateway).
+    pub s3_endpoint: String,
+    /// The bucket. Default `confab`.
+    pub s3_bucket: String,
+    /// The region requests are signed for. Default `us-east-1`.
+    pub s3_region: String,
+    /// The access key id. Default empty.
+    pub s3_access_key: String,
+    /// The secret access key. Default empty.
+    pub s3_secret_key: String,
+    /// Prepended to every object key, so deployments can share a bucket. Default `confab/`.
+    pub s3_prefix: String,
+    /// The part size of multipart uploads, in bytes (at least 5 MiB). An upload holds at most two
+    /// parts in memory. Default 8388608 (8 MiB).
+    pub part_bytes: usize,
+    /// The largest attachment, in bytes; a larger body is refused with 413 and nothing is kept.
+    /// Default 104857600 (100 MiB).
+    pub max_bytes: u64,
+    /// Answer downloads with a redirect to a short-lived presigned URL of the bucket instead of
+    /// streaming the bytes through confab (s3 backend only). Default false.
+    pub presigned_redirect: bool,
+    /// How long a presigned URL is valid, in seconds. Default 300.
+    pub presigned_ttl_secs: u64,
+    /// Images larger than this many pixels (width × height) get no thumbnail or preview and are
+    /// kept as plain files (decompression bombs). Default 50000000.
+    pub max_image_pixels: u64,
+}
+
+impl Default for AttachmentsConfig {
+    fn default() -> Self {
+        AttachmentsConfig {
+            backend: BlobsBackend::Local,
+            dir: None,
+            s3_endpoint: "http://127.0.0.1:8333".into(),
+            s3_bucket: "confab".into(),
+            s3_region: "us-east-1".into(),
+            s3_access_key: String::new(),
+            s3_secret_key: String::new(),
+            s3_prefix: "confab/".into(),
+            part_bytes: crate::blobs::DEFAULT_PART_BYTES,
+            max_bytes: 100 * 1024 * 1024,
+            presigned_redirect: false,
+            presigned_ttl_secs: 300,
+            max_image_pixels: 50_000_000,
+        }
+    }
+}
+
+impl AttachmentsConfig {
+    /// The S3 backend's settings.
+    pub fn s3_settings(&self) -> crate::blobs::S3Settings {
+        crate::blobs::S3Settings {
+            endpoint: self.s3_endpoint.clone(),
+            bucket: self.s3_bucket.clone(),
+            region: self.s3_region.clone(),
+            access_key: self.s3_access_key.clone(),
+            secret_key: self.s3_secret_key.clone(),
+            prefix: self.s3_prefix.clone(),
+            part_bytes: self.part_bytes,
+        }
+    }
+
+    pub fn presigned_ttl(&self) -> Duration {
+        Duration::from_secs(self.presigned_ttl_secs.clamp(1, 7 * 24 * 3600))
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -242,6 +326,7 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             push: PushConfig::default(),
             search: SearchConfig::default(),
+            attachments: AttachmentsConfig::default(),
         }
     }
 }
@@ -534,6 +619,7 @@ const SECTIONS: &[&str] = &[
     "telemetry",
     "push",
     "search",
+    "attachments",
 ];
 
 impl Config {
@@ -632,6 +718,11 @@ impl Config {
                 "search.batch_size must be at least 1".into(),
             ));
         }
+        if self.attachments.max_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "attachments.max_bytes must be above 0".into(),
+            ));
+        }
         if self.identity.mode == IdentityMode::Oidc && self.client_ids().is_empty() {
             return Err(ConfigError::Invalid("identity.client_ids is empty".into()));
         }
@@ -687,6 +778,14 @@ impl Config {
             .embedded_path
             .clone()
             .unwrap_or_else(|| self.data_dir.join("confab.sqlite3"))
+    }
+
+    /// The local attachments directory.
+    pub fn attachments_dir(&self) -> PathBuf {
+        self.attachments
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("attachments"))
     }
 
     /// The secret for signed tokens: configured, or fresh random bytes for this process.

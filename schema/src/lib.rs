@@ -4,6 +4,7 @@
 //! Invariant: this crate does no I/O. It is linked by every process and by clients' test code, so it
 //! stays free of drivers, runtimes and sockets.
 
+pub mod attachment;
 pub mod event;
 pub mod ids;
 pub mod limits;
@@ -12,6 +13,7 @@ pub mod push;
 pub mod settings;
 pub mod subjects;
 
+pub use attachment::{Attachment, AttachmentKind, AttachmentRef};
 pub use event::{Envelope, Event, EventKind, LoggedEvent};
 pub use ids::{ChatId, DeviceId, IdError, SignalId, UserId};
 pub use model::{Chat, ChatKind, Member, MemberRole, Signal, SignalKind, User};

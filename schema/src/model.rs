@@ -6,8 +6,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use uuid::Uuid;
 
+use crate::attachment::AttachmentRef;
 use crate::ids::{ChatId, SignalId, UserId};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -133,8 +133,9 @@ pub struct Signal {
     pub nonce: Option<String>,
     pub text: Option<String>,
     pub reply_to: Option<SignalId>,
+    /// The attachments a message refers to, with their metadata.
     #[serde(default)]
-    pub attachments: Vec<Uuid>,
+    pub attachments: Vec<AttachmentRef>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub edited_at: Option<OffsetDateTime>,
     #[serde(default)]

@@ -80,6 +80,10 @@ pub async fn meilisearch_available(test: &str) -> bool {
     healthy
 }
 
+pub fn s3_endpoint() -> String {
+    env_or("CONFAB_TEST_S3_ENDPOINT", "http://127.0.0.1:8333")
+}
+
 /// In CI (`CONFAB_REQUIRE_SERVICES=1`) a missing service fails the test; elsewhere it is skipped,
 /// loudly.
 pub fn services_required() -> bool {
@@ -98,6 +102,13 @@ pub async fn real_stack_available(test: &str) -> bool {
                 .to_owned(),
         ),
         ("NATS", nats_url().trim_start_matches("nats://").to_owned()),
+        (
+            "SeaweedFS S3",
+            s3_endpoint()
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned(),
+        ),
         (
             "Keycloak",
             oidc_issuer()
@@ -156,6 +167,13 @@ pub fn config_for(stack: Stack, data_dir: PathBuf) -> Config {
             config.search.meili_key = meili_key();
             config.search.index = unique("t_");
         }
+        config.attachments.backend = confab_runtime::config::BlobsBackend::S3;
+        config.attachments.s3_endpoint = s3_endpoint();
+        config.attachments.s3_bucket = env_or("CONFAB_TEST_S3_BUCKET", "confab");
+        config.attachments.s3_region = env_or("CONFAB_TEST_S3_REGION", "us-east-1");
+        config.attachments.s3_access_key = env_or("CONFAB_TEST_S3_ACCESS_KEY", "");
+        config.attachments.s3_secret_key = env_or("CONFAB_TEST_S3_SECRET_KEY", "");
+        config.attachments.s3_prefix = format!("{}/", unique("t"));
     }
     config
 }
@@ -335,6 +353,21 @@ impl TestApp {
             {
                 let _ = search.delete_index().await;
             }
+            // The test's objects under its own key prefix.
+            let blobs = confab_runtime::blobs::S3Blobs::new(&self.config.attachments.s3_settings());
+            for _ in 0..100 {
+                let Ok(objects) = confab_runtime::blobs::Blobs::list(&blobs, None, 1000).await
+                else {
+                    break;
+                };
+                if objects.is_empty() {
+                    break;
+                }
+                for object in objects {
+                    let _ = confab_runtime::blobs::Blobs::delete(&blobs, &object.name).await;
+                }
+            }
+            let _ = confab_runtime::blobs::Blobs::sweep_staging(&blobs, Duration::ZERO).await;
         }
     }
 }

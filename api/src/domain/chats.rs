@@ -271,14 +271,27 @@ impl ApiState {
                 .await
         }))
         .await?;
-        Ok(entries
+        let mut chats: Vec<Chat> = entries
             .into_iter()
             .zip(counts)
             .map(|(entry, unread)| Chat {
                 unread_count: unread as u64,
                 ..entry.chat
             })
-            .collect())
+            .collect();
+        // The newest signals' attachments, in one read for the page (none when none has any).
+        let mut latest: Vec<confab_schema::Signal> = chats
+            .iter()
+            .filter_map(|c| c.latest_signal.as_deref().cloned())
+            .collect();
+        if latest.iter().any(|s| !s.attachments.is_empty()) {
+            self.resolve_attachments(&mut latest).await?;
+            let mut latest = latest.into_iter();
+            for chat in chats.iter_mut().filter(|c| c.latest_signal.is_some()) {
+                chat.latest_signal = latest.next().map(Box::new);
+            }
+        }
+        Ok(chats)
     }
 
     async fn chat_view(&self, chat: ChatId, caller: UserId) -> ApiResult<Chat> {

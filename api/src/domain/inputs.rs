@@ -6,6 +6,8 @@ use confab_schema::limits::{
     MAX_PAGE_SIZE, MAX_TEXT_CHARS,
 };
 
+use confab_schema::attachment::{MAX_ATTACHMENT_NAME_BYTES, MAX_ATTACHMENTS_PER_MESSAGE};
+
 use crate::error::{ApiError, ApiResult};
 
 /// A client's send-parity token: 1 to 128 bytes.
@@ -255,6 +257,108 @@ impl SearchText {
     }
 }
 
+/// An attachment's file name: 1 to 255 bytes, no path separators (`/`, `\\`), no control
+/// characters, not `.` or `..`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachmentName(String);
+
+impl AttachmentName {
+    pub fn parse(value: Option<String>) -> ApiResult<AttachmentName> {
+        let Some(value) = value else {
+            return Err(ApiError::BadRequest("name is required".into()));
+        };
+        if value.trim().is_empty() || value.len() > MAX_ATTACHMENT_NAME_BYTES {
+            return Err(ApiError::BadRequest(format!(
+                "name must be 1 to {MAX_ATTACHMENT_NAME_BYTES} bytes"
+            )));
+        }
+        if value.contains(['/', '\\']) || value.chars().any(char::is_control) {
+            return Err(ApiError::BadRequest(
+                "name must not contain path separators or control characters".into(),
+            ));
+        }
+        if value == "." || value == ".." {
+            return Err(ApiError::BadRequest("name must name a file".into()));
+        }
+        Ok(AttachmentName(value))
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+/// The media type a client declares for an upload: `type/subtype`, lower-cased, parameters
+/// dropped; `application/octet-stream` when none is given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeclaredType(String);
+
+impl DeclaredType {
+    pub const GENERIC: &str = "application/octet-stream";
+
+    pub fn parse(value: Option<&str>) -> ApiResult<DeclaredType> {
+        let Some(value) = value else {
+            return Ok(DeclaredType(Self::GENERIC.into()));
+        };
+        let essence = value
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        let token = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 127
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+        };
+        match essence.split_once('/') {
+            Some((kind, sub)) if token(kind) && token(sub) => Ok(DeclaredType(essence)),
+            _ => Err(ApiError::UnsupportedMediaType(format!(
+                "Content-Type `{}` is not a media type",
+                value.chars().take(64).collect::<String>()
+            ))),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_generic(&self) -> bool {
+        self.0 == Self::GENERIC
+    }
+}
+
+/// Up to [`MAX_ATTACHMENTS_PER_MESSAGE`] distinct attachment ids, in the order given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttachmentIds(Vec<uuid::Uuid>);
+
+impl AttachmentIds {
+    pub fn parse(ids: Vec<uuid::Uuid>) -> ApiResult<AttachmentIds> {
+        let mut distinct = Vec::with_capacity(ids.len());
+        for id in ids {
+            if !distinct.contains(&id) {
+                distinct.push(id);
+            }
+        }
+        if distinct.len() > MAX_ATTACHMENTS_PER_MESSAGE {
+            return Err(ApiError::Unprocessable(format!(
+                "at most {MAX_ATTACHMENTS_PER_MESSAGE} attachments per message"
+            )));
+        }
+        Ok(AttachmentIds(distinct))
+    }
+
+    pub fn as_slice(&self) -> &[uuid::Uuid] {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,5 +420,28 @@ mod tests {
         assert!(PageLimit::parse(Some(MAX_PAGE_SIZE + 1)).is_err());
         assert_eq!(UserQuery::parse("  AlI ").unwrap().as_str(), "ali");
         assert!(UserQuery::parse(" ").is_err());
+    }
+
+    #[test]
+    fn attachment_names_and_types() {
+        assert!(AttachmentName::parse(Some("report (1).pdf".into())).is_ok());
+        assert!(AttachmentName::parse(Some("фото.jpg".into())).is_ok());
+        for bad in ["", " ", "a/b", "..\\x", "a\nb", "a\u{0}", ".", ".."] {
+            assert!(AttachmentName::parse(Some(bad.into())).is_err(), "{bad:?}");
+        }
+        assert!(AttachmentName::parse(None).is_err());
+        assert!(AttachmentName::parse(Some("x".repeat(256))).is_err());
+        assert_eq!(
+            DeclaredType::parse(Some("Image/PNG; q=1"))
+                .unwrap()
+                .as_str(),
+            "image/png"
+        );
+        assert!(DeclaredType::parse(None).unwrap().is_generic());
+        assert!(DeclaredType::parse(Some("png")).is_err());
+        assert!(DeclaredType::parse(Some("a/b/c")).is_err());
+        let id = uuid::Uuid::now_v7();
+        assert_eq!(AttachmentIds::parse(vec![id, id]).unwrap().as_slice(), [id]);
+        assert!(AttachmentIds::parse((0..11).map(|_| uuid::Uuid::now_v7()).collect()).is_err());
     }
 }

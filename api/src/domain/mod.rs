@@ -5,6 +5,7 @@
 //! edges only extract, call and map.
 
 pub mod access;
+pub mod attachments;
 pub mod chats;
 pub mod devices;
 pub mod events;

@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::Outcome;
-use super::inputs::{MessageText, Nonce, PageLimit};
+use super::inputs::{AttachmentIds, MessageText, Nonce, PageLimit};
 use super::paging::{Page, Pager};
 use super::rules;
 use crate::error::{ApiError, ApiResult};
@@ -20,37 +20,40 @@ use crate::store::{Inserted, MarkerKind, StoreError};
 #[derive(Clone, Debug)]
 pub struct NewMessage {
     pub nonce: Option<Nonce>,
-    pub text: MessageText,
+    /// `None` only for a message of attachments alone.
+    pub text: Option<MessageText>,
     pub reply_to: Option<SignalId>,
+    pub attachments: AttachmentIds,
 }
 
 impl NewMessage {
     /// Checks a message as a client posts it: only `message` signals, text within bounds, a nonce
-    /// within bounds, `reply_to` a signal id, and no attachments yet.
+    /// within bounds (or absent when the message has attachments), `reply_to` a signal id, at most
+    /// ten attachments.
     pub fn parse(
         kind: SignalKind,
         text: Option<String>,
         nonce: Option<String>,
         reply_to: Option<SignalId>,
-        attachments: &[Uuid],
+        attachments: Vec<Uuid>,
     ) -> ApiResult<NewMessage> {
         rules::may_post(kind)?;
-        let text = MessageText::parse(text.unwrap_or_default())?;
+        let attachments = AttachmentIds::parse(attachments)?;
+        let text = match text {
+            None if !attachments.is_empty() => None,
+            text => Some(MessageText::parse(text.unwrap_or_default())?),
+        };
         let nonce = nonce.map(Nonce::parse).transpose()?;
         if reply_to.is_some_and(|r| !r.is_time_ordered()) {
             return Err(ApiError::Unprocessable(
                 "reply_to is not a signal id".into(),
             ));
         }
-        if !attachments.is_empty() {
-            return Err(ApiError::Unprocessable(
-                "attachments are not accepted yet".into(),
-            ));
-        }
         Ok(NewMessage {
             nonce,
             text,
             reply_to,
+            attachments,
         })
     }
 }
@@ -103,6 +106,9 @@ impl ApiState {
                 "reply_to names no signal of this chat".into(),
             ));
         }
+        let attachments = self
+            .attachments_for_message(chat, caller.id, &message.attachments)
+            .await?;
         // Refuse before storing when events cannot be published, rather than store a silent message.
         self.bus.check().await?;
         let id = SignalId::new();
@@ -113,9 +119,9 @@ impl ApiState {
             author_id: caller.id,
             created_at: id.created_at().unwrap_or_else(OffsetDateTime::now_utc),
             nonce: message.nonce.map(Nonce::into_inner),
-            text: Some(message.text.into_inner()),
+            text: message.text.map(MessageText::into_inner),
             reply_to: message.reply_to,
-            attachments: Vec::new(),
+            attachments,
             edited_at: None,
             deleted: false,
             reactions: Default::default(),
@@ -196,7 +202,7 @@ impl ApiState {
         self.require_member(chat, caller).await?;
         let signal = self.load_signal(chat, id).await?;
         rules::may_edit(caller, &signal)?;
-        let signal = self
+        let mut signal = self
             .store
             .edit_signal(
                 chat,
@@ -210,6 +216,8 @@ impl ApiState {
             // Deleted while this edit was on its way: the deletion stands.
             return Err(rules::not_editable());
         }
+        self.resolve_attachments(std::slice::from_mut(&mut signal))
+            .await?;
         self.publish(Envelope::new(chat, Event::SignalUpdated(signal.clone())))
             .await;
         Ok(signal)
@@ -226,14 +234,19 @@ impl ApiState {
         let role = self.require_member(chat, caller).await?;
         let signal = self.load_signal(chat, id).await?;
         rules::may_delete(caller, role, &signal)?;
+        // Attachments first: a deletion that fails half-way hides them, and its retry (which
+        // finds the tombstone) hides them again.
+        self.hide_attachments(&signal).await?;
         if signal.deleted {
             return self.decorate_one(signal).await;
         }
-        let tombstone = self
+        let mut tombstone = self
             .store
             .delete_signal(chat, id)
             .await?
             .ok_or(ApiError::NotFound("no such signal"))?;
+        // Its attachments are gone: the tombstone names none.
+        tombstone.attachments.clear();
         self.publish(Envelope::new(chat, Event::SignalDeleted(tombstone.clone())))
             .await;
         Ok(tombstone)
@@ -288,6 +301,8 @@ impl ApiState {
         };
         let ids: Vec<SignalId> = signals.iter().map(|s| s.id).collect();
         let mut counts = self.store.reaction_counts_of(chat, &ids).await?;
+        let mut signals = signals;
+        self.resolve_attachments(&mut signals).await?;
         Ok(signals
             .into_iter()
             .map(|mut signal| {

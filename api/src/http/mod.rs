@@ -3,6 +3,7 @@
 //! A handler extracts, parses its input into the domain's types, calls one operation of
 //! [`crate::domain`], and maps the result to a status and a body.
 
+mod attachments;
 mod chats;
 mod devices;
 mod markers;
@@ -43,6 +44,7 @@ use crate::state::ApiState;
         (name = "markers", description = "Read and delivery markers"),
         (name = "events", description = "Live events over Server-Sent Events and WebSocket"),
         (name = "push", description = "Devices for push notifications"),
+        (name = "attachments", description = "Files uploaded to chats, and their thumbnails"),
     )
 )]
 struct ApiDoc;
@@ -130,6 +132,10 @@ fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(devices::vapid_public_key))
         .routes(routes!(settings::get, settings::put))
         .routes(routes!(settings::get_for_chat, settings::put_for_chat))
+        .routes(routes!(attachments::upload, attachments::list))
+        .routes(routes!(attachments::download))
+        .routes(routes!(attachments::thumbnail))
+        .routes(routes!(attachments::preview))
 }
 
 /// The authenticated caller. Extracting it verifies the bearer token and provisions the user from

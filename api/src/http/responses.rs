@@ -76,3 +76,21 @@ pub(crate) enum ChatErrors {
     content_type = "application/problem+json"
 )]
 pub(crate) struct Invalid(Problem);
+
+/// Uploads: a body over the size limit, or a type that contradicts the bytes.
+#[allow(dead_code)] // Variants exist for the OpenAPI description only.
+#[derive(IntoResponses)]
+pub(crate) enum UploadErrors {
+    #[response(
+        status = 413,
+        description = "The body is larger than attachments.max_bytes; nothing was kept",
+        content_type = "application/problem+json"
+    )]
+    TooLarge(Problem),
+    #[response(
+        status = 415,
+        description = "The declared type is malformed or contradicts the file's contents",
+        content_type = "application/problem+json"
+    )]
+    Unsupported(Problem),
+}

@@ -22,13 +22,14 @@ pub struct CreateSignal {
     /// Send parity: the same author, chat and nonce give back the same signal. 1 to 128 bytes.
     #[serde(default)]
     nonce: Option<String>,
-    /// 1 to 4,000 characters.
+    /// 1 to 4,000 characters; may be left out when the message has attachments.
     #[serde(default)]
     text: Option<String>,
     /// A signal of the same chat this one answers.
     #[serde(default)]
     reply_to: Option<SignalId>,
-    /// Attachment ids (uploaded separately).
+    /// Up to 10 ids of the caller's uploads to this chat (`POST /v1/chats/{id}/attachments`);
+    /// the signal carries their metadata.
     #[serde(default)]
     attachments: Vec<Uuid>,
 }
@@ -57,7 +58,7 @@ pub async fn create(
         body.text,
         body.nonce,
         body.reply_to,
-        &body.attachments,
+        body.attachments,
     )?;
     Ok(match state.send_message(&caller, chat_id, message).await? {
         Outcome::Created(signal) => (StatusCode::CREATED, Json(signal)),

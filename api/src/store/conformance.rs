@@ -47,7 +47,11 @@ macro_rules! store_conformance_tests {
             reaction_counts_of_a_page,
             chat_entries_show_role_latest_and_marker,
             unread_counts_are_capped_and_the_scan_bounded,
-            markers_move_forward_only
+            markers_move_forward_only,
+            attachments_page_newest_first_by_kind,
+            attachments_reference_their_objects,
+            the_collectors_marks,
+            signals_keep_their_attachment_ids
         );
     };
     (@cases $open:expr; $($case:ident),+) => {
@@ -1289,4 +1293,239 @@ pub async fn every_chat_id_pages_once(store: Arc<dyn Store>) {
         }
     }
     assert!(mine.is_subset(&seen), "every chat is listed");
+}
+
+fn attachment(
+    chat: ChatId,
+    uploader: UserId,
+    kind: confab_schema::AttachmentKind,
+    sha: &str,
+) -> confab_schema::Attachment {
+    confab_schema::Attachment {
+        id: Uuid::now_v7(),
+        chat_id: chat,
+        name: "file.bin".into(),
+        size: 3,
+        content_type: "application/octet-stream".into(),
+        sha256: sha.into(),
+        kind,
+        created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+        uploader,
+        image: None,
+    }
+}
+
+fn sha(label: &str) -> String {
+    format!(
+        "{:0>64}",
+        format!("{:x}", Uuid::new_v4().as_u128()) + &label.len().to_string()
+    )
+}
+
+/// A chat's attachments page newest first, of one kind or both; other chats' are not listed.
+pub async fn attachments_page_newest_first_by_kind(store: Arc<dyn Store>) {
+    use confab_schema::AttachmentKind::{File, Image};
+    let owner = user("uploader");
+    store.upsert_user(&owner).await.expect("user");
+    let chat = chat_with(store.as_ref(), owner.id, &[]).await;
+    let other = chat_with(store.as_ref(), owner.id, &[]).await;
+    let mut made = Vec::new();
+    for i in 0..7 {
+        let kind = if i % 3 == 0 { Image } else { File };
+        let a = attachment(chat, owner.id, kind, &sha("a"));
+        store.put_attachment(&a).await.expect("puts");
+        made.push(a);
+    }
+    store
+        .put_attachment(&attachment(other, owner.id, File, &sha("b")))
+        .await
+        .expect("puts");
+    let newest_first: Vec<Uuid> = made.iter().rev().map(|a| a.id).collect();
+    let first = store
+        .chat_attachments(chat, None, None, 4)
+        .await
+        .expect("lists");
+    let rest = store
+        .chat_attachments(chat, None, Some(first[3].id), 10)
+        .await
+        .expect("lists on");
+    let all: Vec<Uuid> = first.iter().chain(&rest).map(|a| a.id).collect();
+    assert_eq!(all, newest_first);
+    assert_eq!(first[0], made[6], "the metadata comes back as stored");
+    let images: Vec<Uuid> = store
+        .chat_attachments(chat, Some(Image), None, 10)
+        .await
+        .expect("lists images")
+        .iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(images, [made[6].id, made[3].id, made[0].id]);
+    let files = store
+        .chat_attachments(chat, Some(File), None, 10)
+        .await
+        .expect("lists files");
+    assert_eq!(files.len(), 4);
+    // A kind that changes (an image that turned out undecodable) moves to the other list.
+    let mut refiled = made[6].clone();
+    refiled.kind = File;
+    store.put_attachment(&refiled).await.expect("refiles");
+    let images = store
+        .chat_attachments(chat, Some(Image), None, 10)
+        .await
+        .expect("lists");
+    assert_eq!(images.len(), 2);
+    let files = store
+        .chat_attachments(chat, Some(File), None, 10)
+        .await
+        .expect("lists");
+    assert_eq!(files[0], refiled);
+    let got = store
+        .get_attachments(&[made[1].id, refiled.id, Uuid::now_v7()])
+        .await
+        .expect("gets");
+    assert_eq!(got.len(), 2);
+    store.delete_attachments(&made[..2]).await.expect("deletes");
+    assert_eq!(
+        store
+            .chat_attachments(chat, None, None, 10)
+            .await
+            .expect("lists")
+            .len(),
+        5
+    );
+    assert!(
+        store
+            .get_attachments(&[made[0].id])
+            .await
+            .expect("gets")
+            .is_empty()
+    );
+}
+
+/// Each object an attachment uses is referenced while the attachment exists, and no longer after.
+pub async fn attachments_reference_their_objects(store: Arc<dyn Store>) {
+    let owner = user("referrer");
+    store.upsert_user(&owner).await.expect("user");
+    let chat = chat_with(store.as_ref(), owner.id, &[]).await;
+    let shared = sha("shared");
+    let first = attachment(
+        chat,
+        owner.id,
+        confab_schema::AttachmentKind::Image,
+        &shared,
+    );
+    let second = attachment(chat, owner.id, confab_schema::AttachmentKind::File, &shared);
+    assert!(!store.blob_referenced(&shared).await.expect("reads"));
+    // An upload references its object before its metadata is stored.
+    store
+        .add_blob_refs(first.id, std::slice::from_ref(&shared))
+        .await
+        .expect("references");
+    assert!(store.blob_referenced(&shared).await.expect("reads"));
+    assert!(
+        store
+            .get_attachments(&[first.id])
+            .await
+            .expect("reads")
+            .is_empty()
+    );
+    store.put_attachment(&first).await.expect("puts");
+    store.put_attachment(&second).await.expect("puts");
+    let thumb = sha("thumb");
+    let mut with_thumbnail = first.clone();
+    with_thumbnail.image = Some(confab_schema::attachment::ImageInfo {
+        width: 10,
+        height: 10,
+        thumbnail: Some(confab_schema::attachment::Derivative {
+            sha256: thumb.clone(),
+            size: 1,
+            width: 1,
+            height: 1,
+            content_type: "image/jpeg".into(),
+        }),
+        preview: None,
+    });
+    store
+        .put_attachment(&with_thumbnail)
+        .await
+        .expect("adds the thumbnail");
+    assert!(store.blob_referenced(&thumb).await.expect("reads"));
+    store
+        .delete_attachments(&[with_thumbnail])
+        .await
+        .expect("deletes");
+    assert!(!store.blob_referenced(&thumb).await.expect("reads"));
+    assert!(
+        store
+            .blob_referenced(&shared)
+            .await
+            .expect("still the other upload's")
+    );
+    store
+        .delete_attachments(std::slice::from_ref(&second))
+        .await
+        .expect("deletes");
+    store
+        .delete_attachments(&[second])
+        .await
+        .expect("again: idempotent");
+    assert!(!store.blob_referenced(&shared).await.expect("reads"));
+}
+
+/// The collector's mark on an object: set with its end, read back, removed.
+pub async fn the_collectors_marks(store: Arc<dyn Store>) {
+    let object = sha("marked");
+    assert_eq!(store.blob_condemned(&object).await.expect("reads"), None);
+    let until =
+        confab_schema::model::to_millis(OffsetDateTime::now_utc() + Duration::from_secs(30));
+    store.condemn_blob(&object, until).await.expect("marks");
+    assert_eq!(
+        store.blob_condemned(&object).await.expect("reads"),
+        Some(until)
+    );
+    store.absolve_blob(&object).await.expect("unmarks");
+    assert_eq!(store.blob_condemned(&object).await.expect("reads"), None);
+}
+
+/// A signal stores the ids of its attachments and gives them back.
+pub async fn signals_keep_their_attachment_ids(store: Arc<dyn Store>) {
+    let owner = user("attacher");
+    store.upsert_user(&owner).await.expect("user");
+    let chat = chat_with(store.as_ref(), owner.id, &[]).await;
+    let a = attachment(
+        chat,
+        owner.id,
+        confab_schema::AttachmentKind::File,
+        &sha("x"),
+    );
+    let id = SignalId::new();
+    let signal = Signal {
+        id,
+        chat_id: chat,
+        kind: SignalKind::Message,
+        author_id: owner.id,
+        created_at: id.created_at().expect("v7"),
+        nonce: None,
+        text: None,
+        reply_to: None,
+        attachments: vec![a.clone().into(), Uuid::now_v7().into()],
+        edited_at: None,
+        deleted: false,
+        reactions: Default::default(),
+    };
+    store.insert_signal(&signal).await.expect("stores");
+    let stored = store
+        .get_signal(chat, id)
+        .await
+        .expect("reads")
+        .expect("there");
+    let ids: Vec<Uuid> = stored.attachments.iter().map(|r| r.id()).collect();
+    assert_eq!(ids, [a.id, signal.attachments[1].id()]);
+    assert!(
+        stored
+            .attachments
+            .iter()
+            .all(|r| matches!(r, confab_schema::AttachmentRef::Id(_))),
+        "stores keep ids only"
+    );
 }

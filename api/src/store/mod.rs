@@ -17,10 +17,12 @@ use confab_runtime::telemetry::ReadinessCheck;
 use confab_schema::push::Device;
 use confab_schema::settings::{ChatSettings, UserSettings};
 use confab_schema::{
-    Chat, ChatId, ChatKind, DeviceId, Member, MemberRole, Signal, SignalId, User, UserId,
+    Attachment, AttachmentKind, Chat, ChatId, ChatKind, DeviceId, Member, MemberRole, Signal,
+    SignalId, User, UserId,
 };
 use futures::future::BoxFuture;
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -338,6 +340,37 @@ pub trait Store: Send + Sync + 'static {
         after: Option<(String, UserId)>,
         limit: usize,
     ) -> Result<Vec<(String, UserId)>, StoreError>;
+
+    // Attachments.
+
+    /// Stores an attachment's metadata: by id, in its chat's list, and a reference to each object
+    /// it uses ([`Attachment::blobs`]). Writing it again (with a thumbnail) adds references.
+    async fn put_attachment(&self, attachment: &Attachment) -> Result<(), StoreError>;
+    /// References the objects `blobs` from `attachment` before the attachment (or its new
+    /// pictures) is stored: what an upload writes before it makes its objects.
+    async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError>;
+    /// The attachments of `ids` that exist, in no particular order.
+    async fn get_attachments(&self, ids: &[Uuid]) -> Result<Vec<Attachment>, StoreError>;
+    /// Up to `limit` attachments of `chat` older than `before` (or the newest), newest first, of
+    /// `kind` (or every kind).
+    async fn chat_attachments(
+        &self,
+        chat: ChatId,
+        kind: Option<AttachmentKind>,
+        before: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<Attachment>, StoreError>;
+    /// Removes attachments (their message was deleted, or their upload failed): their metadata,
+    /// their place in the chat's list and their references to objects. Idempotent.
+    async fn delete_attachments(&self, attachments: &[Attachment]) -> Result<(), StoreError>;
+    /// Whether any attachment references the object `sha256`.
+    async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError>;
+    /// Marks the object `sha256` as about to be removed by the collector, until `until`.
+    async fn condemn_blob(&self, sha256: &str, until: OffsetDateTime) -> Result<(), StoreError>;
+    /// Until when the collector may remove `sha256` (its mark), if it is marked.
+    async fn blob_condemned(&self, sha256: &str) -> Result<Option<OffsetDateTime>, StoreError>;
+    /// Removes the collector's mark.
+    async fn absolve_blob(&self, sha256: &str) -> Result<(), StoreError>;
 
     // Markers.
 

@@ -37,6 +37,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "settings",
         cql: include_str!("migrations/0005_settings.cql"),
     },
+    Migration {
+        version: 6,
+        name: "attachments",
+        cql: include_str!("migrations/0006_attachments.cql"),
+    },
 ];
 
 impl Migration {

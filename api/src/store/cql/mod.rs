@@ -17,7 +17,8 @@ use parity::{Claim, NonceBucket};
 use confab_schema::push::Device;
 use confab_schema::settings::{ChatSettings, UserSettings};
 use confab_schema::{
-    Chat, ChatId, DeviceId, Member, MemberRole, Signal, SignalId, SignalKind, User, UserId,
+    Attachment, AttachmentKind, AttachmentRef, Chat, ChatId, DeviceId, Member, MemberRole, Signal,
+    SignalId, SignalKind, User, UserId,
 };
 pub use migrations::{CQL_MIGRATIONS, Migration, SIGNAL_BUCKET_MILLIS, signal_bucket};
 use scylla::client::execution_profile::ExecutionProfile;
@@ -25,6 +26,7 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimestamp, CqlValue, MaybeUnset, Row};
+use time::OffsetDateTime;
 use uuid::Uuid;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -337,6 +339,18 @@ struct Statements {
     get_marker: PreparedStatement,
     markers_first: PreparedStatement,
     markers_after: PreparedStatement,
+    put_attachment: PreparedStatement,
+    put_chat_attachment: PreparedStatement,
+    put_blob_ref: PreparedStatement,
+    get_attachments: PreparedStatement,
+    chat_attachments: PreparedStatement,
+    delete_attachment: PreparedStatement,
+    delete_chat_attachment: PreparedStatement,
+    delete_blob_ref: PreparedStatement,
+    blob_ref: PreparedStatement,
+    condemn_blob: PreparedStatement,
+    blob_condemned: PreparedStatement,
+    absolve_blob: PreparedStatement,
 }
 
 pub struct CqlStore {
@@ -630,6 +644,27 @@ impl CqlStore {
                 "SELECT user_id, up_to FROM markers WHERE chat_id = ? AND kind = ? AND user_id > ? LIMIT ?".into(),
             )
             .await?,
+            put_attachment: prepare("INSERT INTO attachments (id, body) VALUES (?, ?)".into()).await?,
+            put_chat_attachment: prepare(
+                "INSERT INTO chat_attachments (chat_id, kind, id, body) VALUES (?, ?, ?, ?)".into(),
+            )
+            .await?,
+            put_blob_ref: prepare("INSERT INTO blob_refs (sha256, attachment_id) VALUES (?, ?)".into()).await?,
+            get_attachments: prepare("SELECT body FROM attachments WHERE id IN ?".into()).await?,
+            chat_attachments: prepare(
+                "SELECT body FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id < ? LIMIT ?".into(),
+            )
+            .await?,
+            delete_attachment: prepare("DELETE FROM attachments WHERE id = ?".into()).await?,
+            delete_chat_attachment: prepare(
+                "DELETE FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id = ?".into(),
+            )
+            .await?,
+            delete_blob_ref: prepare("DELETE FROM blob_refs WHERE sha256 = ? AND attachment_id = ?".into()).await?,
+            blob_ref: prepare("SELECT attachment_id FROM blob_refs WHERE sha256 = ? LIMIT 1".into()).await?,
+            condemn_blob: prepare("INSERT INTO blob_condemned (sha256, until) VALUES (?, ?)".into()).await?,
+            blob_condemned: prepare("SELECT until FROM blob_condemned WHERE sha256 = ?".into()).await?,
+            absolve_blob: prepare("DELETE FROM blob_condemned WHERE sha256 = ?".into()).await?,
         };
         let nonce_bucket = match &options.parity {
             SendParity::JetStream { nats_url, bucket } => {
@@ -664,7 +699,13 @@ impl CqlStore {
         signal: &Signal,
         nonce: &str,
     ) -> Result<Option<Signal>, StoreError> {
-        let attachments = (!signal.attachments.is_empty()).then(|| signal.attachments.clone());
+        let attachments = (!signal.attachments.is_empty()).then(|| {
+            signal
+                .attachments
+                .iter()
+                .map(AttachmentRef::id)
+                .collect::<Vec<Uuid>>()
+        });
         let result = self
             .session
             .execute_unpaged(
@@ -729,7 +770,7 @@ impl CqlStore {
                 Some(CqlValue::List(items)) => items
                     .iter()
                     .filter_map(|item| match item {
-                        CqlValue::Uuid(id) => Some(*id),
+                        CqlValue::Uuid(id) => Some(AttachmentRef::Id(*id)),
                         _ => None,
                     })
                     .collect(),
@@ -765,7 +806,13 @@ impl CqlStore {
                 known.insert(key);
             }
         }
-        let attachments = (!signal.attachments.is_empty()).then(|| signal.attachments.clone());
+        let attachments = (!signal.attachments.is_empty()).then(|| {
+            signal
+                .attachments
+                .iter()
+                .map(AttachmentRef::id)
+                .collect::<Vec<Uuid>>()
+        });
         self.session
             .execute_unpaged(
                 &self.statements.insert_signal,
@@ -806,7 +853,11 @@ fn to_signal(chat_id: ChatId, row: SignalRow) -> Result<Signal, StoreError> {
         nonce,
         text: if deleted { None } else { text },
         reply_to: reply_to.map(SignalId),
-        attachments: attachments.unwrap_or_default(),
+        attachments: attachments
+            .unwrap_or_default()
+            .into_iter()
+            .map(AttachmentRef::Id)
+            .collect(),
         edited_at: edited_at.map(|t| from_millis(t.0)).transpose()?,
         deleted,
         reactions: Default::default(),
@@ -1920,6 +1971,173 @@ impl Store for CqlStore {
             .into_iter()
             .map(|(emoji, user)| (emoji, UserId(user)))
             .collect())
+    }
+
+    async fn put_attachment(&self, attachment: &Attachment) -> Result<(), StoreError> {
+        let body = serde_json::to_string(attachment).map_err(corrupt)?;
+        // References first: an object is never unreferenced while its attachment is visible.
+        for sha in attachment.blobs() {
+            self.session
+                .execute_unpaged(&self.statements.put_blob_ref, (sha, attachment.id))
+                .await
+                .map_err(unavailable)?;
+        }
+        self.session
+            .execute_unpaged(&self.statements.put_attachment, (attachment.id, &body))
+            .await
+            .map_err(unavailable)?;
+        self.session
+            .execute_unpaged(
+                &self.statements.put_chat_attachment,
+                (
+                    attachment.chat_id.0,
+                    attachment.kind.as_str(),
+                    attachment.id,
+                    &body,
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        // An attachment whose kind changed (an image kept as a plain file) leaves the other list.
+        let other = match attachment.kind {
+            AttachmentKind::Image => AttachmentKind::File,
+            AttachmentKind::File => AttachmentKind::Image,
+        };
+        self.session
+            .execute_unpaged(
+                &self.statements.delete_chat_attachment,
+                (attachment.chat_id.0, other.as_str(), attachment.id),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError> {
+        for sha in blobs {
+            self.session
+                .execute_unpaged(&self.statements.put_blob_ref, (sha, attachment))
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn get_attachments(&self, ids: &[Uuid]) -> Result<Vec<Attachment>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.get_attachments, (ids.to_vec(),))
+            .await
+            .map_err(unavailable)?;
+        rows::<(Option<String>,)>(result)?
+            .into_iter()
+            .filter_map(|(body,)| body)
+            .map(|body| serde_json::from_str(&body).map_err(corrupt))
+            .collect()
+    }
+
+    async fn chat_attachments(
+        &self,
+        chat: ChatId,
+        kind: Option<AttachmentKind>,
+        before: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<Attachment>, StoreError> {
+        let before = before.unwrap_or(Uuid::max());
+        let kinds = match kind {
+            Some(kind) => vec![kind],
+            None => vec![AttachmentKind::Image, AttachmentKind::File],
+        };
+        // One partition per kind; every kind is the newest of both, merged.
+        let mut found: Vec<Attachment> = Vec::new();
+        for kind in kinds {
+            let result = self
+                .session
+                .execute_unpaged(
+                    &self.statements.chat_attachments,
+                    (chat.0, kind.as_str(), before, limit_i32(limit)),
+                )
+                .await
+                .map_err(unavailable)?;
+            for (body,) in rows::<(String,)>(result)? {
+                found.push(serde_json::from_str(&body).map_err(corrupt)?);
+            }
+        }
+        found.sort_by_key(|a| std::cmp::Reverse(a.id));
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    async fn delete_attachments(&self, attachments: &[Attachment]) -> Result<(), StoreError> {
+        for attachment in attachments {
+            self.session
+                .execute_unpaged(
+                    &self.statements.delete_chat_attachment,
+                    (
+                        attachment.chat_id.0,
+                        attachment.kind.as_str(),
+                        attachment.id,
+                    ),
+                )
+                .await
+                .map_err(unavailable)?;
+            self.session
+                .execute_unpaged(&self.statements.delete_attachment, (attachment.id,))
+                .await
+                .map_err(unavailable)?;
+            for sha in attachment.blobs() {
+                self.session
+                    .execute_unpaged(&self.statements.delete_blob_ref, (sha, attachment.id))
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.blob_ref, (sha256,))
+            .await
+            .map_err(unavailable)?;
+        Ok(!rows::<(Uuid,)>(result)?.is_empty())
+    }
+
+    async fn condemn_blob(&self, sha256: &str, until: OffsetDateTime) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(
+                &self.statements.condemn_blob,
+                (sha256, CqlTimestamp(millis(until))),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn blob_condemned(&self, sha256: &str) -> Result<Option<OffsetDateTime>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.blob_condemned, (sha256,))
+            .await
+            .map_err(unavailable)?;
+        rows::<(Option<CqlTimestamp>,)>(result)?
+            .into_iter()
+            .next()
+            .and_then(|(until,)| until)
+            .map(|until| from_millis(until.0))
+            .transpose()
+    }
+
+    async fn absolve_blob(&self, sha256: &str) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.statements.absolve_blob, (sha256,))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn advance_marker(

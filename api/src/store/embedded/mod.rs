@@ -13,8 +13,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use confab_schema::push::Device;
 use confab_schema::settings::{ChatSettings, UserSettings};
-use confab_schema::{Chat, ChatId, DeviceId, Member, MemberRole, Signal, SignalId, User, UserId};
+use confab_schema::{
+    Attachment, AttachmentKind, Chat, ChatId, DeviceId, Member, MemberRole, Signal, SignalId, User,
+    UserId,
+};
 use rusqlite::{Connection, OptionalExtension, params};
+use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
@@ -30,6 +34,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0003_nonces_with_expiry.sql"),
     include_str!("schema/0004_devices.sql"),
     include_str!("schema/0005_settings.sql"),
+    include_str!("schema/0006_attachments.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -684,7 +689,8 @@ impl Store for EmbeddedStore {
                 )
                 .map_err(unavailable)?;
             }
-            let attachments = serde_json::to_string(&signal.attachments).unwrap_or_else(|_| "[]".into());
+            let ids: Vec<Uuid> = signal.attachments.iter().map(|a| a.id()).collect();
+            let attachments = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into());
             tx.prepare_cached(
                 "INSERT INTO signals (chat_id, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -1174,6 +1180,181 @@ impl Store for EmbeddedStore {
         rows.into_iter()
             .map(|(emoji, user)| Ok((emoji, UserId(uuid_from(user)?))))
             .collect()
+    }
+
+    async fn put_attachment(&self, attachment: &Attachment) -> Result<(), StoreError> {
+        let body =
+            serde_json::to_string(attachment).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (id, chat, kind) = (attachment.id, attachment.chat_id, attachment.kind);
+        let blobs: Vec<String> = attachment.blobs().into_iter().map(str::to_owned).collect();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO attachments (id, chat_id, kind, body) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET body = excluded.body, kind = excluded.kind",
+                params![blob(id), blob(chat.0), kind.as_str(), body],
+            )
+            .map_err(unavailable)?;
+            for sha in blobs {
+                tx.execute(
+                    "INSERT OR IGNORE INTO blob_refs (sha256, attachment_id) VALUES (?1, ?2)",
+                    params![sha, blob(id)],
+                )
+                .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError> {
+        let blobs = blobs.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            for sha in blobs {
+                tx.execute(
+                    "INSERT OR IGNORE INTO blob_refs (sha256, attachment_id) VALUES (?1, ?2)",
+                    params![sha, blob(attachment)],
+                )
+                .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn get_attachments(&self, ids: &[Uuid]) -> Result<Vec<Attachment>, StoreError> {
+        let ids = ids.to_vec();
+        self.with(move |c| {
+            let mut statement = c
+                .prepare_cached("SELECT body FROM attachments WHERE id = ?1")
+                .map_err(unavailable)?;
+            let mut found = Vec::new();
+            for id in ids {
+                let body: Option<String> = statement
+                    .query_row(params![blob(id)], |row| row.get(0))
+                    .optional()
+                    .map_err(unavailable)?;
+                if let Some(body) = body {
+                    found.push(
+                        serde_json::from_str(&body)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    );
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn chat_attachments(
+        &self,
+        chat: ChatId,
+        kind: Option<AttachmentKind>,
+        before: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<Attachment>, StoreError> {
+        // The largest id, so "before" it is everything.
+        let before = before.unwrap_or(Uuid::max());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(move |c| {
+            let bodies: Vec<String> = match kind {
+                Some(kind) => all(
+                    c,
+                    "SELECT body FROM attachments WHERE chat_id = ?1 AND kind = ?2 AND id < ?3
+                     ORDER BY id DESC LIMIT ?4",
+                    params![blob(chat.0), kind.as_str(), blob(before), limit],
+                    |row| row.get(0),
+                )?,
+                None => all(
+                    c,
+                    "SELECT body FROM attachments WHERE chat_id = ?1 AND id < ?2
+                     ORDER BY id DESC LIMIT ?3",
+                    params![blob(chat.0), blob(before), limit],
+                    |row| row.get(0),
+                )?,
+            };
+            bodies
+                .iter()
+                .map(|body| {
+                    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn delete_attachments(&self, attachments: &[Attachment]) -> Result<(), StoreError> {
+        let ids: Vec<Uuid> = attachments.iter().map(|a| a.id).collect();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            for id in ids {
+                tx.execute("DELETE FROM attachments WHERE id = ?1", params![blob(id)])
+                    .map_err(unavailable)?;
+                tx.execute(
+                    "DELETE FROM blob_refs WHERE attachment_id = ?1",
+                    params![blob(id)],
+                )
+                .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError> {
+        let sha = sha256.to_owned();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT 1 FROM blob_refs WHERE sha256 = ?1 LIMIT 1",
+                params![sha],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|found| found.is_some())
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn condemn_blob(&self, sha256: &str, until: OffsetDateTime) -> Result<(), StoreError> {
+        let sha = sha256.to_owned();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO blob_condemned (sha256, until_ms) VALUES (?1, ?2)
+                 ON CONFLICT (sha256) DO UPDATE SET until_ms = excluded.until_ms",
+                params![sha, millis(until)],
+            )
+            .map(|_| ())
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn blob_condemned(&self, sha256: &str) -> Result<Option<OffsetDateTime>, StoreError> {
+        let sha = sha256.to_owned();
+        let until: Option<i64> = self
+            .with(move |c| {
+                c.query_row(
+                    "SELECT until_ms FROM blob_condemned WHERE sha256 = ?1",
+                    params![sha],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(unavailable)
+            })
+            .await?;
+        until.map(from_millis).transpose()
+    }
+
+    async fn absolve_blob(&self, sha256: &str) -> Result<(), StoreError> {
+        let sha = sha256.to_owned();
+        self.with(move |c| {
+            c.execute("DELETE FROM blob_condemned WHERE sha256 = ?1", params![sha])
+                .map(|_| ())
+                .map_err(unavailable)
+        })
+        .await
     }
 
     async fn advance_marker(

@@ -1,0 +1,662 @@
+//! Attachments: uploads streamed into content-addressed objects ([`Blobs`]), their metadata in the
+//! store, downloads, a chat's list, and the collector of unreferenced objects.
+//!
+//! Objects and references (see "Attachments" in ARCHITECTURE.md): an upload writes its
+//! references (store) before it makes its object (blobs) and then checks the collector's mark; the
+//! collector writes its mark before it checks for references and then removes the object. Of an
+//! upload and a collection of the same object, at least one sees the other's write: either the
+//! collector sees the reference and keeps the object, or the upload sees the mark, waits for the
+//! collection to end and writes the object again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use confab_runtime::blobs::{
+    BlobError, BlobName, BlobRead, Blobs, ByteChunks, Presentation, Staged,
+};
+use confab_schema::attachment::{Derivative, ImageInfo};
+use confab_schema::{Attachment, AttachmentKind, AttachmentRef, ChatId, Signal, User, UserId};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::inputs::{AttachmentIds, AttachmentName, DeclaredType, PageLimit};
+use super::paging::{Page, Pager};
+use crate::error::{ApiError, ApiResult};
+use crate::state::ApiState;
+use crate::store::Store;
+
+/// How attachments are stored and served.
+#[derive(Clone)]
+pub struct AttachmentSettings {
+    pub blobs: Arc<dyn Blobs>,
+    /// The largest upload, in bytes.
+    pub max_bytes: u64,
+    /// Answer downloads with a redirect to a presigned URL where the storage has them.
+    pub presigned_redirect: bool,
+    pub presigned_ttl: Duration,
+    /// Images with more pixels than this are kept as plain files.
+    pub max_image_pixels: u64,
+}
+
+/// How long the collector's mark on an object holds: it removes the object only well within it.
+pub const CONDEMN_LEASE: Duration = Duration::from_secs(30);
+/// Margins against clock differences between the collector and an upload's process.
+const LEASE_MARGIN: Duration = Duration::from_secs(10);
+
+/// Image formats recognised by their magic numbers, and the types that name them.
+const IMAGE_TYPES: &[&str] = &["image/png", "image/jpeg", "image/gif", "image/webp"];
+
+/// The media type the first bytes of a file show, when they show one this API cares about.
+pub fn sniff(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some("image/png")
+    } else if head.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some("image/jpeg")
+    } else if head.starts_with(b"GIF87a") || head.starts_with(b"GIF89a") {
+        Some("image/gif")
+    } else if head.len() >= 12 && &head[..4] == b"RIFF" && &head[8..12] == b"WEBP" {
+        Some("image/webp")
+    } else if head.starts_with(b"%PDF-") {
+        Some("application/pdf")
+    } else {
+        None
+    }
+}
+
+/// The type to store for a body whose first bytes are `head`, declared as `declared`; an error when
+/// the two contradict each other (an "image" that is not that image, an image declared as
+/// something else).
+pub fn resolve_type(declared: &DeclaredType, head: &[u8]) -> ApiResult<(String, AttachmentKind)> {
+    let sniffed = sniff(head);
+    let declared_str = declared.as_str();
+    let claims_known = IMAGE_TYPES.contains(&declared_str) || declared_str == "application/pdf";
+    let contradiction = match sniffed {
+        Some(actual) => !declared.is_generic() && declared_str != actual,
+        None => claims_known,
+    };
+    if contradiction {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "the declared type {declared_str} does not match the file's contents{}",
+            sniffed.map(|s| format!(" ({s})")).unwrap_or_default()
+        )));
+    }
+    let content_type = sniffed.unwrap_or(declared_str).to_owned();
+    let kind = if IMAGE_TYPES.contains(&content_type.as_str()) {
+        AttachmentKind::Image
+    } else {
+        AttachmentKind::File
+    };
+    Ok((content_type, kind))
+}
+
+/// A range of a download, resolved against its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Span {
+    Whole,
+    /// Inclusive.
+    Part(u64, u64),
+    /// No byte of the range exists (416).
+    Unsatisfiable,
+}
+
+/// Resolves a `Range` header against `size`: one `bytes=` range (`a-b`, `a-`, `-n`); anything
+/// else (several ranges, another unit, a malformed value) is ignored and the whole file served,
+/// as RFC 9110 allows.
+pub fn resolve_range(header: Option<&str>, size: u64) -> Span {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Span::Whole;
+    };
+    if spec.contains(',') {
+        return Span::Whole;
+    }
+    let Some((start, end)) = spec.trim().split_once('-') else {
+        return Span::Whole;
+    };
+    let (start, end) = (start.trim(), end.trim());
+    let parsed = match (start.is_empty(), end.is_empty()) {
+        (true, false) => end.parse::<u64>().ok().map(|n| {
+            if n == 0 || size == 0 {
+                None
+            } else {
+                Some((size.saturating_sub(n), size - 1))
+            }
+        }),
+        (false, _) => start.parse::<u64>().ok().and_then(|s| {
+            let e = if end.is_empty() {
+                Some(u64::MAX)
+            } else {
+                end.parse::<u64>().ok()
+            };
+            e.filter(|e| *e >= s).map(|e| {
+                if s >= size {
+                    None
+                } else {
+                    Some((s, e.min(size - 1)))
+                }
+            })
+        }),
+        (true, true) => None,
+    };
+    match parsed {
+        None => Span::Whole,
+        Some(None) => Span::Unsatisfiable,
+        Some(Some((0, e))) if e + 1 == size => Span::Whole,
+        Some(Some((s, e))) => Span::Part(s, e),
+    }
+}
+
+/// What a download serves: the attachment (or one of its pictures) and where its bytes are.
+#[derive(Debug)]
+pub enum Download {
+    /// Stream `read` (the `span` of `size` bytes).
+    Bytes {
+        read: BlobRead,
+        span: Span,
+        size: u64,
+        sha256: String,
+        content_type: String,
+        disposition: String,
+    },
+    /// Redirect to a presigned URL.
+    Redirect(String),
+    /// The client's copy (`If-None-Match`) is current.
+    NotModified { sha256: String },
+    /// No byte of the range exists.
+    Unsatisfiable { size: u64 },
+}
+
+/// Which bytes of an attachment to download.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Original,
+    Thumbnail,
+    Preview,
+}
+
+/// `Content-Disposition` for `name`: inline for images, else a download.
+fn disposition(inline: bool, name: &str) -> String {
+    let ascii: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut encoded = String::new();
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    let kind = if inline { "inline" } else { "attachment" };
+    format!("{kind}; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
+}
+
+impl ApiState {
+    fn attachment_settings(&self) -> ApiResult<&AttachmentSettings> {
+        self.attachments
+            .as_ref()
+            .ok_or(ApiError::Blobs(BlobError::Unavailable(
+                "attachments are not configured".into(),
+            )))
+    }
+
+    /// Stores an upload to `chat` (members only): streams `body` to staging while hashing it,
+    /// checks its type against its bytes, records it, and makes its content-addressed object. On
+    /// any failure nothing is kept. Images get their thumbnail and preview in the background.
+    pub async fn upload_attachment(
+        &self,
+        caller: &User,
+        chat: ChatId,
+        name: AttachmentName,
+        declared: DeclaredType,
+        declared_length: Option<u64>,
+        body: ByteChunks,
+    ) -> ApiResult<Attachment> {
+        let settings = self.attachment_settings()?.clone();
+        self.require_member(chat, caller.id).await?;
+        if declared_length.is_some_and(|n| n > settings.max_bytes) {
+            return Err(too_large(settings.max_bytes));
+        }
+        let staged = settings.blobs.stage(body, settings.max_bytes).await?;
+        match self
+            .record_upload(&settings, caller, chat, name, declared, &staged)
+            .await
+        {
+            Ok(attachment) => {
+                if attachment.kind == AttachmentKind::Image {
+                    self.spawn_derivatives(attachment.clone());
+                }
+                Ok(attachment)
+            }
+            Err(error) => {
+                if let Err(discard) = settings.blobs.discard(&staged).await {
+                    tracing::warn!(error = %discard, "discarding a staged upload failed; the collector sweeps it");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn record_upload(
+        &self,
+        settings: &AttachmentSettings,
+        caller: &User,
+        chat: ChatId,
+        name: AttachmentName,
+        declared: DeclaredType,
+        staged: &Staged,
+    ) -> ApiResult<Attachment> {
+        if staged.size == 0 {
+            return Err(ApiError::BadRequest("the body is empty".into()));
+        }
+        let (content_type, kind) = resolve_type(&declared, &staged.head)?;
+        let id = Uuid::now_v7();
+        let attachment = Attachment {
+            id,
+            chat_id: chat,
+            name: name.into_inner(),
+            size: staged.size,
+            content_type,
+            sha256: staged.name.to_string(),
+            kind,
+            created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+            uploader: caller.id,
+            image: None,
+        };
+        // The reference first, then the object (see the module's documentation), then the
+        // metadata, so that a listed attachment always has its bytes.
+        let committed = async {
+            self.store
+                .add_blob_refs(id, std::slice::from_ref(&attachment.sha256))
+                .await?;
+            wait_out_collection(self.store.as_ref(), &staged.name).await?;
+            settings.blobs.commit(staged).await?;
+            self.store.put_attachment(&attachment).await?;
+            Ok::<(), ApiError>(())
+        }
+        .await;
+        if let Err(error) = committed {
+            if let Err(undo) = self
+                .store
+                .delete_attachments(std::slice::from_ref(&attachment))
+                .await
+            {
+                tracing::error!(error = %undo, attachment = %attachment.id, "removing the record of a failed upload failed");
+            }
+            return Err(error);
+        }
+        metrics::counter!("confab_attachments_uploaded_total").increment(1);
+        metrics::counter!("confab_attachments_uploaded_bytes_total").increment(staged.size);
+        Ok(attachment)
+    }
+
+    /// The attachments `ids` of `chat` uploaded by `author`, for a message: 422 for any other.
+    pub(crate) async fn attachments_for_message(
+        &self,
+        chat: ChatId,
+        author: UserId,
+        ids: &AttachmentIds,
+    ) -> ApiResult<Vec<AttachmentRef>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found = self.store.get_attachments(ids.as_slice()).await?;
+        ids.as_slice()
+            .iter()
+            .map(|id| {
+                found
+                    .iter()
+                    .find(|a| a.id == *id && a.chat_id == chat && a.uploader == author)
+                    .cloned()
+                    .map(AttachmentRef::from)
+                    .ok_or_else(|| {
+                        ApiError::Unprocessable(format!(
+                            "attachment {id} is not one of your uploads to this chat"
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    /// Fills in the metadata of the attachments of `signals` (one store read for all); attachments
+    /// that are gone (their message was deleted) are left out.
+    pub(crate) async fn resolve_attachments(&self, signals: &mut [Signal]) -> ApiResult<()> {
+        let ids: Vec<Uuid> = signals
+            .iter()
+            .flat_map(|s| s.attachments.iter().map(AttachmentRef::id))
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let found = self.store.get_attachments(&ids).await?;
+        for signal in signals {
+            let chat = signal.chat_id;
+            signal.attachments = signal
+                .attachments
+                .iter()
+                .filter_map(|r| {
+                    found
+                        .iter()
+                        .find(|a| a.id == r.id() && a.chat_id == chat)
+                        .cloned()
+                        .map(AttachmentRef::from)
+                })
+                .collect();
+        }
+        Ok(())
+    }
+
+    /// Hides the attachments of a deleted message from everyone: their records go, and with them
+    /// their references to objects (the collector removes objects no longer referenced).
+    pub(crate) async fn hide_attachments(&self, signal: &Signal) -> ApiResult<()> {
+        let ids: Vec<Uuid> = signal.attachments.iter().map(AttachmentRef::id).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let found: Vec<Attachment> = self
+            .store
+            .get_attachments(&ids)
+            .await?
+            .into_iter()
+            .filter(|a| a.chat_id == signal.chat_id)
+            .collect();
+        self.store.delete_attachments(&found).await?;
+        Ok(())
+    }
+
+    /// An attachment, if `caller` may see it (a member of its chat): else 404, so ids of other
+    /// chats reveal nothing.
+    pub async fn attachment(&self, caller: UserId, id: Uuid) -> ApiResult<Attachment> {
+        let attachment = self
+            .store
+            .get_attachments(&[id])
+            .await?
+            .pop()
+            .ok_or(ApiError::NotFound("no such attachment"))?;
+        if self
+            .store
+            .member_role(attachment.chat_id, caller)
+            .await?
+            .is_none()
+        {
+            return Err(ApiError::NotFound("no such attachment"));
+        }
+        Ok(attachment)
+    }
+
+    /// What `GET /v1/attachments/{id}` serves.
+    pub async fn download(
+        &self,
+        caller: UserId,
+        id: Uuid,
+        variant: Variant,
+        range: Option<&str>,
+        if_none_match: Option<&str>,
+    ) -> ApiResult<Download> {
+        let settings = self.attachment_settings()?.clone();
+        let attachment = self.attachment(caller, id).await?;
+        let (sha256, size, content_type, inline) = match variant {
+            Variant::Original => (
+                attachment.sha256.clone(),
+                attachment.size,
+                attachment.content_type.clone(),
+                attachment.kind == AttachmentKind::Image,
+            ),
+            Variant::Thumbnail | Variant::Preview => {
+                let image = attachment.image.as_ref();
+                let derivative = match variant {
+                    Variant::Thumbnail => image.and_then(|i| i.thumbnail.as_ref()),
+                    _ => image.and_then(|i| i.preview.as_ref()),
+                }
+                .ok_or(ApiError::NotFound("this attachment has no such picture"))?;
+                (
+                    derivative.sha256.clone(),
+                    derivative.size,
+                    derivative.content_type.clone(),
+                    true,
+                )
+            }
+        };
+        let etag = format!("\"{sha256}\"");
+        if if_none_match.is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+        {
+            return Ok(Download::NotModified { sha256 });
+        }
+        let name = BlobName::parse(&sha256)
+            .ok_or_else(|| ApiError::Store(crate::store::StoreError::Corrupt("bad hash".into())))?;
+        let disposition = disposition(inline, &attachment.name);
+        if settings.presigned_redirect {
+            let presentation = Presentation {
+                content_type: content_type.clone(),
+                content_disposition: Some(disposition.clone()),
+            };
+            if let Some(url) = settings
+                .blobs
+                .presign(&name, settings.presigned_ttl, &presentation)
+                .await?
+            {
+                return Ok(Download::Redirect(url));
+            }
+        }
+        let span = resolve_range(range, size);
+        let read = match span {
+            Span::Unsatisfiable => return Ok(Download::Unsatisfiable { size }),
+            Span::Whole => settings.blobs.get(&name, None).await,
+            Span::Part(start, end) => settings.blobs.get(&name, Some((start, end))).await,
+        }
+        .map_err(|e| match e {
+            BlobError::NotFound => ApiError::NotFound("the attachment's bytes are gone"),
+            other => ApiError::Blobs(other),
+        })?;
+        Ok(Download::Bytes {
+            read,
+            span,
+            size,
+            sha256,
+            content_type,
+            disposition,
+        })
+    }
+
+    /// A page of a chat's attachments (members only), newest first, of one kind or all.
+    pub async fn list_attachments(
+        &self,
+        caller: UserId,
+        chat: ChatId,
+        kind: Option<AttachmentKind>,
+        cursor: Option<&str>,
+        limit: PageLimit,
+    ) -> ApiResult<Page<Attachment>> {
+        let list = format!(
+            "attachments:{chat}:{}",
+            kind.map(|k| k.as_str()).unwrap_or("all")
+        );
+        let pager = Pager::new(self, list, limit);
+        let before = pager.open::<Uuid>(cursor)?;
+        self.require_member(chat, caller).await?;
+        let fetched = self
+            .store
+            .chat_attachments(chat, kind, before, pager.fetch())
+            .await?;
+        Ok(pager.page(fetched, |last| last.id))
+    }
+
+    /// Makes an image's thumbnail and preview off the request path, at most two at a time. An
+    /// image that cannot be decoded, or is too large, becomes a plain file.
+    fn spawn_derivatives(&self, attachment: Attachment) {
+        let state = self.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = state.image_work.acquire().await else {
+                return;
+            };
+            if let Err(error) = state.make_derivatives(attachment.clone()).await {
+                metrics::counter!("confab_attachment_derivative_failures_total").increment(1);
+                tracing::warn!(%error, attachment = %attachment.id, "making an image's thumbnail failed");
+            }
+        });
+    }
+
+    async fn make_derivatives(&self, attachment: Attachment) -> ApiResult<()> {
+        let settings = self.attachment_settings()?.clone();
+        let name = BlobName::parse(&attachment.sha256)
+            .ok_or_else(|| ApiError::BadRequest("bad hash".into()))?;
+        let mut updated = attachment.clone();
+        let made = if attachment.size > MAX_IMAGE_BYTES {
+            Err("too many bytes to decode".to_owned())
+        } else {
+            let bytes = read_all(&settings.blobs, &name).await?;
+            let max_pixels = settings.max_image_pixels;
+            tokio::task::spawn_blocking(move || crate::images::derive(&bytes, max_pixels))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+        };
+        match made {
+            Ok(made) => {
+                let mut thumbnail = made.thumbnail.derivative;
+                let mut preview = made.preview.derivative;
+                thumbnail.sha256 = BlobName::of(&made.thumbnail.bytes).to_string();
+                preview.sha256 = BlobName::of(&made.preview.bytes).to_string();
+                // References first, then the objects, then the metadata that names them.
+                let names = vec![thumbnail.sha256.clone(), preview.sha256.clone()];
+                updated.image = Some(ImageInfo {
+                    width: made.width,
+                    height: made.height,
+                    thumbnail: Some(thumbnail),
+                    preview: Some(preview),
+                });
+                self.store.add_blob_refs(attachment.id, &names).await?;
+                for bytes in [made.thumbnail.bytes, made.preview.bytes] {
+                    let name = BlobName::of(&bytes);
+                    wait_out_collection(self.store.as_ref(), &name).await?;
+                    settings.blobs.put(Bytes::from(bytes)).await?;
+                }
+                self.store_unless_deleted(&updated).await?;
+            }
+            Err(why) => {
+                tracing::info!(attachment = %attachment.id, %why, "an image is kept as a plain file");
+                updated.kind = AttachmentKind::File;
+                self.store_unless_deleted(&updated).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores an attachment's new metadata, unless its message was deleted meanwhile (then only
+    /// its references go).
+    async fn store_unless_deleted(&self, updated: &Attachment) -> ApiResult<()> {
+        if self.store.get_attachments(&[updated.id]).await?.is_empty() {
+            self.store
+                .delete_attachments(std::slice::from_ref(updated))
+                .await?;
+            return Ok(());
+        }
+        self.store.put_attachment(updated).await?;
+        Ok(())
+    }
+}
+
+/// Images of more bytes than this are not decoded (kept as plain files).
+const MAX_IMAGE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The whole of a (bounded) object in memory, for decoding.
+async fn read_all(blobs: &Arc<dyn Blobs>, name: &BlobName) -> ApiResult<Vec<u8>> {
+    use futures::StreamExt;
+    let mut read = blobs.get(name, None).await?;
+    let mut bytes = Vec::with_capacity(usize::try_from(read.len).unwrap_or(0));
+    while let Some(chunk) = read.chunks.next().await {
+        bytes.extend_from_slice(&chunk.map_err(|e| BlobError::Unavailable(e.to_string()))?);
+    }
+    Ok(bytes)
+}
+
+fn too_large(max: u64) -> ApiError {
+    ApiError::PayloadTooLarge(format!("an attachment is at most {max} bytes"))
+}
+
+/// Waits while the collector holds a mark on `name` (a collection of it may be under way), up to
+/// the mark's end and a margin. Called after the caller's reference is stored: a collection that
+/// starts later sees the reference, so once this returns the object may be written and stays.
+async fn wait_out_collection(store: &dyn Store, name: &BlobName) -> ApiResult<()> {
+    let deadline = tokio::time::Instant::now() + CONDEMN_LEASE + LEASE_MARGIN * 2;
+    loop {
+        let Some(until) = store.blob_condemned(name.as_str()).await? else {
+            return Ok(());
+        };
+        if OffsetDateTime::now_utc() > until + LEASE_MARGIN {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(ApiError::Blobs(BlobError::Unavailable(
+                "an object stayed marked for collection".into(),
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What one run of the collector did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub scanned: u64,
+    pub removed: u64,
+    pub removed_bytes: u64,
+    /// Staging objects (and unfinished multipart uploads) older than a day, removed.
+    pub swept: u64,
+}
+
+/// Removes every object no attachment references, reporting progress after each object. Never
+/// removes a referenced one, even while an upload of the same bytes runs (see the module's
+/// documentation). Objects modified within `min_age` are left for a later run.
+pub async fn collect_garbage(
+    store: &dyn Store,
+    blobs: &dyn Blobs,
+    min_age: Duration,
+    mut progress: impl FnMut(&Collected),
+) -> ApiResult<Collected> {
+    let mut done = Collected::default();
+    let mut after: Option<BlobName> = None;
+    loop {
+        let page = blobs.list(after.as_ref(), 1000).await?;
+        let Some(last) = page.last() else {
+            break;
+        };
+        after = Some(last.name.clone());
+        for object in page {
+            done.scanned += 1;
+            let young = OffsetDateTime::now_utc() - object.modified < min_age;
+            if !young && !store.blob_referenced(object.name.as_str()).await? {
+                let until = OffsetDateTime::now_utc() + CONDEMN_LEASE;
+                store.condemn_blob(object.name.as_str(), until).await?;
+                // After the mark: an upload that wrote its reference before it saw no mark is
+                // seen here; one that writes it later sees the mark and waits.
+                let referenced = store.blob_referenced(object.name.as_str()).await?;
+                let in_time = OffsetDateTime::now_utc() + LEASE_MARGIN < until;
+                if !referenced && in_time {
+                    blobs.delete(&object.name).await?;
+                    done.removed += 1;
+                    done.removed_bytes += object.size;
+                }
+                store.absolve_blob(object.name.as_str()).await?;
+            }
+            progress(&done);
+        }
+    }
+    done.swept = blobs.sweep_staging(Duration::from_secs(24 * 3600)).await?;
+    progress(&done);
+    Ok(done)
+}
+
+/// A made picture: its bytes and description (the hash is filled in by the caller).
+#[derive(Debug)]
+pub struct Made {
+    pub bytes: Vec<u8>,
+    pub derivative: Derivative,
+}

@@ -1,0 +1,131 @@
+//! Thumbnails and previews of images (PNG, JPEG, WebP, GIF), made with the `image` crate under
+//! limits: the dimensions are read from the header first and an image of more pixels than allowed
+//! is not decoded at all, and decoding allocates at most [`MAX_DECODE_ALLOC`]. Re-encoding keeps
+//! no metadata, so EXIF (and GPS positions in it) never reaches a derivative.
+
+use std::io::Cursor;
+
+use confab_schema::attachment::{Derivative, PREVIEW_SIZE, THUMBNAIL_SIZE};
+use image::{DynamicImage, ImageFormat, ImageReader, Limits};
+
+use crate::domain::attachments::Made;
+
+/// The most memory one decode may allocate.
+pub const MAX_DECODE_ALLOC: u64 = 512 * 1024 * 1024;
+
+/// An image's dimensions, thumbnail and preview.
+#[derive(Debug)]
+pub struct Derived {
+    pub width: u32,
+    pub height: u32,
+    pub thumbnail: Made,
+    pub preview: Made,
+}
+
+fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, String> {
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    match reader.format() {
+        Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Gif | ImageFormat::WebP) => {}
+        other => return Err(format!("not a supported image format: {other:?}")),
+    }
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_ALLOC);
+    reader.limits(limits);
+    Ok(reader)
+}
+
+/// Decodes `bytes` (at most `max_pixels` pixels) and makes its thumbnail (320 px on the longest
+/// side, PNG when the image has transparency, else JPEG) and preview (32 px, low-quality JPEG).
+pub fn derive(bytes: &[u8], max_pixels: u64) -> Result<Derived, String> {
+    let (width, height) = reader(bytes)?
+        .into_dimensions()
+        .map_err(|e| e.to_string())?;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(format!("{width}×{height} is more than {max_pixels} pixels"));
+    }
+    let image = reader(bytes)?.decode().map_err(|e| e.to_string())?;
+    let thumbnail = image.thumbnail(THUMBNAIL_SIZE, THUMBNAIL_SIZE);
+    let thumbnail = if image.color().has_alpha() {
+        encode_png(&thumbnail)?
+    } else {
+        encode_jpeg(&thumbnail, 80)?
+    };
+    let preview = encode_jpeg(&image.thumbnail(PREVIEW_SIZE, PREVIEW_SIZE), 40)?;
+    Ok(Derived {
+        width,
+        height,
+        thumbnail,
+        preview,
+    })
+}
+
+fn made(bytes: Vec<u8>, image: &DynamicImage, content_type: &str) -> Made {
+    Made {
+        derivative: Derivative {
+            sha256: String::new(),
+            size: bytes.len() as u64,
+            width: image.width(),
+            height: image.height(),
+            content_type: content_type.into(),
+        },
+        bytes,
+    }
+}
+
+fn encode_png(image: &DynamicImage) -> Result<Made, String> {
+    let mut bytes = Vec::new();
+    image
+        .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
+        .map_err(|e| e.to_string())?;
+    Ok(made(bytes, image, "image/png"))
+}
+
+fn encode_jpeg(image: &DynamicImage, quality: u8) -> Result<Made, String> {
+    let rgb = DynamicImage::ImageRgb8(image.to_rgb8());
+    let mut bytes = Vec::new();
+    let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality);
+    rgb.write_with_encoder(encoder).map_err(|e| e.to_string())?;
+    Ok(made(bytes, &rgb, "image/jpeg"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let image = DynamicImage::ImageRgb8(image::RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, 128])
+        }));
+        let mut bytes = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
+            .expect("encodes");
+        bytes
+    }
+
+    #[test]
+    fn thumbnails_and_previews_fit_their_boxes() {
+        let derived = derive(&png(1000, 500), 10_000_000).expect("derives");
+        assert_eq!((derived.width, derived.height), (1000, 500));
+        let t = &derived.thumbnail.derivative;
+        assert_eq!((t.width, t.height), (320, 160));
+        assert_eq!(t.content_type, "image/jpeg");
+        let p = &derived.preview.derivative;
+        assert_eq!((p.width, p.height), (32, 16));
+        assert!(p.size < 2_000, "a preview is small: {}", p.size);
+    }
+
+    #[test]
+    fn bombs_and_garbage_are_refused_without_decoding() {
+        // A PNG header claiming 100000 × 100000 pixels, with no data behind it.
+        let mut bomb = png(1, 1);
+        bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        assert!(derive(&bomb, 50_000_000).is_err());
+        assert!(derive(b"\x89PNG\r\n\x1a\nnot really", 50_000_000).is_err());
+        assert!(derive(b"GIF89a", 50_000_000).is_err());
+        assert!(derive(&[0xFF, 0xD8, 0xFF, 0, 1, 2], 50_000_000).is_err());
+    }
+}

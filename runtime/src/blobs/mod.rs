@@ -1,0 +1,227 @@
+//! Attachment bytes: the [`Blobs`] trait, content-addressed objects named by their SHA-256.
+//! [`S3Blobs`] stores them in an S3 bucket (SeaweedFS's S3 gateway in production, path-style
+//! requests to a configured endpoint); [`LocalBlobs`] in a directory (`confab serve`).
+//! [`conformance`] holds both to the same behaviour.
+//!
+//! An upload is staged first (streamed to a staging object while its hash is computed, never held
+//! whole in memory), then committed under its hash: the same bytes uploaded twice are one object.
+
+pub mod conformance;
+mod local;
+mod s3;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+/// The S3 SDK, for tools that talk to the bucket directly (`confab bench-attachments`).
+pub use aws_sdk_s3 as s3_sdk;
+pub use local::LocalBlobs;
+pub use s3::{DEFAULT_PART_BYTES, S3Blobs, S3Settings};
+
+use crate::telemetry::ReadinessCheck;
+
+/// A body as it arrives: chunks, or the error that cut it short (the client went away).
+pub type ByteChunks = BoxStream<'static, Result<Bytes, std::io::Error>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The storage cannot be reached or failed.
+    #[error("blob storage unavailable: {0}")]
+    Unavailable(String),
+    /// The body is longer than the limit it was staged with; nothing was kept.
+    #[error("the body is larger than {0} bytes")]
+    TooLarge(u64),
+    /// The body ended with an error (the client went away); nothing was kept.
+    #[error("the body was cut short: {0}")]
+    Body(String),
+    /// No object by that name.
+    #[error("no such object")]
+    NotFound,
+}
+
+/// The name of a content-addressed object: the lower-case hex SHA-256 of its bytes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlobName(String);
+
+impl BlobName {
+    /// Parses a 64-character lower-case hex digest.
+    pub fn parse(hex: &str) -> Option<BlobName> {
+        (hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| BlobName(hex.to_owned()))
+    }
+
+    /// The name of `bytes`.
+    pub fn of(bytes: &[u8]) -> BlobName {
+        BlobName::from_digest(Sha256::digest(bytes).into())
+    }
+
+    pub fn from_digest(digest: [u8; 32]) -> BlobName {
+        use std::fmt::Write;
+        let mut hex = String::with_capacity(64);
+        for byte in digest {
+            let _ = write!(hex, "{byte:02x}");
+        }
+        BlobName(hex)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for BlobName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How many leading bytes of a staged body are kept to check its type (magic numbers).
+pub const HEAD_BYTES: usize = 64;
+
+/// A body streamed to a staging object: its size, its hash and its first bytes.
+#[derive(Clone, Debug)]
+pub struct Staged {
+    /// The staging object (implementation-defined).
+    pub(crate) key: String,
+    pub size: u64,
+    pub name: BlobName,
+    /// Up to [`HEAD_BYTES`] first bytes.
+    pub head: Vec<u8>,
+}
+
+/// An object as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobInfo {
+    pub name: BlobName,
+    pub size: u64,
+    pub modified: OffsetDateTime,
+}
+
+/// Bytes of an object being read: `range` of `size`.
+pub struct BlobRead {
+    pub chunks: ByteChunks,
+    /// How many bytes `chunks` yields.
+    pub len: u64,
+}
+
+impl std::fmt::Debug for BlobRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobRead").field("len", &self.len).finish()
+    }
+}
+
+/// How a presigned URL should present the object.
+#[derive(Clone, Debug)]
+pub struct Presentation {
+    pub content_type: String,
+    pub content_disposition: Option<String>,
+}
+
+#[async_trait]
+pub trait Blobs: Send + Sync + 'static {
+    /// Whether the storage answers now.
+    async fn check(&self) -> Result<(), BlobError>;
+
+    /// Streams `body` to a new staging object, computing its SHA-256 on the way; more than
+    /// `max_bytes` bytes is [`BlobError::TooLarge`]. On any error nothing is left behind.
+    async fn stage(&self, body: ByteChunks, max_bytes: u64) -> Result<Staged, BlobError>;
+
+    /// Makes the staged bytes the object named by their hash and removes the staging object. When
+    /// the object exists already, the staging object is only removed.
+    async fn commit(&self, staged: &Staged) -> Result<(), BlobError>;
+
+    /// Removes a staging object (an upload refused or failed after staging).
+    async fn discard(&self, staged: &Staged) -> Result<(), BlobError>;
+
+    /// Stores small bytes (a thumbnail) under their hash; answers the name.
+    async fn put(&self, bytes: Bytes) -> Result<BlobName, BlobError>;
+
+    /// The size of an object, or `None`.
+    async fn size(&self, name: &BlobName) -> Result<Option<u64>, BlobError>;
+
+    /// The bytes `range` (start, inclusive end) of an object, or all of them.
+    async fn get(&self, name: &BlobName, range: Option<(u64, u64)>) -> Result<BlobRead, BlobError>;
+
+    /// A URL that reads the object without credentials for `ttl`, presented as asked; `None` when
+    /// the storage has no such URLs (a local directory).
+    async fn presign(
+        &self,
+        name: &BlobName,
+        ttl: Duration,
+        presentation: &Presentation,
+    ) -> Result<Option<String>, BlobError>;
+
+    /// Up to `limit` objects after `after`, in name order.
+    async fn list(
+        &self,
+        after: Option<&BlobName>,
+        limit: usize,
+    ) -> Result<Vec<BlobInfo>, BlobError>;
+
+    /// Removes an object; removing a missing one is not an error.
+    async fn delete(&self, name: &BlobName) -> Result<(), BlobError>;
+
+    /// Removes staging objects (and unfinished multipart uploads) older than `age`: what a process
+    /// that died mid-upload left. Answers how many.
+    async fn sweep_staging(&self, age: Duration) -> Result<u64, BlobError>;
+}
+
+/// Hashes a body while counting it and keeping its first bytes.
+pub(crate) struct Hashing {
+    hasher: Sha256,
+    pub(crate) size: u64,
+    pub(crate) head: Vec<u8>,
+    max_bytes: u64,
+}
+
+impl Hashing {
+    pub(crate) fn new(max_bytes: u64) -> Hashing {
+        Hashing {
+            hasher: Sha256::new(),
+            size: 0,
+            head: Vec::with_capacity(HEAD_BYTES),
+            max_bytes,
+        }
+    }
+
+    /// Takes in a chunk; [`BlobError::TooLarge`] once past the limit.
+    pub(crate) fn update(&mut self, chunk: &[u8]) -> Result<(), BlobError> {
+        self.size += chunk.len() as u64;
+        if self.size > self.max_bytes {
+            return Err(BlobError::TooLarge(self.max_bytes));
+        }
+        if self.head.len() < HEAD_BYTES {
+            let take = (HEAD_BYTES - self.head.len()).min(chunk.len());
+            self.head.extend_from_slice(&chunk[..take]);
+        }
+        self.hasher.update(chunk);
+        Ok(())
+    }
+
+    pub(crate) fn finish(self, key: String) -> Staged {
+        Staged {
+            key,
+            size: self.size,
+            name: BlobName::from_digest(self.hasher.finalize().into()),
+            head: self.head,
+        }
+    }
+}
+
+/// Readiness of a [`Blobs`].
+pub struct BlobsReadiness(pub std::sync::Arc<dyn Blobs>);
+
+impl ReadinessCheck for BlobsReadiness {
+    fn name(&self) -> &'static str {
+        "blobs"
+    }
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.0.check().await.map_err(|e| e.to_string()) })
+    }
+}

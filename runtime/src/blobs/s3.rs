@@ -1,0 +1,512 @@
+//! [`S3Blobs`]: objects in an S3 bucket through `aws-sdk-s3` (SeaweedFS's S3 gateway in production
+//! and tests): path-style requests to a configured endpoint, static credentials. Objects are
+//! `<prefix>blobs/<name>`, staging objects `<prefix>staging/<uuid>`. A body up to one part goes up
+//! as one PUT; a longer one as a multipart upload, one part in flight while the next is read, so
+//! an upload holds at most two parts in memory. A commit is a server-side copy.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::presigning::PresigningConfig;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use time::OffsetDateTime;
+
+use super::{
+    BlobError, BlobInfo, BlobName, BlobRead, Blobs, ByteChunks, Hashing, Presentation, Staged,
+};
+
+/// Where the bucket is and how to sign for it.
+#[derive(Clone, Debug)]
+pub struct S3Settings {
+    /// e.g. `http://127.0.0.1:8333`.
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+    /// Prepended to every key (e.g. `confab/`), so one bucket can serve several deployments.
+    pub prefix: String,
+    /// The size of a multipart upload's parts (at least 5 MiB, S3's minimum).
+    pub part_bytes: usize,
+}
+
+/// The default part size: 8 MiB.
+pub const DEFAULT_PART_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct S3Blobs {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    part_bytes: usize,
+}
+
+fn unavailable<E: std::error::Error + 'static, R: std::fmt::Debug>(
+    error: SdkError<E, R>,
+) -> BlobError {
+    BlobError::Unavailable(DisplayErrorContext(&error).to_string())
+}
+
+impl S3Blobs {
+    pub fn new(settings: &S3Settings) -> S3Blobs {
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(settings.region.clone()))
+            .endpoint_url(&settings.endpoint)
+            .force_path_style(true)
+            .credentials_provider(Credentials::new(
+                &settings.access_key,
+                &settings.secret_key,
+                None,
+                None,
+                "confab-config",
+            ))
+            // S3-compatible gateways do not all take the SDK's default trailing checksums.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .build(),
+            )
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(2))
+            .http_client(http)
+            .build();
+        S3Blobs {
+            client: Client::from_conf(config),
+            bucket: settings.bucket.clone(),
+            prefix: settings.prefix.clone(),
+            part_bytes: settings.part_bytes.max(5 * 1024 * 1024),
+        }
+    }
+
+    /// The SDK client, configured as above.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn object_key(&self, name: &BlobName) -> String {
+        format!("{}blobs/{}", self.prefix, name.as_str())
+    }
+
+    fn staging_key(&self, key: &str) -> String {
+        format!("{}staging/{key}", self.prefix)
+    }
+
+    async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<(), BlobError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn delete_key(&self, key: &str) -> Result<(), BlobError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Reads `body` into `key`: one PUT when it fits a part, else a multipart upload (aborted on
+    /// any error).
+    async fn upload(
+        &self,
+        key: &str,
+        mut body: ByteChunks,
+        hashing: &mut Hashing,
+    ) -> Result<(), BlobError> {
+        let mut buffer = BytesMut::with_capacity(self.part_bytes.min(1024 * 1024));
+        let mut multipart: Option<Multipart> = None;
+        loop {
+            let chunk = match body.next().await {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(error)) => {
+                    return self
+                        .abort(multipart, BlobError::Body(error.to_string()))
+                        .await;
+                }
+                None => break,
+            };
+            if let Err(error) = hashing.update(&chunk) {
+                return self.abort(multipart, error).await;
+            }
+            buffer.extend_from_slice(&chunk);
+            while buffer.len() >= self.part_bytes {
+                let part = buffer.split_to(self.part_bytes).freeze();
+                if multipart.is_none() {
+                    match self.start_multipart(key).await {
+                        Ok(started) => multipart = Some(started),
+                        Err(error) => return Err(error),
+                    }
+                }
+                let Some(upload) = multipart.as_mut() else {
+                    unreachable!("started above")
+                };
+                if let Err(error) = upload.send(self, part).await {
+                    return self.abort(multipart, error).await;
+                }
+            }
+        }
+        match multipart {
+            None => self.put_bytes(key, buffer.freeze()).await,
+            Some(mut upload) => {
+                let result = async {
+                    if !buffer.is_empty() {
+                        upload.send(self, buffer.freeze()).await?;
+                    }
+                    upload.complete(self).await
+                }
+                .await;
+                match result {
+                    Ok(()) => Ok(()),
+                    Err(error) => self.abort(Some(upload), error).await,
+                }
+            }
+        }
+    }
+
+    async fn start_multipart(&self, key: &str) -> Result<Multipart, BlobError> {
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| BlobError::Unavailable("no upload id".into()))?
+            .to_owned();
+        Ok(Multipart {
+            key: key.to_owned(),
+            upload_id,
+            parts: Vec::new(),
+            in_flight: None,
+        })
+    }
+
+    async fn abort<T>(
+        &self,
+        multipart: Option<Multipart>,
+        error: BlobError,
+    ) -> Result<T, BlobError> {
+        if let Some(mut upload) = multipart {
+            if let Some(task) = upload.in_flight.take() {
+                task.abort();
+            }
+            let aborted = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&upload.key)
+                .upload_id(&upload.upload_id)
+                .send()
+                .await;
+            if let Err(abort_error) = aborted {
+                tracing::warn!(error = %DisplayErrorContext(&abort_error), "aborting a multipart upload failed; sweep_staging removes it later");
+            }
+        }
+        Err(error)
+    }
+}
+
+/// A multipart upload under way: the parts sent, and the one in flight.
+struct Multipart {
+    key: String,
+    upload_id: String,
+    parts: Vec<CompletedPart>,
+    in_flight: Option<tokio::task::JoinHandle<Result<CompletedPart, BlobError>>>,
+}
+
+impl Multipart {
+    /// Waits for the part in flight, then sends `part` in the background.
+    async fn send(&mut self, blobs: &S3Blobs, part: Bytes) -> Result<(), BlobError> {
+        self.settle().await?;
+        let number = i32::try_from(self.parts.len() + 1)
+            .map_err(|_| BlobError::Unavailable("too many parts".into()))?;
+        let request = blobs
+            .client
+            .upload_part()
+            .bucket(&blobs.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .part_number(number)
+            .body(ByteStream::from(part));
+        self.in_flight = Some(tokio::spawn(async move {
+            let sent = request.send().await.map_err(unavailable)?;
+            Ok(CompletedPart::builder()
+                .set_e_tag(sent.e_tag().map(str::to_owned))
+                .part_number(number)
+                .build())
+        }));
+        Ok(())
+    }
+
+    async fn settle(&mut self) -> Result<(), BlobError> {
+        if let Some(task) = self.in_flight.take() {
+            let part = task
+                .await
+                .map_err(|e| BlobError::Unavailable(e.to_string()))??;
+            self.parts.push(part);
+        }
+        Ok(())
+    }
+
+    async fn complete(&mut self, blobs: &S3Blobs) -> Result<(), BlobError> {
+        self.settle().await?;
+        blobs
+            .client
+            .complete_multipart_upload()
+            .bucket(&blobs.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(std::mem::take(&mut self.parts)))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Blobs for S3Blobs {
+    async fn check(&self) -> Result<(), BlobError> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn stage(&self, body: ByteChunks, max_bytes: u64) -> Result<Staged, BlobError> {
+        let key = uuid::Uuid::new_v4().simple().to_string();
+        let mut hashing = Hashing::new(max_bytes);
+        self.upload(&self.staging_key(&key), body, &mut hashing)
+            .await?;
+        Ok(hashing.finish(key))
+    }
+
+    async fn commit(&self, staged: &Staged) -> Result<(), BlobError> {
+        let staging = self.staging_key(&staged.key);
+        if self.size(&staged.name).await?.is_none() {
+            self.client
+                .copy_object()
+                .bucket(&self.bucket)
+                .copy_source(format!("{}/{}", self.bucket, staging))
+                .key(self.object_key(&staged.name))
+                .send()
+                .await
+                .map_err(unavailable)?;
+        }
+        self.delete_key(&staging).await
+    }
+
+    async fn discard(&self, staged: &Staged) -> Result<(), BlobError> {
+        self.delete_key(&self.staging_key(&staged.key)).await
+    }
+
+    async fn put(&self, bytes: Bytes) -> Result<BlobName, BlobError> {
+        let name = BlobName::of(&bytes);
+        self.put_bytes(&self.object_key(&name), bytes).await?;
+        Ok(name)
+    }
+
+    async fn size(&self, name: &BlobName) -> Result<Option<u64>, BlobError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(name))
+            .send()
+            .await
+        {
+            Ok(head) => Ok(Some(head.content_length().unwrap_or(0).max(0) as u64)),
+            Err(error) if error.as_service_error().is_some_and(|e| e.is_not_found()) => Ok(None),
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
+    async fn get(&self, name: &BlobName, range: Option<(u64, u64)>) -> Result<BlobRead, BlobError> {
+        let mut request = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(name));
+        if let Some((start, end)) = range {
+            request = request.range(format!("bytes={start}-{end}"));
+        }
+        let object = match request.send().await {
+            Ok(object) => object,
+            Err(error) if error.as_service_error().is_some_and(|e| e.is_no_such_key()) => {
+                return Err(BlobError::NotFound);
+            }
+            Err(error)
+                if error
+                    .raw_response()
+                    .is_some_and(|r| r.status().as_u16() == 404) =>
+            {
+                return Err(BlobError::NotFound);
+            }
+            Err(error) => return Err(unavailable(error)),
+        };
+        let len = object.content_length().unwrap_or(0).max(0) as u64;
+        let chunks = futures::stream::unfold(object.body, |mut body| async move {
+            body.next()
+                .await
+                .map(|chunk| (chunk.map_err(std::io::Error::other), body))
+        })
+        .boxed();
+        Ok(BlobRead { chunks, len })
+    }
+
+    async fn presign(
+        &self,
+        name: &BlobName,
+        ttl: Duration,
+        presentation: &Presentation,
+    ) -> Result<Option<String>, BlobError> {
+        let config =
+            PresigningConfig::expires_in(ttl).map_err(|e| BlobError::Unavailable(e.to_string()))?;
+        let presigned = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(name))
+            .response_content_type(&presentation.content_type)
+            .set_response_content_disposition(presentation.content_disposition.clone())
+            .presigned(config)
+            .await
+            .map_err(unavailable)?;
+        Ok(Some(presigned.uri().to_owned()))
+    }
+
+    async fn list(
+        &self,
+        after: Option<&BlobName>,
+        limit: usize,
+    ) -> Result<Vec<BlobInfo>, BlobError> {
+        let prefix = format!("{}blobs/", self.prefix);
+        let listed = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .set_start_after(after.map(|a| self.object_key(a)))
+            .max_keys(i32::try_from(limit).unwrap_or(1000).clamp(1, 1000))
+            .send()
+            .await
+            .map_err(unavailable)?;
+        Ok(listed
+            .contents()
+            .iter()
+            .filter_map(|object| {
+                let name = BlobName::parse(object.key()?.strip_prefix(&prefix)?)?;
+                let modified = object
+                    .last_modified()
+                    .and_then(|m| OffsetDateTime::from_unix_timestamp(m.secs()).ok())
+                    .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                Some(BlobInfo {
+                    name,
+                    size: object.size().unwrap_or(0).max(0) as u64,
+                    modified,
+                })
+            })
+            .take(limit)
+            .collect())
+    }
+
+    async fn delete(&self, name: &BlobName) -> Result<(), BlobError> {
+        self.delete_key(&self.object_key(name)).await
+    }
+
+    async fn sweep_staging(&self, age: Duration) -> Result<u64, BlobError> {
+        let prefix = format!("{}staging/", self.prefix);
+        let cutoff = OffsetDateTime::now_utc() - age;
+        let mut removed = 0;
+        let mut token = None;
+        loop {
+            let listed = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(unavailable)?;
+            for object in listed.contents() {
+                let old = object
+                    .last_modified()
+                    .and_then(|m| OffsetDateTime::from_unix_timestamp(m.secs()).ok())
+                    .is_some_and(|m| m <= cutoff);
+                if let (true, Some(key)) = (old, object.key()) {
+                    self.delete_key(key).await?;
+                    removed += 1;
+                }
+            }
+            match listed.next_continuation_token() {
+                Some(next) if listed.is_truncated() == Some(true) => token = Some(next.to_owned()),
+                _ => break,
+            }
+        }
+        let uploads = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        for upload in uploads.uploads() {
+            let old = upload
+                .initiated()
+                .and_then(|m| OffsetDateTime::from_unix_timestamp(m.secs()).ok())
+                .is_some_and(|m| m <= cutoff);
+            if let (true, Some(key), Some(id)) = (old, upload.key(), upload.upload_id()) {
+                self.client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .send()
+                    .await
+                    .map_err(unavailable)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}

@@ -1,0 +1,305 @@
+//! `confab bench-attachments`: upload and download throughput of attachments through confab
+//! (`confab serve` as a child process, storing in the configured S3 bucket) against direct
+//! `aws-sdk-s3` PUT and GET of the same sizes to the same bucket, in the same run; and the server's
+//! resident memory while the largest upload streams.
+//!
+//! Every body is made on the fly (a different pattern per upload, so deduplication never skips
+//! work) and every object is removed at the end.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use confab_runtime::blobs::s3_sdk::primitives::ByteStream;
+use confab_runtime::blobs::{Blobs, S3Blobs};
+use confab_runtime::config::{BlobsBackend, Config};
+use confab_runtime::identity::DevIdentity;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AttachmentsBenchArgs {
+    /// Body sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_values_t = [1024u64, 1024 * 1024, 100 * 1024 * 1024])]
+    pub sizes: Vec<u64>,
+    /// Transfers per size and direction: the first size gets this many, each tenfold larger size
+    /// a tenth (at least two).
+    #[arg(long, default_value_t = 100)]
+    pub transfers: usize,
+    /// A label for the results.
+    #[arg(long, default_value = "stack")]
+    pub label: String,
+    /// Folder for the results file.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+}
+
+const CHUNK: usize = 64 * 1024;
+
+/// `len` bytes of the pattern `seed`, made as they are sent.
+fn body(seed: u64, len: u64) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    let mut sent = 0u64;
+    futures::stream::iter(std::iter::from_fn(move || {
+        if sent >= len {
+            return None;
+        }
+        let n = (CHUNK as u64).min(len - sent) as usize;
+        let mut chunk = vec![(seed % 251) as u8; n];
+        chunk[..8.min(n)].copy_from_slice(&(seed ^ sent).to_le_bytes()[..8.min(n)]);
+        sent += n as u64;
+        Some(Ok(Bytes::from(chunk)))
+    }))
+}
+
+fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS")?
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+fn mib_per_s(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64().max(1e-9)
+}
+
+pub async fn run(args: AttachmentsBenchArgs, config: Config) -> anyhow::Result<()> {
+    if config.attachments.backend != BlobsBackend::S3 {
+        bail!(
+            "set attachments.backend = s3 (CONFAB_ATTACHMENTS__BACKEND=s3) and its s3_* settings"
+        );
+    }
+    let prefix = format!("bench{}/", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let mut settings = config.attachments.s3_settings();
+    settings.prefix = prefix.clone();
+    let direct = S3Blobs::new(&settings);
+    direct.check().await.context("reaching the bucket")?;
+
+    let data = tempfile::tempdir()?;
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.arg("serve");
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CONFAB_") && !key.starts_with("CONFAB_ATTACHMENTS__") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("CONFAB_DATA_DIR", data.path())
+        .env("CONFAB_API__LISTEN", "127.0.0.1:0")
+        .env("CONFAB_ATTACHMENTS__S3_PREFIX", &prefix)
+        .env(
+            "CONFAB_ATTACHMENTS__MAX_BYTES",
+            (args.sizes.iter().max().copied().unwrap_or(0) + 1).to_string(),
+        )
+        .env("CONFAB_TELEMETRY__LOG_FILTER", "warn")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = command.spawn().context("starting confab serve")?;
+    let pid = child.id().context("no pid")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let base = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some((_, url)) = line.split_once(" listening on ") {
+                return Ok::<_, anyhow::Error>(url.trim().to_owned());
+            }
+        }
+        bail!("confab serve exited before listening")
+    })
+    .await
+    .context("confab serve did not start")??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let result = measure(&args, &base, pid, data.path(), &direct, &prefix).await;
+    let _ = child.kill().await;
+    // Everything this run stored: confab's objects and the direct ones.
+    for _ in 0..1000 {
+        let Ok(objects) = direct.list(None, 1000).await else {
+            break;
+        };
+        if objects.is_empty() {
+            break;
+        }
+        for object in objects {
+            let _ = direct.delete(&object.name).await;
+        }
+    }
+    let _ = direct.sweep_staging(Duration::ZERO).await;
+    let mut results = result?;
+    results["label"] = json!(args.label);
+    std::fs::create_dir_all(&args.out)?;
+    let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+    let path = args
+        .out
+        .join(format!("attachments-{}-{stamp}.json", args.label));
+    std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
+    println!("{}", serde_json::to_string_pretty(&results)?);
+    println!("results written to {}", path.display());
+    Ok(())
+}
+
+async fn measure(
+    args: &AttachmentsBenchArgs,
+    base: &str,
+    pid: u32,
+    data_dir: &std::path::Path,
+    direct: &S3Blobs,
+    prefix: &str,
+) -> anyhow::Result<Value> {
+    let http = reqwest::Client::new();
+    let token = DevIdentity::open(data_dir)?.mint("bench", Duration::from_secs(3600));
+    let other = DevIdentity::open(data_dir)?.mint("bench-peer", Duration::from_secs(3600));
+    let peer: Value = http
+        .get(format!("{base}/v1/me"))
+        .bearer_auth(&other)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let chat: Value = http
+        .post(format!("{base}/v1/chats"))
+        .bearer_auth(&token)
+        .json(&json!({"kind": "group", "name": "bench", "members": [peer["id"]]}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let chat = chat["id"].as_str().context("no chat id")?.to_owned();
+    let idle_rss = rss(pid)?;
+    let largest = args.sizes.iter().max().copied().unwrap_or(0);
+    let mut rows = Vec::new();
+    let peak = Arc::new(AtomicU64::new(idle_rss));
+    let mut seed = 1u64;
+    for (i, &size) in args.sizes.iter().enumerate() {
+        let transfers = (args.transfers / 10usize.pow(i as u32)).max(2);
+        // Through confab.
+        let mut ids = Vec::new();
+        let started = Instant::now();
+        for _ in 0..transfers {
+            seed += 1;
+            let sampler = (size == largest).then(|| {
+                let peak = Arc::clone(&peak);
+                tokio::spawn(async move {
+                    loop {
+                        peak.fetch_max(rss(pid).unwrap_or(0), Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+            });
+            let response = http
+                .post(format!("{base}/v1/chats/{chat}/attachments?name=b.bin"))
+                .bearer_auth(&token)
+                .header("content-type", "application/octet-stream")
+                .body(reqwest::Body::wrap_stream(body(seed, size)))
+                .send()
+                .await?;
+            if let Some(sampler) = sampler {
+                sampler.abort();
+            }
+            let meta: Value = response.error_for_status()?.json().await?;
+            ids.push(meta["id"].as_str().context("no id")?.to_owned());
+        }
+        let confab_up = started.elapsed();
+        let started = Instant::now();
+        for id in &ids {
+            let mut stream = http
+                .get(format!("{base}/v1/attachments/{id}"))
+                .bearer_auth(&other)
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes_stream();
+            let mut got = 0u64;
+            while let Some(chunk) = stream.next().await {
+                got += chunk?.len() as u64;
+            }
+            if got != size {
+                bail!("downloaded {got} of {size} bytes");
+            }
+        }
+        let confab_down = started.elapsed();
+        // Direct: one PUT of the whole body, one GET.
+        let client = direct.client();
+        let mut keys = Vec::new();
+        let started = Instant::now();
+        for n in 0..transfers {
+            seed += 1;
+            let key = format!("{prefix}direct/{size}-{n}");
+            let mut bytes = Vec::with_capacity(size as usize);
+            let mut chunks = Box::pin(body(seed, size));
+            while let Some(chunk) = chunks.next().await {
+                bytes.extend_from_slice(&chunk?);
+            }
+            client
+                .put_object()
+                .bucket(direct.bucket())
+                .key(&key)
+                .body(ByteStream::from(bytes))
+                .send()
+                .await
+                .context("direct PUT")?;
+            keys.push(key);
+        }
+        let direct_up = started.elapsed();
+        let started = Instant::now();
+        for key in &keys {
+            let object = client
+                .get_object()
+                .bucket(direct.bucket())
+                .key(key)
+                .send()
+                .await
+                .context("direct GET")?;
+            let mut body = object.body;
+            let mut got = 0u64;
+            while let Some(chunk) = body.next().await {
+                got += chunk?.len() as u64;
+            }
+            if got != size {
+                bail!("direct GET read {got} of {size} bytes");
+            }
+        }
+        let direct_down = started.elapsed();
+        for key in &keys {
+            let _ = client
+                .delete_object()
+                .bucket(direct.bucket())
+                .key(key)
+                .send()
+                .await;
+        }
+        let total = size * transfers as u64;
+        let row = json!({
+            "size_bytes": size,
+            "transfers": transfers,
+            "upload_mib_s": {"confab": mib_per_s(total, confab_up), "direct": mib_per_s(total, direct_up)},
+            "download_mib_s": {"confab": mib_per_s(total, confab_down), "direct": mib_per_s(total, direct_down)},
+            "upload_ratio": direct_up.as_secs_f64() / confab_up.as_secs_f64().max(1e-9),
+            "download_ratio": direct_down.as_secs_f64() / confab_down.as_secs_f64().max(1e-9),
+        });
+        println!("{row}");
+        rows.push(row);
+    }
+    let peak_rss = peak.load(Ordering::Relaxed);
+    Ok(json!({
+        "sizes": rows,
+        "server_rss": {
+            "idle_bytes": idle_rss,
+            "peak_during_largest_upload_bytes": peak_rss,
+            "growth_bytes": peak_rss.saturating_sub(idle_rss),
+            "largest_upload_bytes": largest,
+        },
+        "note": "confab: POST with a streamed body (hashed, staged, multipart above 8 MiB, then a server-side copy to its content address) and GET through confab; direct: one PutObject of the whole body from memory and one GetObject, same bucket, same run",
+    }))
+}

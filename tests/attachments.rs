@@ -1,0 +1,987 @@
+//! Attachments end to end, on the embedded default (a local directory) and on the real stack
+//! (SeaweedFS's S3 gateway, a fresh key prefix per test): upload, download with ranges and
+//! validators, deduplication, refusals, messages that carry attachments, the chat's list, hiding
+//! on deletion, the collector, thumbnails, and S3 going away.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_runtime::blobs::{BlobName, Blobs};
+use serde_json::{Value, json};
+use support::{DEADLINE, Relay, SseStream, Stack, TestApp, spawn_app, spawn_with};
+
+/// Runs `$body(stack)` as one test per stack.
+macro_rules! on_both_stacks {
+    ($name:ident) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                Box::pin(super::$name(Stack::Embedded)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn real() {
+                if !support::real_stack_available(concat!(stringify!($name), "::real")).await {
+                    return;
+                }
+                Box::pin(super::$name(Stack::Real)).await;
+            }
+        }
+    };
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    BlobName::of(bytes).to_string()
+}
+
+async fn upload(
+    app: &TestApp,
+    token: &str,
+    chat: &str,
+    name: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> reqwest::Response {
+    let mut request = app
+        .http
+        .post(app.url(&format!("/v1/chats/{chat}/attachments")))
+        .query(&[("name", name)])
+        .bearer_auth(token)
+        .body(body);
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    request.send().await.unwrap()
+}
+
+async fn uploaded(
+    app: &TestApp,
+    token: &str,
+    chat: &str,
+    name: &str,
+    ct: &str,
+    body: &[u8],
+) -> Value {
+    let response = upload(app, token, chat, name, Some(ct), body.to_vec()).await;
+    assert_eq!(response.status(), 201, "{name}");
+    response.json().await.unwrap()
+}
+
+fn png(width: u32, height: u32) -> Vec<u8> {
+    let image = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x + y) % 256) as u8])
+    }));
+    let mut bytes = Vec::new();
+    image
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    bytes
+}
+
+/// A JPEG with an EXIF segment (with a GPS tag's name in it) right after its start marker.
+fn jpeg_with_exif() -> Vec<u8> {
+    let image = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+        400,
+        300,
+        image::Rgb([200, 10, 10]),
+    ));
+    let mut plain = Vec::new();
+    image
+        .write_to(
+            &mut std::io::Cursor::new(&mut plain),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    let payload = b"Exif\0\0MM\0*\0\0\0\x08GPSLatitude 52.5200 N";
+    let mut segment = vec![0xFF, 0xE1];
+    segment.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+    segment.extend_from_slice(payload);
+    let mut with_exif = plain[..2].to_vec();
+    with_exif.extend_from_slice(&segment);
+    with_exif.extend_from_slice(&plain[2..]);
+    with_exif
+}
+
+async fn objects(app: &TestApp) -> Vec<BlobName> {
+    let blobs = confab::open_blobs(&app.config).unwrap();
+    blobs
+        .list(None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.name)
+        .collect()
+}
+
+async fn list(app: &TestApp, token: &str, chat: &str, query: &str) -> Value {
+    let response = app
+        .get(token, &format!("/v1/chats/{chat}/attachments{query}"))
+        .await;
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+async fn upload_and_download(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let (alice, bob) = (app.token("alice").await, app.token("bob").await);
+    let alice_id = app.me(&alice).await;
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+
+    let text = b"hello attachments".to_vec();
+    let meta = uploaded(
+        &app,
+        &alice,
+        &chat,
+        "notes.txt",
+        "text/plain; charset=utf-8",
+        &text,
+    )
+    .await;
+    assert_eq!(meta["name"], "notes.txt");
+    assert_eq!(meta["size"], 17);
+    assert_eq!(meta["content_type"], "text/plain");
+    assert_eq!(meta["sha256"], hex_sha256(&text));
+    assert_eq!(meta["kind"], "file");
+    assert_eq!(meta["uploader"], alice_id.as_str());
+    assert_eq!(meta["chat_id"], chat.as_str());
+    let id = meta["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/attachments/{id}");
+
+    // bob, a member, downloads it: a download, never rendered in the app's origin.
+    let got = app.get(&bob, &path).await;
+    assert_eq!(got.status(), 200);
+    let headers = got.headers().clone();
+    assert!(
+        headers["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("attachment; filename=\"notes.txt\"")
+    );
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["content-type"], "text/plain");
+    assert_eq!(headers["content-length"], "17");
+    assert_eq!(headers["accept-ranges"], "bytes");
+    let etag = headers["etag"].to_str().unwrap().to_owned();
+    assert_eq!(etag, format!("\"{}\"", hex_sha256(&text)));
+    assert_eq!(got.bytes().await.unwrap().as_ref(), text.as_slice());
+
+    // Ranges and validators.
+    let range = |value: &'static str| {
+        app.http
+            .get(app.url(&path))
+            .bearer_auth(&bob)
+            .header("range", value)
+            .send()
+    };
+    let part = range("bytes=0-4").await.unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(part.headers()["content-range"], "bytes 0-4/17");
+    assert_eq!(part.bytes().await.unwrap().as_ref(), b"hello");
+    let tail = range("bytes=-5").await.unwrap();
+    assert_eq!(tail.status(), 206);
+    assert_eq!(tail.bytes().await.unwrap().as_ref(), b"ments");
+    let beyond = range("bytes=100-").await.unwrap();
+    assert_eq!(beyond.status(), 416);
+    assert_eq!(beyond.headers()["content-range"], "bytes */17");
+    let cached = app
+        .http
+        .get(app.url(&path))
+        .bearer_auth(&bob)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cached.status(), 304);
+
+    // The same bytes again, by someone else under another name: a new record, one object.
+    let again = uploaded(&app, &bob, &chat, "copy.txt", "text/plain", &text).await;
+    assert_ne!(again["id"], meta["id"]);
+    assert_eq!(again["sha256"], meta["sha256"]);
+    let names = objects(&app).await;
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| n.as_str() == hex_sha256(&text))
+            .count(),
+        1,
+        "one object for the same bytes"
+    );
+
+    // HTML is served as a download; an image inline.
+    let html = uploaded(
+        &app,
+        &alice,
+        &chat,
+        "page.html",
+        "text/html",
+        b"<script>alert(1)</script>",
+    )
+    .await;
+    let got = app
+        .get(
+            &bob,
+            &format!("/v1/attachments/{}", html["id"].as_str().unwrap()),
+        )
+        .await;
+    assert!(
+        got.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("attachment;")
+    );
+    assert_eq!(got.headers()["x-content-type-options"], "nosniff");
+    let picture = uploaded(&app, &alice, &chat, "dot.png", "image/png", &png(4, 4)).await;
+    assert_eq!(picture["kind"], "image");
+    let got = app
+        .get(
+            &bob,
+            &format!("/v1/attachments/{}", picture["id"].as_str().unwrap()),
+        )
+        .await;
+    assert!(
+        got.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("inline;")
+    );
+    assert_eq!(got.headers()["content-type"], "image/png");
+
+    // A larger body streams through (several parts on S3) and reads back the same.
+    let large: Vec<u8> = (0..(9 * 1024 * 1024 + 3))
+        .map(|i: u32| (i % 253) as u8)
+        .collect();
+    let big = uploaded(
+        &app,
+        &alice,
+        &chat,
+        "big.bin",
+        "application/octet-stream",
+        &large,
+    )
+    .await;
+    assert_eq!(big["sha256"], hex_sha256(&large));
+    let got = app
+        .get(
+            &bob,
+            &format!("/v1/attachments/{}", big["id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(got.status(), 200);
+    assert!(got.bytes().await.unwrap().as_ref() == large.as_slice());
+    app.stop().await;
+}
+on_both_stacks!(upload_and_download);
+
+async fn refusals_keep_nothing(stack: Stack) {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    config.attachments.max_bytes = 64 * 1024;
+    let app = spawn_with(stack, config, data).await;
+    let (alice, bob, carol) = (
+        app.token("alice").await,
+        app.token("bob").await,
+        app.token("carol").await,
+    );
+    let bob_id = app.me(&bob).await;
+    app.me(&carol).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let kept = uploaded(&app, &alice, &chat, "kept.txt", "text/plain", b"kept").await;
+
+    let problem = |response: reqwest::Response, status: u16| async move {
+        assert_eq!(response.status(), status);
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        response.json::<Value>().await.unwrap()
+    };
+    // Non-members: 403 on upload, 404 on download (an id reveals nothing); no token: 401.
+    problem(
+        upload(
+            &app,
+            &carol,
+            &chat,
+            "x.txt",
+            Some("text/plain"),
+            b"x".to_vec(),
+        )
+        .await,
+        403,
+    )
+    .await;
+    problem(
+        app.get(
+            &carol,
+            &format!("/v1/attachments/{}", kept["id"].as_str().unwrap()),
+        )
+        .await,
+        404,
+    )
+    .await;
+    problem(
+        app.get(&carol, &format!("/v1/chats/{chat}/attachments"))
+            .await,
+        403,
+    )
+    .await;
+    let anonymous = app
+        .http
+        .post(app.url(&format!("/v1/chats/{chat}/attachments?name=a.txt")))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    problem(
+        app.get(&bob, &format!("/v1/attachments/{}", uuid::Uuid::now_v7()))
+            .await,
+        404,
+    )
+    .await;
+    problem(app.get(&bob, "/v1/attachments/not-an-id").await, 400).await;
+
+    // Bad names, an empty body, types that contradict the bytes, a malformed type.
+    for name in [
+        "../etc/passwd",
+        "a\\b",
+        "bell\u{7}.txt",
+        "line\nbreak",
+        "",
+        "..",
+    ] {
+        problem(
+            upload(&app, &alice, &chat, name, Some("text/plain"), b"x".to_vec()).await,
+            400,
+        )
+        .await;
+    }
+    let missing_name = app
+        .http
+        .post(app.url(&format!("/v1/chats/{chat}/attachments")))
+        .bearer_auth(&alice)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    problem(missing_name, 400).await;
+    problem(
+        upload(
+            &app,
+            &alice,
+            &chat,
+            "empty.txt",
+            Some("text/plain"),
+            Vec::new(),
+        )
+        .await,
+        400,
+    )
+    .await;
+    problem(
+        upload(
+            &app,
+            &alice,
+            &chat,
+            "fake.png",
+            Some("image/png"),
+            b"not a png".to_vec(),
+        )
+        .await,
+        415,
+    )
+    .await;
+    problem(
+        upload(
+            &app,
+            &alice,
+            &chat,
+            "real.txt",
+            Some("text/plain"),
+            png(2, 2),
+        )
+        .await,
+        415,
+    )
+    .await;
+    problem(
+        upload(
+            &app,
+            &alice,
+            &chat,
+            "pic.jpg",
+            Some("image/jpeg"),
+            png(2, 2),
+        )
+        .await,
+        415,
+    )
+    .await;
+    problem(
+        upload(
+            &app,
+            &alice,
+            &chat,
+            "x.bin",
+            Some("nonsense"),
+            b"x".to_vec(),
+        )
+        .await,
+        415,
+    )
+    .await;
+
+    // Over the limit: with a declared length, and streamed without one.
+    let body = vec![7u8; 100 * 1024];
+    problem(
+        upload(&app, &alice, &chat, "big.bin", None, body.clone()).await,
+        413,
+    )
+    .await;
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        body.chunks(8 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let streamed = app
+        .http
+        .post(app.url(&format!("/v1/chats/{chat}/attachments?name=big.bin")))
+        .bearer_auth(&alice)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    problem(streamed, 413).await;
+
+    // Of all that, only the first upload was kept: one record, one object, nothing staged.
+    let listed = list(&app, &alice, &chat, "").await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(objects(&app).await, [BlobName::of(b"kept")]);
+    let blobs = confab::open_blobs(&app.config).unwrap();
+    assert_eq!(blobs.sweep_staging(Duration::ZERO).await.unwrap(), 0);
+    app.stop().await;
+}
+on_both_stacks!(refusals_keep_nothing);
+
+async fn messages_carry_attachments(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let (alice, bob) = (app.token("alice").await, app.token("bob").await);
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let other = app.group_chat(&alice, &[&bob_id]).await;
+    let mut sse = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&bob)).await;
+
+    let file = uploaded(
+        &app,
+        &alice,
+        &chat,
+        "a.pdf",
+        "application/pdf",
+        b"%PDF-1.7 tiny",
+    )
+    .await;
+    let elsewhere = uploaded(&app, &alice, &other, "b.txt", "text/plain", b"other chat").await;
+    let bobs = uploaded(&app, &bob, &chat, "c.txt", "text/plain", b"bob's").await;
+    let signals = format!("/v1/chats/{chat}/signals");
+
+    // A message of attachments alone; the signal and its event carry their metadata.
+    let sent = app
+        .post(
+            &alice,
+            &signals,
+            &json!({"kind": "message", "attachments": [file["id"]]}),
+        )
+        .await;
+    assert_eq!(sent.status(), 201);
+    let sent: Value = sent.json().await.unwrap();
+    assert_eq!(sent["attachments"], json!([file]));
+    let event = sse.next_of("signal.created").await;
+    assert_eq!(event.data["data"]["attachments"], json!([file]));
+    let history: Value = app.get(&bob, &signals).await.json().await.unwrap();
+    assert_eq!(history["items"][0]["attachments"], json!([file]));
+    let chats: Value = app.get(&bob, "/v1/chats").await.json().await.unwrap();
+    let entry = chats["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == chat.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(entry["latest_signal"]["attachments"], json!([file]));
+
+    // Another chat's upload, someone else's upload, an unknown id, too many: 422.
+    for ids in [
+        json!([elsewhere["id"]]),
+        json!([bobs["id"]]),
+        json!([uuid::Uuid::now_v7()]),
+        json!((0..11).map(|_| uuid::Uuid::now_v7()).collect::<Vec<_>>()),
+    ] {
+        let refused = app
+            .post(
+                &alice,
+                &signals,
+                &json!({"kind": "message", "text": "x", "attachments": ids}),
+            )
+            .await;
+        assert_eq!(refused.status(), 422, "{ids}");
+    }
+    app.stop().await;
+}
+on_both_stacks!(messages_carry_attachments);
+
+async fn lists_page_by_kind(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let mut ids = Vec::new();
+    for i in 0..5u8 {
+        let (name, ct, body) = if i % 2 == 0 {
+            (format!("f{i}.txt"), "text/plain", vec![b'a' + i; 10])
+        } else {
+            (format!("p{i}.png"), "image/png", png(3 + u32::from(i), 3))
+        };
+        ids.push(uploaded(&app, &alice, &chat, &name, ct, &body).await["id"].clone());
+    }
+    ids.reverse();
+    let first = list(&app, &alice, &chat, "?limit=2").await;
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    let rest = list(&app, &alice, &chat, &format!("?limit=10&cursor={cursor}")).await;
+    assert!(rest["next_cursor"].is_null());
+    let all: Vec<Value> = first["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(rest["items"].as_array().unwrap())
+        .map(|a| a["id"].clone())
+        .collect();
+    assert_eq!(all, ids);
+    let images = list(&app, &alice, &chat, "?kind=image").await;
+    let image_ids: Vec<Value> = images["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].clone())
+        .collect();
+    assert_eq!(image_ids, [ids[1].clone(), ids[3].clone()]);
+    let files = list(&app, &alice, &chat, "?kind=file").await;
+    assert_eq!(files["items"].as_array().unwrap().len(), 3);
+    let bad = app
+        .get(&alice, &format!("/v1/chats/{chat}/attachments?kind=video"))
+        .await;
+    assert_eq!(bad.status(), 400);
+    let foreign = app
+        .get(
+            &alice,
+            &format!("/v1/chats/{chat}/attachments?kind=image&cursor={cursor}"),
+        )
+        .await;
+    assert_eq!(foreign.status(), 400, "a cursor of another listing");
+    app.stop().await;
+}
+on_both_stacks!(lists_page_by_kind);
+
+async fn deletion_hides_and_the_collector_removes(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let (alice, bob) = (app.token("alice").await, app.token("bob").await);
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let signals = format!("/v1/chats/{chat}/signals");
+    let (shared, alone) = (b"shared bytes".to_vec(), b"bytes of one".to_vec());
+    let x = uploaded(&app, &alice, &chat, "x.txt", "text/plain", &shared).await;
+    let y = uploaded(&app, &bob, &chat, "y.txt", "text/plain", &shared).await;
+    let z = uploaded(&app, &alice, &chat, "z.txt", "text/plain", &alone).await;
+    let send = |ids: Value| {
+        let (app, alice, signals) = (&app, &alice, &signals);
+        async move {
+            let sent = app
+                .post(
+                    alice,
+                    signals,
+                    &json!({"kind": "message", "attachments": ids}),
+                )
+                .await;
+            assert_eq!(sent.status(), 201);
+            sent.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let m1 = send(json!([x["id"]])).await;
+    let m2 = send(json!([z["id"]])).await;
+
+    let deleted = app
+        .http
+        .delete(app.url(&format!("{signals}/{m1}")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    let tombstone: Value = deleted.json().await.unwrap();
+    assert_eq!(tombstone["attachments"], json!([]));
+    // Hidden from everyone: no download, not listed, not in history.
+    for token in [&alice, &bob] {
+        let gone = app
+            .get(
+                token,
+                &format!("/v1/attachments/{}", x["id"].as_str().unwrap()),
+            )
+            .await;
+        assert_eq!(gone.status(), 404);
+        let listed = list(&app, token, &chat, "").await;
+        assert!(
+            listed["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|a| a["id"] != x["id"])
+        );
+    }
+    let history: Value = app.get(&bob, &signals).await.json().await.unwrap();
+    let m1_row = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == m1.as_str())
+        .unwrap();
+    assert_eq!(m1_row["attachments"], json!([]));
+
+    // The collector keeps the shared bytes (y still refers to them), then removes z's once its
+    // message is deleted.
+    let store = confab::open_store(&app.config, false).await.unwrap();
+    let blobs = confab::open_blobs(&app.config).unwrap();
+    let run = confab_api::domain::attachments::collect_garbage(
+        store.as_ref(),
+        blobs.as_ref(),
+        Duration::ZERO,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(run.removed, 0, "{run:?}");
+    let deleted = app
+        .http
+        .delete(app.url(&format!("{signals}/{m2}")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    let mut progress = Vec::new();
+    let run = confab_api::domain::attachments::collect_garbage(
+        store.as_ref(),
+        blobs.as_ref(),
+        Duration::ZERO,
+        |p| progress.push(p.scanned),
+    )
+    .await
+    .unwrap();
+    assert_eq!((run.scanned, run.removed), (2, 1), "{run:?}");
+    assert!(!progress.is_empty(), "progress is reported");
+    assert_eq!(objects(&app).await, [BlobName::of(&shared)]);
+    let got = app
+        .get(
+            &bob,
+            &format!("/v1/attachments/{}", y["id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(got.bytes().await.unwrap().as_ref(), shared.as_slice());
+    app.stop().await;
+}
+on_both_stacks!(deletion_hides_and_the_collector_removes);
+
+/// The collector's race with an upload of the same bytes: the collector has marked the object (no
+/// reference yet); the upload writes its reference, sees the mark and waits; the collector, which
+/// checked before the reference, removes the object and lifts its mark; the upload then writes the
+/// object again. The bytes are there at the end.
+async fn an_upload_outlives_a_collection_of_its_bytes(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let bytes = b"raced bytes".to_vec();
+    let name = BlobName::of(&bytes);
+    // An earlier upload left the object, and its record was deleted: the object is garbage.
+    let blobs: Arc<dyn Blobs> = confab::open_blobs(&app.config).unwrap();
+    blobs.put(bytes.clone().into()).await.unwrap();
+    let store = confab::open_store(&app.config, false).await.unwrap();
+    // The collector: no reference, so it marks the object…
+    assert!(!store.blob_referenced(name.as_str()).await.unwrap());
+    let until = time::OffsetDateTime::now_utc() + confab_api::domain::attachments::CONDEMN_LEASE;
+    store.condemn_blob(name.as_str(), until).await.unwrap();
+    // …and, before it removes it, the upload of the same bytes arrives.
+    let uploading = {
+        let (http, url, alice) = (
+            app.http.clone(),
+            app.url(&format!("/v1/chats/{chat}/attachments?name=r.txt")),
+            alice.clone(),
+        );
+        let bytes = bytes.clone();
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(alice)
+                .body(bytes)
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !store.blob_referenced(name.as_str()).await.unwrap() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upload never wrote its reference"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !uploading.is_finished(),
+        "the upload waits for the collection"
+    );
+    // The collector read "unreferenced" before the reference: it removes the object, lifts the mark.
+    blobs.delete(&name).await.unwrap();
+    store.absolve_blob(name.as_str()).await.unwrap();
+    let response = uploading.await.unwrap();
+    assert_eq!(response.status(), 201);
+    let meta: Value = response.json().await.unwrap();
+    let got = app
+        .get(
+            &alice,
+            &format!("/v1/attachments/{}", meta["id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap().as_ref(), bytes.as_slice());
+    // And a collection now keeps it.
+    let run = confab_api::domain::attachments::collect_garbage(
+        store.as_ref(),
+        blobs.as_ref(),
+        Duration::ZERO,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(run.removed, 0);
+    app.stop().await;
+}
+on_both_stacks!(an_upload_outlives_a_collection_of_its_bytes);
+
+async fn wait_for_image(app: &TestApp, token: &str, chat: &str, id: &Value) -> Value {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let listed = list(app, token, chat, "?limit=100").await;
+        let found = listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == *id)
+            .cloned()
+            .unwrap();
+        if !found["image"].is_null() || found["kind"] == "file" {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no thumbnail in time: {found}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn images_get_thumbnails_and_previews(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let (alice, bob) = (app.token("alice").await, app.token("bob").await);
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+
+    let photo = uploaded(
+        &app,
+        &alice,
+        &chat,
+        "photo.jpg",
+        "image/jpeg",
+        &jpeg_with_exif(),
+    )
+    .await;
+    assert_eq!(photo["kind"], "image");
+    let done = wait_for_image(&app, &alice, &chat, &photo["id"]).await;
+    assert_eq!(done["kind"], "image");
+    assert_eq!(
+        (
+            done["image"]["width"].as_u64(),
+            done["image"]["height"].as_u64()
+        ),
+        (Some(400), Some(300))
+    );
+    let thumbnail = &done["image"]["thumbnail"];
+    assert_eq!(
+        (thumbnail["width"].as_u64(), thumbnail["height"].as_u64()),
+        (Some(320), Some(240))
+    );
+    let id = photo["id"].as_str().unwrap();
+    let got = app
+        .get(&bob, &format!("/v1/attachments/{id}/thumbnail"))
+        .await;
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.headers()["content-type"], "image/jpeg");
+    assert_eq!(
+        got.headers()["etag"].to_str().unwrap(),
+        format!("\"{}\"", thumbnail["sha256"].as_str().unwrap())
+    );
+    let bytes = got.bytes().await.unwrap();
+    assert_eq!(bytes.len() as u64, thumbnail["size"].as_u64().unwrap());
+    let decoded = image::load_from_memory(&bytes).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (320, 240));
+    assert!(
+        !bytes.windows(4).any(|w| w == b"Exif"),
+        "no EXIF in the thumbnail"
+    );
+    assert!(!bytes.windows(3).any(|w| w == b"GPS"));
+    let preview = app
+        .get(&bob, &format!("/v1/attachments/{id}/preview"))
+        .await;
+    assert_eq!(preview.status(), 200);
+    let preview = preview.bytes().await.unwrap();
+    assert!(
+        preview.len() < 2_000,
+        "a preview is a few hundred bytes: {}",
+        preview.len()
+    );
+    // A message carries the image's thumbnail and preview.
+    let sent: Value = app
+        .post(
+            &alice,
+            &format!("/v1/chats/{chat}/signals"),
+            &json!({"kind": "message", "text": "look", "attachments": [photo["id"]]}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(sent["attachments"][0]["image"]["thumbnail"], *thumbnail);
+    // A file has no thumbnail.
+    let file = uploaded(&app, &alice, &chat, "f.txt", "text/plain", b"words").await;
+    let none = app
+        .get(
+            &bob,
+            &format!("/v1/attachments/{}/thumbnail", file["id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(none.status(), 404);
+
+    // A decompression bomb (a header claiming 100000 × 100000 pixels) and a truncated image are
+    // kept as plain files; the server goes on.
+    let mut bomb = png(1, 1);
+    bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let bomb = uploaded(&app, &alice, &chat, "bomb.png", "image/png", &bomb).await;
+    let truncated = uploaded(
+        &app,
+        &alice,
+        &chat,
+        "cut.png",
+        "image/png",
+        &png(50, 50)[..60],
+    )
+    .await;
+    for id in [&bomb["id"], &truncated["id"]] {
+        let settled = wait_for_image(&app, &alice, &chat, id).await;
+        assert_eq!(settled["kind"], "file", "{settled}");
+        assert!(settled["image"].is_null());
+    }
+    assert_eq!(app.get(&alice, "/v1/me").await.status(), 200);
+    app.stop().await;
+}
+on_both_stacks!(images_get_thumbnails_and_previews);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presigned_redirects_on_s3() {
+    if !support::real_stack_available("presigned_redirects_on_s3").await {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(Stack::Real, data.path().to_path_buf());
+    config.attachments.presigned_redirect = true;
+    let app = spawn_with(Stack::Real, config, data).await;
+    let alice = app.token("alice").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let meta = uploaded(&app, &alice, &chat, "page.html", "text/html", b"<b>hi</b>").await;
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let response = no_redirects
+        .get(app.url(&format!("/v1/attachments/{}", meta["id"].as_str().unwrap())))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 307);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let fetched = reqwest::get(&location).await.unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert!(
+        fetched.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("attachment;")
+    );
+    assert_eq!(fetched.bytes().await.unwrap().as_ref(), b"<b>hi</b>");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_down_means_503_and_nothing_kept() {
+    if !support::real_stack_available("s3_down_means_503_and_nothing_kept").await {
+        return;
+    }
+    let endpoint = support::s3_endpoint();
+    let relay = Relay::start(
+        endpoint
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned(),
+    )
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(Stack::Real, data.path().to_path_buf());
+    config.attachments.s3_endpoint = format!("http://{}", relay.addr);
+    let direct = {
+        let mut settings = config.attachments.s3_settings();
+        settings.endpoint = endpoint;
+        confab_runtime::blobs::S3Blobs::new(&settings)
+    };
+    let app = spawn_with(Stack::Real, config, data).await;
+    let alice = app.token("alice").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    relay.cut();
+    for body in [b"small".to_vec(), vec![1u8; 6 * 1024 * 1024]] {
+        let refused = upload(&app, &alice, &chat, "f.bin", None, body).await;
+        assert_eq!(refused.status(), 503);
+        assert_eq!(
+            refused.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+    assert!(
+        list(&app, &alice, &chat, "").await["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(direct.list(None, 10).await.unwrap().is_empty(), "no object");
+    assert_eq!(
+        direct.sweep_staging(Duration::ZERO).await.unwrap(),
+        0,
+        "nothing staged"
+    );
+    app.stop().await;
+}
