@@ -5,7 +5,7 @@
 //! (404, 410, or the provider's own reason) is removed; 429 and 5xx are retried with backoff
 //! within the push's time to live; a push past it is dropped, not sent late.
 //!
-//! A push that reached a device is remembered, so that reading the chat later sends a withdrawal:
+//! A push is remembered as it goes out, so that reading the chat later sends a withdrawal:
 //! a data message with the same `Topic` (Web Push) or collapse key, on which the client's service
 //! worker or app takes the chat's notification away.
 
@@ -140,19 +140,21 @@ impl PushSender {
                 return;
             }
         };
+        if devices.is_empty() {
+            return;
+        }
+        // Remembered before it goes out, so a read while it is on its way still withdraws it (a
+        // withdrawal of a push that then failed is harmless).
+        if let Err(error) = self.queue.sent(&push, now_ms()).await {
+            tracing::warn!(%error, "a push was not remembered; it will not be withdrawn");
+        }
         let payload = payload(&push);
-        let delivered = futures::future::join_all(
+        futures::future::join_all(
             devices
                 .iter()
                 .map(|device| self.deliver(&push, device, payload.as_bytes())),
         )
         .await;
-        if delivered.into_iter().any(|sent| sent) {
-            // Reading the chat later takes this notification away.
-            if let Err(error) = self.queue.sent(&push, now_ms()).await {
-                tracing::warn!(%error, "a sent push was not remembered; it will not be withdrawn");
-            }
-        }
     }
 
     /// Sends `payload` to `device`, retrying what may pass; true when the push service took it.
