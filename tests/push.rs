@@ -200,25 +200,9 @@ impl Receiver {
         })
     }
 
-    /// Waits until a push for `chat` reaches `device`, and returns it.
+    /// Waits until a message push for `chat` reaches `device`, and returns it.
     async fn next_for(&self, device: &str, chat: &str) -> Received {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            if let Some(push) = self
-                .received
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|p| p.device == device && p.payload["chat_id"] == chat)
-            {
-                return push.clone();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no push for {chat} reached {device}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.next_of("messages", device, chat).await
     }
 
     /// Waits until a push of `kind` (`messages`, `withdrawn`) for `chat` reaches `device`.
@@ -555,36 +539,10 @@ async fn delayed_push_on_the_real_stack() {
     }
 }
 
-/// Waits until `base` answers ready.
-async fn ready(base: &str) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while reqwest::get(format!("{base}/ready"))
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-        != 200
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{base} never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A loopback address no one listens on now.
 async fn free_address() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap().to_string()
-}
-
-fn kill(process: &mut ConfabProcess) {
-    let pid = process.child.id().expect("running");
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
 }
 
 /// Pushes pending when the process that sends them is killed (SIGKILL) are sent once it is
@@ -662,8 +620,8 @@ async fn pushes_survive_a_killed_sender(stack: Stack) {
     let base = api
         .as_ref()
         .map_or(sender.base.clone(), |api| api.base.clone());
-    ready(&base).await;
-    ready(&sender.base).await;
+    support::wait_ready(&base).await;
+    support::wait_ready(&sender.base).await;
     let token = |user: &str| {
         let user = user.to_owned();
         let data = dir.path().to_path_buf();
@@ -726,7 +684,7 @@ async fn pushes_survive_a_killed_sender(stack: Stack) {
         .unwrap();
         assert_eq!(posted.status(), 201);
     }
-    kill(&mut sender);
+    sender.child.start_kill().unwrap();
     let _ = sender.child.wait().await;
     assert!(
         sent_at.elapsed() < Duration::from_millis(delay_ms),
@@ -735,7 +693,7 @@ async fn pushes_survive_a_killed_sender(stack: Stack) {
     assert_eq!(receiver.received.lock().unwrap().len(), 0);
 
     let restarted = ConfabProcess::start(&[sender_role], &env, dir.path()).await;
-    ready(&restarted.base).await;
+    support::wait_ready(&restarted.base).await;
     let second = if stack == Stack::Real {
         Some(ConfabProcess::start(&["notifier"], &env, dir.path()).await)
     } else {

@@ -11,22 +11,6 @@ use support::{ConfabProcess, DEADLINE, SseStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-async fn ready(base: &str) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while reqwest::get(format!("{base}/ready"))
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-        != 200
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{base} never became ready"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
 async fn post(api: &str, token: &str, chat: &str, text: &str) {
     let response = reqwest::Client::new()
         .post(format!("{api}/v1/chats/{chat}/signals"))
@@ -112,7 +96,7 @@ async fn two_of_each_service_and_a_notifier_killed_mid_stream() {
         &plexer_a,
         &plexer_b,
     ] {
-        ready(&process.base).await;
+        support::wait_ready(&process.base).await;
     }
     let http = reqwest::Client::new();
     let alice = support::keycloak_token("alice", "alice").await;

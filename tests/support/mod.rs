@@ -178,6 +178,23 @@ pub fn config_for(stack: Stack, data_dir: PathBuf) -> Config {
     config
 }
 
+/// Waits (up to [`DEADLINE`]) until the confab at `base` answers `/ready` with a success.
+pub async fn wait_ready(base: &str) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Ok(response) = reqwest::get(format!("{base}/ready")).await
+            && response.status().is_success()
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{base} never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// confab running in this process (`confab serve`'s composition) on a port chosen by the OS.
 pub struct TestApp {
     pub stack: Stack,
@@ -220,20 +237,7 @@ pub async fn spawn_with(stack: Stack, config: Config, data: tempfile::TempDir) -
 
 impl TestApp {
     pub async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            if let Ok(response) = self.http.get(format!("{}/ready", self.base)).send().await
-                && response.status().is_success()
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "app at {} never became ready",
-                self.base
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        wait_ready(&self.base).await;
     }
 
     /// A bearer token for `username`: minted by the dev key, or from Keycloak's password grant.
