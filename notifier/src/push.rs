@@ -157,8 +157,8 @@ impl PushSender {
         .await;
     }
 
-    /// Sends `payload` to `device`, retrying what may pass; true when the push service took it.
-    async fn deliver(&self, push: &PendingPush, device: &Device, payload: &[u8]) -> bool {
+    /// Sends `payload` to `device`, retrying what may pass.
+    async fn deliver(&self, push: &PendingPush, device: &Device, payload: &[u8]) {
         let platform = device.platform.as_str();
         let kind = match push.kind {
             PushKind::Messages => "messages",
@@ -169,7 +169,7 @@ impl PushSender {
             let left_ms = push.expires_ms - now_ms();
             if left_ms <= 0 {
                 metrics::counter!("confab_pushes_expired_total").increment(1);
-                return false;
+                return;
             }
             let started = Instant::now();
             let outcome = match device.platform {
@@ -184,7 +184,7 @@ impl PushSender {
                         // Not configured (`push.fcm`, `push.apns`).
                         metrics::counter!("confab_pushes_unsupported_total", "platform" => platform)
                             .increment(1);
-                        return false;
+                        return;
                     }
                 },
             };
@@ -194,7 +194,7 @@ impl PushSender {
                 Delivery::Sent => {
                     metrics::counter!("confab_pushes_sent_total", "platform" => platform, "kind" => kind)
                         .increment(1);
-                    return true;
+                    return;
                 }
                 Delivery::Gone => {
                     metrics::counter!("confab_push_devices_gone_total", "platform" => platform)
@@ -202,7 +202,7 @@ impl PushSender {
                     if let Err(error) = self.devices.remove(push.user, device.id).await {
                         tracing::warn!(%error, "a gone device was not removed");
                     }
-                    return false;
+                    return;
                 }
                 Delivery::Failed => break,
                 Delivery::Retry if attempt < RETRIES => {
@@ -217,7 +217,6 @@ impl PushSender {
             }
         }
         metrics::counter!("confab_pushes_failed_total", "platform" => platform).increment(1);
-        false
     }
 
     async fn web_push(
