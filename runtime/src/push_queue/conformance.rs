@@ -208,6 +208,36 @@ pub async fn claimers_share_without_doubles(fixture: Fixture) {
     nothing_claimed(&*fixture.second, 100).await;
 }
 
+/// Two handles writing at once (as two notifier processes on one queue do) never fail with a
+/// busy or locked queue: every schedule, cancel and claim succeeds.
+pub async fn racing_handles_never_fail(fixture: Fixture) {
+    let now = now_ms();
+    let race = |queue: Arc<dyn PushQueue>| async move {
+        for _ in 0..100 {
+            let (u, c) = (user(), ChatId::new());
+            let sent = message("race");
+            queue
+                .schedule(u, c, &sent, now, now + HOUR_MS)
+                .await
+                .expect("schedules while the other handle writes");
+            queue
+                .claim_due(now_ms(), 8)
+                .await
+                .expect("claims while the other handle writes");
+            queue
+                .cancel(u, c, sent.signal, now_ms())
+                .await
+                .expect("cancels while the other handle writes");
+        }
+    };
+    tokio::join!(
+        race(Arc::clone(&fixture.first)),
+        race(Arc::clone(&fixture.second)),
+        race(Arc::clone(&fixture.first)),
+        race(Arc::clone(&fixture.second)),
+    );
+}
+
 /// A push that was sent and is then read is withdrawn, once; one that a newer push will replace
 /// is not.
 pub async fn reading_a_sent_push_withdraws_it(fixture: Fixture) {
@@ -306,6 +336,7 @@ macro_rules! push_queue_conformance_tests {
             case!(a_burst_collapses_into_one_push);
             case!(a_cancel_covers_only_what_was_read);
             case!(claimers_share_without_doubles);
+            case!(racing_handles_never_fail);
             case!(reading_a_sent_push_withdraws_it);
         }
     };

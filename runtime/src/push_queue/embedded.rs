@@ -6,11 +6,14 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use confab_schema::{ChatId, SignalId, UserId};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{Cancelled, PendingPush, PushKind, PushMessage, PushQueue, SentPush, key, unavailable};
 use crate::bus::BusError;
 
+/// Every transaction here reads and then writes, so each begins IMMEDIATE: a deferred one that
+/// upgrades from reading to writing while another handle on the file has written fails at once
+/// with "database is locked", without waiting out the busy timeout.
 pub struct EmbeddedPushQueue {
     connection: Arc<Mutex<Connection>>,
 }
@@ -101,7 +104,9 @@ impl PushQueue for EmbeddedPushQueue {
         let message = message.clone();
         self.with(move |connection| {
             let key = key(user, chat);
-            let tx = connection.transaction().map_err(unavailable)?;
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             let pending = read(&tx, "pending_pushes", &key)?;
             let push = PendingPush::joined(pending, user, chat, &message, due_ms, expires_ms);
             put_pending(&tx, &key, &push)?;
@@ -119,7 +124,9 @@ impl PushQueue for EmbeddedPushQueue {
     ) -> Result<Cancelled, BusError> {
         self.with(move |connection| {
             let key = key(user, chat);
-            let tx = connection.transaction().map_err(unavailable)?;
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             let mut outcome = Cancelled::Nothing;
             let pending: Option<PendingPush> = read(&tx, "pending_pushes", &key)?;
             let still_pending = match pending {
@@ -155,7 +162,9 @@ impl PushQueue for EmbeddedPushQueue {
 
     async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<PendingPush>, BusError> {
         self.with(move |connection| {
-            let tx = connection.transaction().map_err(unavailable)?;
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             let due: Vec<(String, String)> = {
                 let mut statement = tx
                     .prepare_cached(

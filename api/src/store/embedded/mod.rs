@@ -17,7 +17,7 @@ use confab_schema::{
     Attachment, AttachmentKind, Chat, ChatId, DeviceId, Member, MemberRole, Signal, SignalId, User,
     UserId,
 };
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -318,7 +318,9 @@ impl Store for EmbeddedStore {
     async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
         let user = user.clone();
         self.with(move |c| {
-            let tx = c.transaction().map_err(unavailable)?;
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             tx.execute("DELETE FROM user_terms WHERE user_id = ?1", params![blob(user.id.0)])
                 .map_err(unavailable)?;
             for term in search_terms(&user) {
@@ -368,7 +370,9 @@ impl Store for EmbeddedStore {
     async fn create_chat(&self, chat: &NewChat) -> Result<(), StoreError> {
         let chat = chat.clone();
         self.with(move |c| {
-            let tx = c.transaction().map_err(unavailable)?;
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             tx.execute(
                 "INSERT INTO chats (id, kind, name, description, created_at, created_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
@@ -467,7 +471,9 @@ impl Store for EmbeddedStore {
         let body = serde_json::to_string(device).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let (id, user) = (device.id, device.user_id);
         self.with(move |c| {
-            let tx = c.transaction().map_err(unavailable)?;
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             let previous: Option<String> = tx
                 .query_row(
                     "SELECT body FROM devices WHERE id = ?1",
@@ -646,7 +652,9 @@ impl Store for EmbeddedStore {
         let signal = signal.clone();
         let ttl = self.nonce_ttl_ms;
         self.with(move |c| {
-            let tx = c.transaction().map_err(unavailable)?;
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             if let Some(nonce) = &signal.nonce {
                 let now = millis(time::OffsetDateTime::now_utc());
                 // Forget a few expired nonces on every send, oldest first: bounded work, and the
@@ -946,7 +954,9 @@ impl Store for EmbeddedStore {
     ) -> Result<Option<Signal>, StoreError> {
         let text = text.to_owned();
         self.with(move |c| {
-            let tx = c.transaction().map_err(unavailable)?;
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             // One transaction: a deleted signal stays deleted.
             tx.execute(
                 "UPDATE signals SET text = ?3, edited_at = ?4 WHERE chat_id = ?1 AND id = ?2 AND deleted = 0",
@@ -966,7 +976,9 @@ impl Store for EmbeddedStore {
         id: SignalId,
     ) -> Result<Option<Signal>, StoreError> {
         self.with(move |c| {
-            let tx = c.transaction().map_err(unavailable)?;
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             // The nonce record holds only the signal's id, so the text lives nowhere else.
             tx.execute(
                 "UPDATE signals SET deleted = 1, text = NULL WHERE chat_id = ?1 AND id = ?2",
@@ -1188,7 +1200,9 @@ impl Store for EmbeddedStore {
         let (id, chat, kind) = (attachment.id, attachment.chat_id, attachment.kind);
         let blobs: Vec<String> = attachment.blobs().into_iter().map(str::to_owned).collect();
         self.with(move |c| {
-            let tx = c.transaction().map_err(unavailable)?;
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             tx.execute(
                 "INSERT INTO attachments (id, chat_id, kind, body) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (id) DO UPDATE SET body = excluded.body, kind = excluded.kind",
@@ -1210,7 +1224,9 @@ impl Store for EmbeddedStore {
     async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError> {
         let blobs = blobs.to_vec();
         self.with(move |c| {
-            let tx = c.transaction().map_err(unavailable)?;
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             for sha in blobs {
                 tx.execute(
                     "INSERT OR IGNORE INTO blob_refs (sha256, attachment_id) VALUES (?1, ?2)",
@@ -1287,7 +1303,9 @@ impl Store for EmbeddedStore {
     async fn delete_attachments(&self, attachments: &[Attachment]) -> Result<(), StoreError> {
         let ids: Vec<Uuid> = attachments.iter().map(|a| a.id).collect();
         self.with(move |c| {
-            let tx = c.transaction().map_err(unavailable)?;
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             for id in ids {
                 tx.execute("DELETE FROM attachments WHERE id = ?1", params![blob(id)])
                     .map_err(unavailable)?;
