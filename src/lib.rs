@@ -19,6 +19,7 @@ use anyhow::{Context, bail};
 use confab_api::domain::attachments::AttachmentSettings;
 use confab_api::domain::devices::PushSettings;
 use confab_api::indexer::Indexer;
+use confab_api::outbox::SweepSettings;
 use confab_api::store::cql::{self, CqlOptions, CqlStore};
 use confab_api::store::embedded::EmbeddedStore;
 use confab_api::store::{Store, StoreReadiness};
@@ -376,6 +377,13 @@ pub async fn build(
         if let Some(search) = search {
             state = state.with_search(search);
         }
+        workers.push(state.clone().start_outbox_sweeper(
+            SweepSettings {
+                interval: config.bus.outbox_sweep_interval(),
+                silent_after: config.bus.outbox_silent_after(),
+            },
+            shutdown.clone(),
+        ));
         let (routes, doc) = api_routes(state);
         api_router = Some(
             routes

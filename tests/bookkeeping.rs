@@ -11,7 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use confab_api::store::embedded::EmbeddedStore;
 use confab_api::store::{
-    ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, Store, StoreError,
+    ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, OutboxEntry, OutboxWriter, Store,
+    StoreError,
 };
 use confab_api::{ApiState, routes};
 use confab_runtime::bus::EmbeddedBus;
@@ -344,6 +345,51 @@ impl Store for FlakyBookkeeping {
         limit: usize,
     ) -> Result<Vec<(UserId, SignalId)>, StoreError> {
         self.inner.markers_page(kind, chat, after, limit).await
+    }
+    async fn outbox_put(&self, writer: uuid::Uuid, entry: &OutboxEntry) -> Result<(), StoreError> {
+        self.inner.outbox_put(writer, entry).await
+    }
+    async fn outbox_remove(
+        &self,
+        writer: uuid::Uuid,
+        bucket: i64,
+        id: uuid::Uuid,
+    ) -> Result<(), StoreError> {
+        self.inner.outbox_remove(writer, bucket, id).await
+    }
+    async fn outbox_entries(
+        &self,
+        writer: uuid::Uuid,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.inner.outbox_entries(writer, from, to).await
+    }
+    async fn outbox_heartbeat(
+        &self,
+        writer: uuid::Uuid,
+        started_ms: i64,
+        seen_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .outbox_heartbeat(writer, started_ms, seen_ms)
+            .await
+    }
+    async fn outbox_writers(&self) -> Result<Vec<OutboxWriter>, StoreError> {
+        self.inner.outbox_writers().await
+    }
+    async fn outbox_claim(
+        &self,
+        writer: uuid::Uuid,
+        sweeper: uuid::Uuid,
+        claim_ttl_secs: i32,
+    ) -> Result<bool, StoreError> {
+        self.inner
+            .outbox_claim(writer, sweeper, claim_ttl_secs)
+            .await
+    }
+    async fn outbox_forget_writer(&self, writer: uuid::Uuid) -> Result<(), StoreError> {
+        self.inner.outbox_forget_writer(writer).await
     }
 }
 

@@ -16,6 +16,7 @@ use confab_schema::{ChatId, Signal, User, UserId};
 use crate::coalesce::Coalescer;
 use crate::domain::attachments::AttachmentSettings;
 use crate::domain::devices::PushSettings;
+use crate::outbox::Outbox;
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -51,6 +52,8 @@ pub struct ApiState {
     pub(crate) attachments: Option<AttachmentSettings>,
     /// Image decodes running at once (thumbnails are made off the request path).
     pub(crate) image_work: Arc<tokio::sync::Semaphore>,
+    /// This process as a writer of the event outbox.
+    pub(crate) outbox: Arc<Outbox>,
 }
 
 impl ApiState {
@@ -77,6 +80,7 @@ impl ApiState {
             search: None,
             attachments: None,
             image_work: Arc::new(tokio::sync::Semaphore::new(2)),
+            outbox: Arc::default(),
         }
     }
 

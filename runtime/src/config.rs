@@ -538,6 +538,26 @@ pub struct BusConfig {
     pub duplicate_window_secs: u64,
     /// The embedded log's SQLite file. Default `<data_dir>/events.sqlite3`.
     pub embedded_path: Option<PathBuf>,
+    /// How often an api process records that it is alive and looks for silent ones whose event
+    /// outbox it must publish. Default 5000.
+    pub outbox_sweep_interval_ms: u64,
+    /// How long an api process may be silent before another publishes the events it left in the
+    /// outbox. Longer than a pause of a live process (a stall, a store hiccup); a live writer
+    /// wrongly swept only has its events published twice within the duplicate window, which the
+    /// log drops. Default 30000.
+    pub outbox_silent_after_ms: u64,
+}
+
+impl BusConfig {
+    /// `outbox_sweep_interval_ms` as a duration.
+    pub fn outbox_sweep_interval(&self) -> Duration {
+        Duration::from_millis(self.outbox_sweep_interval_ms.max(100))
+    }
+
+    /// `outbox_silent_after_ms` as a duration.
+    pub fn outbox_silent_after(&self) -> Duration {
+        Duration::from_millis(self.outbox_silent_after_ms)
+    }
 }
 
 impl Default for BusConfig {
@@ -549,6 +569,8 @@ impl Default for BusConfig {
             retention_secs: 24 * 3600,
             duplicate_window_secs: 120,
             embedded_path: None,
+            outbox_sweep_interval_ms: 5_000,
+            outbox_silent_after_ms: 30_000,
         }
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use confab_schema::Envelope;
 
+use crate::outbox::Intent;
 use crate::state::ApiState;
 
 /// How long a failed publish is retried: the bus may be down for a while.
@@ -48,5 +49,38 @@ impl ApiState {
                 });
             }
         }
+    }
+
+    /// Appends `envelope`, recorded in the outbox as `intent` before its change was stored, and
+    /// then removes the entry. A failed publish is retried in the background for as long as the
+    /// process lives (the entry keeps it for a sweep if the process dies first).
+    pub(crate) async fn publish_intended(&self, envelope: Envelope, intent: Intent) {
+        let kind = envelope.event.kind().as_str();
+        if self.bus.publish(&envelope).await.is_ok() {
+            metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
+            self.outbox.settle(&self.store, intent);
+            return;
+        }
+        tracing::warn!(event = kind, chat = %envelope.chat_id, "event not published yet; retrying in the background");
+        metrics::counter!("confab_events_publish_retries_total", "type" => kind).increment(1);
+        let state = self.clone();
+        tokio::spawn(async move {
+            let mut delay = FIRST_RETRY;
+            loop {
+                tokio::time::sleep(delay).await;
+                if state.bus.publish(&envelope).await.is_ok() {
+                    metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
+                    state.outbox.settle(&state.store, intent);
+                    return;
+                }
+                delay = (delay * 2).min(LONGEST_RETRY);
+            }
+        });
+    }
+
+    /// Removes an outbox entry whose change was not stored (or whose event another request
+    /// publishes).
+    pub(crate) fn forgo(&self, intent: Intent) {
+        self.outbox.settle(&self.store, intent);
     }
 }

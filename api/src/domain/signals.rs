@@ -202,6 +202,8 @@ impl ApiState {
         self.require_member(chat, caller).await?;
         let signal = self.load_signal(chat, id).await?;
         rules::may_edit(caller, &signal)?;
+        let envelope = Envelope::new(chat, Event::SignalUpdated(signal));
+        let intent = self.outbox.intend(&*self.store, &envelope).await?;
         let mut signal = self
             .store
             .edit_signal(
@@ -214,11 +216,13 @@ impl ApiState {
             .ok_or(ApiError::NotFound("no such signal"))?;
         if signal.deleted {
             // Deleted while this edit was on its way: the deletion stands.
+            self.forgo(intent);
             return Err(rules::not_editable());
         }
         self.resolve_attachments(std::slice::from_mut(&mut signal))
             .await?;
-        self.publish(Envelope::new(chat, Event::SignalUpdated(signal.clone())))
+        let event = Event::SignalUpdated(signal.clone());
+        self.publish_intended(Envelope { event, ..envelope }, intent)
             .await;
         Ok(signal)
     }
@@ -240,6 +244,8 @@ impl ApiState {
         if signal.deleted {
             return self.decorate_one(signal).await;
         }
+        let envelope = Envelope::new(chat, Event::SignalDeleted(signal));
+        let intent = self.outbox.intend(&*self.store, &envelope).await?;
         let mut tombstone = self
             .store
             .delete_signal(chat, id)
@@ -247,7 +253,8 @@ impl ApiState {
             .ok_or(ApiError::NotFound("no such signal"))?;
         // Its attachments are gone: the tombstone names none.
         tombstone.attachments.clear();
-        self.publish(Envelope::new(chat, Event::SignalDeleted(tombstone.clone())))
+        let event = Event::SignalDeleted(tombstone.clone());
+        self.publish_intended(Envelope { event, ..envelope }, intent)
             .await;
         Ok(tombstone)
     }
@@ -320,13 +327,24 @@ impl ApiState {
     }
 
     /// Stores `signal` as new history, publishes it, then moves the chat up in its members' lists.
+    /// Its event goes to the outbox first: a failed store write leaves the entry for a sweep,
+    /// which publishes it only if the write happened after all.
     async fn record(&self, signal: &Signal, members: Vec<UserId>) -> ApiResult<Inserted> {
+        let intent = self
+            .outbox
+            .intend(&*self.store, &Envelope::signal_created(signal.clone()))
+            .await?;
         let inserted = self.store.insert_signal(signal).await?;
-        if let Inserted::Created(created) = &inserted {
-            // Deliver first: the chat list order and the author's marker are not on the live path.
-            self.publish(Envelope::signal_created(created.clone()))
-                .await;
-            self.bookkeep(created, members).await;
+        match &inserted {
+            Inserted::Created(created) => {
+                // Deliver first: the chat list order and the author's marker are not on the live
+                // path.
+                self.publish_intended(Envelope::signal_created(created.clone()), intent)
+                    .await;
+                self.bookkeep(created, members).await;
+            }
+            // Another attempt of this nonce stored its own signal; this one's id is not history.
+            Inserted::Existing(_) => self.forgo(intent),
         }
         Ok(inserted)
     }

@@ -51,7 +51,8 @@ macro_rules! store_conformance_tests {
             attachments_page_newest_first_by_kind,
             attachments_reference_their_objects,
             the_collectors_marks,
-            signals_keep_their_attachment_ids
+            signals_keep_their_attachment_ids,
+            the_outbox_keeps_each_writers_entries
         );
     };
     (@cases $open:expr; $($case:ident),+) => {
@@ -1527,5 +1528,81 @@ pub async fn signals_keep_their_attachment_ids(store: Arc<dyn Store>) {
             .iter()
             .all(|r| matches!(r, confab_schema::AttachmentRef::Id(_))),
         "stores keep ids only"
+    );
+}
+
+pub async fn the_outbox_keeps_each_writers_entries(store: Arc<dyn Store>) {
+    use crate::store::OutboxEntry;
+    let (writer, other) = (Uuid::now_v7(), Uuid::now_v7());
+    let entry = |bucket: i64, body: &str| OutboxEntry {
+        bucket,
+        id: Uuid::now_v7(),
+        envelope: body.as_bytes().to_vec(),
+    };
+    let (one, two, three) = (entry(100, "one"), entry(100, "two"), entry(107, "three"));
+    for e in [&one, &two, &three] {
+        store.outbox_put(writer, e).await.expect("puts");
+    }
+    store
+        .outbox_put(other, &entry(100, "someone else's"))
+        .await
+        .expect("puts");
+    let mut found = store.outbox_entries(writer, 90, 110).await.expect("reads");
+    found.sort_by_key(|e| (e.bucket, e.id));
+    let mut expected = vec![one.clone(), two.clone(), three.clone()];
+    expected.sort_by_key(|e| (e.bucket, e.id));
+    assert_eq!(found, expected, "a writer's entries, and only its own");
+    assert_eq!(
+        store.outbox_entries(writer, 101, 106).await.expect("reads"),
+        Vec::new(),
+        "nothing between the buckets"
+    );
+    store
+        .outbox_remove(writer, one.bucket, one.id)
+        .await
+        .expect("removes");
+    let left = store.outbox_entries(writer, 100, 107).await.expect("reads");
+    assert_eq!(left.len(), 2);
+    assert!(!left.contains(&one), "a removed entry is gone");
+
+    store
+        .outbox_heartbeat(writer, 1_000, 5_000)
+        .await
+        .expect("beats");
+    store
+        .outbox_heartbeat(writer, 1_000, 9_000)
+        .await
+        .expect("beats again");
+    let writers = store.outbox_writers().await.expect("lists writers");
+    let mine: Vec<_> = writers.iter().filter(|w| w.writer == writer).collect();
+    assert_eq!(mine.len(), 1);
+    assert_eq!((mine[0].started_ms, mine[0].seen_ms), (1_000, 9_000));
+
+    let (sweeper, rival) = (Uuid::now_v7(), Uuid::now_v7());
+    assert!(
+        store
+            .outbox_claim(writer, sweeper, 60)
+            .await
+            .expect("claims")
+    );
+    assert!(
+        !store.outbox_claim(writer, rival, 60).await.expect("claims"),
+        "one sweeper per writer"
+    );
+    assert!(
+        store
+            .outbox_claim(writer, sweeper, 60)
+            .await
+            .expect("claims"),
+        "the holder keeps its claim"
+    );
+    store.outbox_forget_writer(writer).await.expect("forgets");
+    assert!(
+        store
+            .outbox_writers()
+            .await
+            .expect("lists writers")
+            .iter()
+            .all(|w| w.writer != writer)
     );
 }

@@ -396,6 +396,59 @@ pub trait Store: Send + Sync + 'static {
         after: Option<UserId>,
         limit: usize,
     ) -> Result<Vec<(UserId, SignalId)>, StoreError>;
+
+    // The event outbox: see `crate::outbox`.
+
+    /// Records an event its writer is about to make true, before the change is stored.
+    async fn outbox_put(&self, writer: Uuid, entry: &OutboxEntry) -> Result<(), StoreError>;
+    /// Forgets an entry: its event is published, or its change was not stored.
+    async fn outbox_remove(&self, writer: Uuid, bucket: i64, id: Uuid) -> Result<(), StoreError>;
+    /// The writer's entries in the buckets `from..=to`.
+    async fn outbox_entries(
+        &self,
+        writer: Uuid,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// Records that `writer`, started at `started_ms`, is alive at `seen_ms`.
+    async fn outbox_heartbeat(
+        &self,
+        writer: Uuid,
+        started_ms: i64,
+        seen_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Every writer with a heartbeat on record.
+    async fn outbox_writers(&self) -> Result<Vec<OutboxWriter>, StoreError>;
+    /// Claims the sweep of a silent `writer` for `sweeper`: `true` when the claim is (or already
+    /// was) `sweeper`'s. A claim lapses after `claim_ttl_secs`, so a sweeper that dies mid-way
+    /// leaves the writer to another.
+    async fn outbox_claim(
+        &self,
+        writer: Uuid,
+        sweeper: Uuid,
+        claim_ttl_secs: i32,
+    ) -> Result<bool, StoreError>;
+    /// Forgets a swept writer's heartbeat (a writer still alive writes it again).
+    async fn outbox_forget_writer(&self, writer: Uuid) -> Result<(), StoreError>;
+}
+
+/// An event in the outbox, as its writer recorded it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// When it was written, in outbox buckets (`crate::outbox::bucket_of`).
+    pub bucket: i64,
+    /// The envelope's id.
+    pub id: Uuid,
+    /// The envelope, as JSON.
+    pub envelope: Vec<u8>,
+}
+
+/// A writer of outbox entries (one api process) and its last heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutboxWriter {
+    pub writer: Uuid,
+    pub started_ms: i64,
+    pub seen_ms: i64,
 }
 
 /// The lower-cased search terms of a user: user name, display name and e-mail address.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 mod migrations;
+mod outbox;
 mod parity;
 
 pub use parity::SendParity;
@@ -34,8 +35,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use futures::{StreamExt, TryFutureExt, TryStreamExt};
 
 use super::{
-    ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, Store, StoreError, UNREAD_SCAN_LIMIT,
-    created_at, from_millis, millis, parse, search_terms,
+    ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, OutboxEntry, OutboxWriter, Store,
+    StoreError, UNREAD_SCAN_LIMIT, created_at, from_millis, millis, parse, search_terms,
 };
 
 /// Where and how to reach the cluster.
@@ -362,6 +363,7 @@ pub struct CqlStore {
     known_buckets: std::sync::Mutex<std::collections::HashSet<(Uuid, i32)>>,
     /// Send parity through JetStream; `None` for the lightweight transaction.
     nonce_bucket: Option<NonceBucket>,
+    outbox: outbox::OutboxStatements,
     nonce_ttl_secs: i32,
 }
 
@@ -672,12 +674,14 @@ impl CqlStore {
             }
             SendParity::Lwt => None,
         };
+        let outbox = outbox::OutboxStatements::prepare(&session, keyspace).await?;
         Ok(CqlStore {
             session,
             keyspace: options.keyspace.clone(),
             statements,
             known_buckets: Default::default(),
             nonce_bucket,
+            outbox,
             nonce_ttl_secs: i32::try_from(options.nonce_ttl.as_secs()).unwrap_or(i32::MAX),
         })
     }
@@ -2211,6 +2215,49 @@ impl Store for CqlStore {
             .map(|(user, up_to)| (UserId(user), SignalId(up_to)))
             .collect())
     }
+
+    async fn outbox_put(&self, writer: Uuid, entry: &OutboxEntry) -> Result<(), StoreError> {
+        outbox::put(&self.session, &self.outbox, writer, entry).await
+    }
+
+    async fn outbox_remove(&self, writer: Uuid, bucket: i64, id: Uuid) -> Result<(), StoreError> {
+        outbox::remove(&self.session, &self.outbox, writer, bucket, id).await
+    }
+
+    async fn outbox_entries(
+        &self,
+        writer: Uuid,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        outbox::entries(&self.session, &self.outbox, writer, from, to).await
+    }
+
+    async fn outbox_heartbeat(
+        &self,
+        writer: Uuid,
+        started_ms: i64,
+        seen_ms: i64,
+    ) -> Result<(), StoreError> {
+        outbox::heartbeat(&self.session, &self.outbox, writer, started_ms, seen_ms).await
+    }
+
+    async fn outbox_writers(&self) -> Result<Vec<OutboxWriter>, StoreError> {
+        outbox::writers(&self.session, &self.outbox).await
+    }
+
+    async fn outbox_claim(
+        &self,
+        writer: Uuid,
+        sweeper: Uuid,
+        claim_ttl_secs: i32,
+    ) -> Result<bool, StoreError> {
+        outbox::claim(&self.session, &self.outbox, writer, sweeper, claim_ttl_secs).await
+    }
+
+    async fn outbox_forget_writer(&self, writer: Uuid) -> Result<(), StoreError> {
+        outbox::forget_writer(&self.session, &self.outbox, writer).await
+    }
 }
 
 impl CqlStore {
@@ -2404,6 +2451,27 @@ where
         .map_err(corrupt)?
         .map(|row| row.map_err(corrupt))
         .collect()
+}
+
+/// A lightweight transaction's outcome: `None` when applied, else the existing row's `column`.
+fn applied_or_row(
+    result: scylla::response::query_result::QueryResult,
+    column_name: &str,
+) -> Result<Option<CqlValue>, StoreError> {
+    let result = result.into_rows_result().map_err(corrupt)?;
+    let row = result
+        .maybe_first_row::<Row>()
+        .map_err(corrupt)?
+        .ok_or_else(|| corrupt("lightweight transaction returned no row"))?;
+    if matches!(column(&row, 0), Some(CqlValue::Boolean(true))) {
+        return Ok(None);
+    }
+    let index = result
+        .column_specs()
+        .iter()
+        .position(|spec| spec.name() == column_name)
+        .ok_or_else(|| corrupt(format!("lightweight transaction without {column_name}")))?;
+    Ok(column(&row, index).cloned())
 }
 
 /// Whether a lightweight transaction was applied (its first column, `[applied]`).

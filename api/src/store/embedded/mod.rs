@@ -22,8 +22,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, Inserted, MarkerKind, NewChat, Store, StoreError,
-    UNREAD_SCAN_LIMIT, created_at, from_millis, millis, parse, search_terms,
+    ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, Inserted, MarkerKind, NewChat, OutboxEntry,
+    OutboxWriter, Store, StoreError, UNREAD_SCAN_LIMIT, created_at, from_millis, millis, parse,
+    search_terms,
 };
 use std::collections::BTreeMap;
 
@@ -35,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0004_devices.sql"),
     include_str!("schema/0005_settings.sql"),
     include_str!("schema/0006_attachments.sql"),
+    include_str!("schema/0007_outbox.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -1436,5 +1438,154 @@ impl Store for EmbeddedStore {
         rows.into_iter()
             .map(|(user, up_to)| Ok((UserId(uuid_from(user)?), SignalId(uuid_from(up_to)?))))
             .collect()
+    }
+
+    async fn outbox_put(&self, writer: Uuid, entry: &OutboxEntry) -> Result<(), StoreError> {
+        let entry = entry.clone();
+        self.with(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO event_outbox (writer, bucket, id, envelope) VALUES (?1, ?2, ?3, ?4)",
+                params![blob(writer), entry.bucket, blob(entry.id), entry.envelope],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn outbox_remove(&self, writer: Uuid, bucket: i64, id: Uuid) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM event_outbox WHERE writer = ?1 AND bucket = ?2 AND id = ?3",
+                params![blob(writer), bucket, blob(id)],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn outbox_entries(
+        &self,
+        writer: Uuid,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.with(move |c| {
+            let mut statement = c
+                .prepare_cached(
+                    "SELECT bucket, id, envelope FROM event_outbox
+                     WHERE writer = ?1 AND bucket BETWEEN ?2 AND ?3 ORDER BY bucket, id",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(params![blob(writer), from, to], |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, Vec<u8>>(1)?,
+                        row.get(2)?,
+                    ))
+                })
+                .map_err(unavailable)?;
+            let mut found = Vec::new();
+            for row in rows {
+                let (bucket, id, envelope) = row.map_err(unavailable)?;
+                found.push(OutboxEntry {
+                    bucket,
+                    id: uuid_from(id)?,
+                    envelope,
+                });
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn outbox_heartbeat(
+        &self,
+        writer: Uuid,
+        started_ms: i64,
+        seen_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO outbox_writers (writer, started_ms, seen_ms) VALUES (?1, ?2, ?3)",
+                params![blob(writer), started_ms, seen_ms],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn outbox_writers(&self) -> Result<Vec<OutboxWriter>, StoreError> {
+        self.with(move |c| {
+            let mut statement = c
+                .prepare_cached("SELECT writer, started_ms, seen_ms FROM outbox_writers")
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((row.get::<_, Vec<u8>>(0)?, row.get(1)?, row.get(2)?))
+                })
+                .map_err(unavailable)?;
+            let mut found = Vec::new();
+            for row in rows {
+                let (writer, started_ms, seen_ms) = row.map_err(unavailable)?;
+                found.push(OutboxWriter {
+                    writer: uuid_from(writer)?,
+                    started_ms,
+                    seen_ms,
+                });
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn outbox_claim(
+        &self,
+        writer: Uuid,
+        sweeper: Uuid,
+        claim_ttl_secs: i32,
+    ) -> Result<bool, StoreError> {
+        let now = millis(OffsetDateTime::now_utc());
+        let until = now + i64::from(claim_ttl_secs) * 1000;
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            tx.execute(
+                "DELETE FROM outbox_sweeps WHERE writer = ?1 AND until_ms < ?2",
+                params![blob(writer), now],
+            )
+            .map_err(unavailable)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO outbox_sweeps (writer, sweeper, until_ms) VALUES (?1, ?2, ?3)",
+                params![blob(writer), blob(sweeper), until],
+            )
+            .map_err(unavailable)?;
+            let holder: Vec<u8> = tx
+                .query_row(
+                    "SELECT sweeper FROM outbox_sweeps WHERE writer = ?1",
+                    params![blob(writer)],
+                    |row| row.get(0),
+                )
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(uuid_from(holder)? == sweeper)
+        })
+        .await
+    }
+
+    async fn outbox_forget_writer(&self, writer: Uuid) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM outbox_writers WHERE writer = ?1",
+                params![blob(writer)],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
     }
 }

@@ -1,0 +1,328 @@
+//! The event outbox: what makes a stored change's event survive a crash or a long bus outage.
+//!
+//! Before a signal is written (sent, edited or deleted), its api process (the *writer*) records the
+//! event it is about to make true in the store's outbox, under its writer id and a ten-second
+//! bucket. Once the bus acknowledges the event, the entry is removed; until then the writer retries
+//! the publish. A writer records a heartbeat every `bus.outbox_sweep_interval_ms`. Another api
+//! process (or the same store's next process after a restart) that finds a writer silent for
+//! `bus.outbox_silent_after_ms` claims its sweep, publishes every entry it left whose change is
+//! stored (read back from the store), removes the entries and forgets the writer.
+//!
+//! Why nothing is lost: an entry exists before the change, and is removed only after the bus took
+//! the event or the change was found not stored. Why nothing is doubled: an entry's envelope id is
+//! the event's id (a signal's id for `signal.created`), so a publish by the sweeper that repeats
+//! one the writer made before it died is dropped by the log within its duplicate window.
+//! Why nothing phantom is published: the sweeper publishes the change as the store holds it, and
+//! nothing for a change the store does not hold (the write failed, or lost a send-parity race).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_schema::{Envelope, Event, Signal};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::error::ApiResult;
+use crate::state::ApiState;
+use crate::store::{OutboxEntry, Store, StoreError};
+
+/// The width of an outbox bucket, in milliseconds.
+pub const BUCKET_MS: i64 = 10_000;
+
+/// How long a sweep claim holds, in seconds: a sweeper that dies leaves the writer to another.
+const CLAIM_TTL_SECS: i32 = 600;
+
+/// The outbox bucket of a time in milliseconds since the epoch.
+pub fn bucket_of(ms: i64) -> i64 {
+    ms.div_euclid(BUCKET_MS)
+}
+
+/// This process as a writer of outbox entries.
+pub struct Outbox {
+    writer: Uuid,
+    started_ms: i64,
+    /// Set once the first heartbeat is stored: a writer must be on record before its first entry,
+    /// or no sweeper would look for its entries.
+    registered: tokio::sync::OnceCell<()>,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            writer: Uuid::now_v7(),
+            started_ms: confab_runtime::presence::now_ms(),
+            registered: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
+/// An event recorded in the outbox, to be removed once published (or once its change is known
+/// not to be stored).
+#[derive(Clone, Copy, Debug)]
+#[must_use = "an intent left alone stays in the outbox until a sweep"]
+pub struct Intent {
+    bucket: i64,
+    id: Uuid,
+}
+
+impl Outbox {
+    pub fn writer(&self) -> Uuid {
+        self.writer
+    }
+
+    async fn register(&self, store: &dyn Store) -> Result<(), StoreError> {
+        self.registered
+            .get_or_try_init(|| async {
+                store
+                    .outbox_heartbeat(
+                        self.writer,
+                        self.started_ms,
+                        confab_runtime::presence::now_ms(),
+                    )
+                    .await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Records `envelope` before its change is stored.
+    pub(crate) async fn intend(&self, store: &dyn Store, envelope: &Envelope) -> ApiResult<Intent> {
+        self.register(store).await?;
+        let intent = Intent {
+            bucket: bucket_of(confab_runtime::presence::now_ms()),
+            id: envelope.id,
+        };
+        let body = serde_json::to_vec(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        store
+            .outbox_put(
+                self.writer,
+                &OutboxEntry {
+                    bucket: intent.bucket,
+                    id: intent.id,
+                    envelope: body,
+                },
+            )
+            .await?;
+        Ok(intent)
+    }
+
+    /// Removes an entry, in the background: a leftover is only published again by a sweep (and
+    /// dropped by the log as a copy), never lost.
+    pub(crate) fn settle(&self, store: &Arc<dyn Store>, intent: Intent) {
+        let store = Arc::clone(store);
+        let writer = self.writer;
+        tokio::spawn(async move {
+            if let Err(error) = store.outbox_remove(writer, intent.bucket, intent.id).await {
+                metrics::counter!("confab_outbox_remove_failures_total").increment(1);
+                tracing::debug!(%error, "outbox entry not removed; a sweep will find it");
+            }
+        });
+    }
+}
+
+/// How the sweeper runs.
+#[derive(Clone, Copy, Debug)]
+pub struct SweepSettings {
+    /// How often to record this writer's heartbeat and look for silent writers.
+    pub interval: Duration,
+    /// How long a writer may be silent before it is swept.
+    pub silent_after: Duration,
+}
+
+impl ApiState {
+    /// Records this writer alive, then publishes what silent writers left in the outbox. Answers
+    /// how many events it published.
+    pub async fn sweep_outbox(&self, settings: SweepSettings) -> ApiResult<usize> {
+        let now = confab_runtime::presence::now_ms();
+        let outbox = &self.outbox;
+        self.store
+            .outbox_heartbeat(outbox.writer, outbox.started_ms, now)
+            .await?;
+        let silent_after = i64::try_from(settings.silent_after.as_millis()).unwrap_or(i64::MAX);
+        let mut published = 0;
+        for silent in self.store.outbox_writers().await? {
+            if silent.writer == outbox.writer || silent.seen_ms > now - silent_after {
+                continue;
+            }
+            if !self
+                .store
+                .outbox_claim(silent.writer, outbox.writer, CLAIM_TTL_SECS)
+                .await?
+            {
+                continue;
+            }
+            // A writer may have written until one silence after its last heartbeat.
+            let last = bucket_of(silent.seen_ms.saturating_add(silent_after)).min(bucket_of(now));
+            let entries = self
+                .store
+                .outbox_entries(silent.writer, bucket_of(silent.started_ms), last)
+                .await?;
+            tracing::info!(writer = %silent.writer, entries = entries.len(), "sweeping the outbox of a silent api process");
+            for entry in entries {
+                if self.republish(&entry).await? {
+                    published += 1;
+                }
+                self.store
+                    .outbox_remove(silent.writer, entry.bucket, entry.id)
+                    .await?;
+            }
+            self.store.outbox_forget_writer(silent.writer).await?;
+        }
+        Ok(published)
+    }
+
+    /// Publishes an entry's event as the store holds its change now; `false` when the change is
+    /// not stored (or is superseded) and nothing was published. Fails when the bus refuses, so
+    /// the entry stays for the next sweep.
+    async fn republish(&self, entry: &OutboxEntry) -> ApiResult<bool> {
+        let Ok(envelope) = serde_json::from_slice::<Envelope>(&entry.envelope) else {
+            metrics::counter!("confab_outbox_unreadable_total").increment(1);
+            tracing::warn!(id = %entry.id, "unreadable outbox entry dropped");
+            return Ok(false);
+        };
+        let stored = match &envelope.event {
+            Event::SignalCreated(signal)
+            | Event::SignalUpdated(signal)
+            | Event::SignalDeleted(signal) => {
+                self.store.get_signal(signal.chat_id, signal.id).await?
+            }
+            _ => None,
+        };
+        let Some(event) = stored_event(&envelope.event, stored) else {
+            return Ok(false);
+        };
+        let event = match event {
+            Event::SignalUpdated(mut signal) => {
+                self.resolve_attachments(std::slice::from_mut(&mut signal))
+                    .await?;
+                Event::SignalUpdated(signal)
+            }
+            other => other,
+        };
+        self.bus
+            .publish(&Envelope { event, ..envelope })
+            .await
+            .map_err(crate::error::ApiError::from)?;
+        metrics::counter!("confab_outbox_republished_total").increment(1);
+        Ok(true)
+    }
+
+    /// Sweeps every `settings.interval` until `shutdown`.
+    pub fn start_outbox_sweeper(
+        self,
+        settings: SweepSettings,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                if let Err(error) = self.sweep_outbox(settings).await {
+                    metrics::counter!("confab_outbox_sweep_failures_total").increment(1);
+                    tracing::warn!(%error, "outbox sweep failed; trying again");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(settings.interval) => {}
+                }
+            }
+        })
+    }
+}
+
+/// The event to publish for an outbox entry, given its signal as stored now (`None`: not stored).
+fn stored_event(intended: &Event, stored: Option<Signal>) -> Option<Event> {
+    let stored = stored?;
+    match intended {
+        // The entry named this signal id: stored means this send won (or was alone).
+        Event::SignalCreated(sent) => Some(Event::SignalCreated(Signal {
+            reactions: Default::default(),
+            ..if stored.deleted { stored } else { sent.clone() }
+        })),
+        // An edit of a message deleted since: the deletion's event tells the truth.
+        Event::SignalUpdated(_) if !stored.deleted && stored.edited_at.is_some() => {
+            Some(Event::SignalUpdated(stored))
+        }
+        Event::SignalDeleted(_) if stored.deleted => Some(Event::SignalDeleted(Signal {
+            attachments: Vec::new(),
+            ..stored
+        })),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use confab_schema::{ChatId, SignalId, SignalKind, UserId};
+
+    use super::*;
+
+    fn signal(text: &str) -> Signal {
+        let id = SignalId::new();
+        Signal {
+            id,
+            chat_id: ChatId::new(),
+            kind: SignalKind::Message,
+            author_id: UserId::from_subject("outbox", "author"),
+            created_at: id.created_at().expect("v7"),
+            nonce: None,
+            text: Some(text.into()),
+            reply_to: None,
+            attachments: Vec::new(),
+            edited_at: None,
+            deleted: false,
+            reactions: Default::default(),
+        }
+    }
+
+    #[test]
+    fn nothing_is_published_for_a_change_that_is_not_stored() {
+        let sent = signal("never stored");
+        for intended in [
+            Event::SignalCreated(sent.clone()),
+            Event::SignalUpdated(sent.clone()),
+            Event::SignalDeleted(sent.clone()),
+        ] {
+            assert_eq!(stored_event(&intended, None), None);
+        }
+    }
+
+    #[test]
+    fn the_event_tells_what_the_store_holds() {
+        let sent = signal("hello");
+        assert_eq!(
+            stored_event(&Event::SignalCreated(sent.clone()), Some(sent.clone())),
+            Some(Event::SignalCreated(sent.clone()))
+        );
+        let edited = Signal {
+            text: Some("hello, edited".into()),
+            edited_at: Some(sent.created_at),
+            ..sent.clone()
+        };
+        assert_eq!(
+            stored_event(&Event::SignalUpdated(sent.clone()), Some(edited.clone())),
+            Some(Event::SignalUpdated(edited.clone()))
+        );
+        // The edit did not land (the store holds no edit): nothing to announce.
+        assert_eq!(
+            stored_event(&Event::SignalUpdated(sent.clone()), Some(sent.clone())),
+            None
+        );
+        let tombstone = Signal {
+            text: None,
+            deleted: true,
+            ..edited.clone()
+        };
+        // An edit overtaken by a deletion, and a deletion that did not land, announce nothing.
+        assert_eq!(
+            stored_event(&Event::SignalUpdated(sent.clone()), Some(tombstone.clone())),
+            None
+        );
+        assert_eq!(
+            stored_event(&Event::SignalDeleted(sent.clone()), Some(edited)),
+            None
+        );
+        assert_eq!(
+            stored_event(&Event::SignalDeleted(sent), Some(tombstone.clone())),
+            Some(Event::SignalDeleted(tombstone))
+        );
+    }
+}
