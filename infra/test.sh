@@ -32,10 +32,15 @@ timeout --kill-after=30 2400 cargo test --workspace --locked 2>&1 | tee .infra/t
 cargo run --quiet --locked -- openapi > .infra/openapi.json
 "${CONFAB_INFRA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/confab-infra}/venv/bin/openapi-spec-validator" .infra/openapi.json
 
+# The web client in a real Chromium (Debian's package, installed when missing).
+timeout --kill-after=30 600 bash infra/browser-tests.sh 2>&1 | tee .infra/browser-output.log
+
 # Stop what this script started before the closing line, so that line is the last one printed.
 stop_services
 trap - EXIT
 
 # One closing line for the whole suite, summed over every test binary.
-awk '/^test result:/ { passed += $4; failed += $6 } END { printf "confab: %d passed, %d failed\n", passed, failed }' \
-  .infra/test-output.log
+awk '/^test result:/ { passed += $4; failed += $6 }
+     /^# pass / { passed += $3 } /^# fail / { failed += $3 }
+     END { printf "confab: %d passed, %d failed\n", passed, failed }' \
+  .infra/test-output.log .infra/browser-output.log

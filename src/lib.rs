@@ -10,6 +10,7 @@ pub mod bench_reads;
 pub mod bench_search;
 pub mod bench_store;
 pub mod reindex;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -393,6 +394,12 @@ pub async fn build(
         );
         router = router.merge(routes);
         openapi.merge(doc);
+        // The web client; its dev sign-in only where dev tokens are the identity anyway.
+        let dev_sign_in = match (role, config.identity.mode) {
+            (Role::Serve, IdentityMode::Dev) => Some(DevIdentity::open(&config.data_dir)?),
+            _ => None,
+        };
+        router = router.merge(crate::web::routes(dev_sign_in));
     }
     if matches!(role, Role::Serve | Role::Notifier | Role::WsPlexer) {
         let hub = Hub::new(

@@ -591,6 +591,49 @@ async fn burst_into_one_chat(stack: Stack) {
     app.stop().await;
 }
 
+/// A user's profile: whole for themself, without the e-mail address for someone they chat with,
+/// and no profile at all for a stranger.
+async fn profiles_are_for_people_who_chat(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let carol = app.token("carol").await;
+    let bob_id = app.me(&bob).await;
+    app.me(&carol).await;
+    app.group_chat(&alice, &[&bob_id]).await;
+    let path = format!("/v1/users/{bob_id}");
+
+    let (status, own) = status_of(app.get(&bob, &path).await).await;
+    assert_eq!(status, 200);
+    let me: Value = app.get(&bob, "/v1/me").await.json().await.unwrap();
+    assert_eq!(own, me, "their own profile, e-mail included");
+    assert!(own["email"].is_string(), "{own}");
+
+    let (status, seen) = status_of(app.get(&alice, &path).await).await;
+    assert_eq!(status, 200);
+    assert_eq!(seen["username"], "bob");
+    assert!(seen["email"].is_null(), "no e-mail for others: {seen}");
+
+    let (status, problem) = status_of(app.get(&carol, &path).await).await;
+    assert_eq!((status, problem["status"].as_u64()), (404, Some(404)));
+    let (status, _) = status_of(app.get(&alice, "/v1/users/not-an-id").await).await;
+    assert_eq!(status, 400);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn profiles_are_for_people_who_chat_on_the_embedded_default() {
+    Box::pin(profiles_are_for_people_who_chat(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn profiles_are_for_people_who_chat_on_the_real_stack() {
+    if !support::real_stack_available("profiles_are_for_people_who_chat_on_the_real_stack").await {
+        return;
+    }
+    Box::pin(profiles_are_for_people_who_chat(Stack::Real)).await;
+}
+
 #[tokio::test]
 async fn burst_into_one_chat_on_the_embedded_default() {
     Box::pin(burst_into_one_chat(Stack::Embedded)).await;
@@ -730,6 +773,6 @@ async fn openapi_is_served_and_lists_every_route() {
             "{expected} is not documented"
         );
     }
-    assert_eq!(operations.len(), 41, "{operations:?}");
+    assert_eq!(operations.len(), 42, "{operations:?}");
     app.stop().await;
 }

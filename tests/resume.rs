@@ -142,6 +142,60 @@ async fn resume_replays_exactly_what_was_missed_on_the_real_stack() {
     }
 }
 
+/// A client that dropped before its first event resumes from the `ready` event's id, and gets
+/// what was sent meanwhile: a fresh stream states where it starts.
+async fn a_fresh_stream_resumes_from_its_ready_id(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    // Events of others before bob connects: the ready id is past them.
+    send(&app, &alice, &chat, "before").await;
+
+    let fresh = SseStream::open(app.http.get(events_url(&app)).bearer_auth(&bob)).await;
+    let start = fresh
+        .ready_id
+        .clone()
+        .expect("a fresh stream's ready event has an id");
+    drop(fresh);
+    send(&app, &alice, &chat, "while away").await;
+    let mut resumed = SseStream::open(
+        app.http
+            .get(events_url(&app))
+            .bearer_auth(&bob)
+            .header("Last-Event-ID", &start),
+    )
+    .await;
+    assert_eq!(
+        resumed.ready_id, None,
+        "a resumed stream keeps the client's id"
+    );
+    send(&app, &alice, &chat, "live").await;
+    let messages: Vec<String> = read_until_message(&mut resumed, "live")
+        .await
+        .iter()
+        .filter(|e| e.event == "signal.created")
+        .map(|e| e.data["data"]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(messages, ["while away", "live"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_fresh_stream_resumes_from_its_ready_id_on_the_embedded_default() {
+    Box::pin(a_fresh_stream_resumes_from_its_ready_id(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn a_fresh_stream_resumes_from_its_ready_id_on_the_real_stack() {
+    if support::real_stack_available("a_fresh_stream_resumes_from_its_ready_id_on_the_real_stack")
+        .await
+    {
+        Box::pin(a_fresh_stream_resumes_from_its_ready_id(Stack::Real)).await;
+    }
+}
+
 async fn resume_follows_membership(stack: Stack) {
     let app = spawn_app(stack).await;
     let alice = app.token("alice").await;

@@ -15,7 +15,8 @@ pub fn event_types() -> Vec<String> {
         .collect()
 }
 
-/// One JSON schema per [`Event`] variant: `{"type": <name>, "data": <payload>}`.
+/// One JSON schema per [`Event`] variant: `{"type": <name>, "data": <payload>}` (the messages add
+/// `chat_id`).
 fn variants() -> Vec<Value> {
     let schema = serde_json::to_value(Event::schema()).unwrap_or(Value::Null);
     schema["oneOf"].as_array().cloned().unwrap_or_default()
@@ -30,6 +31,20 @@ fn components() -> Map<String, Value> {
         components.insert(name, serde_json::to_value(schema).unwrap_or(Value::Null));
     }
     components
+}
+
+/// A variant's schema with the `chat_id` every event carries beside its `type` and `data`.
+fn with_chat_id(mut variant: Value) -> Value {
+    if let Some(properties) = variant["properties"].as_object_mut() {
+        properties.insert(
+            "chat_id".into(),
+            json!({"type": "string", "format": "uuid", "description": "The chat the event belongs to."}),
+        );
+    }
+    if let Some(required) = variant["required"].as_array_mut() {
+        required.push(json!("chat_id"));
+    }
+    variant
 }
 
 fn message_name(event_type: &str) -> String {
@@ -66,7 +81,7 @@ pub fn document() -> Value {
                 } else {
                     "Logged: carries an id (its sequence) a client resumes from."
                 },
-                "payload": variant,
+                "payload": with_chat_id(variant.clone()),
             }),
         );
         sse_messages.insert(
@@ -77,8 +92,8 @@ pub fn document() -> Value {
     }
     let frame = |properties: Value, required: &[&str]| json!({"type": "object", "required": required, "properties": properties});
     let ws_frames = json!({
-        "ws_event": {"name": "event", "summary": "An event: the `type` and `data` of an SSE event, with its id (absent for ephemeral ones).",
-            "payload": frame(json!({"type": {"const": "event"}, "id": {"type": "string"}, "event": {"type": "string", "enum": ws_event_types}, "data": {}}), &["type", "event", "data"])},
+        "ws_event": {"name": "event", "summary": "An event: the `type`, `chat_id` and `data` of an SSE event, with its id (absent for ephemeral ones).",
+            "payload": frame(json!({"type": {"const": "event"}, "id": {"type": "string"}, "event": {"type": "string", "enum": ws_event_types}, "chat_id": {"type": "string", "format": "uuid"}, "data": {}}), &["type", "event", "chat_id", "data"])},
         "ws_ready": {"name": "ready", "payload": frame(json!({"type": {"const": "ready"}}), &["type"])},
         "ws_reset": {"name": "reset", "summary": "The stream could not resume: re-read the chat list and history.",
             "payload": frame(json!({"type": {"const": "reset"}, "reason": {"type": "string", "enum": ["expired", "unknown-id", "too-far-behind"]}}), &["type", "reason"])},

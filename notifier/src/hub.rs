@@ -63,6 +63,7 @@ struct WsEventFrame<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<String>,
     event: &'static str,
+    chat_id: &'a serde_json::Value,
     data: &'a serde_json::Value,
 }
 
@@ -73,6 +74,7 @@ impl Outgoing {
             r#type: "event",
             id: (event.seq > 0).then(|| event.seq.to_string()),
             event: event.envelope.event.kind().as_str(),
+            chat_id: &client["chat_id"],
             data: &client["data"],
         })
         .unwrap_or_default();
@@ -229,6 +231,8 @@ struct Registration {
     id: u64,
     /// The user had no other connection on this node.
     first_on_node: bool,
+    /// The last sequence dispatched before it was registered: it receives what comes after.
+    after: u64,
     events: mpsc::Receiver<Arc<Outgoing>>,
 }
 
@@ -256,9 +260,18 @@ pub struct Subscription {
     queue: VecDeque<Item>,
     /// Routed events up to this sequence were replayed already.
     skip_up_to: u64,
+    /// Whether it resumes after a client's last event id.
+    resumed: bool,
 }
 
 impl Subscription {
+    /// For a fresh stream, the position it starts after: it delivers the user's events after
+    /// this sequence, so a client that received none yet resumes from here (the `ready` event's
+    /// id). `None` for a resumed stream, whose client has its own last id.
+    pub fn fresh_after(&self) -> Option<u64> {
+        (!self.resumed).then_some(self.registration.after)
+    }
+
     /// The next item, or `None` when the hub dropped this connection (it fell behind, or the node
     /// is shutting down): the client reconnects and resumes.
     pub async fn next(&mut self) -> Option<Item> {
@@ -437,6 +450,7 @@ impl Hub {
             registration,
             queue,
             skip_up_to,
+            resumed: resume_after.is_some(),
         })
     }
 
@@ -444,7 +458,9 @@ impl Hub {
         let (sender, events) = mpsc::channel(self.buffer);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut first_on_node = false;
+        let mut after = 0;
         if let Ok(mut routes) = self.routes.write() {
+            after = routes.last_seq;
             if routes.connections.len() >= self.caps.per_node {
                 metrics::counter!("confab_notifier_refused_total", "cap" => "node").increment(1);
                 return Err(OpenError::NodeFull);
@@ -472,6 +488,7 @@ impl Hub {
             hub: self.clone(),
             id,
             first_on_node,
+            after,
             events,
         })
     }

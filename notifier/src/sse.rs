@@ -169,9 +169,13 @@ async fn events(
         Err(error) => return open_problem(&error).into_response(),
     };
     tracing::debug!(%user, ?resume_after, "event stream opened");
-    let ready = stream::once(async {
-        Ok::<_, Infallible>(Bytes::from_static(b"event: ready\ndata: {}\n\n"))
-    });
+    // A fresh stream's `ready` carries the position it starts after, so a client that drops
+    // before any event resumes from there instead of missing what came meanwhile.
+    let ready = match subscription.fresh_after() {
+        Some(after) => Bytes::from(format!("id: {after}\nevent: ready\ndata: {{}}\n\n")),
+        None => Bytes::from_static(b"event: ready\ndata: {}\n\n"),
+    };
+    let ready = stream::once(async move { Ok::<_, Infallible>(ready) });
     let shutdown = state.shutdown.clone();
     // The stream ends when the token it was opened with expires; the client reconnects with a
     // fresh one and resumes.

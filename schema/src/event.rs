@@ -209,9 +209,14 @@ impl Envelope {
         self
     }
 
-    /// The event's `type` and `data` as the JSON a client receives.
+    /// The event's `type`, `chat_id` and `data` as the JSON a client receives: the chat, because
+    /// a marker, reaction or membership change does not name it in its data.
     pub fn client_json(&self) -> serde_json::Value {
-        serde_json::to_value(&self.event).unwrap_or(serde_json::Value::Null)
+        let mut json = serde_json::to_value(&self.event).unwrap_or(serde_json::Value::Null);
+        if let Some(object) = json.as_object_mut() {
+            object.insert("chat_id".into(), serde_json::json!(self.chat_id));
+        }
+        json
     }
 }
 
@@ -256,6 +261,10 @@ mod tests {
         let back: Envelope = serde_json::from_value(json).expect("deserialises");
         assert_eq!(back, envelope);
         assert_eq!(envelope.client_json()["type"], "signal.created");
+        assert_eq!(
+            envelope.client_json()["chat_id"],
+            serde_json::json!(envelope.chat_id)
+        );
         assert_eq!(
             envelope.id,
             id.as_uuid(),

@@ -414,6 +414,8 @@ pub async fn keycloak_token_at(
 pub struct SseStream {
     body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buffer: String,
+    /// The `ready` event's id: where a fresh stream starts (none on a resumed one).
+    pub ready_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -438,9 +440,11 @@ impl SseStream {
         let mut stream = SseStream {
             body: response.bytes_stream().boxed(),
             buffer: String::new(),
+            ready_id: None,
         };
         let ready = stream.next_event().await;
         assert_eq!(ready.event, "ready");
+        stream.ready_id = ready.id;
         stream
     }
 

@@ -7,6 +7,22 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 
 impl ApiState {
+    /// 404 unless `caller` is `user` or shares a chat with them: what one user may see of
+    /// another (their profile, their presence) is for people they chat with.
+    pub async fn require_shared_chat(&self, caller: UserId, user: UserId) -> ApiResult<()> {
+        if caller == user {
+            return Ok(());
+        }
+        let (mine, theirs) =
+            futures::try_join!(self.store.chats_of(caller), self.store.chats_of(user))?;
+        let mine: std::collections::HashSet<_> = mine.into_iter().collect();
+        if theirs.iter().any(|chat| mine.contains(chat)) {
+            Ok(())
+        } else {
+            Err(ApiError::NotFound("no such user"))
+        }
+    }
+
     /// The caller's role in `chat`: 404 when the chat does not exist, 403 when it does but the
     /// caller is not in it.
     pub async fn require_member(&self, chat: ChatId, caller: UserId) -> ApiResult<MemberRole> {

@@ -78,14 +78,7 @@ impl ApiState {
     /// A user's presence, for themselves and for users who share a chat with them; anyone else is
     /// told there is no such user.
     pub async fn presence_of(&self, caller: UserId, user: UserId) -> ApiResult<UserPresence> {
-        if caller != user {
-            let (mine, theirs) =
-                futures::try_join!(self.store.chats_of(caller), self.store.chats_of(user))?;
-            let mine: std::collections::HashSet<_> = mine.into_iter().collect();
-            if !theirs.iter().any(|chat| mine.contains(chat)) {
-                return Err(ApiError::NotFound("no such user"));
-            }
-        }
+        self.require_shared_chat(caller, user).await?;
         Ok(self.presence.get(user).await?.view(user, now_ms()))
     }
 

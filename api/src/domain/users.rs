@@ -7,7 +7,7 @@ use confab_schema::{User, UserId};
 
 use super::inputs::{PageLimit, UserQuery};
 use super::paging::{Page, Pager};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 use crate::store::search_users;
 
@@ -41,6 +41,21 @@ impl ApiState {
             }
         }
         Ok(user)
+    }
+
+    /// A user's profile, for themself and for users who share a chat with them; their e-mail
+    /// address only for themself.
+    pub async fn user_profile(&self, caller: UserId, user: UserId) -> ApiResult<User> {
+        self.require_shared_chat(caller, user).await?;
+        let mut profile = self
+            .store
+            .get_user(user)
+            .await?
+            .ok_or(ApiError::NotFound("no such user"))?;
+        if caller != user {
+            profile.email = None;
+        }
+        Ok(profile)
     }
 
     /// Users whose user name, display name or e-mail address starts with `query`, each once.

@@ -113,6 +113,7 @@ fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(users::search))
         .routes(routes!(users::set_status))
         .routes(routes!(users::presence))
+        .routes(routes!(users::get))
         .routes(routes!(chats::create, chats::list))
         .routes(routes!(chats::get, chats::update))
         .routes(routes!(members::list, members::add))

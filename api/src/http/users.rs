@@ -66,6 +66,26 @@ pub async fn presence(
     Ok(Json(state.presence_of(caller.id, user_id).await?))
 }
 
+/// A user's profile: for the caller and the users who share a chat with them (the e-mail address
+/// only in the caller's own).
+#[utoipa::path(
+    get, operation_id = "get_user", path = "/v1/users/{user_id}", tag = "users",
+    params(("user_id" = UserId, Path, description = "The user")),
+    responses(
+        (status = 200, description = "OK", body = User),
+        (status = 404, description = "No such user, or none sharing a chat with the caller", body = Problem, content_type = "application/problem+json"),
+        CallerErrors,
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiPath(user_id): ApiPath<UserId>,
+) -> ApiResult<Json<User>> {
+    Ok(Json(state.user_profile(caller.id, user_id).await?))
+}
+
 /// The caller, as provisioned from their token.
 #[utoipa::path(
     get, operation_id = "me", path = "/v1/me", tag = "users",
