@@ -32,6 +32,10 @@ timeout --kill-after=30 2400 cargo test --workspace --locked 2>&1 | tee .infra/t
 cargo run --quiet --locked -- openapi > .infra/openapi.json
 "${CONFAB_INFRA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/confab-infra}/venv/bin/openapi-spec-validator" .infra/openapi.json
 
+# Fuzz every operation from that description against `confab serve` (bounded in time): no 5xx,
+# no response the description does not allow.
+bash infra/fuzz-api.sh
+
 # Stop what this script started before the closing line, so that line is the last one printed.
 stop_services
 trap - EXIT
