@@ -35,6 +35,10 @@ cargo run --quiet --locked -- openapi > .infra/openapi.json
 # The web client in a real Chromium (Debian's package, installed when missing).
 timeout --kill-after=30 600 bash infra/browser-tests.sh 2>&1 | tee .infra/browser-output.log
 
+# Fuzz every operation from that description against `confab serve` (bounded in time): no 5xx,
+# no response the description does not allow.
+bash infra/fuzz-api.sh
+
 # Stop what this script started before the closing line, so that line is the last one printed.
 stop_services
 trap - EXIT

@@ -683,6 +683,18 @@ async fn openapi_is_served_and_lists_every_route() {
             "dangling reference to {name}"
         );
     }
+    // Enums are documented by their wire names, as they are served.
+    for (schema, names) in [
+        ("ChatKind", json!(["direct", "group"])),
+        ("MemberRole", json!(["owner", "admin", "member"])),
+    ] {
+        assert_eq!(
+            doc["components"]["schemas"][schema]["enum"], names,
+            "{schema}"
+        );
+    }
+    // A JSON body without a JSON content type is refused with a documented 415.
+    assert!(doc["paths"]["/v1/chats"]["post"]["responses"]["415"].is_object());
     // Every documented operation is routed (never the not-found or wrong-method fallback)...
     let token = app.token("alice").await;
     let id = uuid::Uuid::now_v7();

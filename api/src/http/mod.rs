@@ -74,7 +74,8 @@ pub fn openapi_base() -> utoipa::openapi::OpenApi {
 
 /// The API routes under `/v1`, with their OpenAPI description.
 pub fn routes(state: ApiState) -> (axum::Router, utoipa::openapi::OpenApi) {
-    let (router, openapi) = router().with_state(state).split_for_parts();
+    let (router, mut openapi) = router().with_state(state).split_for_parts();
+    document_json_bodies(&mut openapi);
     (
         router.layer(axum::middleware::from_fn(run_changes_to_completion)),
         openapi,
@@ -104,7 +105,55 @@ async fn run_changes_to_completion(
 
 /// The OpenAPI description of the API routes.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    router().into_openapi()
+    let mut openapi = router().into_openapi();
+    document_json_bodies(&mut openapi);
+    openapi
+}
+
+/// Every JSON body is read by [`ApiJson`], which refuses one without a JSON content type (415) or
+/// over its size limit (413): documented here, once, for every operation that takes one.
+fn document_json_bodies(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{Content, Ref, RefOr, ResponseBuilder};
+    for item in openapi.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            let takes_json = operation
+                .request_body
+                .as_ref()
+                .is_some_and(|body| match body {
+                    RefOr::T(body) => body.content.contains_key("application/json"),
+                    RefOr::Ref(_) => false,
+                });
+            if !takes_json {
+                continue;
+            }
+            for (status, description) in [
+                ("413", "The body is larger than allowed"),
+                ("415", "The body is not declared as JSON"),
+            ] {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| {
+                        ResponseBuilder::new()
+                            .description(description)
+                            .content(
+                                "application/problem+json",
+                                Content::new(Some(Ref::from_schema_name("Problem"))),
+                            )
+                            .build()
+                            .into()
+                    });
+            }
+        }
+    }
 }
 
 fn router() -> OpenApiRouter<ApiState> {
