@@ -388,6 +388,7 @@ async fn logout_all_ends_streams(stack: Stack) {
     let app = spawn_app(stack).await;
     let alice = app.token("alice").await;
     let bob = app.token("bob").await;
+    let alice_id = app.me(&alice).await;
     let alice_ticket = ticket(&app, &alice).await;
     let mut alices = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&alice)).await;
     let mut bobs = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&bob)).await;
@@ -404,7 +405,7 @@ async fn logout_all_ends_streams(stack: Stack) {
         .unwrap();
     assert_eq!(stream.status(), 401, "a ticket issued before the logout");
     // bob is not affected: his stream carries his message.
-    let chat = app.group_chat(&bob, &[]).await;
+    let chat = app.group_chat(&bob, &[&alice_id]).await;
     let sent = app
         .post(
             &bob,
