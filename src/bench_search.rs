@@ -178,8 +178,13 @@ async fn measure(
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    let state = ApiState::new(Arc::clone(&store), bus, identity, &rand_secret())
-        .with_search(Arc::clone(&search));
+    let state = ApiState::new(
+        Arc::clone(&store),
+        bus,
+        identity,
+        &confab_runtime::signed::Keyring::random(),
+    )
+    .with_search(Arc::clone(&search));
     let (router, _) = confab_api::routes(state);
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
@@ -187,10 +192,6 @@ async fn measure(
     let outcome = measure_with(args, name, &*search, &*store, &base, &token).await;
     server.abort();
     outcome
-}
-
-fn rand_secret() -> Vec<u8> {
-    uuid::Uuid::new_v4().as_bytes().to_vec()
 }
 
 async fn measure_with(

@@ -40,6 +40,7 @@ use confab_runtime::identity::{DevIdentity, Identity, IdentityReadiness, OidcIde
 use confab_runtime::presence::{EmbeddedPresence, NatsPresence, Presence};
 use confab_runtime::problem;
 use confab_runtime::push_queue::{EmbeddedPushQueue, NatsPushQueue, PushQueue};
+use confab_runtime::revocation::{RevocationAware, Revocations};
 use confab_runtime::search::{MeiliSearch, Search, SearchError, TantivySearch};
 use confab_runtime::telemetry::{self, Readiness};
 use confab_runtime::vapid::VapidKeys;
@@ -287,13 +288,45 @@ pub fn open_identity(config: &Config) -> anyhow::Result<Arc<dyn Identity>> {
             &config.identity.issuer_url,
             config.client_ids(),
             config.identity.leeway_secs,
+            Duration::from_secs(config.identity.jwks_refresh_secs),
         )?),
     })
 }
 
-/// Dev identity accepts tokens anyone with the data directory can mint: loopback only.
-fn guard_dev_mode(config: &Config, addr: SocketAddr) -> anyhow::Result<()> {
+/// Where logouts are recorded: a NATS key-value bucket with the NATS bus (shared by every
+/// process), else this process's memory.
+pub async fn open_revocations(
+    config: &Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<Revocations>> {
+    let ttl = Duration::from_secs(config.identity.revocation_ttl_secs.max(60));
+    Ok(match config.bus.backend {
+        BusBackend::Embedded => Revocations::in_memory(ttl),
+        BusBackend::Nats => Revocations::nats(
+            &config.bus.nats_url,
+            &config.bus.subject_prefix,
+            ttl,
+            shutdown,
+        )
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("connecting to NATS for revocations")?,
+    })
+}
+
+/// Dev identity accepts tokens anyone with the data directory can mint: `confab serve` on loopback
+/// only, and the distributed roles only when `identity.allow_dev_in_distributed_roles` says so.
+fn guard_dev_mode(role: Role, config: &Config, addr: SocketAddr) -> anyhow::Result<()> {
     if config.identity.mode == IdentityMode::Dev {
+        if role != Role::Serve && !config.identity.allow_dev_in_distributed_roles {
+            bail!(
+                "confab {} refuses identity.mode = dev: anyone who can mint a dev token could be any \
+                 user. Configure identity.mode = oidc, or, for a test on one machine only, set \
+                 identity.allow_dev_in_distributed_roles = true \
+                 (CONFAB_IDENTITY__ALLOW_DEV_IN_DISTRIBUTED_ROLES=true).",
+                role.name()
+            );
+        }
         if !addr.ip().is_loopback() {
             bail!(
                 "identity.mode = dev accepts tokens from `confab dev-token`; it only binds loopback \
@@ -301,8 +334,9 @@ fn guard_dev_mode(config: &Config, addr: SocketAddr) -> anyhow::Result<()> {
             );
         }
         tracing::warn!(
-            "DEV IDENTITY MODE: tokens come from `confab dev-token`; this is NOT FOR PRODUCTION. \
-             Listening on loopback only."
+            role = role.name(),
+            "DEV IDENTITY MODE: tokens come from `confab dev-token`, and whoever can read the data \
+             directory can be any user; this is NOT FOR PRODUCTION. Listening on loopback only."
         );
     }
     Ok(())
@@ -321,11 +355,18 @@ pub async fn build(
     config: &Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<App> {
-    let secret = config.secret_bytes();
-    if config.secret_key.is_none() && role != Role::Serve {
-        tracing::warn!("secret_key is unset: cursors and tickets are valid on this process only");
+    let keyring = config.keyring_or_random()?;
+    if config.keyring()?.is_none() && role != Role::Serve {
+        tracing::warn!(
+            "secret_key is unset: cursors and tickets are valid on this process only, and only \
+             until it restarts"
+        );
     }
-    let identity = open_identity(config)?;
+    let revocations = open_revocations(config, shutdown.clone()).await?;
+    let identity: Arc<dyn Identity> = Arc::new(RevocationAware {
+        inner: open_identity(config)?,
+        revocations: Arc::clone(&revocations),
+    });
     let bus = open_bus(config).await?;
     let presence = open_presence(config).await?;
     let push_queue = open_push_queue(config).await?;
@@ -363,8 +404,9 @@ pub async fn build(
             Arc::clone(&store),
             Arc::clone(&bus),
             Arc::clone(&identity),
-            &secret,
+            &keyring,
         )
+        .with_cursor_ttl(config.cursor_ttl())
         .with_republish_window(config.log_settings().duplicate_window)
         .with_presence(Arc::clone(&presence))
         .with_push(PushSettings {
@@ -374,6 +416,7 @@ pub async fn build(
             ttl: config.push.ttl(),
         })
         .with_push_queue(Arc::clone(&push_queue))
+        .with_revocations(Arc::clone(&revocations))
         .with_attachments(attachment_settings(config, blobs));
         if let Some(search) = search {
             state = state.with_search(search);
@@ -412,7 +455,8 @@ pub async fn build(
         .with_caps(Caps {
             per_node: config.notifier.max_connections,
             per_user: config.notifier.max_connections_per_user,
-        });
+        })
+        .with_revocations(Arc::clone(&revocations));
         workers.push(
             hub.start(shutdown.clone())
                 .await
@@ -443,9 +487,10 @@ pub async fn build(
         }
         let auth = StreamAuth::new(
             Arc::clone(&identity),
-            &secret,
+            &keyring,
             Duration::from_secs(config.notifier.ticket_ttl_secs),
-        );
+        )
+        .with_revocations(Arc::clone(&revocations));
         if matches!(role, Role::Serve | Role::Notifier) {
             let (routes, doc) = confab_notifier::routes(NotifierState {
                 hub: hub.clone(),
@@ -510,7 +555,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    guard_dev_mode(&config, addr)?;
+    guard_dev_mode(role, &config, addr)?;
     // Boxed: building every service makes a large future.
     let app = Box::pin(build(role, &config, shutdown.clone())).await?;
     // Tests and scripts read this line to find a port chosen by the OS.

@@ -88,6 +88,9 @@ struct Case {
     body: Body,
     /// Anonymous, bad token, expired token, non-member, member, admin, owner.
     expect: [u16; 7],
+    /// It ends the caller's sessions: run after every other row, over HTTP only (its caller's
+    /// token is refused afterwards).
+    ends_sessions: bool,
 }
 
 const fn case(op: &'static str, expect: [u16; 7]) -> Case {
@@ -98,6 +101,7 @@ const fn case(op: &'static str, expect: [u16; 7]) -> Case {
         picks: &[],
         body: Body::None,
         expect,
+        ends_sessions: false,
     }
 }
 
@@ -116,6 +120,10 @@ impl Case {
     }
     const fn json(mut self, body: fn(&Fixture, Who) -> Value) -> Case {
         self.body = Body::Json(body);
+        self
+    }
+    const fn ends_sessions(mut self) -> Case {
+        self.ends_sessions = true;
         self
     }
     const fn bytes(mut self, content_type: &'static str) -> Case {
@@ -142,7 +150,18 @@ fn cases() -> Vec<Case> {
         )
         .note("the owner's: shown to who shares a chat with them")
         .picks(&[("user_id", Pick::User(Who::Owner))]),
+        case(
+            "GET /v1/users/{user_id}",
+            [401, 401, 401, 404, 200, 200, 200],
+        )
+        .note("the owner's profile: shown to who shares a chat with them")
+        .picks(&[("user_id", Pick::User(Who::Owner))]),
         case("GET /v1/me/settings", ANYONE),
+        case("POST /v1/me/logout-all", [401, 401, 401, 204, 204, 204, 204])
+            .note("the caller's own sessions")
+            .ends_sessions(),
+        case("POST /v1/auth/backchannel-logout", [400; 7])
+            .note("no logout token: the identity provider's signed token is what authorizes it"),
         case("PUT /v1/me/settings", ANYONE).json(|_, _| json!({"push_previews": false})),
         case("POST /v1/devices", [401, 401, 401, 201, 201, 201, 201])
             .json(|_, _| json!({"platform": "fcm", "token": unique_token()})),
@@ -607,6 +626,7 @@ async fn next_frame(socket: &mut Socket) -> Value {
 /// Whether a case can be made as a WebSocket request frame: JSON calls, not the streams.
 fn as_frame(case: &Case) -> bool {
     !matches!(case.body, Body::Bytes(_))
+        && !case.ends_sessions
         && !case.op.starts_with("GET /v1/ws")
         && !case.op.contains(" /v1/events")
 }
@@ -663,7 +683,9 @@ async fn documented_operations(app: &TestApp) -> BTreeSet<String> {
 
 async fn authorization_matrix(stack: Stack) {
     let app = spawn_app(stack).await;
-    let cases = cases();
+    let mut cases = cases();
+    // The rows that end sessions go last, so every other row runs with live tokens.
+    cases.sort_by_key(|case| case.ends_sessions);
 
     // Every documented operation has a row, and every row a documented operation.
     let documented = documented_operations(&app).await;
@@ -697,7 +719,8 @@ async fn authorization_matrix(stack: Stack) {
                 continue;
             };
             let fresh;
-            let fixture = if changes && who.signed_in() {
+            // A row that ends sessions needs no fixture, and could not make one afterwards.
+            let fixture = if changes && who.signed_in() && !case.ends_sessions {
                 fresh = make_fixture(&app, &tokens, false, case.op.contains("{device_id}")).await;
                 &fresh
             } else {

@@ -162,7 +162,7 @@ async fn distributed_services_run_the_flow_on_the_real_stack() {
         ("CONFAB_IDENTITY__MODE", "oidc".to_owned()),
         ("CONFAB_IDENTITY__ISSUER_URL", support::oidc_issuer()),
         ("CONFAB_IDENTITY__CLIENT_IDS", support::oidc_client()),
-        ("CONFAB_SECRET_KEY", support::unique("s")),
+        ("CONFAB_SECRET_KEY", support::secret()),
         ("CONFAB_API__LISTEN", "127.0.0.1:0".to_owned()),
         ("CONFAB_NOTIFIER__LISTEN", "127.0.0.1:0".to_owned()),
         ("CONFAB_WS_PLEXER__LISTEN", "127.0.0.1:0".to_owned()),
@@ -263,7 +263,7 @@ async fn two_api_processes_racing_one_nonce_store_one_signal() {
         ("CONFAB_IDENTITY__MODE", "oidc".to_owned()),
         ("CONFAB_IDENTITY__ISSUER_URL", support::oidc_issuer()),
         ("CONFAB_IDENTITY__CLIENT_IDS", support::oidc_client()),
-        ("CONFAB_SECRET_KEY", support::unique("s")),
+        ("CONFAB_SECRET_KEY", support::secret()),
         ("CONFAB_API__LISTEN", "127.0.0.1:0".to_owned()),
     ]
     .into_iter()

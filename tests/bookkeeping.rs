@@ -411,7 +411,7 @@ async fn a_stored_send_succeeds_when_bookkeeping_fails_and_catches_up() {
             EmbeddedBus::open(&dir.path().join("events.sqlite3"), Default::default()).unwrap(),
         ),
         identity,
-        b"bookkeeping test secret",
+        &confab_runtime::signed::Keyring::random(),
     );
     let (router, _) = routes(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

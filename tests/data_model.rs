@@ -779,12 +779,14 @@ async fn openapi_is_served_and_lists_every_route() {
         "GET /v1/attachments/{attachment_id}",
         "GET /v1/attachments/{attachment_id}/thumbnail",
         "GET /v1/attachments/{attachment_id}/preview",
+        "POST /v1/me/logout-all",
+        "POST /v1/auth/backchannel-logout",
     ] {
         assert!(
             operations.iter().any(|o| o == expected),
             "{expected} is not documented"
         );
     }
-    assert_eq!(operations.len(), 42, "{operations:?}");
+    assert_eq!(operations.len(), 44, "{operations:?}");
     app.stop().await;
 }

@@ -13,7 +13,15 @@ use confab_api::store::embedded::EmbeddedStore;
 use confab_notifier::auth::StreamAuth;
 use confab_runtime::bus::{EmbeddedBus, LogSettings};
 use confab_runtime::identity::{DevIdentity, Identity, OidcIdentity, bearer_token};
-use confab_runtime::signed::{SignedError, Signer};
+use confab_runtime::signed::{Keyring, SignedError, Signer};
+
+const SECRET: &str = "a deployment secret of some length, 32 bytes at least";
+const OTHER_SECRET: &str = "another deployment's secret value, also long enough";
+const TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn keyring(secret: &str) -> Keyring {
+    Keyring::single(secret).expect("a strong secret")
+}
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -60,20 +68,20 @@ fn payload() -> impl Strategy<Value = (String, i64, Vec<u8>)> {
 proptest! {
     #[test]
     fn signed_tokens_never_verify_from_client_text(text in client_text()) {
-        let signer = Signer::new(b"a deployment secret of some length", "cursor");
+        let signer = Signer::new(&keyring(SECRET), "cursor", TTL);
         prop_assert!(signer.open::<Value>(&text).is_err());
     }
 
     #[test]
     fn signed_tokens_round_trip(value in payload()) {
-        let signer = Signer::new(b"a deployment secret of some length", "cursor");
+        let signer = Signer::new(&keyring(SECRET), "cursor", TTL);
         let token = signer.sign(&value);
         prop_assert_eq!(signer.open::<(String, i64, Vec<u8>)>(&token), Ok(value));
     }
 
     #[test]
     fn signed_tokens_with_a_flipped_bit_are_refused(value in payload(), bit in any::<usize>()) {
-        let signer = Signer::new(b"a deployment secret of some length", "cursor");
+        let signer = Signer::new(&keyring(SECRET), "cursor", TTL);
         let token = signer.sign(&value);
         if let Some(altered) = flip(&token, bit) {
             prop_assert!(signer.open::<Value>(&altered).is_err(), "{altered}");
@@ -82,10 +90,10 @@ proptest! {
 
     #[test]
     fn signed_tokens_verify_for_their_own_purpose_and_secret_only(value in payload()) {
-        let signer = Signer::new(b"a deployment secret of some length", "cursor");
+        let signer = Signer::new(&keyring(SECRET), "cursor", TTL);
         let token = signer.sign(&value);
-        let other_purpose = Signer::new(b"a deployment secret of some length", "stream-ticket");
-        let other_secret = Signer::new(b"another deployment's secret value", "cursor");
+        let other_purpose = Signer::new(&keyring(SECRET), "stream-ticket", TTL);
+        let other_secret = Signer::new(&keyring(OTHER_SECRET), "cursor", TTL);
         prop_assert_eq!(other_purpose.open::<Value>(&token), Err(SignedError::BadSignature));
         prop_assert_eq!(other_secret.open::<Value>(&token), Err(SignedError::BadSignature));
     }
@@ -106,7 +114,7 @@ fn api_state() -> &'static ApiState {
                 Arc::new(store),
                 Arc::new(bus),
                 Arc::new(identity),
-                b"a deployment secret of some length",
+                &keyring(SECRET),
             );
             (state, dir)
         })
@@ -161,10 +169,10 @@ fn dev_identity() -> &'static (Arc<DevIdentity>, tempfile::TempDir) {
     })
 }
 
-fn stream_auth(secret: &[u8]) -> StreamAuth {
+fn stream_auth(secret: &str) -> StreamAuth {
     StreamAuth::new(
         Arc::clone(&dev_identity().0) as Arc<dyn Identity>,
-        secret,
+        &keyring(secret),
         Duration::from_secs(60),
     )
 }
@@ -184,7 +192,7 @@ proptest! {
 
     #[test]
     fn tickets_never_open_from_client_text(text in client_text(), reconnect in any::<bool>()) {
-        let auth = stream_auth(b"a deployment secret of some length");
+        let auth = stream_auth(SECRET);
         let opened = runtime().block_on(auth.authenticate(&HeaderMap::new(), Some(&text), reconnect));
         prop_assert!(opened.is_err());
     }
@@ -195,7 +203,7 @@ proptest! {
         bit in any::<usize>(),
         reconnect in any::<bool>(),
     ) {
-        let auth = stream_auth(b"a deployment secret of some length");
+        let auth = stream_auth(SECRET);
         let identity = &dev_identity().0;
         let token = identity.mint(&username, Duration::from_secs(600));
         let user = runtime().block_on(identity.authenticate(&token)).unwrap().user_id;
@@ -205,7 +213,7 @@ proptest! {
             .unwrap();
         prop_assert_eq!(opened.user, user);
         // Another deployment's secret does not open it.
-        let elsewhere = stream_auth(b"another deployment's secret value");
+        let elsewhere = stream_auth(OTHER_SECRET);
         prop_assert!(
             runtime()
                 .block_on(elsewhere.authenticate(&HeaderMap::new(), Some(&ticket), reconnect))
@@ -223,7 +231,13 @@ fn oidc_identity() -> &'static OidcIdentity {
     static OIDC: OnceLock<OidcIdentity> = OnceLock::new();
     // Nothing listens there: a token that got as far as needing keys could not be verified.
     OIDC.get_or_init(|| {
-        OidcIdentity::new("http://127.0.0.1:9/realms/none", vec!["confab".into()], 30).unwrap()
+        OidcIdentity::new(
+            "http://127.0.0.1:9/realms/none",
+            vec!["confab".into()],
+            30,
+            Duration::from_secs(300),
+        )
+        .unwrap()
     })
 }
 

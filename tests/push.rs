@@ -556,7 +556,7 @@ async fn pushes_survive_a_killed_sender(stack: Stack) {
     let delay_ms = 3_000;
     let mut env: Vec<(String, String)> = vec![
         ("CONFAB_DATA_DIR".into(), dir.path().display().to_string()),
-        ("CONFAB_SECRET_KEY".into(), support::unique("s")),
+        ("CONFAB_SECRET_KEY".into(), support::secret()),
         ("CONFAB_PUSH__DELAY_MS".into(), delay_ms.to_string()),
         (
             "CONFAB_PUSH__ALLOW_INSECURE_ENDPOINTS".into(),

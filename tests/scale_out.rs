@@ -59,7 +59,7 @@ async fn two_of_each_service_and_a_notifier_killed_mid_stream() {
         ("CONFAB_IDENTITY__MODE", "oidc".to_owned()),
         ("CONFAB_IDENTITY__ISSUER_URL", support::oidc_issuer()),
         ("CONFAB_IDENTITY__CLIENT_IDS", support::oidc_client()),
-        ("CONFAB_SECRET_KEY", support::unique("s")),
+        ("CONFAB_SECRET_KEY", support::secret()),
         ("CONFAB_API__LISTEN", "127.0.0.1:0".to_owned()),
         ("CONFAB_NOTIFIER__LISTEN", "127.0.0.1:0".to_owned()),
         ("CONFAB_WS_PLEXER__LISTEN", "127.0.0.1:0".to_owned()),

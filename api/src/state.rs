@@ -9,8 +9,12 @@ use confab_runtime::bus::Bus;
 use confab_runtime::identity::Identity;
 use confab_runtime::presence::{EmbeddedPresence, Presence};
 use confab_runtime::push_queue::PushQueue;
+use confab_runtime::revocation::Revocations;
 use confab_runtime::search::Search;
-use confab_runtime::signed::Signer;
+use confab_runtime::signed::{Keyring, Signer};
+
+/// How long a paging cursor stays valid unless configured (`cursor_ttl_secs`).
+pub const DEFAULT_CURSOR_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 use confab_schema::{ChatId, Signal, User, UserId};
 
 use crate::coalesce::Coalescer;
@@ -54,6 +58,8 @@ pub struct ApiState {
     pub(crate) image_work: Arc<tokio::sync::Semaphore>,
     /// This process as a writer of the event outbox.
     pub(crate) outbox: Arc<Outbox>,
+    /// Where logouts are recorded (`None`: logouts answer 503).
+    pub(crate) revocations: Option<Arc<Revocations>>,
 }
 
 impl ApiState {
@@ -61,13 +67,13 @@ impl ApiState {
         store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
         identity: Arc<dyn Identity>,
-        secret: &[u8],
+        keyring: &Keyring,
     ) -> ApiState {
         ApiState {
             store,
             bus,
             identity,
-            cursors: Signer::new(secret, "cursor"),
+            cursors: Signer::new(keyring, "cursor", DEFAULT_CURSOR_TTL),
             chat_activity: Arc::default(),
             author_markers: Arc::default(),
             provisioned: Arc::default(),
@@ -81,7 +87,20 @@ impl ApiState {
             attachments: None,
             image_work: Arc::new(tokio::sync::Semaphore::new(2)),
             outbox: Arc::default(),
+            revocations: None,
         }
+    }
+
+    /// Where logouts are recorded.
+    pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> ApiState {
+        self.revocations = Some(revocations);
+        self
+    }
+
+    /// How long paging cursors stay valid.
+    pub fn with_cursor_ttl(mut self, ttl: Duration) -> ApiState {
+        self.cursors = self.cursors.with_ttl(ttl);
+        self
     }
 
     /// How push registrations are checked.

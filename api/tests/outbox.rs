@@ -210,7 +210,7 @@ async fn a_silent_writers_events_are_published_by_a_sweep(parts: Parts) {
         Arc::clone(&parts.store),
         refused,
         Arc::clone(&parts.identity),
-        b"outbox test secret, long enough to sign",
+        &confab_runtime::signed::Keyring::random(),
     );
     let message = |text: &str, nonce: &str| {
         NewMessage::parse(
@@ -259,7 +259,7 @@ async fn a_silent_writers_events_are_published_by_a_sweep(parts: Parts) {
         Arc::clone(&parts.store),
         Arc::clone(&parts.bus),
         Arc::clone(&parts.identity),
-        b"outbox test secret, long enough to sign",
+        &confab_runtime::signed::Keyring::random(),
     );
     let patient = SweepSettings {
         silent_after: Duration::from_secs(3600),

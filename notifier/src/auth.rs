@@ -13,16 +13,21 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use confab_runtime::identity::{AuthError, Identity, bearer_token};
-use confab_runtime::signed::Signer;
+use confab_runtime::revocation::Revocations;
+use confab_runtime::signed::{Keyring, Signer};
 use confab_schema::UserId;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+
+use crate::hub::StreamSession;
 
 #[derive(Clone)]
 pub struct StreamAuth {
     identity: Arc<dyn Identity>,
     tickets: Signer,
     ticket_ttl: Duration,
+    /// Logouts: a ticket of an ended session is refused like its token.
+    revocations: Option<Arc<Revocations>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -34,6 +39,12 @@ struct Ticket {
     /// The expiry of the token it was issued from: reconnects until then, and no stream beyond.
     #[serde(default)]
     x: i64,
+    /// The token's session (`sid`), so a logout also ends what its tickets open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    s: Option<String>,
+    /// When the token was issued.
+    #[serde(default)]
+    i: i64,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -51,6 +62,8 @@ pub struct StreamIdentity {
     pub token: Option<String>,
     /// When the stream must end (Unix seconds).
     pub expires_at: i64,
+    /// The session the stream belongs to, which a logout ends.
+    pub session: StreamSession,
 }
 
 impl StreamIdentity {
@@ -62,12 +75,19 @@ impl StreamIdentity {
 }
 
 impl StreamAuth {
-    pub fn new(identity: Arc<dyn Identity>, secret: &[u8], ticket_ttl: Duration) -> StreamAuth {
+    pub fn new(identity: Arc<dyn Identity>, keyring: &Keyring, ticket_ttl: Duration) -> StreamAuth {
         StreamAuth {
             identity,
-            tickets: Signer::new(secret, "stream-ticket"),
+            tickets: Signer::new(keyring, "stream-ticket", ticket_ttl),
             ticket_ttl,
+            revocations: None,
         }
+    }
+
+    /// Refuses the tickets of sessions that logged out.
+    pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> StreamAuth {
+        self.revocations = Some(revocations);
+        self
     }
 
     pub fn identity(&self) -> &Arc<dyn Identity> {
@@ -79,11 +99,16 @@ impl StreamAuth {
         let principal = self.identity.authenticate(bearer_token(headers)?).await?;
         let expires_at = OffsetDateTime::now_utc() + self.ticket_ttl;
         Ok(IssuedTicket {
-            ticket: self.tickets.sign(&Ticket {
-                u: principal.user_id,
-                e: expires_at.unix_timestamp(),
-                x: principal.expires_at,
-            }),
+            ticket: self.tickets.sign_until(
+                &Ticket {
+                    u: principal.user_id,
+                    e: expires_at.unix_timestamp(),
+                    x: principal.expires_at,
+                    s: principal.session.clone(),
+                    i: principal.issued_at,
+                },
+                principal.expires_at.max(expires_at.unix_timestamp()),
+            ),
             expires_at,
         })
     }
@@ -95,6 +120,10 @@ impl StreamAuth {
             user: principal.user_id,
             token: Some(token.to_owned()),
             expires_at: principal.expires_at,
+            session: StreamSession {
+                id: principal.session,
+                issued_at: principal.issued_at,
+            },
         })
     }
 
@@ -121,10 +150,21 @@ impl StreamAuth {
                 if valid_until < now {
                     return Err(AuthError::Expired);
                 }
+                if self
+                    .revocations
+                    .as_ref()
+                    .is_some_and(|r| r.is_revoked(ticket.u, ticket.s.as_deref(), ticket.i))
+                {
+                    return Err(AuthError::Revoked);
+                }
                 Ok(StreamIdentity {
                     user: ticket.u,
                     token: None,
                     expires_at: ticket.x.max(ticket.e),
+                    session: StreamSession {
+                        id: ticket.s,
+                        issued_at: ticket.i,
+                    },
                 })
             }
             None => self.token(bearer_token(headers)?).await,

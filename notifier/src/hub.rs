@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use confab_runtime::bus::{Bus, BusError, ChatFilter, ReadError};
 use confab_runtime::presence::{Change, HEARTBEAT_EVERY, Presence, now_ms};
+use confab_runtime::revocation::{Revocation, Revocations};
 use confab_runtime::telemetry::ReadinessCheck;
 use confab_schema::{ChatId, Envelope, Event, LoggedEvent, UserId};
 use futures::StreamExt;
@@ -105,6 +106,8 @@ pub enum Item {
 
 struct Connection {
     user: UserId,
+    /// The session of the token the stream was opened with, for logouts.
+    session: StreamSession,
     sender: mpsc::Sender<Arc<Outgoing>>,
     /// `None` while pending: it receives everything, and `changes` notes its user's membership
     /// changes (chat, joined) until it is installed.
@@ -176,9 +179,20 @@ impl Routes {
     }
 }
 
+/// The provider session a stream was opened in, so a logout can end it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamSession {
+    /// The token's `sid`.
+    pub id: Option<String>,
+    /// When the token was issued (Unix seconds); 0 when unknown.
+    pub issued_at: i64,
+}
+
 /// Why a stream could not open.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    #[error("the session has ended")]
+    Revoked,
     #[error("this node's event subscription is down")]
     NotReady,
     #[error("this node holds as many streams as it may")]
@@ -223,6 +237,8 @@ pub struct Hub {
     alive: Arc<AtomicBool>,
     bus: Arc<dyn Bus>,
     membership: Arc<dyn Membership>,
+    /// Logouts: the streams they name end at once.
+    revocations: Option<Arc<Revocations>>,
 }
 
 /// A connection's place in the hub; dropping it unregisters the connection.
@@ -349,7 +365,14 @@ impl Hub {
             alive: Arc::new(AtomicBool::new(false)),
             bus,
             membership,
+            revocations: None,
         }
+    }
+
+    /// Ends the streams of sessions that log out.
+    pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Hub {
+        self.revocations = Some(revocations);
+        self
     }
 
     /// Sets the connection caps.
@@ -370,10 +393,29 @@ impl Hub {
         user: UserId,
         resume_after: Option<u64>,
     ) -> Result<Subscription, OpenError> {
+        self.open_in(user, StreamSession::default(), resume_after)
+            .await
+    }
+
+    /// [`Hub::open`] for a stream opened in `session`, which a logout ends.
+    pub async fn open_in(
+        &self,
+        user: UserId,
+        session: StreamSession,
+        resume_after: Option<u64>,
+    ) -> Result<Subscription, OpenError> {
         if !self.is_alive() {
             return Err(OpenError::NotReady);
         }
-        let mut registration = self.register(user)?;
+        let mut registration = self.register(user, session.clone())?;
+        // A logout that arrived after the token was checked and before the stream registered.
+        if self
+            .revocations
+            .as_ref()
+            .is_some_and(|r| r.is_revoked(user, session.id.as_deref(), session.issued_at))
+        {
+            return Err(OpenError::Revoked);
+        }
         let chats: HashSet<ChatId> = self
             .membership
             .chats_of(user)
@@ -454,7 +496,7 @@ impl Hub {
         })
     }
 
-    fn register(&self, user: UserId) -> Result<Registration, OpenError> {
+    fn register(&self, user: UserId, session: StreamSession) -> Result<Registration, OpenError> {
         let (sender, events) = mpsc::channel(self.buffer);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut first_on_node = false;
@@ -473,6 +515,7 @@ impl Hub {
                 id,
                 Connection {
                     user,
+                    session,
                     sender,
                     chats: None,
                     changes: Vec::new(),
@@ -719,6 +762,25 @@ impl Hub {
         }
     }
 
+    /// Ends the streams `revocation` names: dropping a connection's sender ends its stream.
+    pub fn end_sessions(&self, revocation: &Revocation) {
+        let Ok(mut routes) = self.routes.write() else {
+            return;
+        };
+        let ended: Vec<u64> = routes
+            .connections
+            .iter()
+            .filter(|(_, c)| revocation.ends(c.user, c.session.id.as_deref(), c.session.issued_at))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ended {
+            if routes.remove(id) {
+                metrics::gauge!("confab_notifier_connections").decrement(1.0);
+                metrics::counter!("confab_notifier_logout_disconnects_total").increment(1);
+            }
+        }
+    }
+
     /// Subscribes to the log and dispatches it until `shutdown`. Returns once the subscription is
     /// active. When the subscription dies the node reports not ready, refuses new streams and ends
     /// the open ones, whose clients resume elsewhere.
@@ -728,6 +790,7 @@ impl Hub {
     ) -> Result<tokio::task::JoinHandle<()>, BusError> {
         let mut events = self.bus.subscribe().await?;
         let mut ephemeral = self.bus.subscribe_ephemeral().await?;
+        let mut revoked = self.revocations.as_ref().map(|r| r.subscribe());
         let last = self.bus.last_seq().await?;
         if let Ok(mut routes) = self.routes.write() {
             routes.last_seq = routes.last_seq.max(last);
@@ -754,6 +817,18 @@ impl Hub {
                             metrics::counter!("confab_notifier_subscription_failures_total").increment(1);
                             break;
                         }
+                    },
+                    revocation = async {
+                        match revoked.as_mut() {
+                            Some(revoked) => revoked.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => match revocation {
+                        Ok(revocation) => hub.end_sessions(&revocation),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "logouts missed; their streams end at token expiry");
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => revoked = None,
                     },
                     next = ephemeral.next() => match next {
                         Some(envelope) => hub.dispatch_ephemeral(envelope),

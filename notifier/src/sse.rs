@@ -83,6 +83,11 @@ pub fn parse_last_event_id(raw: &str) -> Result<u64, Problem> {
 /// The problem a stream that cannot open answers.
 pub fn open_problem(error: &OpenError) -> Problem {
     match error {
+        OpenError::Revoked => Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "the session of this token has ended (logged out)",
+        ),
         OpenError::TooManyForUser => Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too-many-connections",
@@ -164,7 +169,11 @@ async fn events(
         Err(error) => return error.into_response(),
     };
     let user = caller.user;
-    let subscription = match state.hub.open(user, resume_after).await {
+    let subscription = match state
+        .hub
+        .open_in(user, caller.session.clone(), resume_after)
+        .await
+    {
         Ok(subscription) => subscription,
         Err(error) => return open_problem(&error).into_response(),
     };

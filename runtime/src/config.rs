@@ -24,10 +24,18 @@ pub enum ConfigError {
 pub struct Config {
     /// Where embedded state lives (the embedded store, the dev signing key). Default `./confab-data`.
     pub data_dir: PathBuf,
-    /// Secret for signed tickets and cursors, shared by every instance of a deployment. Default: none,
-    /// which makes each process generate its own at start-up (fine for `confab serve`; set it when
-    /// running several instances).
+    /// Secret for signed tickets and cursors, shared by every instance of a deployment: at least 32
+    /// bytes (`openssl rand -hex 32`); short or placeholder values are refused at start. It has the
+    /// key id `default`. Default: none, which makes each process generate its own at start-up (fine
+    /// for `confab serve`; set it, or `secret_keys`, when running several instances).
     pub secret_key: Option<String>,
+    /// Several secrets with ids, for rotation: `id1:secret1,id2:secret2`. The first signs new
+    /// tickets and cursors; all of them verify, so to rotate, put a new key first, and remove the
+    /// old one once what it signed has expired (tickets: minutes; cursors: `cursor_ttl_secs`). Each
+    /// secret is checked like `secret_key`. Set this or `secret_key`, not both. Default: none.
+    pub secret_keys: Option<String>,
+    /// How long a paging cursor stays valid, in seconds. Default 604800 (7 days).
+    pub cursor_ttl_secs: u64,
     pub api: ListenConfig,
     pub notifier: NotifierConfig,
     pub ws_plexer: WsPlexerConfig,
@@ -315,6 +323,8 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("./confab-data"),
             secret_key: None,
+            secret_keys: None,
+            cursor_ttl_secs: 7 * 24 * 3600,
             api: ListenConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             },
@@ -578,7 +588,9 @@ impl Default for BusConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IdentityMode {
-    /// Tokens from `confab dev-token`, signed with a key in `data_dir`. Loopback only.
+    /// Tokens from `confab dev-token`, signed with a key in `data_dir`: anyone who can read that
+    /// directory can be any user. Loopback only, for `confab serve`; `confab api`, `notifier` and
+    /// `ws-plexer` refuse it unless `identity.allow_dev_in_distributed_roles` is set.
     Dev,
     /// Bearer tokens from an OpenID Connect provider (Keycloak).
     Oidc,
@@ -587,25 +599,39 @@ pub enum IdentityMode {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentityConfig {
-    /// `dev` or `oidc`. Default `dev`.
+    /// `dev` or `oidc`. Default `dev` (for `confab serve` on loopback only).
     pub mode: IdentityMode,
-    /// OIDC issuer URL (discovery at `<issuer>/.well-known/openid-configuration`). Default
-    /// `http://127.0.0.1:8180/realms/confab`.
+    /// Lets `confab api`, `confab notifier` and `confab ws-plexer` run with `mode = dev` (tests of
+    /// the distributed roles on one machine). Never in production. Default false.
+    pub allow_dev_in_distributed_roles: bool,
+    /// OIDC issuer URL (discovery at `<issuer>/.well-known/openid-configuration`); a token's `iss`
+    /// must equal it exactly. Default `http://127.0.0.1:8180/realms/confab`.
     pub issuer_url: String,
-    /// Client ids whose tokens are accepted: a token's `azp` must be one of them, or its `aud` must
-    /// contain one. Comma-separated. Default `confab-web`.
+    /// The audiences accepted, comma-separated: a token's `aud` must contain one of them (`azp`
+    /// alone is not enough; in Keycloak, give the client an audience mapper). Back-channel logout
+    /// tokens must be addressed to one of them too. Default `confab-web`.
     pub client_ids: String,
-    /// Clock skew tolerated on `exp`/`nbf`, in seconds. Default 30.
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds. Default 30.
     pub leeway_secs: u64,
+    /// How often the provider's signing keys (JWKS) are refetched in the background, in seconds; a
+    /// key the provider removed stops being trusted within this time. A token naming an unknown key
+    /// triggers a refetch too, at most once per 10 seconds. Default 300.
+    pub jwks_refresh_secs: u64,
+    /// How long a logout (back-channel logout, `POST /v1/me/logout-all`) is remembered, in seconds:
+    /// it must outlive every access token issued before it. Default 86400.
+    pub revocation_ttl_secs: u64,
 }
 
 impl Default for IdentityConfig {
     fn default() -> Self {
         IdentityConfig {
             mode: IdentityMode::Dev,
+            allow_dev_in_distributed_roles: false,
             issuer_url: "http://127.0.0.1:8180/realms/confab".into(),
             client_ids: "confab-web".into(),
             leeway_secs: 30,
+            jwks_refresh_secs: 300,
+            revocation_ttl_secs: 24 * 3600,
         }
     }
 }
@@ -632,6 +658,8 @@ impl Default for TelemetryConfig {
 const SECTIONS: &[&str] = &[
     "data_dir",
     "secret_key",
+    "secret_keys",
+    "cursor_ttl_secs",
     "api",
     "notifier",
     "ws_plexer",
@@ -745,6 +773,7 @@ impl Config {
                 "attachments.max_bytes must be above 0".into(),
             ));
         }
+        self.keyring()?;
         if self.identity.mode == IdentityMode::Oidc && self.client_ids().is_empty() {
             return Err(ConfigError::Invalid("identity.client_ids is empty".into()));
         }
@@ -810,12 +839,36 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("attachments"))
     }
 
-    /// The secret for signed tokens: configured, or fresh random bytes for this process.
-    pub fn secret_bytes(&self) -> Vec<u8> {
-        match &self.secret_key {
-            Some(secret) if !secret.is_empty() => secret.as_bytes().to_vec(),
-            _ => rand::random::<[u8; 32]>().to_vec(),
+    /// The configured signing secrets (`secret_keys` or `secret_key`), checked; `None` when neither
+    /// is set.
+    pub fn keyring(&self) -> Result<Option<crate::signed::Keyring>, ConfigError> {
+        use crate::signed::Keyring;
+        let single = self.secret_key.as_deref().filter(|s| !s.is_empty());
+        let many = self.secret_keys.as_deref().filter(|s| !s.trim().is_empty());
+        match (single, many) {
+            (None, None) => Ok(None),
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(
+                "set secret_key or secret_keys, not both".into(),
+            )),
+            (Some(secret), None) => Keyring::single(secret)
+                .map(Some)
+                .map_err(|e| ConfigError::Invalid(format!("secret_key: {e}"))),
+            (None, Some(list)) => Keyring::parse(list)
+                .map(Some)
+                .map_err(|e| ConfigError::Invalid(format!("secret_keys: {e}"))),
         }
+    }
+
+    /// The secrets for signed tokens: configured, or a fresh random one for this process.
+    pub fn keyring_or_random(&self) -> Result<crate::signed::Keyring, ConfigError> {
+        Ok(self
+            .keyring()?
+            .unwrap_or_else(crate::signed::Keyring::random))
+    }
+
+    /// How long a paging cursor stays valid.
+    pub fn cursor_ttl(&self) -> Duration {
+        Duration::from_secs(self.cursor_ttl_secs.max(60))
     }
 }
 
@@ -914,6 +967,34 @@ mod tests {
                 "http://127.0.0.1:9/token"
             );
             assert!(config.push.apns.key().unwrap().is_some());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn weak_secrets_are_refused_and_rotation_lists_load() {
+        figment::Jail::expect_with(|jail| {
+            // The placeholder shipped in the Kubernetes manifests.
+            jail.set_env("CONFAB_SECRET_KEY", "REPLACE-ME-with-openssl-rand-hex-32");
+            let error = Config::load(None).expect_err("placeholder").to_string();
+            assert!(error.contains("secret_key"), "{error}");
+            jail.set_env("CONFAB_SECRET_KEY", "too-short");
+            assert!(Config::load(None).is_err());
+            jail.set_env("CONFAB_SECRET_KEY", "x".repeat(40));
+            assert!(Config::load(None).is_err());
+            jail.set_env("CONFAB_SECRET_KEY", "");
+            jail.set_env(
+                "CONFAB_SECRET_KEYS",
+                "k2:0f9e8d7c6b5a49382716a5b4c3d2e1f0,k1:a3f1c9e27b4d8605f1e2d3c4b5a69788",
+            );
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let keyring = config.keyring().unwrap().expect("configured");
+            assert_eq!(keyring.signing_id(), "k2");
+            jail.set_env(
+                "CONFAB_SECRET_KEYS",
+                "k2:0f9e8d7c6b5a49382716a5b4c3d2e1f0,k1:changeme",
+            );
+            assert!(Config::load(None).is_err());
             Ok(())
         });
     }

@@ -17,10 +17,11 @@ use openidconnect::core::{
     CoreJsonWebKey, CoreJsonWebKeySet, CoreJwsSigningAlgorithm, CoreProviderMetadata,
 };
 use openidconnect::{IssuerUrl, JsonWebKey};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use time::OffsetDateTime;
-use tokio::sync::{Mutex, RwLock};
 
 use crate::telemetry::ReadinessCheck;
 
@@ -34,6 +35,17 @@ pub struct Principal {
     /// When the token stops being valid (Unix seconds, leeway not included): a stream or socket
     /// opened with it ends then, unless the client refreshes it.
     pub expires_at: i64,
+    /// The token's session at the provider (`sid`), which a logout names.
+    pub session: Option<String>,
+    /// When the token was issued (`iat`, Unix seconds); 0 when it does not say.
+    pub issued_at: i64,
+}
+
+/// What a back-channel logout token asks to end: one session, or every session of a user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Logout {
+    pub user: Option<UserId>,
+    pub session: Option<String>,
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -44,6 +56,8 @@ pub enum AuthError {
     Invalid(&'static str),
     #[error("token expired")]
     Expired,
+    #[error("the session of this token has ended (logged out)")]
+    Revoked,
     #[error("identity provider unavailable: {0}")]
     Unavailable(String),
 }
@@ -54,6 +68,12 @@ pub trait Identity: Send + Sync + 'static {
     async fn authenticate(&self, token: &str) -> Result<Principal, AuthError>;
     /// Whether tokens can be verified now (keys loaded).
     async fn check(&self) -> Result<(), String>;
+    /// Verifies an OpenID Connect Back-Channel Logout token and answers what it ends.
+    async fn verify_logout(&self, _token: &str) -> Result<Logout, AuthError> {
+        Err(AuthError::Invalid(
+            "back-channel logout needs an OpenID Connect provider",
+        ))
+    }
 }
 
 /// Readiness of an [`Identity`].
@@ -77,11 +97,15 @@ struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     nbf: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     azp: Option<String>,
     #[serde(default, skip_serializing_if = "Audience::is_empty")]
     aud: Audience,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     typ: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     preferred_username: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,6 +113,30 @@ struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     email: Option<String>,
 }
+
+/// The claims of a back-channel logout token (OpenID Connect Back-Channel Logout 1.0, 2.4).
+#[derive(Debug, Deserialize)]
+struct LogoutClaims {
+    iss: String,
+    #[serde(default)]
+    aud: Audience,
+    iat: i64,
+    #[serde(default)]
+    exp: Option<i64>,
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    sid: Option<String>,
+    #[serde(default)]
+    events: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    nonce: Option<serde_json::Value>,
+}
+
+/// The event a logout token must carry.
+pub const BACKCHANNEL_LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
+/// How old a logout token may be.
+const LOGOUT_TOKEN_MAX_AGE: i64 = 300;
 
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(untagged)]
@@ -117,17 +165,19 @@ struct Header {
     alg: serde_json::Value,
     #[serde(default)]
     kid: Option<String>,
+    #[serde(default)]
+    typ: Option<String>,
 }
 
 /// A JWT split into its parts, decoded.
-struct Jwt {
+struct Jwt<C> {
     header: Header,
-    claims: Claims,
+    claims: C,
     signed: Vec<u8>,
     signature: Vec<u8>,
 }
 
-fn decode(token: &str) -> Result<Jwt, AuthError> {
+fn decode<C: DeserializeOwned>(token: &str) -> Result<Jwt<C>, AuthError> {
     if token.len() > 16 * 1024 {
         return Err(AuthError::Invalid("too long"));
     }
@@ -144,7 +194,7 @@ fn decode(token: &str) -> Result<Jwt, AuthError> {
     };
     let header: Header =
         serde_json::from_slice(&b64(header)?).map_err(|_| AuthError::Invalid("bad header"))?;
-    let claims: Claims =
+    let claims: C =
         serde_json::from_slice(&b64(payload)?).map_err(|_| AuthError::Invalid("bad claims"))?;
     Ok(Jwt {
         header,
@@ -154,33 +204,51 @@ fn decode(token: &str) -> Result<Jwt, AuthError> {
     })
 }
 
-/// Checks the time, issuer, audience and type claims, and maps the token to a [`Principal`].
+fn now() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Checks the time, issuer, audience and type claims of an access token, and maps it to a
+/// [`Principal`]. `header_typ` is the JOSE header's `typ`.
 fn principal(
     claims: &Claims,
+    header_typ: Option<&str>,
     issuer: &str,
-    client_ids: &[String],
+    audiences: &[String],
     leeway: i64,
 ) -> Result<Principal, AuthError> {
-    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let now = now();
     if claims.exp + leeway < now {
         return Err(AuthError::Expired);
     }
     if claims.nbf.is_some_and(|nbf| nbf - leeway > now) {
         return Err(AuthError::Invalid("not yet valid"));
     }
+    if claims.iat.is_some_and(|iat| iat - leeway > now) {
+        return Err(AuthError::Invalid("issued in the future"));
+    }
     if claims.iss != issuer {
         return Err(AuthError::Invalid("wrong issuer"));
     }
-    let for_us = client_ids
-        .iter()
-        .any(|id| claims.azp.as_deref() == Some(id.as_str()) || claims.aud.contains(id));
-    if !for_us {
-        return Err(AuthError::Invalid("not issued for this service"));
+    // The audience, not the authorized party: a token a client got for another service names
+    // that service in `aud`, and must not be accepted here.
+    if !audiences.iter().any(|id| claims.aud.contains(id)) {
+        return Err(AuthError::Invalid("not issued for this service (audience)"));
     }
-    // Keycloak marks ID and refresh tokens in `typ`; only access tokens are bearer credentials.
-    if let Some(typ) = &claims.typ
-        && !typ.eq_ignore_ascii_case("bearer")
-    {
+    // Only access tokens are bearer credentials: Keycloak marks them `typ: Bearer` (and ID and
+    // refresh tokens otherwise); RFC 9068 providers mark the header `typ: at+jwt`.
+    let access_header = header_typ.is_some_and(|typ| {
+        typ.eq_ignore_ascii_case("at+jwt") || typ.eq_ignore_ascii_case("application/at+jwt")
+    });
+    let access_claim = claims
+        .typ
+        .as_deref()
+        .is_some_and(|typ| typ.eq_ignore_ascii_case("bearer"));
+    let access = match &claims.typ {
+        Some(_) => access_claim,
+        None => access_header,
+    };
+    if !access {
         return Err(AuthError::Invalid("not an access token"));
     }
     if claims.sub.is_empty() {
@@ -196,22 +264,95 @@ fn principal(
         username,
         email: claims.email.clone(),
         expires_at: claims.exp,
+        session: claims.sid.clone().filter(|sid| !sid.is_empty()),
+        issued_at: claims.iat.unwrap_or(0),
     })
 }
 
-/// Verifies access tokens issued by an OpenID Connect provider.
+/// Checks a back-channel logout token's claims (its signature is checked already).
+fn logout(
+    claims: &LogoutClaims,
+    header_typ: Option<&str>,
+    issuer: &str,
+    audiences: &[String],
+    leeway: i64,
+) -> Result<Logout, AuthError> {
+    let now = now();
+    if claims.iss != issuer {
+        return Err(AuthError::Invalid("wrong issuer"));
+    }
+    if !audiences.iter().any(|id| claims.aud.contains(id)) {
+        return Err(AuthError::Invalid("not issued for this service (audience)"));
+    }
+    if claims.iat - leeway > now || claims.iat + LOGOUT_TOKEN_MAX_AGE + leeway < now {
+        return Err(AuthError::Invalid(
+            "logout token issued too long ago or in the future",
+        ));
+    }
+    if claims.exp.is_some_and(|exp| exp + leeway < now) {
+        return Err(AuthError::Expired);
+    }
+    if header_typ.is_some_and(|typ| {
+        !typ.eq_ignore_ascii_case("logout+jwt") && !typ.eq_ignore_ascii_case("jwt")
+    }) {
+        return Err(AuthError::Invalid("not a logout token"));
+    }
+    let event = claims
+        .events
+        .as_ref()
+        .and_then(|events| events.get(BACKCHANNEL_LOGOUT_EVENT));
+    if !event.is_some_and(serde_json::Value::is_object) {
+        return Err(AuthError::Invalid("not a logout token (events)"));
+    }
+    if claims.nonce.is_some() {
+        return Err(AuthError::Invalid("a logout token has no nonce"));
+    }
+    let user = claims
+        .sub
+        .as_deref()
+        .filter(|sub| !sub.is_empty())
+        .map(|sub| UserId::from_subject(issuer, sub));
+    let session = claims.sid.clone().filter(|sid| !sid.is_empty());
+    if user.is_none() && session.is_none() {
+        return Err(AuthError::Invalid("a logout token names a sid or a sub"));
+    }
+    Ok(Logout { user, session })
+}
+
+/// Verifies access tokens issued by an OpenID Connect provider. The provider's keys are loaded and
+/// refreshed by a background task (on a schedule, and when a token names a key id the loaded set
+/// lacks, at most once per [`MIN_REFRESH_INTERVAL`]); a request never fetches them itself, and no
+/// lock is held across a fetch, so an unreachable or slow provider never stalls tokens signed by
+/// keys already known.
 pub struct OidcIdentity {
+    shared: Arc<OidcShared>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+struct OidcShared {
     issuer: String,
     client_ids: Vec<String>,
     leeway: i64,
     http: reqwest::Client,
-    keys: RwLock<Option<KeySet>>,
-    /// Serialises refreshes and remembers the last one, so unknown `kid`s cannot hammer the provider.
-    refresh: Mutex<Option<Instant>>,
+    interval: Duration,
+    /// Refetches triggered by unknown key ids happen at most this often.
+    min_refetch: Duration,
+    keys: std::sync::RwLock<Option<Arc<KeySet>>>,
+    /// Found by discovery, once; afterwards only the key set is refetched.
+    jwks_uri: std::sync::Mutex<Option<openidconnect::JsonWebKeySetUrl>>,
+    /// Wakes the refresher early.
+    wake: Arc<tokio::sync::Notify>,
+    /// Counts finished refresh attempts; requests waiting for a refresh watch it.
+    attempts: tokio::sync::watch::Sender<u64>,
+    /// When the last fetch started, and whether one runs now.
+    last_fetch: std::sync::Mutex<Option<Instant>>,
+    in_flight: AtomicBool,
+    last_error: std::sync::Mutex<Option<String>>,
+    discoveries: AtomicU64,
+    fetches: AtomicU64,
 }
 
 struct KeySet {
-    jwks_uri: openidconnect::JsonWebKeySetUrl,
     keys: HashMap<String, CoreJsonWebKey>,
     unnamed: Vec<CoreJsonWebKey>,
 }
@@ -225,58 +366,54 @@ enum Verdict {
     UnknownKey,
 }
 
-const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// Refetches triggered by unknown key ids happen at most this often.
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a request with an unknown key id waits for the refetch it triggered.
+const UNKNOWN_KEY_WAIT: Duration = Duration::from_secs(2);
+/// How long a request waits for the first keys before answering 503.
+const NO_KEYS_WAIT: Duration = Duration::from_secs(5);
 
-impl OidcIdentity {
-    pub fn new(
-        issuer: &str,
-        client_ids: Vec<String>,
-        leeway_secs: u64,
-    ) -> Result<OidcIdentity, AuthError> {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        Ok(OidcIdentity {
-            issuer: issuer.trim_end_matches('/').to_owned(),
-            client_ids,
-            leeway: i64::try_from(leeway_secs).unwrap_or(30),
-            http,
-            keys: RwLock::new(None),
-            refresh: Mutex::new(None),
-        })
+impl OidcShared {
+    fn current(&self) -> Option<Arc<KeySet>> {
+        self.keys.read().ok().and_then(|keys| keys.clone())
     }
 
-    /// Fetches discovery metadata and keys (when none are loaded) or just the keys.
-    async fn refresh_keys(&self, force: bool) -> Result<(), AuthError> {
-        let mut last = self.refresh.lock().await;
-        let have_keys = self.keys.read().await.is_some();
-        if have_keys && !force {
-            return Ok(());
+    /// Fetches discovery metadata (until it once succeeded) and the key set, and replaces the
+    /// loaded keys with it, so keys the provider removed stop being trusted.
+    async fn refresh(&self) -> Result<(), String> {
+        if let Ok(mut last) = self.last_fetch.lock() {
+            *last = Some(Instant::now());
         }
-        if let Some(at) = *last
-            && at.elapsed() < MIN_REFRESH_INTERVAL
-            && have_keys
-        {
-            return Ok(());
+        self.in_flight.store(true, Ordering::Release);
+        let result = self.fetch().await;
+        self.in_flight.store(false, Ordering::Release);
+        if let Ok(mut last_error) = self.last_error.lock() {
+            *last_error = result.as_ref().err().cloned();
         }
-        *last = Some(Instant::now());
-        let existing_uri = self.keys.read().await.as_ref().map(|k| k.jwks_uri.clone());
-        let (jwks_uri, set) = match existing_uri {
+        self.attempts.send_modify(|n| *n += 1);
+        result
+    }
+
+    async fn fetch(&self) -> Result<(), String> {
+        let known_uri = self.jwks_uri.lock().ok().and_then(|uri| uri.clone());
+        let set = match known_uri {
             Some(uri) => {
-                let set = CoreJsonWebKeySet::fetch_async(&uri, &self.http)
+                self.fetches.fetch_add(1, Ordering::Relaxed);
+                CoreJsonWebKeySet::fetch_async(&uri, &self.http)
                     .await
-                    .map_err(|e| AuthError::Unavailable(format!("fetching JWKS: {e}")))?;
-                (uri, set)
+                    .map_err(|e| format!("fetching JWKS: {e}"))?
             }
             None => {
+                self.discoveries.fetch_add(1, Ordering::Relaxed);
                 let issuer = IssuerUrl::new(self.issuer.clone())
-                    .map_err(|e| AuthError::Unavailable(format!("bad issuer URL: {e}")))?;
+                    .map_err(|e| format!("bad issuer URL: {e}"))?;
                 let metadata = CoreProviderMetadata::discover_async(issuer, &self.http)
                     .await
-                    .map_err(|e| AuthError::Unavailable(format!("OIDC discovery: {e}")))?;
-                (metadata.jwks_uri().clone(), metadata.jwks().clone())
+                    .map_err(|e| format!("OIDC discovery: {e}"))?;
+                if let Ok(mut uri) = self.jwks_uri.lock() {
+                    *uri = Some(metadata.jwks_uri().clone());
+                }
+                metadata.jwks().clone()
             }
         };
         let mut keys = HashMap::new();
@@ -289,47 +426,38 @@ impl OidcIdentity {
                 None => unnamed.push(key.clone()),
             }
         }
-        tracing::info!(issuer = %self.issuer, keys = keys.len() + unnamed.len(), "loaded identity provider keys");
-        *self.keys.write().await = Some(KeySet {
-            jwks_uri,
-            keys,
-            unnamed,
-        });
+        tracing::debug!(issuer = %self.issuer, keys = keys.len() + unnamed.len(), "loaded identity provider keys");
+        if let Ok(mut loaded) = self.keys.write() {
+            *loaded = Some(Arc::new(KeySet { keys, unnamed }));
+        }
         Ok(())
     }
 
-    async fn verify_signature(
-        &self,
-        jwt: &Jwt,
-        alg: &CoreJwsSigningAlgorithm,
-    ) -> Result<Verdict, AuthError> {
-        let guard = self.keys.read().await;
-        let Some(set) = guard.as_ref() else {
-            return Err(AuthError::Unavailable("no keys loaded".into()));
-        };
-        let candidates: Vec<&CoreJsonWebKey> = match &jwt.header.kid {
-            Some(kid) => match set.keys.get(kid) {
-                Some(key) => vec![key],
-                None => return Ok(Verdict::UnknownKey),
-            },
-            None => set.unnamed.iter().chain(set.keys.values()).collect(),
-        };
-        let valid = candidates.into_iter().any(|key| {
-            key.verify_signature(alg, &jwt.signed, &jwt.signature)
-                .is_ok()
-        });
-        Ok(if valid {
-            Verdict::Valid
-        } else {
-            Verdict::Invalid
-        })
+    /// Whether a refetch can happen now (or runs already), so waiting for one is worth it.
+    fn refetch_possible(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire)
+            || self
+                .last_fetch
+                .lock()
+                .ok()
+                .and_then(|last| *last)
+                .is_none_or(|at| at.elapsed() >= self.min_refetch)
     }
-}
 
-#[async_trait]
-impl Identity for OidcIdentity {
-    async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
-        let jwt = decode(token)?;
+    /// Asks the refresher for a refetch and waits up to `wait` for an attempt to finish.
+    async fn refetch(&self, wait: Duration) {
+        let mut attempts = self.attempts.subscribe();
+        attempts.borrow_and_update();
+        // A fetch running now ends this wait; waking the refresher then would only cause another.
+        if !self.in_flight.load(Ordering::Acquire) {
+            self.wake.notify_one();
+        }
+        let _ = tokio::time::timeout(wait, attempts.changed()).await;
+    }
+
+    /// Checks `jwt`'s signature with the loaded keys, asking for a refetch when it names an
+    /// unknown key.
+    async fn verify<C>(&self, jwt: &Jwt<C>) -> Result<(), AuthError> {
         let alg: CoreJwsSigningAlgorithm = serde_json::from_value(jwt.header.alg.clone())
             .map_err(|_| AuthError::Invalid("unsupported algorithm"))?;
         // Only asymmetric algorithms: a provider's public key must never be usable as an HMAC secret.
@@ -342,21 +470,210 @@ impl Identity for OidcIdentity {
         ) {
             return Err(AuthError::Invalid("unsupported algorithm"));
         }
-        self.refresh_keys(false).await?;
-        let mut verdict = self.verify_signature(&jwt, &alg).await?;
-        if verdict == Verdict::UnknownKey {
+        let keys = match self.current() {
+            Some(keys) => keys,
+            None => {
+                self.refetch(NO_KEYS_WAIT).await;
+                self.current().ok_or_else(|| {
+                    AuthError::Unavailable(
+                        self.last_error
+                            .lock()
+                            .ok()
+                            .and_then(|e| e.clone())
+                            .unwrap_or_else(|| "no keys loaded yet".into()),
+                    )
+                })?
+            }
+        };
+        let mut verdict = check_signature(&keys, jwt, &alg);
+        if verdict == Verdict::UnknownKey && self.refetch_possible() {
             // The provider may have rotated its keys.
-            self.refresh_keys(true).await?;
-            verdict = self.verify_signature(&jwt, &alg).await?;
+            metrics::counter!("confab_identity_unknown_kid_refetches_total").increment(1);
+            self.refetch(UNKNOWN_KEY_WAIT).await;
+            if let Some(keys) = self.current() {
+                verdict = check_signature(&keys, jwt, &alg);
+            }
         }
-        if verdict != Verdict::Valid {
-            return Err(AuthError::Invalid("bad signature"));
+        match verdict {
+            Verdict::Valid => Ok(()),
+            Verdict::UnknownKey => Err(AuthError::Invalid("unknown signing key")),
+            Verdict::Invalid => Err(AuthError::Invalid("bad signature")),
         }
-        principal(&jwt.claims, &self.issuer, &self.client_ids, self.leeway)
+    }
+}
+
+fn check_signature<C>(set: &KeySet, jwt: &Jwt<C>, alg: &CoreJwsSigningAlgorithm) -> Verdict {
+    let candidates: Vec<&CoreJsonWebKey> = match &jwt.header.kid {
+        Some(kid) => match set.keys.get(kid) {
+            Some(key) => vec![key],
+            None => return Verdict::UnknownKey,
+        },
+        None => set.unnamed.iter().chain(set.keys.values()).collect(),
+    };
+    let valid = candidates.into_iter().any(|key| {
+        key.verify_signature(alg, &jwt.signed, &jwt.signature)
+            .is_ok()
+    });
+    if valid {
+        Verdict::Valid
+    } else {
+        Verdict::Invalid
+    }
+}
+
+/// The background task that keeps an [`OidcIdentity`]'s keys fresh.
+async fn refresher(
+    shared: std::sync::Weak<OidcShared>,
+    interval: Duration,
+    min_refetch: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let Some(identity) = shared.upgrade() else {
+            return;
+        };
+        let fetched_at = tokio::time::Instant::now();
+        let ok = match identity.refresh().await {
+            Ok(()) => true,
+            Err(error) => {
+                metrics::counter!("confab_identity_refresh_failures_total").increment(1);
+                tracing::warn!(issuer = %identity.issuer, %error, "identity provider keys not refreshed; the loaded ones stay in use");
+                false
+            }
+        };
+        // Scheduled: the interval (or sooner after a failure); early on a request's wake-up,
+        // but never within `min_refetch` of the last fetch.
+        let next = if ok {
+            interval
+        } else {
+            min_refetch.min(interval)
+        };
+        let wake = Arc::clone(&identity.wake);
+        drop(identity);
+        let woken = async {
+            wake.notified().await;
+            tokio::time::sleep_until(fetched_at + min_refetch).await;
+        };
+        let wait = async {
+            tokio::select! {
+                () = tokio::time::sleep(next) => {}
+                () = woken => {}
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = wait => {}
+        }
+    }
+}
+
+impl OidcIdentity {
+    /// Starts loading the provider's keys in the background (so it must be called within a Tokio
+    /// runtime); `refresh` is how often they are refetched.
+    pub fn new(
+        issuer: &str,
+        client_ids: Vec<String>,
+        leeway_secs: u64,
+        refresh: Duration,
+    ) -> Result<OidcIdentity, AuthError> {
+        OidcIdentity::with_timings(
+            issuer,
+            client_ids,
+            leeway_secs,
+            refresh.max(MIN_REFRESH_INTERVAL),
+            MIN_REFRESH_INTERVAL,
+        )
+    }
+
+    fn with_timings(
+        issuer: &str,
+        client_ids: Vec<String>,
+        leeway_secs: u64,
+        interval: Duration,
+        min_refetch: Duration,
+    ) -> Result<OidcIdentity, AuthError> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let shared = Arc::new(OidcShared {
+            issuer: issuer.trim_end_matches('/').to_owned(),
+            client_ids,
+            leeway: i64::try_from(leeway_secs).unwrap_or(30),
+            http,
+            interval,
+            min_refetch,
+            keys: std::sync::RwLock::new(None),
+            jwks_uri: std::sync::Mutex::new(None),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            attempts: tokio::sync::watch::channel(0).0,
+            last_fetch: std::sync::Mutex::new(None),
+            // The first fetch starts right away.
+            in_flight: AtomicBool::new(true),
+            last_error: std::sync::Mutex::new(None),
+            discoveries: AtomicU64::new(0),
+            fetches: AtomicU64::new(0),
+        });
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(refresher(
+            Arc::downgrade(&shared),
+            shared.interval,
+            shared.min_refetch,
+            stop.clone(),
+        ));
+        Ok(OidcIdentity {
+            shared,
+            _stop: stop.drop_guard(),
+        })
+    }
+
+    /// How many discoveries and key set fetches ran: (discoveries, fetches).
+    pub fn fetch_counts(&self) -> (u64, u64) {
+        (
+            self.shared.discoveries.load(Ordering::Relaxed),
+            self.shared.fetches.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[async_trait]
+impl Identity for OidcIdentity {
+    async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        let jwt: Jwt<Claims> = decode(token)?;
+        self.shared.verify(&jwt).await?;
+        principal(
+            &jwt.claims,
+            jwt.header.typ.as_deref(),
+            &self.shared.issuer,
+            &self.shared.client_ids,
+            self.shared.leeway,
+        )
     }
 
     async fn check(&self) -> Result<(), String> {
-        self.refresh_keys(false).await.map_err(|e| e.to_string())
+        if self.shared.current().is_some() {
+            return Ok(());
+        }
+        Err(self
+            .shared
+            .last_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .unwrap_or_else(|| "identity provider keys not loaded yet".into()))
+    }
+
+    async fn verify_logout(&self, token: &str) -> Result<Logout, AuthError> {
+        let jwt: Jwt<LogoutClaims> = decode(token)?;
+        self.shared.verify(&jwt).await?;
+        logout(
+            &jwt.claims,
+            jwt.header.typ.as_deref(),
+            &self.shared.issuer,
+            &self.shared.client_ids,
+            self.shared.leeway,
+        )
     }
 }
 
@@ -419,9 +736,11 @@ impl DevIdentity {
             sub: username.into(),
             exp: expires,
             nbf: Some(now.min(expires) - 1),
+            iat: Some(now.min(expires)),
             azp: Some(DEV_CLIENT.into()),
-            aud: Audience::None,
+            aud: Audience::One(DEV_CLIENT.into()),
             typ: Some("Bearer".into()),
+            sid: Some(uuid::Uuid::new_v4().simple().to_string()),
             preferred_username: Some(username.into()),
             name: Some(capitalise(username)),
             email: Some(format!("{username}@localhost")),
@@ -470,14 +789,20 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[async_trait]
 impl Identity for DevIdentity {
     async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
-        let jwt = decode(token)?;
+        let jwt: Jwt<Claims> = decode(token)?;
         if jwt.header.alg != serde_json::json!("HS256") {
             return Err(AuthError::Invalid("unsupported algorithm"));
         }
         self.mac(&jwt.signed)
             .verify_slice(&jwt.signature)
             .map_err(|_| AuthError::Invalid("bad signature"))?;
-        principal(&jwt.claims, DEV_ISSUER, &[DEV_CLIENT.to_owned()], 0)
+        principal(
+            &jwt.claims,
+            jwt.header.typ.as_deref(),
+            DEV_ISSUER,
+            &[DEV_CLIENT.to_owned()],
+            0,
+        )
     }
 
     async fn check(&self) -> Result<(), String> {
@@ -597,43 +922,334 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn claims_must_name_this_issuer_and_client() {
-        let claims = |iss: &str, azp: Option<&str>, aud: Audience| Claims {
+    fn claims(iss: &str, azp: Option<&str>, aud: Audience) -> Claims {
+        Claims {
             iss: iss.into(),
             sub: "s".into(),
-            exp: OffsetDateTime::now_utc().unix_timestamp() + 60,
+            exp: now() + 60,
             nbf: None,
+            iat: Some(now()),
             azp: azp.map(str::to_owned),
             aud,
             typ: Some("Bearer".into()),
+            sid: Some("session-1".into()),
             preferred_username: Some("u".into()),
             name: None,
             email: None,
-        };
+        }
+    }
+
+    #[test]
+    fn claims_must_name_this_issuer_and_audience() {
         let ids = vec!["web".to_owned()];
-        assert!(principal(&claims("i", Some("web"), Audience::None), "i", &ids, 0).is_ok());
-        assert!(
-            principal(
-                &claims("i", Some("x"), Audience::Many(vec!["web".into()])),
-                "i",
-                &ids,
-                0
-            )
-            .is_ok()
-        );
-        assert!(principal(&claims("other", Some("web"), Audience::None), "i", &ids, 0).is_err());
-        assert!(
-            principal(
-                &claims("i", Some("x"), Audience::One("y".into())),
-                "i",
-                &ids,
-                0
-            )
-            .is_err()
-        );
-        let mut id_token = claims("i", Some("web"), Audience::None);
+        let check = |claims: &Claims| principal(claims, Some("JWT"), "i", &ids, 5);
+        let good = check(&claims(
+            "i",
+            Some("web"),
+            Audience::Many(vec!["web".into()]),
+        ))
+        .expect("valid");
+        assert_eq!(good.session.as_deref(), Some("session-1"));
+        assert!(check(&claims("i", Some("x"), Audience::One("web".into()))).is_ok());
+        // `azp` alone is not enough: the audience must name this service.
+        assert!(matches!(
+            check(&claims("i", Some("web"), Audience::None)),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(check(&claims("i", Some("web"), Audience::One("account".into()))).is_err());
+        // The issuer exactly.
+        assert!(check(&claims("i/", Some("web"), Audience::One("web".into()))).is_err());
+        assert!(check(&claims("other", Some("web"), Audience::One("web".into()))).is_err());
+        // Times, with the leeway.
+        let mut expired = claims("i", None, Audience::One("web".into()));
+        expired.exp = now() - 10;
+        assert!(matches!(check(&expired), Err(AuthError::Expired)));
+        expired.exp = now() - 2;
+        assert!(check(&expired).is_ok(), "within the leeway");
+        let mut early = claims("i", None, Audience::One("web".into()));
+        early.nbf = Some(now() + 60);
+        assert!(check(&early).is_err());
+        early.nbf = None;
+        early.iat = Some(now() + 60);
+        assert!(check(&early).is_err());
+        // The type: ID and refresh tokens are not bearer credentials.
+        let mut id_token = claims("i", Some("web"), Audience::One("web".into()));
         id_token.typ = Some("ID".into());
-        assert!(principal(&id_token, "i", &ids, 0).is_err());
+        assert!(check(&id_token).is_err());
+        id_token.typ = None;
+        assert!(check(&id_token).is_err(), "no type at all");
+        assert!(principal(&id_token, Some("at+jwt"), "i", &ids, 5).is_ok());
+    }
+
+    fn logout_claims() -> LogoutClaims {
+        serde_json::from_value(serde_json::json!({
+            "iss": "i", "aud": "web", "iat": now(), "jti": "j", "sub": "s", "sid": "session-1",
+            "events": {BACKCHANNEL_LOGOUT_EVENT: {}}
+        }))
+        .expect("claims")
+    }
+
+    #[test]
+    fn logout_tokens_are_checked() {
+        let ids = vec!["web".to_owned()];
+        let check = |claims: &LogoutClaims| logout(claims, Some("logout+jwt"), "i", &ids, 5);
+        let ended = check(&logout_claims()).expect("valid");
+        assert_eq!(ended.session.as_deref(), Some("session-1"));
+        assert_eq!(ended.user, Some(UserId::from_subject("i", "s")));
+        let mut bad = logout_claims();
+        bad.iss = "other".into();
+        assert!(check(&bad).is_err());
+        let mut bad = logout_claims();
+        bad.aud = Audience::One("account".into());
+        assert!(check(&bad).is_err());
+        let mut bad = logout_claims();
+        bad.events = None;
+        assert!(check(&bad).is_err());
+        let mut bad = logout_claims();
+        bad.nonce = Some(serde_json::json!("n"));
+        assert!(check(&bad).is_err());
+        let mut bad = logout_claims();
+        bad.sid = None;
+        bad.sub = None;
+        assert!(check(&bad).is_err());
+        let mut bad = logout_claims();
+        bad.iat = now() - 3600;
+        assert!(check(&bad).is_err());
+        // An access token is not a logout token.
+        assert!(logout(&logout_claims(), Some("at+jwt"), "i", &ids, 5).is_err());
+    }
+
+    /// A small OpenID provider whose key set a test changes, and can make hang.
+    struct Provider {
+        issuer: String,
+        keys: Arc<std::sync::Mutex<Vec<(String, p256::ecdsa::SigningKey)>>>,
+        hang: Arc<AtomicBool>,
+    }
+
+    impl Provider {
+        async fn start(kids: &[&str]) -> Provider {
+            use axum::routing::get;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let issuer = format!("http://{}", listener.local_addr().unwrap());
+            let keys = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let hang = Arc::new(AtomicBool::new(false));
+            let provider = Provider {
+                issuer: issuer.clone(),
+                keys: Arc::clone(&keys),
+                hang: Arc::clone(&hang),
+            };
+            for kid in kids {
+                provider.add(kid);
+            }
+            let discovery = {
+                let issuer = issuer.clone();
+                let hang = Arc::clone(&hang);
+                move || {
+                    let issuer = issuer.clone();
+                    let hang = Arc::clone(&hang);
+                    async move {
+                        if hang.load(Ordering::Acquire) {
+                            std::future::pending::<()>().await;
+                        }
+                        axum::Json(serde_json::json!({
+                            "issuer": issuer,
+                            "authorization_endpoint": format!("{issuer}/auth"),
+                            "jwks_uri": format!("{issuer}/certs"),
+                            "response_types_supported": ["code"],
+                            "subject_types_supported": ["public"],
+                            "id_token_signing_alg_values_supported": ["ES256"],
+                        }))
+                    }
+                }
+            };
+            let certs = move || {
+                let keys = Arc::clone(&keys);
+                let hang = Arc::clone(&hang);
+                async move {
+                    if hang.load(Ordering::Acquire) {
+                        std::future::pending::<()>().await;
+                    }
+                    let keys: Vec<serde_json::Value> = keys
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|(kid, key)| {
+                            use p256::elliptic_curve::sec1::ToSec1Point;
+                            let point =
+                                p256::PublicKey::from(key.verifying_key()).to_sec1_point(false);
+                            let bytes = point.as_bytes();
+                            serde_json::json!({
+                                "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256",
+                                "kid": kid,
+                                "x": URL_SAFE_NO_PAD.encode(&bytes[1..33]),
+                                "y": URL_SAFE_NO_PAD.encode(&bytes[33..65]),
+                            })
+                        })
+                        .collect();
+                    axum::Json(serde_json::json!({ "keys": keys }))
+                }
+            };
+            let router = axum::Router::new()
+                .route("/.well-known/openid-configuration", get(discovery))
+                .route("/certs", get(certs));
+            tokio::spawn(async move { axum::serve(listener, router).await });
+            provider
+        }
+
+        fn add(&self, kid: &str) {
+            let key = p256::ecdsa::SigningKey::from_slice(&rand::random::<[u8; 32]>()).unwrap();
+            self.keys.lock().unwrap().push((kid.to_owned(), key));
+        }
+
+        fn remove(&self, kid: &str) {
+            self.keys.lock().unwrap().retain(|(k, _)| k != kid);
+        }
+
+        /// An access token signed by key `kid` (or by a key no one knows, when it is not
+        /// there).
+        fn token(&self, kid: &str) -> String {
+            use p256::ecdsa::signature::Signer;
+            let key = self
+                .keys
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(k, _)| k == kid)
+                .map(|(_, key)| key.clone())
+                .unwrap_or_else(|| {
+                    p256::ecdsa::SigningKey::from_slice(&rand::random::<[u8; 32]>()).unwrap()
+                });
+            let header = serde_json::json!({"alg": "ES256", "kid": kid, "typ": "JWT"});
+            let claims = serde_json::json!({
+                "iss": self.issuer, "sub": "alice", "aud": "web", "typ": "Bearer",
+                "exp": now() + 600, "iat": now(), "sid": "s1",
+            });
+            let signed = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(header.to_string()),
+                URL_SAFE_NO_PAD.encode(claims.to_string())
+            );
+            let signature: p256::ecdsa::Signature = key.sign(signed.as_bytes());
+            format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature.to_bytes()))
+        }
+    }
+
+    async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !condition().await {
+            assert!(Instant::now() < deadline, "{what} before the deadline");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_removed_key_stops_being_trusted_within_the_refresh_interval() {
+        let provider = Provider::start(&["k1", "k2"]).await;
+        let identity = OidcIdentity::with_timings(
+            &provider.issuer,
+            vec!["web".into()],
+            5,
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let old = provider.token("k1");
+        assert_eq!(identity.authenticate(&old).await.unwrap().username, "alice");
+        provider.remove("k1");
+        eventually("the removed key is refused", async || {
+            identity.authenticate(&old).await.is_err()
+        })
+        .await;
+        assert!(identity.authenticate(&provider.token("k2")).await.is_ok());
+        assert_eq!(identity.fetch_counts().0, 1, "discovery ran once");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_key_id_triggers_one_refetch() {
+        let provider = Provider::start(&["k1"]).await;
+        let identity = OidcIdentity::with_timings(
+            &provider.issuer,
+            vec!["web".into()],
+            5,
+            Duration::from_secs(300),
+            Duration::from_millis(200),
+        )
+        .unwrap();
+        assert!(identity.authenticate(&provider.token("k1")).await.is_ok());
+        // The provider rotates in a new key: the first token naming it triggers a refetch.
+        provider.add("k2");
+        eventually("a refetch is allowed", async || {
+            identity.shared.refetch_possible()
+        })
+        .await;
+        assert!(identity.authenticate(&provider.token("k2")).await.is_ok());
+        // Right after it, a random kid is refused without another fetch.
+        let fetches = identity.fetch_counts().1;
+        assert!(matches!(
+            identity.authenticate(&provider.token("random")).await,
+            Err(AuthError::Invalid("unknown signing key"))
+        ));
+        assert_eq!(identity.fetch_counts().1, fetches);
+    }
+
+    #[tokio::test]
+    async fn a_random_kid_with_a_hanging_provider_stalls_no_one() {
+        let provider = Provider::start(&["k1"]).await;
+        let identity = Arc::new(
+            OidcIdentity::with_timings(
+                &provider.issuer,
+                vec!["web".into()],
+                5,
+                Duration::from_secs(300),
+                Duration::from_millis(100),
+            )
+            .unwrap(),
+        );
+        let valid = provider.token("k1");
+        assert!(identity.authenticate(&valid).await.is_ok());
+        // The provider stops answering; a token with a random kid triggers a refetch that hangs.
+        provider.hang.store(true, Ordering::Release);
+        eventually("a refetch is allowed", async || {
+            identity.shared.refetch_possible()
+        })
+        .await;
+        let random = {
+            let identity = Arc::clone(&identity);
+            let token = provider.token("random");
+            tokio::spawn(async move {
+                let started = Instant::now();
+                (identity.authenticate(&token).await, started.elapsed())
+            })
+        };
+        eventually("the refetch runs", async || {
+            identity.shared.in_flight.load(Ordering::Acquire)
+        })
+        .await;
+        // Meanwhile tokens signed by known keys verify at once, concurrently.
+        let started = Instant::now();
+        let checks: Vec<_> = (0..20)
+            .map(|_| {
+                let identity = Arc::clone(&identity);
+                let valid = valid.clone();
+                tokio::spawn(async move { identity.authenticate(&valid).await.is_ok() })
+            })
+            .collect();
+        for check in checks {
+            assert!(check.await.unwrap());
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "valid tokens waited {:?}",
+            started.elapsed()
+        );
+        // The unknown kid waits briefly, then is refused; discovery never runs again.
+        let (outcome, waited) = random.await.unwrap();
+        assert!(matches!(outcome, Err(AuthError::Invalid(_))));
+        assert!(
+            waited < UNKNOWN_KEY_WAIT + Duration::from_secs(1),
+            "{waited:?}"
+        );
+        assert_eq!(identity.fetch_counts().0, 1);
+        assert!(identity.check().await.is_ok(), "known keys stay in use");
     }
 }

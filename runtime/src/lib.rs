@@ -15,6 +15,7 @@ pub mod presence;
 pub mod problem;
 pub mod push_auth;
 pub mod push_queue;
+pub mod revocation;
 pub mod search;
 pub mod shutdown;
 pub mod signed;

@@ -139,6 +139,15 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A fresh signing secret, long and random enough to be accepted.
+pub fn secret() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
 /// A configuration for `stack` with its own data folder, keyspace and subject prefix.
 pub fn config_for(stack: Stack, data_dir: PathBuf) -> Config {
     let mut config = Config {
@@ -148,7 +157,7 @@ pub fn config_for(stack: Stack, data_dir: PathBuf) -> Config {
     config.api.listen = "127.0.0.1:0".parse().unwrap();
     config.notifier.listen = "127.0.0.1:0".parse().unwrap();
     config.ws_plexer.listen = "127.0.0.1:0".parse().unwrap();
-    config.secret_key = Some(unique("secret-"));
+    config.secret_key = Some(secret());
     if stack == Stack::Real {
         config.store.backend = StoreBackend::Cql;
         config.store.cql_contact_points = cql_contact_points();
@@ -351,6 +360,11 @@ impl TestApp {
             {
                 let _ = queue.delete_bucket().await;
             }
+            let _ = confab_runtime::revocation::Revocations::delete_nats_bucket(
+                &self.config.bus.nats_url,
+                &self.config.bus.subject_prefix,
+            )
+            .await;
             if self.config.search.backend == SearchBackend::Meilisearch
                 && let Ok(search) =
                     confab_runtime::search::MeiliSearch::new(&self.config.meili_settings())
@@ -456,6 +470,15 @@ impl SseStream {
                 return event;
             }
         }
+    }
+
+    /// Waits (within the deadline) until the server ends the stream, skipping what comes before.
+    pub async fn ends(&mut self) {
+        tokio::time::timeout(DEADLINE, async {
+            while let Some(Ok(_)) = self.body.next().await {}
+        })
+        .await
+        .expect("the stream ends before the deadline");
     }
 
     /// The next event, within the deadline.

@@ -176,7 +176,11 @@ async fn upgrade(
         Err(error) => return error.into_response(),
     };
     // Opened before the upgrade, so a refusal (caps, a node not ready) is a plain HTTP problem.
-    let subscription = match state.hub.open(caller.user, resume_after).await {
+    let subscription = match state
+        .hub
+        .open_in(caller.user, caller.session.clone(), resume_after)
+        .await
+    {
         Ok(subscription) => subscription,
         Err(error) => return open_problem(&error).into_response(),
     };
@@ -371,7 +375,7 @@ async fn serve(
                             };
                             match parsed {
                                 Err(problem) => Some(error_frame(&problem)),
-                                Ok(after) => match state.hub.open(user, Some(after)).await {
+                                Ok(after) => match state.hub.open_in(user, caller.session.clone(), Some(after)).await {
                                     Ok(resumed) => {
                                         subscription = resumed;
                                         Some(json!({"type": "ready"}).to_string())

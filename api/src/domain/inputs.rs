@@ -445,3 +445,23 @@ mod tests {
         assert!(AttachmentIds::parse((0..11).map(|_| uuid::Uuid::now_v7()).collect()).is_err());
     }
 }
+
+/// A back-channel logout token as posted: 1 to 16 KiB, otherwise opaque until verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogoutToken(String);
+
+impl LogoutToken {
+    pub fn parse(value: String) -> ApiResult<LogoutToken> {
+        let value = value.trim().to_owned();
+        if value.is_empty() || value.len() > 16 * 1024 {
+            return Err(ApiError::BadRequest(
+                "logout_token must be 1 to 16384 bytes".into(),
+            ));
+        }
+        Ok(LogoutToken(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}

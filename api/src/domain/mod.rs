@@ -18,6 +18,7 @@ pub mod pushes;
 pub mod reactions;
 pub mod rules;
 pub mod search;
+pub mod sessions;
 pub mod settings;
 pub mod signals;
 pub mod typing;

@@ -11,6 +11,7 @@ mod members;
 mod reactions;
 mod responses;
 mod search;
+mod sessions;
 mod settings;
 mod signals;
 mod typing;
@@ -163,6 +164,8 @@ fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(users::set_status))
         .routes(routes!(users::presence))
         .routes(routes!(users::get))
+        .routes(routes!(sessions::logout_all))
+        .routes(routes!(sessions::backchannel_logout))
         .routes(routes!(chats::create, chats::list))
         .routes(routes!(chats::get, chats::update))
         .routes(routes!(members::list, members::add))

@@ -1,0 +1,345 @@
+//! Ended sessions: "log out everywhere" and OpenID Connect back-channel logouts. A
+//! [`Revocation`] ends one provider session (`sid`: its tokens are refused from now on), or every
+//! token of a user issued up to a time. Every process keeps the revocations in memory, checks each
+//! authenticated token against them ([`RevocationAware`]) and ends the streams they name (the hub
+//! subscribes to [`Revocations::subscribe`]).
+//!
+//! With NATS they are shared through a JetStream key-value bucket (`<prefix>_revocations`, one key
+//! per user or session, kept for `identity.revocation_ttl_secs`): every process watches it, so a
+//! logout received by one API process ends streams on every notifier and is refused everywhere.
+//! `confab serve` keeps them in memory.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use async_trait::async_trait;
+use confab_schema::UserId;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+
+use crate::identity::{AuthError, Identity, Logout, Principal};
+use crate::kv_bucket::KvBucket;
+
+/// One ended session, or every session of a user up to a time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The user, when known (always, unless a logout token names only a session).
+    pub user: Option<UserId>,
+    /// The provider session that ended; `None`: every token of `user` issued up to `before`.
+    pub session: Option<String>,
+    /// When the logout happened (Unix seconds): tokens issued at or before it are refused.
+    pub before: i64,
+}
+
+impl Revocation {
+    /// A revocation of what a logout token names.
+    pub fn of_logout(logout: &Logout, now: i64) -> Revocation {
+        Revocation {
+            user: logout.user,
+            session: logout.session.clone(),
+            before: now,
+        }
+    }
+
+    /// Whether a token (or a stream opened with one) of `user`, in `session`, issued at
+    /// `issued_at`, is ended by this revocation.
+    pub fn ends(&self, user: UserId, session: Option<&str>, issued_at: i64) -> bool {
+        match &self.session {
+            Some(ended) => session == Some(ended.as_str()),
+            None => self.user == Some(user) && issued_at <= self.before,
+        }
+    }
+
+    fn key(&self) -> Option<String> {
+        match (&self.session, self.user) {
+            (Some(session), _) => Some(format!("s_{}", hex(&Sha256::digest(session.as_bytes())))),
+            (None, Some(user)) => Some(format!("u_{}", user.0.simple())),
+            (None, None) => None,
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Default)]
+struct Known {
+    /// Every token of the user issued at or before this time is refused.
+    users: HashMap<UserId, i64>,
+    /// Sessions ended, with when.
+    sessions: HashMap<String, i64>,
+}
+
+/// The revocations this process knows, kept current.
+pub struct Revocations {
+    known: std::sync::RwLock<Known>,
+    ended: broadcast::Sender<Revocation>,
+    ttl: Duration,
+    bucket: Option<KvBucket>,
+    /// The watch of the bucket is established (always true without one).
+    watching: AtomicBool,
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl Revocations {
+    /// Revocations in this process's memory only (`confab serve`).
+    pub fn in_memory(ttl: Duration) -> Arc<Revocations> {
+        Arc::new(Revocations {
+            known: std::sync::RwLock::default(),
+            ended: broadcast::channel(1024).0,
+            ttl,
+            bucket: None,
+            watching: AtomicBool::new(true),
+        })
+    }
+
+    /// Revocations shared through a key-value bucket on the NATS at `url`; a background task
+    /// watches it until `shutdown`.
+    pub async fn nats(
+        url: &str,
+        prefix: &str,
+        ttl: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Arc<Revocations>, String> {
+        let bucket = bucket(url, prefix, ttl).await?;
+        let revocations = Arc::new(Revocations {
+            known: std::sync::RwLock::default(),
+            ended: broadcast::channel(1024).0,
+            ttl,
+            bucket: Some(bucket),
+            watching: AtomicBool::new(false),
+        });
+        tokio::spawn(watch(Arc::downgrade(&revocations), shutdown));
+        Ok(revocations)
+    }
+
+    /// Records `revocation` (shared with every process) and ends what it names here.
+    pub async fn revoke(&self, revocation: Revocation) -> Result<(), String> {
+        let Some(key) = revocation.key() else {
+            return Err("a revocation names a user or a session".into());
+        };
+        match &self.bucket {
+            None => self.apply(&revocation, true),
+            Some(bucket) => {
+                let store = bucket.store().await?;
+                let value = serde_json::to_vec(&revocation).map_err(|e| e.to_string())?;
+                store
+                    .put(key, value.into())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // Refused here at once; the watch tells this process's streams, and every other
+                // process, in a moment.
+                self.apply(&revocation, false);
+            }
+        }
+        metrics::counter!("confab_revocations_total").increment(1);
+        Ok(())
+    }
+
+    fn apply(&self, revocation: &Revocation, announce: bool) {
+        if let Ok(mut known) = self.known.write() {
+            match (&revocation.session, revocation.user) {
+                (Some(session), _) => {
+                    known.sessions.insert(session.clone(), revocation.before);
+                }
+                (None, Some(user)) => {
+                    let before = known.users.entry(user).or_insert(revocation.before);
+                    *before = (*before).max(revocation.before);
+                }
+                (None, None) => {}
+            }
+            // Forget what no live token can be affected by any more.
+            let horizon = now() - i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX / 2);
+            if known.users.len() + known.sessions.len() > 10_000 {
+                known.users.retain(|_, before| *before > horizon);
+                known.sessions.retain(|_, at| *at > horizon);
+            }
+        }
+        if announce {
+            let _ = self.ended.send(revocation.clone());
+        }
+    }
+
+    /// Whether a token of `user` in `session`, issued at `issued_at`, is revoked.
+    pub fn is_revoked(&self, user: UserId, session: Option<&str>, issued_at: i64) -> bool {
+        let Ok(known) = self.known.read() else {
+            return true;
+        };
+        session.is_some_and(|s| known.sessions.contains_key(s))
+            || known
+                .users
+                .get(&user)
+                .is_some_and(|before| issued_at <= *before)
+    }
+
+    /// Revocations as they arrive, for ending streams.
+    pub fn subscribe(&self) -> broadcast::Receiver<Revocation> {
+        self.ended.subscribe()
+    }
+
+    /// Whether revocations made elsewhere reach this process.
+    pub fn check(&self) -> Result<(), String> {
+        if self.watching.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err("not watching the revocations bucket".into())
+        }
+    }
+
+    /// Deletes the bucket of the deployment at `url` with `prefix` (tests clean up with this).
+    pub async fn delete_nats_bucket(url: &str, prefix: &str) -> Result<(), String> {
+        bucket(url, prefix, Duration::from_secs(60))
+            .await?
+            .delete()
+            .await
+    }
+}
+
+async fn bucket(url: &str, prefix: &str, ttl: Duration) -> Result<KvBucket, String> {
+    KvBucket::connect(
+        url,
+        "confab-revocations",
+        kv::Config {
+            bucket: format!("{}_revocations", prefix.replace(['.', '-'], "_")),
+            description: "confab: ended sessions".into(),
+            history: 1,
+            max_age: ttl.max(Duration::from_secs(60)),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Applies the bucket's records (those already there, then each new one) until `shutdown`,
+/// re-watching after an error.
+async fn watch(
+    revocations: std::sync::Weak<Revocations>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let Some(this) = revocations.upgrade() else {
+            return;
+        };
+        let watched = async {
+            let store = this.bucket.as_ref().ok_or("no bucket")?.store().await?;
+            let mut entries = store
+                .watch_with_history(">")
+                .await
+                .map_err(|e| e.to_string())?;
+            this.watching.store(true, Ordering::Release);
+            while let Some(entry) = entries.next().await {
+                let entry = entry.map_err(|e| e.to_string())?;
+                if entry.operation != kv::Operation::Put {
+                    continue;
+                }
+                match serde_json::from_slice::<Revocation>(&entry.value) {
+                    Ok(revocation) => this.apply(&revocation, true),
+                    Err(error) => tracing::warn!(%error, key = entry.key, "unreadable revocation"),
+                }
+            }
+            Err::<(), String>("the watch ended".into())
+        };
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            result = watched => result,
+        };
+        this.watching.store(false, Ordering::Release);
+        if let Err(error) = result {
+            tracing::warn!(%error, "revocations not watched; retrying");
+        }
+        drop(this);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// An [`Identity`] that refuses the tokens of ended sessions.
+pub struct RevocationAware {
+    pub inner: Arc<dyn Identity>,
+    pub revocations: Arc<Revocations>,
+}
+
+#[async_trait]
+impl Identity for RevocationAware {
+    async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        let principal = self.inner.authenticate(token).await?;
+        if self.revocations.is_revoked(
+            principal.user_id,
+            principal.session.as_deref(),
+            principal.issued_at,
+        ) {
+            return Err(AuthError::Revoked);
+        }
+        Ok(principal)
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        self.inner.check().await?;
+        self.revocations.check()
+    }
+
+    async fn verify_logout(&self, token: &str) -> Result<Logout, AuthError> {
+        self.inner.verify_logout(token).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sessions_and_users_are_revoked_and_announced() {
+        let revocations = Revocations::in_memory(Duration::from_secs(3600));
+        let mut ended = revocations.subscribe();
+        let (alice, bob) = (
+            UserId::from_subject("i", "alice"),
+            UserId::from_subject("i", "bob"),
+        );
+        let t = now();
+        revocations
+            .revoke(Revocation {
+                user: Some(alice),
+                session: Some("s1".into()),
+                before: t,
+            })
+            .await
+            .unwrap();
+        assert!(revocations.is_revoked(alice, Some("s1"), t - 5));
+        assert!(
+            revocations.is_revoked(alice, Some("s1"), t + 5),
+            "a session ends for good"
+        );
+        assert!(!revocations.is_revoked(alice, Some("s2"), t - 5));
+        assert_eq!(ended.recv().await.unwrap().session.as_deref(), Some("s1"));
+
+        revocations
+            .revoke(Revocation {
+                user: Some(bob),
+                session: None,
+                before: t,
+            })
+            .await
+            .unwrap();
+        assert!(revocations.is_revoked(bob, Some("any"), t));
+        assert!(revocations.is_revoked(bob, None, 0));
+        assert!(
+            !revocations.is_revoked(bob, None, t + 1),
+            "a later login works"
+        );
+        assert!(!revocations.is_revoked(alice, None, t - 1));
+        let announced = ended.recv().await.unwrap();
+        assert!(announced.ends(bob, Some("x"), t - 1));
+        assert!(!announced.ends(alice, Some("x"), t - 1));
+    }
+}
