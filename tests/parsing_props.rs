@@ -231,6 +231,8 @@ fn oidc_identity() -> &'static OidcIdentity {
     static OIDC: OnceLock<OidcIdentity> = OnceLock::new();
     // Nothing listens there: a token that got as far as needing keys could not be verified.
     OIDC.get_or_init(|| {
+        // Its key refresher runs on the tests' runtime.
+        let _entered = runtime().enter();
         OidcIdentity::new(
             "http://127.0.0.1:9/realms/none",
             vec!["confab".into()],
