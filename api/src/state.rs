@@ -16,6 +16,7 @@ use confab_schema::{ChatId, Signal, User, UserId};
 use crate::coalesce::Coalescer;
 use crate::domain::attachments::AttachmentSettings;
 use crate::domain::devices::PushSettings;
+use crate::limits::RateLimits;
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -51,6 +52,8 @@ pub struct ApiState {
     pub(crate) attachments: Option<AttachmentSettings>,
     /// Image decodes running at once (thumbnails are made off the request path).
     pub(crate) image_work: Arc<tokio::sync::Semaphore>,
+    /// Requests per user and class (`limits`); off unless set.
+    pub(crate) rate_limits: Arc<RateLimits>,
 }
 
 impl ApiState {
@@ -77,6 +80,7 @@ impl ApiState {
             search: None,
             attachments: None,
             image_work: Arc::new(tokio::sync::Semaphore::new(2)),
+            rate_limits: Arc::new(RateLimits::off()),
         }
     }
 
@@ -101,6 +105,12 @@ impl ApiState {
     /// Where attachments are stored, and how they are served.
     pub fn with_attachments(mut self, attachments: AttachmentSettings) -> ApiState {
         self.attachments = Some(attachments);
+        self
+    }
+
+    /// The rate limits per user (`limits.send`, `limits.edit`…).
+    pub fn with_rate_limits(mut self, limits: RateLimits) -> ApiState {
+        self.rate_limits = Arc::new(limits);
         self
     }
 
