@@ -118,6 +118,8 @@ pub async fn run(args: BenchArgs, mut config: Config) -> anyhow::Result<()> {
     config.data_dir = data_dir.clone();
     config.store.embedded_path = None;
     config.api.listen = "127.0.0.1:0".parse()?;
+    // One user sends and reads at the measured rates: no rate limits.
+    config.limits = config.limits.without_rate_limits();
 
     let baseline = bus_baseline(&config, args.messages, args.rate).await?;
     let mut bench = PostToSse::start(&config, &args).await?;

@@ -53,6 +53,8 @@ pub async fn run(args: ReadsBenchArgs, mut config: Config) -> anyhow::Result<()>
     config.data_dir = data_dir.clone();
     config.store.embedded_path = None;
     config.api.listen = "127.0.0.1:0".parse()?;
+    // One user sends and reads at the measured rates: no rate limits.
+    config.limits = config.limits.without_rate_limits();
     let shutdown = CancellationToken::new();
     let listener = TcpListener::bind(config.api.listen).await?;
     let base = format!("http://{}", listener.local_addr()?);

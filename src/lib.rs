@@ -9,6 +9,7 @@ pub mod bench_push;
 pub mod bench_reads;
 pub mod bench_search;
 pub mod bench_store;
+pub mod edge;
 pub mod reindex;
 pub mod web;
 
@@ -17,9 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use axum::extract::DefaultBodyLimit;
 use confab_api::domain::attachments::AttachmentSettings;
 use confab_api::domain::devices::PushSettings;
 use confab_api::indexer::Indexer;
+use confab_api::limits::RateLimits;
 use confab_api::outbox::SweepSettings;
 use confab_api::store::cql::{self, CqlOptions, CqlStore};
 use confab_api::store::embedded::EmbeddedStore;
@@ -417,7 +420,8 @@ pub async fn build(
         })
         .with_push_queue(Arc::clone(&push_queue))
         .with_revocations(Arc::clone(&revocations))
-        .with_attachments(attachment_settings(config, blobs));
+        .with_attachments(attachment_settings(config, blobs))
+        .with_rate_limits(RateLimits::new(&config.limits));
         if let Some(search) = search {
             state = state.with_search(search);
         }
@@ -429,6 +433,8 @@ pub async fn build(
             shutdown.clone(),
         ));
         let (routes, doc) = api_routes(state);
+        // Every JSON body, over HTTP or in a WebSocket request frame (uploads stream their own).
+        let routes = routes.layer(DefaultBodyLimit::max(config.limits.body_bytes));
         api_router = Some(
             routes
                 .clone()
@@ -531,7 +537,7 @@ pub async fn build(
         );
     }
     let openapi = Arc::new(openapi);
-    let router = telemetry::instrument(
+    let router = telemetry::instrument(edge::layer(
         router
             .route(
                 "/v1/openapi.json",
@@ -543,7 +549,8 @@ pub async fn build(
             .merge(telemetry::routes(readiness))
             .fallback(problem::not_found)
             .method_not_allowed_fallback(problem::method_not_allowed),
-    );
+        &config.limits,
+    ));
     Ok(App { router, workers })
 }
 
@@ -561,17 +568,13 @@ pub async fn run(
     // Tests and scripts read this line to find a port chosen by the OS.
     println!("confab {} listening on http://{addr}", role.name());
     tracing::info!(role = role.name(), %addr, "listening");
-    // Events are small writes; without TCP_NODELAY, Nagle's algorithm holds them back for up to a
-    // delayed-ACK interval (~40 ms).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "TCP_NODELAY not set");
-        }
-    });
-    axum::serve(listener, app.router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .context("serving HTTP")?;
+    edge::serve(
+        listener,
+        app.router,
+        config.limits.header_timeout(),
+        shutdown.clone(),
+    )
+    .await;
     for worker in app.workers {
         let _ = worker.await;
     }

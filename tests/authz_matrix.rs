@@ -157,9 +157,12 @@ fn cases() -> Vec<Case> {
         .note("the owner's profile: shown to who shares a chat with them")
         .picks(&[("user_id", Pick::User(Who::Owner))]),
         case("GET /v1/me/settings", ANYONE),
-        case("POST /v1/me/logout-all", [401, 401, 401, 204, 204, 204, 204])
-            .note("the caller's own sessions")
-            .ends_sessions(),
+        case(
+            "POST /v1/me/logout-all",
+            [401, 401, 401, 204, 204, 204, 204],
+        )
+        .note("the caller's own sessions")
+        .ends_sessions(),
         case("POST /v1/auth/backchannel-logout", [400; 7])
             .note("no logout token: the identity provider's signed token is what authorizes it"),
         case("PUT /v1/me/settings", ANYONE).json(|_, _| json!({"push_previews": false})),

@@ -210,6 +210,13 @@ impl Store for FlakyBookkeeping {
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
         self.inner.remove_member(chat, user).await
     }
+    async fn change_member(
+        &self,
+        chat: ChatId,
+        change: &confab_api::store::GuardedChange,
+    ) -> Result<bool, StoreError> {
+        self.inner.change_member(chat, change).await
+    }
     async fn touch_chat(
         &self,
         chat: ChatId,

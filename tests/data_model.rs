@@ -92,7 +92,7 @@ async fn data_model(stack: Stack) {
     let carol_id = app.me(&carol).await;
     let dave_id = app.me(&dave).await;
 
-    // Users: found by user name, display name or e-mail prefix, each once.
+    // Users: found by a prefix of their user name or display name, each once.
     let found = all_pages(&app, &alice, "/v1/users?q=bo", 10).await;
     assert!(
         found.iter().any(|u| u["id"] == bob_id.as_str()),

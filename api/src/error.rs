@@ -7,6 +7,7 @@ use confab_runtime::Problem;
 use confab_runtime::blobs::BlobError;
 use confab_runtime::bus::BusError;
 use confab_runtime::identity::AuthError;
+use confab_runtime::limits::Limited;
 use confab_runtime::search::SearchError;
 
 use crate::store::StoreError;
@@ -40,6 +41,9 @@ pub enum ApiError {
     SearchDisabled,
     #[error(transparent)]
     Blobs(#[from] BlobError),
+    /// Over a rate limit.
+    #[error(transparent)]
+    Limited(#[from] Limited),
 }
 
 impl From<&ApiError> for Problem {
@@ -99,6 +103,7 @@ impl From<&ApiError> for Problem {
             ApiError::Blobs(BlobError::Body(why)) => {
                 Problem::new(StatusCode::BAD_REQUEST, "bad-request", why.clone())
             }
+            ApiError::Limited(limited) => Problem::from(limited),
             ApiError::Blobs(BlobError::NotFound) => {
                 Problem::new(StatusCode::NOT_FOUND, "not-found", "no such attachment")
             }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod images;
 pub mod indexer;
+pub mod limits;
 pub mod outbox;
 pub mod state;
 pub mod store;

@@ -20,6 +20,7 @@ use confab_schema::{ChatId, Signal, User, UserId};
 use crate::coalesce::Coalescer;
 use crate::domain::attachments::AttachmentSettings;
 use crate::domain::devices::PushSettings;
+use crate::limits::RateLimits;
 use crate::outbox::Outbox;
 use crate::store::Store;
 
@@ -60,6 +61,8 @@ pub struct ApiState {
     pub(crate) outbox: Arc<Outbox>,
     /// Where logouts are recorded (`None`: logouts answer 503).
     pub(crate) revocations: Option<Arc<Revocations>>,
+    /// Requests per user and class (`limits`); off unless set.
+    pub(crate) rate_limits: Arc<RateLimits>,
 }
 
 impl ApiState {
@@ -88,6 +91,7 @@ impl ApiState {
             image_work: Arc::new(tokio::sync::Semaphore::new(2)),
             outbox: Arc::default(),
             revocations: None,
+            rate_limits: Arc::new(RateLimits::off()),
         }
     }
 
@@ -124,6 +128,12 @@ impl ApiState {
     /// Where attachments are stored, and how they are served.
     pub fn with_attachments(mut self, attachments: AttachmentSettings) -> ApiState {
         self.attachments = Some(attachments);
+        self
+    }
+
+    /// The rate limits per user (`limits.send`, `limits.edit`…).
+    pub fn with_rate_limits(mut self, limits: RateLimits) -> ApiState {
+        self.rate_limits = Arc::new(limits);
         self
     }
 

@@ -46,6 +46,7 @@ pub struct Config {
     pub push: PushConfig,
     pub search: SearchConfig,
     pub attachments: AttachmentsConfig,
+    pub limits: LimitsConfig,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,6 +338,7 @@ impl Default for Config {
             push: PushConfig::default(),
             search: SearchConfig::default(),
             attachments: AttachmentsConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -405,6 +407,121 @@ impl Default for NotifierConfig {
             max_connections: 200_000,
             max_connections_per_user: 32,
         }
+    }
+}
+
+/// A token bucket: `per_second` tokens flow in, up to `burst`; each request takes one. A
+/// `per_second` of 0 turns the limit off.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    pub const fn new(per_second: f64, burst: u32) -> RateLimit {
+        RateLimit { per_second, burst }
+    }
+
+    pub const OFF: RateLimit = RateLimit::new(0.0, 0);
+
+    /// Whether requests are limited at all.
+    pub fn is_on(&self) -> bool {
+        self.per_second > 0.0 && self.burst > 0
+    }
+}
+
+/// Abuse limits. Rate limits are kept in memory by each process: with `n` API processes behind a
+/// balancer a user may reach up to `n` times a limit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Messages sent per user (`POST /v1/chats/{id}/signals`, also over the WebSocket). Default
+    /// `{ per_second = 20, burst = 200 }`.
+    pub send: RateLimit,
+    /// Edits and deletions of signals per user. Default `{ per_second = 10, burst = 100 }`.
+    pub edit: RateLimit,
+    /// Reactions added or removed per user. Default `{ per_second = 20, burst = 200 }`.
+    pub react: RateLimit,
+    /// Message and user searches per user. Default `{ per_second = 20, burst = 100 }`.
+    pub search: RateLimit,
+    /// Attachment uploads per user. Default `{ per_second = 5, burst = 50 }`.
+    pub upload: RateLimit,
+    /// Requests without an `Authorization` header, per client IP address (the peer address: behind
+    /// a proxy, the proxy's), except `/health`, `/ready` and `/metrics`. Default
+    /// `{ per_second = 50, burst = 500 }`.
+    pub public: RateLimit,
+    /// Origins (`https://app.example.com`) whose browser scripts may call the API, the ticket
+    /// endpoint and the event streams (CORS), comma-separated; `*` allows any origin. Default: none.
+    pub cors_origins: String,
+    /// The largest request body, in bytes, of every endpoint but attachment uploads (which have
+    /// `attachments.max_bytes`); a larger one is refused with 413. Default 65536.
+    pub body_bytes: usize,
+    /// How long a client may take to send a request's headers, in seconds; a slower connection is
+    /// closed. Default 10.
+    pub header_timeout_secs: u64,
+    /// How long a request may take until its response starts, in seconds (408 after that);
+    /// attachment uploads are exempt and bounded by `body_idle_timeout_secs`. Default 60.
+    pub request_timeout_secs: u64,
+    /// How long a request body may stall between two chunks, in seconds. Default 30.
+    pub body_idle_timeout_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            send: RateLimit::new(20.0, 200),
+            edit: RateLimit::new(10.0, 100),
+            react: RateLimit::new(20.0, 200),
+            search: RateLimit::new(20.0, 100),
+            upload: RateLimit::new(5.0, 50),
+            public: RateLimit::new(50.0, 500),
+            cors_origins: String::new(),
+            body_bytes: 64 * 1024,
+            header_timeout_secs: 10,
+            request_timeout_secs: 60,
+            body_idle_timeout_secs: 30,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Turns every rate limit off (benchmarks, which send as one user at high rates).
+    pub fn without_rate_limits(mut self) -> LimitsConfig {
+        for limit in [
+            &mut self.send,
+            &mut self.edit,
+            &mut self.react,
+            &mut self.search,
+            &mut self.upload,
+            &mut self.public,
+        ] {
+            *limit = RateLimit::OFF;
+        }
+        self
+    }
+
+    /// The allowed CORS origins.
+    pub fn cors_origins(&self) -> Vec<String> {
+        self.cors_origins
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.trim_end_matches('/').to_owned())
+            .collect()
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs.max(1))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs.max(1))
+    }
+
+    pub fn body_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.body_idle_timeout_secs.max(1))
     }
 }
 
@@ -670,6 +787,7 @@ const SECTIONS: &[&str] = &[
     "push",
     "search",
     "attachments",
+    "limits",
 ];
 
 impl Config {
@@ -774,6 +892,35 @@ impl Config {
             ));
         }
         self.keyring()?;
+        for (name, limit) in [
+            ("send", self.limits.send),
+            ("edit", self.limits.edit),
+            ("react", self.limits.react),
+            ("search", self.limits.search),
+            ("upload", self.limits.upload),
+            ("public", self.limits.public),
+        ] {
+            if !limit.per_second.is_finite() || limit.per_second < 0.0 {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name}.per_second must be 0 (off) or above"
+                )));
+            }
+        }
+        for origin in self.limits.cors_origins() {
+            if origin != "*"
+                && !url::Url::parse(&origin)
+                    .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.path() == "/")
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.cors_origins: `{origin}` is not an origin (scheme://host[:port]) or `*`"
+                )));
+            }
+        }
+        if self.limits.body_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.body_bytes must be at least 1024".into(),
+            ));
+        }
         if self.identity.mode == IdentityMode::Oidc && self.client_ids().is_empty() {
             return Err(ConfigError::Invalid("identity.client_ids is empty".into()));
         }
@@ -914,6 +1061,35 @@ mod tests {
             assert!(Config::load(Some(Path::new("c.toml"))).is_err());
             jail.create_file("d.toml", "[bus]\nsubject_prefix = \"a b\"\n")?;
             assert!(Config::load(Some(Path::new("d.toml"))).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn limits_load_from_the_environment_and_bad_ones_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CONFAB_LIMITS__SEND__PER_SECOND", "2.5");
+            jail.set_env("CONFAB_LIMITS__SEND__BURST", "7");
+            jail.set_env(
+                "CONFAB_LIMITS__CORS_ORIGINS",
+                "https://app.example.com, http://localhost:3000/",
+            );
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.limits.send, RateLimit::new(2.5, 7));
+            assert_eq!(config.limits.edit, LimitsConfig::default().edit);
+            assert_eq!(
+                config.limits.cors_origins(),
+                vec!["https://app.example.com", "http://localhost:3000"]
+            );
+            assert!(Config::default().limits.cors_origins().is_empty());
+            jail.set_env(
+                "CONFAB_LIMITS__CORS_ORIGINS",
+                "https://app.example.com/path",
+            );
+            assert!(Config::load(None).is_err());
+            jail.set_env("CONFAB_LIMITS__CORS_ORIGINS", "");
+            jail.set_env("CONFAB_LIMITS__SEND__PER_SECOND", "-1");
+            assert!(Config::load(None).is_err());
             Ok(())
         });
     }

@@ -11,6 +11,7 @@ pub mod bus;
 pub mod config;
 pub mod identity;
 pub mod kv_bucket;
+pub mod limits;
 pub mod presence;
 pub mod problem;
 pub mod push_auth;

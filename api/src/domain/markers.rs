@@ -1,5 +1,7 @@
 //! Read and delivery markers, and who has reached a signal.
 
+use std::collections::HashSet;
+
 use confab_schema::event::MarkerChange;
 use confab_schema::{ChatId, Envelope, Event, SignalId, UserId};
 use serde::Serialize;
@@ -56,7 +58,7 @@ impl ApiState {
         Ok(Some(up_to))
     }
 
-    /// Members whose `kind` marker has reached `signal` (members only).
+    /// Members whose `kind` marker has reached `signal` (members only); ex-members are left out.
     pub async fn list_reached(
         &self,
         kind: MarkerKind,
@@ -68,7 +70,13 @@ impl ApiState {
     ) -> ApiResult<Page<Seen>> {
         let pager = Pager::new(self, format!("{}:{chat}:{signal}", kind.as_str()), limit);
         let mut after = pager.open::<UserId>(cursor)?;
-        self.require_member(chat, caller).await?;
+        // Ex-members' markers stay in the store; only current members are listed.
+        let members: HashSet<UserId> = self
+            .members_if_member(chat, caller)
+            .await?
+            .into_iter()
+            .map(|m| m.user_id)
+            .collect();
         self.load_signal(chat, signal).await?;
         // Markers that have not reached the signal are skipped, so fill the page by scanning.
         let mut reached = Vec::new();
@@ -77,7 +85,7 @@ impl ApiState {
             let exhausted = batch.len() < SCAN;
             for (user_id, up_to) in batch {
                 after = Some(user_id);
-                if up_to >= signal {
+                if up_to >= signal && members.contains(&user_id) {
                     reached.push(Seen { user_id, up_to });
                     if reached.len() == pager.fetch() {
                         return Ok(pager.page(reached, |last| last.user_id));

@@ -2,7 +2,7 @@
 
 use confab_schema::event::MemberChange;
 use confab_schema::model::to_millis;
-use confab_schema::{ChatId, Envelope, Event, Member, MemberRole, SignalKind, UserId};
+use confab_schema::{Chat, ChatId, Envelope, Event, Member, MemberRole, SignalKind, UserId};
 use time::OffsetDateTime;
 
 use super::Outcome;
@@ -11,6 +11,7 @@ use super::paging::{Page, Pager};
 use super::rules;
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
+use crate::store::{GuardedChange, MemberWrite, StoreError};
 
 impl ApiState {
     /// The chat's members (members only).
@@ -29,7 +30,8 @@ impl ApiState {
     }
 
     /// Adds a member to a group (owners and admins), written into the history as `joined`.
-    /// `Existing` when they are a member already.
+    /// `Existing` when they are a member already: of racing additions of one user, one adds them
+    /// and writes one `joined`.
     pub async fn add_member(
         &self,
         caller: UserId,
@@ -37,76 +39,108 @@ impl ApiState {
         user: UserId,
         role: Option<MemberRole>,
     ) -> ApiResult<Outcome<Member>> {
-        let (my_role, chat) = self.member_of(chat_id, caller).await?;
         let role = role.unwrap_or(MemberRole::Member);
-        rules::may_add_member(my_role, chat.kind, role)?;
-        if self.store.get_user(user).await?.is_none() {
-            return Err(ApiError::Unprocessable(format!("unknown user {user}")));
-        }
-        if let Some(existing) = self
-            .store
-            .members(chat_id)
-            .await?
-            .into_iter()
-            .find(|m| m.user_id == user)
-        {
-            return Ok(Outcome::Existing(existing));
-        }
-        let member = Member {
-            user_id: user,
-            role,
-            joined_at: to_millis(OffsetDateTime::now_utc()),
-        };
-        self.store.put_member(chat_id, &member).await?;
-        // The new member receives the chat's events from this one on, `joined` signal included.
-        self.publish(
-            Envelope::new(
-                chat_id,
-                Event::MemberJoined(MemberChange {
-                    user_id: user,
-                    role: Some(role),
-                }),
+        let mut checked_user = false;
+        for _ in 0..MEMBERSHIP_ATTEMPTS {
+            let (members, my_role, chat) = self.members_for_change(chat_id, caller).await?;
+            rules::may_add_member(my_role, chat.kind, role)?;
+            if !checked_user {
+                if self.store.get_user(user).await?.is_none() {
+                    return Err(ApiError::Unprocessable(format!("unknown user {user}")));
+                }
+                checked_user = true;
+            }
+            if let Some(existing) = members.iter().find(|m| m.user_id == user) {
+                return Ok(Outcome::Existing(existing.clone()));
+            }
+            let member = Member {
+                user_id: user,
+                role,
+                joined_at: to_millis(OffsetDateTime::now_utc()),
+            };
+            let change = guarded(caller, my_role, MemberWrite::Add(member.clone()), &members);
+            if !self.store.change_member(chat_id, &change).await? {
+                continue;
+            }
+            // The new member receives the chat's events from this one on, `joined` signal
+            // included.
+            self.publish(
+                Envelope::new(
+                    chat_id,
+                    Event::MemberJoined(MemberChange {
+                        user_id: user,
+                        role: Some(role),
+                    }),
+                )
+                .joining(vec![user]),
             )
-            .joining(vec![user]),
-        )
-        .await;
-        self.record_system_signal(chat_id, SignalKind::Joined, user, None)
-            .await?;
-        Ok(Outcome::Created(member))
+            .await;
+            self.record_system_signal(chat_id, SignalKind::Joined, user, None)
+                .await?;
+            return Ok(Outcome::Created(member));
+        }
+        Err(contended())
     }
 
     /// Removes a member (owners remove anyone, admins remove members), or leaves (anyone,
-    /// themselves). Written into the history as `left`.
+    /// themselves). Written into the history as `left`. Racing changes cannot leave a chat with
+    /// members and no owner.
     pub async fn remove_member(
         &self,
         caller: UserId,
         chat_id: ChatId,
         user: UserId,
     ) -> ApiResult<()> {
-        let (my_role, chat) = self.member_of(chat_id, caller).await?;
-        rules::members_can_leave(chat.kind)?;
-        let members = self.store.members(chat_id).await?;
-        let Some(target) = members.iter().find(|m| m.user_id == user) else {
-            return Err(ApiError::NotFound("no such member"));
-        };
-        rules::may_remove_member(caller, my_role, chat.kind, target, &members)?;
-        self.store.remove_member(chat_id, user).await?;
-        self.store.untouch_chat(chat_id, user).await?;
-        self.record_system_signal(chat_id, SignalKind::Left, user, None)
-            .await?;
-        // The last event of this chat the member who left receives.
-        self.publish(
-            Envelope::new(
-                chat_id,
-                Event::MemberLeft(MemberChange {
-                    user_id: user,
-                    role: None,
-                }),
+        for _ in 0..MEMBERSHIP_ATTEMPTS {
+            let (members, my_role, chat) = self.members_for_change(chat_id, caller).await?;
+            rules::members_can_leave(chat.kind)?;
+            let Some(target) = members.iter().find(|m| m.user_id == user) else {
+                return Err(ApiError::NotFound("no such member"));
+            };
+            rules::may_remove_member(caller, my_role, chat.kind, target, &members)?;
+            let change = guarded(caller, my_role, MemberWrite::Remove(user), &members);
+            if !self.store.change_member(chat_id, &change).await? {
+                continue;
+            }
+            self.store.untouch_chat(chat_id, user).await?;
+            self.record_system_signal(chat_id, SignalKind::Left, user, None)
+                .await?;
+            // The last event of this chat the member who left receives.
+            self.publish(
+                Envelope::new(
+                    chat_id,
+                    Event::MemberLeft(MemberChange {
+                        user_id: user,
+                        role: None,
+                    }),
+                )
+                .leaving(vec![user]),
             )
-            .leaving(vec![user]),
-        )
-        .await;
-        Ok(())
+            .await;
+            return Ok(());
+        }
+        Err(contended())
+    }
+
+    /// The members of a chat the caller is in, the caller's role among them and the chat, for a
+    /// change to decide on.
+    async fn members_for_change(
+        &self,
+        chat_id: ChatId,
+        caller: UserId,
+    ) -> ApiResult<(Vec<Member>, MemberRole, Chat)> {
+        let members = self.members_if_member(chat_id, caller).await?;
+        let my_role = members
+            .iter()
+            .find(|m| m.user_id == caller)
+            .map(|m| m.role)
+            .ok_or(ApiError::Forbidden("you are not a member of this chat"))?;
+        let chat = self
+            .store
+            .get_chat(chat_id)
+            .await?
+            .ok_or(ApiError::NotFound("no such chat"))?;
+        Ok((members, my_role, chat))
     }
 
     /// Changes a member's role. Owners change any role (a chat keeps at least one owner); admins
@@ -118,26 +152,74 @@ impl ApiState {
         user: UserId,
         role: MemberRole,
     ) -> ApiResult<Member> {
-        let (my_role, chat) = self.member_of(chat_id, caller).await?;
-        rules::roles_can_change(chat.kind)?;
-        let members = self.store.members(chat_id).await?;
-        let Some(target) = members.iter().find(|m| m.user_id == user).cloned() else {
-            return Err(ApiError::NotFound("no such member"));
-        };
-        rules::may_set_role(my_role, chat.kind, &target, role, &members)?;
-        if target.role == role {
-            return Ok(target);
+        for _ in 0..MEMBERSHIP_ATTEMPTS {
+            let (members, my_role, chat) = self.members_for_change(chat_id, caller).await?;
+            rules::roles_can_change(chat.kind)?;
+            let Some(target) = members.iter().find(|m| m.user_id == user).cloned() else {
+                return Err(ApiError::NotFound("no such member"));
+            };
+            rules::may_set_role(my_role, chat.kind, &target, role, &members)?;
+            if target.role == role {
+                return Ok(target);
+            }
+            let change = guarded(caller, my_role, MemberWrite::SetRole(user, role), &members);
+            if !self.store.change_member(chat_id, &change).await? {
+                continue;
+            }
+            self.publish(Envelope::new(
+                chat_id,
+                Event::MemberUpdated(MemberChange {
+                    user_id: user,
+                    role: Some(role),
+                }),
+            ))
+            .await;
+            return Ok(Member { role, ..target });
         }
-        let updated = Member { role, ..target };
-        self.store.put_member(chat_id, &updated).await?;
-        self.publish(Envelope::new(
-            chat_id,
-            Event::MemberUpdated(MemberChange {
-                user_id: user,
-                role: Some(role),
-            }),
-        ))
-        .await;
-        Ok(updated)
+        Err(contended())
     }
+}
+
+/// How many times a membership change that lost a race to another decides again, on a fresh read.
+const MEMBERSHIP_ATTEMPTS: usize = 16;
+
+/// `write`, applied only if what it was decided on still holds: the caller's role (they may have
+/// lost the right to make it), the target's role, and, when it takes an owner away, that another
+/// owner is still one (so racing changes never leave members without an owner).
+fn guarded(
+    caller: UserId,
+    caller_role: MemberRole,
+    write: MemberWrite,
+    members: &[Member],
+) -> GuardedChange {
+    let target = write.user();
+    let mut expect = vec![(caller, caller_role)];
+    let target_role = members.iter().find(|m| m.user_id == target).map(|m| m.role);
+    if let Some(role) = target_role
+        && target != caller
+    {
+        expect.push((target, role));
+    }
+    let takes_an_owner = target_role == Some(MemberRole::Owner)
+        && match &write {
+            MemberWrite::Remove(_) => true,
+            MemberWrite::SetRole(_, role) => *role != MemberRole::Owner,
+            MemberWrite::Add(_) => false,
+        };
+    if takes_an_owner
+        && let Some(other) = members
+            .iter()
+            .find(|m| m.role == MemberRole::Owner && m.user_id != target)
+        && !expect.iter().any(|(user, _)| *user == other.user_id)
+    {
+        expect.push((other.user_id, MemberRole::Owner));
+    }
+    GuardedChange { write, expect }
+}
+
+/// The answer when a change kept losing races to others.
+fn contended() -> ApiError {
+    ApiError::Store(StoreError::Unavailable(
+        "the chat's members kept changing; try again".into(),
+    ))
 }

@@ -58,9 +58,11 @@ impl ApiState {
         Ok(profile)
     }
 
-    /// Users whose user name, display name or e-mail address starts with `query`, each once.
+    /// Users whose user name or display name starts with `query`, or whose e-mail address is
+    /// `query`, each once. E-mail addresses are private: each is shown to its own user only.
     pub async fn search_users(
         &self,
+        caller: UserId,
         query: UserQuery,
         cursor: Option<&str>,
         limit: PageLimit,
@@ -69,8 +71,19 @@ impl ApiState {
         let after = pager.open::<(String, UserId)>(cursor)?;
         let (items, next) = search_users(&*self.store, query.as_str(), after, pager.limit).await?;
         Ok(Page {
-            items,
+            items: items
+                .into_iter()
+                .map(|user| shown_to(user, caller))
+                .collect(),
             next_cursor: next.map(|position| pager.cursor(position)),
         })
     }
+}
+
+/// `user` as `viewer` may see them: their e-mail address only when it is their own.
+pub fn shown_to(mut user: User, viewer: UserId) -> User {
+    if user.id != viewer {
+        user.email = None;
+    }
+    user
 }

@@ -12,12 +12,13 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 use uuid::Uuid;
 
-use super::responses::{ChatErrors, Invalid, UploadErrors};
+use super::responses::{ChatErrors, Invalid, Limited, UploadErrors};
 use super::{ApiPath, ApiQuery, Caller};
 use crate::domain::Page;
 use crate::domain::attachments::{Download, Span, Variant};
 use crate::domain::inputs::{AttachmentName, DeclaredType, PageLimit};
 use crate::error::ApiResult;
+use crate::limits::Class;
 use crate::state::ApiState;
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -37,7 +38,7 @@ pub struct UploadQuery {
     request_body(content = Vec<u8>, description = "The file's bytes", content_type = "application/octet-stream"),
     responses(
         (status = 201, description = "Stored", body = Attachment),
-        ChatErrors, UploadErrors, Invalid,
+        ChatErrors, Limited, UploadErrors, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -49,6 +50,7 @@ pub async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Attachment>)> {
+    state.throttle(Class::Upload, caller.id)?;
     let name = AttachmentName::parse(query.name)?;
     let declared = DeclaredType::parse(
         headers

@@ -6,12 +6,13 @@ use confab_schema::{ChatId, SignalId};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::responses::{ChatErrors, Invalid};
+use super::responses::{ChatErrors, Invalid, Limited};
 use super::{ApiPath, ApiQuery, Caller};
 use crate::domain::inputs::{Emoji, PageLimit};
 use crate::domain::reactions::Reaction;
 use crate::domain::{Outcome, Page};
 use crate::error::ApiResult;
+use crate::limits::Class;
 use crate::state::ApiState;
 
 /// Adds the caller's reaction (idempotent: 201 when added, 200 when it was there).
@@ -25,7 +26,7 @@ use crate::state::ApiState;
     responses(
         (status = 201, description = "Added", body = ReactionChange),
         (status = 200, description = "Already there", body = ReactionChange),
-        ChatErrors, Invalid,
+        ChatErrors, Limited, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -34,6 +35,7 @@ pub async fn add(
     Caller(caller): Caller,
     ApiPath((chat_id, signal_id, emoji)): ApiPath<(ChatId, SignalId, String)>,
 ) -> ApiResult<(StatusCode, Json<ReactionChange>)> {
+    state.throttle(Class::React, caller.id)?;
     let emoji = Emoji::parse(emoji)?;
     Ok(
         match state
@@ -56,7 +58,7 @@ pub async fn add(
     ),
     responses(
         (status = 200, description = "OK", body = ReactionChange),
-        ChatErrors, Invalid,
+        ChatErrors, Limited, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -65,6 +67,7 @@ pub async fn remove(
     Caller(caller): Caller,
     ApiPath((chat_id, signal_id, emoji)): ApiPath<(ChatId, SignalId, String)>,
 ) -> ApiResult<Json<ReactionChange>> {
+    state.throttle(Class::React, caller.id)?;
     let emoji = Emoji::parse(emoji)?;
     Ok(Json(
         state

@@ -94,3 +94,13 @@ pub(crate) enum UploadErrors {
     )]
     Unsupported(Problem),
 }
+
+/// Calls limited per user and class (`limits.*`): too many in a short time.
+#[allow(dead_code)] // Exists for the OpenAPI description only.
+#[derive(IntoResponses)]
+#[response(
+    status = 429,
+    description = "Over a rate limit; the `Retry-After` header (and `retry_after` in the body) says how many seconds to wait",
+    content_type = "application/problem+json"
+)]
+pub(crate) struct Limited(Problem);

@@ -4,12 +4,13 @@ use confab_schema::{ChatId, UserId};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::responses::ChatErrors;
+use super::responses::{ChatErrors, Limited};
 use super::{ApiQuery, Caller};
 use crate::domain::Page;
 use crate::domain::inputs::{PageLimit, SearchText};
 use crate::domain::search::{MessageSearch, SearchHit};
 use crate::error::ApiResult;
+use crate::limits::Class;
 use crate::state::ApiState;
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -45,7 +46,7 @@ pub struct SearchMessages {
     params(SearchMessages),
     responses(
         (status = 200, description = "OK", body = Page<SearchHit>),
-        ChatErrors,
+        ChatErrors, Limited,
     ),
     security(("bearer" = []))
 )]
@@ -54,6 +55,7 @@ pub async fn search(
     Caller(caller): Caller,
     ApiQuery(query): ApiQuery<SearchMessages>,
 ) -> ApiResult<Json<Page<SearchHit>>> {
+    state.throttle(Class::Search, caller.id)?;
     let limit = PageLimit::parse(query.limit)?;
     let search = MessageSearch {
         text: SearchText::parse(&query.q)?,

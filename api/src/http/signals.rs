@@ -6,12 +6,13 @@ use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::responses::{ChatErrors, Invalid};
+use super::responses::{ChatErrors, Invalid, Limited};
 use super::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::domain::inputs::{MessageText, PageLimit};
 use crate::domain::signals::{HistoryFrom, NewMessage};
 use crate::domain::{Outcome, Page};
 use crate::error::ApiResult;
+use crate::limits::Class;
 use crate::state::ApiState;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -43,7 +44,7 @@ pub struct CreateSignal {
     responses(
         (status = 201, description = "Stored", body = Signal),
         (status = 200, description = "Already stored with this nonce", body = Signal),
-        ChatErrors, Invalid,
+        ChatErrors, Limited, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -53,6 +54,7 @@ pub async fn create(
     ApiPath(chat_id): ApiPath<ChatId>,
     ApiJson(body): ApiJson<CreateSignal>,
 ) -> ApiResult<(StatusCode, Json<Signal>)> {
+    state.throttle(Class::Send, caller.id)?;
     let message = NewMessage::parse(
         body.kind,
         body.text,
@@ -123,7 +125,7 @@ pub struct EditSignal {
     request_body = EditSignal,
     responses(
         (status = 200, description = "OK", body = Signal),
-        ChatErrors, Invalid,
+        ChatErrors, Limited, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -133,6 +135,7 @@ pub async fn edit(
     ApiPath((chat_id, signal_id)): ApiPath<(ChatId, SignalId)>,
     ApiJson(body): ApiJson<EditSignal>,
 ) -> ApiResult<Json<Signal>> {
+    state.throttle(Class::Edit, caller.id)?;
     let text = MessageText::parse(body.text)?;
     Ok(Json(
         state
@@ -147,7 +150,7 @@ pub async fn edit(
     params(("chat_id" = ChatId, Path, description = "The chat"), ("signal_id" = SignalId, Path, description = "The signal")),
     responses(
         (status = 200, description = "The tombstone", body = Signal),
-        ChatErrors, Invalid,
+        ChatErrors, Limited, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -156,6 +159,7 @@ pub async fn delete(
     Caller(caller): Caller,
     ApiPath((chat_id, signal_id)): ApiPath<(ChatId, SignalId)>,
 ) -> ApiResult<Json<Signal>> {
+    state.throttle(Class::Edit, caller.id)?;
     Ok(Json(
         state.delete_message(caller.id, chat_id, signal_id).await?,
     ))

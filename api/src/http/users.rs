@@ -6,12 +6,13 @@ use confab_schema::{User, UserId};
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
-use super::responses::{CallerErrors, Invalid};
+use super::responses::{CallerErrors, Invalid, Limited};
 use super::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::domain::Page;
 use crate::domain::inputs::{PageLimit, UserQuery};
 use crate::domain::presence::StatusChange;
 use crate::error::ApiResult;
+use crate::limits::Class;
 use crate::state::ApiState;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -104,33 +105,36 @@ pub async fn me(Caller(user): Caller) -> Json<User> {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SearchUsers {
-    /// Prefix of a user name, display name or e-mail address (case-insensitive), 1 to 64 characters.
+    /// Prefix of a user name or display name, or a whole e-mail address (case-insensitive), 1 to 64
+    /// characters.
     q: String,
     cursor: Option<String>,
     /// 1 to 100; default 50.
     limit: Option<usize>,
 }
 
-/// Users whose user name, display name or e-mail address starts with `q`, each once.
+/// Users whose user name or display name starts with `q`, or whose e-mail address is `q`, each
+/// once. Each user's `email` is shown to that user only (`null` for others).
 #[utoipa::path(
     get, operation_id = "search_users", path = "/v1/users", tag = "users",
     params(SearchUsers),
     responses(
         (status = 200, description = "OK", body = Page<User>),
-        CallerErrors,
+        CallerErrors, Limited,
     ),
     security(("bearer" = []))
 )]
 pub async fn search(
     State(state): State<ApiState>,
-    Caller(_caller): Caller,
+    Caller(caller): Caller,
     ApiQuery(query): ApiQuery<SearchUsers>,
 ) -> ApiResult<Json<Page<User>>> {
+    state.throttle(Class::Search, caller.id)?;
     let limit = PageLimit::parse(query.limit)?;
     let q = UserQuery::parse(&query.q)?;
     Ok(Json(
         state
-            .search_users(q, query.cursor.as_deref(), limit)
+            .search_users(caller.id, q, query.cursor.as_deref(), limit)
             .await?,
     ))
 }

@@ -63,6 +63,35 @@ impl Inserted {
     }
 }
 
+/// A change to one member of a chat, with the state it was decided on: see
+/// [`Store::change_member`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuardedChange {
+    pub write: MemberWrite,
+    /// Members whose role must be unchanged for the write to apply (the caller, the target of a
+    /// re-role or removal, another owner who keeps the chat owned), each once.
+    pub expect: Vec<(UserId, MemberRole)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberWrite {
+    /// A new member; applies only if they are not one.
+    Add(Member),
+    /// A member's new role.
+    SetRole(UserId, MemberRole),
+    Remove(UserId),
+}
+
+impl MemberWrite {
+    /// The member the write is about.
+    pub fn user(&self) -> UserId {
+        match self {
+            MemberWrite::Add(member) => member.user_id,
+            MemberWrite::SetRole(user, _) | MemberWrite::Remove(user) => *user,
+        }
+    }
+}
+
 /// Which marker: how far a member has read, or how far their client has acknowledged delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MarkerKind {
@@ -216,6 +245,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Member>, StoreError>;
     /// Adds or re-roles a member.
     async fn put_member(&self, chat: ChatId, member: &Member) -> Result<(), StoreError>;
+    /// Applies `change` to `chat`'s members atomically with its checks: only if every member of
+    /// `change.expect` still has the role given there and, for an addition, the user is not a
+    /// member. False (and nothing written) otherwise. Racing changes of one chat are serialized,
+    /// across processes: this is how membership's check-then-act stays correct.
+    async fn change_member(&self, chat: ChatId, change: &GuardedChange)
+    -> Result<bool, StoreError>;
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
 
     // Activity.
@@ -468,11 +503,22 @@ pub fn search_terms(user: &User) -> Vec<String> {
     terms
 }
 
+/// The smallest of `user`'s terms that `query` matches: a user name or display name it begins, or
+/// the e-mail address it equals (an address is never found by a part of it).
+fn smallest_match(user: &User, query: &str) -> Option<String> {
+    let names = [&user.username, &user.display_name].map(|t| t.trim().to_lowercase());
+    let email = user.email.as_ref().map(|e| e.trim().to_lowercase());
+    search_terms(user).into_iter().find(|term| {
+        (names.contains(term) && term.starts_with(query))
+            || (email.as_ref() == Some(term) && term == query)
+    })
+}
+
 /// The (term, user) position a user-search page stopped at.
 pub type UserSearchPosition = (String, UserId);
 
-/// Users whose user name, display name or e-mail starts with `prefix` (case-insensitive), each once,
-/// ordered by their smallest matching term, after `after`. Returns the page and, when more may
+/// Users whose user name or display name starts with `prefix`, or whose e-mail address is `prefix`
+/// (case-insensitive), each once, ordered by their smallest matching term, after `after`. Returns the page and, when more may
 /// follow, the position to continue from.
 pub async fn search_users(
     store: &dyn Store,
@@ -492,10 +538,8 @@ pub async fn search_users(
             let Some(user) = store.get_user(user_id).await? else {
                 continue;
             };
-            let terms = search_terms(&user);
             // Each user appears once, at their smallest matching term; rows of old terms are stale.
-            let smallest = terms.iter().find(|t| t.starts_with(&prefix));
-            if smallest != Some(&term) {
+            if smallest_match(&user, &prefix).as_ref() != Some(&term) {
                 continue;
             }
             found.push(user);

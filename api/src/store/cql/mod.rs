@@ -35,8 +35,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use futures::{StreamExt, TryFutureExt, TryStreamExt};
 
 use super::{
-    ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, OutboxEntry, OutboxWriter, Store,
-    StoreError, UNREAD_SCAN_LIMIT, created_at, from_millis, millis, parse, search_terms,
+    ChatActivity, ChatEntry, GuardedChange, Inserted, MarkerKind, MemberWrite, NewChat,
+    OutboxEntry, OutboxWriter, Store, StoreError, UNREAD_SCAN_LIMIT, created_at, from_millis,
+    millis, parse, search_terms,
 };
 
 /// Where and how to reach the cluster.
@@ -317,6 +318,12 @@ struct Statements {
     members_after: PreparedStatement,
     delete_chat_member: PreparedStatement,
     delete_user_chat: PreparedStatement,
+    /// The conditional parts of a membership change (one partition of `chat_members`, one Paxos
+    /// round): see `change_member`.
+    member_if_role: PreparedStatement,
+    add_member_if_absent: PreparedStatement,
+    remove_member_if_role: PreparedStatement,
+    set_user_chat_role: PreparedStatement,
     get_summary: PreparedStatement,
     summaries_in: PreparedStatement,
     set_summary: PreparedStatement,
@@ -553,6 +560,22 @@ impl CqlStore {
             .await?,
             delete_chat_member: prepare("DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?".into()).await?,
             delete_user_chat: prepare("DELETE FROM user_chats WHERE user_id = ? AND chat_id = ?".into()).await?,
+            member_if_role: prepare(
+                "UPDATE chat_members SET role = ? WHERE chat_id = ? AND user_id = ? IF role = ?".into(),
+            )
+            .await?,
+            add_member_if_absent: prepare(
+                "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?) IF NOT EXISTS".into(),
+            )
+            .await?,
+            remove_member_if_role: prepare(
+                "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ? IF role = ?".into(),
+            )
+            .await?,
+            set_user_chat_role: prepare(
+                "UPDATE user_chats SET role = ? WHERE user_id = ? AND chat_id = ?".into(),
+            )
+            .await?,
             get_summary: prepare("SELECT activity, latest FROM chat_summaries WHERE chat_id = ?".into()).await?,
             summaries_in: prepare(
                 "SELECT chat_id, activity, latest FROM chat_summaries WHERE chat_id IN ?".into(),
@@ -1417,6 +1440,114 @@ impl Store for CqlStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn change_member(
+        &self,
+        chat: ChatId,
+        change: &GuardedChange,
+    ) -> Result<bool, StoreError> {
+        use scylla::statement::batch::{Batch, BatchType};
+        // One conditional batch on the chat's partition of `chat_members`: Paxos serializes it
+        // with every other change of the chat's members, from any process, and applies it only if
+        // all its conditions hold.
+        let target = change.write.user();
+        let text = |role: MemberRole| CqlValue::Text(role.as_str().to_owned());
+        let mut batch = Batch::new(BatchType::Logged);
+        let mut values: Vec<Vec<CqlValue>> = Vec::new();
+        for (user, role) in change.expect.iter().filter(|(user, _)| *user != target) {
+            // Rewrites the role it requires: a write that changes nothing, for its condition.
+            batch.append_statement(self.statements.member_if_role.clone());
+            values.push(vec![
+                text(*role),
+                CqlValue::Uuid(chat.0),
+                CqlValue::Uuid(user.0),
+                text(*role),
+            ]);
+        }
+        let expected = |user: UserId| {
+            change
+                .expect
+                .iter()
+                .find(|(u, _)| *u == user)
+                .map(|(_, role)| *role)
+                .ok_or_else(|| corrupt("a re-role or removal without the target's expected role"))
+        };
+        match &change.write {
+            MemberWrite::Add(member) => {
+                batch.append_statement(self.statements.add_member_if_absent.clone());
+                values.push(vec![
+                    CqlValue::Uuid(chat.0),
+                    CqlValue::Uuid(member.user_id.0),
+                    text(member.role),
+                    CqlValue::Timestamp(CqlTimestamp(millis(member.joined_at))),
+                ]);
+            }
+            MemberWrite::SetRole(user, role) => {
+                batch.append_statement(self.statements.member_if_role.clone());
+                values.push(vec![
+                    text(*role),
+                    CqlValue::Uuid(chat.0),
+                    CqlValue::Uuid(user.0),
+                    text(expected(*user)?),
+                ]);
+            }
+            MemberWrite::Remove(user) => {
+                batch.append_statement(self.statements.remove_member_if_role.clone());
+                values.push(vec![
+                    CqlValue::Uuid(chat.0),
+                    CqlValue::Uuid(user.0),
+                    text(expected(*user)?),
+                ]);
+            }
+        }
+        let result = self
+            .session
+            .batch(&batch, values)
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(corrupt)?;
+        let row = result
+            .maybe_first_row::<Row>()
+            .map_err(corrupt)?
+            .ok_or_else(|| corrupt("a conditional batch returned no row"))?;
+        if !matches!(column(&row, 0), Some(CqlValue::Boolean(true))) {
+            return Ok(false);
+        }
+        // The user's own index follows the authoritative row.
+        match &change.write {
+            MemberWrite::Add(member) => {
+                self.session
+                    .execute_unpaged(
+                        &self.statements.insert_user_chat,
+                        (
+                            member.user_id.0,
+                            chat.0,
+                            member.role.as_str(),
+                            CqlTimestamp(millis(member.joined_at)),
+                        ),
+                    )
+                    .await
+                    .map_err(unavailable)?;
+            }
+            MemberWrite::SetRole(user, role) => {
+                self.session
+                    .execute_unpaged(
+                        &self.statements.set_user_chat_role,
+                        (role.as_str(), user.0, chat.0),
+                    )
+                    .await
+                    .map_err(unavailable)?;
+            }
+            MemberWrite::Remove(user) => {
+                self.session
+                    .execute_unpaged(&self.statements.delete_user_chat, (user.0, chat.0))
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(true)
     }
 
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {

@@ -22,9 +22,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, Inserted, MarkerKind, NewChat, OutboxEntry,
-    OutboxWriter, Store, StoreError, UNREAD_SCAN_LIMIT, created_at, from_millis, millis, parse,
-    search_terms,
+    ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted, MarkerKind, MemberWrite,
+    NewChat, OutboxEntry, OutboxWriter, Store, StoreError, UNREAD_SCAN_LIMIT, created_at,
+    from_millis, millis, parse, search_terms,
 };
 use std::collections::BTreeMap;
 
@@ -850,6 +850,71 @@ impl Store for EmbeddedStore {
             )
             .map_err(unavailable)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn change_member(
+        &self,
+        chat: ChatId,
+        change: &GuardedChange,
+    ) -> Result<bool, StoreError> {
+        let change = change.clone();
+        self.with(move |c| {
+            // One write transaction at a time: the checks and the write see no other change.
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let role_of = |user: UserId| -> Result<Option<String>, StoreError> {
+                tx.query_row(
+                    "SELECT role FROM chat_members WHERE chat_id = ?1 AND user_id = ?2",
+                    params![blob(chat.0), blob(user.0)],
+                    |row| row.get::<_, String>(0),
+                )
+                .optional()
+                .map_err(unavailable)
+            };
+            for (user, role) in &change.expect {
+                if role_of(*user)?.as_deref() != Some(role.as_str()) {
+                    return Ok(false);
+                }
+            }
+            match &change.write {
+                MemberWrite::Add(member) => {
+                    if role_of(member.user_id)?.is_some() {
+                        return Ok(false);
+                    }
+                    tx.execute(
+                        "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?1, ?2, ?3, ?4)",
+                        params![blob(chat.0), blob(member.user_id.0), member.role.as_str(), millis(member.joined_at)],
+                    )
+                    .map_err(unavailable)?;
+                }
+                MemberWrite::SetRole(user, role) => {
+                    let changed = tx
+                        .execute(
+                            "UPDATE chat_members SET role = ?3 WHERE chat_id = ?1 AND user_id = ?2",
+                            params![blob(chat.0), blob(user.0), role.as_str()],
+                        )
+                        .map_err(unavailable)?;
+                    if changed == 0 {
+                        return Ok(false);
+                    }
+                }
+                MemberWrite::Remove(user) => {
+                    let changed = tx
+                        .execute(
+                            "DELETE FROM chat_members WHERE chat_id = ?1 AND user_id = ?2",
+                            params![blob(chat.0), blob(user.0)],
+                        )
+                        .map_err(unavailable)?;
+                    if changed == 0 {
+                        return Ok(false);
+                    }
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(true)
         })
         .await
     }

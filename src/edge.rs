@@ -1,0 +1,239 @@
+//! The edge every request crosses before a service: the HTTP server (with a header-read timeout
+//! against slowloris), CORS, the request timeout, the body idle timeout and the per-address rate
+//! limit of requests without a login (`limits.*`). The body size limit is set on the API's routes
+//! (`limits.body_bytes`), so WebSocket request frames meet it too.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use confab_runtime::config::LimitsConfig;
+use confab_runtime::limits::KeyedLimit;
+use confab_runtime::problem::Problem;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::TimeoutBody;
+
+/// Wraps `router` in the edge's layers.
+pub fn layer(router: axum::Router, limits: &LimitsConfig) -> axum::Router {
+    let public = Arc::new(KeyedLimit::<IpAddr>::new(
+        "requests without a login from this address",
+        limits.public,
+    ));
+    let request_timeout = limits.request_timeout();
+    let body_idle = limits.body_idle_timeout();
+    let body_bytes = limits.body_bytes;
+    let router = router
+        .layer(DefaultBodyLimit::max(limits.body_bytes))
+        .layer(axum::middleware::from_fn_with_state(public, limit_public))
+        .layer(axum::middleware::from_fn(
+            move |request: Request, next: Next| time_limit(request_timeout, request, next),
+        ))
+        .layer(axum::middleware::from_fn(
+            move |request: Request, next: Next| refuse_large(body_bytes, request, next),
+        ))
+        .layer(axum::middleware::from_fn(
+            move |request: Request, next: Next| {
+                let (parts, body) = request.into_parts();
+                let body = Body::new(TimeoutBody::new(body_idle, body));
+                next.run(Request::from_parts(parts, body))
+            },
+        ));
+    // Outermost, so refusals (429, 408, 413) carry CORS headers a browser script can read.
+    match cors(limits) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// CORS for the configured origins; none configured, no CORS headers (browsers refuse other
+/// origins' scripts).
+fn cors(limits: &LimitsConfig) -> Option<CorsLayer> {
+    let origins = limits.cors_origins();
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::RANGE,
+                header::IF_NONE_MATCH,
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([
+                header::RETRY_AFTER,
+                header::LOCATION,
+                header::ETAG,
+                header::CONTENT_RANGE,
+                header::CONTENT_DISPOSITION,
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// Paths probed by orchestrators and scrapers, never limited.
+const PROBES: &[&str] = &["/health", "/ready", "/metrics"];
+
+/// Requests without an `Authorization` header take a token of their peer address's bucket.
+async fn limit_public(
+    State(limit): State<Arc<KeyedLimit<IpAddr>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    if let Some(ip) = peer
+        && !request.headers().contains_key(header::AUTHORIZATION)
+        && !PROBES.contains(&request.uri().path())
+        && let Err(limited) = limit.check(&ip)
+    {
+        return Problem::from(&limited).into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether `request` is an attachment upload, whose body may take long to arrive (it is bounded by
+/// the body idle timeout and `attachments.max_bytes` instead).
+fn is_upload(request: &Request) -> bool {
+    request.method() == Method::POST
+        && request
+            .uri()
+            .path()
+            .strip_prefix("/v1/chats/")
+            .and_then(|rest| rest.strip_suffix("/attachments"))
+            .is_some_and(|chat| !chat.contains('/'))
+}
+
+/// A body declared larger than `limit` is refused before it is read, on every route but uploads
+/// (routes that read a body also stop reading at the limit: `DefaultBodyLimit`).
+async fn refuse_large(limit: usize, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) && !is_upload(&request) {
+        return Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            format!("a request body is at most {limit} bytes"),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// A request whose response has not started within `limit` is answered 408. (Streams answer at
+/// once, so this bounds their opening only.)
+async fn time_limit(limit: Duration, request: Request, next: Next) -> Response {
+    if is_upload(&request) {
+        return next.run(request).await;
+    }
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request-timeout",
+            format!(
+                "the request took longer than {} s; try again",
+                limit.as_secs()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown`, then waits for open connections to finish.
+/// Like `axum::serve`, with the peer address as `ConnectInfo`, TCP_NODELAY, and a limit on how
+/// long a client may take to send a request's headers.
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let (closed_tx, closed_rx) = tokio::sync::watch::channel(());
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Events are small writes; without TCP_NODELAY, Nagle's algorithm holds them back for up
+        // to a delayed-ACK interval (~40 ms).
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set");
+        }
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+            let mut request = request.map(Body::new);
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request)
+        });
+        let builder = builder.clone();
+        let shutdown = shutdown.clone();
+        let closed_rx = closed_rx.clone();
+        tokio::spawn(async move {
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+            let mut connection = std::pin::pin!(connection);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(error) = result {
+                            tracing::trace!(%error, "connection ended");
+                        }
+                        break;
+                    }
+                    () = shutdown.cancelled(), if !closing => {
+                        // Finish the request in progress, then close.
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(closed_rx);
+        });
+    }
+    drop(listener);
+    drop(closed_rx);
+    closed_tx.closed().await;
+}

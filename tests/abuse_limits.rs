@@ -1,0 +1,371 @@
+//! Abuse limits: rate limits per user and class (over HTTP and WebSocket request frames) and per
+//! address without a login, answered 429 with `Retry-After`; CORS for configured origins only; body
+//! size limits; header and slow-body timeouts.
+
+mod support;
+
+use std::time::Duration;
+
+use confab_runtime::config::{Config, RateLimit};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use support::{DEADLINE, Stack, TestApp};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+macro_rules! on_both_stacks {
+    ($name:ident) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                Box::pin(super::$name(Stack::Embedded)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn real() {
+                if !support::real_stack_available(concat!(stringify!($name), "::real")).await {
+                    return;
+                }
+                Box::pin(super::$name(Stack::Real)).await;
+            }
+        }
+    };
+}
+
+async fn spawn(stack: Stack, configure: impl FnOnce(&mut Config)) -> TestApp {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    configure(&mut config);
+    support::spawn_with(stack, config, data).await
+}
+
+/// Asserts a 429 problem with a `Retry-After` of at least a second; answers the body.
+async fn assert_limited(response: reqwest::Response) -> Value {
+    assert_eq!(response.status(), 429);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
+    let problem: Value = response.json().await.unwrap();
+    assert!(
+        problem["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("too-many-requests")
+    );
+    assert_eq!(problem["retry_after"], retry_after);
+    problem
+}
+
+fn message(nonce: &str) -> Value {
+    json!({"kind": "message", "nonce": nonce, "text": "hello"})
+}
+
+async fn rate_limits_are_per_user_and_class_over_http_and_websocket(stack: Stack) {
+    // Three sends and two searches, then one token every 100 s.
+    let app = spawn(stack, |config| {
+        config.limits.send = RateLimit::new(0.01, 3);
+        config.limits.search = RateLimit::new(0.01, 2);
+    })
+    .await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let signals = format!("/v1/chats/{chat}/signals");
+    for i in 0..3 {
+        let sent = app.post(&bob, &signals, &message(&format!("b{i}"))).await;
+        assert_eq!(sent.status(), 201);
+    }
+    let problem = assert_limited(app.post(&bob, &signals, &message("b3")).await).await;
+    assert!(problem["detail"].as_str().unwrap().contains("messages"));
+    // Another user has their own allowance; another class is not touched.
+    assert_eq!(
+        app.post(&alice, &signals, &message("a0")).await.status(),
+        201
+    );
+    assert_eq!(app.get(&bob, &signals).await.status(), 200);
+    for _ in 0..2 {
+        assert_eq!(app.get(&bob, "/v1/users?q=al").await.status(), 200);
+    }
+    assert_limited(app.get(&bob, "/v1/users?q=al").await).await;
+
+    // A WebSocket request frame meets the same limit, and says when to retry in its body.
+    let url = format!("{}/v1/ws", app.base.replacen("http://", "ws://", 1));
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {bob}").parse().unwrap());
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "confab.v1".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    ws.send(Message::Text(
+        json!({"type": "request", "id": "s", "method": "POST", "path": signals,
+               "body": message("ws")})
+        .to_string()
+        .into(),
+    ))
+    .await
+    .unwrap();
+    let response = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Message::Text(text) = ws.next().await.unwrap().unwrap() {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "response" {
+                    return frame;
+                }
+            }
+        }
+    })
+    .await
+    .expect("a response frame");
+    assert_eq!(response["status"], 429, "{response}");
+    assert!(response["body"]["retry_after"].as_u64().unwrap() >= 1);
+    app.stop().await;
+}
+on_both_stacks!(rate_limits_are_per_user_and_class_over_http_and_websocket);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_a_login_are_limited_per_address() {
+    let app = spawn(Stack::Embedded, |config| {
+        config.limits.public = RateLimit::new(0.01, 3);
+    })
+    .await;
+    let alice = app.token("alice").await;
+    // spawn_with's readiness probes are not counted.
+    for _ in 0..3 {
+        let response = app
+            .http
+            .get(app.url("/v1/openapi.json"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert_limited(
+        app.http
+            .get(app.url("/v1/openapi.json"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_limited(app.http.get(app.url("/v1/me")).send().await.unwrap()).await;
+    // Probes and signed-in calls are not limited per address.
+    for path in ["/health", "/ready"] {
+        assert_eq!(
+            app.http.get(app.url(path)).send().await.unwrap().status(),
+            200
+        );
+    }
+    assert_eq!(app.get(&alice, "/v1/me").await.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_answers_configured_origins_only() {
+    let allowed = "https://app.example.com";
+    let app = spawn(Stack::Embedded, |config| {
+        config.limits.cors_origins = format!("{allowed}, https://other.example.com");
+    })
+    .await;
+    let alice = app.token("alice").await;
+    for (path, method) in [
+        ("/v1/chats", "POST"),
+        ("/v1/events/ticket", "POST"),
+        ("/v1/events", "GET"),
+        ("/v1/ws", "GET"),
+    ] {
+        let preflight = |origin: &'static str| {
+            app.http
+                .request(reqwest::Method::OPTIONS, app.url(path))
+                .header("origin", origin)
+                .header("access-control-request-method", method)
+                .header(
+                    "access-control-request-headers",
+                    "authorization,content-type",
+                )
+                .send()
+        };
+        let response = preflight(allowed).await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
+        assert_eq!(
+            response.headers()["access-control-allow-origin"],
+            allowed,
+            "{path}"
+        );
+        let headers = response.headers()["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .to_lowercase();
+        assert!(headers.contains("authorization") && headers.contains("content-type"));
+        assert!(
+            response.headers()["access-control-allow-methods"]
+                .to_str()
+                .unwrap()
+                .contains(method)
+        );
+        let refused = preflight("https://evil.example.com").await.unwrap();
+        assert!(
+            refused
+                .headers()
+                .get("access-control-allow-origin")
+                .is_none(),
+            "{path}: another origin gets no CORS headers"
+        );
+    }
+    // The real request from the allowed origin carries the header, and exposes Retry-After.
+    let response = app
+        .http
+        .get(app.url("/v1/me"))
+        .bearer_auth(&alice)
+        .header("origin", allowed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["access-control-allow-origin"], allowed);
+    app.stop().await;
+
+    // No origins configured (the default): no CORS headers at all.
+    let app = spawn(Stack::Embedded, |_| {}).await;
+    let response = app
+        .http
+        .request(reqwest::Method::OPTIONS, app.url("/v1/chats"))
+        .header("origin", allowed)
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_limited_and_refused_with_a_problem() {
+    let app = spawn(Stack::Embedded, |config| {
+        config.limits.body_bytes = 4 * 1024;
+    })
+    .await;
+    let alice = app.token("alice").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let big = json!({"kind": "message", "nonce": "big", "text": "x".repeat(5 * 1024)});
+    for path in [
+        format!("/v1/chats/{chat}/signals"),
+        "/v1/chats".to_owned(),
+        "/v1/events/ticket".to_owned(),
+    ] {
+        let response = app.post(&alice, &path, &big).await;
+        assert_eq!(response.status(), 413, "{path}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+    // Over the WebSocket too: the frame's body goes through the same routes.
+    app.stop().await;
+
+    // The default is 64 KiB: a 100 KiB message body is refused before it is parsed.
+    let app = spawn(Stack::Embedded, |_| {}).await;
+    let alice = app.token("alice").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let huge = json!({"kind": "message", "nonce": "huge", "text": "x".repeat(100 * 1024)});
+    let response = app
+        .post(&alice, &format!("/v1/chats/{chat}/signals"), &huge)
+        .await;
+    assert_eq!(response.status(), 413);
+    app.stop().await;
+}
+
+/// Reads what the server sends until it closes the connection; panics after the deadline.
+async fn read_until_closed(tcp: &mut tokio::net::TcpStream) -> String {
+    let mut received = Vec::new();
+    tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut received))
+        .await
+        .expect("the server closes the connection")
+        .ok();
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off() {
+    let app = spawn(Stack::Embedded, |config| {
+        config.limits.header_timeout_secs = 1;
+        config.limits.body_idle_timeout_secs = 1;
+        config.limits.request_timeout_secs = 2;
+    })
+    .await;
+    let alice = app.token("alice").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+
+    // Headers that never end: the connection is closed.
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    read_until_closed(&mut tcp).await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let head = |length: usize| {
+        format!(
+            "POST /v1/chats/{chat}/signals HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let body = message("slow").to_string();
+
+    // A body that stops arriving: a 400 problem once it has stalled for the idle timeout.
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(head(body.len()).as_bytes()).await.unwrap();
+    tcp.write_all(&body.as_bytes()[..5]).await.unwrap();
+    let answer = read_until_closed(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("application/problem+json"));
+
+    // A body that trickles in, never stalling long: 408 once the request takes too long.
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(head(body.len()).as_bytes()).await.unwrap();
+    let (mut reader, mut writer) = tcp.into_split();
+    let trickle = tokio::spawn(async move {
+        for byte in body.into_bytes() {
+            if writer.write_all(&[byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let mut received = Vec::new();
+    tokio::time::timeout(DEADLINE, reader.read_to_end(&mut received))
+        .await
+        .expect("an answer before the deadline")
+        .ok();
+    let answer = String::from_utf8_lossy(&received);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request-timeout"));
+    trickle.abort();
+    app.stop().await;
+}
