@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use confab_api::domain::attachments::AttachmentSettings;
+use confab_api::domain::circles::CircleSettings;
 use confab_api::domain::devices::PushSettings;
 use confab_api::indexer::Indexer;
 use confab_api::store::cql::{self, CqlOptions, CqlStore};
@@ -372,10 +373,12 @@ pub async fn build(
             ttl: config.push.ttl(),
         })
         .with_push_queue(Arc::clone(&push_queue))
-        .with_attachments(attachment_settings(config, blobs));
+        .with_attachments(attachment_settings(config, blobs))
+        .with_circles(CircleSettings::from_config(&config.circles, &config.queues));
         if let Some(search) = search {
             state = state.with_search(search);
         }
+        workers.push(state.start_sweeps(shutdown.clone()));
         let (routes, doc) = api_routes(state);
         api_router = Some(
             routes
