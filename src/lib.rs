@@ -20,6 +20,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use axum::extract::DefaultBodyLimit;
 use confab_api::domain::attachments::AttachmentSettings;
+use confab_api::domain::circles::CircleSettings;
 use confab_api::domain::devices::PushSettings;
 use confab_api::indexer::Indexer;
 use confab_api::limits::RateLimits;
@@ -421,7 +422,8 @@ pub async fn build(
         .with_push_queue(Arc::clone(&push_queue))
         .with_revocations(Arc::clone(&revocations))
         .with_attachments(attachment_settings(config, blobs))
-        .with_rate_limits(RateLimits::new(&config.limits));
+        .with_rate_limits(RateLimits::new(&config.limits))
+        .with_circles(CircleSettings::from_config(&config.circles, &config.queues));
         if let Some(search) = search {
             state = state.with_search(search);
         }
@@ -432,6 +434,7 @@ pub async fn build(
             },
             shutdown.clone(),
         ));
+        workers.push(state.start_sweeps(shutdown.clone()));
         let (routes, doc) = api_routes(state);
         // Every JSON body, over HTTP or in a WebSocket request frame (uploads stream their own).
         let routes = routes.layer(DefaultBodyLimit::max(config.limits.body_bytes));

@@ -11,13 +11,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use confab_api::store::embedded::EmbeddedStore;
 use confab_api::store::{
-    ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, OutboxEntry, OutboxWriter, Store,
-    StoreError,
+    ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, OutboxEntry, OutboxWriter, Slot,
+    SlotWrite, Store, StoreError,
 };
 use confab_api::{ApiState, routes};
 use confab_runtime::bus::EmbeddedBus;
 use confab_runtime::identity::DevIdentity;
-use confab_schema::{Chat, ChatId, Member, MemberRole, Signal, SignalId, User, UserId};
+use confab_schema::circle::{Circle, CircleMember};
+use confab_schema::{Chat, ChatId, CircleId, Member, MemberRole, Signal, SignalId, User, UserId};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -397,6 +398,61 @@ impl Store for FlakyBookkeeping {
     }
     async fn outbox_forget_writer(&self, writer: uuid::Uuid) -> Result<(), StoreError> {
         self.inner.outbox_forget_writer(writer).await
+    }
+    async fn delete_chat(&self, chat: ChatId) -> Result<(), StoreError> {
+        self.inner.delete_chat(chat).await
+    }
+    async fn create_circle(&self, circle: &Circle) -> Result<(), StoreError> {
+        self.inner.create_circle(circle).await
+    }
+    async fn get_circle(&self, id: CircleId) -> Result<Option<Circle>, StoreError> {
+        self.inner.get_circle(id).await
+    }
+    async fn circle_by_code(&self, code: &str) -> Result<Option<CircleId>, StoreError> {
+        self.inner.circle_by_code(code).await
+    }
+    async fn rotate_circle_code(
+        &self,
+        id: CircleId,
+        old: &str,
+        new: &str,
+    ) -> Result<(), StoreError> {
+        self.inner.rotate_circle_code(id, old, new).await
+    }
+    async fn put_circle_member(
+        &self,
+        circle: CircleId,
+        member: &CircleMember,
+    ) -> Result<(), StoreError> {
+        self.inner.put_circle_member(circle, member).await
+    }
+    async fn circle_members(&self, circle: CircleId) -> Result<Vec<CircleMember>, StoreError> {
+        self.inner.circle_members(circle).await
+    }
+    async fn remove_circle_member(&self, circle: CircleId, user: UserId) -> Result<(), StoreError> {
+        self.inner.remove_circle_member(circle, user).await
+    }
+    async fn add_circle_chat(&self, circle: CircleId, chat: ChatId) -> Result<(), StoreError> {
+        self.inner.add_circle_chat(circle, chat).await
+    }
+    async fn circle_chats(&self, circle: CircleId) -> Result<Vec<ChatId>, StoreError> {
+        self.inner.circle_chats(circle).await
+    }
+    async fn expired_circles(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<CircleId>, StoreError> {
+        self.inner.expired_circles(now, limit).await
+    }
+    async fn delete_circle(&self, id: CircleId) -> Result<(), StoreError> {
+        self.inner.delete_circle(id).await
+    }
+    async fn slots(&self, pool: &str) -> Result<Vec<Slot>, StoreError> {
+        self.inner.slots(pool).await
+    }
+    async fn write_slots(&self, pool: &str, writes: &[SlotWrite]) -> Result<bool, StoreError> {
+        self.inner.write_slots(pool, writes).await
     }
 }
 

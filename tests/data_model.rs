@@ -706,6 +706,8 @@ async fn openapi_is_served_and_lists_every_route() {
                 .replace("{signal_id}", &id.to_string())
                 .replace("{user_id}", &id.to_string())
                 .replace("{attachment_id}", &id.to_string())
+                .replace("{circle_id}", &id.to_string())
+                .replace("{kind}", "talk")
                 .replace("{emoji}", "%F0%9F%91%8D");
             let request = app
                 .http
@@ -781,12 +783,23 @@ async fn openapi_is_served_and_lists_every_route() {
         "GET /v1/attachments/{attachment_id}/preview",
         "POST /v1/me/logout-all",
         "POST /v1/auth/backchannel-logout",
+        "POST /v1/circles",
+        "GET /v1/circles/{circle_id}",
+        "POST /v1/circles/join",
+        "POST /v1/circles/{circle_id}/access-code",
+        "GET /v1/circles/{circle_id}/members",
+        "DELETE /v1/circles/{circle_id}/members/{user_id}",
+        "POST /v1/circles/{circle_id}/pair",
+        "DELETE /v1/circles/{circle_id}/pair",
+        "POST /v1/queues/{kind}/join",
+        "GET /v1/queues/{kind}",
+        "DELETE /v1/queues/{kind}",
     ] {
         assert!(
             operations.iter().any(|o| o == expected),
             "{expected} is not documented"
         );
     }
-    assert_eq!(operations.len(), 44, "{operations:?}");
+    assert_eq!(operations.len(), 55, "{operations:?}");
     app.stop().await;
 }

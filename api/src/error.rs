@@ -26,6 +26,12 @@ pub enum ApiError {
     /// The request is well-formed but its content breaks a rule.
     #[error("{0}")]
     Unprocessable(String),
+    /// The request conflicts with the current state (already in another queue…).
+    #[error("{0}")]
+    Conflict(String),
+    /// The thing existed and has expired.
+    #[error("{0}")]
+    Gone(&'static str),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
@@ -60,6 +66,8 @@ impl From<&ApiError> for Problem {
                 "invalid-content",
                 why.clone(),
             ),
+            ApiError::Conflict(why) => Problem::new(StatusCode::CONFLICT, "conflict", why.clone()),
+            ApiError::Gone(what) => Problem::new(StatusCode::GONE, "gone", *what),
             ApiError::UnsupportedMediaType(why) => Problem::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported-media-type",

@@ -19,6 +19,7 @@ use confab_schema::{ChatId, Signal, User, UserId};
 
 use crate::coalesce::Coalescer;
 use crate::domain::attachments::AttachmentSettings;
+use crate::domain::circles::CircleSettings;
 use crate::domain::devices::PushSettings;
 use crate::limits::RateLimits;
 use crate::outbox::Outbox;
@@ -63,6 +64,8 @@ pub struct ApiState {
     pub(crate) revocations: Option<Arc<Revocations>>,
     /// Requests per user and class (`limits`); off unless set.
     pub(crate) rate_limits: Arc<RateLimits>,
+    /// How circles and the matching queues behave.
+    pub(crate) circles: CircleSettings,
 }
 
 impl ApiState {
@@ -92,6 +95,7 @@ impl ApiState {
             outbox: Arc::default(),
             revocations: None,
             rate_limits: Arc::new(RateLimits::off()),
+            circles: CircleSettings::default(),
         }
     }
 
@@ -134,6 +138,12 @@ impl ApiState {
     /// The rate limits per user (`limits.send`, `limits.edit`…).
     pub fn with_rate_limits(mut self, limits: RateLimits) -> ApiState {
         self.rate_limits = Arc::new(limits);
+        self
+    }
+
+    /// How circles and the matching queues behave.
+    pub fn with_circles(mut self, circles: CircleSettings) -> ApiState {
+        self.circles = circles;
         self
     }
 

@@ -47,6 +47,56 @@ pub struct Config {
     pub search: SearchConfig,
     pub attachments: AttachmentsConfig,
     pub limits: LimitsConfig,
+    pub circles: CirclesConfig,
+    pub queues: QueuesConfig,
+}
+
+/// Circles: groups joined with an access code whose members are paired at random.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CirclesConfig {
+    /// A circle's time to live when its creator names none, in hours. Default 72.
+    pub default_ttl_hours: f64,
+    /// The longest time to live a circle may ask for, in hours. Default 720 (30 days).
+    pub max_ttl_hours: f64,
+    /// The most members a circle takes (and the default when its creator names none). Default 200.
+    pub max_members: u32,
+    /// How often each API process removes expired circles and their chats, in milliseconds.
+    /// Default 60000.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for CirclesConfig {
+    fn default() -> Self {
+        CirclesConfig {
+            default_ttl_hours: 72.0,
+            max_ttl_hours: 720.0,
+            max_members: 200,
+            sweep_interval_ms: 60_000,
+        }
+    }
+}
+
+/// The matching queues (`vent`, `listen`, `talk`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueuesConfig {
+    /// How long a waiting user may have no live event stream (SSE or WebSocket) before they are
+    /// taken out of the queue, and how long a match stays visible to `GET /v1/queues/{kind}`, in
+    /// milliseconds. Default 30000.
+    pub disconnect_grace_ms: u64,
+    /// How often each API process looks for waiting users who went away, in milliseconds.
+    /// Default 5000.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for QueuesConfig {
+    fn default() -> Self {
+        QueuesConfig {
+            disconnect_grace_ms: 30_000,
+            sweep_interval_ms: 5_000,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -339,6 +389,8 @@ impl Default for Config {
             search: SearchConfig::default(),
             attachments: AttachmentsConfig::default(),
             limits: LimitsConfig::default(),
+            circles: CirclesConfig::default(),
+            queues: QueuesConfig::default(),
         }
     }
 }
@@ -788,6 +840,8 @@ const SECTIONS: &[&str] = &[
     "search",
     "attachments",
     "limits",
+    "circles",
+    "queues",
 ];
 
 impl Config {
@@ -824,6 +878,21 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let circles = &self.circles;
+        if !(circles.default_ttl_hours > 0.0
+            && circles.max_ttl_hours >= circles.default_ttl_hours
+            && circles.max_ttl_hours.is_finite())
+        {
+            return Err(ConfigError::Invalid(
+                "circles.default_ttl_hours must be above 0 and at most circles.max_ttl_hours"
+                    .into(),
+            ));
+        }
+        if circles.max_members < 2 {
+            return Err(ConfigError::Invalid(
+                "circles.max_members must be at least 2".into(),
+            ));
+        }
         match (&self.push.vapid_public_key, &self.push.vapid_private_key) {
             (None, None) => {}
             (Some(public), Some(private)) => {

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::circle::{CirclePairing, CircleUnpairing, QueueMatch};
 use crate::ids::{ChatId, SignalId, UserId};
 use crate::model::{Chat, MemberRole, Signal};
 
@@ -90,6 +91,16 @@ pub enum Event {
     /// Ephemeral: a member's presence or custom status changed.
     #[serde(rename = "presence.updated")]
     PresenceUpdated(UserPresence),
+    /// Two members of a circle were paired; published on the new chat, which they join with it.
+    #[serde(rename = "circle.paired")]
+    CirclePaired(Box<CirclePairing>),
+    /// A circle pairing ended; its two members leave its chat with this event.
+    #[serde(rename = "circle.unpaired")]
+    CircleUnpaired(CircleUnpairing),
+    /// Two users of the matching queues were matched; published on the new chat, which they join
+    /// with it.
+    #[serde(rename = "queue.matched")]
+    QueueMatched(Box<QueueMatch>),
 }
 
 /// The kind of an [`Event`], for metrics and routing without looking at the payload.
@@ -110,6 +121,9 @@ pub enum EventKind {
     UserConnected,
     UserDisconnected,
     PresenceUpdated,
+    CirclePaired,
+    CircleUnpaired,
+    QueueMatched,
 }
 
 impl EventKind {
@@ -130,6 +144,9 @@ impl EventKind {
             EventKind::UserConnected => "user.connected",
             EventKind::UserDisconnected => "user.disconnected",
             EventKind::PresenceUpdated => "presence.updated",
+            EventKind::CirclePaired => "circle.paired",
+            EventKind::CircleUnpaired => "circle.unpaired",
+            EventKind::QueueMatched => "queue.matched",
         }
     }
 }
@@ -152,6 +169,9 @@ impl Event {
             Event::UserConnected(_) => EventKind::UserConnected,
             Event::UserDisconnected(_) => EventKind::UserDisconnected,
             Event::PresenceUpdated(_) => EventKind::PresenceUpdated,
+            Event::CirclePaired(_) => EventKind::CirclePaired,
+            Event::CircleUnpaired(_) => EventKind::CircleUnpaired,
+            Event::QueueMatched(_) => EventKind::QueueMatched,
         }
     }
 }

@@ -63,6 +63,11 @@ uuid_id!(
 );
 
 uuid_id!(
+    /// A circle: a group joined with an access code whose members are paired at random. UUIDv7.
+    CircleId
+);
+
+uuid_id!(
     /// A device registered for push notifications. UUIDv5 of its platform and its endpoint or
     /// token, so registering the same subscription again finds the same device.
     DeviceId
@@ -100,6 +105,12 @@ impl ChatId {
     }
 }
 
+impl CircleId {
+    pub fn new() -> CircleId {
+        CircleId(Uuid::now_v7())
+    }
+}
+
 impl SignalId {
     /// A new id for a signal created now. `Uuid::now_v7` is monotonic within a process.
     pub fn new() -> SignalId {
@@ -127,6 +138,12 @@ impl SignalId {
 impl Default for ChatId {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl Default for CircleId {
+    fn default() -> Self {
+        CircleId::new()
     }
 }
 

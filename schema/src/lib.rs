@@ -5,6 +5,7 @@
 //! stays free of drivers, runtimes and sockets.
 
 pub mod attachment;
+pub mod circle;
 pub mod event;
 pub mod ids;
 pub mod limits;
@@ -15,5 +16,5 @@ pub mod subjects;
 
 pub use attachment::{Attachment, AttachmentKind, AttachmentRef};
 pub use event::{Envelope, Event, EventKind, LoggedEvent};
-pub use ids::{ChatId, DeviceId, IdError, SignalId, UserId};
+pub use ids::{ChatId, CircleId, DeviceId, IdError, SignalId, UserId};
 pub use model::{Chat, ChatKind, Member, MemberRole, Signal, SignalKind, User};

@@ -58,6 +58,8 @@ macro_rules! wire_enum {
     };
 }
 
+pub(crate) use wire_enum;
+
 /// A stored value that names no known variant (e.g. a row written by a newer version).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("unknown {kind} `{value}`")]

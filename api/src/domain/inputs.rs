@@ -465,3 +465,106 @@ impl LogoutToken {
         &self.0
     }
 }
+
+/// A circle's rules: 1 to 4,000 characters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CircleRules(String);
+
+impl CircleRules {
+    pub const MAX_CHARS: usize = 4_000;
+
+    pub fn parse(value: String) -> ApiResult<CircleRules> {
+        bounded("rules", value, Self::MAX_CHARS).map(CircleRules)
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+/// The name a member goes by in one circle: 1 to 64 characters, trimmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CircleDisplayName(String);
+
+impl CircleDisplayName {
+    pub const MAX_CHARS: usize = 64;
+
+    pub fn parse(value: String) -> ApiResult<CircleDisplayName> {
+        bounded("display_name", value.trim().to_owned(), Self::MAX_CHARS).map(CircleDisplayName)
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+/// A circle's access code: [`AccessCode::LEN`] characters of [`AccessCode::ALPHABET`] (digits and
+/// upper-case letters without the look-alikes 0, 1, I, L, O), drawn from `rand`'s thread-local
+/// CSPRNG (ChaCha, seeded from the operating system): 31^12 ≈ 2^59 codes, so guessing one is hopeless. Clients may type it in lower case, with
+/// spaces or dashes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessCode(String);
+
+impl AccessCode {
+    pub const ALPHABET: &'static [u8] = b"23456789ABCDEFGHJKMNPQRSTUVWXYZ";
+    pub const LEN: usize = 12;
+
+    /// A fresh code.
+    pub fn generate() -> AccessCode {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        let code = (0..Self::LEN)
+            .map(|_| char::from(Self::ALPHABET[rng.random_range(0..Self::ALPHABET.len())]))
+            .collect();
+        AccessCode(code)
+    }
+
+    /// A code as a client typed it: 422 unless it can be a code at all.
+    pub fn parse(value: &str) -> ApiResult<AccessCode> {
+        let code: String = value
+            .chars()
+            .filter(|c| !matches!(c, ' ' | '-'))
+            .map(|c| c.to_ascii_uppercase())
+            .collect();
+        if code.len() != Self::LEN || !code.bytes().all(|b| Self::ALPHABET.contains(&b)) {
+            return Err(ApiError::Unprocessable(format!(
+                "an access code is {} characters of {}",
+                Self::LEN,
+                String::from_utf8_lossy(Self::ALPHABET)
+            )));
+        }
+        Ok(AccessCode(code))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A circle's time to live, in hours (fractions allowed), within `(0, max]`; at least one second.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CircleTtl(std::time::Duration);
+
+impl CircleTtl {
+    pub fn parse(hours: Option<f64>, default: f64, max: f64) -> ApiResult<CircleTtl> {
+        let hours = hours.unwrap_or(default);
+        if !hours.is_finite() || hours <= 0.0 || hours > max {
+            return Err(ApiError::Unprocessable(format!(
+                "ttl_hours must be above 0 and at most {max}"
+            )));
+        }
+        let ttl = std::time::Duration::from_secs_f64(hours * 3_600.0);
+        Ok(CircleTtl(ttl.max(std::time::Duration::from_secs(1))))
+    }
+
+    pub fn duration(&self) -> std::time::Duration {
+        self.0
+    }
+}
+
+/// A matching queue named in a path: `vent`, `listen` or `talk`, else 404 (there is no such queue).
+pub fn queue_kind(value: &str) -> ApiResult<confab_schema::circle::QueueKind> {
+    value
+        .parse()
+        .map_err(|_| ApiError::NotFound("no such queue; the queues are vent, listen and talk"))
+}

@@ -7,14 +7,17 @@
 pub mod access;
 pub mod attachments;
 pub mod chats;
+pub mod circles;
 pub mod devices;
 pub mod events;
 pub mod inputs;
 pub mod markers;
 pub mod members;
 pub mod paging;
+pub mod pairing;
 pub mod presence;
 pub mod pushes;
+pub mod queues;
 pub mod reactions;
 pub mod rules;
 pub mod search;

@@ -5,9 +5,11 @@
 
 mod attachments;
 mod chats;
+mod circles;
 mod devices;
 mod markers;
 mod members;
+mod queues;
 mod reactions;
 mod responses;
 mod search;
@@ -46,6 +48,8 @@ use crate::state::ApiState;
         (name = "events", description = "Live events over Server-Sent Events and WebSocket"),
         (name = "push", description = "Devices for push notifications"),
         (name = "attachments", description = "Files uploaded to chats, and their thumbnails"),
+        (name = "circles", description = "Groups joined with an access code, members paired at random"),
+        (name = "queues", description = "Matching queues: vent with listen, talk with talk"),
     )
 )]
 struct ApiDoc;
@@ -189,6 +193,15 @@ fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(attachments::download))
         .routes(routes!(attachments::thumbnail))
         .routes(routes!(attachments::preview))
+        .routes(routes!(circles::create))
+        .routes(routes!(circles::get))
+        .routes(routes!(circles::join))
+        .routes(routes!(circles::rotate_code))
+        .routes(routes!(circles::members))
+        .routes(routes!(circles::remove_member))
+        .routes(routes!(circles::pair, circles::unpair))
+        .routes(routes!(queues::join))
+        .routes(routes!(queues::status, queues::leave))
 }
 
 /// The authenticated caller. Extracting it verifies the bearer token and provisions the user from

@@ -104,3 +104,57 @@ pub(crate) enum UploadErrors {
     content_type = "application/problem+json"
 )]
 pub(crate) struct Limited(Problem);
+/// Calls on a circle or a matching queue: the [`ChatErrors`], plus conflicts (a full circle, another
+/// queue) and expired circles.
+#[allow(dead_code)] // Variants exist for the OpenAPI description only.
+#[derive(IntoResponses)]
+pub(crate) enum CircleErrors {
+    #[response(
+        status = 400,
+        description = "Malformed request",
+        content_type = "application/problem+json"
+    )]
+    Malformed(Problem),
+    #[response(
+        status = 401,
+        description = "Missing or invalid token",
+        content_type = "application/problem+json"
+    )]
+    Unauthenticated(Problem),
+    #[response(
+        status = 403,
+        description = "Not allowed",
+        content_type = "application/problem+json"
+    )]
+    Forbidden(Problem),
+    #[response(
+        status = 404,
+        description = "Not found (an unknown circle, access code or queue)",
+        content_type = "application/problem+json"
+    )]
+    NotFound(Problem),
+    #[response(
+        status = 409,
+        description = "Conflicts with the current state (a full circle, already in another queue)",
+        content_type = "application/problem+json"
+    )]
+    Conflict(Problem),
+    #[response(
+        status = 410,
+        description = "The circle has expired",
+        content_type = "application/problem+json"
+    )]
+    Gone(Problem),
+    #[response(
+        status = 422,
+        description = "Invalid content",
+        content_type = "application/problem+json"
+    )]
+    Invalid(Problem),
+    #[response(
+        status = 503,
+        description = "A dependency is unavailable",
+        content_type = "application/problem+json"
+    )]
+    Unavailable(Problem),
+}

@@ -13,9 +13,12 @@ use time::OffsetDateTime;
 use uuid::{Timestamp, Uuid};
 
 use super::{
-    ChatActivity, Inserted, MarkerKind, NewChat, Store, UNREAD_CAP, UNREAD_SCAN_LIMIT, search_users,
+    ChatActivity, Inserted, MarkerKind, NewChat, Slot, SlotState, SlotWrite, Store, UNREAD_CAP,
+    UNREAD_SCAN_LIMIT, circle_pool, search_users,
 };
+use confab_schema::CircleId;
 use confab_schema::Member;
+use confab_schema::circle::{Circle, CircleMember};
 
 /// The cases, one test each, so that one failure does not hide the others. Every case makes its own
 /// users and chats, so cases may share one store and run concurrently.
@@ -53,7 +56,11 @@ macro_rules! store_conformance_tests {
             attachments_reference_their_objects,
             the_collectors_marks,
             signals_keep_their_attachment_ids,
-            the_outbox_keeps_each_writers_entries
+            the_outbox_keeps_each_writers_entries,
+            circles_codes_members_and_expiry,
+            slot_writes_are_all_or_nothing,
+            racing_pairings_pair_each_user_once,
+            deleting_a_chat_removes_everything
         );
     };
     (@cases $open:expr; $($case:ident),+) => {
@@ -1698,4 +1705,384 @@ pub async fn the_outbox_keeps_each_writers_entries(store: Arc<dyn Store>) {
             .iter()
             .all(|w| w.writer != writer)
     );
+}
+
+fn circle_of(owner: UserId, code: &str, expires_in: Duration) -> Circle {
+    let now = confab_schema::model::to_millis(OffsetDateTime::now_utc());
+    Circle {
+        id: CircleId::new(),
+        name: "circle".into(),
+        description: Some("about".into()),
+        rules: None,
+        owner_id: owner,
+        access_code: Some(code.into()),
+        max_members: 10,
+        created_at: now,
+        expires_at: confab_schema::model::to_millis(now + expires_in),
+    }
+}
+
+pub async fn circles_codes_members_and_expiry(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (alice, bob) = (user("alice"), user("bob"));
+    let code = format!("C{}", Uuid::new_v4().simple());
+    let circle = circle_of(alice.id, &code, Duration::from_secs(3_600));
+    store.create_circle(&circle).await.unwrap();
+    assert_eq!(
+        store.get_circle(circle.id).await.unwrap(),
+        Some(circle.clone())
+    );
+    assert_eq!(store.circle_by_code(&code).await.unwrap(), Some(circle.id));
+    let rotated = format!("R{}", Uuid::new_v4().simple());
+    store
+        .rotate_circle_code(circle.id, &code, &rotated)
+        .await
+        .unwrap();
+    assert_eq!(store.circle_by_code(&code).await.unwrap(), None);
+    assert_eq!(
+        store.circle_by_code(&rotated).await.unwrap(),
+        Some(circle.id)
+    );
+    assert_eq!(
+        store
+            .get_circle(circle.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .access_code,
+        Some(rotated.clone())
+    );
+
+    let joined = confab_schema::model::to_millis(OffsetDateTime::now_utc());
+    let mut member = CircleMember {
+        user_id: bob.id,
+        display_name: "B".into(),
+        joined_at: joined,
+    };
+    store.put_circle_member(circle.id, &member).await.unwrap();
+    member.display_name = "Bee".into();
+    store.put_circle_member(circle.id, &member).await.unwrap();
+    assert_eq!(
+        store.circle_members(circle.id).await.unwrap(),
+        vec![member.clone()]
+    );
+    store.remove_circle_member(circle.id, bob.id).await.unwrap();
+    assert!(store.circle_members(circle.id).await.unwrap().is_empty());
+
+    // Expiry: a circle expired a moment ago is due; one that expires in an hour is not.
+    let gone = circle_of(
+        alice.id,
+        &format!("G{}", Uuid::new_v4().simple()),
+        Duration::ZERO,
+    );
+    store.create_circle(&gone).await.unwrap();
+    let chat = chat_with(store, alice.id, &[bob.id]).await;
+    store.add_circle_chat(gone.id, chat).await.unwrap();
+    assert_eq!(store.circle_chats(gone.id).await.unwrap(), vec![chat]);
+    let due = store
+        .expired_circles(OffsetDateTime::now_utc(), 10_000)
+        .await
+        .unwrap();
+    assert!(due.contains(&gone.id), "{due:?}");
+    assert!(!due.contains(&circle.id));
+    store.put_circle_member(gone.id, &member).await.unwrap();
+    store
+        .write_slots(
+            &circle_pool(gone.id),
+            &[SlotWrite::Create(waiting(bob.id, ""))],
+        )
+        .await
+        .unwrap();
+    store.delete_circle(gone.id).await.unwrap();
+    assert_eq!(store.get_circle(gone.id).await.unwrap(), None);
+    assert!(store.circle_members(gone.id).await.unwrap().is_empty());
+    assert!(store.circle_chats(gone.id).await.unwrap().is_empty());
+    assert!(store.slots(&circle_pool(gone.id)).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .circle_by_code(gone.access_code.as_deref().unwrap())
+            .await
+            .unwrap(),
+        None
+    );
+    let due = store
+        .expired_circles(OffsetDateTime::now_utc(), 10_000)
+        .await
+        .unwrap();
+    assert!(!due.contains(&gone.id));
+    // Idempotent.
+    store.delete_circle(gone.id).await.unwrap();
+}
+
+fn waiting(user: UserId, kind: &str) -> Slot {
+    Slot {
+        user_id: user,
+        kind: kind.into(),
+        state: SlotState::Waiting,
+        since: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+        partner: None,
+        chat: None,
+        previous: None,
+        version: 0,
+    }
+}
+
+pub async fn slot_writes_are_all_or_nothing(store: Arc<dyn Store>) {
+    let store = &*store;
+    let pool = format!("test:{}", Uuid::new_v4());
+    let (a, b) = (user("a").id, user("b").id);
+    assert!(
+        store
+            .write_slots(&pool, &[SlotWrite::Create(waiting(a, "talk"))])
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .write_slots(&pool, &[SlotWrite::Create(waiting(a, "talk"))])
+            .await
+            .unwrap(),
+        "a second create of one user's slot fails"
+    );
+    assert!(
+        store
+            .write_slots(&pool, &[SlotWrite::Create(waiting(b, "talk"))])
+            .await
+            .unwrap()
+    );
+    let chat = ChatId::new();
+    let paired = |me: UserId, other: UserId, version: i64| Slot {
+        state: SlotState::Paired,
+        partner: Some(other),
+        chat: Some(chat),
+        previous: Some(other),
+        version,
+        ..waiting(me, "talk")
+    };
+    // One stale condition fails the whole write: neither slot changes.
+    let stale = [
+        SlotWrite::Replace {
+            expected: 0,
+            slot: paired(a, b, 1),
+        },
+        SlotWrite::Replace {
+            expected: 7,
+            slot: paired(b, a, 8),
+        },
+    ];
+    assert!(!store.write_slots(&pool, &stale).await.unwrap());
+    let slots = store.slots(&pool).await.unwrap();
+    assert!(
+        slots
+            .iter()
+            .all(|s| s.state == SlotState::Waiting && s.version == 0),
+        "{slots:?}"
+    );
+    let fresh = [
+        SlotWrite::Replace {
+            expected: 0,
+            slot: paired(a, b, 1),
+        },
+        SlotWrite::Replace {
+            expected: 0,
+            slot: paired(b, a, 1),
+        },
+    ];
+    assert!(store.write_slots(&pool, &fresh).await.unwrap());
+    let mut slots = store.slots(&pool).await.unwrap();
+    slots.sort_by_key(|s| s.user_id);
+    let mut expected = vec![paired(a, b, 1), paired(b, a, 1)];
+    expected.sort_by_key(|s| s.user_id);
+    for (got, want) in slots.iter().zip(&expected) {
+        assert_eq!(
+            (
+                got.user_id,
+                got.state,
+                got.partner,
+                got.chat,
+                got.previous,
+                got.version
+            ),
+            (
+                want.user_id,
+                want.state,
+                want.partner,
+                want.chat,
+                want.previous,
+                want.version
+            )
+        );
+    }
+    assert!(
+        !store
+            .write_slots(
+                &pool,
+                &[SlotWrite::Delete {
+                    user: a,
+                    expected: 0
+                }]
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .write_slots(
+                &pool,
+                &[SlotWrite::Delete {
+                    user: a,
+                    expected: 1
+                }]
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.slots(&pool).await.unwrap().len(), 1);
+}
+
+/// Racers each try to pair a user of their own choosing from what they read: however they
+/// interleave, no user ends up in two pairs.
+pub async fn racing_pairings_pair_each_user_once(store: Arc<dyn Store>) {
+    let pool = format!("test:{}", Uuid::new_v4());
+    let users: Vec<UserId> = (0..6).map(|i| user(&format!("u{i}")).id).collect();
+    for u in &users {
+        assert!(
+            store
+                .write_slots(&pool, &[SlotWrite::Create(waiting(*u, ""))])
+                .await
+                .unwrap()
+        );
+    }
+    let racers: Vec<_> = (0..12)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let pool = pool.clone();
+            let (a, b) = (users[i % 6], users[(i * 5 + 1) % 6]);
+            tokio::spawn(async move {
+                if a == b {
+                    return None;
+                }
+                let slots = store.slots(&pool).await.unwrap();
+                let find = |u: UserId| slots.iter().find(|s| s.user_id == u).cloned().unwrap();
+                let (sa, sb) = (find(a), find(b));
+                if sa.state != SlotState::Waiting || sb.state != SlotState::Waiting {
+                    return None;
+                }
+                let chat = ChatId::new();
+                let pair = |me: &Slot, other: UserId| Slot {
+                    state: SlotState::Paired,
+                    partner: Some(other),
+                    chat: Some(chat),
+                    version: me.version + 1,
+                    ..me.clone()
+                };
+                let writes = [
+                    SlotWrite::Replace {
+                        expected: sa.version,
+                        slot: pair(&sa, b),
+                    },
+                    SlotWrite::Replace {
+                        expected: sb.version,
+                        slot: pair(&sb, a),
+                    },
+                ];
+                store
+                    .write_slots(&pool, &writes)
+                    .await
+                    .unwrap()
+                    .then_some((a, b, chat))
+            })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for racer in racers {
+        if let Some(pair) = racer.await.unwrap() {
+            won.push(pair);
+        }
+    }
+    let mut seen = HashSet::new();
+    for (a, b, _) in &won {
+        assert!(
+            seen.insert(*a) && seen.insert(*b),
+            "a user paired twice: {won:?}"
+        );
+    }
+    // What is stored agrees with the winners.
+    for slot in store.slots(&pool).await.unwrap() {
+        let pairing = won
+            .iter()
+            .find(|(a, b, _)| *a == slot.user_id || *b == slot.user_id);
+        match pairing {
+            Some((a, b, chat)) => {
+                assert_eq!(slot.state, SlotState::Paired);
+                assert_eq!(slot.chat, Some(*chat));
+                let partner = if *a == slot.user_id { *b } else { *a };
+                assert_eq!(slot.partner, Some(partner));
+            }
+            None => assert_eq!(slot.state, SlotState::Waiting),
+        }
+    }
+}
+
+pub async fn deleting_a_chat_removes_everything(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = chat_with(store, alice.id, &[bob.id]).await;
+    let kept = chat_with(store, alice.id, &[bob.id]).await;
+    let signal = message(chat, alice.id, Some("n"), "hello");
+    store.insert_signal(&signal).await.unwrap();
+    store
+        .insert_signal(&message(kept, alice.id, None, "kept"))
+        .await
+        .unwrap();
+    store
+        .touch_chat(chat, &[alice.id, bob.id], signal.id, Some(&signal))
+        .await
+        .unwrap();
+    store
+        .add_reaction(chat, signal.id, "👍", bob.id)
+        .await
+        .unwrap();
+    store
+        .advance_marker(MarkerKind::Read, chat, bob.id, signal.id)
+        .await
+        .unwrap();
+
+    store.delete_chat(chat).await.unwrap();
+    assert!(store.get_chat(chat).await.unwrap().is_none());
+    assert!(store.members(chat).await.unwrap().is_empty());
+    assert!(
+        store
+            .signals_before(chat, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.get_signal(chat, signal.id).await.unwrap().is_none());
+    assert!(
+        store
+            .reactions_page(chat, signal.id, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .reaction_counts(chat, signal.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.marker(MarkerKind::Read, chat, bob.id).await.unwrap(),
+        None
+    );
+    for user in [alice.id, bob.id] {
+        assert!(!store.chats_of(user).await.unwrap().contains(&chat));
+        let listed = store.chats_by_activity(user, None, 100).await.unwrap();
+        assert!(listed.iter().all(|a| a.chat_id != chat), "{listed:?}");
+    }
+    // Other chats keep their history, and removing again is harmless.
+    assert_eq!(store.signals_before(kept, None, 10).await.unwrap().len(), 1);
+    store.delete_chat(chat).await.unwrap();
 }

@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use confab_runtime::telemetry::ReadinessCheck;
+use confab_schema::circle::{Circle, CircleMember};
 use confab_schema::push::Device;
 use confab_schema::settings::{ChatSettings, UserSettings};
 use confab_schema::{
-    Attachment, AttachmentKind, Chat, ChatId, ChatKind, DeviceId, Member, MemberRole, Signal,
-    SignalId, User, UserId,
+    Attachment, AttachmentKind, Chat, ChatId, ChatKind, CircleId, DeviceId, Member, MemberRole,
+    Signal, SignalId, User, UserId,
 };
 use futures::future::BoxFuture;
 use time::OffsetDateTime;
@@ -149,6 +150,62 @@ pub struct ChatActivity {
     pub chat_id: ChatId,
     /// The newest signal's id (or, before the first signal, a time-ordered id of the creation).
     pub activity: SignalId,
+}
+
+/// Where a user stands in a pairing pool (a circle's lobby, or the matching queues).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// In the pool but not waiting (a circle member between pairings).
+    Idle,
+    Waiting,
+    Paired,
+}
+
+impl SlotState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SlotState::Idle => "idle",
+            SlotState::Waiting => "waiting",
+            SlotState::Paired => "paired",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<SlotState, StoreError> {
+        match value {
+            "idle" => Ok(SlotState::Idle),
+            "waiting" => Ok(SlotState::Waiting),
+            "paired" => Ok(SlotState::Paired),
+            other => Err(StoreError::Corrupt(format!("unknown slot state {other}"))),
+        }
+    }
+}
+
+/// One user's row in a pairing pool. Every change goes through [`Store::write_slots`], conditional
+/// on `version`, so two processes never both change the same row from the same state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub user_id: UserId,
+    /// The queue the user joined (empty in a circle's lobby).
+    pub kind: String,
+    pub state: SlotState,
+    /// Since when the user waits, or is paired.
+    pub since: OffsetDateTime,
+    pub partner: Option<UserId>,
+    pub chat: Option<ChatId>,
+    /// The partner of the user's last pairing in this pool.
+    pub previous: Option<UserId>,
+    pub version: i64,
+}
+
+/// A conditional change of one slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotWrite {
+    /// Adds the slot if the user has none in the pool.
+    Create(Slot),
+    /// Replaces the user's slot if its version is still `expected` (`slot.version` is the new one).
+    Replace { expected: i64, slot: Slot },
+    /// Removes the user's slot if its version is still `expected`.
+    Delete { user: UserId, expected: i64 },
 }
 
 #[async_trait]
@@ -407,6 +464,52 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the collector's mark.
     async fn absolve_blob(&self, sha256: &str) -> Result<(), StoreError>;
 
+    /// Removes a chat and everything in it: members (and their places in chat lists), history,
+    /// reactions, markers, settings and attachment metadata. Idempotent.
+    async fn delete_chat(&self, chat: ChatId) -> Result<(), StoreError>;
+
+    // Circles and pairing pools.
+
+    /// Stores a new circle, its access code (`access_code`, always set in the store) and its expiry.
+    async fn create_circle(&self, circle: &Circle) -> Result<(), StoreError>;
+    async fn get_circle(&self, id: CircleId) -> Result<Option<Circle>, StoreError>;
+    /// The circle an access code opens.
+    async fn circle_by_code(&self, code: &str) -> Result<Option<CircleId>, StoreError>;
+    /// Replaces the circle's access code `old` with `new` (the old one stops working).
+    async fn rotate_circle_code(
+        &self,
+        id: CircleId,
+        old: &str,
+        new: &str,
+    ) -> Result<(), StoreError>;
+    /// Adds a member, or renames one already there.
+    async fn put_circle_member(
+        &self,
+        circle: CircleId,
+        member: &CircleMember,
+    ) -> Result<(), StoreError>;
+    /// Every member of the circle (one partition).
+    async fn circle_members(&self, circle: CircleId) -> Result<Vec<CircleMember>, StoreError>;
+    async fn remove_circle_member(&self, circle: CircleId, user: UserId) -> Result<(), StoreError>;
+    /// Records a chat made for a pairing of the circle, so that it goes with the circle.
+    async fn add_circle_chat(&self, circle: CircleId, chat: ChatId) -> Result<(), StoreError>;
+    async fn circle_chats(&self, circle: CircleId) -> Result<Vec<ChatId>, StoreError>;
+    /// Up to `limit` circles that expired at or before `now`, oldest first.
+    async fn expired_circles(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<CircleId>, StoreError>;
+    /// Removes a circle's own rows: the circle, its code, members, chat list, lobby and expiry
+    /// entry (its chats are removed with [`Store::delete_chat`] first). Idempotent.
+    async fn delete_circle(&self, id: CircleId) -> Result<(), StoreError>;
+    /// Every slot of a pairing pool (one partition).
+    async fn slots(&self, pool: &str) -> Result<Vec<Slot>, StoreError>;
+    /// Applies every write, or none: `false` when any condition fails. All in one pool, at once
+    /// (a lightweight-transaction batch on one partition in CQL; a transaction on SQLite), so two
+    /// racing processes never both pair the same user.
+    async fn write_slots(&self, pool: &str, writes: &[SlotWrite]) -> Result<bool, StoreError>;
+
     // Markers.
 
     /// Moves `user`'s marker forward to `up_to`; never back.
@@ -551,6 +654,11 @@ pub async fn search_users(
             return Ok((found, None));
         }
     }
+}
+
+/// The pairing pool of a circle's lobby.
+pub fn circle_pool(circle: CircleId) -> String {
+    format!("circle:{circle}")
 }
 
 /// Readiness of a [`Store`].

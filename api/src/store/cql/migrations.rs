@@ -47,6 +47,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "outbox",
         cql: include_str!("migrations/0007_outbox.cql"),
     },
+    Migration {
+        version: 8,
+        name: "circles_queues",
+        cql: include_str!("migrations/0008_circles_queues.cql"),
+    },
 ];
 
 impl Migration {

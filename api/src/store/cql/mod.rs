@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+mod circles;
 mod migrations;
 mod outbox;
 mod parity;
@@ -15,11 +16,12 @@ mod parity;
 pub use parity::SendParity;
 use parity::{Claim, NonceBucket};
 
+use confab_schema::circle::{Circle, CircleMember};
 use confab_schema::push::Device;
 use confab_schema::settings::{ChatSettings, UserSettings};
 use confab_schema::{
-    Attachment, AttachmentKind, AttachmentRef, Chat, ChatId, DeviceId, Member, MemberRole, Signal,
-    SignalId, SignalKind, User, UserId,
+    Attachment, AttachmentKind, AttachmentRef, Chat, ChatId, CircleId, DeviceId, Member,
+    MemberRole, Signal, SignalId, SignalKind, User, UserId,
 };
 pub use migrations::{CQL_MIGRATIONS, Migration, SIGNAL_BUCKET_MILLIS, signal_bucket};
 use scylla::client::execution_profile::ExecutionProfile;
@@ -36,8 +38,8 @@ use futures::{StreamExt, TryFutureExt, TryStreamExt};
 
 use super::{
     ChatActivity, ChatEntry, GuardedChange, Inserted, MarkerKind, MemberWrite, NewChat,
-    OutboxEntry, OutboxWriter, Store, StoreError, UNREAD_SCAN_LIMIT, created_at, from_millis,
-    millis, parse, search_terms,
+    OutboxEntry, OutboxWriter, Slot, SlotWrite, Store, StoreError, UNREAD_SCAN_LIMIT, created_at,
+    from_millis, millis, parse, search_terms,
 };
 
 /// Where and how to reach the cluster.
@@ -365,6 +367,8 @@ pub struct CqlStore {
     session: Session,
     keyspace: String,
     statements: Statements,
+    /// Circles, pairing pools and removing chats (`circles`).
+    circles: circles::CircleStatements,
     /// (chat, bucket) pairs this process has written to `signal_buckets`: the row is idempotent, so
     /// writing it once per day per chat is enough.
     known_buckets: std::sync::Mutex<std::collections::HashSet<(Uuid, i32)>>,
@@ -698,10 +702,12 @@ impl CqlStore {
             SendParity::Lwt => None,
         };
         let outbox = outbox::OutboxStatements::prepare(&session, keyspace).await?;
+        let circles = circles::CircleStatements::prepare(&session, keyspace).await?;
         Ok(CqlStore {
             session,
             keyspace: options.keyspace.clone(),
             statements,
+            circles,
             known_buckets: Default::default(),
             nonce_bucket,
             outbox,
@@ -2273,6 +2279,75 @@ impl Store for CqlStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn delete_chat(&self, chat: ChatId) -> Result<(), StoreError> {
+        self.cql_delete_chat(chat).await
+    }
+
+    async fn create_circle(&self, circle: &Circle) -> Result<(), StoreError> {
+        self.cql_create_circle(circle).await
+    }
+
+    async fn get_circle(&self, id: CircleId) -> Result<Option<Circle>, StoreError> {
+        self.cql_get_circle(id).await
+    }
+
+    async fn circle_by_code(&self, code: &str) -> Result<Option<CircleId>, StoreError> {
+        self.cql_circle_by_code(code).await
+    }
+
+    async fn rotate_circle_code(
+        &self,
+        id: CircleId,
+        old: &str,
+        new: &str,
+    ) -> Result<(), StoreError> {
+        self.cql_rotate_circle_code(id, old, new).await
+    }
+
+    async fn put_circle_member(
+        &self,
+        circle: CircleId,
+        member: &CircleMember,
+    ) -> Result<(), StoreError> {
+        self.cql_put_circle_member(circle, member).await
+    }
+
+    async fn circle_members(&self, circle: CircleId) -> Result<Vec<CircleMember>, StoreError> {
+        self.cql_circle_members(circle).await
+    }
+
+    async fn remove_circle_member(&self, circle: CircleId, user: UserId) -> Result<(), StoreError> {
+        self.cql_remove_circle_member(circle, user).await
+    }
+
+    async fn add_circle_chat(&self, circle: CircleId, chat: ChatId) -> Result<(), StoreError> {
+        self.cql_add_circle_chat(circle, chat).await
+    }
+
+    async fn circle_chats(&self, circle: CircleId) -> Result<Vec<ChatId>, StoreError> {
+        self.cql_circle_chats(circle).await
+    }
+
+    async fn expired_circles(
+        &self,
+        now: time::OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<CircleId>, StoreError> {
+        self.cql_expired_circles(now, limit).await
+    }
+
+    async fn delete_circle(&self, id: CircleId) -> Result<(), StoreError> {
+        self.cql_delete_circle(id).await
+    }
+
+    async fn slots(&self, pool: &str) -> Result<Vec<Slot>, StoreError> {
+        self.cql_slots(pool).await
+    }
+
+    async fn write_slots(&self, pool: &str, writes: &[SlotWrite]) -> Result<bool, StoreError> {
+        self.cql_write_slots(pool, writes).await
     }
 
     async fn advance_marker(

@@ -11,11 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use confab_schema::circle::{Circle, CircleMember};
 use confab_schema::push::Device;
 use confab_schema::settings::{ChatSettings, UserSettings};
 use confab_schema::{
-    Attachment, AttachmentKind, Chat, ChatId, DeviceId, Member, MemberRole, Signal, SignalId, User,
-    UserId,
+    Attachment, AttachmentKind, Chat, ChatId, CircleId, DeviceId, Member, MemberRole, Signal,
+    SignalId, User, UserId,
 };
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
@@ -23,8 +24,8 @@ use uuid::Uuid;
 
 use super::{
     ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted, MarkerKind, MemberWrite,
-    NewChat, OutboxEntry, OutboxWriter, Store, StoreError, UNREAD_SCAN_LIMIT, created_at,
-    from_millis, millis, parse, search_terms,
+    NewChat, OutboxEntry, OutboxWriter, Slot, SlotState, SlotWrite, Store, StoreError,
+    UNREAD_SCAN_LIMIT, circle_pool, created_at, from_millis, millis, parse, search_terms,
 };
 use std::collections::BTreeMap;
 
@@ -37,6 +38,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0005_settings.sql"),
     include_str!("schema/0006_attachments.sql"),
     include_str!("schema/0007_outbox.sql"),
+    include_str!("schema/0008_circles_queues.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -1650,6 +1652,413 @@ impl Store for EmbeddedStore {
             )
             .map_err(unavailable)?;
             Ok(())
+        })
+        .await
+    }
+    async fn delete_chat(&self, chat: ChatId) -> Result<(), StoreError> {
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let id = blob(chat.0);
+            tx.execute(
+                "DELETE FROM blob_refs WHERE attachment_id IN (SELECT id FROM attachments WHERE chat_id = ?1)",
+                params![id],
+            )
+            .map_err(unavailable)?;
+            for table in [
+                "attachments",
+                "chat_member_settings",
+                "signal_nonces",
+                "markers",
+                "reactions",
+                "chat_activity",
+                "signals",
+                "chat_members",
+            ] {
+                tx.execute(&format!("DELETE FROM {table} WHERE chat_id = ?1"), params![id])
+                    .map_err(unavailable)?;
+            }
+            tx.execute("DELETE FROM chats WHERE id = ?1", params![id])
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn create_circle(&self, circle: &Circle) -> Result<(), StoreError> {
+        let circle = circle.clone();
+        let code = circle
+            .access_code
+            .clone()
+            .ok_or_else(|| StoreError::Corrupt("a circle needs an access code".into()))?;
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO circles (id, name, description, rules, owner_id, access_code, max_members, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    blob(circle.id.0),
+                    circle.name,
+                    circle.description,
+                    circle.rules,
+                    blob(circle.owner_id.0),
+                    code,
+                    circle.max_members,
+                    millis(circle.created_at),
+                    millis(circle.expires_at)
+                ],
+            )
+            .map_err(unavailable)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO circle_codes (code, circle_id) VALUES (?1, ?2)",
+                params![code, blob(circle.id.0)],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn get_circle(&self, id: CircleId) -> Result<Option<Circle>, StoreError> {
+        type Row = (
+            String,
+            Option<String>,
+            Option<String>,
+            Vec<u8>,
+            String,
+            u32,
+            i64,
+            i64,
+        );
+        let row: Option<Row> = self
+            .with(move |c| {
+                c.query_row(
+                    "SELECT name, description, rules, owner_id, access_code, max_members, created_at, expires_at
+                     FROM circles WHERE id = ?1",
+                    params![blob(id.0)],
+                    |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                            r.get(7)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(unavailable)
+            })
+            .await?;
+        row.map(
+            |(name, description, rules, owner, code, max_members, created, expires)| {
+                Ok(Circle {
+                    id,
+                    name,
+                    description,
+                    rules,
+                    owner_id: UserId(uuid_from(owner)?),
+                    access_code: Some(code),
+                    max_members,
+                    created_at: from_millis(created)?,
+                    expires_at: from_millis(expires)?,
+                })
+            },
+        )
+        .transpose()
+    }
+
+    async fn circle_by_code(&self, code: &str) -> Result<Option<CircleId>, StoreError> {
+        let code = code.to_owned();
+        let row = self
+            .with(move |c| {
+                c.query_row(
+                    "SELECT circle_id FROM circle_codes WHERE code = ?1",
+                    params![code],
+                    |r| r.get::<_, Vec<u8>>(0),
+                )
+                .optional()
+                .map_err(unavailable)
+            })
+            .await?;
+        row.map(|id| uuid_from(id).map(CircleId)).transpose()
+    }
+
+    async fn rotate_circle_code(
+        &self,
+        id: CircleId,
+        old: &str,
+        new: &str,
+    ) -> Result<(), StoreError> {
+        let (old, new) = (old.to_owned(), new.to_owned());
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO circle_codes (code, circle_id) VALUES (?1, ?2)",
+                params![new, blob(id.0)],
+            )
+            .map_err(unavailable)?;
+            tx.execute(
+                "UPDATE circles SET access_code = ?1 WHERE id = ?2",
+                params![new, blob(id.0)],
+            )
+            .map_err(unavailable)?;
+            tx.execute("DELETE FROM circle_codes WHERE code = ?1", params![old])
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn put_circle_member(
+        &self,
+        circle: CircleId,
+        member: &CircleMember,
+    ) -> Result<(), StoreError> {
+        let member = member.clone();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO circle_members (circle_id, user_id, display_name, joined_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (circle_id, user_id) DO UPDATE SET display_name = ?3",
+                params![
+                    blob(circle.0),
+                    blob(member.user_id.0),
+                    member.display_name,
+                    millis(member.joined_at)
+                ],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn circle_members(&self, circle: CircleId) -> Result<Vec<CircleMember>, StoreError> {
+        let rows = self
+            .with(move |c| {
+                all(
+                    c,
+                    "SELECT user_id, display_name, joined_at FROM circle_members WHERE circle_id = ?1
+                     ORDER BY user_id",
+                    params![blob(circle.0)],
+                    |r| {
+                        Ok((
+                            r.get::<_, Vec<u8>>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                        ))
+                    },
+                )
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(user, display_name, joined)| {
+                Ok(CircleMember {
+                    user_id: UserId(uuid_from(user)?),
+                    display_name,
+                    joined_at: from_millis(joined)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn remove_circle_member(&self, circle: CircleId, user: UserId) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM circle_members WHERE circle_id = ?1 AND user_id = ?2",
+                params![blob(circle.0), blob(user.0)],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn add_circle_chat(&self, circle: CircleId, chat: ChatId) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "INSERT OR IGNORE INTO circle_chats (circle_id, chat_id) VALUES (?1, ?2)",
+                params![blob(circle.0), blob(chat.0)],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn circle_chats(&self, circle: CircleId) -> Result<Vec<ChatId>, StoreError> {
+        let rows = self
+            .with(move |c| {
+                all(
+                    c,
+                    "SELECT chat_id FROM circle_chats WHERE circle_id = ?1",
+                    params![blob(circle.0)],
+                    |r| r.get::<_, Vec<u8>>(0),
+                )
+            })
+            .await?;
+        rows.into_iter()
+            .map(|id| uuid_from(id).map(ChatId))
+            .collect()
+    }
+
+    async fn expired_circles(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<CircleId>, StoreError> {
+        let rows = self
+            .with(move |c| {
+                all(
+                    c,
+                    "SELECT id FROM circles WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2",
+                    params![millis(now), i64::try_from(limit).unwrap_or(i64::MAX)],
+                    |r| r.get::<_, Vec<u8>>(0),
+                )
+            })
+            .await?;
+        rows.into_iter()
+            .map(|id| uuid_from(id).map(CircleId))
+            .collect()
+    }
+
+    async fn delete_circle(&self, id: CircleId) -> Result<(), StoreError> {
+        let pool = circle_pool(id);
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let key = blob(id.0);
+            tx.execute("DELETE FROM pairing_slots WHERE pool = ?1", params![pool])
+                .map_err(unavailable)?;
+            tx.execute(
+                "DELETE FROM circle_codes WHERE circle_id = ?1",
+                params![key],
+            )
+            .map_err(unavailable)?;
+            for table in ["circle_members", "circle_chats"] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE circle_id = ?1"),
+                    params![key],
+                )
+                .map_err(unavailable)?;
+            }
+            tx.execute("DELETE FROM circles WHERE id = ?1", params![key])
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn slots(&self, pool: &str) -> Result<Vec<Slot>, StoreError> {
+        let pool = pool.to_owned();
+        self.with(move |c| {
+            let rows = all(
+                c,
+                "SELECT user_id, kind, state, since, partner, chat_id, previous, version
+                 FROM pairing_slots WHERE pool = ?1",
+                params![pool],
+                |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, Option<Vec<u8>>>(4)?,
+                        r.get::<_, Option<Vec<u8>>>(5)?,
+                        r.get::<_, Option<Vec<u8>>>(6)?,
+                        r.get::<_, i64>(7)?,
+                    ))
+                },
+            )?;
+            rows.into_iter()
+                .map(
+                    |(user, kind, state, since, partner, chat, previous, version)| {
+                        Ok(Slot {
+                            user_id: UserId(uuid_from(user)?),
+                            kind,
+                            state: SlotState::parse(&state)?,
+                            since: from_millis(since)?,
+                            partner: partner.map(uuid_from).transpose()?.map(UserId),
+                            chat: chat.map(uuid_from).transpose()?.map(ChatId),
+                            previous: previous.map(uuid_from).transpose()?.map(UserId),
+                            version,
+                        })
+                    },
+                )
+                .collect()
+        })
+        .await
+    }
+
+    async fn write_slots(&self, pool: &str, writes: &[SlotWrite]) -> Result<bool, StoreError> {
+        let pool = pool.to_owned();
+        let writes = writes.to_vec();
+        self.with(move |c| {
+            // One IMMEDIATE transaction: every condition is checked and every row written under
+            // SQLite's write lock, so racing handles (and processes) apply one write set at a time.
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            for write in &writes {
+                let changed = match write {
+                    SlotWrite::Create(slot) => tx
+                        .execute(
+                            "INSERT INTO pairing_slots (pool, user_id, kind, state, since, partner, chat_id, previous, version)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (pool, user_id) DO NOTHING",
+                            params![
+                                pool,
+                                blob(slot.user_id.0),
+                                slot.kind,
+                                slot.state.as_str(),
+                                millis(slot.since),
+                                slot.partner.map(|u| blob(u.0)),
+                                slot.chat.map(|c| blob(c.0)),
+                                slot.previous.map(|u| blob(u.0)),
+                                slot.version
+                            ],
+                        )
+                        .map_err(unavailable)?,
+                    SlotWrite::Replace { expected, slot } => tx
+                        .execute(
+                            "UPDATE pairing_slots SET kind = ?3, state = ?4, since = ?5, partner = ?6, chat_id = ?7,
+                             previous = ?8, version = ?9 WHERE pool = ?1 AND user_id = ?2 AND version = ?10",
+                            params![
+                                pool,
+                                blob(slot.user_id.0),
+                                slot.kind,
+                                slot.state.as_str(),
+                                millis(slot.since),
+                                slot.partner.map(|u| blob(u.0)),
+                                slot.chat.map(|c| blob(c.0)),
+                                slot.previous.map(|u| blob(u.0)),
+                                slot.version,
+                                expected
+                            ],
+                        )
+                        .map_err(unavailable)?,
+                    SlotWrite::Delete { user, expected } => tx
+                        .execute(
+                            "DELETE FROM pairing_slots WHERE pool = ?1 AND user_id = ?2 AND version = ?3",
+                            params![pool, blob(user.0), expected],
+                        )
+                        .map_err(unavailable)?,
+                };
+                if changed != 1 {
+                    // Dropping the transaction rolls every earlier write back.
+                    return Ok(false);
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(true)
         })
         .await
     }

@@ -1,0 +1,422 @@
+//! Circles: groups joined with an access code, whose members are paired at random into direct
+//! chats, and which expire with everything in them.
+//!
+//! Who may do what: anyone creates a circle (and owns it); anyone with its access code joins it;
+//! members list the members, wait in the lobby and end their own pairing; only the owner sees and
+//! rotates the access code and removes members; members leave, but the owner cannot (the circle
+//! ends when it expires). An expired circle answers 410 until the sweep has removed it, then 404.
+
+use std::time::Duration;
+
+use confab_schema::circle::{
+    Circle, CircleMember, CirclePairing, CircleUnpairing, PairedMember, PairingState, PairingStatus,
+};
+use confab_schema::{CircleId, Envelope, Event, User, UserId};
+use time::OffsetDateTime;
+
+use super::Outcome;
+use super::inputs::{
+    AccessCode, ChatDescription, ChatName, CircleDisplayName, CircleRules, CircleTtl,
+};
+use super::pairing::Pair;
+use crate::error::{ApiError, ApiResult};
+use crate::state::ApiState;
+use crate::store::{Slot, SlotState, circle_pool};
+
+/// How circles and queues behave (`circles.*` and `queues.*` in the configuration).
+#[derive(Clone, Debug)]
+pub struct CircleSettings {
+    pub default_ttl_hours: f64,
+    pub max_ttl_hours: f64,
+    pub max_members: u32,
+    pub sweep_interval: Duration,
+    pub queue_grace: Duration,
+    pub queue_sweep_interval: Duration,
+}
+
+impl Default for CircleSettings {
+    fn default() -> Self {
+        let circles = confab_runtime::config::CirclesConfig::default();
+        let queues = confab_runtime::config::QueuesConfig::default();
+        CircleSettings::from_config(&circles, &queues)
+    }
+}
+
+impl CircleSettings {
+    pub fn from_config(
+        circles: &confab_runtime::config::CirclesConfig,
+        queues: &confab_runtime::config::QueuesConfig,
+    ) -> CircleSettings {
+        CircleSettings {
+            default_ttl_hours: circles.default_ttl_hours,
+            max_ttl_hours: circles.max_ttl_hours,
+            max_members: circles.max_members,
+            sweep_interval: Duration::from_millis(circles.sweep_interval_ms.max(10)),
+            queue_grace: Duration::from_millis(queues.disconnect_grace_ms),
+            queue_sweep_interval: Duration::from_millis(queues.sweep_interval_ms.max(10)),
+        }
+    }
+}
+
+/// A circle to create, checked.
+#[derive(Clone, Debug)]
+pub struct NewCircle {
+    pub name: ChatName,
+    pub description: Option<ChatDescription>,
+    pub rules: Option<CircleRules>,
+    pub ttl: CircleTtl,
+    pub max_members: u32,
+    /// The owner's name in the circle (default: their display name).
+    pub display_name: Option<CircleDisplayName>,
+}
+
+impl NewCircle {
+    pub fn parse(
+        settings: &CircleSettings,
+        name: String,
+        description: Option<String>,
+        rules: Option<String>,
+        ttl_hours: Option<f64>,
+        max_members: Option<u32>,
+        display_name: Option<String>,
+    ) -> ApiResult<NewCircle> {
+        let max_members = max_members.unwrap_or(settings.max_members);
+        if !(2..=settings.max_members).contains(&max_members) {
+            return Err(ApiError::Unprocessable(format!(
+                "max_members must be 2 to {}",
+                settings.max_members
+            )));
+        }
+        Ok(NewCircle {
+            name: ChatName::parse(name)?,
+            description: description.map(ChatDescription::parse).transpose()?,
+            rules: rules.map(CircleRules::parse).transpose()?,
+            ttl: CircleTtl::parse(
+                ttl_hours,
+                settings.default_ttl_hours,
+                settings.max_ttl_hours,
+            )?,
+            max_members,
+            display_name: display_name.map(CircleDisplayName::parse).transpose()?,
+        })
+    }
+}
+
+/// How a member sees a circle: the access code is the owner's only.
+fn view(mut circle: Circle, caller: UserId) -> Circle {
+    if circle.owner_id != caller {
+        circle.access_code = None;
+    }
+    circle
+}
+
+/// What a slot tells its user: nothing when idle.
+pub(crate) fn pairing_status(slot: &Slot) -> Option<PairingStatus> {
+    let state = match slot.state {
+        SlotState::Idle => return None,
+        SlotState::Waiting => PairingState::Waiting,
+        SlotState::Paired => PairingState::Paired,
+    };
+    Some(PairingStatus {
+        state,
+        since: slot.since,
+        chat_id: slot.chat,
+        partner_id: slot.partner,
+        kind: slot.kind.parse().ok(),
+    })
+}
+
+impl ApiState {
+    /// Creates a circle with a fresh access code; the caller owns it and is its first member.
+    pub async fn create_circle(&self, caller: &User, new: NewCircle) -> ApiResult<Circle> {
+        let now = confab_schema::model::to_millis(OffsetDateTime::now_utc());
+        let circle = Circle {
+            id: CircleId::new(),
+            name: new.name.into_inner(),
+            description: new.description.map(ChatDescription::into_inner),
+            rules: new.rules.map(CircleRules::into_inner),
+            owner_id: caller.id,
+            access_code: Some(AccessCode::generate().as_str().to_owned()),
+            max_members: new.max_members,
+            created_at: now,
+            expires_at: confab_schema::model::to_millis(now + new.ttl.duration()),
+        };
+        self.store.create_circle(&circle).await?;
+        let display_name = new
+            .display_name
+            .map(CircleDisplayName::into_inner)
+            .unwrap_or_else(|| caller.display_name.clone());
+        self.store
+            .put_circle_member(
+                circle.id,
+                &CircleMember {
+                    user_id: caller.id,
+                    display_name,
+                    joined_at: now,
+                },
+            )
+            .await?;
+        Ok(circle)
+    }
+
+    /// The circle, unless it is unknown (404) or expired (410).
+    async fn live_circle(&self, id: CircleId) -> ApiResult<Circle> {
+        let circle = self
+            .store
+            .get_circle(id)
+            .await?
+            .ok_or(ApiError::NotFound("no such circle"))?;
+        if circle.expires_at <= OffsetDateTime::now_utc() {
+            return Err(ApiError::Gone("this circle has expired"));
+        }
+        Ok(circle)
+    }
+
+    /// The circle and its members, if the caller is one (403 otherwise).
+    async fn circle_as_member(
+        &self,
+        id: CircleId,
+        caller: UserId,
+    ) -> ApiResult<(Circle, Vec<CircleMember>)> {
+        let circle = self.live_circle(id).await?;
+        let members = self.store.circle_members(id).await?;
+        if !members.iter().any(|m| m.user_id == caller) {
+            return Err(ApiError::Forbidden("you are not a member of this circle"));
+        }
+        Ok((circle, members))
+    }
+
+    /// One circle (members only).
+    pub async fn get_circle(&self, caller: UserId, id: CircleId) -> ApiResult<Circle> {
+        let (circle, _) = self.circle_as_member(id, caller).await?;
+        Ok(view(circle, caller))
+    }
+
+    /// Joins the circle `code` opens under `display_name` (a member joining again is renamed):
+    /// 404 for a code that opens nothing, 410 when the circle expired, 409 when it is full.
+    pub async fn join_circle(
+        &self,
+        caller: UserId,
+        code: AccessCode,
+        display_name: CircleDisplayName,
+    ) -> ApiResult<Outcome<Circle>> {
+        let id = self
+            .store
+            .circle_by_code(code.as_str())
+            .await?
+            .ok_or(ApiError::NotFound("no circle has this access code"))?;
+        let circle = self.live_circle(id).await?;
+        if circle.access_code.as_deref() != Some(code.as_str()) {
+            // A code rotated away whose row a concurrent rotation has not removed yet.
+            return Err(ApiError::NotFound("no circle has this access code"));
+        }
+        let members = self.store.circle_members(id).await?;
+        let existing = members.iter().find(|m| m.user_id == caller);
+        if existing.is_none() && members.len() >= circle.max_members as usize {
+            return Err(ApiError::Conflict("this circle is full".into()));
+        }
+        let member = CircleMember {
+            user_id: caller,
+            display_name: display_name.into_inner(),
+            joined_at: existing
+                .map(|m| m.joined_at)
+                .unwrap_or_else(|| confab_schema::model::to_millis(OffsetDateTime::now_utc())),
+        };
+        self.store.put_circle_member(id, &member).await?;
+        let circle = view(circle, caller);
+        Ok(match existing {
+            Some(_) => Outcome::Existing(circle),
+            None => Outcome::Created(circle),
+        })
+    }
+
+    /// Gives the circle a new access code (the owner only); the old one stops working.
+    pub async fn rotate_circle_code(&self, caller: UserId, id: CircleId) -> ApiResult<Circle> {
+        let (mut circle, _) = self.circle_as_member(id, caller).await?;
+        if circle.owner_id != caller {
+            return Err(ApiError::Forbidden(
+                "only the circle's owner changes its access code",
+            ));
+        }
+        let new = AccessCode::generate();
+        let old = circle.access_code.clone().unwrap_or_default();
+        self.store
+            .rotate_circle_code(id, &old, new.as_str())
+            .await?;
+        circle.access_code = Some(new.as_str().to_owned());
+        Ok(circle)
+    }
+
+    /// The circle's members under their circle names (members only).
+    pub async fn circle_members(
+        &self,
+        caller: UserId,
+        id: CircleId,
+    ) -> ApiResult<Vec<CircleMember>> {
+        let (_, mut members) = self.circle_as_member(id, caller).await?;
+        members.sort_by_key(|m| (m.joined_at, m.user_id));
+        Ok(members)
+    }
+
+    /// Removes `user` from the circle: themself (leaving), or anyone by the owner. Their wait or
+    /// pairing ends first.
+    pub async fn remove_circle_member(
+        &self,
+        caller: UserId,
+        id: CircleId,
+        user: UserId,
+    ) -> ApiResult<()> {
+        let (circle, members) = self.circle_as_member(id, caller).await?;
+        if caller != user && circle.owner_id != caller {
+            return Err(ApiError::Forbidden(
+                "only the circle's owner removes others",
+            ));
+        }
+        if user == circle.owner_id {
+            return Err(ApiError::Unprocessable(
+                "the owner stays in the circle until it expires".into(),
+            ));
+        }
+        if !members.iter().any(|m| m.user_id == user) {
+            return Err(ApiError::NotFound("no such member"));
+        }
+        let pool = circle_pool(id);
+        self.end_circle_pairing(id, &pool, user, caller).await?;
+        self.leave_pool(&pool, user).await?;
+        self.store.remove_circle_member(id, user).await?;
+        Ok(())
+    }
+
+    /// Puts the caller in the circle's lobby and pairs whoever can be paired. Answers the caller's
+    /// place: waiting, or paired (with the chat and partner).
+    pub async fn enter_circle_lobby(
+        &self,
+        caller: UserId,
+        id: CircleId,
+    ) -> ApiResult<PairingStatus> {
+        let (_, members) = self.circle_as_member(id, caller).await?;
+        let pool = circle_pool(id);
+        let mine = self.enter_pool(&pool, caller, "", false).await?;
+        if mine.state == SlotState::Waiting {
+            // Never with the partner of one's previous pairing in this circle.
+            let pairs = self
+                .match_pool(&pool, Some(id), |a, b| a.previous != Some(b.user_id))
+                .await?;
+            for pair in pairs {
+                self.announce_circle_pair(id, &members, pair).await;
+            }
+        }
+        let mine = self.slot_of(&pool, caller).await?;
+        mine.as_ref()
+            .and_then(pairing_status)
+            .ok_or_else(|| ApiError::Conflict("your wait ended meanwhile; try again".into()))
+    }
+
+    /// Leaves the lobby, or ends the caller's pairing for both (`circle.unpaired`).
+    pub async fn leave_circle_lobby(&self, caller: UserId, id: CircleId) -> ApiResult<()> {
+        self.circle_as_member(id, caller).await?;
+        self.end_circle_pairing(id, &circle_pool(id), caller, caller)
+            .await
+    }
+
+    /// Ends `user`'s wait or pairing; a pairing's chat is closed for both with `circle.unpaired`.
+    async fn end_circle_pairing(
+        &self,
+        id: CircleId,
+        pool: &str,
+        user: UserId,
+        by: UserId,
+    ) -> ApiResult<()> {
+        let Some(ended) = self.end_pairing(pool, user).await? else {
+            return Ok(());
+        };
+        let (Some(chat), Some(partner)) = (ended.chat, ended.partner) else {
+            return Ok(());
+        };
+        let both = vec![user, partner];
+        for member in &both {
+            self.store.remove_member(chat, *member).await?;
+            self.store.untouch_chat(chat, *member).await?;
+        }
+        self.publish(
+            Envelope::new(
+                chat,
+                Event::CircleUnpaired(CircleUnpairing {
+                    circle_id: id,
+                    chat_id: chat,
+                    by,
+                }),
+            )
+            .leaving(both),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn announce_circle_pair(&self, id: CircleId, members: &[CircleMember], pair: Pair) {
+        let name_of = |user: UserId| {
+            members
+                .iter()
+                .find(|m| m.user_id == user)
+                .map(|m| m.display_name.clone())
+                .unwrap_or_default()
+        };
+        let users = vec![pair.first.user_id, pair.second.user_id];
+        let event = Event::CirclePaired(Box::new(CirclePairing {
+            circle_id: id,
+            members: users
+                .iter()
+                .map(|u| PairedMember {
+                    user_id: *u,
+                    display_name: name_of(*u),
+                })
+                .collect(),
+            chat: pair.chat.clone(),
+        }));
+        // The two start receiving the chat's events with this one.
+        self.publish(Envelope::new(pair.chat.id, event).joining(users))
+            .await;
+    }
+
+    /// Publishes `signal.deleted` for every message of `chat` that is about to be removed, so the
+    /// search index drops them too.
+    async fn forget_history(&self, chat: confab_schema::ChatId) -> ApiResult<()> {
+        const PAGE: usize = 100;
+        let mut before = None;
+        loop {
+            let page = self.store.signals_before(chat, before, PAGE).await?;
+            before = page.last().map(|s| s.id);
+            let done = page.len() < PAGE;
+            for signal in page.into_iter().filter(|s| !s.deleted) {
+                let tombstone = confab_schema::Signal {
+                    deleted: true,
+                    text: None,
+                    attachments: Vec::new(),
+                    ..signal
+                };
+                self.publish(Envelope::new(chat, Event::SignalDeleted(tombstone)))
+                    .await;
+            }
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Removes the circles that expired, with their chats; answers how many.
+    pub async fn sweep_expired_circles(&self) -> ApiResult<usize> {
+        let expired = self
+            .store
+            .expired_circles(OffsetDateTime::now_utc(), 100)
+            .await?;
+        for circle in &expired {
+            for chat in self.store.circle_chats(*circle).await? {
+                self.forget_history(chat).await?;
+                self.store.delete_chat(chat).await?;
+            }
+            self.store.delete_circle(*circle).await?;
+            tracing::info!(%circle, "expired circle removed");
+        }
+        Ok(expired.len())
+    }
+}

@@ -1,0 +1,256 @@
+//! Pairing pools, shared by circles' lobbies and the matching queues.
+//!
+//! A pool is a set of [`Slot`]s, one per user, read whole and changed only by conditional writes
+//! ([`Store::write_slots`](crate::store::Store::write_slots)) that name the version they read. A
+//! pairing replaces both users' slots in one conditional write, so of two processes that race to
+//! pair the same user, exactly one succeeds; the other reads the pool again and tries another pair.
+//!
+//! Fairness: the oldest waiter who has any eligible partner is paired first, with a partner drawn at
+//! random among the eligible ones. A waiter is passed over only while no one else waiting may be
+//! paired with them.
+
+use confab_schema::{Chat, ChatId, ChatKind, CircleId, MemberRole, SignalId, UserId};
+use rand::seq::IndexedRandom;
+use time::OffsetDateTime;
+
+use crate::error::{ApiError, ApiResult};
+use crate::state::ApiState;
+use crate::store::{NewChat, Slot, SlotState, SlotWrite};
+
+/// How often an operation reads a pool again after losing a race before it gives up (409).
+const ATTEMPTS: usize = 32;
+
+fn contended() -> ApiError {
+    ApiError::Conflict("too many changes at once; try again".into())
+}
+
+/// Two users just paired, and the chat made for them.
+#[derive(Clone, Debug)]
+pub(crate) struct Pair {
+    pub first: Slot,
+    pub second: Slot,
+    pub chat: Chat,
+}
+
+impl ApiState {
+    /// Puts `user` in `pool` as waiting for a partner (`kind`: the queue, or empty in a circle).
+    /// A user already waiting keeps their place; a user already paired stays paired unless
+    /// `leave_pairing` (the queues: joining again asks for a new match).
+    pub(crate) async fn enter_pool(
+        &self,
+        pool: &str,
+        user: UserId,
+        kind: &str,
+        leave_pairing: bool,
+    ) -> ApiResult<Slot> {
+        for _ in 0..ATTEMPTS {
+            let mine = self.slot_of(pool, user).await?;
+            let now = OffsetDateTime::now_utc();
+            let (write, entered) = match &mine {
+                Some(slot) if slot.state == SlotState::Waiting => return Ok(slot.clone()),
+                Some(slot) if slot.state == SlotState::Paired && !leave_pairing => {
+                    return Ok(slot.clone());
+                }
+                Some(slot) => {
+                    let entered = Slot {
+                        kind: kind.to_owned(),
+                        state: SlotState::Waiting,
+                        since: now,
+                        partner: None,
+                        chat: None,
+                        version: slot.version + 1,
+                        ..slot.clone()
+                    };
+                    let write = SlotWrite::Replace {
+                        expected: slot.version,
+                        slot: entered.clone(),
+                    };
+                    (write, entered)
+                }
+                None => {
+                    let entered = Slot {
+                        user_id: user,
+                        kind: kind.to_owned(),
+                        state: SlotState::Waiting,
+                        since: now,
+                        partner: None,
+                        chat: None,
+                        previous: None,
+                        version: 0,
+                    };
+                    (SlotWrite::Create(entered.clone()), entered)
+                }
+            };
+            if self.store.write_slots(pool, &[write]).await? {
+                return Ok(entered);
+            }
+        }
+        Err(contended())
+    }
+
+    pub(crate) async fn slot_of(&self, pool: &str, user: UserId) -> ApiResult<Option<Slot>> {
+        Ok(self
+            .store
+            .slots(pool)
+            .await?
+            .into_iter()
+            .find(|s| s.user_id == user))
+    }
+
+    /// Pairs the waiting users of `pool` two by two (see the module's fairness rule) while any two
+    /// may be paired, each pair into a new direct chat; answers the pairs this call made. With a
+    /// `circle`, each chat is recorded as the circle's before the pairing is written, so it goes
+    /// when the circle does.
+    pub(crate) async fn match_pool(
+        &self,
+        pool: &str,
+        circle: Option<CircleId>,
+        eligible: impl Fn(&Slot, &Slot) -> bool,
+    ) -> ApiResult<Vec<Pair>> {
+        let mut made = Vec::new();
+        for _ in 0..ATTEMPTS {
+            let slots = self.store.slots(pool).await?;
+            let mut waiting: Vec<&Slot> = slots
+                .iter()
+                .filter(|s| s.state == SlotState::Waiting)
+                .collect();
+            waiting.sort_by_key(|s| (s.since, s.user_id));
+            let pick = waiting.iter().enumerate().find_map(|(i, first)| {
+                let first: &Slot = first;
+                let candidates: Vec<&Slot> = waiting[i + 1..]
+                    .iter()
+                    .copied()
+                    .filter(|other| eligible(first, other) && eligible(other, first))
+                    .collect();
+                let second = *candidates.choose(&mut rand::rng())?;
+                Some((first.clone(), second.clone()))
+            });
+            let Some((first, second)) = pick else {
+                return Ok(made);
+            };
+            let chat = ChatId::new();
+            if let Some(circle) = circle {
+                self.store.add_circle_chat(circle, chat).await?;
+            }
+            let now = OffsetDateTime::now_utc();
+            let paired = |me: &Slot, partner: &Slot| Slot {
+                state: SlotState::Paired,
+                since: now,
+                partner: Some(partner.user_id),
+                chat: Some(chat),
+                previous: Some(partner.user_id),
+                version: me.version + 1,
+                ..me.clone()
+            };
+            let (a, b) = (paired(&first, &second), paired(&second, &first));
+            let writes = [
+                SlotWrite::Replace {
+                    expected: first.version,
+                    slot: a.clone(),
+                },
+                SlotWrite::Replace {
+                    expected: second.version,
+                    slot: b.clone(),
+                },
+            ];
+            if self.store.write_slots(pool, &writes).await? {
+                let chat = self.open_pair_chat(chat, a.user_id, b.user_id).await?;
+                made.push(Pair {
+                    first: a,
+                    second: b,
+                    chat,
+                });
+            }
+        }
+        Ok(made)
+    }
+
+    /// The direct chat of a new pairing: both members owners, as in any direct chat, so it takes
+    /// no one else and cannot be renamed.
+    async fn open_pair_chat(&self, id: ChatId, a: UserId, b: UserId) -> ApiResult<Chat> {
+        let new_chat = NewChat {
+            id,
+            kind: ChatKind::Direct,
+            name: None,
+            description: None,
+            created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+            created_by: a,
+            members: vec![(a, MemberRole::Owner), (b, MemberRole::Owner)],
+        };
+        self.store.create_chat(&new_chat).await?;
+        self.store
+            .touch_chat(id, &[a, b], SignalId::new(), None)
+            .await?;
+        Ok(Chat {
+            id,
+            kind: ChatKind::Direct,
+            name: None,
+            description: None,
+            created_at: new_chat.created_at,
+            created_by: a,
+            my_role: None,
+            latest_signal: None,
+            unread_count: 0,
+        })
+    }
+
+    /// Takes `user` out of `pool` (whatever their state), retrying lost races; `false` when they
+    /// were not in it.
+    pub(crate) async fn leave_pool(&self, pool: &str, user: UserId) -> ApiResult<bool> {
+        for _ in 0..ATTEMPTS {
+            let Some(mine) = self.slot_of(pool, user).await? else {
+                return Ok(false);
+            };
+            let write = SlotWrite::Delete {
+                user,
+                expected: mine.version,
+            };
+            if self.store.write_slots(pool, &[write]).await? {
+                return Ok(true);
+            }
+        }
+        Err(contended())
+    }
+
+    /// Ends `user`'s wait or pairing in `pool`, for both partners (their slots go back to idle, the
+    /// partner remembered as the previous one). Answers the pairing that ended, if one did.
+    pub(crate) async fn end_pairing(&self, pool: &str, user: UserId) -> ApiResult<Option<Slot>> {
+        for _ in 0..ATTEMPTS {
+            let slots = self.store.slots(pool).await?;
+            let Some(mine) = slots.iter().find(|s| s.user_id == user) else {
+                return Ok(None);
+            };
+            let idle = |slot: &Slot| Slot {
+                state: SlotState::Idle,
+                partner: None,
+                chat: None,
+                version: slot.version + 1,
+                ..slot.clone()
+            };
+            let mut writes = Vec::with_capacity(2);
+            match mine.state {
+                SlotState::Idle => return Ok(None),
+                SlotState::Waiting | SlotState::Paired => writes.push(SlotWrite::Replace {
+                    expected: mine.version,
+                    slot: idle(mine),
+                }),
+            }
+            if mine.state == SlotState::Paired
+                && let Some(partner) = slots.iter().find(|s| {
+                    Some(s.user_id) == mine.partner
+                        && s.state == SlotState::Paired
+                        && s.chat == mine.chat
+                })
+            {
+                writes.push(SlotWrite::Replace {
+                    expected: partner.version,
+                    slot: idle(partner),
+                });
+            }
+            if self.store.write_slots(pool, &writes).await? {
+                return Ok((mine.state == SlotState::Paired).then(|| mine.clone()));
+            }
+        }
+        Err(contended())
+    }
+}

@@ -1,0 +1,204 @@
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use confab_schema::circle::{Circle, CircleMember, PairingState, PairingStatus};
+use confab_schema::{CircleId, UserId};
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use super::responses::CircleErrors;
+use super::{ApiJson, ApiPath, Caller};
+use crate::domain::Outcome;
+use crate::domain::circles::NewCircle;
+use crate::domain::inputs::{AccessCode, CircleDisplayName};
+use crate::error::ApiResult;
+use crate::state::ApiState;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCircle {
+    /// 1 to 200 characters.
+    name: String,
+    description: Option<String>,
+    /// 1 to 4,000 characters.
+    rules: Option<String>,
+    /// How long the circle lives, in hours (fractions allowed); default `circles.default_ttl_hours`
+    /// (72), at most `circles.max_ttl_hours`.
+    ttl_hours: Option<f64>,
+    /// Default and most: `circles.max_members` (200).
+    max_members: Option<u32>,
+    /// The owner's name in the circle; default their display name.
+    display_name: Option<String>,
+}
+
+/// Creates a circle; the caller owns it and gets its access code.
+#[utoipa::path(
+    post, operation_id = "create_circle", path = "/v1/circles", tag = "circles",
+    request_body = CreateCircle,
+    responses((status = 201, description = "Created", body = Circle), CircleErrors),
+    security(("bearer" = []))
+)]
+pub async fn create(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiJson(body): ApiJson<CreateCircle>,
+) -> ApiResult<(StatusCode, Json<Circle>)> {
+    let new = NewCircle::parse(
+        &state.circles,
+        body.name,
+        body.description,
+        body.rules,
+        body.ttl_hours,
+        body.max_members,
+        body.display_name,
+    )?;
+    Ok((
+        StatusCode::CREATED,
+        Json(state.create_circle(&caller, new).await?),
+    ))
+}
+
+/// One circle (members only; the access code is shown to the owner).
+#[utoipa::path(
+    get, operation_id = "get_circle", path = "/v1/circles/{circle_id}", tag = "circles",
+    params(("circle_id" = CircleId, Path, description = "The circle")),
+    responses((status = 200, description = "OK", body = Circle), CircleErrors),
+    security(("bearer" = []))
+)]
+pub async fn get(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiPath(circle_id): ApiPath<CircleId>,
+) -> ApiResult<Json<Circle>> {
+    Ok(Json(state.get_circle(caller.id, circle_id).await?))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinCircle {
+    access_code: String,
+    /// The caller's name in this circle: 1 to 64 characters.
+    display_name: String,
+}
+
+/// Joins the circle an access code opens (again: changes the caller's name in it). 404 for a code
+/// that opens nothing, 409 when the circle is full, 410 when it expired.
+#[utoipa::path(
+    post, operation_id = "join_circle", path = "/v1/circles/join", tag = "circles",
+    request_body = JoinCircle,
+    responses(
+        (status = 201, description = "Joined", body = Circle),
+        (status = 200, description = "Already a member (renamed)", body = Circle),
+        CircleErrors,
+    ),
+    security(("bearer" = []))
+)]
+pub async fn join(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiJson(body): ApiJson<JoinCircle>,
+) -> ApiResult<(StatusCode, Json<Circle>)> {
+    let code = AccessCode::parse(&body.access_code)?;
+    let name = CircleDisplayName::parse(body.display_name)?;
+    Ok(match state.join_circle(caller.id, code, name).await? {
+        Outcome::Created(circle) => (StatusCode::CREATED, Json(circle)),
+        Outcome::Existing(circle) => (StatusCode::OK, Json(circle)),
+    })
+}
+
+/// Gives the circle a new access code (the owner only); the old one stops working.
+#[utoipa::path(
+    post, operation_id = "rotate_circle_code", path = "/v1/circles/{circle_id}/access-code", tag = "circles",
+    params(("circle_id" = CircleId, Path, description = "The circle")),
+    responses((status = 200, description = "The circle with its new code", body = Circle), CircleErrors),
+    security(("bearer" = []))
+)]
+pub async fn rotate_code(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiPath(circle_id): ApiPath<CircleId>,
+) -> ApiResult<Json<Circle>> {
+    Ok(Json(state.rotate_circle_code(caller.id, circle_id).await?))
+}
+
+/// The circle's members under their circle names, in joining order (members only).
+#[utoipa::path(
+    get, operation_id = "list_circle_members", path = "/v1/circles/{circle_id}/members", tag = "circles",
+    params(("circle_id" = CircleId, Path, description = "The circle")),
+    responses((status = 200, description = "OK", body = Vec<CircleMember>), CircleErrors),
+    security(("bearer" = []))
+)]
+pub async fn members(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiPath(circle_id): ApiPath<CircleId>,
+) -> ApiResult<Json<Vec<CircleMember>>> {
+    Ok(Json(state.circle_members(caller.id, circle_id).await?))
+}
+
+/// Leaves the circle (the caller's own id), or removes a member (the owner). A wait or pairing of
+/// theirs ends first.
+#[utoipa::path(
+    delete, operation_id = "remove_circle_member", path = "/v1/circles/{circle_id}/members/{user_id}", tag = "circles",
+    params(
+        ("circle_id" = CircleId, Path, description = "The circle"),
+        ("user_id" = UserId, Path, description = "The member"),
+    ),
+    responses((status = 204, description = "Removed"), CircleErrors),
+    security(("bearer" = []))
+)]
+pub async fn remove_member(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiPath((circle_id, user_id)): ApiPath<(CircleId, UserId)>,
+) -> ApiResult<StatusCode> {
+    state
+        .remove_circle_member(caller.id, circle_id, user_id)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Waits in the circle's lobby. When another member may be paired with the caller (never the
+/// partner of their previous pairing here), the two get a new direct chat and `circle.paired`.
+#[utoipa::path(
+    post, operation_id = "enter_circle_lobby", path = "/v1/circles/{circle_id}/pair", tag = "circles",
+    params(("circle_id" = CircleId, Path, description = "The circle")),
+    responses(
+        (status = 200, description = "Paired", body = PairingStatus),
+        (status = 202, description = "Waiting", body = PairingStatus),
+        CircleErrors,
+    ),
+    security(("bearer" = []))
+)]
+pub async fn pair(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiPath(circle_id): ApiPath<CircleId>,
+) -> ApiResult<(StatusCode, Json<PairingStatus>)> {
+    let status = state.enter_circle_lobby(caller.id, circle_id).await?;
+    Ok((status_code(&status), Json(status)))
+}
+
+/// Leaves the lobby, or ends the caller's pairing for both (`circle.unpaired`; both leave its chat).
+#[utoipa::path(
+    delete, operation_id = "leave_circle_lobby", path = "/v1/circles/{circle_id}/pair", tag = "circles",
+    params(("circle_id" = CircleId, Path, description = "The circle")),
+    responses((status = 204, description = "Done"), CircleErrors),
+    security(("bearer" = []))
+)]
+pub async fn unpair(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiPath(circle_id): ApiPath<CircleId>,
+) -> ApiResult<StatusCode> {
+    state.leave_circle_lobby(caller.id, circle_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// 200 when paired, 202 while waiting.
+pub(super) fn status_code(status: &PairingStatus) -> StatusCode {
+    match status.state {
+        PairingState::Paired => StatusCode::OK,
+        PairingState::Waiting => StatusCode::ACCEPTED,
+    }
+}

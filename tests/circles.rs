@@ -1,0 +1,871 @@
+//! Circles and matching queues, on the embedded default and on the real stack: access codes,
+//! members, random pairing that never repeats the previous partner, pairing raced through two API
+//! processes, expiry that removes everything, queues matched oldest first and left on disconnect,
+//! presence and reactions in the new chats, and the problems bad input gets.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use support::{DEADLINE, SseStream, Stack, TestApp, spawn_app, spawn_with};
+
+/// The users a test may use: the real stack's identity provider knows four.
+const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+
+struct Person {
+    token: String,
+    id: String,
+}
+
+async fn people(app: &TestApp, names: &[&str]) -> Vec<Person> {
+    let mut found = Vec::new();
+    for name in names {
+        let token = app.token(name).await;
+        let id = app.me(&token).await;
+        found.push(Person { token, id });
+    }
+    found
+}
+
+async fn delete(app: &TestApp, token: &str, path: &str) -> reqwest::Response {
+    app.http
+        .delete(app.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn problem(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    response.json().await.unwrap()
+}
+
+/// Creates a circle owned by `owner` and has every other person join it; answers its id and code.
+async fn circle_of(
+    app: &TestApp,
+    owner: &Person,
+    others: &[&Person],
+    body: Value,
+) -> (String, String) {
+    let created = app.post(&owner.token, "/v1/circles", &body).await;
+    assert_eq!(created.status(), 201);
+    let circle: Value = created.json().await.unwrap();
+    let id = circle["id"].as_str().unwrap().to_owned();
+    let code = circle["access_code"].as_str().unwrap().to_owned();
+    for (i, other) in others.iter().enumerate() {
+        let joined = app
+            .post(
+                &other.token,
+                "/v1/circles/join",
+                &json!({"access_code": code, "display_name": format!("member {i}")}),
+            )
+            .await;
+        assert_eq!(joined.status(), 201);
+    }
+    (id, code)
+}
+
+async fn codes_members_and_problems(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let p = people(&app, &USERS).await;
+    let (alice, bob, carol, dave) = (&p[0], &p[1], &p[2], &p[3]);
+
+    // Creation: bad input is refused with problems.
+    for bad in [
+        json!({"name": ""}),
+        json!({"name": "c", "ttl_hours": 0}),
+        json!({"name": "c", "ttl_hours": -1}),
+        json!({"name": "c", "ttl_hours": 100000}),
+        json!({"name": "c", "max_members": 1}),
+    ] {
+        problem(app.post(&alice.token, "/v1/circles", &bad).await, 422).await;
+    }
+    let created = app
+        .post(
+            &alice.token,
+            "/v1/circles",
+            &json!({"name": "Night owls", "rules": "be kind", "max_members": 3, "display_name": "Al"}),
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    let circle: Value = created.json().await.unwrap();
+    let id = circle["id"].as_str().unwrap().to_owned();
+    let code = circle["access_code"].as_str().unwrap().to_owned();
+    assert_eq!(code.len(), 12);
+    assert!(
+        code.bytes()
+            .all(|b| b"23456789ABCDEFGHJKMNPQRSTUVWXYZ".contains(&b)),
+        "{code}"
+    );
+    assert_eq!(circle["rules"], "be kind");
+    let expires = time::OffsetDateTime::parse(
+        circle["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let hours = (expires - time::OffsetDateTime::now_utc()).whole_hours();
+    assert!(
+        (71..=72).contains(&hours),
+        "default time to live is 72 h: {hours}"
+    );
+
+    // Wrong codes: malformed → 422, well-formed but unknown → 404.
+    problem(
+        app.post(
+            &bob.token,
+            "/v1/circles/join",
+            &json!({"access_code": "nope", "display_name": "B"}),
+        )
+        .await,
+        422,
+    )
+    .await;
+    problem(
+        app.post(
+            &bob.token,
+            "/v1/circles/join",
+            &json!({"access_code": "222222222222", "display_name": "B"}),
+        )
+        .await,
+        404,
+    )
+    .await;
+    problem(app.get(&bob.token, &format!("/v1/circles/{id}")).await, 403).await;
+    problem(app.get(&bob.token, "/v1/circles/not-an-id").await, 400).await;
+    // Codes may be typed in lower case with dashes.
+    let typed = format!("{}-{}", &code[..6], &code[6..]).to_lowercase();
+    let joined = app
+        .post(
+            &bob.token,
+            "/v1/circles/join",
+            &json!({"access_code": typed, "display_name": "Bobby"}),
+        )
+        .await;
+    assert_eq!(joined.status(), 201);
+    let seen: Value = joined.json().await.unwrap();
+    assert!(
+        seen.get("access_code").is_none(),
+        "only the owner sees the code"
+    );
+    problem(
+        app.post(
+            &bob.token,
+            &format!("/v1/circles/{id}/access-code"),
+            &json!({}),
+        )
+        .await,
+        403,
+    )
+    .await;
+    // Joining again renames.
+    let again = app
+        .post(
+            &bob.token,
+            "/v1/circles/join",
+            &json!({"access_code": code, "display_name": "Bob B"}),
+        )
+        .await;
+    assert_eq!(again.status(), 200);
+    let joined = app
+        .post(
+            &carol.token,
+            "/v1/circles/join",
+            &json!({"access_code": code, "display_name": "Cee"}),
+        )
+        .await;
+    assert_eq!(joined.status(), 201);
+    // Full.
+    problem(
+        app.post(
+            &dave.token,
+            "/v1/circles/join",
+            &json!({"access_code": code, "display_name": "D"}),
+        )
+        .await,
+        409,
+    )
+    .await;
+    let members: Vec<Value> = app
+        .get(&bob.token, &format!("/v1/circles/{id}/members"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<(&str, &str)> = members
+        .iter()
+        .map(|m| {
+            (
+                m["user_id"].as_str().unwrap(),
+                m["display_name"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            (alice.id.as_str(), "Al"),
+            (bob.id.as_str(), "Bob B"),
+            (carol.id.as_str(), "Cee")
+        ]
+    );
+
+    // Removal: members cannot remove others, the owner can; the owner cannot leave.
+    problem(
+        delete(
+            &app,
+            &bob.token,
+            &format!("/v1/circles/{id}/members/{}", carol.id),
+        )
+        .await,
+        403,
+    )
+    .await;
+    problem(
+        delete(
+            &app,
+            &alice.token,
+            &format!("/v1/circles/{id}/members/{}", alice.id),
+        )
+        .await,
+        422,
+    )
+    .await;
+    assert_eq!(
+        delete(
+            &app,
+            &alice.token,
+            &format!("/v1/circles/{id}/members/{}", carol.id)
+        )
+        .await
+        .status(),
+        204
+    );
+    problem(
+        app.get(&carol.token, &format!("/v1/circles/{id}/members"))
+            .await,
+        403,
+    )
+    .await;
+    // Leaving.
+    assert_eq!(
+        delete(
+            &app,
+            &bob.token,
+            &format!("/v1/circles/{id}/members/{}", bob.id)
+        )
+        .await
+        .status(),
+        204
+    );
+    // Now there is room; a rotated code replaces the old one.
+    let rotated: Value = app
+        .post(
+            &alice.token,
+            &format!("/v1/circles/{id}/access-code"),
+            &json!({}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let new_code = rotated["access_code"].as_str().unwrap();
+    assert_ne!(new_code, code);
+    problem(
+        app.post(
+            &dave.token,
+            "/v1/circles/join",
+            &json!({"access_code": code, "display_name": "D"}),
+        )
+        .await,
+        404,
+    )
+    .await;
+    let joined = app
+        .post(
+            &dave.token,
+            "/v1/circles/join",
+            &json!({"access_code": new_code, "display_name": "D"}),
+        )
+        .await;
+    assert_eq!(joined.status(), 201);
+
+    // Queues: unknown kinds are 404 problems.
+    problem(
+        app.post(&alice.token, "/v1/queues/shout/join", &json!({}))
+            .await,
+        404,
+    )
+    .await;
+    problem(app.get(&alice.token, "/v1/queues/talk").await, 404).await;
+    problem(delete(&app, &alice.token, "/v1/queues/shout").await, 404).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn codes_members_and_problems_on_the_embedded_default() {
+    Box::pin(codes_members_and_problems(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn codes_members_and_problems_on_the_real_stack() {
+    if !support::real_stack_available("codes_members_and_problems_on_the_real_stack").await {
+        return;
+    }
+    Box::pin(codes_members_and_problems(Stack::Real)).await;
+}
+
+/// A model of the lobby, checked against what the API answers through many random rounds of
+/// entering and leaving: a pairing never repeats anyone's previous partner, a pair always has a
+/// partner who was waiting, and nobody waits while an eligible partner waits too.
+async fn pairing_never_repeats_the_previous_partner(stack: Stack, seed: u64, rounds: usize) {
+    let app = spawn_app(stack).await;
+    let p = people(&app, &USERS).await;
+    let others: Vec<&Person> = p[1..].iter().collect();
+    let (circle, _) = circle_of(&app, &p[0], &others, json!({"name": "roulette"})).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum State {
+        Idle,
+        Waiting,
+        Paired(usize),
+    }
+    let mut state = vec![State::Idle; p.len()];
+    let mut previous: Vec<Option<usize>> = vec![None; p.len()];
+    let index_of: HashMap<&str, usize> = p
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (x.id.as_str(), i))
+        .collect();
+    let mut pairings = 0;
+    for round in 0..rounds {
+        let who = rng.random_range(0..p.len());
+        let path = format!("/v1/circles/{circle}/pair");
+        if rng.random_bool(0.6) {
+            let response = app.post(&p[who].token, &path, &json!({})).await;
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap();
+            match state[who] {
+                State::Paired(partner) => {
+                    assert_eq!(status, 200, "round {round}: {body}");
+                    assert_eq!(body["partner_id"], p[partner].id.as_str());
+                }
+                State::Idle | State::Waiting => {
+                    let eligible = |other: usize| {
+                        other != who
+                            && state[other] == State::Waiting
+                            && previous[who] != Some(other)
+                            && previous[other] != Some(who)
+                    };
+                    if status == 200 {
+                        let partner = index_of[body["partner_id"].as_str().unwrap()];
+                        assert!(
+                            eligible(partner),
+                            "round {round}: {who} paired with {partner}, previous {previous:?}, states {state:?}"
+                        );
+                        state[who] = State::Paired(partner);
+                        state[partner] = State::Paired(who);
+                        previous[who] = Some(partner);
+                        previous[partner] = Some(who);
+                        pairings += 1;
+                    } else {
+                        assert_eq!(status, 202, "round {round}: {body}");
+                        assert_eq!(body["state"], "waiting");
+                        assert!(
+                            !(0..p.len()).any(eligible),
+                            "round {round}: {who} waits while an eligible partner waits: {state:?} {previous:?}"
+                        );
+                        state[who] = State::Waiting;
+                    }
+                }
+            }
+        } else {
+            assert_eq!(delete(&app, &p[who].token, &path).await.status(), 204);
+            if let State::Paired(partner) = state[who] {
+                state[partner] = State::Idle;
+            }
+            state[who] = State::Idle;
+        }
+    }
+    assert!(
+        pairings >= rounds / 10,
+        "the rounds paired people: {pairings}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn pairing_never_repeats_the_previous_partner_on_the_embedded_default() {
+    for seed in [1, 2, 3] {
+        Box::pin(pairing_never_repeats_the_previous_partner(
+            Stack::Embedded,
+            seed,
+            150,
+        ))
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn pairing_never_repeats_the_previous_partner_on_the_real_stack() {
+    if !support::real_stack_available(
+        "pairing_never_repeats_the_previous_partner_on_the_real_stack",
+    )
+    .await
+    {
+        return;
+    }
+    Box::pin(pairing_never_repeats_the_previous_partner(
+        Stack::Real,
+        7,
+        80,
+    ))
+    .await;
+}
+
+/// Two API processes on one store: everyone enters the lobby (and the talk queue) at once, half
+/// through each. Nobody ends up in two pairings, and pairs agree with each other.
+async fn racing_through_two_apis_pairs_nobody_twice(stack: Stack) {
+    let first = spawn_app(stack).await;
+    // The second process shares the first one's store, bus and keys.
+    let second = spawn_with(stack, first.config.clone(), tempfile::tempdir().unwrap()).await;
+    let apps = [&first, &second];
+    let p = people(&first, &USERS).await;
+    let others: Vec<&Person> = p[1..].iter().collect();
+    let (circle, _) = circle_of(&first, &p[0], &others, json!({"name": "race"})).await;
+    let path = format!("/v1/circles/{circle}/pair");
+    for round in 0..3 {
+        let answers = futures::future::join_all(p.iter().enumerate().map(|(i, person)| {
+            let app = apps[(i + round) % 2];
+            let path = path.clone();
+            async move {
+                let response = app.post(&person.token, &path, &json!({})).await;
+                assert!(matches!(response.status().as_u16(), 200 | 202));
+            }
+        }))
+        .await;
+        assert_eq!(answers.len(), p.len());
+        // Where everyone stands now (entering again answers it and changes nothing).
+        let mut partner_of: HashMap<String, (String, String)> = HashMap::new();
+        for (i, person) in p.iter().enumerate() {
+            let status: Value = apps[i % 2]
+                .post(&person.token, &path, &json!({}))
+                .await
+                .json()
+                .await
+                .unwrap();
+            if status["state"] == "paired" {
+                partner_of.insert(
+                    person.id.clone(),
+                    (
+                        status["partner_id"].as_str().unwrap().to_owned(),
+                        status["chat_id"].as_str().unwrap().to_owned(),
+                    ),
+                );
+            }
+        }
+        assert!(!partner_of.is_empty(), "round {round}: someone was paired");
+        for (user, (partner, chat)) in &partner_of {
+            assert_eq!(
+                partner_of.get(partner),
+                Some(&(user.clone(), chat.clone())),
+                "round {round}: pairs agree"
+            );
+        }
+        // Each paired user is in exactly one live chat of this circle: no second pairing made a
+        // chat that was then lost.
+        for person in &p {
+            let chats: Value = first
+                .get(&person.token, "/v1/chats")
+                .await
+                .json()
+                .await
+                .unwrap();
+            let direct: Vec<&str> = chats["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|c| c["kind"] == "direct")
+                .map(|c| c["id"].as_str().unwrap())
+                .collect();
+            match partner_of.get(&person.id) {
+                Some((_, chat)) => assert_eq!(direct, [chat.as_str()], "round {round}"),
+                None => assert!(direct.is_empty(), "round {round}: {direct:?}"),
+            }
+        }
+        for person in &p {
+            assert_eq!(delete(&first, &person.token, &path).await.status(), 204);
+        }
+    }
+
+    // The talk queue, raced the same way: two matches, each user in one.
+    futures::future::join_all(p.iter().enumerate().map(|(i, person)| async move {
+        let response = apps[i % 2]
+            .post(&person.token, "/v1/queues/talk/join", &json!({}))
+            .await;
+        assert!(matches!(response.status().as_u16(), 200 | 202));
+    }))
+    .await;
+    let mut matched: HashMap<String, String> = HashMap::new();
+    for person in &p {
+        let status: Value = first
+            .get(&person.token, "/v1/queues/talk")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            status["state"], "paired",
+            "four talkers make two matches: {status}"
+        );
+        matched.insert(
+            person.id.clone(),
+            status["partner_id"].as_str().unwrap().to_owned(),
+        );
+    }
+    for (user, partner) in &matched {
+        assert_eq!(matched.get(partner), Some(user));
+    }
+    second.stop().await;
+    first.stop().await;
+}
+
+#[tokio::test]
+async fn racing_through_two_apis_pairs_nobody_twice_on_the_embedded_default() {
+    Box::pin(racing_through_two_apis_pairs_nobody_twice(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn racing_through_two_apis_pairs_nobody_twice_on_the_real_stack() {
+    if !support::real_stack_available(
+        "racing_through_two_apis_pairs_nobody_twice_on_the_real_stack",
+    )
+    .await
+    {
+        return;
+    }
+    Box::pin(racing_through_two_apis_pairs_nobody_twice(Stack::Real)).await;
+}
+
+/// Waits until `check` holds, failing after the deadline.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A pairing's chat gets `circle.paired`, reactions and the partner's presence; ending it tells
+/// both; expiry then removes the circle, its members, pairings, chats and messages.
+async fn pairs_chat_and_expire(stack: Stack) {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    config.circles.sweep_interval_ms = 100;
+    let app = spawn_with(stack, config, data).await;
+    let p = people(&app, &USERS[..3]).await;
+    let (alice, bob, carol) = (&p[0], &p[1], &p[2]);
+    // Ten seconds to live.
+    let (circle, code) = circle_of(
+        &app,
+        alice,
+        &[bob],
+        json!({"name": "brief", "ttl_hours": 10.0 / 3600.0, "display_name": "Al"}),
+    )
+    .await;
+    let path = format!("/v1/circles/{circle}/pair");
+    let mut alices = SseStream::open(
+        app.http
+            .get(app.url("/v1/events"))
+            .bearer_auth(&alice.token),
+    )
+    .await;
+    let bobs = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&bob.token)).await;
+    assert_eq!(
+        app.post(&alice.token, &path, &json!({})).await.status(),
+        202
+    );
+    let paired = app.post(&bob.token, &path, &json!({})).await;
+    assert_eq!(paired.status(), 200);
+    let paired: Value = paired.json().await.unwrap();
+    let chat = paired["chat_id"].as_str().unwrap().to_owned();
+    let event = alices.next_of("circle.paired").await;
+    assert_eq!(event.data["data"]["chat"]["id"], chat.as_str());
+    assert_eq!(event.data["data"]["circle_id"], circle.as_str());
+    let names: HashSet<&str> = event.data["data"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["display_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, HashSet::from(["Al", "member 0"]));
+
+    // Messages and likes (reactions) in the pairing's chat.
+    let sent = app
+        .post(
+            &bob.token,
+            &format!("/v1/chats/{chat}/signals"),
+            &json!({"kind": "message", "text": "hi"}),
+        )
+        .await;
+    assert_eq!(sent.status(), 201);
+    let signal: Value = sent.json().await.unwrap();
+    let signal_id = signal["id"].as_str().unwrap();
+    assert_eq!(
+        alices.next_of("signal.created").await.data["data"]["text"],
+        "hi"
+    );
+    let liked = app
+        .http
+        .put(app.url(&format!(
+            "/v1/chats/{chat}/signals/{signal_id}/reactions/%E2%9D%A4"
+        )))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .unwrap();
+    assert!(liked.status().is_success(), "{}", liked.status());
+    let like = alices.next_of("reaction.added").await;
+    assert_eq!(like.data["data"]["count"], 1);
+    // Someone outside the pairing cannot read it.
+    assert_eq!(
+        app.get(&carol.token, &format!("/v1/chats/{chat}/signals"))
+            .await
+            .status(),
+        403
+    );
+
+    // The partner's connection events reach the other.
+    drop(bobs);
+    loop {
+        let event = alices.next_event().await;
+        if event.data["data"]["user_id"] == bob.id.as_str()
+            && (event.event == "user.disconnected"
+                || (event.event == "presence.updated" && event.data["data"]["state"] == "offline"))
+        {
+            break;
+        }
+    }
+
+    // Ending the pairing tells both, and both leave its chat.
+    assert_eq!(delete(&app, &bob.token, &path).await.status(), 204);
+    let ended = alices.next_of("circle.unpaired").await;
+    assert_eq!(ended.data["data"]["chat_id"], chat.as_str());
+    assert_eq!(ended.data["data"]["by"], bob.id.as_str());
+    assert_eq!(
+        app.get(&alice.token, &format!("/v1/chats/{chat}"))
+            .await
+            .status(),
+        403
+    );
+
+    // Expiry: 410 first or 404 once swept, and then everything is gone.
+    let circle_path = format!("/v1/circles/{circle}");
+    eventually("the circle expires", || async {
+        matches!(
+            app.get(&alice.token, &circle_path).await.status().as_u16(),
+            404 | 410
+        )
+    })
+    .await;
+    eventually("the sweep removes the circle", || async {
+        app.get(&alice.token, &circle_path).await.status() == 404
+    })
+    .await;
+    problem(
+        app.get(&alice.token, &format!("{circle_path}/members"))
+            .await,
+        404,
+    )
+    .await;
+    problem(app.post(&bob.token, &path, &json!({})).await, 404).await;
+    problem(
+        app.post(
+            &carol.token,
+            "/v1/circles/join",
+            &json!({"access_code": code, "display_name": "C"}),
+        )
+        .await,
+        404,
+    )
+    .await;
+    // The pairing's chat and its messages are gone: 404 (not 403) for its former members, and
+    // out of their chat lists.
+    for person in [alice, bob] {
+        problem(
+            app.get(&person.token, &format!("/v1/chats/{chat}")).await,
+            404,
+        )
+        .await;
+        problem(
+            app.get(&person.token, &format!("/v1/chats/{chat}/signals"))
+                .await,
+            404,
+        )
+        .await;
+        let chats: Value = app
+            .get(&person.token, "/v1/chats")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            chats["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["id"] != chat.as_str()),
+            "{chats}"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn pairs_chat_and_expire_on_the_embedded_default() {
+    Box::pin(pairs_chat_and_expire(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn pairs_chat_and_expire_on_the_real_stack() {
+    if !support::real_stack_available("pairs_chat_and_expire_on_the_real_stack").await {
+        return;
+    }
+    Box::pin(pairs_chat_and_expire(Stack::Real)).await;
+}
+
+/// Queues: oldest first, `queue.matched` to both, 409 for the other queue of a pool; a user whose
+/// event stream closed is taken out after the grace period, one still connected stays.
+async fn queues_match_oldest_first_and_forget_the_disconnected(stack: Stack) {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    config.queues.disconnect_grace_ms = 300;
+    config.queues.sweep_interval_ms = 50;
+    let app = spawn_with(stack, config, data).await;
+    let p = people(&app, &USERS).await;
+    let (alice, bob, carol, dave) = (&p[0], &p[1], &p[2], &p[3]);
+    let streams: Vec<SseStream> = futures::future::join_all(p.iter().map(|person| {
+        SseStream::open(
+            app.http
+                .get(app.url("/v1/events"))
+                .bearer_auth(&person.token),
+        )
+    }))
+    .await;
+    let mut streams: Vec<Option<SseStream>> = streams.into_iter().map(Some).collect();
+
+    // Two venters wait (nobody listens yet); a listener gets the older one.
+    assert_eq!(
+        app.post(&alice.token, "/v1/queues/vent/join", &json!({}))
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(
+        app.post(&bob.token, "/v1/queues/vent/join", &json!({}))
+            .await
+            .status(),
+        202
+    );
+    problem(
+        app.post(&alice.token, "/v1/queues/listen/join", &json!({}))
+            .await,
+        409,
+    )
+    .await;
+    let matched = app
+        .post(&carol.token, "/v1/queues/listen/join", &json!({}))
+        .await;
+    assert_eq!(matched.status(), 200);
+    let matched: Value = matched.json().await.unwrap();
+    assert_eq!(matched["partner_id"], alice.id.as_str(), "oldest first");
+    assert_eq!(matched["kind"], "listen");
+    let chat = matched["chat_id"].as_str().unwrap();
+    for i in [0, 2] {
+        let event = streams[i].as_mut().unwrap().next_of("queue.matched").await;
+        assert_eq!(event.data["data"]["chat"]["id"], chat);
+    }
+    let alices: Value = app
+        .get(&alice.token, "/v1/queues/vent")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(alices["state"], "paired");
+    assert_eq!(alices["partner_id"], carol.id.as_str());
+    // Bob still waits; he leaves and joins talk instead.
+    let bobs: Value = app
+        .get(&bob.token, "/v1/queues/vent")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bobs["state"], "waiting");
+    assert_eq!(
+        delete(&app, &bob.token, "/v1/queues/vent").await.status(),
+        204
+    );
+    problem(app.get(&bob.token, "/v1/queues/vent").await, 404).await;
+    assert_eq!(
+        app.post(&bob.token, "/v1/queues/talk/join", &json!({}))
+            .await
+            .status(),
+        202
+    );
+
+    // Dave waits to vent, then his stream closes: he is taken out after the grace period, while
+    // Bob (connected, waiting longer) stays.
+    assert_eq!(
+        app.post(&dave.token, "/v1/queues/vent/join", &json!({}))
+            .await
+            .status(),
+        202
+    );
+    streams[3] = None;
+    eventually("a disconnected user leaves the queue", || async {
+        app.get(&dave.token, "/v1/queues/vent").await.status() == 404
+    })
+    .await;
+    let bobs: Value = app
+        .get(&bob.token, "/v1/queues/talk")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bobs["state"], "waiting", "a connected user stays");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn queues_match_oldest_first_and_forget_the_disconnected_on_the_embedded_default() {
+    Box::pin(queues_match_oldest_first_and_forget_the_disconnected(
+        Stack::Embedded,
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn queues_match_oldest_first_and_forget_the_disconnected_on_the_real_stack() {
+    if !support::real_stack_available(
+        "queues_match_oldest_first_and_forget_the_disconnected_on_the_real_stack",
+    )
+    .await
+    {
+        return;
+    }
+    Box::pin(queues_match_oldest_first_and_forget_the_disconnected(
+        Stack::Real,
+    ))
+    .await;
+}
