@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::call::CallRelay;
 use crate::ids::{ChatId, SignalId, UserId};
 use crate::model::{Chat, MemberRole, Signal};
 
@@ -90,6 +91,9 @@ pub enum Event {
     /// Ephemeral: a member's presence or custom status changed.
     #[serde(rename = "presence.updated")]
     PresenceUpdated(UserPresence),
+    /// Ephemeral: WebRTC signalling from another participant of a call, to this user only.
+    #[serde(rename = "call.signal")]
+    CallSignal(CallRelay),
 }
 
 /// The kind of an [`Event`], for metrics and routing without looking at the payload.
@@ -110,6 +114,7 @@ pub enum EventKind {
     UserConnected,
     UserDisconnected,
     PresenceUpdated,
+    CallSignal,
 }
 
 impl EventKind {
@@ -130,6 +135,7 @@ impl EventKind {
             EventKind::UserConnected => "user.connected",
             EventKind::UserDisconnected => "user.disconnected",
             EventKind::PresenceUpdated => "presence.updated",
+            EventKind::CallSignal => "call.signal",
         }
     }
 }
@@ -152,6 +158,7 @@ impl Event {
             Event::UserConnected(_) => EventKind::UserConnected,
             Event::UserDisconnected(_) => EventKind::UserDisconnected,
             Event::PresenceUpdated(_) => EventKind::PresenceUpdated,
+            Event::CallSignal(_) => EventKind::CallSignal,
         }
     }
 }
@@ -248,6 +255,7 @@ mod tests {
             edited_at: None,
             deleted: false,
             reactions: BTreeMap::new(),
+            call: None,
         })
         .joining(vec![user]);
         let json = serde_json::to_value(&envelope).expect("serialises");

@@ -5,6 +5,7 @@
 //! stays free of drivers, runtimes and sockets.
 
 pub mod attachment;
+pub mod call;
 pub mod event;
 pub mod ids;
 pub mod limits;
