@@ -42,6 +42,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "attachments",
         cql: include_str!("migrations/0006_attachments.cql"),
     },
+    Migration {
+        version: 7,
+        name: "calls",
+        cql: include_str!("migrations/0007_calls.cql"),
+    },
 ];
 
 impl Migration {

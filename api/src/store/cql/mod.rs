@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+mod calls;
 mod migrations;
 mod parity;
 
@@ -33,9 +34,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures::{StreamExt, TryFutureExt, TryStreamExt};
 
+use confab_schema::call::CallStatus;
+
 use super::{
-    ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, Store, StoreError, UNREAD_SCAN_LIMIT,
-    created_at, from_millis, millis, parse, search_terms,
+    CallRecord, ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, RingingCall, Store,
+    StoreError, UNREAD_SCAN_LIMIT, created_at, from_millis, millis, parse, search_terms,
+    stored_text, text_and_call,
 };
 
 /// Where and how to reach the cluster.
@@ -357,6 +361,7 @@ pub struct CqlStore {
     session: Session,
     keyspace: String,
     statements: Statements,
+    calls: calls::CallStatements,
     /// (chat, bucket) pairs this process has written to `signal_buckets`: the row is idempotent, so
     /// writing it once per day per chat is enough.
     known_buckets: std::sync::Mutex<std::collections::HashSet<(Uuid, i32)>>,
@@ -672,10 +677,12 @@ impl CqlStore {
             }
             SendParity::Lwt => None,
         };
+        let calls = calls::CallStatements::prepare(&session, keyspace).await?;
         Ok(CqlStore {
             session,
             keyspace: options.keyspace.clone(),
             statements,
+            calls,
             known_buckets: Default::default(),
             nonce_bucket,
             nonce_ttl_secs: i32::try_from(options.nonce_ttl.as_secs()).unwrap_or(i32::MAX),
@@ -778,6 +785,7 @@ impl CqlStore {
             },
             edited_at: None,
             reactions: Default::default(),
+            call: None,
         }))
     }
 
@@ -826,7 +834,7 @@ impl CqlStore {
                     // cell, which every read of the row would then have to skip. `deleted` is
                     // written by deletions only (see `edit_signal`).
                     MaybeUnset::from_option(signal.nonce.as_deref()),
-                    MaybeUnset::from_option(signal.text.as_deref()),
+                    MaybeUnset::from_option(stored_text(signal)),
                     MaybeUnset::from_option(signal.reply_to.map(|r| r.0)),
                     MaybeUnset::from_option(attachments),
                     MaybeUnset::from_option(signal.edited_at.map(|t| CqlTimestamp(millis(t)))),
@@ -844,14 +852,16 @@ fn to_signal(chat_id: ChatId, row: SignalRow) -> Result<Signal, StoreError> {
     let (id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted) = row;
     let id = SignalId(id);
     let deleted = deleted.unwrap_or(false);
+    let kind = parse(&kind)?;
+    let (text, call) = text_and_call(kind, if deleted { None } else { text })?;
     Ok(Signal {
         id,
         chat_id,
-        kind: parse(&kind)?,
+        kind,
         author_id: UserId(author_id),
         created_at: created_at(id)?,
         nonce,
-        text: if deleted { None } else { text },
+        text,
         reply_to: reply_to.map(SignalId),
         attachments: attachments
             .unwrap_or_default()
@@ -861,6 +871,7 @@ fn to_signal(chat_id: ChatId, row: SignalRow) -> Result<Signal, StoreError> {
         edited_at: edited_at.map(|t| from_millis(t.0)).transpose()?,
         deleted,
         reactions: Default::default(),
+        call,
     })
 }
 
@@ -1732,6 +1743,7 @@ impl Store for CqlStore {
             text: None,
             deleted: true,
             reactions: Default::default(),
+            call: None,
             ..before
         };
         if let Some(nonce) = tombstone.nonce.as_deref() {
@@ -2178,6 +2190,48 @@ impl Store for CqlStore {
             .maybe_first_row::<(Uuid,)>()
             .map_err(corrupt)?
             .map(|(id,)| SignalId(id)))
+    }
+
+    async fn create_call(&self, call: &CallRecord) -> Result<(), StoreError> {
+        self.cql_create_call(call).await
+    }
+
+    async fn get_call(&self, id: Uuid) -> Result<Option<CallRecord>, StoreError> {
+        self.cql_get_call(id).await
+    }
+
+    async fn transition_call(
+        &self,
+        id: Uuid,
+        from: CallStatus,
+        to: CallStatus,
+    ) -> Result<bool, StoreError> {
+        self.cql_transition_call(id, from, to).await
+    }
+
+    async fn call_participants(&self, id: Uuid) -> Result<Vec<UserId>, StoreError> {
+        self.cql_call_participants(id).await
+    }
+
+    async fn set_call_participant(
+        &self,
+        id: Uuid,
+        user: UserId,
+        present: bool,
+    ) -> Result<(), StoreError> {
+        self.cql_set_call_participant(id, user, present).await
+    }
+
+    async fn ringing_calls_due(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<RingingCall>, StoreError> {
+        self.cql_ringing_calls_due(now, limit).await
+    }
+
+    async fn forget_ringing_call(&self, call: &RingingCall) -> Result<(), StoreError> {
+        self.cql_forget_ringing(call).await
     }
 
     async fn markers_page(
