@@ -306,6 +306,23 @@ fn guard_dev_mode(config: &Config, addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How calls ring, and the TURN servers (when a secret is configured).
+fn call_settings(config: &Config) -> confab_api::domain::calls::CallSettings {
+    let calls = &config.calls;
+    confab_api::domain::calls::CallSettings {
+        ring_timeout: calls.ring_timeout(),
+        turn: calls
+            .turn_secret
+            .clone()
+            .filter(|secret| !secret.is_empty())
+            .map(|secret| confab_api::domain::calls::TurnSettings {
+                secret,
+                uris: calls.turn_uris(),
+                ttl: calls.turn_ttl(),
+            }),
+    }
+}
+
 /// The services built for one process.
 pub struct App {
     pub router: axum::Router,
@@ -372,10 +389,17 @@ pub async fn build(
             ttl: config.push.ttl(),
         })
         .with_push_queue(Arc::clone(&push_queue))
-        .with_attachments(attachment_settings(config, blobs));
+        .with_attachments(attachment_settings(config, blobs))
+        .with_calls(call_settings(config));
         if let Some(search) = search {
             state = state.with_search(search);
         }
+        // Every API process sweeps: a call rings out even when the process that started it is gone.
+        let ring_timeout = config.calls.ring_timeout();
+        workers.push(state.start_call_sweeper(
+            (ring_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(1)),
+            shutdown.clone(),
+        ));
         let (routes, doc) = api_routes(state);
         api_router = Some(
             routes

@@ -19,6 +19,9 @@ pub enum ApiError {
     Forbidden(&'static str),
     #[error("{0}")]
     NotFound(&'static str),
+    /// The target's state does not allow it now (e.g. joining a call that is over).
+    #[error("{0}")]
+    Conflict(&'static str),
     /// The request is malformed (syntax, bad id, bad cursor, parameter out of range).
     #[error("{0}")]
     BadRequest(String),
@@ -48,6 +51,7 @@ impl From<&ApiError> for Problem {
             ApiError::Auth(auth) => Problem::from(auth),
             ApiError::Forbidden(why) => Problem::new(StatusCode::FORBIDDEN, "forbidden", *why),
             ApiError::NotFound(what) => Problem::new(StatusCode::NOT_FOUND, "not-found", *what),
+            ApiError::Conflict(why) => Problem::new(StatusCode::CONFLICT, "conflict", *why),
             ApiError::BadRequest(why) => {
                 Problem::new(StatusCode::BAD_REQUEST, "bad-request", why.clone())
             }

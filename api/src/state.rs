@@ -15,6 +15,7 @@ use confab_schema::{ChatId, Signal, User, UserId};
 
 use crate::coalesce::Coalescer;
 use crate::domain::attachments::AttachmentSettings;
+use crate::domain::calls::CallSettings;
 use crate::domain::devices::PushSettings;
 use crate::store::Store;
 
@@ -51,6 +52,8 @@ pub struct ApiState {
     pub(crate) attachments: Option<AttachmentSettings>,
     /// Image decodes running at once (thumbnails are made off the request path).
     pub(crate) image_work: Arc<tokio::sync::Semaphore>,
+    /// The ring timeout and the TURN servers.
+    pub(crate) calls: CallSettings,
 }
 
 impl ApiState {
@@ -77,6 +80,7 @@ impl ApiState {
             search: None,
             attachments: None,
             image_work: Arc::new(tokio::sync::Semaphore::new(2)),
+            calls: CallSettings::default(),
         }
     }
 
@@ -101,6 +105,12 @@ impl ApiState {
     /// Where attachments are stored, and how they are served.
     pub fn with_attachments(mut self, attachments: AttachmentSettings) -> ApiState {
         self.attachments = Some(attachments);
+        self
+    }
+
+    /// How calls ring, and the TURN servers they use.
+    pub fn with_calls(mut self, calls: CallSettings) -> ApiState {
+        self.calls = calls;
         self
     }
 

@@ -4,6 +4,7 @@
 //! [`crate::domain`], and maps the result to a status and a body.
 
 mod attachments;
+mod calls;
 mod chats;
 mod devices;
 mod markers;
@@ -45,6 +46,7 @@ use crate::state::ApiState;
         (name = "events", description = "Live events over Server-Sent Events and WebSocket"),
         (name = "push", description = "Devices for push notifications"),
         (name = "attachments", description = "Files uploaded to chats, and their thumbnails"),
+        (name = "calls", description = "Calls: their state, WebRTC signalling between participants, TURN credentials"),
     )
 )]
 struct ApiDoc;
@@ -136,6 +138,13 @@ fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(attachments::download))
         .routes(routes!(attachments::thumbnail))
         .routes(routes!(attachments::preview))
+        .routes(routes!(calls::start))
+        .routes(routes!(calls::turn_credentials))
+        .routes(routes!(calls::get))
+        .routes(routes!(calls::join))
+        .routes(routes!(calls::leave))
+        .routes(routes!(calls::end))
+        .routes(routes!(calls::signal))
 }
 
 /// The authenticated caller. Extracting it verifies the bearer token and provisions the user from
