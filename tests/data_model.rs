@@ -651,6 +651,7 @@ async fn openapi_is_served_and_lists_every_route() {
                 .replace("{signal_id}", &id.to_string())
                 .replace("{user_id}", &id.to_string())
                 .replace("{attachment_id}", &id.to_string())
+                .replace("{call_id}", &id.to_string())
                 .replace("{emoji}", "%F0%9F%91%8D");
             let request = app
                 .http
@@ -724,12 +725,19 @@ async fn openapi_is_served_and_lists_every_route() {
         "GET /v1/attachments/{attachment_id}",
         "GET /v1/attachments/{attachment_id}/thumbnail",
         "GET /v1/attachments/{attachment_id}/preview",
+        "POST /v1/chats/{chat_id}/calls",
+        "GET /v1/calls/turn-credentials",
+        "GET /v1/calls/{call_id}",
+        "POST /v1/calls/{call_id}/join",
+        "POST /v1/calls/{call_id}/leave",
+        "POST /v1/calls/{call_id}/end",
+        "POST /v1/calls/{call_id}/signal",
     ] {
         assert!(
             operations.iter().any(|o| o == expected),
             "{expected} is not documented"
         );
     }
-    assert_eq!(operations.len(), 41, "{operations:?}");
+    assert_eq!(operations.len(), 48, "{operations:?}");
     app.stop().await;
 }
