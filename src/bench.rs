@@ -289,6 +289,7 @@ async fn bus_baseline(config: &Config, messages: usize, rate: u32) -> anyhow::Re
             edited_at: None,
             deleted: false,
             reactions: Default::default(),
+            call: None,
         };
         if let Ok(mut s) = sent.lock() {
             s.insert(id, Instant::now());

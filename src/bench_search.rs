@@ -260,6 +260,7 @@ async fn measure_with(
             edited_at: None,
             deleted: false,
             reactions: Default::default(),
+            call: None,
         });
     }
     let stored: Vec<anyhow::Result<()>> = futures::stream::iter(&documents)

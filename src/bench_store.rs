@@ -67,6 +67,7 @@ fn message(chat: ChatId, author: UserId, i: usize, nonce: bool) -> Signal {
         edited_at: None,
         deleted: false,
         reactions: Default::default(),
+        call: None,
     }
 }
 

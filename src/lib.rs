@@ -346,6 +346,23 @@ fn guard_dev_mode(role: Role, config: &Config, addr: SocketAddr) -> anyhow::Resu
     Ok(())
 }
 
+/// How calls ring, and the TURN servers (when a secret is configured).
+fn call_settings(config: &Config) -> confab_api::domain::calls::CallSettings {
+    let calls = &config.calls;
+    confab_api::domain::calls::CallSettings {
+        ring_timeout: calls.ring_timeout(),
+        turn: calls
+            .turn_secret
+            .clone()
+            .filter(|secret| !secret.is_empty())
+            .map(|secret| confab_api::domain::calls::TurnSettings {
+                secret,
+                uris: calls.turn_uris(),
+                ttl: calls.turn_ttl(),
+            }),
+    }
+}
+
 /// The services built for one process.
 pub struct App {
     pub router: axum::Router,
@@ -423,7 +440,8 @@ pub async fn build(
         .with_revocations(Arc::clone(&revocations))
         .with_attachments(attachment_settings(config, blobs))
         .with_rate_limits(RateLimits::new(&config.limits))
-        .with_circles(CircleSettings::from_config(&config.circles, &config.queues));
+        .with_circles(CircleSettings::from_config(&config.circles, &config.queues))
+        .with_calls(call_settings(config));
         if let Some(search) = search {
             state = state.with_search(search);
         }
@@ -434,7 +452,13 @@ pub async fn build(
             },
             shutdown.clone(),
         ));
-        workers.push(state.start_sweeps(shutdown.clone()));
+        workers.push(state.clone().start_sweeps(shutdown.clone()));
+        // Every API process sweeps: a call rings out even when the process that started it is gone.
+        let ring_timeout = config.calls.ring_timeout();
+        workers.push(state.start_call_sweeper(
+            (ring_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(1)),
+            shutdown.clone(),
+        ));
         let (routes, doc) = api_routes(state);
         // Every JSON body, over HTTP or in a WebSocket request frame (uploads stream their own).
         let routes = routes.layer(DefaultBodyLimit::max(config.limits.body_bytes));

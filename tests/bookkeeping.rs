@@ -11,12 +11,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use confab_api::store::embedded::EmbeddedStore;
 use confab_api::store::{
-    ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, OutboxEntry, OutboxWriter, Slot,
-    SlotWrite, Store, StoreError,
+    CallRecord, ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, OutboxEntry, OutboxWriter,
+    RingingCall, Slot, SlotWrite, Store, StoreError,
 };
 use confab_api::{ApiState, routes};
 use confab_runtime::bus::EmbeddedBus;
 use confab_runtime::identity::DevIdentity;
+use confab_schema::call::CallStatus;
 use confab_schema::circle::{Circle, CircleMember};
 use confab_schema::{Chat, ChatId, CircleId, Member, MemberRole, Signal, SignalId, User, UserId};
 use serde_json::{Value, json};
@@ -453,6 +454,41 @@ impl Store for FlakyBookkeeping {
     }
     async fn write_slots(&self, pool: &str, writes: &[SlotWrite]) -> Result<bool, StoreError> {
         self.inner.write_slots(pool, writes).await
+    }
+    async fn create_call(&self, call: &CallRecord) -> Result<(), StoreError> {
+        self.inner.create_call(call).await
+    }
+    async fn get_call(&self, id: uuid::Uuid) -> Result<Option<CallRecord>, StoreError> {
+        self.inner.get_call(id).await
+    }
+    async fn transition_call(
+        &self,
+        id: uuid::Uuid,
+        from: CallStatus,
+        to: CallStatus,
+    ) -> Result<bool, StoreError> {
+        self.inner.transition_call(id, from, to).await
+    }
+    async fn call_participants(&self, id: uuid::Uuid) -> Result<Vec<UserId>, StoreError> {
+        self.inner.call_participants(id).await
+    }
+    async fn set_call_participant(
+        &self,
+        id: uuid::Uuid,
+        user: UserId,
+        present: bool,
+    ) -> Result<(), StoreError> {
+        self.inner.set_call_participant(id, user, present).await
+    }
+    async fn ringing_calls_due(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<RingingCall>, StoreError> {
+        self.inner.ringing_calls_due(now, limit).await
+    }
+    async fn forget_ringing_call(&self, call: &RingingCall) -> Result<(), StoreError> {
+        self.inner.forget_ringing_call(call).await
     }
 }
 

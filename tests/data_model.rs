@@ -708,6 +708,7 @@ async fn openapi_is_served_and_lists_every_route() {
                 .replace("{attachment_id}", &id.to_string())
                 .replace("{circle_id}", &id.to_string())
                 .replace("{kind}", "talk")
+                .replace("{call_id}", &id.to_string())
                 .replace("{emoji}", "%F0%9F%91%8D");
             let request = app
                 .http
@@ -794,12 +795,19 @@ async fn openapi_is_served_and_lists_every_route() {
         "POST /v1/queues/{kind}/join",
         "GET /v1/queues/{kind}",
         "DELETE /v1/queues/{kind}",
+        "POST /v1/chats/{chat_id}/calls",
+        "GET /v1/calls/turn-credentials",
+        "GET /v1/calls/{call_id}",
+        "POST /v1/calls/{call_id}/join",
+        "POST /v1/calls/{call_id}/leave",
+        "POST /v1/calls/{call_id}/end",
+        "POST /v1/calls/{call_id}/signal",
     ] {
         assert!(
             operations.iter().any(|o| o == expected),
             "{expected} is not documented"
         );
     }
-    assert_eq!(operations.len(), 55, "{operations:?}");
+    assert_eq!(operations.len(), 62, "{operations:?}");
     app.stop().await;
 }

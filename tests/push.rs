@@ -539,6 +539,102 @@ async fn delayed_push_on_the_real_stack() {
     }
 }
 
+/// A call nobody answers rings out into a `missed` signal, and that signal is pushed to the
+/// callees (not to the caller) as a message is; the call's other signals push nothing.
+async fn missed_calls_are_pushed(stack: Stack) {
+    let keys = VapidKeys::generate();
+    let receiver = start_receiver(&keys.public_key, &["bobs", "alices"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    config.push.vapid_public_key = Some(keys.public_key.clone());
+    config.push.vapid_private_key = Some(keys.private_key.clone());
+    config.push.allow_insecure_endpoints = true;
+    config.push.delay_ms = Some(200);
+    config.calls.ring_timeout_secs = 1;
+    let app = support::spawn_with(stack, config, data).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let alice_id = app.me(&alice).await;
+    let bob_id = app.me(&bob).await;
+    for (token, device) in [(&bob, "bobs"), (&alice, "alices")] {
+        let registered = app
+            .post(token, "/v1/devices", &receiver.registration(device))
+            .await;
+        assert_eq!(registered.status(), 201);
+    }
+    let (missed, answered) = (
+        app.group_chat(&alice, &[&bob_id]).await,
+        app.group_chat(&alice, &[&bob_id]).await,
+    );
+    let call = app
+        .post(&alice, &format!("/v1/chats/{missed}/calls"), &json!({}))
+        .await;
+    assert_eq!(call.status(), 201);
+    let call: Value = call.json().await.unwrap();
+    // An answered call in another chat: its signals push nothing.
+    let other: Value = app
+        .post(&alice, &format!("/v1/chats/{answered}/calls"), &json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let joined = app
+        .post(
+            &bob,
+            &format!("/v1/calls/{}/join", other["id"].as_str().unwrap()),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(joined.status(), 200);
+
+    let push = receiver.next_for("bobs", &missed).await;
+    let history: Value = app
+        .get(&bob, &format!("/v1/chats/{missed}/signals"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let newest = &history["items"][0];
+    assert_eq!(newest["call"]["state"], "missed");
+    assert_eq!(newest["call"]["call_id"], call["id"]);
+    assert_eq!(push.payload["signal_id"], newest["id"]);
+    assert_eq!(push.payload["author_id"], alice_id.as_str());
+    // A later message to alice in a third chat, pushed after the missed call's: by then the
+    // caller's own missed call would have been pushed to her, had it been.
+    let later = app.group_chat(&bob, &[&alice_id]).await;
+    send(&app, &bob, &later, "call me back").await;
+    receiver.next_for("alices", &later).await;
+    // Bob's fetch of the history withdraws the push he got; besides that, one push, his.
+    let pushes: Vec<Received> = receiver
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| p.payload["chat_id"] == missed.as_str() && p.payload["type"] == "messages")
+        .cloned()
+        .collect();
+    assert_eq!(pushes.len(), 1, "the callee only, once");
+    assert_eq!(pushes[0].device, "bobs");
+    assert_eq!(
+        receiver.count_for(&answered),
+        0,
+        "an answered call rings no phone"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn missed_calls_are_pushed_on_the_embedded_default() {
+    Box::pin(missed_calls_are_pushed(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn missed_calls_are_pushed_on_the_real_stack() {
+    if support::real_stack_available("missed_calls_are_pushed_on_the_real_stack").await {
+        Box::pin(missed_calls_are_pushed(Stack::Real)).await;
+    }
+}
+
 /// A loopback address no one listens on now.
 async fn free_address() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -26,7 +26,8 @@ pub enum ApiError {
     /// The request is well-formed but its content breaks a rule.
     #[error("{0}")]
     Unprocessable(String),
-    /// The request conflicts with the current state (already in another queue…).
+    /// The request conflicts with the current state (already in another queue, joining a call
+    /// that is over…).
     #[error("{0}")]
     Conflict(String),
     /// The thing existed and has expired.

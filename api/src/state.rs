@@ -19,6 +19,7 @@ use confab_schema::{ChatId, Signal, User, UserId};
 
 use crate::coalesce::Coalescer;
 use crate::domain::attachments::AttachmentSettings;
+use crate::domain::calls::CallSettings;
 use crate::domain::circles::CircleSettings;
 use crate::domain::devices::PushSettings;
 use crate::limits::RateLimits;
@@ -66,6 +67,8 @@ pub struct ApiState {
     pub(crate) rate_limits: Arc<RateLimits>,
     /// How circles and the matching queues behave.
     pub(crate) circles: CircleSettings,
+    /// The ring timeout and the TURN servers.
+    pub(crate) calls: CallSettings,
 }
 
 impl ApiState {
@@ -96,6 +99,7 @@ impl ApiState {
             revocations: None,
             rate_limits: Arc::new(RateLimits::off()),
             circles: CircleSettings::default(),
+            calls: CallSettings::default(),
         }
     }
 
@@ -144,6 +148,12 @@ impl ApiState {
     /// How circles and the matching queues behave.
     pub fn with_circles(mut self, circles: CircleSettings) -> ApiState {
         self.circles = circles;
+        self
+    }
+
+    /// How calls ring, and the TURN servers they use.
+    pub fn with_calls(mut self, calls: CallSettings) -> ApiState {
+        self.calls = calls;
         self
     }
 

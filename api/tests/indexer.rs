@@ -154,6 +154,7 @@ async fn send(parts: &Parts, chat: ChatId, text: &str, quiet: bool) -> SignalId 
         edited_at: None,
         deleted: false,
         reactions: Default::default(),
+        call: None,
     };
     parts.store.insert_signal(&signal).await.expect("stored");
     if !quiet {

@@ -177,6 +177,7 @@ async fn nonce_expires(store: &dyn Store, ttl: Duration) {
             edited_at: None,
             deleted: false,
             reactions: Default::default(),
+            call: None,
         }
     };
     let first = send();
@@ -278,6 +279,7 @@ async fn cql_reaction_count_is_repaired_by_a_retry() {
             edited_at: None,
             deleted: false,
             reactions: Default::default(),
+            call: None,
         })
         .await
         .unwrap();
@@ -359,6 +361,7 @@ async fn cql_deletion_scrubs_the_nonce_record() {
                 edited_at: None,
                 deleted: false,
                 reactions: Default::default(),
+                call: None,
             })
             .await
             .unwrap();

@@ -69,7 +69,7 @@ pub fn document() -> Value {
         let name = message_name(event_type);
         let ephemeral = matches!(
             event_type,
-            "typing" | "user.connected" | "user.disconnected" | "presence.updated"
+            "typing" | "user.connected" | "user.disconnected" | "presence.updated" | "call.signal"
         );
         messages.insert(
             name.clone(),

@@ -684,10 +684,31 @@ impl Hub {
 
     /// Hands an ephemeral event to the connections of its chat (and to pending ones), except the
     /// ones of the user it is about: nobody is told they are typing, or that they came online.
+    /// Call signalling goes to its target's connections only (the API checked that both ends are
+    /// participants of the call).
     pub fn dispatch_ephemeral(&self, envelope: Envelope) {
         let Ok(routes) = self.routes.read() else {
             return;
         };
+        if let Event::CallSignal(relay) = &envelope.event {
+            let targets: Vec<&Connection> = routes
+                .by_user
+                .get(&relay.to)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| routes.connections.get(id))
+                .collect();
+            if targets.is_empty() {
+                return;
+            }
+            let outgoing = Arc::new(Outgoing::render(LoggedEvent { seq: 0, envelope }));
+            for connection in targets {
+                if connection.sender.try_send(Arc::clone(&outgoing)).is_ok() {
+                    metrics::counter!("confab_notifier_delivered_total").increment(1);
+                }
+            }
+            return;
+        }
         let subject = match &envelope.event {
             Event::Typing(typing) => Some(typing.user_id),
             Event::UserConnected(presence)
@@ -897,6 +918,7 @@ mod tests {
             edited_at: None,
             deleted: false,
             reactions: Default::default(),
+            call: None,
         })
     }
 

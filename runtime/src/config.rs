@@ -49,6 +49,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub circles: CirclesConfig,
     pub queues: QueuesConfig,
+    pub calls: CallsConfig,
 }
 
 /// Circles: groups joined with an access code whose members are paired at random.
@@ -77,6 +78,33 @@ impl Default for CirclesConfig {
     }
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    /// The secret shared with the TURN servers (coturn's `static-auth-secret`). Default: none,
+    /// which makes `GET /v1/calls/turn-credentials` answer 404.
+    pub turn_secret: Option<String>,
+    /// The TURN servers' URIs handed out with credentials, comma-separated
+    /// (`turn:turn.example.org:3478?transport=udp,turns:turn.example.org:5349`). Default empty.
+    pub turn_uris: String,
+    /// How long TURN credentials stay valid, in seconds. Default 3600.
+    pub turn_ttl_secs: u64,
+    /// How long a call rings before nobody having answered makes it `missed`, in seconds.
+    /// Default 45.
+    pub ring_timeout_secs: u64,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        CallsConfig {
+            turn_secret: None,
+            turn_uris: String::new(),
+            turn_ttl_secs: 3_600,
+            ring_timeout_secs: 45,
+        }
+    }
+}
+
 /// The matching queues (`vent`, `listen`, `talk`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -96,6 +124,26 @@ impl Default for QueuesConfig {
             disconnect_grace_ms: 30_000,
             sweep_interval_ms: 5_000,
         }
+    }
+}
+
+impl CallsConfig {
+    /// The configured TURN URIs.
+    pub fn turn_uris(&self) -> Vec<String> {
+        self.turn_uris
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn turn_ttl(&self) -> Duration {
+        Duration::from_secs(self.turn_ttl_secs.clamp(60, 7 * 24 * 3600))
+    }
+
+    pub fn ring_timeout(&self) -> Duration {
+        Duration::from_secs(self.ring_timeout_secs.clamp(1, 3_600))
     }
 }
 
@@ -391,6 +439,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             circles: CirclesConfig::default(),
             queues: QueuesConfig::default(),
+            calls: CallsConfig::default(),
         }
     }
 }
@@ -842,6 +891,7 @@ const SECTIONS: &[&str] = &[
     "limits",
     "circles",
     "queues",
+    "calls",
 ];
 
 impl Config {
@@ -1092,6 +1142,27 @@ impl Config {
 #[allow(clippy::result_large_err)] // figment's Jail API returns its own error type
 mod tests {
     use super::*;
+
+    #[test]
+    fn calls_are_configured_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CONFAB_CALLS__TURN_SECRET", "shared");
+            jail.set_env(
+                "CONFAB_CALLS__TURN_URIS",
+                "turn:t.example:3478, turns:t.example:5349",
+            );
+            jail.set_env("CONFAB_CALLS__RING_TIMEOUT_SECS", "2");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.calls.turn_secret.as_deref(), Some("shared"));
+            assert_eq!(
+                config.calls.turn_uris(),
+                ["turn:t.example:3478", "turns:t.example:5349"]
+            );
+            assert_eq!(config.calls.ring_timeout(), Duration::from_secs(2));
+            assert_eq!(config.calls.turn_ttl_secs, 3_600);
+            Ok(())
+        });
+    }
 
     #[test]
     fn defaults_run_the_embedded_stack_on_loopback() {

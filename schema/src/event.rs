@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::call::CallRelay;
 use crate::circle::{CirclePairing, CircleUnpairing, QueueMatch};
 use crate::ids::{ChatId, SignalId, UserId};
 use crate::model::{Chat, MemberRole, Signal};
@@ -101,6 +102,9 @@ pub enum Event {
     /// with it.
     #[serde(rename = "queue.matched")]
     QueueMatched(Box<QueueMatch>),
+    /// Ephemeral: WebRTC signalling from another participant of a call, to this user only.
+    #[serde(rename = "call.signal")]
+    CallSignal(CallRelay),
 }
 
 /// The kind of an [`Event`], for metrics and routing without looking at the payload.
@@ -124,6 +128,7 @@ pub enum EventKind {
     CirclePaired,
     CircleUnpaired,
     QueueMatched,
+    CallSignal,
 }
 
 impl EventKind {
@@ -147,6 +152,7 @@ impl EventKind {
             EventKind::CirclePaired => "circle.paired",
             EventKind::CircleUnpaired => "circle.unpaired",
             EventKind::QueueMatched => "queue.matched",
+            EventKind::CallSignal => "call.signal",
         }
     }
 }
@@ -172,6 +178,7 @@ impl Event {
             Event::CirclePaired(_) => EventKind::CirclePaired,
             Event::CircleUnpaired(_) => EventKind::CircleUnpaired,
             Event::QueueMatched(_) => EventKind::QueueMatched,
+            Event::CallSignal(_) => EventKind::CallSignal,
         }
     }
 }
@@ -273,6 +280,7 @@ mod tests {
             edited_at: None,
             deleted: false,
             reactions: BTreeMap::new(),
+            call: None,
         })
         .joining(vec![user]);
         let json = serde_json::to_value(&envelope).expect("serialises");

@@ -5,6 +5,7 @@
 //! stays free of drivers, runtimes and sockets.
 
 pub mod attachment;
+pub mod call;
 pub mod circle;
 pub mod event;
 pub mod ids;

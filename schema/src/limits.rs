@@ -14,3 +14,8 @@ pub const MAX_INITIAL_MEMBERS: usize = 1_000;
 pub const MAX_PAGE_SIZE: usize = 100;
 /// Page size when the client names none.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
+/// Most participants in one call (signalling is a full mesh between them).
+pub const MAX_CALL_PARTICIPANTS: usize = 16;
+/// Largest payload of one relayed WebRTC signalling message, in bytes of JSON (an SDP offer with
+/// its candidates is a few kilobytes).
+pub const MAX_CALL_SIGNAL_BYTES: usize = 32 * 1024;

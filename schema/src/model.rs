@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::attachment::AttachmentRef;
+use crate::call::CallSignal;
 use crate::ids::{ChatId, SignalId, UserId};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -57,7 +58,6 @@ macro_rules! wire_enum {
         }
     };
 }
-
 pub(crate) use wire_enum;
 
 /// A stored value that names no known variant (e.g. a row written by a newer version).
@@ -145,6 +145,9 @@ pub struct Signal {
     /// Emoji → number of users who reacted with it.
     #[serde(default)]
     pub reactions: BTreeMap<String, i64>,
+    /// A `call` signal's call and what happened to it; absent on every other kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<CallSignal>,
 }
 
 /// Truncates a time to whole milliseconds, the precision every store keeps.
@@ -189,6 +192,7 @@ mod tests {
             edited_at: None,
             deleted: false,
             reactions: BTreeMap::new(),
+            call: None,
         };
         let json = serde_json::to_value(&signal).expect("serialises");
         let mut keys: Vec<&str> = json

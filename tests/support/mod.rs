@@ -323,6 +323,21 @@ impl TestApp {
         Box::pin(self.stop_now())
     }
 
+    /// Stops the app and keeps what it made (its data folder, which it hands back, and its keyspace
+    /// and streams on the real services): for a test that starts it again on the same state. A
+    /// later app on the same configuration cleans up with [`TestApp::stop`].
+    pub async fn stop_keeping_state(mut self) -> tempfile::TempDir {
+        self.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(DEADLINE, server)
+                .await
+                .expect("server drains within the deadline")
+                .unwrap()
+                .unwrap();
+        }
+        self._data
+    }
+
     async fn stop_now(mut self) {
         self.shutdown.cancel();
         if let Some(server) = self.server.take() {

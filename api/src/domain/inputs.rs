@@ -2,8 +2,8 @@
 //! one of these types is valid by construction, so operations never check it again.
 
 use confab_schema::limits::{
-    DEFAULT_PAGE_SIZE, MAX_CHAT_DESCRIPTION_CHARS, MAX_CHAT_NAME_CHARS, MAX_NONCE_BYTES,
-    MAX_PAGE_SIZE, MAX_TEXT_CHARS,
+    DEFAULT_PAGE_SIZE, MAX_CALL_SIGNAL_BYTES, MAX_CHAT_DESCRIPTION_CHARS, MAX_CHAT_NAME_CHARS,
+    MAX_NONCE_BYTES, MAX_PAGE_SIZE, MAX_TEXT_CHARS,
 };
 
 use confab_schema::attachment::{MAX_ATTACHMENT_NAME_BYTES, MAX_ATTACHMENTS_PER_MESSAGE};
@@ -356,6 +356,53 @@ impl AttachmentIds {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+/// Who a call's signalling message goes to: one participant, or every other participant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayTarget {
+    User(confab_schema::UserId),
+    All,
+}
+
+impl RelayTarget {
+    /// `"all"` or a user id.
+    pub fn parse(value: &str) -> ApiResult<RelayTarget> {
+        if value == "all" {
+            return Ok(RelayTarget::All);
+        }
+        value.parse().map(RelayTarget::User).map_err(|_| {
+            ApiError::Unprocessable("`to` must be a participant's user id or \"all\"".into())
+        })
+    }
+}
+
+/// What a WebRTC stack produced for one signalling message (an SDP description or an ICE
+/// candidate): a JSON object or string of at most `MAX_CALL_SIGNAL_BYTES` bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SignalPayload(serde_json::Value);
+
+impl SignalPayload {
+    pub fn parse(value: serde_json::Value) -> ApiResult<SignalPayload> {
+        if !(value.is_object() || value.is_string()) {
+            return Err(ApiError::Unprocessable(
+                "payload must be a JSON object or string".into(),
+            ));
+        }
+        let size = serde_json::to_vec(&value)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        if size > MAX_CALL_SIGNAL_BYTES {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "a signalling payload is at most {MAX_CALL_SIGNAL_BYTES} bytes"
+            )));
+        }
+        Ok(SignalPayload(value))
+    }
+
+    pub fn into_inner(self) -> serde_json::Value {
+        self.0
     }
 }
 

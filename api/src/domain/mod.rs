@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod attachments;
+pub mod calls;
 pub mod chats;
 pub mod circles;
 pub mod devices;

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use confab_runtime::push_queue::{Cancelled, PushMessage};
+use confab_schema::call::CallState;
 use confab_schema::settings::{ChatSettings, UserSettings};
 use confab_schema::{ChatId, Signal, SignalId, SignalKind, UserId};
 use futures::StreamExt;
@@ -40,7 +41,12 @@ impl ApiState {
         let Some(queue) = &self.push_queue else {
             return;
         };
-        if created.kind != SignalKind::Message {
+        // Messages, and calls nobody answered; the other call signals do not ring anyone's phone.
+        let missed_call = created
+            .call
+            .as_ref()
+            .is_some_and(|call| call.state == CallState::Missed);
+        if created.kind != SignalKind::Message && !missed_call {
             return;
         }
         if members.len() > MAX_PUSHED_MEMBERS {

@@ -163,6 +163,45 @@ fn owners(members: &[Member]) -> usize {
         .count()
 }
 
+/// Who ends a call for everyone: in a direct chat, either participant (hanging up); in a group, its
+/// starter or an owner or admin. Others leave it.
+pub fn may_end_call(
+    caller: UserId,
+    role: MemberRole,
+    kind: ChatKind,
+    started_by: UserId,
+    participant: bool,
+) -> ApiResult<()> {
+    let allowed = match kind {
+        ChatKind::Direct => participant,
+        ChatKind::Group => caller == started_by || role.is_admin(),
+    };
+    if !allowed {
+        return Err(ApiError::Forbidden(
+            "only the call's starter or an admin ends a group call; leave it instead",
+        ));
+    }
+    Ok(())
+}
+
+/// Signalling goes from a participant of a call to another participant.
+pub fn may_relay(caller: UserId, participants: &[UserId], to: UserId) -> ApiResult<()> {
+    if !participants.contains(&caller) {
+        return Err(ApiError::Forbidden("you are not in this call"));
+    }
+    if to == caller {
+        return Err(ApiError::Unprocessable(
+            "signalling goes to another participant, not to yourself".into(),
+        ));
+    }
+    if !participants.contains(&to) {
+        return Err(ApiError::Unprocessable(
+            "`to` is not a participant of this call".into(),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +235,7 @@ mod tests {
             edited_at: None,
             deleted: false,
             reactions: Default::default(),
+            call: None,
         }
     }
 
@@ -315,5 +355,28 @@ mod tests {
         assert_eq!(set(Admin, &members[0], Member), 403);
         assert_eq!(set(Member, &members[2], Admin), 403);
         assert_eq!(set(Owner, &members[0], Member), 422, "keeps an owner");
+    }
+
+    #[test]
+    fn calls_end_by_their_starter_or_an_admin_and_signal_between_participants() {
+        let (a, b, c) = (user("a"), user("b"), user("c"));
+        assert!(may_end_call(b, MemberRole::Member, ChatKind::Direct, a, true).is_ok());
+        assert!(may_end_call(b, MemberRole::Member, ChatKind::Direct, a, false).is_err());
+        assert!(may_end_call(a, MemberRole::Member, ChatKind::Group, a, true).is_ok());
+        assert!(may_end_call(c, MemberRole::Admin, ChatKind::Group, a, false).is_ok());
+        assert!(may_end_call(b, MemberRole::Member, ChatKind::Group, a, true).is_err());
+        assert!(may_relay(a, &[a, b], b).is_ok());
+        assert!(matches!(
+            may_relay(c, &[a, b], b),
+            Err(ApiError::Forbidden(_))
+        ));
+        assert!(matches!(
+            may_relay(a, &[a, b], c),
+            Err(ApiError::Unprocessable(_))
+        ));
+        assert!(matches!(
+            may_relay(a, &[a, b], a),
+            Err(ApiError::Unprocessable(_))
+        ));
     }
 }

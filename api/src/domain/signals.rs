@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use confab_schema::call::CallSignal;
 use confab_schema::model::to_millis;
 use confab_schema::{ChatId, Envelope, Event, Signal, SignalId, SignalKind, User, UserId};
 use time::OffsetDateTime;
@@ -125,6 +126,7 @@ impl ApiState {
             edited_at: None,
             deleted: false,
             reactions: Default::default(),
+            call: None,
         };
         match self.record(&signal, members).await? {
             Inserted::Existing(existing) => {
@@ -267,6 +269,29 @@ impl ApiState {
         author: UserId,
         text: Option<String>,
     ) -> ApiResult<Signal> {
+        self.record_server_signal(chat, kind, author, text, None)
+            .await
+    }
+
+    /// Writes a `call` signal into the history, for the current members.
+    pub(crate) async fn record_call_signal(
+        &self,
+        chat: ChatId,
+        author: UserId,
+        call: CallSignal,
+    ) -> ApiResult<Signal> {
+        self.record_server_signal(chat, SignalKind::Call, author, None, Some(call))
+            .await
+    }
+
+    async fn record_server_signal(
+        &self,
+        chat: ChatId,
+        kind: SignalKind,
+        author: UserId,
+        text: Option<String>,
+        call: Option<CallSignal>,
+    ) -> ApiResult<Signal> {
         let id = SignalId::new();
         let signal = Signal {
             id,
@@ -281,6 +306,7 @@ impl ApiState {
             edited_at: None,
             deleted: false,
             reactions: Default::default(),
+            call,
         };
         let members = self
             .store

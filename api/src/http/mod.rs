@@ -4,6 +4,7 @@
 //! [`crate::domain`], and maps the result to a status and a body.
 
 mod attachments;
+mod calls;
 mod chats;
 mod circles;
 mod devices;
@@ -50,6 +51,7 @@ use crate::state::ApiState;
         (name = "attachments", description = "Files uploaded to chats, and their thumbnails"),
         (name = "circles", description = "Groups joined with an access code, members paired at random"),
         (name = "queues", description = "Matching queues: vent with listen, talk with talk"),
+        (name = "calls", description = "Calls: their state, WebRTC signalling between participants, TURN credentials"),
     )
 )]
 struct ApiDoc;
@@ -202,6 +204,13 @@ fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(circles::pair, circles::unpair))
         .routes(routes!(queues::join))
         .routes(routes!(queues::status, queues::leave))
+        .routes(routes!(calls::start))
+        .routes(routes!(calls::turn_credentials))
+        .routes(routes!(calls::get))
+        .routes(routes!(calls::join))
+        .routes(routes!(calls::leave))
+        .routes(routes!(calls::end))
+        .routes(routes!(calls::signal))
 }
 
 /// The authenticated caller. Extracting it verifies the bearer token and provisions the user from

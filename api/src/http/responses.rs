@@ -158,3 +158,22 @@ pub(crate) enum CircleErrors {
     )]
     Unavailable(Problem),
 }
+/// The target's state does not allow the request now (a call that is over or full).
+#[allow(dead_code)] // Exists for the OpenAPI description only.
+#[derive(IntoResponses)]
+#[response(
+    status = 409,
+    description = "Not possible in the current state",
+    content_type = "application/problem+json"
+)]
+pub(crate) struct Conflict(Problem);
+
+/// A signalling payload over its size limit.
+#[allow(dead_code)] // Exists for the OpenAPI description only.
+#[derive(IntoResponses)]
+#[response(
+    status = 413,
+    description = "The payload is larger than the limit",
+    content_type = "application/problem+json"
+)]
+pub(crate) struct TooLarge(Problem);

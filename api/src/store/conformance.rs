@@ -60,7 +60,9 @@ macro_rules! store_conformance_tests {
             circles_codes_members_and_expiry,
             slot_writes_are_all_or_nothing,
             racing_pairings_pair_each_user_once,
-            deleting_a_chat_removes_everything
+            deleting_a_chat_removes_everything,
+            call_signals_keep_their_call,
+            calls_move_once_and_ring_until_answered
         );
     };
     (@cases $open:expr; $($case:ident),+) => {
@@ -123,6 +125,7 @@ fn message_at(
         edited_at: None,
         deleted: false,
         reactions: Default::default(),
+        call: None,
     }
 }
 
@@ -1613,6 +1616,7 @@ pub async fn signals_keep_their_attachment_ids(store: Arc<dyn Store>) {
         edited_at: None,
         deleted: false,
         reactions: Default::default(),
+        call: None,
     };
     store.insert_signal(&signal).await.expect("stores");
     let stored = store
@@ -2085,4 +2089,149 @@ pub async fn deleting_a_chat_removes_everything(store: Arc<dyn Store>) {
     // Other chats keep their history, and removing again is harmless.
     assert_eq!(store.signals_before(kept, None, 10).await.unwrap().len(), 1);
     store.delete_chat(chat).await.unwrap();
+}
+
+pub async fn call_signals_keep_their_call(store: Arc<dyn Store>) {
+    let owner = user("caller");
+    store.upsert_user(&owner).await.expect("user");
+    let chat = chat_with(store.as_ref(), owner.id, &[]).await;
+    let call_id = Uuid::now_v7();
+    let mut ids = Vec::new();
+    for state in confab_schema::call::CallState::ALL {
+        let id = SignalId::new();
+        let signal = Signal {
+            kind: SignalKind::Call,
+            text: None,
+            call: Some(confab_schema::call::CallSignal {
+                call_id,
+                state: *state,
+            }),
+            ..message_at(chat, owner.id, id, None, "")
+        };
+        store.insert_signal(&signal).await.expect("stores");
+        assert_eq!(
+            store.get_signal(chat, id).await.expect("reads"),
+            Some(signal)
+        );
+        ids.push(id);
+    }
+    let page = store.signals_before(chat, None, 10).await.expect("reads");
+    let states: Vec<_> = page
+        .iter()
+        .rev()
+        .map(|s| s.call.as_ref().map(|c| (c.call_id, c.state)))
+        .collect();
+    let expected: Vec<_> = confab_schema::call::CallState::ALL
+        .iter()
+        .map(|state| Some((call_id, *state)))
+        .collect();
+    assert_eq!(states, expected);
+    assert!(
+        page.iter().all(|s| s.text.is_none()),
+        "no text on a call signal"
+    );
+}
+
+pub async fn calls_move_once_and_ring_until_answered(store: Arc<dyn Store>) {
+    use confab_schema::call::CallStatus;
+    let (caller, callee) = (user("ringer"), user("ringee"));
+    let chat = chat_with(store.as_ref(), caller.id, &[callee.id]).await;
+    let now = confab_schema::model::to_millis(OffsetDateTime::now_utc());
+    let call = |ring_until| super::CallRecord {
+        id: Uuid::now_v7(),
+        chat_id: chat,
+        started_by: caller.id,
+        started_at: now,
+        ring_until,
+        status: CallStatus::Ringing,
+    };
+    // Far in the past, so no other case's calls come before them in the list of ringing calls.
+    let early = now - time::Duration::days(1) + time::Duration::milliseconds(1);
+    let (answered, unanswered, later) = (
+        call(early),
+        call(early + time::Duration::milliseconds(1)),
+        call(now + time::Duration::hours(1)),
+    );
+    for record in [&answered, &unanswered, &later] {
+        store.create_call(record).await.expect("call stored");
+    }
+    assert_eq!(
+        store.get_call(answered.id).await.expect("reads"),
+        Some(answered.clone())
+    );
+    assert_eq!(
+        store.call_participants(answered.id).await.expect("reads"),
+        [caller.id],
+        "its starter is in it"
+    );
+    let due = |store: Arc<dyn Store>| async move {
+        store
+            .ringing_calls_due(now, 10_000)
+            .await
+            .expect("reads")
+            .into_iter()
+            .map(|r| r.id)
+            .collect::<Vec<Uuid>>()
+    };
+    let listed = due(Arc::clone(&store)).await;
+    assert!(listed.contains(&answered.id) && listed.contains(&unanswered.id));
+    assert!(!listed.contains(&later.id), "still ringing");
+
+    // An answer and the ring timeout race: exactly one moves the call out of `ringing`.
+    store
+        .set_call_participant(answered.id, callee.id, true)
+        .await
+        .expect("joins");
+    let (a, b) = futures::join!(
+        store.transition_call(answered.id, CallStatus::Ringing, CallStatus::Active),
+        store.transition_call(answered.id, CallStatus::Ringing, CallStatus::Missed),
+    );
+    let (a, b) = (a.expect("moves"), b.expect("moves"));
+    assert!(a ^ b, "one transition wins: {a} {b}");
+    let status = store
+        .get_call(answered.id)
+        .await
+        .expect("reads")
+        .expect("there")
+        .status;
+    assert_eq!(
+        status,
+        if a {
+            CallStatus::Active
+        } else {
+            CallStatus::Missed
+        }
+    );
+    let mut participants = store.call_participants(answered.id).await.expect("reads");
+    participants.sort();
+    let mut both = vec![caller.id, callee.id];
+    both.sort();
+    assert_eq!(participants, both);
+    store
+        .set_call_participant(answered.id, caller.id, false)
+        .await
+        .expect("leaves");
+    assert_eq!(
+        store.call_participants(answered.id).await.expect("reads"),
+        [callee.id]
+    );
+
+    let listed = due(Arc::clone(&store)).await;
+    assert!(!listed.contains(&answered.id), "no longer ringing");
+    assert!(listed.contains(&unanswered.id));
+    assert!(
+        store
+            .transition_call(unanswered.id, CallStatus::Ringing, CallStatus::Missed)
+            .await
+            .expect("moves")
+    );
+    assert!(
+        !store
+            .transition_call(unanswered.id, CallStatus::Ringing, CallStatus::Active)
+            .await
+            .expect("moves"),
+        "a missed call is not answered"
+    );
+    assert!(!due(Arc::clone(&store)).await.contains(&unanswered.id));
+    assert_eq!(store.get_call(Uuid::now_v7()).await.expect("reads"), None);
 }

@@ -14,12 +14,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use confab_runtime::telemetry::ReadinessCheck;
+use confab_schema::call::{CallSignal, CallStatus};
 use confab_schema::circle::{Circle, CircleMember};
 use confab_schema::push::Device;
 use confab_schema::settings::{ChatSettings, UserSettings};
 use confab_schema::{
     Attachment, AttachmentKind, Chat, ChatId, ChatKind, CircleId, DeviceId, Member, MemberRole,
-    Signal, SignalId, User, UserId,
+    Signal, SignalId, SignalKind, User, UserId,
 };
 use futures::future::BoxFuture;
 use time::OffsetDateTime;
@@ -107,6 +108,59 @@ impl MarkerKind {
             MarkerKind::Delivered => "delivered",
         }
     }
+}
+
+/// A call as stored: its chat, who started it, until when it rings, and its status. Its
+/// participants are kept apart ([`Store::call_participants`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallRecord {
+    pub id: Uuid,
+    pub chat_id: ChatId,
+    pub started_by: UserId,
+    pub started_at: OffsetDateTime,
+    pub ring_until: OffsetDateTime,
+    pub status: CallStatus,
+}
+
+/// A ringing call whose ring has run out, as [`Store::ringing_calls_due`] lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingingCall {
+    pub id: Uuid,
+    pub chat_id: ChatId,
+    pub ring_until: OffsetDateTime,
+}
+
+/// What a signal keeps in its `text` column. A `call` signal keeps its call there as
+/// `<state>:<call id>` (both stores), so calls need no column of their own in the history.
+pub(crate) fn stored_text(signal: &Signal) -> Option<String> {
+    match &signal.call {
+        Some(call) => Some(format!("{}:{}", call.state, call.call_id.as_hyphenated())),
+        None => signal.text.clone(),
+    }
+}
+
+/// The text and call of a stored signal of `kind`, from its `text` column (see [`stored_text`]).
+pub(crate) fn text_and_call(
+    kind: SignalKind,
+    text: Option<String>,
+) -> Result<(Option<String>, Option<CallSignal>), StoreError> {
+    if kind != SignalKind::Call {
+        return Ok((text, None));
+    }
+    let Some(text) = text else {
+        // A deleted call signal keeps nothing.
+        return Ok((None, None));
+    };
+    let (state, id) = text
+        .split_once(':')
+        .ok_or_else(|| StoreError::Corrupt(format!("call signal text `{text}`")))?;
+    Ok((
+        None,
+        Some(CallSignal {
+            call_id: parse(id)?,
+            state: parse(state)?,
+        }),
+    ))
 }
 
 /// How long a nonce protects against a repeated send when no setting says otherwise. Retries come
@@ -526,6 +580,41 @@ pub trait Store: Send + Sync + 'static {
         chat: ChatId,
         user: UserId,
     ) -> Result<Option<SignalId>, StoreError>;
+    // Calls.
+
+    /// Stores a new call with its starter as its first participant, and, while it rings, in the
+    /// list of ringing calls.
+    async fn create_call(&self, call: &CallRecord) -> Result<(), StoreError>;
+    async fn get_call(&self, id: Uuid) -> Result<Option<CallRecord>, StoreError>;
+    /// Moves call `id` from `from` to `to`; `false` when it was not in `from` (another change won).
+    /// Linearizable: of racing transitions out of one status, exactly one succeeds. Leaving
+    /// `ringing` also takes the call out of the list of ringing calls.
+    async fn transition_call(
+        &self,
+        id: Uuid,
+        from: CallStatus,
+        to: CallStatus,
+    ) -> Result<bool, StoreError>;
+    /// Who is in call `id` now.
+    async fn call_participants(&self, id: Uuid) -> Result<Vec<UserId>, StoreError>;
+    /// Puts `user` in call `id` (`present`) or takes them out.
+    async fn set_call_participant(
+        &self,
+        id: Uuid,
+        user: UserId,
+        present: bool,
+    ) -> Result<(), StoreError>;
+    /// Up to `limit` calls of the list of ringing calls whose ring ended at or before `now`,
+    /// oldest first. May list calls that stopped ringing meanwhile; [`Store::transition_call`]
+    /// tells.
+    async fn ringing_calls_due(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<RingingCall>, StoreError>;
+    /// Takes a call out of the list of ringing calls.
+    async fn forget_ringing_call(&self, call: &RingingCall) -> Result<(), StoreError>;
+
     /// Markers of `chat` after user `after`, in user-id order.
     async fn markers_page(
         &self,

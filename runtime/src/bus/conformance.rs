@@ -38,6 +38,7 @@ pub fn message(chat: ChatId, text: &str) -> Envelope {
         edited_at: None,
         deleted: false,
         reactions: Default::default(),
+        call: None,
     })
 }
 

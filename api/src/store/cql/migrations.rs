@@ -52,6 +52,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "circles_queues",
         cql: include_str!("migrations/0008_circles_queues.cql"),
     },
+    Migration {
+        version: 9,
+        name: "calls",
+        cql: include_str!("migrations/0009_calls.cql"),
+    },
 ];
 
 impl Migration {

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+mod calls;
 mod circles;
 mod migrations;
 mod outbox;
@@ -36,10 +37,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures::{StreamExt, TryFutureExt, TryStreamExt};
 
+use confab_schema::call::CallStatus;
+
 use super::{
-    ChatActivity, ChatEntry, GuardedChange, Inserted, MarkerKind, MemberWrite, NewChat,
-    OutboxEntry, OutboxWriter, Slot, SlotWrite, Store, StoreError, UNREAD_SCAN_LIMIT, created_at,
-    from_millis, millis, parse, search_terms,
+    CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, MarkerKind, MemberWrite, NewChat,
+    OutboxEntry, OutboxWriter, RingingCall, Slot, SlotWrite, Store, StoreError, UNREAD_SCAN_LIMIT,
+    created_at, from_millis, millis, parse, search_terms, stored_text, text_and_call,
 };
 
 /// Where and how to reach the cluster.
@@ -369,6 +372,7 @@ pub struct CqlStore {
     statements: Statements,
     /// Circles, pairing pools and removing chats (`circles`).
     circles: circles::CircleStatements,
+    calls: calls::CallStatements,
     /// (chat, bucket) pairs this process has written to `signal_buckets`: the row is idempotent, so
     /// writing it once per day per chat is enough.
     known_buckets: std::sync::Mutex<std::collections::HashSet<(Uuid, i32)>>,
@@ -703,11 +707,13 @@ impl CqlStore {
         };
         let outbox = outbox::OutboxStatements::prepare(&session, keyspace).await?;
         let circles = circles::CircleStatements::prepare(&session, keyspace).await?;
+        let calls = calls::CallStatements::prepare(&session, keyspace).await?;
         Ok(CqlStore {
             session,
             keyspace: options.keyspace.clone(),
             statements,
             circles,
+            calls,
             known_buckets: Default::default(),
             nonce_bucket,
             outbox,
@@ -811,6 +817,7 @@ impl CqlStore {
             },
             edited_at: None,
             reactions: Default::default(),
+            call: None,
         }))
     }
 
@@ -859,7 +866,7 @@ impl CqlStore {
                     // cell, which every read of the row would then have to skip. `deleted` is
                     // written by deletions only (see `edit_signal`).
                     MaybeUnset::from_option(signal.nonce.as_deref()),
-                    MaybeUnset::from_option(signal.text.as_deref()),
+                    MaybeUnset::from_option(stored_text(signal)),
                     MaybeUnset::from_option(signal.reply_to.map(|r| r.0)),
                     MaybeUnset::from_option(attachments),
                     MaybeUnset::from_option(signal.edited_at.map(|t| CqlTimestamp(millis(t)))),
@@ -877,14 +884,16 @@ fn to_signal(chat_id: ChatId, row: SignalRow) -> Result<Signal, StoreError> {
     let (id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted) = row;
     let id = SignalId(id);
     let deleted = deleted.unwrap_or(false);
+    let kind = parse(&kind)?;
+    let (text, call) = text_and_call(kind, if deleted { None } else { text })?;
     Ok(Signal {
         id,
         chat_id,
-        kind: parse(&kind)?,
+        kind,
         author_id: UserId(author_id),
         created_at: created_at(id)?,
         nonce,
-        text: if deleted { None } else { text },
+        text,
         reply_to: reply_to.map(SignalId),
         attachments: attachments
             .unwrap_or_default()
@@ -894,6 +903,7 @@ fn to_signal(chat_id: ChatId, row: SignalRow) -> Result<Signal, StoreError> {
         edited_at: edited_at.map(|t| from_millis(t.0)).transpose()?,
         deleted,
         reactions: Default::default(),
+        call,
     })
 }
 
@@ -1873,6 +1883,7 @@ impl Store for CqlStore {
             text: None,
             deleted: true,
             reactions: Default::default(),
+            call: None,
             ..before
         };
         if let Some(nonce) = tombstone.nonce.as_deref() {
@@ -2388,6 +2399,48 @@ impl Store for CqlStore {
             .maybe_first_row::<(Uuid,)>()
             .map_err(corrupt)?
             .map(|(id,)| SignalId(id)))
+    }
+
+    async fn create_call(&self, call: &CallRecord) -> Result<(), StoreError> {
+        self.cql_create_call(call).await
+    }
+
+    async fn get_call(&self, id: Uuid) -> Result<Option<CallRecord>, StoreError> {
+        self.cql_get_call(id).await
+    }
+
+    async fn transition_call(
+        &self,
+        id: Uuid,
+        from: CallStatus,
+        to: CallStatus,
+    ) -> Result<bool, StoreError> {
+        self.cql_transition_call(id, from, to).await
+    }
+
+    async fn call_participants(&self, id: Uuid) -> Result<Vec<UserId>, StoreError> {
+        self.cql_call_participants(id).await
+    }
+
+    async fn set_call_participant(
+        &self,
+        id: Uuid,
+        user: UserId,
+        present: bool,
+    ) -> Result<(), StoreError> {
+        self.cql_set_call_participant(id, user, present).await
+    }
+
+    async fn ringing_calls_due(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<RingingCall>, StoreError> {
+        self.cql_ringing_calls_due(now, limit).await
+    }
+
+    async fn forget_ringing_call(&self, call: &RingingCall) -> Result<(), StoreError> {
+        self.cql_forget_ringing(call).await
     }
 
     async fn markers_page(

@@ -22,10 +22,13 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use confab_schema::call::CallStatus;
+
 use super::{
-    ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted, MarkerKind, MemberWrite,
-    NewChat, OutboxEntry, OutboxWriter, Slot, SlotState, SlotWrite, Store, StoreError,
-    UNREAD_SCAN_LIMIT, circle_pool, created_at, from_millis, millis, parse, search_terms,
+    CallRecord, ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted, MarkerKind,
+    MemberWrite, NewChat, OutboxEntry, OutboxWriter, RingingCall, Slot, SlotState, SlotWrite,
+    Store, StoreError, UNREAD_SCAN_LIMIT, circle_pool, created_at, from_millis, millis, parse,
+    search_terms, stored_text, text_and_call,
 };
 use std::collections::BTreeMap;
 
@@ -39,6 +42,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0006_attachments.sql"),
     include_str!("schema/0007_outbox.sql"),
     include_str!("schema/0008_circles_queues.sql"),
+    include_str!("schema/0009_calls.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -225,20 +229,23 @@ fn to_signal(row: SignalRow) -> Result<Signal, StoreError> {
     let (chat_id, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted) =
         row;
     let id = SignalId(uuid_from(id)?);
+    let kind = parse(&kind)?;
+    let (text, call) = text_and_call(kind, if deleted { None } else { text })?;
     Ok(Signal {
         id,
         chat_id: ChatId(uuid_from(chat_id)?),
-        kind: parse(&kind)?,
+        kind,
         author_id: UserId(uuid_from(author_id)?),
         created_at: created_at(id)?,
         nonce,
-        text: if deleted { None } else { text },
+        text,
         reply_to: reply_to.map(uuid_from).transpose()?.map(SignalId),
         attachments: serde_json::from_str(&attachments)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?,
         edited_at: edited_at.map(from_millis).transpose()?,
         deleted,
         reactions: Default::default(),
+        call,
     })
 }
 
@@ -714,7 +721,7 @@ impl Store for EmbeddedStore {
                 signal.kind.as_str(),
                 blob(signal.author_id.0),
                 signal.nonce,
-                signal.text,
+                stored_text(&signal),
                 signal.reply_to.map(|r| blob(r.0)),
                 attachments,
                 signal.edited_at.map(millis),
@@ -1481,6 +1488,154 @@ impl Store for EmbeddedStore {
             })
             .await?;
         row.map(|r| uuid_from(r).map(SignalId)).transpose()
+    }
+
+    async fn create_call(&self, call: &CallRecord) -> Result<(), StoreError> {
+        let call = call.clone();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO calls (id, chat_id, started_by, started_at, ring_until, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    blob(call.id),
+                    blob(call.chat_id.0),
+                    blob(call.started_by.0),
+                    millis(call.started_at),
+                    millis(call.ring_until),
+                    call.status.as_str()
+                ],
+            )
+            .map_err(unavailable)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO call_participants (call_id, user_id) VALUES (?1, ?2)",
+                params![blob(call.id), blob(call.started_by.0)],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn get_call(&self, id: Uuid) -> Result<Option<CallRecord>, StoreError> {
+        self.with(move |c| {
+            let row: Option<(Vec<u8>, Vec<u8>, i64, i64, String)> = c
+                .query_row(
+                    "SELECT chat_id, started_by, started_at, ring_until, status FROM calls WHERE id = ?1",
+                    params![blob(id)],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            row.map(|(chat_id, started_by, started_at, ring_until, status)| {
+                Ok(CallRecord {
+                    id,
+                    chat_id: ChatId(uuid_from(chat_id)?),
+                    started_by: UserId(uuid_from(started_by)?),
+                    started_at: from_millis(started_at)?,
+                    ring_until: from_millis(ring_until)?,
+                    status: parse(&status)?,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn transition_call(
+        &self,
+        id: Uuid,
+        from: CallStatus,
+        to: CallStatus,
+    ) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            let changed = c
+                .execute(
+                    "UPDATE calls SET status = ?1 WHERE id = ?2 AND status = ?3",
+                    params![to.as_str(), blob(id), from.as_str()],
+                )
+                .map_err(unavailable)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn call_participants(&self, id: Uuid) -> Result<Vec<UserId>, StoreError> {
+        self.with(move |c| {
+            let mut statement = c
+                .prepare_cached("SELECT user_id FROM call_participants WHERE call_id = ?1")
+                .map_err(unavailable)?;
+            let users = statement
+                .query_map(params![blob(id)], |row| row.get::<_, Vec<u8>>(0))
+                .map_err(unavailable)?
+                .map(|user| Ok(UserId(uuid_from(user.map_err(unavailable)?)?)))
+                .collect::<Result<Vec<UserId>, StoreError>>()?;
+            Ok(users)
+        })
+        .await
+    }
+
+    async fn set_call_participant(
+        &self,
+        id: Uuid,
+        user: UserId,
+        present: bool,
+    ) -> Result<(), StoreError> {
+        self.with(move |c| {
+            let sql = if present {
+                "INSERT OR IGNORE INTO call_participants (call_id, user_id) VALUES (?1, ?2)"
+            } else {
+                "DELETE FROM call_participants WHERE call_id = ?1 AND user_id = ?2"
+            };
+            c.execute(sql, params![blob(id), blob(user.0)])
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn ringing_calls_due(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<RingingCall>, StoreError> {
+        self.with(move |c| {
+            let mut statement = c
+                .prepare_cached(
+                    "SELECT id, chat_id, ring_until FROM calls
+                     WHERE status = 'ringing' AND ring_until <= ?1 ORDER BY ring_until LIMIT ?2",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(
+                    params![millis(now), i64::try_from(limit).unwrap_or(i64::MAX)],
+                    |row| {
+                        Ok((
+                            row.get::<_, Vec<u8>>(0)?,
+                            row.get::<_, Vec<u8>>(1)?,
+                            row.get::<_, i64>(2)?,
+                        ))
+                    },
+                )
+                .map_err(unavailable)?;
+            rows.map(|row| {
+                let (id, chat_id, ring_until) = row.map_err(unavailable)?;
+                Ok(RingingCall {
+                    id: uuid_from(id)?,
+                    chat_id: ChatId(uuid_from(chat_id)?),
+                    ring_until: from_millis(ring_until)?,
+                })
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn forget_ringing_call(&self, _call: &RingingCall) -> Result<(), StoreError> {
+        // The list of ringing calls is an index of `calls` by status: nothing to forget.
+        Ok(())
     }
 
     async fn markers_page(
