@@ -270,6 +270,7 @@ mod tests {
             edited_at: None,
             deleted: false,
             reactions: Default::default(),
+            call: None,
         }
     }
 

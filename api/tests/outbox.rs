@@ -310,13 +310,13 @@ async fn a_silent_writers_events_are_published_by_a_sweep(parts: Parts) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_a_silent_writers_events_are_published_by_a_sweep() {
     if let Some(parts) = embedded().await {
-        a_silent_writers_events_are_published_by_a_sweep(parts).await;
+        Box::pin(a_silent_writers_events_are_published_by_a_sweep(parts)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_a_silent_writers_events_are_published_by_a_sweep() {
-    if let Some(parts) = real().await {
-        a_silent_writers_events_are_published_by_a_sweep(parts).await;
+    if let Some(parts) = Box::pin(real()).await {
+        Box::pin(a_silent_writers_events_are_published_by_a_sweep(parts)).await;
     }
 }
