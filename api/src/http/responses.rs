@@ -104,6 +104,7 @@ pub(crate) enum UploadErrors {
     content_type = "application/problem+json"
 )]
 pub(crate) struct Limited(Problem);
+
 /// Calls on a circle or a matching queue: the [`ChatErrors`], plus conflicts (a full circle, another
 /// queue) and expired circles.
 #[allow(dead_code)] // Variants exist for the OpenAPI description only.
