@@ -6,7 +6,7 @@ use confab_schema::{CircleId, UserId};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::responses::CircleErrors;
+use super::responses::{ChatErrors, CircleErrors, Invalid};
 use super::{ApiJson, ApiPath, Caller};
 use crate::domain::Outcome;
 use crate::domain::circles::NewCircle;
@@ -35,7 +35,7 @@ pub struct CreateCircle {
 #[utoipa::path(
     post, operation_id = "create_circle", path = "/v1/circles", tag = "circles",
     request_body = CreateCircle,
-    responses((status = 201, description = "Created", body = Circle), CircleErrors),
+    responses((status = 201, description = "Created", body = Circle), ChatErrors, Invalid, CircleErrors),
     security(("bearer" = []))
 )]
 pub async fn create(
@@ -62,7 +62,7 @@ pub async fn create(
 #[utoipa::path(
     get, operation_id = "get_circle", path = "/v1/circles/{circle_id}", tag = "circles",
     params(("circle_id" = CircleId, Path, description = "The circle")),
-    responses((status = 200, description = "OK", body = Circle), CircleErrors),
+    responses((status = 200, description = "OK", body = Circle), ChatErrors, Invalid, CircleErrors),
     security(("bearer" = []))
 )]
 pub async fn get(
@@ -89,7 +89,7 @@ pub struct JoinCircle {
     responses(
         (status = 201, description = "Joined", body = Circle),
         (status = 200, description = "Already a member (renamed)", body = Circle),
-        CircleErrors,
+        ChatErrors, Invalid, CircleErrors,
     ),
     security(("bearer" = []))
 )]
@@ -110,7 +110,7 @@ pub async fn join(
 #[utoipa::path(
     post, operation_id = "rotate_circle_code", path = "/v1/circles/{circle_id}/access-code", tag = "circles",
     params(("circle_id" = CircleId, Path, description = "The circle")),
-    responses((status = 200, description = "The circle with its new code", body = Circle), CircleErrors),
+    responses((status = 200, description = "The circle with its new code", body = Circle), ChatErrors, Invalid, CircleErrors),
     security(("bearer" = []))
 )]
 pub async fn rotate_code(
@@ -125,7 +125,7 @@ pub async fn rotate_code(
 #[utoipa::path(
     get, operation_id = "list_circle_members", path = "/v1/circles/{circle_id}/members", tag = "circles",
     params(("circle_id" = CircleId, Path, description = "The circle")),
-    responses((status = 200, description = "OK", body = Vec<CircleMember>), CircleErrors),
+    responses((status = 200, description = "OK", body = Vec<CircleMember>), ChatErrors, Invalid, CircleErrors),
     security(("bearer" = []))
 )]
 pub async fn members(
@@ -144,7 +144,7 @@ pub async fn members(
         ("circle_id" = CircleId, Path, description = "The circle"),
         ("user_id" = UserId, Path, description = "The member"),
     ),
-    responses((status = 204, description = "Removed"), CircleErrors),
+    responses((status = 204, description = "Removed"), ChatErrors, Invalid, CircleErrors),
     security(("bearer" = []))
 )]
 pub async fn remove_member(
@@ -166,7 +166,7 @@ pub async fn remove_member(
     responses(
         (status = 200, description = "Paired", body = PairingStatus),
         (status = 202, description = "Waiting", body = PairingStatus),
-        CircleErrors,
+        ChatErrors, Invalid, CircleErrors,
     ),
     security(("bearer" = []))
 )]
@@ -183,7 +183,7 @@ pub async fn pair(
 #[utoipa::path(
     delete, operation_id = "leave_circle_lobby", path = "/v1/circles/{circle_id}/pair", tag = "circles",
     params(("circle_id" = CircleId, Path, description = "The circle")),
-    responses((status = 204, description = "Done"), CircleErrors),
+    responses((status = 204, description = "Done"), ChatErrors, Invalid, CircleErrors),
     security(("bearer" = []))
 )]
 pub async fn unpair(

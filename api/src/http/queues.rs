@@ -4,7 +4,7 @@ use axum::http::StatusCode;
 use confab_schema::circle::PairingStatus;
 
 use super::circles::status_code;
-use super::responses::CircleErrors;
+use super::responses::{ChatErrors, CircleErrors, Invalid};
 use super::{ApiPath, Caller};
 use crate::domain::inputs::queue_kind;
 use crate::error::ApiResult;
@@ -19,7 +19,7 @@ use crate::state::ApiState;
     responses(
         (status = 200, description = "Matched", body = PairingStatus),
         (status = 202, description = "Waiting", body = PairingStatus),
-        CircleErrors,
+        ChatErrors, Invalid, CircleErrors,
     ),
     security(("bearer" = []))
 )]
@@ -38,7 +38,7 @@ pub async fn join(
 #[utoipa::path(
     get, operation_id = "queue_status", path = "/v1/queues/{kind}", tag = "queues",
     params(("kind" = String, Path, description = "`vent`, `listen` or `talk`")),
-    responses((status = 200, description = "OK", body = PairingStatus), CircleErrors),
+    responses((status = 200, description = "OK", body = PairingStatus), ChatErrors, Invalid, CircleErrors),
     security(("bearer" = []))
 )]
 pub async fn status(
@@ -54,7 +54,7 @@ pub async fn status(
 #[utoipa::path(
     delete, operation_id = "leave_queue", path = "/v1/queues/{kind}", tag = "queues",
     params(("kind" = String, Path, description = "`vent`, `listen` or `talk`")),
-    responses((status = 204, description = "Left"), CircleErrors),
+    responses((status = 204, description = "Left"), ChatErrors, Invalid, CircleErrors),
     security(("bearer" = []))
 )]
 pub async fn leave(

@@ -105,35 +105,11 @@ pub(crate) enum UploadErrors {
 )]
 pub(crate) struct Limited(Problem);
 
-/// Calls on a circle or a matching queue: the [`ChatErrors`], plus conflicts (a full circle, another
-/// queue) and expired circles.
+/// What a circle or a matching queue adds to the [`ChatErrors`] (listed beside them and
+/// [`Invalid`]): conflicts (a full circle, another queue) and expired circles.
 #[allow(dead_code)] // Variants exist for the OpenAPI description only.
 #[derive(IntoResponses)]
 pub(crate) enum CircleErrors {
-    #[response(
-        status = 400,
-        description = "Malformed request",
-        content_type = "application/problem+json"
-    )]
-    Malformed(Problem),
-    #[response(
-        status = 401,
-        description = "Missing or invalid token",
-        content_type = "application/problem+json"
-    )]
-    Unauthenticated(Problem),
-    #[response(
-        status = 403,
-        description = "Not allowed",
-        content_type = "application/problem+json"
-    )]
-    Forbidden(Problem),
-    #[response(
-        status = 404,
-        description = "Not found (an unknown circle, access code or queue)",
-        content_type = "application/problem+json"
-    )]
-    NotFound(Problem),
     #[response(
         status = 409,
         description = "Conflicts with the current state (a full circle, already in another queue)",
@@ -146,18 +122,6 @@ pub(crate) enum CircleErrors {
         content_type = "application/problem+json"
     )]
     Gone(Problem),
-    #[response(
-        status = 422,
-        description = "Invalid content",
-        content_type = "application/problem+json"
-    )]
-    Invalid(Problem),
-    #[response(
-        status = 503,
-        description = "A dependency is unavailable",
-        content_type = "application/problem+json"
-    )]
-    Unavailable(Problem),
 }
 /// The target's state does not allow the request now (a call that is over or full).
 #[allow(dead_code)] // Exists for the OpenAPI description only.
