@@ -441,68 +441,11 @@ async fn racing_through_two_apis_pairs_nobody_twice(stack: Stack) {
     let others: Vec<&Person> = p[1..].iter().collect();
     let (circle, _) = circle_of(&first, &p[0], &others, json!({"name": "race"})).await;
     let path = format!("/v1/circles/{circle}/pair");
+    let bases = [first.base.as_str(), second.base.as_str()];
+    let tokens_and_ids: Vec<(String, String)> =
+        p.iter().map(|q| (q.token.clone(), q.id.clone())).collect();
     for round in 0..3 {
-        let answers = futures::future::join_all(p.iter().enumerate().map(|(i, person)| {
-            let app = apps[(i + round) % 2];
-            let path = path.clone();
-            async move {
-                let response = app.post(&person.token, &path, &json!({})).await;
-                assert!(matches!(response.status().as_u16(), 200 | 202));
-            }
-        }))
-        .await;
-        assert_eq!(answers.len(), p.len());
-        // Where everyone stands now (entering again answers it and changes nothing).
-        let mut partner_of: HashMap<String, (String, String)> = HashMap::new();
-        for (i, person) in p.iter().enumerate() {
-            let status: Value = apps[i % 2]
-                .post(&person.token, &path, &json!({}))
-                .await
-                .json()
-                .await
-                .unwrap();
-            if status["state"] == "paired" {
-                partner_of.insert(
-                    person.id.clone(),
-                    (
-                        status["partner_id"].as_str().unwrap().to_owned(),
-                        status["chat_id"].as_str().unwrap().to_owned(),
-                    ),
-                );
-            }
-        }
-        assert!(!partner_of.is_empty(), "round {round}: someone was paired");
-        for (user, (partner, chat)) in &partner_of {
-            assert_eq!(
-                partner_of.get(partner),
-                Some(&(user.clone(), chat.clone())),
-                "round {round}: pairs agree"
-            );
-        }
-        // Each paired user is in exactly one live chat of this circle: no second pairing made a
-        // chat that was then lost.
-        for person in &p {
-            let chats: Value = first
-                .get(&person.token, "/v1/chats")
-                .await
-                .json()
-                .await
-                .unwrap();
-            let direct: Vec<&str> = chats["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|c| c["kind"] == "direct")
-                .map(|c| c["id"].as_str().unwrap())
-                .collect();
-            match partner_of.get(&person.id) {
-                Some((_, chat)) => assert_eq!(direct, [chat.as_str()], "round {round}"),
-                None => assert!(direct.is_empty(), "round {round}: {direct:?}"),
-            }
-        }
-        for person in &p {
-            assert_eq!(delete(&first, &person.token, &path).await.status(), 204);
-        }
+        support::race_lobby_round(&bases, &tokens_and_ids, &path, round).await;
     }
 
     // The talk queue, raced the same way: two matches, each user in one.

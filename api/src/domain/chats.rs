@@ -158,16 +158,12 @@ impl ApiState {
             created_by: caller.id,
             members,
         };
-        self.store.create_chat(&new_chat).await?;
         let member_ids: Vec<UserId> = new_chat.members.iter().map(|(m, _)| *m).collect();
-        self.store
-            .touch_chat(id, &member_ids, SignalId::new(), None)
-            .await?;
         let chat = Chat {
             id: new_chat.id,
             kind: new_chat.kind,
-            name: new_chat.name,
-            description: new_chat.description,
+            name: new_chat.name.clone(),
+            description: new_chat.description.clone(),
             created_at: new_chat.created_at,
             created_by: new_chat.created_by,
             my_role: Some(MemberRole::Owner),
@@ -175,17 +171,20 @@ impl ApiState {
             unread_count: 0,
         };
         // The members start receiving the chat's events with this one.
-        self.publish(
-            Envelope::new(
-                id,
-                Event::ChatUpdated(Box::new(Chat {
-                    my_role: None,
-                    ..chat.clone()
-                })),
-            )
-            .joining(member_ids),
+        let envelope = Envelope::new(
+            id,
+            Event::ChatUpdated(Box::new(Chat {
+                my_role: None,
+                ..chat.clone()
+            })),
         )
-        .await;
+        .joining(member_ids.clone());
+        let intent = self.outbox.intend(&*self.store, &envelope).await?;
+        self.store.create_chat(&new_chat).await?;
+        self.store
+            .touch_chat(id, &member_ids, SignalId::new(), None)
+            .await?;
+        self.publish_intended(envelope, intent).await;
         Ok(Outcome::Created(chat))
     }
 
@@ -236,6 +235,8 @@ impl ApiState {
             Some(DescriptionChange::Set(description)) => Some(description.into_inner()),
             None => chat.description.clone(),
         };
+        let envelope = Envelope::new(chat_id, Event::ChatUpdated(Box::new(chat.clone())));
+        let intent = self.outbox.intend(&*self.store, &envelope).await?;
         self.store
             .update_chat(chat_id, name.as_deref(), description.as_deref())
             .await?;
@@ -248,10 +249,13 @@ impl ApiState {
             .get_chat(chat_id)
             .await?
             .ok_or(ApiError::NotFound("no such chat"))?;
-        self.publish(Envelope::new(
-            chat_id,
-            Event::ChatUpdated(Box::new(updated.clone())),
-        ))
+        self.publish_intended(
+            Envelope {
+                event: Event::ChatUpdated(Box::new(updated.clone())),
+                ..envelope
+            },
+            intent,
+        )
         .await;
         self.chat_view(chat_id, caller).await
     }

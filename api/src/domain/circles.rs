@@ -21,7 +21,7 @@ use super::inputs::{
 use super::pairing::Pair;
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
-use crate::store::{Slot, SlotState, circle_pool};
+use crate::store::{MemberPut, Slot, SlotState, circle_pool};
 
 /// How circles and queues behave (`circles.*` and `queues.*` in the configuration).
 #[derive(Clone, Debug)]
@@ -154,6 +154,7 @@ impl ApiState {
                     display_name,
                     joined_at: now,
                 },
+                circle.max_members,
             )
             .await?;
         Ok(circle)
@@ -210,24 +211,22 @@ impl ApiState {
             // A code rotated away whose row a concurrent rotation has not removed yet.
             return Err(ApiError::NotFound("no circle has this access code"));
         }
-        let members = self.store.circle_members(id).await?;
-        let existing = members.iter().find(|m| m.user_id == caller);
-        if existing.is_none() && members.len() >= circle.max_members as usize {
-            return Err(ApiError::Conflict("this circle is full".into()));
-        }
         let member = CircleMember {
             user_id: caller,
             display_name: display_name.into_inner(),
-            joined_at: existing
-                .map(|m| m.joined_at)
-                .unwrap_or_else(|| confab_schema::model::to_millis(OffsetDateTime::now_utc())),
+            joined_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
         };
-        self.store.put_circle_member(id, &member).await?;
+        // The store counts the seats: racing joins never take the circle past its size.
+        let put = self
+            .store
+            .put_circle_member(id, &member, circle.max_members)
+            .await?;
         let circle = view(circle, caller);
-        Ok(match existing {
-            Some(_) => Outcome::Existing(circle),
-            None => Outcome::Created(circle),
-        })
+        match put {
+            MemberPut::Added => Ok(Outcome::Created(circle)),
+            MemberPut::Renamed => Ok(Outcome::Existing(circle)),
+            MemberPut::Full => Err(ApiError::Conflict("this circle is full".into())),
+        }
     }
 
     /// Gives the circle a new access code (the owner only); the old one stops working.

@@ -59,22 +59,22 @@ impl ApiState {
                 joined_at: to_millis(OffsetDateTime::now_utc()),
             };
             let change = guarded(caller, my_role, MemberWrite::Add(member.clone()), &members);
-            if !self.store.change_member(chat_id, &change).await? {
-                continue;
-            }
             // The new member receives the chat's events from this one on, `joined` signal
             // included.
-            self.publish(
-                Envelope::new(
-                    chat_id,
-                    Event::MemberJoined(MemberChange {
-                        user_id: user,
-                        role: Some(role),
-                    }),
-                )
-                .joining(vec![user]),
+            let envelope = Envelope::new(
+                chat_id,
+                Event::MemberJoined(MemberChange {
+                    user_id: user,
+                    role: Some(role),
+                }),
             )
-            .await;
+            .joining(vec![user]);
+            let intent = self.outbox.intend(&*self.store, &envelope).await?;
+            if !self.store.change_member(chat_id, &change).await? {
+                self.forgo(intent);
+                continue;
+            }
+            self.publish_intended(envelope, intent).await;
             self.record_system_signal(chat_id, SignalKind::Joined, user, None)
                 .await?;
             return Ok(Outcome::Created(member));
@@ -99,24 +99,24 @@ impl ApiState {
             };
             rules::may_remove_member(caller, my_role, chat.kind, target, &members)?;
             let change = guarded(caller, my_role, MemberWrite::Remove(user), &members);
+            // The last event of this chat the member who left receives.
+            let envelope = Envelope::new(
+                chat_id,
+                Event::MemberLeft(MemberChange {
+                    user_id: user,
+                    role: None,
+                }),
+            )
+            .leaving(vec![user]);
+            let intent = self.outbox.intend(&*self.store, &envelope).await?;
             if !self.store.change_member(chat_id, &change).await? {
+                self.forgo(intent);
                 continue;
             }
             self.store.untouch_chat(chat_id, user).await?;
             self.record_system_signal(chat_id, SignalKind::Left, user, None)
                 .await?;
-            // The last event of this chat the member who left receives.
-            self.publish(
-                Envelope::new(
-                    chat_id,
-                    Event::MemberLeft(MemberChange {
-                        user_id: user,
-                        role: None,
-                    }),
-                )
-                .leaving(vec![user]),
-            )
-            .await;
+            self.publish_intended(envelope, intent).await;
             return Ok(());
         }
         Err(contended())
@@ -163,17 +163,19 @@ impl ApiState {
                 return Ok(target);
             }
             let change = guarded(caller, my_role, MemberWrite::SetRole(user, role), &members);
-            if !self.store.change_member(chat_id, &change).await? {
-                continue;
-            }
-            self.publish(Envelope::new(
+            let envelope = Envelope::new(
                 chat_id,
                 Event::MemberUpdated(MemberChange {
                     user_id: user,
                     role: Some(role),
                 }),
-            ))
-            .await;
+            );
+            let intent = self.outbox.intend(&*self.store, &envelope).await?;
+            if !self.store.change_member(chat_id, &change).await? {
+                self.forgo(intent);
+                continue;
+            }
+            self.publish_intended(envelope, intent).await;
             return Ok(Member { role, ..target });
         }
         Err(contended())

@@ -13,8 +13,8 @@ use time::OffsetDateTime;
 use uuid::{Timestamp, Uuid};
 
 use super::{
-    ChatActivity, Inserted, MarkerKind, NewChat, Slot, SlotState, SlotWrite, Store, UNREAD_CAP,
-    UNREAD_SCAN_LIMIT, circle_pool, search_users,
+    ChatActivity, Inserted, MarkerKind, MemberPut, NewChat, Slot, SlotState, SlotWrite, Store,
+    UNREAD_CAP, UNREAD_SCAN_LIMIT, circle_pool, search_users,
 };
 use confab_schema::CircleId;
 use confab_schema::Member;
@@ -58,6 +58,7 @@ macro_rules! store_conformance_tests {
             signals_keep_their_attachment_ids,
             the_outbox_keeps_each_writers_entries,
             circles_codes_members_and_expiry,
+            racing_joins_never_overfill_a_circle,
             slot_writes_are_all_or_nothing,
             racing_pairings_pair_each_user_once,
             deleting_a_chat_removes_everything,
@@ -990,6 +991,21 @@ pub async fn reactions_count_once_per_user(store: Arc<dyn Store>) {
         [("👍".to_owned(), 1)].into_iter().collect(),
         "zero counts are not listed"
     );
+    for (emoji, who, held) in [
+        ("👍", bob.id, true),
+        ("👍", alice.id, false),
+        ("🎉", bob.id, false),
+        ("🎉", alice.id, false),
+    ] {
+        assert_eq!(
+            store
+                .has_reaction(chat, signal.id, emoji, who)
+                .await
+                .unwrap(),
+            held,
+            "{emoji} by {who}"
+        );
+    }
 }
 
 pub async fn markers_move_forward_only(store: Arc<dyn Store>) {
@@ -1726,6 +1742,89 @@ fn circle_of(owner: UserId, code: &str, expires_in: Duration) -> Circle {
     }
 }
 
+/// Twelve users join a circle of five seats at once (one seat is the owner's): four get in, and
+/// the circle holds five; a member leaving frees a seat for the next, and leaving twice frees one.
+pub async fn racing_joins_never_overfill_a_circle(store: Arc<dyn Store>) {
+    let owner = user("seat-owner");
+    let circle = circle_of(
+        owner.id,
+        &format!("S{}", Uuid::new_v4().simple()),
+        Duration::from_secs(3_600),
+    );
+    let circle = Circle {
+        max_members: 5,
+        ..circle
+    };
+    store.create_circle(&circle).await.unwrap();
+    let member = |user: UserId| CircleMember {
+        user_id: user,
+        display_name: "someone".into(),
+        joined_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+    };
+    assert_eq!(
+        store
+            .put_circle_member(circle.id, &member(owner.id), 5)
+            .await
+            .unwrap(),
+        MemberPut::Added
+    );
+    let mut joiners = Vec::new();
+    for i in 0..12 {
+        joiners.push(user(&format!("seat-{i}")).id);
+    }
+    let puts = futures::future::join_all(joiners.iter().map(|user| {
+        let store = store.clone();
+        let member = member(*user);
+        async move { store.put_circle_member(circle.id, &member, 5).await }
+    }))
+    .await;
+    let added = puts
+        .iter()
+        .filter(|p| matches!(p, Ok(MemberPut::Added)))
+        .count();
+    assert!(
+        puts.iter()
+            .all(|p| matches!(p, Ok(MemberPut::Added | MemberPut::Full))),
+        "{puts:?}"
+    );
+    assert_eq!(added, 4, "{puts:?}");
+    let members = store.circle_members(circle.id).await.unwrap();
+    assert_eq!(members.len(), 5);
+
+    let inside = members
+        .iter()
+        .map(|m| m.user_id)
+        .find(|u| *u != owner.id)
+        .unwrap();
+    let outside = *joiners
+        .iter()
+        .find(|u| !members.iter().any(|m| m.user_id == **u))
+        .unwrap();
+    let last = *joiners
+        .iter()
+        .rfind(|u| !members.iter().any(|m| m.user_id == **u) && **u != outside)
+        .unwrap();
+    store.remove_circle_member(circle.id, inside).await.unwrap();
+    store.remove_circle_member(circle.id, inside).await.unwrap();
+    assert_eq!(
+        store
+            .put_circle_member(circle.id, &member(outside), 5)
+            .await
+            .unwrap(),
+        MemberPut::Added,
+        "a seat left free is taken"
+    );
+    assert_eq!(
+        store
+            .put_circle_member(circle.id, &member(last), 5)
+            .await
+            .unwrap(),
+        MemberPut::Full,
+        "leaving twice frees one seat"
+    );
+    store.delete_circle(circle.id).await.unwrap();
+}
+
 pub async fn circles_codes_members_and_expiry(store: Arc<dyn Store>) {
     let store = &*store;
     let (alice, bob) = (user("alice"), user("bob"));
@@ -1763,9 +1862,22 @@ pub async fn circles_codes_members_and_expiry(store: Arc<dyn Store>) {
         display_name: "B".into(),
         joined_at: joined,
     };
-    store.put_circle_member(circle.id, &member).await.unwrap();
+    assert_eq!(
+        store
+            .put_circle_member(circle.id, &member, 2)
+            .await
+            .unwrap(),
+        MemberPut::Added
+    );
     member.display_name = "Bee".into();
-    store.put_circle_member(circle.id, &member).await.unwrap();
+    assert_eq!(
+        store
+            .put_circle_member(circle.id, &member, 1)
+            .await
+            .unwrap(),
+        MemberPut::Renamed,
+        "a member is renamed whatever the count"
+    );
     assert_eq!(
         store.circle_members(circle.id).await.unwrap(),
         vec![member.clone()]
@@ -1789,7 +1901,7 @@ pub async fn circles_codes_members_and_expiry(store: Arc<dyn Store>) {
         .unwrap();
     assert!(due.contains(&gone.id), "{due:?}");
     assert!(!due.contains(&circle.id));
-    store.put_circle_member(gone.id, &member).await.unwrap();
+    store.put_circle_member(gone.id, &member, 10).await.unwrap();
     store
         .write_slots(
             &circle_pool(gone.id),

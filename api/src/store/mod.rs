@@ -459,6 +459,14 @@ pub trait Store: Send + Sync + 'static {
         emoji: &str,
         user: UserId,
     ) -> Result<bool, StoreError>;
+    /// Whether `user`'s `emoji` reaction to `signal` is stored.
+    async fn has_reaction(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+        user: UserId,
+    ) -> Result<bool, StoreError>;
     /// Emoji → count, for counts above zero.
     async fn reaction_counts(
         &self,
@@ -536,12 +544,14 @@ pub trait Store: Send + Sync + 'static {
         old: &str,
         new: &str,
     ) -> Result<(), StoreError>;
-    /// Adds a member, or renames one already there.
+    /// Adds a member while the circle has fewer than `max_members` (racing joins never take it
+    /// past that), or renames one already there (whatever the count).
     async fn put_circle_member(
         &self,
         circle: CircleId,
         member: &CircleMember,
-    ) -> Result<(), StoreError>;
+        max_members: u32,
+    ) -> Result<MemberPut, StoreError>;
     /// Every member of the circle (one partition).
     async fn circle_members(&self, circle: CircleId) -> Result<Vec<CircleMember>, StoreError>;
     async fn remove_circle_member(&self, circle: CircleId, user: UserId) -> Result<(), StoreError>;
@@ -743,6 +753,16 @@ pub async fn search_users(
             return Ok((found, None));
         }
     }
+}
+
+/// What [`Store::put_circle_member`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberPut {
+    Added,
+    /// Already a member: renamed.
+    Renamed,
+    /// Not a member, and the circle is full.
+    Full,
 }
 
 /// The pairing pool of a circle's lobby.

@@ -14,7 +14,12 @@ use scylla::value::{CqlTimestamp, CqlValue};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{CqlStore, applied, corrupt, limit_i32, qualify, rows, unavailable};
+use super::{
+    CqlStore, MemberPut, applied, applied_or_row, corrupt, limit_i32, qualify, rows, unavailable,
+};
+
+/// How often a seat change is retried against changes racing it.
+const SEAT_ATTEMPTS: usize = 64;
 use crate::store::{
     Slot, SlotState, SlotWrite, Store, StoreError, circle_pool, from_millis, millis,
 };
@@ -29,9 +34,14 @@ pub(super) struct CircleStatements {
     insert_code: PreparedStatement,
     delete_code: PreparedStatement,
     code_lookup: PreparedStatement,
-    put_member: PreparedStatement,
+    add_member: PreparedStatement,
+    rename_member: PreparedStatement,
+    remove_member: PreparedStatement,
+    first_seat: PreparedStatement,
+    set_seats: PreparedStatement,
+    seats: PreparedStatement,
+    delete_seats: PreparedStatement,
     members: PreparedStatement,
-    delete_member: PreparedStatement,
     delete_members: PreparedStatement,
     add_chat: PreparedStatement,
     chats: PreparedStatement,
@@ -87,16 +97,28 @@ impl CircleStatements {
             insert_code: prepare("INSERT INTO circle_codes (code, circle_id) VALUES (?, ?)").await?,
             delete_code: prepare("DELETE FROM circle_codes WHERE code = ?").await?,
             code_lookup: prepare("SELECT circle_id FROM circle_codes WHERE code = ?").await?,
-            put_member: prepare(
-                "INSERT INTO circle_members (circle_id, user_id, display_name, joined_at) VALUES (?, ?, ?, ?)",
+            add_member: prepare(
+                "INSERT INTO circle_members (circle_id, user_id, display_name, joined_at) VALUES (?, ?, ?, ?) IF NOT EXISTS",
             )
             .await?,
+            rename_member: prepare(
+                "UPDATE circle_members SET display_name = ? WHERE circle_id = ? AND user_id = ? IF EXISTS",
+            )
+            .await?,
+            remove_member: prepare(
+                "DELETE FROM circle_members WHERE circle_id = ? AND user_id = ? IF EXISTS",
+            )
+            .await?,
+            first_seat: prepare("INSERT INTO circle_seats (circle_id, taken) VALUES (?, ?) IF NOT EXISTS")
+                .await?,
+            set_seats: prepare("UPDATE circle_seats SET taken = ? WHERE circle_id = ? IF taken = ?")
+                .await?,
+            seats: prepare("SELECT taken FROM circle_seats WHERE circle_id = ?").await?,
+            delete_seats: prepare("DELETE FROM circle_seats WHERE circle_id = ?").await?,
             members: prepare(
                 "SELECT user_id, display_name, joined_at FROM circle_members WHERE circle_id = ?",
             )
             .await?,
-            delete_member: prepare("DELETE FROM circle_members WHERE circle_id = ? AND user_id = ?")
-                .await?,
             delete_members: prepare("DELETE FROM circle_members WHERE circle_id = ?").await?,
             add_chat: prepare("INSERT INTO circle_chats (circle_id, chat_id) VALUES (?, ?)").await?,
             chats: prepare("SELECT chat_id FROM circle_chats WHERE circle_id = ?").await?,
@@ -435,10 +457,19 @@ impl CqlStore {
         &self,
         circle: CircleId,
         member: &CircleMember,
-    ) -> Result<(), StoreError> {
-        self.session
+        max_members: u32,
+    ) -> Result<MemberPut, StoreError> {
+        let s = self.circle_statements();
+        if self.rename_circle_member(circle, member).await? {
+            return Ok(MemberPut::Renamed);
+        }
+        if !self.take_seat(circle, max_members).await? {
+            return Ok(MemberPut::Full);
+        }
+        let added = self
+            .session
             .execute_unpaged(
-                &self.circle_statements().put_member,
+                &s.add_member,
                 (
                     circle.0,
                     member.user_id.0,
@@ -448,7 +479,118 @@ impl CqlStore {
             )
             .await
             .map_err(unavailable)?;
-        Ok(())
+        if applied(added)? {
+            return Ok(MemberPut::Added);
+        }
+        // The same user joined at the same moment through another request: one seat is theirs.
+        self.give_back_seat(circle).await?;
+        self.rename_circle_member(circle, member).await?;
+        Ok(MemberPut::Renamed)
+    }
+
+    /// Renames `member` if they are in the circle; whether they were.
+    async fn rename_circle_member(
+        &self,
+        circle: CircleId,
+        member: &CircleMember,
+    ) -> Result<bool, StoreError> {
+        let renamed = self
+            .session
+            .execute_unpaged(
+                &self.circle_statements().rename_member,
+                (member.display_name.as_str(), circle.0, member.user_id.0),
+            )
+            .await
+            .map_err(unavailable)?;
+        applied(renamed)
+    }
+
+    /// Takes one of the circle's seats while fewer than `max` are taken: a compare-and-set on the
+    /// count, retried with the count each refusal answers.
+    async fn take_seat(&self, circle: CircleId, max: u32) -> Result<bool, StoreError> {
+        let s = self.circle_statements();
+        let max = i32::try_from(max).unwrap_or(i32::MAX);
+        // A circle's first seat; a circle made before seats were counted starts from its members.
+        let mut taken = match self.seats(circle).await? {
+            Some(taken) => taken,
+            None => {
+                let members =
+                    i32::try_from(self.cql_circle_members(circle).await?.len()).unwrap_or(i32::MAX);
+                if members >= max {
+                    return Ok(false);
+                }
+                let result = self
+                    .session
+                    .execute_unpaged(&s.first_seat, (circle.0, members + 1))
+                    .await
+                    .map_err(unavailable)?;
+                match applied_or_row(result, "taken")? {
+                    None => return Ok(true),
+                    Some(CqlValue::Int(now)) => now,
+                    Some(other) => return Err(corrupt(format!("seats: {other:?}"))),
+                }
+            }
+        };
+        for _ in 0..SEAT_ATTEMPTS {
+            if taken >= max {
+                return Ok(false);
+            }
+            match self.set_seats(circle, taken, taken + 1).await? {
+                None => return Ok(true),
+                Some(now) => taken = now,
+            }
+        }
+        Err(StoreError::Unavailable(
+            "too many joins of one circle at once; try again".into(),
+        ))
+    }
+
+    /// Gives one seat back (a member left or was removed).
+    async fn give_back_seat(&self, circle: CircleId) -> Result<(), StoreError> {
+        let Some(mut taken) = self.seats(circle).await? else {
+            return Ok(());
+        };
+        for _ in 0..SEAT_ATTEMPTS {
+            if taken <= 0 {
+                return Ok(());
+            }
+            match self.set_seats(circle, taken, taken - 1).await? {
+                None => return Ok(()),
+                Some(now) => taken = now,
+            }
+        }
+        Err(StoreError::Unavailable(
+            "too many changes of one circle at once; try again".into(),
+        ))
+    }
+
+    async fn seats(&self, circle: CircleId) -> Result<Option<i32>, StoreError> {
+        let found: Vec<(Option<i32>,)> = rows(
+            self.session
+                .execute_unpaged(&self.circle_statements().seats, (circle.0,))
+                .await
+                .map_err(unavailable)?,
+        )?;
+        Ok(found.first().map(|(taken,)| taken.unwrap_or(0)))
+    }
+
+    /// Sets the count from `from` to `to`; `None` when it was `from`, else the count it is.
+    async fn set_seats(
+        &self,
+        circle: CircleId,
+        from: i32,
+        to: i32,
+    ) -> Result<Option<i32>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.circle_statements().set_seats, (to, circle.0, from))
+            .await
+            .map_err(unavailable)?;
+        match applied_or_row(result, "taken")? {
+            None => Ok(None),
+            Some(CqlValue::Int(now)) => Ok(Some(now)),
+            Some(other) => Err(corrupt(format!("seats: {other:?}"))),
+        }
     }
 
     pub(super) async fn cql_circle_members(
@@ -478,10 +620,15 @@ impl CqlStore {
         circle: CircleId,
         user: UserId,
     ) -> Result<(), StoreError> {
-        self.session
-            .execute_unpaged(&self.circle_statements().delete_member, (circle.0, user.0))
+        let removed = self
+            .session
+            .execute_unpaged(&self.circle_statements().remove_member, (circle.0, user.0))
             .await
             .map_err(unavailable)?;
+        // Only the removal that found the member gives their seat back.
+        if applied(removed)? {
+            self.give_back_seat(circle).await?;
+        }
         Ok(())
     }
 
@@ -534,7 +681,7 @@ impl CqlStore {
             .execute_unpaged(&s.delete_pool, (circle_pool(id),))
             .await
             .map_err(unavailable)?;
-        for statement in [&s.delete_members, &s.delete_chats] {
+        for statement in [&s.delete_members, &s.delete_chats, &s.delete_seats] {
             self.session
                 .execute_unpaged(statement, (id.0,))
                 .await

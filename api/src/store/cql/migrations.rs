@@ -57,6 +57,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "calls",
         cql: include_str!("migrations/0009_calls.cql"),
     },
+    Migration {
+        version: 10,
+        name: "circle_seats",
+        cql: include_str!("migrations/0010_circle_seats.cql"),
+    },
 ];
 
 impl Migration {

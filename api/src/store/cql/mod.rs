@@ -40,9 +40,10 @@ use futures::{StreamExt, TryFutureExt, TryStreamExt};
 use confab_schema::call::CallStatus;
 
 use super::{
-    CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, MarkerKind, MemberWrite, NewChat,
-    OutboxEntry, OutboxWriter, RingingCall, Slot, SlotWrite, Store, StoreError, UNREAD_SCAN_LIMIT,
-    created_at, from_millis, millis, parse, search_terms, stored_text, text_and_call,
+    CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, MarkerKind, MemberPut,
+    MemberWrite, NewChat, OutboxEntry, OutboxWriter, RingingCall, Slot, SlotWrite, Store,
+    StoreError, UNREAD_SCAN_LIMIT, created_at, from_millis, millis, parse, search_terms,
+    stored_text, text_and_call,
 };
 
 /// Where and how to reach the cluster.
@@ -346,6 +347,7 @@ struct Statements {
     recount_reaction: PreparedStatement,
     set_tally: PreparedStatement,
     tallies_between: PreparedStatement,
+    has_reaction: PreparedStatement,
     reactions_first: PreparedStatement,
     reactions_after: PreparedStatement,
     set_marker: PreparedStatement,
@@ -651,6 +653,10 @@ impl CqlStore {
             tallies_between: prepare(
                 "SELECT signal_id, emoji, count FROM reaction_tallies WHERE chat_id = ? AND bucket = ? AND signal_id >= ? AND signal_id <= ?"
                     .into(),
+            )
+            .await?,
+            has_reaction: prepare(
+                "SELECT user_id FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ? AND user_id = ?".into(),
             )
             .await?,
             reactions_first: prepare(
@@ -2056,6 +2062,24 @@ impl Store for CqlStore {
         Ok(removed)
     }
 
+    async fn has_reaction(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.statements.has_reaction,
+                (chat.0, signal.0, emoji, user.0),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(!rows::<(Uuid,)>(result)?.is_empty())
+    }
+
     async fn reaction_counts_of(
         &self,
         chat: ChatId,
@@ -2321,8 +2345,10 @@ impl Store for CqlStore {
         &self,
         circle: CircleId,
         member: &CircleMember,
-    ) -> Result<(), StoreError> {
-        self.cql_put_circle_member(circle, member).await
+        max_members: u32,
+    ) -> Result<MemberPut, StoreError> {
+        self.cql_put_circle_member(circle, member, max_members)
+            .await
     }
 
     async fn circle_members(&self, circle: CircleId) -> Result<Vec<CircleMember>, StoreError> {

@@ -26,9 +26,9 @@ use confab_schema::call::CallStatus;
 
 use super::{
     CallRecord, ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted, MarkerKind,
-    MemberWrite, NewChat, OutboxEntry, OutboxWriter, RingingCall, Slot, SlotState, SlotWrite,
-    Store, StoreError, UNREAD_SCAN_LIMIT, circle_pool, created_at, from_millis, millis, parse,
-    search_terms, stored_text, text_and_call,
+    MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter, RingingCall, Slot, SlotState,
+    SlotWrite, Store, StoreError, UNREAD_SCAN_LIMIT, circle_pool, created_at, from_millis, millis,
+    parse, search_terms, stored_text, text_and_call,
 };
 use std::collections::BTreeMap;
 
@@ -1218,6 +1218,25 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn has_reaction(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        let emoji = emoji.to_owned();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM reactions WHERE chat_id = ?1 AND signal_id = ?2 AND emoji = ?3 AND user_id = ?4)",
+                params![blob(chat.0), blob(signal.0), emoji, blob(user.0)],
+                |row| row.get::<_, bool>(0),
+            )
+            .map_err(unavailable)
+        })
+        .await
+    }
+
     async fn reaction_counts_of(
         &self,
         chat: ChatId,
@@ -1977,21 +1996,48 @@ impl Store for EmbeddedStore {
         &self,
         circle: CircleId,
         member: &CircleMember,
-    ) -> Result<(), StoreError> {
+        max_members: u32,
+    ) -> Result<MemberPut, StoreError> {
         let member = member.clone();
         self.with(move |c| {
-            c.execute(
-                "INSERT INTO circle_members (circle_id, user_id, display_name, joined_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (circle_id, user_id) DO UPDATE SET display_name = ?3",
-                params![
-                    blob(circle.0),
-                    blob(member.user_id.0),
-                    member.display_name,
-                    millis(member.joined_at)
-                ],
-            )
-            .map_err(unavailable)?;
-            Ok(())
+            // Counted and added under SQLite's write lock: racing joins take the last seat once.
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let renamed = tx
+                .execute(
+                    "UPDATE circle_members SET display_name = ?3 WHERE circle_id = ?1 AND user_id = ?2",
+                    params![blob(circle.0), blob(member.user_id.0), member.display_name],
+                )
+                .map_err(unavailable)?;
+            let put = if renamed > 0 {
+                MemberPut::Renamed
+            } else {
+                let taken: i64 = tx
+                    .query_row(
+                        "SELECT COUNT(*) FROM circle_members WHERE circle_id = ?1",
+                        params![blob(circle.0)],
+                        |r| r.get(0),
+                    )
+                    .map_err(unavailable)?;
+                if taken >= i64::from(max_members) {
+                    MemberPut::Full
+                } else {
+                    tx.execute(
+                        "INSERT INTO circle_members (circle_id, user_id, display_name, joined_at) VALUES (?1, ?2, ?3, ?4)",
+                        params![
+                            blob(circle.0),
+                            blob(member.user_id.0),
+                            member.display_name,
+                            millis(member.joined_at)
+                        ],
+                    )
+                    .map_err(unavailable)?;
+                    MemberPut::Added
+                }
+            };
+            tx.commit().map_err(unavailable)?;
+            Ok(put)
         })
         .await
     }
