@@ -417,6 +417,18 @@ async fn logout_all_ends_streams(stack: Stack) {
     let event = bobs.next_of("signal.created").await;
     assert_eq!(event.data["data"]["text"], "still here");
     assert_eq!(app.get(&bob, "/v1/me").await.status(), 200);
+    drop((alices, bobs));
+    // A restart forgets no logout.
+    let config = app.config.clone();
+    let data = app.stop_keeping_state().await;
+    let app = spawn_with(stack, config, data).await;
+    assert_refused(
+        &app,
+        &alice,
+        "a token issued before the logout, after a restart",
+    )
+    .await;
+    assert_eq!(app.get(&bob, "/v1/me").await.status(), 200);
     // A token issued after the logout works.
     while now() <= logged_out_at {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -7,7 +7,9 @@
 //! With NATS they are shared through a JetStream key-value bucket (`<prefix>_revocations`, one key
 //! per user or session, kept for `identity.revocation_ttl_secs`): every process watches it, so a
 //! logout received by one API process ends streams on every notifier and is refused everywhere.
-//! `confab serve` keeps them in memory.
+//! `confab serve` keeps them in memory and appends each to a file in its data directory
+//! (`revocations.jsonl`), read back at start, so a restart does not bring a logged-out session's
+//! tokens back.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -82,6 +84,8 @@ pub struct Revocations {
     ended: broadcast::Sender<Revocation>,
     ttl: Duration,
     bucket: Option<KvBucket>,
+    /// Where a single process records them (`confab serve`), one JSON object per line.
+    file: Option<std::path::PathBuf>,
     /// The watch of the bucket is established (always true without one).
     watching: AtomicBool,
 }
@@ -93,13 +97,57 @@ fn now() -> i64 {
 impl Revocations {
     /// Revocations in this process's memory only (`confab serve`).
     pub fn in_memory(ttl: Duration) -> Arc<Revocations> {
-        Arc::new(Revocations {
+        Arc::new(Revocations::empty(ttl, None))
+    }
+
+    /// None known yet; watching from the start unless they come from a bucket.
+    fn empty(ttl: Duration, bucket: Option<KvBucket>) -> Revocations {
+        Revocations {
             known: std::sync::RwLock::default(),
             ended: broadcast::channel(1024).0,
             ttl,
-            bucket: None,
-            watching: AtomicBool::new(true),
-        })
+            watching: AtomicBool::new(bucket.is_none()),
+            bucket,
+            file: None,
+        }
+    }
+
+    /// Revocations of a single process, recorded in `file` and read back from it: those still
+    /// within `ttl` are kept (the file is rewritten with only them), the rest forgotten.
+    pub fn in_file(file: std::path::PathBuf, ttl: Duration) -> Result<Arc<Revocations>, String> {
+        let revocations = Revocations::empty(ttl, None);
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|error| format!("creating {}: {error}", dir.display()))?;
+        }
+        let horizon = now() - i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
+        let mut kept = String::new();
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                    match serde_json::from_str::<Revocation>(line) {
+                        Ok(revocation) if revocation.before > horizon => {
+                            revocations.apply(&revocation, false);
+                            kept.push_str(line);
+                            kept.push('\n');
+                        }
+                        Ok(_) => {}
+                        // A line cut short by a crash mid-write: the rest is still good.
+                        Err(error) => tracing::warn!(%error, "unreadable revocation skipped"),
+                    }
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(format!("reading {}: {error}", file.display())),
+        }
+        let compacted = file.with_extension("jsonl.tmp");
+        std::fs::write(&compacted, kept)
+            .and_then(|()| std::fs::rename(&compacted, &file))
+            .map_err(|error| format!("writing {}: {error}", file.display()))?;
+        Ok(Arc::new(Revocations {
+            file: Some(file),
+            ..revocations
+        }))
     }
 
     /// Revocations shared through a key-value bucket on the NATS at `url`; a background task
@@ -111,13 +159,7 @@ impl Revocations {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Arc<Revocations>, String> {
         let bucket = bucket(url, prefix, ttl).await?;
-        let revocations = Arc::new(Revocations {
-            known: std::sync::RwLock::default(),
-            ended: broadcast::channel(1024).0,
-            ttl,
-            bucket: Some(bucket),
-            watching: AtomicBool::new(false),
-        });
+        let revocations = Arc::new(Revocations::empty(ttl, Some(bucket)));
         tokio::spawn(watch(Arc::downgrade(&revocations), shutdown));
         Ok(revocations)
     }
@@ -128,7 +170,12 @@ impl Revocations {
             return Err("a revocation names a user or a session".into());
         };
         match &self.bucket {
-            None => self.apply(&revocation, true),
+            None => {
+                if let Some(file) = &self.file {
+                    append(file, &revocation).await?;
+                }
+                self.apply(&revocation, true);
+            }
             Some(bucket) => {
                 let store = bucket.store().await?;
                 let value = serde_json::to_vec(&revocation).map_err(|e| e.to_string())?;
@@ -204,6 +251,22 @@ impl Revocations {
     }
 }
 
+/// Appends `revocation` to `file` and waits until it is on disk: a logout is answered only once
+/// it would survive a crash.
+async fn append(file: &std::path::Path, revocation: &Revocation) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut line = serde_json::to_vec(revocation).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    let mut out = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .await
+        .map_err(|e| format!("recording a revocation in {}: {e}", file.display()))?;
+    out.write_all(&line).await.map_err(|e| e.to_string())?;
+    out.sync_data().await.map_err(|e| e.to_string())
+}
+
 async fn bucket(url: &str, prefix: &str, ttl: Duration) -> Result<KvBucket, String> {
     KvBucket::connect(
         url,
@@ -235,6 +298,19 @@ async fn watch(
                 .watch_with_history(">")
                 .await
                 .map_err(|e| e.to_string())?;
+            // The watch replays the bucket too, but only as it is read: the process says it is
+            // ready once every revocation already made is applied, so that no revoked token is
+            // accepted in the moments after a start.
+            let mut keys = store.keys().await.map_err(|e| e.to_string())?;
+            while let Some(key) = keys.next().await {
+                let key = key.map_err(|e| e.to_string())?;
+                if let Some(value) = store.get(&key).await.map_err(|e| e.to_string())? {
+                    match serde_json::from_slice::<Revocation>(&value) {
+                        Ok(revocation) => this.apply(&revocation, true),
+                        Err(error) => tracing::warn!(%error, key, "unreadable revocation"),
+                    }
+                }
+            }
             this.watching.store(true, Ordering::Release);
             while let Some(entry) = entries.next().await {
                 let entry = entry.map_err(|e| e.to_string())?;
@@ -341,5 +417,62 @@ mod tests {
         let announced = ended.recv().await.unwrap();
         assert!(announced.ends(bob, Some("x"), t - 1));
         assert!(!announced.ends(alice, Some("x"), t - 1));
+    }
+
+    #[tokio::test]
+    async fn revocations_in_a_file_outlive_the_process_until_their_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("revocations.jsonl");
+        let ttl = Duration::from_secs(3600);
+        let (alice, bob) = (
+            UserId::from_subject("i", "alice"),
+            UserId::from_subject("i", "bob"),
+        );
+        let t = now();
+        let first = Revocations::in_file(file.clone(), ttl).unwrap();
+        assert!(!first.is_revoked(alice, None, t));
+        for revocation in [
+            Revocation {
+                user: Some(alice),
+                session: None,
+                before: t,
+            },
+            Revocation {
+                user: Some(bob),
+                session: Some("s1".into()),
+                before: t,
+            },
+            // Older than the time to live: forgotten at the next start.
+            Revocation {
+                user: Some(bob),
+                session: None,
+                before: t - 7200,
+            },
+        ] {
+            first.revoke(revocation).await.unwrap();
+        }
+        drop(first);
+        // A crash mid-write leaves half a line.
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text.push_str("{\"user\":");
+        std::fs::write(&file, text).unwrap();
+
+        let again = Revocations::in_file(file.clone(), ttl).unwrap();
+        assert!(
+            again.is_revoked(alice, None, t - 1),
+            "a logout survives a restart"
+        );
+        assert!(!again.is_revoked(alice, None, t + 1));
+        assert!(again.is_revoked(bob, Some("s1"), t + 1));
+        assert!(
+            !again.is_revoked(bob, None, t - 7300),
+            "an expired one is forgotten"
+        );
+        let kept = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(
+            kept.lines().count(),
+            2,
+            "the file keeps only what is live: {kept}"
+        );
     }
 }
