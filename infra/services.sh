@@ -196,8 +196,9 @@ seaweedfs_start() {
 EOF
   )
   log "seaweedfs: starting S3 on $BIND_HOST:$S3_PORT (master :$WEED_MASTER_PORT, volume :$WEED_VOLUME_PORT, filer :$WEED_FILER_PORT)"
-  # Small volumes (64 MiB, at most 16) suit a test box; weed's defaults (30 GiB
-  # volumes, 8 per server) are sized for production. weed marks every volume
+  # Small volumes (64 MiB, at most 16 unless CONFAB_INFRA_SEAWEEDFS_VOLUMES says
+  # more, as the attachments benchmark's 1 GiB uploads need) suit a test box;
+  # weed's defaults (30 GiB volumes, 8 per server) are sized for production. weed marks every volume
   # read-only below 1% free disk, which on a large shared disk can be gigabytes
   # free; a fixed floor keeps a dev box with little room usable.
   # preStopSeconds: no load balancer to drain on a dev box, so stop quickly.
@@ -209,7 +210,7 @@ EOF
     -master.port="$WEED_MASTER_PORT" -master.port.grpc=$((WEED_MASTER_PORT + 10000)) \
     -master.volumeSizeLimitMB=64 -master.telemetry=false \
     -volume.port="$WEED_VOLUME_PORT" -volume.port.grpc=$((WEED_VOLUME_PORT + 10000)) \
-    -volume.max=16 -volume.minFreeSpace="${CONFAB_INFRA_SEAWEEDFS_MIN_FREE:-256MiB}" -volume.preStopSeconds=1 \
+    -volume.max="${CONFAB_INFRA_SEAWEEDFS_VOLUMES:-16}" -volume.minFreeSpace="${CONFAB_INFRA_SEAWEEDFS_MIN_FREE:-256MiB}" -volume.preStopSeconds=1 \
     -filer -filer.port="$WEED_FILER_PORT" -filer.port.grpc=$((WEED_FILER_PORT + 10000)) \
     -s3 -s3.port="$S3_PORT" -s3.port.grpc=$((S3_PORT + 10000)) \
     -s3.config="$WEED_STATE/s3.json" \

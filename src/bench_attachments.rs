@@ -56,6 +56,62 @@ fn body(seed: u64, len: u64) -> impl futures::Stream<Item = Result<Bytes, std::i
     }))
 }
 
+/// The `Content-Digest` of the body `seed`, `len` (computed before the timed uploads: a client
+/// hashes its file before it sends it).
+async fn digest_of(seed: u64, len: u64) -> anyhow::Result<String> {
+    use base64::Engine;
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut chunks = Box::pin(body(seed, len));
+    while let Some(chunk) = chunks.next().await {
+        hasher.update(&chunk?);
+    }
+    Ok(format!(
+        "sha-256=:{}:",
+        base64::engine::general_purpose::STANDARD.encode(hasher.finalize())
+    ))
+}
+
+/// Uploads the body `seed`, `size` through confab; answers the attachment id. With `sampling`,
+/// records the server's peak memory while it runs.
+#[allow(clippy::too_many_arguments)]
+async fn upload(
+    http: &reqwest::Client,
+    base: &str,
+    chat: &str,
+    token: &str,
+    seed: u64,
+    size: u64,
+    digest: Option<String>,
+    sampling: &Option<(u32, Arc<AtomicU64>)>,
+) -> anyhow::Result<String> {
+    let sampler = sampling.as_ref().map(|(pid, peak)| {
+        let (pid, peak) = (*pid, Arc::clone(peak));
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss(pid).unwrap_or(0), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    });
+    let mut request = http
+        .post(format!("{base}/v1/chats/{chat}/attachments?name=b.bin"))
+        .bearer_auth(token)
+        .header("content-type", "application/octet-stream");
+    if let Some(digest) = digest {
+        request = request.header("content-digest", digest);
+    }
+    let response = request
+        .body(reqwest::Body::wrap_stream(body(seed, size)))
+        .send()
+        .await;
+    if let Some(sampler) = sampler {
+        sampler.abort();
+    }
+    let meta: Value = response?.error_for_status()?.json().await?;
+    Ok(meta["id"].as_str().context("no id")?.to_owned())
+}
+
 fn rss(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: u64 = status
@@ -99,6 +155,9 @@ pub async fn run(args: AttachmentsBenchArgs, config: Config) -> anyhow::Result<(
             "CONFAB_ATTACHMENTS__MAX_BYTES",
             (args.sizes.iter().max().copied().unwrap_or(0) + 1).to_string(),
         )
+        // One user uploads back to back: the per-user upload rate limit is not what is measured.
+        .env("CONFAB_LIMITS__UPLOAD__PER_SECOND", "0")
+        .env("CONFAB_LIMITS__UPLOAD__BURST", "0")
         .env("CONFAB_TELEMETRY__LOG_FILTER", "warn")
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
@@ -181,36 +240,40 @@ async fn measure(
     let mut rows = Vec::new();
     let peak = Arc::new(AtomicU64::new(idle_rss));
     let mut seed = 1u64;
+    // Samples the server's memory while the largest size uploads.
+    let sampled = |size: u64| (size == largest).then(|| (pid, Arc::clone(&peak)));
     for (i, &size) in args.sizes.iter().enumerate() {
         let transfers = (args.transfers / 10usize.pow(i as u32)).max(2);
-        // Through confab.
+        // Through confab: without a declared digest (staged, then copied to its content
+        // address), then with one (written once, straight to its content address).
         let mut ids = Vec::new();
         let started = Instant::now();
         for _ in 0..transfers {
             seed += 1;
-            let sampler = (size == largest).then(|| {
-                let peak = Arc::clone(&peak);
-                tokio::spawn(async move {
-                    loop {
-                        peak.fetch_max(rss(pid).unwrap_or(0), Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                })
-            });
-            let response = http
-                .post(format!("{base}/v1/chats/{chat}/attachments?name=b.bin"))
-                .bearer_auth(&token)
-                .header("content-type", "application/octet-stream")
-                .body(reqwest::Body::wrap_stream(body(seed, size)))
-                .send()
-                .await?;
-            if let Some(sampler) = sampler {
-                sampler.abort();
-            }
-            let meta: Value = response.error_for_status()?.json().await?;
-            ids.push(meta["id"].as_str().context("no id")?.to_owned());
+            let id = upload(&http, base, &chat, &token, seed, size, None, &sampled(size)).await?;
+            ids.push(id);
         }
         let confab_up = started.elapsed();
+        let mut declared_seeds = Vec::new();
+        for _ in 0..transfers {
+            seed += 1;
+            declared_seeds.push((seed, digest_of(seed, size).await?));
+        }
+        let started = Instant::now();
+        for (seed, digest) in declared_seeds {
+            upload(
+                &http,
+                base,
+                &chat,
+                &token,
+                seed,
+                size,
+                Some(digest),
+                &sampled(size),
+            )
+            .await?;
+        }
+        let confab_declared_up = started.elapsed();
         let started = Instant::now();
         for id in &ids {
             let mut stream = http
@@ -283,9 +346,14 @@ async fn measure(
         let row = json!({
             "size_bytes": size,
             "transfers": transfers,
-            "upload_mib_s": {"confab": mib_per_s(total, confab_up), "direct": mib_per_s(total, direct_up)},
+            "upload_mib_s": {
+                "confab": mib_per_s(total, confab_up),
+                "confab_declared_digest": mib_per_s(total, confab_declared_up),
+                "direct": mib_per_s(total, direct_up),
+            },
             "download_mib_s": {"confab": mib_per_s(total, confab_down), "direct": mib_per_s(total, direct_down)},
             "upload_ratio": direct_up.as_secs_f64() / confab_up.as_secs_f64().max(1e-9),
+            "upload_declared_digest_ratio": direct_up.as_secs_f64() / confab_declared_up.as_secs_f64().max(1e-9),
             "download_ratio": direct_down.as_secs_f64() / confab_down.as_secs_f64().max(1e-9),
         });
         println!("{row}");
@@ -300,6 +368,6 @@ async fn measure(
             "growth_bytes": peak_rss.saturating_sub(idle_rss),
             "largest_upload_bytes": largest,
         },
-        "note": "confab: POST with a streamed body (hashed, staged, multipart above 8 MiB, then a server-side copy to its content address) and GET through confab; direct: one PutObject of the whole body from memory and one GetObject, same bucket, same run",
+        "note": "confab: POST with a streamed body (hashed, staged, multipart above 8 MiB, then a server-side copy to its content address); confab_declared_digest: the same POST with Content-Digest (hashed while written straight to its content address, completed once the hash matches); GET through confab; direct: one PutObject of the whole body from memory and one GetObject, same bucket, same run",
     }))
 }

@@ -467,6 +467,189 @@ async fn refusals_keep_nothing(stack: Stack) {
 }
 on_both_stacks!(refusals_keep_nothing);
 
+/// `Content-Digest` with the body's SHA-256 in RFC 9530's form.
+fn content_digest(bytes: &[u8]) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    format!(
+        "sha-256=:{}:",
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(bytes))
+    )
+}
+
+async fn upload_declared(
+    app: &TestApp,
+    token: &str,
+    chat: &str,
+    name: &str,
+    content_type: &str,
+    digest: &str,
+    body: Vec<u8>,
+) -> reqwest::Response {
+    app.http
+        .post(app.url(&format!("/v1/chats/{chat}/attachments")))
+        .query(&[("name", name)])
+        .bearer_auth(token)
+        .header("content-type", content_type)
+        .header("content-digest", digest)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// An upload whose SHA-256 the client declares is stored under it (once, however often it is
+/// uploaded), and one whose body does not match, or whose type its bytes contradict, leaves
+/// nothing; an object of the declared name that exists already is left as it was.
+async fn declared_digests_store_once_and_refuse_a_mismatch(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let (alice, bob) = (app.token("alice").await, app.token("bob").await);
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let problem = |response: reqwest::Response, status: u16, kind: &'static str| async move {
+        assert_eq!(response.status(), status);
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let body = response.json::<Value>().await.unwrap();
+        assert!(
+            body["type"].as_str().unwrap_or_default().ends_with(kind),
+            "{body}"
+        );
+        body
+    };
+
+    let bytes = b"declared bytes".to_vec();
+    let digest = content_digest(&bytes);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let response = upload_declared(
+            &app,
+            &alice,
+            &chat,
+            "d.txt",
+            "text/plain",
+            &digest,
+            bytes.clone(),
+        )
+        .await;
+        assert_eq!(response.status(), 201);
+        let stored: Value = response.json().await.unwrap();
+        assert_eq!(stored["sha256"], hex_sha256(&bytes));
+        assert_eq!(stored["size"], bytes.len());
+        ids.push(stored["id"].as_str().unwrap().to_owned());
+    }
+    let read = app
+        .get(&alice, &format!("/v1/attachments/{}", ids[1]))
+        .await;
+    assert_eq!(read.status(), 200);
+    assert_eq!(read.bytes().await.unwrap().as_ref(), bytes.as_slice());
+    assert_eq!(objects(&app).await, [BlobName::of(&bytes)], "one object");
+
+    // A body unlike its digest: refused, whether or not the declared object exists.
+    let other = b"other bytes".to_vec();
+    problem(
+        upload_declared(
+            &app,
+            &alice,
+            &chat,
+            "o.txt",
+            "text/plain",
+            &digest,
+            other.clone(),
+        )
+        .await,
+        400,
+        "digest-mismatch",
+    )
+    .await;
+    problem(
+        upload_declared(
+            &app,
+            &alice,
+            &chat,
+            "o.txt",
+            "text/plain",
+            &content_digest(b"never uploaded"),
+            other.clone(),
+        )
+        .await,
+        400,
+        "digest-mismatch",
+    )
+    .await;
+    // Malformed, and a type the bytes contradict: refused before anything is written.
+    for malformed in ["sha-256=:bm90IDMyIGJ5dGVz:", "sha-256=abc", "sha-256=:%%%:"] {
+        problem(
+            upload_declared(
+                &app,
+                &alice,
+                &chat,
+                "m.txt",
+                "text/plain",
+                malformed,
+                other.clone(),
+            )
+            .await,
+            400,
+            "bad-request",
+        )
+        .await;
+    }
+    // Bytes that are not text: refused, not taken for an undeclared upload.
+    let opaque = app
+        .http
+        .post(app.url(&format!("/v1/chats/{chat}/attachments")))
+        .query(&[("name", "o.txt")])
+        .bearer_auth(&alice)
+        .header("content-type", "text/plain")
+        .header(
+            "content-digest",
+            reqwest::header::HeaderValue::from_bytes(b"sha-256=:\xff:").unwrap(),
+        )
+        .body(other.clone())
+        .send()
+        .await
+        .unwrap();
+    problem(opaque, 400, "bad-request").await;
+    problem(
+        upload_declared(
+            &app,
+            &alice,
+            &chat,
+            "fake.png",
+            "image/png",
+            &content_digest(&other),
+            other.clone(),
+        )
+        .await,
+        415,
+        "",
+    )
+    .await;
+    assert_eq!(objects(&app).await, [BlobName::of(&bytes)], "nothing more");
+    let listed = list(&app, &alice, &chat, "").await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 2, "{listed}");
+
+    // Only other algorithms: an upload like any other.
+    let plain = upload_declared(
+        &app,
+        &alice,
+        &chat,
+        "p.txt",
+        "text/plain",
+        "sha-512=:AAAA:",
+        other.clone(),
+    )
+    .await;
+    assert_eq!(plain.status(), 201);
+    let blobs = confab::open_blobs(&app.config).unwrap();
+    assert_eq!(blobs.sweep_staging(Duration::ZERO).await.unwrap(), 0);
+    app.stop().await;
+}
+on_both_stacks!(declared_digests_store_once_and_refuse_a_mismatch);
+
 async fn messages_carry_attachments(stack: Stack) {
     let app = spawn_app(stack).await;
     let (alice, bob) = (app.token("alice").await, app.token("bob").await);

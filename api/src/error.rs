@@ -113,6 +113,13 @@ impl From<&ApiError> for Problem {
                 Problem::new(StatusCode::BAD_REQUEST, "bad-request", why.clone())
             }
             ApiError::Limited(limited) => Problem::from(limited),
+            ApiError::Blobs(BlobError::Mismatch(actual)) => Problem::new(
+                StatusCode::BAD_REQUEST,
+                "digest-mismatch",
+                format!(
+                    "the body's SHA-256 ({actual}) is not the one its Content-Digest declares; nothing was stored"
+                ),
+            ),
             ApiError::Blobs(BlobError::NotFound) => {
                 Problem::new(StatusCode::NOT_FOUND, "not-found", "no such attachment")
             }

@@ -13,14 +13,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use confab_runtime::blobs::{
-    BlobError, BlobName, BlobRead, Blobs, ByteChunks, Presentation, Staged,
+    BlobError, BlobName, BlobRead, Blobs, ByteChunks, HEAD_BYTES, Presentation,
 };
 use confab_schema::attachment::{Derivative, ImageInfo};
 use confab_schema::{Attachment, AttachmentKind, AttachmentRef, ChatId, Signal, User, UserId};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::inputs::{AttachmentIds, AttachmentName, DeclaredType, PageLimit};
+use super::inputs::{AttachmentIds, AttachmentName, DeclaredDigest, DeclaredType, PageLimit};
 use super::paging::{Page, Pager};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
@@ -207,9 +207,12 @@ impl ApiState {
             )))
     }
 
-    /// Stores an upload to `chat` (members only): streams `body` to staging while hashing it,
-    /// checks its type against its bytes, records it, and makes its content-addressed object. On
-    /// any failure nothing is kept. Images get their thumbnail and preview in the background.
+    /// Stores an upload to `chat` (members only). Its type is checked against its first bytes
+    /// before anything is written. With a declared digest the body is streamed straight to its
+    /// content-addressed object, made only if the hash matches; without one it is streamed to
+    /// staging while hashed, then committed under its hash. On any failure nothing is kept.
+    /// Images get their thumbnail and preview in the background.
+    #[allow(clippy::too_many_arguments)]
     pub async fn upload_attachment(
         &self,
         caller: &User,
@@ -217,6 +220,7 @@ impl ApiState {
         name: AttachmentName,
         declared: DeclaredType,
         declared_length: Option<u64>,
+        digest: Option<DeclaredDigest>,
         body: ByteChunks,
     ) -> ApiResult<Attachment> {
         let settings = self.attachment_settings()?.clone();
@@ -224,60 +228,86 @@ impl ApiState {
         if declared_length.is_some_and(|n| n > settings.max_bytes) {
             return Err(too_large(settings.max_bytes));
         }
-        let staged = settings.blobs.stage(body, settings.max_bytes).await?;
-        match self
-            .record_upload(&settings, caller, chat, name, declared, &staged)
-            .await
-        {
-            Ok(attachment) => {
-                if attachment.kind == AttachmentKind::Image {
-                    self.spawn_derivatives(attachment.clone());
-                }
-                Ok(attachment)
-            }
-            Err(error) => {
-                if let Err(discard) = settings.blobs.discard(&staged).await {
-                    tracing::warn!(error = %discard, "discarding a staged upload failed; the collector sweeps it");
-                }
-                Err(error)
-            }
-        }
-    }
-
-    async fn record_upload(
-        &self,
-        settings: &AttachmentSettings,
-        caller: &User,
-        chat: ChatId,
-        name: AttachmentName,
-        declared: DeclaredType,
-        staged: &Staged,
-    ) -> ApiResult<Attachment> {
-        if staged.size == 0 {
+        let (head, body) = peek(body, HEAD_BYTES).await?;
+        if head.is_empty() {
             return Err(ApiError::BadRequest("the body is empty".into()));
         }
-        let (content_type, kind) = resolve_type(&declared, &staged.head)?;
-        let id = Uuid::now_v7();
-        let attachment = Attachment {
-            id,
-            chat_id: chat,
+        let (content_type, kind) = resolve_type(&declared, &head)?;
+        let upload = Upload {
+            id: Uuid::now_v7(),
+            chat,
             name: name.into_inner(),
-            size: staged.size,
             content_type,
-            sha256: staged.name.to_string(),
             kind,
+        };
+        let attachment = match digest {
+            Some(digest) => {
+                let object = digest.name();
+                let blobs = Arc::clone(&settings.blobs);
+                let max = settings.max_bytes;
+                self.record_upload(caller, upload, object, async move {
+                    blobs.put_declared(body, object, max).await
+                })
+                .await?
+            }
+            None => {
+                let staged = settings.blobs.stage(body, settings.max_bytes).await?;
+                let blobs = Arc::clone(&settings.blobs);
+                let committed = {
+                    let staged = staged.clone();
+                    async move {
+                        blobs.commit(&staged).await?;
+                        Ok(staged.size)
+                    }
+                };
+                match self
+                    .record_upload(caller, upload, &staged.name, committed)
+                    .await
+                {
+                    Ok(attachment) => attachment,
+                    Err(error) => {
+                        if let Err(discard) = settings.blobs.discard(&staged).await {
+                            tracing::warn!(error = %discard, "discarding a staged upload failed; the collector sweeps it");
+                        }
+                        return Err(error);
+                    }
+                }
+            }
+        };
+        if attachment.kind == AttachmentKind::Image {
+            self.spawn_derivatives(attachment.clone());
+        }
+        Ok(attachment)
+    }
+
+    /// Records an upload whose object `make` writes (answering its size): the reference first,
+    /// then the object (see the module's documentation), then the metadata, so that a listed
+    /// attachment always has its bytes. On failure the reference and metadata are removed.
+    async fn record_upload(
+        &self,
+        caller: &User,
+        upload: Upload,
+        object: &BlobName,
+        make: impl Future<Output = Result<u64, BlobError>>,
+    ) -> ApiResult<Attachment> {
+        let mut attachment = Attachment {
+            id: upload.id,
+            chat_id: upload.chat,
+            name: upload.name,
+            size: 0,
+            content_type: upload.content_type,
+            sha256: object.to_string(),
+            kind: upload.kind,
             created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
             uploader: caller.id,
             image: None,
         };
-        // The reference first, then the object (see the module's documentation), then the
-        // metadata, so that a listed attachment always has its bytes.
         let committed = async {
             self.store
-                .add_blob_refs(id, std::slice::from_ref(&attachment.sha256))
+                .add_blob_refs(attachment.id, std::slice::from_ref(&attachment.sha256))
                 .await?;
-            wait_out_collection(self.store.as_ref(), &staged.name).await?;
-            settings.blobs.commit(staged).await?;
+            wait_out_collection(self.store.as_ref(), object).await?;
+            attachment.size = make.await?;
             self.store.put_attachment(&attachment).await?;
             Ok::<(), ApiError>(())
         }
@@ -293,7 +323,7 @@ impl ApiState {
             return Err(error);
         }
         metrics::counter!("confab_attachments_uploaded_total").increment(1);
-        metrics::counter!("confab_attachments_uploaded_bytes_total").increment(staged.size);
+        metrics::counter!("confab_attachments_uploaded_bytes_total").increment(attachment.size);
         Ok(attachment)
     }
 
@@ -575,6 +605,36 @@ async fn read_all(blobs: &Arc<dyn Blobs>, name: &BlobName) -> ApiResult<Vec<u8>>
         bytes.extend_from_slice(&chunk.map_err(|e| BlobError::Unavailable(e.to_string()))?);
     }
     Ok(bytes)
+}
+
+/// What an upload is, known before its bytes are stored.
+struct Upload {
+    id: Uuid,
+    chat: ChatId,
+    name: String,
+    content_type: String,
+    kind: AttachmentKind,
+}
+
+/// Reads the first `want` bytes of `body` (fewer if it is shorter), and answers them with the
+/// whole body, those bytes included, to stream on.
+async fn peek(mut body: ByteChunks, want: usize) -> ApiResult<(Vec<u8>, ByteChunks)> {
+    use futures::StreamExt;
+    let mut read: Vec<Bytes> = Vec::new();
+    let mut head = Vec::with_capacity(want);
+    while head.len() < want {
+        match body.next().await {
+            Some(Ok(chunk)) => {
+                let take = (want - head.len()).min(chunk.len());
+                head.extend_from_slice(&chunk[..take]);
+                read.push(chunk);
+            }
+            Some(Err(error)) => return Err(ApiError::Blobs(BlobError::Body(error.to_string()))),
+            None => break,
+        }
+    }
+    let again = futures::stream::iter(read.into_iter().map(Ok)).chain(body);
+    Ok((head, Box::pin(again)))
 }
 
 fn too_large(max: u64) -> ApiError {

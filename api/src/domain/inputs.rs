@@ -6,6 +6,7 @@ use confab_schema::limits::{
     MAX_NONCE_BYTES, MAX_PAGE_SIZE, MAX_TEXT_CHARS,
 };
 
+use confab_runtime::blobs::BlobName;
 use confab_schema::attachment::{MAX_ATTACHMENT_NAME_BYTES, MAX_ATTACHMENTS_PER_MESSAGE};
 
 use crate::error::{ApiError, ApiResult};
@@ -253,6 +254,50 @@ impl SearchText {
     }
 
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The SHA-256 a client declares for an upload's body in `Content-Digest` (RFC 9530:
+/// `sha-256=:<base64>:`, possibly among other algorithms, which are ignored). With one, the upload
+/// is written once, straight to its content address, and refused if the body does not match.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeclaredDigest(BlobName);
+
+impl DeclaredDigest {
+    /// `None` when the header is absent or names no SHA-256; 400 when its SHA-256 is malformed.
+    pub fn parse(header: Option<&str>) -> ApiResult<Option<DeclaredDigest>> {
+        use base64::Engine;
+        let Some(header) = header else {
+            return Ok(None);
+        };
+        let malformed = || {
+            ApiError::BadRequest(
+                "Content-Digest's sha-256 must be `sha-256=:<base64 of 32 bytes>:`".into(),
+            )
+        };
+        for member in header.split(',') {
+            let Some((algorithm, value)) = member.trim().split_once('=') else {
+                continue;
+            };
+            if !algorithm.trim().eq_ignore_ascii_case("sha-256") {
+                continue;
+            }
+            let encoded = value
+                .trim()
+                .strip_prefix(':')
+                .and_then(|v| v.strip_suffix(':'))
+                .ok_or_else(malformed)?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map_err(|_| malformed())?;
+            let digest: [u8; 32] = bytes.try_into().map_err(|_| malformed())?;
+            return Ok(Some(DeclaredDigest(BlobName::from_digest(digest))));
+        }
+        Ok(None)
+    }
+
+    pub fn name(&self) -> &BlobName {
         &self.0
     }
 }

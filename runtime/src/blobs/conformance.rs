@@ -265,6 +265,78 @@ pub async fn presigned_urls_read_the_object(fixture: Fixture) {
     empty(blobs.as_ref()).await;
 }
 
+/// A body with a declared name becomes that object (in one part or several), and once it exists
+/// a second upload of the same bytes is read, checked and not written again.
+pub async fn a_declared_body_becomes_its_object(fixture: Fixture) {
+    let blobs = fixture.blobs;
+    for (seed, len) in [(20u8, 3000usize), (21, 11 * 1024 * 1024 + 5)] {
+        let bytes = expected(seed, len);
+        let name = BlobName::of(&bytes);
+        let size = blobs
+            .put_declared(pattern(seed, len, 64 * 1024), &name, 1 << 30)
+            .await
+            .expect("stores");
+        assert_eq!(size, len as u64);
+        assert_eq!(blobs.size(&name).await.expect("size"), Some(len as u64));
+        let read = blobs.get(&name, None).await.expect("reads");
+        assert!(collect(read.chunks).await == bytes, "reads back the bytes");
+        let again = blobs
+            .put_declared(pattern(seed, len, 64 * 1024), &name, 1 << 30)
+            .await
+            .expect("stores again");
+        assert_eq!(again, len as u64);
+        // Existing or not, a body unlike the name is refused.
+        let forged = blobs
+            .put_declared(pattern(seed + 1, len, 64 * 1024), &name, 1 << 30)
+            .await;
+        assert!(matches!(forged, Err(BlobError::Mismatch(_))), "{forged:?}");
+        assert_eq!(blobs.size(&name).await.expect("size"), Some(len as u64));
+    }
+    assert_eq!(blobs.list(None, 10).await.expect("lists").len(), 2);
+    assert_eq!(
+        blobs.sweep_staging(Duration::ZERO).await.expect("sweeps"),
+        0,
+        "nothing left in staging or half-uploaded"
+    );
+    empty(blobs.as_ref()).await;
+}
+
+/// A body unlike its declared name, over the limit, or cut short leaves no object and nothing
+/// half-uploaded, in one part or after several.
+pub async fn a_declared_body_that_fails_keeps_nothing(fixture: Fixture) {
+    let blobs = fixture.blobs;
+    for len in [3000usize, 11 * 1024 * 1024] {
+        let claimed = BlobName::of(&expected(30, len));
+        let unlike = blobs
+            .put_declared(pattern(31, len, 64 * 1024), &claimed, 1 << 30)
+            .await;
+        match unlike {
+            Err(BlobError::Mismatch(actual)) => {
+                assert_eq!(actual, BlobName::of(&expected(31, len)));
+            }
+            other => panic!("not refused as a mismatch: {other:?}"),
+        }
+        let over = blobs
+            .put_declared(pattern(30, len, 64 * 1024), &claimed, len as u64 - 1)
+            .await;
+        assert!(matches!(over, Err(BlobError::TooLarge(_))), "{over:?}");
+        let cut = pattern(30, len, 64 * 1024)
+            .chain(futures::stream::once(async {
+                Err(std::io::Error::other("client went away"))
+            }))
+            .boxed();
+        let cut = blobs.put_declared(cut, &claimed, 1 << 30).await;
+        assert!(matches!(cut, Err(BlobError::Body(_))), "{cut:?}");
+        assert_eq!(blobs.size(&claimed).await.expect("size"), None);
+    }
+    assert!(blobs.list(None, 10).await.expect("lists").is_empty());
+    assert_eq!(
+        blobs.sweep_staging(Duration::ZERO).await.expect("sweeps"),
+        0,
+        "nothing left in staging or half-uploaded"
+    );
+}
+
 #[macro_export]
 macro_rules! blobs_conformance_tests {
     ($module:ident, $make:path) => {
@@ -290,6 +362,8 @@ macro_rules! blobs_conformance_tests {
             case!(missing_objects_and_empty_bodies);
             case!(puts_lists_and_deletes);
             case!(presigned_urls_read_the_object);
+            case!(a_declared_body_becomes_its_object);
+            case!(a_declared_body_that_fails_keeps_nothing);
         }
     };
 }

@@ -5,6 +5,8 @@
 //!
 //! An upload is staged first (streamed to a staging object while its hash is computed, never held
 //! whole in memory), then committed under its hash: the same bytes uploaded twice are one object.
+//! An upload whose hash the client declared goes straight to its object instead
+//! ([`Blobs::put_declared`]), made only once the streamed hash is found to match.
 
 pub mod conformance;
 mod local;
@@ -43,6 +45,9 @@ pub enum BlobError {
     /// No object by that name.
     #[error("no such object")]
     NotFound,
+    /// The body's SHA-256 is not the one declared for it; nothing was kept.
+    #[error("the body's SHA-256 is {0}, not the one declared")]
+    Mismatch(BlobName),
 }
 
 /// The name of a content-addressed object: the lower-case hex SHA-256 of its bytes.
@@ -139,6 +144,27 @@ pub trait Blobs: Send + Sync + 'static {
     /// Removes a staging object (an upload refused or failed after staging).
     async fn discard(&self, staged: &Staged) -> Result<(), BlobError>;
 
+    /// Streams `body` to the object named `expected`, hashing it on the way, and makes the object
+    /// only if the body's hash is `expected` ([`BlobError::Mismatch`] otherwise; more than
+    /// `max_bytes` is [`BlobError::TooLarge`]; either way nothing is kept). An object that exists
+    /// already is not written again, but the body is still read and checked: naming an object is
+    /// not proof of holding its bytes. Answers the body's size. This default stages and commits;
+    /// a storage where a commit copies bytes writes once instead.
+    async fn put_declared(
+        &self,
+        body: ByteChunks,
+        expected: &BlobName,
+        max_bytes: u64,
+    ) -> Result<u64, BlobError> {
+        let staged = self.stage(body, max_bytes).await?;
+        if staged.name != *expected {
+            self.discard(&staged).await?;
+            return Err(BlobError::Mismatch(staged.name));
+        }
+        self.commit(&staged).await?;
+        Ok(staged.size)
+    }
+
     /// Stores small bytes (a thumbnail) under their hash; answers the name.
     async fn put(&self, bytes: Bytes) -> Result<BlobName, BlobError>;
 
@@ -202,6 +228,11 @@ impl Hashing {
         }
         self.hasher.update(chunk);
         Ok(())
+    }
+
+    /// The name of what was taken in so far.
+    pub(crate) fn name(&self) -> BlobName {
+        BlobName::from_digest(self.hasher.clone().finalize().into())
     }
 
     pub(crate) fn finish(self, key: String) -> Staged {

@@ -2,7 +2,9 @@
 //! and tests): path-style requests to a configured endpoint, static credentials. Objects are
 //! `<prefix>blobs/<name>`, staging objects `<prefix>staging/<uuid>`. A body up to one part goes up
 //! as one PUT; a longer one as a multipart upload, one part in flight while the next is read, so
-//! an upload holds at most two parts in memory. A commit is a server-side copy.
+//! an upload holds at most two parts in memory. A commit is a server-side copy, so that a gateway
+//! which copies bytes (SeaweedFS does) writes a staged upload twice; an upload with a declared hash
+//! goes straight to its object, completed only once the streamed hash matches.
 
 use std::time::Duration;
 
@@ -140,9 +142,13 @@ impl S3Blobs {
         key: &str,
         mut body: ByteChunks,
         hashing: &mut Hashing,
+        expected: Option<&BlobName>,
+        first_hashed: bool,
     ) -> Result<(), BlobError> {
         let mut buffer = BytesMut::with_capacity(self.part_bytes.min(1024 * 1024));
         let mut multipart: Option<Multipart> = None;
+        // The first chunk was hashed by the caller already.
+        let mut hashed = first_hashed;
         loop {
             let chunk = match body.next().await {
                 Some(Ok(chunk)) => chunk,
@@ -153,7 +159,9 @@ impl S3Blobs {
                 }
                 None => break,
             };
-            if let Err(error) = hashing.update(&chunk) {
+            if !std::mem::take(&mut hashed)
+                && let Err(error) = hashing.update(&chunk)
+            {
                 return self.abort(multipart, error).await;
             }
             buffer.extend_from_slice(&chunk);
@@ -171,6 +179,14 @@ impl S3Blobs {
                 if let Err(error) = upload.send(self, part).await {
                     return self.abort(multipart, error).await;
                 }
+            }
+        }
+        // Nothing becomes visible under `key` before this check: the last part, or the only
+        // PUT, is sent after it.
+        if let Some(expected) = expected {
+            let name = hashing.name();
+            if name != *expected {
+                return self.abort(multipart, BlobError::Mismatch(name)).await;
             }
         }
         match multipart {
@@ -314,7 +330,7 @@ impl Blobs for S3Blobs {
     async fn stage(&self, body: ByteChunks, max_bytes: u64) -> Result<Staged, BlobError> {
         let key = uuid::Uuid::new_v4().simple().to_string();
         let mut hashing = Hashing::new(max_bytes);
-        self.upload(&self.staging_key(&key), body, &mut hashing)
+        self.upload(&self.staging_key(&key), body, &mut hashing, None, false)
             .await?;
         Ok(hashing.finish(key))
     }
@@ -336,6 +352,61 @@ impl Blobs for S3Blobs {
 
     async fn discard(&self, staged: &Staged) -> Result<(), BlobError> {
         self.delete_key(&self.staging_key(&staged.key)).await
+    }
+
+    async fn put_declared(
+        &self,
+        mut body: ByteChunks,
+        expected: &BlobName,
+        max_bytes: u64,
+    ) -> Result<u64, BlobError> {
+        let mut hashing = Hashing::new(max_bytes);
+        // A body of one part goes up in one PUT, checked first; rewriting an object with the
+        // same bytes costs no more than asking whether it exists.
+        let mut first = BytesMut::new();
+        let mut ended = true;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| BlobError::Body(e.to_string()))?;
+            hashing.update(&chunk)?;
+            first.extend_from_slice(&chunk);
+            if first.len() >= self.part_bytes {
+                ended = false;
+                break;
+            }
+        }
+        if ended {
+            let name = hashing.name();
+            if name != *expected {
+                return Err(BlobError::Mismatch(name));
+            }
+            self.put_bytes(&self.object_key(expected), first.freeze())
+                .await?;
+            return Ok(hashing.size);
+        }
+        if self.size(expected).await?.is_some() {
+            // Stored already: read the rest only to check it.
+            while let Some(chunk) = body.next().await {
+                hashing.update(&chunk.map_err(|e| BlobError::Body(e.to_string()))?)?;
+            }
+            let name = hashing.name();
+            if name != *expected {
+                return Err(BlobError::Mismatch(name));
+            }
+            return Ok(hashing.size);
+        }
+        // Racing uploads of the same bytes both complete the same object with the same bytes.
+        let rest = futures::stream::once(async move { Ok(first.freeze()) })
+            .chain(body)
+            .boxed();
+        self.upload(
+            &self.object_key(expected),
+            rest,
+            &mut hashing,
+            Some(expected),
+            true,
+        )
+        .await?;
+        Ok(hashing.size)
     }
 
     async fn put(&self, bytes: Bytes) -> Result<BlobName, BlobError> {
@@ -482,11 +553,12 @@ impl Blobs for S3Blobs {
                 _ => break,
             }
         }
+        // Unfinished multipart uploads to staging, and to objects (uploads with a declared hash).
         let uploads = self
             .client
             .list_multipart_uploads()
             .bucket(&self.bucket)
-            .prefix(&prefix)
+            .prefix(&self.prefix)
             .send()
             .await
             .map_err(unavailable)?;
