@@ -27,7 +27,7 @@ use confab_api::limits::RateLimits;
 use confab_api::outbox::SweepSettings;
 use confab_api::store::cql::{self, CqlOptions, CqlStore};
 use confab_api::store::embedded::EmbeddedStore;
-use confab_api::store::{Store, StoreReadiness};
+use confab_api::store::{MarkerKind, Store, StoreReadiness};
 use confab_api::{ApiState, routes as api_routes};
 use confab_notifier::auth::StreamAuth;
 use confab_notifier::hub::Caps;
@@ -49,7 +49,7 @@ use confab_runtime::search::{MeiliSearch, Search, SearchError, TantivySearch};
 use confab_runtime::telemetry::{self, Readiness};
 use confab_runtime::vapid::VapidKeys;
 use confab_schema::push::Device;
-use confab_schema::{ChatId, DeviceId, UserId};
+use confab_schema::{ChatId, DeviceId, SignalId, UserId};
 use confab_ws_plexer::api::{ApiCaller, InProcess, OverHttp};
 use confab_ws_plexer::{Limits, PlexerState};
 use tokio::net::TcpListener;
@@ -267,6 +267,15 @@ impl DeviceDirectory for StoreDevices {
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
+    async fn reached(&self, user: UserId, chat: ChatId) -> Result<Option<SignalId>, String> {
+        let (read, delivered) = futures::join!(
+            self.0.marker(MarkerKind::Read, chat, user),
+            self.0.marker(MarkerKind::Delivered, chat, user),
+        );
+        Ok(read
+            .map_err(|e| e.to_string())?
+            .max(delivered.map_err(|e| e.to_string())?))
+    }
 }
 
 /// What a notifier routes by: the chats a user is in, read from the store. (The notifier and the
@@ -298,14 +307,18 @@ pub fn open_identity(config: &Config) -> anyhow::Result<Arc<dyn Identity>> {
 }
 
 /// Where logouts are recorded: a NATS key-value bucket with the NATS bus (shared by every
-/// process), else this process's memory.
+/// process), else a file in the data directory read back at start.
 pub async fn open_revocations(
     config: &Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<Revocations>> {
     let ttl = Duration::from_secs(config.identity.revocation_ttl_secs.max(60));
     Ok(match config.bus.backend {
-        BusBackend::Embedded => Revocations::in_memory(ttl),
+        BusBackend::Embedded => {
+            Revocations::in_file(config.data_dir.join("revocations.jsonl"), ttl)
+                .map_err(anyhow::Error::msg)
+                .context("opening the revocations file")?
+        }
         BusBackend::Nats => Revocations::nats(
             &config.bus.nats_url,
             &config.bus.subject_prefix,
@@ -471,11 +484,24 @@ pub async fn build(
         router = router.merge(routes);
         openapi.merge(doc);
         // The web client; its dev sign-in only where dev tokens are the identity anyway.
-        let dev_sign_in = match (role, config.identity.mode) {
-            (Role::Serve, IdentityMode::Dev) => Some(DevIdentity::open(&config.data_dir)?),
-            _ => None,
+        let sign_in = match (role, config.identity.mode) {
+            (Role::Serve, IdentityMode::Dev) => {
+                crate::web::WebSignIn::Dev(DevIdentity::open(&config.data_dir)?)
+            }
+            (_, IdentityMode::Dev) => crate::web::WebSignIn::Unavailable,
+            (_, IdentityMode::Oidc) => crate::web::WebSignIn::Oidc {
+                issuer: config.identity.issuer_url.clone(),
+                client_id: config
+                    .identity
+                    .client_ids
+                    .split(',')
+                    .map(str::trim)
+                    .find(|c| !c.is_empty())
+                    .unwrap_or_default()
+                    .to_owned(),
+            },
         };
-        router = router.merge(crate::web::routes(dev_sign_in));
+        router = router.merge(crate::web::routes(sign_in));
     }
     if matches!(role, Role::Serve | Role::Notifier | Role::WsPlexer) {
         let hub = Hub::new(

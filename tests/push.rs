@@ -21,6 +21,7 @@ use axum::http::{HeaderMap, StatusCode};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use confab_runtime::vapid::VapidKeys;
+use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use p256::ecdsa::signature::Verifier;
 use p256::elliptic_curve::sec1::ToSec1Point;
@@ -187,7 +188,33 @@ async fn start_receiver(vapid_public: &str, devices: &[&str]) -> Receiver {
     receiver
 }
 
+/// A configuration for `stack` whose pushes go out after `delay_ms`, signed with `keys`, to
+/// endpoints on loopback (the receivers here).
+fn push_config(
+    stack: Stack,
+    data: &tempfile::TempDir,
+    keys: &VapidKeys,
+    delay_ms: u64,
+) -> confab_runtime::config::Config {
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    config.push.vapid_public_key = Some(keys.public_key.clone());
+    config.push.vapid_private_key = Some(keys.private_key.clone());
+    config.push.allow_insecure_endpoints = true;
+    config.push.delay_ms = Some(delay_ms);
+    config
+}
+
 impl Receiver {
+    /// Registers `devices` of this receiver as the devices of the user of `token`.
+    async fn register(&self, app: &TestApp, token: &str, devices: &[&str]) {
+        for device in devices {
+            let registered = app
+                .post(token, "/v1/devices", &self.registration(device))
+                .await;
+            assert_eq!(registered.status(), 201);
+        }
+    }
+
     fn registration(&self, device: &str) -> Value {
         let subscription = &self.subscriptions[device];
         json!({
@@ -251,22 +278,13 @@ async fn delayed_push(stack: Stack) {
     let keys = VapidKeys::generate();
     let receiver = start_receiver(&keys.public_key, &["laptop", "phone"]).await;
     let data = tempfile::tempdir().unwrap();
-    let mut config = support::config_for(stack, data.path().to_path_buf());
-    config.push.vapid_public_key = Some(keys.public_key.clone());
-    config.push.vapid_private_key = Some(keys.private_key.clone());
-    config.push.allow_insecure_endpoints = true;
-    config.push.delay_ms = Some(300);
+    let config = push_config(stack, &data, &keys, 300);
     let app = support::spawn_with(stack, config, data).await;
     let alice = app.token("alice").await;
     let bob = app.token("bob").await;
     let alice_id = app.me(&alice).await;
     let bob_id = app.me(&bob).await;
-    for device in ["laptop", "phone"] {
-        let registered = app
-            .post(&bob, "/v1/devices", &receiver.registration(device))
-            .await;
-        assert_eq!(registered.status(), 201);
-    }
+    receiver.register(&app, &bob, &["laptop", "phone"]).await;
     let (first, burst, fetched, later) = (
         app.group_chat(&alice, &[&bob_id]).await,
         app.group_chat(&alice, &[&bob_id]).await,
@@ -337,27 +355,112 @@ async fn delayed_push(stack: Stack) {
     app.stop().await;
 }
 
+/// A chat of more members than are scheduled before the send answers is fanned out in the
+/// background: an unread message still reaches each device, and so does a later one; one read
+/// before its push was due rings nothing, whenever the background pass reached the reader.
+async fn a_large_chat_is_pushed(stack: Stack) {
+    let keys = VapidKeys::generate();
+    let receiver = start_receiver(&keys.public_key, &["laptop", "phone"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let config = push_config(stack, &data, &keys, 1_000);
+    let app = support::spawn_with(stack, config, data).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    receiver.register(&app, &bob, &["laptop", "phone"]).await;
+    let pushed = app.group_chat(&alice, &[&bob_id]).await;
+    let read = app.group_chat(&alice, &[&bob_id]).await;
+    // 1,200 more members each, written straight to the store.
+    let store = confab::open_store(&app.config, false).await.unwrap();
+    let joined_at = confab_schema::model::to_millis(time::OffsetDateTime::now_utc());
+    for chat in [&pushed, &read] {
+        let chat_id: confab_schema::ChatId = chat.parse().unwrap();
+        futures::stream::iter(0..1_200)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                async move {
+                    store
+                        .put_member(
+                            chat_id,
+                            &confab_schema::Member {
+                                user_id: confab_schema::UserId::from_subject(
+                                    "large-push",
+                                    &format!("member-{i}"),
+                                ),
+                                role: confab_schema::MemberRole::Member,
+                                joined_at,
+                            },
+                        )
+                        .await
+                }
+            })
+            .buffer_unordered(64)
+            .for_each(|written| async move { written.expect("member written") })
+            .await;
+    }
+
+    let signal = send(&app, &alice, &pushed, "to twelve hundred").await;
+    let seen = send(&app, &alice, &read, "read at once").await;
+    let marked = app
+        .post(
+            &bob,
+            &format!("/v1/chats/{read}/read"),
+            &json!({"up_to": seen}),
+        )
+        .await;
+    assert_eq!(marked.status(), 200);
+    for device in ["laptop", "phone"] {
+        let push = receiver.next_for(device, &pushed).await;
+        assert_eq!(push.payload["signal_id"], signal.as_str());
+    }
+    let later = send(&app, &alice, &pushed, "and later").await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !receiver
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|p| p.payload["signal_id"] == later.as_str())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the later message was never pushed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Due a second after it was read, long before the later message's push came.
+    assert_eq!(
+        receiver.count_for(&read),
+        0,
+        "the message read in time was not pushed"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_chat_is_pushed_on_the_embedded_default() {
+    a_large_chat_is_pushed(Stack::Embedded).await;
+}
+
+#[tokio::test]
+async fn a_large_chat_is_pushed_on_the_real_stack() {
+    if support::real_stack_available("a_large_chat_is_pushed_on_the_real_stack").await {
+        Box::pin(a_large_chat_is_pushed(Stack::Real)).await;
+    }
+}
+
 async fn settings_and_withdrawal(stack: Stack) {
     let keys = VapidKeys::generate();
     let receiver = start_receiver(&keys.public_key, &["laptop", "phone"]).await;
     let data = tempfile::tempdir().unwrap();
-    let mut config = support::config_for(stack, data.path().to_path_buf());
-    config.push.vapid_public_key = Some(keys.public_key.clone());
-    config.push.vapid_private_key = Some(keys.private_key.clone());
-    config.push.allow_insecure_endpoints = true;
-    config.push.delay_ms = Some(300);
+    let config = push_config(stack, &data, &keys, 300);
     let app = support::spawn_with(stack, config, data).await;
     let alice = app.token("alice").await;
     let bob = app.token("bob").await;
     let carol = app.token("carol").await;
     let bob_id = app.me(&bob).await;
     let alice_name: Value = app.get(&alice, "/v1/me").await.json().await.unwrap();
-    for device in ["laptop", "phone"] {
-        let registered = app
-            .post(&bob, "/v1/devices", &receiver.registration(device))
-            .await;
-        assert_eq!(registered.status(), 201);
-    }
+    receiver.register(&app, &bob, &["laptop", "phone"]).await;
     let mut chats = Vec::new();
     for _ in 0..7 {
         chats.push(app.group_chat(&alice, &[&bob_id]).await);
@@ -545,11 +648,7 @@ async fn missed_calls_are_pushed(stack: Stack) {
     let keys = VapidKeys::generate();
     let receiver = start_receiver(&keys.public_key, &["bobs", "alices"]).await;
     let data = tempfile::tempdir().unwrap();
-    let mut config = support::config_for(stack, data.path().to_path_buf());
-    config.push.vapid_public_key = Some(keys.public_key.clone());
-    config.push.vapid_private_key = Some(keys.private_key.clone());
-    config.push.allow_insecure_endpoints = true;
-    config.push.delay_ms = Some(200);
+    let mut config = push_config(stack, &data, &keys, 200);
     config.calls.ring_timeout_secs = 1;
     let app = support::spawn_with(stack, config, data).await;
     let alice = app.token("alice").await;

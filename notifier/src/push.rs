@@ -20,7 +20,7 @@ use confab_runtime::push_queue::{PendingPush, PushKind, PushQueue};
 use confab_runtime::vapid::VapidKeys;
 use confab_runtime::webpush;
 use confab_schema::push::{Device, Platform};
-use confab_schema::{DeviceId, UserId};
+use confab_schema::{ChatId, DeviceId, SignalId, UserId};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,9 @@ use crate::push_fcm::Fcm;
 pub trait DeviceDirectory: Send + Sync + 'static {
     async fn devices_of(&self, user: UserId) -> Result<Vec<Device>, String>;
     async fn remove(&self, user: UserId, device: DeviceId) -> Result<(), String>;
+    /// How far `user` has read or received `chat` (the further of their read and delivered
+    /// markers), if at all.
+    async fn reached(&self, user: UserId, chat: ChatId) -> Result<Option<SignalId>, String>;
 }
 
 /// How due pushes are looked for and sent.
@@ -110,16 +113,16 @@ impl PushSender {
                     _ = every.tick() => {}
                 }
             }
-            let due = match self.queue.claim_due(now_ms(), BATCH).await {
-                Ok(due) => due,
+            let claimed = match self.queue.claim_due(now_ms(), BATCH).await {
+                Ok(claimed) => claimed,
                 Err(error) => {
                     tracing::warn!(%error, "push queue unavailable");
                     backlog = false;
                     continue;
                 }
             };
-            backlog = due.len() >= BATCH;
-            for push in due {
+            backlog = claimed.more;
+            for push in claimed.pushes {
                 if handoff.send(push).await.is_err() {
                     return;
                 }
@@ -142,6 +145,18 @@ impl PushSender {
         };
         if devices.is_empty() {
             return;
+        }
+        // The last look before it rings: a marker that moved past what it announces while it
+        // waited (or before a large chat's background pass scheduled it) makes it unneeded.
+        if push.kind == PushKind::Messages {
+            match self.devices.reached(push.user, push.chat).await {
+                Ok(Some(reached)) if reached >= push.newest => {
+                    metrics::counter!("confab_pushes_cancelled_total").increment(1);
+                    return;
+                }
+                Ok(_) => {}
+                Err(error) => tracing::debug!(%error, "markers unavailable; sending anyway"),
+            }
         }
         // Remembered before it goes out, so a read while it is on its way still withdraws it (a
         // withdrawal of a push that then failed is harmless).

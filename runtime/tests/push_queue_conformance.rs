@@ -2,6 +2,8 @@
 //! the JetStream queue on the NATS server that `infra/up.sh` started (a fresh prefix per case,
 //! two connections).
 
+mod support;
+
 use std::sync::Arc;
 
 use confab_runtime::push_queue::conformance::Fixture;
@@ -21,20 +23,7 @@ async fn embedded() -> Option<Fixture> {
 }
 
 async fn nats() -> Option<Fixture> {
-    let url =
-        std::env::var("CONFAB_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let address = url.trim_start_matches("nats://").to_owned();
-    if tokio::net::TcpStream::connect(&address).await.is_err() {
-        let required = std::env::var("CONFAB_REQUIRE_SERVICES").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "NATS is not reachable at {address}; infra/up.sh starts it"
-        );
-        eprintln!(
-            "SKIPPED a NATS push queue case: NATS is not reachable at {address}; run infra/up.sh"
-        );
-        return None;
-    }
+    let url = support::nats_url("push queue").await?;
     let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
     let first = NatsPushQueue::connect(&url, &prefix)
         .await

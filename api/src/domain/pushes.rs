@@ -3,6 +3,7 @@
 //! those who allow it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use confab_runtime::push_queue::{Cancelled, PushMessage};
 use confab_schema::call::CallState;
@@ -13,8 +14,9 @@ use time::OffsetDateTime;
 
 use crate::state::ApiState;
 
-/// Chats with more members than this get no pushes (one queue entry per recipient and message).
-const MAX_PUSHED_MEMBERS: usize = 1_000;
+/// Chats with more members than this are fanned out in the background, one pass in flight per
+/// chat, the messages sent meanwhile announced by the next pass (see `schedule_pushes`).
+const SCHEDULED_IN_LINE_MEMBERS: usize = 1_000;
 
 /// How much of a message a push previews, in characters.
 const PREVIEW_CHARS: usize = 120;
@@ -38,9 +40,9 @@ impl ApiState {
     /// push to cancel. The members' settings are two reads (the chat's partition, and the users'
     /// in batches); the recipients are scheduled concurrently.
     pub(crate) async fn schedule_pushes(&self, created: &Signal, members: &[UserId]) {
-        let Some(queue) = &self.push_queue else {
+        if self.push_queue.is_none() {
             return;
-        };
+        }
         // Messages, and calls nobody answered; the other call signals do not ring anyone's phone.
         let missed_call = created
             .call
@@ -49,11 +51,41 @@ impl ApiState {
         if created.kind != SignalKind::Message && !missed_call {
             return;
         }
-        if members.len() > MAX_PUSHED_MEMBERS {
-            // One queue entry per recipient does not scale to very large chats; they get none yet.
-            metrics::counter!("confab_pushes_skipped_large_chat_total").increment(1);
+        if members.len() > SCHEDULED_IN_LINE_MEMBERS {
+            // One queue entry per recipient is too much work to finish before the send answers,
+            // and to repeat for each message of a burst: a large chat is fanned out in the
+            // background, one pass in flight per chat; the messages sent during a pass ride on
+            // the next one, which announces the newest (a recipient's push then counts passes,
+            // not messages).
+            let state = self.clone();
+            let passes = Arc::clone(&self.large_chat_pushes);
+            let (created, members) = (created.clone(), members.to_vec());
+            tokio::spawn(async move {
+                let fanned = passes
+                    .advance(
+                        created.chat_id,
+                        created.id,
+                        (members, created),
+                        |_, (members, created)| async move {
+                            metrics::counter!("confab_pushes_large_chat_passes_total").increment(1);
+                            state.schedule_for(&created, &members).await;
+                            Ok::<(), std::convert::Infallible>(())
+                        },
+                    )
+                    .await;
+                let Ok(()) = fanned;
+            });
             return;
         }
+        self.schedule_for(created, members).await;
+    }
+
+    /// Schedules a push of `created` for each of `members` but its author who has not muted the
+    /// chat (one queue entry per recipient, collapsed per chat).
+    async fn schedule_for(&self, created: &Signal, members: &[UserId]) {
+        let Some(queue) = &self.push_queue else {
+            return;
+        };
         let recipients: Vec<UserId> = members
             .iter()
             .copied()

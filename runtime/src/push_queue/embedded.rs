@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use confab_schema::{ChatId, SignalId, UserId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{Cancelled, PendingPush, PushKind, PushMessage, PushQueue, SentPush, key, unavailable};
+use super::{
+    Cancelled, Claimed, PendingPush, PushKind, PushMessage, PushQueue, SentPush, key, unavailable,
+};
 use crate::bus::BusError;
 
 /// Every transaction here reads and then writes, so each begins IMMEDIATE: a deferred one that
@@ -160,7 +162,7 @@ impl PushQueue for EmbeddedPushQueue {
         .await
     }
 
-    async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<PendingPush>, BusError> {
+    async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Claimed, BusError> {
         self.with(move |connection| {
             let tx = connection
                 .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -191,10 +193,15 @@ impl PushQueue for EmbeddedPushQueue {
             )
             .map_err(unavailable)?;
             tx.commit().map_err(unavailable)?;
-            Ok(due
-                .into_iter()
-                .filter_map(|(_, body)| serde_json::from_str(&body).ok())
-                .collect())
+            // Every row looked at was due: a full batch may have more behind it.
+            let more = due.len() >= limit;
+            Ok(Claimed {
+                pushes: due
+                    .into_iter()
+                    .filter_map(|(_, body)| serde_json::from_str(&body).ok())
+                    .collect(),
+                more,
+            })
         })
         .await
     }

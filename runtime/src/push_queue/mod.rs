@@ -34,6 +34,15 @@ pub enum PushKind {
     Withdrawal,
 }
 
+/// What one claim took.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    /// The due pushes, each claimed by this caller only.
+    pub pushes: Vec<PendingPush>,
+    /// More may be claimable right away.
+    pub more: bool,
+}
+
 /// The message a push is scheduled for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PushMessage {
@@ -184,8 +193,10 @@ pub trait PushQueue: Send + Sync + 'static {
         up_to: SignalId,
         now_ms: i64,
     ) -> Result<Cancelled, BusError>;
-    /// Claims up to `limit` pushes due at `now_ms`: each is handed to one caller only.
-    async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<PendingPush>, BusError>;
+    /// Claims up to `limit` pushes due at `now_ms`: each is handed to one caller only. Says
+    /// whether more may be claimable at once (a full batch was looked at), so that a caller
+    /// claims again without waiting: fewer than `limit` pushes do not mean the queue is drained.
+    async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Claimed, BusError>;
     /// Remembers that `push` reached at least one device at `now_ms`, for [`SENT_MEMORY_MS`].
     async fn sent(&self, push: &PendingPush, now_ms: i64) -> Result<(), BusError>;
 }
