@@ -654,32 +654,89 @@ impl Hub {
         }
     }
 
-    /// Renews the presence of every user connected to this node, until `shutdown`.
+    /// Renews the presence of every user connected to this node, and sweeps silent nodes, until
+    /// `shutdown`.
     async fn heartbeat(&self, shutdown: CancellationToken) {
         let mut every = tokio::time::interval(HEARTBEAT_EVERY);
-        every.tick().await;
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    // A node that stops cleanly is nobody's to sweep.
+                    if let Err(error) = self.presence.forget_node(&self.node).await {
+                        tracing::debug!(%error, "node record not removed; it will be swept");
+                    }
+                    return;
+                }
                 _ = every.tick() => {}
+            }
+            let now = now_ms();
+            if let Err(error) = self.sweep_silent_nodes(now).await {
+                tracing::warn!(%error, "silent nodes not swept; trying again");
             }
             let users: Vec<UserId> = match self.routes.read() {
                 Ok(routes) => routes.by_user.keys().copied().collect(),
                 Err(_) => return,
             };
-            let now = now_ms();
             futures::stream::iter(users)
                 .for_each_concurrent(32, |user| {
                     let node = Arc::clone(&self.node);
                     async move {
                         let change: Change = Box::new(move |record| record.heartbeat(&node, now));
-                        if let Err(error) = self.presence.update(user, change).await {
-                            tracing::debug!(%error, "presence heartbeat failed");
+                        match self.presence.update(user, change).await {
+                            // Swept while this node was cut off (and so announced offline):
+                            // online again.
+                            Ok((before, after)) if !before.online(now) && after.online(now) => {
+                                if let Ok(chats) = self.membership.chats_of(user).await {
+                                    let view = after.view(user, now);
+                                    self.publish_presence(user, chats, Event::UserConnected(view))
+                                        .await;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(error) => tracing::debug!(%error, "presence heartbeat failed"),
                         }
                     }
                 })
                 .await;
         }
+    }
+
+    /// Records this node alive at `now`, then takes every node silent for longer than the presence
+    /// TTL (crashed: it never saw its connections close) out of its users' records, and tells the
+    /// chats of those who are offline now. Answers how many users it announced offline.
+    pub async fn sweep_silent_nodes(&self, now: i64) -> Result<usize, BusError> {
+        self.presence.node_alive(&self.node, now).await?;
+        let mut announced = 0;
+        for node in self.presence.claim_silent_nodes(&self.node, now).await? {
+            let users = self.presence.users_on(&node).await?;
+            tracing::info!(%node, users = users.len(), "sweeping a silent node's users");
+            for user in users {
+                let dead = node.clone();
+                let change: Change = Box::new(move |record| {
+                    if let Some(at) = record.nodes.remove(&dead) {
+                        record.last_seen_ms = record.last_seen_ms.max(Some(at));
+                    }
+                });
+                let (before, after) = self.presence.update(user, change).await?;
+                // Online elsewhere, or swept already: nothing to tell.
+                if !before.nodes.contains_key(&node) || after.online(now) {
+                    continue;
+                }
+                let chats = match self.membership.chats_of(user).await {
+                    Ok(chats) => chats,
+                    Err(error) => {
+                        tracing::warn!(%error, %user, "chats unknown; offline not announced");
+                        continue;
+                    }
+                };
+                metrics::counter!("confab_presence_swept_offline_total").increment(1);
+                self.publish_presence(user, chats, Event::UserDisconnected(after.view(user, now)))
+                    .await;
+                announced += 1;
+            }
+            self.presence.forget_node(&node).await?;
+        }
+        Ok(announced)
     }
 
     /// Hands an ephemeral event to the connections of its chat (and to pending ones), except the
@@ -690,41 +747,33 @@ impl Hub {
         let Ok(routes) = self.routes.read() else {
             return;
         };
-        if let Event::CallSignal(relay) = &envelope.event {
-            let targets: Vec<&Connection> = routes
+        let targets: Vec<&Connection> = if let Event::CallSignal(relay) = &envelope.event {
+            // Call signalling goes to its one addressee's connections only.
+            routes
                 .by_user
                 .get(&relay.to)
                 .into_iter()
                 .flatten()
                 .filter_map(|id| routes.connections.get(id))
-                .collect();
-            if targets.is_empty() {
-                return;
-            }
-            let outgoing = Arc::new(Outgoing::render(LoggedEvent { seq: 0, envelope }));
-            for connection in targets {
-                if connection.sender.try_send(Arc::clone(&outgoing)).is_ok() {
-                    metrics::counter!("confab_notifier_delivered_total").increment(1);
-                }
-            }
-            return;
-        }
-        let subject = match &envelope.event {
-            Event::Typing(typing) => Some(typing.user_id),
-            Event::UserConnected(presence)
-            | Event::UserDisconnected(presence)
-            | Event::PresenceUpdated(presence) => Some(presence.user_id),
-            _ => None,
+                .collect()
+        } else {
+            let subject = match &envelope.event {
+                Event::Typing(typing) => Some(typing.user_id),
+                Event::UserConnected(presence)
+                | Event::UserDisconnected(presence)
+                | Event::PresenceUpdated(presence) => Some(presence.user_id),
+                _ => None,
+            };
+            routes
+                .by_chat
+                .get(&envelope.chat_id)
+                .into_iter()
+                .flatten()
+                .chain(routes.pending.iter())
+                .filter_map(|id| routes.connections.get(id))
+                .filter(|connection| Some(connection.user) != subject)
+                .collect()
         };
-        let targets: Vec<&Connection> = routes
-            .by_chat
-            .get(&envelope.chat_id)
-            .into_iter()
-            .flatten()
-            .chain(routes.pending.iter())
-            .filter_map(|id| routes.connections.get(id))
-            .filter(|connection| Some(connection.user) != subject)
-            .collect();
         if targets.is_empty() {
             return;
         }
@@ -898,6 +947,7 @@ mod tests {
     use std::time::Duration;
 
     use confab_runtime::bus::{EmbeddedBus, LogSettings};
+    use confab_runtime::presence::PRESENCE_TTL;
     use confab_schema::event::MemberChange;
     use confab_schema::{Event, Signal, SignalId, SignalKind};
 
@@ -1009,6 +1059,101 @@ mod tests {
                 Item::Reset(reason) => return format!("reset:{reason}"),
             }
         }
+    }
+
+    /// The next ephemeral presence event about `user` on `subscription`.
+    async fn next_presence_of(subscription: &mut Subscription, user: UserId) -> Event {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), subscription.next())
+                .await
+                .expect("an item before the deadline")
+                .expect("open")
+            {
+                Item::Event(event) => match &event.envelope.event {
+                    Event::UserConnected(p)
+                    | Event::UserDisconnected(p)
+                    | Event::PresenceUpdated(p)
+                        if p.user_id == user =>
+                    {
+                        return event.envelope.event.clone();
+                    }
+                    _ => {}
+                },
+                Item::Reset(reason) => panic!("reset: {reason}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_nodes_users_are_announced_offline_by_another_node() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let presence: Arc<dyn Presence> =
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default());
+        let (alice, bob) = (
+            UserId::from_subject("t", "a"),
+            UserId::from_subject("t", "b"),
+        );
+        let shared = ChatId::new();
+        let node = || {
+            Hub::new(
+                Arc::clone(&bus),
+                Arc::new(Fixed(HashMap::from([
+                    (alice, vec![shared]),
+                    (bob, vec![shared]),
+                ]))),
+                Arc::clone(&presence),
+                16,
+                100,
+            )
+        };
+        let (a, b) = (node(), node());
+        let shutdown = CancellationToken::new();
+        let worker = b.start(shutdown.clone()).await.expect("starts");
+        // Node a takes streams but runs no heartbeat: it is the node that will fall silent. (A
+        // running heartbeat would renew bob's record at a moment the test cannot choose.)
+        a.alive.store(true, Ordering::Release);
+        let mut alices = b.open(alice, None).await.expect("opens");
+        // Bob's only stream is on node a.
+        let _bobs = a.open(bob, None).await.expect("opens");
+        assert!(matches!(
+            next_presence_of(&mut alices, bob).await,
+            Event::UserConnected(_)
+        ));
+        let now = now_ms();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while presence.get(bob).await.expect("record").nodes.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "bob never recorded");
+            tokio::task::yield_now().await;
+        }
+        // What each node's heartbeat does every tick (done here so the test does not wait for one).
+        a.sweep_silent_nodes(now).await.expect("sweeps");
+        assert_eq!(
+            b.sweep_silent_nodes(now).await.expect("sweeps"),
+            0,
+            "node a is alive"
+        );
+
+        // Later, node a has been silent for longer than the TTL (it crashed: its connections
+        // never closed). Node b sweeps it: bob is offline, and alice is told.
+        let later = now + i64::try_from(PRESENCE_TTL.as_millis()).expect("ms") + 1_000;
+        assert_eq!(b.sweep_silent_nodes(later).await.expect("sweeps"), 1);
+        match next_presence_of(&mut alices, bob).await {
+            Event::UserDisconnected(view) | Event::PresenceUpdated(view) => {
+                assert_eq!(view.state, "offline", "{view:?}");
+            }
+            other => panic!("not an offline event: {other:?}"),
+        }
+        let record = presence.get(bob).await.expect("record");
+        assert!(record.nodes.is_empty(), "node a is out of bob's record");
+        assert!(record.last_seen_ms.is_some_and(|seen| seen >= now - 1_000));
+        assert_eq!(
+            b.sweep_silent_nodes(later).await.expect("sweeps"),
+            0,
+            "a node is swept once"
+        );
+        shutdown.cancel();
+        worker.await.expect("worker ends");
     }
 
     #[tokio::test]

@@ -3,6 +3,11 @@
 //! stops heartbeating, so its users go offline within [`PRESENCE_TTL`] without anyone cleaning up.
 //! The record also keeps the user's last-seen time and their custom status.
 //!
+//! Each node also records itself alive every [`HEARTBEAT_EVERY`]. A node silent for longer than
+//! [`PRESENCE_TTL`] is claimed by one live node ([`Presence::claim_silent_nodes`]), which takes it
+//! out of its users' records and tells their chats of those now offline: nobody else would, since
+//! the crashed node never saw its connections close.
+//!
 //! [`NatsPresence`] keeps the records in a JetStream key-value bucket (`<prefix>_presence`), updated
 //! with compare-and-set so nodes never overwrite each other; [`EmbeddedPresence`] keeps them in
 //! memory, for `confab serve` (one process is the only node).
@@ -14,6 +19,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use async_trait::async_trait;
 use confab_schema::UserId;
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -114,12 +120,52 @@ pub trait Presence: Send + Sync + 'static {
         change: Change,
     ) -> Result<(PresenceRecord, PresenceRecord), BusError>;
     async fn get(&self, user: UserId) -> Result<PresenceRecord, BusError>;
+    /// Records `node` alive at `now_ms`.
+    async fn node_alive(&self, node: &str, now_ms: i64) -> Result<(), BusError>;
+    /// The nodes silent for longer than [`PRESENCE_TTL`] at `now_ms`, claimed for `by`: a silent
+    /// node is answered to one claimant only (again after [`CLAIM_LAPSES`], should that claimant
+    /// die before it forgets the node).
+    async fn claim_silent_nodes(&self, by: &str, now_ms: i64) -> Result<Vec<String>, BusError>;
+    /// The users whose records name `node`. Reads every record: only a silent node is looked up.
+    async fn users_on(&self, node: &str) -> Result<Vec<UserId>, BusError>;
+    /// Forgets a node (a swept one, or one shutting down).
+    async fn forget_node(&self, node: &str) -> Result<(), BusError>;
+}
+
+/// A claim on a silent node lapses after this, so that another node sweeps it if its claimant died.
+pub const CLAIM_LAPSES: Duration = Duration::from_secs(600);
+
+/// A node's own record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Its last heartbeat (Unix ms).
+    pub seen_ms: i64,
+    /// The node sweeping it, and since when (Unix ms).
+    #[serde(default)]
+    pub claimed: Option<(String, i64)>,
+}
+
+impl NodeRecord {
+    /// Silent at `now_ms`, and not claimed by a sweeper that may still be at work.
+    fn claimable(&self, now_ms: i64) -> bool {
+        let lapse = i64::try_from(CLAIM_LAPSES.as_millis()).unwrap_or(i64::MAX);
+        now_ms - self.seen_ms >= ttl_ms()
+            && self
+                .claimed
+                .as_ref()
+                .is_none_or(|(_, since)| now_ms - since >= lapse)
+    }
 }
 
 /// Presence in memory: one process is the only node.
 #[derive(Default)]
 pub struct EmbeddedPresence {
     records: Mutex<HashMap<UserId, PresenceRecord>>,
+    nodes: Mutex<HashMap<String, NodeRecord>>,
+}
+
+fn poisoned<T>(_: T) -> BusError {
+    BusError::Unavailable("presence poisoned".into())
 }
 
 #[async_trait]
@@ -146,15 +192,54 @@ impl Presence for EmbeddedPresence {
             .map_err(|_| BusError::Unavailable("presence poisoned".into()))?;
         Ok(records.get(&user).cloned().unwrap_or_default())
     }
+
+    async fn node_alive(&self, node: &str, now_ms: i64) -> Result<(), BusError> {
+        self.nodes.lock().map_err(poisoned)?.insert(
+            node.to_owned(),
+            NodeRecord {
+                seen_ms: now_ms,
+                claimed: None,
+            },
+        );
+        Ok(())
+    }
+
+    async fn claim_silent_nodes(&self, by: &str, now_ms: i64) -> Result<Vec<String>, BusError> {
+        let mut nodes = self.nodes.lock().map_err(poisoned)?;
+        let mut claimed = Vec::new();
+        for (node, record) in nodes.iter_mut() {
+            if node != by && record.claimable(now_ms) {
+                record.claimed = Some((by.to_owned(), now_ms));
+                claimed.push(node.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn users_on(&self, node: &str) -> Result<Vec<UserId>, BusError> {
+        let records = self.records.lock().map_err(poisoned)?;
+        Ok(records
+            .iter()
+            .filter(|(_, record)| record.nodes.contains_key(node))
+            .map(|(user, _)| *user)
+            .collect())
+    }
+
+    async fn forget_node(&self, node: &str) -> Result<(), BusError> {
+        self.nodes.lock().map_err(poisoned)?.remove(node);
+        Ok(())
+    }
 }
 
 fn unavailable(error: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(format!("presence: {error}"))
 }
 
-/// Presence in a JetStream key-value bucket, one key per user.
+/// Presence in a JetStream key-value bucket, one key per user, and the nodes' own records in a
+/// second bucket (`<prefix>_presence_nodes`), one key per node.
 pub struct NatsPresence {
     bucket: KvBucket,
+    nodes: KvBucket,
 }
 
 impl NatsPresence {
@@ -172,17 +257,40 @@ impl NatsPresence {
         )
         .await
         .map_err(unavailable)?;
-        Ok(NatsPresence { bucket })
+        let nodes = KvBucket::connect(
+            url,
+            "confab-presence-nodes",
+            kv::Config {
+                bucket: format!("{}_presence_nodes", prefix.replace(['.', '-'], "_")),
+                description: "confab presence: one record per notifier node".into(),
+                history: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(unavailable)?;
+        Ok(NatsPresence { bucket, nodes })
     }
 
-    /// Deletes the bucket (tests clean up with this).
+    /// Deletes the buckets (tests clean up with this).
     pub async fn delete_bucket(&self) -> Result<(), BusError> {
+        self.nodes.delete().await.map_err(unavailable)?;
         self.bucket.delete().await.map_err(unavailable)
     }
 
     async fn kv(&self) -> Result<&kv::Store, BusError> {
         self.bucket.store().await.map_err(unavailable)
     }
+}
+
+/// Every key of a bucket.
+async fn all_keys(kv: &kv::Store) -> Result<Vec<String>, BusError> {
+    kv.keys()
+        .await
+        .map_err(unavailable)?
+        .try_collect()
+        .await
+        .map_err(unavailable)
 }
 
 fn decode(bytes: &[u8]) -> PresenceRecord {
@@ -232,6 +340,73 @@ impl Presence for NatsPresence {
             .map_err(unavailable)?
             .map(|bytes| decode(&bytes))
             .unwrap_or_default())
+    }
+
+    async fn node_alive(&self, node: &str, now_ms: i64) -> Result<(), BusError> {
+        let nodes = self.nodes.store().await.map_err(unavailable)?;
+        let record = NodeRecord {
+            seen_ms: now_ms,
+            claimed: None,
+        };
+        nodes
+            .put(node, serde_json::to_vec(&record)?.into())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn claim_silent_nodes(&self, by: &str, now_ms: i64) -> Result<Vec<String>, BusError> {
+        let nodes = self.nodes.store().await.map_err(unavailable)?;
+        let keys = all_keys(nodes).await?;
+        let mut claimed = Vec::new();
+        for node in keys {
+            if node == by {
+                continue;
+            }
+            let Some(entry) = nodes.entry(&node).await.map_err(unavailable)? else {
+                continue;
+            };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            let Ok(mut record) = serde_json::from_slice::<NodeRecord>(&entry.value) else {
+                continue;
+            };
+            if !record.claimable(now_ms) {
+                continue;
+            }
+            record.claimed = Some((by.to_owned(), now_ms));
+            // Compare-and-set: of racing sweepers, one claims the node.
+            if nodes
+                .update(&node, serde_json::to_vec(&record)?.into(), entry.revision)
+                .await
+                .is_ok()
+            {
+                claimed.push(node);
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn users_on(&self, node: &str) -> Result<Vec<UserId>, BusError> {
+        let kv = self.kv().await?;
+        let keys = all_keys(kv).await?;
+        let found: Vec<Option<UserId>> = futures::stream::iter(keys)
+            .map(|key| async move {
+                let user = key.parse().ok()?;
+                let bytes = kv.get(&key).await.ok()??;
+                decode(&bytes).nodes.contains_key(node).then_some(user)
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        Ok(found.into_iter().flatten().collect())
+    }
+
+    async fn forget_node(&self, node: &str) -> Result<(), BusError> {
+        let nodes = self.nodes.store().await.map_err(unavailable)?;
+        nodes.purge(node).await.map_err(unavailable)?;
+        Ok(())
     }
 }
 

@@ -1,6 +1,8 @@
 //! The bus conformance suite against the embedded log and against the JetStream log on the NATS
 //! server that `infra/up.sh` started (a fresh subject prefix, and so a fresh stream, per case).
 
+mod support;
+
 use std::sync::Arc;
 
 use confab_runtime::bus::conformance::Fixture;
@@ -19,18 +21,7 @@ async fn embedded(settings: LogSettings) -> Option<Fixture> {
 }
 
 async fn nats(settings: LogSettings) -> Option<Fixture> {
-    let url =
-        std::env::var("CONFAB_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let address = url.trim_start_matches("nats://").to_owned();
-    if tokio::net::TcpStream::connect(&address).await.is_err() {
-        let required = std::env::var("CONFAB_REQUIRE_SERVICES").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "NATS is not reachable at {address}; infra/up.sh starts it"
-        );
-        eprintln!("SKIPPED a NATS bus case: NATS is not reachable at {address}; run infra/up.sh");
-        return None;
-    }
+    let url = support::nats_url("bus").await?;
     let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
     let bus = NatsBus::connect(&url, &prefix, settings)
         .await
