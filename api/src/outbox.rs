@@ -1,7 +1,9 @@
 //! The event outbox: what makes a stored change's event survive a crash or a long bus outage.
 //!
-//! Before a signal is written (sent, edited or deleted), its api process (the *writer*) records the
-//! event it is about to make true in the store's outbox, under its writer id and a ten-second
+//! Before a change with a durable event is written (a signal sent, edited or deleted; a reaction
+//! added or removed; a marker moved; a member added, removed or given a role; a chat created or
+//! changed), its api process (the *writer*) records the event it is about to make true in the
+//! store's outbox, under its writer id and a ten-second
 //! bucket. Once the bus acknowledges the event, the entry is removed; until then the writer retries
 //! the publish. A writer records a heartbeat every `bus.outbox_sweep_interval_ms`. Another api
 //! process (or the same store's next process after a restart) that finds a writer silent for
@@ -13,18 +15,24 @@
 //! the event's id (a signal's id for `signal.created`), so a publish by the sweeper that repeats
 //! one the writer made before it died is dropped by the log within its duplicate window.
 //! Why nothing phantom is published: the sweeper publishes the change as the store holds it, and
-//! nothing for a change the store does not hold (the write failed, or lost a send-parity race).
+//! nothing for a change the store does not hold (the write failed, lost a race, or was undone
+//! since: the undoing has its own entry). A late copy routes nobody who left the chat since.
+//!
+//! Not recorded: the ephemeral events (typing, presence, call signalling), and the pairing
+//! events of circles and queues, whose chat a client finds in its chat list after a reset.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_schema::{Envelope, Event, Signal};
+use confab_schema::event::{MemberChange, ReactionChange};
+use confab_schema::{Chat, Envelope, Event, MemberRole, Signal, SignalId, UserId};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::ApiResult;
 use crate::state::ApiState;
-use crate::store::{OutboxEntry, Store, StoreError};
+use crate::store::{MarkerKind, OutboxEntry, Store, StoreError};
 
 /// The width of an outbox bucket, in milliseconds.
 pub const BUCKET_MS: i64 = 10_000;
@@ -180,15 +188,20 @@ impl ApiState {
             tracing::warn!(id = %entry.id, "unreadable outbox entry dropped");
             return Ok(false);
         };
-        let stored = match &envelope.event {
-            Event::SignalCreated(signal)
-            | Event::SignalUpdated(signal)
-            | Event::SignalDeleted(signal) => {
-                self.store.get_signal(signal.chat_id, signal.id).await?
-            }
-            _ => None,
-        };
-        let Some(event) = stored_event(&envelope.event, stored) else {
+        let mut envelope = envelope;
+        if !envelope.joined.is_empty() {
+            // Whoever left since must not be routed this chat's events again by a late copy.
+            let members: HashSet<UserId> = self
+                .store
+                .members(envelope.chat_id)
+                .await?
+                .into_iter()
+                .map(|member| member.user_id)
+                .collect();
+            envelope.joined.retain(|user| members.contains(user));
+        }
+        let held = self.held(&envelope).await?;
+        let Some(event) = stored_event(&envelope.event, held) else {
             return Ok(false);
         };
         let event = match event {
@@ -228,23 +241,131 @@ impl ApiState {
     }
 }
 
-/// The event to publish for an outbox entry, given its signal as stored now (`None`: not stored).
-fn stored_event(intended: &Event, stored: Option<Signal>) -> Option<Event> {
-    let stored = stored?;
-    match intended {
-        // The entry named this signal id: stored means this send won (or was alone).
-        Event::SignalCreated(sent) => Some(Event::SignalCreated(Signal {
-            reactions: Default::default(),
-            ..if stored.deleted { stored } else { sent.clone() }
-        })),
+/// What the store holds now of the change an outbox entry's event announces.
+#[derive(Debug)]
+enum Held {
+    /// The signal as stored, if it is.
+    Signal(Option<Signal>),
+    /// Whether the reaction is stored, and its emoji's count.
+    Reaction { stored: bool, count: i64 },
+    /// The member's marker of that kind, if any.
+    Marker(Option<SignalId>),
+    /// The member's role, if they are one.
+    Member(Option<MemberRole>),
+    /// The chat as stored, if it is.
+    Chat(Option<Chat>),
+    /// An event no stored change stands behind (never recorded in the outbox).
+    Nothing,
+}
+
+impl ApiState {
+    /// Reads what the store holds of the change `envelope` announces.
+    async fn held(&self, envelope: &Envelope) -> ApiResult<Held> {
+        let chat = envelope.chat_id;
+        Ok(match &envelope.event {
+            Event::SignalCreated(signal)
+            | Event::SignalUpdated(signal)
+            | Event::SignalDeleted(signal) => {
+                Held::Signal(self.store.get_signal(signal.chat_id, signal.id).await?)
+            }
+            Event::ReactionAdded(change) | Event::ReactionRemoved(change) => {
+                let stored = self
+                    .store
+                    .has_reaction(chat, change.signal_id, &change.emoji, change.user_id)
+                    .await?;
+                let count = self
+                    .store
+                    .reaction_counts(chat, change.signal_id)
+                    .await?
+                    .get(&change.emoji)
+                    .copied()
+                    .unwrap_or(0);
+                Held::Reaction { stored, count }
+            }
+            Event::ReadUpdated(change) => Held::Marker(
+                self.store
+                    .marker(MarkerKind::Read, chat, change.user_id)
+                    .await?,
+            ),
+            Event::DeliveredUpdated(change) => Held::Marker(
+                self.store
+                    .marker(MarkerKind::Delivered, chat, change.user_id)
+                    .await?,
+            ),
+            Event::MemberJoined(change)
+            | Event::MemberLeft(change)
+            | Event::MemberUpdated(change) => {
+                Held::Member(self.store.member_role(chat, change.user_id).await?)
+            }
+            Event::ChatUpdated(_) => Held::Chat(self.store.get_chat(chat).await?),
+            _ => Held::Nothing,
+        })
+    }
+}
+
+/// The event to publish for an outbox entry, given what the store holds of its change now:
+/// `None` when the change is not stored (the write failed, lost a race, or was undone since,
+/// and the undoing has its own event).
+fn stored_event(intended: &Event, held: Held) -> Option<Event> {
+    match (intended, held) {
+        (Event::SignalCreated(sent), Held::Signal(Some(stored))) => {
+            // The entry named this signal id: stored means this send won (or was alone).
+            Some(Event::SignalCreated(Signal {
+                reactions: Default::default(),
+                ..if stored.deleted { stored } else { sent.clone() }
+            }))
+        }
         // An edit of a message deleted since: the deletion's event tells the truth.
-        Event::SignalUpdated(_) if !stored.deleted && stored.edited_at.is_some() => {
+        (Event::SignalUpdated(_), Held::Signal(Some(stored)))
+            if !stored.deleted && stored.edited_at.is_some() =>
+        {
             Some(Event::SignalUpdated(stored))
         }
-        Event::SignalDeleted(_) if stored.deleted => Some(Event::SignalDeleted(Signal {
-            attachments: Vec::new(),
-            ..stored
+        (Event::SignalDeleted(_), Held::Signal(Some(stored))) if stored.deleted => {
+            Some(Event::SignalDeleted(Signal {
+                attachments: Vec::new(),
+                ..stored
+            }))
+        }
+        (
+            Event::ReactionAdded(change),
+            Held::Reaction {
+                stored: true,
+                count,
+            },
+        ) => Some(Event::ReactionAdded(ReactionChange {
+            count,
+            ..change.clone()
         })),
+        (
+            Event::ReactionRemoved(change),
+            Held::Reaction {
+                stored: false,
+                count,
+            },
+        ) => Some(Event::ReactionRemoved(ReactionChange {
+            count,
+            ..change.clone()
+        })),
+        (Event::ReadUpdated(change), Held::Marker(Some(marker))) if marker >= change.up_to => {
+            Some(Event::ReadUpdated(change.clone()))
+        }
+        (Event::DeliveredUpdated(change), Held::Marker(Some(marker))) if marker >= change.up_to => {
+            Some(Event::DeliveredUpdated(change.clone()))
+        }
+        (Event::MemberJoined(change), Held::Member(Some(role))) => {
+            Some(Event::MemberJoined(MemberChange {
+                role: Some(role),
+                ..change.clone()
+            }))
+        }
+        (Event::MemberLeft(change), Held::Member(None)) => Some(Event::MemberLeft(change.clone())),
+        (Event::MemberUpdated(change), Held::Member(Some(role))) if change.role == Some(role) => {
+            Some(Event::MemberUpdated(change.clone()))
+        }
+        (Event::ChatUpdated(_), Held::Chat(Some(stored))) => {
+            Some(Event::ChatUpdated(Box::new(stored)))
+        }
         _ => None,
     }
 }
@@ -282,15 +403,91 @@ mod tests {
             Event::SignalUpdated(sent.clone()),
             Event::SignalDeleted(sent.clone()),
         ] {
-            assert_eq!(stored_event(&intended, None), None);
+            assert_eq!(stored_event(&intended, Held::Signal(None)), None);
         }
+    }
+
+    #[test]
+    fn nothing_is_published_for_a_reaction_marker_or_membership_not_held() {
+        let (signal, user) = (SignalId::new(), UserId::from_subject("outbox", "bob"));
+        let reaction = ReactionChange {
+            signal_id: signal,
+            emoji: "👍".into(),
+            user_id: user,
+            count: 0,
+        };
+        let absent = || Held::Reaction {
+            stored: false,
+            count: 0,
+        };
+        let present = || Held::Reaction {
+            stored: true,
+            count: 2,
+        };
+        assert_eq!(
+            stored_event(&Event::ReactionAdded(reaction.clone()), absent()),
+            None
+        );
+        assert_eq!(
+            stored_event(&Event::ReactionRemoved(reaction.clone()), present()),
+            None
+        );
+        assert_eq!(
+            stored_event(&Event::ReactionAdded(reaction.clone()), present()),
+            Some(Event::ReactionAdded(ReactionChange {
+                count: 2,
+                ..reaction
+            }))
+        );
+        let marker = confab_schema::event::MarkerChange {
+            user_id: user,
+            up_to: SignalId::new(),
+        };
+        assert_eq!(
+            stored_event(
+                &Event::ReadUpdated(marker.clone()),
+                Held::Marker(Some(signal))
+            ),
+            None,
+            "a marker that never got that far"
+        );
+        assert_eq!(
+            stored_event(&Event::ReadUpdated(marker.clone()), Held::Marker(None)),
+            None
+        );
+        let joined = MemberChange {
+            user_id: user,
+            role: Some(MemberRole::Member),
+        };
+        assert_eq!(
+            stored_event(&Event::MemberJoined(joined.clone()), Held::Member(None)),
+            None
+        );
+        assert_eq!(
+            stored_event(
+                &Event::MemberLeft(joined.clone()),
+                Held::Member(Some(MemberRole::Member))
+            ),
+            None
+        );
+        assert_eq!(
+            stored_event(
+                &Event::MemberUpdated(joined.clone()),
+                Held::Member(Some(MemberRole::Admin))
+            ),
+            None,
+            "a role changed again since"
+        );
     }
 
     #[test]
     fn the_event_tells_what_the_store_holds() {
         let sent = signal("hello");
         assert_eq!(
-            stored_event(&Event::SignalCreated(sent.clone()), Some(sent.clone())),
+            stored_event(
+                &Event::SignalCreated(sent.clone()),
+                Held::Signal(Some(sent.clone()))
+            ),
             Some(Event::SignalCreated(sent.clone()))
         );
         let edited = Signal {
@@ -299,12 +496,18 @@ mod tests {
             ..sent.clone()
         };
         assert_eq!(
-            stored_event(&Event::SignalUpdated(sent.clone()), Some(edited.clone())),
+            stored_event(
+                &Event::SignalUpdated(sent.clone()),
+                Held::Signal(Some(edited.clone()))
+            ),
             Some(Event::SignalUpdated(edited.clone()))
         );
         // The edit did not land (the store holds no edit): nothing to announce.
         assert_eq!(
-            stored_event(&Event::SignalUpdated(sent.clone()), Some(sent.clone())),
+            stored_event(
+                &Event::SignalUpdated(sent.clone()),
+                Held::Signal(Some(sent.clone()))
+            ),
             None
         );
         let tombstone = Signal {
@@ -314,15 +517,24 @@ mod tests {
         };
         // An edit overtaken by a deletion, and a deletion that did not land, announce nothing.
         assert_eq!(
-            stored_event(&Event::SignalUpdated(sent.clone()), Some(tombstone.clone())),
+            stored_event(
+                &Event::SignalUpdated(sent.clone()),
+                Held::Signal(Some(tombstone.clone()))
+            ),
             None
         );
         assert_eq!(
-            stored_event(&Event::SignalDeleted(sent.clone()), Some(edited)),
+            stored_event(
+                &Event::SignalDeleted(sent.clone()),
+                Held::Signal(Some(edited))
+            ),
             None
         );
         assert_eq!(
-            stored_event(&Event::SignalDeleted(sent), Some(tombstone.clone())),
+            stored_event(
+                &Event::SignalDeleted(sent),
+                Held::Signal(Some(tombstone.clone()))
+            ),
             Some(Event::SignalDeleted(tombstone))
         );
     }

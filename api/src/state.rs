@@ -35,6 +35,8 @@ pub struct ApiState {
     /// A chat's position in its members' lists, written once per burst rather than per signal,
     /// with the members to move it for and the newest signal.
     pub(crate) chat_activity: Arc<Coalescer<ChatId, (Vec<UserId>, Signal)>>,
+    /// The push fan-out of each large chat: one pass in flight, the newest message next.
+    pub(crate) large_chat_pushes: Arc<Coalescer<ChatId, (Vec<UserId>, Signal)>>,
     /// Authors' read markers, moved by their own signals.
     pub(crate) author_markers: Arc<Coalescer<(ChatId, UserId), ()>>,
     /// Users provisioned recently, and when: see `domain::users`.
@@ -84,6 +86,7 @@ impl ApiState {
             identity,
             cursors: Signer::new(keyring, "cursor", DEFAULT_CURSOR_TTL),
             chat_activity: Arc::default(),
+            large_chat_pushes: Arc::default(),
             author_markers: Arc::default(),
             provisioned: Arc::default(),
             republish_window: confab_runtime::bus::LogSettings::default().duplicate_window,

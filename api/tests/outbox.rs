@@ -307,6 +307,177 @@ async fn a_silent_writers_events_are_published_by_a_sweep(parts: Parts) {
     }
 }
 
+/// An event as the test compares it: what it says, not its id or time.
+fn described(event: &Event) -> Option<String> {
+    Some(match event {
+        Event::ReactionAdded(c) => format!(
+            "reaction.added {} by {} count {}",
+            c.emoji, c.user_id, c.count
+        ),
+        Event::ReactionRemoved(c) => {
+            format!(
+                "reaction.removed {} by {} count {}",
+                c.emoji, c.user_id, c.count
+            )
+        }
+        Event::ReadUpdated(c) => format!("read.updated {} to {}", c.user_id, c.up_to),
+        Event::DeliveredUpdated(c) => format!("delivered.updated {} to {}", c.user_id, c.up_to),
+        Event::MemberJoined(c) => format!("member.joined {} as {:?}", c.user_id, c.role),
+        Event::MemberLeft(c) => format!("member.left {}", c.user_id),
+        Event::MemberUpdated(c) => format!("member.updated {} as {:?}", c.user_id, c.role),
+        Event::ChatUpdated(chat) => format!("chat.updated {:?}", chat.name),
+        _ => return None,
+    })
+}
+
+async fn a_silent_writers_reactions_markers_and_membership_are_published_by_a_sweep(parts: Parts) {
+    use confab_api::domain::chats::ChatChange;
+    use confab_api::domain::inputs::Emoji;
+    use confab_api::store::MarkerKind;
+
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let chat = chat(&*parts.store, &alice).await;
+    for member in [&bob, &carol] {
+        parts.store.upsert_user(member).await.expect("user");
+    }
+    let survivor = ApiState::new(
+        Arc::clone(&parts.store),
+        Arc::clone(&parts.bus),
+        Arc::clone(&parts.identity),
+        &confab_runtime::signed::Keyring::random(),
+    );
+    let message = NewMessage::parse(
+        SignalKind::Message,
+        Some("react to me".into()),
+        Some("n-react".into()),
+        None,
+        Vec::new(),
+    )
+    .expect("a valid message");
+    let (Outcome::Created(sent) | Outcome::Existing(sent)) = survivor
+        .send_message(&alice, chat, message)
+        .await
+        .expect("sent");
+
+    // The process that crashes: every change is stored, every event refused.
+    let doomed = ApiState::new(
+        Arc::clone(&parts.store),
+        Arc::new(RefusingBus(Arc::clone(&parts.bus))),
+        Arc::clone(&parts.identity),
+        &confab_runtime::signed::Keyring::random(),
+    );
+    let emoji = |e: &str| Emoji::parse(e.into()).expect("an emoji");
+    doomed
+        .add_member(alice.id, chat, bob.id, None)
+        .await
+        .expect("adds bob");
+    doomed
+        .add_member(alice.id, chat, carol.id, None)
+        .await
+        .expect("adds carol");
+    doomed
+        .set_role(alice.id, chat, bob.id, MemberRole::Admin)
+        .await
+        .expect("promotes bob");
+    doomed
+        .remove_member(alice.id, chat, carol.id)
+        .await
+        .expect("removes carol");
+    doomed
+        .add_reaction(bob.id, chat, sent.id, emoji("👍"))
+        .await
+        .expect("reacts");
+    doomed
+        .add_reaction(alice.id, chat, sent.id, emoji("🎉"))
+        .await
+        .expect("reacts");
+    doomed
+        .remove_reaction(alice.id, chat, sent.id, emoji("🎉"))
+        .await
+        .expect("takes it back");
+    // Joining marked bob read up to his `joined`: a newer message to mark.
+    let newer = NewMessage::parse(
+        SignalKind::Message,
+        Some("read me".into()),
+        Some("n-read".into()),
+        None,
+        Vec::new(),
+    )
+    .expect("a valid message");
+    let (Outcome::Created(newer) | Outcome::Existing(newer)) = survivor
+        .send_message(&alice, chat, newer)
+        .await
+        .expect("sent");
+    doomed
+        .mark(MarkerKind::Read, bob.id, chat, newer.id)
+        .await
+        .expect("marks read");
+    doomed
+        .update_chat(
+            alice.id,
+            chat,
+            ChatChange::parse(Some("renamed".into()), None).expect("a change"),
+        )
+        .await
+        .expect("renames");
+    let before = logged(&*parts.bus, chat).await;
+    assert_eq!(
+        before.len(),
+        2,
+        "only the messages sent through the working bus: {before:?}"
+    );
+
+    let published = survivor.sweep_outbox(SWEEP_NOW).await.expect("sweeps");
+    let events = logged_until(&*parts.bus, chat, |events| events.len() > published).await;
+    let mut told: Vec<String> = events.iter().filter_map(|e| described(&e.event)).collect();
+    told.sort();
+    let mut expected = vec![
+        // Joined, then promoted: the join tells the role as stored now.
+        format!("member.joined {} as Some(Admin)", bob.id),
+        format!("member.updated {} as Some(Admin)", bob.id),
+        // Carol joined and left: only her leaving is announced (she must not be routed again).
+        format!("member.left {}", carol.id),
+        format!("reaction.added 👍 by {} count 1", bob.id),
+        // Added and taken back: the removal alone, with the count as stored.
+        format!("reaction.removed 🎉 by {} count 0", alice.id),
+        format!("read.updated {} to {}", bob.id, newer.id),
+        "chat.updated Some(\"renamed\")".to_string(),
+    ];
+    expected.sort();
+    assert_eq!(told, expected, "{events:?}");
+    let ids: HashSet<uuid::Uuid> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids.len(), events.len(), "no event twice: {events:?}");
+    let joining: Vec<&Envelope> = events
+        .iter()
+        .filter(|e| e.joined.contains(&carol.id))
+        .collect();
+    assert!(
+        joining.is_empty(),
+        "carol left: nothing routes her in again: {joining:?}"
+    );
+
+    assert_eq!(survivor.sweep_outbox(SWEEP_NOW).await.expect("sweeps"), 0);
+    if let Some(cleanup) = parts.cleanup {
+        cleanup.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_silent_writers_reactions_markers_and_membership_are_published_by_a_sweep() {
+    if let Some(parts) = embedded().await {
+        Box::pin(a_silent_writers_reactions_markers_and_membership_are_published_by_a_sweep(parts))
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_a_silent_writers_reactions_markers_and_membership_are_published_by_a_sweep() {
+    if let Some(parts) = Box::pin(real()).await {
+        Box::pin(a_silent_writers_reactions_markers_and_membership_are_published_by_a_sweep(parts))
+            .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_a_silent_writers_events_are_published_by_a_sweep() {
     if let Some(parts) = embedded().await {

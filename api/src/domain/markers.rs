@@ -43,9 +43,6 @@ impl ApiState {
             // Markers only move forward; an older one changes nothing.
             return Ok(before);
         }
-        self.store.advance_marker(kind, chat, caller, up_to).await?;
-        // Read or received up to there (on any device): no push for it.
-        self.cancel_pushes(caller, chat, up_to).await;
         let change = MarkerChange {
             user_id: caller,
             up_to,
@@ -54,7 +51,12 @@ impl ApiState {
             MarkerKind::Read => Event::ReadUpdated(change),
             MarkerKind::Delivered => Event::DeliveredUpdated(change),
         };
-        self.publish(Envelope::new(chat, event)).await;
+        let envelope = Envelope::new(chat, event);
+        let intent = self.outbox.intend(&*self.store, &envelope).await?;
+        self.store.advance_marker(kind, chat, caller, up_to).await?;
+        // Read or received up to there (on any device): no push for it.
+        self.cancel_pushes(caller, chat, up_to).await;
+        self.publish_intended(envelope, intent).await;
         Ok(Some(up_to))
     }
 

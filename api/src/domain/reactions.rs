@@ -28,16 +28,26 @@ impl ApiState {
         emoji: Emoji,
     ) -> ApiResult<Outcome<ReactionChange>> {
         self.reactable(caller, chat, signal).await?;
+        let envelope = Envelope::new(chat, Event::ReactionAdded(intended(caller, signal, &emoji)));
+        let intent = self.outbox.intend(&*self.store, &envelope).await?;
         let added = self
             .store
             .add_reaction(chat, signal, emoji.as_str(), caller)
             .await?;
-        let change = self.reaction_change(caller, chat, signal, emoji).await?;
         if !added {
+            self.forgo(intent);
+            let change = self.reaction_change(caller, chat, signal, emoji).await?;
             return Ok(Outcome::Existing(change));
         }
-        self.publish(Envelope::new(chat, Event::ReactionAdded(change.clone())))
-            .await;
+        let change = self.reaction_change(caller, chat, signal, emoji).await?;
+        self.publish_intended(
+            Envelope {
+                event: Event::ReactionAdded(change.clone()),
+                ..envelope
+            },
+            intent,
+        )
+        .await;
         Ok(Outcome::Created(change))
     }
 
@@ -50,15 +60,28 @@ impl ApiState {
         emoji: Emoji,
     ) -> ApiResult<ReactionChange> {
         self.reactable(caller, chat, signal).await?;
+        let envelope = Envelope::new(
+            chat,
+            Event::ReactionRemoved(intended(caller, signal, &emoji)),
+        );
+        let intent = self.outbox.intend(&*self.store, &envelope).await?;
         let removed = self
             .store
             .remove_reaction(chat, signal, emoji.as_str(), caller)
             .await?;
-        let change = self.reaction_change(caller, chat, signal, emoji).await?;
-        if removed {
-            self.publish(Envelope::new(chat, Event::ReactionRemoved(change.clone())))
-                .await;
+        if !removed {
+            self.forgo(intent);
+            return self.reaction_change(caller, chat, signal, emoji).await;
         }
+        let change = self.reaction_change(caller, chat, signal, emoji).await?;
+        self.publish_intended(
+            Envelope {
+                event: Event::ReactionRemoved(change.clone()),
+                ..envelope
+            },
+            intent,
+        )
+        .await;
         Ok(change)
     }
 
@@ -118,5 +141,16 @@ impl ApiState {
             emoji: emoji.into_inner(),
             user_id: caller,
         })
+    }
+}
+
+/// A reaction change as the outbox records it before the write: a sweep that publishes it reads
+/// the count as stored then.
+fn intended(caller: UserId, signal: SignalId, emoji: &Emoji) -> ReactionChange {
+    ReactionChange {
+        signal_id: signal,
+        emoji: emoji.as_str().to_owned(),
+        user_id: caller,
+        count: 0,
     }
 }
