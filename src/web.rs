@@ -1,10 +1,13 @@
-//! The web client (`web/`), served at `/` from files built into the binary, and, on the dev
-//! identity only, the sign-in it uses there: `POST /v1/dev/sign-in` with a user name answers a
-//! token for that name, as `confab dev-token` does. With OIDC there is no such route.
+//! The web client (`web/`), served at `/` from files built into the binary, and how it signs in
+//! (`/config.json`): with OIDC, the authorization-code flow with PKCE at the configured issuer for
+//! the first of `identity.client_ids`; on the dev identity of `confab serve`, `POST /v1/dev/sign-in`
+//! with a user name answers a token for that name, as `confab dev-token` does (with OIDC there is
+//! no such route).
 
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -35,15 +38,54 @@ const FILES: &[(&str, &str, &str)] = &[
         "text/css; charset=utf-8",
         include_str!("../web/app.css"),
     ),
+    // At the root, so that its scope is the whole client.
+    (
+        "/sw.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../web/sw.js"),
+    ),
 ];
 
-/// The client's routes; with `dev` (the dev identity), its sign-in too.
-pub fn routes(dev: Option<DevIdentity>) -> Router {
+/// How the web client signs in.
+pub enum WebSignIn {
+    /// A user name typed in, trusted (`confab serve` on the dev identity).
+    Dev(DevIdentity),
+    /// The authorization-code flow with PKCE at `issuer`, as the public client `client_id`.
+    Oidc { issuer: String, client_id: String },
+    /// Not from this client (dev tokens on a distributed role).
+    Unavailable,
+}
+
+/// The client's routes, its sign-in with them.
+pub fn routes(sign_in: WebSignIn) -> Router {
+    let (config, connect_to) = match &sign_in {
+        WebSignIn::Dev(_) => (serde_json::json!({"sign_in": "dev"}), None),
+        WebSignIn::Oidc { issuer, client_id } => (
+            serde_json::json!({"sign_in": "oidc", "issuer": issuer, "client_id": client_id}),
+            origin_of(issuer),
+        ),
+        WebSignIn::Unavailable => (serde_json::json!({"sign_in": "unavailable"}), None),
+    };
+    // The page fetches from its own origin, and with OIDC from the issuer's (discovery, tokens).
+    let policy = format!(
+        "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'{}",
+        connect_to.map(|o| format!(" {o}")).unwrap_or_default()
+    );
+    let policy = HeaderValue::from_str(&policy)
+        .unwrap_or_else(|_| HeaderValue::from_static("default-src 'self'"));
+    let config = Bytes::from(config.to_string());
     let mut router = Router::new();
-    for (path, content_type, body) in FILES {
-        router = router.route(path, get(move || file(content_type, body)));
+    let files = FILES
+        .iter()
+        .map(|&(path, content_type, body)| {
+            (path, content_type, Bytes::from_static(body.as_bytes()))
+        })
+        .chain([("/config.json", "application/json", config)]);
+    for (path, content_type, body) in files {
+        let policy = policy.clone();
+        router = router.route(path, get(move || file(content_type, body, policy)));
     }
-    if let Some(dev) = dev {
+    if let WebSignIn::Dev(dev) = sign_in {
         router = router.route(
             "/v1/dev/sign-in",
             post(dev_sign_in).with_state(Arc::new(dev)),
@@ -52,17 +94,18 @@ pub fn routes(dev: Option<DevIdentity>) -> Router {
     router
 }
 
-async fn file(content_type: &'static str, body: &'static str) -> Response {
+/// `scheme://host[:port]` of a URL, for a content security policy.
+fn origin_of(url: &str) -> Option<String> {
+    let origin = reqwest::Url::parse(url).ok()?.origin();
+    origin.is_tuple().then(|| origin.ascii_serialization())
+}
+
+async fn file(content_type: &'static str, body: Bytes, policy: HeaderValue) -> Response {
     (
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static(
-                    "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'",
-                ),
-            ),
+            (header::CONTENT_SECURITY_POLICY, policy),
             (
                 header::X_CONTENT_TYPE_OPTIONS,
                 HeaderValue::from_static("nosniff"),
@@ -129,7 +172,20 @@ async fn dev_sign_in(
 
 #[cfg(test)]
 mod tests {
-    use super::dev_username;
+    use super::{dev_username, origin_of};
+
+    #[test]
+    fn the_issuer_origin_is_scheme_host_and_port() {
+        assert_eq!(
+            origin_of("http://127.0.0.1:8180/realms/confab").as_deref(),
+            Some("http://127.0.0.1:8180")
+        );
+        assert_eq!(
+            origin_of("https://id.example.org/realms/x").as_deref(),
+            Some("https://id.example.org")
+        );
+        assert_eq!(origin_of("not a url"), None);
+    }
 
     #[test]
     fn dev_user_names_are_plain() {
