@@ -18,7 +18,7 @@ use std::time::Duration;
 use confab_runtime::identity::DevIdentity;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use support::{DEADLINE, Stack, TestApp, spawn_app};
+use support::{DEADLINE, Stack, TestApp};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -67,6 +67,8 @@ enum Pick {
     User(Who),
     /// The owner's message instead of the member's.
     OwnersMessage,
+    /// This queue instead of the one every signed-in caller waits in.
+    Queue(&'static str),
 }
 
 #[derive(Clone, Copy)]
@@ -132,32 +134,18 @@ impl Case {
     }
 }
 
-/// Operations checked by their own tests until the matrix makes their fixtures.
-const NOT_YET_IN_THE_MATRIX: &[&str] = &[
-    "POST /v1/circles",
-    "GET /v1/circles/{circle_id}",
-    "POST /v1/circles/join",
-    "POST /v1/circles/{circle_id}/access-code",
-    "GET /v1/circles/{circle_id}/members",
-    "DELETE /v1/circles/{circle_id}/members/{user_id}",
-    "POST /v1/circles/{circle_id}/pair",
-    "DELETE /v1/circles/{circle_id}/pair",
-    "POST /v1/queues/{kind}/join",
-    "GET /v1/queues/{kind}",
-    "DELETE /v1/queues/{kind}",
-    "POST /v1/chats/{chat_id}/calls",
-    "GET /v1/calls/turn-credentials",
-    "GET /v1/calls/{call_id}",
-    "POST /v1/calls/{call_id}/join",
-    "POST /v1/calls/{call_id}/leave",
-    "POST /v1/calls/{call_id}/end",
-    "POST /v1/calls/{call_id}/signal",
-];
-
 /// Signed in as anyone.
 const ANYONE: [u16; 7] = [401, 401, 401, 200, 200, 200, 200];
 /// Members read.
 const MEMBERS: [u16; 7] = [401, 401, 401, 403, 200, 200, 200];
+/// The queue every signed-in caller waits in; nobody waits in its counterpart (`listen`), so
+/// nobody is matched.
+const WAITING_QUEUE: &str = "vent";
+
+/// Members of the circle read.
+const CIRCLE_MEMBERS: [u16; 7] = MEMBERS;
+/// Members of the call's chat: 404 to others, so a call id tells them nothing.
+const CALL_MEMBERS: [u16; 7] = [401, 401, 401, 404, 200, 200, 200];
 
 /// The expected status of every operation for every caller.
 fn cases() -> Vec<Case> {
@@ -333,6 +321,78 @@ fn cases() -> Vec<Case> {
             "GET /v1/attachments/{attachment_id}/preview",
             [401, 401, 401, 404, 200, 200, 200],
         ),
+        // Circles: the owner made it; the admin and the member of the chat joined it with its
+        // code (a circle has no admins: the admin is one more member there).
+        case("POST /v1/circles", [401, 401, 401, 201, 201, 201, 201])
+            .json(|_, _| json!({"name": "another circle"})),
+        case("GET /v1/circles/{circle_id}", CIRCLE_MEMBERS),
+        case("POST /v1/circles/join", [401, 401, 401, 201, 200, 200, 200])
+            .note("with the circle's code: the outsider joins, members are renamed")
+            .json(|f, _| json!({"access_code": f.circle_code, "display_name": "a new name"})),
+        case(
+            "POST /v1/circles/{circle_id}/access-code",
+            [401, 401, 401, 403, 403, 403, 200],
+        ),
+        case("GET /v1/circles/{circle_id}/members", CIRCLE_MEMBERS),
+        case(
+            "DELETE /v1/circles/{circle_id}/members/{user_id}",
+            [401, 401, 401, 403, 204, 403, 204],
+        )
+        .note("the member: who may leave, or be removed by the owner"),
+        case(
+            "DELETE /v1/circles/{circle_id}/members/{user_id}",
+            [401, 401, 401, 403, 403, 403, 422],
+        )
+        .note("the owner, who stays until the circle expires")
+        .picks(&[("user_id", Pick::User(Who::Owner))]),
+        case(
+            "POST /v1/circles/{circle_id}/pair",
+            [401, 401, 401, 403, 202, 202, 202],
+        )
+        .note("an empty lobby: the caller waits"),
+        case(
+            "DELETE /v1/circles/{circle_id}/pair",
+            [401, 401, 401, 403, 204, 204, 204],
+        ),
+        // Queues: each caller acts on their own place only. Every signed-in caller waits in the
+        // `vent` queue, where nobody listens.
+        case(
+            "POST /v1/queues/{kind}/join",
+            [401, 401, 401, 202, 202, 202, 202],
+        ),
+        case("GET /v1/queues/{kind}", ANYONE).note("the queue the caller waits in"),
+        case("GET /v1/queues/{kind}", [401, 401, 401, 404, 404, 404, 404])
+            .note("a queue the caller is not in")
+            .picks(&[("kind", Pick::Queue("talk"))]),
+        case(
+            "DELETE /v1/queues/{kind}",
+            [401, 401, 401, 204, 204, 204, 204],
+        )
+        .note("the last queue row: the callers leave the queue they wait in"),
+        // Calls: the owner started one in the chat, and the member answered it.
+        case(
+            "POST /v1/chats/{chat_id}/calls",
+            [401, 401, 401, 403, 201, 201, 201],
+        ),
+        case("GET /v1/calls/turn-credentials", ANYONE),
+        case("GET /v1/calls/{call_id}", CALL_MEMBERS),
+        case("POST /v1/calls/{call_id}/join", CALL_MEMBERS),
+        case(
+            "POST /v1/calls/{call_id}/leave",
+            [401, 401, 401, 404, 200, 409, 200],
+        )
+        .note("participants leave; the admin is not in the call"),
+        case(
+            "POST /v1/calls/{call_id}/end",
+            [401, 401, 401, 404, 403, 200, 200],
+        )
+        .note("a group call: its starter or an admin"),
+        case(
+            "POST /v1/calls/{call_id}/signal",
+            [401, 401, 401, 404, 204, 403, 204],
+        )
+        .note("to every other participant: participants only")
+        .json(|_, _| json!({"to": "all", "type": "offer", "payload": {"sdp": "v=0"}})),
         // Events.
         case("GET /v1/events", ANYONE),
         case("POST /v1/events/ticket", ANYONE),
@@ -349,6 +409,11 @@ struct Fixture {
     device: String,
     /// An image of the member's, with its thumbnail and preview made (reading fixtures only).
     attachment: Option<String>,
+    /// A circle of the owner's that the admin and the member joined.
+    circle: String,
+    circle_code: String,
+    /// A call in the chat that the owner started and the member answered.
+    call: String,
     users: [(Who, String); 4],
 }
 
@@ -470,12 +535,53 @@ async fn make_fixture(app: &TestApp, tokens: &Tokens, for_reading: bool, device:
     } else {
         None
     };
+    let circle = expect_status(
+        app.post(&owner, "/v1/circles", &json!({"name": "the circle"}))
+            .await,
+        201,
+        "making the circle",
+    )
+    .await;
+    let circle_code = circle["access_code"].as_str().unwrap().to_owned();
+    for who in [Who::Admin, Who::Member] {
+        expect_status(
+            app.post(
+                &token(who),
+                "/v1/circles/join",
+                &json!({"access_code": circle_code, "display_name": who.username()}),
+            )
+            .await,
+            201,
+            "joining the circle",
+        )
+        .await;
+    }
+    let call = expect_status(
+        app.post(&owner, &format!("/v1/chats/{chat}/calls"), &json!({}))
+            .await,
+        201,
+        "starting the call",
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    expect_status(
+        app.post(&member, &format!("/v1/calls/{call}/join"), &json!({}))
+            .await,
+        200,
+        "answering the call",
+    )
+    .await;
     Fixture {
         chat,
         message,
         owners_message,
         device,
         attachment,
+        circle: circle["id"].as_str().unwrap().to_owned(),
+        circle_code,
+        call,
         users,
     }
 }
@@ -549,6 +655,7 @@ fn fill(template: &str, case: &Case, fixture: &Fixture) -> String {
     let chosen = |name: &str, default: String| match pick(name) {
         Some(Pick::User(who)) => fixture.user(who).to_owned(),
         Some(Pick::OwnersMessage) => fixture.owners_message.clone(),
+        Some(Pick::Queue(kind)) => kind.to_owned(),
         None => default,
     };
     let params = [
@@ -561,6 +668,9 @@ fn fill(template: &str, case: &Case, fixture: &Fixture) -> String {
             fixture.attachment.clone().unwrap_or_default(),
         ),
         ("emoji", "%F0%9F%91%8D".to_owned()),
+        ("circle_id", fixture.circle.clone()),
+        ("call_id", fixture.call.clone()),
+        ("kind", WAITING_QUEUE.to_owned()),
     ];
     for (name, default) in params {
         let placeholder = format!("{{{name}}}");
@@ -707,23 +817,22 @@ async fn documented_operations(app: &TestApp) -> BTreeSet<String> {
 }
 
 async fn authorization_matrix(stack: Stack) {
-    let app = spawn_app(stack).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    // TURN servers, so that their credentials are there to be refused or given.
+    config.calls.turn_secret = Some("matrix-turn-secret".into());
+    config.calls.turn_uris = "turn:turn.example.org:3478".into();
+    // Waiting callers keep their place in the queue while the matrix runs, though they keep no
+    // stream open.
+    config.queues.disconnect_grace_ms = 24 * 3_600_000;
+    let app = support::spawn_with(stack, config, data).await;
     let mut cases = cases();
     // The rows that end sessions go last, so every other row runs with live tokens.
     cases.sort_by_key(|case| case.ends_sessions);
 
     // Every documented operation has a row, and every row a documented operation.
     let documented = documented_operations(&app).await;
-    let mut covered: BTreeSet<String> = cases.iter().map(|c| c.op.to_owned()).collect();
-    // Circles, queues and calls check their callers in tests of their own (tests/circles.rs,
-    // tests/calls.rs: non-members, non-participants, owners only); their rows here need fixtures
-    // (a circle, a queue, a call) that the matrix does not make yet. Listed by name, so that no
-    // other route can be left out, and said out loud.
-    eprintln!(
-        "authorization matrix: {} circle, queue and call operations are not in the matrix yet",
-        NOT_YET_IN_THE_MATRIX.len()
-    );
-    covered.extend(NOT_YET_IN_THE_MATRIX.iter().map(|op| (*op).to_owned()));
+    let covered: BTreeSet<String> = cases.iter().map(|c| c.op.to_owned()).collect();
     let missing: Vec<_> = documented.difference(&covered).collect();
     assert!(
         missing.is_empty(),
@@ -744,6 +853,19 @@ async fn authorization_matrix(stack: Stack) {
     // change cannot decide another's status. The unauthenticated callers share the reading
     // fixture: they must change nothing.
     let shared = make_fixture(&app, &tokens, true, true).await;
+    for who in CALLERS.into_iter().filter(|w| w.signed_in()) {
+        expect_status(
+            app.post(
+                tokens.of(who).unwrap().unwrap(),
+                &format!("/v1/queues/{WAITING_QUEUE}/join"),
+                &json!({}),
+            )
+            .await,
+            202,
+            "waiting in the queue",
+        )
+        .await;
+    }
     let mut failures = Vec::new();
     let mut cells = 0;
     for case in &cases {

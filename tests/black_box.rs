@@ -148,62 +148,24 @@ async fn distributed_services_run_the_flow_on_the_real_stack() {
     if !support::real_stack_available("distributed_services_run_the_flow_on_the_real_stack").await {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let env: Vec<(String, String)> = [
-        ("CONFAB_STORE__BACKEND", "cql".to_owned()),
-        (
-            "CONFAB_STORE__CQL_CONTACT_POINTS",
-            support::cql_contact_points(),
-        ),
-        ("CONFAB_STORE__KEYSPACE", support::unique("bb_")),
-        ("CONFAB_BUS__BACKEND", "nats".to_owned()),
-        ("CONFAB_BUS__NATS_URL", support::nats_url()),
-        ("CONFAB_BUS__SUBJECT_PREFIX", support::unique("bb")),
-        ("CONFAB_IDENTITY__MODE", "oidc".to_owned()),
-        ("CONFAB_IDENTITY__ISSUER_URL", support::oidc_issuer()),
-        ("CONFAB_IDENTITY__CLIENT_IDS", support::oidc_client()),
-        ("CONFAB_SECRET_KEY", support::secret()),
-        ("CONFAB_API__LISTEN", "127.0.0.1:0".to_owned()),
-        ("CONFAB_NOTIFIER__LISTEN", "127.0.0.1:0".to_owned()),
-        ("CONFAB_WS_PLEXER__LISTEN", "127.0.0.1:0".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-
-    // The API refuses to start on an unmigrated keyspace; `confab migrate` prepares it, twice safely.
-    for _ in 0..2 {
-        let mut migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"));
-        migrate
-            .arg("migrate")
-            .current_dir(dir.path())
-            .envs(env.iter().map(|(k, v)| (k, v)));
-        let output = migrate.output().await.unwrap();
-        assert!(
-            output.status.success(),
-            "migrate: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-
-    let api = ConfabProcess::start(&["api"], &env, dir.path()).await;
-    let notifier = ConfabProcess::start(&["notifier"], &env, dir.path()).await;
-    let plexer = ConfabProcess::start(&["ws-plexer"], &env, dir.path()).await;
-    for base in [&api.base, &notifier.base, &plexer.base] {
-        let deadline = tokio::time::Instant::now() + support::DEADLINE;
-        while reqwest::get(format!("{base}/ready"))
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
-            != 200
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{base} never became ready"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    }
+    // The API refuses to start on an unmigrated keyspace; `confab migrate` prepares it (the
+    // deployment ran it once), twice safely.
+    let deployment = support::Deployment::new("bb").await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+        .arg("migrate")
+        .current_dir(deployment.dir.path())
+        .envs(deployment.env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "migrate again: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let api = deployment.start("api", &[]).await;
+    let notifier = deployment.start("notifier", &[]).await;
+    let plexer = deployment.start("ws-plexer", &[]).await;
     let alice = support::keycloak_token("alice", "alice").await;
     let bob = support::keycloak_token("bob", "bob").await;
     run_flow(&api.base, &notifier.base, &alice, &bob).await;
@@ -217,27 +179,30 @@ async fn distributed_services_run_the_flow_on_the_real_stack() {
         .unwrap();
     assert_eq!(on_notifier.status(), 404);
 
+    // The api serves the web client, which signs in at the identity provider (no dev sign-in).
+    let page = reqwest::get(format!("{}/", api.base)).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("<script"));
+    let web_config: Value = reqwest::get(format!("{}/config.json", api.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(web_config["sign_in"], "oidc");
+    assert_eq!(web_config["issuer"], support::oidc_issuer());
+    let dev_sign_in = reqwest::Client::new()
+        .post(format!("{}/v1/dev/sign-in", api.base))
+        .json(&json!({"username": "mallory"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dev_sign_in.status(), 404);
+
     api.terminate().await;
     notifier.terminate().await;
     plexer.terminate().await;
-    let keyspace = env
-        .iter()
-        .find(|(k, _)| k == "CONFAB_STORE__KEYSPACE")
-        .unwrap()
-        .1
-        .clone();
-    let options = confab_api::store::cql::CqlOptions {
-        contact_points: vec![support::cql_contact_points()],
-        keyspace: keyspace.clone(),
-        replication: String::new(),
-        request_timeout: std::time::Duration::from_secs(20),
-        nonce_ttl: std::time::Duration::from_secs(60),
-        parity: confab_api::store::cql::SendParity::JetStream {
-            nats_url: support::nats_url(),
-            bucket: format!("{}_nonces", keyspace),
-        },
-    };
-    let _ = confab_api::store::cql::drop_keyspace(&options).await;
+    deployment.clean_up().await;
 }
 
 /// Send parity across processes: retries of one nonce race through two `confab api` processes on
@@ -248,41 +213,9 @@ async fn two_api_processes_racing_one_nonce_store_one_signal() {
     if !support::real_stack_available("two_api_processes_racing_one_nonce_store_one_signal").await {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let keyspace = support::unique("race_");
-    let env: Vec<(String, String)> = [
-        ("CONFAB_STORE__BACKEND", "cql".to_owned()),
-        (
-            "CONFAB_STORE__CQL_CONTACT_POINTS",
-            support::cql_contact_points(),
-        ),
-        ("CONFAB_STORE__KEYSPACE", keyspace.clone()),
-        ("CONFAB_BUS__BACKEND", "nats".to_owned()),
-        ("CONFAB_BUS__NATS_URL", support::nats_url()),
-        ("CONFAB_BUS__SUBJECT_PREFIX", support::unique("race")),
-        ("CONFAB_IDENTITY__MODE", "oidc".to_owned()),
-        ("CONFAB_IDENTITY__ISSUER_URL", support::oidc_issuer()),
-        ("CONFAB_IDENTITY__CLIENT_IDS", support::oidc_client()),
-        ("CONFAB_SECRET_KEY", support::secret()),
-        ("CONFAB_API__LISTEN", "127.0.0.1:0".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"))
-        .arg("migrate")
-        .current_dir(dir.path())
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "migrate: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let first = ConfabProcess::start(&["api"], &env, dir.path()).await;
-    let second = ConfabProcess::start(&["api"], &env, dir.path()).await;
+    let deployment = support::Deployment::new("race").await;
+    let first = deployment.start("api", &[]).await;
+    let second = deployment.start("api", &[]).await;
     let alice = support::keycloak_token("alice", "alice").await;
     let bob = support::keycloak_token("bob", "bob").await;
     let http = reqwest::Client::new();
@@ -354,16 +287,5 @@ async fn two_api_processes_racing_one_nonce_store_one_signal() {
 
     first.terminate().await;
     second.terminate().await;
-    let options = confab_api::store::cql::CqlOptions {
-        contact_points: vec![support::cql_contact_points()],
-        keyspace: keyspace.clone(),
-        replication: String::new(),
-        request_timeout: std::time::Duration::from_secs(20),
-        nonce_ttl: std::time::Duration::from_secs(60),
-        parity: confab_api::store::cql::SendParity::JetStream {
-            nats_url: support::nats_url(),
-            bucket: format!("{keyspace}_nonces"),
-        },
-    };
-    let _ = confab_api::store::cql::drop_keyspace(&options).await;
+    deployment.clean_up().await;
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use confab_api::store::embedded::EmbeddedStore;
 use confab_api::store::{
-    CallRecord, ChatActivity, ChatEntry, Inserted, MarkerKind, NewChat, OutboxEntry, OutboxWriter,
-    RingingCall, Slot, SlotWrite, Store, StoreError,
+    CallRecord, ChatActivity, ChatEntry, Inserted, MarkerKind, MemberPut, NewChat, OutboxEntry,
+    OutboxWriter, RingingCall, Slot, SlotWrite, Store, StoreError,
 };
 use confab_api::{ApiState, routes};
 use confab_runtime::bus::EmbeddedBus;
@@ -312,6 +312,15 @@ impl Store for FlakyBookkeeping {
     ) -> Result<bool, StoreError> {
         self.inner.remove_reaction(chat, signal, emoji, user).await
     }
+    async fn has_reaction(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        self.inner.has_reaction(chat, signal, emoji, user).await
+    }
     async fn reaction_counts_of(
         &self,
         chat: ChatId,
@@ -424,8 +433,11 @@ impl Store for FlakyBookkeeping {
         &self,
         circle: CircleId,
         member: &CircleMember,
-    ) -> Result<(), StoreError> {
-        self.inner.put_circle_member(circle, member).await
+        max_members: u32,
+    ) -> Result<MemberPut, StoreError> {
+        self.inner
+            .put_circle_member(circle, member, max_members)
+            .await
     }
     async fn circle_members(&self, circle: CircleId) -> Result<Vec<CircleMember>, StoreError> {
         self.inner.circle_members(circle).await

@@ -196,10 +196,13 @@ pub async fn wait_ready(base: &str) {
         {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{base} never became ready"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            let last = match reqwest::get(format!("{base}/ready")).await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(error) => error.to_string(),
+            };
+            panic!("{base} never became ready: {last}");
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -348,60 +351,235 @@ impl TestApp {
                 .unwrap();
         }
         if self.stack == Stack::Real {
-            let options = confab_api::store::cql::CqlOptions::from_config(&self.config);
-            let _ = confab_api::store::cql::drop_keyspace(&options).await;
-            if let Ok(bus) = confab_runtime::bus::NatsBus::connect(
-                &self.config.bus.nats_url,
-                &self.config.bus.subject_prefix,
-                self.config.log_settings(),
-            )
-            .await
-            {
-                let _ = bus.delete_stream().await;
-            }
-            if let Ok(presence) = confab_runtime::presence::NatsPresence::connect(
-                &self.config.bus.nats_url,
-                &self.config.bus.subject_prefix,
-            )
-            .await
-            {
-                let _ = presence.delete_bucket().await;
-            }
-            if let Ok(queue) = confab_runtime::push_queue::NatsPushQueue::connect(
-                &self.config.bus.nats_url,
-                &self.config.bus.subject_prefix,
-            )
-            .await
-            {
-                let _ = queue.delete_bucket().await;
-            }
-            let _ = confab_runtime::revocation::Revocations::delete_nats_bucket(
-                &self.config.bus.nats_url,
-                &self.config.bus.subject_prefix,
-            )
-            .await;
-            if self.config.search.backend == SearchBackend::Meilisearch
-                && let Ok(search) =
-                    confab_runtime::search::MeiliSearch::new(&self.config.meili_settings())
-            {
-                let _ = search.delete_index().await;
-            }
-            // The test's objects under its own key prefix.
-            let blobs = confab_runtime::blobs::S3Blobs::new(&self.config.attachments.s3_settings());
-            for _ in 0..100 {
-                let Ok(objects) = confab_runtime::blobs::Blobs::list(&blobs, None, 1000).await
-                else {
-                    break;
-                };
-                if objects.is_empty() {
-                    break;
-                }
-                for object in objects {
-                    let _ = confab_runtime::blobs::Blobs::delete(&blobs, &object.name).await;
-                }
-            }
-            let _ = confab_runtime::blobs::Blobs::sweep_staging(&blobs, Duration::ZERO).await;
+            Box::pin(clean_up_real(&self.config)).await;
         }
+    }
+}
+
+/// Removes what a test made on the real services: its keyspace, event stream, key-value buckets,
+/// search index and objects.
+pub async fn clean_up_real(config: &Config) {
+    let options = confab_api::store::cql::CqlOptions::from_config(config);
+    let _ = confab_api::store::cql::drop_keyspace(&options).await;
+    if let Ok(bus) = confab_runtime::bus::NatsBus::connect(
+        &config.bus.nats_url,
+        &config.bus.subject_prefix,
+        config.log_settings(),
+    )
+    .await
+    {
+        let _ = bus.delete_stream().await;
+    }
+    if let Ok(presence) = confab_runtime::presence::NatsPresence::connect(
+        &config.bus.nats_url,
+        &config.bus.subject_prefix,
+    )
+    .await
+    {
+        let _ = presence.delete_bucket().await;
+    }
+    if let Ok(queue) = confab_runtime::push_queue::NatsPushQueue::connect(
+        &config.bus.nats_url,
+        &config.bus.subject_prefix,
+    )
+    .await
+    {
+        let _ = queue.delete_bucket().await;
+    }
+    let _ = confab_runtime::revocation::Revocations::delete_nats_bucket(
+        &config.bus.nats_url,
+        &config.bus.subject_prefix,
+    )
+    .await;
+    if config.search.backend == SearchBackend::Meilisearch
+        && let Ok(search) = confab_runtime::search::MeiliSearch::new(&config.meili_settings())
+    {
+        let _ = search.delete_index().await;
+    }
+    // The test's objects under its own key prefix.
+    let blobs = confab_runtime::blobs::S3Blobs::new(&config.attachments.s3_settings());
+    for _ in 0..100 {
+        let Ok(objects) = confab_runtime::blobs::Blobs::list(&blobs, None, 1000).await else {
+            break;
+        };
+        if objects.is_empty() {
+            break;
+        }
+        for object in objects {
+            let _ = confab_runtime::blobs::Blobs::delete(&blobs, &object.name).await;
+        }
+    }
+    let _ = confab_runtime::blobs::Blobs::sweep_staging(&blobs, Duration::ZERO).await;
+}
+
+/// `confab` binaries on the real services, as a deployment runs them: a fresh keyspace and subject
+/// prefix, migrated, configured through `CONFAB_` variables; [`Deployment::clean_up`] removes what
+/// they made.
+pub struct Deployment {
+    pub env: Vec<(String, String)>,
+    pub config: Config,
+    pub dir: tempfile::TempDir,
+}
+
+impl Deployment {
+    pub async fn new(name: &str) -> Deployment {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_for(Stack::Real, dir.path().to_path_buf());
+        config.store.keyspace = unique(&format!("{name}_"));
+        config.bus.subject_prefix = unique(name);
+        let env: Vec<(String, String)> = [
+            ("CONFAB_STORE__BACKEND", "cql".to_owned()),
+            (
+                "CONFAB_STORE__CQL_CONTACT_POINTS",
+                config.store.cql_contact_points.clone(),
+            ),
+            ("CONFAB_STORE__KEYSPACE", config.store.keyspace.clone()),
+            // Schema changes while other tests run take Cassandra a while.
+            (
+                "CONFAB_STORE__REQUEST_TIMEOUT_MS",
+                config.store.request_timeout_ms.to_string(),
+            ),
+            ("CONFAB_BUS__BACKEND", "nats".to_owned()),
+            ("CONFAB_BUS__NATS_URL", config.bus.nats_url.clone()),
+            (
+                "CONFAB_BUS__SUBJECT_PREFIX",
+                config.bus.subject_prefix.clone(),
+            ),
+            ("CONFAB_IDENTITY__MODE", "oidc".to_owned()),
+            (
+                "CONFAB_IDENTITY__ISSUER_URL",
+                config.identity.issuer_url.clone(),
+            ),
+            (
+                "CONFAB_IDENTITY__CLIENT_IDS",
+                config.identity.client_ids.clone(),
+            ),
+            ("CONFAB_SECRET_KEY", secret()),
+            ("CONFAB_API__LISTEN", "127.0.0.1:0".to_owned()),
+            ("CONFAB_NOTIFIER__LISTEN", "127.0.0.1:0".to_owned()),
+            ("CONFAB_WS_PLEXER__LISTEN", "127.0.0.1:0".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+            .arg("migrate")
+            .current_dir(dir.path())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            migrate.status.success(),
+            "{}",
+            String::from_utf8_lossy(&migrate.stderr)
+        );
+        Deployment { env, config, dir }
+    }
+
+    /// Starts `confab <role>` with the deployment's variables and `extra`, and waits until it is
+    /// ready.
+    pub async fn start(&self, role: &str, extra: &[(&str, &str)]) -> ConfabProcess {
+        let mut env = self.env.clone();
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        let process = ConfabProcess::start(&[role], &env, self.dir.path()).await;
+        wait_ready(&process.base).await;
+        process
+    }
+
+    pub async fn clean_up(self) {
+        Box::pin(clean_up_real(&self.config)).await;
+    }
+}
+
+/// One round of a lobby race: every person (a token and a user id) enters the lobby at `path` at
+/// once, through the API at `bases[(i + round) % n]`; then every pairing must be agreed by both
+/// partners, and each paired person must have exactly the one direct chat of their pairing (no
+/// second pairing made a chat that was then lost). Everyone leaves the lobby at the end.
+pub async fn race_lobby_round(
+    bases: &[&str],
+    people: &[(String, String)],
+    path: &str,
+    round: usize,
+) {
+    let http = reqwest::Client::new();
+    let via = |i: usize| bases[(i + round) % bases.len()];
+    futures::future::join_all(people.iter().enumerate().map(|(i, (token, _))| {
+        let request = http
+            .post(format!("{}{path}", via(i)))
+            .bearer_auth(token)
+            .json(&serde_json::json!({}));
+        async move {
+            let status = request.send().await.unwrap().status().as_u16();
+            assert!(matches!(status, 200 | 202), "round {round}: {status}");
+        }
+    }))
+    .await;
+    let mut partner_of = std::collections::HashMap::new();
+    for (i, (token, id)) in people.iter().enumerate() {
+        // Entering again answers where the caller stands and changes nothing.
+        let status: Value = http
+            .post(format!("{}{path}", via(i + 1)))
+            .bearer_auth(token)
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["state"] == "paired" {
+            partner_of.insert(
+                id.clone(),
+                (
+                    status["partner_id"].as_str().unwrap().to_owned(),
+                    status["chat_id"].as_str().unwrap().to_owned(),
+                ),
+            );
+        }
+    }
+    assert!(!partner_of.is_empty(), "round {round}: someone was paired");
+    for (user, (partner, chat)) in &partner_of {
+        assert_eq!(
+            partner_of.get(partner),
+            Some(&(user.clone(), chat.clone())),
+            "round {round}: pairs agree"
+        );
+    }
+    for (i, (token, id)) in people.iter().enumerate() {
+        let chats: Value = http
+            .get(format!("{}/v1/chats", via(i)))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let direct: Vec<&str> = chats["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["kind"] == "direct")
+            .map(|c| c["id"].as_str().unwrap())
+            .collect();
+        match partner_of.get(id) {
+            Some((_, chat)) => assert_eq!(direct, [chat.as_str()], "round {round}"),
+            None => assert!(direct.is_empty(), "round {round}: {direct:?}"),
+        }
+    }
+    for (i, (token, _)) in people.iter().enumerate() {
+        let left = http
+            .delete(format!("{}{path}", via(i)))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(left.status(), 204, "round {round}: leaving");
     }
 }
 
@@ -498,7 +676,14 @@ impl SseStream {
 
     /// The next event, within the deadline.
     pub async fn next_event(&mut self) -> SseEvent {
-        tokio::time::timeout(DEADLINE, async {
+        self.next_event_within(DEADLINE)
+            .await
+            .expect("an event arrives before the deadline")
+    }
+
+    /// The next event, if one arrives within `limit`.
+    pub async fn next_event_within(&mut self, limit: Duration) -> Option<SseEvent> {
+        tokio::time::timeout(limit, async {
             loop {
                 if let Some(end) = self.buffer.find("\n\n") {
                     let frame: String = self.buffer.drain(..end + 2).collect();
@@ -537,7 +722,7 @@ impl SseStream {
             }
         })
         .await
-        .expect("an event arrives before the deadline")
+        .ok()
     }
 }
 
