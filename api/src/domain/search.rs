@@ -3,7 +3,9 @@
 //! signals are then read from the store, so they show the current text and reactions.
 
 use confab_runtime::search::{Query, Search};
-use confab_schema::{ChatId, Signal, UserId};
+use std::collections::HashMap;
+
+use confab_schema::{ChatId, Signal, SignalId, UserId};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -91,24 +93,32 @@ impl ApiState {
             })
             .await?;
         let next_cursor = found.more.then(|| pager.cursor(offset + found.hits.len()));
-        let signals = futures::future::join_all(found.hits.iter().map(|hit| async move {
-            match self.store.get_signal(hit.chat_id, hit.id).await? {
-                Some(signal) if !signal.deleted => Ok(Some(self.decorate_one(signal).await?)),
-                // Deleted since it was indexed; the indexer removes it shortly.
-                _ => Ok::<_, ApiError>(None),
-            }
-        }))
-        .await;
-        let mut items = Vec::with_capacity(found.hits.len());
-        for (hit, signal) in found.hits.into_iter().zip(signals) {
-            if let Some(signal) = signal? {
-                items.push(SearchHit {
+        // The hits' signals in one read and their reactions in another, whatever chats they are in.
+        let ids: Vec<(ChatId, SignalId)> = found.hits.iter().map(|h| (h.chat_id, h.id)).collect();
+        let stored = self.store.get_signals(&ids).await?;
+        // Deleted since it was indexed: left out (the indexer removes it shortly).
+        let live: Vec<Signal> = stored
+            .into_iter()
+            .flatten()
+            .filter(|s| !s.deleted)
+            .collect();
+        let mut decorated: HashMap<SignalId, Signal> = self
+            .decorate(live)
+            .await?
+            .into_iter()
+            .map(|s| (s.id, s))
+            .collect();
+        let items = found
+            .hits
+            .into_iter()
+            .filter_map(|hit| {
+                decorated.remove(&hit.id).map(|signal| SearchHit {
                     signal,
                     chat_id: hit.chat_id,
                     highlight: hit.highlight,
-                });
-            }
-        }
+                })
+            })
+            .collect();
         Ok(Page { items, next_cursor })
     }
 }

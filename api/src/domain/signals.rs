@@ -329,11 +329,11 @@ impl ApiState {
     /// Fills in the reaction counts of a page of one chat's signals: one store round trip per
     /// history bucket.
     pub(crate) async fn decorate(&self, signals: Vec<Signal>) -> ApiResult<Vec<Signal>> {
-        let Some(chat) = signals.first().map(|s| s.chat_id) else {
+        if signals.is_empty() {
             return Ok(signals);
-        };
-        let ids: Vec<SignalId> = signals.iter().map(|s| s.id).collect();
-        let mut counts = self.store.reaction_counts_of(chat, &ids).await?;
+        }
+        let ids: Vec<(ChatId, SignalId)> = signals.iter().map(|s| (s.chat_id, s.id)).collect();
+        let mut counts = self.store.reaction_counts_across(&ids).await?;
         let mut signals = signals;
         self.resolve_attachments(&mut signals).await?;
         Ok(signals

@@ -49,6 +49,7 @@ macro_rules! store_conformance_tests {
             an_edit_wins_over_the_original_whatever_the_clocks,
             reactions_count_once_per_user,
             reaction_counts_of_a_page,
+            signals_and_counts_across_chats,
             chat_entries_show_role_latest_and_marker,
             unread_counts_are_capped_and_the_scan_bounded,
             markers_move_forward_only,
@@ -1255,6 +1256,65 @@ pub async fn reaction_counts_of_a_page(store: Arc<dyn Store>) {
             .is_empty(),
         "a count back at zero is not listed"
     );
+}
+
+/// Search hits: signals of several chats read together, in the order asked, and their counts.
+pub async fn signals_and_counts_across_chats(store: Arc<dyn Store>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let first = chat_with(&*store, alice.id, &[bob.id]).await;
+    let second = chat_with(&*store, bob.id, &[alice.id]).await;
+    let (old, new, other) = (id_days_ago(4, 0), id_days_ago(0, 0), id_days_ago(0, 5));
+    for (chat, id, text) in [
+        (first, old, "old"),
+        (first, new, "new"),
+        (second, other, "other"),
+    ] {
+        store
+            .insert_signal(&message_at(chat, alice.id, id, None, text))
+            .await
+            .unwrap();
+    }
+    store.add_reaction(first, old, "👍", bob.id).await.unwrap();
+    store
+        .add_reaction(second, other, "🎉", bob.id)
+        .await
+        .unwrap();
+    store
+        .add_reaction(second, other, "🎉", alice.id)
+        .await
+        .unwrap();
+
+    let missing = id_days_ago(0, 9);
+    // `other` asked for in the wrong chat is not found there.
+    let asked = [
+        (second, other),
+        (first, missing),
+        (first, old),
+        (first, other),
+        (first, new),
+    ];
+    let texts: Vec<Option<String>> = store
+        .get_signals(&asked)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.and_then(|s| s.text))
+        .collect();
+    assert_eq!(
+        texts,
+        [Some("other"), None, Some("old"), None, Some("new")]
+            .map(|t| t.map(str::to_owned))
+            .to_vec()
+    );
+    assert!(store.get_signals(&[]).await.unwrap().is_empty());
+
+    let counts = store
+        .reaction_counts_across(&[(first, old), (first, new), (second, other)])
+        .await
+        .unwrap();
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert_eq!(counts[&old], [("👍".to_owned(), 1)].into_iter().collect());
+    assert_eq!(counts[&other], [("🎉".to_owned(), 2)].into_iter().collect());
 }
 
 pub async fn chat_entries_show_role_latest_and_marker(store: Arc<dyn Store>) {

@@ -400,6 +400,14 @@ pub trait Store: Send + Sync + 'static {
     /// which case that one is returned. Holds when two requests race.
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError>;
     async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError>;
+    /// Signals of any chats (search hits), in the order asked, `None` for those not stored. The
+    /// default reads them concurrently; a store that can read them in one round trip does.
+    async fn get_signals(
+        &self,
+        ids: &[(ChatId, SignalId)],
+    ) -> Result<Vec<Option<Signal>>, StoreError> {
+        futures::future::try_join_all(ids.iter().map(|&(chat, id)| self.get_signal(chat, id))).await
+    }
     /// Sets a message's text and `edited_at`, unless it is deleted. Returns the signal as stored
     /// afterwards (a tombstone if it was deleted, before or concurrently), or `None` if there is no
     /// such signal. An edit never undoes a deletion and never loses to the original text, whatever
@@ -486,6 +494,25 @@ pub trait Store: Send + Sync + 'static {
         chat: ChatId,
         signals: &[SignalId],
     ) -> Result<HashMap<SignalId, BTreeMap<String, i64>>, StoreError>;
+    /// The reaction counts of signals of any chats (search hits): [`Store::reaction_counts_of`]
+    /// once per chat, concurrently, unless the store can do better. Signals without reactions are
+    /// absent.
+    async fn reaction_counts_across(
+        &self,
+        signals: &[(ChatId, SignalId)],
+    ) -> Result<HashMap<SignalId, BTreeMap<String, i64>>, StoreError> {
+        let mut by_chat: BTreeMap<ChatId, Vec<SignalId>> = BTreeMap::new();
+        for &(chat, id) in signals {
+            by_chat.entry(chat).or_default().push(id);
+        }
+        let counts = futures::future::try_join_all(
+            by_chat
+                .iter()
+                .map(|(chat, ids)| self.reaction_counts_of(*chat, ids)),
+        )
+        .await?;
+        Ok(counts.into_iter().flatten().collect())
+    }
     /// Who reacted with what, in (emoji, user) order after `after`.
     async fn reactions_page(
         &self,

@@ -1021,6 +1021,34 @@ impl Store for EmbeddedStore {
         row.map(to_signal).transpose()
     }
 
+    async fn get_signals(
+        &self,
+        ids: &[(ChatId, SignalId)],
+    ) -> Result<Vec<Option<Signal>>, StoreError> {
+        let ids = ids.to_vec();
+        // One hop to the blocking pool and one hold of the connection for them all.
+        let rows = self
+            .with(move |c| {
+                let mut statement = c
+                    .prepare_cached(&format!(
+                        "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ?1 AND id = ?2"
+                    ))
+                    .map_err(unavailable)?;
+                ids.into_iter()
+                    .map(|(chat, id)| {
+                        statement
+                            .query_row(params![blob(chat.0), blob(id.0)], signal_row)
+                            .optional()
+                            .map_err(unavailable)
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        rows.into_iter()
+            .map(|row| row.map(to_signal).transpose())
+            .collect()
+    }
+
     async fn edit_signal(
         &self,
         chat: ChatId,
@@ -1242,10 +1270,18 @@ impl Store for EmbeddedStore {
         chat: ChatId,
         signals: &[SignalId],
     ) -> Result<HashMap<SignalId, BTreeMap<String, i64>>, StoreError> {
+        let signals: Vec<(ChatId, SignalId)> = signals.iter().map(|&id| (chat, id)).collect();
+        self.reaction_counts_across(&signals).await
+    }
+
+    async fn reaction_counts_across(
+        &self,
+        signals: &[(ChatId, SignalId)],
+    ) -> Result<HashMap<SignalId, BTreeMap<String, i64>>, StoreError> {
         let signals = signals.to_vec();
         self.with(move |c| {
             let mut counts = HashMap::new();
-            for signal in signals {
+            for (chat, signal) in signals {
                 let of_signal = reaction_counts(c, chat, signal)?;
                 if !of_signal.is_empty() {
                     counts.insert(signal, of_signal);
