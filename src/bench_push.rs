@@ -107,6 +107,9 @@ impl PushQueue for ClaimTimed {
     async fn sent(&self, push: &PendingPush, now_ms: i64) -> Result<(), BusError> {
         self.queue.sent(push, now_ms).await
     }
+    async fn release(&self) {
+        self.queue.release().await;
+    }
 }
 
 async fn receive(State(arrivals): State<Arrivals>, Path(device): Path<usize>) -> StatusCode {

@@ -89,10 +89,13 @@ impl PushSender {
             };
             let claiming = self.claim_until(shutdown.clone(), handoff);
             // Shutdown does not wait for a queue that is down, nor for a slow push service.
+            let queue = Arc::clone(&self.queue);
             tokio::select! {
                 () = shutdown.cancelled() => {}
                 _ = futures::future::join(claiming, sending) => {}
             }
+            // What this node held for later goes back now, for the nodes that stay.
+            let _ = tokio::time::timeout(Duration::from_secs(5), queue.release()).await;
         })
     }
 

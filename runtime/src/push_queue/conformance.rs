@@ -99,6 +99,29 @@ pub async fn nothing_is_claimed_before_it_is_due(fixture: Fixture) {
     assert!(now_ms() >= due, "claimed before its due time");
 }
 
+/// A handle that lets go (a node shutting down) leaves nothing it held behind: a push it looked at
+/// before its due time is claimed by the other handle once due, not after a redelivery timeout.
+pub async fn a_released_handle_leaves_nothing_behind(fixture: Fixture) {
+    let (alice, chat) = (user(), ChatId::new());
+    let due = now_ms() + 1_000;
+    fixture
+        .first
+        .schedule(alice, chat, &message("soon"), due, due + HOUR_MS)
+        .await
+        .expect("schedules");
+    // The first handle looks before it is due (and may keep what it saw), then lets go.
+    nothing_claimed(&*fixture.first, 200).await;
+    fixture.first.release().await;
+    let claimed = claim(&*fixture.second, 1).await;
+    assert_eq!(
+        claimed.len(),
+        1,
+        "the other handle claims it within {DEADLINE:?}"
+    );
+    assert_eq!((claimed[0].user, claimed[0].chat), (alice, chat));
+    assert!(now_ms() >= due, "claimed before its due time");
+}
+
 /// Due pushes queued behind many that are not due yet are reached without waiting: a claim that
 /// looked at a full batch says more may be claimable, however few pushes it took, and claiming
 /// while it says so finds them.
@@ -383,6 +406,7 @@ macro_rules! push_queue_conformance_tests {
 
             case!(a_due_push_is_claimed_once);
             case!(nothing_is_claimed_before_it_is_due);
+            case!(a_released_handle_leaves_nothing_behind);
             case!(due_pushes_behind_later_ones_are_claimed_at_once);
             case!(a_burst_collapses_into_one_push);
             case!(a_cancel_covers_only_what_was_read);

@@ -199,6 +199,9 @@ pub trait PushQueue: Send + Sync + 'static {
     async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Claimed, BusError>;
     /// Remembers that `push` reached at least one device at `now_ms`, for [`SENT_MEMORY_MS`].
     async fn sent(&self, push: &PendingPush, now_ms: i64) -> Result<(), BusError>;
+    /// Hands back whatever this handle holds without having claimed it (a node shutting down), so
+    /// that another handle can claim it when due rather than after a timeout.
+    async fn release(&self) {}
 }
 
 fn key(user: UserId, chat: ChatId) -> String {

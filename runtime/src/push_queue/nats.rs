@@ -12,7 +12,8 @@
 //! Invariant: while an entry exists, a ticket for it is on the stream or in a node's hands. A
 //! ticket is acknowledged only once its entry is gone or claimed (compare-and-delete by one node),
 //! so a node that dies holding one lets it be redelivered after the ack wait, and a ticket whose
-//! entry was cancelled is dropped. Two tickets for one entry (created again after a cancel) are
+//! entry was cancelled is dropped. A node that shuts down hands its held tickets back first
+//! ([`PushQueue::release`]), so they come again at their due time, not after the ack wait. Two tickets for one entry (created again after a cancel) are
 //! harmless: the first claims it, the second finds nothing.
 
 use std::time::Duration;
@@ -442,6 +443,21 @@ impl PushQueue for NatsPushQueue {
         // not the number of pushes it claimed.
         let (pushes, full) = self.claim_batch(now_ms, limit).await?;
         Ok(Claimed { pushes, more: full })
+    }
+
+    async fn release(&self) {
+        let held: Vec<(i64, jetstream::Message)> =
+            std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
+        let now = crate::presence::now_ms();
+        futures::future::join_all(held.into_iter().map(|(due, ticket)| async move {
+            // Back to the stream, to come again at its due time to whichever node asks then.
+            let delay = Duration::from_millis(u64::try_from(due - now).unwrap_or(0));
+            if let Err(error) = ticket.ack_with(AckKind::Nak(Some(delay))).await {
+                // Unanswered, it comes back after the ack wait: late, not lost.
+                tracing::warn!(%error, "held push ticket not handed back");
+            }
+        }))
+        .await;
     }
 
     async fn sent(&self, push: &PendingPush, now_ms: i64) -> Result<(), BusError> {
