@@ -57,6 +57,10 @@ pub struct PushBenchArgs {
     /// Comma-separated: `embedded`, `nats`.
     #[arg(long, default_value = "embedded,nats")]
     pub backends: String,
+    /// Comma-separated hold horizons (ms) for the NATS queue, each measured in turn: how far ahead
+    /// of its due time a node holds a ticket rather than handing it back.
+    #[arg(long, default_value = "20000")]
+    pub hold_ms: String,
     /// Folder for the results file.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
@@ -167,19 +171,40 @@ pub async fn run(args: PushBenchArgs, config: Config) -> anyhow::Result<()> {
         "| backend | pushes (cancelled) | schedules/s | cancels/s | schedule p99 | claimed late p50 / p99 | late p50 | late p99 | late max | missing | twice | sent although cancelled |".to_owned(),
         "|---|---|---|---|---|---|---|---|---|---|---|---|".to_owned(),
     ];
+    let holds: Vec<u64> = args
+        .hold_ms
+        .split(',')
+        .map(|h| h.trim().parse())
+        .collect::<Result<_, _>>()
+        .context("--hold-ms: milliseconds, comma-separated")?;
+    let mut runs = Vec::new();
     for backend in args.backends.split(',').map(str::trim) {
+        match backend {
+            "embedded" => runs.push((backend.to_owned(), None)),
+            "nats" => runs.extend(
+                holds
+                    .iter()
+                    .map(|h| (format!("nats, hold {h} ms"), Some(*h))),
+            ),
+            other => anyhow::bail!("unknown backend {other}: embedded or nats"),
+        }
+    }
+    for (backend, hold) in runs {
         let dir = tempfile::tempdir()?;
         let prefix = format!("benchpush{}", uuid::Uuid::new_v4().simple());
-        let (queue, nats): (Arc<dyn PushQueue>, Option<NatsPushQueue>) = match backend {
-            "embedded" => (
+        let (queue, nats): (Arc<dyn PushQueue>, Option<NatsPushQueue>) = match hold {
+            None => (
                 Arc::new(EmbeddedPushQueue::open(&dir.path().join("push.sqlite3"))?),
                 None,
             ),
-            "nats" => (
-                Arc::new(NatsPushQueue::connect(&config.bus.nats_url, &prefix).await?),
+            Some(hold) => (
+                Arc::new(
+                    NatsPushQueue::connect(&config.bus.nats_url, &prefix)
+                        .await?
+                        .holding(Duration::from_millis(hold)),
+                ),
                 Some(NatsPushQueue::connect(&config.bus.nats_url, &prefix).await?),
             ),
-            other => anyhow::bail!("unknown backend {other}: embedded or nats"),
         };
         let row = measure(&args, Arc::clone(&queue)).await;
         if let Some(nats) = nats {

@@ -5,9 +5,11 @@
 //! durable consumer that every notifier node shares. A node that takes a ticket before the entry
 //! is due hands it back with a delay until then (a NAK with delay), so a ticket costs one delivery
 //! per due time, not one per poll. The ticket carries the entry's due time (which never moves),
-//! so that first, early delivery is handed back without reading the entry. It is asked back a
-//! little before it is due ([`LEAD_MS`]) and then held by the node until due, unacknowledged, so
-//! the server's redelivery may run late by that much without making the push late.
+//! so it is decided without reading the entry: one due within the hold horizon
+//! ([`DEFAULT_HOLD`], under the ack wait) is held by the node until due, unacknowledged; one due
+//! later is handed back to come again [`LEAD_MS`] before its due time, then held. With the default
+//! push delay (10 s) a ticket is fetched once and held, so the server's redelivery of delayed
+//! NAKs, which runs seconds late under load, is not on the way of a push at all.
 //!
 //! Invariant: while an entry exists, a ticket for it is on the stream or in a node's hands. A
 //! ticket is acknowledged only once its entry is gone or claimed (compare-and-delete by one node),
@@ -16,6 +18,7 @@
 //! ([`PushQueue::release`]), so they come again at their due time, not after the ack wait. Two tickets for one entry (created again after a cancel) are
 //! harmless: the first claims it, the second finds nothing.
 
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
@@ -46,10 +49,40 @@ pub struct NatsPushQueue {
     tickets: String,
     ticket_subject: String,
     consumer: tokio::sync::OnceCell<PullConsumer>,
-    /// Tickets due within [`LEAD_MS`], held unacknowledged until their due time: the node claims
-    /// them then, whenever the server would have redelivered them.
-    held: std::sync::Mutex<Vec<(i64, jetstream::Message)>>,
+    /// Tickets due within the hold horizon, held unacknowledged until their due time, the
+    /// earliest on top: the node claims them then.
+    held: std::sync::Mutex<BinaryHeap<Held>>,
+    /// How far ahead of its due time a ticket is held rather than handed back (ms).
+    hold_ms: i64,
 }
+
+/// A ticket held until its due time.
+struct Held {
+    due_ms: i64,
+    ticket: jetstream::Message,
+}
+
+// Ordered so that the heap's top is the earliest due.
+impl Ord for Held {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.due_ms.cmp(&self.due_ms)
+    }
+}
+impl PartialOrd for Held {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        self.due_ms == other.due_ms
+    }
+}
+impl Eq for Held {}
+
+/// How far ahead of its due time a node holds a ticket by default: the default push delay (10 s)
+/// and more, with room under the ack wait for the claim itself.
+pub const DEFAULT_HOLD: Duration = Duration::from_secs(20);
 
 /// What a node does with a ticket now.
 enum Decision {
@@ -59,15 +92,16 @@ enum Decision {
     Hold(i64),
 }
 
-/// A ticket due later than this is handed back to come again this long before its due time; one
-/// due sooner is held by the node until due. The server's redelivery after a NAK with delay runs
-/// late under load (seconds at 2,000 tickets/s on two cores); this lead absorbs that.
+/// A ticket due beyond the hold horizon is handed back to come again this long before its due
+/// time (then held). The server's redelivery after a NAK with delay runs late under load (seconds
+/// at 2,000 tickets/s on two cores); this lead absorbs that.
 const LEAD_MS: i64 = 2_000;
 
-/// The decision for a ticket whose entry is due at `due_ms`, not yet due at `now_ms`.
-fn not_yet(due_ms: i64, now_ms: i64) -> Decision {
+/// The decision for a ticket whose entry is due at `due_ms`, not yet due at `now_ms`, on a node
+/// holding tickets up to `hold_ms` ahead.
+fn not_yet(due_ms: i64, now_ms: i64, hold_ms: i64) -> Decision {
     let wait = due_ms - now_ms;
-    if wait <= LEAD_MS {
+    if wait <= hold_ms.max(LEAD_MS) {
         Decision::Hold(due_ms)
     } else {
         let back = u64::try_from(wait - LEAD_MS).unwrap_or(0);
@@ -112,8 +146,18 @@ impl NatsPushQueue {
             tickets: format!("{name}_push_due"),
             ticket_subject: format!("{prefix}.push.due"),
             consumer: tokio::sync::OnceCell::new(),
-            held: std::sync::Mutex::new(Vec::new()),
+            held: std::sync::Mutex::new(BinaryHeap::new()),
+            hold_ms: i64::try_from(DEFAULT_HOLD.as_millis()).unwrap_or(i64::MAX),
         })
+    }
+
+    /// Holds tickets up to `hold` ahead of their due time (at most 5 s under the ack wait, so a
+    /// held ticket is claimed before the server would hand it to another node).
+    #[must_use]
+    pub fn holding(mut self, hold: Duration) -> NatsPushQueue {
+        let most = ACK_WAIT.saturating_sub(Duration::from_secs(5));
+        self.hold_ms = i64::try_from(hold.min(most).as_millis()).unwrap_or(0);
+        self
     }
 
     /// Deletes the buckets and the ticket stream (tests clean up with this).
@@ -193,7 +237,7 @@ impl NatsPushQueue {
                 return Ok(Decision::Answer(None, AckKind::Ack));
             };
             if push.due_ms > now_ms {
-                return Ok(not_yet(push.due_ms, now_ms));
+                return Ok(not_yet(push.due_ms, now_ms, self.hold_ms));
             }
             // Compare-and-delete: the node whose delete lands sends it.
             if kv.delete_expect_revision(key, Some(revision)).await.is_ok() {
@@ -219,11 +263,12 @@ impl NatsPushQueue {
         // At most `limit` held tickets, the earliest due first; the rest wait for the next claim.
         let (ripe, more_ripe): (Vec<jetstream::Message>, bool) = {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            held.sort_by_key(|(due, _)| *due);
-            let count = held.iter().take_while(|(due, _)| *due <= now_ms).count();
-            let taken = count.min(limit);
-            let ripe = held.drain(..taken).map(|(_, ticket)| ticket).collect();
-            (ripe, count > taken)
+            let mut ripe = Vec::new();
+            while ripe.len() < limit && held.peek().is_some_and(|h| h.due_ms <= now_ms) {
+                ripe.extend(held.pop().map(|h| h.ticket));
+            }
+            let more = held.peek().is_some_and(|h| h.due_ms <= now_ms);
+            (ripe, more)
         };
         let room = limit - ripe.len();
         // With a full claim of held tickets, nothing is fetched this time.
@@ -249,7 +294,7 @@ impl NatsPushQueue {
                 // Decided unread until the due time it carries: the entry's due time never
                 // moves, so the early deliveries of a ticket cost no read.
                 let decision = match parsed.due_ms {
-                    Some(due) if due > now_ms => not_yet(due, now_ms),
+                    Some(due) if due > now_ms => not_yet(due, now_ms, self.hold_ms),
                     _ => self.claim_ticket(kv, &parsed.key, now_ms).await?,
                 };
                 match decision {
@@ -257,7 +302,10 @@ impl NatsPushQueue {
                         self.held
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .push((due, ticket));
+                            .push(Held {
+                                due_ms: due,
+                                ticket,
+                            });
                         Ok::<_, BusError>(None)
                     }
                     Decision::Answer(claimed, answer) => {
@@ -446,17 +494,22 @@ impl PushQueue for NatsPushQueue {
     }
 
     async fn release(&self) {
-        let held: Vec<(i64, jetstream::Message)> =
-            std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
+        let held: Vec<Held> =
+            std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner())).into_vec();
         let now = crate::presence::now_ms();
-        futures::future::join_all(held.into_iter().map(|(due, ticket)| async move {
-            // Back to the stream, to come again at its due time to whichever node asks then.
-            let delay = Duration::from_millis(u64::try_from(due - now).unwrap_or(0));
-            if let Err(error) = ticket.ack_with(AckKind::Nak(Some(delay))).await {
-                // Unanswered, it comes back after the ack wait: late, not lost.
-                tracing::warn!(%error, "held push ticket not handed back");
-            }
-        }))
+        futures::future::join_all(held.into_iter().map(
+            |Held {
+                 due_ms: due,
+                 ticket,
+             }| async move {
+                // Back to the stream, to come again at its due time to whichever node asks then.
+                let delay = Duration::from_millis(u64::try_from(due - now).unwrap_or(0));
+                if let Err(error) = ticket.ack_with(AckKind::Nak(Some(delay))).await {
+                    // Unanswered, it comes back after the ack wait: late, not lost.
+                    tracing::warn!(%error, "held push ticket not handed back");
+                }
+            },
+        ))
         .await;
     }
 
@@ -477,7 +530,34 @@ impl PushQueue for NatsPushQueue {
 
 #[cfg(test)]
 mod tests {
-    use super::Ticket;
+    use std::time::Duration;
+
+    use async_nats::jetstream::AckKind;
+
+    use super::{Decision, LEAD_MS, Ticket, not_yet};
+
+    #[test]
+    fn a_ticket_within_the_horizon_is_held_and_a_later_one_comes_back_before_it_is_due() {
+        let now = 1_796_000_000_000;
+        assert!(
+            matches!(not_yet(now + 10_000, now, 20_000), Decision::Hold(due) if due == now + 10_000)
+        );
+        assert!(matches!(
+            not_yet(now + 20_000, now, 20_000),
+            Decision::Hold(_)
+        ));
+        match not_yet(now + 60_000, now, 20_000) {
+            Decision::Answer(None, AckKind::Nak(Some(back))) => {
+                assert_eq!(
+                    back,
+                    Duration::from_millis(u64::try_from(60_000 - LEAD_MS).unwrap())
+                );
+            }
+            _ => panic!("handed back with a delay"),
+        }
+        // A horizon shorter than the lead still holds what is due within the lead.
+        assert!(matches!(not_yet(now + 1_000, now, 0), Decision::Hold(_)));
+    }
 
     #[test]
     fn a_ticket_carries_its_due_time_and_old_ones_still_read() {
