@@ -59,7 +59,7 @@ pub struct PushBenchArgs {
     pub backends: String,
     /// Comma-separated hold horizons (ms) for the NATS queue, each measured in turn: how far ahead
     /// of its due time a node holds a ticket rather than handing it back.
-    #[arg(long, default_value = "20000")]
+    #[arg(long, default_value = "2000")]
     pub hold_ms: String,
     /// Folder for the results file.
     #[arg(long, default_value = "bench-results")]
