@@ -616,6 +616,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     guard_dev_mode(role, &config, addr)?;
+    // The metrics recorder is installed before any worker starts: installed by the first request
+    // instead, it dropped what a process recorded before anyone asked it anything (a notifier
+    // that sent pushes before its first request showed none on /metrics).
+    let _ = telemetry::prometheus();
     // Boxed: building every service makes a large future.
     let app = Box::pin(build(role, &config, shutdown.clone())).await?;
     // Tests and scripts read this line to find a port chosen by the OS.
