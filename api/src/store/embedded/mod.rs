@@ -1007,18 +1007,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError> {
-        let row = self
-            .with(move |c| {
-                c.query_row(
-                    &format!("SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ?1 AND id = ?2"),
-                    params![blob(chat.0), blob(id.0)],
-                    signal_row,
-                )
-                .optional()
-                .map_err(unavailable)
-            })
-            .await?;
-        row.map(to_signal).transpose()
+        Ok(self.get_signals(&[(chat, id)]).await?.pop().flatten())
     }
 
     async fn get_signals(
