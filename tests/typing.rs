@@ -24,8 +24,13 @@ async fn typing_is_live_only(stack: Stack) {
     let alice_id = app.me(&alice).await;
     let bob_id = app.me(&bob).await;
     app.me(&carol).await;
-    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    // bob listens before the chat exists, so the chat's creation is the first event he sees
+    // (opened after it, the stream could start either side of it).
     let mut events = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&bob)).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let created = next_non_presence(&mut events).await;
+    assert_eq!(created.event, "chat.updated", "{created:?}");
+    assert_eq!(created.data["data"]["id"], chat.as_str());
     let path = format!("/v1/chats/{chat}/typing");
 
     let first = app.post(&alice, &path, &json!({})).await;
