@@ -16,7 +16,7 @@ use super::paging::{Page, Pager};
 use super::rules;
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
-use crate::store::{ChatActivity, NewChat, UNREAD_CAP};
+use crate::store::{ChatActivity, ChatEntry, NewChat, UNREAD_CAP};
 
 /// A chat to create, checked.
 #[derive(Clone, Debug)]
@@ -200,14 +200,11 @@ impl ApiState {
         let after = pager
             .open::<(ChatId, SignalId)>(cursor)?
             .map(|(chat_id, activity)| ChatActivity { chat_id, activity });
-        let rows = self
-            .store
-            .chats_by_activity(caller, after, pager.fetch())
-            .await?;
-        let page = pager.page(rows, |last| (last.chat_id, last.activity));
-        let ids: Vec<ChatId> = page.items.iter().map(|row| row.chat_id).collect();
+        let rows = self.store.chat_list(caller, after, pager.fetch()).await?;
+        let page = pager.page(rows, |(last, _)| (last.chat_id, last.activity));
+        let entries = page.items.into_iter().filter_map(|(_, entry)| entry);
         Ok(Page {
-            items: self.chat_views(&ids, caller).await?,
+            items: self.views_of(entries.collect(), caller).await?,
             next_cursor: page.next_cursor,
         })
     }
@@ -266,12 +263,24 @@ impl ApiState {
     /// read marker.
     async fn chat_views(&self, chats: &[ChatId], caller: UserId) -> ApiResult<Vec<Chat>> {
         let entries = self.store.chat_entries(caller, chats).await?;
+        self.views_of(entries, caller).await
+    }
+
+    /// The chats of `entries` with their unread counts (one bounded count per chat with signals
+    /// past the caller's read marker, in parallel) and the attachments of their newest signals.
+    async fn views_of(&self, entries: Vec<ChatEntry>, caller: UserId) -> ApiResult<Vec<Chat>> {
         let counts = futures::future::try_join_all(entries.iter().map(|entry| async move {
             if !entry.may_have_unread() {
                 return Ok(0);
             }
             self.store
-                .count_unread(entry.chat.id, entry.read_marker, caller, UNREAD_CAP)
+                .count_unread(
+                    entry.chat.id,
+                    entry.read_marker,
+                    entry.chat.created_at,
+                    caller,
+                    UNREAD_CAP,
+                )
                 .await
         }))
         .await?;

@@ -51,6 +51,7 @@ macro_rules! store_conformance_tests {
             reaction_counts_of_a_page,
             signals_and_counts_across_chats,
             chat_entries_show_role_latest_and_marker,
+            the_chat_list_is_the_activity_order_with_entries,
             unread_counts_are_capped_and_the_scan_bounded,
             markers_move_forward_only,
             attachments_page_newest_first_by_kind,
@@ -880,28 +881,29 @@ pub async fn edits_tombstones_and_forward_paging(store: Arc<dyn Store>) {
     assert!(tombstone.deleted);
     assert_eq!(tombstone.text, None);
 
-    // Unread: bob has read up to ids[1]; of the 3 after it, one is deleted.
-    assert_eq!(
-        store
-            .count_unread(chat, Some(ids[1]), bob.id, 100)
-            .await
-            .unwrap(),
-        2
-    );
-    assert_eq!(
-        store.count_unread(chat, None, bob.id, 100).await.unwrap(),
-        4
-    );
-    assert_eq!(
-        store.count_unread(chat, None, bob.id, 3).await.unwrap(),
-        3,
-        "capped"
-    );
-    // Alice wrote them all: nothing is unread for her.
-    assert_eq!(
-        store.count_unread(chat, None, alice.id, 100).await.unwrap(),
-        0
-    );
+    // Unread: bob has read up to ids[1]; of the 3 after it, one is deleted. Whatever the chat's
+    // creation time says (right, or off by days either way, as with skewed clocks), the counts
+    // are the same: it is only where a store may start reading.
+    let now = OffsetDateTime::now_utc();
+    for created_at in [
+        ids[0].created_at().unwrap(),
+        ids[2].created_at().unwrap(),
+        now,
+        now - time::Duration::days(30),
+        now + time::Duration::days(1),
+        OffsetDateTime::UNIX_EPOCH,
+    ] {
+        let count = |after: Option<SignalId>, reader: UserId, cap: usize| {
+            store.count_unread(chat, after, created_at, reader, cap)
+        };
+        assert_eq!(count(Some(ids[1]), bob.id, 100).await.unwrap(), 2);
+        assert_eq!(count(Some(ids[2]), bob.id, 100).await.unwrap(), 1);
+        assert_eq!(count(Some(ids[4]), bob.id, 100).await.unwrap(), 0);
+        assert_eq!(count(None, bob.id, 100).await.unwrap(), 4, "{created_at}");
+        assert_eq!(count(None, bob.id, 3).await.unwrap(), 3, "capped");
+        // Alice wrote them all: nothing is unread for her.
+        assert_eq!(count(None, alice.id, 100).await.unwrap(), 0);
+    }
 }
 
 pub async fn reactions_count_once_per_user(store: Arc<dyn Store>) {
@@ -1317,6 +1319,83 @@ pub async fn signals_and_counts_across_chats(store: Arc<dyn Store>) {
     assert_eq!(counts[&other], [("🎉".to_owned(), 2)].into_iter().collect());
 }
 
+pub async fn the_chat_list_is_the_activity_order_with_entries(store: Arc<dyn Store>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let store = &*store;
+    let mut chats = Vec::new();
+    for i in 0..6 {
+        let chat = chat_with(store, alice.id, &[bob.id]).await;
+        let signal = message(chat, alice.id, None, &format!("in {i}"));
+        store.insert_signal(&signal).await.unwrap();
+        store
+            .touch_chat(chat, &[alice.id, bob.id], signal.id, Some(&signal))
+            .await
+            .unwrap();
+        chats.push((chat, signal));
+    }
+    // Bob has read one chat; a chat without signals (its creation only) is listed too.
+    store
+        .advance_marker(MarkerKind::Read, chats[1].0, bob.id, chats[1].1.id)
+        .await
+        .unwrap();
+    let empty = chat_with(store, alice.id, &[bob.id]).await;
+    store
+        .touch_chat(empty, &[alice.id, bob.id], SignalId::new(), None)
+        .await
+        .unwrap();
+    // Rows the list must skip and remove: a chat bob left while a send still moved it, and a row
+    // left behind by a move (the chat's newer activity row is the one listed).
+    store.remove_member(chats[3].0, bob.id).await.unwrap();
+    store.untouch_chat(chats[3].0, bob.id).await.unwrap();
+    store
+        .touch_chat(chats[3].0, &[alice.id, bob.id], SignalId::new(), None)
+        .await
+        .unwrap();
+    let newer = message(chats[0].0, alice.id, None, "newer");
+    store.insert_signal(&newer).await.unwrap();
+    store
+        .touch_chat(chats[0].0, &[alice.id, bob.id], newer.id, Some(&newer))
+        .await
+        .unwrap();
+
+    for limit in [1usize, 2, 3, 10] {
+        // The list first, while the stale rows may still be there; then the two calls it stands
+        // for, which must agree.
+        let mut listed = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.chat_list(bob.id, after, limit).await.unwrap();
+            assert!(page.len() <= limit);
+            let Some((last, _)) = page.last() else { break };
+            after = Some(*last);
+            listed.extend(page);
+        }
+        let rows = store.chats_by_activity(bob.id, None, 100).await.unwrap();
+        let ids: Vec<ChatId> = rows.iter().map(|row| row.chat_id).collect();
+        let entries = store.chat_entries(bob.id, &ids).await.unwrap();
+        assert_eq!(
+            listed.iter().map(|(row, _)| *row).collect::<Vec<_>>(),
+            rows,
+            "limit {limit}"
+        );
+        assert_eq!(
+            listed
+                .into_iter()
+                .map(|(_, entry)| entry.expect("an entry for every row"))
+                .collect::<Vec<_>>(),
+            entries,
+            "limit {limit}"
+        );
+        assert_eq!(ids.len(), 6, "five chats with signals and the empty one");
+        assert!(!ids.contains(&chats[3].0), "bob left it");
+        assert_eq!(ids[0], chats[0].0, "moved to the front");
+        assert_eq!(entries[0].chat.latest_signal.as_ref().unwrap().id, newer.id);
+        let read = entries.iter().find(|e| e.chat.id == chats[1].0).unwrap();
+        assert_eq!(read.read_marker, Some(chats[1].1.id));
+        assert_eq!(read.chat.my_role, Some(MemberRole::Member));
+    }
+}
+
 pub async fn chat_entries_show_role_latest_and_marker(store: Arc<dyn Store>) {
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
     let store = &*store;
@@ -1429,9 +1508,10 @@ pub async fn unread_counts_are_capped_and_the_scan_bounded(store: Arc<dyn Store>
         .await;
     let hers = message(chat, alice.id, None, "hers");
     store.insert_signal(&hers).await.unwrap();
+    let created_at = store.get_chat(chat).await.unwrap().unwrap().created_at;
     assert_eq!(
         store
-            .count_unread(chat, None, bob.id, UNREAD_CAP)
+            .count_unread(chat, None, created_at, bob.id, UNREAD_CAP)
             .await
             .unwrap(),
         UNREAD_CAP,
@@ -1439,14 +1519,17 @@ pub async fn unread_counts_are_capped_and_the_scan_bounded(store: Arc<dyn Store>
     );
     assert_eq!(
         store
-            .count_unread(chat, None, alice.id, UNREAD_CAP)
+            .count_unread(chat, None, created_at, alice.id, UNREAD_CAP)
             .await
             .unwrap(),
         UNREAD_CAP,
         "capped"
     );
     assert_eq!(
-        store.count_unread(chat, None, alice.id, 5).await.unwrap(),
+        store
+            .count_unread(chat, None, created_at, alice.id, 5)
+            .await
+            .unwrap(),
         5
     );
 }

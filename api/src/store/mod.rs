@@ -393,6 +393,31 @@ pub trait Store: Send + Sync + 'static {
         user: UserId,
         chats: &[ChatId],
     ) -> Result<Vec<ChatEntry>, StoreError>;
+    /// A page of `user`'s chat list: [`Store::chats_by_activity`], each row with its
+    /// [`Store::chat_entries`] entry (`None` for a chat the user left between the two reads).
+    /// A store may read both in fewer round trips than the two calls.
+    async fn chat_list(
+        &self,
+        user: UserId,
+        after: Option<ChatActivity>,
+        limit: usize,
+    ) -> Result<Vec<(ChatActivity, Option<ChatEntry>)>, StoreError> {
+        let rows = self.chats_by_activity(user, after, limit).await?;
+        let ids: Vec<ChatId> = rows.iter().map(|row| row.chat_id).collect();
+        let mut entries: HashMap<ChatId, ChatEntry> = self
+            .chat_entries(user, &ids)
+            .await?
+            .into_iter()
+            .map(|entry| (entry.chat.id, entry))
+            .collect();
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let entry = entries.remove(&row.chat_id);
+                (row, entry)
+            })
+            .collect())
+    }
 
     // Signals.
 
@@ -439,11 +464,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Signal>, StoreError>;
     /// How many messages (not deleted, not by `reader`) `chat` has after `after` (all when `None`),
     /// counting at most `cap` and scanning at most [`UNREAD_SCAN_LIMIT`] signals (beyond which it
-    /// answers `cap`).
+    /// answers `cap`). `chat_created_at` says where the chat's signals are expected to
+    /// begin: a store may use it to start reading before it knows, never to change the answer.
     async fn count_unread(
         &self,
         chat: ChatId,
         after: Option<SignalId>,
+        chat_created_at: OffsetDateTime,
         reader: UserId,
         cap: usize,
     ) -> Result<usize, StoreError>;

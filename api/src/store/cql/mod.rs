@@ -1654,34 +1654,7 @@ impl Store for CqlStore {
         let mut position = after;
         loop {
             let want = limit_i32(limit.max(16));
-            let batch: Vec<(Uuid, Uuid)> = match position {
-                None => rows(
-                    self.session
-                        .execute_unpaged(&self.statements.activity_first, (user.0, want))
-                        .await
-                        .map_err(unavailable)?,
-                )?,
-                Some(p) => {
-                    let (same, older) = futures::try_join!(
-                        self.session
-                            .execute_unpaged(
-                                &self.statements.activity_same,
-                                (user.0, p.activity.0, p.chat_id.0, want),
-                            )
-                            .map_err(unavailable),
-                        self.session
-                            .execute_unpaged(
-                                &self.statements.activity_older,
-                                (user.0, p.activity.0, want),
-                            )
-                            .map_err(unavailable),
-                    )?;
-                    let mut same: Vec<(Uuid, Uuid)> = rows(same)?;
-                    same.extend(rows::<(Uuid, Uuid)>(older)?);
-                    same.truncate(want as usize);
-                    same
-                }
-            };
+            let batch = self.activity_batch(user, position, want).await?;
             let exhausted = batch.len() < want as usize;
             if batch.is_empty() {
                 return Ok(found);
@@ -1713,15 +1686,7 @@ impl Store for CqlStore {
                 };
                 position = Some(row);
                 if current.get(&chat) != Some(&activity) || !member_of.contains(&chat) {
-                    // Left behind by a concurrent move, or written by a touch that raced the
-                    // user's leaving: remove it so it is not read again.
-                    self.session
-                        .execute_unpaged(
-                            &self.statements.delete_user_activity,
-                            (user.0, activity, chat),
-                        )
-                        .await
-                        .map_err(unavailable)?;
+                    self.drop_activity_row(user, activity, chat).await?;
                     continue;
                 }
                 found.push(row);
@@ -1744,69 +1709,61 @@ impl Store for CqlStore {
             return Ok(Vec::new());
         }
         let ids: Vec<Uuid> = chats.iter().map(|c| c.0).collect();
-        let (chat_rows, roles, summaries, markers) = futures::try_join!(
-            self.session
-                .execute_unpaged(&self.statements.chats_in, (&ids,))
-                .map_err(unavailable),
-            self.session
-                .execute_unpaged(&self.statements.roles_in, (user.0, &ids))
-                .map_err(unavailable),
-            self.session
-                .execute_unpaged(&self.statements.summaries_in, (&ids,))
-                .map_err(unavailable),
-            self.session
-                .execute_unpaged(
-                    &self.statements.markers_in,
-                    (&ids, MarkerKind::Read.as_str(), user.0)
-                )
-                .map_err(unavailable),
-        )?;
-        let mut by_id: HashMap<Uuid, Chat> = HashMap::new();
-        for row in rows::<ChatRow>(chat_rows)? {
-            let chat = to_chat(row)?;
-            by_id.insert(chat.id.0, chat);
-        }
-        let roles: HashMap<Uuid, MemberRole> = rows::<(Uuid, String)>(roles)?
-            .into_iter()
-            .map(|(chat, role)| Ok((chat, parse(&role)?)))
-            .collect::<Result<_, StoreError>>()?;
-        let summaries: HashMap<Uuid, (Option<Uuid>, Option<Vec<u8>>)> =
-            rows::<(Uuid, Option<Uuid>, Option<Vec<u8>>)>(summaries)?
-                .into_iter()
-                .map(|(chat, activity, latest)| (chat, (activity, latest)))
-                .collect();
-        let markers: HashMap<Uuid, Uuid> = rows::<(Uuid, Uuid)>(markers)?.into_iter().collect();
-        let mut entries = Vec::with_capacity(chats.len());
-        let mut stale = Vec::new();
-        for id in chats {
-            let (Some(mut chat), Some(role)) = (by_id.remove(&id.0), roles.get(&id.0)) else {
-                continue;
-            };
-            chat.my_role = Some(*role);
-            if let Some((Some(activity), copy)) = summaries.get(&id.0) {
-                match copy.as_deref().map(read_summary_copy).transpose()? {
-                    Some(latest) if latest.id.0 == *activity => {
-                        chat.latest_signal = Some(Box::new(latest));
-                    }
-                    // No copy (the chat's creation, or written before copies existed) or one of
-                    // an older signal (an edit refresh that raced a newer touch): read the signal.
-                    _ => stale.push((entries.len(), SignalId(*activity))),
+        let mut read = self.read_entries(user, &ids).await?;
+        self.entries_from(&mut read, chats.iter().copied()).await
+    }
+
+    /// The activity rows and, from the same round of reads, their entries: the reads that check a
+    /// batch of activity rows (the chats' current activity and the user's membership) are two of
+    /// the four that make the entries, so the page costs one round of reads after the activity
+    /// rows instead of two.
+    async fn chat_list(
+        &self,
+        user: UserId,
+        after: Option<ChatActivity>,
+        limit: usize,
+    ) -> Result<Vec<(ChatActivity, Option<ChatEntry>)>, StoreError> {
+        let mut found: Vec<(ChatActivity, Option<ChatEntry>)> = Vec::with_capacity(limit);
+        let mut position = after;
+        loop {
+            let want = limit_i32(limit.max(16));
+            let batch = self.activity_batch(user, position, want).await?;
+            let exhausted = batch.len() < want as usize;
+            if batch.is_empty() {
+                return Ok(found);
+            }
+            let chat_ids: Vec<Uuid> = batch.iter().map(|(_, chat)| *chat).collect();
+            let mut read = self.read_entries(user, &chat_ids).await?;
+            let mut listed = Vec::new();
+            for (activity, chat) in batch {
+                let row = ChatActivity {
+                    chat_id: ChatId(chat),
+                    activity: SignalId(activity),
+                };
+                position = Some(row);
+                if !read.lists(chat, activity) {
+                    self.drop_activity_row(user, activity, chat).await?;
+                    continue;
+                }
+                listed.push(row);
+                if found.len() + listed.len() == limit {
+                    break;
                 }
             }
-            entries.push(ChatEntry {
-                chat,
-                read_marker: markers.get(&id.0).copied().map(SignalId),
-            });
+            let mut entries: HashMap<ChatId, ChatEntry> = self
+                .entries_from(&mut read, listed.iter().map(|row| row.chat_id))
+                .await?
+                .into_iter()
+                .map(|entry| (entry.chat.id, entry))
+                .collect();
+            found.extend(listed.into_iter().map(|row| {
+                let entry = entries.remove(&row.chat_id);
+                (row, entry)
+            }));
+            if exhausted || found.len() == limit {
+                return Ok(found);
+            }
         }
-        let refreshed = futures::future::try_join_all(stale.iter().map(|(index, activity)| {
-            let chat = entries[*index].chat.id;
-            async move { self.decorated_signal(chat, *activity).await }
-        }))
-        .await?;
-        for ((index, _), latest) in stale.into_iter().zip(refreshed) {
-            entries[index].chat.latest_signal = latest.map(Box::new);
-        }
-        Ok(entries)
     }
 
     async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError> {
@@ -1957,6 +1914,7 @@ impl Store for CqlStore {
         &self,
         chat: ChatId,
         after: Option<SignalId>,
+        chat_created_at: OffsetDateTime,
         reader: UserId,
         cap: usize,
     ) -> Result<usize, StoreError> {
@@ -1966,18 +1924,41 @@ impl Store for CqlStore {
             .and_then(|a| a.unix_millis())
             .map(signal_bucket)
             .unwrap_or(i32::MIN);
-        let mut count = 0;
-        let mut scanned = 0;
-        loop {
-            let buckets: Vec<(i32,)> = rows(
+        // The first bucket is almost always the marker's (or, with no marker, the creation's):
+        // its first page is read alongside the bucket list instead of after it, and used only if
+        // the list does start there. One round trip fewer per count, the same answer.
+        let guessed_bucket = match after {
+            Some(_) => lower_bucket,
+            None => signal_bucket(millis(chat_created_at)),
+        };
+        let first_want = SCAN_PAGE.min(limit_i32(UNREAD_SCAN_LIMIT));
+        let scan = |bucket: i32, from: Uuid, want: i32| async move {
+            rows::<(Uuid, Uuid, String, Option<bool>)>(
                 self.session
                     .execute_unpaged(
-                        &self.statements.buckets_from,
-                        (chat.0, lower_bucket, BUCKET_BATCH),
+                        &self.statements.unread_in_bucket,
+                        (chat.0, bucket, from, want),
                     )
                     .await
                     .map_err(unavailable)?,
-            )?;
+            )
+        };
+        let list = |lower: i32| async move {
+            rows::<(i32,)>(
+                self.session
+                    .execute_unpaged(&self.statements.buckets_from, (chat.0, lower, BUCKET_BATCH))
+                    .await
+                    .map_err(unavailable)?,
+            )
+        };
+        let (mut buckets, guessed) = futures::try_join!(
+            list(lower_bucket),
+            scan(guessed_bucket, after_id, first_want)
+        )?;
+        let mut guessed = Some(guessed);
+        let mut count = 0;
+        let mut scanned = 0;
+        loop {
             for (bucket,) in &buckets {
                 let mut from = after_id;
                 loop {
@@ -1986,15 +1967,10 @@ impl Store for CqlStore {
                         return Ok(cap);
                     }
                     let want = SCAN_PAGE.min(limit_i32(UNREAD_SCAN_LIMIT - scanned));
-                    let page: Vec<(Uuid, Uuid, String, Option<bool>)> = rows(
-                        self.session
-                            .execute_unpaged(
-                                &self.statements.unread_in_bucket,
-                                (chat.0, *bucket, from, want),
-                            )
-                            .await
-                            .map_err(unavailable)?,
-                    )?;
+                    let page = match guessed.take() {
+                        Some(page) if *bucket == guessed_bucket && from == after_id => page,
+                        _ => scan(*bucket, from, want).await?,
+                    };
                     scanned += page.len();
                     for (_, author, kind, deleted) in &page {
                         if *author != reader.0
@@ -2017,6 +1993,7 @@ impl Store for CqlStore {
                 Some((last,)) if buckets.len() == BUCKET_BATCH as usize => lower_bucket = last + 1,
                 _ => break,
             }
+            buckets = list(lower_bucket).await?;
         }
         Ok(count)
     }
@@ -2545,7 +2522,160 @@ impl Store for CqlStore {
     }
 }
 
+/// The four reads that make chat entries, for a batch of chats, by chat id.
+struct EntryReads {
+    chats: HashMap<Uuid, Chat>,
+    roles: HashMap<Uuid, MemberRole>,
+    summaries: HashMap<Uuid, (Option<Uuid>, Option<Vec<u8>>)>,
+    markers: HashMap<Uuid, Uuid>,
+}
+
+impl EntryReads {
+    /// Whether an activity row of `chat` at `activity` belongs in the list: the user is still a
+    /// member and it is the chat's current activity (not left behind by a move).
+    fn lists(&self, chat: Uuid, activity: Uuid) -> bool {
+        self.roles.contains_key(&chat)
+            && self.summaries.get(&chat).and_then(|(current, _)| *current) == Some(activity)
+    }
+}
+
 impl CqlStore {
+    /// Up to `want` of `user`'s activity rows after `position`, newest first, as stored (stale
+    /// rows included).
+    async fn activity_batch(
+        &self,
+        user: UserId,
+        position: Option<ChatActivity>,
+        want: i32,
+    ) -> Result<Vec<(Uuid, Uuid)>, StoreError> {
+        match position {
+            None => rows(
+                self.session
+                    .execute_unpaged(&self.statements.activity_first, (user.0, want))
+                    .await
+                    .map_err(unavailable)?,
+            ),
+            Some(p) => {
+                let (same, older) = futures::try_join!(
+                    self.session
+                        .execute_unpaged(
+                            &self.statements.activity_same,
+                            (user.0, p.activity.0, p.chat_id.0, want),
+                        )
+                        .map_err(unavailable),
+                    self.session
+                        .execute_unpaged(
+                            &self.statements.activity_older,
+                            (user.0, p.activity.0, want),
+                        )
+                        .map_err(unavailable),
+                )?;
+                let mut same: Vec<(Uuid, Uuid)> = rows(same)?;
+                same.extend(rows::<(Uuid, Uuid)>(older)?);
+                same.truncate(usize::try_from(want).unwrap_or(0));
+                Ok(same)
+            }
+        }
+    }
+
+    /// Removes an activity row left behind by a concurrent move, or written by a touch that raced
+    /// the user's leaving, so it is not read again.
+    async fn drop_activity_row(
+        &self,
+        user: UserId,
+        activity: Uuid,
+        chat: Uuid,
+    ) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(
+                &self.statements.delete_user_activity,
+                (user.0, activity, chat),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The chats, `user`'s roles, the summaries and `user`'s read markers of `ids`: four reads in
+    /// parallel, each `IN` the batch.
+    async fn read_entries(&self, user: UserId, ids: &[Uuid]) -> Result<EntryReads, StoreError> {
+        let (chat_rows, roles, summaries, markers) = futures::try_join!(
+            self.session
+                .execute_unpaged(&self.statements.chats_in, (ids,))
+                .map_err(unavailable),
+            self.session
+                .execute_unpaged(&self.statements.roles_in, (user.0, ids))
+                .map_err(unavailable),
+            self.session
+                .execute_unpaged(&self.statements.summaries_in, (ids,))
+                .map_err(unavailable),
+            self.session
+                .execute_unpaged(
+                    &self.statements.markers_in,
+                    (ids, MarkerKind::Read.as_str(), user.0)
+                )
+                .map_err(unavailable),
+        )?;
+        let mut chats = HashMap::new();
+        for row in rows::<ChatRow>(chat_rows)? {
+            let chat = to_chat(row)?;
+            chats.insert(chat.id.0, chat);
+        }
+        Ok(EntryReads {
+            chats,
+            roles: rows::<(Uuid, String)>(roles)?
+                .into_iter()
+                .map(|(chat, role)| Ok((chat, parse(&role)?)))
+                .collect::<Result<_, StoreError>>()?,
+            summaries: rows::<(Uuid, Option<Uuid>, Option<Vec<u8>>)>(summaries)?
+                .into_iter()
+                .map(|(chat, activity, latest)| (chat, (activity, latest)))
+                .collect(),
+            markers: rows::<(Uuid, Uuid)>(markers)?.into_iter().collect(),
+        })
+    }
+
+    /// The entries of `chats` from `read`, in that order, leaving out chats the user is not a
+    /// member of. A newest signal without a matching copy costs one read of that signal.
+    async fn entries_from(
+        &self,
+        read: &mut EntryReads,
+        chats: impl Iterator<Item = ChatId>,
+    ) -> Result<Vec<ChatEntry>, StoreError> {
+        let mut entries = Vec::new();
+        let mut stale = Vec::new();
+        for id in chats {
+            let (Some(mut chat), Some(role)) = (read.chats.remove(&id.0), read.roles.get(&id.0))
+            else {
+                continue;
+            };
+            chat.my_role = Some(*role);
+            if let Some((Some(activity), copy)) = read.summaries.get(&id.0) {
+                match copy.as_deref().map(read_summary_copy).transpose()? {
+                    Some(latest) if latest.id.0 == *activity => {
+                        chat.latest_signal = Some(Box::new(latest));
+                    }
+                    // No copy (the chat's creation, or written before copies existed) or one of
+                    // an older signal (an edit refresh that raced a newer touch): read the signal.
+                    _ => stale.push((entries.len(), SignalId(*activity))),
+                }
+            }
+            entries.push(ChatEntry {
+                chat,
+                read_marker: read.markers.get(&id.0).copied().map(SignalId),
+            });
+        }
+        let refreshed = futures::future::try_join_all(stale.iter().map(|(index, activity)| {
+            let chat = entries[*index].chat.id;
+            async move { self.decorated_signal(chat, *activity).await }
+        }))
+        .await?;
+        for ((index, _), latest) in stale.into_iter().zip(refreshed) {
+            entries[index].chat.latest_signal = latest.map(Box::new);
+        }
+        Ok(entries)
+    }
+
     /// The chat's newest signal id and the copy of that signal, as stored.
     async fn summary_of(
         &self,

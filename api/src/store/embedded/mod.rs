@@ -1163,6 +1163,7 @@ impl Store for EmbeddedStore {
         &self,
         chat: ChatId,
         after: Option<SignalId>,
+        _chat_created_at: OffsetDateTime,
         reader: UserId,
         cap: usize,
     ) -> Result<usize, StoreError> {
