@@ -277,6 +277,14 @@ pub async fn drop_keyspace(options: &CqlOptions) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The statements of [`Statements`], each prepared by `$prepare`, all at once.
+macro_rules! prepare_concurrently {
+    ($prepare:ident; $($field:ident: $cql:expr,)*) => {{
+        let ($($field,)*) = futures::try_join!($($prepare($cql)),*)?;
+        Statements { $($field),* }
+    }};
+}
+
 struct Statements {
     check: PreparedStatement,
     upsert_user: PreparedStatement,
@@ -441,270 +449,124 @@ impl CqlStore {
                     .map_err(unavailable)
             }
         };
-        let statements = Statements {
-            check: prepare("SELECT version FROM schema_migrations LIMIT 1".into()).await?,
-            upsert_user: prepare(
-                "INSERT INTO users (id, username, display_name, email, updated_at) VALUES (?, ?, ?, ?, ?)".into(),
-            )
-            .await?,
-            get_user: prepare("SELECT username, display_name, email FROM users WHERE id = ?".into()).await?,
-            insert_chat: prepare(
-                "INSERT INTO chats (id, kind, name, description, created_at, created_by) VALUES (?, ?, ?, ?, ?, ?)"
+        // Prepared concurrently: one round of round trips at start, not ninety in a row.
+        let statements = prepare_concurrently!(prepare;
+            check: "SELECT version FROM schema_migrations LIMIT 1".into(),
+            upsert_user: "INSERT INTO users (id, username, display_name, email, updated_at) VALUES (?, ?, ?, ?, ?)".into(),
+            get_user: "SELECT username, display_name, email FROM users WHERE id = ?".into(),
+            insert_chat: "INSERT INTO chats (id, kind, name, description, created_at, created_by) VALUES (?, ?, ?, ?, ?, ?)"
                     .into(),
-            )
-            .await?,
-            get_chat: prepare(
-                "SELECT id, kind, name, description, created_at, created_by FROM chats WHERE id = ?".into(),
-            )
-            .await?,
-            insert_chat_member: prepare(
-                "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?)".into(),
-            )
-            .await?,
-            insert_user_chat: prepare(
-                "INSERT INTO user_chats (user_id, chat_id, role, joined_at) VALUES (?, ?, ?, ?)".into(),
-            )
-            .await?,
-            member_role: prepare("SELECT role FROM chat_members WHERE chat_id = ? AND user_id = ?".into()).await?,
-            chats_of: prepare("SELECT chat_id FROM user_chats WHERE user_id = ?".into()).await?,
-            chat_ids_first: prepare("SELECT id FROM chats LIMIT ?".into()).await?,
-            chat_ids_after: prepare("SELECT id FROM chats WHERE token(id) > token(?) LIMIT ?".into()).await?,
-            get_device: prepare("SELECT body FROM devices WHERE device_id = ?".into()).await?,
-            put_device: prepare("INSERT INTO devices (device_id, user_id, body) VALUES (?, ?, ?)".into()).await?,
-            put_device_by_user: prepare("INSERT INTO devices_by_user (user_id, device_id, body) VALUES (?, ?, ?)".into()).await?,
-            delete_device: prepare("DELETE FROM devices WHERE device_id = ?".into()).await?,
-            delete_device_by_user: prepare("DELETE FROM devices_by_user WHERE user_id = ? AND device_id = ?".into()).await?,
-            devices_of: prepare("SELECT body FROM devices_by_user WHERE user_id = ?".into()).await?,
-            user_settings: prepare("SELECT user_id, body FROM user_settings WHERE user_id IN ?".into()).await?,
-            put_user_settings: prepare("INSERT INTO user_settings (user_id, body) VALUES (?, ?)".into()).await?,
-            chat_settings: prepare("SELECT body FROM chat_member_settings WHERE chat_id = ? AND user_id = ?".into()).await?,
-            chat_settings_of: prepare("SELECT user_id, body FROM chat_member_settings WHERE chat_id = ?".into()).await?,
-            put_chat_settings: prepare("INSERT INTO chat_member_settings (chat_id, user_id, body) VALUES (?, ?, ?)".into()).await?,
+            get_chat: "SELECT id, kind, name, description, created_at, created_by FROM chats WHERE id = ?".into(),
+            insert_chat_member: "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?)".into(),
+            insert_user_chat: "INSERT INTO user_chats (user_id, chat_id, role, joined_at) VALUES (?, ?, ?, ?)".into(),
+            member_role: "SELECT role FROM chat_members WHERE chat_id = ? AND user_id = ?".into(),
+            chats_of: "SELECT chat_id FROM user_chats WHERE user_id = ?".into(),
+            chat_ids_first: "SELECT id FROM chats LIMIT ?".into(),
+            chat_ids_after: "SELECT id FROM chats WHERE token(id) > token(?) LIMIT ?".into(),
+            get_device: "SELECT body FROM devices WHERE device_id = ?".into(),
+            put_device: "INSERT INTO devices (device_id, user_id, body) VALUES (?, ?, ?)".into(),
+            put_device_by_user: "INSERT INTO devices_by_user (user_id, device_id, body) VALUES (?, ?, ?)".into(),
+            delete_device: "DELETE FROM devices WHERE device_id = ?".into(),
+            delete_device_by_user: "DELETE FROM devices_by_user WHERE user_id = ? AND device_id = ?".into(),
+            devices_of: "SELECT body FROM devices_by_user WHERE user_id = ?".into(),
+            user_settings: "SELECT user_id, body FROM user_settings WHERE user_id IN ?".into(),
+            put_user_settings: "INSERT INTO user_settings (user_id, body) VALUES (?, ?)".into(),
+            chat_settings: "SELECT body FROM chat_member_settings WHERE chat_id = ? AND user_id = ?".into(),
+            chat_settings_of: "SELECT user_id, body FROM chat_member_settings WHERE chat_id = ?".into(),
+            put_chat_settings: "INSERT INTO chat_member_settings (chat_id, user_id, body) VALUES (?, ?, ?)".into(),
 
-            claim_nonce: prepare(
-                "INSERT INTO signal_nonces (chat_id, author_id, nonce, signal_id, kind, text, reply_to, attachments) \
+            claim_nonce: "INSERT INTO signal_nonces (chat_id, author_id, nonce, signal_id, kind, text, reply_to, attachments) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?"
                     .into(),
-            )
-            .await?,
-            scrub_nonce: prepare(
-                "UPDATE signal_nonces SET text = null WHERE chat_id = ? AND author_id = ? AND nonce = ? IF EXISTS".into(),
-            )
-            .await?,
+            scrub_nonce: "UPDATE signal_nonces SET text = null WHERE chat_id = ? AND author_id = ? AND nonce = ? IF EXISTS".into(),
             // The write timestamp is the signal's creation time, so a repair re-write of the original
             // never overwrites a later edit or deletion.
-            insert_signal: prepare(format!(
+            insert_signal: format!(
                 "INSERT INTO signals (chat_id, bucket, {SIGNAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
-            ))
-            .await?,
-            insert_bucket: prepare("INSERT INTO signal_buckets (chat_id, bucket) VALUES (?, ?)".into()).await?,
-            buckets_up_to: prepare(
-                "SELECT bucket FROM signal_buckets WHERE chat_id = ? AND bucket <= ? LIMIT ?".into(),
-            )
-            .await?,
-            signals_in_bucket: prepare(format!(
+            ),
+            insert_bucket: "INSERT INTO signal_buckets (chat_id, bucket) VALUES (?, ?)".into(),
+            buckets_up_to: "SELECT bucket FROM signal_buckets WHERE chat_id = ? AND bucket <= ? LIMIT ?".into(),
+            signals_in_bucket: format!(
                 "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ? AND bucket = ? LIMIT ?"
-            ))
-            .await?,
-            signals_in_bucket_before: prepare(format!(
+            ),
+            signals_in_bucket_before: format!(
                 "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ? AND bucket = ? AND id < ? LIMIT ?"
-            ))
-            .await?,
-            get_signal: prepare(format!(
+            ),
+            get_signal: format!(
                 "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ? AND bucket = ? AND id = ?"
-            ))
-            .await?,
-            signal_text_state: prepare(
-                "SELECT deleted, text, WRITETIME(text) FROM signals WHERE chat_id = ? AND bucket = ? AND id = ?".into(),
-            )
-            .await?,
+            ),
+            signal_text_state: "SELECT deleted, text, WRITETIME(text) FROM signals WHERE chat_id = ? AND bucket = ? AND id = ?".into(),
             // Edits write only `text` and `edited_at`, and deletions only `deleted` and `text`: an
             // edit never writes `deleted`, so it cannot undo a deletion. See `edit_signal`.
-            edit_text: prepare(
-                "UPDATE signals USING TIMESTAMP ? SET text = ?, edited_at = ? WHERE chat_id = ? AND bucket = ? AND id = ?"
+            edit_text: "UPDATE signals USING TIMESTAMP ? SET text = ?, edited_at = ? WHERE chat_id = ? AND bucket = ? AND id = ?"
                     .into(),
-            )
-            .await?,
-            mark_deleted: prepare(
-                "UPDATE signals USING TIMESTAMP ? SET deleted = true, text = null WHERE chat_id = ? AND bucket = ? AND id = ?"
+            mark_deleted: "UPDATE signals USING TIMESTAMP ? SET deleted = true, text = null WHERE chat_id = ? AND bucket = ? AND id = ?"
                     .into(),
-            )
-            .await?,
-            scrub_text: prepare(
-                "UPDATE signals USING TIMESTAMP ? SET text = null WHERE chat_id = ? AND bucket = ? AND id = ?".into(),
-            )
-            .await?,
-            buckets_from: prepare(
-                "SELECT bucket FROM signal_buckets WHERE chat_id = ? AND bucket >= ? ORDER BY bucket ASC LIMIT ?".into(),
-            )
-            .await?,
-            signals_in_bucket_after: prepare(format!(
+            scrub_text: "UPDATE signals USING TIMESTAMP ? SET text = null WHERE chat_id = ? AND bucket = ? AND id = ?".into(),
+            buckets_from: "SELECT bucket FROM signal_buckets WHERE chat_id = ? AND bucket >= ? ORDER BY bucket ASC LIMIT ?".into(),
+            signals_in_bucket_after: format!(
                 "SELECT {SIGNAL_COLUMNS} FROM signals WHERE chat_id = ? AND bucket = ? AND id > ? ORDER BY id ASC LIMIT ?"
-            ))
-            .await?,
-            unread_in_bucket: prepare(
-                "SELECT id, author_id, kind, deleted FROM signals WHERE chat_id = ? AND bucket = ? AND id > ? \
+            ),
+            unread_in_bucket: "SELECT id, author_id, kind, deleted FROM signals WHERE chat_id = ? AND bucket = ? AND id > ? \
                  ORDER BY id ASC LIMIT ?"
                     .into(),
-            )
-            .await?,
-            insert_term: prepare("INSERT INTO user_search (shard, term, user_id) VALUES (?, ?, ?)".into()).await?,
-            delete_term: prepare("DELETE FROM user_search WHERE shard = ? AND term = ? AND user_id = ?".into()).await?,
-            terms_from: prepare(
-                "SELECT term, user_id FROM user_search WHERE shard = ? AND term >= ? AND term < ? LIMIT ?".into(),
-            )
-            .await?,
-            terms_after: prepare(
-                "SELECT term, user_id FROM user_search WHERE shard = ? AND (term, user_id) > (?, ?) AND (term) < (?) LIMIT ?"
+            insert_term: "INSERT INTO user_search (shard, term, user_id) VALUES (?, ?, ?)".into(),
+            delete_term: "DELETE FROM user_search WHERE shard = ? AND term = ? AND user_id = ?".into(),
+            terms_from: "SELECT term, user_id FROM user_search WHERE shard = ? AND term >= ? AND term < ? LIMIT ?".into(),
+            terms_after: "SELECT term, user_id FROM user_search WHERE shard = ? AND (term, user_id) > (?, ?) AND (term) < (?) LIMIT ?"
                     .into(),
-            )
-            .await?,
-            update_chat: prepare("UPDATE chats SET name = ?, description = ? WHERE id = ?".into()).await?,
-            members_first: prepare(
-                "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? LIMIT ?".into(),
-            )
-            .await?,
-            members_after: prepare(
-                "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? AND user_id > ? LIMIT ?".into(),
-            )
-            .await?,
-            delete_chat_member: prepare("DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?".into()).await?,
-            delete_user_chat: prepare("DELETE FROM user_chats WHERE user_id = ? AND chat_id = ?".into()).await?,
-            member_if_role: prepare(
-                "UPDATE chat_members SET role = ? WHERE chat_id = ? AND user_id = ? IF role = ?".into(),
-            )
-            .await?,
-            add_member_if_absent: prepare(
-                "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?) IF NOT EXISTS".into(),
-            )
-            .await?,
-            remove_member_if_role: prepare(
-                "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ? IF role = ?".into(),
-            )
-            .await?,
-            set_user_chat_role: prepare(
-                "UPDATE user_chats SET role = ? WHERE user_id = ? AND chat_id = ?".into(),
-            )
-            .await?,
-            get_summary: prepare("SELECT activity, latest FROM chat_summaries WHERE chat_id = ?".into()).await?,
-            summaries_in: prepare(
-                "SELECT chat_id, activity, latest FROM chat_summaries WHERE chat_id IN ?".into(),
-            )
-            .await?,
-            set_summary: prepare(
-                "INSERT INTO chat_summaries (chat_id, activity, latest) VALUES (?, ?, ?) USING TIMESTAMP ?".into(),
-            )
-            .await?,
-            set_latest: prepare(
-                "UPDATE chat_summaries USING TIMESTAMP ? SET latest = ? WHERE chat_id = ?".into(),
-            )
-            .await?,
-            chats_in: prepare(
-                "SELECT id, kind, name, description, created_at, created_by FROM chats WHERE id IN ?".into(),
-            )
-            .await?,
-            roles_in: prepare(
-                "SELECT chat_id, role FROM user_chats WHERE user_id = ? AND chat_id IN ?".into(),
-            )
-            .await?,
-            markers_in: prepare(
-                "SELECT chat_id, up_to FROM markers WHERE chat_id IN ? AND kind = ? AND user_id = ?".into(),
-            )
-            .await?,
-            insert_user_activity: prepare(
-                "INSERT INTO chat_activity_by_user (user_id, activity, chat_id) VALUES (?, ?, ?)".into(),
-            )
-            .await?,
-            delete_user_activity: prepare(
-                "DELETE FROM chat_activity_by_user WHERE user_id = ? AND activity = ? AND chat_id = ?".into(),
-            )
-            .await?,
-            activity_first: prepare(
-                "SELECT activity, chat_id FROM chat_activity_by_user WHERE user_id = ? LIMIT ?".into(),
-            )
-            .await?,
-            activity_same: prepare(
-                "SELECT activity, chat_id FROM chat_activity_by_user WHERE user_id = ? AND activity = ? AND chat_id > ? LIMIT ?"
+            update_chat: "UPDATE chats SET name = ?, description = ? WHERE id = ?".into(),
+            members_first: "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? LIMIT ?".into(),
+            members_after: "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? AND user_id > ? LIMIT ?".into(),
+            delete_chat_member: "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?".into(),
+            delete_user_chat: "DELETE FROM user_chats WHERE user_id = ? AND chat_id = ?".into(),
+            member_if_role: "UPDATE chat_members SET role = ? WHERE chat_id = ? AND user_id = ? IF role = ?".into(),
+            add_member_if_absent: "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?) IF NOT EXISTS".into(),
+            remove_member_if_role: "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ? IF role = ?".into(),
+            set_user_chat_role: "UPDATE user_chats SET role = ? WHERE user_id = ? AND chat_id = ?".into(),
+            get_summary: "SELECT activity, latest FROM chat_summaries WHERE chat_id = ?".into(),
+            summaries_in: "SELECT chat_id, activity, latest FROM chat_summaries WHERE chat_id IN ?".into(),
+            set_summary: "INSERT INTO chat_summaries (chat_id, activity, latest) VALUES (?, ?, ?) USING TIMESTAMP ?".into(),
+            set_latest: "UPDATE chat_summaries USING TIMESTAMP ? SET latest = ? WHERE chat_id = ?".into(),
+            chats_in: "SELECT id, kind, name, description, created_at, created_by FROM chats WHERE id IN ?".into(),
+            roles_in: "SELECT chat_id, role FROM user_chats WHERE user_id = ? AND chat_id IN ?".into(),
+            markers_in: "SELECT chat_id, up_to FROM markers WHERE chat_id IN ? AND kind = ? AND user_id = ?".into(),
+            insert_user_activity: "INSERT INTO chat_activity_by_user (user_id, activity, chat_id) VALUES (?, ?, ?)".into(),
+            delete_user_activity: "DELETE FROM chat_activity_by_user WHERE user_id = ? AND activity = ? AND chat_id = ?".into(),
+            activity_first: "SELECT activity, chat_id FROM chat_activity_by_user WHERE user_id = ? LIMIT ?".into(),
+            activity_same: "SELECT activity, chat_id FROM chat_activity_by_user WHERE user_id = ? AND activity = ? AND chat_id > ? LIMIT ?"
                     .into(),
-            )
-            .await?,
-            activity_older: prepare(
-                "SELECT activity, chat_id FROM chat_activity_by_user WHERE user_id = ? AND activity < ? LIMIT ?".into(),
-            )
-            .await?,
-            claim_reaction: prepare(
-                "INSERT INTO reactions (chat_id, signal_id, emoji, user_id) VALUES (?, ?, ?, ?) IF NOT EXISTS".into(),
-            )
-            .await?,
-            release_reaction: prepare(
-                "DELETE FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ? AND user_id = ? IF EXISTS".into(),
-            )
-            .await?,
-            recount_reaction: prepare(
-                "SELECT COUNT(*) FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ?".into(),
-            )
-            .await?,
+            activity_older: "SELECT activity, chat_id FROM chat_activity_by_user WHERE user_id = ? AND activity < ? LIMIT ?".into(),
+            claim_reaction: "INSERT INTO reactions (chat_id, signal_id, emoji, user_id) VALUES (?, ?, ?, ?) IF NOT EXISTS".into(),
+            release_reaction: "DELETE FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ? AND user_id = ? IF EXISTS".into(),
+            recount_reaction: "SELECT COUNT(*) FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ?".into(),
             // The write timestamp is the recount's start: the newest recount wins.
-            set_tally: prepare(
-                "INSERT INTO reaction_tallies (chat_id, bucket, signal_id, emoji, count) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            set_tally: "INSERT INTO reaction_tallies (chat_id, bucket, signal_id, emoji, count) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
                     .into(),
-            )
-            .await?,
-            tallies_between: prepare(
-                "SELECT signal_id, emoji, count FROM reaction_tallies WHERE chat_id = ? AND bucket = ? AND signal_id >= ? AND signal_id <= ?"
+            tallies_between: "SELECT signal_id, emoji, count FROM reaction_tallies WHERE chat_id = ? AND bucket = ? AND signal_id >= ? AND signal_id <= ?"
                     .into(),
-            )
-            .await?,
-            has_reaction: prepare(
-                "SELECT user_id FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ? AND user_id = ?".into(),
-            )
-            .await?,
-            reactions_first: prepare(
-                "SELECT emoji, user_id FROM reactions WHERE chat_id = ? AND signal_id = ? LIMIT ?".into(),
-            )
-            .await?,
-            reactions_after: prepare(
-                "SELECT emoji, user_id FROM reactions WHERE chat_id = ? AND signal_id = ? AND (emoji, user_id) > (?, ?) LIMIT ?"
+            has_reaction: "SELECT user_id FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ? AND user_id = ?".into(),
+            reactions_first: "SELECT emoji, user_id FROM reactions WHERE chat_id = ? AND signal_id = ? LIMIT ?".into(),
+            reactions_after: "SELECT emoji, user_id FROM reactions WHERE chat_id = ? AND signal_id = ? AND (emoji, user_id) > (?, ?) LIMIT ?"
                     .into(),
-            )
-            .await?,
             // The write timestamp is the marked signal's time: the newest marker wins in any order.
-            set_marker: prepare(
-                "INSERT INTO markers (chat_id, kind, user_id, up_to) VALUES (?, ?, ?, ?) USING TIMESTAMP ?".into(),
-            )
-            .await?,
-            get_marker: prepare("SELECT up_to FROM markers WHERE chat_id = ? AND kind = ? AND user_id = ?".into())
-                .await?,
-            markers_first: prepare(
-                "SELECT user_id, up_to FROM markers WHERE chat_id = ? AND kind = ? LIMIT ?".into(),
-            )
-            .await?,
-            markers_after: prepare(
-                "SELECT user_id, up_to FROM markers WHERE chat_id = ? AND kind = ? AND user_id > ? LIMIT ?".into(),
-            )
-            .await?,
-            put_attachment: prepare("INSERT INTO attachments (id, body) VALUES (?, ?)".into()).await?,
-            put_chat_attachment: prepare(
-                "INSERT INTO chat_attachments (chat_id, kind, id, body) VALUES (?, ?, ?, ?)".into(),
-            )
-            .await?,
-            put_blob_ref: prepare("INSERT INTO blob_refs (sha256, attachment_id) VALUES (?, ?)".into()).await?,
-            get_attachments: prepare("SELECT body FROM attachments WHERE id IN ?".into()).await?,
-            chat_attachments: prepare(
-                "SELECT body FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id < ? LIMIT ?".into(),
-            )
-            .await?,
-            delete_attachment: prepare("DELETE FROM attachments WHERE id = ?".into()).await?,
-            delete_chat_attachment: prepare(
-                "DELETE FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id = ?".into(),
-            )
-            .await?,
-            delete_blob_ref: prepare("DELETE FROM blob_refs WHERE sha256 = ? AND attachment_id = ?".into()).await?,
-            blob_ref: prepare("SELECT attachment_id FROM blob_refs WHERE sha256 = ? LIMIT 1".into()).await?,
-            condemn_blob: prepare("INSERT INTO blob_condemned (sha256, until) VALUES (?, ?)".into()).await?,
-            blob_condemned: prepare("SELECT until FROM blob_condemned WHERE sha256 = ?".into()).await?,
-            absolve_blob: prepare("DELETE FROM blob_condemned WHERE sha256 = ?".into()).await?,
-        };
+            set_marker: "INSERT INTO markers (chat_id, kind, user_id, up_to) VALUES (?, ?, ?, ?) USING TIMESTAMP ?".into(),
+            get_marker: "SELECT up_to FROM markers WHERE chat_id = ? AND kind = ? AND user_id = ?".into(),
+            markers_first: "SELECT user_id, up_to FROM markers WHERE chat_id = ? AND kind = ? LIMIT ?".into(),
+            markers_after: "SELECT user_id, up_to FROM markers WHERE chat_id = ? AND kind = ? AND user_id > ? LIMIT ?".into(),
+            put_attachment: "INSERT INTO attachments (id, body) VALUES (?, ?)".into(),
+            put_chat_attachment: "INSERT INTO chat_attachments (chat_id, kind, id, body) VALUES (?, ?, ?, ?)".into(),
+            put_blob_ref: "INSERT INTO blob_refs (sha256, attachment_id) VALUES (?, ?)".into(),
+            get_attachments: "SELECT body FROM attachments WHERE id IN ?".into(),
+            chat_attachments: "SELECT body FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id < ? LIMIT ?".into(),
+            delete_attachment: "DELETE FROM attachments WHERE id = ?".into(),
+            delete_chat_attachment: "DELETE FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id = ?".into(),
+            delete_blob_ref: "DELETE FROM blob_refs WHERE sha256 = ? AND attachment_id = ?".into(),
+            blob_ref: "SELECT attachment_id FROM blob_refs WHERE sha256 = ? LIMIT 1".into(),
+            condemn_blob: "INSERT INTO blob_condemned (sha256, until) VALUES (?, ?)".into(),
+            blob_condemned: "SELECT until FROM blob_condemned WHERE sha256 = ?".into(),
+            absolve_blob: "DELETE FROM blob_condemned WHERE sha256 = ?".into(),
+        );
         let nonce_bucket = match &options.parity {
             SendParity::JetStream { nats_url, bucket } => {
                 Some(NonceBucket::connect(nats_url, bucket, options.nonce_ttl).await?)
