@@ -18,6 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
+/// How long a starting confab may take to report ready: on the real stack it connects to every
+/// service and prepares its statements, which a cold Cassandra on a busy machine answers slowly.
+pub const READY_DEADLINE: Duration = Duration::from_secs(90);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stack {
     /// SQLite, in-process bus, dev identity.
@@ -187,9 +191,9 @@ pub fn config_for(stack: Stack, data_dir: PathBuf) -> Config {
     config
 }
 
-/// Waits (up to [`DEADLINE`]) until the confab at `base` answers `/ready` with a success.
+/// Waits (up to [`READY_DEADLINE`]) until the confab at `base` answers `/ready` with a success.
 pub async fn wait_ready(base: &str) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let deadline = tokio::time::Instant::now() + READY_DEADLINE;
     loop {
         if let Ok(response) = reqwest::get(format!("{base}/ready")).await
             && response.status().is_success()
