@@ -206,6 +206,36 @@ pub async fn a_burst_collapses_into_one_push(fixture: Fixture) {
     assert_eq!(push.preview.as_deref(), Some("m2"));
 }
 
+/// Many messages into one chat at once, from two nodes (a busy group): every one is scheduled,
+/// none refused for contention, and they collapse into one push that counts them all.
+pub async fn a_concurrent_burst_collapses_into_one_push(fixture: Fixture) {
+    const BURST: usize = 64;
+    let (alice, chat) = (user(), ChatId::new());
+    let due = now_ms() + 300;
+    let burst: Vec<PushMessage> = (0..BURST).map(|i| message(&format!("m{i}"))).collect();
+    let newest = burst.iter().map(|m| m.signal).max().unwrap();
+    futures::future::join_all(burst.iter().enumerate().map(|(i, m)| {
+        let queue = if i % 2 == 0 {
+            &fixture.first
+        } else {
+            &fixture.second
+        };
+        async move {
+            queue
+                .schedule(alice, chat, m, due, due + HOUR_MS)
+                .await
+                .expect("schedules however many race for the entry");
+        }
+    }))
+    .await;
+    let claimed = claim(&*fixture.second, 1).await;
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!((claimed[0].user, claimed[0].chat), (alice, chat));
+    assert_eq!(claimed[0].count, BURST as u32);
+    assert_eq!(claimed[0].newest, newest);
+    nothing_claimed(&*fixture.first, 300).await;
+}
+
 /// A cancel drops a pending push only when what was read covers everything it announces.
 pub async fn a_cancel_covers_only_what_was_read(fixture: Fixture) {
     let (alice, chat) = (user(), ChatId::new());
@@ -409,6 +439,7 @@ macro_rules! push_queue_conformance_tests {
             case!(a_released_handle_leaves_nothing_behind);
             case!(due_pushes_behind_later_ones_are_claimed_at_once);
             case!(a_burst_collapses_into_one_push);
+            case!(a_concurrent_burst_collapses_into_one_push);
             case!(a_cancel_covers_only_what_was_read);
             case!(claimers_share_without_doubles);
             case!(racing_handles_never_fail);
