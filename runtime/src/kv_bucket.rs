@@ -69,3 +69,46 @@ impl KvBucket {
         }
     }
 }
+
+/// Turns at the entries of a bucket, for one process: its compare-and-set writes of one key wait
+/// for each other instead of racing. A burst of writes to one entry (messages into one chat for a
+/// recipient's pending push, connections of one user for their presence) would otherwise lose to
+/// each other again and again. Writes from other processes are still settled by the revision
+/// check, with [`lost_a_race`] between attempts. The keys are spread over a fixed number of
+/// locks by hash, so memory stays bounded whatever the number of keys.
+pub struct EntryTurns {
+    locks: Box<[tokio::sync::Mutex<()>]>,
+}
+
+/// How many locks [`EntryTurns`] spreads the keys over.
+const ENTRY_LOCKS: usize = 1024;
+
+/// How many times a compare-and-set write of one entry is tried against other processes' writes.
+pub const ENTRY_ATTEMPTS: u32 = 16;
+
+impl Default for EntryTurns {
+    fn default() -> Self {
+        EntryTurns {
+            locks: (0..ENTRY_LOCKS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+}
+
+impl EntryTurns {
+    /// This process's turn at `key`, held until the guard drops.
+    pub async fn turn(&self, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+        let stripe = usize::try_from(hash % ENTRY_LOCKS as u64).unwrap_or(0);
+        self.locks[stripe].lock().await
+    }
+}
+
+/// A pause after losing a compare-and-set to another process (`attempt` counts from 1), random so
+/// that the two do not meet again: up to 1 ms, doubling with each attempt up to 32 ms.
+pub async fn lost_a_race(attempt: u32) {
+    let most = 1_000u64 << attempt.min(5);
+    tokio::time::sleep(Duration::from_micros(rand::random_range(0..most))).await;
+}

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::bus::BusError;
-use crate::kv_bucket::KvBucket;
+use crate::kv_bucket::{ENTRY_ATTEMPTS, EntryTurns, KvBucket, lost_a_race};
 
 /// How often a node renews the presence of the users connected to it.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
@@ -240,6 +240,8 @@ fn unavailable(error: impl std::fmt::Display) -> BusError {
 pub struct NatsPresence {
     bucket: KvBucket,
     nodes: KvBucket,
+    /// This node's updates of one user's record take turns.
+    entry_turns: EntryTurns,
 }
 
 impl NatsPresence {
@@ -269,7 +271,11 @@ impl NatsPresence {
         )
         .await
         .map_err(unavailable)?;
-        Ok(NatsPresence { bucket, nodes })
+        Ok(NatsPresence {
+            bucket,
+            nodes,
+            entry_turns: EntryTurns::default(),
+        })
     }
 
     /// Deletes the buckets (tests clean up with this).
@@ -306,8 +312,13 @@ impl Presence for NatsPresence {
     ) -> Result<(PresenceRecord, PresenceRecord), BusError> {
         let kv = self.kv().await?;
         let key = user.to_string();
-        // Compare-and-set: another node's concurrent update makes this one read again.
-        for _ in 0..16 {
+        // Compare-and-set: another node's concurrent update makes this one read again; this
+        // node's own updates of the user (many connections at once) take turns.
+        let _turn = self.entry_turns.turn(&key).await;
+        for attempt in 0..ENTRY_ATTEMPTS {
+            if attempt > 0 {
+                lost_a_race(attempt).await;
+            }
             let entry = kv.entry(&key).await.map_err(unavailable)?;
             let (before, revision) = match &entry {
                 Some(entry) if entry.operation == kv::Operation::Put => {

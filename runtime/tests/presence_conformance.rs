@@ -127,3 +127,42 @@ async fn nats_a_silent_node_is_claimed_once_and_its_users_found() {
         a_silent_node_is_claimed_once_and_its_users_found(nodes).await;
     }
 }
+
+/// Many connections of one user at once, on two nodes (a reconnect storm): every update is
+/// applied, none refused for contention.
+async fn racing_updates_of_one_user_all_apply(nodes: Nodes) {
+    const RACERS: usize = 64;
+    let user = UserId::from_subject("presence", &uuid::Uuid::new_v4().to_string());
+    let now = now_ms();
+    futures::future::join_all((0..RACERS).map(|i| {
+        let node = if i % 2 == 0 {
+            &nodes.first
+        } else {
+            &nodes.second
+        };
+        let name = format!("node-{i}");
+        async move {
+            node.update(user, Box::new(move |record| record.heartbeat(&name, now)))
+                .await
+                .expect("applied however many race for the record");
+        }
+    }))
+    .await;
+    let record = nodes.first.get(user).await.expect("reads");
+    assert_eq!(record.nodes.len(), RACERS, "{record:?}");
+    if let Some(nats) = nodes.cleanup {
+        let _ = nats.delete_bucket().await;
+    }
+}
+
+#[tokio::test]
+async fn embedded_racing_updates_of_one_user_all_apply() {
+    racing_updates_of_one_user_all_apply(embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_racing_updates_of_one_user_all_apply() {
+    if let Some(nodes) = nats().await {
+        racing_updates_of_one_user_all_apply(nodes).await;
+    }
+}

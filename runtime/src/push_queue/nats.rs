@@ -35,7 +35,7 @@ use super::{
     key, unavailable,
 };
 use crate::bus::BusError;
-use crate::kv_bucket::KvBucket;
+use crate::kv_bucket::{ENTRY_ATTEMPTS, EntryTurns, KvBucket, lost_a_race};
 
 /// Tickets looked at concurrently by one claim.
 const TICKETS_IN_FLIGHT: usize = 32;
@@ -56,25 +56,9 @@ pub struct NatsPushQueue {
     held: std::sync::Mutex<BinaryHeap<Held>>,
     /// How far ahead of its due time a ticket is held rather than handed back (ms).
     hold_ms: i64,
-    /// Locks over the pending entries, by a hash of the key: this node's schedules and cancels of
-    /// one entry take turns. A burst of messages into a chat writes every recipient's entry once
-    /// per message; racing each other's compare-and-set, most of them would lose again and again.
-    /// Other nodes' writes are still settled by the revision check, with a randomised pause
-    /// between attempts.
-    entry_locks: Box<[tokio::sync::Mutex<()>]>,
-}
-
-/// How many locks [`NatsPushQueue::entry_locks`] spreads the entries over.
-const ENTRY_LOCKS: usize = 1024;
-
-/// How many times a write of a pending entry is tried against other nodes' writes.
-const ENTRY_ATTEMPTS: u32 = 16;
-
-/// A pause after losing a compare-and-set to another node, random so that the two do not meet
-/// again: up to 1 ms, doubling with each attempt up to 32 ms.
-async fn lost_a_race(attempt: u32) {
-    let most = 1_000u64 << attempt.min(5);
-    tokio::time::sleep(Duration::from_micros(rand::random_range(0..most))).await;
+    /// This node's schedules and cancels of one pending entry take turns (a burst of messages
+    /// into a chat writes each recipient's entry once per message).
+    entry_turns: EntryTurns,
 }
 
 /// A ticket held until its due time.
@@ -169,18 +153,8 @@ impl NatsPushQueue {
             consumer: tokio::sync::OnceCell::new(),
             held: std::sync::Mutex::new(BinaryHeap::new()),
             hold_ms: i64::try_from(DEFAULT_HOLD.as_millis()).unwrap_or(i64::MAX),
-            entry_locks: (0..ENTRY_LOCKS)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
+            entry_turns: EntryTurns::default(),
         })
-    }
-
-    /// This node's turn at the pending entry `key`.
-    async fn entry_turn(&self, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
-        let stripe = usize::try_from(hash % ENTRY_LOCKS as u64).unwrap_or(0);
-        self.entry_locks[stripe].lock().await
     }
 
     /// Holds tickets up to `hold` ahead of their due time (at most 5 s under the ack wait, so a
@@ -422,7 +396,7 @@ impl PushQueue for NatsPushQueue {
     ) -> Result<(), BusError> {
         let kv = self.kv().await?;
         let key = key(user, chat);
-        let _turn = self.entry_turn(&key).await;
+        let _turn = self.entry_turns.turn(&key).await;
         for attempt in 0..ENTRY_ATTEMPTS {
             if attempt > 0 {
                 lost_a_race(attempt).await;
@@ -459,7 +433,7 @@ impl PushQueue for NatsPushQueue {
     ) -> Result<Cancelled, BusError> {
         let kv = self.kv().await?;
         let key = key(user, chat);
-        let _turn = self.entry_turn(&key).await;
+        let _turn = self.entry_turns.turn(&key).await;
         let mut outcome = Cancelled::Nothing;
         let mut settled = false;
         for attempt in 0..ENTRY_ATTEMPTS {
