@@ -1506,60 +1506,16 @@ impl Store for CqlStore {
         Ok(())
     }
 
+    /// The rows of [`Store::chat_list`]. Checking rows alone would need two of its four reads;
+    /// the chat list is what asks for them, so one walk over the rows serves both.
     async fn chats_by_activity(
         &self,
         user: UserId,
         after: Option<ChatActivity>,
         limit: usize,
     ) -> Result<Vec<ChatActivity>, StoreError> {
-        let mut found: Vec<ChatActivity> = Vec::with_capacity(limit);
-        let mut position = after;
-        loop {
-            let want = limit_i32(limit.max(16));
-            let batch = self.activity_batch(user, position, want).await?;
-            let exhausted = batch.len() < want as usize;
-            if batch.is_empty() {
-                return Ok(found);
-            }
-            // One read each for the whole batch: the chats' current activity, and whether the user
-            // is still a member.
-            let chat_ids: Vec<Uuid> = batch.iter().map(|(_, chat)| *chat).collect();
-            let (current, memberships) = futures::try_join!(
-                self.session
-                    .execute_unpaged(&self.statements.summaries_in, (&chat_ids,))
-                    .map_err(unavailable),
-                self.session
-                    .execute_unpaged(&self.statements.roles_in, (user.0, &chat_ids))
-                    .map_err(unavailable),
-            )?;
-            let current: HashMap<Uuid, Uuid> =
-                rows::<(Uuid, Option<Uuid>, Option<Vec<u8>>)>(current)?
-                    .into_iter()
-                    .filter_map(|(chat, activity, _)| activity.map(|a| (chat, a)))
-                    .collect();
-            let member_of: HashSet<Uuid> = rows::<(Uuid, String)>(memberships)?
-                .into_iter()
-                .map(|(chat, _)| chat)
-                .collect();
-            for (activity, chat) in batch {
-                let row = ChatActivity {
-                    chat_id: ChatId(chat),
-                    activity: SignalId(activity),
-                };
-                position = Some(row);
-                if current.get(&chat) != Some(&activity) || !member_of.contains(&chat) {
-                    self.drop_activity_row(user, activity, chat).await?;
-                    continue;
-                }
-                found.push(row);
-                if found.len() == limit {
-                    return Ok(found);
-                }
-            }
-            if exhausted {
-                return Ok(found);
-            }
-        }
+        let listed = self.chat_list(user, after, limit).await?;
+        Ok(listed.into_iter().map(|(row, _)| row).collect())
     }
 
     async fn chat_entries(
