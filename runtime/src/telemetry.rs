@@ -125,6 +125,9 @@ async fn ready(State(readiness): State<Readiness>) -> Response {
 
 /// Wraps a router with a tracing span per request and request metrics labelled by route template.
 pub fn instrument(router: Router) -> Router {
+    // The recorder is there before the first request is measured (`run` installs it earlier
+    // still, before any worker starts; an app built without `run`, as in tests, gets it here).
+    let _ = prometheus();
     router
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
@@ -138,7 +141,6 @@ pub fn instrument(router: Router) -> Router {
 }
 
 async fn record_metrics(request: Request, next: Next) -> Response {
-    let _ = prometheus();
     let started = Instant::now();
     let method = request.method().to_string();
     let route = request
