@@ -355,6 +355,27 @@ struct OidcShared {
 struct KeySet {
     keys: HashMap<String, CoreJsonWebKey>,
     unnamed: Vec<CoreJsonWebKey>,
+    /// Digests of tokens whose signature these keys verified. A client sends the same access
+    /// token with every request for its lifetime, and an RS256 check costs far more than the
+    /// request's other work, so each token's signature is checked once per loaded key set. The
+    /// set lives and dies with the keys: a refresh that drops a key drops its tokens too. Only
+    /// valid signatures are kept (nobody can add one without the provider's key), and at most
+    /// [`VERIFIED_TOKENS_MAX`]; the claims (expiry included) are still checked on every request.
+    verified: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+}
+
+/// Tokens remembered as verified per key set; past this the memory is emptied and refills.
+/// About 100 bytes each with the table's overhead, so a few MB at most.
+const VERIFIED_TOKENS_MAX: usize = 50_000;
+
+impl KeySet {
+    fn new(keys: HashMap<String, CoreJsonWebKey>, unnamed: Vec<CoreJsonWebKey>) -> KeySet {
+        KeySet {
+            keys,
+            unnamed,
+            verified: std::sync::Mutex::new(std::collections::HashSet::new()),
+        }
+    }
 }
 
 /// The outcome of checking a token's signature against the loaded keys.
@@ -428,7 +449,7 @@ impl OidcShared {
         }
         tracing::debug!(issuer = %self.issuer, keys = keys.len() + unnamed.len(), "loaded identity provider keys");
         if let Ok(mut loaded) = self.keys.write() {
-            *loaded = Some(Arc::new(KeySet { keys, unnamed }));
+            *loaded = Some(Arc::new(KeySet::new(keys, unnamed)));
         }
         Ok(())
     }
@@ -503,6 +524,39 @@ impl OidcShared {
 }
 
 fn check_signature<C>(set: &KeySet, jwt: &Jwt<C>, alg: &CoreJwsSigningAlgorithm) -> Verdict {
+    // The signed part holds the header, so the algorithm and key id are in the digest too.
+    let digest: [u8; 32] = {
+        use sha2::Digest;
+        let mut hasher = Sha256::new();
+        hasher.update(&jwt.signed);
+        hasher.update([0]);
+        hasher.update(&jwt.signature);
+        hasher.finalize().into()
+    };
+    if set.verified.lock().is_ok_and(|v| v.contains(&digest)) {
+        metrics::counter!("confab_identity_signature_checks_total", "result" => "remembered")
+            .increment(1);
+        return Verdict::Valid;
+    }
+    let verdict = check_signature_with_keys(set, jwt, alg);
+    if verdict == Verdict::Valid {
+        metrics::counter!("confab_identity_signature_checks_total", "result" => "checked")
+            .increment(1);
+        if let Ok(mut verified) = set.verified.lock() {
+            if verified.len() >= VERIFIED_TOKENS_MAX {
+                verified.clear();
+            }
+            verified.insert(digest);
+        }
+    }
+    verdict
+}
+
+fn check_signature_with_keys<C>(
+    set: &KeySet,
+    jwt: &Jwt<C>,
+    alg: &CoreJwsSigningAlgorithm,
+) -> Verdict {
     let candidates: Vec<&CoreJsonWebKey> = match &jwt.header.kid {
         Some(kid) => match set.keys.get(kid) {
             Some(key) => vec![key],
@@ -1154,7 +1208,10 @@ mod tests {
         )
         .unwrap();
         let old = provider.token("k1");
-        assert_eq!(identity.authenticate(&old).await.unwrap().username, "alice");
+        // Twice, so that the token is remembered as verified when its key goes.
+        for _ in 0..2 {
+            assert_eq!(identity.authenticate(&old).await.unwrap().username, "alice");
+        }
         provider.remove("k1");
         eventually("the removed key is refused", async || {
             identity.authenticate(&old).await.is_err()
@@ -1162,6 +1219,60 @@ mod tests {
         .await;
         assert!(identity.authenticate(&provider.token("k2")).await.is_ok());
         assert_eq!(identity.fetch_counts().0, 1, "discovery ran once");
+    }
+
+    #[tokio::test]
+    async fn a_signature_is_checked_once_per_key_set_and_forgeries_are_never_remembered() {
+        let provider = Provider::start(&["k1"]).await;
+        let identity = OidcIdentity::with_timings(
+            &provider.issuer,
+            vec!["web".into()],
+            5,
+            Duration::from_secs(300),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let remembered = || {
+            identity
+                .shared
+                .current()
+                .map_or(0, |set| set.verified.lock().unwrap().len())
+        };
+        let token = provider.token("k1");
+        assert!(identity.authenticate(&token).await.is_ok());
+        assert_eq!(remembered(), 1);
+        assert!(identity.authenticate(&token).await.is_ok());
+        assert_eq!(
+            remembered(),
+            1,
+            "the second request is answered from memory"
+        );
+        // The same signed part with another signature, and another key's signature, are checked
+        // (and refused) every time, never remembered.
+        let (signed, signature) = token.rsplit_once('.').unwrap();
+        let mut bytes = URL_SAFE_NO_PAD.decode(signature).unwrap();
+        bytes[10] ^= 1;
+        let tampered = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&bytes));
+        for _ in 0..2 {
+            assert!(identity.authenticate(&tampered).await.is_err());
+        }
+        let (_, forged_signature) = provider
+            .token("k9")
+            .rsplit_once('.')
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            .unwrap();
+        assert!(
+            identity
+                .authenticate(&format!("{signed}.{forged_signature}"))
+                .await
+                .is_err()
+        );
+        assert_eq!(remembered(), 1);
+        // A refreshed key set starts empty: the token is checked against the new keys again.
+        identity.shared.refresh().await.unwrap();
+        assert_eq!(remembered(), 0);
+        assert!(identity.authenticate(&token).await.is_ok());
+        assert_eq!(remembered(), 1);
     }
 
     #[tokio::test]
