@@ -1459,24 +1459,40 @@ impl Store for CqlStore {
             // A newer signal already moved the chat; this one must not move it back.
             return Ok(());
         }
+        // A member's move is one request: the old row and the new are in the member's partition,
+        // so an unlogged batch of the two is applied as one mutation of it.
+        let moves = previous.is_some().then(|| {
+            use scylla::statement::batch::{Batch, BatchType};
+            let mut batch = Batch::new(BatchType::Unlogged);
+            batch.append_statement(self.statements.delete_user_activity.clone());
+            batch.append_statement(self.statements.insert_user_activity.clone());
+            batch
+        });
+        let moves = &moves;
         futures::stream::iter(members.iter().copied())
             .map(|member| async move {
-                if let Some(previous) = previous {
-                    self.session
-                        .execute_unpaged(
-                            &self.statements.delete_user_activity,
-                            (member.0, previous.0, chat.0),
+                match (moves, previous) {
+                    (Some(batch), Some(previous)) => self
+                        .session
+                        .batch(
+                            batch,
+                            (
+                                (member.0, previous.0, chat.0),
+                                (member.0, activity.0, chat.0),
+                            ),
                         )
                         .await
-                        .map_err(unavailable)?;
+                        .map(drop),
+                    _ => self
+                        .session
+                        .execute_unpaged(
+                            &self.statements.insert_user_activity,
+                            (member.0, activity.0, chat.0),
+                        )
+                        .await
+                        .map(drop),
                 }
-                self.session
-                    .execute_unpaged(
-                        &self.statements.insert_user_activity,
-                        (member.0, activity.0, chat.0),
-                    )
-                    .await
-                    .map_err(unavailable)?;
+                .map_err(unavailable)?;
                 Ok::<_, StoreError>(())
             })
             .buffer_unordered(32)
