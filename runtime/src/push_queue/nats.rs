@@ -20,7 +20,7 @@
 //! tickets for one entry (created again after a cancel) are harmless: the first claims it, the
 //! second finds nothing.
 
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
@@ -59,6 +59,19 @@ pub struct NatsPushQueue {
     /// This node's schedules and cancels of one pending entry take turns (a burst of messages
     /// into a chat writes each recipient's entry once per message).
     entry_turns: EntryTurns,
+    /// Schedules waiting for their entry's turn, by key. The one whose turn comes writes every
+    /// schedule queued for its entry by then, in one read and one compare-and-set: a burst costs
+    /// a write per turn, not per message, and no queue builds behind a hot entry.
+    queued: std::sync::Mutex<HashMap<String, Vec<QueuedSchedule>>>,
+}
+
+/// A schedule waiting for its entry's turn.
+struct QueuedSchedule {
+    message: PushMessage,
+    due_ms: i64,
+    expires_ms: i64,
+    /// Told the outcome of the write that carried it.
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 /// A ticket held until its due time.
@@ -154,6 +167,7 @@ impl NatsPushQueue {
             held: std::sync::Mutex::new(BinaryHeap::new()),
             hold_ms: i64::try_from(DEFAULT_HOLD.as_millis()).unwrap_or(i64::MAX),
             entry_turns: EntryTurns::default(),
+            queued: std::sync::Mutex::default(),
         })
     }
 
@@ -384,6 +398,57 @@ impl Ticket {
     }
 }
 
+impl NatsPushQueue {
+    /// Adds `batch` to the entry `key`: one read, one compare-and-set, retried against other
+    /// processes' writes.
+    async fn write_schedules(
+        &self,
+        kv: &kv::Store,
+        key: &str,
+        user: UserId,
+        chat: ChatId,
+        batch: &[QueuedSchedule],
+    ) -> Result<(), BusError> {
+        for attempt in 0..ENTRY_ATTEMPTS {
+            if attempt > 0 {
+                lost_a_race(attempt).await;
+            }
+            let (pending, revision) = match self.pending(kv, key).await? {
+                Some((push, revision)) => (Some(push), Some(revision)),
+                None => (None, None),
+            };
+            let push = batch
+                .iter()
+                .fold(pending, |push, queued| {
+                    Some(PendingPush::joined(
+                        push,
+                        user,
+                        chat,
+                        &queued.message,
+                        queued.due_ms,
+                        queued.expires_ms,
+                    ))
+                })
+                .ok_or_else(|| unavailable("an empty batch of schedules"))?;
+            let value: bytes::Bytes = serde_json::to_vec(&push)?.into();
+            match revision {
+                // The entry's ticket is out already; it finds the entry as it is when it comes.
+                Some(revision) => {
+                    if kv.update(key, value, revision).await.is_ok() {
+                        return Ok(());
+                    }
+                }
+                None => {
+                    if let Ok(revision) = kv.create(key, value).await {
+                        return self.ticket(kv, key, revision, push.due_ms).await;
+                    }
+                }
+            }
+        }
+        Err(unavailable("too many concurrent updates"))
+    }
+}
+
 #[async_trait]
 impl PushQueue for NatsPushQueue {
     async fn schedule(
@@ -396,32 +461,46 @@ impl PushQueue for NatsPushQueue {
     ) -> Result<(), BusError> {
         let kv = self.kv().await?;
         let key = key(user, chat);
-        let _turn = self.entry_turns.turn(&key).await;
-        for attempt in 0..ENTRY_ATTEMPTS {
-            if attempt > 0 {
-                lost_a_race(attempt).await;
+        loop {
+            let (done, outcome) = tokio::sync::oneshot::channel();
+            self.queued
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key.clone())
+                .or_default()
+                .push(QueuedSchedule {
+                    message: message.clone(),
+                    due_ms,
+                    expires_ms,
+                    done,
+                });
+            {
+                let _turn = self.entry_turns.turn(&key).await;
+                // Empty when an earlier turn took this schedule along.
+                let batch = self
+                    .queued
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key)
+                    .unwrap_or_default();
+                if !batch.is_empty() {
+                    let written = self
+                        .write_schedules(kv, &key, user, chat, &batch)
+                        .await
+                        .map_err(|e| e.to_string());
+                    for queued in batch {
+                        let _ = queued.done.send(written.clone());
+                    }
+                }
             }
-            let (pending, revision) = match self.pending(kv, &key).await? {
-                Some((push, revision)) => (Some(push), Some(revision)),
-                None => (None, None),
-            };
-            let push = PendingPush::joined(pending, user, chat, message, due_ms, expires_ms);
-            let value: bytes::Bytes = serde_json::to_vec(&push)?.into();
-            match revision {
-                // The entry's ticket is out already; it finds the entry as it is when it comes.
-                Some(revision) => {
-                    if kv.update(&key, value, revision).await.is_ok() {
-                        return Ok(());
-                    }
-                }
-                None => {
-                    if let Ok(revision) = kv.create(&key, value).await {
-                        return self.ticket(kv, &key, revision, push.due_ms).await;
-                    }
-                }
+            match outcome.await {
+                Ok(written) => return written.map_err(unavailable),
+                // The request whose turn carried it was dropped mid-write: queue it again. (Its
+                // write may have landed; then the entry counts this message twice, which only
+                // the notification's count shows.)
+                Err(_) => continue,
             }
         }
-        Err(unavailable("too many concurrent updates"))
     }
 
     async fn cancel(
