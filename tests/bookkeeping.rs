@@ -374,9 +374,9 @@ impl Store for FlakyBookkeeping {
         &self,
         writer: uuid::Uuid,
         bucket: i64,
-        id: uuid::Uuid,
+        ids: &[uuid::Uuid],
     ) -> Result<(), StoreError> {
-        self.inner.outbox_remove(writer, bucket, id).await
+        self.inner.outbox_remove(writer, bucket, ids).await
     }
     async fn outbox_entries(
         &self,

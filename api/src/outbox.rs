@@ -52,6 +52,17 @@ pub struct Outbox {
     /// Set once the first heartbeat is stored: a writer must be on record before its first entry,
     /// or no sweeper would look for its entries.
     registered: tokio::sync::OnceCell<()>,
+    /// Entries settled and not yet removed: gathered while a removal is in flight, so that under
+    /// load one request removes many (see [`Outbox::settle`]).
+    settled: Arc<std::sync::Mutex<Settled>>,
+}
+
+#[derive(Default)]
+struct Settled {
+    /// (bucket, id) of each entry to remove.
+    entries: Vec<(i64, Uuid)>,
+    /// Whether a task is removing entries now; it takes what gathers meanwhile.
+    removing: bool,
 }
 
 impl Default for Outbox {
@@ -60,6 +71,7 @@ impl Default for Outbox {
             writer: Uuid::now_v7(),
             started_ms: confab_runtime::presence::now_ms(),
             registered: tokio::sync::OnceCell::new(),
+            settled: Arc::default(),
         }
     }
 }
@@ -116,13 +128,40 @@ impl Outbox {
 
     /// Removes an entry, in the background: a leftover is only published again by a sweep (and
     /// dropped by the log as a copy), never lost.
+    ///
+    /// One removal is in flight per process at a time; entries settled meanwhile wait for it and
+    /// go together in the next, one request per bucket. A lone entry goes at once, and a burst
+    /// costs the store a few requests instead of one per event.
     pub(crate) fn settle(&self, store: &Arc<dyn Store>, intent: Intent) {
+        {
+            let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
+            settled.entries.push((intent.bucket, intent.id));
+            if settled.removing {
+                return;
+            }
+            settled.removing = true;
+        }
         let store = Arc::clone(store);
+        let settled = Arc::clone(&self.settled);
         let writer = self.writer;
         tokio::spawn(async move {
-            if let Err(error) = store.outbox_remove(writer, intent.bucket, intent.id).await {
-                metrics::counter!("confab_outbox_remove_failures_total").increment(1);
-                tracing::debug!(%error, "outbox entry not removed; a sweep will find it");
+            loop {
+                let mut entries = {
+                    let mut settled = settled.lock().unwrap_or_else(|e| e.into_inner());
+                    if settled.entries.is_empty() {
+                        settled.removing = false;
+                        return;
+                    }
+                    std::mem::take(&mut settled.entries)
+                };
+                entries.sort_unstable();
+                for bucket in entries.chunk_by(|a, b| a.0 == b.0) {
+                    let ids: Vec<Uuid> = bucket.iter().map(|(_, id)| *id).collect();
+                    if let Err(error) = store.outbox_remove(writer, bucket[0].0, &ids).await {
+                        metrics::counter!("confab_outbox_remove_failures_total").increment(1);
+                        tracing::debug!(%error, entries = ids.len(), "outbox entries not removed; a sweep will find them");
+                    }
+                }
             }
         });
     }
@@ -138,6 +177,11 @@ pub struct SweepSettings {
 }
 
 impl ApiState {
+    /// This process's id as a writer of outbox entries.
+    pub fn outbox_writer(&self) -> Uuid {
+        self.outbox.writer()
+    }
+
     /// Records this writer alive, then publishes what silent writers left in the outbox. Answers
     /// how many events it published.
     pub async fn sweep_outbox(&self, settings: SweepSettings) -> ApiResult<usize> {
@@ -171,7 +215,7 @@ impl ApiState {
                     published += 1;
                 }
                 self.store
-                    .outbox_remove(silent.writer, entry.bucket, entry.id)
+                    .outbox_remove(silent.writer, entry.bucket, &[entry.id])
                     .await?;
             }
             self.store.outbox_forget_writer(silent.writer).await?;

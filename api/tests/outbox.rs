@@ -491,3 +491,68 @@ async fn real_a_silent_writers_events_are_published_by_a_sweep() {
         Box::pin(a_silent_writers_events_are_published_by_a_sweep(parts)).await;
     }
 }
+
+/// A writer whose events the bus takes leaves nothing in the outbox: a burst of sends is removed
+/// in a few requests, and every entry goes.
+async fn a_working_writers_outbox_empties_after_a_burst(parts: Parts) {
+    let alice = user("alice");
+    let chat = chat(&*parts.store, &alice).await;
+    let state = ApiState::new(
+        Arc::clone(&parts.store),
+        Arc::clone(&parts.bus),
+        Arc::clone(&parts.identity),
+        &confab_runtime::signed::Keyring::random(),
+    );
+    let first = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms());
+    let sends = (0..60).map(|i| {
+        let message = NewMessage::parse(
+            SignalKind::Message,
+            Some(format!("burst {i}")),
+            Some(format!("burst-{i}")),
+            None,
+            Vec::new(),
+        )
+        .expect("a valid message");
+        state.send_message(&alice, chat, message)
+    });
+    for sent in futures::future::join_all(sends).await {
+        assert!(matches!(sent, Ok(Outcome::Created(_))), "{sent:?}");
+    }
+    let events = logged_until(&*parts.bus, chat, |events| events.len() >= 60).await;
+    assert_eq!(events.len(), 60, "every send published");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let last = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms());
+        let left = parts
+            .store
+            .outbox_entries(state.outbox_writer(), first, last)
+            .await
+            .expect("reads the outbox");
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} outbox entries left after every event was published",
+            left.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(cleanup) = parts.cleanup {
+        cleanup.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_working_writers_outbox_empties_after_a_burst() {
+    if let Some(parts) = embedded().await {
+        Box::pin(a_working_writers_outbox_empties_after_a_burst(parts)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_a_working_writers_outbox_empties_after_a_burst() {
+    if let Some(parts) = Box::pin(real()).await {
+        Box::pin(a_working_writers_outbox_empties_after_a_burst(parts)).await;
+    }
+}

@@ -1821,12 +1821,40 @@ pub async fn the_outbox_keeps_each_writers_entries(store: Arc<dyn Store>) {
         "nothing between the buckets"
     );
     store
-        .outbox_remove(writer, one.bucket, one.id)
+        .outbox_remove(writer, one.bucket, &[one.id])
         .await
         .expect("removes");
     let left = store.outbox_entries(writer, 100, 107).await.expect("reads");
     assert_eq!(left.len(), 2);
     assert!(!left.contains(&one), "a removed entry is gone");
+    // Many at once, more than one request's worth: those named go, the rest stay.
+    let many: Vec<OutboxEntry> = (0..150).map(|i| entry(103, &format!("many {i}"))).collect();
+    for e in &many {
+        store.outbox_put(writer, e).await.expect("puts");
+    }
+    let (gone, kept) = many.split_at(140);
+    let gone_ids: Vec<Uuid> = gone.iter().map(|e| e.id).collect();
+    store
+        .outbox_remove(writer, 103, &gone_ids)
+        .await
+        .expect("removes many");
+    let mut left = store.outbox_entries(writer, 103, 103).await.expect("reads");
+    left.sort_by_key(|e| e.id);
+    let mut kept = kept.to_vec();
+    kept.sort_by_key(|e| e.id);
+    assert_eq!(left, kept, "exactly the entries not named are left");
+    store
+        .outbox_remove(writer, 103, &[])
+        .await
+        .expect("removes none");
+    store
+        .outbox_remove(writer, 103, &kept.iter().map(|e| e.id).collect::<Vec<_>>())
+        .await
+        .expect("removes the rest");
+    assert_eq!(
+        store.outbox_entries(writer, 103, 103).await.expect("reads"),
+        Vec::new()
+    );
 
     store
         .outbox_heartbeat(writer, 1_000, 5_000)

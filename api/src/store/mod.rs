@@ -692,8 +692,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records an event its writer is about to make true, before the change is stored.
     async fn outbox_put(&self, writer: Uuid, entry: &OutboxEntry) -> Result<(), StoreError>;
-    /// Forgets an entry: its event is published, or its change was not stored.
-    async fn outbox_remove(&self, writer: Uuid, bucket: i64, id: Uuid) -> Result<(), StoreError>;
+    /// Forgets entries of one bucket: their events are published, or their changes were not
+    /// stored. One request for all of them where the store allows it.
+    async fn outbox_remove(
+        &self,
+        writer: Uuid,
+        bucket: i64,
+        ids: &[Uuid],
+    ) -> Result<(), StoreError>;
     /// The writer's entries in the buckets `from..=to`.
     async fn outbox_entries(
         &self,

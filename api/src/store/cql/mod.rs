@@ -2316,8 +2316,13 @@ impl Store for CqlStore {
         outbox::put(&self.session, &self.outbox, writer, entry).await
     }
 
-    async fn outbox_remove(&self, writer: Uuid, bucket: i64, id: Uuid) -> Result<(), StoreError> {
-        outbox::remove(&self.session, &self.outbox, writer, bucket, id).await
+    async fn outbox_remove(
+        &self,
+        writer: Uuid,
+        bucket: i64,
+        ids: &[Uuid],
+    ) -> Result<(), StoreError> {
+        outbox::remove(&self.session, &self.outbox, writer, bucket, ids).await
     }
 
     async fn outbox_entries(

@@ -1720,14 +1720,28 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn outbox_remove(&self, writer: Uuid, bucket: i64, id: Uuid) -> Result<(), StoreError> {
+    async fn outbox_remove(
+        &self,
+        writer: Uuid,
+        bucket: i64,
+        ids: &[Uuid],
+    ) -> Result<(), StoreError> {
+        let ids = ids.to_vec();
         self.with(move |c| {
-            c.execute(
-                "DELETE FROM event_outbox WHERE writer = ?1 AND bucket = ?2 AND id = ?3",
-                params![blob(writer), bucket, blob(id)],
-            )
-            .map_err(unavailable)?;
-            Ok(())
+            let tx = c.transaction().map_err(unavailable)?;
+            {
+                let mut delete = tx
+                    .prepare_cached(
+                        "DELETE FROM event_outbox WHERE writer = ?1 AND bucket = ?2 AND id = ?3",
+                    )
+                    .map_err(unavailable)?;
+                for id in ids {
+                    delete
+                        .execute(params![blob(writer), bucket, blob(id)])
+                        .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)
         })
         .await
     }
