@@ -1150,6 +1150,12 @@ mod tests {
             provider
         }
 
+        /// An identity that trusts this provider for audience `web`, with 5 s of leeway.
+        fn identity(&self, refresh: Duration, min_refetch: Duration) -> OidcIdentity {
+            OidcIdentity::with_timings(&self.issuer, vec!["web".into()], 5, refresh, min_refetch)
+                .unwrap()
+        }
+
         fn add(&self, kid: &str) {
             let key = p256::ecdsa::SigningKey::from_slice(&rand::random::<[u8; 32]>()).unwrap();
             self.keys.lock().unwrap().push((kid.to_owned(), key));
@@ -1199,14 +1205,7 @@ mod tests {
     #[tokio::test]
     async fn a_removed_key_stops_being_trusted_within_the_refresh_interval() {
         let provider = Provider::start(&["k1", "k2"]).await;
-        let identity = OidcIdentity::with_timings(
-            &provider.issuer,
-            vec!["web".into()],
-            5,
-            Duration::from_secs(1),
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let identity = provider.identity(Duration::from_secs(1), Duration::from_secs(10));
         let old = provider.token("k1");
         // Twice, so that the token is remembered as verified when its key goes.
         for _ in 0..2 {
@@ -1224,14 +1223,7 @@ mod tests {
     #[tokio::test]
     async fn a_signature_is_checked_once_per_key_set_and_forgeries_are_never_remembered() {
         let provider = Provider::start(&["k1"]).await;
-        let identity = OidcIdentity::with_timings(
-            &provider.issuer,
-            vec!["web".into()],
-            5,
-            Duration::from_secs(300),
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let identity = provider.identity(Duration::from_secs(300), Duration::from_secs(10));
         let remembered = || {
             identity
                 .shared
@@ -1278,14 +1270,7 @@ mod tests {
     #[tokio::test]
     async fn an_unknown_key_id_triggers_one_refetch() {
         let provider = Provider::start(&["k1"]).await;
-        let identity = OidcIdentity::with_timings(
-            &provider.issuer,
-            vec!["web".into()],
-            5,
-            Duration::from_secs(300),
-            Duration::from_millis(200),
-        )
-        .unwrap();
+        let identity = provider.identity(Duration::from_secs(300), Duration::from_millis(200));
         assert!(identity.authenticate(&provider.token("k1")).await.is_ok());
         // The provider rotates in a new key: the first token naming it triggers a refetch.
         provider.add("k2");
@@ -1306,16 +1291,8 @@ mod tests {
     #[tokio::test]
     async fn a_random_kid_with_a_hanging_provider_stalls_no_one() {
         let provider = Provider::start(&["k1"]).await;
-        let identity = Arc::new(
-            OidcIdentity::with_timings(
-                &provider.issuer,
-                vec!["web".into()],
-                5,
-                Duration::from_secs(300),
-                Duration::from_millis(100),
-            )
-            .unwrap(),
-        );
+        let identity =
+            Arc::new(provider.identity(Duration::from_secs(300), Duration::from_millis(100)));
         let valid = provider.token("k1");
         assert!(identity.authenticate(&valid).await.is_ok());
         // The provider stops answering; a token with a random kid triggers a refetch that hangs.
