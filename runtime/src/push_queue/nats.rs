@@ -417,19 +417,20 @@ impl NatsPushQueue {
                 Some((push, revision)) => (Some(push), Some(revision)),
                 None => (None, None),
             };
-            let push = batch
-                .iter()
-                .fold(pending, |push, queued| {
-                    Some(PendingPush::joined(
-                        push,
-                        user,
-                        chat,
-                        &queued.message,
-                        queued.due_ms,
-                        queued.expires_ms,
-                    ))
-                })
-                .ok_or_else(|| unavailable("an empty batch of schedules"))?;
+            let mut push = pending;
+            for queued in batch {
+                push = Some(PendingPush::joined(
+                    push,
+                    user,
+                    chat,
+                    &queued.message,
+                    queued.due_ms,
+                    queued.expires_ms,
+                ));
+            }
+            let Some(push) = push else {
+                return Ok(()); // nothing queued and nothing pending: nothing to write
+            };
             let value: bytes::Bytes = serde_json::to_vec(&push)?.into();
             match revision {
                 // The entry's ticket is out already; it finds the entry as it is when it comes.

@@ -1461,39 +1461,30 @@ impl Store for CqlStore {
         }
         // A member's move is one request: the old row and the new are in the member's partition,
         // so an unlogged batch of the two is applied as one mutation of it.
-        let moves = previous.is_some().then(|| {
+        let moves = previous.map(|previous| {
             use scylla::statement::batch::{Batch, BatchType};
             let mut batch = Batch::new(BatchType::Unlogged);
             batch.append_statement(self.statements.delete_user_activity.clone());
             batch.append_statement(self.statements.insert_user_activity.clone());
-            batch
+            (batch, previous)
         });
         let moves = &moves;
         futures::stream::iter(members.iter().copied())
             .map(|member| async move {
-                match (moves, previous) {
-                    (Some(batch), Some(previous)) => self
+                let inserted = (member.0, activity.0, chat.0);
+                match moves {
+                    Some((batch, previous)) => self
                         .session
-                        .batch(
-                            batch,
-                            (
-                                (member.0, previous.0, chat.0),
-                                (member.0, activity.0, chat.0),
-                            ),
-                        )
+                        .batch(batch, ((member.0, previous.0, chat.0), inserted))
                         .await
                         .map(drop),
-                    _ => self
+                    None => self
                         .session
-                        .execute_unpaged(
-                            &self.statements.insert_user_activity,
-                            (member.0, activity.0, chat.0),
-                        )
+                        .execute_unpaged(&self.statements.insert_user_activity, inserted)
                         .await
                         .map(drop),
                 }
-                .map_err(unavailable)?;
-                Ok::<_, StoreError>(())
+                .map_err(unavailable)
             })
             .buffer_unordered(32)
             .try_collect::<Vec<()>>()
