@@ -514,13 +514,19 @@ impl PostToSse {
         }
         let sending = started.elapsed();
         let mut failed = 0;
+        let mut first_failure = None;
         for post in posts {
-            if !matches!(post.await, Ok(Ok(status)) if status.is_success()) {
-                failed += 1;
-            }
+            let failure = match post.await {
+                Ok(Ok(status)) if status.is_success() => continue,
+                Ok(Ok(status)) => format!("answered {status}"),
+                Ok(Err(error)) => format!("{:#}", anyhow::Error::from(error)),
+                Err(error) => format!("task: {error}"),
+            };
+            failed += 1;
+            first_failure.get_or_insert(failure);
         }
-        if failed > 0 {
-            bail!("{failed} posts failed");
+        if let Some(first) = first_failure {
+            bail!("{failed} posts failed; the first: {first}");
         }
         let mut histogram = Histogram::<u64>::new(3).expect("valid histogram");
         let mut by_second: Vec<Histogram<u64>> = Vec::new();
