@@ -35,7 +35,7 @@ use confab_notifier::push::{DeviceDirectory, PushSender};
 use confab_notifier::push_apns::Apns;
 use confab_notifier::push_fcm::Fcm;
 use confab_notifier::{Hub, HubReadiness, Membership, NotifierState};
-use confab_runtime::blobs::{Blobs, BlobsReadiness, LocalBlobs, S3Blobs};
+use confab_runtime::blobs::{Blobs, BlobsReadiness, CachedBlobs, LocalBlobs, S3Blobs};
 use confab_runtime::bus::{Bus, BusReadiness, EmbeddedBus, NatsBus};
 use confab_runtime::config::{
     BlobsBackend, BusBackend, Config, IdentityMode, SearchBackend, StoreBackend,
@@ -228,16 +228,19 @@ pub fn open_search(config: &Config) -> anyhow::Result<Option<Arc<dyn Search>>> {
 
 /// Where attachments' bytes live: a directory under the data directory, or an S3 bucket.
 pub fn open_blobs(config: &Config) -> anyhow::Result<Arc<dyn Blobs>> {
-    Ok(match config.attachments.backend {
-        BlobsBackend::Local => {
-            let dir = config.attachments_dir();
-            Arc::new(
-                LocalBlobs::open(&dir).with_context(|| {
+    let storage: Arc<dyn Blobs> =
+        match config.attachments.backend {
+            BlobsBackend::Local => {
+                let dir = config.attachments_dir();
+                Arc::new(LocalBlobs::open(&dir).with_context(|| {
                     format!("opening the attachments directory {}", dir.display())
-                })?,
-            )
-        }
-        BlobsBackend::S3 => Arc::new(S3Blobs::new(&config.attachments.s3_settings())),
+                })?)
+            }
+            BlobsBackend::S3 => Arc::new(S3Blobs::new(&config.attachments.s3_settings())),
+        };
+    Ok(match config.attachments.cache_limits() {
+        Some(limits) => Arc::new(CachedBlobs::new(storage, limits)),
+        None => storage,
     })
 }
 
@@ -247,6 +250,10 @@ pub fn attachment_settings(config: &Config, blobs: Arc<dyn Blobs>) -> Attachment
         blobs,
         max_bytes: config.attachments.max_bytes,
         presigned_redirect: config.attachments.presigned_redirect,
+        served_up_to: config
+            .attachments
+            .cache_limits()
+            .map_or(0, |limits| limits.object_bytes as u64),
         presigned_ttl: config.attachments.presigned_ttl(),
         max_image_pixels: config.attachments.max_image_pixels,
     }

@@ -1091,15 +1091,44 @@ async fn presigned_redirects_on_s3() {
     let data = tempfile::tempdir().unwrap();
     let mut config = support::config_for(Stack::Real, data.path().to_path_buf());
     config.attachments.presigned_redirect = true;
+    config.attachments.cache_object_bytes = 64;
     let app = spawn_with(Stack::Real, config, data).await;
     let alice = app.token("alice").await;
     let bob_id = app.me(&app.token("bob").await).await;
     let chat = app.group_chat(&alice, &[&bob_id]).await;
-    let meta = uploaded(&app, &alice, &chat, "page.html", "text/html", b"<b>hi</b>").await;
     let no_redirects = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
+    // Up to the memory cache's object size the body is served, not redirected.
+    let small = uploaded(&app, &alice, &chat, "small.html", "text/html", b"<i>hi</i>").await;
+    let served = no_redirects
+        .get(app.url(&format!(
+            "/v1/attachments/{}",
+            small["id"].as_str().unwrap()
+        )))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    assert!(
+        served.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("attachment;")
+    );
+    assert_eq!(served.bytes().await.unwrap().as_ref(), b"<i>hi</i>");
+    let page = format!("<b>{}</b>", "hi ".repeat(30));
+    let meta = uploaded(
+        &app,
+        &alice,
+        &chat,
+        "page.html",
+        "text/html",
+        page.as_bytes(),
+    )
+    .await;
     let response = no_redirects
         .get(app.url(&format!("/v1/attachments/{}", meta["id"].as_str().unwrap())))
         .bearer_auth(&alice)
@@ -1116,7 +1145,7 @@ async fn presigned_redirects_on_s3() {
             .unwrap()
             .starts_with("attachment;")
     );
-    assert_eq!(fetched.bytes().await.unwrap().as_ref(), b"<b>hi</b>");
+    assert_eq!(fetched.bytes().await.unwrap().as_ref(), page.as_bytes());
     app.stop().await;
 }
 

@@ -182,13 +182,21 @@ pub struct AttachmentsConfig {
     /// Default 104857600 (100 MiB).
     pub max_bytes: u64,
     /// Answer downloads with a redirect to a short-lived presigned URL of the bucket instead of
-    /// streaming the bytes through confab (s3 backend only). Default false.
+    /// streaming the bytes through confab (s3 backend only). Bodies small enough for the memory
+    /// cache (`cache_object_bytes`) are still served by confab: for them the redirect's extra
+    /// round trip costs more than it saves. Default false.
     pub presigned_redirect: bool,
     /// How long a presigned URL is valid, in seconds. Default 300.
     pub presigned_ttl_secs: u64,
     /// Images larger than this many pixels (width × height) get no thumbnail or preview and are
     /// kept as plain files (decompression bombs). Default 50000000.
     pub max_image_pixels: u64,
+    /// Memory for recently uploaded or read small objects (thumbnails, previews, small files),
+    /// served without a request to the storage; 0 turns the cache off. Objects never change (they
+    /// are named by their hash), so a kept copy is never stale. Default 33554432 (32 MiB).
+    pub cache_bytes: usize,
+    /// The largest object the memory cache keeps, in bytes. Default 1048576 (1 MiB).
+    pub cache_object_bytes: usize,
 }
 
 impl Default for AttachmentsConfig {
@@ -207,6 +215,8 @@ impl Default for AttachmentsConfig {
             presigned_redirect: false,
             presigned_ttl_secs: 300,
             max_image_pixels: 50_000_000,
+            cache_bytes: 32 * 1024 * 1024,
+            cache_object_bytes: 1024 * 1024,
         }
     }
 }
@@ -223,6 +233,14 @@ impl AttachmentsConfig {
             prefix: self.s3_prefix.clone(),
             part_bytes: self.part_bytes,
         }
+    }
+
+    /// What the memory cache keeps, or `None` when it is off.
+    pub fn cache_limits(&self) -> Option<crate::blobs::CacheLimits> {
+        (self.cache_bytes > 0 && self.cache_object_bytes > 0).then_some(crate::blobs::CacheLimits {
+            total_bytes: self.cache_bytes,
+            object_bytes: self.cache_object_bytes.min(self.cache_bytes),
+        })
     }
 
     pub fn presigned_ttl(&self) -> Duration {

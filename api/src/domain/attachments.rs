@@ -34,6 +34,9 @@ pub struct AttachmentSettings {
     pub max_bytes: u64,
     /// Answer downloads with a redirect to a presigned URL where the storage has them.
     pub presigned_redirect: bool,
+    /// Bodies up to this size are served even with `presigned_redirect`: they are kept in
+    /// memory, and a redirect's second round trip would cost more than it saves.
+    pub served_up_to: u64,
     pub presigned_ttl: Duration,
     /// Images with more pixels than this are kept as plain files.
     pub max_image_pixels: u64,
@@ -462,7 +465,7 @@ impl ApiState {
         let name = BlobName::parse(&sha256)
             .ok_or_else(|| ApiError::Store(crate::store::StoreError::Corrupt("bad hash".into())))?;
         let disposition = disposition(inline, &attachment.name);
-        if settings.presigned_redirect {
+        if settings.presigned_redirect && size > settings.served_up_to {
             let presentation = Presentation {
                 content_type: content_type.clone(),
                 content_disposition: Some(disposition.clone()),

@@ -35,7 +35,7 @@ impl LocalBlobs {
         })
     }
 
-    fn path(&self, name: &BlobName) -> PathBuf {
+    pub(crate) fn path(&self, name: &BlobName) -> PathBuf {
         self.root
             .join("blobs")
             .join(&name.as_str()[..2])

@@ -1,13 +1,15 @@
 //! Attachment bytes: the [`Blobs`] trait, content-addressed objects named by their SHA-256.
 //! [`S3Blobs`] stores them in an S3 bucket (SeaweedFS's S3 gateway in production, path-style
 //! requests to a configured endpoint); [`LocalBlobs`] in a directory (`confab serve`).
-//! [`conformance`] holds both to the same behaviour.
+//! [`CachedBlobs`] keeps small objects in memory in front of either. [`conformance`] holds all of
+//! them to the same behaviour.
 //!
 //! An upload is staged first (streamed to a staging object while its hash is computed, never held
 //! whole in memory), then committed under its hash: the same bytes uploaded twice are one object.
 //! An upload whose hash the client declared goes straight to its object instead
 //! ([`Blobs::put_declared`]), made only once the streamed hash is found to match.
 
+mod cache;
 pub mod conformance;
 mod local;
 mod s3;
@@ -23,6 +25,7 @@ use time::OffsetDateTime;
 
 /// The S3 SDK, for tools that talk to the bucket directly (`confab bench-attachments`).
 pub use aws_sdk_s3 as s3_sdk;
+pub use cache::{CacheLimits, CachedBlobs};
 pub use local::LocalBlobs;
 pub use s3::{DEFAULT_PART_BYTES, S3Blobs, S3Settings};
 

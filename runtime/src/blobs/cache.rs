@@ -1,0 +1,406 @@
+//! [`CachedBlobs`]: small objects kept in memory in front of another [`Blobs`].
+//!
+//! Objects are named by the SHA-256 of their bytes and never change, so a cached copy can never be
+//! stale: the only question is which ones to keep. A chat attachment is read by every member soon
+//! after it is sent, and thumbnails on every scroll, so the cache keeps what was just written or
+//! read, up to a byte budget, and drops the least recently used first. Only objects up to a size
+//! limit are kept; larger ones stream from the storage as before.
+//!
+//! A copy enters the cache only with its hash checked: a declared upload is checked by the storage
+//! before it is made, and an object read on a miss is hashed here before it is kept.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+
+use super::{BlobError, BlobInfo, BlobName, BlobRead, Blobs, ByteChunks, Presentation, Staged};
+
+/// How much a [`CachedBlobs`] keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheLimits {
+    /// The bytes of all kept objects together.
+    pub total_bytes: usize,
+    /// The largest object kept.
+    pub object_bytes: usize,
+}
+
+/// A [`Blobs`] that keeps small objects in memory (see the module's documentation).
+pub struct CachedBlobs {
+    inner: Arc<dyn Blobs>,
+    limits: CacheLimits,
+    kept: Mutex<Lru>,
+}
+
+/// Objects by name, and their names by when they were last used.
+#[derive(Default)]
+struct Lru {
+    objects: HashMap<BlobName, (Bytes, u64)>,
+    by_use: BTreeMap<u64, BlobName>,
+    held: usize,
+    clock: u64,
+}
+
+impl Lru {
+    fn get(&mut self, name: &BlobName) -> Option<Bytes> {
+        let (bytes, used) = self.objects.get_mut(name)?;
+        self.by_use.remove(used);
+        self.clock += 1;
+        *used = self.clock;
+        self.by_use.insert(self.clock, name.clone());
+        Some(bytes.clone())
+    }
+
+    fn insert(&mut self, name: BlobName, bytes: Bytes, limits: CacheLimits) {
+        if bytes.len() > limits.object_bytes || bytes.len() > limits.total_bytes {
+            return;
+        }
+        if self.get(&name).is_some() {
+            return;
+        }
+        self.clock += 1;
+        self.held += bytes.len();
+        self.by_use.insert(self.clock, name.clone());
+        self.objects.insert(name, (bytes, self.clock));
+        while self.held > limits.total_bytes {
+            let Some((_, oldest)) = self.by_use.pop_first() else {
+                break;
+            };
+            if let Some((bytes, _)) = self.objects.remove(&oldest) {
+                self.held -= bytes.len();
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &BlobName) {
+        if let Some((bytes, used)) = self.objects.remove(name) {
+            self.by_use.remove(&used);
+            self.held -= bytes.len();
+        }
+    }
+}
+
+impl CachedBlobs {
+    pub fn new(inner: Arc<dyn Blobs>, limits: CacheLimits) -> CachedBlobs {
+        CachedBlobs {
+            inner,
+            limits,
+            kept: Mutex::new(Lru::default()),
+        }
+    }
+
+    fn lru(&self) -> std::sync::MutexGuard<'_, Lru> {
+        // A panic while holding the lock leaves the map consistent enough to keep serving: every
+        // method either finishes its change or makes none that matters.
+        self.kept
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lookup(&self, name: &BlobName) -> Option<Bytes> {
+        let found = self.lru().get(name);
+        let outcome = if found.is_some() { "hit" } else { "miss" };
+        metrics::counter!("confab_blob_cache_lookups_total", "outcome" => outcome).increment(1);
+        found
+    }
+
+    fn keep(&self, name: BlobName, bytes: Bytes) {
+        self.lru().insert(name, bytes, self.limits);
+    }
+
+    /// Whether `name` is held now (tests).
+    pub fn holds(&self, name: &BlobName) -> bool {
+        self.lru().objects.contains_key(name)
+    }
+
+    /// Bytes held now (tests).
+    pub fn held_bytes(&self) -> usize {
+        self.lru().held
+    }
+}
+
+/// The bytes `range` of `bytes` as a read, or `None` when the range lies outside them.
+fn read_of(bytes: Bytes, range: Option<(u64, u64)>) -> Option<BlobRead> {
+    let slice = match range {
+        None => bytes,
+        Some((start, end)) => {
+            let start = usize::try_from(start).ok()?;
+            let end = usize::try_from(end).ok()?;
+            if start > end || end >= bytes.len() {
+                return None;
+            }
+            bytes.slice(start..=end)
+        }
+    };
+    let len = slice.len() as u64;
+    Some(BlobRead {
+        chunks: futures::stream::once(async move { Ok(slice) }).boxed(),
+        len,
+    })
+}
+
+/// Passes `body` through while copying it, until it is longer than `limit`.
+fn copying(body: ByteChunks, limit: usize) -> (ByteChunks, Arc<Mutex<Option<BytesMut>>>) {
+    let copy = Arc::new(Mutex::new(Some(BytesMut::new())));
+    let sink = Arc::clone(&copy);
+    let body = body
+        .inspect(move |chunk| {
+            let Ok(chunk) = chunk else { return };
+            let mut sink = sink.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(buffer) = sink.as_mut() {
+                if buffer.len() + chunk.len() > limit {
+                    *sink = None;
+                } else {
+                    buffer.extend_from_slice(chunk);
+                }
+            }
+        })
+        .boxed();
+    (body, copy)
+}
+
+#[async_trait]
+impl Blobs for CachedBlobs {
+    async fn check(&self) -> Result<(), BlobError> {
+        self.inner.check().await
+    }
+
+    async fn stage(&self, body: ByteChunks, max_bytes: u64) -> Result<Staged, BlobError> {
+        self.inner.stage(body, max_bytes).await
+    }
+
+    async fn commit(&self, staged: &Staged) -> Result<(), BlobError> {
+        self.inner.commit(staged).await
+    }
+
+    async fn discard(&self, staged: &Staged) -> Result<(), BlobError> {
+        self.inner.discard(staged).await
+    }
+
+    async fn put_declared(
+        &self,
+        body: ByteChunks,
+        expected: &BlobName,
+        max_bytes: u64,
+    ) -> Result<u64, BlobError> {
+        let (body, copy) = copying(body, self.limits.object_bytes);
+        let size = self.inner.put_declared(body, expected, max_bytes).await?;
+        // The storage made (or found) the object only once the body hashed to `expected`.
+        let copied = copy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(bytes) = copied
+            && bytes.len() as u64 == size
+        {
+            self.keep(expected.clone(), bytes.freeze());
+        }
+        Ok(size)
+    }
+
+    async fn put(&self, bytes: Bytes) -> Result<BlobName, BlobError> {
+        let name = self.inner.put(bytes.clone()).await?;
+        self.keep(name.clone(), Bytes::copy_from_slice(&bytes));
+        Ok(name)
+    }
+
+    async fn size(&self, name: &BlobName) -> Result<Option<u64>, BlobError> {
+        if let Some(bytes) = self.lru().get(name) {
+            return Ok(Some(bytes.len() as u64));
+        }
+        self.inner.size(name).await
+    }
+
+    async fn get(&self, name: &BlobName, range: Option<(u64, u64)>) -> Result<BlobRead, BlobError> {
+        if let Some(read) = self.lookup(name).and_then(|bytes| read_of(bytes, range)) {
+            return Ok(read);
+        }
+        let read = self.inner.get(name, range).await?;
+        if range.is_some() || read.len > self.limits.object_bytes as u64 {
+            return Ok(read);
+        }
+        // Small and whole: read it all, and keep it if it is what its name says.
+        let mut bytes = BytesMut::with_capacity(read.len as usize);
+        let mut chunks = read.chunks;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| BlobError::Unavailable(e.to_string()))?;
+            bytes.extend_from_slice(&chunk);
+        }
+        let bytes = bytes.freeze();
+        if BlobName::of(&bytes) == *name {
+            self.keep(name.clone(), bytes.clone());
+        } else {
+            tracing::warn!(object = %name, "an object's bytes do not hash to its name; not cached");
+        }
+        Ok(read_of(bytes, None).expect("a whole read has no range"))
+    }
+
+    async fn presign(
+        &self,
+        name: &BlobName,
+        ttl: Duration,
+        presentation: &Presentation,
+    ) -> Result<Option<String>, BlobError> {
+        self.inner.presign(name, ttl, presentation).await
+    }
+
+    async fn list(
+        &self,
+        after: Option<&BlobName>,
+        limit: usize,
+    ) -> Result<Vec<BlobInfo>, BlobError> {
+        self.inner.list(after, limit).await
+    }
+
+    async fn delete(&self, name: &BlobName) -> Result<(), BlobError> {
+        self.lru().remove(name);
+        self.inner.delete(name).await
+    }
+
+    async fn sweep_staging(&self, age: Duration) -> Result<u64, BlobError> {
+        self.inner.sweep_staging(age).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blobs::LocalBlobs;
+
+    fn limits(total_bytes: usize, object_bytes: usize) -> CacheLimits {
+        CacheLimits {
+            total_bytes,
+            object_bytes,
+        }
+    }
+
+    fn body(bytes: &[u8]) -> ByteChunks {
+        let chunks: Vec<Result<Bytes, std::io::Error>> = bytes
+            .chunks(100)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        futures::stream::iter(chunks).boxed()
+    }
+
+    async fn read_all(read: BlobRead) -> Vec<u8> {
+        let mut all = Vec::new();
+        let mut chunks = read.chunks;
+        while let Some(chunk) = chunks.next().await {
+            all.extend_from_slice(&chunk.expect("reads"));
+        }
+        all
+    }
+
+    /// A cache over a directory whose files the test can remove behind its back.
+    fn cached(dir: &std::path::Path, limits: CacheLimits) -> CachedBlobs {
+        CachedBlobs::new(Arc::new(LocalBlobs::open(dir).expect("opens")), limits)
+    }
+
+    /// Removes the object from the storage underneath only.
+    async fn remove_underneath(dir: &std::path::Path, name: &BlobName) {
+        LocalBlobs::open(dir)
+            .expect("opens")
+            .delete(name)
+            .await
+            .expect("deletes");
+    }
+
+    #[tokio::test]
+    async fn a_declared_upload_is_served_from_memory_afterwards_whole_and_in_parts() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let blobs = cached(dir.path(), limits(10_000, 5_000));
+        let bytes: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let name = BlobName::of(&bytes);
+        let size = blobs
+            .put_declared(body(&bytes), &name, 1 << 20)
+            .await
+            .expect("stored");
+        assert_eq!(size, 3000);
+        remove_underneath(dir.path(), &name).await;
+        let whole = blobs.get(&name, None).await.expect("served from memory");
+        assert_eq!(whole.len, 3000);
+        assert_eq!(read_all(whole).await, bytes);
+        let part = blobs.get(&name, Some((10, 19))).await.expect("a part");
+        assert_eq!(part.len, 10);
+        assert_eq!(read_all(part).await, bytes[10..=19]);
+        // A range past the end is the storage's to answer (here: the object is gone there).
+        assert!(matches!(
+            blobs.get(&name, Some((10, 3000))).await,
+            Err(BlobError::NotFound)
+        ));
+        blobs.delete(&name).await.expect("deletes");
+        assert!(matches!(
+            blobs.get(&name, None).await,
+            Err(BlobError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_mismatched_or_oversized_upload_is_not_kept() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let blobs = cached(dir.path(), limits(10_000, 5_000));
+        let bytes = vec![7u8; 2000];
+        let wrong = BlobName::of(b"something else");
+        assert!(matches!(
+            blobs.put_declared(body(&bytes), &wrong, 1 << 20).await,
+            Err(BlobError::Mismatch(_))
+        ));
+        assert!(!blobs.holds(&wrong) && !blobs.holds(&BlobName::of(&bytes)));
+        let large = vec![8u8; 6000];
+        let name = BlobName::of(&large);
+        blobs
+            .put_declared(body(&large), &name, 1 << 20)
+            .await
+            .expect("stored");
+        assert!(!blobs.holds(&name), "larger than the object limit");
+        assert_eq!(blobs.held_bytes(), 0);
+        let read = blobs.get(&name, None).await.expect("streams from storage");
+        assert_eq!(read_all(read).await, large);
+        assert!(!blobs.holds(&name));
+    }
+
+    #[tokio::test]
+    async fn a_miss_is_kept_and_the_least_recently_used_goes_first() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let plain = LocalBlobs::open(dir.path()).expect("opens");
+        let mut names = Vec::new();
+        for i in 0..3u8 {
+            names.push(plain.put(Bytes::from(vec![i; 400])).await.expect("put"));
+        }
+        let blobs = cached(dir.path(), limits(1000, 1000));
+        for name in &names[..2] {
+            read_all(blobs.get(name, None).await.expect("reads")).await;
+        }
+        assert!(blobs.holds(&names[0]) && blobs.holds(&names[1]));
+        // Using the first makes the second the least recently used: the third pushes it out.
+        read_all(blobs.get(&names[0], None).await.expect("reads")).await;
+        read_all(blobs.get(&names[2], None).await.expect("reads")).await;
+        assert!(blobs.holds(&names[0]) && blobs.holds(&names[2]));
+        assert!(!blobs.holds(&names[1]));
+        assert_eq!(blobs.held_bytes(), 800);
+        remove_underneath(dir.path(), &names[0]).await;
+        let kept = blobs.get(&names[0], None).await.expect("from memory");
+        assert_eq!(read_all(kept).await, vec![0u8; 400]);
+    }
+
+    #[tokio::test]
+    async fn bytes_that_do_not_match_their_name_are_served_but_never_kept() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let plain = LocalBlobs::open(dir.path()).expect("opens");
+        let name = plain
+            .put(Bytes::from_static(b"original"))
+            .await
+            .expect("put");
+        let path = plain.path(&name);
+        tokio::fs::write(&path, b"tampered")
+            .await
+            .expect("overwrites");
+        let blobs = cached(dir.path(), limits(1000, 1000));
+        let read = blobs.get(&name, None).await.expect("reads");
+        assert_eq!(read_all(read).await, b"tampered");
+        assert!(!blobs.holds(&name));
+    }
+}
