@@ -56,6 +56,33 @@ fn body(seed: u64, len: u64) -> impl futures::Stream<Item = Result<Bytes, std::i
     }))
 }
 
+/// Downloads each attachment of `ids` through confab, checking its length.
+async fn download_all(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    ids: &[String],
+    size: u64,
+) -> anyhow::Result<()> {
+    for id in ids {
+        let mut stream = http
+            .get(format!("{base}/v1/attachments/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes_stream();
+        let mut got = 0u64;
+        while let Some(chunk) = stream.next().await {
+            got += chunk?.len() as u64;
+        }
+        if got != size {
+            bail!("downloaded {got} of {size} bytes");
+        }
+    }
+    Ok(())
+}
+
 /// The `Content-Digest` of the body `seed`, `len` (computed before the timed uploads: a client
 /// hashes its file before it sends it).
 async fn digest_of(seed: u64, len: u64) -> anyhow::Result<String> {
@@ -259,9 +286,10 @@ async fn measure(
             seed += 1;
             declared_seeds.push((seed, digest_of(seed, size).await?));
         }
+        let mut declared_ids = Vec::new();
         let started = Instant::now();
         for (seed, digest) in declared_seeds {
-            upload(
+            let id = upload(
                 &http,
                 base,
                 &chat,
@@ -272,26 +300,18 @@ async fn measure(
                 &sampled(size),
             )
             .await?;
+            declared_ids.push(id);
         }
         let confab_declared_up = started.elapsed();
+        // Downloads of the first uploads: nothing of them was read before (the memory cache's
+        // misses). Then of the declared uploads, as a member fetches what was just sent (hits
+        // when the cache keeps objects of this size).
         let started = Instant::now();
-        for id in &ids {
-            let mut stream = http
-                .get(format!("{base}/v1/attachments/{id}"))
-                .bearer_auth(&other)
-                .send()
-                .await?
-                .error_for_status()?
-                .bytes_stream();
-            let mut got = 0u64;
-            while let Some(chunk) = stream.next().await {
-                got += chunk?.len() as u64;
-            }
-            if got != size {
-                bail!("downloaded {got} of {size} bytes");
-            }
-        }
+        download_all(&http, base, &other, &ids, size).await?;
         let confab_down = started.elapsed();
+        let started = Instant::now();
+        download_all(&http, base, &other, &declared_ids, size).await?;
+        let confab_recent_down = started.elapsed();
         // Direct: one PUT of the whole body, one GET.
         let client = direct.client();
         let mut keys = Vec::new();
@@ -351,10 +371,15 @@ async fn measure(
                 "confab_declared_digest": mib_per_s(total, confab_declared_up),
                 "direct": mib_per_s(total, direct_up),
             },
-            "download_mib_s": {"confab": mib_per_s(total, confab_down), "direct": mib_per_s(total, direct_down)},
+            "download_mib_s": {
+                "confab": mib_per_s(total, confab_down),
+                "confab_just_uploaded": mib_per_s(total, confab_recent_down),
+                "direct": mib_per_s(total, direct_down),
+            },
             "upload_ratio": direct_up.as_secs_f64() / confab_up.as_secs_f64().max(1e-9),
             "upload_declared_digest_ratio": direct_up.as_secs_f64() / confab_declared_up.as_secs_f64().max(1e-9),
             "download_ratio": direct_down.as_secs_f64() / confab_down.as_secs_f64().max(1e-9),
+            "download_just_uploaded_ratio": direct_down.as_secs_f64() / confab_recent_down.as_secs_f64().max(1e-9),
         });
         println!("{row}");
         rows.push(row);
@@ -368,6 +393,6 @@ async fn measure(
             "growth_bytes": peak_rss.saturating_sub(idle_rss),
             "largest_upload_bytes": largest,
         },
-        "note": "confab: POST with a streamed body (hashed, staged, multipart above 8 MiB, then a server-side copy to its content address); confab_declared_digest: the same POST with Content-Digest (hashed while written straight to its content address, completed once the hash matches); GET through confab; direct: one PutObject of the whole body from memory and one GetObject, same bucket, same run",
+        "note": "confab: POST with a streamed body (hashed, staged, multipart above 8 MiB, then a server-side copy to its content address); confab_declared_digest: the same POST with Content-Digest (hashed while written straight to its content address, completed once the hash matches); GET through confab of objects not read before (confab) and of the declared uploads just made (confab_just_uploaded: the memory cache's hits up to attachments.cache_object_bytes); direct: one PutObject of the whole body from memory and one GetObject, same bucket, same run",
     }))
 }
