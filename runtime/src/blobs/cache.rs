@@ -196,7 +196,8 @@ impl Blobs for CachedBlobs {
         if let Some(bytes) = copied
             && bytes.len() as u64 == size
         {
-            self.keep(expected.clone(), bytes.freeze());
+            // A copy, not the growing buffer itself: that may hold up to twice its length.
+            self.keep(expected.clone(), Bytes::copy_from_slice(&bytes));
         }
         Ok(size)
     }
@@ -222,20 +223,32 @@ impl Blobs for CachedBlobs {
         if range.is_some() || read.len > self.limits.object_bytes as u64 {
             return Ok(read);
         }
-        // Small and whole: read it all, and keep it if it is what its name says.
-        let mut bytes = BytesMut::with_capacity(read.len as usize);
+        // Small and whole: read it all, and keep it if it is what its name says. The length is
+        // the storage's word, so reading stops being a copy past the limit whatever it said.
+        let len = read.len;
+        let mut bytes = BytesMut::with_capacity(len as usize);
         let mut chunks = read.chunks;
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|e| BlobError::Unavailable(e.to_string()))?;
             bytes.extend_from_slice(&chunk);
+            if bytes.len() > self.limits.object_bytes {
+                let head = futures::stream::once(std::future::ready(Ok(bytes.freeze())));
+                return Ok(BlobRead {
+                    chunks: head.chain(chunks).boxed(),
+                    len,
+                });
+            }
         }
         let bytes = bytes.freeze();
-        if BlobName::of(&bytes) == *name {
-            self.keep(name.clone(), bytes.clone());
+        if bytes.len() as u64 == len && BlobName::of(&bytes) == *name {
+            self.keep(name.clone(), Bytes::copy_from_slice(&bytes));
         } else {
             tracing::warn!(object = %name, "an object's bytes do not hash to its name; not cached");
         }
-        Ok(read_of(bytes, None).expect("a whole read has no range"))
+        Ok(BlobRead {
+            chunks: futures::stream::once(std::future::ready(Ok(bytes))).boxed(),
+            len,
+        })
     }
 
     async fn presign(
@@ -257,7 +270,11 @@ impl Blobs for CachedBlobs {
 
     async fn delete(&self, name: &BlobName) -> Result<(), BlobError> {
         self.lru().remove(name);
-        self.inner.delete(name).await
+        let deleted = self.inner.delete(name).await;
+        // Again after: a read that missed before the deletion may have kept it meanwhile. (Its
+        // bytes would still be right; objects never change under their name.)
+        self.lru().remove(name);
+        deleted
     }
 
     async fn sweep_staging(&self, age: Duration) -> Result<u64, BlobError> {
