@@ -403,6 +403,88 @@ mod tests {
         assert_eq!(read_all(kept).await, vec![0u8; 400]);
     }
 
+    /// A directory that does not say how long its objects are (as an S3 response without a
+    /// `Content-Length`).
+    struct Unsized(LocalBlobs);
+
+    #[async_trait]
+    impl Blobs for Unsized {
+        async fn check(&self) -> Result<(), BlobError> {
+            self.0.check().await
+        }
+        async fn stage(&self, body: ByteChunks, max: u64) -> Result<Staged, BlobError> {
+            self.0.stage(body, max).await
+        }
+        async fn commit(&self, staged: &Staged) -> Result<(), BlobError> {
+            self.0.commit(staged).await
+        }
+        async fn discard(&self, staged: &Staged) -> Result<(), BlobError> {
+            self.0.discard(staged).await
+        }
+        async fn put(&self, bytes: Bytes) -> Result<BlobName, BlobError> {
+            self.0.put(bytes).await
+        }
+        async fn size(&self, name: &BlobName) -> Result<Option<u64>, BlobError> {
+            self.0.size(name).await
+        }
+        async fn get(
+            &self,
+            name: &BlobName,
+            range: Option<(u64, u64)>,
+        ) -> Result<BlobRead, BlobError> {
+            let read = self.0.get(name, range).await?;
+            Ok(BlobRead {
+                len: 0,
+                chunks: read.chunks,
+            })
+        }
+        async fn presign(
+            &self,
+            name: &BlobName,
+            ttl: Duration,
+            presentation: &Presentation,
+        ) -> Result<Option<String>, BlobError> {
+            self.0.presign(name, ttl, presentation).await
+        }
+        async fn list(
+            &self,
+            after: Option<&BlobName>,
+            limit: usize,
+        ) -> Result<Vec<BlobInfo>, BlobError> {
+            self.0.list(after, limit).await
+        }
+        async fn delete(&self, name: &BlobName) -> Result<(), BlobError> {
+            self.0.delete(name).await
+        }
+        async fn sweep_staging(&self, age: Duration) -> Result<u64, BlobError> {
+            self.0.sweep_staging(age).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_object_of_unreported_length_streams_and_is_not_kept() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let plain = LocalBlobs::open(dir.path()).expect("opens");
+        let large: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let name = plain.put(Bytes::from(large.clone())).await.expect("put");
+        let blobs = CachedBlobs::new(Arc::new(Unsized(plain)), limits(1 << 20, 1000));
+        let read = blobs.get(&name, None).await.expect("reads");
+        let mut chunks = 0;
+        let mut all = Vec::new();
+        let mut stream = read.chunks;
+        while let Some(chunk) = stream.next().await {
+            chunks += 1;
+            all.extend_from_slice(&chunk.expect("reads"));
+        }
+        assert_eq!(all, large, "every byte, in order");
+        assert!(
+            chunks > 1,
+            "streamed on past the limit, not read whole first"
+        );
+        assert!(!blobs.holds(&name));
+        assert_eq!(blobs.held_bytes(), 0);
+    }
+
     #[tokio::test]
     async fn bytes_that_do_not_match_their_name_are_served_but_never_kept() {
         let dir = tempfile::tempdir().expect("temp dir");
