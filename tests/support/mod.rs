@@ -232,13 +232,18 @@ pub async fn spawn_with(stack: Stack, config: Config, data: tempfile::TempDir) -
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(confab::run(
+    let mut server = tokio::spawn(confab::run(
         confab::Role::Serve,
         config.clone(),
         listener,
         shutdown.clone(),
     ));
-    let app = TestApp {
+    // A server that fails to start says why, rather than leaving the wait to time out.
+    tokio::select! {
+        () = wait_ready(&base) => {}
+        ended = &mut server => panic!("confab at {base} stopped before it was ready: {ended:?}"),
+    }
+    TestApp {
         stack,
         base,
         config,
@@ -246,9 +251,7 @@ pub async fn spawn_with(stack: Stack, config: Config, data: tempfile::TempDir) -
         shutdown,
         server: Some(server),
         _data: data,
-    };
-    app.wait_ready().await;
-    app
+    }
 }
 
 impl TestApp {
