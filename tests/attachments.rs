@@ -1100,27 +1100,26 @@ async fn presigned_redirects_on_s3() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
+    let get = |meta: Value| {
+        no_redirects
+            .get(app.url(&format!("/v1/attachments/{}", meta["id"].as_str().unwrap())))
+            .bearer_auth(&alice)
+            .send()
+    };
+    let downloaded_as_attachment = |response: &reqwest::Response| {
+        response.status() == 200
+            && response.headers()["content-disposition"]
+                .to_str()
+                .unwrap()
+                .starts_with("attachment;")
+    };
     // Up to the memory cache's object size the body is served, not redirected.
     let small = uploaded(&app, &alice, &chat, "small.html", "text/html", b"<i>hi</i>").await;
-    let served = no_redirects
-        .get(app.url(&format!(
-            "/v1/attachments/{}",
-            small["id"].as_str().unwrap()
-        )))
-        .bearer_auth(&alice)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(served.status(), 200);
-    assert!(
-        served.headers()["content-disposition"]
-            .to_str()
-            .unwrap()
-            .starts_with("attachment;")
-    );
+    let served = get(small).await.unwrap();
+    assert!(downloaded_as_attachment(&served), "{served:?}");
     assert_eq!(served.bytes().await.unwrap().as_ref(), b"<i>hi</i>");
     let page = format!("<b>{}</b>", "hi ".repeat(30));
-    let meta = uploaded(
+    let large = uploaded(
         &app,
         &alice,
         &chat,
@@ -1129,22 +1128,11 @@ async fn presigned_redirects_on_s3() {
         page.as_bytes(),
     )
     .await;
-    let response = no_redirects
-        .get(app.url(&format!("/v1/attachments/{}", meta["id"].as_str().unwrap())))
-        .bearer_auth(&alice)
-        .send()
-        .await
-        .unwrap();
+    let response = get(large).await.unwrap();
     assert_eq!(response.status(), 307);
     let location = response.headers()["location"].to_str().unwrap().to_owned();
     let fetched = reqwest::get(&location).await.unwrap();
-    assert_eq!(fetched.status(), 200);
-    assert!(
-        fetched.headers()["content-disposition"]
-            .to_str()
-            .unwrap()
-            .starts_with("attachment;")
-    );
+    assert!(downloaded_as_attachment(&fetched), "{fetched:?}");
     assert_eq!(fetched.bytes().await.unwrap().as_ref(), page.as_bytes());
     app.stop().await;
 }

@@ -223,25 +223,17 @@ impl Blobs for CachedBlobs {
         if range.is_some() || read.len > self.limits.object_bytes as u64 {
             return Ok(read);
         }
-        // Small and whole: read it all, and keep it if it is what its name says. The length is
-        // the storage's word, so reading stops being a copy past the limit whatever it said.
+        // Small and whole: read it all, and keep it if it is what its name says.
         let len = read.len;
         let mut bytes = BytesMut::with_capacity(len as usize);
         let mut chunks = read.chunks;
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|e| BlobError::Unavailable(e.to_string()))?;
             bytes.extend_from_slice(&chunk);
-            if bytes.len() > self.limits.object_bytes {
-                let head = futures::stream::once(std::future::ready(Ok(bytes.freeze())));
-                return Ok(BlobRead {
-                    chunks: head.chain(chunks).boxed(),
-                    len,
-                });
-            }
         }
         let bytes = bytes.freeze();
         if bytes.len() as u64 == len && BlobName::of(&bytes) == *name {
-            self.keep(name.clone(), Bytes::copy_from_slice(&bytes));
+            self.keep(name.clone(), bytes.clone());
         } else {
             tracing::warn!(object = %name, "an object's bytes do not hash to its name; not cached");
         }
@@ -401,88 +393,6 @@ mod tests {
         remove_underneath(dir.path(), &names[0]).await;
         let kept = blobs.get(&names[0], None).await.expect("from memory");
         assert_eq!(read_all(kept).await, vec![0u8; 400]);
-    }
-
-    /// A directory that does not say how long its objects are (as an S3 response without a
-    /// `Content-Length`).
-    struct Unsized(LocalBlobs);
-
-    #[async_trait]
-    impl Blobs for Unsized {
-        async fn check(&self) -> Result<(), BlobError> {
-            self.0.check().await
-        }
-        async fn stage(&self, body: ByteChunks, max: u64) -> Result<Staged, BlobError> {
-            self.0.stage(body, max).await
-        }
-        async fn commit(&self, staged: &Staged) -> Result<(), BlobError> {
-            self.0.commit(staged).await
-        }
-        async fn discard(&self, staged: &Staged) -> Result<(), BlobError> {
-            self.0.discard(staged).await
-        }
-        async fn put(&self, bytes: Bytes) -> Result<BlobName, BlobError> {
-            self.0.put(bytes).await
-        }
-        async fn size(&self, name: &BlobName) -> Result<Option<u64>, BlobError> {
-            self.0.size(name).await
-        }
-        async fn get(
-            &self,
-            name: &BlobName,
-            range: Option<(u64, u64)>,
-        ) -> Result<BlobRead, BlobError> {
-            let read = self.0.get(name, range).await?;
-            Ok(BlobRead {
-                len: 0,
-                chunks: read.chunks,
-            })
-        }
-        async fn presign(
-            &self,
-            name: &BlobName,
-            ttl: Duration,
-            presentation: &Presentation,
-        ) -> Result<Option<String>, BlobError> {
-            self.0.presign(name, ttl, presentation).await
-        }
-        async fn list(
-            &self,
-            after: Option<&BlobName>,
-            limit: usize,
-        ) -> Result<Vec<BlobInfo>, BlobError> {
-            self.0.list(after, limit).await
-        }
-        async fn delete(&self, name: &BlobName) -> Result<(), BlobError> {
-            self.0.delete(name).await
-        }
-        async fn sweep_staging(&self, age: Duration) -> Result<u64, BlobError> {
-            self.0.sweep_staging(age).await
-        }
-    }
-
-    #[tokio::test]
-    async fn a_large_object_of_unreported_length_streams_and_is_not_kept() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let plain = LocalBlobs::open(dir.path()).expect("opens");
-        let large: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
-        let name = plain.put(Bytes::from(large.clone())).await.expect("put");
-        let blobs = CachedBlobs::new(Arc::new(Unsized(plain)), limits(1 << 20, 1000));
-        let read = blobs.get(&name, None).await.expect("reads");
-        let mut chunks = 0;
-        let mut all = Vec::new();
-        let mut stream = read.chunks;
-        while let Some(chunk) = stream.next().await {
-            chunks += 1;
-            all.extend_from_slice(&chunk.expect("reads"));
-        }
-        assert_eq!(all, large, "every byte, in order");
-        assert!(
-            chunks > 1,
-            "streamed on past the limit, not read whole first"
-        );
-        assert!(!blobs.holds(&name));
-        assert_eq!(blobs.held_bytes(), 0);
     }
 
     #[tokio::test]

@@ -453,7 +453,11 @@ impl Blobs for S3Blobs {
             }
             Err(error) => return Err(unavailable(error)),
         };
-        let len = object.content_length().unwrap_or(0).max(0) as u64;
+        // `BlobRead::len` is what callers size responses and buffers by: never a guess.
+        let len = object
+            .content_length()
+            .and_then(|len| u64::try_from(len).ok())
+            .ok_or_else(|| BlobError::Unavailable("the object's length was not given".into()))?;
         let chunks = futures::stream::unfold(object.body, |mut body| async move {
             body.next()
                 .await
