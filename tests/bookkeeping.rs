@@ -289,12 +289,13 @@ impl Store for FlakyBookkeeping {
         &self,
         chat: ChatId,
         after: Option<SignalId>,
+        through: Option<SignalId>,
         chat_created_at: OffsetDateTime,
         reader: UserId,
         cap: usize,
     ) -> Result<usize, StoreError> {
         self.inner
-            .count_unread(chat, after, chat_created_at, reader, cap)
+            .count_unread(chat, after, through, chat_created_at, reader, cap)
             .await
     }
     async fn add_reaction(

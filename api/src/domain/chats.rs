@@ -16,7 +16,7 @@ use super::paging::{Page, Pager};
 use super::rules;
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
-use crate::store::{ChatActivity, ChatEntry, NewChat, UNREAD_CAP};
+use crate::store::{ChatActivity, ChatEntry, NewChat, UNREAD_CAP, UnreadQuery};
 
 /// A chat to create, checked.
 #[derive(Clone, Debug)]
@@ -269,21 +269,33 @@ impl ApiState {
     /// The chats of `entries` with their unread counts (one bounded count per chat with signals
     /// past the caller's read marker, in parallel) and the attachments of their newest signals.
     async fn views_of(&self, entries: Vec<ChatEntry>, caller: UserId) -> ApiResult<Vec<Chat>> {
-        let counts = futures::future::try_join_all(entries.iter().map(|entry| async move {
-            if !entry.may_have_unread() {
-                return Ok(0);
-            }
-            self.store
-                .count_unread(
-                    entry.chat.id,
-                    entry.read_marker,
-                    entry.chat.created_at,
-                    caller,
-                    UNREAD_CAP,
-                )
-                .await
-        }))
-        .await?;
+        // One bounded count per chat with signals past the caller's marker, asked together,
+        // each up to the newest signal shown with it so the two agree.
+        let queries: Vec<UnreadQuery> = entries
+            .iter()
+            .filter(|entry| entry.may_have_unread())
+            .map(|entry| UnreadQuery {
+                chat: entry.chat.id,
+                after: entry.read_marker,
+                through: entry.chat.latest_signal.as_ref().map(|latest| latest.id),
+                chat_created_at: entry.chat.created_at,
+            })
+            .collect();
+        let mut counted = self
+            .store
+            .count_unreads(&queries, caller, UNREAD_CAP)
+            .await?
+            .into_iter();
+        let counts: Vec<usize> = entries
+            .iter()
+            .map(|entry| {
+                if entry.may_have_unread() {
+                    counted.next().unwrap_or(0)
+                } else {
+                    0
+                }
+            })
+            .collect();
         let mut chats: Vec<Chat> = entries
             .into_iter()
             .zip(counts)

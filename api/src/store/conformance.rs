@@ -53,6 +53,7 @@ macro_rules! store_conformance_tests {
             chat_entries_show_role_latest_and_marker,
             the_chat_list_is_the_activity_order_with_entries,
             unread_counts_are_capped_and_the_scan_bounded,
+            unread_counts_asked_together_are_the_counts_alone,
             markers_move_forward_only,
             attachments_page_newest_first_by_kind,
             attachments_reference_their_objects,
@@ -894,8 +895,16 @@ pub async fn edits_tombstones_and_forward_paging(store: Arc<dyn Store>) {
         OffsetDateTime::UNIX_EPOCH,
     ] {
         let count = |after: Option<SignalId>, reader: UserId, cap: usize| {
-            store.count_unread(chat, after, created_at, reader, cap)
+            store.count_unread(chat, after, None, created_at, reader, cap)
         };
+        let through = |after: Option<SignalId>, through: SignalId| {
+            store.count_unread(chat, after, Some(through), created_at, bob.id, 100)
+        };
+        // Up to a given signal (the newest one a chat list shows), not past it.
+        assert_eq!(through(Some(ids[1]), ids[2]).await.unwrap(), 1);
+        assert_eq!(through(Some(ids[1]), ids[4]).await.unwrap(), 2);
+        assert_eq!(through(Some(ids[2]), ids[2]).await.unwrap(), 0);
+        assert_eq!(through(None, ids[2]).await.unwrap(), 3, "{created_at}");
         assert_eq!(count(Some(ids[1]), bob.id, 100).await.unwrap(), 2);
         assert_eq!(count(Some(ids[2]), bob.id, 100).await.unwrap(), 1);
         assert_eq!(count(Some(ids[4]), bob.id, 100).await.unwrap(), 0);
@@ -1511,7 +1520,7 @@ pub async fn unread_counts_are_capped_and_the_scan_bounded(store: Arc<dyn Store>
     let created_at = store.get_chat(chat).await.unwrap().unwrap().created_at;
     assert_eq!(
         store
-            .count_unread(chat, None, created_at, bob.id, UNREAD_CAP)
+            .count_unread(chat, None, None, created_at, bob.id, UNREAD_CAP)
             .await
             .unwrap(),
         UNREAD_CAP,
@@ -1519,7 +1528,7 @@ pub async fn unread_counts_are_capped_and_the_scan_bounded(store: Arc<dyn Store>
     );
     assert_eq!(
         store
-            .count_unread(chat, None, created_at, alice.id, UNREAD_CAP)
+            .count_unread(chat, None, None, created_at, alice.id, UNREAD_CAP)
             .await
             .unwrap(),
         UNREAD_CAP,
@@ -1527,10 +1536,129 @@ pub async fn unread_counts_are_capped_and_the_scan_bounded(store: Arc<dyn Store>
     );
     assert_eq!(
         store
-            .count_unread(chat, None, created_at, alice.id, 5)
+            .count_unread(chat, None, None, created_at, alice.id, 5)
             .await
             .unwrap(),
         5
+    );
+}
+
+/// Counts asked together answer what each asked alone does, whether its signals lie in one
+/// bucket or several, with a marker or without, more of them than one read takes, over the cap.
+pub async fn unread_counts_asked_together_are_the_counts_alone(store: Arc<dyn Store>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    // Ids of signals `days_ago` days back (the `n`th of that second), as if sent then.
+    let at = |days_ago: i64, n: u32| {
+        let secs = u64::try_from(now - days_ago * 86_400).unwrap();
+        SignalId(Uuid::new_v7(Timestamp::from_unix(
+            uuid::NoContext,
+            secs,
+            n * 1_000_000,
+        )))
+    };
+    let insert = |signals: Vec<Signal>| {
+        let store = Arc::clone(&store);
+        async move {
+            futures::stream::iter(signals)
+                .map(|signal| {
+                    let store = Arc::clone(&store);
+                    async move { store.insert_signal(&signal).await.unwrap() }
+                })
+                .buffer_unordered(16)
+                .collect::<Vec<_>>()
+                .await;
+        }
+    };
+    let mut queries = Vec::new();
+    let mut expected = Vec::new();
+    let mut ask = |chat: ChatId, after: Option<SignalId>, through: SignalId, unread: usize| {
+        queries.push((chat, after, through));
+        expected.push(unread);
+    };
+
+    // Today only: a marker after the first; bob's own message and a deleted one do not count.
+    let today = chat_with(&*store, alice.id, &[bob.id]).await;
+    let ids: Vec<SignalId> = (0..6).map(|n| at(0, n)).collect();
+    let mut signals: Vec<Signal> = ids
+        .iter()
+        .map(|id| message_at(today, alice.id, *id, None, "today"))
+        .collect();
+    signals[2].author_id = bob.id;
+    insert(signals).await;
+    store.delete_signal(today, ids[3]).await.unwrap();
+    ask(today, Some(ids[0]), ids[5], 3);
+    ask(today, Some(ids[0]), ids[4], 2);
+    ask(today, None, ids[5], 4);
+    ask(today, Some(ids[5]), ids[5], 0);
+
+    // Three days back and today: with no marker, or one in the older bucket.
+    let days = chat_with(&*store, alice.id, &[bob.id]).await;
+    let old = at(3, 0);
+    let new: Vec<SignalId> = (0..2).map(|n| at(0, n)).collect();
+    let mut signals = vec![message_at(days, alice.id, old, None, "old")];
+    signals.extend(
+        new.iter()
+            .map(|id| message_at(days, alice.id, *id, None, "new")),
+    );
+    signals.push(message_at(days, alice.id, at(3, 1), None, "old too"));
+    insert(signals).await;
+    ask(days, None, new[1], 4);
+    ask(days, Some(old), new[1], 3);
+    ask(days, Some(new[0]), new[1], 1);
+
+    // More than one read takes, with and without a marker, under and over the cap.
+    let busy = chat_with(&*store, alice.id, &[bob.id]).await;
+    let many: Vec<SignalId> = (0..300).map(|n| at(0, n)).collect();
+    insert(
+        many.iter()
+            .map(|id| message_at(busy, alice.id, *id, None, "busy"))
+            .collect(),
+    )
+    .await;
+    ask(busy, None, many[299], UNREAD_CAP);
+    ask(busy, Some(many[200]), many[299], 99);
+    ask(busy, Some(many[150]), many[299], UNREAD_CAP);
+    ask(busy, Some(many[10]), many[60], 50);
+
+    let mut unread_queries = Vec::new();
+    for (chat, after, through) in queries {
+        let created_at = store.get_chat(chat).await.unwrap().unwrap().created_at;
+        unread_queries.push(super::UnreadQuery {
+            chat,
+            after,
+            through: Some(through),
+            chat_created_at: created_at,
+        });
+    }
+    let together = store
+        .count_unreads(&unread_queries, bob.id, UNREAD_CAP)
+        .await
+        .unwrap();
+    let mut alone = Vec::new();
+    for q in &unread_queries {
+        alone.push(
+            store
+                .count_unread(
+                    q.chat,
+                    q.after,
+                    q.through,
+                    q.chat_created_at,
+                    bob.id,
+                    UNREAD_CAP,
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(alone, expected, "alone");
+    assert_eq!(together, expected, "together");
+    assert!(
+        store
+            .count_unreads(&[], bob.id, UNREAD_CAP)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 

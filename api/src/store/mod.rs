@@ -198,6 +198,16 @@ impl ChatEntry {
     }
 }
 
+/// One unread count of [`Store::count_unreads`]: the arguments of [`Store::count_unread`] that
+/// differ per chat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnreadQuery {
+    pub chat: ChatId,
+    pub after: Option<SignalId>,
+    pub through: Option<SignalId>,
+    pub chat_created_at: OffsetDateTime,
+}
+
 /// A chat in a user's activity order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChatActivity {
@@ -462,7 +472,8 @@ pub trait Store: Send + Sync + 'static {
         after: SignalId,
         limit: usize,
     ) -> Result<Vec<Signal>, StoreError>;
-    /// How many messages (not deleted, not by `reader`) `chat` has after `after` (all when `None`),
+    /// How many messages (not deleted, not by `reader`) `chat` has after `after` (all when `None`)
+    /// and up to `through` (the newest signal the caller shows with the count; all when `None`),
     /// counting at most `cap` and scanning at most [`UNREAD_SCAN_LIMIT`] signals (beyond which it
     /// answers `cap`). `chat_created_at` says where the chat's signals are expected to
     /// begin: a store may use it to start reading before it knows, never to change the answer.
@@ -470,10 +481,27 @@ pub trait Store: Send + Sync + 'static {
         &self,
         chat: ChatId,
         after: Option<SignalId>,
+        through: Option<SignalId>,
         chat_created_at: OffsetDateTime,
         reader: UserId,
         cap: usize,
     ) -> Result<usize, StoreError>;
+
+    /// [`Store::count_unread`] for each of `queries`, in their order. A store may answer them
+    /// together in fewer round trips than one count each; the answers are the same.
+    async fn count_unreads(
+        &self,
+        queries: &[UnreadQuery],
+        reader: UserId,
+        cap: usize,
+    ) -> Result<Vec<usize>, StoreError> {
+        futures::future::try_join_all(
+            queries.iter().map(|q| {
+                self.count_unread(q.chat, q.after, q.through, q.chat_created_at, reader, cap)
+            }),
+        )
+        .await
+    }
 
     // Reactions.
 

@@ -42,9 +42,15 @@ use confab_schema::call::CallStatus;
 use super::{
     CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, MarkerKind, MemberPut,
     MemberWrite, NewChat, OutboxEntry, OutboxWriter, RingingCall, Slot, SlotWrite, Store,
-    StoreError, UNREAD_SCAN_LIMIT, created_at, from_millis, millis, parse, search_terms,
-    stored_text, text_and_call,
+    StoreError, UNREAD_SCAN_LIMIT, UnreadQuery, created_at, from_millis, millis, parse,
+    search_terms, stored_text, text_and_call,
 };
+
+/// How many of a chat's newest signals [`Store::count_unreads`] reads at once; a chat with more
+/// past its marker is counted on its own.
+const UNREAD_BATCH_ROWS: usize = 128;
+/// Chats per `IN` of [`Store::count_unreads`] (ScyllaDB refuses more than 100 partition keys).
+const UNREAD_BATCH_CHATS: usize = 50;
 
 /// Where and how to reach the cluster.
 #[derive(Clone, Debug)]
@@ -323,6 +329,8 @@ struct Statements {
     buckets_from: PreparedStatement,
     signals_in_bucket_after: PreparedStatement,
     unread_in_bucket: PreparedStatement,
+    newest_in_buckets: PreparedStatement,
+    newest_buckets_in: PreparedStatement,
     insert_term: PreparedStatement,
     delete_term: PreparedStatement,
     terms_from: PreparedStatement,
@@ -510,6 +518,12 @@ impl CqlStore {
             unread_in_bucket: "SELECT id, author_id, kind, deleted FROM signals WHERE chat_id = ? AND bucket = ? AND id > ? \
                  ORDER BY id ASC LIMIT ?"
                     .into(),
+            newest_in_buckets: format!(
+                "SELECT chat_id, id, author_id, kind, deleted FROM signals WHERE chat_id IN ? AND bucket = ? \
+                 PER PARTITION LIMIT {UNREAD_BATCH_ROWS}"
+            ),
+            newest_buckets_in: "SELECT chat_id, bucket FROM signal_buckets WHERE chat_id IN ? PER PARTITION LIMIT 2"
+                .into(),
             insert_term: "INSERT INTO user_search (shard, term, user_id) VALUES (?, ?, ?)".into(),
             delete_term: "DELETE FROM user_search WHERE shard = ? AND term = ? AND user_id = ?".into(),
             terms_from: "SELECT term, user_id FROM user_search WHERE shard = ? AND term >= ? AND term < ? LIMIT ?".into(),
@@ -1739,6 +1753,7 @@ impl Store for CqlStore {
         &self,
         chat: ChatId,
         after: Option<SignalId>,
+        through: Option<SignalId>,
         chat_created_at: OffsetDateTime,
         reader: UserId,
         cap: usize,
@@ -1776,10 +1791,23 @@ impl Store for CqlStore {
                     .map_err(unavailable)?,
             )
         };
-        let (mut buckets, guessed) = futures::try_join!(
-            list(lower_bucket),
-            scan(guessed_bucket, after_id, first_want)
-        )?;
+        // After a marker, every signal to count lies in the marker's bucket or later ones; when
+        // `through` lies in the marker's bucket too, that bucket is all there is to read, and the
+        // bucket list is not needed. (Without a marker the creation time is only a guess, so the
+        // list is read.)
+        let through_bucket = through.and_then(|t| t.unix_millis()).map(signal_bucket);
+        let one_bucket = after.is_some() && through_bucket == Some(guessed_bucket);
+        let (mut buckets, guessed) = if one_bucket {
+            (
+                vec![(guessed_bucket,)],
+                scan(guessed_bucket, after_id, first_want).await?,
+            )
+        } else {
+            futures::try_join!(
+                list(lower_bucket),
+                scan(guessed_bucket, after_id, first_want)
+            )?
+        };
         let mut guessed = Some(guessed);
         let mut count = 0;
         let mut scanned = 0;
@@ -1797,7 +1825,10 @@ impl Store for CqlStore {
                         _ => scan(*bucket, from, want).await?,
                     };
                     scanned += page.len();
-                    for (_, author, kind, deleted) in &page {
+                    for (id, author, kind, deleted) in &page {
+                        if through.is_some_and(|through| *id > through.0) {
+                            return Ok(count);
+                        }
                         if *author != reader.0
                             && kind == SignalKind::Message.as_str()
                             && !deleted.unwrap_or(false)
@@ -1815,12 +1846,141 @@ impl Store for CqlStore {
                 }
             }
             match buckets.last() {
-                Some((last,)) if buckets.len() == BUCKET_BATCH as usize => lower_bucket = last + 1,
+                Some((last,)) if !one_bucket && buckets.len() == BUCKET_BATCH as usize => {
+                    lower_bucket = last + 1
+                }
                 _ => break,
             }
             buckets = list(lower_bucket).await?;
         }
         Ok(count)
+    }
+
+    /// The counts whose signals all lie in one bucket, read together: one read of the newest
+    /// signals of every such chat per bucket, and one of the chats' newest buckets (for those
+    /// without a marker). A count these rows do not settle is made on its own.
+    async fn count_unreads(
+        &self,
+        queries: &[UnreadQuery],
+        reader: UserId,
+        cap: usize,
+    ) -> Result<Vec<usize>, StoreError> {
+        let bucket_of =
+            |id: Option<SignalId>| id.and_then(|id| id.unix_millis()).map(signal_bucket);
+        // The bucket every signal to count would lie in, when there is one to hope for.
+        let hoped: Vec<Option<i32>> = queries
+            .iter()
+            .map(|q| {
+                let through = bucket_of(q.through)?;
+                match q.after {
+                    Some(_) if bucket_of(q.after) != Some(through) => None,
+                    _ => Some(through),
+                }
+            })
+            .collect();
+        let mut by_bucket: BTreeMap<i32, Vec<Uuid>> = BTreeMap::new();
+        for (query, bucket) in queries.iter().zip(&hoped) {
+            if let Some(bucket) = bucket {
+                by_bucket.entry(*bucket).or_default().push(query.chat.0);
+            }
+        }
+        let unmarked: Vec<Uuid> = queries
+            .iter()
+            .zip(&hoped)
+            .filter(|(q, bucket)| q.after.is_none() && bucket.is_some())
+            .map(|(q, _)| q.chat.0)
+            .collect();
+        let reads = by_bucket.iter().flat_map(|(bucket, chats)| {
+            chats
+                .chunks(UNREAD_BATCH_CHATS)
+                .map(move |chunk| async move {
+                    rows::<(Uuid, Uuid, Uuid, String, Option<bool>)>(
+                        self.session
+                            .execute_unpaged(&self.statements.newest_in_buckets, (chunk, *bucket))
+                            .await
+                            .map_err(unavailable)?,
+                    )
+                    .map(|rows| (*bucket, rows))
+                })
+        });
+        let bucket_lists = unmarked.chunks(UNREAD_BATCH_CHATS).map(|chunk| async move {
+            rows::<(Uuid, i32)>(
+                self.session
+                    .execute_unpaged(&self.statements.newest_buckets_in, (chunk,))
+                    .await
+                    .map_err(unavailable)?,
+            )
+        });
+        let (read, lists) = futures::try_join!(
+            futures::future::try_join_all(reads),
+            futures::future::try_join_all(bucket_lists)
+        )?;
+        // Each chat's newest signals in its bucket, newest first.
+        let mut newest: HashMap<(Uuid, i32), Vec<(Uuid, Uuid, String, Option<bool>)>> =
+            HashMap::new();
+        for (bucket, rows) in read {
+            for (chat, id, author, kind, deleted) in rows {
+                newest
+                    .entry((chat, bucket))
+                    .or_default()
+                    .push((id, author, kind, deleted));
+            }
+        }
+        let mut buckets: HashMap<Uuid, Vec<i32>> = HashMap::new();
+        for (chat, bucket) in lists.into_iter().flatten() {
+            buckets.entry(chat).or_default().push(bucket);
+        }
+        let no_rows = Vec::new();
+        futures::future::try_join_all(queries.iter().zip(&hoped).map(|(q, bucket)| {
+            let settled = bucket.and_then(|bucket| {
+                let rows = newest.get(&(q.chat.0, bucket)).unwrap_or(&no_rows);
+                let after = q.after.map(|a| a.0);
+                // Every signal after the marker is among the rows read: fewer rows than asked
+                // for, or the oldest of them at or before the marker.
+                let reached_marker = rows.len() < UNREAD_BATCH_ROWS
+                    || after.is_some_and(|after| rows.last().is_some_and(|(id, ..)| *id <= after));
+                // Without a marker, also no signal in an earlier bucket.
+                let only_bucket = after.is_some()
+                    || buckets
+                        .get(&q.chat.0)
+                        .is_some_and(|b| b.as_slice() == [bucket]);
+                let through = q.through.map(|t| t.0);
+                let count = rows
+                    .iter()
+                    .filter(|(id, author, kind, deleted)| {
+                        after.is_none_or(|after| *id > after)
+                            && through.is_none_or(|through| *id <= through)
+                            && *author != reader.0
+                            && kind == SignalKind::Message.as_str()
+                            && !deleted.unwrap_or(false)
+                    })
+                    .count();
+                if count >= cap {
+                    Some(cap)
+                } else if reached_marker && only_bucket {
+                    Some(count)
+                } else {
+                    None
+                }
+            });
+            async move {
+                match settled {
+                    Some(count) => Ok(count),
+                    None => {
+                        self.count_unread(
+                            q.chat,
+                            q.after,
+                            q.through,
+                            q.chat_created_at,
+                            reader,
+                            cap,
+                        )
+                        .await
+                    }
+                }
+            }
+        }))
+        .await
     }
 
     async fn add_reaction(

@@ -1163,18 +1163,23 @@ impl Store for EmbeddedStore {
         &self,
         chat: ChatId,
         after: Option<SignalId>,
+        through: Option<SignalId>,
         _chat_created_at: OffsetDateTime,
         reader: UserId,
         cap: usize,
     ) -> Result<usize, StoreError> {
         self.with(move |c| {
             let after = after.map(|a| blob(a.0).to_vec()).unwrap_or_default();
+            // Ids are 16 bytes; this one sorts after every id.
+            let through = through
+                .map(|t| blob(t.0).to_vec())
+                .unwrap_or_else(|| vec![0xFF; 17]);
             // Scan at most UNREAD_SCAN_LIMIT signals after the marker; count those that are unread.
             let (scanned, unread): (i64, i64) = c
                 .prepare_cached(
                     "SELECT COUNT(*), COALESCE(SUM(unread), 0) FROM
                      (SELECT (kind = 'message' AND deleted = 0 AND author_id != ?3) AS unread
-                      FROM signals WHERE chat_id = ?1 AND id > ?2 ORDER BY id LIMIT ?4)",
+                      FROM signals WHERE chat_id = ?1 AND id > ?2 AND id <= ?5 ORDER BY id LIMIT ?4)",
                 )
                 .map_err(unavailable)?
                 .query_row(
@@ -1182,7 +1187,8 @@ impl Store for EmbeddedStore {
                         blob(chat.0),
                         after,
                         blob(reader.0),
-                        i64::try_from(UNREAD_SCAN_LIMIT).unwrap_or(i64::MAX)
+                        i64::try_from(UNREAD_SCAN_LIMIT).unwrap_or(i64::MAX),
+                        through
                     ],
                     |row| Ok((row.get(0)?, row.get(1)?)),
                 )
