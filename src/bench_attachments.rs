@@ -303,9 +303,10 @@ async fn measure(
             declared_ids.push(id);
         }
         let confab_declared_up = started.elapsed();
-        // Downloads of the first uploads: nothing of them was read before (the memory cache's
-        // misses). Then of the declared uploads, as a member fetches what was just sent (hits
-        // when the cache keeps objects of this size).
+        // Downloads of the first uploads, then of the declared ones, as members fetch what was
+        // just sent: both are kept in memory when the cache keeps objects of this size, so a
+        // run with the cache off (`CONFAB_ATTACHMENTS__CACHE_BYTES=0`) measures reads from the
+        // storage.
         let started = Instant::now();
         download_all(&http, base, &other, &ids, size).await?;
         let confab_down = started.elapsed();
@@ -393,6 +394,6 @@ async fn measure(
             "growth_bytes": peak_rss.saturating_sub(idle_rss),
             "largest_upload_bytes": largest,
         },
-        "note": "confab: POST with a streamed body (hashed, staged, multipart above 8 MiB, then a server-side copy to its content address); confab_declared_digest: the same POST with Content-Digest (hashed while written straight to its content address, completed once the hash matches); GET through confab of objects not read before (confab) and of the declared uploads just made (confab_just_uploaded: the memory cache's hits up to attachments.cache_object_bytes); direct: one PutObject of the whole body from memory and one GetObject, same bucket, same run",
+        "note": "confab: POST with a streamed body (hashed, staged, multipart above 8 MiB, then a server-side copy to its content address); confab_declared_digest: the same POST with Content-Digest (hashed while written straight to its content address, completed once the hash matches); GET through confab of the staged uploads (confab) and of the declared uploads (confab_just_uploaded), not read before: both are the memory cache's hits up to attachments.cache_object_bytes unless the cache is off (CONFAB_ATTACHMENTS__CACHE_BYTES=0); direct: one PutObject of the whole body from memory and one GetObject, same bucket, same run",
     }))
 }

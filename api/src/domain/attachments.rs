@@ -227,11 +227,16 @@ impl ApiState {
         body: ByteChunks,
     ) -> ApiResult<Attachment> {
         let settings = self.attachment_settings()?.clone();
-        self.require_member(chat, caller.id).await?;
         if declared_length.is_some_and(|n| n > settings.max_bytes) {
+            self.require_member(chat, caller.id).await?;
             return Err(too_large(settings.max_bytes));
         }
-        let (head, body) = peek(body, HEAD_BYTES).await?;
+        // The membership check does not wait for the body's first bytes, nor they for it; a
+        // refusal still comes before any complaint about the body.
+        let (member, peeked) =
+            futures::join!(self.require_member(chat, caller.id), peek(body, HEAD_BYTES));
+        member?;
+        let (head, body) = peeked?;
         if head.is_empty() {
             return Err(ApiError::BadRequest("the body is empty".into()));
         }
@@ -424,7 +429,10 @@ impl ApiState {
         Ok(attachment)
     }
 
-    /// What `GET /v1/attachments/{id}` serves.
+    /// What `GET /v1/attachments/{id}` serves. The membership check and the storage read go
+    /// out together once the metadata is known, instead of one after the other: nothing is
+    /// answered, and no byte of the read is looked at, before the check has passed, and a
+    /// non-member's read is dropped unread.
     pub async fn download(
         &self,
         caller: UserId,
@@ -434,66 +442,68 @@ impl ApiState {
         if_none_match: Option<&str>,
     ) -> ApiResult<Download> {
         let settings = self.attachment_settings()?.clone();
-        let attachment = self.attachment(caller, id).await?;
-        let (sha256, size, content_type, inline) = match variant {
-            Variant::Original => (
-                attachment.sha256.clone(),
-                attachment.size,
-                attachment.content_type.clone(),
-                attachment.kind == AttachmentKind::Image,
-            ),
-            Variant::Thumbnail | Variant::Preview => {
-                let image = attachment.image.as_ref();
-                let derivative = match variant {
-                    Variant::Thumbnail => image.and_then(|i| i.thumbnail.as_ref()),
-                    _ => image.and_then(|i| i.preview.as_ref()),
+        let attachment = self
+            .store
+            .get_attachments(&[id])
+            .await?
+            .pop()
+            .ok_or(ApiError::NotFound("no such attachment"))?;
+        let served = Served::of(&attachment, variant);
+        let early_span = match &served {
+            Ok(served) if !served.is_current(if_none_match) && !served.redirects(&settings) => {
+                Some(resolve_range(range, served.size))
+            }
+            _ => None,
+        };
+        let read_early = async {
+            match (&served, early_span) {
+                (Ok(served), Some(span)) => {
+                    Some(read_span(&settings.blobs, &served.name, span).await)
                 }
-                .ok_or(ApiError::NotFound("this attachment has no such picture"))?;
-                (
-                    derivative.sha256.clone(),
-                    derivative.size,
-                    derivative.content_type.clone(),
-                    true,
-                )
+                _ => None,
             }
         };
-        let etag = format!("\"{sha256}\"");
-        if if_none_match.is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
-        {
-            return Ok(Download::NotModified { sha256 });
+        let (role, early_read) = futures::join!(
+            self.store.member_role(attachment.chat_id, caller),
+            read_early
+        );
+        if role?.is_none() {
+            return Err(ApiError::NotFound("no such attachment"));
         }
-        let name = BlobName::parse(&sha256)
-            .ok_or_else(|| ApiError::Store(crate::store::StoreError::Corrupt("bad hash".into())))?;
-        let disposition = disposition(inline, &attachment.name);
-        if settings.presigned_redirect && size > settings.served_up_to {
+        let served = served?;
+        if served.is_current(if_none_match) {
+            return Ok(Download::NotModified {
+                sha256: served.sha256,
+            });
+        }
+        let disposition = disposition(served.inline, &attachment.name);
+        if served.redirects(&settings) {
             let presentation = Presentation {
-                content_type: content_type.clone(),
+                content_type: served.content_type.clone(),
                 content_disposition: Some(disposition.clone()),
             };
             if let Some(url) = settings
                 .blobs
-                .presign(&name, settings.presigned_ttl, &presentation)
+                .presign(&served.name, settings.presigned_ttl, &presentation)
                 .await?
             {
                 return Ok(Download::Redirect(url));
             }
         }
-        let span = resolve_range(range, size);
-        let read = match span {
-            Span::Unsatisfiable => return Ok(Download::Unsatisfiable { size }),
-            Span::Whole => settings.blobs.get(&name, None).await,
-            Span::Part(start, end) => settings.blobs.get(&name, Some((start, end))).await,
-        }
-        .map_err(|e| match e {
-            BlobError::NotFound => ApiError::NotFound("the attachment's bytes are gone"),
-            other => ApiError::Blobs(other),
-        })?;
+        let span = resolve_range(range, served.size);
+        let read = match early_read {
+            Some(read) => read,
+            None => read_span(&settings.blobs, &served.name, span).await,
+        };
+        let Some(read) = read? else {
+            return Ok(Download::Unsatisfiable { size: served.size });
+        };
         Ok(Download::Bytes {
             read,
             span,
-            size,
-            sha256,
-            content_type,
+            size: served.size,
+            sha256: served.sha256,
+            content_type: served.content_type,
             disposition,
         })
     }
@@ -600,6 +610,79 @@ impl ApiState {
 const MAX_IMAGE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The whole of a (bounded) object in memory, for decoding.
+/// The object a download serves: the original or one of its pictures.
+struct Served {
+    name: BlobName,
+    sha256: String,
+    size: u64,
+    content_type: String,
+    inline: bool,
+}
+
+impl Served {
+    fn of(attachment: &Attachment, variant: Variant) -> ApiResult<Self> {
+        let (sha256, size, content_type, inline) = match variant {
+            Variant::Original => (
+                attachment.sha256.clone(),
+                attachment.size,
+                attachment.content_type.clone(),
+                attachment.kind == AttachmentKind::Image,
+            ),
+            Variant::Thumbnail | Variant::Preview => {
+                let image = attachment.image.as_ref();
+                let derivative = match variant {
+                    Variant::Thumbnail => image.and_then(|i| i.thumbnail.as_ref()),
+                    _ => image.and_then(|i| i.preview.as_ref()),
+                }
+                .ok_or(ApiError::NotFound("this attachment has no such picture"))?;
+                (
+                    derivative.sha256.clone(),
+                    derivative.size,
+                    derivative.content_type.clone(),
+                    true,
+                )
+            }
+        };
+        let name = BlobName::parse(&sha256)
+            .ok_or_else(|| ApiError::Store(crate::store::StoreError::Corrupt("bad hash".into())))?;
+        Ok(Self {
+            name,
+            sha256,
+            size,
+            content_type,
+            inline,
+        })
+    }
+
+    /// Whether the client's copy (`If-None-Match`) is this object.
+    fn is_current(&self, if_none_match: Option<&str>) -> bool {
+        let etag = format!("\"{}\"", self.sha256);
+        if_none_match.is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    }
+
+    /// Whether this download is answered with a presigned URL, where the storage makes one.
+    fn redirects(&self, settings: &AttachmentSettings) -> bool {
+        settings.presigned_redirect && self.size > settings.served_up_to
+    }
+}
+
+/// The bytes of `span` of `name`, or `None` when no byte of the range exists.
+async fn read_span(
+    blobs: &Arc<dyn Blobs>,
+    name: &BlobName,
+    span: Span,
+) -> ApiResult<Option<BlobRead>> {
+    let range = match span {
+        Span::Unsatisfiable => return Ok(None),
+        Span::Whole => None,
+        Span::Part(start, end) => Some((start, end)),
+    };
+    blobs.get(name, range).await.map(Some).map_err(|e| match e {
+        BlobError::NotFound => ApiError::NotFound("the attachment's bytes are gone"),
+        other => ApiError::Blobs(other),
+    })
+}
+
 async fn read_all(blobs: &Arc<dyn Blobs>, name: &BlobName) -> ApiResult<Vec<u8>> {
     use futures::StreamExt;
     let mut read = blobs.get(name, None).await?;

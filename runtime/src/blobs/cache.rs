@@ -7,7 +7,8 @@
 //! limit are kept; larger ones stream from the storage as before.
 //!
 //! A copy enters the cache only with its hash checked: a declared upload is checked by the storage
-//! before it is made, and an object read on a miss is hashed here before it is kept.
+//! before it is made, a staged upload is named by the hash of the very bytes copied, and an object
+//! read on a miss is hashed here before it is kept.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -169,7 +170,20 @@ impl Blobs for CachedBlobs {
     }
 
     async fn stage(&self, body: ByteChunks, max_bytes: u64) -> Result<Staged, BlobError> {
-        self.inner.stage(body, max_bytes).await
+        let (body, copy) = copying(body, self.limits.object_bytes);
+        let staged = self.inner.stage(body, max_bytes).await?;
+        // `staged.name` is the hash of exactly the bytes copied, so the copy is right for that
+        // name whether or not this upload is committed: objects never change under their name.
+        let copied = copy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(bytes) = copied
+            && bytes.len() as u64 == staged.size
+        {
+            self.keep(staged.name.clone(), Bytes::copy_from_slice(&bytes));
+        }
+        Ok(staged)
     }
 
     async fn commit(&self, staged: &Staged) -> Result<(), BlobError> {
@@ -345,6 +359,27 @@ mod tests {
             blobs.get(&name, None).await,
             Err(BlobError::NotFound)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_staged_upload_is_served_from_memory_once_committed_and_a_large_one_is_not_kept() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let blobs = cached(dir.path(), limits(10_000, 5_000));
+        let bytes: Vec<u8> = (0..4000u32).map(|i| (i % 241) as u8).collect();
+        let staged = blobs.stage(body(&bytes), 1 << 20).await.expect("staged");
+        assert_eq!(staged.name, BlobName::of(&bytes));
+        blobs.commit(&staged).await.expect("committed");
+        remove_underneath(dir.path(), &staged.name).await;
+        let whole = blobs
+            .get(&staged.name, None)
+            .await
+            .expect("served from memory");
+        assert_eq!(read_all(whole).await, bytes);
+        let large = vec![9u8; 6000];
+        let staged = blobs.stage(body(&large), 1 << 20).await.expect("staged");
+        blobs.commit(&staged).await.expect("committed");
+        assert!(!blobs.holds(&staged.name), "larger than the object limit");
+        assert_eq!(blobs.held_bytes(), 4000);
     }
 
     #[tokio::test]
