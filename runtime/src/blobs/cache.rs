@@ -4,13 +4,15 @@
 //! stale: the only question is which ones to keep. A chat attachment is read by every member soon
 //! after it is sent, and thumbnails on every scroll, so the cache keeps what was just written or
 //! read, up to a byte budget, and drops the least recently used first. Only objects up to a size
-//! limit are kept; larger ones stream from the storage as before.
+//! limit are kept; larger ones stream from the storage as before. Readers that miss the same
+//! object at the same time share one read from the storage.
 //!
 //! A copy enters the cache only with its hash checked: a declared upload is checked by the storage
 //! before it is made, a staged upload is named by the hash of the very bytes copied, and an object
 //! read on a miss is hashed here before it is kept.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +36,42 @@ pub struct CachedBlobs {
     inner: Arc<dyn Blobs>,
     limits: CacheLimits,
     kept: Mutex<Lru>,
+    /// Whole reads of objects not held, in flight: readers of the same object wait for one read
+    /// from the storage instead of each making their own (a picture sent to a large group is
+    /// fetched by every member at once).
+    filling: Mutex<HashMap<BlobName, Arc<Fill>>>,
+    /// Whole reads made from the storage on misses (tests).
+    fills: AtomicU64,
+}
+
+/// One read of an object from the storage, shared by the misses that wait for it: its bytes when
+/// it is small enough to keep, `None` when it is not (each reader then streams it on its own), or
+/// the storage's error.
+type Fill = tokio::sync::OnceCell<Result<Option<Bytes>, SharedError>>;
+
+/// A [`BlobError`] of a shared read, for each of its readers.
+#[derive(Clone, Debug)]
+enum SharedError {
+    NotFound,
+    Unavailable(String),
+}
+
+impl From<&BlobError> for SharedError {
+    fn from(error: &BlobError) -> Self {
+        match error {
+            BlobError::NotFound => SharedError::NotFound,
+            other => SharedError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<SharedError> for BlobError {
+    fn from(error: SharedError) -> Self {
+        match error {
+            SharedError::NotFound => BlobError::NotFound,
+            SharedError::Unavailable(message) => BlobError::Unavailable(message),
+        }
+    }
 }
 
 /// Objects by name, and their names by when they were last used.
@@ -90,6 +128,8 @@ impl CachedBlobs {
             inner,
             limits,
             kept: Mutex::new(Lru::default()),
+            filling: Mutex::new(HashMap::new()),
+            fills: AtomicU64::new(0),
         }
     }
 
@@ -120,6 +160,83 @@ impl CachedBlobs {
     /// Bytes held now (tests).
     pub fn held_bytes(&self) -> usize {
         self.lru().held
+    }
+
+    /// Whole reads made from the storage on misses so far (tests).
+    pub fn fills(&self) -> u64 {
+        self.fills.load(Ordering::Relaxed)
+    }
+
+    /// A whole read of `name` from the storage on a miss, shared with every other miss of it
+    /// meanwhile. Small objects are read whole, hashed and kept; a large one is streamed to the
+    /// reader that made the read, and every other reader makes its own.
+    async fn fill(&self, name: &BlobName) -> Result<BlobRead, BlobError> {
+        let fill = Arc::clone(
+            self.filling
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .entry(name.clone())
+                .or_default(),
+        );
+        let mut streamed = None;
+        let shared = fill
+            .get_or_init(|| async {
+                self.fills.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("confab_blob_cache_fills_total").increment(1);
+                let read = match self.inner.get(name, None).await {
+                    Ok(read) => read,
+                    Err(error) => return Err(SharedError::from(&error)),
+                };
+                if read.len > self.limits.object_bytes as u64 {
+                    streamed = Some(read);
+                    return Ok(None);
+                }
+                self.read_whole(name, read)
+                    .await
+                    .map(Some)
+                    .map_err(|error| SharedError::from(&error))
+            })
+            .await
+            .clone();
+        {
+            // The next miss (after an eviction) starts a new read.
+            let mut filling = self
+                .filling
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if filling.get(name).is_some_and(|f| Arc::ptr_eq(f, &fill)) {
+                filling.remove(name);
+            }
+        }
+        match (shared?, streamed) {
+            (Some(bytes), _) => {
+                let len = bytes.len() as u64;
+                Ok(BlobRead {
+                    chunks: futures::stream::once(std::future::ready(Ok(bytes))).boxed(),
+                    len,
+                })
+            }
+            (None, Some(read)) => Ok(read),
+            (None, None) => self.inner.get(name, None).await,
+        }
+    }
+
+    /// All of `read`, kept if it is what its name says.
+    async fn read_whole(&self, name: &BlobName, read: BlobRead) -> Result<Bytes, BlobError> {
+        let len = read.len;
+        let mut bytes = BytesMut::with_capacity(len as usize);
+        let mut chunks = read.chunks;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| BlobError::Unavailable(e.to_string()))?;
+            bytes.extend_from_slice(&chunk);
+        }
+        let bytes = bytes.freeze();
+        if bytes.len() as u64 == len && BlobName::of(&bytes) == *name {
+            self.keep(name.clone(), bytes.clone());
+        } else {
+            tracing::warn!(object = %name, "an object's bytes do not hash to its name; not cached");
+        }
+        Ok(bytes)
     }
 }
 
@@ -233,28 +350,10 @@ impl Blobs for CachedBlobs {
         if let Some(read) = self.lookup(name).and_then(|bytes| read_of(bytes, range)) {
             return Ok(read);
         }
-        let read = self.inner.get(name, range).await?;
-        if range.is_some() || read.len > self.limits.object_bytes as u64 {
-            return Ok(read);
+        match range {
+            Some(_) => self.inner.get(name, range).await,
+            None => self.fill(name).await,
         }
-        // Small and whole: read it all, and keep it if it is what its name says.
-        let len = read.len;
-        let mut bytes = BytesMut::with_capacity(len as usize);
-        let mut chunks = read.chunks;
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(|e| BlobError::Unavailable(e.to_string()))?;
-            bytes.extend_from_slice(&chunk);
-        }
-        let bytes = bytes.freeze();
-        if bytes.len() as u64 == len && BlobName::of(&bytes) == *name {
-            self.keep(name.clone(), bytes.clone());
-        } else {
-            tracing::warn!(object = %name, "an object's bytes do not hash to its name; not cached");
-        }
-        Ok(BlobRead {
-            chunks: futures::stream::once(std::future::ready(Ok(bytes))).boxed(),
-            len,
-        })
     }
 
     async fn presign(
@@ -380,6 +479,47 @@ mod tests {
         blobs.commit(&staged).await.expect("committed");
         assert!(!blobs.holds(&staged.name), "larger than the object limit");
         assert_eq!(blobs.held_bytes(), 4000);
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_of_one_object_share_one_read_from_the_storage() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let storage = LocalBlobs::open(dir.path()).expect("opens");
+        let small: Vec<u8> = (0..3000u32).map(|i| (i % 239) as u8).collect();
+        let large = vec![5u8; 6000];
+        let small_name = storage.put(Bytes::from(small.clone())).await.expect("put");
+        let large_name = storage.put(Bytes::from(large.clone())).await.expect("put");
+        let blobs = cached(dir.path(), limits(10_000, 5_000));
+        let reads =
+            futures::future::join_all((0..16).map(|_| async {
+                read_all(blobs.get(&small_name, None).await.expect("reads")).await
+            }))
+            .await;
+        assert!(reads.iter().all(|read| *read == small));
+        assert_eq!(
+            blobs.fills(),
+            1,
+            "sixteen readers, one read from the storage"
+        );
+        assert!(blobs.holds(&small_name));
+        // Too large to keep: every reader gets the whole object, streamed.
+        let reads =
+            futures::future::join_all((0..4).map(|_| async {
+                read_all(blobs.get(&large_name, None).await.expect("reads")).await
+            }))
+            .await;
+        assert!(reads.iter().all(|read| *read == large));
+        assert!(!blobs.holds(&large_name));
+        // Missing: every reader is told so.
+        let missing = BlobName::of(b"never stored");
+        let answers = futures::future::join_all((0..4).map(|_| blobs.get(&missing, None))).await;
+        assert!(
+            answers
+                .iter()
+                .all(|a| matches!(a, Err(BlobError::NotFound)))
+        );
+        // Nothing stays in flight.
+        assert!(blobs.filling.lock().expect("lock").is_empty());
     }
 
     #[tokio::test]
