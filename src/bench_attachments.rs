@@ -31,6 +31,10 @@ pub struct AttachmentsBenchArgs {
     /// a tenth (at least two).
     #[arg(long, default_value_t = 100)]
     pub transfers: usize,
+    /// Concurrent readers of one object in the fan-out measurement (sizes up to 1 MiB: a
+    /// picture sent to a group, fetched by every member at once).
+    #[arg(long, default_value_t = 32)]
+    pub readers: usize,
     /// A label for the results.
     #[arg(long, default_value = "stack")]
     pub label: String,
@@ -154,6 +158,93 @@ fn mib_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64().max(1e-9)
 }
 
+/// The `confab serve` child the benchmark measures, storing attachments under its own prefix
+/// of the bucket. Restarting it empties its memory cache, as a read on another node would find it.
+struct Server {
+    child: tokio::process::Child,
+    base: String,
+    pid: u32,
+    data: PathBuf,
+    prefix: String,
+    max_bytes: u64,
+}
+
+impl Server {
+    async fn start(data: &std::path::Path, prefix: &str, max_bytes: u64) -> anyhow::Result<Server> {
+        let mut command = tokio::process::Command::new(std::env::current_exe()?);
+        command.arg("serve");
+        for (key, _) in std::env::vars() {
+            if key.starts_with("CONFAB_") && !key.starts_with("CONFAB_ATTACHMENTS__") {
+                command.env_remove(key);
+            }
+        }
+        command
+            .env("CONFAB_DATA_DIR", data)
+            .env("CONFAB_API__LISTEN", "127.0.0.1:0")
+            .env("CONFAB_ATTACHMENTS__S3_PREFIX", prefix)
+            .env("CONFAB_ATTACHMENTS__MAX_BYTES", max_bytes.to_string())
+            // One user uploads back to back: the per-user upload rate limit is not what is measured.
+            .env("CONFAB_LIMITS__UPLOAD__PER_SECOND", "0")
+            .env("CONFAB_LIMITS__UPLOAD__BURST", "0")
+            .env("CONFAB_TELEMETRY__LOG_FILTER", "warn")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = command.spawn().context("starting confab serve")?;
+        let pid = child.id().context("no pid")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let base = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some((_, url)) = line.split_once(" listening on ") {
+                    return Ok::<_, anyhow::Error>(url.trim().to_owned());
+                }
+            }
+            bail!("confab serve exited before listening")
+        })
+        .await
+        .context("confab serve did not start")??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Server {
+            child,
+            base,
+            pid,
+            data: data.to_owned(),
+            prefix: prefix.to_owned(),
+            max_bytes,
+        })
+    }
+
+    async fn stop(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Stops the server and starts it again on the same data.
+    async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop().await;
+        *self = Server::start(&self.data.clone(), &self.prefix.clone(), self.max_bytes).await?;
+        Ok(())
+    }
+}
+
+/// `readers` concurrent downloads of the attachment `id` through confab.
+async fn fan_out(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    id: &str,
+    size: u64,
+    readers: usize,
+) -> anyhow::Result<()> {
+    let ids = vec![id.to_owned()];
+    futures::future::try_join_all(
+        (0..readers).map(|_| download_all(http, base, token, &ids, size)),
+    )
+    .await?;
+    Ok(())
+}
+
 pub async fn run(args: AttachmentsBenchArgs, config: Config) -> anyhow::Result<()> {
     if config.attachments.backend != BlobsBackend::S3 {
         bail!(
@@ -167,47 +258,10 @@ pub async fn run(args: AttachmentsBenchArgs, config: Config) -> anyhow::Result<(
     direct.check().await.context("reaching the bucket")?;
 
     let data = tempfile::tempdir()?;
-    let mut command = tokio::process::Command::new(std::env::current_exe()?);
-    command.arg("serve");
-    for (key, _) in std::env::vars() {
-        if key.starts_with("CONFAB_") && !key.starts_with("CONFAB_ATTACHMENTS__") {
-            command.env_remove(key);
-        }
-    }
-    command
-        .env("CONFAB_DATA_DIR", data.path())
-        .env("CONFAB_API__LISTEN", "127.0.0.1:0")
-        .env("CONFAB_ATTACHMENTS__S3_PREFIX", &prefix)
-        .env(
-            "CONFAB_ATTACHMENTS__MAX_BYTES",
-            (args.sizes.iter().max().copied().unwrap_or(0) + 1).to_string(),
-        )
-        // One user uploads back to back: the per-user upload rate limit is not what is measured.
-        .env("CONFAB_LIMITS__UPLOAD__PER_SECOND", "0")
-        .env("CONFAB_LIMITS__UPLOAD__BURST", "0")
-        .env("CONFAB_TELEMETRY__LOG_FILTER", "warn")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    let mut child = command.spawn().context("starting confab serve")?;
-    let pid = child.id().context("no pid")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let base = tokio::time::timeout(Duration::from_secs(120), async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some((_, url)) = line.split_once(" listening on ") {
-                return Ok::<_, anyhow::Error>(url.trim().to_owned());
-            }
-        }
-        bail!("confab serve exited before listening")
-    })
-    .await
-    .context("confab serve did not start")??;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-
-    let result = measure(&args, &base, pid, data.path(), &direct, &prefix).await;
-    let _ = child.kill().await;
+    let max_bytes = args.sizes.iter().max().copied().unwrap_or(0) + 1;
+    let mut server = Server::start(data.path(), &prefix, max_bytes).await?;
+    let result = measure(&args, &mut server, data.path(), &direct, &prefix).await;
+    server.stop().await;
     // Everything this run stored: confab's objects and the direct ones.
     for _ in 0..1000 {
         let Ok(objects) = direct.list(None, 1000).await else {
@@ -236,13 +290,14 @@ pub async fn run(args: AttachmentsBenchArgs, config: Config) -> anyhow::Result<(
 
 async fn measure(
     args: &AttachmentsBenchArgs,
-    base: &str,
-    pid: u32,
+    server: &mut Server,
     data_dir: &std::path::Path,
     direct: &S3Blobs,
     prefix: &str,
 ) -> anyhow::Result<Value> {
     let http = reqwest::Client::new();
+    let base = server.base.clone();
+    let base = base.as_str();
     let token = DevIdentity::open(data_dir)?.mint("bench", Duration::from_secs(3600));
     let other = DevIdentity::open(data_dir)?.mint("bench-peer", Duration::from_secs(3600));
     let peer: Value = http
@@ -262,14 +317,21 @@ async fn measure(
         .json()
         .await?;
     let chat = chat["id"].as_str().context("no chat id")?.to_owned();
-    let idle_rss = rss(pid)?;
     let largest = args.sizes.iter().max().copied().unwrap_or(0);
     let mut rows = Vec::new();
+    let mut idle_rss = rss(server.pid)?;
     let peak = Arc::new(AtomicU64::new(idle_rss));
     let mut seed = 1u64;
-    // Samples the server's memory while the largest size uploads.
-    let sampled = |size: u64| (size == largest).then(|| (pid, Arc::clone(&peak)));
     for (i, &size) in args.sizes.iter().enumerate() {
+        let base = server.base.clone();
+        let base = base.as_str();
+        let pid = server.pid;
+        if size == largest {
+            idle_rss = rss(pid)?;
+            peak.store(idle_rss, Ordering::Relaxed);
+        }
+        // Samples the server's memory while the largest size uploads.
+        let sampled = |size: u64| (size == largest).then(|| (pid, Arc::clone(&peak)));
         let transfers = (args.transfers / 10usize.pow(i as u32)).max(2);
         // Through confab: without a declared digest (staged, then copied to its content
         // address), then with one (written once, straight to its content address).
@@ -303,16 +365,27 @@ async fn measure(
             declared_ids.push(id);
         }
         let confab_declared_up = started.elapsed();
-        // Downloads of the first uploads, then of the declared ones, as members fetch what was
-        // just sent: both are kept in memory when the cache keeps objects of this size, so a
-        // run with the cache off (`CONFAB_ATTACHMENTS__CACHE_BYTES=0`) measures reads from the
-        // storage.
-        let started = Instant::now();
-        download_all(&http, base, &other, &ids, size).await?;
-        let confab_down = started.elapsed();
+        // The declared uploads, as a member fetches what was just sent (kept in memory when
+        // the cache keeps objects of this size). Then, after a restart (an empty cache, as on
+        // another node), the first uploads: reads from the storage. Then one object of each
+        // small size fetched by many members at once, also from the storage.
         let started = Instant::now();
         download_all(&http, base, &other, &declared_ids, size).await?;
         let confab_recent_down = started.elapsed();
+        server.restart().await?;
+        let base = server.base.clone();
+        let base = base.as_str();
+        let started = Instant::now();
+        download_all(&http, base, &other, &ids, size).await?;
+        let confab_down = started.elapsed();
+        let fan_out_size = size <= 1024 * 1024;
+        let confab_fan_out = if fan_out_size {
+            let started = Instant::now();
+            fan_out(&http, base, &other, &declared_ids[0], size, args.readers).await?;
+            Some(started.elapsed())
+        } else {
+            None
+        };
         // Direct: one PUT of the whole body, one GET.
         let client = direct.client();
         let mut keys = Vec::new();
@@ -355,6 +428,29 @@ async fn measure(
             }
         }
         let direct_down = started.elapsed();
+        let direct_fan_out = if fan_out_size {
+            let started = Instant::now();
+            futures::future::try_join_all((0..args.readers).map(|_| async {
+                let object = client
+                    .get_object()
+                    .bucket(direct.bucket())
+                    .key(&keys[0])
+                    .send()
+                    .await
+                    .context("direct GET")?;
+                let mut body = object.body;
+                let mut got = 0u64;
+                while let Some(chunk) = body.next().await {
+                    got += chunk?.len() as u64;
+                }
+                anyhow::ensure!(got == size, "direct GET read {got} of {size} bytes");
+                Ok(())
+            }))
+            .await?;
+            Some(started.elapsed())
+        } else {
+            None
+        };
         for key in &keys {
             let _ = client
                 .delete_object()
@@ -364,7 +460,7 @@ async fn measure(
                 .await;
         }
         let total = size * transfers as u64;
-        let row = json!({
+        let mut row = json!({
             "size_bytes": size,
             "transfers": transfers,
             "upload_mib_s": {
@@ -382,6 +478,15 @@ async fn measure(
             "download_ratio": direct_down.as_secs_f64() / confab_down.as_secs_f64().max(1e-9),
             "download_just_uploaded_ratio": direct_down.as_secs_f64() / confab_recent_down.as_secs_f64().max(1e-9),
         });
+        if let (Some(confab), Some(direct)) = (confab_fan_out, direct_fan_out) {
+            let fanned = size * args.readers as u64;
+            row["fan_out"] = json!({
+                "readers": args.readers,
+                "confab_mib_s": mib_per_s(fanned, confab),
+                "direct_mib_s": mib_per_s(fanned, direct),
+                "ratio": direct.as_secs_f64() / confab.as_secs_f64().max(1e-9),
+            });
+        }
         println!("{row}");
         rows.push(row);
     }
@@ -394,6 +499,6 @@ async fn measure(
             "growth_bytes": peak_rss.saturating_sub(idle_rss),
             "largest_upload_bytes": largest,
         },
-        "note": "confab: POST with a streamed body (hashed, staged, multipart above 8 MiB, then a server-side copy to its content address); confab_declared_digest: the same POST with Content-Digest (hashed while written straight to its content address, completed once the hash matches); GET through confab of the staged uploads (confab) and of the declared uploads (confab_just_uploaded), not read before: both are the memory cache's hits up to attachments.cache_object_bytes unless the cache is off (CONFAB_ATTACHMENTS__CACHE_BYTES=0); direct: one PutObject of the whole body from memory and one GetObject, same bucket, same run",
+        "note": "confab: POST with a streamed body (hashed, staged, multipart above 8 MiB, then a server-side copy to its content address); confab_declared_digest: the same POST with Content-Digest (hashed while written straight to its content address, completed once the hash matches); GET through confab of the declared uploads right after they were made (confab_just_uploaded: the memory cache's hits up to attachments.cache_object_bytes) and, after a restart of the server (an empty cache), of the staged uploads (confab: reads from the storage); fan_out: one object fetched by that many concurrent readers right after the restart, through confab and directly; direct: one PutObject of the whole body from memory and one GetObject, same bucket, same run",
     }))
 }
