@@ -235,6 +235,26 @@ pub async fn run(args: BenchArgs, mut config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The base URL a `confab serve` child process (stdout piped) prints once it listens; its
+/// further output is read and dropped so that it never blocks on a full pipe.
+pub(crate) async fn listening_url(child: &mut tokio::process::Child) -> anyhow::Result<String> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let base = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some((_, url)) = line.split_once(" listening on ") {
+                return Ok::<_, anyhow::Error>(url.trim().to_owned());
+            }
+        }
+        bail!("confab serve exited before listening")
+    })
+    .await
+    .context("confab serve did not start")??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(base)
+}
+
 pub(crate) fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("confab-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;

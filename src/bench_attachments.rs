@@ -20,7 +20,6 @@ use confab_runtime::config::{BlobsBackend, Config};
 use confab_runtime::identity::DevIdentity;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct AttachmentsBenchArgs {
@@ -193,19 +192,7 @@ impl Server {
             .kill_on_drop(true);
         let mut child = command.spawn().context("starting confab serve")?;
         let pid = child.id().context("no pid")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let base = tokio::time::timeout(Duration::from_secs(120), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some((_, url)) = line.split_once(" listening on ") {
-                    return Ok::<_, anyhow::Error>(url.trim().to_owned());
-                }
-            }
-            bail!("confab serve exited before listening")
-        })
-        .await
-        .context("confab serve did not start")??;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let base = crate::bench::listening_url(&mut child).await?;
         Ok(Server {
             child,
             base,
@@ -226,6 +213,25 @@ impl Server {
         *self = Server::start(&self.data.clone(), &self.prefix.clone(), self.max_bytes).await?;
         Ok(())
     }
+}
+
+/// One `GetObject` of `key` straight from the bucket, read to the end and its length checked.
+async fn direct_get(direct: &S3Blobs, key: &str, size: u64) -> anyhow::Result<()> {
+    let object = direct
+        .client()
+        .get_object()
+        .bucket(direct.bucket())
+        .key(key)
+        .send()
+        .await
+        .context("direct GET")?;
+    let mut body = object.body;
+    let mut got = 0u64;
+    while let Some(chunk) = body.next().await {
+        got += chunk?.len() as u64;
+    }
+    anyhow::ensure!(got == size, "direct GET read {got} of {size} bytes");
+    Ok(())
 }
 
 /// `readers` concurrent downloads of the attachment `id` through confab.
@@ -411,41 +417,14 @@ async fn measure(
         let direct_up = started.elapsed();
         let started = Instant::now();
         for key in &keys {
-            let object = client
-                .get_object()
-                .bucket(direct.bucket())
-                .key(key)
-                .send()
-                .await
-                .context("direct GET")?;
-            let mut body = object.body;
-            let mut got = 0u64;
-            while let Some(chunk) = body.next().await {
-                got += chunk?.len() as u64;
-            }
-            if got != size {
-                bail!("direct GET read {got} of {size} bytes");
-            }
+            direct_get(direct, key, size).await?;
         }
         let direct_down = started.elapsed();
         let direct_fan_out = if fan_out_size {
             let started = Instant::now();
-            futures::future::try_join_all((0..args.readers).map(|_| async {
-                let object = client
-                    .get_object()
-                    .bucket(direct.bucket())
-                    .key(&keys[0])
-                    .send()
-                    .await
-                    .context("direct GET")?;
-                let mut body = object.body;
-                let mut got = 0u64;
-                while let Some(chunk) = body.next().await {
-                    got += chunk?.len() as u64;
-                }
-                anyhow::ensure!(got == size, "direct GET read {got} of {size} bytes");
-                Ok(())
-            }))
+            futures::future::try_join_all(
+                (0..args.readers).map(|_| direct_get(direct, &keys[0], size)),
+            )
             .await?;
             Some(started.elapsed())
         } else {

@@ -23,7 +23,6 @@ use hdrhistogram::Histogram;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -206,19 +205,7 @@ async fn start(target: Target, config: &Config, args: &FanoutArgs) -> anyhow::Re
                 .stderr(Stdio::null())
                 .kill_on_drop(true);
             let mut child = command.spawn().context("starting confab serve")?;
-            let stdout = child.stdout.take().context("no stdout")?;
-            let mut lines = BufReader::new(stdout).lines();
-            let base = tokio::time::timeout(Duration::from_secs(120), async {
-                while let Some(line) = lines.next_line().await? {
-                    if let Some((_, url)) = line.split_once(" listening on ") {
-                        return Ok::<_, anyhow::Error>(url.trim().to_owned());
-                    }
-                }
-                bail!("confab serve exited before listening")
-            })
-            .await
-            .context("confab serve did not start")??;
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            let base = crate::bench::listening_url(&mut child).await?;
             Ok(Server {
                 target,
                 child,

@@ -412,12 +412,7 @@ impl ApiState {
     /// An attachment, if `caller` may see it (a member of its chat): else 404, so ids of other
     /// chats reveal nothing.
     pub async fn attachment(&self, caller: UserId, id: Uuid) -> ApiResult<Attachment> {
-        let attachment = self
-            .store
-            .get_attachments(&[id])
-            .await?
-            .pop()
-            .ok_or(ApiError::NotFound("no such attachment"))?;
+        let attachment = self.attachment_record(id).await?;
         if self
             .store
             .member_role(attachment.chat_id, caller)
@@ -427,6 +422,15 @@ impl ApiState {
             return Err(ApiError::NotFound("no such attachment"));
         }
         Ok(attachment)
+    }
+
+    /// The metadata of attachment `id`, whoever asks (404 when there is none).
+    async fn attachment_record(&self, id: Uuid) -> ApiResult<Attachment> {
+        self.store
+            .get_attachments(&[id])
+            .await?
+            .pop()
+            .ok_or(ApiError::NotFound("no such attachment"))
     }
 
     /// What `GET /v1/attachments/{id}` serves. The membership check and the storage read go
@@ -442,23 +446,12 @@ impl ApiState {
         if_none_match: Option<&str>,
     ) -> ApiResult<Download> {
         let settings = self.attachment_settings()?.clone();
-        let attachment = self
-            .store
-            .get_attachments(&[id])
-            .await?
-            .pop()
-            .ok_or(ApiError::NotFound("no such attachment"))?;
-        let served = Served::of(&attachment, variant);
-        let early_span = match &served {
-            Ok(served) if !served.is_current(if_none_match) && !served.redirects(&settings) => {
-                Some(resolve_range(range, served.size))
-            }
-            _ => None,
-        };
+        let attachment = self.attachment_record(id).await?;
+        let served = Served::of(&attachment, variant, range);
         let read_early = async {
-            match (&served, early_span) {
-                (Ok(served), Some(span)) => {
-                    Some(read_span(&settings.blobs, &served.name, span).await)
+            match &served {
+                Ok(served) if !served.is_current(if_none_match) && !served.redirects(&settings) => {
+                    Some(read_span(&settings.blobs, &served.name, served.span).await)
                 }
                 _ => None,
             }
@@ -490,17 +483,16 @@ impl ApiState {
                 return Ok(Download::Redirect(url));
             }
         }
-        let span = resolve_range(range, served.size);
         let read = match early_read {
             Some(read) => read,
-            None => read_span(&settings.blobs, &served.name, span).await,
+            None => read_span(&settings.blobs, &served.name, served.span).await,
         };
         let Some(read) = read? else {
             return Ok(Download::Unsatisfiable { size: served.size });
         };
         Ok(Download::Bytes {
             read,
-            span,
+            span: served.span,
             size: served.size,
             sha256: served.sha256,
             content_type: served.content_type,
@@ -617,10 +609,12 @@ struct Served {
     size: u64,
     content_type: String,
     inline: bool,
+    /// The bytes asked for (`Range`), resolved against the size.
+    span: Span,
 }
 
 impl Served {
-    fn of(attachment: &Attachment, variant: Variant) -> ApiResult<Self> {
+    fn of(attachment: &Attachment, variant: Variant, range: Option<&str>) -> ApiResult<Self> {
         let (sha256, size, content_type, inline) = match variant {
             Variant::Original => (
                 attachment.sha256.clone(),
@@ -651,6 +645,7 @@ impl Served {
             size,
             content_type,
             inline,
+            span: resolve_range(range, size),
         })
     }
 

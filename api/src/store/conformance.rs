@@ -133,6 +133,18 @@ fn message_at(
     }
 }
 
+/// Inserts `signals`, sixteen at a time.
+async fn insert_all(store: &Arc<dyn Store>, signals: Vec<Signal>) {
+    futures::stream::iter(signals)
+        .map(|signal| {
+            let store = Arc::clone(store);
+            async move { store.insert_signal(&signal).await.unwrap() }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+}
+
 fn message(chat: ChatId, author: UserId, nonce: Option<&str>, text: &str) -> Signal {
     message_at(chat, author, SignalId::new(), nonce, text)
 }
@@ -1507,14 +1519,7 @@ pub async fn unread_counts_are_capped_and_the_scan_bounded(store: Arc<dyn Store>
     let own: Vec<Signal> = (0..UNREAD_SCAN_LIMIT)
         .map(|i| message(chat, bob.id, None, &format!("mine {i}")))
         .collect();
-    futures::stream::iter(own)
-        .map(|signal| {
-            let store = Arc::clone(&store);
-            async move { store.insert_signal(&signal).await.unwrap() }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
+    insert_all(&store, own).await;
     let hers = message(chat, alice.id, None, "hers");
     store.insert_signal(&hers).await.unwrap();
     let created_at = store.get_chat(chat).await.unwrap().unwrap().created_at;
@@ -1557,19 +1562,7 @@ pub async fn unread_counts_asked_together_are_the_counts_alone(store: Arc<dyn St
             n * 1_000_000,
         )))
     };
-    let insert = |signals: Vec<Signal>| {
-        let store = Arc::clone(&store);
-        async move {
-            futures::stream::iter(signals)
-                .map(|signal| {
-                    let store = Arc::clone(&store);
-                    async move { store.insert_signal(&signal).await.unwrap() }
-                })
-                .buffer_unordered(16)
-                .collect::<Vec<_>>()
-                .await;
-        }
-    };
+    let insert = |signals: Vec<Signal>| insert_all(&store, signals);
     let mut queries = Vec::new();
     let mut expected = Vec::new();
     let mut ask = |chat: ChatId, after: Option<SignalId>, through: SignalId, unread: usize| {

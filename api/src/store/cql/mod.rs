@@ -1791,23 +1791,10 @@ impl Store for CqlStore {
                     .map_err(unavailable)?,
             )
         };
-        // After a marker, every signal to count lies in the marker's bucket or later ones; when
-        // `through` lies in the marker's bucket too, that bucket is all there is to read, and the
-        // bucket list is not needed. (Without a marker the creation time is only a guess, so the
-        // list is read.)
-        let through_bucket = through.and_then(|t| t.unix_millis()).map(signal_bucket);
-        let one_bucket = after.is_some() && through_bucket == Some(guessed_bucket);
-        let (mut buckets, guessed) = if one_bucket {
-            (
-                vec![(guessed_bucket,)],
-                scan(guessed_bucket, after_id, first_want).await?,
-            )
-        } else {
-            futures::try_join!(
-                list(lower_bucket),
-                scan(guessed_bucket, after_id, first_want)
-            )?
-        };
+        let (mut buckets, guessed) = futures::try_join!(
+            list(lower_bucket),
+            scan(guessed_bucket, after_id, first_want)
+        )?;
         let mut guessed = Some(guessed);
         let mut count = 0;
         let mut scanned = 0;
@@ -1846,9 +1833,7 @@ impl Store for CqlStore {
                 }
             }
             match buckets.last() {
-                Some((last,)) if !one_bucket && buckets.len() == BUCKET_BATCH as usize => {
-                    lower_bucket = last + 1
-                }
+                Some((last,)) if buckets.len() == BUCKET_BATCH as usize => lower_bucket = last + 1,
                 _ => break,
             }
             buckets = list(lower_bucket).await?;
