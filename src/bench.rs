@@ -401,9 +401,7 @@ impl PostToSse {
             listener,
             shutdown.clone(),
         ));
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(1024)
-            .build()?;
+        let http = http_client(config, 1024)?;
         let alice = token(config, &http, "alice", args.password.as_deref()).await?;
         let bob = token(config, &http, "bob", args.password.as_deref()).await?;
         let mut bob_id = None;
@@ -585,4 +583,20 @@ impl PostToSse {
         self.reader.abort();
         let _ = self.server.await;
     }
+}
+
+/// The benchmarks' HTTP client: up to `max_idle` pooled connections, each dropped before the
+/// server would close it. The server's header timeout (`limits.header_timeout_secs`) also ends
+/// keep-alive connections idle for that long; a pooled connection reused at that moment loses
+/// its request ("connection closed before message completed"), and a POST is not retried.
+pub fn http_client(config: &Config, max_idle: usize) -> reqwest::Result<reqwest::Client> {
+    let idle = config
+        .limits
+        .header_timeout()
+        .saturating_sub(Duration::from_secs(1))
+        .max(Duration::from_millis(500));
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(max_idle)
+        .pool_idle_timeout(idle)
+        .build()
 }

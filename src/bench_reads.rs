@@ -125,9 +125,7 @@ impl Client {
 }
 
 async fn measure_all(args: &ReadsBenchArgs, config: &Config, base: &str) -> anyhow::Result<Value> {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()?;
+    let http = crate::bench::http_client(config, 64)?;
     let client = Client {
         http: http.clone(),
         base: base.to_owned(),

@@ -578,7 +578,8 @@ pub struct LimitsConfig {
     /// `attachments.max_bytes`); a larger one is refused with 413. Default 65536.
     pub body_bytes: usize,
     /// How long a client may take to send a request's headers, in seconds; a slower connection is
-    /// closed. Default 10.
+    /// closed. This also bounds how long a keep-alive connection may sit idle between requests,
+    /// so clients that pool connections should drop them sooner. Default 10.
     pub header_timeout_secs: u64,
     /// How long a request may take until its response starts, in seconds (408 after that);
     /// attachment uploads are exempt and bounded by `body_idle_timeout_secs`. Default 60.
