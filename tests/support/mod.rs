@@ -243,11 +243,13 @@ pub async fn spawn_with(stack: Stack, config: Config, data: tempfile::TempDir) -
         () = wait_ready(&base) => {}
         ended = &mut server => panic!("confab at {base} stopped before it was ready: {ended:?}"),
     }
+    // Pooled connections dropped before the server's header timeout closes them idle.
+    let http = confab::bench::http_client(&config, 16).expect("an HTTP client");
     TestApp {
         stack,
         base,
         config,
-        http: reqwest::Client::new(),
+        http,
         shutdown,
         server: Some(server),
         _data: data,
