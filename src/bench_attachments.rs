@@ -266,7 +266,7 @@ pub async fn run(args: AttachmentsBenchArgs, config: Config) -> anyhow::Result<(
     let data = tempfile::tempdir()?;
     let max_bytes = args.sizes.iter().max().copied().unwrap_or(0) + 1;
     let mut server = Server::start(data.path(), &prefix, max_bytes).await?;
-    let result = measure(&args, &mut server, data.path(), &direct, &prefix).await;
+    let result = measure(&args, &config, &mut server, data.path(), &direct, &prefix).await;
     server.stop().await;
     // Everything this run stored: confab's objects and the direct ones.
     for _ in 0..1000 {
@@ -296,12 +296,13 @@ pub async fn run(args: AttachmentsBenchArgs, config: Config) -> anyhow::Result<(
 
 async fn measure(
     args: &AttachmentsBenchArgs,
+    config: &Config,
     server: &mut Server,
     data_dir: &std::path::Path,
     direct: &S3Blobs,
     prefix: &str,
 ) -> anyhow::Result<Value> {
-    let http = reqwest::Client::new();
+    let http = crate::bench::http_client(config, 64)?;
     let base = server.base.clone();
     let base = base.as_str();
     let token = DevIdentity::open(data_dir)?.mint("bench", Duration::from_secs(3600));

@@ -432,9 +432,10 @@ async fn fanout(
     server: &Server,
     transport: Transport,
     args: &FanoutArgs,
+    config: &Config,
 ) -> anyhow::Result<FanoutResult> {
     let pid = server.pid()?;
-    let http = reqwest::Client::new();
+    let http = crate::bench::http_client(config, 64)?;
     let users: Vec<String> = (0..args.subscribers)
         .map(|i| format!("member-{i}"))
         .collect();
@@ -603,7 +604,7 @@ pub async fn run(args: FanoutArgs, config: Config) -> anyhow::Result<()> {
             server.stop().await;
             eprintln!("{} over {}: fan-out", target.name(), transport.name());
             let server = start(*target, &config, &args).await?;
-            let result = fanout(&server, *transport, &args).await;
+            let result = fanout(&server, *transport, &args, &config).await;
             server.stop().await;
             let per_connection = per_connection?;
             let result = result?;
