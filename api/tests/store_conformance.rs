@@ -419,3 +419,158 @@ async fn cql_deletion_scrubs_the_nonce_record() {
     .await
     .expect("drops keyspace and bucket");
 }
+
+/// Migration 11 moves the chat list's summaries into `chats` and copies read markers into the
+/// user's partition: a keyspace written by the build before it lists the same chat with the same
+/// newest signal and read marker after `migrate`, and writes made since win over the copies.
+#[tokio::test]
+async fn cql_migration_11_keeps_summaries_and_read_markers() {
+    use confab_api::store::MarkerKind;
+    use confab_schema::{ChatId, Signal, SignalId, SignalKind, UserId};
+    use scylla::client::session_builder::SessionBuilder;
+
+    let keyspace = fresh_keyspace();
+    let options = cql_options(&keyspace, SendParity::Lwt, Duration::from_secs(60));
+    let session = match SessionBuilder::new()
+        .known_nodes(&options.contact_points)
+        .build()
+        .await
+    {
+        Ok(session) => session,
+        Err(error) if !services_required() => {
+            eprintln!(
+                "SKIPPED cql_migration_11_keeps_summaries_and_read_markers: no CQL store reachable ({error})"
+            );
+            return;
+        }
+        Err(error) => panic!("CQL store unreachable: {error}"),
+    };
+    let run = |cql: String| {
+        let session = &session;
+        async move { session.query_unpaged(cql, ()).await.expect("CQL runs") }
+    };
+    // The schema as migrations 1 to 10 left it.
+    run(format!(
+        "CREATE KEYSPACE {keyspace} WITH replication = {}",
+        options.replication
+    ))
+    .await;
+    session.use_keyspace(&keyspace, false).await.expect("uses");
+    run(
+        "CREATE TABLE schema_migrations (version int PRIMARY KEY, name text, applied_at timestamp)"
+            .into(),
+    )
+    .await;
+    for migration in cql::CQL_MIGRATIONS.iter().filter(|m| m.version < 11) {
+        for statement in migration.statements() {
+            run(statement).await;
+        }
+        run(format!(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES ({}, '{}', toTimestamp(now()))",
+            migration.version, migration.name
+        ))
+        .await;
+    }
+    session.await_schema_agreement().await.expect("agrees");
+
+    // A group of two as the build before stored it: the reader has read the first of two
+    // messages (and acknowledged delivery of both, a marker of another kind).
+    let (author, reader) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
+    let chat = ChatId::new();
+    let (first, second) = (SignalId::new(), SignalId::new());
+    let at = |id: SignalId| id.unix_millis().expect("time-ordered") * 1000;
+    let newest = Signal {
+        id: second,
+        chat_id: chat,
+        kind: SignalKind::Message,
+        author_id: author,
+        created_at: second.created_at().expect("time-ordered"),
+        nonce: None,
+        text: Some("the second".into()),
+        reply_to: None,
+        attachments: vec![],
+        edited_at: None,
+        deleted: false,
+        reactions: Default::default(),
+        call: None,
+    };
+    let mut copy = second.0.as_bytes().to_vec();
+    copy.extend(serde_json::to_vec(&newest).expect("serializes"));
+    let copy_hex: String = copy.iter().map(|b| format!("{b:02x}")).collect();
+    run(format!(
+        "INSERT INTO chats (id, kind, name, created_at, created_by) VALUES ({}, 'group', 'before', toTimestamp(now()), {})",
+        chat.0, author.0
+    ))
+    .await;
+    for (user, role) in [(author, "owner"), (reader, "member")] {
+        run(format!(
+            "INSERT INTO user_chats (user_id, chat_id, role, joined_at) VALUES ({}, {}, '{role}', toTimestamp(now()))",
+            user.0, chat.0
+        ))
+        .await;
+        run(format!(
+            "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES ({}, {}, '{role}', toTimestamp(now()))",
+            chat.0, user.0
+        ))
+        .await;
+        run(format!(
+            "INSERT INTO chat_activity_by_user (user_id, activity, chat_id) VALUES ({}, {}, {})",
+            user.0, second.0, chat.0
+        ))
+        .await;
+    }
+    run(format!(
+        "INSERT INTO chat_summaries (chat_id, activity, latest) VALUES ({}, {}, 0x{copy_hex}) USING TIMESTAMP {}",
+        chat.0,
+        second.0,
+        at(second)
+    ))
+    .await;
+    for (kind, up_to) in [("read", first), ("delivered", second)] {
+        run(format!(
+            "INSERT INTO markers (chat_id, kind, user_id, up_to) VALUES ({}, '{kind}', {}, {}) USING TIMESTAMP {}",
+            chat.0,
+            reader.0,
+            up_to.0,
+            at(up_to)
+        ))
+        .await;
+    }
+
+    assert_eq!(cql::migrate(&options).await.expect("migrates"), vec![11]);
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let listed = store.chat_list(reader, None, 10).await.expect("lists");
+    assert_eq!(listed.len(), 1, "the chat is listed once: {listed:?}");
+    let entry = listed[0].1.as_ref().expect("an entry");
+    assert_eq!(entry.chat.name.as_deref(), Some("before"));
+    let latest = entry
+        .chat
+        .latest_signal
+        .as_deref()
+        .expect("a newest signal");
+    assert_eq!(
+        (latest.id, latest.text.as_deref()),
+        (second, Some("the second"))
+    );
+    assert_eq!(
+        entry.read_marker,
+        Some(first),
+        "the read marker, not delivery's"
+    );
+
+    // Written since the copies: the newer marker wins; an older one does not move it back.
+    store
+        .advance_marker(MarkerKind::Read, chat, reader, second)
+        .await
+        .expect("marks");
+    store
+        .advance_marker(MarkerKind::Read, chat, reader, first)
+        .await
+        .expect("marks");
+    let listed = store.chat_list(reader, None, 10).await.expect("lists");
+    assert_eq!(
+        listed[0].1.as_ref().expect("an entry").read_marker,
+        Some(second)
+    );
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}

@@ -169,6 +169,7 @@ impl CircleStatements {
                 .await?,
             delete_buckets: prepare("DELETE FROM signal_buckets WHERE chat_id = ?").await?,
             delete_markers: prepare("DELETE FROM markers WHERE chat_id = ? AND kind = ?").await?,
+            // A summary from before migration 11 (now in the chat's row).
             delete_summary: prepare("DELETE FROM chat_summaries WHERE chat_id = ?").await?,
             delete_activity: prepare("DELETE FROM chat_activity WHERE chat_id = ?").await?,
         })
@@ -279,6 +280,7 @@ impl CqlStore {
         )?;
         for (user,) in members {
             self.untouch_chat(chat, UserId(user)).await?;
+            self.forget_read_marker(chat, UserId(user)).await?;
             self.remove_member(chat, UserId(user)).await?;
         }
         let buckets: Vec<(i32,)> = rows(

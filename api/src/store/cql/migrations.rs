@@ -62,6 +62,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "circle_seats",
         cql: include_str!("migrations/0010_circle_seats.cql"),
     },
+    Migration {
+        version: 11,
+        name: "list_reads",
+        cql: include_str!("migrations/0011_list_reads.cql"),
+    },
 ];
 
 impl Migration {

@@ -195,6 +195,13 @@ pub async fn migrate(options: &CqlOptions) -> Result<Vec<i32>, StoreError> {
             .await_schema_agreement()
             .await
             .map_err(unavailable)?;
+        // A migration's data steps come before it is recorded: they are idempotent, so one that
+        // failed half-way runs again with the next `migrate`.
+        match migration.version {
+            3 => backfill_tallies_and_summaries(&session).await?,
+            11 => move_summaries_and_copy_read_markers(&session, keyspace).await?,
+            _ => {}
+        }
         session
             .query_unpaged(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
@@ -211,9 +218,6 @@ pub async fn migrate(options: &CqlOptions) -> Result<Vec<i32>, StoreError> {
             name = migration.name,
             "CQL migration applied"
         );
-        if migration.version == 3 {
-            backfill_tallies_and_summaries(&session).await?;
-        }
         newly_applied.push(migration.version);
     }
     if let SendParity::JetStream { nats_url, bucket } = &options.parity {
@@ -268,6 +272,132 @@ async fn backfill_tallies_and_summaries(session: &Session) -> Result<(), StoreEr
             .map_err(unavailable)?;
     }
     Ok(())
+}
+
+/// Migration 11: adds the summary columns to `chats` and copies each old summary there, and
+/// copies every read marker into `user_read_markers`, each value with its own write timestamp so
+/// that whatever was written since (newer by that timestamp) stays.
+async fn move_summaries_and_copy_read_markers(
+    session: &Session,
+    keyspace: &str,
+) -> Result<(), StoreError> {
+    for (column, cql_type) in [("activity", "uuid"), ("latest", "blob")] {
+        add_column_if_missing(session, keyspace, "chats", column, cql_type).await?;
+    }
+    session
+        .await_schema_agreement()
+        .await
+        .map_err(unavailable)?;
+    let set_activity = session
+        .prepare("UPDATE chats USING TIMESTAMP ? SET activity = ? WHERE id = ?")
+        .await
+        .map_err(unavailable)?;
+    let set_latest = session
+        .prepare("UPDATE chats USING TIMESTAMP ? SET latest = ? WHERE id = ?")
+        .await
+        .map_err(unavailable)?;
+    let summaries = session
+        .query_iter(
+            "SELECT chat_id, activity, WRITETIME(activity), latest, WRITETIME(latest) FROM chat_summaries",
+            (),
+        )
+        .await
+        .map_err(unavailable)?
+        .rows_stream::<(Uuid, Option<Uuid>, Option<i64>, Option<Vec<u8>>, Option<i64>)>()
+        .map_err(corrupt)?;
+    summaries
+        .map_err(corrupt)
+        .try_for_each_concurrent(32, |(chat, activity, activity_at, latest, latest_at)| {
+            let (set_activity, set_latest) = (&set_activity, &set_latest);
+            async move {
+                if let (Some(activity), Some(at)) = (activity, activity_at) {
+                    session
+                        .execute_unpaged(set_activity, (at, activity, chat))
+                        .await
+                        .map_err(unavailable)?;
+                }
+                if let (Some(latest), Some(at)) = (latest, latest_at) {
+                    session
+                        .execute_unpaged(set_latest, (at, latest, chat))
+                        .await
+                        .map_err(unavailable)?;
+                }
+                Ok(())
+            }
+        })
+        .await?;
+    let copy_marker = session
+        .prepare(
+            "INSERT INTO user_read_markers (user_id, chat_id, up_to) VALUES (?, ?, ?) USING TIMESTAMP ?",
+        )
+        .await
+        .map_err(unavailable)?;
+    let markers = session
+        .query_iter(
+            "SELECT chat_id, kind, user_id, up_to, WRITETIME(up_to) FROM markers",
+            (),
+        )
+        .await
+        .map_err(unavailable)?
+        .rows_stream::<(Uuid, String, Uuid, Option<Uuid>, Option<i64>)>()
+        .map_err(corrupt)?;
+    markers
+        .map_err(corrupt)
+        .try_for_each_concurrent(32, |(chat, kind, user, up_to, at)| {
+            let copy_marker = &copy_marker;
+            async move {
+                if let (true, Some(up_to), Some(at)) =
+                    (kind == MarkerKind::Read.as_str(), up_to, at)
+                {
+                    session
+                        .execute_unpaged(copy_marker, (user, chat, up_to, at))
+                        .await
+                        .map_err(unavailable)?;
+                }
+                Ok(())
+            }
+        })
+        .await
+}
+
+/// `ALTER TABLE … ADD` unless the column is there; a concurrent migration adding it first is fine.
+async fn add_column_if_missing(
+    session: &Session,
+    keyspace: &str,
+    table: &str,
+    column: &str,
+    cql_type: &str,
+) -> Result<(), StoreError> {
+    let exists = || async {
+        let found = session
+            .query_unpaged(
+                "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+                (keyspace, table, column),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok::<bool, StoreError>(!rows::<(String,)>(found)?.is_empty())
+    };
+    if exists().await? {
+        return Ok(());
+    }
+    match session
+        .query_unpaged(format!("ALTER TABLE {table} ADD {column} {cql_type}"), ())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(error) => {
+            session
+                .await_schema_agreement()
+                .await
+                .map_err(unavailable)?;
+            if exists().await? {
+                Ok(())
+            } else {
+                Err(unavailable(error))
+            }
+        }
+    }
 }
 
 /// Drops a keyspace (tests use one per test).
@@ -347,12 +477,13 @@ struct Statements {
     remove_member_if_role: PreparedStatement,
     set_user_chat_role: PreparedStatement,
     get_summary: PreparedStatement,
-    summaries_in: PreparedStatement,
     set_summary: PreparedStatement,
     set_latest: PreparedStatement,
     chats_in: PreparedStatement,
     roles_in: PreparedStatement,
-    markers_in: PreparedStatement,
+    read_markers_in: PreparedStatement,
+    set_user_read_marker: PreparedStatement,
+    delete_user_read_marker: PreparedStatement,
     insert_user_activity: PreparedStatement,
     delete_user_activity: PreparedStatement,
     activity_first: PreparedStatement,
@@ -538,13 +669,17 @@ impl CqlStore {
             add_member_if_absent: "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?) IF NOT EXISTS".into(),
             remove_member_if_role: "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ? IF role = ?".into(),
             set_user_chat_role: "UPDATE user_chats SET role = ? WHERE user_id = ? AND chat_id = ?".into(),
-            get_summary: "SELECT activity, latest FROM chat_summaries WHERE chat_id = ?".into(),
-            summaries_in: "SELECT chat_id, activity, latest FROM chat_summaries WHERE chat_id IN ?".into(),
-            set_summary: "INSERT INTO chat_summaries (chat_id, activity, latest) VALUES (?, ?, ?) USING TIMESTAMP ?".into(),
-            set_latest: "UPDATE chat_summaries USING TIMESTAMP ? SET latest = ? WHERE chat_id = ?".into(),
-            chats_in: "SELECT id, kind, name, description, created_at, created_by FROM chats WHERE id IN ?".into(),
+            // The chat list's summary lives in the chat's row, so one read gives both. Written
+            // with UPDATE (no row marker): a touch that races the chat's removal leaves no row
+            // that looks like a chat.
+            get_summary: "SELECT activity, latest FROM chats WHERE id = ?".into(),
+            set_summary: "UPDATE chats USING TIMESTAMP ? SET activity = ?, latest = ? WHERE id = ?".into(),
+            set_latest: "UPDATE chats USING TIMESTAMP ? SET latest = ? WHERE id = ?".into(),
+            chats_in: "SELECT id, kind, name, description, created_at, created_by, activity, latest FROM chats WHERE id IN ?".into(),
             roles_in: "SELECT chat_id, role FROM user_chats WHERE user_id = ? AND chat_id IN ?".into(),
-            markers_in: "SELECT chat_id, up_to FROM markers WHERE chat_id IN ? AND kind = ? AND user_id = ?".into(),
+            read_markers_in: "SELECT chat_id, up_to FROM user_read_markers WHERE user_id = ? AND chat_id IN ?".into(),
+            set_user_read_marker: "INSERT INTO user_read_markers (user_id, chat_id, up_to) VALUES (?, ?, ?) USING TIMESTAMP ?".into(),
+            delete_user_read_marker: "DELETE FROM user_read_markers WHERE user_id = ? AND chat_id = ?".into(),
             insert_user_activity: "INSERT INTO chat_activity_by_user (user_id, activity, chat_id) VALUES (?, ?, ?)".into(),
             delete_user_activity: "DELETE FROM chat_activity_by_user WHERE user_id = ? AND activity = ? AND chat_id = ?".into(),
             activity_first: "SELECT activity, chat_id FROM chat_activity_by_user WHERE user_id = ? LIMIT ?".into(),
@@ -906,11 +1041,10 @@ impl Store for CqlStore {
             .execute_unpaged(&self.statements.get_chat, (id.0,))
             .await
             .map_err(unavailable)?;
-        rows::<ChatRow>(result)?
-            .into_iter()
-            .next()
-            .map(to_chat)
-            .transpose()
+        match rows::<ChatRow>(result)?.into_iter().next() {
+            Some(row) => to_chat(row),
+            None => Ok(None),
+        }
     }
 
     async fn member_role(
@@ -1508,7 +1642,7 @@ impl Store for CqlStore {
         let at = activity.unix_millis().unwrap_or_default() * 1000;
         let copy = latest.map(summary_copy).transpose()?;
         self.session
-            .execute_unpaged(&self.statements.set_summary, (chat.0, activity.0, copy, at))
+            .execute_unpaged(&self.statements.set_summary, (at, activity.0, copy, chat.0))
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -2345,13 +2479,22 @@ impl Store for CqlStore {
             .unix_millis()
             .ok_or_else(|| corrupt("marker is not a time-ordered id"))?
             * 1000;
-        self.session
-            .execute_unpaged(
-                &self.statements.set_marker,
-                (chat.0, kind.as_str(), user.0, up_to.0, at),
-            )
-            .await
-            .map_err(unavailable)?;
+        let in_chat = self.session.execute_unpaged(
+            &self.statements.set_marker,
+            (chat.0, kind.as_str(), user.0, up_to.0, at),
+        );
+        if kind == MarkerKind::Read {
+            // The same marker in the user's partition, for the chat list; same timestamp, so
+            // both settle on the same newest marker. A failure of either fails the call, and a
+            // retry writes both again.
+            let in_user = self.session.execute_unpaged(
+                &self.statements.set_user_read_marker,
+                (user.0, chat.0, up_to.0, at),
+            );
+            futures::try_join!(in_chat, in_user).map_err(unavailable)?;
+        } else {
+            in_chat.await.map_err(unavailable)?;
+        }
         Ok(())
     }
 
@@ -2497,7 +2640,7 @@ impl Store for CqlStore {
     }
 }
 
-/// The four reads that make chat entries, for a batch of chats, by chat id.
+/// The reads that make chat entries, for a batch of chats, by chat id.
 struct EntryReads {
     chats: HashMap<Uuid, Chat>,
     roles: HashMap<Uuid, MemberRole>,
@@ -2571,10 +2714,11 @@ impl CqlStore {
         Ok(())
     }
 
-    /// The chats, `user`'s roles, the summaries and `user`'s read markers of `ids`: four reads in
-    /// parallel, each `IN` the batch.
+    /// The chats with their summaries, `user`'s roles and `user`'s read markers of `ids`: three
+    /// reads in parallel, each `IN` the batch. Only the first touches one partition per chat; the
+    /// roles and the markers are rows of the user's own partitions.
     async fn read_entries(&self, user: UserId, ids: &[Uuid]) -> Result<EntryReads, StoreError> {
-        let (chat_rows, roles, summaries, markers) = futures::try_join!(
+        let (chat_rows, roles, markers) = futures::try_join!(
             self.session
                 .execute_unpaged(&self.statements.chats_in, (ids,))
                 .map_err(unavailable),
@@ -2582,19 +2726,18 @@ impl CqlStore {
                 .execute_unpaged(&self.statements.roles_in, (user.0, ids))
                 .map_err(unavailable),
             self.session
-                .execute_unpaged(&self.statements.summaries_in, (ids,))
-                .map_err(unavailable),
-            self.session
-                .execute_unpaged(
-                    &self.statements.markers_in,
-                    (ids, MarkerKind::Read.as_str(), user.0)
-                )
+                .execute_unpaged(&self.statements.read_markers_in, (user.0, ids))
                 .map_err(unavailable),
         )?;
         let mut chats = HashMap::new();
-        for row in rows::<ChatRow>(chat_rows)? {
-            let chat = to_chat(row)?;
-            chats.insert(chat.id.0, chat);
+        let mut summaries = HashMap::new();
+        for (id, kind, name, description, created, created_by, activity, latest) in
+            rows::<ListedChatRow>(chat_rows)?
+        {
+            summaries.insert(id, (activity, latest));
+            if let Some(chat) = to_chat((id, kind, name, description, created, created_by))? {
+                chats.insert(id, chat);
+            }
         }
         Ok(EntryReads {
             chats,
@@ -2602,10 +2745,7 @@ impl CqlStore {
                 .into_iter()
                 .map(|(chat, role)| Ok((chat, parse(&role)?)))
                 .collect::<Result<_, StoreError>>()?,
-            summaries: rows::<(Uuid, Option<Uuid>, Option<Vec<u8>>)>(summaries)?
-                .into_iter()
-                .map(|(chat, activity, latest)| (chat, (activity, latest)))
-                .collect(),
+            summaries,
             markers: rows::<(Uuid, Uuid)>(markers)?.into_iter().collect(),
         })
     }
@@ -2649,6 +2789,19 @@ impl CqlStore {
             entries[index].chat.latest_signal = latest.map(Box::new);
         }
         Ok(entries)
+    }
+
+    /// Removes `user`'s copy of their read marker in `chat` (the chat is being removed).
+    pub(super) async fn forget_read_marker(
+        &self,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.statements.delete_user_read_marker, (user.0, chat.0))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     /// The chat's newest signal id and the copy of that signal, as stored.
@@ -2765,19 +2918,37 @@ impl CqlStore {
     }
 }
 
-/// The columns of `chats`, in the order the statements select them.
+/// The columns of `chats`, in the order the statements select them. A row without a kind is no
+/// chat: only a summary written by a touch that raced the chat's removal.
 type ChatRow = (
     Uuid,
-    String,
     Option<String>,
     Option<String>,
-    CqlTimestamp,
-    Uuid,
+    Option<String>,
+    Option<CqlTimestamp>,
+    Option<Uuid>,
 );
 
-fn to_chat(row: ChatRow) -> Result<Chat, StoreError> {
-    let (id, kind, name, description, created, created_by) = row;
-    Ok(Chat {
+/// A [`ChatRow`] followed by the chat list's summary: the newest signal's id and its copy.
+type ListedChatRow = (
+    Uuid,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<CqlTimestamp>,
+    Option<Uuid>,
+    Option<Uuid>,
+    Option<Vec<u8>>,
+);
+
+fn to_chat(row: ChatRow) -> Result<Option<Chat>, StoreError> {
+    let (id, Some(kind), name, description, created, created_by) = row else {
+        return Ok(None);
+    };
+    let (Some(created), Some(created_by)) = (created, created_by) else {
+        return Err(corrupt(format!("chat {id} has a kind but no creation")));
+    };
+    Ok(Some(Chat {
         id: ChatId(id),
         kind: parse(&kind)?,
         name,
@@ -2787,7 +2958,7 @@ fn to_chat(row: ChatRow) -> Result<Chat, StoreError> {
         my_role: None,
         latest_signal: None,
         unread_count: 0,
-    })
+    }))
 }
 
 /// The chat list's copy of a signal: its 16-byte id, then its JSON. The id comes first so that
