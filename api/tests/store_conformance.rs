@@ -574,3 +574,213 @@ async fn cql_migration_11_keeps_summaries_and_read_markers() {
     );
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
+
+/// A touch moves the members' activity rows before it writes the chat's summary. A chat list read
+/// in between (or after a touch that failed there) lists the chat at its new activity with its
+/// newest signal, and does not remove the row as if a move had left it behind; a row older than
+/// the summary is removed.
+#[tokio::test]
+async fn cql_an_activity_row_ahead_of_the_summary_stays_listed() {
+    use confab_api::store::NewChat;
+    use confab_schema::{ChatId, ChatKind, MemberRole, Signal, SignalId, SignalKind, UserId};
+
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(
+        &options,
+        "cql_an_activity_row_ahead_of_the_summary_stays_listed",
+    )
+    .await
+    {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let (alice, bob) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
+    let chat = ChatId::new();
+    store
+        .create_chat(&NewChat {
+            id: chat,
+            kind: ChatKind::Group,
+            name: Some("ahead".into()),
+            description: None,
+            created_at: time::OffsetDateTime::now_utc(),
+            created_by: alice,
+            members: vec![(alice, MemberRole::Owner), (bob, MemberRole::Member)],
+        })
+        .await
+        .expect("creates");
+    let message = |text: &str| {
+        let id = SignalId::new();
+        Signal {
+            id,
+            chat_id: chat,
+            kind: SignalKind::Message,
+            author_id: alice,
+            created_at: id.created_at().expect("time-ordered"),
+            nonce: None,
+            text: Some(text.into()),
+            reply_to: None,
+            attachments: vec![],
+            edited_at: None,
+            deleted: false,
+            reactions: Default::default(),
+            call: None,
+        }
+    };
+    let first = message("first");
+    store.insert_signal(&first).await.expect("stores");
+    store
+        .touch_chat(chat, &[alice, bob], first.id, Some(&first))
+        .await
+        .expect("touches");
+    let second = message("second");
+    store.insert_signal(&second).await.expect("stores");
+    // The second touch's move of bob's row, without its summary.
+    let activity_rows = format!("{}.chat_activity_by_user", options.keyspace);
+    let session = store.session();
+    session
+        .query_unpaged(
+            format!(
+                "DELETE FROM {activity_rows} WHERE user_id = ? AND activity = ? AND chat_id = ?"
+            ),
+            (bob.0, first.id.0, chat.0),
+        )
+        .await
+        .expect("deletes");
+    let insert_row =
+        format!("INSERT INTO {activity_rows} (user_id, activity, chat_id) VALUES (?, ?, ?)");
+    session
+        .query_unpaged(insert_row.clone(), (bob.0, second.id.0, chat.0))
+        .await
+        .expect("inserts");
+    let listed_newest = |listed: &[(
+        confab_api::store::ChatActivity,
+        Option<confab_api::store::ChatEntry>,
+    )]| {
+        listed
+            .iter()
+            .map(|(row, entry)| {
+                (
+                    row.activity,
+                    entry
+                        .as_ref()
+                        .and_then(|e| e.chat.latest_signal.as_ref())
+                        .map(|s| s.id),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    for read in ["first read", "second read (the row was not removed)"] {
+        let listed = store.chat_list(bob, None, 10).await.expect("lists");
+        assert_eq!(
+            listed_newest(&listed),
+            vec![(second.id, Some(second.id))],
+            "{read}"
+        );
+    }
+    // The touch completes: the same.
+    store
+        .touch_chat(chat, &[alice, bob], second.id, Some(&second))
+        .await
+        .expect("touches");
+    let listed = store.chat_list(bob, None, 10).await.expect("lists");
+    assert_eq!(listed_newest(&listed), vec![(second.id, Some(second.id))]);
+    // A row behind the summary (a move that raced another) is skipped and removed.
+    session
+        .query_unpaged(insert_row, (bob.0, first.id.0, chat.0))
+        .await
+        .expect("inserts");
+    let listed = store.chat_list(bob, None, 10).await.expect("lists");
+    assert_eq!(listed_newest(&listed), vec![(second.id, Some(second.id))]);
+    let left: Vec<(uuid::Uuid,)> = session
+        .query_unpaged(
+            format!("SELECT activity FROM {activity_rows} WHERE user_id = ?"),
+            (bob.0,),
+        )
+        .await
+        .expect("reads")
+        .into_rows_result()
+        .expect("rows")
+        .rows::<(uuid::Uuid,)>()
+        .expect("typed")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(left, vec![(second.id.0,)]);
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}
+
+/// Removing a chat removes its members' activity rows and their copies of their read markers on
+/// the CQL store itself, not only from what a chat list shows (which skips such rows anyway).
+#[tokio::test]
+async fn cql_removing_a_chat_leaves_no_rows_in_its_members_partitions() {
+    use confab_api::store::{MarkerKind, NewChat};
+    use confab_schema::{ChatId, ChatKind, MemberRole, Signal, SignalId, SignalKind, UserId};
+
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(
+        &options,
+        "cql_removing_a_chat_leaves_no_rows_in_its_members_partitions",
+    )
+    .await
+    {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let (alice, bob) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
+    let chat = ChatId::new();
+    store
+        .create_chat(&NewChat {
+            id: chat,
+            kind: ChatKind::Group,
+            name: Some("removed".into()),
+            description: None,
+            created_at: time::OffsetDateTime::now_utc(),
+            created_by: alice,
+            members: vec![(alice, MemberRole::Owner), (bob, MemberRole::Member)],
+        })
+        .await
+        .expect("creates");
+    let id = SignalId::new();
+    let signal = Signal {
+        id,
+        chat_id: chat,
+        kind: SignalKind::Message,
+        author_id: alice,
+        created_at: id.created_at().expect("time-ordered"),
+        nonce: None,
+        text: Some("soon gone".into()),
+        reply_to: None,
+        attachments: vec![],
+        edited_at: None,
+        deleted: false,
+        reactions: Default::default(),
+        call: None,
+    };
+    store.insert_signal(&signal).await.expect("stores");
+    store
+        .touch_chat(chat, &[alice, bob], id, Some(&signal))
+        .await
+        .expect("touches");
+    store
+        .advance_marker(MarkerKind::Read, chat, bob, id)
+        .await
+        .expect("marks");
+    store.delete_chat(chat).await.expect("removes");
+    let session = store.session();
+    let ks = &options.keyspace;
+    for user in [alice, bob] {
+        for table in ["chat_activity_by_user", "user_read_markers"] {
+            let found = session
+                .query_unpaged(
+                    format!("SELECT chat_id FROM {ks}.{table} WHERE user_id = ?"),
+                    (user.0,),
+                )
+                .await
+                .expect("reads")
+                .into_rows_result()
+                .expect("rows")
+                .rows_num();
+            assert_eq!(found, 0, "{table} of {user:?}");
+        }
+    }
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}

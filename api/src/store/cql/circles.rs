@@ -266,6 +266,10 @@ impl CqlStore {
         let s = self.circle_statements();
         let session = &self.session;
         let id = chat.0;
+        // The chat's activity before its row goes (the summary is in that row): the members'
+        // activity rows are removed with it. A removal retried after the row went leaves those
+        // rows to the readers, which drop a row of a chat the user is no longer in.
+        let activity = self.summary_of(chat).await?.map(|(activity, _)| activity);
         // The chat row first: from then on the chat answers 404. Everything after is idempotent,
         // so a removal that failed half-way is finished by the next attempt.
         session
@@ -279,7 +283,9 @@ impl CqlStore {
                 .map_err(unavailable)?,
         )?;
         for (user,) in members {
-            self.untouch_chat(chat, UserId(user)).await?;
+            if let Some(activity) = activity {
+                self.drop_activity_row(UserId(user), activity.0, id).await?;
+            }
             self.forget_read_marker(chat, UserId(user)).await?;
             self.remove_member(chat, UserId(user)).await?;
         }

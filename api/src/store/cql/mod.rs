@@ -1683,7 +1683,8 @@ impl Store for CqlStore {
         }
         let ids: Vec<Uuid> = chats.iter().map(|c| c.0).collect();
         let mut read = self.read_entries(user, &ids).await?;
-        self.entries_from(&mut read, chats.iter().copied()).await
+        self.entries_from(&mut read, chats.iter().map(|chat| (*chat, None)))
+            .await
     }
 
     /// The activity rows and, from the same round of reads, their entries: the reads that check a
@@ -1697,6 +1698,7 @@ impl Store for CqlStore {
         limit: usize,
     ) -> Result<Vec<(ChatActivity, Option<ChatEntry>)>, StoreError> {
         let mut found: Vec<(ChatActivity, Option<ChatEntry>)> = Vec::with_capacity(limit);
+        let mut listed_chats: HashSet<Uuid> = HashSet::new();
         let mut position = after;
         loop {
             let want = limit_i32(limit.max(16));
@@ -1714,17 +1716,28 @@ impl Store for CqlStore {
                     activity: SignalId(activity),
                 };
                 position = Some(row);
-                if !read.lists(chat, activity) {
-                    self.drop_activity_row(user, activity, chat).await?;
-                    continue;
+                match read.row_state(chat, activity) {
+                    RowState::Stale => {
+                        self.drop_activity_row(user, activity, chat).await?;
+                        continue;
+                    }
+                    // Two moves in flight at once leave two rows ahead: the newest, met first,
+                    // is listed (on this page; another page may meet the other before the
+                    // summary settles it).
+                    RowState::Ahead if listed_chats.contains(&chat) => continue,
+                    RowState::Current | RowState::Ahead => {}
                 }
+                listed_chats.insert(chat);
                 listed.push(row);
                 if found.len() + listed.len() == limit {
                     break;
                 }
             }
             let mut entries: HashMap<ChatId, ChatEntry> = self
-                .entries_from(&mut read, listed.iter().map(|row| row.chat_id))
+                .entries_from(
+                    &mut read,
+                    listed.iter().map(|row| (row.chat_id, Some(row.activity))),
+                )
                 .await?
                 .into_iter()
                 .map(|entry| (entry.chat.id, entry))
@@ -2648,12 +2661,30 @@ struct EntryReads {
     markers: HashMap<Uuid, Uuid>,
 }
 
+/// What an activity row is, checked against the user's role and the chat's summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowState {
+    /// The chat's current activity, of a chat the user is in.
+    Current,
+    /// Newer than the summary: a touch moves the members' rows before it writes the summary, so
+    /// this is a move whose summary is still on its way (or failed, and the next touch settles
+    /// it). Listed, never removed.
+    Ahead,
+    /// Left behind by a move that raced another (older than the summary), or a row of a chat
+    /// the user is no longer in: skipped and removed.
+    Stale,
+}
+
 impl EntryReads {
-    /// Whether an activity row of `chat` at `activity` belongs in the list: the user is still a
-    /// member and it is the chat's current activity (not left behind by a move).
-    fn lists(&self, chat: Uuid, activity: Uuid) -> bool {
-        self.roles.contains_key(&chat)
-            && self.summaries.get(&chat).and_then(|(current, _)| *current) == Some(activity)
+    fn row_state(&self, chat: Uuid, activity: Uuid) -> RowState {
+        if !self.roles.contains_key(&chat) {
+            return RowState::Stale;
+        }
+        match self.summaries.get(&chat).and_then(|(current, _)| *current) {
+            Some(current) if current == activity => RowState::Current,
+            Some(current) if current > activity => RowState::Stale,
+            _ => RowState::Ahead,
+        }
     }
 }
 
@@ -2751,28 +2782,36 @@ impl CqlStore {
     }
 
     /// The entries of `chats` from `read`, in that order, leaving out chats the user is not a
-    /// member of. A newest signal without a matching copy costs one read of that signal.
+    /// member of. Each chat's newest signal is the summary's, or the one given with it (an
+    /// activity row ahead of the summary). A newest signal without a matching copy costs one read
+    /// of that signal.
     async fn entries_from(
         &self,
         read: &mut EntryReads,
-        chats: impl Iterator<Item = ChatId>,
+        chats: impl Iterator<Item = (ChatId, Option<SignalId>)>,
     ) -> Result<Vec<ChatEntry>, StoreError> {
         let mut entries = Vec::new();
         let mut stale = Vec::new();
-        for id in chats {
+        for (id, newest) in chats {
             let (Some(mut chat), Some(role)) = (read.chats.remove(&id.0), read.roles.get(&id.0))
             else {
                 continue;
             };
             chat.my_role = Some(*role);
-            if let Some((Some(activity), copy)) = read.summaries.get(&id.0) {
-                match copy.as_deref().map(read_summary_copy).transpose()? {
-                    Some(latest) if latest.id.0 == *activity => {
+            let (summary_activity, copy) = read
+                .summaries
+                .get(&id.0)
+                .map(|(activity, copy)| (*activity, copy.as_deref()))
+                .unwrap_or_default();
+            if let Some(activity) = newest.map(|n| n.0).or(summary_activity) {
+                match copy.map(read_summary_copy).transpose()? {
+                    Some(latest) if latest.id.0 == activity => {
                         chat.latest_signal = Some(Box::new(latest));
                     }
                     // No copy (the chat's creation, or written before copies existed) or one of
-                    // an older signal (an edit refresh that raced a newer touch): read the signal.
-                    _ => stale.push((entries.len(), SignalId(*activity))),
+                    // an older signal (an edit refresh that raced a newer touch, or a summary
+                    // behind the activity row): read the signal.
+                    _ => stale.push((entries.len(), SignalId(activity))),
                 }
             }
             entries.push(ChatEntry {
