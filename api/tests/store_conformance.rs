@@ -677,6 +677,18 @@ async fn cql_an_activity_row_ahead_of_the_summary_stays_listed() {
             "{read}"
         );
     }
+    // A second move in flight from the same summary leaves the current row beside the one
+    // ahead: the chat is still listed once, at its newest.
+    session
+        .query_unpaged(insert_row.clone(), (bob.0, first.id.0, chat.0))
+        .await
+        .expect("inserts");
+    let listed = store.chat_list(bob, None, 10).await.expect("lists");
+    assert_eq!(
+        listed_newest(&listed),
+        vec![(second.id, Some(second.id))],
+        "a current row beside one ahead"
+    );
     // The touch completes: the same.
     store
         .touch_chat(chat, &[alice, bob], second.id, Some(&second))

@@ -289,16 +289,25 @@ async fn move_summaries_and_copy_read_markers(
         .await
         .map_err(unavailable)?;
     let set_activity = session
-        .prepare("UPDATE chats USING TIMESTAMP ? SET activity = ? WHERE id = ?")
+        .prepare(qualify(
+            "UPDATE chats USING TIMESTAMP ? SET activity = ? WHERE id = ?",
+            keyspace,
+        ))
         .await
         .map_err(unavailable)?;
     let set_latest = session
-        .prepare("UPDATE chats USING TIMESTAMP ? SET latest = ? WHERE id = ?")
+        .prepare(qualify(
+            "UPDATE chats USING TIMESTAMP ? SET latest = ? WHERE id = ?",
+            keyspace,
+        ))
         .await
         .map_err(unavailable)?;
     let summaries = session
         .query_iter(
-            "SELECT chat_id, activity, WRITETIME(activity), latest, WRITETIME(latest) FROM chat_summaries",
+            qualify(
+                "SELECT chat_id, activity, WRITETIME(activity), latest, WRITETIME(latest) FROM chat_summaries",
+                keyspace,
+            ),
             (),
         )
         .await
@@ -327,14 +336,18 @@ async fn move_summaries_and_copy_read_markers(
         })
         .await?;
     let copy_marker = session
-        .prepare(
+        .prepare(qualify(
             "INSERT INTO user_read_markers (user_id, chat_id, up_to) VALUES (?, ?, ?) USING TIMESTAMP ?",
-        )
+            keyspace,
+        ))
         .await
         .map_err(unavailable)?;
     let markers = session
         .query_iter(
-            "SELECT chat_id, kind, user_id, up_to, WRITETIME(up_to) FROM markers",
+            qualify(
+                "SELECT chat_id, kind, user_id, up_to, WRITETIME(up_to) FROM markers",
+                keyspace,
+            ),
             (),
         )
         .await
@@ -372,7 +385,8 @@ async fn add_column_if_missing(
         let found = session
             .query_unpaged(
                 "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
-                (keyspace, table, column),
+                // Unquoted names are stored lower-cased.
+                (keyspace.to_lowercase(), table, column),
             )
             .await
             .map_err(unavailable)?;
@@ -382,7 +396,10 @@ async fn add_column_if_missing(
         return Ok(());
     }
     match session
-        .query_unpaged(format!("ALTER TABLE {table} ADD {column} {cql_type}"), ())
+        .query_unpaged(
+            format!("ALTER TABLE {keyspace}.{table} ADD {column} {cql_type}"),
+            (),
+        )
         .await
     {
         Ok(_) => Ok(()),
@@ -1701,7 +1718,9 @@ impl Store for CqlStore {
         let mut listed_chats: HashSet<Uuid> = HashSet::new();
         let mut position = after;
         loop {
-            let want = limit_i32(limit.max(16));
+            // At most 100: the batch's ids go into `IN` lists, and ScyllaDB refuses more than
+            // 100 keys in one by default.
+            let want = limit_i32(limit.clamp(16, 100));
             let batch = self.activity_batch(user, position, want).await?;
             let exhausted = batch.len() < want as usize;
             if batch.is_empty() {
@@ -1716,18 +1735,17 @@ impl Store for CqlStore {
                     activity: SignalId(activity),
                 };
                 position = Some(row);
-                match read.row_state(chat, activity) {
-                    RowState::Stale => {
-                        self.drop_activity_row(user, activity, chat).await?;
-                        continue;
-                    }
-                    // Two moves in flight at once leave two rows ahead: the newest, met first,
-                    // is listed (on this page; another page may meet the other before the
-                    // summary settles it).
-                    RowState::Ahead if listed_chats.contains(&chat) => continue,
-                    RowState::Current | RowState::Ahead => {}
+                if read.row_state(chat, activity) == RowState::Stale {
+                    self.drop_activity_row(user, activity, chat).await?;
+                    continue;
                 }
-                listed_chats.insert(chat);
+                // Moves in flight can leave a chat two live rows (two ahead, or one ahead and
+                // the current one). The newest, met first, is listed; the other is skipped, not
+                // removed, until the summary settles it. Only within one call: a later page
+                // may meet the other row while the moves are in flight.
+                if !listed_chats.insert(chat) {
+                    continue;
+                }
                 listed.push(row);
                 if found.len() + listed.len() == limit {
                     break;
@@ -2671,13 +2689,15 @@ enum RowState {
     /// it). Listed, never removed.
     Ahead,
     /// Left behind by a move that raced another (older than the summary), or a row of a chat
-    /// the user is no longer in: skipped and removed.
+    /// the user is no longer in or that was removed: skipped and removed.
     Stale,
 }
 
 impl EntryReads {
     fn row_state(&self, chat: Uuid, activity: Uuid) -> RowState {
-        if !self.roles.contains_key(&chat) {
+        // A chat's row is written before any activity row, so a row of a chat without one (or
+        // only a summary left by a touch that raced its removal) is of a removed chat.
+        if !self.roles.contains_key(&chat) || !self.chats.contains_key(&chat) {
             return RowState::Stale;
         }
         match self.summaries.get(&chat).and_then(|(current, _)| *current) {
