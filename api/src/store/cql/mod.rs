@@ -1705,9 +1705,9 @@ impl Store for CqlStore {
     }
 
     /// The activity rows and, from the same round of reads, their entries: the reads that check a
-    /// batch of activity rows (the chats' current activity and the user's membership) are two of
-    /// the four that make the entries, so the page costs one round of reads after the activity
-    /// rows instead of two.
+    /// batch of activity rows (the chats' rows with their current activity, and the user's
+    /// membership) are two of the three that make the entries, so the page costs one round of
+    /// reads after the activity rows instead of two.
     async fn chat_list(
         &self,
         user: UserId,
