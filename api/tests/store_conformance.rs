@@ -36,6 +36,31 @@ fn fresh_keyspace() -> String {
     format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..20])
 }
 
+/// A message of `author` in `chat`, with a fresh time-ordered id.
+fn message(
+    chat: confab_schema::ChatId,
+    author: confab_schema::UserId,
+    nonce: Option<&str>,
+    text: &str,
+) -> confab_schema::Signal {
+    let id = confab_schema::SignalId::new();
+    confab_schema::Signal {
+        id,
+        chat_id: chat,
+        kind: confab_schema::SignalKind::Message,
+        author_id: author,
+        created_at: id.created_at().expect("time-ordered"),
+        nonce: nonce.map(str::to_owned),
+        text: Some(text.to_owned()),
+        reply_to: None,
+        attachments: vec![],
+        edited_at: None,
+        deleted: false,
+        reactions: Default::default(),
+        call: None,
+    }
+}
+
 /// Migrates `options`' keyspace; `false` (after a loud line) when no CQL store answers and the
 /// tests may skip.
 async fn migrated(options: &CqlOptions, test: &str) -> bool {
@@ -241,7 +266,7 @@ async fn cql_nonces_expire_with_either_parity() {
 #[tokio::test]
 async fn cql_reaction_count_is_repaired_by_a_retry() {
     use confab_api::store::NewChat;
-    use confab_schema::{ChatId, ChatKind, MemberRole, Signal, SignalId, SignalKind, UserId};
+    use confab_schema::{ChatId, ChatKind, MemberRole, UserId};
     let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
     if !migrated(&options, "cql_reaction_count_is_repaired_by_a_retry").await {
         return;
@@ -264,25 +289,9 @@ async fn cql_reaction_count_is_repaired_by_a_retry() {
         })
         .await
         .unwrap();
-    let id = SignalId::new();
-    store
-        .insert_signal(&Signal {
-            id,
-            chat_id: chat,
-            kind: SignalKind::Message,
-            author_id: alice,
-            created_at: id.created_at().unwrap(),
-            nonce: None,
-            text: Some("react".into()),
-            reply_to: None,
-            attachments: vec![],
-            edited_at: None,
-            deleted: false,
-            reactions: Default::default(),
-            call: None,
-        })
-        .await
-        .unwrap();
+    let signal = message(chat, alice, None, "react");
+    let id = signal.id;
+    store.insert_signal(&signal).await.unwrap();
     store.add_reaction(chat, id, "👍", alice).await.unwrap();
     // Bob's reaction row lands; the count write after it never happens.
     store
@@ -316,7 +325,7 @@ async fn cql_reaction_count_is_repaired_by_a_retry() {
 #[tokio::test]
 async fn cql_deletion_scrubs_the_nonce_record() {
     use confab_api::store::NewChat;
-    use confab_schema::{ChatId, ChatKind, MemberRole, Signal, SignalId, SignalKind, UserId};
+    use confab_schema::{ChatId, ChatKind, MemberRole, UserId};
     let keyspace = fresh_keyspace();
     let bucket = format!("{keyspace}_nonces");
     for parity in [
@@ -345,26 +354,10 @@ async fn cql_deletion_scrubs_the_nonce_record() {
             })
             .await
             .unwrap();
-        let id = SignalId::new();
-        let secret = format!("secret {id}");
-        store
-            .insert_signal(&Signal {
-                id,
-                chat_id: chat,
-                kind: SignalKind::Message,
-                author_id: alice,
-                created_at: id.created_at().unwrap(),
-                nonce: Some("scrub-me".into()),
-                text: Some(secret.clone()),
-                reply_to: None,
-                attachments: vec![],
-                edited_at: None,
-                deleted: false,
-                reactions: Default::default(),
-                call: None,
-            })
-            .await
-            .unwrap();
+        let secret = format!("secret {}", uuid::Uuid::new_v4());
+        let signal = message(chat, alice, Some("scrub-me"), &secret);
+        let id = signal.id;
+        store.insert_signal(&signal).await.unwrap();
         let record = || async {
             match &parity {
                 SendParity::JetStream { nats_url, bucket } => {
@@ -426,7 +419,7 @@ async fn cql_deletion_scrubs_the_nonce_record() {
 #[tokio::test]
 async fn cql_migration_11_keeps_summaries_and_read_markers() {
     use confab_api::store::MarkerKind;
-    use confab_schema::{ChatId, Signal, SignalId, SignalKind, UserId};
+    use confab_schema::{ChatId, SignalId, UserId};
     use scylla::client::session_builder::SessionBuilder;
 
     let keyspace = fresh_keyspace();
@@ -477,23 +470,10 @@ async fn cql_migration_11_keeps_summaries_and_read_markers() {
     // messages (and acknowledged delivery of both, a marker of another kind).
     let (author, reader) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
     let chat = ChatId::new();
-    let (first, second) = (SignalId::new(), SignalId::new());
+    let first = SignalId::new();
+    let newest = message(chat, author, None, "the second");
+    let second = newest.id;
     let at = |id: SignalId| id.unix_millis().expect("time-ordered") * 1000;
-    let newest = Signal {
-        id: second,
-        chat_id: chat,
-        kind: SignalKind::Message,
-        author_id: author,
-        created_at: second.created_at().expect("time-ordered"),
-        nonce: None,
-        text: Some("the second".into()),
-        reply_to: None,
-        attachments: vec![],
-        edited_at: None,
-        deleted: false,
-        reactions: Default::default(),
-        call: None,
-    };
     let mut copy = second.0.as_bytes().to_vec();
     copy.extend(serde_json::to_vec(&newest).expect("serializes"));
     let copy_hex: String = copy.iter().map(|b| format!("{b:02x}")).collect();
@@ -582,7 +562,7 @@ async fn cql_migration_11_keeps_summaries_and_read_markers() {
 #[tokio::test]
 async fn cql_an_activity_row_ahead_of_the_summary_stays_listed() {
     use confab_api::store::NewChat;
-    use confab_schema::{ChatId, ChatKind, MemberRole, Signal, SignalId, SignalKind, UserId};
+    use confab_schema::{ChatId, ChatKind, MemberRole, UserId};
 
     let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
     if !migrated(
@@ -608,31 +588,13 @@ async fn cql_an_activity_row_ahead_of_the_summary_stays_listed() {
         })
         .await
         .expect("creates");
-    let message = |text: &str| {
-        let id = SignalId::new();
-        Signal {
-            id,
-            chat_id: chat,
-            kind: SignalKind::Message,
-            author_id: alice,
-            created_at: id.created_at().expect("time-ordered"),
-            nonce: None,
-            text: Some(text.into()),
-            reply_to: None,
-            attachments: vec![],
-            edited_at: None,
-            deleted: false,
-            reactions: Default::default(),
-            call: None,
-        }
-    };
-    let first = message("first");
+    let first = message(chat, alice, None, "first");
     store.insert_signal(&first).await.expect("stores");
     store
         .touch_chat(chat, &[alice, bob], first.id, Some(&first))
         .await
         .expect("touches");
-    let second = message("second");
+    let second = message(chat, alice, None, "second");
     store.insert_signal(&second).await.expect("stores");
     // The second touch's move of bob's row, without its summary.
     let activity_rows = format!("{}.chat_activity_by_user", options.keyspace);
@@ -725,7 +687,7 @@ async fn cql_an_activity_row_ahead_of_the_summary_stays_listed() {
 #[tokio::test]
 async fn cql_removing_a_chat_leaves_no_rows_in_its_members_partitions() {
     use confab_api::store::{MarkerKind, NewChat};
-    use confab_schema::{ChatId, ChatKind, MemberRole, Signal, SignalId, SignalKind, UserId};
+    use confab_schema::{ChatId, ChatKind, MemberRole, UserId};
 
     let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
     if !migrated(
@@ -751,22 +713,8 @@ async fn cql_removing_a_chat_leaves_no_rows_in_its_members_partitions() {
         })
         .await
         .expect("creates");
-    let id = SignalId::new();
-    let signal = Signal {
-        id,
-        chat_id: chat,
-        kind: SignalKind::Message,
-        author_id: alice,
-        created_at: id.created_at().expect("time-ordered"),
-        nonce: None,
-        text: Some("soon gone".into()),
-        reply_to: None,
-        attachments: vec![],
-        edited_at: None,
-        deleted: false,
-        reactions: Default::default(),
-        call: None,
-    };
+    let signal = message(chat, alice, None, "soon gone");
+    let id = signal.id;
     store.insert_signal(&signal).await.expect("stores");
     store
         .touch_chat(chat, &[alice, bob], id, Some(&signal))
