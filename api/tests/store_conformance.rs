@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use confab_api::store::Store;
+use confab_api::store::conformance::{chat_with, message};
 use confab_api::store::cql::{self, CqlOptions, CqlStore, SendParity};
 use confab_api::store::embedded::EmbeddedStore;
 
@@ -34,31 +35,6 @@ fn cql_options(keyspace: &str, parity: SendParity, nonce_ttl: Duration) -> CqlOp
 
 fn fresh_keyspace() -> String {
     format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..20])
-}
-
-/// A message of `author` in `chat`, with a fresh time-ordered id.
-fn message(
-    chat: confab_schema::ChatId,
-    author: confab_schema::UserId,
-    nonce: Option<&str>,
-    text: &str,
-) -> confab_schema::Signal {
-    let id = confab_schema::SignalId::new();
-    confab_schema::Signal {
-        id,
-        chat_id: chat,
-        kind: confab_schema::SignalKind::Message,
-        author_id: author,
-        created_at: id.created_at().expect("time-ordered"),
-        nonce: nonce.map(str::to_owned),
-        text: Some(text.to_owned()),
-        reply_to: None,
-        attachments: vec![],
-        edited_at: None,
-        deleted: false,
-        reactions: Default::default(),
-        call: None,
-    }
 }
 
 /// Migrates `options`' keyspace; `false` (after a loud line) when no CQL store answers and the
@@ -171,40 +147,11 @@ async fn cql_migrations_apply_once() {
 /// Sends with one nonce until the store stores a new signal instead of answering with the first:
 /// the nonce has expired. Fails if that takes far longer than `ttl`.
 async fn nonce_expires(store: &dyn Store, ttl: Duration) {
-    use confab_api::store::{Inserted, NewChat};
-    use confab_schema::{ChatId, ChatKind, MemberRole, Signal, SignalId, SignalKind, UserId};
+    use confab_api::store::Inserted;
+    use confab_schema::UserId;
     let author = UserId::from_subject("t", &uuid::Uuid::new_v4().to_string());
-    let chat = ChatId::new();
-    store
-        .create_chat(&NewChat {
-            id: chat,
-            kind: ChatKind::Group,
-            name: Some("ttl".into()),
-            description: None,
-            created_at: time::OffsetDateTime::now_utc(),
-            created_by: author,
-            members: vec![(author, MemberRole::Owner)],
-        })
-        .await
-        .unwrap();
-    let send = || {
-        let id = SignalId::new();
-        Signal {
-            id,
-            chat_id: chat,
-            kind: SignalKind::Message,
-            author_id: author,
-            created_at: id.created_at().unwrap(),
-            nonce: Some("expiring".into()),
-            text: Some("hi".into()),
-            reply_to: None,
-            attachments: vec![],
-            edited_at: None,
-            deleted: false,
-            reactions: Default::default(),
-            call: None,
-        }
-    };
+    let chat = chat_with(store, author, &[]).await;
+    let send = || message(chat, author, Some("expiring"), "hi");
     let first = send();
     assert!(matches!(
         store.insert_signal(&first).await.unwrap(),
@@ -265,8 +212,7 @@ async fn cql_nonces_expire_with_either_parity() {
 /// directly, as if the process died right after it) is repaired when the client retries.
 #[tokio::test]
 async fn cql_reaction_count_is_repaired_by_a_retry() {
-    use confab_api::store::NewChat;
-    use confab_schema::{ChatId, ChatKind, MemberRole, UserId};
+    use confab_schema::UserId;
     let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
     if !migrated(&options, "cql_reaction_count_is_repaired_by_a_retry").await {
         return;
@@ -276,19 +222,7 @@ async fn cql_reaction_count_is_repaired_by_a_retry() {
         UserId::from_subject("t", "alice"),
         UserId::from_subject("t", "bob"),
     );
-    let chat = ChatId::new();
-    store
-        .create_chat(&NewChat {
-            id: chat,
-            kind: ChatKind::Group,
-            name: Some("reactions".into()),
-            description: None,
-            created_at: time::OffsetDateTime::now_utc(),
-            created_by: alice,
-            members: vec![(alice, MemberRole::Owner), (bob, MemberRole::Member)],
-        })
-        .await
-        .unwrap();
+    let chat = chat_with(&store, alice, &[bob]).await;
     let signal = message(chat, alice, None, "react");
     let id = signal.id;
     store.insert_signal(&signal).await.unwrap();
@@ -324,8 +258,7 @@ async fn cql_reaction_count_is_repaired_by_a_retry() {
 /// lightweight transaction's table.
 #[tokio::test]
 async fn cql_deletion_scrubs_the_nonce_record() {
-    use confab_api::store::NewChat;
-    use confab_schema::{ChatId, ChatKind, MemberRole, UserId};
+    use confab_schema::UserId;
     let keyspace = fresh_keyspace();
     let bucket = format!("{keyspace}_nonces");
     for parity in [
@@ -341,19 +274,7 @@ async fn cql_deletion_scrubs_the_nonce_record() {
         }
         let store = CqlStore::connect(&options).await.expect("connects");
         let alice = UserId::from_subject("t", &uuid::Uuid::new_v4().to_string());
-        let chat = ChatId::new();
-        store
-            .create_chat(&NewChat {
-                id: chat,
-                kind: ChatKind::Group,
-                name: Some("scrub".into()),
-                description: None,
-                created_at: time::OffsetDateTime::now_utc(),
-                created_by: alice,
-                members: vec![(alice, MemberRole::Owner)],
-            })
-            .await
-            .unwrap();
+        let chat = chat_with(&store, alice, &[]).await;
         let secret = format!("secret {}", uuid::Uuid::new_v4());
         let signal = message(chat, alice, Some("scrub-me"), &secret);
         let id = signal.id;
@@ -561,8 +482,7 @@ async fn cql_migration_11_keeps_summaries_and_read_markers() {
 /// the summary is removed.
 #[tokio::test]
 async fn cql_an_activity_row_ahead_of_the_summary_stays_listed() {
-    use confab_api::store::NewChat;
-    use confab_schema::{ChatId, ChatKind, MemberRole, UserId};
+    use confab_schema::UserId;
 
     let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
     if !migrated(
@@ -575,19 +495,7 @@ async fn cql_an_activity_row_ahead_of_the_summary_stays_listed() {
     }
     let store = CqlStore::connect(&options).await.expect("connects");
     let (alice, bob) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
-    let chat = ChatId::new();
-    store
-        .create_chat(&NewChat {
-            id: chat,
-            kind: ChatKind::Group,
-            name: Some("ahead".into()),
-            description: None,
-            created_at: time::OffsetDateTime::now_utc(),
-            created_by: alice,
-            members: vec![(alice, MemberRole::Owner), (bob, MemberRole::Member)],
-        })
-        .await
-        .expect("creates");
+    let chat = chat_with(&store, alice, &[bob]).await;
     let first = message(chat, alice, None, "first");
     store.insert_signal(&first).await.expect("stores");
     store
@@ -686,8 +594,8 @@ async fn cql_an_activity_row_ahead_of_the_summary_stays_listed() {
 /// the CQL store itself, not only from what a chat list shows (which skips such rows anyway).
 #[tokio::test]
 async fn cql_removing_a_chat_leaves_no_rows_in_its_members_partitions() {
-    use confab_api::store::{MarkerKind, NewChat};
-    use confab_schema::{ChatId, ChatKind, MemberRole, UserId};
+    use confab_api::store::MarkerKind;
+    use confab_schema::UserId;
 
     let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
     if !migrated(
@@ -700,19 +608,7 @@ async fn cql_removing_a_chat_leaves_no_rows_in_its_members_partitions() {
     }
     let store = CqlStore::connect(&options).await.expect("connects");
     let (alice, bob) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
-    let chat = ChatId::new();
-    store
-        .create_chat(&NewChat {
-            id: chat,
-            kind: ChatKind::Group,
-            name: Some("removed".into()),
-            description: None,
-            created_at: time::OffsetDateTime::now_utc(),
-            created_by: alice,
-            members: vec![(alice, MemberRole::Owner), (bob, MemberRole::Member)],
-        })
-        .await
-        .expect("creates");
+    let chat = chat_with(&store, alice, &[bob]).await;
     let signal = message(chat, alice, None, "soon gone");
     let id = signal.id;
     store.insert_signal(&signal).await.expect("stores");

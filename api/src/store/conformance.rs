@@ -90,7 +90,8 @@ fn user(name: &str) -> User {
     }
 }
 
-async fn chat_with(store: &dyn Store, owner: UserId, others: &[UserId]) -> ChatId {
+/// A new group of `owner` and `others` (members); also for store tests outside the suite.
+pub async fn chat_with(store: &dyn Store, owner: UserId, others: &[UserId]) -> ChatId {
     let id = ChatId::new();
     let mut members = vec![(owner, MemberRole::Owner)];
     members.extend(others.iter().map(|u| (*u, MemberRole::Member)));
@@ -145,7 +146,9 @@ async fn insert_all(store: &Arc<dyn Store>, signals: Vec<Signal>) {
         .await;
 }
 
-fn message(chat: ChatId, author: UserId, nonce: Option<&str>, text: &str) -> Signal {
+/// A message of `author` in `chat` with a fresh time-ordered id; also for store tests outside
+/// the suite.
+pub fn message(chat: ChatId, author: UserId, nonce: Option<&str>, text: &str) -> Signal {
     message_at(chat, author, SignalId::new(), nonce, text)
 }
 
