@@ -1735,7 +1735,7 @@ impl Store for CqlStore {
                     activity: SignalId(activity),
                 };
                 position = Some(row);
-                if read.row_state(chat, activity) == RowState::Stale {
+                if read.is_stale(chat, activity) {
                     self.drop_activity_row(user, activity, chat).await?;
                     continue;
                 }
@@ -2679,32 +2679,20 @@ struct EntryReads {
     markers: HashMap<Uuid, Uuid>,
 }
 
-/// What an activity row is, checked against the user's role and the chat's summary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RowState {
-    /// The chat's current activity, of a chat the user is in.
-    Current,
-    /// Newer than the summary: a touch moves the members' rows before it writes the summary, so
-    /// this is a move whose summary is still on its way (or failed, and the next touch settles
-    /// it). Listed, never removed.
-    Ahead,
-    /// Left behind by a move that raced another (older than the summary), or a row of a chat
-    /// the user is no longer in or that was removed: skipped and removed.
-    Stale,
-}
-
 impl EntryReads {
-    fn row_state(&self, chat: Uuid, activity: Uuid) -> RowState {
-        // A chat's row is written before any activity row, so a row of a chat without one (or
-        // only a summary left by a touch that raced its removal) is of a removed chat.
-        if !self.roles.contains_key(&chat) || !self.chats.contains_key(&chat) {
-            return RowState::Stale;
-        }
-        match self.summaries.get(&chat).and_then(|(current, _)| *current) {
-            Some(current) if current == activity => RowState::Current,
-            Some(current) if current > activity => RowState::Stale,
-            _ => RowState::Ahead,
-        }
+    /// Whether an activity row of `chat` at `activity` is stale: of a chat the user is no longer
+    /// in, or that was removed (a chat's row is written before any activity row), or older than
+    /// the chat's summary (left behind by a move that raced another). A row newer than the
+    /// summary is live: a touch moves the members' rows before it writes the summary, so it is a
+    /// move whose summary is on its way (or failed, and the next touch settles it).
+    fn is_stale(&self, chat: Uuid, activity: Uuid) -> bool {
+        !self.roles.contains_key(&chat)
+            || !self.chats.contains_key(&chat)
+            || self
+                .summaries
+                .get(&chat)
+                .and_then(|(current, _)| *current)
+                .is_some_and(|current| current > activity)
     }
 }
 
