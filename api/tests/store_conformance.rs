@@ -50,6 +50,63 @@ async fn migrated(options: &CqlOptions, test: &str) -> bool {
     }
 }
 
+/// A session on `options`' keyspace, created with the schema as migrations before `version` left
+/// it (their statements, and the columns migration 11 adds); `None` (after a loud line) when no
+/// CQL store answers and the tests may skip.
+async fn keyspace_as_before(
+    options: &CqlOptions,
+    version: i32,
+    test: &str,
+) -> Option<scylla::client::session::Session> {
+    use scylla::client::session_builder::SessionBuilder;
+    let session = match SessionBuilder::new()
+        .known_nodes(&options.contact_points)
+        .build()
+        .await
+    {
+        Ok(session) => session,
+        Err(error) if !services_required() => {
+            eprintln!("SKIPPED {test}: no CQL store reachable ({error})");
+            return None;
+        }
+        Err(error) => panic!("CQL store unreachable: {error}"),
+    };
+    let run = |cql: String| {
+        let session = &session;
+        async move { session.query_unpaged(cql, ()).await.expect("CQL runs") }
+    };
+    run(format!(
+        "CREATE KEYSPACE {} WITH replication = {}",
+        options.keyspace, options.replication
+    ))
+    .await;
+    session
+        .use_keyspace(&options.keyspace, false)
+        .await
+        .expect("uses");
+    run(
+        "CREATE TABLE schema_migrations (version int PRIMARY KEY, name text, applied_at timestamp)"
+            .into(),
+    )
+    .await;
+    for migration in cql::CQL_MIGRATIONS.iter().filter(|m| m.version < version) {
+        for statement in migration.statements() {
+            run(statement).await;
+        }
+        if migration.version == 11 {
+            run("ALTER TABLE chats ADD activity uuid".into()).await;
+            run("ALTER TABLE chats ADD latest blob".into()).await;
+        }
+        run(format!(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES ({}, '{}', toTimestamp(now()))",
+            migration.version, migration.name
+        ))
+        .await;
+    }
+    session.await_schema_agreement().await.expect("agrees");
+    Some(session)
+}
+
 /// One keyspace per test binary and parity mode, migrated once; cases share it (each makes its own
 /// users and chats).
 async fn shared_cql_store(parity: &str) -> Option<Arc<dyn Store>> {
@@ -341,51 +398,21 @@ async fn cql_deletion_scrubs_the_nonce_record() {
 async fn cql_migration_11_keeps_summaries_and_read_markers() {
     use confab_api::store::MarkerKind;
     use confab_schema::{ChatId, SignalId, UserId};
-    use scylla::client::session_builder::SessionBuilder;
 
-    let keyspace = fresh_keyspace();
-    let options = cql_options(&keyspace, SendParity::Lwt, Duration::from_secs(60));
-    let session = match SessionBuilder::new()
-        .known_nodes(&options.contact_points)
-        .build()
-        .await
-    {
-        Ok(session) => session,
-        Err(error) if !services_required() => {
-            eprintln!(
-                "SKIPPED cql_migration_11_keeps_summaries_and_read_markers: no CQL store reachable ({error})"
-            );
-            return;
-        }
-        Err(error) => panic!("CQL store unreachable: {error}"),
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    let Some(session) = keyspace_as_before(
+        &options,
+        11,
+        "cql_migration_11_keeps_summaries_and_read_markers",
+    )
+    .await
+    else {
+        return;
     };
     let run = |cql: String| {
         let session = &session;
         async move { session.query_unpaged(cql, ()).await.expect("CQL runs") }
     };
-    // The schema as migrations 1 to 10 left it.
-    run(format!(
-        "CREATE KEYSPACE {keyspace} WITH replication = {}",
-        options.replication
-    ))
-    .await;
-    session.use_keyspace(&keyspace, false).await.expect("uses");
-    run(
-        "CREATE TABLE schema_migrations (version int PRIMARY KEY, name text, applied_at timestamp)"
-            .into(),
-    )
-    .await;
-    for migration in cql::CQL_MIGRATIONS.iter().filter(|m| m.version < 11) {
-        for statement in migration.statements() {
-            run(statement).await;
-        }
-        run(format!(
-            "INSERT INTO schema_migrations (version, name, applied_at) VALUES ({}, '{}', toTimestamp(now()))",
-            migration.version, migration.name
-        ))
-        .await;
-    }
-    session.await_schema_agreement().await.expect("agrees");
 
     // A group of two as the build before stored it: the reader has read the first of two
     // messages (and acknowledged delivery of both, a marker of another kind).
@@ -438,7 +465,10 @@ async fn cql_migration_11_keeps_summaries_and_read_markers() {
         .await;
     }
 
-    assert_eq!(cql::migrate(&options).await.expect("migrates"), vec![11]);
+    assert_eq!(
+        cql::migrate(&options).await.expect("migrates"),
+        vec![11, 12]
+    );
     let store = CqlStore::connect(&options).await.expect("connects");
     let listed = store.chat_list(reader, None, 10).await.expect("lists");
     assert_eq!(listed.len(), 1, "the chat is listed once: {listed:?}");
@@ -476,10 +506,187 @@ async fn cql_migration_11_keeps_summaries_and_read_markers() {
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
 
-/// A touch moves the members' activity rows before it writes the chat's summary. A chat list read
-/// in between (or after a touch that failed there) lists the chat at its new activity with its
-/// newest signal, and does not remove the row as if a move had left it behind; a row older than
-/// the summary is removed.
+/// Migration 12 copies every chat's row and summary into its members' rows of `user_chats`, with
+/// the originals' write timestamps: a change written since is kept when the migration runs
+/// again. A member's row without copies (as the build before wrote it) is listed from the
+/// chat's own row.
+#[tokio::test]
+async fn cql_migration_12_copies_chats_into_member_rows() {
+    use confab_schema::{ChatId, SignalId, UserId};
+
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    let Some(session) = keyspace_as_before(
+        &options,
+        12,
+        "cql_migration_12_copies_chats_into_member_rows",
+    )
+    .await
+    else {
+        return;
+    };
+    let run = |cql: String| {
+        let session = &session;
+        async move { session.query_unpaged(cql, ()).await.expect("CQL runs") }
+    };
+    // A group of two as the build before stored it: the summary in the chat's row, the members'
+    // rows with their roles only.
+    let (author, reader) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
+    let chat = ChatId::new();
+    let first = SignalId::new();
+    let newest = message(chat, author, None, "the second");
+    let second = newest.id;
+    let at = |id: SignalId| id.unix_millis().expect("time-ordered") * 1000;
+    let mut copy = second.0.as_bytes().to_vec();
+    copy.extend(serde_json::to_vec(&newest).expect("serializes"));
+    let copy_hex: String = copy.iter().map(|b| format!("{b:02x}")).collect();
+    run(format!(
+        "INSERT INTO chats (id, kind, name, description, created_at, created_by) \
+         VALUES ({}, 'group', 'before', 'about', toTimestamp(now()), {})",
+        chat.0, author.0
+    ))
+    .await;
+    run(format!(
+        "UPDATE chats USING TIMESTAMP {} SET activity = {}, latest = 0x{copy_hex} WHERE id = {}",
+        at(second),
+        second.0,
+        chat.0
+    ))
+    .await;
+    let join_as_before = |user: UserId, role: &'static str| {
+        let run = &run;
+        async move {
+            run(format!(
+                "INSERT INTO user_chats (user_id, chat_id, role, joined_at) VALUES ({}, {}, '{role}', toTimestamp(now()))",
+                user.0, chat.0
+            ))
+            .await;
+            run(format!(
+                "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES ({}, {}, '{role}', toTimestamp(now()))",
+                chat.0, user.0
+            ))
+            .await;
+            run(format!(
+                "INSERT INTO chat_activity_by_user (user_id, activity, chat_id) VALUES ({}, {}, {})",
+                user.0, second.0, chat.0
+            ))
+            .await;
+        }
+    };
+    join_as_before(author, "owner").await;
+    join_as_before(reader, "member").await;
+    run(format!(
+        "INSERT INTO user_read_markers (user_id, chat_id, up_to) VALUES ({}, {}, {}) USING TIMESTAMP {}",
+        reader.0,
+        chat.0,
+        first.0,
+        at(first)
+    ))
+    .await;
+
+    assert_eq!(cql::migrate(&options).await.expect("migrates"), vec![12]);
+    type Copies = (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<uuid::Uuid>,
+        Option<uuid::Uuid>,
+        Option<Vec<u8>>,
+    );
+    let copies = |user: UserId| {
+        let session = &session;
+        async move {
+            session
+                .query_unpaged(
+                    "SELECT kind, name, description, created_by, activity, latest FROM user_chats \
+                     WHERE user_id = ? AND chat_id = ?",
+                    (user.0, chat.0),
+                )
+                .await
+                .expect("reads")
+                .into_rows_result()
+                .expect("rows")
+                .first_row::<Copies>()
+                .expect("a row")
+        }
+    };
+    for user in [author, reader] {
+        assert_eq!(
+            copies(user).await,
+            (
+                Some("group".into()),
+                Some("before".into()),
+                Some("about".into()),
+                Some(author.0),
+                Some(second.0),
+                Some(copy.clone())
+            ),
+            "the copies in {user:?}'s row"
+        );
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let shown = |user: UserId| {
+        let store = &store;
+        async move {
+            let listed = store.chat_list(user, None, 10).await.expect("lists");
+            assert_eq!(listed.len(), 1, "the chat is listed once: {listed:?}");
+            let entry = listed[0].1.clone().expect("an entry");
+            (
+                entry.chat.name,
+                entry.chat.description,
+                entry.chat.latest_signal.and_then(|s| s.text),
+                entry.read_marker,
+            )
+        }
+    };
+    assert_eq!(
+        shown(reader).await,
+        (
+            Some("before".into()),
+            Some("about".into()),
+            Some("the second".into()),
+            Some(first)
+        )
+    );
+
+    // Renamed since; then a member joins as the build before joined them (a row without copies),
+    // and is listed from the chat's row.
+    store
+        .update_chat(chat, Some("after"), None)
+        .await
+        .expect("renames");
+    let late = UserId(uuid::Uuid::new_v4());
+    join_as_before(late, "member").await;
+    let renamed = (
+        Some("after".to_owned()),
+        None,
+        Some("the second".to_owned()),
+    );
+    let without_marker = |shown: (_, _, _, Option<SignalId>)| (shown.0, shown.1, shown.2);
+    assert_eq!(
+        without_marker(shown(late).await),
+        renamed,
+        "from the chat's row"
+    );
+
+    // Run again (as after a failure before it was recorded): the rename stays, and the late
+    // member's row gets its copies.
+    run(format!(
+        "DELETE FROM {}.schema_migrations WHERE version = 12",
+        options.keyspace
+    ))
+    .await;
+    assert_eq!(cql::migrate(&options).await.expect("migrates"), vec![12]);
+    for user in [author, reader, late] {
+        assert_eq!(without_marker(shown(user).await), renamed, "{user:?}");
+        assert_eq!(copies(user).await.1.as_deref(), Some("after"), "{user:?}");
+    }
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}
+
+/// A touch of a process from before migration 12 moved the members' activity rows before it wrote
+/// the chat's summary. A chat list read in between (or after a touch that failed there) lists the
+/// chat at its new activity with its newest signal, and does not remove the row as if a move had
+/// left it behind; a row older than the summary is removed.
 #[tokio::test]
 async fn cql_an_activity_row_ahead_of_the_summary_stays_listed() {
     use confab_schema::UserId;

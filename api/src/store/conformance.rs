@@ -51,6 +51,7 @@ macro_rules! store_conformance_tests {
             reaction_counts_of_a_page,
             signals_and_counts_across_chats,
             chat_entries_show_role_latest_and_marker,
+            a_rename_shows_in_every_members_entry,
             the_chat_list_is_the_activity_order_with_entries,
             unread_counts_are_capped_and_the_scan_bounded,
             unread_counts_asked_together_are_the_counts_alone,
@@ -1513,6 +1514,72 @@ pub async fn chat_entries_show_role_latest_and_marker(store: Arc<dyn Store>) {
         latest(store.chat_entries(bob.id, &[with_bob]).await.unwrap()).text,
         Some("three".into())
     );
+}
+
+/// A rename shows in every member's entry and chat list, also in those of a member who joins
+/// after it; renamed again, the newest name and description show.
+pub async fn a_rename_shows_in_every_members_entry(store: Arc<dyn Store>) {
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let store = &*store;
+    let chat = chat_with(store, alice.id, &[bob.id]).await;
+    let hello = message(chat, alice.id, None, "hello");
+    store.insert_signal(&hello).await.unwrap();
+    store
+        .touch_chat(chat, &[alice.id, bob.id], hello.id, Some(&hello))
+        .await
+        .unwrap();
+    store
+        .update_chat(chat, Some("renamed"), Some("about"))
+        .await
+        .unwrap();
+    store
+        .put_member(
+            chat,
+            &Member {
+                user_id: carol.id,
+                role: MemberRole::Member,
+                joined_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+            },
+        )
+        .await
+        .unwrap();
+    let welcome = message(chat, alice.id, None, "welcome");
+    store.insert_signal(&welcome).await.unwrap();
+    let everyone = [alice.id, bob.id, carol.id];
+    store
+        .touch_chat(chat, &everyone, welcome.id, Some(&welcome))
+        .await
+        .unwrap();
+    let shown = |entry: &crate::store::ChatEntry| {
+        (
+            entry.chat.name.clone(),
+            entry.chat.description.clone(),
+            entry.chat.latest_signal.as_ref().map(|s| s.id),
+        )
+    };
+    for reader in everyone {
+        let entries = store.chat_entries(reader, &[chat]).await.unwrap();
+        let expected = (
+            Some("renamed".to_owned()),
+            Some("about".to_owned()),
+            Some(welcome.id),
+        );
+        assert_eq!(shown(&entries[0]), expected, "entry of {reader:?}");
+        let listed = store.chat_list(reader, None, 10).await.unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let entry = listed[0].1.as_ref().expect("an entry");
+        assert_eq!(shown(entry), expected, "list of {reader:?}");
+    }
+    store.update_chat(chat, Some("again"), None).await.unwrap();
+    for reader in everyone {
+        let listed = store.chat_list(reader, None, 10).await.unwrap();
+        let entry = listed[0].1.as_ref().expect("an entry");
+        assert_eq!(
+            shown(entry),
+            (Some("again".to_owned()), None, Some(welcome.id)),
+            "list of {reader:?}"
+        );
+    }
 }
 
 pub async fn unread_counts_are_capped_and_the_scan_bounded(store: Arc<dyn Store>) {

@@ -67,6 +67,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "list_reads",
         cql: include_str!("migrations/0011_list_reads.cql"),
     },
+    Migration {
+        version: 12,
+        name: "entries_in_user_rows",
+        cql: include_str!("migrations/0012_entries_in_user_rows.cql"),
+    },
 ];
 
 impl Migration {

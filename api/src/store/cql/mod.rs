@@ -140,6 +140,11 @@ pub fn qualify(cql: &str, keyspace: &str) -> String {
 /// Creates the keyspace if needed and applies every migration not yet recorded. Safe to run twice and
 /// from several processes at once (every statement is `IF NOT EXISTS`).
 pub async fn migrate(options: &CqlOptions) -> Result<Vec<i32>, StoreError> {
+    // Boxed: the state machine of every migration's steps is large.
+    Box::pin(migrate_keyspace(options)).await
+}
+
+async fn migrate_keyspace(options: &CqlOptions) -> Result<Vec<i32>, StoreError> {
     let session = session(options).await?;
     let keyspace = &options.keyspace;
     session
@@ -200,6 +205,7 @@ pub async fn migrate(options: &CqlOptions) -> Result<Vec<i32>, StoreError> {
         match migration.version {
             3 => backfill_tallies_and_summaries(&session).await?,
             11 => move_summaries_and_copy_read_markers(&session, keyspace).await?,
+            12 => copy_chats_into_member_rows(&session, keyspace).await?,
             _ => {}
         }
         session
@@ -373,6 +379,128 @@ async fn move_summaries_and_copy_read_markers(
         .await
 }
 
+/// Migration 12: adds the copies' columns to `user_chats` and copies every chat's row and summary
+/// into its members' rows, each value with its own write timestamp, so that whatever was written
+/// since (newer by that timestamp) stays.
+async fn copy_chats_into_member_rows(session: &Session, keyspace: &str) -> Result<(), StoreError> {
+    for (column, cql_type) in [
+        ("kind", "text"),
+        ("name", "text"),
+        ("description", "text"),
+        ("created_at", "timestamp"),
+        ("created_by", "uuid"),
+        ("activity", "uuid"),
+        ("latest", "blob"),
+    ] {
+        add_column_if_missing(session, keyspace, "user_chats", column, cql_type).await?;
+    }
+    session
+        .await_schema_agreement()
+        .await
+        .map_err(unavailable)?;
+    let prepare = |cql: &str| session.prepare(qualify(cql, keyspace)).map_err(unavailable);
+    let (members_of, copy_info, set_activity, set_latest) = futures::try_join!(
+        prepare("SELECT user_id FROM chat_members WHERE chat_id = ?"),
+        prepare(
+            "UPDATE user_chats USING TIMESTAMP ? SET kind = ?, name = ?, description = ?, \
+             created_at = ?, created_by = ? WHERE user_id = ? AND chat_id = ?"
+        ),
+        prepare(
+            "UPDATE user_chats USING TIMESTAMP ? SET activity = ? WHERE user_id = ? AND chat_id = ?"
+        ),
+        prepare(
+            "UPDATE user_chats USING TIMESTAMP ? SET latest = ? WHERE user_id = ? AND chat_id = ?"
+        ),
+    )?;
+    type Written = (
+        Uuid,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<CqlTimestamp>,
+        Option<Uuid>,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        Option<Uuid>,
+        Option<i64>,
+        Option<Vec<u8>>,
+        Option<i64>,
+    );
+    let chats = session
+        .query_iter(
+            qualify(
+                "SELECT id, kind, name, description, created_at, created_by, WRITETIME(kind), \
+                 WRITETIME(name), WRITETIME(description), activity, WRITETIME(activity), latest, \
+                 WRITETIME(latest) FROM chats",
+                keyspace,
+            ),
+            (),
+        )
+        .await
+        .map_err(unavailable)?
+        .rows_stream::<Written>()
+        .map_err(corrupt)?;
+    let (members_of, copy_info, set_activity, set_latest) =
+        (&members_of, &copy_info, &set_activity, &set_latest);
+    chats
+        .map_err(corrupt)
+        .try_for_each_concurrent(8, |row| async move {
+            let (id, kind, name, description, created_at, created_by) =
+                (row.0, row.1, row.2, row.3, row.4, row.5);
+            let (Some(kind), Some(created_at), Some(created_by)) = (kind, created_at, created_by)
+            else {
+                // A summary written by a touch that raced the chat's removal: no chat.
+                return Ok(());
+            };
+            let info_at = [row.6, row.7, row.8]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(0);
+            let (activity, latest) = (row.9.zip(row.10), row.11.zip(row.12));
+            let mut members = session
+                .execute_iter(members_of.clone(), (id,))
+                .await
+                .map_err(unavailable)?
+                .rows_stream::<(Uuid,)>()
+                .map_err(corrupt)?;
+            while let Some(member) = members.next().await {
+                let (user,) = member.map_err(corrupt)?;
+                session
+                    .execute_unpaged(
+                        copy_info,
+                        (
+                            info_at,
+                            kind.as_str(),
+                            name.as_deref(),
+                            description.as_deref(),
+                            created_at,
+                            created_by,
+                            user,
+                            id,
+                        ),
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                if let Some((activity, at)) = activity {
+                    session
+                        .execute_unpaged(set_activity, (at, activity, user, id))
+                        .await
+                        .map_err(unavailable)?;
+                }
+                if let Some((latest, at)) = &latest {
+                    session
+                        .execute_unpaged(set_latest, (*at, latest, user, id))
+                        .await
+                        .map_err(unavailable)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+}
+
 /// `ALTER TABLE … ADD` unless the column is there; a concurrent migration adding it first is fine.
 async fn add_column_if_missing(
     session: &Session,
@@ -497,7 +625,11 @@ struct Statements {
     set_summary: PreparedStatement,
     set_latest: PreparedStatement,
     chats_in: PreparedStatement,
-    roles_in: PreparedStatement,
+    user_entries_in: PreparedStatement,
+    chat_info_written: PreparedStatement,
+    copy_chat_info: PreparedStatement,
+    set_user_summary: PreparedStatement,
+    set_user_latest: PreparedStatement,
     read_markers_in: PreparedStatement,
     set_user_read_marker: PreparedStatement,
     delete_user_read_marker: PreparedStatement,
@@ -610,13 +742,15 @@ impl CqlStore {
             check: "SELECT version FROM schema_migrations LIMIT 1".into(),
             upsert_user: "INSERT INTO users (id, username, display_name, email, updated_at) VALUES (?, ?, ?, ?, ?)".into(),
             get_user: "SELECT username, display_name, email FROM users WHERE id = ?".into(),
-            insert_chat: "INSERT INTO chats (id, kind, name, description, created_at, created_by) VALUES (?, ?, ?, ?, ?, ?)"
+            // The write timestamp is the one the members' copies are written with (see
+            // `copy_chat_info`).
+            insert_chat: "INSERT INTO chats (id, kind, name, description, created_at, created_by) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
                     .into(),
             get_chat: "SELECT id, kind, name, description, created_at, created_by FROM chats WHERE id = ?".into(),
             insert_chat_member: "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?)".into(),
             insert_user_chat: "INSERT INTO user_chats (user_id, chat_id, role, joined_at) VALUES (?, ?, ?, ?)".into(),
             member_role: "SELECT role FROM chat_members WHERE chat_id = ? AND user_id = ?".into(),
-            chats_of: "SELECT chat_id FROM user_chats WHERE user_id = ?".into(),
+            chats_of: "SELECT chat_id, role FROM user_chats WHERE user_id = ?".into(),
             chat_ids_first: "SELECT id FROM chats LIMIT ?".into(),
             chat_ids_after: "SELECT id FROM chats WHERE token(id) > token(?) LIMIT ?".into(),
             get_device: "SELECT body FROM devices WHERE device_id = ?".into(),
@@ -677,7 +811,7 @@ impl CqlStore {
             terms_from: "SELECT term, user_id FROM user_search WHERE shard = ? AND term >= ? AND term < ? LIMIT ?".into(),
             terms_after: "SELECT term, user_id FROM user_search WHERE shard = ? AND (term, user_id) > (?, ?) AND (term) < (?) LIMIT ?"
                     .into(),
-            update_chat: "UPDATE chats SET name = ?, description = ? WHERE id = ?".into(),
+            update_chat: "UPDATE chats USING TIMESTAMP ? SET name = ?, description = ? WHERE id = ?".into(),
             members_first: "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? LIMIT ?".into(),
             members_after: "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? AND user_id > ? LIMIT ?".into(),
             delete_chat_member: "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?".into(),
@@ -693,7 +827,24 @@ impl CqlStore {
             set_summary: "UPDATE chats USING TIMESTAMP ? SET activity = ?, latest = ? WHERE id = ?".into(),
             set_latest: "UPDATE chats USING TIMESTAMP ? SET latest = ? WHERE id = ?".into(),
             chats_in: "SELECT id, kind, name, description, created_at, created_by, activity, latest FROM chats WHERE id IN ?".into(),
-            roles_in: "SELECT chat_id, role FROM user_chats WHERE user_id = ? AND chat_id IN ?".into(),
+            // A member's row of `user_chats` also holds copies of the chat's row and summary, so
+            // the chat list reads its entries from the user's own partition. A row without a
+            // role is no membership: a copy written by a touch, a refresh or a rename that raced
+            // the member's leaving.
+            user_entries_in: "SELECT chat_id, role, kind, name, description, created_at, created_by, activity, latest \
+                 FROM user_chats WHERE user_id = ? AND chat_id IN ?"
+                .into(),
+            chat_info_written: "SELECT kind, name, description, created_at, created_by, \
+                 WRITETIME(kind), WRITETIME(name), WRITETIME(description) FROM chats WHERE id = ?"
+                .into(),
+            // Written with the timestamp of the chat row's values it copies, so a copy never
+            // overwrites a newer one, whichever arrives last.
+            copy_chat_info: "UPDATE user_chats USING TIMESTAMP ? SET kind = ?, name = ?, description = ?, \
+                 created_at = ?, created_by = ? WHERE user_id = ? AND chat_id = ?"
+                .into(),
+            set_user_summary: "UPDATE user_chats USING TIMESTAMP ? SET activity = ?, latest = ? WHERE user_id = ? AND chat_id = ?"
+                .into(),
+            set_user_latest: "UPDATE user_chats USING TIMESTAMP ? SET latest = ? WHERE user_id = ? AND chat_id = ?".into(),
             read_markers_in: "SELECT chat_id, up_to FROM user_read_markers WHERE user_id = ? AND chat_id IN ?".into(),
             set_user_read_marker: "INSERT INTO user_read_markers (user_id, chat_id, up_to) VALUES (?, ?, ?) USING TIMESTAMP ?".into(),
             delete_user_read_marker: "DELETE FROM user_read_markers WHERE user_id = ? AND chat_id = ?".into(),
@@ -1018,14 +1169,17 @@ impl Store for CqlStore {
 
     async fn create_chat(&self, chat: &NewChat) -> Result<(), StoreError> {
         let joined = CqlTimestamp(millis(chat.created_at));
+        let info = ChatInfo {
+            kind: chat.kind.as_str().to_owned(),
+            name: chat.name.clone(),
+            description: chat.description.clone(),
+            created_at: joined,
+            created_by: chat.created_by.0,
+            written: now_micros(),
+        };
         for (user, role) in &chat.members {
-            self.session
-                .execute_unpaged(
-                    &self.statements.insert_user_chat,
-                    (user.0, chat.id.0, role.as_str(), joined),
-                )
-                .await
-                .map_err(unavailable)?;
+            self.join_with_copy(chat.id, *user, role.as_str(), joined, &info)
+                .await?;
             self.session
                 .execute_unpaged(
                     &self.statements.insert_chat_member,
@@ -1045,6 +1199,7 @@ impl Store for CqlStore {
                     chat.description.as_deref(),
                     joined,
                     chat.created_by.0,
+                    info.written,
                 ),
             )
             .await
@@ -1104,11 +1259,14 @@ impl Store for CqlStore {
             .execute_iter(self.statements.chats_of.clone(), (user.0,))
             .await
             .map_err(unavailable)?
-            .rows_stream::<(Uuid,)>()
+            .rows_stream::<(Uuid, Option<String>)>()
             .map_err(corrupt)?;
         let mut chats = Vec::new();
         while let Some(row) = rows.next().await {
-            chats.push(ChatId(row.map_err(corrupt)?.0));
+            // A row without a role is a copy that raced the member's leaving, not a membership.
+            if let (chat, Some(_)) = row.map_err(corrupt)? {
+                chats.push(ChatId(chat));
+            }
         }
         Ok(chats)
     }
@@ -1430,10 +1588,32 @@ impl Store for CqlStore {
         name: Option<&str>,
         description: Option<&str>,
     ) -> Result<(), StoreError> {
+        let Some(before) = self.chat_info(id).await? else {
+            return Ok(());
+        };
+        // Later than what it replaces, whatever this process's clock says; the members' copies
+        // are written with the same timestamp.
+        let info = ChatInfo {
+            name: name.map(str::to_owned),
+            description: description.map(str::to_owned),
+            written: now_micros().max(before.written + 1),
+            ..before
+        };
         self.session
-            .execute_unpaged(&self.statements.update_chat, (name, description, id.0))
+            .execute_unpaged(
+                &self.statements.update_chat,
+                (info.written, name, description, id.0),
+            )
             .await
             .map_err(unavailable)?;
+        // Members read after the write: a member added meanwhile either is among them or copies
+        // the chat's row after this write (`copy_info_to`, which reads after its own write).
+        let members = self.members(id).await?;
+        futures::stream::iter(members)
+            .map(|member| self.write_info_copy(id, member.user_id, &info))
+            .buffer_unordered(32)
+            .try_collect::<Vec<()>>()
+            .await?;
         Ok(())
     }
 
@@ -1488,7 +1668,7 @@ impl Store for CqlStore {
             )
             .await
             .map_err(unavailable)?;
-        Ok(())
+        self.copy_info_to(chat, member.user_id).await
     }
 
     async fn change_member(
@@ -1579,6 +1759,7 @@ impl Store for CqlStore {
                     )
                     .await
                     .map_err(unavailable)?;
+                self.copy_info_to(chat, member.user_id).await?;
             }
             MemberWrite::SetRole(user, role) => {
                 self.session
@@ -1624,28 +1805,38 @@ impl Store for CqlStore {
             // A newer signal already moved the chat; this one must not move it back.
             return Ok(());
         }
-        // A member's move is one request: the old row and the new are in the member's partition,
-        // so an unlogged batch of the two is applied as one mutation of it.
-        let moves = previous.map(|previous| {
+        // The signal's time is the write timestamp of the summaries: concurrent touches settle on
+        // the newest, and a refresh of the copy after an edit (written later in time) wins over
+        // this one.
+        let at = activity.unix_millis().unwrap_or_default() * 1000;
+        let copy = latest.map(summary_copy).transpose()?;
+        // A member's move is one request: the old activity row, the new one and the member's
+        // copy of the summary (in `user_chats`) all have the member as partition key, so an
+        // unlogged batch of them is applied as one mutation.
+        let batch = {
             use scylla::statement::batch::{Batch, BatchType};
             let mut batch = Batch::new(BatchType::Unlogged);
-            batch.append_statement(self.statements.delete_user_activity.clone());
+            if previous.is_some() {
+                batch.append_statement(self.statements.delete_user_activity.clone());
+            }
             batch.append_statement(self.statements.insert_user_activity.clone());
-            (batch, previous)
-        });
-        let moves = &moves;
+            batch.append_statement(self.statements.set_user_summary.clone());
+            batch
+        };
+        let (batch, copy_ref) = (&batch, &copy);
         futures::stream::iter(members.iter().copied())
             .map(|member| async move {
                 let inserted = (member.0, activity.0, chat.0);
-                match moves {
-                    Some((batch, previous)) => self
+                let summary = (at, activity.0, copy_ref.as_deref(), member.0, chat.0);
+                match previous {
+                    Some(previous) => self
                         .session
-                        .batch(batch, ((member.0, previous.0, chat.0), inserted))
+                        .batch(batch, ((member.0, previous.0, chat.0), inserted, summary))
                         .await
                         .map(drop),
                     None => self
                         .session
-                        .execute_unpaged(&self.statements.insert_user_activity, inserted)
+                        .batch(batch, (inserted, summary))
                         .await
                         .map(drop),
                 }
@@ -1654,10 +1845,6 @@ impl Store for CqlStore {
             .buffer_unordered(32)
             .try_collect::<Vec<()>>()
             .await?;
-        // The signal's time is the write timestamp: concurrent touches settle on the newest, and
-        // a refresh of the copy after an edit (written later in time) wins over this one.
-        let at = activity.unix_millis().unwrap_or_default() * 1000;
-        let copy = latest.map(summary_copy).transpose()?;
         self.session
             .execute_unpaged(&self.statements.set_summary, (at, activity.0, copy, chat.0))
             .await
@@ -1704,10 +1891,10 @@ impl Store for CqlStore {
             .await
     }
 
-    /// The activity rows and, from the same round of reads, their entries: the reads that check a
-    /// batch of activity rows (the chats' rows with their current activity, and the user's
-    /// membership) are two of the three that make the entries, so the page costs one round of
-    /// reads after the activity rows instead of two.
+    /// The activity rows and, from the same round of reads, their entries: the read that checks a
+    /// batch of activity rows (the user's rows of `user_chats`: membership and the copy of each
+    /// chat's current activity) is one of the two that make the entries, so the page costs one
+    /// round of reads after the activity rows instead of two.
     async fn chat_list(
         &self,
         user: UserId,
@@ -2681,10 +2868,9 @@ struct EntryReads {
 
 impl EntryReads {
     /// Whether an activity row of `chat` at `activity` is stale: of a chat the user is no longer
-    /// in, or that was removed (a chat's row is written before any activity row), or older than
-    /// the chat's summary (left behind by a move that raced another). A row newer than the
-    /// summary is live: a touch moves the members' rows before it writes the summary, so it is a
-    /// move whose summary is on its way (or failed, and the next touch settles it).
+    /// in, or that was removed, or older than the member's copy of the chat's summary (left
+    /// behind by a move that raced another). A row newer than the summary is live: a move by a
+    /// process from before migration 12, which moved the rows before it wrote the summary.
     fn is_stale(&self, chat: Uuid, activity: Uuid) -> bool {
         !self.roles.contains_key(&chat)
             || !self.chats.contains_key(&chat)
@@ -2753,40 +2939,60 @@ impl CqlStore {
         Ok(())
     }
 
-    /// The chats with their summaries, `user`'s roles and `user`'s read markers of `ids`: three
-    /// reads in parallel, each `IN` the batch. Only the first touches one partition per chat; the
-    /// roles and the markers are rows of the user's own partitions.
+    /// The chats with their summaries, `user`'s roles and `user`'s read markers of `ids`: two
+    /// reads in parallel, each `IN` the batch and each of one partition, the user's: their rows
+    /// of `user_chats` (role, and copies of the chat's row and summary) and of
+    /// `user_read_markers`. A row without copies (written before migration 12, or a member's
+    /// whose chat has not been touched since they joined) costs a third read, of `chats`, for the
+    /// chats it concerns.
     async fn read_entries(&self, user: UserId, ids: &[Uuid]) -> Result<EntryReads, StoreError> {
-        let (chat_rows, roles, markers) = futures::try_join!(
+        let (own, markers) = futures::try_join!(
             self.session
-                .execute_unpaged(&self.statements.chats_in, (ids,))
-                .map_err(unavailable),
-            self.session
-                .execute_unpaged(&self.statements.roles_in, (user.0, ids))
+                .execute_unpaged(&self.statements.user_entries_in, (user.0, ids))
                 .map_err(unavailable),
             self.session
                 .execute_unpaged(&self.statements.read_markers_in, (user.0, ids))
                 .map_err(unavailable),
         )?;
-        let mut chats = HashMap::new();
-        let mut summaries = HashMap::new();
-        for (id, kind, name, description, created, created_by, activity, latest) in
-            rows::<ListedChatRow>(chat_rows)?
+        let mut read = EntryReads {
+            chats: HashMap::new(),
+            roles: HashMap::new(),
+            summaries: HashMap::new(),
+            markers: rows::<(Uuid, Uuid)>(markers)?.into_iter().collect(),
+        };
+        let mut without_copies = Vec::new();
+        for (id, role, kind, name, description, created, created_by, activity, latest) in
+            rows::<UserChatRow>(own)?
         {
-            summaries.insert(id, (activity, latest));
-            if let Some(chat) = to_chat((id, kind, name, description, created, created_by))? {
-                chats.insert(id, chat);
+            // A row without a role is a copy written by a change that raced the member's
+            // leaving: no membership.
+            let Some(role) = role else { continue };
+            read.roles.insert(id, parse(&role)?);
+            let chat = to_chat((id, kind, name, description, created, created_by))?;
+            match (chat, activity) {
+                (Some(chat), Some(_)) => {
+                    read.chats.insert(id, chat);
+                    read.summaries.insert(id, (activity, latest));
+                }
+                _ => without_copies.push(id),
             }
         }
-        Ok(EntryReads {
-            chats,
-            roles: rows::<(Uuid, String)>(roles)?
-                .into_iter()
-                .map(|(chat, role)| Ok((chat, parse(&role)?)))
-                .collect::<Result<_, StoreError>>()?,
-            summaries,
-            markers: rows::<(Uuid, Uuid)>(markers)?.into_iter().collect(),
-        })
+        if !without_copies.is_empty() {
+            let chat_rows = self
+                .session
+                .execute_unpaged(&self.statements.chats_in, (&without_copies,))
+                .await
+                .map_err(unavailable)?;
+            for (id, kind, name, description, created, created_by, activity, latest) in
+                rows::<ListedChatRow>(chat_rows)?
+            {
+                read.summaries.insert(id, (activity, latest));
+                if let Some(chat) = to_chat((id, kind, name, description, created, created_by))? {
+                    read.chats.insert(id, chat);
+                }
+            }
+        }
+        Ok(read)
     }
 
     /// The entries of `chats` from `read`, in that order, leaving out chats the user is not a
@@ -2836,6 +3042,119 @@ impl CqlStore {
             entries[index].chat.latest_signal = latest.map(Box::new);
         }
         Ok(entries)
+    }
+
+    /// The chat's row as its members' copies hold it, with the newest write timestamp among its
+    /// values. `None` for a chat that does not exist.
+    async fn chat_info(&self, chat: ChatId) -> Result<Option<ChatInfo>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.chat_info_written, (chat.0,))
+            .await
+            .map_err(unavailable)?;
+        type Written = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<CqlTimestamp>,
+            Option<Uuid>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+        );
+        let Some(row) = rows::<Written>(result)?.into_iter().next() else {
+            return Ok(None);
+        };
+        let (kind, name, description, created_at, created_by, kind_at, name_at, description_at) =
+            row;
+        let (Some(kind), Some(created_at), Some(created_by)) = (kind, created_at, created_by)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(ChatInfo {
+            kind,
+            name,
+            description,
+            created_at,
+            created_by,
+            written: [kind_at, name_at, description_at]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(0),
+        }))
+    }
+
+    /// Writes `user`'s copy of the chat's row.
+    async fn write_info_copy(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        info: &ChatInfo,
+    ) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(
+                &self.statements.copy_chat_info,
+                (
+                    info.written,
+                    info.kind.as_str(),
+                    info.name.as_deref(),
+                    info.description.as_deref(),
+                    info.created_at,
+                    info.created_by,
+                    user.0,
+                    chat.0,
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Copies the chat's row into a new member's row, after the membership was written: a rename
+    /// either wrote the chat's row before this read (and the copy has the new name) or read the
+    /// members after the membership's write (and copies the name to it itself).
+    async fn copy_info_to(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+        match self.chat_info(chat).await? {
+            Some(info) => self.write_info_copy(chat, user, &info).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A new chat's member: the membership and the copy of the chat's row in one write of the
+    /// member's row.
+    async fn join_with_copy(
+        &self,
+        chat: ChatId,
+        user: UserId,
+        role: &str,
+        joined: CqlTimestamp,
+        info: &ChatInfo,
+    ) -> Result<(), StoreError> {
+        use scylla::statement::batch::{Batch, BatchType};
+        let mut batch = Batch::new(BatchType::Unlogged);
+        batch.append_statement(self.statements.insert_user_chat.clone());
+        batch.append_statement(self.statements.copy_chat_info.clone());
+        self.session
+            .batch(
+                &batch,
+                (
+                    (user.0, chat.0, role, joined),
+                    (
+                        info.written,
+                        info.kind.as_str(),
+                        info.name.as_deref(),
+                        info.description.as_deref(),
+                        info.created_at,
+                        info.created_by,
+                        user.0,
+                        chat.0,
+                    ),
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     /// Removes `user`'s copy of their read marker in `chat` (the chat is being removed).
@@ -2901,13 +3220,28 @@ impl CqlStore {
         let Some(latest) = self.decorated_signal(chat, id).await? else {
             return Ok(());
         };
+        let copy = summary_copy(&latest)?;
         self.session
-            .execute_unpaged(
-                &self.statements.set_latest,
-                (started, summary_copy(&latest)?, chat.0),
-            )
+            .execute_unpaged(&self.statements.set_latest, (started, &copy, chat.0))
             .await
             .map_err(unavailable)?;
+        // And every member's copy, which the chat list reads.
+        let members = self.members(chat).await?;
+        let copy = &copy;
+        futures::stream::iter(members)
+            .map(|member| async move {
+                self.session
+                    .execute_unpaged(
+                        &self.statements.set_user_latest,
+                        (started, copy, member.user_id.0, chat.0),
+                    )
+                    .await
+                    .map(drop)
+                    .map_err(unavailable)
+            })
+            .buffer_unordered(32)
+            .try_collect::<Vec<()>>()
+            .await?;
         Ok(())
     }
 
@@ -2965,6 +3299,23 @@ impl CqlStore {
     }
 }
 
+/// A chat's row as each member's row of `user_chats` copies it, and the write timestamp the copy
+/// is written with: that of the newest value it copies.
+struct ChatInfo {
+    kind: String,
+    name: Option<String>,
+    description: Option<String>,
+    created_at: CqlTimestamp,
+    created_by: Uuid,
+    written: i64,
+}
+
+/// This process's clock, in microseconds since the epoch (a write timestamp).
+fn now_micros() -> i64 {
+    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000)
+        .unwrap_or(i64::MAX)
+}
+
 /// The columns of `chats`, in the order the statements select them. A row without a kind is no
 /// chat: only a summary written by a touch that raced the chat's removal.
 type ChatRow = (
@@ -2974,6 +3325,20 @@ type ChatRow = (
     Option<String>,
     Option<CqlTimestamp>,
     Option<Uuid>,
+);
+
+/// A row of `user_chats` as the chat list reads it: the chat's id, the member's role, then the
+/// copies of the chat's row (as in [`ChatRow`]) and of its summary.
+type UserChatRow = (
+    Uuid,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<CqlTimestamp>,
+    Option<Uuid>,
+    Option<Uuid>,
+    Option<Vec<u8>>,
 );
 
 /// A [`ChatRow`] followed by the chat list's summary: the newest signal's id and its copy.
@@ -3033,9 +3398,7 @@ fn created_millis(id: SignalId) -> Result<i64, StoreError> {
 /// but never at or before the signal's creation (the original row's write timestamp), so a change
 /// cannot lose to the original, or to a repair re-write of it, through clock skew.
 fn change_timestamp(id: SignalId) -> Result<i64, StoreError> {
-    let now = i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000)
-        .unwrap_or(i64::MAX);
-    Ok(now.max(created_millis(id)? * 1000 + 1))
+    Ok(now_micros().max(created_millis(id)? * 1000 + 1))
 }
 
 /// The `user_search` partition of a term: its first character.
