@@ -120,9 +120,16 @@ pub async fn run(args: BenchArgs, mut config: Config) -> anyhow::Result<()> {
     config.api.listen = "127.0.0.1:0".parse()?;
     // One user sends and reads at the measured rates: no rate limits.
     config.limits = config.limits.without_rate_limits();
+    let event_log = own_event_log(&mut config);
+    let result = measure(&args, &config).await;
+    drop_own_event_log(&config, event_log).await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+    result
+}
 
-    let baseline = bus_baseline(&config, args.messages, args.rate).await?;
-    let mut bench = PostToSse::start(&config, &args).await?;
+async fn measure(args: &BenchArgs, config: &Config) -> anyhow::Result<()> {
+    let baseline = bus_baseline(config, args.messages, args.rate).await?;
+    let mut bench = PostToSse::start(config, args).await?;
     if args.warmup > 0 {
         println!("warming up: {} messages at {}/s", args.warmup, args.rate);
         bench.phase(args.warmup, args.rate, false).await?;
@@ -170,7 +177,6 @@ pub async fn run(args: BenchArgs, mut config: Config) -> anyhow::Result<()> {
         }
     }
     bench.stop().await;
-    let _ = std::fs::remove_dir_all(&data_dir);
 
     let meeting = runs
         .iter()
@@ -253,6 +259,39 @@ pub(crate) async fn listening_url(child: &mut tokio::process::Child) -> anyhow::
     .context("confab serve did not start")??;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok(base)
+}
+
+/// Gives a benchmark's server an event log of its own on NATS: a subject prefix no other run
+/// uses. Its search index starts empty (in the scratch folder), and on a shared log its indexer
+/// would work through every event the log keeps (a day of test and benchmark runs: hundreds of
+/// thousands) while the benchmark measures. Returns what [`drop_own_event_log`] needs.
+pub(crate) fn own_event_log(config: &mut Config) -> Option<String> {
+    if config.bus.backend != confab_runtime::config::BusBackend::Nats {
+        return None;
+    }
+    config.bus.subject_prefix = format!(
+        "{}_bench_{}",
+        config.bus.subject_prefix,
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    Some(config.bus.subject_prefix.clone())
+}
+
+/// Deletes the event log [`own_event_log`] gave a run, with every event in it.
+pub(crate) async fn drop_own_event_log(config: &Config, prefix: Option<String>) {
+    let Some(prefix) = prefix else { return };
+    let removed = async {
+        let bus = confab_runtime::bus::NatsBus::connect(
+            &config.bus.nats_url,
+            &prefix,
+            config.log_settings(),
+        )
+        .await?;
+        bus.delete_stream().await
+    };
+    if let Err(error) = removed.await {
+        eprintln!("the run's event log {prefix} was not removed: {error}");
+    }
 }
 
 pub(crate) fn tempfile_dir() -> anyhow::Result<PathBuf> {

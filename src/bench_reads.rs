@@ -55,6 +55,7 @@ pub async fn run(args: ReadsBenchArgs, mut config: Config) -> anyhow::Result<()>
     config.api.listen = "127.0.0.1:0".parse()?;
     // One user sends and reads at the measured rates: no rate limits.
     config.limits = config.limits.without_rate_limits();
+    let event_log = crate::bench::own_event_log(&mut config);
     let shutdown = CancellationToken::new();
     let listener = TcpListener::bind(config.api.listen).await?;
     let base = format!("http://{}", listener.local_addr()?);
@@ -67,6 +68,7 @@ pub async fn run(args: ReadsBenchArgs, mut config: Config) -> anyhow::Result<()>
     let result = measure_all(&args, &config, &base).await;
     shutdown.cancel();
     let _ = server.await;
+    crate::bench::drop_own_event_log(&config, event_log).await;
     let _ = std::fs::remove_dir_all(&data_dir);
     let results = result?;
 
@@ -258,6 +260,34 @@ async fn measure_all(args: &ReadsBenchArgs, config: &Config, base: &str) -> anyh
         .await;
     for chat in listed {
         chat?;
+    }
+
+    // The search indexer works through the set-up's messages in the background; measuring while
+    // it still does would measure it too. A last message marks the end of the set-up: once a
+    // search finds it, the indexer has caught up.
+    let marker = format!("settled{}", uuid::Uuid::new_v4().simple());
+    client
+        .post(
+            alice,
+            &format!("/v1/chats/{chat}/signals"),
+            json!({"kind": "message", "nonce": marker, "text": marker}),
+        )
+        .await?;
+    println!("waiting for the search index to catch up");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let found = client.get(alice, &format!("/v1/search?q={marker}")).await?;
+        if found["items"]
+            .as_array()
+            .is_some_and(|items| !items.is_empty())
+        {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the search index did not catch up with the set-up in 300 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     let history_path = format!("/v1/chats/{chat}/signals?limit=50");
