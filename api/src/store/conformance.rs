@@ -93,16 +93,6 @@ fn user(name: &str) -> User {
 
 /// A new group of `owner` and `others` (members); also for store tests outside the suite.
 pub async fn chat_with(store: &dyn Store, owner: UserId, others: &[UserId]) -> ChatId {
-    chat_created_at(store, owner, others, OffsetDateTime::now_utc()).await
-}
-
-/// A group chat as [`chat_with`] makes it, created at `created_at`.
-async fn chat_created_at(
-    store: &dyn Store,
-    owner: UserId,
-    others: &[UserId],
-    created_at: OffsetDateTime,
-) -> ChatId {
     let id = ChatId::new();
     let mut members = vec![(owner, MemberRole::Owner)];
     members.extend(others.iter().map(|u| (*u, MemberRole::Member)));
@@ -112,7 +102,7 @@ async fn chat_created_at(
             kind: ChatKind::Group,
             name: Some("test".into()),
             description: None,
-            created_at: confab_schema::model::to_millis(created_at),
+            created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
             created_by: owner,
             members,
         })
@@ -1665,15 +1655,8 @@ pub async fn unread_counts_asked_together_are_the_counts_alone(store: Arc<dyn St
     ask(today, None, ids[5], 4);
     ask(today, Some(ids[5]), ids[5], 0);
 
-    // Three days back and today: with no marker, or one in the older bucket. Created before its
-    // first signal.
-    let days = chat_created_at(
-        &*store,
-        alice.id,
-        &[bob.id],
-        OffsetDateTime::now_utc() - time::Duration::days(3) - time::Duration::minutes(1),
-    )
-    .await;
+    // Three days back and today: with no marker, or one in the older bucket.
+    let days = chat_with(&*store, alice.id, &[bob.id]).await;
     let old = at(3, 0);
     let new: Vec<SignalId> = (0..2).map(|n| at(0, n)).collect();
     let mut signals = vec![message_at(days, alice.id, old, None, "old")];

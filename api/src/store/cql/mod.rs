@@ -2221,19 +2221,10 @@ impl Store for CqlStore {
                 by_bucket.entry(*bucket).or_default().push(query.chat.0);
             }
         }
-        // A chat created in the bucket it is hoped to lie in has signals in no earlier one. A
-        // minute's margin: a signal stamped by a process whose clock is behind may carry a time
-        // a little before the chat's creation.
-        let created_in = |q: &UnreadQuery, bucket: i32| {
-            let margin = time::Duration::minutes(1);
-            signal_bucket(millis(q.chat_created_at - margin)) == bucket
-        };
         let unmarked: Vec<Uuid> = queries
             .iter()
             .zip(&hoped)
-            .filter(|(q, bucket)| {
-                q.after.is_none() && bucket.is_some_and(|bucket| !created_in(q, bucket))
-            })
+            .filter(|(q, bucket)| q.after.is_none() && bucket.is_some())
             .map(|(q, _)| q.chat.0)
             .collect();
         let reads = by_bucket.iter().flat_map(|(bucket, chats)| {
@@ -2287,7 +2278,6 @@ impl Store for CqlStore {
                     || after.is_some_and(|after| rows.last().is_some_and(|(id, ..)| *id <= after));
                 // Without a marker, also no signal in an earlier bucket.
                 let only_bucket = after.is_some()
-                    || created_in(q, bucket)
                     || buckets
                         .get(&q.chat.0)
                         .is_some_and(|b| b.as_slice() == [bucket]);
