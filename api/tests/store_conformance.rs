@@ -683,6 +683,86 @@ async fn cql_migration_12_copies_chats_into_member_rows() {
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
 
+/// A rename that clears the name and the description leaves values without write timestamps. A
+/// member who joins after it still gets a copy newer than any earlier rename's, so that rename's
+/// copy arriving late (a slow fan-out) does not bring the old name back.
+#[tokio::test]
+async fn cql_a_cleared_name_is_not_undone_by_an_older_copy() {
+    use confab_schema::{Member, MemberRole, SignalId, UserId};
+
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(
+        &options,
+        "cql_a_cleared_name_is_not_undone_by_an_older_copy",
+    )
+    .await
+    {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let (alice, late) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
+    let chat = chat_with(&store, alice, &[]).await;
+    store
+        .update_chat(chat, Some("named"), Some("about"))
+        .await
+        .expect("renames");
+    let session = store.session();
+    let (named_at,): (i64,) = session
+        .query_unpaged(
+            format!(
+                "SELECT WRITETIME(name) FROM {}.chats WHERE id = ?",
+                options.keyspace
+            ),
+            (chat.0,),
+        )
+        .await
+        .expect("reads")
+        .into_rows_result()
+        .expect("rows")
+        .first_row()
+        .expect("a row");
+    store.update_chat(chat, None, None).await.expect("clears");
+    store
+        .put_member(
+            chat,
+            &Member {
+                user_id: late,
+                role: MemberRole::Member,
+                joined_at: confab_schema::model::to_millis(time::OffsetDateTime::now_utc()),
+            },
+        )
+        .await
+        .expect("adds");
+    store
+        .touch_chat(chat, &[alice, late], SignalId::new(), None)
+        .await
+        .expect("touches");
+    // The first rename's copy for the new member, arriving last.
+    session
+        .query_unpaged(
+            format!(
+                "UPDATE {}.user_chats USING TIMESTAMP ? SET name = ?, description = ? \
+                 WHERE user_id = ? AND chat_id = ?",
+                options.keyspace
+            ),
+            (named_at, "named", "about", late.0, chat.0),
+        )
+        .await
+        .expect("writes");
+    for user in [alice, late] {
+        let entries = store.chat_entries(user, &[chat]).await.expect("entries");
+        assert_eq!(
+            (
+                entries[0].chat.name.clone(),
+                entries[0].chat.description.clone()
+            ),
+            (None, None),
+            "{user:?}"
+        );
+    }
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}
+
 /// A touch of a process from before migration 12 moved the members' activity rows before it wrote
 /// the chat's summary. A chat list read in between (or after a touch that failed there) lists the
 /// chat at its new activity with its newest signal, and does not remove the row as if a move had

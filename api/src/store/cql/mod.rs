@@ -383,6 +383,7 @@ async fn move_summaries_and_copy_read_markers(
 /// into its members' rows, each value with its own write timestamp, so that whatever was written
 /// since (newer by that timestamp) stays.
 async fn copy_chats_into_member_rows(session: &Session, keyspace: &str) -> Result<(), StoreError> {
+    add_column_if_missing(session, keyspace, "chats", "info_at", "bigint").await?;
     for (column, cql_type) in [
         ("kind", "text"),
         ("name", "text"),
@@ -426,13 +427,14 @@ async fn copy_chats_into_member_rows(session: &Session, keyspace: &str) -> Resul
         Option<i64>,
         Option<Vec<u8>>,
         Option<i64>,
+        Option<i64>,
     );
     let chats = session
         .query_iter(
             qualify(
                 "SELECT id, kind, name, description, created_at, created_by, WRITETIME(kind), \
                  WRITETIME(name), WRITETIME(description), activity, WRITETIME(activity), latest, \
-                 WRITETIME(latest) FROM chats",
+                 WRITETIME(latest), info_at FROM chats",
                 keyspace,
             ),
             (),
@@ -453,7 +455,7 @@ async fn copy_chats_into_member_rows(session: &Session, keyspace: &str) -> Resul
                 // A summary written by a touch that raced the chat's removal: no chat.
                 return Ok(());
             };
-            let info_at = [row.6, row.7, row.8]
+            let info_at = [row.6, row.7, row.8, row.13]
                 .into_iter()
                 .flatten()
                 .max()
@@ -744,7 +746,8 @@ impl CqlStore {
             get_user: "SELECT username, display_name, email FROM users WHERE id = ?".into(),
             // The write timestamp is the one the members' copies are written with (see
             // `copy_chat_info`).
-            insert_chat: "INSERT INTO chats (id, kind, name, description, created_at, created_by) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            insert_chat: "INSERT INTO chats (id, kind, name, description, created_at, created_by, info_at) VALUES (?, ?, ?, ?, ?, ?, ?) \
+                 USING TIMESTAMP ?"
                     .into(),
             get_chat: "SELECT id, kind, name, description, created_at, created_by FROM chats WHERE id = ?".into(),
             insert_chat_member: "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?)".into(),
@@ -811,7 +814,7 @@ impl CqlStore {
             terms_from: "SELECT term, user_id FROM user_search WHERE shard = ? AND term >= ? AND term < ? LIMIT ?".into(),
             terms_after: "SELECT term, user_id FROM user_search WHERE shard = ? AND (term, user_id) > (?, ?) AND (term) < (?) LIMIT ?"
                     .into(),
-            update_chat: "UPDATE chats USING TIMESTAMP ? SET name = ?, description = ? WHERE id = ?".into(),
+            update_chat: "UPDATE chats USING TIMESTAMP ? SET name = ?, description = ?, info_at = ? WHERE id = ?".into(),
             members_first: "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? LIMIT ?".into(),
             members_after: "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? AND user_id > ? LIMIT ?".into(),
             delete_chat_member: "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?".into(),
@@ -834,8 +837,10 @@ impl CqlStore {
             user_entries_in: "SELECT chat_id, role, kind, name, description, created_at, created_by, activity, latest \
                  FROM user_chats WHERE user_id = ? AND chat_id IN ?"
                 .into(),
+            // `info_at` is the write timestamp of the row's last change: a name or description
+            // set to null has no WRITETIME.
             chat_info_written: "SELECT kind, name, description, created_at, created_by, \
-                 WRITETIME(kind), WRITETIME(name), WRITETIME(description) FROM chats WHERE id = ?"
+                 WRITETIME(kind), WRITETIME(name), WRITETIME(description), info_at FROM chats WHERE id = ?"
                 .into(),
             // Written with the timestamp of the chat row's values it copies, so a copy never
             // overwrites a newer one, whichever arrives last.
@@ -1199,6 +1204,7 @@ impl Store for CqlStore {
                     chat.description.as_deref(),
                     joined,
                     chat.created_by.0,
+                    info.written,
                     info.written,
                 ),
             )
@@ -1602,7 +1608,7 @@ impl Store for CqlStore {
         self.session
             .execute_unpaged(
                 &self.statements.update_chat,
-                (info.written, name, description, id.0),
+                (info.written, name, description, info.written, id.0),
             )
             .await
             .map_err(unavailable)?;
@@ -3061,12 +3067,13 @@ impl CqlStore {
             Option<i64>,
             Option<i64>,
             Option<i64>,
+            Option<i64>,
         );
         let Some(row) = rows::<Written>(result)?.into_iter().next() else {
             return Ok(None);
         };
         let (kind, name, description, created_at, created_by, kind_at, name_at, description_at) =
-            row;
+            (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
         let (Some(kind), Some(created_at), Some(created_by)) = (kind, created_at, created_by)
         else {
             return Ok(None);
@@ -3077,7 +3084,7 @@ impl CqlStore {
             description,
             created_at,
             created_by,
-            written: [kind_at, name_at, description_at]
+            written: [kind_at, name_at, description_at, row.8]
                 .into_iter()
                 .flatten()
                 .max()
