@@ -730,15 +730,18 @@ impl CqlStore {
     async fn prepare_all(options: &CqlOptions) -> Result<CqlStore, StoreError> {
         let session = session(options).await?;
         let keyspace = options.keyspace.as_str();
-        let prepare = |cql: String| {
-            let session = &session;
-            async move {
-                session
-                    .prepare(qualify(&cql, keyspace))
-                    .await
-                    .map_err(unavailable)
-            }
-        };
+        // Boxed: joined inline, a hundred preparations make a future too large for a thread's
+        // stack in a debug build.
+        let prepare =
+            |cql: String| -> futures::future::BoxFuture<'_, Result<PreparedStatement, StoreError>> {
+                let session = &session;
+                Box::pin(async move {
+                    session
+                        .prepare(qualify(&cql, keyspace))
+                        .await
+                        .map_err(unavailable)
+                })
+            };
         // Prepared concurrently: one round of round trips at start, not ninety in a row.
         let statements = prepare_concurrently!(prepare;
             check: "SELECT version FROM schema_migrations LIMIT 1".into(),
