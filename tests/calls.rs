@@ -631,10 +631,19 @@ async fn unanswered_calls_are_missed(stack: Stack) {
     );
     let next = support::spawn_with(stack, config, data).await;
     wait_for_status(&next, &bob, &ringing_id, "missed").await;
-    assert_eq!(
-        states_of_now(&next, &bob, &chat, &ringing_id).await,
-        ["started", "missed"]
-    );
+    // The sweep marks the call missed, then writes its `missed` signal: wait for that too.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let states = states_of_now(&next, &bob, &chat, &ringing_id).await;
+        if states == ["started", "missed"] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the history never showed the call missed: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     next.stop().await;
 }
 
