@@ -3105,16 +3105,7 @@ impl CqlStore {
         self.session
             .execute_unpaged(
                 &self.statements.copy_chat_info,
-                (
-                    info.written,
-                    info.kind.as_str(),
-                    info.name.as_deref(),
-                    info.description.as_deref(),
-                    info.created_at,
-                    info.created_by,
-                    user.0,
-                    chat.0,
-                ),
+                info.copy_values(user, chat),
             )
             .await
             .map_err(unavailable)?;
@@ -3148,19 +3139,7 @@ impl CqlStore {
         self.session
             .batch(
                 &batch,
-                (
-                    (user.0, chat.0, role, joined),
-                    (
-                        info.written,
-                        info.kind.as_str(),
-                        info.name.as_deref(),
-                        info.description.as_deref(),
-                        info.created_at,
-                        info.created_by,
-                        user.0,
-                        chat.0,
-                    ),
-                ),
+                ((user.0, chat.0, role, joined), info.copy_values(user, chat)),
             )
             .await
             .map_err(unavailable)?;
@@ -3318,6 +3297,36 @@ struct ChatInfo {
     created_at: CqlTimestamp,
     created_by: Uuid,
     written: i64,
+}
+
+impl ChatInfo {
+    /// The values of `copy_chat_info` for `user`'s row of `chat`.
+    #[allow(clippy::type_complexity)]
+    fn copy_values(
+        &self,
+        user: UserId,
+        chat: ChatId,
+    ) -> (
+        i64,
+        &str,
+        Option<&str>,
+        Option<&str>,
+        CqlTimestamp,
+        Uuid,
+        Uuid,
+        Uuid,
+    ) {
+        (
+            self.written,
+            self.kind.as_str(),
+            self.name.as_deref(),
+            self.description.as_deref(),
+            self.created_at,
+            self.created_by,
+            user.0,
+            chat.0,
+        )
+    }
 }
 
 /// This process's clock, in microseconds since the epoch (a write timestamp).
