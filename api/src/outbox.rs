@@ -106,7 +106,11 @@ impl Outbox {
     }
 
     /// Records `envelope` before its change is stored.
-    pub(crate) async fn intend(&self, store: &dyn Store, envelope: &Envelope) -> ApiResult<Intent> {
+    pub(crate) async fn intend(
+        &self,
+        store: &dyn Store,
+        envelope: &Envelope,
+    ) -> Result<Intent, StoreError> {
         self.register(store).await?;
         let intent = Intent {
             bucket: bucket_of(confab_runtime::presence::now_ms()),
