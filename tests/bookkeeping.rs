@@ -2,6 +2,8 @@
 //! chat's place in its members' lists, the author's read marker) fail: they are retried in the
 //! background and catch up. The store here is the real embedded store, wrapped so that those two
 //! writes fail on demand.
+//!
+//! Also: a deletion that fails after its tombstone is written is finished by its retry.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -15,18 +17,23 @@ use confab_api::store::{
     OutboxWriter, RingingCall, Slot, SlotWrite, Store, StoreError,
 };
 use confab_api::{ApiState, routes};
-use confab_runtime::bus::EmbeddedBus;
+use confab_runtime::bus::{Bus, EmbeddedBus};
 use confab_runtime::identity::DevIdentity;
 use confab_schema::call::CallStatus;
 use confab_schema::circle::{Circle, CircleMember};
-use confab_schema::{Chat, ChatId, CircleId, Member, MemberRole, Signal, SignalId, User, UserId};
+use confab_schema::{
+    Chat, ChatId, CircleId, Event, Member, MemberRole, Signal, SignalId, User, UserId,
+};
+use futures::StreamExt;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-/// The embedded store, whose bookkeeping writes fail while `failing` is set.
+/// The embedded store, whose bookkeeping writes fail while `failing` is set, and whose deletions
+/// fail after writing the tombstone while `failing_after_delete` is set.
 struct FlakyBookkeeping {
     inner: EmbeddedStore,
     failing: AtomicBool,
+    failing_after_delete: AtomicBool,
 }
 
 impl FlakyBookkeeping {
@@ -267,7 +274,13 @@ impl Store for FlakyBookkeeping {
         chat: ChatId,
         id: SignalId,
     ) -> Result<Option<Signal>, StoreError> {
-        self.inner.delete_signal(chat, id).await
+        let deleted = self.inner.delete_signal(chat, id).await?;
+        if self.failing_after_delete.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "injected failure after the tombstone".into(),
+            ));
+        }
+        Ok(deleted)
     }
     async fn signals_before(
         &self,
@@ -514,6 +527,7 @@ async fn a_stored_send_succeeds_when_bookkeeping_fails_and_catches_up() {
     let store = Arc::new(FlakyBookkeeping {
         inner: EmbeddedStore::open(&dir.path().join("store.sqlite3")).unwrap(),
         failing: AtomicBool::new(false),
+        failing_after_delete: AtomicBool::new(false),
     });
     let identity = Arc::new(DevIdentity::open(dir.path()).unwrap());
     let (alice, bob) = (
@@ -600,4 +614,105 @@ async fn a_stored_send_succeeds_when_bookkeeping_fails_and_catches_up() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_deletion_that_failed_after_its_tombstone_is_finished_by_its_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FlakyBookkeeping {
+        inner: EmbeddedStore::open(&dir.path().join("store.sqlite3")).unwrap(),
+        failing: AtomicBool::new(false),
+        failing_after_delete: AtomicBool::new(false),
+    });
+    let identity = Arc::new(DevIdentity::open(dir.path()).unwrap());
+    let (alice, bob) = (
+        identity.mint("alice", Duration::from_secs(600)),
+        identity.mint("bob", Duration::from_secs(600)),
+    );
+    let bus = Arc::new(
+        EmbeddedBus::open(&dir.path().join("events.sqlite3"), Default::default()).unwrap(),
+    );
+    let state = ApiState::new(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Arc::clone(&bus) as Arc<dyn Bus>,
+        identity,
+        &confab_runtime::signed::Keyring::random(),
+    );
+    let (router, _) = routes(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let http = reqwest::Client::new();
+    let bob_id: Value = http
+        .get(format!("{base}/v1/me"))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chat: Value = http
+        .post(format!("{base}/v1/chats"))
+        .bearer_auth(&alice)
+        .json(&json!({"kind": "group", "name": "deletions", "members": [bob_id["id"]]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chat = chat["id"].as_str().unwrap();
+    let sent: Value = http
+        .post(format!("{base}/v1/chats/{chat}/signals"))
+        .bearer_auth(&alice)
+        .json(&json!({"kind": "message", "nonce": "d-1", "text": "soon gone"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = sent["id"].as_str().unwrap().to_owned();
+    let delete = || {
+        http.delete(format!("{base}/v1/chats/{chat}/signals/{id}"))
+            .bearer_auth(&alice)
+            .send()
+    };
+    let mut events = bus.subscribe().await.unwrap();
+
+    store.failing_after_delete.store(true, Ordering::SeqCst);
+    let failed = delete().await.unwrap();
+    assert_eq!(failed.status(), 503, "the deletion did not finish");
+    store.failing_after_delete.store(false, Ordering::SeqCst);
+
+    let retried = delete().await.unwrap();
+    assert_eq!(retried.status(), 200);
+    let tombstone: Value = retried.json().await.unwrap();
+    assert_eq!(tombstone["deleted"], true);
+    assert!(
+        tombstone.get("text").is_none_or(Value::is_null),
+        "{tombstone}"
+    );
+
+    // The retry published the deletion that the failed attempt never did.
+    let deleted_seq = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(logged) = events.next().await {
+            if let Event::SignalDeleted(signal) = &logged.envelope.event
+                && signal.id.to_string() == id
+            {
+                return logged.seq;
+            }
+        }
+        panic!("the event stream ended");
+    })
+    .await
+    .expect("no signal.deleted event after the retry");
+
+    // Deleting once more answers the tombstone and adds nothing to the log: the event has the
+    // same id, within the log's duplicate window.
+    let again = delete().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(bus.last_seq().await.unwrap(), deleted_seq);
 }

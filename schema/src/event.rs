@@ -224,6 +224,15 @@ impl Envelope {
         }
     }
 
+    /// The deletion of `signal`. Every attempt to delete one signal makes an envelope with the
+    /// same id, so the log keeps one of them within its duplicate window.
+    pub fn signal_deleted(signal: Signal) -> Envelope {
+        Envelope {
+            id: Uuid::new_v5(&signal.id.as_uuid(), b"signal.deleted"),
+            ..Envelope::new(signal.chat_id, Event::SignalDeleted(signal))
+        }
+    }
+
     /// `users` receive this chat's events from this event on.
     pub fn joining(mut self, users: Vec<UserId>) -> Envelope {
         self.joined = users;

@@ -393,8 +393,7 @@ impl ApiState {
                     attachments: Vec::new(),
                     ..signal
                 };
-                self.publish(Envelope::new(chat, Event::SignalDeleted(tombstone)))
-                    .await;
+                self.publish(Envelope::signal_deleted(tombstone)).await;
             }
             if done {
                 return Ok(());

@@ -230,7 +230,8 @@ impl ApiState {
     }
 
     /// Deletes a message (its author, or an owner or admin): history keeps a tombstone without
-    /// text. Deleting it again answers the tombstone.
+    /// text. Deleting it again answers the tombstone, and finishes whatever a deletion that failed
+    /// after writing it left undone (the nonce's record, the chat list's copies, the event).
     pub async fn delete_message(
         &self,
         caller: UserId,
@@ -243,10 +244,9 @@ impl ApiState {
         // Attachments first: a deletion that fails half-way hides them, and its retry (which
         // finds the tombstone) hides them again.
         self.hide_attachments(&signal).await?;
-        if signal.deleted {
-            return self.decorate_one(signal).await;
-        }
-        let envelope = Envelope::new(chat, Event::SignalDeleted(signal));
+        // A tombstone goes through the whole deletion again: the store's part is idempotent, and
+        // the event has the first attempt's id, so the log keeps one within its duplicate window.
+        let envelope = Envelope::signal_deleted(signal);
         let intent = self.outbox.intend(&*self.store, &envelope).await?;
         let mut tombstone = self
             .store
