@@ -21,10 +21,12 @@ use confab_runtime::bus::{Bus, EmbeddedBus};
 use confab_runtime::identity::DevIdentity;
 use confab_schema::call::CallStatus;
 use confab_schema::circle::{Circle, CircleMember};
+use confab_schema::event::LoggedEvent;
 use confab_schema::{
     Chat, ChatId, CircleId, Event, Member, MemberRole, Signal, SignalId, User, UserId,
 };
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -616,78 +618,153 @@ async fn a_stored_send_succeeds_when_bookkeeping_fails_and_catches_up() {
     }
 }
 
+/// A server on the flaky store and the embedded bus, with alice's message in a group chat with
+/// bob; the outbox sweeper runs when `sweep` is set.
+struct Deletion {
+    _dir: tempfile::TempDir,
+    store: Arc<FlakyBookkeeping>,
+    bus: Arc<EmbeddedBus>,
+    http: reqwest::Client,
+    alice: String,
+    url: String,
+    id: String,
+    _sweeper: Option<tokio_util::sync::DropGuard>,
+}
+
+impl Deletion {
+    async fn start(sweep: bool) -> Deletion {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FlakyBookkeeping {
+            inner: EmbeddedStore::open(&dir.path().join("store.sqlite3")).unwrap(),
+            failing: AtomicBool::new(false),
+            failing_after_delete: AtomicBool::new(false),
+        });
+        let identity = Arc::new(DevIdentity::open(dir.path()).unwrap());
+        let (alice, bob) = (
+            identity.mint("alice", Duration::from_secs(600)),
+            identity.mint("bob", Duration::from_secs(600)),
+        );
+        let bus = Arc::new(
+            EmbeddedBus::open(&dir.path().join("events.sqlite3"), Default::default()).unwrap(),
+        );
+        let state = ApiState::new(
+            Arc::clone(&store) as Arc<dyn Store>,
+            Arc::clone(&bus) as Arc<dyn Bus>,
+            identity,
+            &confab_runtime::signed::Keyring::random(),
+        );
+        let sweeper = sweep.then(|| {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            // A silence of zero: each sweep looks at every entry this process left unsettled.
+            let settings = confab_api::outbox::SweepSettings {
+                interval: Duration::from_millis(100),
+                silent_after: Duration::ZERO,
+            };
+            drop(
+                state
+                    .clone()
+                    .start_outbox_sweeper(settings, shutdown.clone()),
+            );
+            shutdown.drop_guard()
+        });
+        let (router, _) = routes(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+
+        let http = reqwest::Client::new();
+        let bob_id: Value = http
+            .get(format!("{base}/v1/me"))
+            .bearer_auth(&bob)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let chat: Value = http
+            .post(format!("{base}/v1/chats"))
+            .bearer_auth(&alice)
+            .json(&json!({"kind": "group", "name": "deletions", "members": [bob_id["id"]]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let chat = chat["id"].as_str().unwrap();
+        let sent: Value = http
+            .post(format!("{base}/v1/chats/{chat}/signals"))
+            .bearer_auth(&alice)
+            .json(&json!({"kind": "message", "nonce": "d-1", "text": "soon gone"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = sent["id"].as_str().unwrap().to_owned();
+        Deletion {
+            _dir: dir,
+            store,
+            bus,
+            http,
+            alice,
+            url: format!("{base}/v1/chats/{chat}/signals/{id}"),
+            id,
+            _sweeper: sweeper,
+        }
+    }
+
+    async fn delete(&self) -> reqwest::Response {
+        self.http
+            .delete(&self.url)
+            .bearer_auth(&self.alice)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Deletes with the store failing after it wrote the tombstone: 503.
+    async fn delete_failing_after_the_tombstone(&self) {
+        self.store
+            .failing_after_delete
+            .store(true, Ordering::SeqCst);
+        let failed = self.delete().await;
+        assert_eq!(failed.status(), 503, "the deletion did not finish");
+        self.store
+            .failing_after_delete
+            .store(false, Ordering::SeqCst);
+    }
+
+    /// The sequence of the `signal.deleted` event of the message, once one is logged.
+    async fn deleted_event(
+        &self,
+        events: &mut BoxStream<'static, LoggedEvent>,
+        within: Duration,
+    ) -> u64 {
+        tokio::time::timeout(within, async {
+            while let Some(logged) = events.next().await {
+                if let Event::SignalDeleted(signal) = &logged.envelope.event
+                    && signal.id.to_string() == self.id
+                {
+                    return logged.seq;
+                }
+            }
+            panic!("the event stream ended");
+        })
+        .await
+        .expect("no signal.deleted event")
+    }
+}
+
 #[tokio::test]
 async fn a_deletion_that_failed_after_its_tombstone_is_finished_by_its_retry() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(FlakyBookkeeping {
-        inner: EmbeddedStore::open(&dir.path().join("store.sqlite3")).unwrap(),
-        failing: AtomicBool::new(false),
-        failing_after_delete: AtomicBool::new(false),
-    });
-    let identity = Arc::new(DevIdentity::open(dir.path()).unwrap());
-    let (alice, bob) = (
-        identity.mint("alice", Duration::from_secs(600)),
-        identity.mint("bob", Duration::from_secs(600)),
-    );
-    let bus = Arc::new(
-        EmbeddedBus::open(&dir.path().join("events.sqlite3"), Default::default()).unwrap(),
-    );
-    let state = ApiState::new(
-        Arc::clone(&store) as Arc<dyn Store>,
-        Arc::clone(&bus) as Arc<dyn Bus>,
-        identity,
-        &confab_runtime::signed::Keyring::random(),
-    );
-    let (router, _) = routes(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let deletion = Deletion::start(false).await;
+    let mut events = deletion.bus.subscribe().await.unwrap();
+    deletion.delete_failing_after_the_tombstone().await;
 
-    let http = reqwest::Client::new();
-    let bob_id: Value = http
-        .get(format!("{base}/v1/me"))
-        .bearer_auth(&bob)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let chat: Value = http
-        .post(format!("{base}/v1/chats"))
-        .bearer_auth(&alice)
-        .json(&json!({"kind": "group", "name": "deletions", "members": [bob_id["id"]]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let chat = chat["id"].as_str().unwrap();
-    let sent: Value = http
-        .post(format!("{base}/v1/chats/{chat}/signals"))
-        .bearer_auth(&alice)
-        .json(&json!({"kind": "message", "nonce": "d-1", "text": "soon gone"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = sent["id"].as_str().unwrap().to_owned();
-    let delete = || {
-        http.delete(format!("{base}/v1/chats/{chat}/signals/{id}"))
-            .bearer_auth(&alice)
-            .send()
-    };
-    let mut events = bus.subscribe().await.unwrap();
-
-    store.failing_after_delete.store(true, Ordering::SeqCst);
-    let failed = delete().await.unwrap();
-    assert_eq!(failed.status(), 503, "the deletion did not finish");
-    store.failing_after_delete.store(false, Ordering::SeqCst);
-
-    let retried = delete().await.unwrap();
+    let retried = deletion.delete().await;
     assert_eq!(retried.status(), 200);
     let tombstone: Value = retried.json().await.unwrap();
     assert_eq!(tombstone["deleted"], true);
@@ -695,24 +772,25 @@ async fn a_deletion_that_failed_after_its_tombstone_is_finished_by_its_retry() {
         tombstone.get("text").is_none_or(Value::is_null),
         "{tombstone}"
     );
-
     // The retry published the deletion that the failed attempt never did.
-    let deleted_seq = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(logged) = events.next().await {
-            if let Event::SignalDeleted(signal) = &logged.envelope.event
-                && signal.id.to_string() == id
-            {
-                return logged.seq;
-            }
-        }
-        panic!("the event stream ended");
-    })
-    .await
-    .expect("no signal.deleted event after the retry");
+    let deleted_seq = deletion
+        .deleted_event(&mut events, Duration::from_secs(10))
+        .await;
 
     // Deleting once more answers the tombstone and adds nothing to the log: the event has the
     // same id, within the log's duplicate window.
-    let again = delete().await.unwrap();
-    assert_eq!(again.status(), 200);
-    assert_eq!(bus.last_seq().await.unwrap(), deleted_seq);
+    assert_eq!(deletion.delete().await.status(), 200);
+    assert_eq!(deletion.bus.last_seq().await.unwrap(), deleted_seq);
+}
+
+#[tokio::test]
+async fn a_deletion_that_failed_after_its_tombstone_is_published_without_a_retry() {
+    let deletion = Deletion::start(true).await;
+    let mut events = deletion.bus.subscribe().await.unwrap();
+    deletion.delete_failing_after_the_tombstone().await;
+    // Nobody retries: the process's own sweep finds the entry the failed attempt left, sees the
+    // tombstone stored, and publishes the deletion.
+    deletion
+        .deleted_event(&mut events, Duration::from_secs(30))
+        .await;
 }

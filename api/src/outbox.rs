@@ -21,7 +21,7 @@
 //! Not recorded: the ephemeral events (typing, presence, call signalling), and the pairing
 //! events of circles and queues, whose chat a client finds in its chat list after a reset.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +55,17 @@ pub struct Outbox {
     /// Entries settled and not yet removed: gathered while a removal is in flight, so that under
     /// load one request removes many (see [`Outbox::settle`]).
     settled: Arc<std::sync::Mutex<Settled>>,
+    /// Every entry written and not yet settled, by intent: what this writer's own sweep looks at
+    /// (see [`ApiState::sweep_outbox`]). Held in memory, so the sweep never reads the store's
+    /// partitions of a live writer, which its removals fill with tombstones.
+    unsettled: std::sync::Mutex<HashMap<u64, Unsettled>>,
+    next_intent: std::sync::atomic::AtomicU64,
+}
+
+/// An entry of this writer's that is not settled yet.
+struct Unsettled {
+    entry: OutboxEntry,
+    written_ms: i64,
 }
 
 #[derive(Default)]
@@ -72,6 +83,8 @@ impl Default for Outbox {
             started_ms: confab_runtime::presence::now_ms(),
             registered: tokio::sync::OnceCell::new(),
             settled: Arc::default(),
+            unsettled: std::sync::Mutex::default(),
+            next_intent: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -83,6 +96,8 @@ impl Default for Outbox {
 pub struct Intent {
     bucket: i64,
     id: Uuid,
+    /// Its key among the writer's unsettled entries.
+    key: u64,
 }
 
 impl Outbox {
@@ -112,21 +127,31 @@ impl Outbox {
         envelope: &Envelope,
     ) -> Result<Intent, StoreError> {
         self.register(store).await?;
+        let now = confab_runtime::presence::now_ms();
         let intent = Intent {
-            bucket: bucket_of(confab_runtime::presence::now_ms()),
+            bucket: bucket_of(now),
             id: envelope.id,
+            key: self
+                .next_intent
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         let body = serde_json::to_vec(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        store
-            .outbox_put(
-                self.writer,
-                &OutboxEntry {
-                    bucket: intent.bucket,
-                    id: intent.id,
-                    envelope: body,
+        let entry = OutboxEntry {
+            bucket: intent.bucket,
+            id: intent.id,
+            envelope: body,
+        };
+        store.outbox_put(self.writer, &entry).await?;
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                intent.key,
+                Unsettled {
+                    entry,
+                    written_ms: now,
                 },
-            )
-            .await?;
+            );
         Ok(intent)
     }
 
@@ -137,6 +162,10 @@ impl Outbox {
     /// go together in the next, one request per bucket. A lone entry goes at once, and a burst
     /// costs the store a few requests instead of one per event.
     pub(crate) fn settle(&self, store: &Arc<dyn Store>, intent: Intent) {
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&intent.key);
         {
             let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
             settled.entries.push((intent.bucket, intent.id));
@@ -186,8 +215,9 @@ impl ApiState {
         self.outbox.writer()
     }
 
-    /// Records this writer alive, then publishes what silent writers left in the outbox. Answers
-    /// how many events it published.
+    /// Records this writer alive, then publishes what silent writers left in the outbox, and what
+    /// this writer itself left unsettled for longer than one silence. Answers how many events it
+    /// published.
     pub async fn sweep_outbox(&self, settings: SweepSettings) -> ApiResult<usize> {
         let now = confab_runtime::presence::now_ms();
         let outbox = &self.outbox;
@@ -224,7 +254,56 @@ impl ApiState {
             }
             self.store.outbox_forget_writer(silent.writer).await?;
         }
+        published += self.sweep_own_leftovers(now - silent_after).await;
         Ok(published)
+    }
+
+    /// This writer's own entries written before `written_before` and still unsettled. A request
+    /// settles its entry within moments, so such an entry was left by a change that failed after
+    /// its entry was written (or by a publish the bus keeps refusing). The change may be stored
+    /// all the same (a deletion whose later steps failed, a write that timed out and was applied),
+    /// and its event would wait for this process to die before another's sweep published it. Each
+    /// is published as the store holds its change now, and removed, as a silent writer's would
+    /// be; once one cannot be published, it and the rest stay for the next sweep.
+    async fn sweep_own_leftovers(&self, written_before: i64) -> usize {
+        let outbox = &self.outbox;
+        let leftovers: Vec<(u64, OutboxEntry)> = outbox
+            .unsettled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, unsettled)| unsettled.written_ms < written_before)
+            .map(|(key, unsettled)| (*key, unsettled.entry.clone()))
+            .collect();
+        let mut published = 0;
+        for (key, entry) in leftovers {
+            match self.republish(&entry).await {
+                Ok(true) => published += 1,
+                Ok(false) => {}
+                Err(error) => {
+                    // The bus or the store refuses: the rest wait for the next sweep too.
+                    tracing::warn!(%error, id = %entry.id, "an outbox leftover was not published; trying again");
+                    break;
+                }
+            }
+            outbox
+                .unsettled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+            if let Err(error) = self
+                .store
+                .outbox_remove(outbox.writer, entry.bucket, &[entry.id])
+                .await
+            {
+                tracing::debug!(%error, id = %entry.id, "an outbox leftover was not removed; a sweep will find it");
+            }
+        }
+        if published > 0 {
+            metrics::counter!("confab_outbox_leftovers_published_total")
+                .increment(published as u64);
+        }
+        published
     }
 
     /// Publishes an entry's event as the store holds its change now; `false` when the change is
