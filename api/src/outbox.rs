@@ -121,11 +121,7 @@ impl Outbox {
     }
 
     /// Records `envelope` before its change is stored.
-    pub(crate) async fn intend(
-        &self,
-        store: &dyn Store,
-        envelope: &Envelope,
-    ) -> Result<Intent, StoreError> {
+    pub(crate) async fn intend(&self, store: &dyn Store, envelope: &Envelope) -> ApiResult<Intent> {
         self.register(store).await?;
         let now = confab_runtime::presence::now_ms();
         let intent = Intent {

@@ -356,21 +356,11 @@ impl ApiState {
     /// Its event goes to the outbox first: a failed store write leaves the entry for a sweep,
     /// which publishes it only if the write happened after all.
     async fn record(&self, signal: &Signal, members: Vec<UserId>) -> ApiResult<Inserted> {
-        let envelope = Envelope::signal_created(signal.clone());
-        let mut intended = None;
-        let inserted = self
-            .store
-            .insert_signal_after(
-                signal,
-                Box::pin(async {
-                    intended = Some(self.outbox.intend(&*self.store, &envelope).await?);
-                    Ok(())
-                }),
-            )
+        let intent = self
+            .outbox
+            .intend(&*self.store, &Envelope::signal_created(signal.clone()))
             .await?;
-        let intent = intended.ok_or_else(|| {
-            StoreError::Corrupt("the store inserted a signal without its outbox entry".into())
-        })?;
+        let inserted = self.store.insert_signal(signal).await?;
         match &inserted {
             Inserted::Created(created) => {
                 // Deliver first: the chat list order and the author's marker are not on the live

@@ -14,7 +14,7 @@ use uuid::{Timestamp, Uuid};
 
 use super::{
     ChatActivity, Inserted, MarkerKind, MemberPut, NewChat, Slot, SlotState, SlotWrite, Store,
-    StoreError, UNREAD_CAP, UNREAD_SCAN_LIMIT, circle_pool, search_users,
+    UNREAD_CAP, UNREAD_SCAN_LIMIT, circle_pool, search_users,
 };
 use confab_schema::CircleId;
 use confab_schema::Member;
@@ -32,7 +32,6 @@ macro_rules! store_conformance_tests {
             chats_and_members,
             send_parity,
             racing_senders_store_one_signal,
-            nothing_is_written_before_or_without_its_precondition,
             deleted_text_is_kept_nowhere,
             history_pages_newest_first_across_buckets,
             chats_do_not_share_history,
@@ -234,70 +233,6 @@ pub async fn send_parity(store: Arc<dyn Store>) {
         vec![plain.id, bobs.id, first.id]
     );
     assert_eq!(history[2], first);
-}
-
-/// `insert_signal_after`: nothing of the signal is readable while its precondition (the outbox
-/// entry) runs, nothing is written when the precondition fails, and the next attempt of the nonce
-/// then stores exactly one signal.
-pub async fn nothing_is_written_before_or_without_its_precondition(store: Arc<dyn Store>) {
-    let store = &*store;
-    let alice = user("alice");
-    let chat = chat_with(store, alice.id, &[]).await;
-
-    let plain = message(chat, alice.id, None, "no nonce");
-    let nonced = message(chat, alice.id, Some("after-1"), "with a nonce");
-    for signal in [&plain, &nonced] {
-        let mut seen_before = None;
-        let inserted = store
-            .insert_signal_after(
-                signal,
-                Box::pin(async {
-                    seen_before = Some(store.get_signal(chat, signal.id).await?);
-                    Ok(())
-                }),
-            )
-            .await
-            .unwrap();
-        assert_eq!(inserted, Inserted::Created(signal.clone()));
-        assert_eq!(
-            seen_before,
-            Some(None),
-            "the precondition ran before the write"
-        );
-    }
-
-    for nonce in [None, Some("after-2")] {
-        let failed = message(chat, alice.id, nonce, "the outbox was down");
-        let refused = store
-            .insert_signal_after(
-                &failed,
-                Box::pin(async { Err(StoreError::Unavailable("outbox down".into())) }),
-            )
-            .await;
-        assert!(
-            matches!(refused, Err(StoreError::Unavailable(_))),
-            "{refused:?}"
-        );
-        assert_eq!(store.get_signal(chat, failed.id).await.unwrap(), None);
-    }
-    // The retry of the failed nonce stores one signal: its own, or (a store that settled the nonce
-    // while the precondition failed) the first attempt's.
-    let retry = message(chat, alice.id, Some("after-2"), "the outbox was down");
-    let stored = store.insert_signal(&retry).await.unwrap().signal().clone();
-    let again = message(chat, alice.id, Some("after-2"), "the outbox was down");
-    assert_eq!(
-        store.insert_signal(&again).await.unwrap(),
-        Inserted::Existing(stored.clone())
-    );
-    let history = store.signals_before(chat, None, 10).await.unwrap();
-    let ids: Vec<SignalId> = history.iter().map(|s| s.id).collect();
-    assert_eq!(ids.iter().filter(|id| **id == stored.id).count(), 1);
-    assert_eq!(
-        history.len(),
-        3,
-        "plain, nonced and the retried one: {history:?}"
-    );
-    assert!(ids.contains(&plain.id) && ids.contains(&nonced.id));
 }
 
 pub async fn racing_senders_store_one_signal(store: Arc<dyn Store>) {

@@ -434,19 +434,6 @@ pub trait Store: Send + Sync + 'static {
     /// Stores `signal` unless its author already stored one with the same nonce in the same chat, in
     /// which case that one is returned. Holds when two requests race.
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError>;
-    /// [`Store::insert_signal`] once `before_write` has succeeded: nothing of the signal is
-    /// written before it, and nothing at all when it fails. A store that settles send parity
-    /// apart from the signal's row (the CQL store: on NATS, or with a lightweight transaction)
-    /// settles it meanwhile, so a send waits for one round trip fewer. The signal's outbox entry
-    /// is written here.
-    async fn insert_signal_after(
-        &self,
-        signal: &Signal,
-        before_write: BoxFuture<'_, Result<(), StoreError>>,
-    ) -> Result<Inserted, StoreError> {
-        before_write.await?;
-        self.insert_signal(signal).await
-    }
     async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError>;
     /// Signals of any chats (search hits), in the order asked, `None` for those not stored. The
     /// default reads them concurrently; a store that can read them in one round trip does.

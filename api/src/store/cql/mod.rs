@@ -35,7 +35,6 @@ use uuid::Uuid;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use futures::future::BoxFuture;
 use futures::{StreamExt, TryFutureExt, TryStreamExt};
 
 use confab_schema::call::CallStatus;
@@ -733,15 +732,16 @@ impl CqlStore {
         let keyspace = options.keyspace.as_str();
         // Boxed: joined inline, a hundred preparations make a future too large for a thread's
         // stack in a debug build.
-        let prepare = |cql: String| -> BoxFuture<'_, Result<PreparedStatement, StoreError>> {
-            let session = &session;
-            Box::pin(async move {
-                session
-                    .prepare(qualify(&cql, keyspace))
-                    .await
-                    .map_err(unavailable)
-            })
-        };
+        let prepare =
+            |cql: String| -> futures::future::BoxFuture<'_, Result<PreparedStatement, StoreError>> {
+                let session = &session;
+                Box::pin(async move {
+                    session
+                        .prepare(qualify(&cql, keyspace))
+                        .await
+                        .map_err(unavailable)
+                })
+            };
         // Prepared concurrently: one round of round trips at start, not ninety in a row.
         let statements = prepare_concurrently!(prepare;
             check: "SELECT version FROM schema_migrations LIMIT 1".into(),
@@ -1463,33 +1463,17 @@ impl Store for CqlStore {
     }
 
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError> {
-        self.insert_signal_after(signal, Box::pin(async { Ok(()) }))
-            .await
-    }
-
-    async fn insert_signal_after(
-        &self,
-        signal: &Signal,
-        before_write: BoxFuture<'_, Result<(), StoreError>>,
-    ) -> Result<Inserted, StoreError> {
         let Some(nonce) = signal.nonce.as_deref() else {
-            before_write.await?;
             self.write_signal(signal).await?;
             return Ok(Inserted::Created(signal.clone()));
         };
-        // The claim and `before_write` go out together: a claim won while `before_write` fails
-        // leaves the nonce held by a signal never written, which the next attempt of the nonce
-        // writes (below), as it does for a winner that died before its write.
-        let claim = async {
-            match &self.nonce_bucket {
-                Some(bucket) => match bucket.claim(signal, nonce).await? {
-                    Claim::Won => Ok(None),
-                    Claim::Taken(holder) => Ok(Some(*holder)),
-                },
-                None => self.claim_nonce_with_lwt(signal, nonce).await,
-            }
+        let holder = match &self.nonce_bucket {
+            Some(bucket) => match bucket.claim(signal, nonce).await? {
+                Claim::Won => None,
+                Claim::Taken(holder) => Some(*holder),
+            },
+            None => self.claim_nonce_with_lwt(signal, nonce).await?,
         };
-        let (holder, ()) = futures::try_join!(claim, before_write)?;
         let Some(holder) = holder else {
             self.write_signal(signal).await?;
             return Ok(Inserted::Created(signal.clone()));
