@@ -10,8 +10,15 @@
 //! `bus.outbox_silent_after_ms` claims its sweep, publishes every entry it left whose change is
 //! stored (read back from the store), removes the entries and forgets the writer.
 //!
+//! A live writer also looks at its own entries that its requests left behind: an entry neither
+//! settled nor handed to a publish retry for longer than that silence belongs to a change that
+//! failed after its entry was written. The change may be stored all the same (a deletion whose
+//! later steps failed, a write that timed out and was applied), so if the store holds it, its
+//! event is published and the entry removed; if not, the entry stays in the store for the sweep
+//! after the writer's death, since the write may still land.
+//!
 //! Why nothing is lost: an entry exists before the change, and is removed only after the bus took
-//! the event or the change was found not stored. Why nothing is doubled: an entry's envelope id is
+//! the event or (by a silent writer's sweep) the change was found not stored. Why nothing is doubled: an entry's envelope id is
 //! the event's id (a signal's id for `signal.created`), so a publish by the sweeper that repeats
 //! one the writer made before it died is dropped by the log within its duplicate window.
 //! Why nothing phantom is published: the sweeper publishes the change as the store holds it, and
@@ -21,7 +28,7 @@
 //! Not recorded: the ephemeral events (typing, presence, call signalling), and the pairing
 //! events of circles and queues, whose chat a client finds in its chat list after a reset.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +47,9 @@ pub const BUCKET_MS: i64 = 10_000;
 /// How long a sweep claim holds, in seconds: a sweeper that dies leaves the writer to another.
 const CLAIM_TTL_SECS: i32 = 600;
 
+/// How many of its own leftover entries a writer looks at per sweep.
+const LEFTOVERS_PER_SWEEP: usize = 64;
+
 /// The outbox bucket of a time in milliseconds since the epoch.
 pub fn bucket_of(ms: i64) -> i64 {
     ms.div_euclid(BUCKET_MS)
@@ -55,10 +65,11 @@ pub struct Outbox {
     /// Entries settled and not yet removed: gathered while a removal is in flight, so that under
     /// load one request removes many (see [`Outbox::settle`]).
     settled: Arc<std::sync::Mutex<Settled>>,
-    /// Every entry written and not yet settled, by intent: what this writer's own sweep looks at
-    /// (see [`ApiState::sweep_outbox`]). Held in memory, so the sweep never reads the store's
-    /// partitions of a live writer, which its removals fill with tombstones.
-    unsettled: std::sync::Mutex<HashMap<u64, Unsettled>>,
+    /// Every entry written and neither settled nor handed to a publish retry, in the order
+    /// written: what this writer's own sweep looks at (see [`ApiState::sweep_outbox`]). Held in
+    /// memory, so the sweep never reads the store's partitions of a live writer, which its
+    /// removals fill with tombstones.
+    unsettled: std::sync::Mutex<BTreeMap<u64, Unsettled>>,
     next_intent: std::sync::atomic::AtomicU64,
 }
 
@@ -151,6 +162,15 @@ impl Outbox {
         Ok(intent)
     }
 
+    /// Takes `intent` out of what this writer's own sweep looks at: its request has published
+    /// the event, given it up, or handed it to a retry that settles it.
+    pub(crate) fn retrying(&self, intent: Intent) {
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&intent.key);
+    }
+
     /// Removes an entry, in the background: a leftover is only published again by a sweep (and
     /// dropped by the log as a copy), never lost.
     ///
@@ -158,10 +178,7 @@ impl Outbox {
     /// go together in the next, one request per bucket. A lone entry goes at once, and a burst
     /// costs the store a few requests instead of one per event.
     pub(crate) fn settle(&self, store: &Arc<dyn Store>, intent: Intent) {
-        self.unsettled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&intent.key);
+        self.retrying(intent);
         {
             let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
             settled.entries.push((intent.bucket, intent.id));
@@ -254,13 +271,11 @@ impl ApiState {
         Ok(published)
     }
 
-    /// This writer's own entries written before `written_before` and still unsettled. A request
-    /// settles its entry within moments, so such an entry was left by a change that failed after
-    /// its entry was written (or by a publish the bus keeps refusing). The change may be stored
-    /// all the same (a deletion whose later steps failed, a write that timed out and was applied),
-    /// and its event would wait for this process to die before another's sweep published it. Each
-    /// is published as the store holds its change now, and removed, as a silent writer's would
-    /// be; once one cannot be published, it and the rest stay for the next sweep.
+    /// This writer's own entries written before `written_before` that their requests left
+    /// behind (see the module's documentation), oldest first, at most [`LEFTOVERS_PER_SWEEP`].
+    /// One whose change the store holds is published and removed. One whose change it does not
+    /// hold is no longer looked at, and its row stays for the sweep after this writer's death.
+    /// Nothing is tried while the bus is down.
     async fn sweep_own_leftovers(&self, written_before: i64) -> usize {
         let outbox = &self.outbox;
         let leftovers: Vec<(u64, OutboxEntry)> = outbox
@@ -268,18 +283,30 @@ impl ApiState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(_, unsettled)| unsettled.written_ms < written_before)
+            .take_while(|(_, unsettled)| unsettled.written_ms < written_before)
+            .take(LEFTOVERS_PER_SWEEP)
             .map(|(key, unsettled)| (*key, unsettled.entry.clone()))
             .collect();
+        if leftovers.is_empty() || self.bus.check().await.is_err() {
+            return 0;
+        }
         let mut published = 0;
         for (key, entry) in leftovers {
             match self.republish(&entry).await {
-                Ok(true) => published += 1,
+                Ok(true) => {
+                    published += 1;
+                    if let Err(error) = self
+                        .store
+                        .outbox_remove(outbox.writer, entry.bucket, &[entry.id])
+                        .await
+                    {
+                        tracing::debug!(%error, id = %entry.id, "a published outbox leftover was not removed; a sweep will find it");
+                    }
+                }
                 Ok(false) => {}
                 Err(error) => {
-                    // The bus or the store refuses: the rest wait for the next sweep too.
                     tracing::warn!(%error, id = %entry.id, "an outbox leftover was not published; trying again");
-                    break;
+                    continue;
                 }
             }
             outbox
@@ -287,13 +314,6 @@ impl ApiState {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&key);
-            if let Err(error) = self
-                .store
-                .outbox_remove(outbox.writer, entry.bucket, &[entry.id])
-                .await
-            {
-                tracing::debug!(%error, id = %entry.id, "an outbox leftover was not removed; a sweep will find it");
-            }
         }
         if published > 0 {
             metrics::counter!("confab_outbox_leftovers_published_total")
