@@ -31,11 +31,13 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 /// The embedded store, whose bookkeeping writes fail while `failing` is set, and whose deletions
-/// fail after writing the tombstone while `failing_after_delete` is set.
+/// fail after writing the tombstone while `failing_after_delete` is set, or without writing it
+/// while `failing_before_delete` is.
 struct FlakyBookkeeping {
     inner: EmbeddedStore,
     failing: AtomicBool,
     failing_after_delete: AtomicBool,
+    failing_before_delete: AtomicBool,
 }
 
 impl FlakyBookkeeping {
@@ -276,6 +278,11 @@ impl Store for FlakyBookkeeping {
         chat: ChatId,
         id: SignalId,
     ) -> Result<Option<Signal>, StoreError> {
+        if self.failing_before_delete.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "injected failure before the tombstone".into(),
+            ));
+        }
         let deleted = self.inner.delete_signal(chat, id).await?;
         if self.failing_after_delete.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable(
@@ -530,6 +537,7 @@ async fn a_stored_send_succeeds_when_bookkeeping_fails_and_catches_up() {
         inner: EmbeddedStore::open(&dir.path().join("store.sqlite3")).unwrap(),
         failing: AtomicBool::new(false),
         failing_after_delete: AtomicBool::new(false),
+        failing_before_delete: AtomicBool::new(false),
     });
     let identity = Arc::new(DevIdentity::open(dir.path()).unwrap());
     let (alice, bob) = (
@@ -624,6 +632,7 @@ struct Deletion {
     _dir: tempfile::TempDir,
     store: Arc<FlakyBookkeeping>,
     bus: Arc<EmbeddedBus>,
+    state: ApiState,
     http: reqwest::Client,
     alice: String,
     url: String,
@@ -638,6 +647,7 @@ impl Deletion {
             inner: EmbeddedStore::open(&dir.path().join("store.sqlite3")).unwrap(),
             failing: AtomicBool::new(false),
             failing_after_delete: AtomicBool::new(false),
+            failing_before_delete: AtomicBool::new(false),
         });
         let identity = Arc::new(DevIdentity::open(dir.path()).unwrap());
         let (alice, bob) = (
@@ -655,10 +665,11 @@ impl Deletion {
         );
         let sweeper = sweep.then(|| {
             let shutdown = tokio_util::sync::CancellationToken::new();
-            // A silence of zero: each sweep looks at every entry this process left unsettled.
+            // A short silence: each sweep looks at the entries this process left unsettled for
+            // a fifth of a second, long after a request here has ended.
             let settings = confab_api::outbox::SweepSettings {
                 interval: Duration::from_millis(100),
-                silent_after: Duration::ZERO,
+                silent_after: Duration::from_millis(200),
             };
             drop(
                 state
@@ -667,7 +678,7 @@ impl Deletion {
             );
             shutdown.drop_guard()
         });
-        let (router, _) = routes(state);
+        let (router, _) = routes(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, router).await });
@@ -708,6 +719,7 @@ impl Deletion {
             _dir: dir,
             store,
             bus,
+            state,
             http,
             alice,
             url: format!("{base}/v1/chats/{chat}/signals/{id}"),
@@ -793,4 +805,40 @@ async fn a_deletion_that_failed_after_its_tombstone_is_published_without_a_retry
     deletion
         .deleted_event(&mut events, Duration::from_secs(30))
         .await;
+}
+
+#[tokio::test]
+async fn a_process_keeps_the_outbox_row_of_a_deletion_that_was_not_stored() {
+    let deletion = Deletion::start(false).await;
+    deletion
+        .store
+        .failing_before_delete
+        .store(true, Ordering::SeqCst);
+    assert_eq!(deletion.delete().await.status(), 503);
+    let before = deletion.bus.last_seq().await.unwrap();
+
+    // The process's own sweep finds the entry, and the message not deleted: nothing to publish,
+    // and the row stays, for the sweep after this process's death (the write might yet land).
+    let sweep_now = confab_api::outbox::SweepSettings {
+        interval: Duration::from_millis(100),
+        silent_after: Duration::ZERO,
+    };
+    assert_eq!(deletion.state.sweep_outbox(sweep_now).await.unwrap(), 0);
+    assert_eq!(deletion.bus.last_seq().await.unwrap(), before);
+    let now_bucket = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms());
+    let rows = deletion
+        .store
+        .outbox_entries(deletion.state.outbox_writer(), now_bucket - 2, now_bucket)
+        .await
+        .unwrap();
+    let deleted_envelopes: Vec<Value> = rows
+        .iter()
+        .map(|row| serde_json::from_slice(&row.envelope).unwrap())
+        .filter(|envelope: &Value| envelope["type"] == "signal.deleted")
+        .collect();
+    assert_eq!(
+        deleted_envelopes.len(),
+        1,
+        "the deletion's row stays: {rows:?}"
+    );
 }

@@ -18,7 +18,11 @@
 //! after the writer's death, since the write may still land.
 //!
 //! Why nothing is lost: an entry exists before the change, and is removed only after the bus took
-//! the event or (by a silent writer's sweep) the change was found not stored. Why nothing is doubled: an entry's envelope id is
+//! the event, or once the change is known not to be stored: by its own request (a nonce that
+//! already has a signal, a reaction that did not change, an edit of a deleted message) or by a
+//! silent writer's sweep. A request still running after the silence allowance may be looked at
+//! by its own writer's sweep before its change is stored; its row then stays, and the request
+//! settles it as usual. Why nothing is doubled: an entry's envelope id is
 //! the event's id (a signal's id for `signal.created`), so a publish by the sweeper that repeats
 //! one the writer made before it died is dropped by the log within its duplicate window.
 //! Why nothing phantom is published: the sweeper publishes the change as the store holds it, and
@@ -50,6 +54,10 @@ const CLAIM_TTL_SECS: i32 = 600;
 /// How many of its own leftover entries a writer looks at per sweep.
 const LEFTOVERS_PER_SWEEP: usize = 64;
 
+/// How many sweeps try to publish one of a writer's own leftovers before leaving its row to the
+/// sweep after the writer's death.
+const LEFTOVER_ATTEMPTS: u32 = 5;
+
 /// The outbox bucket of a time in milliseconds since the epoch.
 pub fn bucket_of(ms: i64) -> i64 {
     ms.div_euclid(BUCKET_MS)
@@ -76,7 +84,10 @@ pub struct Outbox {
 /// An entry of this writer's that is not settled yet.
 struct Unsettled {
     entry: OutboxEntry,
-    written_ms: i64,
+    /// When it was written (a monotonic clock: a step of the wall clock does not reorder it).
+    written: std::time::Instant,
+    /// Sweeps that failed to publish it.
+    failures: u32,
 }
 
 #[derive(Default)]
@@ -156,7 +167,8 @@ impl Outbox {
                 intent.key,
                 Unsettled {
                     entry,
-                    written_ms: now,
+                    written: std::time::Instant::now(),
+                    failures: 0,
                 },
             );
         Ok(intent)
@@ -232,6 +244,14 @@ impl ApiState {
     /// this writer itself left unsettled for longer than one silence. Answers how many events it
     /// published.
     pub async fn sweep_outbox(&self, settings: SweepSettings) -> ApiResult<usize> {
+        // This writer's own leftovers do not wait on the other writers' sweep, which may fail.
+        let silent_writers = self.sweep_silent_writers(settings).await;
+        let own = self.sweep_own_leftovers(settings.silent_after).await;
+        Ok(silent_writers? + own)
+    }
+
+    /// Records this writer alive, then publishes what silent writers left in the outbox.
+    async fn sweep_silent_writers(&self, settings: SweepSettings) -> ApiResult<usize> {
         let now = confab_runtime::presence::now_ms();
         let outbox = &self.outbox;
         self.store
@@ -267,7 +287,6 @@ impl ApiState {
             }
             self.store.outbox_forget_writer(silent.writer).await?;
         }
-        published += self.sweep_own_leftovers(now - silent_after).await;
         Ok(published)
     }
 
@@ -276,14 +295,17 @@ impl ApiState {
     /// One whose change the store holds is published and removed. One whose change it does not
     /// hold is no longer looked at, and its row stays for the sweep after this writer's death.
     /// Nothing is tried while the bus is down.
-    async fn sweep_own_leftovers(&self, written_before: i64) -> usize {
+    async fn sweep_own_leftovers(&self, silent_after: Duration) -> usize {
         let outbox = &self.outbox;
+        let Some(written_before) = std::time::Instant::now().checked_sub(silent_after) else {
+            return 0;
+        };
         let leftovers: Vec<(u64, OutboxEntry)> = outbox
             .unsettled
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .take_while(|(_, unsettled)| unsettled.written_ms < written_before)
+            .take_while(|(_, unsettled)| unsettled.written < written_before)
             .take(LEFTOVERS_PER_SWEEP)
             .map(|(key, unsettled)| (*key, unsettled.entry.clone()))
             .collect();
@@ -305,7 +327,17 @@ impl ApiState {
                 }
                 Ok(false) => {}
                 Err(error) => {
-                    tracing::warn!(%error, id = %entry.id, "an outbox leftover was not published; trying again");
+                    let mut unsettled = outbox.unsettled.lock().unwrap_or_else(|e| e.into_inner());
+                    let given_up = unsettled.get_mut(&key).is_some_and(|leftover| {
+                        leftover.failures += 1;
+                        leftover.failures >= LEFTOVER_ATTEMPTS
+                    });
+                    if given_up {
+                        // Its row stays for the sweep after this writer's death; it no longer
+                        // holds up the newer leftovers.
+                        unsettled.remove(&key);
+                    }
+                    tracing::warn!(%error, id = %entry.id, given_up, "an outbox leftover was not published");
                     continue;
                 }
             }
