@@ -530,118 +530,23 @@ impl Store for FlakyBookkeeping {
     }
 }
 
-#[tokio::test]
-async fn a_stored_send_succeeds_when_bookkeeping_fails_and_catches_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(FlakyBookkeeping {
-        inner: EmbeddedStore::open(&dir.path().join("store.sqlite3")).unwrap(),
-        failing: AtomicBool::new(false),
-        failing_after_delete: AtomicBool::new(false),
-        failing_before_delete: AtomicBool::new(false),
-    });
-    let identity = Arc::new(DevIdentity::open(dir.path()).unwrap());
-    let (alice, bob) = (
-        identity.mint("alice", Duration::from_secs(600)),
-        identity.mint("bob", Duration::from_secs(600)),
-    );
-    let state = ApiState::new(
-        Arc::clone(&store) as Arc<dyn Store>,
-        Arc::new(
-            EmbeddedBus::open(&dir.path().join("events.sqlite3"), Default::default()).unwrap(),
-        ),
-        identity,
-        &confab_runtime::signed::Keyring::random(),
-    );
-    let (router, _) = routes(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-
-    let http = reqwest::Client::new();
-    let get = |token: &str, path: &str| http.get(format!("{base}{path}")).bearer_auth(token).send();
-    let bob_id: Value = get(&bob, "/v1/me").await.unwrap().json().await.unwrap();
-    let chat: Value = http
-        .post(format!("{base}/v1/chats"))
-        .bearer_auth(&alice)
-        .json(&json!({"kind": "group", "name": "flaky", "members": [bob_id["id"]]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let chat = chat["id"].as_str().unwrap();
-
-    store.failing.store(true, Ordering::SeqCst);
-    let sent = http
-        .post(format!("{base}/v1/chats/{chat}/signals"))
-        .bearer_auth(&alice)
-        .json(&json!({"kind": "message", "nonce": "n-1", "text": "stored, then the store hiccups"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        sent.status(),
-        201,
-        "the signal is stored and published: the send succeeded"
-    );
-    let sent: Value = sent.json().await.unwrap();
-    let history: Value = get(&bob, &format!("/v1/chats/{chat}/signals"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(history["items"][0]["id"], sent["id"]);
-
-    let views_path = format!(
-        "/v1/chats/{chat}/signals/{}/views",
-        sent["id"].as_str().unwrap()
-    );
-    let views: Value = get(&bob, &views_path).await.unwrap().json().await.unwrap();
-    assert_eq!(
-        views["items"],
-        json!([]),
-        "the author's marker did not move yet"
-    );
-
-    // Once the store answers again, the background retry moves alice's read marker.
-    store.failing.store(false, Ordering::SeqCst);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let views: Value = get(&bob, &views_path).await.unwrap().json().await.unwrap();
-        if views["items"]
-            .as_array()
-            .is_some_and(|seen| !seen.is_empty())
-        {
-            assert_eq!(views["items"][0]["user_id"], sent["author_id"]);
-            assert_eq!(views["items"][0]["up_to"], sent["id"]);
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "bookkeeping never caught up: {views}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A server on the flaky store and the embedded bus, with alice's message in a group chat with
-/// bob; the outbox sweeper runs when `sweep` is set.
-struct Deletion {
+/// A server on the flaky store and the embedded bus, with a group chat of alice and bob; the
+/// outbox sweeper runs when `sweep` is set.
+struct FlakyServer {
     _dir: tempfile::TempDir,
     store: Arc<FlakyBookkeeping>,
     bus: Arc<EmbeddedBus>,
     state: ApiState,
     http: reqwest::Client,
+    base: String,
     alice: String,
-    url: String,
-    id: String,
+    bob: String,
+    chat: String,
     _sweeper: Option<tokio_util::sync::DropGuard>,
 }
 
-impl Deletion {
-    async fn start(sweep: bool) -> Deletion {
+impl FlakyServer {
+    async fn start(sweep: bool) -> FlakyServer {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FlakyBookkeeping {
             inner: EmbeddedStore::open(&dir.path().join("store.sqlite3")).unwrap(),
@@ -683,48 +588,131 @@ impl Deletion {
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, router).await });
 
-        let http = reqwest::Client::new();
-        let bob_id: Value = http
-            .get(format!("{base}/v1/me"))
-            .bearer_auth(&bob)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let chat: Value = http
-            .post(format!("{base}/v1/chats"))
-            .bearer_auth(&alice)
-            .json(&json!({"kind": "group", "name": "deletions", "members": [bob_id["id"]]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let chat = chat["id"].as_str().unwrap();
-        let sent: Value = http
-            .post(format!("{base}/v1/chats/{chat}/signals"))
-            .bearer_auth(&alice)
-            .json(&json!({"kind": "message", "nonce": "d-1", "text": "soon gone"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = sent["id"].as_str().unwrap().to_owned();
-        Deletion {
+        let mut server = FlakyServer {
             _dir: dir,
             store,
             bus,
             state,
-            http,
+            http: reqwest::Client::new(),
+            base,
             alice,
-            url: format!("{base}/v1/chats/{chat}/signals/{id}"),
-            id,
+            bob,
+            chat: String::new(),
             _sweeper: sweeper,
+        };
+        let bob_id = server.get(&server.bob, "/v1/me").await["id"].clone();
+        let chat: Value = server
+            .http
+            .post(format!("{}/v1/chats", server.base))
+            .bearer_auth(&server.alice)
+            .json(&json!({"kind": "group", "name": "flaky", "members": [bob_id]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        server.chat = chat["id"].as_str().unwrap().to_owned();
+        server
+    }
+
+    async fn get(&self, token: &str, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Alice's message to the chat, as sent.
+    async fn send(&self, nonce: &str, text: &str) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/chats/{}/signals", self.base, self.chat))
+            .bearer_auth(&self.alice)
+            .json(&json!({"kind": "message", "nonce": nonce, "text": text}))
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_stored_send_succeeds_when_bookkeeping_fails_and_catches_up() {
+    let server = FlakyServer::start(false).await;
+    let chat = &server.chat;
+
+    server.store.failing.store(true, Ordering::SeqCst);
+    let sent = server.send("n-1", "stored, then the store hiccups").await;
+    assert_eq!(
+        sent.status(),
+        201,
+        "the signal is stored and published: the send succeeded"
+    );
+    let sent: Value = sent.json().await.unwrap();
+    let history = server
+        .get(&server.bob, &format!("/v1/chats/{chat}/signals"))
+        .await;
+    assert_eq!(history["items"][0]["id"], sent["id"]);
+
+    let views_path = format!(
+        "/v1/chats/{chat}/signals/{}/views",
+        sent["id"].as_str().unwrap()
+    );
+    let views = server.get(&server.bob, &views_path).await;
+    assert_eq!(
+        views["items"],
+        json!([]),
+        "the author's marker did not move yet"
+    );
+
+    // Once the store answers again, the background retry moves alice's read marker.
+    server.store.failing.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let views = server.get(&server.bob, &views_path).await;
+        if views["items"]
+            .as_array()
+            .is_some_and(|seen| !seen.is_empty())
+        {
+            assert_eq!(views["items"][0]["user_id"], sent["author_id"]);
+            assert_eq!(views["items"][0]["up_to"], sent["id"]);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bookkeeping never caught up: {views}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A [`FlakyServer`] with alice's message, to delete.
+struct Deletion {
+    server: FlakyServer,
+    url: String,
+    id: String,
+}
+
+impl std::ops::Deref for Deletion {
+    type Target = FlakyServer;
+    fn deref(&self) -> &FlakyServer {
+        &self.server
+    }
+}
+
+impl Deletion {
+    async fn start(sweep: bool) -> Deletion {
+        let server = FlakyServer::start(sweep).await;
+        let sent: Value = server.send("d-1", "soon gone").await.json().await.unwrap();
+        let id = sent["id"].as_str().unwrap().to_owned();
+        Deletion {
+            url: format!("{}/v1/chats/{}/signals/{id}", server.base, server.chat),
+            id,
+            server,
         }
     }
 
