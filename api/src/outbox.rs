@@ -176,11 +176,15 @@ impl Outbox {
 
     /// Takes `intent` out of what this writer's own sweep looks at: its request has published
     /// the event, given it up, or handed it to a retry that settles it.
-    pub(crate) fn retrying(&self, intent: Intent) {
+    pub(crate) fn untrack(&self, intent: Intent) {
+        self.untrack_key(intent.key);
+    }
+
+    fn untrack_key(&self, key: u64) {
         self.unsettled
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&intent.key);
+            .remove(&key);
     }
 
     /// Removes an entry, in the background: a leftover is only published again by a sweep (and
@@ -190,7 +194,7 @@ impl Outbox {
     /// go together in the next, one request per bucket. A lone entry goes at once, and a burst
     /// costs the store a few requests instead of one per event.
     pub(crate) fn settle(&self, store: &Arc<dyn Store>, intent: Intent) {
-        self.retrying(intent);
+        self.untrack(intent);
         {
             let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
             settled.entries.push((intent.bucket, intent.id));
@@ -290,8 +294,8 @@ impl ApiState {
         Ok(published)
     }
 
-    /// This writer's own entries written before `written_before` that their requests left
-    /// behind (see the module's documentation), oldest first, at most [`LEFTOVERS_PER_SWEEP`].
+    /// This writer's own entries that their requests left behind more than `silent_after` ago
+    /// (see the module's documentation), oldest first, at most [`LEFTOVERS_PER_SWEEP`].
     /// One whose change the store holds is published and removed. One whose change it does not
     /// hold is no longer looked at, and its row stays for the sweep after this writer's death.
     /// Nothing is tried while the bus is down.
@@ -327,25 +331,25 @@ impl ApiState {
                 }
                 Ok(false) => {}
                 Err(error) => {
-                    let mut unsettled = outbox.unsettled.lock().unwrap_or_else(|e| e.into_inner());
-                    let given_up = unsettled.get_mut(&key).is_some_and(|leftover| {
-                        leftover.failures += 1;
-                        leftover.failures >= LEFTOVER_ATTEMPTS
-                    });
+                    let given_up = outbox
+                        .unsettled
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_mut(&key)
+                        .is_some_and(|leftover| {
+                            leftover.failures += 1;
+                            leftover.failures >= LEFTOVER_ATTEMPTS
+                        });
                     if given_up {
                         // Its row stays for the sweep after this writer's death; it no longer
                         // holds up the newer leftovers.
-                        unsettled.remove(&key);
+                        outbox.untrack_key(key);
                     }
                     tracing::warn!(%error, id = %entry.id, given_up, "an outbox leftover was not published");
                     continue;
                 }
             }
-            outbox
-                .unsettled
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
+            outbox.untrack_key(key);
         }
         if published > 0 {
             metrics::counter!("confab_outbox_leftovers_published_total")

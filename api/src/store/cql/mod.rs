@@ -3075,8 +3075,17 @@ impl CqlStore {
         let Some(row) = rows::<Written>(result)?.into_iter().next() else {
             return Ok(None);
         };
-        let (kind, name, description, created_at, created_by, kind_at, name_at, description_at) =
-            (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
+        let (
+            kind,
+            name,
+            description,
+            created_at,
+            created_by,
+            kind_at,
+            name_at,
+            description_at,
+            info_at,
+        ) = row;
         let (Some(kind), Some(created_at), Some(created_by)) = (kind, created_at, created_by)
         else {
             return Ok(None);
@@ -3087,7 +3096,7 @@ impl CqlStore {
             description,
             created_at,
             created_by,
-            written: [kind_at, name_at, description_at, row.8]
+            written: [kind_at, name_at, description_at, info_at]
                 .into_iter()
                 .flatten()
                 .max()
