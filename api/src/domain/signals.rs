@@ -206,7 +206,7 @@ impl ApiState {
         rules::may_edit(caller, &signal)?;
         let envelope = Envelope::new(chat, Event::SignalUpdated(signal));
         let intent = self.outbox.intend(&*self.store, &envelope).await?;
-        let mut signal = self
+        let Some(mut signal) = self
             .store
             .edit_signal(
                 chat,
@@ -215,7 +215,11 @@ impl ApiState {
                 to_millis(OffsetDateTime::now_utc()),
             )
             .await?
-            .ok_or(ApiError::NotFound("no such signal"))?;
+        else {
+            // Gone (its chat removed meanwhile): there is no change to announce.
+            self.forgo(intent);
+            return Err(ApiError::NotFound("no such signal"));
+        };
         if signal.deleted {
             // Deleted while this edit was on its way: the deletion stands.
             self.forgo(intent);
@@ -248,11 +252,11 @@ impl ApiState {
         // the event has the first attempt's id, so the log keeps one within its duplicate window.
         let envelope = Envelope::signal_deleted(signal);
         let intent = self.outbox.intend(&*self.store, &envelope).await?;
-        let mut tombstone = self
-            .store
-            .delete_signal(chat, id)
-            .await?
-            .ok_or(ApiError::NotFound("no such signal"))?;
+        let Some(mut tombstone) = self.store.delete_signal(chat, id).await? else {
+            // Gone (its chat removed meanwhile): there is no change to announce.
+            self.forgo(intent);
+            return Err(ApiError::NotFound("no such signal"));
+        };
         // Its attachments are gone: the tombstone names none.
         tombstone.attachments.clear();
         let event = Event::SignalDeleted(tombstone.clone());
