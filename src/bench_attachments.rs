@@ -215,6 +215,44 @@ impl Server {
     }
 }
 
+/// The time of one phase's transfers through confab and of their direct counterparts.
+#[derive(Default)]
+struct Phase {
+    confab: Duration,
+    confab_declared: Duration,
+    direct: Duration,
+    count: usize,
+}
+
+/// How fast confab went against direct, from their times for the same bytes.
+fn ratio(direct: Duration, confab: Duration) -> f64 {
+    direct.as_secs_f64() / confab.as_secs_f64().max(1e-9)
+}
+
+/// Downloads each attachment of `ids` through confab, each followed by a direct GET of the
+/// object of `keys` at the same position.
+async fn download_paired(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    ids: &[String],
+    direct: &S3Blobs,
+    keys: &[String],
+    size: u64,
+) -> anyhow::Result<Phase> {
+    let mut phase = Phase::default();
+    for (id, key) in ids.iter().zip(keys) {
+        let started = Instant::now();
+        download_all(http, base, token, std::slice::from_ref(id), size).await?;
+        phase.confab += started.elapsed();
+        let started = Instant::now();
+        direct_get(direct, key, size).await?;
+        phase.direct += started.elapsed();
+        phase.count += 1;
+    }
+    Ok(phase)
+}
+
 /// One `GetObject` of `key` straight from the bucket, read to the end and its length checked.
 async fn direct_get(direct: &S3Blobs, key: &str, size: u64) -> anyhow::Result<()> {
     let object = direct
@@ -340,45 +378,76 @@ async fn measure(
         // Samples the server's memory while the largest size uploads.
         let sampled = |size: u64| (size == largest).then(|| (pid, Arc::clone(&peak)));
         let transfers = (args.transfers / 10usize.pow(i as u32)).max(2);
-        // Through confab: without a declared digest (staged, then copied to its content
-        // address), then with one (written once, straight to its content address).
-        let mut ids = Vec::new();
-        let started = Instant::now();
-        for _ in 0..transfers {
-            seed += 1;
-            let id = upload(&http, base, &chat, &token, seed, size, None, &sampled(size)).await?;
-            ids.push(id);
+        // Every transfer through confab is paired with its direct counterpart right after it,
+        // so that both see the same moment of a shared, noisy machine; each ratio is over the
+        // pairs of one phase. The bodies and their digests are made before anything is timed:
+        // a client hashes its file before it sends it, and the direct PUT sends from memory.
+        let mut pairs = Vec::with_capacity(transfers);
+        for n in 0..transfers {
+            let (staged, declared, direct_seed) = (seed + 1, seed + 2, seed + 3);
+            seed += 3;
+            let digest = digest_of(declared, size).await?;
+            let mut bytes = Vec::with_capacity(size as usize);
+            let mut chunks = Box::pin(body(direct_seed, size));
+            while let Some(chunk) = chunks.next().await {
+                bytes.extend_from_slice(&chunk?);
+            }
+            let key = format!("{prefix}direct/{size}-{n}");
+            pairs.push((staged, declared, digest, key, Bytes::from(bytes)));
         }
-        let confab_up = started.elapsed();
-        let mut declared_seeds = Vec::new();
-        for _ in 0..transfers {
-            seed += 1;
-            declared_seeds.push((seed, digest_of(seed, size).await?));
-        }
-        let mut declared_ids = Vec::new();
-        let started = Instant::now();
-        for (seed, digest) in declared_seeds {
+        let client = direct.client();
+        let mut up = Phase::default();
+        let (mut ids, mut declared_ids, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+        for (staged, declared, digest, key, bytes) in pairs {
+            // Through confab: without a declared digest (staged, then copied to its content
+            // address), then with one (written once, straight to its content address).
+            let started = Instant::now();
             let id = upload(
                 &http,
                 base,
                 &chat,
                 &token,
-                seed,
+                staged,
+                size,
+                None,
+                &sampled(size),
+            )
+            .await?;
+            up.confab += started.elapsed();
+            ids.push(id);
+            let started = Instant::now();
+            let id = upload(
+                &http,
+                base,
+                &chat,
+                &token,
+                declared,
                 size,
                 Some(digest),
                 &sampled(size),
             )
             .await?;
+            up.confab_declared += started.elapsed();
             declared_ids.push(id);
+            // Direct: one PUT of the whole body.
+            let started = Instant::now();
+            client
+                .put_object()
+                .bucket(direct.bucket())
+                .key(&key)
+                .body(ByteStream::from(bytes))
+                .send()
+                .await
+                .context("direct PUT")?;
+            up.direct += started.elapsed();
+            keys.push(key);
         }
-        let confab_declared_up = started.elapsed();
         // The declared uploads, as a member fetches what was just sent (kept in memory when
-        // the cache keeps objects of this size). Then, after a restart (an empty cache, as on
-        // another node), the first uploads: reads from the storage. Then one object of each
-        // small size fetched by many members at once, also from the storage.
-        let started = Instant::now();
-        download_all(&http, base, &other, &declared_ids, size).await?;
-        let confab_recent_down = started.elapsed();
+        // the cache keeps objects of this size).
+        let recent =
+            download_paired(&http, base, &other, &declared_ids, direct, &keys, size).await?;
+        // After a restart (an empty cache, as on another node), the first uploads: reads from
+        // the storage of server-side copies.
         server.restart().await?;
         let base = server.base.clone();
         let base = base.as_str();
@@ -388,9 +457,8 @@ async fn measure(
         if let [_, .., warm_up] = declared_ids.as_slice() {
             download_all(&http, base, &other, std::slice::from_ref(warm_up), size).await?;
         }
-        let started = Instant::now();
-        download_all(&http, base, &other, &ids, size).await?;
-        let confab_down = started.elapsed();
+        let cold = download_paired(&http, base, &other, &ids, direct, &keys, size).await?;
+        // One object of each small size fetched by many members at once, also from the storage.
         let fan_out_size = size <= 1024 * 1024;
         let confab_fan_out = if fan_out_size {
             let started = Instant::now();
@@ -399,34 +467,6 @@ async fn measure(
         } else {
             None
         };
-        // Direct: one PUT of the whole body, one GET.
-        let client = direct.client();
-        let mut keys = Vec::new();
-        let started = Instant::now();
-        for n in 0..transfers {
-            seed += 1;
-            let key = format!("{prefix}direct/{size}-{n}");
-            let mut bytes = Vec::with_capacity(size as usize);
-            let mut chunks = Box::pin(body(seed, size));
-            while let Some(chunk) = chunks.next().await {
-                bytes.extend_from_slice(&chunk?);
-            }
-            client
-                .put_object()
-                .bucket(direct.bucket())
-                .key(&key)
-                .body(ByteStream::from(bytes))
-                .send()
-                .await
-                .context("direct PUT")?;
-            keys.push(key);
-        }
-        let direct_up = started.elapsed();
-        let started = Instant::now();
-        for key in &keys {
-            direct_get(direct, key, size).await?;
-        }
-        let direct_down = started.elapsed();
         let direct_fan_out = if fan_out_size {
             let started = Instant::now();
             futures::future::try_join_all(
@@ -437,6 +477,18 @@ async fn measure(
         } else {
             None
         };
+        // The declared uploads from the storage as well, each written by one PUT like the
+        // direct objects (the staged ones are server-side copies): all but the fan-out's
+        // object and the warm-up's.
+        let cold_declared = match (
+            declared_ids.get(1..declared_ids.len().saturating_sub(1)),
+            keys.get(1..keys.len().saturating_sub(1)),
+        ) {
+            (Some(ids), Some(keys)) if !ids.is_empty() => {
+                Some(download_paired(&http, base, &other, ids, direct, keys, size).await?)
+            }
+            _ => None,
+        };
         for key in &keys {
             let _ = client
                 .delete_object()
@@ -446,31 +498,37 @@ async fn measure(
                 .await;
         }
         let total = size * transfers as u64;
+        let direct_down = recent.direct + cold.direct;
         let mut row = json!({
             "size_bytes": size,
             "transfers": transfers,
             "upload_mib_s": {
-                "confab": mib_per_s(total, confab_up),
-                "confab_declared_digest": mib_per_s(total, confab_declared_up),
-                "direct": mib_per_s(total, direct_up),
+                "confab": mib_per_s(total, up.confab),
+                "confab_declared_digest": mib_per_s(total, up.confab_declared),
+                "direct": mib_per_s(total, up.direct),
             },
             "download_mib_s": {
-                "confab": mib_per_s(total, confab_down),
-                "confab_just_uploaded": mib_per_s(total, confab_recent_down),
-                "direct": mib_per_s(total, direct_down),
+                "confab": mib_per_s(total, cold.confab),
+                "confab_just_uploaded": mib_per_s(total, recent.confab),
+                "direct": mib_per_s(2 * total, direct_down),
             },
-            "upload_ratio": direct_up.as_secs_f64() / confab_up.as_secs_f64().max(1e-9),
-            "upload_declared_digest_ratio": direct_up.as_secs_f64() / confab_declared_up.as_secs_f64().max(1e-9),
-            "download_ratio": direct_down.as_secs_f64() / confab_down.as_secs_f64().max(1e-9),
-            "download_just_uploaded_ratio": direct_down.as_secs_f64() / confab_recent_down.as_secs_f64().max(1e-9),
+            "upload_ratio": ratio(up.direct, up.confab),
+            "upload_declared_digest_ratio": ratio(up.direct, up.confab_declared),
+            "download_ratio": ratio(cold.direct, cold.confab),
+            "download_just_uploaded_ratio": ratio(recent.direct, recent.confab),
         });
+        if let Some(phase) = cold_declared {
+            row["download_mib_s"]["confab_declared"] =
+                json!(mib_per_s(size * phase.count as u64, phase.confab));
+            row["download_declared_ratio"] = json!(ratio(phase.direct, phase.confab));
+        }
         if let (Some(confab), Some(direct)) = (confab_fan_out, direct_fan_out) {
             let fanned = size * args.readers as u64;
             row["fan_out"] = json!({
                 "readers": args.readers,
                 "confab_mib_s": mib_per_s(fanned, confab),
                 "direct_mib_s": mib_per_s(fanned, direct),
-                "ratio": direct.as_secs_f64() / confab.as_secs_f64().max(1e-9),
+                "ratio": ratio(direct, confab),
             });
         }
         println!("{row}");
@@ -485,6 +543,6 @@ async fn measure(
             "growth_bytes": peak_rss.saturating_sub(idle_rss),
             "largest_upload_bytes": largest,
         },
-        "note": "confab: POST with a streamed body (hashed, staged, multipart above 8 MiB, then a server-side copy to its content address); confab_declared_digest: the same POST with Content-Digest (hashed while written straight to its content address, completed once the hash matches); GET through confab of the declared uploads right after they were made (confab_just_uploaded: the memory cache's hits up to attachments.cache_object_bytes) and, after a restart of the server (an empty cache) and one download of an object not measured (a warm process), of the staged uploads (confab: reads from the storage); fan_out: one object fetched by that many concurrent readers right after the restart, through confab and directly; direct: one PutObject of the whole body from memory and one GetObject, same bucket, same run",
+        "note": "confab: POST with a streamed body (hashed, staged, multipart above 8 MiB, then a server-side copy to its content address); confab_declared_digest: the same POST with Content-Digest (hashed while written straight to its content address, completed once the hash matches); GET through confab of the declared uploads right after they were made (confab_just_uploaded: the memory cache's hits up to attachments.cache_object_bytes) and, after a restart of the server (an empty cache) and one download of an object not measured (a warm process), of the staged uploads (confab: reads from the storage, server-side copies) and of the declared uploads but the first and the last (confab_declared: reads from the storage of objects written by one PUT, as the direct ones); fan_out: one object fetched by that many concurrent readers right after the restart, through confab and directly; direct: one PutObject of the whole body from memory and one GetObject, same bucket, same run",
     }))
 }
