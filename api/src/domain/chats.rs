@@ -241,11 +241,11 @@ impl ApiState {
             self.record_system_signal(chat_id, SignalKind::Renamed, caller, name.clone())
                 .await?;
         }
-        let updated = self
-            .store
-            .get_chat(chat_id)
-            .await?
-            .ok_or(ApiError::NotFound("no such chat"))?;
+        let Some(updated) = self.store.get_chat(chat_id).await? else {
+            // Gone (removed meanwhile): there is no change to announce.
+            self.forgo(intent);
+            return Err(ApiError::NotFound("no such chat"));
+        };
         self.publish_intended(
             Envelope {
                 event: Event::ChatUpdated(Box::new(updated.clone())),
