@@ -86,6 +86,16 @@ async fn download_all(
     Ok(())
 }
 
+/// The body `seed`, `len` whole in memory.
+async fn body_bytes(seed: u64, len: u64) -> anyhow::Result<Bytes> {
+    let mut bytes = Vec::with_capacity(len as usize);
+    let mut chunks = Box::pin(body(seed, len));
+    while let Some(chunk) = chunks.next().await {
+        bytes.extend_from_slice(&chunk?);
+    }
+    Ok(Bytes::from(bytes))
+}
+
 /// The `Content-Digest` of the body `seed`, `len` (computed before the timed uploads: a client
 /// hashes its file before it sends it).
 async fn digest_of(seed: u64, len: u64) -> anyhow::Result<String> {
@@ -215,11 +225,10 @@ impl Server {
     }
 }
 
-/// The time of one phase's transfers through confab and of their direct counterparts.
+/// The time of one phase's downloads through confab and of their direct counterparts.
 #[derive(Default)]
 struct Phase {
     confab: Duration,
-    confab_declared: Duration,
     direct: Duration,
     count: usize,
 }
@@ -382,54 +391,36 @@ async fn measure(
         // so that both see the same moment of a shared, noisy machine; each ratio is over the
         // pairs of one phase. The bodies and their digests are made before anything is timed:
         // a client hashes its file before it sends it, and the direct PUT sends from memory.
-        let mut pairs = Vec::with_capacity(transfers);
-        for n in 0..transfers {
+        let mut seeds = Vec::with_capacity(transfers);
+        for _ in 0..transfers {
             let (staged, declared, direct_seed) = (seed + 1, seed + 2, seed + 3);
             seed += 3;
-            let digest = digest_of(declared, size).await?;
-            let mut bytes = Vec::with_capacity(size as usize);
-            let mut chunks = Box::pin(body(direct_seed, size));
-            while let Some(chunk) = chunks.next().await {
-                bytes.extend_from_slice(&chunk?);
-            }
-            let key = format!("{prefix}direct/{size}-{n}");
-            pairs.push((staged, declared, digest, key, Bytes::from(bytes)));
+            seeds.push((
+                staged,
+                declared,
+                digest_of(declared, size).await?,
+                direct_seed,
+            ));
         }
         let client = direct.client();
-        let mut up = Phase::default();
+        let (mut staged_up, mut declared_up, mut direct_up) =
+            (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         let (mut ids, mut declared_ids, mut keys) = (Vec::new(), Vec::new(), Vec::new());
-        for (staged, declared, digest, key, bytes) in pairs {
+        for (n, (staged, declared, digest, direct_seed)) in seeds.into_iter().enumerate() {
             // Through confab: without a declared digest (staged, then copied to its content
             // address), then with one (written once, straight to its content address).
-            let started = Instant::now();
-            let id = upload(
-                &http,
-                base,
-                &chat,
-                &token,
-                staged,
-                size,
-                None,
-                &sampled(size),
-            )
-            .await?;
-            up.confab += started.elapsed();
-            ids.push(id);
-            let started = Instant::now();
-            let id = upload(
-                &http,
-                base,
-                &chat,
-                &token,
-                declared,
-                size,
-                Some(digest),
-                &sampled(size),
-            )
-            .await?;
-            up.confab_declared += started.elapsed();
-            declared_ids.push(id);
-            // Direct: one PUT of the whole body.
+            for (seed, digest, elapsed, made) in [
+                (staged, None, &mut staged_up, &mut ids),
+                (declared, Some(digest), &mut declared_up, &mut declared_ids),
+            ] {
+                let started = Instant::now();
+                let sampling = sampled(size);
+                made.push(upload(&http, base, &chat, &token, seed, size, digest, &sampling).await?);
+                *elapsed += started.elapsed();
+            }
+            // Direct: one PUT of the whole body, from memory.
+            let bytes = body_bytes(direct_seed, size).await?;
+            let key = format!("{prefix}direct/{size}-{n}");
             let started = Instant::now();
             client
                 .put_object()
@@ -439,7 +430,7 @@ async fn measure(
                 .send()
                 .await
                 .context("direct PUT")?;
-            up.direct += started.elapsed();
+            direct_up += started.elapsed();
             keys.push(key);
         }
         // The declared uploads, as a member fetches what was just sent (kept in memory when
@@ -503,17 +494,17 @@ async fn measure(
             "size_bytes": size,
             "transfers": transfers,
             "upload_mib_s": {
-                "confab": mib_per_s(total, up.confab),
-                "confab_declared_digest": mib_per_s(total, up.confab_declared),
-                "direct": mib_per_s(total, up.direct),
+                "confab": mib_per_s(total, staged_up),
+                "confab_declared_digest": mib_per_s(total, declared_up),
+                "direct": mib_per_s(total, direct_up),
             },
             "download_mib_s": {
                 "confab": mib_per_s(total, cold.confab),
                 "confab_just_uploaded": mib_per_s(total, recent.confab),
                 "direct": mib_per_s(2 * total, direct_down),
             },
-            "upload_ratio": ratio(up.direct, up.confab),
-            "upload_declared_digest_ratio": ratio(up.direct, up.confab_declared),
+            "upload_ratio": ratio(direct_up, staged_up),
+            "upload_declared_digest_ratio": ratio(direct_up, declared_up),
             "download_ratio": ratio(cold.direct, cold.confab),
             "download_just_uploaded_ratio": ratio(recent.direct, recent.confab),
         });
