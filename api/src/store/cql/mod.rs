@@ -35,6 +35,7 @@ use uuid::Uuid;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use futures::future::BoxFuture;
 use futures::{StreamExt, TryFutureExt, TryStreamExt};
 
 use confab_schema::call::CallStatus;
@@ -732,16 +733,15 @@ impl CqlStore {
         let keyspace = options.keyspace.as_str();
         // Boxed: joined inline, a hundred preparations make a future too large for a thread's
         // stack in a debug build.
-        let prepare =
-            |cql: String| -> futures::future::BoxFuture<'_, Result<PreparedStatement, StoreError>> {
-                let session = &session;
-                Box::pin(async move {
-                    session
-                        .prepare(qualify(&cql, keyspace))
-                        .await
-                        .map_err(unavailable)
-                })
-            };
+        let prepare = |cql: String| -> BoxFuture<'_, Result<PreparedStatement, StoreError>> {
+            let session = &session;
+            Box::pin(async move {
+                session
+                    .prepare(qualify(&cql, keyspace))
+                    .await
+                    .map_err(unavailable)
+            })
+        };
         // Prepared concurrently: one round of round trips at start, not ninety in a row.
         let statements = prepare_concurrently!(prepare;
             check: "SELECT version FROM schema_migrations LIMIT 1".into(),
