@@ -564,8 +564,14 @@ pub async fn drop_keyspace(options: &CqlOptions) -> Result<(), StoreError> {
 /// The statements of [`Statements`], each prepared by `$prepare`, all at once.
 macro_rules! prepare_concurrently {
     ($prepare:ident; $($field:ident: $cql:expr,)*) => {{
-        let ($($field,)*) = futures::try_join!($($prepare($cql)),*)?;
-        Statements { $($field),* }
+        // One vector, not a `try_join!` of a hundred futures: that one's poll frame outgrew a
+        // worker thread's stack in a debug build.
+        let mut prepared = futures::future::try_join_all(vec![$($prepare($cql)),*])
+            .await?
+            .into_iter();
+        Statements {
+            $($field: prepared.next().expect("one prepared statement per field"),)*
+        }
     }};
 }
 
