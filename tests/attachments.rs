@@ -1078,6 +1078,20 @@ async fn images_get_thumbnails_and_previews(stack: Stack) {
         assert_eq!(settled["kind"], "file", "{settled}");
         assert!(settled["image"].is_null());
     }
+    // Re-filed: listed among the files, no longer among the images.
+    let ids = |listed: Value| -> Vec<Value> {
+        listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["id"].clone())
+            .collect()
+    };
+    let images = ids(list(&app, &alice, &chat, "?kind=image&limit=100").await);
+    let files = ids(list(&app, &alice, &chat, "?kind=file&limit=100").await);
+    for id in [&bomb["id"], &truncated["id"]] {
+        assert!(!images.contains(id) && files.contains(id), "{id}");
+    }
     assert_eq!(app.get(&alice, "/v1/me").await.status(), 200);
     app.stop().await;
 }

@@ -2472,34 +2472,41 @@ impl Store for CqlStore {
                 .await
                 .map_err(unavailable)?;
         }
-        self.session
-            .execute_unpaged(&self.statements.put_attachment, (attachment.id, &body))
-            .await
-            .map_err(unavailable)?;
-        self.session
-            .execute_unpaged(
-                &self.statements.put_chat_attachment,
-                (
-                    attachment.chat_id.0,
-                    attachment.kind.as_str(),
-                    attachment.id,
-                    &body,
-                ),
-            )
-            .await
-            .map_err(unavailable)?;
-        // An attachment whose kind changed (an image kept as a plain file) leaves the other list.
-        let other = match attachment.kind {
-            AttachmentKind::Image => AttachmentKind::File,
-            AttachmentKind::File => AttachmentKind::Image,
+        // The metadata's rows together: either one makes the attachment visible, and both come
+        // after its references.
+        let by_id = self
+            .session
+            .execute_unpaged(&self.statements.put_attachment, (attachment.id, &body));
+        let listed = self.session.execute_unpaged(
+            &self.statements.put_chat_attachment,
+            (
+                attachment.chat_id.0,
+                attachment.kind.as_str(),
+                attachment.id,
+                &body,
+            ),
+        );
+        // An image kept as a plain file (it could not be decoded) leaves the images' list. Only
+        // then: for any other file the delete would leave a tombstone in the chat's list of
+        // images, which every read of that list would scan.
+        let refiled = attachment.kind == AttachmentKind::File
+            && attachment.content_type.starts_with("image/");
+        let unlisted = async {
+            if refiled {
+                self.session
+                    .execute_unpaged(
+                        &self.statements.delete_chat_attachment,
+                        (
+                            attachment.chat_id.0,
+                            AttachmentKind::Image.as_str(),
+                            attachment.id,
+                        ),
+                    )
+                    .await?;
+            }
+            Ok(())
         };
-        self.session
-            .execute_unpaged(
-                &self.statements.delete_chat_attachment,
-                (attachment.chat_id.0, other.as_str(), attachment.id),
-            )
-            .await
-            .map_err(unavailable)?;
+        futures::try_join!(by_id, listed, unlisted).map_err(unavailable)?;
         Ok(())
     }
 
