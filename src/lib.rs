@@ -27,7 +27,7 @@ use confab_api::limits::RateLimits;
 use confab_api::outbox::SweepSettings;
 use confab_api::store::cql::{self, CqlOptions, CqlStore};
 use confab_api::store::embedded::EmbeddedStore;
-use confab_api::store::{MarkerKind, Store, StoreReadiness};
+use confab_api::store::{MarkerKind, Store, StoreReadiness, StoreSmallObjects};
 use confab_api::{ApiState, routes as api_routes};
 use confab_notifier::auth::StreamAuth;
 use confab_notifier::hub::Caps;
@@ -35,7 +35,7 @@ use confab_notifier::push::{DeviceDirectory, PushSender};
 use confab_notifier::push_apns::Apns;
 use confab_notifier::push_fcm::Fcm;
 use confab_notifier::{Hub, HubReadiness, Membership, NotifierState};
-use confab_runtime::blobs::{Blobs, BlobsReadiness, CachedBlobs, LocalBlobs, S3Blobs};
+use confab_runtime::blobs::{Blobs, BlobsReadiness, CachedBlobs, InlineBlobs, LocalBlobs, S3Blobs};
 use confab_runtime::bus::{Bus, BusReadiness, EmbeddedBus, NatsBus};
 use confab_runtime::config::{
     BlobsBackend, BusBackend, Config, IdentityMode, SearchBackend, StoreBackend,
@@ -226,8 +226,9 @@ pub fn open_search(config: &Config) -> anyhow::Result<Option<Arc<dyn Search>>> {
     }))
 }
 
-/// Where attachments' bytes live: a directory under the data directory, or an S3 bucket.
-pub fn open_blobs(config: &Config) -> anyhow::Result<Arc<dyn Blobs>> {
+/// Where attachments' bytes live: a directory under the data directory, or an S3 bucket; those up
+/// to `attachments.inline_bytes` in `store`'s rows.
+pub fn open_blobs(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<Arc<dyn Blobs>> {
     let storage: Arc<dyn Blobs> =
         match config.attachments.backend {
             BlobsBackend::Local => {
@@ -238,6 +239,14 @@ pub fn open_blobs(config: &Config) -> anyhow::Result<Arc<dyn Blobs>> {
             }
             BlobsBackend::S3 => Arc::new(S3Blobs::new(&config.attachments.s3_settings())),
         };
+    let storage: Arc<dyn Blobs> = match config.attachments.inline_bytes {
+        0 => storage,
+        up_to => Arc::new(InlineBlobs::new(
+            Arc::new(StoreSmallObjects(store)),
+            storage,
+            up_to,
+        )),
+    };
     Ok(match config.attachments.cache_limits() {
         Some(limits) => Arc::new(CachedBlobs::new(storage, limits)),
         None => storage,
@@ -423,7 +432,7 @@ pub async fn build(
     let store = open_store(config, role == Role::Serve).await?;
     readiness = readiness.with(Arc::new(StoreReadiness(Arc::clone(&store))));
     if matches!(role, Role::Serve | Role::Api) {
-        let blobs = open_blobs(config)?;
+        let blobs = open_blobs(config, Arc::clone(&store))?;
         readiness = readiness.with(Arc::new(BlobsReadiness(Arc::clone(&blobs))));
         // Not a readiness check: search being down must not take the API (and sending) down.
         let search = open_search(config)?;
@@ -651,7 +660,7 @@ pub async fn run(
 pub async fn gc_blobs(config: &Config, min_age: Duration) -> anyhow::Result<()> {
     use std::io::Write;
     let store = open_store(config, false).await?;
-    let blobs = open_blobs(config)?;
+    let blobs = open_blobs(config, Arc::clone(&store))?;
     blobs.check().await.context("reaching attachment storage")?;
     let started = std::time::Instant::now();
     let mut last_shown = std::time::Instant::now() - Duration::from_secs(1);

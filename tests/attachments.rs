@@ -109,8 +109,14 @@ fn jpeg_with_exif() -> Vec<u8> {
     with_exif
 }
 
+/// The app's attachment storage as the server opens it (small objects in the store's rows).
+async fn app_blobs(app: &TestApp) -> Arc<dyn Blobs> {
+    let store = confab::open_store(&app.config, false).await.unwrap();
+    confab::open_blobs(&app.config, store).unwrap()
+}
+
 async fn objects(app: &TestApp) -> Vec<BlobName> {
-    let blobs = confab::open_blobs(&app.config).unwrap();
+    let blobs = app_blobs(app).await;
     blobs
         .list(None, 1000)
         .await
@@ -461,7 +467,7 @@ async fn refusals_keep_nothing(stack: Stack) {
     let listed = list(&app, &alice, &chat, "").await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(objects(&app).await, [BlobName::of(b"kept")]);
-    let blobs = confab::open_blobs(&app.config).unwrap();
+    let blobs = app_blobs(&app).await;
     assert_eq!(blobs.sweep_staging(Duration::ZERO).await.unwrap(), 0);
     app.stop().await;
 }
@@ -644,7 +650,7 @@ async fn declared_digests_store_once_and_refuse_a_mismatch(stack: Stack) {
     )
     .await;
     assert_eq!(plain.status(), 201);
-    let blobs = confab::open_blobs(&app.config).unwrap();
+    let blobs = app_blobs(&app).await;
     assert_eq!(blobs.sweep_staging(Duration::ZERO).await.unwrap(), 0);
     app.stop().await;
 }
@@ -838,7 +844,7 @@ async fn deletion_hides_and_the_collector_removes(stack: Stack) {
     // The collector keeps the shared bytes (y still refers to them), then removes z's once its
     // message is deleted.
     let store = confab::open_store(&app.config, false).await.unwrap();
-    let blobs = confab::open_blobs(&app.config).unwrap();
+    let blobs = app_blobs(&app).await;
     let run = confab_api::domain::attachments::collect_garbage(
         store.as_ref(),
         blobs.as_ref(),
@@ -891,7 +897,7 @@ async fn an_upload_outlives_a_collection_of_its_bytes(stack: Stack) {
     let bytes = b"raced bytes".to_vec();
     let name = BlobName::of(&bytes);
     // An earlier upload left the object, and its record was deleted: the object is garbage.
-    let blobs: Arc<dyn Blobs> = confab::open_blobs(&app.config).unwrap();
+    let blobs: Arc<dyn Blobs> = app_blobs(&app).await;
     blobs.put(bytes.clone().into()).await.unwrap();
     let store = confab::open_store(&app.config, false).await.unwrap();
     // The collector: no reference, so it marks the object…
@@ -1132,7 +1138,21 @@ async fn presigned_redirects_on_s3() {
     let served = get(small).await.unwrap();
     assert!(downloaded_as_attachment(&served), "{served:?}");
     assert_eq!(served.bytes().await.unwrap().as_ref(), b"<i>hi</i>");
-    let page = format!("<b>{}</b>", "hi ".repeat(30));
+    // Over the cache's object size but kept in the store's rows: there is no URL to send the
+    // client to, so confab serves it too.
+    let kept_inline = format!("<u>{}</u>", "hi ".repeat(30));
+    let kept_inline = uploaded(
+        &app,
+        &alice,
+        &chat,
+        "inline.html",
+        "text/html",
+        kept_inline.as_bytes(),
+    )
+    .await;
+    let served = get(kept_inline).await.unwrap();
+    assert!(downloaded_as_attachment(&served), "{served:?}");
+    let page = format!("<b>{}</b>", "hi ".repeat(2000));
     let large = uploaded(
         &app,
         &alice,
@@ -1177,7 +1197,7 @@ async fn s3_down_means_503_and_nothing_kept() {
     let bob_id = app.me(&app.token("bob").await).await;
     let chat = app.group_chat(&alice, &[&bob_id]).await;
     relay.cut();
-    for body in [b"small".to_vec(), vec![1u8; 6 * 1024 * 1024]] {
+    for body in [vec![2u8; 8 * 1024], vec![1u8; 6 * 1024 * 1024]] {
         let refused = upload(&app, &alice, &chat, "f.bin", None, body).await;
         assert_eq!(refused.status(), 503);
         assert_eq!(
@@ -1191,6 +1211,24 @@ async fn s3_down_means_503_and_nothing_kept() {
             .unwrap()
             .is_empty()
     );
+    // A body small enough for the store's rows (`attachments.inline_bytes`) needs no S3 at all.
+    let small = uploaded(
+        &app,
+        &alice,
+        &chat,
+        "small.bin",
+        "application/octet-stream",
+        b"small",
+    )
+    .await;
+    let read = app
+        .get(
+            &alice,
+            &format!("/v1/attachments/{}", small["id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(read.status(), 200);
+    assert_eq!(read.bytes().await.unwrap().as_ref(), b"small");
     assert!(direct.list(None, 10).await.unwrap().is_empty(), "no object");
     assert_eq!(
         direct.sweep_staging(Duration::ZERO).await.unwrap(),

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use confab_api::store::embedded::EmbeddedStore;
 use confab_api::store::{
     CallRecord, ChatActivity, ChatEntry, Inserted, MarkerKind, MemberPut, NewChat, OutboxEntry,
-    OutboxWriter, RingingCall, Slot, SlotWrite, Store, StoreError,
+    OutboxWriter, RingingCall, Slot, SlotWrite, SmallObjectInfo, Store, StoreError,
 };
 use confab_api::{ApiState, routes};
 use confab_runtime::bus::{Bus, EmbeddedBus};
@@ -155,6 +155,22 @@ impl Store for FlakyBookkeeping {
     }
     async fn absolve_blob(&self, sha256: &str) -> Result<(), StoreError> {
         self.inner.absolve_blob(sha256).await
+    }
+    async fn put_small_object(&self, sha256: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.inner.put_small_object(sha256, bytes).await
+    }
+    async fn small_object(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.small_object(sha256).await
+    }
+    async fn delete_small_object(&self, sha256: &str) -> Result<(), StoreError> {
+        self.inner.delete_small_object(sha256).await
+    }
+    async fn small_objects(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SmallObjectInfo>, StoreError> {
+        self.inner.small_objects(after, limit).await
     }
     async fn put_device(
         &self,

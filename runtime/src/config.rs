@@ -197,7 +197,14 @@ pub struct AttachmentsConfig {
     pub cache_bytes: usize,
     /// The largest object the memory cache keeps, in bytes. Default 1048576 (1 MiB).
     pub cache_object_bytes: usize,
+    /// Bodies up to this many bytes (small files, previews) are kept in the store's rows instead
+    /// of the bucket or directory: no request to the storage to write or read them, and no object
+    /// in it. At most 65536; 0 keeps every body in the storage. Default 4096.
+    pub inline_bytes: usize,
 }
+
+/// The largest `attachments.inline_bytes`.
+pub const MAX_INLINE_BYTES: usize = 64 * 1024;
 
 impl Default for AttachmentsConfig {
     fn default() -> Self {
@@ -217,6 +224,7 @@ impl Default for AttachmentsConfig {
             max_image_pixels: 50_000_000,
             cache_bytes: 32 * 1024 * 1024,
             cache_object_bytes: 1024 * 1024,
+            inline_bytes: 4096,
         }
     }
 }
@@ -1029,6 +1037,11 @@ impl Config {
                 "attachments.max_bytes must be above 0".into(),
             ));
         }
+        if self.attachments.inline_bytes > MAX_INLINE_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "attachments.inline_bytes must be at most {MAX_INLINE_BYTES}: larger cells slow the store"
+            )));
+        }
         self.keyring()?;
         for (name, limit) in [
             ("send", self.limits.send),
@@ -1220,6 +1233,11 @@ mod tests {
             assert!(Config::load(Some(Path::new("c.toml"))).is_err());
             jail.create_file("d.toml", "[bus]\nsubject_prefix = \"a b\"\n")?;
             assert!(Config::load(Some(Path::new("d.toml"))).is_err());
+            jail.create_file("e.toml", "[attachments]\ninline_bytes = 65537\n")?;
+            assert!(Config::load(Some(Path::new("e.toml"))).is_err());
+            jail.create_file("f.toml", "[attachments]\ninline_bytes = 65536\n")?;
+            let config = Config::load(Some(Path::new("f.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.attachments.inline_bytes, 65536);
             Ok(())
         });
     }

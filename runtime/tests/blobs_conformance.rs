@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use confab_runtime::blobs::conformance::Fixture;
-use confab_runtime::blobs::{CacheLimits, CachedBlobs, LocalBlobs, S3Blobs, S3Settings};
+use confab_runtime::blobs::conformance::{self as suite, Fixture};
+use confab_runtime::blobs::{CacheLimits, CachedBlobs, LocalBlobs, S3Blobs};
 use confab_runtime::blobs_conformance_tests;
 
 async fn local() -> Option<Fixture> {
@@ -15,39 +15,8 @@ async fn local() -> Option<Fixture> {
     })
 }
 
-/// The test bucket's settings from `CONFAB_TEST_S3_*`, or `None` (skipped) when the gateway is not
-/// reachable and services are not required.
-pub async fn s3_settings() -> Option<S3Settings> {
-    let var = |name: &str, default: &str| {
-        std::env::var(format!("CONFAB_TEST_S3_{name}")).unwrap_or_else(|_| default.into())
-    };
-    let endpoint = var("ENDPOINT", "http://127.0.0.1:8333");
-    let address = endpoint
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
-    if tokio::net::TcpStream::connect(&address).await.is_err() {
-        let required = std::env::var("CONFAB_REQUIRE_SERVICES").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "the S3 gateway is not reachable at {address}; infra/up.sh starts it"
-        );
-        eprintln!("SKIPPED an S3 blobs case: nothing at {address}; run infra/up.sh");
-        return None;
-    }
-    Some(S3Settings {
-        endpoint,
-        bucket: var("BUCKET", "confab"),
-        region: var("REGION", "us-east-1"),
-        access_key: var("ACCESS_KEY", ""),
-        secret_key: var("SECRET_KEY", ""),
-        prefix: format!("t{}/", uuid::Uuid::new_v4().simple()),
-        part_bytes: 5 * 1024 * 1024,
-    })
-}
-
 async fn s3() -> Option<Fixture> {
-    let settings = s3_settings().await?;
+    let settings = suite::s3_settings().await?;
     Some(Fixture {
         blobs: Arc::new(S3Blobs::new(&settings)),
     })

@@ -451,7 +451,7 @@ impl ApiState {
         let read_early = async {
             match &served {
                 Ok(served) if !served.is_current(if_none_match) && !served.redirects(&settings) => {
-                    Some(read_span(&settings.blobs, &served.name, served.span).await)
+                    Some(read_span(&settings.blobs, &served.name, served.size, served.span).await)
                 }
                 _ => None,
             }
@@ -485,7 +485,7 @@ impl ApiState {
         }
         let read = match early_read {
             Some(read) => read,
-            None => read_span(&settings.blobs, &served.name, served.span).await,
+            None => read_span(&settings.blobs, &served.name, served.size, served.span).await,
         };
         let Some(read) = read? else {
             return Ok(Download::Unsatisfiable { size: served.size });
@@ -546,7 +546,7 @@ impl ApiState {
         let made = if attachment.size > MAX_IMAGE_BYTES {
             Err("too many bytes to decode".to_owned())
         } else {
-            let bytes = read_all(&settings.blobs, &name).await?;
+            let bytes = read_all(&settings.blobs, &name, attachment.size).await?;
             let max_pixels = settings.max_image_pixels;
             tokio::task::spawn_blocking(move || crate::images::derive(&bytes, max_pixels))
                 .await
@@ -665,6 +665,7 @@ impl Served {
 async fn read_span(
     blobs: &Arc<dyn Blobs>,
     name: &BlobName,
+    size: u64,
     span: Span,
 ) -> ApiResult<Option<BlobRead>> {
     let range = match span {
@@ -672,15 +673,19 @@ async fn read_span(
         Span::Whole => None,
         Span::Part(start, end) => Some((start, end)),
     };
-    blobs.get(name, range).await.map(Some).map_err(|e| match e {
-        BlobError::NotFound => ApiError::NotFound("the attachment's bytes are gone"),
-        other => ApiError::Blobs(other),
-    })
+    blobs
+        .get_sized(name, size, range)
+        .await
+        .map(Some)
+        .map_err(|e| match e {
+            BlobError::NotFound => ApiError::NotFound("the attachment's bytes are gone"),
+            other => ApiError::Blobs(other),
+        })
 }
 
-async fn read_all(blobs: &Arc<dyn Blobs>, name: &BlobName) -> ApiResult<Vec<u8>> {
+async fn read_all(blobs: &Arc<dyn Blobs>, name: &BlobName, size: u64) -> ApiResult<Vec<u8>> {
     use futures::StreamExt;
-    let mut read = blobs.get(name, None).await?;
+    let mut read = blobs.get_sized(name, size, None).await?;
     let mut bytes = Vec::with_capacity(usize::try_from(read.len).unwrap_or(0));
     while let Some(chunk) = read.chunks.next().await {
         bytes.extend_from_slice(&chunk.map_err(|e| BlobError::Unavailable(e.to_string()))?);

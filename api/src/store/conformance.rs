@@ -13,8 +13,8 @@ use time::OffsetDateTime;
 use uuid::{Timestamp, Uuid};
 
 use super::{
-    ChatActivity, Inserted, MarkerKind, MemberPut, NewChat, Slot, SlotState, SlotWrite, Store,
-    UNREAD_CAP, UNREAD_SCAN_LIMIT, circle_pool, search_users,
+    ChatActivity, Inserted, MarkerKind, MemberPut, NewChat, Slot, SlotState, SlotWrite,
+    SmallObjectInfo, Store, UNREAD_CAP, UNREAD_SCAN_LIMIT, circle_pool, search_users,
 };
 use confab_schema::CircleId;
 use confab_schema::Member;
@@ -59,6 +59,7 @@ macro_rules! store_conformance_tests {
             attachments_page_newest_first_by_kind,
             attachments_reference_their_objects,
             the_collectors_marks,
+            small_objects_by_name,
             signals_keep_their_attachment_ids,
             the_outbox_keeps_each_writers_entries,
             circles_codes_members_and_expiry,
@@ -1939,6 +1940,90 @@ pub async fn the_collectors_marks(store: Arc<dyn Store>) {
     );
     store.absolve_blob(&object).await.expect("unmarks");
     assert_eq!(store.blob_condemned(&object).await.expect("reads"), None);
+}
+
+/// Small objects: stored (twice is once), read back, listed in name order page by page across
+/// the CQL store's shards, and deleted. Other cases may share the store, so only this case's
+/// names are looked for in the listing.
+pub async fn small_objects_by_name(store: Arc<dyn Store>) {
+    let started = OffsetDateTime::now_utc() - Duration::from_secs(60);
+    let mut mine: Vec<(String, Vec<u8>)> = (0..6u8)
+        .map(|i| {
+            let bytes: Vec<u8> = Uuid::new_v4()
+                .as_bytes()
+                .iter()
+                .cycle()
+                .take(100 * usize::from(i))
+                .copied()
+                .collect();
+            (
+                confab_runtime::blobs::BlobName::of(&bytes).to_string(),
+                bytes,
+            )
+        })
+        .collect();
+    for (name, bytes) in &mine {
+        store.put_small_object(name, bytes).await.expect("stores");
+    }
+    store
+        .put_small_object(&mine[1].0, &mine[1].1)
+        .await
+        .expect("stores again");
+    for (name, bytes) in &mine {
+        assert_eq!(
+            store.small_object(name).await.expect("reads").as_ref(),
+            Some(bytes),
+            "{name}"
+        );
+    }
+    assert_eq!(store.small_object(&sha("none")).await.expect("reads"), None);
+
+    let listed_all = |store: Arc<dyn Store>| async move {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store
+                .small_objects(after.as_deref(), 2)
+                .await
+                .expect("lists");
+            assert!(page.len() <= 2, "{page:?}");
+            let Some(last) = page.last() else { break };
+            after = Some(last.sha256.clone());
+            all.extend(page);
+        }
+        all
+    };
+    let all = listed_all(Arc::clone(&store)).await;
+    assert!(
+        all.windows(2).all(|w| w[0].sha256 < w[1].sha256),
+        "in name order, each once"
+    );
+    mine.sort();
+    let found: Vec<&SmallObjectInfo> = all
+        .iter()
+        .filter(|o| mine.iter().any(|(name, _)| *name == o.sha256))
+        .collect();
+    assert_eq!(found.len(), mine.len(), "{found:?}");
+    for (object, (name, bytes)) in found.iter().zip(&mine) {
+        assert_eq!(object.sha256, *name);
+        assert_eq!(object.size, bytes.len() as u64);
+        assert!(object.stored_at > started, "{object:?}");
+    }
+
+    store
+        .delete_small_object(&mine[2].0)
+        .await
+        .expect("deletes");
+    store
+        .delete_small_object(&sha("never stored"))
+        .await
+        .expect("deleting nothing is fine");
+    assert_eq!(store.small_object(&mine[2].0).await.expect("reads"), None);
+    let all = listed_all(Arc::clone(&store)).await;
+    assert!(all.iter().all(|o| o.sha256 != mine[2].0));
+    for (name, _) in &mine {
+        store.delete_small_object(name).await.expect("deletes");
+    }
 }
 
 /// A signal stores the ids of its attachments and gives them back.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use confab_runtime::blobs::{BlobError, BlobInfo, BlobName, SmallObjects};
 use confab_runtime::telemetry::ReadinessCheck;
 use confab_schema::call::{CallSignal, CallStatus};
 use confab_schema::circle::{Circle, CircleMember};
@@ -270,6 +271,14 @@ pub enum SlotWrite {
     Replace { expected: i64, slot: Slot },
     /// Removes the user's slot if its version is still `expected`.
     Delete { user: UserId, expected: i64 },
+}
+
+/// A small object as listed: its name, its size and when it was last stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SmallObjectInfo {
+    pub sha256: String,
+    pub size: u64,
+    pub stored_at: OffsetDateTime,
 }
 
 #[async_trait]
@@ -608,6 +617,21 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the collector's mark.
     async fn absolve_blob(&self, sha256: &str) -> Result<(), StoreError>;
 
+    /// Stores the bytes of a small object named `sha256` (their hash) in the store itself
+    /// (`attachments.inline_bytes`, see `InlineBlobs`); storing it again changes nothing but its
+    /// time.
+    async fn put_small_object(&self, sha256: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// The bytes of the small object `sha256`, or `None`.
+    async fn small_object(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Removes the small object `sha256`; removing a missing one is not an error.
+    async fn delete_small_object(&self, sha256: &str) -> Result<(), StoreError>;
+    /// Up to `limit` small objects named after `after`, in name order.
+    async fn small_objects(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SmallObjectInfo>, StoreError>;
+
     /// Removes a chat and everything in it: members (and their places in chat lists), history,
     /// reactions, markers, settings and attachment metadata. Idempotent.
     async fn delete_chat(&self, chat: ChatId) -> Result<(), StoreError>;
@@ -867,6 +891,65 @@ impl ReadinessCheck for StoreReadiness {
     }
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move { self.0.check().await.map_err(|e| e.to_string()) })
+    }
+}
+
+/// The store's table of small objects, as [`InlineBlobs`](confab_runtime::blobs::InlineBlobs)
+/// uses it.
+pub struct StoreSmallObjects(pub Arc<dyn Store>);
+
+fn blob_error(error: StoreError) -> BlobError {
+    BlobError::Unavailable(error.to_string())
+}
+
+#[async_trait]
+impl SmallObjects for StoreSmallObjects {
+    async fn put(&self, name: &BlobName, bytes: bytes::Bytes) -> Result<(), BlobError> {
+        self.0
+            .put_small_object(name.as_str(), &bytes)
+            .await
+            .map_err(blob_error)
+    }
+
+    async fn get(&self, name: &BlobName) -> Result<Option<bytes::Bytes>, BlobError> {
+        let found = self
+            .0
+            .small_object(name.as_str())
+            .await
+            .map_err(blob_error)?;
+        Ok(found.map(bytes::Bytes::from))
+    }
+
+    async fn delete(&self, name: &BlobName) -> Result<(), BlobError> {
+        self.0
+            .delete_small_object(name.as_str())
+            .await
+            .map_err(blob_error)
+    }
+
+    async fn list(
+        &self,
+        after: Option<&BlobName>,
+        limit: usize,
+    ) -> Result<Vec<BlobInfo>, BlobError> {
+        let listed = self
+            .0
+            .small_objects(after.map(BlobName::as_str), limit)
+            .await
+            .map_err(blob_error)?;
+        listed
+            .into_iter()
+            .map(|object| {
+                let name = BlobName::parse(&object.sha256).ok_or_else(|| {
+                    BlobError::Unavailable(format!("a small object named {:?}", object.sha256))
+                })?;
+                Ok(BlobInfo {
+                    name,
+                    size: object.size,
+                    modified: object.stored_at,
+                })
+            })
+            .collect()
     }
 }
 

@@ -170,7 +170,8 @@ impl CachedBlobs {
     /// A whole read of `name` from the storage on a miss, shared with every other miss of it
     /// meanwhile. Small objects are read whole, hashed and kept; a large one is streamed to the
     /// reader that made the read, and every other reader makes its own.
-    async fn fill(&self, name: &BlobName) -> Result<BlobRead, BlobError> {
+    /// `size` is the object's, when the caller knows it.
+    async fn fill(&self, name: &BlobName, size: Option<u64>) -> Result<BlobRead, BlobError> {
         let fill = Arc::clone(
             self.filling
                 .lock()
@@ -183,7 +184,11 @@ impl CachedBlobs {
             .get_or_init(|| async {
                 self.fills.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("confab_blob_cache_fills_total").increment(1);
-                let read = match self.inner.get(name, None).await {
+                let read = match size {
+                    Some(size) => self.inner.get_sized(name, size, None).await,
+                    None => self.inner.get(name, None).await,
+                };
+                let read = match read {
                     Ok(read) => read,
                     Err(error) => return Err(SharedError::from(&error)),
                 };
@@ -217,7 +222,10 @@ impl CachedBlobs {
                 })
             }
             (None, Some(read)) => Ok(read),
-            (None, None) => self.inner.get(name, None).await,
+            (None, None) => match size {
+                Some(size) => self.inner.get_sized(name, size, None).await,
+                None => self.inner.get(name, None).await,
+            },
         }
     }
 
@@ -352,7 +360,22 @@ impl Blobs for CachedBlobs {
         }
         match range {
             Some(_) => self.inner.get(name, range).await,
-            None => self.fill(name).await,
+            None => self.fill(name, None).await,
+        }
+    }
+
+    async fn get_sized(
+        &self,
+        name: &BlobName,
+        size: u64,
+        range: Option<(u64, u64)>,
+    ) -> Result<BlobRead, BlobError> {
+        if let Some(read) = self.lookup(name).and_then(|bytes| read_of(bytes, range)) {
+            return Ok(read);
+        }
+        match range {
+            Some(_) => self.inner.get_sized(name, size, range).await,
+            None => self.fill(name, Some(size)).await,
         }
     }
 

@@ -11,6 +11,7 @@
 
 mod cache;
 pub mod conformance;
+mod inline;
 mod local;
 mod s3;
 
@@ -26,6 +27,7 @@ use time::OffsetDateTime;
 /// The S3 SDK, for tools that talk to the bucket directly (`confab bench-attachments`).
 pub use aws_sdk_s3 as s3_sdk;
 pub use cache::{CacheLimits, CachedBlobs};
+pub use inline::{InlineBlobs, SmallObjects};
 pub use local::LocalBlobs;
 pub use s3::{DEFAULT_PART_BYTES, S3Blobs, S3Settings};
 
@@ -101,6 +103,9 @@ pub struct Staged {
     pub name: BlobName,
     /// Up to [`HEAD_BYTES`] first bytes.
     pub head: Vec<u8>,
+    /// The whole body, for a body small enough that [`InlineBlobs`] holds it in memory until
+    /// the commit instead of staging it.
+    pub(crate) held: Option<Bytes>,
 }
 
 /// An object as listed.
@@ -177,6 +182,18 @@ pub trait Blobs: Send + Sync + 'static {
     /// The bytes `range` (start, inclusive end) of an object, or all of them.
     async fn get(&self, name: &BlobName, range: Option<(u64, u64)>) -> Result<BlobRead, BlobError>;
 
+    /// [`Blobs::get`] of an object whose size the caller knows (from its metadata), which tells a
+    /// storage with more than one place ([`InlineBlobs`]) where to look first.
+    async fn get_sized(
+        &self,
+        name: &BlobName,
+        size: u64,
+        range: Option<(u64, u64)>,
+    ) -> Result<BlobRead, BlobError> {
+        let _ = size;
+        self.get(name, range).await
+    }
+
     /// A URL that reads the object without credentials for `ttl`, presented as asked; `None` when
     /// the storage has no such URLs (a local directory).
     async fn presign(
@@ -244,6 +261,7 @@ impl Hashing {
             size: self.size,
             name: BlobName::from_digest(self.hasher.finalize().into()),
             head: self.head,
+            held: None,
         }
     }
 }

@@ -72,6 +72,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "entries_in_user_rows",
         cql: include_str!("migrations/0012_entries_in_user_rows.cql"),
     },
+    Migration {
+        version: 13,
+        name: "small_objects",
+        cql: include_str!("migrations/0013_small_objects.cql"),
+    },
 ];
 
 impl Migration {

@@ -42,8 +42,8 @@ use confab_schema::call::CallStatus;
 
 use super::{
     CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, MarkerKind, MemberPut,
-    MemberWrite, NewChat, OutboxEntry, OutboxWriter, RingingCall, Slot, SlotWrite, Store,
-    StoreError, UNREAD_SCAN_LIMIT, UnreadQuery, created_at, from_millis, millis, parse,
+    MemberWrite, NewChat, OutboxEntry, OutboxWriter, RingingCall, Slot, SlotWrite, SmallObjectInfo,
+    Store, StoreError, UNREAD_SCAN_LIMIT, UnreadQuery, created_at, from_millis, millis, parse,
     search_terms, stored_text, text_and_call,
 };
 
@@ -671,6 +671,11 @@ struct Statements {
     condemn_blob: PreparedStatement,
     blob_condemned: PreparedStatement,
     absolve_blob: PreparedStatement,
+    put_small_object: PreparedStatement,
+    small_object: PreparedStatement,
+    delete_small_object: PreparedStatement,
+    small_objects_first: PreparedStatement,
+    small_objects_after: PreparedStatement,
 }
 
 pub struct CqlStore {
@@ -705,6 +710,11 @@ type SignalRow = (
     Option<CqlTimestamp>,
     Option<bool>,
 );
+
+/// The partition of a small object: the first two hex digits of its name.
+fn small_object_shard(sha256: &str) -> &str {
+    sha256.get(..2).unwrap_or("00")
+}
 
 /// How many users' settings one `IN` query asks for.
 const SETTINGS_BATCH: usize = 100;
@@ -897,6 +907,11 @@ impl CqlStore {
             condemn_blob: "INSERT INTO blob_condemned (sha256, until) VALUES (?, ?)".into(),
             blob_condemned: "SELECT until FROM blob_condemned WHERE sha256 = ?".into(),
             absolve_blob: "DELETE FROM blob_condemned WHERE sha256 = ?".into(),
+            put_small_object: "INSERT INTO small_objects (shard, sha256, bytes, size, stored_at) VALUES (?, ?, ?, ?, ?)".into(),
+            small_object: "SELECT bytes FROM small_objects WHERE shard = ? AND sha256 = ?".into(),
+            delete_small_object: "DELETE FROM small_objects WHERE shard = ? AND sha256 = ?".into(),
+            small_objects_first: "SELECT sha256, size, stored_at FROM small_objects WHERE shard = ? LIMIT ?".into(),
+            small_objects_after: "SELECT sha256, size, stored_at FROM small_objects WHERE shard = ? AND sha256 > ? LIMIT ?".into(),
         );
         let nonce_bucket = match &options.parity {
             SendParity::JetStream { nats_url, bucket } => {
@@ -2635,6 +2650,95 @@ impl Store for CqlStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn put_small_object(&self, sha256: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let now = CqlTimestamp(millis(OffsetDateTime::now_utc()));
+        let size = i64::try_from(bytes.len()).unwrap_or(i64::MAX);
+        self.session
+            .execute_unpaged(
+                &self.statements.put_small_object,
+                (small_object_shard(sha256), sha256, bytes, size, now),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn small_object(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.statements.small_object,
+                (small_object_shard(sha256), sha256),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows::<(Option<Vec<u8>>,)>(result)?
+            .into_iter()
+            .next()
+            .map(|(bytes,)| bytes.unwrap_or_default()))
+    }
+
+    async fn delete_small_object(&self, sha256: &str) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(
+                &self.statements.delete_small_object,
+                (small_object_shard(sha256), sha256),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Shard after shard in name order, from the shard of `after`: an empty table costs a page
+    /// 256 small reads, which only the collector pays.
+    async fn small_objects(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SmallObjectInfo>, StoreError> {
+        let mut found = Vec::new();
+        let first = after.map_or(0, |after| {
+            u8::from_str_radix(small_object_shard(after), 16).unwrap_or(0)
+        });
+        for shard in first..=u8::MAX {
+            let want = limit.saturating_sub(found.len());
+            if want == 0 {
+                break;
+            }
+            let shard_name = format!("{shard:02x}");
+            let want = i32::try_from(want).unwrap_or(i32::MAX);
+            let result = match after.filter(|after| small_object_shard(after) == shard_name) {
+                Some(after) => {
+                    self.session
+                        .execute_unpaged(
+                            &self.statements.small_objects_after,
+                            (shard_name.as_str(), after, want),
+                        )
+                        .await
+                }
+                None => {
+                    self.session
+                        .execute_unpaged(
+                            &self.statements.small_objects_first,
+                            (shard_name.as_str(), want),
+                        )
+                        .await
+                }
+            }
+            .map_err(unavailable)?;
+            for (sha256, size, stored_at) in
+                rows::<(String, Option<i64>, Option<CqlTimestamp>)>(result)?
+            {
+                found.push(SmallObjectInfo {
+                    sha256,
+                    size: size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                    stored_at: from_millis(stored_at.map_or(0, |t| t.0))?,
+                });
+            }
+        }
+        Ok(found)
     }
 
     async fn delete_chat(&self, chat: ChatId) -> Result<(), StoreError> {

@@ -27,8 +27,8 @@ use confab_schema::call::CallStatus;
 use super::{
     CallRecord, ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted, MarkerKind,
     MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter, RingingCall, Slot, SlotState,
-    SlotWrite, Store, StoreError, UNREAD_SCAN_LIMIT, circle_pool, created_at, from_millis, millis,
-    parse, search_terms, stored_text, text_and_call,
+    SlotWrite, SmallObjectInfo, Store, StoreError, UNREAD_SCAN_LIMIT, circle_pool, created_at,
+    from_millis, millis, parse, search_terms, stored_text, text_and_call,
 };
 use std::collections::BTreeMap;
 
@@ -43,6 +43,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0007_outbox.sql"),
     include_str!("schema/0008_circles_queues.sql"),
     include_str!("schema/0009_calls.sql"),
+    include_str!("schema/0010_small_objects.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -1500,6 +1501,81 @@ impl Store for EmbeddedStore {
                 .map_err(unavailable)
         })
         .await
+    }
+
+    async fn put_small_object(&self, sha256: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let sha = sha256.to_owned();
+        let bytes = bytes.to_vec();
+        let now = millis(OffsetDateTime::now_utc());
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO small_objects (sha256, bytes, stored_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (sha256) DO UPDATE SET stored_at_ms = excluded.stored_at_ms",
+                params![sha, bytes, now],
+            )
+            .map(|_| ())
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn small_object(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let sha = sha256.to_owned();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT bytes FROM small_objects WHERE sha256 = ?1",
+                params![sha],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn delete_small_object(&self, sha256: &str) -> Result<(), StoreError> {
+        let sha = sha256.to_owned();
+        self.with(move |c| {
+            c.execute("DELETE FROM small_objects WHERE sha256 = ?1", params![sha])
+                .map(|_| ())
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn small_objects(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SmallObjectInfo>, StoreError> {
+        let after = after.unwrap_or("").to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let listed: Vec<(String, i64, i64)> = self
+            .with(move |c| {
+                let mut statement = c
+                    .prepare_cached(
+                        "SELECT sha256, length(bytes), stored_at_ms FROM small_objects
+                         WHERE sha256 > ?1 ORDER BY sha256 LIMIT ?2",
+                    )
+                    .map_err(unavailable)?;
+                let rows = statement
+                    .query_map(params![after, limit], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })
+                    .map_err(unavailable)?;
+                rows.collect::<Result<_, _>>().map_err(unavailable)
+            })
+            .await?;
+        listed
+            .into_iter()
+            .map(|(sha256, size, stored_at)| {
+                Ok(SmallObjectInfo {
+                    sha256,
+                    size: u64::try_from(size).unwrap_or(0),
+                    stored_at: from_millis(stored_at)?,
+                })
+            })
+            .collect()
     }
 
     async fn advance_marker(
