@@ -1,5 +1,6 @@
 //! `confab bench-attachments`: upload and download throughput of attachments through confab
-//! (`confab serve` as a child process, storing in the configured S3 bucket) against direct
+//! (`confab serve` as a child process, storing in the configured S3 bucket, its metadata in the
+//! configured store: a fresh keyspace of a CQL store, dropped afterwards) against direct
 //! `aws-sdk-s3` PUT and GET of the same sizes to the same bucket, in the same run; and the server's
 //! resident memory while the largest upload streams.
 //!
@@ -14,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use confab_api::store::cql::{self, CqlOptions};
 use confab_runtime::blobs::s3_sdk::primitives::ByteStream;
 use confab_runtime::blobs::{Blobs, S3Blobs};
-use confab_runtime::config::{BlobsBackend, Config};
+use confab_runtime::config::{BlobsBackend, Config, StoreBackend};
 use confab_runtime::identity::DevIdentity;
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -176,18 +178,27 @@ struct Server {
     data: PathBuf,
     prefix: String,
     max_bytes: u64,
+    /// The CQL keyspace of its metadata (when the store is CQL).
+    keyspace: String,
 }
 
 impl Server {
-    async fn start(data: &std::path::Path, prefix: &str, max_bytes: u64) -> anyhow::Result<Server> {
+    async fn start(
+        data: &std::path::Path,
+        prefix: &str,
+        max_bytes: u64,
+        keyspace: &str,
+    ) -> anyhow::Result<Server> {
         let mut command = tokio::process::Command::new(std::env::current_exe()?);
         command.arg("serve");
         for (key, _) in std::env::vars() {
-            if key.starts_with("CONFAB_") && !key.starts_with("CONFAB_ATTACHMENTS__") {
+            let kept = ["CONFAB_ATTACHMENTS__", "CONFAB_STORE__"];
+            if key.starts_with("CONFAB_") && !kept.iter().any(|k| key.starts_with(k)) {
                 command.env_remove(key);
             }
         }
         command
+            .env("CONFAB_STORE__KEYSPACE", keyspace)
             .env("CONFAB_DATA_DIR", data)
             .env("CONFAB_API__LISTEN", "127.0.0.1:0")
             .env("CONFAB_ATTACHMENTS__S3_PREFIX", prefix)
@@ -210,6 +221,7 @@ impl Server {
             data: data.to_owned(),
             prefix: prefix.to_owned(),
             max_bytes,
+            keyspace: keyspace.to_owned(),
         })
     }
 
@@ -220,7 +232,13 @@ impl Server {
     /// Stops the server and starts it again on the same data.
     async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop().await;
-        *self = Server::start(&self.data.clone(), &self.prefix.clone(), self.max_bytes).await?;
+        *self = Server::start(
+            &self.data.clone(),
+            &self.prefix.clone(),
+            self.max_bytes,
+            &self.keyspace.clone(),
+        )
+        .await?;
         Ok(())
     }
 }
@@ -312,9 +330,14 @@ pub async fn run(args: AttachmentsBenchArgs, config: Config) -> anyhow::Result<(
 
     let data = tempfile::tempdir()?;
     let max_bytes = args.sizes.iter().max().copied().unwrap_or(0) + 1;
-    let mut server = Server::start(data.path(), &prefix, max_bytes).await?;
+    let mut store = CqlOptions::from_config(&config);
+    store.keyspace = format!("bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let mut server = Server::start(data.path(), &prefix, max_bytes, &store.keyspace).await?;
     let result = measure(&args, &config, &mut server, data.path(), &direct, &prefix).await;
     server.stop().await;
+    if config.store.backend == StoreBackend::Cql {
+        let _ = cql::drop_keyspace(&store).await;
+    }
     // Everything this run stored: confab's objects and the direct ones.
     for _ in 0..1000 {
         let Ok(objects) = direct.list(None, 1000).await else {
@@ -330,6 +353,8 @@ pub async fn run(args: AttachmentsBenchArgs, config: Config) -> anyhow::Result<(
     let _ = direct.sweep_staging(Duration::ZERO).await;
     let mut results = result?;
     results["label"] = json!(args.label);
+    results["store"] = json!(format!("{:?}", config.store.backend));
+    results["inline_bytes"] = json!(config.attachments.inline_bytes);
     std::fs::create_dir_all(&args.out)?;
     let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
     let path = args
