@@ -239,14 +239,12 @@ pub fn open_blobs(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<Arc<
             }
             BlobsBackend::S3 => Arc::new(S3Blobs::new(&config.attachments.s3_settings())),
         };
-    let storage: Arc<dyn Blobs> = match config.attachments.inline_bytes {
-        0 => storage,
-        up_to => Arc::new(InlineBlobs::new(
-            Arc::new(StoreSmallObjects(store)),
-            storage,
-            up_to,
-        )),
-    };
+    // Also with a limit of 0: bodies kept in the table before still have to be found.
+    let storage: Arc<dyn Blobs> = Arc::new(InlineBlobs::new(
+        Arc::new(StoreSmallObjects(store)),
+        storage,
+        config.attachments.inline_bytes,
+    ));
     Ok(match config.attachments.cache_limits() {
         Some(limits) => Arc::new(CachedBlobs::new(storage, limits)),
         None => storage,
@@ -259,10 +257,12 @@ pub fn attachment_settings(config: &Config, blobs: Arc<dyn Blobs>) -> Attachment
         blobs,
         max_bytes: config.attachments.max_bytes,
         presigned_redirect: config.attachments.presigned_redirect,
+        // A body kept in the store has no URL to redirect to.
         served_up_to: config
             .attachments
             .cache_limits()
-            .map_or(0, |limits| limits.object_bytes as u64),
+            .map_or(0, |limits| limits.object_bytes as u64)
+            .max(config.attachments.inline_bytes as u64),
         presigned_ttl: config.attachments.presigned_ttl(),
         max_image_pixels: config.attachments.max_image_pixels,
     }

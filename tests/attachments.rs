@@ -1103,6 +1103,45 @@ async fn images_get_thumbnails_and_previews(stack: Stack) {
 }
 on_both_stacks!(images_get_thumbnails_and_previews);
 
+/// Bodies kept in the store's rows stay readable when the limit is turned down to 0 later: the
+/// server still looks in the table, it only stops writing to it.
+async fn small_bodies_outlive_a_limit_of_zero(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let kept = uploaded(
+        &app,
+        &alice,
+        &chat,
+        "kept.txt",
+        "text/plain",
+        b"kept inline",
+    )
+    .await;
+    let name = BlobName::parse(kept["sha256"].as_str().unwrap()).unwrap();
+    let mut config = app.config.clone();
+    config.attachments.inline_bytes = 0;
+    let store = confab::open_store(&config, false).await.unwrap();
+    let blobs = confab::open_blobs(&config, store).unwrap();
+    let mut read = blobs.get_sized(&name, 11, None).await.expect("still found");
+    let mut bytes = Vec::new();
+    while let Some(chunk) = futures::StreamExt::next(&mut read.chunks).await {
+        bytes.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(bytes, b"kept inline");
+    assert!(
+        blobs
+            .list(None, 10)
+            .await
+            .unwrap()
+            .iter()
+            .any(|b| b.name == name)
+    );
+    app.stop().await;
+}
+on_both_stacks!(small_bodies_outlive_a_limit_of_zero);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presigned_redirects_on_s3() {
     if !support::real_stack_available("presigned_redirects_on_s3").await {

@@ -106,8 +106,9 @@ impl Store for FlakyBookkeeping {
     async fn put_attachment(
         &self,
         attachment: &confab_schema::Attachment,
+        stored_as: Option<confab_schema::AttachmentKind>,
     ) -> Result<(), StoreError> {
-        self.inner.put_attachment(attachment).await
+        self.inner.put_attachment(attachment, stored_as).await
     }
     async fn add_blob_refs(
         &self,

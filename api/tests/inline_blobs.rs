@@ -13,6 +13,7 @@ use confab_api::store::embedded::EmbeddedStore;
 use confab_runtime::blobs::conformance::{self as suite, Fixture};
 use confab_runtime::blobs::{BlobName, Blobs, InlineBlobs, LocalBlobs, S3Blobs};
 use confab_runtime::blobs_conformance_tests;
+use futures::StreamExt;
 
 const UP_TO: usize = 4096;
 
@@ -156,7 +157,6 @@ async fn small_bodies_live_in_the_store_and_large_ones_in_the_storage() {
 async fn read(
     read: Result<confab_runtime::blobs::BlobRead, confab_runtime::blobs::BlobError>,
 ) -> Bytes {
-    use futures::StreamExt;
     let mut read = read.expect("reads");
     let mut all = Vec::new();
     while let Some(chunk) = read.chunks.next().await {
@@ -164,4 +164,132 @@ async fn read(
     }
     assert_eq!(all.len() as u64, read.len);
     Bytes::from(all)
+}
+
+/// Bytes above the limit whose name starts with the hex digit `first`.
+fn large_named(first: char, seed: u8) -> Bytes {
+    body_named(first, seed, UP_TO + 100)
+}
+
+fn body_named(first: char, seed: u8, len: usize) -> Bytes {
+    (0u32..)
+        .map(|n| {
+            let mut bytes = vec![seed; len];
+            bytes[..4].copy_from_slice(&n.to_le_bytes());
+            Bytes::from(bytes)
+        })
+        .find(|bytes| BlobName::of(bytes).as_str().starts_with(first))
+        .expect("some counter gives the digit")
+}
+
+/// The storage may answer a page shorter than asked without being at its end (S3 counts keys
+/// that are not object names, then leaves them out). Paging the two places as one must still
+/// list every object: the merged page may not run past what the short page covered.
+#[tokio::test]
+async fn a_short_page_from_the_storage_hides_nothing() {
+    let Some(settings) = suite::s3_settings().await else {
+        return;
+    };
+    let storage = Arc::new(S3Blobs::new(&settings));
+    // A key under `blobs/` that is no object name, between the objects named 1… and 3….
+    storage
+        .client()
+        .put_object()
+        .bucket(&settings.bucket)
+        .key(format!("{}blobs/2-not-an-object", settings.prefix))
+        .body(confab_runtime::blobs::s3_sdk::primitives::ByteStream::from_static(b"x"))
+        .send()
+        .await
+        .expect("puts a stray key");
+    let blobs = inline(store(), storage.clone());
+    let mut all = Vec::new();
+    for (first, seed) in [('1', 1), ('3', 2), ('6', 3)] {
+        all.push(blobs.put(large_named(first, seed)).await.expect("puts"));
+    }
+    for (first, seed) in [('4', 4), ('8', 5)] {
+        all.push(blobs.put(body_named(first, seed, 100)).await.expect("puts"));
+    }
+    all.sort();
+    let mut listed = Vec::new();
+    let mut after: Option<BlobName> = None;
+    loop {
+        let page = blobs.list(after.as_ref(), 2).await.expect("lists");
+        let Some(last) = page.last() else { break };
+        after = Some(last.name.clone());
+        listed.extend(page.into_iter().map(|b| b.name));
+    }
+    assert_eq!(listed, all, "every object once, in name order");
+    for name in &all {
+        blobs.delete(name).await.expect("deletes");
+    }
+    storage
+        .client()
+        .delete_object()
+        .bucket(&settings.bucket)
+        .key(format!("{}blobs/2-not-an-object", settings.prefix))
+        .send()
+        .await
+        .expect("removes the stray key");
+}
+
+/// With the limit at 0 nothing new goes to the store, but what it kept before is still read,
+/// listed and deleted (a deployment that turns the table off keeps its small attachments).
+#[tokio::test]
+async fn a_limit_of_zero_still_finds_what_the_store_kept() {
+    let dir = tempfile::tempdir().expect("temp dir").keep();
+    let storage: Arc<dyn Blobs> = Arc::new(LocalBlobs::open(&dir).expect("opens"));
+    let store = store();
+    let before = inline(Arc::clone(&store), Arc::clone(&storage));
+    let kept = Bytes::from_static(b"kept in the store");
+    let name = before.put(kept.clone()).await.expect("puts");
+
+    let off: Arc<dyn Blobs> = Arc::new(InlineBlobs::new(
+        Arc::new(StoreSmallObjects(store.clone())),
+        Arc::clone(&storage),
+        0,
+    ));
+    assert_eq!(
+        read(off.get_sized(&name, kept.len() as u64, None).await).await,
+        kept
+    );
+    let later = Bytes::from_static(b"written after");
+    let later_name = off.put(later.clone()).await.expect("puts");
+    use confab_api::store::Store;
+    assert_eq!(
+        store
+            .small_object(later_name.as_str())
+            .await
+            .expect("reads"),
+        None,
+        "nothing new in the store"
+    );
+    assert_eq!(
+        storage.size(&later_name).await.expect("size"),
+        Some(later.len() as u64)
+    );
+    let staged = off
+        .stage(
+            futures::stream::iter([Ok(Bytes::from_static(b"staged"))]).boxed(),
+            100,
+        )
+        .await
+        .expect("stages");
+    off.commit(&staged).await.expect("commits");
+    assert_eq!(storage.size(&staged.name).await.expect("size"), Some(6));
+    let mut listed: Vec<BlobName> = off
+        .list(None, 10)
+        .await
+        .expect("lists")
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    listed.sort();
+    let mut all = vec![name.clone(), later_name, staged.name];
+    all.sort();
+    assert_eq!(listed, all);
+    off.delete(&name).await.expect("deletes");
+    assert_eq!(
+        store.small_object(name.as_str()).await.expect("reads"),
+        None
+    );
 }

@@ -199,7 +199,8 @@ pub struct AttachmentsConfig {
     pub cache_object_bytes: usize,
     /// Bodies up to this many bytes (small files, previews) are kept in the store's rows instead
     /// of the bucket or directory: no request to the storage to write or read them, and no object
-    /// in it. At most 65536; 0 keeps every body in the storage. Default 4096.
+    /// in it. At most 65536; 0 writes every new body to the storage (bodies kept in the store
+    /// before are still served and collected). Default 4096.
     pub inline_bytes: usize,
 }
 

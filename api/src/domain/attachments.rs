@@ -316,7 +316,7 @@ impl ApiState {
                 .await?;
             wait_out_collection(self.store.as_ref(), object).await?;
             attachment.size = make.await?;
-            self.store.put_attachment(&attachment).await?;
+            self.store.put_attachment(&attachment, None).await?;
             Ok::<(), ApiError>(())
         }
         .await;
@@ -573,12 +573,12 @@ impl ApiState {
                     wait_out_collection(self.store.as_ref(), &name).await?;
                     settings.blobs.put(Bytes::from(bytes)).await?;
                 }
-                self.store_unless_deleted(&updated).await?;
+                self.store_unless_deleted(&updated, attachment.kind).await?;
             }
             Err(why) => {
                 tracing::info!(attachment = %attachment.id, %why, "an image is kept as a plain file");
                 updated.kind = AttachmentKind::File;
-                self.store_unless_deleted(&updated).await?;
+                self.store_unless_deleted(&updated, attachment.kind).await?;
             }
         }
         Ok(())
@@ -586,14 +586,18 @@ impl ApiState {
 
     /// Stores an attachment's new metadata, unless its message was deleted meanwhile (then only
     /// its references go).
-    async fn store_unless_deleted(&self, updated: &Attachment) -> ApiResult<()> {
+    async fn store_unless_deleted(
+        &self,
+        updated: &Attachment,
+        stored_as: AttachmentKind,
+    ) -> ApiResult<()> {
         if self.store.get_attachments(&[updated.id]).await?.is_empty() {
             self.store
                 .delete_attachments(std::slice::from_ref(updated))
                 .await?;
             return Ok(());
         }
-        self.store.put_attachment(updated).await?;
+        self.store.put_attachment(updated, Some(stored_as)).await?;
         Ok(())
     }
 }

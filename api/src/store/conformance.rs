@@ -1788,11 +1788,11 @@ pub async fn attachments_page_newest_first_by_kind(store: Arc<dyn Store>) {
     for i in 0..7 {
         let kind = if i % 3 == 0 { Image } else { File };
         let a = attachment(chat, owner.id, kind, &sha("a"));
-        store.put_attachment(&a).await.expect("puts");
+        store.put_attachment(&a, None).await.expect("puts");
         made.push(a);
     }
     store
-        .put_attachment(&attachment(other, owner.id, File, &sha("b")))
+        .put_attachment(&attachment(other, owner.id, File, &sha("b")), None)
         .await
         .expect("puts");
     let newest_first: Vec<Uuid> = made.iter().rev().map(|a| a.id).collect();
@@ -1823,7 +1823,10 @@ pub async fn attachments_page_newest_first_by_kind(store: Arc<dyn Store>) {
     // A kind that changes (an image that turned out undecodable) moves to the other list.
     let mut refiled = made[6].clone();
     refiled.kind = File;
-    store.put_attachment(&refiled).await.expect("refiles");
+    store
+        .put_attachment(&refiled, Some(Image))
+        .await
+        .expect("refiles");
     let images = store
         .chat_attachments(chat, Some(Image), None, 10)
         .await
@@ -1884,8 +1887,8 @@ pub async fn attachments_reference_their_objects(store: Arc<dyn Store>) {
             .expect("reads")
             .is_empty()
     );
-    store.put_attachment(&first).await.expect("puts");
-    store.put_attachment(&second).await.expect("puts");
+    store.put_attachment(&first, None).await.expect("puts");
+    store.put_attachment(&second, None).await.expect("puts");
     let thumb = sha("thumb");
     let mut with_thumbnail = first.clone();
     with_thumbnail.image = Some(confab_schema::attachment::ImageInfo {
@@ -1901,7 +1904,7 @@ pub async fn attachments_reference_their_objects(store: Arc<dyn Store>) {
         preview: None,
     });
     store
-        .put_attachment(&with_thumbnail)
+        .put_attachment(&with_thumbnail, None)
         .await
         .expect("adds the thumbnail");
     assert!(store.blob_referenced(&thumb).await.expect("reads"));
@@ -2021,6 +2024,19 @@ pub async fn small_objects_by_name(store: Arc<dyn Store>) {
     assert_eq!(store.small_object(&mine[2].0).await.expect("reads"), None);
     let all = listed_all(Arc::clone(&store)).await;
     assert!(all.iter().all(|o| o.sha256 != mine[2].0));
+    // Made again after its collection (an upload that waited it out): the delete is behind it.
+    store
+        .put_small_object(&mine[2].0, &mine[2].1)
+        .await
+        .expect("stores again");
+    assert_eq!(
+        store
+            .small_object(&mine[2].0)
+            .await
+            .expect("reads")
+            .as_ref(),
+        Some(&mine[2].1)
+    );
     for (name, _) in &mine {
         store.delete_small_object(name).await.expect("deletes");
     }

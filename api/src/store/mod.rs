@@ -590,7 +590,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores an attachment's metadata: by id, in its chat's list, and a reference to each object
     /// it uses ([`Attachment::blobs`]). Writing it again (with a thumbnail) adds references.
-    async fn put_attachment(&self, attachment: &Attachment) -> Result<(), StoreError>;
+    /// `stored_as` is the kind it was stored with before, when this write may change it (an image
+    /// kept as a plain file): it then leaves that kind's list. `None` for a new attachment.
+    async fn put_attachment(
+        &self,
+        attachment: &Attachment,
+        stored_as: Option<AttachmentKind>,
+    ) -> Result<(), StoreError>;
     /// References the objects `blobs` from `attachment` before the attachment (or its new
     /// pictures) is stored: what an upload writes before it makes its objects.
     async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError>;
@@ -623,9 +629,13 @@ pub trait Store: Send + Sync + 'static {
     async fn put_small_object(&self, sha256: &str, bytes: &[u8]) -> Result<(), StoreError>;
     /// The bytes of the small object `sha256`, or `None`.
     async fn small_object(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Removes the small object `sha256`; removing a missing one is not an error.
+    /// Removes the small object `sha256` as it is stored now; removing a missing one is not an
+    /// error. A write of it after this call survives it, whatever the clocks of the nodes that
+    /// take the two (the collector deletes only objects older than its minimum age, and the
+    /// clocks are assumed closer than that).
     async fn delete_small_object(&self, sha256: &str) -> Result<(), StoreError>;
-    /// Up to `limit` small objects named after `after`, in name order.
+    /// Up to `limit` small objects named after `after`, in name order; fewer only when there
+    /// are no more.
     async fn small_objects(
         &self,
         after: Option<&str>,
@@ -932,24 +942,37 @@ impl SmallObjects for StoreSmallObjects {
         after: Option<&BlobName>,
         limit: usize,
     ) -> Result<Vec<BlobInfo>, BlobError> {
-        let listed = self
-            .0
-            .small_objects(after.map(BlobName::as_str), limit)
-            .await
-            .map_err(blob_error)?;
-        listed
-            .into_iter()
-            .map(|object| {
-                let name = BlobName::parse(&object.sha256).ok_or_else(|| {
-                    BlobError::Unavailable(format!("a small object named {:?}", object.sha256))
-                })?;
-                Ok(BlobInfo {
-                    name,
-                    size: object.size,
-                    modified: object.stored_at,
-                })
-            })
-            .collect()
+        let mut found = Vec::new();
+        let mut after = after.map(|a| a.as_str().to_owned());
+        while found.len() < limit {
+            let want = limit - found.len();
+            let page = self
+                .0
+                .small_objects(after.as_deref(), want)
+                .await
+                .map_err(blob_error)?;
+            let full = page.len() >= want;
+            after = page.last().map(|object| object.sha256.clone());
+            // A row whose name is not a hash is left out (and the table asked on), as S3 leaves
+            // out keys that are not object names: one bad row must not stop every collection.
+            found.extend(page.into_iter().filter_map(|object| {
+                match BlobName::parse(&object.sha256) {
+                    Some(name) => Some(BlobInfo {
+                        name,
+                        size: object.size,
+                        modified: object.stored_at,
+                    }),
+                    None => {
+                        tracing::warn!(name = %object.sha256, "a small object whose name is not a hash");
+                        None
+                    }
+                }
+            }));
+            if !full {
+                break;
+            }
+        }
+        Ok(found)
     }
 }
 

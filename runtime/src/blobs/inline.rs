@@ -29,7 +29,7 @@ pub trait SmallObjects: Send + Sync + 'static {
     async fn get(&self, name: &BlobName) -> Result<Option<Bytes>, BlobError>;
     /// Removes `name`; removing a missing one is not an error.
     async fn delete(&self, name: &BlobName) -> Result<(), BlobError>;
-    /// Up to `limit` objects after `after`, in name order.
+    /// Up to `limit` objects after `after`, in name order; fewer only when there are no more.
     async fn list(
         &self,
         after: Option<&BlobName>,
@@ -37,7 +37,9 @@ pub trait SmallObjects: Send + Sync + 'static {
     ) -> Result<Vec<BlobInfo>, BlobError>;
 }
 
-/// Bodies up to `up_to` bytes in a [`SmallObjects`] table, larger ones in `inner`.
+/// Bodies up to `up_to` bytes in a [`SmallObjects`] table, larger ones in `inner`. With `up_to`
+/// 0 nothing new goes to the table, but what it holds (from before the limit changed) is still
+/// read, listed and deleted.
 pub struct InlineBlobs {
     small: Arc<dyn SmallObjects>,
     inner: Arc<dyn Blobs>,
@@ -62,6 +64,9 @@ impl InlineBlobs {
     /// Reads `body` until it ends or passes the limit. A small body over `max_bytes` is refused
     /// here, as the storage would refuse it.
     async fn take(&self, mut body: ByteChunks, max_bytes: u64) -> Result<Taken, BlobError> {
+        if self.up_to == 0 {
+            return Ok(Taken::Large(body));
+        }
         let mut read: Vec<Bytes> = Vec::new();
         let mut len = 0usize;
         while len <= self.up_to {
@@ -87,9 +92,10 @@ impl InlineBlobs {
         Ok(Taken::Large(first.chain(body).boxed()))
     }
 
-    /// Whether an object of `size` bytes is kept in the table when it is stored now.
+    /// Whether an object of `size` bytes is kept in the table when it is stored now (never with
+    /// a limit of 0: the table is then only read, listed and emptied).
     fn holds(&self, size: u64) -> bool {
-        size <= self.up_to as u64
+        self.up_to > 0 && size <= self.up_to as u64
     }
 }
 
@@ -233,7 +239,20 @@ impl Blobs for InlineBlobs {
     ) -> Result<Vec<BlobInfo>, BlobError> {
         let (small, stored) =
             futures::try_join!(self.small.list(after, limit), self.inner.list(after, limit))?;
-        let mut merged: Vec<BlobInfo> = small.into_iter().chain(stored).collect();
+        // A full page may have more after it: names past its last one are not known to be
+        // complete, and the next page starts after the last name answered. (A shorter page is
+        // the end of its side.)
+        let cut = [&small, &stored]
+            .into_iter()
+            .filter(|page| page.len() >= limit)
+            .filter_map(|page| page.last())
+            .map(|last| last.name.clone())
+            .min();
+        let mut merged: Vec<BlobInfo> = small
+            .into_iter()
+            .chain(stored)
+            .filter(|object| cut.as_ref().is_none_or(|cut| object.name <= *cut))
+            .collect();
         merged.sort_by(|a, b| a.name.cmp(&b.name));
         merged.dedup_by(|later, earlier| later.name == earlier.name);
         merged.truncate(limit);

@@ -203,7 +203,7 @@ pub trait Blobs: Send + Sync + 'static {
         presentation: &Presentation,
     ) -> Result<Option<String>, BlobError>;
 
-    /// Up to `limit` objects after `after`, in name order.
+    /// Up to `limit` objects after `after`, in name order; fewer only when there are no more.
     async fn list(
         &self,
         after: Option<&BlobName>,

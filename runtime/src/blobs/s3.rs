@@ -494,20 +494,24 @@ impl Blobs for S3Blobs {
         limit: usize,
     ) -> Result<Vec<BlobInfo>, BlobError> {
         let prefix = format!("{}blobs/", self.prefix);
-        let listed = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(&prefix)
-            .set_start_after(after.map(|a| self.object_key(a)))
-            .max_keys(i32::try_from(limit).unwrap_or(1000).clamp(1, 1000))
-            .send()
-            .await
-            .map_err(unavailable)?;
-        Ok(listed
-            .contents()
-            .iter()
-            .filter_map(|object| {
+        let mut found = Vec::new();
+        let mut start_after = after.map(|a| self.object_key(a));
+        // A page of the bucket can hold keys that are no object names (left out here), and at
+        // most 1000 keys: asked again until `limit` objects are found or the bucket has no more,
+        // so that a shorter answer means the end.
+        while found.len() < limit {
+            let want = (limit - found.len()).min(1000);
+            let listed = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .set_start_after(start_after.clone())
+                .max_keys(i32::try_from(want).unwrap_or(1000))
+                .send()
+                .await
+                .map_err(unavailable)?;
+            found.extend(listed.contents().iter().filter_map(|object| {
                 let name = BlobName::parse(object.key()?.strip_prefix(&prefix)?)?;
                 let modified = object
                     .last_modified()
@@ -518,9 +522,19 @@ impl Blobs for S3Blobs {
                     size: object.size().unwrap_or(0).max(0) as u64,
                     modified,
                 })
-            })
-            .take(limit)
-            .collect())
+            }));
+            let last_key = listed
+                .contents()
+                .last()
+                .and_then(|o| o.key())
+                .map(str::to_owned);
+            match last_key {
+                Some(key) if listed.is_truncated().unwrap_or(false) => start_after = Some(key),
+                _ => break,
+            }
+        }
+        found.truncate(limit);
+        Ok(found)
     }
 
     async fn delete(&self, name: &BlobName) -> Result<(), BlobError> {

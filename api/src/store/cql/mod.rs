@@ -673,6 +673,7 @@ struct Statements {
     absolve_blob: PreparedStatement,
     put_small_object: PreparedStatement,
     small_object: PreparedStatement,
+    small_object_written: PreparedStatement,
     delete_small_object: PreparedStatement,
     small_objects_first: PreparedStatement,
     small_objects_after: PreparedStatement,
@@ -909,7 +910,8 @@ impl CqlStore {
             absolve_blob: "DELETE FROM blob_condemned WHERE sha256 = ?".into(),
             put_small_object: "INSERT INTO small_objects (shard, sha256, bytes, size, stored_at) VALUES (?, ?, ?, ?, ?)".into(),
             small_object: "SELECT bytes FROM small_objects WHERE shard = ? AND sha256 = ?".into(),
-            delete_small_object: "DELETE FROM small_objects WHERE shard = ? AND sha256 = ?".into(),
+            small_object_written: "SELECT WRITETIME(bytes) FROM small_objects WHERE shard = ? AND sha256 = ?".into(),
+            delete_small_object: "DELETE FROM small_objects USING TIMESTAMP ? WHERE shard = ? AND sha256 = ?".into(),
             small_objects_first: "SELECT sha256, size, stored_at FROM small_objects WHERE shard = ? LIMIT ?".into(),
             small_objects_after: "SELECT sha256, size, stored_at FROM small_objects WHERE shard = ? AND sha256 > ? LIMIT ?".into(),
         );
@@ -2478,7 +2480,11 @@ impl Store for CqlStore {
             .collect())
     }
 
-    async fn put_attachment(&self, attachment: &Attachment) -> Result<(), StoreError> {
+    async fn put_attachment(
+        &self,
+        attachment: &Attachment,
+        stored_as: Option<AttachmentKind>,
+    ) -> Result<(), StoreError> {
         let body = serde_json::to_string(attachment).map_err(corrupt)?;
         // References first: an object is never unreferenced while its attachment is visible.
         for sha in attachment.blobs() {
@@ -2501,27 +2507,28 @@ impl Store for CqlStore {
                 &body,
             ),
         );
-        // An image kept as a plain file (it could not be decoded) leaves the images' list. Only
-        // then: for any other file the delete would leave a tombstone in the chat's list of
-        // images, which every read of that list would scan.
-        let refiled = attachment.kind == AttachmentKind::File
-            && attachment.content_type.starts_with("image/");
+        // An attachment whose kind changed leaves the other kind's list. Only then: for a new
+        // one the delete would leave a tombstone in that list, which every read of it scans.
+        let moved_from = stored_as.filter(|kind| *kind != attachment.kind);
         let unlisted = async {
-            if refiled {
-                self.session
+            match moved_from {
+                Some(kind) => self
+                    .session
                     .execute_unpaged(
                         &self.statements.delete_chat_attachment,
-                        (
-                            attachment.chat_id.0,
-                            AttachmentKind::Image.as_str(),
-                            attachment.id,
-                        ),
+                        (attachment.chat_id.0, kind.as_str(), attachment.id),
                     )
-                    .await?;
+                    .await
+                    .map(|_| ()),
+                None => Ok(()),
             }
-            Ok(())
         };
-        futures::try_join!(by_id, listed, unlisted).map_err(unavailable)?;
+        // Each write is waited for, failed or not: a caller that undoes this write after an
+        // error must not race a sibling write still in flight.
+        let (by_id, listed, unlisted) = futures::join!(by_id, listed, unlisted);
+        by_id.map_err(unavailable)?;
+        listed.map_err(unavailable)?;
+        unlisted.map_err(unavailable)?;
         Ok(())
     }
 
@@ -2680,11 +2687,23 @@ impl Store for CqlStore {
             .map(|(bytes,)| bytes.unwrap_or_default()))
     }
 
+    /// Deletes at the write time of the version read: a write after this one (the object made
+    /// again by an upload that waited out the collection) has a later time, even when the node
+    /// that took it has a clock behind the collector's, and outlives the delete.
     async fn delete_small_object(&self, sha256: &str) -> Result<(), StoreError> {
+        let shard = small_object_shard(sha256);
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.small_object_written, (shard, sha256))
+            .await
+            .map_err(unavailable)?;
+        let Some((Some(written),)) = rows::<(Option<i64>,)>(result)?.into_iter().next() else {
+            return Ok(());
+        };
         self.session
             .execute_unpaged(
                 &self.statements.delete_small_object,
-                (small_object_shard(sha256), sha256),
+                (written, shard, sha256),
             )
             .await
             .map_err(unavailable)?;

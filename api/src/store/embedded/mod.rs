@@ -1322,7 +1322,12 @@ impl Store for EmbeddedStore {
             .collect()
     }
 
-    async fn put_attachment(&self, attachment: &Attachment) -> Result<(), StoreError> {
+    /// One row per attachment, its kind a column: a changed kind moves it by itself.
+    async fn put_attachment(
+        &self,
+        attachment: &Attachment,
+        _stored_as: Option<AttachmentKind>,
+    ) -> Result<(), StoreError> {
         let body =
             serde_json::to_string(attachment).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let (id, chat, kind) = (attachment.id, attachment.chat_id, attachment.kind);
