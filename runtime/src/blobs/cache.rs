@@ -249,7 +249,7 @@ impl CachedBlobs {
 }
 
 /// The bytes `range` of `bytes` as a read, or `None` when the range lies outside them.
-fn read_of(bytes: Bytes, range: Option<(u64, u64)>) -> Option<BlobRead> {
+pub(super) fn read_of(bytes: Bytes, range: Option<(u64, u64)>) -> Option<BlobRead> {
     let slice = match range {
         None => bytes,
         Some((start, end)) => {

@@ -99,25 +99,12 @@ impl InlineBlobs {
     }
 }
 
-/// The bytes `range` (start, inclusive end) of `bytes` as a read.
+/// The bytes `range` of `bytes` as a read (the cache's slicing); a range outside them is the
+/// storage's failure, as the domain only asks for ranges it resolved against the size.
 fn read_of(bytes: Bytes, range: Option<(u64, u64)>) -> Result<BlobRead, BlobError> {
-    let slice = match range {
-        None => bytes,
-        Some((start, end)) => {
-            let fits = start <= end && end < bytes.len() as u64;
-            if !fits {
-                return Err(BlobError::Unavailable(format!(
-                    "bytes {start}-{end} lie outside an object of {}",
-                    bytes.len()
-                )));
-            }
-            bytes.slice(start as usize..=end as usize)
-        }
-    };
-    let len = slice.len() as u64;
-    Ok(BlobRead {
-        chunks: futures::stream::once(async move { Ok(slice) }).boxed(),
-        len,
+    let len = bytes.len();
+    super::cache::read_of(bytes, range).ok_or_else(|| {
+        BlobError::Unavailable(format!("{range:?} lies outside an object of {len} bytes"))
     })
 }
 
