@@ -270,6 +270,7 @@ async fn a_limit_of_zero_still_finds_what_the_store_kept() {
     let staged = off
         .stage(
             futures::stream::iter([Ok(Bytes::from_static(b"staged"))]).boxed(),
+            Some(6),
             100,
         )
         .await

@@ -254,12 +254,15 @@ impl ApiState {
                 let blobs = Arc::clone(&settings.blobs);
                 let max = settings.max_bytes;
                 self.record_upload(caller, upload, object, async move {
-                    blobs.put_declared(body, object, max).await
+                    blobs.put_declared(body, object, declared_length, max).await
                 })
                 .await?
             }
             None => {
-                let staged = settings.blobs.stage(body, settings.max_bytes).await?;
+                let staged = settings
+                    .blobs
+                    .stage(body, declared_length, settings.max_bytes)
+                    .await?;
                 let blobs = Arc::clone(&settings.blobs);
                 let committed = {
                     let staged = staged.clone();

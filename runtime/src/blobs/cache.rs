@@ -294,9 +294,14 @@ impl Blobs for CachedBlobs {
         self.inner.check().await
     }
 
-    async fn stage(&self, body: ByteChunks, max_bytes: u64) -> Result<Staged, BlobError> {
+    async fn stage(
+        &self,
+        body: ByteChunks,
+        length: Option<u64>,
+        max_bytes: u64,
+    ) -> Result<Staged, BlobError> {
         let (body, copy) = copying(body, self.limits.object_bytes);
-        let staged = self.inner.stage(body, max_bytes).await?;
+        let staged = self.inner.stage(body, length, max_bytes).await?;
         // `staged.name` is the hash of exactly the bytes copied, so the copy is right for that
         // name whether or not this upload is committed: objects never change under their name.
         let copied = copy
@@ -323,10 +328,14 @@ impl Blobs for CachedBlobs {
         &self,
         body: ByteChunks,
         expected: &BlobName,
+        length: Option<u64>,
         max_bytes: u64,
     ) -> Result<u64, BlobError> {
         let (body, copy) = copying(body, self.limits.object_bytes);
-        let size = self.inner.put_declared(body, expected, max_bytes).await?;
+        let size = self
+            .inner
+            .put_declared(body, expected, length, max_bytes)
+            .await?;
         // The storage made (or found) the object only once the body hashed to `expected`.
         let copied = copy
             .lock()
@@ -460,7 +469,7 @@ mod tests {
         let bytes: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         let name = BlobName::of(&bytes);
         let size = blobs
-            .put_declared(body(&bytes), &name, 1 << 20)
+            .put_declared(body(&bytes), &name, None, 1 << 20)
             .await
             .expect("stored");
         assert_eq!(size, 3000);
@@ -488,7 +497,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let blobs = cached(dir.path(), limits(10_000, 5_000));
         let bytes: Vec<u8> = (0..4000u32).map(|i| (i % 241) as u8).collect();
-        let staged = blobs.stage(body(&bytes), 1 << 20).await.expect("staged");
+        let staged = blobs
+            .stage(body(&bytes), None, 1 << 20)
+            .await
+            .expect("staged");
         assert_eq!(staged.name, BlobName::of(&bytes));
         blobs.commit(&staged).await.expect("committed");
         remove_underneath(dir.path(), &staged.name).await;
@@ -498,7 +510,10 @@ mod tests {
             .expect("served from memory");
         assert_eq!(read_all(whole).await, bytes);
         let large = vec![9u8; 6000];
-        let staged = blobs.stage(body(&large), 1 << 20).await.expect("staged");
+        let staged = blobs
+            .stage(body(&large), None, 1 << 20)
+            .await
+            .expect("staged");
         blobs.commit(&staged).await.expect("committed");
         assert!(!blobs.holds(&staged.name), "larger than the object limit");
         assert_eq!(blobs.held_bytes(), 4000);
@@ -552,14 +567,16 @@ mod tests {
         let bytes = vec![7u8; 2000];
         let wrong = BlobName::of(b"something else");
         assert!(matches!(
-            blobs.put_declared(body(&bytes), &wrong, 1 << 20).await,
+            blobs
+                .put_declared(body(&bytes), &wrong, None, 1 << 20)
+                .await,
             Err(BlobError::Mismatch(_))
         ));
         assert!(!blobs.holds(&wrong) && !blobs.holds(&BlobName::of(&bytes)));
         let large = vec![8u8; 6000];
         let name = BlobName::of(&large);
         blobs
-            .put_declared(body(&large), &name, 1 << 20)
+            .put_declared(body(&large), &name, None, 1 << 20)
             .await
             .expect("stored");
         assert!(!blobs.holds(&name), "larger than the object limit");

@@ -92,7 +92,7 @@ pub async fn stages_and_commits_by_hash(fixture: Fixture) {
     let blobs = fixture.blobs;
     blobs.check().await.expect("usable");
     let staged = blobs
-        .stage(pattern(1, 100_000, 4096), 1 << 20)
+        .stage(pattern(1, 100_000, 4096), None, 1 << 20)
         .await
         .expect("stages");
     let bytes = expected(1, 100_000);
@@ -117,11 +117,12 @@ pub async fn stages_and_commits_by_hash(fixture: Fixture) {
 pub async fn the_same_bytes_are_one_object(fixture: Fixture) {
     let blobs = fixture.blobs;
     let first = blobs
-        .stage(pattern(2, 5000, 999), 1 << 20)
+        .stage(pattern(2, 5000, 999), None, 1 << 20)
         .await
         .expect("stages");
+    // With its length given, as an HTTP body with a `Content-Length` (sent as it arrives).
     let second = blobs
-        .stage(pattern(2, 5000, 1234), 1 << 20)
+        .stage(pattern(2, 5000, 1234), Some(5000), 1 << 20)
         .await
         .expect("stages");
     assert_eq!(first.name, second.name);
@@ -143,7 +144,7 @@ pub async fn a_long_body_streams_in_parts(fixture: Fixture) {
     let blobs = fixture.blobs;
     let len = 11 * 1024 * 1024 + 17;
     let staged = blobs
-        .stage(pattern(3, len, 64 * 1024), 1 << 30)
+        .stage(pattern(3, len, 64 * 1024), Some(len as u64), 1 << 30)
         .await
         .expect("stages");
     let bytes = expected(3, len);
@@ -170,15 +171,21 @@ pub async fn a_long_body_streams_in_parts(fixture: Fixture) {
 /// A body over the limit is refused, in one part or after several, and leaves nothing behind.
 pub async fn over_the_limit_keeps_nothing(fixture: Fixture) {
     let blobs = fixture.blobs;
-    let small = blobs.stage(pattern(4, 2000, 100), 1999).await;
-    assert!(matches!(small, Err(BlobError::TooLarge(1999))), "{small:?}");
+    for length in [None, Some(2000)] {
+        let small = blobs.stage(pattern(4, 2000, 100), length, 1999).await;
+        assert!(matches!(small, Err(BlobError::TooLarge(1999))), "{small:?}");
+    }
     let exact = blobs
-        .stage(pattern(4, 2000, 100), 2000)
+        .stage(pattern(4, 2000, 100), Some(2000), 2000)
         .await
         .expect("the limit itself is fine");
     blobs.discard(&exact).await.expect("discards");
     let long = blobs
-        .stage(pattern(5, 12 * 1024 * 1024, 256 * 1024), 6 * 1024 * 1024)
+        .stage(
+            pattern(5, 12 * 1024 * 1024, 256 * 1024),
+            None,
+            6 * 1024 * 1024,
+        )
         .await;
     assert!(matches!(long, Err(BlobError::TooLarge(_))), "{long:?}");
     assert_eq!(
@@ -197,7 +204,15 @@ pub async fn a_cut_body_keeps_nothing(fixture: Fixture) {
                 Err(std::io::Error::other("client went away"))
             }))
             .boxed();
-        let staged = blobs.stage(body, 1 << 30).await;
+        let staged = blobs.stage(body, None, 1 << 30).await;
+        assert!(matches!(staged, Err(BlobError::Body(_))), "{staged:?}");
+        // Cut before the length it was sent with.
+        let body = pattern(6, len / 2, 64 * 1024)
+            .chain(futures::stream::once(async {
+                Err(std::io::Error::other("client went away"))
+            }))
+            .boxed();
+        let staged = blobs.stage(body, Some(len as u64), 1 << 30).await;
         assert!(matches!(staged, Err(BlobError::Body(_))), "{staged:?}");
     }
     assert_eq!(
@@ -221,7 +236,7 @@ pub async fn missing_objects_and_empty_bodies(fixture: Fixture) {
         .await
         .expect("deleting nothing is fine");
     let empty = blobs
-        .stage(futures::stream::empty().boxed(), 10)
+        .stage(futures::stream::empty().boxed(), None, 10)
         .await
         .expect("stages");
     assert_eq!(empty.size, 0);
@@ -300,11 +315,20 @@ pub async fn presigned_urls_read_the_object(fixture: Fixture) {
 /// a second upload of the same bytes is read, checked and not written again.
 pub async fn a_declared_body_becomes_its_object(fixture: Fixture) {
     let blobs = fixture.blobs;
-    for (seed, len) in [(20u8, 3000usize), (21, 11 * 1024 * 1024 + 5)] {
+    // Without and with a known length (an HTTP body with a `Content-Length`), in one part and in
+    // several.
+    let cases = [
+        (20u8, 3000usize, false),
+        (22, 1024 * 1024 + 3, true),
+        (21, 11 * 1024 * 1024 + 5, false),
+        (23, 6 * 1024 * 1024 + 1, true),
+    ];
+    for (seed, len, known) in cases {
+        let length = known.then_some(len as u64);
         let bytes = expected(seed, len);
         let name = BlobName::of(&bytes);
         let size = blobs
-            .put_declared(pattern(seed, len, 64 * 1024), &name, 1 << 30)
+            .put_declared(pattern(seed, len, 64 * 1024), &name, length, 1 << 30)
             .await
             .expect("stores");
         assert_eq!(size, len as u64);
@@ -312,18 +336,26 @@ pub async fn a_declared_body_becomes_its_object(fixture: Fixture) {
         let read = blobs.get(&name, None).await.expect("reads");
         assert!(collect(read.chunks).await == bytes, "reads back the bytes");
         let again = blobs
-            .put_declared(pattern(seed, len, 64 * 1024), &name, 1 << 30)
+            .put_declared(pattern(seed, len, 64 * 1024), &name, length, 1 << 30)
             .await
             .expect("stores again");
         assert_eq!(again, len as u64);
         // Existing or not, a body unlike the name is refused.
         let forged = blobs
-            .put_declared(pattern(seed + 1, len, 64 * 1024), &name, 1 << 30)
+            .put_declared(pattern(seed + 1, len, 64 * 1024), &name, length, 1 << 30)
             .await;
         assert!(matches!(forged, Err(BlobError::Mismatch(_))), "{forged:?}");
         assert_eq!(blobs.size(&name).await.expect("size"), Some(len as u64));
+        let read = blobs.get(&name, None).await.expect("reads");
+        assert!(
+            collect(read.chunks).await == bytes,
+            "a refused body leaves the object as it was"
+        );
     }
-    assert_eq!(blobs.list(None, 10).await.expect("lists").len(), 2);
+    assert_eq!(
+        blobs.list(None, 10).await.expect("lists").len(),
+        cases.len()
+    );
     assert_eq!(
         blobs.sweep_staging(Duration::ZERO).await.expect("sweeps"),
         0,
@@ -336,10 +368,13 @@ pub async fn a_declared_body_becomes_its_object(fixture: Fixture) {
 /// half-uploaded, in one part or after several.
 pub async fn a_declared_body_that_fails_keeps_nothing(fixture: Fixture) {
     let blobs = fixture.blobs;
-    for len in [3000usize, 11 * 1024 * 1024] {
+    let cases = [3000usize, 1024 * 1024, 11 * 1024 * 1024]
+        .into_iter()
+        .flat_map(|len| [(len, None), (len, Some(len as u64))]);
+    for (len, length) in cases {
         let claimed = BlobName::of(&expected(30, len));
         let unlike = blobs
-            .put_declared(pattern(31, len, 64 * 1024), &claimed, 1 << 30)
+            .put_declared(pattern(31, len, 64 * 1024), &claimed, length, 1 << 30)
             .await;
         match unlike {
             Err(BlobError::Mismatch(actual)) => {
@@ -348,17 +383,54 @@ pub async fn a_declared_body_that_fails_keeps_nothing(fixture: Fixture) {
             other => panic!("not refused as a mismatch: {other:?}"),
         }
         let over = blobs
-            .put_declared(pattern(30, len, 64 * 1024), &claimed, len as u64 - 1)
+            .put_declared(
+                pattern(30, len, 64 * 1024),
+                &claimed,
+                length,
+                len as u64 - 1,
+            )
             .await;
         assert!(matches!(over, Err(BlobError::TooLarge(_))), "{over:?}");
-        let cut = pattern(30, len, 64 * 1024)
+        let cut = pattern(30, len / 2, 64 * 1024)
             .chain(futures::stream::once(async {
                 Err(std::io::Error::other("client went away"))
             }))
             .boxed();
-        let cut = blobs.put_declared(cut, &claimed, 1 << 30).await;
+        let cut = blobs.put_declared(cut, &claimed, length, 1 << 30).await;
         assert!(matches!(cut, Err(BlobError::Body(_))), "{cut:?}");
         assert_eq!(blobs.size(&claimed).await.expect("size"), None);
+    }
+    assert!(blobs.list(None, 10).await.expect("lists").is_empty());
+    assert_eq!(
+        blobs.sweep_staging(Duration::ZERO).await.expect("sweeps"),
+        0,
+        "nothing left in staging or half-uploaded"
+    );
+}
+
+/// A body longer or shorter than the length it came with is refused and leaves nothing, staged
+/// or declared, in one part or several; its declared name or its own makes no difference.
+pub async fn a_body_unlike_its_length_keeps_nothing(fixture: Fixture) {
+    let blobs = fixture.blobs;
+    for len in [3000usize, 1024 * 1024, 11 * 1024 * 1024] {
+        let name = BlobName::of(&expected(40, len));
+        for length in [len as u64 - 1, len as u64 + 1] {
+            let staged = blobs
+                .stage(pattern(40, len, 64 * 1024), Some(length), 1 << 30)
+                .await;
+            assert!(
+                matches!(staged, Err(BlobError::Body(_))),
+                "{len} bytes said to be {length}: {staged:?}"
+            );
+            let declared = blobs
+                .put_declared(pattern(40, len, 64 * 1024), &name, Some(length), 1 << 30)
+                .await;
+            assert!(
+                matches!(declared, Err(BlobError::Body(_))),
+                "{len} bytes said to be {length}: {declared:?}"
+            );
+            assert_eq!(blobs.size(&name).await.expect("size"), None);
+        }
     }
     assert!(blobs.list(None, 10).await.expect("lists").is_empty());
     assert_eq!(
@@ -395,6 +467,7 @@ macro_rules! blobs_conformance_tests {
             case!(presigned_urls_read_the_object);
             case!(a_declared_body_becomes_its_object);
             case!(a_declared_body_that_fails_keeps_nothing);
+            case!(a_body_unlike_its_length_keeps_nothing);
         }
     };
 }

@@ -63,8 +63,13 @@ impl InlineBlobs {
 
     /// Reads `body` until it ends or passes the limit. A small body over `max_bytes` is refused
     /// here, as the storage would refuse it.
-    async fn take(&self, mut body: ByteChunks, max_bytes: u64) -> Result<Taken, BlobError> {
-        if self.up_to == 0 {
+    async fn take(
+        &self,
+        mut body: ByteChunks,
+        length: Option<u64>,
+        max_bytes: u64,
+    ) -> Result<Taken, BlobError> {
+        if self.up_to == 0 || length.is_some_and(|length| length > self.up_to as u64) {
             return Ok(Taken::Large(body));
         }
         let mut read: Vec<Bytes> = Vec::new();
@@ -79,6 +84,11 @@ impl InlineBlobs {
                 None => {
                     if len as u64 > max_bytes {
                         return Err(BlobError::TooLarge(max_bytes));
+                    }
+                    if length.is_some_and(|length| length != len as u64) {
+                        return Err(BlobError::Body(format!(
+                            "the body of {len} bytes is not as long as its Content-Length"
+                        )));
                     }
                     let mut whole = BytesMut::with_capacity(len);
                     for chunk in read {
@@ -114,8 +124,13 @@ impl Blobs for InlineBlobs {
         self.inner.check().await
     }
 
-    async fn stage(&self, body: ByteChunks, max_bytes: u64) -> Result<Staged, BlobError> {
-        match self.take(body, max_bytes).await? {
+    async fn stage(
+        &self,
+        body: ByteChunks,
+        length: Option<u64>,
+        max_bytes: u64,
+    ) -> Result<Staged, BlobError> {
+        match self.take(body, length, max_bytes).await? {
             Taken::Small(bytes) => Ok(Staged {
                 // Nothing is written until the commit: the bytes wait in the `Staged` itself.
                 key: String::new(),
@@ -124,7 +139,7 @@ impl Blobs for InlineBlobs {
                 head: bytes[..bytes.len().min(HEAD_BYTES)].to_vec(),
                 held: Some(bytes),
             }),
-            Taken::Large(body) => self.inner.stage(body, max_bytes).await,
+            Taken::Large(body) => self.inner.stage(body, length, max_bytes).await,
         }
     }
 
@@ -146,9 +161,10 @@ impl Blobs for InlineBlobs {
         &self,
         body: ByteChunks,
         expected: &BlobName,
+        length: Option<u64>,
         max_bytes: u64,
     ) -> Result<u64, BlobError> {
-        match self.take(body, max_bytes).await? {
+        match self.take(body, length, max_bytes).await? {
             Taken::Small(bytes) => {
                 let name = BlobName::of(&bytes);
                 if name != *expected {
@@ -159,7 +175,11 @@ impl Blobs for InlineBlobs {
                 self.small.put(&name, bytes).await?;
                 Ok(size)
             }
-            Taken::Large(body) => self.inner.put_declared(body, expected, max_bytes).await,
+            Taken::Large(body) => {
+                self.inner
+                    .put_declared(body, expected, length, max_bytes)
+                    .await
+            }
         }
     }
 

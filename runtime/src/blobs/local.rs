@@ -72,7 +72,13 @@ impl Blobs for LocalBlobs {
             .map_err(unavailable)
     }
 
-    async fn stage(&self, body: ByteChunks, max_bytes: u64) -> Result<Staged, BlobError> {
+    async fn stage(
+        &self,
+        body: ByteChunks,
+        length: Option<u64>,
+        max_bytes: u64,
+    ) -> Result<Staged, BlobError> {
+        let body = super::of_length(body, length);
         let key = uuid::Uuid::new_v4().simple().to_string();
         let path = self.staging(&key);
         let mut hashing = Hashing::new(max_bytes);
@@ -110,7 +116,11 @@ impl Blobs for LocalBlobs {
     async fn put(&self, bytes: Bytes) -> Result<BlobName, BlobError> {
         let len = bytes.len() as u64;
         let staged = self
-            .stage(futures::stream::once(async move { Ok(bytes) }).boxed(), len)
+            .stage(
+                futures::stream::once(async move { Ok(bytes) }).boxed(),
+                Some(len),
+                len,
+            )
             .await?;
         self.commit(&staged).await?;
         Ok(staged.name)

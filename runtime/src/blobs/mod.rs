@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
@@ -83,6 +84,19 @@ impl BlobName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The 32 bytes of the digest.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut digest = [0u8; 32];
+        for (byte, pair) in digest.iter_mut().zip(self.0.as_bytes().chunks_exact(2)) {
+            let nibble = |c: u8| match c {
+                b'0'..=b'9' => c - b'0',
+                _ => c - b'a' + 10,
+            };
+            *byte = nibble(pair[0]) << 4 | nibble(pair[1]);
+        }
+        digest
+    }
 }
 
 impl std::fmt::Display for BlobName {
@@ -143,7 +157,14 @@ pub trait Blobs: Send + Sync + 'static {
 
     /// Streams `body` to a new staging object, computing its SHA-256 on the way; more than
     /// `max_bytes` bytes is [`BlobError::TooLarge`]. On any error nothing is left behind.
-    async fn stage(&self, body: ByteChunks, max_bytes: u64) -> Result<Staged, BlobError>;
+    /// `length` is the body's length when the client gave it (`Content-Length`); a body of
+    /// another length is [`BlobError::Body`].
+    async fn stage(
+        &self,
+        body: ByteChunks,
+        length: Option<u64>,
+        max_bytes: u64,
+    ) -> Result<Staged, BlobError>;
 
     /// Makes the staged bytes the object named by their hash and removes the staging object. When
     /// the object exists already, the staging object is only removed.
@@ -155,16 +176,17 @@ pub trait Blobs: Send + Sync + 'static {
     /// Streams `body` to the object named `expected`, hashing it on the way, and makes the object
     /// only if the body's hash is `expected` ([`BlobError::Mismatch`] otherwise; more than
     /// `max_bytes` is [`BlobError::TooLarge`]; either way nothing is kept). An object that exists
-    /// already is not written again, but the body is still read and checked: naming an object is
-    /// not proof of holding its bytes. Answers the body's size. This default stages and commits;
+    /// already may be written again, but the body is always read and checked: naming an object is
+    /// not proof of holding its bytes. `length` as for [`Blobs::stage`]. Answers the body's size. This default stages and commits;
     /// a storage where a commit copies bytes writes once instead.
     async fn put_declared(
         &self,
         body: ByteChunks,
         expected: &BlobName,
+        length: Option<u64>,
         max_bytes: u64,
     ) -> Result<u64, BlobError> {
-        let staged = self.stage(body, max_bytes).await?;
+        let staged = self.stage(body, length, max_bytes).await?;
         if staged.name != *expected {
             self.discard(&staged).await?;
             return Err(BlobError::Mismatch(staged.name));
@@ -216,6 +238,40 @@ pub trait Blobs: Send + Sync + 'static {
     /// Removes staging objects (and unfinished multipart uploads) older than `age`: what a process
     /// that died mid-upload left. Answers how many.
     async fn sweep_staging(&self, age: Duration) -> Result<u64, BlobError>;
+}
+
+/// `body`, cut short with an error (a [`BlobError::Body`] where it is read) once it is found
+/// longer or shorter than `length`, when that is given.
+pub(crate) fn of_length(body: ByteChunks, length: Option<u64>) -> ByteChunks {
+    let Some(length) = length else {
+        return body;
+    };
+    futures::stream::unfold(
+        (body, 0u64, false),
+        move |(mut body, seen, ended)| async move {
+            if ended {
+                return None;
+            }
+            match body.next().await {
+                Some(Ok(chunk)) => {
+                    let seen = seen + chunk.len() as u64;
+                    if seen > length {
+                        let error =
+                            std::io::Error::other("the body is longer than its Content-Length");
+                        return Some((Err(error), (body, seen, true)));
+                    }
+                    Some((Ok(chunk), (body, seen, false)))
+                }
+                Some(Err(error)) => Some((Err(error), (body, seen, true))),
+                None if seen < length => {
+                    let error = std::io::Error::other("the body ended before its Content-Length");
+                    Some((Err(error), (body, seen, true)))
+                }
+                None => None,
+            }
+        },
+    )
+    .boxed()
 }
 
 /// Hashes a body while counting it and keeping its first bytes.

@@ -1,11 +1,16 @@
 //! [`S3Blobs`]: objects in an S3 bucket through `aws-sdk-s3` (SeaweedFS's S3 gateway in production
 //! and tests): path-style requests to a configured endpoint, static credentials. Objects are
-//! `<prefix>blobs/<name>`, staging objects `<prefix>staging/<uuid>`. A body up to one part goes up
-//! as one PUT; a longer one as a multipart upload, one part in flight while the next is read, so
-//! an upload holds at most two parts in memory. A commit is a server-side copy, so that a gateway
+//! `<prefix>blobs/<name>`, staging objects `<prefix>staging/<uuid>`. A body up to one part whose
+//! length is known (`Content-Length`) goes up as one PUT streamed as it arrives, an unknown one up
+//! to a part as one PUT once read; a longer one as a multipart upload, one part in flight while
+//! the next is read, so an upload holds at most two parts in memory. A declared hash travels as
+//! `x-amz-checksum-sha256`, which the storage checks before it keeps anything. A commit is a server-side copy, so that a gateway
 //! which copies bytes (SeaweedFS does) writes a staged upload twice; an upload with a declared hash
 //! goes straight to its object, completed only once the streamed hash matches.
 
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,16 +18,18 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use http_body::Frame;
 use time::OffsetDateTime;
 
 use super::{
     BlobError, BlobInfo, BlobName, BlobRead, Blobs, ByteChunks, Hashing, Presentation, Staged,
+    of_length,
 };
 
 /// Where the bucket is and how to sign for it.
@@ -49,12 +56,97 @@ pub struct S3Blobs {
     bucket: String,
     prefix: String,
     part_bytes: usize,
+    /// Whether the storage refuses a PUT whose `x-amz-checksum-sha256` is not its body's, found
+    /// once by [`S3Blobs::verifies_checksums`].
+    verifies_checksums: Arc<OnceLock<bool>>,
 }
 
 fn unavailable<E: std::error::Error + 'static, R: std::fmt::Debug>(
     error: SdkError<E, R>,
 ) -> BlobError {
     BlobError::Unavailable(DisplayErrorContext(&error).to_string())
+}
+
+/// Whether the storage refused a request because a checksum was not its body's.
+fn is_digest_refusal<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {
+    error
+        .as_service_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| {
+            matches!(
+                code,
+                "BadDigest" | "InvalidDigest" | "XAmzContentChecksumMismatch"
+            )
+        })
+}
+
+/// `x-amz-checksum-sha256`: the digest in base64.
+fn checksum_of(name: &BlobName) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(name.digest())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A body of a known length on its way into one request. Each chunk is hashed as it passes;
+/// what cut it short (the size limit, a body longer or shorter than its length, the client
+/// going away) is kept for the caller, as the SDK's error only says that the body failed.
+struct Metered {
+    /// In a mutex only because the SDK's bodies must be `Sync`; only the request polls it.
+    chunks: Mutex<ByteChunks>,
+    remaining: u64,
+    hashing: Arc<Mutex<Hashing>>,
+    stopped: Arc<Mutex<Option<BlobError>>>,
+}
+
+impl Metered {
+    fn stop(&mut self, error: BlobError) -> Poll<Option<Result<Frame<Bytes>, BlobError>>> {
+        let said = BlobError::Body(error.to_string());
+        *lock(&self.stopped) = Some(error);
+        Poll::Ready(Some(Err(said)))
+    }
+}
+
+impl http_body::Body for Metered {
+    type Data = Bytes;
+    type Error = BlobError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BlobError>>> {
+        let this = &mut *self;
+        let polled = lock(&this.chunks).poll_next_unpin(cx);
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(chunk))) => {
+                let Some(remaining) = this.remaining.checked_sub(chunk.len() as u64) else {
+                    return this.stop(BlobError::Body(
+                        "the body is longer than its Content-Length".into(),
+                    ));
+                };
+                this.remaining = remaining;
+                let hashed = lock(&this.hashing).update(&chunk);
+                match hashed {
+                    Ok(()) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                    Err(error) => this.stop(error),
+                }
+            }
+            Poll::Ready(Some(Err(error))) => this.stop(BlobError::Body(error.to_string())),
+            Poll::Ready(None) if this.remaining > 0 => this.stop(BlobError::Body(
+                "the body ended before its Content-Length".into(),
+            )),
+            Poll::Ready(None) => Poll::Ready(None),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
 }
 
 impl S3Blobs {
@@ -92,6 +184,7 @@ impl S3Blobs {
             bucket: settings.bucket.clone(),
             prefix: settings.prefix.clone(),
             part_bytes: settings.part_bytes.max(5 * 1024 * 1024),
+            verifies_checksums: Arc::new(OnceLock::new()),
         }
     }
 
@@ -122,6 +215,108 @@ impl S3Blobs {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    /// Whether the storage checks a PUT's `x-amz-checksum-sha256` and keeps nothing when it is
+    /// not the body's (S3, SeaweedFS and MinIO do), asked once with a PUT whose checksum is
+    /// wrong. Until that is known, and when the storage keeps such a PUT, a declared upload is
+    /// held and checked before its PUT instead of streamed.
+    async fn verifies_checksums(&self) -> bool {
+        if let Some(known) = self.verifies_checksums.get() {
+            return *known;
+        }
+        let key = self.staging_key(&format!("checksum-probe-{}", uuid::Uuid::new_v4().simple()));
+        let probe = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .body(ByteStream::from_static(
+                b"does the storage check checksums?",
+            ))
+            .checksum_sha256(checksum_of(&BlobName::of(b"other bytes")))
+            .send()
+            .await;
+        let known = match probe {
+            Ok(_) => {
+                tracing::warn!(
+                    "the blob storage keeps a PUT whose checksum is wrong; uploads with a declared digest are held whole before their PUT"
+                );
+                if let Err(error) = self.delete_key(&key).await {
+                    tracing::warn!(error = %error, "removing the checksum probe failed; sweep_staging removes it later");
+                }
+                false
+            }
+            Err(error) if is_digest_refusal(&error) => true,
+            Err(error) => {
+                tracing::warn!(error = %DisplayErrorContext(&error), "asking whether the blob storage checks checksums failed; asked again later");
+                return false;
+            }
+        };
+        let _ = self.verifies_checksums.set(known);
+        known
+    }
+
+    /// One PUT of a body of known `length`, sent as it arrives and hashed on the way into
+    /// `hashing`. With `checksum`, the storage checks the body against it and keeps nothing
+    /// when they differ ([`BlobError::Mismatch`]); it is checked here again after the PUT.
+    async fn put_streamed(
+        &self,
+        key: &str,
+        body: ByteChunks,
+        length: u64,
+        checksum: Option<&BlobName>,
+        hashing: Hashing,
+    ) -> Result<Hashing, BlobError> {
+        let hashing = Arc::new(Mutex::new(hashing));
+        let stopped = Arc::new(Mutex::new(None));
+        let metered = Metered {
+            chunks: Mutex::new(body),
+            remaining: length,
+            hashing: Arc::clone(&hashing),
+            stopped: Arc::clone(&stopped),
+        };
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_length(
+                i64::try_from(length).map_err(|_| BlobError::TooLarge(i64::MAX as u64))?,
+            )
+            .body(ByteStream::from_body_1_x(metered));
+        if let Some(expected) = checksum {
+            request = request.checksum_sha256(checksum_of(expected));
+        }
+        let sent = request.send().await;
+        let stopped = lock(&stopped).take();
+        let hashing = std::mem::replace(&mut *lock(&hashing), Hashing::new(0));
+        if let Some(error) = stopped {
+            return Err(error);
+        }
+        let complete = hashing.size == length;
+        match (sent, checksum) {
+            (Ok(_), None) => Ok(hashing),
+            (Ok(_), Some(expected)) => {
+                let name = hashing.name();
+                if name == *expected {
+                    return Ok(hashing);
+                }
+                // Only a storage that ignores checksums gets here: the probe said it checks them.
+                tracing::error!(
+                    key,
+                    "the blob storage kept a body whose checksum was wrong; removing it"
+                );
+                self.delete_key(key).await?;
+                Err(BlobError::Mismatch(name))
+            }
+            (Err(error), Some(expected))
+                if complete && is_digest_refusal(&error) && hashing.name() != *expected =>
+            {
+                Err(BlobError::Mismatch(hashing.name()))
+            }
+            (Err(error), _) => Err(unavailable(error)),
+        }
     }
 
     async fn delete_key(&self, key: &str) -> Result<(), BlobError> {
@@ -327,11 +522,27 @@ impl Blobs for S3Blobs {
         Ok(())
     }
 
-    async fn stage(&self, body: ByteChunks, max_bytes: u64) -> Result<Staged, BlobError> {
+    async fn stage(
+        &self,
+        body: ByteChunks,
+        length: Option<u64>,
+        max_bytes: u64,
+    ) -> Result<Staged, BlobError> {
         let key = uuid::Uuid::new_v4().simple().to_string();
         let mut hashing = Hashing::new(max_bytes);
-        self.upload(&self.staging_key(&key), body, &mut hashing, None, false)
-            .await?;
+        match length {
+            // A body of one part whose length is known is sent as it arrives.
+            Some(length) if length <= self.part_bytes as u64 => {
+                hashing = self
+                    .put_streamed(&self.staging_key(&key), body, length, None, hashing)
+                    .await?;
+            }
+            _ => {
+                let body = of_length(body, length);
+                self.upload(&self.staging_key(&key), body, &mut hashing, None, false)
+                    .await?;
+            }
+        }
         Ok(hashing.finish(key))
     }
 
@@ -356,11 +567,31 @@ impl Blobs for S3Blobs {
 
     async fn put_declared(
         &self,
-        mut body: ByteChunks,
+        body: ByteChunks,
         expected: &BlobName,
+        length: Option<u64>,
         max_bytes: u64,
     ) -> Result<u64, BlobError> {
         let mut hashing = Hashing::new(max_bytes);
+        // A body of one part whose length is known goes up as it arrives when the storage
+        // checks it against the declared hash: nothing is held, and nothing is kept on a
+        // mismatch. Rewriting an object with the same bytes is as good as finding it.
+        if let Some(length) = length
+            && length <= self.part_bytes as u64
+            && self.verifies_checksums().await
+        {
+            let hashing = self
+                .put_streamed(
+                    &self.object_key(expected),
+                    body,
+                    length,
+                    Some(expected),
+                    hashing,
+                )
+                .await?;
+            return Ok(hashing.size);
+        }
+        let mut body = of_length(body, length);
         // A body of one part goes up in one PUT, checked first; rewriting an object with the
         // same bytes costs no more than asking whether it exists.
         let mut first = BytesMut::new();
