@@ -143,7 +143,9 @@ async fn upload(
     if let Some(digest) = digest {
         request = request.header("content-digest", digest);
     }
+    // A file's length is known before it is sent, as a browser's upload of one says.
     let response = request
+        .header("content-length", size)
         .body(reqwest::Body::wrap_stream(body(seed, size)))
         .send()
         .await;
@@ -559,6 +561,6 @@ async fn measure(
             "growth_bytes": peak_rss.saturating_sub(idle_rss),
             "largest_upload_bytes": largest,
         },
-        "note": "confab: POST with a streamed body (hashed, staged, multipart above 8 MiB, then a server-side copy to its content address); confab_declared_digest: the same POST with Content-Digest (hashed while written straight to its content address, completed once the hash matches); GET through confab of the declared uploads right after they were made (confab_just_uploaded: the memory cache's hits up to attachments.cache_object_bytes) and, after a restart of the server (an empty cache) and one download of an object not measured (a warm process), of the staged uploads (confab: reads from the storage, server-side copies) and of the declared uploads but the first and the last (confab_declared: reads from the storage of objects written by one PUT, as the direct ones); fan_out: one object fetched by that many concurrent readers right after the restart, through confab and directly; direct: one PutObject of the whole body from memory and one GetObject, same bucket, same run",
+        "note": "confab: POST with a streamed body and its Content-Length (hashed, staged, multipart above 8 MiB, then a server-side copy to its content address); confab_declared_digest: the same POST with Content-Digest (hashed while written straight to its content address, completed once the hash matches); GET through confab of the declared uploads right after they were made (confab_just_uploaded: the memory cache's hits up to attachments.cache_object_bytes) and, after a restart of the server (an empty cache) and one download of an object not measured (a warm process), of the staged uploads (confab: reads from the storage, server-side copies) and of the declared uploads but the first and the last (confab_declared: reads from the storage of objects written by one PUT, as the direct ones); fan_out: one object fetched by that many concurrent readers right after the restart, through confab and directly; direct: one PutObject of the whole body from memory and one GetObject, same bucket, same run",
     }))
 }
