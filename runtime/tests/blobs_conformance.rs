@@ -17,8 +17,15 @@ async fn local() -> Option<Fixture> {
 
 async fn s3() -> Option<Fixture> {
     let settings = suite::s3_settings().await?;
+    let blobs = S3Blobs::new(&settings);
+    // As the readiness check does at start-up: asked first, so that every case of a body with
+    // a known length takes the streamed path, not the held one.
+    assert!(
+        blobs.checks_checksums().await,
+        "SeaweedFS refuses a PUT whose x-amz-checksum-sha256 is wrong"
+    );
     Some(Fixture {
-        blobs: Arc::new(S3Blobs::new(&settings)),
+        blobs: Arc::new(blobs),
     })
 }
 

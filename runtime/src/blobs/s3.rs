@@ -4,11 +4,13 @@
 //! length is known (`Content-Length`) goes up as one PUT streamed as it arrives, an unknown one up
 //! to a part as one PUT once read; a longer one as a multipart upload, one part in flight while
 //! the next is read, so an upload holds at most two parts in memory. A declared hash travels as
-//! `x-amz-checksum-sha256`, which the storage checks before it keeps anything. A commit is a server-side copy, so that a gateway
-//! which copies bytes (SeaweedFS does) writes a staged upload twice; an upload with a declared hash
-//! goes straight to its object, completed only once the streamed hash matches.
+//! `x-amz-checksum-sha256`, which the storage checks before it keeps anything. A commit is a
+//! server-side copy, so that a gateway which copies bytes (SeaweedFS does) writes a staged upload
+//! twice; an upload with a declared hash goes straight to its object, completed only once the
+//! streamed hash matches.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -57,8 +59,10 @@ pub struct S3Blobs {
     prefix: String,
     part_bytes: usize,
     /// Whether the storage refuses a PUT whose `x-amz-checksum-sha256` is not its body's, found
-    /// once by [`S3Blobs::verifies_checksums`].
+    /// once by [`S3Blobs::checks_checksums`].
     verifies_checksums: Arc<OnceLock<bool>>,
+    /// Whether that question is being asked in the background.
+    probing: Arc<AtomicBool>,
 }
 
 fn unavailable<E: std::error::Error + 'static, R: std::fmt::Debug>(
@@ -92,9 +96,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A body of a known length on its way into one request. Each chunk is hashed as it passes;
-/// what cut it short (the size limit, a body longer or shorter than its length, the client
-/// going away) is kept for the caller, as the SDK's error only says that the body failed.
+/// A body of a known length ([`of_length`] holds it to that) on its way into one request. Each
+/// chunk is hashed as it passes; what cut it short (the size limit, a body longer or shorter
+/// than its length, the client going away) is kept for the caller, as the SDK's error only says
+/// that the body failed.
 struct Metered {
     /// In a mutex only because the SDK's bodies must be `Sync`; only the request polls it.
     chunks: Mutex<ByteChunks>,
@@ -124,12 +129,7 @@ impl http_body::Body for Metered {
         match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(chunk))) => {
-                let Some(remaining) = this.remaining.checked_sub(chunk.len() as u64) else {
-                    return this.stop(BlobError::Body(
-                        "the body is longer than its Content-Length".into(),
-                    ));
-                };
-                this.remaining = remaining;
+                this.remaining -= chunk.len() as u64;
                 let hashed = lock(&this.hashing).update(&chunk);
                 match hashed {
                     Ok(()) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
@@ -137,9 +137,6 @@ impl http_body::Body for Metered {
                 }
             }
             Poll::Ready(Some(Err(error))) => this.stop(BlobError::Body(error.to_string())),
-            Poll::Ready(None) if this.remaining > 0 => this.stop(BlobError::Body(
-                "the body ended before its Content-Length".into(),
-            )),
             Poll::Ready(None) => Poll::Ready(None),
         }
     }
@@ -185,6 +182,7 @@ impl S3Blobs {
             prefix: settings.prefix.clone(),
             part_bytes: settings.part_bytes.max(5 * 1024 * 1024),
             verifies_checksums: Arc::new(OnceLock::new()),
+            probing: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -219,9 +217,9 @@ impl S3Blobs {
 
     /// Whether the storage checks a PUT's `x-amz-checksum-sha256` and keeps nothing when it is
     /// not the body's (S3, SeaweedFS and MinIO do), asked once with a PUT whose checksum is
-    /// wrong. Until that is known, and when the storage keeps such a PUT, a declared upload is
-    /// held and checked before its PUT instead of streamed.
-    async fn verifies_checksums(&self) -> bool {
+    /// wrong and remembered; `false` when it could not be asked (asked again next time). The
+    /// readiness check asks it, so that uploads only read the answer.
+    pub async fn checks_checksums(&self) -> bool {
         if let Some(known) = self.verifies_checksums.get() {
             return *known;
         }
@@ -257,6 +255,23 @@ impl S3Blobs {
         known
     }
 
+    /// What [`S3Blobs::checks_checksums`] found, without asking: an upload never waits for the
+    /// question. Not known yet, it is asked in the background (once at a time) and the upload
+    /// takes the held path.
+    fn known_to_check_checksums(&self) -> bool {
+        if let Some(known) = self.verifies_checksums.get() {
+            return *known;
+        }
+        if !self.probing.swap(true, Ordering::AcqRel) {
+            let blobs = self.clone();
+            tokio::spawn(async move {
+                blobs.checks_checksums().await;
+                blobs.probing.store(false, Ordering::Release);
+            });
+        }
+        false
+    }
+
     /// One PUT of a body of known `length`, sent as it arrives and hashed on the way into
     /// `hashing`. With `checksum`, the storage checks the body against it and keeps nothing
     /// when they differ ([`BlobError::Mismatch`]); it is checked here again after the PUT.
@@ -271,7 +286,7 @@ impl S3Blobs {
         let hashing = Arc::new(Mutex::new(hashing));
         let stopped = Arc::new(Mutex::new(None));
         let metered = Metered {
-            chunks: Mutex::new(body),
+            chunks: Mutex::new(of_length(body, Some(length))),
             remaining: length,
             hashing: Arc::clone(&hashing),
             stopped: Arc::clone(&stopped),
@@ -519,6 +534,8 @@ impl Blobs for S3Blobs {
             .send()
             .await
             .map_err(unavailable)?;
+        // Off the request path: one PUT the first time, then only the remembered answer.
+        self.checks_checksums().await;
         Ok(())
     }
 
@@ -578,7 +595,7 @@ impl Blobs for S3Blobs {
         // mismatch. Rewriting an object with the same bytes is as good as finding it.
         if let Some(length) = length
             && length <= self.part_bytes as u64
-            && self.verifies_checksums().await
+            && self.known_to_check_checksums()
         {
             let hashing = self
                 .put_streamed(
