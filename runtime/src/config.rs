@@ -175,8 +175,9 @@ pub struct AttachmentsConfig {
     pub s3_secret_key: String,
     /// Prepended to every object key, so deployments can share a bucket. Default `confab/`.
     pub s3_prefix: String,
-    /// The part size of multipart uploads, in bytes (at least 5 MiB). An upload holds at most two
-    /// parts in memory. Default 8388608 (8 MiB).
+    /// The part size of multipart uploads, in bytes (at least 5 MiB): a body sent without a
+    /// `Content-Length` goes up in parts, and holds at most two in memory (one with its length
+    /// goes up in one streamed PUT). Default 8388608 (8 MiB).
     pub part_bytes: usize,
     /// The largest attachment, in bytes; a larger body is refused with 413 and nothing is kept.
     /// Default 104857600 (100 MiB).

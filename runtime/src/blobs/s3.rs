@@ -1,13 +1,13 @@
 //! [`S3Blobs`]: objects in an S3 bucket through `aws-sdk-s3` (SeaweedFS's S3 gateway in production
 //! and tests): path-style requests to a configured endpoint, static credentials. Objects are
-//! `<prefix>blobs/<name>`, staging objects `<prefix>staging/<uuid>`. A body up to one part whose
-//! length is known (`Content-Length`) goes up as one PUT streamed as it arrives, an unknown one up
-//! to a part as one PUT once read; a longer one as a multipart upload, one part in flight while
-//! the next is read, so an upload holds at most two parts in memory. A declared hash travels as
-//! `x-amz-checksum-sha256`, which the storage checks before it keeps anything. A commit is a
-//! server-side copy, so that a gateway which copies bytes (SeaweedFS does) writes a staged upload
-//! twice; an upload with a declared hash goes straight to its object, completed only once the
-//! streamed hash matches.
+//! `<prefix>blobs/<name>`, staging objects `<prefix>staging/<uuid>`. A body whose length is known
+//! (`Content-Length`) goes up as one PUT streamed as it arrives, whatever its size up to S3's
+//! largest PUT, so it is never held; one of unknown length up to a part as one PUT once read, and
+//! a longer one as a multipart upload, one part in flight while the next is read, so such an
+//! upload holds at most two parts in memory. A declared hash travels as `x-amz-checksum-sha256`,
+//! which the storage checks before it keeps anything. A commit is a server-side copy, so that a
+//! gateway which copies bytes (SeaweedFS does) writes a staged upload twice; an upload with a
+//! declared hash goes straight to its object.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +52,9 @@ pub struct S3Settings {
 /// The default part size: 8 MiB.
 pub const DEFAULT_PART_BYTES: usize = 8 * 1024 * 1024;
 
+/// The largest body S3 takes in one PUT (5 GiB); a longer one of known length goes up in parts.
+const SINGLE_PUT_MAX_BYTES: u64 = 5 * 1024 * 1024 * 1024;
+
 #[derive(Clone, Debug)]
 pub struct S3Blobs {
     client: Client,
@@ -88,6 +91,23 @@ fn is_digest_refusal<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool
 fn checksum_of(name: &BlobName) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(name.digest())
+}
+
+/// Reads the rest of a body only to check it against `expected`, for an object stored already:
+/// its size when it matches.
+async fn check_only(
+    mut body: ByteChunks,
+    mut hashing: Hashing,
+    expected: &BlobName,
+) -> Result<u64, BlobError> {
+    while let Some(chunk) = body.next().await {
+        hashing.update(&chunk.map_err(|e| BlobError::Body(e.to_string()))?)?;
+    }
+    let name = hashing.name();
+    if name != *expected {
+        return Err(BlobError::Mismatch(name));
+    }
+    Ok(hashing.size)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -548,8 +568,9 @@ impl Blobs for S3Blobs {
         let key = uuid::Uuid::new_v4().simple().to_string();
         let mut hashing = Hashing::new(max_bytes);
         match length {
-            // A body of one part whose length is known is sent as it arrives.
-            Some(length) if length <= self.part_bytes as u64 => {
+            // A body whose length is known is sent as it arrives, in one PUT as a direct upload
+            // would be: nothing held, no part boundaries.
+            Some(length) if length <= SINGLE_PUT_MAX_BYTES => {
                 hashing = self
                     .put_streamed(&self.staging_key(&key), body, length, None, hashing)
                     .await?;
@@ -590,13 +611,18 @@ impl Blobs for S3Blobs {
         max_bytes: u64,
     ) -> Result<u64, BlobError> {
         let mut hashing = Hashing::new(max_bytes);
-        // A body of one part whose length is known goes up as it arrives when the storage
+        // A body whose length is known goes up as it arrives, in one PUT, when the storage
         // checks it against the declared hash: nothing is held, and nothing is kept on a
         // mismatch. Rewriting an object with the same bytes is as good as finding it.
         if let Some(length) = length
-            && length <= self.part_bytes as u64
+            && length <= SINGLE_PUT_MAX_BYTES
             && self.known_to_check_checksums()
         {
+            // A body over a part is worth a question first: stored already, it is only read
+            // to check it, not written again.
+            if length > self.part_bytes as u64 && self.size(expected).await?.is_some() {
+                return check_only(of_length(body, Some(length)), hashing, expected).await;
+            }
             let hashing = self
                 .put_streamed(
                     &self.object_key(expected),
@@ -633,14 +659,7 @@ impl Blobs for S3Blobs {
         }
         if self.size(expected).await?.is_some() {
             // Stored already: read the rest only to check it.
-            while let Some(chunk) = body.next().await {
-                hashing.update(&chunk.map_err(|e| BlobError::Body(e.to_string()))?)?;
-            }
-            let name = hashing.name();
-            if name != *expected {
-                return Err(BlobError::Mismatch(name));
-            }
-            return Ok(hashing.size);
+            return check_only(body, hashing, expected).await;
         }
         // Racing uploads of the same bytes both complete the same object with the same bytes.
         let rest = futures::stream::once(async move { Ok(first.freeze()) })
