@@ -888,13 +888,22 @@ on_both_stacks!(deletion_hides_and_the_collector_removes);
 /// The collector's race with an upload of the same bytes: the collector has marked the object (no
 /// reference yet); the upload writes its reference, sees the mark and waits; the collector, which
 /// checked before the reference, removes the object and lifts its mark; the upload then writes the
-/// object again. The bytes are there at the end.
+/// object again. The bytes are there at the end. Staged, and with a declared digest (whose body
+/// streams to the storage before the reference is written, its last chunk held until then), small
+/// enough to sit in the store and large enough for the bucket or directory.
 async fn an_upload_outlives_a_collection_of_its_bytes(stack: Stack) {
     let app = spawn_app(stack).await;
+    for (len, declared) in [(11, false), (11, true), (100_000, false), (100_000, true)] {
+        an_upload_outlives_a_collection_of(&app, len, declared).await;
+    }
+    app.stop().await;
+}
+
+async fn an_upload_outlives_a_collection_of(app: &TestApp, len: usize, declared: bool) {
     let alice = app.token("alice").await;
     let bob_id = app.me(&app.token("bob").await).await;
     let chat = app.group_chat(&alice, &[&bob_id]).await;
-    let bytes = b"raced bytes".to_vec();
+    let bytes: Vec<u8> = (0..len).map(|i| (i % 241) as u8 ^ declared as u8).collect();
     let name = BlobName::of(&bytes);
     // An earlier upload left the object, and its record was deleted: the object is garbage.
     let blobs: Arc<dyn Blobs> = app_blobs(&app).await;
@@ -913,12 +922,11 @@ async fn an_upload_outlives_a_collection_of_its_bytes(stack: Stack) {
         );
         let bytes = bytes.clone();
         tokio::spawn(async move {
-            http.post(url)
-                .bearer_auth(alice)
-                .body(bytes)
-                .send()
-                .await
-                .unwrap()
+            let mut request = http.post(url).bearer_auth(alice);
+            if declared {
+                request = request.header("content-digest", content_digest(&bytes));
+            }
+            request.body(bytes).send().await.unwrap()
         })
     };
     let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -931,7 +939,7 @@ async fn an_upload_outlives_a_collection_of_its_bytes(stack: Stack) {
     }
     assert!(
         !uploading.is_finished(),
-        "the upload waits for the collection"
+        "the upload waits for the collection ({len} bytes, declared: {declared})"
     );
     // The collector read "unreferenced" before the reference: it removes the object, lifts the mark.
     blobs.delete(&name).await.unwrap();
@@ -947,6 +955,12 @@ async fn an_upload_outlives_a_collection_of_its_bytes(stack: Stack) {
         .await;
     assert_eq!(got.status(), 200);
     assert_eq!(got.bytes().await.unwrap().as_ref(), bytes.as_slice());
+    // In the storage itself, not only in the server's memory.
+    assert_eq!(
+        blobs.size(&name).await.unwrap(),
+        Some(len as u64),
+        "the object was made after the collection ({len} bytes, declared: {declared})"
+    );
     // And a collection now keeps it.
     let run = confab_api::domain::attachments::collect_garbage(
         store.as_ref(),
@@ -957,7 +971,6 @@ async fn an_upload_outlives_a_collection_of_its_bytes(stack: Stack) {
     .await
     .unwrap();
     assert_eq!(run.removed, 0);
-    app.stop().await;
 }
 on_both_stacks!(an_upload_outlives_a_collection_of_its_bytes);
 
