@@ -906,7 +906,7 @@ async fn an_upload_outlives_a_collection_of(app: &TestApp, len: usize, declared:
     let bytes: Vec<u8> = (0..len).map(|i| (i % 241) as u8 ^ declared as u8).collect();
     let name = BlobName::of(&bytes);
     // An earlier upload left the object, and its record was deleted: the object is garbage.
-    let blobs: Arc<dyn Blobs> = app_blobs(&app).await;
+    let blobs: Arc<dyn Blobs> = app_blobs(app).await;
     blobs.put(bytes.clone().into()).await.unwrap();
     let store = confab::open_store(&app.config, false).await.unwrap();
     // The collector: no reference, so it marks the object…
