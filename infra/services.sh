@@ -387,10 +387,14 @@ meilisearch_start() {
   require_free_ports meilisearch "$MEILI_PORT"
   mkdir -p "$MEILI_STATE"
   log "meilisearch: starting on $BIND_HOST:$MEILI_PORT ($(meili_binary))"
+  # Meilisearch sizes its indexing buffers from this limit (default: two thirds of the machine's
+  # memory) and fills them on every batch: with that default, a batch of 25 small documents took
+  # 0.74 s of CPU here, with 256 MiB 0.06 s.
   spawn meilisearch "$(meili_binary)" \
     --http-addr "$BIND_HOST:$MEILI_PORT" \
     --master-key "$(meili_key)" \
     --env development --no-analytics \
+    --max-indexing-memory "${CONFAB_INFRA_MEILI_INDEXING_MEMORY:-256MiB}" \
     --db-path "$MEILI_STATE/data.ms" \
     --dump-dir "$MEILI_STATE/dumps" \
     --snapshot-dir "$MEILI_STATE/snapshots"
