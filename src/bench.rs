@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use confab_runtime::config::{Config, IdentityMode};
+use confab_runtime::config::{Config, IdentityMode, SearchBackend};
 use confab_runtime::identity::DevIdentity;
 use confab_schema::{ChatId, Envelope, Event, Signal, SignalId, SignalKind, UserId};
 
@@ -120,9 +120,9 @@ pub async fn run(args: BenchArgs, mut config: Config) -> anyhow::Result<()> {
     config.api.listen = "127.0.0.1:0".parse()?;
     // One user sends and reads at the measured rates: no rate limits.
     config.limits = config.limits.without_rate_limits();
-    let event_log = own_event_log(&mut config);
+    let isolated = isolate(&mut config);
     let result = measure(&args, &config).await;
-    drop_own_event_log(&config, event_log).await;
+    drop_isolated(&config, isolated).await;
     let _ = std::fs::remove_dir_all(&data_dir);
     result
 }
@@ -261,36 +261,62 @@ pub(crate) async fn listening_url(child: &mut tokio::process::Child) -> anyhow::
     Ok(base)
 }
 
-/// Gives a benchmark's server an event log of its own on NATS: a subject prefix no other run
-/// uses. Its search index starts empty (in the scratch folder), and on a shared log its indexer
-/// would work through every event the log keeps (a day of test and benchmark runs: hundreds of
-/// thousands) while the benchmark measures. Returns what [`drop_own_event_log`] needs.
-pub(crate) fn own_event_log(config: &mut Config) -> Option<String> {
-    if config.bus.backend != confab_runtime::config::BusBackend::Nats {
-        return None;
-    }
-    config.bus.subject_prefix = format!(
-        "{}_bench_{}",
-        config.bus.subject_prefix,
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    Some(config.bus.subject_prefix.clone())
+/// What [`isolate`] gave a benchmark's server, for [`drop_isolated`] to remove afterwards.
+pub(crate) struct Isolated {
+    /// The subject prefix of its event log on NATS.
+    event_log: Option<String>,
+    /// Its Meilisearch index.
+    search_index: Option<String>,
 }
 
-/// Deletes the event log [`own_event_log`] gave a run, with every event in it.
-pub(crate) async fn drop_own_event_log(config: &Config, prefix: Option<String>) {
-    let Some(prefix) = prefix else { return };
-    let removed = async {
-        let bus = confab_runtime::bus::NatsBus::connect(
-            &config.bus.nats_url,
-            &prefix,
-            config.log_settings(),
-        )
-        .await?;
-        bus.delete_stream().await
-    };
-    if let Err(error) = removed.await {
-        eprintln!("the run's event log {prefix} was not removed: {error}");
+/// Gives a benchmark's server an event log and a search index of its own, under names no other
+/// run uses. On a shared log its indexer would work through every event the log keeps (a day of
+/// test and benchmark runs: hundreds of thousands) while the benchmark measures. A shared
+/// Meilisearch index is worse: its checkpoint is a position in an earlier run's log, past the end
+/// of this run's, so the indexer rebuilds the whole index from the store (every message of every
+/// earlier run in the keyspace) while the benchmark measures. (A tantivy index already starts
+/// empty, in the scratch folder.)
+pub(crate) fn isolate(config: &mut Config) -> Isolated {
+    let run = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    let event_log = (config.bus.backend == confab_runtime::config::BusBackend::Nats).then(|| {
+        config.bus.subject_prefix = format!("{}_bench_{run}", config.bus.subject_prefix);
+        config.bus.subject_prefix.clone()
+    });
+    let search_index = (config.search.backend == SearchBackend::Meilisearch).then(|| {
+        config.search.index = format!("{}_bench_{run}", config.search.index);
+        config.search.index.clone()
+    });
+    Isolated {
+        event_log,
+        search_index,
+    }
+}
+
+/// Deletes the event log and the search index [`isolate`] gave a run, with everything in them.
+pub(crate) async fn drop_isolated(config: &Config, isolated: Isolated) {
+    if let Some(prefix) = isolated.event_log {
+        let removed = async {
+            let bus = confab_runtime::bus::NatsBus::connect(
+                &config.bus.nats_url,
+                &prefix,
+                config.log_settings(),
+            )
+            .await?;
+            bus.delete_stream().await
+        };
+        if let Err(error) = removed.await {
+            eprintln!("the run's event log {prefix} was not removed: {error}");
+        }
+    }
+    if let Some(index) = isolated.search_index {
+        let removed = async {
+            confab_runtime::search::MeiliSearch::new(&config.meili_settings())?
+                .delete_index()
+                .await
+        };
+        if let Err(error) = removed.await {
+            eprintln!("the run's search index {index} was not removed: {error}");
+        }
     }
 }
 

@@ -55,7 +55,7 @@ pub async fn run(args: ReadsBenchArgs, mut config: Config) -> anyhow::Result<()>
     config.api.listen = "127.0.0.1:0".parse()?;
     // One user sends and reads at the measured rates: no rate limits.
     config.limits = config.limits.without_rate_limits();
-    let event_log = crate::bench::own_event_log(&mut config);
+    let isolated = crate::bench::isolate(&mut config);
     let shutdown = CancellationToken::new();
     let listener = TcpListener::bind(config.api.listen).await?;
     let base = format!("http://{}", listener.local_addr()?);
@@ -68,7 +68,7 @@ pub async fn run(args: ReadsBenchArgs, mut config: Config) -> anyhow::Result<()>
     let result = measure_all(&args, &config, &base).await;
     shutdown.cancel();
     let _ = server.await;
-    crate::bench::drop_own_event_log(&config, event_log).await;
+    crate::bench::drop_isolated(&config, isolated).await;
     let _ = std::fs::remove_dir_all(&data_dir);
     let results = result?;
 
