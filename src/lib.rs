@@ -464,6 +464,7 @@ pub async fn build(
             vapid_public_key: config.push.vapid_public_key.clone(),
             delay: config.push.delay(),
             ttl: config.push.ttl(),
+            settings_cache: config.push.settings_cache(),
         })
         .with_push_queue(Arc::clone(&push_queue))
         .with_revocations(Arc::clone(&revocations))

@@ -456,7 +456,10 @@ async fn settings_and_withdrawal(stack: Stack) {
     let keys = VapidKeys::generate();
     let receiver = start_receiver(&keys.public_key, &["laptop", "phone"]).await;
     let data = tempfile::tempdir().unwrap();
-    let config = push_config(stack, &data, &keys, 300);
+    let mut config = push_config(stack, &data, &keys, 300);
+    // Settings once read stay cached for the whole test, so each change below applies only if
+    // making it drops the cached copy.
+    config.push.settings_cache_ms = Some(600_000);
     let app = support::spawn_with(stack, config, data).await;
     let alice = app.token("alice").await;
     let bob = app.token("bob").await;
@@ -465,7 +468,7 @@ async fn settings_and_withdrawal(stack: Stack) {
     let alice_name: Value = app.get(&alice, "/v1/me").await.json().await.unwrap();
     receiver.register(&app, &bob, &["laptop", "phone"]).await;
     let mut chats = Vec::new();
-    for _ in 0..7 {
+    for _ in 0..8 {
         chats.push(app.group_chat(&alice, &[&bob_id]).await);
     }
     let [
@@ -476,7 +479,8 @@ async fn settings_and_withdrawal(stack: Stack) {
         delivered,
         withdrawn,
         later,
-    ] = <[String; 7]>::try_from(chats).unwrap();
+        muted_later,
+    ] = <[String; 8]>::try_from(chats).unwrap();
 
     // Settings: the defaults, then what bob chose; refused when out of range, unknown, or not his.
     let defaults: Value = app.get(&bob, "/v1/me/settings").await.json().await.unwrap();
@@ -594,6 +598,22 @@ async fn settings_and_withdrawal(stack: Stack) {
     send(&app, &alice, &muted, "muted").await;
     send(&app, &alice, &slow, "slow").await;
 
+    // Muted after a push: the next message is not pushed, although the chat's settings were read
+    // (and cached) for the first.
+    send(&app, &alice, &muted_later, "before the mute").await;
+    for device in ["laptop", "phone"] {
+        receiver.next_of("messages", device, &muted_later).await;
+    }
+    let muted_now = app
+        .put(
+            &bob,
+            &format!("/v1/chats/{muted_later}/settings"),
+            &json!({"muted": true}),
+        )
+        .await;
+    assert_eq!(muted_now.status(), 200);
+    send(&app, &alice, &muted_later, "after the mute").await;
+
     // Previews off: the push says who, not what.
     let no_previews = app
         .put(&bob, "/v1/me/settings", &json!({"push_previews": false}))
@@ -608,6 +628,11 @@ async fn settings_and_withdrawal(stack: Stack) {
     send(&app, &alice, &later, "after").await;
     receiver.next_of("messages", "laptop", &later).await;
     receiver.next_of("messages", "phone", &later).await;
+    assert_eq!(
+        receiver.count_for(&muted_later),
+        2,
+        "a push after the chat was muted"
+    );
     for (chat, what) in [
         (&muted, "muted"),
         (&slow, "delayed a day"),

@@ -22,6 +22,7 @@ use crate::domain::attachments::AttachmentSettings;
 use crate::domain::calls::CallSettings;
 use crate::domain::circles::CircleSettings;
 use crate::domain::devices::PushSettings;
+use crate::domain::pushes::PushSettingsCache;
 use crate::limits::RateLimits;
 use crate::outbox::Outbox;
 use crate::store::Store;
@@ -53,6 +54,8 @@ pub struct ApiState {
     pub(crate) status_events: Arc<Mutex<HashMap<UserId, Instant>>>,
     /// How push registrations are checked.
     pub(crate) push: PushSettings,
+    /// Members' push settings as last read: see `domain::pushes`.
+    pub(crate) push_settings: Arc<PushSettingsCache>,
     /// Pushes waiting for their delay (`None`: no pushes scheduled).
     pub(crate) push_queue: Option<Arc<dyn PushQueue>>,
     /// The message search engine (`None`: search answers 503).
@@ -94,6 +97,7 @@ impl ApiState {
             presence: Arc::new(EmbeddedPresence::default()),
             status_events: Arc::default(),
             push: PushSettings::default(),
+            push_settings: Arc::default(),
             push_queue: None,
             search: None,
             attachments: None,

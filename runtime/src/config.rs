@@ -277,6 +277,12 @@ pub struct PushConfig {
     pub delay_ms: Option<u64>,
     /// How long after its due time a push may still be sent; later it is dropped. Default 3600.
     pub ttl_secs: Option<u64>,
+    /// How long an api process reuses the push settings it read for a chat's members (their
+    /// mutes, delays and previews) for the chat's next messages, in milliseconds: a burst reads
+    /// them once rather than for every message. A change made through the same process applies
+    /// at once; one made through another api process applies to messages sent here after at most
+    /// this long. 0 reads them for every message. Default 1000.
+    pub settings_cache_ms: Option<u64>,
     /// Firebase Cloud Messaging (HTTP v1). Without a service-account key, FCM devices get no
     /// pushes.
     pub fcm: FcmConfig,
@@ -436,6 +442,10 @@ impl PushConfig {
 
     pub fn ttl(&self) -> Duration {
         Duration::from_secs(self.ttl_secs.unwrap_or(3_600).max(1))
+    }
+
+    pub fn settings_cache(&self) -> Duration {
+        Duration::from_millis(self.settings_cache_ms.unwrap_or(1_000))
     }
 
     pub fn subject(&self) -> String {

@@ -25,6 +25,9 @@ pub struct PushSettings {
     pub delay: std::time::Duration,
     /// How long after its due time a push may still be sent.
     pub ttl: std::time::Duration,
+    /// How long members' push settings, once read, are reused for the next messages (zero: read
+    /// for every message).
+    pub settings_cache: std::time::Duration,
 }
 
 /// A registration as the client sends it, before checking.

@@ -3,7 +3,8 @@
 //! those who allow it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use confab_runtime::push_queue::{Cancelled, PushMessage};
 use confab_schema::call::CallState;
@@ -13,6 +14,7 @@ use futures::StreamExt;
 use time::OffsetDateTime;
 
 use crate::state::ApiState;
+use crate::store::StoreError;
 
 /// Chats with more members than this are fanned out in the background, one pass in flight per
 /// chat, the messages sent meanwhile announced by the next pass (see `schedule_pushes`).
@@ -20,6 +22,120 @@ const SCHEDULED_IN_LINE_MEMBERS: usize = 1_000;
 
 /// How much of a message a push previews, in characters.
 const PREVIEW_CHARS: usize = 120;
+
+/// Entries a [`PushSettingsCache`] holds per kind before it drops the stale ones (and, if they
+/// are all fresh, every one).
+const CACHED_SETTINGS_MAX: usize = 65_536;
+
+/// Members' push settings as last read, per chat (every member's settings for it) and per user,
+/// reused for the next messages within `push.settings_cache_ms`: a burst into a chat reads them
+/// once, not twice per message. A change made through this process drops its entry at once; one
+/// made through another api process applies here once the entry is older than that.
+#[derive(Default)]
+pub(crate) struct PushSettingsCache {
+    inner: Mutex<CachedSettings>,
+}
+
+#[derive(Default)]
+struct CachedSettings {
+    /// Bumped by every change: a read that started before one is not kept.
+    generation: u64,
+    /// Each entry with the time its read started.
+    chats: HashMap<ChatId, (Instant, Arc<HashMap<UserId, ChatSettings>>)>,
+    users: HashMap<UserId, (Instant, UserSettings)>,
+}
+
+/// Makes room in `entries` for one more: drops those older than `ttl`, and all of them if that is
+/// not enough.
+fn make_room<K, V>(entries: &mut HashMap<K, (Instant, V)>, ttl: Duration) {
+    if entries.len() >= CACHED_SETTINGS_MAX {
+        entries.retain(|_, (read_at, _)| read_at.elapsed() < ttl);
+        if entries.len() >= CACHED_SETTINGS_MAX {
+            entries.clear();
+        }
+    }
+}
+
+impl PushSettingsCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CachedSettings> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The generation a read starts at: pass it to `keep_*` with what the read found.
+    fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Every member's settings for `chat`, if read within `ttl`.
+    fn chat(&self, chat: ChatId, ttl: Duration) -> Option<Arc<HashMap<UserId, ChatSettings>>> {
+        let cached = self.lock();
+        let (read_at, settings) = cached.chats.get(&chat)?;
+        (read_at.elapsed() < ttl).then(|| Arc::clone(settings))
+    }
+
+    fn keep_chat(
+        &self,
+        chat: ChatId,
+        settings: Arc<HashMap<UserId, ChatSettings>>,
+        (generation, read_at): (u64, Instant),
+        ttl: Duration,
+    ) {
+        let mut cached = self.lock();
+        if cached.generation == generation {
+            make_room(&mut cached.chats, ttl);
+            cached.chats.insert(chat, (read_at, settings));
+        }
+    }
+
+    /// The settings of those of `users` read within `ttl`, and the others.
+    fn users(
+        &self,
+        users: &[UserId],
+        ttl: Duration,
+    ) -> (HashMap<UserId, UserSettings>, Vec<UserId>) {
+        let cached = self.lock();
+        let mut found = HashMap::with_capacity(users.len());
+        let mut missing = Vec::new();
+        for user in users {
+            match cached.users.get(user) {
+                Some((read_at, settings)) if read_at.elapsed() < ttl => {
+                    found.insert(*user, settings.clone());
+                }
+                _ => missing.push(*user),
+            }
+        }
+        (found, missing)
+    }
+
+    fn keep_users<'a>(
+        &self,
+        users: impl IntoIterator<Item = (UserId, &'a UserSettings)>,
+        (generation, read_at): (u64, Instant),
+        ttl: Duration,
+    ) {
+        let mut cached = self.lock();
+        if cached.generation == generation {
+            for (user, settings) in users {
+                make_room(&mut cached.users, ttl);
+                cached.users.insert(user, (read_at, settings.clone()));
+            }
+        }
+    }
+
+    /// Called once `chat`'s settings of a member changed in the store.
+    pub(crate) fn forget_chat(&self, chat: ChatId) {
+        let mut cached = self.lock();
+        cached.generation += 1;
+        cached.chats.remove(&chat);
+    }
+
+    /// Called once `user`'s own settings changed in the store.
+    pub(crate) fn forget_user(&self, user: UserId) {
+        let mut cached = self.lock();
+        cached.generation += 1;
+        cached.users.remove(&user);
+    }
+}
 
 /// The preview of `text`: its first [`PREVIEW_CHARS`] characters, an ellipsis when cut.
 fn preview(text: &str) -> String {
@@ -38,8 +154,14 @@ impl ApiState {
     ///
     /// It completes before the send answers, so a fetch that follows the answer always finds the
     /// push to cancel. The members' settings are two reads (the chat's partition, and the users'
-    /// in batches); the recipients are scheduled concurrently.
-    pub(crate) async fn schedule_pushes(&self, created: &Signal, members: &[UserId]) {
+    /// in batches), skipped while cached (see [`PushSettingsCache`]); the author's name is the
+    /// caller's when given, else a third read. The recipients are scheduled concurrently.
+    pub(crate) async fn schedule_pushes(
+        &self,
+        created: &Signal,
+        members: &[UserId],
+        author_name: Option<&str>,
+    ) {
         if self.push_queue.is_none() {
             return;
         }
@@ -68,7 +190,7 @@ impl ApiState {
                         (members, created),
                         |_, (members, created)| async move {
                             metrics::counter!("confab_pushes_large_chat_passes_total").increment(1);
-                            state.schedule_for(&created, &members).await;
+                            state.schedule_for(&created, &members, None).await;
                             Ok::<(), std::convert::Infallible>(())
                         },
                     )
@@ -77,12 +199,12 @@ impl ApiState {
             });
             return;
         }
-        self.schedule_for(created, members).await;
+        self.schedule_for(created, members, author_name).await;
     }
 
     /// Schedules a push of `created` for each of `members` but its author who has not muted the
     /// chat (one queue entry per recipient, collapsed per chat).
-    async fn schedule_for(&self, created: &Signal, members: &[UserId]) {
+    async fn schedule_for(&self, created: &Signal, members: &[UserId], author_name: Option<&str>) {
         let Some(queue) = &self.push_queue else {
             return;
         };
@@ -94,27 +216,28 @@ impl ApiState {
         if recipients.is_empty() {
             return;
         }
-        let (chat_settings, user_settings, author) = futures::join!(
-            self.store.chat_settings_of(created.chat_id),
-            self.store.user_settings(&recipients),
-            self.store.get_user(created.author_id),
+        let (chat_settings, user_settings, author_name) = futures::join!(
+            self.push_chat_settings(created.chat_id),
+            self.push_user_settings(&recipients),
+            async {
+                match author_name {
+                    Some(name) => name.to_owned(),
+                    None => match self.store.get_user(created.author_id).await {
+                        Ok(Some(user)) => user.display_name,
+                        _ => String::new(),
+                    },
+                }
+            },
         );
         // Without their settings, a muted recipient might be woken: better no push than that.
         let (chat_settings, user_settings) = match (chat_settings, user_settings) {
-            (Ok(chats), Ok(users)) => (
-                chats.into_iter().collect::<HashMap<UserId, ChatSettings>>(),
-                users.into_iter().collect::<HashMap<UserId, UserSettings>>(),
-            ),
+            (Ok(chats), Ok(users)) => (chats, users),
             (Err(error), _) | (_, Err(error)) => {
                 metrics::counter!("confab_pushes_schedule_failures_total")
                     .increment(recipients.len() as u64);
                 tracing::warn!(%error, "push settings unavailable; no pushes scheduled");
                 return;
             }
-        };
-        let author_name = match author {
-            Ok(Some(user)) => user.display_name,
-            _ => String::new(),
         };
         let text_preview = created.text.as_deref().map(preview);
         let now = OffsetDateTime::now_utc();
@@ -158,6 +281,61 @@ impl ApiState {
             .await;
     }
 
+    /// Every member's settings for `chat`: cached, or read.
+    async fn push_chat_settings(
+        &self,
+        chat: ChatId,
+    ) -> Result<Arc<HashMap<UserId, ChatSettings>>, StoreError> {
+        let ttl = self.push.settings_cache;
+        if let Some(cached) = self.push_settings.chat(chat, ttl) {
+            return Ok(cached);
+        }
+        let started = (self.push_settings.generation(), Instant::now());
+        let read: Arc<HashMap<UserId, ChatSettings>> = Arc::new(
+            self.store
+                .chat_settings_of(chat)
+                .await?
+                .into_iter()
+                .collect(),
+        );
+        if !ttl.is_zero() {
+            self.push_settings
+                .keep_chat(chat, Arc::clone(&read), started, ttl);
+        }
+        Ok(read)
+    }
+
+    /// The settings of each of `users` (the defaults for those who saved none): cached, or read.
+    async fn push_user_settings(
+        &self,
+        users: &[UserId],
+    ) -> Result<HashMap<UserId, UserSettings>, StoreError> {
+        let ttl = self.push.settings_cache;
+        let (mut found, missing) = self.push_settings.users(users, ttl);
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let started = (self.push_settings.generation(), Instant::now());
+        let mut read: HashMap<UserId, UserSettings> = self
+            .store
+            .user_settings(&missing)
+            .await?
+            .into_iter()
+            .collect();
+        for user in &missing {
+            read.entry(*user).or_default();
+        }
+        if !ttl.is_zero() {
+            self.push_settings.keep_users(
+                read.iter().map(|(user, settings)| (*user, settings)),
+                started,
+                ttl,
+            );
+        }
+        found.extend(read);
+        Ok(found)
+    }
+
     /// Cancels `user`'s pending push of `chat` when it announces nothing newer than `up_to`: they
     /// fetched, read or received that far. A push already sent that announced nothing newer is
     /// withdrawn from their devices.
@@ -184,6 +362,56 @@ impl ApiState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LONG: Duration = Duration::from_secs(600);
+
+    fn muted() -> Arc<HashMap<UserId, ChatSettings>> {
+        let settings = ChatSettings {
+            muted: true,
+            ..Default::default()
+        };
+        Arc::new(HashMap::from([(
+            UserId::from_subject("test", "bob"),
+            settings,
+        )]))
+    }
+
+    #[test]
+    fn cached_settings_are_reused_until_they_are_stale_or_changed() {
+        let cache = PushSettingsCache::default();
+        let chat = ChatId::new();
+        let started = (cache.generation(), Instant::now());
+        cache.keep_chat(chat, muted(), started, LONG);
+        assert_eq!(cache.chat(chat, LONG), Some(muted()));
+        assert_eq!(cache.chat(chat, Duration::ZERO), None, "stale");
+        cache.forget_chat(chat);
+        assert_eq!(cache.chat(chat, LONG), None, "changed");
+
+        let bob = UserId::from_subject("test", "bob");
+        let carol = UserId::from_subject("test", "carol");
+        let started = (cache.generation(), Instant::now());
+        cache.keep_users([(bob, &UserSettings::default())], started, LONG);
+        let (found, missing) = cache.users(&[bob, carol], LONG);
+        assert_eq!(found.keys().collect::<Vec<_>>(), [&bob]);
+        assert_eq!(missing, [carol]);
+        cache.forget_user(bob);
+        assert_eq!(cache.users(&[bob], LONG).1, [bob]);
+    }
+
+    #[test]
+    fn a_read_that_started_before_a_change_is_not_kept() {
+        let cache = PushSettingsCache::default();
+        let chat = ChatId::new();
+        let bob = UserId::from_subject("test", "bob");
+        let started = (cache.generation(), Instant::now());
+        // The change lands while the read is in flight; what the read found may predate it.
+        cache.forget_chat(chat);
+        cache.forget_user(bob);
+        cache.keep_chat(chat, muted(), started, LONG);
+        cache.keep_users([(bob, &UserSettings::default())], started, LONG);
+        assert_eq!(cache.chat(chat, LONG), None);
+        assert_eq!(cache.users(&[bob], LONG).1, [bob]);
+    }
 
     #[test]
     fn a_preview_is_cut_on_a_character() {

@@ -56,6 +56,7 @@ impl ApiState {
         settings: NewUserSettings,
     ) -> ApiResult<UserSettings> {
         self.store.put_user_settings(caller, &settings.0).await?;
+        self.push_settings.forget_user(caller);
         Ok(settings.0)
     }
 
@@ -80,6 +81,7 @@ impl ApiState {
         self.store
             .put_chat_settings(chat, caller, &settings.0)
             .await?;
+        self.push_settings.forget_chat(chat);
         Ok(settings.0)
     }
 }

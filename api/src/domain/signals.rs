@@ -128,7 +128,10 @@ impl ApiState {
             reactions: Default::default(),
             call: None,
         };
-        match self.record(&signal, members).await? {
+        match self
+            .record(&signal, members, Some(&caller.display_name))
+            .await?
+        {
             Inserted::Existing(existing) => {
                 // The first attempt may have stored the signal and then failed to publish its
                 // event (a crash, the bus down): publish it again. Within the log's duplicate
@@ -319,7 +322,7 @@ impl ApiState {
             .into_iter()
             .map(|m| m.user_id)
             .collect();
-        Ok(self.record(&signal, members).await?.signal().clone())
+        Ok(self.record(&signal, members, None).await?.signal().clone())
     }
 
     /// A signal of the chat, as 404 when there is none.
@@ -358,8 +361,14 @@ impl ApiState {
 
     /// Stores `signal` as new history, publishes it, then moves the chat up in its members' lists.
     /// Its event goes to the outbox first: a failed store write leaves the entry for a sweep,
-    /// which publishes it only if the write happened after all.
-    async fn record(&self, signal: &Signal, members: Vec<UserId>) -> ApiResult<Inserted> {
+    /// which publishes it only if the write happened after all. `author_name` is the author's
+    /// display name when the caller has it at hand (a push shows it); else it is read.
+    async fn record(
+        &self,
+        signal: &Signal,
+        members: Vec<UserId>,
+        author_name: Option<&str>,
+    ) -> ApiResult<Inserted> {
         let intent = self
             .outbox
             .intend(&*self.store, &Envelope::signal_created(signal.clone()))
@@ -371,7 +380,7 @@ impl ApiState {
                 // path.
                 self.publish_intended(Envelope::signal_created(created.clone()), intent)
                     .await;
-                self.bookkeep(created, members).await;
+                self.bookkeep(created, members, author_name).await;
             }
             // Another attempt of this nonce stored its own signal; this one's id is not history.
             Inserted::Existing(_) => self.forgo(intent),
@@ -382,8 +391,8 @@ impl ApiState {
     /// After a signal is stored and published: moves the chat up in its members' lists and the
     /// author's read marker to it, coalesced per chat. The signal is history already, so a failure
     /// here is not the sender's failure: it is retried in the background, and the send succeeds.
-    async fn bookkeep(&self, created: &Signal, members: Vec<UserId>) {
-        self.schedule_pushes(created, &members).await;
+    async fn bookkeep(&self, created: &Signal, members: Vec<UserId>, author_name: Option<&str>) {
+        self.schedule_pushes(created, &members, author_name).await;
         let (touched, marked) = futures::join!(
             self.touch(created.clone(), members.clone()),
             self.mark_authors_read(created)
