@@ -130,53 +130,11 @@ pub async fn run(args: BenchArgs, mut config: Config) -> anyhow::Result<()> {
 async fn measure(args: &BenchArgs, config: &Config) -> anyhow::Result<()> {
     let baseline = bus_baseline(config, args.messages, args.rate).await?;
     let mut bench = PostToSse::start(config, args).await?;
-    if args.warmup > 0 {
-        println!("warming up: {} messages at {}/s", args.warmup, args.rate);
-        bench.phase(args.warmup, args.rate, false).await?;
-    }
-    let mut runs = Vec::new();
-    for run in 1..=args.runs {
-        let summary = bench.phase(args.messages, args.rate, true).await?;
-        println!(
-            "run {run}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{}",
-            summary.p50_ms,
-            summary.p99_ms,
-            summary.max_ms,
-            if summary.p99_ms <= args.p99_target_ms {
-                ""
-            } else {
-                "  (over the target)"
-            }
-        );
-        runs.push(summary);
-    }
-    let mut search = Vec::new();
-    let mut highest_met = None;
-    if args.find_max_rate {
-        let mut rate = args.rate;
-        while rate <= args.max_rate {
-            let messages = usize::try_from(u64::from(rate) * args.step_secs)?;
-            let summary = bench.phase(messages, rate, true).await?;
-            let met = summary.p99_ms <= args.p99_target_ms
-                && summary.count == messages as u64
-                && summary.sent_per_second >= f64::from(rate) * 0.95;
-            println!(
-                "rate {rate}/s: sent {:.0}/s, delivered {}/{messages}, p50 {:.2} ms, p99 {:.2} ms{}",
-                summary.sent_per_second,
-                summary.count,
-                summary.p50_ms,
-                summary.p99_ms,
-                if met { "" } else { "  (over the target)" }
-            );
-            search.push((rate, summary, met));
-            if !met {
-                break;
-            }
-            highest_met = Some(rate);
-            rate += args.rate_step.max(1);
-        }
-    }
+    // The server stops before the caller removes its event log and search index, also when a
+    // phase failed: a server left running would write its index again.
+    let phases = run_phases(args, &mut bench).await;
     bench.stop().await;
+    let (runs, search, highest_met) = phases?;
 
     let meeting = runs
         .iter()
@@ -259,6 +217,60 @@ pub(crate) async fn listening_url(child: &mut tokio::process::Child) -> anyhow::
     .context("confab serve did not start")??;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok(base)
+}
+
+/// The warm-up, the measured runs and the rate search, on a started benchmark.
+async fn run_phases(
+    args: &BenchArgs,
+    bench: &mut PostToSse,
+) -> anyhow::Result<(Vec<Summary>, Vec<(u32, Summary, bool)>, Option<u32>)> {
+    if args.warmup > 0 {
+        println!("warming up: {} messages at {}/s", args.warmup, args.rate);
+        bench.phase(args.warmup, args.rate, false).await?;
+    }
+    let mut runs = Vec::new();
+    for run in 1..=args.runs {
+        let summary = bench.phase(args.messages, args.rate, true).await?;
+        println!(
+            "run {run}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{}",
+            summary.p50_ms,
+            summary.p99_ms,
+            summary.max_ms,
+            if summary.p99_ms <= args.p99_target_ms {
+                ""
+            } else {
+                "  (over the target)"
+            }
+        );
+        runs.push(summary);
+    }
+    let mut search = Vec::new();
+    let mut highest_met = None;
+    if args.find_max_rate {
+        let mut rate = args.rate;
+        while rate <= args.max_rate {
+            let messages = usize::try_from(u64::from(rate) * args.step_secs)?;
+            let summary = bench.phase(messages, rate, true).await?;
+            let met = summary.p99_ms <= args.p99_target_ms
+                && summary.count == messages as u64
+                && summary.sent_per_second >= f64::from(rate) * 0.95;
+            println!(
+                "rate {rate}/s: sent {:.0}/s, delivered {}/{messages}, p50 {:.2} ms, p99 {:.2} ms{}",
+                summary.sent_per_second,
+                summary.count,
+                summary.p50_ms,
+                summary.p99_ms,
+                if met { "" } else { "  (over the target)" }
+            );
+            search.push((rate, summary, met));
+            if !met {
+                break;
+            }
+            highest_met = Some(rate);
+            rate += args.rate_step.max(1);
+        }
+    }
+    Ok((runs, search, highest_met))
 }
 
 /// What [`isolate`] gave a benchmark's server, for [`drop_isolated`] to remove afterwards.
