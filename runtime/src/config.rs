@@ -896,7 +896,10 @@ impl Default for IdentityConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
-    /// `tracing` filter directive. Default `info` (overridden by `RUST_LOG`).
+    /// `tracing` filter directive. Default `info,meilisearch_sdk::request=error` (overridden by
+    /// `RUST_LOG`): the Meilisearch client logs every answer it did not expect as a warning,
+    /// also the 404s confab asks for on purpose (an index or a checkpoint not made yet); the
+    /// failures that matter are logged by confab itself.
     pub log_filter: String,
     /// `text` or `json` log lines. Default `text`.
     pub log_format: String,
@@ -905,7 +908,7 @@ pub struct TelemetryConfig {
 impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
-            log_filter: "info".into(),
+            log_filter: "info,meilisearch_sdk::request=error".into(),
             log_format: "text".into(),
         }
     }
