@@ -23,14 +23,16 @@ const SCHEDULED_IN_LINE_MEMBERS: usize = 1_000;
 /// How much of a message a push previews, in characters.
 const PREVIEW_CHARS: usize = 120;
 
-/// Entries a [`PushSettingsCache`] holds per kind before it drops the stale ones (and, if they
-/// are all fresh, every one).
+/// How many settings a [`PushSettingsCache`] holds of each kind (users' own; members' of chats,
+/// counted per member) before it drops the stale ones, and all of them if that is not enough.
 const CACHED_SETTINGS_MAX: usize = 65_536;
 
 /// Members' push settings as last read, per chat (every member's settings for it) and per user,
-/// reused for the next messages within `push.settings_cache_ms`: a burst into a chat reads them
-/// once, not twice per message. A change made through this process drops its entry at once; one
-/// made through another api process applies here once the entry is older than that.
+/// reused for the chat's next messages within `push.settings_cache_ms`: a burst into a chat reads
+/// them once per that time, not twice per message. A change made through this process drops its
+/// entry at once; one made through another api process applies here once the entry is older than
+/// that. Only chats scheduled in line (up to [`SCHEDULED_IN_LINE_MEMBERS`]) are cached: a large
+/// chat's pass is in the background and one per burst already.
 #[derive(Default)]
 pub(crate) struct PushSettingsCache {
     inner: Mutex<CachedSettings>,
@@ -42,16 +44,43 @@ struct CachedSettings {
     generation: u64,
     /// Each entry with the time its read started.
     chats: HashMap<ChatId, (Instant, Arc<HashMap<UserId, ChatSettings>>)>,
+    /// The members' settings held in `chats` (a chat without any counts as one).
+    chat_weight: usize,
     users: HashMap<UserId, (Instant, UserSettings)>,
 }
 
-/// Makes room in `entries` for one more: drops those older than `ttl`, and all of them if that is
-/// not enough.
-fn make_room<K, V>(entries: &mut HashMap<K, (Instant, V)>, ttl: Duration) {
-    if entries.len() >= CACHED_SETTINGS_MAX {
-        entries.retain(|_, (read_at, _)| read_at.elapsed() < ttl);
-        if entries.len() >= CACHED_SETTINGS_MAX {
-            entries.clear();
+/// What a chat's entry counts towards [`CACHED_SETTINGS_MAX`].
+fn weight(settings: &HashMap<UserId, ChatSettings>) -> usize {
+    settings.len().max(1)
+}
+
+impl CachedSettings {
+    /// Makes room in `chats` for an entry of `adding`: drops those older than `ttl`, and all of
+    /// them if that is not enough.
+    fn make_room_for_chat(&mut self, adding: usize, ttl: Duration) {
+        if self.chat_weight + adding > CACHED_SETTINGS_MAX {
+            self.chats.retain(|_, (read_at, _)| read_at.elapsed() < ttl);
+            self.chat_weight = self.chats.values().map(|(_, s)| weight(s)).sum();
+            if self.chat_weight + adding > CACHED_SETTINGS_MAX {
+                self.chats.clear();
+                self.chat_weight = 0;
+            }
+        }
+    }
+
+    fn remove_chat(&mut self, chat: ChatId) {
+        if let Some((_, settings)) = self.chats.remove(&chat) {
+            self.chat_weight -= weight(&settings);
+        }
+    }
+
+    /// Makes room in `users` for one more, as `make_room_for_chat` does.
+    fn make_room_for_user(&mut self, ttl: Duration) {
+        if self.users.len() >= CACHED_SETTINGS_MAX {
+            self.users.retain(|_, (read_at, _)| read_at.elapsed() < ttl);
+            if self.users.len() >= CACHED_SETTINGS_MAX {
+                self.users.clear();
+            }
         }
     }
 }
@@ -80,9 +109,12 @@ impl PushSettingsCache {
         (generation, read_at): (u64, Instant),
         ttl: Duration,
     ) {
+        let adding = weight(&settings);
         let mut cached = self.lock();
-        if cached.generation == generation {
-            make_room(&mut cached.chats, ttl);
+        if cached.generation == generation && adding <= CACHED_SETTINGS_MAX {
+            cached.remove_chat(chat);
+            cached.make_room_for_chat(adding, ttl);
+            cached.chat_weight += adding;
             cached.chats.insert(chat, (read_at, settings));
         }
     }
@@ -116,7 +148,7 @@ impl PushSettingsCache {
         let mut cached = self.lock();
         if cached.generation == generation {
             for (user, settings) in users {
-                make_room(&mut cached.users, ttl);
+                cached.make_room_for_user(ttl);
                 cached.users.insert(user, (read_at, settings.clone()));
             }
         }
@@ -126,7 +158,7 @@ impl PushSettingsCache {
     pub(crate) fn forget_chat(&self, chat: ChatId) {
         let mut cached = self.lock();
         cached.generation += 1;
-        cached.chats.remove(&chat);
+        cached.remove_chat(chat);
     }
 
     /// Called once `user`'s own settings changed in the store.
@@ -190,7 +222,7 @@ impl ApiState {
                         (members, created),
                         |_, (members, created)| async move {
                             metrics::counter!("confab_pushes_large_chat_passes_total").increment(1);
-                            state.schedule_for(&created, &members, None).await;
+                            state.schedule_for(&created, &members, None, false).await;
                             Ok::<(), std::convert::Infallible>(())
                         },
                     )
@@ -199,12 +231,19 @@ impl ApiState {
             });
             return;
         }
-        self.schedule_for(created, members, author_name).await;
+        self.schedule_for(created, members, author_name, true).await;
     }
 
     /// Schedules a push of `created` for each of `members` but its author who has not muted the
-    /// chat (one queue entry per recipient, collapsed per chat).
-    async fn schedule_for(&self, created: &Signal, members: &[UserId], author_name: Option<&str>) {
+    /// chat (one queue entry per recipient, collapsed per chat). `cached`: the members' settings
+    /// may come from (and go to) the [`PushSettingsCache`].
+    async fn schedule_for(
+        &self,
+        created: &Signal,
+        members: &[UserId],
+        author_name: Option<&str>,
+        cached: bool,
+    ) {
         let Some(queue) = &self.push_queue else {
             return;
         };
@@ -217,8 +256,8 @@ impl ApiState {
             return;
         }
         let (chat_settings, user_settings, author_name) = futures::join!(
-            self.push_chat_settings(created.chat_id),
-            self.push_user_settings(&recipients),
+            self.push_chat_settings(created.chat_id, cached),
+            self.push_user_settings(&recipients, cached),
             async {
                 match author_name {
                     Some(name) => name.to_owned(),
@@ -281,12 +320,22 @@ impl ApiState {
             .await;
     }
 
+    /// How long cached settings stay usable: zero (never) when not `cached`.
+    fn settings_cache_ttl(&self, cached: bool) -> Duration {
+        if cached {
+            self.push.settings_cache
+        } else {
+            Duration::ZERO
+        }
+    }
+
     /// Every member's settings for `chat`: cached, or read.
     async fn push_chat_settings(
         &self,
         chat: ChatId,
+        cached: bool,
     ) -> Result<Arc<HashMap<UserId, ChatSettings>>, StoreError> {
-        let ttl = self.push.settings_cache;
+        let ttl = self.settings_cache_ttl(cached);
         if let Some(cached) = self.push_settings.chat(chat, ttl) {
             return Ok(cached);
         }
@@ -309,8 +358,9 @@ impl ApiState {
     async fn push_user_settings(
         &self,
         users: &[UserId],
+        cached: bool,
     ) -> Result<HashMap<UserId, UserSettings>, StoreError> {
-        let ttl = self.push.settings_cache;
+        let ttl = self.settings_cache_ttl(cached);
         let (mut found, missing) = self.push_settings.users(users, ttl);
         if missing.is_empty() {
             return Ok(found);
@@ -396,6 +446,23 @@ mod tests {
         assert_eq!(missing, [carol]);
         cache.forget_user(bob);
         assert_eq!(cache.users(&[bob], LONG).1, [bob]);
+    }
+
+    #[test]
+    fn the_chats_held_stay_within_the_bound() {
+        let cache = PushSettingsCache::default();
+        let first = ChatId::new();
+        for chat in std::iter::once(first).chain((0..CACHED_SETTINGS_MAX).map(|_| ChatId::new())) {
+            let started = (cache.generation(), Instant::now());
+            cache.keep_chat(chat, muted(), started, LONG);
+        }
+        cache.forget_chat(first);
+        let held = cache.lock();
+        assert!(held.chats.len() <= CACHED_SETTINGS_MAX);
+        assert_eq!(
+            held.chat_weight,
+            held.chats.values().map(|(_, s)| weight(s)).sum::<usize>()
+        );
     }
 
     #[test]

@@ -55,8 +55,10 @@ impl ApiState {
         caller: UserId,
         settings: NewUserSettings,
     ) -> ApiResult<UserSettings> {
-        self.store.put_user_settings(caller, &settings.0).await?;
+        let stored = self.store.put_user_settings(caller, &settings.0).await;
+        // Also after an error: a write that timed out may have been applied.
         self.push_settings.forget_user(caller);
+        stored?;
         Ok(settings.0)
     }
 
@@ -78,10 +80,13 @@ impl ApiState {
         settings: NewChatSettings,
     ) -> ApiResult<ChatSettings> {
         self.require_member(chat, caller).await?;
-        self.store
+        let stored = self
+            .store
             .put_chat_settings(chat, caller, &settings.0)
-            .await?;
+            .await;
+        // Also after an error: a write that timed out may have been applied.
         self.push_settings.forget_chat(chat);
+        stored?;
         Ok(settings.0)
     }
 }
