@@ -478,27 +478,30 @@ impl PostToSse {
             listener,
             shutdown.clone(),
         ));
-        let http = http_client(config, 1024)?;
-        let alice = token(config, &http, "alice", args.password.as_deref()).await?;
-        let bob = token(config, &http, "bob", args.password.as_deref()).await?;
-        let mut bob_id = None;
-        for _ in 0..100 {
-            if let Ok(response) = http
-                .get(format!("{base}/v1/me"))
-                .bearer_auth(&bob)
-                .send()
-                .await
-                && response.status().is_success()
-            {
-                bob_id = Some(response.json::<Value>().await?["id"].clone());
-                break;
+        // A start that fails part-way stops the server it started before it returns: the caller
+        // then removes the run's log and index, which a running server could make again.
+        let connected = async {
+            let http = http_client(config, 1024)?;
+            let alice = token(config, &http, "alice", args.password.as_deref()).await?;
+            let bob = token(config, &http, "bob", args.password.as_deref()).await?;
+            let mut bob_id = None;
+            for _ in 0..100 {
+                if let Ok(response) = http
+                    .get(format!("{base}/v1/me"))
+                    .bearer_auth(&bob)
+                    .send()
+                    .await
+                    && response.status().is_success()
+                {
+                    bob_id = Some(response.json::<Value>().await?["id"].clone());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let bob_id = bob_id.context("the server did not answer")?;
-        let mut chats = Vec::with_capacity(args.chats);
-        for n in 0..args.chats {
-            let chat: Value = http
+            let bob_id = bob_id.context("the server did not answer")?;
+            let mut chats = Vec::with_capacity(args.chats);
+            for n in 0..args.chats {
+                let chat: Value = http
                 .post(format!("{base}/v1/chats"))
                 .bearer_auth(&alice)
                 .json(&json!({"kind": "group", "name": format!("bench {n}"), "members": [bob_id]}))
@@ -507,51 +510,63 @@ impl PostToSse {
                 .error_for_status()?
                 .json()
                 .await?;
-            chats.push(chat["id"].as_str().context("no chat id")?.to_owned());
-        }
+                chats.push(chat["id"].as_str().context("no chat id")?.to_owned());
+            }
 
-        let sse = http
-            .get(format!("{base}/v1/events"))
-            .bearer_auth(&bob)
-            .send()
-            .await?
-            .error_for_status()?;
-        let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let (deliveries_tx, deliveries) = tokio::sync::mpsc::unbounded_channel();
-        let reader = {
-            let sent = Arc::clone(&sent);
-            tokio::spawn(async move {
-                let mut ready = Some(ready_tx);
-                let mut body = sse.bytes_stream();
-                let mut buffer = String::new();
-                while let Some(Ok(chunk)) = body.next().await {
-                    let arrived = Instant::now();
-                    buffer.push_str(&String::from_utf8_lossy(&chunk));
-                    while let Some(end) = buffer.find("\n\n") {
-                        let frame: String = buffer.drain(..end + 2).collect();
-                        if frame.contains("event: ready")
-                            && let Some(tx) = ready.take()
-                        {
-                            let _ = tx.send(());
-                        }
-                        for line in frame.lines() {
-                            if let Some(data) = line.strip_prefix("data: ")
-                                && let Ok(event) = serde_json::from_str::<Value>(data)
-                                && let Some(text) = event["data"]["text"].as_str()
-                                && let Some(at) = sent.lock().ok().and_then(|mut s| s.remove(text))
+            let sse = http
+                .get(format!("{base}/v1/events"))
+                .bearer_auth(&bob)
+                .send()
+                .await?
+                .error_for_status()?;
+            let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            let (deliveries_tx, deliveries) = tokio::sync::mpsc::unbounded_channel();
+            let reader = {
+                let sent = Arc::clone(&sent);
+                tokio::spawn(async move {
+                    let mut ready = Some(ready_tx);
+                    let mut body = sse.bytes_stream();
+                    let mut buffer = String::new();
+                    while let Some(Ok(chunk)) = body.next().await {
+                        let arrived = Instant::now();
+                        buffer.push_str(&String::from_utf8_lossy(&chunk));
+                        while let Some(end) = buffer.find("\n\n") {
+                            let frame: String = buffer.drain(..end + 2).collect();
+                            if frame.contains("event: ready")
+                                && let Some(tx) = ready.take()
                             {
-                                let latency = arrived.duration_since(at).as_micros() as u64;
-                                let _ = deliveries_tx.send((latency, at));
+                                let _ = tx.send(());
+                            }
+                            for line in frame.lines() {
+                                if let Some(data) = line.strip_prefix("data: ")
+                                    && let Ok(event) = serde_json::from_str::<Value>(data)
+                                    && let Some(text) = event["data"]["text"].as_str()
+                                    && let Some(at) =
+                                        sent.lock().ok().and_then(|mut s| s.remove(text))
+                                {
+                                    let latency = arrived.duration_since(at).as_micros() as u64;
+                                    let _ = deliveries_tx.send((latency, at));
+                                }
                             }
                         }
                     }
-                }
-            })
+                })
+            };
+            ready_rx
+                .await
+                .context("the event stream never became ready")?;
+            anyhow::Ok((http, alice, chats, sent, deliveries, reader))
+        }
+        .await;
+        let (http, alice, chats, sent, deliveries, reader) = match connected {
+            Ok(parts) => parts,
+            Err(error) => {
+                shutdown.cancel();
+                let _ = server.await;
+                return Err(error);
+            }
         };
-        ready_rx
-            .await
-            .context("the event stream never became ready")?;
         Ok(PostToSse {
             shutdown,
             server,
