@@ -270,8 +270,14 @@ impl Search for MeiliSearch {
         let results = match tokio::time::timeout(self.timeout, request.execute::<Found>()).await {
             Err(_) => return Err(unavailable("Meilisearch did not answer in time")),
             Ok(Ok(results)) => results,
-            // Not created yet (no indexer has prepared it): nothing is indexed.
+            // Not created yet (no indexer has prepared it): nothing is indexed. Said once per
+            // process, since the client's own warning is filtered out by default and an index
+            // name that no indexer uses would otherwise go unnoticed.
             Ok(Err(Error::Meilisearch(error))) if error.error_code == ErrorCode::IndexNotFound => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    tracing::warn!(index = %self.index.uid, "the search index does not exist yet: searches find nothing until an indexer creates it");
+                });
                 return Ok(Hits::default());
             }
             Ok(Err(error)) => return Err(classify(error)),
