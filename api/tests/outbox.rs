@@ -196,6 +196,21 @@ async fn logged_until(
     }
 }
 
+/// Records `doomed` alive until now, as its heartbeat loop would have kept it until it died. A
+/// sweep reads a silent writer's entries up to one silence allowance after its last heartbeat;
+/// these tests' doomed processes run no loop and are swept with no allowance, so without this an
+/// entry written in a later ten-second bucket than the first heartbeat would be out of reach.
+async fn alive_until_now(store: &dyn Store, doomed: &ApiState, since_ms: i64) {
+    store
+        .outbox_heartbeat(
+            doomed.outbox_writer(),
+            since_ms,
+            confab_runtime::presence::now_ms(),
+        )
+        .await
+        .expect("a heartbeat");
+}
+
 const SWEEP_NOW: SweepSettings = SweepSettings {
     interval: Duration::from_millis(100),
     silent_after: Duration::ZERO,
@@ -205,6 +220,7 @@ async fn a_silent_writers_events_are_published_by_a_sweep(parts: Parts) {
     let alice = user("alice");
     let chat = chat(&*parts.store, &alice).await;
     let refused: Arc<dyn Bus> = Arc::new(RefusingBus(Arc::clone(&parts.bus)));
+    let began = confab_runtime::presence::now_ms();
     // The process that crashes: it stores, but the bus refuses its appends.
     let doomed = ApiState::new(
         Arc::clone(&parts.store),
@@ -252,6 +268,7 @@ async fn a_silent_writers_events_are_published_by_a_sweep(parts: Parts) {
         logged(&*parts.bus, chat).await.is_empty(),
         "the refusing bus logged nothing"
     );
+    alive_until_now(&*parts.store, &doomed, began).await;
 
     // Another process, with the bus working: the first finds nothing to do while `doomed` is
     // within its silence allowance, then sweeps it.
@@ -359,6 +376,7 @@ async fn a_silent_writers_reactions_markers_and_membership_are_published_by_a_sw
         .await
         .expect("sent");
 
+    let began = confab_runtime::presence::now_ms();
     // The process that crashes: every change is stored, every event refused.
     let doomed = ApiState::new(
         Arc::clone(&parts.store),
@@ -420,6 +438,7 @@ async fn a_silent_writers_reactions_markers_and_membership_are_published_by_a_sw
         )
         .await
         .expect("renames");
+    alive_until_now(&*parts.store, &doomed, began).await;
     let before = logged(&*parts.bus, chat).await;
     assert_eq!(
         before.len(),
