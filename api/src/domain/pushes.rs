@@ -24,7 +24,7 @@ const SCHEDULED_IN_LINE_MEMBERS: usize = 1_000;
 const PREVIEW_CHARS: usize = 120;
 
 /// How many settings a [`PushSettingsCache`] holds of each kind (users' own; members' of chats,
-/// counted per member) before it drops the stale ones, and all of them if that is not enough.
+/// counted per member) before it starts again empty, as the provisioning cache does.
 const CACHED_SETTINGS_MAX: usize = 65_536;
 
 /// Members' push settings as last read, per chat (every member's settings for it) and per user,
@@ -55,32 +55,9 @@ fn weight(settings: &HashMap<UserId, ChatSettings>) -> usize {
 }
 
 impl CachedSettings {
-    /// Makes room in `chats` for an entry of `adding`: drops those older than `ttl`, and all of
-    /// them if that is not enough.
-    fn make_room_for_chat(&mut self, adding: usize, ttl: Duration) {
-        if self.chat_weight + adding > CACHED_SETTINGS_MAX {
-            self.chats.retain(|_, (read_at, _)| read_at.elapsed() < ttl);
-            self.chat_weight = self.chats.values().map(|(_, s)| weight(s)).sum();
-            if self.chat_weight + adding > CACHED_SETTINGS_MAX {
-                self.chats.clear();
-                self.chat_weight = 0;
-            }
-        }
-    }
-
     fn remove_chat(&mut self, chat: ChatId) {
         if let Some((_, settings)) = self.chats.remove(&chat) {
             self.chat_weight -= weight(&settings);
-        }
-    }
-
-    /// Makes room in `users` for one more, as `make_room_for_chat` does.
-    fn make_room_for_user(&mut self, ttl: Duration) {
-        if self.users.len() >= CACHED_SETTINGS_MAX {
-            self.users.retain(|_, (read_at, _)| read_at.elapsed() < ttl);
-            if self.users.len() >= CACHED_SETTINGS_MAX {
-                self.users.clear();
-            }
         }
     }
 }
@@ -107,13 +84,15 @@ impl PushSettingsCache {
         chat: ChatId,
         settings: Arc<HashMap<UserId, ChatSettings>>,
         (generation, read_at): (u64, Instant),
-        ttl: Duration,
     ) {
         let adding = weight(&settings);
         let mut cached = self.lock();
         if cached.generation == generation && adding <= CACHED_SETTINGS_MAX {
             cached.remove_chat(chat);
-            cached.make_room_for_chat(adding, ttl);
+            if cached.chat_weight + adding > CACHED_SETTINGS_MAX {
+                cached.chats.clear();
+                cached.chat_weight = 0;
+            }
             cached.chat_weight += adding;
             cached.chats.insert(chat, (read_at, settings));
         }
@@ -143,12 +122,13 @@ impl PushSettingsCache {
         &self,
         users: impl IntoIterator<Item = (UserId, &'a UserSettings)>,
         (generation, read_at): (u64, Instant),
-        ttl: Duration,
     ) {
         let mut cached = self.lock();
         if cached.generation == generation {
             for (user, settings) in users {
-                cached.make_room_for_user(ttl);
+                if cached.users.len() >= CACHED_SETTINGS_MAX {
+                    cached.users.clear();
+                }
                 cached.users.insert(user, (read_at, settings.clone()));
             }
         }
@@ -336,21 +316,20 @@ impl ApiState {
         cached: bool,
     ) -> Result<Arc<HashMap<UserId, ChatSettings>>, StoreError> {
         let ttl = self.settings_cache_ttl(cached);
+        let read = async {
+            let settings = self.store.chat_settings_of(chat).await?;
+            Ok::<_, StoreError>(Arc::new(settings.into_iter().collect()))
+        };
+        if ttl.is_zero() {
+            return read.await;
+        }
         if let Some(cached) = self.push_settings.chat(chat, ttl) {
             return Ok(cached);
         }
         let started = (self.push_settings.generation(), Instant::now());
-        let read: Arc<HashMap<UserId, ChatSettings>> = Arc::new(
-            self.store
-                .chat_settings_of(chat)
-                .await?
-                .into_iter()
-                .collect(),
-        );
-        if !ttl.is_zero() {
-            self.push_settings
-                .keep_chat(chat, Arc::clone(&read), started, ttl);
-        }
+        let read = read.await?;
+        self.push_settings
+            .keep_chat(chat, Arc::clone(&read), started);
         Ok(read)
     }
 
@@ -361,7 +340,13 @@ impl ApiState {
         cached: bool,
     ) -> Result<HashMap<UserId, UserSettings>, StoreError> {
         let ttl = self.settings_cache_ttl(cached);
-        let (mut found, missing) = self.push_settings.users(users, ttl);
+        // Without the cache (a large chat's pass), its recipients are not looked up in it: that
+        // would hold the cache's lock over every one of them.
+        let (mut found, missing) = if ttl.is_zero() {
+            (HashMap::new(), users.to_vec())
+        } else {
+            self.push_settings.users(users, ttl)
+        };
         if missing.is_empty() {
             return Ok(found);
         }
@@ -379,7 +364,6 @@ impl ApiState {
             self.push_settings.keep_users(
                 read.iter().map(|(user, settings)| (*user, settings)),
                 started,
-                ttl,
             );
         }
         found.extend(read);
@@ -431,7 +415,7 @@ mod tests {
         let cache = PushSettingsCache::default();
         let chat = ChatId::new();
         let started = (cache.generation(), Instant::now());
-        cache.keep_chat(chat, muted(), started, LONG);
+        cache.keep_chat(chat, muted(), started);
         assert_eq!(cache.chat(chat, LONG), Some(muted()));
         assert_eq!(cache.chat(chat, Duration::ZERO), None, "stale");
         cache.forget_chat(chat);
@@ -440,7 +424,7 @@ mod tests {
         let bob = UserId::from_subject("test", "bob");
         let carol = UserId::from_subject("test", "carol");
         let started = (cache.generation(), Instant::now());
-        cache.keep_users([(bob, &UserSettings::default())], started, LONG);
+        cache.keep_users([(bob, &UserSettings::default())], started);
         let (found, missing) = cache.users(&[bob, carol], LONG);
         assert_eq!(found.keys().collect::<Vec<_>>(), [&bob]);
         assert_eq!(missing, [carol]);
@@ -454,7 +438,7 @@ mod tests {
         let first = ChatId::new();
         for chat in std::iter::once(first).chain((0..CACHED_SETTINGS_MAX).map(|_| ChatId::new())) {
             let started = (cache.generation(), Instant::now());
-            cache.keep_chat(chat, muted(), started, LONG);
+            cache.keep_chat(chat, muted(), started);
         }
         cache.forget_chat(first);
         let held = cache.lock();
@@ -474,8 +458,8 @@ mod tests {
         // The change lands while the read is in flight; what the read found may predate it.
         cache.forget_chat(chat);
         cache.forget_user(bob);
-        cache.keep_chat(chat, muted(), started, LONG);
-        cache.keep_users([(bob, &UserSettings::default())], started, LONG);
+        cache.keep_chat(chat, muted(), started);
+        cache.keep_users([(bob, &UserSettings::default())], started);
         assert_eq!(cache.chat(chat, LONG), None);
         assert_eq!(cache.users(&[bob], LONG).1, [bob]);
     }
