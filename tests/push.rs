@@ -259,6 +259,19 @@ impl Receiver {
     }
 }
 
+/// Mutes `chat` for the user of `token`; returns the settings as stored.
+async fn mute(app: &TestApp, token: &str, chat: &str) -> Value {
+    let muted = app
+        .put(
+            token,
+            &format!("/v1/chats/{chat}/settings"),
+            &json!({"muted": true}),
+        )
+        .await;
+    assert_eq!(muted.status(), 200);
+    muted.json().await.unwrap()
+}
+
 async fn send(app: &TestApp, token: &str, chat: &str, text: &str) -> String {
     let response = app
         .post(
@@ -488,15 +501,8 @@ async fn settings_and_withdrawal(stack: Stack) {
         defaults,
         json!({"push_delay_ms": null, "push_previews": true, "auto_load_images": true, "low_quality_previews": false})
     );
-    let muted_now = app
-        .put(
-            &bob,
-            &format!("/v1/chats/{muted}/settings"),
-            &json!({"muted": true}),
-        )
-        .await;
-    assert_eq!(muted_now.status(), 200);
-    assert_eq!(muted_now.json::<Value>().await.unwrap()["muted"], true);
+    let muted_now = mute(&app, &bob, &muted).await;
+    assert_eq!(muted_now["muted"], true);
     let one_day = app
         .put(
             &bob,
@@ -604,14 +610,7 @@ async fn settings_and_withdrawal(stack: Stack) {
     for device in ["laptop", "phone"] {
         receiver.next_of("messages", device, &muted_later).await;
     }
-    let muted_now = app
-        .put(
-            &bob,
-            &format!("/v1/chats/{muted_later}/settings"),
-            &json!({"muted": true}),
-        )
-        .await;
-    assert_eq!(muted_now.status(), 200);
+    mute(&app, &bob, &muted_later).await;
     send(&app, &alice, &muted_later, "after the mute").await;
 
     // Previews off: the push says who, not what.
