@@ -446,6 +446,7 @@ pub async fn build(
                     search: Arc::clone(search),
                     batch_size: config.search.batch_size,
                     batch_wait: Duration::from_millis(config.search.batch_wait_ms),
+                    batch_interval: Duration::from_millis(config.search.batch_interval_ms),
                 }
                 .start(shutdown.clone()),
             );

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use confab_api::indexer::{BUS_CHECKPOINT, Indexer, REINDEX_CHECKPOINT, ReindexState, reindex};
@@ -11,7 +12,9 @@ use confab_api::store::cql::{self, CqlOptions, CqlStore, SendParity};
 use confab_api::store::embedded::EmbeddedStore;
 use confab_api::store::{NewChat, Store};
 use confab_runtime::bus::{Bus, ChatFilter, EmbeddedBus, LogSettings, NatsBus, ReadError};
-use confab_runtime::search::{MeiliSearch, MeiliSettings, Query, Search, TantivySearch};
+use confab_runtime::search::{
+    Change, Hits, MeiliSearch, MeiliSettings, Query, Search, SearchError, TantivySearch,
+};
 use confab_schema::event::Event;
 use confab_schema::{ChatId, ChatKind, Envelope, MemberRole, Signal, SignalId, SignalKind, UserId};
 use futures::future::BoxFuture;
@@ -34,6 +37,7 @@ impl Parts {
             search: Arc::clone(&self.search),
             batch_size: 3,
             batch_wait: Duration::from_millis(10),
+            batch_interval: Duration::ZERO,
         }
     }
 
@@ -323,6 +327,131 @@ async fn runs_in_the_background_embedded() {
 async fn runs_in_the_background_real() {
     if let Some(parts) = Box::pin(real(LogSettings::default())).await {
         Box::pin(runs_in_the_background(parts)).await;
+    }
+}
+
+/// The search engine of `parts`, counting the batches applied to it.
+struct CountingSearch {
+    engine: Arc<dyn Search>,
+    batches: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Search for CountingSearch {
+    async fn prepare(&self) -> Result<(), SearchError> {
+        self.engine.prepare().await
+    }
+    async fn apply(
+        &self,
+        changes: &[Change],
+        checkpoint: Option<(&str, &str)>,
+    ) -> Result<(), SearchError> {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        self.engine.apply(changes, checkpoint).await
+    }
+    async fn checkpoint(&self, name: &str) -> Result<Option<String>, SearchError> {
+        self.engine.checkpoint(name).await
+    }
+    async fn search(&self, query: &Query) -> Result<Hits, SearchError> {
+        self.engine.search(query).await
+    }
+    async fn clear(&self) -> Result<(), SearchError> {
+        self.engine.clear().await
+    }
+    async fn check(&self) -> Result<(), SearchError> {
+        self.engine.check().await
+    }
+}
+
+/// Waits until a search for `text` in `chat` finds exactly `expected`.
+async fn wait_found(parts: &Parts, chat: ChatId, text: &str, expected: &BTreeSet<SignalId>) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let query = Query {
+            text: text.into(),
+            chats: vec![chat],
+            author: None,
+            before: None,
+            after: None,
+            offset: 0,
+            limit: 50,
+        };
+        // Until the indexer has prepared the index, a search may fail; that is part of the wait.
+        if let Ok(found) = parts.search.search(&query).await
+            && found.hits.iter().map(|h| h.id).collect::<BTreeSet<_>>() == *expected
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{text:?} never indexed"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Under a steady stream of messages the indexer applies one batch per `batch_interval`, not one
+/// whenever the last is done: the engine's cost is mostly per batch.
+async fn batches_once_per_interval_under_a_stream(parts: Parts) {
+    const INTERVAL: Duration = Duration::from_secs(5);
+    const STREAM: usize = 30;
+    let counting = Arc::new(CountingSearch {
+        engine: Arc::clone(&parts.search),
+        batches: AtomicUsize::new(0),
+    });
+    let indexer = Indexer {
+        store: Arc::clone(&parts.store),
+        bus: Arc::clone(&parts.bus),
+        search: Arc::clone(&counting) as Arc<dyn Search>,
+        batch_size: 500,
+        batch_wait: Duration::from_millis(10),
+        batch_interval: INTERVAL,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = indexer.start(shutdown.clone());
+    let chat = chat(&*parts.store).await;
+    let first = send(&parts, chat, "quayside first", false).await;
+    wait_found(&parts, chat, "first", &set(&[first])).await;
+    let before = counting.batches.load(Ordering::SeqCst);
+
+    // Sent one by one, each waking the indexer, within well under one interval.
+    let started = tokio::time::Instant::now();
+    let mut stream = Vec::new();
+    for i in 0..STREAM {
+        stream.push(send(&parts, chat, &format!("quayside stream {i}"), false).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sending = started.elapsed();
+    wait_found(&parts, chat, "stream", &set(&stream)).await;
+    let batches = counting.batches.load(Ordering::SeqCst) - before;
+    // The stream may straddle the end of the interval that began with the first batch: two.
+    if sending < INTERVAL {
+        assert!(
+            batches <= 2,
+            "{STREAM} messages over {sending:?} took {batches} batches"
+        );
+    } else {
+        eprintln!("sending took {sending:?}, longer than the interval: the count says nothing");
+    }
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, worker)
+        .await
+        .expect("stops")
+        .expect("joins");
+    parts.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_once_per_interval_under_a_stream_embedded() {
+    if let Some(parts) = embedded(LogSettings::default()).await {
+        Box::pin(batches_once_per_interval_under_a_stream(parts)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_once_per_interval_under_a_stream_real() {
+    if let Some(parts) = Box::pin(real(LogSettings::default())).await {
+        Box::pin(batches_once_per_interval_under_a_stream(parts)).await;
     }
 }
 

@@ -755,11 +755,18 @@ pub struct SearchConfig {
     /// index. Every running indexer does the same (idempotent) work; with several API replicas turn
     /// it off on all but one or two. Default true.
     pub indexer: bool,
-    /// The most events the indexer applies in one batch. Default 500.
+    /// The most events the indexer applies in one batch: at least what arrives in one
+    /// `batch_interval_ms` under the load expected, or a steady stream splits into a full batch
+    /// and a small one per interval. Default 2000.
     pub batch_size: usize,
     /// How long the indexer waits for more events before applying a batch, in milliseconds.
     /// Default 50.
     pub batch_wait_ms: u64,
+    /// The least time from the start of one indexing batch to the start of the next while
+    /// messages keep coming, in milliseconds: how stale search may be under load, traded for the
+    /// search engine's cost, which is mostly per batch (docs/BENCHMARKS.md). After a quiet
+    /// interval, a message is indexed after `batch_wait_ms`. Default 1000.
+    pub batch_interval_ms: u64,
 }
 
 impl Default for SearchConfig {
@@ -772,8 +779,9 @@ impl Default for SearchConfig {
             request_timeout_ms: 10_000,
             embedded_path: None,
             indexer: true,
-            batch_size: 500,
+            batch_size: 2000,
             batch_wait_ms: 50,
+            batch_interval_ms: 1000,
         }
     }
 }
