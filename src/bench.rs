@@ -314,10 +314,10 @@ pub(crate) async fn drop_isolated(config: &Config, isolated: Isolated) {
                 config.log_settings(),
             )
             .await?;
-            bus.delete_stream().await
+            bus.delete_namespace().await
         };
         if let Err(error) = removed.await {
-            eprintln!("the run's event log {prefix} was not removed: {error}");
+            eprintln!("the run's event log and buckets {prefix} were not removed: {error}");
         }
     }
     if let Some(index) = isolated.search_index {

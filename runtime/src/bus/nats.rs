@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
 use confab_schema::{Envelope, LoggedEvent, subjects};
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 
 use super::{Bus, BusError, ChatFilter, LogSettings, ReadError, check_position};
 
@@ -64,6 +64,33 @@ impl NatsBus {
     /// configured values. Idempotent.
     pub async fn ensure_stream(&self) -> Result<(), BusError> {
         self.stream().await.map(|_| ())
+    }
+
+    /// Deletes every stream named after this subject prefix: the event log, and the key-value
+    /// buckets and queues of push, presence and revocations. For an isolated prefix that no other
+    /// prefix extends, as tests and benchmarks make (`confab_bench_<run>`); returns how many it
+    /// deleted.
+    pub async fn delete_namespace(&self) -> Result<usize, BusError> {
+        let base = self.prefix.replace(['.', '-'], "_");
+        let (own, bucket) = (format!("{base}_"), format!("KV_{base}_"));
+        let names: Vec<String> = self
+            .jetstream
+            .stream_names()
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let mut deleted = 0;
+        for name in names
+            .iter()
+            .filter(|name| name.starts_with(&own) || name.starts_with(&bucket))
+        {
+            self.jetstream
+                .delete_stream(name)
+                .await
+                .map_err(unavailable)?;
+            deleted += 1;
+        }
+        Ok(deleted)
     }
 
     /// Deletes the stream and every event in it (tests and benchmarks clean up with this).
