@@ -429,11 +429,11 @@ impl Store for FlakyBookkeeping {
     async fn outbox_heartbeat(
         &self,
         writer: uuid::Uuid,
-        started_ms: i64,
+        entries_from_ms: i64,
         seen_ms: i64,
     ) -> Result<(), StoreError> {
         self.inner
-            .outbox_heartbeat(writer, started_ms, seen_ms)
+            .outbox_heartbeat(writer, entries_from_ms, seen_ms)
             .await
     }
     async fn outbox_writers(&self) -> Result<Vec<OutboxWriter>, StoreError> {

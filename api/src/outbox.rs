@@ -5,10 +5,15 @@
 //! changed), its api process (the *writer*) records the event it is about to make true in the
 //! store's outbox, under its writer id and a ten-second
 //! bucket. Once the bus acknowledges the event, the entry is removed; until then the writer retries
-//! the publish. A writer records a heartbeat every `bus.outbox_sweep_interval_ms`. Another api
-//! process (or the same store's next process after a restart) that finds a writer silent for
-//! `bus.outbox_silent_after_ms` claims its sweep, publishes every entry it left whose change is
-//! stored (read back from the store), removes the entries and forgets the writer.
+//! the publish. A writer records a heartbeat every `bus.outbox_sweep_interval_ms`, with the bucket
+//! of its oldest entry that may still be in the store (it keeps them in memory: written and not
+//! yet removed, or left in the store on purpose). Another api process (or the same store's next
+//! process after a restart) that finds a writer silent for `bus.outbox_silent_after_ms` claims its
+//! sweep, publishes every entry it left whose change is stored (read back from the store), removes
+//! the entries and forgets the writer. The sweep reads the buckets from that oldest one to one
+//! silence after the last heartbeat, not every bucket since the writer started: a writer that ran
+//! for weeks leaves a few buckets to read, not every ten seconds of its life, each full of the
+//! tombstones of its removals.
 //!
 //! A live writer also looks at its own entries that its requests left behind: an entry neither
 //! settled nor handed to a publish retry for longer than that silence belongs to a change that
@@ -66,7 +71,8 @@ pub fn bucket_of(ms: i64) -> i64 {
 /// This process as a writer of outbox entries.
 pub struct Outbox {
     writer: Uuid,
-    started_ms: i64,
+    /// The entries that may be in the store, for the heartbeat's oldest bucket.
+    retained: Arc<std::sync::Mutex<Retained>>,
     /// Set once the first heartbeat is stored: a writer must be on record before its first entry,
     /// or no sweeper would look for its entries.
     registered: tokio::sync::OnceCell<()>,
@@ -90,6 +96,55 @@ struct Unsettled {
     failures: u32,
 }
 
+/// The entries of this writer that may be in the store.
+#[derive(Default)]
+struct Retained {
+    /// (bucket, id) of each entry written and neither removed nor left to the sweep.
+    entries: std::collections::BTreeSet<(i64, Uuid)>,
+    /// The oldest bucket of an entry left in the store: its write or removal failed (it may or may
+    /// not be there), or it is kept for the sweep after this writer's death.
+    left_from: Option<i64>,
+}
+
+impl Retained {
+    /// Notes an entry about to be written at `now_ms`, and answers its bucket. The bucket is
+    /// taken under the same lock as [`Retained::entries_from_ms`], so a heartbeat never names a
+    /// bucket later than an entry it did not see.
+    fn write(&mut self, now_ms: i64, id: Uuid) -> i64 {
+        let bucket = bucket_of(now_ms);
+        self.entries.insert((bucket, id));
+        bucket
+    }
+
+    /// The entries were removed from the store.
+    fn removed(&mut self, bucket: i64, ids: &[Uuid]) {
+        for id in ids {
+            self.entries.remove(&(bucket, *id));
+        }
+    }
+
+    /// The entries may stay in the store until the sweep after this writer's death.
+    fn left(&mut self, bucket: i64, ids: &[Uuid]) {
+        self.removed(bucket, ids);
+        self.left_from = Some(self.left_from.map_or(bucket, |from| from.min(bucket)));
+    }
+
+    /// Where a sweep of this writer's entries must start, in milliseconds: its oldest entry that
+    /// may be in the store, or now. One bucket earlier still, in case the wall clock steps back.
+    fn entries_from_ms(&self, now_ms: i64) -> i64 {
+        let oldest = self
+            .entries
+            .first()
+            .map(|(bucket, _)| *bucket)
+            .into_iter()
+            .chain(self.left_from)
+            .chain([bucket_of(now_ms)])
+            .min()
+            .unwrap_or_else(|| bucket_of(now_ms));
+        (oldest - 1) * BUCKET_MS
+    }
+}
+
 #[derive(Default)]
 struct Settled {
     /// (bucket, id) of each entry to remove.
@@ -102,7 +157,7 @@ impl Default for Outbox {
     fn default() -> Self {
         Outbox {
             writer: Uuid::now_v7(),
-            started_ms: confab_runtime::presence::now_ms(),
+            retained: Arc::default(),
             registered: tokio::sync::OnceCell::new(),
             settled: Arc::default(),
             unsettled: std::sync::Mutex::default(),
@@ -127,13 +182,21 @@ impl Outbox {
         self.writer
     }
 
+    /// Where a sweep of this writer's entries must start, for its heartbeat (see [`Retained`]).
+    pub fn entries_from_ms(&self) -> i64 {
+        self.retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries_from_ms(confab_runtime::presence::now_ms())
+    }
+
     async fn register(&self, store: &dyn Store) -> Result<(), StoreError> {
         self.registered
             .get_or_try_init(|| async {
                 store
                     .outbox_heartbeat(
                         self.writer,
-                        self.started_ms,
+                        self.entries_from_ms(),
                         confab_runtime::presence::now_ms(),
                     )
                     .await
@@ -145,21 +208,29 @@ impl Outbox {
     /// Records `envelope` before its change is stored.
     pub(crate) async fn intend(&self, store: &dyn Store, envelope: &Envelope) -> ApiResult<Intent> {
         self.register(store).await?;
-        let now = confab_runtime::presence::now_ms();
+        let body = serde_json::to_vec(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let bucket = self
+            .retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(confab_runtime::presence::now_ms(), envelope.id);
         let intent = Intent {
-            bucket: bucket_of(now),
+            bucket,
             id: envelope.id,
             key: self
                 .next_intent
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
-        let body = serde_json::to_vec(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let entry = OutboxEntry {
             bucket: intent.bucket,
             id: intent.id,
             envelope: body,
         };
-        store.outbox_put(self.writer, &entry).await?;
+        if let Err(error) = store.outbox_put(self.writer, &entry).await {
+            // It may have been written all the same.
+            self.left(intent.bucket, &[intent.id]);
+            return Err(error.into());
+        }
         self.unsettled
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -187,6 +258,20 @@ impl Outbox {
             .remove(&key);
     }
 
+    fn removed(&self, bucket: i64, ids: &[Uuid]) {
+        self.retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .removed(bucket, ids);
+    }
+
+    fn left(&self, bucket: i64, ids: &[Uuid]) {
+        self.retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .left(bucket, ids);
+    }
+
     /// Removes an entry, in the background: a leftover is only published again by a sweep (and
     /// dropped by the log as a copy), never lost.
     ///
@@ -205,6 +290,7 @@ impl Outbox {
         }
         let store = Arc::clone(store);
         let settled = Arc::clone(&self.settled);
+        let retained = Arc::clone(&self.retained);
         let writer = self.writer;
         tokio::spawn(async move {
             loop {
@@ -219,9 +305,15 @@ impl Outbox {
                 entries.sort_unstable();
                 for bucket in entries.chunk_by(|a, b| a.0 == b.0) {
                     let ids: Vec<Uuid> = bucket.iter().map(|(_, id)| *id).collect();
-                    if let Err(error) = store.outbox_remove(writer, bucket[0].0, &ids).await {
-                        metrics::counter!("confab_outbox_remove_failures_total").increment(1);
-                        tracing::debug!(%error, entries = ids.len(), "outbox entries not removed; a sweep will find them");
+                    let removal = store.outbox_remove(writer, bucket[0].0, &ids).await;
+                    let mut retained = retained.lock().unwrap_or_else(|e| e.into_inner());
+                    match removal {
+                        Ok(()) => retained.removed(bucket[0].0, &ids),
+                        Err(error) => {
+                            retained.left(bucket[0].0, &ids);
+                            metrics::counter!("confab_outbox_remove_failures_total").increment(1);
+                            tracing::debug!(%error, entries = ids.len(), "outbox entries not removed; a sweep will find them");
+                        }
                     }
                 }
             }
@@ -244,6 +336,11 @@ impl ApiState {
         self.outbox.writer()
     }
 
+    /// Where a sweep of this process's outbox entries would start now (its heartbeat's value).
+    pub fn outbox_entries_from_ms(&self) -> i64 {
+        self.outbox.entries_from_ms()
+    }
+
     /// Records this writer alive, then publishes what silent writers left in the outbox, and what
     /// this writer itself left unsettled for longer than one silence. Answers how many events it
     /// published.
@@ -259,7 +356,7 @@ impl ApiState {
         let now = confab_runtime::presence::now_ms();
         let outbox = &self.outbox;
         self.store
-            .outbox_heartbeat(outbox.writer, outbox.started_ms, now)
+            .outbox_heartbeat(outbox.writer, outbox.entries_from_ms(), now)
             .await?;
         let silent_after = i64::try_from(settings.silent_after.as_millis()).unwrap_or(i64::MAX);
         let mut published = 0;
@@ -278,7 +375,7 @@ impl ApiState {
             let last = bucket_of(silent.seen_ms.saturating_add(silent_after)).min(bucket_of(now));
             let entries = self
                 .store
-                .outbox_entries(silent.writer, bucket_of(silent.started_ms), last)
+                .outbox_entries(silent.writer, bucket_of(silent.entries_from_ms), last)
                 .await?;
             tracing::info!(writer = %silent.writer, entries = entries.len(), "sweeping the outbox of a silent api process");
             for entry in entries {
@@ -321,15 +418,21 @@ impl ApiState {
             match self.republish(&entry).await {
                 Ok(true) => {
                     published += 1;
-                    if let Err(error) = self
+                    match self
                         .store
                         .outbox_remove(outbox.writer, entry.bucket, &[entry.id])
                         .await
                     {
-                        tracing::debug!(%error, id = %entry.id, "a published outbox leftover was not removed; a sweep will find it");
+                        Ok(()) => outbox.removed(entry.bucket, &[entry.id]),
+                        Err(error) => {
+                            outbox.left(entry.bucket, &[entry.id]);
+                            tracing::debug!(%error, id = %entry.id, "a published outbox leftover was not removed; a sweep will find it");
+                        }
                     }
                 }
-                Ok(false) => {}
+                // Its change may still be stored (a write that timed out may land): the row stays
+                // for the sweep after this writer's death.
+                Ok(false) => outbox.left(entry.bucket, &[entry.id]),
                 Err(error) => {
                     let given_up = outbox
                         .unsettled
@@ -344,6 +447,7 @@ impl ApiState {
                         // Its row stays for the sweep after this writer's death; it no longer
                         // holds up the newer leftovers.
                         outbox.untrack_key(key);
+                        outbox.left(entry.bucket, &[entry.id]);
                     }
                     tracing::warn!(%error, id = %entry.id, given_up, "an outbox leftover was not published");
                     continue;
@@ -716,5 +820,81 @@ mod tests {
             ),
             Some(Event::SignalDeleted(tombstone))
         );
+    }
+
+    const B: i64 = BUCKET_MS;
+
+    #[test]
+    fn a_sweep_starts_at_the_oldest_entry_that_may_be_in_the_store() {
+        let mut retained = Retained::default();
+        let now = 1_000 * B + 5;
+        assert_eq!(
+            retained.entries_from_ms(now),
+            999 * B,
+            "none: now, one bucket early"
+        );
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        assert_eq!(retained.write(500 * B + 1, a), 500);
+        assert_eq!(retained.write(700 * B, b), 700);
+        assert_eq!(retained.write(700 * B + 9, c), 700);
+        assert_eq!(retained.entries_from_ms(now), 499 * B);
+        retained.removed(500, &[a]);
+        assert_eq!(
+            retained.entries_from_ms(now),
+            699 * B,
+            "a long-running writer's sweep does not start at its first entry"
+        );
+        retained.left(700, &[b]);
+        retained.removed(700, &[c]);
+        assert_eq!(
+            retained.entries_from_ms(now),
+            699 * B,
+            "an entry left in the store holds the start"
+        );
+        retained.removed(700, &[b]);
+        assert_eq!(retained.entries_from_ms(now), 699 * B, "left, not removed");
+        let mut fresh = Retained::default();
+        fresh.write(800 * B, a);
+        fresh.removed(800, &[a]);
+        assert_eq!(fresh.entries_from_ms(now), 999 * B, "all removed: now");
+    }
+
+    /// The wiring of [`Retained`]: an entry holds the sweep's start from its write until its
+    /// removal is done.
+    #[tokio::test]
+    async fn an_entry_holds_the_sweeps_start_until_it_is_removed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::embedded::EmbeddedStore::open(&dir.path().join("store.sqlite3"))
+                .expect("store"),
+        );
+        let outbox = Outbox::default();
+        let envelope = Envelope::signal_created(signal("held"));
+        let intent = outbox.intend(&*store, &envelope).await.expect("written");
+        let held = |outbox: &Outbox| {
+            outbox
+                .retained
+                .lock()
+                .expect("lock")
+                .entries
+                .contains(&(intent.bucket, envelope.id))
+        };
+        assert!(held(&outbox), "written: it holds the start");
+        outbox.settle(&store, intent);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while held(&outbox) {
+            assert!(std::time::Instant::now() < deadline, "never removed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            store
+                .outbox_entries(outbox.writer(), intent.bucket, intent.bucket)
+                .await
+                .expect("reads"),
+            Vec::new(),
+            "released only once removed from the store"
+        );
+        let left_from = outbox.retained.lock().expect("lock").left_from;
+        assert_eq!(left_from, None);
     }
 }

@@ -196,15 +196,16 @@ async fn logged_until(
     }
 }
 
-/// Records `doomed` alive until now, as its heartbeat loop would have kept it until it died. A
-/// sweep reads a silent writer's entries up to one silence allowance after its last heartbeat;
-/// these tests' doomed processes run no loop and are swept with no allowance, so without this an
-/// entry written in a later ten-second bucket than the first heartbeat would be out of reach.
-async fn alive_until_now(store: &dyn Store, doomed: &ApiState, since_ms: i64) {
+/// Records `doomed` alive until now, as its heartbeat loop would have kept it until it died, with
+/// the oldest bucket its heartbeat names. A sweep reads a silent writer's entries from there up to
+/// one silence allowance after its last heartbeat; these tests' doomed processes run no loop and
+/// are swept with no allowance, so without this an entry written in a later ten-second bucket
+/// than the first heartbeat would be out of reach.
+async fn alive_until_now(store: &dyn Store, doomed: &ApiState) {
     store
         .outbox_heartbeat(
             doomed.outbox_writer(),
-            since_ms,
+            doomed.outbox_entries_from_ms(),
             confab_runtime::presence::now_ms(),
         )
         .await
@@ -220,7 +221,6 @@ async fn a_silent_writers_events_are_published_by_a_sweep(parts: Parts) {
     let alice = user("alice");
     let chat = chat(&*parts.store, &alice).await;
     let refused: Arc<dyn Bus> = Arc::new(RefusingBus(Arc::clone(&parts.bus)));
-    let began = confab_runtime::presence::now_ms();
     // The process that crashes: it stores, but the bus refuses its appends.
     let doomed = ApiState::new(
         Arc::clone(&parts.store),
@@ -268,7 +268,7 @@ async fn a_silent_writers_events_are_published_by_a_sweep(parts: Parts) {
         logged(&*parts.bus, chat).await.is_empty(),
         "the refusing bus logged nothing"
     );
-    alive_until_now(&*parts.store, &doomed, began).await;
+    alive_until_now(&*parts.store, &doomed).await;
 
     // Another process, with the bus working: the first finds nothing to do while `doomed` is
     // within its silence allowance, then sweeps it.
@@ -376,7 +376,6 @@ async fn a_silent_writers_reactions_markers_and_membership_are_published_by_a_sw
         .await
         .expect("sent");
 
-    let began = confab_runtime::presence::now_ms();
     // The process that crashes: every change is stored, every event refused.
     let doomed = ApiState::new(
         Arc::clone(&parts.store),
@@ -438,7 +437,7 @@ async fn a_silent_writers_reactions_markers_and_membership_are_published_by_a_sw
         )
         .await
         .expect("renames");
-    alive_until_now(&*parts.store, &doomed, began).await;
+    alive_until_now(&*parts.store, &doomed).await;
     let before = logged(&*parts.bus, chat).await;
     assert_eq!(
         before.len(),

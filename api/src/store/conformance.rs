@@ -2159,7 +2159,7 @@ pub async fn the_outbox_keeps_each_writers_entries(store: Arc<dyn Store>) {
     let writers = store.outbox_writers().await.expect("lists writers");
     let mine: Vec<_> = writers.iter().filter(|w| w.writer == writer).collect();
     assert_eq!(mine.len(), 1);
-    assert_eq!((mine[0].started_ms, mine[0].seen_ms), (1_000, 9_000));
+    assert_eq!((mine[0].entries_from_ms, mine[0].seen_ms), (1_000, 9_000));
 
     let (sweeper, rival) = (Uuid::now_v7(), Uuid::now_v7());
     assert!(

@@ -769,11 +769,12 @@ pub trait Store: Send + Sync + 'static {
         from: i64,
         to: i64,
     ) -> Result<Vec<OutboxEntry>, StoreError>;
-    /// Records that `writer`, started at `started_ms`, is alive at `seen_ms`.
+    /// Records that `writer` is alive at `seen_ms`, and that its entries not yet removed are in
+    /// the buckets from `entries_from_ms` on.
     async fn outbox_heartbeat(
         &self,
         writer: Uuid,
-        started_ms: i64,
+        entries_from_ms: i64,
         seen_ms: i64,
     ) -> Result<(), StoreError>;
     /// Every writer with a heartbeat on record.
@@ -806,7 +807,9 @@ pub struct OutboxEntry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutboxWriter {
     pub writer: Uuid,
-    pub started_ms: i64,
+    /// Where a sweep of its entries starts: none of its entries still in the store was written
+    /// before. Stored in the column `started_ms`, its first meaning (the writer's start).
+    pub entries_from_ms: i64,
     pub seen_ms: i64,
 }
 

@@ -2979,10 +2979,17 @@ impl Store for CqlStore {
     async fn outbox_heartbeat(
         &self,
         writer: Uuid,
-        started_ms: i64,
+        entries_from_ms: i64,
         seen_ms: i64,
     ) -> Result<(), StoreError> {
-        outbox::heartbeat(&self.session, &self.outbox, writer, started_ms, seen_ms).await
+        outbox::heartbeat(
+            &self.session,
+            &self.outbox,
+            writer,
+            entries_from_ms,
+            seen_ms,
+        )
+        .await
     }
 
     async fn outbox_writers(&self) -> Result<Vec<OutboxWriter>, StoreError> {

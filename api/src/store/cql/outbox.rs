@@ -136,11 +136,13 @@ pub(super) async fn heartbeat(
     session: &Session,
     statements: &OutboxStatements,
     writer: Uuid,
-    started_ms: i64,
+    entries_from_ms: i64,
     seen_ms: i64,
 ) -> Result<(), StoreError> {
+    // The column keeps its first name: it held the writer's start, the earliest its entries
+    // could be.
     session
-        .execute_unpaged(&statements.heartbeat, (writer, started_ms, seen_ms))
+        .execute_unpaged(&statements.heartbeat, (writer, entries_from_ms, seen_ms))
         .await
         .map_err(unavailable)?;
     Ok(())
@@ -157,9 +159,9 @@ pub(super) async fn writers(
         .map_err(unavailable)?;
     Ok(rows::<(Uuid, Option<i64>, Option<i64>)>(result)?
         .into_iter()
-        .map(|(writer, started_ms, seen_ms)| OutboxWriter {
+        .map(|(writer, entries_from_ms, seen_ms)| OutboxWriter {
             writer,
-            started_ms: started_ms.unwrap_or(0),
+            entries_from_ms: entries_from_ms.unwrap_or(0),
             seen_ms: seen_ms.unwrap_or(0),
         })
         .collect())

@@ -1872,13 +1872,14 @@ impl Store for EmbeddedStore {
     async fn outbox_heartbeat(
         &self,
         writer: Uuid,
-        started_ms: i64,
+        entries_from_ms: i64,
         seen_ms: i64,
     ) -> Result<(), StoreError> {
         self.with(move |c| {
             c.execute(
+                // The column keeps its first name (the writer's start).
                 "INSERT OR REPLACE INTO outbox_writers (writer, started_ms, seen_ms) VALUES (?1, ?2, ?3)",
-                params![blob(writer), started_ms, seen_ms],
+                params![blob(writer), entries_from_ms, seen_ms],
             )
             .map_err(unavailable)?;
             Ok(())
@@ -1898,10 +1899,10 @@ impl Store for EmbeddedStore {
                 .map_err(unavailable)?;
             let mut found = Vec::new();
             for row in rows {
-                let (writer, started_ms, seen_ms) = row.map_err(unavailable)?;
+                let (writer, entries_from_ms, seen_ms) = row.map_err(unavailable)?;
                 found.push(OutboxWriter {
                     writer: uuid_from(writer)?,
-                    started_ms,
+                    entries_from_ms,
                     seen_ms,
                 });
             }
