@@ -101,9 +101,14 @@ struct Unsettled {
 struct Retained {
     /// (bucket, id) of each entry written and neither removed nor left to the sweep.
     entries: std::collections::BTreeSet<(i64, Uuid)>,
-    /// The oldest bucket of an entry left in the store: its write or removal failed (it may or may
-    /// not be there), or it is kept for the sweep after this writer's death.
+    /// Those of `entries` whose removal failed: each sweep tries them again.
+    unremoved: std::collections::BTreeSet<(i64, Uuid)>,
+    /// The oldest bucket of an entry left in the store: its write failed (it may or may not be
+    /// there), or it is kept for the sweep after this writer's death.
     left_from: Option<i64>,
+    /// The latest start a heartbeat may have recorded, in buckets: no entry is written in an
+    /// earlier bucket, even when the wall clock steps back.
+    floor: i64,
 }
 
 impl Retained {
@@ -111,7 +116,7 @@ impl Retained {
     /// taken under the same lock as [`Retained::entries_from_ms`], so a heartbeat never names a
     /// bucket later than an entry it did not see.
     fn write(&mut self, now_ms: i64, id: Uuid) -> i64 {
-        let bucket = bucket_of(now_ms);
+        let bucket = bucket_of(now_ms).max(self.floor);
         self.entries.insert((bucket, id));
         bucket
     }
@@ -120,6 +125,16 @@ impl Retained {
     fn removed(&mut self, bucket: i64, ids: &[Uuid]) {
         for id in ids {
             self.entries.remove(&(bucket, *id));
+            self.unremoved.remove(&(bucket, *id));
+        }
+    }
+
+    /// Removing the entries failed: they are tried again, and hold the start until then.
+    fn unremoved(&mut self, bucket: i64, ids: &[Uuid]) {
+        for id in ids {
+            if self.entries.contains(&(bucket, *id)) {
+                self.unremoved.insert((bucket, *id));
+            }
         }
     }
 
@@ -130,8 +145,9 @@ impl Retained {
     }
 
     /// Where a sweep of this writer's entries must start, in milliseconds: its oldest entry that
-    /// may be in the store, or now. One bucket earlier still, in case the wall clock steps back.
-    fn entries_from_ms(&self, now_ms: i64) -> i64 {
+    /// may be in the store, or now, one bucket early. Entries written after this answer go in
+    /// that bucket or later (see `floor`).
+    fn entries_from_ms(&mut self, now_ms: i64) -> i64 {
         let oldest = self
             .entries
             .first()
@@ -141,6 +157,7 @@ impl Retained {
             .chain([bucket_of(now_ms)])
             .min()
             .unwrap_or_else(|| bucket_of(now_ms));
+        self.floor = self.floor.max(oldest - 1);
         (oldest - 1) * BUCKET_MS
     }
 }
@@ -266,10 +283,32 @@ impl Outbox {
     }
 
     fn left(&self, bucket: i64, ids: &[Uuid]) {
-        self.retained
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .left(bucket, ids);
+        self.retained_mut().left(bucket, ids);
+    }
+
+    fn retained_mut(&self) -> std::sync::MutexGuard<'_, Retained> {
+        self.retained.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tries again to remove the entries whose removal failed.
+    async fn remove_again(&self, store: &dyn Store) {
+        let unremoved: Vec<(i64, Uuid)> = self
+            .retained_mut()
+            .unremoved
+            .iter()
+            .take(LEFTOVERS_PER_SWEEP)
+            .copied()
+            .collect();
+        for bucket in unremoved.chunk_by(|a, b| a.0 == b.0) {
+            let ids: Vec<Uuid> = bucket.iter().map(|(_, id)| *id).collect();
+            if store
+                .outbox_remove(self.writer, bucket[0].0, &ids)
+                .await
+                .is_ok()
+            {
+                self.removed(bucket[0].0, &ids);
+            }
+        }
     }
 
     /// Removes an entry, in the background: a leftover is only published again by a sweep (and
@@ -310,7 +349,7 @@ impl Outbox {
                     match removal {
                         Ok(()) => retained.removed(bucket[0].0, &ids),
                         Err(error) => {
-                            retained.left(bucket[0].0, &ids);
+                            retained.unremoved(bucket[0].0, &ids);
                             metrics::counter!("confab_outbox_remove_failures_total").increment(1);
                             tracing::debug!(%error, entries = ids.len(), "outbox entries not removed; a sweep will find them");
                         }
@@ -347,6 +386,7 @@ impl ApiState {
     pub async fn sweep_outbox(&self, settings: SweepSettings) -> ApiResult<usize> {
         // This writer's own leftovers do not wait on the other writers' sweep, which may fail.
         let silent_writers = self.sweep_silent_writers(settings).await;
+        self.outbox.remove_again(&*self.store).await;
         let own = self.sweep_own_leftovers(settings.silent_after).await;
         Ok(silent_writers? + own)
     }
@@ -425,7 +465,7 @@ impl ApiState {
                     {
                         Ok(()) => outbox.removed(entry.bucket, &[entry.id]),
                         Err(error) => {
-                            outbox.left(entry.bucket, &[entry.id]);
+                            outbox.retained_mut().unremoved(entry.bucket, &[entry.id]);
                             tracing::debug!(%error, id = %entry.id, "a published outbox leftover was not removed; a sweep will find it");
                         }
                     }
@@ -826,13 +866,13 @@ mod tests {
 
     #[test]
     fn a_sweep_starts_at_the_oldest_entry_that_may_be_in_the_store() {
-        let mut retained = Retained::default();
         let now = 1_000 * B + 5;
         assert_eq!(
-            retained.entries_from_ms(now),
+            Retained::default().entries_from_ms(now),
             999 * B,
             "none: now, one bucket early"
         );
+        let mut retained = Retained::default();
         let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         assert_eq!(retained.write(500 * B + 1, a), 500);
         assert_eq!(retained.write(700 * B, b), 700);
@@ -857,6 +897,40 @@ mod tests {
         fresh.write(800 * B, a);
         fresh.removed(800, &[a]);
         assert_eq!(fresh.entries_from_ms(now), 999 * B, "all removed: now");
+    }
+
+    #[test]
+    fn a_failed_removal_holds_the_start_until_it_is_removed_again() {
+        let mut retained = Retained::default();
+        let now = 1_000 * B;
+        let id = Uuid::now_v7();
+        retained.write(800 * B, id);
+        retained.unremoved(800, &[id]);
+        assert_eq!(retained.entries_from_ms(now), 799 * B);
+        assert_eq!(retained.unremoved.len(), 1, "to be tried again");
+        retained.removed(800, &[id]);
+        assert!(retained.unremoved.is_empty());
+        assert_eq!(
+            retained.entries_from_ms(now),
+            999 * B,
+            "not pinned for good"
+        );
+    }
+
+    #[test]
+    fn an_entry_never_goes_below_a_recorded_start_when_the_clock_steps_back() {
+        let mut retained = Retained::default();
+        assert_eq!(retained.entries_from_ms(1_000 * B), 999 * B);
+        let bucket = retained.write(900 * B, Uuid::now_v7());
+        assert_eq!(
+            bucket, 999,
+            "written where the last heartbeat's sweep starts"
+        );
+        assert_eq!(
+            retained.entries_from_ms(900 * B),
+            899 * B,
+            "from the clock's bucket now"
+        );
     }
 
     /// The wiring of [`Retained`]: an entry holds the sweep's start from its write until its
