@@ -114,10 +114,22 @@ impl Indexer {
         }
         let mut wakeups = None;
         let mut last_batch: Option<Instant> = None;
+        // Looked at on start and after every failure, which may have been a reindex's.
+        let mut reindex_checked = false;
         backoff = Duration::from_millis(100);
         loop {
             if wakeups.is_none() {
                 wakeups = self.bus.subscribe().await.ok();
+            }
+            if !reindex_checked {
+                if let Err(error) = self.finish_reindex().await {
+                    metrics::counter!("confab_search_index_failures_total").increment(1);
+                    tracing::warn!(%error, "an unfinished reindex failed again; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+                reindex_checked = true;
             }
             let started = Instant::now();
             match self.catch_up().await {
@@ -130,6 +142,7 @@ impl Indexer {
                 Err(error) => {
                     metrics::counter!("confab_search_index_failures_total").increment(1);
                     tracing::warn!(%error, "indexing failed; retrying");
+                    reindex_checked = false;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
@@ -218,6 +231,22 @@ impl Indexer {
             }
         }
         Ok(batches)
+    }
+
+    /// Finishes a reindex that stopped part-way (it failed, or its process died). It set the log
+    /// position at its start, so following the log from there would never scan the chats it did
+    /// not reach. An indexer that starts while `confab reindex` runs elsewhere joins it: the same
+    /// idempotent work twice.
+    async fn finish_reindex(&self) -> Result<(), IndexError> {
+        if ReindexState::load(&*self.search)
+            .await?
+            .is_some_and(|state| !state.done)
+        {
+            tracing::warn!("finishing a reindex that stopped part-way");
+            metrics::counter!("confab_search_reindex_total").increment(1);
+            reindex(&*self.store, &*self.bus, &*self.search, false, |_| {}).await?;
+        }
+        Ok(())
     }
 
     async fn position(&self) -> Result<u64, IndexError> {

@@ -363,13 +363,13 @@ impl Search for CountingSearch {
     }
 }
 
-/// Waits until a search for `text` in `chat` finds exactly `expected`.
-async fn wait_found(parts: &Parts, chat: ChatId, text: &str, expected: &BTreeSet<SignalId>) {
+/// Waits until a search for `text` in `chats` finds exactly `expected`.
+async fn wait_found(parts: &Parts, chats: &[ChatId], text: &str, expected: &BTreeSet<SignalId>) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         let query = Query {
             text: text.into(),
-            chats: vec![chat],
+            chats: chats.to_vec(),
             author: None,
             before: None,
             after: None,
@@ -411,7 +411,7 @@ async fn batches_once_per_interval_under_a_stream(parts: Parts) {
     let worker = indexer.start(shutdown.clone());
     let chat = chat(&*parts.store).await;
     let first = send(&parts, chat, "quayside first", false).await;
-    wait_found(&parts, chat, "first", &set(&[first])).await;
+    wait_found(&parts, &[chat], "first", &set(&[first])).await;
     let before = counting.batches.load(Ordering::SeqCst);
 
     // Sent one by one, each waking the indexer, within well under one interval.
@@ -422,7 +422,7 @@ async fn batches_once_per_interval_under_a_stream(parts: Parts) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let sending = started.elapsed();
-    wait_found(&parts, chat, "stream", &set(&stream)).await;
+    wait_found(&parts, &[chat], "stream", &set(&stream)).await;
     let batches = counting.batches.load(Ordering::SeqCst) - before;
     // The stream may straddle the end of the interval that began with the first batch: two.
     if sending < INTERVAL {
@@ -452,6 +452,78 @@ async fn batches_once_per_interval_under_a_stream_embedded() {
 async fn batches_once_per_interval_under_a_stream_real() {
     if let Some(parts) = Box::pin(real(LogSettings::default())).await {
         Box::pin(batches_once_per_interval_under_a_stream(parts)).await;
+    }
+}
+
+/// The search engine of `parts`, failing every batch of a reindex's scan.
+struct FailingScan(Arc<dyn Search>);
+
+#[async_trait::async_trait]
+impl Search for FailingScan {
+    async fn prepare(&self) -> Result<(), SearchError> {
+        self.0.prepare().await
+    }
+    async fn apply(
+        &self,
+        changes: &[Change],
+        checkpoint: Option<(&str, &str)>,
+    ) -> Result<(), SearchError> {
+        if !changes.is_empty() && checkpoint.is_some_and(|(name, _)| name == REINDEX_CHECKPOINT) {
+            return Err(SearchError::Unavailable("gone mid-scan".into()));
+        }
+        self.0.apply(changes, checkpoint).await
+    }
+    async fn checkpoint(&self, name: &str) -> Result<Option<String>, SearchError> {
+        self.0.checkpoint(name).await
+    }
+    async fn search(&self, query: &Query) -> Result<Hits, SearchError> {
+        self.0.search(query).await
+    }
+    async fn clear(&self) -> Result<(), SearchError> {
+        self.0.clear().await
+    }
+    async fn check(&self) -> Result<(), SearchError> {
+        self.0.check().await
+    }
+}
+
+/// A reindex that failed part-way leaves the log's position at its start; the indexer finishes
+/// it, rather than follow the log from there and never scan the chats it did not reach.
+async fn finishes_an_interrupted_reindex(parts: Parts) {
+    parts.search.prepare().await.expect("prepares");
+    let (one, two) = (chat(&*parts.store).await, chat(&*parts.store).await);
+    // In the store, not in the log: only a scan finds them.
+    let a = send(&parts, one, "unscanned history", true).await;
+    let b = send(&parts, two, "unscanned history", true).await;
+    let failing = FailingScan(Arc::clone(&parts.search));
+    assert!(
+        reindex(&*parts.store, &*parts.bus, &failing, false, |_| {})
+            .await
+            .is_err(),
+        "the scan fails"
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = parts.indexer().start(shutdown.clone());
+    wait_found(&parts, &[one, two], "unscanned", &set(&[a, b])).await;
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, worker)
+        .await
+        .expect("stops")
+        .expect("joins");
+    parts.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finishes_an_interrupted_reindex_embedded() {
+    if let Some(parts) = embedded(LogSettings::default()).await {
+        Box::pin(finishes_an_interrupted_reindex(parts)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finishes_an_interrupted_reindex_real() {
+    if let Some(parts) = Box::pin(real(LogSettings::default())).await {
+        Box::pin(finishes_an_interrupted_reindex(parts)).await;
     }
 }
 
