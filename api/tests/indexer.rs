@@ -308,11 +308,7 @@ async fn runs_in_the_background(parts: Parts) {
         assert!(tokio::time::Instant::now() < deadline, "never indexed");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    shutdown.cancel();
-    tokio::time::timeout(DEADLINE, worker)
-        .await
-        .expect("stops")
-        .expect("joins");
+    stop(shutdown, worker).await;
     parts.finish().await;
 }
 
@@ -330,14 +326,26 @@ async fn runs_in_the_background_real() {
     }
 }
 
-/// The search engine of `parts`, counting the batches applied to it.
-struct CountingSearch {
+/// The search engine of `parts`, counting the batches applied to it and, with `fail_scans`,
+/// failing every batch of a reindex's scan.
+struct ObservedSearch {
     engine: Arc<dyn Search>,
     batches: AtomicUsize,
+    fail_scans: bool,
+}
+
+impl ObservedSearch {
+    fn new(engine: &Arc<dyn Search>, fail_scans: bool) -> ObservedSearch {
+        ObservedSearch {
+            engine: Arc::clone(engine),
+            batches: AtomicUsize::new(0),
+            fail_scans,
+        }
+    }
 }
 
 #[async_trait::async_trait]
-impl Search for CountingSearch {
+impl Search for ObservedSearch {
     async fn prepare(&self) -> Result<(), SearchError> {
         self.engine.prepare().await
     }
@@ -346,6 +354,11 @@ impl Search for CountingSearch {
         changes: &[Change],
         checkpoint: Option<(&str, &str)>,
     ) -> Result<(), SearchError> {
+        let scan =
+            !changes.is_empty() && checkpoint.is_some_and(|(name, _)| name == REINDEX_CHECKPOINT);
+        if self.fail_scans && scan {
+            return Err(SearchError::Unavailable("gone mid-scan".into()));
+        }
         self.batches.fetch_add(1, Ordering::SeqCst);
         self.engine.apply(changes, checkpoint).await
     }
@@ -361,6 +374,15 @@ impl Search for CountingSearch {
     async fn check(&self) -> Result<(), SearchError> {
         self.engine.check().await
     }
+}
+
+/// Stops a background indexer and waits for it.
+async fn stop(shutdown: tokio_util::sync::CancellationToken, worker: tokio::task::JoinHandle<()>) {
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, worker)
+        .await
+        .expect("stops")
+        .expect("joins");
 }
 
 /// Waits until a search for `text` in `chats` finds exactly `expected`.
@@ -395,10 +417,7 @@ async fn wait_found(parts: &Parts, chats: &[ChatId], text: &str, expected: &BTre
 async fn batches_once_per_interval_under_a_stream(parts: Parts) {
     const INTERVAL: Duration = Duration::from_secs(5);
     const STREAM: usize = 30;
-    let counting = Arc::new(CountingSearch {
-        engine: Arc::clone(&parts.search),
-        batches: AtomicUsize::new(0),
-    });
+    let counting = Arc::new(ObservedSearch::new(&parts.search, false));
     let indexer = Indexer {
         store: Arc::clone(&parts.store),
         bus: Arc::clone(&parts.bus),
@@ -433,11 +452,7 @@ async fn batches_once_per_interval_under_a_stream(parts: Parts) {
     } else {
         eprintln!("sending took {sending:?}, longer than the interval: the count says nothing");
     }
-    shutdown.cancel();
-    tokio::time::timeout(DEADLINE, worker)
-        .await
-        .expect("stops")
-        .expect("joins");
+    stop(shutdown, worker).await;
     parts.finish().await;
 }
 
@@ -455,38 +470,6 @@ async fn batches_once_per_interval_under_a_stream_real() {
     }
 }
 
-/// The search engine of `parts`, failing every batch of a reindex's scan.
-struct FailingScan(Arc<dyn Search>);
-
-#[async_trait::async_trait]
-impl Search for FailingScan {
-    async fn prepare(&self) -> Result<(), SearchError> {
-        self.0.prepare().await
-    }
-    async fn apply(
-        &self,
-        changes: &[Change],
-        checkpoint: Option<(&str, &str)>,
-    ) -> Result<(), SearchError> {
-        if !changes.is_empty() && checkpoint.is_some_and(|(name, _)| name == REINDEX_CHECKPOINT) {
-            return Err(SearchError::Unavailable("gone mid-scan".into()));
-        }
-        self.0.apply(changes, checkpoint).await
-    }
-    async fn checkpoint(&self, name: &str) -> Result<Option<String>, SearchError> {
-        self.0.checkpoint(name).await
-    }
-    async fn search(&self, query: &Query) -> Result<Hits, SearchError> {
-        self.0.search(query).await
-    }
-    async fn clear(&self) -> Result<(), SearchError> {
-        self.0.clear().await
-    }
-    async fn check(&self) -> Result<(), SearchError> {
-        self.0.check().await
-    }
-}
-
 /// A reindex that failed part-way leaves the log's position at its start; the indexer finishes
 /// it, rather than follow the log from there and never scan the chats it did not reach.
 async fn finishes_an_interrupted_reindex(parts: Parts) {
@@ -495,7 +478,7 @@ async fn finishes_an_interrupted_reindex(parts: Parts) {
     // In the store, not in the log: only a scan finds them.
     let a = send(&parts, one, "unscanned history", true).await;
     let b = send(&parts, two, "unscanned history", true).await;
-    let failing = FailingScan(Arc::clone(&parts.search));
+    let failing = ObservedSearch::new(&parts.search, true);
     assert!(
         reindex(&*parts.store, &*parts.bus, &failing, false, |_| {})
             .await
@@ -505,11 +488,7 @@ async fn finishes_an_interrupted_reindex(parts: Parts) {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let worker = parts.indexer().start(shutdown.clone());
     wait_found(&parts, &[one, two], "unscanned", &set(&[a, b])).await;
-    shutdown.cancel();
-    tokio::time::timeout(DEADLINE, worker)
-        .await
-        .expect("stops")
-        .expect("joins");
+    stop(shutdown, worker).await;
     parts.finish().await;
 }
 
