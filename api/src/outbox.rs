@@ -154,9 +154,7 @@ impl Retained {
             .map(|(bucket, _)| *bucket)
             .into_iter()
             .chain(self.left_from)
-            .chain([bucket_of(now_ms)])
-            .min()
-            .unwrap_or_else(|| bucket_of(now_ms));
+            .fold(bucket_of(now_ms), i64::min);
         self.floor = self.floor.max(oldest - 1);
         (oldest - 1) * BUCKET_MS
     }
@@ -201,9 +199,7 @@ impl Outbox {
 
     /// Where a sweep of this writer's entries must start, for its heartbeat (see [`Retained`]).
     pub fn entries_from_ms(&self) -> i64 {
-        self.retained
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.retained_mut()
             .entries_from_ms(confab_runtime::presence::now_ms())
     }
 
@@ -227,9 +223,7 @@ impl Outbox {
         self.register(store).await?;
         let body = serde_json::to_vec(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let bucket = self
-            .retained
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .retained_mut()
             .write(confab_runtime::presence::now_ms(), envelope.id);
         let intent = Intent {
             bucket,
@@ -276,10 +270,7 @@ impl Outbox {
     }
 
     fn removed(&self, bucket: i64, ids: &[Uuid]) {
-        self.retained
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .removed(bucket, ids);
+        self.retained_mut().removed(bucket, ids);
     }
 
     fn left(&self, bucket: i64, ids: &[Uuid]) {

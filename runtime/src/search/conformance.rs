@@ -42,7 +42,8 @@ fn message(chat: ChatId, by: &str, text: &str, age: Duration) -> Document {
     }
 }
 
-fn query(text: &str, chats: &[ChatId]) -> Query {
+/// A query for `text` in `chats`, the first 20 hits.
+pub fn query(text: &str, chats: &[ChatId]) -> Query {
     Query {
         text: text.into(),
         chats: chats.to_vec(),
