@@ -283,6 +283,83 @@ pub async fn a_cancel_covers_only_what_was_read(fixture: Fixture) {
     nothing_claimed(&*fixture.second, 200).await;
 }
 
+/// Schedules into one entry from two handles in turn (a chat's messages sent through two api
+/// processes): each handle finds the entry changed by the other since its own last write, and
+/// every message is counted.
+pub async fn schedules_from_handles_in_turn_count_every_message(fixture: Fixture) {
+    const MESSAGES: usize = 12;
+    let (alice, chat) = (user(), ChatId::new());
+    let due = now_ms() + 300;
+    let messages: Vec<PushMessage> = (0..MESSAGES).map(|i| message(&format!("m{i}"))).collect();
+    for (i, m) in messages.iter().enumerate() {
+        let queue = if i % 3 == 0 {
+            &fixture.second
+        } else {
+            &fixture.first
+        };
+        queue
+            .schedule(alice, chat, m, due, due + HOUR_MS)
+            .await
+            .expect("schedules");
+    }
+    let claimed = claim(&*fixture.second, 1).await;
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!(claimed[0].count, MESSAGES as u32);
+    assert_eq!(claimed[0].newest, messages[MESSAGES - 1].signal);
+    nothing_claimed(&*fixture.first, 200).await;
+}
+
+/// A handle schedules into an entry that another handle claimed, then one that another handle
+/// cancelled, since its own last write: each time a new push starts, counting only what came
+/// after, and it is claimed in its turn (its ticket was put out).
+pub async fn a_schedule_after_a_claim_or_a_cancel_starts_a_new_push(fixture: Fixture) {
+    let (alice, chat) = (user(), ChatId::new());
+    let (first, second, third, fourth) = (
+        message("first"),
+        message("second"),
+        message("third"),
+        message("fourth"),
+    );
+    let queue = &*fixture.first;
+    queue
+        .schedule(alice, chat, &first, now_ms(), now_ms() + HOUR_MS)
+        .await
+        .expect("schedules");
+    let claimed = claim(&*fixture.second, 1).await;
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!((claimed[0].newest, claimed[0].count), (first.signal, 1));
+
+    let due = now_ms() + 400;
+    queue
+        .schedule(alice, chat, &second, due, due + HOUR_MS)
+        .await
+        .expect("schedules after the claim");
+    assert_eq!(
+        fixture
+            .second
+            .cancel(alice, chat, second.signal, now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Pending
+    );
+    queue
+        .schedule(alice, chat, &third, due, due + HOUR_MS)
+        .await
+        .expect("schedules after the cancel");
+    queue
+        .schedule(alice, chat, &fourth, due, due + HOUR_MS)
+        .await
+        .expect("schedules");
+    let claimed = claim(&*fixture.second, 1).await;
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!(
+        (claimed[0].newest, claimed[0].count),
+        (fourth.signal, 2),
+        "only what came after the cancel"
+    );
+    nothing_claimed(&*fixture.first, 200).await;
+}
+
 /// Two handles claiming at once share the due pushes: each is claimed exactly once.
 pub async fn claimers_share_without_doubles(fixture: Fixture) {
     let now = now_ms();
@@ -441,6 +518,8 @@ macro_rules! push_queue_conformance_tests {
             case!(a_burst_collapses_into_one_push);
             case!(a_concurrent_burst_collapses_into_one_push);
             case!(a_cancel_covers_only_what_was_read);
+            case!(schedules_from_handles_in_turn_count_every_message);
+            case!(a_schedule_after_a_claim_or_a_cancel_starts_a_new_push);
             case!(claimers_share_without_doubles);
             case!(racing_handles_never_fail);
             case!(reading_a_sent_push_withdraws_it);

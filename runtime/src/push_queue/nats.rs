@@ -63,7 +63,18 @@ pub struct NatsPushQueue {
     /// schedule queued for its entry by then, in one read and one compare-and-set: a burst costs
     /// a write per turn, not per message, and no queue builds behind a hot entry.
     queued: std::sync::Mutex<HashMap<String, Vec<QueuedSchedule>>>,
+    /// The entries this node wrote last, with their revisions, by key. A schedule joins what it
+    /// finds here and writes it with a compare-and-set on that revision, without reading the
+    /// entry first: while nobody else wrote the entry (the common case in a burst into a chat),
+    /// a turn costs one request to the server instead of two. Anything else written meanwhile (a
+    /// claim, a cancel, another node's schedule) moved the revision, so the write is refused and
+    /// the turn reads the entry as it is. Bounded by [`REMEMBERED_ENTRIES_MAX`].
+    written: std::sync::Mutex<HashMap<String, (PendingPush, u64)>>,
 }
+
+/// How many entries a node remembers having written before it starts again empty: each is a
+/// few hundred bytes, and only entries written again soon (bursts) gain from it.
+const REMEMBERED_ENTRIES_MAX: usize = 16_384;
 
 /// A schedule waiting for its entry's turn.
 struct QueuedSchedule {
@@ -168,6 +179,7 @@ impl NatsPushQueue {
             hold_ms: i64::try_from(DEFAULT_HOLD.as_millis()).unwrap_or(i64::MAX),
             entry_turns: EntryTurns::default(),
             queued: std::sync::Mutex::default(),
+            written: std::sync::Mutex::default(),
         })
     }
 
@@ -182,6 +194,12 @@ impl NatsPushQueue {
 
     /// Deletes the buckets and the ticket stream (tests clean up with this).
     pub async fn delete_bucket(&self) -> Result<(), BusError> {
+        // A bucket made again numbers its revisions from the start: what was remembered of this
+        // one could match an entry of the next.
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.pending.delete().await.map_err(unavailable)?;
         self.sent.delete().await.map_err(unavailable)?;
         match self.context.delete_stream(&self.tickets).await {
@@ -409,13 +427,16 @@ impl NatsPushQueue {
         chat: ChatId,
         batch: &[QueuedSchedule],
     ) -> Result<(), BusError> {
-        for attempt in 0..ENTRY_ATTEMPTS {
-            if attempt > 0 {
-                lost_a_race(attempt).await;
-            }
-            let (pending, revision) = match self.pending(kv, key).await? {
+        let mut remembered = self.remembered(key);
+        let mut attempt = 0;
+        loop {
+            let from_memory = remembered.is_some();
+            let (pending, revision) = match remembered.take() {
                 Some((push, revision)) => (Some(push), Some(revision)),
-                None => (None, None),
+                None => match self.pending(kv, key).await? {
+                    Some((push, revision)) => (Some(push), Some(revision)),
+                    None => (None, None),
+                },
             };
             let mut push = pending;
             for queued in batch {
@@ -435,18 +456,54 @@ impl NatsPushQueue {
             match revision {
                 // The entry's ticket is out already; it finds the entry as it is when it comes.
                 Some(revision) => {
-                    if kv.update(key, value, revision).await.is_ok() {
+                    if let Ok(revision) = kv.update(key, value, revision).await {
+                        self.remember(key, push, revision);
                         return Ok(());
                     }
                 }
                 None => {
                     if let Ok(revision) = kv.create(key, value).await {
-                        return self.ticket(kv, key, revision, push.due_ms).await;
+                        self.ticket(kv, key, revision, push.due_ms).await?;
+                        self.remember(key, push, revision);
+                        return Ok(());
                     }
                 }
             }
+            // What this node remembered is not the entry any more: read it, at once. A write
+            // refused after a read lost a race with another writer: wait a little.
+            self.forget(key);
+            if !from_memory {
+                attempt += 1;
+                if attempt == ENTRY_ATTEMPTS {
+                    return Err(unavailable("too many concurrent updates"));
+                }
+                lost_a_race(attempt).await;
+            }
         }
-        Err(unavailable("too many concurrent updates"))
+    }
+
+    /// What this node last wrote to `key`'s entry, and its revision.
+    fn remembered(&self, key: &str) -> Option<(PendingPush, u64)> {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn remember(&self, key: &str, push: PendingPush, revision: u64) {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        if written.len() >= REMEMBERED_ENTRIES_MAX && !written.contains_key(key) {
+            written.clear();
+        }
+        written.insert(key.to_owned(), (push, revision));
+    }
+
+    fn forget(&self, key: &str) {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
     }
 }
 
@@ -529,6 +586,7 @@ impl PushQueue for NatsPushQueue {
                         .await
                         .is_ok()
                     {
+                        self.forget(&key);
                         outcome = Cancelled::Pending;
                         settled = true;
                         break;
