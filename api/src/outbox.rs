@@ -56,6 +56,12 @@ pub const BUCKET_MS: i64 = 10_000;
 /// How long a sweep claim holds, in seconds: a sweeper that dies leaves the writer to another.
 const CLAIM_TTL_SECS: i32 = 600;
 
+/// How long a writer waits after removing settled entries before it removes the next ones.
+/// Under a steady stream of changes the removals of a tenth of a second go in one request; an
+/// entry removed that much later costs nothing but, after a crash in between, a copy of its event
+/// that the log drops.
+const REMOVAL_PACE: Duration = Duration::from_millis(100);
+
 /// How many of its own leftover entries a writer looks at per sweep.
 const LEFTOVERS_PER_SWEEP: usize = 64;
 
@@ -305,9 +311,10 @@ impl Outbox {
     /// Removes an entry, in the background: a leftover is only published again by a sweep (and
     /// dropped by the log as a copy), never lost.
     ///
-    /// One removal is in flight per process at a time; entries settled meanwhile wait for it and
-    /// go together in the next, one request per bucket. A lone entry goes at once, and a burst
-    /// costs the store a few requests instead of one per event.
+    /// One removal is in flight per process at a time, and the next starts [`REMOVAL_PACE`]
+    /// after it: entries settled meanwhile go together, one request per bucket. A lone entry goes
+    /// at once, and a steady stream of sends costs the store a few removals a second instead of
+    /// one for every send or two.
     pub(crate) fn settle(&self, store: &Arc<dyn Store>, intent: Intent) {
         self.untrack(intent);
         {
@@ -346,6 +353,7 @@ impl Outbox {
                         }
                     }
                 }
+                tokio::time::sleep(REMOVAL_PACE).await;
             }
         });
     }
