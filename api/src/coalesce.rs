@@ -8,6 +8,13 @@
 //! returns only after a write covering its value has succeeded, so a client that reads after its
 //! own request sees at least its own value.
 //!
+//! A coalescer may be *paced*: a key's next write then starts no sooner than the pace after the
+//! previous one started, and the requests arriving meanwhile ride along with it. Without a pace the
+//! number of writes follows the store's speed (the quicker a write, the fewer requests it gathers),
+//! so a quick store got more writes for the same messages. The pace applies only while requests
+//! for a key overlap (a busy chat): a key nobody waits on is forgotten, so requests one after
+//! another (a person typing) each write at once.
+//!
 //! Coalescing is per process; writers in other processes are ordered by the store itself (see
 //! `Store::touch_chat` and `Store::advance_marker`), as before.
 
@@ -15,25 +22,43 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use confab_schema::SignalId;
 
 /// One write in flight per key; the newest wanted value goes next. See the module docs.
 pub struct Coalescer<K, P> {
     slots: Mutex<HashMap<K, Arc<Slot<P>>>>,
+    /// The least time from the start of one write of a key to the start of its next.
+    pace: Duration,
 }
 
 struct Slot<P> {
     /// The newest value asked for, with what its write needs.
     wanted: Mutex<Option<(SignalId, P)>>,
-    /// Held while a write is in flight; the newest value written through this slot.
-    written: tokio::sync::Mutex<Option<SignalId>>,
+    /// Held while a write is in flight, or waits for its pace: the newest value written through
+    /// this slot, and when its last write started.
+    written: tokio::sync::Mutex<Written>,
+}
+
+#[derive(Default)]
+struct Written {
+    newest: Option<SignalId>,
+    started: Option<tokio::time::Instant>,
 }
 
 impl<K, P> Default for Coalescer<K, P> {
     fn default() -> Self {
+        Coalescer::paced(Duration::ZERO)
+    }
+}
+
+impl<K, P> Coalescer<K, P> {
+    /// A coalescer whose writes of one key start at least `pace` apart (see the module docs).
+    pub fn paced(pace: Duration) -> Self {
         Coalescer {
             slots: Mutex::new(HashMap::new()),
+            pace,
         }
     }
 }
@@ -58,7 +83,7 @@ impl<K: Hash + Eq + Clone, P: Clone> Coalescer<K, P> {
             Arc::clone(slots.entry(key.clone()).or_insert_with(|| {
                 Arc::new(Slot {
                     wanted: Mutex::new(None),
-                    written: tokio::sync::Mutex::new(None),
+                    written: tokio::sync::Mutex::new(Written::default()),
                 })
             }))
         };
@@ -71,9 +96,14 @@ impl<K: Hash + Eq + Clone, P: Clone> Coalescer<K, P> {
         };
         let result = async {
             let mut written = slot.written.lock().await;
-            if written.is_some_and(|newest| newest >= value) {
+            if written.newest.is_some_and(|newest| newest >= value) {
                 return Ok(());
             }
+            if let Some(started) = written.started {
+                // Requests arriving meanwhile queue behind this one and ride along.
+                tokio::time::sleep_until(started + self.pace).await;
+            }
+            written.started = Some(tokio::time::Instant::now());
             // Take the newest value wanted by now: requests that queued behind the previous
             // write ride along with this one.
             let (newest, payload) = slot
@@ -84,7 +114,7 @@ impl<K: Hash + Eq + Clone, P: Clone> Coalescer<K, P> {
                 .or(next)
                 .unwrap_or((value, payload));
             write(newest, payload).await?;
-            *written = Some(newest);
+            written.newest = Some(newest);
             Ok(())
         }
         .await;
@@ -168,6 +198,71 @@ mod tests {
         assert!(writes <= 2, "{writes} writes for one burst");
         assert_eq!(*last.lock().unwrap(), ids.last().copied());
         assert_eq!(coalescer.pending_keys(), 0, "the key was not forgotten");
+    }
+
+    /// A steady stream of requests into one key (one every millisecond for 200 ms, each write
+    /// taking three) costs one write per pace, not one per write's duration, and every
+    /// caller returns after a write covering its value; the last write carries the newest.
+    #[tokio::test(start_paused = true)]
+    async fn a_paced_key_writes_once_per_pace_under_a_stream() {
+        const PACE: Duration = Duration::from_millis(50);
+        let coalescer = Arc::new(Coalescer::<u8, ()>::paced(PACE));
+        let writes = Arc::new(Mutex::new(Vec::<(tokio::time::Instant, SignalId)>::new()));
+        let mut tasks = Vec::new();
+        let mut ids = Vec::new();
+        for _ in 0..200 {
+            std::thread::sleep(Duration::from_micros(50));
+            let id = SignalId::new();
+            ids.push(id);
+            let coalescer = Arc::clone(&coalescer);
+            let writes = Arc::clone(&writes);
+            tasks.push(tokio::spawn(async move {
+                coalescer
+                    .advance(0, id, (), |newest, ()| async move {
+                        writes
+                            .lock()
+                            .unwrap()
+                            .push((tokio::time::Instant::now(), newest));
+                        tokio::time::sleep(Duration::from_millis(3)).await;
+                        Ok::<(), ()>(())
+                    })
+                    .await
+            }));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), Ok(()));
+        }
+        let writes = writes.lock().unwrap();
+        assert!(
+            writes.len() <= 6,
+            "{} writes in 200 ms at a pace of 50 ms",
+            writes.len()
+        );
+        for pair in writes.windows(2) {
+            assert!(
+                pair[1].0 - pair[0].0 >= PACE,
+                "two writes closer than the pace"
+            );
+            assert!(pair[0].1 < pair[1].1, "a write went backwards");
+        }
+        assert_eq!(writes.last().map(|w| w.1), ids.last().copied());
+        assert_eq!(coalescer.pending_keys(), 0, "the key was not forgotten");
+    }
+
+    /// Requests one after another (nobody waiting on the key) are never held back by the pace.
+    #[tokio::test]
+    async fn a_lone_request_is_not_paced() {
+        let coalescer = Coalescer::<u8, ()>::paced(Duration::from_secs(3_600));
+        for _ in 0..3 {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                coalescer.advance(0, SignalId::new(), (), |_, ()| async { Ok::<(), ()>(()) }),
+            )
+            .await
+            .expect("a lone request writes at once")
+            .unwrap();
+        }
     }
 
     /// A failed write fails only its caller; the next caller writes the newest value itself.

@@ -27,6 +27,13 @@ use crate::limits::RateLimits;
 use crate::outbox::Outbox;
 use crate::store::Store;
 
+/// The least time between two writes of one chat's position in its members' lists, and of one
+/// author's read marker in a chat, while a burst keeps them coming (see `coalesce`): a busy chat
+/// costs the store at most twenty of each a second, however quick it is. A send waits for the
+/// write that carries it, so in such a burst a send's answer may take up to this much longer;
+/// its event is published before, and is not delayed.
+const BOOKKEEPING_PACE: Duration = Duration::from_millis(50);
+
 #[derive(Clone)]
 pub struct ApiState {
     pub(crate) store: Arc<dyn Store>,
@@ -88,9 +95,9 @@ impl ApiState {
             bus,
             identity,
             cursors: Signer::new(keyring, "cursor", DEFAULT_CURSOR_TTL),
-            chat_activity: Arc::default(),
+            chat_activity: Arc::new(Coalescer::paced(BOOKKEEPING_PACE)),
             large_chat_pushes: Arc::default(),
-            author_markers: Arc::default(),
+            author_markers: Arc::new(Coalescer::paced(BOOKKEEPING_PACE)),
             provisioned: Arc::default(),
             republish_window: confab_runtime::bus::LogSettings::default().duplicate_window,
             typing: Arc::default(),
