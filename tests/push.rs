@@ -931,9 +931,8 @@ async fn pushes_survive_a_killed_sender(stack: Stack) {
         None
     };
     // A ticket the killed node held (it holds one from two seconds before its due time, so on a
-    // slow machine the kill can come after that) comes back only after the push queue's ack wait,
-    // 30 s on NATS.
-    let after_the_ack_wait = Duration::from_secs(30) + DEADLINE;
+    // slow machine the kill can come after that) comes back only after the push queue's ack wait.
+    let after_the_ack_wait = confab_runtime::push_queue::NatsPushQueue::ACK_WAIT + DEADLINE;
     for chat in &chats {
         receiver
             .next_within(after_the_ack_wait, "messages", "laptop", chat)

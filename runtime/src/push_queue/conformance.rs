@@ -37,6 +37,20 @@ fn message(text: &str) -> PushMessage {
     }
 }
 
+/// Schedules `message` for `user` in `chat`, due at `due_ms` and expiring an hour later.
+async fn schedule(
+    queue: &dyn PushQueue,
+    user: UserId,
+    chat: ChatId,
+    message: &PushMessage,
+    due_ms: i64,
+) {
+    queue
+        .schedule(user, chat, message, due_ms, due_ms + HOUR_MS)
+        .await
+        .expect("schedules");
+}
+
 /// Claims from `queue` until `wanted` pushes came, or the deadline; answers what was claimed.
 async fn claim(queue: &dyn PushQueue, wanted: usize) -> Vec<PendingPush> {
     let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -66,11 +80,7 @@ pub async fn a_due_push_is_claimed_once(fixture: Fixture) {
     let (alice, chat) = (user(), ChatId::new());
     let hello = message("hello");
     let now = now_ms();
-    fixture
-        .first
-        .schedule(alice, chat, &hello, now, now + HOUR_MS)
-        .await
-        .expect("schedules");
+    schedule(&*fixture.first, alice, chat, &hello, now).await;
     let claimed = claim(&*fixture.second, 1).await;
     assert_eq!(claimed.len(), 1, "claimed: {claimed:?}");
     let push = &claimed[0];
@@ -88,11 +98,7 @@ pub async fn a_due_push_is_claimed_once(fixture: Fixture) {
 pub async fn nothing_is_claimed_before_it_is_due(fixture: Fixture) {
     let (alice, chat) = (user(), ChatId::new());
     let due = now_ms() + 700;
-    fixture
-        .first
-        .schedule(alice, chat, &message("later"), due, due + HOUR_MS)
-        .await
-        .expect("schedules");
+    schedule(&*fixture.first, alice, chat, &message("later"), due).await;
     nothing_claimed(&*fixture.first, 300).await;
     let claimed = claim(&*fixture.first, 1).await;
     assert_eq!(claimed.len(), 1);
@@ -104,11 +110,7 @@ pub async fn nothing_is_claimed_before_it_is_due(fixture: Fixture) {
 pub async fn a_released_handle_leaves_nothing_behind(fixture: Fixture) {
     let (alice, chat) = (user(), ChatId::new());
     let due = now_ms() + 1_000;
-    fixture
-        .first
-        .schedule(alice, chat, &message("soon"), due, due + HOUR_MS)
-        .await
-        .expect("schedules");
+    schedule(&*fixture.first, alice, chat, &message("soon"), due).await;
     // The first handle looks before it is due (and may keep what it saw), then lets go.
     nothing_claimed(&*fixture.first, 200).await;
     fixture.first.release().await;
@@ -145,11 +147,7 @@ pub async fn due_pushes_behind_later_ones_are_claimed_at_once(fixture: Fixture) 
     assert!(later.iter().all(Result::is_ok), "schedules");
     let due_users: Vec<UserId> = (0..5).map(|_| user()).collect();
     for user in &due_users {
-        fixture
-            .first
-            .schedule(*user, ChatId::new(), &message("due"), now, now + HOUR_MS)
-            .await
-            .expect("schedules");
+        schedule(&*fixture.first, *user, ChatId::new(), &message("due"), now).await;
     }
     let mut got = Vec::new();
     for _ in 0..32 {
@@ -186,16 +184,8 @@ pub async fn a_burst_collapses_into_one_push(fixture: Fixture) {
             .expect("schedules");
     }
     // The first one's due time stands: the later ones asked for a later one.
-    fixture
-        .first
-        .schedule(alice, other, &message("elsewhere"), due, due + HOUR_MS)
-        .await
-        .expect("schedules");
-    fixture
-        .first
-        .schedule(bob, chat, &message("to bob"), due, due + HOUR_MS)
-        .await
-        .expect("schedules");
+    schedule(&*fixture.first, alice, other, &message("elsewhere"), due).await;
+    schedule(&*fixture.first, bob, chat, &message("to bob"), due).await;
     let claimed = claim(&*fixture.second, 2).await;
     assert_eq!(claimed.len(), 2, "the other chat's and bob's: {claimed:?}");
     let claimed = claim(&*fixture.second, 1).await;
@@ -221,10 +211,7 @@ pub async fn a_concurrent_burst_collapses_into_one_push(fixture: Fixture) {
             &fixture.second
         };
         async move {
-            queue
-                .schedule(alice, chat, m, due, due + HOUR_MS)
-                .await
-                .expect("schedules however many race for the entry");
+            schedule(&**queue, alice, chat, m, due).await;
         }
     }))
     .await;
@@ -242,10 +229,7 @@ pub async fn a_cancel_covers_only_what_was_read(fixture: Fixture) {
     let (one, two) = (message("one"), message("two"));
     let due = now_ms() + 400;
     let queue = &*fixture.first;
-    queue
-        .schedule(alice, chat, &one, due, due + HOUR_MS)
-        .await
-        .expect("schedules");
+    schedule(queue, alice, chat, &one, due).await;
     assert_eq!(
         queue
             .cancel(alice, chat, one.signal, now_ms())
@@ -261,14 +245,8 @@ pub async fn a_cancel_covers_only_what_was_read(fixture: Fixture) {
         Cancelled::Nothing,
         "cancelling is idempotent"
     );
-    queue
-        .schedule(alice, chat, &one, due, due + HOUR_MS)
-        .await
-        .expect("schedules");
-    queue
-        .schedule(alice, chat, &two, due, due + HOUR_MS)
-        .await
-        .expect("schedules");
+    schedule(queue, alice, chat, &one, due).await;
+    schedule(queue, alice, chat, &two, due).await;
     assert_eq!(
         queue
             .cancel(alice, chat, one.signal, now_ms())
@@ -297,10 +275,7 @@ pub async fn schedules_from_handles_in_turn_count_every_message(fixture: Fixture
         } else {
             &fixture.first
         };
-        queue
-            .schedule(alice, chat, m, due, due + HOUR_MS)
-            .await
-            .expect("schedules");
+        schedule(&**queue, alice, chat, m, due).await;
     }
     let claimed = claim(&*fixture.second, 1).await;
     assert_eq!(claimed.len(), 1, "{claimed:?}");
@@ -321,19 +296,13 @@ pub async fn a_schedule_after_a_claim_or_a_cancel_starts_a_new_push(fixture: Fix
         message("fourth"),
     );
     let queue = &*fixture.first;
-    queue
-        .schedule(alice, chat, &first, now_ms(), now_ms() + HOUR_MS)
-        .await
-        .expect("schedules");
+    schedule(queue, alice, chat, &first, now_ms()).await;
     let claimed = claim(&*fixture.second, 1).await;
     assert_eq!(claimed.len(), 1, "{claimed:?}");
     assert_eq!((claimed[0].newest, claimed[0].count), (first.signal, 1));
 
     let due = now_ms() + 400;
-    queue
-        .schedule(alice, chat, &second, due, due + HOUR_MS)
-        .await
-        .expect("schedules after the claim");
+    schedule(queue, alice, chat, &second, due).await;
     assert_eq!(
         fixture
             .second
@@ -342,14 +311,8 @@ pub async fn a_schedule_after_a_claim_or_a_cancel_starts_a_new_push(fixture: Fix
             .expect("cancels"),
         Cancelled::Pending
     );
-    queue
-        .schedule(alice, chat, &third, due, due + HOUR_MS)
-        .await
-        .expect("schedules after the cancel");
-    queue
-        .schedule(alice, chat, &fourth, due, due + HOUR_MS)
-        .await
-        .expect("schedules");
+    schedule(queue, alice, chat, &third, due).await;
+    schedule(queue, alice, chat, &fourth, due).await;
     let claimed = claim(&*fixture.second, 1).await;
     assert_eq!(claimed.len(), 1, "{claimed:?}");
     assert_eq!(
@@ -366,11 +329,7 @@ pub async fn claimers_share_without_doubles(fixture: Fixture) {
     let mut scheduled = Vec::new();
     for _ in 0..60 {
         let (u, c) = (user(), ChatId::new());
-        fixture
-            .first
-            .schedule(u, c, &message("x"), now, now + HOUR_MS)
-            .await
-            .expect("schedules");
+        schedule(&*fixture.first, u, c, &message("x"), now).await;
         scheduled.push((u, c));
     }
     let (a, b) = tokio::join!(claim(&*fixture.first, 30), claim(&*fixture.second, 30));
@@ -396,10 +355,7 @@ pub async fn racing_handles_never_fail(fixture: Fixture) {
         for _ in 0..100 {
             let (u, c) = (user(), ChatId::new());
             let sent = message("race");
-            queue
-                .schedule(u, c, &sent, now, now + HOUR_MS)
-                .await
-                .expect("schedules while the other handle writes");
+            schedule(&*queue, u, c, &sent, now).await;
             queue
                 .claim_due(now_ms(), 8)
                 .await
@@ -425,10 +381,7 @@ pub async fn reading_a_sent_push_withdraws_it(fixture: Fixture) {
     let (one, two) = (message("one"), message("two"));
     let queue = &*fixture.first;
     let now = now_ms();
-    queue
-        .schedule(alice, chat, &one, now, now + HOUR_MS)
-        .await
-        .expect("schedules");
+    schedule(queue, alice, chat, &one, now).await;
     let claimed = claim(queue, 1).await;
     assert_eq!(claimed.len(), 1);
     queue.sent(&claimed[0], now_ms()).await.expect("remembers");
@@ -466,17 +419,11 @@ pub async fn reading_a_sent_push_withdraws_it(fixture: Fixture) {
 
     // Sent, then a newer message pending: reading the first leaves the newer one to replace it.
     let now = now_ms();
-    queue
-        .schedule(alice, chat, &one, now, now + HOUR_MS)
-        .await
-        .expect("schedules");
+    schedule(queue, alice, chat, &one, now).await;
     let claimed = claim(queue, 1).await;
     queue.sent(&claimed[0], now_ms()).await.expect("remembers");
     let due = now_ms() + 300;
-    queue
-        .schedule(alice, chat, &two, due, due + HOUR_MS)
-        .await
-        .expect("schedules");
+    schedule(queue, alice, chat, &two, due).await;
     assert_eq!(
         queue
             .cancel(alice, chat, one.signal, now_ms())

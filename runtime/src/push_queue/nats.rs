@@ -40,9 +40,6 @@ use crate::kv_bucket::{ENTRY_ATTEMPTS, EntryTurns, KvBucket, lost_a_race};
 /// Tickets looked at concurrently by one claim.
 const TICKETS_IN_FLIGHT: usize = 32;
 
-/// How long a node may hold a ticket before it is handed to another.
-const ACK_WAIT: Duration = Duration::from_secs(30);
-
 pub struct NatsPushQueue {
     context: jetstream::Context,
     pending: KvBucket,
@@ -139,6 +136,10 @@ fn not_yet(due_ms: i64, now_ms: i64, hold_ms: i64) -> Decision {
 }
 
 impl NatsPushQueue {
+    /// How long a node may hold a ticket before it is handed to another: a node killed while
+    /// holding one delays its push by this much.
+    pub const ACK_WAIT: Duration = Duration::from_secs(30);
+
     pub async fn connect(url: &str, prefix: &str) -> Result<NatsPushQueue, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name("confab-push")
@@ -187,7 +188,7 @@ impl NatsPushQueue {
     /// held ticket is claimed before the server would hand it to another node).
     #[must_use]
     pub fn holding(mut self, hold: Duration) -> NatsPushQueue {
-        let most = ACK_WAIT.saturating_sub(Duration::from_secs(5));
+        let most = Self::ACK_WAIT.saturating_sub(Duration::from_secs(5));
         self.hold_ms = i64::try_from(hold.min(most).as_millis()).unwrap_or(0);
         self
     }
@@ -234,7 +235,7 @@ impl NatsPushQueue {
                         pull::Config {
                             durable_name: Some("senders".into()),
                             ack_policy: AckPolicy::Explicit,
-                            ack_wait: ACK_WAIT,
+                            ack_wait: Self::ACK_WAIT,
                             max_ack_pending: 100_000,
                             ..Default::default()
                         },
