@@ -32,12 +32,42 @@ use time::OffsetDateTime;
 
 /// The embedded store, whose bookkeeping writes fail while `failing` is set, and whose deletions
 /// fail after writing the tombstone while `failing_after_delete` is set, or without writing it
-/// while `failing_before_delete` is.
+/// while `failing_before_delete` is. An edit waits at [`EditGate`] while it is closed.
 struct FlakyBookkeeping {
     inner: EmbeddedStore,
     failing: AtomicBool,
     failing_after_delete: AtomicBool,
     failing_before_delete: AtomicBool,
+    edits: EditGate,
+}
+
+/// Holds edits in the store, before or after their write, until the test lets them go.
+#[derive(Default)]
+struct EditGate {
+    /// Edits wait before their write.
+    before_write: AtomicBool,
+    /// Edits wait after their write.
+    after_write: AtomicBool,
+    /// Notified when an edit starts to wait.
+    reached: tokio::sync::Notify,
+    /// Lets a waiting edit go on.
+    released: tokio::sync::Notify,
+}
+
+impl EditGate {
+    async fn pass(&self, closed: &AtomicBool) {
+        if closed.load(Ordering::SeqCst) {
+            self.reached.notify_one();
+            self.released.notified().await;
+        }
+    }
+
+    /// Waits until an edit waits at the gate.
+    async fn reached(&self) {
+        tokio::time::timeout(Duration::from_secs(10), self.reached.notified())
+            .await
+            .expect("the edit reached the store");
+    }
 }
 
 impl FlakyBookkeeping {
@@ -288,7 +318,10 @@ impl Store for FlakyBookkeeping {
         text: &str,
         edited_at: OffsetDateTime,
     ) -> Result<Option<Signal>, StoreError> {
-        self.inner.edit_signal(chat, id, text, edited_at).await
+        self.edits.pass(&self.edits.before_write).await;
+        let edited = self.inner.edit_signal(chat, id, text, edited_at).await;
+        self.edits.pass(&self.edits.after_write).await;
+        edited
     }
     async fn delete_signal(
         &self,
@@ -570,6 +603,7 @@ impl FlakyServer {
             failing: AtomicBool::new(false),
             failing_after_delete: AtomicBool::new(false),
             failing_before_delete: AtomicBool::new(false),
+            edits: EditGate::default(),
         });
         let identity = Arc::new(DevIdentity::open(dir.path()).unwrap());
         let (alice, bob) = (
@@ -707,26 +741,26 @@ async fn a_stored_send_succeeds_when_bookkeeping_fails_and_catches_up() {
     }
 }
 
-/// A [`FlakyServer`] with alice's message, to delete.
-struct Deletion {
+/// A [`FlakyServer`] with alice's message, to edit or delete.
+struct SentMessage {
     server: FlakyServer,
     url: String,
     id: String,
 }
 
-impl std::ops::Deref for Deletion {
+impl std::ops::Deref for SentMessage {
     type Target = FlakyServer;
     fn deref(&self) -> &FlakyServer {
         &self.server
     }
 }
 
-impl Deletion {
-    async fn start(sweep: bool) -> Deletion {
+impl SentMessage {
+    async fn start(sweep: bool) -> SentMessage {
         let server = FlakyServer::start(sweep).await;
         let sent: Value = server.send("d-1", "soon gone").await.json().await.unwrap();
         let id = sent["id"].as_str().unwrap().to_owned();
-        Deletion {
+        SentMessage {
             url: format!("{}/v1/chats/{}/signals/{id}", server.base, server.chat),
             id,
             server,
@@ -740,6 +774,45 @@ impl Deletion {
             .send()
             .await
             .unwrap()
+    }
+
+    /// Alice's edit of the message, to `text`.
+    fn edit(&self, text: &str) -> impl Future<Output = reqwest::Response> + Send + 'static {
+        let request = self
+            .http
+            .patch(&self.url)
+            .bearer_auth(&self.alice)
+            .json(&json!({ "text": text }));
+        async move { request.send().await.unwrap() }
+    }
+
+    /// The outbox rows this process holds for events of `kind`, as JSON.
+    async fn outbox_rows(&self, kind: &str) -> Vec<Value> {
+        let now_bucket = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms());
+        self.store
+            .outbox_entries(self.state.outbox_writer(), now_bucket - 2, now_bucket)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| serde_json::from_slice(&row.envelope).unwrap())
+            .filter(|envelope: &Value| envelope["type"] == kind)
+            .collect()
+    }
+
+    /// The text of the next `signal.updated` event of the message.
+    async fn updated_text(&self, events: &mut BoxStream<'static, LoggedEvent>) -> String {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(logged) = events.next().await {
+                if let Event::SignalUpdated(signal) = &logged.envelope.event
+                    && signal.id.to_string() == self.id
+                {
+                    return signal.text.clone().unwrap_or_default();
+                }
+            }
+            panic!("the event stream ended");
+        })
+        .await
+        .expect("no signal.updated event")
     }
 
     /// Deletes with the store failing after it wrote the tombstone: 503.
@@ -777,7 +850,7 @@ impl Deletion {
 
 #[tokio::test]
 async fn a_deletion_that_failed_after_its_tombstone_is_finished_by_its_retry() {
-    let deletion = Deletion::start(false).await;
+    let deletion = SentMessage::start(false).await;
     let mut events = deletion.bus.subscribe().await.unwrap();
     deletion.delete_failing_after_the_tombstone().await;
 
@@ -802,7 +875,7 @@ async fn a_deletion_that_failed_after_its_tombstone_is_finished_by_its_retry() {
 
 #[tokio::test]
 async fn a_deletion_that_failed_after_its_tombstone_is_published_without_a_retry() {
-    let deletion = Deletion::start(true).await;
+    let deletion = SentMessage::start(true).await;
     let mut events = deletion.bus.subscribe().await.unwrap();
     deletion.delete_failing_after_the_tombstone().await;
     // Nobody retries: the process's own sweep finds the entry the failed attempt left, sees the
@@ -814,7 +887,7 @@ async fn a_deletion_that_failed_after_its_tombstone_is_published_without_a_retry
 
 #[tokio::test]
 async fn a_process_keeps_the_outbox_row_of_a_deletion_that_was_not_stored() {
-    let deletion = Deletion::start(false).await;
+    let deletion = SentMessage::start(false).await;
     deletion
         .store
         .failing_before_delete
@@ -824,26 +897,100 @@ async fn a_process_keeps_the_outbox_row_of_a_deletion_that_was_not_stored() {
 
     // The process's own sweep finds the entry, and the message not deleted: nothing to publish,
     // and the row stays, for the sweep after this process's death (the write might yet land).
-    let sweep_now = confab_api::outbox::SweepSettings {
-        interval: Duration::from_millis(100),
-        silent_after: Duration::ZERO,
-    };
-    assert_eq!(deletion.state.sweep_outbox(sweep_now).await.unwrap(), 0);
+    assert_eq!(deletion.state.sweep_outbox(SWEEP_OWN_NOW).await.unwrap(), 0);
     assert_eq!(deletion.bus.last_seq().await.unwrap(), before);
-    let now_bucket = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms());
-    let rows = deletion
+    let rows = deletion.outbox_rows("signal.deleted").await;
+    assert_eq!(rows.len(), 1, "the deletion's row stays: {rows:?}");
+}
+
+/// The sweep of a process's own leftovers, looking at every entry at once.
+const SWEEP_OWN_NOW: confab_api::outbox::SweepSettings = confab_api::outbox::SweepSettings {
+    interval: Duration::from_millis(100),
+    silent_after: Duration::ZERO,
+};
+
+/// An edit whose request is still running, however long, is its request's to publish: the
+/// process's own sweep must not publish the message as stored before that edit and remove the
+/// edit's row, or a publish failure and a crash after it would lose the edit's event.
+#[tokio::test]
+async fn a_process_does_not_sweep_the_outbox_row_of_a_running_edit() {
+    let message = SentMessage::start(false).await;
+    let mut events = message.bus.subscribe().await.unwrap();
+    assert_eq!(message.edit("one").await.status(), 200);
+    assert_eq!(message.updated_text(&mut events).await, "one");
+
+    message
         .store
-        .outbox_entries(deletion.state.outbox_writer(), now_bucket - 2, now_bucket)
+        .edits
+        .before_write
+        .store(true, Ordering::SeqCst);
+    let second = tokio::spawn(message.edit("two"));
+    message.store.edits.reached().await;
+    // The newest row is the running edit's (envelope ids grow with time).
+    let running = message
+        .outbox_rows("signal.updated")
         .await
-        .unwrap();
-    let deleted_envelopes: Vec<Value> = rows
-        .iter()
-        .map(|row| serde_json::from_slice(&row.envelope).unwrap())
-        .filter(|envelope: &Value| envelope["type"] == "signal.deleted")
-        .collect();
+        .into_iter()
+        .map(|row| row["id"].as_str().unwrap().to_owned())
+        .max()
+        .expect("the running edit's row");
+    let before = message.bus.last_seq().await.unwrap();
     assert_eq!(
-        deleted_envelopes.len(),
-        1,
-        "the deletion's row stays: {rows:?}"
+        message.state.sweep_outbox(SWEEP_OWN_NOW).await.unwrap(),
+        0,
+        "the sweep published for an edit still running"
+    );
+    assert_eq!(message.bus.last_seq().await.unwrap(), before);
+    let rows = message.outbox_rows("signal.updated").await;
+    assert!(
+        rows.iter().any(|row| row["id"] == running.as_str()),
+        "the running edit's row stays: {rows:?}"
+    );
+
+    message
+        .store
+        .edits
+        .before_write
+        .store(false, Ordering::SeqCst);
+    message.store.edits.released.notify_one();
+    assert_eq!(second.await.unwrap().status(), 200);
+    assert_eq!(message.updated_text(&mut events).await, "two");
+}
+
+/// An edit whose request is cancelled after its write (a client gone, a timeout) leaves its row
+/// behind; the process's own sweep finds the edit stored and publishes it.
+#[tokio::test]
+async fn a_cancelled_edit_is_published_by_its_process_own_sweep() {
+    let message = SentMessage::start(false).await;
+    let mut events = message.bus.subscribe().await.unwrap();
+    let alice: UserId =
+        serde_json::from_value(message.get(&message.alice, "/v1/me").await["id"].clone()).unwrap();
+    let chat: ChatId = serde_json::from_value(json!(message.chat)).unwrap();
+    let id: SignalId = serde_json::from_value(json!(message.id)).unwrap();
+
+    message
+        .store
+        .edits
+        .after_write
+        .store(true, Ordering::SeqCst);
+    let state = message.state.clone();
+    let edit = tokio::spawn(async move {
+        let text = confab_api::domain::inputs::MessageText::parse("cut short".into()).unwrap();
+        state.edit_message(alice, chat, id, text).await
+    });
+    message.store.edits.reached().await;
+    edit.abort();
+    assert!(edit.await.unwrap_err().is_cancelled());
+    message
+        .store
+        .edits
+        .after_write
+        .store(false, Ordering::SeqCst);
+
+    assert_eq!(message.state.sweep_outbox(SWEEP_OWN_NOW).await.unwrap(), 1);
+    assert_eq!(message.updated_text(&mut events).await, "cut short");
+    assert_eq!(
+        message.outbox_rows("signal.updated").await,
+        Vec::<Value>::new()
     );
 }

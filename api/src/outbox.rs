@@ -15,19 +15,22 @@
 //! for weeks leaves a few buckets to read, not every ten seconds of its life, each full of the
 //! tombstones of its removals.
 //!
-//! A live writer also looks at its own entries that its requests left behind: an entry neither
-//! settled nor handed to a publish retry for longer than that silence belongs to a change that
-//! failed after its entry was written. The change may be stored all the same (a deletion whose
-//! later steps failed, a write that timed out and was applied), so if the store holds it, its
-//! event is published and the entry removed; if not, the entry stays in the store for the sweep
-//! after the writer's death, since the write may still land.
+//! A live writer also looks at its own entries that its requests left behind: an entry whose
+//! request ended (failed, or was cancelled) without settling it or handing it to a publish retry,
+//! longer than that silence ago, belongs to a change that failed after its entry was written. The
+//! change may be stored all the same (a deletion whose later steps failed, a write that timed out
+//! and was applied), so if the store holds it, its event is published and the entry removed; if
+//! not, the entry stays in the store for the sweep after the writer's death, since the write may
+//! still land. An entry whose request is still running is never looked at, however long it runs:
+//! that request settles it, or leaves it behind when it ends.
 //!
 //! Why nothing is lost: an entry exists before the change, and is removed only after the bus took
 //! the event, or once the change is known not to be stored: by its own request (a nonce that
 //! already has a signal, a reaction that did not change, an edit of a deleted message) or by a
-//! silent writer's sweep. A request still running after the silence allowance may be looked at
-//! by its own writer's sweep before its change is stored; its row then stays, and the request
-//! settles it as usual. Why nothing is doubled: an entry's envelope id is
+//! silent writer's sweep. Its own writer's sweep waits for its request to end: a sweep that
+//! published the change as stored before the request's own write landed, and removed the row,
+//! would leave the newer event only in that request's memory. Why nothing is doubled: an entry's
+//! envelope id is
 //! the event's id (a signal's id for `signal.created`), so a publish by the sweeper that repeats
 //! one the writer made before it died is dropped by the log within its duplicate window.
 //! Why nothing phantom is published: the sweeper publishes the change as the store holds it, and
@@ -86,10 +89,11 @@ pub struct Outbox {
     /// load one request removes many (see [`Outbox::settle`]).
     settled: Arc<std::sync::Mutex<Settled>>,
     /// Every entry written and neither settled nor handed to a publish retry, in the order
-    /// written: what this writer's own sweep looks at (see [`ApiState::sweep_outbox`]). Held in
-    /// memory, so the sweep never reads the store's partitions of a live writer, which its
-    /// removals fill with tombstones.
-    unsettled: std::sync::Mutex<BTreeMap<u64, Unsettled>>,
+    /// written: what this writer's own sweep looks at once its request has ended (see
+    /// [`ApiState::sweep_outbox`]). Held in memory, so the sweep never reads the store's
+    /// partitions of a live writer, which its removals fill with tombstones. Shared with each
+    /// [`Intent`], which marks its entry left behind when its request drops it.
+    unsettled: Arc<std::sync::Mutex<BTreeMap<u64, Unsettled>>>,
     next_intent: std::sync::atomic::AtomicU64,
 }
 
@@ -98,6 +102,8 @@ struct Unsettled {
     entry: OutboxEntry,
     /// When it was written (a monotonic clock: a step of the wall clock does not reorder it).
     written: std::time::Instant,
+    /// When its request ended without settling it: only then may this writer's sweep look at it.
+    left_behind: Option<std::time::Instant>,
     /// Sweeps that failed to publish it.
     failures: u32,
 }
@@ -181,21 +187,58 @@ impl Default for Outbox {
             retained: Arc::default(),
             registered: tokio::sync::OnceCell::new(),
             settled: Arc::default(),
-            unsettled: std::sync::Mutex::default(),
+            unsettled: Arc::default(),
             next_intent: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
 
 /// An event recorded in the outbox, to be removed once published (or once its change is known
-/// not to be stored).
-#[derive(Clone, Copy, Debug)]
+/// not to be stored), held by the request that makes the change. Dropped without being settled
+/// or handed to a retry (the request failed, or was cancelled), it marks its entry left behind,
+/// for this writer's own sweep.
 #[must_use = "an intent left alone stays in the outbox until a sweep"]
 pub struct Intent {
+    entry: IntentKey,
+    /// The writer's unsettled entries; `None` once the intent is settled or handed over.
+    unsettled: Option<Arc<std::sync::Mutex<BTreeMap<u64, Unsettled>>>>,
+}
+
+/// Which outbox entry an [`Intent`] is, once its request has handed it over.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct IntentKey {
     bucket: i64,
     id: Uuid,
     /// Its key among the writer's unsettled entries.
     key: u64,
+}
+
+impl Intent {
+    /// The entry, from a request that settles it or hands it to a retry: no longer left behind
+    /// when dropped.
+    fn hand_over(mut self) -> IntentKey {
+        self.unsettled = None;
+        self.entry
+    }
+}
+
+impl Drop for Intent {
+    fn drop(&mut self) {
+        if let Some(unsettled) = self.unsettled.take()
+            && let Some(entry) = unsettled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&self.entry.key)
+        {
+            entry.left_behind = Some(std::time::Instant::now());
+        }
+    }
+}
+
+impl std::fmt::Debug for Intent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.entry.fmt(f)
+    }
 }
 
 impl Outbox {
@@ -231,7 +274,7 @@ impl Outbox {
         let bucket = self
             .retained_mut()
             .write(confab_runtime::presence::now_ms(), envelope.id);
-        let intent = Intent {
+        let key = IntentKey {
             bucket,
             id: envelope.id,
             key: self
@@ -239,33 +282,39 @@ impl Outbox {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         let entry = OutboxEntry {
-            bucket: intent.bucket,
-            id: intent.id,
+            bucket: key.bucket,
+            id: key.id,
             envelope: body,
         };
         if let Err(error) = store.outbox_put(self.writer, &entry).await {
             // It may have been written all the same.
-            self.left(intent.bucket, &[intent.id]);
+            self.left(key.bucket, &[key.id]);
             return Err(error.into());
         }
         self.unsettled
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(
-                intent.key,
+                key.key,
                 Unsettled {
                     entry,
                     written: std::time::Instant::now(),
+                    left_behind: None,
                     failures: 0,
                 },
             );
-        Ok(intent)
+        Ok(Intent {
+            entry: key,
+            unsettled: Some(Arc::clone(&self.unsettled)),
+        })
     }
 
-    /// Takes `intent` out of what this writer's own sweep looks at: its request has published
-    /// the event, given it up, or handed it to a retry that settles it.
-    pub(crate) fn untrack(&self, intent: Intent) {
-        self.untrack_key(intent.key);
+    /// Takes `intent` out of what this writer's own sweep looks at, and answers its entry: its
+    /// request has handed it to a retry that settles it (see [`Outbox::settle_key`]).
+    pub(crate) fn untrack(&self, intent: Intent) -> IntentKey {
+        let key = intent.hand_over();
+        self.untrack_key(key.key);
+        key
     }
 
     fn untrack_key(&self, key: u64) {
@@ -316,7 +365,12 @@ impl Outbox {
     /// at once, and a steady stream of sends costs the store a few removals a second instead of
     /// one for every send or two.
     pub(crate) fn settle(&self, store: &Arc<dyn Store>, intent: Intent) {
-        self.untrack(intent);
+        self.settle_key(store, intent.hand_over());
+    }
+
+    /// [`Outbox::settle`], for an entry already handed over by its request.
+    pub(crate) fn settle_key(&self, store: &Arc<dyn Store>, intent: IntentKey) {
+        self.untrack_key(intent.key);
         {
             let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
             settled.entries.push((intent.bucket, intent.id));
@@ -431,7 +485,8 @@ impl ApiState {
     }
 
     /// This writer's own entries that their requests left behind more than `silent_after` ago
-    /// (see the module's documentation), oldest first, at most [`LEFTOVERS_PER_SWEEP`].
+    /// (see the module's documentation), oldest first, at most [`LEFTOVERS_PER_SWEEP`]. An entry
+    /// whose request is still running is not looked at.
     /// One whose change the store holds is published and removed. One whose change it does not
     /// hold is no longer looked at, and its row stays for the sweep after this writer's death.
     /// Nothing is tried while the bus is down.
@@ -446,6 +501,11 @@ impl ApiState {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .take_while(|(_, unsettled)| unsettled.written < written_before)
+            .filter(|(_, unsettled)| {
+                unsettled
+                    .left_behind
+                    .is_some_and(|left| left < written_before)
+            })
             .take(LEFTOVERS_PER_SWEEP)
             .map(|(key, unsettled)| (*key, unsettled.entry.clone()))
             .collect();
@@ -944,13 +1004,14 @@ mod tests {
         let outbox = Outbox::default();
         let envelope = Envelope::signal_created(signal("held"));
         let intent = outbox.intend(&*store, &envelope).await.expect("written");
+        let bucket = intent.entry.bucket;
         let held = |outbox: &Outbox| {
             outbox
                 .retained
                 .lock()
                 .expect("lock")
                 .entries
-                .contains(&(intent.bucket, envelope.id))
+                .contains(&(bucket, envelope.id))
         };
         assert!(held(&outbox), "written: it holds the start");
         outbox.settle(&store, intent);
@@ -961,7 +1022,7 @@ mod tests {
         }
         assert_eq!(
             store
-                .outbox_entries(outbox.writer(), intent.bucket, intent.bucket)
+                .outbox_entries(outbox.writer(), bucket, bucket)
                 .await
                 .expect("reads"),
             Vec::new(),

@@ -64,7 +64,7 @@ impl ApiState {
         tracing::warn!(event = kind, chat = %envelope.chat_id, "event not published yet; retrying in the background");
         metrics::counter!("confab_events_publish_retries_total", "type" => kind).increment(1);
         // The retry below settles it: this process's own sweep need not look at it.
-        self.outbox.untrack(intent);
+        let intent = self.outbox.untrack(intent);
         let state = self.clone();
         tokio::spawn(async move {
             let mut delay = FIRST_RETRY;
@@ -72,7 +72,7 @@ impl ApiState {
                 tokio::time::sleep(delay).await;
                 if state.bus.publish(&envelope).await.is_ok() {
                     metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
-                    state.outbox.settle(&state.store, intent);
+                    state.outbox.settle_key(&state.store, intent);
                     return;
                 }
                 delay = (delay * 2).min(LONGEST_RETRY);
