@@ -67,7 +67,19 @@ pub struct NatsPushQueue {
     /// claim, a cancel, another node's schedule) moved the revision, so the write is refused and
     /// the turn reads the entry as it is. Bounded by [`REMEMBERED_ENTRIES_MAX`].
     written: std::sync::Mutex<HashMap<String, (PendingPush, u64)>>,
+    /// When the latest write of each entry started, kept only when schedules of that entry
+    /// overlapped (it carried more than one, or more were waiting when it was done): the next
+    /// write then starts no sooner than [`SCHEDULE_PACE`] after it.
+    paced: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
 }
+
+/// While schedules of one entry overlap (a burst of messages into a chat), its writes start at
+/// least this far apart, and every schedule that arrives meanwhile goes in the next write. A
+/// write takes about a millisecond, so turns alone merged about half of a busy chat's schedules,
+/// and each write is a compare-and-set on the stream. Once a write carries a single schedule with
+/// nobody waiting, the entry's next write goes at once. A schedule that waits answers its send up
+/// to this much later; its push is due as scheduled.
+const SCHEDULE_PACE: Duration = Duration::from_millis(50);
 
 /// How many entries a node remembers having written before it starts again empty: each is a
 /// few hundred bytes, and only entries written again soon (bursts) gain from it.
@@ -181,6 +193,7 @@ impl NatsPushQueue {
             entry_turns: EntryTurns::default(),
             queued: std::sync::Mutex::default(),
             written: std::sync::Mutex::default(),
+            paced: std::sync::Mutex::default(),
         })
     }
 
@@ -500,6 +513,10 @@ impl NatsPushQueue {
         written.insert(key.to_owned(), (push, revision));
     }
 
+    fn paced_mut(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::time::Instant>> {
+        self.paced.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn forget(&self, key: &str) {
         self.written
             .lock()
@@ -535,6 +552,19 @@ impl PushQueue for NatsPushQueue {
                 });
             {
                 let _turn = self.entry_turns.turn(&key).await;
+                let previous = self.paced_mut().remove(&key);
+                let waiting = |queue: &Self| {
+                    queue
+                        .queued
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains_key(&key)
+                };
+                if let Some(previous) = previous
+                    && waiting(self)
+                {
+                    tokio::time::sleep_until(previous + SCHEDULE_PACE).await;
+                }
                 // Empty when an earlier turn took this schedule along.
                 let batch = self
                     .queued
@@ -543,10 +573,15 @@ impl PushQueue for NatsPushQueue {
                     .remove(&key)
                     .unwrap_or_default();
                 if !batch.is_empty() {
+                    let started = tokio::time::Instant::now();
                     let written = self
                         .write_schedules(kv, &key, user, chat, &batch)
                         .await
                         .map_err(|e| e.to_string());
+                    // Overlapping: it carried more than one, or more came while it was written.
+                    if batch.len() > 1 || waiting(self) {
+                        self.paced_mut().insert(key.clone(), started);
+                    }
                     for queued in batch {
                         let _ = queued.done.send(written.clone());
                     }
