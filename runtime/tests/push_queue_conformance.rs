@@ -40,17 +40,17 @@ async fn nats() -> Option<Fixture> {
 push_queue_conformance_tests!(embedded_queue, super::embedded);
 push_queue_conformance_tests!(jetstream_queue, super::nats);
 
-/// A stream of overlapping schedules of one entry (a busy chat, one recipient) writes the entry
-/// about once per pace, not once per turn, and the push still counts every message. On JetStream
-/// only: the embedded queue writes its entry in a local transaction.
+/// A stream of schedules of one entry (a busy chat, one recipient) that once overlapped writes the
+/// entry about once per pace from then on, not once per message, and the push still counts every
+/// message. On JetStream only: the embedded queue writes its entry in a local transaction.
 #[tokio::test]
 async fn jetstream_a_stream_of_schedules_writes_an_entry_about_once_per_pace() {
     use confab_runtime::push_queue::{PendingPush, PushMessage, PushQueue};
     use confab_schema::{ChatId, SignalId, UserId};
 
-    const MESSAGES: u32 = 60;
+    const MESSAGES: u32 = 103;
     const AT_ONCE: u32 = 3;
-    const EVERY: std::time::Duration = std::time::Duration::from_millis(5);
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(2);
     let Some(url) = support::nats_url("push queue").await else {
         return;
     };
@@ -64,13 +64,14 @@ async fn jetstream_a_stream_of_schedules_writes_an_entry_about_once_per_pace() {
     let author = UserId::from_subject("pace", "author");
     let due = confab_runtime::presence::now_ms() + 600_000;
     let started = tokio::time::Instant::now();
-    // Three schedules every 5 ms for 100 ms, each on its own without waiting for the others, as
-    // the sends of a busy chat are.
+    // Three schedules at once, then one every 2 ms for 200 ms, each on its own without waiting
+    // for the others, as the sends of a busy chat are. A write takes less than 2 ms here, so
+    // after the first three they no longer overlap by themselves.
     let schedules: Vec<_> = (0..MESSAGES)
         .map(|i| {
             let queue = Arc::clone(&queue);
             tokio::spawn(async move {
-                tokio::time::sleep_until(started + EVERY * (i / AT_ONCE)).await;
+                tokio::time::sleep_until(started + EVERY * i.saturating_sub(AT_ONCE - 1)).await;
                 let message = PushMessage {
                     signal: SignalId::new(),
                     author,

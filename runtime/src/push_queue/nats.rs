@@ -69,7 +69,7 @@ pub struct NatsPushQueue {
     written: std::sync::Mutex<HashMap<String, (PendingPush, u64)>>,
     /// When the latest write of each entry started, kept only when schedules of that entry
     /// overlapped (it carried more than one, or more were waiting when it was done): the next
-    /// write then starts no sooner than [`SCHEDULE_PACE`] after it.
+    /// write then starts no sooner than [`SCHEDULE_PACE`] after it. Bounded like `written`.
     paced: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
@@ -552,7 +552,7 @@ impl PushQueue for NatsPushQueue {
                 });
             {
                 let _turn = self.entry_turns.turn(&key).await;
-                let previous = self.paced_mut().remove(&key);
+                let previous = self.paced_mut().get(&key).copied();
                 let waiting = |queue: &Self| {
                     queue
                         .queued
@@ -579,9 +579,18 @@ impl PushQueue for NatsPushQueue {
                         .await
                         .map_err(|e| e.to_string());
                     // Overlapping: it carried more than one, or more came while it was written.
-                    if batch.len() > 1 || waiting(self) {
-                        self.paced_mut().insert(key.clone(), started);
+                    let overlapping = batch.len() > 1 || waiting(self);
+                    let mut paced = self.paced_mut();
+                    if overlapping {
+                        if paced.len() >= REMEMBERED_ENTRIES_MAX {
+                            // Only entries written within the pace still hold anyone back.
+                            paced.retain(|_, at| at.elapsed() < SCHEDULE_PACE);
+                        }
+                        paced.insert(key.clone(), started);
+                    } else {
+                        paced.remove(&key);
                     }
+                    drop(paced);
                     for queued in batch {
                         let _ = queued.done.send(written.clone());
                     }
