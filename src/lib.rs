@@ -397,7 +397,13 @@ pub struct App {
     pub router: axum::Router,
     /// Background workers (the hub's bus consumer), awaited on shutdown.
     workers: Vec<tokio::task::JoinHandle<()>>,
+    /// The API's state, whose outbox writer retires once the requests and workers are done.
+    api: Option<ApiState>,
 }
+
+/// How long a clean shutdown waits for the last outbox removals before leaving the writer to a
+/// sweep instead: a few removal paces.
+const OUTBOX_RETIRE_WAIT: Duration = Duration::from_secs(2);
 
 /// Builds the router and workers of `role`.
 pub async fn build(
@@ -428,6 +434,7 @@ pub async fn build(
     let mut workers = Vec::new();
     // The API's own router, for the ws-plexer to call in process (`confab serve`).
     let mut api_router = None;
+    let mut api_state = None;
 
     let store = open_store(config, role == Role::Serve).await?;
     readiness = readiness.with(Arc::new(StoreReadiness(Arc::clone(&store))));
@@ -490,6 +497,7 @@ pub async fn build(
             (ring_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(1)),
             shutdown.clone(),
         ));
+        api_state = Some(state.clone());
         let (routes, doc) = api_routes(state);
         // Every JSON body, over HTTP or in a WebSocket request frame (uploads stream their own).
         let routes = routes.layer(DefaultBodyLimit::max(config.limits.body_bytes));
@@ -622,7 +630,11 @@ pub async fn build(
             .method_not_allowed_fallback(problem::method_not_allowed),
         &config.limits,
     ));
-    Ok(App { router, workers })
+    Ok(App {
+        router,
+        workers,
+        api: api_state,
+    })
 }
 
 /// Runs `role` on `listener` until `shutdown`, then drains open requests and workers.
@@ -652,6 +664,13 @@ pub async fn run(
     .await;
     for worker in app.workers {
         let _ = worker.await;
+    }
+    if let Some(api) = app.api {
+        match api.retire_outbox(OUTBOX_RETIRE_WAIT).await {
+            Ok(true) => tracing::info!("outbox writer retired: nothing left for a sweep"),
+            Ok(false) => tracing::warn!("outbox entries remain; a sweep publishes them"),
+            Err(error) => tracing::warn!(%error, "outbox writer not retired; a sweep reads it"),
+        }
     }
     tracing::info!(role = role.name(), "stopped");
     Ok(())

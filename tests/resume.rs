@@ -484,3 +484,46 @@ async fn websocket_resumes_on_the_real_stack() {
         Box::pin(websocket_resumes(Stack::Real)).await;
     }
 }
+
+/// A process stopped cleanly, with nothing left in its outbox, forgets its outbox writer: no other
+/// process sweeps it after its silence, reading partitions that hold only its removals'
+/// tombstones.
+async fn a_clean_shutdown_leaves_no_outbox_writer_to_sweep(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let (alice, bob) = (app.token("alice").await, app.token("bob").await);
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    send(&app, &alice, &chat, "before the shutdown").await;
+    let config = app.config.clone();
+    let data = app.stop_keeping_state().await;
+
+    let store = confab::open_store(&config, false).await.unwrap();
+    let writers = store.outbox_writers().await.unwrap();
+    assert!(writers.is_empty(), "left for a sweep: {writers:?}");
+    drop(data);
+    if stack == Stack::Real {
+        Box::pin(support::clean_up_real(&config)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_clean_shutdown_leaves_no_outbox_writer_to_sweep_on_the_embedded_default() {
+    Box::pin(a_clean_shutdown_leaves_no_outbox_writer_to_sweep(
+        Stack::Embedded,
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_clean_shutdown_leaves_no_outbox_writer_to_sweep_on_the_real_stack() {
+    if support::real_stack_available(
+        "a_clean_shutdown_leaves_no_outbox_writer_to_sweep_on_the_real_stack",
+    )
+    .await
+    {
+        Box::pin(a_clean_shutdown_leaves_no_outbox_writer_to_sweep(
+            Stack::Real,
+        ))
+        .await;
+    }
+}

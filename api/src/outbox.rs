@@ -13,7 +13,8 @@
 //! the entries and forgets the writer. The sweep reads the buckets from that oldest one to one
 //! silence after the last heartbeat, not every bucket since the writer started: a writer that ran
 //! for weeks leaves a few buckets to read, not every ten seconds of its life, each full of the
-//! tombstones of its removals.
+//! tombstones of its removals. A writer that stops cleanly with nothing left in the store forgets
+//! itself instead ([`Outbox::retire`]): nobody reads its partitions at all.
 //!
 //! A live writer also looks at its own entries that its requests left behind: an entry whose
 //! request ended (failed, or was cancelled) without settling it or handing it to a publish retry,
@@ -121,16 +122,21 @@ struct Retained {
     /// The latest start a heartbeat may have recorded, in buckets: no entry is written in an
     /// earlier bucket, even when the wall clock steps back.
     floor: i64,
+    /// Set once the writer is retired (see [`Outbox::retire`]): no entry is written after.
+    retired: bool,
 }
 
 impl Retained {
     /// Notes an entry about to be written at `now_ms`, and answers its bucket. The bucket is
     /// taken under the same lock as [`Retained::entries_from_ms`], so a heartbeat never names a
     /// bucket later than an entry it did not see.
-    fn write(&mut self, now_ms: i64, id: Uuid) -> i64 {
+    fn write(&mut self, now_ms: i64, id: Uuid) -> Option<i64> {
+        if self.retired {
+            return None;
+        }
         let bucket = bucket_of(now_ms).max(self.floor);
         self.entries.insert((bucket, id));
-        bucket
+        Some(bucket)
     }
 
     /// The entries were removed from the store.
@@ -273,7 +279,8 @@ impl Outbox {
         let body = serde_json::to_vec(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let bucket = self
             .retained_mut()
-            .write(confab_runtime::presence::now_ms(), envelope.id);
+            .write(confab_runtime::presence::now_ms(), envelope.id)
+            .ok_or_else(|| StoreError::Unavailable("shutting down".into()))?;
         let key = IntentKey {
             bucket,
             id: envelope.id,
@@ -334,6 +341,37 @@ impl Outbox {
 
     fn retained_mut(&self) -> std::sync::MutexGuard<'_, Retained> {
         self.retained.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// On a clean shutdown, once no request is left: waits up to `wait` until nothing this writer
+    /// wrote may be in the store (every entry removed, none left on purpose), then refuses any
+    /// further entry and forgets the writer, so that no sweep reads its partitions, which hold
+    /// nothing but its removals' tombstones. Answers whether it did; otherwise the writer stays,
+    /// and the sweep after its silence publishes what it left, as after a crash.
+    pub(crate) async fn retire(
+        &self,
+        store: &dyn Store,
+        wait: Duration,
+    ) -> Result<bool, StoreError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            {
+                let mut retained = self.retained_mut();
+                if retained.entries.is_empty() && retained.left_from.is_none() {
+                    retained.retired = true;
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            // The last removals are in flight, at most one removal pace apart.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if self.registered.initialized() {
+            store.outbox_forget_writer(self.writer).await?;
+        }
+        Ok(true)
     }
 
     /// Tries again to remove the entries whose removal failed.
@@ -426,6 +464,12 @@ impl ApiState {
     /// This process's id as a writer of outbox entries.
     pub fn outbox_writer(&self) -> Uuid {
         self.outbox.writer()
+    }
+
+    /// See [`Outbox::retire`]: called once the server has drained its requests and stopped its
+    /// workers (the outbox sweeper among them, whose heartbeat would record the writer again).
+    pub async fn retire_outbox(&self, wait: Duration) -> ApiResult<bool> {
+        Ok(self.outbox.retire(&*self.store, wait).await?)
     }
 
     /// Where a sweep of this process's outbox entries would start now (its heartbeat's value).
@@ -933,9 +977,9 @@ mod tests {
         );
         let mut retained = Retained::default();
         let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-        assert_eq!(retained.write(500 * B + 1, a), 500);
-        assert_eq!(retained.write(700 * B, b), 700);
-        assert_eq!(retained.write(700 * B + 9, c), 700);
+        assert_eq!(retained.write(500 * B + 1, a), Some(500));
+        assert_eq!(retained.write(700 * B, b), Some(700));
+        assert_eq!(retained.write(700 * B + 9, c), Some(700));
         assert_eq!(retained.entries_from_ms(now), 499 * B);
         retained.removed(500, &[a]);
         assert_eq!(
@@ -980,7 +1024,9 @@ mod tests {
     fn an_entry_never_goes_below_a_recorded_start_when_the_clock_steps_back() {
         let mut retained = Retained::default();
         assert_eq!(retained.entries_from_ms(1_000 * B), 999 * B);
-        let bucket = retained.write(900 * B, Uuid::now_v7());
+        let bucket = retained
+            .write(900 * B, Uuid::now_v7())
+            .expect("not retired");
         assert_eq!(
             bucket, 999,
             "written where the last heartbeat's sweep starts"
@@ -1030,5 +1076,51 @@ mod tests {
         );
         let left_from = outbox.retained.lock().expect("lock").left_from;
         assert_eq!(left_from, None);
+    }
+
+    /// A writer retires only once nothing of it may be in the store: then it is forgotten (no
+    /// sweep reads its partitions) and writes nothing more.
+    #[tokio::test]
+    async fn a_writer_retires_once_its_entries_are_removed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::embedded::EmbeddedStore::open(&dir.path().join("store.sqlite3"))
+                .expect("store"),
+        );
+        let outbox = Outbox::default();
+        let listed = |writers: Vec<crate::store::OutboxWriter>| {
+            writers.iter().any(|w| w.writer == outbox.writer())
+        };
+        let intent = outbox
+            .intend(&*store, &Envelope::signal_created(signal("pending")))
+            .await
+            .expect("written");
+        assert!(listed(store.outbox_writers().await.expect("reads")));
+
+        // An entry is in the store: the writer stays for the sweep after its silence.
+        assert!(
+            !outbox
+                .retire(&*store, Duration::ZERO)
+                .await
+                .expect("answers")
+        );
+        assert!(listed(store.outbox_writers().await.expect("reads")));
+
+        outbox.settle(&store, intent);
+        assert!(
+            outbox
+                .retire(&*store, Duration::from_secs(10))
+                .await
+                .expect("answers"),
+            "the entry's removal was done within the wait"
+        );
+        assert!(!listed(store.outbox_writers().await.expect("reads")));
+        assert!(
+            outbox
+                .intend(&*store, &Envelope::signal_created(signal("late")))
+                .await
+                .is_err(),
+            "a retired writer writes nothing it would not be swept for"
+        );
     }
 }
