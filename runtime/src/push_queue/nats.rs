@@ -75,8 +75,9 @@ pub struct NatsPushQueue {
 
 /// While schedules of one entry overlap (a burst of messages into a chat), its writes start at
 /// least this far apart, and every schedule that arrives meanwhile goes in the next write. A
-/// write takes about a millisecond, so turns alone merged about half of a busy chat's schedules,
-/// and each write is a compare-and-set on the stream. Once a write carries a single schedule with
+/// write takes well under the 2 ms between two sends at 500 messages/s, so turns alone merged
+/// almost none of a busy chat's schedules (1.03 writes per message in the send benchmark), and
+/// each write is a compare-and-set on the stream. Once a write carries a single schedule with
 /// nobody waiting, the entry's next write goes at once. A schedule that waits answers its send up
 /// to this much later; its push is due as scheduled.
 const SCHEDULE_PACE: Duration = Duration::from_millis(50);
