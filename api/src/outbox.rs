@@ -1038,15 +1038,19 @@ mod tests {
         );
     }
 
+    /// An embedded store in a temporary directory (kept as long as the directory).
+    fn embedded_store() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = crate::store::embedded::EmbeddedStore::open(&dir.path().join("store.sqlite3"))
+            .expect("store");
+        (dir, Arc::new(store))
+    }
+
     /// The wiring of [`Retained`]: an entry holds the sweep's start from its write until its
     /// removal is done.
     #[tokio::test]
     async fn an_entry_holds_the_sweeps_start_until_it_is_removed() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store: Arc<dyn Store> = Arc::new(
-            crate::store::embedded::EmbeddedStore::open(&dir.path().join("store.sqlite3"))
-                .expect("store"),
-        );
+        let (_dir, store) = embedded_store();
         let outbox = Outbox::default();
         let envelope = Envelope::signal_created(signal("held"));
         let intent = outbox.intend(&*store, &envelope).await.expect("written");
@@ -1082,11 +1086,7 @@ mod tests {
     /// sweep reads its partitions) and writes nothing more.
     #[tokio::test]
     async fn a_writer_retires_once_its_entries_are_removed() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store: Arc<dyn Store> = Arc::new(
-            crate::store::embedded::EmbeddedStore::open(&dir.path().join("store.sqlite3"))
-                .expect("store"),
-        );
+        let (_dir, store) = embedded_store();
         let outbox = Outbox::default();
         let listed = |writers: Vec<crate::store::OutboxWriter>| {
             writers.iter().any(|w| w.writer == outbox.writer())
