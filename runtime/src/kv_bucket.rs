@@ -99,10 +99,19 @@ impl Default for EntryTurns {
 impl EntryTurns {
     /// This process's turn at `key`, held until the guard drops.
     pub async fn turn(&self, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        self.locks[Self::lock_of(key)].lock().await
+    }
+
+    /// Whether two keys take their turns at the same lock, so that one waits while the other's
+    /// turn is held. Tests use it to find such keys.
+    pub fn share_a_lock(a: &str, b: &str) -> bool {
+        Self::lock_of(a) == Self::lock_of(b)
+    }
+
+    fn lock_of(key: &str) -> usize {
         use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
         let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
-        let stripe = usize::try_from(hash % ENTRY_LOCKS as u64).unwrap_or(0);
-        self.locks[stripe].lock().await
+        usize::try_from(hash % ENTRY_LOCKS as u64).unwrap_or(0)
     }
 }
 

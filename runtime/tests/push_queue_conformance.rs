@@ -111,3 +111,185 @@ async fn jetstream_a_stream_of_schedules_writes_an_entry_about_once_per_pace() {
     );
     queue.delete_bucket().await.expect("cleans up");
 }
+
+/// A schedule of one entry does not wait for another entry's pace, also when the two take their
+/// turns at the same lock: while a busy chat's entry is paced, a lone schedule of another entry
+/// on its lock is written at once. On JetStream only, where the pace is.
+#[tokio::test]
+async fn jetstream_a_paced_entry_does_not_hold_back_another_entry_on_its_lock() {
+    use confab_runtime::kv_bucket::EntryTurns;
+    use confab_runtime::push_queue::{PushMessage, PushQueue};
+    use confab_schema::{ChatId, SignalId, UserId};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const LONE_SCHEDULES: u32 = 20;
+    const PACE: std::time::Duration = std::time::Duration::from_millis(50);
+    let Some(url) = support::nats_url("push queue").await else {
+        return;
+    };
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let queue = Arc::new(
+        NatsPushQueue::connect(&url, &prefix)
+            .await
+            .expect("connects"),
+    );
+    let busy = (UserId::from_subject("pace", "reader"), ChatId::new());
+    let busy_key = format!("{}.{}", busy.0, busy.1);
+    let quiet_user = UserId::from_subject("pace", "other reader");
+    let quiet_chat = std::iter::repeat_with(ChatId::new)
+        .find(|chat| EntryTurns::share_a_lock(&busy_key, &format!("{quiet_user}.{chat}")))
+        .expect("a chat whose entry shares the busy entry's lock");
+    let author = UserId::from_subject("pace", "author");
+    let due = confab_runtime::presence::now_ms() + 600_000;
+    let message = move |i: u32| PushMessage {
+        signal: SignalId::new(),
+        author,
+        author_name: "author".into(),
+        preview: Some(format!("m{i}")),
+    };
+
+    // The busy entry: three schedules at once, then one every 2 ms until the lone ones are done.
+    let done = Arc::new(AtomicBool::new(false));
+    let burst = {
+        let (queue, done) = (Arc::clone(&queue), Arc::clone(&done));
+        tokio::spawn(async move {
+            let mut sends = tokio::task::JoinSet::new();
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(2));
+            let mut i = 0;
+            while !done.load(Ordering::Relaxed) {
+                if i >= 3 {
+                    every.tick().await;
+                }
+                let (queue, message) = (Arc::clone(&queue), message(i));
+                sends.spawn(async move {
+                    queue
+                        .schedule(busy.0, busy.1, &message, due, due + 600_000)
+                        .await
+                        .expect("scheduled");
+                });
+                i += 1;
+            }
+            sends.join_all().await;
+            i
+        })
+    };
+    // Until the busy entry's writes are paced: the burst has written it once and queued more.
+    let context = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connects"));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        // The queue creates its bucket with its first schedule.
+        if let Ok(bucket) = context.get_key_value(format!("{prefix}_push")).await
+            && let Ok(Some(entry)) = bucket.entry(busy_key.clone()).await
+            && entry.revision >= 2
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the busy entry is written"
+        );
+        tokio::task::yield_now().await;
+    }
+
+    // One lone schedule after another of the quiet entry. Each waiting out the busy entry's pace
+    // would take about half a pace on average.
+    let started = tokio::time::Instant::now();
+    let lone = async {
+        for i in 0..LONE_SCHEDULES {
+            queue
+                .schedule(quiet_user, quiet_chat, &message(i), due, due + 600_000)
+                .await
+                .expect("scheduled");
+        }
+    };
+    let finished = tokio::time::timeout(std::time::Duration::from_secs(10), lone).await;
+    let elapsed = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let busy_schedules = burst.await.expect("ran");
+    assert!(
+        finished.is_ok(),
+        "{LONE_SCHEDULES} lone schedules not done in {elapsed:?} beside a paced entry"
+    );
+    assert!(
+        elapsed < PACE * LONE_SCHEDULES / 5,
+        "{LONE_SCHEDULES} lone schedules took {elapsed:?} beside a paced entry ({busy_schedules} schedules)"
+    );
+    queue.delete_bucket().await.expect("cleans up");
+}
+
+/// While a busy chat's entry is paced, the pace holds for as long as the burst lasts, and each
+/// schedule returns once a write has carried it, about a pace at most: a schedule that a write
+/// took along does not wait for the pace again. On JetStream only, where the pace is.
+#[tokio::test]
+async fn jetstream_each_schedule_of_a_sustained_burst_returns_within_about_a_pace() {
+    use confab_runtime::push_queue::{PendingPush, PushMessage, PushQueue};
+    use confab_schema::{ChatId, SignalId, UserId};
+
+    const MESSAGES: u32 = 500;
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(2);
+    const PACE: std::time::Duration = std::time::Duration::from_millis(50);
+    let Some(url) = support::nats_url("push queue").await else {
+        return;
+    };
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let queue = Arc::new(
+        NatsPushQueue::connect(&url, &prefix)
+            .await
+            .expect("connects"),
+    );
+    let (user, chat) = (UserId::from_subject("pace", "reader"), ChatId::new());
+    let author = UserId::from_subject("pace", "author");
+    let due = confab_runtime::presence::now_ms() + 600_000;
+    let started = tokio::time::Instant::now();
+    // Three at once, then one every 2 ms for a second, each on its own.
+    let schedules: Vec<_> = (0..MESSAGES)
+        .map(|i| {
+            let queue = Arc::clone(&queue);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(started + EVERY * i.saturating_sub(2)).await;
+                let message = PushMessage {
+                    signal: SignalId::new(),
+                    author,
+                    author_name: "author".into(),
+                    preview: Some(format!("m{i}")),
+                };
+                let asked = tokio::time::Instant::now();
+                queue
+                    .schedule(user, chat, &message, due, due + 600_000)
+                    .await
+                    .expect("scheduled");
+                asked.elapsed()
+            })
+        })
+        .collect();
+    let mut slowest = std::time::Duration::ZERO;
+    for schedule in schedules {
+        slowest = slowest.max(schedule.await.expect("ran"));
+    }
+
+    let context = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connects"));
+    let bucket = context
+        .get_key_value(format!("{prefix}_push"))
+        .await
+        .expect("the bucket");
+    let entry = bucket
+        .entry(format!("{user}.{chat}"))
+        .await
+        .expect("reads")
+        .expect("the pending push");
+    let push: PendingPush = serde_json::from_slice(&entry.value).expect("a pending push");
+    assert_eq!(push.count, MESSAGES, "every message counted");
+    assert!(
+        slowest < PACE * 3,
+        "the slowest of {MESSAGES} schedules took {slowest:?} at a pace of {PACE:?}"
+    );
+    // The pace holds for the whole burst: every write of the entry is a revision of the bucket.
+    let elapsed = started.elapsed();
+    let paced = u64::try_from(elapsed.as_millis() / 50).unwrap_or(u64::MAX) + 3;
+    assert!(
+        entry.revision <= paced,
+        "{} writes for {MESSAGES} messages in {elapsed:?} at a pace of 50 ms",
+        entry.revision
+    );
+    queue.delete_bucket().await.expect("cleans up");
+}

@@ -71,6 +71,8 @@ pub struct NatsPushQueue {
     /// overlapped (it carried more than one, or more were waiting when it was done): the next
     /// write then starts no sooner than [`SCHEDULE_PACE`] after it. Bounded like `written`.
     paced: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
+    /// The id of the next queued schedule.
+    next_schedule_id: std::sync::atomic::AtomicU64,
 }
 
 /// While schedules of one entry overlap (a burst of messages into a chat), its writes start at
@@ -88,11 +90,23 @@ const REMEMBERED_ENTRIES_MAX: usize = 16_384;
 
 /// A schedule waiting for its entry's turn.
 struct QueuedSchedule {
+    /// Tells this schedule apart from the others queued for its entry.
+    id: u64,
     message: PushMessage,
     due_ms: i64,
     expires_ms: i64,
     /// Told the outcome of the write that carried it.
     done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// Where a queued schedule stands (see `NatsPushQueue::queued_schedule`).
+enum QueuedState {
+    /// A write took it along; its outcome comes by its channel.
+    Taken,
+    /// Queued; the entry's next write starts no sooner than this.
+    Paced(tokio::time::Instant),
+    /// Queued, and the entry may be written now.
+    Due,
 }
 
 /// A ticket held until its due time.
@@ -195,6 +209,7 @@ impl NatsPushQueue {
             queued: std::sync::Mutex::default(),
             written: std::sync::Mutex::default(),
             paced: std::sync::Mutex::default(),
+            next_schedule_id: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -514,6 +529,26 @@ impl NatsPushQueue {
         written.insert(key.to_owned(), (push, revision));
     }
 
+    /// Where the schedule `id` of `key` stands: taken along by a write, or still queued and
+    /// waiting for the entry's pace (until when), or due to be written.
+    fn queued_schedule(&self, key: &str, id: u64) -> QueuedState {
+        let mine_queued = self
+            .queued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .is_some_and(|queued| queued.iter().any(|q| q.id == id));
+        if !mine_queued {
+            return QueuedState::Taken;
+        }
+        match self.paced_mut().get(key) {
+            Some(at) if *at + SCHEDULE_PACE > tokio::time::Instant::now() => {
+                QueuedState::Paced(*at + SCHEDULE_PACE)
+            }
+            _ => QueuedState::Due,
+        }
+    }
+
     fn paced_mut(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::time::Instant>> {
         self.paced.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -540,63 +575,79 @@ impl PushQueue for NatsPushQueue {
         let key = key(user, chat);
         loop {
             let (done, outcome) = tokio::sync::oneshot::channel();
+            let id = self
+                .next_schedule_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.queued
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .entry(key.clone())
                 .or_default()
                 .push(QueuedSchedule {
+                    id,
                     message: message.clone(),
                     due_ms,
                     expires_ms,
                     done,
                 });
-            {
-                let _turn = self.entry_turns.turn(&key).await;
-                let previous = self.paced_mut().get(&key).copied();
-                let waiting = |queue: &Self| {
-                    queue
-                        .queued
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .contains_key(&key)
-                };
-                if let Some(previous) = previous
-                    && waiting(self)
-                {
-                    tokio::time::sleep_until(previous + SCHEDULE_PACE).await;
+            let waiting = |queue: &Self| {
+                queue
+                    .queued
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&key)
+            };
+            // The pace is waited for outside the turn: a turn's lock is shared by every key on
+            // its stripe, which must not wait for this entry's pace. A write that started while
+            // this schedule waited sets a later pace, so it is looked at again once the turn is
+            // ours; and a write that took this schedule along ends its part.
+            let turn = loop {
+                match self.queued_schedule(&key, id) {
+                    QueuedState::Taken => break None,
+                    QueuedState::Paced(next_write) => {
+                        tokio::time::sleep_until(next_write).await;
+                        continue;
+                    }
+                    QueuedState::Due => {}
                 }
-                // Empty when an earlier turn took this schedule along.
+                let turn = self.entry_turns.turn(&key).await;
+                match self.queued_schedule(&key, id) {
+                    QueuedState::Taken => break None,
+                    QueuedState::Paced(_) => {}
+                    QueuedState::Due => break Some(turn),
+                }
+            };
+            if turn.is_some() {
+                // Every schedule queued for the entry by now, this one among them.
                 let batch = self
                     .queued
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&key)
                     .unwrap_or_default();
-                if !batch.is_empty() {
-                    let started = tokio::time::Instant::now();
-                    let written = self
-                        .write_schedules(kv, &key, user, chat, &batch)
-                        .await
-                        .map_err(|e| e.to_string());
-                    // Overlapping: it carried more than one, or more came while it was written.
-                    let overlapping = batch.len() > 1 || waiting(self);
-                    let mut paced = self.paced_mut();
-                    if overlapping {
-                        if paced.len() >= REMEMBERED_ENTRIES_MAX {
-                            // Only entries written within the pace still hold anyone back.
-                            paced.retain(|_, at| at.elapsed() < SCHEDULE_PACE);
-                        }
-                        paced.insert(key.clone(), started);
-                    } else {
-                        paced.remove(&key);
+                let started = tokio::time::Instant::now();
+                let written = self
+                    .write_schedules(kv, &key, user, chat, &batch)
+                    .await
+                    .map_err(|e| e.to_string());
+                // Overlapping: it carried more than one, or more came while it was written.
+                let overlapping = batch.len() > 1 || waiting(self);
+                let mut paced = self.paced_mut();
+                if overlapping {
+                    if paced.len() >= REMEMBERED_ENTRIES_MAX {
+                        // Only entries written within the pace still hold anyone back.
+                        paced.retain(|_, at| at.elapsed() < SCHEDULE_PACE);
                     }
-                    drop(paced);
-                    for queued in batch {
-                        let _ = queued.done.send(written.clone());
-                    }
+                    paced.insert(key.clone(), started);
+                } else {
+                    paced.remove(&key);
+                }
+                drop(paced);
+                for queued in batch {
+                    let _ = queued.done.send(written.clone());
                 }
             }
+            drop(turn);
             match outcome.await {
                 Ok(written) => return written.map_err(unavailable),
                 // The request whose turn carried it was dropped mid-write: queue it again. (Its
