@@ -15,7 +15,6 @@ use confab_api::store::cql::signal_bucket;
 use confab_api::store::cql::{self, CqlOptions, CqlStore};
 use confab_runtime::config::{Config, StoreBackend};
 use confab_schema::{ChatId, Signal, SignalId, SignalKind, UserId};
-use futures::StreamExt;
 use hdrhistogram::Histogram;
 use scylla::value::MaybeUnset;
 use serde_json::json;
@@ -96,31 +95,42 @@ impl Measured {
     }
 }
 
-/// Runs `op` for each of `items` with `concurrency` in flight; times each.
+/// Runs `op` for each of `items` with `concurrency` in flight; times each. The operations run on
+/// `concurrency` tasks of the runtime, as a server's requests do, so the client's own work per
+/// operation is spread over the cores instead of being polled from one task.
 async fn measure<T, F, Fut>(items: Vec<T>, concurrency: usize, op: F) -> anyhow::Result<Measured>
 where
-    F: Fn(T) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    T: Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
     let count = items.len();
+    let items = Arc::new(std::sync::Mutex::new(items.into_iter()));
+    let op = Arc::new(op);
     let started = Instant::now();
-    let latencies: Vec<anyhow::Result<u64>> = futures::stream::iter(items)
-        .map(|item| {
-            let op = &op;
-            async move {
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (items, op) = (Arc::clone(&items), Arc::clone(&op));
+        workers.spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let next = items.lock().unwrap_or_else(|e| e.into_inner()).next();
+                let Some(item) = next else {
+                    return anyhow::Ok(latencies);
+                };
                 let at = Instant::now();
                 op(item).await?;
-                Ok(at.elapsed().as_micros() as u64)
+                latencies.push(at.elapsed().as_micros() as u64);
             }
-        })
-        .buffer_unordered(concurrency.max(1))
-        .collect()
-        .await;
-    let elapsed = started.elapsed();
-    let mut histogram = Histogram::<u64>::new(3).context("histogram")?;
-    for latency in latencies {
-        histogram.record(latency?.max(1)).context("recording")?;
+        });
     }
+    let mut histogram = Histogram::<u64>::new(3).context("histogram")?;
+    while let Some(latencies) = workers.join_next().await {
+        for latency in latencies.context("a worker panicked")?? {
+            histogram.record(latency.max(1)).context("recording")?;
+        }
+    }
+    let elapsed = started.elapsed();
     Ok(Measured {
         per_second: count as f64 / elapsed.as_secs_f64().max(1e-9),
         p50_us: histogram.value_at_quantile(0.5),
@@ -161,42 +171,54 @@ async fn scenarios(
     args: &StoreBenchArgs,
     store: &Arc<CqlStore>,
 ) -> anyhow::Result<serde_json::Value> {
-    let session = store.session();
-    let raw_insert = session
-        .prepare(store.qualify(
-            "INSERT INTO signals (chat_id, bucket, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        ))
-        .await?;
-    let raw = |signal: Signal| {
-        let raw_insert = &raw_insert;
-        async move {
-            let bucket = signal_bucket(signal.id.unix_millis().unwrap_or_default());
-            session
-                .execute_unpaged(
-                    raw_insert,
-                    (
-                        signal.chat_id.0,
-                        bucket,
-                        signal.id.0,
-                        signal.kind.as_str(),
-                        signal.author_id.0,
-                        // The same cells the store writes: absent values unset, not null.
-                        MaybeUnset::from_option(signal.nonce.as_deref()),
-                        signal.text.as_deref(),
-                        MaybeUnset::<uuid::Uuid>::Unset,
-                        MaybeUnset::<Vec<uuid::Uuid>>::Unset,
-                        MaybeUnset::<scylla::value::CqlTimestamp>::Unset,
-                        MaybeUnset::<bool>::Unset,
-                    ),
-                )
-                .await?;
-            Ok(())
+    let raw_insert = Arc::new(
+        store
+            .session()
+            .prepare(store.qualify(
+                "INSERT INTO signals (chat_id, bucket, id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ))
+            .await?,
+    );
+    let raw = {
+        let store = Arc::clone(store);
+        move |signal: Signal| {
+            let (store, raw_insert) = (Arc::clone(&store), Arc::clone(&raw_insert));
+            async move {
+                let bucket = signal_bucket(signal.id.unix_millis().unwrap_or_default());
+                store
+                    .session()
+                    .execute_unpaged(
+                        &raw_insert,
+                        (
+                            signal.chat_id.0,
+                            bucket,
+                            signal.id.0,
+                            signal.kind.as_str(),
+                            signal.author_id.0,
+                            // The same cells the store writes: absent values unset, not null.
+                            MaybeUnset::from_option(signal.nonce.as_deref()),
+                            signal.text.as_deref(),
+                            MaybeUnset::<uuid::Uuid>::Unset,
+                            MaybeUnset::<Vec<uuid::Uuid>>::Unset,
+                            MaybeUnset::<scylla::value::CqlTimestamp>::Unset,
+                            MaybeUnset::<bool>::Unset,
+                        ),
+                    )
+                    .await?;
+                Ok(())
+            }
         }
     };
-    let layered = |signal: Signal| async move {
-        store.insert_signal(&signal).await?;
-        Ok(())
+    let layered = {
+        let store = Arc::clone(store);
+        move |signal: Signal| {
+            let store = Arc::clone(&store);
+            async move {
+                store.insert_signal(&signal).await?;
+                Ok(())
+            }
+        }
     };
     let author = UserId::from_subject("bench", "author");
 
@@ -217,10 +239,10 @@ async fn scenarios(
         };
         let (raw_a, raw_b) = half(0);
         let (store_a, store_b) = half(1);
-        let raw_1 = measure(raw_a, args.concurrency, raw).await?;
-        let store_1 = measure(store_a, args.concurrency, layered).await?;
-        let raw_2 = measure(raw_b, args.concurrency, raw).await?;
-        let store_2 = measure(store_b, args.concurrency, layered).await?;
+        let raw_1 = measure(raw_a, args.concurrency, raw.clone()).await?;
+        let store_1 = measure(store_a, args.concurrency, layered.clone()).await?;
+        let raw_2 = measure(raw_b, args.concurrency, raw.clone()).await?;
+        let store_2 = measure(store_b, args.concurrency, layered.clone()).await?;
         let raw_result = Measured::combine(&raw_1, &raw_2);
         let store_result = Measured::combine(&store_1, &store_2);
         eprintln!(
@@ -239,17 +261,19 @@ async fn scenarios(
         );
         if name == "one_chat" {
             let chat = chats[0];
-            let reads = measure(
-                (0..args.reads).collect(),
-                args.read_concurrency,
-                |_| async move {
-                    let page = store.signals_before(chat, None, 50).await?;
-                    if page.len() != 50 {
-                        bail!("a page had {} signals", page.len());
+            let reads = measure((0..args.reads).collect(), args.read_concurrency, {
+                let store = Arc::clone(store);
+                move |_| {
+                    let store = Arc::clone(&store);
+                    async move {
+                        let page = store.signals_before(chat, None, 50).await?;
+                        if page.len() != 50 {
+                            bail!("a page had {} signals", page.len());
+                        }
+                        Ok(())
                     }
-                    Ok(())
-                },
-            )
+                }
+            })
             .await?;
             report.insert(
                 "newest_50_reads".to_owned(),
