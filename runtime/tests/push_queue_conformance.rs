@@ -40,31 +40,48 @@ async fn nats() -> Option<Fixture> {
 push_queue_conformance_tests!(embedded_queue, super::embedded);
 push_queue_conformance_tests!(jetstream_queue, super::nats);
 
+/// A JetStream queue of its own for a case that counts its writes, with the URL and prefix.
+async fn jetstream_queue() -> Option<(Arc<NatsPushQueue>, String, String)> {
+    let url = support::nats_url("push queue").await?;
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let queue = NatsPushQueue::connect(&url, &prefix)
+        .await
+        .expect("connects");
+    Some((Arc::new(queue), url, prefix))
+}
+
+/// The `i`th message of a burst by `author`.
+fn burst_message(author: confab_schema::UserId, i: u32) -> confab_runtime::push_queue::PushMessage {
+    confab_runtime::push_queue::PushMessage {
+        signal: confab_schema::SignalId::new(),
+        author,
+        author_name: "author".into(),
+        preview: Some(format!("m{i}")),
+    }
+}
+
 /// A stream of schedules of one entry (a busy chat, one recipient) that once overlapped writes the
-/// entry about once per pace from then on, not once per message, and the push still counts every
-/// message. On JetStream only: the embedded queue writes its entry in a local transaction.
+/// entry about once per pace for as long as it lasts, not once per message, and the push still
+/// counts every message. Each schedule returns once a write has carried it, about a pace at most:
+/// one that a write took along does not wait for the pace again. On JetStream only: the embedded
+/// queue writes its entry in a local transaction.
 #[tokio::test]
 async fn jetstream_a_stream_of_schedules_writes_an_entry_about_once_per_pace() {
-    use confab_runtime::push_queue::{PendingPush, PushMessage, PushQueue};
-    use confab_schema::{ChatId, SignalId, UserId};
+    use confab_runtime::push_queue::{PendingPush, PushQueue};
+    use confab_schema::{ChatId, UserId};
 
-    const MESSAGES: u32 = 103;
+    const MESSAGES: u32 = 500;
     const AT_ONCE: u32 = 3;
     const EVERY: std::time::Duration = std::time::Duration::from_millis(2);
-    let Some(url) = support::nats_url("push queue").await else {
+    const PACE: std::time::Duration = std::time::Duration::from_millis(50);
+    let Some((queue, url, prefix)) = jetstream_queue().await else {
         return;
     };
-    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
-    let queue = Arc::new(
-        NatsPushQueue::connect(&url, &prefix)
-            .await
-            .expect("connects"),
-    );
     let (user, chat) = (UserId::from_subject("pace", "reader"), ChatId::new());
     let author = UserId::from_subject("pace", "author");
     let due = confab_runtime::presence::now_ms() + 600_000;
     let started = tokio::time::Instant::now();
-    // Three schedules at once, then one every 2 ms for 200 ms, each on its own without waiting
+    // Three schedules at once, then one every 2 ms for a second, each on its own without waiting
     // for the others, as the sends of a busy chat are. A write takes less than 2 ms here, so
     // after the first three they no longer overlap by themselves.
     let schedules: Vec<_> = (0..MESSAGES)
@@ -72,22 +89,20 @@ async fn jetstream_a_stream_of_schedules_writes_an_entry_about_once_per_pace() {
             let queue = Arc::clone(&queue);
             tokio::spawn(async move {
                 tokio::time::sleep_until(started + EVERY * i.saturating_sub(AT_ONCE - 1)).await;
-                let message = PushMessage {
-                    signal: SignalId::new(),
-                    author,
-                    author_name: "author".into(),
-                    preview: Some(format!("m{i}")),
-                };
+                let asked = tokio::time::Instant::now();
                 queue
-                    .schedule(user, chat, &message, due, due + 600_000)
+                    .schedule(user, chat, &burst_message(author, i), due, due + 600_000)
                     .await
                     .expect("scheduled");
+                asked.elapsed()
             })
         })
         .collect();
+    let mut slowest = std::time::Duration::ZERO;
     for schedule in schedules {
-        schedule.await.expect("ran");
+        slowest = slowest.max(schedule.await.expect("ran"));
     }
+    let elapsed = started.elapsed();
 
     let context = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connects"));
     let bucket = context
@@ -103,11 +118,14 @@ async fn jetstream_a_stream_of_schedules_writes_an_entry_about_once_per_pace() {
     assert_eq!(push.count, MESSAGES, "every message counted");
     // Every write of the entry is a revision of the bucket, which holds nothing else.
     let writes = entry.revision;
-    let elapsed = started.elapsed();
-    let paced = u64::try_from(elapsed.as_millis() / 50).unwrap_or(u64::MAX) + 3;
+    let paced = u64::try_from(elapsed.as_millis() / PACE.as_millis()).unwrap_or(u64::MAX) + 3;
     assert!(
         writes <= paced,
-        "{writes} writes for {MESSAGES} messages in {elapsed:?} at a pace of 50 ms"
+        "{writes} writes for {MESSAGES} messages in {elapsed:?} at a pace of {PACE:?}"
+    );
+    assert!(
+        slowest < PACE * 3,
+        "the slowest of {MESSAGES} schedules took {slowest:?} at a pace of {PACE:?}"
     );
     queue.delete_bucket().await.expect("cleans up");
 }
@@ -118,21 +136,15 @@ async fn jetstream_a_stream_of_schedules_writes_an_entry_about_once_per_pace() {
 #[tokio::test]
 async fn jetstream_a_paced_entry_does_not_hold_back_another_entry_on_its_lock() {
     use confab_runtime::kv_bucket::EntryTurns;
-    use confab_runtime::push_queue::{PushMessage, PushQueue};
-    use confab_schema::{ChatId, SignalId, UserId};
+    use confab_runtime::push_queue::PushQueue;
+    use confab_schema::{ChatId, UserId};
     use std::sync::atomic::{AtomicBool, Ordering};
 
     const LONE_SCHEDULES: u32 = 20;
     const PACE: std::time::Duration = std::time::Duration::from_millis(50);
-    let Some(url) = support::nats_url("push queue").await else {
+    let Some((queue, url, prefix)) = jetstream_queue().await else {
         return;
     };
-    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
-    let queue = Arc::new(
-        NatsPushQueue::connect(&url, &prefix)
-            .await
-            .expect("connects"),
-    );
     let busy = (UserId::from_subject("pace", "reader"), ChatId::new());
     let busy_key = format!("{}.{}", busy.0, busy.1);
     let quiet_user = UserId::from_subject("pace", "other reader");
@@ -141,12 +153,7 @@ async fn jetstream_a_paced_entry_does_not_hold_back_another_entry_on_its_lock() 
         .expect("a chat whose entry shares the busy entry's lock");
     let author = UserId::from_subject("pace", "author");
     let due = confab_runtime::presence::now_ms() + 600_000;
-    let message = move |i: u32| PushMessage {
-        signal: SignalId::new(),
-        author,
-        author_name: "author".into(),
-        preview: Some(format!("m{i}")),
-    };
+    let message = move |i: u32| burst_message(author, i);
 
     // The busy entry: three schedules at once, then one every 2 ms until the lone ones are done.
     let done = Arc::new(AtomicBool::new(false));
@@ -213,83 +220,6 @@ async fn jetstream_a_paced_entry_does_not_hold_back_another_entry_on_its_lock() 
     assert!(
         elapsed < PACE * LONE_SCHEDULES / 5,
         "{LONE_SCHEDULES} lone schedules took {elapsed:?} beside a paced entry ({busy_schedules} schedules)"
-    );
-    queue.delete_bucket().await.expect("cleans up");
-}
-
-/// While a busy chat's entry is paced, the pace holds for as long as the burst lasts, and each
-/// schedule returns once a write has carried it, about a pace at most: a schedule that a write
-/// took along does not wait for the pace again. On JetStream only, where the pace is.
-#[tokio::test]
-async fn jetstream_each_schedule_of_a_sustained_burst_returns_within_about_a_pace() {
-    use confab_runtime::push_queue::{PendingPush, PushMessage, PushQueue};
-    use confab_schema::{ChatId, SignalId, UserId};
-
-    const MESSAGES: u32 = 500;
-    const EVERY: std::time::Duration = std::time::Duration::from_millis(2);
-    const PACE: std::time::Duration = std::time::Duration::from_millis(50);
-    let Some(url) = support::nats_url("push queue").await else {
-        return;
-    };
-    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
-    let queue = Arc::new(
-        NatsPushQueue::connect(&url, &prefix)
-            .await
-            .expect("connects"),
-    );
-    let (user, chat) = (UserId::from_subject("pace", "reader"), ChatId::new());
-    let author = UserId::from_subject("pace", "author");
-    let due = confab_runtime::presence::now_ms() + 600_000;
-    let started = tokio::time::Instant::now();
-    // Three at once, then one every 2 ms for a second, each on its own.
-    let schedules: Vec<_> = (0..MESSAGES)
-        .map(|i| {
-            let queue = Arc::clone(&queue);
-            tokio::spawn(async move {
-                tokio::time::sleep_until(started + EVERY * i.saturating_sub(2)).await;
-                let message = PushMessage {
-                    signal: SignalId::new(),
-                    author,
-                    author_name: "author".into(),
-                    preview: Some(format!("m{i}")),
-                };
-                let asked = tokio::time::Instant::now();
-                queue
-                    .schedule(user, chat, &message, due, due + 600_000)
-                    .await
-                    .expect("scheduled");
-                asked.elapsed()
-            })
-        })
-        .collect();
-    let mut slowest = std::time::Duration::ZERO;
-    for schedule in schedules {
-        slowest = slowest.max(schedule.await.expect("ran"));
-    }
-
-    let context = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connects"));
-    let bucket = context
-        .get_key_value(format!("{prefix}_push"))
-        .await
-        .expect("the bucket");
-    let entry = bucket
-        .entry(format!("{user}.{chat}"))
-        .await
-        .expect("reads")
-        .expect("the pending push");
-    let push: PendingPush = serde_json::from_slice(&entry.value).expect("a pending push");
-    assert_eq!(push.count, MESSAGES, "every message counted");
-    assert!(
-        slowest < PACE * 3,
-        "the slowest of {MESSAGES} schedules took {slowest:?} at a pace of {PACE:?}"
-    );
-    // The pace holds for the whole burst: every write of the entry is a revision of the bucket.
-    let elapsed = started.elapsed();
-    let paced = u64::try_from(elapsed.as_millis() / 50).unwrap_or(u64::MAX) + 3;
-    assert!(
-        entry.revision <= paced,
-        "{} writes for {MESSAGES} messages in {elapsed:?} at a pace of 50 ms",
-        entry.revision
     );
     queue.delete_bucket().await.expect("cleans up");
 }
