@@ -124,6 +124,8 @@ struct Retained {
     floor: i64,
     /// Set once the writer is retired (see [`Outbox::retire`]): no entry is written after.
     retired: bool,
+    /// Woken when the last entry is removed, for [`Outbox::retire`].
+    emptied: Arc<tokio::sync::Notify>,
 }
 
 impl Retained {
@@ -144,6 +146,9 @@ impl Retained {
         for id in ids {
             self.entries.remove(&(bucket, *id));
             self.unremoved.remove(&(bucket, *id));
+        }
+        if self.entries.is_empty() {
+            self.emptied.notify_waiters();
         }
     }
 
@@ -354,7 +359,12 @@ impl Outbox {
         wait: Duration,
     ) -> Result<bool, StoreError> {
         let deadline = tokio::time::Instant::now() + wait;
+        let emptied = Arc::clone(&self.retained_mut().emptied);
         loop {
+            // Listening before looking, so a removal between the two is not missed.
+            let removed = emptied.notified();
+            tokio::pin!(removed);
+            removed.as_mut().enable();
             {
                 let mut retained = self.retained_mut();
                 if retained.entries.is_empty() && retained.left_from.is_none() {
@@ -362,11 +372,10 @@ impl Outbox {
                     break;
                 }
             }
-            if tokio::time::Instant::now() >= deadline {
+            // The last removals are in flight, at most one removal pace apart.
+            if tokio::time::timeout_at(deadline, removed).await.is_err() {
                 return Ok(false);
             }
-            // The last removals are in flight, at most one removal pace apart.
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if self.registered.initialized() {
             store.outbox_forget_writer(self.writer).await?;
