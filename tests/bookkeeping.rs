@@ -32,29 +32,31 @@ use time::OffsetDateTime;
 
 /// The embedded store, whose bookkeeping writes fail while `failing` is set, and whose deletions
 /// fail after writing the tombstone while `failing_after_delete` is set, or without writing it
-/// while `failing_before_delete` is. An edit waits at [`EditGate`] while it is closed.
+/// while `failing_before_delete` is. An edit waits at `edits` while it is closed, a marker's
+/// advance at `markers`.
 struct FlakyBookkeeping {
     inner: EmbeddedStore,
     failing: AtomicBool,
     failing_after_delete: AtomicBool,
     failing_before_delete: AtomicBool,
-    edits: EditGate,
+    edits: StoreGate,
+    markers: StoreGate,
 }
 
-/// Holds edits in the store, before or after their write, until the test lets them go.
+/// Holds one kind of write in the store, before or after it, until the test lets it go.
 #[derive(Default)]
-struct EditGate {
-    /// Edits wait before their write.
+struct StoreGate {
+    /// Writes wait before they are done.
     before_write: AtomicBool,
-    /// Edits wait after their write.
+    /// Writes wait after they are done.
     after_write: AtomicBool,
-    /// Notified when an edit starts to wait.
+    /// Notified when a write starts to wait.
     reached: tokio::sync::Notify,
-    /// Lets a waiting edit go on.
+    /// Lets a waiting write go on.
     released: tokio::sync::Notify,
 }
 
-impl EditGate {
+impl StoreGate {
     async fn pass(&self, closed: &AtomicBool) {
         if closed.load(Ordering::SeqCst) {
             self.reached.notify_one();
@@ -62,11 +64,11 @@ impl EditGate {
         }
     }
 
-    /// Waits until an edit waits at the gate.
+    /// Waits until a write waits at the gate.
     async fn reached(&self) {
         tokio::time::timeout(Duration::from_secs(10), self.reached.notified())
             .await
-            .expect("the edit reached the store");
+            .expect("the write reached the store");
     }
 }
 
@@ -421,6 +423,7 @@ impl Store for FlakyBookkeeping {
         up_to: SignalId,
     ) -> Result<(), StoreError> {
         self.check()?;
+        self.markers.pass(&self.markers.before_write).await;
         self.inner.advance_marker(kind, chat, user, up_to).await
     }
     async fn marker(
@@ -603,7 +606,8 @@ impl FlakyServer {
             failing: AtomicBool::new(false),
             failing_after_delete: AtomicBool::new(false),
             failing_before_delete: AtomicBool::new(false),
-            edits: EditGate::default(),
+            edits: StoreGate::default(),
+            markers: StoreGate::default(),
         });
         let identity = Arc::new(DevIdentity::open(dir.path()).unwrap());
         let (alice, bob) = (
@@ -993,4 +997,70 @@ async fn a_cancelled_edit_is_published_by_its_process_own_sweep() {
         message.outbox_rows("signal.updated").await,
         Vec::<Value>::new()
     );
+}
+
+/// A send whose request is cancelled once its signal is stored (a client gone, a timeout) still
+/// does its bookkeeping: the author's read marker moves to it, as do the chat list and the pushes,
+/// which run beside it.
+#[tokio::test]
+async fn a_cancelled_send_still_moves_the_authors_marker() {
+    let server = FlakyServer::start(false).await;
+    let alice_id: UserId =
+        serde_json::from_value(server.get(&server.alice, "/v1/me").await["id"].clone()).unwrap();
+    let alice = server
+        .store
+        .inner
+        .get_user(alice_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let chat: ChatId = serde_json::from_value(json!(server.chat)).unwrap();
+
+    server
+        .store
+        .markers
+        .before_write
+        .store(true, Ordering::SeqCst);
+    let state = server.state.clone();
+    let send = tokio::spawn(async move {
+        let message = confab_api::domain::signals::NewMessage {
+            nonce: None,
+            text: Some(confab_api::domain::inputs::MessageText::parse("and gone".into()).unwrap()),
+            reply_to: None,
+            attachments: Default::default(),
+        };
+        state.send_message(&alice, chat, message).await
+    });
+    server.store.markers.reached().await;
+    send.abort();
+    assert!(send.await.unwrap_err().is_cancelled());
+    server
+        .store
+        .markers
+        .before_write
+        .store(false, Ordering::SeqCst);
+    server.store.markers.released.notify_one();
+
+    let history = server
+        .get(&server.bob, &format!("/v1/chats/{chat}/signals"))
+        .await;
+    let sent = history["items"][0]["id"].as_str().unwrap().to_owned();
+    let views_path = format!("/v1/chats/{chat}/signals/{sent}/views");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let views = server.get(&server.bob, &views_path).await;
+        if views["items"]
+            .as_array()
+            .is_some_and(|seen| !seen.is_empty())
+        {
+            assert_eq!(views["items"][0]["user_id"], json!(alice_id));
+            assert_eq!(views["items"][0]["up_to"], json!(sent));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the author's marker never moved: {views}"
+        );
+        tokio::task::yield_now().await;
+    }
 }

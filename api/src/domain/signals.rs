@@ -380,7 +380,19 @@ impl ApiState {
                 // path.
                 self.publish_intended(Envelope::signal_created(created.clone()), intent)
                     .await;
-                self.bookkeep(created, members, author_name).await;
+                // On a task of its own: a request cancelled from here on (a client gone, a
+                // timeout) must not leave the chat unmoved, the author's marker behind and the
+                // pushes unscheduled. The response still waits for it.
+                let state = self.clone();
+                let (created, author_name) = (created.clone(), author_name.map(str::to_owned));
+                let bookkept = tokio::spawn(async move {
+                    state
+                        .bookkeep(&created, members, author_name.as_deref())
+                        .await;
+                });
+                if let Err(error) = bookkept.await {
+                    tracing::error!(%error, "bookkeeping after a send panicked");
+                }
             }
             // Another attempt of this nonce stored its own signal; this one's id is not history.
             Inserted::Existing(_) => self.forgo(intent),
