@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use confab_runtime::config::SearchConfig;
 use confab_runtime::search::conformance::Fixture;
 use confab_runtime::search::{MeiliSearch, MeiliSettings, TantivySearch};
 use confab_runtime::search_conformance_tests;
@@ -36,7 +37,8 @@ async fn meilisearch() -> Option<Fixture> {
         url,
         api_key: std::env::var("CONFAB_TEST_MEILI_KEY").ok(),
         index: format!("t_{}", uuid::Uuid::new_v4().simple()),
-        timeout: Duration::from_secs(30),
+        // What a deployment gets by default, so a search too slow for one fails here.
+        timeout: Duration::from_millis(SearchConfig::default().request_timeout_ms),
     })
     .expect("client");
     if let Err(error) = confab_runtime::search::Search::check(&search).await {

@@ -250,6 +250,80 @@ pub async fn pages_are_full_and_disjoint(fixture: Fixture) {
     fixture.finish().await;
 }
 
+/// A member of 20,000 chats gets every hit of theirs, in the engine's order (best first, then
+/// newest first) across the whole list of chats, on full and disjoint pages, and none of another
+/// chat. A `chat_id IN [...]` filter of that many chats took Meilisearch about 20 s.
+pub async fn a_member_of_many_chats_gets_every_hit_in_order(fixture: Fixture) {
+    let search = &*fixture.search;
+    search.prepare().await.expect("prepares");
+    let chats: Vec<ChatId> = (0..20_000).map(|_| ChatId::new()).collect();
+    let others: Vec<ChatId> = (0..5).map(|_| ChatId::new()).collect();
+    // Spread over the whole list, so any split of it into parts holds hits in several parts;
+    // every exact match is newer than every one with a typo, so best first is not newest first.
+    let spread = |i: usize| chats[(i * 7_919) % chats.len()];
+    let mut exact = Vec::new();
+    let mut typo = Vec::new();
+    let mut elsewhere = Vec::new();
+    for i in 0..30 {
+        let age = Duration::minutes(i64::try_from(i).expect("small"));
+        exact.push(message(spread(i), "ann", "quarterly retro notes", age));
+        typo.push(message(
+            spread(i + 30),
+            "bob",
+            "quartely retro notes",
+            Duration::hours(1) + age,
+        ));
+        elsewhere.push(message(
+            others[i % others.len()],
+            "eve",
+            "quarterly retro notes",
+            age,
+        ));
+    }
+    let documents: Vec<Document> = exact
+        .iter()
+        .chain(&typo)
+        .chain(&elsewhere)
+        .cloned()
+        .collect();
+    index(search, &documents).await;
+    // Best first: every exact match before every typo; newest first within each.
+    let expected: Vec<SignalId> = exact.iter().chain(&typo).map(|d| d.id).collect();
+
+    let mut q = query("quarterly retro", &chats);
+    q.limit = 7;
+    let mut found = Vec::new();
+    loop {
+        let page = hits(search, &q).await;
+        let more = found.len() + page.hits.len() < expected.len();
+        assert_eq!(page.more, more, "more after offset {}", q.offset);
+        if more {
+            assert_eq!(
+                page.hits.len(),
+                q.limit,
+                "a short page at offset {}",
+                q.offset
+            );
+        }
+        for hit in &page.hits {
+            assert!(
+                !others.contains(&hit.chat_id),
+                "a hit of a chat not asked for"
+            );
+        }
+        found.extend(page.hits.iter().map(|h| h.id));
+        if !page.more {
+            break;
+        }
+        q.offset += q.limit;
+    }
+    assert_eq!(
+        found, expected,
+        "every hit once, best first, then newest first"
+    );
+    fixture.finish().await;
+}
+
 /// An edit replaces a document's text, a removal drops it; applying the same changes again (at
 /// least once delivery) leaves the same index, and the last change of a batch wins.
 pub async fn edits_and_removals_apply_idempotently(fixture: Fixture) {
@@ -424,6 +498,7 @@ macro_rules! search_conformance_tests {
             case!(matches_the_last_word_as_a_prefix);
             case!(filters_by_chat_author_and_time);
             case!(pages_are_full_and_disjoint);
+            case!(a_member_of_many_chats_gets_every_hit_in_order);
             case!(edits_and_removals_apply_idempotently);
             case!(keeps_checkpoints);
             case!(highlights_are_escaped_and_cropped);

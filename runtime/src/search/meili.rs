@@ -9,7 +9,7 @@ use confab_schema::{ChatId, SignalId};
 use meilisearch_sdk::client::Client;
 use meilisearch_sdk::errors::{Error, ErrorCode};
 use meilisearch_sdk::indexes::Index;
-use meilisearch_sdk::search::{MatchingStrategies, Selectors};
+use meilisearch_sdk::search::{FederationOptions, MatchingStrategies, Selectors};
 use meilisearch_sdk::settings::Settings;
 use meilisearch_sdk::task_info::TaskInfo;
 use meilisearch_sdk::tasks::Task;
@@ -59,6 +59,13 @@ fn classify(error: Error) -> SearchError {
         other => unavailable(other),
     }
 }
+
+/// How many chats one part of a search filters on. Meilisearch's cost for a `chat_id IN [...]`
+/// filter grows faster than its length (100 chats 3 ms, 1,000 70 ms, 10,000 5.8 s:
+/// docs/BENCHMARKS.md), so a search is a federated multi-search of one query per this many chats.
+/// Meilisearch merges the parts' hits rule by rule (the merged relevance rules, then the
+/// `created_at` sort, then exactness), which is the order one query over all the chats gives.
+const CHATS_PER_PART: usize = 100;
 
 #[derive(Deserialize)]
 struct Found {
@@ -237,37 +244,53 @@ impl Search for MeiliSearch {
         if !query.text.chars().any(char::is_alphanumeric) || query.chats.is_empty() || limit == 0 {
             return Ok(Hits::default());
         }
-        // Ids are UUIDs: nothing in them needs quoting.
-        let chats: Vec<String> = query.chats.iter().map(|c| format!("\"{c}\"")).collect();
-        let mut filter = format!("chat_id IN [{}]", chats.join(", "));
+        // Parts must not share a chat, or a hit would come back once per part holding it.
+        let mut chats = query.chats.clone();
+        chats.sort_unstable();
+        chats.dedup();
+        let mut rest = String::new();
         if let Some(author) = query.author {
-            filter.push_str(&format!(" AND author_id = \"{author}\""));
+            rest.push_str(&format!(" AND author_id = \"{author}\""));
         }
         if let Some(before) = query.before {
-            filter.push_str(&format!(" AND created_at < {}", millis(before)));
+            rest.push_str(&format!(" AND created_at < {}", millis(before)));
         }
         if let Some(after) = query.after {
-            filter.push_str(&format!(" AND created_at > {}", millis(after)));
+            rest.push_str(&format!(" AND created_at > {}", millis(after)));
         }
+        // Ids are UUIDs: nothing in them needs quoting.
+        let filters: Vec<String> = chats
+            .chunks(CHATS_PER_PART)
+            .map(|part| {
+                let part: Vec<String> = part.iter().map(|c| format!("\"{c}\"")).collect();
+                format!("chat_id IN [{}]{rest}", part.join(", "))
+            })
+            .collect();
         let (start, end) = (MARK_START.to_string(), MARK_END.to_string());
         let crop = [("text", None)];
         let sort = ["created_at:desc"];
-        let mut request = self.index.search();
-        request
-            .with_query(&query.text)
-            .with_filter(&filter)
-            .with_sort(&sort)
-            .with_offset(offset)
-            .with_limit(limit + 1)
-            .with_matching_strategy(MatchingStrategies::ALL)
-            .with_attributes_to_retrieve(Selectors::Some(&["id", "chat_id"]))
-            .with_attributes_to_highlight(Selectors::Some(&["text"]))
-            .with_attributes_to_crop(Selectors::Some(&crop))
-            .with_crop_length(CROP_WORDS)
-            .with_crop_marker(CROP_MARKER)
-            .with_highlight_pre_tag(&start)
-            .with_highlight_post_tag(&end);
-        let results = match tokio::time::timeout(self.timeout, request.execute::<Found>()).await {
+        let mut search = self.client.multi_search();
+        for filter in &filters {
+            let mut part = self.index.search();
+            part.with_query(&query.text)
+                .with_filter(filter)
+                .with_sort(&sort)
+                .with_matching_strategy(MatchingStrategies::ALL)
+                .with_attributes_to_retrieve(Selectors::Some(&["id", "chat_id"]))
+                .with_attributes_to_highlight(Selectors::Some(&["text"]))
+                .with_attributes_to_crop(Selectors::Some(&crop))
+                .with_crop_length(CROP_WORDS)
+                .with_crop_marker(CROP_MARKER)
+                .with_highlight_pre_tag(&start)
+                .with_highlight_post_tag(&end);
+            search.with_search_query(part);
+        }
+        let search = search.with_federation(FederationOptions {
+            offset: Some(offset),
+            limit: Some(limit + 1),
+            ..FederationOptions::default()
+        });
+        let results = match tokio::time::timeout(self.timeout, search.execute::<Found>()).await {
             Err(_) => return Err(unavailable("Meilisearch did not answer in time")),
             Ok(Ok(results)) => results,
             // Not created yet (no indexer has prepared it): nothing is indexed. Said once per
