@@ -930,3 +930,92 @@ async fn cql_removing_a_chat_leaves_no_rows_in_its_members_partitions() {
     }
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
+
+/// The tombstone cells a read of `cql` (one bound value, `key`) passed over, from the query's
+/// trace: Cassandra traces each read as "Read N live rows and M tombstone cells".
+async fn tombstones_read(store: &CqlStore, cql: &str, key: uuid::Uuid) -> u64 {
+    let session = store.session();
+    let mut statement = scylla::statement::Statement::new(store.qualify(cql));
+    statement.set_tracing(true);
+    let traced = session
+        .query_unpaged(statement, (key,))
+        .await
+        .expect("reads")
+        .tracing_id()
+        .expect("a trace");
+    // Trace events are written in the background: wait for the read's, with a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(info) = session.get_tracing_info(&traced).await {
+            let counts = info.events.iter().find_map(|event| {
+                let activity = event.activity.as_deref()?;
+                let rest = activity.strip_prefix("Read ")?;
+                let (_live, rest) = rest.split_once(" live rows and ")?;
+                let (tombstones, _) = rest.split_once(" tombstone cells")?;
+                tombstones.parse::<u64>().ok()
+            });
+            if let Some(tombstones) = counts {
+                return tombstones;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no read event in the trace of {cql}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A new chat without a name or a description writes no null cells: each would be a tombstone in
+/// every member's partition of `user_chats`, which each read of their whole chat list passes over
+/// until compaction purges it (after `gc_grace_seconds`), and past 100,000 of which Cassandra
+/// refuses the read.
+#[tokio::test]
+async fn cql_a_new_chat_leaves_no_tombstones() {
+    use confab_api::store::NewChat;
+    use confab_schema::{ChatId, ChatKind, MemberRole, UserId};
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(&options, "cql_a_new_chat_leaves_no_tombstones").await {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let (alice, bob) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
+    let chat = ChatId::new();
+    store
+        .create_chat(&NewChat {
+            id: chat,
+            kind: ChatKind::Direct,
+            name: None,
+            description: None,
+            created_at: confab_schema::model::to_millis(time::OffsetDateTime::now_utc()),
+            created_by: alice,
+            members: vec![(alice, MemberRole::Owner), (bob, MemberRole::Member)],
+        })
+        .await
+        .expect("creates");
+    // As a new chat is put in its members' lists, before any message.
+    store
+        .touch_chat(chat, &[alice, bob], confab_schema::SignalId::new(), None)
+        .await
+        .expect("touches");
+    store
+        .insert_signal(&message(chat, alice, None, "hello"))
+        .await
+        .expect("sends");
+    for user in [alice, bob] {
+        assert_eq!(
+            tombstones_read(&store, "SELECT * FROM user_chats WHERE user_id = ?", user.0).await,
+            0,
+            "tombstones in a member's row of user_chats"
+        );
+    }
+    assert_eq!(
+        tombstones_read(&store, "SELECT * FROM chats WHERE id = ?", chat.0).await,
+        0,
+        "tombstones in the chat's row"
+    );
+    let listed = store.chats_of(alice).await.expect("lists");
+    assert_eq!(listed.len(), 1);
+    let chat_read = store.get_chat(chat).await.expect("reads").expect("a chat");
+    assert_eq!((chat_read.name, chat_read.description), (None, None));
+}

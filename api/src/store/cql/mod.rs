@@ -1226,8 +1226,10 @@ impl Store for CqlStore {
                 (
                     chat.id.0,
                     chat.kind.as_str(),
-                    chat.name.as_deref(),
-                    chat.description.as_deref(),
+                    // A new row: an absent value is left unset rather than written as a null,
+                    // which would be a tombstone.
+                    MaybeUnset::from_option(chat.name.as_deref()),
+                    MaybeUnset::from_option(chat.description.as_deref()),
                     joined,
                     chat.created_by.0,
                     info.written,
@@ -1859,7 +1861,16 @@ impl Store for CqlStore {
         futures::stream::iter(members.iter().copied())
             .map(|member| async move {
                 let inserted = (member.0, activity.0, chat.0);
-                let summary = (at, activity.0, copy_ref.as_deref(), member.0, chat.0);
+                // No copy is left unset, not written as a null (a tombstone in the member's
+                // partition): an older copy left in place names another signal than the
+                // activity, which readers already treat as no copy.
+                let summary = (
+                    at,
+                    activity.0,
+                    MaybeUnset::from_option(copy_ref.as_deref()),
+                    member.0,
+                    chat.0,
+                );
                 match previous {
                     Some(previous) => self
                         .session
@@ -1878,7 +1889,10 @@ impl Store for CqlStore {
             .try_collect::<Vec<()>>()
             .await?;
         self.session
-            .execute_unpaged(&self.statements.set_summary, (at, activity.0, copy, chat.0))
+            .execute_unpaged(
+                &self.statements.set_summary,
+                (at, activity.0, MaybeUnset::from_option(copy), chat.0),
+            )
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -3291,7 +3305,10 @@ impl CqlStore {
         self.session
             .batch(
                 &batch,
-                ((user.0, chat.0, role, joined), info.copy_values(user, chat)),
+                (
+                    (user.0, chat.0, role, joined),
+                    info.first_copy_values(user, chat),
+                ),
             )
             .await
             .map_err(unavailable)?;
@@ -3473,6 +3490,40 @@ impl ChatInfo {
             self.kind.as_str(),
             self.name.as_deref(),
             self.description.as_deref(),
+            self.created_at,
+            self.created_by,
+            user.0,
+            chat.0,
+        )
+    }
+}
+
+impl ChatInfo {
+    /// The values of `copy_chat_info` for the first copy in a new member row of a new chat: an
+    /// absent name or description is left unset. A null would be a tombstone in the member's
+    /// partition, which every read of their whole chat list passes over until compaction purges
+    /// it; a copy into a row that may hold an older copy (`copy_values`) must write the null, to
+    /// clear the older value.
+    #[allow(clippy::type_complexity)]
+    fn first_copy_values(
+        &self,
+        user: UserId,
+        chat: ChatId,
+    ) -> (
+        i64,
+        &str,
+        MaybeUnset<&str>,
+        MaybeUnset<&str>,
+        CqlTimestamp,
+        Uuid,
+        Uuid,
+        Uuid,
+    ) {
+        (
+            self.written,
+            self.kind.as_str(),
+            MaybeUnset::from_option(self.name.as_deref()),
+            MaybeUnset::from_option(self.description.as_deref()),
             self.created_at,
             self.created_by,
             user.0,
