@@ -289,12 +289,16 @@ pub async fn reindex(
                 ..ReindexState::default()
             };
             search.clear().await?;
-            // The log position first, so a running indexer keeps following the log meanwhile.
-            search
-                .apply(&[], Some((BUS_CHECKPOINT, &state.bus_from.to_string())))
-                .await?;
+            // The reindex's own progress first: from the moment the index is cleared until it is
+            // done, an unfinished reindex is on record, so whoever finds it finishes it
+            // (`finish_reindex`). Written the other way round, a failure between the two left an
+            // empty index whose log position said it was up to date.
             search
                 .apply(&[], Some((REINDEX_CHECKPOINT, &state.encode())))
+                .await?;
+            // Then the log position, so a running indexer follows the log from here meanwhile.
+            search
+                .apply(&[], Some((BUS_CHECKPOINT, &state.bus_from.to_string())))
                 .await?;
             state
         }

@@ -307,20 +307,33 @@ async fn runs_in_the_background_real() {
     }
 }
 
-/// The search engine of `parts`, counting the batches applied to it and, with `fail_scans`,
-/// failing every batch of a reindex's scan.
+/// What an [`ObservedSearch`] fails.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Failing {
+    Nothing,
+    /// Every batch of a reindex's scan.
+    Scans,
+    /// The second write of checkpoints alone (no changes): in a reindex that starts afresh, the
+    /// second of the two checkpoints it writes after clearing the index.
+    SecondMark,
+}
+
+/// The search engine of `parts`, counting the batches applied to it and failing what `failing`
+/// says.
 struct ObservedSearch {
     engine: Arc<dyn Search>,
     batches: AtomicUsize,
-    fail_scans: bool,
+    marks: AtomicUsize,
+    failing: Failing,
 }
 
 impl ObservedSearch {
-    fn new(engine: &Arc<dyn Search>, fail_scans: bool) -> ObservedSearch {
+    fn new(engine: &Arc<dyn Search>, failing: Failing) -> ObservedSearch {
         ObservedSearch {
             engine: Arc::clone(engine),
             batches: AtomicUsize::new(0),
-            fail_scans,
+            marks: AtomicUsize::new(0),
+            failing,
         }
     }
 }
@@ -337,8 +350,16 @@ impl Search for ObservedSearch {
     ) -> Result<(), SearchError> {
         let scan =
             !changes.is_empty() && checkpoint.is_some_and(|(name, _)| name == REINDEX_CHECKPOINT);
-        if self.fail_scans && scan {
+        if self.failing == Failing::Scans && scan {
             return Err(SearchError::Unavailable("gone mid-scan".into()));
+        }
+        if changes.is_empty() && checkpoint.is_some() {
+            let mark = self.marks.fetch_add(1, Ordering::SeqCst) + 1;
+            if self.failing == Failing::SecondMark && mark == 2 {
+                return Err(SearchError::Unavailable(
+                    "gone between two checkpoints".into(),
+                ));
+            }
         }
         self.batches.fetch_add(1, Ordering::SeqCst);
         self.engine.apply(changes, checkpoint).await
@@ -389,7 +410,7 @@ async fn wait_found(parts: &Parts, chats: &[ChatId], text: &str, expected: &BTre
 async fn batches_once_per_interval_under_a_stream(parts: Parts) {
     const INTERVAL: Duration = Duration::from_secs(5);
     const STREAM: usize = 30;
-    let counting = Arc::new(ObservedSearch::new(&parts.search, false));
+    let counting = Arc::new(ObservedSearch::new(&parts.search, Failing::Nothing));
     let indexer = Indexer {
         store: Arc::clone(&parts.store),
         bus: Arc::clone(&parts.bus),
@@ -447,7 +468,7 @@ async fn finishes_an_interrupted_reindex(parts: Parts) {
     // In the store, not in the log: only a scan finds them.
     let a = send(&parts, one, "unscanned history", true).await;
     let b = send(&parts, two, "unscanned history", true).await;
-    let failing = ObservedSearch::new(&parts.search, true);
+    let failing = ObservedSearch::new(&parts.search, Failing::Scans);
     assert!(
         reindex(&*parts.store, &*parts.bus, &failing, false, |_| {})
             .await
@@ -459,6 +480,43 @@ async fn finishes_an_interrupted_reindex(parts: Parts) {
     wait_found(&parts, &[one, two], "unscanned", &set(&[a, b])).await;
     stop(shutdown, worker).await;
     parts.finish().await;
+}
+
+/// A reindex that fails right after clearing the index, between the two checkpoints it writes
+/// then (the log position it replays from, and its own progress), leaves what the indexer needs
+/// to finish it: it used to write the log position first, so the indexer followed the log from
+/// there over an empty index, and history from before it was never searchable again.
+async fn finishes_a_reindex_that_failed_at_its_start(parts: Parts) {
+    parts.search.prepare().await.expect("prepares");
+    let chat_id = chat(&*parts.store).await;
+    // In the store, not in the log: only a scan finds it.
+    let old = send(&parts, chat_id, "history before the reindex", true).await;
+    let failing = ObservedSearch::new(&parts.search, Failing::SecondMark);
+    assert!(
+        reindex(&*parts.store, &*parts.bus, &failing, true, |_| {})
+            .await
+            .is_err(),
+        "the reindex fails at its start"
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = parts.indexer().start(shutdown.clone());
+    wait_found(&parts, &[chat_id], "history", &set(&[old])).await;
+    stop(shutdown, worker).await;
+    parts.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finishes_a_reindex_that_failed_at_its_start_embedded() {
+    if let Some(parts) = embedded(LogSettings::default()).await {
+        Box::pin(finishes_a_reindex_that_failed_at_its_start(parts)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finishes_a_reindex_that_failed_at_its_start_real() {
+    if let Some(parts) = Box::pin(real(LogSettings::default())).await {
+        Box::pin(finishes_a_reindex_that_failed_at_its_start(parts)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
