@@ -473,6 +473,36 @@ pub async fn a_query_without_words_finds_nothing(fixture: Fixture) {
     fixture.finish().await;
 }
 
+/// Query syntax is not an operator: a word after `-` must match like any other (it does not
+/// exclude, and a query of excluded words alone is not "everything else"), and words in quotes
+/// match as words, not as a phrase.
+pub async fn minus_signs_and_quotes_are_not_operators(fixture: Fixture) {
+    let search = &*fixture.search;
+    search.prepare().await.expect("prepares");
+    let chat = ChatId::new();
+    let a = message(chat, "ann", "the report is ready", Duration::ZERO);
+    let b = message(chat, "bob", "a bug report", Duration::ZERO);
+    index(search, &[a.clone(), b.clone()]).await;
+    assert!(
+        ids(search, &query("-zzz", &[chat])).await.is_empty(),
+        "a word after a minus sign must match"
+    );
+    assert_eq!(
+        ids(search, &query("-report", &[chat])).await,
+        set(&[&a, &b])
+    );
+    assert_eq!(
+        ids(search, &query("bug -report", &[chat])).await,
+        set(&[&b])
+    );
+    assert_eq!(
+        ids(search, &query("\"ready report\"", &[chat])).await,
+        set(&[&a]),
+        "quoted words match in any order"
+    );
+    fixture.finish().await;
+}
+
 /// Runs every case of the search conformance suite against the engine `$make` opens (an
 /// `async fn() -> Option<Fixture>`; `None` skips, as when Meilisearch is not running).
 #[macro_export]
@@ -503,6 +533,7 @@ macro_rules! search_conformance_tests {
             case!(keeps_checkpoints);
             case!(highlights_are_escaped_and_cropped);
             case!(a_query_without_words_finds_nothing);
+            case!(minus_signs_and_quotes_are_not_operators);
         }
     };
 }

@@ -67,6 +67,29 @@ fn classify(error: Error) -> SearchError {
 /// `created_at` sort, then exactness), which is the order one query over all the chats gives.
 const CHATS_PER_PART: usize = 100;
 
+/// `text` without Meilisearch's query operators: a `-` before a word excludes it and quotes make
+/// a phrase, so `-x` alone would list every message but those with `x` (a placeholder search).
+/// Here every word must match, as on the embedded engine: quotes become spaces, and a word's
+/// leading minus signs are dropped.
+fn without_operators(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut word_start = true;
+    for c in text.chars() {
+        match c {
+            '"' => {
+                plain.push(' ');
+                word_start = true;
+            }
+            '-' if word_start => {}
+            c => {
+                plain.push(c);
+                word_start = c.is_whitespace();
+            }
+        }
+    }
+    plain
+}
+
 #[derive(Deserialize)]
 struct Found {
     id: String,
@@ -269,10 +292,11 @@ impl Search for MeiliSearch {
         let (start, end) = (MARK_START.to_string(), MARK_END.to_string());
         let crop = [("text", None)];
         let sort = ["created_at:desc"];
+        let text = without_operators(&query.text);
         let mut search = self.client.multi_search();
         for filter in &filters {
             let mut part = self.index.search();
-            part.with_query(&query.text)
+            part.with_query(&text)
                 .with_filter(filter)
                 .with_sort(&sort)
                 .with_matching_strategy(MatchingStrategies::ALL)
@@ -340,5 +364,18 @@ impl Search for MeiliSearch {
 
     async fn check(&self) -> Result<(), SearchError> {
         self.call(self.client.health()).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_operators;
+
+    #[test]
+    fn operators_become_plain_words() {
+        assert_eq!(without_operators("-zzz"), "zzz");
+        assert_eq!(without_operators("bug --report"), "bug report");
+        assert_eq!(without_operators("\"ready report\""), " ready report ");
+        assert_eq!(without_operators("e-mail -\"x\""), "e-mail  x ");
     }
 }
