@@ -1216,6 +1216,9 @@ async fn presigned_redirects_on_s3() {
     .await;
     let response = get(large).await.unwrap();
     assert_eq!(response.status(), 307);
+    // The URL expires long before an hour: a browser must ask again each time, which also
+    // checks the membership again.
+    assert_eq!(response.headers()["cache-control"], "no-store");
     let location = response.headers()["location"].to_str().unwrap().to_owned();
     let fetched = reqwest::get(&location).await.unwrap();
     assert!(downloaded_as_attachment(&fetched), "{fetched:?}");

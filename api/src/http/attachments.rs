@@ -207,8 +207,13 @@ async fn serve(
             text(header::IF_NONE_MATCH),
         )
         .await?;
+    // The bytes under an id never change, so an answer may be kept for a while; not a redirect,
+    // whose presigned URL expires (`attachments.presigned_ttl_secs`) long before, and which a
+    // browser must ask for again each time (which checks the membership again, too).
+    let mut cache_control = "private, max-age=3600";
     let mut response = match download {
         Download::Redirect(url) => {
+            cache_control = "no-store";
             let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
             if let Ok(location) = HeaderValue::from_str(&url) {
                 response.headers_mut().insert(header::LOCATION, location);
@@ -262,11 +267,7 @@ async fn serve(
         }
     };
     set(&mut response, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
-    set(
-        &mut response,
-        header::CACHE_CONTROL,
-        "private, max-age=3600",
-    );
+    set(&mut response, header::CACHE_CONTROL, cache_control);
     Ok(response)
 }
 
