@@ -6,7 +6,8 @@
 use std::io::Cursor;
 
 use confab_schema::attachment::{Derivative, PREVIEW_SIZE, THUMBNAIL_SIZE};
-use image::{DynamicImage, ImageFormat, ImageReader, Limits};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 
 use crate::domain::attachments::Made;
 
@@ -45,7 +46,14 @@ pub fn derive(bytes: &[u8], max_pixels: u64) -> Result<Derived, String> {
     if u64::from(width) * u64::from(height) > max_pixels {
         return Err(format!("{width}×{height} is more than {max_pixels} pixels"));
     }
-    let image = reader(bytes)?.decode().map_err(|e| e.to_string())?;
+    let mut decoder = reader(bytes)?.into_decoder().map_err(|e| e.to_string())?;
+    // A camera stores a photo as its sensor saw it and says in EXIF how to turn it for viewing.
+    // The derivatives keep no EXIF, so the turn is applied to their pixels, and the dimensions
+    // given are the turned ones (a portrait photo is taller than wide).
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
+    image.apply_orientation(orientation);
+    let (width, height) = (image.width(), image.height());
     let thumbnail = image.thumbnail(THUMBNAIL_SIZE, THUMBNAIL_SIZE);
     let thumbnail = if image.color().has_alpha() {
         encode_png(&thumbnail)?
@@ -103,6 +111,48 @@ mod tests {
             .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
             .expect("encodes");
         bytes
+    }
+
+    /// A 200×100 JPEG whose EXIF says to turn it 90° clockwise for viewing (orientation 6), as a
+    /// phone held upright writes it.
+    fn jpeg_turned_by_exif() -> Vec<u8> {
+        use image::ImageEncoder;
+        // TIFF, big-endian: header, one IFD of one entry (0x0112 Orientation, SHORT, 1, value 6).
+        let mut exif = b"MM\0\x2a\0\0\0\x08".to_vec();
+        exif.extend_from_slice(&[0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0]);
+        let image = image::RgbImage::from_fn(200, 100, |x, _| {
+            image::Rgb([if x < 100 { 255 } else { 0 }, 0, 0])
+        });
+        let mut bytes = Vec::new();
+        let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90);
+        encoder.set_exif_metadata(exif).expect("takes EXIF");
+        encoder
+            .write_image(image.as_raw(), 200, 100, image::ExtendedColorType::Rgb8)
+            .expect("encodes");
+        bytes
+    }
+
+    #[test]
+    fn the_exif_orientation_is_applied_and_not_kept() {
+        let bytes = jpeg_turned_by_exif();
+        let mut original = reader(&bytes).unwrap().into_decoder().unwrap();
+        assert_eq!(original.orientation().unwrap(), Orientation::Rotate90);
+        let derived = derive(&bytes, 10_000_000).expect("derives");
+        assert_eq!(
+            (derived.width, derived.height),
+            (100, 200),
+            "turned upright"
+        );
+        let t = &derived.thumbnail;
+        assert_eq!((t.derivative.width, t.derivative.height), (160, 320));
+        // Turned 90° clockwise, the red left half of the stored pixels is the top half.
+        let thumbnail = image::load_from_memory(&t.bytes).unwrap().to_rgb8();
+        assert!(thumbnail.get_pixel(80, 20)[0] > 200, "red on top");
+        assert!(thumbnail.get_pixel(80, 300)[0] < 50, "black at the bottom");
+        for made in [&derived.thumbnail, &derived.preview] {
+            let mut decoder = reader(&made.bytes).unwrap().into_decoder().unwrap();
+            assert_eq!(decoder.exif_metadata().unwrap(), None, "no EXIF kept");
+        }
     }
 
     #[test]
