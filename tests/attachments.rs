@@ -687,11 +687,14 @@ async fn messages_carry_attachments(stack: Stack) {
         .await;
     assert_eq!(sent.status(), 201);
     let sent: Value = sent.json().await.unwrap();
-    assert_eq!(sent["attachments"], json!([file]));
+    // As sent: the upload's metadata, and the message it went in.
+    let mut file_sent = file.clone();
+    file_sent["message_id"] = sent["id"].clone();
+    assert_eq!(sent["attachments"], json!([file_sent]));
     let event = sse.next_of("signal.created").await;
-    assert_eq!(event.data["data"]["attachments"], json!([file]));
+    assert_eq!(event.data["data"]["attachments"], json!([file_sent]));
     let history: Value = app.get(&bob, &signals).await.json().await.unwrap();
-    assert_eq!(history["items"][0]["attachments"], json!([file]));
+    assert_eq!(history["items"][0]["attachments"], json!([file_sent]));
     let chats: Value = app.get(&bob, "/v1/chats").await.json().await.unwrap();
     let entry = chats["items"]
         .as_array()
@@ -700,11 +703,13 @@ async fn messages_carry_attachments(stack: Stack) {
         .find(|c| c["id"] == chat.as_str())
         .unwrap()
         .clone();
-    assert_eq!(entry["latest_signal"]["attachments"], json!([file]));
+    assert_eq!(entry["latest_signal"]["attachments"], json!([file_sent]));
 
-    // Another chat's upload, someone else's upload, an unknown id, too many: 422.
+    // Another chat's upload, someone else's upload, one sent in another message already, an
+    // unknown id, too many: 422.
     for ids in [
         json!([elsewhere["id"]]),
+        json!([file["id"]]),
         json!([bobs["id"]]),
         json!([uuid::Uuid::now_v7()]),
         json!((0..11).map(|_| uuid::Uuid::now_v7()).collect::<Vec<_>>()),
@@ -718,6 +723,34 @@ async fn messages_carry_attachments(stack: Stack) {
             .await;
         assert_eq!(refused.status(), 422, "{ids}");
     }
+    // A retry of the message that took an attachment (its nonce) names it again: the same
+    // message comes back.
+    let second = uploaded(&app, &alice, &chat, "d.txt", "text/plain", b"second").await;
+    let with_nonce = json!({"kind": "message", "nonce": "n-1", "attachments": [second["id"]]});
+    let first = app.post(&alice, &signals, &with_nonce).await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let again = app.post(&alice, &signals, &with_nonce).await;
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["attachments"][0]["message_id"], first["id"]);
+    // Deleting the message that took it hides it; the message that was refused never had it.
+    let deleted = app
+        .http
+        .delete(app.url(&format!("{signals}/{}", sent["id"].as_str().unwrap())))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    let gone = app
+        .get(
+            &bob,
+            &format!("/v1/attachments/{}", file["id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(gone.status(), 404);
     app.stop().await;
 }
 on_both_stacks!(messages_carry_attachments);

@@ -77,6 +77,10 @@ pub struct Attachment {
     /// Set for images: dimensions, thumbnail and preview.
     #[serde(default)]
     pub image: Option<ImageInfo>,
+    /// The message it was sent in, once sent: an upload goes in one message (deleting that
+    /// message hides it, which must not take it from another).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<crate::SignalId>,
 }
 
 impl Attachment {

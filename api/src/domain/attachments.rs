@@ -312,6 +312,7 @@ impl ApiState {
             created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
             uploader: caller.id,
             image: None,
+            message_id: None,
         };
         let committed = async {
             self.store
@@ -338,32 +339,75 @@ impl ApiState {
         Ok(attachment)
     }
 
-    /// The attachments `ids` of `chat` uploaded by `author`, for a message: 422 for any other.
+    /// The attachments `ids` of `chat` uploaded by `author`, for a message: 422 for any other, and
+    /// for one sent in another message already (a retry of the message that took it, the same
+    /// `nonce`, may name it again).
     pub(crate) async fn attachments_for_message(
         &self,
         chat: ChatId,
         author: UserId,
         ids: &AttachmentIds,
-    ) -> ApiResult<Vec<AttachmentRef>> {
+        nonce: Option<&str>,
+    ) -> ApiResult<Vec<Attachment>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let found = self.store.get_attachments(ids.as_slice()).await?;
-        ids.as_slice()
-            .iter()
-            .map(|id| {
-                found
-                    .iter()
-                    .find(|a| a.id == *id && a.chat_id == chat && a.uploader == author)
-                    .cloned()
-                    .map(AttachmentRef::from)
-                    .ok_or_else(|| {
-                        ApiError::Unprocessable(format!(
-                            "attachment {id} is not one of your uploads to this chat"
-                        ))
-                    })
-            })
-            .collect()
+        let mut attachments = Vec::with_capacity(ids.as_slice().len());
+        for id in ids.as_slice() {
+            let attachment = found
+                .iter()
+                .find(|a| a.id == *id && a.chat_id == chat && a.uploader == author)
+                .cloned()
+                .ok_or_else(|| {
+                    ApiError::Unprocessable(format!(
+                        "attachment {id} is not one of your uploads to this chat"
+                    ))
+                })?;
+            if let Some(sent_in) = attachment.message_id {
+                let retried = match nonce {
+                    Some(nonce) => self
+                        .store
+                        .get_signal(chat, sent_in)
+                        .await?
+                        .is_some_and(|s| {
+                            s.author_id == author && s.nonce.as_deref() == Some(nonce)
+                        }),
+                    None => false,
+                };
+                if !retried {
+                    return Err(ApiError::Unprocessable(format!(
+                        "attachment {id} was sent in another message; upload it again to send it \
+                         again"
+                    )));
+                }
+            }
+            attachments.push(attachment);
+        }
+        Ok(attachments)
+    }
+
+    /// Records that the attachments of `sent`, a message just stored, were sent in it. Done after
+    /// the message is stored, so it is never refused for this; a failure is logged and leaves the
+    /// attachment unclaimed, which a deletion of the message still hides.
+    pub(crate) async fn claim_attachments(&self, sent: &Signal) {
+        let ids: Vec<Uuid> = sent.attachments.iter().map(AttachmentRef::id).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let claimed = async {
+            // The stored records, which a thumbnail made meanwhile may have changed.
+            for mut attachment in self.store.get_attachments(&ids).await? {
+                if attachment.chat_id == sent.chat_id && attachment.message_id.is_none() {
+                    attachment.message_id = Some(sent.id);
+                    self.store.put_attachment(&attachment, None).await?;
+                }
+            }
+            Ok::<(), ApiError>(())
+        };
+        if let Err(error) = claimed.await {
+            tracing::warn!(%error, message = %sent.id, "recording which message took its attachments failed");
+        }
     }
 
     /// Fills in the metadata of the attachments of `signals` (one store read for all); attachments
@@ -406,7 +450,9 @@ impl ApiState {
             .get_attachments(&ids)
             .await?
             .into_iter()
-            .filter(|a| a.chat_id == signal.chat_id)
+            // Not one another message took (this one named it before the other claimed it, as
+            // a retry may): hiding it would take it from that message.
+            .filter(|a| a.chat_id == signal.chat_id && a.message_id.is_none_or(|m| m == signal.id))
             .collect();
         self.store.delete_attachments(&found).await?;
         Ok(())
@@ -594,13 +640,18 @@ impl ApiState {
         updated: &Attachment,
         stored_as: AttachmentKind,
     ) -> ApiResult<()> {
-        if self.store.get_attachments(&[updated.id]).await?.is_empty() {
+        let Some(current) = self.store.get_attachments(&[updated.id]).await?.pop() else {
             self.store
                 .delete_attachments(std::slice::from_ref(updated))
                 .await?;
             return Ok(());
-        }
-        self.store.put_attachment(updated, Some(stored_as)).await?;
+        };
+        // The message it was sent in meanwhile stays recorded.
+        let updated = Attachment {
+            message_id: current.message_id,
+            ..updated.clone()
+        };
+        self.store.put_attachment(&updated, Some(stored_as)).await?;
         Ok(())
     }
 }

@@ -25,6 +25,10 @@ impl Nonce {
         Ok(Nonce(value))
     }
 
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     pub fn into_inner(self) -> String {
         self.0
     }

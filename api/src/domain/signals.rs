@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use confab_schema::call::CallSignal;
 use confab_schema::model::to_millis;
-use confab_schema::{ChatId, Envelope, Event, Signal, SignalId, SignalKind, User, UserId};
+use confab_schema::{
+    Attachment, AttachmentRef, ChatId, Envelope, Event, Signal, SignalId, SignalKind, User, UserId,
+};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -108,11 +110,25 @@ impl ApiState {
             ));
         }
         let attachments = self
-            .attachments_for_message(chat, caller.id, &message.attachments)
+            .attachments_for_message(
+                chat,
+                caller.id,
+                &message.attachments,
+                message.nonce.as_ref().map(|n| n.as_str()),
+            )
             .await?;
         // Refuse before storing when events cannot be published, rather than store a silent message.
         self.bus.check().await?;
         let id = SignalId::new();
+        let attachments = attachments
+            .into_iter()
+            .map(|attachment| {
+                AttachmentRef::from(Attachment {
+                    message_id: Some(id),
+                    ..attachment
+                })
+            })
+            .collect();
         let signal = Signal {
             id,
             chat_id: chat,
@@ -142,7 +158,10 @@ impl ApiState {
                 }
                 Ok(Outcome::Existing(self.decorate_one(existing).await?))
             }
-            Inserted::Created(created) => Ok(Outcome::Created(created)),
+            Inserted::Created(created) => {
+                self.claim_attachments(&created).await;
+                Ok(Outcome::Created(created))
+            }
         }
     }
 

@@ -1767,6 +1767,7 @@ fn attachment(
         created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
         uploader,
         image: None,
+        message_id: None,
     }
 }
 
