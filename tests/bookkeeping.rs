@@ -39,6 +39,8 @@ struct FlakyBookkeeping {
     failing: AtomicBool,
     failing_after_delete: AtomicBool,
     failing_before_delete: AtomicBool,
+    /// Taking a chat out of a leaving member's list fails.
+    failing_untouch: AtomicBool,
     edits: StoreGate,
     markers: StoreGate,
 }
@@ -290,6 +292,9 @@ impl Store for FlakyBookkeeping {
         self.inner.touch_chat(chat, members, activity, latest).await
     }
     async fn untouch_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+        if self.failing_untouch.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected failure".into()));
+        }
         self.inner.untouch_chat(chat, user).await
     }
     async fn chats_by_activity(
@@ -606,6 +611,7 @@ impl FlakyServer {
             failing: AtomicBool::new(false),
             failing_after_delete: AtomicBool::new(false),
             failing_before_delete: AtomicBool::new(false),
+            failing_untouch: AtomicBool::new(false),
             edits: StoreGate::default(),
             markers: StoreGate::default(),
         });
@@ -1063,4 +1069,44 @@ async fn a_cancelled_send_still_moves_the_authors_marker() {
         );
         tokio::task::yield_now().await;
     }
+}
+
+/// A removal stored in full whose clean-up of the chat list fails still succeeds, and publishes
+/// `member.left` at once: the member is out, and their open streams must stop routing the chat
+/// now, not when the outbox's sweep (not running here) finds the event unpublished.
+#[tokio::test]
+async fn a_removal_whose_clean_up_fails_still_publishes_member_left() {
+    let server = FlakyServer::start(false).await;
+    let mut events = server.bus.subscribe().await.unwrap();
+    let bob: UserId =
+        serde_json::from_value(server.get(&server.bob, "/v1/me").await["id"].clone()).unwrap();
+    server.store.failing_untouch.store(true, Ordering::SeqCst);
+    let removed = server
+        .http
+        .delete(format!(
+            "{}/v1/chats/{}/members/{bob}",
+            server.base, server.chat
+        ))
+        .bearer_auth(&server.alice)
+        .send()
+        .await
+        .unwrap();
+    assert!(removed.status().is_success(), "{}", removed.status());
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(logged) = events.next().await {
+            if let Event::MemberLeft(change) = &logged.envelope.event
+                && change.user_id == bob
+            {
+                return;
+            }
+        }
+        panic!("the event stream ended");
+    })
+    .await
+    .expect("no member.left event");
+    // And the history says so.
+    let history = server
+        .get(&server.alice, &format!("/v1/chats/{}/signals", server.chat))
+        .await;
+    assert_eq!(history["items"][0]["kind"], "left", "{history}");
 }

@@ -113,10 +113,19 @@ impl ApiState {
                 self.forgo(intent);
                 continue;
             }
-            self.store.untouch_chat(chat_id, user).await?;
-            self.record_system_signal(chat_id, SignalKind::Left, user, None)
-                .await?;
+            // The member is out once the store says so: what follows is bookkeeping, and a
+            // failure of it neither holds back `member.left` (which stops the member's streams
+            // routing the chat) nor fails a removal a retry could not redo ("no such member").
+            if let Err(error) = self.store.untouch_chat(chat_id, user).await {
+                tracing::warn!(%error, chat = %chat_id, %user, "taking a chat out of a leaving member's list failed; readers skip it");
+            }
+            let recorded = self
+                .record_system_signal(chat_id, SignalKind::Left, user, None)
+                .await;
             self.publish_intended(envelope, intent).await;
+            if let Err(error) = recorded {
+                tracing::warn!(%error, chat = %chat_id, %user, "writing `left` into the history failed");
+            }
             return Ok(());
         }
         Err(contended())
