@@ -744,10 +744,21 @@ impl ApiState {
 fn stored_event(intended: &Event, held: Held) -> Option<Event> {
     match (intended, held) {
         (Event::SignalCreated(sent), Held::Signal(Some(stored))) => {
-            // The entry named this signal id: stored means this send won (or was alone).
+            // The entry named this signal id: stored means this send won (or was alone). Its
+            // text as stored now: an edit since was published first, and a late `created` with
+            // the text as sent would undo it for whoever applies events in order (the search
+            // index does). The attachments stay as sent, with their metadata.
             Some(Event::SignalCreated(Signal {
                 reactions: Default::default(),
-                ..if stored.deleted { stored } else { sent.clone() }
+                ..if stored.deleted {
+                    stored
+                } else {
+                    Signal {
+                        text: stored.text,
+                        edited_at: stored.edited_at,
+                        ..sent.clone()
+                    }
+                }
             }))
         }
         // An edit of a message deleted since: the deletion's event tells the truth.
@@ -936,6 +947,14 @@ mod tests {
                 Held::Signal(Some(edited.clone()))
             ),
             Some(Event::SignalUpdated(edited.clone()))
+        );
+        // A send published late, after an edit of it: the text as it is now.
+        assert_eq!(
+            stored_event(
+                &Event::SignalCreated(sent.clone()),
+                Held::Signal(Some(edited.clone()))
+            ),
+            Some(Event::SignalCreated(edited.clone()))
         );
         // The edit did not land (the store holds no edit): nothing to announce.
         assert_eq!(
