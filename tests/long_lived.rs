@@ -134,3 +134,44 @@ async fn streams_and_sockets_end_when_their_token_expires() {
     );
     app.stop().await;
 }
+
+/// A ticket lasts `notifier.ticket_ttl_secs` (60 s here), or less: never past the token it came
+/// from, so a stream opened with it ends when that token expires, as one opened with the token.
+#[tokio::test]
+async fn a_stream_opened_with_a_ticket_ends_when_its_token_expires() {
+    let app = support::spawn_app(Stack::Embedded).await;
+    assert!(app.config.notifier.ticket_ttl_secs >= 60);
+    let short = DevIdentity::open(&app.config.data_dir)
+        .unwrap()
+        .mint("bob", Duration::from_secs(2));
+    app.me(&short).await;
+    let issued: Value = app
+        .http
+        .post(app.url("/v1/events/ticket"))
+        .bearer_auth(&short)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ticket = issued["ticket"].as_str().unwrap();
+    let response = app
+        .http
+        .get(app.url(&format!("/v1/events?ticket={ticket}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(chunk) = body.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the stream ends when the ticket's token expires");
+    app.stop().await;
+}

@@ -97,7 +97,11 @@ impl StreamAuth {
     /// A ticket for the bearer of `headers`.
     pub async fn issue(&self, headers: &HeaderMap) -> Result<IssuedTicket, AuthError> {
         let principal = self.identity.authenticate(bearer_token(headers)?).await?;
-        let expires_at = OffsetDateTime::now_utc() + self.ticket_ttl;
+        // Never past the token: a stream lives until the later of the two (a reconnect may come
+        // after the ticket's own expiry), and no stream outlives its token.
+        let ticket_end = OffsetDateTime::now_utc() + self.ticket_ttl;
+        let expires_at = OffsetDateTime::from_unix_timestamp(principal.expires_at)
+            .map_or(ticket_end, |token_end| ticket_end.min(token_end));
         Ok(IssuedTicket {
             ticket: self.tickets.sign_until(
                 &Ticket {
