@@ -589,7 +589,10 @@ pub async fn build(
         if matches!(role, Role::Serve | Role::WsPlexer) {
             let api: Arc<dyn ApiCaller> = match api_router.take() {
                 Some(router) => Arc::new(InProcess(router)),
-                None => Arc::new(OverHttp::new(&config.ws_plexer.api_url)),
+                None => Arc::new(
+                    OverHttp::new(&config.ws_plexer.api_url)
+                        .context("building the HTTP client for the API")?,
+                ),
             };
             let (routes, doc) = confab_ws_plexer::routes(PlexerState {
                 hub,

@@ -1,20 +1,31 @@
 //! The ws-plexer carries the API: request frames are answered exactly as the HTTP API answers the
 //! same call (status, body, authorization), tokens are refreshed over the socket, and bad frames get
-//! a clear error while the socket stays up. On the embedded default and on the real stack.
+//! a clear error while the socket stays up. On the embedded default and on the real stack. A
+//! separate `confab ws-plexer`, calling its API over HTTP, answers as `confab serve` does in
+//! process: no body over the relay limit, and redirects passed on, not followed.
 
 mod support;
 
+use confab::Role;
+use confab_ws_plexer::api::MAX_RESPONSE_BYTES;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use support::{DEADLINE, Stack, TestApp, spawn_app};
+use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_util::sync::CancellationToken;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(app: &TestApp, token: Option<&str>, query: &str) -> Ws {
-    let url = format!("{}/v1/ws{query}", app.base.replacen("http://", "ws://", 1));
+    connect_to(&app.base, token, query).await
+}
+
+/// A socket of the server at `base` (confab serve, or a ws-plexer of its own).
+async fn connect_to(base: &str, token: Option<&str>, query: &str) -> Ws {
+    let url = format!("{}/v1/ws{query}", base.replacen("http://", "ws://", 1));
     let mut request = url.into_client_request().unwrap();
     if let Some(token) = token {
         request
@@ -310,5 +321,193 @@ async fn every_request_is_answered_once_within_the_in_flight_limit() {
         statuses.keys().all(|s| *s == 200 || *s == 429),
         "{statuses:?}"
     );
+    app.stop().await;
+}
+
+/// `confab ws-plexer` in this process, on the configuration of an app (its keyspace, bus and
+/// identity), sending the API calls its sockets carry to that app over HTTP.
+struct Plexer {
+    base: String,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Plexer {
+    async fn start(app: &TestApp) -> Plexer {
+        let mut config = app.config.clone();
+        config.ws_plexer.api_url = app.base.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let mut server = tokio::spawn(confab::run(
+            Role::WsPlexer,
+            config,
+            listener,
+            shutdown.clone(),
+        ));
+        tokio::select! {
+            () = support::wait_ready(&base) => {}
+            ended = &mut server => panic!("the ws-plexer at {base} stopped before it was ready: {ended:?}"),
+        }
+        Plexer {
+            base,
+            shutdown,
+            server,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(DEADLINE, self.server)
+            .await
+            .expect("the ws-plexer drains within the deadline")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// confab on the real stack (its attachments on S3) with a separate ws-plexer in front of its API.
+async fn serve_with_a_plexer(presigned_redirect: bool) -> (TestApp, Plexer) {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(Stack::Real, data.path().to_path_buf());
+    config.attachments.presigned_redirect = presigned_redirect;
+    let app = support::spawn_with(Stack::Real, config, data).await;
+    let plexer = Plexer::start(&app).await;
+    (app, plexer)
+}
+
+/// Uploads `body` as a text file to `chat` and returns the attachment's id.
+async fn upload_text(app: &TestApp, token: &str, chat: &str, name: &str, body: Vec<u8>) -> String {
+    let response = app
+        .http
+        .post(app.url(&format!("/v1/chats/{chat}/attachments")))
+        .query(&[("name", name)])
+        .bearer_auth(token)
+        .header("content-type", "text/plain")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "{name}");
+    response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A body over the relay limit is refused by a separate ws-plexer as in process (the same error
+/// frame), not read whole and relayed; a body at the limit is relayed by both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_plexer_relays_no_body_over_the_limit() {
+    if !support::real_stack_available("a_separate_plexer_relays_no_body_over_the_limit").await {
+        return;
+    }
+    let (app, plexer) = serve_with_a_plexer(false).await;
+    let alice = app.token("alice").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let at_limit = upload_text(
+        &app,
+        &alice,
+        &chat,
+        "at.txt",
+        vec![b'a'; MAX_RESPONSE_BYTES],
+    )
+    .await;
+    let over_limit = upload_text(
+        &app,
+        &alice,
+        &chat,
+        "over.txt",
+        vec![b'b'; MAX_RESPONSE_BYTES + 1],
+    )
+    .await;
+    // Over HTTP the API serves it: the limit is the socket's.
+    let served = app
+        .get(&alice, &format!("/v1/attachments/{over_limit}"))
+        .await;
+    assert_eq!(served.status(), 200);
+    assert_eq!(served.bytes().await.unwrap().len(), MAX_RESPONSE_BYTES + 1);
+
+    let mut in_process = connect_to(&app.base, Some(&alice), "").await;
+    let mut over_http = connect_to(&plexer.base, Some(&alice), "").await;
+    let get = |id: &str| {
+        let path = format!("/v1/attachments/{id}");
+        json!({"type": "request", "id": "get", "method": "GET", "path": path})
+    };
+    let relayed = call(&mut over_http, get(&at_limit)).await;
+    assert_eq!(relayed["status"], 200, "at the limit, over HTTP");
+    assert_eq!(
+        relayed["body"].as_str().map(str::len),
+        Some(MAX_RESPONSE_BYTES),
+        "at the limit, over HTTP: the whole body"
+    );
+    // Compared without printing: a mismatch would print megabytes.
+    assert!(
+        relayed == call(&mut in_process, get(&at_limit)).await,
+        "at the limit: the same answer in process"
+    );
+    let refused = call(&mut over_http, get(&over_limit)).await;
+    assert_eq!(
+        refused["status"], 502,
+        "over the limit, over HTTP: an error, not the body"
+    );
+    assert!(
+        refused["body"]["type"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("api-unavailable")),
+        "{}",
+        refused["body"]
+    );
+    assert_eq!(
+        refused,
+        call(&mut in_process, get(&over_limit)).await,
+        "the same answer in process"
+    );
+    plexer.stop().await;
+    app.stop().await;
+}
+
+/// A presigned redirect is answered by a separate ws-plexer as in process (the 307 itself), not
+/// followed to the bucket and relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_plexer_passes_redirects_on() {
+    if !support::real_stack_available("a_separate_plexer_passes_redirects_on").await {
+        return;
+    }
+    let (app, plexer) = serve_with_a_plexer(true).await;
+    let alice = app.token("alice").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    // Larger than the memory cache keeps, so it is redirected.
+    let size = app.config.attachments.cache_object_bytes + 1;
+    let redirected = upload_text(&app, &alice, &chat, "big.txt", vec![b'r'; size]).await;
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let over_http = no_redirects
+        .get(app.url(&format!("/v1/attachments/{redirected}")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(over_http.status(), 307, "the API redirects");
+
+    let mut in_process = connect_to(&app.base, Some(&alice), "").await;
+    let mut through_plexer = connect_to(&plexer.base, Some(&alice), "").await;
+    let get = json!({"type": "request", "id": "get", "method": "GET",
+                     "path": format!("/v1/attachments/{redirected}")});
+    let passed_on = call(&mut through_plexer, get.clone()).await;
+    assert_eq!(
+        passed_on["status"], 307,
+        "the redirect itself, not what it points to"
+    );
+    assert_eq!(
+        passed_on,
+        call(&mut in_process, get).await,
+        "the same answer in process"
+    );
+    plexer.stop().await;
     app.stop().await;
 }

@@ -8,8 +8,8 @@ use axum::http::{Request, StatusCode};
 use bytes::Bytes;
 use tower::ServiceExt;
 
-/// The largest API response a socket relays.
-const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+/// The largest API response body a socket relays.
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
 /// An API response: its status and body.
 pub struct ApiResponse {
@@ -35,11 +35,18 @@ impl ApiCaller for InProcess {
             .await
             .map_err(|e| e.to_string())?;
         let status = response.status();
-        let body = axum::body::to_bytes(response.into_body(), MAX_RESPONSE_BYTES)
-            .await
-            .map_err(|e| e.to_string())?;
+        let body = relayable_body(response.into_body()).await?;
         Ok(ApiResponse { status, body })
     }
+}
+
+/// Reads a response body chunk by chunk and stops as soon as it passes [`MAX_RESPONSE_BYTES`], so
+/// a socket never holds more than that of one response. Both ways of calling the API read through
+/// here, so they relay the same bodies and refuse the same ones.
+async fn relayable_body(body: Body) -> Result<Bytes, String> {
+    axum::body::to_bytes(body, MAX_RESPONSE_BYTES)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// An API process, over HTTP.
@@ -49,11 +56,16 @@ pub struct OverHttp {
 }
 
 impl OverHttp {
-    pub fn new(base: &str) -> OverHttp {
-        OverHttp {
-            http: reqwest::Client::new(),
+    pub fn new(base: &str) -> Result<OverHttp, reqwest::Error> {
+        // Redirects are the client's to follow, as in process: followed here, a presigned download
+        // would be fetched by the plexer itself.
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(OverHttp {
+            http,
             base: base.trim_end_matches('/').to_owned(),
-        }
+        })
     }
 }
 
@@ -81,7 +93,7 @@ impl ApiCaller for OverHttp {
         let response = outgoing.send().await.map_err(|e| e.to_string())?;
         let status =
             StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        let body = response.bytes().await.map_err(|e| e.to_string())?;
+        let body = relayable_body(Body::from_stream(response.bytes_stream())).await?;
         Ok(ApiResponse { status, body })
     }
 }
