@@ -455,7 +455,7 @@ async fn a_separate_plexer_relays_no_body_over_the_limit() {
     assert!(
         refused["body"]["type"]
             .as_str()
-            .is_some_and(|t| t.ends_with("api-unavailable")),
+            .is_some_and(|t| t.ends_with("response-too-large")),
         "{}",
         refused["body"]
     );

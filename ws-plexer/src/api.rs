@@ -17,9 +17,27 @@ pub struct ApiResponse {
     pub body: Bytes,
 }
 
+/// Why an API call over a socket has no answer to relay.
+#[derive(Debug)]
+pub enum CallError {
+    /// The API could not be reached, or broke off its answer.
+    Unreachable(String),
+    /// The answer's body is larger than [`MAX_RESPONSE_BYTES`].
+    TooLarge,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Unreachable(why) => write!(f, "the API could not be reached: {why}"),
+            CallError::TooLarge => write!(f, "an answer of more than {MAX_RESPONSE_BYTES} bytes"),
+        }
+    }
+}
+
 #[async_trait]
 pub trait ApiCaller: Send + Sync + 'static {
-    async fn call(&self, request: Request<Body>) -> Result<ApiResponse, String>;
+    async fn call(&self, request: Request<Body>) -> Result<ApiResponse, CallError>;
 }
 
 /// The API's router in this process.
@@ -27,13 +45,13 @@ pub struct InProcess(pub axum::Router);
 
 #[async_trait]
 impl ApiCaller for InProcess {
-    async fn call(&self, request: Request<Body>) -> Result<ApiResponse, String> {
+    async fn call(&self, request: Request<Body>) -> Result<ApiResponse, CallError> {
         let response = self
             .0
             .clone()
             .oneshot(request)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| CallError::Unreachable(e.to_string()))?;
         let status = response.status();
         let body = relayable_body(response.into_body()).await?;
         Ok(ApiResponse { status, body })
@@ -43,10 +61,18 @@ impl ApiCaller for InProcess {
 /// Reads a response body chunk by chunk and stops as soon as it passes [`MAX_RESPONSE_BYTES`], so
 /// a socket never holds more than that of one response. Both ways of calling the API read through
 /// here, so they relay the same bodies and refuse the same ones.
-async fn relayable_body(body: Body) -> Result<Bytes, String> {
-    axum::body::to_bytes(body, MAX_RESPONSE_BYTES)
-        .await
-        .map_err(|e| e.to_string())
+async fn relayable_body(body: Body) -> Result<Bytes, CallError> {
+    use futures::StreamExt;
+    let mut chunks = body.into_data_stream();
+    let mut read = bytes::BytesMut::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| CallError::Unreachable(e.to_string()))?;
+        if read.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(CallError::TooLarge);
+        }
+        read.extend_from_slice(&chunk);
+    }
+    Ok(read.freeze())
 }
 
 /// An API process, over HTTP.
@@ -71,18 +97,18 @@ impl OverHttp {
 
 #[async_trait]
 impl ApiCaller for OverHttp {
-    async fn call(&self, request: Request<Body>) -> Result<ApiResponse, String> {
+    async fn call(&self, request: Request<Body>) -> Result<ApiResponse, CallError> {
         let (parts, body) = request.into_parts();
         let body = axum::body::to_bytes(body, MAX_RESPONSE_BYTES)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| CallError::Unreachable(e.to_string()))?;
         let path = parts
             .uri
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
         let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| CallError::Unreachable(e.to_string()))?;
         let mut outgoing = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -90,7 +116,10 @@ impl ApiCaller for OverHttp {
         for (name, value) in &parts.headers {
             outgoing = outgoing.header(name.as_str(), value.as_bytes());
         }
-        let response = outgoing.send().await.map_err(|e| e.to_string())?;
+        let response = outgoing
+            .send()
+            .await
+            .map_err(|e| CallError::Unreachable(e.to_string()))?;
         let status =
             StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let body = relayable_body(Body::from_stream(response.bytes_stream())).await?;
