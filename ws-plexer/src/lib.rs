@@ -431,8 +431,11 @@ async fn serve(
                                                         ))
                                                     }
                                                 };
-                                                drop(permit);
+                                                // The permit is held until the answer is
+                                                // queued: a client that reads slowly holds up
+                                                // its own requests, never the plexer's memory.
                                                 let _ = responses.send(frame).await;
+                                                drop(permit);
                                             });
                                             None
                                         }
