@@ -131,3 +131,87 @@ async fn presence_follows_connections_on_the_real_stack() {
         Box::pin(presence_follows_connections(Stack::Real)).await;
     }
 }
+
+/// A logout ends the user's streams from the server's side; the members of their chats are told
+/// they went offline, and their presence reads offline, as when they close the streams themselves.
+async fn a_logout_takes_the_user_offline(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    app.me(&alice).await;
+    let bob_id = app.me(&bob).await;
+    app.group_chat(&alice, &[&bob_id]).await;
+
+    let mut alices = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&alice)).await;
+    let mut bobs = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&bob)).await;
+    let connected = next_presence(&mut alices, &bob_id).await;
+    assert_eq!(connected.event, "user.connected");
+
+    let response = app.post(&bob, "/v1/me/logout-all", &json!({})).await;
+    assert_eq!(response.status(), 204);
+    bobs.ends().await;
+    let gone = next_presence(&mut alices, &bob_id).await;
+    assert!(
+        matches!(
+            gone.event.as_str(),
+            "user.disconnected" | "presence.updated"
+        ),
+        "{gone:?}"
+    );
+    assert_eq!(gone.data["data"]["state"], "offline", "{gone:?}");
+    let after: Value = presence_of(&app, &alice, &bob_id)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after["state"], "offline", "{after}");
+    assert!(after["last_seen_at"].is_string(), "{after}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_logout_takes_the_user_offline_on_the_embedded_default() {
+    Box::pin(a_logout_takes_the_user_offline(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn a_logout_takes_the_user_offline_on_the_real_stack() {
+    if support::real_stack_available("a_logout_takes_the_user_offline_on_the_real_stack").await {
+        Box::pin(a_logout_takes_the_user_offline(Stack::Real)).await;
+    }
+}
+
+/// A request to `/v1/ws` that cannot become a socket opens no stream, so it does not bring its user
+/// online, not even for a moment. On worker threads, as a deployment runs: there, the two
+/// announcements of a stream that opened and closed at once landed in either order, and could leave
+/// its user online with no connection (so that their next real connection announced nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_request_without_an_upgrade_leaves_presence_alone() {
+    let app = spawn_app(Stack::Embedded).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    app.me(&alice).await;
+    let bob_id = app.me(&bob).await;
+    app.group_chat(&alice, &[&bob_id]).await;
+
+    for _ in 0..5 {
+        let response = app.get(&bob, "/v1/ws").await;
+        assert_eq!(response.status(), 400);
+        let problem = response.text().await.unwrap();
+        assert!(problem.contains("not-a-websocket"), "{problem}");
+    }
+    let presence: Value = presence_of(&app, &alice, &bob_id)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(presence["state"], "offline", "{presence}");
+    // bob's presence never changed, so his first stream is announced as such: `user.connected`,
+    // not a `presence.updated` summing up changes made within the last two seconds.
+    let mut alices = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&alice)).await;
+    let _bobs = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&bob)).await;
+    let connected = next_presence(&mut alices, &bob_id).await;
+    assert_eq!(connected.event, "user.connected", "{connected:?}");
+    assert_eq!(connected.data["data"]["state"], "online", "{connected:?}");
+    app.stop().await;
+}

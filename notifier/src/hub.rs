@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use confab_runtime::bus::{Bus, BusError, ChatFilter, ReadError};
-use confab_runtime::presence::{Change, HEARTBEAT_EVERY, Presence, now_ms};
+use confab_runtime::kv_bucket::EntryTurns;
+use confab_runtime::presence::{Change, HEARTBEAT_EVERY, Presence, PresenceRecord, now_ms};
 use confab_runtime::revocation::{Revocation, Revocations};
 use confab_runtime::telemetry::ReadinessCheck;
 use confab_schema::{ChatId, Envelope, Event, LoggedEvent, UserId};
@@ -126,10 +127,6 @@ struct Routes {
 }
 
 impl Routes {
-    fn remove(&mut self, id: u64) -> bool {
-        self.take(id).is_some()
-    }
-
     /// Removes connection `id`, answering it and whether it was its user's last on this node.
     fn take(&mut self, id: u64) -> Option<(Connection, bool)> {
         let connection = self.connections.remove(&id)?;
@@ -230,6 +227,8 @@ pub struct Hub {
     node: Arc<str>,
     /// When each user's last presence event went out, and whether a catch-up one is scheduled.
     presence_events: Arc<Mutex<HashMap<UserId, (Instant, bool)>>>,
+    /// This node's writes of one user's presence record take turns (see [`Hub::record_presence`]).
+    presence_turns: Arc<EntryTurns>,
     next_id: Arc<AtomicU64>,
     buffer: usize,
     replay_limit: usize,
@@ -258,14 +257,10 @@ impl Drop for Registration {
             Ok(mut routes) => routes.take(self.id),
             Err(_) => None,
         };
-        let Some((connection, last)) = taken else {
-            return;
-        };
-        metrics::gauge!("confab_notifier_connections").decrement(1.0);
-        if last && let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let hub = self.hub.clone();
-            let chats = connection.chats.unwrap_or_default().into_iter().collect();
-            runtime.spawn(async move { hub.announce(connection.user, chats, false).await });
+        // `None`: the hub removed it already (it fell behind, its session logged out, or the node's
+        // subscription ended), and announced that removal.
+        if let Some(removed) = taken {
+            self.hub.closed(vec![removed]);
         }
     }
 }
@@ -358,6 +353,7 @@ impl Hub {
             presence,
             node: uuid::Uuid::new_v4().to_string().into(),
             presence_events: Arc::default(),
+            presence_turns: Arc::default(),
             next_id: Arc::default(),
             buffer: buffer.max(1),
             replay_limit: replay_limit.max(1),
@@ -427,7 +423,7 @@ impl Hub {
         if registration.first_on_node {
             let hub = self.clone();
             let chats = current.iter().copied().collect();
-            tokio::spawn(async move { hub.announce(user, chats, true).await });
+            tokio::spawn(async move { hub.announce(user, Some(chats)).await });
         }
         let mut queue = VecDeque::new();
         let mut skip_up_to = 0;
@@ -566,28 +562,104 @@ impl Hub {
         Ok((routes.last_seq, chats))
     }
 
-    /// Records that `user` has a connection on this node (`connected`) or no longer has one, and
-    /// when that moves them between online and offline, tells the members of their chats.
-    async fn announce(&self, user: UserId, chats: Vec<ChatId>, connected: bool) {
+    /// Whether `user` holds a connection (pending or installed) on this node.
+    fn holds(&self, user: UserId) -> bool {
+        self.routes
+            .read()
+            .is_ok_and(|routes| routes.by_user.contains_key(&user))
+    }
+
+    /// Takes over connections removed from the routes, each with whether it was its user's last on
+    /// this node, and announces those users offline. Whoever removes a connection hands it here,
+    /// once: the drop of its [`Registration`] finds it gone and announces nothing more.
+    fn closed(&self, removed: Vec<(Connection, bool)>) {
+        let mut gone = Vec::new();
+        for (connection, last) in removed {
+            metrics::gauge!("confab_notifier_connections").decrement(1.0);
+            if last {
+                // A connection still pending knows no chats yet: its user's are read if needed.
+                gone.push((
+                    connection.user,
+                    connection.chats.map(|c| c.into_iter().collect()),
+                ));
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let hub = self.clone();
+        // One task, a few users at a time: a node whose subscription ends drops every user at once.
+        runtime.spawn(async move {
+            futures::stream::iter(gone)
+                .for_each_concurrent(32, |(user, chats)| hub.announce(user, chats))
+                .await;
+        });
+    }
+
+    /// Writes this node's part of `user`'s presence record as the routes have it now: a heartbeat
+    /// while the user holds a connection here, else none. Answers the record before and after, and
+    /// the time it was written at.
+    ///
+    /// Connections open and close on many tasks, and the writes they start run in any order (a
+    /// connection that closes at once can have its "gone" written before its "connected", which
+    /// would leave its user online with nobody to announce them offline). So a write does not say
+    /// what changed: it reads the routes during its user's turn, and the last write, which starts
+    /// after the last change, writes what holds.
+    async fn record_presence(
+        &self,
+        user: UserId,
+    ) -> Result<(PresenceRecord, PresenceRecord, i64), BusError> {
+        let _turn = self.presence_turns.turn(&user.to_string()).await;
         let node = Arc::clone(&self.node);
         let now = now_ms();
-        let change: Change = if connected {
+        let change: Change = if self.holds(user) {
             Box::new(move |record| record.heartbeat(&node, now))
         } else {
             Box::new(move |record| record.gone(&node, now))
         };
-        let (before, after) = match self.presence.update(user, change).await {
-            Ok(records) => records,
-            Err(error) => {
-                tracing::warn!(%error, %user, "presence not recorded");
-                return;
-            }
-        };
-        if before.online(now) == after.online(now) {
+        let (before, after) = self.presence.update(user, change).await?;
+        Ok((before, after, now))
+    }
+
+    /// Records whether `user` holds a connection on this node ([`Hub::record_presence`]), and when
+    /// that moves them between online and offline, tells the members of their chats: `chats`, or
+    /// when unknown, their membership.
+    async fn announce(&self, user: UserId, chats: Option<Vec<ChatId>>) {
+        match self.record_presence(user).await {
+            Ok((before, after, now)) => self.tell_change(user, chats, &before, &after, now).await,
+            Err(error) => tracing::warn!(%error, %user, "presence not recorded"),
+        }
+    }
+
+    /// Tells the chats of `user` (see [`Hub::announce`]) when their record moved between online and
+    /// offline at `now`.
+    async fn tell_change(
+        &self,
+        user: UserId,
+        chats: Option<Vec<ChatId>>,
+        before: &PresenceRecord,
+        after: &PresenceRecord,
+        now: i64,
+    ) {
+        let online = after.online(now);
+        if before.online(now) == online {
             return;
         }
+        let chats = match chats {
+            Some(chats) => chats,
+            None => match self.membership.chats_of(user).await {
+                Ok(chats) => chats,
+                Err(error) => {
+                    tracing::warn!(%error, %user, "chats unknown; presence change not announced");
+                    return;
+                }
+            },
+        };
         let view = after.view(user, now);
-        let event = if connected {
+        let event = if online {
             Event::UserConnected(view)
         } else {
             Event::UserDisconnected(view)
@@ -677,24 +749,18 @@ impl Hub {
                 Ok(routes) => routes.by_user.keys().copied().collect(),
                 Err(_) => return,
             };
+            // Each user's heartbeat is a write of what the routes hold for them now, so that one
+            // whose last connection closed since `users` was read is not renewed after the write
+            // that took them out.
             futures::stream::iter(users)
-                .for_each_concurrent(32, |user| {
-                    let node = Arc::clone(&self.node);
-                    async move {
-                        let change: Change = Box::new(move |record| record.heartbeat(&node, now));
-                        match self.presence.update(user, change).await {
-                            // Swept while this node was cut off (and so announced offline):
-                            // online again.
-                            Ok((before, after)) if !before.online(now) && after.online(now) => {
-                                if let Ok(chats) = self.membership.chats_of(user).await {
-                                    let view = after.view(user, now);
-                                    self.publish_presence(user, chats, Event::UserConnected(view))
-                                        .await;
-                                }
-                            }
-                            Ok(_) => {}
-                            Err(error) => tracing::debug!(%error, "presence heartbeat failed"),
+                .for_each_concurrent(32, |user| async move {
+                    match self.record_presence(user).await {
+                        // Online again: swept while this node was cut off (and so announced
+                        // offline). Offline: their last connection closed meanwhile.
+                        Ok((before, after, now)) => {
+                            self.tell_change(user, None, &before, &after, now).await;
                         }
+                        Err(error) => tracing::debug!(%error, "presence heartbeat failed"),
                     }
                 })
                 .await;
@@ -823,13 +889,14 @@ impl Hub {
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
+        let mut removed = Vec::new();
         for id in slow {
             tracing::warn!(connection = id, "closing a connection that fell behind");
             metrics::counter!("confab_notifier_slow_disconnects_total").increment(1);
-            if routes.remove(id) {
-                metrics::gauge!("confab_notifier_connections").decrement(1.0);
-            }
+            removed.extend(routes.take(id));
         }
+        drop(routes);
+        self.closed(removed);
     }
 
     /// Ends the streams `revocation` names: dropping a connection's sender ends its stream.
@@ -843,12 +910,15 @@ impl Hub {
             .filter(|(_, c)| revocation.ends(c.user, c.session.id.as_deref(), c.session.issued_at))
             .map(|(id, _)| *id)
             .collect();
+        let mut removed = Vec::new();
         for id in ended {
-            if routes.remove(id) {
-                metrics::gauge!("confab_notifier_connections").decrement(1.0);
+            if let Some(connection) = routes.take(id) {
                 metrics::counter!("confab_notifier_logout_disconnects_total").increment(1);
+                removed.push(connection);
             }
         }
+        drop(routes);
+        self.closed(removed);
     }
 
     /// Subscribes to the log and dispatches it until `shutdown`. Returns once the subscription is
@@ -912,14 +982,14 @@ impl Hub {
             }
             hub.alive.store(false, Ordering::Release);
             // Dropping every sender ends every client stream, so connections close cleanly.
-            if let Ok(mut routes) = hub.routes.write() {
-                let ids: Vec<u64> = routes.connections.keys().copied().collect();
-                for id in ids {
-                    if routes.remove(id) {
-                        metrics::gauge!("confab_notifier_connections").decrement(1.0);
-                    }
+            let removed: Vec<(Connection, bool)> = match hub.routes.write() {
+                Ok(mut routes) => {
+                    let ids: Vec<u64> = routes.connections.keys().copied().collect();
+                    ids.into_iter().filter_map(|id| routes.take(id)).collect()
                 }
-            }
+                Err(_) => Vec::new(),
+            };
+            hub.closed(removed);
         }))
     }
 }
@@ -1154,6 +1224,172 @@ mod tests {
         );
         shutdown.cancel();
         worker.await.expect("worker ends");
+    }
+
+    /// Presence in memory that counts its updates, so a test knows when the writes it started are
+    /// done.
+    #[derive(Default)]
+    struct CountedPresence {
+        records: confab_runtime::presence::EmbeddedPresence,
+        updates: AtomicU64,
+    }
+
+    #[async_trait]
+    impl Presence for CountedPresence {
+        async fn update(
+            &self,
+            user: UserId,
+            change: Change,
+        ) -> Result<(PresenceRecord, PresenceRecord), BusError> {
+            let records = self.records.update(user, change).await;
+            self.updates.fetch_add(1, Ordering::AcqRel);
+            records
+        }
+        async fn get(&self, user: UserId) -> Result<PresenceRecord, BusError> {
+            self.records.get(user).await
+        }
+        async fn node_alive(&self, node: &str, now_ms: i64) -> Result<(), BusError> {
+            self.records.node_alive(node, now_ms).await
+        }
+        async fn claim_silent_nodes(&self, by: &str, now_ms: i64) -> Result<Vec<String>, BusError> {
+            self.records.claim_silent_nodes(by, now_ms).await
+        }
+        async fn users_on(&self, node: &str) -> Result<Vec<UserId>, BusError> {
+            self.records.users_on(node).await
+        }
+        async fn forget_node(&self, node: &str) -> Result<(), BusError> {
+            self.records.forget_node(node).await
+        }
+    }
+
+    /// The next presence event about `user` on `subscription` says they are offline.
+    async fn told_offline(subscription: &mut Subscription, user: UserId) {
+        match next_presence_of(subscription, user).await {
+            Event::UserDisconnected(view) | Event::PresenceUpdated(view) => {
+                assert_eq!(view.state, "offline", "{view:?}");
+            }
+            other => panic!("not an offline event: {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_the_hub_ends_are_announced_offline() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let presence: Arc<dyn Presence> =
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default());
+        let (alice, bob, carol) = (
+            UserId::from_subject("t", "a"),
+            UserId::from_subject("t", "b"),
+            UserId::from_subject("t", "c"),
+        );
+        let (shared, bobs) = (ChatId::new(), ChatId::new());
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::from([
+                (alice, vec![shared]),
+                (bob, vec![shared, bobs]),
+                (carol, vec![shared]),
+            ]))),
+            Arc::clone(&presence),
+            16,
+            100,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let mut alices = hub.open(alice, None).await.expect("opens");
+
+        // Bob stops reading: a flood of his own chat fills his buffer and the hub drops him.
+        let bobs_stream = hub.open(bob, None).await.expect("opens");
+        assert!(matches!(
+            next_presence_of(&mut alices, bob).await,
+            Event::UserConnected(_)
+        ));
+        for i in 0..20 {
+            bus.publish(&message(bobs, &format!("flood {i}")))
+                .await
+                .expect("publishes");
+        }
+        told_offline(&mut alices, bob).await;
+        assert!(presence.get(bob).await.expect("record").nodes.is_empty());
+        // His stream ends; its end announces nothing more.
+        drop(bobs_stream);
+
+        // Carol's session logs out: the hub ends her stream.
+        let _carols = hub.open(carol, None).await.expect("opens");
+        assert!(matches!(
+            next_presence_of(&mut alices, carol).await,
+            Event::UserConnected(_)
+        ));
+        hub.end_sessions(&Revocation {
+            user: Some(carol),
+            session: None,
+            before: i64::MAX,
+        });
+        told_offline(&mut alices, carol).await;
+        assert!(presence.get(carol).await.expect("record").nodes.is_empty());
+
+        // The node's subscription ends (here, it shuts down): the streams it ends are announced
+        // too, unlike those of a node that crashes, which another node sweeps.
+        let presence_of_alice = presence.get(alice).await.expect("record");
+        assert!(!presence_of_alice.nodes.is_empty(), "alice is online");
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !presence.get(alice).await.expect("record").nodes.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "alice still online");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_that_closes_at_once_leaves_its_user_offline() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let presence = Arc::new(CountedPresence::default());
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::new())),
+            Arc::clone(&presence) as Arc<dyn Presence>,
+            16,
+            100,
+        );
+        // No heartbeat: the only writes are those of the connections.
+        hub.alive.store(true, Ordering::Release);
+        let users: Vec<UserId> = (0..50)
+            .map(|i| UserId::from_subject("t", &format!("u{i}")))
+            .collect();
+        for user in &users {
+            let hub = hub.clone();
+            let user = *user;
+            // Opened and dropped by one task on a worker, as by a request whose stream ends as it
+            // opens: a worker tends to run the task spawned last first, so the announcement of the
+            // close tends to run before that of the open.
+            tokio::spawn(async move {
+                let stream = hub.open(user, None).await.expect("opens");
+                drop(stream);
+            })
+            .await
+            .expect("task ends");
+        }
+        // Each connection writes its user's record twice: when it opened, when it closed.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while presence.updates.load(Ordering::Acquire) < 2 * users.len() as u64 {
+            assert!(tokio::time::Instant::now() < deadline, "writes never done");
+            tokio::task::yield_now().await;
+        }
+        let mut online = Vec::new();
+        for user in &users {
+            if !presence.get(*user).await.expect("record").nodes.is_empty() {
+                online.push(*user);
+            }
+        }
+        assert!(
+            online.is_empty(),
+            "{} of {} users online with no connection",
+            online.len(),
+            users.len()
+        );
     }
 
     #[tokio::test]

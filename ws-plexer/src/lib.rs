@@ -175,15 +175,8 @@ async fn upgrade(
         Ok(caller) => caller,
         Err(error) => return error.into_response(),
     };
-    // Opened before the upgrade, so a refusal (caps, a node not ready) is a plain HTTP problem.
-    let subscription = match state
-        .hub
-        .open_in(caller.user, caller.session.clone(), resume_after)
-        .await
-    {
-        Ok(subscription) => subscription,
-        Err(error) => return open_problem(&error).into_response(),
-    };
+    // Checked before the stream opens: a request that cannot become a socket is no connection,
+    // and must not count as one (nor bring its user online for an instant).
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(rejection) => {
@@ -194,6 +187,15 @@ async fn upgrade(
             )
             .into_response();
         }
+    };
+    // Opened before the upgrade, so a refusal (caps, a node not ready) is a plain HTTP problem.
+    let subscription = match state
+        .hub
+        .open_in(caller.user, caller.session.clone(), resume_after)
+        .await
+    {
+        Ok(subscription) => subscription,
+        Err(error) => return open_problem(&error).into_response(),
     };
     // Small buffers: most sockets idle, and each one's buffers are its memory.
     upgrade
