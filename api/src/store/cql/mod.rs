@@ -3271,7 +3271,7 @@ impl CqlStore {
         self.session
             .execute_unpaged(
                 &self.statements.copy_chat_info,
-                info.copy_values(user, chat),
+                info.copy_values(user, chat, true),
             )
             .await
             .map_err(unavailable)?;
@@ -3307,7 +3307,7 @@ impl CqlStore {
                 &batch,
                 (
                     (user.0, chat.0, role, joined),
-                    info.first_copy_values(user, chat),
+                    info.copy_values(user, chat, false),
                 ),
             )
             .await
@@ -3469,61 +3469,36 @@ struct ChatInfo {
 }
 
 impl ChatInfo {
-    /// The values of `copy_chat_info` for `user`'s row of `chat`.
+    /// The values of `copy_chat_info` for `user`'s row of `chat`. Into a row that may hold an
+    /// older copy (`overwrite`), an absent name or description is written as a null, to clear the
+    /// older value; into a new member row of a new chat it is left unset, since a null would be a
+    /// tombstone in the member's partition, which every read of their whole chat list passes over
+    /// until compaction purges it.
     #[allow(clippy::type_complexity)]
-    fn copy_values(
-        &self,
+    fn copy_values<'a>(
+        &'a self,
         user: UserId,
         chat: ChatId,
+        overwrite: bool,
     ) -> (
         i64,
-        &str,
-        Option<&str>,
-        Option<&str>,
+        &'a str,
+        MaybeUnset<Option<&'a str>>,
+        MaybeUnset<Option<&'a str>>,
         CqlTimestamp,
         Uuid,
         Uuid,
         Uuid,
     ) {
+        let value = |v: Option<&'a str>| match (v, overwrite) {
+            (None, false) => MaybeUnset::Unset,
+            (v, _) => MaybeUnset::Set(v),
+        };
         (
             self.written,
             self.kind.as_str(),
-            self.name.as_deref(),
-            self.description.as_deref(),
-            self.created_at,
-            self.created_by,
-            user.0,
-            chat.0,
-        )
-    }
-}
-
-impl ChatInfo {
-    /// The values of `copy_chat_info` for the first copy in a new member row of a new chat: an
-    /// absent name or description is left unset. A null would be a tombstone in the member's
-    /// partition, which every read of their whole chat list passes over until compaction purges
-    /// it; a copy into a row that may hold an older copy (`copy_values`) must write the null, to
-    /// clear the older value.
-    #[allow(clippy::type_complexity)]
-    fn first_copy_values(
-        &self,
-        user: UserId,
-        chat: ChatId,
-    ) -> (
-        i64,
-        &str,
-        MaybeUnset<&str>,
-        MaybeUnset<&str>,
-        CqlTimestamp,
-        Uuid,
-        Uuid,
-        Uuid,
-    ) {
-        (
-            self.written,
-            self.kind.as_str(),
-            MaybeUnset::from_option(self.name.as_deref()),
-            MaybeUnset::from_option(self.description.as_deref()),
+            value(self.name.as_deref()),
+            value(self.description.as_deref()),
             self.created_at,
             self.created_by,
             user.0,
