@@ -367,7 +367,12 @@ impl Outbox {
             removed.as_mut().enable();
             {
                 let mut retained = self.retained_mut();
-                if retained.entries.is_empty() && retained.left_from.is_none() {
+                // Entries left for the sweep stay in the store whatever happens next: no wait
+                // can retire this writer.
+                if retained.left_from.is_some() {
+                    return Ok(false);
+                }
+                if retained.entries.is_empty() {
                     retained.retired = true;
                     break;
                 }
