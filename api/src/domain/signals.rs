@@ -158,10 +158,7 @@ impl ApiState {
                 }
                 Ok(Outcome::Existing(self.decorate_one(existing).await?))
             }
-            Inserted::Created(created) => {
-                self.claim_attachments(&created).await;
-                Ok(Outcome::Created(created))
-            }
+            Inserted::Created(created) => Ok(Outcome::Created(created)),
         }
     }
 
@@ -424,9 +421,10 @@ impl ApiState {
     /// here is not the sender's failure: it is retried in the background, and the send succeeds.
     async fn bookkeep(&self, created: &Signal, members: Vec<UserId>, author_name: Option<&str>) {
         self.schedule_pushes(created, &members, author_name).await;
-        let (touched, marked) = futures::join!(
+        let (touched, marked, ()) = futures::join!(
             self.touch(created.clone(), members.clone()),
-            self.mark_authors_read(created)
+            self.mark_authors_read(created),
+            self.claim_attachments(created)
         );
         if touched.is_ok() && marked.is_ok() {
             return;
