@@ -35,6 +35,27 @@ impl std::fmt::Display for CallError {
     }
 }
 
+impl From<&CallError> for confab_runtime::Problem {
+    /// The error frame a request gets when its call has no answer to relay.
+    fn from(error: &CallError) -> Self {
+        match error {
+            CallError::TooLarge => confab_runtime::Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "response-too-large",
+                format!(
+                    "the answer is larger than a socket relays ({MAX_RESPONSE_BYTES} bytes); ask \
+                     for it over HTTP"
+                ),
+            ),
+            CallError::Unreachable(_) => confab_runtime::Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "api-unavailable",
+                "the API could not be reached; retry",
+            ),
+        }
+    }
+}
+
 #[async_trait]
 pub trait ApiCaller: Send + Sync + 'static {
     async fn call(&self, request: Request<Body>) -> Result<ApiResponse, CallError>;

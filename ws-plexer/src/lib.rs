@@ -419,18 +419,11 @@ async fn serve(
                                             tokio::spawn(async move {
                                                 let frame = match api.call(request).await {
                                                     Ok(response) => response_frame(&id, response.status, &response.body),
-                                                    Err(api::CallError::TooLarge) => problem_response(&id, &Problem::new(
-                                                        StatusCode::BAD_GATEWAY,
-                                                        "response-too-large",
-                                                        format!("the answer is larger than a socket relays ({} bytes); ask for it over HTTP", api::MAX_RESPONSE_BYTES),
-                                                    )),
                                                     Err(error) => {
-                                                        tracing::warn!(%error, "API call over the socket failed");
-                                                        problem_response(&id, &Problem::new(
-                                                            StatusCode::BAD_GATEWAY,
-                                                            "api-unavailable",
-                                                            "the API could not be reached; retry",
-                                                        ))
+                                                        if let api::CallError::Unreachable(_) = error {
+                                                            tracing::warn!(%error, "API call over the socket failed");
+                                                        }
+                                                        problem_response(&id, &Problem::from(&error))
                                                     }
                                                 };
                                                 // The permit is held until the answer is
