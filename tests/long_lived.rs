@@ -156,22 +156,12 @@ async fn a_stream_opened_with_a_ticket_ends_when_its_token_expires() {
         .await
         .unwrap();
     let ticket = issued["ticket"].as_str().unwrap();
-    let response = app
-        .http
-        .get(app.url(&format!("/v1/events?ticket={ticket}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.bytes_stream();
-    tokio::time::timeout(DEADLINE, async {
-        while let Some(chunk) = body.next().await {
-            if chunk.is_err() {
-                break;
-            }
-        }
-    })
+    SseStream::open(
+        app.http
+            .get(app.url(&format!("/v1/events?ticket={ticket}"))),
+    )
     .await
-    .expect("the stream ends when the ticket's token expires");
+    .ends()
+    .await;
     app.stop().await;
 }

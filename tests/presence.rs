@@ -101,21 +101,7 @@ async fn presence_follows_connections(stack: Stack) {
 
     // bob's last connection closes: offline, with a last-seen time.
     drop(bobs);
-    let gone = next_presence(&mut alices, &bob_id).await;
-    assert!(
-        matches!(
-            gone.event.as_str(),
-            "user.disconnected" | "presence.updated"
-        ),
-        "{gone:?}"
-    );
-    assert_eq!(gone.data["data"]["state"], "offline", "{gone:?}");
-    let after: Value = presence_of(&app, &alice, &bob_id)
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(after["state"], "offline");
+    let after = told_offline(&app, &mut alices, &alice, &bob_id).await;
     assert!(after["last_seen_at"].is_string(), "{after}");
     app.stop().await;
 }
@@ -130,6 +116,23 @@ async fn presence_follows_connections_on_the_real_stack() {
     if support::real_stack_available("presence_follows_connections_on_the_real_stack").await {
         Box::pin(presence_follows_connections(Stack::Real)).await;
     }
+}
+
+/// The next presence event about `user` on `stream` says they went offline, and so does their
+/// presence as `reader` reads it now (answered).
+async fn told_offline(app: &TestApp, stream: &mut SseStream, reader: &str, user: &str) -> Value {
+    let gone = next_presence(stream, user).await;
+    assert!(
+        matches!(
+            gone.event.as_str(),
+            "user.disconnected" | "presence.updated"
+        ),
+        "{gone:?}"
+    );
+    assert_eq!(gone.data["data"]["state"], "offline", "{gone:?}");
+    let read: Value = presence_of(app, reader, user).await.json().await.unwrap();
+    assert_eq!(read["state"], "offline", "{read}");
+    read
 }
 
 /// A logout ends the user's streams from the server's side; the members of their chats are told
@@ -150,21 +153,7 @@ async fn a_logout_takes_the_user_offline(stack: Stack) {
     let response = app.post(&bob, "/v1/me/logout-all", &json!({})).await;
     assert_eq!(response.status(), 204);
     bobs.ends().await;
-    let gone = next_presence(&mut alices, &bob_id).await;
-    assert!(
-        matches!(
-            gone.event.as_str(),
-            "user.disconnected" | "presence.updated"
-        ),
-        "{gone:?}"
-    );
-    assert_eq!(gone.data["data"]["state"], "offline", "{gone:?}");
-    let after: Value = presence_of(&app, &alice, &bob_id)
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(after["state"], "offline", "{after}");
+    let after = told_offline(&app, &mut alices, &alice, &bob_id).await;
     assert!(after["last_seen_at"].is_string(), "{after}");
     app.stop().await;
 }
