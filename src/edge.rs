@@ -1,10 +1,13 @@
 //! The edge every request crosses before a service: the HTTP server (with a header-read timeout
-//! against slowloris), CORS, the request timeout, the body idle timeout and the per-address rate
-//! limit of requests without a login (`limits.*`). The body size limit is set on the API's routes
-//! (`limits.body_bytes`), so WebSocket request frames meet it too.
+//! against slowloris), CORS, the request timeout, the body idle timeout, the per-address rate
+//! limit of requests without a login (`limits.*`), and the reading of a refused request's unread
+//! body after the answer, so that a client still sending it gets the answer. The body size limit
+//! is set on the API's routes (`limits.body_bytes`), so WebSocket request frames meet it too.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -12,9 +15,12 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use confab_runtime::config::LimitsConfig;
 use confab_runtime::limits::KeyedLimit;
 use confab_runtime::problem::Problem;
+use futures::StreamExt;
+use http_body::{Body as _, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::net::TcpListener;
@@ -38,6 +44,7 @@ pub fn layer(router: axum::Router, limits: &LimitsConfig) -> axum::Router {
         .layer(axum::middleware::from_fn(
             move |request: Request, next: Next| time_limit(request_timeout, request, next),
         ))
+        .layer(axum::middleware::from_fn(linger))
         .layer(axum::middleware::from_fn(
             move |request: Request, next: Next| refuse_large(body_bytes, request, next),
         ))
@@ -93,6 +100,86 @@ fn cors(limits: &LimitsConfig) -> Option<CorsLayer> {
             ])
             .max_age(Duration::from_secs(600)),
     )
+}
+
+/// How much of a refused request's unread body the edge reads after answering, at most.
+const LINGER_BYTES: u64 = 128 * 1024 * 1024;
+/// How long the edge reads a refused request's unread body after answering, at most.
+const LINGER_TIME: Duration = Duration::from_secs(10);
+
+/// Reads the rest of a refused request's body after the answer has gone out. A refusal often
+/// comes before the body is read (no login, not a member, storage down), and a server that closes
+/// a connection with unread bytes in it resets it: a client still sending its upload gets a
+/// broken pipe instead of the answer (RFC 9112 §9.6, "lingering close"). Bodies declared larger
+/// than [`LINGER_BYTES`] are not waited for; `refuse_large`'s 413s are outside this layer.
+async fn linger(request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let shared = Arc::new(Mutex::new(Some(body)));
+    let body = Body::new(SharedBody(Arc::clone(&shared)));
+    let response = next.run(Request::from_parts(parts, body)).await;
+    if response.status().is_client_error() || response.status().is_server_error() {
+        let rest = shared.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(rest) = rest
+            && !rest.is_end_stream()
+            && rest.size_hint().lower() <= LINGER_BYTES
+        {
+            tokio::spawn(drain(rest));
+        }
+    }
+    response
+}
+
+/// Reads and drops `body` until it ends, fails, passes [`LINGER_BYTES`] or [`LINGER_TIME`].
+async fn drain(body: Body) {
+    let mut chunks = body.into_data_stream();
+    let mut read = 0u64;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while let Some(Ok(chunk)) = chunks.next().await {
+            read += chunk.len() as u64;
+            if read > LINGER_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// A request body the edge can take back once the service has answered: the service reads
+/// through it, and whatever it left unread stays with the edge.
+struct SharedBody(Arc<Mutex<Option<Body>>>);
+
+impl SharedBody {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Body>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl http_body::Body for SharedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        match self.lock().as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            // Taken by the edge: the service has answered, and nothing reads on.
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.lock()
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.lock()
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), http_body::Body::size_hint)
+    }
 }
 
 /// Paths probed by orchestrators and scrapers, never limited.

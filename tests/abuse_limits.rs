@@ -298,6 +298,40 @@ async fn bodies_are_limited_and_refused_with_a_problem() {
     app.stop().await;
 }
 
+/// A refusal that comes before an upload's body is read (no login, not a member, storage down)
+/// still reaches the client: the edge reads the rest of the body after answering, so a client
+/// still sending is not cut off with a reset instead of the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_uploads_get_their_answer_while_still_sending() {
+    let app = spawn(Stack::Embedded, |_| {}).await;
+    let alice = app.token("alice").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let carol = app.token("carol").await;
+    let body = vec![7u8; 24 * 1024 * 1024];
+    for (who, token, status) in [
+        ("no login", "not-a-token", 401),
+        ("not a member", carol.as_str(), 403),
+    ] {
+        let response = app
+            .http
+            .post(app.url(&format!("/v1/chats/{chat}/attachments")))
+            .query(&[("name", "f.bin")])
+            .bearer_auth(token)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap_or_else(|error| panic!("{who}: no answer: {error:?}"));
+        assert_eq!(response.status(), status, "{who}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json",
+            "{who}"
+        );
+    }
+    app.stop().await;
+}
+
 /// Reads what the server sends until it closes the connection; panics after the deadline.
 async fn read_until_closed(tcp: &mut tokio::net::TcpStream) -> String {
     let mut received = Vec::new();
