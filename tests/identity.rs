@@ -451,6 +451,95 @@ async fn logout_all_ends_streams_on_the_real_stack() {
     logout_all_ends_streams(Stack::Real).await;
 }
 
+/// A socket whose token was refreshed with a token of another session belongs to that session
+/// from then on: that session's logout ends it, and the logout of the session it was opened in
+/// no longer does.
+#[tokio::test]
+async fn a_socket_refreshed_into_another_session_ends_with_that_session() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    if !support::real_stack_available("a_socket_refreshed_into_another_session").await {
+        return;
+    }
+    let admin = KeycloakAdmin::connect().await;
+    let client = support::unique("confab-test-");
+    let data = tempfile::tempdir().unwrap();
+    let mut config = config_for(Stack::Real, data.path().to_path_buf());
+    config.identity.client_ids = client.clone();
+    let app = spawn_with(Stack::Real, config, data).await;
+    let id = admin
+        .create_client(
+            &client,
+            true,
+            json!({
+                "backchannel.logout.url": app.url("/v1/auth/backchannel-logout"),
+                "backchannel.logout.session.required": "true",
+            }),
+        )
+        .await;
+    let issuer = support::oidc_issuer();
+    let first = support::keycloak_token_at(&issuer, &client, "alice", "alice").await;
+    let second = support::keycloak_token_at(&issuer, &client, "alice", "alice").await;
+    let sid = |token: &str| claims_of(token)["sid"].as_str().unwrap().to_owned();
+    assert_ne!(sid(&first), sid(&second));
+
+    let mut request = format!("{}/v1/ws", app.base.replacen("http://", "ws://", 1))
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {first}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    /// The type of the next frame that is not an event, or "closed".
+    async fn next(
+        ws: &mut tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    ) -> String {
+        loop {
+            let frame = tokio::time::timeout(DEADLINE, ws.next())
+                .await
+                .expect("a frame before the deadline");
+            match frame {
+                Some(Ok(Message::Text(text))) => {
+                    let frame: Value = serde_json::from_str(&text).unwrap();
+                    if frame["type"] != "event" {
+                        return frame["type"].as_str().unwrap().to_owned();
+                    }
+                }
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return "closed".to_owned(),
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+    assert_eq!(next(&mut ws).await, "ready");
+    ws.send(Message::Text(
+        json!({"type": "auth", "token": second}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next(&mut ws).await, "auth");
+
+    // The session the socket was opened in ends: the socket, now of the other, goes on.
+    admin.delete_session(&sid(&first)).await;
+    assert_refused(&app, &first, "the first session's token").await;
+    ws.send(Message::Text(
+        json!({"type": "request", "id": 1, "method": "GET", "path": "/v1/me"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next(&mut ws).await, "response");
+    // The session it was refreshed into ends: so does the socket.
+    admin.delete_session(&sid(&second)).await;
+    assert_eq!(next(&mut ws).await, "closed");
+    admin.delete_client(&id).await;
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn keycloak_backchannel_logout_ends_the_session_and_its_streams() {
     if !support::real_stack_available("keycloak_backchannel_logout_ends_the_session").await {

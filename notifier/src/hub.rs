@@ -283,6 +283,14 @@ impl Subscription {
         (!self.resumed).then_some(self.registration.after)
     }
 
+    /// Moves the stream to `session`, the session of a token that refreshed the client's: from
+    /// now on a logout of that session ends it, and one of the session it was opened in does not.
+    /// A logout of `session` that came after its token was checked ends it at once, as in
+    /// [`Hub::open_in`].
+    pub fn renew(&self, session: StreamSession) {
+        self.registration.hub.renew(self.registration.id, session);
+    }
+
     /// The next item, or `None` when the hub dropped this connection (it fell behind, or the node
     /// is shutting down): the client reconnects and resumes.
     pub async fn next(&mut self) -> Option<Item> {
@@ -899,6 +907,36 @@ impl Hub {
         self.closed(removed);
     }
 
+    fn renew(&self, id: u64, session: StreamSession) {
+        let user = {
+            let Ok(mut routes) = self.routes.write() else {
+                return;
+            };
+            let Some(connection) = routes.connections.get_mut(&id) else {
+                return;
+            };
+            connection.session = session.clone();
+            connection.user
+        };
+        // A logout whose `end_sessions` came after the move finds the connection in its new
+        // session; one whose `end_sessions` came before was recorded before that, so before
+        // this check.
+        if self
+            .revocations
+            .as_ref()
+            .is_some_and(|r| r.is_revoked(user, session.id.as_deref(), session.issued_at))
+        {
+            let taken = match self.routes.write() {
+                Ok(mut routes) => routes.take(id),
+                Err(_) => None,
+            };
+            if let Some(connection) = taken {
+                metrics::counter!("confab_notifier_logout_disconnects_total").increment(1);
+                self.closed(vec![connection]);
+            }
+        }
+    }
+
     /// Ends the streams `revocation` names: dropping a connection's sender ends its stream.
     pub fn end_sessions(&self, revocation: &Revocation) {
         let Ok(mut routes) = self.routes.write() else {
@@ -1390,6 +1428,70 @@ mod tests {
             online.len(),
             users.len()
         );
+    }
+
+    #[tokio::test]
+    async fn a_renewed_stream_belongs_to_its_new_session() {
+        use confab_runtime::revocation::Revocations;
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let alice = UserId::from_subject("t", "a");
+        let chat = ChatId::new();
+        let revocations = Revocations::in_memory(Duration::from_secs(3600));
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::from([(alice, vec![chat])]))),
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        )
+        .with_revocations(Arc::clone(&revocations));
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let session = |id: &str| StreamSession {
+            id: Some(id.to_owned()),
+            issued_at: 1,
+        };
+        let ends = |id: &str| Revocation {
+            user: Some(alice),
+            session: Some(id.to_owned()),
+            before: i64::MAX,
+        };
+        let mut stream = hub
+            .open_in(alice, session("first"), None)
+            .await
+            .expect("opens");
+        stream.renew(session("second"));
+        // The logout of the session it was opened in leaves it alone...
+        hub.end_sessions(&ends("first"));
+        bus.publish(&message(chat, "still here"))
+            .await
+            .expect("publishes");
+        assert_eq!(next_text(&mut stream).await, "still here");
+        // ...and one of its new session ends it.
+        hub.end_sessions(&ends("second"));
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            while stream.next().await.is_some() {}
+        });
+        ended.await.expect("the stream ends");
+
+        // A logout recorded after the new token was checked, before the stream moved to its
+        // session: the move ends the stream.
+        let mut stream = hub
+            .open_in(alice, session("third"), None)
+            .await
+            .expect("opens");
+        revocations
+            .revoke(ends("fourth"))
+            .await
+            .expect("records the logout");
+        stream.renew(session("fourth"));
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            while stream.next().await.is_some() {}
+        });
+        ended.await.expect("the stream ends");
+        shutdown.cancel();
+        worker.await.expect("worker ends");
     }
 
     #[tokio::test]

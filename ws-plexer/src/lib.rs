@@ -15,7 +15,8 @@
 //!   an API call, made through the API's own router with the socket's token, so it is checked and
 //!   answered exactly as over HTTP. At most `ws_plexer.max_in_flight` at once (more get 429);
 //! - `{"type": "auth", "token": "..."}`: a fresh token for the same user, before the current one
-//!   expires. When it expires the socket closes (code 4001, "token expired");
+//!   expires; the socket then belongs to its session (that session's logout ends it). When it
+//!   expires the socket closes (code 4001, "token expired");
 //! - `{"type": "resume", "last_event_id": "<id>"}`: restart the stream after that id (also
 //!   `?last_event_id=` at connect).
 //!
@@ -389,6 +390,7 @@ async fn serve(
                         Ok(ClientFrame::Auth { token }) => match state.auth.token(&token).await {
                             Ok(fresh) if fresh.user == user => {
                                 caller = fresh;
+                                subscription.renew(caller.session.clone());
                                 expiry.as_mut().reset(tokio::time::Instant::now() + caller.remaining());
                                 let expires_at = time::OffsetDateTime::from_unix_timestamp(caller.expires_at)
                                     .ok()
