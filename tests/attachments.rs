@@ -945,7 +945,8 @@ async fn an_upload_outlives_a_collection_of(app: &TestApp, len: usize, declared:
     // The collector: no reference, so it marks the object…
     assert!(!store.blob_referenced(name.as_str()).await.unwrap());
     let until = time::OffsetDateTime::now_utc() + confab_api::domain::attachments::CONDEMN_LEASE;
-    store.condemn_blob(name.as_str(), until).await.unwrap();
+    let run = uuid::Uuid::new_v4();
+    store.condemn_blob(name.as_str(), run, until).await.unwrap();
     // …and, before it removes it, the upload of the same bytes arrives.
     let uploading = {
         let (http, url, alice) = (
@@ -976,7 +977,7 @@ async fn an_upload_outlives_a_collection_of(app: &TestApp, len: usize, declared:
     );
     // The collector read "unreferenced" before the reference: it removes the object, lifts the mark.
     blobs.delete(&name).await.unwrap();
-    store.absolve_blob(name.as_str()).await.unwrap();
+    store.absolve_blob(name.as_str(), run).await.unwrap();
     let response = uploading.await.unwrap();
     assert_eq!(response.status(), 201);
     let meta: Value = response.json().await.unwrap();

@@ -178,9 +178,10 @@ impl Store for FlakyBookkeeping {
     async fn condemn_blob(
         &self,
         sha256: &str,
+        run: uuid::Uuid,
         until: time::OffsetDateTime,
     ) -> Result<(), StoreError> {
-        self.inner.condemn_blob(sha256, until).await
+        self.inner.condemn_blob(sha256, run, until).await
     }
     async fn blob_condemned(
         &self,
@@ -188,8 +189,8 @@ impl Store for FlakyBookkeeping {
     ) -> Result<Option<time::OffsetDateTime>, StoreError> {
         self.inner.blob_condemned(sha256).await
     }
-    async fn absolve_blob(&self, sha256: &str) -> Result<(), StoreError> {
-        self.inner.absolve_blob(sha256).await
+    async fn absolve_blob(&self, sha256: &str, run: uuid::Uuid) -> Result<(), StoreError> {
+        self.inner.absolve_blob(sha256, run).await
     }
     async fn put_small_object(&self, sha256: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.inner.put_small_object(sha256, bytes).await

@@ -827,6 +827,8 @@ pub async fn collect_garbage(
 ) -> ApiResult<Collected> {
     let mut done = Collected::default();
     let mut after: Option<BlobName> = None;
+    // This run's marks: it lifts only its own, never those of a run beside it.
+    let run = Uuid::new_v4();
     loop {
         let page = blobs.list(after.as_ref(), 1000).await?;
         let Some(last) = page.last() else {
@@ -838,17 +840,29 @@ pub async fn collect_garbage(
             let young = OffsetDateTime::now_utc() - object.modified < min_age;
             if !young && !store.blob_referenced(object.name.as_str()).await? {
                 let until = OffsetDateTime::now_utc() + CONDEMN_LEASE;
-                store.condemn_blob(object.name.as_str(), until).await?;
+                store.condemn_blob(object.name.as_str(), run, until).await?;
                 // After the mark: an upload that wrote its reference before it saw no mark is
                 // seen here; one that writes it later sees the mark and waits.
                 let referenced = store.blob_referenced(object.name.as_str()).await?;
-                let in_time = OffsetDateTime::now_utc() + LEASE_MARGIN < until;
-                if !referenced && in_time {
-                    blobs.delete(&object.name).await?;
+                let left = until - OffsetDateTime::now_utc() - LEASE_MARGIN;
+                if !referenced && left.is_positive() {
+                    // Within the mark, less the margin an upload waits beyond it: a removal (and
+                    // the storage client's retries) still running after that could remove an
+                    // object written again meanwhile.
+                    let within = Duration::try_from(left).unwrap_or_default();
+                    match tokio::time::timeout(within, blobs.delete(&object.name)).await {
+                        Ok(deleted) => deleted?,
+                        Err(_) => {
+                            return Err(ApiError::Blobs(BlobError::Unavailable(format!(
+                                "removing an object took longer than {} s",
+                                within.as_secs()
+                            ))));
+                        }
+                    }
                     done.removed += 1;
                     done.removed_bytes += object.size;
                 }
-                store.absolve_blob(object.name.as_str()).await?;
+                store.absolve_blob(object.name.as_str(), run).await?;
             }
             progress(&done);
         }

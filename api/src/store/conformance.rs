@@ -1931,18 +1931,40 @@ pub async fn attachments_reference_their_objects(store: Arc<dyn Store>) {
     assert!(!store.blob_referenced(&shared).await.expect("reads"));
 }
 
-/// The collector's mark on an object: set with its end, read back, removed.
+/// The collector's marks on an object: set with their end, read back (the latest end), removed.
+/// Two runs of the collector mark the same object: one lifting its mark leaves the other's.
 pub async fn the_collectors_marks(store: Arc<dyn Store>) {
     let object = sha("marked");
     assert_eq!(store.blob_condemned(&object).await.expect("reads"), None);
-    let until =
-        confab_schema::model::to_millis(OffsetDateTime::now_utc() + Duration::from_secs(30));
-    store.condemn_blob(&object, until).await.expect("marks");
+    let at = |secs| {
+        confab_schema::model::to_millis(OffsetDateTime::now_utc() + Duration::from_secs(secs))
+    };
+    let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+    let (first_until, second_until) = (at(40), at(30));
+    store
+        .condemn_blob(&object, first, first_until)
+        .await
+        .expect("marks");
     assert_eq!(
         store.blob_condemned(&object).await.expect("reads"),
-        Some(until)
+        Some(first_until)
     );
-    store.absolve_blob(&object).await.expect("unmarks");
+    store
+        .condemn_blob(&object, second, second_until)
+        .await
+        .expect("marks");
+    assert_eq!(
+        store.blob_condemned(&object).await.expect("reads"),
+        Some(first_until),
+        "the latest end holds"
+    );
+    store.absolve_blob(&object, first).await.expect("unmarks");
+    assert_eq!(
+        store.blob_condemned(&object).await.expect("reads"),
+        Some(second_until),
+        "the other run's mark stays"
+    );
+    store.absolve_blob(&object, second).await.expect("unmarks");
     assert_eq!(store.blob_condemned(&object).await.expect("reads"), None);
 }
 

@@ -616,12 +616,18 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_attachments(&self, attachments: &[Attachment]) -> Result<(), StoreError>;
     /// Whether any attachment references the object `sha256`.
     async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError>;
-    /// Marks the object `sha256` as about to be removed by the collector, until `until`.
-    async fn condemn_blob(&self, sha256: &str, until: OffsetDateTime) -> Result<(), StoreError>;
-    /// Until when the collector may remove `sha256` (its mark), if it is marked.
+    /// Marks the object `sha256` as about to be removed by the collector's run `run`, until
+    /// `until`. Each run has a mark of its own.
+    async fn condemn_blob(
+        &self,
+        sha256: &str,
+        run: Uuid,
+        until: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+    /// Until when a collector may remove `sha256` (the latest end of its marks), if it is marked.
     async fn blob_condemned(&self, sha256: &str) -> Result<Option<OffsetDateTime>, StoreError>;
-    /// Removes the collector's mark.
-    async fn absolve_blob(&self, sha256: &str) -> Result<(), StoreError>;
+    /// Removes run `run`'s mark, leaving other runs' marks.
+    async fn absolve_blob(&self, sha256: &str, run: Uuid) -> Result<(), StoreError>;
 
     /// Stores the bytes of a small object named `sha256` (their hash) in the store itself
     /// (`attachments.inline_bytes`, see `InlineBlobs`); storing it again changes nothing but its

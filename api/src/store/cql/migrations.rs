@@ -77,6 +77,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "small_objects",
         cql: include_str!("migrations/0013_small_objects.cql"),
     },
+    Migration {
+        version: 14,
+        name: "blob_marks",
+        cql: include_str!("migrations/0014_blob_marks.cql"),
+    },
 ];
 
 impl Migration {

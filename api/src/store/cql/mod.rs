@@ -905,9 +905,12 @@ impl CqlStore {
             delete_chat_attachment: "DELETE FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id = ?".into(),
             delete_blob_ref: "DELETE FROM blob_refs WHERE sha256 = ? AND attachment_id = ?".into(),
             blob_ref: "SELECT attachment_id FROM blob_refs WHERE sha256 = ? LIMIT 1".into(),
-            condemn_blob: "INSERT INTO blob_condemned (sha256, until) VALUES (?, ?)".into(),
-            blob_condemned: "SELECT until FROM blob_condemned WHERE sha256 = ?".into(),
-            absolve_blob: "DELETE FROM blob_condemned WHERE sha256 = ?".into(),
+            // A day: far past any mark's end, so a run that died leaves nothing for long.
+            condemn_blob:
+                "INSERT INTO blob_marks (sha256, run, until) VALUES (?, ?, ?) USING TTL 86400"
+                    .into(),
+            blob_condemned: "SELECT until FROM blob_marks WHERE sha256 = ?".into(),
+            absolve_blob: "DELETE FROM blob_marks WHERE sha256 = ? AND run = ?".into(),
             put_small_object: "INSERT INTO small_objects (shard, sha256, bytes, size, stored_at) VALUES (?, ?, ?, ?, ?)".into(),
             small_object: "SELECT bytes FROM small_objects WHERE shard = ? AND sha256 = ?".into(),
             small_object_written: "SELECT WRITETIME(bytes) FROM small_objects WHERE shard = ? AND sha256 = ?".into(),
@@ -2640,11 +2643,16 @@ impl Store for CqlStore {
         Ok(!rows::<(Uuid,)>(result)?.is_empty())
     }
 
-    async fn condemn_blob(&self, sha256: &str, until: OffsetDateTime) -> Result<(), StoreError> {
+    async fn condemn_blob(
+        &self,
+        sha256: &str,
+        run: Uuid,
+        until: OffsetDateTime,
+    ) -> Result<(), StoreError> {
         self.session
             .execute_unpaged(
                 &self.statements.condemn_blob,
-                (sha256, CqlTimestamp(millis(until))),
+                (sha256, run, CqlTimestamp(millis(until))),
             )
             .await
             .map_err(unavailable)?;
@@ -2659,15 +2667,15 @@ impl Store for CqlStore {
             .map_err(unavailable)?;
         rows::<(Option<CqlTimestamp>,)>(result)?
             .into_iter()
-            .next()
-            .and_then(|(until,)| until)
+            .filter_map(|(until,)| until)
+            .max_by_key(|until| until.0)
             .map(|until| from_millis(until.0))
             .transpose()
     }
 
-    async fn absolve_blob(&self, sha256: &str) -> Result<(), StoreError> {
+    async fn absolve_blob(&self, sha256: &str, run: Uuid) -> Result<(), StoreError> {
         self.session
-            .execute_unpaged(&self.statements.absolve_blob, (sha256,))
+            .execute_unpaged(&self.statements.absolve_blob, (sha256, run))
             .await
             .map_err(unavailable)?;
         Ok(())

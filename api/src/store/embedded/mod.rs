@@ -44,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0008_circles_queues.sql"),
     include_str!("schema/0009_calls.sql"),
     include_str!("schema/0010_small_objects.sql"),
+    include_str!("schema/0011_blob_marks.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -1468,13 +1469,18 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn condemn_blob(&self, sha256: &str, until: OffsetDateTime) -> Result<(), StoreError> {
+    async fn condemn_blob(
+        &self,
+        sha256: &str,
+        run: Uuid,
+        until: OffsetDateTime,
+    ) -> Result<(), StoreError> {
         let sha = sha256.to_owned();
         self.with(move |c| {
             c.execute(
-                "INSERT INTO blob_condemned (sha256, until_ms) VALUES (?1, ?2)
-                 ON CONFLICT (sha256) DO UPDATE SET until_ms = excluded.until_ms",
-                params![sha, millis(until)],
+                "INSERT INTO blob_marks (sha256, run, until_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (sha256, run) DO UPDATE SET until_ms = excluded.until_ms",
+                params![sha, run.to_string(), millis(until)],
             )
             .map(|_| ())
             .map_err(unavailable)
@@ -1487,23 +1493,25 @@ impl Store for EmbeddedStore {
         let until: Option<i64> = self
             .with(move |c| {
                 c.query_row(
-                    "SELECT until_ms FROM blob_condemned WHERE sha256 = ?1",
+                    "SELECT MAX(until_ms) FROM blob_marks WHERE sha256 = ?1",
                     params![sha],
-                    |row| row.get(0),
+                    |row| row.get::<_, Option<i64>>(0),
                 )
-                .optional()
                 .map_err(unavailable)
             })
             .await?;
         until.map(from_millis).transpose()
     }
 
-    async fn absolve_blob(&self, sha256: &str) -> Result<(), StoreError> {
+    async fn absolve_blob(&self, sha256: &str, run: Uuid) -> Result<(), StoreError> {
         let sha = sha256.to_owned();
         self.with(move |c| {
-            c.execute("DELETE FROM blob_condemned WHERE sha256 = ?1", params![sha])
-                .map(|_| ())
-                .map_err(unavailable)
+            c.execute(
+                "DELETE FROM blob_marks WHERE sha256 = ?1 AND run = ?2",
+                params![sha, run.to_string()],
+            )
+            .map(|_| ())
+            .map_err(unavailable)
         })
         .await
     }
