@@ -3,7 +3,8 @@
 //! background and catch up. The store here is the real embedded store, wrapped so that those two
 //! writes fail on demand.
 //!
-//! Also: a deletion that fails after its tombstone is written is finished by its retry.
+//! Also: a deletion that fails after its tombstone is written is finished by its retry, and so is
+//! the end of a circle pairing that fails part-way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -1110,4 +1111,85 @@ async fn a_removal_whose_clean_up_fails_still_publishes_member_left() {
         .get(&server.alice, &format!("/v1/chats/{}/signals", server.chat))
         .await;
     assert_eq!(history["items"][0]["kind"], "left", "{history}");
+}
+
+/// Ending a circle pairing whose clean-up fails part-way is finished by its retry: both are out of
+/// the pairing's chat. (The pairing used to be ended first, so the retry found none and left the
+/// partner, or both, in the chat.)
+#[tokio::test]
+async fn an_unpairing_that_fails_part_way_is_finished_by_its_retry() {
+    let server = FlakyServer::start(false).await;
+    let post = |token: &str, path: &str, body: Value| {
+        server
+            .http
+            .post(format!("{}{path}", server.base))
+            .bearer_auth(token.to_owned())
+            .json(&body)
+            .send()
+    };
+    let circle: Value = post(
+        &server.alice,
+        "/v1/circles",
+        json!({"name": "flaky circle"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let id = circle["id"].as_str().unwrap();
+    let joined = post(
+        &server.bob,
+        "/v1/circles/join",
+        json!({"access_code": circle["access_code"], "display_name": "Bob"}),
+    )
+    .await
+    .unwrap();
+    assert!(joined.status().is_success(), "{}", joined.status());
+    let pair = format!("/v1/circles/{id}/pair");
+    let waiting = post(&server.alice, &pair, json!({})).await.unwrap();
+    assert!(waiting.status().is_success(), "{}", waiting.status());
+    let paired: Value = post(&server.bob, &pair, json!({}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chat = paired["chat_id"]
+        .as_str()
+        .expect("paired with a chat")
+        .to_owned();
+    let members_path = format!("/v1/chats/{chat}/members");
+    let status_of = async |token: &str| {
+        server
+            .http
+            .get(format!("{}{members_path}", server.base))
+            .bearer_auth(token.to_owned())
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(status_of(&server.bob).await, 200);
+
+    server.store.failing_untouch.store(true, Ordering::SeqCst);
+    let unpair = || {
+        server
+            .http
+            .delete(format!("{}{pair}", server.base))
+            .bearer_auth(server.alice.clone())
+            .send()
+    };
+    let failed = unpair().await.unwrap();
+    assert_eq!(failed.status(), 503);
+    server.store.failing_untouch.store(false, Ordering::SeqCst);
+    let retried = unpair().await.unwrap();
+    assert!(retried.status().is_success(), "{}", retried.status());
+    for (who, token) in [("alice", &server.alice), ("bob", &server.bob)] {
+        assert_eq!(
+            status_of(token).await,
+            403,
+            "{who} is out of the pairing's chat"
+        );
+    }
 }

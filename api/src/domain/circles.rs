@@ -11,7 +11,7 @@ use std::time::Duration;
 use confab_schema::circle::{
     Circle, CircleMember, CirclePairing, CircleUnpairing, PairedMember, PairingState, PairingStatus,
 };
-use confab_schema::{CircleId, Envelope, Event, User, UserId};
+use confab_schema::{ChatId, CircleId, Envelope, Event, User, UserId};
 use time::OffsetDateTime;
 
 use super::Outcome;
@@ -326,6 +326,20 @@ impl ApiState {
         user: UserId,
         by: UserId,
     ) -> ApiResult<()> {
+        // The pair leaves the chat first and the pairing ends after, so a failure in between
+        // leaves the pairing on record and a retry finds its chat and finishes. The other way
+        // round, a retry found no pairing and left them in the chat.
+        let before = self.slot_of(pool, user).await?;
+        let left = match before
+            .as_ref()
+            .map(|slot| (slot.state, slot.chat, slot.partner))
+        {
+            Some((SlotState::Paired, Some(chat), Some(partner))) => {
+                self.leave_pair_chat(chat, [user, partner]).await?;
+                Some(chat)
+            }
+            _ => None,
+        };
         let Some(ended) = self.end_pairing(pool, user).await? else {
             return Ok(());
         };
@@ -333,9 +347,9 @@ impl ApiState {
             return Ok(());
         };
         let both = vec![user, partner];
-        for member in &both {
-            self.store.remove_member(chat, *member).await?;
-            self.store.untouch_chat(chat, *member).await?;
+        if left != Some(chat) {
+            // Paired again between the read and the end (another call ended the first pairing).
+            self.leave_pair_chat(chat, [user, partner]).await?;
         }
         self.publish(
             Envelope::new(
@@ -349,6 +363,15 @@ impl ApiState {
             .leaving(both),
         )
         .await;
+        Ok(())
+    }
+
+    /// Takes both of a pair out of its chat. Idempotent.
+    async fn leave_pair_chat(&self, chat: ChatId, pair: [UserId; 2]) -> ApiResult<()> {
+        for member in pair {
+            self.store.remove_member(chat, member).await?;
+            self.store.untouch_chat(chat, member).await?;
+        }
         Ok(())
     }
 
