@@ -451,6 +451,47 @@ async fn logout_all_ends_streams_on_the_real_stack() {
     logout_all_ends_streams(Stack::Real).await;
 }
 
+/// An app with a Keycloak client of its own, whose sessions' ends Keycloak reports to the app
+/// (back-channel logout).
+struct BackchannelApp {
+    app: TestApp,
+    client: String,
+    /// The client's id in Keycloak.
+    id: String,
+}
+
+impl BackchannelApp {
+    async fn start() -> (KeycloakAdmin, BackchannelApp) {
+        let admin = KeycloakAdmin::connect().await;
+        let client = support::unique("confab-test-");
+        let data = tempfile::tempdir().unwrap();
+        let mut config = config_for(Stack::Real, data.path().to_path_buf());
+        config.identity.client_ids = client.clone();
+        let app = spawn_with(Stack::Real, config, data).await;
+        let id = admin
+            .create_client(
+                &client,
+                true,
+                json!({
+                    "backchannel.logout.url": app.url("/v1/auth/backchannel-logout"),
+                    "backchannel.logout.session.required": "true",
+                }),
+            )
+            .await;
+        (admin, BackchannelApp { app, client, id })
+    }
+
+    /// A token of a new session of `user` (whose password is their name).
+    async fn token(&self, user: &str) -> String {
+        support::keycloak_token_at(&support::oidc_issuer(), &self.client, user, user).await
+    }
+
+    async fn stop(self, admin: &KeycloakAdmin) {
+        admin.delete_client(&self.id).await;
+        self.app.stop().await;
+    }
+}
+
 /// A socket whose token was refreshed with a token of another session belongs to that session
 /// from then on: that session's logout ends it, and the logout of the session it was opened in
 /// no longer does.
@@ -463,29 +504,13 @@ async fn a_socket_refreshed_into_another_session_ends_with_that_session() {
     if !support::real_stack_available("a_socket_refreshed_into_another_session").await {
         return;
     }
-    let admin = KeycloakAdmin::connect().await;
-    let client = support::unique("confab-test-");
-    let data = tempfile::tempdir().unwrap();
-    let mut config = config_for(Stack::Real, data.path().to_path_buf());
-    config.identity.client_ids = client.clone();
-    let app = spawn_with(Stack::Real, config, data).await;
-    let id = admin
-        .create_client(
-            &client,
-            true,
-            json!({
-                "backchannel.logout.url": app.url("/v1/auth/backchannel-logout"),
-                "backchannel.logout.session.required": "true",
-            }),
-        )
-        .await;
-    let issuer = support::oidc_issuer();
-    let first = support::keycloak_token_at(&issuer, &client, "alice", "alice").await;
-    let second = support::keycloak_token_at(&issuer, &client, "alice", "alice").await;
+    let (admin, logouts) = BackchannelApp::start().await;
+    let first = logouts.token("alice").await;
+    let second = logouts.token("alice").await;
     let sid = |token: &str| claims_of(token)["sid"].as_str().unwrap().to_owned();
     assert_ne!(sid(&first), sid(&second));
 
-    let mut request = format!("{}/v1/ws", app.base.replacen("http://", "ws://", 1))
+    let mut request = format!("{}/v1/ws", logouts.app.base.replacen("http://", "ws://", 1))
         .into_client_request()
         .unwrap();
     request
@@ -524,7 +549,7 @@ async fn a_socket_refreshed_into_another_session_ends_with_that_session() {
 
     // The session the socket was opened in ends: the socket, now of the other, goes on.
     admin.delete_session(&sid(&first)).await;
-    assert_refused(&app, &first, "the first session's token").await;
+    assert_refused(&logouts.app, &first, "the first session's token").await;
     ws.send(Message::Text(
         json!({"type": "request", "id": 1, "method": "GET", "path": "/v1/me"})
             .to_string()
@@ -536,8 +561,7 @@ async fn a_socket_refreshed_into_another_session_ends_with_that_session() {
     // The session it was refreshed into ends: so does the socket.
     admin.delete_session(&sid(&second)).await;
     assert_eq!(next(&mut ws).await, "closed");
-    admin.delete_client(&id).await;
-    app.stop().await;
+    logouts.stop(&admin).await;
 }
 
 #[tokio::test]
@@ -545,27 +569,11 @@ async fn keycloak_backchannel_logout_ends_the_session_and_its_streams() {
     if !support::real_stack_available("keycloak_backchannel_logout_ends_the_session").await {
         return;
     }
-    let admin = KeycloakAdmin::connect().await;
-    let client = support::unique("confab-test-");
-    let data = tempfile::tempdir().unwrap();
-    let mut config = config_for(Stack::Real, data.path().to_path_buf());
-    config.identity.client_ids = client.clone();
-    let app = spawn_with(Stack::Real, config, data).await;
-    // Keycloak calls this app when a session of the client ends.
-    let id = admin
-        .create_client(
-            &client,
-            true,
-            json!({
-                "backchannel.logout.url": app.url("/v1/auth/backchannel-logout"),
-                "backchannel.logout.session.required": "true",
-            }),
-        )
-        .await;
-    let issuer = support::oidc_issuer();
-    let alice = support::keycloak_token_at(&issuer, &client, "alice", "alice").await;
-    let other_alice = support::keycloak_token_at(&issuer, &client, "alice", "alice").await;
-    let bob = support::keycloak_token_at(&issuer, &client, "bob", "bob").await;
+    let (admin, logouts) = BackchannelApp::start().await;
+    let app = &logouts.app;
+    let alice = logouts.token("alice").await;
+    let other_alice = logouts.token("alice").await;
+    let bob = logouts.token("bob").await;
     let mut alices = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&alice)).await;
 
     // Malformed and forged logout tokens are refused.
@@ -588,10 +596,9 @@ async fn keycloak_backchannel_logout_ends_the_session_and_its_streams() {
     let sid = claims_of(&alice)["sid"].as_str().unwrap().to_owned();
     admin.delete_session(&sid).await;
     alices.ends().await;
-    assert_refused(&app, &alice, "the ended session's token").await;
+    assert_refused(app, &alice, "the ended session's token").await;
     // Only that session ended: alice's other session and bob go on.
     assert_eq!(app.get(&other_alice, "/v1/me").await.status(), 200);
     assert_eq!(app.get(&bob, "/v1/me").await.status(), 200);
-    admin.delete_client(&id).await;
-    app.stop().await;
+    logouts.stop(&admin).await;
 }
