@@ -22,7 +22,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use confab_notifier::push::{DeviceDirectory, PushSender};
+use confab_notifier::push::{Announced, DeviceDirectory, PushSender};
 use confab_runtime::bus::BusError;
 use confab_runtime::config::Config;
 use confab_runtime::presence::now_ms;
@@ -158,6 +158,11 @@ impl DeviceDirectory for Devices {
     async fn reached(&self, _user: UserId, _chat: ChatId) -> Result<Option<SignalId>, String> {
         // The bench cancels through the queue; no markers move.
         Ok(None)
+    }
+
+    async fn message(&self, _chat: ChatId, _id: SignalId) -> Result<Announced, String> {
+        // The bench's messages are never edited or deleted; the text stands in for theirs.
+        Ok(Announced::Text(Some("a message of the bench".into())))
     }
 }
 

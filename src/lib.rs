@@ -31,7 +31,7 @@ use confab_api::store::{MarkerKind, Store, StoreReadiness, StoreSmallObjects};
 use confab_api::{ApiState, routes as api_routes};
 use confab_notifier::auth::StreamAuth;
 use confab_notifier::hub::Caps;
-use confab_notifier::push::{DeviceDirectory, PushSender};
+use confab_notifier::push::{Announced, DeviceDirectory, PushSender};
 use confab_notifier::push_apns::Apns;
 use confab_notifier::push_fcm::Fcm;
 use confab_notifier::{Hub, HubReadiness, Membership, NotifierState};
@@ -291,6 +291,13 @@ impl DeviceDirectory for StoreDevices {
         Ok(read
             .map_err(|e| e.to_string())?
             .max(delivered.map_err(|e| e.to_string())?))
+    }
+    async fn message(&self, chat: ChatId, id: SignalId) -> Result<Announced, String> {
+        Ok(match self.0.get_signal(chat, id).await {
+            Ok(Some(signal)) if !signal.deleted => Announced::Text(signal.text),
+            Ok(_) => Announced::Deleted,
+            Err(error) => return Err(error.to_string()),
+        })
     }
 }
 

@@ -674,6 +674,96 @@ async fn delayed_push_on_the_real_stack() {
     }
 }
 
+/// A push shows the message as it is when the push goes out: a message deleted before its push
+/// rings nothing, an edited one is previewed as edited, and a deleted message whose push was sent
+/// already has it withdrawn from the devices.
+async fn deleted_and_edited_messages(stack: Stack) {
+    let keys = VapidKeys::generate();
+    let receiver = start_receiver(&keys.public_key, &["laptop"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let config = push_config(stack, &data, &keys, 300);
+    let app = support::spawn_with(stack, config, data).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    receiver.register(&app, &bob, &["laptop"]).await;
+    let (deleted, edited, sent, later) = (
+        app.group_chat(&alice, &[&bob_id]).await,
+        app.group_chat(&alice, &[&bob_id]).await,
+        app.group_chat(&alice, &[&bob_id]).await,
+        app.group_chat(&alice, &[&bob_id]).await,
+    );
+    let message = |chat: &str, id: &str| format!("{}/v1/chats/{chat}/signals/{id}", app.base);
+    // Bob's window for the edited chat: long enough for the edit on a slow machine.
+    let window = app
+        .put(
+            &bob,
+            &format!("/v1/chats/{edited}/settings"),
+            &json!({"push_delay_ms": 2_000}),
+        )
+        .await;
+    assert_eq!(window.status(), 200);
+
+    let secret = send(&app, &alice, &deleted, "deleted secret").await;
+    let removed = app
+        .http
+        .delete(message(&deleted, &secret))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 200);
+    let typo = send(&app, &alice, &edited, "edited secret").await;
+    let fixed = app
+        .http
+        .patch(message(&edited, &typo))
+        .bearer_auth(&alice)
+        .json(&json!({"text": "as edited"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fixed.status(), 200);
+    let push = receiver.next_for("laptop", &edited).await;
+    assert_eq!(push.payload["preview"], "as edited", "{}", push.payload);
+
+    // Sent, then deleted: withdrawn.
+    let shown = send(&app, &alice, &sent, "shown secret").await;
+    let push = receiver.next_for("laptop", &sent).await;
+    assert_eq!(push.payload["preview"], "shown secret");
+    let removed = app
+        .http
+        .delete(message(&sent, &shown))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 200);
+    let withdrawn = receiver.next_of("withdrawn", "laptop", &sent).await;
+    assert_eq!(withdrawn.payload["up_to"], shown.as_str());
+
+    // A message sent after all of them, with the same delay, arrives; the deleted one did not.
+    send(&app, &alice, &later, "after").await;
+    receiver.next_for("laptop", &later).await;
+    assert_eq!(
+        receiver.count_for(&deleted),
+        0,
+        "a push for a message deleted before it was due"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn deleted_and_edited_messages_on_the_embedded_default() {
+    Box::pin(deleted_and_edited_messages(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn deleted_and_edited_messages_on_the_real_stack() {
+    if support::real_stack_available("deleted_and_edited_messages_on_the_real_stack").await {
+        Box::pin(deleted_and_edited_messages(Stack::Real)).await;
+    }
+}
+
 /// A call nobody answers rings out into a `missed` signal, and that signal is pushed to the
 /// callees (not to the caller) as a message is; the call's other signals push nothing.
 async fn missed_calls_are_pushed(stack: Stack) {

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use confab_runtime::presence::now_ms;
-use confab_runtime::push_queue::{PendingPush, PushKind, PushQueue};
+use confab_runtime::push_queue::{PendingPush, PushKind, PushQueue, preview};
 use confab_runtime::vapid::VapidKeys;
 use confab_runtime::webpush;
 use confab_schema::push::{Device, Platform};
@@ -35,6 +35,17 @@ pub trait DeviceDirectory: Send + Sync + 'static {
     /// How far `user` has read or received `chat` (the further of their read and delivered
     /// markers), if at all.
     async fn reached(&self, user: UserId, chat: ChatId) -> Result<Option<SignalId>, String>;
+    /// The message `id` of `chat` as it is now.
+    async fn message(&self, chat: ChatId, id: SignalId) -> Result<Announced, String>;
+}
+
+/// What became of the message a push announces by the time it goes out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Announced {
+    /// Still there: its text now (edited since, perhaps).
+    Text(Option<String>),
+    /// Deleted, or gone with its chat.
+    Deleted,
 }
 
 /// How due pushes are looked for and sent.
@@ -133,7 +144,7 @@ impl PushSender {
         }
     }
 
-    async fn send(&self, push: PendingPush) {
+    async fn send(&self, mut push: PendingPush) {
         if push.expires_ms < now_ms() {
             metrics::counter!("confab_pushes_expired_total").increment(1);
             return;
@@ -159,6 +170,28 @@ impl PushSender {
                 }
                 Ok(_) => {}
                 Err(error) => tracing::debug!(%error, "markers unavailable; sending anyway"),
+            }
+            // The text it shows is the message's as it is now: never a deleted one's, nor the
+            // words an edit took back. (A deletion also drops the pending push, but one claimed
+            // already is on its way here.)
+            match self.devices.message(push.chat, push.newest).await {
+                Ok(Announced::Deleted) if push.count <= 1 => {
+                    metrics::counter!("confab_pushes_cancelled_total").increment(1);
+                    return;
+                }
+                Ok(Announced::Deleted) => {
+                    push.preview = None;
+                    push.count -= 1;
+                }
+                Ok(Announced::Text(text)) => {
+                    if push.preview.is_some() {
+                        push.preview = text.as_deref().map(preview);
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "the message is unavailable; sent without its text");
+                    push.preview = None;
+                }
             }
         }
         // Remembered before it goes out, so a read while it is on its way still withdraws it (a

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use confab_runtime::push_queue::{Cancelled, PushMessage};
+use confab_runtime::push_queue::{Cancelled, PushMessage, preview};
 use confab_schema::call::CallState;
 use confab_schema::settings::{ChatSettings, UserSettings};
 use confab_schema::{ChatId, Signal, SignalId, SignalKind, UserId};
@@ -19,9 +19,6 @@ use crate::store::StoreError;
 /// Chats with more members than this are fanned out in the background, one pass in flight per
 /// chat, the messages sent meanwhile announced by the next pass (see `schedule_pushes`).
 const SCHEDULED_IN_LINE_MEMBERS: usize = 1_000;
-
-/// How much of a message a push previews, in characters.
-const PREVIEW_CHARS: usize = 120;
 
 /// How many settings a [`PushSettingsCache`] holds of each kind (users' own; members' of chats,
 /// counted per member) before it starts again empty, as the provisioning cache does.
@@ -147,16 +144,6 @@ impl PushSettingsCache {
         cached.generation += 1;
         cached.users.remove(&user);
     }
-}
-
-/// The preview of `text`: its first [`PREVIEW_CHARS`] characters, an ellipsis when cut.
-fn preview(text: &str) -> String {
-    let mut chars = text.chars();
-    let mut cut: String = chars.by_ref().take(PREVIEW_CHARS).collect();
-    if chars.next().is_some() {
-        cut.push('…');
-    }
-    cut
 }
 
 impl ApiState {
@@ -370,6 +357,38 @@ impl ApiState {
         Ok(found)
     }
 
+    /// Takes the push of a deleted message away from its chat's members: a pending push that
+    /// announces nothing newer is dropped, and one already sent is withdrawn from their devices,
+    /// so its preview leaves their lock screens. (The sender also looks at the message before a
+    /// claimed push goes out.) On a task of its own, so that a deletion's answer waits for no
+    /// member's queue and a cancelled request still takes them all.
+    ///
+    /// The author is left out, as the push was never theirs. A member whose pending push
+    /// announces only older messages (their push of this one was never scheduled: the chat was
+    /// muted when it was sent) loses that push too, the lesser harm than a deleted text shown.
+    pub(crate) fn withdraw_pushes(&self, deleted: &Signal) {
+        if self.push_queue.is_none() || deleted.kind != SignalKind::Message {
+            return;
+        }
+        let state = self.clone();
+        let (chat, id, author) = (deleted.chat_id, deleted.id, deleted.author_id);
+        tokio::spawn(async move {
+            let members = match state.store.members(chat).await {
+                Ok(members) => members,
+                Err(error) => {
+                    tracing::warn!(%error, "a deleted message's pushes were not withdrawn");
+                    return;
+                }
+            };
+            futures::stream::iter(members.into_iter().filter(|m| m.user_id != author))
+                .for_each_concurrent(64, |member| {
+                    let state = &state;
+                    async move { state.cancel_pushes(member.user_id, chat, id).await }
+                })
+                .await;
+        });
+    }
+
     /// Cancels `user`'s pending push of `chat` when it announces nothing newer than `up_to`: they
     /// fetched, read or received that far. A push already sent that announced nothing newer is
     /// withdrawn from their devices.
@@ -462,14 +481,5 @@ mod tests {
         cache.keep_users([(bob, &UserSettings::default())], started);
         assert_eq!(cache.chat(chat, LONG), None);
         assert_eq!(cache.users(&[bob], LONG).1, [bob]);
-    }
-
-    #[test]
-    fn a_preview_is_cut_on_a_character() {
-        assert_eq!(preview("short"), "short");
-        let long = "é".repeat(200);
-        let cut = preview(&long);
-        assert_eq!(cut.chars().count(), PREVIEW_CHARS + 1);
-        assert!(cut.ends_with('…'));
     }
 }

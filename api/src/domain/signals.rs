@@ -281,6 +281,7 @@ impl ApiState {
         let event = Event::SignalDeleted(tombstone.clone());
         self.publish_intended(Envelope { event, ..envelope }, intent)
             .await;
+        self.withdraw_pushes(&tombstone);
         Ok(tombstone)
     }
 

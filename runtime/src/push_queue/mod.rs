@@ -23,6 +23,19 @@ use crate::bus::BusError;
 pub use embedded::EmbeddedPushQueue;
 pub use nats::NatsPushQueue;
 
+/// How much of a message a push previews, in characters.
+pub const PREVIEW_CHARS: usize = 120;
+
+/// The preview of `text`: its first [`PREVIEW_CHARS`] characters, an ellipsis when cut.
+pub fn preview(text: &str) -> String {
+    let mut chars = text.chars();
+    let mut cut: String = chars.by_ref().take(PREVIEW_CHARS).collect();
+    if chars.next().is_some() {
+        cut.push('…');
+    }
+    cut
+}
+
 /// What a queued push does on the user's devices.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -210,4 +223,18 @@ fn key(user: UserId, chat: ChatId) -> String {
 
 fn unavailable(error: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(format!("push queue: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_preview_is_cut_on_a_character() {
+        assert_eq!(preview("short"), "short");
+        let long = "é".repeat(200);
+        let cut = preview(&long);
+        assert_eq!(cut.chars().count(), PREVIEW_CHARS + 1);
+        assert!(cut.ends_with('…'));
+    }
 }
