@@ -4,7 +4,7 @@
 //! writes fail on demand.
 //!
 //! Also: a deletion that fails after its tombstone is written is finished by its retry, and so is
-//! the end of a circle pairing that fails part-way.
+//! the end of a circle pairing that fails part-way; a match whose chat fails leaves both waiting.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -1192,4 +1192,49 @@ async fn an_unpairing_that_fails_part_way_is_finished_by_its_retry() {
             "{who} is out of the pairing's chat"
         );
     }
+}
+
+/// A queue match whose chat cannot be opened puts both back to waiting, so nobody is left matched
+/// to a chat that was never opened; the next join matches them.
+#[tokio::test]
+async fn a_match_whose_chat_fails_leaves_both_waiting() {
+    let server = FlakyServer::start(false).await;
+    let mut events = server.bus.subscribe().await.unwrap();
+    let join = |token: &str, kind: &str| {
+        server
+            .http
+            .post(format!("{}/v1/queues/{kind}/join", server.base))
+            .bearer_auth(token.to_owned())
+            .send()
+    };
+    let waiting = join(&server.alice, "vent").await.unwrap();
+    assert!(waiting.status().is_success(), "{}", waiting.status());
+    server.store.failing.store(true, Ordering::SeqCst);
+    let failed = join(&server.bob, "listen").await.unwrap();
+    assert_eq!(failed.status(), 503);
+    server.store.failing.store(false, Ordering::SeqCst);
+    for (who, token, kind) in [
+        ("alice", &server.alice, "vent"),
+        ("bob", &server.bob, "listen"),
+    ] {
+        let status = server.get(token, &format!("/v1/queues/{kind}")).await;
+        assert_eq!(status["state"], "waiting", "{who}: {status}");
+    }
+    let matched: Value = join(&server.bob, "listen")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(matched["state"], "paired", "{matched}");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(logged) = events.next().await {
+            if let Event::QueueMatched(matched) = &logged.envelope.event {
+                return matched.chat.id;
+            }
+        }
+        panic!("the event stream ended");
+    })
+    .await
+    .expect("no queue.matched event");
 }

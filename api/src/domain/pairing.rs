@@ -154,15 +154,55 @@ impl ApiState {
                 },
             ];
             if self.store.write_slots(pool, &writes).await? {
-                let chat = self.open_pair_chat(chat, a.user_id, b.user_id).await?;
-                made.push(Pair {
-                    first: a,
-                    second: b,
-                    chat,
-                });
+                match self.open_pair_chat(chat, a.user_id, b.user_id).await {
+                    Ok(chat) => made.push(Pair {
+                        first: a,
+                        second: b,
+                        chat,
+                    }),
+                    Err(error) => {
+                        self.unpair_unopened(pool, chat, [(&first, &a), (&second, &b)])
+                            .await;
+                        // The pairs made before are real: their users are told.
+                        if made.is_empty() {
+                            return Err(error);
+                        }
+                        tracing::warn!(%error, "a pair's chat could not be opened; both wait again");
+                        return Ok(made);
+                    }
+                }
             }
         }
         Ok(made)
+    }
+
+    /// Puts a pair whose chat could not be opened back to waiting, as they were before (`before`,
+    /// `paired`: each one's slot before and after the pairing), and takes them out of what was
+    /// opened of the chat. Left paired, both would be matched to a chat that was never opened,
+    /// and nobody would tell them. Best effort: a failure here is logged.
+    async fn unpair_unopened(&self, pool: &str, chat: ChatId, pair: [(&Slot, &Slot); 2]) {
+        let writes = pair.map(|(before, paired)| SlotWrite::Replace {
+            expected: paired.version,
+            slot: Slot {
+                version: paired.version + 1,
+                ..before.clone()
+            },
+        });
+        match self.store.write_slots(pool, &writes).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("a pair whose chat failed changed meanwhile"),
+            Err(error) => tracing::warn!(%error, "a pair whose chat failed was not put back"),
+        }
+        for (_, paired) in pair {
+            let user = paired.user_id;
+            let (removed, untouched) = futures::join!(
+                self.store.remove_member(chat, user),
+                self.store.untouch_chat(chat, user)
+            );
+            if let Err(error) = removed.and(untouched) {
+                tracing::warn!(%error, "a pair's unopened chat keeps a member");
+            }
+        }
     }
 
     /// The direct chat of a new pairing: both members owners, as in any direct chat, so it takes
