@@ -1818,13 +1818,18 @@ impl Store for CqlStore {
     }
 
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
-        // The authoritative row first: once it is gone the user can no longer read or post.
+        use scylla::statement::batch::{Batch, BatchType};
+        // Both rows in one logged batch. As two requests, a failure of the second left the user's
+        // row of `user_chats`, which lists the chat to them, to their search and to their
+        // streams, with nothing to delete it: the authoritative row was gone, so a retry found
+        // no member to remove. Once the coordinator has the batch in its batchlog, both deletions
+        // are applied, eventually, whatever fails after; before that, neither is, and a retry
+        // finds the member still in. Removals are rare: the batchlog's writes cost little.
+        let mut batch = Batch::new(BatchType::Logged);
+        batch.append_statement(self.statements.delete_chat_member.clone());
+        batch.append_statement(self.statements.delete_user_chat.clone());
         self.session
-            .execute_unpaged(&self.statements.delete_chat_member, (chat.0, user.0))
-            .await
-            .map_err(unavailable)?;
-        self.session
-            .execute_unpaged(&self.statements.delete_user_chat, (user.0, chat.0))
+            .batch(&batch, ((chat.0, user.0), (user.0, chat.0)))
             .await
             .map_err(unavailable)?;
         Ok(())
