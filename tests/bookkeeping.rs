@@ -276,6 +276,9 @@ impl Store for FlakyBookkeeping {
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
         self.inner.remove_member(chat, user).await
     }
+    async fn forget_left_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+        self.inner.forget_left_chat(chat, user).await
+    }
     async fn change_member(
         &self,
         chat: ChatId,

@@ -38,6 +38,10 @@
 //! nothing for a change the store does not hold (the write failed, lost a race, or was undone
 //! since: the undoing has its own entry). A late copy routes nobody who left the chat since.
 //!
+//! A member's removal is finished by its entry too: a removal the store holds is published only
+//! once the chat is out of the member's own rows (`Store::forget_left_chat`), which a request that
+//! stopped after the authoritative write may have left listing it.
+//!
 //! Not recorded: the ephemeral events (typing, presence, call signalling), and the pairing
 //! events of circles and queues, whose chat a client finds in its chat list after a reset.
 
@@ -644,6 +648,15 @@ impl ApiState {
         let Some(event) = stored_event(&envelope.event, held) else {
             return Ok(false);
         };
+        if let Event::MemberLeft(change) = &event {
+            // The removal is stored, but its request may have stopped before it took the chat
+            // out of the member's own rows (on CQL a second write, after the conditional one),
+            // and no retry can: the member is gone. Done here, before the event, so a failure
+            // keeps the entry for the next sweep.
+            self.store
+                .forget_left_chat(envelope.chat_id, change.user_id)
+                .await?;
+        }
         let event = match event {
             Event::SignalUpdated(mut signal) => {
                 self.resolve_attachments(std::slice::from_mut(&mut signal))

@@ -39,6 +39,7 @@ macro_rules! store_conformance_tests {
             membership_changes,
             guarded_member_changes_serialize,
             chats_of_a_user,
+            forgetting_a_left_chat_spares_members,
             every_chat_id_pages_once,
             devices_belong_to_one_user,
             settings_are_per_user_and_per_chat,
@@ -710,6 +711,46 @@ pub async fn devices_belong_to_one_user(store: Arc<dyn Store>) {
     assert!(store.delete_device(alice.id, tablet.id).await.unwrap());
     assert!(!store.delete_device(alice.id, tablet.id).await.unwrap());
     assert!(store.devices_of(alice.id).await.unwrap().is_empty());
+}
+
+/// `forget_left_chat` takes nothing from a member, and nothing is listed to a user it was asked
+/// about once they are out.
+pub async fn forgetting_a_left_chat_spares_members(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (alice, bob) = (user("alice"), user("bob"));
+    for u in [&alice, &bob] {
+        store.upsert_user(u).await.unwrap();
+    }
+    let chat = chat_with(store, alice.id, &[bob.id]).await;
+    store
+        .touch_chat(chat, &[alice.id, bob.id], SignalId::new(), None)
+        .await
+        .unwrap();
+    store.forget_left_chat(chat, bob.id).await.unwrap();
+    assert_eq!(
+        store.member_role(chat, bob.id).await.unwrap(),
+        Some(MemberRole::Member)
+    );
+    assert!(store.chats_of(bob.id).await.unwrap().contains(&chat));
+    let listed = store.chats_by_activity(bob.id, None, 10).await.unwrap();
+    assert!(listed.iter().any(|a| a.chat_id == chat), "{listed:?}");
+    assert_eq!(store.chat_entries(bob.id, &[chat]).await.unwrap().len(), 1);
+
+    store.remove_member(chat, bob.id).await.unwrap();
+    store.forget_left_chat(chat, bob.id).await.unwrap();
+    assert!(!store.chats_of(bob.id).await.unwrap().contains(&chat));
+    assert!(
+        store
+            .chat_entries(bob.id, &[chat])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.chats_of(alice.id).await.unwrap().contains(&chat));
+    // And nobody who was never in: nothing to forget.
+    let carol = user("carol");
+    store.forget_left_chat(chat, carol.id).await.unwrap();
+    assert!(store.chats_of(carol.id).await.unwrap().is_empty());
 }
 
 /// The chats a user is in: what a notifier routes their events by.

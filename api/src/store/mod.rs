@@ -382,6 +382,11 @@ pub trait Store: Send + Sync + 'static {
     async fn change_member(&self, chat: ChatId, change: &GuardedChange)
     -> Result<bool, StoreError>;
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
+    /// Finishes a removal of `user` from `chat` that stopped after its authoritative write: if
+    /// they are not a member, takes the chat out of what lists it to them (on CQL, their row of
+    /// `user_chats`, which their chat list, search and streams read). Takes nothing written after
+    /// it looked: a user who joins again meanwhile keeps the chat.
+    async fn forget_left_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
 
     // Activity.
 

@@ -624,6 +624,8 @@ struct Statements {
     members_after: PreparedStatement,
     delete_chat_member: PreparedStatement,
     delete_user_chat: PreparedStatement,
+    user_chat_role_written: PreparedStatement,
+    delete_user_chat_written: PreparedStatement,
     /// The conditional parts of a membership change (one partition of `chat_members`, one Paxos
     /// round): see `change_member`.
     member_if_role: PreparedStatement,
@@ -839,6 +841,8 @@ impl CqlStore {
             members_after: "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? AND user_id > ? LIMIT ?".into(),
             delete_chat_member: "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?".into(),
             delete_user_chat: "DELETE FROM user_chats WHERE user_id = ? AND chat_id = ?".into(),
+            user_chat_role_written: "SELECT writetime(role) FROM user_chats WHERE user_id = ? AND chat_id = ?".into(),
+            delete_user_chat_written: "DELETE FROM user_chats USING TIMESTAMP ? WHERE user_id = ? AND chat_id = ?".into(),
             member_if_role: "UPDATE chat_members SET role = ? WHERE chat_id = ? AND user_id = ? IF role = ?".into(),
             add_member_if_absent: "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?) IF NOT EXISTS".into(),
             remove_member_if_role: "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ? IF role = ?".into(),
@@ -1808,6 +1812,12 @@ impl Store for CqlStore {
                     .map_err(unavailable)?;
             }
             MemberWrite::Remove(user) => {
+                // Not in the batch above: a conditional batch may not span tables or partitions.
+                // If this fails (or the process stops first), the user's row still lists the
+                // chat to them, to their search and to their streams, and no retry of the removal
+                // deletes it: the member is gone, so it is refused. The removal's outbox entry,
+                // written before the batch, is what finishes it: the sweep that publishes
+                // `member.left` for a removal the store holds calls `forget_left_chat` first.
                 self.session
                     .execute_unpaged(&self.statements.delete_user_chat, (user.0, chat.0))
                     .await
@@ -1830,6 +1840,37 @@ impl Store for CqlStore {
         batch.append_statement(self.statements.delete_user_chat.clone());
         self.session
             .batch(&batch, ((chat.0, user.0), (user.0, chat.0)))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn forget_left_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+        // The user's row is read before the authoritative one, and deleted only up to the write
+        // timestamp of the role read: a join after the check writes its row after that read, so
+        // later, and keeps it. (A copy written later than the role survives as a row without a
+        // role, which is no membership.)
+        let written = self
+            .session
+            .execute_unpaged(&self.statements.user_chat_role_written, (user.0, chat.0))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(corrupt)?
+            .and_then(|(written,)| written);
+        let Some(written) = written else {
+            return Ok(());
+        };
+        if self.member_role(chat, user).await?.is_some() {
+            return Ok(());
+        }
+        self.session
+            .execute_unpaged(
+                &self.statements.delete_user_chat_written,
+                (written, user.0, chat.0),
+            )
             .await
             .map_err(unavailable)?;
         Ok(())

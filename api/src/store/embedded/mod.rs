@@ -942,6 +942,11 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn forget_left_chat(&self, _chat: ChatId, _user: UserId) -> Result<(), StoreError> {
+        // A membership is one row, removed in one statement: a removal leaves nothing behind.
+        Ok(())
+    }
+
     async fn touch_chat(
         &self,
         chat: ChatId,
