@@ -574,3 +574,185 @@ async fn real_a_working_writers_outbox_empties_after_a_burst() {
         Box::pin(a_working_writers_outbox_empties_after_a_burst(parts)).await;
     }
 }
+
+/// A removal whose process stopped after the authoritative write (the conditional batch on
+/// `chat_members`), before the second one took the chat out of the member's own row of
+/// `user_chats`: the row still lists the chat to the member, so their search covers it and their
+/// new streams route it. No retry finishes that (the member is gone, so a retry is refused), and
+/// the request may have answered 503, or nothing at all. Its outbox entry, written before the
+/// change, is what finishes it: the sweep that publishes `member.left` takes the chat out of the
+/// member's row first. CQL only: the embedded store removes the one row in one statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_a_removal_cut_short_is_finished_by_the_sweep() {
+    use confab_api::domain::chats::ChatToCreate;
+    use confab_api::domain::inputs::{ChatName, PageLimit, SearchText};
+    use confab_api::domain::search::MessageSearch;
+    use confab_api::indexer::Indexer;
+    use confab_api::store::OutboxEntry;
+    use confab_runtime::search::{Search, TantivySearch};
+    use confab_schema::event::MemberChange;
+
+    let options = CqlOptions {
+        contact_points: vec![
+            std::env::var("CONFAB_TEST_CQL_CONTACT_POINTS")
+                .unwrap_or_else(|_| "127.0.0.1:9042".into()),
+        ],
+        keyspace: format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
+        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+        request_timeout: Duration::from_secs(20),
+        nonce_ttl: Duration::from_secs(600),
+        parity: SendParity::Lwt,
+    };
+    if let Err(error) = cql::migrate(&options).await {
+        assert!(!required(), "CQL store unreachable: {error}");
+        eprintln!(
+            "SKIPPED real_a_removal_cut_short_is_finished_by_the_sweep: no CQL store ({error})"
+        );
+        return;
+    }
+    let cql = Arc::new(CqlStore::connect(&options).await.expect("connects"));
+    let store: Arc<dyn Store> = Arc::clone(&cql) as Arc<dyn Store>;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus: Arc<dyn Bus> = Arc::new(
+        EmbeddedBus::open(&dir.path().join("events.sqlite3"), LogSettings::default()).expect("bus"),
+    );
+    let search: Arc<dyn Search> =
+        Arc::new(TantivySearch::open(&dir.path().join("search")).expect("index"));
+    search.prepare().await.expect("index prepared");
+    let indexer = Indexer {
+        store: Arc::clone(&store),
+        bus: Arc::clone(&bus),
+        search: Arc::clone(&search),
+        batch_size: 100,
+        batch_wait: Duration::from_millis(10),
+        batch_interval: Duration::ZERO,
+    };
+    let state = ApiState::new(
+        Arc::clone(&store),
+        Arc::clone(&bus),
+        Arc::new(DevIdentity::open(dir.path()).expect("identity")),
+        &confab_runtime::signed::Keyring::random(),
+    )
+    .with_search(Arc::clone(&search));
+
+    let (alice, bob) = (user("alice"), user("bob"));
+    for u in [&alice, &bob] {
+        store.upsert_user(u).await.expect("user");
+    }
+    let chat = match state
+        .create_chat(
+            &alice,
+            ChatToCreate::Group {
+                name: ChatName::parse("cut short".into()).expect("name"),
+                description: None,
+                members: vec![bob.id],
+            },
+        )
+        .await
+        .expect("chat")
+    {
+        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
+    };
+
+    // The removal, cut short: its outbox entry is written (by a process that then went silent),
+    // and so is the authoritative deletion; bob's own rows are as they were.
+    let writer = uuid::Uuid::new_v4();
+    let now = confab_runtime::presence::now_ms();
+    store
+        .outbox_heartbeat(writer, now, now)
+        .await
+        .expect("a heartbeat");
+    let left = Envelope::new(
+        chat,
+        Event::MemberLeft(MemberChange {
+            user_id: bob.id,
+            role: None,
+        }),
+    )
+    .leaving(vec![bob.id]);
+    store
+        .outbox_put(
+            writer,
+            &OutboxEntry {
+                bucket: confab_api::outbox::bucket_of(now),
+                id: left.id,
+                envelope: serde_json::to_vec(&left).expect("json"),
+            },
+        )
+        .await
+        .expect("the entry");
+    cql.session()
+        .query_unpaged(
+            cql.qualify("DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?"),
+            (chat.0, bob.id.0),
+        )
+        .await
+        .expect("the authoritative deletion");
+    assert_eq!(store.member_role(chat, bob.id).await.expect("reads"), None);
+    assert!(
+        store.chats_of(bob.id).await.expect("reads").contains(&chat),
+        "bob's own row is left as the removal left it"
+    );
+
+    // Alice writes after bob is out.
+    let after = NewMessage::parse(
+        SignalKind::Message,
+        Some("pomegranate after the removal".into()),
+        Some("after".into()),
+        None,
+        Vec::new(),
+    )
+    .expect("a valid message");
+    state.send_message(&alice, chat, after).await.expect("sent");
+    indexer.catch_up().await.expect("indexed");
+    let searching = |user: UserId| {
+        let state = state.clone();
+        async move {
+            let query = MessageSearch {
+                text: SearchText::parse("pomegranate").expect("text"),
+                chat: None,
+                author: None,
+                before: None,
+                after: None,
+            };
+            state
+                .search_messages(user, query, None, PageLimit::parse(None).expect("limit"))
+                .await
+                .expect("searches")
+                .items
+                .len()
+        }
+    };
+    assert_eq!(searching(alice.id).await, 1, "the message is indexed");
+
+    assert!(
+        state.sweep_outbox(SWEEP_NOW).await.expect("sweeps") >= 1,
+        "`member.left` published"
+    );
+    assert_eq!(
+        searching(bob.id).await,
+        0,
+        "bob, removed, still finds a message written after his removal"
+    );
+    let listed = state
+        .list_chats(bob.id, None, PageLimit::parse(None).expect("limit"))
+        .await
+        .expect("lists");
+    assert!(
+        listed.items.iter().all(|c| c.id != chat),
+        "bob's chat list still shows the chat he was removed from"
+    );
+    assert!(
+        !store.chats_of(bob.id).await.expect("reads").contains(&chat),
+        "bob's streams would still route the chat"
+    );
+    assert!(
+        store
+            .chats_of(alice.id)
+            .await
+            .expect("reads")
+            .contains(&chat),
+        "alice is still in"
+    );
+    let _ = cql::drop_keyspace(&options).await;
+}
