@@ -570,6 +570,9 @@ impl Store for FlakyBookkeeping {
     ) -> Result<bool, StoreError> {
         self.inner.transition_call(id, from, to).await
     }
+    async fn live_calls(&self, chat: ChatId) -> Result<Vec<CallRecord>, StoreError> {
+        self.inner.live_calls(chat).await
+    }
     async fn call_participants(&self, id: uuid::Uuid) -> Result<Vec<UserId>, StoreError> {
         self.inner.call_participants(id).await
     }

@@ -69,7 +69,8 @@ macro_rules! store_conformance_tests {
             racing_pairings_pair_each_user_once,
             deleting_a_chat_removes_everything,
             call_signals_keep_their_call,
-            calls_move_once_and_ring_until_answered
+            calls_move_once_and_ring_until_answered,
+            a_chats_live_calls
         );
     };
     (@cases $open:expr; $($case:ident),+) => {
@@ -2873,4 +2874,60 @@ pub async fn calls_move_once_and_ring_until_answered(store: Arc<dyn Store>) {
     );
     assert!(!due(Arc::clone(&store)).await.contains(&unanswered.id));
     assert_eq!(store.get_call(Uuid::now_v7()).await.expect("reads"), None);
+}
+
+/// A chat's live calls are its ringing and active ones: a call leaves the list when it is missed or
+/// ended, and another chat's calls are not in it.
+pub async fn a_chats_live_calls(store: Arc<dyn Store>) {
+    use confab_schema::call::CallStatus;
+    let (caller, callee) = (user("live-caller"), user("live-callee"));
+    let chat = chat_with(store.as_ref(), caller.id, &[callee.id]).await;
+    let other = chat_with(store.as_ref(), caller.id, &[callee.id]).await;
+    let now = confab_schema::model::to_millis(OffsetDateTime::now_utc());
+    let call = |chat_id| super::CallRecord {
+        id: Uuid::now_v7(),
+        chat_id,
+        started_by: caller.id,
+        started_at: now,
+        ring_until: now + time::Duration::hours(1),
+        status: CallStatus::Ringing,
+    };
+    let (ringing, active, missed, ended, elsewhere) =
+        (call(chat), call(chat), call(chat), call(chat), call(other));
+    for record in [&ringing, &active, &missed, &ended, &elsewhere] {
+        store.create_call(record).await.expect("call stored");
+    }
+    for (record, to) in [
+        (&active, CallStatus::Active),
+        (&missed, CallStatus::Missed),
+        (&ended, CallStatus::Active),
+    ] {
+        assert!(
+            store
+                .transition_call(record.id, CallStatus::Ringing, to)
+                .await
+                .expect("moves")
+        );
+    }
+    assert!(
+        store
+            .transition_call(ended.id, CallStatus::Active, CallStatus::Ended)
+            .await
+            .expect("moves")
+    );
+    let mut live: Vec<(Uuid, CallStatus)> = store
+        .live_calls(chat)
+        .await
+        .expect("reads")
+        .into_iter()
+        .map(|c| (c.id, c.status))
+        .collect();
+    live.sort_by_key(|(id, _)| *id);
+    assert_eq!(
+        live,
+        [
+            (ringing.id, CallStatus::Ringing),
+            (active.id, CallStatus::Active)
+        ]
+    );
 }

@@ -732,6 +732,8 @@ pub trait Store: Send + Sync + 'static {
         from: CallStatus,
         to: CallStatus,
     ) -> Result<bool, StoreError>;
+    /// The ringing and active calls of `chat` (a member who leaves the chat leaves these).
+    async fn live_calls(&self, chat: ChatId) -> Result<Vec<CallRecord>, StoreError>;
     /// Who is in call `id` now.
     async fn call_participants(&self, id: Uuid) -> Result<Vec<UserId>, StoreError>;
     /// Puts `user` in call `id` (`present`) or takes them out.

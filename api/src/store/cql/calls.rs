@@ -1,5 +1,6 @@
-//! Calls on CQL: `calls` (status changed only by lightweight transaction), `call_participants`, and
-//! `ringing_calls`, the one-partition list the ring timeout sweeper reads.
+//! Calls on CQL: `calls` (status changed only by lightweight transaction), `call_participants`,
+//! `ringing_calls`, the one-partition list the ring timeout sweeper reads, and `live_calls`, a
+//! chat's ringing and active calls.
 
 use confab_schema::call::CallStatus;
 use confab_schema::{ChatId, UserId};
@@ -25,6 +26,9 @@ pub(super) struct CallStatements {
     insert_ringing: PreparedStatement,
     ringing_due: PreparedStatement,
     delete_ringing: PreparedStatement,
+    insert_live: PreparedStatement,
+    live_of_chat: PreparedStatement,
+    delete_live: PreparedStatement,
 }
 
 impl CallStatements {
@@ -68,6 +72,10 @@ impl CallStatements {
                 "DELETE FROM ringing_calls WHERE shard = ? AND ring_until = ? AND call_id = ?",
             )
             .await?,
+            insert_live: prepare("INSERT INTO live_calls (chat_id, call_id) VALUES (?, ?)").await?,
+            live_of_chat: prepare("SELECT call_id FROM live_calls WHERE chat_id = ?").await?,
+            delete_live: prepare("DELETE FROM live_calls WHERE chat_id = ? AND call_id = ?")
+                .await?,
         })
     }
 }
@@ -87,6 +95,12 @@ impl CqlStore {
                     call.chat_id.0,
                 ),
             )
+            .await
+            .map_err(unavailable)?;
+        // Listed as live before the call exists too: a reader skips a row whose call it does not
+        // find.
+        self.session
+            .execute_unpaged(&s.insert_live, (call.chat_id.0, call.id))
             .await
             .map_err(unavailable)?;
         self.session
@@ -157,17 +171,49 @@ impl CqlStore {
             .map_err(unavailable)?;
         let moved = applied(result)?;
         if moved
-            && from == CallStatus::Ringing
+            && (from == CallStatus::Ringing || !to.is_live())
             && let Some(call) = self.cql_get_call(id).await?
         {
-            self.cql_forget_ringing(&RingingCall {
-                id,
-                chat_id: call.chat_id,
-                ring_until: call.ring_until,
-            })
-            .await?;
+            if from == CallStatus::Ringing {
+                self.cql_forget_ringing(&RingingCall {
+                    id,
+                    chat_id: call.chat_id,
+                    ring_until: call.ring_until,
+                })
+                .await?;
+            }
+            if !to.is_live() {
+                self.cql_forget_live(call.chat_id, id).await?;
+            }
         }
         Ok(moved)
+    }
+
+    pub(super) async fn cql_live_calls(&self, chat: ChatId) -> Result<Vec<CallRecord>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.calls.live_of_chat, (chat.0,))
+            .await
+            .map_err(unavailable)?;
+        let mut live = Vec::new();
+        for (id,) in rows::<(Uuid,)>(result)? {
+            match self.cql_get_call(id).await? {
+                Some(call) if call.status.is_live() => live.push(call),
+                // A row left by a status change whose removal of it failed.
+                Some(_) => self.cql_forget_live(chat, id).await?,
+                // Listed before its call was stored.
+                None => {}
+            }
+        }
+        Ok(live)
+    }
+
+    async fn cql_forget_live(&self, chat: ChatId, id: Uuid) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.calls.delete_live, (chat.0, id))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     pub(super) async fn cql_call_participants(&self, id: Uuid) -> Result<Vec<UserId>, StoreError> {

@@ -82,6 +82,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "blob_marks",
         cql: include_str!("migrations/0014_blob_marks.cql"),
     },
+    Migration {
+        version: 15,
+        name: "live_calls",
+        cql: include_str!("migrations/0015_live_calls.cql"),
+    },
 ];
 
 impl Migration {

@@ -2965,6 +2965,10 @@ impl Store for CqlStore {
         self.cql_transition_call(id, from, to).await
     }
 
+    async fn live_calls(&self, chat: ChatId) -> Result<Vec<CallRecord>, StoreError> {
+        self.cql_live_calls(chat).await
+    }
+
     async fn call_participants(&self, id: Uuid) -> Result<Vec<UserId>, StoreError> {
         self.cql_call_participants(id).await
     }

@@ -45,6 +45,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0009_calls.sql"),
     include_str!("schema/0010_small_objects.sql"),
     include_str!("schema/0011_blob_marks.sql"),
+    include_str!("schema/0012_live_calls.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -1703,6 +1704,41 @@ impl Store for EmbeddedStore {
                 )
                 .map_err(unavailable)?;
             Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn live_calls(&self, chat: ChatId) -> Result<Vec<CallRecord>, StoreError> {
+        self.with(move |c| {
+            let mut statement = c
+                .prepare_cached(
+                    "SELECT id, started_by, started_at, ring_until, status FROM calls
+                     WHERE chat_id = ?1 AND status IN ('ringing', 'active') ORDER BY id",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(params![blob(chat.0)], |row| {
+                    Ok((
+                        row.get::<_, Vec<u8>>(0)?,
+                        row.get::<_, Vec<u8>>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, String>(4)?,
+                    ))
+                })
+                .map_err(unavailable)?;
+            rows.map(|row| {
+                let (id, started_by, started_at, ring_until, status) = row.map_err(unavailable)?;
+                Ok(CallRecord {
+                    id: uuid_from(id)?,
+                    chat_id: chat,
+                    started_by: UserId(uuid_from(started_by)?),
+                    started_at: from_millis(started_at)?,
+                    ring_until: from_millis(ring_until)?,
+                    status: parse(&status)?,
+                })
+            })
+            .collect()
         })
         .await
     }
