@@ -766,3 +766,139 @@ async fn turn_credentials_on_the_real_stack() {
         Box::pin(turn_credentials(Stack::Real)).await;
     }
 }
+
+/// The participants of a call as its members see them, sorted.
+async fn participants_of(app: &TestApp, token: &str, call_id: &str) -> (String, Vec<String>) {
+    let call = json_of(app.get(token, &format!("/v1/calls/{call_id}")).await, 200).await;
+    let mut participants: Vec<String> = call["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_owned())
+        .collect();
+    participants.sort();
+    (call["status"].as_str().unwrap().to_owned(), participants)
+}
+
+async fn remove(app: &TestApp, token: &str, chat: &str, user: &str) {
+    let removed = app
+        .http
+        .delete(app.url(&format!("/v1/chats/{chat}/members/{user}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 204);
+}
+
+/// A member removed from a chat, or who leaves it, leaves its calls: out of the participants
+/// (a `left` signal), no longer reached by signalling, and a call nobody is left in ends.
+async fn members_who_leave_the_chat_leave_its_calls(stack: Stack) {
+    let app = support::spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let carol = app.token("carol").await;
+    let alice_id = app.me(&alice).await;
+    let bob_id = app.me(&bob).await;
+    let carol_id = app.me(&carol).await;
+    let chat = app.group_chat(&alice, &[&bob_id, &carol_id]).await;
+    // Carol's own chat with alice, for a sentinel on her stream once she is out of the first.
+    let carols = app.group_chat(&carol, &[&alice_id]).await;
+    let mut carol_sse =
+        SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&carol)).await;
+
+    let call = json_of(
+        app.post(&alice, &format!("/v1/chats/{chat}/calls"), &json!({}))
+            .await,
+        201,
+    )
+    .await;
+    let call_id = call["id"].as_str().unwrap().to_owned();
+    for token in [&bob, &carol] {
+        json_of(
+            app.post(token, &format!("/v1/calls/{call_id}/join"), &json!({}))
+                .await,
+            200,
+        )
+        .await;
+    }
+
+    // Removed from the chat: out of the call.
+    remove(&app, &alice, &chat, &carol_id).await;
+    let mut expected = vec![alice_id.clone(), bob_id.clone()];
+    expected.sort();
+    assert_eq!(
+        participants_of(&app, &alice, &call_id).await,
+        ("active".to_owned(), expected),
+        "the removed member is out of the call"
+    );
+    let signal_path = format!("/v1/calls/{call_id}/signal");
+    problem(
+        app.post(
+            &alice,
+            &signal_path,
+            &json!({"to": carol_id, "type": "offer", "payload": {"sdp": "v=0"}}),
+        )
+        .await,
+        422,
+        "a removed member is no target",
+    )
+    .await;
+    let ice = json!({"candidate": "candidate:1 1 udp 2122260223 10.0.0.1 54321 typ host"});
+    let to_all = app
+        .post(
+            &alice,
+            &signal_path,
+            &json!({"to": "all", "type": "ice", "payload": ice}),
+        )
+        .await;
+    assert_eq!(to_all.status(), 204);
+    let sentinel = send_message(&app, &alice, &carols, "after the removal").await;
+    let seen = events_until(&mut carol_sse, &sentinel).await;
+    assert!(
+        seen.iter().all(|e| e.event != "call.signal"),
+        "the removed member gets no signalling: {seen:?}"
+    );
+    assert!(
+        call_history(&app, &alice, &chat).await.contains(&(
+            "left".to_owned(),
+            call_id.clone(),
+            carol_id.clone()
+        )),
+        "her leaving the call is history"
+    );
+
+    // A call whose last participant leaves the chat ends.
+    let second = json_of(
+        app.post(&bob, &format!("/v1/chats/{chat}/calls"), &json!({}))
+            .await,
+        201,
+    )
+    .await;
+    let second_id = second["id"].as_str().unwrap().to_owned();
+    remove(&app, &bob, &chat, &bob_id).await;
+    assert_eq!(
+        participants_of(&app, &alice, &second_id).await,
+        ("ended".to_owned(), Vec::new()),
+        "a call nobody is left in ends"
+    );
+    assert_eq!(
+        states_of_now(&app, &alice, &chat, &second_id).await,
+        ["started", "left", "ended"]
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn members_who_leave_the_chat_leave_its_calls_on_the_embedded_default() {
+    Box::pin(members_who_leave_the_chat_leave_its_calls(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn members_who_leave_the_chat_leave_its_calls_on_the_real_stack() {
+    if support::real_stack_available("members_who_leave_the_chat_leave_its_calls_on_the_real_stack")
+        .await
+    {
+        Box::pin(members_who_leave_the_chat_leave_its_calls(Stack::Real)).await;
+    }
+}

@@ -815,20 +815,28 @@ impl Hub {
 
     /// Hands an ephemeral event to the connections of its chat (and to pending ones), except the
     /// ones of the user it is about: nobody is told they are typing, or that they came online.
-    /// Call signalling goes to its target's connections only (the API checked that both ends are
-    /// participants of the call).
+    /// Call signalling goes to its target's connections that route its chat only (the API checked
+    /// that both ends are participants of the call and members of the chat).
     pub fn dispatch_ephemeral(&self, envelope: Envelope) {
         let Ok(routes) = self.routes.read() else {
             return;
         };
         let targets: Vec<&Connection> = if let Event::CallSignal(relay) = &envelope.event {
-            // Call signalling goes to its one addressee's connections only.
+            // Call signalling goes to its one addressee's connections only, and not to one that
+            // no longer routes the chat (its user left it). A pending connection's events are
+            // filtered by its chats when it is installed.
             routes
                 .by_user
                 .get(&relay.to)
                 .into_iter()
                 .flatten()
                 .filter_map(|id| routes.connections.get(id))
+                .filter(|connection| {
+                    connection
+                        .chats
+                        .as_ref()
+                        .is_none_or(|chats| chats.contains(&envelope.chat_id))
+                })
                 .collect()
         } else {
             let subject = match &envelope.event {

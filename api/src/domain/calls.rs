@@ -97,7 +97,7 @@ impl ApiState {
     /// A call of a chat the caller is in.
     pub async fn get_call(&self, caller: UserId, id: Uuid) -> ApiResult<Call> {
         let (record, _) = self.load_call(caller, id).await?;
-        let participants = self.store.call_participants(id).await?;
+        let participants = self.present_participants(&record).await?;
         Ok(view(record, participants))
     }
 
@@ -105,7 +105,7 @@ impl ApiState {
     /// active. Joining again changes nothing.
     pub async fn join_call(&self, caller: UserId, id: Uuid) -> ApiResult<Call> {
         let (record, _) = self.load_call(caller, id).await?;
-        let mut participants = self.store.call_participants(id).await?;
+        let mut participants = self.present_participants(&record).await?;
         if participants.contains(&caller) && record.status.is_live() {
             return Ok(view(record, participants));
         }
@@ -115,18 +115,19 @@ impl ApiState {
         }
         self.bus.check().await?;
         self.store.set_call_participant(id, caller, true).await?;
-        // An answer and the ring timeout race on the ringing status; exactly one moves it.
-        let mut status = record.status;
-        if status == CallStatus::Ringing
-            && !self
+        // An answer and the ring timeout race on the ringing status; exactly one moves it. Else
+        // the status is read again after the participant is in: a last leave that ended the call
+        // since it was read above did not see this participant, so the join is undone.
+        let answered = record.status == CallStatus::Ringing
+            && self
                 .store
                 .transition_call(id, CallStatus::Ringing, CallStatus::Active)
-                .await?
-        {
-            status = self.current_status(id).await?;
+                .await?;
+        let status = if answered {
+            CallStatus::Active
         } else {
-            status = CallStatus::Active;
-        }
+            self.current_status(id).await?
+        };
         if !status.is_live() {
             // Missed or ended while this answer was on its way.
             self.store.set_call_participant(id, caller, false).await?;
@@ -152,19 +153,21 @@ impl ApiState {
     /// call when either side hangs up.
     pub async fn leave_call(&self, caller: UserId, id: Uuid) -> ApiResult<Call> {
         let (record, _) = self.load_call(caller, id).await?;
-        let mut participants = self.store.call_participants(id).await?;
+        let participants = self.present_participants(&record).await?;
         if !participants.contains(&caller) || !record.status.is_live() {
             return Err(ApiError::Conflict("you are not in this call".into()));
         }
         self.bus.check().await?;
         self.store.set_call_participant(id, caller, false).await?;
-        participants.retain(|p| *p != caller);
         self.record_call_signal(
             record.chat_id,
             caller,
             call_signal(&record, CallState::Left),
         )
         .await?;
+        // Who is left is read after this participant is out: of participants leaving at once,
+        // the last to read sees nobody, and `finish` ends the call once whoever else tries.
+        let participants = self.present_participants(&record).await?;
         let direct = self
             .store
             .get_chat(record.chat_id)
@@ -182,7 +185,7 @@ impl ApiState {
     /// it as it is.
     pub async fn end_call(&self, caller: UserId, id: Uuid) -> ApiResult<Call> {
         let (record, role) = self.load_call(caller, id).await?;
-        let participants = self.store.call_participants(id).await?;
+        let participants = self.present_participants(&record).await?;
         if !record.status.is_live() {
             return Ok(view(record, participants));
         }
@@ -218,7 +221,7 @@ impl ApiState {
         if !record.status.is_live() {
             return Err(call_over());
         }
-        let participants = self.store.call_participants(id).await?;
+        let participants = self.present_participants(&record).await?;
         let targets: Vec<UserId> = match to {
             RelayTarget::User(user) => {
                 rules::may_relay(caller, &participants, user)?;
@@ -327,6 +330,58 @@ impl ApiState {
                 }
             }
         })
+    }
+
+    /// Takes `user`, who left `chat` or was taken out of it, out of the chat's live calls: a
+    /// `left` signal for each call they were in, and the call ends when no member of the chat is
+    /// left in it, or, in a direct chat, when they were in it. Idempotent, so a retry finishes
+    /// what a failed run left.
+    pub(crate) async fn leave_calls_of_chat(&self, chat: ChatId, user: UserId) -> ApiResult<()> {
+        let calls = self.store.live_calls(chat).await?;
+        if calls.is_empty() {
+            return Ok(());
+        }
+        let direct = self
+            .store
+            .get_chat(chat)
+            .await?
+            .is_some_and(|chat| chat.kind == confab_schema::ChatKind::Direct);
+        for record in calls {
+            let was_in = self
+                .store
+                .call_participants(record.id)
+                .await?
+                .contains(&user);
+            if was_in {
+                self.store
+                    .set_call_participant(record.id, user, false)
+                    .await?;
+                self.record_call_signal(chat, user, call_signal(&record, CallState::Left))
+                    .await?;
+            }
+            if (direct && was_in) || self.present_participants(&record).await?.is_empty() {
+                self.finish(&record, user).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The participants of a call who are members of its chat. A member who leaves the chat
+    /// leaves its calls ([`ApiState::leave_calls_of_chat`]); this keeps one whose leaving failed
+    /// part-way, or raced a join, from being relayed to, filling the call or keeping it going.
+    async fn present_participants(&self, record: &CallRecord) -> ApiResult<Vec<UserId>> {
+        let participants = self.store.call_participants(record.id).await?;
+        let roles = futures::future::try_join_all(
+            participants
+                .iter()
+                .map(|user| self.store.member_role(record.chat_id, *user)),
+        )
+        .await?;
+        Ok(participants
+            .into_iter()
+            .zip(roles)
+            .filter_map(|(user, role)| role.map(|_| user))
+            .collect())
     }
 
     /// Ends a live call (once, whoever races): an `ended` signal. Answers its status after.

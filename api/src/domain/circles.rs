@@ -366,11 +366,14 @@ impl ApiState {
         Ok(())
     }
 
-    /// Takes both of a pair out of its chat. Idempotent.
+    /// Takes both of a pair out of its chat, and so out of its calls. Idempotent.
     async fn leave_pair_chat(&self, chat: ChatId, pair: [UserId; 2]) -> ApiResult<()> {
         for member in pair {
             self.store.remove_member(chat, member).await?;
             self.store.untouch_chat(chat, member).await?;
+        }
+        for member in pair {
+            self.leave_calls_of_chat(chat, member).await?;
         }
         Ok(())
     }

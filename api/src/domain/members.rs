@@ -126,6 +126,11 @@ impl ApiState {
             if let Err(error) = recorded {
                 tracing::warn!(%error, chat = %chat_id, %user, "writing `left` into the history failed");
             }
+            // Out of the chat, out of its calls. Should this fail, calls count the chat's members
+            // only, so the member neither receives their signalling nor keeps them going.
+            if let Err(error) = self.leave_calls_of_chat(chat_id, user).await {
+                tracing::warn!(%error, chat = %chat_id, %user, "taking a leaving member out of the chat's calls failed");
+            }
             return Ok(());
         }
         Err(contended())
