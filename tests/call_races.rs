@@ -8,7 +8,6 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use confab_api::ApiState;
@@ -21,12 +20,10 @@ use confab_api::store::{
 use confab_runtime::identity::DevIdentity;
 use confab_schema::call::{CallState, CallStatus};
 use confab_schema::circle::{Circle, CircleMember};
-use confab_schema::event::LoggedEvent;
 use confab_schema::{
-    Chat, ChatId, ChatKind, CircleId, Event, Member, MemberRole, Signal, SignalId, SignalKind,
-    User, UserId,
+    Chat, ChatId, ChatKind, CircleId, Member, MemberRole, Signal, SignalId, SignalKind, User,
+    UserId,
 };
-use futures::stream::BoxStream;
 use support::{DEADLINE, Stack};
 use time::OffsetDateTime;
 
@@ -251,6 +248,9 @@ impl Store for GatedCalls {
     }
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
         self.inner.remove_member(chat, user).await
+    }
+    async fn forget_left_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+        self.inner.forget_left_chat(chat, user).await
     }
     async fn change_member(
         &self,
