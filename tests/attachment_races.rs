@@ -147,6 +147,18 @@ impl Store for Holding {
             self.inner.put_attachment(attachment, stored_as).await
         }
     }
+    async fn update_derived(
+        &self,
+        id: uuid::Uuid,
+        chat: ChatId,
+        stored_as: confab_schema::AttachmentKind,
+        kind: confab_schema::AttachmentKind,
+        image: Option<&confab_schema::attachment::ImageInfo>,
+    ) -> Result<Option<confab_schema::Attachment>, StoreError> {
+        self.inner
+            .update_derived(id, chat, stored_as, kind, image)
+            .await
+    }
     async fn add_blob_refs(
         &self,
         attachment: uuid::Uuid,

@@ -311,6 +311,90 @@ async fn cql_reaction_count_is_repaired_by_a_retry() {
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
 
+/// The deletion of an image's message arrives between the reads and the writes that store what
+/// making its pictures found: the attachment stays removed, by id and from both lists, whether the
+/// image keeps its kind or is re-filed as a file (which lists it among the files).
+#[tokio::test]
+async fn cql_pictures_stored_across_a_deletion_do_not_bring_it_back() {
+    use confab_schema::attachment::ImageInfo;
+    use confab_schema::{Attachment, AttachmentKind, UserId};
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(
+        &options,
+        "cql_pictures_stored_across_a_deletion_do_not_bring_it_back",
+    )
+    .await
+    {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let alice = UserId::from_subject("t", "alice");
+    let chat = chat_with(&store, alice, &[]).await;
+    let image = ImageInfo {
+        width: 4,
+        height: 3,
+        thumbnail: None,
+        preview: None,
+    };
+    for kind in [AttachmentKind::Image, AttachmentKind::File] {
+        let photo = Attachment {
+            id: uuid::Uuid::now_v7(),
+            chat_id: chat,
+            name: "photo.png".into(),
+            size: 3,
+            content_type: "image/png".into(),
+            sha256: format!("{:0>64}", format!("{:x}", uuid::Uuid::new_v4().as_u128())),
+            kind: AttachmentKind::Image,
+            created_at: confab_schema::model::to_millis(time::OffsetDateTime::now_utc()),
+            uploader: alice,
+            image: None,
+            message_id: None,
+        };
+        store.put_attachment(&photo, None).await.expect("puts");
+        let pictures = (kind == AttachmentKind::Image).then_some(&image);
+        let stored = store
+            .update_derived_meanwhile(
+                photo.id,
+                chat,
+                AttachmentKind::Image,
+                kind,
+                pictures,
+                async {
+                    store
+                        .delete_attachments(std::slice::from_ref(&photo))
+                        .await
+                        .expect("deletes");
+                },
+            )
+            .await
+            .expect("writes");
+        assert_eq!(stored, None, "{kind:?}");
+        assert!(
+            store
+                .get_attachments(&[photo.id])
+                .await
+                .expect("gets")
+                .is_empty(),
+            "back by id ({kind:?})"
+        );
+        for listed in [
+            None,
+            Some(AttachmentKind::Image),
+            Some(AttachmentKind::File),
+        ] {
+            let rows = store
+                .chat_attachments(chat, listed, None, 100)
+                .await
+                .expect("lists");
+            assert!(
+                rows.iter().all(|a| a.id != photo.id),
+                "listed again among {listed:?} ({kind:?})"
+            );
+        }
+    }
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}
+
 /// A deletion leaves no text in the send-parity record: neither in the JetStream bucket nor in the
 /// lightweight transaction's table.
 #[tokio::test]

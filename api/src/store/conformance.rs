@@ -59,6 +59,7 @@ macro_rules! store_conformance_tests {
             markers_move_forward_only,
             attachments_page_newest_first_by_kind,
             attachments_reference_their_objects,
+            pictures_change_only_an_attachment_that_exists,
             the_collectors_marks,
             small_objects_by_name,
             signals_keep_their_attachment_ids,
@@ -1971,6 +1972,105 @@ pub async fn attachments_reference_their_objects(store: Arc<dyn Store>) {
         .await
         .expect("again: idempotent");
     assert!(!store.blob_referenced(&shared).await.expect("reads"));
+}
+
+/// What making an image's pictures found is written over the record as stored: the message it
+/// was sent in stays, a re-filed image moves to the file list, and an attachment removed before
+/// stays removed, by id and from both lists.
+pub async fn pictures_change_only_an_attachment_that_exists(store: Arc<dyn Store>) {
+    use confab_schema::AttachmentKind::{File, Image};
+    let owner = user("photographer");
+    store.upsert_user(&owner).await.expect("user");
+    let chat = chat_with(store.as_ref(), owner.id, &[]).await;
+    let image = confab_schema::attachment::ImageInfo {
+        width: 40,
+        height: 30,
+        thumbnail: Some(confab_schema::attachment::Derivative {
+            sha256: sha("thumbnail"),
+            size: 1,
+            width: 4,
+            height: 3,
+            content_type: "image/jpeg".into(),
+        }),
+        preview: None,
+    };
+    let listed = |kind| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .chat_attachments(chat, kind, None, 100)
+                .await
+                .expect("lists")
+        }
+    };
+
+    // Sent in a message before its pictures are stored: both are kept.
+    let mut photo = attachment(chat, owner.id, Image, &sha("photo"));
+    store.put_attachment(&photo, None).await.expect("puts");
+    photo.message_id = Some(SignalId::new());
+    store.put_attachment(&photo, None).await.expect("claims");
+    let stored = store
+        .update_derived(photo.id, chat, Image, Image, Some(&image))
+        .await
+        .expect("writes")
+        .expect("the photo is there");
+    let expected = confab_schema::Attachment {
+        image: Some(image.clone()),
+        ..photo.clone()
+    };
+    assert_eq!(stored, expected);
+    assert_eq!(
+        store.get_attachments(&[photo.id]).await.expect("gets"),
+        std::slice::from_ref(&expected)
+    );
+    assert_eq!(listed(Some(Image)).await, [expected]);
+
+    // Re-filed as a file: it moves to the file list, still sent in its message.
+    let mut broken = attachment(chat, owner.id, Image, &sha("broken"));
+    store.put_attachment(&broken, None).await.expect("puts");
+    broken.message_id = Some(SignalId::new());
+    store.put_attachment(&broken, None).await.expect("claims");
+    let stored = store
+        .update_derived(broken.id, chat, Image, File, None)
+        .await
+        .expect("writes")
+        .expect("the file is there");
+    let expected = confab_schema::Attachment {
+        kind: File,
+        ..broken.clone()
+    };
+    assert_eq!(stored, expected);
+    assert!(listed(Some(Image)).await.iter().all(|a| a.id != broken.id));
+    assert_eq!(listed(Some(File)).await, [expected]);
+
+    // Removed (its message deleted) before its pictures are stored: it stays removed.
+    for kind in [Image, File] {
+        let gone = attachment(chat, owner.id, Image, &sha("gone"));
+        store.put_attachment(&gone, None).await.expect("puts");
+        store
+            .delete_attachments(std::slice::from_ref(&gone))
+            .await
+            .expect("deletes");
+        let pictures = (kind == Image).then_some(&image);
+        let stored = store
+            .update_derived(gone.id, chat, Image, kind, pictures)
+            .await
+            .expect("writes");
+        assert_eq!(stored, None, "{kind:?}");
+        assert!(
+            store
+                .get_attachments(&[gone.id])
+                .await
+                .expect("gets")
+                .is_empty()
+        );
+        for listed_kind in [None, Some(Image), Some(File)] {
+            assert!(
+                listed(listed_kind).await.iter().all(|a| a.id != gone.id),
+                "listed again among {listed_kind:?} ({kind:?})"
+            );
+        }
+    }
 }
 
 /// The collector's marks on an object: set with their end, read back (the latest end), removed.

@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use confab_runtime::blobs::{BlobError, BlobInfo, BlobName, SmallObjects};
 use confab_runtime::telemetry::ReadinessCheck;
+use confab_schema::attachment::ImageInfo;
 use confab_schema::call::{CallSignal, CallStatus};
 use confab_schema::circle::{Circle, CircleMember};
 use confab_schema::push::Device;
@@ -602,6 +603,21 @@ pub trait Store: Send + Sync + 'static {
         attachment: &Attachment,
         stored_as: Option<AttachmentKind>,
     ) -> Result<(), StoreError>;
+    /// Records what making the pictures of image `id` of `chat`, stored as `stored_as`, found: its
+    /// `kind` (an image that cannot be decoded becomes a file, and moves to that kind's list) and
+    /// `image`. Only those change: the rest of the record stays as stored, the message it was
+    /// sent in (`message_id`) included. An attachment removed before or during this call stays
+    /// removed, by id and from its chat's lists. The objects `image` names are referenced
+    /// already ([`Store::add_blob_refs`]). Answers the attachment as stored after the write, or
+    /// `None` when it is gone.
+    async fn update_derived(
+        &self,
+        id: Uuid,
+        chat: ChatId,
+        stored_as: AttachmentKind,
+        kind: AttachmentKind,
+        image: Option<&ImageInfo>,
+    ) -> Result<Option<Attachment>, StoreError>;
     /// References the objects `blobs` from `attachment` before the attachment (or its new
     /// pictures) is stored: what an upload writes before it makes its objects.
     async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError>;
@@ -617,7 +633,9 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Attachment>, StoreError>;
     /// Removes attachments (their message was deleted, or their upload failed): their metadata,
-    /// their place in the chat's list and their references to objects. Idempotent.
+    /// their place in the chat's lists (the other kind's too for an image whose pictures are not
+    /// stored yet: [`Store::update_derived`] may still re-file it) and their references to
+    /// objects. Idempotent.
     async fn delete_attachments(&self, attachments: &[Attachment]) -> Result<(), StoreError>;
     /// Whether any attachment references the object `sha256`.
     async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError>;

@@ -17,6 +17,7 @@ mod parity;
 pub use parity::SendParity;
 use parity::{Claim, NonceBucket};
 
+use confab_schema::attachment::ImageInfo;
 use confab_schema::circle::{Circle, CircleMember};
 use confab_schema::push::Device;
 use confab_schema::settings::{ChatSettings, UserSettings};
@@ -668,6 +669,12 @@ struct Statements {
     chat_attachments: PreparedStatement,
     delete_attachment: PreparedStatement,
     delete_chat_attachment: PreparedStatement,
+    /// What `update_derived` reads, and writes at a time of its choosing.
+    attachment_written: PreparedStatement,
+    chat_attachment_written: PreparedStatement,
+    put_attachment_at: PreparedStatement,
+    put_chat_attachment_at: PreparedStatement,
+    delete_chat_attachment_at: PreparedStatement,
     delete_blob_ref: PreparedStatement,
     blob_ref: PreparedStatement,
     condemn_blob: PreparedStatement,
@@ -907,6 +914,11 @@ impl CqlStore {
             chat_attachments: "SELECT body FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id < ? LIMIT ?".into(),
             delete_attachment: "DELETE FROM attachments WHERE id = ?".into(),
             delete_chat_attachment: "DELETE FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id = ?".into(),
+            attachment_written: "SELECT body, WRITETIME(body) FROM attachments WHERE id = ?".into(),
+            chat_attachment_written: "SELECT body, WRITETIME(body) FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id = ?".into(),
+            put_attachment_at: "INSERT INTO attachments (id, body) VALUES (?, ?) USING TIMESTAMP ?".into(),
+            put_chat_attachment_at: "INSERT INTO chat_attachments (chat_id, kind, id, body) VALUES (?, ?, ?, ?) USING TIMESTAMP ?".into(),
+            delete_chat_attachment_at: "DELETE FROM chat_attachments USING TIMESTAMP ? WHERE chat_id = ? AND kind = ? AND id = ?".into(),
             delete_blob_ref: "DELETE FROM blob_refs WHERE sha256 = ? AND attachment_id = ?".into(),
             blob_ref: "SELECT attachment_id FROM blob_refs WHERE sha256 = ? LIMIT 1".into(),
             // A day: far past any mark's end, so a run that died leaves nothing for long.
@@ -947,6 +959,92 @@ impl CqlStore {
     /// The raw session, for benchmarks that compare against driver-level inserts.
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// [`Store::update_derived`], with `meanwhile` run between its reads and its writes: how a
+    /// test plays a deletion that arrives in between.
+    ///
+    /// Each row (the record, and the attachment's row in its chat's list) gets the version read,
+    /// its kind and pictures replaced, written 1 µs after that version's write time (`USING
+    /// TIMESTAMP`): the row in the list first, the record last. Why this never undoes a deletion,
+    /// in whatever order the writes arrive and whatever the clock of the node that takes them,
+    /// without a lightweight transaction:
+    ///
+    /// - A deletion removes what was written at or before its own write time (a tombstone wins
+    ///   a tie), so it removes this write whenever it is later than the version read. A deletion
+    ///   reads the attachment, then deletes it, so it is later than every version written before
+    ///   its read (a write made after another is later than it: what every deletion in this
+    ///   store assumes). It removes this write too, whether that arrives before or after it. Only
+    ///   a claim racing the deletion writes a version after the deletion's read; whether that
+    ///   version survives is the claim's own race, which this write does not change (but for a
+    ///   deletion in the very microsecond of the claim).
+    /// - A deletion that finds the image without its pictures removes its row in the file list
+    ///   as well ([`Store::delete_attachments`]), where this write lists an image it re-files. One
+    ///   that finds it re-filed read the record after this write's rows were written, and removes
+    ///   the file row later than them.
+    /// - Only the kind and the pictures change, so the message the attachment was sent in stays:
+    ///   a claim written before the read is in the version read, and one written after it is
+    ///   later than this write and wins over it.
+    ///
+    /// The record is read back at the end, so that a deletion that arrived between the read and
+    /// the write is seen (and the caller drops the pictures' references).
+    pub async fn update_derived_meanwhile(
+        &self,
+        id: Uuid,
+        chat: ChatId,
+        stored_as: AttachmentKind,
+        kind: AttachmentKind,
+        image: Option<&ImageInfo>,
+        meanwhile: impl Future<Output = ()>,
+    ) -> Result<Option<Attachment>, StoreError> {
+        let record = self
+            .session
+            .execute_unpaged(&self.statements.attachment_written, (id,));
+        let listed = self.session.execute_unpaged(
+            &self.statements.chat_attachment_written,
+            (chat.0, stored_as.as_str(), id),
+        );
+        let (record, listed) = futures::join!(record, listed);
+        let Some(record) = written_attachment(record.map_err(unavailable)?)? else {
+            return Ok(None);
+        };
+        // Without its row (a deletion is under way), the attachment is not listed again.
+        let listed = written_attachment(listed.map_err(unavailable)?)?;
+        meanwhile.await;
+        let derive = |(mut attachment, written): (Attachment, i64)| {
+            attachment.kind = kind;
+            attachment.image = image.cloned();
+            let body = serde_json::to_string(&attachment).map_err(corrupt)?;
+            Ok::<_, StoreError>((body, written + 1))
+        };
+        if let Some(listed) = listed {
+            let (body, at) = derive(listed)?;
+            let list = self.session.execute_unpaged(
+                &self.statements.put_chat_attachment_at,
+                (chat.0, kind.as_str(), id, &body, at),
+            );
+            let unlist = async {
+                if kind == stored_as {
+                    return Ok(());
+                }
+                self.session
+                    .execute_unpaged(
+                        &self.statements.delete_chat_attachment_at,
+                        (at, chat.0, stored_as.as_str(), id),
+                    )
+                    .await
+                    .map(|_| ())
+            };
+            let (list, unlist) = futures::join!(list, unlist);
+            list.map_err(unavailable)?;
+            unlist.map_err(unavailable)?;
+        }
+        let (body, at) = derive(record)?;
+        self.session
+            .execute_unpaged(&self.statements.put_attachment_at, (id, &body, at))
+            .await
+            .map_err(unavailable)?;
+        Ok(self.get_attachments(&[id]).await?.pop())
     }
 
     /// `cql` with its tables qualified by this store's keyspace.
@@ -2595,6 +2693,18 @@ impl Store for CqlStore {
         Ok(())
     }
 
+    async fn update_derived(
+        &self,
+        id: Uuid,
+        chat: ChatId,
+        stored_as: AttachmentKind,
+        kind: AttachmentKind,
+        image: Option<&ImageInfo>,
+    ) -> Result<Option<Attachment>, StoreError> {
+        self.update_derived_meanwhile(id, chat, stored_as, kind, image, async {})
+            .await
+    }
+
     async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError> {
         for sha in blobs {
             self.session
@@ -2655,17 +2765,23 @@ impl Store for CqlStore {
 
     async fn delete_attachments(&self, attachments: &[Attachment]) -> Result<(), StoreError> {
         for attachment in attachments {
-            self.session
-                .execute_unpaged(
-                    &self.statements.delete_chat_attachment,
-                    (
-                        attachment.chat_id.0,
-                        attachment.kind.as_str(),
-                        attachment.id,
-                    ),
-                )
-                .await
-                .map_err(unavailable)?;
+            // An image without its pictures may yet be re-filed as a file by their write, which
+            // lists it among the files before its record says so: that row goes too (see
+            // `update_derived_meanwhile`).
+            let pending = attachment.kind == AttachmentKind::Image && attachment.image.is_none();
+            let mut kinds = vec![attachment.kind];
+            if pending {
+                kinds.push(AttachmentKind::File);
+            }
+            for kind in kinds {
+                self.session
+                    .execute_unpaged(
+                        &self.statements.delete_chat_attachment,
+                        (attachment.chat_id.0, kind.as_str(), attachment.id),
+                    )
+                    .await
+                    .map_err(unavailable)?;
+            }
             self.session
                 .execute_unpaged(&self.statements.delete_attachment, (attachment.id,))
                 .await
@@ -3663,6 +3779,22 @@ fn shard(term: &str) -> String {
 
 fn limit_i32(limit: usize) -> i32 {
     i32::try_from(limit).unwrap_or(i32::MAX)
+}
+
+/// The attachment a `SELECT body, WRITETIME(body)` found, with that write time.
+fn written_attachment(
+    result: scylla::response::query_result::QueryResult,
+) -> Result<Option<(Attachment, i64)>, StoreError> {
+    match rows::<(Option<String>, Option<i64>)>(result)?
+        .into_iter()
+        .next()
+    {
+        Some((Some(body), Some(written))) => Ok(Some((
+            serde_json::from_str(&body).map_err(corrupt)?,
+            written,
+        ))),
+        _ => Ok(None),
+    }
 }
 
 /// Every row of an unpaged result, typed.

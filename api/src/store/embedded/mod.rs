@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use confab_schema::attachment::ImageInfo;
 use confab_schema::circle::{Circle, CircleMember};
 use confab_schema::push::Device;
 use confab_schema::settings::{ChatSettings, UserSettings};
@@ -1357,6 +1358,49 @@ impl Store for EmbeddedStore {
                 .map_err(unavailable)?;
             }
             tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    /// One transaction: the record is read and written with nothing in between, and the kind
+    /// column is the list.
+    async fn update_derived(
+        &self,
+        id: Uuid,
+        _chat: ChatId,
+        _stored_as: AttachmentKind,
+        kind: AttachmentKind,
+        image: Option<&ImageInfo>,
+    ) -> Result<Option<Attachment>, StoreError> {
+        let image = image.cloned();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let body: Option<String> = tx
+                .query_row(
+                    "SELECT body FROM attachments WHERE id = ?1",
+                    params![blob(id)],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            let Some(body) = body else {
+                return Ok(None);
+            };
+            let mut attachment: Attachment =
+                serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            attachment.kind = kind;
+            attachment.image = image;
+            let body = serde_json::to_string(&attachment)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            tx.execute(
+                "UPDATE attachments SET kind = ?2, body = ?3 WHERE id = ?1",
+                params![blob(id), kind.as_str(), body],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(Some(attachment))
         })
         .await
     }
