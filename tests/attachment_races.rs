@@ -138,14 +138,7 @@ impl Store for Holding {
         attachment: &confab_schema::Attachment,
         stored_as: Option<confab_schema::AttachmentKind>,
     ) -> Result<(), StoreError> {
-        // Only the end of an image's processing writes an attachment again with its former kind.
-        if stored_as.is_some() {
-            self.gate
-                .pass(self.inner.put_attachment(attachment, stored_as))
-                .await
-        } else {
-            self.inner.put_attachment(attachment, stored_as).await
-        }
+        self.inner.put_attachment(attachment, stored_as).await
     }
     async fn update_derived(
         &self,
@@ -155,8 +148,8 @@ impl Store for Holding {
         kind: confab_schema::AttachmentKind,
         image: Option<&confab_schema::attachment::ImageInfo>,
     ) -> Result<Option<confab_schema::Attachment>, StoreError> {
-        self.inner
-            .update_derived(id, chat, stored_as, kind, image)
+        self.gate
+            .pass(self.inner.update_derived(id, chat, stored_as, kind, image))
             .await
     }
     async fn add_blob_refs(

@@ -622,36 +622,41 @@ impl ApiState {
                     wait_out_collection(self.store.as_ref(), &name).await?;
                     settings.blobs.put(Bytes::from(bytes)).await?;
                 }
-                self.store_unless_deleted(&updated, attachment.kind).await?;
+                self.store_derived(&updated, attachment.kind).await?;
             }
             Err(why) => {
                 tracing::info!(attachment = %attachment.id, %why, "an image is kept as a plain file");
                 updated.kind = AttachmentKind::File;
-                self.store_unless_deleted(&updated, attachment.kind).await?;
+                self.store_derived(&updated, attachment.kind).await?;
             }
         }
         Ok(())
     }
 
-    /// Stores an attachment's new metadata, unless its message was deleted meanwhile (then only
-    /// its references go).
-    async fn store_unless_deleted(
+    /// Stores what making an image's pictures found (`derived`'s kind and pictures), unless its
+    /// message was deleted meanwhile: then only the references go. The store writes those fields
+    /// alone, over the record as it is (the message it was sent in meanwhile stays), and never
+    /// brings back a deleted attachment ([`Store::update_derived`]).
+    async fn store_derived(
         &self,
-        updated: &Attachment,
+        derived: &Attachment,
         stored_as: AttachmentKind,
     ) -> ApiResult<()> {
-        let Some(current) = self.store.get_attachments(&[updated.id]).await?.pop() else {
+        let stored = self
+            .store
+            .update_derived(
+                derived.id,
+                derived.chat_id,
+                stored_as,
+                derived.kind,
+                derived.image.as_ref(),
+            )
+            .await?;
+        if stored.is_none() {
             self.store
-                .delete_attachments(std::slice::from_ref(updated))
+                .delete_attachments(std::slice::from_ref(derived))
                 .await?;
-            return Ok(());
-        };
-        // The message it was sent in meanwhile stays recorded.
-        let updated = Attachment {
-            message_id: current.message_id,
-            ..updated.clone()
-        };
-        self.store.put_attachment(&updated, Some(stored_as)).await?;
+        }
         Ok(())
     }
 }
