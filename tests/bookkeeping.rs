@@ -141,9 +141,8 @@ impl Store for FlakyBookkeeping {
     async fn put_attachment(
         &self,
         attachment: &confab_schema::Attachment,
-        stored_as: Option<confab_schema::AttachmentKind>,
     ) -> Result<(), StoreError> {
-        self.inner.put_attachment(attachment, stored_as).await
+        self.inner.put_attachment(attachment).await
     }
     async fn update_derived(
         &self,

@@ -350,7 +350,7 @@ async fn cql_pictures_stored_across_a_deletion_do_not_bring_it_back() {
             image: None,
             message_id: None,
         };
-        store.put_attachment(&photo, None).await.expect("puts");
+        store.put_attachment(&photo).await.expect("puts");
         let pictures = (kind == AttachmentKind::Image).then_some(&image);
         let stored = store
             .update_derived_meanwhile(

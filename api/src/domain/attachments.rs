@@ -320,7 +320,7 @@ impl ApiState {
                 .await?;
             wait_out_collection(self.store.as_ref(), object).await?;
             attachment.size = make.await?;
-            self.store.put_attachment(&attachment, None).await?;
+            self.store.put_attachment(&attachment).await?;
             Ok::<(), ApiError>(())
         }
         .await;
@@ -400,7 +400,7 @@ impl ApiState {
             for mut attachment in self.store.get_attachments(&ids).await? {
                 if attachment.chat_id == sent.chat_id && attachment.message_id.is_none() {
                     attachment.message_id = Some(sent.id);
-                    self.store.put_attachment(&attachment, None).await?;
+                    self.store.put_attachment(&attachment).await?;
                 }
             }
             Ok::<(), ApiError>(())

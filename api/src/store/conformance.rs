@@ -1832,11 +1832,11 @@ pub async fn attachments_page_newest_first_by_kind(store: Arc<dyn Store>) {
     for i in 0..7 {
         let kind = if i % 3 == 0 { Image } else { File };
         let a = attachment(chat, owner.id, kind, &sha("a"));
-        store.put_attachment(&a, None).await.expect("puts");
+        store.put_attachment(&a).await.expect("puts");
         made.push(a);
     }
     store
-        .put_attachment(&attachment(other, owner.id, File, &sha("b")), None)
+        .put_attachment(&attachment(other, owner.id, File, &sha("b")))
         .await
         .expect("puts");
     let newest_first: Vec<Uuid> = made.iter().rev().map(|a| a.id).collect();
@@ -1865,12 +1865,11 @@ pub async fn attachments_page_newest_first_by_kind(store: Arc<dyn Store>) {
         .expect("lists files");
     assert_eq!(files.len(), 4);
     // A kind that changes (an image that turned out undecodable) moves to the other list.
-    let mut refiled = made[6].clone();
-    refiled.kind = File;
-    store
-        .put_attachment(&refiled, Some(Image))
+    let refiled = store
+        .update_derived(made[6].id, chat, Image, File, None)
         .await
-        .expect("refiles");
+        .expect("refiles")
+        .expect("the image is there");
     let images = store
         .chat_attachments(chat, Some(Image), None, 10)
         .await
@@ -1931,8 +1930,8 @@ pub async fn attachments_reference_their_objects(store: Arc<dyn Store>) {
             .expect("reads")
             .is_empty()
     );
-    store.put_attachment(&first, None).await.expect("puts");
-    store.put_attachment(&second, None).await.expect("puts");
+    store.put_attachment(&first).await.expect("puts");
+    store.put_attachment(&second).await.expect("puts");
     let thumb = sha("thumb");
     let mut with_thumbnail = first.clone();
     with_thumbnail.image = Some(confab_schema::attachment::ImageInfo {
@@ -1948,7 +1947,7 @@ pub async fn attachments_reference_their_objects(store: Arc<dyn Store>) {
         preview: None,
     });
     store
-        .put_attachment(&with_thumbnail, None)
+        .put_attachment(&with_thumbnail)
         .await
         .expect("adds the thumbnail");
     assert!(store.blob_referenced(&thumb).await.expect("reads"));
@@ -2006,9 +2005,9 @@ pub async fn pictures_change_only_an_attachment_that_exists(store: Arc<dyn Store
 
     // Sent in a message before its pictures are stored: both are kept.
     let mut photo = attachment(chat, owner.id, Image, &sha("photo"));
-    store.put_attachment(&photo, None).await.expect("puts");
+    store.put_attachment(&photo).await.expect("puts");
     photo.message_id = Some(SignalId::new());
-    store.put_attachment(&photo, None).await.expect("claims");
+    store.put_attachment(&photo).await.expect("claims");
     let stored = store
         .update_derived(photo.id, chat, Image, Image, Some(&image))
         .await
@@ -2027,9 +2026,9 @@ pub async fn pictures_change_only_an_attachment_that_exists(store: Arc<dyn Store
 
     // Re-filed as a file: it moves to the file list, still sent in its message.
     let mut broken = attachment(chat, owner.id, Image, &sha("broken"));
-    store.put_attachment(&broken, None).await.expect("puts");
+    store.put_attachment(&broken).await.expect("puts");
     broken.message_id = Some(SignalId::new());
-    store.put_attachment(&broken, None).await.expect("claims");
+    store.put_attachment(&broken).await.expect("claims");
     let stored = store
         .update_derived(broken.id, chat, Image, File, None)
         .await
@@ -2046,7 +2045,7 @@ pub async fn pictures_change_only_an_attachment_that_exists(store: Arc<dyn Store
     // Removed (its message deleted) before its pictures are stored: it stays removed.
     for kind in [Image, File] {
         let gone = attachment(chat, owner.id, Image, &sha("gone"));
-        store.put_attachment(&gone, None).await.expect("puts");
+        store.put_attachment(&gone).await.expect("puts");
         store
             .delete_attachments(std::slice::from_ref(&gone))
             .await

@@ -595,14 +595,9 @@ pub trait Store: Send + Sync + 'static {
     // Attachments.
 
     /// Stores an attachment's metadata: by id, in its chat's list, and a reference to each object
-    /// it uses ([`Attachment::blobs`]). Writing it again (with a thumbnail) adds references.
-    /// `stored_as` is the kind it was stored with before, when this write may change it (an image
-    /// kept as a plain file): it then leaves that kind's list. `None` for a new attachment.
-    async fn put_attachment(
-        &self,
-        attachment: &Attachment,
-        stored_as: Option<AttachmentKind>,
-    ) -> Result<(), StoreError>;
+    /// it uses ([`Attachment::blobs`]). Written again (the message it was sent in), it keeps its
+    /// kind: only [`Store::update_derived`] moves an attachment to another kind's list.
+    async fn put_attachment(&self, attachment: &Attachment) -> Result<(), StoreError>;
     /// Records what making the pictures of image `id` of `chat`, stored as `stored_as`, found: its
     /// `kind` (an image that cannot be decoded becomes a file, and moves to that kind's list) and
     /// `image`. Only those change: the rest of the record stays as stored, the message it was

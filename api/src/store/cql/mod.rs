@@ -2641,11 +2641,7 @@ impl Store for CqlStore {
             .collect())
     }
 
-    async fn put_attachment(
-        &self,
-        attachment: &Attachment,
-        stored_as: Option<AttachmentKind>,
-    ) -> Result<(), StoreError> {
+    async fn put_attachment(&self, attachment: &Attachment) -> Result<(), StoreError> {
         let body = serde_json::to_string(attachment).map_err(corrupt)?;
         // References first: an object is never unreferenced while its attachment is visible.
         for sha in attachment.blobs() {
@@ -2668,28 +2664,11 @@ impl Store for CqlStore {
                 &body,
             ),
         );
-        // An attachment whose kind changed leaves the other kind's list. Only then: for a new
-        // one the delete would leave a tombstone in that list, which every read of it scans.
-        let moved_from = stored_as.filter(|kind| *kind != attachment.kind);
-        let unlisted = async {
-            match moved_from {
-                Some(kind) => self
-                    .session
-                    .execute_unpaged(
-                        &self.statements.delete_chat_attachment,
-                        (attachment.chat_id.0, kind.as_str(), attachment.id),
-                    )
-                    .await
-                    .map(|_| ()),
-                None => Ok(()),
-            }
-        };
         // Each write is waited for, failed or not: a caller that undoes this write after an
         // error must not race a sibling write still in flight.
-        let (by_id, listed, unlisted) = futures::join!(by_id, listed, unlisted);
+        let (by_id, listed) = futures::join!(by_id, listed);
         by_id.map_err(unavailable)?;
         listed.map_err(unavailable)?;
-        unlisted.map_err(unavailable)?;
         Ok(())
     }
 

@@ -1331,11 +1331,7 @@ impl Store for EmbeddedStore {
     }
 
     /// One row per attachment, its kind a column: a changed kind moves it by itself.
-    async fn put_attachment(
-        &self,
-        attachment: &Attachment,
-        _stored_as: Option<AttachmentKind>,
-    ) -> Result<(), StoreError> {
+    async fn put_attachment(&self, attachment: &Attachment) -> Result<(), StoreError> {
         let body =
             serde_json::to_string(attachment).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let (id, chat, kind) = (attachment.id, attachment.chat_id, attachment.kind);
