@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod held_store;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
