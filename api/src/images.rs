@@ -54,19 +54,29 @@ pub fn derive(bytes: &[u8], max_pixels: u64) -> Result<Derived, String> {
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
     image.apply_orientation(orientation);
     let (width, height) = (image.width(), image.height());
-    let thumbnail = image.thumbnail(THUMBNAIL_SIZE, THUMBNAIL_SIZE);
+    let thumbnail = within(&image, THUMBNAIL_SIZE);
     let thumbnail = if image.color().has_alpha() {
         encode_png(&thumbnail)?
     } else {
         encode_jpeg(&thumbnail, 80)?
     };
-    let preview = encode_jpeg(&image.thumbnail(PREVIEW_SIZE, PREVIEW_SIZE), 40)?;
+    let preview = encode_jpeg(&within(&image, PREVIEW_SIZE), 40)?;
     Ok(Derived {
         width,
         height,
         thumbnail,
         preview,
     })
+}
+
+/// `image` scaled down to fit `size` × `size`; one that fits already keeps its size (a picture of
+/// an icon made larger would only cost bytes).
+fn within(image: &DynamicImage, size: u32) -> DynamicImage {
+    if image.width() <= size && image.height() <= size {
+        image.clone()
+    } else {
+        image.thumbnail(size, size)
+    }
 }
 
 fn made(bytes: Vec<u8>, image: &DynamicImage, content_type: &str) -> Made {
@@ -144,11 +154,11 @@ mod tests {
             "turned upright"
         );
         let t = &derived.thumbnail;
-        assert_eq!((t.derivative.width, t.derivative.height), (160, 320));
+        assert_eq!((t.derivative.width, t.derivative.height), (100, 200));
         // Turned 90° clockwise, the red left half of the stored pixels is the top half.
         let thumbnail = image::load_from_memory(&t.bytes).unwrap().to_rgb8();
-        assert!(thumbnail.get_pixel(80, 20)[0] > 200, "red on top");
-        assert!(thumbnail.get_pixel(80, 300)[0] < 50, "black at the bottom");
+        assert!(thumbnail.get_pixel(50, 20)[0] > 200, "red on top");
+        assert!(thumbnail.get_pixel(50, 180)[0] < 50, "black at the bottom");
         for made in [&derived.thumbnail, &derived.preview] {
             let mut decoder = reader(&made.bytes).unwrap().into_decoder().unwrap();
             assert_eq!(decoder.exif_metadata().unwrap(), None, "no EXIF kept");
@@ -165,6 +175,15 @@ mod tests {
         let p = &derived.preview.derivative;
         assert_eq!((p.width, p.height), (32, 16));
         assert!(p.size < 2_000, "a preview is small: {}", p.size);
+    }
+
+    #[test]
+    fn a_small_image_is_not_made_larger() {
+        let derived = derive(&png(64, 48), 10_000_000).expect("derives");
+        let t = &derived.thumbnail.derivative;
+        assert_eq!((t.width, t.height), (64, 48));
+        let p = &derived.preview.derivative;
+        assert_eq!((p.width, p.height), (32, 24));
     }
 
     #[test]
