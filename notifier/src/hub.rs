@@ -1439,6 +1439,65 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn call_signalling_reaches_its_addressee_only_in_a_chat_they_route() {
+        use confab_schema::call::{CallRelay, CallSignalType};
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let (alice, bob) = (
+            UserId::from_subject("t", "a"),
+            UserId::from_subject("t", "b"),
+        );
+        let (shared, left) = (ChatId::new(), ChatId::new());
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::from([
+                (alice, vec![shared]),
+                (bob, vec![shared]),
+            ]))),
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let mut alices = hub.open(alice, None).await.expect("opens");
+        let signal = |chat: ChatId, to: UserId, sdp: &str| {
+            Envelope::new(
+                chat,
+                Event::CallSignal(CallRelay {
+                    call_id: uuid::Uuid::new_v4(),
+                    chat_id: chat,
+                    from: bob,
+                    to,
+                    kind: CallSignalType::Offer,
+                    payload: serde_json::json!({ "sdp": sdp }),
+                }),
+            )
+        };
+        // A chat alice no longer routes, and another user's signal in hers: neither reaches her.
+        hub.dispatch_ephemeral(signal(left, alice, "left chat"));
+        hub.dispatch_ephemeral(signal(shared, bob, "for bob"));
+        hub.dispatch_ephemeral(signal(shared, alice, "for alice"));
+        let received = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match alices.next().await.expect("open") {
+                    Item::Event(event) => {
+                        if let Event::CallSignal(relay) = &event.envelope.event {
+                            return relay.payload["sdp"].clone();
+                        }
+                    }
+                    Item::Reset(reason) => panic!("reset: {reason}"),
+                }
+            }
+        })
+        .await
+        .expect("a call signal");
+        assert_eq!(received, "for alice");
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    #[tokio::test]
     async fn a_renewed_stream_belongs_to_its_new_session() {
         use confab_runtime::revocation::Revocations;
         let bus: Arc<dyn Bus> =
