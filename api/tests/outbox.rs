@@ -93,7 +93,9 @@ async fn embedded() -> Option<Parts> {
     })
 }
 
-async fn real() -> Option<Parts> {
+/// A fresh keyspace on the test CQL store, migrated; `None` (said loudly) when there is none
+/// and the suite may skip.
+async fn fresh_keyspace(test: &str) -> Option<CqlOptions> {
     let options = CqlOptions {
         contact_points: vec![
             std::env::var("CONFAB_TEST_CQL_CONTACT_POINTS")
@@ -107,11 +109,14 @@ async fn real() -> Option<Parts> {
     };
     if let Err(error) = cql::migrate(&options).await {
         assert!(!required(), "CQL store unreachable: {error}");
-        eprintln!(
-            "SKIPPED a real-stack outbox test: no CQL store reachable ({error}); run infra/up.sh"
-        );
+        eprintln!("SKIPPED {test}: no CQL store reachable ({error}); run infra/up.sh");
         return None;
     }
+    Some(options)
+}
+
+async fn real() -> Option<Parts> {
+    let options = fresh_keyspace("a real-stack outbox test").await?;
     let store = CqlStore::connect(&options).await.expect("connects");
     let nats =
         std::env::var("CONFAB_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
@@ -592,24 +597,10 @@ async fn real_a_removal_cut_short_is_finished_by_the_sweep() {
     use confab_runtime::search::{Search, TantivySearch};
     use confab_schema::event::MemberChange;
 
-    let options = CqlOptions {
-        contact_points: vec![
-            std::env::var("CONFAB_TEST_CQL_CONTACT_POINTS")
-                .unwrap_or_else(|_| "127.0.0.1:9042".into()),
-        ],
-        keyspace: format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
-        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
-        request_timeout: Duration::from_secs(20),
-        nonce_ttl: Duration::from_secs(600),
-        parity: SendParity::Lwt,
-    };
-    if let Err(error) = cql::migrate(&options).await {
-        assert!(!required(), "CQL store unreachable: {error}");
-        eprintln!(
-            "SKIPPED real_a_removal_cut_short_is_finished_by_the_sweep: no CQL store ({error})"
-        );
+    let Some(options) = fresh_keyspace("real_a_removal_cut_short_is_finished_by_the_sweep").await
+    else {
         return;
-    }
+    };
     let cql = Arc::new(CqlStore::connect(&options).await.expect("connects"));
     let store: Arc<dyn Store> = Arc::clone(&cql) as Arc<dyn Store>;
     let dir = tempfile::tempdir().expect("temp dir");
