@@ -304,3 +304,62 @@ async fn a_claim_made_meanwhile_stays(stack: Stack) {
     harness.stop().await;
 }
 on_both_stacks!(a_claim_made_meanwhile_stays);
+
+/// The message is deleted while the send that carried it is still recording that its attachment
+/// was sent in it: the claim, which read the attachment before the deletion, must not bring it
+/// back (by id, or in its chat's lists).
+async fn a_claim_does_not_bring_back_a_deleted_attachment(stack: Stack) {
+    let harness = Arc::new(Harness::start(stack).await);
+    harness.store.hold(Held::Claim);
+    let photo = harness.upload("photo.png", "image/png", png(8, 8)).await;
+    let id = photo["id"].as_str().unwrap().to_owned();
+    let sending = {
+        let harness = Arc::clone(&harness);
+        let photo = photo.clone();
+        tokio::spawn(async move { harness.send(&[&photo["id"]]).await })
+    };
+    harness.store.gate.arrived(1).await;
+    // Stored and published before its claim: the history has it.
+    let history = harness
+        .json(
+            &harness.alice,
+            &format!("/v1/chats/{}/signals?limit=1", harness.chat),
+        )
+        .await;
+    let message = history["items"][0]["id"].as_str().unwrap().to_owned();
+    let deleted = harness
+        .http
+        .delete(format!(
+            "{}/v1/chats/{}/signals/{message}",
+            harness.base, harness.chat
+        ))
+        .bearer_auth(&harness.alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert_eq!(
+        harness.get(&format!("/v1/attachments/{id}")).await.status(),
+        404
+    );
+    harness.store.gate.release(1).await;
+    assert_eq!(sending.await.unwrap(), message);
+
+    assert_eq!(
+        harness.get(&format!("/v1/attachments/{id}")).await.status(),
+        404,
+        "the deleted message's attachment came back"
+    );
+    for kind in [None, Some("image"), Some("file")] {
+        let listed = harness.listed(kind).await;
+        assert!(
+            !listed.contains(&photo["id"]),
+            "listed again among {kind:?}: {listed:?}"
+        );
+    }
+    Arc::into_inner(harness)
+        .expect("the send is done")
+        .stop()
+        .await;
+}
+on_both_stacks!(a_claim_does_not_bring_back_a_deleted_attachment);

@@ -144,6 +144,14 @@ impl Store for FlakyBookkeeping {
     ) -> Result<(), StoreError> {
         self.inner.put_attachment(attachment).await
     }
+    async fn claim_attachments(
+        &self,
+        chat: ChatId,
+        ids: &[uuid::Uuid],
+        message: SignalId,
+    ) -> Result<(), StoreError> {
+        self.inner.claim_attachments(chat, ids, message).await
+    }
     async fn update_derived(
         &self,
         id: uuid::Uuid,

@@ -395,6 +395,150 @@ async fn cql_pictures_stored_across_a_deletion_do_not_bring_it_back() {
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
 
+/// A send's claim on its attachments races a deletion of its message, and the write of an
+/// image's pictures that re-files it as a file: the deleted attachment does not come back, and the
+/// re-filed one is listed once, among the files, as sent in its message, whichever of the claim's
+/// and the pictures' writes comes first.
+#[tokio::test]
+async fn cql_claims_racing_deletions_and_pictures() {
+    use confab_schema::{Attachment, AttachmentKind, SignalId, UserId};
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(&options, "cql_claims_racing_deletions_and_pictures").await {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let alice = UserId::from_subject("t", "alice");
+    let chat = chat_with(&store, alice, &[]).await;
+    let upload = |name: &str| Attachment {
+        id: uuid::Uuid::now_v7(),
+        chat_id: chat,
+        name: name.into(),
+        size: 3,
+        content_type: "image/png".into(),
+        sha256: format!("{:0>64}", format!("{:x}", uuid::Uuid::new_v4().as_u128())),
+        kind: AttachmentKind::Image,
+        created_at: confab_schema::model::to_millis(time::OffsetDateTime::now_utc()),
+        uploader: alice,
+        image: None,
+        message_id: None,
+    };
+    let listed = |kind| {
+        let store = &store;
+        async move {
+            store
+                .chat_attachments(chat, Some(kind), None, 100)
+                .await
+                .expect("lists")
+        }
+    };
+
+    // Deleted between the claim's read and its write.
+    let gone = upload("gone.png");
+    store.put_attachment(&gone).await.expect("puts");
+    store
+        .claim_attachments_meanwhile(chat, &[gone.id], SignalId::new(), async {
+            store
+                .delete_attachments(std::slice::from_ref(&gone))
+                .await
+                .expect("deletes");
+        })
+        .await
+        .expect("claims");
+    assert!(
+        store
+            .get_attachments(&[gone.id])
+            .await
+            .expect("gets")
+            .is_empty()
+    );
+    for kind in [AttachmentKind::Image, AttachmentKind::File] {
+        assert!(
+            listed(kind).await.iter().all(|a| a.id != gone.id),
+            "listed again among {kind:?}"
+        );
+    }
+
+    // Re-filed between the claim's read and its write; then claimed between the pictures' read
+    // and their write.
+    let first = upload("first.png");
+    let second = upload("second.png");
+    for a in [&first, &second] {
+        store.put_attachment(a).await.expect("puts");
+    }
+    let refile = |a: &Attachment| {
+        store.update_derived(
+            a.id,
+            chat,
+            AttachmentKind::Image,
+            AttachmentKind::File,
+            None,
+        )
+    };
+    let first_message = SignalId::new();
+    store
+        .claim_attachments_meanwhile(chat, &[first.id], first_message, async {
+            refile(&first).await.expect("re-files").expect("is there");
+        })
+        .await
+        .expect("claims");
+    let second_message = SignalId::new();
+    store
+        .update_derived_meanwhile(
+            second.id,
+            chat,
+            AttachmentKind::Image,
+            AttachmentKind::File,
+            None,
+            async {
+                store
+                    .claim_attachments(chat, &[second.id], second_message)
+                    .await
+                    .expect("claims");
+            },
+        )
+        .await
+        .expect("re-files")
+        .expect("is there");
+    let expected = [
+        Attachment {
+            kind: AttachmentKind::File,
+            message_id: Some(second_message),
+            ..second
+        },
+        Attachment {
+            kind: AttachmentKind::File,
+            message_id: Some(first_message),
+            ..first
+        },
+    ];
+    assert_eq!(listed(AttachmentKind::File).await, expected);
+    assert!(listed(AttachmentKind::Image).await.is_empty());
+    let mut by_id = store
+        .get_attachments(&[first.id, second.id])
+        .await
+        .expect("gets");
+    by_id.sort_by_key(|a| std::cmp::Reverse(a.id));
+    assert_eq!(by_id, expected);
+
+    // The migration that added the claims' columns runs again whole (as after a failure before
+    // it was recorded) without failing on the columns it added.
+    CqlStore::connect(&options)
+        .await
+        .expect("connects")
+        .session()
+        .query_unpaged(
+            format!(
+                "DELETE FROM {}.schema_migrations WHERE version = 16",
+                options.keyspace
+            ),
+            &[],
+        )
+        .await
+        .expect("forgets the migration");
+    assert_eq!(cql::migrate(&options).await.expect("migrates"), vec![16]);
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}
+
 /// A deletion leaves no text in the send-parity record: neither in the JetStream bucket nor in the
 /// lightweight transaction's table.
 #[tokio::test]
@@ -551,7 +695,7 @@ async fn cql_migration_11_keeps_summaries_and_read_markers() {
 
     assert_eq!(
         cql::migrate(&options).await.expect("migrates"),
-        vec![11, 12, 13, 14, 15]
+        vec![11, 12, 13, 14, 15, 16]
     );
     let store = CqlStore::connect(&options).await.expect("connects");
     let listed = store.chat_list(reader, None, 10).await.expect("lists");
@@ -669,7 +813,7 @@ async fn cql_migration_12_copies_chats_into_member_rows() {
 
     assert_eq!(
         cql::migrate(&options).await.expect("migrates"),
-        vec![12, 13, 14, 15]
+        vec![12, 13, 14, 15, 16]
     );
     type Copies = (
         Option<String>,

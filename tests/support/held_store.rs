@@ -26,6 +26,8 @@ pub enum Held {
     CallParticipant(bool),
     /// What making an image's pictures found (`Store::update_derived`).
     Pictures,
+    /// A sent message's claim on its attachments (`Store::claim_attachments`).
+    Claim,
 }
 
 /// Where held writes wait: how many arrived, whether it is open, how many were done after it
@@ -182,6 +184,18 @@ impl Store for HeldStore {
         attachment: &confab_schema::Attachment,
     ) -> Result<(), StoreError> {
         self.inner.put_attachment(attachment).await
+    }
+    async fn claim_attachments(
+        &self,
+        chat: ChatId,
+        ids: &[uuid::Uuid],
+        message: SignalId,
+    ) -> Result<(), StoreError> {
+        self.through(
+            Held::Claim,
+            self.inner.claim_attachments(chat, ids, message),
+        )
+        .await
     }
     async fn update_derived(
         &self,

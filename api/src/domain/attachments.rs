@@ -395,17 +395,11 @@ impl ApiState {
         if ids.is_empty() {
             return;
         }
-        let claimed = async {
-            // The stored records, which a thumbnail made meanwhile may have changed.
-            for mut attachment in self.store.get_attachments(&ids).await? {
-                if attachment.chat_id == sent.chat_id && attachment.message_id.is_none() {
-                    attachment.message_id = Some(sent.id);
-                    self.store.put_attachment(&attachment).await?;
-                }
-            }
-            Ok::<(), ApiError>(())
-        };
-        if let Err(error) = claimed.await {
+        let claimed = self
+            .store
+            .claim_attachments(sent.chat_id, &ids, sent.id)
+            .await;
+        if let Err(error) = claimed {
             tracing::warn!(%error, message = %sent.id, "recording which message took its attachments failed");
         }
     }

@@ -59,6 +59,7 @@ macro_rules! store_conformance_tests {
             markers_move_forward_only,
             attachments_page_newest_first_by_kind,
             attachments_reference_their_objects,
+            a_message_claims_its_chats_unclaimed_attachments,
             pictures_change_only_an_attachment_that_exists,
             the_collectors_marks,
             small_objects_by_name,
@@ -1973,6 +1974,86 @@ pub async fn attachments_reference_their_objects(store: Arc<dyn Store>) {
     assert!(!store.blob_referenced(&shared).await.expect("reads"));
 }
 
+/// A sent message claims the attachments it names that are its chat's and that no message took
+/// yet; nothing else of them changes, and one removed stays removed.
+pub async fn a_message_claims_its_chats_unclaimed_attachments(store: Arc<dyn Store>) {
+    use confab_schema::AttachmentKind::{File, Image};
+    let owner = user("claimant");
+    store.upsert_user(&owner).await.expect("user");
+    let chat = chat_with(store.as_ref(), owner.id, &[]).await;
+    let other = chat_with(store.as_ref(), owner.id, &[]).await;
+    let image = confab_schema::attachment::ImageInfo {
+        width: 40,
+        height: 30,
+        thumbnail: None,
+        preview: None,
+    };
+    let photo = attachment(chat, owner.id, Image, &sha("claimed photo"));
+    let taken = attachment(chat, owner.id, File, &sha("taken"));
+    let elsewhere = attachment(other, owner.id, File, &sha("elsewhere"));
+    let gone = attachment(chat, owner.id, File, &sha("gone"));
+    for a in [&photo, &taken, &elsewhere, &gone] {
+        store.put_attachment(a).await.expect("puts");
+    }
+    let first = SignalId::new();
+    store
+        .claim_attachments(chat, &[taken.id], first)
+        .await
+        .expect("claims");
+    store
+        .update_derived(photo.id, chat, Image, Image, Some(&image))
+        .await
+        .expect("writes")
+        .expect("the photo is there");
+    store
+        .delete_attachments(std::slice::from_ref(&gone))
+        .await
+        .expect("deletes");
+
+    let message = SignalId::new();
+    let ids = [
+        photo.id,
+        taken.id,
+        elsewhere.id,
+        gone.id,
+        uuid::Uuid::now_v7(),
+    ];
+    store
+        .claim_attachments(chat, &ids, message)
+        .await
+        .expect("claims");
+    store
+        .claim_attachments(chat, &ids, SignalId::new())
+        .await
+        .expect("a later message claims nothing");
+
+    let photo = confab_schema::Attachment {
+        image: Some(image),
+        message_id: Some(message),
+        ..photo
+    };
+    let taken = confab_schema::Attachment {
+        message_id: Some(first),
+        ..taken
+    };
+    let mut found = store.get_attachments(&ids).await.expect("gets");
+    found.sort_by_key(|a| a.id);
+    assert_eq!(found, [photo.clone(), taken.clone(), elsewhere.clone()]);
+    let listed = store
+        .chat_attachments(chat, None, None, 100)
+        .await
+        .expect("lists");
+    assert_eq!(listed, [taken, photo], "newest first, as claimed");
+    assert_eq!(
+        store
+            .chat_attachments(other, None, None, 100)
+            .await
+            .expect("lists"),
+        [elsewhere],
+        "another chat's upload is not claimed"
+    );
+}
+
 /// What making an image's pictures found is written over the record as stored: the message it
 /// was sent in stays, a re-filed image moves to the file list, and an attachment removed before
 /// stays removed, by id and from both lists.
@@ -2006,8 +2087,12 @@ pub async fn pictures_change_only_an_attachment_that_exists(store: Arc<dyn Store
     // Sent in a message before its pictures are stored: both are kept.
     let mut photo = attachment(chat, owner.id, Image, &sha("photo"));
     store.put_attachment(&photo).await.expect("puts");
-    photo.message_id = Some(SignalId::new());
-    store.put_attachment(&photo).await.expect("claims");
+    let message = SignalId::new();
+    photo.message_id = Some(message);
+    store
+        .claim_attachments(chat, &[photo.id], message)
+        .await
+        .expect("claims");
     let stored = store
         .update_derived(photo.id, chat, Image, Image, Some(&image))
         .await
@@ -2027,8 +2112,12 @@ pub async fn pictures_change_only_an_attachment_that_exists(store: Arc<dyn Store
     // Re-filed as a file: it moves to the file list, still sent in its message.
     let mut broken = attachment(chat, owner.id, Image, &sha("broken"));
     store.put_attachment(&broken).await.expect("puts");
-    broken.message_id = Some(SignalId::new());
-    store.put_attachment(&broken).await.expect("claims");
+    let message = SignalId::new();
+    broken.message_id = Some(message);
+    store
+        .claim_attachments(chat, &[broken.id], message)
+        .await
+        .expect("claims");
     let stored = store
         .update_derived(broken.id, chat, Image, File, None)
         .await

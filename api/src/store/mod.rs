@@ -613,6 +613,17 @@ pub trait Store: Send + Sync + 'static {
         kind: AttachmentKind,
         image: Option<&ImageInfo>,
     ) -> Result<Option<Attachment>, StoreError>;
+    /// Records that `message`, just stored in `chat`, was sent with the attachments `ids`: each
+    /// one of `chat` that no message took yet gets `message` as its `message_id`, and nothing
+    /// else of it changes (pictures stored meanwhile by [`Store::update_derived`] stay, and it
+    /// keeps its place in its chat's lists). An attachment removed before or during this call
+    /// stays removed, by id and from its chat's lists.
+    async fn claim_attachments(
+        &self,
+        chat: ChatId,
+        ids: &[Uuid],
+        message: SignalId,
+    ) -> Result<(), StoreError>;
     /// References the objects `blobs` from `attachment` before the attachment (or its new
     /// pictures) is stored: what an upload writes before it makes its objects.
     async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError>;

@@ -193,6 +193,11 @@ async fn migrate_keyspace(options: &CqlOptions) -> Result<Vec<i32>, StoreError> 
             continue;
         }
         for statement in migration.statements() {
+            if let Some((table, column)) = migrations::added_column(&statement)
+                && column_exists(&session, keyspace, table, column).await?
+            {
+                continue;
+            }
             session
                 .query_unpaged(statement, &[])
                 .await
@@ -232,6 +237,32 @@ async fn migrate_keyspace(options: &CqlOptions) -> Result<Vec<i32>, StoreError> 
         NonceBucket::open(nats_url, bucket, options.nonce_ttl).await?;
     }
     Ok(newly_applied)
+}
+
+/// Whether `keyspace.table` has `column` already (a migration re-run after it added it).
+async fn column_exists(
+    session: &Session,
+    keyspace: &str,
+    table: &str,
+    column: &str,
+) -> Result<bool, StoreError> {
+    // A plain query with the names as literals: a query with bound values is prepared on the
+    // fly, and a migration runs once, so there is nothing to gain from preparing it.
+    let literal = |name: &str| format!("'{}'", name.to_lowercase().replace('\'', "''"));
+    let result = session
+        .query_unpaged(
+            format!(
+                "SELECT column_name FROM system_schema.columns \
+                 WHERE keyspace_name = {} AND table_name = {} AND column_name = {}",
+                literal(keyspace),
+                literal(table),
+                literal(column)
+            ),
+            &[],
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(!rows::<(String,)>(result)?.is_empty())
 }
 
 /// Migration 3 moves reaction counts from counters to per-bucket tallies, and the chat list's
@@ -674,6 +705,9 @@ struct Statements {
     chat_attachment_written: PreparedStatement,
     put_attachment_at: PreparedStatement,
     put_chat_attachment_at: PreparedStatement,
+    /// A send's claim on an attachment: its `message_id` cells, at a time of its choosing.
+    claim_attachment_at: PreparedStatement,
+    claim_chat_attachment_at: PreparedStatement,
     delete_chat_attachment_at: PreparedStatement,
     delete_blob_ref: PreparedStatement,
     blob_ref: PreparedStatement,
@@ -910,12 +944,14 @@ impl CqlStore {
             put_attachment: "INSERT INTO attachments (id, body) VALUES (?, ?)".into(),
             put_chat_attachment: "INSERT INTO chat_attachments (chat_id, kind, id, body) VALUES (?, ?, ?, ?)".into(),
             put_blob_ref: "INSERT INTO blob_refs (sha256, attachment_id) VALUES (?, ?)".into(),
-            get_attachments: "SELECT body FROM attachments WHERE id IN ?".into(),
-            chat_attachments: "SELECT body FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id < ? LIMIT ?".into(),
+            get_attachments: "SELECT body, message_id FROM attachments WHERE id IN ?".into(),
+            chat_attachments: "SELECT body, message_id FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id < ? LIMIT ?".into(),
             delete_attachment: "DELETE FROM attachments WHERE id = ?".into(),
             delete_chat_attachment: "DELETE FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id = ?".into(),
-            attachment_written: "SELECT body, WRITETIME(body) FROM attachments WHERE id = ?".into(),
-            chat_attachment_written: "SELECT body, WRITETIME(body) FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id = ?".into(),
+            attachment_written: "SELECT body, WRITETIME(body), message_id FROM attachments WHERE id = ?".into(),
+            chat_attachment_written: "SELECT body, WRITETIME(body), message_id FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id = ?".into(),
+            claim_attachment_at: "UPDATE attachments USING TIMESTAMP ? SET message_id = ? WHERE id = ?".into(),
+            claim_chat_attachment_at: "UPDATE chat_attachments USING TIMESTAMP ? SET message_id = ? WHERE chat_id = ? AND kind = ? AND id = ?".into(),
             put_attachment_at: "INSERT INTO attachments (id, body) VALUES (?, ?) USING TIMESTAMP ?".into(),
             put_chat_attachment_at: "INSERT INTO chat_attachments (chat_id, kind, id, body) VALUES (?, ?, ?, ?) USING TIMESTAMP ?".into(),
             delete_chat_attachment_at: "DELETE FROM chat_attachments USING TIMESTAMP ? WHERE chat_id = ? AND kind = ? AND id = ?".into(),
@@ -1017,8 +1053,14 @@ impl CqlStore {
             let body = serde_json::to_string(&attachment).map_err(corrupt)?;
             Ok::<_, StoreError>((body, written + 1))
         };
+        // The new row of a re-filed image, and whether it carries the message it was sent in.
+        let mut refiled: Option<(i64, bool)> = None;
         if let Some(listed) = listed {
+            let claimed = listed.0.message_id.is_some();
             let (body, at) = derive(listed)?;
+            if kind != stored_as {
+                refiled = Some((at, claimed));
+            }
             let list = self.session.execute_unpaged(
                 &self.statements.put_chat_attachment_at,
                 (chat.0, kind.as_str(), id, &body, at),
@@ -1044,7 +1086,107 @@ impl CqlStore {
             .execute_unpaged(&self.statements.put_attachment_at, (id, &body, at))
             .await
             .map_err(unavailable)?;
-        Ok(self.get_attachments(&[id]).await?.pop())
+        let stored = self.get_attachments(&[id]).await?.pop();
+        // A claim made after the list's row was read went to the old row, which this write
+        // removed. Either the claim reads the record's kind after this write (and claims the new
+        // row itself), or its own write is seen here, since the record's claim comes before that
+        // read.
+        if let (
+            Some((at, false)),
+            Some(Attachment {
+                message_id: Some(message),
+                ..
+            }),
+        ) = (refiled, &stored)
+        {
+            self.session
+                .execute_unpaged(
+                    &self.statements.claim_chat_attachment_at,
+                    (at, message.0, chat.0, kind.as_str(), id),
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(stored)
+    }
+
+    /// [`Store::claim_attachments`], with `meanwhile` run between its read of each attachment
+    /// and its claim: how a test plays a deletion, or the write of an image's pictures, that
+    /// arrives in between.
+    ///
+    /// A claim writes only the `message_id` cells, beside the record and its row in the chat's
+    /// list, never the record itself: the pictures' write ([`Store::update_derived`]) rewrites
+    /// the record and the list's row, and neither can undo the other. Each cell is written 1 µs
+    /// after the write time of the row's record as read (`USING TIMESTAMP`), so a deletion that
+    /// read that version or a later one (every deletion after the claim's read) removes the
+    /// claim too, in whatever order their writes arrive: a deleted attachment is not brought
+    /// back as a row of a lone claim. The record's cell is claimed first, then the list's row of
+    /// the kind the record has after it: see `update_derived_meanwhile` for a re-filing racing
+    /// it.
+    pub async fn claim_attachments_meanwhile(
+        &self,
+        chat: ChatId,
+        ids: &[Uuid],
+        message: SignalId,
+        meanwhile: impl Future<Output = ()>,
+    ) -> Result<(), StoreError> {
+        let mut meanwhile = Some(meanwhile);
+        for &id in ids {
+            let read = self
+                .session
+                .execute_unpaged(&self.statements.attachment_written, (id,))
+                .await
+                .map_err(unavailable)?;
+            let Some((attachment, written)) = written_attachment(read)? else {
+                continue;
+            };
+            if attachment.chat_id != chat || attachment.message_id.is_some() {
+                continue;
+            }
+            if let Some(meanwhile) = meanwhile.take() {
+                meanwhile.await;
+            }
+            self.session
+                .execute_unpaged(
+                    &self.statements.claim_attachment_at,
+                    (written + 1, message.0, id),
+                )
+                .await
+                .map_err(unavailable)?;
+            let read = self
+                .session
+                .execute_unpaged(&self.statements.attachment_written, (id,))
+                .await
+                .map_err(unavailable)?;
+            let Some((now, _)) = written_attachment(read)? else {
+                continue;
+            };
+            let mut kinds = vec![attachment.kind];
+            if now.kind != attachment.kind {
+                kinds.push(now.kind);
+            }
+            for kind in kinds {
+                let listed = self
+                    .session
+                    .execute_unpaged(
+                        &self.statements.chat_attachment_written,
+                        (chat.0, kind.as_str(), id),
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                let Some((_, listed_at)) = written_attachment(listed)? else {
+                    continue;
+                };
+                self.session
+                    .execute_unpaged(
+                        &self.statements.claim_chat_attachment_at,
+                        (listed_at + 1, message.0, chat.0, kind.as_str(), id),
+                    )
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(())
     }
 
     /// `cql` with its tables qualified by this store's keyspace.
@@ -2684,6 +2826,16 @@ impl Store for CqlStore {
             .await
     }
 
+    async fn claim_attachments(
+        &self,
+        chat: ChatId,
+        ids: &[Uuid],
+        message: SignalId,
+    ) -> Result<(), StoreError> {
+        self.claim_attachments_meanwhile(chat, ids, message, async {})
+            .await
+    }
+
     async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError> {
         for sha in blobs {
             self.session
@@ -2703,10 +2855,11 @@ impl Store for CqlStore {
             .execute_unpaged(&self.statements.get_attachments, (ids.to_vec(),))
             .await
             .map_err(unavailable)?;
-        rows::<(Option<String>,)>(result)?
+        rows::<(Option<String>, Option<Uuid>)>(result)?
             .into_iter()
-            .filter_map(|(body,)| body)
-            .map(|body| serde_json::from_str(&body).map_err(corrupt))
+            // A row with a claim's cell and no record is one deleted since (the deletion's
+            // tombstone is newer than the record, not always than a late claim's cell).
+            .filter_map(|(body, claimed)| body.map(|body| claimed_attachment(&body, claimed)))
             .collect()
     }
 
@@ -2733,8 +2886,10 @@ impl Store for CqlStore {
                 )
                 .await
                 .map_err(unavailable)?;
-            for (body,) in rows::<(String,)>(result)? {
-                found.push(serde_json::from_str(&body).map_err(corrupt)?);
+            for (body, claimed) in rows::<(Option<String>, Option<Uuid>)>(result)? {
+                if let Some(body) = body {
+                    found.push(claimed_attachment(&body, claimed)?);
+                }
             }
         }
         found.sort_by_key(|a| std::cmp::Reverse(a.id));
@@ -3764,16 +3919,25 @@ fn limit_i32(limit: usize) -> i32 {
 fn written_attachment(
     result: scylla::response::query_result::QueryResult,
 ) -> Result<Option<(Attachment, i64)>, StoreError> {
-    match rows::<(Option<String>, Option<i64>)>(result)?
+    match rows::<(Option<String>, Option<i64>, Option<Uuid>)>(result)?
         .into_iter()
         .next()
     {
-        Some((Some(body), Some(written))) => Ok(Some((
-            serde_json::from_str(&body).map_err(corrupt)?,
-            written,
-        ))),
+        Some((Some(body), Some(written), claimed)) => {
+            Ok(Some((claimed_attachment(&body, claimed)?, written)))
+        }
         _ => Ok(None),
     }
+}
+
+/// An attachment's record (`body`) with the message a send claimed it for in its own cell, if
+/// any; records claimed before that cell existed carry it in the body.
+fn claimed_attachment(body: &str, claimed: Option<Uuid>) -> Result<Attachment, StoreError> {
+    let mut attachment: Attachment = serde_json::from_str(body).map_err(corrupt)?;
+    if let Some(message) = claimed {
+        attachment.message_id = Some(SignalId(message));
+    }
+    Ok(attachment)
 }
 
 /// Every row of an unpaged result, typed.

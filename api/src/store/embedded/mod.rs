@@ -1401,6 +1401,49 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn claim_attachments(
+        &self,
+        chat: ChatId,
+        ids: &[Uuid],
+        message: SignalId,
+    ) -> Result<(), StoreError> {
+        let ids = ids.to_vec();
+        self.with(move |c| {
+            // One transaction: nothing writes the record between its read and its write.
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            for id in ids {
+                let body: Option<String> = tx
+                    .query_row(
+                        "SELECT body FROM attachments WHERE id = ?1",
+                        params![blob(id)],
+                        |row| row.get(0),
+                    )
+                    .optional()
+                    .map_err(unavailable)?;
+                let Some(body) = body else {
+                    continue;
+                };
+                let mut attachment: Attachment =
+                    serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                if attachment.chat_id != chat || attachment.message_id.is_some() {
+                    continue;
+                }
+                attachment.message_id = Some(message);
+                let body = serde_json::to_string(&attachment)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                tx.execute(
+                    "UPDATE attachments SET body = ?2 WHERE id = ?1",
+                    params![blob(id), body],
+                )
+                .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
     async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError> {
         let blobs = blobs.to_vec();
         self.with(move |c| {
