@@ -4,7 +4,8 @@
 //! writes fail on demand.
 //!
 //! Also: a deletion that fails after its tombstone is written is finished by its retry, and so is
-//! the end of a circle pairing that fails part-way; a match whose chat fails leaves both waiting.
+//! the end of a circle pairing that fails part-way; a removal applied despite its error is
+//! finished by its own request; a match whose chat fails leaves both waiting.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -42,6 +43,8 @@ struct FlakyBookkeeping {
     failing_before_delete: AtomicBool,
     /// Taking a chat out of a leaving member's list fails.
     failing_untouch: AtomicBool,
+    /// A membership change fails after it was written.
+    failing_after_member_change: AtomicBool,
     edits: StoreGate,
     markers: StoreGate,
 }
@@ -303,7 +306,13 @@ impl Store for FlakyBookkeeping {
         chat: ChatId,
         change: &confab_api::store::GuardedChange,
     ) -> Result<bool, StoreError> {
-        self.inner.change_member(chat, change).await
+        let changed = self.inner.change_member(chat, change).await?;
+        if self.failing_after_member_change.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "injected failure after the write".into(),
+            ));
+        }
+        Ok(changed)
     }
     async fn touch_chat(
         &self,
@@ -639,6 +648,7 @@ impl FlakyServer {
             failing_after_delete: AtomicBool::new(false),
             failing_before_delete: AtomicBool::new(false),
             failing_untouch: AtomicBool::new(false),
+            failing_after_member_change: AtomicBool::new(false),
             edits: StoreGate::default(),
             markers: StoreGate::default(),
         });
@@ -1132,6 +1142,49 @@ async fn a_removal_whose_clean_up_fails_still_publishes_member_left() {
     .await
     .expect("no member.left event");
     // And the history says so.
+    let history = server
+        .get(&server.alice, &format!("/v1/chats/{}/signals", server.chat))
+        .await;
+    assert_eq!(history["items"][0]["kind"], "left", "{history}");
+}
+
+/// A removal whose write was applied but answered with an error (a timeout, a later step of it
+/// failing) is a removal: it succeeds, and `member.left` goes out at once, not when the outbox's
+/// sweep (not running here) finds its entry seconds later. It used to answer 503, and its retry
+/// 404 ("no such member"), while the member's streams kept routing the chat.
+#[tokio::test]
+async fn a_removal_applied_despite_its_error_is_finished_at_once() {
+    let server = FlakyServer::start(false).await;
+    let mut events = server.bus.subscribe().await.unwrap();
+    let bob: UserId =
+        serde_json::from_value(server.get(&server.bob, "/v1/me").await["id"].clone()).unwrap();
+    server
+        .store
+        .failing_after_member_change
+        .store(true, Ordering::SeqCst);
+    let removed = server
+        .http
+        .delete(format!(
+            "{}/v1/chats/{}/members/{bob}",
+            server.base, server.chat
+        ))
+        .bearer_auth(&server.alice)
+        .send()
+        .await
+        .unwrap();
+    assert!(removed.status().is_success(), "{}", removed.status());
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(logged) = events.next().await {
+            if let Event::MemberLeft(change) = &logged.envelope.event
+                && change.user_id == bob
+            {
+                return;
+            }
+        }
+        panic!("the event stream ended");
+    })
+    .await
+    .expect("no member.left event");
     let history = server
         .get(&server.alice, &format!("/v1/chats/{}/signals", server.chat))
         .await;

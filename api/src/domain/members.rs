@@ -109,7 +109,11 @@ impl ApiState {
             )
             .leaving(vec![user]);
             let intent = self.outbox.intend(&*self.store, &envelope).await?;
-            if !self.store.change_member(chat_id, &change).await? {
+            let applied = match self.store.change_member(chat_id, &change).await {
+                Ok(applied) => applied,
+                Err(error) => self.removed_all_the_same(chat_id, user, error).await?,
+            };
+            if !applied {
                 self.forgo(intent);
                 continue;
             }
@@ -134,6 +138,27 @@ impl ApiState {
             return Ok(());
         }
         Err(contended())
+    }
+
+    /// After a removal's write failed: `Ok(true)` when `user` is out of `chat` all the same (the
+    /// write was applied and a later step of it failed, or it timed out), once the chat is out of
+    /// their own rows too; else the write's `error`. The removal then finishes as one that
+    /// succeeded: `member.left` goes out now, so the member's open streams stop routing the chat,
+    /// instead of when the outbox's sweep finds the entry left behind, seconds later, while a
+    /// retry of the request would only hear that there is no such member.
+    async fn removed_all_the_same(
+        &self,
+        chat_id: ChatId,
+        user: UserId,
+        error: StoreError,
+    ) -> ApiResult<bool> {
+        match self.store.member_role(chat_id, user).await {
+            Ok(None) => {}
+            Ok(Some(_)) | Err(_) => return Err(error.into()),
+        }
+        tracing::warn!(%error, chat = %chat_id, %user, "a removal's write failed after the member was out; finishing it");
+        self.store.forget_left_chat(chat_id, user).await?;
+        Ok(true)
     }
 
     /// The members of a chat the caller is in, the caller's role among them and the chat, for a
