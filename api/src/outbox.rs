@@ -632,7 +632,14 @@ impl ApiState {
             tracing::warn!(id = %entry.id, "unreadable outbox entry dropped");
             return Ok(false);
         };
-        let mut envelope = envelope;
+        self.publish_as_stored(envelope).await
+    }
+
+    /// Publishes `envelope`'s event as the store holds its change now (see
+    /// [`ApiState::republish`]): what a late publish sends, whether a sweep's or a request's
+    /// retry, so that it never undoes what was stored and published since (a removal after the
+    /// join it announces, a deletion after the edit). `false` when nothing was published.
+    pub(crate) async fn publish_as_stored(&self, mut envelope: Envelope) -> ApiResult<bool> {
         if !envelope.joined.is_empty() {
             // Whoever left since must not be routed this chat's events again by a late copy.
             let members: HashSet<UserId> = self

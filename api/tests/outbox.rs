@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -36,13 +37,22 @@ fn required() -> bool {
     std::env::var("CONFAB_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
 }
 
-/// A bus whose appends fail: the log stays as it was.
-struct RefusingBus(Arc<dyn Bus>);
+/// A bus whose appends fail while `refusing` is set (from the start): the log stays as it was.
+struct RefusingBus(Arc<dyn Bus>, AtomicBool);
+
+impl RefusingBus {
+    fn new(bus: &Arc<dyn Bus>) -> RefusingBus {
+        RefusingBus(Arc::clone(bus), AtomicBool::new(true))
+    }
+}
 
 #[async_trait]
 impl Bus for RefusingBus {
-    async fn publish(&self, _: &Envelope) -> Result<u64, BusError> {
-        Err(BusError::Unavailable("refused for the test".into()))
+    async fn publish(&self, envelope: &Envelope) -> Result<u64, BusError> {
+        if self.1.load(Ordering::SeqCst) {
+            return Err(BusError::Unavailable("refused for the test".into()));
+        }
+        self.0.publish(envelope).await
     }
     async fn subscribe(&self) -> Result<BoxStream<'static, LoggedEvent>, BusError> {
         self.0.subscribe().await
@@ -225,7 +235,7 @@ const SWEEP_NOW: SweepSettings = SweepSettings {
 async fn a_silent_writers_events_are_published_by_a_sweep(parts: Parts) {
     let alice = user("alice");
     let chat = chat(&*parts.store, &alice).await;
-    let refused: Arc<dyn Bus> = Arc::new(RefusingBus(Arc::clone(&parts.bus)));
+    let refused: Arc<dyn Bus> = Arc::new(RefusingBus::new(&parts.bus));
     // The process that crashes: it stores, but the bus refuses its appends.
     let doomed = ApiState::new(
         Arc::clone(&parts.store),
@@ -384,7 +394,7 @@ async fn a_silent_writers_reactions_markers_and_membership_are_published_by_a_sw
     // The process that crashes: every change is stored, every event refused.
     let doomed = ApiState::new(
         Arc::clone(&parts.store),
-        Arc::new(RefusingBus(Arc::clone(&parts.bus))),
+        Arc::new(RefusingBus::new(&parts.bus)),
         Arc::clone(&parts.identity),
         &confab_runtime::signed::Keyring::random(),
     );
@@ -512,6 +522,128 @@ async fn embedded_a_silent_writers_events_are_published_by_a_sweep() {
 async fn real_a_silent_writers_events_are_published_by_a_sweep() {
     if let Some(parts) = Box::pin(real()).await {
         Box::pin(a_silent_writers_events_are_published_by_a_sweep(parts)).await;
+    }
+}
+
+/// A process whose bus refused its events retries them in the background. When the bus takes
+/// them again, a retry publishes the change as the store holds it then: a member removed (by
+/// another process) since their join is not routed the chat again by a late `member.joined`, and
+/// an edit of a message deleted since does not bring its text back after `signal.deleted`.
+async fn a_late_retry_never_undoes_a_later_change(parts: Parts) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = chat(&*parts.store, &alice).await;
+    parts.store.upsert_user(&bob).await.expect("user");
+    let new_state = |bus: Arc<dyn Bus>| {
+        ApiState::new(
+            Arc::clone(&parts.store),
+            bus,
+            Arc::clone(&parts.identity),
+            &confab_runtime::signed::Keyring::random(),
+        )
+    };
+    let working = new_state(Arc::clone(&parts.bus));
+    let refusing = Arc::new(RefusingBus::new(&parts.bus));
+    let cut_off = new_state(Arc::clone(&refusing) as Arc<dyn Bus>);
+    let (Outcome::Created(sent) | Outcome::Existing(sent)) = working
+        .send_message(
+            &alice,
+            chat,
+            NewMessage::parse(
+                SignalKind::Message,
+                Some("before".into()),
+                Some("n-late".into()),
+                None,
+                Vec::new(),
+            )
+            .expect("a valid message"),
+        )
+        .await
+        .expect("sent");
+
+    // Stored by the process cut off from the bus; its events wait in its retries.
+    cut_off
+        .add_member(alice.id, chat, bob.id, None)
+        .await
+        .expect("adds bob");
+    cut_off
+        .edit_message(
+            alice.id,
+            chat,
+            sent.id,
+            confab_api::domain::inputs::MessageText::parse("secret edit".into()).expect("text"),
+        )
+        .await
+        .expect("edits");
+    // Undone by the other process, whose events go out at once.
+    working
+        .remove_member(alice.id, chat, bob.id)
+        .await
+        .expect("removes bob");
+    working
+        .delete_message(alice.id, chat, sent.id)
+        .await
+        .expect("deletes");
+
+    refusing.1.store(false, Ordering::SeqCst);
+    // The retries are done once the cut-off process's entries are gone.
+    let now = confab_runtime::presence::now_ms();
+    let (first, last) = (
+        confab_api::outbox::bucket_of(now - 600_000),
+        confab_api::outbox::bucket_of(now + 600_000),
+    );
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !parts
+        .store
+        .outbox_entries(cut_off.outbox_writer(), first, last)
+        .await
+        .expect("reads the outbox")
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the retries never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let events = logged(&*parts.bus, chat).await;
+    let left_at = events
+        .iter()
+        .position(|e| matches!(&e.event, Event::MemberLeft(change) if change.user_id == bob.id))
+        .expect("bob's member.left");
+    assert!(
+        events[left_at..]
+            .iter()
+            .all(|e| !e.joined.contains(&bob.id)),
+        "bob routed the chat again after he left: {events:?}"
+    );
+    let deleted_at = events
+        .iter()
+        .position(|e| matches!(&e.event, Event::SignalDeleted(s) if s.id == sent.id))
+        .expect("the deletion");
+    assert!(
+        events[deleted_at..].iter().all(|e| !matches!(
+            &e.event,
+            Event::SignalUpdated(s) if s.id == sent.id
+        )),
+        "an edit published after the deletion: {events:?}"
+    );
+    if let Some(cleanup) = parts.cleanup {
+        cleanup.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_late_retry_never_undoes_a_later_change() {
+    if let Some(parts) = embedded().await {
+        Box::pin(a_late_retry_never_undoes_a_later_change(parts)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_a_late_retry_never_undoes_a_later_change() {
+    if let Some(parts) = Box::pin(real()).await {
+        Box::pin(a_late_retry_never_undoes_a_later_change(parts)).await;
     }
 }
 

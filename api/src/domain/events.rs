@@ -53,7 +53,10 @@ impl ApiState {
 
     /// Appends `envelope`, recorded in the outbox as `intent` before its change was stored, and
     /// then removes the entry. A failed publish is retried in the background for as long as the
-    /// process lives (the entry keeps it for a sweep if the process dies first).
+    /// process lives (the entry keeps it for a sweep if the process dies first). Each retry
+    /// publishes the change as the store holds it then, as a sweep does, or nothing when it was
+    /// undone or superseded since: a late copy of the envelope as it was would route a member
+    /// removed since back into the chat, or show an edit's text after the message's deletion.
     pub(crate) async fn publish_intended(&self, envelope: Envelope, intent: Intent) {
         let kind = envelope.event.kind().as_str();
         if self.bus.publish(&envelope).await.is_ok() {
@@ -70,10 +73,18 @@ impl ApiState {
             let mut delay = FIRST_RETRY;
             loop {
                 tokio::time::sleep(delay).await;
-                if state.bus.publish(&envelope).await.is_ok() {
-                    metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
-                    state.outbox.settle_key(&state.store, intent);
-                    return;
+                match state.publish_as_stored(envelope.clone()).await {
+                    Ok(published) => {
+                        if published {
+                            metrics::counter!("confab_events_published_total", "type" => kind)
+                                .increment(1);
+                        }
+                        state.outbox.settle_key(&state.store, intent);
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, event = kind, "event still not published");
+                    }
                 }
                 delay = (delay * 2).min(LONGEST_RETRY);
             }
