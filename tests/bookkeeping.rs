@@ -1191,6 +1191,52 @@ async fn a_removal_applied_despite_its_error_is_finished_at_once() {
     assert_eq!(history["items"][0]["kind"], "left", "{history}");
 }
 
+/// A removal publishes `member.left` before the `left` signal's bookkeeping (the chat's place in
+/// each member's list, the author's marker), which in a large group takes a while: until the
+/// event, the removed member's open streams still route the chat, and everything sent meanwhile
+/// reached them.
+#[tokio::test]
+async fn a_removal_stops_the_members_streams_before_its_bookkeeping() {
+    let server = FlakyServer::start(false).await;
+    let mut events = server.bus.subscribe().await.unwrap();
+    let bob: UserId =
+        serde_json::from_value(server.get(&server.bob, "/v1/me").await["id"].clone()).unwrap();
+    server
+        .store
+        .markers
+        .before_write
+        .store(true, Ordering::SeqCst);
+    let removing = {
+        let (http, url, alice) = (
+            server.http.clone(),
+            format!("{}/v1/chats/{}/members/{bob}", server.base, server.chat),
+            server.alice.clone(),
+        );
+        tokio::spawn(async move { http.delete(url).bearer_auth(alice).send().await.unwrap() })
+    };
+    server.store.markers.reached().await;
+    // The `left` signal's marker is held: `member.left` is out already.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(logged) = events.next().await {
+            if let Event::MemberLeft(change) = &logged.envelope.event
+                && change.user_id == bob
+            {
+                return;
+            }
+        }
+        panic!("the event stream ended");
+    })
+    .await
+    .expect("member.left waited for the bookkeeping");
+    server
+        .store
+        .markers
+        .before_write
+        .store(false, Ordering::SeqCst);
+    server.store.markers.released.notify_one();
+    assert!(removing.await.unwrap().status().is_success());
+}
+
 /// Ending a circle pairing whose clean-up fails part-way is finished by its retry: both are out of
 /// the pairing's chat. (The pairing used to be ended first, so the retry found none and left the
 /// partner, or both, in the chat.)

@@ -117,16 +117,18 @@ impl ApiState {
                 self.forgo(intent);
                 continue;
             }
-            // The member is out once the store says so: what follows is bookkeeping, and a
-            // failure of it neither holds back `member.left` (which stops the member's streams
-            // routing the chat) nor fails a removal a retry could not redo ("no such member").
+            // The member is out once the store says so, and `member.left` goes out at once: it
+            // stops the member's streams routing the chat, so nothing sent from now on reaches
+            // them. What follows is bookkeeping (the `left` signal waits for the chat's place in
+            // every member's list), and a failure of it fails no removal, which a retry could
+            // not redo ("no such member").
+            self.publish_intended(envelope, intent).await;
             if let Err(error) = self.store.untouch_chat(chat_id, user).await {
                 tracing::warn!(%error, chat = %chat_id, %user, "taking a chat out of a leaving member's list failed; readers skip it");
             }
             let recorded = self
                 .record_system_signal(chat_id, SignalKind::Left, user, None)
                 .await;
-            self.publish_intended(envelope, intent).await;
             if let Err(error) = recorded {
                 tracing::warn!(%error, chat = %chat_id, %user, "writing `left` into the history failed");
             }
