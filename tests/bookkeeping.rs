@@ -301,6 +301,9 @@ impl Store for FlakyBookkeeping {
     async fn forget_left_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
         self.inner.forget_left_chat(chat, user).await
     }
+    async fn restore_joined_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+        self.inner.restore_joined_chat(chat, user).await
+    }
     async fn change_member(
         &self,
         chat: ChatId,

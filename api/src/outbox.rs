@@ -655,6 +655,13 @@ impl ApiState {
         let Some(event) = stored_event(&envelope.event, held) else {
             return Ok(false);
         };
+        if let Event::MemberJoined(change) = &event {
+            // Likewise an addition may have stopped before it listed the chat in the member's
+            // own rows: their streams, searches and chat list would not know the chat.
+            self.store
+                .restore_joined_chat(envelope.chat_id, change.user_id)
+                .await?;
+        }
         if let Event::MemberLeft(change) = &event {
             // The removal is stored, but its request may have stopped before it took the chat
             // out of the member's own rows (on CQL a second write, after the conditional one),

@@ -879,3 +879,115 @@ async fn real_a_removal_cut_short_is_finished_by_the_sweep() {
     );
     let _ = cql::drop_keyspace(&options).await;
 }
+
+/// An addition whose request stopped after the authoritative write (the conditional batch on
+/// `chat_members`), before the second one listed the chat in the member's own row of
+/// `user_chats`: the member is a member, but none of their streams, searches or chat lists knows
+/// the chat, and a retry only found them a member already. A retry now lists it again, and so
+/// does the sweep that publishes the addition's `member.joined`. CQL only: the embedded store
+/// adds the one row in one statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_an_addition_cut_short_is_finished_by_its_retry_and_the_sweep() {
+    use confab_api::store::OutboxEntry;
+    use confab_schema::event::MemberChange;
+
+    let Some(options) =
+        fresh_keyspace("real_an_addition_cut_short_is_finished_by_its_retry_and_the_sweep").await
+    else {
+        return;
+    };
+    let cql = Arc::new(CqlStore::connect(&options).await.expect("connects"));
+    let store: Arc<dyn Store> = Arc::clone(&cql) as Arc<dyn Store>;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus: Arc<dyn Bus> = Arc::new(
+        EmbeddedBus::open(&dir.path().join("events.sqlite3"), LogSettings::default()).expect("bus"),
+    );
+    let state = ApiState::new(
+        Arc::clone(&store),
+        Arc::clone(&bus),
+        Arc::new(DevIdentity::open(dir.path()).expect("identity")),
+        &confab_runtime::signed::Keyring::random(),
+    );
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    for u in [&bob, &carol] {
+        store.upsert_user(u).await.expect("user");
+    }
+    let chat = chat(&*store, &alice).await;
+    // The authoritative write alone, as an addition cut short leaves it.
+    let cut_short = |member: UserId| {
+        let (cql, store) = (Arc::clone(&cql), Arc::clone(&store));
+        async move {
+            cql.session()
+                .query_unpaged(
+                    cql.qualify(
+                        "INSERT INTO chat_members (chat_id, user_id, role, joined_at) \
+                         VALUES (?, ?, 'member', toTimestamp(now()))",
+                    ),
+                    (chat.0, member.0),
+                )
+                .await
+                .expect("the authoritative write");
+            assert!(store.member_role(chat, member).await.expect("reads").is_some());
+            assert!(
+                !store.chats_of(member).await.expect("reads").contains(&chat),
+                "the member's own row was never written"
+            );
+        }
+    };
+
+    // The retry of the request lists the chat to bob.
+    cut_short(bob.id).await;
+    assert!(matches!(
+        state
+            .add_member(alice.id, chat, bob.id, None)
+            .await
+            .expect("the retry"),
+        Outcome::Existing(_)
+    ));
+    assert!(
+        store.chats_of(bob.id).await.expect("reads").contains(&chat),
+        "the retry listed the chat to bob"
+    );
+
+    // Carol's addition was made by a process that then went silent with its `member.joined`
+    // unpublished: the sweep lists the chat to her before it publishes the event.
+    cut_short(carol.id).await;
+    let writer = uuid::Uuid::new_v4();
+    let now = confab_runtime::presence::now_ms();
+    store
+        .outbox_heartbeat(writer, now, now)
+        .await
+        .expect("a heartbeat");
+    let joined = Envelope::new(
+        chat,
+        Event::MemberJoined(MemberChange {
+            user_id: carol.id,
+            role: Some(MemberRole::Member),
+        }),
+    )
+    .joining(vec![carol.id]);
+    store
+        .outbox_put(
+            writer,
+            &OutboxEntry {
+                bucket: confab_api::outbox::bucket_of(now),
+                id: joined.id,
+                envelope: serde_json::to_vec(&joined).expect("json"),
+            },
+        )
+        .await
+        .expect("the entry");
+    assert_eq!(state.sweep_outbox(SWEEP_NOW).await.expect("sweeps"), 1);
+    assert!(
+        store.chats_of(carol.id).await.expect("reads").contains(&chat),
+        "the sweep listed the chat to carol"
+    );
+    assert!(
+        logged(&*bus, chat)
+            .await
+            .iter()
+            .any(|e| e.joined.contains(&carol.id)),
+        "member.joined is published"
+    );
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}

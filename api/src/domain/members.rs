@@ -51,6 +51,9 @@ impl ApiState {
                 checked_user = true;
             }
             if let Some(existing) = members.iter().find(|m| m.user_id == user) {
+                // Perhaps the retry of an addition that stopped after its authoritative write:
+                // the chat is listed to the member again.
+                self.store.restore_joined_chat(chat_id, user).await?;
                 return Ok(Outcome::Existing(existing.clone()));
             }
             let member = Member {
@@ -70,7 +73,11 @@ impl ApiState {
             )
             .joining(vec![user]);
             let intent = self.outbox.intend(&*self.store, &envelope).await?;
-            if !self.store.change_member(chat_id, &change).await? {
+            let applied = match self.store.change_member(chat_id, &change).await {
+                Ok(applied) => applied,
+                Err(error) => self.added_all_the_same(chat_id, user, error).await?,
+            };
+            if !applied {
                 self.forgo(intent);
                 continue;
             }
@@ -140,6 +147,26 @@ impl ApiState {
             return Ok(());
         }
         Err(contended())
+    }
+
+    /// After an addition's write failed: `Ok(true)` when `user` is a member all the same (the
+    /// write was applied and a later step of it failed, or it timed out), once the chat is listed
+    /// to them again; else the write's `error`. Without this, the member's own rows would not list
+    /// the chat (on CQL, a second write after the conditional one), so none of their streams,
+    /// searches or chat lists would know it, and a retry would only find them a member.
+    async fn added_all_the_same(
+        &self,
+        chat_id: ChatId,
+        user: UserId,
+        error: StoreError,
+    ) -> ApiResult<bool> {
+        match self.store.member_role(chat_id, user).await {
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return Err(error.into()),
+        }
+        tracing::warn!(%error, chat = %chat_id, %user, "an addition's write failed after the member was in; finishing it");
+        self.store.restore_joined_chat(chat_id, user).await?;
+        Ok(true)
     }
 
     /// After a removal's write failed: `Ok(true)` when `user` is out of `chat` all the same (the

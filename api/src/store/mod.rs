@@ -388,6 +388,11 @@ pub trait Store: Send + Sync + 'static {
     /// `user_chats`, which their chat list, search and streams read). Takes nothing written after
     /// it looked: a user who joins again meanwhile keeps the chat.
     async fn forget_left_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
+    /// Finishes an addition of `user` to `chat` that stopped after its authoritative write: if
+    /// they are a member, lists the chat to them again (on CQL, their row of `user_chats`, as of
+    /// the role's write, so a removal or a change of role since wins over it). Without it the
+    /// member would be a member that none of their streams, searches or chat lists knows of.
+    async fn restore_joined_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
 
     // Activity.
 

@@ -616,6 +616,8 @@ struct Statements {
     insert_chat_member: PreparedStatement,
     insert_user_chat: PreparedStatement,
     member_role: PreparedStatement,
+    member_written: PreparedStatement,
+    insert_user_chat_at: PreparedStatement,
     chats_of: PreparedStatement,
     chat_ids_first: PreparedStatement,
     chat_ids_after: PreparedStatement,
@@ -816,6 +818,8 @@ impl CqlStore {
             insert_chat_member: "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?)".into(),
             insert_user_chat: "INSERT INTO user_chats (user_id, chat_id, role, joined_at) VALUES (?, ?, ?, ?)".into(),
             member_role: "SELECT role FROM chat_members WHERE chat_id = ? AND user_id = ?".into(),
+            member_written: "SELECT role, joined_at, writetime(role) FROM chat_members WHERE chat_id = ? AND user_id = ?".into(),
+            insert_user_chat_at: "INSERT INTO user_chats (user_id, chat_id, role, joined_at) VALUES (?, ?, ?, ?) USING TIMESTAMP ?".into(),
             chats_of: "SELECT chat_id, role FROM user_chats WHERE user_id = ?".into(),
             chat_ids_first: "SELECT id FROM chats LIMIT ?".into(),
             chat_ids_after: "SELECT id FROM chats WHERE token(id) > token(?) LIMIT ?".into(),
@@ -2114,6 +2118,38 @@ impl Store for CqlStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn restore_joined_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+        let row = self
+            .session
+            .execute_unpaged(&self.statements.member_written, (chat.0, user.0))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<String>, Option<CqlTimestamp>, Option<i64>)>()
+            .map_err(corrupt)?;
+        let Some((Some(role), joined_at, Some(written))) = row else {
+            return Ok(());
+        };
+        let role: MemberRole = parse(&role)?;
+        // At the role's own write time: a removal or a change of role written since is later,
+        // and wins over this copy whichever arrives first.
+        self.session
+            .execute_unpaged(
+                &self.statements.insert_user_chat_at,
+                (
+                    user.0,
+                    chat.0,
+                    role.as_str(),
+                    joined_at.unwrap_or(CqlTimestamp(0)),
+                    written,
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        self.copy_info_to(chat, user).await
     }
 
     async fn touch_chat(
