@@ -485,6 +485,72 @@ async fn websocket_resumes_on_the_real_stack() {
     }
 }
 
+/// The WebSocket path of [`a_fresh_stream_resumes_from_its_ready_id`]: a fresh socket's `ready`
+/// frame carries the id it starts after, and a client that dropped before its first event resumes
+/// from it and gets what was sent meanwhile.
+async fn a_fresh_socket_resumes_from_its_ready_id(stack: Stack) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    // Events of others before bob connects: the ready id is past them.
+    send(&app, &alice, &chat, "before").await;
+    let ws_url = format!("{}/v1/ws", app.base.replacen("http://", "ws://", 1));
+    let connect = |query: String| {
+        let bob = bob.clone();
+        let ws_url = ws_url.clone();
+        async move {
+            let mut request = format!("{ws_url}{query}").into_client_request().unwrap();
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {bob}").parse().unwrap());
+            let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+            let ready = next_frame(&mut ws).await;
+            assert_eq!(ready["type"], "ready", "the first frame: {ready}");
+            (ws, ready)
+        }
+    };
+
+    let (fresh, ready) = connect(String::new()).await;
+    let start = ready["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a fresh socket's ready frame has an id: {ready}"))
+        .to_owned();
+    drop(fresh);
+    send(&app, &alice, &chat, "while away").await;
+    let (mut resumed, ready) = connect(format!("?last_event_id={start}")).await;
+    assert_eq!(
+        ready.get("id"),
+        None,
+        "a resumed socket keeps the client's id: {ready}"
+    );
+    send(&app, &alice, &chat, "live").await;
+    let messages: Vec<String> = until_message(&mut resumed, "live")
+        .await
+        .iter()
+        .filter(|f| f["event"] == "signal.created")
+        .map(|f| f["data"]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(messages, ["while away", "live"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_fresh_socket_resumes_from_its_ready_id_on_the_embedded_default() {
+    Box::pin(a_fresh_socket_resumes_from_its_ready_id(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn a_fresh_socket_resumes_from_its_ready_id_on_the_real_stack() {
+    if support::real_stack_available("a_fresh_socket_resumes_from_its_ready_id_on_the_real_stack")
+        .await
+    {
+        Box::pin(a_fresh_socket_resumes_from_its_ready_id(Stack::Real)).await;
+    }
+}
+
 /// A process stopped cleanly, with nothing left in its outbox, forgets its outbox writer: no other
 /// process sweeps it after its silence, reading partitions that hold only its removals'
 /// tombstones.

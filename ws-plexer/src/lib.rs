@@ -3,7 +3,9 @@
 //! text frames.
 //!
 //! From the server:
-//! - `{"type": "ready"}` once the subscription is live;
+//! - `{"type": "ready", "id": "<sequence>"}` once the subscription is live. `id` is there on a
+//!   fresh stream only: the position it starts after, for the client to resume from until its
+//!   first event (a resumed stream's `ready` has none: the client keeps its own last id);
 //! - `{"type": "event", "id": "<sequence>", "event": "signal.created", "data": {...}}`;
 //! - `{"type": "reset", "reason": "..."}` when a resume cannot be served: re-read chats and history;
 //! - `{"type": "response", "id": ..., "status": 201, "body": {...}}` answering a request;
@@ -308,6 +310,17 @@ fn problem_response(id: &Value, problem: &Problem) -> String {
         .to_string()
 }
 
+/// The `ready` frame of a stream just opened. A fresh stream's carries, as `id`, the position it
+/// starts after (as SSE's `ready` event does): a client that drops before its first event resumes
+/// from there instead of missing what came meanwhile. A resumed stream's has none: its client
+/// keeps its own last id.
+fn ready_frame(subscription: &Subscription) -> String {
+    match subscription.fresh_after() {
+        Some(after) => json!({"type": "ready", "id": after.to_string()}).to_string(),
+        None => json!({"type": "ready"}).to_string(),
+    }
+}
+
 async fn serve(
     socket: WebSocket,
     mut caller: StreamIdentity,
@@ -319,12 +332,9 @@ async fn serve(
     let user = caller.user;
     let span = tracing::debug_span!("ws", %user);
     let _entered = span.enter();
-    if send(
-        &mut sink,
-        Message::Text(json!({"type": "ready"}).to_string().into()),
-    )
-    .await
-    .is_err()
+    if send(&mut sink, Message::Text(ready_frame(&subscription).into()))
+        .await
+        .is_err()
     {
         metrics::gauge!("confab_ws_connections").decrement(1.0);
         return;
@@ -381,7 +391,7 @@ async fn serve(
                                 Ok(after) => match state.hub.open_in(user, caller.session.clone(), Some(after)).await {
                                     Ok(resumed) => {
                                         subscription = resumed;
-                                        Some(json!({"type": "ready"}).to_string())
+                                        Some(ready_frame(&subscription))
                                     }
                                     Err(error) => Some(error_frame(&open_problem(&error))),
                                 },
