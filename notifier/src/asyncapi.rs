@@ -94,7 +94,8 @@ pub fn document() -> Value {
     let ws_frames = json!({
         "ws_event": {"name": "event", "summary": "An event: the `type`, `chat_id` and `data` of an SSE event, with its id (absent for ephemeral ones).",
             "payload": frame(json!({"type": {"const": "event"}, "id": {"type": "string"}, "event": {"type": "string", "enum": ws_event_types}, "chat_id": {"type": "string", "format": "uuid"}, "data": {}}), &["type", "event", "chat_id", "data"])},
-        "ws_ready": {"name": "ready", "payload": frame(json!({"type": {"const": "ready"}}), &["type"])},
+        "ws_ready": {"name": "ready", "summary": "The stream is live. A fresh stream's carries the id it starts after: a client resumes from it until its first event. A resumed stream's has none.",
+            "payload": frame(json!({"type": {"const": "ready"}, "id": {"type": "string"}}), &["type"])},
         "ws_reset": {"name": "reset", "summary": "The stream could not resume: re-read the chat list and history.",
             "payload": frame(json!({"type": {"const": "reset"}, "reason": {"type": "string", "enum": ["expired", "unknown-id", "too-far-behind"]}}), &["type", "reason"])},
         "ws_response": {"name": "response", "payload": frame(json!({"type": {"const": "response"}, "id": {"type": ["string", "number"]}, "status": {"type": "integer"}, "body": {}}), &["type", "id", "status"])},
