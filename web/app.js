@@ -1185,6 +1185,8 @@ function connectSocket(query) {
     const frame = JSON.parse(message.data);
     switch (frame.type) {
       case "ready":
+        // A fresh stream names where it starts: resuming from there misses nothing.
+        if (frame.id) state.lastEventId = frame.id;
         // A ticket opens the stream; API calls need the token itself.
         socket.send(JSON.stringify({ type: "auth", token: session.token }));
         break;
