@@ -469,6 +469,15 @@ impl Hub {
                 }
             }
         }
+        // A logout that ended the session while its chats and its replay were read (which
+        // `end_sessions` could not reach, the connection being pending): nothing goes to it.
+        if self
+            .revocations
+            .as_ref()
+            .is_some_and(|r| r.is_revoked(user, session.id.as_deref(), session.issued_at))
+        {
+            return Err(OpenError::Revoked);
+        }
         // What reached the connection while it was pending: the events of every chat.
         let mut pending = Vec::new();
         let mut routed = Vec::new();
@@ -1493,6 +1502,80 @@ mod tests {
         .await
         .expect("a call signal");
         assert_eq!(received, "for alice");
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    /// Membership that answers once the test lets it, after saying it was asked.
+    struct Gated {
+        chats: Vec<ChatId>,
+        asked: tokio::sync::Notify,
+        answer: tokio::sync::Notify,
+    }
+
+    #[async_trait]
+    impl Membership for Gated {
+        async fn chats_of(&self, _: UserId) -> Result<Vec<ChatId>, String> {
+            self.asked.notify_one();
+            self.answer.notified().await;
+            Ok(self.chats.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_session_ends_while_it_opens_gets_nothing() {
+        use confab_runtime::revocation::Revocations;
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let alice = UserId::from_subject("t", "a");
+        let chat = ChatId::new();
+        bus.publish(&message(chat, "before the logout"))
+            .await
+            .expect("publishes");
+        let revocations = Revocations::in_memory(Duration::from_secs(3600));
+        let membership = Arc::new(Gated {
+            chats: vec![chat],
+            asked: tokio::sync::Notify::new(),
+            answer: tokio::sync::Notify::new(),
+        });
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::clone(&membership) as Arc<dyn Membership>,
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        )
+        .with_revocations(Arc::clone(&revocations));
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let session = StreamSession {
+            id: Some("ending".to_owned()),
+            issued_at: 1,
+        };
+        let opening = {
+            let hub = hub.clone();
+            tokio::spawn(async move { hub.open_in(alice, session, Some(0)).await })
+        };
+        membership.asked.notified().await;
+        let logout = Revocation {
+            user: Some(alice),
+            session: Some("ending".to_owned()),
+            before: i64::MAX,
+        };
+        revocations
+            .revoke(logout.clone())
+            .await
+            .expect("records the logout");
+        hub.end_sessions(&logout);
+        membership.answer.notify_one();
+        let opened = tokio::time::timeout(Duration::from_secs(5), opening)
+            .await
+            .expect("the open ends")
+            .expect("the task");
+        assert!(
+            matches!(opened, Err(OpenError::Revoked)),
+            "a stream of an ended session opened, with its replay"
+        );
         shutdown.cancel();
         worker.await.expect("worker ends");
     }
