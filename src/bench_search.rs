@@ -40,12 +40,31 @@ pub struct SearchBenchArgs {
     /// deleted afterwards).
     #[arg(long)]
     pub meilisearch: bool,
+    /// Instead of the above: how long Meilisearch takes to search for a member of many chats with
+    /// the chats split into parts of each of these sizes (0: one query over all of them), for each
+    /// number of chats in `--member-of`. Uses `search.meili_url` (a fresh index, deleted
+    /// afterwards).
+    #[arg(long, value_delimiter = ',')]
+    pub part_sizes: Vec<usize>,
+    /// With `--part-sizes`: the numbers of chats the searcher is in.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "100,1000,2000,5000,10000,20000"
+    )]
+    pub member_of: Vec<usize>,
+    /// With `--part-sizes`: documents indexed, spread evenly over the largest `--member-of`.
+    #[arg(long, default_value_t = 20_000)]
+    pub documents: usize,
     /// Folder for the results file.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
 }
 
 pub async fn run(args: SearchBenchArgs, config: Config) -> anyhow::Result<()> {
+    if !args.part_sizes.is_empty() {
+        return part_sizes(&args, &config).await;
+    }
     if args.messages < 1_000 || args.chats < 10 || args.searches == 0 || args.batch == 0 {
         bail!("--messages at least 1000, --chats at least 10, --searches and --batch positive");
     }
@@ -85,6 +104,130 @@ pub async fn run(args: SearchBenchArgs, config: Config) -> anyhow::Result<()> {
     let path = args.out.join(format!("search-{stamp}.json"));
     std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
     println!("{}", serde_json::to_string_pretty(&results)?);
+    println!("results written to {}", path.display());
+    Ok(())
+}
+
+/// `--part-sizes`: one broad query (two words most documents hold) by a member of the first
+/// `member_of` chats, each part size in turn, timed five times after one untimed search; the best
+/// and the median, and whether the first page of hits is the newest twenty matching documents
+/// (computed here from what was indexed).
+async fn part_sizes(args: &SearchBenchArgs, config: &Config) -> anyhow::Result<()> {
+    let chats_max = args.member_of.iter().copied().max().unwrap_or(0);
+    if chats_max == 0 || args.documents == 0 {
+        bail!("--member-of and --documents must be positive");
+    }
+    let mut settings = config.meili_settings();
+    settings.index = format!("bench_parts_{}", uuid::Uuid::new_v4().simple());
+    settings.timeout = Duration::from_secs(600);
+    let engine = MeiliSearch::new(&settings)?;
+    let measured = async {
+        engine.prepare().await?;
+        let chats: Vec<ChatId> = (0..chats_max).map(|_| ChatId::new()).collect();
+        let author = UserId::from_subject("bench", "author");
+        let vocabulary = vocabulary(2_000);
+        let mut rng = Rng(0x005e_ed0f_9a27);
+        // A millisecond apart, so the newest-first order has no ties to break differently.
+        let start = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        // Which documents hold both words of the query: the expected page is computed here.
+        let mut matching: Vec<(usize, SignalId)> = Vec::new();
+        let documents: Vec<Change> = (0..args.documents)
+            .map(|i| {
+                let mut words: Vec<&str> = (0..6)
+                    .map(|_| vocabulary[rng.skewed(vocabulary.len())].as_str())
+                    .collect();
+                // Four documents in five hold both words of the query.
+                if i % 5 != 4 {
+                    words.extend(["harbour", "lantern"]);
+                }
+                let id = SignalId::new();
+                if i % 5 != 4 {
+                    matching.push((i, id));
+                }
+                Change::Upsert(Document {
+                    id,
+                    chat_id: chats[i % chats.len()],
+                    author_id: author,
+                    created_at: start + time::Duration::milliseconds(i64::try_from(i).unwrap_or(i64::MAX)),
+                    text: words.join(" "),
+                })
+            })
+            .collect();
+        println!(
+            "part sizes: indexing {} documents over {chats_max} chats",
+            args.documents
+        );
+        for batch in documents.chunks(args.batch.max(1)) {
+            engine.apply(batch, Some(("bench", "0"))).await?;
+        }
+        let mut rows = Vec::new();
+        for &member_of in &args.member_of {
+            let query = Query {
+                text: "harbour lantern".into(),
+                chats: chats[..member_of.min(chats.len())].to_vec(),
+                author: None,
+                before: None,
+                after: None,
+                offset: 0,
+                limit: 20,
+            };
+            // Newest first: the documents are a millisecond apart in index order.
+            let expected: Vec<SignalId> = matching
+                .iter()
+                .rev()
+                .filter(|(i, _)| i % chats.len() < member_of)
+                .take(20)
+                .map(|(_, id)| *id)
+                .collect();
+            for &part in &args.part_sizes {
+                let parts = if part == 0 { usize::MAX } else { part };
+                let engine = MeiliSearch::new(&settings)?.with_chats_per_part(parts);
+                let page: Vec<SignalId> = engine.search(&query).await?.hits.iter().map(|h| h.id).collect();
+                let mut times = Vec::with_capacity(5);
+                for _ in 0..5 {
+                    let started = Instant::now();
+                    engine.search(&query).await?;
+                    times.push(started.elapsed().as_secs_f64() * 1000.0);
+                }
+                times.sort_by(f64::total_cmp);
+                let same_page = page == expected;
+                println!(
+                    "member of {member_of:>6} chats, parts of {:>6}: best {:>8.1} ms, median {:>8.1} ms, {} hits{}",
+                    if part == 0 { "all".to_owned() } else { part.to_string() },
+                    times[0],
+                    times[2],
+                    page.len(),
+                    if same_page {
+                        String::new()
+                    } else {
+                        let found = page.iter().filter(|id| expected.contains(id)).count();
+                        format!(", NOT THE NEWEST: {found} of the {} expected", expected.len())
+                    }
+                );
+                rows.push(json!({
+                    "member_of": member_of,
+                    "chats_per_part": (part != 0).then_some(part),
+                    "best_ms": times[0],
+                    "median_ms": times[2],
+                    "hits": page.len(),
+                    "same_page": same_page,
+                }));
+            }
+        }
+        anyhow::Ok(rows)
+    }
+    .await;
+    let _ = engine.delete_index().await;
+    let results = json!({
+        "documents": args.documents,
+        "chats": chats_max,
+        "default_chats_per_part": confab_runtime::search::CHATS_PER_PART,
+        "runs": measured?,
+    });
+    std::fs::create_dir_all(&args.out)?;
+    let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+    let path = args.out.join(format!("search-parts-{stamp}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
     println!("results written to {}", path.display());
     Ok(())
 }

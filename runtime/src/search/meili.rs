@@ -40,6 +40,8 @@ pub struct MeiliSearch {
     client: Client,
     index: Index,
     timeout: Duration,
+    /// How many chats one part of a search filters on ([`CHATS_PER_PART`]).
+    chats_per_part: usize,
 }
 
 fn checkpoint_id(name: &str) -> String {
@@ -60,12 +62,14 @@ fn classify(error: Error) -> SearchError {
     }
 }
 
-/// How many chats one part of a search filters on. Meilisearch's cost for a `chat_id IN [...]`
+/// How many chats one part of a search filters on, by default. Meilisearch's cost for a `chat_id IN [...]`
 /// filter grows faster than its length (100 chats 3 ms, 1,000 70 ms, 10,000 5.8 s:
 /// docs/BENCHMARKS.md), so a search is a federated multi-search of one query per this many chats.
 /// Meilisearch merges the parts' hits rule by rule (the merged relevance rules, then the
 /// `created_at` sort, then exactness), which is the order one query over all the chats gives.
-const CHATS_PER_PART: usize = 100;
+/// `confab bench-search --part-sizes` measures the alternatives, and checks the page: from about
+/// 5,000 chats, one filter over all of them answered a first page without the newest hits.
+pub const CHATS_PER_PART: usize = 100;
 
 /// `text` without Meilisearch's query operators: a `-` before a word excludes it and quotes make
 /// a phrase, so `-x` alone would list every message but those with `x` (a placeholder search).
@@ -105,7 +109,16 @@ impl MeiliSearch {
             client,
             index,
             timeout: settings.timeout,
+            chats_per_part: CHATS_PER_PART,
         })
+    }
+
+    /// The same engine with searches split into parts of `chats` chats each (`usize::MAX`: one
+    /// query over all of them), for the benchmark that chose [`CHATS_PER_PART`].
+    #[must_use]
+    pub fn with_chats_per_part(mut self, chats: usize) -> MeiliSearch {
+        self.chats_per_part = chats.max(1);
+        self
     }
 
     /// Deletes the index (tests and benchmarks clean up with it).
@@ -283,7 +296,7 @@ impl Search for MeiliSearch {
         }
         // Ids are UUIDs: nothing in them needs quoting.
         let filters: Vec<String> = chats
-            .chunks(CHATS_PER_PART)
+            .chunks(self.chats_per_part)
             .map(|part| {
                 let part: Vec<String> = part.iter().map(|c| format!("\"{c}\"")).collect();
                 format!("chat_id IN [{}]{rest}", part.join(", "))

@@ -23,7 +23,7 @@ use confab_schema::{ChatId, Envelope, Event, Signal, SignalId, UserId};
 use futures::future::BoxFuture;
 use time::OffsetDateTime;
 
-pub use meili::{MeiliSearch, MeiliSettings};
+pub use meili::{CHATS_PER_PART, MeiliSearch, MeiliSettings};
 pub use tantivy::TantivySearch;
 
 use crate::telemetry::ReadinessCheck;
