@@ -927,7 +927,13 @@ async fn real_an_addition_cut_short_is_finished_by_its_retry_and_the_sweep() {
                 )
                 .await
                 .expect("the authoritative write");
-            assert!(store.member_role(chat, member).await.expect("reads").is_some());
+            assert!(
+                store
+                    .member_role(chat, member)
+                    .await
+                    .expect("reads")
+                    .is_some()
+            );
             assert!(
                 !store.chats_of(member).await.expect("reads").contains(&chat),
                 "the member's own row was never written"
@@ -979,7 +985,11 @@ async fn real_an_addition_cut_short_is_finished_by_its_retry_and_the_sweep() {
         .expect("the entry");
     assert_eq!(state.sweep_outbox(SWEEP_NOW).await.expect("sweeps"), 1);
     assert!(
-        store.chats_of(carol.id).await.expect("reads").contains(&chat),
+        store
+            .chats_of(carol.id)
+            .await
+            .expect("reads")
+            .contains(&chat),
         "the sweep listed the chat to carol"
     );
     assert!(
