@@ -1,6 +1,7 @@
-//! A store that passes every call on to another, except that the writes a test names wait at a
-//! gate until the test lets them go: the tests of races between requests play their interleaving
-//! with it, on any store (the embedded one, or CQL).
+//! A store that passes every call on to another, except the writes a test names: those wait at a
+//! gate until the test lets them go, or fail (before or after they are made). The tests of races
+//! between requests play their interleaving with it, and the tests of writes that fail part-way
+//! make them fail where they choose, on any store (the embedded one, or CQL).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -11,7 +12,7 @@ use confab_api::store::{
     CallRecord, ChatActivity, ChatEntry, Inserted, MarkerKind, MemberPut, NewChat, OutboxEntry,
     OutboxWriter, RingingCall, Slot, SlotWrite, SmallObjectInfo, Store, StoreError,
 };
-use confab_schema::call::CallStatus;
+use confab_schema::call::{CallState, CallStatus};
 use confab_schema::circle::{Circle, CircleMember};
 use confab_schema::{Chat, ChatId, CircleId, Member, MemberRole, Signal, SignalId, User, UserId};
 use time::OffsetDateTime;
@@ -19,7 +20,7 @@ use tokio::sync::watch;
 
 use super::DEADLINE;
 
-/// A kind of write a [`HeldStore`] can hold.
+/// A kind of write a [`HeldStore`] can hold or fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Held {
     /// A participant put into (`true`) or taken out of (`false`) a call.
@@ -28,6 +29,30 @@ pub enum Held {
     Pictures,
     /// A sent message's claim on its attachments (`Store::claim_attachments`).
     Claim,
+    /// A `call` signal of this state stored (`Store::insert_signal`).
+    CallSignal(CallState),
+    /// A call's status moved to this one (`Store::transition_call`).
+    CallStatus(CallStatus),
+}
+
+/// What a [`HeldStore`] does with a write it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// It waits at the gate.
+    Hold,
+    /// It is not made, and fails.
+    Fail,
+    /// It is made, and fails all the same (a write that timed out after it was applied).
+    FailAfter,
+}
+
+/// The writes of one kind a [`HeldStore`] does something to, and how many more (`None`: every
+/// one).
+#[derive(Debug)]
+struct Rule {
+    kind: Held,
+    fault: Fault,
+    left: Option<usize>,
 }
 
 /// Where held writes wait: how many arrived, whether it is open, how many were done after it
@@ -76,11 +101,10 @@ impl Gate {
     }
 }
 
-/// Passes every call on to `inner`; the writes of the kind it holds wait at `gate`.
+/// Passes every call on to `inner`; the writes its rules name wait at `gate` or fail.
 pub struct HeldStore {
     pub inner: Arc<dyn Store>,
-    /// The kind of write held, and how many more of it (`None`: every one).
-    held: Mutex<Option<(Held, Option<usize>)>>,
+    rules: Mutex<Vec<Rule>>,
     pub gate: Gate,
 }
 
@@ -88,40 +112,73 @@ impl HeldStore {
     pub fn new(inner: Arc<dyn Store>) -> HeldStore {
         HeldStore {
             inner,
-            held: Mutex::new(None),
+            rules: Mutex::new(Vec::new()),
             gate: Gate::new(),
         }
     }
 
+    fn rule(&self, kind: Held, fault: Fault, left: Option<usize>) {
+        self.rules.lock().unwrap().push(Rule { kind, fault, left });
+    }
+
     /// Holds every write of kind `held`.
     pub fn hold(&self, held: Held) {
-        *self.held.lock().unwrap() = Some((held, None));
+        self.rule(held, Fault::Hold, None);
     }
 
     /// Holds the next write of kind `held` only.
     pub fn hold_next(&self, held: Held) {
-        *self.held.lock().unwrap() = Some((held, Some(1)));
+        self.rule(held, Fault::Hold, Some(1));
     }
 
-    async fn through<T>(&self, write: Held, done: impl Future<Output = T>) -> T {
-        let holds = {
-            let mut held = self.held.lock().unwrap();
-            match &mut *held {
-                Some((kind, left)) if *kind == write => {
-                    match left {
-                        Some(1) => *held = None,
-                        Some(n) => *n -= 1,
-                        None => {}
-                    }
-                    true
-                }
-                _ => false,
+    /// Fails the next `times` writes of kind `held` without making them.
+    pub fn fail(&self, held: Held, times: usize) {
+        self.rule(held, Fault::Fail, Some(times));
+    }
+
+    /// Fails the next write of kind `held` without making it.
+    pub fn fail_next(&self, held: Held) {
+        self.fail(held, 1);
+    }
+
+    /// Makes the next write of kind `held`, then fails it: a write that timed out after it was
+    /// applied.
+    pub fn fail_next_after(&self, held: Held) {
+        self.rule(held, Fault::FailAfter, Some(1));
+    }
+
+    /// What to do with a write of kind `write`: the first rule naming it, one use of it taken.
+    fn fault(&self, write: Held) -> Option<Fault> {
+        let mut rules = self.rules.lock().unwrap();
+        let at = rules.iter().position(|rule| rule.kind == write)?;
+        let fault = rules[at].fault;
+        match &mut rules[at].left {
+            Some(1) => {
+                rules.remove(at);
             }
-        };
-        if holds {
-            self.gate.pass(done).await
-        } else {
-            done.await
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        Some(fault)
+    }
+
+    fn failure(&self, write: Held) -> StoreError {
+        StoreError::Unavailable(format!("{write:?} failed on purpose"))
+    }
+
+    async fn through<T>(
+        &self,
+        write: Held,
+        done: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match self.fault(write) {
+            None => done.await,
+            Some(Fault::Hold) => self.gate.pass(done).await,
+            Some(Fault::Fail) => Err(self.failure(write)),
+            Some(Fault::FailAfter) => {
+                done.await?;
+                Err(self.failure(write))
+            }
         }
     }
 }
@@ -383,7 +440,16 @@ impl Store for HeldStore {
         self.inner.chat_entries(user, chats).await
     }
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError> {
-        self.inner.insert_signal(signal).await
+        match &signal.call {
+            Some(call) => {
+                self.through(
+                    Held::CallSignal(call.state),
+                    self.inner.insert_signal(signal),
+                )
+                .await
+            }
+            None => self.inner.insert_signal(signal).await,
+        }
     }
     async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError> {
         self.inner.get_signal(chat, id).await
@@ -617,7 +683,11 @@ impl Store for HeldStore {
         from: CallStatus,
         to: CallStatus,
     ) -> Result<bool, StoreError> {
-        self.inner.transition_call(id, from, to).await
+        self.through(
+            Held::CallStatus(to),
+            self.inner.transition_call(id, from, to),
+        )
+        .await
     }
     async fn live_calls(&self, chat: ChatId) -> Result<Vec<CallRecord>, StoreError> {
         self.inner.live_calls(chat).await
