@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use confab_api::store::{
-    CallRecord, ChatActivity, ChatEntry, Inserted, MarkerKind, MemberPut, NewChat, OutboxEntry,
-    OutboxWriter, RingingCall, Slot, SlotWrite, SmallObjectInfo, Store, StoreError,
+    CallRecord, ChatActivity, ChatEntry, Inserted, ListedCall, MarkerKind, MemberPut, NewChat,
+    OutboxEntry, OutboxWriter, PendingCallSignal, Slot, SlotWrite, SmallObjectInfo, Store,
+    StoreError,
 };
 use confab_schema::call::{CallState, CallStatus};
 use confab_schema::circle::{Circle, CircleMember};
@@ -707,14 +708,33 @@ impl Store for HeldStore {
         )
         .await
     }
-    async fn ringing_calls_due(
+    async fn pending_call_signal(
+        &self,
+        id: uuid::Uuid,
+        user: UserId,
+    ) -> Result<Option<PendingCallSignal>, StoreError> {
+        self.inner.pending_call_signal(id, user).await
+    }
+    async fn set_pending_call_signal(
+        &self,
+        id: uuid::Uuid,
+        user: UserId,
+        pending: Option<&PendingCallSignal>,
+    ) -> Result<(), StoreError> {
+        self.inner.set_pending_call_signal(id, user, pending).await
+    }
+    async fn list_call(&self, call: &ListedCall) -> Result<(), StoreError> {
+        self.inner.list_call(call).await
+    }
+    async fn listed_calls_due(
         &self,
         now: OffsetDateTime,
+        after: Option<&ListedCall>,
         limit: usize,
-    ) -> Result<Vec<RingingCall>, StoreError> {
-        self.inner.ringing_calls_due(now, limit).await
+    ) -> Result<Vec<ListedCall>, StoreError> {
+        self.inner.listed_calls_due(now, after, limit).await
     }
-    async fn forget_ringing_call(&self, call: &RingingCall) -> Result<(), StoreError> {
-        self.inner.forget_ringing_call(call).await
+    async fn forget_listed_call(&self, call: &ListedCall) -> Result<(), StoreError> {
+        self.inner.forget_listed_call(call).await
     }
 }

@@ -280,7 +280,7 @@ impl ApiState {
     /// reaches the callees as a message's does). Safe in several processes at once: the status
     /// moves once. Answers how many calls it made missed.
     pub async fn sweep_missed_calls(&self, now: OffsetDateTime) -> ApiResult<usize> {
-        let due = self.store.ringing_calls_due(now, SWEEP_BATCH).await?;
+        let due = self.store.listed_calls_due(now, None, SWEEP_BATCH).await?;
         let mut missed = 0;
         for ringing in due {
             let Some(record) = self.store.get_call(ringing.id).await? else {
@@ -288,7 +288,7 @@ impl ApiState {
                 continue;
             };
             if record.status != CallStatus::Ringing {
-                self.store.forget_ringing_call(&ringing).await?;
+                self.store.forget_listed_call(&ringing).await?;
                 continue;
             }
             if !self

@@ -72,7 +72,9 @@ macro_rules! store_conformance_tests {
             deleting_a_chat_removes_everything,
             call_signals_keep_their_call,
             calls_move_once_and_ring_until_answered,
-            a_chats_live_calls
+            a_chats_live_calls,
+            the_sweepers_list_pages_and_keeps_calls_until_forgotten,
+            pending_call_signals_replace_each_other
         );
     };
     (@cases $open:expr; $($case:ident),+) => {
@@ -2994,7 +2996,7 @@ pub async fn calls_move_once_and_ring_until_answered(store: Arc<dyn Store>) {
     );
     let due = |store: Arc<dyn Store>| async move {
         store
-            .ringing_calls_due(now, 10_000)
+            .listed_calls_due(now, None, 10_000)
             .await
             .expect("reads")
             .into_iter()
@@ -3045,7 +3047,11 @@ pub async fn calls_move_once_and_ring_until_answered(store: Arc<dyn Store>) {
     );
 
     let listed = due(Arc::clone(&store)).await;
-    assert!(!listed.contains(&answered.id), "no longer ringing");
+    assert_eq!(
+        listed.contains(&answered.id),
+        b,
+        "an answered call leaves the sweeper's list; a missed one stays until its signal"
+    );
     assert!(listed.contains(&unanswered.id));
     assert!(
         store
@@ -3060,8 +3066,145 @@ pub async fn calls_move_once_and_ring_until_answered(store: Arc<dyn Store>) {
             .expect("moves"),
         "a missed call is not answered"
     );
+    assert!(
+        due(Arc::clone(&store)).await.contains(&unanswered.id),
+        "listed until its signal is written"
+    );
+    store
+        .forget_listed_call(&super::ListedCall {
+            id: unanswered.id,
+            chat_id: chat,
+            due: unanswered.ring_until,
+        })
+        .await
+        .expect("forgets");
     assert!(!due(Arc::clone(&store)).await.contains(&unanswered.id));
     assert_eq!(store.get_call(Uuid::now_v7()).await.expect("reads"), None);
+}
+
+/// The sweeper's list: a call listed more than once is listed at each time, listings come in
+/// order of when they are due and then of call id, a page continues after the listing given, and a
+/// listing stays until it is forgotten, whatever its call's status.
+pub async fn the_sweepers_list_pages_and_keeps_calls_until_forgotten(store: Arc<dyn Store>) {
+    use super::ListedCall;
+    let chat = ChatId::new();
+    // Days before any other case's listings, so that only this case's are due by `bound`.
+    let base = confab_schema::model::to_millis(OffsetDateTime::now_utc()) - time::Duration::days(3);
+    let at = |ms: i64| base + time::Duration::milliseconds(ms);
+    let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut listings = vec![
+        ListedCall {
+            id: first,
+            chat_id: chat,
+            due: at(0),
+        },
+        ListedCall {
+            id: second,
+            chat_id: chat,
+            due: at(0),
+        },
+        ListedCall {
+            id: first,
+            chat_id: chat,
+            due: at(5),
+        },
+        ListedCall {
+            id: Uuid::now_v7(),
+            chat_id: chat,
+            due: at(7),
+        },
+        ListedCall {
+            id: Uuid::now_v7(),
+            chat_id: chat,
+            due: at(20),
+        },
+    ];
+    for listing in &listings {
+        store.list_call(listing).await.expect("lists");
+    }
+    let bound = at(10);
+    let page = |after: Option<ListedCall>| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .listed_calls_due(bound, after.as_ref(), 2)
+                .await
+                .expect("reads")
+        }
+    };
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let listed = page(after).await;
+        assert!(listed.len() <= 2);
+        seen.extend(listed.iter().copied());
+        match listed.last() {
+            Some(last) if listed.len() == 2 => after = Some(*last),
+            _ => break,
+        }
+    }
+    listings.pop();
+    listings.sort_by_key(|l| (l.due, l.id));
+    assert_eq!(seen, listings, "every listing due, in order, each once");
+
+    store
+        .forget_listed_call(&listings[0])
+        .await
+        .expect("forgets");
+    let left: Vec<ListedCall> = store
+        .listed_calls_due(bound, None, 10)
+        .await
+        .expect("reads");
+    assert_eq!(left, listings[1..], "only that listing is forgotten");
+}
+
+/// A participant's pending call signal is one at a time: a new one replaces the last, and it is
+/// gone once removed.
+pub async fn pending_call_signals_replace_each_other(store: Arc<dyn Store>) {
+    use super::PendingCallSignal;
+    use confab_schema::call::CallState;
+    let (call, user, other) = (Uuid::now_v7(), user("pending").id, user("other").id);
+    assert_eq!(
+        store.pending_call_signal(call, user).await.expect("reads"),
+        None
+    );
+    let joined = PendingCallSignal {
+        state: CallState::Joined,
+        token: Uuid::now_v7(),
+    };
+    let left = PendingCallSignal {
+        state: CallState::Left,
+        token: Uuid::now_v7(),
+    };
+    store
+        .set_pending_call_signal(call, user, Some(&joined))
+        .await
+        .expect("stores");
+    assert_eq!(
+        store.pending_call_signal(call, user).await.expect("reads"),
+        Some(joined)
+    );
+    assert_eq!(
+        store.pending_call_signal(call, other).await.expect("reads"),
+        None,
+        "another participant's is apart"
+    );
+    store
+        .set_pending_call_signal(call, user, Some(&left))
+        .await
+        .expect("stores");
+    assert_eq!(
+        store.pending_call_signal(call, user).await.expect("reads"),
+        Some(left)
+    );
+    store
+        .set_pending_call_signal(call, user, None)
+        .await
+        .expect("removes");
+    assert_eq!(
+        store.pending_call_signal(call, user).await.expect("reads"),
+        None
+    );
 }
 
 /// A chat's live calls are its ringing and active ones: a call leaves the list when it is missed or

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use confab_runtime::blobs::{BlobError, BlobInfo, BlobName, SmallObjects};
 use confab_runtime::telemetry::ReadinessCheck;
 use confab_schema::attachment::ImageInfo;
-use confab_schema::call::{CallSignal, CallStatus};
+use confab_schema::call::{CallSignal, CallState, CallStatus};
 use confab_schema::circle::{Circle, CircleMember};
 use confab_schema::push::Device;
 use confab_schema::settings::{ChatSettings, UserSettings};
@@ -124,12 +124,24 @@ pub struct CallRecord {
     pub status: CallStatus,
 }
 
-/// A ringing call whose ring has run out, as [`Store::ringing_calls_due`] lists it.
+/// A call in the sweeper's list ([`Store::listed_calls_due`]), due at `due`. A ringing call is
+/// listed until its ring ends (`due`: its `ring_until`), and a call being ended is listed from
+/// before its status moves (`due`: when its end began); either listing stays until the call's
+/// `missed` or `ended` signal is written. A call may be listed more than once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RingingCall {
+pub struct ListedCall {
     pub id: Uuid,
     pub chat_id: ChatId,
-    pub ring_until: OffsetDateTime,
+    pub due: OffsetDateTime,
+}
+
+/// A participant's join or leave whose `joined` or `left` signal may not be written yet: stored
+/// before the change, removed once its signal is written. `token` names the change, for its
+/// signal's nonce, so that a retry of the change writes the same signal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingCallSignal {
+    pub state: CallState,
+    pub token: Uuid,
 }
 
 /// What a signal keeps in its `text` column. A `call` signal keeps its call there as
@@ -748,13 +760,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<SignalId>, StoreError>;
     // Calls.
 
-    /// Stores a new call with its starter as its first participant, and, while it rings, in the
-    /// list of ringing calls.
+    /// Stores a new call with its starter as its first participant, listed for the sweeper at
+    /// its `ring_until` (see [`ListedCall`]).
     async fn create_call(&self, call: &CallRecord) -> Result<(), StoreError>;
     async fn get_call(&self, id: Uuid) -> Result<Option<CallRecord>, StoreError>;
     /// Moves call `id` from `from` to `to`; `false` when it was not in `from` (another change won).
-    /// Linearizable: of racing transitions out of one status, exactly one succeeds. Leaving
-    /// `ringing` also takes the call out of the list of ringing calls.
+    /// Linearizable: of racing transitions out of one status, exactly one succeeds. An answer
+    /// (`ringing` to `active`) also takes the call's listing at its `ring_until` out of the
+    /// sweeper's list; a call that is missed or ended stays listed until its signal is written
+    /// ([`Store::forget_listed_call`]).
     async fn transition_call(
         &self,
         id: Uuid,
@@ -772,16 +786,34 @@ pub trait Store: Send + Sync + 'static {
         user: UserId,
         present: bool,
     ) -> Result<(), StoreError>;
-    /// Up to `limit` calls of the list of ringing calls whose ring ended at or before `now`,
-    /// oldest first. May list calls that stopped ringing meanwhile; [`Store::transition_call`]
-    /// tells.
-    async fn ringing_calls_due(
+    /// The join or leave of `user` in call `id` whose signal may not be written yet, if any.
+    async fn pending_call_signal(
+        &self,
+        id: Uuid,
+        user: UserId,
+    ) -> Result<Option<PendingCallSignal>, StoreError>;
+    /// Stores (`Some`, in place of any other) or removes (`None`) the join or leave of `user` in
+    /// call `id` whose signal may not be written yet.
+    async fn set_pending_call_signal(
+        &self,
+        id: Uuid,
+        user: UserId,
+        pending: Option<&PendingCallSignal>,
+    ) -> Result<(), StoreError>;
+    /// Lists a call for the sweeper, due at `call.due`.
+    async fn list_call(&self, call: &ListedCall) -> Result<(), StoreError>;
+    /// Up to `limit` listings of the sweeper's list due at or before `now`, in order (by `due`,
+    /// then by call id), after `after` when given: a sweep pages past the listings it leaves.
+    /// May list calls whose status moved since, and calls never stored (on CQL a start lists its
+    /// call before it stores it, and may fail in between): the sweeper reads each call.
+    async fn listed_calls_due(
         &self,
         now: OffsetDateTime,
+        after: Option<&ListedCall>,
         limit: usize,
-    ) -> Result<Vec<RingingCall>, StoreError>;
-    /// Takes a call out of the list of ringing calls.
-    async fn forget_ringing_call(&self, call: &RingingCall) -> Result<(), StoreError>;
+    ) -> Result<Vec<ListedCall>, StoreError>;
+    /// Takes one listing of a call out of the sweeper's list.
+    async fn forget_listed_call(&self, call: &ListedCall) -> Result<(), StoreError>;
 
     /// Markers of `chat` after user `after`, in user-id order.
     async fn markers_page(

@@ -1,6 +1,7 @@
 //! Calls on CQL: `calls` (status changed only by lightweight transaction), `call_participants`,
-//! `ringing_calls`, the one-partition list the ring timeout sweeper reads, and `live_calls`, a
-//! chat's ringing and active calls.
+//! `ringing_calls`, the one-partition list the sweeper reads (ringing calls, and calls being ended
+//! until their signal is written: see [`ListedCall`]), `live_calls`, a chat's ringing and active
+//! calls, and `pending_call_signals`, the joins and leaves whose signal may not be written yet.
 
 use confab_schema::call::CallStatus;
 use confab_schema::{ChatId, UserId};
@@ -11,7 +12,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{CqlStore, applied, corrupt, qualify, rows, unavailable};
-use crate::store::{CallRecord, RingingCall, StoreError, from_millis, millis, parse};
+use crate::store::{
+    CallRecord, ListedCall, PendingCallSignal, StoreError, from_millis, millis, parse,
+};
 
 /// The partition of `ringing_calls`: there are few ringing calls at any time.
 const RINGING_SHARD: i32 = 0;
@@ -25,7 +28,11 @@ pub(super) struct CallStatements {
     remove_participant: PreparedStatement,
     insert_ringing: PreparedStatement,
     ringing_due: PreparedStatement,
+    ringing_due_after: PreparedStatement,
     delete_ringing: PreparedStatement,
+    pending: PreparedStatement,
+    insert_pending: PreparedStatement,
+    delete_pending: PreparedStatement,
     insert_live: PreparedStatement,
     live_of_chat: PreparedStatement,
     delete_live: PreparedStatement,
@@ -68,8 +75,26 @@ impl CallStatements {
                 "SELECT ring_until, call_id, chat_id FROM ringing_calls WHERE shard = ? AND ring_until <= ? LIMIT ?",
             )
             .await?,
+            // Both bounds as tuples: a tuple bound and a plain one on the clustering columns do not
+            // mix on every CQL store.
+            ringing_due_after: prepare(
+                "SELECT ring_until, call_id, chat_id FROM ringing_calls WHERE shard = ? AND (ring_until, call_id) > (?, ?) AND (ring_until) <= (?) LIMIT ?",
+            )
+            .await?,
             delete_ringing: prepare(
                 "DELETE FROM ringing_calls WHERE shard = ? AND ring_until = ? AND call_id = ?",
+            )
+            .await?,
+            pending: prepare(
+                "SELECT state, change_id FROM pending_call_signals WHERE call_id = ? AND user_id = ?",
+            )
+            .await?,
+            insert_pending: prepare(
+                "INSERT INTO pending_call_signals (call_id, user_id, state, change_id) VALUES (?, ?, ?, ?)",
+            )
+            .await?,
+            delete_pending: prepare(
+                "DELETE FROM pending_call_signals WHERE call_id = ? AND user_id = ?",
             )
             .await?,
             insert_live: prepare("INSERT INTO live_calls (chat_id, call_id) VALUES (?, ?)").await?,
@@ -83,20 +108,15 @@ impl CallStatements {
 impl CqlStore {
     pub(super) async fn cql_create_call(&self, call: &CallRecord) -> Result<(), StoreError> {
         let s = &self.calls;
-        // Listed as ringing before the call exists: a sweeper that finds it early sees no call
-        // ringing past its time and leaves it.
-        self.session
-            .execute_unpaged(
-                &s.insert_ringing,
-                (
-                    RINGING_SHARD,
-                    CqlTimestamp(millis(call.ring_until)),
-                    call.id,
-                    call.chat_id.0,
-                ),
-            )
-            .await
-            .map_err(unavailable)?;
+        // Listed for the sweeper before the call exists: a sweeper that finds the listing early
+        // sees no call ringing past its time and leaves it, and one that finds it long after (the
+        // call's write failed) forgets it.
+        self.cql_list_call(&ListedCall {
+            id: call.id,
+            chat_id: call.chat_id,
+            due: call.ring_until,
+        })
+        .await?;
         // Listed as live before the call exists too: a reader skips a row whose call it does not
         // find.
         self.session
@@ -170,15 +190,18 @@ impl CqlStore {
             .await
             .map_err(unavailable)?;
         let moved = applied(result)?;
+        let answered = from == CallStatus::Ringing && to.is_live();
         if moved
-            && (from == CallStatus::Ringing || !to.is_live())
+            && (answered || !to.is_live())
             && let Some(call) = self.cql_get_call(id).await?
         {
-            if from == CallStatus::Ringing {
-                self.cql_forget_ringing(&RingingCall {
+            // A call that is missed or ended stays in the sweeper's list until its signal is
+            // written; an answered one leaves it.
+            if answered {
+                self.cql_forget_listed(&ListedCall {
                     id,
                     chat_id: call.chat_id,
-                    ring_until: call.ring_until,
+                    due: call.ring_until,
                 })
                 .await?;
             }
@@ -246,44 +269,123 @@ impl CqlStore {
         Ok(())
     }
 
-    pub(super) async fn cql_ringing_calls_due(
+    pub(super) async fn cql_pending_call_signal(
         &self,
-        now: OffsetDateTime,
-        limit: usize,
-    ) -> Result<Vec<RingingCall>, StoreError> {
+        id: Uuid,
+        user: UserId,
+    ) -> Result<Option<PendingCallSignal>, StoreError> {
         let result = self
             .session
+            .execute_unpaged(&self.calls.pending, (id, user.0))
+            .await
+            .map_err(unavailable)?;
+        let Some((state, token)) = rows::<(Option<String>, Option<Uuid>)>(result)?
+            .into_iter()
+            .next()
+        else {
+            return Ok(None);
+        };
+        let (Some(state), Some(token)) = (state, token) else {
+            return Err(corrupt(format!(
+                "pending call signal of {id} has missing columns"
+            )));
+        };
+        Ok(Some(PendingCallSignal {
+            state: parse(&state)?,
+            token,
+        }))
+    }
+
+    pub(super) async fn cql_set_pending_call_signal(
+        &self,
+        id: Uuid,
+        user: UserId,
+        pending: Option<&PendingCallSignal>,
+    ) -> Result<(), StoreError> {
+        let s = &self.calls;
+        match pending {
+            Some(pending) => {
+                self.session
+                    .execute_unpaged(
+                        &s.insert_pending,
+                        (id, user.0, pending.state.as_str(), pending.token),
+                    )
+                    .await
+            }
+            None => {
+                self.session
+                    .execute_unpaged(&s.delete_pending, (id, user.0))
+                    .await
+            }
+        }
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub(super) async fn cql_list_call(&self, call: &ListedCall) -> Result<(), StoreError> {
+        self.session
             .execute_unpaged(
-                &self.calls.ringing_due,
+                &self.calls.insert_ringing,
                 (
                     RINGING_SHARD,
-                    CqlTimestamp(millis(now)),
-                    i32::try_from(limit).unwrap_or(i32::MAX),
+                    CqlTimestamp(millis(call.due)),
+                    call.id,
+                    call.chat_id.0,
                 ),
             )
             .await
             .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub(super) async fn cql_listed_calls_due(
+        &self,
+        now: OffsetDateTime,
+        after: Option<&ListedCall>,
+        limit: usize,
+    ) -> Result<Vec<ListedCall>, StoreError> {
+        let s = &self.calls;
+        let now = CqlTimestamp(millis(now));
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let result = match after {
+            None => {
+                self.session
+                    .execute_unpaged(&s.ringing_due, (RINGING_SHARD, now, limit))
+                    .await
+            }
+            Some(after) => {
+                self.session
+                    .execute_unpaged(
+                        &s.ringing_due_after,
+                        (
+                            RINGING_SHARD,
+                            CqlTimestamp(millis(after.due)),
+                            after.id,
+                            now,
+                            limit,
+                        ),
+                    )
+                    .await
+            }
+        }
+        .map_err(unavailable)?;
         rows::<(CqlTimestamp, Uuid, Option<Uuid>)>(result)?
             .into_iter()
-            .map(|(ring_until, id, chat_id)| {
-                Ok(RingingCall {
+            .map(|(due, id, chat_id)| {
+                Ok(ListedCall {
                     id,
-                    chat_id: ChatId(chat_id.ok_or_else(|| corrupt("ringing call without chat"))?),
-                    ring_until: from_millis(ring_until.0)?,
+                    chat_id: ChatId(chat_id.ok_or_else(|| corrupt("listed call without chat"))?),
+                    due: from_millis(due.0)?,
                 })
             })
             .collect()
     }
 
-    pub(super) async fn cql_forget_ringing(&self, call: &RingingCall) -> Result<(), StoreError> {
+    pub(super) async fn cql_forget_listed(&self, call: &ListedCall) -> Result<(), StoreError> {
         self.session
             .execute_unpaged(
                 &self.calls.delete_ringing,
-                (
-                    RINGING_SHARD,
-                    CqlTimestamp(millis(call.ring_until)),
-                    call.id,
-                ),
+                (RINGING_SHARD, CqlTimestamp(millis(call.due)), call.id),
             )
             .await
             .map_err(unavailable)?;

@@ -92,6 +92,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "attachment_claims",
         cql: include_str!("migrations/0016_attachment_claims.cql"),
     },
+    Migration {
+        version: 17,
+        name: "call_signals",
+        cql: include_str!("migrations/0017_call_signals.cql"),
+    },
 ];
 
 /// The table and column of `statement` when it is `ALTER TABLE <table> ADD <column> <type>`: a

@@ -42,10 +42,10 @@ use futures::{StreamExt, TryFutureExt, TryStreamExt};
 use confab_schema::call::CallStatus;
 
 use super::{
-    CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, MarkerKind, MemberPut,
-    MemberWrite, NewChat, OutboxEntry, OutboxWriter, RingingCall, Slot, SlotWrite, SmallObjectInfo,
-    Store, StoreError, UNREAD_SCAN_LIMIT, UnreadQuery, created_at, from_millis, millis, parse,
-    search_terms, stored_text, text_and_call,
+    CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, ListedCall, MarkerKind,
+    MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter, PendingCallSignal, Slot, SlotWrite,
+    SmallObjectInfo, Store, StoreError, UNREAD_SCAN_LIMIT, UnreadQuery, created_at, from_millis,
+    millis, parse, search_terms, stored_text, text_and_call,
 };
 
 /// How many of a chat's newest signals [`Store::count_unreads`] reads at once; a chat with more
@@ -3268,16 +3268,38 @@ impl Store for CqlStore {
         self.cql_set_call_participant(id, user, present).await
     }
 
-    async fn ringing_calls_due(
+    async fn pending_call_signal(
         &self,
-        now: OffsetDateTime,
-        limit: usize,
-    ) -> Result<Vec<RingingCall>, StoreError> {
-        self.cql_ringing_calls_due(now, limit).await
+        id: Uuid,
+        user: UserId,
+    ) -> Result<Option<PendingCallSignal>, StoreError> {
+        self.cql_pending_call_signal(id, user).await
     }
 
-    async fn forget_ringing_call(&self, call: &RingingCall) -> Result<(), StoreError> {
-        self.cql_forget_ringing(call).await
+    async fn set_pending_call_signal(
+        &self,
+        id: Uuid,
+        user: UserId,
+        pending: Option<&PendingCallSignal>,
+    ) -> Result<(), StoreError> {
+        self.cql_set_pending_call_signal(id, user, pending).await
+    }
+
+    async fn list_call(&self, call: &ListedCall) -> Result<(), StoreError> {
+        self.cql_list_call(call).await
+    }
+
+    async fn listed_calls_due(
+        &self,
+        now: OffsetDateTime,
+        after: Option<&ListedCall>,
+        limit: usize,
+    ) -> Result<Vec<ListedCall>, StoreError> {
+        self.cql_listed_calls_due(now, after, limit).await
+    }
+
+    async fn forget_listed_call(&self, call: &ListedCall) -> Result<(), StoreError> {
+        self.cql_forget_listed(call).await
     }
 
     async fn markers_page(

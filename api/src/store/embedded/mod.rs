@@ -26,10 +26,10 @@ use uuid::Uuid;
 use confab_schema::call::CallStatus;
 
 use super::{
-    CallRecord, ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted, MarkerKind,
-    MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter, RingingCall, Slot, SlotState,
-    SlotWrite, SmallObjectInfo, Store, StoreError, UNREAD_SCAN_LIMIT, circle_pool, created_at,
-    from_millis, millis, parse, search_terms, stored_text, text_and_call,
+    CallRecord, ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted, ListedCall,
+    MarkerKind, MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter, PendingCallSignal,
+    Slot, SlotState, SlotWrite, SmallObjectInfo, Store, StoreError, UNREAD_SCAN_LIMIT, circle_pool,
+    created_at, from_millis, millis, parse, search_terms, stored_text, text_and_call,
 };
 use std::collections::BTreeMap;
 
@@ -47,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0010_small_objects.sql"),
     include_str!("schema/0011_blob_marks.sql"),
     include_str!("schema/0012_live_calls.sql"),
+    include_str!("schema/0013_call_signals.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -1748,6 +1749,11 @@ impl Store for EmbeddedStore {
                 params![blob(call.id), blob(call.started_by.0)],
             )
             .map_err(unavailable)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO listed_calls (due, call_id, chat_id) VALUES (?1, ?2, ?3)",
+                params![millis(call.ring_until), blob(call.id), blob(call.chat_id.0)],
+            )
+            .map_err(unavailable)?;
             tx.commit().map_err(unavailable)
         })
         .await
@@ -1785,12 +1791,26 @@ impl Store for EmbeddedStore {
         to: CallStatus,
     ) -> Result<bool, StoreError> {
         self.with(move |c| {
-            let changed = c
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let changed = tx
                 .execute(
                     "UPDATE calls SET status = ?1 WHERE id = ?2 AND status = ?3",
                     params![to.as_str(), blob(id), from.as_str()],
                 )
                 .map_err(unavailable)?;
+            // An answered call leaves the sweeper's list; a missed or ended one stays until its
+            // signal is written.
+            if changed == 1 && from == CallStatus::Ringing && to.is_live() {
+                tx.execute(
+                    "DELETE FROM listed_calls WHERE call_id = ?1
+                     AND due = (SELECT ring_until FROM calls WHERE id = ?1)",
+                    params![blob(id)],
+                )
+                .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)?;
             Ok(changed == 1)
         })
         .await
@@ -1865,36 +1885,116 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn ringing_calls_due(
+    async fn pending_call_signal(
+        &self,
+        id: Uuid,
+        user: UserId,
+    ) -> Result<Option<PendingCallSignal>, StoreError> {
+        self.with(move |c| {
+            let row: Option<(String, Vec<u8>)> = c
+                .query_row(
+                    "SELECT state, change_id FROM pending_call_signals WHERE call_id = ?1 AND user_id = ?2",
+                    params![blob(id), blob(user.0)],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            row.map(|(state, token)| {
+                Ok(PendingCallSignal {
+                    state: parse(&state)?,
+                    token: uuid_from(token)?,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn set_pending_call_signal(
+        &self,
+        id: Uuid,
+        user: UserId,
+        pending: Option<&PendingCallSignal>,
+    ) -> Result<(), StoreError> {
+        let pending = pending.copied();
+        self.with(move |c| {
+            match pending {
+                Some(pending) => c.execute(
+                    "INSERT OR REPLACE INTO pending_call_signals (call_id, user_id, state, change_id)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        blob(id),
+                        blob(user.0),
+                        pending.state.as_str(),
+                        blob(pending.token)
+                    ],
+                ),
+                None => c.execute(
+                    "DELETE FROM pending_call_signals WHERE call_id = ?1 AND user_id = ?2",
+                    params![blob(id), blob(user.0)],
+                ),
+            }
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_call(&self, call: &ListedCall) -> Result<(), StoreError> {
+        let call = *call;
+        self.with(move |c| {
+            c.execute(
+                "INSERT OR IGNORE INTO listed_calls (due, call_id, chat_id) VALUES (?1, ?2, ?3)",
+                params![millis(call.due), blob(call.id), blob(call.chat_id.0)],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn listed_calls_due(
         &self,
         now: OffsetDateTime,
+        after: Option<&ListedCall>,
         limit: usize,
-    ) -> Result<Vec<RingingCall>, StoreError> {
+    ) -> Result<Vec<ListedCall>, StoreError> {
+        // Before every listing when there is no `after`: no time is earlier than `i64::MIN`.
+        let (after_due, after_id) = match after {
+            Some(after) => (millis(after.due), blob(after.id).to_vec()),
+            None => (i64::MIN, Vec::new()),
+        };
         self.with(move |c| {
             let mut statement = c
                 .prepare_cached(
-                    "SELECT id, chat_id, ring_until FROM calls
-                     WHERE status = 'ringing' AND ring_until <= ?1 ORDER BY ring_until LIMIT ?2",
+                    "SELECT due, call_id, chat_id FROM listed_calls
+                     WHERE due <= ?1 AND (due, call_id) > (?2, ?3)
+                     ORDER BY due, call_id LIMIT ?4",
                 )
                 .map_err(unavailable)?;
             let rows = statement
                 .query_map(
-                    params![millis(now), i64::try_from(limit).unwrap_or(i64::MAX)],
+                    params![
+                        millis(now),
+                        after_due,
+                        after_id,
+                        i64::try_from(limit).unwrap_or(i64::MAX)
+                    ],
                     |row| {
                         Ok((
-                            row.get::<_, Vec<u8>>(0)?,
+                            row.get::<_, i64>(0)?,
                             row.get::<_, Vec<u8>>(1)?,
-                            row.get::<_, i64>(2)?,
+                            row.get::<_, Vec<u8>>(2)?,
                         ))
                     },
                 )
                 .map_err(unavailable)?;
             rows.map(|row| {
-                let (id, chat_id, ring_until) = row.map_err(unavailable)?;
-                Ok(RingingCall {
+                let (due, id, chat_id) = row.map_err(unavailable)?;
+                Ok(ListedCall {
                     id: uuid_from(id)?,
                     chat_id: ChatId(uuid_from(chat_id)?),
-                    ring_until: from_millis(ring_until)?,
+                    due: from_millis(due)?,
                 })
             })
             .collect()
@@ -1902,9 +2002,17 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn forget_ringing_call(&self, _call: &RingingCall) -> Result<(), StoreError> {
-        // The list of ringing calls is an index of `calls` by status: nothing to forget.
-        Ok(())
+    async fn forget_listed_call(&self, call: &ListedCall) -> Result<(), StoreError> {
+        let call = *call;
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM listed_calls WHERE due = ?1 AND call_id = ?2",
+                params![millis(call.due), blob(call.id)],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
     }
 
     async fn markers_page(
