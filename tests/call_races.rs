@@ -1,8 +1,10 @@
 //! Racing changes to one call settle to a consistent state: the last participants leaving at once
 //! end the call (one of them sees nobody left), and an answer racing the last leave of an active
-//! call is refused rather than joining a call that is over. The interleavings are forced by a
-//! store that holds one participant write until the test lets it go. On the embedded default and
-//! on the real stack (the CQL store and NATS).
+//! call is refused rather than joining a call that is over. A change whose signal was not written
+//! (the write failed, or a write before it timed out after it was made) gets it once, from its
+//! retry or from the sweep. The interleavings and failures are forced by a store that holds or
+//! fails the writes a test names. On the embedded default and on the real stack (the CQL store and
+//! NATS).
 
 mod support;
 
@@ -223,3 +225,222 @@ async fn a_join_racing_the_last_leave_is_refused(stack: Stack) {
 }
 
 on_both_stacks!(a_join_racing_the_last_leave_is_refused);
+
+impl Setup {
+    /// How many `state` signals of call `id` the history holds, by `author`.
+    async fn signals_of(
+        &self,
+        chat: ChatId,
+        id: uuid::Uuid,
+        state: CallState,
+        author: UserId,
+    ) -> usize {
+        self.call_history(chat, id)
+            .await
+            .into_iter()
+            .filter(|signal| *signal == (state, author))
+            .count()
+    }
+
+    /// The states of call `id` in `chat`'s history by `author`, oldest first.
+    async fn states_by(&self, chat: ChatId, id: uuid::Uuid, author: UserId) -> Vec<CallState> {
+        self.call_history(chat, id)
+            .await
+            .into_iter()
+            .filter(|(_, by)| *by == author)
+            .map(|(state, _)| state)
+            .collect()
+    }
+}
+
+/// A join whose `joined` signal was not written (the write failed, or timed out after it was made),
+/// or whose answer timed out after it moved the call: the member is in the call all the same, and
+/// their retry writes the signal, once. A member who leaves and joins again has each of their joins
+/// and leaves in the history.
+async fn a_join_whose_signal_failed_is_announced_by_its_retry(stack: Stack) {
+    let setup = Setup::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let carol = setup.user("carol").await;
+    let dave = setup.user("dave").await;
+    let chat = setup.group(&alice, &[&bob, &carol, &dave]).await;
+    let call = setup.state.start_call(&alice, chat).await.unwrap();
+
+    for (member, fault) in [
+        (&bob, Held::CallStatus(CallStatus::Active)),
+        (&carol, Held::CallSignal(CallState::Joined)),
+        (&dave, Held::CallSignal(CallState::Joined)),
+    ] {
+        if member.id == carol.id {
+            setup.store.fail_next(fault);
+        } else {
+            setup.store.fail_next_after(fault);
+        }
+        let failed = setup.state.join_call(member.id, call.id).await;
+        assert!(failed.is_err(), "{fault:?} failed: {failed:?}");
+        for _ in 0..2 {
+            let joined = setup.state.join_call(member.id, call.id).await.unwrap();
+            assert_eq!(joined.status, CallStatus::Active);
+        }
+        assert_eq!(
+            setup
+                .signals_of(chat, call.id, CallState::Joined, member.id)
+                .await,
+            1,
+            "one `joined` for {}'s join after {fault:?} failed, written by its retry",
+            member.username
+        );
+    }
+
+    setup.state.leave_call(bob.id, call.id).await.unwrap();
+    setup.state.join_call(bob.id, call.id).await.unwrap();
+    setup.state.leave_call(bob.id, call.id).await.unwrap();
+    assert_eq!(
+        setup.states_by(chat, call.id, bob.id).await,
+        [
+            CallState::Joined,
+            CallState::Left,
+            CallState::Joined,
+            CallState::Left
+        ],
+        "a second join and leave are history too"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_join_whose_signal_failed_is_announced_by_its_retry);
+
+/// A leave whose `left` signal was not written: the member is out of the call all the same; their
+/// retry writes the signal, once, and, when they were the last one in, ends the call.
+async fn a_leave_whose_signal_failed_is_finished_by_its_retry(stack: Stack) {
+    let setup = Setup::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let chat = setup.group(&alice, &[&bob]).await;
+    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    setup.state.join_call(bob.id, call.id).await.unwrap();
+
+    setup.store.fail_next(Held::CallSignal(CallState::Left));
+    let failed = setup.state.leave_call(bob.id, call.id).await;
+    assert!(failed.is_err(), "the signal failed: {failed:?}");
+    let left = setup.state.leave_call(bob.id, call.id).await.unwrap();
+    assert_eq!(left.status, CallStatus::Active);
+    assert_eq!(left.participants, [alice.id]);
+    assert_eq!(
+        setup
+            .signals_of(chat, call.id, CallState::Left, bob.id)
+            .await,
+        1,
+        "one `left` for bob's leave, written by its retry"
+    );
+    let again = setup.state.leave_call(bob.id, call.id).await;
+    assert!(
+        matches!(again, Err(ApiError::Conflict(_))),
+        "bob is out: {again:?}"
+    );
+
+    // The last one out: the failed leave wrote no signal and did not end the call; its retry does both.
+    setup.store.fail_next(Held::CallSignal(CallState::Left));
+    let failed = setup.state.leave_call(alice.id, call.id).await;
+    assert!(failed.is_err(), "the signal failed: {failed:?}");
+    let left = setup.state.leave_call(alice.id, call.id).await.unwrap();
+    assert_eq!(
+        left.status,
+        CallStatus::Ended,
+        "a call nobody is left in ends"
+    );
+    assert_eq!(
+        setup.states_by(chat, call.id, alice.id).await,
+        [CallState::Started, CallState::Left, CallState::Ended]
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_leave_whose_signal_failed_is_finished_by_its_retry);
+
+/// An end whose `ended` signal was not written (the write failed, or the status change timed out
+/// after it was made): the call is over all the same, and the sweep writes the signal, once.
+async fn an_end_whose_signal_failed_is_finished_by_the_sweep(stack: Stack) {
+    let setup = Setup::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let chat = setup.group(&alice, &[&bob]).await;
+    let ended = |id| setup.signals_of(chat, id, CallState::Ended, alice.id);
+
+    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    setup.state.join_call(bob.id, call.id).await.unwrap();
+    setup.store.fail_next(Held::CallSignal(CallState::Ended));
+    let failed = setup.state.end_call(alice.id, call.id).await;
+    assert!(failed.is_err(), "the signal failed: {failed:?}");
+    let retried = setup.state.end_call(alice.id, call.id).await.unwrap();
+    assert_eq!(retried.status, CallStatus::Ended);
+    setup
+        .state
+        .sweep_missed_calls(time::OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    assert_eq!(
+        ended(call.id).await,
+        1,
+        "one `ended` signal, written by the sweep"
+    );
+
+    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    setup.state.join_call(bob.id, call.id).await.unwrap();
+    setup
+        .store
+        .fail_next_after(Held::CallStatus(CallStatus::Ended));
+    let failed = setup.state.end_call(alice.id, call.id).await;
+    assert!(failed.is_err(), "the status change timed out: {failed:?}");
+    for _ in 0..2 {
+        setup
+            .state
+            .sweep_missed_calls(time::OffsetDateTime::now_utc())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        setup.store.get_call(call.id).await.unwrap().unwrap().status,
+        CallStatus::Ended
+    );
+    assert_eq!(
+        ended(call.id).await,
+        1,
+        "one `ended` signal, written by the sweep"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(an_end_whose_signal_failed_is_finished_by_the_sweep);
+
+/// A sweep that made a call missed and failed to write its `missed` signal: the next sweep writes
+/// it, once.
+async fn a_missed_call_whose_signal_failed_is_finished_by_the_next_sweep(stack: Stack) {
+    let setup = Setup::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let chat = setup.group(&alice, &[&bob]).await;
+    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    let rung_out = call.ring_until + time::Duration::seconds(1);
+
+    setup.store.fail_next(Held::CallSignal(CallState::Missed));
+    let failed = setup.state.sweep_missed_calls(rung_out).await;
+    assert!(failed.is_err(), "the signal failed: {failed:?}");
+    assert_eq!(
+        setup.store.get_call(call.id).await.unwrap().unwrap().status,
+        CallStatus::Missed
+    );
+    for _ in 0..2 {
+        setup.state.sweep_missed_calls(rung_out).await.unwrap();
+    }
+    assert_eq!(
+        setup
+            .signals_of(chat, call.id, CallState::Missed, alice.id)
+            .await,
+        1,
+        "one `missed` signal, written by the next sweep"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_missed_call_whose_signal_failed_is_finished_by_the_next_sweep);

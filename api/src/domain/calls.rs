@@ -5,6 +5,23 @@
 //! the target participant's connections only and never stored. A call that rings past its time with
 //! nobody answering becomes `missed`, found by [`ApiState::sweep_missed_calls`] in any API process,
 //! and its callees get a push as for a message.
+//!
+//! Each change of a call gets its signal once, whatever fails between the change and its signal
+//! (a store or bus error, a timeout after a write was made, a process gone):
+//! - A signal is written with a nonce naming its change: `call:<call id>:<state>`, and for a join
+//!   or leave also the token of that join or leave. Writing it again stores nothing (send parity),
+//!   so a change may be finished by whoever comes next.
+//! - A change whose signal may be missing is kept until the signal is written. A call being ended
+//!   is listed for the sweeper (`Store::list_call`) before its status moves, and a missed one stays
+//!   in the list it rang in; the sweep writes the `ended` or `missed` signal of a listed call that
+//!   is over, then forgets the listing. A join or leave is stored as pending, with its token,
+//!   before the participant moves (`Store::set_pending_call_signal`); a retry of it (or the
+//!   participant's next join or leave) writes the signal, then removes it.
+//! - The signals of the whole call (`started`, `ended`, `missed`) are the starter's, whoever made
+//!   the change: the nonce is per author, and the sweep knows no other.
+//!
+//! A signal written again after its nonce expired (`store.nonce_ttl_secs`, an hour by default)
+//! would be a second one; nothing is kept that long unless the sweep or the retry cannot run.
 
 use std::time::Duration;
 
@@ -22,13 +39,18 @@ use super::inputs::{RelayTarget, SignalPayload};
 use super::rules;
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
-use crate::store::{CallRecord, StoreError};
+use crate::store::{CallRecord, ListedCall, PendingCallSignal, StoreError};
 
 /// How long a call rings when no setting says otherwise.
 pub const DEFAULT_RING_TIMEOUT: Duration = Duration::from_secs(45);
 
-/// How many ringing calls one sweep takes on.
+/// How many listed calls one sweep takes on.
 const SWEEP_BATCH: usize = 100;
+
+/// How long after it was due the sweep keeps a listing whose call is still live (an end that
+/// stopped before the status moved, or an answer that failed to take its call out of the list):
+/// as long as the CQL store keeps a row of its list.
+const LIVE_LISTING_KEPT: Duration = Duration::from_secs(86_400);
 
 /// How calls behave: the ring timeout and the TURN servers.
 #[derive(Clone, Debug)]
@@ -89,8 +111,7 @@ impl ApiState {
             status: CallStatus::Ringing,
         };
         self.store.create_call(&record).await?;
-        self.record_call_signal(chat, caller.id, call_signal(&record, CallState::Started))
-            .await?;
+        self.record_call_change(&record, CallState::Started).await?;
         Ok(view(record, vec![caller.id]))
     }
 
@@ -102,19 +123,40 @@ impl ApiState {
     }
 
     /// Joins a ringing or active call (members of its chat only); answering a ringing call makes it
-    /// active. Joining again changes nothing.
+    /// active. Joining again changes nothing, but writes the `joined` signal of a join that failed
+    /// before it was written.
     pub async fn join_call(&self, caller: UserId, id: Uuid) -> ApiResult<Call> {
         let (record, _) = self.load_call(caller, id).await?;
         let mut participants = self.present_participants(&record).await?;
-        if participants.contains(&caller) && record.status.is_live() {
+        let in_call = participants.contains(&caller);
+        let mut pending = self.store.pending_call_signal(id, caller).await?;
+        if !in_call && let Some(leave) = pending.filter(|p| p.state == CallState::Left) {
+            // The caller's last leave stopped before its signal: that comes first.
+            self.record_participant_change(&record, caller, leave)
+                .await?;
+            self.store.set_pending_call_signal(id, caller, None).await?;
+            pending = None;
+        }
+        let unannounced = pending.filter(|p| p.state == CallState::Joined);
+        if in_call && record.status.is_live() && unannounced.is_none() {
             return Ok(view(record, participants));
         }
         live(record.status)?;
-        if participants.len() >= MAX_CALL_PARTICIPANTS {
+        if !in_call && participants.len() >= MAX_CALL_PARTICIPANTS {
             return Err(ApiError::Conflict("the call is full".into()));
         }
         self.bus.check().await?;
-        self.store.set_call_participant(id, caller, true).await?;
+        // A join whose signal may be missing goes on under its own token, so its signal is one.
+        let join = unannounced.unwrap_or(PendingCallSignal {
+            state: CallState::Joined,
+            token: Uuid::now_v7(),
+        });
+        if !in_call {
+            self.store
+                .set_pending_call_signal(id, caller, Some(&join))
+                .await?;
+            self.store.set_call_participant(id, caller, true).await?;
+        }
         // An answer and the ring timeout race on the ringing status; exactly one moves it. Else
         // the status is read again after the participant is in: a last leave that ended the call
         // since it was read above did not see this participant, so the join is undone.
@@ -131,15 +173,15 @@ impl ApiState {
         if !status.is_live() {
             // Missed or ended while this answer was on its way.
             self.store.set_call_participant(id, caller, false).await?;
+            self.store.set_pending_call_signal(id, caller, None).await?;
             return Err(call_over());
         }
-        self.record_call_signal(
-            record.chat_id,
-            caller,
-            call_signal(&record, CallState::Joined),
-        )
-        .await?;
-        participants.push(caller);
+        self.record_participant_change(&record, caller, join)
+            .await?;
+        self.store.set_pending_call_signal(id, caller, None).await?;
+        if !in_call {
+            participants.push(caller);
+        }
         Ok(view(
             CallRecord {
                 status: CallStatus::Active,
@@ -150,39 +192,27 @@ impl ApiState {
     }
 
     /// Leaves a call the caller is in. A call nobody is left in ends, and so does a direct chat's
-    /// call when either side hangs up.
+    /// call when either side hangs up. Leaving again after a leave that failed part-way finishes
+    /// it.
     pub async fn leave_call(&self, caller: UserId, id: Uuid) -> ApiResult<Call> {
         let (record, _) = self.load_call(caller, id).await?;
         let participants = self.present_participants(&record).await?;
-        if !participants.contains(&caller) || !record.status.is_live() {
+        let in_call = participants.contains(&caller) && record.status.is_live();
+        let pending = self.store.pending_call_signal(id, caller).await?;
+        let unfinished = pending.is_some_and(|p| p.state == CallState::Left);
+        if !in_call && !unfinished {
             return Err(ApiError::Conflict("you are not in this call".into()));
         }
         self.bus.check().await?;
-        self.store.set_call_participant(id, caller, false).await?;
-        self.record_call_signal(
-            record.chat_id,
-            caller,
-            call_signal(&record, CallState::Left),
-        )
-        .await?;
-        // Who is left is read after this participant is out: of participants leaving at once,
-        // the last to read sees nobody, and `finish` ends the call once whoever else tries.
-        let participants = self.present_participants(&record).await?;
-        let direct = self
-            .store
-            .get_chat(record.chat_id)
-            .await?
-            .is_some_and(|chat| chat.kind == confab_schema::ChatKind::Direct);
-        let status = if participants.is_empty() || direct {
-            self.finish(&record, caller).await?
-        } else {
-            record.status
-        };
+        let direct = self.is_direct(record.chat_id).await?;
+        let (participants, status) = self
+            .take_out(&record, caller, in_call, pending, direct)
+            .await?;
         Ok(view(CallRecord { status, ..record }, participants))
     }
 
     /// Ends a call for everyone (see [`rules::may_end_call`]). Ending a call that is over answers
-    /// it as it is.
+    /// it as it is (the sweep writes an `ended` signal its end failed to write).
     pub async fn end_call(&self, caller: UserId, id: Uuid) -> ApiResult<Call> {
         let (record, role) = self.load_call(caller, id).await?;
         let participants = self.present_participants(&record).await?;
@@ -202,7 +232,7 @@ impl ApiState {
             participants.contains(&caller),
         )?;
         self.bus.check().await?;
-        let status = self.finish(&record, caller).await?;
+        let status = self.finish(&record).await?;
         Ok(view(CallRecord { status, ..record }, participants))
     }
 
@@ -278,36 +308,66 @@ impl ApiState {
 
     /// Makes every call still ringing past its ring time `missed`: a `missed` signal (whose push
     /// reaches the callees as a message's does). Safe in several processes at once: the status
-    /// moves once. Answers how many calls it made missed.
+    /// moves once. Also writes the `missed` or `ended` signal of every listed call that is over
+    /// (see the module's documentation). Answers how many calls it made missed; a call it failed
+    /// to sweep is swept again next time, and the first such failure is the answer once the
+    /// others are swept.
     pub async fn sweep_missed_calls(&self, now: OffsetDateTime) -> ApiResult<usize> {
         let due = self.store.listed_calls_due(now, None, SWEEP_BATCH).await?;
         let mut missed = 0;
-        for ringing in due {
-            let Some(record) = self.store.get_call(ringing.id).await? else {
-                // Listed before its call was stored; the call comes, or its listing expires.
-                continue;
-            };
-            if record.status != CallStatus::Ringing {
-                self.store.forget_listed_call(&ringing).await?;
-                continue;
+        let mut failure = None;
+        for listing in &due {
+            match self.sweep_listed(listing, now).await {
+                Ok(made_missed) => missed += usize::from(made_missed),
+                Err(error) => {
+                    tracing::debug!(%error, call = %listing.id, "a listed call was not swept");
+                    failure.get_or_insert(error);
+                }
             }
-            if !self
+        }
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(missed),
+        }
+    }
+
+    /// Sweeps one listing: a call ringing past its ring time becomes missed, and a call that is
+    /// over gets its signal before its listing is forgotten. Answers whether it made the call
+    /// missed.
+    async fn sweep_listed(&self, listing: &ListedCall, now: OffsetDateTime) -> ApiResult<bool> {
+        let Some(record) = self.store.get_call(listing.id).await? else {
+            // Listed before its call was stored; the call comes, or its listing expires.
+            return Ok(false);
+        };
+        let mut made_missed = false;
+        let mut status = record.status;
+        if status == CallStatus::Ringing && record.ring_until <= now {
+            made_missed = self
                 .store
                 .transition_call(record.id, CallStatus::Ringing, CallStatus::Missed)
-                .await?
-            {
-                continue;
-            }
-            self.record_call_signal(
-                record.chat_id,
-                record.started_by,
-                call_signal(&record, CallState::Missed),
-            )
-            .await?;
-            metrics::counter!("confab_calls_missed_total").increment(1);
-            missed += 1;
+                .await?;
+            status = if made_missed {
+                CallStatus::Missed
+            } else {
+                self.current_status(record.id).await?
+            };
         }
-        Ok(missed)
+        match status {
+            CallStatus::Missed => self.settle(&record, CallState::Missed, listing).await?,
+            CallStatus::Ended => self.settle(&record, CallState::Ended, listing).await?,
+            // Still ringing, or an end under way (or one that stopped before the status moved),
+            // or an answer that failed to take the call out of the list: looked at again next
+            // time.
+            CallStatus::Ringing | CallStatus::Active => {
+                if listing.due + LIVE_LISTING_KEPT <= now {
+                    self.store.forget_listed_call(listing).await?;
+                }
+            }
+        }
+        if made_missed {
+            metrics::counter!("confab_calls_missed_total").increment(1);
+        }
+        Ok(made_missed)
     }
 
     /// Runs [`ApiState::sweep_missed_calls`] every `every` until `shutdown`.
@@ -341,29 +401,74 @@ impl ApiState {
         if calls.is_empty() {
             return Ok(());
         }
-        let direct = self
-            .store
-            .get_chat(chat)
-            .await?
-            .is_some_and(|chat| chat.kind == confab_schema::ChatKind::Direct);
+        let direct = self.is_direct(chat).await?;
         for record in calls {
             let was_in = self
                 .store
                 .call_participants(record.id)
                 .await?
                 .contains(&user);
-            if was_in {
-                self.store
-                    .set_call_participant(record.id, user, false)
+            let pending = self.store.pending_call_signal(record.id, user).await?;
+            if was_in || pending.is_some_and(|p| p.state == CallState::Left) {
+                self.take_out(&record, user, was_in, pending, direct)
                     .await?;
-                self.record_call_signal(chat, user, call_signal(&record, CallState::Left))
-                    .await?;
-            }
-            if (direct && was_in) || self.present_participants(&record).await?.is_empty() {
-                self.finish(&record, user).await?;
+            } else if self.present_participants(&record).await?.is_empty() {
+                self.finish(&record).await?;
             }
         }
         Ok(())
+    }
+
+    /// Takes `user` out of a call (`in_call`: they are in it still) and writes their `left`
+    /// signal; then ends the call if nobody is left in it, or, in a direct chat, in any case. The
+    /// leave is pending (with its token) from before the participant is taken out until all that
+    /// is done, so a retry finds it and finishes it under the same token. A join of theirs whose
+    /// signal may be missing (`pending`) is written first. Answers the participants left and the
+    /// call's status.
+    async fn take_out(
+        &self,
+        record: &CallRecord,
+        user: UserId,
+        in_call: bool,
+        pending: Option<PendingCallSignal>,
+        direct: bool,
+    ) -> ApiResult<(Vec<UserId>, CallStatus)> {
+        let leave = match pending {
+            Some(leave) if leave.state == CallState::Left => leave,
+            unannounced => {
+                if let Some(join) = unannounced
+                    && in_call
+                    && record.status.is_live()
+                {
+                    self.record_participant_change(record, user, join).await?;
+                }
+                PendingCallSignal {
+                    state: CallState::Left,
+                    token: Uuid::now_v7(),
+                }
+            }
+        };
+        if in_call {
+            self.store
+                .set_pending_call_signal(record.id, user, Some(&leave))
+                .await?;
+            self.store
+                .set_call_participant(record.id, user, false)
+                .await?;
+        }
+        self.record_participant_change(record, user, leave).await?;
+        // Who is left is read after this participant is out: of participants leaving at once,
+        // the last to read sees nobody, and `finish` ends the call once whoever else tries.
+        let participants = self.present_participants(record).await?;
+        let status = if record.status.is_live() && (participants.is_empty() || direct) {
+            self.finish(record).await?
+        } else {
+            record.status
+        };
+        self.store
+            .set_pending_call_signal(record.id, user, None)
+            .await?;
+        Ok((participants, status))
     }
 
     /// The participants of a call who are members of its chat. A member who leaves the chat
@@ -384,24 +489,90 @@ impl ApiState {
             .collect())
     }
 
-    /// Ends a live call (once, whoever races): an `ended` signal. Answers its status after.
-    async fn finish(&self, record: &CallRecord, caller: UserId) -> ApiResult<CallStatus> {
+    /// Ends a live call (once, whoever races), and writes its `ended` signal. The call is listed
+    /// for the sweeper before its status moves and until the signal is written, so an end that
+    /// fails after the status moved (or whose change timed out after it was made) is finished by
+    /// the sweep. Answers the status after.
+    async fn finish(&self, record: &CallRecord) -> ApiResult<CallStatus> {
+        let listing = ListedCall {
+            id: record.id,
+            chat_id: record.chat_id,
+            due: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+        };
+        self.store.list_call(&listing).await?;
         for from in [CallStatus::Active, CallStatus::Ringing] {
             if self
                 .store
                 .transition_call(record.id, from, CallStatus::Ended)
                 .await?
             {
-                self.record_call_signal(
-                    record.chat_id,
-                    caller,
-                    call_signal(record, CallState::Ended),
-                )
-                .await?;
+                self.settle(record, CallState::Ended, &listing).await?;
+                if from == CallStatus::Ringing {
+                    // Its listing as a ringing call has nothing left to do either.
+                    self.store
+                        .forget_listed_call(&ListedCall {
+                            due: record.ring_until,
+                            ..listing
+                        })
+                        .await?;
+                }
                 return Ok(CallStatus::Ended);
             }
         }
+        // Another change moved the status first; its own listing stays until its signal is
+        // written.
+        self.store.forget_listed_call(&listing).await?;
         self.current_status(record.id).await
+    }
+
+    /// Writes the `ended` or `missed` signal of a call that is over, then forgets `listing`.
+    async fn settle(
+        &self,
+        record: &CallRecord,
+        state: CallState,
+        listing: &ListedCall,
+    ) -> ApiResult<()> {
+        self.record_call_change(record, state).await?;
+        self.store.forget_listed_call(listing).await?;
+        Ok(())
+    }
+
+    /// Writes the signal of a change of the whole call (`started`, `ended`, `missed`), as the
+    /// starter's whoever made it, so that each of its writers writes the same signal.
+    async fn record_call_change(&self, record: &CallRecord, state: CallState) -> ApiResult<()> {
+        self.record_call_signal(
+            record.chat_id,
+            record.started_by,
+            call_signal(record, state),
+            format!("call:{}:{state}", record.id),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Writes the `joined` or `left` signal of a participant's join or leave.
+    async fn record_participant_change(
+        &self,
+        record: &CallRecord,
+        user: UserId,
+        change: PendingCallSignal,
+    ) -> ApiResult<()> {
+        self.record_call_signal(
+            record.chat_id,
+            user,
+            call_signal(record, change.state),
+            format!("call:{}:{}:{}", record.id, change.state, change.token),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn is_direct(&self, chat: ChatId) -> ApiResult<bool> {
+        Ok(self
+            .store
+            .get_chat(chat)
+            .await?
+            .is_some_and(|chat| chat.kind == confab_schema::ChatKind::Direct))
     }
 
     async fn current_status(&self, id: Uuid) -> ApiResult<CallStatus> {

@@ -293,19 +293,30 @@ impl ApiState {
         author: UserId,
         text: Option<String>,
     ) -> ApiResult<Signal> {
-        self.record_server_signal(chat, kind, author, text, None)
+        self.record_server_signal(chat, kind, author, text, None, None)
             .await
     }
 
-    /// Writes a `call` signal into the history, for the current members.
+    /// Writes a `call` signal into the history, for the current members, with send parity on
+    /// `nonce`: a second write with the same author and nonce (within the nonce's time to live)
+    /// stores nothing, publishes the first one's event again (the log drops a copy), and answers
+    /// that signal.
     pub(crate) async fn record_call_signal(
         &self,
         chat: ChatId,
         author: UserId,
         call: CallSignal,
+        nonce: String,
     ) -> ApiResult<Signal> {
-        self.record_server_signal(chat, SignalKind::Call, author, None, Some(call))
-            .await
+        self.record_server_signal(
+            chat,
+            SignalKind::Call,
+            author,
+            None,
+            Some(call),
+            Some(nonce),
+        )
+        .await
     }
 
     async fn record_server_signal(
@@ -315,6 +326,7 @@ impl ApiState {
         author: UserId,
         text: Option<String>,
         call: Option<CallSignal>,
+        nonce: Option<String>,
     ) -> ApiResult<Signal> {
         let id = SignalId::new();
         let signal = Signal {
@@ -323,7 +335,7 @@ impl ApiState {
             kind,
             author_id: author,
             created_at: id.created_at().unwrap_or_else(OffsetDateTime::now_utc),
-            nonce: None,
+            nonce,
             text,
             reply_to: None,
             attachments: Vec::new(),
@@ -339,7 +351,18 @@ impl ApiState {
             .into_iter()
             .map(|m| m.user_id)
             .collect();
-        Ok(self.record(&signal, members, None).await?.signal().clone())
+        match self.record(&signal, members, None).await? {
+            Inserted::Created(created) => Ok(created),
+            Inserted::Existing(existing) => {
+                // As for a message sent again (see `send_message`): the first write may have
+                // stored the signal and failed before its event went out.
+                if !existing.deleted && self.within_republish_window(&existing) {
+                    self.publish(Envelope::signal_created(existing.clone()))
+                        .await;
+                }
+                Ok(existing)
+            }
+        }
     }
 
     /// A signal of the chat, as 404 when there is none.
