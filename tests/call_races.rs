@@ -2,9 +2,9 @@
 //! end the call (one of them sees nobody left), and an answer racing the last leave of an active
 //! call is refused rather than joining a call that is over. A change whose signal was not written
 //! (the write failed, or a write before it timed out after it was made) gets it once, from its
-//! retry or from the sweep. The interleavings and failures are forced by a store that holds or
-//! fails the writes a test names. On the embedded default and on the real stack (the CQL store and
-//! NATS).
+//! retry or from the sweep; and calls never stored hold up no missed call. The interleavings and
+//! failures are forced by a store that holds or fails the writes a test names. On the embedded
+//! default and on the real stack (the CQL store and NATS).
 
 mod support;
 
@@ -444,3 +444,61 @@ async fn a_missed_call_whose_signal_failed_is_finished_by_the_next_sweep(stack: 
 }
 
 on_both_stacks!(a_missed_call_whose_signal_failed_is_finished_by_the_next_sweep);
+
+/// Starts whose call was never stored (on CQL a start lists its call for the sweeper before it
+/// stores it, and may fail in between), more of them than a sweep reads at once: they hold up no
+/// call that rings out after them, and their listings are forgotten once their calls can no longer
+/// come.
+async fn unstored_calls_hold_up_no_missed_call(stack: Stack) {
+    /// More than a sweep reads at once.
+    const UNSTORED: usize = 101;
+    let setup = Setup::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let chat = setup.group(&alice, &[&bob]).await;
+
+    setup.store.fail(Held::CallCreated, UNSTORED);
+    for _ in 0..UNSTORED {
+        let failed = setup.state.start_call(&alice, chat).await;
+        assert!(failed.is_err(), "the call was not stored: {failed:?}");
+    }
+    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    let rung_out = call.ring_until + time::Duration::seconds(1);
+    let listed = setup
+        .store
+        .listed_calls_due(rung_out, None, 1_000)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), UNSTORED + 1, "every start listed its call");
+
+    let missed = setup.state.sweep_missed_calls(rung_out).await.unwrap();
+    assert_eq!(
+        missed, 1,
+        "the stored call rang out behind the unstored ones"
+    );
+    assert_eq!(
+        setup.store.get_call(call.id).await.unwrap().unwrap().status,
+        CallStatus::Missed
+    );
+    assert_eq!(
+        setup
+            .signals_of(chat, call.id, CallState::Missed, alice.id)
+            .await,
+        1
+    );
+
+    let later = rung_out + time::Duration::hours(1);
+    setup.state.sweep_missed_calls(later).await.unwrap();
+    assert_eq!(
+        setup
+            .store
+            .listed_calls_due(later, None, 1_000)
+            .await
+            .unwrap(),
+        [],
+        "the listings of calls never stored are forgotten"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(unstored_calls_hold_up_no_missed_call);

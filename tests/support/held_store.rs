@@ -34,6 +34,9 @@ pub enum Held {
     CallSignal(CallState),
     /// A call's status moved to this one (`Store::transition_call`).
     CallStatus(CallStatus),
+    /// A call stored (`Store::create_call`). Failing it leaves what a CQL store's start that
+    /// failed after its first write leaves: the call listed for the sweeper, and not stored.
+    CallCreated,
 }
 
 /// What a [`HeldStore`] does with a write it names.
@@ -673,7 +676,24 @@ impl Store for HeldStore {
         self.inner.write_slots(pool, writes).await
     }
     async fn create_call(&self, call: &CallRecord) -> Result<(), StoreError> {
-        self.inner.create_call(call).await
+        match self.fault(Held::CallCreated) {
+            Some(Fault::Fail) => {
+                self.inner
+                    .list_call(&ListedCall {
+                        id: call.id,
+                        chat_id: call.chat_id,
+                        due: call.ring_until,
+                    })
+                    .await?;
+                Err(self.failure(Held::CallCreated))
+            }
+            Some(Fault::FailAfter) => {
+                self.inner.create_call(call).await?;
+                Err(self.failure(Held::CallCreated))
+            }
+            Some(Fault::Hold) => self.gate.pass(self.inner.create_call(call)).await,
+            None => self.inner.create_call(call).await,
+        }
     }
     async fn get_call(&self, id: uuid::Uuid) -> Result<Option<CallRecord>, StoreError> {
         self.inner.get_call(id).await

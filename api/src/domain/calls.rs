@@ -44,8 +44,12 @@ use crate::store::{CallRecord, ListedCall, PendingCallSignal, StoreError};
 /// How long a call rings when no setting says otherwise.
 pub const DEFAULT_RING_TIMEOUT: Duration = Duration::from_secs(45);
 
-/// How many listed calls one sweep takes on.
+/// How many listed calls a sweep reads at once (it pages through every one due).
 const SWEEP_BATCH: usize = 100;
+
+/// How long after it was due the sweep keeps a listing whose call is not stored: its start failed
+/// between listing and storing it (the CQL store lists first), and the call will not come.
+const UNSTORED_AFTER: Duration = Duration::from_secs(600);
 
 /// How long after it was due the sweep keeps a listing whose call is still live (an end that
 /// stopped before the status moved, or an answer that failed to take its call out of the list):
@@ -309,20 +313,31 @@ impl ApiState {
     /// Makes every call still ringing past its ring time `missed`: a `missed` signal (whose push
     /// reaches the callees as a message's does). Safe in several processes at once: the status
     /// moves once. Also writes the `missed` or `ended` signal of every listed call that is over
-    /// (see the module's documentation). Answers how many calls it made missed; a call it failed
-    /// to sweep is swept again next time, and the first such failure is the answer once the
-    /// others are swept.
+    /// (see the module's documentation), and forgets the listings of calls never stored. Pages
+    /// through every listing due, so no number of listings it leaves holds up the others. Answers
+    /// how many calls it made missed; a call it failed to sweep is swept again next time, and the
+    /// first such failure is the answer once the others are swept.
     pub async fn sweep_missed_calls(&self, now: OffsetDateTime) -> ApiResult<usize> {
-        let due = self.store.listed_calls_due(now, None, SWEEP_BATCH).await?;
         let mut missed = 0;
         let mut failure = None;
-        for listing in &due {
-            match self.sweep_listed(listing, now).await {
-                Ok(made_missed) => missed += usize::from(made_missed),
-                Err(error) => {
-                    tracing::debug!(%error, call = %listing.id, "a listed call was not swept");
-                    failure.get_or_insert(error);
+        let mut after = None;
+        loop {
+            let due = self
+                .store
+                .listed_calls_due(now, after.as_ref(), SWEEP_BATCH)
+                .await?;
+            for listing in &due {
+                match self.sweep_listed(listing, now).await {
+                    Ok(made_missed) => missed += usize::from(made_missed),
+                    Err(error) => {
+                        tracing::debug!(%error, call = %listing.id, "a listed call was not swept");
+                        failure.get_or_insert(error);
+                    }
                 }
+            }
+            match due.last() {
+                Some(last) if due.len() == SWEEP_BATCH => after = Some(*last),
+                _ => break,
             }
         }
         match failure {
@@ -336,7 +351,11 @@ impl ApiState {
     /// missed.
     async fn sweep_listed(&self, listing: &ListedCall, now: OffsetDateTime) -> ApiResult<bool> {
         let Some(record) = self.store.get_call(listing.id).await? else {
-            // Listed before its call was stored; the call comes, or its listing expires.
+            // Listed by a start that failed before it stored its call (or whose write is still on
+            // its way): forgotten once the call can no longer come.
+            if listing.due + UNSTORED_AFTER <= now {
+                self.store.forget_listed_call(listing).await?;
+            }
             return Ok(false);
         };
         let mut made_missed = false;
