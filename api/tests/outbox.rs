@@ -211,6 +211,27 @@ async fn logged_until(
     }
 }
 
+/// Waits until `state`'s outbox entries, written from the bucket `first` on, are all removed.
+async fn outbox_emptied(store: &dyn Store, state: &ApiState, first: i64) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let last = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms());
+        let left = store
+            .outbox_entries(state.outbox_writer(), first, last)
+            .await
+            .expect("reads the outbox");
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} outbox entries left",
+            left.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Records `doomed` alive until now, as its heartbeat loop would have kept it until it died, with
 /// the oldest bucket its heartbeat names. A sweep reads a silent writer's entries from there up to
 /// one silence allowance after its last heartbeat; these tests' doomed processes run no loop and
@@ -586,25 +607,8 @@ async fn a_late_retry_never_undoes_a_later_change(parts: Parts) {
 
     refusing.1.store(false, Ordering::SeqCst);
     // The retries are done once the cut-off process's entries are gone.
-    let now = confab_runtime::presence::now_ms();
-    let (first, last) = (
-        confab_api::outbox::bucket_of(now - 600_000),
-        confab_api::outbox::bucket_of(now + 600_000),
-    );
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !parts
-        .store
-        .outbox_entries(cut_off.outbox_writer(), first, last)
-        .await
-        .expect("reads the outbox")
-        .is_empty()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the retries never settled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let first = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms() - 600_000);
+    outbox_emptied(&*parts.store, &cut_off, first).await;
 
     let events = logged(&*parts.bus, chat).await;
     let left_at = events
@@ -675,24 +679,7 @@ async fn a_working_writers_outbox_empties_after_a_burst(parts: Parts) {
     }
     let events = logged_until(&*parts.bus, chat, |events| events.len() >= 60).await;
     assert_eq!(events.len(), 60, "every send published");
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let last = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms());
-        let left = parts
-            .store
-            .outbox_entries(state.outbox_writer(), first, last)
-            .await
-            .expect("reads the outbox");
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} outbox entries left after every event was published",
-            left.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    outbox_emptied(&*parts.store, &state, first).await;
     if let Some(cleanup) = parts.cleanup {
         cleanup.await;
     }
