@@ -1131,16 +1131,13 @@ async fn a_cancelled_send_still_moves_the_authors_marker() {
     }
 }
 
-/// A removal stored in full whose clean-up of the chat list fails still succeeds, and publishes
-/// `member.left` at once: the member is out, and their open streams must stop routing the chat
-/// now, not when the outbox's sweep (not running here) finds the event unpublished.
-#[tokio::test]
-async fn a_removal_whose_clean_up_fails_still_publishes_member_left() {
-    let server = FlakyServer::start(false).await;
-    let mut events = server.bus.subscribe().await.unwrap();
-    let bob: UserId =
-        serde_json::from_value(server.get(&server.bob, "/v1/me").await["id"].clone()).unwrap();
-    server.store.failing_untouch.store(true, Ordering::SeqCst);
+/// Alice removes `bob`: the request succeeds, `member.left` is published and the history ends
+/// with `left`.
+async fn removal_succeeds_and_is_announced(
+    server: &FlakyServer,
+    events: &mut BoxStream<'static, LoggedEvent>,
+    bob: UserId,
+) {
     let removed = server
         .http
         .delete(format!(
@@ -1152,10 +1149,19 @@ async fn a_removal_whose_clean_up_fails_still_publishes_member_left() {
         .await
         .unwrap();
     assert!(removed.status().is_success(), "{}", removed.status());
+    member_left(events, bob).await;
+    let history = server
+        .get(&server.alice, &format!("/v1/chats/{}/signals", server.chat))
+        .await;
+    assert_eq!(history["items"][0]["kind"], "left", "{history}");
+}
+
+/// Waits for `user`'s `member.left` on `events`.
+async fn member_left(events: &mut BoxStream<'static, LoggedEvent>, user: UserId) {
     tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(logged) = events.next().await {
             if let Event::MemberLeft(change) = &logged.envelope.event
-                && change.user_id == bob
+                && change.user_id == user
             {
                 return;
             }
@@ -1163,12 +1169,20 @@ async fn a_removal_whose_clean_up_fails_still_publishes_member_left() {
         panic!("the event stream ended");
     })
     .await
-    .expect("no member.left event");
-    // And the history says so.
-    let history = server
-        .get(&server.alice, &format!("/v1/chats/{}/signals", server.chat))
-        .await;
-    assert_eq!(history["items"][0]["kind"], "left", "{history}");
+    .expect("no member.left event in time");
+}
+
+/// A removal stored in full whose clean-up of the chat list fails still succeeds, and publishes
+/// `member.left` at once: the member is out, and their open streams must stop routing the chat
+/// now, not when the outbox's sweep (not running here) finds the event unpublished.
+#[tokio::test]
+async fn a_removal_whose_clean_up_fails_still_publishes_member_left() {
+    let server = FlakyServer::start(false).await;
+    let mut events = server.bus.subscribe().await.unwrap();
+    let bob: UserId =
+        serde_json::from_value(server.get(&server.bob, "/v1/me").await["id"].clone()).unwrap();
+    server.store.failing_untouch.store(true, Ordering::SeqCst);
+    removal_succeeds_and_is_announced(&server, &mut events, bob).await;
 }
 
 /// A removal whose write was applied but answered with an error (a timeout, a later step of it
@@ -1185,33 +1199,7 @@ async fn a_removal_applied_despite_its_error_is_finished_at_once() {
         .store
         .failing_after_member_change
         .store(true, Ordering::SeqCst);
-    let removed = server
-        .http
-        .delete(format!(
-            "{}/v1/chats/{}/members/{bob}",
-            server.base, server.chat
-        ))
-        .bearer_auth(&server.alice)
-        .send()
-        .await
-        .unwrap();
-    assert!(removed.status().is_success(), "{}", removed.status());
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(logged) = events.next().await {
-            if let Event::MemberLeft(change) = &logged.envelope.event
-                && change.user_id == bob
-            {
-                return;
-            }
-        }
-        panic!("the event stream ended");
-    })
-    .await
-    .expect("no member.left event");
-    let history = server
-        .get(&server.alice, &format!("/v1/chats/{}/signals", server.chat))
-        .await;
-    assert_eq!(history["items"][0]["kind"], "left", "{history}");
+    removal_succeeds_and_is_announced(&server, &mut events, bob).await;
 }
 
 /// A removal publishes `member.left` before the `left` signal's bookkeeping (the chat's place in
@@ -1239,18 +1227,7 @@ async fn a_removal_stops_the_members_streams_before_its_bookkeeping() {
     };
     server.store.markers.reached().await;
     // The `left` signal's marker is held: `member.left` is out already.
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(logged) = events.next().await {
-            if let Event::MemberLeft(change) = &logged.envelope.event
-                && change.user_id == bob
-            {
-                return;
-            }
-        }
-        panic!("the event stream ended");
-    })
-    .await
-    .expect("member.left waited for the bookkeeping");
+    member_left(&mut events, bob).await;
     server
         .store
         .markers
