@@ -1022,9 +1022,9 @@ impl CqlStore {
     ///   as well ([`Store::delete_attachments`]), where this write lists an image it re-files. One
     ///   that finds it re-filed read the record after this write's rows were written, and removes
     ///   the file row later than them.
-    /// - Only the kind and the pictures change, so the message the attachment was sent in stays:
-    ///   a claim written before the read is in the version read, and one written after it is
-    ///   later than this write and wins over it.
+    /// - Only the kind and the pictures change. The message the attachment was sent in is a cell
+    ///   of its own (`message_id`, see `claim_attachments_meanwhile`) that this write leaves
+    ///   alone, except to carry it to a re-filed image's new row in the list.
     ///
     /// The record is read back at the end, so that a deletion that arrived between the read and
     /// the write is seen (and the caller drops the pictures' references).
