@@ -223,3 +223,79 @@ async fn jetstream_a_paced_entry_does_not_hold_back_another_entry_on_its_lock() 
     );
     queue.delete_bucket().await.expect("cleans up");
 }
+
+/// A ticket that cannot be claimed costs only itself: the pushes the other tickets of the same
+/// claim took come back to the caller. Here the ticket names a key the bucket refuses (not one
+/// the queue writes, but anyone who may publish on the subject can); it used to fail the whole
+/// claim after the other tickets' entries were deleted, losing their pushes. On JetStream only,
+/// where a claim looks at a batch of tickets at once.
+#[tokio::test]
+async fn jetstream_a_bad_ticket_loses_no_other_push() {
+    use confab_runtime::push_queue::PushQueue;
+    use confab_schema::{ChatId, UserId};
+    use std::collections::HashSet;
+
+    const PUSHES: u32 = 40;
+    let Some((queue, url, prefix)) = jetstream_queue().await else {
+        return;
+    };
+    let author = UserId::from_subject("poison", "author");
+    let now = confab_runtime::presence::now_ms();
+    let mut expected = HashSet::new();
+    for i in 0..PUSHES / 2 {
+        let (user, chat) = (
+            UserId::from_subject("poison", &format!("r{i}")),
+            ChatId::new(),
+        );
+        queue
+            .schedule(user, chat, &burst_message(author, i), now, now + 600_000)
+            .await
+            .expect("scheduled");
+        expected.insert((user, chat));
+    }
+    // Between the valid tickets, so that the claim that meets it has claimed others already.
+    let client = async_nats::connect(&url).await.expect("connects");
+    let context = async_nats::jetstream::new(client);
+    context
+        .publish(format!("{prefix}.push.due"), "not a key 0".into())
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    for i in PUSHES / 2..PUSHES {
+        let (user, chat) = (
+            UserId::from_subject("poison", &format!("r{i}")),
+            ChatId::new(),
+        );
+        queue
+            .schedule(user, chat, &burst_message(author, i), now, now + 600_000)
+            .await
+            .expect("scheduled");
+        expected.insert((user, chat));
+    }
+
+    let mut claimed = HashSet::new();
+    let mut errors = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while claimed.len() < expected.len() && tokio::time::Instant::now() < deadline {
+        match queue
+            .claim_due(confab_runtime::presence::now_ms(), 256)
+            .await
+        {
+            Ok(batch) => {
+                for push in batch.pushes {
+                    assert!(
+                        claimed.insert((push.user, push.chat)),
+                        "a push claimed twice"
+                    );
+                }
+            }
+            Err(error) => errors.push(error.to_string()),
+        }
+    }
+    assert_eq!(
+        claimed, expected,
+        "every valid push is claimed once the bad ticket is met; claims failed with {errors:?}"
+    );
+    queue.delete_bucket().await.expect("cleans up");
+}

@@ -28,7 +28,7 @@ use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind, kv};
 use async_trait::async_trait;
 use confab_schema::{ChatId, SignalId, UserId};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use super::{
     Cancelled, Claimed, PendingPush, PushKind, PushMessage, PushQueue, SENT_MEMORY_MS, SentPush,
@@ -355,7 +355,9 @@ impl NatsPushQueue {
             }
         }
         let full = more_ripe || fetched >= room;
-        // Tickets are looked at concurrently: each costs a read, a delete and an ack.
+        // Tickets are looked at concurrently: each costs a read, a delete and an ack. A ticket
+        // that cannot be decided costs only itself: the pushes the others claimed (their entries
+        // deleted already) are the caller's whatever happens to the rest of the batch.
         let claimed: Vec<Option<PendingPush>> = futures::stream::iter(batch)
             .map(|ticket: jetstream::Message| async move {
                 let parsed = Ticket::parse(&ticket.payload);
@@ -363,7 +365,20 @@ impl NatsPushQueue {
                 // moves, so the early deliveries of a ticket cost no read.
                 let decision = match parsed.due_ms {
                     Some(due) if due > now_ms => not_yet(due, now_ms, self.hold_ms),
-                    _ => self.claim_ticket(kv, &parsed.key, now_ms).await?,
+                    _ if !is_entry_key(&parsed.key) => {
+                        // Not a ticket this queue wrote (anyone who may publish on the subject
+                        // can): no entry can ever answer it.
+                        tracing::warn!(key = %parsed.key, "dropping a push ticket of no entry");
+                        Decision::Answer(None, AckKind::Term)
+                    }
+                    _ => match self.claim_ticket(kv, &parsed.key, now_ms).await {
+                        Ok(decision) => decision,
+                        Err(error) => {
+                            // Back soon, to whichever node asks then: late, never lost.
+                            tracing::warn!(%error, key = %parsed.key, "push ticket not decided");
+                            Decision::Answer(None, AckKind::Nak(Some(RETRY_UNDECIDED)))
+                        }
+                    },
                 };
                 match decision {
                     Decision::Hold(due) => {
@@ -374,7 +389,7 @@ impl NatsPushQueue {
                                 due_ms: due,
                                 ticket,
                             });
-                        Ok::<_, BusError>(None)
+                        None
                     }
                     Decision::Answer(claimed, answer) => {
                         if let Err(error) = ticket.ack_with(answer).await {
@@ -382,13 +397,13 @@ impl NatsPushQueue {
                             // lost.
                             tracing::warn!(%error, "push ticket not answered");
                         }
-                        Ok(claimed)
+                        claimed
                     }
                 }
             })
             .buffer_unordered(TICKETS_IN_FLIGHT)
-            .try_collect()
-            .await?;
+            .collect()
+            .await;
         Ok((claimed.into_iter().flatten().collect(), full))
     }
 
@@ -417,6 +432,16 @@ impl NatsPushQueue {
         }
         Ok(())
     }
+}
+
+/// How soon a ticket whose entry could not be read comes back.
+const RETRY_UNDECIDED: Duration = Duration::from_secs(1);
+
+/// Whether `key` names an entry this queue writes (see [`super::key`]).
+fn is_entry_key(key: &str) -> bool {
+    key.split_once('.').is_some_and(|(user, chat)| {
+        user.parse::<UserId>().is_ok() && chat.parse::<ChatId>().is_ok()
+    })
 }
 
 /// A ticket: its entry's key, and the entry's due time when it was created (tickets of older
