@@ -299,6 +299,13 @@ impl DeviceDirectory for StoreDevices {
             Err(error) => return Err(error.to_string()),
         })
     }
+    async fn is_member(&self, user: UserId, chat: ChatId) -> Result<bool, String> {
+        self.0
+            .member_role(chat, user)
+            .await
+            .map(|role| role.is_some())
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// What a notifier routes by: the chats a user is in, read from the store. (The notifier and the

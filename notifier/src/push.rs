@@ -37,6 +37,8 @@ pub trait DeviceDirectory: Send + Sync + 'static {
     async fn reached(&self, user: UserId, chat: ChatId) -> Result<Option<SignalId>, String>;
     /// The message `id` of `chat` as it is now.
     async fn message(&self, chat: ChatId, id: SignalId) -> Result<Announced, String>;
+    /// Whether `user` is a member of `chat` now.
+    async fn is_member(&self, user: UserId, chat: ChatId) -> Result<bool, String>;
 }
 
 /// What became of the message a push announces by the time it goes out.
@@ -82,6 +84,8 @@ const RETRIES: u32 = 4;
 const BATCH: usize = 256;
 /// Pushes in flight at a time.
 const CONCURRENCY: usize = 64;
+/// How long a shutdown waits for the pushes this node claimed to go out.
+const DRAIN: Duration = Duration::from_secs(10);
 
 impl PushSender {
     /// Polls for due pushes until `shutdown`, and sends them. Claiming and sending overlap: the
@@ -98,14 +102,28 @@ impl PushSender {
                     async move { sender.send(push).await }
                 })
             };
+            // Claiming stops at shutdown, which closes the handoff: the senders then finish what
+            // was claimed (it is out of the queue, so nobody else would send it), for up to
+            // `DRAIN`; a push service that is down or slow does not hold the shutdown longer.
             let claiming = self.claim_until(shutdown.clone(), handoff);
-            // Shutdown does not wait for a queue that is down, nor for a slow push service.
             let queue = Arc::clone(&self.queue);
+            let work = futures::future::join(claiming, sending);
+            tokio::pin!(work);
             tokio::select! {
-                () = shutdown.cancelled() => {}
-                _ = futures::future::join(claiming, sending) => {}
+                _ = &mut work => {}
+                () = shutdown.cancelled() => {
+                    // What this node held for later goes back at once, for the nodes that stay,
+                    // while the claimed pushes go out.
+                    let release = tokio::time::timeout(Duration::from_secs(5), queue.release());
+                    let (_, drained) =
+                        futures::future::join(release, tokio::time::timeout(DRAIN, &mut work))
+                            .await;
+                    if drained.is_err() {
+                        tracing::warn!("claimed pushes not sent by the end of the shutdown's drain");
+                    }
+                    return;
+                }
             }
-            // What this node held for later goes back now, for the nodes that stay.
             let _ = tokio::time::timeout(Duration::from_secs(5), queue.release()).await;
         })
     }
@@ -149,21 +167,50 @@ impl PushSender {
             metrics::counter!("confab_pushes_expired_total").increment(1);
             return;
         }
-        let devices = match self.devices.devices_of(push.user).await {
-            Ok(devices) => devices,
-            Err(error) => {
-                tracing::warn!(%error, "devices unavailable; push dropped");
-                metrics::counter!("confab_pushes_failed_total", "platform" => "any").increment(1);
-                return;
+        // Claimed, the push is out of the queue: a store that fails for a moment is retried
+        // within the push's time to live rather than losing it.
+        let mut wait = Duration::from_millis(250);
+        let devices = loop {
+            match self.devices.devices_of(push.user).await {
+                Ok(devices) => break devices,
+                Err(error) if push.expires_ms - now_ms() > wait.as_millis() as i64 => {
+                    tracing::warn!(%error, "devices unavailable; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(4));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "devices unavailable; push dropped");
+                    metrics::counter!("confab_pushes_failed_total", "platform" => "any")
+                        .increment(1);
+                    return;
+                }
             }
         };
         if devices.is_empty() {
             return;
         }
         // The last look before it rings: a marker that moved past what it announces while it
-        // waited (or before a large chat's background pass scheduled it) makes it unneeded.
+        // waited (or before a large chat's background pass scheduled it) makes it unneeded, and
+        // so does the user's leaving the chat (or being removed): nothing of a chat goes to
+        // someone who is no longer in it.
         if push.kind == PushKind::Messages {
-            match self.devices.reached(push.user, push.chat).await {
+            let (reached, member) = futures::join!(
+                self.devices.reached(push.user, push.chat),
+                self.devices.is_member(push.user, push.chat)
+            );
+            let member_now = matches!(member, Ok(true));
+            match member {
+                Ok(true) => {}
+                Ok(false) => {
+                    metrics::counter!("confab_pushes_cancelled_total").increment(1);
+                    return;
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "membership unavailable; sent without its text");
+                    push.preview = None;
+                }
+            }
+            match reached {
                 Ok(Some(reached)) if reached >= push.newest => {
                     metrics::counter!("confab_pushes_cancelled_total").increment(1);
                     return;
@@ -184,7 +231,7 @@ impl PushSender {
                     push.count -= 1;
                 }
                 Ok(Announced::Text(text)) => {
-                    if push.preview.is_some() {
+                    if push.preview.is_some() && member_now {
                         push.preview = text.as_deref().map(preview);
                     }
                 }
@@ -362,5 +409,152 @@ fn classify(response: reqwest::Result<reqwest::Response>) -> Delivery {
             _ => Delivery::Failed,
         },
         Err(_) => Delivery::Retry,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use confab_runtime::push_queue::EmbeddedPushQueue;
+
+    use super::*;
+
+    /// A user's devices and the store's answers as a test sets them; the first `failures` reads
+    /// of the devices fail.
+    struct Directory {
+        device: Device,
+        member: bool,
+        failures: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl DeviceDirectory for Directory {
+        async fn devices_of(&self, _user: UserId) -> Result<Vec<Device>, String> {
+            if self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err("the store is unavailable".into());
+            }
+            Ok(vec![self.device.clone()])
+        }
+        async fn remove(&self, _user: UserId, _device: DeviceId) -> Result<(), String> {
+            Ok(())
+        }
+        async fn reached(&self, _user: UserId, _chat: ChatId) -> Result<Option<SignalId>, String> {
+            Ok(None)
+        }
+        async fn message(&self, _chat: ChatId, _id: SignalId) -> Result<Announced, String> {
+            Ok(Announced::Text(Some("the text as it is now".into())))
+        }
+        async fn is_member(&self, _user: UserId, _chat: ChatId) -> Result<bool, String> {
+            Ok(self.member)
+        }
+    }
+
+    /// A UnifiedPush distributor on loopback that keeps what it is sent.
+    async fn distributor() -> (String, Arc<Mutex<Vec<String>>>) {
+        let received: Arc<Mutex<Vec<String>>> = Arc::default();
+        let kept = Arc::clone(&received);
+        let router = axum::Router::new().route(
+            "/up",
+            axum::routing::post(move |body: String| async move {
+                kept.lock().unwrap().push(body);
+                axum::http::StatusCode::CREATED
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}/up", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        (endpoint, received)
+    }
+
+    /// A sender whose user is a member of the push's chat or not, and whose first `failures`
+    /// reads of the devices fail; the push it is to send; what its distributor receives.
+    async fn setup(
+        member: bool,
+        failures: usize,
+    ) -> (PushSender, PendingPush, Arc<Mutex<Vec<String>>>) {
+        let (endpoint, received) = distributor().await;
+        let user = UserId::from_subject("push-test", "bob");
+        let device = Device {
+            id: DeviceId(uuid::Uuid::new_v4()),
+            user_id: user,
+            platform: Platform::Unifiedpush,
+            endpoint: Some(endpoint),
+            keys: None,
+            token: None,
+            topic: None,
+            created_at: time::OffsetDateTime::now_utc(),
+        };
+        // The file outlives the case; the OS cleans its temp directory.
+        let path = tempfile::tempdir().unwrap().keep().join("push.sqlite3");
+        let sender = PushSender {
+            queue: Arc::new(EmbeddedPushQueue::open(&path).unwrap()),
+            devices: Arc::new(Directory {
+                device,
+                member,
+                failures: AtomicUsize::new(failures),
+            }),
+            http: reqwest::Client::new(),
+            vapid: None,
+            subject: "mailto:test@example.com".into(),
+            vapid_tokens: Arc::default(),
+            poll: Duration::from_millis(100),
+            fcm: None,
+            apns: None,
+        };
+        let now = now_ms();
+        let push = PendingPush {
+            user,
+            chat: ChatId::new(),
+            kind: PushKind::Messages,
+            newest: SignalId::new(),
+            author: UserId::from_subject("push-test", "alice"),
+            author_name: "alice".into(),
+            preview: Some("the text as it was".into()),
+            count: 1,
+            due_ms: now,
+            expires_ms: now + 60_000,
+        };
+        (sender, push, received)
+    }
+
+    /// A push claimed for someone who has left the chat (or was removed) since it was scheduled
+    /// goes nowhere, whatever became of their markers.
+    #[tokio::test]
+    async fn a_push_for_someone_no_longer_in_the_chat_is_not_sent() {
+        let (sender, push, received) = setup(false, 0).await;
+        sender.send(push.clone()).await;
+        assert!(
+            received.lock().unwrap().is_empty(),
+            "pushed to a former member: {:?}",
+            received.lock().unwrap()
+        );
+
+        let (sender, push, received) = setup(true, 0).await;
+        sender.send(push).await;
+        let received = received.lock().unwrap();
+        assert_eq!(received.len(), 1, "a member's push goes out");
+        assert!(
+            received[0].contains("the text as it is now"),
+            "{received:?}"
+        );
+    }
+
+    /// A claimed push is out of the queue: a store that fails for a moment when its devices are
+    /// read delays it, and loses nothing.
+    #[tokio::test]
+    async fn a_push_whose_devices_fail_to_read_for_a_moment_is_still_sent() {
+        let (sender, push, received) = setup(true, 2).await;
+        sender.send(push).await;
+        assert_eq!(
+            received.lock().unwrap().len(),
+            1,
+            "the push was dropped after its devices failed to read"
+        );
     }
 }

@@ -337,6 +337,11 @@ impl TestApp {
         Box::pin(self.stop_now())
     }
 
+    /// Tells the app to shut down, without waiting for it (a stop then waits).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Stops the app and keeps what it made (its data folder, which it hands back, and its keyspace
     /// and streams on the real services): for a test that starts it again on the same state. A
     /// later app on the same configuration cleans up with [`TestApp::stop`].
