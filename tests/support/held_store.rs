@@ -1,7 +1,9 @@
 //! A store that passes every call on to another, except the writes a test names: those wait at a
-//! gate until the test lets them go, or fail (before or after they are made). The tests of races
+//! gate (before or after they are made) until the test lets them go, or fail (before or after they
+//! are made), once, a number of times, or until the test lifts the rule. The tests of races
 //! between requests play their interleaving with it, and the tests of writes that fail part-way
-//! make them fail where they choose, on any store (the embedded one, or CQL).
+//! (the bookkeeping after a send, deletions, removals) make them fail where they choose, on any
+//! store (the embedded one, or CQL).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -24,6 +26,18 @@ use super::DEADLINE;
 /// A kind of write a [`HeldStore`] can hold or fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Held {
+    /// A chat's place moved in its members' lists (`Store::touch_chat`).
+    ChatTouched,
+    /// A chat taken out of a member's list (`Store::untouch_chat`).
+    ChatUntouched,
+    /// A read or delivery marker moved (`Store::advance_marker`).
+    MarkerAdvanced,
+    /// A guarded membership change (`Store::change_member`).
+    MemberChanged,
+    /// A message's text edited (`Store::edit_signal`).
+    SignalEdited,
+    /// A signal deleted, its tombstone written (`Store::delete_signal`).
+    SignalDeleted,
     /// A participant put into (`true`) or taken out of (`false`) a call.
     CallParticipant(bool),
     /// What making an image's pictures found (`Store::update_derived`).
@@ -44,6 +58,8 @@ pub enum Held {
 enum Fault {
     /// It waits at the gate.
     Hold,
+    /// It is made, then waits at the gate.
+    HoldAfter,
     /// It is not made, and fails.
     Fail,
     /// It is made, and fails all the same (a write that timed out after it was applied).
@@ -51,7 +67,7 @@ enum Fault {
 }
 
 /// The writes of one kind a [`HeldStore`] does something to, and how many more (`None`: every
-/// one).
+/// one, until the rule is lifted).
 #[derive(Debug)]
 struct Rule {
     kind: Held,
@@ -83,6 +99,13 @@ impl Gate {
         let written = write.await;
         self.done.send_modify(|n| *n += 1);
         written
+    }
+
+    /// Writes that wait after they are made: `write` is done before it waits, and counts as done
+    /// once the gate lets it go.
+    async fn pass_after<T>(&self, write: impl Future<Output = T>) -> T {
+        let written = write.await;
+        self.pass(async { written }).await
     }
 
     /// Waits until `n` writes wait at the gate.
@@ -135,6 +158,27 @@ impl HeldStore {
         self.rule(held, Fault::Hold, Some(1));
     }
 
+    /// Makes every write of kind `held`, then holds it.
+    pub fn hold_after(&self, held: Held) {
+        self.rule(held, Fault::HoldAfter, None);
+    }
+
+    /// Fails every write of kind `held` without making it, until [`HeldStore::lift`].
+    pub fn fail_every(&self, held: Held) {
+        self.rule(held, Fault::Fail, None);
+    }
+
+    /// Makes every write of kind `held`, then fails it, until [`HeldStore::lift`].
+    pub fn fail_every_after(&self, held: Held) {
+        self.rule(held, Fault::FailAfter, None);
+    }
+
+    /// Drops the rules for writes of kind `held`: the next ones are made as they come (those
+    /// already held still wait for the gate).
+    pub fn lift(&self, held: Held) {
+        self.rules.lock().unwrap().retain(|rule| rule.kind != held);
+    }
+
     /// Fails the next `times` writes of kind `held` without making them.
     pub fn fail(&self, held: Held, times: usize) {
         self.rule(held, Fault::Fail, Some(times));
@@ -178,6 +222,7 @@ impl HeldStore {
         match self.fault(write) {
             None => done.await,
             Some(Fault::Hold) => self.gate.pass(done).await,
+            Some(Fault::HoldAfter) => self.gate.pass_after(done).await,
             Some(Fault::Fail) => Err(self.failure(write)),
             Some(Fault::FailAfter) => {
                 done.await?;
@@ -414,7 +459,8 @@ impl Store for HeldStore {
         chat: ChatId,
         change: &confab_api::store::GuardedChange,
     ) -> Result<bool, StoreError> {
-        self.inner.change_member(chat, change).await
+        self.through(Held::MemberChanged, self.inner.change_member(chat, change))
+            .await
     }
     async fn touch_chat(
         &self,
@@ -423,10 +469,15 @@ impl Store for HeldStore {
         activity: SignalId,
         latest: Option<&Signal>,
     ) -> Result<(), StoreError> {
-        self.inner.touch_chat(chat, members, activity, latest).await
+        self.through(
+            Held::ChatTouched,
+            self.inner.touch_chat(chat, members, activity, latest),
+        )
+        .await
     }
     async fn untouch_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
-        self.inner.untouch_chat(chat, user).await
+        self.through(Held::ChatUntouched, self.inner.untouch_chat(chat, user))
+            .await
     }
     async fn chats_by_activity(
         &self,
@@ -465,14 +516,19 @@ impl Store for HeldStore {
         text: &str,
         edited_at: OffsetDateTime,
     ) -> Result<Option<Signal>, StoreError> {
-        self.inner.edit_signal(chat, id, text, edited_at).await
+        self.through(
+            Held::SignalEdited,
+            self.inner.edit_signal(chat, id, text, edited_at),
+        )
+        .await
     }
     async fn delete_signal(
         &self,
         chat: ChatId,
         id: SignalId,
     ) -> Result<Option<Signal>, StoreError> {
-        self.inner.delete_signal(chat, id).await
+        self.through(Held::SignalDeleted, self.inner.delete_signal(chat, id))
+            .await
     }
     async fn signals_before(
         &self,
@@ -553,7 +609,11 @@ impl Store for HeldStore {
         user: UserId,
         up_to: SignalId,
     ) -> Result<(), StoreError> {
-        self.inner.advance_marker(kind, chat, user, up_to).await
+        self.through(
+            Held::MarkerAdvanced,
+            self.inner.advance_marker(kind, chat, user, up_to),
+        )
+        .await
     }
     async fn marker(
         &self,
@@ -692,6 +752,7 @@ impl Store for HeldStore {
                 Err(self.failure(Held::CallCreated))
             }
             Some(Fault::Hold) => self.gate.pass(self.inner.create_call(call)).await,
+            Some(Fault::HoldAfter) => self.gate.pass_after(self.inner.create_call(call)).await,
             None => self.inner.create_call(call).await,
         }
     }
