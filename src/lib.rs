@@ -567,7 +567,10 @@ pub async fn build(
                 Some(private) => Some(VapidKeys::from_private_key(private)?),
                 None => None,
             };
-            let http = reqwest::Client::builder().timeout(PUSH_TIMEOUT).build()?;
+            let http = confab_notifier::push::http_client(
+                PUSH_TIMEOUT,
+                config.push.allow_insecure_endpoints,
+            )?;
             let (fcm, apns) = native_push(config, &http)?;
             workers.push(
                 PushSender {

@@ -142,6 +142,85 @@ async fn devices_belong_to_their_user(stack: Stack) {
     app.stop().await;
 }
 
+/// A user has at most `MAX_DEVICES_PER_USER` devices: one more is refused with a problem, and
+/// nothing is kept; registering one they have again still works, and so does a new one once one
+/// was removed.
+async fn a_user_has_a_bounded_number_of_devices(stack: Stack) {
+    let (app, _keys) = app_with_web_push(stack).await;
+    let alice = app.token("alice").await;
+    let most = confab_api::domain::devices::MAX_DEVICES_PER_USER;
+    let mut ids = Vec::new();
+    for i in 0..most {
+        let registered = app
+            .post(
+                &alice,
+                "/v1/devices",
+                &subscription(&format!("http://127.0.0.1:9/push/{i}")),
+            )
+            .await;
+        assert_eq!(registered.status(), 201);
+        ids.push(
+            registered.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let one_more = app
+        .post(
+            &alice,
+            "/v1/devices",
+            &subscription("http://127.0.0.1:9/push/one-more"),
+        )
+        .await;
+    assert_eq!(one_more.status(), 409);
+    assert_eq!(
+        one_more.headers()["content-type"],
+        "application/problem+json"
+    );
+    let listed: Value = app.get(&alice, "/v1/devices").await.json().await.unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().len(), most, "{listed}");
+    let again = app
+        .post(
+            &alice,
+            "/v1/devices",
+            &subscription("http://127.0.0.1:9/push/0"),
+        )
+        .await;
+    assert_eq!(again.status(), 200, "one of hers, registered again");
+    let removed = app
+        .http
+        .delete(app.url(&format!("/v1/devices/{}", ids[0])))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert!(removed.status().is_success());
+    let in_its_place = app
+        .post(
+            &alice,
+            "/v1/devices",
+            &subscription("http://127.0.0.1:9/push/one-more"),
+        )
+        .await;
+    assert_eq!(in_its_place.status(), 201);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_user_has_a_bounded_number_of_devices_on_the_embedded_default() {
+    a_user_has_a_bounded_number_of_devices(Stack::Embedded).await;
+}
+
+#[tokio::test]
+async fn a_user_has_a_bounded_number_of_devices_on_the_real_stack() {
+    if support::real_stack_available("a_user_has_a_bounded_number_of_devices_on_the_real_stack")
+        .await
+    {
+        a_user_has_a_bounded_number_of_devices(Stack::Real).await;
+    }
+}
+
 #[tokio::test]
 async fn devices_belong_to_their_user_on_the_embedded_default() {
     Box::pin(devices_belong_to_their_user(Stack::Embedded)).await;

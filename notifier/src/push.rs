@@ -69,6 +69,39 @@ pub struct PushSender {
     pub apns: Option<Arc<Apns>>,
 }
 
+/// The HTTP client pushes go out with. It follows no redirect: push services answer, they do not
+/// redirect, and a redirect could lead a push (and its body) to the deployment's own network. A
+/// name must resolve to a public address unless `allow_internal` (local development, tests):
+/// registration refuses internal addresses written as such, and this catches the names.
+pub fn http_client(timeout: Duration, allow_internal: bool) -> reqwest::Result<reqwest::Client> {
+    let builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none());
+    if allow_internal {
+        builder.build()
+    } else {
+        builder.dns_resolver(Arc::new(PublicOnly)).build()
+    }
+}
+
+/// Resolves a name to its public addresses only, and fails when it has none.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let addresses: Vec<std::net::SocketAddr> = tokio::net::lookup_host((name.as_str(), 0))
+                .await?
+                .filter(|address| confab_runtime::addresses::is_public(address.ip()))
+                .collect();
+            if addresses.is_empty() {
+                return Err(format!("{} has no public address", name.as_str()).into());
+            }
+            Ok(Box::new(addresses.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// What became of one push to one device.
 pub(crate) enum Delivery {
     Sent,
@@ -456,20 +489,31 @@ mod tests {
     }
 
     /// A UnifiedPush distributor on loopback that keeps what it is sent.
-    async fn distributor() -> (String, Arc<Mutex<Vec<String>>>) {
+    /// Its `/redirect` answers with a redirect to `/up`; the port it listens on.
+    async fn distributor() -> (u16, Arc<Mutex<Vec<String>>>) {
         let received: Arc<Mutex<Vec<String>>> = Arc::default();
         let kept = Arc::clone(&received);
-        let router = axum::Router::new().route(
-            "/up",
-            axum::routing::post(move |body: String| async move {
-                kept.lock().unwrap().push(body);
-                axum::http::StatusCode::CREATED
-            }),
-        );
+        let router = axum::Router::new()
+            .route(
+                "/up",
+                axum::routing::post(move |body: String| async move {
+                    kept.lock().unwrap().push(body);
+                    axum::http::StatusCode::CREATED
+                }),
+            )
+            .route(
+                "/redirect",
+                axum::routing::post(|| async {
+                    (
+                        axum::http::StatusCode::TEMPORARY_REDIRECT,
+                        [(axum::http::header::LOCATION, "/up")],
+                    )
+                }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}/up", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move { axum::serve(listener, router).await });
-        (endpoint, received)
+        (port, received)
     }
 
     /// A sender whose user is a member of the push's chat or not, and whose first `failures`
@@ -478,7 +522,20 @@ mod tests {
         member: bool,
         failures: usize,
     ) -> (PushSender, PendingPush, Arc<Mutex<Vec<String>>>) {
-        let (endpoint, received) = distributor().await;
+        setup_at("127.0.0.1", "/up", member, failures, true).await
+    }
+
+    /// [`setup`] with the device's endpoint at `host` and `path` of the distributor, and a
+    /// sender that may reach internal addresses or not.
+    async fn setup_at(
+        host: &str,
+        path: &str,
+        member: bool,
+        failures: usize,
+        allow_internal: bool,
+    ) -> (PushSender, PendingPush, Arc<Mutex<Vec<String>>>) {
+        let (port, received) = distributor().await;
+        let endpoint = format!("http://{host}:{port}{path}");
         let user = UserId::from_subject("push-test", "bob");
         let device = Device {
             id: DeviceId(uuid::Uuid::new_v4()),
@@ -499,7 +556,7 @@ mod tests {
                 member,
                 failures: AtomicUsize::new(failures),
             }),
-            http: reqwest::Client::new(),
+            http: http_client(Duration::from_secs(5), allow_internal).unwrap(),
             vapid: None,
             subject: "mailto:test@example.com".into(),
             vapid_tokens: Arc::default(),
@@ -556,5 +613,32 @@ mod tests {
             1,
             "the push was dropped after its devices failed to read"
         );
+    }
+
+    /// A push endpoint that redirects is not followed: a redirect would take the push to an
+    /// address nobody registered, such as one on the deployment's own network.
+    #[tokio::test]
+    async fn a_push_endpoint_that_redirects_is_not_followed() {
+        let (sender, push, received) = setup_at("127.0.0.1", "/redirect", true, 0, true).await;
+        sender.send(push).await;
+        assert!(
+            received.lock().unwrap().is_empty(),
+            "the push followed its endpoint's redirect"
+        );
+    }
+
+    /// A push endpoint whose name resolves to an internal address gets nothing, unless internal
+    /// addresses are allowed.
+    #[tokio::test]
+    async fn a_push_endpoint_named_onto_an_internal_address_gets_nothing() {
+        let (sender, push, received) = setup_at("localhost", "/up", true, 0, false).await;
+        sender.send(push).await;
+        assert!(
+            received.lock().unwrap().is_empty(),
+            "a push reached an internal address by name"
+        );
+        let (sender, push, received) = setup_at("localhost", "/up", true, 0, true).await;
+        sender.send(push).await;
+        assert_eq!(received.lock().unwrap().len(), 1, "allowed, it goes out");
     }
 }

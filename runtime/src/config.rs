@@ -261,8 +261,10 @@ impl AttachmentsConfig {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PushConfig {
-    /// Accept `http` push endpoints on loopback hosts (tests, local development). Anything else
-    /// must be `https`. Default false.
+    /// Accept push endpoints on internal addresses (loopback, private ranges, link-local), and
+    /// `http` ones on loopback (tests, local development). Otherwise an endpoint must be `https`
+    /// to a public address, by its IP or by what its name resolves to when a push is sent.
+    /// Default false.
     pub allow_insecure_endpoints: bool,
     /// The VAPID public key browsers subscribe with: base64url of the uncompressed P-256 point
     /// (`confab vapid-keys` makes a pair). Default: none (Web Push devices are refused).

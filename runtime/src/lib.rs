@@ -6,6 +6,7 @@
 //! [`search::Search`]) with a
 //! production implementation and an embedded one.
 
+pub mod addresses;
 pub mod blobs;
 pub mod bus;
 pub mod config;

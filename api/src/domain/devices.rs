@@ -13,6 +13,9 @@ use crate::state::ApiState;
 const MAX_ENDPOINT_BYTES: usize = 2048;
 const MAX_TOKEN_BYTES: usize = 4096;
 const MAX_TOPIC_BYTES: usize = 255;
+/// The devices one user may register. Each push goes to every one of them, so without a bound
+/// one account could make the notifier send as many requests per message as it likes.
+pub const MAX_DEVICES_PER_USER: usize = 20;
 
 /// How the API checks push registrations.
 #[derive(Clone, Debug, Default)]
@@ -56,17 +59,27 @@ fn invalid(detail: impl Into<String>) -> ApiError {
 }
 
 fn endpoint(raw: Option<String>, settings: &PushSettings) -> ApiResult<String> {
+    use confab_runtime::addresses::is_public;
     let raw = raw.ok_or_else(|| invalid("endpoint is required"))?;
     if raw.len() > MAX_ENDPOINT_BYTES {
         return Err(invalid("endpoint is longer than 2048 bytes"));
     }
     let url = url::Url::parse(&raw).map_err(|_| invalid("endpoint is not a URL"))?;
-    let loopback = match url.host() {
-        Some(url::Host::Domain(host)) => host == "localhost",
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+    let (loopback, public) = match url.host() {
+        Some(url::Host::Domain(host)) => {
+            let local = host == "localhost" || host.ends_with(".localhost");
+            // A name is checked again where it resolves, when a push is sent.
+            (local, !local)
+        }
+        Some(url::Host::Ipv4(ip)) => (ip.is_loopback(), is_public(ip.into())),
+        Some(url::Host::Ipv6(ip)) => (ip.is_loopback(), is_public(ip.into())),
         None => return Err(invalid("endpoint has no host")),
     };
+    // Pushes are sent from inside the deployment: an endpoint on its own network would let a
+    // client make it call its neighbours.
+    if !public && !settings.allow_insecure_endpoints {
+        return Err(invalid("endpoint must be a public address"));
+    }
     match url.scheme() {
         "https" => {}
         "http" if settings.allow_insecure_endpoints && loopback => {}
@@ -208,6 +221,14 @@ impl ApiState {
         new: NewDevice,
     ) -> ApiResult<Outcome<Device>> {
         let id = DeviceId::of(new.platform.as_str(), new.address());
+        // Two registrations at once may both pass; the bound is there against abuse, not to
+        // count exactly.
+        let registered = self.store.devices_of(caller).await?;
+        if registered.len() >= MAX_DEVICES_PER_USER && !registered.iter().any(|d| d.id == id) {
+            return Err(ApiError::Conflict(format!(
+                "at most {MAX_DEVICES_PER_USER} devices per user: remove one first"
+            )));
+        }
         let mut device = Device {
             id,
             user_id: caller,
@@ -290,6 +311,37 @@ mod tests {
         assert!(NewDevice::parse(webpush("http://10.0.0.1/x"), &insecure).is_err());
         assert!(NewDevice::parse(webpush("ftp://push.example/x"), &insecure).is_err());
         assert!(NewDevice::parse(webpush("https://u:p@push.example/x"), &settings()).is_err());
+    }
+
+    /// Pushes go out from inside the deployment: an endpoint on its own network (loopback,
+    /// private ranges, the cloud's metadata service) is refused, whatever the scheme, unless the
+    /// setting for local development allows it.
+    #[test]
+    fn endpoints_on_internal_addresses_are_refused() {
+        for internal in [
+            "https://127.0.0.1/x",
+            "https://10.0.0.5/x",
+            "https://192.168.1.10:8443/x",
+            "https://169.254.169.254/latest/meta-data",
+            "https://[::1]/x",
+            "https://[fd00::1]/x",
+            "https://[::ffff:10.0.0.1]/x",
+            "https://localhost/x",
+            "https://push.localhost/x",
+            "https://0.0.0.0/x",
+        ] {
+            let refused = NewDevice::parse(webpush(internal), &settings());
+            assert!(
+                matches!(&refused, Err(ApiError::Unprocessable(detail)) if detail.contains("public")),
+                "{internal}: {refused:?}"
+            );
+        }
+        assert!(NewDevice::parse(webpush("https://8.8.8.8/x"), &settings()).is_ok());
+        let insecure = PushSettings {
+            allow_insecure_endpoints: true,
+            ..settings()
+        };
+        assert!(NewDevice::parse(webpush("https://10.0.0.5/x"), &insecure).is_ok());
     }
 
     #[test]

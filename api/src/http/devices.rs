@@ -53,6 +53,7 @@ pub struct Devices {
     responses(
         (status = 201, description = "Registered", body = Device),
         (status = 200, description = "Registered already", body = Device),
+        (status = 409, description = "The caller has as many devices as allowed", body = confab_runtime::Problem, content_type = "application/problem+json"),
         CallerErrors, Invalid,
     ),
     security(("bearer" = []))
