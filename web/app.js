@@ -27,6 +27,7 @@ const state = {
   typing: new Map(), // user id → when their typing notice ends (ms), in the open chat
   presence: new Map(), // user id → their presence
   socket: null, // the WebSocket, when events come that way
+  replaced: false, // a newer stream of this user took this one's place: reconnect on request only
   calls: new Map(), // request frame id → its promise's resolve and reject
   lastCall: 0,
 };
@@ -1105,6 +1106,8 @@ const handlers = {
     await loadChats();
     if (state.open) await openChat(state.open);
   },
+  // The server ended the stream and says why (`replaced`); it is not to be reopened by itself.
+  closed: () => replaced(),
 };
 const reaction = (change) => {
   const signal = state.messages.get(change.signal_id);
@@ -1145,6 +1148,7 @@ function disconnect() {
 
 async function connect() {
   disconnect();
+  state.replaced = false;
   let ticket;
   try {
     ticket = (await api("POST", "/v1/events/ticket")).ticket;
@@ -1213,8 +1217,9 @@ function connectSocket(query) {
         break;
     }
   };
-  socket.onclose = () => {
+  socket.onclose = (event) => {
     if (state.socket !== socket) return;
+    if (event.code === 4009) return replaced();
     setLive(false);
     disconnect();
     setTimeout(connect, 1000);
@@ -1240,11 +1245,24 @@ $("use-socket").addEventListener("change", () => {
   if (state.me) connect();
 });
 
-function setLive(live) {
+function setLive(live, text) {
   const badge = $("connection");
-  badge.textContent = live ? `live${transport.kind === "ws" ? " (WebSocket)" : ""}` : "offline";
+  badge.textContent = text || (live ? `live${transport.kind === "ws" ? " (WebSocket)" : ""}` : "offline");
   badge.classList.toggle("live", live);
 }
+
+// A newer stream of this user (another tab or device, or this one reconnecting while its old
+// connection lingered) took this stream's place: a user holds only so many. Reconnecting by itself
+// would push that one out in turn, and the two would take turns for ever; so it waits until the
+// user asks (a click on the badge) or comes back to the page.
+function replaced() {
+  disconnect();
+  state.replaced = true;
+  setLive(false, "replaced: click to reconnect");
+}
+$("connection").addEventListener("click", () => {
+  if (state.replaced && session.token && state.me) connect();
+});
 
 // A dropped network does not always end an open stream at once: end it, and resume from the last
 // event id when the network is back.
@@ -1253,7 +1271,7 @@ window.addEventListener("offline", () => {
   setLive(false);
 });
 window.addEventListener("online", () => {
-  if (session.token && state.me) connect();
+  if (session.token && state.me && !state.replaced) connect();
 });
 
 // ---- Circles and queues ----
@@ -1444,7 +1462,9 @@ handlers["queue.matched"] = async (match) => {
 };
 
 document.addEventListener("visibilitychange", () => {
-  if (document.visibilityState === "visible") markRead();
+  if (document.visibilityState !== "visible") return;
+  markRead();
+  if (state.replaced && session.token && state.me) connect();
 });
 
 start();

@@ -3,6 +3,8 @@
 //! variant, so a new kind of event is described as soon as it exists.
 
 use confab_schema::Event;
+
+use crate::hub::REPLACED;
 use serde_json::{Map, Value, json};
 use utoipa::{PartialSchema, ToSchema};
 
@@ -108,6 +110,22 @@ pub fn document() -> Value {
         "ws_resume": {"name": "resume", "payload": frame(json!({"type": {"const": "resume"}, "last_event_id": {"type": ["string", "integer"]}}), &["type", "last_event_id"])},
     });
     let ws_frames = ws_frames.as_object().cloned().unwrap_or_default();
+    // The SSE stream's own events, beside the events of the log.
+    let sse_frames = json!({
+        "sse_ready": {"name": "ready", "summary": "The stream is live. A fresh stream's has an `id:`, the position it starts after: a client resumes from it until its first event. A resumed stream's has none.",
+            "payload": {"type": "object"}},
+        "sse_reset": {"name": "reset", "summary": "The stream could not resume: re-read the chat list and history. Events after it continue normally.",
+            "payload": frame(json!({"type": {"const": "reset"}, "data": frame(json!({"reason": {"type": "string", "enum": ["expired", "unknown-id", "too-far-behind"]}}), &["reason"])}), &["type", "data"])},
+        "sse_closed": {"name": "closed", "summary": "The last event: the server ended the stream. `replaced`: a newer stream of the same user took its place (a user holds at most `notifier.max_connections_per_user` streams on a node, and one more replaces the oldest). The client must not reconnect on its own, which would push out the newer stream in turn; only on its user's action.",
+            "payload": frame(json!({"type": {"const": "closed"}, "data": frame(json!({"reason": {"type": "string", "enum": [REPLACED]}}), &["reason"])}), &["type", "data"])},
+    });
+    for (name, message) in sse_frames.as_object().cloned().unwrap_or_default() {
+        sse_messages.insert(
+            name.clone(),
+            json!({"$ref": format!("#/components/messages/{name}")}),
+        );
+        messages.insert(name, message);
+    }
     let reference = |name: &str| json!({"$ref": format!("#/components/messages/{name}")});
     let mut ws_channel_messages = Map::new();
     for name in ws_frames.keys() {
@@ -124,12 +142,12 @@ pub fn document() -> Value {
         "channels": {
             "events": {
                 "address": "/v1/events",
-                "description": "Server-Sent Events: `event:` is the type, `id:` the sequence, `data:` the message payload.",
+                "description": "Server-Sent Events: `event:` is the type, `id:` the sequence, `data:` the message payload. `ready` comes first; `closed` (reason `replaced`) ends a stream a newer one of the same user replaced.",
                 "messages": sse_messages,
             },
             "socket": {
                 "address": "/v1/ws",
-                "description": "JSON text frames both ways.",
+                "description": "JSON text frames both ways. The server closes the socket with code 4001 when its token expires (send a fresh one in an `auth` frame before), 4003 for a token of another user, and 4009 (reason `replaced`) when a newer stream of the same user took its place (a user holds at most `notifier.max_connections_per_user` streams on a node, and one more replaces the oldest): the client must not reconnect on its own then, only on its user's action. A socket the server closes without a code resumes with its last event id.",
                 "messages": ws_channel_messages,
             },
         },
@@ -169,5 +187,28 @@ mod tests {
                 "{schema} is described"
             );
         }
+    }
+
+    #[test]
+    fn the_streams_own_events_are_described() {
+        let document = document();
+        let sse = &document["channels"]["events"]["messages"];
+        for (name, event) in [
+            ("sse_ready", "ready"),
+            ("sse_reset", "reset"),
+            ("sse_closed", "closed"),
+        ] {
+            assert!(sse[name].is_object(), "{name} is on the SSE channel");
+            assert_eq!(document["components"]["messages"][name]["name"], event);
+        }
+        let closed = &document["components"]["messages"]["sse_closed"]["payload"];
+        assert_eq!(
+            closed["properties"]["data"]["properties"]["reason"]["enum"],
+            serde_json::json!(["replaced"])
+        );
+        let socket = document["channels"]["socket"]["description"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(socket.contains("4009 (reason `replaced`)"), "{socket}");
     }
 }

@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -103,7 +103,13 @@ pub enum Item {
     /// The stream could not resume where the client asked: it must re-read its chats and their
     /// history. Events after this one continue normally.
     Reset(&'static str),
+    /// The hub ended the stream, for this reason, and the client should not reconnect on its own.
+    /// The last item: `replaced` (a newer stream of the same user took its place, see [`Caps`]).
+    Closed(&'static str),
 }
+
+/// Why the hub ended a stream: a newer stream of its user took its place at the per-user cap.
+pub const REPLACED: &str = "replaced";
 
 struct Connection {
     user: UserId,
@@ -114,6 +120,9 @@ struct Connection {
     /// changes (chat, joined) until it is installed.
     chats: Option<HashSet<ChatId>>,
     changes: Vec<(ChatId, bool)>,
+    /// Set by the hub before it drops `sender` when the stream's end has a reason its client is
+    /// told ([`Item::Closed`]); shared with the [`Registration`].
+    end: Arc<OnceLock<&'static str>>,
 }
 
 #[derive(Default)]
@@ -194,8 +203,6 @@ pub enum OpenError {
     NotReady,
     #[error("this node holds as many streams as it may")]
     NodeFull,
-    #[error("this user holds as many streams as they may on this node")]
-    TooManyForUser,
     #[error("membership unavailable: {0}")]
     Membership(String),
     #[error(transparent)]
@@ -205,7 +212,13 @@ pub enum OpenError {
 /// How many streams a node, and a user on it, may hold.
 #[derive(Clone, Copy, Debug)]
 pub struct Caps {
+    /// More streams are refused ([`OpenError::NodeFull`]), except one that takes the place of its
+    /// user's oldest (which leaves the count as it is).
     pub per_node: usize,
+    /// A user's stream beyond this takes the place of their oldest on the node, which ends with
+    /// [`Item::Closed`]`(`[`REPLACED`]`)`: a client whose earlier connections died unnoticed (a
+    /// phone that changed networks, a half-open TCP connection) is never locked out by them. At
+    /// least 1.
     pub per_user: usize,
 }
 
@@ -249,6 +262,8 @@ struct Registration {
     /// The last sequence dispatched before it was registered: it receives what comes after.
     after: u64,
     events: mpsc::Receiver<Arc<Outgoing>>,
+    /// Why the hub ended it, if it said (see [`Connection::end`]).
+    end: Arc<OnceLock<&'static str>>,
 }
 
 impl Drop for Registration {
@@ -257,8 +272,8 @@ impl Drop for Registration {
             Ok(mut routes) => routes.take(self.id),
             Err(_) => None,
         };
-        // `None`: the hub removed it already (it fell behind, its session logged out, or the node's
-        // subscription ended), and announced that removal.
+        // `None`: the hub removed it already (it fell behind, its session logged out, a newer stream
+        // of its user replaced it, or the node's subscription ended), and announced that removal.
         if let Some(removed) = taken {
             self.hub.closed(vec![removed]);
         }
@@ -273,6 +288,8 @@ pub struct Subscription {
     skip_up_to: u64,
     /// Whether it resumes after a client's last event id.
     resumed: bool,
+    /// Its [`Item::Closed`] was handed out.
+    told_end: bool,
 }
 
 impl Subscription {
@@ -291,14 +308,21 @@ impl Subscription {
         self.registration.hub.renew(self.registration.id, session);
     }
 
-    /// The next item, or `None` when the hub dropped this connection (it fell behind, or the node
-    /// is shutting down): the client reconnects and resumes.
+    /// The next item, or `None` when the hub dropped this connection (it fell behind, its session
+    /// logged out, or the node is shutting down): the client reconnects and resumes. A stream the
+    /// hub ended with a reason its client must hear ([`REPLACED`]) gives the events it holds, then
+    /// [`Item::Closed`], then `None`.
     pub async fn next(&mut self) -> Option<Item> {
         if let Some(item) = self.queue.pop_front() {
             return Some(item);
         }
         loop {
-            let event = self.registration.events.recv().await?;
+            let Some(event) = self.registration.events.recv().await else {
+                // The hub sets the reason before it drops the sender, so it is set by now.
+                let reason = self.registration.end.get().filter(|_| !self.told_end)?;
+                self.told_end = true;
+                return Some(Item::Closed(reason));
+            };
             if event.seq == 0 || event.seq > self.skip_up_to {
                 return Some(Item::Event(event));
             }
@@ -391,7 +415,8 @@ impl Hub {
     }
 
     /// Opens `user`'s stream: from now when `resume_after` is `None`, else exactly after that
-    /// sequence (or with a [`Item::Reset`] first when the log cannot replay from there).
+    /// sequence (or with a [`Item::Reset`] first when the log cannot replay from there). At the
+    /// per-user cap it takes the place of the user's oldest stream on this node ([`Caps`]).
     pub async fn open(
         &self,
         user: UserId,
@@ -408,10 +433,36 @@ impl Hub {
         session: StreamSession,
         resume_after: Option<u64>,
     ) -> Result<Subscription, OpenError> {
+        self.open_with(user, session, resume_after, None).await
+    }
+
+    /// [`Hub::open_in`] for a stream that is to take the place of `current`, the same client's
+    /// (a WebSocket's `resume`, which drops `current` once this opens): at the per-user cap it is
+    /// `current` that makes room, not the user's oldest stream, and it ends without a reason, so
+    /// that if this open fails, `current` ends like a stream the hub dropped and its client
+    /// resumes.
+    pub async fn open_replacing(
+        &self,
+        current: &Subscription,
+        user: UserId,
+        session: StreamSession,
+        resume_after: Option<u64>,
+    ) -> Result<Subscription, OpenError> {
+        self.open_with(user, session, resume_after, Some(current.registration.id))
+            .await
+    }
+
+    async fn open_with(
+        &self,
+        user: UserId,
+        session: StreamSession,
+        resume_after: Option<u64>,
+        replacing: Option<u64>,
+    ) -> Result<Subscription, OpenError> {
         if !self.is_alive() {
             return Err(OpenError::NotReady);
         }
-        let mut registration = self.register(user, session.clone())?;
+        let mut registration = self.register(user, session.clone(), replacing)?;
         // A logout that arrived after the token was checked and before the stream registered.
         if self
             .revocations
@@ -506,23 +557,34 @@ impl Hub {
             queue,
             skip_up_to,
             resumed: resume_after.is_some(),
+            told_end: false,
         })
     }
 
-    fn register(&self, user: UserId, session: StreamSession) -> Result<Registration, OpenError> {
+    /// Registers a pending connection of `user`. At the per-user cap, the user's oldest connection
+    /// (or `replacing`, when it is one of theirs) is taken out of the routes in the same step, so
+    /// the user never holds more than the cap, and ends: with [`REPLACED`] unless it is
+    /// `replacing`.
+    fn register(
+        &self,
+        user: UserId,
+        session: StreamSession,
+        replacing: Option<u64>,
+    ) -> Result<Registration, OpenError> {
         let (sender, events) = mpsc::channel(self.buffer);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let end = Arc::new(OnceLock::new());
         let mut first_on_node = false;
         let mut after = 0;
+        let mut replaced = Vec::new();
         if let Ok(mut routes) = self.routes.write() {
             after = routes.last_seq;
-            if routes.connections.len() >= self.caps.per_node {
+            let per_user = self.caps.per_user.max(1);
+            let theirs = routes.by_user.get(&user).map_or(0, Vec::len);
+            // A stream that takes another's place leaves the node's count as it is.
+            if theirs < per_user && routes.connections.len() >= self.caps.per_node {
                 metrics::counter!("confab_notifier_refused_total", "cap" => "node").increment(1);
                 return Err(OpenError::NodeFull);
-            }
-            if routes.by_user.get(&user).map_or(0, Vec::len) >= self.caps.per_user {
-                metrics::counter!("confab_notifier_refused_total", "cap" => "user").increment(1);
-                return Err(OpenError::TooManyForUser);
             }
             routes.connections.insert(
                 id,
@@ -532,20 +594,46 @@ impl Hub {
                     sender,
                     chats: None,
                     changes: Vec::new(),
+                    end: Arc::clone(&end),
                 },
             );
             let mine = routes.by_user.entry(user).or_default();
             mine.push(id);
             first_on_node = mine.len() == 1;
             routes.pending.insert(id);
+            // Taken after the new one is in, so that none of these is its user's last: the user
+            // stays online throughout.
+            while let Some(oldest) = routes
+                .by_user
+                .get(&user)
+                .filter(|mine| mine.len() > per_user)
+                .map(|mine| {
+                    replacing
+                        .filter(|r| *r != id && mine.contains(r))
+                        .unwrap_or(mine[0])
+                })
+            {
+                let Some((connection, last)) = routes.take(oldest) else {
+                    break;
+                };
+                if Some(oldest) != replacing {
+                    let _ = connection.end.set(REPLACED);
+                }
+                metrics::counter!("confab_notifier_replaced_total").increment(1);
+                tracing::debug!(%user, connection = oldest, "a newer stream replaces this one");
+                replaced.push((connection, last));
+            }
         }
         metrics::gauge!("confab_notifier_connections").increment(1.0);
+        // Dropping their senders ends their streams, after the events they hold.
+        self.closed(replaced);
         Ok(Registration {
             hub: self.clone(),
             id,
             first_on_node,
             after,
             events,
+            end,
         })
     }
 
@@ -1182,6 +1270,7 @@ mod tests {
                 Item::Event(event) if event.seq == 0 => continue,
                 Item::Event(event) => return text(&event.envelope),
                 Item::Reset(reason) => return format!("reset:{reason}"),
+                Item::Closed(reason) => return format!("closed:{reason}"),
             }
         }
     }
@@ -1205,6 +1294,7 @@ mod tests {
                     _ => {}
                 },
                 Item::Reset(reason) => panic!("reset: {reason}"),
+                Item::Closed(reason) => panic!("closed: {reason}"),
             }
         }
     }
@@ -1496,6 +1586,7 @@ mod tests {
                         }
                     }
                     Item::Reset(reason) => panic!("reset: {reason}"),
+                    Item::Closed(reason) => panic!("closed: {reason}"),
                 }
             }
         })
@@ -1640,6 +1731,96 @@ mod tests {
             while stream.next().await.is_some() {}
         });
         ended.await.expect("the stream ends");
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    #[tokio::test]
+    async fn a_stream_beyond_the_per_user_cap_takes_the_place_of_the_users_oldest() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let [alice, bob, carol, dave] =
+            ["a", "b", "c", "d"].map(|name| UserId::from_subject("t", name));
+        let chat = ChatId::new();
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(
+                [alice, bob, carol, dave]
+                    .into_iter()
+                    .map(|user| (user, vec![chat]))
+                    .collect(),
+            )),
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        )
+        .with_caps(Caps {
+            per_node: 5,
+            per_user: 3,
+        });
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let mut alices = Vec::new();
+        for _ in 0..3 {
+            alices.push(hub.open(alice, None).await.expect("opens"));
+        }
+        let mut bobs = hub.open(bob, None).await.expect("opens");
+        bus.publish(&message(chat, "held"))
+            .await
+            .expect("publishes");
+        for stream in alices.iter_mut().skip(1).chain([&mut bobs]) {
+            assert_eq!(next_text(stream).await, "held");
+        }
+
+        // One more of alice's opens, and her oldest ends, saying why, after what it held.
+        let mut newest = hub
+            .open(alice, None)
+            .await
+            .expect("opens in the oldest's place");
+        bus.publish(&message(chat, "after"))
+            .await
+            .expect("publishes");
+        let mut oldest = alices.remove(0);
+        assert_eq!(next_text(&mut oldest).await, "held");
+        assert_eq!(next_text(&mut oldest).await, "closed:replaced");
+        assert!(oldest.next().await.is_none(), "the closed item is the last");
+        // The others go on, the new one gets events, and bob is unaffected.
+        for stream in alices.iter_mut().chain([&mut newest, &mut bobs]) {
+            assert_eq!(next_text(stream).await, "after");
+        }
+        {
+            let routes = hub.routes.read().expect("lock");
+            assert_eq!(routes.by_user[&alice].len(), 3, "alice holds her cap");
+            assert_eq!(routes.connections.len(), 4);
+        }
+
+        // The node's cap still refuses a new user's stream...
+        let _carols = hub.open(carol, None).await.expect("opens");
+        assert!(matches!(
+            hub.open(dave, None).await,
+            Err(OpenError::NodeFull)
+        ));
+        // ...but not one of a user at their own cap: it takes a place already counted.
+        let _latest = hub.open(alice, None).await.expect("opens on a full node");
+        let mut replaced = alices.remove(0);
+        assert_eq!(next_text(&mut replaced).await, "closed:replaced");
+
+        // A stream opened to take the place of one of the same client's (a WebSocket's resume)
+        // makes room with that one, which ends without a reason (its client resumes).
+        let mut resumed = hub
+            .open_replacing(&newest, alice, StreamSession::default(), Some(0))
+            .await
+            .expect("opens");
+        assert_eq!(next_text(&mut resumed).await, "held");
+        assert_eq!(next_text(&mut resumed).await, "after");
+        let ended = tokio::time::timeout(Duration::from_secs(5), newest.next())
+            .await
+            .expect("ends");
+        assert!(ended.is_none(), "ends without a reason: {ended:?}");
+        bus.publish(&message(chat, "last"))
+            .await
+            .expect("publishes");
+        assert_eq!(next_text(&mut alices[0]).await, "last", "not replaced");
         shutdown.cancel();
         worker.await.expect("worker ends");
     }

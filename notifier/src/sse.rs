@@ -2,7 +2,10 @@
 //! the event log), `event:` (its type) and `data:` (`{"type", "data"}` JSON). The first event,
 //! `ready`, tells the client its subscription is live. A reconnecting client sends the last id it
 //! saw (`Last-Event-ID`, as `EventSource` does, or `?last_event_id=`) and gets exactly the events it
-//! missed, or a `reset` event when they cannot be replayed.
+//! missed, or a `reset` event when they cannot be replayed. A user holds at most
+//! `notifier.max_connections_per_user` streams on a node: a newer one takes the place of the
+//! oldest, which ends with a `closed` event (reason `replaced`) after which its client does not
+//! reconnect on its own.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -88,11 +91,6 @@ pub fn open_problem(error: &OpenError) -> Problem {
             "unauthenticated",
             "the session of this token has ended (logged out)",
         ),
-        OpenError::TooManyForUser => Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too-many-connections",
-            "this user holds as many event streams as allowed; close one first",
-        ),
         OpenError::NodeFull => Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "node-full",
@@ -129,6 +127,10 @@ async fn ticket(
 /// `id:` line (its sequence), the event type as `event:` and `{"type", "data"}` JSON as `data:`.
 /// With `Last-Event-ID` (or `last_event_id`) the stream first replays exactly the events after that
 /// id, or sends a `reset` event when the log no longer holds them or never issued the id.
+/// A user holds at most `notifier.max_connections_per_user` streams on a node: one more takes the
+/// place of their oldest, which ends with `event: closed` and `{"type": "closed", "data":
+/// {"reason": "replaced"}}`. A client must not reconnect on its own after that (it would push out
+/// the stream that replaced it), only on its user's action.
 #[utoipa::path(
     get, operation_id = "stream_events", path = "/v1/events", tag = "events",
     params(StreamQuery),
@@ -136,8 +138,8 @@ async fn ticket(
         (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
         (status = 400, description = "Malformed query or last event id", body = confab_runtime::Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = confab_runtime::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "The user holds as many streams as allowed", body = confab_runtime::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Events are unavailable on this node", body = confab_runtime::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many requests without a login from this address (`limits.public`; a stream opened with a ticket has no Authorization header)", body = confab_runtime::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Events are unavailable on this node, or it holds as many streams as it may (`node-full`): retry, on another node", body = confab_runtime::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []), ())
 )]
@@ -197,6 +199,11 @@ async fn events(
             Item::Reset(reason) => Bytes::from(format!(
                 "event: reset\ndata: {}\n\n",
                 serde_json::json!({"type": "reset", "data": {"reason": reason}})
+            )),
+            // The last frame: the stream ends after it.
+            Item::Closed(reason) => Bytes::from(format!(
+                "event: closed\ndata: {}\n\n",
+                serde_json::json!({"type": "closed", "data": {"reason": reason}})
             )),
         };
         Some((Ok::<_, Infallible>(frame), subscription))

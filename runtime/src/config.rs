@@ -533,7 +533,10 @@ pub struct NotifierConfig {
     pub replay_limit: usize,
     /// Streams (SSE and WebSocket) one node holds at most; more are refused with 503. Default 200000.
     pub max_connections: usize,
-    /// Streams one user holds at most on one node; more are refused with 429. Default 32.
+    /// Streams one user holds at most on one node. One more takes the place of the user's oldest,
+    /// which ends telling its client why (SSE `closed`, WebSocket close code 4009, reason
+    /// `replaced`), so that connections that died unnoticed never lock a user out (at least 1).
+    /// Default 32.
     pub max_connections_per_user: usize,
 }
 

@@ -12,6 +12,10 @@
 //! - `{"type": "auth", "expires_at": "..."}` accepting a refreshed token;
 //! - `{"type": "error", "problem": {...}}` (an RFC 9457 problem) for frames it cannot serve.
 //!
+//! A user holds at most `notifier.max_connections_per_user` streams on a node: one more takes the
+//! place of their oldest, whose socket closes with code 4009 and reason `replaced`; its client
+//! does not reconnect on its own (it would push out the stream that replaced it).
+//!
 //! From the client:
 //! - `{"type": "request", "id": ..., "method": "POST", "path": "/v1/chats/…/signals", "body": {...}}`:
 //!   an API call, made through the API's own router with the socket's token, so it is checked and
@@ -150,8 +154,8 @@ async fn send(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "The user holds as many streams as allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Events are unavailable on this node", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many requests without a login from this address (`limits.public`; a socket opened with a ticket has no Authorization header)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Events are unavailable on this node, or it holds as many streams as it may (`node-full`): retry, on another node", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []), ())
 )]
@@ -225,6 +229,9 @@ fn bad_frame(detail: &str) -> String {
 /// Why a socket closes, as the close frame says it.
 const TOKEN_EXPIRED: u16 = 4001;
 const WRONG_USER: u16 = 4003;
+/// A newer stream of the same user took this one's place (the hub's [`Item::Closed`] with
+/// [`confab_notifier::hub::REPLACED`]): the client must not reconnect on its own.
+const REPLACED: u16 = 4009;
 
 fn close(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
@@ -367,7 +374,12 @@ async fn serve(
                         break;
                     }
                 }
-                // The hub dropped us (slow consumer or shutdown): the client resumes.
+                Some(Item::Closed(reason)) => {
+                    let code = if reason == confab_notifier::hub::REPLACED { REPLACED } else { 1000 };
+                    let _ = send(&mut sink, close(code, reason)).await;
+                    break;
+                }
+                // The hub dropped us (slow consumer, logout or shutdown): the client resumes.
                 None => {
                     let _ = send(&mut sink, Message::Close(None)).await;
                     break;
@@ -388,7 +400,8 @@ async fn serve(
                             };
                             match parsed {
                                 Err(problem) => Some(error_frame(&problem)),
-                                Ok(after) => match state.hub.open_in(user, caller.session.clone(), Some(after)).await {
+                                // At the per-user cap, this socket's own stream makes room.
+                                Ok(after) => match state.hub.open_replacing(&subscription, user, caller.session.clone(), Some(after)).await {
                                     Ok(resumed) => {
                                         subscription = resumed;
                                         Some(ready_frame(&subscription))
