@@ -3,6 +3,8 @@
 //! limit of requests without a login (`limits.*`), and the reading of a refused request's unread
 //! body after the answer, so that a client still sending it gets the answer. The body size limit
 //! is set on the API's routes (`limits.body_bytes`), so WebSocket request frames meet it too.
+//! Accepted connections get `TCP_USER_TIMEOUT` and keepalive (`server.*`), so that a client that
+//! vanished without closing is noticed in bounded time and its streams end.
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -16,14 +18,14 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use confab_runtime::config::LimitsConfig;
+use confab_runtime::config::{LimitsConfig, ServerConfig};
 use confab_runtime::limits::KeyedLimit;
 use confab_runtime::problem::Problem;
 use futures::StreamExt;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -256,13 +258,47 @@ async fn time_limit(limit: Duration, request: Request, next: Next) -> Response {
     }
 }
 
+/// Accepts a connection on `listener` and sets its socket options: TCP_NODELAY, and `server`'s
+/// `TCP_USER_TIMEOUT` and keepalive. An option that cannot be set is logged, not fatal.
+async fn accept(
+    listener: &TcpListener,
+    server: &ServerConfig,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    let (tcp, peer) = listener.accept().await?;
+    // Events are small writes; without TCP_NODELAY, Nagle's algorithm holds them back for up to
+    // a delayed-ACK interval (~40 ms).
+    if let Err(error) = tcp.set_nodelay(true) {
+        tracing::debug!(%error, "TCP_NODELAY not set");
+    }
+    let socket = socket2::SockRef::from(&tcp);
+    // A stream's client that vanished without closing (its network changed, it slept) leaves a
+    // half-open connection: without these, the kernel retransmits to it for about 15 minutes,
+    // and the stream holds its place in the caps all along.
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+    if let Some(timeout) = server.tcp_user_timeout()
+        && let Err(error) = socket.set_tcp_user_timeout(Some(timeout))
+    {
+        tracing::debug!(%error, "TCP_USER_TIMEOUT not set");
+    }
+    if let Some(idle) = server.tcp_keepalive() {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(idle);
+        if let Err(error) = socket.set_tcp_keepalive(&keepalive) {
+            tracing::debug!(%error, "TCP keepalive not set");
+        }
+    }
+    Ok((tcp, peer))
+}
+
 /// Serves `router` on `listener` until `shutdown`, then waits for open connections to finish.
-/// Like `axum::serve`, with the peer address as `ConnectInfo`, TCP_NODELAY, and a limit on how
-/// long a client may take to send a request's headers.
+/// Like `axum::serve`, with the peer address as `ConnectInfo`, the socket options of [`accept`],
+/// and a limit on how long a client may take to send a request's headers.
 pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
     header_timeout: Duration,
+    server: &ServerConfig,
     shutdown: CancellationToken,
 ) {
     let mut builder = Builder::new(TokioExecutor::new());
@@ -274,7 +310,7 @@ pub async fn serve(
     loop {
         let (tcp, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = accept(&listener, server) => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors and the like: pause instead of spinning.
@@ -284,11 +320,6 @@ pub async fn serve(
                 }
             },
         };
-        // Events are small writes; without TCP_NODELAY, Nagle's algorithm holds them back for up
-        // to a delayed-ACK interval (~40 ms).
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "TCP_NODELAY not set");
-        }
         let router = router.clone();
         let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
             let mut request = request.map(Body::new);
@@ -323,4 +354,57 @@ pub async fn serve(
     drop(listener);
     drop(closed_rx);
     closed_tx.closed().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server's end of a connection made to a fresh listener, accepted as `serve` accepts.
+    async fn accepted(server: &ServerConfig) -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let client = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connects");
+        let (accepted, _) = accept(&listener, server).await.expect("accepts");
+        (accepted, client)
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_get_the_configured_socket_options() {
+        let (tcp, _client) = accepted(&ServerConfig {
+            tcp_user_timeout_secs: 30,
+            tcp_keepalive_secs: 15,
+        })
+        .await;
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(tcp.nodelay().expect("TCP_NODELAY"));
+        assert!(socket.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            socket.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            Duration::from_secs(15)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
+            Duration::from_secs(15)
+        );
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+        assert_eq!(
+            socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
+            Some(Duration::from_secs(30))
+        );
+    }
+
+    #[tokio::test]
+    async fn zero_leaves_the_kernels_defaults() {
+        let (tcp, _client) = accepted(&ServerConfig {
+            tcp_user_timeout_secs: 0,
+            tcp_keepalive_secs: 0,
+        })
+        .await;
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(!socket.keepalive().expect("SO_KEEPALIVE"));
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+        assert_eq!(socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"), None);
+    }
 }

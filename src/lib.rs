@@ -679,6 +679,7 @@ pub async fn run(
         listener,
         app.router,
         config.limits.header_timeout(),
+        &config.server,
         shutdown.clone(),
     )
     .await;

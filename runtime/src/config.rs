@@ -47,6 +47,7 @@ pub struct Config {
     pub search: SearchConfig,
     pub attachments: AttachmentsConfig,
     pub limits: LimitsConfig,
+    pub server: ServerConfig,
     pub circles: CirclesConfig,
     pub queues: QueuesConfig,
     pub calls: CallsConfig,
@@ -477,6 +478,7 @@ impl Default for Config {
             search: SearchConfig::default(),
             attachments: AttachmentsConfig::default(),
             limits: LimitsConfig::default(),
+            server: ServerConfig::default(),
             circles: CirclesConfig::default(),
             queues: QueuesConfig::default(),
             calls: CallsConfig::default(),
@@ -573,6 +575,45 @@ impl RateLimit {
     /// Whether requests are limited at all.
     pub fn is_on(&self) -> bool {
         self.per_second > 0.0 && self.burst > 0
+    }
+}
+
+/// How every role's HTTP server treats the TCP connections it accepts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// How long data written to a connection may stay unacknowledged before the kernel closes it
+    /// (`TCP_USER_TIMEOUT`; Linux only, ignored elsewhere), in seconds; 0 leaves the kernel's
+    /// default, which retransmits for about 15 minutes. A stream whose client vanished without
+    /// closing (a phone that changed networks, a laptop that slept) is so noticed within about
+    /// this long after the server's next write to it (SSE keep-alive comments every
+    /// `notifier.keep_alive_secs`, WebSocket pings every 20 s), and its place freed. Default 30.
+    pub tcp_user_timeout_secs: u64,
+    /// TCP keepalive: a connection idle this long, in seconds, is probed, and then as often again
+    /// until its peer answers; one that does not is closed (within `tcp_user_timeout_secs` of the
+    /// first probe when that is set, else after the kernel's count of probes). 0 turns keepalive
+    /// off. Default 15.
+    pub tcp_keepalive_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            tcp_user_timeout_secs: 30,
+            tcp_keepalive_secs: 15,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// `TCP_USER_TIMEOUT`, or `None` for the kernel's default.
+    pub fn tcp_user_timeout(&self) -> Option<Duration> {
+        (self.tcp_user_timeout_secs > 0).then(|| Duration::from_secs(self.tcp_user_timeout_secs))
+    }
+
+    /// The keepalive idle time and probe interval, or `None` for no keepalive.
+    pub fn tcp_keepalive(&self) -> Option<Duration> {
+        (self.tcp_keepalive_secs > 0).then(|| Duration::from_secs(self.tcp_keepalive_secs))
     }
 }
 
@@ -944,6 +985,7 @@ const SECTIONS: &[&str] = &[
     "search",
     "attachments",
     "limits",
+    "server",
     "circles",
     "queues",
     "calls",
@@ -1235,6 +1277,25 @@ mod tests {
         assert_eq!(config.notifier.listen.port(), 8081);
         assert_eq!(config.ws_plexer.listen.port(), 8082);
         config.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn server_socket_options_load_from_the_environment() {
+        let defaults = ServerConfig::default();
+        assert_eq!(defaults.tcp_user_timeout(), Some(Duration::from_secs(30)));
+        assert_eq!(defaults.tcp_keepalive(), Some(Duration::from_secs(15)));
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CONFAB_SERVER__TCP_USER_TIMEOUT_SECS", "0");
+            jail.set_env("CONFAB_SERVER__TCP_KEEPALIVE_SECS", "5");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                config.server.tcp_user_timeout(),
+                None,
+                "the kernel's default"
+            );
+            assert_eq!(config.server.tcp_keepalive(), Some(Duration::from_secs(5)));
+            Ok(())
+        });
     }
 
     #[test]
