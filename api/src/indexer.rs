@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use confab_runtime::bus::{Bus, BusError, ChatFilter, ReadError};
 use confab_runtime::search::{Change, Search, SearchError};
-use confab_schema::ChatId;
+use confab_schema::{ChatId, Event, LoggedEvent, SignalId};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -199,10 +199,7 @@ impl Indexer {
             };
             match read {
                 Ok(events) => {
-                    let changes: Vec<Change> = events
-                        .iter()
-                        .filter_map(|event| Change::of_event(&event.envelope))
-                        .collect();
+                    let changes = self.changes_of(&events).await?;
                     self.search
                         .apply(&changes, Some((BUS_CHECKPOINT, &up_to.to_string())))
                         .await?;
@@ -231,6 +228,43 @@ impl Indexer {
             }
         }
         Ok(batches)
+    }
+
+    /// What `events` change in the index. An edit is indexed as the store holds its message now,
+    /// not as its event carries it: an edit reads its signal back after its write and publishes
+    /// that, so its event may reach the log after a later edit's or the message's deletion, and
+    /// would bring back what they replaced (deleted text, kept nowhere else). One store read per
+    /// batch, for its edits only.
+    async fn changes_of(&self, events: &[LoggedEvent]) -> Result<Vec<Change>, IndexError> {
+        let edited: Vec<(ChatId, SignalId)> = events
+            .iter()
+            .filter_map(|event| match &event.envelope.event {
+                Event::SignalUpdated(signal) => Some((signal.chat_id, signal.id)),
+                _ => None,
+            })
+            .collect();
+        let current = if edited.is_empty() {
+            Vec::new()
+        } else {
+            self.store.get_signals(&edited).await?
+        };
+        Ok(events
+            .iter()
+            .filter_map(|event| match &event.envelope.event {
+                Event::SignalUpdated(signal) => {
+                    let now = edited
+                        .iter()
+                        .position(|&(chat, id)| chat == signal.chat_id && id == signal.id)
+                        .and_then(|i| current.get(i).cloned().flatten());
+                    Some(match now {
+                        Some(now) => Change::of_signal(&now),
+                        // Gone from the store: gone from the index.
+                        None => Change::Remove(signal.id),
+                    })
+                }
+                _ => Change::of_event(&event.envelope),
+            })
+            .collect())
     }
 
     /// Finishes a reindex that stopped part-way (it failed, or its process died). It set the log

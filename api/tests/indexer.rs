@@ -282,6 +282,88 @@ async fn follows_the_log_real() {
     }
 }
 
+/// The index holds what the store holds, whatever order the changes' events reach the log in: an
+/// edit's event logged after the message's deletion (the edit read its signal back before the
+/// deletion landed, and published after it) does not bring the deleted text back into the index,
+/// and an older edit's event logged after a newer one does not undo it.
+async fn a_late_edit_event_does_not_undo_a_later_change(parts: Parts) {
+    let indexer = parts.indexer();
+    parts.search.prepare().await.expect("prepares");
+    let chat = chat(&*parts.store).await;
+    let (deleted, edited) = (
+        send(&parts, chat, "harbour crane", false).await,
+        send(&parts, chat, "harbour crane", false).await,
+    );
+    indexer.catch_up().await.expect("catches up");
+
+    // The first message: edited, then deleted, with the edit's event logged last.
+    let stale = parts
+        .store
+        .edit_signal(
+            chat,
+            deleted,
+            "lighthouse secret",
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        .expect("edits")
+        .expect("exists");
+    let tombstone = parts
+        .store
+        .delete_signal(chat, deleted)
+        .await
+        .expect("deletes")
+        .expect("exists");
+    // The second: edited twice, the first edit's event logged last.
+    let older = parts
+        .store
+        .edit_signal(chat, edited, "lighthouse keeper", OffsetDateTime::now_utc())
+        .await
+        .expect("edits")
+        .expect("exists");
+    let newer = parts
+        .store
+        .edit_signal(chat, edited, "beacon keeper", OffsetDateTime::now_utc())
+        .await
+        .expect("edits")
+        .expect("exists");
+    for event in [
+        Event::SignalDeleted(tombstone),
+        Event::SignalUpdated(stale),
+        Event::SignalUpdated(newer),
+        Event::SignalUpdated(older),
+    ] {
+        parts
+            .bus
+            .publish(&Envelope::new(chat, event))
+            .await
+            .expect("published");
+    }
+    indexer.catch_up().await.expect("catches up");
+    assert_eq!(
+        found(&parts, &[chat], "lighthouse").await,
+        set(&[]),
+        "the index brought back a deleted message's text or an edit undone since"
+    );
+    assert_eq!(found(&parts, &[chat], "beacon").await, set(&[edited]));
+    assert_eq!(found(&parts, &[chat], "harbour").await, set(&[]));
+    parts.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_edit_event_does_not_undo_a_later_change_embedded() {
+    if let Some(parts) = embedded(LogSettings::default()).await {
+        Box::pin(a_late_edit_event_does_not_undo_a_later_change(parts)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_edit_event_does_not_undo_a_later_change_real() {
+    if let Some(parts) = Box::pin(real(LogSettings::default())).await {
+        Box::pin(a_late_edit_event_does_not_undo_a_later_change(parts)).await;
+    }
+}
+
 /// A started indexer picks up new events by itself.
 async fn runs_in_the_background(parts: Parts) {
     let shutdown = tokio_util::sync::CancellationToken::new();
