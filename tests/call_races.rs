@@ -226,6 +226,58 @@ async fn a_join_racing_the_last_leave_is_refused(stack: Stack) {
 
 on_both_stacks!(a_join_racing_the_last_leave_is_refused);
 
+/// Two joins of one member at once (two devices answering together): both are held where they
+/// keep their join as pending, after each read the member as not in the call and no join pending,
+/// so each goes on under a join of its own. The member is in the call once, with one `joined`
+/// signal, and both joins answer the call as active with them in it.
+async fn two_joins_of_one_member_at_once_are_one_join(stack: Stack) {
+    let setup = Setup::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let chat = setup.group(&alice, &[&bob]).await;
+    let call = setup.state.start_call(&alice, chat).await.unwrap();
+
+    setup.store.hold(Held::PendingCallSignal(CallState::Joined));
+    let (bob_id, call_id) = (bob.id, call.id);
+    let join = || {
+        let state = setup.state.clone();
+        tokio::spawn(async move { state.join_call(bob_id, call_id).await })
+    };
+    let (first, second) = (join(), join());
+    setup.store.gate.arrived(2).await;
+    setup.store.gate.release(2).await;
+    for joined in [first, second] {
+        let joined = tokio::time::timeout(DEADLINE, joined)
+            .await
+            .expect("the held join ends")
+            .unwrap()
+            .unwrap();
+        assert_eq!(joined.status, CallStatus::Active);
+        assert!(joined.participants.contains(&bob.id), "{joined:?}");
+    }
+    let mut participants = setup.store.call_participants(call.id).await.unwrap();
+    participants.sort();
+    let mut both = vec![alice.id, bob.id];
+    both.sort();
+    assert_eq!(participants, both);
+    assert_eq!(
+        setup.states_by(chat, call.id, bob.id).await,
+        [CallState::Joined],
+        "one `joined` for two joins at once"
+    );
+
+    // A leave after them is one leave, and the next join a join of its own.
+    setup.state.leave_call(bob.id, call.id).await.unwrap();
+    setup.state.join_call(bob.id, call.id).await.unwrap();
+    assert_eq!(
+        setup.states_by(chat, call.id, bob.id).await,
+        [CallState::Joined, CallState::Left, CallState::Joined]
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(two_joins_of_one_member_at_once_are_one_join);
+
 impl Setup {
     /// How many `state` signals of call `id` the history holds, by `author`.
     async fn signals_of(

@@ -51,6 +51,9 @@ pub enum Held {
     /// A call stored (`Store::create_call`). Failing it leaves what a CQL store's start that
     /// failed after its first write leaves: the call listed for the sweeper, and not stored.
     CallCreated,
+    /// A join or leave of this state kept as pending before its participant moves
+    /// (`Store::set_pending_call_signal` with one).
+    PendingCallSignal(CallState),
 }
 
 /// What a [`HeldStore`] does with a write it names.
@@ -789,6 +792,25 @@ impl Store for HeldStore {
         )
         .await
     }
+    async fn put_call_participant(
+        &self,
+        id: uuid::Uuid,
+        user: UserId,
+        join: uuid::Uuid,
+    ) -> Result<Option<uuid::Uuid>, StoreError> {
+        self.through(
+            Held::CallParticipant(true),
+            self.inner.put_call_participant(id, user, join),
+        )
+        .await
+    }
+    async fn call_participant_join(
+        &self,
+        id: uuid::Uuid,
+        user: UserId,
+    ) -> Result<Option<uuid::Uuid>, StoreError> {
+        self.inner.call_participant_join(id, user).await
+    }
     async fn pending_call_signal(
         &self,
         id: uuid::Uuid,
@@ -802,7 +824,16 @@ impl Store for HeldStore {
         user: UserId,
         pending: Option<&PendingCallSignal>,
     ) -> Result<(), StoreError> {
-        self.inner.set_pending_call_signal(id, user, pending).await
+        match pending {
+            Some(change) => {
+                self.through(
+                    Held::PendingCallSignal(change.state),
+                    self.inner.set_pending_call_signal(id, user, pending),
+                )
+                .await
+            }
+            None => self.inner.set_pending_call_signal(id, user, pending).await,
+        }
     }
     async fn list_call(&self, call: &ListedCall) -> Result<(), StoreError> {
         self.inner.list_call(call).await

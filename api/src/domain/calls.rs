@@ -16,7 +16,9 @@
 //!   in the list it rang in; the sweep writes the `ended` or `missed` signal of a listed call that
 //!   is over, then forgets the listing. A join or leave is stored as pending, with its token,
 //!   before the participant moves (`Store::set_pending_call_signal`); a retry of it (or the
-//!   participant's next join or leave) writes the signal, then removes it.
+//!   participant's next join or leave) writes the signal, then removes it. A participant is in a
+//!   call under one join, whose token their row keeps (`Store::put_call_participant`, a
+//!   compare-and-set): joins of one user at once write the `joined` of the one that put them in.
 //! - The signals of the whole call (`started`, `ended`, `missed`) are the starter's, whoever made
 //!   the change: the nonce is per author, and the sweep knows no other.
 //!
@@ -128,7 +130,7 @@ impl ApiState {
 
     /// Joins a ringing or active call (members of its chat only); answering a ringing call makes it
     /// active. Joining again changes nothing, but writes the `joined` signal of a join that failed
-    /// before it was written.
+    /// before it was written; joins of one user at once are one join, with one `joined`.
     pub async fn join_call(&self, caller: UserId, id: Uuid) -> ApiResult<Call> {
         let (record, _) = self.load_call(caller, id).await?;
         let mut participants = self.present_participants(&record).await?;
@@ -151,15 +153,33 @@ impl ApiState {
         }
         self.bus.check().await?;
         // A join whose signal may be missing goes on under its own token, so its signal is one.
-        let join = unannounced.unwrap_or(PendingCallSignal {
+        let token = unannounced.map_or_else(Uuid::now_v7, |join| join.token);
+        let under = if in_call {
+            self.store.call_participant_join(id, caller).await?
+        } else {
+            self.store
+                .set_pending_call_signal(
+                    id,
+                    caller,
+                    Some(&PendingCallSignal {
+                        state: CallState::Joined,
+                        token,
+                    }),
+                )
+                .await?;
+            self.store.put_call_participant(id, caller, token).await?
+        };
+        // The join is the one the participant is in under: of joins of theirs racing (two devices
+        // answering at once), one put them in, and every one writes its signal, the same one.
+        let join = PendingCallSignal {
             state: CallState::Joined,
-            token: Uuid::now_v7(),
-        });
-        if !in_call {
+            token: under.unwrap_or(token),
+        };
+        if !in_call && join.token != token {
+            // The pending join is theirs too, not this one's (which may have replaced it).
             self.store
                 .set_pending_call_signal(id, caller, Some(&join))
                 .await?;
-            self.store.set_call_participant(id, caller, true).await?;
         }
         // An answer and the ring timeout race on the ringing status; exactly one moves it. Else
         // the status is read again after the participant is in: a last leave that ended the call
@@ -459,7 +479,19 @@ impl ApiState {
                     && in_call
                     && record.status.is_live()
                 {
-                    self.record_participant_change(record, user, join).await?;
+                    // Under the join they are in under (a racing join of theirs may have put them
+                    // in, and this pending one be its loser's).
+                    let token = self
+                        .store
+                        .call_participant_join(record.id, user)
+                        .await?
+                        .unwrap_or(join.token);
+                    self.record_participant_change(
+                        record,
+                        user,
+                        PendingCallSignal { token, ..join },
+                    )
+                    .await?;
                 }
                 PendingCallSignal {
                     state: CallState::Left,

@@ -3007,11 +3007,34 @@ pub async fn calls_move_once_and_ring_until_answered(store: Arc<dyn Store>) {
     assert!(listed.contains(&answered.id) && listed.contains(&unanswered.id));
     assert!(!listed.contains(&later.id), "still ringing");
 
-    // An answer and the ring timeout race: exactly one moves the call out of `ringing`.
-    store
-        .set_call_participant(answered.id, callee.id, true)
-        .await
-        .expect("joins");
+    // An answer and the ring timeout race: exactly one moves the call out of `ringing`. Of two
+    // joins of the callee, the first puts them in, and the second learns its join.
+    let (join, other) = (Uuid::now_v7(), Uuid::now_v7());
+    for attempt in [join, other] {
+        assert_eq!(
+            store
+                .put_call_participant(answered.id, callee.id, attempt)
+                .await
+                .expect("joins"),
+            Some(join),
+            "the join that put them in"
+        );
+    }
+    assert_eq!(
+        store
+            .call_participant_join(answered.id, callee.id)
+            .await
+            .expect("reads"),
+        Some(join)
+    );
+    assert_eq!(
+        store
+            .call_participant_join(answered.id, caller.id)
+            .await
+            .expect("reads"),
+        None,
+        "the starter is in under no join"
+    );
     let (a, b) = futures::join!(
         store.transition_call(answered.id, CallStatus::Ringing, CallStatus::Active),
         store.transition_call(answered.id, CallStatus::Ringing, CallStatus::Missed),

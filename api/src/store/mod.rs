@@ -779,13 +779,31 @@ pub trait Store: Send + Sync + 'static {
     async fn live_calls(&self, chat: ChatId) -> Result<Vec<CallRecord>, StoreError>;
     /// Who is in call `id` now.
     async fn call_participants(&self, id: Uuid) -> Result<Vec<UserId>, StoreError>;
-    /// Puts `user` in call `id` (`present`) or takes them out.
+    /// Puts `user` in call `id` (`present`, under no recorded join) or takes them out.
     async fn set_call_participant(
         &self,
         id: Uuid,
         user: UserId,
         present: bool,
     ) -> Result<(), StoreError>;
+    /// Puts `user` in call `id` under the join `join` unless they are in it already: a
+    /// compare-and-set on their participant row (a lightweight transaction on CQL), so of joins of
+    /// one user racing, in any processes, one puts them in and the others learn its join. Answers
+    /// the join they are in under: `join` when this one put them in, the one that did otherwise,
+    /// `None` when they are in under no recorded join (the starter, put in by the start).
+    async fn put_call_participant(
+        &self,
+        id: Uuid,
+        user: UserId,
+        join: Uuid,
+    ) -> Result<Option<Uuid>, StoreError>;
+    /// The join `user` is in call `id` under ([`Store::put_call_participant`]); `None` when they
+    /// are not in it, or are in under no recorded join.
+    async fn call_participant_join(
+        &self,
+        id: Uuid,
+        user: UserId,
+    ) -> Result<Option<Uuid>, StoreError>;
     /// The join or leave of `user` in call `id` whose signal may not be written yet, if any.
     async fn pending_call_signal(
         &self,

@@ -7,11 +7,11 @@ use confab_schema::call::CallStatus;
 use confab_schema::{ChatId, UserId};
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
-use scylla::value::CqlTimestamp;
+use scylla::value::{CqlTimestamp, CqlValue};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{CqlStore, applied, corrupt, qualify, rows, unavailable};
+use super::{CqlStore, applied, corrupt, lwt_row, qualify, rows, unavailable};
 use crate::store::{
     CallRecord, ListedCall, PendingCallSignal, StoreError, from_millis, millis, parse,
 };
@@ -25,6 +25,8 @@ pub(super) struct CallStatements {
     transition: PreparedStatement,
     participants: PreparedStatement,
     add_participant: PreparedStatement,
+    put_participant: PreparedStatement,
+    participant_join: PreparedStatement,
     remove_participant: PreparedStatement,
     insert_ringing: PreparedStatement,
     ringing_due: PreparedStatement,
@@ -61,6 +63,15 @@ impl CallStatements {
                 .await?,
             add_participant: prepare(
                 "INSERT INTO call_participants (call_id, user_id) VALUES (?, ?)",
+            )
+            .await?,
+            // A lightweight transaction: see `cql_put_call_participant`.
+            put_participant: prepare(
+                "INSERT INTO call_participants (call_id, user_id, join_id) VALUES (?, ?, ?) IF NOT EXISTS",
+            )
+            .await?,
+            participant_join: prepare(
+                "SELECT join_id FROM call_participants WHERE call_id = ? AND user_id = ?",
             )
             .await?,
             remove_participant: prepare(
@@ -267,6 +278,45 @@ impl CqlStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    /// Of joins of one user racing, in any processes, the first lightweight transaction puts the
+    /// row in; the others are not applied and read (serially, through the same transaction) the
+    /// join that did. A plain read could miss a racing join's write still on its way, and a plain
+    /// write would let each join believe it put the participant in.
+    pub(super) async fn cql_put_call_participant(
+        &self,
+        id: Uuid,
+        user: UserId,
+        join: Uuid,
+    ) -> Result<Option<Uuid>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.calls.put_participant, (id, user.0, join))
+            .await
+            .map_err(unavailable)?;
+        match lwt_row(result, "join_id")? {
+            None => Ok(Some(join)),
+            Some(Some(CqlValue::Uuid(existing))) => Ok(Some(existing)),
+            Some(None | Some(CqlValue::Empty)) => Ok(None),
+            Some(Some(other)) => Err(corrupt(format!("participant join {other:?}"))),
+        }
+    }
+
+    pub(super) async fn cql_call_participant_join(
+        &self,
+        id: Uuid,
+        user: UserId,
+    ) -> Result<Option<Uuid>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.calls.participant_join, (id, user.0))
+            .await
+            .map_err(unavailable)?;
+        Ok(rows::<(Option<Uuid>,)>(result)?
+            .into_iter()
+            .next()
+            .and_then(|(join,)| join))
     }
 
     pub(super) async fn cql_pending_call_signal(

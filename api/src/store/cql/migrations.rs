@@ -97,6 +97,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "call_signals",
         cql: include_str!("migrations/0017_call_signals.cql"),
     },
+    Migration {
+        version: 18,
+        name: "call_joins",
+        cql: include_str!("migrations/0018_call_joins.cql"),
+    },
 ];
 
 /// The table and column of `statement` when it is `ALTER TABLE <table> ADD <column> <type>`: a

@@ -3268,6 +3268,23 @@ impl Store for CqlStore {
         self.cql_set_call_participant(id, user, present).await
     }
 
+    async fn put_call_participant(
+        &self,
+        id: Uuid,
+        user: UserId,
+        join: Uuid,
+    ) -> Result<Option<Uuid>, StoreError> {
+        self.cql_put_call_participant(id, user, join).await
+    }
+
+    async fn call_participant_join(
+        &self,
+        id: Uuid,
+        user: UserId,
+    ) -> Result<Option<Uuid>, StoreError> {
+        self.cql_call_participant_join(id, user).await
+    }
+
     async fn pending_call_signal(
         &self,
         id: Uuid,
@@ -4031,6 +4048,28 @@ fn applied_or_row(
         .position(|spec| spec.name() == column_name)
         .ok_or_else(|| corrupt(format!("lightweight transaction without {column_name}")))?;
     Ok(column(&row, index).cloned())
+}
+
+/// `None` when a lightweight transaction was applied; else `Some` of the existing row's
+/// `column_name` (`Some(None)` when that cell is empty).
+fn lwt_row(
+    result: scylla::response::query_result::QueryResult,
+    column_name: &str,
+) -> Result<Option<Option<CqlValue>>, StoreError> {
+    let result = result.into_rows_result().map_err(corrupt)?;
+    let row = result
+        .maybe_first_row::<Row>()
+        .map_err(corrupt)?
+        .ok_or_else(|| corrupt("lightweight transaction returned no row"))?;
+    if matches!(column(&row, 0), Some(CqlValue::Boolean(true))) {
+        return Ok(None);
+    }
+    let index = result
+        .column_specs()
+        .iter()
+        .position(|spec| spec.name() == column_name)
+        .ok_or_else(|| corrupt(format!("lightweight transaction without {column_name}")))?;
+    Ok(Some(column(&row, index).cloned()))
 }
 
 /// Whether a lightweight transaction was applied (its first column, `[applied]`).

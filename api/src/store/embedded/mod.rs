@@ -48,6 +48,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0011_blob_marks.sql"),
     include_str!("schema/0012_live_calls.sql"),
     include_str!("schema/0013_call_signals.sql"),
+    include_str!("schema/0014_call_joins.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -197,6 +198,19 @@ fn blob(id: Uuid) -> [u8; 16] {
 
 fn uuid_from(bytes: Vec<u8>) -> Result<Uuid, StoreError> {
     Uuid::from_slice(&bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// The join `user` is in call `id` under; `None` when they are not in it, or under none.
+fn participant_join(c: &Connection, id: Uuid, user: UserId) -> Result<Option<Uuid>, StoreError> {
+    let join: Option<Option<Vec<u8>>> = c
+        .query_row(
+            "SELECT join_id FROM call_participants WHERE call_id = ?1 AND user_id = ?2",
+            params![blob(id), blob(user.0)],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    join.flatten().map(uuid_from).transpose()
 }
 
 const SIGNAL_COLUMNS: &str =
@@ -1883,6 +1897,33 @@ impl Store for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+
+    async fn put_call_participant(
+        &self,
+        id: Uuid,
+        user: UserId,
+        join: Uuid,
+    ) -> Result<Option<Uuid>, StoreError> {
+        self.with(move |c| {
+            // One hold of the connection: of joins racing, the first puts the row in, and every
+            // one reads back the join it holds.
+            c.execute(
+                "INSERT OR IGNORE INTO call_participants (call_id, user_id, join_id) VALUES (?1, ?2, ?3)",
+                params![blob(id), blob(user.0), blob(join)],
+            )
+            .map_err(unavailable)?;
+            participant_join(c, id, user)
+        })
+        .await
+    }
+
+    async fn call_participant_join(
+        &self,
+        id: Uuid,
+        user: UserId,
+    ) -> Result<Option<Uuid>, StoreError> {
+        self.with(move |c| participant_join(c, id, user)).await
     }
 
     async fn pending_call_signal(
