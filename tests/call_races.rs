@@ -516,11 +516,14 @@ async fn unstored_calls_hold_up_no_missed_call(stack: Stack) {
     }
     let call = setup.state.start_call(&alice, chat).await.unwrap();
     let rung_out = call.ring_until + time::Duration::seconds(1);
-    let listed = setup
+    let listed: std::collections::HashSet<uuid::Uuid> = setup
         .store
         .listed_calls_due(rung_out, None, 1_000)
         .await
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|listing| listing.id)
+        .collect();
     assert_eq!(listed.len(), UNSTORED + 1, "every start listed its call");
 
     let missed = setup.state.sweep_missed_calls(rung_out).await.unwrap();
@@ -554,3 +557,126 @@ async fn unstored_calls_hold_up_no_missed_call(stack: Stack) {
 }
 
 on_both_stacks!(unstored_calls_hold_up_no_missed_call);
+
+/// A call whose row landed after the sweep forgot its listing (a write applied late, past the ten
+/// minutes the sweep waits for a listed call): still ringing long past its ring time, and listed
+/// nowhere. It shows as missed, cannot be answered, is no live call of its chat, and its reader
+/// makes it missed, with its `missed` signal, once.
+async fn a_call_stored_after_its_ring_time_is_missed(stack: Stack) {
+    let setup = Setup::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let chat = setup.group(&alice, &[&bob]).await;
+    let now = confab_schema::model::to_millis(time::OffsetDateTime::now_utc());
+    let late = confab_api::store::CallRecord {
+        id: uuid::Uuid::now_v7(),
+        chat_id: chat,
+        started_by: alice.id,
+        started_at: now - time::Duration::minutes(20),
+        ring_until: now - time::Duration::minutes(19),
+        status: CallStatus::Ringing,
+    };
+    setup.store.create_call(&late).await.unwrap();
+    setup
+        .store
+        .forget_listed_call(&confab_api::store::ListedCall {
+            id: late.id,
+            chat_id: chat,
+            due: late.ring_until,
+        })
+        .await
+        .unwrap();
+
+    let shown = setup.state.get_call(bob.id, late.id).await.unwrap();
+    assert_eq!(shown.status, CallStatus::Missed, "{shown:?}");
+    let answered = setup.state.join_call(bob.id, late.id).await;
+    assert!(
+        matches!(answered, Err(ApiError::Conflict(_))),
+        "a call rung out cannot be answered: {answered:?}"
+    );
+    assert_eq!(
+        setup.store.get_call(late.id).await.unwrap().unwrap().status,
+        CallStatus::Missed
+    );
+    assert!(
+        setup.store.live_calls(chat).await.unwrap().is_empty(),
+        "no live call of the chat"
+    );
+    let later = time::OffsetDateTime::now_utc() + time::Duration::minutes(1);
+    setup.state.sweep_missed_calls(later).await.unwrap();
+    assert_eq!(
+        setup.states_by(chat, late.id, alice.id).await,
+        [CallState::Missed],
+        "one `missed` signal"
+    );
+    assert!(
+        setup
+            .store
+            .listed_calls_due(later, None, 1_000)
+            .await
+            .unwrap()
+            .iter()
+            .all(|listing| listing.id != late.id),
+        "nothing of it is left listed"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_call_stored_after_its_ring_time_is_missed);
+
+/// A start whose `started` signal was not written: the call rings all the same, and the sweep
+/// writes the signal, once, before anything else of the call.
+async fn a_start_whose_signal_failed_is_announced_by_the_sweep(stack: Stack) {
+    let setup = Setup::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let chat = setup.group(&alice, &[&bob]).await;
+
+    setup.store.fail_next(Held::CallSignal(CallState::Started));
+    let failed = setup.state.start_call(&alice, chat).await;
+    assert!(failed.is_err(), "the signal failed: {failed:?}");
+    let call = setup
+        .store
+        .live_calls(chat)
+        .await
+        .unwrap()
+        .pop()
+        .expect("the call was stored");
+    assert_eq!(call.status, CallStatus::Ringing);
+    assert_eq!(setup.states_by(chat, call.id, alice.id).await, []);
+
+    let now = time::OffsetDateTime::now_utc();
+    for _ in 0..2 {
+        setup.state.sweep_missed_calls(now).await.unwrap();
+    }
+    assert_eq!(
+        setup.states_by(chat, call.id, alice.id).await,
+        [CallState::Started],
+        "one `started`, written by the sweep"
+    );
+    let rung_out = call.ring_until + time::Duration::seconds(1);
+    setup.state.sweep_missed_calls(rung_out).await.unwrap();
+    assert_eq!(
+        setup.states_by(chat, call.id, alice.id).await,
+        [CallState::Started, CallState::Missed]
+    );
+
+    // A start that wrote its signal leaves nothing for the sweep before its ring time.
+    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    assert_eq!(
+        setup
+            .store
+            .listed_calls_due(
+                call.ring_until - time::Duration::milliseconds(1),
+                None,
+                1_000
+            )
+            .await
+            .unwrap(),
+        [],
+        "no listing left by the start"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_start_whose_signal_failed_is_announced_by_the_sweep);

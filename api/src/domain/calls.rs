@@ -11,10 +11,13 @@
 //! - A signal is written with a nonce naming its change: `call:<call id>:<state>`, and for a join
 //!   or leave also the token of that join or leave. Writing it again stores nothing (send parity),
 //!   so a change may be finished by whoever comes next.
-//! - A change whose signal may be missing is kept until the signal is written. A call being ended
+//! - A change whose signal may be missing is kept until the signal is written. A call starting is
+//!   listed for the sweeper at its `started_at` until its `started` is written. A call being ended
 //!   is listed for the sweeper (`Store::list_call`) before its status moves, and a missed one stays
-//!   in the list it rang in; the sweep writes the `ended` or `missed` signal of a listed call that
-//!   is over, then forgets the listing. A join or leave is stored as pending, with its token,
+//!   in the list it rang in; the sweep writes the `started` of a call listed at its start, and the
+//!   `ended` or `missed` signal of a listed call that is over, then forgets the listing. A call
+//!   still ringing past its ring time and [`RING_GRACE`] is one the sweep does not know of: its
+//!   reader makes it missed. A join or leave is stored as pending, with its token,
 //!   before the participant moves (`Store::set_pending_call_signal`); a retry of it (or the
 //!   participant's next join or leave) writes the signal, then removes it. A participant is in a
 //!   call under one join, whose token their row keeps (`Store::put_call_participant`, a
@@ -52,6 +55,12 @@ const SWEEP_BATCH: usize = 100;
 /// How long after it was due the sweep keeps a listing whose call is not stored: its start failed
 /// between listing and storing it (the CQL store lists first), and the call will not come.
 const UNSTORED_AFTER: Duration = Duration::from_secs(600);
+
+/// How long past its `ring_until` a call still ringing is taken for ringing. The sweep moves a
+/// listed call to missed within a second or so; past this, a call still ringing is one the sweep
+/// does not know of (its row landed after its listing was forgotten, a write applied late), and
+/// whoever reads it makes it missed ([`ApiState::rung_out`]).
+pub const RING_GRACE: Duration = Duration::from_secs(10);
 
 /// How long after it was due the sweep keeps a listing whose call is still live (an end that
 /// stopped before the status moved, or an answer that failed to take its call out of the list):
@@ -116,8 +125,17 @@ impl ApiState {
             ring_until: started_at + self.calls.ring_timeout,
             status: CallStatus::Ringing,
         };
+        // Listed at its start until its `started` signal is written, so a start that fails
+        // after storing its call is announced by the sweep (see `sweep_listed`).
+        let start = ListedCall {
+            id: record.id,
+            chat_id: chat,
+            due: started_at,
+        };
+        self.store.list_call(&start).await?;
         self.store.create_call(&record).await?;
         self.record_call_change(&record, CallState::Started).await?;
+        self.store.forget_listed_call(&start).await?;
         Ok(view(record, vec![caller.id]))
     }
 
@@ -378,6 +396,12 @@ impl ApiState {
             }
             return Ok(false);
         };
+        // A start's listing, due at its `started_at`: its `started` signal may be missing, and
+        // comes before anything else of the call the sweep writes.
+        let start = listing.due == record.started_at;
+        if start {
+            self.record_call_change(&record, CallState::Started).await?;
+        }
         let mut made_missed = false;
         let mut status = record.status;
         if status == CallStatus::Ringing && record.ring_until <= now {
@@ -398,7 +422,9 @@ impl ApiState {
             // or an answer that failed to take the call out of the list: looked at again next
             // time.
             CallStatus::Ringing | CallStatus::Active => {
-                if listing.due + LIVE_LISTING_KEPT <= now {
+                if (start && listing.due != record.ring_until)
+                    || listing.due + LIVE_LISTING_KEPT <= now
+                {
                     self.store.forget_listed_call(listing).await?;
                 }
             }
@@ -442,6 +468,10 @@ impl ApiState {
         }
         let direct = self.is_direct(chat).await?;
         for record in calls {
+            let record = self.rung_out(record).await;
+            if !record.status.is_live() {
+                continue;
+            }
             let was_in = self
                 .store
                 .call_participants(record.id)
@@ -648,7 +678,37 @@ impl ApiState {
             .member_role(record.chat_id, caller)
             .await?
             .ok_or(ApiError::NotFound("no such call"))?;
-        Ok((record, role))
+        Ok((self.rung_out(record).await, role))
+    }
+
+    /// `record`, made missed when it is still ringing past its ring time and [`RING_GRACE`]: a
+    /// call the sweep does not know of (its row landed after the sweep forgot its listing), which
+    /// would otherwise ring forever. It is listed for the sweeper and swept there and then, so its
+    /// `missed` signal is written (by the sweep, if this fails part-way); shown missed even when
+    /// that fails.
+    async fn rung_out(&self, record: CallRecord) -> CallRecord {
+        let now = OffsetDateTime::now_utc();
+        if record.status != CallStatus::Ringing || now < record.ring_until + RING_GRACE {
+            return record;
+        }
+        let listing = ListedCall {
+            id: record.id,
+            chat_id: record.chat_id,
+            due: confab_schema::model::to_millis(now),
+        };
+        let swept = async {
+            self.store.list_call(&listing).await?;
+            self.sweep_listed(&listing, now).await?;
+            self.current_status(record.id).await
+        };
+        let status = match swept.await {
+            Ok(status) => status,
+            Err(error) => {
+                tracing::debug!(%error, call = %record.id, "a call rung out was not made missed");
+                CallStatus::Missed
+            }
+        };
+        CallRecord { status, ..record }
     }
 }
 

@@ -124,9 +124,10 @@ pub struct CallRecord {
     pub status: CallStatus,
 }
 
-/// A call in the sweeper's list ([`Store::listed_calls_due`]), due at `due`. A ringing call is
-/// listed until its ring ends (`due`: its `ring_until`), and a call being ended is listed from
-/// before its status moves (`due`: when its end began); either listing stays until the call's
+/// A call in the sweeper's list ([`Store::listed_calls_due`]), due at `due`. A call is listed
+/// at its start (`due`: its `started_at`) until its `started` signal is written, a ringing call
+/// until its ring ends (`due`: its `ring_until`), and a call being ended is listed from
+/// before its status moves (`due`: when its end began); either of these stays until the call's
 /// `missed` or `ended` signal is written. A call may be listed more than once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListedCall {
