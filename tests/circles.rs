@@ -1,7 +1,8 @@
 //! Circles and matching queues, on the embedded default and on the real stack: access codes,
 //! members, random pairing that never repeats the previous partner, pairing raced through two API
 //! processes, expiry that removes everything, queues matched oldest first and left on disconnect,
-//! presence and reactions in the new chats, and the problems bad input gets.
+//! presence and reactions in the new chats, matches that end for both, and the problems bad input
+//! gets.
 
 mod support;
 
@@ -811,4 +812,157 @@ async fn queues_match_oldest_first_and_forget_the_disconnected_on_the_real_stack
         Stack::Real,
     ))
     .await;
+}
+
+/// Whether `chat` is gone for `person`: 404 (not 403) for it and its messages, and out of their
+/// chat list.
+async fn assert_chat_gone(app: &TestApp, person: &Person, chat: &str) {
+    for path in [
+        format!("/v1/chats/{chat}"),
+        format!("/v1/chats/{chat}/signals"),
+    ] {
+        problem(app.get(&person.token, &path).await, 404).await;
+    }
+    let chats: Value = app
+        .get(&person.token, "/v1/chats")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        chats["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["id"] != chat),
+        "{chats}"
+    );
+}
+
+async fn join_talk(app: &TestApp, person: &Person) -> reqwest::Response {
+    app.post(&person.token, "/v1/queues/talk/join", &json!({}))
+        .await
+}
+
+/// A queue match ends for both when one of the two leaves the queue, joins it again, or goes
+/// away (no live stream for the grace period): the partner gets `queue.unmatched`, and the match's
+/// chat is gone for both, so a former stranger can write to neither.
+async fn queue_matches_end_for_both(stack: Stack) {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    config.queues.disconnect_grace_ms = 300;
+    config.queues.sweep_interval_ms = 50;
+    let app = spawn_with(stack, config, data).await;
+    let p = people(&app, &USERS[..3]).await;
+    let (alice, bob, carol) = (&p[0], &p[1], &p[2]);
+    let streams: Vec<SseStream> = futures::future::join_all(p.iter().map(|person| {
+        SseStream::open(
+            app.http
+                .get(app.url("/v1/events"))
+                .bearer_auth(&person.token),
+        )
+    }))
+    .await;
+    let mut streams: Vec<Option<SseStream>> = streams.into_iter().map(Some).collect();
+    let chat_of = |matched: Value| matched["chat_id"].as_str().unwrap().to_owned();
+
+    // Alice and Bob are matched and talk.
+    assert_eq!(join_talk(&app, alice).await.status(), 202);
+    let matched = join_talk(&app, bob).await;
+    assert_eq!(matched.status(), 200);
+    let first = chat_of(matched.json().await.unwrap());
+    for i in [0, 1] {
+        let event = streams[i].as_mut().unwrap().next_of("queue.matched").await;
+        assert_eq!(event.data["data"]["chat"]["id"], first.as_str());
+    }
+    let sent = app
+        .post(
+            &bob.token,
+            &format!("/v1/chats/{first}/signals"),
+            &json!({"kind": "message", "text": "hello, stranger"}),
+        )
+        .await;
+    assert_eq!(sent.status(), 201);
+
+    // Alice leaves the queue: the match ends for both, and Bob is told.
+    assert_eq!(
+        delete(&app, &alice.token, "/v1/queues/talk").await.status(),
+        204
+    );
+    let ended = streams[1]
+        .as_mut()
+        .unwrap()
+        .next_of("queue.unmatched")
+        .await;
+    assert_eq!(ended.data["data"]["chat_id"], first.as_str());
+    assert_eq!(ended.data["data"]["by"], alice.id.as_str());
+    for person in [alice, bob] {
+        assert_chat_gone(&app, person, &first).await;
+        problem(app.get(&person.token, "/v1/queues/talk").await, 404).await;
+    }
+    problem(
+        app.post(
+            &bob.token,
+            &format!("/v1/chats/{first}/signals"),
+            &json!({"kind": "message", "text": "still there?"}),
+        )
+        .await,
+        404,
+    )
+    .await;
+
+    // Bob is matched with Carol, then joins again: that match ends too, and he waits anew.
+    assert_eq!(join_talk(&app, bob).await.status(), 202);
+    let matched = join_talk(&app, carol).await;
+    assert_eq!(matched.status(), 200);
+    let second = chat_of(matched.json().await.unwrap());
+    let rejoined = join_talk(&app, bob).await;
+    assert_eq!(rejoined.status(), 202);
+    let rejoined: Value = rejoined.json().await.unwrap();
+    assert_eq!(rejoined["state"], "waiting");
+    for i in [1, 2] {
+        let ended = streams[i]
+            .as_mut()
+            .unwrap()
+            .next_of("queue.unmatched")
+            .await;
+        assert_eq!(ended.data["data"]["chat_id"], second.as_str());
+        assert_eq!(ended.data["data"]["by"], bob.id.as_str());
+    }
+    for person in [bob, carol] {
+        assert_chat_gone(&app, person, &second).await;
+    }
+    problem(app.get(&carol.token, "/v1/queues/talk").await, 404).await;
+
+    // Alice is matched with the waiting Bob, then goes away: after the grace period the match
+    // ends, and Bob is told.
+    let matched = join_talk(&app, alice).await;
+    assert_eq!(matched.status(), 200);
+    let third = chat_of(matched.json().await.unwrap());
+    streams[0] = None;
+    let ended = streams[1]
+        .as_mut()
+        .unwrap()
+        .next_of("queue.unmatched")
+        .await;
+    assert_eq!(ended.data["data"]["chat_id"], third.as_str());
+    assert_eq!(ended.data["data"]["by"], alice.id.as_str());
+    for person in [alice, bob] {
+        assert_chat_gone(&app, person, &third).await;
+    }
+    problem(app.get(&bob.token, "/v1/queues/talk").await, 404).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn queue_matches_end_for_both_on_the_embedded_default() {
+    Box::pin(queue_matches_end_for_both(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn queue_matches_end_for_both_on_the_real_stack() {
+    if !support::real_stack_available("queue_matches_end_for_both_on_the_real_stack").await {
+        return;
+    }
+    Box::pin(queue_matches_end_for_both(Stack::Real)).await;
 }

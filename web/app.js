@@ -1406,13 +1406,14 @@ $("new-circle-form").addEventListener("submit", async (event) => {
   }
 });
 
-let waitingIn = null; // the queue this page waits in
+let inQueue = null; // the queue this page waits or is matched in
 for (const button of document.querySelectorAll("[data-queue]")) {
   button.addEventListener("click", async () => {
     const kind = button.dataset.queue;
     try {
+      // Joining again while matched ends the match (`queue.unmatched`).
       const status = await api("POST", `/v1/queues/${kind}/join`, {});
-      waitingIn = kind;
+      inQueue = kind;
       showQueue(kind, status);
       if (status.state === "paired" && status.chat_id) {
         await loadChats();
@@ -1424,19 +1425,22 @@ for (const button of document.querySelectorAll("[data-queue]")) {
   });
 }
 
+// Leaves the queue, or ends the match for both (its chat is removed).
 $("leave-queue").addEventListener("click", async () => {
-  if (!waitingIn) return;
+  if (!inQueue) return;
   try {
-    await api("DELETE", `/v1/queues/${waitingIn}`);
-    waitingIn = null;
+    await api("DELETE", `/v1/queues/${inQueue}`);
+    inQueue = null;
     showQueue(null);
+    await loadChats();
   } catch (error) {
     $("queue-status").textContent = error.message;
   }
 });
 
 function showQueue(kind, status) {
-  $("leave-queue").hidden = !kind || status?.state === "paired";
+  $("leave-queue").hidden = !kind;
+  $("leave-queue").textContent = status?.state === "paired" ? "End match" : "Leave";
   if (!kind) $("queue-status").textContent = "";
   else if (status?.state === "paired") $("queue-status").textContent = `Matched in ${kind}`;
   else $("queue-status").textContent = `Waiting in ${kind}…`;
@@ -1455,10 +1459,21 @@ handlers["circle.unpaired"] = async (ended) => {
   await loadChats();
 };
 handlers["queue.matched"] = async (match) => {
-  showQueue(waitingIn, { state: "paired" });
-  waitingIn = null;
+  const mine = match.members.find((member) => member.user_id === state.me.id);
+  inQueue = mine?.kind || inQueue;
+  showQueue(inQueue, { state: "paired" });
   await loadChats();
   await openChat(match.chat.id);
+};
+// The match ended: its chat is gone. Ended by the partner (they left, or went away), this page is
+// out of the queue; ended here (leaving, or joining again), the page already shows where it is.
+handlers["queue.unmatched"] = async (ended) => {
+  if (ended.by !== state.me.id) {
+    inQueue = null;
+    showQueue(null);
+    $("queue-status").textContent = "The match ended";
+  }
+  await loadChats();
 };
 
 document.addEventListener("visibilitychange", () => {

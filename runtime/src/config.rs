@@ -110,9 +110,8 @@ impl Default for CallsConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueuesConfig {
-    /// How long a waiting user may have no live event stream (SSE or WebSocket) before they are
-    /// taken out of the queue, and how long a match stays visible to `GET /v1/queues/{kind}`, in
-    /// milliseconds. Default 30000.
+    /// How long a waiting or matched user may have no live event stream (SSE or WebSocket) before
+    /// they are taken out of the queue (a match ends for both), in milliseconds. Default 30000.
     pub disconnect_grace_ms: u64,
     /// How often each API process looks for waiting users who went away, in milliseconds.
     /// Default 5000.

@@ -117,3 +117,13 @@ pub struct QueueMatch {
     pub chat: Chat,
     pub members: Vec<QueueMatchMember>,
 }
+
+/// A queue match ended (`queue.unmatched`): both users left its chat, which is removed with its
+/// messages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct QueueUnmatching {
+    pub chat_id: ChatId,
+    /// Who ended it: by leaving the queue or joining it again, or by going away (no live
+    /// connection for `queues.disconnect_grace_ms`).
+    pub by: UserId,
+}

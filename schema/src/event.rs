@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::call::CallRelay;
-use crate::circle::{CirclePairing, CircleUnpairing, QueueMatch};
+use crate::circle::{CirclePairing, CircleUnpairing, QueueMatch, QueueUnmatching};
 use crate::ids::{ChatId, SignalId, UserId};
 use crate::model::{Chat, MemberRole, Signal};
 
@@ -102,6 +102,9 @@ pub enum Event {
     /// with it.
     #[serde(rename = "queue.matched")]
     QueueMatched(Box<QueueMatch>),
+    /// A queue match ended; its two users leave its chat with this event, and the chat is removed.
+    #[serde(rename = "queue.unmatched")]
+    QueueUnmatched(QueueUnmatching),
     /// Ephemeral: WebRTC signalling from another participant of a call, to this user only.
     #[serde(rename = "call.signal")]
     CallSignal(CallRelay),
@@ -128,6 +131,7 @@ pub enum EventKind {
     CirclePaired,
     CircleUnpaired,
     QueueMatched,
+    QueueUnmatched,
     CallSignal,
 }
 
@@ -152,6 +156,7 @@ impl EventKind {
             EventKind::CirclePaired => "circle.paired",
             EventKind::CircleUnpaired => "circle.unpaired",
             EventKind::QueueMatched => "queue.matched",
+            EventKind::QueueUnmatched => "queue.unmatched",
             EventKind::CallSignal => "call.signal",
         }
     }
@@ -178,6 +183,7 @@ impl Event {
             Event::CirclePaired(_) => EventKind::CirclePaired,
             Event::CircleUnpaired(_) => EventKind::CircleUnpaired,
             Event::QueueMatched(_) => EventKind::QueueMatched,
+            Event::QueueUnmatched(_) => EventKind::QueueUnmatched,
             Event::CallSignal(_) => EventKind::CallSignal,
         }
     }

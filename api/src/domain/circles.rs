@@ -295,7 +295,7 @@ impl ApiState {
     ) -> ApiResult<PairingStatus> {
         let (_, members) = self.circle_as_member(id, caller).await?;
         let pool = circle_pool(id);
-        let mine = self.enter_pool(&pool, caller, "", false).await?;
+        let mine = self.enter_pool(&pool, caller, "").await?;
         if mine.state == SlotState::Waiting {
             // Never with the partner of one's previous pairing in this circle.
             let pairs = self
@@ -318,7 +318,8 @@ impl ApiState {
             .await
     }
 
-    /// Ends `user`'s wait or pairing; a pairing's chat is closed for both with `circle.unpaired`.
+    /// Ends `user`'s wait or pairing; a pairing's chat is closed for both with `circle.unpaired`
+    /// (it stays, with its messages, until the circle goes).
     async fn end_circle_pairing(
         &self,
         id: CircleId,
@@ -326,31 +327,9 @@ impl ApiState {
         user: UserId,
         by: UserId,
     ) -> ApiResult<()> {
-        // The pair leaves the chat first and the pairing ends after, so a failure in between
-        // leaves the pairing on record and a retry finds its chat and finishes. The other way
-        // round, a retry found no pairing and left them in the chat.
-        let before = self.slot_of(pool, user).await?;
-        let left = match before
-            .as_ref()
-            .map(|slot| (slot.state, slot.chat, slot.partner))
-        {
-            Some((SlotState::Paired, Some(chat), Some(partner))) => {
-                self.leave_pair_chat(chat, [user, partner]).await?;
-                Some(chat)
-            }
-            _ => None,
-        };
-        let Some(ended) = self.end_pairing(pool, user).await? else {
+        let Some((chat, partner)) = self.end_pair(pool, user, None, false).await? else {
             return Ok(());
         };
-        let (Some(chat), Some(partner)) = (ended.chat, ended.partner) else {
-            return Ok(());
-        };
-        let both = vec![user, partner];
-        if left != Some(chat) {
-            // Paired again between the read and the end (another call ended the first pairing).
-            self.leave_pair_chat(chat, [user, partner]).await?;
-        }
         self.publish(
             Envelope::new(
                 chat,
@@ -360,21 +339,9 @@ impl ApiState {
                     by,
                 }),
             )
-            .leaving(both),
+            .leaving(vec![user, partner]),
         )
         .await;
-        Ok(())
-    }
-
-    /// Takes both of a pair out of its chat, and so out of its calls. Idempotent.
-    async fn leave_pair_chat(&self, chat: ChatId, pair: [UserId; 2]) -> ApiResult<()> {
-        for member in pair {
-            self.store.remove_member(chat, member).await?;
-            self.store.untouch_chat(chat, member).await?;
-        }
-        for member in pair {
-            self.leave_calls_of_chat(chat, member).await?;
-        }
         Ok(())
     }
 
@@ -405,7 +372,7 @@ impl ApiState {
 
     /// Publishes `signal.deleted` for every message of `chat` that is about to be removed, so the
     /// search index drops them too.
-    async fn forget_history(&self, chat: confab_schema::ChatId) -> ApiResult<()> {
+    pub(crate) async fn forget_history(&self, chat: ChatId) -> ApiResult<()> {
         const PAGE: usize = 100;
         let mut before = None;
         loop {

@@ -18,9 +18,9 @@ use crate::state::ApiState;
 use crate::store::{NewChat, Slot, SlotState, SlotWrite};
 
 /// How often an operation reads a pool again after losing a race before it gives up (409).
-const ATTEMPTS: usize = 32;
+pub(crate) const ATTEMPTS: usize = 32;
 
-fn contended() -> ApiError {
+pub(crate) fn contended() -> ApiError {
     ApiError::Conflict("too many changes at once; try again".into())
 }
 
@@ -34,23 +34,14 @@ pub(crate) struct Pair {
 
 impl ApiState {
     /// Puts `user` in `pool` as waiting for a partner (`kind`: the queue, or empty in a circle).
-    /// A user already waiting keeps their place; a user already paired stays paired unless
-    /// `leave_pairing` (the queues: joining again asks for a new match).
-    pub(crate) async fn enter_pool(
-        &self,
-        pool: &str,
-        user: UserId,
-        kind: &str,
-        leave_pairing: bool,
-    ) -> ApiResult<Slot> {
+    /// A user already waiting keeps their place; a user already paired stays paired (answered as
+    /// such: whoever wants a new partner ends the pairing first, so its chat is closed).
+    pub(crate) async fn enter_pool(&self, pool: &str, user: UserId, kind: &str) -> ApiResult<Slot> {
         for _ in 0..ATTEMPTS {
             let mine = self.slot_of(pool, user).await?;
             let now = OffsetDateTime::now_utc();
             let (write, entered) = match &mine {
-                Some(slot) if slot.state == SlotState::Waiting => return Ok(slot.clone()),
-                Some(slot) if slot.state == SlotState::Paired && !leave_pairing => {
-                    return Ok(slot.clone());
-                }
+                Some(slot) if slot.state != SlotState::Idle => return Ok(slot.clone()),
                 Some(slot) => {
                     let entered = Slot {
                         kind: kind.to_owned(),
@@ -252,14 +243,89 @@ impl ApiState {
         Err(contended())
     }
 
+    /// Ends `user`'s wait or pairing in `pool` for both partners, and answers the pairing that
+    /// ended as its chat and the partner, for the caller to announce (`None`: a wait, nothing, or
+    /// a pairing someone else ended meanwhile). Both leave the pairing's chat (and its calls),
+    /// which is removed too when `remove_chat`, before the pairing ends: a failure in between
+    /// leaves the pairing on record, and a retry finds its chat and finishes. The other way round,
+    /// a retry found no pairing and left them in the chat. With `seen`, only that slot of the
+    /// user's ends (nothing when it changed since).
+    pub(crate) async fn end_pair(
+        &self,
+        pool: &str,
+        user: UserId,
+        seen: Option<&Slot>,
+        remove_chat: bool,
+    ) -> ApiResult<Option<(ChatId, UserId)>> {
+        let before = match seen {
+            Some(slot) => Some(slot.clone()),
+            None => self.slot_of(pool, user).await?,
+        };
+        let closed = match before
+            .as_ref()
+            .map(|slot| (slot.state, slot.chat, slot.partner))
+        {
+            Some((SlotState::Paired, Some(chat), Some(partner))) => {
+                self.close_pair_chat(chat, [user, partner], remove_chat)
+                    .await?;
+                Some(chat)
+            }
+            _ => None,
+        };
+        let expected = seen.map(|slot| slot.version);
+        let Some(ended) = self.end_pairing(pool, user, expected).await? else {
+            return Ok(None);
+        };
+        let (Some(chat), Some(partner)) = (ended.chat, ended.partner) else {
+            return Ok(None);
+        };
+        if closed != Some(chat) {
+            // Paired again between the read and the end (another call ended the first pairing).
+            self.close_pair_chat(chat, [user, partner], remove_chat)
+                .await?;
+        }
+        Ok(Some((chat, partner)))
+    }
+
+    /// Takes both of a pair out of its chat, and so out of its calls; with `remove`, removes the
+    /// chat and its messages too (the search index is told). Idempotent.
+    async fn close_pair_chat(
+        &self,
+        chat: ChatId,
+        pair: [UserId; 2],
+        remove: bool,
+    ) -> ApiResult<()> {
+        for member in pair {
+            self.store.remove_member(chat, member).await?;
+            self.store.untouch_chat(chat, member).await?;
+        }
+        for member in pair {
+            self.leave_calls_of_chat(chat, member).await?;
+        }
+        if remove {
+            self.forget_history(chat).await?;
+            self.store.delete_chat(chat).await?;
+        }
+        Ok(())
+    }
+
     /// Ends `user`'s wait or pairing in `pool`, for both partners (their slots go back to idle, the
-    /// partner remembered as the previous one). Answers the pairing that ended, if one did.
-    pub(crate) async fn end_pairing(&self, pool: &str, user: UserId) -> ApiResult<Option<Slot>> {
+    /// partner remembered as the previous one). Answers the pairing that ended, if one did. With
+    /// `expected`, only while the user's slot is still at that version.
+    async fn end_pairing(
+        &self,
+        pool: &str,
+        user: UserId,
+        expected: Option<i64>,
+    ) -> ApiResult<Option<Slot>> {
         for _ in 0..ATTEMPTS {
             let slots = self.store.slots(pool).await?;
             let Some(mine) = slots.iter().find(|s| s.user_id == user) else {
                 return Ok(None);
             };
+            if expected.is_some_and(|version| version != mine.version) {
+                return Ok(None);
+            }
             let idle = |slot: &Slot| Slot {
                 state: SlotState::Idle,
                 partner: None,

@@ -1,16 +1,21 @@
 //! Matching queues: `vent` is matched with `listen`, `talk` with `talk`, oldest first, into a new
-//! direct chat announced to both with `queue.matched`. A waiting user whose last live connection
-//! (SSE or WebSocket, as the notifiers' presence records show) closed more than
-//! `queues.disconnect_grace_ms` ago is taken out of the queue by the sweep.
+//! direct chat announced to both with `queue.matched`. A match lasts until one of the two leaves the
+//! queue, joins it again, or has had no live connection (SSE or WebSocket, as the notifiers'
+//! presence records show) for `queues.disconnect_grace_ms`: then both leave its chat, which is
+//! removed with its messages, and `queue.unmatched` tells them. A waiting user gone for as long is
+//! taken out of the queue by the sweep.
 
 use confab_runtime::presence::now_ms;
-use confab_schema::circle::{PairingStatus, QueueKind, QueueMatch, QueueMatchMember};
+use confab_schema::circle::{
+    PairingStatus, QueueKind, QueueMatch, QueueMatchMember, QueueUnmatching,
+};
 use confab_schema::{Envelope, Event, UserId};
 
 use super::circles::pairing_status;
+use super::pairing::{ATTEMPTS, contended};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
-use crate::store::{SlotState, SlotWrite};
+use crate::store::{Slot, SlotState, SlotWrite};
 
 /// The pool a queue's users wait in: `vent` and `listen` share one, so they can be matched.
 pub fn queue_pool(kind: QueueKind) -> &'static str {
@@ -27,8 +32,9 @@ fn kind_of(kind: &str) -> Option<QueueKind> {
 }
 
 impl ApiState {
-    /// Puts the caller in the `kind` queue (again, after a match) and matches whoever can be
-    /// matched. 409 when they wait in the other queue of the same pool.
+    /// Puts the caller in the `kind` queue and matches whoever can be matched. Joining while
+    /// matched (in this pool) ends the match first. 409 when they wait in the other queue of the
+    /// same pool.
     pub async fn join_queue(&self, caller: UserId, kind: QueueKind) -> ApiResult<PairingStatus> {
         let pool = queue_pool(kind);
         if let Some(mine) = self.slot_of(pool, caller).await?
@@ -40,7 +46,18 @@ impl ApiState {
                 mine.kind
             )));
         }
-        self.enter_pool(pool, caller, kind.as_str(), true).await?;
+        let mut entered = false;
+        for _ in 0..ATTEMPTS {
+            let mine = self.enter_pool(pool, caller, kind.as_str()).await?;
+            if mine.state != SlotState::Paired {
+                entered = true;
+                break;
+            }
+            self.end_match(pool, caller, Some(&mine)).await?;
+        }
+        if !entered {
+            return Err(contended());
+        }
         let pairs = self
             .match_pool(pool, None, |a, b| {
                 kind_of(&a.kind).map(|k| k.counterpart()) == kind_of(&b.kind)
@@ -72,8 +89,8 @@ impl ApiState {
         self.queue_status(caller, kind).await
     }
 
-    /// The caller's place in the `kind` queue: waiting, or matched (for a while after the match);
-    /// 404 when they are not in it.
+    /// The caller's place in the `kind` queue: waiting, or matched (until the match ends); 404
+    /// when they are not in it.
     pub async fn queue_status(&self, caller: UserId, kind: QueueKind) -> ApiResult<PairingStatus> {
         self.slot_of(queue_pool(kind), caller)
             .await?
@@ -83,50 +100,114 @@ impl ApiState {
             .ok_or(ApiError::NotFound("you are not in this queue"))
     }
 
-    /// Takes the caller out of the `kind` queue (nothing when they are not in it).
+    /// Takes the caller out of the `kind` queue, ending their match if they are matched (nothing
+    /// when they are not in it).
     pub async fn leave_queue(&self, caller: UserId, kind: QueueKind) -> ApiResult<()> {
         let pool = queue_pool(kind);
-        match self.slot_of(pool, caller).await? {
-            Some(slot) if slot.kind == kind.as_str() => {
-                self.leave_pool(pool, caller).await?;
-                Ok(())
+        for _ in 0..ATTEMPTS {
+            let Some(mine) = self.slot_of(pool, caller).await? else {
+                return Ok(());
+            };
+            if mine.kind != kind.as_str() {
+                return Ok(());
             }
-            _ => Ok(()),
+            if mine.state == SlotState::Paired {
+                // Ended, the slot is idle: it is removed on the next turn.
+                self.end_match(pool, caller, Some(&mine)).await?;
+                continue;
+            }
+            let write = SlotWrite::Delete {
+                user: caller,
+                expected: mine.version,
+            };
+            // Lost to a change (matched meanwhile): read it again.
+            if self.store.write_slots(pool, &[write]).await? {
+                return Ok(());
+            }
         }
+        Err(contended())
+    }
+
+    /// Ends `user`'s match as `seen` (nothing when their slot changed since): both leave its
+    /// chat, the chat is removed, and `queue.unmatched` tells both. Answers whether it ended it.
+    async fn end_match(&self, pool: &str, user: UserId, seen: Option<&Slot>) -> ApiResult<bool> {
+        let Some((chat, partner)) = self.end_pair(pool, user, seen, true).await? else {
+            return Ok(false);
+        };
+        self.publish(
+            Envelope::new(
+                chat,
+                Event::QueueUnmatched(QueueUnmatching {
+                    chat_id: chat,
+                    by: user,
+                }),
+            )
+            .leaving(vec![user, partner]),
+        )
+        .await;
+        Ok(true)
+    }
+
+    /// Whether `user` has had no live connection for longer than the grace period, counting from
+    /// `since` at the earliest.
+    async fn gone_away(&self, user: UserId, since: i64, now: i64, grace: i64) -> ApiResult<bool> {
+        let record = self.presence.get(user).await?;
+        Ok(!record.online(now) && now - record.last_seen_ms.unwrap_or(since).max(since) > grace)
     }
 
     /// Takes out of the queues every waiting user with no live connection for the grace period,
-    /// and every match older than it. Answers how many slots went.
+    /// ends every match one of whose users has had none for as long, and removes the slots left
+    /// idle by an ended match. Answers how many waits and matches ended. A slot that fails is
+    /// logged and looked at again by the next sweep.
     pub async fn sweep_queues(&self) -> ApiResult<usize> {
         let grace = i64::try_from(self.circles.queue_grace.as_millis()).unwrap_or(i64::MAX);
         let now = now_ms();
         let mut removed = 0;
         for pool in POOLS {
             for slot in self.store.slots(pool).await? {
-                let since = slot.since.unix_timestamp_nanos() / 1_000_000;
-                let since = i64::try_from(since).unwrap_or_default();
-                let gone = match slot.state {
-                    SlotState::Paired | SlotState::Idle => now - since > grace,
-                    SlotState::Waiting => {
-                        let record = self.presence.get(slot.user_id).await?;
-                        !record.online(now)
-                            && now - record.last_seen_ms.unwrap_or(since).max(since) > grace
-                    }
-                };
-                if gone {
-                    let write = SlotWrite::Delete {
-                        user: slot.user_id,
-                        expected: slot.version,
-                    };
-                    // A lost race means the slot changed (matched, left): it is looked at again
-                    // by the next sweep.
-                    if self.store.write_slots(pool, &[write]).await? {
-                        removed += 1;
+                match self.sweep_slot(pool, &slot, now, grace).await {
+                    Ok(true) => removed += 1,
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, pool, user = %slot.user_id, "queue slot not swept");
                     }
                 }
             }
         }
         Ok(removed)
+    }
+
+    /// One slot of the queue sweep: `true` when a wait or a match ended.
+    async fn sweep_slot(&self, pool: &str, slot: &Slot, now: i64, grace: i64) -> ApiResult<bool> {
+        let since = slot.since.unix_timestamp_nanos() / 1_000_000;
+        let since = i64::try_from(since).unwrap_or_default();
+        match slot.state {
+            // A match ends when either of the two went away; the other is told.
+            SlotState::Paired => {
+                if !self.gone_away(slot.user_id, since, now, grace).await? {
+                    return Ok(false);
+                }
+                self.end_match(pool, slot.user_id, Some(slot)).await
+            }
+            SlotState::Idle | SlotState::Waiting => {
+                let gone = if slot.state == SlotState::Idle {
+                    now - since > grace
+                } else {
+                    self.gone_away(slot.user_id, since, now, grace).await?
+                };
+                if !gone {
+                    return Ok(false);
+                }
+                let write = SlotWrite::Delete {
+                    user: slot.user_id,
+                    expected: slot.version,
+                };
+                // A lost race means the slot changed (matched, left): it is looked at again by
+                // the next sweep.
+                Ok(self.store.write_slots(pool, &[write]).await?
+                    && slot.state == SlotState::Waiting)
+            }
+        }
     }
 
     /// Runs the sweeps of expired circles and of the queues until `shutdown`. Every API process

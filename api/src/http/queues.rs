@@ -11,8 +11,9 @@ use crate::error::ApiResult;
 use crate::state::ApiState;
 
 /// Joins a matching queue (`vent` is matched with `listen`, `talk` with `talk`, oldest first).
-/// Matched users get a new direct chat and `queue.matched`. A waiting user with no live event
-/// stream for `queues.disconnect_grace_ms` is taken out.
+/// Matched users get a new direct chat and `queue.matched`. Joining while matched ends the match
+/// first (`queue.unmatched`). A waiting user with no live event stream for
+/// `queues.disconnect_grace_ms` is taken out.
 #[utoipa::path(
     post, operation_id = "join_queue", path = "/v1/queues/{kind}/join", tag = "queues",
     params(("kind" = String, Path, description = "`vent`, `listen` or `talk`")),
@@ -33,8 +34,8 @@ pub async fn join(
     Ok((status_code(&status), Json(status)))
 }
 
-/// The caller's place in a queue: waiting, or matched (for `queues.disconnect_grace_ms` after the
-/// match); 404 when they are not in it.
+/// The caller's place in a queue: waiting, or matched (until the match ends); 404 when they are not
+/// in it.
 #[utoipa::path(
     get, operation_id = "queue_status", path = "/v1/queues/{kind}", tag = "queues",
     params(("kind" = String, Path, description = "`vent`, `listen` or `talk`")),
@@ -50,7 +51,9 @@ pub async fn status(
     Ok(Json(state.queue_status(caller.id, kind).await?))
 }
 
-/// Leaves a queue (nothing happens when the caller is not in it).
+/// Leaves a queue, or ends the caller's match for both (`queue.unmatched`; both leave its chat,
+/// which is removed with its messages). A match also ends when either user has had no live event
+/// stream for `queues.disconnect_grace_ms`. Nothing happens when the caller is not in the queue.
 #[utoipa::path(
     delete, operation_id = "leave_queue", path = "/v1/queues/{kind}", tag = "queues",
     params(("kind" = String, Path, description = "`vent`, `listen` or `talk`")),
