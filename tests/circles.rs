@@ -2,15 +2,25 @@
 //! members, random pairing that never repeats the previous partner, pairing raced through two API
 //! processes, expiry that removes everything, queues matched oldest first and left on disconnect,
 //! presence and reactions in the new chats, matches that end for both, and the problems bad input
-//! gets.
+//! gets. The races of the lobby are played on a store that holds the writes a test names.
 
 mod support;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
+use confab_api::ApiState;
+use confab_api::domain::circles::{CircleSettings, NewCircle};
+use confab_api::domain::inputs::{AccessCode, CircleDisplayName};
+use confab_api::error::ApiError;
+use confab_api::store::{Store, circle_pool};
+use confab_runtime::identity::DevIdentity;
+use confab_schema::circle::{Circle, PairingState};
+use confab_schema::{User, UserId};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
+use support::held_store::{Held, HeldStore};
 use support::{DEADLINE, SseStream, Stack, TestApp, spawn_app, spawn_with};
 
 /// The users a test may use: the real stack's identity provider knows four.
@@ -966,3 +976,142 @@ async fn queue_matches_end_for_both_on_the_real_stack() {
     }
     Box::pin(queue_matches_end_for_both(Stack::Real)).await;
 }
+
+/// The API's operations without HTTP, on `stack`'s store and bus behind a store that holds or
+/// fails the writes a test names.
+struct Direct {
+    _dir: tempfile::TempDir,
+    config: confab_runtime::config::Config,
+    store: Arc<HeldStore>,
+    state: ApiState,
+}
+
+impl Direct {
+    async fn new(stack: Stack) -> Direct {
+        let dir = tempfile::tempdir().unwrap();
+        let config = support::config_for(stack, dir.path().to_path_buf());
+        let store = Arc::new(HeldStore::new(
+            confab::open_store(&config, true).await.unwrap(),
+        ));
+        let bus = confab::open_bus(&config).await.unwrap();
+        let identity = Arc::new(DevIdentity::open(dir.path()).unwrap());
+        let state = ApiState::new(
+            Arc::clone(&store) as Arc<dyn Store>,
+            bus,
+            identity,
+            &confab_runtime::signed::Keyring::random(),
+        );
+        Direct {
+            _dir: dir,
+            config,
+            store,
+            state,
+        }
+    }
+
+    async fn user(&self, name: &str) -> User {
+        let user = User {
+            id: UserId(uuid::Uuid::now_v7()),
+            username: name.to_owned(),
+            display_name: name.to_owned(),
+            email: None,
+        };
+        self.store.upsert_user(&user).await.unwrap();
+        user
+    }
+
+    /// A circle `owner` made, which `others` joined.
+    async fn circle(&self, owner: &User, others: &[&User]) -> Circle {
+        let new = NewCircle::parse(
+            &CircleSettings::default(),
+            "lobby".into(),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        .unwrap();
+        let circle = self.state.create_circle(owner, new).await.unwrap();
+        let code = AccessCode::parse(circle.access_code.as_deref().unwrap()).unwrap();
+        for other in others {
+            let name = CircleDisplayName::parse(other.username.clone()).unwrap();
+            self.state
+                .join_circle(other.id, code.clone(), name)
+                .await
+                .unwrap();
+        }
+        circle
+    }
+
+    async fn clean_up(self) {
+        if self.config.store.backend == confab_runtime::config::StoreBackend::Cql {
+            Box::pin(support::clean_up_real(&self.config)).await;
+        }
+    }
+}
+
+macro_rules! on_both_stacks {
+    ($name:ident) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                Box::pin(super::$name(Stack::Embedded)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn real() {
+                if !support::real_stack_available(concat!(stringify!($name), "::real")).await {
+                    return;
+                }
+                Box::pin(super::$name(Stack::Real)).await;
+            }
+        }
+    };
+}
+
+/// The owner removes a member whose entry into the lobby passed its membership check but has not
+/// written its slot yet (held there until the removal is done): the entry is refused, and the
+/// removed member is not left in the lobby, where anyone entering would be paired with them.
+async fn a_member_removed_while_entering_the_lobby_is_not_left_in_it(stack: Stack) {
+    let setup = Direct::new(stack).await;
+    let owner = setup.user("owner").await;
+    let removed = setup.user("removed").await;
+    let other = setup.user("other").await;
+    let circle = setup.circle(&owner, &[&removed, &other]).await;
+    setup.store.hold_next(Held::Slots);
+    let entry = tokio::spawn({
+        let state = setup.state.clone();
+        let (user, circle) = (removed.id, circle.id);
+        async move { state.enter_circle_lobby(user, circle).await }
+    });
+    setup.store.gate.arrived(1).await;
+    setup
+        .state
+        .remove_circle_member(owner.id, circle.id, removed.id)
+        .await
+        .unwrap();
+    setup.store.gate.release(1).await;
+    let entered = entry.await.unwrap();
+    assert!(
+        matches!(entered, Err(ApiError::Forbidden(_))),
+        "a removed member entered the lobby: {entered:?}"
+    );
+    let slots = setup.store.slots(&circle_pool(circle.id)).await.unwrap();
+    assert!(
+        slots.iter().all(|slot| slot.user_id != removed.id),
+        "{slots:?}"
+    );
+    // The next member to enter waits: there is nobody to be paired with.
+    let waiting = setup
+        .state
+        .enter_circle_lobby(other.id, circle.id)
+        .await
+        .unwrap();
+    assert_eq!(waiting.state, PairingState::Waiting, "{waiting:?}");
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_member_removed_while_entering_the_lobby_is_not_left_in_it);

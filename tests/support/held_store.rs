@@ -54,6 +54,8 @@ pub enum Held {
     /// A join or leave of this state kept as pending before its participant moves
     /// (`Store::set_pending_call_signal` with one).
     PendingCallSignal(CallState),
+    /// A conditional write of a pairing pool's slots (`Store::write_slots`).
+    Slots,
 }
 
 /// What a [`HeldStore`] does with a write it names.
@@ -736,7 +738,8 @@ impl Store for HeldStore {
         self.inner.slots(pool).await
     }
     async fn write_slots(&self, pool: &str, writes: &[SlotWrite]) -> Result<bool, StoreError> {
-        self.inner.write_slots(pool, writes).await
+        self.through(Held::Slots, self.inner.write_slots(pool, writes))
+            .await
     }
     async fn create_call(&self, call: &CallRecord) -> Result<(), StoreError> {
         match self.fault(Held::CallCreated) {

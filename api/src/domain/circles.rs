@@ -257,8 +257,10 @@ impl ApiState {
         Ok(members)
     }
 
-    /// Removes `user` from the circle: themself (leaving), or anyone by the owner. Their wait or
-    /// pairing ends first.
+    /// Removes `user` from the circle: themself (leaving), or anyone by the owner. The member row
+    /// goes first, then their wait or pairing ends: an entry into the lobby racing the removal
+    /// reads the membership again after its own write, so either it sees the removal (and takes
+    /// itself out), or its slot is there for this removal to end.
     pub async fn remove_circle_member(
         &self,
         caller: UserId,
@@ -279,10 +281,16 @@ impl ApiState {
         if !members.iter().any(|m| m.user_id == user) {
             return Err(ApiError::NotFound("no such member"));
         }
-        let pool = circle_pool(id);
-        self.end_circle_pairing(id, &pool, user, caller).await?;
-        self.leave_pool(&pool, user).await?;
         self.store.remove_circle_member(id, user).await?;
+        self.leave_lobby(id, user, caller).await
+    }
+
+    /// Ends `user`'s wait or pairing in the circle (`by`: who ended it) and takes them out of the
+    /// lobby.
+    async fn leave_lobby(&self, id: CircleId, user: UserId, by: UserId) -> ApiResult<()> {
+        let pool = circle_pool(id);
+        self.end_circle_pairing(id, &pool, user, by).await?;
+        self.leave_pool(&pool, user).await?;
         Ok(())
     }
 
@@ -293,9 +301,16 @@ impl ApiState {
         caller: UserId,
         id: CircleId,
     ) -> ApiResult<PairingStatus> {
-        let (_, members) = self.circle_as_member(id, caller).await?;
+        self.circle_as_member(id, caller).await?;
         let pool = circle_pool(id);
         let mine = self.enter_pool(&pool, caller, "").await?;
+        // Removed since the check above? The removal deletes the member row before it looks for
+        // a slot, so a removal this read misses finds the slot written above.
+        let members = self.store.circle_members(id).await?;
+        if !members.iter().any(|m| m.user_id == caller) {
+            self.leave_lobby(id, caller, caller).await?;
+            return Err(ApiError::Forbidden("you are not a member of this circle"));
+        }
         if mine.state == SlotState::Waiting {
             // Never with the partner of one's previous pairing in this circle.
             let pairs = self
