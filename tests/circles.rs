@@ -2,7 +2,8 @@
 //! members, random pairing that never repeats the previous partner, pairing raced through two API
 //! processes, expiry that removes everything, queues matched oldest first and left on disconnect,
 //! presence and reactions in the new chats, matches that end for both, and the problems bad input
-//! gets. The races of the lobby are played on a store that holds the writes a test names.
+//! gets. The races and failures of the lobby and the expiry sweep are played on a store that holds
+//! or fails the writes a test names.
 
 mod support;
 
@@ -17,11 +18,12 @@ use confab_api::error::ApiError;
 use confab_api::store::{Store, circle_pool};
 use confab_runtime::identity::DevIdentity;
 use confab_schema::circle::{Circle, PairingState};
-use confab_schema::{User, UserId};
+use confab_schema::{CircleId, User, UserId};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use support::held_store::{Held, HeldStore};
 use support::{DEADLINE, SseStream, Stack, TestApp, spawn_app, spawn_with};
+use time::OffsetDateTime;
 
 /// The users a test may use: the real stack's identity provider knows four.
 const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
@@ -1044,6 +1046,24 @@ impl Direct {
         circle
     }
 
+    /// Stores a circle of `owner`'s that expires at `expires_at`, bypassing the API (which makes
+    /// none that expired).
+    async fn circle_expiring(&self, owner: &User, expires_at: OffsetDateTime) -> CircleId {
+        let circle = Circle {
+            id: CircleId::new(),
+            name: "brief".into(),
+            description: None,
+            rules: None,
+            owner_id: owner.id,
+            access_code: Some(AccessCode::generate().as_str().to_owned()),
+            max_members: 2,
+            created_at: confab_schema::model::to_millis(expires_at - Duration::from_secs(3600)),
+            expires_at: confab_schema::model::to_millis(expires_at),
+        };
+        self.store.create_circle(&circle).await.unwrap();
+        circle.id
+    }
+
     async fn clean_up(self) {
         if self.config.store.backend == confab_runtime::config::StoreBackend::Cql {
             Box::pin(support::clean_up_real(&self.config)).await;
@@ -1115,3 +1135,66 @@ async fn a_member_removed_while_entering_the_lobby_is_not_left_in_it(stack: Stac
 }
 
 on_both_stacks!(a_member_removed_while_entering_the_lobby_is_not_left_in_it);
+
+/// One sweep removes every expired circle, however many batches they take, and a circle whose
+/// removal fails holds up none of the others: it goes with the next sweep. A live circle stays.
+async fn one_sweep_removes_every_expired_circle_past_a_failing_one(stack: Stack) {
+    const BATCH: usize = 3;
+    let budget = Duration::from_secs(60);
+    let setup = Direct::new(stack).await;
+    let owner = setup.user("owner").await;
+    let now = OffsetDateTime::now_utc();
+    let live = setup.circle(&owner, &[]).await.id;
+    let exists = |id: CircleId| {
+        let store = Arc::clone(&setup.store);
+        async move { store.get_circle(id).await.unwrap().is_some() }
+    };
+
+    // More than two batches.
+    let mut expired = Vec::new();
+    for i in 0..7 {
+        let at = now - Duration::from_secs(3600) + Duration::from_secs(i);
+        expired.push(setup.circle_expiring(&owner, at).await);
+    }
+    let removed = setup
+        .state
+        .sweep_expired_circles_in(BATCH, budget)
+        .await
+        .unwrap();
+    assert_eq!(removed, expired.len(), "removed in one sweep");
+    for id in &expired {
+        assert!(!exists(*id).await, "expired circle {id} is still there");
+    }
+
+    // The first removal fails: the others go all the same.
+    let mut expired = Vec::new();
+    for i in 0..5 {
+        let at = now - Duration::from_secs(60) + Duration::from_secs(i);
+        expired.push(setup.circle_expiring(&owner, at).await);
+    }
+    setup.store.fail_next(Held::CircleDeleted);
+    let removed = setup
+        .state
+        .sweep_expired_circles_in(BATCH, budget)
+        .await
+        .unwrap();
+    assert_eq!(removed, expired.len() - 1, "all but the failing one");
+    let mut left = Vec::new();
+    for id in &expired {
+        if exists(*id).await {
+            left.push(*id);
+        }
+    }
+    assert_eq!(left.len(), 1, "{left:?}");
+    let removed = setup
+        .state
+        .sweep_expired_circles_in(BATCH, budget)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1, "the next sweep removes it");
+    assert!(!exists(left[0]).await);
+    assert!(exists(live).await, "a live circle stays");
+    setup.clean_up().await;
+}
+
+on_both_stacks!(one_sweep_removes_every_expired_circle_past_a_failing_one);

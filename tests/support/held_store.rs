@@ -56,6 +56,8 @@ pub enum Held {
     PendingCallSignal(CallState),
     /// A conditional write of a pairing pool's slots (`Store::write_slots`).
     Slots,
+    /// A circle's own rows removed (`Store::delete_circle`).
+    CircleDeleted,
 }
 
 /// What a [`HeldStore`] does with a write it names.
@@ -732,7 +734,8 @@ impl Store for HeldStore {
         self.inner.expired_circles(now, limit).await
     }
     async fn delete_circle(&self, id: CircleId) -> Result<(), StoreError> {
-        self.inner.delete_circle(id).await
+        self.through(Held::CircleDeleted, self.inner.delete_circle(id))
+            .await
     }
     async fn slots(&self, pool: &str) -> Result<Vec<Slot>, StoreError> {
         self.inner.slots(pool).await

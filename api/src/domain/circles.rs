@@ -23,6 +23,9 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 use crate::store::{MemberPut, Slot, SlotState, circle_pool};
 
+/// How many expired circles a sweep reads at once.
+pub const EXPIRED_BATCH: usize = 100;
+
 /// How circles and queues behave (`circles.*` and `queues.*` in the configuration).
 #[derive(Clone, Debug)]
 pub struct CircleSettings {
@@ -409,20 +412,58 @@ impl ApiState {
         }
     }
 
-    /// Removes the circles that expired, with their chats; answers how many.
+    /// Removes the circles that expired, with their chats, [`EXPIRED_BATCH`] at a time for at
+    /// most one sweep interval; answers how many.
     pub async fn sweep_expired_circles(&self) -> ApiResult<usize> {
-        let expired = self
-            .store
-            .expired_circles(OffsetDateTime::now_utc(), 100)
-            .await?;
-        for circle in &expired {
-            for chat in self.store.circle_chats(*circle).await? {
-                self.forget_history(chat).await?;
-                self.store.delete_chat(chat).await?;
+        self.sweep_expired_circles_in(EXPIRED_BATCH, self.circles.sweep_interval)
+            .await
+    }
+
+    /// Removes the circles that expired, with their chats, reading them `batch` at a time while a
+    /// full batch comes back and `budget` is not spent (what is left goes with the next sweep). A
+    /// circle whose removal fails is logged and left for the next sweep, and the others go on.
+    /// Answers how many were removed.
+    pub async fn sweep_expired_circles_in(
+        &self,
+        batch: usize,
+        budget: Duration,
+    ) -> ApiResult<usize> {
+        let started = std::time::Instant::now();
+        let now = OffsetDateTime::now_utc();
+        // Still listed as due (their expiry entry goes last), so each read asks for as many more.
+        let mut failed = std::collections::HashSet::new();
+        let mut removed = 0;
+        loop {
+            let limit = batch.max(1) + failed.len();
+            let due = self.store.expired_circles(now, limit).await?;
+            let full = due.len() >= limit;
+            for circle in due {
+                if failed.contains(&circle) {
+                    continue;
+                }
+                match self.remove_expired_circle(circle).await {
+                    Ok(()) => removed += 1,
+                    Err(error) => {
+                        tracing::warn!(%error, %circle, "expired circle not removed yet");
+                        failed.insert(circle);
+                    }
+                }
             }
-            self.store.delete_circle(*circle).await?;
-            tracing::info!(%circle, "expired circle removed");
+            if !full || started.elapsed() >= budget {
+                return Ok(removed);
+            }
         }
-        Ok(expired.len())
+    }
+
+    /// Removes an expired circle's chats (their messages leave the search index first), then its
+    /// own rows, the expiry entry last. Idempotent.
+    async fn remove_expired_circle(&self, circle: CircleId) -> ApiResult<()> {
+        for chat in self.store.circle_chats(circle).await? {
+            self.forget_history(chat).await?;
+            self.store.delete_chat(chat).await?;
+        }
+        self.store.delete_circle(circle).await?;
+        tracing::info!(%circle, "expired circle removed");
+        Ok(())
     }
 }
