@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::on_both_stacks;
+
 use std::time::Duration;
 
 use confab_runtime::config::{Config, RateLimit};
@@ -13,27 +15,6 @@ use support::{DEADLINE, Stack, TestApp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-macro_rules! on_both_stacks {
-    ($name:ident) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                Box::pin(super::$name(Stack::Embedded)).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn real() {
-                if !support::real_stack_available(concat!(stringify!($name), "::real")).await {
-                    return;
-                }
-                Box::pin(super::$name(Stack::Real)).await;
-            }
-        }
-    };
-}
 
 async fn spawn(stack: Stack, configure: impl FnOnce(&mut Config)) -> TestApp {
     let data = tempfile::tempdir().unwrap();

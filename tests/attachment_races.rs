@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::on_both_stacks;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -169,28 +171,6 @@ impl Harness {
             Box::pin(support::clean_up_real(&self.config)).await;
         }
     }
-}
-
-/// Runs `$body(stack)` as one test per stack.
-macro_rules! on_both_stacks {
-    ($name:ident) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                Box::pin(super::$name(Stack::Embedded)).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn real() {
-                if !support::real_stack_available(concat!(stringify!($name), "::real")).await {
-                    return;
-                }
-                Box::pin(super::$name(Stack::Real)).await;
-            }
-        }
-    };
 }
 
 fn png(width: u32, height: u32) -> Vec<u8> {

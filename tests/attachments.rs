@@ -5,34 +5,14 @@
 
 mod support;
 
+use support::on_both_stacks;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use confab_runtime::blobs::{BlobName, Blobs};
 use serde_json::{Value, json};
 use support::{DEADLINE, Relay, SseStream, Stack, TestApp, spawn_app, spawn_with};
-
-/// Runs `$body(stack)` as one test per stack.
-macro_rules! on_both_stacks {
-    ($name:ident) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                Box::pin(super::$name(Stack::Embedded)).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn real() {
-                if !support::real_stack_available(concat!(stringify!($name), "::real")).await {
-                    return;
-                }
-                Box::pin(super::$name(Stack::Real)).await;
-            }
-        }
-    };
-}
 
 fn hex_sha256(bytes: &[u8]) -> String {
     BlobName::of(bytes).to_string()

@@ -8,6 +8,8 @@
 
 mod support;
 
+use support::on_both_stacks;
+
 use std::sync::Arc;
 
 use confab_api::ApiState;
@@ -19,27 +21,6 @@ use confab_schema::call::{CallState, CallStatus};
 use confab_schema::{ChatId, ChatKind, SignalKind, User, UserId};
 use support::held_store::{Held, HeldStore};
 use support::{DEADLINE, Stack};
-
-macro_rules! on_both_stacks {
-    ($name:ident) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                Box::pin(super::$name(Stack::Embedded)).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn real() {
-                if !support::real_stack_available(concat!(stringify!($name), "::real")).await {
-                    return;
-                }
-                Box::pin(super::$name(Stack::Real)).await;
-            }
-        }
-    };
-}
 
 /// The API's operations on the gated store over `stack`'s store and bus.
 struct Setup {

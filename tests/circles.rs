@@ -7,6 +7,8 @@
 
 mod support;
 
+use support::on_both_stacks;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -1069,27 +1071,6 @@ impl Direct {
             Box::pin(support::clean_up_real(&self.config)).await;
         }
     }
-}
-
-macro_rules! on_both_stacks {
-    ($name:ident) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                Box::pin(super::$name(Stack::Embedded)).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn real() {
-                if !support::real_stack_available(concat!(stringify!($name), "::real")).await {
-                    return;
-                }
-                Box::pin(super::$name(Stack::Real)).await;
-            }
-        }
-    };
 }
 
 /// The owner removes a member whose entry into the lobby passed its membership check but has not

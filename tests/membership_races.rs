@@ -4,29 +4,10 @@
 
 mod support;
 
+use support::on_both_stacks;
+
 use serde_json::{Value, json};
 use support::{Stack, TestApp, spawn_app};
-
-macro_rules! on_both_stacks {
-    ($name:ident) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                Box::pin(super::$name(Stack::Embedded)).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn real() {
-                if !support::real_stack_available(concat!(stringify!($name), "::real")).await {
-                    return;
-                }
-                Box::pin(super::$name(Stack::Real)).await;
-            }
-        }
-    };
-}
 
 async fn members(app: &TestApp, token: &str, chat: &str) -> Vec<Value> {
     let response = app

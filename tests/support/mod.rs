@@ -850,3 +850,29 @@ impl Relay {
         self.cut.cancel();
     }
 }
+
+/// Runs `async fn $name(stack: Stack)` as two tests, `$name::embedded` and `$name::real`; the
+/// second is skipped without the real services (and fails in CI, see [`real_stack_available`]).
+#[allow(unused_macros)]
+macro_rules! on_both_stacks {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                Box::pin(super::$name($crate::support::Stack::Embedded)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn real() {
+                if !$crate::support::real_stack_available(concat!(stringify!($name), "::real"))
+                    .await
+                {
+                    return;
+                }
+                Box::pin(super::$name($crate::support::Stack::Real)).await;
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_stacks;
