@@ -10,60 +10,16 @@ mod support;
 
 use support::on_both_stacks;
 
-use std::sync::Arc;
 
-use confab_api::ApiState;
 use confab_api::domain::chats::ChatToCreate;
 use confab_api::error::ApiError;
 use confab_api::store::Store;
-use confab_runtime::identity::DevIdentity;
 use confab_schema::call::{CallState, CallStatus};
 use confab_schema::{ChatId, ChatKind, SignalKind, User, UserId};
-use support::held_store::{Held, HeldStore};
+use support::held_store::{Held, HeldApi};
 use support::{DEADLINE, Stack};
 
-/// The API's operations on the gated store over `stack`'s store and bus.
-struct Setup {
-    _dir: tempfile::TempDir,
-    config: confab_runtime::config::Config,
-    store: Arc<HeldStore>,
-    state: ApiState,
-}
-
-impl Setup {
-    async fn new(stack: Stack) -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let config = support::config_for(stack, dir.path().to_path_buf());
-        let store = Arc::new(HeldStore::new(
-            confab::open_store(&config, true).await.unwrap(),
-        ));
-        let bus = confab::open_bus(&config).await.unwrap();
-        let identity = Arc::new(DevIdentity::open(dir.path()).unwrap());
-        let state = ApiState::new(
-            Arc::clone(&store) as Arc<dyn Store>,
-            bus,
-            identity,
-            &confab_runtime::signed::Keyring::random(),
-        );
-        Setup {
-            _dir: dir,
-            config,
-            store,
-            state,
-        }
-    }
-
-    async fn user(&self, name: &str) -> User {
-        let user = User {
-            id: UserId(uuid::Uuid::now_v7()),
-            username: name.to_owned(),
-            display_name: name.to_owned(),
-            email: None,
-        };
-        self.store.upsert_user(&user).await.unwrap();
-        user
-    }
-
+impl HeldApi {
     async fn group(&self, owner: &User, members: &[&User]) -> ChatId {
         let chat = ChatToCreate::parse(
             ChatKind::Group,
@@ -95,19 +51,13 @@ impl Setup {
         history.reverse();
         history
     }
-
-    async fn clean_up(self) {
-        if self.config.store.backend == confab_runtime::config::StoreBackend::Cql {
-            Box::pin(support::clean_up_real(&self.config)).await;
-        }
-    }
 }
 
 /// The last two participants leave at once: the call ends, once. The first leave is held at its
 /// removal while the second runs through, so each reads the other as present before its own
 /// removal.
 async fn the_last_participants_leaving_at_once_end_the_call(stack: Stack) {
-    let setup = Setup::new(stack).await;
+    let setup = HeldApi::new(stack).await;
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let chat = setup.group(&alice, &[&bob]).await;
@@ -159,7 +109,7 @@ on_both_stacks!(the_last_participants_leaving_at_once_end_the_call);
 /// while the last participant leaves and the call ends, it is refused (409) and takes its
 /// participant back out, so the call stays ended with nobody in it.
 async fn a_join_racing_the_last_leave_is_refused(stack: Stack) {
-    let setup = Setup::new(stack).await;
+    let setup = HeldApi::new(stack).await;
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let carol = setup.user("carol").await;
@@ -212,7 +162,7 @@ on_both_stacks!(a_join_racing_the_last_leave_is_refused);
 /// so each goes on under a join of its own. The member is in the call once, with one `joined`
 /// signal, and both joins answer the call as active with them in it.
 async fn two_joins_of_one_member_at_once_are_one_join(stack: Stack) {
-    let setup = Setup::new(stack).await;
+    let setup = HeldApi::new(stack).await;
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let chat = setup.group(&alice, &[&bob]).await;
@@ -259,7 +209,7 @@ async fn two_joins_of_one_member_at_once_are_one_join(stack: Stack) {
 
 on_both_stacks!(two_joins_of_one_member_at_once_are_one_join);
 
-impl Setup {
+impl HeldApi {
     /// How many `state` signals of call `id` the history holds, by `author`.
     async fn signals_of(
         &self,
@@ -291,7 +241,7 @@ impl Setup {
 /// their retry writes the signal, once. A member who leaves and joins again has each of their joins
 /// and leaves in the history.
 async fn a_join_whose_signal_failed_is_announced_by_its_retry(stack: Stack) {
-    let setup = Setup::new(stack).await;
+    let setup = HeldApi::new(stack).await;
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let carol = setup.user("carol").await;
@@ -346,7 +296,7 @@ on_both_stacks!(a_join_whose_signal_failed_is_announced_by_its_retry);
 /// A leave whose `left` signal was not written: the member is out of the call all the same; their
 /// retry writes the signal, once, and, when they were the last one in, ends the call.
 async fn a_leave_whose_signal_failed_is_finished_by_its_retry(stack: Stack) {
-    let setup = Setup::new(stack).await;
+    let setup = HeldApi::new(stack).await;
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let chat = setup.group(&alice, &[&bob]).await;
@@ -394,7 +344,7 @@ on_both_stacks!(a_leave_whose_signal_failed_is_finished_by_its_retry);
 /// An end whose `ended` signal was not written (the write failed, or the status change timed out
 /// after it was made): the call is over all the same, and the sweep writes the signal, once.
 async fn an_end_whose_signal_failed_is_finished_by_the_sweep(stack: Stack) {
-    let setup = Setup::new(stack).await;
+    let setup = HeldApi::new(stack).await;
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let chat = setup.group(&alice, &[&bob]).await;
@@ -449,7 +399,7 @@ on_both_stacks!(an_end_whose_signal_failed_is_finished_by_the_sweep);
 /// A sweep that made a call missed and failed to write its `missed` signal: the next sweep writes
 /// it, once.
 async fn a_missed_call_whose_signal_failed_is_finished_by_the_next_sweep(stack: Stack) {
-    let setup = Setup::new(stack).await;
+    let setup = HeldApi::new(stack).await;
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let chat = setup.group(&alice, &[&bob]).await;
@@ -485,7 +435,7 @@ on_both_stacks!(a_missed_call_whose_signal_failed_is_finished_by_the_next_sweep)
 async fn unstored_calls_hold_up_no_missed_call(stack: Stack) {
     /// More than a sweep reads at once.
     const UNSTORED: usize = 101;
-    let setup = Setup::new(stack).await;
+    let setup = HeldApi::new(stack).await;
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let chat = setup.group(&alice, &[&bob]).await;
@@ -544,7 +494,7 @@ on_both_stacks!(unstored_calls_hold_up_no_missed_call);
 /// nowhere. It shows as missed, cannot be answered, is no live call of its chat, and its reader
 /// makes it missed, with its `missed` signal, once.
 async fn a_call_stored_after_its_ring_time_is_missed(stack: Stack) {
-    let setup = Setup::new(stack).await;
+    let setup = HeldApi::new(stack).await;
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let chat = setup.group(&alice, &[&bob]).await;
@@ -608,7 +558,7 @@ on_both_stacks!(a_call_stored_after_its_ring_time_is_missed);
 /// A start whose `started` signal was not written: the call rings all the same, and the sweep
 /// writes the signal, once, before anything else of the call.
 async fn a_start_whose_signal_failed_is_announced_by_the_sweep(stack: Stack) {
-    let setup = Setup::new(stack).await;
+    let setup = HeldApi::new(stack).await;
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let chat = setup.group(&alice, &[&bob]).await;

@@ -13,17 +13,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_api::ApiState;
 use confab_api::domain::circles::{CircleSettings, NewCircle};
 use confab_api::domain::inputs::{AccessCode, CircleDisplayName};
 use confab_api::error::ApiError;
 use confab_api::store::{Store, circle_pool};
-use confab_runtime::identity::DevIdentity;
 use confab_schema::circle::{Circle, PairingState};
-use confab_schema::{CircleId, User, UserId};
+use confab_schema::{CircleId, User};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use support::held_store::{Held, HeldStore};
+use support::held_store::{Held, HeldApi};
 use support::{DEADLINE, SseStream, Stack, TestApp, spawn_app, spawn_with};
 use time::OffsetDateTime;
 
@@ -981,49 +979,7 @@ async fn queue_matches_end_for_both_on_the_real_stack() {
     Box::pin(queue_matches_end_for_both(Stack::Real)).await;
 }
 
-/// The API's operations without HTTP, on `stack`'s store and bus behind a store that holds or
-/// fails the writes a test names.
-struct Direct {
-    _dir: tempfile::TempDir,
-    config: confab_runtime::config::Config,
-    store: Arc<HeldStore>,
-    state: ApiState,
-}
-
-impl Direct {
-    async fn new(stack: Stack) -> Direct {
-        let dir = tempfile::tempdir().unwrap();
-        let config = support::config_for(stack, dir.path().to_path_buf());
-        let store = Arc::new(HeldStore::new(
-            confab::open_store(&config, true).await.unwrap(),
-        ));
-        let bus = confab::open_bus(&config).await.unwrap();
-        let identity = Arc::new(DevIdentity::open(dir.path()).unwrap());
-        let state = ApiState::new(
-            Arc::clone(&store) as Arc<dyn Store>,
-            bus,
-            identity,
-            &confab_runtime::signed::Keyring::random(),
-        );
-        Direct {
-            _dir: dir,
-            config,
-            store,
-            state,
-        }
-    }
-
-    async fn user(&self, name: &str) -> User {
-        let user = User {
-            id: UserId(uuid::Uuid::now_v7()),
-            username: name.to_owned(),
-            display_name: name.to_owned(),
-            email: None,
-        };
-        self.store.upsert_user(&user).await.unwrap();
-        user
-    }
-
+impl HeldApi {
     /// A circle `owner` made, which `others` joined.
     async fn circle(&self, owner: &User, others: &[&User]) -> Circle {
         let new = NewCircle::parse(
@@ -1065,19 +1021,13 @@ impl Direct {
         self.store.create_circle(&circle).await.unwrap();
         circle.id
     }
-
-    async fn clean_up(self) {
-        if self.config.store.backend == confab_runtime::config::StoreBackend::Cql {
-            Box::pin(support::clean_up_real(&self.config)).await;
-        }
-    }
 }
 
 /// The owner removes a member whose entry into the lobby passed its membership check but has not
 /// written its slot yet (held there until the removal is done): the entry is refused, and the
 /// removed member is not left in the lobby, where anyone entering would be paired with them.
 async fn a_member_removed_while_entering_the_lobby_is_not_left_in_it(stack: Stack) {
-    let setup = Direct::new(stack).await;
+    let setup = HeldApi::new(stack).await;
     let owner = setup.user("owner").await;
     let removed = setup.user("removed").await;
     let other = setup.user("other").await;
@@ -1122,7 +1072,7 @@ on_both_stacks!(a_member_removed_while_entering_the_lobby_is_not_left_in_it);
 async fn one_sweep_removes_every_expired_circle_past_a_failing_one(stack: Stack) {
     const BATCH: usize = 3;
     let budget = Duration::from_secs(60);
-    let setup = Direct::new(stack).await;
+    let setup = HeldApi::new(stack).await;
     let owner = setup.user("owner").await;
     let now = OffsetDateTime::now_utc();
     let live = setup.circle(&owner, &[]).await.id;

@@ -856,3 +856,55 @@ impl Store for HeldStore {
         self.inner.forget_listed_call(call).await
     }
 }
+
+/// The API's operations without HTTP, on `stack`'s store and bus behind a [`HeldStore`]: for the
+/// tests that play an interleaving of operations (each test file adds its own helpers).
+pub struct HeldApi {
+    _dir: tempfile::TempDir,
+    pub config: confab_runtime::config::Config,
+    pub store: Arc<HeldStore>,
+    pub state: confab_api::ApiState,
+}
+
+impl HeldApi {
+    pub async fn new(stack: super::Stack) -> HeldApi {
+        let dir = tempfile::tempdir().unwrap();
+        let config = super::config_for(stack, dir.path().to_path_buf());
+        let store = Arc::new(HeldStore::new(
+            confab::open_store(&config, true).await.unwrap(),
+        ));
+        let bus = confab::open_bus(&config).await.unwrap();
+        let identity = Arc::new(confab_runtime::identity::DevIdentity::open(dir.path()).unwrap());
+        let state = confab_api::ApiState::new(
+            Arc::clone(&store) as Arc<dyn Store>,
+            bus,
+            identity,
+            &confab_runtime::signed::Keyring::random(),
+        );
+        HeldApi {
+            _dir: dir,
+            config,
+            store,
+            state,
+        }
+    }
+
+    /// A user stored as the identity provider's first sign-in would.
+    pub async fn user(&self, name: &str) -> User {
+        let user = User {
+            id: UserId(uuid::Uuid::now_v7()),
+            username: name.to_owned(),
+            display_name: name.to_owned(),
+            email: None,
+        };
+        self.store.upsert_user(&user).await.unwrap();
+        user
+    }
+
+    /// Drops what it made on the real services.
+    pub async fn clean_up(self) {
+        if self.config.store.backend == confab_runtime::config::StoreBackend::Cql {
+            Box::pin(super::clean_up_real(&self.config)).await;
+        }
+    }
+}

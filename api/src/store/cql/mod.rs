@@ -4029,25 +4029,13 @@ where
         .collect()
 }
 
-/// A lightweight transaction's outcome: `None` when applied, else the existing row's `column`.
+/// A lightweight transaction's outcome: `None` when applied, else the existing row's `column`
+/// (also `None` when that cell is empty: [`lwt_row`] tells the two apart).
 fn applied_or_row(
     result: scylla::response::query_result::QueryResult,
     column_name: &str,
 ) -> Result<Option<CqlValue>, StoreError> {
-    let result = result.into_rows_result().map_err(corrupt)?;
-    let row = result
-        .maybe_first_row::<Row>()
-        .map_err(corrupt)?
-        .ok_or_else(|| corrupt("lightweight transaction returned no row"))?;
-    if matches!(column(&row, 0), Some(CqlValue::Boolean(true))) {
-        return Ok(None);
-    }
-    let index = result
-        .column_specs()
-        .iter()
-        .position(|spec| spec.name() == column_name)
-        .ok_or_else(|| corrupt(format!("lightweight transaction without {column_name}")))?;
-    Ok(column(&row, index).cloned())
+    lwt_row(result, column_name).map(Option::flatten)
 }
 
 /// `None` when a lightweight transaction was applied; else `Some` of the existing row's
