@@ -117,6 +117,9 @@ const RETRIES: u32 = 4;
 const BATCH: usize = 256;
 /// Pushes in flight at a time.
 const CONCURRENCY: usize = 64;
+/// How many times a failed read of a claimed push's devices is tried again (after 250, 500 and
+/// 1,000 ms).
+const DEVICE_READ_RETRIES: u32 = 3;
 /// How long a shutdown waits for the pushes this node claimed to go out.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -200,16 +203,19 @@ impl PushSender {
             metrics::counter!("confab_pushes_expired_total").increment(1);
             return;
         }
-        // Claimed, the push is out of the queue: a store that fails for a moment is retried
-        // within the push's time to live rather than losing it.
+        // Claimed, the push is out of the queue: a store that fails for a moment is tried again,
+        // a few times (about 2 s), not for the push's whole time to live, which would hold a
+        // sender slot for as long while the store is down.
         let mut wait = Duration::from_millis(250);
+        let mut attempt = 0;
         let devices = loop {
             match self.devices.devices_of(push.user).await {
                 Ok(devices) => break devices,
-                Err(error) if push.expires_ms - now_ms() > wait.as_millis() as i64 => {
+                Err(error) if attempt < DEVICE_READ_RETRIES && push.expires_ms > now_ms() => {
                     tracing::warn!(%error, "devices unavailable; trying again");
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(4));
+                    wait *= 2;
+                    attempt += 1;
                 }
                 Err(error) => {
                     tracing::warn!(%error, "devices unavailable; push dropped");
@@ -231,7 +237,6 @@ impl PushSender {
                 self.devices.reached(push.user, push.chat),
                 self.devices.is_member(push.user, push.chat)
             );
-            let member_now = matches!(member, Ok(true));
             match member {
                 Ok(true) => {}
                 Ok(false) => {
@@ -264,7 +269,8 @@ impl PushSender {
                     push.count -= 1;
                 }
                 Ok(Announced::Text(text)) => {
-                    if push.preview.is_some() && member_now {
+                    // (No preview when membership could not be read: it was taken above.)
+                    if push.preview.is_some() {
                         push.preview = text.as_deref().map(preview);
                     }
                 }
