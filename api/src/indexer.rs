@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use confab_runtime::bus::{Bus, BusError, ChatFilter, ReadError};
 use confab_runtime::search::{Change, Search, SearchError};
-use confab_schema::{ChatId, Event, LoggedEvent, SignalId};
+use confab_schema::{ChatId, Event, LoggedEvent, Signal, SignalId};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -236,28 +236,33 @@ impl Indexer {
     /// would bring back what they replaced (deleted text, kept nowhere else). One store read per
     /// batch, for its edits only.
     async fn changes_of(&self, events: &[LoggedEvent]) -> Result<Vec<Change>, IndexError> {
+        // Each edited message once, however many of its edits the batch holds.
         let edited: Vec<(ChatId, SignalId)> = events
             .iter()
             .filter_map(|event| match &event.envelope.event {
                 Event::SignalUpdated(signal) => Some((signal.chat_id, signal.id)),
                 _ => None,
             })
+            .collect::<std::collections::HashSet<_>>()
+            .into_iter()
             .collect();
-        let current = if edited.is_empty() {
-            Vec::new()
+        let current: std::collections::HashMap<SignalId, Signal> = if edited.is_empty() {
+            Default::default()
         } else {
-            self.store.get_signals(&edited).await?
+            self.store
+                .get_signals(&edited)
+                .await?
+                .into_iter()
+                .flatten()
+                .map(|signal| (signal.id, signal))
+                .collect()
         };
         Ok(events
             .iter()
             .filter_map(|event| match &event.envelope.event {
                 Event::SignalUpdated(signal) => {
-                    let now = edited
-                        .iter()
-                        .position(|&(chat, id)| chat == signal.chat_id && id == signal.id)
-                        .and_then(|i| current.get(i).cloned().flatten());
-                    Some(match now {
-                        Some(now) => Change::of_signal(&now),
+                    Some(match current.get(&signal.id) {
+                        Some(now) => Change::of_signal(now),
                         // Gone from the store: gone from the index.
                         None => Change::Remove(signal.id),
                     })
