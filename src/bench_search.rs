@@ -181,7 +181,7 @@ async fn part_sizes(args: &SearchBenchArgs, config: &Config) -> anyhow::Result<(
                 .collect();
             for &part in &args.part_sizes {
                 let parts = if part == 0 { usize::MAX } else { part };
-                let engine = MeiliSearch::new(&settings)?.with_chats_per_part(parts);
+                let engine = engine.clone().with_chats_per_part(parts);
                 let page: Vec<SignalId> = engine.search(&query).await?.hits.iter().map(|h| h.id).collect();
                 let mut times = Vec::with_capacity(5);
                 for _ in 0..5 {
