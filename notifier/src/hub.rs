@@ -581,8 +581,16 @@ impl Hub {
             after = routes.last_seq;
             let per_user = self.caps.per_user.max(1);
             let theirs = routes.by_user.get(&user).map_or(0, Vec::len);
+            // The stream this one replaces (a WebSocket's resume), if it is still routed.
+            let own = replacing.filter(|r| {
+                routes
+                    .by_user
+                    .get(&user)
+                    .is_some_and(|mine| mine.contains(r))
+            });
             // A stream that takes another's place leaves the node's count as it is.
-            if theirs < per_user && routes.connections.len() >= self.caps.per_node {
+            if theirs < per_user && own.is_none() && routes.connections.len() >= self.caps.per_node
+            {
                 metrics::counter!("confab_notifier_refused_total", "cap" => "node").increment(1);
                 return Err(OpenError::NodeFull);
             }
@@ -602,23 +610,21 @@ impl Hub {
             first_on_node = mine.len() == 1;
             routes.pending.insert(id);
             // Taken after the new one is in, so that none of these is its user's last: the user
-            // stays online throughout.
+            // stays online throughout. The stream replaced ends without a reason (its client
+            // resumes on this one); the oldest beyond the cap ends as replaced.
+            if let Some(taken) = own.and_then(|own| routes.take(own)) {
+                replaced.push(taken);
+            }
             while let Some(oldest) = routes
                 .by_user
                 .get(&user)
                 .filter(|mine| mine.len() > per_user)
-                .map(|mine| {
-                    replacing
-                        .filter(|r| *r != id && mine.contains(r))
-                        .unwrap_or(mine[0])
-                })
+                .map(|mine| mine[0])
             {
                 let Some((connection, last)) = routes.take(oldest) else {
                     break;
                 };
-                if Some(oldest) != replacing {
-                    let _ = connection.end.set(REPLACED);
-                }
+                let _ = connection.end.set(REPLACED);
                 metrics::counter!("confab_notifier_replaced_total").increment(1);
                 tracing::debug!(%user, connection = oldest, "a newer stream replaces this one");
                 replaced.push((connection, last));
@@ -1795,7 +1801,7 @@ mod tests {
         }
 
         // The node's cap still refuses a new user's stream...
-        let _carols = hub.open(carol, None).await.expect("opens");
+        let carols = hub.open(carol, None).await.expect("opens");
         assert!(matches!(
             hub.open(dave, None).await,
             Err(OpenError::NodeFull)
@@ -1821,6 +1827,18 @@ mod tests {
             .await
             .expect("publishes");
         assert_eq!(next_text(&mut alices[0]).await, "last", "not replaced");
+
+        // A resume under its user's cap on a full node takes its own stream's place as well.
+        let mut carol_resumed = hub
+            .open_replacing(&carols, carol, StreamSession::default(), Some(0))
+            .await
+            .expect("a resume opens on a full node");
+        assert_eq!(next_text(&mut carol_resumed).await, "held");
+        {
+            let routes = hub.routes.read().expect("lock");
+            assert_eq!(routes.by_user[&carol].len(), 1, "carol's old stream is out");
+            assert_eq!(routes.connections.len(), 5, "the node holds its cap");
+        }
         shutdown.cancel();
         worker.await.expect("worker ends");
     }
