@@ -10,7 +10,6 @@ mod support;
 
 use support::on_both_stacks;
 
-
 use confab_api::domain::chats::ChatToCreate;
 use confab_api::error::ApiError;
 use confab_api::store::Store;
