@@ -454,7 +454,13 @@ async fn unstored_calls_hold_up_no_missed_call(stack: Stack) {
         .into_iter()
         .map(|listing| listing.id)
         .collect();
-    assert_eq!(listed.len(), UNSTORED + 1, "every start listed its call");
+    // The scenario, not the fix: the failed starts' listings are the held store's own (what a
+    // CQL start that failed after its first write leaves), so this only checks the setup.
+    assert_eq!(
+        listed.len(),
+        UNSTORED + 1,
+        "the scenario: every start's call is listed"
+    );
 
     let missed = setup.state.sweep_missed_calls(rung_out).await.unwrap();
     assert_eq!(
