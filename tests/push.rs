@@ -335,14 +335,7 @@ async fn delayed_push(stack: Stack) {
 
     // Three messages in the window: one push each device, announcing three. The window of this
     // chat is bob's own setting, long enough for three sends on a slow machine.
-    let window = app
-        .put(
-            &bob,
-            &format!("/v1/chats/{burst}/settings"),
-            &json!({"push_delay_ms": 2_000}),
-        )
-        .await;
-    assert_eq!(window.status(), 200);
+    delay_in(&app, &bob, &burst, 2_000).await;
     for i in 0..3 {
         send(&app, &alice, &burst, &format!("burst {i}")).await;
     }
@@ -708,14 +701,7 @@ async fn deleted_and_edited_messages(stack: Stack) {
     );
     let message = |chat: &str, id: &str| format!("{}/v1/chats/{chat}/signals/{id}", app.base);
     // Bob's window for the edited chat: long enough for the edit on a slow machine.
-    let window = app
-        .put(
-            &bob,
-            &format!("/v1/chats/{edited}/settings"),
-            &json!({"push_delay_ms": 2_000}),
-        )
-        .await;
-    assert_eq!(window.status(), 200);
+    delay_in(&app, &bob, &edited, 2_000).await;
 
     let secret = send(&app, &alice, &deleted, "deleted secret").await;
     let removed = app
