@@ -1050,7 +1050,7 @@ async fn pushes_survive_a_killed_sender(stack: Stack) {
                 "CONFAB_STORE__CQL_CONTACT_POINTS".into(),
                 support::cql_contact_points(),
             ),
-            ("CONFAB_STORE__KEYSPACE".into(), support::unique("push_")),
+            ("CONFAB_STORE__KEYSPACE".into(), support::scratch_keyspace()),
             ("CONFAB_BUS__BACKEND".into(), "nats".into()),
             ("CONFAB_BUS__NATS_URL".into(), support::nats_url()),
             ("CONFAB_BUS__SUBJECT_PREFIX".into(), support::unique("push")),

@@ -111,7 +111,7 @@ async fn fresh_keyspace(test: &str) -> Option<CqlOptions> {
             std::env::var("CONFAB_TEST_CQL_CONTACT_POINTS")
                 .unwrap_or_else(|_| "127.0.0.1:9042".into()),
         ],
-        keyspace: format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
+        keyspace: confab_api::store::cql::scratch_keyspace(),
         replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
         request_timeout: Duration::from_secs(20),
         nonce_ttl: Duration::from_secs(600),

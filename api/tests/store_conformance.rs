@@ -34,7 +34,7 @@ fn cql_options(keyspace: &str, parity: SendParity, nonce_ttl: Duration) -> CqlOp
 }
 
 fn fresh_keyspace() -> String {
-    format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..20])
+    confab_api::store::cql::scratch_keyspace()
 }
 
 /// Migrates `options`' keyspace; `false` (after a loud line) when no CQL store answers and the
@@ -1246,4 +1246,56 @@ async fn cql_a_new_chat_leaves_no_tombstones() {
     assert_eq!(listed.len(), 1);
     let chat_read = store.get_chat(chat).await.expect("reads").expect("a chat");
     assert_eq!((chat_read.name, chat_read.description), (None, None));
+}
+
+/// Keyspaces that test runs left behind (made over the given age ago) are dropped; a fresh one,
+/// and any keyspace not named as a scratch one, stay.
+#[tokio::test]
+async fn stale_scratch_keyspaces_are_dropped() {
+    let fresh = cql::scratch_keyspace();
+    let options = cql_options(&fresh, SendParity::Lwt, Duration::from_secs(600));
+    if !migrated(&options, "stale_scratch_keyspaces_are_dropped").await {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let session = store.session();
+    let stale = format!(
+        "t_00000001_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..16]
+    );
+    let other = format!("kept_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    for keyspace in [&stale, &other] {
+        session
+            .query_unpaged(
+                format!(
+                    "CREATE KEYSPACE {keyspace} WITH replication = {}",
+                    options.replication
+                ),
+                (),
+            )
+            .await
+            .expect("creates");
+    }
+    let dropped = cql::drop_stale_scratch_keyspaces(&options, Duration::from_secs(3600))
+        .await
+        .expect("drops");
+    assert!(dropped >= 1, "dropped {dropped}");
+    let names: Vec<String> = session
+        .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", ())
+        .await
+        .expect("reads")
+        .into_rows_result()
+        .expect("rows")
+        .rows::<(String,)>()
+        .expect("typed")
+        .map(|row| row.expect("a name").0)
+        .collect();
+    assert!(!names.contains(&stale), "{stale} was kept");
+    assert!(names.contains(&fresh), "{fresh} was dropped");
+    assert!(names.contains(&other), "{other} was dropped");
+    session
+        .query_unpaged(format!("DROP KEYSPACE {other}"), ())
+        .await
+        .expect("drops");
+    cql::drop_keyspace(&options).await.expect("drops");
 }

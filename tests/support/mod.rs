@@ -145,6 +145,37 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A fresh keyspace name for a test on the real store. The first in a test process also drops
+/// the keyspaces that runs stopped before cleaning up left behind (over two hours old, so a run
+/// going on beside this one keeps its own).
+pub fn scratch_keyspace() -> String {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        // A thread of its own: this may be called inside a test's runtime, which cannot block.
+        let swept = std::thread::spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut config = Config::default();
+            config.store.cql_contact_points = cql_contact_points();
+            let options = confab_api::store::cql::CqlOptions::from_config(&config);
+            runtime.block_on(confab_api::store::cql::drop_stale_scratch_keyspaces(
+                &options,
+                Duration::from_secs(2 * 3600),
+            ))
+        })
+        .join();
+        match swept {
+            Ok(Ok(0)) => {}
+            Ok(Ok(dropped)) => eprintln!("dropped {dropped} keyspaces left by earlier test runs"),
+            // No store to sweep: the test that asked for the name says what it does about that.
+            Ok(Err(_)) | Err(_) => {}
+        }
+    });
+    confab_api::store::cql::scratch_keyspace()
+}
+
 /// A fresh signing secret, long and random enough to be accepted.
 pub fn secret() -> String {
     format!(
@@ -167,7 +198,7 @@ pub fn config_for(stack: Stack, data_dir: PathBuf) -> Config {
     if stack == Stack::Real {
         config.store.backend = StoreBackend::Cql;
         config.store.cql_contact_points = cql_contact_points();
-        config.store.keyspace = unique("t_");
+        config.store.keyspace = scratch_keyspace();
         config.store.request_timeout_ms = 20_000;
         config.bus.backend = BusBackend::Nats;
         config.bus.nats_url = nats_url();
@@ -441,7 +472,6 @@ impl Deployment {
     pub async fn new(name: &str) -> Deployment {
         let dir = tempfile::tempdir().unwrap();
         let mut config = config_for(Stack::Real, dir.path().to_path_buf());
-        config.store.keyspace = unique(&format!("{name}_"));
         config.bus.subject_prefix = unique(name);
         let env: Vec<(String, String)> = [
             ("CONFAB_STORE__BACKEND", "cql".to_owned()),

@@ -593,6 +593,65 @@ pub async fn drop_keyspace(options: &CqlOptions) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A fresh name for a scratch keyspace (tests use one each): `t_<seconds since the epoch, in
+/// hex>_<random>`. A test that panics or is killed never drops its own, and hundreds of leftover
+/// keyspaces slow a Cassandra node's schema changes to a crawl; the time in the name lets a later
+/// run drop the ones left behind ([`drop_stale_scratch_keyspaces`]) without touching a running
+/// one's.
+pub fn scratch_keyspace() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    format!(
+        "t_{now:08x}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..16]
+    )
+}
+
+/// When a [`scratch_keyspace`] name was made, or `None` for any other name.
+fn scratch_keyspace_made(name: &str) -> Option<std::time::SystemTime> {
+    let (seconds, random) = name.strip_prefix("t_")?.split_once('_')?;
+    if seconds.len() != 8 || random.is_empty() {
+        return None;
+    }
+    let seconds = u64::from_str_radix(seconds, 16).ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(seconds))
+}
+
+/// Drops the scratch keyspaces made more than `older_than` ago (left behind by test runs that
+/// stopped before dropping them); answers how many it dropped.
+pub async fn drop_stale_scratch_keyspaces(
+    options: &CqlOptions,
+    older_than: Duration,
+) -> Result<usize, StoreError> {
+    let session = session(options).await?;
+    let names: Vec<String> = session
+        .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", &[])
+        .await
+        .map_err(unavailable)?
+        .into_rows_result()
+        .map_err(corrupt)?
+        .rows::<(String,)>()
+        .map_err(corrupt)?
+        .map(|row| row.map(|(name,)| name).map_err(corrupt))
+        .collect::<Result<_, _>>()?;
+    let cutoff = std::time::SystemTime::now()
+        .checked_sub(older_than)
+        .unwrap_or(std::time::UNIX_EPOCH);
+    let mut dropped = 0;
+    for name in names {
+        if scratch_keyspace_made(&name).is_some_and(|made| made < cutoff) {
+            session
+                .query_unpaged(format!("DROP KEYSPACE IF EXISTS {name}"), &[])
+                .await
+                .map_err(unavailable)?;
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
+}
+
 /// The statements of [`Statements`], each prepared by `$prepare`, all at once.
 macro_rules! prepare_concurrently {
     ($prepare:ident; $($field:ident: $cql:expr,)*) => {{
@@ -4073,7 +4132,29 @@ fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool, 
 
 #[cfg(test)]
 mod tests {
-    use super::qualify;
+    use super::{qualify, scratch_keyspace, scratch_keyspace_made};
+
+    #[test]
+    fn scratch_keyspaces_say_when_they_were_made() {
+        let before = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
+        let name = scratch_keyspace();
+        assert!(name.len() <= 48, "{name} is too long for a keyspace");
+        let made = scratch_keyspace_made(&name).expect("a scratch keyspace's name");
+        assert!(
+            made >= before && made <= std::time::SystemTime::now(),
+            "{name}"
+        );
+        // Other keyspaces, and the names tests used before, are never taken for scratch ones.
+        for other in [
+            "confab",
+            "t_5f3a9c1e0b2d4f6a8c9e",
+            "t_xyzxyzxy_abc",
+            "t_0000000a_",
+            "system",
+        ] {
+            assert_eq!(scratch_keyspace_made(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn tables_are_qualified_with_the_keyspace() {
