@@ -5,7 +5,8 @@
 //! after it is sent, and thumbnails on every scroll, so the cache keeps what was just written or
 //! read, up to a byte budget, and drops the least recently used first. Only objects up to a size
 //! limit are kept; larger ones stream from the storage as before. Readers that miss the same
-//! object at the same time share one read from the storage.
+//! object at the same time share one read from the storage, which streams to the first of them
+//! as it arrives (a cold read is not held back until the whole object is in).
 //!
 //! A copy enters the cache only with its hash checked: a declared upload is checked by the storage
 //! before it is made, a staged upload is named by the hash of the very bytes copied, and an object
@@ -19,6 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use sha2::{Digest, Sha256};
 
 use super::{BlobError, BlobInfo, BlobName, BlobRead, Blobs, ByteChunks, Presentation, Staged};
 
@@ -35,19 +37,20 @@ pub struct CacheLimits {
 pub struct CachedBlobs {
     inner: Arc<dyn Blobs>,
     limits: CacheLimits,
-    kept: Mutex<Lru>,
-    /// Whole reads of objects not held, in flight: readers of the same object wait for one read
+    kept: Arc<Mutex<Lru>>,
+    /// Reads of objects not held, in flight: readers of the same object wait for one read
     /// from the storage instead of each making their own (a picture sent to a large group is
     /// fetched by every member at once).
-    filling: Mutex<HashMap<BlobName, Arc<Fill>>>,
+    filling: Arc<Mutex<HashMap<BlobName, Arc<Fill>>>>,
     /// Whole reads made from the storage on misses (tests).
     fills: AtomicU64,
 }
 
-/// One read of an object from the storage, shared by the misses that wait for it: its bytes when
-/// it is small enough to keep, `None` when it is not (each reader then streams it on its own), or
-/// the storage's error.
-type Fill = tokio::sync::OnceCell<Result<Option<Bytes>, SharedError>>;
+/// One read of an object from the storage, shared by the misses that wait for it: `None` while it
+/// is under way; then its bytes when it was small enough to keep and read whole, `Some(Ok(None))`
+/// when each waiting reader is to read on its own (too large, or the first reader stopped before
+/// the end), or the storage's error.
+type Fill = tokio::sync::watch::Sender<Option<Result<Option<Bytes>, SharedError>>>;
 
 /// A [`BlobError`] of a shared read, for each of its readers.
 #[derive(Clone, Debug)]
@@ -127,8 +130,8 @@ impl CachedBlobs {
         CachedBlobs {
             inner,
             limits,
-            kept: Mutex::new(Lru::default()),
-            filling: Mutex::new(HashMap::new()),
+            kept: Arc::new(Mutex::new(Lru::default())),
+            filling: Arc::new(Mutex::new(HashMap::new())),
             fills: AtomicU64::new(0),
         }
     }
@@ -167,84 +170,179 @@ impl CachedBlobs {
         self.fills.load(Ordering::Relaxed)
     }
 
-    /// A whole read of `name` from the storage on a miss, shared with every other miss of it
-    /// meanwhile. Small objects are read whole, hashed and kept; a large one is streamed to the
-    /// reader that made the read, and every other reader makes its own.
-    /// `size` is the object's, when the caller knows it.
+    /// A read of `name` from the storage on a miss, shared with every other miss of it meanwhile.
+    /// The reader that makes it gets the bytes as they arrive (a cold read is not held back
+    /// until the whole object is in), while a copy is made and hashed on the way; a small object
+    /// is kept once whole and true to its name, and the readers that waited get it from memory.
+    /// A large one is only streamed, and every other reader makes its own read, as does each
+    /// waiting reader when the first one stopped before the end. `size` is the object's, when
+    /// the caller knows it.
     async fn fill(&self, name: &BlobName, size: Option<u64>) -> Result<BlobRead, BlobError> {
-        let fill = Arc::clone(
-            self.filling
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .entry(name.clone())
-                .or_default(),
-        );
-        let mut streamed = None;
-        let shared = fill
-            .get_or_init(|| async {
-                self.fills.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("confab_blob_cache_fills_total").increment(1);
-                let read = match size {
-                    Some(size) => self.inner.get_sized(name, size, None).await,
-                    None => self.inner.get(name, None).await,
-                };
-                let read = match read {
-                    Ok(read) => read,
-                    Err(error) => return Err(SharedError::from(&error)),
-                };
-                if read.len > self.limits.object_bytes as u64 {
-                    streamed = Some(read);
-                    return Ok(None);
-                }
-                self.read_whole(name, read)
-                    .await
-                    .map(Some)
-                    .map_err(|error| SharedError::from(&error))
-            })
-            .await
-            .clone();
-        {
-            // The next miss (after an eviction) starts a new read.
+        let (fill, first) = {
             let mut filling = self
                 .filling
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if filling.get(name).is_some_and(|f| Arc::ptr_eq(f, &fill)) {
-                filling.remove(name);
+            match filling.get(name) {
+                Some(fill) => (Arc::clone(fill), false),
+                None => {
+                    let fill = Arc::new(Fill::new(None));
+                    filling.insert(name.clone(), Arc::clone(&fill));
+                    (fill, true)
+                }
             }
+        };
+        if !first {
+            let mut outcome = fill.subscribe();
+            let shared = outcome
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|outcome| outcome.clone());
+            return match shared {
+                Some(Ok(Some(bytes))) => Ok(whole(bytes)),
+                Some(Err(error)) => Err(error.into()),
+                _ => self.read_underneath(name, size).await,
+            };
         }
-        match (shared?, streamed) {
-            (Some(bytes), _) => {
-                let len = bytes.len() as u64;
-                Ok(BlobRead {
-                    chunks: futures::stream::once(std::future::ready(Ok(bytes))).boxed(),
-                    len,
-                })
+        self.fills.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("confab_blob_cache_fills_total").increment(1);
+        let mut ending = FillEnding {
+            name: name.clone(),
+            fill,
+            filling: Arc::clone(&self.filling),
+            ended: false,
+        };
+        let read = match self.read_underneath(name, size).await {
+            Ok(read) => read,
+            Err(error) => {
+                ending.end(Err(SharedError::from(&error)));
+                return Err(error);
             }
-            (None, Some(read)) => Ok(read),
-            (None, None) => match size {
-                Some(size) => self.inner.get_sized(name, size, None).await,
-                None => self.inner.get(name, None).await,
-            },
+        };
+        if read.len > self.limits.object_bytes as u64 {
+            ending.end(Ok(None));
+            return Ok(read);
         }
+        let mut copy = FillCopy {
+            name: name.clone(),
+            len: read.len,
+            bytes: BytesMut::with_capacity(read.len as usize),
+            hash: Sha256::new(),
+            kept: Arc::clone(&self.kept),
+            limits: self.limits,
+            ending,
+        };
+        let chunks = read
+            .chunks
+            .inspect(move |chunk| match chunk {
+                Ok(chunk) => copy.extend(chunk),
+                Err(_) => copy.ending.end(Ok(None)),
+            })
+            .boxed();
+        Ok(BlobRead {
+            chunks,
+            len: read.len,
+        })
     }
 
-    /// All of `read`, kept if it is what its name says.
-    async fn read_whole(&self, name: &BlobName, read: BlobRead) -> Result<Bytes, BlobError> {
-        let len = read.len;
-        let mut bytes = BytesMut::with_capacity(len as usize);
-        let mut chunks = read.chunks;
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(|e| BlobError::Unavailable(e.to_string()))?;
-            bytes.extend_from_slice(&chunk);
+    async fn read_underneath(
+        &self,
+        name: &BlobName,
+        size: Option<u64>,
+    ) -> Result<BlobRead, BlobError> {
+        match size {
+            Some(size) => self.inner.get_sized(name, size, None).await,
+            None => self.inner.get(name, None).await,
         }
-        let bytes = bytes.freeze();
-        if bytes.len() as u64 == len && BlobName::of(&bytes) == *name {
-            self.keep(name.clone(), bytes.clone());
-        } else {
-            tracing::warn!(object = %name, "an object's bytes do not hash to its name; not cached");
+    }
+}
+
+/// The end of a shared read ([`CachedBlobs::fill`]): out of the reads in flight, its outcome
+/// handed to the readers waiting for it. Dropped before it ended (the first reader went away
+/// mid-way), it tells them to read on their own.
+struct FillEnding {
+    name: BlobName,
+    fill: Arc<Fill>,
+    filling: Arc<Mutex<HashMap<BlobName, Arc<Fill>>>>,
+    ended: bool,
+}
+
+impl FillEnding {
+    fn end(&mut self, outcome: Result<Option<Bytes>, SharedError>) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
         }
-        Ok(bytes)
+        {
+            // Out of the map first: the next miss (after an eviction) starts a new read.
+            let mut filling = self
+                .filling
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if filling
+                .get(&self.name)
+                .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+            {
+                filling.remove(&self.name);
+            }
+        }
+        self.fill.send_replace(Some(outcome));
+    }
+}
+
+impl Drop for FillEnding {
+    fn drop(&mut self) {
+        self.end(Ok(None));
+    }
+}
+
+/// The copy of a small object a shared read makes while it streams to its first reader: kept,
+/// and handed to the waiting readers, once all of it came and it hashes to its name.
+struct FillCopy {
+    name: BlobName,
+    len: u64,
+    bytes: BytesMut,
+    hash: Sha256,
+    kept: Arc<Mutex<Lru>>,
+    limits: CacheLimits,
+    ending: FillEnding,
+}
+
+impl FillCopy {
+    fn extend(&mut self, chunk: &Bytes) {
+        if self.ending.ended {
+            return;
+        }
+        if self.bytes.len() as u64 + chunk.len() as u64 > self.len {
+            tracing::warn!(object = %self.name, "an object is longer than its length; not cached");
+            self.ending.end(Ok(None));
+            return;
+        }
+        self.bytes.extend_from_slice(chunk);
+        self.hash.update(chunk);
+        if self.bytes.len() as u64 == self.len {
+            let bytes = std::mem::take(&mut self.bytes).freeze();
+            let digest: [u8; 32] = std::mem::take(&mut self.hash).finalize().into();
+            if BlobName::from_digest(digest) == self.name {
+                self.kept
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .insert(self.name.clone(), bytes.clone(), self.limits);
+                self.ending.end(Ok(Some(bytes)));
+            } else {
+                tracing::warn!(object = %self.name, "an object's bytes do not hash to its name; not cached");
+                self.ending.end(Ok(None));
+            }
+        }
+    }
+}
+
+/// All of `bytes` as one read.
+fn whole(bytes: Bytes) -> BlobRead {
+    let len = bytes.len() as u64;
+    BlobRead {
+        chunks: futures::stream::once(std::future::ready(Ok(bytes))).boxed(),
+        len,
     }
 }
 
@@ -584,6 +682,156 @@ mod tests {
         let read = blobs.get(&name, None).await.expect("streams from storage");
         assert_eq!(read_all(read).await, large);
         assert!(!blobs.holds(&name));
+    }
+
+    /// The local storage, except that the reads it answers give their first 100 bytes at once
+    /// and the rest only once the test lets them go (a storage still sending).
+    struct Trickling {
+        inner: LocalBlobs,
+        rest: tokio::sync::watch::Sender<bool>,
+    }
+
+    #[async_trait]
+    impl Blobs for Trickling {
+        async fn check(&self) -> Result<(), BlobError> {
+            self.inner.check().await
+        }
+        async fn stage(
+            &self,
+            body: ByteChunks,
+            length: Option<u64>,
+            max_bytes: u64,
+        ) -> Result<Staged, BlobError> {
+            self.inner.stage(body, length, max_bytes).await
+        }
+        async fn commit(&self, staged: &Staged) -> Result<(), BlobError> {
+            self.inner.commit(staged).await
+        }
+        async fn discard(&self, staged: &Staged) -> Result<(), BlobError> {
+            self.inner.discard(staged).await
+        }
+        async fn put(&self, bytes: Bytes) -> Result<BlobName, BlobError> {
+            self.inner.put(bytes).await
+        }
+        async fn size(&self, name: &BlobName) -> Result<Option<u64>, BlobError> {
+            self.inner.size(name).await
+        }
+        async fn get(
+            &self,
+            name: &BlobName,
+            range: Option<(u64, u64)>,
+        ) -> Result<BlobRead, BlobError> {
+            let read = self.inner.get(name, range).await?;
+            let bytes = read_all(read).await;
+            let first = Bytes::copy_from_slice(&bytes[..100]);
+            let rest = Bytes::copy_from_slice(&bytes[100..]);
+            let mut go = self.rest.subscribe();
+            let chunks = futures::stream::once(async move { Ok(first) })
+                .chain(futures::stream::once(async move {
+                    go.wait_for(|go| *go).await.expect("the test is running");
+                    Ok(rest)
+                }))
+                .boxed();
+            Ok(BlobRead {
+                chunks,
+                len: bytes.len() as u64,
+            })
+        }
+        async fn presign(
+            &self,
+            name: &BlobName,
+            ttl: Duration,
+            presentation: &Presentation,
+        ) -> Result<Option<String>, BlobError> {
+            self.inner.presign(name, ttl, presentation).await
+        }
+        async fn list(
+            &self,
+            after: Option<&BlobName>,
+            limit: usize,
+        ) -> Result<Vec<BlobInfo>, BlobError> {
+            self.inner.list(after, limit).await
+        }
+        async fn delete(&self, name: &BlobName) -> Result<(), BlobError> {
+            self.inner.delete(name).await
+        }
+        async fn sweep_staging(&self, age: Duration) -> Result<u64, BlobError> {
+            self.inner.sweep_staging(age).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_miss_streams_to_its_reader_before_the_whole_object_is_in() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let storage = LocalBlobs::open(dir.path()).expect("opens");
+        let bytes: Vec<u8> = (0..3000u32).map(|i| (i % 233) as u8).collect();
+        let name = storage.put(Bytes::from(bytes.clone())).await.expect("put");
+        let trickling = Arc::new(Trickling {
+            inner: storage,
+            rest: tokio::sync::watch::Sender::new(false),
+        });
+        let blobs = CachedBlobs::new(
+            Arc::clone(&trickling) as Arc<dyn Blobs>,
+            limits(10_000, 5_000),
+        );
+        let deadline = Duration::from_secs(10);
+        let mut first = tokio::time::timeout(deadline, blobs.get(&name, None))
+            .await
+            .expect("a cold read answers before the storage has sent it all")
+            .expect("reads");
+        assert_eq!(first.len, 3000);
+        let head = tokio::time::timeout(deadline, first.chunks.next())
+            .await
+            .expect("its first bytes are passed on as they come")
+            .expect("a chunk")
+            .expect("reads");
+        assert_eq!(head[..], bytes[..100]);
+        // A second reader meanwhile waits for the same read, and is not told to make its own.
+        let second = tokio::spawn({
+            let blobs = Arc::new(blobs);
+            let name = name.clone();
+            let waiting = Arc::clone(&blobs);
+            async move {
+                let read = waiting.get(&name, None).await.expect("reads");
+                (read_all(read).await, waiting.fills())
+            }
+        });
+        trickling.rest.send_replace(true);
+        let mut all = head.to_vec();
+        all.extend_from_slice(&read_all(first).await);
+        assert_eq!(all, bytes);
+        let (seen, fills) = tokio::time::timeout(deadline, second)
+            .await
+            .expect("the waiting reader gets the object")
+            .expect("joins");
+        assert_eq!(seen, bytes);
+        assert_eq!(fills, 1, "two readers, one read from the storage");
+    }
+
+    #[tokio::test]
+    async fn a_miss_whose_reader_goes_away_mid_way_is_not_kept_and_leaves_nothing_in_flight() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let storage = LocalBlobs::open(dir.path()).expect("opens");
+        let bytes: Vec<u8> = (0..3000u32).map(|i| (i % 227) as u8).collect();
+        let name = storage.put(Bytes::from(bytes.clone())).await.expect("put");
+        let trickling = Arc::new(Trickling {
+            inner: storage,
+            rest: tokio::sync::watch::Sender::new(false),
+        });
+        let blobs = CachedBlobs::new(
+            Arc::clone(&trickling) as Arc<dyn Blobs>,
+            limits(10_000, 5_000),
+        );
+        let mut gone = blobs.get(&name, None).await.expect("reads");
+        gone.chunks.next().await.expect("a chunk").expect("reads");
+        drop(gone);
+        assert!(!blobs.holds(&name), "a part of an object was kept");
+        assert!(blobs.filling.lock().expect("lock").is_empty());
+        trickling.rest.send_replace(true);
+        let again = blobs.get(&name, None).await.expect("reads");
+        assert_eq!(read_all(again).await, bytes);
+        assert!(blobs.holds(&name));
+        assert_eq!(blobs.fills(), 2);
     }
 
     #[tokio::test]
