@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use confab_api::domain::circles::{CircleSettings, NewCircle};
 use confab_api::domain::inputs::{AccessCode, CircleDisplayName};
+use confab_api::domain::queues::queue_pool;
 use confab_api::error::ApiError;
-use confab_api::store::{Store, circle_pool};
-use confab_schema::circle::{Circle, PairingState};
+use confab_api::store::{SlotWrite, Store, circle_pool};
+use confab_schema::circle::{Circle, PairingState, QueueKind};
 use confab_schema::{CircleId, User};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -1129,3 +1130,50 @@ async fn one_sweep_removes_every_expired_circle_past_a_failing_one(stack: Stack)
 }
 
 on_both_stacks!(one_sweep_removes_every_expired_circle_past_a_failing_one);
+
+/// A user leaves a queue and joins it again (here on its other side): the new wait must not be
+/// changed by a write made from a read of the first one (a match or a sweep that raced with the
+/// leave), even though both began as new slots.
+async fn a_wait_begun_again_is_not_changed_by_a_write_read_from_the_one_before(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let pool = queue_pool(QueueKind::Vent);
+    let slot = |store: Arc<support::held_store::HeldStore>| async move {
+        store
+            .slots(pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|slot| slot.user_id == alice.id)
+    };
+    setup
+        .state
+        .join_queue(alice.id, QueueKind::Vent)
+        .await
+        .unwrap();
+    let first = slot(Arc::clone(&setup.store)).await.expect("waiting");
+    setup
+        .state
+        .leave_queue(alice.id, QueueKind::Vent)
+        .await
+        .unwrap();
+    setup
+        .state
+        .join_queue(alice.id, QueueKind::Listen)
+        .await
+        .unwrap();
+    // A sweep that found the first wait gone away removes it now.
+    let stale = SlotWrite::Delete {
+        user: alice.id,
+        expected: first.version,
+    };
+    assert!(
+        !setup.store.write_slots(pool, &[stale]).await.unwrap(),
+        "a removal read from the first wait applied to the second"
+    );
+    let second = slot(Arc::clone(&setup.store)).await.expect("still waiting");
+    assert_eq!(second.kind, "listen", "{second:?}");
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_wait_begun_again_is_not_changed_by_a_write_read_from_the_one_before);

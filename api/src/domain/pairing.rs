@@ -20,6 +20,13 @@ use crate::store::{NewChat, Slot, SlotState, SlotWrite};
 /// How often an operation reads a pool again after losing a race before it gives up (409).
 pub(crate) const ATTEMPTS: usize = 32;
 
+/// The version of a slot a user gets anew (after leaving, or being swept). Random, not 0: a
+/// change read from the slot before it went (a match, a sweep) names that one's version, and must
+/// not apply to the new one because it climbed back to the same number.
+fn fresh_version() -> i64 {
+    rand::random::<i64>() & (i64::MAX >> 1)
+}
+
 pub(crate) fn contended() -> ApiError {
     ApiError::Conflict("too many changes at once; try again".into())
 }
@@ -67,7 +74,7 @@ impl ApiState {
                         partner: None,
                         chat: None,
                         previous: None,
-                        version: 0,
+                        version: fresh_version(),
                     };
                     (SlotWrite::Create(entered.clone()), entered)
                 }
