@@ -3,11 +3,13 @@
 
 mod support;
 
+use std::sync::Arc;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use confab_runtime::vapid::VapidKeys;
 use serde_json::{Value, json};
-use support::{Stack, TestApp};
+use support::{Stack, TestApp, on_both_stacks};
 
 async fn app_with_web_push(stack: Stack) -> (TestApp, VapidKeys) {
     let data = tempfile::tempdir().unwrap();
@@ -254,3 +256,52 @@ async fn without_vapid_keys_web_push_is_refused() {
     assert_eq!(refused.status(), 422);
     app.stop().await;
 }
+
+/// A logout everywhere whose removal of the user's devices fails answers the failure (so it is
+/// not taken for done while the devices still get pushes), and the sessions have ended all the
+/// same; tried again, it removes them.
+async fn a_logout_that_could_not_remove_devices_says_so(stack: Stack) {
+    use confab_api::domain::devices::{DeviceFields, NewDevice, PushSettings};
+    use confab_api::error::ApiError;
+    use confab_api::store::StoreError;
+    use support::held_store::{Held, HeldApi};
+
+    let api = HeldApi::new(stack).await;
+    let logouts = tempfile::tempdir().unwrap();
+    let revocations = confab_runtime::revocation::Revocations::in_file(
+        logouts.path().join("revocations.jsonl"),
+        std::time::Duration::from_secs(3_600),
+    )
+    .unwrap();
+    let state = api.state.clone().with_revocations(Arc::clone(&revocations));
+    let bob = api.user("bob").await;
+    let phone = NewDevice::parse(
+        DeviceFields {
+            platform: Some("fcm".into()),
+            token: Some(format!("phone-of-{}", bob.id.0)),
+            ..Default::default()
+        },
+        &PushSettings::default(),
+    )
+    .unwrap();
+    state.register_device(bob.id, phone).await.unwrap();
+    let issued = time::OffsetDateTime::now_utc().unix_timestamp();
+
+    api.store.fail_next(Held::DeviceRemoved);
+    let failed = state.logout_all(bob.id).await;
+    assert!(
+        matches!(failed, Err(ApiError::Store(StoreError::Unavailable(_)))),
+        "{failed:?}"
+    );
+    assert!(
+        revocations.is_revoked(bob.id, None, issued),
+        "the sessions ended although the devices stayed"
+    );
+    assert_eq!(state.devices(bob.id).await.unwrap().len(), 1);
+
+    state.logout_all(bob.id).await.unwrap();
+    assert!(state.devices(bob.id).await.unwrap().is_empty());
+    api.clean_up().await;
+}
+
+on_both_stacks!(a_logout_that_could_not_remove_devices_says_so);

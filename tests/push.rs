@@ -27,7 +27,7 @@ use p256::ecdsa::signature::Verifier;
 use p256::elliptic_curve::sec1::ToSec1Point;
 use serde_json::{Value, json};
 use sha2::Sha256;
-use support::{ConfabProcess, DEADLINE, Stack, TestApp};
+use support::{ConfabProcess, DEADLINE, Stack, TestApp, on_both_stacks};
 
 /// A browser's side of one subscription: its key pair and auth secret.
 struct Subscription {
@@ -866,6 +866,59 @@ async fn delay_in(app: &TestApp, token: &str, chat: &str, delay_ms: u64) {
         .await;
     assert_eq!(set.status(), 200);
 }
+
+/// Logging out everywhere removes the user's push devices: none is listed when they sign in
+/// again, and a message sent after the logout rings none of them (a later push to another user,
+/// due well after it, shows the queue has moved past it).
+async fn logout_all_removes_push_devices(stack: Stack) {
+    let keys = VapidKeys::generate();
+    let receiver = start_receiver(&keys.public_key, &["laptop", "phone", "carols"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let config = push_config(stack, &data, &keys, 300);
+    let app = support::spawn_with(stack, config, data).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let carol = app.token("carol").await;
+    let bob_id = app.me(&bob).await;
+    let carol_id = app.me(&carol).await;
+    receiver.register(&app, &bob, &["laptop", "phone"]).await;
+    receiver.register(&app, &carol, &["carols"]).await;
+    let (bobs, carols) = (
+        app.group_chat(&alice, &[&bob_id]).await,
+        app.group_chat(&alice, &[&carol_id]).await,
+    );
+    delay_in(&app, &carol, &carols, 1_500).await;
+
+    let logout = app.post(&bob, "/v1/me/logout-all", &json!({})).await;
+    assert_eq!(logout.status(), 204);
+    // Tokens issued in the logout's second are refused: sign in again in the next one.
+    let now = || time::OffsetDateTime::now_utc().unix_timestamp();
+    let logged_out_at = now();
+    while now() <= logged_out_at {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = app.token("bob").await;
+    let devices = app.get(&again, "/v1/devices").await;
+    assert_eq!(devices.status(), 200);
+    let devices: Value = devices.json().await.unwrap();
+    assert_eq!(
+        devices["items"],
+        json!([]),
+        "devices registered before logging out everywhere"
+    );
+
+    send(&app, &alice, &bobs, "after the logout").await;
+    send(&app, &alice, &carols, "to carol").await;
+    receiver.next_for("carols", &carols).await;
+    assert_eq!(
+        receiver.count_for(&bobs),
+        0,
+        "a device of a user who logged out everywhere was pushed"
+    );
+    app.stop().await;
+}
+
+on_both_stacks!(logout_all_removes_push_devices);
 
 /// A member removed from a chat while a push of it waits for them gets nothing of that chat: not
 /// the push, and not the text the message was edited to after they lost access. (The removal's

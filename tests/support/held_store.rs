@@ -58,6 +58,8 @@ pub enum Held {
     Slots,
     /// A circle's own rows removed (`Store::delete_circle`).
     CircleDeleted,
+    /// A push device removed (`Store::delete_device`).
+    DeviceRemoved,
 }
 
 /// What a [`HeldStore`] does with a write it names.
@@ -405,7 +407,8 @@ impl Store for HeldStore {
         user: UserId,
         id: confab_schema::DeviceId,
     ) -> Result<bool, StoreError> {
-        self.inner.delete_device(user, id).await
+        self.through(Held::DeviceRemoved, self.inner.delete_device(user, id))
+            .await
     }
     async fn user_settings(
         &self,

@@ -13,11 +13,13 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 
 /// Ends every session of the caller, everywhere: their tokens issued until now are refused, and
-/// their open event streams and WebSockets end at once. Sign in again for a new token.
+/// their open event streams and WebSockets end at once. Their push devices are removed too
+/// (register them again after signing in). Sign in again for a new token. A 503 may come after
+/// the sessions ended, when the devices could not all be removed: sign in again and repeat.
 #[utoipa::path(
     post, operation_id = "logout_all", path = "/v1/me/logout-all", tag = "users",
     responses(
-        (status = 204, description = "Every session of the caller has ended"),
+        (status = 204, description = "Every session of the caller has ended, and their push devices are removed"),
         CallerErrors,
     ),
     security(("bearer" = []))
@@ -39,14 +41,15 @@ pub struct BackchannelLogout {
 
 /// OpenID Connect Back-Channel Logout 1.0: the identity provider (Keycloak) posts a signed logout
 /// token naming a session (`sid`) or a user (`sub`); that session's tokens are refused from now
-/// on and its event streams end. Configure it as the client's back-channel logout URL.
+/// on and its event streams end. A token naming the user alone ends all of their sessions and
+/// removes their push devices. Configure it as the client's back-channel logout URL.
 #[utoipa::path(
     post, operation_id = "backchannel_logout", path = "/v1/auth/backchannel-logout", tag = "users",
     request_body(content = BackchannelLogout, content_type = "application/x-www-form-urlencoded"),
     responses(
         (status = 200, description = "The session has ended"),
         (status = 400, description = "Missing, malformed or unverifiable logout token", body = confab_runtime::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Tokens cannot be verified, or logouts recorded, right now", body = confab_runtime::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Tokens cannot be verified, logouts recorded, or the user's push devices removed, right now", body = confab_runtime::Problem, content_type = "application/problem+json"),
     ),
     security(())
 )]
