@@ -31,7 +31,7 @@ use confab_runtime::push_queue::{
 };
 use confab_runtime::vapid::VapidKeys;
 use confab_schema::push::{Device, Platform, WebPushKeys};
-use confab_schema::{ChatId, DeviceId, SignalId, UserId};
+use confab_schema::{ChatId, DeviceId, Signal, SignalId, UserId};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
@@ -163,6 +163,20 @@ impl DeviceDirectory for Devices {
     async fn message(&self, _chat: ChatId, _id: SignalId) -> Result<Announced, String> {
         // The bench's messages are never edited or deleted; the text stands in for theirs.
         Ok(Announced::Text(Some("a message of the bench".into())))
+    }
+
+    async fn signals_before(
+        &self,
+        _chat: ChatId,
+        _before: SignalId,
+        _limit: usize,
+    ) -> Result<Vec<Signal>, String> {
+        // Asked only when a message was deleted, which the bench never does.
+        Ok(Vec::new())
+    }
+
+    async fn display_name(&self, _user: UserId) -> Result<Option<String>, String> {
+        Ok(None)
     }
 
     async fn is_member(&self, _user: UserId, _chat: ChatId) -> Result<bool, String> {

@@ -49,7 +49,7 @@ use confab_runtime::search::{MeiliSearch, Search, SearchError, TantivySearch};
 use confab_runtime::telemetry::{self, Readiness};
 use confab_runtime::vapid::VapidKeys;
 use confab_schema::push::Device;
-use confab_schema::{ChatId, DeviceId, SignalId, UserId};
+use confab_schema::{ChatId, DeviceId, Signal, SignalId, UserId};
 use confab_ws_plexer::api::{ApiCaller, InProcess, OverHttp};
 use confab_ws_plexer::{Limits, PlexerState};
 use tokio::net::TcpListener;
@@ -298,6 +298,24 @@ impl DeviceDirectory for StoreDevices {
             Ok(_) => Announced::Deleted,
             Err(error) => return Err(error.to_string()),
         })
+    }
+    async fn signals_before(
+        &self,
+        chat: ChatId,
+        before: SignalId,
+        limit: usize,
+    ) -> Result<Vec<Signal>, String> {
+        self.0
+            .signals_before(chat, Some(before), limit)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    async fn display_name(&self, user: UserId) -> Result<Option<String>, String> {
+        self.0
+            .get_user(user)
+            .await
+            .map(|user| user.map(|user| user.display_name))
+            .map_err(|e| e.to_string())
     }
     async fn is_member(&self, user: UserId, chat: ChatId) -> Result<bool, String> {
         self.0

@@ -19,8 +19,9 @@ use confab_runtime::presence::now_ms;
 use confab_runtime::push_queue::{PendingPush, PushKind, PushQueue, preview};
 use confab_runtime::vapid::VapidKeys;
 use confab_runtime::webpush;
+use confab_schema::call::CallState;
 use confab_schema::push::{Device, Platform};
-use confab_schema::{ChatId, DeviceId, SignalId, UserId};
+use confab_schema::{ChatId, DeviceId, Signal, SignalId, SignalKind, UserId};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +38,15 @@ pub trait DeviceDirectory: Send + Sync + 'static {
     async fn reached(&self, user: UserId, chat: ChatId) -> Result<Option<SignalId>, String>;
     /// The message `id` of `chat` as it is now.
     async fn message(&self, chat: ChatId, id: SignalId) -> Result<Announced, String>;
+    /// Up to `limit` signals of `chat` older than `before`, newest first, deleted ones included.
+    async fn signals_before(
+        &self,
+        chat: ChatId,
+        before: SignalId,
+        limit: usize,
+    ) -> Result<Vec<Signal>, String>;
+    /// The name `user` is shown by, if they are known.
+    async fn display_name(&self, user: UserId) -> Result<Option<String>, String>;
     /// Whether `user` is a member of `chat` now.
     async fn is_member(&self, user: UserId, chat: ChatId) -> Result<bool, String>;
 }
@@ -122,6 +132,19 @@ const CONCURRENCY: usize = 64;
 const DEVICE_READ_RETRIES: u32 = 3;
 /// How long a shutdown waits for the pushes this node claimed to go out.
 const DRAIN: Duration = Duration::from_secs(10);
+/// How many signals before a deleted newest message are read, at most, for the newest one that
+/// is still there.
+const REMAINING_SCAN: usize = 100;
+
+/// Whether `signal` is of a kind a push announces: a message, or a call nobody answered (as
+/// `api::domain::pushes` schedules them).
+fn announces(signal: &Signal) -> bool {
+    signal.kind == SignalKind::Message
+        || signal
+            .call
+            .as_ref()
+            .is_some_and(|call| call.state == CallState::Missed)
+}
 
 impl PushSender {
     /// Polls for due pushes until `shutdown`, and sends them. Claiming and sending overlap: the
@@ -248,25 +271,26 @@ impl PushSender {
                     push.preview = None;
                 }
             }
-            match reached {
+            let reached = match reached {
                 Ok(Some(reached)) if reached >= push.newest => {
                     metrics::counter!("confab_pushes_cancelled_total").increment(1);
                     return;
                 }
-                Ok(_) => {}
-                Err(error) => tracing::debug!(%error, "markers unavailable; sending anyway"),
-            }
+                Ok(reached) => reached,
+                Err(error) => {
+                    tracing::debug!(%error, "markers unavailable; sending anyway");
+                    None
+                }
+            };
             // The text it shows is the message's as it is now: never a deleted one's, nor the
             // words an edit took back. (A deletion also drops the pending push, but one claimed
             // already is on its way here.)
             match self.devices.message(push.chat, push.newest).await {
-                Ok(Announced::Deleted) if push.count <= 1 => {
-                    metrics::counter!("confab_pushes_cancelled_total").increment(1);
-                    return;
-                }
                 Ok(Announced::Deleted) => {
-                    push.preview = None;
-                    push.count -= 1;
+                    if !self.announce_remaining(&mut push, reached).await {
+                        metrics::counter!("confab_pushes_cancelled_total").increment(1);
+                        return;
+                    }
                 }
                 Ok(Announced::Text(text)) => {
                     // (No preview when membership could not be read: it was taken above.)
@@ -292,6 +316,60 @@ impl PushSender {
                 .map(|device| self.deliver(&push, device, payload.as_bytes())),
         )
         .await;
+    }
+
+    /// Makes `push`, whose newest message was deleted, announce the newest of its other messages
+    /// that is still there (newer than `reached`, not the user's own): its id, author and text
+    /// instead of the deleted one's, which must not reach a device by any of them. False when
+    /// none is left, or they cannot be read: then it goes nowhere.
+    async fn announce_remaining(&self, push: &mut PendingPush, reached: Option<SignalId>) -> bool {
+        let older = match self
+            .devices
+            .signals_before(push.chat, push.newest, REMAINING_SCAN)
+            .await
+        {
+            Ok(older) => older,
+            Err(error) => {
+                tracing::debug!(%error, "the messages before a deleted one are unavailable; push dropped");
+                return false;
+            }
+        };
+        // The messages it announces besides the deleted newest one; the newest of them still
+        // there takes its place, and counts itself and those older.
+        let mut left = push.count.saturating_sub(1);
+        let mut remaining = None;
+        for signal in older {
+            if left == 0 || reached.is_some_and(|reached| signal.id <= reached) {
+                break;
+            }
+            if !announces(&signal) || signal.author_id == push.user {
+                continue;
+            }
+            if signal.deleted {
+                left -= 1;
+                continue;
+            }
+            remaining = Some(signal);
+            break;
+        }
+        let Some(remaining) = remaining else {
+            return false;
+        };
+        let author_name = match self.devices.display_name(remaining.author_id).await {
+            Ok(name) => name.unwrap_or_default(),
+            Err(error) => {
+                tracing::debug!(%error, "the author's name is unavailable; sent without it");
+                String::new()
+            }
+        };
+        push.newest = remaining.id;
+        push.author = remaining.author_id;
+        push.author_name = author_name;
+        push.count = left;
+        if push.preview.is_some() {
+            push.preview = remaining.text.as_deref().map(preview);
+        }
+        true
     }
 
     /// Sends `payload` to `device`, retrying what may pass.
@@ -466,6 +544,8 @@ mod tests {
         device: Device,
         member: bool,
         failures: AtomicUsize,
+        /// The chat's signals, newest first; empty, every message reads as still there.
+        history: Vec<Signal>,
     }
 
     #[async_trait]
@@ -486,8 +566,32 @@ mod tests {
         async fn reached(&self, _user: UserId, _chat: ChatId) -> Result<Option<SignalId>, String> {
             Ok(None)
         }
-        async fn message(&self, _chat: ChatId, _id: SignalId) -> Result<Announced, String> {
-            Ok(Announced::Text(Some("the text as it is now".into())))
+        async fn message(&self, _chat: ChatId, id: SignalId) -> Result<Announced, String> {
+            Ok(match self.history.iter().find(|signal| signal.id == id) {
+                Some(signal) if signal.deleted => Announced::Deleted,
+                Some(signal) => Announced::Text(signal.text.clone()),
+                None => Announced::Text(Some("the text as it is now".into())),
+            })
+        }
+        async fn signals_before(
+            &self,
+            _chat: ChatId,
+            before: SignalId,
+            limit: usize,
+        ) -> Result<Vec<Signal>, String> {
+            Ok(self
+                .history
+                .iter()
+                .filter(|signal| signal.id < before)
+                .take(limit)
+                .cloned()
+                .collect())
+        }
+        async fn display_name(&self, user: UserId) -> Result<Option<String>, String> {
+            Ok(["alice", "carol"]
+                .into_iter()
+                .find(|name| UserId::from_subject("push-test", name) == user)
+                .map(str::to_owned))
         }
         async fn is_member(&self, _user: UserId, _chat: ChatId) -> Result<bool, String> {
             Ok(self.member)
@@ -561,6 +665,7 @@ mod tests {
                 device,
                 member,
                 failures: AtomicUsize::new(failures),
+                history: Vec::new(),
             }),
             http: http_client(Duration::from_secs(5), allow_internal).unwrap(),
             vapid: None,
@@ -646,5 +751,91 @@ mod tests {
         let (sender, push, received) = setup_at("localhost", "/up", true, 0, true).await;
         sender.send(push).await;
         assert_eq!(received.lock().unwrap().len(), 1, "allowed, it goes out");
+    }
+
+    /// A message of `chat` by `author` (a name of the `push-test` issuer), deleted or not.
+    fn message_of(chat: ChatId, author: &str, text: &str, deleted: bool) -> Signal {
+        Signal {
+            id: SignalId::new(),
+            chat_id: chat,
+            kind: SignalKind::Message,
+            author_id: UserId::from_subject("push-test", author),
+            created_at: time::OffsetDateTime::now_utc(),
+            nonce: None,
+            text: (!deleted).then(|| text.to_owned()),
+            reply_to: None,
+            attachments: Vec::new(),
+            edited_at: None,
+            deleted,
+            reactions: Default::default(),
+            call: None,
+        }
+    }
+
+    /// `sender` with `history` (oldest first) as its chat's signals.
+    async fn with_history(
+        sender: PushSender,
+        push: &PendingPush,
+        mut history: Vec<Signal>,
+    ) -> PushSender {
+        history.reverse();
+        let device = sender.devices.devices_of(push.user).await.unwrap();
+        PushSender {
+            devices: Arc::new(Directory {
+                device: device[0].clone(),
+                member: true,
+                failures: AtomicUsize::new(0),
+                history,
+            }),
+            ..sender
+        }
+    }
+
+    /// A push whose newest message was deleted before it went out (claimed before the deletion
+    /// could take it back) shows nothing of that message, not even who wrote it: it announces the
+    /// newest of its messages still there, by that one's author, with that one's text, counting
+    /// one less.
+    #[tokio::test]
+    async fn a_push_whose_newest_message_was_deleted_announces_the_one_before() {
+        let (sender, mut push, received) = setup(true, 0).await;
+        let kept = message_of(push.chat, "carol", "carol's words", false);
+        let gone = message_of(push.chat, "alice", "alice's secret", true);
+        push.newest = gone.id;
+        push.author = gone.author_id;
+        push.author_name = "alice".into();
+        push.preview = Some("alice's secret".into());
+        push.count = 2;
+        let sender = with_history(sender, &push, vec![kept.clone(), gone]).await;
+        sender.send(push).await;
+        let received = received.lock().unwrap();
+        assert_eq!(received.len(), 1, "the push goes out: {received:?}");
+        assert!(!received[0].contains("alice"), "{}", received[0]);
+        let payload: serde_json::Value = serde_json::from_str(&received[0]).unwrap();
+        assert_eq!(payload["signal_id"], kept.id.0.to_string());
+        assert_eq!(payload["author_id"], kept.author_id.0.to_string());
+        assert_eq!(payload["author_name"], "carol");
+        assert_eq!(payload["preview"], "carol's words");
+        assert_eq!(payload["count"], 1);
+    }
+
+    /// When every message a push announces is deleted, or what is left was read already, it goes
+    /// nowhere; so it does when the older messages cannot be told.
+    #[tokio::test]
+    async fn a_push_with_nothing_left_to_announce_is_not_sent() {
+        let (sender, mut push, received) = setup(true, 0).await;
+        let older = message_of(push.chat, "carol", "announced by an earlier push", false);
+        let first = message_of(push.chat, "carol", "carol's secret", true);
+        let own = message_of(push.chat, "bob", "bob's own", false);
+        let gone = message_of(push.chat, "alice", "alice's secret", true);
+        push.newest = gone.id;
+        push.author = gone.author_id;
+        push.count = 2;
+        let sender = with_history(sender, &push, vec![older, first, own, gone]).await;
+        sender.send(push).await;
+        assert!(
+            received.lock().unwrap().is_empty(),
+            "{:?}",
+            received.lock().unwrap()
+        );
     }
 }
