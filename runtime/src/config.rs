@@ -536,8 +536,8 @@ pub struct NotifierConfig {
     pub max_connections: usize,
     /// Streams one user holds at most on one node. One more takes the place of the user's oldest,
     /// which ends telling its client why (SSE `closed`, WebSocket close code 4009, reason
-    /// `replaced`), so that connections that died unnoticed never lock a user out (at least 1).
-    /// Default 32.
+    /// `replaced`), so that connections that died unnoticed never lock a user out. At least 1 (0
+    /// is refused at start). Default 32.
     pub max_connections_per_user: usize,
 }
 
@@ -1101,6 +1101,12 @@ impl Config {
                 "search.batch_size must be at least 1".into(),
             ));
         }
+        if self.notifier.max_connections_per_user == 0 {
+            // Zero would refuse every stream, or (taken as one) silently cap users at one.
+            return Err(ConfigError::Invalid(
+                "notifier.max_connections_per_user must be at least 1".into(),
+            ));
+        }
         if self.attachments.max_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "attachments.max_bytes must be above 0".into(),
@@ -1326,6 +1332,24 @@ mod tests {
             jail.create_file("f.toml", "[attachments]\ninline_bytes = 65536\n")?;
             let config = Config::load(Some(Path::new("f.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(config.attachments.inline_bytes, 65536);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_per_user_stream_cap_of_zero_is_refused_by_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CONFAB_NOTIFIER__MAX_CONNECTIONS_PER_USER", "0");
+            let refused = Config::load(None).expect_err("a cap of 0 streams per user");
+            assert!(
+                refused
+                    .to_string()
+                    .contains("notifier.max_connections_per_user"),
+                "{refused}"
+            );
+            jail.set_env("CONFAB_NOTIFIER__MAX_CONNECTIONS_PER_USER", "1");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.notifier.max_connections_per_user, 1);
             Ok(())
         });
     }
