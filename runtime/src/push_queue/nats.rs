@@ -73,6 +73,93 @@ pub struct NatsPushQueue {
     paced: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
     /// The id of the next queued schedule.
     next_schedule_id: std::sync::atomic::AtomicU64,
+    /// Tickets whose entry could not be read or claimed, told once per outage.
+    undecided: OutageLog,
+    /// Tickets whose answer (ack, NAK) did not reach the stream, told once per outage.
+    unanswered: OutageLog,
+}
+
+/// While the key-value store or the stream is out, every ticket of every claim fails the same
+/// way: a line each would bury the log (thousands a minute) and say nothing new.
+const OUTAGE_REMINDER: Duration = Duration::from_secs(60);
+
+/// What an [`OutageLog`] says about a failure.
+#[derive(Debug, PartialEq, Eq)]
+enum Tell {
+    /// The first of an outage: told with its error.
+    First,
+    /// The outage goes on: told with how many failed since it was last told.
+    Still(u64),
+    /// Counted, not told.
+    Nothing,
+}
+
+/// Failures of one kind, told once per outage instead of once each: the first with its error,
+/// then at most one line per [`OUTAGE_REMINDER`] while they go on, and one when a request of the
+/// kind succeeds again, with how many failed. (Each failure is also counted in a metric.)
+#[derive(Default)]
+struct OutageLog {
+    outage: std::sync::Mutex<Option<Outage>>,
+}
+
+struct Outage {
+    started: std::time::Instant,
+    failures: u64,
+    told_at: std::time::Instant,
+    untold: u64,
+}
+
+impl OutageLog {
+    fn failed(&self, now: std::time::Instant) -> Tell {
+        let mut outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(outage) = outage.as_mut() else {
+            *outage = Some(Outage {
+                started: now,
+                failures: 1,
+                told_at: now,
+                untold: 0,
+            });
+            return Tell::First;
+        };
+        outage.failures += 1;
+        outage.untold += 1;
+        if now.duration_since(outage.told_at) < OUTAGE_REMINDER {
+            return Tell::Nothing;
+        }
+        outage.told_at = now;
+        Tell::Still(std::mem::take(&mut outage.untold))
+    }
+
+    /// Ends the outage, if there was one: how many failed in it, and for how long.
+    fn succeeded(&self, now: std::time::Instant) -> Option<(u64, Duration)> {
+        let mut outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
+        let ended = outage.take()?;
+        Some((ended.failures, now.duration_since(ended.started)))
+    }
+
+    /// Counts a failure of `step` and logs it as [`OutageLog::failed`] says.
+    fn warn(&self, step: &'static str, error: &dyn std::fmt::Display, what: &str) {
+        metrics::counter!("confab_push_queue_failures_total", "step" => step).increment(1);
+        match self.failed(std::time::Instant::now()) {
+            Tell::First => tracing::warn!(%error, step, "{what}; further failures are summed up"),
+            Tell::Still(failed) => {
+                tracing::warn!(%error, step, failed, "{what}: still failing")
+            }
+            Tell::Nothing => {}
+        }
+    }
+
+    /// Logs the end of an outage of `step`, if one was going on.
+    fn recovered(&self, step: &'static str) {
+        if let Some((failed, lasted)) = self.succeeded(std::time::Instant::now()) {
+            tracing::info!(
+                step,
+                failed,
+                lasted_ms = lasted.as_millis() as u64,
+                "push queue recovered"
+            );
+        }
+    }
 }
 
 /// While schedules of one entry overlap (a burst of messages into a chat), its writes start at
@@ -210,6 +297,8 @@ impl NatsPushQueue {
             written: std::sync::Mutex::default(),
             paced: std::sync::Mutex::default(),
             next_schedule_id: std::sync::atomic::AtomicU64::new(0),
+            undecided: OutageLog::default(),
+            unanswered: OutageLog::default(),
         })
     }
 
@@ -372,10 +461,14 @@ impl NatsPushQueue {
                         Decision::Answer(None, AckKind::Term)
                     }
                     _ => match self.claim_ticket(kv, &parsed.key, now_ms).await {
-                        Ok(decision) => decision,
+                        Ok(decision) => {
+                            self.undecided.recovered("decide");
+                            decision
+                        }
                         Err(error) => {
                             // Back soon, to whichever node asks then: late, never lost.
-                            tracing::warn!(%error, key = %parsed.key, "push ticket not decided");
+                            self.undecided
+                                .warn("decide", &error, "push ticket not decided");
                             Decision::Answer(None, AckKind::Nak(Some(RETRY_UNDECIDED)))
                         }
                     },
@@ -392,10 +485,14 @@ impl NatsPushQueue {
                         None
                     }
                     Decision::Answer(claimed, answer) => {
-                        if let Err(error) = ticket.ack_with(answer).await {
+                        match ticket.ack_with(answer).await {
+                            Ok(()) => self.unanswered.recovered("answer"),
                             // Unanswered, the ticket comes back after the ack wait: late, never
                             // lost.
-                            tracing::warn!(%error, "push ticket not answered");
+                            Err(error) => {
+                                self.unanswered
+                                    .warn("answer", &error, "push ticket not answered");
+                            }
                         }
                         claimed
                     }
@@ -780,7 +877,8 @@ impl PushQueue for NatsPushQueue {
                 let delay = Duration::from_millis(u64::try_from(due - now).unwrap_or(0));
                 if let Err(error) = ticket.ack_with(AckKind::Nak(Some(delay))).await {
                     // Unanswered, it comes back after the ack wait: late, not lost.
-                    tracing::warn!(%error, "held push ticket not handed back");
+                    self.unanswered
+                        .warn("answer", &error, "held push ticket not handed back");
                 }
             },
         ))
@@ -808,7 +906,30 @@ mod tests {
 
     use async_nats::jetstream::AckKind;
 
-    use super::{Decision, LEAD_MS, Ticket, not_yet};
+    use super::{Decision, LEAD_MS, OUTAGE_REMINDER, OutageLog, Tell, Ticket, not_yet};
+
+    /// An outage is told once when it starts, then at most once per reminder period with how many
+    /// failed since, and its end once; the next failure starts a new one.
+    #[test]
+    fn failures_are_told_once_per_outage() {
+        let log = OutageLog::default();
+        let start = std::time::Instant::now();
+        assert_eq!(log.succeeded(start), None, "no outage to end");
+        assert_eq!(log.failed(start), Tell::First);
+        for i in 1..1_000 {
+            assert_eq!(
+                log.failed(start + Duration::from_millis(i)),
+                Tell::Nothing,
+                "failure {i}"
+            );
+        }
+        assert_eq!(log.failed(start + OUTAGE_REMINDER), Tell::Still(1_000));
+        assert_eq!(log.failed(start + OUTAGE_REMINDER), Tell::Nothing);
+        let end = start + OUTAGE_REMINDER * 2;
+        assert_eq!(log.succeeded(end), Some((1_002, OUTAGE_REMINDER * 2)));
+        assert_eq!(log.succeeded(end), None, "told once");
+        assert_eq!(log.failed(end), Tell::First, "a new outage");
+    }
 
     #[test]
     fn a_ticket_within_the_horizon_is_held_and_a_later_one_comes_back_before_it_is_due() {
