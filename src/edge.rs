@@ -1,11 +1,12 @@
 //! The edge every request crosses before a service: the HTTP server (with a header-read timeout
 //! against slowloris), CORS, the request timeout, the body idle timeout, the per-address rate
-//! limit of requests without a login (`limits.*`), and the reading of a refused request's unread
+//! limit of requests without a login or with a token that does not verify (`limits.*`), and the reading of a refused request's unread
 //! body after the answer, so that a client still sending it gets the answer. The body size limit
 //! is set on the API's routes (`limits.body_bytes`), so WebSocket request frames meet it too.
 //! Accepted connections get `TCP_USER_TIMEOUT` and keepalive (`server.*`), so that a client that
 //! vanished without closing is noticed in bounded time and its streams end.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,24 +20,33 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use confab_runtime::config::{LimitsConfig, ServerConfig};
+use confab_runtime::identity::{AuthError, Identity, bearer_token};
 use confab_runtime::limits::KeyedLimit;
 use confab_runtime::problem::Problem;
 use futures::StreamExt;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::TimeoutBody;
 
-/// Wraps `router` in the edge's layers.
-pub fn layer(router: axum::Router, limits: &LimitsConfig) -> axum::Router {
-    let public = Arc::new(KeyedLimit::<IpAddr>::new(
-        "requests without a login from this address",
-        limits.public,
-    ));
+/// Wraps `router` in the edge's layers; `identity` tells the requests with a login from those
+/// without.
+pub fn layer(
+    router: axum::Router,
+    limits: &LimitsConfig,
+    identity: Arc<dyn Identity>,
+) -> axum::Router {
+    let public = Arc::new(PublicLimit {
+        limit: KeyedLimit::new("requests without a login from this address", limits.public),
+        identity,
+        verified: Mutex::new(HashMap::new()),
+    });
     let request_timeout = limits.request_timeout();
     let body_idle = limits.body_idle_timeout();
     let body_bytes = limits.body_bytes;
@@ -187,9 +197,56 @@ impl http_body::Body for SharedBody {
 /// Paths probed by orchestrators and scrapers, never limited.
 const PROBES: &[&str] = &["/health", "/ready", "/metrics"];
 
-/// Requests without an `Authorization` header take a token of their peer address's bucket.
+/// Tokens remembered as verified before the expired ones are dropped (and, if that is not enough,
+/// all of them: each is verified again on its next use).
+const VERIFIED_KEPT: usize = 100_000;
+
+/// The per-address limit of requests without a login, and the tokens that verified lately.
+struct PublicLimit {
+    limit: KeyedLimit<IpAddr>,
+    identity: Arc<dyn Identity>,
+    /// The SHA-256 of each token that verified, and when it expires (Unix seconds): such a
+    /// token's requests pass without another verification here (their handlers verify it).
+    verified: Mutex<HashMap<[u8; 32], i64>>,
+}
+
+impl PublicLimit {
+    fn verified(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], i64>> {
+        self.verified.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn is_verified(&self, digest: &[u8; 32]) -> bool {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        self.verified()
+            .get(digest)
+            .is_some_and(|&expires_at| expires_at > now)
+    }
+
+    fn remember(&self, digest: [u8; 32], expires_at: i64) {
+        let mut verified = self.verified();
+        if verified.len() >= VERIFIED_KEPT {
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            verified.retain(|_, &mut expires_at| expires_at > now);
+            if verified.len() >= VERIFIED_KEPT {
+                verified.clear();
+            }
+        }
+        verified.insert(digest, expires_at);
+    }
+
+    fn forget(&self, digest: &[u8; 32]) {
+        self.verified().remove(digest);
+    }
+}
+
+/// Requests without a login take a token of their peer address's bucket: those without an
+/// `Authorization` header, and those whose header does not hold a token that verifies. Otherwise
+/// any header at all, even garbage, would pass unlimited, each forcing a token verification. A
+/// token that verifies is remembered, so that its user's requests go by their own limits
+/// (`limits.send` and the like), also from an address past its allowance; one that stops
+/// verifying (its session logged out) is forgotten on its first 401.
 async fn limit_public(
-    State(limit): State<Arc<KeyedLimit<IpAddr>>>,
+    State(public): State<Arc<PublicLimit>>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -197,12 +254,42 @@ async fn limit_public(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip());
-    if let Some(ip) = peer
-        && !request.headers().contains_key(header::AUTHORIZATION)
-        && !PROBES.contains(&request.uri().path())
-        && let Err(limited) = limit.check(&ip)
-    {
-        return Problem::from(&limited).into_response();
+    let Some(ip) = peer else {
+        return next.run(request).await;
+    };
+    if PROBES.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let refuse = |limited| Problem::from(&limited).into_response();
+    if !request.headers().contains_key(header::AUTHORIZATION) {
+        if let Err(limited) = public.limit.check(&ip) {
+            return refuse(limited);
+        }
+        return next.run(request).await;
+    }
+    let Ok(token) = bearer_token(request.headers()) else {
+        if let Err(limited) = public.limit.check(&ip) {
+            return refuse(limited);
+        }
+        return next.run(request).await;
+    };
+    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    if public.is_verified(&digest) {
+        let response = next.run(request).await;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            public.forget(&digest);
+        }
+        return response;
+    }
+    match public.identity.authenticate(token).await {
+        Ok(principal) => public.remember(digest, principal.expires_at),
+        // Not the caller's fault: the handler answers 503, unlimited here as with a login.
+        Err(AuthError::Unavailable(_)) => {}
+        Err(_) => {
+            if let Err(limited) = public.limit.check(&ip) {
+                return refuse(limited);
+            }
+        }
     }
     next.run(request).await
 }

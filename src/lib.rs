@@ -667,6 +667,7 @@ pub async fn build(
             .fallback(problem::not_found)
             .method_not_allowed_fallback(problem::method_not_allowed),
         &config.limits,
+        identity,
     ));
     Ok(App {
         router,

@@ -154,6 +154,51 @@ async fn requests_without_a_login_are_limited_per_address() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_whose_token_does_not_verify_are_limited_per_address() {
+    let app = spawn(Stack::Embedded, |config| {
+        config.limits.public = RateLimit::new(0.01, 3);
+    })
+    .await;
+    let alice = app.token("alice").await;
+    // Any Authorization header at all must not buy its way past the address's allowance.
+    for attempt in 0..3 {
+        let response = app
+            .http
+            .get(app.url("/v1/me"))
+            .bearer_auth("garbage")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "attempt {attempt}");
+    }
+    let problem = assert_limited(
+        app.http
+            .get(app.url("/v1/me"))
+            .bearer_auth("garbage")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(problem["detail"].as_str().unwrap().contains("address"));
+    // A route that ignores the header is no way around it either.
+    assert_limited(
+        app.http
+            .get(app.url("/v1/openapi.json"))
+            .header("authorization", "Basic Zm9vOmJhcg==")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    // A token that verifies keeps its user's own limits, from the same address.
+    for _ in 0..5 {
+        assert_eq!(app.get(&alice, "/v1/me").await.status(), 200);
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_answers_configured_origins_only() {
     let allowed = "https://app.example.com";
     let app = spawn(Stack::Embedded, |config| {
