@@ -197,6 +197,8 @@ impl PushSender {
         let mut every = tokio::time::interval(self.poll);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backlog = false;
+        // Polled every `poll`: an outage would otherwise log a line each time.
+        let failures = confab_runtime::push_queue::OutageLog::default();
         while !shutdown.is_cancelled() {
             if !backlog {
                 tokio::select! {
@@ -205,9 +207,12 @@ impl PushSender {
                 }
             }
             let claimed = match self.queue.claim_due(now_ms(), BATCH).await {
-                Ok(claimed) => claimed,
+                Ok(claimed) => {
+                    failures.recovered("claim");
+                    claimed
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "push queue unavailable");
+                    failures.warn("claim", &error, "push queue unavailable");
                     backlog = false;
                     continue;
                 }

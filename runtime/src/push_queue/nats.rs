@@ -98,7 +98,7 @@ enum Tell {
 /// then at most one line per [`OUTAGE_REMINDER`] while they go on, and one when a request of the
 /// kind succeeds again, with how many failed. (Each failure is also counted in a metric.)
 #[derive(Default)]
-struct OutageLog {
+pub struct OutageLog {
     outage: std::sync::Mutex<Option<Outage>>,
 }
 
@@ -138,7 +138,7 @@ impl OutageLog {
     }
 
     /// Counts a failure of `step` and logs it as [`OutageLog::failed`] says.
-    fn warn(&self, step: &'static str, error: &dyn std::fmt::Display, what: &str) {
+    pub fn warn(&self, step: &'static str, error: &dyn std::fmt::Display, what: &str) {
         metrics::counter!("confab_push_queue_failures_total", "step" => step).increment(1);
         match self.failed(std::time::Instant::now()) {
             Tell::First => tracing::warn!(%error, step, "{what}; further failures are summed up"),
@@ -150,7 +150,7 @@ impl OutageLog {
     }
 
     /// Logs the end of an outage of `step`, if one was going on.
-    fn recovered(&self, step: &'static str) {
+    pub fn recovered(&self, step: &'static str) {
         if let Some((failed, lasted)) = self.succeeded(std::time::Instant::now()) {
             tracing::info!(
                 step,
