@@ -134,8 +134,19 @@ impl ApiState {
         };
         self.store.list_call(&start).await?;
         self.store.create_call(&record).await?;
-        self.record_call_change(&record, CallState::Started).await?;
-        self.store.forget_listed_call(&start).await?;
+        // The call exists and rings from here: an error now would leave the client without the
+        // call it started. What fails of the rest is the sweep's to finish: it writes the
+        // `started` of a call listed at its start, then forgets the listing.
+        match self.record_call_change(&record, CallState::Started).await {
+            Ok(()) => {
+                if let Err(error) = self.store.forget_listed_call(&start).await {
+                    tracing::debug!(%error, call = %record.id, "a start's listing is left to the sweep");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, call = %record.id, "a call's `started` signal is left to the sweep");
+            }
+        }
         Ok(view(record, vec![caller.id]))
     }
 
