@@ -10,10 +10,11 @@ mod support;
 
 use support::on_both_stacks;
 
+use confab_api::domain::Outcome;
 use confab_api::domain::chats::ChatToCreate;
 use confab_api::error::ApiError;
 use confab_api::store::Store;
-use confab_schema::call::{CallState, CallStatus};
+use confab_schema::call::{Call, CallState, CallStatus};
 use confab_schema::{ChatId, ChatKind, SignalKind, User, UserId};
 use support::held_store::{Held, HeldApi};
 use support::{DEADLINE, Stack};
@@ -60,7 +61,7 @@ async fn the_last_participants_leaving_at_once_end_the_call(stack: Stack) {
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let chat = setup.group(&alice, &[&bob]).await;
-    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
     let joined = setup.state.join_call(bob.id, call.id).await.unwrap();
     assert_eq!(joined.status, CallStatus::Active);
 
@@ -113,7 +114,7 @@ async fn a_join_racing_the_last_leave_is_refused(stack: Stack) {
     let bob = setup.user("bob").await;
     let carol = setup.user("carol").await;
     let chat = setup.group(&alice, &[&bob, &carol]).await;
-    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
     setup.state.join_call(bob.id, call.id).await.unwrap();
     setup.state.leave_call(bob.id, call.id).await.unwrap();
 
@@ -165,7 +166,7 @@ async fn two_joins_of_one_member_at_once_are_one_join(stack: Stack) {
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let chat = setup.group(&alice, &[&bob]).await;
-    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
 
     setup.store.hold(Held::PendingCallSignal(CallState::Joined));
     let (bob_id, call_id) = (bob.id, call.id);
@@ -246,7 +247,7 @@ async fn a_join_whose_signal_failed_is_announced_by_its_retry(stack: Stack) {
     let carol = setup.user("carol").await;
     let dave = setup.user("dave").await;
     let chat = setup.group(&alice, &[&bob, &carol, &dave]).await;
-    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
 
     for (member, fault) in [
         (&bob, Held::CallStatus(CallStatus::Active)),
@@ -299,7 +300,7 @@ async fn a_leave_whose_signal_failed_is_finished_by_its_retry(stack: Stack) {
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let chat = setup.group(&alice, &[&bob]).await;
-    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
     setup.state.join_call(bob.id, call.id).await.unwrap();
 
     setup.store.fail_next(Held::CallSignal(CallState::Left));
@@ -349,7 +350,7 @@ async fn an_end_whose_signal_failed_is_finished_by_the_sweep(stack: Stack) {
     let chat = setup.group(&alice, &[&bob]).await;
     let ended = |id| setup.signals_of(chat, id, CallState::Ended, alice.id);
 
-    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
     setup.state.join_call(bob.id, call.id).await.unwrap();
     setup.store.fail_next(Held::CallSignal(CallState::Ended));
     let failed = setup.state.end_call(alice.id, call.id).await;
@@ -367,7 +368,7 @@ async fn an_end_whose_signal_failed_is_finished_by_the_sweep(stack: Stack) {
         "one `ended` signal, written by the sweep"
     );
 
-    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
     setup.state.join_call(bob.id, call.id).await.unwrap();
     setup
         .store
@@ -402,7 +403,7 @@ async fn a_missed_call_whose_signal_failed_is_finished_by_the_next_sweep(stack: 
     let alice = setup.user("alice").await;
     let bob = setup.user("bob").await;
     let chat = setup.group(&alice, &[&bob]).await;
-    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
     let rung_out = call.ring_until + time::Duration::seconds(1);
 
     setup.store.fail_next(Held::CallSignal(CallState::Missed));
@@ -444,7 +445,7 @@ async fn unstored_calls_hold_up_no_missed_call(stack: Stack) {
         let failed = setup.state.start_call(&alice, chat).await;
         assert!(failed.is_err(), "the call was not stored: {failed:?}");
     }
-    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
     let rung_out = call.ring_until + time::Duration::seconds(1);
     let listed: std::collections::HashSet<uuid::Uuid> = setup
         .store
@@ -578,7 +579,10 @@ async fn a_start_whose_signal_failed_answers_its_call(stack: Stack) {
     let call = call.clone();
     assert_eq!(call.status, CallStatus::Ringing);
     let answered = answered.expect("the start answers with the call it stored");
-    assert_eq!(answered.id, call.id, "the start answers with its call");
+    assert!(
+        matches!(&answered, Outcome::Created(started) if started.id == call.id),
+        "the start answers with its call: {answered:?}"
+    );
     assert_eq!(setup.states_by(chat, call.id, alice.id).await, []);
 
     let now = time::OffsetDateTime::now_utc();
@@ -598,7 +602,7 @@ async fn a_start_whose_signal_failed_answers_its_call(stack: Stack) {
     );
 
     // A start that wrote its signal leaves nothing for the sweep before its ring time.
-    let call = setup.state.start_call(&alice, chat).await.unwrap();
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
     assert_eq!(
         setup
             .store
@@ -616,3 +620,82 @@ async fn a_start_whose_signal_failed_answers_its_call(stack: Stack) {
 }
 
 on_both_stacks!(a_start_whose_signal_failed_answers_its_call);
+
+/// The call a start answered with, started or joined.
+fn the_call(started: Outcome<Call>) -> Call {
+    match started {
+        Outcome::Created(call) | Outcome::Existing(call) => call,
+    }
+}
+
+/// Two members start a call in one chat at once: one call, with both in it, and one `started`;
+/// a member starting a call while it is live joins it; once it is over, a start starts another.
+/// Both starts are held at their store write, so neither stores before the other has looked.
+async fn two_starts_in_one_chat_at_once_are_one_call(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let carol = setup.user("carol").await;
+    let chat = setup.group(&alice, &[&bob, &carol]).await;
+
+    setup.store.hold(Held::CallCreated);
+    let starts: Vec<_> = [alice.clone(), bob.clone()]
+        .into_iter()
+        .map(|user| {
+            let state = setup.state.clone();
+            tokio::spawn(async move { state.start_call(&user, chat).await })
+        })
+        .collect();
+    setup.store.gate.arrived(2).await;
+    setup.store.lift(Held::CallCreated);
+    setup.store.gate.release(2).await;
+    let mut calls = Vec::new();
+    for start in starts {
+        let started = tokio::time::timeout(DEADLINE, start)
+            .await
+            .expect("the held start ends")
+            .unwrap()
+            .unwrap();
+        calls.push(the_call(started));
+    }
+    assert_eq!(
+        calls[0].id, calls[1].id,
+        "one call for both starts: {calls:?}"
+    );
+    let call = calls[0].id;
+    let live = setup.store.live_calls(chat).await.unwrap();
+    assert_eq!(live.len(), 1, "one live call in the chat: {live:?}");
+    let mut expected = vec![alice.id, bob.id];
+    expected.sort();
+    let mut participants = setup.store.call_participants(call).await.unwrap();
+    participants.sort();
+    assert_eq!(participants, expected, "both starters are in the call");
+    assert_eq!(
+        setup.store.get_call(call).await.unwrap().unwrap().status,
+        CallStatus::Active
+    );
+    let history = setup.call_history(chat, call).await;
+    assert_eq!(
+        history
+            .iter()
+            .filter(|(state, _)| *state == CallState::Started)
+            .count(),
+        1,
+        "one `started`: {history:?}"
+    );
+
+    let joined = the_call(setup.state.start_call(&carol, chat).await.unwrap());
+    assert_eq!(
+        joined.id, call,
+        "a start in a chat with a live call joins it"
+    );
+    assert!(joined.participants.contains(&carol.id), "{joined:?}");
+
+    setup.state.end_call(alice.id, call).await.unwrap();
+    let next = the_call(setup.state.start_call(&carol, chat).await.unwrap());
+    assert_ne!(next.id, call, "a call that is over is not joined");
+    assert_eq!(next.participants, [carol.id]);
+    setup.clean_up().await;
+}
+
+on_both_stacks!(two_starts_in_one_chat_at_once_are_one_call);

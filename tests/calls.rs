@@ -570,8 +570,9 @@ async fn unanswered_calls_are_missed(stack: Stack) {
         200,
     )
     .await;
-    // A third call, started once the answered one's ring time has passed: when it is missed, the
-    // sweeper has been past the answered call's ring time too.
+    // A third call (in a chat of its own: the first has its live call), started once the answered
+    // one's ring time has passed: when it is missed, the sweeper has been past the answered call's
+    // ring time too.
     let ring_until = time::OffsetDateTime::parse(
         answered["ring_until"].as_str().unwrap(),
         &time::format_description::well_known::Rfc3339,
@@ -585,9 +586,14 @@ async fn unanswered_calls_are_missed(stack: Stack) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let marker_chat = app.group_chat(&alice, &[&bob_id]).await;
     let marker = json_of(
-        app.post(&alice, &format!("/v1/chats/{chat}/calls"), &json!({}))
-            .await,
+        app.post(
+            &alice,
+            &format!("/v1/chats/{marker_chat}/calls"),
+            &json!({}),
+        )
+        .await,
         201,
     )
     .await;
@@ -604,6 +610,13 @@ async fn unanswered_calls_are_missed(stack: Stack) {
     };
     assert_eq!(states_of(&unanswered_id), ["started", "missed"]);
     assert_eq!(states_of(&answered_id), ["started", "joined"]);
+    // Over, so the chat can ring again.
+    json_of(
+        app.post(&alice, &format!("/v1/calls/{answered_id}/end"), &json!({}))
+            .await,
+        200,
+    )
+    .await;
 
     // The ring timeout outlives the process that started the call: a call left ringing by a
     // process that stopped before its ring time is made missed by the next process.
@@ -868,7 +881,14 @@ async fn members_who_leave_the_chat_leave_its_calls(stack: Stack) {
         "her leaving the call is history"
     );
 
-    // A call whose last participant leaves the chat ends.
+    // A call whose last participant leaves the chat ends (the first one over before, as a chat
+    // has one live call at most).
+    json_of(
+        app.post(&alice, &format!("/v1/calls/{call_id}/end"), &json!({}))
+            .await,
+        200,
+    )
+    .await;
     let second = json_of(
         app.post(&bob, &format!("/v1/chats/{chat}/calls"), &json!({}))
             .await,

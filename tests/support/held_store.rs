@@ -747,7 +747,7 @@ impl Store for HeldStore {
         self.through(Held::Slots, self.inner.write_slots(pool, writes))
             .await
     }
-    async fn create_call(&self, call: &CallRecord) -> Result<(), StoreError> {
+    async fn create_call(&self, call: &CallRecord) -> Result<Option<CallRecord>, StoreError> {
         match self.fault(Held::CallCreated) {
             Some(Fault::Fail) => {
                 self.inner

@@ -41,13 +41,17 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::inputs::{RelayTarget, SignalPayload};
-use super::rules;
+use super::{Outcome, rules};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 use crate::store::{CallRecord, ListedCall, PendingCallSignal, StoreError};
 
 /// How long a call rings when no setting says otherwise.
 pub const DEFAULT_RING_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// How many times a start looks for its chat's live call before it gives up: each look after the
+/// first follows a live call found to have rung out.
+const START_ATTEMPTS: usize = 3;
 
 /// How many listed calls a sweep reads at once (it pages through every one due).
 const SWEEP_BATCH: usize = 100;
@@ -111,35 +115,60 @@ pub fn turn_password(secret: &str, username: &str) -> String {
 
 impl ApiState {
     /// Starts a call in `chat` (members only): it rings the other members until the ring timeout,
-    /// and a `started` signal goes into the history.
-    pub async fn start_call(&self, caller: &User, chat: ChatId) -> ApiResult<Call> {
+    /// and a `started` signal goes into the history. A chat has one live call at most: in a chat
+    /// that has one (two members starting at once included), the caller joins it instead, as
+    /// [`ApiState::join_call`] does.
+    pub async fn start_call(&self, caller: &User, chat: ChatId) -> ApiResult<Outcome<Call>> {
         self.require_member(chat, caller.id).await?;
         // Refuse before storing when the `started` signal could not be published.
         self.bus.check().await?;
-        let started_at = confab_schema::model::to_millis(OffsetDateTime::now_utc());
-        let record = CallRecord {
-            id: Uuid::now_v7(),
-            chat_id: chat,
-            started_by: caller.id,
-            started_at,
-            ring_until: started_at + self.calls.ring_timeout,
-            status: CallStatus::Ringing,
-        };
-        // Listed at its start until its `started` signal is written, so a start that fails
-        // after storing its call is announced by the sweep (see `sweep_listed`).
-        let start = ListedCall {
-            id: record.id,
-            chat_id: chat,
-            due: started_at,
-        };
-        self.store.list_call(&start).await?;
-        self.store.create_call(&record).await?;
-        // The call exists and rings from here: an error now would leave the client without the
-        // call it started. What fails of the rest is the sweep's to finish: it writes the
-        // `started` of a call listed at its start, then forgets the listing.
-        match self.record_call_change(&record, CallState::Started).await {
+        // A live call found may have rung out unseen ([`RING_GRACE`]): made missed, it is one no
+        // longer, and the start looks again.
+        for _ in 0..START_ATTEMPTS {
+            let started_at = confab_schema::model::to_millis(OffsetDateTime::now_utc());
+            let record = CallRecord {
+                id: Uuid::now_v7(),
+                chat_id: chat,
+                started_by: caller.id,
+                started_at,
+                ring_until: started_at + self.calls.ring_timeout,
+                status: CallStatus::Ringing,
+            };
+            // Listed at its start until its `started` signal is written, so a start that fails
+            // after storing its call is announced by the sweep (see `sweep_listed`).
+            let start = ListedCall {
+                id: record.id,
+                chat_id: chat,
+                due: started_at,
+            };
+            self.store.list_call(&start).await?;
+            let Some(live) = self.store.create_call(&record).await? else {
+                self.announce_start(&record, &start).await;
+                return Ok(Outcome::Created(view(record, vec![caller.id])));
+            };
+            // This start's call is not stored: its listing has nothing to do (and the sweep
+            // forgets the listing of a call never stored in any case).
+            if let Err(error) = self.store.forget_listed_call(&start).await {
+                tracing::debug!(%error, call = %record.id, "an unstored call's listing is left to the sweep");
+            }
+            let live = self.rung_out(live).await;
+            if live.status.is_live() {
+                return Ok(Outcome::Existing(self.join_call(caller.id, live.id).await?));
+            }
+        }
+        Err(ApiError::Conflict(
+            "the chat's call keeps changing; try again".into(),
+        ))
+    }
+
+    /// Writes the `started` signal of a call just stored, then forgets the start's listing. The
+    /// call exists and rings from before this: an error here would leave the client without the
+    /// call it started. What fails is the sweep's to finish: it writes the `started` of a call
+    /// listed at its start, then forgets the listing.
+    async fn announce_start(&self, record: &CallRecord, start: &ListedCall) {
+        match self.record_call_change(record, CallState::Started).await {
             Ok(()) => {
-                if let Err(error) = self.store.forget_listed_call(&start).await {
+                if let Err(error) = self.store.forget_listed_call(start).await {
                     tracing::debug!(%error, call = %record.id, "a start's listing is left to the sweep");
                 }
             }
@@ -147,7 +176,6 @@ impl ApiState {
                 tracing::warn!(%error, call = %record.id, "a call's `started` signal is left to the sweep");
             }
         }
-        Ok(view(record, vec![caller.id]))
     }
 
     /// A call of a chat the caller is in.

@@ -9,17 +9,22 @@ use uuid::Uuid;
 
 use super::responses::{CallerErrors, ChatErrors, Conflict, Invalid, TooLarge};
 use super::{ApiJson, ApiPath, Caller};
+use crate::domain::Outcome;
 use crate::domain::inputs::{RelayTarget, SignalPayload};
 use crate::error::ApiResult;
 use crate::state::ApiState;
 
 /// Starts a call in a chat (members only): it rings the other members until `ring_until`, and a
-/// `call` signal with state `started` goes into the history.
+/// `call` signal with state `started` goes into the history. A chat has one live (ringing or
+/// active) call at most: in a chat that has one, the caller joins it (as `join_call` does) and
+/// gets it with 200.
 #[utoipa::path(
     post, operation_id = "start_call", path = "/v1/chats/{chat_id}/calls", tag = "calls",
     params(("chat_id" = ChatId, Path, description = "The chat")),
     responses(
         (status = 201, description = "Started", body = Call),
+        (status = 200, description = "The chat's live call, which the caller is in now", body = Call),
+        Conflict,
         ChatErrors,
     ),
     security(("bearer" = []))
@@ -29,8 +34,10 @@ pub async fn start(
     Caller(caller): Caller,
     ApiPath(chat_id): ApiPath<ChatId>,
 ) -> ApiResult<(StatusCode, Json<Call>)> {
-    let call = state.start_call(&caller, chat_id).await?;
-    Ok((StatusCode::CREATED, Json(call)))
+    Ok(match state.start_call(&caller, chat_id).await? {
+        Outcome::Created(call) => (StatusCode::CREATED, Json(call)),
+        Outcome::Existing(call) => (StatusCode::OK, Json(call)),
+    })
 }
 
 /// A call of one of the caller's chats, with who is in it.

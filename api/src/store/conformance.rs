@@ -2977,13 +2977,23 @@ pub async fn calls_move_once_and_ring_until_answered(store: Arc<dyn Store>) {
     };
     // Far in the past, so no other case's calls come before them in the list of ringing calls.
     let early = now - time::Duration::days(1) + time::Duration::milliseconds(1);
+    // A chat has one live call at most: each in a chat of its own.
+    let in_a_chat = |record: super::CallRecord| {
+        let store = Arc::clone(&store);
+        async move {
+            super::CallRecord {
+                chat_id: chat_with(store.as_ref(), caller.id, &[callee.id]).await,
+                ..record
+            }
+        }
+    };
     let (answered, unanswered, later) = (
         call(early),
-        call(early + time::Duration::milliseconds(1)),
-        call(now + time::Duration::hours(1)),
+        in_a_chat(call(early + time::Duration::milliseconds(1))).await,
+        in_a_chat(call(now + time::Duration::hours(1))).await,
     );
     for record in [&answered, &unanswered, &later] {
-        store.create_call(record).await.expect("call stored");
+        assert_eq!(store.create_call(record).await.expect("call stored"), None);
     }
     assert_eq!(
         store.get_call(answered.id).await.expect("reads"),
@@ -3246,42 +3256,88 @@ pub async fn a_chats_live_calls(store: Arc<dyn Store>) {
         ring_until: now + time::Duration::hours(1),
         status: CallStatus::Ringing,
     };
-    let (ringing, active, missed, ended, elsewhere) =
-        (call(chat), call(chat), call(chat), call(chat), call(other));
-    for record in [&ringing, &active, &missed, &ended, &elsewhere] {
-        store.create_call(record).await.expect("call stored");
-    }
-    for (record, to) in [
-        (&active, CallStatus::Active),
-        (&missed, CallStatus::Missed),
-        (&ended, CallStatus::Active),
-    ] {
+    let live = |store: Arc<dyn Store>| async move {
+        let mut live: Vec<(Uuid, CallStatus)> = store
+            .live_calls(chat)
+            .await
+            .expect("reads")
+            .into_iter()
+            .map(|c| (c.id, c.status))
+            .collect();
+        live.sort_by_key(|(id, _)| *id);
+        live
+    };
+    let elsewhere = call(other);
+    assert_eq!(store.create_call(&elsewhere).await.expect("stored"), None);
+
+    // Missed, then ended after an answer: neither is live, and neither keeps a new call out.
+    for to in [CallStatus::Missed, CallStatus::Active] {
+        let record = call(chat);
+        assert_eq!(store.create_call(&record).await.expect("stored"), None);
+        assert_eq!(
+            live(Arc::clone(&store)).await,
+            [(record.id, CallStatus::Ringing)]
+        );
         assert!(
             store
                 .transition_call(record.id, CallStatus::Ringing, to)
                 .await
                 .expect("moves")
         );
+        if to == CallStatus::Active {
+            assert_eq!(
+                live(Arc::clone(&store)).await,
+                [(record.id, CallStatus::Active)]
+            );
+            let second = call(chat);
+            assert_eq!(
+                store.create_call(&second).await.expect("reads"),
+                Some(super::CallRecord {
+                    status: CallStatus::Active,
+                    ..record.clone()
+                }),
+                "a chat's live call keeps a second one out"
+            );
+            assert_eq!(store.get_call(second.id).await.expect("reads"), None);
+            assert!(
+                store
+                    .transition_call(record.id, CallStatus::Active, CallStatus::Ended)
+                    .await
+                    .expect("moves")
+            );
+        }
+        assert_eq!(live(Arc::clone(&store)).await, []);
     }
-    assert!(
-        store
-            .transition_call(ended.id, CallStatus::Active, CallStatus::Ended)
-            .await
-            .expect("moves")
-    );
-    let mut live: Vec<(Uuid, CallStatus)> = store
-        .live_calls(chat)
-        .await
-        .expect("reads")
-        .into_iter()
-        .map(|c| (c.id, c.status))
+
+    // Starts racing in one chat: one stores its call, the others answer it; storing the
+    // winner's call again answers as its first write did.
+    let racing: Vec<_> = (0..4).map(|_| call(chat)).collect();
+    let answers = futures::future::join_all(racing.iter().map(|record| {
+        let store = Arc::clone(&store);
+        async move { store.create_call(record).await.expect("answers") }
+    }))
+    .await;
+    let stored: Vec<_> = racing
+        .iter()
+        .zip(&answers)
+        .filter(|(_, answer)| answer.is_none())
+        .map(|(record, _)| record.clone())
         .collect();
-    live.sort_by_key(|(id, _)| *id);
+    let [winner] = stored.as_slice() else {
+        panic!("one of the racing starts stores its call: {answers:?}");
+    };
+    assert!(
+        answers.iter().flatten().all(|live| live == winner),
+        "the others answer it: {answers:?}"
+    );
     assert_eq!(
-        live,
-        [
-            (ringing.id, CallStatus::Ringing),
-            (active.id, CallStatus::Active)
-        ]
+        live(Arc::clone(&store)).await,
+        [(winner.id, CallStatus::Ringing)]
+    );
+    assert_eq!(store.create_call(winner).await.expect("stored"), None);
+    assert_eq!(
+        store.live_calls(other).await.expect("reads"),
+        [elsewhere],
+        "another chat's call is its own"
     );
 }

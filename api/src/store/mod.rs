@@ -762,8 +762,13 @@ pub trait Store: Send + Sync + 'static {
     // Calls.
 
     /// Stores a new call with its starter as its first participant, listed for the sweeper at
-    /// its `ring_until` (see [`ListedCall`]).
-    async fn create_call(&self, call: &CallRecord) -> Result<(), StoreError>;
+    /// its `ring_until` (see [`ListedCall`]), unless its chat has a live (ringing or active) call
+    /// already: then stores nothing and answers that call. Of starts racing in one chat, in any
+    /// processes, one stores its call and the others answer it (a lightweight transaction on
+    /// CQL, a transaction on SQLite). A call of the chat that is over, or that was never stored
+    /// and whose ring time has passed, does not count. Storing the same call again answers
+    /// `None` as the first write did.
+    async fn create_call(&self, call: &CallRecord) -> Result<Option<CallRecord>, StoreError>;
     async fn get_call(&self, id: Uuid) -> Result<Option<CallRecord>, StoreError>;
     /// Moves call `id` from `from` to `to`; `false` when it was not in `from` (another change won).
     /// Linearizable: of racing transitions out of one status, exactly one succeeds. An answer

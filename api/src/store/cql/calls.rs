@@ -1,7 +1,8 @@
 //! Calls on CQL: `calls` (status changed only by lightweight transaction), `call_participants`,
 //! `ringing_calls`, the one-partition list the sweeper reads (ringing calls, and calls being ended
 //! until their signal is written: see [`ListedCall`]), `live_calls`, a chat's ringing and active
-//! calls, and `pending_call_signals`, the joins and leaves whose signal may not be written yet.
+//! calls, `chat_calls`, a chat's one live call (written by lightweight transactions only), and
+//! `pending_call_signals`, the joins and leaves whose signal may not be written yet.
 
 use confab_schema::call::CallStatus;
 use confab_schema::{ChatId, UserId};
@@ -11,13 +12,17 @@ use scylla::value::{CqlTimestamp, CqlValue};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{CqlStore, applied, corrupt, lwt_row, qualify, rows, unavailable};
+use super::{CqlStore, applied, corrupt, lwt_columns, lwt_row, qualify, rows, unavailable};
 use crate::store::{
     CallRecord, ListedCall, PendingCallSignal, StoreError, from_millis, millis, parse,
 };
 
 /// The partition of `ringing_calls`: there are few ringing calls at any time.
 const RINGING_SHARD: i32 = 0;
+
+/// How many times a start looks at its chat's live call before it gives up: each look after the
+/// first follows another start's taking over a claim of a call that is over.
+const CLAIM_ATTEMPTS: usize = 5;
 
 pub(super) struct CallStatements {
     insert_call: PreparedStatement,
@@ -38,6 +43,9 @@ pub(super) struct CallStatements {
     insert_live: PreparedStatement,
     live_of_chat: PreparedStatement,
     delete_live: PreparedStatement,
+    claim_chat: PreparedStatement,
+    replace_chat_claim: PreparedStatement,
+    release_chat_claim: PreparedStatement,
 }
 
 impl CallStatements {
@@ -112,12 +120,140 @@ impl CallStatements {
             live_of_chat: prepare("SELECT call_id FROM live_calls WHERE chat_id = ?").await?,
             delete_live: prepare("DELETE FROM live_calls WHERE chat_id = ? AND call_id = ?")
                 .await?,
+            claim_chat: prepare(
+                "INSERT INTO chat_calls (chat_id, call_id, started_by, started_at, ring_until) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS",
+            )
+            .await?,
+            replace_chat_claim: prepare(
+                "UPDATE chat_calls SET call_id = ?, started_by = ?, started_at = ?, ring_until = ? WHERE chat_id = ? IF call_id = ?",
+            )
+            .await?,
+            release_chat_claim: prepare("DELETE FROM chat_calls WHERE chat_id = ? IF call_id = ?")
+                .await?,
         })
     }
 }
 
 impl CqlStore {
-    pub(super) async fn cql_create_call(&self, call: &CallRecord) -> Result<(), StoreError> {
+    /// The chat's live call is claimed first (`chat_calls`, by lightweight transaction): of
+    /// starts racing in one chat one claims it, and the others answer its call, storing it from
+    /// its claim when it is not stored yet (its start is between its writes, or stopped there:
+    /// every write of the call is idempotent). A claim whose call is over, or was never stored and
+    /// rang out, is taken over, conditional on the call it names.
+    pub(super) async fn cql_create_call(
+        &self,
+        call: &CallRecord,
+    ) -> Result<Option<CallRecord>, StoreError> {
+        for _ in 0..CLAIM_ATTEMPTS {
+            let Some(claimed) = self.cql_claim_chat(call).await? else {
+                self.cql_store_call(call).await?;
+                return Ok(None);
+            };
+            if claimed.id == call.id {
+                // A retry of this start, whose claim was made.
+                self.cql_store_call(call).await?;
+                return Ok(None);
+            }
+            let stale = match self.cql_get_call(claimed.id).await? {
+                Some(live) if live.status.is_live() => return Ok(Some(live)),
+                Some(_) => true,
+                None => claimed.ring_until <= OffsetDateTime::now_utc(),
+            };
+            if !stale {
+                self.cql_store_call(&claimed).await?;
+                return Ok(Some(claimed));
+            }
+            if self.cql_replace_chat_claim(call, claimed.id).await? {
+                self.cql_store_call(call).await?;
+                return Ok(None);
+            }
+            // Another start took the claim over first: look again.
+        }
+        Err(StoreError::Unavailable(format!(
+            "the live call of chat {} kept changing",
+            call.chat_id.0
+        )))
+    }
+
+    /// Claims `call`'s chat for it; `None` when claimed, else the call the claim names.
+    async fn cql_claim_chat(&self, call: &CallRecord) -> Result<Option<CallRecord>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.calls.claim_chat,
+                (
+                    call.chat_id.0,
+                    call.id,
+                    call.started_by.0,
+                    CqlTimestamp(millis(call.started_at)),
+                    CqlTimestamp(millis(call.ring_until)),
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        let Some(cells) = lwt_columns(
+            result,
+            &["call_id", "started_by", "started_at", "ring_until"],
+        )?
+        else {
+            return Ok(None);
+        };
+        let [
+            Some(CqlValue::Uuid(id)),
+            Some(CqlValue::Uuid(started_by)),
+            Some(CqlValue::Timestamp(started_at)),
+            Some(CqlValue::Timestamp(ring_until)),
+        ] = cells.as_slice()
+        else {
+            return Err(corrupt(format!("chat call claim {cells:?}")));
+        };
+        let (id, started_by, started_at, ring_until) = (*id, *started_by, *started_at, *ring_until);
+        Ok(Some(CallRecord {
+            id,
+            chat_id: call.chat_id,
+            started_by: UserId(started_by),
+            started_at: from_millis(started_at.0)?,
+            ring_until: from_millis(ring_until.0)?,
+            status: CallStatus::Ringing,
+        }))
+    }
+
+    /// Claims `call`'s chat in place of call `stale`; `false` when the claim names another call.
+    async fn cql_replace_chat_claim(
+        &self,
+        call: &CallRecord,
+        stale: Uuid,
+    ) -> Result<bool, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.calls.replace_chat_claim,
+                (
+                    call.id,
+                    call.started_by.0,
+                    CqlTimestamp(millis(call.started_at)),
+                    CqlTimestamp(millis(call.ring_until)),
+                    call.chat_id.0,
+                    stale,
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        applied(result)
+    }
+
+    /// Takes call `id`'s claim of `chat` away, if it still holds it.
+    async fn cql_release_chat_claim(&self, chat: ChatId, id: Uuid) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.calls.release_chat_claim, (chat.0, id))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Stores a call whose chat it claimed (or whose claim it found): every write idempotent, so
+    /// a retry of it, or another start storing it from its claim, writes the same.
+    async fn cql_store_call(&self, call: &CallRecord) -> Result<(), StoreError> {
         let s = &self.calls;
         // Listed for the sweeper before the call exists: a sweeper that finds the listing early
         // sees no call ringing past its time and leaves it, and one that finds it long after (the
@@ -153,7 +289,8 @@ impl CqlStore {
             )
             .await
             .map_err(unavailable)?;
-        // Not applied only when a retry finds its own earlier write.
+        // Not applied when a retry, or another start storing it from its claim, finds the call
+        // stored.
         applied(result)?;
         Ok(())
     }
@@ -218,6 +355,9 @@ impl CqlStore {
             }
             if !to.is_live() {
                 self.cql_forget_live(call.chat_id, id).await?;
+                // Left in place when this fails: the next start finds the call over and takes the
+                // claim over.
+                self.cql_release_chat_claim(call.chat_id, id).await?;
             }
         }
         Ok(moved)

@@ -102,6 +102,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "call_joins",
         cql: include_str!("migrations/0018_call_joins.cql"),
     },
+    Migration {
+        version: 19,
+        name: "chat_calls",
+        cql: include_str!("migrations/0019_chat_calls.cql"),
+    },
 ];
 
 /// The table and column of `statement` when it is `ALTER TABLE <table> ADD <column> <type>`: a

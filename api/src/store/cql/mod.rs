@@ -3293,7 +3293,7 @@ impl Store for CqlStore {
             .map(|(id,)| SignalId(id)))
     }
 
-    async fn create_call(&self, call: &CallRecord) -> Result<(), StoreError> {
+    async fn create_call(&self, call: &CallRecord) -> Result<Option<CallRecord>, StoreError> {
         self.cql_create_call(call).await
     }
 
@@ -4117,6 +4117,34 @@ fn lwt_row(
         .position(|spec| spec.name() == column_name)
         .ok_or_else(|| corrupt(format!("lightweight transaction without {column_name}")))?;
     Ok(Some(column(&row, index).cloned()))
+}
+
+/// `None` when a lightweight transaction was applied; else `Some` of the existing row's cells
+/// named `names`, in that order.
+fn lwt_columns(
+    result: scylla::response::query_result::QueryResult,
+    names: &[&str],
+) -> Result<Option<Vec<Option<CqlValue>>>, StoreError> {
+    let result = result.into_rows_result().map_err(corrupt)?;
+    let row = result
+        .maybe_first_row::<Row>()
+        .map_err(corrupt)?
+        .ok_or_else(|| corrupt("lightweight transaction returned no row"))?;
+    if matches!(column(&row, 0), Some(CqlValue::Boolean(true))) {
+        return Ok(None);
+    }
+    let specs = result.column_specs();
+    names
+        .iter()
+        .map(|name| {
+            let index = specs
+                .iter()
+                .position(|spec| spec.name() == *name)
+                .ok_or_else(|| corrupt(format!("lightweight transaction without {name}")))?;
+            Ok(column(&row, index).cloned())
+        })
+        .collect::<Result<Vec<_>, StoreError>>()
+        .map(Some)
 }
 
 /// Whether a lightweight transaction was applied (its first column, `[applied]`).

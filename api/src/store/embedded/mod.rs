@@ -1739,12 +1739,36 @@ impl Store for EmbeddedStore {
         row.map(|r| uuid_from(r).map(SignalId)).transpose()
     }
 
-    async fn create_call(&self, call: &CallRecord) -> Result<(), StoreError> {
+    async fn create_call(&self, call: &CallRecord) -> Result<Option<CallRecord>, StoreError> {
         let call = call.clone();
         self.with(move |c| {
+            // One write transaction: of starts racing in one chat, the first stores its call and
+            // the others find it live.
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
+            let live: Option<(Vec<u8>, Vec<u8>, i64, i64, String)> = tx
+                .query_row(
+                    "SELECT id, started_by, started_at, ring_until, status FROM calls
+                     WHERE chat_id = ?1 AND status IN ('ringing', 'active') ORDER BY id LIMIT 1",
+                    params![blob(call.chat_id.0)],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            if let Some((id, started_by, started_at, ring_until, status)) = live {
+                let id = uuid_from(id)?;
+                if id != call.id {
+                    return Ok(Some(CallRecord {
+                        id,
+                        chat_id: call.chat_id,
+                        started_by: UserId(uuid_from(started_by)?),
+                        started_at: from_millis(started_at)?,
+                        ring_until: from_millis(ring_until)?,
+                        status: parse(&status)?,
+                    }));
+                }
+            }
             tx.execute(
                 "INSERT OR IGNORE INTO calls (id, chat_id, started_by, started_at, ring_until, status)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -1768,7 +1792,8 @@ impl Store for EmbeddedStore {
                 params![millis(call.ring_until), blob(call.id), blob(call.chat_id.0)],
             )
             .map_err(unavailable)?;
-            tx.commit().map_err(unavailable)
+            tx.commit().map_err(unavailable)?;
+            Ok(None)
         })
         .await
     }
