@@ -38,7 +38,8 @@ pub enum Held {
     SignalEdited,
     /// A signal deleted, its tombstone written (`Store::delete_signal`).
     SignalDeleted,
-    /// A participant put into (`true`) or taken out of (`false`) a call.
+    /// A participant put into a call by a join (`true`, `Store::put_call_participant`) or taken
+    /// out of it (`false`, `Store::remove_call_participant`).
     CallParticipant(bool),
     /// What making an image's pictures found (`Store::update_derived`).
     Pictures,
@@ -789,15 +790,14 @@ impl Store for HeldStore {
     async fn call_participants(&self, id: uuid::Uuid) -> Result<Vec<UserId>, StoreError> {
         self.inner.call_participants(id).await
     }
-    async fn set_call_participant(
+    async fn remove_call_participant(
         &self,
         id: uuid::Uuid,
         user: UserId,
-        present: bool,
     ) -> Result<(), StoreError> {
         self.through(
-            Held::CallParticipant(present),
-            self.inner.set_call_participant(id, user, present),
+            Held::CallParticipant(false),
+            self.inner.remove_call_participant(id, user),
         )
         .await
     }

@@ -253,7 +253,7 @@ impl ApiState {
         };
         if !status.is_live() {
             // Missed or ended while this answer was on its way.
-            self.store.set_call_participant(id, caller, false).await?;
+            self.store.remove_call_participant(id, caller).await?;
             self.store.set_pending_call_signal(id, caller, None).await?;
             return Err(call_over());
         }
@@ -572,9 +572,7 @@ impl ApiState {
             self.store
                 .set_pending_call_signal(record.id, user, Some(&leave))
                 .await?;
-            self.store
-                .set_call_participant(record.id, user, false)
-                .await?;
+            self.store.remove_call_participant(record.id, user).await?;
         }
         self.record_participant_change(record, user, leave).await?;
         // Who is left is read after this participant is out: of participants leaving at once,

@@ -3071,7 +3071,7 @@ pub async fn calls_move_once_and_ring_until_answered(store: Arc<dyn Store>) {
     both.sort();
     assert_eq!(participants, both);
     store
-        .set_call_participant(answered.id, caller.id, false)
+        .remove_call_participant(answered.id, caller.id)
         .await
         .expect("leaves");
     assert_eq!(

@@ -785,13 +785,9 @@ pub trait Store: Send + Sync + 'static {
     async fn live_calls(&self, chat: ChatId) -> Result<Vec<CallRecord>, StoreError>;
     /// Who is in call `id` now.
     async fn call_participants(&self, id: Uuid) -> Result<Vec<UserId>, StoreError>;
-    /// Puts `user` in call `id` (`present`, under no recorded join) or takes them out.
-    async fn set_call_participant(
-        &self,
-        id: Uuid,
-        user: UserId,
-        present: bool,
-    ) -> Result<(), StoreError>;
+    /// Takes `user` out of call `id` (nothing when they are not in it). Participants are put in
+    /// by the start (the starter) and by [`Store::put_call_participant`] only.
+    async fn remove_call_participant(&self, id: Uuid, user: UserId) -> Result<(), StoreError>;
     /// Puts `user` in call `id` under the join `join` unless they are in it already: a
     /// compare-and-set on their participant row (a lightweight transaction on CQL), so of joins of
     /// one user racing, in any processes, one puts them in and the others learn its join. Answers

@@ -402,19 +402,13 @@ impl CqlStore {
             .collect())
     }
 
-    pub(super) async fn cql_set_call_participant(
+    pub(super) async fn cql_remove_call_participant(
         &self,
         id: Uuid,
         user: UserId,
-        present: bool,
     ) -> Result<(), StoreError> {
-        let statement = if present {
-            &self.calls.add_participant
-        } else {
-            &self.calls.remove_participant
-        };
         self.session
-            .execute_unpaged(statement, (id, user.0))
+            .execute_unpaged(&self.calls.remove_participant, (id, user.0))
             .await
             .map_err(unavailable)?;
         Ok(())

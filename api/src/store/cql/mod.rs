@@ -3318,13 +3318,8 @@ impl Store for CqlStore {
         self.cql_call_participants(id).await
     }
 
-    async fn set_call_participant(
-        &self,
-        id: Uuid,
-        user: UserId,
-        present: bool,
-    ) -> Result<(), StoreError> {
-        self.cql_set_call_participant(id, user, present).await
+    async fn remove_call_participant(&self, id: Uuid, user: UserId) -> Result<(), StoreError> {
+        self.cql_remove_call_participant(id, user).await
     }
 
     async fn put_call_participant(

@@ -1905,20 +1905,13 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn set_call_participant(
-        &self,
-        id: Uuid,
-        user: UserId,
-        present: bool,
-    ) -> Result<(), StoreError> {
+    async fn remove_call_participant(&self, id: Uuid, user: UserId) -> Result<(), StoreError> {
         self.with(move |c| {
-            let sql = if present {
-                "INSERT OR IGNORE INTO call_participants (call_id, user_id) VALUES (?1, ?2)"
-            } else {
-                "DELETE FROM call_participants WHERE call_id = ?1 AND user_id = ?2"
-            };
-            c.execute(sql, params![blob(id), blob(user.0)])
-                .map_err(unavailable)?;
+            c.execute(
+                "DELETE FROM call_participants WHERE call_id = ?1 AND user_id = ?2",
+                params![blob(id), blob(user.0)],
+            )
+            .map_err(unavailable)?;
             Ok(())
         })
         .await
