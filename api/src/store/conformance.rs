@@ -74,7 +74,8 @@ macro_rules! store_conformance_tests {
             calls_move_once_and_ring_until_answered,
             a_chats_live_calls,
             the_sweepers_list_pages_and_keeps_calls_until_forgotten,
-            pending_call_signals_replace_each_other
+            pending_call_signals_replace_each_other,
+            call_participants_leave_and_join_again
         );
     };
     (@cases $open:expr; $($case:ident),+) => {
@@ -3340,4 +3341,80 @@ pub async fn a_chats_live_calls(store: Arc<dyn Store>) {
         [elsewhere],
         "another chat's call is its own"
     );
+}
+
+/// Participants leave and join again, each time under the new join: a leave takes out whatever
+/// join they were in under (the starter's, under none, included), and leaves nothing behind that
+/// a later join would find. A leave of someone not in the call changes nothing.
+pub async fn call_participants_leave_and_join_again(store: Arc<dyn Store>) {
+    use confab_schema::call::CallStatus;
+    let (caller, callee) = (user("again-caller"), user("again-callee"));
+    let chat = chat_with(store.as_ref(), caller.id, &[callee.id]).await;
+    let now = confab_schema::model::to_millis(OffsetDateTime::now_utc());
+    let call = super::CallRecord {
+        id: Uuid::now_v7(),
+        chat_id: chat,
+        started_by: caller.id,
+        started_at: now,
+        ring_until: now + time::Duration::hours(1),
+        status: CallStatus::Ringing,
+    };
+    assert_eq!(store.create_call(&call).await.expect("stored"), None);
+    let participants = |store: Arc<dyn Store>| async move {
+        let mut users = store.call_participants(call.id).await.expect("reads");
+        users.sort();
+        users
+    };
+    store
+        .remove_call_participant(call.id, callee.id)
+        .await
+        .expect("a leave of someone not in the call");
+    assert_eq!(participants(Arc::clone(&store)).await, [caller.id]);
+
+    for _ in 0..3 {
+        let join = Uuid::now_v7();
+        assert_eq!(
+            store
+                .put_call_participant(call.id, callee.id, join)
+                .await
+                .expect("joins"),
+            Some(join),
+            "in again under the new join"
+        );
+        assert_eq!(
+            store
+                .call_participant_join(call.id, callee.id)
+                .await
+                .expect("reads"),
+            Some(join)
+        );
+        store
+            .remove_call_participant(call.id, callee.id)
+            .await
+            .expect("leaves");
+        assert_eq!(
+            store
+                .call_participant_join(call.id, callee.id)
+                .await
+                .expect("reads"),
+            None,
+            "out"
+        );
+    }
+
+    // The starter, in under no join, leaves and joins again.
+    store
+        .remove_call_participant(call.id, caller.id)
+        .await
+        .expect("leaves");
+    assert_eq!(participants(Arc::clone(&store)).await, []);
+    let join = Uuid::now_v7();
+    assert_eq!(
+        store
+            .put_call_participant(call.id, caller.id, join)
+            .await
+            .expect("joins"),
+        Some(join)
+    );
+    assert_eq!(participants(Arc::clone(&store)).await, [caller.id]);
 }

@@ -69,8 +69,12 @@ impl CallStatements {
             transition: prepare("UPDATE calls SET status = ? WHERE id = ? IF status = ?").await?,
             participants: prepare("SELECT user_id FROM call_participants WHERE call_id = ?")
                 .await?,
+            // Every write of `call_participants` is a lightweight transaction: a plain write's
+            // timestamp (the coordinator's clock) may order before an earlier Paxos write's (its
+            // ballot's), so a plain leave could fail to shadow the join before it, or shadow a
+            // join after it.
             add_participant: prepare(
-                "INSERT INTO call_participants (call_id, user_id) VALUES (?, ?)",
+                "INSERT INTO call_participants (call_id, user_id) VALUES (?, ?) IF NOT EXISTS",
             )
             .await?,
             // A lightweight transaction: see `cql_put_call_participant`.
@@ -83,7 +87,7 @@ impl CallStatements {
             )
             .await?,
             remove_participant: prepare(
-                "DELETE FROM call_participants WHERE call_id = ? AND user_id = ?",
+                "DELETE FROM call_participants WHERE call_id = ? AND user_id = ? IF EXISTS",
             )
             .await?,
             insert_ringing: prepare(
