@@ -389,8 +389,9 @@ impl ApiState {
 
     /// Makes every call still ringing past its ring time `missed`: a `missed` signal (whose push
     /// reaches the callees as a message's does). Safe in several processes at once: the status
-    /// moves once. Also writes the `missed` or `ended` signal of every listed call that is over
-    /// (see the module's documentation), and forgets the listings of calls never stored. Pages
+    /// moves once. Also writes the `started` of every call listed at its start, the `missed` or
+    /// `ended` signal of every listed call that is over (see the module's documentation), and
+    /// forgets the listings of calls never stored. Pages
     /// through every listing due, so no number of listings it leaves holds up the others. Answers
     /// how many calls it made missed; a call it failed to sweep is swept again next time, and the
     /// first such failure is the answer once the others are swept.
@@ -721,8 +722,8 @@ impl ApiState {
     /// `record`, made missed when it is still ringing past its ring time and [`RING_GRACE`]: a
     /// call the sweep does not know of (its row landed after the sweep forgot its listing), which
     /// would otherwise ring forever. It is listed for the sweeper and swept there and then, so its
-    /// `missed` signal is written (by the sweep, if this fails part-way); shown missed even when
-    /// that fails.
+    /// `missed` signal is written (by the sweep, if this fails part-way). The repair never fails
+    /// the read: the call is shown missed even when it fails.
     async fn rung_out(&self, record: CallRecord) -> CallRecord {
         let now = OffsetDateTime::now_utc();
         if record.status != CallStatus::Ringing || now < record.ring_until + RING_GRACE {

@@ -126,9 +126,10 @@ pub struct CallRecord {
 
 /// A call in the sweeper's list ([`Store::listed_calls_due`]), due at `due`. A call is listed
 /// at its start (`due`: its `started_at`) until its `started` signal is written, a ringing call
-/// until its ring ends (`due`: its `ring_until`), and a call being ended is listed from
-/// before its status moves (`due`: when its end began); either of these stays until the call's
-/// `missed` or `ended` signal is written. A call may be listed more than once.
+/// until its ring ends (`due`: its `ring_until`), a call being ended from before its status moves
+/// (`due`: when its end began), and a call that a reader found still ringing long past its ring
+/// time (`due`: when it was read; the reader sweeps it there and then); all but the first stay
+/// until the call's `missed` or `ended` signal is written. A call may be listed more than once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListedCall {
     pub id: Uuid,

@@ -1,6 +1,8 @@
-//! Calls on CQL: `calls` (status changed only by lightweight transaction), `call_participants`,
-//! `ringing_calls`, the one-partition list the sweeper reads (ringing calls, and calls being ended
-//! until their signal is written: see [`ListedCall`]), `live_calls`, a chat's ringing and active
+//! Calls on CQL: `calls` (status changed only by lightweight transaction), `call_participants`
+//! (written by lightweight transactions only), `ringing_calls`, the one-partition list the sweeper
+//! reads (calls starting until their `started` is written, ringing calls, calls being ended and
+//! calls a reader found rung out until their signal is written: see [`ListedCall`]),
+//! `live_calls`, a chat's ringing and active
 //! calls, `chat_calls`, a chat's one live call (written by lightweight transactions only), and
 //! `pending_call_signals`, the joins and leaves whose signal may not be written yet.
 
