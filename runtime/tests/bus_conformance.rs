@@ -46,3 +46,21 @@ async fn nats(settings: LogSettings) -> Option<Fixture> {
 
 bus_conformance_tests!(embedded_log, super::embedded);
 bus_conformance_tests!(jetstream_log, super::nats);
+
+/// A check made as soon as the bus is made, while its connection is still under way, waits for it
+/// instead of answering that the bus is down (a process's first requests, or a test's, would be
+/// refused for nothing).
+#[tokio::test]
+async fn a_check_right_after_connecting_waits_for_the_connection() {
+    let Some(url) = support::nats_url("bus").await else {
+        return;
+    };
+    for _ in 0..5 {
+        let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+        let bus = NatsBus::connect(&url, &prefix, LogSettings::default())
+            .await
+            .expect("connects");
+        let checked = Bus::check(&bus).await;
+        assert!(checked.is_ok(), "{checked:?}");
+    }
+}

@@ -16,6 +16,9 @@ use super::{Bus, BusError, ChatFilter, LogSettings, ReadError, check_position};
 /// server's per-subject filters cost more than they save past a few hundred subjects.
 const MAX_SUBJECT_FILTERS: usize = 256;
 const READ_BATCH: usize = 1024;
+/// How long a check waits for a connection under way (at start, or again after a blip) before it
+/// answers that the bus is down.
+const CONNECTING_WAIT: Duration = Duration::from_secs(2);
 
 fn unavailable(error: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(error.to_string())
@@ -28,6 +31,9 @@ pub struct NatsBus {
     prefix: String,
     settings: LogSettings,
     stream: tokio::sync::OnceCell<stream::Stream>,
+    /// Whether the client's last connection event was a connect (not a disconnect): a check
+    /// waits on it while the connection is being made.
+    connected: tokio::sync::watch::Receiver<bool>,
 }
 
 impl NatsBus {
@@ -39,10 +45,26 @@ impl NatsBus {
         prefix: &str,
         settings: LogSettings,
     ) -> Result<NatsBus, BusError> {
+        let (events, connected) = tokio::sync::watch::channel(false);
+        let events = std::sync::Arc::new(events);
         let client = async_nats::ConnectOptions::new()
             .name("confab")
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(3))
+            .event_callback(move |event| {
+                let events = std::sync::Arc::clone(&events);
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            events.send_replace(true);
+                        }
+                        async_nats::Event::Disconnected => {
+                            events.send_replace(false);
+                        }
+                        _ => {}
+                    }
+                }
+            })
             .connect(url)
             .await
             .map_err(unavailable)?;
@@ -52,6 +74,7 @@ impl NatsBus {
             prefix: prefix.to_owned(),
             settings,
             stream: tokio::sync::OnceCell::new(),
+            connected,
         })
     }
 
@@ -332,6 +355,15 @@ impl Bus for NatsBus {
     }
 
     async fn check(&self) -> Result<(), BusError> {
-        self.connected()
+        if self.connected().is_ok() {
+            return Ok(());
+        }
+        // Being connected (the process just started, or NATS blinked): a request that comes
+        // then waits a moment rather than being refused at once.
+        let mut connected = self.connected.clone();
+        match tokio::time::timeout(CONNECTING_WAIT, connected.wait_for(|c| *c)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => self.connected(),
+        }
     }
 }
