@@ -346,3 +346,63 @@ async fn a_claim_does_not_bring_back_a_deleted_attachment(stack: Stack) {
         .await;
 }
 on_both_stacks!(a_claim_does_not_bring_back_a_deleted_attachment);
+
+/// Two sends name one attachment at once, the first held right after it reserved the attachment:
+/// exactly one carries it, and the other is refused with nothing stored.
+async fn two_sends_of_one_attachment_take_it_once(stack: Stack) {
+    let harness = Arc::new(Harness::start(stack).await);
+    harness.store.hold_after(Held::Reserve);
+    let photo = harness.upload("photo.png", "image/png", png(8, 8)).await;
+    let id = photo["id"].as_str().unwrap().to_owned();
+    // The image's pictures are held too: the first write at the gate is theirs.
+    harness.store.gate.arrived(1).await;
+    let signals = format!("/v1/chats/{}/signals", harness.chat);
+    let first = {
+        let harness = Arc::clone(&harness);
+        let (signals, id) = (signals.clone(), id.clone());
+        tokio::spawn(async move {
+            harness
+                .send_json(&signals, &json!({"kind": "message", "attachments": [id]}))
+                .await
+        })
+    };
+    harness.store.gate.arrived(2).await;
+    let mut second = {
+        let harness = Arc::clone(&harness);
+        let (signals, id) = (signals.clone(), id.clone());
+        tokio::spawn(async move {
+            harness
+                .send_json(&signals, &json!({"kind": "message", "attachments": [id]}))
+                .await
+                .status()
+        })
+    };
+    // The second send is answered while the first waits, or reaches its own reservation.
+    let held = tokio::select! {
+        answered = &mut second => Some(answered.unwrap()),
+        () = harness.store.gate.arrived(3) => None,
+    };
+    harness.store.gate.release(2).await;
+    let first = first.await.unwrap();
+    assert_eq!(first.status(), 201);
+    let second = match held {
+        Some(status) => status,
+        None => second.await.unwrap(),
+    };
+    assert_eq!(second, 422, "both sends took the attachment");
+    let history = harness
+        .json(&harness.alice, &format!("{signals}?limit=10"))
+        .await;
+    let carrying: Vec<&Value> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["attachments"].as_array().is_some_and(|a| !a.is_empty()))
+        .collect();
+    assert_eq!(carrying.len(), 1, "{history}");
+    Arc::into_inner(harness)
+        .expect("the sends are done")
+        .stop()
+        .await;
+}
+on_both_stacks!(two_sends_of_one_attachment_take_it_once);
