@@ -28,7 +28,7 @@ impl ApiState {
             before: now(),
         })
         .await?;
-        self.remove_all_devices_or_retry(user).await
+        self.remove_all_devices(user).await
     }
 
     /// Ends what a back-channel logout token names, once it is verified (signature, issuer,
@@ -48,34 +48,9 @@ impl ApiState {
         self.revoke(Revocation::of_logout(&logout, now())).await?;
         // A device is not tied to a session: only the end of all of them takes the user's devices.
         match (logout.user, &logout.session) {
-            (Some(user), None) => self.remove_all_devices_or_retry(user).await,
+            (Some(user), None) => self.remove_all_devices(user).await,
             _ => Ok(()),
         }
-    }
-
-    /// [`ApiState::remove_all_devices`], and when that fails, again in the background: the
-    /// caller's tokens are refused by now, so the client that got the error may never be able to
-    /// ask again.
-    async fn remove_all_devices_or_retry(&self, user: UserId) -> ApiResult<()> {
-        let Err(error) = self.remove_all_devices(user).await else {
-            return Ok(());
-        };
-        let state = self.clone();
-        tokio::spawn(async move {
-            let mut delay = std::time::Duration::from_millis(500);
-            for _ in 0..8 {
-                tokio::time::sleep(delay).await;
-                match state.remove_all_devices(user).await {
-                    Ok(()) => return,
-                    Err(error) => {
-                        tracing::warn!(%error, %user, "removing a logged-out user's push devices failed; retrying")
-                    }
-                }
-                delay = (delay * 2).min(std::time::Duration::from_secs(30));
-            }
-            tracing::error!(%user, "a logged-out user's push devices could not be removed");
-        });
-        Err(error)
     }
 
     /// Removes every push device of `user`. Called after the revocation, which stands whatever
