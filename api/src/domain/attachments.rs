@@ -16,9 +16,7 @@ use confab_runtime::blobs::{
     BlobError, BlobName, BlobRead, Blobs, ByteChunks, HEAD_BYTES, Presentation,
 };
 use confab_schema::attachment::{Derivative, ImageInfo};
-use confab_schema::{
-    Attachment, AttachmentKind, AttachmentRef, ChatId, Signal, SignalId, User, UserId,
-};
+use confab_schema::{Attachment, AttachmentKind, AttachmentRef, ChatId, Signal, User, UserId};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -27,20 +25,6 @@ use super::paging::{Page, Pager};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 use crate::store::Store;
-
-/// How long a send's reservation of an attachment stands when its message is not stored. Until
-/// then another send of the attachment is refused, because the message may yet be stored (a send
-/// runs to completion even after its request timed out); after it, the send is taken to have
-/// failed and another may retake the attachment. Far longer than any send: the request timeout
-/// (`limits.request_timeout_secs`, a minute by default) and the store's retries.
-pub(crate) const RESERVATION_LEASE: Duration = Duration::from_secs(10 * 60);
-
-/// The refusal of an attachment another message carries, or is about to.
-fn sent_elsewhere(id: Uuid) -> ApiError {
-    ApiError::Unprocessable(format!(
-        "attachment {id} was sent in another message; upload it again to send it again"
-    ))
-}
 
 /// How attachments are stored and served.
 #[derive(Clone)]
@@ -392,98 +376,15 @@ impl ApiState {
                     None => false,
                 };
                 if !retried {
-                    return Err(sent_elsewhere(*id));
+                    return Err(ApiError::Unprocessable(format!(
+                        "attachment {id} was sent in another message; upload it again to send it \
+                         again"
+                    )));
                 }
             }
             attachments.push(attachment);
         }
         Ok(attachments)
-    }
-
-    /// Reserves the attachments `ids` for `message`, a message of `author` (with `nonce`) about to
-    /// be stored in `chat`: of sends racing for one attachment only one goes on, and the others
-    /// are refused (422) holding nothing. An attachment another message holds is taken anyway
-    /// when that message is an earlier attempt of this send (stored, same author and nonce: the
-    /// store then answers that message), or when it was never stored and its reservation is
-    /// older than [`RESERVATION_LEASE`]. Answers the attachments reserved for `message`, which
-    /// the caller releases if it does not store it.
-    pub(crate) async fn reserve_attachments(
-        &self,
-        chat: ChatId,
-        author: UserId,
-        nonce: Option<&str>,
-        ids: &AttachmentIds,
-        message: SignalId,
-    ) -> ApiResult<Vec<Uuid>> {
-        // In one order for every send, so that two sends of the same attachments do not each
-        // take some and both fail.
-        let mut ids = ids.as_slice().to_vec();
-        ids.sort_unstable();
-        let mut reserved = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self
-                .reserve_attachment(chat, author, nonce, id, message)
-                .await
-            {
-                Ok(true) => reserved.push(id),
-                Ok(false) => {}
-                Err(error) => {
-                    self.release_attachments(&reserved, message).await;
-                    return Err(error);
-                }
-            }
-        }
-        Ok(reserved)
-    }
-
-    /// One attachment of [`ApiState::reserve_attachments`]: whether `message` reserved it (`false`
-    /// when an earlier attempt of this send holds it).
-    async fn reserve_attachment(
-        &self,
-        chat: ChatId,
-        author: UserId,
-        nonce: Option<&str>,
-        id: Uuid,
-        message: SignalId,
-    ) -> ApiResult<bool> {
-        // Another round when the holder let go or was retaken between the read and the retake.
-        for _ in 0..3 {
-            let Some((holder, reserved_at)) = self.store.reserve_attachment(id, message).await?
-            else {
-                return Ok(true);
-            };
-            match self.store.get_signal(chat, holder).await? {
-                Some(stored)
-                    if nonce.is_some()
-                        && stored.author_id == author
-                        && stored.nonce.as_deref() == nonce =>
-                {
-                    return Ok(false);
-                }
-                Some(_) => return Err(sent_elsewhere(id)),
-                None if OffsetDateTime::now_utc() - reserved_at > RESERVATION_LEASE => {
-                    if self.store.retake_attachment(id, holder, message).await? {
-                        return Ok(true);
-                    }
-                }
-                // Its message may yet be stored.
-                None => return Err(sent_elsewhere(id)),
-            }
-        }
-        Err(sent_elsewhere(id))
-    }
-
-    /// Drops the reservations `message` holds on `ids`: it was not stored, or another attempt of
-    /// its send was. A failure is logged: the reservation lapses after [`RESERVATION_LEASE`].
-    pub(crate) async fn release_attachments(&self, ids: &[Uuid], message: SignalId) {
-        let released = futures::future::join_all(
-            ids.iter()
-                .map(|id| self.store.release_attachment(*id, message)),
-        )
-        .await;
-        for error in released.into_iter().filter_map(Result::err) {
-            tracing::warn!(%error, %message, "releasing a reservation of an attachment failed");
-        }
     }
 
     /// Records that the attachments of `sent`, a message just stored, were sent in it. Done after

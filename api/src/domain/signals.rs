@@ -120,16 +120,6 @@ impl ApiState {
         // Refuse before storing when events cannot be published, rather than store a silent message.
         self.bus.check().await?;
         let id = SignalId::new();
-        // Checked above, but only the reservation keeps a concurrent send from taking them too.
-        let reserved = self
-            .reserve_attachments(
-                chat,
-                caller.id,
-                message.nonce.as_ref().map(|n| n.as_str()),
-                &message.attachments,
-                id,
-            )
-            .await?;
         let attachments = attachments
             .into_iter()
             .map(|attachment| {
@@ -154,15 +144,11 @@ impl ApiState {
             reactions: Default::default(),
             call: None,
         };
-        // A failed `record` keeps the reservations: the message may have been stored all the
-        // same, and if it was not, they lapse.
         match self
             .record(&signal, members, Some(&caller.display_name))
             .await?
         {
             Inserted::Existing(existing) => {
-                // An earlier attempt of this send stored its message: this id is no message.
-                self.release_attachments(&reserved, id).await;
                 // The first attempt may have stored the signal and then failed to publish its
                 // event (a crash, the bus down): publish it again. Within the log's duplicate
                 // window a copy is dropped, so this never delivers it twice.

@@ -29,9 +29,8 @@ pub struct CreateSignal {
     /// A signal of the same chat this one answers.
     #[serde(default)]
     reply_to: Option<SignalId>,
-    /// Up to 10 ids of the caller's uploads to this chat (`POST /v1/chats/{id}/attachments`),
-    /// none sent in another message or being sent in one at the same time (422); the signal
-    /// carries their metadata.
+    /// Up to 10 ids of the caller's uploads to this chat (`POST /v1/chats/{id}/attachments`);
+    /// the signal carries their metadata.
     #[serde(default)]
     attachments: Vec<Uuid>,
 }
