@@ -45,9 +45,6 @@ pub enum Held {
     Pictures,
     /// A sent message's claim on its attachments (`Store::claim_attachments`).
     Claim,
-    /// A send's reservation of an attachment before its message is stored
-    /// (`Store::reserve_attachment`).
-    Reserve,
     /// A `call` signal of this state stored (`Store::insert_signal`).
     CallSignal(CallState),
     /// A call's status moved to this one (`Store::transition_call`).
@@ -315,29 +312,6 @@ impl Store for HeldStore {
             self.inner.claim_attachments(chat, ids, message),
         )
         .await
-    }
-    async fn reserve_attachment(
-        &self,
-        id: uuid::Uuid,
-        message: SignalId,
-    ) -> Result<Option<(SignalId, OffsetDateTime)>, StoreError> {
-        self.through(Held::Reserve, self.inner.reserve_attachment(id, message))
-            .await
-    }
-    async fn retake_attachment(
-        &self,
-        id: uuid::Uuid,
-        from: SignalId,
-        to: SignalId,
-    ) -> Result<bool, StoreError> {
-        self.inner.retake_attachment(id, from, to).await
-    }
-    async fn release_attachment(
-        &self,
-        id: uuid::Uuid,
-        message: SignalId,
-    ) -> Result<(), StoreError> {
-        self.inner.release_attachment(id, message).await
     }
     async fn update_derived(
         &self,

@@ -60,7 +60,6 @@ macro_rules! store_conformance_tests {
             attachments_page_newest_first_by_kind,
             attachments_reference_their_objects,
             a_message_claims_its_chats_unclaimed_attachments,
-            one_message_reserves_an_attachment,
             pictures_change_only_an_attachment_that_exists,
             the_collectors_marks,
             small_objects_by_name,
@@ -2056,119 +2055,6 @@ pub async fn a_message_claims_its_chats_unclaimed_attachments(store: Arc<dyn Sto
         [elsewhere],
         "another chat's upload is not claimed"
     );
-}
-
-/// A reservation of an attachment is one message's: of racing reservations one wins, and the
-/// others learn which message holds it and since when; it moves only from the message that holds
-/// it, is dropped only by that message, and goes with the attachment.
-pub async fn one_message_reserves_an_attachment(store: Arc<dyn Store>) {
-    use confab_schema::AttachmentKind::File;
-    let owner = user("reserver");
-    store.upsert_user(&owner).await.expect("upsert");
-    let chat = chat_with(store.as_ref(), owner.id, &[]).await;
-    let id = Uuid::now_v7();
-    let (first, second, third) = (SignalId::new(), SignalId::new(), SignalId::new());
-    let holder = |store: Arc<dyn Store>, message: SignalId| async move {
-        store
-            .reserve_attachment(id, message)
-            .await
-            .expect("reserves")
-            .map(|(holder, _)| holder)
-    };
-
-    let before = OffsetDateTime::now_utc() - time::Duration::seconds(5);
-    assert_eq!(holder(store.clone(), first).await, None);
-    assert_eq!(
-        holder(store.clone(), first).await,
-        None,
-        "a message holds what it reserved before"
-    );
-    let (held_by, since) = store
-        .reserve_attachment(id, second)
-        .await
-        .expect("reserves")
-        .expect("the first message holds it");
-    assert_eq!(held_by, first);
-    assert!(
-        since >= before && since <= OffsetDateTime::now_utc() + time::Duration::seconds(5),
-        "reserved at {since}"
-    );
-
-    assert!(
-        !store
-            .retake_attachment(id, third, second)
-            .await
-            .expect("retakes"),
-        "only from the message that holds it"
-    );
-    assert_eq!(holder(store.clone(), third).await, Some(first));
-    assert!(
-        store
-            .retake_attachment(id, first, second)
-            .await
-            .expect("retakes")
-    );
-    assert_eq!(holder(store.clone(), third).await, Some(second));
-    assert!(
-        !store
-            .retake_attachment(id, first, third)
-            .await
-            .expect("retakes"),
-        "a retaken reservation is not the old holder's"
-    );
-
-    store.release_attachment(id, first).await.expect("releases");
-    assert_eq!(
-        holder(store.clone(), third).await,
-        Some(second),
-        "only the holder releases"
-    );
-    store
-        .release_attachment(id, second)
-        .await
-        .expect("releases");
-    assert!(
-        !store
-            .retake_attachment(id, second, third)
-            .await
-            .expect("retakes"),
-        "a released reservation is nobody's to retake"
-    );
-    assert_eq!(holder(store.clone(), third).await, None);
-
-    // Racing reservations of another attachment: one wins, and the others name it.
-    let racing = Uuid::now_v7();
-    let messages: Vec<SignalId> = (0..8).map(|_| SignalId::new()).collect();
-    let answers = futures::future::join_all(
-        messages
-            .iter()
-            .map(|message| store.reserve_attachment(racing, *message)),
-    )
-    .await;
-    let winners: Vec<SignalId> = messages
-        .iter()
-        .zip(&answers)
-        .filter(|(_, answer)| matches!(answer, Ok(None)))
-        .map(|(message, _)| *message)
-        .collect();
-    assert_eq!(winners.len(), 1, "{answers:?}");
-    for answer in answers {
-        match answer.expect("reserves") {
-            None => {}
-            Some((holder, _)) => assert_eq!(holder, winners[0]),
-        }
-    }
-
-    // Deleting the attachment drops its reservation.
-    let deleted = attachment(chat, owner.id, File, &sha("reserved"));
-    store.put_attachment(&deleted).await.expect("puts");
-    let reserve = |message| store.reserve_attachment(deleted.id, message);
-    assert_eq!(reserve(first).await.expect("reserves"), None);
-    store
-        .delete_attachments(std::slice::from_ref(&deleted))
-        .await
-        .expect("deletes");
-    assert_eq!(reserve(second).await.expect("reserves"), None);
 }
 
 /// What making an image's pictures found is written over the record as stored: the message it

@@ -643,26 +643,6 @@ pub trait Store: Send + Sync + 'static {
         ids: &[Uuid],
         message: SignalId,
     ) -> Result<(), StoreError>;
-    /// Reserves attachment `id` for `message`, a message about to be stored, unless a message
-    /// holds it already: `None` when `message` holds it now (or held it before), else the
-    /// message that holds it and when that one reserved it. Of sends racing for one attachment,
-    /// exactly one gets `None`. The reservation is apart from the attachment's record (see
-    /// [`Store::claim_attachments`]), and outlives neither it nor [`Store::release_attachment`].
-    async fn reserve_attachment(
-        &self,
-        id: Uuid,
-        message: SignalId,
-    ) -> Result<Option<(SignalId, OffsetDateTime)>, StoreError>;
-    /// Moves the reservation of attachment `id` from `from` to `to` (reserved now), only if
-    /// `from` still holds it. Whether it moved.
-    async fn retake_attachment(
-        &self,
-        id: Uuid,
-        from: SignalId,
-        to: SignalId,
-    ) -> Result<bool, StoreError>;
-    /// Drops the reservation of attachment `id`, only if `message` holds it.
-    async fn release_attachment(&self, id: Uuid, message: SignalId) -> Result<(), StoreError>;
     /// References the objects `blobs` from `attachment` before the attachment (or its new
     /// pictures) is stored: what an upload writes before it makes its objects.
     async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError>;

@@ -107,11 +107,6 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "chat_calls",
         cql: include_str!("migrations/0019_chat_calls.cql"),
     },
-    Migration {
-        version: 20,
-        name: "attachment_reservations",
-        cql: include_str!("migrations/0020_attachment_reservations.cql"),
-    },
 ];
 
 /// The table and column of `statement` when it is `ALTER TABLE <table> ADD <column> <type>`: a

@@ -769,12 +769,6 @@ struct Statements {
     /// A send's claim on an attachment: its `message_id` cells, at a time of its choosing.
     claim_attachment_at: PreparedStatement,
     claim_chat_attachment_at: PreparedStatement,
-    /// A send's reservation of an attachment before its message is stored (lightweight
-    /// transactions only).
-    reserve_attachment: PreparedStatement,
-    retake_attachment: PreparedStatement,
-    release_attachment: PreparedStatement,
-    drop_attachment_reservation: PreparedStatement,
     delete_chat_attachment_at: PreparedStatement,
     delete_blob_ref: PreparedStatement,
     blob_ref: PreparedStatement,
@@ -1022,12 +1016,6 @@ impl CqlStore {
             claim_attachment_at: "UPDATE attachments USING TIMESTAMP ? SET message_id = ? WHERE id = ?".into(),
             claim_chat_attachment_at: "UPDATE chat_attachments USING TIMESTAMP ? SET message_id = ? WHERE chat_id = ? AND kind = ? AND id = ?".into(),
             put_attachment_at: "INSERT INTO attachments (id, body) VALUES (?, ?) USING TIMESTAMP ?".into(),
-            reserve_attachment: "INSERT INTO attachment_reservations (id, message_id, reserved_at) VALUES (?, ?, ?) IF NOT EXISTS".into(),
-            retake_attachment: "UPDATE attachment_reservations SET message_id = ?, reserved_at = ? WHERE id = ? IF message_id = ?".into(),
-            release_attachment: "DELETE FROM attachment_reservations WHERE id = ? IF message_id = ?".into(),
-            // A lightweight transaction too: mixed with plain writes, the reservations' writes
-            // would be ordered by clocks instead of by their ballots.
-            drop_attachment_reservation: "DELETE FROM attachment_reservations WHERE id = ? IF EXISTS".into(),
             put_chat_attachment_at: "INSERT INTO chat_attachments (chat_id, kind, id, body) VALUES (?, ?, ?, ?) USING TIMESTAMP ?".into(),
             delete_chat_attachment_at: "DELETE FROM chat_attachments USING TIMESTAMP ? WHERE chat_id = ? AND kind = ? AND id = ?".into(),
             delete_blob_ref: "DELETE FROM blob_refs WHERE sha256 = ? AND attachment_id = ?".into(),
@@ -2943,70 +2931,6 @@ impl Store for CqlStore {
             .await
     }
 
-    async fn reserve_attachment(
-        &self,
-        id: Uuid,
-        message: SignalId,
-    ) -> Result<Option<(SignalId, OffsetDateTime)>, StoreError> {
-        let now = CqlTimestamp(millis(OffsetDateTime::now_utc()));
-        let result = self
-            .session
-            .execute_unpaged(&self.statements.reserve_attachment, (id, message.0, now))
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(corrupt)?;
-        let row = result
-            .maybe_first_row::<Row>()
-            .map_err(corrupt)?
-            .ok_or_else(|| corrupt("lightweight transaction returned no row"))?;
-        // Columns: [applied], then (when not applied) the existing row, by name.
-        if matches!(column(&row, 0), Some(CqlValue::Boolean(true))) {
-            return Ok(None);
-        }
-        let specs = result.column_specs();
-        let named = |name: &str| {
-            specs
-                .iter()
-                .position(|spec| spec.name() == name)
-                .and_then(|index| column(&row, index))
-        };
-        let Some(CqlValue::Uuid(holder)) = named("message_id") else {
-            return Err(corrupt("attachment reservation without message"));
-        };
-        let Some(CqlValue::Timestamp(CqlTimestamp(reserved_at))) = named("reserved_at") else {
-            return Err(corrupt("attachment reservation without time"));
-        };
-        // A reservation this message made already (an attempt that timed out after it applied).
-        if *holder == message.0 {
-            return Ok(None);
-        }
-        Ok(Some((SignalId(*holder), from_millis(*reserved_at)?)))
-    }
-
-    async fn retake_attachment(
-        &self,
-        id: Uuid,
-        from: SignalId,
-        to: SignalId,
-    ) -> Result<bool, StoreError> {
-        let now = CqlTimestamp(millis(OffsetDateTime::now_utc()));
-        let result = self
-            .session
-            .execute_unpaged(&self.statements.retake_attachment, (to.0, now, id, from.0))
-            .await
-            .map_err(unavailable)?;
-        applied(result)
-    }
-
-    async fn release_attachment(&self, id: Uuid, message: SignalId) -> Result<(), StoreError> {
-        self.session
-            .execute_unpaged(&self.statements.release_attachment, (id, message.0))
-            .await
-            .map_err(unavailable)?;
-        Ok(())
-    }
-
     async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError> {
         for sha in blobs {
             self.session
@@ -3089,13 +3013,6 @@ impl Store for CqlStore {
             }
             self.session
                 .execute_unpaged(&self.statements.delete_attachment, (attachment.id,))
-                .await
-                .map_err(unavailable)?;
-            self.session
-                .execute_unpaged(
-                    &self.statements.drop_attachment_reservation,
-                    (attachment.id,),
-                )
                 .await
                 .map_err(unavailable)?;
             for sha in attachment.blobs() {

@@ -49,7 +49,6 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0012_live_calls.sql"),
     include_str!("schema/0013_call_signals.sql"),
     include_str!("schema/0014_call_joins.sql"),
-    include_str!("schema/0015_attachment_reservations.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -1465,75 +1464,6 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn reserve_attachment(
-        &self,
-        id: Uuid,
-        message: SignalId,
-    ) -> Result<Option<(SignalId, OffsetDateTime)>, StoreError> {
-        let now = millis(OffsetDateTime::now_utc());
-        self.with(move |c| {
-            // One transaction: no other send reserves between the read and the write.
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(unavailable)?;
-            let held: Option<(Vec<u8>, i64)> = tx
-                .query_row(
-                    "SELECT message_id, reserved_at_ms FROM attachment_reservations WHERE id = ?1",
-                    params![blob(id)],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
-                )
-                .optional()
-                .map_err(unavailable)?;
-            if let Some((holder, reserved_at)) = held {
-                let holder = SignalId(uuid_from(holder)?);
-                if holder == message {
-                    return Ok(None);
-                }
-                return Ok(Some((holder, from_millis(reserved_at)?)));
-            }
-            tx.execute(
-                "INSERT INTO attachment_reservations (id, message_id, reserved_at_ms)
-                 VALUES (?1, ?2, ?3)",
-                params![blob(id), blob(message.0), now],
-            )
-            .map_err(unavailable)?;
-            tx.commit().map_err(unavailable)?;
-            Ok(None)
-        })
-        .await
-    }
-
-    async fn retake_attachment(
-        &self,
-        id: Uuid,
-        from: SignalId,
-        to: SignalId,
-    ) -> Result<bool, StoreError> {
-        let now = millis(OffsetDateTime::now_utc());
-        self.with(move |c| {
-            c.execute(
-                "UPDATE attachment_reservations SET message_id = ?3, reserved_at_ms = ?4
-                 WHERE id = ?1 AND message_id = ?2",
-                params![blob(id), blob(from.0), blob(to.0), now],
-            )
-            .map(|changed| changed == 1)
-            .map_err(unavailable)
-        })
-        .await
-    }
-
-    async fn release_attachment(&self, id: Uuid, message: SignalId) -> Result<(), StoreError> {
-        self.with(move |c| {
-            c.execute(
-                "DELETE FROM attachment_reservations WHERE id = ?1 AND message_id = ?2",
-                params![blob(id), blob(message.0)],
-            )
-            .map(|_| ())
-            .map_err(unavailable)
-        })
-        .await
-    }
-
     async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError> {
         let blobs = blobs.to_vec();
         self.with(move |c| {
@@ -1622,11 +1552,6 @@ impl Store for EmbeddedStore {
             for id in ids {
                 tx.execute("DELETE FROM attachments WHERE id = ?1", params![blob(id)])
                     .map_err(unavailable)?;
-                tx.execute(
-                    "DELETE FROM attachment_reservations WHERE id = ?1",
-                    params![blob(id)],
-                )
-                .map_err(unavailable)?;
                 tx.execute(
                     "DELETE FROM blob_refs WHERE attachment_id = ?1",
                     params![blob(id)],
@@ -2344,11 +2269,6 @@ impl Store for EmbeddedStore {
             let id = blob(chat.0);
             tx.execute(
                 "DELETE FROM blob_refs WHERE attachment_id IN (SELECT id FROM attachments WHERE chat_id = ?1)",
-                params![id],
-            )
-            .map_err(unavailable)?;
-            tx.execute(
-                "DELETE FROM attachment_reservations WHERE id IN (SELECT id FROM attachments WHERE chat_id = ?1)",
                 params![id],
             )
             .map_err(unavailable)?;
