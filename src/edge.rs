@@ -6,7 +6,6 @@
 //! Accepted connections get `TCP_USER_TIMEOUT` and keepalive (`server.*`), so that a client that
 //! vanished without closing is noticed in bounded time and its streams end.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,8 +26,6 @@ use futures::StreamExt;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use sha2::{Digest, Sha256};
-use time::OffsetDateTime;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -45,7 +42,6 @@ pub fn layer(
     let public = Arc::new(PublicLimit {
         limit: KeyedLimit::new("requests without a login from this address", limits.public),
         identity,
-        verified: Mutex::new(HashMap::new()),
     });
     let request_timeout = limits.request_timeout();
     let body_idle = limits.body_idle_timeout();
@@ -197,54 +193,18 @@ impl http_body::Body for SharedBody {
 /// Paths probed by orchestrators and scrapers, never limited.
 const PROBES: &[&str] = &["/health", "/ready", "/metrics"];
 
-/// Tokens remembered as verified before the expired ones are dropped (and, if that is not enough,
-/// all of them: each is verified again on its next use).
-const VERIFIED_KEPT: usize = 100_000;
-
-/// The per-address limit of requests without a login, and the tokens that verified lately.
+/// The per-address limit of requests without a login, and what tells a login from none.
 struct PublicLimit {
     limit: KeyedLimit<IpAddr>,
     identity: Arc<dyn Identity>,
-    /// The SHA-256 of each token that verified, and when it expires (Unix seconds): such a
-    /// token's requests pass without another verification here (their handlers verify it).
-    verified: Mutex<HashMap<[u8; 32], i64>>,
-}
-
-impl PublicLimit {
-    fn verified(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], i64>> {
-        self.verified.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn is_verified(&self, digest: &[u8; 32]) -> bool {
-        let now = OffsetDateTime::now_utc().unix_timestamp();
-        self.verified()
-            .get(digest)
-            .is_some_and(|&expires_at| expires_at > now)
-    }
-
-    fn remember(&self, digest: [u8; 32], expires_at: i64) {
-        let mut verified = self.verified();
-        if verified.len() >= VERIFIED_KEPT {
-            let now = OffsetDateTime::now_utc().unix_timestamp();
-            verified.retain(|_, &mut expires_at| expires_at > now);
-            if verified.len() >= VERIFIED_KEPT {
-                verified.clear();
-            }
-        }
-        verified.insert(digest, expires_at);
-    }
-
-    fn forget(&self, digest: &[u8; 32]) {
-        self.verified().remove(digest);
-    }
 }
 
 /// Requests without a login take a token of their peer address's bucket: those without an
-/// `Authorization` header, and those whose header does not hold a token that verifies. Otherwise
-/// any header at all, even garbage, would pass unlimited, each forcing a token verification. A
-/// token that verifies is remembered, so that its user's requests go by their own limits
-/// (`limits.send` and the like), also from an address past its allowance; one that stops
-/// verifying (its session logged out) is forgotten on its first 401.
+/// `Authorization` header, and those whose header does not hold a token that verifies (else any
+/// header at all, even garbage, would pass unlimited, each forcing a verification). A signed-in
+/// user's requests go by their own limits (`limits.send` and the like), also from an address past
+/// its allowance. The identity remembers the signatures it checked, so checking here costs a
+/// signed-in request a digest and a look at the claims, not a second signature check.
 async fn limit_public(
     State(public): State<Arc<PublicLimit>>,
     request: Request,
@@ -260,36 +220,17 @@ async fn limit_public(
     if PROBES.contains(&request.uri().path()) {
         return next.run(request).await;
     }
-    let refuse = |limited| Problem::from(&limited).into_response();
-    if !request.headers().contains_key(header::AUTHORIZATION) {
-        if let Err(limited) = public.limit.check(&ip) {
-            return refuse(limited);
-        }
-        return next.run(request).await;
-    }
-    let Ok(token) = bearer_token(request.headers()) else {
-        if let Err(limited) = public.limit.check(&ip) {
-            return refuse(limited);
-        }
-        return next.run(request).await;
+    let without_login = match bearer_token(request.headers()) {
+        Err(_) => true,
+        Ok(token) => match public.identity.authenticate(token).await {
+            Ok(_) => false,
+            // Not the caller's fault: the handler answers 503, unlimited here as with a login.
+            Err(AuthError::Unavailable(_)) => false,
+            Err(_) => true,
+        },
     };
-    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-    if public.is_verified(&digest) {
-        let response = next.run(request).await;
-        if response.status() == StatusCode::UNAUTHORIZED {
-            public.forget(&digest);
-        }
-        return response;
-    }
-    match public.identity.authenticate(token).await {
-        Ok(principal) => public.remember(digest, principal.expires_at),
-        // Not the caller's fault: the handler answers 503, unlimited here as with a login.
-        Err(AuthError::Unavailable(_)) => {}
-        Err(_) => {
-            if let Err(limited) = public.limit.check(&ip) {
-                return refuse(limited);
-            }
-        }
+    if without_login && let Err(limited) = public.limit.check(&ip) {
+        return Problem::from(&limited).into_response();
     }
     next.run(request).await
 }
