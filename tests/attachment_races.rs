@@ -346,3 +346,76 @@ async fn a_claim_does_not_bring_back_a_deleted_attachment(stack: Stack) {
         .await;
 }
 on_both_stacks!(a_claim_does_not_bring_back_a_deleted_attachment);
+
+/// Two messages name one attachment at once: both pass the send's check before either records
+/// that it took the attachment. Only the one whose claim is recorded carries it afterwards (in
+/// the history, and so in every later read), and deleting the other leaves it alone.
+async fn two_messages_that_name_one_attachment_at_once_show_it_once(stack: Stack) {
+    let harness = Arc::new(Harness::start(stack).await);
+    harness.store.hold(Held::Claim);
+    let photo = harness.upload("photo.png", "image/png", png(8, 8)).await;
+    let id = photo["id"].as_str().unwrap().to_owned();
+    // The image's pictures are held too (the harness holds them): the first write at the gate is
+    // theirs, then the two sends' claims.
+    harness.store.gate.arrived(1).await;
+    let send = |harness: &Arc<Harness>| {
+        let harness = Arc::clone(harness);
+        let photo = photo.clone();
+        tokio::spawn(async move { harness.send(&[&photo["id"]]).await })
+    };
+    let first = send(&harness);
+    harness.store.gate.arrived(2).await;
+    let second = send(&harness);
+    harness.store.gate.arrived(3).await;
+    harness.store.gate.release(3).await;
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+
+    let history = harness
+        .json(
+            &harness.alice,
+            &format!("/v1/chats/{}/signals?limit=10", harness.chat),
+        )
+        .await;
+    let carrying: Vec<&str> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["attachments"].as_array().is_some_and(|a| !a.is_empty()))
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(carrying.len(), 1, "both messages carry it: {history}");
+    let (taker, other) = if carrying[0] == first {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    let listed = harness
+        .json(
+            &harness.alice,
+            &format!("/v1/chats/{}/attachments", harness.chat),
+        )
+        .await;
+    assert_eq!(listed["items"][0]["message_id"], taker.as_str(), "{listed}");
+
+    let deleted = harness
+        .http
+        .delete(format!(
+            "{}/v1/chats/{}/signals/{other}",
+            harness.base, harness.chat
+        ))
+        .bearer_auth(&harness.alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert_eq!(
+        harness.get(&format!("/v1/attachments/{id}")).await.status(),
+        200,
+        "deleting the message that did not take it hid it"
+    );
+    Arc::into_inner(harness)
+        .expect("the sends are done")
+        .stop()
+        .await;
+}
+on_both_stacks!(two_messages_that_name_one_attachment_at_once_show_it_once);

@@ -405,7 +405,7 @@ impl ApiState {
     }
 
     /// Fills in the metadata of the attachments of `signals` (one store read for all); attachments
-    /// that are gone (their message was deleted) are left out.
+    /// that are gone (their message was deleted), or that another message took, are left out.
     pub(crate) async fn resolve_attachments(&self, signals: &mut [Signal]) -> ApiResult<()> {
         let ids: Vec<Uuid> = signals
             .iter()
@@ -423,7 +423,14 @@ impl ApiState {
                 .filter_map(|r| {
                     found
                         .iter()
-                        .find(|a| a.id == r.id() && a.chat_id == chat)
+                        // Once a message's claim is recorded, it alone carries the attachment:
+                        // two sends that named it at once both passed the check before either
+                        // claimed it, and only one claim is kept.
+                        .find(|a| {
+                            a.id == r.id()
+                                && a.chat_id == chat
+                                && a.message_id.is_none_or(|m| m == signal.id)
+                        })
                         .cloned()
                         .map(AttachmentRef::from)
                 })
