@@ -149,22 +149,23 @@ impl ApiState {
             .await?
         {
             Inserted::Existing(existing) => {
-                // The first attempt may have stored the signal and then failed to publish its
-                // event (a crash, the bus down): publish it again. Within the log's duplicate
-                // window a copy is dropped, so this never delivers it twice.
-                if !existing.deleted && self.within_republish_window(&existing) {
-                    self.publish(Envelope::signal_created(existing.clone()))
-                        .await;
-                }
+                self.republish_if_recent(&existing).await;
                 Ok(Outcome::Existing(self.decorate_one(existing).await?))
             }
             Inserted::Created(created) => Ok(Outcome::Created(created)),
         }
     }
 
-    fn within_republish_window(&self, signal: &Signal) -> bool {
-        let age = OffsetDateTime::now_utc() - signal.created_at;
-        age < self.republish_window
+    /// For a signal sent again (the same nonce): the first attempt may have stored it and then
+    /// failed to publish its event (a crash, the bus down), so its event is published again.
+    /// Within the log's duplicate window a copy is dropped, so this never delivers it twice;
+    /// past the window it is not sent again.
+    async fn republish_if_recent(&self, existing: &Signal) {
+        let age = OffsetDateTime::now_utc() - existing.created_at;
+        if !existing.deleted && age < self.republish_window {
+            self.publish(Envelope::signal_created(existing.clone()))
+                .await;
+        }
     }
 
     /// A page of the chat's history (members only): newest first, or oldest first after `after`.
@@ -354,12 +355,7 @@ impl ApiState {
         match self.record(&signal, members, None).await? {
             Inserted::Created(created) => Ok(created),
             Inserted::Existing(existing) => {
-                // As for a message sent again (see `send_message`): the first write may have
-                // stored the signal and failed before its event went out.
-                if !existing.deleted && self.within_republish_window(&existing) {
-                    self.publish(Envelope::signal_created(existing.clone()))
-                        .await;
-                }
+                self.republish_if_recent(&existing).await;
                 Ok(existing)
             }
         }
