@@ -699,3 +699,112 @@ async fn two_starts_in_one_chat_at_once_are_one_call(stack: Stack) {
 }
 
 on_both_stacks!(two_starts_in_one_chat_at_once_are_one_call);
+
+/// A circle expires while a call rings in one of its chats: the removal ends the call with the
+/// chat, and the sweep that finds it rung out afterwards writes nothing into the removed chat
+/// (no `missed` signal, no live-call rows) and forgets its listing.
+async fn a_call_in_a_removed_chat_writes_nothing_into_it(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let chat = setup.group(&alice, &[&bob]).await;
+    let now = time::OffsetDateTime::now_utc();
+    let circle = confab_schema::circle::Circle {
+        id: confab_schema::CircleId::new(),
+        name: "brief".into(),
+        description: None,
+        rules: None,
+        owner_id: alice.id,
+        access_code: Some(
+            confab_api::domain::inputs::AccessCode::generate()
+                .as_str()
+                .to_owned(),
+        ),
+        max_members: 2,
+        created_at: confab_schema::model::to_millis(now - time::Duration::hours(2)),
+        expires_at: confab_schema::model::to_millis(now - time::Duration::hours(1)),
+    };
+    setup.store.create_circle(&circle).await.unwrap();
+    setup.store.add_circle_chat(circle.id, chat).await.unwrap();
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
+
+    let removed = setup
+        .state
+        .sweep_expired_circles_in(10, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(removed, 1, "the expired circle is removed");
+    assert!(setup.store.get_chat(chat).await.unwrap().is_none());
+    let record = setup.store.get_call(call.id).await.unwrap();
+    assert!(
+        record.as_ref().is_none_or(|r| !r.status.is_live()),
+        "the removed chat's call is still live: {record:?}"
+    );
+
+    let rung_out = call.ring_until + time::Duration::seconds(1);
+    setup.state.sweep_missed_calls(rung_out).await.unwrap();
+    let written = setup.store.signals_before(chat, None, 100).await.unwrap();
+    assert!(
+        written.is_empty(),
+        "written into the removed chat: {written:?}"
+    );
+    let live = setup.store.live_calls(chat).await.unwrap();
+    assert!(live.is_empty(), "the removed chat's live calls: {live:?}");
+    let listed = setup
+        .store
+        .listed_calls_due(rung_out + time::Duration::hours(1), None, 1_000)
+        .await
+        .unwrap();
+    assert!(
+        listed.iter().all(|listing| listing.id != call.id),
+        "the removed chat's call is still listed: {listed:?}"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_call_in_a_removed_chat_writes_nothing_into_it);
+
+/// A call starts in a chat that is then removed without it (a start that passed its membership
+/// check just before the removal): the sweep that finds it rung out writes nothing into the
+/// removed chat (no `missed` signal, no live-call rows) and forgets its listing.
+async fn the_sweep_writes_nothing_into_a_removed_chat(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let chat = setup.group(&alice, &[&bob]).await;
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
+    setup.store.delete_chat(chat).await.unwrap();
+
+    let rung_out = call.ring_until + time::Duration::seconds(1);
+    setup.state.sweep_missed_calls(rung_out).await.unwrap();
+    let written: Vec<_> = setup
+        .store
+        .signals_before(chat, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| {
+            s.call
+                .as_ref()
+                .is_some_and(|c| c.state != CallState::Started)
+        })
+        .collect();
+    assert!(
+        written.is_empty(),
+        "written into the removed chat: {written:?}"
+    );
+    let live = setup.store.live_calls(chat).await.unwrap();
+    assert!(live.is_empty(), "the removed chat's live calls: {live:?}");
+    let listed = setup
+        .store
+        .listed_calls_due(rung_out + time::Duration::hours(1), None, 1_000)
+        .await
+        .unwrap();
+    assert!(
+        listed.iter().all(|listing| listing.id != call.id),
+        "the removed chat's call is still listed: {listed:?}"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(the_sweep_writes_nothing_into_a_removed_chat);

@@ -436,6 +436,13 @@ impl ApiState {
             }
             return Ok(false);
         };
+        if self.store.get_chat(record.chat_id).await?.is_none() {
+            // Its chat was removed with the call still in it (a start that passed its
+            // membership check just before the removal): the call ends with its chat, and
+            // nothing more is written into a chat that is gone.
+            self.end_without_chat(&record, listing).await?;
+            return Ok(false);
+        }
         // A start's listing, due at its `started_at`: its `started` signal may be missing, and
         // comes before anything else of the call the sweep writes.
         let start = listing.due == record.started_at;
@@ -642,6 +649,35 @@ impl ApiState {
         // written.
         self.store.forget_listed_call(&listing).await?;
         self.current_status(record.id).await
+    }
+
+    /// Ends the live calls of `chat`, about to be removed, each with its `ended` signal, so that
+    /// clients ringing or in one hear that it is over. Idempotent.
+    pub(crate) async fn end_calls_of_chat(&self, chat: ChatId) -> ApiResult<()> {
+        for record in self.store.live_calls(chat).await? {
+            self.finish(&record).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends a call whose chat is gone without a signal, and forgets `listing` and the call's
+    /// listing as a ringing call.
+    async fn end_without_chat(&self, record: &CallRecord, listing: &ListedCall) -> ApiResult<()> {
+        for from in [CallStatus::Active, CallStatus::Ringing] {
+            if self
+                .store
+                .transition_call(record.id, from, CallStatus::Ended)
+                .await?
+            {
+                break;
+            }
+        }
+        for due in [listing.due, record.ring_until] {
+            self.store
+                .forget_listed_call(&ListedCall { due, ..*listing })
+                .await?;
+        }
+        Ok(())
     }
 
     /// Writes the `ended` or `missed` signal of a call that is over, then forgets `listing`.

@@ -455,10 +455,11 @@ impl ApiState {
         }
     }
 
-    /// Removes an expired circle's chats (their messages leave the search index first), then its
-    /// own rows, the expiry entry last. Idempotent.
+    /// Removes an expired circle's chats (their calls end first, and their messages leave the
+    /// search index), then its own rows, the expiry entry last. Idempotent.
     async fn remove_expired_circle(&self, circle: CircleId) -> ApiResult<()> {
         for chat in self.store.circle_chats(circle).await? {
+            self.end_calls_of_chat(chat).await?;
             self.forget_history(chat).await?;
             self.store.delete_chat(chat).await?;
         }

@@ -70,6 +70,8 @@ pub(super) struct CircleStatements {
     delete_markers: PreparedStatement,
     delete_summary: PreparedStatement,
     delete_activity: PreparedStatement,
+    delete_live_calls: PreparedStatement,
+    delete_chat_call_claim: PreparedStatement,
 }
 
 impl CircleStatements {
@@ -172,6 +174,10 @@ impl CircleStatements {
             // A summary from before migration 11 (now in the chat's row).
             delete_summary: prepare("DELETE FROM chat_summaries WHERE chat_id = ?").await?,
             delete_activity: prepare("DELETE FROM chat_activity WHERE chat_id = ?").await?,
+            delete_live_calls: prepare("DELETE FROM live_calls WHERE chat_id = ?").await?,
+            // `chat_calls` is written by lightweight transactions only.
+            delete_chat_call_claim: prepare("DELETE FROM chat_calls WHERE chat_id = ? IF EXISTS")
+                .await?,
         })
     }
 }
@@ -340,6 +346,8 @@ impl CqlStore {
             &s.delete_chat_settings,
             &s.delete_summary,
             &s.delete_activity,
+            &s.delete_live_calls,
+            &s.delete_chat_call_claim,
         ] {
             session
                 .execute_unpaged(statement, (id,))
