@@ -808,3 +808,60 @@ async fn the_sweep_writes_nothing_into_a_removed_chat(stack: Stack) {
 }
 
 on_both_stacks!(the_sweep_writes_nothing_into_a_removed_chat);
+
+/// A member ends a ringing call just as another answers it: whichever status change the end's
+/// first try finds (held after it was made, or held before it while the answer goes through),
+/// the end ends the call, once.
+async fn an_end_racing_an_answer_ends_the_call(stack: Stack) {
+    for held_after in [true, false] {
+        let setup = HeldApi::new(stack).await;
+        let alice = setup.user("alice").await;
+        let bob = setup.user("bob").await;
+        let chat = setup.group(&alice, &[&bob]).await;
+        let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
+        assert_eq!(call.status, CallStatus::Ringing);
+
+        let end_held = Held::CallStatus(CallStatus::Ended);
+        if held_after {
+            setup.store.hold_after(end_held);
+        } else {
+            setup.store.hold(end_held);
+        }
+        let ending = tokio::spawn({
+            let state = setup.state.clone();
+            async move { state.end_call(alice.id, call.id).await }
+        });
+        setup.store.gate.arrived(1).await;
+        setup.store.lift(end_held);
+        match setup.state.join_call(bob.id, call.id).await {
+            Ok(answered) => assert_eq!(answered.status, CallStatus::Active),
+            Err(ApiError::Conflict(_)) => {}
+            Err(other) => panic!("the answer failed: {other:?}"),
+        }
+        setup.store.gate.release(1).await;
+        let ended = tokio::time::timeout(DEADLINE, ending)
+            .await
+            .expect("the held end ends")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            ended.status,
+            CallStatus::Ended,
+            "held after: {held_after}; the end answered {ended:?}"
+        );
+        assert_eq!(
+            setup.store.get_call(call.id).await.unwrap().unwrap().status,
+            CallStatus::Ended,
+            "held after: {held_after}; the call is still live after its end"
+        );
+        assert_eq!(
+            setup
+                .signals_of(chat, call.id, CallState::Ended, alice.id)
+                .await,
+            1
+        );
+        setup.clean_up().await;
+    }
+}
+
+on_both_stacks!(an_end_racing_an_answer_ends_the_call);

@@ -626,29 +626,49 @@ impl ApiState {
             due: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
         };
         self.store.list_call(&listing).await?;
-        for from in [CallStatus::Active, CallStatus::Ringing] {
-            if self
-                .store
-                .transition_call(record.id, from, CallStatus::Ended)
-                .await?
-            {
-                self.settle(record, CallState::Ended, &listing).await?;
-                if from == CallStatus::Ringing {
-                    // Its listing as a ringing call has nothing left to do either.
-                    self.store
-                        .forget_listed_call(&ListedCall {
-                            due: record.ring_until,
-                            ..listing
-                        })
-                        .await?;
-                }
-                return Ok(CallStatus::Ended);
+        if let Some(from) = self.move_to_ended(record).await? {
+            self.settle(record, CallState::Ended, &listing).await?;
+            if from == CallStatus::Ringing {
+                // Its listing as a ringing call has nothing left to do either.
+                self.store
+                    .forget_listed_call(&ListedCall {
+                        due: record.ring_until,
+                        ..listing
+                    })
+                    .await?;
             }
+            return Ok(CallStatus::Ended);
         }
         // Another change moved the status first; its own listing stays until its signal is
         // written.
         self.store.forget_listed_call(&listing).await?;
         self.current_status(record.id).await
+    }
+
+    /// Moves a live call's status to ended; answers the status it moved it from, or `None` when
+    /// another change ended it first. Tried from the status last read, and a miss reads it again:
+    /// the status only moves forward (ringing, active, over), so an answer that moves a ringing
+    /// call between two tries does not make the end a no-op, and three tries are enough.
+    async fn move_to_ended(&self, record: &CallRecord) -> ApiResult<Option<CallStatus>> {
+        let mut from = if record.status.is_live() {
+            record.status
+        } else {
+            CallStatus::Active
+        };
+        for _ in 0..3 {
+            if !from.is_live() {
+                break;
+            }
+            if self
+                .store
+                .transition_call(record.id, from, CallStatus::Ended)
+                .await?
+            {
+                return Ok(Some(from));
+            }
+            from = self.current_status(record.id).await?;
+        }
+        Ok(None)
     }
 
     /// Ends the live calls of `chat`, about to be removed, each with its `ended` signal, so that
@@ -663,15 +683,7 @@ impl ApiState {
     /// Ends a call whose chat is gone without a signal, and forgets `listing` and the call's
     /// listing as a ringing call.
     async fn end_without_chat(&self, record: &CallRecord, listing: &ListedCall) -> ApiResult<()> {
-        for from in [CallStatus::Active, CallStatus::Ringing] {
-            if self
-                .store
-                .transition_call(record.id, from, CallStatus::Ended)
-                .await?
-            {
-                break;
-            }
-        }
+        self.move_to_ended(record).await?;
         for due in [listing.due, record.ring_until] {
             self.store
                 .forget_listed_call(&ListedCall { due, ..*listing })
