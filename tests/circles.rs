@@ -1177,3 +1177,63 @@ async fn a_wait_begun_again_is_not_changed_by_a_write_read_from_the_one_before(s
 }
 
 on_both_stacks!(a_wait_begun_again_is_not_changed_by_a_write_read_from_the_one_before);
+
+/// A removal from a circle fails after the member row went, before the removed member's wait in
+/// the lobby ended: a retry of it (by the owner, or of the member's own leave) finishes it, so
+/// the next member to enter is not paired with someone no longer in the circle.
+async fn a_removal_that_failed_half_way_is_finished_by_its_retry(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let owner = setup.user("owner").await;
+    let removed = setup.user("removed").await;
+    let leaving = setup.user("leaving").await;
+    let other = setup.user("other").await;
+    let circle = setup.circle(&owner, &[&removed, &leaving, &other]).await;
+    for (person, by) in [(&removed, &owner), (&leaving, &leaving)] {
+        let waiting = setup
+            .state
+            .enter_circle_lobby(person.id, circle.id)
+            .await
+            .unwrap();
+        assert_eq!(waiting.state, PairingState::Waiting, "{waiting:?}");
+        setup.store.fail_next(Held::Slots);
+        let failed = setup
+            .state
+            .remove_circle_member(by.id, circle.id, person.id)
+            .await;
+        assert!(
+            failed.is_err(),
+            "the scenario: the removal failed: {failed:?}"
+        );
+        let retried = setup
+            .state
+            .remove_circle_member(by.id, circle.id, person.id)
+            .await;
+        assert!(
+            retried.is_ok(),
+            "{}'s removal was not finished by its retry: {retried:?}",
+            person.username
+        );
+        let slots = setup.store.slots(&circle_pool(circle.id)).await.unwrap();
+        assert!(
+            slots.iter().all(|slot| slot.user_id != person.id),
+            "{} is left in the lobby: {slots:?}",
+            person.username
+        );
+    }
+    // The next member to enter waits: there is nobody to be paired with.
+    let waiting = setup
+        .state
+        .enter_circle_lobby(other.id, circle.id)
+        .await
+        .unwrap();
+    assert_eq!(waiting.state, PairingState::Waiting, "{waiting:?}");
+    // Nobody removes a member who was never in the lobby twice.
+    let again = setup
+        .state
+        .remove_circle_member(owner.id, circle.id, removed.id)
+        .await;
+    assert!(matches!(again, Err(ApiError::NotFound(_))), "{again:?}");
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_removal_that_failed_half_way_is_finished_by_its_retry);

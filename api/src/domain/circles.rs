@@ -263,14 +263,21 @@ impl ApiState {
     /// Removes `user` from the circle: themself (leaving), or anyone by the owner. The member row
     /// goes first, then their wait or pairing ends: an entry into the lobby racing the removal
     /// reads the membership again after its own write, so either it sees the removal (and takes
-    /// itself out), or its slot is there for this removal to end.
+    /// itself out), or its slot is there for this removal to end. A removal that failed after its
+    /// member row went left the slot: a retry finds it and finishes the removal.
     pub async fn remove_circle_member(
         &self,
         caller: UserId,
         id: CircleId,
         user: UserId,
     ) -> ApiResult<()> {
-        let (circle, members) = self.circle_as_member(id, caller).await?;
+        let (circle, members) = match self.circle_as_member(id, caller).await {
+            Ok(found) => found,
+            Err(not_member) if caller == user => {
+                return self.finish_removal(id, user, user, not_member).await;
+            }
+            Err(refused) => return Err(refused),
+        };
         if caller != user && circle.owner_id != caller {
             return Err(ApiError::Forbidden(
                 "only the circle's owner removes others",
@@ -282,10 +289,27 @@ impl ApiState {
             ));
         }
         if !members.iter().any(|m| m.user_id == user) {
-            return Err(ApiError::NotFound("no such member"));
+            return self
+                .finish_removal(id, user, caller, ApiError::NotFound("no such member"))
+                .await;
         }
         self.store.remove_circle_member(id, user).await?;
         self.leave_lobby(id, user, caller).await
+    }
+
+    /// For a removal of `user`, no longer a member: their slot in the lobby, if one is left (a
+    /// removal that failed after the member row went), is taken out; else `refusal`.
+    async fn finish_removal(
+        &self,
+        id: CircleId,
+        user: UserId,
+        by: UserId,
+        refusal: ApiError,
+    ) -> ApiResult<()> {
+        if self.slot_of(&circle_pool(id), user).await?.is_none() {
+            return Err(refusal);
+        }
+        self.leave_lobby(id, user, by).await
     }
 
     /// Ends `user`'s wait or pairing in the circle (`by`: who ended it) and takes them out of the
