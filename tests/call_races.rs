@@ -865,3 +865,69 @@ async fn an_end_racing_an_answer_ends_the_call(stack: Stack) {
 }
 
 on_both_stacks!(an_end_racing_an_answer_ends_the_call);
+
+/// Two members join a call one seat short of full at once: each reads the call with a seat free
+/// before either is in. The call never holds more than its cap, each join left out is refused
+/// with 409 and is not in the call, and a seat left free is taken by the next join.
+async fn joins_at_once_never_fill_a_call_past_its_cap(stack: Stack) {
+    const CAP: usize = confab_schema::limits::MAX_CALL_PARTICIPANTS;
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let mut others = Vec::new();
+    for i in 0..CAP + 1 {
+        others.push(setup.user(&format!("member{i}")).await);
+    }
+    let chat = setup
+        .group(&alice, &others.iter().collect::<Vec<_>>())
+        .await;
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
+    // Alice and all but three others: one seat left.
+    for member in &others[..CAP - 2] {
+        setup.state.join_call(member.id, call.id).await.unwrap();
+    }
+    let racing = [others[CAP - 2].id, others[CAP - 1].id];
+
+    setup.store.hold(Held::CallParticipant(true));
+    let joins: Vec<_> = racing
+        .iter()
+        .map(|&user| {
+            let state = setup.state.clone();
+            tokio::spawn(async move { state.join_call(user, call.id).await })
+        })
+        .collect();
+    setup.store.gate.arrived(2).await;
+    setup.store.lift(Held::CallParticipant(true));
+    setup.store.gate.release(2).await;
+    let mut refused = Vec::new();
+    for (user, join) in racing.iter().zip(joins) {
+        match tokio::time::timeout(DEADLINE, join).await.unwrap().unwrap() {
+            Ok(_) => {}
+            Err(ApiError::Conflict(_)) => refused.push(*user),
+            Err(other) => panic!("a join failed: {other:?}"),
+        }
+    }
+    let participants = setup.store.call_participants(call.id).await.unwrap();
+    assert!(
+        participants.len() <= CAP,
+        "{} participants, the cap is {CAP}",
+        participants.len()
+    );
+    assert!(!refused.is_empty(), "both racing joins got in");
+    for user in &refused {
+        assert!(
+            !participants.contains(user),
+            "a refused join is in the call"
+        );
+    }
+    if participants.len() < CAP {
+        let last = others[CAP].id;
+        setup.state.join_call(last, call.id).await.unwrap();
+    }
+    assert_eq!(
+        setup.store.call_participants(call.id).await.unwrap().len(),
+        CAP
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(joins_at_once_never_fill_a_call_past_its_cap);

@@ -238,6 +238,18 @@ impl ApiState {
                 .set_pending_call_signal(id, caller, Some(&join))
                 .await?;
         }
+        if !in_call
+            && join.token == token
+            && self.present_participants(&record).await?.len() > MAX_CALL_PARTICIPANTS
+        {
+            // Joins at once each read a seat free before any was in. Each reads again after its
+            // own write, and one that finds the call over its cap takes itself back out: the
+            // last of those that stay to write read after every other's write, so the call
+            // never holds more than the cap (and joins at once may all be refused).
+            self.store.remove_call_participant(id, caller).await?;
+            self.store.set_pending_call_signal(id, caller, None).await?;
+            return Err(ApiError::Conflict("the call is full".into()));
+        }
         // An answer and the ring timeout race on the ringing status; exactly one moves it. Else
         // the status is read again after the participant is in: a last leave that ended the call
         // since it was read above did not see this participant, so the join is undone.
