@@ -695,7 +695,7 @@ async fn cql_migration_11_keeps_summaries_and_read_markers() {
 
     assert_eq!(
         cql::migrate(&options).await.expect("migrates"),
-        vec![11, 12, 13, 14, 15, 16, 17, 18, 19]
+        vec![11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
     );
     let store = CqlStore::connect(&options).await.expect("connects");
     let listed = store.chat_list(reader, None, 10).await.expect("lists");
@@ -813,7 +813,7 @@ async fn cql_migration_12_copies_chats_into_member_rows() {
 
     assert_eq!(
         cql::migrate(&options).await.expect("migrates"),
-        vec![12, 13, 14, 15, 16, 17, 18, 19]
+        vec![12, 13, 14, 15, 16, 17, 18, 19, 20]
     );
     type Copies = (
         Option<String>,
@@ -1298,4 +1298,84 @@ async fn stale_scratch_keyspaces_are_dropped() {
         .await
         .expect("drops");
     cql::drop_keyspace(&options).await.expect("drops");
+}
+
+/// A circle's seat count cannot drift from its members: the count kept in a table of its own
+/// (as circles kept it before) is one ahead of the members here, as a join that failed between
+/// taking its seat and writing its member row left it. The circle, with a seat free by its
+/// members, still takes a member, and is full at its members' count. (Joins and removals now
+/// write the count and the member row in one conditional batch.)
+#[tokio::test]
+async fn cql_a_circle_with_a_seat_free_takes_a_member_whatever_a_failed_join_left() {
+    use confab_api::store::MemberPut;
+    use confab_schema::circle::{Circle, CircleMember};
+    use confab_schema::{CircleId, UserId};
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(
+        &options,
+        "cql_a_circle_with_a_seat_free_takes_a_member_whatever_a_failed_join_left",
+    )
+    .await
+    {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let now = time::OffsetDateTime::now_utc();
+    let member = |name: &str| CircleMember {
+        user_id: UserId::from_subject("t", name),
+        display_name: name.to_owned(),
+        joined_at: now,
+    };
+    let circle = Circle {
+        id: CircleId::new(),
+        name: "three".into(),
+        description: None,
+        rules: None,
+        owner_id: UserId::from_subject("t", "owner"),
+        access_code: Some("seats-code".into()),
+        max_members: 3,
+        created_at: confab_schema::model::to_millis(now),
+        expires_at: confab_schema::model::to_millis(now + time::Duration::hours(1)),
+    };
+    store.create_circle(&circle).await.unwrap();
+    for name in ["owner", "x"] {
+        let put = store.put_circle_member(circle.id, &member(name), 3).await;
+        assert_eq!(put.unwrap(), MemberPut::Added, "{name}");
+    }
+    // A third join took a seat in the old count and failed before its member row was written.
+    store
+        .session()
+        .query_unpaged(
+            store
+                .qualify("INSERT INTO circle_seats (circle_id, taken) VALUES (?, 3) IF NOT EXISTS"),
+            (circle.id.0,),
+        )
+        .await
+        .unwrap();
+    store
+        .session()
+        .query_unpaged(
+            store.qualify("UPDATE circle_seats SET taken = 3 WHERE circle_id = ? IF taken = 2"),
+            (circle.id.0,),
+        )
+        .await
+        .unwrap();
+    let put = store.put_circle_member(circle.id, &member("y"), 3).await;
+    assert_eq!(
+        put.unwrap(),
+        MemberPut::Added,
+        "two members of three, and y was refused"
+    );
+    let put = store.put_circle_member(circle.id, &member("z"), 3).await;
+    assert_eq!(put.unwrap(), MemberPut::Full, "three members of three");
+    // Removed twice (a retry): one seat comes free, and z takes it.
+    let x = UserId::from_subject("t", "x");
+    store.remove_circle_member(circle.id, x).await.unwrap();
+    store.remove_circle_member(circle.id, x).await.unwrap();
+    let put = store.put_circle_member(circle.id, &member("z"), 3).await;
+    assert_eq!(put.unwrap(), MemberPut::Added, "x's seat is free");
+    let put = store.put_circle_member(circle.id, &member("w"), 3).await;
+    assert_eq!(put.unwrap(), MemberPut::Full, "one seat came free");
+    assert_eq!(store.circle_members(circle.id).await.unwrap().len(), 3);
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
 }

@@ -14,9 +14,7 @@ use scylla::value::{CqlTimestamp, CqlValue};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{
-    CqlStore, MemberPut, applied, applied_or_row, corrupt, limit_i32, qualify, rows, unavailable,
-};
+use super::{CqlStore, MemberPut, applied, corrupt, limit_i32, qualify, rows, unavailable};
 
 /// How often a seat change is retried against changes racing it.
 const SEAT_ATTEMPTS: usize = 64;
@@ -37,9 +35,9 @@ pub(super) struct CircleStatements {
     add_member: PreparedStatement,
     rename_member: PreparedStatement,
     remove_member: PreparedStatement,
-    first_seat: PreparedStatement,
-    set_seats: PreparedStatement,
-    seats: PreparedStatement,
+    seats_taken: PreparedStatement,
+    member_seats: PreparedStatement,
+    take_seats: PreparedStatement,
     delete_seats: PreparedStatement,
     members: PreparedStatement,
     delete_members: PreparedStatement,
@@ -111,12 +109,19 @@ impl CircleStatements {
                 "DELETE FROM circle_members WHERE circle_id = ? AND user_id = ? IF EXISTS",
             )
             .await?,
-            first_seat: prepare("INSERT INTO circle_seats (circle_id, taken) VALUES (?, ?) IF NOT EXISTS")
-                .await?,
-            set_seats: prepare("UPDATE circle_seats SET taken = ? WHERE circle_id = ? IF taken = ?")
-                .await?,
-            seats: prepare("SELECT taken FROM circle_seats WHERE circle_id = ?").await?,
+            // The seat counts that circles kept before they were kept with the members.
             delete_seats: prepare("DELETE FROM circle_seats WHERE circle_id = ?").await?,
+            seats_taken: prepare("SELECT seats_taken FROM circle_members WHERE circle_id = ? LIMIT 1")
+                .await?,
+            member_seats: prepare(
+                "SELECT user_id, seats_taken FROM circle_members WHERE circle_id = ? AND user_id = ?",
+            )
+            .await?,
+            // `IF seats_taken = ?` holds for a null bound to `?` while the cell is empty.
+            take_seats: prepare(
+                "UPDATE circle_members SET seats_taken = ? WHERE circle_id = ? IF seats_taken = ?",
+            )
+            .await?,
             members: prepare(
                 "SELECT user_id, display_name, joined_at FROM circle_members WHERE circle_id = ?",
             )
@@ -479,29 +484,45 @@ impl CqlStore {
         if self.rename_circle_member(circle, member).await? {
             return Ok(MemberPut::Renamed);
         }
-        if !self.take_seat(circle, max_members).await? {
-            return Ok(MemberPut::Full);
+        let max = i32::try_from(max_members).unwrap_or(i32::MAX);
+        for _ in 0..SEAT_ATTEMPTS {
+            let (taken, counted) = self.seats_taken(circle).await?;
+            if counted >= max {
+                return Ok(MemberPut::Full);
+            }
+            // The seat and the member row in one conditional batch on the circle's partition:
+            // both or neither, and only while the count is the one read.
+            let mut batch = Batch::new(BatchType::Logged);
+            batch.append_statement(s.take_seats.clone());
+            batch.append_statement(s.add_member.clone());
+            let result = self
+                .session
+                .batch(
+                    &batch,
+                    (
+                        (counted + 1, circle.0, taken),
+                        (
+                            circle.0,
+                            member.user_id.0,
+                            member.display_name.as_str(),
+                            timestamp(member.joined_at),
+                        ),
+                    ),
+                )
+                .await
+                .map_err(unavailable)?;
+            if applied(result)? {
+                return Ok(MemberPut::Added);
+            }
+            // Another join or removal moved the count, or the same user joined at the same moment
+            // through another request.
+            if self.rename_circle_member(circle, member).await? {
+                return Ok(MemberPut::Renamed);
+            }
         }
-        let added = self
-            .session
-            .execute_unpaged(
-                &s.add_member,
-                (
-                    circle.0,
-                    member.user_id.0,
-                    member.display_name.as_str(),
-                    timestamp(member.joined_at),
-                ),
-            )
-            .await
-            .map_err(unavailable)?;
-        if applied(added)? {
-            return Ok(MemberPut::Added);
-        }
-        // The same user joined at the same moment through another request: one seat is theirs.
-        self.give_back_seat(circle).await?;
-        self.rename_circle_member(circle, member).await?;
-        Ok(MemberPut::Renamed)
+        Err(StoreError::Unavailable(
+            "too many joins of one circle at once; try again".into(),
+        ))
     }
 
     /// Renames `member` if they are in the circle; whether they were.
@@ -521,91 +542,21 @@ impl CqlStore {
         applied(renamed)
     }
 
-    /// Takes one of the circle's seats while fewer than `max` are taken: a compare-and-set on the
-    /// count, retried with the count each refusal answers.
-    async fn take_seat(&self, circle: CircleId, max: u32) -> Result<bool, StoreError> {
-        let s = self.circle_statements();
-        let max = i32::try_from(max).unwrap_or(i32::MAX);
-        // A circle's first seat; a circle made before seats were counted starts from its members.
-        let mut taken = match self.seats(circle).await? {
-            Some(taken) => taken,
-            None => {
-                let members =
-                    i32::try_from(self.cql_circle_members(circle).await?.len()).unwrap_or(i32::MAX);
-                if members >= max {
-                    return Ok(false);
-                }
-                let result = self
-                    .session
-                    .execute_unpaged(&s.first_seat, (circle.0, members + 1))
-                    .await
-                    .map_err(unavailable)?;
-                match applied_or_row(result, "taken")? {
-                    None => return Ok(true),
-                    Some(CqlValue::Int(now)) => now,
-                    Some(other) => return Err(corrupt(format!("seats: {other:?}"))),
-                }
-            }
-        };
-        for _ in 0..SEAT_ATTEMPTS {
-            if taken >= max {
-                return Ok(false);
-            }
-            match self.set_seats(circle, taken, taken + 1).await? {
-                None => return Ok(true),
-                Some(now) => taken = now,
-            }
-        }
-        Err(StoreError::Unavailable(
-            "too many joins of one circle at once; try again".into(),
-        ))
-    }
-
-    /// Gives one seat back (a member left or was removed).
-    async fn give_back_seat(&self, circle: CircleId) -> Result<(), StoreError> {
-        let Some(mut taken) = self.seats(circle).await? else {
-            return Ok(());
-        };
-        for _ in 0..SEAT_ATTEMPTS {
-            if taken <= 0 {
-                return Ok(());
-            }
-            match self.set_seats(circle, taken, taken - 1).await? {
-                None => return Ok(()),
-                Some(now) => taken = now,
-            }
-        }
-        Err(StoreError::Unavailable(
-            "too many changes of one circle at once; try again".into(),
-        ))
-    }
-
-    async fn seats(&self, circle: CircleId) -> Result<Option<i32>, StoreError> {
+    /// The circle's seat count as stored (`None` for a circle from before it was kept with the
+    /// members), and the count to go by: the stored one, or the number of members.
+    async fn seats_taken(&self, circle: CircleId) -> Result<(Option<i32>, i32), StoreError> {
         let found: Vec<(Option<i32>,)> = rows(
             self.session
-                .execute_unpaged(&self.circle_statements().seats, (circle.0,))
+                .execute_unpaged(&self.circle_statements().seats_taken, (circle.0,))
                 .await
                 .map_err(unavailable)?,
         )?;
-        Ok(found.first().map(|(taken,)| taken.unwrap_or(0)))
-    }
-
-    /// Sets the count from `from` to `to`; `None` when it was `from`, else the count it is.
-    async fn set_seats(
-        &self,
-        circle: CircleId,
-        from: i32,
-        to: i32,
-    ) -> Result<Option<i32>, StoreError> {
-        let result = self
-            .session
-            .execute_unpaged(&self.circle_statements().set_seats, (to, circle.0, from))
-            .await
-            .map_err(unavailable)?;
-        match applied_or_row(result, "taken")? {
-            None => Ok(None),
-            Some(CqlValue::Int(now)) => Ok(Some(now)),
-            Some(other) => Err(corrupt(format!("seats: {other:?}"))),
+        match found.first().and_then(|(taken,)| *taken) {
+            Some(taken) => Ok((Some(taken), taken)),
+            None => {
+                let members = self.cql_circle_members(circle).await?.len();
+                Ok((None, i32::try_from(members).unwrap_or(i32::MAX)))
+            }
         }
     }
 
@@ -613,7 +564,7 @@ impl CqlStore {
         &self,
         circle: CircleId,
     ) -> Result<Vec<CircleMember>, StoreError> {
-        let found: Vec<(Uuid, Option<String>, Option<CqlTimestamp>)> = rows(
+        let found: Vec<(Option<Uuid>, Option<String>, Option<CqlTimestamp>)> = rows(
             self.session
                 .execute_unpaged(&self.circle_statements().members, (circle.0,))
                 .await
@@ -621,6 +572,9 @@ impl CqlStore {
         )?;
         found
             .into_iter()
+            // A partition whose members all left still holds its seat count: one row without a
+            // member.
+            .filter_map(|(user, name, joined)| user.map(|user| (user, name, joined)))
             .map(|(user, name, joined)| {
                 Ok(CircleMember {
                     user_id: UserId(user),
@@ -636,16 +590,41 @@ impl CqlStore {
         circle: CircleId,
         user: UserId,
     ) -> Result<(), StoreError> {
-        let removed = self
-            .session
-            .execute_unpaged(&self.circle_statements().remove_member, (circle.0, user.0))
-            .await
-            .map_err(unavailable)?;
-        // Only the removal that found the member gives their seat back.
-        if applied(removed)? {
-            self.give_back_seat(circle).await?;
+        let s = self.circle_statements();
+        for _ in 0..SEAT_ATTEMPTS {
+            // No row: not a member (a removal retried after it was done).
+            let found: Vec<(Uuid, Option<i32>)> = rows(
+                self.session
+                    .execute_unpaged(&s.member_seats, (circle.0, user.0))
+                    .await
+                    .map_err(unavailable)?,
+            )?;
+            let Some((_, stored)) = found.first().copied() else {
+                return Ok(());
+            };
+            let counted = match stored {
+                Some(taken) => taken,
+                None => self.seats_taken(circle).await?.1,
+            };
+            // The member row and their seat in one conditional batch, as a join takes them.
+            let mut batch = Batch::new(BatchType::Logged);
+            batch.append_statement(s.remove_member.clone());
+            batch.append_statement(s.take_seats.clone());
+            let result = self
+                .session
+                .batch(
+                    &batch,
+                    ((circle.0, user.0), ((counted - 1).max(0), circle.0, stored)),
+                )
+                .await
+                .map_err(unavailable)?;
+            if applied(result)? {
+                return Ok(());
+            }
         }
-        Ok(())
+        Err(StoreError::Unavailable(
+            "too many changes of one circle at once; try again".into(),
+        ))
     }
 
     pub(super) async fn cql_add_circle_chat(

@@ -107,22 +107,31 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "chat_calls",
         cql: include_str!("migrations/0019_chat_calls.cql"),
     },
+    Migration {
+        version: 20,
+        name: "circle_member_seats",
+        cql: include_str!("migrations/0020_circle_member_seats.cql"),
+    },
 ];
 
-/// The table and column of `statement` when it is `ALTER TABLE <table> ADD <column> <type>`: a
-/// statement the runner makes idempotent itself, by adding the column only when it is missing.
+/// The table and column of `statement` when it is `ALTER TABLE <table> ADD <column> <type>`
+/// (optionally `static`): a statement the runner makes idempotent itself, by adding the column
+/// only when it is missing.
 pub fn added_column(statement: &str) -> Option<(&str, &str)> {
     let words: Vec<&str> = statement.split_whitespace().collect();
-    match words.as_slice() {
-        [alter, table_kw, table, add, column, _type]
-            if alter.eq_ignore_ascii_case("ALTER")
-                && table_kw.eq_ignore_ascii_case("TABLE")
-                && add.eq_ignore_ascii_case("ADD") =>
+    let (alter, table_kw, table, add, column) = match words.as_slice() {
+        [alter, table_kw, table, add, column, _type] => (alter, table_kw, table, add, column),
+        [alter, table_kw, table, add, column, _type, kind]
+            if kind.eq_ignore_ascii_case("STATIC") =>
         {
-            Some((table, column))
+            (alter, table_kw, table, add, column)
         }
-        _ => None,
-    }
+        _ => return None,
+    };
+    (alter.eq_ignore_ascii_case("ALTER")
+        && table_kw.eq_ignore_ascii_case("TABLE")
+        && add.eq_ignore_ascii_case("ADD"))
+    .then_some((table, column))
 }
 
 impl Migration {
