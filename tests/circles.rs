@@ -1237,3 +1237,112 @@ async fn a_removal_that_failed_half_way_is_finished_by_its_retry(stack: Stack) {
 }
 
 on_both_stacks!(a_removal_that_failed_half_way_is_finished_by_its_retry);
+
+/// The chats `a` is in that `b` is in too, and those in `a`'s chat list: what a pairing of the
+/// two left behind.
+async fn chats_left_to(store: &Arc<support::held_store::HeldStore>, a: &User, b: &User) -> String {
+    let mut shared = Vec::new();
+    for chat in store.chats_of(a.id).await.unwrap() {
+        let members = store.members(chat).await.unwrap();
+        if members.iter().any(|m| m.user_id == b.id) {
+            shared.push(chat);
+        }
+    }
+    let listed = store.chats_by_activity(a.id, None, 10).await.unwrap();
+    if shared.is_empty() && listed.is_empty() {
+        return String::new();
+    }
+    format!("shared with {}: {shared:?}; listed: {listed:?}", b.username)
+}
+
+/// Bob waits in `listen`; Alice's join of `vent` pairs them, and Bob leaves the queue while
+/// Alice's side is still making the chat (held there). The match ended before it was announced:
+/// no chat of the two is left (nothing would ever remove it), and Alice's join answers 409 (her
+/// match ended meanwhile; she joins again), neither a chat nor a 404.
+async fn a_match_ended_while_its_chat_is_made_leaves_no_chat(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    setup
+        .state
+        .join_queue(bob.id, QueueKind::Listen)
+        .await
+        .unwrap();
+    setup.store.hold_next(Held::ChatCreated);
+    let join = tokio::spawn({
+        let state = setup.state.clone();
+        let user = alice.id;
+        async move { state.join_queue(user, QueueKind::Vent).await }
+    });
+    setup.store.gate.arrived(1).await;
+    setup
+        .state
+        .leave_queue(bob.id, QueueKind::Listen)
+        .await
+        .unwrap();
+    setup.store.gate.release(1).await;
+    let joined = join.await.unwrap();
+    let left = chats_left_to(&setup.store, &alice, &bob).await;
+    assert!(left.is_empty(), "an ended match left its chat: {left}");
+    assert!(
+        matches!(joined, Err(ApiError::Conflict(_))),
+        "alice's join answered {joined:?}"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_match_ended_while_its_chat_is_made_leaves_no_chat);
+
+/// The circle's version: Bob waits in the lobby; Alice's entry pairs them, and while her side is
+/// still making the chat (held there) Bob leaves the lobby, or the owner removes him. Neither is
+/// left a member of that chat, and Alice's entry answers 409 (her pairing ended meanwhile).
+async fn a_pairing_ended_while_its_chat_is_made_leaves_no_chat(stack: Stack) {
+    for removal in [false, true] {
+        // A gate opens once: each case has its own.
+        let setup = HeldApi::new(stack).await;
+        let owner = setup.user("owner").await;
+        let alice = setup.user("alice").await;
+        let bob = setup.user("bob").await;
+        let circle = setup.circle(&owner, &[&alice, &bob]).await;
+        let waiting = setup
+            .state
+            .enter_circle_lobby(bob.id, circle.id)
+            .await
+            .unwrap();
+        assert_eq!(waiting.state, PairingState::Waiting, "{waiting:?}");
+        setup.store.hold_next(Held::ChatCreated);
+        let entry = tokio::spawn({
+            let state = setup.state.clone();
+            let (user, circle) = (alice.id, circle.id);
+            async move { state.enter_circle_lobby(user, circle).await }
+        });
+        setup.store.gate.arrived(1).await;
+        if removal {
+            setup
+                .state
+                .remove_circle_member(owner.id, circle.id, bob.id)
+                .await
+                .unwrap();
+        } else {
+            setup
+                .state
+                .leave_circle_lobby(bob.id, circle.id)
+                .await
+                .unwrap();
+        }
+        setup.store.gate.release(1).await;
+        let entered = entry.await.unwrap();
+        let left = chats_left_to(&setup.store, &alice, &bob).await;
+        assert!(
+            left.is_empty(),
+            "an ended pairing (removal: {removal}) left its chat: {left}"
+        );
+        assert!(
+            matches!(entered, Err(ApiError::Conflict(_))),
+            "alice's entry (removal: {removal}) answered {entered:?}"
+        );
+        setup.clean_up().await;
+    }
+}
+
+on_both_stacks!(a_pairing_ended_while_its_chat_is_made_leaves_no_chat);

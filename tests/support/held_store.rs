@@ -57,6 +57,8 @@ pub enum Held {
     PendingCallSignal(CallState),
     /// A conditional write of a pairing pool's slots (`Store::write_slots`).
     Slots,
+    /// A chat made with its members (`Store::create_chat`).
+    ChatCreated,
     /// A circle's own rows removed (`Store::delete_circle`).
     CircleDeleted,
     /// A push device removed (`Store::delete_device`).
@@ -262,7 +264,8 @@ impl Store for HeldStore {
         self.inner.user_terms(prefix, after, limit).await
     }
     async fn create_chat(&self, chat: &NewChat) -> Result<(), StoreError> {
-        self.inner.create_chat(chat).await
+        self.through(Held::ChatCreated, self.inner.create_chat(chat))
+            .await
     }
     async fn get_chat(&self, id: ChatId) -> Result<Option<Chat>, StoreError> {
         self.inner.get_chat(id).await

@@ -152,12 +152,34 @@ impl ApiState {
                 },
             ];
             if self.store.write_slots(pool, &writes).await? {
-                match self.open_pair_chat(chat, a.user_id, b.user_id).await {
-                    Ok(chat) => made.push(Pair {
+                let opened = self.open_pair_chat(chat, a.user_id, b.user_id).await;
+                let standing = match opened {
+                    Ok(opened) => self
+                        .pair_stands(pool, chat, [&a, &b])
+                        .await
+                        .map(|stands| stands.then_some(opened)),
+                    Err(error) => Err(error),
+                };
+                match standing {
+                    Ok(Some(chat)) => made.push(Pair {
                         first: a,
                         second: b,
                         chat,
                     }),
+                    Ok(None) => {
+                        // Ended while its chat was made: nobody is told of it, and the slots
+                        // name it no more, so no later end would close it.
+                        let closed = self
+                            .close_pair_chat(chat, [a.user_id, b.user_id], circle.is_none())
+                            .await;
+                        if let Err(error) = closed {
+                            if made.is_empty() {
+                                return Err(error);
+                            }
+                            tracing::warn!(%error, "the chat of a pair ended meanwhile stays");
+                            return Ok(made);
+                        }
+                    }
                     Err(error) => {
                         self.unpair_unopened(pool, chat, [(&first, &a), (&second, &b)])
                             .await;
@@ -201,6 +223,32 @@ impl ApiState {
                 tracing::warn!(%error, "a pair's unopened chat keeps a member");
             }
         }
+    }
+
+    /// Whether both slots of a pairing still name its `chat`, read after the chat was made. An end
+    /// of the pairing that raced with the making may have closed the chat before it existed; it
+    /// closes it again after its slot write (see [`ApiState::end_pair`]), and this read decides
+    /// which of the two sees the whole chat:
+    ///
+    /// - the end's slot write comes before this read: the read finds the pairing gone, and the
+    ///   maker closes the chat it just made (and tells nobody of it);
+    /// - it comes after: the chat was whole before it, so the end's close after its write
+    ///   closes it (the pairing is announced, and its end follows).
+    ///
+    /// Either way a close runs after the last write of the making. A process that stops in
+    /// between leaves what it did before: a maker stopped before this read leaves the pairing on
+    /// record, naming the chat (its id is written before the chat is made), for an end to close;
+    /// what is left unclosed is a chat whose end stopped between its slot write and its close
+    /// after it, while the maker's read came first.
+    async fn pair_stands(&self, pool: &str, chat: ChatId, pair: [&Slot; 2]) -> ApiResult<bool> {
+        let slots = self.store.slots(pool).await?;
+        Ok(pair.iter().all(|paired| {
+            slots.iter().any(|slot| {
+                slot.user_id == paired.user_id
+                    && slot.state == SlotState::Paired
+                    && slot.chat == Some(chat)
+            })
+        }))
     }
 
     /// The direct chat of a new pairing: both members owners, as in any direct chat, so it takes
@@ -255,8 +303,10 @@ impl ApiState {
     /// a pairing someone else ended meanwhile). Both leave the pairing's chat (and its calls),
     /// which is removed too when `remove_chat`, before the pairing ends: a failure in between
     /// leaves the pairing on record, and a retry finds its chat and finishes. The other way round,
-    /// a retry found no pairing and left them in the chat. With `seen`, only that slot of the
-    /// user's ends (nothing when it changed since).
+    /// a retry found no pairing and left them in the chat. The chat is closed once more after the
+    /// pairing ends: the pairing may still be making it, and the first close may have come before
+    /// the chat (see `pair_stands`). With `seen`, only that slot of the user's ends (nothing when
+    /// it changed since).
     pub(crate) async fn end_pair(
         &self,
         pool: &str,
@@ -268,17 +318,13 @@ impl ApiState {
             Some(slot) => Some(slot.clone()),
             None => self.slot_of(pool, user).await?,
         };
-        let closed = match before
+        if let Some((SlotState::Paired, Some(chat), Some(partner))) = before
             .as_ref()
             .map(|slot| (slot.state, slot.chat, slot.partner))
         {
-            Some((SlotState::Paired, Some(chat), Some(partner))) => {
-                self.close_pair_chat(chat, [user, partner], remove_chat)
-                    .await?;
-                Some(chat)
-            }
-            _ => None,
-        };
+            self.close_pair_chat(chat, [user, partner], remove_chat)
+                .await?;
+        }
         let expected = seen.map(|slot| slot.version);
         let Some(ended) = self.end_pairing(pool, user, expected).await? else {
             return Ok(None);
@@ -286,11 +332,10 @@ impl ApiState {
         let (Some(chat), Some(partner)) = (ended.chat, ended.partner) else {
             return Ok(None);
         };
-        if closed != Some(chat) {
-            // Paired again between the read and the end (another call ended the first pairing).
-            self.close_pair_chat(chat, [user, partner], remove_chat)
-                .await?;
-        }
+        // Also the chat of a pairing made between the read and the end (another call ended the
+        // first one).
+        self.close_pair_chat(chat, [user, partner], remove_chat)
+            .await?;
         Ok(Some((chat, partner)))
     }
 

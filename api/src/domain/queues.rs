@@ -34,7 +34,7 @@ fn kind_of(kind: &str) -> Option<QueueKind> {
 impl ApiState {
     /// Puts the caller in the `kind` queue and matches whoever can be matched. Joining while
     /// matched (in this pool) ends the match first. 409 when they wait in the other queue of the
-    /// same pool.
+    /// same pool, or when their wait or match ended before the join could answer it.
     pub async fn join_queue(&self, caller: UserId, kind: QueueKind) -> ApiResult<PairingStatus> {
         let pool = queue_pool(kind);
         if let Some(mine) = self.slot_of(pool, caller).await?
@@ -86,7 +86,16 @@ impl ApiState {
             )
             .await;
         }
-        self.queue_status(caller, kind).await
+        // Out of the queue now: a match made and ended before it was announced (the partner
+        // left meanwhile), or a leave of the caller's own. Joining again begins a new wait.
+        self.queue_status(caller, kind)
+            .await
+            .map_err(|error| match error {
+                ApiError::NotFound(_) => {
+                    ApiError::Conflict("your wait ended meanwhile; try again".into())
+                }
+                error => error,
+            })
     }
 
     /// The caller's place in the `kind` queue: waiting, or matched (until the match ends); 404
