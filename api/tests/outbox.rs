@@ -69,6 +69,16 @@ impl Bus for RefusingBus {
     ) -> Result<Vec<LoggedEvent>, ReadError> {
         self.0.read(after, up_to, chats, limit).await
     }
+    async fn read_page(
+        &self,
+        after: u64,
+        up_to: u64,
+        chats: ChatFilter<'_>,
+        max: usize,
+        max_scan: usize,
+    ) -> Result<confab_runtime::bus::Page, ReadError> {
+        self.0.read_page(after, up_to, chats, max, max_scan).await
+    }
     async fn publish_ephemeral(&self, envelope: &Envelope) -> Result<(), BusError> {
         self.0.publish_ephemeral(envelope).await
     }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use confab_runtime::bus::{Bus, BusError, ChatFilter, ReadError};
+use confab_runtime::bus::{Bus, BusError, ChatFilter, ReadError, SCAN_FACTOR};
 use confab_runtime::kv_bucket::EntryTurns;
 use confab_runtime::presence::{Change, HEARTBEAT_EVERY, Presence, PresenceRecord, now_ms};
 use confab_runtime::revocation::{Revocation, Revocations};
@@ -33,6 +33,10 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// A resume reads the log this many of its events at a time, the next page when its client has
+/// taken the last: what a resume holds does not grow with `replay_limit`.
+pub const REPLAY_PAGE: usize = 64;
 
 /// A user's presence events go out at most this often.
 pub const PRESENCE_EVENT_INTERVAL: Duration = Duration::from_secs(2);
@@ -283,13 +287,20 @@ impl Drop for Registration {
 /// One client's stream of events.
 pub struct Subscription {
     registration: Registration,
+    /// What goes first: a reset, or the events that reached it while it opened.
     queue: VecDeque<Item>,
+    /// The rest of a resume's replay, read from the log a page at a time as the client takes it.
+    replay: Option<Replay>,
+    /// The events routed to it while it opened, after the replay.
+    routed: VecDeque<Item>,
     /// Routed events up to this sequence were replayed already.
     skip_up_to: u64,
     /// Whether it resumes after a client's last event id.
     resumed: bool,
     /// Its [`Item::Closed`] was handed out.
     told_end: bool,
+    /// Its replay could not be read to the end: it ends, and its client resumes.
+    interrupted: bool,
 }
 
 impl Subscription {
@@ -312,8 +323,70 @@ impl Subscription {
     /// logged out, or the node is shutting down): the client reconnects and resumes. A stream the
     /// hub ended with a reason its client must hear ([`REPLACED`]) gives the events it holds, then
     /// [`Item::Closed`], then `None`.
+    ///
+    /// Cancel safe: a replay page is read whole or not at all, so a `select!` may drop this.
     pub async fn next(&mut self) -> Option<Item> {
+        if self.interrupted {
+            return None;
+        }
         if let Some(item) = self.queue.pop_front() {
+            return Some(item);
+        }
+        while let Some(replay) = &mut self.replay {
+            // Rendered only now: a page holds envelopes, not three copies of each.
+            if let Some(event) = replay.page.pop_front() {
+                return Some(Item::Event(Arc::new(Outgoing::render(event))));
+            }
+            if replay.position >= replay.up_to {
+                self.replay = None;
+                break;
+            }
+            match self
+                .registration
+                .hub
+                .bus
+                .read_page(
+                    replay.position,
+                    replay.up_to,
+                    ChatFilter::Only(&replay.chats),
+                    REPLAY_PAGE,
+                    replay.max_scan,
+                )
+                .await
+            {
+                Ok(page) if page.through > replay.position => {
+                    replay.position = page.through;
+                    let (user, chats) = (replay.user, &replay.chats);
+                    replay.page.extend(
+                        page.events
+                            .into_iter()
+                            .filter(|e| replay.membership.admits(user, &e.envelope, chats)),
+                    );
+                }
+                // No progress: the log ends before where it ended when the resume was checked.
+                Ok(_) => self.replay = None,
+                // The log dropped what is left since the resume was checked: the client re-reads.
+                Err(ReadError::Expired(_)) => {
+                    self.replay = None;
+                    metrics::counter!("confab_notifier_resets_total").increment(1);
+                    return Some(Item::Reset("expired"));
+                }
+                Err(ReadError::Unknown(_) | ReadError::TooMany(_)) => {
+                    self.replay = None;
+                    metrics::counter!("confab_notifier_resets_total").increment(1);
+                    return Some(Item::Reset("too-far-behind"));
+                }
+                // The client resumes after the last event it took, on this node or another.
+                Err(ReadError::Bus(error)) => {
+                    tracing::debug!(%error, "replay interrupted; the stream ends");
+                    self.replay = None;
+                    self.routed.clear();
+                    self.interrupted = true;
+                    return None;
+                }
+            }
+        }
+        if let Some(item) = self.routed.pop_front() {
             return Some(item);
         }
         loop {
@@ -340,33 +413,64 @@ pub fn visible<T>(
     envelope: impl Fn(&T) -> &Envelope,
     current: &HashSet<ChatId>,
 ) -> Vec<T> {
-    let mut member: HashMap<ChatId, bool> = HashMap::new();
+    let mut membership = ReplayMembership::default();
     for event in &events {
-        let envelope = envelope(event);
-        if envelope.joined.contains(&user) {
-            member.entry(envelope.chat_id).or_insert(false);
-        } else if envelope.left.contains(&user) {
-            member.entry(envelope.chat_id).or_insert(true);
-        }
+        membership.note_start(user, envelope(event));
     }
     events
         .into_iter()
-        .filter(|event| {
-            let envelope = envelope(event);
-            if !current.contains(&envelope.chat_id) {
-                return false;
-            }
-            let is_member = member.entry(envelope.chat_id).or_insert(true);
-            if envelope.joined.contains(&user) {
-                *is_member = true;
-            }
-            let keep = *is_member;
-            if envelope.left.contains(&user) {
-                *is_member = false;
-            }
-            keep
-        })
+        .filter(|event| membership.admits(user, envelope(event), current))
         .collect()
+}
+
+/// Whether a user is a member of each chat, followed through a range of the log (see
+/// [`visible`]): first learnt from the whole range ([`ReplayMembership::note_start`]), then applied in
+/// order ([`ReplayMembership::admits`]). Holds a flag per chat, not the events, so a replay can learn
+/// it from one pass over the range and deliver from another.
+#[derive(Default)]
+struct ReplayMembership {
+    member: HashMap<ChatId, bool>,
+}
+
+impl ReplayMembership {
+    /// Notes what `envelope` says about the user's membership at the start of the range: their
+    /// first change of a chat in it tells whether they were a member before.
+    fn note_start(&mut self, user: UserId, envelope: &Envelope) {
+        if envelope.joined.contains(&user) {
+            self.member.entry(envelope.chat_id).or_insert(false);
+        } else if envelope.left.contains(&user) {
+            self.member.entry(envelope.chat_id).or_insert(true);
+        }
+    }
+
+    /// Whether the user receives `envelope`, the next event of the range in order.
+    fn admits(&mut self, user: UserId, envelope: &Envelope, current: &HashSet<ChatId>) -> bool {
+        if !current.contains(&envelope.chat_id) {
+            return false;
+        }
+        let is_member = self.member.entry(envelope.chat_id).or_insert(true);
+        if envelope.joined.contains(&user) {
+            *is_member = true;
+        }
+        let keep = *is_member;
+        if envelope.left.contains(&user) {
+            *is_member = false;
+        }
+        keep
+    }
+}
+
+/// The part of a resume's replay still to read from the log.
+struct Replay {
+    user: UserId,
+    chats: HashSet<ChatId>,
+    membership: ReplayMembership,
+    /// The page read and not yet taken.
+    page: VecDeque<LoggedEvent>,
+    /// Read up to here.
+    position: u64,
+    up_to: u64,
+    max_scan: usize,
 }
 
 impl Hub {
@@ -485,26 +589,17 @@ impl Hub {
             tokio::spawn(async move { hub.announce(user, Some(chats)).await });
         }
         let mut queue = VecDeque::new();
+        let mut replay = None;
         let mut skip_up_to = 0;
         let mut replayed = false;
         if let Some(after) = resume_after {
             match self
-                .bus
-                .read(
-                    after,
-                    installed_at,
-                    ChatFilter::Only(&current),
-                    self.replay_limit,
-                )
+                .check_replay(user, after, installed_at, current.clone())
                 .await
             {
-                Ok(events) => {
+                Ok(checked) => {
                     metrics::counter!("confab_notifier_resumes_total").increment(1);
-                    queue.extend(
-                        visible(user, events, |e| &e.envelope, &current)
-                            .into_iter()
-                            .map(|event| Item::Event(Arc::new(Outgoing::render(event)))),
-                    );
+                    replay = Some(checked);
                     skip_up_to = after.max(installed_at);
                     replayed = true;
                 }
@@ -546,19 +641,84 @@ impl Hub {
                     .map(Item::Event),
             );
         }
-        queue.extend(
-            routed
-                .into_iter()
-                .filter(|e| e.seq == 0 || e.seq > skip_up_to)
-                .map(Item::Event),
-        );
+        let routed = routed
+            .into_iter()
+            .filter(|e| e.seq == 0 || e.seq > skip_up_to)
+            .map(Item::Event)
+            .collect();
         Ok(Subscription {
             registration,
             queue,
+            replay,
+            routed,
             skip_up_to,
             resumed: resume_after.is_some(),
             told_end: false,
+            interrupted: false,
         })
+    }
+
+    /// Checks that the log can replay `user`'s events after `after` up to `up_to` within the
+    /// replay limit, and learns their membership at its start, reading it a page at a time and
+    /// keeping none of it: the replay reads it again as its client takes it. A replay that fits in
+    /// one page keeps that page, and reads nothing more.
+    async fn check_replay(
+        &self,
+        user: UserId,
+        after: u64,
+        up_to: u64,
+        chats: HashSet<ChatId>,
+    ) -> Result<Replay, ReadError> {
+        let max_scan = self.replay_limit.saturating_mul(SCAN_FACTOR);
+        let mut membership = ReplayMembership::default();
+        let (mut position, mut found, mut scanned) = (after, 0usize, 0usize);
+        let mut first_page = None;
+        loop {
+            let page = self
+                .bus
+                .read_page(
+                    position,
+                    up_to,
+                    ChatFilter::Only(&chats),
+                    REPLAY_PAGE,
+                    max_scan - scanned,
+                )
+                .await?;
+            found += page.events.len();
+            scanned += page.scanned;
+            let done = page.through >= up_to || page.through <= position;
+            if found > self.replay_limit || (scanned >= max_scan && !done) {
+                return Err(ReadError::TooMany(self.replay_limit));
+            }
+            for event in &page.events {
+                membership.note_start(user, &event.envelope);
+            }
+            if position == after && done {
+                first_page = Some(page.events);
+            }
+            position = page.through;
+            if done {
+                break;
+            }
+        }
+        let kept = first_page.is_some();
+        let mut replay = Replay {
+            user,
+            chats,
+            membership,
+            page: VecDeque::new(),
+            // With its one page kept, the range is read; else it is read again from the start.
+            position: if kept { position } else { after },
+            up_to,
+            max_scan,
+        };
+        if let Some(events) = first_page {
+            replay.page = events
+                .into_iter()
+                .filter(|e| replay.membership.admits(user, &e.envelope, &replay.chats))
+                .collect();
+        }
+        Ok(replay)
     }
 
     /// Registers a pending connection of `user`. At the per-user cap, the user's oldest connection
@@ -1839,6 +1999,159 @@ mod tests {
             assert_eq!(routes.by_user[&carol].len(), 1, "carol's old stream is out");
             assert_eq!(routes.connections.len(), 5, "the node holds its cap");
         }
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    /// A log that counts the events each read hands out, to see how much of a replay the hub
+    /// holds at once.
+    struct CountingReads {
+        log: Arc<dyn Bus>,
+        /// The most events one read answered.
+        largest: AtomicU64,
+        /// Every event read answered, in total.
+        total: AtomicU64,
+    }
+
+    impl CountingReads {
+        fn counted(&self, events: &[LoggedEvent]) {
+            let n = events.len() as u64;
+            self.largest.fetch_max(n, Ordering::SeqCst);
+            self.total.fetch_add(n, Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait]
+    impl Bus for CountingReads {
+        async fn publish(&self, envelope: &Envelope) -> Result<u64, BusError> {
+            self.log.publish(envelope).await
+        }
+        async fn subscribe(
+            &self,
+        ) -> Result<futures::stream::BoxStream<'static, LoggedEvent>, BusError> {
+            self.log.subscribe().await
+        }
+        async fn last_seq(&self) -> Result<u64, BusError> {
+            self.log.last_seq().await
+        }
+        async fn read(
+            &self,
+            after: u64,
+            up_to: u64,
+            chats: ChatFilter<'_>,
+            limit: usize,
+        ) -> Result<Vec<LoggedEvent>, ReadError> {
+            let events = self.log.read(after, up_to, chats, limit).await?;
+            self.counted(&events);
+            Ok(events)
+        }
+        async fn read_page(
+            &self,
+            after: u64,
+            up_to: u64,
+            chats: ChatFilter<'_>,
+            max: usize,
+            max_scan: usize,
+        ) -> Result<confab_runtime::bus::Page, ReadError> {
+            let page = self
+                .log
+                .read_page(after, up_to, chats, max, max_scan)
+                .await?;
+            self.counted(&page.events);
+            Ok(page)
+        }
+        async fn publish_ephemeral(&self, envelope: &Envelope) -> Result<(), BusError> {
+            self.log.publish_ephemeral(envelope).await
+        }
+        async fn subscribe_ephemeral(
+            &self,
+        ) -> Result<futures::stream::BoxStream<'static, Envelope>, BusError> {
+            self.log.subscribe_ephemeral().await
+        }
+        async fn check(&self) -> Result<(), BusError> {
+            self.log.check().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resume_reads_the_log_in_pages_as_its_client_takes_them() {
+        // However many events a resume replays, it holds a page of them at a time: one read of
+        // the log answers at most this many, and it reads ahead of its client by at most that.
+        const PAGE: u64 = 64;
+        let counting = Arc::new(CountingReads {
+            log: Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log")),
+            largest: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+        });
+        let bus: Arc<dyn Bus> = counting.clone();
+        let me = UserId::from_subject("t", "me");
+        let (mine, joined_later) = (ChatId::new(), ChatId::new());
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::from([(me, vec![mine, joined_later])]))),
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            10_000,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let after = bus
+            .publish(&message(mine, "seen"))
+            .await
+            .expect("publishes");
+        // The chat joined late has an event before the join, many pages before it: not theirs.
+        bus.publish(&message(joined_later, "before my join"))
+            .await
+            .expect("publishes");
+        let mut expected = Vec::new();
+        for i in 0..300 {
+            let text = format!("missed {i}");
+            bus.publish(&message(mine, &text)).await.expect("publishes");
+            expected.push(text);
+        }
+        bus.publish(&joined(joined_later, me))
+            .await
+            .expect("publishes");
+        expected.push("member.joined".into());
+        bus.publish(&message(joined_later, "after my join"))
+            .await
+            .expect("publishes");
+        expected.push("after my join".into());
+        let last = bus
+            .publish(&message(mine, "last missed"))
+            .await
+            .expect("publishes");
+        expected.push("last missed".into());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while hub.routes.read().expect("lock").last_seq < last {
+            assert!(tokio::time::Instant::now() < deadline, "never dispatched");
+            tokio::task::yield_now().await;
+        }
+
+        let mut stream = hub.open(me, Some(after)).await.expect("opens");
+        assert!(
+            counting.largest.load(Ordering::SeqCst) <= PAGE,
+            "one read of the log answered {} events",
+            counting.largest.load(Ordering::SeqCst)
+        );
+        let read_at_open = counting.total.load(Ordering::SeqCst);
+        let mut seen = Vec::new();
+        for _ in 0..expected.len() {
+            seen.push(next_text(&mut stream).await);
+            let read_since = counting.total.load(Ordering::SeqCst) - read_at_open;
+            assert!(
+                read_since <= seen.len() as u64 + PAGE,
+                "{read_since} events read for {} taken",
+                seen.len()
+            );
+        }
+        assert_eq!(seen, expected, "exactly what was missed, in order");
+        assert!(counting.largest.load(Ordering::SeqCst) <= PAGE);
+        // Live events follow the replay, none twice.
+        bus.publish(&message(mine, "live"))
+            .await
+            .expect("publishes");
+        assert_eq!(next_text(&mut stream).await, "live");
         shutdown.cancel();
         worker.await.expect("worker ends");
     }

@@ -126,6 +126,29 @@ pub async fn reads_a_range_of_some_chats(fixture: Fixture) {
         .cloned()
         .collect();
     assert_eq!(read, expected);
+    // The same range a few at a time, each page after the last one's end.
+    let mut paged = Vec::new();
+    let mut position = from;
+    while position < up_to {
+        let page = bus
+            .read_page(position, up_to, ChatFilter::Only(&wanted), 4, 1000)
+            .await
+            .expect("reads a page");
+        assert!(page.events.len() <= 4, "a page holds at most its max");
+        assert!(page.through > position, "each page moves on");
+        paged.extend(page.events);
+        position = page.through;
+    }
+    assert_eq!(paged, expected, "the pages make up the range");
+    let scanning = bus
+        .read_page(from, up_to, ChatFilter::All, 100, 3)
+        .await
+        .expect("reads a page");
+    assert_eq!(scanning.scanned, 3, "it looks at no more than it may");
+    assert_eq!(
+        scanning.through, sent[7].seq,
+        "and ends where it stopped looking"
+    );
     let all = bus
         .read(start, u64::MAX, ChatFilter::All, 1000)
         .await

@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
-use super::{Bus, BusError, ChatFilter, LogSettings, ReadError, check_position};
+use super::{Bus, BusError, ChatFilter, LogSettings, Page, ReadError, check_position};
 
 /// How many events a live subscriber may fall behind before it reads from the table instead.
 const BROADCAST_CAPACITY: usize = 4096;
@@ -194,6 +194,54 @@ impl Log {
         }
         Ok(events)
     }
+
+    /// [`Bus::read_page`] on the log, past its bounds check.
+    fn read_page(
+        &self,
+        after: u64,
+        up_to: u64,
+        mut admit: impl FnMut(&LoggedEvent) -> bool,
+        max: usize,
+        max_scan: usize,
+    ) -> Result<Page, ReadError> {
+        let mut statement = self
+            .connection
+            .prepare_cached(
+                "SELECT seq, body FROM events WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
+            )
+            .map_err(unavailable)?;
+        let mut rows = statement
+            .query(params![
+                i64::try_from(after).unwrap_or(i64::MAX),
+                i64::try_from(up_to).unwrap_or(i64::MAX)
+            ])
+            .map_err(unavailable)?;
+        let mut page = Page {
+            events: Vec::new(),
+            through: up_to,
+            scanned: 0,
+        };
+        while page.events.len() < max.max(1) && page.scanned < max_scan.max(1) {
+            let Some(row) = rows.next().map_err(unavailable)? else {
+                return Ok(page);
+            };
+            page.scanned += 1;
+            let seq: i64 = row.get(0).map_err(unavailable)?;
+            let body: Vec<u8> = row.get(1).map_err(unavailable)?;
+            let envelope: Envelope = serde_json::from_slice(&body).map_err(BusError::Encode)?;
+            let event = LoggedEvent {
+                seq: u64::try_from(seq).unwrap_or(0),
+                envelope,
+            };
+            let seq = event.seq;
+            if admit(&event) {
+                page.events.push(event);
+            }
+            page.through = seq;
+        }
+        // Stopped at a bound: the range may go on, unless the last one looked at ended it.
+        Ok(page)
+    }
 }
 
 #[async_trait]
@@ -325,6 +373,42 @@ impl Bus for EmbeddedBus {
                         .is_none_or(|chats| chats.contains(&event.envelope.chat_id))
                 },
                 limit,
+            )
+        })
+        .await
+    }
+
+    async fn read_page(
+        &self,
+        after: u64,
+        up_to: u64,
+        chats: ChatFilter<'_>,
+        max: usize,
+        max_scan: usize,
+    ) -> Result<Page, ReadError> {
+        let only = match chats {
+            ChatFilter::All => None,
+            ChatFilter::Only(chats) => Some(chats.clone()),
+        };
+        self.with_log(move |log, shared| {
+            let last = log.last_seq()?;
+            check_position(after, log.first_seq(last, shared.settings.retention)?, last)?;
+            let up_to = up_to.min(last);
+            if after >= up_to {
+                return Ok(Page {
+                    through: up_to.max(after),
+                    ..Page::default()
+                });
+            }
+            log.read_page(
+                after,
+                up_to,
+                |event| {
+                    only.as_ref()
+                        .is_none_or(|chats| chats.contains(&event.envelope.chat_id))
+                },
+                max,
+                max_scan,
             )
         })
         .await

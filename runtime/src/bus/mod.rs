@@ -68,6 +68,18 @@ impl Default for LogSettings {
     }
 }
 
+/// A part of a range of the log, read by [`Bus::read_page`].
+#[derive(Debug, Default)]
+pub struct Page {
+    /// The events found, in order.
+    pub events: Vec<LoggedEvent>,
+    /// The last sequence the page covers: the next page reads after it. The end of the range
+    /// (`up_to`, or the log's last sequence if lower) once the whole range is read.
+    pub through: u64,
+    /// How many events it looked at, of every chat.
+    pub scanned: usize,
+}
+
 /// Which chats' events a read returns.
 #[derive(Clone, Copy, Debug)]
 pub enum ChatFilter<'a> {
@@ -105,6 +117,18 @@ pub trait Bus: Send + Sync + 'static {
         chats: ChatFilter<'_>,
         limit: usize,
     ) -> Result<Vec<LoggedEvent>, ReadError>;
+    /// The first events with `after < seq <= up_to` of the chats `chats` admits, in order: at most
+    /// `max` of them, looking at at most `max_scan` events. For a range too long to hold whole:
+    /// the caller reads it a page at a time, each after the previous one's [`Page::through`].
+    /// Refuses a position as [`Bus::read`] does, but never with [`ReadError::TooMany`].
+    async fn read_page(
+        &self,
+        after: u64,
+        up_to: u64,
+        chats: ChatFilter<'_>,
+        max: usize,
+        max_scan: usize,
+    ) -> Result<Page, ReadError>;
     /// Hands `envelope` to the live subscribers of [`Bus::subscribe_ephemeral`] now, without
     /// logging it: for events that mean nothing later (typing). It has no sequence and is never
     /// replayed; a subscriber that is not keeping up may miss it.

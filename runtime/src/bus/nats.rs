@@ -10,7 +10,7 @@ use confab_schema::{Envelope, LoggedEvent, subjects};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
-use super::{Bus, BusError, ChatFilter, LogSettings, ReadError, check_position};
+use super::{Bus, BusError, ChatFilter, LogSettings, Page, ReadError, check_position};
 
 /// A read filtered to more chats than this reads every chat's events and filters them here: the
 /// server's per-subject filters cost more than they save past a few hundred subjects.
@@ -325,6 +325,97 @@ impl Bus for NatsBus {
             tracing::debug!(%error, "replay consumer not deleted");
         }
         result.map(|()| events)
+    }
+
+    async fn read_page(
+        &self,
+        after: u64,
+        up_to: u64,
+        chats: ChatFilter<'_>,
+        max: usize,
+        max_scan: usize,
+    ) -> Result<Page, ReadError> {
+        let (first, last) = self.bounds().await?;
+        check_position(after, first, last)?;
+        let up_to = up_to.min(last);
+        let (max, max_scan) = (max.max(1), max_scan.max(1));
+        let mut page = Page {
+            events: Vec::new(),
+            through: up_to.max(after),
+            scanned: 0,
+        };
+        if after >= up_to {
+            return Ok(page);
+        }
+        let filter_subjects = match chats {
+            ChatFilter::Only(chats) if chats.is_empty() => return Ok(page),
+            ChatFilter::Only(chats) if chats.len() <= MAX_SUBJECT_FILTERS => chats
+                .iter()
+                .map(|chat| subjects::chat_events(&self.prefix, *chat))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let stream = self.stream().await?;
+        let consumer: consumer::PullConsumer = stream
+            .create_consumer(consumer::pull::Config {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                filter_subjects,
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let result = async {
+            'batches: while page.events.len() < max && page.scanned < max_scan {
+                // No more than the page can still take: what is fetched is held until read.
+                let wanted = READ_BATCH
+                    .min(max - page.events.len())
+                    .min(max_scan - page.scanned);
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(wanted)
+                    .messages()
+                    .await
+                    .map_err(unavailable)?;
+                let mut received = 0;
+                while let Some(message) = batch.next().await {
+                    let message = message.map_err(unavailable)?;
+                    received += 1;
+                    let seq = message.info().map_err(unavailable)?.stream_sequence;
+                    if seq > up_to {
+                        page.through = up_to;
+                        break 'batches;
+                    }
+                    page.scanned += 1;
+                    if let Some(event) = decode(seq, message.subject.as_str(), &message.payload)
+                        && chats.admits(event.envelope.chat_id)
+                    {
+                        page.events.push(event);
+                    }
+                    page.through = seq;
+                    if seq == up_to {
+                        break 'batches;
+                    }
+                }
+                if received == 0 {
+                    // Nothing more of these subjects in the log: the range is read.
+                    page.through = up_to;
+                    break;
+                }
+            }
+            Ok::<(), ReadError>(())
+        }
+        .await;
+        let name = consumer.cached_info().name.clone();
+        if let Err(error) = stream.delete_consumer(&name).await {
+            // It expires by itself after its inactive threshold.
+            tracing::debug!(%error, "replay consumer not deleted");
+        }
+        result.map(|()| page)
     }
 
     async fn publish_ephemeral(&self, envelope: &Envelope) -> Result<(), BusError> {
