@@ -511,3 +511,48 @@ async fn a_separate_plexer_passes_redirects_on() {
     plexer.stop().await;
     app.stop().await;
 }
+
+/// A path with a dot segment (`..`, `.`, percent-encoded in any case) is refused as a bad frame
+/// by both ways of calling the API: over HTTP, the URL parser would remove it and send the call,
+/// with the user's token, to a path outside `/v1/` (`/v1/../metrics` is `/metrics`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dot_segment_never_takes_a_request_out_of_v1() {
+    if !support::real_stack_available("a_dot_segment_never_takes_a_request_out_of_v1").await {
+        return;
+    }
+    let (app, plexer) = serve_with_a_plexer(false).await;
+    let alice = app.token("alice").await;
+    let mut in_process = connect_to(&app.base, Some(&alice), "").await;
+    let mut over_http = connect_to(&plexer.base, Some(&alice), "").await;
+    for path in [
+        "/v1/../metrics",
+        "/v1/%2e%2e/metrics",
+        "/v1/%2E%2e/metrics",
+        "/v1/./me",
+        "/v1/chats/..",
+        "/v1/.%2E/metrics",
+        "/v1\\..\\metrics",
+        "/v1/..\\metrics",
+    ] {
+        let get = json!({"type": "request", "id": "dots", "method": "GET", "path": path});
+        for (caller, ws) in [
+            ("in process", &mut in_process),
+            ("over HTTP", &mut over_http),
+        ] {
+            let answer = call(ws, get.clone()).await;
+            assert_eq!(answer["status"], 400, "{path} {caller}: {answer}");
+            assert!(
+                answer["body"]["type"]
+                    .as_str()
+                    .is_some_and(|t| t.ends_with("bad-frame")),
+                "{path} {caller}: {answer}"
+            );
+        }
+    }
+    // A path without one still goes through.
+    let me = json!({"type": "request", "id": "me", "method": "GET", "path": "/v1/me"});
+    assert_eq!(call(&mut over_http, me.clone()).await["status"], 200);
+    assert_eq!(call(&mut in_process, me).await["status"], 200);
+    plexer.stop().await;
+    app.stop().await;
+}

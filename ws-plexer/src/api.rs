@@ -24,6 +24,9 @@ pub enum CallError {
     Unreachable(String),
     /// The answer's body is larger than [`MAX_RESPONSE_BYTES`].
     TooLarge,
+    /// The request's path would not reach the API as written (a URL parser would rewrite it).
+    /// [`crate::ApiPath`] refuses such paths first; this is the last check before the wire.
+    Rewritten,
 }
 
 impl std::fmt::Display for CallError {
@@ -31,6 +34,7 @@ impl std::fmt::Display for CallError {
         match self {
             CallError::Unreachable(why) => write!(f, "the API could not be reached: {why}"),
             CallError::TooLarge => write!(f, "an answer of more than {MAX_RESPONSE_BYTES} bytes"),
+            CallError::Rewritten => write!(f, "a path the URL parser rewrites"),
         }
     }
 }
@@ -46,6 +50,11 @@ impl From<&CallError> for confab_runtime::Problem {
                     "the answer is larger than a socket relays ({MAX_RESPONSE_BYTES} bytes); ask \
                      for it over HTTP"
                 ),
+            ),
+            CallError::Rewritten => confab_runtime::Problem::new(
+                StatusCode::BAD_REQUEST,
+                "bad-frame",
+                "path is an API path under /v1/, without `.` or `..` segments",
             ),
             CallError::Unreachable(_) => confab_runtime::Problem::new(
                 StatusCode::BAD_GATEWAY,
@@ -130,10 +139,16 @@ impl ApiCaller for OverHttp {
             .to_owned();
         let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes())
             .map_err(|e| CallError::Unreachable(e.to_string()))?;
-        let mut outgoing = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .body(body);
+        let url = reqwest::Url::parse(&format!("{}{path}", self.base))
+            .map_err(|_| CallError::Rewritten)?;
+        // The parser removes dot segments: the path sent must be the path checked.
+        let base_path = reqwest::Url::parse(&self.base)
+            .map(|b| b.path().trim_end_matches('/').to_owned())
+            .unwrap_or_default();
+        if url.path() != format!("{base_path}{}", parts.uri.path()) {
+            return Err(CallError::Rewritten);
+        }
+        let mut outgoing = self.http.request(method, url).body(body);
         for (name, value) in &parts.headers {
             outgoing = outgoing.header(name.as_str(), value.as_bytes());
         }

@@ -249,6 +249,57 @@ fn valid_request_id(id: &Value) -> bool {
     }
 }
 
+/// A request frame's path, checked once at the edge: an API path under `/v1/`, not an event
+/// stream, and nothing a URL parser would rewrite on the way to an API process. Such a parser
+/// removes dot segments (`..`, `.`, also percent-encoded), reads a backslash as a slash and drops
+/// tabs and newlines, so a path checked as written could reach another one (`/v1/../metrics` is
+/// `/metrics`) with the user's token.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ApiPath(String);
+
+impl ApiPath {
+    pub fn parse(raw: &str) -> Result<ApiPath, Problem> {
+        let refuse =
+            |detail: &str| Problem::new(StatusCode::BAD_REQUEST, "bad-frame", detail.to_owned());
+        let under_v1 = "path is an API path under /v1/ (not an event stream)";
+        if raw.len() > 2048 {
+            return Err(refuse("path is at most 2048 bytes"));
+        }
+        if raw
+            .chars()
+            .any(|c| c == '\\' || c == '#' || c.is_ascii_whitespace() || c.is_control())
+        {
+            return Err(refuse(
+                "path has no backslash, fragment, white space or control character",
+            ));
+        }
+        let path = raw.split_once('?').map_or(raw, |(path, _query)| path);
+        if !path.starts_with("/v1/") {
+            return Err(refuse(under_v1));
+        }
+        if path.split('/').any(is_dot_segment) {
+            return Err(refuse("path has no `.` or `..` segment"));
+        }
+        let streaming = ["/v1/events", "/v1/ws"]
+            .iter()
+            .any(|p| path == *p || path.starts_with(&format!("{p}/")));
+        if streaming {
+            return Err(refuse(under_v1));
+        }
+        Ok(ApiPath(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// `.` or `..`, written plainly or percent-encoded (`%2e`, in either case).
+fn is_dot_segment(segment: &str) -> bool {
+    let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+    decoded == "." || decoded == ".."
+}
+
 /// Checks a request frame and builds the HTTP request it stands for, with the socket's token.
 fn api_request(
     method: &str,
@@ -269,17 +320,8 @@ fn api_request(
             ));
         }
     };
-    let streaming = ["/v1/events", "/v1/ws"].iter().any(|p| {
-        path == *p || path.starts_with(&format!("{p}?")) || path.starts_with(&format!("{p}/"))
-    });
-    if !path.starts_with("/v1/") || path.len() > 2048 || streaming {
-        return Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "bad-frame",
-            "path is an API path under /v1/ (not an event stream)",
-        ));
-    }
-    let uri: axum::http::Uri = path.parse().map_err(|_| {
+    let path = ApiPath::parse(path)?;
+    let uri: axum::http::Uri = path.as_str().parse().map_err(|_| {
         Problem::new(
             StatusCode::BAD_REQUEST,
             "bad-frame",
@@ -499,4 +541,82 @@ async fn serve(
         }
     }
     metrics::gauge!("confab_ws_connections").decrement(1.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::body::Body;
+    use axum::http::Request;
+
+    use super::*;
+    use crate::api::OverHttp;
+
+    /// Paths that name something outside `/v1/` once a URL parser has removed their dot segments.
+    const DOTTED: [&str; 6] = [
+        "/v1/../metrics",
+        "/v1/%2e%2e/metrics",
+        "/v1/%2E%2e/metrics",
+        "/v1/./me",
+        "/v1/.%2E/metrics",
+        "/v1/chats/..",
+    ];
+
+    #[test]
+    fn a_request_frame_with_a_dot_segment_is_a_bad_frame() {
+        for path in DOTTED
+            .into_iter()
+            .chain(["/v1\\..\\metrics", "/v1/..\\metrics"])
+        {
+            let refused = api_request("GET", path, None, "token").map(|_| ());
+            assert!(
+                refused
+                    .as_ref()
+                    .is_err_and(|p| p.kind.ends_with("bad-frame")),
+                "{path}: {refused:?}"
+            );
+        }
+        assert!(api_request("GET", "/v1/me?x=..", None, "token").is_ok());
+        assert!(api_request("GET", "/v1/chats/a..b", None, "token").is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_api_over_http_gets_no_path_a_parser_rewrote() {
+        // An API process that records the paths it was asked for.
+        let asked = Arc::new(Mutex::new(Vec::<String>::new()));
+        let recorder = Arc::clone(&asked);
+        let app = Router::new().fallback(move |request: Request<Body>| {
+            let recorder = Arc::clone(&recorder);
+            async move {
+                recorder
+                    .lock()
+                    .expect("lock")
+                    .push(request.uri().path().to_owned());
+                "{}"
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let api = OverHttp::new(&base).expect("client");
+        for path in DOTTED {
+            let request = Request::get(path).body(Body::empty()).expect("request");
+            let answer = api.call(request).await.map(|r| r.status);
+            assert!(answer.is_err(), "{path}: {answer:?}");
+        }
+        assert_eq!(
+            asked.lock().expect("lock").as_slice(),
+            &[] as &[String],
+            "no request left the plexer"
+        );
+        let plain = Request::get("/v1/me").body(Body::empty()).expect("request");
+        assert_eq!(
+            api.call(plain).await.map(|r| r.status).ok(),
+            Some(StatusCode::OK)
+        );
+        server.abort();
+    }
 }
