@@ -11,9 +11,10 @@ use tower::ServiceExt;
 /// The largest API response body a socket relays.
 pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
-/// An API response: its status and body.
+/// An API response: its status, body and the body's media type.
 pub struct ApiResponse {
     pub status: StatusCode,
+    pub content_type: Option<String>,
     pub body: Bytes,
 }
 
@@ -83,8 +84,13 @@ impl ApiCaller for InProcess {
             .await
             .map_err(|e| CallError::Unreachable(e.to_string()))?;
         let status = response.status();
+        let content_type = content_type(response.headers());
         let body = relayable_body(response.into_body()).await?;
-        Ok(ApiResponse { status, body })
+        Ok(ApiResponse {
+            status,
+            content_type,
+            body,
+        })
     }
 }
 
@@ -103,6 +109,13 @@ async fn relayable_body(body: Body) -> Result<Bytes, CallError> {
         read.extend_from_slice(&chunk);
     }
     Ok(read.freeze())
+}
+
+fn content_type(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
 }
 
 /// An API process, over HTTP.
@@ -158,7 +171,12 @@ impl ApiCaller for OverHttp {
             .map_err(|e| CallError::Unreachable(e.to_string()))?;
         let status =
             StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let content_type = content_type(response.headers());
         let body = relayable_body(Body::from_stream(response.bytes_stream())).await?;
-        Ok(ApiResponse { status, body })
+        Ok(ApiResponse {
+            status,
+            content_type,
+            body,
+        })
     }
 }

@@ -8,7 +8,9 @@
 //!   first event (a resumed stream's `ready` has none: the client keeps its own last id);
 //! - `{"type": "event", "id": "<sequence>", "event": "signal.created", "data": {...}}`;
 //! - `{"type": "reset", "reason": "..."}` when a resume cannot be served: re-read chats and history;
-//! - `{"type": "response", "id": ..., "status": 201, "body": {...}}` answering a request;
+//! - `{"type": "response", "id": ..., "status": 201, "body": {...}}` answering a request: the
+//!   API's JSON answer as it came (`null` when empty). An answer that is not JSON (an attachment's
+//!   bytes) is refused with status 406 and a `not-json` problem: fetch it over HTTP;
 //! - `{"type": "auth", "expires_at": "..."}` accepting a refreshed token;
 //! - `{"type": "error", "problem": {...}}` (an RFC 9457 problem) for frames it cannot serve.
 //!
@@ -19,7 +21,8 @@
 //! From the client:
 //! - `{"type": "request", "id": ..., "method": "POST", "path": "/v1/chats/…/signals", "body": {...}}`:
 //!   an API call, made through the API's own router with the socket's token, so it is checked and
-//!   answered exactly as over HTTP. At most `ws_plexer.max_in_flight` at once (more get 429);
+//!   answered exactly as over HTTP. At most `ws_plexer.max_in_flight` at once, counting answers
+//!   not yet sent to a client that is not reading (more get 429);
 //! - `{"type": "auth", "token": "..."}`: a fresh token for the same user, before the current one
 //!   expires; the socket then belongs to its session (that session's logout ends it). When it
 //!   expires the socket closes (code 4001, "token expired");
@@ -47,9 +50,9 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::api::ApiCaller;
+use crate::api::{ApiCaller, ApiResponse};
 use tokio_util::sync::CancellationToken;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -344,14 +347,131 @@ fn api_request(
         .map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "bad-frame", "malformed request"))
 }
 
-fn response_frame(id: &Value, status: StatusCode, body: &[u8]) -> String {
-    let body: Value = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(body)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
-    };
-    json!({"type": "response", "id": id, "status": status.as_u16(), "body": body}).to_string()
+/// The frame answering request `id` with `response`. A JSON body goes in as it came, once checked
+/// to be one JSON value without building it (a 4 MiB array of zeros would be millions of values);
+/// an empty one is `null`. Any other body (an attachment's bytes) is refused with `not-json`
+/// (406): the socket carries JSON, and such a body is for HTTP (`GET /v1/attachments/{id}`),
+/// where its type, length and ranges travel with it.
+fn response_frame(id: &Value, response: &ApiResponse) -> String {
+    let status = response.status.as_u16();
+    if response.body.is_empty() {
+        return json!({"type": "response", "id": id, "status": status, "body": null}).to_string();
+    }
+    let declared_json = response
+        .content_type
+        .as_deref()
+        .is_some_and(is_json_media_type);
+    let one_value = serde_json::from_slice::<serde::de::IgnoredAny>(&response.body).is_ok();
+    match std::str::from_utf8(&response.body) {
+        Ok(body) if declared_json && one_value => {
+            format!(r#"{{"type":"response","id":{id},"status":{status},"body":{body}}}"#)
+        }
+        _ if declared_json => problem_response(
+            id,
+            &Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "api-answer-malformed",
+                "the API's answer says it is JSON and is not; retry over HTTP",
+            ),
+        ),
+        _ => problem_response(
+            id,
+            &Problem::new(
+                StatusCode::NOT_ACCEPTABLE,
+                "not-json",
+                "this answer is not JSON (an attachment's bytes): a socket carries JSON answers \
+                 only; make this request over HTTP (`GET /v1/attachments/{id}`)",
+            ),
+        ),
+    }
+}
+
+/// `application/json` or `application/…+json`, whatever its parameters.
+fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// A socket's API calls: at most `max_in_flight` at once, counting those whose answer is not yet
+/// sent, so a client that stops reading holds at most that many answers (each at most
+/// [`api::MAX_RESPONSE_BYTES`] and its frame) in the plexer; its further requests get 429.
+struct Calls {
+    api: Arc<dyn ApiCaller>,
+    max_in_flight: usize,
+    places: Arc<Semaphore>,
+    sender: mpsc::Sender<Answer>,
+    answers: mpsc::Receiver<Answer>,
+}
+
+/// An answer to send. It holds its call's place until it is sent (dropped).
+struct Answer {
+    frame: String,
+    _place: Option<OwnedSemaphorePermit>,
+}
+
+impl Calls {
+    fn new(api: Arc<dyn ApiCaller>, max_in_flight: usize) -> Calls {
+        let max_in_flight = max_in_flight.max(1);
+        // Never full: an answer needs a place, and there are as many as slots.
+        let (sender, answers) = mpsc::channel(max_in_flight);
+        Calls {
+            api,
+            max_in_flight,
+            places: Arc::new(Semaphore::new(max_in_flight)),
+            sender,
+            answers,
+        }
+    }
+
+    /// Starts the call of request `id`, whose answer comes from [`Calls::next`]; or answers at
+    /// once with 429 when `max_in_flight` calls are in flight or their answers unsent.
+    fn start(&self, id: Value, request: axum::http::Request<axum::body::Body>) -> Option<String> {
+        let Ok(place) = Arc::clone(&self.places).try_acquire_owned() else {
+            return Some(problem_response(
+                &id,
+                &Problem::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too-many-requests",
+                    format!(
+                        "at most {} requests in flight (or answered and unread) per socket",
+                        self.max_in_flight
+                    ),
+                ),
+            ));
+        };
+        let api = Arc::clone(&self.api);
+        let sender = self.sender.clone();
+        tokio::spawn(async move {
+            let frame = match api.call(request).await {
+                Ok(response) => response_frame(&id, &response),
+                Err(error) => {
+                    if let api::CallError::Unreachable(_) = error {
+                        tracing::warn!(%error, "API call over the socket failed");
+                    }
+                    problem_response(&id, &Problem::from(&error))
+                }
+            };
+            // The place goes with the answer: freed once it is sent, not once it is queued.
+            let _ = sender
+                .send(Answer {
+                    frame,
+                    _place: Some(place),
+                })
+                .await;
+        });
+        None
+    }
+
+    /// The next answer to send.
+    async fn next(&mut self) -> Option<Answer> {
+        self.answers.recv().await
+    }
 }
 
 fn problem_response(id: &Value, problem: &Problem) -> String {
@@ -388,8 +508,7 @@ async fn serve(
         metrics::gauge!("confab_ws_connections").decrement(1.0);
         return;
     }
-    let in_flight = Arc::new(Semaphore::new(state.limits.max_in_flight.max(1)));
-    let (responses, mut answered) = mpsc::channel::<String>(state.limits.max_in_flight.max(1));
+    let mut calls = Calls::new(Arc::clone(&state.api), state.limits.max_in_flight);
     let expiry = tokio::time::sleep(caller.remaining());
     tokio::pin!(expiry);
     let mut ping = tokio::time::interval(PING_INTERVAL);
@@ -427,8 +546,9 @@ async fn serve(
                     break;
                 }
             },
-            Some(response) = answered.recv() => {
-                if send(&mut sink, Message::Text(response.into())).await.is_err() {
+            Some(answer) = calls.next() => {
+                let sent = send(&mut sink, Message::Text(answer.frame.into())).await;
+                if sent.is_err() {
                     break;
                 }
             }
@@ -474,34 +594,7 @@ async fn serve(
                             } else if let Some(token) = caller.token.clone() {
                                 match api_request(&method, &path, body.as_ref(), &token) {
                                     Err(problem) => Some(problem_response(&id, &problem)),
-                                    Ok(request) => match Arc::clone(&in_flight).try_acquire_owned() {
-                                        Err(_) => Some(problem_response(&id, &Problem::new(
-                                            StatusCode::TOO_MANY_REQUESTS,
-                                            "too-many-requests",
-                                            format!("at most {} requests in flight per socket", state.limits.max_in_flight),
-                                        ))),
-                                        Ok(permit) => {
-                                            let api = Arc::clone(&state.api);
-                                            let responses = responses.clone();
-                                            tokio::spawn(async move {
-                                                let frame = match api.call(request).await {
-                                                    Ok(response) => response_frame(&id, response.status, &response.body),
-                                                    Err(error) => {
-                                                        if let api::CallError::Unreachable(_) = error {
-                                                            tracing::warn!(%error, "API call over the socket failed");
-                                                        }
-                                                        problem_response(&id, &Problem::from(&error))
-                                                    }
-                                                };
-                                                // The permit is held until the answer is
-                                                // queued: a client that reads slowly holds up
-                                                // its own requests, never the plexer's memory.
-                                                let _ = responses.send(frame).await;
-                                                drop(permit);
-                                            });
-                                            None
-                                        }
-                                    },
+                                    Ok(request) => calls.start(id, request),
                                 }
                             } else {
                                 Some(problem_response(&id, &Problem::new(
@@ -562,6 +655,107 @@ mod tests {
         "/v1/.%2E/metrics",
         "/v1/chats/..",
     ];
+
+    /// An API that answers every call at once with `body`, of type `content_type`.
+    struct Answering {
+        content_type: &'static str,
+        body: bytes::Bytes,
+    }
+
+    #[async_trait::async_trait]
+    impl ApiCaller for Answering {
+        async fn call(&self, _: Request<Body>) -> Result<ApiResponse, crate::api::CallError> {
+            Ok(ApiResponse {
+                status: StatusCode::OK,
+                content_type: Some(self.content_type.to_owned()),
+                body: self.body.clone(),
+            })
+        }
+    }
+
+    fn get() -> Request<Body> {
+        Request::get("/v1/me").body(Body::empty()).expect("request")
+    }
+
+    async fn answer(calls: &mut Calls) -> String {
+        tokio::time::timeout(std::time::Duration::from_secs(5), calls.next())
+            .await
+            .expect("answered before the deadline")
+            .expect("answered")
+            .frame
+    }
+
+    #[tokio::test]
+    async fn a_json_answer_goes_in_as_it_came_and_any_other_is_refused() {
+        // Spaces and key order kept: the body is not parsed into values and written again.
+        let mut json = String::from("{\"z\": 1, \"a\": [");
+        json.push_str(&"0, ".repeat(1_000_000));
+        json.push_str("0]}");
+        let mut calls = Calls::new(
+            Arc::new(Answering {
+                content_type: "application/json",
+                body: json.clone().into(),
+            }),
+            4,
+        );
+        assert!(calls.start(json!(7), get()).is_none());
+        let frame = answer(&mut calls).await;
+        assert!(
+            frame == format!(r#"{{"type":"response","id":7,"status":200,"body":{json}}}"#),
+            "the body embedded verbatim: {}…",
+            &frame[..frame.len().min(120)]
+        );
+        assert!(
+            serde_json::from_str::<Value>(&frame).is_ok(),
+            "one JSON frame"
+        );
+
+        let mut calls = Calls::new(
+            Arc::new(Answering {
+                content_type: "application/octet-stream",
+                body: vec![0u8; 4096].into(),
+            }),
+            4,
+        );
+        assert!(calls.start(json!("bytes"), get()).is_none());
+        let refused: Value = serde_json::from_str(&answer(&mut calls).await).expect("JSON");
+        assert_eq!(refused["status"], 406, "{refused}");
+        assert!(
+            refused["body"]["type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("not-json")),
+            "{refused}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_holds_at_most_max_in_flight_answers() {
+        let mut calls = Calls::new(
+            Arc::new(Answering {
+                content_type: "application/json",
+                body: format!("[{}0]", "0,".repeat(100_000)).into(),
+            }),
+            2,
+        );
+        assert!(calls.start(json!(1), get()).is_none());
+        assert!(calls.start(json!(2), get()).is_none());
+        // Both answered, neither sent: the client is not reading.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while calls.answers.len() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "never answered");
+            tokio::task::yield_now().await;
+        }
+        let third = calls.start(json!(3), get());
+        assert!(
+            third
+                .as_deref()
+                .is_some_and(|f| f.contains("\"status\":429")),
+            "a third call while two answers wait unsent: {third:?}"
+        );
+        // Once one is sent, its place is free again.
+        drop(answer(&mut calls).await);
+        assert!(calls.start(json!(4), get()).is_none());
+    }
 
     #[test]
     fn a_request_frame_with_a_dot_segment_is_a_bad_frame() {
