@@ -151,50 +151,6 @@ impl Log {
         Ok(first.map_or(last + 1, |seq| u64::try_from(seq).unwrap_or(0)))
     }
 
-    fn read(
-        &self,
-        after: u64,
-        up_to: u64,
-        mut admit: impl FnMut(&LoggedEvent) -> bool,
-        limit: usize,
-    ) -> Result<Vec<LoggedEvent>, ReadError> {
-        let mut statement = self
-            .connection
-            .prepare_cached(
-                "SELECT seq, body FROM events WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
-            )
-            .map_err(unavailable)?;
-        let mut rows = statement
-            .query(params![
-                i64::try_from(after).unwrap_or(i64::MAX),
-                i64::try_from(up_to).unwrap_or(i64::MAX)
-            ])
-            .map_err(unavailable)?;
-        let mut events = Vec::new();
-        let max_scan = limit.saturating_mul(super::SCAN_FACTOR);
-        let mut scanned = 0usize;
-        while let Some(row) = rows.next().map_err(unavailable)? {
-            scanned += 1;
-            if scanned > max_scan {
-                return Err(ReadError::TooMany(limit));
-            }
-            let seq: i64 = row.get(0).map_err(unavailable)?;
-            let body: Vec<u8> = row.get(1).map_err(unavailable)?;
-            let envelope: Envelope = serde_json::from_slice(&body).map_err(BusError::Encode)?;
-            let event = LoggedEvent {
-                seq: u64::try_from(seq).unwrap_or(0),
-                envelope,
-            };
-            if admit(&event) {
-                if events.len() == limit {
-                    return Err(ReadError::TooMany(limit));
-                }
-                events.push(event);
-            }
-        }
-        Ok(events)
-    }
-
     /// [`Bus::read_page`] on the log, past its bounds check.
     fn read_page(
         &self,
@@ -329,7 +285,8 @@ impl Bus for EmbeddedBus {
                             .bus
                             .with_log(move |log, _| {
                                 let last = log.last_seq()?;
-                                log.read(after, last, |_| true, usize::MAX)
+                                log.read_page(after, last, |_| true, usize::MAX, usize::MAX)
+                                    .map(|page| page.events)
                             })
                             .await;
                         match missed {
@@ -349,33 +306,6 @@ impl Bus for EmbeddedBus {
 
     async fn last_seq(&self) -> Result<u64, BusError> {
         self.with_log(|log, _| log.last_seq()).await
-    }
-
-    async fn read(
-        &self,
-        after: u64,
-        up_to: u64,
-        chats: ChatFilter<'_>,
-        limit: usize,
-    ) -> Result<Vec<LoggedEvent>, ReadError> {
-        let only = match chats {
-            ChatFilter::All => None,
-            ChatFilter::Only(chats) => Some(chats.clone()),
-        };
-        self.with_log(move |log, shared| {
-            let last = log.last_seq()?;
-            check_position(after, log.first_seq(last, shared.settings.retention)?, last)?;
-            log.read(
-                after,
-                up_to.min(last),
-                |event| {
-                    only.as_ref()
-                        .is_none_or(|chats| chats.contains(&event.envelope.chat_id))
-                },
-                limit,
-            )
-        })
-        .await
     }
 
     async fn read_page(

@@ -116,7 +116,23 @@ pub trait Bus: Send + Sync + 'static {
         up_to: u64,
         chats: ChatFilter<'_>,
         limit: usize,
-    ) -> Result<Vec<LoggedEvent>, ReadError>;
+    ) -> Result<Vec<LoggedEvent>, ReadError> {
+        // One page a step past both bounds: reaching either means the range holds more.
+        let max_scan = limit.saturating_mul(SCAN_FACTOR);
+        let page = self
+            .read_page(
+                after,
+                up_to,
+                chats,
+                limit.saturating_add(1),
+                max_scan.saturating_add(1),
+            )
+            .await?;
+        if page.events.len() > limit || page.scanned > max_scan {
+            return Err(ReadError::TooMany(limit));
+        }
+        Ok(page.events)
+    }
     /// The first events with `after < seq <= up_to` of the chats `chats` admits, in order: at most
     /// `max` of them, looking at at most `max_scan` events. For a range too long to hold whole:
     /// the caller reads it a page at a time, each after the previous one's [`Page::through`].
