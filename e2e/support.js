@@ -34,8 +34,17 @@ export async function serve(settings) {
   });
   return {
     base,
-    stop() {
-      server.kill("SIGTERM");
+    // Waits for the server to exit before removing its folder: it writes there (the search
+    // index among others) until its shutdown is over, and a folder removed under a writer
+    // fails with ENOTEMPTY.
+    async stop() {
+      if (server.exitCode === null && server.signalCode === null) {
+        const exited = new Promise((resolve) => server.once("exit", resolve));
+        server.kill("SIGTERM");
+        const timer = setTimeout(() => server.kill("SIGKILL"), 20_000);
+        await exited;
+        clearTimeout(timer);
+      }
       rmSync(dataDir, { recursive: true, force: true });
     },
   };

@@ -42,7 +42,7 @@ before(async () => {
 
 after(async () => {
   await browser?.close();
-  server?.stop();
+  await server?.stop();
 });
 
 test("sign in through Keycloak's own page (PKCE), chat, and sign out there", async (t) => {
