@@ -299,3 +299,219 @@ async fn jetstream_a_bad_ticket_loses_no_other_push() {
     );
     queue.delete_bucket().await.expect("cleans up");
 }
+
+/// Pushes not due for a long time take no place among the ticket consumer's unacknowledged
+/// messages, whose number the server caps: were they fetched and handed back with a delay, as
+/// many of them as the cap would stop every due push behind them. The ones not yet due wait on
+/// the stream, aside, and a push due now is still claimed. On JetStream only: the embedded queue
+/// reads its due entries by an index.
+#[tokio::test]
+async fn jetstream_pushes_not_yet_due_are_not_held_unacknowledged() {
+    use confab_runtime::push_queue::PushQueue;
+    use confab_schema::{ChatId, UserId};
+
+    const LATER: u32 = 40;
+    let Some((queue, url, prefix)) = jetstream_queue().await else {
+        return;
+    };
+    let author = UserId::from_subject("later", "author");
+    let now = confab_runtime::presence::now_ms();
+    for i in 0..LATER {
+        let user = UserId::from_subject("later", &format!("reader-{i}"));
+        let due = now + 600_000;
+        queue
+            .schedule(
+                user,
+                ChatId::new(),
+                &burst_message(author, i),
+                due,
+                due + 600_000,
+            )
+            .await
+            .expect("scheduled");
+    }
+    let soon = UserId::from_subject("later", "due-now");
+    let soon_chat = ChatId::new();
+    queue
+        .schedule(
+            soon,
+            soon_chat,
+            &burst_message(author, 0),
+            now,
+            now + 600_000,
+        )
+        .await
+        .expect("scheduled");
+
+    // Claims until the push due now comes, as a node's loop does.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut claimed = Vec::new();
+    while claimed.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the push due now was never claimed"
+        );
+        let batch = queue
+            .claim_due(confab_runtime::presence::now_ms(), 100)
+            .await
+            .expect("claims");
+        claimed.extend(batch.pushes);
+        if claimed.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(claimed.len(), 1, "only the push due now: {claimed:?}");
+    assert_eq!((claimed[0].user, claimed[0].chat), (soon, soon_chat));
+
+    let context = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connects"));
+    let mut stream = context
+        .get_stream(format!("{prefix}_push_due"))
+        .await
+        .expect("the ticket stream");
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("senders").await.expect("the consumer");
+    let info = consumer.info().await.expect("consumer info");
+    assert_eq!(
+        info.num_ack_pending, 0,
+        "tickets of pushes due in ten minutes held unacknowledged"
+    );
+    let stream_info = stream.info().await.expect("stream info");
+    assert_eq!(
+        stream_info.state.messages,
+        u64::from(LATER),
+        "one ticket waiting per push not yet due"
+    );
+    queue.delete_bucket().await.expect("cleans up");
+}
+
+/// A ticket due a few seconds from now waits aside and comes when due: the push is claimed then,
+/// and not before. On JetStream only, where tickets wait on a schedule.
+#[tokio::test]
+async fn jetstream_a_push_due_in_a_few_seconds_is_claimed_when_due() {
+    use confab_runtime::push_queue::PushQueue;
+    use confab_schema::{ChatId, UserId};
+
+    let Some((queue, _url, _prefix)) = jetstream_queue().await else {
+        return;
+    };
+    let (user, chat) = (UserId::from_subject("soon", "reader"), ChatId::new());
+    let due = confab_runtime::presence::now_ms() + 5_000;
+    queue
+        .schedule(
+            user,
+            chat,
+            &burst_message(UserId::from_subject("soon", "author"), 0),
+            due,
+            due + 600_000,
+        )
+        .await
+        .expect("scheduled");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the push due in five seconds was not claimed in thirty"
+        );
+        let now = confab_runtime::presence::now_ms();
+        let batch = queue.claim_due(now, 10).await.expect("claims");
+        if let Some(push) = batch.pushes.first() {
+            assert!(now >= due, "claimed {} ms before it was due", due - now);
+            assert_eq!((push.user, push.chat), (user, chat));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    queue.delete_bucket().await.expect("cleans up");
+}
+
+/// A ticket stream and consumer made by an older version (one subject, no schedules, a consumer
+/// of the whole stream) are brought up to date in place: a push due later waits aside, and one
+/// due now is claimed. On JetStream only.
+#[tokio::test]
+async fn jetstream_an_older_ticket_stream_is_brought_up_to_date() {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    use async_nats::jetstream::stream::{Config, RetentionPolicy, StorageType};
+    use confab_runtime::push_queue::PushQueue;
+    use confab_schema::{ChatId, UserId};
+
+    let Some((queue, url, prefix)) = jetstream_queue().await else {
+        return;
+    };
+    let context = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connects"));
+    let stream = context
+        .create_stream(Config {
+            name: format!("{prefix}_push_due"),
+            subjects: vec![format!("{prefix}.push.due")],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .expect("the older stream");
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some("senders".into()),
+            ack_policy: AckPolicy::Explicit,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await
+        .expect("the older consumer");
+
+    let author = UserId::from_subject("older", "author");
+    let now = confab_runtime::presence::now_ms();
+    let later = now + 600_000;
+    queue
+        .schedule(
+            UserId::from_subject("older", "later"),
+            ChatId::new(),
+            &burst_message(author, 0),
+            later,
+            later + 600_000,
+        )
+        .await
+        .expect("scheduled");
+    let (user, chat) = (UserId::from_subject("older", "now"), ChatId::new());
+    queue
+        .schedule(user, chat, &burst_message(author, 1), now, now + 600_000)
+        .await
+        .expect("scheduled");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let claimed = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the push due now was never claimed"
+        );
+        let batch = queue
+            .claim_due(confab_runtime::presence::now_ms(), 10)
+            .await
+            .expect("claims");
+        if !batch.pushes.is_empty() {
+            break batch.pushes;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(claimed.len(), 1, "only the push due now: {claimed:?}");
+    assert_eq!((claimed[0].user, claimed[0].chat), (user, chat));
+    let mut stream = context
+        .get_stream(format!("{prefix}_push_due"))
+        .await
+        .expect("the stream");
+    assert!(
+        stream
+            .info()
+            .await
+            .expect("info")
+            .config
+            .allow_message_schedules
+    );
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("senders").await.expect("the consumer");
+    let info = consumer.info().await.expect("consumer info");
+    assert_eq!(info.config.filter_subject, format!("{prefix}.push.due"));
+    assert_eq!(
+        info.num_ack_pending, 0,
+        "the later push's ticket waits aside"
+    );
+    queue.delete_bucket().await.expect("cleans up");
+}

@@ -1,16 +1,21 @@
 //! The push queue on JetStream. Entries live in a key-value bucket (`<prefix>_push`, key
 //! `<user>.<chat>`), pushes sent lately in another (`<prefix>_push_sent`, aged out after
 //! [`SENT_MEMORY_MS`]). Finding the due ones without scanning every entry: each entry, when
-//! created, puts one ticket (its key) on a work-queue stream (`<prefix>_push_due`) read by one
-//! durable consumer that every notifier node shares. A node that takes a ticket before the entry
-//! is due hands it back with a delay until then (a NAK with delay), so a ticket costs one delivery
-//! per due time, not one per poll. The ticket carries the entry's due time (which never moves),
-//! so it is decided without reading the entry: one due within the hold horizon
-//! ([`DEFAULT_HOLD`], at most 5 s under the ack wait) is held by the node until due,
-//! unacknowledged; one due later is handed back to come again [`LEAD_MS`] before its due time,
-//! then held. The horizon is short by default: a node killed while holding tickets lets them come
-//! back only after the ack wait (30 s), and holding every ticket from its first fetch (20 s) did
-//! not make pushes measurably more punctual (`confab bench-push --hold-ms`).
+//! created, puts one ticket (its key and due time) on a work-queue stream (`<prefix>_push_due`)
+//! read by one durable consumer that every notifier node shares. A ticket due later than a
+//! second or two is published as a message schedule (`Nats-Schedule: @at …`, NATS 2.12 or
+//! later) on a subject of its own below `<prefix>.push.at`: the server moves it to the consumer's
+//! subject [`LEAD_MS`] before the entry is due. Until then it is not delivered, so tickets of
+//! pushes not yet due take no place among the consumer's unacknowledged messages (capped at
+//! 100,000): however many wait, the due ones still come. A node that takes a ticket holds it
+//! until due, unacknowledged, within the hold horizon ([`DEFAULT_HOLD`], at most 5 s under the
+//! ack wait); one that comes early all the same (published at once, or handed back by a node
+//! that shut down) is handed back with a delay (a NAK with delay) to come again [`LEAD_MS`]
+//! before its due time. The ticket carries the entry's due time (which never moves), so it is
+//! decided without reading the entry. The horizon is short by default: a node killed while
+//! holding tickets lets them come back only after the ack wait (30 s), and holding every ticket
+//! from its first fetch (20 s) did not make pushes measurably more punctual
+//! (`confab bench-push --hold-ms`).
 //!
 //! Invariant: while an entry exists, a ticket for it is on the stream or in a node's hands. A
 //! ticket is acknowledged only once its entry is gone or claimed (compare-and-delete by one node),
@@ -47,6 +52,8 @@ pub struct NatsPushQueue {
     /// Stream name, its one subject, and the consumer, opened on first use.
     tickets: String,
     ticket_subject: String,
+    /// The subjects below which a ticket waits for its time: one subject per entry version.
+    schedule_subject: String,
     consumer: tokio::sync::OnceCell<PullConsumer>,
     /// Tickets due within the hold horizon, held unacknowledged until their due time, the
     /// earliest on top: the node claims them then.
@@ -232,9 +239,10 @@ enum Decision {
     Hold(i64),
 }
 
-/// A ticket due beyond the hold horizon is handed back to come again this long before its due
-/// time (then held). The server's redelivery after a NAK with delay runs late under load (seconds
-/// at 2,000 tickets/s on two cores); this lead absorbs that.
+/// A scheduled ticket comes this long before its due time, and one due beyond the hold horizon
+/// is handed back to come again this long before it (then held). The server's redelivery after a
+/// NAK with delay runs late under load (seconds at 2,000 tickets/s on two cores); this lead
+/// absorbs that.
 const LEAD_MS: i64 = 2_000;
 
 /// The decision for a ticket whose entry is due at `due_ms`, not yet due at `now_ms`, on a node
@@ -289,6 +297,7 @@ impl NatsPushQueue {
             sent,
             tickets: format!("{name}_push_due"),
             ticket_subject: format!("{prefix}.push.due"),
+            schedule_subject: format!("{prefix}.push.at"),
             consumer: tokio::sync::OnceCell::new(),
             held: std::sync::Mutex::new(BinaryHeap::new()),
             hold_ms: i64::try_from(DEFAULT_HOLD.as_millis()).unwrap_or(i64::MAX),
@@ -332,32 +341,51 @@ impl NatsPushQueue {
         self.pending.store().await.map_err(unavailable)
     }
 
+    /// The consumer of due tickets, on a stream made (or brought up to date) on first use: it
+    /// holds the due tickets on `<prefix>.push.due` and the scheduled ones on
+    /// `<prefix>.push.at.>`, which the server moves to the due subject at their time.
     async fn consumer(&self) -> Result<&PullConsumer, BusError> {
         self.consumer
             .get_or_try_init(|| async {
-                let stream = self
+                let info = self
                     .context
-                    .get_or_create_stream(jetstream::stream::Config {
+                    .create_or_update_stream(jetstream::stream::Config {
                         name: self.tickets.clone(),
                         description: Some("confab push tickets: one per pending push".into()),
-                        subjects: vec![self.ticket_subject.clone()],
+                        subjects: vec![
+                            self.ticket_subject.clone(),
+                            format!("{}.>", self.schedule_subject),
+                        ],
                         retention: RetentionPolicy::WorkQueue,
                         storage: StorageType::File,
+                        allow_message_schedules: true,
                         ..Default::default()
                     })
                     .await
                     .map_err(unavailable)?;
+                // A server without message schedules keeps the field unset, and would keep the
+                // scheduled tickets as plain messages that never come due: refuse to start.
+                if !info.config.allow_message_schedules {
+                    return Err(unavailable(
+                        "the NATS server has no message schedules (NATS 2.12 or later needed)",
+                    ));
+                }
+                let stream = self
+                    .context
+                    .get_stream(&self.tickets)
+                    .await
+                    .map_err(unavailable)?;
+                // Created, or updated in place: a consumer of an older version read the whole
+                // stream, and would take the scheduled tickets before their time.
                 stream
-                    .get_or_create_consumer(
-                        "senders",
-                        pull::Config {
-                            durable_name: Some("senders".into()),
-                            ack_policy: AckPolicy::Explicit,
-                            ack_wait: Self::ACK_WAIT,
-                            max_ack_pending: 100_000,
-                            ..Default::default()
-                        },
-                    )
+                    .create_consumer(pull::Config {
+                        durable_name: Some("senders".into()),
+                        filter_subject: self.ticket_subject.clone(),
+                        ack_policy: AckPolicy::Explicit,
+                        ack_wait: Self::ACK_WAIT,
+                        max_ack_pending: 100_000,
+                        ..Default::default()
+                    })
                     .await
                     .map_err(unavailable)
             })
@@ -514,13 +542,34 @@ impl NatsPushQueue {
         due_ms: i64,
     ) -> Result<(), BusError> {
         self.consumer().await?;
+        let payload = Ticket::payload(key, due_ms);
         let published = async {
-            self.context
-                .publish(self.ticket_subject.clone(), Ticket::payload(key, due_ms))
-                .await
-                .map_err(unavailable)?
-                .await
-                .map_err(unavailable)
+            let ack = match schedule_time(due_ms, crate::presence::now_ms()) {
+                // Due soon: on the due subject at once, held by whichever node takes it.
+                None => self
+                    .context
+                    .publish(self.ticket_subject.clone(), payload)
+                    .await
+                    .map_err(unavailable)?,
+                // Due later: the server keeps it aside and moves it to the due subject at its
+                // time, so until then it takes no place among the consumer's unacknowledged
+                // tickets, however many wait. One subject per entry version: a schedule replaces
+                // the one on its subject, and a retry of this publish replaces itself.
+                Some(at) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Schedule", at.as_str());
+                    headers.insert("Nats-Schedule-Target", self.ticket_subject.as_str());
+                    self.context
+                        .publish_with_headers(
+                            format!("{}.{key}.{revision}", self.schedule_subject),
+                            headers,
+                            payload,
+                        )
+                        .await
+                        .map_err(unavailable)?
+                }
+            };
+            ack.await.map_err(unavailable)
         }
         .await;
         if let Err(error) = published {
@@ -529,6 +578,23 @@ impl NatsPushQueue {
         }
         Ok(())
     }
+}
+
+/// When a ticket due at `due_ms` is put on the due subject by the server, as a `Nats-Schedule`
+/// value, or `None` when it goes there at once. It comes [`LEAD_MS`] before its due time (whole
+/// seconds, rounded up, so that it is never handed back when it comes), and is held from then.
+fn schedule_time(due_ms: i64, now_ms: i64) -> Option<String> {
+    let at_ms = due_ms - LEAD_MS;
+    let at_s = at_ms.div_euclid(1_000) + i64::from(at_ms.rem_euclid(1_000) != 0);
+    // Due within a second or so of now: a schedule would only add the scheduler's delay.
+    if at_s * 1_000 <= now_ms + 1_000 {
+        return None;
+    }
+    let at = time::OffsetDateTime::from_unix_timestamp(at_s).ok()?;
+    let text = at
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()?;
+    Some(format!("@at {text}"))
 }
 
 /// How soon a ticket whose entry could not be read comes back.
@@ -857,9 +923,9 @@ impl PushQueue for NatsPushQueue {
     }
 
     async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Claimed, BusError> {
-        // Most tickets a fetch brings are not due yet (every ticket is fetched once when its push
-        // is scheduled, and handed back until due), so what says more may wait is a full fetch,
-        // not the number of pushes it claimed.
+        // Tickets a fetch brings may not be due yet (held until due) or find their entry gone
+        // (cancelled), so what says more may wait is a full fetch, not the number of pushes it
+        // claimed.
         let (pushes, full) = self.claim_batch(now_ms, limit).await?;
         Ok(Claimed { pushes, more: full })
     }
@@ -906,7 +972,33 @@ mod tests {
 
     use async_nats::jetstream::AckKind;
 
-    use super::{Decision, LEAD_MS, OUTAGE_REMINDER, OutageLog, Tell, Ticket, not_yet};
+    use super::{
+        Decision, LEAD_MS, OUTAGE_REMINDER, OutageLog, Tell, Ticket, not_yet, schedule_time,
+    };
+
+    /// A ticket due later comes by schedule, the lead before its due time rounded up to a whole
+    /// second; one due within about a second of that goes to the due subject at once.
+    #[test]
+    fn a_ticket_due_later_is_scheduled_a_lead_before_its_time() {
+        // 2026-12-06T00:00:00Z
+        let midnight = 1_796_515_200_000;
+        let now = midnight - 60_000;
+        assert_eq!(
+            schedule_time(midnight + LEAD_MS, now).as_deref(),
+            Some("@at 2026-12-06T00:00:00Z")
+        );
+        assert_eq!(
+            schedule_time(midnight + LEAD_MS - 1, now).as_deref(),
+            Some("@at 2026-12-06T00:00:00Z"),
+            "rounded up, never earlier than the lead"
+        );
+        assert_eq!(
+            schedule_time(midnight + LEAD_MS + 1, now).as_deref(),
+            Some("@at 2026-12-06T00:00:01Z")
+        );
+        assert_eq!(schedule_time(now + LEAD_MS + 500, now), None, "due soon");
+        assert_eq!(schedule_time(now - 5_000, now), None, "due already");
+    }
 
     /// An outage is told once when it starts, then at most once per reminder period with how many
     /// failed since, and its end once; the next failure starts a new one.
