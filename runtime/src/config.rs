@@ -851,7 +851,7 @@ pub struct BusConfig {
     /// stream is named after it (`<prefix>_events`, dots and dashes as `_`). Default `confab`.
     pub subject_prefix: String,
     /// How long the event log keeps events, so a client can resume after a disconnect this long.
-    /// Default 86400 (24 hours).
+    /// Default 86400 (24 hours); at most 604800 (7 days, `bus::MAX_RETENTION`).
     pub retention_secs: u64,
     /// How long the log recognises a re-published event id and drops the copy (JetStream's
     /// duplicate window). Default 120.
@@ -1100,6 +1100,13 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "search.batch_size must be at least 1".into(),
             ));
+        }
+        if self.bus.retention_secs > crate::bus::MAX_RETENTION.as_secs() {
+            // A resume past that would find the log's events and not the chats the user left.
+            return Err(ConfigError::Invalid(format!(
+                "bus.retention_secs must be at most {}",
+                crate::bus::MAX_RETENTION.as_secs()
+            )));
         }
         if self.notifier.max_connections_per_user == 0 {
             // Zero would refuse every stream, or (taken as one) silently cap users at one.
@@ -1350,6 +1357,23 @@ mod tests {
             jail.set_env("CONFAB_NOTIFIER__MAX_CONNECTIONS_PER_USER", "1");
             let config = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(config.notifier.max_connections_per_user, 1);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_retention_longer_than_the_store_keeps_leavings_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            let longest = crate::bus::MAX_RETENTION.as_secs();
+            jail.set_env("CONFAB_BUS__RETENTION_SECS", (longest + 1).to_string());
+            let refused = Config::load(None).expect_err("a retention over the longest");
+            assert!(
+                refused.to_string().contains("bus.retention_secs"),
+                "{refused}"
+            );
+            jail.set_env("CONFAB_BUS__RETENTION_SECS", longest.to_string());
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.bus.retention_secs, longest);
             Ok(())
         });
     }

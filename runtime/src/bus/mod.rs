@@ -52,6 +52,10 @@ pub enum ReadError {
 /// How many events a read may look at per event it may return.
 pub const SCAN_FACTOR: usize = 20;
 
+/// The longest a log may keep events (`bus.retention_secs`): what a resume reads besides the log,
+/// the chats a user left (`Store::left_chats_of`), is kept a little longer than this.
+pub const MAX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// How long the log keeps events, and how long it recognises a re-published event id.
 #[derive(Clone, Copy, Debug)]
 pub struct LogSettings {
