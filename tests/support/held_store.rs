@@ -465,6 +465,14 @@ impl Store for HeldStore {
     async fn forget_left_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
         self.inner.forget_left_chat(chat, user).await
     }
+    async fn left_chats_of(
+        &self,
+        user: UserId,
+        since: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<ChatId>, StoreError> {
+        self.inner.left_chats_of(user, since, limit).await
+    }
     async fn restore_joined_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
         self.inner.restore_joined_chat(chat, user).await
     }

@@ -40,6 +40,7 @@ macro_rules! store_conformance_tests {
             guarded_member_changes_serialize,
             chats_of_a_user,
             forgetting_a_left_chat_spares_members,
+            left_chats_are_listed_newest_first,
             every_chat_id_pages_once,
             devices_belong_to_one_user,
             settings_are_per_user_and_per_chat,
@@ -757,6 +758,92 @@ pub async fn forgetting_a_left_chat_spares_members(store: Arc<dyn Store>) {
     let carol = user("carol");
     store.forget_left_chat(chat, carol.id).await.unwrap();
     assert!(store.chats_of(carol.id).await.unwrap().is_empty());
+}
+
+/// Waits until the clock is past `at` (by a millisecond, the precision of a leaving's time), so
+/// that what is written next is newer.
+async fn clock_past(at: OffsetDateTime) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while OffsetDateTime::now_utc() - at < Duration::from_millis(2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock stands still"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The chats a user stopped being a member of, whichever way: what a resumed event stream
+/// replays up to the leaving. Newest first, each once, from a time on, at most as many as asked.
+pub async fn left_chats_are_listed_newest_first(store: Arc<dyn Store>) {
+    use super::{GuardedChange, MemberWrite};
+    let store = &*store;
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    for u in [&alice, &bob, &carol] {
+        store.upsert_user(u).await.unwrap();
+    }
+    let since = OffsetDateTime::now_utc() - Duration::from_secs(1);
+    let left_by = |user: UserId, limit: usize| store.left_chats_of(user, since, limit);
+    let removed = chat_with(store, alice.id, &[bob.id, carol.id]).await;
+    let left = chat_with(store, alice.id, &[bob.id]).await;
+    let deleted = chat_with(store, alice.id, &[bob.id, carol.id]).await;
+    let stayed = chat_with(store, alice.id, &[bob.id]).await;
+    assert!(left_by(bob.id, 10).await.unwrap().is_empty());
+
+    // A guarded removal that does not apply ends nothing; one that does, ends bob's membership.
+    let mistaken = GuardedChange {
+        write: MemberWrite::Remove(carol.id),
+        expect: vec![(alice.id, MemberRole::Owner), (carol.id, MemberRole::Admin)],
+    };
+    assert!(!store.change_member(removed, &mistaken).await.unwrap());
+    assert!(left_by(carol.id, 10).await.unwrap().is_empty());
+    let removal = GuardedChange {
+        write: MemberWrite::Remove(bob.id),
+        expect: vec![(alice.id, MemberRole::Owner), (bob.id, MemberRole::Member)],
+    };
+    assert!(store.change_member(removed, &removal).await.unwrap());
+    assert_eq!(left_by(bob.id, 10).await.unwrap(), [removed]);
+    clock_past(OffsetDateTime::now_utc()).await;
+
+    // A removal without conditions (a pairing's end), and a chat's removal, for every member.
+    store.remove_member(left, bob.id).await.unwrap();
+    clock_past(OffsetDateTime::now_utc()).await;
+    store.delete_chat(deleted).await.unwrap();
+    assert_eq!(left_by(bob.id, 10).await.unwrap(), [deleted, left, removed]);
+    assert_eq!(left_by(carol.id, 10).await.unwrap(), [deleted]);
+    assert_eq!(left_by(alice.id, 10).await.unwrap(), [deleted]);
+
+    // A chat still listed to its member is not one they left.
+    store.forget_left_chat(stayed, bob.id).await.unwrap();
+    assert!(!left_by(bob.id, 10).await.unwrap().contains(&stayed));
+
+    // The most recent first, as many as asked, and none from before `since`.
+    assert_eq!(left_by(bob.id, 2).await.unwrap(), [deleted, left]);
+    let later = OffsetDateTime::now_utc() + Duration::from_secs(60);
+    assert!(
+        store
+            .left_chats_of(bob.id, later, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Left again after joining again: listed once, at its latest leaving.
+    clock_past(OffsetDateTime::now_utc()).await;
+    store
+        .put_member(
+            removed,
+            &Member {
+                user_id: bob.id,
+                role: MemberRole::Member,
+                joined_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+            },
+        )
+        .await
+        .unwrap();
+    store.remove_member(removed, bob.id).await.unwrap();
+    assert_eq!(left_by(bob.id, 10).await.unwrap(), [removed, deleted, left]);
+    assert!(!store.chats_of(bob.id).await.unwrap().contains(&removed));
 }
 
 /// The chats a user is in: what a notifier routes their events by.

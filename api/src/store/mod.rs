@@ -183,6 +183,12 @@ pub(crate) fn text_and_call(
 /// within seconds or minutes; an hour also covers a client that lost a response and came back later.
 pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(3_600);
 
+/// How long the end of a membership is kept for [`Store::left_chats_of`]: a day longer than the
+/// log may keep events, so a resume finds every leaving whose events it can still replay, whatever
+/// the clocks of the processes that wrote and read it.
+pub const LEFT_CHATS_KEPT: Duration =
+    Duration::from_secs(confab_runtime::bus::MAX_RETENTION.as_secs() + 24 * 3600);
+
 /// Unread counts stop counting here; clients show "100+".
 pub const UNREAD_CAP: usize = 100;
 
@@ -398,10 +404,25 @@ pub trait Store: Send + Sync + 'static {
     -> Result<bool, StoreError>;
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
     /// Finishes a removal of `user` from `chat` that stopped after its authoritative write: if
-    /// they are not a member, takes the chat out of what lists it to them (on CQL, their row of
-    /// `user_chats`, which their chat list, search and streams read). Takes nothing written after
-    /// it looked: a user who joins again meanwhile keeps the chat.
+    /// they are not a member, records the chat among those they left ([`Store::left_chats_of`])
+    /// and takes it out of what lists it to them (on CQL, their row of `user_chats`, which their
+    /// chat list, search and streams read). Takes nothing written after it looked: a user who
+    /// joins again meanwhile keeps the chat.
     async fn forget_left_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
+    /// The chats `user` stopped being a member of (they left or were removed, or the chat was
+    /// removed) at or after `since`: those of their `limit` most recent endings, newest first,
+    /// each once. Every removal of a member (a change of members, [`Store::remove_member`],
+    /// [`Store::forget_left_chat`], [`Store::delete_chat`]) records its ending before the chat
+    /// stops being listed to them by [`Store::chats_of`], so a read of `chats_of` and then of this
+    /// finds a chat the user was in when the first began in one of the two. Kept
+    /// [`LEFT_CHATS_KEPT`]. For a resumed event stream, which replays a chat the user left up to
+    /// their leaving.
+    async fn left_chats_of(
+        &self,
+        user: UserId,
+        since: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<ChatId>, StoreError>;
     /// Finishes an addition of `user` to `chat` that stopped after its authoritative write: if
     /// they are a member, lists the chat to them again (on CQL, their row of `user_chats`, as of
     /// the role's write, so a removal or a change of role since wins over it). Without it the

@@ -112,6 +112,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "circle_member_seats",
         cql: include_str!("migrations/0020_circle_member_seats.cql"),
     },
+    Migration {
+        version: 21,
+        name: "left_chats",
+        cql: include_str!("migrations/0021_left_chats.cql"),
+    },
 ];
 
 /// The table and column of `statement` when it is `ALTER TABLE <table> ADD <column> <type>`

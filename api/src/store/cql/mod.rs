@@ -42,10 +42,10 @@ use futures::{StreamExt, TryFutureExt, TryStreamExt};
 use confab_schema::call::CallStatus;
 
 use super::{
-    CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, ListedCall, MarkerKind,
-    MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter, PendingCallSignal, Slot, SlotWrite,
-    SmallObjectInfo, Store, StoreError, UNREAD_SCAN_LIMIT, UnreadQuery, created_at, from_millis,
-    millis, parse, search_terms, stored_text, text_and_call,
+    CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, LEFT_CHATS_KEPT, ListedCall,
+    MarkerKind, MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter, PendingCallSignal,
+    Slot, SlotWrite, SmallObjectInfo, Store, StoreError, UNREAD_SCAN_LIMIT, UnreadQuery,
+    created_at, from_millis, millis, parse, search_terms, stored_text, text_and_call,
 };
 
 /// How many of a chat's newest signals [`Store::count_unreads`] reads at once; a chat with more
@@ -725,6 +725,8 @@ struct Statements {
     add_member_if_absent: PreparedStatement,
     remove_member_if_role: PreparedStatement,
     set_user_chat_role: PreparedStatement,
+    insert_left_chat: PreparedStatement,
+    left_chats_of: PreparedStatement,
     get_summary: PreparedStatement,
     set_summary: PreparedStatement,
     set_latest: PreparedStatement,
@@ -951,6 +953,8 @@ impl CqlStore {
             add_member_if_absent: "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?) IF NOT EXISTS".into(),
             remove_member_if_role: "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ? IF role = ?".into(),
             set_user_chat_role: "UPDATE user_chats SET role = ? WHERE user_id = ? AND chat_id = ?".into(),
+            insert_left_chat: "INSERT INTO user_left_chats (user_id, left_at, chat_id) VALUES (?, ?, ?) USING TTL ?".into(),
+            left_chats_of: "SELECT chat_id FROM user_left_chats WHERE user_id = ? AND left_at >= ? LIMIT ?".into(),
             // The chat list's summary lives in the chat's row, so one read gives both. Written
             // with UPDATE (no row marker): a touch that races the chat's removal leaves no row
             // that looks like a chat.
@@ -2121,6 +2125,7 @@ impl Store for CqlStore {
                 // deletes it: the member is gone, so it is refused. The removal's outbox entry,
                 // written before the batch, is what finishes it: the sweep that publishes
                 // `member.left` for a removal the store holds calls `forget_left_chat` first.
+                self.record_left_chat(chat, *user).await?;
                 self.session
                     .execute_unpaged(&self.statements.delete_user_chat, (user.0, chat.0))
                     .await
@@ -2138,6 +2143,7 @@ impl Store for CqlStore {
         // no member to remove. Once the coordinator has the batch in its batchlog, both deletions
         // are applied, eventually, whatever fails after; before that, neither is, and a retry
         // finds the member still in. Removals are rare: the batchlog's writes cost little.
+        self.record_left_chat(chat, user).await?;
         let mut batch = Batch::new(BatchType::Logged);
         batch.append_statement(self.statements.delete_chat_member.clone());
         batch.append_statement(self.statements.delete_user_chat.clone());
@@ -2169,6 +2175,7 @@ impl Store for CqlStore {
         if self.member_role(chat, user).await?.is_some() {
             return Ok(());
         }
+        self.record_left_chat(chat, user).await?;
         self.session
             .execute_unpaged(
                 &self.statements.delete_user_chat_written,
@@ -2177,6 +2184,31 @@ impl Store for CqlStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn left_chats_of(
+        &self,
+        user: UserId,
+        since: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<ChatId>, StoreError> {
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let found: Vec<(Uuid,)> = rows(
+            self.session
+                .execute_unpaged(
+                    &self.statements.left_chats_of,
+                    (user.0, CqlTimestamp(millis(since)), limit),
+                )
+                .await
+                .map_err(unavailable)?,
+        )?;
+        // Newest first: a chat left more than once is kept at its latest leaving.
+        let mut seen = HashSet::new();
+        Ok(found
+            .into_iter()
+            .filter(|(chat,)| seen.insert(*chat))
+            .map(|(chat,)| ChatId(chat))
+            .collect())
     }
 
     async fn restore_joined_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
@@ -3709,6 +3741,26 @@ impl CqlStore {
             .execute_unpaged(
                 &self.statements.copy_chat_info,
                 info.copy_values(user, chat, true),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Records that `user`'s membership of `chat` ended now ([`Store::left_chats_of`]). Every
+    /// removal writes it before it deletes the user's row of `user_chats`, which
+    /// [`Store::chats_of`] reads: a reader of both in that order finds the chat in one.
+    async fn record_left_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+        let ttl = i32::try_from(LEFT_CHATS_KEPT.as_secs()).unwrap_or(i32::MAX);
+        self.session
+            .execute_unpaged(
+                &self.statements.insert_left_chat,
+                (
+                    user.0,
+                    CqlTimestamp(millis(OffsetDateTime::now_utc())),
+                    chat.0,
+                    ttl,
+                ),
             )
             .await
             .map_err(unavailable)?;

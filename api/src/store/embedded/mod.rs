@@ -26,10 +26,11 @@ use uuid::Uuid;
 use confab_schema::call::CallStatus;
 
 use super::{
-    CallRecord, ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted, ListedCall,
-    MarkerKind, MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter, PendingCallSignal,
-    Slot, SlotState, SlotWrite, SmallObjectInfo, Store, StoreError, UNREAD_SCAN_LIMIT, circle_pool,
-    created_at, from_millis, millis, parse, search_terms, stored_text, text_and_call,
+    CallRecord, ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted,
+    LEFT_CHATS_KEPT, ListedCall, MarkerKind, MemberPut, MemberWrite, NewChat, OutboxEntry,
+    OutboxWriter, PendingCallSignal, Slot, SlotState, SlotWrite, SmallObjectInfo, Store,
+    StoreError, UNREAD_SCAN_LIMIT, circle_pool, created_at, from_millis, millis, parse,
+    search_terms, stored_text, text_and_call,
 };
 use std::collections::BTreeMap;
 
@@ -49,6 +50,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0012_live_calls.sql"),
     include_str!("schema/0013_call_signals.sql"),
     include_str!("schema/0014_call_joins.sql"),
+    include_str!("schema/0015_left_chats.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -168,6 +170,29 @@ fn all<T>(
         .map_err(unavailable)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(unavailable)
+}
+
+/// Records that `user`'s membership of `chat` ended now ([`Store::left_chats_of`]), in the
+/// removal's transaction, and forgets a few endings older than [`LEFT_CHATS_KEPT`], oldest first:
+/// bounded work, and the table stays the size of what it keeps.
+fn record_left_chat(c: &Connection, chat: ChatId, user: UserId) -> Result<(), StoreError> {
+    let now = millis(OffsetDateTime::now_utc());
+    let kept = i64::try_from(LEFT_CHATS_KEPT.as_millis()).unwrap_or(i64::MAX);
+    c.prepare_cached(
+        "DELETE FROM left_chats WHERE (user_id, chat_id) IN
+         (SELECT user_id, chat_id FROM left_chats WHERE left_at < ?1 ORDER BY left_at LIMIT 16)",
+    )
+    .map_err(unavailable)?
+    .execute(params![now - kept])
+    .map_err(unavailable)?;
+    c.prepare_cached(
+        "INSERT INTO left_chats (user_id, chat_id, left_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (user_id, chat_id) DO UPDATE SET left_at = max(left_at, excluded.left_at)",
+    )
+    .map_err(unavailable)?
+    .execute(params![blob(user.0), blob(chat.0), now])
+    .map_err(unavailable)?;
+    Ok(())
 }
 
 type MemberRow = (Vec<u8>, String, i64);
@@ -939,6 +964,7 @@ impl Store for EmbeddedStore {
                     if changed == 0 {
                         return Ok(false);
                     }
+                    record_left_chat(&tx, chat, *user)?;
                 }
             }
             tx.commit().map_err(unavailable)?;
@@ -949,12 +975,19 @@ impl Store for EmbeddedStore {
 
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
         self.with(move |c| {
-            c.execute(
-                "DELETE FROM chat_members WHERE chat_id = ?1 AND user_id = ?2",
-                params![blob(chat.0), blob(user.0)],
-            )
-            .map_err(unavailable)?;
-            Ok(())
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let removed = tx
+                .execute(
+                    "DELETE FROM chat_members WHERE chat_id = ?1 AND user_id = ?2",
+                    params![blob(chat.0), blob(user.0)],
+                )
+                .map_err(unavailable)?;
+            if removed > 0 {
+                record_left_chat(&tx, chat, user)?;
+            }
+            tx.commit().map_err(unavailable)
         })
         .await
     }
@@ -962,6 +995,28 @@ impl Store for EmbeddedStore {
     async fn forget_left_chat(&self, _chat: ChatId, _user: UserId) -> Result<(), StoreError> {
         // A membership is one row, removed in one statement: a removal leaves nothing behind.
         Ok(())
+    }
+
+    async fn left_chats_of(
+        &self,
+        user: UserId,
+        since: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<ChatId>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(move |c| {
+            all(
+                c,
+                "SELECT chat_id FROM left_chats WHERE user_id = ?1 AND left_at >= ?2
+                 ORDER BY left_at DESC LIMIT ?3",
+                params![blob(user.0), millis(since), limit],
+                |row| row.get::<_, Vec<u8>>(0),
+            )?
+            .into_iter()
+            .map(|id| uuid_from(id).map(ChatId))
+            .collect()
+        })
+        .await
     }
 
     async fn restore_joined_chat(&self, _chat: ChatId, _user: UserId) -> Result<(), StoreError> {
@@ -2272,6 +2327,16 @@ impl Store for EmbeddedStore {
                 params![id],
             )
             .map_err(unavailable)?;
+            // Its members' memberships end with it.
+            let members = all(
+                &tx,
+                "SELECT user_id FROM chat_members WHERE chat_id = ?1",
+                params![id],
+                |row| row.get::<_, Vec<u8>>(0),
+            )?;
+            for member in members {
+                record_left_chat(&tx, chat, UserId(uuid_from(member)?))?;
+            }
             for table in [
                 "attachments",
                 "chat_member_settings",
