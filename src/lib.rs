@@ -326,14 +326,25 @@ impl DeviceDirectory for StoreDevices {
     }
 }
 
-/// What a notifier routes by: the chats a user is in, read from the store. (The notifier and the
-/// ws-plexer read this and nothing else; only the API writes.)
-pub struct StoreMembership(pub Arc<dyn Store>);
+/// What a notifier routes by: the chats a user is in, and those they left recently, read from the
+/// store. (The notifier and the ws-plexer read this and nothing else; only the API writes.)
+pub struct StoreMembership {
+    pub store: Arc<dyn Store>,
+    /// How long the log keeps events: a chat left before that has no event a resume can replay.
+    pub retention: Duration,
+}
 
 #[async_trait::async_trait]
 impl Membership for StoreMembership {
     async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, String> {
-        self.0.chats_of(user).await.map_err(|e| e.to_string())
+        self.store.chats_of(user).await.map_err(|e| e.to_string())
+    }
+    async fn left_chats_of(&self, user: UserId, limit: usize) -> Result<Vec<ChatId>, String> {
+        let since = time::OffsetDateTime::now_utc() - self.retention;
+        self.store
+            .left_chats_of(user, since, limit)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -564,7 +575,10 @@ pub async fn build(
     if matches!(role, Role::Serve | Role::Notifier | Role::WsPlexer) {
         let hub = Hub::new(
             Arc::clone(&bus),
-            Arc::new(StoreMembership(Arc::clone(&store))),
+            Arc::new(StoreMembership {
+                store: Arc::clone(&store),
+                retention: config.log_settings().retention,
+            }),
             Arc::clone(&presence),
             config.notifier.connection_buffer,
             config.notifier.replay_limit,

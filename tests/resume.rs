@@ -1,7 +1,7 @@
 //! Exact resume, on the embedded default and on the real stack: a client that reconnects with the
-//! last event id it saw gets exactly the events it missed (in order, none twice), without the
-//! chats it left and with the chats it joined meanwhile; an id the server cannot resume from gets a
-//! `reset`; a malformed one a 400.
+//! last event id it saw gets exactly the events it missed (in order, none twice): of a chat it
+//! left meanwhile, those up to its leaving, and of a chat it joined, those from its joining; an id
+//! the server cannot resume from gets a `reset`; a malformed one a 400.
 
 mod support;
 
@@ -248,40 +248,52 @@ async fn resume_follows_membership(stack: Stack) {
     )
     .await;
     let replayed = read_until_message(&mut resumed, "end").await;
-    let chats: Vec<&str> = replayed
-        .iter()
-        .map(|e| {
-            if e.event == "member.joined" {
-                joined.as_str()
-            } else {
-                e.data["data"]["chat_id"].as_str().unwrap_or("?")
-            }
-        })
-        .collect();
-    assert!(
-        !chats.contains(&left.as_str()),
-        "nothing of the chat bob left: {replayed:?}"
-    );
-    let texts: Vec<String> = replayed
-        .iter()
-        .filter(|e| e.event == "signal.created")
-        .map(|e| {
-            format!(
-                "{}:{}",
-                e.data["data"]["kind"].as_str().unwrap(),
-                e.data["data"]["text"].as_str().unwrap_or("")
-            )
-        })
-        .collect();
+    let of_chat = |chat: &str| -> Vec<(String, String, String)> {
+        replayed
+            .iter()
+            .filter(|e| e.data["chat_id"] == chat)
+            .map(|e| replayed_as(&e.event, &e.data))
+            .collect()
+    };
     assert_eq!(
-        texts,
-        ["joined:", "message:after bob joined", "message:end"],
-        "the joined chat from bob's join on, the chat he stayed in"
+        of_chat(&left),
+        [
+            (
+                "signal.created".to_owned(),
+                left.clone(),
+                "before bob left".to_owned()
+            ),
+            ("member.left".to_owned(), left.clone(), bob_id.clone()),
+        ],
+        "the chat bob left up to his leaving, and nothing after"
     );
     assert_eq!(
-        replayed[0].event, "member.joined",
-        "the join comes first: {replayed:?}"
+        of_chat(&joined),
+        [
+            ("member.joined".to_owned(), joined.clone(), bob_id.clone()),
+            (
+                "signal.created".to_owned(),
+                joined.clone(),
+                "joined".to_owned()
+            ),
+            (
+                "signal.created".to_owned(),
+                joined.clone(),
+                "after bob joined".to_owned()
+            ),
+        ],
+        "the joined chat from bob's join on"
     );
+    assert_eq!(
+        of_chat(&stayed),
+        [(
+            "signal.created".to_owned(),
+            stayed.clone(),
+            "end".to_owned()
+        )],
+        "the chat he stayed in"
+    );
+    assert_eq!(replayed.len(), 6, "nothing of any other chat: {replayed:?}");
     app.stop().await;
 }
 
@@ -294,6 +306,178 @@ async fn resume_follows_membership_on_the_embedded_default() {
 async fn resume_follows_membership_on_the_real_stack() {
     if support::real_stack_available("resume_follows_membership_on_the_real_stack").await {
         Box::pin(resume_follows_membership(Stack::Real)).await;
+    }
+}
+
+/// What a replayed event is, as `(type, chat, what)`: the text of a message, the kind of a system
+/// signal, the member a membership change is about. The same for an SSE event's `data` and for a
+/// WebSocket frame, which both carry `chat_id` and `data`.
+fn replayed_as(kind: &str, event: &Value) -> (String, String, String) {
+    let data = &event["data"];
+    let what = match kind {
+        "signal.created" => match data["kind"].as_str() {
+            Some("message") => data["text"].as_str().unwrap_or_default(),
+            other => other.unwrap_or_default(),
+        },
+        _ => data["user_id"].as_str().unwrap_or_default(),
+    };
+    (
+        kind.to_owned(),
+        event["chat_id"].as_str().unwrap_or_default().to_owned(),
+        what.to_owned(),
+    )
+}
+
+/// A client away while it was removed from one chat and left another (from another of its
+/// devices) learns both when it resumes: each chat's events up to the one that took it out, its
+/// own `member.left`, and nothing of the chat after that, as its stream would have delivered had it
+/// stayed connected. The chat it is still in goes on as before. Over SSE, and over a WebSocket's
+/// `resume` frame.
+async fn a_resume_tells_of_the_chats_left_meanwhile(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let removed_from = app.group_chat(&alice, &[&bob_id]).await;
+    let left_by_bob = app.group_chat(&alice, &[&bob_id]).await;
+    let stayed = app.group_chat(&alice, &[&bob_id]).await;
+
+    let mut first = SseStream::open(app.http.get(events_url(&app)).bearer_auth(&bob)).await;
+    send(&app, &alice, &stayed, "seen").await;
+    let last_seen = read_until_message(&mut first, "seen")
+        .await
+        .last()
+        .unwrap()
+        .id
+        .clone()
+        .unwrap();
+    drop(first);
+
+    send(&app, &alice, &removed_from, "before the removal").await;
+    let removed = app
+        .http
+        .delete(app.url(&format!("/v1/chats/{removed_from}/members/{bob_id}")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 204);
+    send(&app, &alice, &removed_from, "after the removal").await;
+    send(&app, &alice, &left_by_bob, "before bob left").await;
+    let left = app
+        .http
+        .delete(app.url(&format!("/v1/chats/{left_by_bob}/members/{bob_id}")))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(left.status(), 204);
+    send(&app, &alice, &left_by_bob, "after bob left").await;
+    send(&app, &alice, &stayed, "end").await;
+
+    let expected = vec![
+        (
+            "signal.created".to_owned(),
+            removed_from.clone(),
+            "before the removal".to_owned(),
+        ),
+        (
+            "member.left".to_owned(),
+            removed_from.clone(),
+            bob_id.clone(),
+        ),
+        (
+            "signal.created".to_owned(),
+            left_by_bob.clone(),
+            "before bob left".to_owned(),
+        ),
+        (
+            "member.left".to_owned(),
+            left_by_bob.clone(),
+            bob_id.clone(),
+        ),
+        (
+            "signal.created".to_owned(),
+            stayed.clone(),
+            "end".to_owned(),
+        ),
+    ];
+
+    let mut resumed = SseStream::open(
+        app.http
+            .get(events_url(&app))
+            .bearer_auth(&bob)
+            .header("Last-Event-ID", &last_seen),
+    )
+    .await;
+    let replayed: Vec<_> = read_until_message(&mut resumed, "end")
+        .await
+        .iter()
+        .map(|e| replayed_as(&e.event, &e.data))
+        .collect();
+    assert_eq!(
+        replayed, expected,
+        "over SSE: each chat bob left up to his own leaving, then the chat he stayed in"
+    );
+    // Live from here: the chat he is in, and nothing of the two he is out of.
+    send(&app, &alice, &removed_from, "still out").await;
+    send(&app, &alice, &left_by_bob, "still gone").await;
+    send(&app, &alice, &stayed, "live").await;
+    let live: Vec<_> = read_until_message(&mut resumed, "live")
+        .await
+        .iter()
+        .map(|e| replayed_as(&e.event, &e.data))
+        .collect();
+    assert_eq!(
+        live,
+        [(
+            "signal.created".to_owned(),
+            stayed.clone(),
+            "live".to_owned()
+        )]
+    );
+
+    // The same through a WebSocket that resumes with a frame.
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let ws_url = format!("{}/v1/ws", app.base.replacen("http://", "ws://", 1));
+    let mut request = ws_url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {bob}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(next_frame(&mut ws).await["type"], "ready");
+    ws.send(Message::Text(
+        json!({"type": "resume", "last_event_id": last_seen})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    while next_frame(&mut ws).await["type"] != "ready" {}
+    let replayed: Vec<_> = until_message(&mut ws, "end")
+        .await
+        .iter()
+        .filter(|f| f["type"] == "event" && f.get("id").is_some())
+        .map(|f| replayed_as(f["event"].as_str().unwrap_or_default(), f))
+        .collect();
+    assert_eq!(
+        replayed, expected,
+        "over a WebSocket's resume: the same as over SSE"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_resume_tells_of_the_chats_left_meanwhile_on_the_embedded_default() {
+    Box::pin(a_resume_tells_of_the_chats_left_meanwhile(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn a_resume_tells_of_the_chats_left_meanwhile_on_the_real_stack() {
+    if support::real_stack_available("a_resume_tells_of_the_chats_left_meanwhile_on_the_real_stack")
+        .await
+    {
+        Box::pin(a_resume_tells_of_the_chats_left_meanwhile(Stack::Real)).await;
     }
 }
 

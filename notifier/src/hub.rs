@@ -14,7 +14,9 @@
 //!    them from now on, and answers the sequence `installed_at` of the last event it dispatched;
 //! 4. a fresh stream delivers the pending events of the user's chats (filtered by [`visible`]),
 //!    then everything routed to it. A resumed stream replays the log after the client's last id up
-//!    to `installed_at` instead, and then skips what it replayed.
+//!    to `installed_at` instead, and then skips what it replayed: of the chats the user is in, and
+//!    of those they left recently ([`Membership::left_chats_of`]), up to the event that took them
+//!    out, as the stream would have delivered them had it stayed open.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,10 +45,22 @@ pub const PRESENCE_EVENT_INTERVAL: Duration = Duration::from_secs(2);
 /// A presence event goes to at most this many of the user's chats.
 pub const MAX_PRESENCE_FANOUT: usize = 1_000;
 
+/// A resume reads the chats a user left while away from at most this many of their most recent
+/// leavings (see [`Membership::left_chats_of`]): the log is read filtered by chat, and this keeps
+/// the filter, and the read of the leavings, bounded. A chat left before that many others gives a
+/// resume nothing, not even its `member.left`.
+pub const MAX_LEFT_CHATS_REPLAYED: usize = 200;
+
 /// Where a notifier learns which chats a user is in, when one of their connections opens.
 #[async_trait]
 pub trait Membership: Send + Sync + 'static {
     async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, String>;
+    /// The chats `user` stopped being a member of recently (they left, were removed, or the chat
+    /// was removed), as far back as the log keeps events: those of their `limit` most recent
+    /// leavings, newest first. Read after [`Membership::chats_of`]: a leaving is recorded before
+    /// the chat stops being listed there, so a chat the user was in when the first read began is
+    /// in one of the two answers.
+    async fn left_chats_of(&self, user: UserId, limit: usize) -> Result<Vec<ChatId>, String>;
 }
 
 /// An event rendered once for every connection on this node that receives it.
@@ -356,11 +370,11 @@ impl Subscription {
             {
                 Ok(page) if page.through > replay.position => {
                     replay.position = page.through;
-                    let (user, chats) = (replay.user, &replay.chats);
+                    let (user, current) = (replay.user, &replay.current);
                     replay.page.extend(
                         page.events
                             .into_iter()
-                            .filter(|e| replay.membership.admits(user, &e.envelope, chats)),
+                            .filter(|e| replay.membership.admits(user, &e.envelope, current)),
                     );
                 }
                 // No progress: the log ends before where it ended when the resume was checked.
@@ -403,10 +417,11 @@ impl Subscription {
     }
 }
 
-/// Which of `events` (in log order, of the chats `user` is in at the end) the user receives: a
-/// chat's events while they were a member. Their first membership change in the range tells
-/// whether they were a member at its start; without one, they were a member all along. Chats they
-/// are not in at the end (`current`) give nothing, not even their `left`.
+/// Which of `events` (in log order) the user receives: a chat's events while they were a member,
+/// the event that took them out included, as their stream routes them live. Their first
+/// membership change of a chat in the range tells whether they were a member at its start;
+/// without one, they were a member all along if they are one at the end (`current`), and never
+/// otherwise.
 pub fn visible<T>(
     user: UserId,
     events: Vec<T>,
@@ -443,12 +458,15 @@ impl ReplayMembership {
         }
     }
 
-    /// Whether the user receives `envelope`, the next event of the range in order.
+    /// Whether the user receives `envelope`, the next event of the range in order. `current`: the
+    /// chats they are in at the end of the range, which tells, for a chat whose membership they
+    /// did not change in it, whether they were in it all along.
     fn admits(&mut self, user: UserId, envelope: &Envelope, current: &HashSet<ChatId>) -> bool {
-        if !current.contains(&envelope.chat_id) {
-            return false;
-        }
-        let is_member = self.member.entry(envelope.chat_id).or_insert(true);
+        let chat = envelope.chat_id;
+        let is_member = self
+            .member
+            .entry(chat)
+            .or_insert_with(|| current.contains(&chat));
         if envelope.joined.contains(&user) {
             *is_member = true;
         }
@@ -460,10 +478,23 @@ impl ReplayMembership {
     }
 }
 
+/// A connection as [`Hub::install`] left it.
+struct Installed {
+    /// The last sequence dispatched.
+    at: u64,
+    /// The chats it routes by.
+    chats: HashSet<ChatId>,
+    /// The chats its user left while it was pending: their events up to that are in the log.
+    left: HashSet<ChatId>,
+}
+
 /// The part of a resume's replay still to read from the log.
 struct Replay {
     user: UserId,
+    /// The chats whose events it reads: those the user is in at the end (`current`), and those
+    /// they left recently.
     chats: HashSet<ChatId>,
+    current: HashSet<ChatId>,
     membership: ReplayMembership,
     /// The page read and not yet taken.
     page: VecDeque<LoggedEvent>,
@@ -582,7 +613,20 @@ impl Hub {
             .map_err(OpenError::Membership)?
             .into_iter()
             .collect();
-        let (installed_at, current) = self.install(registration.id, chats)?;
+        // After the chats, not beside them: a chat left meanwhile is in one of the two reads.
+        let left_recently = match resume_after {
+            Some(_) => self
+                .membership
+                .left_chats_of(user, MAX_LEFT_CHATS_REPLAYED)
+                .await
+                .map_err(OpenError::Membership)?,
+            None => Vec::new(),
+        };
+        let Installed {
+            at: installed_at,
+            chats: current,
+            left: left_while_pending,
+        } = self.install(registration.id, chats)?;
         if registration.first_on_node {
             let hub = self.clone();
             let chats = current.iter().copied().collect();
@@ -593,8 +637,15 @@ impl Hub {
         let mut skip_up_to = 0;
         let mut replayed = false;
         if let Some(after) = resume_after {
+            // The chats the user left are read up to the event that took them out.
+            let read: HashSet<ChatId> = current
+                .iter()
+                .chain(&left_recently)
+                .chain(&left_while_pending)
+                .copied()
+                .collect();
             match self
-                .check_replay(user, after, installed_at, current.clone())
+                .check_replay(user, after, installed_at, read, current.clone())
                 .await
             {
                 Ok(checked) => {
@@ -658,16 +709,18 @@ impl Hub {
         })
     }
 
-    /// Checks that the log can replay `user`'s events after `after` up to `up_to` within the
-    /// replay limit, and learns their membership at its start, reading it a page at a time and
-    /// keeping none of it: the replay reads it again as its client takes it. A replay that fits in
-    /// one page keeps that page, and reads nothing more.
+    /// Checks that the log can replay `user`'s events of `chats` after `after` up to `up_to`
+    /// within the replay limit, and learns their membership at its start, reading it a page at a
+    /// time and keeping none of it: the replay reads it again as its client takes it. A replay
+    /// that fits in one page keeps that page, and reads nothing more. `current`: the chats the
+    /// user is in at `up_to` (see [`visible`]).
     async fn check_replay(
         &self,
         user: UserId,
         after: u64,
         up_to: u64,
         chats: HashSet<ChatId>,
+        current: HashSet<ChatId>,
     ) -> Result<Replay, ReadError> {
         let max_scan = self.replay_limit.saturating_mul(SCAN_FACTOR);
         let mut membership = ReplayMembership::default();
@@ -705,6 +758,7 @@ impl Hub {
         let mut replay = Replay {
             user,
             chats,
+            current,
             membership,
             page: VecDeque::new(),
             // With its one page kept, the range is read; else it is read again from the start.
@@ -715,7 +769,7 @@ impl Hub {
         if let Some(events) = first_page {
             replay.page = events
                 .into_iter()
-                .filter(|e| replay.membership.admits(user, &e.envelope, &replay.chats))
+                .filter(|e| replay.membership.admits(user, &e.envelope, &replay.current))
                 .collect();
         }
         Ok(replay)
@@ -804,25 +858,26 @@ impl Hub {
     }
 
     /// Routes connection `id` by `chats` (with the changes noted while it was pending) from now on.
-    /// Answers the last sequence dispatched and the chats it routes by.
-    fn install(
-        &self,
-        id: u64,
-        mut chats: HashSet<ChatId>,
-    ) -> Result<(u64, HashSet<ChatId>), OpenError> {
+    fn install(&self, id: u64, mut chats: HashSet<ChatId>) -> Result<Installed, OpenError> {
         let mut routes = self
             .routes
             .write()
             .map_err(|_| OpenError::Membership("hub poisoned".into()))?;
+        let mut left = HashSet::new();
         let Some(connection) = routes.connections.get_mut(&id) else {
             // Dropped while pending (it fell behind already): the stream ends at once.
-            return Ok((routes.last_seq, chats));
+            return Ok(Installed {
+                at: routes.last_seq,
+                chats,
+                left,
+            });
         };
         for (chat, joined) in connection.changes.drain(..) {
             if joined {
                 chats.insert(chat);
             } else {
                 chats.remove(&chat);
+                left.insert(chat);
             }
         }
         connection.chats = Some(chats.clone());
@@ -830,7 +885,11 @@ impl Hub {
             routes.by_chat.entry(*chat).or_default().insert(id);
         }
         routes.pending.remove(&id);
-        Ok((routes.last_seq, chats))
+        Ok(Installed {
+            at: routes.last_seq,
+            chats,
+            left,
+        })
     }
 
     /// Whether `user` holds a connection (pending or installed) on this node.
@@ -1407,8 +1466,10 @@ mod tests {
             seen,
             [
                 "s1",
+                "before leave",
                 "member.joined",
                 "after join",
+                "member.left",
                 "member.left",
                 "member.joined",
                 "back"
@@ -1422,6 +1483,25 @@ mod tests {
     impl Membership for Fixed {
         async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, String> {
             Ok(self.0.get(&user).cloned().unwrap_or_default())
+        }
+        async fn left_chats_of(&self, _: UserId, _: usize) -> Result<Vec<ChatId>, String> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// One user's chats, and the chats they left recently.
+    struct WithLeft {
+        chats: Vec<ChatId>,
+        left: Vec<ChatId>,
+    }
+
+    #[async_trait]
+    impl Membership for WithLeft {
+        async fn chats_of(&self, _: UserId) -> Result<Vec<ChatId>, String> {
+            Ok(self.chats.clone())
+        }
+        async fn left_chats_of(&self, _: UserId, limit: usize) -> Result<Vec<ChatId>, String> {
+            Ok(self.left.iter().take(limit).copied().collect())
         }
     }
 
@@ -1776,6 +1856,9 @@ mod tests {
             self.asked.notify_one();
             self.answer.notified().await;
             Ok(self.chats.clone())
+        }
+        async fn left_chats_of(&self, _: UserId, _: usize) -> Result<Vec<ChatId>, String> {
+            Ok(Vec::new())
         }
     }
 
@@ -2149,6 +2232,64 @@ mod tests {
         assert!(counting.largest.load(Ordering::SeqCst) <= PAGE);
         // Live events follow the replay, none twice.
         bus.publish(&message(mine, "live"))
+            .await
+            .expect("publishes");
+        assert_eq!(next_text(&mut stream).await, "live");
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    #[tokio::test]
+    async fn a_resume_replays_the_chats_left_meanwhile_up_to_the_leaving() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let me = UserId::from_subject("t", "me");
+        // `gone`: left while away. `long_gone`: left before the position resumed from.
+        let (stayed, gone, long_gone) = (ChatId::new(), ChatId::new(), ChatId::new());
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(WithLeft {
+                chats: vec![stayed],
+                left: vec![gone, long_gone],
+            }),
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        bus.publish(&left(long_gone, me)).await.expect("publishes");
+        let after = bus
+            .publish(&message(stayed, "seen"))
+            .await
+            .expect("publishes");
+        let mut last = 0;
+        for envelope in [
+            message(gone, "while in"),
+            message(long_gone, "long after leaving"),
+            left(gone, me),
+            message(gone, "after leaving"),
+            message(stayed, "end"),
+        ] {
+            last = bus.publish(&envelope).await.expect("publishes");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while hub.routes.read().expect("lock").last_seq < last {
+            assert!(tokio::time::Instant::now() < deadline, "never dispatched");
+            tokio::task::yield_now().await;
+        }
+
+        let mut stream = hub.open(me, Some(after)).await.expect("opens");
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(next_text(&mut stream).await);
+        }
+        assert_eq!(seen, ["while in", "member.left", "end"]);
+        // Live, the chat left stays out.
+        bus.publish(&message(gone, "still out"))
+            .await
+            .expect("publishes");
+        bus.publish(&message(stayed, "live"))
             .await
             .expect("publishes");
         assert_eq!(next_text(&mut stream).await, "live");
