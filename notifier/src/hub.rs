@@ -1191,7 +1191,10 @@ impl Hub {
     }
 
     /// Hands `event` to the connections of its chat (and to pending ones), applying the membership
-    /// change it carries: members who join receive it, members who leave receive it last.
+    /// change it carries: members who join receive it, members who leave receive it last. A
+    /// leaving member's connection that no longer routes the chat receives it too: one that opened
+    /// after the store took them out and before this event (a removal's event follows its write),
+    /// which read its chats without this one.
     pub fn dispatch(&self, event: LoggedEvent) {
         let Ok(mut routes) = self.routes.write() else {
             return;
@@ -1200,7 +1203,7 @@ impl Hub {
         for user in &event.envelope.joined {
             routes.change(*user, chat, true);
         }
-        let targets: Vec<u64> = routes
+        let mut targets: Vec<u64> = routes
             .by_chat
             .get(&chat)
             .into_iter()
@@ -1208,6 +1211,16 @@ impl Hub {
             .chain(routes.pending.iter())
             .copied()
             .collect();
+        for user in &event.envelope.left {
+            let unrouted = routes.by_user.get(user).into_iter().flatten().filter(|id| {
+                routes
+                    .connections
+                    .get(id)
+                    .and_then(|c| c.chats.as_ref())
+                    .is_some_and(|chats| !chats.contains(&chat))
+            });
+            targets.extend(unrouted);
+        }
         for user in &event.envelope.left {
             routes.change(*user, chat, false);
         }
@@ -2293,6 +2306,38 @@ mod tests {
             .await
             .expect("publishes");
         assert_eq!(next_text(&mut stream).await, "live");
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    #[tokio::test]
+    async fn a_member_out_of_a_chat_when_their_stream_opened_gets_its_leaving() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let me = UserId::from_subject("t", "me");
+        // `removed`: the store took them out before the stream read their chats, and the
+        // removal's event comes after.
+        let (stayed, removed) = (ChatId::new(), ChatId::new());
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::from([(me, vec![stayed])]))),
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let mut stream = hub.open(me, None).await.expect("opens");
+        for envelope in [
+            message(removed, "before, not routed"),
+            left(removed, me),
+            message(removed, "after"),
+            message(stayed, "end"),
+        ] {
+            bus.publish(&envelope).await.expect("publishes");
+        }
+        assert_eq!(next_text(&mut stream).await, "member.left");
+        assert_eq!(next_text(&mut stream).await, "end");
         shutdown.cancel();
         worker.await.expect("worker ends");
     }
