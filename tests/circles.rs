@@ -17,7 +17,7 @@ use confab_api::domain::circles::{CircleSettings, NewCircle};
 use confab_api::domain::inputs::{AccessCode, CircleDisplayName};
 use confab_api::domain::queues::queue_pool;
 use confab_api::error::ApiError;
-use confab_api::store::{SlotWrite, Store, circle_pool};
+use confab_api::store::{Slot, SlotState, SlotWrite, Store, circle_pool};
 use confab_schema::circle::{Circle, PairingState, QueueKind};
 use confab_schema::{CircleId, User};
 use rand::{Rng, SeedableRng};
@@ -1346,3 +1346,197 @@ async fn a_pairing_ended_while_its_chat_is_made_leaves_no_chat(stack: Stack) {
 }
 
 on_both_stacks!(a_pairing_ended_while_its_chat_is_made_leaves_no_chat);
+
+/// Whether `error` is the 409 a leave answers when a match took the caller's wait first, with the
+/// problem type that says so.
+fn is_matched_meanwhile(error: &ApiError) -> bool {
+    let problem = confab_runtime::Problem::from(error);
+    problem.status == 409 && problem.kind.ends_with("/matched")
+}
+
+/// Bob waits, and leaves while a join of Alice's pairs them (his leave's slot write is held until
+/// the match is made and announced). The match took his wait before his leave could: the leave
+/// answers 409 `matched` and the match stands for both (Alice was told of it); it is not undone
+/// behind her back. The same in a circle's lobby.
+async fn a_leave_racing_a_match_leaves_the_match_standing(stack: Stack) {
+    // The queue. A gate opens once: each case has its own.
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    setup
+        .state
+        .join_queue(bob.id, QueueKind::Listen)
+        .await
+        .unwrap();
+    setup.store.hold_next(Held::Slots);
+    let leave = tokio::spawn({
+        let state = setup.state.clone();
+        let user = bob.id;
+        async move { state.leave_queue(user, QueueKind::Listen).await }
+    });
+    setup.store.gate.arrived(1).await;
+    let matched = setup
+        .state
+        .join_queue(alice.id, QueueKind::Vent)
+        .await
+        .unwrap();
+    assert_eq!(matched.state, PairingState::Paired, "{matched:?}");
+    setup.store.gate.release(1).await;
+    let left = leave.await.unwrap();
+    assert!(
+        left.as_ref().is_err_and(is_matched_meanwhile),
+        "bob's leave answered {left:?}"
+    );
+    for (person, partner, kind) in [
+        (&alice, &bob, QueueKind::Vent),
+        (&bob, &alice, QueueKind::Listen),
+    ] {
+        let status = setup.state.queue_status(person.id, kind).await;
+        assert!(
+            status.as_ref().is_ok_and(|status| {
+                status.state == PairingState::Paired
+                    && status.partner_id == Some(partner.id)
+                    && status.chat_id == matched.chat_id
+            }),
+            "{}'s match did not stand: {status:?}",
+            person.username
+        );
+    }
+    assert!(!chats_left_to(&setup.store, &bob, &alice).await.is_empty());
+    setup.clean_up().await;
+
+    // The lobby.
+    let setup = HeldApi::new(stack).await;
+    let owner = setup.user("owner").await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let circle = setup.circle(&owner, &[&alice, &bob]).await;
+    let waiting = setup
+        .state
+        .enter_circle_lobby(bob.id, circle.id)
+        .await
+        .unwrap();
+    assert_eq!(waiting.state, PairingState::Waiting, "{waiting:?}");
+    setup.store.hold_next(Held::Slots);
+    let leave = tokio::spawn({
+        let state = setup.state.clone();
+        let (user, circle) = (bob.id, circle.id);
+        async move { state.leave_circle_lobby(user, circle).await }
+    });
+    setup.store.gate.arrived(1).await;
+    let paired = setup
+        .state
+        .enter_circle_lobby(alice.id, circle.id)
+        .await
+        .unwrap();
+    assert_eq!(paired.state, PairingState::Paired, "{paired:?}");
+    setup.store.gate.release(1).await;
+    let left = leave.await.unwrap();
+    assert!(
+        left.as_ref().is_err_and(is_matched_meanwhile),
+        "bob's lobby leave answered {left:?}"
+    );
+    let slots = setup.store.slots(&circle_pool(circle.id)).await.unwrap();
+    for (person, partner) in [(&alice, &bob), (&bob, &alice)] {
+        assert!(
+            slots.iter().any(|slot| slot.user_id == person.id
+                && slot.state == SlotState::Paired
+                && slot.partner == Some(partner.id)
+                && slot.chat == paired.chat_id),
+            "{}'s pairing did not stand: {slots:?}",
+            person.username
+        );
+    }
+    assert!(!chats_left_to(&setup.store, &bob, &alice).await.is_empty());
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_leave_racing_a_match_leaves_the_match_standing);
+
+/// The owner removes Bob, idle in the lobby, while an entry of his that passed its membership
+/// check before the removal puts him back to waiting, and Alice's entry pairs them: all of it
+/// between the removal's read of his slot and its removal of it (held there). The removal ends
+/// that pairing for both instead of taking his paired slot away: Alice is not left paired with
+/// someone no longer in the circle, in a chat nothing would close.
+async fn a_member_paired_while_removed_is_not_left_in_the_pairing(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let owner = setup.user("owner").await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let circle = setup.circle(&owner, &[&alice, &bob]).await;
+    let pool = circle_pool(circle.id);
+    setup
+        .state
+        .enter_circle_lobby(bob.id, circle.id)
+        .await
+        .unwrap();
+    setup
+        .state
+        .leave_circle_lobby(bob.id, circle.id)
+        .await
+        .unwrap();
+    let slot_of = |user: &User| {
+        let (store, pool, user) = (Arc::clone(&setup.store), pool.clone(), user.id);
+        async move {
+            store
+                .slots(&pool)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|slot| slot.user_id == user)
+        }
+    };
+    let idle = slot_of(&bob).await.expect("bob's idle slot");
+    assert_eq!(idle.state, SlotState::Idle, "{idle:?}");
+
+    setup.store.hold_next(Held::Slots);
+    let removal = tokio::spawn({
+        let state = setup.state.clone();
+        let (owner, circle, user) = (owner.id, circle.id, bob.id);
+        async move { state.remove_circle_member(owner, circle, user).await }
+    });
+    setup.store.gate.arrived(1).await;
+    // Bob's entry, past its membership check, writes his wait (straight to the store: the gate
+    // holds the removal's write).
+    let waiting = Slot {
+        state: SlotState::Waiting,
+        since: OffsetDateTime::now_utc(),
+        version: idle.version + 1,
+        ..idle.clone()
+    };
+    let rewaited = setup
+        .store
+        .inner
+        .write_slots(
+            &pool,
+            &[SlotWrite::Replace {
+                expected: idle.version,
+                slot: waiting,
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(rewaited);
+    let paired = setup
+        .state
+        .enter_circle_lobby(alice.id, circle.id)
+        .await
+        .unwrap();
+    assert_eq!(paired.partner_id, Some(bob.id), "{paired:?}");
+    setup.store.gate.release(1).await;
+    removal.await.unwrap().unwrap();
+
+    assert_eq!(slot_of(&bob).await, None, "bob is left in the lobby");
+    let alices = slot_of(&alice).await;
+    assert!(
+        alices
+            .as_ref()
+            .is_some_and(|slot| slot.state != SlotState::Paired),
+        "alice is left paired with a removed member: {alices:?}"
+    );
+    let left = chats_left_to(&setup.store, &alice, &bob).await;
+    assert!(left.is_empty(), "the pairing's chat is left open: {left}");
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_member_paired_while_removed_is_not_left_in_the_pairing);

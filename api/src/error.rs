@@ -30,6 +30,10 @@ pub enum ApiError {
     /// that is over…).
     #[error("{0}")]
     Conflict(String),
+    /// A leave of a queue or a circle's lobby found the caller's wait taken by a match (or
+    /// pairing) made meanwhile: the match stands, and a leave again ends it.
+    #[error("{0}")]
+    Matched(&'static str),
     /// The thing existed and has expired.
     #[error("{0}")]
     Gone(&'static str),
@@ -68,6 +72,7 @@ impl From<&ApiError> for Problem {
                 why.clone(),
             ),
             ApiError::Conflict(why) => Problem::new(StatusCode::CONFLICT, "conflict", why.clone()),
+            ApiError::Matched(why) => Problem::new(StatusCode::CONFLICT, "matched", *why),
             ApiError::Gone(what) => Problem::new(StatusCode::GONE, "gone", *what),
             ApiError::UnsupportedMediaType(why) => Problem::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -18,7 +18,7 @@ use super::Outcome;
 use super::inputs::{
     AccessCode, ChatDescription, ChatName, CircleDisplayName, CircleRules, CircleTtl,
 };
-use super::pairing::Pair;
+use super::pairing::{ATTEMPTS, Leaving, Pair, contended, matched_meanwhile};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 use crate::store::{MemberPut, Slot, SlotState, circle_pool};
@@ -313,12 +313,19 @@ impl ApiState {
     }
 
     /// Ends `user`'s wait or pairing in the circle (`by`: who ended it) and takes them out of the
-    /// lobby.
+    /// lobby. A pairing made between the two (an entry of theirs that passed its membership check
+    /// before a removal, then someone's match) ends too: its slot is never just taken away.
     async fn leave_lobby(&self, id: CircleId, user: UserId, by: UserId) -> ApiResult<()> {
         let pool = circle_pool(id);
-        self.end_circle_pairing(id, &pool, user, by).await?;
-        self.leave_pool(&pool, user).await?;
-        Ok(())
+        for _ in 0..ATTEMPTS {
+            self.end_circle_pairing(id, &pool, user, by, None).await?;
+            match self.leave_pool(&pool, user, "").await? {
+                Leaving::Left => return Ok(()),
+                // Ended on the next turn.
+                Leaving::Paired => {}
+            }
+        }
+        Err(contended())
     }
 
     /// Puts the caller in the circle's lobby and pairs whoever can be paired. Answers the caller's
@@ -353,23 +360,38 @@ impl ApiState {
             .ok_or_else(|| ApiError::Conflict("your wait ended meanwhile; try again".into()))
     }
 
-    /// Leaves the lobby, or ends the caller's pairing for both (`circle.unpaired`).
+    /// Leaves the lobby, or ends the caller's pairing for both (`circle.unpaired`). Like a queue's
+    /// leave, it ends what it read: a pairing made after it read the caller waiting stands (409
+    /// `matched`).
     pub async fn leave_circle_lobby(&self, caller: UserId, id: CircleId) -> ApiResult<()> {
         self.circle_as_member(id, caller).await?;
-        self.end_circle_pairing(id, &circle_pool(id), caller, caller)
-            .await
+        let pool = circle_pool(id);
+        let Some(mine) = self.slot_of(&pool, caller).await? else {
+            return Ok(());
+        };
+        if mine.state == SlotState::Paired {
+            // Nothing when it ended meanwhile.
+            self.end_circle_pairing(id, &pool, caller, caller, Some(&mine))
+                .await?;
+        }
+        match self.stop_waiting(&pool, caller).await? {
+            Leaving::Left => Ok(()),
+            Leaving::Paired => Err(matched_meanwhile()),
+        }
     }
 
-    /// Ends `user`'s wait or pairing; a pairing's chat is closed for both with `circle.unpaired`
-    /// (it stays, with its messages, until the circle goes).
+    /// Ends `user`'s wait or pairing (with `seen`, only that slot of theirs: nothing when it
+    /// changed since); a pairing's chat is closed for both with `circle.unpaired` (it stays, with
+    /// its messages, until the circle goes).
     async fn end_circle_pairing(
         &self,
         id: CircleId,
         pool: &str,
         user: UserId,
         by: UserId,
+        seen: Option<&Slot>,
     ) -> ApiResult<()> {
-        let Some((chat, partner)) = self.end_pair(pool, user, None, false).await? else {
+        let Some((chat, partner)) = self.end_pair(pool, user, seen, false).await? else {
             return Ok(());
         };
         self.publish(

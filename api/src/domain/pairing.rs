@@ -31,6 +31,34 @@ pub(crate) fn contended() -> ApiError {
     ApiError::Conflict("too many changes at once; try again".into())
 }
 
+/// A slot's next version out of a wait or a pairing: idle, the partner remembered as the previous
+/// one (a pairing set it).
+fn idle(slot: &Slot) -> Slot {
+    Slot {
+        state: SlotState::Idle,
+        partner: None,
+        chat: None,
+        version: slot.version + 1,
+        ..slot.clone()
+    }
+}
+
+/// What a leave of a pool did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Leaving {
+    /// The user no longer waits (or never did).
+    Left,
+    /// A pairing took the user's slot before the leave could.
+    Paired,
+}
+
+/// The answer to a leave whose wait a match took first.
+pub(crate) fn matched_meanwhile() -> ApiError {
+    ApiError::Matched(
+        "you were matched before your leave took effect: the match stands; leave again to end it",
+    )
+}
+
 /// Two users just paired, and the chat made for them.
 #[derive(Clone, Debug)]
 pub(crate) struct Pair {
@@ -280,19 +308,56 @@ impl ApiState {
         })
     }
 
-    /// Takes `user` out of `pool` (whatever their state), retrying lost races; `false` when they
-    /// were not in it.
-    pub(crate) async fn leave_pool(&self, pool: &str, user: UserId) -> ApiResult<bool> {
+    /// Takes `user`'s slot of `kind` out of `pool` while it is waiting or idle, retrying lost
+    /// races (a slot of another kind is not theirs to take). A slot a pairing claimed meanwhile is
+    /// answered, not taken: a pairing ends only by ending it (its chat closed, both told), and a
+    /// removed slot would leave the partner paired, in a chat nothing closes.
+    pub(crate) async fn leave_pool(
+        &self,
+        pool: &str,
+        user: UserId,
+        kind: &str,
+    ) -> ApiResult<Leaving> {
         for _ in 0..ATTEMPTS {
             let Some(mine) = self.slot_of(pool, user).await? else {
-                return Ok(false);
+                return Ok(Leaving::Left);
             };
+            if mine.kind != kind {
+                return Ok(Leaving::Left);
+            }
+            if mine.state == SlotState::Paired {
+                return Ok(Leaving::Paired);
+            }
             let write = SlotWrite::Delete {
                 user,
                 expected: mine.version,
             };
             if self.store.write_slots(pool, &[write]).await? {
-                return Ok(true);
+                return Ok(Leaving::Left);
+            }
+        }
+        Err(contended())
+    }
+
+    /// Ends `user`'s wait in `pool` (their slot stays, idle, remembering their last partner),
+    /// retrying lost races; like [`ApiState::leave_pool`], a slot a pairing claimed meanwhile is
+    /// answered, not ended.
+    pub(crate) async fn stop_waiting(&self, pool: &str, user: UserId) -> ApiResult<Leaving> {
+        for _ in 0..ATTEMPTS {
+            let Some(mine) = self.slot_of(pool, user).await? else {
+                return Ok(Leaving::Left);
+            };
+            match mine.state {
+                SlotState::Idle => return Ok(Leaving::Left),
+                SlotState::Paired => return Ok(Leaving::Paired),
+                SlotState::Waiting => {}
+            }
+            let write = SlotWrite::Replace {
+                expected: mine.version,
+                slot: idle(&mine),
+            };
+            if self.store.write_slots(pool, &[write]).await? {
+                return Ok(Leaving::Left);
             }
         }
         Err(contended())
@@ -378,13 +443,6 @@ impl ApiState {
             if expected.is_some_and(|version| version != mine.version) {
                 return Ok(None);
             }
-            let idle = |slot: &Slot| Slot {
-                state: SlotState::Idle,
-                partner: None,
-                chat: None,
-                version: slot.version + 1,
-                ..slot.clone()
-            };
             let mut writes = Vec::with_capacity(2);
             match mine.state {
                 SlotState::Idle => return Ok(None),

@@ -12,7 +12,7 @@ use confab_schema::circle::{
 use confab_schema::{Envelope, Event, UserId};
 
 use super::circles::pairing_status;
-use super::pairing::{ATTEMPTS, contended};
+use super::pairing::{ATTEMPTS, Leaving, contended, matched_meanwhile};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 use crate::store::{Slot, SlotState, SlotWrite};
@@ -110,31 +110,25 @@ impl ApiState {
     }
 
     /// Takes the caller out of the `kind` queue, ending their match if they are matched (nothing
-    /// when they are not in it).
+    /// when they are not in it). A leave ends what it read: a match made after it read the caller
+    /// waiting took the wait first, and stands (409 `matched`; the partner was told of it already,
+    /// and a leave again ends it).
     pub async fn leave_queue(&self, caller: UserId, kind: QueueKind) -> ApiResult<()> {
         let pool = queue_pool(kind);
-        for _ in 0..ATTEMPTS {
-            let Some(mine) = self.slot_of(pool, caller).await? else {
-                return Ok(());
-            };
-            if mine.kind != kind.as_str() {
-                return Ok(());
-            }
-            if mine.state == SlotState::Paired {
-                // Ended, the slot is idle: it is removed on the next turn.
-                self.end_match(pool, caller, Some(&mine)).await?;
-                continue;
-            }
-            let write = SlotWrite::Delete {
-                user: caller,
-                expected: mine.version,
-            };
-            // Lost to a change (matched meanwhile): read it again.
-            if self.store.write_slots(pool, &[write]).await? {
-                return Ok(());
-            }
+        let Some(mine) = self.slot_of(pool, caller).await? else {
+            return Ok(());
+        };
+        if mine.kind != kind.as_str() {
+            return Ok(());
         }
-        Err(contended())
+        if mine.state == SlotState::Paired {
+            // Nothing when it ended meanwhile; its slot, idle now, goes below.
+            self.end_match(pool, caller, Some(&mine)).await?;
+        }
+        match self.leave_pool(pool, caller, kind.as_str()).await? {
+            Leaving::Left => Ok(()),
+            Leaving::Paired => Err(matched_meanwhile()),
+        }
     }
 
     /// Ends `user`'s match as `seen` (nothing when their slot changed since): both leave its

@@ -180,6 +180,9 @@ pub async fn pair(
 }
 
 /// Leaves the lobby, or ends the caller's pairing for both (`circle.unpaired`; both leave its chat).
+/// When a pairing took the caller's wait before the leave could, the pairing stands (both were
+/// told with `circle.paired`) and the answer is 409 with the problem type `matched`; a leave again
+/// ends it.
 #[utoipa::path(
     delete, operation_id = "leave_circle_lobby", path = "/v1/circles/{circle_id}/pair", tag = "circles",
     params(("circle_id" = CircleId, Path, description = "The circle")),

@@ -54,6 +54,9 @@ pub async fn status(
 /// Leaves a queue, or ends the caller's match for both (`queue.unmatched`; both leave its chat,
 /// which is removed with its messages). A match also ends when either user has had no live event
 /// stream for `queues.disconnect_grace_ms`. Nothing happens when the caller is not in the queue.
+/// A leave ends what it finds: when a match took the caller's wait before the leave could, the
+/// match stands (both were told with `queue.matched`) and the answer is 409 with the problem type
+/// `matched`; a leave again ends the match.
 #[utoipa::path(
     delete, operation_id = "leave_queue", path = "/v1/queues/{kind}", tag = "queues",
     params(("kind" = String, Path, description = "`vent`, `listen` or `talk`")),

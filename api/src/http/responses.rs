@@ -112,7 +112,7 @@ pub(crate) struct Limited(Problem);
 pub(crate) enum CircleErrors {
     #[response(
         status = 409,
-        description = "Conflicts with the current state (a full circle, already in another queue)",
+        description = "Conflicts with the current state (a full circle, already in another queue; type `matched`: a leave found the wait taken by a match, which stands)",
         content_type = "application/problem+json"
     )]
     Conflict(Problem),
