@@ -116,6 +116,66 @@ async fn rate_limits_are_per_user_and_class_over_http_and_websocket(stack: Stack
 }
 on_both_stacks!(rate_limits_are_per_user_and_class_over_http_and_websocket);
 
+async fn delete(app: &TestApp, token: &str, path: &str) -> reqwest::Response {
+    app.http
+        .delete(app.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Queue joins and leaves, and circle joins by access code, have limits of their own: a user who
+/// joins and leaves a queue over and over, or tries access codes, is answered 429 once past them.
+/// A code that opens nothing counts as much as one that opens a circle; reading one's place in a
+/// queue is not counted; another user has their own allowance.
+async fn queue_and_circle_joins_are_rate_limited(stack: Stack) {
+    let app = spawn(stack, |config| {
+        config.limits.queue = RateLimit::new(0.01, 3);
+        config.limits.circle_join = RateLimit::new(0.01, 2);
+    })
+    .await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let join = "/v1/queues/talk/join";
+    assert_eq!(app.post(&alice, join, &json!({})).await.status(), 202);
+    assert_eq!(delete(&app, &alice, "/v1/queues/talk").await.status(), 204);
+    assert_eq!(app.post(&alice, join, &json!({})).await.status(), 202);
+    let problem = assert_limited(delete(&app, &alice, "/v1/queues/talk").await).await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("queue"),
+        "{problem}"
+    );
+    assert_limited(app.post(&alice, "/v1/queues/vent/join", &json!({})).await).await;
+    let status = app.get(&alice, "/v1/queues/talk").await;
+    assert_eq!(status.status(), 200);
+    let status: Value = status.json().await.unwrap();
+    assert_eq!(status["state"], "waiting", "{status}");
+    assert_eq!(app.post(&bob, join, &json!({})).await.status(), 200);
+
+    let created = app
+        .post(&alice, "/v1/circles", &json!({"name": "few"}))
+        .await;
+    assert_eq!(created.status(), 201);
+    let circle: Value = created.json().await.unwrap();
+    let code = circle["access_code"].as_str().unwrap();
+    let join_with = |code: &str| json!({"access_code": code, "display_name": "Bob"});
+    for wrong in ["23456789ABCD", "23456789ABCE"] {
+        let tried = app.post(&bob, "/v1/circles/join", &join_with(wrong)).await;
+        assert_eq!(tried.status(), 404);
+    }
+    let problem = assert_limited(app.post(&bob, "/v1/circles/join", &join_with(code)).await).await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("circle joins"),
+        "{problem}"
+    );
+    let carol = app.token("carol").await;
+    let joined = app.post(&carol, "/v1/circles/join", &join_with(code)).await;
+    assert_eq!(joined.status(), 201);
+    app.stop().await;
+}
+on_both_stacks!(queue_and_circle_joins_are_rate_limited);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_a_login_are_limited_per_address() {
     let app = spawn(Stack::Embedded, |config| {

@@ -22,6 +22,10 @@ pub enum Class {
     Search,
     /// Uploading attachments.
     Upload,
+    /// Joining and leaving the matching queues.
+    Queue,
+    /// Joining circles by access code.
+    CircleJoin,
 }
 
 /// A token bucket per user for each [`Class`].
@@ -32,6 +36,8 @@ pub struct RateLimits {
     react: KeyedLimit<UserId>,
     search: KeyedLimit<UserId>,
     upload: KeyedLimit<UserId>,
+    queue: KeyedLimit<UserId>,
+    circle_join: KeyedLimit<UserId>,
 }
 
 impl RateLimits {
@@ -42,6 +48,8 @@ impl RateLimits {
             react: KeyedLimit::new("reactions", config.react),
             search: KeyedLimit::new("searches", config.search),
             upload: KeyedLimit::new("uploads", config.upload),
+            queue: KeyedLimit::new("queue joins and leaves", config.queue),
+            circle_join: KeyedLimit::new("circle joins", config.circle_join),
         }
     }
 
@@ -61,6 +69,8 @@ impl ApiState {
             Class::React => &limits.react,
             Class::Search => &limits.search,
             Class::Upload => &limits.upload,
+            Class::Queue => &limits.queue,
+            Class::CircleJoin => &limits.circle_join,
         };
         limit.check(&user).map_err(|limited| {
             metrics::counter!("confab_rate_limited_total", "class" => format!("{class:?}"))

@@ -632,6 +632,13 @@ pub struct LimitsConfig {
     pub search: RateLimit,
     /// Attachment uploads per user. Default `{ per_second = 5, burst = 50 }`.
     pub upload: RateLimit,
+    /// Joins and leaves of the matching queues per user (`POST /v1/queues/{kind}/join`,
+    /// `DELETE /v1/queues/{kind}`): each join may make a chat with a stranger. Default
+    /// `{ per_second = 1, burst = 20 }`.
+    pub queue: RateLimit,
+    /// Joins of circles by access code per user (`POST /v1/circles/join`), counted whether the code
+    /// opens a circle or not, so codes are not tried fast. Default `{ per_second = 0.2, burst = 10 }`.
+    pub circle_join: RateLimit,
     /// Requests without an `Authorization` header, per client IP address (the peer address: behind
     /// a proxy, the proxy's), except `/health`, `/ready` and `/metrics`. Default
     /// `{ per_second = 50, burst = 500 }`.
@@ -661,6 +668,8 @@ impl Default for LimitsConfig {
             react: RateLimit::new(20.0, 200),
             search: RateLimit::new(20.0, 100),
             upload: RateLimit::new(5.0, 50),
+            queue: RateLimit::new(1.0, 20),
+            circle_join: RateLimit::new(0.2, 10),
             public: RateLimit::new(50.0, 500),
             cors_origins: String::new(),
             body_bytes: 64 * 1024,
@@ -680,6 +689,8 @@ impl LimitsConfig {
             &mut self.react,
             &mut self.search,
             &mut self.upload,
+            &mut self.queue,
+            &mut self.circle_join,
             &mut self.public,
         ] {
             *limit = RateLimit::OFF;
@@ -1131,6 +1142,8 @@ impl Config {
             ("react", self.limits.react),
             ("search", self.limits.search),
             ("upload", self.limits.upload),
+            ("queue", self.limits.queue),
+            ("circle_join", self.limits.circle_join),
             ("public", self.limits.public),
         ] {
             if !limit.per_second.is_finite() || limit.per_second < 0.0 {

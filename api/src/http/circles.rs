@@ -6,12 +6,13 @@ use confab_schema::{CircleId, UserId};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::responses::{ChatErrors, CircleErrors, Invalid};
+use super::responses::{ChatErrors, CircleErrors, Invalid, Limited};
 use super::{ApiJson, ApiPath, Caller};
 use crate::domain::Outcome;
 use crate::domain::circles::NewCircle;
 use crate::domain::inputs::{AccessCode, CircleDisplayName};
 use crate::error::ApiResult;
+use crate::limits::Class;
 use crate::state::ApiState;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -82,14 +83,15 @@ pub struct JoinCircle {
 }
 
 /// Joins the circle an access code opens (again: changes the caller's name in it). 404 for a code
-/// that opens nothing, 409 when the circle is full, 410 when it expired.
+/// that opens nothing, 409 when the circle is full, 410 when it expired. Limited per user
+/// (`limits.circle_join`), every try counted.
 #[utoipa::path(
     post, operation_id = "join_circle", path = "/v1/circles/join", tag = "circles",
     request_body = JoinCircle,
     responses(
         (status = 201, description = "Joined", body = Circle),
         (status = 200, description = "Already a member (renamed)", body = Circle),
-        ChatErrors, Invalid, CircleErrors,
+        ChatErrors, Limited, Invalid, CircleErrors,
     ),
     security(("bearer" = []))
 )]
@@ -98,6 +100,8 @@ pub async fn join(
     Caller(caller): Caller,
     ApiJson(body): ApiJson<JoinCircle>,
 ) -> ApiResult<(StatusCode, Json<Circle>)> {
+    // Before the code is looked at: a code that opens nothing counts too.
+    state.throttle(Class::CircleJoin, caller.id)?;
     let code = AccessCode::parse(&body.access_code)?;
     let name = CircleDisplayName::parse(body.display_name)?;
     Ok(match state.join_circle(caller.id, code, name).await? {

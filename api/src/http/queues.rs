@@ -4,23 +4,25 @@ use axum::http::StatusCode;
 use confab_schema::circle::PairingStatus;
 
 use super::circles::status_code;
-use super::responses::{ChatErrors, CircleErrors, Invalid};
+use super::responses::{ChatErrors, CircleErrors, Invalid, Limited};
 use super::{ApiPath, Caller};
 use crate::domain::inputs::queue_kind;
 use crate::error::ApiResult;
+use crate::limits::Class;
 use crate::state::ApiState;
 
 /// Joins a matching queue (`vent` is matched with `listen`, `talk` with `talk`, oldest first).
 /// Matched users get a new direct chat and `queue.matched`. Joining while matched ends the match
 /// first (`queue.unmatched`). A waiting user with no live event stream for
-/// `queues.disconnect_grace_ms` is taken out.
+/// `queues.disconnect_grace_ms` is taken out. Joins and leaves are limited per user
+/// (`limits.queue`).
 #[utoipa::path(
     post, operation_id = "join_queue", path = "/v1/queues/{kind}/join", tag = "queues",
     params(("kind" = String, Path, description = "`vent`, `listen` or `talk`")),
     responses(
         (status = 200, description = "Matched", body = PairingStatus),
         (status = 202, description = "Waiting", body = PairingStatus),
-        ChatErrors, Invalid, CircleErrors,
+        ChatErrors, Limited, Invalid, CircleErrors,
     ),
     security(("bearer" = []))
 )]
@@ -29,6 +31,7 @@ pub async fn join(
     Caller(caller): Caller,
     ApiPath(kind): ApiPath<String>,
 ) -> ApiResult<(StatusCode, Json<PairingStatus>)> {
+    state.throttle(Class::Queue, caller.id)?;
     let kind = queue_kind(&kind)?;
     let status = state.join_queue(caller.id, kind).await?;
     Ok((status_code(&status), Json(status)))
@@ -60,7 +63,7 @@ pub async fn status(
 #[utoipa::path(
     delete, operation_id = "leave_queue", path = "/v1/queues/{kind}", tag = "queues",
     params(("kind" = String, Path, description = "`vent`, `listen` or `talk`")),
-    responses((status = 204, description = "Left"), ChatErrors, Invalid, CircleErrors),
+    responses((status = 204, description = "Left"), ChatErrors, Limited, Invalid, CircleErrors),
     security(("bearer" = []))
 )]
 pub async fn leave(
@@ -68,6 +71,7 @@ pub async fn leave(
     Caller(caller): Caller,
     ApiPath(kind): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
+    state.throttle(Class::Queue, caller.id)?;
     let kind = queue_kind(&kind)?;
     state.leave_queue(caller.id, kind).await?;
     Ok(StatusCode::NO_CONTENT)
