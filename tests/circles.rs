@@ -19,7 +19,8 @@ use confab_api::domain::queues::queue_pool;
 use confab_api::error::ApiError;
 use confab_api::store::{Slot, SlotState, SlotWrite, Store, circle_pool};
 use confab_schema::circle::{Circle, PairingState, QueueKind};
-use confab_schema::{CircleId, User};
+use confab_schema::event::EventKind;
+use confab_schema::{ChatId, CircleId, User};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use support::held_store::{Held, HeldApi};
@@ -1540,3 +1541,107 @@ async fn a_member_paired_while_removed_is_not_left_in_the_pairing(stack: Stack) 
 }
 
 on_both_stacks!(a_member_paired_while_removed_is_not_left_in_the_pairing);
+
+/// The kinds of the events of `chat` in the log, in its order.
+async fn event_kinds_of(setup: &HeldApi, chat: ChatId) -> Vec<&'static str> {
+    setup
+        .bus
+        .events_of(chat)
+        .await
+        .iter()
+        .map(|logged| logged.envelope.event.kind().as_str())
+        .collect()
+}
+
+/// Bob waits, and Alice's join matches them; while her side is on its way to announce the match
+/// (its `queue.matched` held before the log), Bob leaves and ends it. Streams deliver the log in
+/// its order, so the end must come after the match's announcement, which comes once: a
+/// `queue.matched` after the `queue.unmatched` would tell both of a match that is over, in a
+/// chat that is gone. The same in a circle's lobby.
+async fn a_match_is_announced_before_its_end(stack: Stack) {
+    // The queue. A gate opens once: each case has its own.
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    setup
+        .state
+        .join_queue(bob.id, QueueKind::Listen)
+        .await
+        .unwrap();
+    setup.bus.hold_next(EventKind::QueueMatched);
+    let join = tokio::spawn({
+        let state = setup.state.clone();
+        let user = alice.id;
+        async move { state.join_queue(user, QueueKind::Vent).await }
+    });
+    setup.bus.gate.arrived(1).await;
+    let matched = setup
+        .state
+        .queue_status(bob.id, QueueKind::Listen)
+        .await
+        .unwrap();
+    let chat = matched.chat_id.expect("bob is matched");
+    setup
+        .state
+        .leave_queue(bob.id, QueueKind::Listen)
+        .await
+        .unwrap();
+    setup.bus.gate.release(1).await;
+    join.await.unwrap().ok();
+    let kinds = event_kinds_of(&setup, chat).await;
+    assert_eq!(
+        kinds,
+        ["queue.matched", "queue.unmatched"],
+        "the events of the match's chat"
+    );
+    let mut joined = setup.bus.events_of(chat).await[0].envelope.joined.clone();
+    joined.sort();
+    let mut pair = vec![alice.id, bob.id];
+    pair.sort();
+    assert_eq!(
+        joined, pair,
+        "the match's announcement routes its chat to both"
+    );
+    setup.clean_up().await;
+
+    // The lobby.
+    let setup = HeldApi::new(stack).await;
+    let owner = setup.user("owner").await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let circle = setup.circle(&owner, &[&alice, &bob]).await;
+    setup
+        .state
+        .enter_circle_lobby(bob.id, circle.id)
+        .await
+        .unwrap();
+    setup.bus.hold_next(EventKind::CirclePaired);
+    let entry = tokio::spawn({
+        let state = setup.state.clone();
+        let (user, circle) = (alice.id, circle.id);
+        async move { state.enter_circle_lobby(user, circle).await }
+    });
+    setup.bus.gate.arrived(1).await;
+    let slots = setup.store.slots(&circle_pool(circle.id)).await.unwrap();
+    let chat = slots
+        .iter()
+        .find(|slot| slot.user_id == bob.id)
+        .and_then(|slot| slot.chat)
+        .expect("bob is paired");
+    setup
+        .state
+        .leave_circle_lobby(bob.id, circle.id)
+        .await
+        .unwrap();
+    setup.bus.gate.release(1).await;
+    entry.await.unwrap().ok();
+    let kinds = event_kinds_of(&setup, chat).await;
+    assert_eq!(
+        kinds,
+        ["circle.paired", "circle.unpaired"],
+        "the events of the pairing's chat"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_match_is_announced_before_its_end);

@@ -3,7 +3,8 @@
 //! are made), once, a number of times, or until the test lifts the rule. The tests of races
 //! between requests play their interleaving with it, and the tests of writes that fail part-way
 //! (the bookkeeping after a send, deletions, removals) make them fail where they choose, on any
-//! store (the embedded one, or CQL).
+//! store (the embedded one, or CQL). A bus that holds the publishing of the events a test names
+//! plays the races between announcements likewise.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -15,9 +16,15 @@ use confab_api::store::{
     OutboxEntry, OutboxWriter, PendingCallSignal, Slot, SlotWrite, SmallObjectInfo, Store,
     StoreError,
 };
+use confab_runtime::bus::{Bus, BusError, ChatFilter, Page, ReadError};
 use confab_schema::call::{CallState, CallStatus};
 use confab_schema::circle::{Circle, CircleMember};
-use confab_schema::{Chat, ChatId, CircleId, Member, MemberRole, Signal, SignalId, User, UserId};
+use confab_schema::event::EventKind;
+use confab_schema::{
+    Chat, ChatId, CircleId, Envelope, LoggedEvent, Member, MemberRole, Signal, SignalId, User,
+    UserId,
+};
+use futures::stream::BoxStream;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -871,12 +878,92 @@ impl Store for HeldStore {
     }
 }
 
+/// Passes every call on to `inner`, except the publishing of the next event of a kind a test
+/// names: it waits at `gate` until the test lets it go.
+pub struct HeldBus {
+    pub inner: Arc<dyn Bus>,
+    held: Mutex<Vec<EventKind>>,
+    pub gate: Gate,
+}
+
+impl HeldBus {
+    pub fn new(inner: Arc<dyn Bus>) -> HeldBus {
+        HeldBus {
+            inner,
+            held: Mutex::new(Vec::new()),
+            gate: Gate::new(),
+        }
+    }
+
+    /// Holds the next publishing of an event of kind `kind`.
+    pub fn hold_next(&self, kind: EventKind) {
+        self.held.lock().unwrap().push(kind);
+    }
+
+    /// Every logged event of `chat`, in the log's order.
+    pub async fn events_of(&self, chat: ChatId) -> Vec<LoggedEvent> {
+        let last = self.inner.last_seq().await.unwrap();
+        let chats = std::collections::HashSet::from([chat]);
+        self.inner
+            .read(0, last, ChatFilter::Only(&chats), 1_000)
+            .await
+            .unwrap()
+    }
+}
+
+#[async_trait]
+impl Bus for HeldBus {
+    async fn publish(&self, envelope: &Envelope) -> Result<u64, BusError> {
+        let held = {
+            let mut held = self.held.lock().unwrap();
+            let kind = envelope.event.kind();
+            held.iter()
+                .position(|k| *k == kind)
+                .map(|at| held.remove(at))
+                .is_some()
+        };
+        if held {
+            self.gate.pass(self.inner.publish(envelope)).await
+        } else {
+            self.inner.publish(envelope).await
+        }
+    }
+    async fn subscribe(&self) -> Result<BoxStream<'static, LoggedEvent>, BusError> {
+        self.inner.subscribe().await
+    }
+    async fn last_seq(&self) -> Result<u64, BusError> {
+        self.inner.last_seq().await
+    }
+    async fn read_page(
+        &self,
+        after: u64,
+        up_to: u64,
+        chats: ChatFilter<'_>,
+        max: usize,
+        max_scan: usize,
+    ) -> Result<Page, ReadError> {
+        self.inner
+            .read_page(after, up_to, chats, max, max_scan)
+            .await
+    }
+    async fn publish_ephemeral(&self, envelope: &Envelope) -> Result<(), BusError> {
+        self.inner.publish_ephemeral(envelope).await
+    }
+    async fn subscribe_ephemeral(&self) -> Result<BoxStream<'static, Envelope>, BusError> {
+        self.inner.subscribe_ephemeral().await
+    }
+    async fn check(&self) -> Result<(), BusError> {
+        self.inner.check().await
+    }
+}
+
 /// The API's operations without HTTP, on `stack`'s store and bus behind a [`HeldStore`]: for the
 /// tests that play an interleaving of operations (each test file adds its own helpers).
 pub struct HeldApi {
     _dir: tempfile::TempDir,
     pub config: confab_runtime::config::Config,
     pub store: Arc<HeldStore>,
+    pub bus: Arc<HeldBus>,
     pub state: confab_api::ApiState,
 }
 
@@ -887,18 +974,20 @@ impl HeldApi {
         let store = Arc::new(HeldStore::new(
             confab::open_store(&config, true).await.unwrap(),
         ));
-        let bus = confab::open_bus(&config).await.unwrap();
+        let bus = Arc::new(HeldBus::new(confab::open_bus(&config).await.unwrap()));
         let identity = Arc::new(confab_runtime::identity::DevIdentity::open(dir.path()).unwrap());
         let state = confab_api::ApiState::new(
             Arc::clone(&store) as Arc<dyn Store>,
-            bus,
+            Arc::clone(&bus) as Arc<dyn Bus>,
             identity,
             &confab_runtime::signed::Keyring::random(),
-        );
+        )
+        .with_republish_window(config.log_settings().duplicate_window);
         HeldApi {
             _dir: dir,
             config,
             store,
+            bus,
             state,
         }
     }

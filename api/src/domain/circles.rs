@@ -11,14 +11,17 @@ use std::time::Duration;
 use confab_schema::circle::{
     Circle, CircleMember, CirclePairing, CircleUnpairing, PairedMember, PairingState, PairingStatus,
 };
-use confab_schema::{ChatId, CircleId, Envelope, Event, User, UserId};
+use confab_schema::{Chat, ChatId, CircleId, Envelope, Event, User, UserId};
 use time::OffsetDateTime;
 
 use super::Outcome;
 use super::inputs::{
     AccessCode, ChatDescription, ChatName, CircleDisplayName, CircleRules, CircleTtl,
 };
-use super::pairing::{ATTEMPTS, Leaving, Pair, contended, matched_meanwhile};
+use super::pairing::{
+    ATTEMPTS, Leaving, Pair, contended, in_pair_order, matched_meanwhile, pair_chat,
+    pairing_announcement,
+};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 use crate::store::{MemberPut, Slot, SlotState, circle_pool};
@@ -127,6 +130,37 @@ pub(crate) fn pairing_status(slot: &Slot) -> Option<PairingStatus> {
         partner_id: slot.partner,
         kind: slot.kind.parse().ok(),
     })
+}
+
+/// The `circle.paired` of a pairing of `pair` into `chat`, each under their name among `members`,
+/// named as [`pairing_announcement`] names it, so its maker and an end that announces it again
+/// publish one event.
+fn pairing_announcement_of_circle(
+    id: CircleId,
+    members: &[CircleMember],
+    chat: Chat,
+    pair: [UserId; 2],
+) -> Envelope {
+    let name_of = |user: UserId| {
+        members
+            .iter()
+            .find(|m| m.user_id == user)
+            .map(|m| m.display_name.clone())
+            .unwrap_or_default()
+    };
+    let chat_id = chat.id;
+    let event = Event::CirclePaired(Box::new(CirclePairing {
+        circle_id: id,
+        members: in_pair_order(pair)
+            .iter()
+            .map(|user| PairedMember {
+                user_id: *user,
+                display_name: name_of(*user),
+            })
+            .collect(),
+        chat,
+    }));
+    pairing_announcement(chat_id, event, pair)
 }
 
 impl ApiState {
@@ -382,7 +416,8 @@ impl ApiState {
 
     /// Ends `user`'s wait or pairing (with `seen`, only that slot of theirs: nothing when it
     /// changed since); a pairing's chat is closed for both with `circle.unpaired` (it stays, with
-    /// its messages, until the circle goes).
+    /// its messages, until the circle goes), after the pairing's `circle.paired` if that may not
+    /// be in the log yet.
     async fn end_circle_pairing(
         &self,
         id: CircleId,
@@ -391,10 +426,26 @@ impl ApiState {
         by: UserId,
         seen: Option<&Slot>,
     ) -> ApiResult<()> {
-        let Some((chat, partner)) = self.end_pair(pool, user, seen, false).await? else {
+        let Some(ended) = self.end_pair(pool, user, seen, false).await? else {
             return Ok(());
         };
-        self.publish(
+        let (chat, partner) = (ended.chat, ended.partner);
+        let mut events = Vec::with_capacity(2);
+        if self.may_be_unannounced(ended.slot.since) {
+            // The pairing is over already: its announcement names whom it can.
+            let members = self.store.circle_members(id).await.unwrap_or_else(|error| {
+                tracing::warn!(%error, circle = %id, "a pairing announced again without names");
+                Vec::new()
+            });
+            let chat = pair_chat(chat, [user, partner], ended.slot.since);
+            events.push(pairing_announcement_of_circle(
+                id,
+                &members,
+                chat,
+                [user, partner],
+            ));
+        }
+        events.push(
             Envelope::new(
                 chat,
                 Event::CircleUnpaired(CircleUnpairing {
@@ -404,34 +455,18 @@ impl ApiState {
                 }),
             )
             .leaving(vec![user, partner]),
-        )
-        .await;
+        );
+        self.publish_in_order(events).await;
         Ok(())
     }
 
     async fn announce_circle_pair(&self, id: CircleId, members: &[CircleMember], pair: Pair) {
-        let name_of = |user: UserId| {
-            members
-                .iter()
-                .find(|m| m.user_id == user)
-                .map(|m| m.display_name.clone())
-                .unwrap_or_default()
-        };
-        let users = vec![pair.first.user_id, pair.second.user_id];
-        let event = Event::CirclePaired(Box::new(CirclePairing {
-            circle_id: id,
-            members: users
-                .iter()
-                .map(|u| PairedMember {
-                    user_id: *u,
-                    display_name: name_of(*u),
-                })
-                .collect(),
-            chat: pair.chat.clone(),
-        }));
+        let users = [pair.first.user_id, pair.second.user_id];
         // The two start receiving the chat's events with this one.
-        self.publish(Envelope::new(pair.chat.id, event).joining(users))
-            .await;
+        self.publish(pairing_announcement_of_circle(
+            id, members, pair.chat, users,
+        ))
+        .await;
     }
 
     /// Publishes `signal.deleted` for every message of `chat` that is about to be removed, so the

@@ -22,31 +22,27 @@ impl ApiState {
     /// Appends `envelope` to the event log. The change it describes is stored already, so a failed
     /// publish does not fail the request: it is retried in the background until the bus takes it.
     pub(crate) async fn publish(&self, envelope: Envelope) {
-        let kind = envelope.event.kind().as_str();
-        match self.bus.publish(&envelope).await {
-            Ok(_) => {
-                metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
-            }
-            Err(error) => {
-                tracing::warn!(%error, event = kind, chat = %envelope.chat_id, "event not published yet; retrying in the background");
-                metrics::counter!("confab_events_publish_retries_total", "type" => kind)
-                    .increment(1);
-                let bus = std::sync::Arc::clone(&self.bus);
-                tokio::spawn(async move {
-                    let mut delay = FIRST_RETRY;
-                    for _ in 0..RETRY_ATTEMPTS {
-                        tokio::time::sleep(delay).await;
-                        if bus.publish(&envelope).await.is_ok() {
-                            metrics::counter!("confab_events_published_total", "type" => kind)
-                                .increment(1);
-                            return;
-                        }
-                        delay = (delay * 2).min(LONGEST_RETRY);
-                    }
-                    metrics::counter!("confab_events_unpublished_total", "type" => kind)
-                        .increment(1);
-                    tracing::error!(event = kind, chat = %envelope.chat_id, id = %envelope.id, "event not published: the bus refused every retry");
-                });
+        self.publish_in_order(vec![envelope]).await;
+    }
+
+    /// Appends `envelopes` to the event log in their order, as [`ApiState::publish`] appends one:
+    /// from the first that fails on, they are retried in the background one after another, so
+    /// none overtakes one before it.
+    pub(crate) async fn publish_in_order(&self, envelopes: Vec<Envelope>) {
+        let mut envelopes = envelopes.into_iter();
+        while let Some(envelope) = envelopes.next() {
+            let kind = envelope.event.kind().as_str();
+            match self.bus.publish(&envelope).await {
+                Ok(_) => {
+                    metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, event = kind, chat = %envelope.chat_id, "event not published yet; retrying in the background");
+                    let bus = std::sync::Arc::clone(&self.bus);
+                    let failed = std::iter::once(envelope).chain(envelopes).collect();
+                    tokio::spawn(retry_in_order(bus, failed));
+                    return;
+                }
             }
         }
     }
@@ -95,5 +91,39 @@ impl ApiState {
     /// publishes).
     pub(crate) fn forgo(&self, intent: Intent) {
         self.outbox.settle(&self.store, intent);
+    }
+}
+
+/// Publishes `envelopes` in their order, the first of which failed once: each is tried until the
+/// bus takes it or [`RETRY_ATTEMPTS`] retries are spent, then the next (one given up on is
+/// counted, and the next goes all the same).
+async fn retry_in_order(
+    bus: std::sync::Arc<dyn confab_runtime::bus::Bus>,
+    envelopes: Vec<Envelope>,
+) {
+    for (index, envelope) in envelopes.into_iter().enumerate() {
+        let kind = envelope.event.kind().as_str();
+        // Each one after the first has not been tried yet.
+        if index > 0 && bus.publish(&envelope).await.is_ok() {
+            metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
+            continue;
+        }
+        metrics::counter!("confab_events_publish_retries_total", "type" => kind).increment(1);
+        let mut delay = FIRST_RETRY;
+        let mut published = false;
+        for _ in 0..RETRY_ATTEMPTS {
+            tokio::time::sleep(delay).await;
+            if bus.publish(&envelope).await.is_ok() {
+                published = true;
+                break;
+            }
+            delay = (delay * 2).min(LONGEST_RETRY);
+        }
+        if published {
+            metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
+        } else {
+            metrics::counter!("confab_events_unpublished_total", "type" => kind).increment(1);
+            tracing::error!(event = kind, chat = %envelope.chat_id, id = %envelope.id, "event not published: the bus refused every retry");
+        }
     }
 }

@@ -9,7 +9,10 @@
 //! random among the eligible ones. A waiter is passed over only while no one else waiting may be
 //! paired with them.
 
-use confab_schema::{Chat, ChatId, ChatKind, CircleId, MemberRole, SignalId, UserId};
+use confab_schema::model::to_millis;
+use confab_schema::{
+    Chat, ChatId, ChatKind, CircleId, Envelope, Event, MemberRole, SignalId, UserId,
+};
 use rand::seq::IndexedRandom;
 use time::OffsetDateTime;
 
@@ -65,6 +68,53 @@ pub(crate) struct Pair {
     pub first: Slot,
     pub second: Slot,
     pub chat: Chat,
+}
+
+/// A pairing an end ended.
+#[derive(Clone, Debug)]
+pub(crate) struct Ended {
+    pub chat: ChatId,
+    pub partner: UserId,
+    /// The ender's slot as it was paired: its queue, and when the pairing was made.
+    pub slot: Slot,
+}
+
+/// The two users of a pairing in the order its chat and its announcement name them (by id, so
+/// that an end names them as the maker did).
+pub(crate) fn in_pair_order(mut pair: [UserId; 2]) -> [UserId; 2] {
+    pair.sort();
+    pair
+}
+
+/// The chat of a pairing as its announcement carries it, from the pairing alone (its chat's id,
+/// its users, and when it was made, which is when the chat counts as created), so that an end
+/// can announce the pairing again as its maker did.
+pub(crate) fn pair_chat(id: ChatId, pair: [UserId; 2], made: OffsetDateTime) -> Chat {
+    let [creator, _] = in_pair_order(pair);
+    Chat {
+        id,
+        kind: ChatKind::Direct,
+        name: None,
+        description: None,
+        created_at: to_millis(made),
+        created_by: creator,
+        my_role: None,
+        latest_signal: None,
+        unread_count: 0,
+    }
+}
+
+/// The announcement of a pairing (`circle.paired`, `queue.matched`), with which its users start
+/// receiving its chat's events. Its id is named after the chat, so the log keeps one copy of it
+/// however many are published within its duplicate window (see
+/// [`ApiState::may_be_unannounced`]).
+pub(crate) fn pairing_announcement(chat: ChatId, event: Event, pair: [UserId; 2]) -> Envelope {
+    let id = uuid::Uuid::new_v5(&chat.as_uuid(), event.kind().as_str().as_bytes());
+    Envelope {
+        id,
+        ..Envelope::new(chat, event)
+    }
+    .joining(in_pair_order(pair).to_vec())
 }
 
 impl ApiState {
@@ -158,7 +208,8 @@ impl ApiState {
             if let Some(circle) = circle {
                 self.store.add_circle_chat(circle, chat).await?;
             }
-            let now = OffsetDateTime::now_utc();
+            // Also when the chat counts as created (see `pair_chat`), as the store keeps it.
+            let now = to_millis(OffsetDateTime::now_utc());
             let paired = |me: &Slot, partner: &Slot| Slot {
                 state: SlotState::Paired,
                 since: now,
@@ -180,7 +231,7 @@ impl ApiState {
                 },
             ];
             if self.store.write_slots(pool, &writes).await? {
-                let opened = self.open_pair_chat(chat, a.user_id, b.user_id).await;
+                let opened = self.open_pair_chat(chat, [a.user_id, b.user_id], now).await;
                 let standing = match opened {
                     Ok(opened) => self
                         .pair_stands(pool, chat, [&a, &b])
@@ -279,33 +330,41 @@ impl ApiState {
         }))
     }
 
-    /// The direct chat of a new pairing: both members owners, as in any direct chat, so it takes
-    /// no one else and cannot be renamed.
-    async fn open_pair_chat(&self, id: ChatId, a: UserId, b: UserId) -> ApiResult<Chat> {
+    /// The direct chat of a new pairing made at `made`: both members owners, as in any direct
+    /// chat, so it takes no one else and cannot be renamed.
+    async fn open_pair_chat(
+        &self,
+        id: ChatId,
+        pair: [UserId; 2],
+        made: OffsetDateTime,
+    ) -> ApiResult<Chat> {
+        let chat = pair_chat(id, pair, made);
         let new_chat = NewChat {
             id,
             kind: ChatKind::Direct,
             name: None,
             description: None,
-            created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
-            created_by: a,
-            members: vec![(a, MemberRole::Owner), (b, MemberRole::Owner)],
+            created_at: chat.created_at,
+            created_by: chat.created_by,
+            members: in_pair_order(pair)
+                .map(|user| (user, MemberRole::Owner))
+                .to_vec(),
         };
         self.store.create_chat(&new_chat).await?;
         self.store
-            .touch_chat(id, &[a, b], SignalId::new(), None)
+            .touch_chat(id, &pair, SignalId::new(), None)
             .await?;
-        Ok(Chat {
-            id,
-            kind: ChatKind::Direct,
-            name: None,
-            description: None,
-            created_at: new_chat.created_at,
-            created_by: a,
-            my_role: None,
-            latest_signal: None,
-            unread_count: 0,
-        })
+        Ok(chat)
+    }
+
+    /// Whether the announcement of a pairing made at `made` may not be in the log yet: its maker
+    /// publishes it after its last read of the pool (see `pair_stands`), so an end may be written
+    /// and announced first, and a `queue.unmatched` before its `queue.matched` would tell both of
+    /// a pairing that is over. Until the log's duplicate window has passed since, an end publishes
+    /// the announcement again (the same id: the log keeps whichever copy comes first) before its
+    /// own event. Past it, the maker's publish was long done.
+    pub(crate) fn may_be_unannounced(&self, made: OffsetDateTime) -> bool {
+        OffsetDateTime::now_utc() - made < self.republish_window
     }
 
     /// Takes `user`'s slot of `kind` out of `pool` while it is waiting or idle, retrying lost
@@ -364,7 +423,7 @@ impl ApiState {
     }
 
     /// Ends `user`'s wait or pairing in `pool` for both partners, and answers the pairing that
-    /// ended as its chat and the partner, for the caller to announce (`None`: a wait, nothing, or
+    /// ended, for the caller to announce (`None`: a wait, nothing, or
     /// a pairing someone else ended meanwhile). Both leave the pairing's chat (and its calls),
     /// which is removed too when `remove_chat`, before the pairing ends: a failure in between
     /// leaves the pairing on record, and a retry finds its chat and finishes. The other way round,
@@ -378,7 +437,7 @@ impl ApiState {
         user: UserId,
         seen: Option<&Slot>,
         remove_chat: bool,
-    ) -> ApiResult<Option<(ChatId, UserId)>> {
+    ) -> ApiResult<Option<Ended>> {
         let before = match seen {
             Some(slot) => Some(slot.clone()),
             None => self.slot_of(pool, user).await?,
@@ -401,7 +460,11 @@ impl ApiState {
         // first one).
         self.close_pair_chat(chat, [user, partner], remove_chat)
             .await?;
-        Ok(Some((chat, partner)))
+        Ok(Some(Ended {
+            chat,
+            partner,
+            slot: ended,
+        }))
     }
 
     /// Takes both of a pair out of its chat, and so out of its calls; with `remove`, removes the

@@ -9,10 +9,12 @@ use confab_runtime::presence::now_ms;
 use confab_schema::circle::{
     PairingStatus, QueueKind, QueueMatch, QueueMatchMember, QueueUnmatching,
 };
-use confab_schema::{Envelope, Event, UserId};
+use confab_schema::{Chat, Envelope, Event, UserId};
 
 use super::circles::pairing_status;
-use super::pairing::{ATTEMPTS, Leaving, contended, matched_meanwhile};
+use super::pairing::{
+    ATTEMPTS, Leaving, contended, matched_meanwhile, pair_chat, pairing_announcement,
+};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 use crate::store::{Slot, SlotState, SlotWrite};
@@ -29,6 +31,29 @@ const POOLS: [&str; 2] = ["queue:vent-listen", "queue:talk"];
 
 fn kind_of(kind: &str) -> Option<QueueKind> {
     kind.parse().ok()
+}
+
+/// The `queue.matched` of a match into `chat` of `members` (each with their queue), named as
+/// [`pairing_announcement`] names it, so its maker and an end that announces it again publish
+/// one event.
+fn match_announcement(chat: Chat, members: [(UserId, Option<QueueKind>); 2]) -> Envelope {
+    let users = members.map(|(user, _)| user);
+    let mut members = members.to_vec();
+    members.sort_by_key(|(user, _)| *user);
+    let members = members
+        .into_iter()
+        .filter_map(|(user_id, kind)| {
+            Some(QueueMatchMember {
+                user_id,
+                kind: kind?,
+            })
+        })
+        .collect();
+    pairing_announcement(
+        chat.id,
+        Event::QueueMatched(Box::new(QueueMatch { chat, members })),
+        users,
+    )
 }
 
 impl ApiState {
@@ -64,27 +89,9 @@ impl ApiState {
             })
             .await?;
         for pair in pairs {
-            let members = [&pair.first, &pair.second]
-                .iter()
-                .filter_map(|slot| {
-                    Some(QueueMatchMember {
-                        user_id: slot.user_id,
-                        kind: kind_of(&slot.kind)?,
-                    })
-                })
-                .collect();
-            let users = vec![pair.first.user_id, pair.second.user_id];
-            self.publish(
-                Envelope::new(
-                    pair.chat.id,
-                    Event::QueueMatched(Box::new(QueueMatch {
-                        chat: pair.chat.clone(),
-                        members,
-                    })),
-                )
-                .joining(users),
-            )
-            .await;
+            let members =
+                [&pair.first, &pair.second].map(|slot| (slot.user_id, kind_of(&slot.kind)));
+            self.publish(match_announcement(pair.chat, members)).await;
         }
         // Out of the queue now: a match made and ended before it was announced (the partner
         // left meanwhile), or a leave of the caller's own. Joining again begins a new wait.
@@ -132,12 +139,21 @@ impl ApiState {
     }
 
     /// Ends `user`'s match as `seen` (nothing when their slot changed since): both leave its
-    /// chat, the chat is removed, and `queue.unmatched` tells both. Answers whether it ended it.
+    /// chat, the chat is removed, and `queue.unmatched` tells both, after the match's
+    /// `queue.matched` if that may not be in the log yet. Answers whether it ended it.
     async fn end_match(&self, pool: &str, user: UserId, seen: Option<&Slot>) -> ApiResult<bool> {
-        let Some((chat, partner)) = self.end_pair(pool, user, seen, true).await? else {
+        let Some(ended) = self.end_pair(pool, user, seen, true).await? else {
             return Ok(false);
         };
-        self.publish(
+        let (chat, partner) = (ended.chat, ended.partner);
+        let mut events = Vec::with_capacity(2);
+        if self.may_be_unannounced(ended.slot.since) {
+            let kind = kind_of(&ended.slot.kind);
+            let members = [(user, kind), (partner, kind.map(|kind| kind.counterpart()))];
+            let chat = pair_chat(chat, [user, partner], ended.slot.since);
+            events.push(match_announcement(chat, members));
+        }
+        events.push(
             Envelope::new(
                 chat,
                 Event::QueueUnmatched(QueueUnmatching {
@@ -146,8 +162,8 @@ impl ApiState {
                 }),
             )
             .leaving(vec![user, partner]),
-        )
-        .await;
+        );
+        self.publish_in_order(events).await;
         Ok(true)
     }
 
