@@ -1645,3 +1645,65 @@ async fn a_match_is_announced_before_its_end(stack: Stack) {
 }
 
 on_both_stacks!(a_match_is_announced_before_its_end);
+
+/// Bob waits and Alice's join matches them. Bob leaves while her side has still to make the chat
+/// (held there), so his end's first close finds no chat; his slot write waits (held) until her
+/// side has made the chat and found the match standing, and then his second close fails, as a
+/// process that stopped between the two would. The chat is whole, and no slot names it as a
+/// match any more: the retry of his leave finishes the end (the chat is removed, and Alice is
+/// told), as a retried circle removal finishes a half-failed one.
+async fn an_end_stopped_between_its_two_closes_is_finished_by_its_retry(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    setup
+        .state
+        .join_queue(bob.id, QueueKind::Listen)
+        .await
+        .unwrap();
+    setup.under.hold_next(Held::ChatCreated);
+    let join = tokio::spawn({
+        let state = setup.state.clone();
+        let user = alice.id;
+        async move { state.join_queue(user, QueueKind::Vent).await }
+    });
+    setup.under.gate.arrived(1).await;
+    setup.store.hold_next(Held::Slots);
+    let leave = tokio::spawn({
+        let state = setup.state.clone();
+        let user = bob.id;
+        async move { state.leave_queue(user, QueueKind::Listen).await }
+    });
+    setup.store.gate.arrived(1).await;
+    // His first close is done (it comes before his slot write); his second one fails.
+    setup.store.fail_every(Held::MemberRemoved);
+    setup.under.gate.release(1).await;
+    let matched = join.await.unwrap().unwrap();
+    assert_eq!(matched.state, PairingState::Paired, "{matched:?}");
+    let chat = matched.chat_id.expect("a chat");
+    setup.store.gate.release(1).await;
+    let failed = leave.await.unwrap();
+    assert!(failed.is_err(), "the scenario: the end failed: {failed:?}");
+    setup.store.lift(Held::MemberRemoved);
+    assert!(
+        !chats_left_to(&setup.store, &alice, &bob).await.is_empty(),
+        "the scenario: the chat is whole"
+    );
+
+    setup
+        .state
+        .leave_queue(bob.id, QueueKind::Listen)
+        .await
+        .unwrap();
+    let left = chats_left_to(&setup.store, &alice, &bob).await;
+    assert!(
+        left.is_empty(),
+        "the end's retry left the match's chat open: {left}"
+    );
+    assert_eq!(setup.store.get_chat(chat).await.unwrap(), None);
+    let kinds = event_kinds_of(&setup, chat).await;
+    assert_eq!(kinds.last(), Some(&"queue.unmatched"), "{kinds:?}");
+    setup.clean_up().await;
+}
+
+on_both_stacks!(an_end_stopped_between_its_two_closes_is_finished_by_its_retry);

@@ -70,6 +70,8 @@ pub enum Held {
     CircleDeleted,
     /// A push device removed (`Store::delete_device`).
     DeviceRemoved,
+    /// A member taken out of a chat (`Store::remove_member`).
+    MemberRemoved,
 }
 
 /// What a [`HeldStore`] does with a write it names.
@@ -467,7 +469,8 @@ impl Store for HeldStore {
         self.inner.put_member(chat, member).await
     }
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
-        self.inner.remove_member(chat, user).await
+        self.through(Held::MemberRemoved, self.inner.remove_member(chat, user))
+            .await
     }
     async fn forget_left_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
         self.inner.forget_left_chat(chat, user).await
@@ -963,6 +966,9 @@ pub struct HeldApi {
     _dir: tempfile::TempDir,
     pub config: confab_runtime::config::Config,
     pub store: Arc<HeldStore>,
+    /// The store `store` passes its calls to: another [`HeldStore`], with rules and a gate of its
+    /// own, for the tests that hold two writes in turn (a gate opens once).
+    pub under: Arc<HeldStore>,
     pub bus: Arc<HeldBus>,
     pub state: confab_api::ApiState,
 }
@@ -971,9 +977,10 @@ impl HeldApi {
     pub async fn new(stack: super::Stack) -> HeldApi {
         let dir = tempfile::tempdir().unwrap();
         let config = super::config_for(stack, dir.path().to_path_buf());
-        let store = Arc::new(HeldStore::new(
+        let under = Arc::new(HeldStore::new(
             confab::open_store(&config, true).await.unwrap(),
         ));
+        let store = Arc::new(HeldStore::new(Arc::clone(&under) as Arc<dyn Store>));
         let bus = Arc::new(HeldBus::new(confab::open_bus(&config).await.unwrap()));
         let identity = Arc::new(confab_runtime::identity::DevIdentity::open(dir.path()).unwrap());
         let state = confab_api::ApiState::new(
@@ -987,6 +994,7 @@ impl HeldApi {
             _dir: dir,
             config,
             store,
+            under,
             bus,
             state,
         }

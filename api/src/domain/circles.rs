@@ -19,8 +19,8 @@ use super::inputs::{
     AccessCode, ChatDescription, ChatName, CircleDisplayName, CircleRules, CircleTtl,
 };
 use super::pairing::{
-    ATTEMPTS, Leaving, Pair, contended, in_pair_order, matched_meanwhile, pair_chat,
-    pairing_announcement,
+    ATTEMPTS, Leaving, Pair, contended, in_pair_order, left_unclosed, matched_meanwhile, pair_chat,
+    pairing_announcement, pairing_event,
 };
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
@@ -371,6 +371,13 @@ impl ApiState {
     ) -> ApiResult<PairingStatus> {
         self.circle_as_member(id, caller).await?;
         let pool = circle_pool(id);
+        if let Some(mine) = self.slot_of(&pool, caller).await?
+            && left_unclosed(&mine).is_some()
+        {
+            // Entering would forget the chat of a pairing whose end stopped half-way.
+            self.end_circle_pairing(id, &pool, caller, caller, Some(&mine))
+                .await?;
+        }
         let mine = self.enter_pool(&pool, caller, "").await?;
         // Removed since the check above? The removal deletes the member row before it looks for
         // a slot, so a removal this read misses finds the slot written above.
@@ -403,7 +410,8 @@ impl ApiState {
         let Some(mine) = self.slot_of(&pool, caller).await? else {
             return Ok(());
         };
-        if mine.state == SlotState::Paired {
+        // Also a pairing whose end stopped half-way (this is its retry, or the partner's).
+        if mine.state == SlotState::Paired || left_unclosed(&mine).is_some() {
             // Nothing when it ended meanwhile.
             self.end_circle_pairing(id, &pool, caller, caller, Some(&mine))
                 .await?;
@@ -446,7 +454,7 @@ impl ApiState {
             ));
         }
         events.push(
-            Envelope::new(
+            pairing_event(
                 chat,
                 Event::CircleUnpaired(CircleUnpairing {
                     circle_id: id,

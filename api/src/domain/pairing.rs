@@ -35,14 +35,24 @@ pub(crate) fn contended() -> ApiError {
 }
 
 /// A slot's next version out of a wait or a pairing: idle, the partner remembered as the previous
-/// one (a pairing set it).
+/// one (a pairing set it). Out of a pairing it still names the pairing's chat, until the end that
+/// wrote it has closed the chat (see [`ApiState::end_pair`]).
 fn idle(slot: &Slot) -> Slot {
     Slot {
         state: SlotState::Idle,
         partner: None,
-        chat: None,
         version: slot.version + 1,
         ..slot.clone()
+    }
+}
+
+/// The chat and partner of an ended pairing whose chat `slot` still names: its end stopped (or
+/// is still) between its slot write and its second close, and whoever changes the slot next
+/// finishes it.
+pub(crate) fn left_unclosed(slot: &Slot) -> Option<(ChatId, UserId)> {
+    match (slot.state, slot.chat, slot.previous) {
+        (SlotState::Idle, Some(chat), Some(partner)) => Some((chat, partner)),
+        _ => None,
     }
 }
 
@@ -104,17 +114,23 @@ pub(crate) fn pair_chat(id: ChatId, pair: [UserId; 2], made: OffsetDateTime) -> 
     }
 }
 
-/// The announcement of a pairing (`circle.paired`, `queue.matched`), with which its users start
-/// receiving its chat's events. Its id is named after the chat, so the log keeps one copy of it
-/// however many are published within its duplicate window (see
-/// [`ApiState::may_be_unannounced`]).
-pub(crate) fn pairing_announcement(chat: ChatId, event: Event, pair: [UserId; 2]) -> Envelope {
+/// An event of a pairing (its announcement or its end) on its chat. Its id is named after the
+/// chat and the event's type: a chat is one pairing's, which is announced once and ends once, so
+/// the log keeps one copy of each however many are published within its duplicate window (an
+/// end that announces the pairing again, see [`ApiState::may_be_unannounced`]; an end finished
+/// twice, see [`ApiState::end_pair`]).
+pub(crate) fn pairing_event(chat: ChatId, event: Event) -> Envelope {
     let id = uuid::Uuid::new_v5(&chat.as_uuid(), event.kind().as_str().as_bytes());
     Envelope {
         id,
         ..Envelope::new(chat, event)
     }
-    .joining(in_pair_order(pair).to_vec())
+}
+
+/// The announcement of a pairing (`circle.paired`, `queue.matched`), with which its users start
+/// receiving its chat's events.
+pub(crate) fn pairing_announcement(chat: ChatId, event: Event, pair: [UserId; 2]) -> Envelope {
+    pairing_event(chat, event).joining(in_pair_order(pair).to_vec())
 }
 
 impl ApiState {
@@ -317,8 +333,9 @@ impl ApiState {
     /// Either way a close runs after the last write of the making. A process that stops in
     /// between leaves what it did before: a maker stopped before this read leaves the pairing on
     /// record, naming the chat (its id is written before the chat is made), for an end to close;
-    /// what is left unclosed is a chat whose end stopped between its slot write and its close
-    /// after it, while the maker's read came first.
+    /// an end stopped between its slot write and its close after it, while the maker's read came
+    /// first, leaves the chat named by both idle slots, for the next end of either to close (see
+    /// [`ApiState::end_pair`]).
     async fn pair_stands(&self, pool: &str, chat: ChatId, pair: [&Slot; 2]) -> ApiResult<bool> {
         let slots = self.store.slots(pool).await?;
         Ok(pair.iter().all(|paired| {
@@ -423,14 +440,17 @@ impl ApiState {
     }
 
     /// Ends `user`'s wait or pairing in `pool` for both partners, and answers the pairing that
-    /// ended, for the caller to announce (`None`: a wait, nothing, or
-    /// a pairing someone else ended meanwhile). Both leave the pairing's chat (and its calls),
-    /// which is removed too when `remove_chat`, before the pairing ends: a failure in between
-    /// leaves the pairing on record, and a retry finds its chat and finishes. The other way round,
-    /// a retry found no pairing and left them in the chat. The chat is closed once more after the
-    /// pairing ends: the pairing may still be making it, and the first close may have come before
-    /// the chat (see `pair_stands`). With `seen`, only that slot of the user's ends (nothing when
-    /// it changed since).
+    /// ended, for the caller to announce (`None`: a wait, nothing, or a pairing someone else ended
+    /// meanwhile). Both leave the pairing's chat (and its calls), which is removed too when
+    /// `remove_chat`, before the pairing ends: a failure in between leaves the pairing on record,
+    /// and a retry finds its chat and finishes. The other way round, a retry found no pairing and
+    /// left them in the chat. The chat is closed once more after the pairing ends: the pairing
+    /// may still be making it, and the first close may have come before the chat (see
+    /// `pair_stands`). Until that second close is done the two idle slots still name the chat,
+    /// so an end that stopped in between (a crash, a failed close) is finished by the next end of
+    /// either slot: a retry, or the user's next change, which reads the slot first (the end is
+    /// answered again, for its event to be published, once: the event's id is the chat's). With
+    /// `seen`, only that slot of the user's ends (nothing when it changed since).
     pub(crate) async fn end_pair(
         &self,
         pool: &str,
@@ -442,6 +462,18 @@ impl ApiState {
             Some(slot) => Some(slot.clone()),
             None => self.slot_of(pool, user).await?,
         };
+        if let Some(before) = &before
+            && let Some((chat, partner)) = left_unclosed(before)
+        {
+            self.close_pair_chat(chat, [user, partner], remove_chat)
+                .await?;
+            self.forget_closed_chat(pool, chat).await;
+            return Ok(Some(Ended {
+                chat,
+                partner,
+                slot: before.clone(),
+            }));
+        }
         if let Some((SlotState::Paired, Some(chat), Some(partner))) = before
             .as_ref()
             .map(|slot| (slot.state, slot.chat, slot.partner))
@@ -460,11 +492,50 @@ impl ApiState {
         // first one).
         self.close_pair_chat(chat, [user, partner], remove_chat)
             .await?;
+        self.forget_closed_chat(pool, chat).await;
         Ok(Some(Ended {
             chat,
             partner,
             slot: ended,
         }))
+    }
+
+    /// Clears `chat`, closed now, from the idle slots of `pool` that still name it. Best effort:
+    /// a slot that changed meanwhile names it no more (a change out of idle starts from no chat),
+    /// and one left naming it costs its next change a close of a closed chat, nothing else.
+    async fn forget_closed_chat(&self, pool: &str, chat: ChatId) {
+        for _ in 0..ATTEMPTS {
+            let slots = match self.store.slots(pool).await {
+                Ok(slots) => slots,
+                Err(error) => {
+                    tracing::warn!(%error, %chat, "a closed pairing chat is still named");
+                    return;
+                }
+            };
+            let writes: Vec<SlotWrite> = slots
+                .iter()
+                .filter(|slot| slot.state == SlotState::Idle && slot.chat == Some(chat))
+                .map(|slot| SlotWrite::Replace {
+                    expected: slot.version,
+                    slot: Slot {
+                        chat: None,
+                        version: slot.version + 1,
+                        ..slot.clone()
+                    },
+                })
+                .collect();
+            if writes.is_empty() {
+                return;
+            }
+            match self.store.write_slots(pool, &writes).await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, %chat, "a closed pairing chat is still named");
+                    return;
+                }
+            }
+        }
     }
 
     /// Takes both of a pair out of its chat, and so out of its calls; with `remove`, removes the

@@ -13,7 +13,8 @@ use confab_schema::{Chat, Envelope, Event, UserId};
 
 use super::circles::pairing_status;
 use super::pairing::{
-    ATTEMPTS, Leaving, contended, matched_meanwhile, pair_chat, pairing_announcement,
+    ATTEMPTS, Leaving, contended, left_unclosed, matched_meanwhile, pair_chat,
+    pairing_announcement, pairing_event,
 };
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
@@ -62,14 +63,17 @@ impl ApiState {
     /// same pool, or when their wait or match ended before the join could answer it.
     pub async fn join_queue(&self, caller: UserId, kind: QueueKind) -> ApiResult<PairingStatus> {
         let pool = queue_pool(kind);
-        if let Some(mine) = self.slot_of(pool, caller).await?
-            && mine.state == SlotState::Waiting
-            && mine.kind != kind.as_str()
-        {
-            return Err(ApiError::Conflict(format!(
-                "you are waiting in the {} queue; leave it first",
-                mine.kind
-            )));
+        if let Some(mine) = self.slot_of(pool, caller).await? {
+            if mine.state == SlotState::Waiting && mine.kind != kind.as_str() {
+                return Err(ApiError::Conflict(format!(
+                    "you are waiting in the {} queue; leave it first",
+                    mine.kind
+                )));
+            }
+            if left_unclosed(&mine).is_some() {
+                // Entering would forget the chat of a match whose end stopped half-way.
+                self.end_match(pool, caller, Some(&mine)).await?;
+            }
         }
         let mut entered = false;
         for _ in 0..ATTEMPTS {
@@ -125,6 +129,11 @@ impl ApiState {
         let Some(mine) = self.slot_of(pool, caller).await? else {
             return Ok(());
         };
+        // A match of either queue of the pool whose end stopped half-way (this is its retry, or
+        // the partner's) is finished.
+        if left_unclosed(&mine).is_some() {
+            self.end_match(pool, caller, Some(&mine)).await?;
+        }
         if mine.kind != kind.as_str() {
             return Ok(());
         }
@@ -154,7 +163,7 @@ impl ApiState {
             events.push(match_announcement(chat, members));
         }
         events.push(
-            Envelope::new(
+            pairing_event(
                 chat,
                 Event::QueueUnmatched(QueueUnmatching {
                     chat_id: chat,
@@ -216,6 +225,11 @@ impl ApiState {
                 };
                 if !gone {
                     return Ok(false);
+                }
+                if left_unclosed(slot).is_some() {
+                    // A match whose end stopped half-way is finished first; the slot goes with
+                    // the next sweep.
+                    return self.end_match(pool, slot.user_id, Some(slot)).await;
                 }
                 let write = SlotWrite::Delete {
                     user: slot.user_id,
