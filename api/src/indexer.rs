@@ -12,7 +12,8 @@
 //! [`reindex`] scans every chat's history into the index, recording after each batch the last chat
 //! done, so an interrupted run resumes. It notes the log's position before it starts and, once the
 //! scan is done, replays the log from there: a change made during the scan may have been read
-//! before it was made, and the replay applies it after.
+//! before it was made, and the replay applies it after. Both index a message as the store holds it
+//! when its event is read, not as the event carries it (`changes_of`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +34,8 @@ pub const REINDEX_CHECKPOINT: &str = "reindex";
 
 /// Signals read from the store per request during a reindex.
 const HISTORY_PAGE: usize = 500;
+/// Messages read back from the store per request when their events are indexed.
+const READ_BACK_BATCH: usize = 200;
 /// How often the indexer looks at the log when no event woke it.
 const POLL: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -199,7 +202,7 @@ impl Indexer {
             };
             match read {
                 Ok(events) => {
-                    let changes = self.changes_of(&events).await?;
+                    let changes = changes_of(&*self.store, &events).await?;
                     self.search
                         .apply(&changes, Some((BUS_CHECKPOINT, &up_to.to_string())))
                         .await?;
@@ -230,48 +233,6 @@ impl Indexer {
         Ok(batches)
     }
 
-    /// What `events` change in the index. An edit is indexed as the store holds its message now,
-    /// not as its event carries it: an edit reads its signal back after its write and publishes
-    /// that, so its event may reach the log after a later edit's or the message's deletion, and
-    /// would bring back what they replaced (deleted text, kept nowhere else). One store read per
-    /// batch, for its edits only.
-    async fn changes_of(&self, events: &[LoggedEvent]) -> Result<Vec<Change>, IndexError> {
-        // Each edited message once, however many of its edits the batch holds.
-        let edited: Vec<(ChatId, SignalId)> = events
-            .iter()
-            .filter_map(|event| match &event.envelope.event {
-                Event::SignalUpdated(signal) => Some((signal.chat_id, signal.id)),
-                _ => None,
-            })
-            .collect::<std::collections::HashSet<_>>()
-            .into_iter()
-            .collect();
-        let current: std::collections::HashMap<SignalId, Signal> = if edited.is_empty() {
-            Default::default()
-        } else {
-            self.store
-                .get_signals(&edited)
-                .await?
-                .into_iter()
-                .flatten()
-                .map(|signal| (signal.id, signal))
-                .collect()
-        };
-        Ok(events
-            .iter()
-            .filter_map(|event| match &event.envelope.event {
-                Event::SignalUpdated(signal) => {
-                    Some(match current.get(&signal.id) {
-                        Some(now) => Change::of_signal(now),
-                        // Gone from the store: gone from the index.
-                        None => Change::Remove(signal.id),
-                    })
-                }
-                _ => Change::of_event(&event.envelope),
-            })
-            .collect())
-    }
-
     /// Finishes a reindex that stopped part-way (it failed, or its process died). It set the log
     /// position at its start, so following the log from there would never scan the chats it did
     /// not reach. An indexer that starts while `confab reindex` runs elsewhere joins it: the same
@@ -296,6 +257,54 @@ impl Indexer {
             .and_then(|value| value.parse().ok())
             .unwrap_or(0))
     }
+}
+
+/// What `events` change in the index, for the indexer and a reindex's replay alike. A message is
+/// indexed as the store holds it now, not as its event carries it: an edit reads its signal back
+/// after its write and publishes that, and a new message's event may be published late (the
+/// outbox's sweep publishes one whose request failed after the write), so either event may reach
+/// the log after a later edit's or the message's deletion, and would bring back what they
+/// replaced (deleted text, kept nowhere else). One store read per batch, for its new and edited
+/// messages.
+async fn changes_of(store: &dyn Store, events: &[LoggedEvent]) -> Result<Vec<Change>, IndexError> {
+    // Each message once, however many of its events the batch holds.
+    let messages: Vec<(ChatId, SignalId)> = events
+        .iter()
+        .filter_map(|event| match &event.envelope.event {
+            Event::SignalCreated(signal) | Event::SignalUpdated(signal) => {
+                Some((signal.chat_id, signal.id))
+            }
+            _ => None,
+        })
+        .collect::<std::collections::HashSet<_>>()
+        .into_iter()
+        .collect();
+    let mut current: std::collections::HashMap<SignalId, Signal> =
+        std::collections::HashMap::with_capacity(messages.len());
+    // A bounded number of reads at once: a reindex replays the log a thousand events at a time.
+    for some in messages.chunks(READ_BACK_BATCH) {
+        current.extend(
+            store
+                .get_signals(some)
+                .await?
+                .into_iter()
+                .flatten()
+                .map(|signal| (signal.id, signal)),
+        );
+    }
+    Ok(events
+        .iter()
+        .filter_map(|event| match &event.envelope.event {
+            Event::SignalCreated(signal) | Event::SignalUpdated(signal) => {
+                Some(match current.get(&signal.id) {
+                    Some(now) => Change::of_signal(now),
+                    // Gone from the store: gone from the index.
+                    None => Change::Remove(signal.id),
+                })
+            }
+            _ => Change::of_event(&event.envelope),
+        })
+        .collect())
 }
 
 /// Progress of a [`reindex`], reported after each batch.
@@ -390,10 +399,7 @@ pub async fn reindex(
         let up_to = last.min(position + 1_000);
         match bus.read(position, up_to, ChatFilter::All, 1_000).await {
             Ok(events) => {
-                let changes: Vec<Change> = events
-                    .iter()
-                    .filter_map(|event| Change::of_event(&event.envelope))
-                    .collect();
+                let changes = changes_of(store, &events).await?;
                 search.apply(&changes, None).await?;
                 position = up_to;
             }

@@ -364,6 +364,106 @@ async fn a_late_edit_event_does_not_undo_a_later_change_real() {
     }
 }
 
+/// A reindex's replay of the log after its scan indexes what the store holds, as the indexer
+/// does: an edit's event logged after the message's deletion, or after a newer edit, while the
+/// reindex ran does not bring back the deleted or replaced text.
+async fn a_reindex_replay_does_not_undo_a_later_change(parts: Parts) {
+    parts.search.prepare().await.expect("prepares");
+    let chat = chat(&*parts.store).await;
+    let (deleted, edited) = (
+        send(&parts, chat, "harbour crane", true).await,
+        send(&parts, chat, "harbour crane", true).await,
+    );
+    // A reindex that noted the log's position, then stopped before its scan: its replay starts
+    // here, before the events below.
+    parts.search.clear().await.expect("clears");
+    let interrupted = ReindexState {
+        bus_from: parts.bus.last_seq().await.expect("last"),
+        ..ReindexState::default()
+    };
+    parts
+        .search
+        .apply(
+            &[],
+            Some((
+                REINDEX_CHECKPOINT,
+                &serde_json::to_string(&interrupted).unwrap(),
+            )),
+        )
+        .await
+        .expect("records");
+
+    // The first message: edited, then deleted, with the edit's event logged last.
+    let stale = parts
+        .store
+        .edit_signal(
+            chat,
+            deleted,
+            "lighthouse secret",
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        .expect("edits")
+        .expect("exists");
+    let tombstone = parts
+        .store
+        .delete_signal(chat, deleted)
+        .await
+        .expect("deletes")
+        .expect("exists");
+    // The second: edited twice, the first edit's event logged last.
+    let older = parts
+        .store
+        .edit_signal(chat, edited, "lighthouse keeper", OffsetDateTime::now_utc())
+        .await
+        .expect("edits")
+        .expect("exists");
+    let newer = parts
+        .store
+        .edit_signal(chat, edited, "beacon keeper", OffsetDateTime::now_utc())
+        .await
+        .expect("edits")
+        .expect("exists");
+    for event in [
+        Event::SignalDeleted(tombstone),
+        Event::SignalUpdated(stale),
+        Event::SignalUpdated(newer),
+        Event::SignalUpdated(older),
+    ] {
+        parts
+            .bus
+            .publish(&Envelope::new(chat, event))
+            .await
+            .expect("published");
+    }
+    let state = reindex(&*parts.store, &*parts.bus, &*parts.search, false, |_| {})
+        .await
+        .expect("resumes");
+    assert!(state.done);
+    assert_eq!(
+        found(&parts, &[chat], "lighthouse").await,
+        set(&[]),
+        "the reindex's replay brought back a deleted message's text or an edit undone since"
+    );
+    assert_eq!(found(&parts, &[chat], "beacon").await, set(&[edited]));
+    assert_eq!(found(&parts, &[chat], "harbour").await, set(&[]));
+    parts.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reindex_replay_does_not_undo_a_later_change_embedded() {
+    if let Some(parts) = embedded(LogSettings::default()).await {
+        Box::pin(a_reindex_replay_does_not_undo_a_later_change(parts)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reindex_replay_does_not_undo_a_later_change_real() {
+    if let Some(parts) = Box::pin(real(LogSettings::default())).await {
+        Box::pin(a_reindex_replay_does_not_undo_a_later_change(parts)).await;
+    }
+}
+
 /// A started indexer picks up new events by itself.
 async fn runs_in_the_background(parts: Parts) {
     let shutdown = tokio_util::sync::CancellationToken::new();
