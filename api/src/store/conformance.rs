@@ -43,6 +43,7 @@ macro_rules! store_conformance_tests {
             left_chats_are_listed_newest_first,
             every_chat_id_pages_once,
             devices_belong_to_one_user,
+            racing_registrations_leave_one_owner,
             settings_are_per_user_and_per_chat,
             activity_orders_chats,
             activity_of_a_leaver_does_not_come_back,
@@ -610,6 +611,56 @@ fn device(user: UserId, token: &str) -> confab_schema::push::Device {
         token: Some(token.into()),
         topic: None,
         created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+    }
+}
+
+/// Devices: two users registering one device at once (one Web Push endpoint in two browser tabs
+/// signed in as different users) leave it listed for exactly one of them, who can remove it. The
+/// CQL store once left it listed for both, the loser unable to remove it and still sent its
+/// pushes.
+pub async fn racing_registrations_leave_one_owner(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (alice, bob) = (user("alice"), user("bob"));
+    for round in 0..20 {
+        let token = format!("token-{}", Uuid::new_v4());
+        let (hers, his) = (device(alice.id, &token), device(bob.id, &token));
+        let (one, other) = futures::join!(store.put_device(&hers), store.put_device(&his));
+        one.unwrap();
+        other.unwrap();
+        let mut listing = Vec::new();
+        for user in [alice.id, bob.id] {
+            if store
+                .devices_of(user)
+                .await
+                .unwrap()
+                .iter()
+                .any(|d| d.id == hers.id)
+            {
+                listing.push(user);
+            }
+        }
+        assert_eq!(
+            listing.len(),
+            1,
+            "round {round}: the device is listed for {listing:?} (alice {}, bob {})",
+            alice.id,
+            bob.id
+        );
+        for user in listing {
+            assert!(
+                store.delete_device(user, hers.id).await.unwrap(),
+                "round {round}: {user} lists the device and cannot remove it"
+            );
+            assert!(
+                !store
+                    .devices_of(user)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .any(|d| d.id == hers.id),
+                "round {round}: still listed after its removal"
+            );
+        }
     }
 }
 

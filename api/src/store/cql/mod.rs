@@ -681,9 +681,11 @@ struct Statements {
     chat_ids_first: PreparedStatement,
     chat_ids_after: PreparedStatement,
     get_device: PreparedStatement,
-    put_device: PreparedStatement,
+    put_device_if_absent: PreparedStatement,
+    put_device_if_unchanged: PreparedStatement,
     put_device_by_user: PreparedStatement,
-    delete_device: PreparedStatement,
+    delete_device_if_owner: PreparedStatement,
+    device_listed: PreparedStatement,
     delete_device_by_user: PreparedStatement,
     devices_of: PreparedStatement,
     user_settings: PreparedStatement,
@@ -823,6 +825,10 @@ fn small_object_shard(sha256: &str) -> &str {
     sha256.get(..2).unwrap_or("00")
 }
 
+/// How many times a device registration tries its conditional write before giving up: each retry
+/// follows another registration of the same device that applied meanwhile.
+const DEVICE_WRITE_ATTEMPTS: usize = 16;
+
 /// How many users' settings one `IN` query asks for.
 const SETTINGS_BATCH: usize = 100;
 
@@ -830,7 +836,8 @@ const SETTINGS_BATCH: usize = 100;
 const BUCKET_BATCH: i32 = 16;
 
 impl CqlStore {
-    async fn get_device(&self, id: DeviceId) -> Result<Option<Device>, StoreError> {
+    /// The device's row in `devices` as stored (the text a conditional write compares with).
+    async fn device_body(&self, id: DeviceId) -> Result<Option<String>, StoreError> {
         let row = self
             .session
             .execute_unpaged(&self.statements.get_device, (id.0,))
@@ -840,9 +847,7 @@ impl CqlStore {
             .map_err(corrupt)?
             .maybe_first_row::<(Option<String>,)>()
             .map_err(corrupt)?;
-        row.and_then(|(body,)| body)
-            .map(|body| serde_json::from_str(&body).map_err(corrupt))
-            .transpose()
+        Ok(row.and_then(|(body,)| body))
     }
 
     /// Connects to an already migrated keyspace and prepares every statement.
@@ -885,9 +890,11 @@ impl CqlStore {
             chat_ids_first: "SELECT id FROM chats LIMIT ?".into(),
             chat_ids_after: "SELECT id FROM chats WHERE token(id) > token(?) LIMIT ?".into(),
             get_device: "SELECT body FROM devices WHERE device_id = ?".into(),
-            put_device: "INSERT INTO devices (device_id, user_id, body) VALUES (?, ?, ?)".into(),
+            put_device_if_absent: "INSERT INTO devices (device_id, user_id, body) VALUES (?, ?, ?) IF NOT EXISTS".into(),
+            put_device_if_unchanged: "UPDATE devices SET user_id = ?, body = ? WHERE device_id = ? IF body = ?".into(),
             put_device_by_user: "INSERT INTO devices_by_user (user_id, device_id, body) VALUES (?, ?, ?)".into(),
-            delete_device: "DELETE FROM devices WHERE device_id = ?".into(),
+            delete_device_if_owner: "DELETE FROM devices WHERE device_id = ? IF user_id = ?".into(),
+            device_listed: "SELECT device_id FROM devices_by_user WHERE user_id = ? AND device_id = ?".into(),
             delete_device_by_user: "DELETE FROM devices_by_user WHERE user_id = ? AND device_id = ?".into(),
             devices_of: "SELECT body FROM devices_by_user WHERE user_id = ?".into(),
             user_settings: "SELECT user_id, body FROM user_settings WHERE user_id IN ?".into(),
@@ -1647,8 +1654,70 @@ impl Store for CqlStore {
             .collect()
     }
 
+    /// `devices` names one owner and is only written conditionally (on what was read before), so
+    /// of two registrations at once each applies in turn and the later one's owner stays. The new
+    /// owner's listing is written before they own the device and the previous owner's removed
+    /// after: a registration that takes the device over from them removes the listing of whoever
+    /// it took it from, so at most one user lists it, and a user can always remove their own.
     async fn put_device(&self, device: &Device) -> Result<Option<Device>, StoreError> {
-        let previous = self.get_device(device.id).await?;
+        let body = serde_json::to_string(device).map_err(corrupt)?;
+        self.session
+            .execute_unpaged(
+                &self.statements.put_device_by_user,
+                (device.user_id.0, device.id.0, &body),
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut previous = self.device_body(device.id).await?;
+        let mut attempts = 0;
+        loop {
+            let result = match &previous {
+                None => {
+                    self.session
+                        .execute_unpaged(
+                            &self.statements.put_device_if_absent,
+                            (device.id.0, device.user_id.0, &body),
+                        )
+                        .await
+                }
+                Some(before) => {
+                    self.session
+                        .execute_unpaged(
+                            &self.statements.put_device_if_unchanged,
+                            (device.user_id.0, &body, device.id.0, before),
+                        )
+                        .await
+                }
+            }
+            .map_err(unavailable)?;
+            match lwt_text(result, "body")? {
+                None => break,
+                Some(now) => previous = now,
+            }
+            attempts += 1;
+            if attempts == DEVICE_WRITE_ATTEMPTS {
+                // Not the owner: not listed either (unless they were before).
+                let owned_before = previous
+                    .as_deref()
+                    .and_then(|body| serde_json::from_str::<Device>(body).ok())
+                    .is_some_and(|owner| owner.user_id == device.user_id);
+                if !owned_before {
+                    self.session
+                        .execute_unpaged(
+                            &self.statements.delete_device_by_user,
+                            (device.user_id.0, device.id.0),
+                        )
+                        .await
+                        .map_err(unavailable)?;
+                }
+                return Err(StoreError::Unavailable(
+                    "a device registration kept losing to others of the same device".into(),
+                ));
+            }
+        }
+        let previous: Option<Device> = previous
+            .map(|body| serde_json::from_str(&body).map_err(corrupt))
+            .transpose()?;
         if let Some(previous) = &previous
             && previous.user_id != device.user_id
         {
@@ -1660,21 +1729,6 @@ impl Store for CqlStore {
                 .await
                 .map_err(unavailable)?;
         }
-        let body = serde_json::to_string(device).map_err(corrupt)?;
-        self.session
-            .execute_unpaged(
-                &self.statements.put_device_by_user,
-                (device.user_id.0, device.id.0, &body),
-            )
-            .await
-            .map_err(unavailable)?;
-        self.session
-            .execute_unpaged(
-                &self.statements.put_device,
-                (device.id.0, device.user_id.0, &body),
-            )
-            .await
-            .map_err(unavailable)?;
         Ok(previous)
     }
 
@@ -1783,22 +1837,30 @@ impl Store for CqlStore {
         Ok(())
     }
 
+    /// The caller's own listing goes whoever `devices` names: a registration by someone else that
+    /// raced theirs may have left it, and it must not outlive their removing it.
     async fn delete_device(&self, user: UserId, id: DeviceId) -> Result<bool, StoreError> {
-        let Some(device) = self.get_device(id).await? else {
-            return Ok(false);
-        };
-        if device.user_id != user {
-            return Ok(false);
-        }
+        let listed = self
+            .session
+            .execute_unpaged(&self.statements.device_listed, (user.0, id.0))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Uuid,)>()
+            .map_err(corrupt)?
+            .is_some();
         self.session
             .execute_unpaged(&self.statements.delete_device_by_user, (user.0, id.0))
             .await
             .map_err(unavailable)?;
-        self.session
-            .execute_unpaged(&self.statements.delete_device, (id.0,))
-            .await
-            .map_err(unavailable)?;
-        Ok(true)
+        let owned = applied(
+            self.session
+                .execute_unpaged(&self.statements.delete_device_if_owner, (id.0, user.0))
+                .await
+                .map_err(unavailable)?,
+        )?;
+        Ok(listed || owned)
     }
 
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError> {
@@ -4192,6 +4254,33 @@ fn lwt_columns(
         })
         .collect::<Result<Vec<_>, StoreError>>()
         .map(Some)
+}
+
+/// `None` when a lightweight transaction was applied; else `Some` of the existing row's text
+/// `column_name`: `Some(None)` when there is no row (a conditional update of a missing row answers
+/// `[applied]` alone) or the cell is empty.
+fn lwt_text(
+    result: scylla::response::query_result::QueryResult,
+    column_name: &str,
+) -> Result<Option<Option<String>>, StoreError> {
+    let result = result.into_rows_result().map_err(corrupt)?;
+    let row = result
+        .maybe_first_row::<Row>()
+        .map_err(corrupt)?
+        .ok_or_else(|| corrupt("lightweight transaction returned no row"))?;
+    if matches!(column(&row, 0), Some(CqlValue::Boolean(true))) {
+        return Ok(None);
+    }
+    let cell = result
+        .column_specs()
+        .iter()
+        .position(|spec| spec.name() == column_name)
+        .and_then(|index| column(&row, index));
+    match cell {
+        None | Some(CqlValue::Empty) => Ok(Some(None)),
+        Some(CqlValue::Text(text)) => Ok(Some(Some(text.clone()))),
+        Some(other) => Err(corrupt(format!("{column_name} {other:?}"))),
+    }
 }
 
 /// Whether a lightweight transaction was applied (its first column, `[applied]`).
