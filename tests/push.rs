@@ -379,6 +379,57 @@ async fn delayed_push(stack: Stack) {
     app.stop().await;
 }
 
+/// Settings changed while a push waits apply to it when it comes due: a chat muted meanwhile
+/// gets no push, and with previews turned off meanwhile the push says who, not what. (The
+/// settings are read when the push is scheduled, and a delay may be up to a day.)
+async fn settings_changed_while_a_push_waits(stack: Stack) {
+    let keys = VapidKeys::generate();
+    let receiver = start_receiver(&keys.public_key, &["phone"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let config = push_config(stack, &data, &keys, 300);
+    let app = support::spawn_with(stack, config, data).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    receiver.register(&app, &bob, &["phone"]).await;
+    let (muted, private, later) = (
+        app.group_chat(&alice, &[&bob_id]).await,
+        app.group_chat(&alice, &[&bob_id]).await,
+        app.group_chat(&alice, &[&bob_id]).await,
+    );
+    // Windows long enough for the changes below on a slow machine; the later chat's push comes
+    // due a second after the others.
+    delay_in(&app, &bob, &muted, 2_000).await;
+    delay_in(&app, &bob, &private, 2_000).await;
+    delay_in(&app, &bob, &later, 3_000).await;
+
+    send(&app, &alice, &muted, "muted while it waited").await;
+    send(&app, &alice, &private, "a secret while it waited").await;
+    send(&app, &alice, &later, "after").await;
+    mute(&app, &bob, &muted).await;
+    let no_previews = app
+        .put(&bob, "/v1/me/settings", &json!({"push_previews": false}))
+        .await;
+    assert_eq!(no_previews.status(), 200);
+
+    let push = receiver.next_for("phone", &private).await;
+    receiver.next_for("phone", &later).await;
+    // Both looked at before either fails, so a failure tells of both.
+    let (previewed, pushed_muted) = (
+        push.payload.get("preview").cloned(),
+        receiver.count_for(&muted),
+    );
+    assert_eq!(
+        (previewed, pushed_muted),
+        (None, 0),
+        "(the preview of a push after previews were turned off, pushes of a chat muted while \
+         they waited)"
+    );
+    app.stop().await;
+}
+
+on_both_stacks!(settings_changed_while_a_push_waits);
+
 /// A chat of more members than are scheduled before the send answers is fanned out in the
 /// background: an unread message still reaches each device, and so does a later one; one read
 /// before its push was due rings nothing, whenever the background pass reached the reader.

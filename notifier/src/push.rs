@@ -49,6 +49,31 @@ pub trait DeviceDirectory: Send + Sync + 'static {
     async fn display_name(&self, user: UserId) -> Result<Option<String>, String>;
     /// Whether `user` is a member of `chat` now.
     async fn is_member(&self, user: UserId, chat: ChatId) -> Result<bool, String>;
+    /// What `user` chose now for pushes of `chat`.
+    async fn recipient_settings(
+        &self,
+        user: UserId,
+        chat: ChatId,
+    ) -> Result<RecipientSettings, String>;
+}
+
+/// A recipient's choices a push of a chat follows, as they are when it goes out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecipientSettings {
+    /// The chat is muted, for good or until a time still to come.
+    pub muted: bool,
+    /// Pushes may show the message's text (the user's `push_previews`).
+    pub previews: bool,
+}
+
+impl Default for RecipientSettings {
+    /// What a user who chose nothing gets.
+    fn default() -> Self {
+        RecipientSettings {
+            muted: false,
+            previews: true,
+        }
+    }
 }
 
 /// What became of the message a push announces by the time it goes out.
@@ -259,11 +284,14 @@ impl PushSender {
         // The last look before it rings: a marker that moved past what it announces while it
         // waited (or before a large chat's background pass scheduled it) makes it unneeded, and
         // so does the user's leaving the chat (or being removed): nothing of a chat goes to
-        // someone who is no longer in it.
+        // someone who is no longer in it. Their settings are read again too: they were read when
+        // it was scheduled, and a chat muted or previews turned off since (a push may wait a
+        // day) apply to it.
         if push.kind == PushKind::Messages {
-            let (reached, member) = futures::join!(
+            let (reached, member, settings) = futures::join!(
                 self.devices.reached(push.user, push.chat),
-                self.devices.is_member(push.user, push.chat)
+                self.devices.is_member(push.user, push.chat),
+                self.devices.recipient_settings(push.user, push.chat)
             );
             match member {
                 Ok(true) => {}
@@ -273,6 +301,23 @@ impl PushSender {
                 }
                 Err(error) => {
                     tracing::debug!(%error, "membership unavailable; sent without its text");
+                    push.preview = None;
+                }
+            }
+            match settings {
+                Ok(settings) if settings.muted => {
+                    metrics::counter!("confab_pushes_muted_total").increment(1);
+                    return;
+                }
+                Ok(settings) => {
+                    if !settings.previews {
+                        push.preview = None;
+                    }
+                }
+                Err(error) => {
+                    // Unmuted when it was scheduled; its text is what an unread choice could
+                    // have taken back.
+                    tracing::debug!(%error, "settings unavailable; sent without its text");
                     push.preview = None;
                 }
             }
@@ -600,6 +645,13 @@ mod tests {
         }
         async fn is_member(&self, _user: UserId, _chat: ChatId) -> Result<bool, String> {
             Ok(self.member)
+        }
+        async fn recipient_settings(
+            &self,
+            _user: UserId,
+            _chat: ChatId,
+        ) -> Result<RecipientSettings, String> {
+            Ok(RecipientSettings::default())
         }
     }
 
