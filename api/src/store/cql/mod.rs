@@ -146,7 +146,16 @@ pub async fn migrate(options: &CqlOptions) -> Result<Vec<i32>, StoreError> {
     Box::pin(migrate_keyspace(options)).await
 }
 
+/// The least time a migration's statement is given: a schema change waits for the cluster to
+/// agree on it, which takes seconds on a loaded node, and a migration is not on anyone's request
+/// path.
+const MIGRATION_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 async fn migrate_keyspace(options: &CqlOptions) -> Result<Vec<i32>, StoreError> {
+    let options = &CqlOptions {
+        request_timeout: options.request_timeout.max(MIGRATION_REQUEST_TIMEOUT),
+        ..options.clone()
+    };
     let session = session(options).await?;
     let keyspace = &options.keyspace;
     session
