@@ -72,6 +72,8 @@ pub enum Held {
     DeviceRemoved,
     /// A member taken out of a chat (`Store::remove_member`).
     MemberRemoved,
+    /// A push device stored (`Store::put_device`).
+    DevicePut,
 }
 
 /// What a [`HeldStore`] does with a write it names.
@@ -136,6 +138,11 @@ impl Gate {
             .await
             .expect("the held writes reached the store in time")
             .unwrap();
+    }
+
+    /// Makes the writes held from now on wait again (the counts go on).
+    pub fn close(&self) {
+        self.open.send_replace(false);
     }
 
     /// Lets the writes go on, and waits until `n` of them are done.
@@ -407,7 +414,19 @@ impl Store for HeldStore {
         &self,
         device: &confab_schema::push::Device,
     ) -> Result<Option<confab_schema::push::Device>, StoreError> {
-        self.inner.put_device(device).await
+        self.through(Held::DevicePut, self.inner.put_device(device))
+            .await
+    }
+    async fn record_session(
+        &self,
+        user: UserId,
+        session: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.record_session(user, session, ttl).await
+    }
+    async fn sessions_of(&self, user: UserId) -> Result<Vec<String>, StoreError> {
+        self.inner.sessions_of(user).await
     }
     async fn devices_of(
         &self,

@@ -44,6 +44,7 @@ macro_rules! store_conformance_tests {
             every_chat_id_pages_once,
             devices_belong_to_one_user,
             racing_registrations_leave_one_owner,
+            sessions_are_recorded_per_user_until_they_expire,
             settings_are_per_user_and_per_chat,
             activity_orders_chats,
             activity_of_a_leaver_does_not_come_back,
@@ -769,6 +770,70 @@ pub async fn devices_belong_to_one_user(store: Arc<dyn Store>) {
     assert!(store.delete_device(alice.id, tablet.id).await.unwrap());
     assert!(!store.delete_device(alice.id, tablet.id).await.unwrap());
     assert!(store.devices_of(alice.id).await.unwrap().is_empty());
+}
+
+/// A user's recorded sessions are theirs alone, recorded once however often they are written, and
+/// kept until their time to live from the last write.
+pub async fn sessions_are_recorded_per_user_until_they_expire(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let sid = |name: &str| format!("{name}-{}", Uuid::new_v4());
+    let (phone, laptop, brief, renewed) =
+        (sid("phone"), sid("laptop"), sid("brief"), sid("renewed"));
+    let hour = Duration::from_secs(3600);
+    let second = Duration::from_secs(1);
+    for session in [&phone, &laptop, &phone] {
+        store.record_session(alice.id, session, hour).await.unwrap();
+    }
+    store.record_session(bob.id, &phone, hour).await.unwrap();
+    store
+        .record_session(alice.id, &brief, second)
+        .await
+        .unwrap();
+    // Written again with a longer time to live: kept for that one.
+    store
+        .record_session(alice.id, &renewed, second)
+        .await
+        .unwrap();
+    store
+        .record_session(alice.id, &renewed, hour)
+        .await
+        .unwrap();
+
+    let sorted = |mut sessions: Vec<String>| {
+        sessions.sort();
+        sessions
+    };
+    let mut expected = vec![
+        phone.clone(),
+        laptop.clone(),
+        brief.clone(),
+        renewed.clone(),
+    ];
+    expected.sort();
+    assert_eq!(sorted(store.sessions_of(alice.id).await.unwrap()), expected);
+    assert_eq!(
+        store.sessions_of(bob.id).await.unwrap(),
+        vec![phone.clone()]
+    );
+    assert!(store.sessions_of(carol.id).await.unwrap().is_empty());
+
+    // The brief one expires; the others stay.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut live = expected.clone();
+    live.retain(|s| *s != brief);
+    loop {
+        let now = sorted(store.sessions_of(alice.id).await.unwrap());
+        if now == live {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the expired session is still listed: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(store.sessions_of(bob.id).await.unwrap(), vec![phone]);
 }
 
 /// `forget_left_chat` takes nothing from a member, and nothing is listed to a user it was asked

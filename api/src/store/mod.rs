@@ -353,6 +353,19 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ChatId>, StoreError>;
 
+    /// Records that `user` has signed in with the identity provider's session `session` (a
+    /// token's `sid`), kept until `ttl` from now (a session recorded again is kept until `ttl` from
+    /// then). Logging out everywhere ends each recorded session by its id, which also refuses the
+    /// tokens a device renews in it after the logout.
+    async fn record_session(
+        &self,
+        user: UserId,
+        session: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+    /// The sessions recorded for `user` that have not expired, in no particular order.
+    async fn sessions_of(&self, user: UserId) -> Result<Vec<String>, StoreError>;
+
     /// Stores `device` (a new one, or one registered again, perhaps by another user: it then
     /// moves to `device.user_id`). Answers the device as it was before, if any.
     async fn put_device(&self, device: &Device) -> Result<Option<Device>, StoreError>;

@@ -117,6 +117,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "left_chats",
         cql: include_str!("migrations/0021_left_chats.cql"),
     },
+    Migration {
+        version: 22,
+        name: "user_sessions",
+        cql: include_str!("migrations/0022_user_sessions.cql"),
+    },
 ];
 
 /// The table and column of `statement` when it is `ALTER TABLE <table> ADD <column> <type>`

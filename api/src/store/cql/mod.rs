@@ -689,6 +689,8 @@ struct Statements {
     chats_of: PreparedStatement,
     chat_ids_first: PreparedStatement,
     chat_ids_after: PreparedStatement,
+    record_session: PreparedStatement,
+    sessions_of: PreparedStatement,
     get_device: PreparedStatement,
     put_device_if_absent: PreparedStatement,
     put_device_if_unchanged: PreparedStatement,
@@ -898,6 +900,8 @@ impl CqlStore {
             chats_of: "SELECT chat_id, role FROM user_chats WHERE user_id = ?".into(),
             chat_ids_first: "SELECT id FROM chats LIMIT ?".into(),
             chat_ids_after: "SELECT id FROM chats WHERE token(id) > token(?) LIMIT ?".into(),
+            record_session: "INSERT INTO user_sessions (user_id, session) VALUES (?, ?) USING TTL ?".into(),
+            sessions_of: "SELECT session FROM user_sessions WHERE user_id = ?".into(),
             get_device: "SELECT body FROM devices WHERE device_id = ?".into(),
             put_device_if_absent: "INSERT INTO devices (device_id, user_id, body) VALUES (?, ?, ?) IF NOT EXISTS".into(),
             put_device_if_unchanged: "UPDATE devices SET user_id = ?, body = ? WHERE device_id = ? IF body = ?".into(),
@@ -1739,6 +1743,36 @@ impl Store for CqlStore {
                 .map_err(unavailable)?;
         }
         Ok(previous)
+    }
+
+    async fn record_session(
+        &self,
+        user: UserId,
+        session: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        // A TTL of 0 would keep the row for ever; the protocol's limit is 20 years.
+        let ttl = i32::try_from(ttl.as_secs().clamp(1, 20 * 365 * 24 * 3600)).unwrap_or(i32::MAX);
+        self.session
+            .execute_unpaged(&self.statements.record_session, (user.0, session, ttl))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn sessions_of(&self, user: UserId) -> Result<Vec<String>, StoreError> {
+        let mut rows = self
+            .session
+            .execute_iter(self.statements.sessions_of.clone(), (user.0,))
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<(String,)>()
+            .map_err(corrupt)?;
+        let mut sessions = Vec::new();
+        while let Some(row) = rows.next().await {
+            sessions.push(row.map_err(corrupt)?.0);
+        }
+        Ok(sessions)
     }
 
     async fn devices_of(&self, user: UserId) -> Result<Vec<Device>, StoreError> {

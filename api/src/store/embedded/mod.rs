@@ -51,6 +51,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0013_call_signals.sql"),
     include_str!("schema/0014_call_joins.sql"),
     include_str!("schema/0015_left_chats.sql"),
+    include_str!("schema/0016_user_sessions.sql"),
 ];
 
 pub struct EmbeddedStore {
@@ -518,6 +519,49 @@ impl Store for EmbeddedStore {
             ids.into_iter()
                 .map(|id| uuid_from(id).map(ChatId))
                 .collect()
+        })
+        .await
+    }
+
+    async fn record_session(
+        &self,
+        user: UserId,
+        session: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let session = session.to_owned();
+        let now = millis(OffsetDateTime::now_utc());
+        let expires = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            // The user's expired sessions go here, so the table holds no more than live ones.
+            tx.execute(
+                "DELETE FROM user_sessions WHERE user_id = ?1 AND expires_at_ms <= ?2",
+                params![blob(user.0), now],
+            )
+            .map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO user_sessions (user_id, session, expires_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user_id, session) DO UPDATE SET expires_at_ms = excluded.expires_at_ms",
+                params![blob(user.0), session, expires],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn sessions_of(&self, user: UserId) -> Result<Vec<String>, StoreError> {
+        let now = millis(OffsetDateTime::now_utc());
+        self.with(move |c| {
+            all(
+                c,
+                "SELECT session FROM user_sessions WHERE user_id = ?1 AND expires_at_ms > ?2",
+                params![blob(user.0), now],
+                |row| row.get(0),
+            )
         })
         .await
     }
