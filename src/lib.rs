@@ -46,6 +46,7 @@ use confab_runtime::problem;
 use confab_runtime::push_queue::{EmbeddedPushQueue, NatsPushQueue, PushQueue};
 use confab_runtime::revocation::{RevocationAware, Revocations};
 use confab_runtime::search::{MeiliSearch, Search, SearchError, TantivySearch};
+use confab_runtime::sessions::{SessionLedger, SessionRecording};
 use confab_runtime::telemetry::{self, Readiness};
 use confab_runtime::vapid::VapidKeys;
 use confab_schema::push::Device;
@@ -346,8 +347,22 @@ impl DeviceDirectory for StoreDevices {
     }
 }
 
+/// Where every role records the sessions of the tokens it accepts.
+pub struct StoreSessions(pub Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl SessionLedger for StoreSessions {
+    async fn record(&self, user: UserId, session: &str, ttl: Duration) -> Result<(), String> {
+        self.0
+            .record_session(user, session, ttl)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// What a notifier routes by: the chats a user is in, and those they left recently, read from the
-/// store. (The notifier and the ws-plexer read this and nothing else; only the API writes.)
+/// store. (Besides the sessions of the tokens they accept, the notifier and the ws-plexer read
+/// this and nothing else; only the API writes the rest.)
 pub struct StoreMembership {
     pub store: Arc<dyn Store>,
     /// How long the log keeps events: a chat left before that has no event a resume can replay.
@@ -391,7 +406,15 @@ pub async fn open_revocations(
     config: &Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<Revocations>> {
-    let ttl = Duration::from_secs(config.identity.revocation_ttl_secs.max(60));
+    // A session a logout everywhere ended can go on renewing its tokens at the provider until the
+    // provider's session ends: its revocation is kept as long as sessions are recorded.
+    let ttl = Duration::from_secs(
+        config
+            .identity
+            .revocation_ttl_secs
+            .max(config.identity.session_ttl_secs)
+            .max(60),
+    );
     Ok(match config.bus.backend {
         BusBackend::Embedded => {
             Revocations::in_file(config.data_dir.join("revocations.jsonl"), ttl)
@@ -482,8 +505,16 @@ pub async fn build(
         );
     }
     let revocations = open_revocations(config, shutdown.clone()).await?;
+    let store = open_store(config, role == Role::Serve).await?;
+    // Every role verifies tokens (the API's calls, the notifier's streams, the ws-plexer's
+    // sockets), and each records a token's session before accepting it: a session used only to
+    // listen is ended by a logout everywhere like any other.
     let identity: Arc<dyn Identity> = Arc::new(RevocationAware {
-        inner: open_identity(config)?,
+        inner: Arc::new(SessionRecording::new(
+            open_identity(config)?,
+            Arc::new(StoreSessions(Arc::clone(&store))),
+            Duration::from_secs(config.identity.session_ttl_secs),
+        )),
         revocations: Arc::clone(&revocations),
     });
     let bus = open_bus(config).await?;
@@ -499,7 +530,6 @@ pub async fn build(
     let mut api_router = None;
     let mut api_state = None;
 
-    let store = open_store(config, role == Role::Serve).await?;
     readiness = readiness.with(Arc::new(StoreReadiness(Arc::clone(&store))));
     if matches!(role, Role::Serve | Role::Api) {
         let blobs = open_blobs(config, Arc::clone(&store))?;

@@ -451,6 +451,139 @@ async fn logout_all_ends_streams_on_the_real_stack() {
     logout_all_ends_streams(Stack::Real).await;
 }
 
+/// Logging out everywhere holds through a refresh at the provider: the provider's sessions go on
+/// (confab does not end them there), so a device that renews its token after the logout gets a
+/// token of the same session issued after it. That token is refused, whether the session was
+/// used with the API or only with the event stream; another user's sessions are not affected.
+#[tokio::test]
+async fn logout_all_refuses_tokens_refreshed_after_it() {
+    if !support::real_stack_available("logout_all_refuses_tokens_refreshed_after_it").await {
+        return;
+    }
+    let app = spawn_app(Stack::Real).await;
+    let phone = support::keycloak_sign_in("alice").await;
+    let laptop = support::keycloak_sign_in("alice").await;
+    let bob = support::keycloak_sign_in("bob").await;
+    let sid = |token: &str| claims_of(token)["sid"].as_str().unwrap().to_owned();
+    assert_ne!(sid(&phone.access_token), sid(&laptop.access_token));
+    assert_eq!(app.get(&phone.access_token, "/v1/me").await.status(), 200);
+    assert_eq!(app.get(&bob.access_token, "/v1/me").await.status(), 200);
+    // The laptop only ever listens.
+    let mut laptops = SseStream::open(
+        app.http
+            .get(app.url("/v1/events"))
+            .bearer_auth(&laptop.access_token),
+    )
+    .await;
+
+    let response = app
+        .post(&phone.access_token, "/v1/me/logout-all", &json!({}))
+        .await;
+    assert_eq!(response.status(), 204);
+    let logged_out_at = now();
+    laptops.ends().await;
+    // A token issued in the logout's second is refused by it anyway: renew after it.
+    while now() <= logged_out_at {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (device, sign_in) in [("phone", &phone), ("laptop", &laptop)] {
+        let renewed = support::keycloak_refresh(sign_in).await;
+        let claims = claims_of(&renewed.access_token);
+        assert_eq!(sid(&renewed.access_token), sid(&sign_in.access_token));
+        assert!(
+            claims["iat"].as_i64().unwrap() > logged_out_at,
+            "{device}: issued after the logout: {claims}"
+        );
+        assert_refused(&app, &renewed.access_token, device).await;
+        let stream = app
+            .http
+            .get(app.url("/v1/events"))
+            .bearer_auth(&renewed.access_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stream.status(), 401, "{device}: a stream");
+    }
+    // bob's sessions go on, renewed too.
+    assert_eq!(app.get(&bob.access_token, "/v1/me").await.status(), 200);
+    let bob_renewed = support::keycloak_refresh(&bob).await;
+    assert_eq!(
+        app.get(&bob_renewed.access_token, "/v1/me").await.status(),
+        200
+    );
+    // alice signs in again: a new session works.
+    let again = support::keycloak_sign_in("alice").await;
+    assert_eq!(app.get(&again.access_token, "/v1/me").await.status(), 200);
+    app.stop().await;
+}
+
+/// The same with dev tokens, renewed by hand (a token of the same session issued later), on the
+/// embedded stack; a restart keeps the sessions ended.
+#[tokio::test]
+async fn logout_all_refuses_sessions_renewed_after_it_on_the_embedded_stack() {
+    let app = spawn_app(Stack::Embedded).await;
+    let token = |app: &TestApp, user: &str, sid: &str| {
+        dev_signed(
+            app,
+            &json!({
+                "iss": "confab-dev", "sub": user, "aud": "confab-dev", "azp": "confab-dev",
+                "typ": "Bearer", "exp": now() + 600, "iat": now(), "sid": sid,
+                "preferred_username": user,
+            }),
+        )
+    };
+    let (phone, laptop, bobs) = (
+        support::unique("phone-"),
+        support::unique("laptop-"),
+        support::unique("bob-"),
+    );
+    let alices_phone = token(&app, "alice", &phone);
+    assert_eq!(app.get(&alices_phone, "/v1/me").await.status(), 200);
+    assert_eq!(
+        app.get(&token(&app, "bob", &bobs), "/v1/me").await.status(),
+        200
+    );
+    // The laptop only ever listens.
+    let mut laptops = SseStream::open(
+        app.http
+            .get(app.url("/v1/events"))
+            .bearer_auth(token(&app, "alice", &laptop)),
+    )
+    .await;
+    let response = app
+        .post(&alices_phone, "/v1/me/logout-all", &json!({}))
+        .await;
+    assert_eq!(response.status(), 204);
+    let logged_out_at = now();
+    laptops.ends().await;
+    while now() <= logged_out_at {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (device, sid) in [("phone", &phone), ("laptop", &laptop)] {
+        let renewed = token(&app, "alice", sid);
+        assert_refused(&app, &renewed, device).await;
+        let stream = app
+            .http
+            .get(app.url("/v1/events"))
+            .bearer_auth(&renewed)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stream.status(), 401, "{device}: a stream");
+    }
+    assert_eq!(
+        app.get(&token(&app, "bob", &bobs), "/v1/me").await.status(),
+        200
+    );
+    let config = app.config.clone();
+    let data = app.stop_keeping_state().await;
+    let app = spawn_with(Stack::Embedded, config, data).await;
+    assert_refused(&app, &token(&app, "alice", &phone), "after a restart").await;
+    let again = token(&app, "alice", &support::unique("again-"));
+    assert_eq!(app.get(&again, "/v1/me").await.status(), 200);
+    app.stop().await;
+}
+
 /// An app with a Keycloak client of its own, whose sessions' ends Keycloak reports to the app
 /// (back-channel logout).
 struct BackchannelApp {

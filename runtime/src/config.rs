@@ -939,8 +939,16 @@ pub struct IdentityConfig {
     /// triggers a refetch too, at most once per 10 seconds. Default 300.
     pub jwks_refresh_secs: u64,
     /// How long a logout (back-channel logout, `POST /v1/me/logout-all`) is remembered, in seconds:
-    /// it must outlive every access token issued before it. Default 86400.
+    /// it must outlive every access token issued before it. Default 86400. The sessions a logout
+    /// everywhere ends are remembered for `session_ttl_secs` if that is longer.
     pub revocation_ttl_secs: u64,
+    /// The longest a session at the identity provider lives, renewing its tokens, in seconds (in
+    /// Keycloak, the longer of "SSO Session Max" and "Offline Session Max" where offline tokens
+    /// are used). The sessions each user's tokens were seen in are recorded this long, so that a
+    /// logout everywhere ends every one of them, and a session it ended stays refused this long:
+    /// the provider's session goes on, and may renew its tokens, until then. Default 2592000 (30
+    /// days).
+    pub session_ttl_secs: u64,
 }
 
 impl Default for IdentityConfig {
@@ -953,6 +961,7 @@ impl Default for IdentityConfig {
             leeway_secs: 30,
             jwks_refresh_secs: 300,
             revocation_ttl_secs: 24 * 3600,
+            session_ttl_secs: crate::sessions::DEFAULT_SESSION_TTL.as_secs(),
         }
     }
 }

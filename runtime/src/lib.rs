@@ -19,6 +19,7 @@ pub mod push_auth;
 pub mod push_queue;
 pub mod revocation;
 pub mod search;
+pub mod sessions;
 pub mod shutdown;
 pub mod signed;
 pub mod telemetry;

@@ -5,7 +5,9 @@
 //! subscribes to [`Revocations::subscribe`]).
 //!
 //! With NATS they are shared through a JetStream key-value bucket (`<prefix>_revocations`, one key
-//! per user or session, kept for `identity.revocation_ttl_secs`): every process watches it, so a
+//! per user or session, kept for the longer of `identity.revocation_ttl_secs` and
+//! `identity.session_ttl_secs`: a session a logout everywhere ended may renew its tokens at the
+//! provider until the provider's session ends): every process watches it, so a
 //! logout received by one API process ends streams on every notifier and is refused everywhere.
 //! `confab serve` keeps them in memory and appends each to a file in its data directory
 //! (`revocations.jsonl`), read back at start, so a restart does not bring a logged-out session's

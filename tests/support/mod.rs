@@ -663,6 +663,58 @@ pub async fn keycloak_token_at(
         .to_owned()
 }
 
+/// A sign-in at Keycloak: its access token, and the refresh token that renews it in the same
+/// session.
+pub struct KeycloakSignIn {
+    pub access_token: String,
+    pub refresh_token: String,
+}
+
+/// A password-grant sign-in of `username` (whose password is their name) at the dev realm's
+/// client.
+pub async fn keycloak_sign_in(username: &str) -> KeycloakSignIn {
+    keycloak_grant(&[
+        ("grant_type", "password"),
+        ("client_id", &oidc_client()),
+        ("username", username),
+        ("password", username),
+        ("scope", "openid"),
+    ])
+    .await
+}
+
+/// Renews `sign_in` at Keycloak (the refresh-token grant): a new access token of the same session.
+pub async fn keycloak_refresh(sign_in: &KeycloakSignIn) -> KeycloakSignIn {
+    keycloak_grant(&[
+        ("grant_type", "refresh_token"),
+        ("client_id", &oidc_client()),
+        ("refresh_token", &sign_in.refresh_token),
+    ])
+    .await
+}
+
+async fn keycloak_grant(form: &[(&str, &str)]) -> KeycloakSignIn {
+    let response = reqwest::Client::new()
+        .post(format!("{}/protocol/openid-connect/token", oidc_issuer()))
+        .form(form)
+        .send()
+        .await
+        .expect("Keycloak answers");
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert!(status.is_success(), "token request: {status} {body}");
+    let field = |name: &str| {
+        body[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {name} in {body}"))
+            .to_owned()
+    };
+    KeycloakSignIn {
+        access_token: field("access_token"),
+        refresh_token: field("refresh_token"),
+    }
+}
+
 /// A Server-Sent Events stream, read event by event.
 pub struct SseStream {
     body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,

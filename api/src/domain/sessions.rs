@@ -5,30 +5,87 @@
 //! once (see `runtime::revocation`). Ending all of a user's sessions also removes their push
 //! devices: a device keeps receiving previews of messages until its registration is gone, and
 //! whoever signs in again registers it again.
+//!
+//! `logout-all` does not end the sessions at the provider (confab has no say there), so a device
+//! can go on renewing its token in its session. Refusing the tokens issued up to the logout is
+//! not enough, then: each session recorded for the user (every process records the session of a
+//! token before accepting it, `runtime::sessions`) is ended by its id too, which refuses its
+//! renewed tokens as well.
 
-use confab_runtime::identity::AuthError;
+use confab_runtime::identity::{AuthError, Principal};
 use confab_runtime::revocation::Revocation;
 use confab_schema::UserId;
+use futures::{StreamExt, TryStreamExt};
 
 use super::inputs::LogoutToken;
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 
+/// How many sessions a logout everywhere revokes at once.
+const REVOKED_AT_ONCE: usize = 16;
+
 fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// The session a caller's token belongs to, which a logout ends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallerSession {
+    /// The provider's session (`sid`), when the token names one.
+    pub id: Option<String>,
+    /// When the token was issued (`iat`, Unix seconds).
+    pub issued_at: i64,
+}
+
+impl CallerSession {
+    pub fn of(principal: &Principal) -> CallerSession {
+        CallerSession {
+            id: principal.session.clone(),
+            issued_at: principal.issued_at,
+        }
+    }
+}
+
 impl ApiState {
-    /// Ends every session of `user`: tokens issued up to now are refused, and their push devices
-    /// are removed.
+    /// Ends every session of `user`: tokens issued up to now are refused, every session recorded
+    /// for them is ended (with the tokens renewed in it later), and their push devices are
+    /// removed.
+    ///
+    /// The user-wide revocation comes first, so that the tokens issued up to now are refused even
+    /// if reading the sessions fails. A session first recorded while this runs may be missed by
+    /// the read; the token that recorded it was issued before the logout (refused by the
+    /// user-wide revocation) unless it was renewed after it, in a session confab had not seen
+    /// before: that is the window `docs/SECURITY.md` describes.
     pub async fn logout_all(&self, user: UserId) -> ApiResult<()> {
+        let at = now();
         self.revoke(Revocation {
             user: Some(user),
             session: None,
-            before: now(),
+            before: at,
         })
         .await?;
+        let sessions = self.store.sessions_of(user).await?;
+        // A few at a time: a user who signed in very often has many.
+        futures::stream::iter(sessions)
+            .map(|session| {
+                self.revoke(Revocation {
+                    user: Some(user),
+                    session: Some(session),
+                    before: at,
+                })
+            })
+            .buffer_unordered(REVOKED_AT_ONCE)
+            .try_collect::<()>()
+            .await?;
         self.remove_all_devices(user).await
+    }
+
+    /// Whether the session of a caller's token has ended since it was verified (a logout that
+    /// raced the request).
+    pub(crate) fn has_ended(&self, user: UserId, session: &CallerSession) -> bool {
+        self.revocations.as_ref().is_some_and(|revocations| {
+            revocations.is_revoked(user, session.id.as_deref(), session.issued_at)
+        })
     }
 
     /// Ends what a back-channel logout token names, once it is verified (signature, issuer,
