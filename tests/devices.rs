@@ -262,6 +262,7 @@ async fn without_vapid_keys_web_push_is_refused() {
 /// same; tried again, it removes them.
 async fn a_logout_that_could_not_remove_devices_says_so(stack: Stack) {
     use confab_api::domain::devices::{DeviceFields, NewDevice, PushSettings};
+    use confab_api::domain::sessions::CallerSession;
     use confab_api::error::ApiError;
     use confab_api::store::StoreError;
     use support::held_store::{Held, HeldApi};
@@ -284,8 +285,15 @@ async fn a_logout_that_could_not_remove_devices_says_so(stack: Stack) {
         &PushSettings::default(),
     )
     .unwrap();
-    state.register_device(bob.id, phone).await.unwrap();
     let issued = time::OffsetDateTime::now_utc().unix_timestamp();
+    let session = CallerSession {
+        id: Some("bobs-phone".into()),
+        issued_at: issued,
+    };
+    state
+        .register_device(bob.id, &session, phone)
+        .await
+        .unwrap();
 
     api.store.fail_next(Held::DeviceRemoved);
     let failed = state.logout_all(bob.id).await;
@@ -305,3 +313,78 @@ async fn a_logout_that_could_not_remove_devices_says_so(stack: Stack) {
 }
 
 on_both_stacks!(a_logout_that_could_not_remove_devices_says_so);
+
+/// A registration authenticated just before a logout everywhere, whose device is stored after the
+/// logout read the user's devices, is undone: the device does not outlive the logout, and the
+/// registration is refused. A device it had taken over from another user goes back to them.
+async fn a_registration_racing_a_logout_everywhere_is_undone(stack: Stack) {
+    use confab_api::domain::devices::{DeviceFields, NewDevice, PushSettings};
+    use confab_api::domain::sessions::CallerSession;
+    use confab_api::error::ApiError;
+    use confab_runtime::identity::AuthError;
+    use support::held_store::{Held, HeldApi};
+
+    let api = HeldApi::new(stack).await;
+    let logouts = tempfile::tempdir().unwrap();
+    let revocations = confab_runtime::revocation::Revocations::in_file(
+        logouts.path().join("revocations.jsonl"),
+        std::time::Duration::from_secs(3_600),
+    )
+    .unwrap();
+    let state = api.state.clone().with_revocations(Arc::clone(&revocations));
+    let (alice, bob) = (api.user("alice").await, api.user("bob").await);
+    let device = |token: &str| {
+        NewDevice::parse(
+            DeviceFields {
+                platform: Some("fcm".into()),
+                token: Some(token.to_owned()),
+                ..Default::default()
+            },
+            &PushSettings::default(),
+        )
+        .unwrap()
+    };
+    let session = |id: &str| CallerSession {
+        id: Some(id.into()),
+        issued_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+    };
+    let (phone, shared) = (
+        format!("phone-of-{}", bob.id.0),
+        format!("shared-{}", bob.id.0),
+    );
+    state
+        .register_device(alice.id, &session("alices-tablet"), device(shared.as_str()))
+        .await
+        .unwrap();
+    let alices = state.devices(alice.id).await.unwrap();
+
+    for (round, token) in [&phone, &shared].into_iter().enumerate() {
+        api.store.gate.close();
+        api.store.hold_next(Held::DevicePut);
+        let registering = tokio::spawn({
+            let (state, session, device) =
+                (state.clone(), session("bobs-phone"), device(token.as_str()));
+            async move { state.register_device(bob.id, &session, device).await }
+        });
+        api.store.gate.arrived(round + 1).await;
+        state.logout_all(bob.id).await.unwrap();
+        api.store.gate.release(round + 1).await;
+        let registered = registering.await.unwrap();
+        assert!(
+            matches!(registered, Err(ApiError::Auth(AuthError::Revoked))),
+            "round {round}: answered as registered: {registered:?}"
+        );
+        assert!(
+            state.devices(bob.id).await.unwrap().is_empty(),
+            "round {round}: the device outlived the logout"
+        );
+    }
+    assert_eq!(
+        state.devices(alice.id).await.unwrap(),
+        alices,
+        "alice's device is hers again"
+    );
+    api.clean_up().await;
+}
+
+on_both_stacks!(a_registration_racing_a_logout_everywhere_is_undone);

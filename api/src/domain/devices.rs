@@ -2,11 +2,13 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use confab_runtime::identity::AuthError;
 use confab_schema::push::{Device, Platform, WebPushKeys};
 use confab_schema::{DeviceId, UserId};
 use time::OffsetDateTime;
 
 use super::Outcome;
+use super::sessions::CallerSession;
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 
@@ -215,9 +217,13 @@ impl NewDevice {
 impl ApiState {
     /// Registers a device of the caller: `Created`, or `Existing` (updated) when they had
     /// registered it already. A device another user had registered becomes the caller's.
+    /// Registers a device of `caller`, whose token is of `session`. A logout everywhere that
+    /// read the caller's devices before this one was stored would miss it: so once it is stored,
+    /// a registration whose session has ended meanwhile removes it again and is refused.
     pub async fn register_device(
         &self,
         caller: UserId,
+        session: &CallerSession,
         new: NewDevice,
     ) -> ApiResult<Outcome<Device>> {
         let id = DeviceId::of(new.platform.as_str(), new.address());
@@ -240,6 +246,18 @@ impl ApiState {
             created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
         };
         let previous = self.store.put_device(&device).await?;
+        if self.has_ended(caller, session) {
+            match &previous {
+                // It moved here from another user: it goes back to them.
+                Some(previous) if previous.user_id != caller => {
+                    self.store.put_device(previous).await?;
+                }
+                _ => {
+                    self.store.delete_device(caller, device.id).await?;
+                }
+            }
+            return Err(AuthError::Revoked.into());
+        }
         match previous {
             Some(previous) if previous.user_id == caller => {
                 if previous.created_at != device.created_at {

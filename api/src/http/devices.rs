@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::responses::{CallerErrors, Invalid};
-use super::{ApiJson, ApiPath, Caller};
+use super::{ApiJson, ApiPath, Caller, CallerInSession};
 use crate::domain::Outcome;
 use crate::domain::devices::{DeviceFields, NewDevice};
 use crate::error::ApiResult;
@@ -60,7 +60,7 @@ pub struct Devices {
 )]
 pub async fn register(
     State(state): State<ApiState>,
-    Caller(caller): Caller,
+    CallerInSession(caller, session): CallerInSession,
     ApiJson(body): ApiJson<RegisterDevice>,
 ) -> ApiResult<Response> {
     let _ = body.expiration_time;
@@ -79,10 +79,12 @@ pub async fn register(
         },
         &state.push,
     )?;
-    Ok(match state.register_device(caller.id, new).await? {
-        Outcome::Created(device) => (StatusCode::CREATED, Json(device)).into_response(),
-        Outcome::Existing(device) => (StatusCode::OK, Json(device)).into_response(),
-    })
+    Ok(
+        match state.register_device(caller.id, &session, new).await? {
+            Outcome::Created(device) => (StatusCode::CREATED, Json(device)).into_response(),
+            Outcome::Existing(device) => (StatusCode::OK, Json(device)).into_response(),
+        },
+    )
 }
 
 /// The caller's devices.

@@ -31,6 +31,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::domain::sessions::CallerSession;
 use crate::error::ApiError;
 use crate::state::ApiState;
 
@@ -213,17 +214,34 @@ fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(calls::signal))
 }
 
-/// The authenticated caller. Extracting it verifies the bearer token and provisions the user from
-/// the token's claims.
+/// The authenticated caller. Extracting it verifies the bearer token (whose session is recorded
+/// first: see `confab_runtime::sessions`) and provisions the user from the token's claims.
 pub struct Caller(pub User);
 
 impl FromRequestParts<ApiState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Caller, ApiError> {
+        let CallerInSession(user, _) = CallerInSession::from_request_parts(parts, state).await?;
+        Ok(Caller(user))
+    }
+}
+
+/// The authenticated caller, with the session their token belongs to: for a change that must not
+/// outlive a logout it races (see `domain::devices`).
+pub struct CallerInSession(pub User, pub CallerSession);
+
+impl FromRequestParts<ApiState> for CallerInSession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<CallerInSession, ApiError> {
         let token = bearer_token(&parts.headers)?;
         let principal = state.identity.authenticate(token).await?;
-        Ok(Caller(state.provision(principal).await?))
+        let session = CallerSession::of(&principal);
+        Ok(CallerInSession(state.provision(principal).await?, session))
     }
 }
 
