@@ -118,7 +118,11 @@ async fn spawn_with_keys(stack: Stack, keys: &str) -> TestApp {
 /// are refused.
 async fn rotation_keeps_live_clients(stack: Stack) {
     let (old, new) = (support::secret(), support::secret());
+    // All three apps start first: a ticket lives a minute, and on a loaded machine starting two
+    // apps on the real stack can take longer than that.
     let before = spawn_with_keys(stack, &format!("old:{old}")).await;
+    let rotated = spawn_with_keys(stack, &format!("new:{new},old:{old}")).await;
+    let removed = spawn_with_keys(stack, &format!("new:{new}")).await;
     let alice = before.token("alice").await;
     let bob = before.token("bob").await;
     before.me(&bob).await;
@@ -138,8 +142,6 @@ async fn rotation_keeps_live_clients(stack: Stack) {
         .to_owned();
 
     // The same user's token on the other apps (a dev token is checked with the app's own key).
-    let rotated = spawn_with_keys(stack, &format!("new:{new},old:{old}")).await;
-    let removed = spawn_with_keys(stack, &format!("new:{new}")).await;
     for (app, accepted) in [(&rotated, true), (&removed, false)] {
         let token = app.token("alice").await;
         let stream = app
