@@ -476,6 +476,13 @@ impl Store for HeldStore {
     ) -> Result<(), StoreError> {
         self.inner.put_chat_settings(chat, user, settings).await
     }
+    async fn members_among(
+        &self,
+        chat: ChatId,
+        users: &[UserId],
+    ) -> Result<Vec<UserId>, StoreError> {
+        self.inner.members_among(chat, users).await
+    }
     async fn members_page(
         &self,
         chat: ChatId,

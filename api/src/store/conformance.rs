@@ -37,6 +37,7 @@ macro_rules! store_conformance_tests {
             chats_do_not_share_history,
             user_search,
             membership_changes,
+            members_among_answers_members_only,
             guarded_member_changes_serialize,
             chats_of_a_user,
             forgetting_a_left_chat_spares_members,
@@ -519,6 +520,36 @@ pub async fn membership_changes(store: Arc<dyn Store>) {
 
 /// Membership changes checked against what they were decided on: racing ones apply one at a time,
 /// and one whose checks no longer hold writes nothing.
+pub async fn members_among_answers_members_only(store: Arc<dyn Store>) {
+    let store = &*store;
+    let owner = user("owner");
+    let members: Vec<UserId> = (0..3).map(|i| user(&format!("m{i}")).id).collect();
+    let chat = chat_with(store, owner.id, &members).await;
+    // More users than one `IN` takes, members among them at both ends.
+    let strangers: Vec<UserId> = (0..250).map(|i| user(&format!("s{i}")).id).collect();
+    let mut asked = vec![members[0], owner.id];
+    asked.extend(&strangers);
+    asked.extend(&members[1..]);
+    let found: HashSet<UserId> = store
+        .members_among(chat, &asked)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let mut expected: HashSet<UserId> = members.iter().copied().collect();
+    expected.insert(owner.id);
+    assert_eq!(found, expected);
+
+    store.remove_member(chat, members[1]).await.unwrap();
+    let found = store.members_among(chat, &members).await.unwrap();
+    assert_eq!(
+        found.into_iter().collect::<HashSet<_>>(),
+        HashSet::from([members[0], members[2]]),
+        "an ex-member is not among them"
+    );
+    assert!(store.members_among(chat, &[]).await.unwrap().is_empty());
+}
+
 pub async fn guarded_member_changes_serialize(store: Arc<dyn Store>) {
     use super::{GuardedChange, MemberWrite};
     let owner = user("owner");

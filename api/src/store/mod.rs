@@ -400,6 +400,13 @@ pub trait Store: Send + Sync + 'static {
         user: UserId,
         settings: &ChatSettings,
     ) -> Result<(), StoreError>;
+    /// Those of `users` who are members of `chat`, in no particular order: one read of the
+    /// chat's members per 100 users asked (ScyllaDB refuses more keys than that in one `IN`).
+    async fn members_among(
+        &self,
+        chat: ChatId,
+        users: &[UserId],
+    ) -> Result<Vec<UserId>, StoreError>;
     /// Members of `chat` after `after`, in user-id order.
     async fn members_page(
         &self,

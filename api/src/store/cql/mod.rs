@@ -54,6 +54,10 @@ const UNREAD_BATCH_ROWS: usize = 128;
 /// Chats per `IN` of [`Store::count_unreads`] (ScyllaDB refuses more than 100 partition keys).
 const UNREAD_BATCH_CHATS: usize = 50;
 
+/// Users asked per read of [`Store::members_among`]: ScyllaDB refuses more than 100 clustering
+/// keys in one `IN` (`max_clustering_key_restrictions_per_query`).
+const MEMBERS_AMONG_PER_READ: usize = 100;
+
 /// Where and how to reach the cluster.
 #[derive(Clone, Debug)]
 pub struct CqlOptions {
@@ -726,6 +730,7 @@ struct Statements {
     terms_from: PreparedStatement,
     terms_after: PreparedStatement,
     update_chat: PreparedStatement,
+    members_among: PreparedStatement,
     members_first: PreparedStatement,
     members_after: PreparedStatement,
     delete_chat_member: PreparedStatement,
@@ -963,6 +968,7 @@ impl CqlStore {
             terms_after: "SELECT term, user_id FROM user_search WHERE shard = ? AND (term, user_id) > (?, ?) AND (term) < (?) LIMIT ?"
                     .into(),
             update_chat: "UPDATE chats USING TIMESTAMP ? SET name = ?, description = ?, info_at = ? WHERE id = ?".into(),
+            members_among: "SELECT user_id FROM chat_members WHERE chat_id = ? AND user_id IN ?".into(),
             members_first: "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? LIMIT ?".into(),
             members_after: "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? AND user_id > ? LIMIT ?".into(),
             delete_chat_member: "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?".into(),
@@ -2068,6 +2074,34 @@ impl Store for CqlStore {
             .try_collect::<Vec<()>>()
             .await?;
         Ok(())
+    }
+
+    async fn members_among(
+        &self,
+        chat: ChatId,
+        users: &[UserId],
+    ) -> Result<Vec<UserId>, StoreError> {
+        let reads = users.chunks(MEMBERS_AMONG_PER_READ).map(|chunk| {
+            let ids: Vec<Uuid> = chunk.iter().map(|user| user.0).collect();
+            async move {
+                let result = self
+                    .session
+                    .execute_unpaged(&self.statements.members_among, (chat.0, ids))
+                    .await
+                    .map_err(unavailable)?;
+                Ok::<_, StoreError>(
+                    rows::<(Uuid,)>(result)?
+                        .into_iter()
+                        .map(|(user,)| UserId(user))
+                        .collect::<Vec<_>>(),
+                )
+            }
+        });
+        Ok(futures::future::try_join_all(reads)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 
     async fn members_page(
