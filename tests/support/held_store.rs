@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -156,11 +157,34 @@ impl Gate {
     }
 }
 
+/// Reads a [`HeldStore`] counts, for tests of how much a request reads.
+#[derive(Debug, Default)]
+pub struct ReadCounts {
+    /// Calls of `Store::markers_page`.
+    pub marker_pages: AtomicUsize,
+    /// Markers those calls answered.
+    pub markers: AtomicUsize,
+    /// Calls of `Store::members` (every member of a chat).
+    pub whole_member_lists: AtomicUsize,
+}
+
+impl ReadCounts {
+    /// The counts so far: marker pages, markers, whole member lists.
+    pub fn now(&self) -> (usize, usize, usize) {
+        (
+            self.marker_pages.load(Ordering::SeqCst),
+            self.markers.load(Ordering::SeqCst),
+            self.whole_member_lists.load(Ordering::SeqCst),
+        )
+    }
+}
+
 /// Passes every call on to `inner`; the writes its rules name wait at `gate` or fail.
 pub struct HeldStore {
     pub inner: Arc<dyn Store>,
     rules: Mutex<Vec<Rule>>,
     pub gate: Gate,
+    pub reads: ReadCounts,
 }
 
 impl HeldStore {
@@ -169,6 +193,7 @@ impl HeldStore {
             inner,
             rules: Mutex::new(Vec::new()),
             gate: Gate::new(),
+            reads: ReadCounts::default(),
         }
     }
 
@@ -302,6 +327,7 @@ impl Store for HeldStore {
         self.inner.member_role(chat, user).await
     }
     async fn members(&self, chat: ChatId) -> Result<Vec<Member>, StoreError> {
+        self.reads.whole_member_lists.fetch_add(1, Ordering::SeqCst);
         self.inner.members(chat).await
     }
     async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, StoreError> {
@@ -688,7 +714,10 @@ impl Store for HeldStore {
         after: Option<UserId>,
         limit: usize,
     ) -> Result<Vec<(UserId, SignalId)>, StoreError> {
-        self.inner.markers_page(kind, chat, after, limit).await
+        let page = self.inner.markers_page(kind, chat, after, limit).await?;
+        self.reads.marker_pages.fetch_add(1, Ordering::SeqCst);
+        self.reads.markers.fetch_add(page.len(), Ordering::SeqCst);
+        Ok(page)
     }
     async fn outbox_put(&self, writer: uuid::Uuid, entry: &OutboxEntry) -> Result<(), StoreError> {
         self.inner.outbox_put(writer, entry).await

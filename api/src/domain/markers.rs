@@ -20,8 +20,13 @@ pub struct Seen {
     up_to: SignalId,
 }
 
-/// Markers are scanned this many at a time while filling a page.
+/// Markers are read this many at a time while filling a page.
 const SCAN: usize = 200;
+
+/// A page reads at most this many batches of markers ([`SCAN`] each), whatever the chat's size:
+/// where few members have reached the signal, a page stops short (even empty) with a cursor where
+/// its scan stopped, rather than reading every marker of the chat in one request.
+const SCAN_BATCHES: usize = 5;
 
 impl ApiState {
     /// Moves the caller's marker forward to `up_to` (never back); answers the marker after.
@@ -61,6 +66,10 @@ impl ApiState {
     }
 
     /// Members whose `kind` marker has reached `signal` (members only); ex-members are left out.
+    /// Each page costs a bounded number of reads: up to [`SCAN_BATCHES`] batches of markers, and
+    /// for each one read of which of its users who reached the signal are members. A page may
+    /// hold fewer than `limit` (even none) and still have a cursor: the next one goes on where
+    /// this one's scan stopped.
     pub async fn list_reached(
         &self,
         kind: MarkerKind,
@@ -72,19 +81,27 @@ impl ApiState {
     ) -> ApiResult<Page<Seen>> {
         let pager = Pager::new(self, format!("{}:{chat}:{signal}", kind.as_str()), limit);
         let mut after = pager.open::<UserId>(cursor)?;
-        // Ex-members' markers stay in the store; only current members are listed.
-        let members: HashSet<UserId> = self
-            .members_if_member(chat, caller)
-            .await?
-            .into_iter()
-            .map(|m| m.user_id)
-            .collect();
+        self.require_member(chat, caller).await?;
         self.load_signal(chat, signal).await?;
-        // Markers that have not reached the signal are skipped, so fill the page by scanning.
         let mut reached = Vec::new();
-        loop {
+        for _ in 0..SCAN_BATCHES {
             let batch = self.store.markers_page(kind, chat, after, SCAN).await?;
             let exhausted = batch.len() < SCAN;
+            let reaching: Vec<UserId> = batch
+                .iter()
+                .filter(|(_, up_to)| *up_to >= signal)
+                .map(|(user_id, _)| *user_id)
+                .collect();
+            // Ex-members' markers stay in the store; only current members are listed.
+            let members: HashSet<UserId> = if reaching.is_empty() {
+                HashSet::new()
+            } else {
+                self.store
+                    .members_among(chat, &reaching)
+                    .await?
+                    .into_iter()
+                    .collect()
+            };
             for (user_id, up_to) in batch {
                 after = Some(user_id);
                 if up_to >= signal && members.contains(&user_id) {
@@ -98,5 +115,7 @@ impl ApiState {
                 return Ok(pager.page(reached, |last| last.user_id));
             }
         }
+        // Out of reads before the page filled: every marker up to `after` has been looked at.
+        Ok(pager.stopped_at(reached, after))
     }
 }

@@ -1,5 +1,7 @@
 //! One way to page every list: a signed cursor names the list it belongs to and the position to go
 //! on from; a page is `limit + 1` items fetched, `limit` returned, and a cursor when more follow.
+//! A list whose items are filtered from a larger scan may stop a page short after a bounded scan
+//! ([`Pager::stopped_at`]): fewer items, and a cursor past what it read.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -70,6 +72,15 @@ impl<'a> Pager<'a> {
             l: self.list.clone(),
             p: position,
         })
+    }
+
+    /// A page whose reading stopped before it filled (fewer than `limit` items, perhaps none),
+    /// at `position`: the cursor goes on from there, past what was read and left out.
+    pub fn stopped_at<T, P: Serialize>(&self, items: Vec<T>, position: Option<P>) -> Page<T> {
+        Page {
+            items,
+            next_cursor: position.map(|position| self.cursor(position)),
+        }
     }
 
     /// The page of `fetched` (up to [`Pager::fetch`] items), with a cursor after its last item

@@ -1,0 +1,259 @@
+//! Who has read or received a signal (`/views`, `/deliveries`): pages of a large chat list every
+//! current member who reached the signal exactly once, and each page costs a bounded number of
+//! reads whatever the chat's size (a chat where few reached the signal answers short pages, each
+//! with a cursor where its scan stopped).
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use confab_api::domain::inputs::PageLimit;
+use confab_api::store::conformance::{chat_with, message};
+use confab_api::store::{MarkerKind, Store};
+use confab_schema::{ChatId, Member, MemberRole, SignalId, UserId};
+use futures::StreamExt;
+use serde_json::Value;
+use support::held_store::HeldApi;
+use support::{Stack, on_both_stacks, spawn_app};
+
+/// Most marker rows one page may read (five reads of two hundred).
+const MARKERS_PER_PAGE: usize = 1000;
+
+async fn add_members(store: &Arc<dyn Store>, chat: ChatId, users: &[UserId]) {
+    let joined_at = confab_schema::model::to_millis(time::OffsetDateTime::now_utc());
+    futures::stream::iter(users.to_vec())
+        .map(|user_id| {
+            let store = Arc::clone(store);
+            async move {
+                let member = Member {
+                    user_id,
+                    role: MemberRole::Member,
+                    joined_at,
+                };
+                store.put_member(chat, &member).await
+            }
+        })
+        .buffer_unordered(64)
+        .for_each(|written| async move { written.expect("member written") })
+        .await;
+}
+
+async fn mark_all(
+    store: &Arc<dyn Store>,
+    kind: MarkerKind,
+    chat: ChatId,
+    marks: Vec<(UserId, SignalId)>,
+) {
+    futures::stream::iter(marks)
+        .map(|(user, up_to)| {
+            let store = Arc::clone(store);
+            async move { store.advance_marker(kind, chat, user, up_to).await }
+        })
+        .buffer_unordered(64)
+        .for_each(|written| async move { written.expect("marker written") })
+        .await;
+}
+
+/// Every user id of every page of `path` (`?limit=` given), following the cursors; each page at
+/// most `limit` long.
+async fn every_page(app: &support::TestApp, token: &str, path: &str, limit: usize) -> Vec<String> {
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let url = match &cursor {
+            Some(cursor) => format!("{path}?limit={limit}&cursor={cursor}"),
+            None => format!("{path}?limit={limit}"),
+        };
+        let response = app.get(token, &url).await;
+        assert_eq!(response.status(), 200, "{url}");
+        let page: Value = response.json().await.unwrap();
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= limit, "{page}");
+        listed.extend(
+            items
+                .iter()
+                .map(|seen| seen["user_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return listed,
+        }
+    }
+    panic!("{path} never ended");
+}
+
+fn each_once(listed: Vec<String>) -> HashSet<String> {
+    let count = listed.len();
+    let set: HashSet<String> = listed.into_iter().collect();
+    assert_eq!(set.len(), count, "a member listed twice");
+    set
+}
+
+/// A chat of 2,400 more members: nearly all have read the older message only, three have read
+/// the newer one, and three who read it left. Pages of either message's views list each current
+/// member who reached it exactly once: the newer one's pages are mostly short (or empty), each
+/// with a cursor on.
+async fn views_of_a_large_chat_page_each_member_once(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let alice_id = app.me(&alice).await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let signals = format!("/v1/chats/{chat}/signals");
+    let mut sent = Vec::new();
+    for text in ["older", "newer"] {
+        let response = app
+            .post(
+                &alice,
+                &signals,
+                &serde_json::json!({"kind": "message", "text": text}),
+            )
+            .await;
+        assert_eq!(response.status(), 201);
+        let signal: Value = response.json().await.unwrap();
+        sent.push(signal["id"].as_str().unwrap().parse::<SignalId>().unwrap());
+    }
+    let (older, newer) = (sent[0], sent[1]);
+
+    let store = confab::open_store(&app.config, false).await.unwrap();
+    let chat_id: ChatId = chat.parse().unwrap();
+    let members: Vec<UserId> = (0..2400)
+        .map(|i| UserId::from_subject("receipts", &format!("{chat}-{i}")))
+        .collect();
+    add_members(&store, chat_id, &members).await;
+    let reached_newer = |i: usize| i % 800 == 0;
+    let leaves = |i: usize| i % 800 == 1;
+    let reads = members
+        .iter()
+        .enumerate()
+        .map(|(i, user)| {
+            let up_to = if reached_newer(i) || leaves(i) {
+                newer
+            } else {
+                older
+            };
+            (*user, up_to)
+        })
+        .collect();
+    mark_all(&store, MarkerKind::Read, chat_id, reads).await;
+    let delivered = members.iter().take(5).map(|user| (*user, newer)).collect();
+    mark_all(&store, MarkerKind::Delivered, chat_id, delivered).await;
+    for (i, user) in members.iter().enumerate() {
+        if leaves(i) {
+            store.remove_member(chat_id, *user).await.unwrap();
+        }
+    }
+
+    let current: Vec<(usize, String)> = members
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !leaves(*i))
+        .map(|(i, user)| (i, user.to_string()))
+        .collect();
+    // The sender's read marker follows their sends.
+    let mut newer_readers: HashSet<String> = current
+        .iter()
+        .filter(|(i, _)| reached_newer(*i))
+        .map(|(_, user)| user.clone())
+        .collect();
+    newer_readers.insert(alice_id.clone());
+    let mut older_readers: HashSet<String> = current.iter().map(|(_, user)| user.clone()).collect();
+    older_readers.insert(alice_id);
+
+    let newer_views = format!("{signals}/{newer}/views");
+    assert_eq!(
+        each_once(every_page(&app, &bob, &newer_views, 2).await),
+        newer_readers
+    );
+    let older_views = format!("{signals}/{older}/views");
+    assert_eq!(
+        each_once(every_page(&app, &bob, &older_views, 100).await),
+        older_readers
+    );
+    let deliveries = format!("{signals}/{newer}/deliveries");
+    assert_eq!(
+        each_once(every_page(&app, &bob, &deliveries, 3).await),
+        members
+            .iter()
+            .take(5)
+            .enumerate()
+            .filter(|(i, _)| !leaves(*i))
+            .map(|(_, user)| user.to_string())
+            .collect::<HashSet<_>>()
+    );
+    drop(store);
+    app.stop().await;
+}
+on_both_stacks!(views_of_a_large_chat_page_each_member_once);
+
+/// A page of views reads a bounded number of markers and never the chat's whole member list,
+/// whatever the chat's size: here 3,000 members whose markers are all before the signal, so no
+/// page fills, and the pages stop where their scan did.
+async fn a_page_of_views_reads_a_bounded_number_of_markers(stack: Stack) {
+    let api = HeldApi::new(stack).await;
+    let store: Arc<dyn Store> = Arc::clone(&api.store) as Arc<dyn Store>;
+    let owner = api.user("owner").await;
+    let chat = chat_with(&*store, owner.id, &[]).await;
+    let members: Vec<UserId> = (0..3000)
+        .map(|i| UserId::from_subject("receipts", &format!("{chat}-{i}")))
+        .collect();
+    add_members(&store, chat, &members).await;
+    let before = message(chat, owner.id, None, "before");
+    store.insert_signal(&before).await.unwrap();
+    let signal = message(chat, owner.id, None, "seen by few");
+    store.insert_signal(&signal).await.unwrap();
+    let marks = members.iter().map(|user| (*user, before.id)).collect();
+    mark_all(&store, MarkerKind::Read, chat, marks).await;
+    store
+        .advance_marker(MarkerKind::Read, chat, owner.id, signal.id)
+        .await
+        .unwrap();
+
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    for page_number in 0.. {
+        assert!(page_number < 100, "the pages never ended");
+        let (pages_before, markers_before, lists_before) = api.store.reads.now();
+        let page = api
+            .state
+            .list_reached(
+                MarkerKind::Read,
+                owner.id,
+                chat,
+                signal.id,
+                cursor.as_deref(),
+                PageLimit::parse(Some(10)).unwrap(),
+            )
+            .await
+            .unwrap();
+        let (pages_after, markers_after, lists_after) = api.store.reads.now();
+        assert!(
+            markers_after - markers_before <= MARKERS_PER_PAGE,
+            "page {page_number} read {} markers in {} reads",
+            markers_after - markers_before,
+            pages_after - pages_before
+        );
+        assert_eq!(
+            lists_after - lists_before,
+            0,
+            "page {page_number} read the chat's whole member list"
+        );
+        let page = serde_json::to_value(&page).unwrap();
+        listed.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|seen| seen["user_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(listed, vec![owner.id.to_string()]);
+    api.clean_up().await;
+}
+on_both_stacks!(a_page_of_views_reads_a_bounded_number_of_markers);
