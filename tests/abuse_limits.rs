@@ -176,6 +176,40 @@ async fn queue_and_circle_joins_are_rate_limited(stack: Stack) {
 }
 on_both_stacks!(queue_and_circle_joins_are_rate_limited);
 
+/// Listing who has read or received a signal has a limit of its own, views and deliveries
+/// counted together (each page reads up to a thousand markers of a large chat); another user has
+/// their own allowance.
+async fn views_and_deliveries_are_rate_limited(stack: Stack) {
+    let app = spawn(stack, |config| {
+        config.limits.receipts = RateLimit::new(0.01, 3);
+    })
+    .await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let signals = format!("/v1/chats/{chat}/signals");
+    let sent = app.post(&alice, &signals, &message("m")).await;
+    assert_eq!(sent.status(), 201);
+    let sent: Value = sent.json().await.unwrap();
+    let signal = format!("{signals}/{}", sent["id"].as_str().unwrap());
+    let (views, deliveries) = (format!("{signal}/views"), format!("{signal}/deliveries"));
+    for path in [&views, &deliveries, &views] {
+        assert_eq!(app.get(&bob, path).await.status(), 200, "{path}");
+    }
+    let problem = assert_limited(app.get(&bob, &deliveries).await).await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("views"),
+        "{problem}"
+    );
+    assert_limited(app.get(&bob, &views).await).await;
+    // Other reads are not counted, and alice has her own allowance.
+    assert_eq!(app.get(&bob, &signals).await.status(), 200);
+    assert_eq!(app.get(&alice, &views).await.status(), 200);
+    app.stop().await;
+}
+on_both_stacks!(views_and_deliveries_are_rate_limited);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_a_login_are_limited_per_address() {
     let app = spawn(Stack::Embedded, |config| {

@@ -20,6 +20,8 @@ pub enum Class {
     React,
     /// Searching messages and users.
     Search,
+    /// Listing who has read or received a signal.
+    Receipts,
     /// Uploading attachments.
     Upload,
     /// Joining and leaving the matching queues.
@@ -35,6 +37,7 @@ pub struct RateLimits {
     edit: KeyedLimit<UserId>,
     react: KeyedLimit<UserId>,
     search: KeyedLimit<UserId>,
+    receipts: KeyedLimit<UserId>,
     upload: KeyedLimit<UserId>,
     queue: KeyedLimit<UserId>,
     circle_join: KeyedLimit<UserId>,
@@ -47,6 +50,7 @@ impl RateLimits {
             edit: KeyedLimit::new("edits and deletions", config.edit),
             react: KeyedLimit::new("reactions", config.react),
             search: KeyedLimit::new("searches", config.search),
+            receipts: KeyedLimit::new("views and deliveries listed", config.receipts),
             upload: KeyedLimit::new("uploads", config.upload),
             queue: KeyedLimit::new("queue joins and leaves", config.queue),
             circle_join: KeyedLimit::new("circle joins", config.circle_join),
@@ -68,6 +72,7 @@ impl ApiState {
             Class::Edit => &limits.edit,
             Class::React => &limits.react,
             Class::Search => &limits.search,
+            Class::Receipts => &limits.receipts,
             Class::Upload => &limits.upload,
             Class::Queue => &limits.queue,
             Class::CircleJoin => &limits.circle_join,

@@ -630,6 +630,10 @@ pub struct LimitsConfig {
     pub react: RateLimit,
     /// Message and user searches per user. Default `{ per_second = 20, burst = 100 }`.
     pub search: RateLimit,
+    /// Reads of who has read or received a signal per user (`GET
+    /// /v1/chats/{id}/signals/{signal_id}/views` and `/deliveries`), each page counted: a page
+    /// of a large chat reads up to a thousand markers. Default `{ per_second = 10, burst = 100 }`.
+    pub receipts: RateLimit,
     /// Attachment uploads per user. Default `{ per_second = 5, burst = 50 }`.
     pub upload: RateLimit,
     /// Joins and leaves of the matching queues per user (`POST /v1/queues/{kind}/join`,
@@ -667,6 +671,7 @@ impl Default for LimitsConfig {
             edit: RateLimit::new(10.0, 100),
             react: RateLimit::new(20.0, 200),
             search: RateLimit::new(20.0, 100),
+            receipts: RateLimit::new(10.0, 100),
             upload: RateLimit::new(5.0, 50),
             queue: RateLimit::new(1.0, 20),
             circle_join: RateLimit::new(0.2, 10),
@@ -688,6 +693,7 @@ impl LimitsConfig {
             &mut self.edit,
             &mut self.react,
             &mut self.search,
+            &mut self.receipts,
             &mut self.upload,
             &mut self.queue,
             &mut self.circle_join,
@@ -1150,6 +1156,7 @@ impl Config {
             ("edit", self.limits.edit),
             ("react", self.limits.react),
             ("search", self.limits.search),
+            ("receipts", self.limits.receipts),
             ("upload", self.limits.upload),
             ("queue", self.limits.queue),
             ("circle_join", self.limits.circle_join),

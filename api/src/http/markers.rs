@@ -4,12 +4,13 @@ use confab_schema::{ChatId, SignalId};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::responses::{ChatErrors, Invalid};
+use super::responses::{ChatErrors, Invalid, Limited};
 use super::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::domain::Page;
 use crate::domain::inputs::PageLimit;
 use crate::domain::markers::Seen;
 use crate::error::ApiResult;
+use crate::limits::Class;
 use crate::state::ApiState;
 use crate::store::MarkerKind;
 
@@ -81,13 +82,15 @@ pub struct ListMarked {
     limit: Option<usize>,
 }
 
-/// Who has read the signal (members only).
+/// Who has read the signal (members only). A page may hold fewer than `limit` members, even
+/// none, and still have a `next_cursor`: each page reads a bounded part of a large chat's markers.
+/// Counted, with deliveries, against the caller's `receipts` rate limit.
 #[utoipa::path(
     get, operation_id = "list_views", path = "/v1/chats/{chat_id}/signals/{signal_id}/views", tag = "markers",
     params(("chat_id" = ChatId, Path, description = "The chat"), ("signal_id" = SignalId, Path, description = "The signal"), ListMarked),
     responses(
         (status = 200, description = "OK", body = Page<Seen>),
-        ChatErrors,
+        ChatErrors, Limited,
     ),
     security(("bearer" = []))
 )]
@@ -100,13 +103,14 @@ pub async fn views(
     reached(state, MarkerKind::Read, caller, chat_id, signal_id, query).await
 }
 
-/// Whose clients have acknowledged delivery of the signal (members only).
+/// Whose clients have acknowledged delivery of the signal (members only). Paged and limited as
+/// the views are.
 #[utoipa::path(
     get, operation_id = "list_deliveries", path = "/v1/chats/{chat_id}/signals/{signal_id}/deliveries", tag = "markers",
     params(("chat_id" = ChatId, Path, description = "The chat"), ("signal_id" = SignalId, Path, description = "The signal"), ListMarked),
     responses(
         (status = 200, description = "OK", body = Page<Seen>),
-        ChatErrors,
+        ChatErrors, Limited,
     ),
     security(("bearer" = []))
 )]
@@ -135,6 +139,7 @@ async fn reached(
     signal_id: SignalId,
     query: ListMarked,
 ) -> ApiResult<Json<Page<Seen>>> {
+    state.throttle(Class::Receipts, caller.id)?;
     let limit = PageLimit::parse(query.limit)?;
     Ok(Json(
         state
