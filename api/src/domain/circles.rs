@@ -19,8 +19,8 @@ use super::inputs::{
     AccessCode, ChatDescription, ChatName, CircleDisplayName, CircleRules, CircleTtl,
 };
 use super::pairing::{
-    ATTEMPTS, Leaving, Pair, contended, in_pair_order, left_unclosed, matched_meanwhile, pair_chat,
-    pairing_announcement, pairing_event,
+    ATTEMPTS, Eligibility, Leaving, Pair, contended, in_pair_order, left_unclosed,
+    matched_meanwhile, pair_chat, pairing_announcement, pairing_event,
 };
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
@@ -389,7 +389,7 @@ impl ApiState {
         if mine.state == SlotState::Waiting {
             // Never with the partner of one's previous pairing in this circle.
             let pairs = self
-                .match_pool(&pool, Some(id), |a, b| a.previous != Some(b.user_id))
+                .match_pool(&pool, Some(id), Eligibility::NotPrevious)
                 .await?;
             for pair in pairs {
                 self.announce_circle_pair(id, &members, pair).await;

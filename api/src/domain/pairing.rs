@@ -9,10 +9,14 @@
 //! random among the eligible ones. A waiter is passed over only while no one else waiting may be
 //! paired with them.
 
+use std::collections::HashMap;
+
+use confab_schema::circle::QueueKind;
 use confab_schema::model::to_millis;
 use confab_schema::{
     Chat, ChatId, ChatKind, CircleId, Envelope, Event, MemberRole, SignalId, UserId,
 };
+use rand::Rng;
 use rand::seq::IndexedRandom;
 use time::OffsetDateTime;
 
@@ -133,6 +137,112 @@ pub(crate) fn pairing_announcement(chat: ChatId, event: Event, pair: [UserId; 2]
     pairing_event(chat, event).joining(in_pair_order(pair).to_vec())
 }
 
+/// Who may be paired with whom in a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Eligibility {
+    /// Anyone but the partner of either one's previous pairing (a circle's lobby).
+    NotPrevious,
+    /// Users of counterpart queues: `vent` with `listen`, `talk` with `talk` (and a kind that is
+    /// no queue with another such).
+    Counterparts,
+}
+
+impl Eligibility {
+    /// Whether `a` and `b` may be paired, asked both ways round.
+    fn allows(self, a: &Slot, b: &Slot) -> bool {
+        match self {
+            Eligibility::NotPrevious => {
+                a.previous != Some(b.user_id) && b.previous != Some(a.user_id)
+            }
+            Eligibility::Counterparts => {
+                let wants =
+                    |a: &Slot, b: &Slot| queue_of(a).map(|k| k.counterpart()) == queue_of(b);
+                wants(a, b) && wants(b, a)
+            }
+        }
+    }
+
+    /// The index of the first of `waiting` with an eligible partner after them, in one pass
+    /// (and hashing) over the waiters: asking each about every later one cost the square of
+    /// their number when nobody could be paired (a queue of venters and no listener).
+    fn first_with_partner(self, waiting: &[&Slot]) -> Option<usize> {
+        match self {
+            Eligibility::NotPrevious => first_with_partner_not_previous(waiting),
+            Eligibility::Counterparts => first_with_partner_by_queue(waiting),
+        }
+    }
+}
+
+fn queue_of(slot: &Slot) -> Option<QueueKind> {
+    slot.kind.parse().ok()
+}
+
+/// [`Eligibility::first_with_partner`] for counterpart queues: whether two may be paired depends
+/// on their queues alone, so it is enough to know, for each queue, where its last waiter is.
+fn first_with_partner_by_queue(waiting: &[&Slot]) -> Option<usize> {
+    let queues: Vec<Option<QueueKind>> = waiting.iter().map(|slot| queue_of(slot)).collect();
+    // A handful of queues (and `None` for a kind that is none): a list beats a map.
+    let mut last_of: Vec<(Option<QueueKind>, usize)> = Vec::new();
+    for (at, queue) in queues.iter().enumerate() {
+        match last_of.iter_mut().find(|(known, _)| known == queue) {
+            Some((_, last)) => *last = at,
+            None => last_of.push((*queue, at)),
+        }
+    }
+    let wants = |a: Option<QueueKind>, b: Option<QueueKind>| a.map(|k| k.counterpart()) == b;
+    queues.iter().enumerate().position(|(at, mine)| {
+        last_of
+            .iter()
+            .any(|(theirs, last)| *last > at && wants(*mine, *theirs) && wants(*theirs, *mine))
+    })
+}
+
+/// [`Eligibility::first_with_partner`] for a circle's lobby: a waiter may be paired with everyone
+/// after them but the partner of their previous pairing and those whose previous partner they
+/// were, so, from the last waiter back, it counts those.
+fn first_with_partner_not_previous(waiting: &[&Slot]) -> Option<usize> {
+    let mut has_partner = vec![false; waiting.len()];
+    // Of the waiters after the one looked at: each one's previous partner, and how many had
+    // each user as theirs.
+    let mut previous_of_later: HashMap<UserId, Option<UserId>> = HashMap::new();
+    let mut partnered_later: HashMap<UserId, usize> = HashMap::new();
+    for (at, slot) in waiting.iter().enumerate().rev() {
+        let later = waiting.len() - at - 1;
+        let mut excluded = partnered_later.get(&slot.user_id).copied().unwrap_or(0);
+        if let Some(previous) = slot.previous
+            && let Some(their_previous) = previous_of_later.get(&previous)
+            && *their_previous != Some(slot.user_id)
+        {
+            // Their previous partner waits after them, not counted above.
+            excluded += 1;
+        }
+        has_partner[at] = later > excluded;
+        previous_of_later.insert(slot.user_id, slot.previous);
+        if let Some(previous) = slot.previous {
+            *partnered_later.entry(previous).or_default() += 1;
+        }
+    }
+    has_partner.iter().position(|&has| has)
+}
+
+/// The next pair of `waiting` (in the order they are served): the first with any eligible partner
+/// after them, and a partner drawn with `rng` among those eligible after them.
+fn pick_pair<'a>(
+    waiting: &[&'a Slot],
+    eligibility: Eligibility,
+    rng: &mut impl Rng,
+) -> Option<(&'a Slot, &'a Slot)> {
+    let at = eligibility.first_with_partner(waiting)?;
+    let first = waiting[at];
+    let candidates: Vec<&Slot> = waiting[at + 1..]
+        .iter()
+        .copied()
+        .filter(|other| eligibility.allows(first, other))
+        .collect();
+    let second = *candidates.choose(rng)?;
+    Some((first, second))
+}
+
 impl ApiState {
     /// Puts `user` in `pool` as waiting for a partner (`kind`: the queue, or empty in a circle).
     /// A user already waiting keeps their place; a user already paired stays paired (answered as
@@ -197,7 +307,7 @@ impl ApiState {
         &self,
         pool: &str,
         circle: Option<CircleId>,
-        eligible: impl Fn(&Slot, &Slot) -> bool,
+        eligibility: Eligibility,
     ) -> ApiResult<Vec<Pair>> {
         let mut made = Vec::new();
         for _ in 0..ATTEMPTS {
@@ -207,19 +317,10 @@ impl ApiState {
                 .filter(|s| s.state == SlotState::Waiting)
                 .collect();
             waiting.sort_by_key(|s| (s.since, s.user_id));
-            let pick = waiting.iter().enumerate().find_map(|(i, first)| {
-                let first: &Slot = first;
-                let candidates: Vec<&Slot> = waiting[i + 1..]
-                    .iter()
-                    .copied()
-                    .filter(|other| eligible(first, other) && eligible(other, first))
-                    .collect();
-                let second = *candidates.choose(&mut rand::rng())?;
-                Some((first.clone(), second.clone()))
-            });
-            let Some((first, second)) = pick else {
+            let Some((first, second)) = pick_pair(&waiting, eligibility, &mut rand::rng()) else {
                 return Ok(made);
             };
+            let (first, second) = (first.clone(), second.clone());
             let chat = ChatId::new();
             if let Some(circle) = circle {
                 self.store.add_circle_chat(circle, chat).await?;
@@ -602,5 +703,189 @@ impl ApiState {
             }
         }
         Err(contended())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+    use uuid::Uuid;
+
+    use super::*;
+
+    /// The pick as first written, for comparison: each waiter in turn, every later one asked.
+    fn pick_by_asking_everyone<'a>(
+        waiting: &[&'a Slot],
+        eligible: impl Fn(&Slot, &Slot) -> bool,
+        rng: &mut impl Rng,
+    ) -> Option<(&'a Slot, &'a Slot)> {
+        waiting.iter().enumerate().find_map(|(i, first)| {
+            let first: &Slot = first;
+            let candidates: Vec<&Slot> = waiting[i + 1..]
+                .iter()
+                .copied()
+                .filter(|other| eligible(first, other) && eligible(other, first))
+                .collect();
+            let second = *candidates.choose(rng)?;
+            Some((first, second))
+        })
+    }
+
+    /// The predicates `match_pool` was called with before the rules had names.
+    fn as_first_written(eligibility: Eligibility) -> fn(&Slot, &Slot) -> bool {
+        match eligibility {
+            Eligibility::NotPrevious => |a, b| a.previous != Some(b.user_id),
+            Eligibility::Counterparts => |a, b| {
+                let kind_of = |kind: &str| kind.parse::<QueueKind>().ok();
+                kind_of(&a.kind).map(|k| k.counterpart()) == kind_of(&b.kind)
+            },
+        }
+    }
+
+    fn user(n: u64) -> UserId {
+        UserId(Uuid::from_u128(u128::from(n) + 1))
+    }
+
+    /// User `n`, waiting since second `n` in `kind`, last paired with user `previous`.
+    fn waiter(n: u64, kind: &str, previous: Option<u64>) -> Slot {
+        Slot {
+            user_id: user(n),
+            kind: kind.to_owned(),
+            state: SlotState::Waiting,
+            since: OffsetDateTime::UNIX_EPOCH + Duration::from_secs(n),
+            partner: None,
+            chat: None,
+            previous: previous.map(user),
+            version: 0,
+        }
+    }
+
+    fn pair_of(pair: Option<(&Slot, &Slot)>) -> Option<(UserId, UserId)> {
+        pair.map(|(first, second)| (first.user_id, second.user_id))
+    }
+
+    /// Asserts that `pick_pair` picks as the first pick did from `slots`, whatever the draw.
+    fn picks_as_before(slots: &[Slot], eligibility: Eligibility) {
+        let waiting: Vec<&Slot> = slots.iter().collect();
+        for seed in 0..16 {
+            let picked = pick_pair(&waiting, eligibility, &mut StdRng::seed_from_u64(seed));
+            let before = pick_by_asking_everyone(
+                &waiting,
+                as_first_written(eligibility),
+                &mut StdRng::seed_from_u64(seed),
+            );
+            assert_eq!(
+                pair_of(picked),
+                pair_of(before),
+                "{eligibility:?}, seed {seed}, {slots:?}"
+            );
+        }
+    }
+
+    fn queue(kinds: &[&str]) -> Vec<Slot> {
+        kinds
+            .iter()
+            .enumerate()
+            .map(|(n, kind)| waiter(n as u64, kind, None))
+            .collect()
+    }
+
+    #[test]
+    fn queue_pairs_are_the_ones_picked_before() {
+        for kinds in [
+            &[][..],
+            &["vent"],
+            &["vent", "vent", "vent", "listen", "listen"],
+            &["listen", "listen", "listen"],
+            &["vent", "listen"],
+            &["listen", "vent", "vent", "vent"],
+            &["talk", "vent", "talk", "talk", "listen"],
+            &["vent", "vent", "talk"],
+            // Kinds that are no queue's are only ever paired with each other.
+            &["", "vent", "x", "listen"],
+            &["vent", "", "vent"],
+        ] {
+            picks_as_before(&queue(kinds), Eligibility::Counterparts);
+        }
+        let talk = queue(&["talk", "talk", "talk", "talk"]);
+        let waiting: Vec<&Slot> = talk.iter().collect();
+        let (first, _) = pick_pair(&waiting, Eligibility::Counterparts, &mut rand::rng()).unwrap();
+        assert_eq!(first.user_id, user(0), "the oldest waiter goes first");
+    }
+
+    #[test]
+    fn circle_pairs_are_the_ones_picked_before() {
+        for previous in [
+            &[][..],
+            &[None],
+            &[None, None, None],
+            // 0 and 1 were partners, 2 was 0's: 0 has nobody, 1 goes with 2.
+            &[Some(1), Some(0), Some(0)],
+            // Everyone was 0's partner in turn, 0 last with 3.
+            &[Some(3), Some(0), Some(0), Some(0), None],
+            &[Some(1), Some(0)],
+            &[Some(2), Some(2), Some(0), Some(1), Some(9)],
+        ] {
+            let slots: Vec<Slot> = previous
+                .iter()
+                .enumerate()
+                .map(|(n, previous)| waiter(n as u64, "", *previous))
+                .collect();
+            picks_as_before(&slots, Eligibility::NotPrevious);
+        }
+    }
+
+    #[test]
+    fn random_pools_pair_as_before() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..400 {
+            let size = rng.random_range(0..12u64);
+            let slots: Vec<Slot> = (0..size)
+                .map(|n| {
+                    let kind = ["vent", "listen", "talk", "", "x"][rng.random_range(0..5)];
+                    let previous = rng
+                        .random_bool(0.6)
+                        .then(|| rng.random_range(0..size.max(1)));
+                    waiter(n, kind, previous)
+                })
+                .collect();
+            picks_as_before(&slots, Eligibility::Counterparts);
+            picks_as_before(&slots, Eligibility::NotPrevious);
+        }
+    }
+
+    /// 40,000 waiting to vent and nobody to listen: asking each of them about every later one
+    /// took 800 million checks on every join. The answer comes within seconds (a fraction of one
+    /// when each is looked at a bounded number of times), and a listener who comes last is paired
+    /// with the oldest.
+    #[test]
+    fn a_large_pool_without_a_pair_is_settled_in_one_pass() {
+        let mut slots: Vec<Slot> = (0..40_000).map(|n| waiter(n, "vent", None)).collect();
+        let (answered, answer) = mpsc::channel();
+        std::thread::spawn(move || {
+            let waiting: Vec<&Slot> = slots.iter().collect();
+            let alone = pair_of(pick_pair(
+                &waiting,
+                Eligibility::Counterparts,
+                &mut rand::rng(),
+            ));
+            slots.push(waiter(40_000, "listen", None));
+            let waiting: Vec<&Slot> = slots.iter().collect();
+            let with_listener = pair_of(pick_pair(
+                &waiting,
+                Eligibility::Counterparts,
+                &mut rand::rng(),
+            ));
+            let _ = answered.send((alone, with_listener));
+        });
+        let (alone, with_listener) = answer
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a pool of 40,000 settled within 5 s");
+        assert_eq!(alone, None);
+        assert_eq!(with_listener, Some((user(0), user(40_000))));
     }
 }

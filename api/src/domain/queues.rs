@@ -13,7 +13,7 @@ use confab_schema::{Chat, Envelope, Event, UserId};
 
 use super::circles::pairing_status;
 use super::pairing::{
-    ATTEMPTS, Leaving, contended, left_unclosed, matched_meanwhile, pair_chat,
+    ATTEMPTS, Eligibility, Leaving, contended, left_unclosed, matched_meanwhile, pair_chat,
     pairing_announcement, pairing_event,
 };
 use crate::error::{ApiError, ApiResult};
@@ -88,9 +88,7 @@ impl ApiState {
             return Err(contended());
         }
         let pairs = self
-            .match_pool(pool, None, |a, b| {
-                kind_of(&a.kind).map(|k| k.counterpart()) == kind_of(&b.kind)
-            })
+            .match_pool(pool, None, Eligibility::Counterparts)
             .await?;
         for pair in pairs {
             let members =
