@@ -703,6 +703,109 @@ async fn pairs_chat_and_expire_on_the_real_stack() {
     Box::pin(pairs_chat_and_expire(Stack::Real)).await;
 }
 
+/// A pairing still standing when its circle expires ends for both before its chat is removed:
+/// `circle.unpaired` (no `by`: nobody ended it) reaches a member's open stream, and a member who
+/// was away gets it on their resume. The pairing's announcement, published again by the end, is
+/// received once.
+async fn a_pairing_standing_at_expiry_ends_for_both(stack: Stack) {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    config.circles.sweep_interval_ms = 100;
+    let app = spawn_with(stack, config, data).await;
+    let p = people(&app, &USERS[..2]).await;
+    let (alice, bob) = (&p[0], &p[1]);
+    // Eight seconds to live.
+    let (circle, _) = circle_of(
+        &app,
+        alice,
+        &[bob],
+        json!({"name": "brief", "ttl_hours": 8.0 / 3600.0}),
+    )
+    .await;
+    let path = format!("/v1/circles/{circle}/pair");
+    let open = |person: &Person| {
+        app.http
+            .get(app.url("/v1/events"))
+            .bearer_auth(&person.token)
+    };
+    let mut alices = SseStream::open(open(alice)).await;
+    let mut bobs = SseStream::open(open(bob)).await;
+    assert_eq!(
+        app.post(&alice.token, &path, &json!({})).await.status(),
+        202
+    );
+    let paired = app.post(&bob.token, &path, &json!({})).await;
+    assert_eq!(paired.status(), 200);
+    let paired: Value = paired.json().await.unwrap();
+    let chat = paired["chat_id"].as_str().unwrap().to_owned();
+    let announced = alices.next_of("circle.paired").await;
+    assert_eq!(announced.data["data"]["chat"]["id"], chat.as_str());
+    // Bob goes away after the announcement, and comes back after the expiry.
+    let last_seen = bobs
+        .next_of("circle.paired")
+        .await
+        .id
+        .expect("a logged event");
+    drop(bobs);
+
+    let circle_path = format!("/v1/circles/{circle}");
+    eventually("the sweep removes the circle", || async {
+        app.get(&alice.token, &circle_path).await.status() == 404
+    })
+    .await;
+
+    let ended = |event: &support::SseEvent| {
+        assert_eq!(event.data["data"]["chat_id"], chat.as_str(), "{:?}", event);
+        assert_eq!(
+            event.data["data"]["circle_id"],
+            circle.as_str(),
+            "{:?}",
+            event
+        );
+        assert!(
+            event.data["data"].get("by").is_none(),
+            "nobody ended it: {:?}",
+            event
+        );
+    };
+    // Live: the end comes, and the announcement is not received again before it.
+    loop {
+        let event = alices.next_event().await;
+        assert_ne!(
+            event.event, "circle.paired",
+            "the announcement came twice: {event:?}"
+        );
+        if event.event == "circle.unpaired" {
+            ended(&event);
+            break;
+        }
+    }
+    // On a resume.
+    let mut resumed = SseStream::open(open(bob).header("Last-Event-ID", &last_seen)).await;
+    loop {
+        let event = resumed.next_event().await;
+        assert_ne!(
+            event.event, "circle.paired",
+            "the announcement came twice: {event:?}"
+        );
+        if event.event == "circle.unpaired" {
+            ended(&event);
+            break;
+        }
+    }
+    // And the chat is gone for both.
+    for person in [alice, bob] {
+        problem(
+            app.get(&person.token, &format!("/v1/chats/{chat}")).await,
+            404,
+        )
+        .await;
+    }
+    app.stop().await;
+}
+
+on_both_stacks!(a_pairing_standing_at_expiry_ends_for_both);
+
 /// Queues: oldest first, `queue.matched` to both, 409 for the other queue of a pool; a user whose
 /// event stream closed is taken out after the grace period, one still connected stays.
 async fn queues_match_oldest_first_and_forget_the_disconnected(stack: Stack) {

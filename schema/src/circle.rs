@@ -100,8 +100,9 @@ pub struct CirclePairing {
 pub struct CircleUnpairing {
     pub circle_id: CircleId,
     pub chat_id: ChatId,
-    /// Who ended it.
-    pub by: UserId,
+    /// Who ended it; absent when the circle's expiry ended it (its chat is removed with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<UserId>,
 }
 
 /// A user matched in a queue (`queue.matched`).

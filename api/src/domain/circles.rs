@@ -352,7 +352,8 @@ impl ApiState {
     async fn leave_lobby(&self, id: CircleId, user: UserId, by: UserId) -> ApiResult<()> {
         let pool = circle_pool(id);
         for _ in 0..ATTEMPTS {
-            self.end_circle_pairing(id, &pool, user, by, None).await?;
+            self.end_circle_pairing(id, &pool, user, Some(by), None)
+                .await?;
             match self.leave_pool(&pool, user, "").await? {
                 Leaving::Left => return Ok(()),
                 // Ended on the next turn.
@@ -375,7 +376,7 @@ impl ApiState {
             && left_unclosed(&mine).is_some()
         {
             // Entering would forget the chat of a pairing whose end stopped half-way.
-            self.end_circle_pairing(id, &pool, caller, caller, Some(&mine))
+            self.end_circle_pairing(id, &pool, caller, Some(caller), Some(&mine))
                 .await?;
         }
         let mine = self.enter_pool(&pool, caller, "").await?;
@@ -413,7 +414,7 @@ impl ApiState {
         // Also a pairing whose end stopped half-way (this is its retry, or the partner's).
         if mine.state == SlotState::Paired || left_unclosed(&mine).is_some() {
             // Nothing when it ended meanwhile.
-            self.end_circle_pairing(id, &pool, caller, caller, Some(&mine))
+            self.end_circle_pairing(id, &pool, caller, Some(caller), Some(&mine))
                 .await?;
         }
         match self.stop_waiting(&pool, caller).await? {
@@ -425,17 +426,18 @@ impl ApiState {
     /// Ends `user`'s wait or pairing (with `seen`, only that slot of theirs: nothing when it
     /// changed since); a pairing's chat is closed for both with `circle.unpaired` (it stays, with
     /// its messages, until the circle goes), after the pairing's `circle.paired` if that may not
-    /// be in the log yet.
+    /// be in the log yet. `by`: who ended it, `None` for the circle's expiry. Answers the chat of
+    /// the pairing that ended, if one did.
     async fn end_circle_pairing(
         &self,
         id: CircleId,
         pool: &str,
         user: UserId,
-        by: UserId,
+        by: Option<UserId>,
         seen: Option<&Slot>,
-    ) -> ApiResult<()> {
+    ) -> ApiResult<Option<ChatId>> {
         let Some(ended) = self.end_pair(pool, user, seen, false).await? else {
-            return Ok(());
+            return Ok(None);
         };
         let (chat, partner) = (ended.chat, ended.partner);
         let mut events = Vec::with_capacity(2);
@@ -465,6 +467,34 @@ impl ApiState {
             .leaving(vec![user, partner]),
         );
         self.publish_in_order(events).await;
+        Ok(Some(chat))
+    }
+
+    /// Ends every pairing still standing in an expired circle's lobby (also one whose end stopped
+    /// half-way) as its members' leave would: both leave its chat with `circle.unpaired`, so their
+    /// open streams stop routing a chat that is about to be removed, and a resume replays the end.
+    /// Removed silently, the chat would stay in their clients' lists, and in their streams'
+    /// routing, with nothing left to tell them it is gone.
+    async fn end_pairings_of_expired_circle(&self, id: CircleId) -> ApiResult<()> {
+        let pool = circle_pool(id);
+        let mut ended = std::collections::HashSet::new();
+        for slot in self.store.slots(&pool).await? {
+            let chat = match (slot.state, left_unclosed(&slot)) {
+                (SlotState::Paired, _) => slot.chat,
+                (_, Some((chat, _))) => Some(chat),
+                _ => None,
+            };
+            // The partner's slot was ended with this one's.
+            if chat.is_none_or(|chat| ended.contains(&chat)) {
+                continue;
+            }
+            if let Some(chat) = self
+                .end_circle_pairing(id, &pool, slot.user_id, None, Some(&slot))
+                .await?
+            {
+                ended.insert(chat);
+            }
+        }
         Ok(())
     }
 
@@ -544,9 +574,11 @@ impl ApiState {
         }
     }
 
-    /// Removes an expired circle's chats (their calls end first, and their messages leave the
-    /// search index), then its own rows, the expiry entry last. Idempotent.
+    /// Ends an expired circle's pairings (both members leave each chat, and are told), removes
+    /// its chats (their calls end first, and their messages leave the search index), then its own
+    /// rows, the expiry entry last. Idempotent.
     async fn remove_expired_circle(&self, circle: CircleId) -> ApiResult<()> {
+        self.end_pairings_of_expired_circle(circle).await?;
         for chat in self.store.circle_chats(circle).await? {
             self.end_calls_of_chat(chat).await?;
             self.forget_history(chat).await?;
