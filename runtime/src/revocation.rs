@@ -90,6 +90,8 @@ pub struct Revocations {
     file: Option<std::path::PathBuf>,
     /// The watch of the bucket is established (always true without one).
     watching: AtomicBool,
+    /// Told to drop the watch and watch again (see [`Revocations::watch_again`]).
+    rewatch: tokio::sync::Notify,
 }
 
 fn now() -> i64 {
@@ -111,6 +113,7 @@ impl Revocations {
             watching: AtomicBool::new(bucket.is_none()),
             bucket,
             file: None,
+            rewatch: tokio::sync::Notify::new(),
         }
     }
 
@@ -244,6 +247,16 @@ impl Revocations {
         }
     }
 
+    /// Drops the watch of the bucket and watches it again, as after the connection to NATS was
+    /// lost: not ready until it is watched again. Tests use it, since a test cannot take the
+    /// connection away from under one process.
+    pub fn watch_again(&self) {
+        if self.bucket.is_some() {
+            self.watching.store(false, Ordering::Release);
+            self.rewatch.notify_one();
+        }
+    }
+
     /// Deletes the bucket of the deployment at `url` with `prefix` (tests clean up with this).
     pub async fn delete_nats_bucket(url: &str, prefix: &str) -> Result<(), String> {
         bucket(url, prefix, Duration::from_secs(60))
@@ -285,37 +298,53 @@ async fn bucket(url: &str, prefix: &str, ttl: Duration) -> Result<KvBucket, Stri
 }
 
 /// Applies the bucket's records (those already there, then each new one) until `shutdown`,
-/// re-watching after an error.
+/// watching again after an error. A watch made again starts after the last revision it applied:
+/// the revocations made meanwhile are announced, and not the whole bucket again (every stream of
+/// the node checked against each, on every reconnection).
 async fn watch(
     revocations: std::sync::Weak<Revocations>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    // The revision after the last record applied, once one was.
+    let mut resume_at: Option<u64> = None;
     loop {
         let Some(this) = revocations.upgrade() else {
             return;
         };
         let watched = async {
             let store = this.bucket.as_ref().ok_or("no bucket")?.store().await?;
-            let mut entries = store
-                .watch_with_history(">")
-                .await
-                .map_err(|e| e.to_string())?;
-            // The watch replays the bucket too, but only as it is read: the process says it is
-            // ready once every revocation already made is applied, so that no revoked token is
-            // accepted in the moments after a start.
-            let mut keys = store.keys().await.map_err(|e| e.to_string())?;
-            while let Some(key) = keys.next().await {
-                let key = key.map_err(|e| e.to_string())?;
-                if let Some(value) = store.get(&key).await.map_err(|e| e.to_string())? {
-                    match serde_json::from_slice::<Revocation>(&value) {
-                        Ok(revocation) => this.apply(&revocation, true),
-                        Err(error) => tracing::warn!(%error, key, "unreadable revocation"),
+            let mut entries = match resume_at {
+                Some(revision) => store
+                    .watch_from_revision(">", revision)
+                    .await
+                    .map_err(|e| e.to_string())?,
+                None => {
+                    let entries = store
+                        .watch_with_history(">")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    // The watch replays the bucket too, but only as it is read: the process says
+                    // it is ready once every revocation already made is applied, so that no
+                    // revoked token is accepted in the moments after a start.
+                    let mut keys = store.keys().await.map_err(|e| e.to_string())?;
+                    while let Some(key) = keys.next().await {
+                        let key = key.map_err(|e| e.to_string())?;
+                        if let Some(value) = store.get(&key).await.map_err(|e| e.to_string())? {
+                            match serde_json::from_slice::<Revocation>(&value) {
+                                Ok(revocation) => this.apply(&revocation, true),
+                                Err(error) => tracing::warn!(%error, key, "unreadable revocation"),
+                            }
+                        }
                     }
+                    entries
                 }
-            }
+            };
+            // Made again, the watch delivers what was missed at once; tokens were checked
+            // against what this process knew all along.
             this.watching.store(true, Ordering::Release);
             while let Some(entry) = entries.next().await {
                 let entry = entry.map_err(|e| e.to_string())?;
+                resume_at = Some(entry.revision + 1);
                 if entry.operation != kv::Operation::Put {
                     continue;
                 }
@@ -329,6 +358,7 @@ async fn watch(
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
             result = watched => result,
+            () = this.rewatch.notified() => Err("told to watch again".into()),
         };
         this.watching.store(false, Ordering::Release);
         if let Err(error) = result {

@@ -1,0 +1,81 @@
+//! The revocations bucket on the NATS server that `infra/up.sh` started (a fresh prefix per case):
+//! a watch that is lost and made again announces only the revocations it missed.
+
+mod support;
+
+use std::time::Duration;
+
+use confab_runtime::revocation::{Revocation, Revocations};
+use confab_schema::UserId;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Waits until `revocations` watches its bucket, failing after the deadline.
+async fn watched(revocations: &Revocations) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while revocations.check().is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never watching the revocations bucket"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The next revocation `announced`, within the deadline.
+async fn next(announced: &mut tokio::sync::broadcast::Receiver<Revocation>) -> Revocation {
+    tokio::time::timeout(DEADLINE, announced.recv())
+        .await
+        .expect("announced before the deadline")
+        .expect("announced")
+}
+
+fn session_of(user: &str, session: &str) -> Revocation {
+    Revocation {
+        user: Some(UserId::from_subject("revocations", user)),
+        session: Some(session.into()),
+        before: time::OffsetDateTime::now_utc().unix_timestamp(),
+    }
+}
+
+#[tokio::test]
+async fn a_watch_made_again_announces_only_what_it_missed() {
+    let Some(url) = support::nats_url("revocations").await else {
+        return;
+    };
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let shutdown = CancellationToken::new();
+    let ttl = Duration::from_secs(3600);
+    let watcher = Revocations::nats(&url, &prefix, ttl, shutdown.clone())
+        .await
+        .expect("connects");
+    let elsewhere = Revocations::nats(&url, &prefix, ttl, shutdown.clone())
+        .await
+        .expect("connects");
+    watched(&watcher).await;
+    let mut announced = watcher.subscribe();
+
+    let (first, second) = (session_of("alice", "s1"), session_of("bob", "s2"));
+    for revocation in [&first, &second] {
+        elsewhere.revoke(revocation.clone()).await.expect("revoked");
+    }
+    assert_eq!(next(&mut announced).await, first);
+    assert_eq!(next(&mut announced).await, second);
+
+    watcher.watch_again();
+    watched(&watcher).await;
+    let missed = session_of("carol", "s3");
+    elsewhere.revoke(missed.clone()).await.expect("revoked");
+    assert_eq!(
+        next(&mut announced).await,
+        missed,
+        "the watch made again announced a revocation it had announced before"
+    );
+    assert!(watcher.is_revoked(UserId::from_subject("revocations", "alice"), Some("s1"), 0));
+
+    shutdown.cancel();
+    Revocations::delete_nats_bucket(&url, &prefix)
+        .await
+        .expect("cleaned up");
+}
