@@ -295,6 +295,9 @@ async fn bucket(url: &str, prefix: &str, ttl: Duration) -> Result<KvBucket, Stri
         },
     )
     .await
+    // A bucket an older version made keeps the age limit it was made with otherwise: a shorter
+    // one forgets revocations while the sessions they ended can still renew tokens.
+    .map(KvBucket::kept_current)
 }
 
 /// Applies the bucket's records (those already there, then each new one) until `shutdown`,

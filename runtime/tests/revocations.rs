@@ -1,10 +1,12 @@
 //! The revocations bucket on the NATS server that `infra/up.sh` started (a fresh prefix per case):
-//! a watch that is lost and made again announces only the revocations it missed.
+//! a watch that is lost and made again announces only the revocations it missed, and a bucket made
+//! by an older version with another age limit takes the current one.
 
 mod support;
 
 use std::time::Duration;
 
+use async_nats::jetstream::{self, kv};
 use confab_runtime::revocation::{Revocation, Revocations};
 use confab_schema::UserId;
 use tokio_util::sync::CancellationToken;
@@ -73,6 +75,62 @@ async fn a_watch_made_again_announces_only_what_it_missed() {
         "the watch made again announced a revocation it had announced before"
     );
     assert!(watcher.is_revoked(UserId::from_subject("revocations", "alice"), Some("s1"), 0));
+
+    shutdown.cancel();
+    Revocations::delete_nats_bucket(&url, &prefix)
+        .await
+        .expect("cleaned up");
+}
+
+#[tokio::test]
+async fn a_bucket_made_with_another_age_limit_takes_the_current_one() {
+    let Some(url) = support::nats_url("revocations").await else {
+        return;
+    };
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let bucket = format!("{prefix}_revocations");
+    let client = async_nats::connect(&url).await.expect("connects");
+    let context = jetstream::new(client);
+    // As an older version made it: a day, whatever the configuration said.
+    context
+        .create_key_value(kv::Config {
+            bucket: bucket.clone(),
+            description: "confab: ended sessions".into(),
+            history: 1,
+            max_age: Duration::from_secs(24 * 3600),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .expect("created");
+    let kept = session_of("alice", "kept");
+    let shutdown = CancellationToken::new();
+    let ttl = Duration::from_secs(30 * 24 * 3600);
+
+    let revocations = Revocations::nats(&url, &prefix, ttl, shutdown.clone())
+        .await
+        .expect("connects");
+    watched(&revocations).await;
+    let status = context
+        .get_key_value(&bucket)
+        .await
+        .expect("the bucket is there")
+        .status()
+        .await
+        .expect("its status");
+    assert_eq!(status.max_age(), ttl, "the bucket's age limit");
+    assert_eq!(status.history(), 1);
+    // What it held stays.
+    revocations.revoke(kept.clone()).await.expect("revoked");
+    let again = Revocations::nats(&url, &prefix, ttl, shutdown.clone())
+        .await
+        .expect("connects");
+    watched(&again).await;
+    assert!(again.is_revoked(
+        UserId::from_subject("revocations", "alice"),
+        Some("kept"),
+        0
+    ));
 
     shutdown.cancel();
     Revocations::delete_nats_bucket(&url, &prefix)
