@@ -379,6 +379,7 @@ impl Membership for StoreMembership {
         self.store
             .left_chats_of(user, since, limit)
             .await
+            .map(|left| left.into_iter().map(|left| left.chat_id).collect())
             .map_err(|e| e.to_string())
     }
 }

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use confab_api::store::{
-    CallRecord, ChatActivity, ChatEntry, Inserted, ListedCall, MarkerKind, MemberPut, NewChat,
-    OutboxEntry, OutboxWriter, PendingCallSignal, Slot, SlotWrite, SmallObjectInfo, Store,
+    CallRecord, ChatActivity, ChatEntry, Inserted, LeftChat, ListedCall, MarkerKind, MemberPut,
+    NewChat, OutboxEntry, OutboxWriter, PendingCallSignal, Slot, SlotWrite, SmallObjectInfo, Store,
     StoreError,
 };
 use confab_runtime::bus::{Bus, BusError, ChatFilter, Page, ReadError};
@@ -532,7 +532,7 @@ impl Store for HeldStore {
         user: UserId,
         since: OffsetDateTime,
         limit: usize,
-    ) -> Result<Vec<ChatId>, StoreError> {
+    ) -> Result<Vec<LeftChat>, StoreError> {
         self.inner.left_chats_of(user, since, limit).await
     }
     async fn restore_joined_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {

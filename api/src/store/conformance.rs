@@ -930,7 +930,13 @@ pub async fn left_chats_are_listed_newest_first(store: Arc<dyn Store>) {
         store.upsert_user(u).await.unwrap();
     }
     let since = OffsetDateTime::now_utc() - Duration::from_secs(1);
-    let left_by = |user: UserId, limit: usize| store.left_chats_of(user, since, limit);
+    let left_by = |user: UserId, limit: usize| async move {
+        store.left_chats_of(user, since, limit).await.map(|left| {
+            left.into_iter()
+                .map(|left| left.chat_id)
+                .collect::<Vec<_>>()
+        })
+    };
     let removed = chat_with(store, alice.id, &[bob.id, carol.id]).await;
     let left = chat_with(store, alice.id, &[bob.id]).await;
     let deleted = chat_with(store, alice.id, &[bob.id, carol.id]).await;
@@ -977,6 +983,7 @@ pub async fn left_chats_are_listed_newest_first(store: Arc<dyn Store>) {
 
     // Left again after joining again: listed once, at its latest leaving.
     clock_past(OffsetDateTime::now_utc()).await;
+    let before_leaving_again = OffsetDateTime::now_utc();
     store
         .put_member(
             removed,
@@ -991,6 +998,24 @@ pub async fn left_chats_are_listed_newest_first(store: Arc<dyn Store>) {
     store.remove_member(removed, bob.id).await.unwrap();
     assert_eq!(left_by(bob.id, 10).await.unwrap(), [removed, deleted, left]);
     assert!(!store.chats_of(bob.id).await.unwrap().contains(&removed));
+    // Each with the time of its latest leaving, which a resume compares with its position's.
+    let times: Vec<OffsetDateTime> = store
+        .left_chats_of(bob.id, since, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|left| left.left_at)
+        .collect();
+    assert!(
+        times[0] >= before_leaving_again - Duration::from_millis(1)
+            && times[0] <= OffsetDateTime::now_utc(),
+        "left again at {}, after {before_leaving_again}",
+        times[0]
+    );
+    assert!(
+        times.windows(2).all(|pair| pair[0] >= pair[1]) && times[2] >= since,
+        "newest first, none before `since`: {times:?}"
+    );
 }
 
 /// The chats a user is in: what a notifier routes their events by.

@@ -189,6 +189,14 @@ pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(3_600);
 pub const LEFT_CHATS_KEPT: Duration =
     Duration::from_secs(confab_runtime::bus::MAX_RETENTION.as_secs() + 24 * 3600);
 
+/// A chat a user stopped being a member of, and when ([`Store::left_chats_of`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeftChat {
+    pub chat_id: ChatId,
+    /// When the store recorded the leaving, by the clock of the process that wrote it.
+    pub left_at: OffsetDateTime,
+}
+
 /// Unread counts stop counting here; clients show "100+".
 pub const UNREAD_CAP: usize = 100;
 
@@ -431,7 +439,7 @@ pub trait Store: Send + Sync + 'static {
     async fn forget_left_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
     /// The chats `user` stopped being a member of (they left or were removed, or the chat was
     /// removed) at or after `since`: those of their `limit` most recent endings, newest first,
-    /// each once. Every removal of a member (a change of members, [`Store::remove_member`],
+    /// each once, with the time of its latest ending. Every removal of a member (a change of members, [`Store::remove_member`],
     /// [`Store::forget_left_chat`], [`Store::delete_chat`]) records its ending before the chat
     /// stops being listed to them by [`Store::chats_of`], so a read of `chats_of` and then of this
     /// finds a chat the user was in when the first began in one of the two. Kept
@@ -442,7 +450,7 @@ pub trait Store: Send + Sync + 'static {
         user: UserId,
         since: OffsetDateTime,
         limit: usize,
-    ) -> Result<Vec<ChatId>, StoreError>;
+    ) -> Result<Vec<LeftChat>, StoreError>;
     /// Finishes an addition of `user` to `chat` that stopped after its authoritative write: if
     /// they are a member, lists the chat to them again (on CQL, their row of `user_chats`, as of
     /// the role's write, so a removal or a change of role since wins over it). Without it the

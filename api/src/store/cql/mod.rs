@@ -42,10 +42,10 @@ use futures::{StreamExt, TryFutureExt, TryStreamExt};
 use confab_schema::call::CallStatus;
 
 use super::{
-    CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, LEFT_CHATS_KEPT, ListedCall,
-    MarkerKind, MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter, PendingCallSignal,
-    Slot, SlotWrite, SmallObjectInfo, Store, StoreError, UNREAD_SCAN_LIMIT, UnreadQuery,
-    created_at, from_millis, millis, parse, search_terms, stored_text, text_and_call,
+    CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, LEFT_CHATS_KEPT, LeftChat,
+    ListedCall, MarkerKind, MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter,
+    PendingCallSignal, Slot, SlotWrite, SmallObjectInfo, Store, StoreError, UNREAD_SCAN_LIMIT,
+    UnreadQuery, created_at, from_millis, millis, parse, search_terms, stored_text, text_and_call,
 };
 
 /// How many of a chat's newest signals [`Store::count_unreads`] reads at once; a chat with more
@@ -980,7 +980,7 @@ impl CqlStore {
             remove_member_if_role: "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ? IF role = ?".into(),
             set_user_chat_role: "UPDATE user_chats SET role = ? WHERE user_id = ? AND chat_id = ?".into(),
             insert_left_chat: "INSERT INTO user_left_chats (user_id, left_at, chat_id) VALUES (?, ?, ?) USING TTL ?".into(),
-            left_chats_of: "SELECT chat_id FROM user_left_chats WHERE user_id = ? AND left_at >= ? LIMIT ?".into(),
+            left_chats_of: "SELECT chat_id, left_at FROM user_left_chats WHERE user_id = ? AND left_at >= ? LIMIT ?".into(),
             // The chat list's summary lives in the chat's row, so one read gives both. Written
             // with UPDATE (no row marker): a touch that races the chat's removal leaves no row
             // that looks like a chat.
@@ -2330,9 +2330,9 @@ impl Store for CqlStore {
         user: UserId,
         since: OffsetDateTime,
         limit: usize,
-    ) -> Result<Vec<ChatId>, StoreError> {
+    ) -> Result<Vec<LeftChat>, StoreError> {
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-        let found: Vec<(Uuid,)> = rows(
+        let found: Vec<(Uuid, CqlTimestamp)> = rows(
             self.session
                 .execute_unpaged(
                     &self.statements.left_chats_of,
@@ -2343,11 +2343,16 @@ impl Store for CqlStore {
         )?;
         // Newest first: a chat left more than once is kept at its latest leaving.
         let mut seen = HashSet::new();
-        Ok(found
+        found
             .into_iter()
-            .filter(|(chat,)| seen.insert(*chat))
-            .map(|(chat,)| ChatId(chat))
-            .collect())
+            .filter(|(chat, _)| seen.insert(*chat))
+            .map(|(chat, left_at)| {
+                Ok(LeftChat {
+                    chat_id: ChatId(chat),
+                    left_at: from_millis(left_at.0)?,
+                })
+            })
+            .collect()
     }
 
     async fn restore_joined_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {

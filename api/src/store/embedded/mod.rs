@@ -27,9 +27,9 @@ use confab_schema::call::CallStatus;
 
 use super::{
     CallRecord, ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted,
-    LEFT_CHATS_KEPT, ListedCall, MarkerKind, MemberPut, MemberWrite, NewChat, OutboxEntry,
-    OutboxWriter, PendingCallSignal, Slot, SlotState, SlotWrite, SmallObjectInfo, Store,
-    StoreError, UNREAD_SCAN_LIMIT, circle_pool, created_at, from_millis, millis, parse,
+    LEFT_CHATS_KEPT, LeftChat, ListedCall, MarkerKind, MemberPut, MemberWrite, NewChat,
+    OutboxEntry, OutboxWriter, PendingCallSignal, Slot, SlotState, SlotWrite, SmallObjectInfo,
+    Store, StoreError, UNREAD_SCAN_LIMIT, circle_pool, created_at, from_millis, millis, parse,
     search_terms, stored_text, text_and_call,
 };
 use std::collections::BTreeMap;
@@ -1071,18 +1071,23 @@ impl Store for EmbeddedStore {
         user: UserId,
         since: OffsetDateTime,
         limit: usize,
-    ) -> Result<Vec<ChatId>, StoreError> {
+    ) -> Result<Vec<LeftChat>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with(move |c| {
             all(
                 c,
-                "SELECT chat_id FROM left_chats WHERE user_id = ?1 AND left_at >= ?2
+                "SELECT chat_id, left_at FROM left_chats WHERE user_id = ?1 AND left_at >= ?2
                  ORDER BY left_at DESC LIMIT ?3",
                 params![blob(user.0), millis(since), limit],
-                |row| row.get::<_, Vec<u8>>(0),
+                |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?)),
             )?
             .into_iter()
-            .map(|id| uuid_from(id).map(ChatId))
+            .map(|(id, left_at)| {
+                Ok(LeftChat {
+                    chat_id: ChatId(uuid_from(id)?),
+                    left_at: from_millis(left_at)?,
+                })
+            })
             .collect()
         })
         .await
