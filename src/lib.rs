@@ -30,7 +30,7 @@ use confab_api::store::embedded::EmbeddedStore;
 use confab_api::store::{MarkerKind, Store, StoreReadiness, StoreSmallObjects};
 use confab_api::{ApiState, routes as api_routes};
 use confab_notifier::auth::StreamAuth;
-use confab_notifier::hub::Caps;
+use confab_notifier::hub::{Caps, LeftChat};
 use confab_notifier::push::{Announced, DeviceDirectory, PushSender, RecipientSettings};
 use confab_notifier::push_apns::Apns;
 use confab_notifier::push_fcm::Fcm;
@@ -374,13 +374,24 @@ impl Membership for StoreMembership {
     async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, String> {
         self.store.chats_of(user).await.map_err(|e| e.to_string())
     }
-    async fn left_chats_of(&self, user: UserId, limit: usize) -> Result<Vec<ChatId>, String> {
-        let since = time::OffsetDateTime::now_utc() - self.retention;
-        self.store
+    async fn left_chats_of(
+        &self,
+        user: UserId,
+        since: time::OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<LeftChat>, String> {
+        let since = since.max(time::OffsetDateTime::now_utc() - self.retention);
+        Ok(self
+            .store
             .left_chats_of(user, since, limit)
             .await
-            .map(|left| left.into_iter().map(|left| left.chat_id).collect())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|left| LeftChat {
+                chat_id: left.chat_id,
+                left_at: left.left_at,
+            })
+            .collect())
     }
 }
 

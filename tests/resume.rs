@@ -481,6 +481,116 @@ async fn a_resume_tells_of_the_chats_left_meanwhile_on_the_real_stack() {
     }
 }
 
+/// A `member.left` can reach the log twice: a late re-publish of the removal (the outbox's sweep,
+/// or a retried publish) that lands after the log's duplicate window is kept as a second copy. A
+/// client that resumes from between the two was out of the chat all along: it gets nothing of
+/// the chat's messages, however the copy falls in the range, as its stream, routing the chat no
+/// more since the first `member.left`, would not have delivered them.
+async fn a_late_copy_of_a_leaving_replays_nothing_of_the_chat(stack: Stack) {
+    use confab_runtime::bus::ChatFilter;
+    use confab_schema::{ChatId, Event};
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let removed_from = app.group_chat(&alice, &[&bob_id]).await;
+    let stayed = app.group_chat(&alice, &[&bob_id]).await;
+
+    let mut first = SseStream::open(app.http.get(events_url(&app)).bearer_auth(&bob)).await;
+    let removed = app
+        .http
+        .delete(app.url(&format!("/v1/chats/{removed_from}/members/{bob_id}")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 204);
+    send(&app, &alice, &stayed, "seen after the removal").await;
+    let seen = read_until_message(&mut first, "seen after the removal").await;
+    assert!(
+        seen.iter()
+            .any(|e| e.event == "member.left" && e.data["chat_id"] == removed_from.as_str()),
+        "bob's stream took his removal: {seen:?}"
+    );
+    let last_seen = seen.last().unwrap().id.clone().unwrap();
+    drop(first);
+
+    send(&app, &alice, &removed_from, "after the removal").await;
+    // The removal's event as a late re-publish appends it: the same envelope, under an id the
+    // log no longer recognises.
+    let bus = confab::open_bus(&app.config).await.expect("the log opens");
+    let chat: ChatId = removed_from.parse().unwrap();
+    let only = std::collections::HashSet::from([chat]);
+    let last = bus.last_seq().await.unwrap();
+    let removal = bus
+        .read(0, last, ChatFilter::Only(&only), 1_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|logged| logged.envelope)
+        .find(|envelope| matches!(envelope.event, Event::MemberLeft(_)))
+        .expect("the removal is in the log");
+    let mut copy = removal.clone();
+    copy.id = uuid::Uuid::now_v7();
+    bus.publish(&copy).await.unwrap();
+    send(&app, &alice, &removed_from, "after the copy").await;
+    send(&app, &alice, &stayed, "end").await;
+
+    let mut resumed = SseStream::open(
+        app.http
+            .get(events_url(&app))
+            .bearer_auth(&bob)
+            .header("Last-Event-ID", &last_seen),
+    )
+    .await;
+    let replayed: Vec<_> = read_until_message(&mut resumed, "end")
+        .await
+        .iter()
+        .map(|e| replayed_as(&e.event, &e.data))
+        .collect();
+    // The copy itself reaches him, as it would have live (a leaving goes to whom it names): it
+    // tells nothing he did not know.
+    assert_eq!(
+        replayed,
+        [
+            (
+                "member.left".to_owned(),
+                removed_from.clone(),
+                bob_id.clone()
+            ),
+            (
+                "signal.created".to_owned(),
+                stayed.clone(),
+                "end".to_owned()
+            ),
+        ],
+        "nothing of the chat bob was removed from before the position he resumed from"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_copy_of_a_leaving_replays_nothing_of_the_chat_on_the_embedded_default() {
+    Box::pin(a_late_copy_of_a_leaving_replays_nothing_of_the_chat(
+        Stack::Embedded,
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_late_copy_of_a_leaving_replays_nothing_of_the_chat_on_the_real_stack() {
+    if support::real_stack_available(
+        "a_late_copy_of_a_leaving_replays_nothing_of_the_chat_on_the_real_stack",
+    )
+    .await
+    {
+        Box::pin(a_late_copy_of_a_leaving_replays_nothing_of_the_chat(
+            Stack::Real,
+        ))
+        .await;
+    }
+}
+
 async fn ids_that_cannot_resume(stack: Stack) {
     let app = spawn_app(stack).await;
     let alice = app.token("alice").await;

@@ -33,6 +33,7 @@ use confab_schema::{ChatId, Envelope, Event, LoggedEvent, UserId};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
+use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -51,16 +52,35 @@ pub const MAX_PRESENCE_FANOUT: usize = 1_000;
 /// resume nothing, not even its `member.left`.
 pub const MAX_LEFT_CHATS_REPLAYED: usize = 200;
 
+/// A resume reads the chats a user left from this long before the time of the event it resumes
+/// after, not only from that time: the processes that stamp events and record leavings keep
+/// clocks of their own, and a leaving's `member.left` can reach the log a while after the store
+/// recorded it (a publish retried). A chat left earlier than that was out of the user's stream
+/// before the position: none of its events in the range is theirs.
+pub const LEFT_BEFORE_POSITION_MARGIN: Duration = Duration::from_secs(120);
+
+/// A chat a user stopped being a member of, and when the store recorded it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeftChat {
+    pub chat_id: ChatId,
+    pub left_at: OffsetDateTime,
+}
+
 /// Where a notifier learns which chats a user is in, when one of their connections opens.
 #[async_trait]
 pub trait Membership: Send + Sync + 'static {
     async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, String>;
-    /// The chats `user` stopped being a member of recently (they left, were removed, or the chat
-    /// was removed), as far back as the log keeps events: those of their `limit` most recent
-    /// leavings, newest first. Read after [`Membership::chats_of`]: a leaving is recorded before
-    /// the chat stops being listed there, so a chat the user was in when the first read began is
-    /// in one of the two answers.
-    async fn left_chats_of(&self, user: UserId, limit: usize) -> Result<Vec<ChatId>, String>;
+    /// The chats `user` stopped being a member of (they left, were removed, or the chat was
+    /// removed) at or after `since` and as far back as the log keeps events: those of their
+    /// `limit` most recent leavings, newest first, each with the time of its latest leaving. Read
+    /// after [`Membership::chats_of`]: a leaving is recorded before the chat stops being listed
+    /// there, so a chat the user was in when the first read began is in one of the two answers.
+    async fn left_chats_of(
+        &self,
+        user: UserId,
+        since: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<LeftChat>, String>;
 }
 
 /// An event rendered once for every connection on this node that receives it.
@@ -418,7 +438,8 @@ impl Subscription {
 }
 
 /// Which of `events` (in log order) the user receives: a chat's events while they were a member,
-/// the event that took them out included, as their stream routes them live. Their first
+/// the event that took them out included, as their stream routes them live (and so any
+/// `member.left` naming them, which the live stream hands them in or out of the chat). Their first
 /// membership change of a chat in the range tells whether they were a member at its start;
 /// without one, they were a member all along if they are one at the end (`current`), and never
 /// otherwise.
@@ -448,6 +469,16 @@ struct ReplayMembership {
 }
 
 impl ReplayMembership {
+    /// Knowing already that the user was out of `chats` at the start of the range (the store
+    /// recorded their leaving before it): a `member.left` of theirs in it is a late copy of that
+    /// leaving (a re-publish the log kept, past its duplicate window) or the leaving's own event
+    /// arriving late, and lets nothing of the chat before it through.
+    fn out_at_start(chats: impl IntoIterator<Item = ChatId>) -> ReplayMembership {
+        ReplayMembership {
+            member: chats.into_iter().map(|chat| (chat, false)).collect(),
+        }
+    }
+
     /// Notes what `envelope` says about the user's membership at the start of the range: their
     /// first change of a chat in it tells whether they were a member before.
     fn note_start(&mut self, user: UserId, envelope: &Envelope) {
@@ -470,7 +501,9 @@ impl ReplayMembership {
         if envelope.joined.contains(&user) {
             *is_member = true;
         }
-        let keep = *is_member;
+        // A leaving goes to the user it names even when they are out already, as the live
+        // stream hands it to them ([`Hub::dispatch`]): it tells them nothing they must not know.
+        let keep = *is_member || envelope.left.contains(&user);
         if envelope.left.contains(&user) {
             *is_member = false;
         }
@@ -606,6 +639,12 @@ impl Hub {
         {
             return Err(OpenError::Revoked);
         }
+        // When the client's last event was made: the leavings recorded well before are of chats
+        // its stream no longer routed there, which the replay need not read.
+        let position_at = match resume_after {
+            Some(after) => self.time_of(after).await,
+            None => None,
+        };
         let chats: HashSet<ChatId> = self
             .membership
             .chats_of(user)
@@ -615,11 +654,15 @@ impl Hub {
             .collect();
         // After the chats, not beside them: a chat left meanwhile is in one of the two reads.
         let left_recently = match resume_after {
-            Some(_) => self
-                .membership
-                .left_chats_of(user, MAX_LEFT_CHATS_REPLAYED)
-                .await
-                .map_err(OpenError::Membership)?,
+            Some(_) => {
+                let since = position_at.map_or(OffsetDateTime::UNIX_EPOCH, |at| {
+                    at - LEFT_BEFORE_POSITION_MARGIN
+                });
+                self.membership
+                    .left_chats_of(user, since, MAX_LEFT_CHATS_REPLAYED)
+                    .await
+                    .map_err(OpenError::Membership)?
+            }
             None => Vec::new(),
         };
         let Installed {
@@ -640,12 +683,23 @@ impl Hub {
             // The chats the user left are read up to the event that took them out.
             let read: HashSet<ChatId> = current
                 .iter()
-                .chain(&left_recently)
-                .chain(&left_while_pending)
                 .copied()
+                .chain(left_recently.iter().map(|left| left.chat_id))
+                .chain(left_while_pending.iter().copied())
                 .collect();
+            // Left, as the store recorded it, by the time the client's last event was made, and
+            // not joined again since: out at the start of the range, whatever the order of the
+            // `member.left`s in it. Its first `member.left` there may be a late copy of the one
+            // the client's stream took before the position, and that copy must not make the
+            // chat's events up to it theirs.
+            let out_at_start = left_recently
+                .iter()
+                .filter(|left| position_at.is_some_and(|at| left.left_at <= at))
+                .map(|left| left.chat_id)
+                .filter(|chat| !current.contains(chat) && !left_while_pending.contains(chat));
+            let membership = ReplayMembership::out_at_start(out_at_start);
             match self
-                .check_replay(user, after, installed_at, read, current.clone())
+                .check_replay(user, after, installed_at, read, current.clone(), membership)
                 .await
             {
                 Ok(checked) => {
@@ -713,7 +767,8 @@ impl Hub {
     /// within the replay limit, and learns their membership at its start, reading it a page at a
     /// time and keeping none of it: the replay reads it again as its client takes it. A replay
     /// that fits in one page keeps that page, and reads nothing more. `current`: the chats the
-    /// user is in at `up_to` (see [`visible`]).
+    /// user is in at `up_to` (see [`visible`]); `membership`: what is known of their membership
+    /// at `after` before the range is read.
     async fn check_replay(
         &self,
         user: UserId,
@@ -721,9 +776,9 @@ impl Hub {
         up_to: u64,
         chats: HashSet<ChatId>,
         current: HashSet<ChatId>,
+        mut membership: ReplayMembership,
     ) -> Result<Replay, ReadError> {
         let max_scan = self.replay_limit.saturating_mul(SCAN_FACTOR);
-        let mut membership = ReplayMembership::default();
         let (mut position, mut found, mut scanned) = (after, 0usize, 0usize);
         let mut first_page = None;
         loop {
@@ -773,6 +828,20 @@ impl Hub {
                 .collect();
         }
         Ok(replay)
+    }
+
+    /// When the event at `seq` was made (its envelope's time), if the log still holds it.
+    async fn time_of(&self, seq: u64) -> Option<OffsetDateTime> {
+        let before = seq.checked_sub(1)?;
+        let page = self
+            .bus
+            .read_page(before, seq, ChatFilter::All, 1, 1)
+            .await
+            .ok()?;
+        page.events
+            .into_iter()
+            .find(|event| event.seq == seq)
+            .map(|event| event.envelope.at)
     }
 
     /// Registers a pending connection of `user`. At the per-user cap, the user's oldest connection
@@ -1497,15 +1566,20 @@ mod tests {
         async fn chats_of(&self, user: UserId) -> Result<Vec<ChatId>, String> {
             Ok(self.0.get(&user).cloned().unwrap_or_default())
         }
-        async fn left_chats_of(&self, _: UserId, _: usize) -> Result<Vec<ChatId>, String> {
+        async fn left_chats_of(
+            &self,
+            _: UserId,
+            _: OffsetDateTime,
+            _: usize,
+        ) -> Result<Vec<LeftChat>, String> {
             Ok(Vec::new())
         }
     }
 
-    /// One user's chats, and the chats they left recently.
+    /// One user's chats, and the chats they left, newest first.
     struct WithLeft {
         chats: Vec<ChatId>,
-        left: Vec<ChatId>,
+        left: Vec<LeftChat>,
     }
 
     #[async_trait]
@@ -1513,9 +1587,24 @@ mod tests {
         async fn chats_of(&self, _: UserId) -> Result<Vec<ChatId>, String> {
             Ok(self.chats.clone())
         }
-        async fn left_chats_of(&self, _: UserId, limit: usize) -> Result<Vec<ChatId>, String> {
-            Ok(self.left.iter().take(limit).copied().collect())
+        async fn left_chats_of(
+            &self,
+            _: UserId,
+            since: OffsetDateTime,
+            limit: usize,
+        ) -> Result<Vec<LeftChat>, String> {
+            Ok(self
+                .left
+                .iter()
+                .filter(|left| left.left_at >= since)
+                .take(limit)
+                .copied()
+                .collect())
         }
+    }
+
+    fn left_at(chat_id: ChatId, left_at: OffsetDateTime) -> LeftChat {
+        LeftChat { chat_id, left_at }
     }
 
     /// The next logged event's text (presence events, which are ephemeral, skipped).
@@ -1870,7 +1959,12 @@ mod tests {
             self.answer.notified().await;
             Ok(self.chats.clone())
         }
-        async fn left_chats_of(&self, _: UserId, _: usize) -> Result<Vec<ChatId>, String> {
+        async fn left_chats_of(
+            &self,
+            _: UserId,
+            _: OffsetDateTime,
+            _: usize,
+        ) -> Result<Vec<LeftChat>, String> {
             Ok(Vec::new())
         }
     }
@@ -2107,9 +2201,28 @@ mod tests {
         largest: AtomicU64,
         /// Every event read answered, in total.
         total: AtomicU64,
+        /// The chats each read was filtered to (`None`: every chat), in order.
+        filters: Mutex<Vec<Option<HashSet<ChatId>>>>,
     }
 
     impl CountingReads {
+        fn over(log: Arc<dyn Bus>) -> CountingReads {
+            CountingReads {
+                log,
+                largest: AtomicU64::new(0),
+                total: AtomicU64::new(0),
+                filters: Mutex::default(),
+            }
+        }
+
+        fn filtered(&self, chats: ChatFilter<'_>) {
+            let chats = match chats {
+                ChatFilter::All => None,
+                ChatFilter::Only(chats) => Some(chats.clone()),
+            };
+            self.filters.lock().expect("lock").push(chats);
+        }
+
         fn counted(&self, events: &[LoggedEvent]) {
             let n = events.len() as u64;
             self.largest.fetch_max(n, Ordering::SeqCst);
@@ -2137,6 +2250,7 @@ mod tests {
             chats: ChatFilter<'_>,
             limit: usize,
         ) -> Result<Vec<LoggedEvent>, ReadError> {
+            self.filtered(chats);
             let events = self.log.read(after, up_to, chats, limit).await?;
             self.counted(&events);
             Ok(events)
@@ -2149,6 +2263,7 @@ mod tests {
             max: usize,
             max_scan: usize,
         ) -> Result<confab_runtime::bus::Page, ReadError> {
+            self.filtered(chats);
             let page = self
                 .log
                 .read_page(after, up_to, chats, max, max_scan)
@@ -2174,11 +2289,9 @@ mod tests {
         // However many events a resume replays, it holds a page of them at a time: one read of
         // the log answers at most this many, and it reads ahead of its client by at most that.
         const PAGE: u64 = 64;
-        let counting = Arc::new(CountingReads {
-            log: Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log")),
-            largest: AtomicU64::new(0),
-            total: AtomicU64::new(0),
-        });
+        let counting = Arc::new(CountingReads::over(Arc::new(
+            EmbeddedBus::in_memory(LogSettings::default()).expect("log"),
+        )));
         let bus: Arc<dyn Bus> = counting.clone();
         let me = UserId::from_subject("t", "me");
         let (mine, joined_later) = (ChatId::new(), ChatId::new());
@@ -2259,11 +2372,15 @@ mod tests {
         let me = UserId::from_subject("t", "me");
         // `gone`: left while away. `long_gone`: left before the position resumed from.
         let (stayed, gone, long_gone) = (ChatId::new(), ChatId::new(), ChatId::new());
+        let now = OffsetDateTime::now_utc();
         let hub = Hub::new(
             Arc::clone(&bus),
             Arc::new(WithLeft {
                 chats: vec![stayed],
-                left: vec![gone, long_gone],
+                left: vec![
+                    left_at(gone, now + Duration::from_secs(1)),
+                    left_at(long_gone, now - Duration::from_secs(1)),
+                ],
             }),
             Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
             16,
@@ -2306,6 +2423,130 @@ mod tests {
             .await
             .expect("publishes");
         assert_eq!(next_text(&mut stream).await, "live");
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    #[tokio::test]
+    async fn a_resume_reads_only_the_chats_left_after_its_position() {
+        // Far more leavings than a filter of the log may name, all well before the position: none
+        // of those chats has an event in the range for the user, and the replay reads none.
+        let counting = Arc::new(CountingReads::over(Arc::new(
+            EmbeddedBus::in_memory(LogSettings::default()).expect("log"),
+        )));
+        let bus: Arc<dyn Bus> = counting.clone();
+        let me = UserId::from_subject("t", "me");
+        let stayed = ChatId::new();
+        let long_ago = OffsetDateTime::now_utc() - Duration::from_secs(3_600);
+        let leavings: Vec<LeftChat> = (0..MAX_LEFT_CHATS_REPLAYED)
+            .map(|_| left_at(ChatId::new(), long_ago))
+            .collect();
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(WithLeft {
+                chats: vec![stayed],
+                left: leavings.clone(),
+            }),
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        for chat in leavings.iter().take(3) {
+            bus.publish(&left(chat.chat_id, me))
+                .await
+                .expect("publishes");
+        }
+        let after = bus
+            .publish(&message(stayed, "seen"))
+            .await
+            .expect("publishes");
+        let last = bus
+            .publish(&message(stayed, "end"))
+            .await
+            .expect("publishes");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while hub.routes.read().expect("lock").last_seq < last {
+            assert!(tokio::time::Instant::now() < deadline, "never dispatched");
+            tokio::task::yield_now().await;
+        }
+
+        counting.filters.lock().expect("lock").clear();
+        let mut stream = hub.open(me, Some(after)).await.expect("opens");
+        assert_eq!(next_text(&mut stream).await, "end");
+        let filters: Vec<HashSet<ChatId>> = counting
+            .filters
+            .lock()
+            .expect("lock")
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
+        assert!(!filters.is_empty(), "the replay read the log");
+        for filter in filters {
+            assert_eq!(
+                (filter.len(), filter.contains(&stayed)),
+                (1, true),
+                "the replay reads the chat the user is in, and none they left before the position"
+            );
+        }
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    #[tokio::test]
+    async fn a_late_copy_of_a_leaving_lets_nothing_of_the_chat_through() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let me = UserId::from_subject("t", "me");
+        let (stayed, removed) = (ChatId::new(), ChatId::new());
+        let removal = left(removed, me);
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(WithLeft {
+                chats: vec![stayed],
+                left: vec![left_at(removed, removal.at)],
+            }),
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        bus.publish(&removal).await.expect("publishes");
+        let after = bus
+            .publish(&message(stayed, "seen"))
+            .await
+            .expect("publishes");
+        bus.publish(&message(removed, "after the removal"))
+            .await
+            .expect("publishes");
+        // Published again past the log's duplicate window: kept, under the same time.
+        let copy = Envelope {
+            id: uuid::Uuid::now_v7(),
+            ..removal.clone()
+        };
+        bus.publish(&copy).await.expect("publishes");
+        bus.publish(&message(removed, "after the copy"))
+            .await
+            .expect("publishes");
+        let last = bus
+            .publish(&message(stayed, "end"))
+            .await
+            .expect("publishes");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while hub.routes.read().expect("lock").last_seq < last {
+            assert!(tokio::time::Instant::now() < deadline, "never dispatched");
+            tokio::task::yield_now().await;
+        }
+
+        let mut stream = hub.open(me, Some(after)).await.expect("opens");
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            seen.push(next_text(&mut stream).await);
+        }
+        assert_eq!(seen, ["member.left", "end"]);
         shutdown.cancel();
         worker.await.expect("worker ends");
     }
