@@ -123,7 +123,7 @@ async fn views_of_a_large_chat_page_each_member_once(stack: Stack) {
         .map(|i| UserId::from_subject("receipts", &format!("{chat}-{i}")))
         .collect();
     add_members(&store, chat_id, &members).await;
-    let reached_newer = |i: usize| i % 800 == 0;
+    let reached_newer = |i: usize| i.is_multiple_of(800);
     let leaves = |i: usize| i % 800 == 1;
     let reads = members
         .iter()
