@@ -4289,29 +4289,17 @@ fn applied_or_row(
 }
 
 /// `None` when a lightweight transaction was applied; else `Some` of the existing row's
-/// `column_name` (`Some(None)` when that cell is empty).
+/// `column_name` (`Some(None)` when that cell is empty, or there is no row).
 fn lwt_row(
     result: scylla::response::query_result::QueryResult,
     column_name: &str,
 ) -> Result<Option<Option<CqlValue>>, StoreError> {
-    let result = result.into_rows_result().map_err(corrupt)?;
-    let row = result
-        .maybe_first_row::<Row>()
-        .map_err(corrupt)?
-        .ok_or_else(|| corrupt("lightweight transaction returned no row"))?;
-    if matches!(column(&row, 0), Some(CqlValue::Boolean(true))) {
-        return Ok(None);
-    }
-    let index = result
-        .column_specs()
-        .iter()
-        .position(|spec| spec.name() == column_name)
-        .ok_or_else(|| corrupt(format!("lightweight transaction without {column_name}")))?;
-    Ok(Some(column(&row, index).cloned()))
+    Ok(lwt_columns(result, &[column_name])?.map(|mut cells| cells.swap_remove(0)))
 }
 
 /// `None` when a lightweight transaction was applied; else `Some` of the existing row's cells
-/// named `names`, in that order.
+/// named `names`, in that order (all `None` when there is no row: a conditional update of a
+/// missing row answers `[applied]` alone).
 fn lwt_columns(
     result: scylla::response::query_result::QueryResult,
     names: &[&str],
@@ -4325,6 +4313,9 @@ fn lwt_columns(
         return Ok(None);
     }
     let specs = result.column_specs();
+    if specs.len() == 1 {
+        return Ok(Some(vec![None; names.len()]));
+    }
     names
         .iter()
         .map(|name| {
@@ -4339,30 +4330,18 @@ fn lwt_columns(
 }
 
 /// `None` when a lightweight transaction was applied; else `Some` of the existing row's text
-/// `column_name`: `Some(None)` when there is no row (a conditional update of a missing row answers
-/// `[applied]` alone) or the cell is empty.
+/// `column_name`: `Some(None)` when there is no row or the cell is empty.
 fn lwt_text(
     result: scylla::response::query_result::QueryResult,
     column_name: &str,
 ) -> Result<Option<Option<String>>, StoreError> {
-    let result = result.into_rows_result().map_err(corrupt)?;
-    let row = result
-        .maybe_first_row::<Row>()
-        .map_err(corrupt)?
-        .ok_or_else(|| corrupt("lightweight transaction returned no row"))?;
-    if matches!(column(&row, 0), Some(CqlValue::Boolean(true))) {
-        return Ok(None);
-    }
-    let cell = result
-        .column_specs()
-        .iter()
-        .position(|spec| spec.name() == column_name)
-        .and_then(|index| column(&row, index));
-    match cell {
-        None | Some(CqlValue::Empty) => Ok(Some(None)),
-        Some(CqlValue::Text(text)) => Ok(Some(Some(text.clone()))),
-        Some(other) => Err(corrupt(format!("{column_name} {other:?}"))),
-    }
+    lwt_row(result, column_name)?
+        .map(|cell| match cell {
+            None | Some(CqlValue::Empty) => Ok(None),
+            Some(CqlValue::Text(text)) => Ok(Some(text)),
+            Some(other) => Err(corrupt(format!("{column_name} {other:?}"))),
+        })
+        .transpose()
 }
 
 /// Whether a lightweight transaction was applied (its first column, `[applied]`).
