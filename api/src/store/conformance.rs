@@ -42,6 +42,7 @@ macro_rules! store_conformance_tests {
             chats_of_a_user,
             forgetting_a_left_chat_spares_members,
             left_chats_are_listed_newest_first,
+            removing_a_non_member_ends_nothing,
             every_chat_id_pages_once,
             devices_belong_to_one_user,
             racing_registrations_leave_one_owner,
@@ -1015,6 +1016,38 @@ pub async fn left_chats_are_listed_newest_first(store: Arc<dyn Store>) {
     assert!(
         times.windows(2).all(|pair| pair[0] >= pair[1]) && times[2] >= since,
         "newest first, none before `since`: {times:?}"
+    );
+}
+
+/// A removal of someone who is not a member ends no membership: a chat they never were in is not
+/// replayed to them as one they left, and a repeated removal (a pairing's end is retried) does not
+/// move their leaving ahead of later ones.
+pub async fn removing_a_non_member_ends_nothing(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    for u in [&alice, &bob, &carol] {
+        store.upsert_user(u).await.unwrap();
+    }
+    let since = OffsetDateTime::now_utc() - Duration::from_secs(1);
+    let left_by = |user: UserId| store.left_chats_of(user, since, 10);
+    let first = chat_with(store, alice.id, &[bob.id]).await;
+    let second = chat_with(store, alice.id, &[bob.id]).await;
+
+    store.remove_member(first, carol.id).await.unwrap();
+    assert!(
+        left_by(carol.id).await.unwrap().is_empty(),
+        "carol never was in the chat"
+    );
+
+    store.remove_member(first, bob.id).await.unwrap();
+    clock_past(OffsetDateTime::now_utc()).await;
+    store.remove_member(second, bob.id).await.unwrap();
+    clock_past(OffsetDateTime::now_utc()).await;
+    store.remove_member(first, bob.id).await.unwrap();
+    assert_eq!(
+        left_by(bob.id).await.unwrap(),
+        [second, first],
+        "bob left the first chat before the second"
     );
 }
 

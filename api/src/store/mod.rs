@@ -430,6 +430,9 @@ pub trait Store: Send + Sync + 'static {
     /// across processes: this is how membership's check-then-act stays correct.
     async fn change_member(&self, chat: ChatId, change: &GuardedChange)
     -> Result<bool, StoreError>;
+    /// Removes `user` from `chat` without conditions, recording their leaving
+    /// ([`Store::left_chats_of`]) only if they were a member: removing a non-member, or removing
+    /// again, ends nothing.
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError>;
     /// Finishes a removal of `user` from `chat` that stopped after its authoritative write: if
     /// they are not a member, records the chat among those they left ([`Store::left_chats_of`])

@@ -2282,6 +2282,16 @@ impl Store for CqlStore {
         // no member to remove. Once the coordinator has the batch in its batchlog, both deletions
         // are applied, eventually, whatever fails after; before that, neither is, and a retry
         // finds the member still in. Removals are rare: the batchlog's writes cost little.
+        //
+        // Only a membership that is there ends: a leaving recorded for someone who was not a
+        // member would replay the chat to them on resume, and a repeated removal would move their
+        // leaving ahead of later ones. Either row counts: the user's row outlives the
+        // authoritative one when a removal stopped half-way. With neither there, nothing is
+        // written, so a join that raced this read is kept, as if it came after the removal.
+        let listed = self.user_chat_role_written(chat, user).await?.is_some();
+        if !listed && self.member_role(chat, user).await?.is_none() {
+            return Ok(());
+        }
         self.record_left_chat(chat, user).await?;
         let mut batch = Batch::new(BatchType::Logged);
         batch.append_statement(self.statements.delete_chat_member.clone());
@@ -2298,17 +2308,7 @@ impl Store for CqlStore {
         // timestamp of the role read: a join after the check writes its row after that read, so
         // later, and keeps it. (A copy written later than the role survives as a row without a
         // role, which is no membership.)
-        let written = self
-            .session
-            .execute_unpaged(&self.statements.user_chat_role_written, (user.0, chat.0))
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(corrupt)?
-            .maybe_first_row::<(Option<i64>,)>()
-            .map_err(corrupt)?
-            .and_then(|(written,)| written);
-        let Some(written) = written else {
+        let Some(written) = self.user_chat_role_written(chat, user).await? else {
             return Ok(());
         };
         if self.member_role(chat, user).await?.is_some() {
@@ -3889,6 +3889,25 @@ impl CqlStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    /// The write time of the role in `user`'s row of `chat`: `None` when the chat is not listed
+    /// to them (no row, or a copy without a role).
+    async fn user_chat_role_written(
+        &self,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .session
+            .execute_unpaged(&self.statements.user_chat_role_written, (user.0, chat.0))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(corrupt)?
+            .and_then(|(written,)| written))
     }
 
     /// Records that `user`'s membership of `chat` ended now ([`Store::left_chats_of`]). Every
