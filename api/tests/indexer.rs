@@ -282,21 +282,15 @@ async fn follows_the_log_real() {
     }
 }
 
-/// The index holds what the store holds, whatever order the changes' events reach the log in: an
-/// edit's event logged after the message's deletion (the edit read its signal back before the
-/// deletion landed, and published after it) does not bring the deleted text back into the index,
-/// and an older edit's event logged after a newer one does not undo it.
-async fn a_late_edit_event_does_not_undo_a_later_change(parts: Parts) {
-    let indexer = parts.indexer();
-    parts.search.prepare().await.expect("prepares");
-    let chat = chat(&*parts.store).await;
-    let (deleted, edited) = (
-        send(&parts, chat, "harbour crane", false).await,
-        send(&parts, chat, "harbour crane", false).await,
-    );
-    indexer.catch_up().await.expect("catches up");
-
-    // The first message: edited, then deleted, with the edit's event logged last.
+/// Changes two messages of `chat`, and logs the changes' events out of order: `deleted` is edited
+/// (to "lighthouse secret") and then deleted, its edit's event logged last; `edited` is edited
+/// twice (to "lighthouse keeper", then "beacon keeper"), its first edit's event logged last.
+async fn log_changes_out_of_order(
+    parts: &Parts,
+    chat: ChatId,
+    deleted: SignalId,
+    edited: SignalId,
+) {
     let stale = parts
         .store
         .edit_signal(
@@ -314,7 +308,6 @@ async fn a_late_edit_event_does_not_undo_a_later_change(parts: Parts) {
         .await
         .expect("deletes")
         .expect("exists");
-    // The second: edited twice, the first edit's event logged last.
     let older = parts
         .store
         .edit_signal(chat, edited, "lighthouse keeper", OffsetDateTime::now_utc())
@@ -339,6 +332,23 @@ async fn a_late_edit_event_does_not_undo_a_later_change(parts: Parts) {
             .await
             .expect("published");
     }
+}
+
+/// The index holds what the store holds, whatever order the changes' events reach the log in: an
+/// edit's event logged after the message's deletion (the edit read its signal back before the
+/// deletion landed, and published after it) does not bring the deleted text back into the index,
+/// and an older edit's event logged after a newer one does not undo it.
+async fn a_late_edit_event_does_not_undo_a_later_change(parts: Parts) {
+    let indexer = parts.indexer();
+    parts.search.prepare().await.expect("prepares");
+    let chat = chat(&*parts.store).await;
+    let (deleted, edited) = (
+        send(&parts, chat, "harbour crane", false).await,
+        send(&parts, chat, "harbour crane", false).await,
+    );
+    indexer.catch_up().await.expect("catches up");
+
+    log_changes_out_of_order(&parts, chat, deleted, edited).await;
     indexer.catch_up().await.expect("catches up");
     assert_eq!(
         found(&parts, &[chat], "lighthouse").await,
@@ -393,49 +403,7 @@ async fn a_reindex_replay_does_not_undo_a_later_change(parts: Parts) {
         .await
         .expect("records");
 
-    // The first message: edited, then deleted, with the edit's event logged last.
-    let stale = parts
-        .store
-        .edit_signal(
-            chat,
-            deleted,
-            "lighthouse secret",
-            OffsetDateTime::now_utc(),
-        )
-        .await
-        .expect("edits")
-        .expect("exists");
-    let tombstone = parts
-        .store
-        .delete_signal(chat, deleted)
-        .await
-        .expect("deletes")
-        .expect("exists");
-    // The second: edited twice, the first edit's event logged last.
-    let older = parts
-        .store
-        .edit_signal(chat, edited, "lighthouse keeper", OffsetDateTime::now_utc())
-        .await
-        .expect("edits")
-        .expect("exists");
-    let newer = parts
-        .store
-        .edit_signal(chat, edited, "beacon keeper", OffsetDateTime::now_utc())
-        .await
-        .expect("edits")
-        .expect("exists");
-    for event in [
-        Event::SignalDeleted(tombstone),
-        Event::SignalUpdated(stale),
-        Event::SignalUpdated(newer),
-        Event::SignalUpdated(older),
-    ] {
-        parts
-            .bus
-            .publish(&Envelope::new(chat, event))
-            .await
-            .expect("published");
-    }
+    log_changes_out_of_order(&parts, chat, deleted, edited).await;
     let state = reindex(&*parts.store, &*parts.bus, &*parts.search, false, |_| {})
         .await
         .expect("resumes");
