@@ -1885,28 +1885,52 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn call_signalling_reaches_its_addressee_only_in_a_chat_they_route() {
-        use confab_schema::call::{CallRelay, CallSignalType};
+    /// A hub over a log in memory, routing by `membership`, started: the log, the hub, and the
+    /// token that stops its worker, and the worker.
+    async fn started_hub(
+        membership: impl Membership + 'static,
+    ) -> (
+        Arc<dyn Bus>,
+        Hub,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let bus: Arc<dyn Bus> =
             Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
-        let (alice, bob) = (
-            UserId::from_subject("t", "a"),
-            UserId::from_subject("t", "b"),
-        );
-        let (shared, left) = (ChatId::new(), ChatId::new());
         let hub = Hub::new(
             Arc::clone(&bus),
-            Arc::new(Fixed(HashMap::from([
-                (alice, vec![shared]),
-                (bob, vec![shared]),
-            ]))),
+            Arc::new(membership),
             Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
             16,
             100,
         );
         let shutdown = CancellationToken::new();
         let worker = hub.start(shutdown.clone()).await.expect("starts");
+        (bus, hub, shutdown, worker)
+    }
+
+    /// Waits until the hub has dispatched the log up to `seq`.
+    async fn dispatched_up_to(hub: &Hub, seq: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while hub.routes.read().expect("lock").last_seq < seq {
+            assert!(tokio::time::Instant::now() < deadline, "never dispatched");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn call_signalling_reaches_its_addressee_only_in_a_chat_they_route() {
+        use confab_schema::call::{CallRelay, CallSignalType};
+        let (alice, bob) = (
+            UserId::from_subject("t", "a"),
+            UserId::from_subject("t", "b"),
+        );
+        let (shared, left) = (ChatId::new(), ChatId::new());
+        let (_, hub, shutdown, worker) = started_hub(Fixed(HashMap::from([
+            (alice, vec![shared]),
+            (bob, vec![shared]),
+        ])))
+        .await;
         let mut alices = hub.open(alice, None).await.expect("opens");
         let signal = |chat: ChatId, to: UserId, sdp: &str| {
             Envelope::new(
@@ -2331,11 +2355,7 @@ mod tests {
             .await
             .expect("publishes");
         expected.push("last missed".into());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while hub.routes.read().expect("lock").last_seq < last {
-            assert!(tokio::time::Instant::now() < deadline, "never dispatched");
-            tokio::task::yield_now().await;
-        }
+        dispatched_up_to(&hub, last).await;
 
         let mut stream = hub.open(me, Some(after)).await.expect("opens");
         assert!(
@@ -2367,27 +2387,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_resume_replays_the_chats_left_meanwhile_up_to_the_leaving() {
-        let bus: Arc<dyn Bus> =
-            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
         let me = UserId::from_subject("t", "me");
         // `gone`: left while away. `long_gone`: left before the position resumed from.
         let (stayed, gone, long_gone) = (ChatId::new(), ChatId::new(), ChatId::new());
         let now = OffsetDateTime::now_utc();
-        let hub = Hub::new(
-            Arc::clone(&bus),
-            Arc::new(WithLeft {
-                chats: vec![stayed],
-                left: vec![
-                    left_at(gone, now + Duration::from_secs(1)),
-                    left_at(long_gone, now - Duration::from_secs(1)),
-                ],
-            }),
-            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
-            16,
-            100,
-        );
-        let shutdown = CancellationToken::new();
-        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let (bus, hub, shutdown, worker) = started_hub(WithLeft {
+            chats: vec![stayed],
+            left: vec![
+                left_at(gone, now + Duration::from_secs(1)),
+                left_at(long_gone, now - Duration::from_secs(1)),
+            ],
+        })
+        .await;
         bus.publish(&left(long_gone, me)).await.expect("publishes");
         let after = bus
             .publish(&message(stayed, "seen"))
@@ -2403,11 +2414,7 @@ mod tests {
         ] {
             last = bus.publish(&envelope).await.expect("publishes");
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while hub.routes.read().expect("lock").last_seq < last {
-            assert!(tokio::time::Instant::now() < deadline, "never dispatched");
-            tokio::task::yield_now().await;
-        }
+        dispatched_up_to(&hub, last).await;
 
         let mut stream = hub.open(me, Some(after)).await.expect("opens");
         let mut seen = Vec::new();
@@ -2466,11 +2473,7 @@ mod tests {
             .publish(&message(stayed, "end"))
             .await
             .expect("publishes");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while hub.routes.read().expect("lock").last_seq < last {
-            assert!(tokio::time::Instant::now() < deadline, "never dispatched");
-            tokio::task::yield_now().await;
-        }
+        dispatched_up_to(&hub, last).await;
 
         counting.filters.lock().expect("lock").clear();
         let mut stream = hub.open(me, Some(after)).await.expect("opens");
@@ -2497,23 +2500,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_late_copy_of_a_leaving_lets_nothing_of_the_chat_through() {
-        let bus: Arc<dyn Bus> =
-            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
         let me = UserId::from_subject("t", "me");
         let (stayed, removed) = (ChatId::new(), ChatId::new());
         let removal = left(removed, me);
-        let hub = Hub::new(
-            Arc::clone(&bus),
-            Arc::new(WithLeft {
-                chats: vec![stayed],
-                left: vec![left_at(removed, removal.at)],
-            }),
-            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
-            16,
-            100,
-        );
-        let shutdown = CancellationToken::new();
-        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let (bus, hub, shutdown, worker) = started_hub(WithLeft {
+            chats: vec![stayed],
+            left: vec![left_at(removed, removal.at)],
+        })
+        .await;
         bus.publish(&removal).await.expect("publishes");
         let after = bus
             .publish(&message(stayed, "seen"))
@@ -2535,11 +2529,7 @@ mod tests {
             .publish(&message(stayed, "end"))
             .await
             .expect("publishes");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while hub.routes.read().expect("lock").last_seq < last {
-            assert!(tokio::time::Instant::now() < deadline, "never dispatched");
-            tokio::task::yield_now().await;
-        }
+        dispatched_up_to(&hub, last).await;
 
         let mut stream = hub.open(me, Some(after)).await.expect("opens");
         let mut seen = Vec::new();
@@ -2553,21 +2543,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_member_out_of_a_chat_when_their_stream_opened_gets_its_leaving() {
-        let bus: Arc<dyn Bus> =
-            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
         let me = UserId::from_subject("t", "me");
         // `removed`: the store took them out before the stream read their chats, and the
         // removal's event comes after.
         let (stayed, removed) = (ChatId::new(), ChatId::new());
-        let hub = Hub::new(
-            Arc::clone(&bus),
-            Arc::new(Fixed(HashMap::from([(me, vec![stayed])]))),
-            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
-            16,
-            100,
-        );
-        let shutdown = CancellationToken::new();
-        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let (bus, hub, shutdown, worker) =
+            started_hub(Fixed(HashMap::from([(me, vec![stayed])]))).await;
         let mut stream = hub.open(me, None).await.expect("opens");
         for envelope in [
             message(removed, "before, not routed"),
@@ -2585,8 +2566,6 @@ mod tests {
 
     #[tokio::test]
     async fn routes_by_interest_and_follows_joins_and_leaves() {
-        let bus: Arc<dyn Bus> =
-            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
         let (alice, bob) = (
             UserId::from_subject("t", "a"),
             UserId::from_subject("t", "b"),
@@ -2596,15 +2575,7 @@ mod tests {
             (alice, vec![shared, alices]),
             (bob, vec![shared]),
         ]));
-        let hub = Hub::new(
-            Arc::clone(&bus),
-            Arc::new(membership),
-            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
-            16,
-            100,
-        );
-        let shutdown = CancellationToken::new();
-        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let (bus, hub, shutdown, worker) = started_hub(membership).await;
         let mut a = hub.open(alice, None).await.expect("opens");
         let mut b = hub.open(bob, None).await.expect("opens");
         for envelope in [
@@ -2648,11 +2619,7 @@ mod tests {
                 .await
                 .expect("publishes");
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while hub.routes.read().expect("lock").last_seq < last {
-            assert!(tokio::time::Instant::now() < deadline, "never dispatched");
-            tokio::task::yield_now().await;
-        }
+        dispatched_up_to(&hub, last).await;
         let mut received = 0;
         while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), a.next()).await {
             received += 1;
