@@ -216,6 +216,33 @@ async fn assert_refused(app: &TestApp, token: &str, what: &str) {
     );
 }
 
+/// Refused, and so is an event stream opened with it.
+async fn assert_refused_with_its_stream(app: &TestApp, token: &str, what: &str) {
+    assert_refused(app, token, what).await;
+    let stream = app
+        .http
+        .get(app.url("/v1/events"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 401, "{what}: a stream");
+}
+
+/// Logs out everywhere with `token`, and waits until `listening`, a stream of the same user, has
+/// ended and the clock's second is past the logout's (a token issued in the logout's second is
+/// refused by it anyway: one renewed after it is what tells). The logout's second.
+async fn log_out_everywhere(app: &TestApp, token: &str, listening: &mut SseStream) -> i64 {
+    let response = app.post(token, "/v1/me/logout-all", &json!({})).await;
+    assert_eq!(response.status(), 204);
+    let logged_out_at = now();
+    listening.ends().await;
+    while now() <= logged_out_at {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    logged_out_at
+}
+
 #[tokio::test]
 async fn tokens_with_bad_claims_are_refused() {
     let app = spawn_app(Stack::Embedded).await;
@@ -478,16 +505,7 @@ async fn logout_all_refuses_tokens_refreshed_after_it() {
     )
     .await;
 
-    let response = app
-        .post(&phone.access_token, "/v1/me/logout-all", &json!({}))
-        .await;
-    assert_eq!(response.status(), 204);
-    let logged_out_at = now();
-    laptops.ends().await;
-    // A token issued in the logout's second is refused by it anyway: renew after it.
-    while now() <= logged_out_at {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let logged_out_at = log_out_everywhere(&app, &phone.access_token, &mut laptops).await;
     for (device, sign_in) in [("phone", &phone), ("laptop", &laptop)] {
         let renewed = support::keycloak_refresh(sign_in).await;
         let claims = claims_of(&renewed.access_token);
@@ -496,15 +514,7 @@ async fn logout_all_refuses_tokens_refreshed_after_it() {
             claims["iat"].as_i64().unwrap() > logged_out_at,
             "{device}: issued after the logout: {claims}"
         );
-        assert_refused(&app, &renewed.access_token, device).await;
-        let stream = app
-            .http
-            .get(app.url("/v1/events"))
-            .bearer_auth(&renewed.access_token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(stream.status(), 401, "{device}: a stream");
+        assert_refused_with_its_stream(&app, &renewed.access_token, device).await;
     }
     // bob's sessions go on, renewed too.
     assert_eq!(app.get(&bob.access_token, "/v1/me").await.status(), 200);
@@ -552,26 +562,10 @@ async fn logout_all_refuses_sessions_renewed_after_it_on_the_embedded_stack() {
             .bearer_auth(token(&app, "alice", &laptop)),
     )
     .await;
-    let response = app
-        .post(&alices_phone, "/v1/me/logout-all", &json!({}))
-        .await;
-    assert_eq!(response.status(), 204);
-    let logged_out_at = now();
-    laptops.ends().await;
-    while now() <= logged_out_at {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    log_out_everywhere(&app, &alices_phone, &mut laptops).await;
     for (device, sid) in [("phone", &phone), ("laptop", &laptop)] {
         let renewed = token(&app, "alice", sid);
-        assert_refused(&app, &renewed, device).await;
-        let stream = app
-            .http
-            .get(app.url("/v1/events"))
-            .bearer_auth(&renewed)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(stream.status(), 401, "{device}: a stream");
+        assert_refused_with_its_stream(&app, &renewed, device).await;
     }
     assert_eq!(
         app.get(&token(&app, "bob", &bobs), "/v1/me").await.status(),
