@@ -257,6 +257,23 @@ async fn without_vapid_keys_web_push_is_refused() {
     app.stop().await;
 }
 
+/// `api`'s state, recording the logouts it makes in `logouts`; and those logouts.
+fn recording_logouts(
+    api: &support::held_store::HeldApi,
+    logouts: &tempfile::TempDir,
+) -> (
+    confab_api::ApiState,
+    Arc<confab_runtime::revocation::Revocations>,
+) {
+    let revocations = confab_runtime::revocation::Revocations::in_file(
+        logouts.path().join("revocations.jsonl"),
+        std::time::Duration::from_secs(3_600),
+    )
+    .unwrap();
+    let state = api.state.clone().with_revocations(Arc::clone(&revocations));
+    (state, revocations)
+}
+
 /// A logout everywhere whose removal of the user's devices fails answers the failure (so it is
 /// not taken for done while the devices still get pushes), and the sessions have ended all the
 /// same; tried again, it removes them.
@@ -269,12 +286,7 @@ async fn a_logout_that_could_not_remove_devices_says_so(stack: Stack) {
 
     let api = HeldApi::new(stack).await;
     let logouts = tempfile::tempdir().unwrap();
-    let revocations = confab_runtime::revocation::Revocations::in_file(
-        logouts.path().join("revocations.jsonl"),
-        std::time::Duration::from_secs(3_600),
-    )
-    .unwrap();
-    let state = api.state.clone().with_revocations(Arc::clone(&revocations));
+    let (state, revocations) = recording_logouts(&api, &logouts);
     let bob = api.user("bob").await;
     let phone = NewDevice::parse(
         DeviceFields {
@@ -326,12 +338,7 @@ async fn a_registration_racing_a_logout_everywhere_is_undone(stack: Stack) {
 
     let api = HeldApi::new(stack).await;
     let logouts = tempfile::tempdir().unwrap();
-    let revocations = confab_runtime::revocation::Revocations::in_file(
-        logouts.path().join("revocations.jsonl"),
-        std::time::Duration::from_secs(3_600),
-    )
-    .unwrap();
-    let state = api.state.clone().with_revocations(Arc::clone(&revocations));
+    let (state, _) = recording_logouts(&api, &logouts);
     let (alice, bob) = (api.user("alice").await, api.user("bob").await);
     let device = |token: &str| {
         NewDevice::parse(
