@@ -59,6 +59,32 @@ async fn read_until_message(stream: &mut SseStream, text: &str) -> Vec<SseEvent>
     }
 }
 
+/// Opens `reader`'s stream, has `sender` send `text` to `chat`, and closes the stream once it
+/// has read that message: the id of the last event it read, where a resume of it starts.
+async fn last_seen_at(app: &TestApp, reader: &str, sender: &str, chat: &str, text: &str) -> String {
+    let mut stream = SseStream::open(app.http.get(events_url(app)).bearer_auth(reader)).await;
+    send(app, sender, chat, text).await;
+    read_until_message(&mut stream, text)
+        .await
+        .last()
+        .unwrap()
+        .id
+        .clone()
+        .unwrap()
+}
+
+/// Has `by` remove `member` from `chat` (themself: they leave it).
+async fn remove_member(app: &TestApp, by: &str, chat: &str, member: &str) {
+    let removed = app
+        .http
+        .delete(app.url(&format!("/v1/chats/{chat}/members/{member}")))
+        .bearer_auth(by)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 204);
+}
+
 fn seq(event: &SseEvent) -> u64 {
     event
         .id
@@ -75,11 +101,7 @@ async fn resume_replays_exactly_what_was_missed(stack: Stack) {
     let bob_id = app.me(&bob).await;
     let chat = app.group_chat(&alice, &[&bob_id]).await;
 
-    let mut first = SseStream::open(app.http.get(events_url(&app)).bearer_auth(&bob)).await;
-    send(&app, &alice, &chat, "seen").await;
-    let seen = read_until_message(&mut first, "seen").await;
-    let last_seen = seen.last().unwrap().id.clone().unwrap();
-    drop(first);
+    let last_seen = last_seen_at(&app, &bob, &alice, &chat, "seen").await;
 
     // While bob is away: five messages.
     for i in 0..5 {
@@ -207,27 +229,11 @@ async fn resume_follows_membership(stack: Stack) {
     let carol_id = app.me(&carol).await;
     let joined = app.group_chat(&alice, &[&carol_id]).await;
 
-    let mut first = SseStream::open(app.http.get(events_url(&app)).bearer_auth(&bob)).await;
-    send(&app, &alice, &stayed, "before").await;
-    let last_seen = read_until_message(&mut first, "before")
-        .await
-        .last()
-        .unwrap()
-        .id
-        .clone()
-        .unwrap();
-    drop(first);
+    let last_seen = last_seen_at(&app, &bob, &alice, &stayed, "before").await;
 
     send(&app, &alice, &joined, "before bob joined").await;
     send(&app, &alice, &left, "before bob left").await;
-    let removed = app
-        .http
-        .delete(app.url(&format!("/v1/chats/{left}/members/{bob_id}")))
-        .bearer_auth(&alice)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(removed.status(), 204);
+    remove_member(&app, &alice, &left, &bob_id).await;
     send(&app, &alice, &left, "after bob left").await;
     let added = app
         .post(
@@ -342,36 +348,13 @@ async fn a_resume_tells_of_the_chats_left_meanwhile(stack: Stack) {
     let left_by_bob = app.group_chat(&alice, &[&bob_id]).await;
     let stayed = app.group_chat(&alice, &[&bob_id]).await;
 
-    let mut first = SseStream::open(app.http.get(events_url(&app)).bearer_auth(&bob)).await;
-    send(&app, &alice, &stayed, "seen").await;
-    let last_seen = read_until_message(&mut first, "seen")
-        .await
-        .last()
-        .unwrap()
-        .id
-        .clone()
-        .unwrap();
-    drop(first);
+    let last_seen = last_seen_at(&app, &bob, &alice, &stayed, "seen").await;
 
     send(&app, &alice, &removed_from, "before the removal").await;
-    let removed = app
-        .http
-        .delete(app.url(&format!("/v1/chats/{removed_from}/members/{bob_id}")))
-        .bearer_auth(&alice)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(removed.status(), 204);
+    remove_member(&app, &alice, &removed_from, &bob_id).await;
     send(&app, &alice, &removed_from, "after the removal").await;
     send(&app, &alice, &left_by_bob, "before bob left").await;
-    let left = app
-        .http
-        .delete(app.url(&format!("/v1/chats/{left_by_bob}/members/{bob_id}")))
-        .bearer_auth(&bob)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(left.status(), 204);
+    remove_member(&app, &bob, &left_by_bob, &bob_id).await;
     send(&app, &alice, &left_by_bob, "after bob left").await;
     send(&app, &alice, &stayed, "end").await;
 
