@@ -201,6 +201,35 @@ async fn start_receiver(vapid_public: &str, devices: &[&str]) -> Receiver {
     receiver
 }
 
+/// An app whose pushes are delayed 300 ms, and `bob` with one device, `device`, that `alice` can
+/// reach.
+struct BobsDevice {
+    app: TestApp,
+    receiver: Receiver,
+    alice: String,
+    bob: String,
+    bob_id: String,
+}
+
+async fn bobs_device(stack: Stack, device: &str) -> BobsDevice {
+    let keys = VapidKeys::generate();
+    let receiver = start_receiver(&keys.public_key, &[device]).await;
+    let data = tempfile::tempdir().unwrap();
+    let config = push_config(stack, &data, &keys, 300);
+    let app = support::spawn_with(stack, config, data).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    receiver.register(&app, &bob, &[device]).await;
+    BobsDevice {
+        app,
+        receiver,
+        alice,
+        bob,
+        bob_id,
+    }
+}
+
 /// A configuration for `stack` whose pushes go out after `delay_ms`, signed with `keys`, to
 /// endpoints on loopback (the receivers here).
 fn push_config(
@@ -383,15 +412,13 @@ async fn delayed_push(stack: Stack) {
 /// gets no push, and with previews turned off meanwhile the push says who, not what. (The
 /// settings are read when the push is scheduled, and a delay may be up to a day.)
 async fn settings_changed_while_a_push_waits(stack: Stack) {
-    let keys = VapidKeys::generate();
-    let receiver = start_receiver(&keys.public_key, &["phone"]).await;
-    let data = tempfile::tempdir().unwrap();
-    let config = push_config(stack, &data, &keys, 300);
-    let app = support::spawn_with(stack, config, data).await;
-    let alice = app.token("alice").await;
-    let bob = app.token("bob").await;
-    let bob_id = app.me(&bob).await;
-    receiver.register(&app, &bob, &["phone"]).await;
+    let BobsDevice {
+        app,
+        receiver,
+        alice,
+        bob,
+        bob_id,
+    } = bobs_device(stack, "phone").await;
     let (muted, private, later) = (
         app.group_chat(&alice, &[&bob_id]).await,
         app.group_chat(&alice, &[&bob_id]).await,
@@ -735,15 +762,13 @@ async fn delayed_push_on_the_real_stack() {
 /// rings nothing, an edited one is previewed as edited, and a deleted message whose push was sent
 /// already has it withdrawn from the devices.
 async fn deleted_and_edited_messages(stack: Stack) {
-    let keys = VapidKeys::generate();
-    let receiver = start_receiver(&keys.public_key, &["laptop"]).await;
-    let data = tempfile::tempdir().unwrap();
-    let config = push_config(stack, &data, &keys, 300);
-    let app = support::spawn_with(stack, config, data).await;
-    let alice = app.token("alice").await;
-    let bob = app.token("bob").await;
-    let bob_id = app.me(&bob).await;
-    receiver.register(&app, &bob, &["laptop"]).await;
+    let BobsDevice {
+        app,
+        receiver,
+        alice,
+        bob,
+        bob_id,
+    } = bobs_device(stack, "laptop").await;
     let (deleted, edited, sent, later) = (
         app.group_chat(&alice, &[&bob_id]).await,
         app.group_chat(&alice, &[&bob_id]).await,
@@ -976,15 +1001,13 @@ on_both_stacks!(logout_all_removes_push_devices);
 /// `left` signal moves their marker past the message; should that bookkeeping fail, the sender's
 /// membership check stops the push: `push::tests` in the notifier.)
 async fn removed_members_get_no_push(stack: Stack) {
-    let keys = VapidKeys::generate();
-    let receiver = start_receiver(&keys.public_key, &["phone"]).await;
-    let data = tempfile::tempdir().unwrap();
-    let config = push_config(stack, &data, &keys, 300);
-    let app = support::spawn_with(stack, config, data).await;
-    let alice = app.token("alice").await;
-    let bob = app.token("bob").await;
-    let bob_id = app.me(&bob).await;
-    receiver.register(&app, &bob, &["phone"]).await;
+    let BobsDevice {
+        app,
+        receiver,
+        alice,
+        bob,
+        bob_id,
+    } = bobs_device(stack, "phone").await;
     let (left, later) = (
         app.group_chat(&alice, &[&bob_id]).await,
         app.group_chat(&alice, &[&bob_id]).await,
