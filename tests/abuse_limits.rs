@@ -116,15 +116,6 @@ async fn rate_limits_are_per_user_and_class_over_http_and_websocket(stack: Stack
 }
 on_both_stacks!(rate_limits_are_per_user_and_class_over_http_and_websocket);
 
-async fn delete(app: &TestApp, token: &str, path: &str) -> reqwest::Response {
-    app.http
-        .delete(app.url(path))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-}
-
 /// Queue joins and leaves, and circle joins by access code, have limits of their own: a user who
 /// joins and leaves a queue over and over, or tries access codes, is answered 429 once past them.
 /// A code that opens nothing counts as much as one that opens a circle; reading one's place in a
@@ -139,9 +130,9 @@ async fn queue_and_circle_joins_are_rate_limited(stack: Stack) {
     let bob = app.token("bob").await;
     let join = "/v1/queues/talk/join";
     assert_eq!(app.post(&alice, join, &json!({})).await.status(), 202);
-    assert_eq!(delete(&app, &alice, "/v1/queues/talk").await.status(), 204);
+    assert_eq!(app.delete(&alice, "/v1/queues/talk").await.status(), 204);
     assert_eq!(app.post(&alice, join, &json!({})).await.status(), 202);
-    let problem = assert_limited(delete(&app, &alice, "/v1/queues/talk").await).await;
+    let problem = assert_limited(app.delete(&alice, "/v1/queues/talk").await).await;
     assert!(
         problem["detail"].as_str().unwrap().contains("queue"),
         "{problem}"

@@ -45,15 +45,6 @@ async fn people(app: &TestApp, names: &[&str]) -> Vec<Person> {
     found
 }
 
-async fn delete(app: &TestApp, token: &str, path: &str) -> reqwest::Response {
-    app.http
-        .delete(app.url(path))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-}
-
 async fn problem(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(response.status(), status);
     assert_eq!(
@@ -234,8 +225,7 @@ async fn codes_members_and_problems(stack: Stack) {
 
     // Removal: members cannot remove others, the owner can; the owner cannot leave.
     problem(
-        delete(
-            &app,
+        app.delete(
             &bob.token,
             &format!("/v1/circles/{id}/members/{}", carol.id),
         )
@@ -244,8 +234,7 @@ async fn codes_members_and_problems(stack: Stack) {
     )
     .await;
     problem(
-        delete(
-            &app,
+        app.delete(
             &alice.token,
             &format!("/v1/circles/{id}/members/{}", alice.id),
         )
@@ -254,8 +243,7 @@ async fn codes_members_and_problems(stack: Stack) {
     )
     .await;
     assert_eq!(
-        delete(
-            &app,
+        app.delete(
             &alice.token,
             &format!("/v1/circles/{id}/members/{}", carol.id)
         )
@@ -271,13 +259,9 @@ async fn codes_members_and_problems(stack: Stack) {
     .await;
     // Leaving.
     assert_eq!(
-        delete(
-            &app,
-            &bob.token,
-            &format!("/v1/circles/{id}/members/{}", bob.id)
-        )
-        .await
-        .status(),
+        app.delete(&bob.token, &format!("/v1/circles/{id}/members/{}", bob.id))
+            .await
+            .status(),
         204
     );
     // Now there is room; a rotated code replaces the old one.
@@ -320,7 +304,7 @@ async fn codes_members_and_problems(stack: Stack) {
     )
     .await;
     problem(app.get(&alice.token, "/v1/queues/talk").await, 404).await;
-    problem(delete(&app, &alice.token, "/v1/queues/shout").await, 404).await;
+    problem(app.delete(&alice.token, "/v1/queues/shout").await, 404).await;
     app.stop().await;
 }
 
@@ -402,7 +386,7 @@ async fn pairing_never_repeats_the_previous_partner(stack: Stack, seed: u64, rou
                 }
             }
         } else {
-            assert_eq!(delete(&app, &p[who].token, &path).await.status(), 204);
+            assert_eq!(app.delete(&p[who].token, &path).await.status(), 204);
             if let State::Paired(partner) = state[who] {
                 state[partner] = State::Idle;
             }
@@ -617,7 +601,7 @@ async fn pairs_chat_and_expire(stack: Stack) {
     }
 
     // Ending the pairing tells both, and both leave its chat.
-    assert_eq!(delete(&app, &bob.token, &path).await.status(), 204);
+    assert_eq!(app.delete(&bob.token, &path).await.status(), 204);
     let ended = alices.next_of("circle.unpaired").await;
     assert_eq!(ended.data["data"]["chat_id"], chat.as_str());
     assert_eq!(ended.data["data"]["by"], bob.id.as_str());
@@ -874,7 +858,7 @@ async fn queues_match_oldest_first_and_forget_the_disconnected(stack: Stack) {
         .unwrap();
     assert_eq!(bobs["state"], "waiting");
     assert_eq!(
-        delete(&app, &bob.token, "/v1/queues/vent").await.status(),
+        app.delete(&bob.token, "/v1/queues/vent").await.status(),
         204
     );
     problem(app.get(&bob.token, "/v1/queues/vent").await, 404).await;
@@ -1003,7 +987,7 @@ async fn queue_matches_end_for_both(stack: Stack) {
 
     // Alice leaves the queue: the match ends for both, and Bob is told.
     assert_eq!(
-        delete(&app, &alice.token, "/v1/queues/talk").await.status(),
+        app.delete(&alice.token, "/v1/queues/talk").await.status(),
         204
     );
     let ended = streams[1]

@@ -31,15 +31,6 @@ async fn put(app: &TestApp, token: &str, path: &str) -> reqwest::Response {
         .unwrap()
 }
 
-async fn delete(app: &TestApp, token: &str, path: &str) -> reqwest::Response {
-    app.http
-        .delete(app.url(path))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-}
-
 async fn send(app: &TestApp, token: &str, chat: &str, text: &str) -> Value {
     let (status, body) = status_of(
         app.post(
@@ -145,8 +136,7 @@ async fn data_model(stack: Stack) {
     );
     let raced = outcomes[0].1["id"].clone();
     let (_, deleted) = status_of(
-        delete(
-            &app,
+        app.delete(
             &alice,
             &format!("/v1/chats/{chat}/signals/{}", raced.as_str().unwrap()),
         )
@@ -293,7 +283,7 @@ async fn data_model(stack: Stack) {
     assert_eq!(reacted["reactions"]["👍"], 2);
     let who = all_pages(&app, &bob, &format!("{signal_path}/reactions"), 1).await;
     assert_eq!(who.len(), 2, "{who:?}");
-    let (_, removed) = status_of(delete(&app, &bob, &thumbs).await).await;
+    let (_, removed) = status_of(app.delete(&bob, &thumbs).await).await;
     assert_eq!(removed["count"], 1);
     assert_eq!(
         bobs.next_of("reaction.removed").await.data["data"]["count"],
@@ -308,8 +298,8 @@ async fn data_model(stack: Stack) {
 
     // Deletion: the author or an admin; history keeps a tombstone without text.
     let carols = format!("/v1/chats/{chat}/signals/{}", third["id"].as_str().unwrap());
-    assert_eq!(delete(&app, &bob, &carols).await.status(), 403);
-    let (status, tombstone) = status_of(delete(&app, &alice, &carols).await).await;
+    assert_eq!(app.delete(&bob, &carols).await.status(), 403);
+    let (status, tombstone) = status_of(app.delete(&alice, &carols).await).await;
     assert_eq!(status, 200, "the owner deletes");
     assert_eq!(tombstone["deleted"], true);
     assert_eq!(tombstone["text"], Value::Null);
@@ -434,19 +424,19 @@ async fn data_model(stack: Stack) {
     );
     // Removal: the admin removes a member; a member cannot remove others; anyone leaves.
     assert_eq!(
-        delete(&app, &carol, &format!("{members_path}/{dave_id}"))
+        app.delete(&carol, &format!("{members_path}/{dave_id}"))
             .await
             .status(),
         403
     );
     assert_eq!(
-        delete(&app, &bob, &format!("{members_path}/{alice_id}"))
+        app.delete(&bob, &format!("{members_path}/{alice_id}"))
             .await
             .status(),
         403
     );
     assert_eq!(
-        delete(&app, &bob, &format!("{members_path}/{dave_id}"))
+        app.delete(&bob, &format!("{members_path}/{dave_id}"))
             .await
             .status(),
         204
@@ -463,14 +453,14 @@ async fn data_model(stack: Stack) {
         "removed members read nothing"
     );
     assert_eq!(
-        delete(&app, &carol, &format!("{members_path}/{carol_id}"))
+        app.delete(&carol, &format!("{members_path}/{carol_id}"))
             .await
             .status(),
         204
     );
     // The last owner hands over first.
     assert_eq!(
-        delete(&app, &alice, &format!("{members_path}/{alice_id}"))
+        app.delete(&alice, &format!("{members_path}/{alice_id}"))
             .await
             .status(),
         422
@@ -493,7 +483,7 @@ async fn data_model(stack: Stack) {
         200
     );
     assert_eq!(
-        delete(&app, &alice, &format!("{members_path}/{alice_id}"))
+        app.delete(&alice, &format!("{members_path}/{alice_id}"))
             .await
             .status(),
         204
@@ -530,7 +520,7 @@ async fn data_model(stack: Stack) {
         422
     );
     assert_eq!(
-        delete(&app, &bob, &format!("/v1/chats/{direct}/members/{bob_id}"))
+        app.delete(&bob, &format!("/v1/chats/{direct}/members/{bob_id}"))
             .await
             .status(),
         422

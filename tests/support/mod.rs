@@ -317,6 +317,15 @@ impl TestApp {
             .unwrap()
     }
 
+    pub async fn delete(&self, token: &str, path: &str) -> reqwest::Response {
+        self.http
+            .delete(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn post(&self, token: &str, path: &str, body: &Value) -> reqwest::Response {
         self.http
             .post(self.url(path))
