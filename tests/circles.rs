@@ -1326,6 +1326,62 @@ async fn a_removal_that_failed_half_way_is_finished_by_its_retry(stack: Stack) {
 
 on_both_stacks!(a_removal_that_failed_half_way_is_finished_by_its_retry);
 
+/// Alice, and Bob waiting in the `listen` queue, where the next to join `vent` is paired with him.
+async fn bob_listening(setup: &HeldApi) -> (User, User) {
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    setup
+        .state
+        .join_queue(bob.id, QueueKind::Listen)
+        .await
+        .unwrap();
+    (alice, bob)
+}
+
+/// Alice's join of the `vent` queue, on its way.
+fn alice_vents(
+    setup: &HeldApi,
+    alice: &User,
+) -> tokio::task::JoinHandle<confab_api::error::ApiResult<confab_schema::circle::PairingStatus>> {
+    let state = setup.state.clone();
+    let user = alice.id;
+    tokio::spawn(async move { state.join_queue(user, QueueKind::Vent).await })
+}
+
+/// The owner of a circle of Alice and Bob, Alice, Bob, the circle, and what Bob's entry of its
+/// lobby answered: the next to enter is paired with him.
+async fn bob_in_a_lobby(
+    setup: &HeldApi,
+) -> (
+    User,
+    User,
+    User,
+    Circle,
+    confab_schema::circle::PairingStatus,
+) {
+    let owner = setup.user("owner").await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let circle = setup.circle(&owner, &[&alice, &bob]).await;
+    let entered = setup
+        .state
+        .enter_circle_lobby(bob.id, circle.id)
+        .await
+        .unwrap();
+    (owner, alice, bob, circle, entered)
+}
+
+/// `user`'s entry of `circle`'s lobby, on its way.
+fn enters_the_lobby(
+    setup: &HeldApi,
+    user: &User,
+    circle: &Circle,
+) -> tokio::task::JoinHandle<confab_api::error::ApiResult<confab_schema::circle::PairingStatus>> {
+    let state = setup.state.clone();
+    let (user, circle) = (user.id, circle.id);
+    tokio::spawn(async move { state.enter_circle_lobby(user, circle).await })
+}
+
 /// The chats `a` is in that `b` is in too, and those in `a`'s chat list: what a pairing of the
 /// two left behind.
 async fn chats_left_to(store: &Arc<support::held_store::HeldStore>, a: &User, b: &User) -> String {
@@ -1349,19 +1405,9 @@ async fn chats_left_to(store: &Arc<support::held_store::HeldStore>, a: &User, b:
 /// match ended meanwhile; she joins again), neither a chat nor a 404.
 async fn a_match_ended_while_its_chat_is_made_leaves_no_chat(stack: Stack) {
     let setup = HeldApi::new(stack).await;
-    let alice = setup.user("alice").await;
-    let bob = setup.user("bob").await;
-    setup
-        .state
-        .join_queue(bob.id, QueueKind::Listen)
-        .await
-        .unwrap();
+    let (alice, bob) = bob_listening(&setup).await;
     setup.store.hold_next(Held::ChatCreated);
-    let join = tokio::spawn({
-        let state = setup.state.clone();
-        let user = alice.id;
-        async move { state.join_queue(user, QueueKind::Vent).await }
-    });
+    let join = alice_vents(&setup, &alice);
     setup.store.gate.arrived(1).await;
     setup
         .state
@@ -1388,22 +1434,10 @@ async fn a_pairing_ended_while_its_chat_is_made_leaves_no_chat(stack: Stack) {
     for removal in [false, true] {
         // A gate opens once: each case has its own.
         let setup = HeldApi::new(stack).await;
-        let owner = setup.user("owner").await;
-        let alice = setup.user("alice").await;
-        let bob = setup.user("bob").await;
-        let circle = setup.circle(&owner, &[&alice, &bob]).await;
-        let waiting = setup
-            .state
-            .enter_circle_lobby(bob.id, circle.id)
-            .await
-            .unwrap();
+        let (owner, alice, bob, circle, waiting) = bob_in_a_lobby(&setup).await;
         assert_eq!(waiting.state, PairingState::Waiting, "{waiting:?}");
         setup.store.hold_next(Held::ChatCreated);
-        let entry = tokio::spawn({
-            let state = setup.state.clone();
-            let (user, circle) = (alice.id, circle.id);
-            async move { state.enter_circle_lobby(user, circle).await }
-        });
+        let entry = enters_the_lobby(&setup, &alice, &circle);
         setup.store.gate.arrived(1).await;
         if removal {
             setup
@@ -1495,15 +1529,7 @@ async fn a_leave_racing_a_match_leaves_the_match_standing(stack: Stack) {
 
     // The lobby.
     let setup = HeldApi::new(stack).await;
-    let owner = setup.user("owner").await;
-    let alice = setup.user("alice").await;
-    let bob = setup.user("bob").await;
-    let circle = setup.circle(&owner, &[&alice, &bob]).await;
-    let waiting = setup
-        .state
-        .enter_circle_lobby(bob.id, circle.id)
-        .await
-        .unwrap();
+    let (_, alice, bob, circle, waiting) = bob_in_a_lobby(&setup).await;
     assert_eq!(waiting.state, PairingState::Waiting, "{waiting:?}");
     setup.store.hold_next(Held::Slots);
     let leave = tokio::spawn({
@@ -1648,19 +1674,9 @@ async fn event_kinds_of(setup: &HeldApi, chat: ChatId) -> Vec<&'static str> {
 async fn a_match_is_announced_before_its_end(stack: Stack) {
     // The queue. A gate opens once: each case has its own.
     let setup = HeldApi::new(stack).await;
-    let alice = setup.user("alice").await;
-    let bob = setup.user("bob").await;
-    setup
-        .state
-        .join_queue(bob.id, QueueKind::Listen)
-        .await
-        .unwrap();
+    let (alice, bob) = bob_listening(&setup).await;
     setup.bus.hold_next(EventKind::QueueMatched);
-    let join = tokio::spawn({
-        let state = setup.state.clone();
-        let user = alice.id;
-        async move { state.join_queue(user, QueueKind::Vent).await }
-    });
+    let join = alice_vents(&setup, &alice);
     setup.bus.gate.arrived(1).await;
     let matched = setup
         .state
@@ -1693,21 +1709,9 @@ async fn a_match_is_announced_before_its_end(stack: Stack) {
 
     // The lobby.
     let setup = HeldApi::new(stack).await;
-    let owner = setup.user("owner").await;
-    let alice = setup.user("alice").await;
-    let bob = setup.user("bob").await;
-    let circle = setup.circle(&owner, &[&alice, &bob]).await;
-    setup
-        .state
-        .enter_circle_lobby(bob.id, circle.id)
-        .await
-        .unwrap();
+    let (_, alice, bob, circle, _) = bob_in_a_lobby(&setup).await;
     setup.bus.hold_next(EventKind::CirclePaired);
-    let entry = tokio::spawn({
-        let state = setup.state.clone();
-        let (user, circle) = (alice.id, circle.id);
-        async move { state.enter_circle_lobby(user, circle).await }
-    });
+    let entry = enters_the_lobby(&setup, &alice, &circle);
     setup.bus.gate.arrived(1).await;
     let slots = setup.store.slots(&circle_pool(circle.id)).await.unwrap();
     let chat = slots
@@ -1741,19 +1745,9 @@ on_both_stacks!(a_match_is_announced_before_its_end);
 /// told), as a retried circle removal finishes a half-failed one.
 async fn an_end_stopped_between_its_two_closes_is_finished_by_its_retry(stack: Stack) {
     let setup = HeldApi::new(stack).await;
-    let alice = setup.user("alice").await;
-    let bob = setup.user("bob").await;
-    setup
-        .state
-        .join_queue(bob.id, QueueKind::Listen)
-        .await
-        .unwrap();
+    let (alice, bob) = bob_listening(&setup).await;
     setup.under.hold_next(Held::ChatCreated);
-    let join = tokio::spawn({
-        let state = setup.state.clone();
-        let user = alice.id;
-        async move { state.join_queue(user, QueueKind::Vent).await }
-    });
+    let join = alice_vents(&setup, &alice);
     setup.under.gate.arrived(1).await;
     setup.store.hold_next(Held::Slots);
     let leave = tokio::spawn({
