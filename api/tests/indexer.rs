@@ -334,6 +334,23 @@ async fn log_changes_out_of_order(
     }
 }
 
+/// After [`log_changes_out_of_order`]: the index finds `edited` by its latest text, and nothing by
+/// a deleted or replaced one (else it fails saying `undone`).
+async fn assert_only_the_latest_texts_found(
+    parts: &Parts,
+    chat: ChatId,
+    edited: SignalId,
+    undone: &str,
+) {
+    assert_eq!(
+        found(parts, &[chat], "lighthouse").await,
+        set(&[]),
+        "{undone}"
+    );
+    assert_eq!(found(parts, &[chat], "beacon").await, set(&[edited]));
+    assert_eq!(found(parts, &[chat], "harbour").await, set(&[]));
+}
+
 /// The index holds what the store holds, whatever order the changes' events reach the log in: an
 /// edit's event logged after the message's deletion (the edit read its signal back before the
 /// deletion landed, and published after it) does not bring the deleted text back into the index,
@@ -350,13 +367,13 @@ async fn a_late_edit_event_does_not_undo_a_later_change(parts: Parts) {
 
     log_changes_out_of_order(&parts, chat, deleted, edited).await;
     indexer.catch_up().await.expect("catches up");
-    assert_eq!(
-        found(&parts, &[chat], "lighthouse").await,
-        set(&[]),
-        "the index brought back a deleted message's text or an edit undone since"
-    );
-    assert_eq!(found(&parts, &[chat], "beacon").await, set(&[edited]));
-    assert_eq!(found(&parts, &[chat], "harbour").await, set(&[]));
+    assert_only_the_latest_texts_found(
+        &parts,
+        chat,
+        edited,
+        "the index brought back a deleted message's text or an edit undone since",
+    )
+    .await;
     parts.finish().await;
 }
 
@@ -408,13 +425,13 @@ async fn a_reindex_replay_does_not_undo_a_later_change(parts: Parts) {
         .await
         .expect("resumes");
     assert!(state.done);
-    assert_eq!(
-        found(&parts, &[chat], "lighthouse").await,
-        set(&[]),
-        "the reindex's replay brought back a deleted message's text or an edit undone since"
-    );
-    assert_eq!(found(&parts, &[chat], "beacon").await, set(&[edited]));
-    assert_eq!(found(&parts, &[chat], "harbour").await, set(&[]));
+    assert_only_the_latest_texts_found(
+        &parts,
+        chat,
+        edited,
+        "the reindex's replay brought back a deleted message's text or an edit undone since",
+    )
+    .await;
     parts.finish().await;
 }
 
