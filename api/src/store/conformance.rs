@@ -650,10 +650,63 @@ fn device(user: UserId, token: &str) -> confab_schema::push::Device {
 /// Devices: two users registering one device at once (one Web Push endpoint in two browser tabs
 /// signed in as different users) leave it listed for exactly one of them, who can remove it. The
 /// CQL store once left it listed for both, the loser unable to remove it and still sent its
-/// pushes.
+/// pushes; and, when one of them already owned it and registered it again, listed for nobody
+/// while `devices` named them (no pushes, missing from their devices).
 pub async fn racing_registrations_leave_one_owner(store: Arc<dyn Store>) {
     let store = &*store;
-    let (alice, bob) = (user("alice"), user("bob"));
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let users = [alice.id, bob.id];
+    let listing_of = move |id| async move {
+        let mut listing = Vec::new();
+        for user in users {
+            if store
+                .devices_of(user)
+                .await
+                .unwrap()
+                .iter()
+                .any(|d: &confab_schema::push::Device| d.id == id)
+            {
+                listing.push(user);
+            }
+        }
+        listing
+    };
+    // Alice owns the device and registers it again (a second tab) while Bob registers it; who
+    // starts first alternates, since with two requests at once that decides who writes first.
+    for round in 0..20 {
+        let token = format!("token-{}", Uuid::new_v4());
+        let owned = device(alice.id, &token);
+        store.put_device(&owned).await.unwrap();
+        let again = confab_schema::push::Device {
+            created_at: owned.created_at + Duration::from_millis(1),
+            ..owned.clone()
+        };
+        let his = device(bob.id, &token);
+        let (one, other) = if round % 2 == 0 {
+            futures::join!(store.put_device(&his), store.put_device(&again))
+        } else {
+            futures::join!(store.put_device(&again), store.put_device(&his))
+        };
+        one.unwrap();
+        other.unwrap();
+        let listing = listing_of(owned.id).await;
+        // A third registration answers with the owner `devices` names, and takes the device.
+        let owner = store
+            .put_device(&device(carol.id, &token))
+            .await
+            .unwrap()
+            .expect("the device was stored")
+            .user_id;
+        assert_eq!(
+            listing,
+            vec![owner],
+            "round {round}: the owner is {owner} and the device is listed for {listing:?} \
+             (alice {}, bob {})",
+            alice.id,
+            bob.id
+        );
+        assert!(store.delete_device(carol.id, owned.id).await.unwrap());
+    }
     for round in 0..20 {
         let token = format!("token-{}", Uuid::new_v4());
         let (hers, his) = (device(alice.id, &token), device(bob.id, &token));

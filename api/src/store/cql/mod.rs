@@ -29,6 +29,7 @@ pub use migrations::{CQL_MIGRATIONS, Migration, SIGNAL_BUCKET_MILLIS, signal_buc
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::Consistency;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimestamp, CqlValue, MaybeUnset, Row};
 use time::OffsetDateTime;
@@ -696,6 +697,8 @@ struct Statements {
     record_session: PreparedStatement,
     sessions_of: PreparedStatement,
     get_device: PreparedStatement,
+    /// `get_device` read at `LOCAL_SERIAL`: it sees every conditional write already applied.
+    get_device_serial: PreparedStatement,
     put_device_if_absent: PreparedStatement,
     put_device_if_unchanged: PreparedStatement,
     put_device_by_user: PreparedStatement,
@@ -866,6 +869,62 @@ impl CqlStore {
         Ok(row.and_then(|(body,)| body))
     }
 
+    /// The device's body when `devices` names `user` as its owner, read at `LOCAL_SERIAL` (after
+    /// every conditional write that applied).
+    async fn body_owned_by(
+        &self,
+        user: UserId,
+        id: DeviceId,
+    ) -> Result<Option<String>, StoreError> {
+        let row = self
+            .session
+            .execute_unpaged(&self.statements.get_device_serial, (id.0,))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<String>,)>()
+            .map_err(corrupt)?;
+        let Some(body) = row.and_then(|(body,)| body) else {
+            return Ok(None);
+        };
+        let owner = serde_json::from_str::<Device>(&body).map_err(corrupt)?;
+        Ok((owner.user_id == user).then_some(body))
+    }
+
+    /// Makes `user`'s listing of device `id` what `devices` says: its body when it names them,
+    /// none otherwise. The listing and `devices` are different partitions, so another
+    /// registration can move the device between the read and the write; the read is made again
+    /// after each write, and the write again until they agree. Every change of owner settles the
+    /// listings of the owner before and after it once applied, so whichever settling comes last
+    /// leaves each user's listing right: two registrations at once cannot leave the owner
+    /// unlisted, nor someone else listed (and sent the owner's previews).
+    async fn settle_listing(&self, user: UserId, id: DeviceId) -> Result<(), StoreError> {
+        let mut owned = self.body_owned_by(user, id).await?;
+        for _ in 0..DEVICE_WRITE_ATTEMPTS {
+            match &owned {
+                Some(body) => self
+                    .session
+                    .execute_unpaged(&self.statements.put_device_by_user, (user.0, id.0, body))
+                    .await
+                    .map_err(unavailable)?,
+                None => self
+                    .session
+                    .execute_unpaged(&self.statements.delete_device_by_user, (user.0, id.0))
+                    .await
+                    .map_err(unavailable)?,
+            };
+            let now = self.body_owned_by(user, id).await?;
+            if now == owned {
+                return Ok(());
+            }
+            owned = now;
+        }
+        Err(StoreError::Unavailable(
+            "a device's listing kept changing under other registrations".into(),
+        ))
+    }
+
     /// Connects to an already migrated keyspace and prepares every statement.
     pub async fn connect(options: &CqlOptions) -> Result<CqlStore, StoreError> {
         // Boxed: the state machine that prepares every statement is large.
@@ -887,7 +946,7 @@ impl CqlStore {
             })
         };
         // Prepared concurrently: one round of round trips at start, not ninety in a row.
-        let statements = prepare_concurrently!(prepare;
+        let mut statements = prepare_concurrently!(prepare;
             check: "SELECT version FROM schema_migrations LIMIT 1".into(),
             upsert_user: "INSERT INTO users (id, username, display_name, email, updated_at) VALUES (?, ?, ?, ?, ?)".into(),
             get_user: "SELECT username, display_name, email FROM users WHERE id = ?".into(),
@@ -908,6 +967,7 @@ impl CqlStore {
             record_session: "INSERT INTO user_sessions (user_id, session) VALUES (?, ?) USING TTL ?".into(),
             sessions_of: "SELECT session FROM user_sessions WHERE user_id = ?".into(),
             get_device: "SELECT body FROM devices WHERE device_id = ?".into(),
+            get_device_serial: "SELECT body FROM devices WHERE device_id = ?".into(),
             put_device_if_absent: "INSERT INTO devices (device_id, user_id, body) VALUES (?, ?, ?) IF NOT EXISTS".into(),
             put_device_if_unchanged: "UPDATE devices SET user_id = ?, body = ? WHERE device_id = ? IF body = ?".into(),
             put_device_by_user: "INSERT INTO devices_by_user (user_id, device_id, body) VALUES (?, ?, ?)".into(),
@@ -1063,6 +1123,9 @@ impl CqlStore {
             small_objects_first: "SELECT sha256, size, stored_at FROM small_objects WHERE shard = ? LIMIT ?".into(),
             small_objects_after: "SELECT sha256, size, stored_at FROM small_objects WHERE shard = ? AND sha256 > ? LIMIT ?".into(),
         );
+        statements
+            .get_device_serial
+            .set_consistency(Consistency::LocalSerial);
         let nonce_bucket = match &options.parity {
             SendParity::JetStream { nats_url, bucket } => {
                 Some(NonceBucket::connect(nats_url, bucket, options.nonce_ttl).await?)
@@ -1675,9 +1738,10 @@ impl Store for CqlStore {
 
     /// `devices` names one owner and is only written conditionally (on what was read before), so
     /// of two registrations at once each applies in turn and the later one's owner stays. The new
-    /// owner's listing is written before they own the device and the previous owner's removed
-    /// after: a registration that takes the device over from them removes the listing of whoever
-    /// it took it from, so at most one user lists it, and a user can always remove their own.
+    /// owner's listing is written before they own the device (so that owning it never goes
+    /// without it); once the write applies, the registration settles the listings of both the
+    /// previous owner and the new one against `devices` (`settle_listing`), which leaves the last
+    /// owner listed, and only them, whatever the order the racing registrations finish in.
     async fn put_device(&self, device: &Device) -> Result<Option<Device>, StoreError> {
         let body = serde_json::to_string(device).map_err(corrupt)?;
         self.session
@@ -1715,20 +1779,8 @@ impl Store for CqlStore {
             }
             attempts += 1;
             if attempts == DEVICE_WRITE_ATTEMPTS {
-                // Not the owner: not listed either (unless they were before).
-                let owned_before = previous
-                    .as_deref()
-                    .and_then(|body| serde_json::from_str::<Device>(body).ok())
-                    .is_some_and(|owner| owner.user_id == device.user_id);
-                if !owned_before {
-                    self.session
-                        .execute_unpaged(
-                            &self.statements.delete_device_by_user,
-                            (device.user_id.0, device.id.0),
-                        )
-                        .await
-                        .map_err(unavailable)?;
-                }
+                // Not the owner: not listed either (unless they own it after all).
+                self.settle_listing(device.user_id, device.id).await?;
                 return Err(StoreError::Unavailable(
                     "a device registration kept losing to others of the same device".into(),
                 ));
@@ -1740,14 +1792,9 @@ impl Store for CqlStore {
         if let Some(previous) = &previous
             && previous.user_id != device.user_id
         {
-            self.session
-                .execute_unpaged(
-                    &self.statements.delete_device_by_user,
-                    (previous.user_id.0, device.id.0),
-                )
-                .await
-                .map_err(unavailable)?;
+            self.settle_listing(previous.user_id, device.id).await?;
         }
+        self.settle_listing(device.user_id, device.id).await?;
         Ok(previous)
     }
 
@@ -1887,7 +1934,9 @@ impl Store for CqlStore {
     }
 
     /// The caller's own listing goes whoever `devices` names: a registration by someone else that
-    /// raced theirs may have left it, and it must not outlive their removing it.
+    /// raced theirs may have left it, and it must not outlive their removing it. It is settled
+    /// once the device is gone (see `settle_listing`): a registration racing the removal may have
+    /// written it back meanwhile.
     async fn delete_device(&self, user: UserId, id: DeviceId) -> Result<bool, StoreError> {
         let listed = self
             .session
@@ -1909,6 +1958,7 @@ impl Store for CqlStore {
                 .await
                 .map_err(unavailable)?,
         )?;
+        self.settle_listing(user, id).await?;
         Ok(listed || owned)
     }
 
