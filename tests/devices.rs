@@ -326,6 +326,64 @@ async fn a_logout_that_could_not_remove_devices_says_so(stack: Stack) {
 
 on_both_stacks!(a_logout_that_could_not_remove_devices_says_so);
 
+/// A logout everywhere that cannot read the user's sessions still removes their devices (a lost
+/// phone must stop getting previews, and the caller's own token is already refused, so trying
+/// again needs a new sign-in), and answers the failure: a 503 problem.
+async fn a_logout_that_could_not_read_the_sessions_still_removes_devices(stack: Stack) {
+    use axum::response::IntoResponse;
+    use confab_api::domain::devices::{DeviceFields, NewDevice, PushSettings};
+    use confab_api::domain::sessions::CallerSession;
+    use confab_api::error::ApiError;
+    use confab_api::store::StoreError;
+    use support::held_store::{Held, HeldApi};
+
+    let api = HeldApi::new(stack).await;
+    let logouts = tempfile::tempdir().unwrap();
+    let revocations = confab_runtime::revocation::Revocations::in_file(
+        logouts.path().join("revocations.jsonl"),
+        std::time::Duration::from_secs(3_600),
+    )
+    .unwrap();
+    let state = api.state.clone().with_revocations(Arc::clone(&revocations));
+    let bob = api.user("bob").await;
+    let phone = NewDevice::parse(
+        DeviceFields {
+            platform: Some("fcm".into()),
+            token: Some(format!("phone-of-{}", bob.id.0)),
+            ..Default::default()
+        },
+        &PushSettings::default(),
+    )
+    .unwrap();
+    let issued = time::OffsetDateTime::now_utc().unix_timestamp();
+    let session = CallerSession {
+        id: Some("bobs-phone".into()),
+        issued_at: issued,
+    };
+    state
+        .register_device(bob.id, &session, phone)
+        .await
+        .unwrap();
+
+    api.store.fail_next(Held::SessionsRead);
+    let failed = state.logout_all(bob.id).await;
+    assert!(
+        matches!(failed, Err(ApiError::Store(StoreError::Unavailable(_)))),
+        "{failed:?}"
+    );
+    assert!(
+        state.devices(bob.id).await.unwrap().is_empty(),
+        "the devices outlived a logout that could not read the sessions"
+    );
+    let answer = failed.unwrap_err().into_response();
+    assert_eq!(answer.status(), 503);
+    assert_eq!(answer.headers()["content-type"], "application/problem+json");
+    assert!(revocations.is_revoked(bob.id, None, issued));
+    api.clean_up().await;
+}
+
+on_both_stacks!(a_logout_that_could_not_read_the_sessions_still_removes_devices);
+
 /// A registration authenticated just before a logout everywhere, whose device is stored after the
 /// logout read the user's devices, is undone: the device does not outlive the logout, and the
 /// registration is refused. A device it had taken over from another user goes back to them.

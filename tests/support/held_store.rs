@@ -75,6 +75,8 @@ pub enum Held {
     MemberRemoved,
     /// A push device stored (`Store::put_device`).
     DevicePut,
+    /// The sessions recorded for a user read (`Store::sessions_of`).
+    SessionsRead,
 }
 
 /// What a [`HeldStore`] does with a write it names.
@@ -452,7 +454,11 @@ impl Store for HeldStore {
         self.inner.record_session(user, session, ttl).await
     }
     async fn sessions_of(&self, user: UserId) -> Result<Vec<String>, StoreError> {
-        self.inner.sessions_of(user).await
+        self.through(Held::SessionsRead, self.inner.sessions_of(user))
+            .await
+    }
+    async fn forget_sessions(&self, user: UserId, sessions: &[String]) -> Result<(), StoreError> {
+        self.inner.forget_sessions(user, sessions).await
     }
     async fn devices_of(
         &self,

@@ -15,7 +15,7 @@
 use confab_runtime::identity::{AuthError, Principal};
 use confab_runtime::revocation::Revocation;
 use confab_schema::UserId;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use super::inputs::LogoutToken;
 use crate::error::{ApiError, ApiResult};
@@ -51,13 +51,24 @@ impl ApiState {
     /// for them is ended (with the tokens renewed in it later), and their push devices are
     /// removed.
     ///
+    /// The devices are removed whatever happens to the sessions: a lost phone must stop getting
+    /// previews, and the caller's own token is refused by then, so trying again would take a new
+    /// sign-in. A failure of either is answered (the first one) once both were tried.
+    pub async fn logout_all(&self, user: UserId) -> ApiResult<()> {
+        let ended = self.end_sessions(user, now()).await;
+        let removed = self.remove_all_devices(user).await;
+        ended.and(removed)
+    }
+
+    /// Refuses the tokens of `user` issued up to `at`, and ends each session recorded for them.
+    ///
     /// The user-wide revocation comes first, so that the tokens issued up to now are refused even
     /// if reading the sessions fails. A session first recorded while this runs may be missed by
     /// the read; the token that recorded it was issued before the logout (refused by the
     /// user-wide revocation) unless it was renewed after it, in a session confab had not seen
-    /// before: that is the window `docs/SECURITY.md` describes.
-    pub async fn logout_all(&self, user: UserId) -> ApiResult<()> {
-        let at = now();
+    /// before: that is the window `docs/SECURITY.md` describes. The sessions ended are forgotten,
+    /// so that the next logout does not end them again.
+    async fn end_sessions(&self, user: UserId, at: i64) -> ApiResult<()> {
         self.revoke(Revocation {
             user: Some(user),
             session: None,
@@ -66,18 +77,32 @@ impl ApiState {
         .await?;
         let sessions = self.store.sessions_of(user).await?;
         // A few at a time: a user who signed in very often has many.
-        futures::stream::iter(sessions)
-            .map(|session| {
-                self.revoke(Revocation {
-                    user: Some(user),
-                    session: Some(session),
-                    before: at,
-                })
+        let outcomes: Vec<(String, ApiResult<()>)> = futures::stream::iter(sessions)
+            .map(|session| async move {
+                let revoked = self
+                    .revoke(Revocation {
+                        user: Some(user),
+                        session: Some(session.clone()),
+                        before: at,
+                    })
+                    .await;
+                (session, revoked)
             })
             .buffer_unordered(REVOKED_AT_ONCE)
-            .try_collect::<()>()
-            .await?;
-        self.remove_all_devices(user).await
+            .collect()
+            .await;
+        let mut ended = Vec::with_capacity(outcomes.len());
+        let mut failure = None;
+        for (session, revoked) in outcomes {
+            match revoked {
+                Ok(()) => ended.push(session),
+                Err(error) => {
+                    failure.get_or_insert(error);
+                }
+            }
+        }
+        self.store.forget_sessions(user, &ended).await?;
+        failure.map_or(Ok(()), Err)
     }
 
     /// Whether the session of a caller's token has ended since it was verified (a logout that

@@ -858,7 +858,7 @@ pub async fn devices_belong_to_one_user(store: Arc<dyn Store>) {
 }
 
 /// A user's recorded sessions are theirs alone, recorded once however often they are written, and
-/// kept until their time to live from the last write.
+/// kept until their time to live from the last write, or until they are forgotten.
 pub async fn sessions_are_recorded_per_user_until_they_expire(store: Arc<dyn Store>) {
     let store = &*store;
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
@@ -918,7 +918,23 @@ pub async fn sessions_are_recorded_per_user_until_they_expire(store: Arc<dyn Sto
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(
+        store.sessions_of(bob.id).await.unwrap(),
+        vec![phone.clone()]
+    );
+
+    // Forgetting some of a user's sessions (one of them never recorded) leaves the rest, and
+    // other users' sessions of the same id.
+    store
+        .forget_sessions(alice.id, &[phone.clone(), sid("unknown")])
+        .await
+        .unwrap();
+    live.retain(|s| *s != phone);
+    assert_eq!(sorted(store.sessions_of(alice.id).await.unwrap()), live);
     assert_eq!(store.sessions_of(bob.id).await.unwrap(), vec![phone]);
+    store.forget_sessions(alice.id, &live).await.unwrap();
+    assert!(store.sessions_of(alice.id).await.unwrap().is_empty());
+    store.forget_sessions(carol.id, &[]).await.unwrap();
 }
 
 /// `forget_left_chat` takes nothing from a member, and nothing is listed to a user it was asked

@@ -373,6 +373,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// The sessions recorded for `user` that have not expired, in no particular order.
     async fn sessions_of(&self, user: UserId) -> Result<Vec<String>, StoreError>;
+    /// Forgets `sessions` of `user`, once a logout everywhere has ended them: their revocations
+    /// refuse them from then on, and the next logout need not end them again. Sessions not
+    /// recorded are no error.
+    async fn forget_sessions(&self, user: UserId, sessions: &[String]) -> Result<(), StoreError>;
 
     /// Stores `device` (a new one, or one registered again, perhaps by another user: it then
     /// moves to `device.user_id`). Answers the device as it was before, if any.

@@ -696,6 +696,7 @@ struct Statements {
     chat_ids_after: PreparedStatement,
     record_session: PreparedStatement,
     sessions_of: PreparedStatement,
+    forget_sessions: PreparedStatement,
     get_device: PreparedStatement,
     /// `get_device` read at `LOCAL_SERIAL`: it sees every conditional write already applied.
     get_device_serial: PreparedStatement,
@@ -848,6 +849,9 @@ fn small_object_shard(sha256: &str) -> &str {
 /// follows another registration of the same device that applied meanwhile.
 const DEVICE_WRITE_ATTEMPTS: usize = 16;
 
+/// How many of a user's sessions one `IN` deletion names.
+const SESSIONS_FORGOTTEN_AT_ONCE: usize = 100;
+
 /// How many users' settings one `IN` query asks for.
 const SETTINGS_BATCH: usize = 100;
 
@@ -966,6 +970,7 @@ impl CqlStore {
             chat_ids_after: "SELECT id FROM chats WHERE token(id) > token(?) LIMIT ?".into(),
             record_session: "INSERT INTO user_sessions (user_id, session) VALUES (?, ?) USING TTL ?".into(),
             sessions_of: "SELECT session FROM user_sessions WHERE user_id = ?".into(),
+            forget_sessions: "DELETE FROM user_sessions WHERE user_id = ? AND session IN ?".into(),
             get_device: "SELECT body FROM devices WHERE device_id = ?".into(),
             get_device_serial: "SELECT body FROM devices WHERE device_id = ?".into(),
             put_device_if_absent: "INSERT INTO devices (device_id, user_id, body) VALUES (?, ?, ?) IF NOT EXISTS".into(),
@@ -1826,6 +1831,17 @@ impl Store for CqlStore {
             sessions.push(row.map_err(corrupt)?.0);
         }
         Ok(sessions)
+    }
+
+    async fn forget_sessions(&self, user: UserId, sessions: &[String]) -> Result<(), StoreError> {
+        // One partition; a bounded `IN` list at a time.
+        for batch in sessions.chunks(SESSIONS_FORGOTTEN_AT_ONCE) {
+            self.session
+                .execute_unpaged(&self.statements.forget_sessions, (user.0, batch))
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
     }
 
     async fn devices_of(&self, user: UserId) -> Result<Vec<Device>, StoreError> {

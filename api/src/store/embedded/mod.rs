@@ -566,6 +566,24 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn forget_sessions(&self, user: UserId, sessions: &[String]) -> Result<(), StoreError> {
+        let sessions = sessions.to_vec();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            for session in &sessions {
+                tx.execute(
+                    "DELETE FROM user_sessions WHERE user_id = ?1 AND session = ?2",
+                    params![blob(user.0), session],
+                )
+                .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
     async fn put_device(&self, device: &Device) -> Result<Option<Device>, StoreError> {
         let body = serde_json::to_string(device).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let (id, user) = (device.id, device.user_id);
