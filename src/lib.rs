@@ -44,7 +44,7 @@ use confab_runtime::identity::{DevIdentity, Identity, IdentityReadiness, OidcIde
 use confab_runtime::presence::{EmbeddedPresence, NatsPresence, Presence};
 use confab_runtime::problem;
 use confab_runtime::push_queue::{EmbeddedPushQueue, NatsPushQueue, PushQueue};
-use confab_runtime::revocation::{RevocationAware, Revocations};
+use confab_runtime::revocation::{Keep, RevocationAware, Revocations};
 use confab_runtime::search::{MeiliSearch, Search, SearchError, TantivySearch};
 use confab_runtime::sessions::{SessionLedger, SessionRecording};
 use confab_runtime::telemetry::{self, Readiness};
@@ -419,24 +419,22 @@ pub async fn open_revocations(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<Revocations>> {
     // A session a logout everywhere ended can go on renewing its tokens at the provider until the
-    // provider's session ends: its revocation is kept as long as sessions are recorded.
-    let ttl = Duration::from_secs(
-        config
-            .identity
-            .revocation_ttl_secs
-            .max(config.identity.session_ttl_secs)
-            .max(60),
-    );
+    // provider's session ends: its revocation is kept as long as sessions are recorded. Every
+    // other one only as long as a token issued before it lives.
+    let keep = Keep {
+        tokens: Duration::from_secs(config.identity.revocation_ttl_secs.max(1)),
+        sessions: Duration::from_secs(config.identity.session_ttl_secs.max(1)),
+    };
     Ok(match config.bus.backend {
         BusBackend::Embedded => {
-            Revocations::in_file(config.data_dir.join("revocations.jsonl"), ttl)
+            Revocations::in_file(config.data_dir.join("revocations.jsonl"), keep)
                 .map_err(anyhow::Error::msg)
                 .context("opening the revocations file")?
         }
         BusBackend::Nats => Revocations::nats(
             &config.bus.nats_url,
             &config.bus.subject_prefix,
-            ttl,
+            keep,
             shutdown,
         )
         .await

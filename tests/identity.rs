@@ -731,3 +731,101 @@ async fn keycloak_backchannel_logout_ends_the_session_and_its_streams() {
     assert_eq!(app.get(&bob, "/v1/me").await.status(), 200);
     logouts.stop(&admin).await;
 }
+
+/// A logout that the provider made too (a back-channel logout of one session, or of all of a
+/// user's) is kept only as long as a token issued before it lives
+/// (`identity.revocation_ttl_secs`): nothing renews in a session the provider ended. A process
+/// started after that neither holds it nor reads it before it is ready. A session a logout
+/// everywhere ended in confab alone is kept as long as a session lives.
+async fn logouts_are_kept_as_long_as_a_token_lives(stack: Stack) {
+    use confab_runtime::revocation::{Lasting, Revocation};
+    let data = tempfile::tempdir().unwrap();
+    let mut config = config_for(stack, data.path().to_path_buf());
+    config.identity.revocation_ttl_secs = 1;
+    config.identity.session_ttl_secs = 3600;
+    let shutdown = CancellationToken::new();
+    let started = || async {
+        let revocations = confab::open_revocations(&config, shutdown.clone())
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while revocations.check().is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the revocations were read in time"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        revocations
+    };
+    let alice = confab_schema::UserId::from_subject("i", &support::unique("alice"));
+    let at = time::OffsetDateTime::now_utc().unix_timestamp();
+    let first = started().await;
+    for session in [Some("ended-at-the-provider".to_owned()), None] {
+        first
+            .revoke(Revocation {
+                user: Some(alice),
+                session,
+                before: at,
+            })
+            .await
+            .unwrap();
+    }
+    first
+        .revoke_lasting(
+            Revocation {
+                user: Some(alice),
+                session: Some("ended-in-confab".to_owned()),
+                before: at,
+            },
+            Lasting::Session,
+        )
+        .await
+        .unwrap();
+    drop(first);
+
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let later = started().await;
+        assert!(
+            later.is_revoked(alice, Some("ended-in-confab"), at + 1),
+            "a session ended in confab alone is kept for a session's lifetime"
+        );
+        let held = later.is_revoked(alice, Some("ended-at-the-provider"), at + 1)
+            || later.is_revoked(alice, None, at);
+        if !held {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a process started {}s after the logouts still holds them, with a token's \
+             lifetime of 1s",
+            time::OffsetDateTime::now_utc().unix_timestamp() - at
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    shutdown.cancel();
+    if stack == Stack::Real {
+        confab_runtime::revocation::Revocations::delete_nats_bucket(
+            &config.bus.nats_url,
+            &config.bus.subject_prefix,
+        )
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn logouts_are_kept_as_long_as_a_token_lives_on_the_embedded_stack() {
+    logouts_are_kept_as_long_as_a_token_lives(Stack::Embedded).await;
+}
+
+#[tokio::test]
+async fn logouts_are_kept_as_long_as_a_token_lives_on_the_real_stack() {
+    if !support::real_stack_available("logouts_are_kept_as_long_as_a_token_lives_on_the_real_stack")
+        .await
+    {
+        return;
+    }
+    logouts_are_kept_as_long_as_a_token_lives(Stack::Real).await;
+}

@@ -946,7 +946,8 @@ pub struct IdentityConfig {
     pub jwks_refresh_secs: u64,
     /// How long a logout (back-channel logout, `POST /v1/me/logout-all`) is remembered, in seconds:
     /// it must outlive every access token issued before it. Default 86400. The sessions a logout
-    /// everywhere ends are remembered for `session_ttl_secs` if that is longer.
+    /// everywhere ends (in confab, not at the provider, which may go on renewing their tokens) are
+    /// remembered for `session_ttl_secs` if that is longer.
     pub revocation_ttl_secs: u64,
     /// The longest a session at the identity provider lives, renewing its tokens, in seconds (in
     /// Keycloak, the longer of "SSO Session Max" and "Offline Session Max" where offline tokens

@@ -10,8 +10,6 @@ use async_nats::jetstream::{self, kv};
 pub struct KvBucket {
     context: jetstream::Context,
     config: kv::Config,
-    /// An existing bucket is brought to `config` (see [`KvBucket::kept_current`]).
-    kept_current: bool,
     store: tokio::sync::OnceCell<kv::Store>,
 }
 
@@ -42,18 +40,7 @@ impl KvBucket {
                 storage: jetstream::stream::StorageType::File,
                 ..config
             },
-            kept_current: false,
             store: tokio::sync::OnceCell::new(),
-        }
-    }
-
-    /// The same bucket, whose configuration is brought to the one given when it exists already
-    /// (its age limit, history and description), instead of kept as it was created: for a bucket
-    /// whose settings follow the process's configuration or a newer version's needs.
-    pub fn kept_current(self) -> KvBucket {
-        KvBucket {
-            kept_current: true,
-            ..self
         }
     }
 
@@ -61,13 +48,6 @@ impl KvBucket {
     pub async fn store(&self) -> Result<&kv::Store, String> {
         self.store
             .get_or_try_init(|| async {
-                if self.kept_current {
-                    return self
-                        .context
-                        .create_or_update_key_value(self.config.clone())
-                        .await
-                        .map_err(|e| e.to_string());
-                }
                 match self.context.get_key_value(&self.config.bucket).await {
                     Ok(store) => Ok(store),
                     Err(_) => self
@@ -78,6 +58,11 @@ impl KvBucket {
                 }
             })
             .await
+    }
+
+    /// The JetStream context the bucket is reached through (to change its stream).
+    pub fn context(&self) -> &jetstream::Context {
+        &self.context
     }
 
     /// Deletes the bucket and its records; a bucket that does not exist is not an error.

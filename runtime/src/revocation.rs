@@ -5,13 +5,17 @@
 //! subscribes to [`Revocations::subscribe`]).
 //!
 //! With NATS they are shared through a JetStream key-value bucket (`<prefix>_revocations`, one key
-//! per user or session, kept for the longer of `identity.revocation_ttl_secs` and
-//! `identity.session_ttl_secs`: a session a logout everywhere ended may renew its tokens at the
-//! provider until the provider's session ends): every process watches it, so a
-//! logout received by one API process ends streams on every notifier and is refused everywhere.
-//! `confab serve` keeps them in memory and appends each to a file in its data directory
-//! (`revocations.jsonl`), read back at start, so a restart does not bring a logged-out session's
-//! tokens back.
+//! per user or session): every process watches it, so a logout received by one API process ends
+//! streams on every notifier and is refused everywhere. `confab serve` keeps them in memory and
+//! appends each to a file in its data directory (`revocations.jsonl`), read back at start, so a
+//! restart does not bring a logged-out session's tokens back.
+//!
+//! Each revocation is kept as long as it can refuse something ([`Lasting`], [`Keep`]): most only
+//! as long as a token issued before them lives (`identity.revocation_ttl_secs`); a session that a
+//! logout everywhere ended in confab alone, whose tokens the provider may go on renewing until
+//! its own session ends, as long as a session lives (`identity.session_ttl_secs`). In the bucket
+//! each record carries its own time to live (`Nats-TTL`), the bucket's age limit being the longer
+//! one; the file and the memory forget each record at its own time.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -68,15 +72,80 @@ impl Revocation {
     }
 }
 
+/// How long a revocation must be kept to refuse what it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lasting {
+    /// As long as a token issued before it lives: a user-wide revocation (later tokens are issued
+    /// after it), or a session the provider ended too (back-channel logout), which renews nothing.
+    Tokens,
+    /// As long as a session lives at the provider: a session ended in confab alone (by a logout
+    /// everywhere), whose tokens the provider may renew, with a new `iat`, until it ends there.
+    Session,
+}
+
+/// How long each [`Lasting`] keeps a revocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keep {
+    /// [`Lasting::Tokens`]: `identity.revocation_ttl_secs`.
+    pub tokens: Duration,
+    /// [`Lasting::Session`]: `identity.session_ttl_secs`, never less than `tokens`.
+    pub sessions: Duration,
+}
+
+impl Keep {
+    fn of(&self, lasting: Lasting) -> Duration {
+        match lasting {
+            Lasting::Tokens => self.tokens,
+            Lasting::Session => self.sessions.max(self.tokens),
+        }
+    }
+
+    fn longest(&self) -> Duration {
+        self.of(Lasting::Session)
+    }
+}
+
+/// Both for `ttl` (tests, and processes that keep every revocation alike).
+impl From<Duration> for Keep {
+    fn from(ttl: Duration) -> Keep {
+        Keep {
+            tokens: ttl,
+            sessions: ttl,
+        }
+    }
+}
+
+/// A revocation as recorded (a bucket's value, a line of the file): with when it may be forgotten.
+#[derive(Debug, Serialize, Deserialize)]
+struct Recorded {
+    #[serde(flatten)]
+    revocation: Revocation,
+    /// Unix seconds. Records of earlier versions have none: they are kept the longest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    until: Option<i64>,
+}
+
+impl Recorded {
+    fn until(&self, keep: &Keep) -> i64 {
+        self.until
+            .unwrap_or_else(|| self.revocation.before.saturating_add(secs(keep.longest())))
+    }
+}
+
+fn secs(duration: Duration) -> i64 {
+    i64::try_from(duration.as_secs()).unwrap_or(i64::MAX / 2)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Default)]
 struct Known {
-    /// Every token of the user issued at or before this time is refused.
-    users: HashMap<UserId, i64>,
-    /// Sessions ended, with when.
+    /// Every token of the user issued at or before the first time is refused, until the second
+    /// (Unix seconds).
+    users: HashMap<UserId, (i64, i64)>,
+    /// Sessions ended, with until when they are refused.
     sessions: HashMap<String, i64>,
 }
 
@@ -84,8 +153,10 @@ struct Known {
 pub struct Revocations {
     known: std::sync::RwLock<Known>,
     ended: broadcast::Sender<Revocation>,
-    ttl: Duration,
+    keep: Keep,
     bucket: Option<KvBucket>,
+    /// The bucket's stream is as this version needs it (see `conform`).
+    conformed: tokio::sync::OnceCell<()>,
     /// Where a single process records them (`confab serve`), one JSON object per line.
     file: Option<std::path::PathBuf>,
     /// The watch of the bucket is established (always true without one).
@@ -100,39 +171,44 @@ fn now() -> i64 {
 
 impl Revocations {
     /// Revocations in this process's memory only (`confab serve`).
-    pub fn in_memory(ttl: Duration) -> Arc<Revocations> {
-        Arc::new(Revocations::empty(ttl, None))
+    pub fn in_memory(keep: impl Into<Keep>) -> Arc<Revocations> {
+        Arc::new(Revocations::empty(keep.into(), None))
     }
 
     /// None known yet; watching from the start unless they come from a bucket.
-    fn empty(ttl: Duration, bucket: Option<KvBucket>) -> Revocations {
+    fn empty(keep: Keep, bucket: Option<KvBucket>) -> Revocations {
         Revocations {
             known: std::sync::RwLock::default(),
             ended: broadcast::channel(1024).0,
-            ttl,
+            keep,
             watching: AtomicBool::new(bucket.is_none()),
             bucket,
+            conformed: tokio::sync::OnceCell::new(),
             file: None,
             rewatch: tokio::sync::Notify::new(),
         }
     }
 
     /// Revocations of a single process, recorded in `file` and read back from it: those still
-    /// within `ttl` are kept (the file is rewritten with only them), the rest forgotten.
-    pub fn in_file(file: std::path::PathBuf, ttl: Duration) -> Result<Arc<Revocations>, String> {
-        let revocations = Revocations::empty(ttl, None);
+    /// to be kept are (the file is rewritten with only them), the rest forgotten.
+    pub fn in_file(
+        file: std::path::PathBuf,
+        keep: impl Into<Keep>,
+    ) -> Result<Arc<Revocations>, String> {
+        let keep = keep.into();
+        let revocations = Revocations::empty(keep, None);
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|error| format!("creating {}: {error}", dir.display()))?;
         }
-        let horizon = now() - i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
+        let now = now();
         let mut kept = String::new();
         match std::fs::read_to_string(&file) {
             Ok(text) => {
                 for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    match serde_json::from_str::<Revocation>(line) {
-                        Ok(revocation) if revocation.before > horizon => {
-                            revocations.apply(&revocation, false);
+                    match serde_json::from_str::<Recorded>(line) {
+                        Ok(recorded) if recorded.until(&keep) > now => {
+                            revocations.apply(&recorded, false);
                             kept.push_str(line);
                             kept.push('\n');
                         }
@@ -160,60 +236,88 @@ impl Revocations {
     pub async fn nats(
         url: &str,
         prefix: &str,
-        ttl: Duration,
+        keep: impl Into<Keep>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Arc<Revocations>, String> {
-        let bucket = bucket(url, prefix, ttl).await?;
-        let revocations = Arc::new(Revocations::empty(ttl, Some(bucket)));
+        let keep = keep.into();
+        let bucket = bucket(url, prefix, keep.longest()).await?;
+        let revocations = Arc::new(Revocations::empty(keep, Some(bucket)));
         tokio::spawn(watch(Arc::downgrade(&revocations), shutdown));
         Ok(revocations)
     }
 
-    /// Records `revocation` (shared with every process) and ends what it names here.
+    /// Records `revocation` (shared with every process) for as long as a token lives, and ends
+    /// what it names here.
     pub async fn revoke(&self, revocation: Revocation) -> Result<(), String> {
+        self.revoke_lasting(revocation, Lasting::Tokens).await
+    }
+
+    /// Records `revocation` (shared with every process) for as long as `lasting` says, and ends
+    /// what it names here.
+    pub async fn revoke_lasting(
+        &self,
+        revocation: Revocation,
+        lasting: Lasting,
+    ) -> Result<(), String> {
         let Some(key) = revocation.key() else {
             return Err("a revocation names a user or a session".into());
+        };
+        let keep = self.keep.of(lasting);
+        let recorded = Recorded {
+            until: Some(revocation.before.saturating_add(secs(keep))),
+            revocation,
         };
         match &self.bucket {
             None => {
                 if let Some(file) = &self.file {
-                    append(file, &revocation).await?;
+                    append(file, &recorded).await?;
                 }
-                self.apply(&revocation, true);
+                self.apply(&recorded, true);
             }
             Some(bucket) => {
-                let store = bucket.store().await?;
-                let value = serde_json::to_vec(&revocation).map_err(|e| e.to_string())?;
-                store
-                    .put(key, value.into())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let store = self.conformed_store(bucket).await?;
+                let value = serde_json::to_vec(&recorded).map_err(|e| e.to_string())?;
+                put_with_ttl(bucket, store, &key, value, keep).await?;
                 // Refused here at once; the watch tells this process's streams, and every other
                 // process, in a moment.
-                self.apply(&revocation, false);
+                self.apply(&recorded, false);
             }
         }
         metrics::counter!("confab_revocations_total").increment(1);
         Ok(())
     }
 
-    fn apply(&self, revocation: &Revocation, announce: bool) {
+    /// The bucket, its stream conformed once (see `conform`).
+    async fn conformed_store<'a>(&self, bucket: &'a KvBucket) -> Result<&'a kv::Store, String> {
+        let store = bucket.store().await?;
+        self.conformed
+            .get_or_try_init(|| conform(bucket, store, self.keep.longest()))
+            .await?;
+        Ok(store)
+    }
+
+    fn apply(&self, recorded: &Recorded, announce: bool) {
+        let revocation = &recorded.revocation;
+        let until = recorded.until(&self.keep);
         if let Ok(mut known) = self.known.write() {
             match (&revocation.session, revocation.user) {
                 (Some(session), _) => {
-                    known.sessions.insert(session.clone(), revocation.before);
+                    known.sessions.insert(session.clone(), until);
                 }
                 (None, Some(user)) => {
-                    let before = known.users.entry(user).or_insert(revocation.before);
-                    *before = (*before).max(revocation.before);
+                    let ended = known
+                        .users
+                        .entry(user)
+                        .or_insert((revocation.before, until));
+                    *ended = (ended.0.max(revocation.before), ended.1.max(until));
                 }
                 (None, None) => {}
             }
-            // Forget what no live token can be affected by any more.
-            let horizon = now() - i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX / 2);
+            // Forget what no live token can be affected by any more, each at its own time.
             if known.users.len() + known.sessions.len() > 10_000 {
-                known.users.retain(|_, before| *before > horizon);
-                known.sessions.retain(|_, at| *at > horizon);
+                let now = now();
+                known.users.retain(|_, (_, until)| *until > now);
+                known.sessions.retain(|_, until| *until > now);
             }
         }
         if announce {
@@ -230,7 +334,7 @@ impl Revocations {
             || known
                 .users
                 .get(&user)
-                .is_some_and(|before| issued_at <= *before)
+                .is_some_and(|(before, _)| issued_at <= *before)
     }
 
     /// Revocations as they arrive, for ending streams.
@@ -268,9 +372,9 @@ impl Revocations {
 
 /// Appends `revocation` to `file` and waits until it is on disk: a logout is answered only once
 /// it would survive a crash.
-async fn append(file: &std::path::Path, revocation: &Revocation) -> Result<(), String> {
+async fn append(file: &std::path::Path, recorded: &Recorded) -> Result<(), String> {
     use tokio::io::AsyncWriteExt;
-    let mut line = serde_json::to_vec(revocation).map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_vec(recorded).map_err(|e| e.to_string())?;
     line.push(b'\n');
     let mut out = tokio::fs::OpenOptions::new()
         .create(true)
@@ -280,6 +384,59 @@ async fn append(file: &std::path::Path, revocation: &Revocation) -> Result<(), S
         .map_err(|e| format!("recording a revocation in {}: {e}", file.display()))?;
     out.write_all(&line).await.map_err(|e| e.to_string())?;
     out.sync_data().await.map_err(|e| e.to_string())
+}
+
+/// Puts `value` at `key` with a time to live of its own (`Nats-TTL`, whole seconds, at least one).
+/// `kv::Store::put` sets none. The bucket is reached without a JetStream domain, so its keys are
+/// published under the store's own prefix.
+async fn put_with_ttl(
+    bucket: &KvBucket,
+    store: &kv::Store,
+    key: &str,
+    value: Vec<u8>,
+    ttl: Duration,
+) -> Result<(), String> {
+    let subject = format!(
+        "{}{key}",
+        store.put_prefix.as_ref().unwrap_or(&store.prefix)
+    );
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_TTL,
+        ttl.as_secs().max(1).to_string().as_str(),
+    );
+    bucket
+        .context()
+        .publish_with_headers(subject, headers, value.into())
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Brings the bucket's stream to what this version needs: per-message time to live allowed, and an
+/// age limit of at least `max_age`. A bucket created by an earlier version has neither; a put with
+/// a time to live into it would be refused.
+async fn conform(bucket: &KvBucket, store: &kv::Store, max_age: Duration) -> Result<(), String> {
+    let stream = bucket
+        .context()
+        .get_stream(&store.stream_name)
+        .await
+        .map_err(|e| e.to_string())?;
+    let config = &stream.cached_info().config;
+    if config.allow_message_ttl && config.max_age >= max_age {
+        return Ok(());
+    }
+    let mut config = config.clone();
+    config.allow_message_ttl = true;
+    config.max_age = config.max_age.max(max_age);
+    bucket
+        .context()
+        .update_stream(config)
+        .await
+        .map_err(|e| format!("allowing a time to live per revocation: {e}"))?;
+    Ok(())
 }
 
 async fn bucket(url: &str, prefix: &str, ttl: Duration) -> Result<KvBucket, String> {
@@ -295,9 +452,6 @@ async fn bucket(url: &str, prefix: &str, ttl: Duration) -> Result<KvBucket, Stri
         },
     )
     .await
-    // A bucket an older version made keeps the age limit it was made with otherwise: a shorter
-    // one forgets revocations while the sessions they ended can still renew tokens.
-    .map(KvBucket::kept_current)
 }
 
 /// Applies the bucket's records (those already there, then each new one) until `shutdown`,
@@ -315,7 +469,9 @@ async fn watch(
             return;
         };
         let watched = async {
-            let store = this.bucket.as_ref().ok_or("no bucket")?.store().await?;
+            let store = this
+                .conformed_store(this.bucket.as_ref().ok_or("no bucket")?)
+                .await?;
             let mut entries = match resume_at {
                 Some(revision) => store
                     .watch_from_revision(">", revision)
@@ -333,8 +489,8 @@ async fn watch(
                     while let Some(key) = keys.next().await {
                         let key = key.map_err(|e| e.to_string())?;
                         if let Some(value) = store.get(&key).await.map_err(|e| e.to_string())? {
-                            match serde_json::from_slice::<Revocation>(&value) {
-                                Ok(revocation) => this.apply(&revocation, true),
+                            match serde_json::from_slice::<Recorded>(&value) {
+                                Ok(recorded) => this.apply(&recorded, true),
                                 Err(error) => tracing::warn!(%error, key, "unreadable revocation"),
                             }
                         }
@@ -351,8 +507,8 @@ async fn watch(
                 if entry.operation != kv::Operation::Put {
                     continue;
                 }
-                match serde_json::from_slice::<Revocation>(&entry.value) {
-                    Ok(revocation) => this.apply(&revocation, true),
+                match serde_json::from_slice::<Recorded>(&entry.value) {
+                    Ok(recorded) => this.apply(&recorded, true),
                     Err(error) => tracing::warn!(%error, key = entry.key, "unreadable revocation"),
                 }
             }
@@ -509,5 +665,55 @@ mod tests {
             2,
             "the file keeps only what is live: {kept}"
         );
+    }
+
+    /// Each revocation is kept as long as it lasts: one of a session ended in confab alone (the
+    /// provider may renew its tokens) for a session's lifetime, every other one for a token's.
+    #[tokio::test]
+    async fn each_revocation_is_kept_as_long_as_it_lasts() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("revocations.jsonl");
+        let keep = Keep {
+            tokens: Duration::from_secs(3600),
+            sessions: Duration::from_secs(30 * 24 * 3600),
+        };
+        let alice = UserId::from_subject("i", "alice");
+        let t = now();
+        // Two hours ago: past a token's lifetime, within a session's.
+        let ended = |session: Option<&str>| Revocation {
+            user: Some(alice),
+            session: session.map(str::to_owned),
+            before: t - 7200,
+        };
+        let first = Revocations::in_file(file.clone(), keep).unwrap();
+        first
+            .revoke_lasting(ended(Some("ended-at-the-provider")), Lasting::Tokens)
+            .await
+            .unwrap();
+        first
+            .revoke_lasting(ended(Some("ended-in-confab")), Lasting::Session)
+            .await
+            .unwrap();
+        first.revoke(ended(None)).await.unwrap();
+        drop(first);
+        // A line of an earlier version, which says nothing of how long: kept the longest.
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text.push_str(&serde_json::to_string(&ended(Some("of-an-earlier-version"))).unwrap());
+        text.push('\n');
+        std::fs::write(&file, text).unwrap();
+
+        let again = Revocations::in_file(file.clone(), keep).unwrap();
+        assert!(
+            !again.is_revoked(alice, Some("ended-at-the-provider"), t),
+            "a session the provider ended is forgotten after a token's lifetime"
+        );
+        assert!(!again.is_revoked(alice, None, t - 7300));
+        assert!(
+            again.is_revoked(alice, Some("ended-in-confab"), t),
+            "a session the provider may renew is kept for a session's lifetime"
+        );
+        assert!(again.is_revoked(alice, Some("of-an-earlier-version"), t));
+        let kept = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(kept.lines().count(), 2, "{kept}");
     }
 }

@@ -1,13 +1,16 @@
-//! The revocations bucket on the NATS server that `infra/up.sh` started (a fresh prefix per case):
-//! a watch that is lost and made again announces only the revocations it missed, and a bucket made
-//! by an older version with another age limit takes the current one.
+//! The revocations bucket on the NATS server that `infra/up.sh` started (a fresh prefix, and so a
+//! fresh bucket, per case): a watch that is lost and made again announces only the revocations it
+//! missed, a bucket made by an older version takes the current age limit, and each revocation in it
+//! lasts its own time.
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use confab_runtime::revocation::{Revocation, Revocations};
+use confab_runtime::kv_bucket::KvBucket;
+use confab_runtime::revocation::{Keep, Lasting, Revocation, Revocations};
 use confab_schema::UserId;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +42,21 @@ fn session_of(user: &str, session: &str) -> Revocation {
         session: Some(session.into()),
         before: time::OffsetDateTime::now_utc().unix_timestamp(),
     }
+}
+
+/// Revocations on the bucket of `prefix`, once every record already there is read (as a process
+/// does before it says it is ready).
+async fn started(
+    url: &str,
+    prefix: &str,
+    keep: Keep,
+    shutdown: &CancellationToken,
+) -> Arc<Revocations> {
+    let revocations = Revocations::nats(url, prefix, keep, shutdown.clone())
+        .await
+        .unwrap();
+    watched(&revocations).await;
+    revocations
 }
 
 #[tokio::test]
@@ -136,4 +154,83 @@ async fn a_bucket_made_with_another_age_limit_takes_the_current_one() {
     Revocations::delete_nats_bucket(&url, &prefix)
         .await
         .expect("cleaned up");
+}
+
+/// A bucket made by an earlier version (one age limit for every record, no time to live of their
+/// own) is changed when opened: a revocation that lasts a token's lifetime is gone from it after
+/// that, while one that lasts a session's stays, and a process started later reads only the latter.
+#[tokio::test]
+async fn each_revocation_in_the_bucket_lasts_its_own_time() {
+    let Some(url) = support::nats_url("revocations").await else {
+        return;
+    };
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let bucket_name = format!("{prefix}_revocations");
+    let earlier = KvBucket::connect(
+        &url,
+        "confab-test",
+        kv::Config {
+            bucket: bucket_name.clone(),
+            history: 1,
+            max_age: Duration::from_secs(60),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    earlier.store().await.unwrap();
+
+    let keep = Keep {
+        tokens: Duration::from_secs(1),
+        sessions: Duration::from_secs(3600),
+    };
+    let shutdown = CancellationToken::new();
+    let alice = UserId::from_subject("i", &prefix);
+    let at = time::OffsetDateTime::now_utc().unix_timestamp();
+    let ended = |session: &str| Revocation {
+        user: Some(alice),
+        session: Some(session.to_owned()),
+        before: at,
+    };
+    let first = started(&url, &prefix, keep, &shutdown).await;
+    first
+        .revoke_lasting(ended("ended-at-the-provider"), Lasting::Tokens)
+        .await
+        .unwrap();
+    first
+        .revoke_lasting(ended("ended-in-confab"), Lasting::Session)
+        .await
+        .unwrap();
+    drop(first);
+
+    let stream = earlier
+        .context()
+        .get_stream(format!("KV_{bucket_name}"))
+        .await
+        .unwrap();
+    let config = &stream.cached_info().config;
+    assert!(config.allow_message_ttl, "{config:?}");
+    assert!(config.max_age >= Duration::from_secs(3600), "{config:?}");
+
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let later = started(&url, &prefix, keep, &shutdown).await;
+        assert!(
+            later.is_revoked(alice, Some("ended-in-confab"), at + 1),
+            "a session ended in confab alone is kept for a session's lifetime"
+        );
+        if !later.is_revoked(alice, Some("ended-at-the-provider"), at + 1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a revocation lasting a token's lifetime (1s) is still read {}s after",
+            time::OffsetDateTime::now_utc().unix_timestamp() - at
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    shutdown.cancel();
+    let _ = jetstream::new(async_nats::connect(&url).await.unwrap())
+        .delete_key_value(&bucket_name)
+        .await;
 }

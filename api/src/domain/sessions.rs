@@ -13,7 +13,7 @@
 //! renewed tokens as well.
 
 use confab_runtime::identity::{AuthError, Principal};
-use confab_runtime::revocation::Revocation;
+use confab_runtime::revocation::{Lasting, Revocation};
 use confab_schema::UserId;
 use futures::StreamExt;
 
@@ -69,23 +69,27 @@ impl ApiState {
     /// before: that is the window `docs/SECURITY.md` describes. The sessions ended are forgotten,
     /// so that the next logout does not end them again.
     async fn end_sessions(&self, user: UserId, at: i64) -> ApiResult<()> {
-        self.revoke(Revocation {
-            user: Some(user),
-            session: None,
-            before: at,
-        })
+        // Every token of the user issued later is issued after it: a token's lifetime will do.
+        self.revoke(
+            Revocation {
+                user: Some(user),
+                session: None,
+                before: at,
+            },
+            Lasting::Tokens,
+        )
         .await?;
         let sessions = self.store.sessions_of(user).await?;
         // A few at a time: a user who signed in very often has many.
         let outcomes: Vec<(String, ApiResult<()>)> = futures::stream::iter(sessions)
             .map(|session| async move {
-                let revoked = self
-                    .revoke(Revocation {
-                        user: Some(user),
-                        session: Some(session.clone()),
-                        before: at,
-                    })
-                    .await;
+                // The provider's session goes on, and may renew its tokens until it ends there.
+                let ended = Revocation {
+                    user: Some(user),
+                    session: Some(session.clone()),
+                    before: at,
+                };
+                let revoked = self.revoke(ended, Lasting::Session).await;
                 (session, revoked)
             })
             .buffer_unordered(REVOKED_AT_ONCE)
@@ -127,7 +131,9 @@ impl ApiState {
             }
         };
         tracing::info!(user = ?logout.user, session = logout.session.is_some(), "back-channel logout");
-        self.revoke(Revocation::of_logout(&logout, now())).await?;
+        // The provider ended what it names: nothing renews in it, a token's lifetime will do.
+        self.revoke(Revocation::of_logout(&logout, now()), Lasting::Tokens)
+            .await?;
         // A device is not tied to a session: only the end of all of them takes the user's devices.
         match (logout.user, &logout.session) {
             (Some(user), None) => self.remove_all_devices(user).await,
@@ -145,14 +151,14 @@ impl ApiState {
         Ok(())
     }
 
-    async fn revoke(&self, revocation: Revocation) -> ApiResult<()> {
+    async fn revoke(&self, revocation: Revocation, lasting: Lasting) -> ApiResult<()> {
         let Some(revocations) = &self.revocations else {
             return Err(ApiError::Auth(AuthError::Unavailable(
                 "logouts are not enabled on this process".into(),
             )));
         };
         revocations
-            .revoke(revocation)
+            .revoke_lasting(revocation, lasting)
             .await
             .map_err(|why| ApiError::Auth(AuthError::Unavailable(why)))
     }
