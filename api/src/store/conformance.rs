@@ -1098,7 +1098,13 @@ pub async fn removing_a_non_member_ends_nothing(store: Arc<dyn Store>) {
         store.upsert_user(u).await.unwrap();
     }
     let since = OffsetDateTime::now_utc() - Duration::from_secs(1);
-    let left_by = |user: UserId| store.left_chats_of(user, since, 10);
+    let left_by = |user: UserId| async move {
+        store.left_chats_of(user, since, 10).await.map(|left| {
+            left.into_iter()
+                .map(|left| left.chat_id)
+                .collect::<Vec<_>>()
+        })
+    };
     let first = chat_with(store, alice.id, &[bob.id]).await;
     let second = chat_with(store, alice.id, &[bob.id]).await;
 
