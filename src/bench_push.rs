@@ -98,6 +98,12 @@ impl PushQueue for ClaimTimed {
     ) -> Result<Cancelled, BusError> {
         self.queue.cancel(user, chat, up_to, now_ms).await
     }
+    async fn drop_pending(&self, user: UserId, chat: ChatId) -> Result<bool, BusError> {
+        self.queue.drop_pending(user, chat).await
+    }
+    async fn drop_previews(&self, user: UserId) -> Result<usize, BusError> {
+        self.queue.drop_previews(user).await
+    }
     async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Claimed, BusError> {
         let claimed = self.queue.claim_due(now_ms, limit).await?;
         // Measured when the claim returns, not when it began: its own round trips count.

@@ -439,6 +439,64 @@ pub async fn reading_a_sent_push_withdraws_it(fixture: Fixture) {
     );
 }
 
+/// A mute drops the user's pending push of that chat, and previews turned off take the text off
+/// each of their pending pushes, which still go out; another user's pushes, and a withdrawal on
+/// its way, are left as they were. Made through one handle, the changes are what the other claims.
+pub async fn settings_changes_reach_pending_pushes(fixture: Fixture) {
+    let (alice, bob) = (user(), user());
+    let (muted, private, withdrawn) = (ChatId::new(), ChatId::new(), ChatId::new());
+    let queue = &*fixture.first;
+    // A sent push of `withdrawn`, read since: its withdrawal waits to be claimed.
+    schedule(queue, alice, withdrawn, &message("read"), now_ms()).await;
+    let sent = claim(queue, 1).await;
+    assert_eq!(sent.len(), 1);
+    queue.sent(&sent[0], now_ms()).await.expect("remembers");
+    let due = now_ms() + 400;
+    schedule(queue, alice, muted, &message("muted"), due).await;
+    schedule(queue, alice, private, &message("private"), due).await;
+    schedule(queue, bob, private, &message("bob's"), due).await;
+    assert_eq!(
+        fixture
+            .second
+            .cancel(alice, withdrawn, sent[0].newest, now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Withdrawn
+    );
+
+    let second = &*fixture.second;
+    assert!(second.drop_pending(alice, muted).await.expect("drops"));
+    assert!(
+        !second.drop_pending(alice, muted).await.expect("drops"),
+        "dropped once"
+    );
+    assert!(
+        !second.drop_pending(alice, withdrawn).await.expect("drops"),
+        "a withdrawal is not dropped"
+    );
+    assert_eq!(second.drop_previews(alice).await.expect("drops"), 1);
+    assert_eq!(
+        second.drop_previews(alice).await.expect("drops"),
+        0,
+        "nothing left to change"
+    );
+
+    let mut claimed: Vec<(UserId, ChatId, PushKind, Option<String>)> = claim(queue, 3)
+        .await
+        .into_iter()
+        .map(|push| (push.user, push.chat, push.kind, push.preview))
+        .collect();
+    claimed.sort_by_key(|(user, chat, ..)| (*user, *chat));
+    let mut expected = vec![
+        (alice, private, PushKind::Messages, None),
+        (alice, withdrawn, PushKind::Withdrawal, None),
+        (bob, private, PushKind::Messages, Some("bob's".to_owned())),
+    ];
+    expected.sort_by_key(|(user, chat, ..)| (*user, *chat));
+    assert_eq!(claimed, expected);
+    nothing_claimed(&*fixture.second, 300).await;
+}
+
 /// Runs every case against the queues `$make` opens (an `async fn() -> Option<Fixture>`; `None`
 /// skips, for a backend that is not reachable).
 #[macro_export]
@@ -470,6 +528,7 @@ macro_rules! push_queue_conformance_tests {
             case!(claimers_share_without_doubles);
             case!(racing_handles_never_fail);
             case!(reading_a_sent_push_withdraws_it);
+            case!(settings_changes_reach_pending_pushes);
         }
     };
 }

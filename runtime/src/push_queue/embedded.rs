@@ -10,6 +10,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
     Cancelled, Claimed, PendingPush, PushKind, PushMessage, PushQueue, SentPush, key, unavailable,
+    user_prefix,
 };
 use crate::bus::BusError;
 
@@ -158,6 +159,60 @@ impl PushQueue for EmbeddedPushQueue {
             }
             tx.commit().map_err(unavailable)?;
             Ok(outcome)
+        })
+        .await
+    }
+
+    async fn drop_pending(&self, user: UserId, chat: ChatId) -> Result<bool, BusError> {
+        self.with(move |connection| {
+            let key = key(user, chat);
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let pending: Option<PendingPush> = read(&tx, "pending_pushes", &key)?;
+            let dropped = pending.is_some_and(|push| push.kind == PushKind::Messages);
+            if dropped {
+                tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
+                    .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(dropped)
+        })
+        .await
+    }
+
+    async fn drop_previews(&self, user: UserId) -> Result<usize, BusError> {
+        self.with(move |connection| {
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            // The user's keys, and no other's: `<user>.` up to `<user>/` ('/' follows '.').
+            let prefix = user_prefix(user);
+            let end = format!("{user}/");
+            let pending: Vec<(String, String)> = {
+                let mut statement = tx
+                    .prepare_cached(
+                        "SELECT key, body FROM pending_pushes WHERE key >= ?1 AND key < ?2",
+                    )
+                    .map_err(unavailable)?;
+                statement
+                    .query_map(params![prefix, end], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .map_err(unavailable)?
+                    .collect::<Result<_, _>>()
+                    .map_err(unavailable)?
+            };
+            let mut changed = 0;
+            for (key, body) in pending {
+                let Ok(mut push) = serde_json::from_str::<PendingPush>(&body) else {
+                    continue;
+                };
+                if push.preview.take().is_some() {
+                    put_pending(&tx, &key, &push)?;
+                    changed += 1;
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(changed)
         })
         .await
     }

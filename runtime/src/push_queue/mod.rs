@@ -206,6 +206,13 @@ pub trait PushQueue: Send + Sync + 'static {
         up_to: SignalId,
         now_ms: i64,
     ) -> Result<Cancelled, BusError>;
+    /// Drops `user`'s pending push of `chat`, whatever it announces: they muted the chat while it
+    /// waited. A pending withdrawal stays (it takes a notification away), and nothing sent is
+    /// withdrawn. Says whether a push was dropped.
+    async fn drop_pending(&self, user: UserId, chat: ChatId) -> Result<bool, BusError>;
+    /// Takes the preview off every pending push of `user`: they turned previews off while those
+    /// waited, and the pushes still go, saying who wrote, not what. Says how many changed.
+    async fn drop_previews(&self, user: UserId) -> Result<usize, BusError>;
     /// Claims up to `limit` pushes due at `now_ms`: each is handed to one caller only. Says
     /// whether more may be claimable at once (a full batch was looked at), so that a caller
     /// claims again without waiting: fewer than `limit` pushes do not mean the queue is drained.
@@ -219,6 +226,11 @@ pub trait PushQueue: Send + Sync + 'static {
 
 fn key(user: UserId, chat: ChatId) -> String {
     format!("{user}.{chat}")
+}
+
+/// What every key of `user`'s entries starts with.
+fn user_prefix(user: UserId) -> String {
+    format!("{user}.")
 }
 
 fn unavailable(error: impl std::fmt::Display) -> BusError {

@@ -33,11 +33,11 @@ use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind, kv};
 use async_trait::async_trait;
 use confab_schema::{ChatId, SignalId, UserId};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use super::{
     Cancelled, Claimed, PendingPush, PushKind, PushMessage, PushQueue, SENT_MEMORY_MS, SentPush,
-    key, unavailable,
+    key, unavailable, user_prefix,
 };
 use crate::bus::BusError;
 use crate::kv_bucket::{ENTRY_ATTEMPTS, EntryTurns, KvBucket, lost_a_race};
@@ -700,6 +700,31 @@ impl NatsPushQueue {
         }
     }
 
+    /// Takes the preview off the pending push at `key`, if it has one; says whether it did.
+    async fn drop_preview(&self, kv: &kv::Store, key: &str) -> Result<bool, BusError> {
+        let _turn = self.entry_turns.turn(key).await;
+        for attempt in 0..ENTRY_ATTEMPTS {
+            if attempt > 0 {
+                lost_a_race(attempt).await;
+            }
+            let Some((mut push, revision)) = self.pending(kv, key).await? else {
+                return Ok(false);
+            };
+            if push.preview.take().is_none() {
+                return Ok(false);
+            }
+            let value: bytes::Bytes = serde_json::to_vec(&push)?.into();
+            // The entry's ticket is out already, and its due time stays: nothing else to write.
+            if let Ok(revision) = kv.update(key, value, revision).await {
+                self.remember(key, push, revision);
+                return Ok(true);
+            }
+            // Changed meanwhile (a schedule, a claim): look again.
+            self.forget(key);
+        }
+        Err(unavailable("too many concurrent updates"))
+    }
+
     /// What this node last wrote to `key`'s entry, and its revision.
     fn remembered(&self, key: &str) -> Option<(PendingPush, u64)> {
         self.written
@@ -920,6 +945,65 @@ impl PushQueue for NatsPushQueue {
             outcome = Cancelled::Withdrawn;
         }
         Ok(outcome)
+    }
+
+    async fn drop_pending(&self, user: UserId, chat: ChatId) -> Result<bool, BusError> {
+        let kv = self.kv().await?;
+        let key = key(user, chat);
+        let _turn = self.entry_turns.turn(&key).await;
+        for attempt in 0..ENTRY_ATTEMPTS {
+            if attempt > 0 {
+                lost_a_race(attempt).await;
+            }
+            match self.pending(kv, &key).await? {
+                Some((push, revision)) if push.kind == PushKind::Messages => {
+                    // Its ticket finds the entry gone, and is dropped.
+                    if kv
+                        .delete_expect_revision(&key, Some(revision))
+                        .await
+                        .is_ok()
+                    {
+                        self.forget(&key);
+                        return Ok(true);
+                    }
+                    // Changed meanwhile: look again.
+                }
+                Some(_) | None => return Ok(false),
+            }
+        }
+        Err(unavailable("too many concurrent updates"))
+    }
+
+    async fn drop_previews(&self, user: UserId) -> Result<usize, BusError> {
+        let kv = self.kv().await?;
+        // The keys of the user's entries (deleted ones among them, until written again), one
+        // request per page of subjects: no entry of anyone else is read.
+        let keys: Vec<String> = kv
+            .stream
+            .info_with_subjects(format!("{}{}>", kv.prefix, user_prefix(user)))
+            .await
+            .map_err(unavailable)?
+            .map(|subject| {
+                subject.map(|(subject, _)| {
+                    subject
+                        .strip_prefix(kv.prefix.as_str())
+                        .unwrap_or(&subject)
+                        .to_owned()
+                })
+            })
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let changed: Vec<Result<bool, BusError>> = futures::stream::iter(keys)
+            .map(|key| async move { self.drop_preview(kv, &key).await })
+            .buffer_unordered(TICKETS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut count = 0;
+        for one in changed {
+            count += usize::from(one?);
+        }
+        Ok(count)
     }
 
     async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Claimed, BusError> {
