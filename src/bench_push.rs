@@ -22,7 +22,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use confab_notifier::push::{Announced, DeviceDirectory, PushSender, RecipientSettings};
+use confab_notifier::push::{Announced, DeviceDirectory, PushSender};
 use confab_runtime::bus::BusError;
 use confab_runtime::config::Config;
 use confab_runtime::presence::now_ms;
@@ -188,15 +188,6 @@ impl DeviceDirectory for Devices {
     async fn is_member(&self, _user: UserId, _chat: ChatId) -> Result<bool, String> {
         // Every recipient of the bench stays in its chat.
         Ok(true)
-    }
-
-    async fn recipient_settings(
-        &self,
-        _user: UserId,
-        _chat: ChatId,
-    ) -> Result<RecipientSettings, String> {
-        // The bench's users choose nothing.
-        Ok(RecipientSettings::default())
     }
 }
 

@@ -31,7 +31,7 @@ use confab_api::store::{MarkerKind, Store, StoreReadiness, StoreSmallObjects};
 use confab_api::{ApiState, routes as api_routes};
 use confab_notifier::auth::StreamAuth;
 use confab_notifier::hub::{Caps, LeftChat};
-use confab_notifier::push::{Announced, DeviceDirectory, PushSender, RecipientSettings};
+use confab_notifier::push::{Announced, DeviceDirectory, PushSender};
 use confab_notifier::push_apns::Apns;
 use confab_notifier::push_fcm::Fcm;
 use confab_notifier::{Hub, HubReadiness, Membership, NotifierState};
@@ -324,26 +324,6 @@ impl DeviceDirectory for StoreDevices {
             .await
             .map(|role| role.is_some())
             .map_err(|e| e.to_string())
-    }
-    async fn recipient_settings(
-        &self,
-        user: UserId,
-        chat: ChatId,
-    ) -> Result<RecipientSettings, String> {
-        let asked = [user];
-        let (saved, chat_settings) = futures::join!(
-            self.0.user_settings(&asked),
-            self.0.chat_settings(chat, user),
-        );
-        let previews = saved
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .find(|(saved_by, _)| *saved_by == user)
-            .is_none_or(|(_, settings)| settings.push_previews);
-        let muted = chat_settings
-            .map_err(|e| e.to_string())?
-            .is_some_and(|settings| settings.muted_at(time::OffsetDateTime::now_utc()));
-        Ok(RecipientSettings { muted, previews })
     }
 }
 

@@ -49,31 +49,6 @@ pub trait DeviceDirectory: Send + Sync + 'static {
     async fn display_name(&self, user: UserId) -> Result<Option<String>, String>;
     /// Whether `user` is a member of `chat` now.
     async fn is_member(&self, user: UserId, chat: ChatId) -> Result<bool, String>;
-    /// What `user` chose now for pushes of `chat`.
-    async fn recipient_settings(
-        &self,
-        user: UserId,
-        chat: ChatId,
-    ) -> Result<RecipientSettings, String>;
-}
-
-/// A recipient's choices a push of a chat follows, as they are when it goes out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RecipientSettings {
-    /// The chat is muted, for good or until a time still to come.
-    pub muted: bool,
-    /// Pushes may show the message's text (the user's `push_previews`).
-    pub previews: bool,
-}
-
-impl Default for RecipientSettings {
-    /// What a user who chose nothing gets.
-    fn default() -> Self {
-        RecipientSettings {
-            muted: false,
-            previews: true,
-        }
-    }
 }
 
 /// What became of the message a push announces by the time it goes out.
@@ -284,14 +259,13 @@ impl PushSender {
         // The last look before it rings: a marker that moved past what it announces while it
         // waited (or before a large chat's background pass scheduled it) makes it unneeded, and
         // so does the user's leaving the chat (or being removed): nothing of a chat goes to
-        // someone who is no longer in it. Their settings are read again too: they were read when
-        // it was scheduled, and a chat muted or previews turned off since (a push may wait a
-        // day) apply to it.
+        // someone who is no longer in it. Their settings are not read: they were when it was
+        // scheduled, and a mute or previews turned off since changed its queue entry then
+        // (`PushQueue::drop_pending`, `PushQueue::drop_previews`).
         if push.kind == PushKind::Messages {
-            let (reached, member, settings) = futures::join!(
+            let (reached, member) = futures::join!(
                 self.devices.reached(push.user, push.chat),
                 self.devices.is_member(push.user, push.chat),
-                self.devices.recipient_settings(push.user, push.chat)
             );
             match member {
                 Ok(true) => {}
@@ -301,23 +275,6 @@ impl PushSender {
                 }
                 Err(error) => {
                     tracing::debug!(%error, "membership unavailable; sent without its text");
-                    push.preview = None;
-                }
-            }
-            match settings {
-                Ok(settings) if settings.muted => {
-                    metrics::counter!("confab_pushes_muted_total").increment(1);
-                    return;
-                }
-                Ok(settings) => {
-                    if !settings.previews {
-                        push.preview = None;
-                    }
-                }
-                Err(error) => {
-                    // Unmuted when it was scheduled; its text is what an unread choice could
-                    // have taken back.
-                    tracing::debug!(%error, "settings unavailable; sent without its text");
                     push.preview = None;
                 }
             }
@@ -596,11 +553,20 @@ mod tests {
         failures: AtomicUsize,
         /// The chat's signals, newest first; empty, every message reads as still there.
         history: Vec<Signal>,
+        /// The reads made of it, by name, in order.
+        reads: Mutex<Vec<&'static str>>,
+    }
+
+    impl Directory {
+        fn read(&self, what: &'static str) {
+            self.reads.lock().unwrap().push(what);
+        }
     }
 
     #[async_trait]
     impl DeviceDirectory for Directory {
         async fn devices_of(&self, _user: UserId) -> Result<Vec<Device>, String> {
+            self.read("devices_of");
             if self
                 .failures
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -614,9 +580,11 @@ mod tests {
             Ok(())
         }
         async fn reached(&self, _user: UserId, _chat: ChatId) -> Result<Option<SignalId>, String> {
+            self.read("reached");
             Ok(None)
         }
         async fn message(&self, _chat: ChatId, id: SignalId) -> Result<Announced, String> {
+            self.read("message");
             Ok(match self.history.iter().find(|signal| signal.id == id) {
                 Some(signal) if signal.deleted => Announced::Deleted,
                 Some(signal) => Announced::Text(signal.text.clone()),
@@ -629,6 +597,7 @@ mod tests {
             before: SignalId,
             limit: usize,
         ) -> Result<Vec<Signal>, String> {
+            self.read("signals_before");
             Ok(self
                 .history
                 .iter()
@@ -638,20 +607,15 @@ mod tests {
                 .collect())
         }
         async fn display_name(&self, user: UserId) -> Result<Option<String>, String> {
+            self.read("display_name");
             Ok(["alice", "carol"]
                 .into_iter()
                 .find(|name| UserId::from_subject("push-test", name) == user)
                 .map(str::to_owned))
         }
         async fn is_member(&self, _user: UserId, _chat: ChatId) -> Result<bool, String> {
+            self.read("is_member");
             Ok(self.member)
-        }
-        async fn recipient_settings(
-            &self,
-            _user: UserId,
-            _chat: ChatId,
-        ) -> Result<RecipientSettings, String> {
-            Ok(RecipientSettings::default())
         }
     }
 
@@ -723,6 +687,7 @@ mod tests {
                 member,
                 failures: AtomicUsize::new(failures),
                 history: Vec::new(),
+                reads: Mutex::default(),
             }),
             http: http_client(Duration::from_secs(5), allow_internal).unwrap(),
             vapid: None,
@@ -781,6 +746,30 @@ mod tests {
             1,
             "the push was dropped after its devices failed to read"
         );
+    }
+
+    /// One push of messages costs the reads that decide whether and what it announces (devices,
+    /// markers, membership, the message), and no read of the recipient's settings: a mute or
+    /// previews turned off while it waits change its queue entry when they are made.
+    #[tokio::test]
+    async fn a_push_reads_no_settings() {
+        let (sender, push, received) = setup(true, 0).await;
+        let directory = Arc::new(Directory {
+            device: sender.devices.devices_of(push.user).await.unwrap()[0].clone(),
+            member: true,
+            failures: AtomicUsize::new(0),
+            history: Vec::new(),
+            reads: Mutex::default(),
+        });
+        let sender = PushSender {
+            devices: Arc::clone(&directory) as Arc<dyn DeviceDirectory>,
+            ..sender
+        };
+        sender.send(push).await;
+        assert_eq!(received.lock().unwrap().len(), 1, "the push goes out");
+        let mut reads = directory.reads.lock().unwrap().clone();
+        reads.sort_unstable();
+        assert_eq!(reads, ["devices_of", "is_member", "message", "reached"]);
     }
 
     /// A push endpoint that redirects is not followed: a redirect would take the push to an
@@ -843,6 +832,7 @@ mod tests {
                 member: true,
                 failures: AtomicUsize::new(0),
                 history,
+                reads: Mutex::default(),
             }),
             ..sender
         }

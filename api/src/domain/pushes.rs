@@ -389,6 +389,32 @@ impl ApiState {
         });
     }
 
+    /// Drops `user`'s pending push of `chat`, which they just muted: the sender does not read
+    /// settings (that would be two reads per push), so a push scheduled before the mute is taken
+    /// back here. A failure is logged, never the settings' failure.
+    pub(crate) async fn drop_muted_push(&self, user: UserId, chat: ChatId) {
+        let Some(queue) = &self.push_queue else {
+            return;
+        };
+        match queue.drop_pending(user, chat).await {
+            Ok(true) => metrics::counter!("confab_pushes_muted_total").increment(1),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "a muted chat's pending push was not dropped"),
+        }
+    }
+
+    /// Takes the text off `user`'s pending pushes, now that they turned previews off: scheduled
+    /// before, those carry it, and the sender does not read settings. A failure is logged, never
+    /// the settings' failure.
+    pub(crate) async fn drop_push_previews(&self, user: UserId) {
+        let Some(queue) = &self.push_queue else {
+            return;
+        };
+        if let Err(error) = queue.drop_previews(user).await {
+            tracing::warn!(%error, "pending pushes not stripped of their previews");
+        }
+    }
+
     /// Cancels `user`'s pending push of `chat` when it announces nothing newer than `up_to`: they
     /// fetched, read or received that far. A push already sent that announced nothing newer is
     /// withdrawn from their devices.

@@ -58,6 +58,9 @@ impl ApiState {
         let stored = self.store.put_user_settings(caller, &settings.0).await;
         // Also after an error: a write that timed out may have been applied.
         self.push_settings.forget_user(caller);
+        if !settings.0.push_previews {
+            self.drop_push_previews(caller).await;
+        }
         stored?;
         Ok(settings.0)
     }
@@ -86,6 +89,9 @@ impl ApiState {
             .await;
         // Also after an error: a write that timed out may have been applied.
         self.push_settings.forget_chat(chat);
+        if settings.0.muted_at(time::OffsetDateTime::now_utc()) {
+            self.drop_muted_push(caller, chat).await;
+        }
         stored?;
         Ok(settings.0)
     }
