@@ -410,49 +410,63 @@ async fn delayed_push(stack: Stack) {
 
 /// Settings changed while a push waits apply to it when it comes due: a chat muted meanwhile
 /// gets no push, and with previews turned off meanwhile the push says who, not what. (The
-/// settings are read when the push is scheduled, and a delay may be up to a day.)
+/// settings are read when the push is scheduled, and a delay may be up to a day.) The pushes
+/// wait with no sender at all: an API process alone schedules them and takes the changes, and
+/// the sender starts only after them, so no delay has to outlast the changes.
 async fn settings_changed_while_a_push_waits(stack: Stack) {
-    let BobsDevice {
-        app,
-        receiver,
-        alice,
-        bob,
-        bob_id,
-    } = bobs_device(stack, "phone").await;
-    let (muted, private, later) = (
-        app.group_chat(&alice, &[&bob_id]).await,
-        app.group_chat(&alice, &[&bob_id]).await,
-        app.group_chat(&alice, &[&bob_id]).await,
+    let keys = VapidKeys::generate();
+    let receiver = start_receiver(&keys.public_key, &["phone"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = push_config(stack, &data, &keys, 300);
+    // The API process alone signs in with the embedded stack's dev tokens too, and migrates no
+    // keyspace: that is done first, as `confab migrate` would.
+    config.identity.allow_dev_in_distributed_roles = true;
+    drop(confab::open_store(&config, true).await.unwrap());
+    let api = support::spawn_role_with(stack, confab::Role::Api, config.clone(), data).await;
+    let alice = api.token("alice").await;
+    let bob = api.token("bob").await;
+    let bob_id = api.me(&bob).await;
+    receiver.register(&api, &bob, &["phone"]).await;
+    let (muted, private) = (
+        api.group_chat(&alice, &[&bob_id]).await,
+        api.group_chat(&alice, &[&bob_id]).await,
     );
-    // Windows long enough for the changes below on a slow machine; the later chat's push comes
-    // due a second after the others.
-    delay_in(&app, &bob, &muted, 2_000).await;
-    delay_in(&app, &bob, &private, 2_000).await;
-    delay_in(&app, &bob, &later, 3_000).await;
-
-    send(&app, &alice, &muted, "muted while it waited").await;
-    send(&app, &alice, &private, "a secret while it waited").await;
-    send(&app, &alice, &later, "after").await;
-    mute(&app, &bob, &muted).await;
-    let no_previews = app
+    send(&api, &alice, &muted, "muted while it waited").await;
+    send(&api, &alice, &private, "a secret while it waited").await;
+    mute(&api, &bob, &muted).await;
+    let no_previews = api
         .put(&bob, "/v1/me/settings", &json!({"push_previews": false}))
         .await;
     assert_eq!(no_previews.status(), 200);
+    let data = api.stop_keeping_state().await;
 
+    // The sender, from here on: both pushes are due.
+    let app = support::spawn_with(stack, config.clone(), data).await;
     let push = receiver.next_for("phone", &private).await;
-    receiver.next_for("phone", &later).await;
-    // Both looked at before either fails, so a failure tells of both.
-    let (previewed, pushed_muted) = (
+    // Whatever it sent is sent once it stopped; what it did not claim is still queued.
+    let data = app.stop_keeping_state().await;
+    let queue = confab::open_push_queue(&config).await.unwrap();
+    let left = queue
+        .claim_due(confab_runtime::presence::now_ms(), 256)
+        .await
+        .unwrap()
+        .pushes;
+    // All looked at before any fails, so a failure tells of all.
+    let (previewed, pushed_muted, queued_muted) = (
         push.payload.get("preview").cloned(),
         receiver.count_for(&muted),
+        left.iter().filter(|p| p.chat.to_string() == muted).count(),
     );
     assert_eq!(
-        (previewed, pushed_muted),
-        (None, 0),
+        (previewed, pushed_muted, queued_muted),
+        (None, 0, 0),
         "(the preview of a push after previews were turned off, pushes of a chat muted while \
-         they waited)"
+         they waited: sent, left in the queue)"
     );
-    app.stop().await;
+    if stack == Stack::Real {
+        Box::pin(support::clean_up_real(&config)).await;
+    }
+    drop(data);
 }
 
 on_both_stacks!(settings_changed_while_a_push_waits);

@@ -262,11 +262,22 @@ pub async fn spawn_app(stack: Stack) -> TestApp {
 }
 
 pub async fn spawn_with(stack: Stack, config: Config, data: tempfile::TempDir) -> TestApp {
+    spawn_role_with(stack, confab::Role::Serve, config, data).await
+}
+
+/// confab in `role` in this process. A role other than `serve` migrates no keyspace, and takes
+/// dev tokens (the embedded stack's) only with `identity.allow_dev_in_distributed_roles`.
+pub async fn spawn_role_with(
+    stack: Stack,
+    role: confab::Role,
+    config: Config,
+    data: tempfile::TempDir,
+) -> TestApp {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
     let mut server = tokio::spawn(confab::run(
-        confab::Role::Serve,
+        role,
         config.clone(),
         listener,
         shutdown.clone(),
