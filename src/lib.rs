@@ -537,6 +537,7 @@ pub async fn build(
                     batch_size: config.search.batch_size,
                     batch_wait: Duration::from_millis(config.search.batch_wait_ms),
                     batch_interval: Duration::from_millis(config.search.batch_interval_ms),
+                    changed_lately: Default::default(),
                 }
                 .start(shutdown.clone()),
             );

@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{DEADLINE, Stack, TestApp, spawn_app};
+use support::held_store::HeldStore;
+use support::{DEADLINE, Stack, TestApp, on_both_stacks, spawn_app};
 
 async fn search(app: &TestApp, token: &str, query: &[(&str, &str)]) -> reqwest::Response {
     app.http
@@ -415,3 +416,186 @@ async fn reindex_rebuilds_the_index_from_the_store() {
     );
     app.stop().await;
 }
+
+/// The live indexer on `stack`'s store (behind a [`HeldStore`] that counts signal reads), log and
+/// search engine, with the chat it indexes; what it made is removed by `clean_up`.
+struct LiveIndexer {
+    config: confab_runtime::config::Config,
+    store: std::sync::Arc<HeldStore>,
+    bus: std::sync::Arc<dyn confab_runtime::bus::Bus>,
+    search: std::sync::Arc<dyn confab_runtime::search::Search>,
+    chat: confab_schema::ChatId,
+    _data: tempfile::TempDir,
+}
+
+impl LiveIndexer {
+    async fn new(stack: Stack) -> LiveIndexer {
+        use confab_api::store::Store;
+        let data = tempfile::tempdir().unwrap();
+        let config = support::config_for(stack, data.path().to_path_buf());
+        let store = std::sync::Arc::new(HeldStore::new(
+            confab::open_store(&config, true).await.unwrap(),
+        ));
+        let bus = confab::open_bus(&config).await.unwrap();
+        let search = confab::open_search(&config)
+            .unwrap()
+            .expect("a search engine");
+        search.prepare().await.unwrap();
+        let chat = confab_schema::ChatId::new();
+        store
+            .create_chat(&confab_api::store::NewChat {
+                id: chat,
+                kind: confab_schema::ChatKind::Group,
+                name: Some("indexed".into()),
+                description: None,
+                created_at: confab_schema::model::to_millis(time::OffsetDateTime::now_utc()),
+                created_by: author(),
+                members: vec![(author(), confab_schema::MemberRole::Owner)],
+            })
+            .await
+            .unwrap();
+        LiveIndexer {
+            config,
+            store,
+            bus,
+            search,
+            chat,
+            _data: data,
+        }
+    }
+
+    /// An indexer of its own memory, as a process starts one.
+    fn indexer(&self) -> confab_api::indexer::Indexer {
+        confab_api::indexer::Indexer {
+            store: std::sync::Arc::clone(&self.store)
+                as std::sync::Arc<dyn confab_api::store::Store>,
+            bus: std::sync::Arc::clone(&self.bus),
+            search: std::sync::Arc::clone(&self.search),
+            batch_size: 100,
+            batch_wait: Duration::from_millis(10),
+            batch_interval: Duration::ZERO,
+            changed_lately: Default::default(),
+        }
+    }
+
+    /// Stores a message of the chat, as a send does; its `signal.created`, not yet published.
+    async fn store_message(&self, text: &str) -> confab_schema::Envelope {
+        use confab_api::store::Store;
+        let id = confab_schema::SignalId::new();
+        let signal = confab_schema::Signal {
+            id,
+            chat_id: self.chat,
+            kind: confab_schema::SignalKind::Message,
+            author_id: author(),
+            created_at: id.created_at().unwrap(),
+            nonce: None,
+            text: Some(text.into()),
+            reply_to: None,
+            attachments: vec![],
+            edited_at: None,
+            deleted: false,
+            reactions: Default::default(),
+            call: None,
+        };
+        self.store.insert_signal(&signal).await.unwrap();
+        confab_schema::Envelope::signal_created(signal)
+    }
+
+    async fn publish(&self, envelope: &confab_schema::Envelope) {
+        self.bus.publish(envelope).await.unwrap();
+    }
+
+    /// Deletes the message of `created` and publishes its `signal.deleted`.
+    async fn delete(&self, created: &confab_schema::Envelope) {
+        use confab_api::store::Store;
+        let confab_schema::event::Event::SignalCreated(signal) = &created.event else {
+            panic!("not a new message: {created:?}");
+        };
+        let tombstone = self
+            .store
+            .delete_signal(self.chat, signal.id)
+            .await
+            .unwrap()
+            .expect("stored");
+        self.publish(&confab_schema::Envelope::new(
+            self.chat,
+            confab_schema::event::Event::SignalDeleted(tombstone),
+        ))
+        .await;
+    }
+
+    async fn found(&self, text: &str) -> usize {
+        let query = confab_runtime::search::Query {
+            limit: 100,
+            ..confab_runtime::search::conformance::query(text, &[self.chat])
+        };
+        self.search.search(&query).await.unwrap().hits.len()
+    }
+
+    fn signal_reads(&self) -> usize {
+        self.store
+            .reads
+            .signals
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn clean_up(self) {
+        if self.config.search.backend == confab_runtime::config::SearchBackend::Meilisearch
+            || self.config.store.backend == confab_runtime::config::StoreBackend::Cql
+        {
+            Box::pin(support::clean_up_real(&self.config)).await;
+        }
+    }
+}
+
+fn author() -> confab_schema::UserId {
+    confab_schema::UserId::from_subject("indexer", "author")
+}
+
+/// A batch of new messages, their events fresh on the log as a send publishes them, is indexed
+/// as the events carry them: no signal is read back from the store (on CQL each would be a read).
+async fn live_new_messages_are_indexed_without_a_store_read(stack: Stack) {
+    const MESSAGES: usize = 20;
+    let live = LiveIndexer::new(stack).await;
+    // Started before the sends, as a process's indexer is.
+    let indexer = live.indexer();
+    for i in 0..MESSAGES {
+        let created = live.store_message(&format!("harbour crane {i}")).await;
+        live.publish(&created).await;
+    }
+    indexer.catch_up().await.unwrap();
+    let (found, reads) = (live.found("harbour").await, live.signal_reads());
+    assert_eq!(
+        (found, reads),
+        (MESSAGES, 0),
+        "(messages indexed, signals read from the store)"
+    );
+    live.clean_up().await;
+}
+
+on_both_stacks!(live_new_messages_are_indexed_without_a_store_read);
+
+/// A new message's event that reaches the log after the message's deletion (published late)
+/// leaves it out of the index: fresh, after a deletion the indexer saw; and old, as the outbox's
+/// sweep publishes it, read by an indexer that never saw the deletion (started after it).
+async fn a_late_new_message_event_after_its_deletion_stays_out(stack: Stack) {
+    let live = LiveIndexer::new(stack).await;
+    let indexer = live.indexer();
+    let fresh = live.store_message("lighthouse fresh").await;
+    live.delete(&fresh).await;
+    live.publish(&fresh).await;
+    indexer.catch_up().await.unwrap();
+    assert_eq!(live.found("lighthouse").await, 0, "a fresh late event");
+
+    let mut swept = live.store_message("lighthouse swept").await;
+    live.delete(&swept).await;
+    indexer.catch_up().await.unwrap();
+    // The sweep publishes the envelope written before the send's store write, a while ago.
+    swept.at -= time::Duration::minutes(1);
+    live.publish(&swept).await;
+    live.indexer().catch_up().await.unwrap();
+    assert_eq!(live.found("lighthouse").await, 0, "an old late event");
+    live.clean_up().await;
+}
+
+on_both_stacks!(a_late_new_message_event_after_its_deletion_stays_out);

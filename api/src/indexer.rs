@@ -12,8 +12,9 @@
 //! [`reindex`] scans every chat's history into the index, recording after each batch the last chat
 //! done, so an interrupted run resumes. It notes the log's position before it starts and, once the
 //! scan is done, replays the log from there: a change made during the scan may have been read
-//! before it was made, and the replay applies it after. Both index a message as the store holds it
-//! when its event is read, not as the event carries it (`changes_of`).
+//! before it was made, and the replay applies it after. Both index an edited message as the store
+//! holds it when its event is read, not as the event carries it, and so the replay does every new
+//! one; the indexer takes a new message's event as it carries it while it is fresh (`changes_of`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +39,17 @@ const HISTORY_PAGE: usize = 500;
 const READ_BACK_BATCH: usize = 200;
 /// How often the indexer looks at the log when no event woke it.
 const POLL: Duration = Duration::from_secs(1);
+/// How old a new message's event may be and still be indexed as it carries it. A send publishes
+/// its event as it stores the message, so the live path meets it well within this; one published
+/// late (by the outbox's sweep, which waits out `bus.outbox_silent_after_ms`, 30 s by default) or
+/// read again (a catch-up after a restart, a rewind) is older, and is read back from the store.
+const FRESH_FOR: Duration = Duration::from_secs(5);
+/// How long the indexer remembers a message it saw deleted or edited, against a new message's
+/// event that comes after it while still fresh: well past [`FRESH_FOR`], clocks a little apart.
+const CHANGED_MEMORY: Duration = Duration::from_secs(60);
+/// The most messages remembered as deleted or edited; beyond it, every new message's event is
+/// read back until the memory drains.
+const CHANGED_MEMORY_MAX: usize = 100_000;
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +106,60 @@ pub struct Indexer {
     /// sends one large batch per interval instead of a small one whenever the last is done. After
     /// a quiet interval, the first event waits only `batch_wait`.
     pub batch_interval: Duration,
+    /// The messages this indexer saw deleted or edited lately (see `changes_of`).
+    pub changed_lately: ChangedLately,
+}
+
+/// The messages an indexer saw deleted or edited lately, with when it saw each, and when it began
+/// to remember. A new message's event that is fresh and comes after one of these (published late,
+/// after the deletion or edit) is read back from the store like a stale one.
+#[derive(Clone)]
+pub struct ChangedLately(Arc<std::sync::Mutex<Remembered>>);
+
+struct Remembered {
+    since: time::OffsetDateTime,
+    seen: std::collections::HashMap<SignalId, Instant>,
+}
+
+impl Default for ChangedLately {
+    fn default() -> Self {
+        ChangedLately(Arc::new(std::sync::Mutex::new(Remembered {
+            since: time::OffsetDateTime::now_utc(),
+            seen: std::collections::HashMap::new(),
+        })))
+    }
+}
+
+impl ChangedLately {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Remembered> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets what is older than [`CHANGED_MEMORY`].
+    fn prune(&self) {
+        self.lock()
+            .seen
+            .retain(|_, seen| seen.elapsed() < CHANGED_MEMORY);
+    }
+
+    fn note(&self, id: SignalId) {
+        self.lock().seen.insert(id, Instant::now());
+    }
+
+    /// Whether a new message's event sent at `at`, read now, may be indexed as it carries it:
+    /// fresh, sent since this memory began (a deletion before that was seen by no one here), of
+    /// a message not seen deleted or edited, and the memory not full (then something may have
+    /// been left out).
+    fn as_carried(&self, id: SignalId, at: time::OffsetDateTime) -> bool {
+        let remembered = self.lock();
+        let age = time::OffsetDateTime::now_utc() - at;
+        age < FRESH_FOR
+            && at >= remembered.since
+            && remembered.seen.len() < CHANGED_MEMORY_MAX
+            && !remembered.seen.contains_key(&id)
+    }
 }
 
 impl Indexer {
@@ -202,7 +268,8 @@ impl Indexer {
             };
             match read {
                 Ok(events) => {
-                    let changes = changes_of(&*self.store, &events).await?;
+                    let changes =
+                        changes_of(&*self.store, &events, Some(&self.changed_lately)).await?;
                     self.search
                         .apply(&changes, Some((BUS_CHECKPOINT, &up_to.to_string())))
                         .await?;
@@ -259,26 +326,47 @@ impl Indexer {
     }
 }
 
-/// What `events` change in the index, for the indexer and a reindex's replay alike. A message is
-/// indexed as the store holds it now, not as its event carries it: an edit reads its signal back
-/// after its write and publishes that, and a new message's event may be published late (the
-/// outbox's sweep publishes one whose request failed after the write), so either event may reach
-/// the log after a later edit's or the message's deletion, and would bring back what they
-/// replaced (deleted text, kept nowhere else). One store read per batch, for its new and edited
-/// messages.
-async fn changes_of(store: &dyn Store, events: &[LoggedEvent]) -> Result<Vec<Change>, IndexError> {
-    // Each message once, however many of its events the batch holds.
-    let messages: Vec<(ChatId, SignalId)> = events
-        .iter()
-        .filter_map(|event| match &event.envelope.event {
-            Event::SignalCreated(signal) | Event::SignalUpdated(signal) => {
-                Some((signal.chat_id, signal.id))
+/// What `events` change in the index, for the indexer and a reindex's replay alike. An edited
+/// message is indexed as the store holds it now, not as its event carries it: an edit reads its
+/// signal back after its write and publishes that, so its event may reach the log after a later
+/// edit's or the message's deletion, and would bring back what they replaced (deleted text, kept
+/// nowhere else). A new message's event is taken as it is while fresh (the live path: a send
+/// publishes it as it stores the message, so a batch of new messages costs no store read); one
+/// that may be stale is read back too: older than [`FRESH_FOR`] (published late by the outbox's
+/// sweep, or read again), or of a message `changed_lately` saw deleted or edited before it. With
+/// no `changed_lately` (a reindex's replay) every one is read back. At most one store read per
+/// batch, for the messages read back.
+async fn changes_of(
+    store: &dyn Store,
+    events: &[LoggedEvent],
+    changed_lately: Option<&ChangedLately>,
+) -> Result<Vec<Change>, IndexError> {
+    if let Some(changed) = changed_lately {
+        changed.prune();
+    }
+    // Each message once, however many of its events the batch holds; in the log's order, so that
+    // a deletion or edit earlier in the batch counts against a new message's event after it.
+    let mut read_back: std::collections::HashSet<(ChatId, SignalId)> =
+        std::collections::HashSet::new();
+    for event in events {
+        match (&event.envelope.event, changed_lately) {
+            (Event::SignalUpdated(signal), changed) => {
+                read_back.insert((signal.chat_id, signal.id));
+                if let Some(changed) = changed {
+                    changed.note(signal.id);
+                }
             }
-            _ => None,
-        })
-        .collect::<std::collections::HashSet<_>>()
-        .into_iter()
-        .collect();
+            (Event::SignalDeleted(signal), Some(changed)) => changed.note(signal.id),
+            (Event::SignalCreated(signal), Some(changed))
+                if changed.as_carried(signal.id, event.envelope.at) => {}
+            (Event::SignalCreated(signal), _) => {
+                read_back.insert((signal.chat_id, signal.id));
+            }
+            _ => {}
+        }
+    }
+    let messages: Vec<(ChatId, SignalId)> = read_back.into_iter().collect();
+    let read: std::collections::HashSet<SignalId> = messages.iter().map(|(_, id)| *id).collect();
     let mut current: std::collections::HashMap<SignalId, Signal> =
         std::collections::HashMap::with_capacity(messages.len());
     // A bounded number of reads at once: a reindex replays the log a thousand events at a time.
@@ -295,7 +383,9 @@ async fn changes_of(store: &dyn Store, events: &[LoggedEvent]) -> Result<Vec<Cha
     Ok(events
         .iter()
         .filter_map(|event| match &event.envelope.event {
-            Event::SignalCreated(signal) | Event::SignalUpdated(signal) => {
+            Event::SignalCreated(signal) | Event::SignalUpdated(signal)
+                if read.contains(&signal.id) =>
+            {
                 Some(match current.get(&signal.id) {
                     Some(now) => Change::of_signal(now),
                     // Gone from the store: gone from the index.
@@ -399,7 +489,7 @@ pub async fn reindex(
         let up_to = last.min(position + 1_000);
         match bus.read(position, up_to, ChatFilter::All, 1_000).await {
             Ok(events) => {
-                let changes = changes_of(store, &events).await?;
+                let changes = changes_of(store, &events, None).await?;
                 search.apply(&changes, None).await?;
                 position = up_to;
             }

@@ -38,6 +38,7 @@ impl Parts {
             batch_size: 3,
             batch_wait: Duration::from_millis(10),
             batch_interval: Duration::ZERO,
+            changed_lately: Default::default(),
         }
     }
 
@@ -585,6 +586,7 @@ async fn batches_once_per_interval_under_a_stream(parts: Parts) {
         batch_size: 500,
         batch_wait: Duration::from_millis(10),
         batch_interval: INTERVAL,
+        changed_lately: Default::default(),
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let worker = indexer.start(shutdown.clone());

@@ -746,6 +746,7 @@ async fn real_a_removal_cut_short_is_finished_by_the_sweep() {
         batch_size: 100,
         batch_wait: Duration::from_millis(10),
         batch_interval: Duration::ZERO,
+        changed_lately: Default::default(),
     };
     let state = ApiState::new(
         Arc::clone(&store),

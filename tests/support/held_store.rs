@@ -168,6 +168,9 @@ pub struct ReadCounts {
     pub markers: AtomicUsize,
     /// Calls of `Store::members` (every member of a chat).
     pub whole_member_lists: AtomicUsize,
+    /// Signals read one by one (`Store::get_signal`, which `Store::get_signals` reads through
+    /// here): on CQL each is a read of its own.
+    pub signals: AtomicUsize,
 }
 
 impl ReadCounts {
@@ -597,6 +600,9 @@ impl Store for HeldStore {
         }
     }
     async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError> {
+        self.reads
+            .signals
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.get_signal(chat, id).await
     }
     async fn edit_signal(
