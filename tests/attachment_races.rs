@@ -14,9 +14,10 @@ use std::time::Duration;
 use confab_api::store::Store;
 use confab_api::{ApiState, routes};
 use confab_runtime::blobs::Blobs;
-use confab_runtime::bus::{Bus, EmbeddedBus};
+use confab_runtime::bus::{Bus, ChatFilter, EmbeddedBus};
 use confab_runtime::config::Config;
 use confab_runtime::identity::DevIdentity;
+use confab_schema::{Event, SignalKind};
 use serde_json::{Value, json};
 use support::held_store::{Held, HeldStore};
 use support::{DEADLINE, Stack};
@@ -25,6 +26,7 @@ use support::{DEADLINE, Stack};
 struct Harness {
     store: Arc<HeldStore>,
     blobs: Arc<dyn Blobs>,
+    bus: Arc<dyn Bus>,
     config: Config,
     stack: Stack,
     http: reqwest::Client,
@@ -48,9 +50,10 @@ impl Harness {
         let bus = Arc::new(
             EmbeddedBus::open(&dir.path().join("events.sqlite3"), Default::default()).unwrap(),
         );
+        let bus: Arc<dyn Bus> = bus;
         let state = ApiState::new(
             Arc::clone(&store) as Arc<dyn Store>,
-            bus as Arc<dyn Bus>,
+            Arc::clone(&bus),
             identity,
             &confab_runtime::signed::Keyring::random(),
         )
@@ -62,6 +65,7 @@ impl Harness {
         let mut harness = Harness {
             store,
             blobs,
+            bus,
             config,
             stack,
             http: reqwest::Client::new(),
@@ -285,16 +289,16 @@ async fn a_claim_made_meanwhile_stays(stack: Stack) {
 }
 on_both_stacks!(a_claim_made_meanwhile_stays);
 
-/// The message is deleted while the send that carried it is still recording that its attachment
-/// was sent in it: the claim, which read the attachment before the deletion, must not bring it
-/// back (by id, or in its chat's lists).
+/// The message is deleted while the send that carried it is still recording in the chat's lists
+/// that its attachment was sent in it: that write, which read the attachment before the deletion,
+/// must not bring it back (by id, or in its chat's lists).
 async fn a_claim_does_not_bring_back_a_deleted_attachment(stack: Stack) {
     let harness = Arc::new(Harness::start(stack).await);
-    harness.store.hold(Held::Claim);
+    harness.store.hold(Held::ClaimListed);
     let photo = harness.upload("photo.png", "image/png", png(8, 8)).await;
     let id = photo["id"].as_str().unwrap().to_owned();
     // The image's pictures are held too (the harness holds them): the first write at the gate is
-    // theirs, the second the send's claim.
+    // theirs, the second the send's listing of its claim.
     harness.store.gate.arrived(1).await;
     let sending = {
         let harness = Arc::clone(&harness);
@@ -302,7 +306,7 @@ async fn a_claim_does_not_bring_back_a_deleted_attachment(stack: Stack) {
         tokio::spawn(async move { harness.send(&[&photo["id"]]).await })
     };
     harness.store.gate.arrived(2).await;
-    // Stored and published before its claim: the history has it.
+    // Stored and published before its claim is listed: the history has it.
     let history = harness
         .json(
             &harness.alice,
@@ -347,10 +351,11 @@ async fn a_claim_does_not_bring_back_a_deleted_attachment(stack: Stack) {
 }
 on_both_stacks!(a_claim_does_not_bring_back_a_deleted_attachment);
 
-/// Two messages name one attachment at once: both pass the send's check before either records
-/// that it took the attachment. Only the one whose claim is recorded carries it afterwards (in
-/// the history, and so in every later read), and deleting the other leaves it alone.
-async fn two_messages_that_name_one_attachment_at_once_show_it_once(stack: Stack) {
+/// Two messages name one attachment at once: both pass the send's check before either claims it.
+/// One takes it and answers 201 with the attachment; the other is refused with 409 and stores and
+/// publishes nothing, so no answer, event or history ever shows an attachment on a message that
+/// does not own it.
+async fn two_messages_that_name_one_attachment_at_once_one_is_refused(stack: Stack) {
     let harness = Arc::new(Harness::start(stack).await);
     harness.store.hold(Held::Claim);
     let photo = harness.upload("photo.png", "image/png", png(8, 8)).await;
@@ -358,17 +363,37 @@ async fn two_messages_that_name_one_attachment_at_once_show_it_once(stack: Stack
     // The image's pictures are held too (the harness holds them): the first write at the gate is
     // theirs, then the two sends' claims.
     harness.store.gate.arrived(1).await;
-    let send = |harness: &Arc<Harness>| {
-        let harness = Arc::clone(harness);
+    let send = |nonce: &'static str| {
+        let harness = Arc::clone(&harness);
         let photo = photo.clone();
-        tokio::spawn(async move { harness.send(&[&photo["id"]]).await })
+        tokio::spawn(async move {
+            let sent = harness
+                .send_json(
+                    &format!("/v1/chats/{}/signals", harness.chat),
+                    &json!({"kind": "message", "text": nonce, "nonce": nonce,
+                            "attachments": [photo["id"]]}),
+                )
+                .await;
+            let status = sent.status().as_u16();
+            let content_type = sent.headers()["content-type"].to_str().unwrap().to_owned();
+            (status, content_type, sent.json::<Value>().await.unwrap())
+        })
     };
-    let first = send(&harness);
+    let first = send("first");
     harness.store.gate.arrived(2).await;
-    let second = send(&harness);
+    let second = send("second");
     harness.store.gate.arrived(3).await;
     harness.store.gate.release(3).await;
-    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    let mut answers = vec![first.await.unwrap(), second.await.unwrap()];
+    answers.sort_by_key(|(status, _, _)| *status);
+    let statuses: Vec<u16> = answers.iter().map(|(status, _, _)| *status).collect();
+    assert_eq!(statuses, [201, 409], "{answers:?}");
+    let (_, _, taker) = &answers[0];
+    let taker_id = taker["id"].as_str().unwrap();
+    assert_eq!(taker["attachments"][0]["id"], id.as_str(), "{taker}");
+    assert_eq!(taker["attachments"][0]["message_id"], taker_id, "{taker}");
+    let (_, content_type, refusal) = &answers[1];
+    assert_eq!(content_type, "application/problem+json", "{refusal}");
 
     let history = harness
         .json(
@@ -376,46 +401,44 @@ async fn two_messages_that_name_one_attachment_at_once_show_it_once(stack: Stack
             &format!("/v1/chats/{}/signals?limit=10", harness.chat),
         )
         .await;
-    let carrying: Vec<&str> = history["items"]
+    let messages: Vec<&str> = history["items"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|s| s["attachments"].as_array().is_some_and(|a| !a.is_empty()))
+        .filter(|s| s["kind"] == "message")
         .map(|s| s["id"].as_str().unwrap())
         .collect();
-    assert_eq!(carrying.len(), 1, "both messages carry it: {history}");
-    let (taker, other) = if carrying[0] == first {
-        (first, second)
-    } else {
-        (second, first)
-    };
+    assert_eq!(
+        messages,
+        [taker_id],
+        "the refused send stored a message: {history}"
+    );
+    let published: Vec<Value> = harness
+        .bus
+        .read(0, u64::MAX, ChatFilter::All, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|logged| match logged.envelope.event {
+            Event::SignalCreated(signal) if signal.kind == SignalKind::Message => {
+                Some(serde_json::to_value(signal).unwrap())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(published.len(), 1, "{published:?}");
+    assert_eq!(published[0]["id"], taker_id);
+    assert_eq!(published[0]["attachments"][0]["message_id"], taker_id);
     let listed = harness
         .json(
             &harness.alice,
             &format!("/v1/chats/{}/attachments", harness.chat),
         )
         .await;
-    assert_eq!(listed["items"][0]["message_id"], taker.as_str(), "{listed}");
-
-    let deleted = harness
-        .http
-        .delete(format!(
-            "{}/v1/chats/{}/signals/{other}",
-            harness.base, harness.chat
-        ))
-        .bearer_auth(&harness.alice)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(deleted.status(), 200);
-    assert_eq!(
-        harness.get(&format!("/v1/attachments/{id}")).await.status(),
-        200,
-        "deleting the message that did not take it hid it"
-    );
+    assert_eq!(listed["items"][0]["message_id"], taker_id, "{listed}");
     Arc::into_inner(harness)
         .expect("the sends are done")
         .stop()
         .await;
 }
-on_both_stacks!(two_messages_that_name_one_attachment_at_once_show_it_once);
+on_both_stacks!(two_messages_that_name_one_attachment_at_once_one_is_refused);

@@ -395,10 +395,10 @@ async fn cql_pictures_stored_across_a_deletion_do_not_bring_it_back() {
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
 
-/// A send's claim on its attachments races a deletion of its message, and the write of an
-/// image's pictures that re-files it as a file: the deleted attachment does not come back, and the
-/// re-filed one is listed once, among the files, as sent in its message, whichever of the claim's
-/// and the pictures' writes comes first.
+/// A sent message's claim on its attachments, as it is copied to the chat's lists, races a
+/// deletion of its message, and the write of an image's pictures that re-files it as a file: the
+/// deleted attachment does not come back, and the re-filed one is listed once, among the files, as
+/// sent in its message, whichever of the claim's and the pictures' writes comes first.
 #[tokio::test]
 async fn cql_claims_racing_deletions_and_pictures() {
     use confab_schema::{Attachment, AttachmentKind, SignalId, UserId};
@@ -435,8 +435,13 @@ async fn cql_claims_racing_deletions_and_pictures() {
     // Deleted between the claim's read and its write.
     let gone = upload("gone.png");
     store.put_attachment(&gone).await.expect("puts");
+    let gone_message = SignalId::new();
     store
-        .claim_attachments_meanwhile(chat, &[gone.id], SignalId::new(), async {
+        .claim_attachments(chat, &[gone.id], gone_message)
+        .await
+        .expect("claims");
+    store
+        .list_claimed_attachments_meanwhile(chat, &[gone.id], gone_message, async {
             store
                 .delete_attachments(std::slice::from_ref(&gone))
                 .await
@@ -476,7 +481,11 @@ async fn cql_claims_racing_deletions_and_pictures() {
     };
     let first_message = SignalId::new();
     store
-        .claim_attachments_meanwhile(chat, &[first.id], first_message, async {
+        .claim_attachments(chat, &[first.id], first_message)
+        .await
+        .expect("claims");
+    store
+        .list_claimed_attachments_meanwhile(chat, &[first.id], first_message, async {
             refile(&first).await.expect("re-files").expect("is there");
         })
         .await
@@ -494,6 +503,10 @@ async fn cql_claims_racing_deletions_and_pictures() {
                     .claim_attachments(chat, &[second.id], second_message)
                     .await
                     .expect("claims");
+                store
+                    .list_claimed_attachments(chat, &[second.id], second_message)
+                    .await
+                    .expect("lists the claim");
             },
         )
         .await

@@ -51,8 +51,10 @@ pub enum Held {
     CallParticipant(bool),
     /// What making an image's pictures found (`Store::update_derived`).
     Pictures,
-    /// A sent message's claim on its attachments (`Store::claim_attachments`).
+    /// A message's claim on its attachments, before it is stored (`Store::claim_attachments`).
     Claim,
+    /// A stored message's claim copied to its chat's lists (`Store::list_claimed_attachments`).
+    ClaimListed,
     /// A `call` signal of this state stored (`Store::insert_signal`).
     CallSignal(CallState),
     /// A call's status moved to this one (`Store::transition_call`).
@@ -356,10 +358,30 @@ impl Store for HeldStore {
         chat: ChatId,
         ids: &[uuid::Uuid],
         message: SignalId,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<(uuid::Uuid, SignalId)>, StoreError> {
         self.through(
             Held::Claim,
             self.inner.claim_attachments(chat, ids, message),
+        )
+        .await
+    }
+    async fn release_attachments(
+        &self,
+        chat: ChatId,
+        ids: &[uuid::Uuid],
+        message: SignalId,
+    ) -> Result<(), StoreError> {
+        self.inner.release_attachments(chat, ids, message).await
+    }
+    async fn list_claimed_attachments(
+        &self,
+        chat: ChatId,
+        ids: &[uuid::Uuid],
+        message: SignalId,
+    ) -> Result<(), StoreError> {
+        self.through(
+            Held::ClaimListed,
+            self.inner.list_claimed_attachments(chat, ids, message),
         )
         .await
     }

@@ -16,7 +16,9 @@ use confab_runtime::blobs::{
     BlobError, BlobName, BlobRead, Blobs, ByteChunks, HEAD_BYTES, Presentation,
 };
 use confab_schema::attachment::{Derivative, ImageInfo};
-use confab_schema::{Attachment, AttachmentKind, AttachmentRef, ChatId, Signal, User, UserId};
+use confab_schema::{
+    Attachment, AttachmentKind, AttachmentRef, ChatId, Signal, SignalId, User, UserId,
+};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -339,68 +341,142 @@ impl ApiState {
         Ok(attachment)
     }
 
-    /// The attachments `ids` of `chat` uploaded by `author`, for a message: 422 for any other, and
-    /// for one sent in another message already (a retry of the message that took it, the same
-    /// `nonce`, may name it again).
-    pub(crate) async fn attachments_for_message(
+    /// Claims the attachments `ids` of `chat` uploaded by `author` for `message`, a message not
+    /// stored yet, so that no message is stored or published naming an attachment it does not
+    /// hold. 422 for an attachment that is not such an upload, or that was sent in another
+    /// message before this send began; 409 for one another send claimed while this one was being
+    /// made. A retry of the message that took them (the same `nonce`) claims nothing and answers
+    /// that message. Whoever gets `Claimed::Attachments` must store `message`, or give the claims
+    /// back ([`ApiState::release_claims`]).
+    pub(crate) async fn claim_for_message(
         &self,
         chat: ChatId,
         author: UserId,
         ids: &AttachmentIds,
         nonce: Option<&str>,
-    ) -> ApiResult<Vec<Attachment>> {
+        message: SignalId,
+    ) -> ApiResult<Claimed> {
         if ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Claimed::Attachments(Vec::new()));
         }
-        let found = self.store.get_attachments(ids.as_slice()).await?;
-        let mut attachments = Vec::with_capacity(ids.as_slice().len());
-        for id in ids.as_slice() {
+        let ids = ids.as_slice();
+        let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+        'claim: loop {
+            let attachments = match self.uploads_for_message(chat, author, ids, nonce).await? {
+                Checked::Unsent(attachments) => attachments,
+                Checked::RetryOf(sent) => return Ok(Claimed::RetryOf(sent)),
+            };
+            let holders = self.store.claim_attachments(chat, ids, message).await?;
+            let holder_of = |id: &Uuid| holders.iter().find(|(a, _)| a == id).map(|(_, h)| *h);
+            let Some(&contended) = ids.iter().find(|id| holder_of(id) != Some(message)) else {
+                return Ok(Claimed::Attachments(
+                    attachments
+                        .into_iter()
+                        .map(|attachment| Attachment {
+                            message_id: Some(message),
+                            ..attachment
+                        })
+                        .collect(),
+                ));
+            };
+            // Nothing of this message is stored: what it took goes back.
+            self.store.release_attachments(chat, ids, message).await?;
+            let Some(holder) = holder_of(&contended) else {
+                return Err(not_an_upload(contended));
+            };
+            // Another send holds it. Only a retry of that send (its nonce) may still answer; that
+            // is known once the other send is stored, or it gives the attachment back.
+            let Some(nonce) = nonce else {
+                return Err(taken_meanwhile(contended));
+            };
+            loop {
+                if let Some(sent) = self.store.get_signal(chat, holder).await? {
+                    if sent.author_id == author && sent.nonce.as_deref() == Some(nonce) {
+                        return Ok(Claimed::RetryOf(sent));
+                    }
+                    return Err(taken_meanwhile(contended));
+                }
+                let held_now = self
+                    .store
+                    .get_attachments(&[contended])
+                    .await?
+                    .pop()
+                    .and_then(|a| a.message_id);
+                if held_now != Some(holder) {
+                    continue 'claim;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(taken_meanwhile(contended));
+                }
+                tokio::time::sleep(CLAIM_POLL).await;
+            }
+        }
+    }
+
+    /// The attachments `ids` of `chat` uploaded by `author`, for a message: 422 for any other, and
+    /// for one sent in another message already, unless this is a retry of that message (the same
+    /// `nonce`). One claimed by a send not stored yet is left to the claim.
+    async fn uploads_for_message(
+        &self,
+        chat: ChatId,
+        author: UserId,
+        ids: &[Uuid],
+        nonce: Option<&str>,
+    ) -> ApiResult<Checked> {
+        let found = self.store.get_attachments(ids).await?;
+        let mut attachments = Vec::with_capacity(ids.len());
+        for id in ids {
             let attachment = found
                 .iter()
                 .find(|a| a.id == *id && a.chat_id == chat && a.uploader == author)
                 .cloned()
-                .ok_or_else(|| {
-                    ApiError::Unprocessable(format!(
-                        "attachment {id} is not one of your uploads to this chat"
-                    ))
-                })?;
-            if let Some(sent_in) = attachment.message_id {
-                let retried = match nonce {
-                    Some(nonce) => self
-                        .store
-                        .get_signal(chat, sent_in)
-                        .await?
-                        .is_some_and(|s| {
-                            s.author_id == author && s.nonce.as_deref() == Some(nonce)
-                        }),
-                    None => false,
-                };
-                if !retried {
-                    return Err(ApiError::Unprocessable(format!(
-                        "attachment {id} was sent in another message; upload it again to send it \
-                         again"
-                    )));
+                .ok_or_else(|| not_an_upload(*id))?;
+            if let Some(sent_in) = attachment.message_id
+                && let Some(sent) = self.store.get_signal(chat, sent_in).await?
+            {
+                if nonce.is_some() && sent.author_id == author && sent.nonce.as_deref() == nonce {
+                    return Ok(Checked::RetryOf(sent));
                 }
+                return Err(ApiError::Unprocessable(format!(
+                    "attachment {id} was sent in another message; upload it again to send it \
+                     again"
+                )));
             }
             attachments.push(attachment);
         }
-        Ok(attachments)
+        Ok(Checked::Unsent(attachments))
     }
 
-    /// Records that the attachments of `sent`, a message just stored, were sent in it. Done after
-    /// the message is stored, so it is never refused for this; a failure is logged and leaves the
-    /// attachment unclaimed, which a deletion of the message still hides.
-    pub(crate) async fn claim_attachments(&self, sent: &Signal) {
+    /// Gives back the claims of `message`, which was not stored, on the attachments it names.
+    /// A failure is logged: the attachments then stay claimed by a message that does not exist.
+    pub(crate) async fn release_claims(&self, message: &Signal) {
+        let ids: Vec<Uuid> = message.attachments.iter().map(AttachmentRef::id).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let released = self
+            .store
+            .release_attachments(message.chat_id, &ids, message.id)
+            .await;
+        if let Err(error) = released {
+            tracing::warn!(%error, message = %message.id, "giving back the attachments of a message not stored failed");
+        }
+    }
+
+    /// Records in the chat's lists that the attachments of `sent`, a message just stored (and
+    /// holding them), were sent in it. The message is history already, so a failure is logged:
+    /// the attachments' own records name the message all the same.
+    pub(crate) async fn list_claims(&self, sent: &Signal) {
         let ids: Vec<Uuid> = sent.attachments.iter().map(AttachmentRef::id).collect();
         if ids.is_empty() {
             return;
         }
-        let claimed = self
+        let listed = self
             .store
-            .claim_attachments(sent.chat_id, &ids, sent.id)
+            .list_claimed_attachments(sent.chat_id, &ids, sent.id)
             .await;
-        if let Err(error) = claimed {
-            tracing::warn!(%error, message = %sent.id, "recording which message took its attachments failed");
+        if let Err(error) = listed {
+            tracing::warn!(%error, message = %sent.id, "recording in the chat's lists which message took its attachments failed");
         }
     }
 
@@ -660,6 +736,38 @@ impl ApiState {
         }
         Ok(())
     }
+}
+
+/// What a send's claim on its attachments came to.
+pub(crate) enum Claimed {
+    /// The message holds them (their records say so, and these copies too).
+    Attachments(Vec<Attachment>),
+    /// The send is a retry of this stored message, which holds them.
+    RetryOf(Signal),
+}
+
+/// What checking a message's attachments found.
+enum Checked {
+    Unsent(Vec<Attachment>),
+    RetryOf(Signal),
+}
+
+/// How long a send with a nonce waits on another send that claimed one of its attachments and is
+/// not stored yet: it may be an attempt of the same nonce, whose message is then the answer.
+const CLAIM_WAIT: Duration = Duration::from_secs(5);
+const CLAIM_POLL: Duration = Duration::from_millis(20);
+
+fn not_an_upload(id: Uuid) -> ApiError {
+    ApiError::Unprocessable(format!(
+        "attachment {id} is not one of your uploads to this chat"
+    ))
+}
+
+fn taken_meanwhile(id: Uuid) -> ApiError {
+    ApiError::Conflict(format!(
+        "attachment {id} was taken by another message sent at the same time; upload it again to \
+         send it again"
+    ))
 }
 
 /// Images of more bytes than this are not decoded (kept as plain files).

@@ -6,12 +6,13 @@ use std::time::Duration;
 use confab_schema::call::CallSignal;
 use confab_schema::model::to_millis;
 use confab_schema::{
-    Attachment, AttachmentRef, ChatId, Envelope, Event, Signal, SignalId, SignalKind, User, UserId,
+    AttachmentRef, ChatId, Envelope, Event, Signal, SignalId, SignalKind, User, UserId,
 };
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::Outcome;
+use super::attachments::Claimed;
 use super::inputs::{AttachmentIds, MessageText, Nonce, PageLimit};
 use super::paging::{Page, Pager};
 use super::rules;
@@ -109,26 +110,27 @@ impl ApiState {
                 "reply_to names no signal of this chat".into(),
             ));
         }
-        let attachments = self
-            .attachments_for_message(
+        // Refuse before storing when events cannot be published, rather than store a silent message.
+        self.bus.check().await?;
+        let id = SignalId::new();
+        // The attachments are claimed before the message is stored and published: of sends that
+        // race for one, only the one that holds it stores a message naming it.
+        let attachments = match self
+            .claim_for_message(
                 chat,
                 caller.id,
                 &message.attachments,
                 message.nonce.as_ref().map(|n| n.as_str()),
+                id,
             )
-            .await?;
-        // Refuse before storing when events cannot be published, rather than store a silent message.
-        self.bus.check().await?;
-        let id = SignalId::new();
-        let attachments = attachments
-            .into_iter()
-            .map(|attachment| {
-                AttachmentRef::from(Attachment {
-                    message_id: Some(id),
-                    ..attachment
-                })
-            })
-            .collect();
+            .await?
+        {
+            Claimed::Attachments(attachments) => attachments,
+            Claimed::RetryOf(sent) => {
+                self.republish_if_recent(&sent).await;
+                return Ok(Outcome::Existing(self.decorate_one(sent).await?));
+            }
+        };
         let signal = Signal {
             id,
             chat_id: chat,
@@ -138,21 +140,31 @@ impl ApiState {
             nonce: message.nonce.map(Nonce::into_inner),
             text: message.text.map(MessageText::into_inner),
             reply_to: message.reply_to,
-            attachments,
+            attachments: attachments.into_iter().map(AttachmentRef::from).collect(),
             edited_at: None,
             deleted: false,
             reactions: Default::default(),
             call: None,
         };
-        match self
+        let recorded = self
             .record(&signal, members, Some(&caller.display_name))
-            .await?
-        {
-            Inserted::Existing(existing) => {
+            .await;
+        match recorded {
+            Ok(Inserted::Created(created)) => Ok(Outcome::Created(created)),
+            Ok(Inserted::Existing(existing)) => {
+                // Another attempt of this nonce was stored: this one's claims are not history.
+                self.release_claims(&signal).await;
                 self.republish_if_recent(&existing).await;
                 Ok(Outcome::Existing(self.decorate_one(existing).await?))
             }
-            Inserted::Created(created) => Ok(Outcome::Created(created)),
+            Err(error) => {
+                // Given back only when the message is known not to be stored: a write that
+                // failed may have been made all the same, and then it holds its attachments.
+                if let Ok(None) = self.store.get_signal(chat, id).await {
+                    self.release_claims(&signal).await;
+                }
+                Err(error)
+            }
         }
     }
 
@@ -444,7 +456,7 @@ impl ApiState {
         let (touched, marked, ()) = futures::join!(
             self.touch(created.clone(), members.clone()),
             self.mark_authors_read(created),
-            self.claim_attachments(created)
+            self.list_claims(created)
         );
         if touched.is_ok() && marked.is_ok() {
             return;

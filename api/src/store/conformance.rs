@@ -65,6 +65,7 @@ macro_rules! store_conformance_tests {
             attachments_page_newest_first_by_kind,
             attachments_reference_their_objects,
             a_message_claims_its_chats_unclaimed_attachments,
+            racing_claims_leave_one_holder_and_a_release_frees,
             pictures_change_only_an_attachment_that_exists,
             the_collectors_marks,
             small_objects_by_name,
@@ -2388,14 +2389,29 @@ pub async fn a_message_claims_its_chats_unclaimed_attachments(store: Arc<dyn Sto
         gone.id,
         uuid::Uuid::now_v7(),
     ];
-    store
+    let mut holders = store
         .claim_attachments(chat, &ids, message)
         .await
         .expect("claims");
-    store
+    holders.sort();
+    let mut expected = vec![(photo.id, message), (taken.id, first)];
+    expected.sort();
+    assert_eq!(
+        holders, expected,
+        "the holder of each of the chat's attachments"
+    );
+    let mut holders = store
         .claim_attachments(chat, &ids, SignalId::new())
         .await
         .expect("a later message claims nothing");
+    holders.sort();
+    assert_eq!(holders, expected, "a later message claims nothing");
+    for (ids, message) in [(&ids[..], message), (&[taken.id][..], first)] {
+        store
+            .list_claimed_attachments(chat, ids, message)
+            .await
+            .expect("lists the claims");
+    }
 
     let photo = confab_schema::Attachment {
         image: Some(image),
@@ -2421,6 +2437,100 @@ pub async fn a_message_claims_its_chats_unclaimed_attachments(store: Arc<dyn Sto
             .expect("lists"),
         [elsewhere],
         "another chat's upload is not claimed"
+    );
+}
+
+/// Sends racing for one attachment claim it at once, before either message is stored: exactly
+/// one claim holds, and every claimant is told which. The holder's release frees it for the
+/// next claim; another message's release changes nothing; a released claim is never listed.
+pub async fn racing_claims_leave_one_holder_and_a_release_frees(store: Arc<dyn Store>) {
+    use confab_schema::AttachmentKind::File;
+    let owner = user("racer");
+    store.upsert_user(&owner).await.expect("user");
+    let chat = chat_with(store.as_ref(), owner.id, &[]).await;
+    let contested = attachment(chat, owner.id, File, &sha("contested"));
+    store.put_attachment(&contested).await.expect("puts");
+
+    let claimants: Vec<SignalId> = (0..8).map(|_| SignalId::new()).collect();
+    let claims = futures::future::join_all(claimants.iter().map(|&message| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .claim_attachments(chat, &[contested.id], message)
+                .await
+                .expect("claims")
+        }
+    }))
+    .await;
+    let holder = claims[0][0].1;
+    assert!(claimants.contains(&holder), "{claims:?}");
+    for claim in &claims {
+        assert_eq!(claim, &[(contested.id, holder)], "one holder for all");
+    }
+    let held = |store: Arc<dyn Store>| async move {
+        store
+            .get_attachments(&[contested.id])
+            .await
+            .expect("gets")
+            .pop()
+            .expect("is there")
+            .message_id
+    };
+    assert_eq!(held(Arc::clone(&store)).await, Some(holder));
+
+    let loser = *claimants.iter().find(|m| **m != holder).unwrap();
+    store
+        .release_attachments(chat, &[contested.id], loser)
+        .await
+        .expect("releases");
+    assert_eq!(
+        held(Arc::clone(&store)).await,
+        Some(holder),
+        "a release by a message that does not hold it changes nothing"
+    );
+    store
+        .release_attachments(chat, &[contested.id], holder)
+        .await
+        .expect("releases");
+    store
+        .release_attachments(chat, &[contested.id], holder)
+        .await
+        .expect("releases again");
+    assert_eq!(held(Arc::clone(&store)).await, None, "released");
+    let listed = store
+        .chat_attachments(chat, None, None, 10)
+        .await
+        .expect("lists");
+    assert_eq!(
+        listed,
+        std::slice::from_ref(&contested),
+        "no claim is listed"
+    );
+
+    let next = SignalId::new();
+    assert_eq!(
+        store
+            .claim_attachments(chat, &[contested.id], next)
+            .await
+            .expect("claims"),
+        [(contested.id, next)],
+        "free again once released"
+    );
+    store
+        .list_claimed_attachments(chat, &[contested.id], next)
+        .await
+        .expect("lists the claim");
+    let sent = confab_schema::Attachment {
+        message_id: Some(next),
+        ..contested
+    };
+    assert_eq!(held(Arc::clone(&store)).await, Some(next));
+    assert_eq!(
+        store
+            .chat_attachments(chat, None, None, 10)
+            .await
+            .expect("lists"),
+        [sent]
     );
 }
 
@@ -2463,6 +2573,10 @@ pub async fn pictures_change_only_an_attachment_that_exists(store: Arc<dyn Store
         .claim_attachments(chat, &[photo.id], message)
         .await
         .expect("claims");
+    store
+        .list_claimed_attachments(chat, &[photo.id], message)
+        .await
+        .expect("lists the claim");
     let stored = store
         .update_derived(photo.id, chat, Image, Image, Some(&image))
         .await
@@ -2488,6 +2602,10 @@ pub async fn pictures_change_only_an_attachment_that_exists(store: Arc<dyn Store
         .claim_attachments(chat, &[broken.id], message)
         .await
         .expect("claims");
+    store
+        .list_claimed_attachments(chat, &[broken.id], message)
+        .await
+        .expect("lists the claim");
     let stored = store
         .update_derived(broken.id, chat, Image, File, None)
         .await

@@ -688,12 +688,32 @@ pub trait Store: Send + Sync + 'static {
         kind: AttachmentKind,
         image: Option<&ImageInfo>,
     ) -> Result<Option<Attachment>, StoreError>;
-    /// Records that `message`, just stored in `chat`, was sent with the attachments `ids`: each
-    /// one of `chat` that no message took yet gets `message` as its `message_id`, and nothing
-    /// else of it changes (pictures stored meanwhile by [`Store::update_derived`] stay, and it
-    /// keeps its place in its chat's lists). An attachment removed before or during this call
-    /// stays removed, by id and from its chat's lists.
+    /// Claims for `message`, before it is stored or published, each attachment of `ids` that is
+    /// `chat`'s and that no message holds yet: of sends racing for one attachment exactly one
+    /// claim succeeds. Answers, for each of `ids` that exists and is `chat`'s, the message that
+    /// holds it after the call (`message` when this claim took it, or took it before). Only the
+    /// record's `message_id` changes (pictures stored meanwhile by [`Store::update_derived`]
+    /// stay); the chat's lists learn it from [`Store::list_claimed_attachments`] once the message
+    /// is stored. An attachment removed before or during this call stays removed.
     async fn claim_attachments(
+        &self,
+        chat: ChatId,
+        ids: &[Uuid],
+        message: SignalId,
+    ) -> Result<Vec<(Uuid, SignalId)>, StoreError>;
+    /// Gives up the claims `message` holds on the attachments `ids` of `chat` (it was not stored:
+    /// refused, or another attempt of its nonce was stored): each becomes free to send again.
+    /// Claims another message holds stay. Idempotent.
+    async fn release_attachments(
+        &self,
+        chat: ChatId,
+        ids: &[Uuid],
+        message: SignalId,
+    ) -> Result<(), StoreError>;
+    /// Records in `chat`'s lists of attachments that `message`, just stored, was sent with those
+    /// of `ids` it holds ([`Store::claim_attachments`]); nothing else of them changes, and one
+    /// removed before or during this call stays removed, by id and from its chat's lists.
+    async fn list_claimed_attachments(
         &self,
         chat: ChatId,
         ids: &[Uuid],

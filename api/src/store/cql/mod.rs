@@ -790,8 +790,12 @@ struct Statements {
     chat_attachment_written: PreparedStatement,
     put_attachment_at: PreparedStatement,
     put_chat_attachment_at: PreparedStatement,
-    /// A send's claim on an attachment: its `message_id` cells, at a time of its choosing.
-    claim_attachment_at: PreparedStatement,
+    /// A send's claim on an attachment's record, before the message is stored: a lightweight
+    /// transaction, and its release one too. They are the only writes of the record's
+    /// `message_id` cell, so no plain write (whose timestamp Paxos does not order) can hide one.
+    claim_attachment_if_free: PreparedStatement,
+    release_attachment_if_held: PreparedStatement,
+    /// The claim copied to the attachment's row in its chat's list, at a time of its choosing.
     claim_chat_attachment_at: PreparedStatement,
     delete_chat_attachment_at: PreparedStatement,
     delete_blob_ref: PreparedStatement,
@@ -1108,7 +1112,8 @@ impl CqlStore {
             delete_chat_attachment: "DELETE FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id = ?".into(),
             attachment_written: "SELECT body, WRITETIME(body), message_id FROM attachments WHERE id = ?".into(),
             chat_attachment_written: "SELECT body, WRITETIME(body), message_id FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id = ?".into(),
-            claim_attachment_at: "UPDATE attachments USING TIMESTAMP ? SET message_id = ? WHERE id = ?".into(),
+            claim_attachment_if_free: "UPDATE attachments SET message_id = ? WHERE id = ? IF message_id = null".into(),
+            release_attachment_if_held: "UPDATE attachments SET message_id = null WHERE id = ? IF message_id = ?".into(),
             claim_chat_attachment_at: "UPDATE chat_attachments USING TIMESTAMP ? SET message_id = ? WHERE chat_id = ? AND kind = ? AND id = ?".into(),
             put_attachment_at: "INSERT INTO attachments (id, body) VALUES (?, ?) USING TIMESTAMP ?".into(),
             put_chat_attachment_at: "INSERT INTO chat_attachments (chat_id, kind, id, body) VALUES (?, ?, ?, ?) USING TIMESTAMP ?".into(),
@@ -1180,7 +1185,7 @@ impl CqlStore {
     ///   that finds it re-filed read the record after this write's rows were written, and removes
     ///   the file row later than them.
     /// - Only the kind and the pictures change. The message the attachment was sent in is a cell
-    ///   of its own (`message_id`, see `claim_attachments_meanwhile`) that this write leaves
+    ///   of its own (`message_id`, see `list_claimed_attachments_meanwhile`) that this write leaves
     ///   alone, except to carry it to a re-filed image's new row in the list.
     ///
     /// The record is read back at the end, so that a deletion that arrived between the read and
@@ -1271,20 +1276,20 @@ impl CqlStore {
         Ok(stored)
     }
 
-    /// [`Store::claim_attachments`], with `meanwhile` run between its read of each attachment
-    /// and its claim: how a test plays a deletion, or the write of an image's pictures, that
-    /// arrives in between.
+    /// [`Store::list_claimed_attachments`], with `meanwhile` run between its read of each
+    /// attachment and its write: how a test plays a deletion, or the write of an image's pictures,
+    /// that arrives in between.
     ///
-    /// A claim writes only the `message_id` cells, beside the record and its row in the chat's
-    /// list, never the record itself: the pictures' write ([`Store::update_derived`]) rewrites
-    /// the record and the list's row, and neither can undo the other. Each cell is written 1 µs
-    /// after the write time of the row's record as read (`USING TIMESTAMP`), so a deletion that
-    /// read that version or a later one (every deletion after the claim's read) removes the
-    /// claim too, in whatever order their writes arrive: a deleted attachment is not brought
-    /// back as a row of a lone claim. The record's cell is claimed first, then the list's row of
-    /// the kind the record has after it: see `update_derived_meanwhile` for a re-filing racing
+    /// The record's `message_id` cell holds the claim ([`Store::claim_attachments`]); this copies
+    /// it to the row in the chat's list, writing only that row's `message_id` cell, never the row
+    /// itself: the pictures' write ([`Store::update_derived`]) rewrites the row, and neither can
+    /// undo the other. The cell is written 1 µs after the write time of the row as read (`USING
+    /// TIMESTAMP`), so a deletion that read that version or a later one (every deletion after
+    /// this read) removes the copy too, in whatever order their writes arrive: a deleted
+    /// attachment is not brought back as a row of a lone claim. The list's row is the one of the
+    /// kind the record has after the claim: see `update_derived_meanwhile` for a re-filing racing
     /// it.
-    pub async fn claim_attachments_meanwhile(
+    pub async fn list_claimed_attachments_meanwhile(
         &self,
         chat: ChatId,
         ids: &[Uuid],
@@ -1298,22 +1303,15 @@ impl CqlStore {
                 .execute_unpaged(&self.statements.attachment_written, (id,))
                 .await
                 .map_err(unavailable)?;
-            let Some((attachment, written)) = written_attachment(read)? else {
+            let Some((attachment, _)) = written_attachment(read)? else {
                 continue;
             };
-            if attachment.chat_id != chat || attachment.message_id.is_some() {
+            if attachment.chat_id != chat || attachment.message_id != Some(message) {
                 continue;
             }
             if let Some(meanwhile) = meanwhile.take() {
                 meanwhile.await;
             }
-            self.session
-                .execute_unpaged(
-                    &self.statements.claim_attachment_at,
-                    (written + 1, message.0, id),
-                )
-                .await
-                .map_err(unavailable)?;
             let read = self
                 .session
                 .execute_unpaged(&self.statements.attachment_written, (id,))
@@ -1347,6 +1345,15 @@ impl CqlStore {
                     .map_err(unavailable)?;
             }
         }
+        Ok(())
+    }
+
+    /// Gives up `message`'s claim on attachment `id`'s record, if it holds it.
+    async fn release_attachment(&self, id: Uuid, message: SignalId) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.statements.release_attachment_if_held, (id, message.0))
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 
@@ -3163,13 +3170,72 @@ impl Store for CqlStore {
             .await
     }
 
+    /// A lightweight transaction per attachment (`IF message_id = null`), only for a message
+    /// that names attachments: of sends racing for one, Paxos lets one claim through and shows
+    /// the others the winner. A claim of a record deleted meanwhile (which the condition, on a
+    /// row that is gone, lets through) is taken back: it would only be a lone cell that reads
+    /// as nothing.
     async fn claim_attachments(
         &self,
         chat: ChatId,
         ids: &[Uuid],
         message: SignalId,
+    ) -> Result<Vec<(Uuid, SignalId)>, StoreError> {
+        let mut holders = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let Some(attachment) = self.get_attachments(&[id]).await?.pop() else {
+                continue;
+            };
+            if attachment.chat_id != chat {
+                continue;
+            }
+            if let Some(holder) = attachment.message_id {
+                holders.push((id, holder));
+                continue;
+            }
+            let claimed = self
+                .session
+                .execute_unpaged(&self.statements.claim_attachment_if_free, (message.0, id))
+                .await
+                .map_err(unavailable)?;
+            match lwt_row(claimed, "message_id")? {
+                None => {
+                    if self.get_attachments(&[id]).await?.is_empty() {
+                        self.release_attachment(id, message).await?;
+                        continue;
+                    }
+                    holders.push((id, message));
+                }
+                Some(Some(CqlValue::Uuid(holder))) => holders.push((id, SignalId(holder))),
+                // Not applied, and nothing holds it: the row is gone.
+                Some(None | Some(CqlValue::Empty)) => {}
+                Some(Some(other)) => {
+                    return Err(corrupt(format!("an attachment's message_id {other:?}")));
+                }
+            }
+        }
+        Ok(holders)
+    }
+
+    async fn release_attachments(
+        &self,
+        _chat: ChatId,
+        ids: &[Uuid],
+        message: SignalId,
     ) -> Result<(), StoreError> {
-        self.claim_attachments_meanwhile(chat, ids, message, async {})
+        for &id in ids {
+            self.release_attachment(id, message).await?;
+        }
+        Ok(())
+    }
+
+    async fn list_claimed_attachments(
+        &self,
+        chat: ChatId,
+        ids: &[Uuid],
+        message: SignalId,
+    ) -> Result<(), StoreError> {
+        self.list_claimed_attachments_meanwhile(chat, ids, message, async {})
             .await
     }
 

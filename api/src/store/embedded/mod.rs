@@ -1573,42 +1573,66 @@ impl Store for EmbeddedStore {
         chat: ChatId,
         ids: &[Uuid],
         message: SignalId,
+    ) -> Result<Vec<(Uuid, SignalId)>, StoreError> {
+        let ids = ids.to_vec();
+        self.with(move |c| {
+            // One transaction: of two claims of one attachment, the second reads the first's.
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let mut holders = Vec::with_capacity(ids.len());
+            for id in ids {
+                let Some(mut attachment) = attachment_in(&tx, id, chat)? else {
+                    continue;
+                };
+                if let Some(holder) = attachment.message_id {
+                    holders.push((id, holder));
+                    continue;
+                }
+                attachment.message_id = Some(message);
+                write_attachment_body(&tx, &attachment)?;
+                holders.push((id, message));
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(holders)
+        })
+        .await
+    }
+
+    async fn release_attachments(
+        &self,
+        chat: ChatId,
+        ids: &[Uuid],
+        message: SignalId,
     ) -> Result<(), StoreError> {
         let ids = ids.to_vec();
         self.with(move |c| {
-            // One transaction: nothing writes the record between its read and its write.
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
             for id in ids {
-                let body: Option<String> = tx
-                    .query_row(
-                        "SELECT body FROM attachments WHERE id = ?1",
-                        params![blob(id)],
-                        |row| row.get(0),
-                    )
-                    .optional()
-                    .map_err(unavailable)?;
-                let Some(body) = body else {
+                let Some(mut attachment) = attachment_in(&tx, id, chat)? else {
                     continue;
                 };
-                let mut attachment: Attachment =
-                    serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                if attachment.chat_id != chat || attachment.message_id.is_some() {
+                if attachment.message_id != Some(message) {
                     continue;
                 }
-                attachment.message_id = Some(message);
-                let body = serde_json::to_string(&attachment)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                tx.execute(
-                    "UPDATE attachments SET body = ?2 WHERE id = ?1",
-                    params![blob(id), body],
-                )
-                .map_err(unavailable)?;
+                attachment.message_id = None;
+                write_attachment_body(&tx, &attachment)?;
             }
             tx.commit().map_err(unavailable)
         })
         .await
+    }
+
+    /// The chat's lists are the records themselves: the claim is listed already.
+    async fn list_claimed_attachments(
+        &self,
+        _chat: ChatId,
+        _ids: &[Uuid],
+        _message: SignalId,
+    ) -> Result<(), StoreError> {
+        Ok(())
     }
 
     async fn add_blob_refs(&self, attachment: Uuid, blobs: &[String]) -> Result<(), StoreError> {
@@ -2852,4 +2876,40 @@ impl Store for EmbeddedStore {
         })
         .await
     }
+}
+
+/// Attachment `id`'s record, when it exists and is `chat`'s.
+fn attachment_in(
+    tx: &rusqlite::Transaction<'_>,
+    id: Uuid,
+    chat: ChatId,
+) -> Result<Option<Attachment>, StoreError> {
+    let body: Option<String> = tx
+        .query_row(
+            "SELECT body FROM attachments WHERE id = ?1",
+            params![blob(id)],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    let Some(body) = body else {
+        return Ok(None);
+    };
+    let attachment: Attachment =
+        serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok((attachment.chat_id == chat).then_some(attachment))
+}
+
+/// Writes `attachment`'s record over the stored one (its kind, and so its list, stays).
+fn write_attachment_body(
+    tx: &rusqlite::Transaction<'_>,
+    attachment: &Attachment,
+) -> Result<(), StoreError> {
+    let body = serde_json::to_string(attachment).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    tx.execute(
+        "UPDATE attachments SET body = ?2 WHERE id = ?1",
+        params![blob(attachment.id), body],
+    )
+    .map_err(unavailable)?;
+    Ok(())
 }
