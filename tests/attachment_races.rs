@@ -442,3 +442,76 @@ async fn two_messages_that_name_one_attachment_at_once_one_is_refused(stack: Sta
         .await;
 }
 on_both_stacks!(two_messages_that_name_one_attachment_at_once_one_is_refused);
+
+/// Two attempts of one message (the same nonce) naming an attachment race: both pass the send's
+/// check before either claims it. They answer one message, 201 and then 200, which carries the
+/// attachment; a later retry answers it again, and nothing else is stored.
+async fn attempts_of_one_message_race_to_one_answer(stack: Stack) {
+    let harness = Arc::new(Harness::start(stack).await);
+    harness.store.hold(Held::Claim);
+    let photo = harness.upload("photo.png", "image/png", png(8, 8)).await;
+    let id = photo["id"].as_str().unwrap().to_owned();
+    // The image's pictures are held too (the harness holds them): the first write at the gate is
+    // theirs, then the two attempts' claims.
+    harness.store.gate.arrived(1).await;
+    let body = json!({"kind": "message", "text": "once", "nonce": "n-1", "attachments": [id]});
+    let attempt = || {
+        let harness = Arc::clone(&harness);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let sent = harness
+                .send_json(&format!("/v1/chats/{}/signals", harness.chat), &body)
+                .await;
+            (sent.status().as_u16(), sent.json::<Value>().await.unwrap())
+        })
+    };
+    let first = attempt();
+    harness.store.gate.arrived(2).await;
+    let second = attempt();
+    harness.store.gate.arrived(3).await;
+    harness.store.gate.release(3).await;
+    let mut answers = vec![first.await.unwrap(), second.await.unwrap()];
+    answers.sort_by_key(|(status, _)| *status);
+    let statuses: Vec<u16> = answers.iter().map(|(status, _)| *status).collect();
+    assert_eq!(statuses, [200, 201], "{answers:?}");
+    let message = answers[1].1["id"].as_str().unwrap().to_owned();
+    for (_, answer) in &answers {
+        assert_eq!(answer["id"], message.as_str(), "{answers:?}");
+        assert_eq!(answer["attachments"][0]["id"], id.as_str(), "{answer}");
+        assert_eq!(answer["attachments"][0]["message_id"], message.as_str());
+    }
+    let again = harness
+        .send_json(&format!("/v1/chats/{}/signals", harness.chat), &body)
+        .await;
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["id"], message.as_str());
+    assert_eq!(again["attachments"][0]["message_id"], message.as_str());
+
+    let history = harness
+        .json(
+            &harness.alice,
+            &format!("/v1/chats/{}/signals?limit=10", harness.chat),
+        )
+        .await;
+    let messages: Vec<&str> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["kind"] == "message")
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages, [message.as_str()], "{history}");
+    let listed = harness
+        .json(
+            &harness.alice,
+            &format!("/v1/chats/{}/attachments", harness.chat),
+        )
+        .await;
+    assert_eq!(listed["items"][0]["message_id"], message.as_str(), "{listed}");
+    Arc::into_inner(harness)
+        .expect("the sends are done")
+        .stop()
+        .await;
+}
+on_both_stacks!(attempts_of_one_message_race_to_one_answer);
