@@ -508,10 +508,76 @@ async fn attempts_of_one_message_race_to_one_answer(stack: Stack) {
             &format!("/v1/chats/{}/attachments", harness.chat),
         )
         .await;
-    assert_eq!(listed["items"][0]["message_id"], message.as_str(), "{listed}");
+    assert_eq!(
+        listed["items"][0]["message_id"],
+        message.as_str(),
+        "{listed}"
+    );
     Arc::into_inner(harness)
         .expect("the sends are done")
         .stop()
         .await;
 }
 on_both_stacks!(attempts_of_one_message_race_to_one_answer);
+
+/// A send whose store write fails gives its attachment back when its message was not stored, so
+/// that another message may carry it; one whose write was made all the same keeps it, and its
+/// retry (the same nonce) answers that message.
+async fn a_failed_send_gives_its_attachment_back_only_when_not_stored(stack: Stack) {
+    let harness = Harness::start(stack).await;
+    // Nothing here waits on the image's pictures.
+    harness.store.lift(Held::Pictures);
+    let photo = harness.upload("photo.png", "image/png", png(8, 8)).await;
+    let id = photo["id"].as_str().unwrap().to_owned();
+    let signals = format!("/v1/chats/{}/signals", harness.chat);
+    let with_nonce = |nonce: &str| json!({"kind": "message", "nonce": nonce, "attachments": [id]});
+
+    harness.store.fail_next(Held::MessageInserted);
+    let failed = harness.send_json(&signals, &with_nonce("lost")).await;
+    assert_eq!(failed.status(), 503);
+    let got = harness
+        .json(
+            &harness.alice,
+            &format!("/v1/chats/{}/attachments", harness.chat),
+        )
+        .await["items"][0]
+        .clone();
+    assert!(got["message_id"].is_null(), "still held: {got}");
+
+    harness.store.fail_next_after(Held::MessageInserted);
+    let failed = harness.send_json(&signals, &with_nonce("made")).await;
+    assert_eq!(failed.status(), 503);
+    let retried = harness.send_json(&signals, &with_nonce("made")).await;
+    assert_eq!(retried.status(), 200);
+    let retried: Value = retried.json().await.unwrap();
+    let message = retried["id"].as_str().unwrap();
+    assert_eq!(retried["attachments"][0]["id"], id.as_str(), "{retried}");
+    assert_eq!(
+        retried["attachments"][0]["message_id"], message,
+        "{retried}"
+    );
+    let got = harness
+        .json(
+            &harness.alice,
+            &format!("/v1/chats/{}/attachments", harness.chat),
+        )
+        .await["items"][0]
+        .clone();
+    assert_eq!(got["message_id"], message, "{got}");
+
+    let other = harness.send_json(&signals, &with_nonce("other")).await;
+    assert_eq!(other.status(), 422, "an upload goes in one message");
+    let history = harness
+        .json(&harness.alice, &format!("{signals}?limit=10"))
+        .await;
+    let messages: Vec<&str> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["kind"] == "message")
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages, [message], "{history}");
+    harness.stop().await;
+}
+on_both_stacks!(a_failed_send_gives_its_attachment_back_only_when_not_stored);

@@ -22,8 +22,8 @@ use confab_schema::call::{CallState, CallStatus};
 use confab_schema::circle::{Circle, CircleMember};
 use confab_schema::event::EventKind;
 use confab_schema::{
-    Chat, ChatId, CircleId, Envelope, LoggedEvent, Member, MemberRole, Signal, SignalId, User,
-    UserId,
+    Chat, ChatId, CircleId, Envelope, LoggedEvent, Member, MemberRole, Signal, SignalId,
+    SignalKind, User, UserId,
 };
 use futures::stream::BoxStream;
 use time::OffsetDateTime;
@@ -55,6 +55,8 @@ pub enum Held {
     Claim,
     /// A stored message's claim copied to its chat's lists (`Store::list_claimed_attachments`).
     ClaimListed,
+    /// A `message` signal stored (`Store::insert_signal`).
+    MessageInserted,
     /// A `call` signal of this state stored (`Store::insert_signal`).
     CallSignal(CallState),
     /// A call's status moved to this one (`Store::transition_call`).
@@ -617,6 +619,10 @@ impl Store for HeldStore {
                     self.inner.insert_signal(signal),
                 )
                 .await
+            }
+            None if signal.kind == SignalKind::Message => {
+                self.through(Held::MessageInserted, self.inner.insert_signal(signal))
+                    .await
             }
             None => self.inner.insert_signal(signal).await,
         }

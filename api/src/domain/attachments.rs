@@ -463,6 +463,28 @@ impl ApiState {
         }
     }
 
+    /// Claims for `sent`, a stored message, those of its attachments no message holds: it gave
+    /// them back when its store write failed, and was stored all the same. A failure is logged.
+    pub(crate) async fn reclaim(&self, sent: &Signal) {
+        let ids: Vec<Uuid> = sent.attachments.iter().map(AttachmentRef::id).collect();
+        if ids.is_empty() {
+            return;
+        }
+        match self
+            .store
+            .claim_attachments(sent.chat_id, &ids, sent.id)
+            .await
+        {
+            Ok(holders) if holders.iter().any(|(_, holder)| *holder == sent.id) => {
+                self.list_claims(sent).await;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, message = %sent.id, "claiming the attachments of a message stored again failed");
+            }
+        }
+    }
+
     /// Records in the chat's lists that the attachments of `sent`, a message just stored (and
     /// holding them), were sent in it. The message is history already, so a failure is logged:
     /// the attachments' own records name the message all the same.

@@ -112,6 +112,31 @@ impl ApiState {
         }
         // Refuse before storing when events cannot be published, rather than store a silent message.
         self.bus.check().await?;
+        // On a task of its own: a request cancelled (a client gone, a timeout) between the claim
+        // of its attachments and the store would leave them held by a message that never exists.
+        let state = self.clone();
+        let caller = caller.clone();
+        tokio::spawn(async move {
+            state
+                .claim_and_record(&caller, chat, message, members)
+                .await
+        })
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "a send panicked");
+            ApiError::Store(StoreError::Unavailable("the send stopped".into()))
+        })?
+    }
+
+    /// Claims the message's attachments for a new signal, then stores and publishes it; gives the
+    /// claims back when it is not stored.
+    async fn claim_and_record(
+        &self,
+        caller: &User,
+        chat: ChatId,
+        message: NewMessage,
+        members: Vec<UserId>,
+    ) -> ApiResult<Outcome<Signal>> {
         let id = SignalId::new();
         // The attachments are claimed before the message is stored and published: of sends that
         // race for one, only the one that holds it stores a message naming it.
@@ -127,6 +152,8 @@ impl ApiState {
         {
             Claimed::Attachments(attachments) => attachments,
             Claimed::RetryOf(sent) => {
+                // The first attempt may have stored it and failed before its claim was listed.
+                self.list_claims(&sent).await;
                 self.republish_if_recent(&sent).await;
                 return Ok(Outcome::Existing(self.decorate_one(sent).await?));
             }
@@ -154,6 +181,10 @@ impl ApiState {
             Ok(Inserted::Existing(existing)) => {
                 // Another attempt of this nonce was stored: this one's claims are not history.
                 self.release_claims(&signal).await;
+                // That attempt may have failed after its nonce was recorded and given its claims
+                // back; its message is history now (this send may have stored it again), so it
+                // takes back those still free.
+                self.reclaim(&existing).await;
                 self.republish_if_recent(&existing).await;
                 Ok(Outcome::Existing(self.decorate_one(existing).await?))
             }

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::responses::{ChatErrors, Invalid, Limited};
+use super::responses::{ChatErrors, Conflict, Invalid, Limited};
 use super::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::domain::inputs::{MessageText, PageLimit};
 use crate::domain::signals::{HistoryFrom, NewMessage};
@@ -36,7 +36,8 @@ pub struct CreateSignal {
 }
 
 /// Posts a message (members only). 201 with the stored signal; a retry with the same nonce answers
-/// 200 with the signal stored the first time and stores nothing.
+/// 200 with the signal stored the first time and stores nothing. 409 when another message sent at
+/// the same time took one of its attachments: nothing is stored.
 #[utoipa::path(
     post, operation_id = "create_signal", path = "/v1/chats/{chat_id}/signals", tag = "signals",
     params(("chat_id" = ChatId, Path, description = "The chat")),
@@ -44,7 +45,7 @@ pub struct CreateSignal {
     responses(
         (status = 201, description = "Stored", body = Signal),
         (status = 200, description = "Already stored with this nonce", body = Signal),
-        ChatErrors, Limited, Invalid,
+        ChatErrors, Limited, Invalid, Conflict,
     ),
     security(("bearer" = []))
 )]
