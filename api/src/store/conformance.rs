@@ -66,6 +66,7 @@ macro_rules! store_conformance_tests {
             attachments_reference_their_objects,
             a_message_claims_its_chats_unclaimed_attachments,
             racing_claims_leave_one_holder_and_a_release_frees,
+            a_claim_given_back_after_pictures_frees_the_attachment,
             pictures_change_only_an_attachment_that_exists,
             the_collectors_marks,
             small_objects_by_name,
@@ -2537,6 +2538,54 @@ pub async fn racing_claims_leave_one_holder_and_a_release_frees(store: Arc<dyn S
 /// What making an image's pictures found is written over the record as stored: the message it
 /// was sent in stays, a re-filed image moves to the file list, and an attachment removed before
 /// stays removed, by id and from both lists.
+/// A claim given back after the attachment's pictures were stored (while it held it) frees the
+/// attachment: what the pictures wrote does not keep the message that gave it back.
+pub async fn a_claim_given_back_after_pictures_frees_the_attachment(store: Arc<dyn Store>) {
+    use confab_schema::AttachmentKind::Image;
+    let owner = user("giver");
+    store.upsert_user(&owner).await.expect("user");
+    let chat = chat_with(store.as_ref(), owner.id, &[]).await;
+    let photo = attachment(chat, owner.id, Image, &sha("given back"));
+    store.put_attachment(&photo).await.expect("puts");
+    let (first, second) = (SignalId::new(), SignalId::new());
+    let claimed = store
+        .claim_attachments(chat, &[photo.id], first)
+        .await
+        .expect("claims");
+    assert_eq!(claimed, [(photo.id, first)]);
+    let image = confab_schema::attachment::ImageInfo {
+        width: 8,
+        height: 8,
+        thumbnail: None,
+        preview: None,
+    };
+    store
+        .update_derived(photo.id, chat, Image, Image, Some(&image))
+        .await
+        .expect("writes")
+        .expect("the photo is there");
+    store
+        .release_attachments(chat, &[photo.id], first)
+        .await
+        .expect("releases");
+    let held = store
+        .get_attachments(&[photo.id])
+        .await
+        .expect("gets")
+        .pop()
+        .expect("is there");
+    assert_eq!(held.message_id, None, "given back");
+    assert_eq!(held.image, Some(image), "the pictures stay");
+    assert_eq!(
+        store
+            .claim_attachments(chat, &[photo.id], second)
+            .await
+            .expect("claims"),
+        [(photo.id, second)],
+        "another message may take it"
+    );
+}
+
 pub async fn pictures_change_only_an_attachment_that_exists(store: Arc<dyn Store>) {
     use confab_schema::AttachmentKind::{File, Image};
     let owner = user("photographer");

@@ -3262,7 +3262,7 @@ impl Store for CqlStore {
             .into_iter()
             // A row with a claim's cell and no record is one deleted since (the deletion's
             // tombstone is newer than the record, not always than a late claim's cell).
-            .filter_map(|(body, claimed)| body.map(|body| claimed_attachment(&body, claimed)))
+            .filter_map(|(body, claimed)| body.map(|body| attachment_record(&body, claimed)))
             .collect()
     }
 
@@ -4414,6 +4414,16 @@ fn claimed_attachment(body: &str, claimed: Option<Uuid>) -> Result<Attachment, S
         attachment.message_id = Some(SignalId(message));
     }
     Ok(attachment)
+}
+
+/// An attachment's record (the `attachments` row) as a claim reads it: its claim's cell alone
+/// says which message holds it. A body rewritten while a claim stood (its pictures, a re-filing)
+/// carries that claim, which may have been given back since.
+fn attachment_record(body: &str, claimed: Option<Uuid>) -> Result<Attachment, StoreError> {
+    Ok(Attachment {
+        message_id: claimed.map(SignalId),
+        ..serde_json::from_str(body).map_err(corrupt)?
+    })
 }
 
 /// Every row of an unpaged result, typed.
