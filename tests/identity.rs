@@ -279,10 +279,11 @@ async fn tokens_with_bad_claims_are_refused() {
 }
 
 /// Keycloak's admin REST API, for the tests that change the dev realm (their own client only).
+/// Each call signs in again: the master realm's admin tokens live a minute, which a test on a
+/// loaded machine can outlast.
 struct KeycloakAdmin {
     http: reqwest::Client,
     base: String,
-    token: String,
 }
 
 impl KeycloakAdmin {
@@ -294,10 +295,21 @@ impl KeycloakAdmin {
             .unwrap()
             .trim_end_matches('/')
             .to_owned();
-        let http = reqwest::Client::new();
-        let response = http
+        let admin = KeycloakAdmin {
+            http: reqwest::Client::new(),
+            base,
+        };
+        admin.token().await;
+        admin
+    }
+
+    /// A fresh admin access token.
+    async fn token(&self) -> String {
+        let response = self
+            .http
             .post(format!(
-                "{base}/realms/master/protocol/openid-connect/token"
+                "{}/realms/master/protocol/openid-connect/token",
+                self.base
             ))
             .form(&[
                 ("grant_type", "password"),
@@ -309,11 +321,10 @@ impl KeycloakAdmin {
             .await
             .unwrap();
         assert!(response.status().is_success(), "Keycloak admin login");
-        let token = response.json::<Value>().await.unwrap()["access_token"]
+        response.json::<Value>().await.unwrap()["access_token"]
             .as_str()
             .unwrap()
-            .to_owned();
-        KeycloakAdmin { http, base, token }
+            .to_owned()
     }
 
     fn realm(&self, path: &str) -> String {
@@ -336,7 +347,7 @@ impl KeycloakAdmin {
         let response = self
             .http
             .post(self.realm("/clients"))
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token().await)
             .json(&json!({
                 "clientId": client_id, "enabled": true, "publicClient": true,
                 "directAccessGrantsEnabled": true, "standardFlowEnabled": false,
@@ -360,7 +371,7 @@ impl KeycloakAdmin {
         let _ = self
             .http
             .delete(self.realm(&format!("/clients/{id}")))
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token().await)
             .send()
             .await;
     }
@@ -370,7 +381,7 @@ impl KeycloakAdmin {
         let response = self
             .http
             .delete(self.realm(&format!("/sessions/{sid}")))
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token().await)
             .send()
             .await
             .unwrap();

@@ -234,7 +234,10 @@ pub async fn wait_ready(base: &str) {
             return;
         }
         if tokio::time::Instant::now() >= deadline {
+            // One last look, which may find it ready after all: a check that was slow to answer
+            // could have carried the loop past the deadline.
             let last = match reqwest::get(format!("{base}/ready")).await {
+                Ok(response) if response.status().is_success() => return,
                 Ok(response) => response.text().await.unwrap_or_default(),
                 Err(error) => error.to_string(),
             };
