@@ -2584,6 +2584,23 @@ pub async fn a_claim_given_back_after_pictures_frees_the_attachment(store: Arc<d
         [(photo.id, second)],
         "another message may take it"
     );
+
+    // A record that names its message in its body alone (as records sent before the claim had a
+    // cell of its own do) stays held by it.
+    let sent_long_ago = SignalId::new();
+    let older = confab_schema::Attachment {
+        message_id: Some(sent_long_ago),
+        ..attachment(chat, owner.id, Image, &sha("sent long ago"))
+    };
+    store.put_attachment(&older).await.expect("puts");
+    assert_eq!(
+        store
+            .claim_attachments(chat, &[older.id], second)
+            .await
+            .expect("claims"),
+        [(older.id, sent_long_ago)],
+        "held by the message its record names"
+    );
 }
 
 pub async fn pictures_change_only_an_attachment_that_exists(store: Arc<dyn Store>) {

@@ -1207,7 +1207,7 @@ impl CqlStore {
             (chat.0, stored_as.as_str(), id),
         );
         let (record, listed) = futures::join!(record, listed);
-        let Some(record) = written_attachment(record.map_err(unavailable)?)? else {
+        let Some(record) = record_to_rewrite(record.map_err(unavailable)?)? else {
             return Ok(None);
         };
         // Without its row (a deletion is under way), the attachment is not listed again.
@@ -3262,7 +3262,7 @@ impl Store for CqlStore {
             .into_iter()
             // A row with a claim's cell and no record is one deleted since (the deletion's
             // tombstone is newer than the record, not always than a late claim's cell).
-            .filter_map(|(body, claimed)| body.map(|body| attachment_record(&body, claimed)))
+            .filter_map(|(body, claimed)| body.map(|body| claimed_attachment(&body, claimed)))
             .collect()
     }
 
@@ -4416,14 +4416,26 @@ fn claimed_attachment(body: &str, claimed: Option<Uuid>) -> Result<Attachment, S
     Ok(attachment)
 }
 
-/// An attachment's record (the `attachments` row) as a claim reads it: its claim's cell alone
-/// says which message holds it. A body rewritten while a claim stood (its pictures, a re-filing)
-/// carries that claim, which may have been given back since.
-fn attachment_record(body: &str, claimed: Option<Uuid>) -> Result<Attachment, StoreError> {
-    Ok(Attachment {
-        message_id: claimed.map(SignalId),
-        ..serde_json::from_str(body).map_err(corrupt)?
-    })
+/// The record a `SELECT body, WRITETIME(body), message_id` found, with that write time, as its
+/// body is to be written again: a claim held in the record's own cell is left out of the body.
+/// Copied there, it would outlive the claim's giving back (the cell is cleared, the body is read
+/// when the cell is empty), and the attachment would look held by a message never stored.
+fn record_to_rewrite(
+    result: scylla::response::query_result::QueryResult,
+) -> Result<Option<(Attachment, i64)>, StoreError> {
+    match rows::<(Option<String>, Option<i64>, Option<Uuid>)>(result)?
+        .into_iter()
+        .next()
+    {
+        Some((Some(body), Some(written), claimed)) => {
+            let mut attachment: Attachment = serde_json::from_str(&body).map_err(corrupt)?;
+            if claimed.is_some() {
+                attachment.message_id = None;
+            }
+            Ok(Some((attachment, written)))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Every row of an unpaged result, typed.
