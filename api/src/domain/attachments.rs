@@ -396,6 +396,14 @@ impl ApiState {
                     }
                     return Err(taken_meanwhile(contended));
                 }
+                // A holder made longer ago than the wait is a send that stopped before storing
+                // its message: nothing will come of waiting for it but reads.
+                if holder
+                    .created_at()
+                    .is_none_or(|made| OffsetDateTime::now_utc() - made > CLAIM_WAIT)
+                {
+                    return Err(taken_meanwhile(contended));
+                }
                 let held_now = self
                     .store
                     .get_attachments(&[contended])
