@@ -865,9 +865,18 @@ const BUCKET_BATCH: i32 = 16;
 impl CqlStore {
     /// The device's row in `devices` as stored (the text a conditional write compares with).
     async fn device_body(&self, id: DeviceId) -> Result<Option<String>, StoreError> {
+        self.device_body_by(&self.statements.get_device, id).await
+    }
+
+    /// The device's body as `statement` (a read of `devices` by id) finds it.
+    async fn device_body_by(
+        &self,
+        statement: &PreparedStatement,
+        id: DeviceId,
+    ) -> Result<Option<String>, StoreError> {
         let row = self
             .session
-            .execute_unpaged(&self.statements.get_device, (id.0,))
+            .execute_unpaged(statement, (id.0,))
             .await
             .map_err(unavailable)?
             .into_rows_result()
@@ -884,16 +893,10 @@ impl CqlStore {
         user: UserId,
         id: DeviceId,
     ) -> Result<Option<String>, StoreError> {
-        let row = self
-            .session
-            .execute_unpaged(&self.statements.get_device_serial, (id.0,))
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(corrupt)?
-            .maybe_first_row::<(Option<String>,)>()
-            .map_err(corrupt)?;
-        let Some(body) = row.and_then(|(body,)| body) else {
+        let Some(body) = self
+            .device_body_by(&self.statements.get_device_serial, id)
+            .await?
+        else {
             return Ok(None);
         };
         let owner = serde_json::from_str::<Device>(&body).map_err(corrupt)?;
