@@ -1540,19 +1540,9 @@ impl Store for EmbeddedStore {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
-            let body: Option<String> = tx
-                .query_row(
-                    "SELECT body FROM attachments WHERE id = ?1",
-                    params![blob(id)],
-                    |row| row.get(0),
-                )
-                .optional()
-                .map_err(unavailable)?;
-            let Some(body) = body else {
+            let Some(mut attachment) = attachment_record(&tx, id)? else {
                 return Ok(None);
             };
-            let mut attachment: Attachment =
-                serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             attachment.kind = kind;
             attachment.image = image;
             let body = serde_json::to_string(&attachment)
@@ -2878,11 +2868,10 @@ impl Store for EmbeddedStore {
     }
 }
 
-/// Attachment `id`'s record, when it exists and is `chat`'s.
-fn attachment_in(
+/// Attachment `id`'s record, when it exists.
+fn attachment_record(
     tx: &rusqlite::Transaction<'_>,
     id: Uuid,
-    chat: ChatId,
 ) -> Result<Option<Attachment>, StoreError> {
     let body: Option<String> = tx
         .query_row(
@@ -2892,12 +2881,17 @@ fn attachment_in(
         )
         .optional()
         .map_err(unavailable)?;
-    let Some(body) = body else {
-        return Ok(None);
-    };
-    let attachment: Attachment =
-        serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    Ok((attachment.chat_id == chat).then_some(attachment))
+    body.map(|body| serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string())))
+        .transpose()
+}
+
+/// Attachment `id`'s record, when it exists and is `chat`'s.
+fn attachment_in(
+    tx: &rusqlite::Transaction<'_>,
+    id: Uuid,
+    chat: ChatId,
+) -> Result<Option<Attachment>, StoreError> {
+    Ok(attachment_record(tx, id)?.filter(|attachment| attachment.chat_id == chat))
 }
 
 /// Writes `attachment`'s record over the stored one (its kind, and so its list, stays).
