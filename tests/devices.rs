@@ -258,6 +258,36 @@ async fn without_vapid_keys_web_push_is_refused() {
 }
 
 /// `api`'s state, recording the logouts it makes in `logouts`; and those logouts.
+/// Bob, with a phone registered in his session `bobs-phone` (issued now), and when that was.
+async fn bob_with_a_phone(
+    api: &support::held_store::HeldApi,
+    state: &confab_api::ApiState,
+) -> (confab_schema::User, i64) {
+    use confab_api::domain::devices::{DeviceFields, NewDevice, PushSettings};
+    use confab_api::domain::sessions::CallerSession;
+
+    let bob = api.user("bob").await;
+    let phone = NewDevice::parse(
+        DeviceFields {
+            platform: Some("fcm".into()),
+            token: Some(format!("phone-of-{}", bob.id.0)),
+            ..Default::default()
+        },
+        &PushSettings::default(),
+    )
+    .unwrap();
+    let issued = time::OffsetDateTime::now_utc().unix_timestamp();
+    let session = CallerSession {
+        id: Some("bobs-phone".into()),
+        issued_at: issued,
+    };
+    state
+        .register_device(bob.id, &session, phone)
+        .await
+        .unwrap();
+    (bob, issued)
+}
+
 fn recording_logouts(
     api: &support::held_store::HeldApi,
     logouts: &tempfile::TempDir,
@@ -278,8 +308,6 @@ fn recording_logouts(
 /// not taken for done while the devices still get pushes), and the sessions have ended all the
 /// same; tried again, it removes them.
 async fn a_logout_that_could_not_remove_devices_says_so(stack: Stack) {
-    use confab_api::domain::devices::{DeviceFields, NewDevice, PushSettings};
-    use confab_api::domain::sessions::CallerSession;
     use confab_api::error::ApiError;
     use confab_api::store::StoreError;
     use support::held_store::{Held, HeldApi};
@@ -287,25 +315,7 @@ async fn a_logout_that_could_not_remove_devices_says_so(stack: Stack) {
     let api = HeldApi::new(stack).await;
     let logouts = tempfile::tempdir().unwrap();
     let (state, revocations) = recording_logouts(&api, &logouts);
-    let bob = api.user("bob").await;
-    let phone = NewDevice::parse(
-        DeviceFields {
-            platform: Some("fcm".into()),
-            token: Some(format!("phone-of-{}", bob.id.0)),
-            ..Default::default()
-        },
-        &PushSettings::default(),
-    )
-    .unwrap();
-    let issued = time::OffsetDateTime::now_utc().unix_timestamp();
-    let session = CallerSession {
-        id: Some("bobs-phone".into()),
-        issued_at: issued,
-    };
-    state
-        .register_device(bob.id, &session, phone)
-        .await
-        .unwrap();
+    let (bob, issued) = bob_with_a_phone(&api, &state).await;
 
     api.store.fail_next(Held::DeviceRemoved);
     let failed = state.logout_all(bob.id).await;
@@ -331,39 +341,14 @@ on_both_stacks!(a_logout_that_could_not_remove_devices_says_so);
 /// again needs a new sign-in), and answers the failure: a 503 problem.
 async fn a_logout_that_could_not_read_the_sessions_still_removes_devices(stack: Stack) {
     use axum::response::IntoResponse;
-    use confab_api::domain::devices::{DeviceFields, NewDevice, PushSettings};
-    use confab_api::domain::sessions::CallerSession;
     use confab_api::error::ApiError;
     use confab_api::store::StoreError;
     use support::held_store::{Held, HeldApi};
 
     let api = HeldApi::new(stack).await;
     let logouts = tempfile::tempdir().unwrap();
-    let revocations = confab_runtime::revocation::Revocations::in_file(
-        logouts.path().join("revocations.jsonl"),
-        std::time::Duration::from_secs(3_600),
-    )
-    .unwrap();
-    let state = api.state.clone().with_revocations(Arc::clone(&revocations));
-    let bob = api.user("bob").await;
-    let phone = NewDevice::parse(
-        DeviceFields {
-            platform: Some("fcm".into()),
-            token: Some(format!("phone-of-{}", bob.id.0)),
-            ..Default::default()
-        },
-        &PushSettings::default(),
-    )
-    .unwrap();
-    let issued = time::OffsetDateTime::now_utc().unix_timestamp();
-    let session = CallerSession {
-        id: Some("bobs-phone".into()),
-        issued_at: issued,
-    };
-    state
-        .register_device(bob.id, &session, phone)
-        .await
-        .unwrap();
+    let (state, revocations) = recording_logouts(&api, &logouts);
+    let (bob, issued) = bob_with_a_phone(&api, &state).await;
 
     api.store.fail_next(Held::SessionsRead);
     let failed = state.logout_all(bob.id).await;
