@@ -351,18 +351,23 @@ async fn a_claim_does_not_bring_back_a_deleted_attachment(stack: Stack) {
 }
 on_both_stacks!(a_claim_does_not_bring_back_a_deleted_attachment);
 
+/// A harness whose claims wait at the gate, and a photo uploaded there (its id too), once its
+/// pictures' write, held as well, has reached the gate: the next arrivals are claims.
+async fn a_photo_with_claims_held(stack: Stack) -> (Arc<Harness>, Value, String) {
+    let harness = Arc::new(Harness::start(stack).await);
+    harness.store.hold(Held::Claim);
+    let photo = harness.upload("photo.png", "image/png", png(8, 8)).await;
+    let id = photo["id"].as_str().unwrap().to_owned();
+    harness.store.gate.arrived(1).await;
+    (harness, photo, id)
+}
+
 /// Two messages name one attachment at once: both pass the send's check before either claims it.
 /// One takes it and answers 201 with the attachment; the other is refused with 409 and stores and
 /// publishes nothing, so no answer, event or history ever shows an attachment on a message that
 /// does not own it.
 async fn two_messages_that_name_one_attachment_at_once_one_is_refused(stack: Stack) {
-    let harness = Arc::new(Harness::start(stack).await);
-    harness.store.hold(Held::Claim);
-    let photo = harness.upload("photo.png", "image/png", png(8, 8)).await;
-    let id = photo["id"].as_str().unwrap().to_owned();
-    // The image's pictures are held too (the harness holds them): the first write at the gate is
-    // theirs, then the two sends' claims.
-    harness.store.gate.arrived(1).await;
+    let (harness, photo, id) = a_photo_with_claims_held(stack).await;
     let send = |nonce: &'static str| {
         let harness = Arc::clone(&harness);
         let photo = photo.clone();
@@ -447,13 +452,7 @@ on_both_stacks!(two_messages_that_name_one_attachment_at_once_one_is_refused);
 /// check before either claims it. They answer one message, 201 and then 200, which carries the
 /// attachment; a later retry answers it again, and nothing else is stored.
 async fn attempts_of_one_message_race_to_one_answer(stack: Stack) {
-    let harness = Arc::new(Harness::start(stack).await);
-    harness.store.hold(Held::Claim);
-    let photo = harness.upload("photo.png", "image/png", png(8, 8)).await;
-    let id = photo["id"].as_str().unwrap().to_owned();
-    // The image's pictures are held too (the harness holds them): the first write at the gate is
-    // theirs, then the two attempts' claims.
-    harness.store.gate.arrived(1).await;
+    let (harness, _, id) = a_photo_with_claims_held(stack).await;
     let body = json!({"kind": "message", "text": "once", "nonce": "n-1", "attachments": [id]});
     let attempt = || {
         let harness = Arc::clone(&harness);
