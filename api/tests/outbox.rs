@@ -79,6 +79,9 @@ impl Bus for RefusingBus {
     ) -> Result<confab_runtime::bus::Page, ReadError> {
         self.0.read_page(after, up_to, chats, max, max_scan).await
     }
+    async fn appended_at(&self, seq: u64) -> Result<Option<time::OffsetDateTime>, BusError> {
+        self.0.appended_at(seq).await
+    }
     async fn publish_ephemeral(&self, envelope: &Envelope) -> Result<(), BusError> {
         self.0.publish_ephemeral(envelope).await
     }

@@ -2295,6 +2295,9 @@ mod tests {
             self.counted(&page.events);
             Ok(page)
         }
+        async fn appended_at(&self, seq: u64) -> Result<Option<OffsetDateTime>, BusError> {
+            self.log.appended_at(seq).await
+        }
         async fn publish_ephemeral(&self, envelope: &Envelope) -> Result<(), BusError> {
             self.log.publish_ephemeral(envelope).await
         }

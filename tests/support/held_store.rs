@@ -1044,6 +1044,9 @@ impl Bus for HeldBus {
             .read_page(after, up_to, chats, max, max_scan)
             .await
     }
+    async fn appended_at(&self, seq: u64) -> Result<Option<OffsetDateTime>, BusError> {
+        self.inner.appended_at(seq).await
+    }
     async fn publish_ephemeral(&self, envelope: &Envelope) -> Result<(), BusError> {
         self.inner.publish_ephemeral(envelope).await
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use confab_schema::{ChatId, Envelope, LoggedEvent, Signal, SignalId, SignalKind, UserId};
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use time::OffsetDateTime;
 
 use super::{Bus, ChatFilter, LogSettings, ReadError};
 
@@ -291,6 +292,29 @@ pub async fn ephemeral_events_are_delivered_not_logged(fixture: Fixture) {
     assert_eq!(received, own, "isolated from the other log");
 }
 
+/// The log tells when it appended each event it holds, by its own clock, and nothing of a
+/// sequence it never issued. Its clock may be another machine's: "when" is checked loosely.
+pub async fn tells_when_it_appended_an_event(fixture: Fixture) {
+    let bus = fixture.bus;
+    let before = OffsetDateTime::now_utc();
+    let seq = bus
+        .publish(&message(ChatId::new(), "stamped"))
+        .await
+        .expect("publishes");
+    let after = OffsetDateTime::now_utc();
+    let appended = bus
+        .appended_at(seq)
+        .await
+        .expect("answers")
+        .expect("the log holds the event");
+    let leeway = Duration::from_secs(5);
+    assert!(
+        appended >= before - leeway && appended <= after + leeway,
+        "appended at {appended}, published between {before} and {after}"
+    );
+    assert_eq!(bus.appended_at(seq + 1_000).await.expect("answers"), None);
+}
+
 /// Another prefix (or another embedded log) hears nothing of this one.
 pub async fn prefixes_are_isolated(fixture: Fixture) {
     let mut other = fixture.isolated.subscribe().await.expect("subscribes");
@@ -335,6 +359,7 @@ macro_rules! bus_conformance_tests {
             case!(refuses_an_expired_position, suite::short_retention());
             case!(a_slow_subscriber_misses_nothing, LogSettings::default());
             case!(prefixes_are_isolated, LogSettings::default());
+            case!(tells_when_it_appended_an_event, LogSettings::default());
             case!(
                 ephemeral_events_are_delivered_not_logged,
                 LogSettings::default()

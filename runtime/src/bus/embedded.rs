@@ -344,6 +344,27 @@ impl Bus for EmbeddedBus {
         .await
     }
 
+    async fn appended_at(&self, seq: u64) -> Result<Option<OffsetDateTime>, BusError> {
+        let Ok(seq) = i64::try_from(seq) else {
+            return Ok(None);
+        };
+        self.with_log(move |log, _| {
+            let at_ms: Option<i64> = log
+                .connection
+                .prepare_cached("SELECT at_ms FROM events WHERE seq = ?1")
+                .and_then(|mut statement| {
+                    statement
+                        .query_row(params![seq], |row| row.get(0))
+                        .optional()
+                })
+                .map_err(unavailable)?;
+            Ok(at_ms.and_then(|ms| {
+                OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+            }))
+        })
+        .await
+    }
+
     async fn publish_ephemeral(&self, envelope: &Envelope) -> Result<(), BusError> {
         // No subscriber is not an error: nobody is connected.
         let _ = self.shared.ephemeral.send(Arc::new(envelope.clone()));

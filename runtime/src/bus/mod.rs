@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use confab_schema::{ChatId, Envelope, LoggedEvent};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use time::OffsetDateTime;
 
 pub use embedded::EmbeddedBus;
 pub use nats::NatsBus;
@@ -149,6 +150,11 @@ pub trait Bus: Send + Sync + 'static {
         max: usize,
         max_scan: usize,
     ) -> Result<Page, ReadError>;
+    /// When the log appended the event at `seq`, by the log's own clock: `None` when it holds no
+    /// such event (never published, or no longer kept). Unlike the time in an envelope, which
+    /// its publisher stamped when it made it, this tells an event published again late (a retry
+    /// or an outbox sweep past the duplicate window) from the first publish of it.
+    async fn appended_at(&self, seq: u64) -> Result<Option<OffsetDateTime>, BusError>;
     /// Hands `envelope` to the live subscribers of [`Bus::subscribe_ephemeral`] now, without
     /// logging it: for events that mean nothing later (typing). It has no sequence and is never
     /// replayed; a subscriber that is not keeping up may miss it.

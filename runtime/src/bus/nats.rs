@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use confab_schema::{Envelope, LoggedEvent, subjects};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
+use time::OffsetDateTime;
 
 use super::{Bus, BusError, ChatFilter, LogSettings, Page, ReadError, check_position};
 
@@ -331,6 +332,15 @@ impl Bus for NatsBus {
             tracing::debug!(%error, "replay consumer not deleted");
         }
         result.map(|()| page)
+    }
+
+    async fn appended_at(&self, seq: u64) -> Result<Option<OffsetDateTime>, BusError> {
+        // The stream's own time of the message: the server stamps it as it stores it.
+        match self.stream().await?.get_raw_message(seq).await {
+            Ok(message) => Ok(Some(message.time)),
+            Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(error) => Err(unavailable(error)),
+        }
     }
 
     async fn publish_ephemeral(&self, envelope: &Envelope) -> Result<(), BusError> {
