@@ -628,7 +628,8 @@ pub async fn build(
             per_node: config.notifier.max_connections,
             per_user: config.notifier.max_connections_per_user,
         })
-        .with_revocations(Arc::clone(&revocations));
+        .with_revocations(Arc::clone(&revocations))
+        .with_duplicate_window(config.log_settings().duplicate_window);
         workers.push(
             hub.start(shutdown.clone())
                 .await

@@ -59,6 +59,24 @@ pub const MAX_LEFT_CHATS_REPLAYED: usize = 200;
 /// before the position: none of its events in the range is theirs.
 pub const LEFT_BEFORE_POSITION_MARGIN: Duration = Duration::from_secs(120);
 
+/// How far apart a resume allows the clocks of two processes to be (the api process that recorded
+/// a leaving and stamped its `member.left`, the one that stamped the event the client resumes
+/// after, the log's) and still delivers every event of a chat the user was in. A chat whose
+/// leaving was recorded more than this before the time of the event resumed after was out of
+/// the stream before the position. One left closer to it than this is decided by the log: by
+/// the user's last change of the chat shortly before the position ([`LEFT_AROUND_LOOKBACK`]),
+/// else by when the log appended their first `member.left` of the chat in the range, which a late
+/// copy of a leaving made before the position reaches no sooner than the log's duplicate window
+/// after its original did (see [`ReplayMembership::left_around_position`]). So this is also
+/// taken from the duplicate window to tell an original from a copy, and is kept below half of it.
+pub const CLOCK_SKEW_TOLERANCE: Duration = Duration::from_secs(60);
+
+/// How many events of the log before the position a resume looks through for the user's last
+/// membership change of each chat left around the position (see [`CLOCK_SKEW_TOLERANCE`]): found
+/// there, it says whether they were a member at the position exactly as their stream had it,
+/// whatever the clocks. Only what is not found there is left to the log's times.
+pub const LEFT_AROUND_LOOKBACK: usize = 1_000;
+
 /// A chat a user stopped being a member of, and when the store recorded it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeftChat {
@@ -289,6 +307,9 @@ pub struct Hub {
     membership: Arc<dyn Membership>,
     /// Logouts: the streams they name end at once.
     revocations: Option<Arc<Revocations>>,
+    /// How long the log recognises a re-published event id (`bus.duplicate_window_secs`): a copy
+    /// of an event it keeps lands at least this long after the original.
+    duplicate_window: Duration,
 }
 
 /// A connection's place in the hub; dropping it unregisters the connection.
@@ -466,17 +487,93 @@ pub fn visible<T>(
 #[derive(Default)]
 struct ReplayMembership {
     member: HashMap<ChatId, bool>,
+    /// The chats left around the position (see [`ReplayMembership::left_around_position`]), each
+    /// with the sequence and the time of the user's `member.left` that is its first membership
+    /// change in the range, once found.
+    left_around: HashMap<ChatId, Option<(u64, OffsetDateTime)>>,
 }
 
 impl ReplayMembership {
     /// Knowing already that the user was out of `chats` at the start of the range (the store
-    /// recorded their leaving before it): a `member.left` of theirs in it is a late copy of that
-    /// leaving (a re-publish the log kept, past its duplicate window) or the leaving's own event
-    /// arriving late, and lets nothing of the chat before it through.
+    /// recorded their leaving well before it): a `member.left` of theirs in it is a late copy of
+    /// that leaving (a re-publish the log kept, past its duplicate window) or the leaving's own
+    /// event arriving late, and lets nothing of the chat before it through.
     fn out_at_start(chats: impl IntoIterator<Item = ChatId>) -> ReplayMembership {
         ReplayMembership {
             member: chats.into_iter().map(|chat| (chat, false)).collect(),
+            left_around: HashMap::new(),
         }
+    }
+
+    /// Notes `chats`, whose leaving the store recorded so close to the time of the event resumed
+    /// after that the clocks cannot tell whether it came before or after it: the log decides. The
+    /// user's last change of such a chat shortly before the position, if any, is how their stream
+    /// had it ([`Hub::look_back`], [`ReplayMembership::known_at_start`]). Past that, what tells
+    /// ([`ReplayMembership::decide_left_around`]) is the user's `member.left` that is the chat's
+    /// first membership change in the range, if any. Its original publish reaches the
+    /// log within moments of its making (its envelope's `at`), and a copy the log keeps (an outbox
+    /// sweep or a retry, with the same envelope) no sooner than the duplicate window after the
+    /// original: one the log appended within [`CLOCK_SKEW_TOLERANCE`] less than that window of its
+    /// `at` is an original, so the user was a member until it, as their live stream routed them;
+    /// one appended later may be a copy of a leaving the client's stream took before the position,
+    /// so the chat was out at the start (a publish held back that long, by a crash before it, then
+    /// costs its chat's events from the position up to it). Judged by the event's own `at`, not by
+    /// the recorded time of the latest leaving, so that after a rejoin and another leaving, a late
+    /// copy of the earlier one is still known for what it is. Without such an event, the chat is
+    /// out at the start: the range has its joining first, or nothing of its membership at all.
+    fn left_around_position(&mut self, chats: impl IntoIterator<Item = ChatId>) {
+        self.left_around
+            .extend(chats.into_iter().map(|chat| (chat, None)));
+    }
+
+    /// Takes the membership of chats left around the position at the start of the range as
+    /// `known` (their user's last change of each before it, in the log), instead of leaving it to
+    /// the log's times.
+    fn known_at_start(&mut self, known: HashMap<ChatId, bool>) {
+        for (chat, member) in known {
+            if self.left_around.remove(&chat).is_some() {
+                self.member.insert(chat, member);
+            }
+        }
+    }
+
+    /// Notes `event`, the next of the range in order, for [`ReplayMembership::note_start`] and
+    /// [`ReplayMembership::left_around_position`].
+    fn note_start_of(&mut self, user: UserId, event: &LoggedEvent) {
+        let chat = event.envelope.chat_id;
+        if event.envelope.left.contains(&user)
+            && !event.envelope.joined.contains(&user)
+            && !self.member.contains_key(&chat)
+            && let Some(first) = self.left_around.get_mut(&chat)
+        {
+            *first = Some((event.seq, event.envelope.at));
+        }
+        self.note_start(user, &event.envelope);
+    }
+
+    /// Decides the membership at the start of the chats left around the position, once the whole
+    /// range is noted (see [`ReplayMembership::left_around_position`]), asking `bus` when it
+    /// appended each one's first `member.left`. One read per such chat, and they are among the
+    /// user's most recent leavings ([`MAX_LEFT_CHATS_REPLAYED`]).
+    async fn decide_left_around(
+        &mut self,
+        bus: &dyn Bus,
+        duplicate_window: Duration,
+    ) -> Result<(), BusError> {
+        let on_time_within = duplicate_window.saturating_sub(CLOCK_SKEW_TOLERANCE);
+        for (chat, first) in std::mem::take(&mut self.left_around) {
+            let original = match first {
+                Some((seq, made_at)) => bus
+                    .appended_at(seq)
+                    .await?
+                    .is_some_and(|appended| appended - made_at <= on_time_within),
+                None => false,
+            };
+            if !original {
+                self.member.insert(chat, false);
+            }
+        }
+        Ok(())
     }
 
     /// Notes what `envelope` says about the user's membership at the start of the range: their
@@ -562,7 +659,15 @@ impl Hub {
             bus,
             membership,
             revocations: None,
+            duplicate_window: confab_runtime::bus::LogSettings::default().duplicate_window,
         }
+    }
+
+    /// Sets the log's duplicate window (`bus.duplicate_window_secs`), which a resume relies on to
+    /// tell a late copy of a `member.left` from its original.
+    pub fn with_duplicate_window(mut self, window: Duration) -> Hub {
+        self.duplicate_window = window;
+        self
     }
 
     /// Ends the streams of sessions that log out.
@@ -687,17 +792,32 @@ impl Hub {
                 .chain(left_recently.iter().map(|left| left.chat_id))
                 .chain(left_while_pending.iter().copied())
                 .collect();
-            // Left, as the store recorded it, by the time the client's last event was made, and
-            // not joined again since: out at the start of the range, whatever the order of the
-            // `member.left`s in it. Its first `member.left` there may be a late copy of the one
-            // the client's stream took before the position, and that copy must not make the
-            // chat's events up to it theirs.
-            let out_at_start = left_recently
+            // Left, and not joined again since. Its first `member.left` in the range may be a
+            // late copy of the one the client's stream took before the position, and that copy
+            // must not make the chat's events up to it theirs; or it may be the original, and
+            // the chat's events up to it are theirs. The store's time of the leaving and the
+            // time of the client's last event come from the clocks of different processes, so
+            // only a leaving recorded well before that time is taken as before the position:
+            // out at the start of the range, whatever the order of the `member.left`s in it.
+            // One recorded around that time is decided by when the log appended its first
+            // `member.left` there ([`ReplayMembership::left_around_position`]); one recorded well
+            // after, by that first `member.left` (see [`visible`]).
+            let left_since_position = left_recently
                 .iter()
-                .filter(|left| position_at.is_some_and(|at| left.left_at <= at))
-                .map(|left| left.chat_id)
-                .filter(|chat| !current.contains(chat) && !left_while_pending.contains(chat));
-            let membership = ReplayMembership::out_at_start(out_at_start);
+                .filter(|left| !current.contains(&left.chat_id))
+                .filter(|left| !left_while_pending.contains(&left.chat_id));
+            let (mut out_at_start, mut left_around) = (Vec::new(), Vec::new());
+            if let Some(at) = position_at {
+                for left in left_since_position {
+                    if left.left_at < at - CLOCK_SKEW_TOLERANCE {
+                        out_at_start.push(left.chat_id);
+                    } else if left.left_at <= at + CLOCK_SKEW_TOLERANCE {
+                        left_around.push(left.chat_id);
+                    }
+                }
+            }
+            let mut membership = ReplayMembership::out_at_start(out_at_start);
+            membership.left_around_position(left_around);
             match self
                 .check_replay(user, after, installed_at, read, current.clone(), membership)
                 .await
@@ -778,6 +898,7 @@ impl Hub {
         current: HashSet<ChatId>,
         mut membership: ReplayMembership,
     ) -> Result<Replay, ReadError> {
+        self.look_back(user, after, &mut membership).await?;
         let max_scan = self.replay_limit.saturating_mul(SCAN_FACTOR);
         let (mut position, mut found, mut scanned) = (after, 0usize, 0usize);
         let mut first_page = None;
@@ -799,7 +920,7 @@ impl Hub {
                 return Err(ReadError::TooMany(self.replay_limit));
             }
             for event in &page.events {
-                membership.note_start(user, &event.envelope);
+                membership.note_start_of(user, event);
             }
             if position == after && done {
                 first_page = Some(page.events);
@@ -809,6 +930,9 @@ impl Hub {
                 break;
             }
         }
+        membership
+            .decide_left_around(&*self.bus, self.duplicate_window)
+            .await?;
         let kept = first_page.is_some();
         let mut replay = Replay {
             user,
@@ -828,6 +952,59 @@ impl Hub {
                 .collect();
         }
         Ok(replay)
+    }
+
+    /// Learns whether `user` was a member at `after` of the chats `membership` has left around
+    /// the position, from their last membership change of each in the [`LEFT_AROUND_LOOKBACK`]
+    /// events of the log before it, read a page at a time and kept no longer than the page. A
+    /// chat with none there, or a look that the log's retention cuts short, is left undecided.
+    async fn look_back(
+        &self,
+        user: UserId,
+        after: u64,
+        membership: &mut ReplayMembership,
+    ) -> Result<(), ReadError> {
+        let chats: HashSet<ChatId> = membership.left_around.keys().copied().collect();
+        if chats.is_empty() {
+            return Ok(());
+        }
+        let lookback = u64::try_from(LEFT_AROUND_LOOKBACK).unwrap_or(u64::MAX);
+        let (mut position, mut scanned) = (after.saturating_sub(lookback), 0);
+        let mut last_change = HashMap::new();
+        while position < after && scanned < LEFT_AROUND_LOOKBACK {
+            let page = match self
+                .bus
+                .read_page(
+                    position,
+                    after,
+                    ChatFilter::Only(&chats),
+                    REPLAY_PAGE,
+                    LEFT_AROUND_LOOKBACK - scanned,
+                )
+                .await
+            {
+                Ok(page) => page,
+                Err(ReadError::Bus(error)) => return Err(ReadError::Bus(error)),
+                // The log no longer holds where the look starts: its times decide.
+                Err(_) => return Ok(()),
+            };
+            for event in &page.events {
+                let envelope = &event.envelope;
+                // In the order [`ReplayMembership::admits`] applies them: in, then out.
+                if envelope.left.contains(&user) {
+                    last_change.insert(envelope.chat_id, false);
+                } else if envelope.joined.contains(&user) {
+                    last_change.insert(envelope.chat_id, true);
+                }
+            }
+            scanned += page.scanned.max(1);
+            if page.through <= position {
+                break;
+            }
+            position = page.through;
+        }
+        membership.known_at_start(last_change);
+        Ok(())
     }
 
     /// When the event at `seq` was made (its envelope's time), if the log still holds it.
@@ -1621,6 +1798,15 @@ mod tests {
                 Item::Closed(reason) => return format!("closed:{reason}"),
             }
         }
+    }
+
+    /// The logged events' texts up to the one whose text is "end", that one included.
+    async fn texts_up_to_end(subscription: &mut Subscription) -> Vec<String> {
+        let mut seen = Vec::new();
+        while seen.last().is_none_or(|last| last != "end") {
+            seen.push(next_text(subscription).await);
+        }
+        seen
     }
 
     /// The next ephemeral presence event about `user` on `subscription`.
@@ -2540,6 +2726,188 @@ mod tests {
             seen.push(next_text(&mut stream).await);
         }
         assert_eq!(seen, ["member.left", "end"]);
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    #[tokio::test]
+    async fn a_late_copy_of_a_leaving_far_back_in_the_log_lets_nothing_of_the_chat_through() {
+        // The removal was made a minute and a half ago, and its original `member.left` is further
+        // back in the log than a resume looks: the times alone tell, when the event resumed after
+        // was made well after the removal, else the time the log appended the copy.
+        for position_age in [Duration::from_secs(85), Duration::ZERO] {
+            assert_eq!(
+                late_copy_after_position(Duration::from_secs(90), position_age).await,
+                ["member.left", "end"],
+                "position made {position_age:?} ago"
+            );
+        }
+    }
+
+    /// Publishes `count` messages of a chat nobody in the test is in.
+    async fn publish_elsewhere(bus: &Arc<dyn Bus>, count: usize) {
+        let elsewhere = ChatId::new();
+        for i in 0..count {
+            bus.publish(&message(elsewhere, &format!("elsewhere {i}")))
+                .await
+                .expect("publishes");
+        }
+    }
+
+    /// What a resume delivers when the user's removal from a chat, made `removal_age` ago, is in
+    /// the log [`LEFT_AROUND_LOOKBACK`] events before the event resumed after (made
+    /// `position_age` ago), and a copy of it after.
+    async fn late_copy_after_position(
+        removal_age: Duration,
+        position_age: Duration,
+    ) -> Vec<String> {
+        let me = UserId::from_subject("t", "me");
+        let (stayed, removed) = (ChatId::new(), ChatId::new());
+        let now = OffsetDateTime::now_utc();
+        let removal = Envelope {
+            at: now - removal_age,
+            ..left(removed, me)
+        };
+        let (bus, hub, shutdown, worker) = started_hub(WithLeft {
+            chats: vec![stayed],
+            left: vec![left_at(removed, removal.at)],
+        })
+        .await;
+        bus.publish(&removal).await.expect("publishes");
+        publish_elsewhere(&bus, LEFT_AROUND_LOOKBACK).await;
+        let after = bus
+            .publish(&Envelope {
+                at: now - position_age,
+                ..message(stayed, "seen")
+            })
+            .await
+            .expect("publishes");
+        bus.publish(&message(removed, "after the removal"))
+            .await
+            .expect("publishes");
+        // Published again, and kept, past the log's duplicate window (as long after the removal
+        // was made as that is, now): the same envelope, under a new id, which this log would
+        // otherwise drop as it has not seen its window pass.
+        let copy = Envelope {
+            id: uuid::Uuid::now_v7(),
+            ..removal.clone()
+        };
+        bus.publish(&copy).await.expect("publishes");
+        bus.publish(&message(removed, "after the copy"))
+            .await
+            .expect("publishes");
+        let last = bus
+            .publish(&message(stayed, "end"))
+            .await
+            .expect("publishes");
+        dispatched_up_to(&hub, last).await;
+
+        let mut stream = hub.open(me, Some(after)).await.expect("opens");
+        let seen = texts_up_to_end(&mut stream).await;
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_leaving_recorded_by_a_clock_behind_keeps_the_chat_until_its_member_left() {
+        let me = UserId::from_subject("t", "me");
+        let (stayed, removed) = (ChatId::new(), ChatId::new());
+        // The api process that removes the user runs five seconds behind the one that stamps the
+        // event resumed after: its removal, made after that event, is stamped (and recorded)
+        // before it.
+        let removal = Envelope {
+            at: OffsetDateTime::now_utc() - Duration::from_secs(5),
+            ..left(removed, me)
+        };
+        let (bus, hub, shutdown, worker) = started_hub(WithLeft {
+            chats: vec![stayed],
+            left: vec![left_at(removed, removal.at)],
+        })
+        .await;
+        let after = bus
+            .publish(&message(stayed, "seen"))
+            .await
+            .expect("publishes");
+        let mut last = 0;
+        for envelope in [
+            message(removed, "before the removal"),
+            removal,
+            message(removed, "after the removal"),
+            message(stayed, "end"),
+        ] {
+            last = bus.publish(&envelope).await.expect("publishes");
+        }
+        dispatched_up_to(&hub, last).await;
+
+        let mut stream = hub.open(me, Some(after)).await.expect("opens");
+        assert_eq!(
+            texts_up_to_end(&mut stream).await,
+            ["before the removal", "member.left", "end"],
+            "a member until the removal, as the live stream had it"
+        );
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    #[tokio::test]
+    async fn a_late_copy_of_a_leaving_before_a_rejoin_lets_nothing_before_the_rejoin_through() {
+        let me = UserId::from_subject("t", "me");
+        let (stayed, chat) = (ChatId::new(), ChatId::new());
+        let now = OffsetDateTime::now_utc();
+        // Left a minute and a half ago, before the event resumed after (further back in the log
+        // than a resume looks); back in after it, and out again now: the store keeps the latest
+        // leaving only, close to the position.
+        let first_leaving = Envelope {
+            at: now - Duration::from_secs(90),
+            ..left(chat, me)
+        };
+        let second_leaving = left(chat, me);
+        let (bus, hub, shutdown, worker) = started_hub(WithLeft {
+            chats: vec![stayed],
+            left: vec![left_at(chat, second_leaving.at)],
+        })
+        .await;
+        bus.publish(&first_leaving).await.expect("publishes");
+        publish_elsewhere(&bus, LEFT_AROUND_LOOKBACK).await;
+        let after = bus
+            .publish(&Envelope {
+                at: now - Duration::from_secs(30),
+                ..message(stayed, "seen")
+            })
+            .await
+            .expect("publishes");
+        // A copy of the first leaving, published again past the log's duplicate window.
+        let copy = Envelope {
+            id: uuid::Uuid::now_v7(),
+            ..first_leaving
+        };
+        let mut last = 0;
+        for envelope in [
+            message(chat, "while out"),
+            copy,
+            message(chat, "still out"),
+            joined(chat, me),
+            message(chat, "back in"),
+            second_leaving,
+            message(chat, "out again"),
+            message(stayed, "end"),
+        ] {
+            last = bus.publish(&envelope).await.expect("publishes");
+        }
+        dispatched_up_to(&hub, last).await;
+
+        let mut stream = hub.open(me, Some(after)).await.expect("opens");
+        assert_eq!(
+            texts_up_to_end(&mut stream).await,
+            [
+                "member.left",
+                "member.joined",
+                "back in",
+                "member.left",
+                "end"
+            ]
+        );
         shutdown.cancel();
         worker.await.expect("worker ends");
     }
