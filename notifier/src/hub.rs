@@ -487,10 +487,21 @@ pub fn visible<T>(
 #[derive(Default)]
 struct ReplayMembership {
     member: HashMap<ChatId, bool>,
-    /// The chats left around the position (see [`ReplayMembership::left_around_position`]), each
-    /// with the sequence and the time of the user's `member.left` that is its first membership
-    /// change in the range, once found.
-    left_around: HashMap<ChatId, Option<(u64, OffsetDateTime)>>,
+    /// The chats left around the position (see [`ReplayMembership::left_around_position`]), and
+    /// what the log says of each.
+    left_around: HashMap<ChatId, LeftAround>,
+}
+
+/// What the log says of a chat left around the position (see
+/// [`ReplayMembership::left_around_position`]).
+#[derive(Default)]
+struct LeftAround {
+    /// Whether the user was a member at the position, by their last change of the chat shortly
+    /// before it; `None` when there is none.
+    member_before: Option<bool>,
+    /// The sequence and the time (its envelope's `at`) of the user's `member.left` that is the
+    /// chat's first membership change in the range, if it is one.
+    first_leaving: Option<(u64, OffsetDateTime)>,
 }
 
 impl ReplayMembership {
@@ -523,16 +534,15 @@ impl ReplayMembership {
     /// out at the start: the range has its joining first, or nothing of its membership at all.
     fn left_around_position(&mut self, chats: impl IntoIterator<Item = ChatId>) {
         self.left_around
-            .extend(chats.into_iter().map(|chat| (chat, None)));
+            .extend(chats.into_iter().map(|chat| (chat, LeftAround::default())));
     }
 
-    /// Takes the membership of chats left around the position at the start of the range as
-    /// `known` (their user's last change of each before it, in the log), instead of leaving it to
-    /// the log's times.
+    /// Notes whether the user was a member of chats left around the position at the start of the
+    /// range, as `known` from their last change of each shortly before it in the log.
     fn known_at_start(&mut self, known: HashMap<ChatId, bool>) {
         for (chat, member) in known {
-            if self.left_around.remove(&chat).is_some() {
-                self.member.insert(chat, member);
+            if let Some(around) = self.left_around.get_mut(&chat) {
+                around.member_before = Some(member);
             }
         }
     }
@@ -544,32 +554,37 @@ impl ReplayMembership {
         if event.envelope.left.contains(&user)
             && !event.envelope.joined.contains(&user)
             && !self.member.contains_key(&chat)
-            && let Some(first) = self.left_around.get_mut(&chat)
+            && let Some(around) = self.left_around.get_mut(&chat)
         {
-            *first = Some((event.seq, event.envelope.at));
+            around.first_leaving = Some((event.seq, event.envelope.at));
         }
         self.note_start(user, &event.envelope);
     }
 
     /// Decides the membership at the start of the chats left around the position, once the whole
-    /// range is noted (see [`ReplayMembership::left_around_position`]), asking `bus` when it
-    /// appended each one's first `member.left`. One read per such chat, and they are among the
-    /// user's most recent leavings ([`MAX_LEFT_CHATS_REPLAYED`]).
+    /// range is noted (see [`ReplayMembership::left_around_position`]), asking `bus`, for those
+    /// the log before the position says nothing of, when it appended their first `member.left`.
+    /// One read per such chat, and they are among the user's most recent leavings
+    /// ([`MAX_LEFT_CHATS_REPLAYED`]). A chat is a member's at the start only up to a
+    /// `member.left` of theirs in the range: one whose leaving is not in the log yet (its publish
+    /// held back) gives them nothing, as the store has them out.
     async fn decide_left_around(
         &mut self,
         bus: &dyn Bus,
         duplicate_window: Duration,
     ) -> Result<(), BusError> {
         let on_time_within = duplicate_window.saturating_sub(CLOCK_SKEW_TOLERANCE);
-        for (chat, first) in std::mem::take(&mut self.left_around) {
-            let original = match first {
-                Some((seq, made_at)) => bus
+        for (chat, around) in std::mem::take(&mut self.left_around) {
+            let member_at_start = match (around.member_before, around.first_leaving) {
+                (_, None) | (Some(false), _) => false,
+                (Some(true), Some(_)) => true,
+                (None, Some((seq, made_at))) => bus
                     .appended_at(seq)
                     .await?
                     .is_some_and(|appended| appended - made_at <= on_time_within),
-                None => false,
             };
-            if !original {
+            // A member: [`ReplayMembership::note_start`] has them in, up to that `member.left`.
+            if !member_at_start {
                 self.member.insert(chat, false);
             }
         }
@@ -2907,6 +2922,38 @@ mod tests {
                 "member.left",
                 "end"
             ]
+        );
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    #[tokio::test]
+    async fn a_leaving_whose_member_left_is_not_in_the_log_yet_lets_nothing_of_the_chat_through() {
+        let me = UserId::from_subject("t", "me");
+        let (stayed, chat) = (ChatId::new(), ChatId::new());
+        // Joined shortly before the event resumed after; removed around its time, and the
+        // removal's `member.left` is still held back (a publish to be retried).
+        let (bus, hub, shutdown, worker) = started_hub(WithLeft {
+            chats: vec![stayed],
+            left: vec![left_at(chat, OffsetDateTime::now_utc())],
+        })
+        .await;
+        bus.publish(&joined(chat, me)).await.expect("publishes");
+        let after = bus
+            .publish(&message(stayed, "seen"))
+            .await
+            .expect("publishes");
+        let mut last = 0;
+        for envelope in [message(chat, "after the removal"), message(stayed, "end")] {
+            last = bus.publish(&envelope).await.expect("publishes");
+        }
+        dispatched_up_to(&hub, last).await;
+
+        let mut stream = hub.open(me, Some(after)).await.expect("opens");
+        assert_eq!(
+            texts_up_to_end(&mut stream).await,
+            ["end"],
+            "out of the chat, as the store has it"
         );
         shutdown.cancel();
         worker.await.expect("worker ends");
