@@ -68,7 +68,9 @@ pub const LEFT_BEFORE_POSITION_MARGIN: Duration = Duration::from_secs(120);
 /// else by when the log appended their first `member.left` of the chat in the range, which a late
 /// copy of a leaving made before the position reaches no sooner than the log's duplicate window
 /// after its original did (see [`ReplayMembership::left_around_position`]). So this is also
-/// taken from the duplicate window to tell an original from a copy, and is kept below half of it.
+/// taken from the duplicate window to tell an original from a copy: half the default window (with
+/// a window of this or less, every such chat the log before the position does not decide is out at
+/// the start).
 pub const CLOCK_SKEW_TOLERANCE: Duration = Duration::from_secs(60);
 
 /// How many events of the log before the position a resume looks through for the user's last
