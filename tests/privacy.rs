@@ -5,8 +5,18 @@ mod support;
 
 use support::on_both_stacks;
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use confab_api::Page;
+use confab_api::domain::inputs::{PageLimit, UserQuery};
+use confab_api::store::Store;
+use confab_schema::{User, UserId};
+use futures::StreamExt;
 use serde_json::{Value, json};
+use support::held_store::HeldApi;
 use support::{Stack, TestApp, spawn_app};
+use uuid::Uuid;
 
 async fn search(app: &TestApp, token: &str, q: &str) -> Vec<Value> {
     let response = app
@@ -126,3 +136,126 @@ async fn views_leave_out_former_members(stack: Stack) {
     app.stop().await;
 }
 on_both_stacks!(views_leave_out_former_members);
+
+/// The most users (and rows of search terms) one page of a user search may read, whatever the
+/// query and however many rows lie under it: three batches of the largest page.
+const MOST_READ_PER_SEARCH_PAGE: usize = 3 * 101;
+
+/// A user search by `viewer`, on the domain (its reads counted by `api.store`).
+async fn search_as(
+    api: &HeldApi,
+    viewer: UserId,
+    q: &str,
+    cursor: Option<&str>,
+    limit: usize,
+) -> Page<User> {
+    api.state
+        .search_users(
+            viewer,
+            UserQuery::parse(q).unwrap(),
+            cursor,
+            PageLimit::parse(Some(limit)).unwrap(),
+        )
+        .await
+        .unwrap()
+}
+
+/// (users read, rows of search terms read) so far.
+fn user_reads(api: &HeldApi) -> (usize, usize) {
+    (
+        api.store.reads.users.load(Ordering::SeqCst),
+        api.store.reads.user_term_rows.load(Ordering::SeqCst),
+    )
+}
+
+/// A part of another user's address finds no one and reads nothing of theirs: no row of it, and
+/// not their profile (a read that would show in the time the search takes, letting the address be
+/// guessed a character at a time).
+async fn a_part_of_an_address_reads_nothing_of_it(stack: Stack) {
+    let api = HeldApi::new(stack).await;
+    let tag = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let searcher = api.user(&format!("searcher-{tag}")).await;
+    let address = format!("ceo.{tag}@corp.example");
+    let boss = User {
+        id: UserId(Uuid::now_v7()),
+        username: format!("boss-{tag}"),
+        display_name: "The Boss".into(),
+        email: Some(address.clone()),
+    };
+    api.store.upsert_user(&boss).await.unwrap();
+
+    for part in [
+        format!("ceo.{tag}"),
+        format!("ceo.{tag}@"),
+        format!("ceo.{tag}@corp.exampl"),
+    ] {
+        let before = user_reads(&api);
+        let page = search_as(&api, searcher.id, &part, None, 10).await;
+        let after = user_reads(&api);
+        assert!(page.items.is_empty(), "{part} finds {:?}", page.items);
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            (0, 0),
+            "{part} read (users, rows of terms) of an address"
+        );
+    }
+    // The whole address finds them, without it.
+    let page = search_as(&api, searcher.id, &address.to_uppercase(), None, 10).await;
+    assert_eq!(page.items.len(), 1, "{:?}", page.items);
+    assert_eq!(page.items[0].id, boss.id);
+    assert_eq!(page.items[0].email, None);
+    api.clean_up().await;
+}
+on_both_stacks!(a_part_of_an_address_reads_nothing_of_it);
+
+/// A query that begins thousands of addresses (none of which it may find) costs a page no more
+/// than a bounded number of reads: 2,000 users whose addresses begin `j<tag>`.
+async fn a_prefix_of_thousands_of_addresses_reads_a_bounded_number_of_rows(stack: Stack) {
+    let api = HeldApi::new(stack).await;
+    let tag = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let searcher = api.user(&format!("searcher-{tag}")).await;
+    let store = Arc::clone(&api.store);
+    futures::stream::iter(0..2000)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let tag = tag.clone();
+            async move {
+                let user = User {
+                    id: UserId(Uuid::now_v7()),
+                    username: format!("u{tag}-{i}"),
+                    display_name: format!("User {i}"),
+                    email: Some(format!("j{tag}.{i}@corp.example")),
+                };
+                store.upsert_user(&user).await.unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+
+    let mut cursor: Option<String> = None;
+    for page_number in 0.. {
+        assert!(page_number < 100, "the pages never ended");
+        let before = user_reads(&api);
+        let page = search_as(&api, searcher.id, &format!("j{tag}"), cursor.as_deref(), 10).await;
+        let after = user_reads(&api);
+        assert!(
+            after.0 - before.0 <= MOST_READ_PER_SEARCH_PAGE
+                && after.1 - before.1 <= MOST_READ_PER_SEARCH_PAGE,
+            "page {page_number} read {} users and {} rows of terms",
+            after.0 - before.0,
+            after.1 - before.1
+        );
+        assert!(
+            page.items.is_empty(),
+            "a prefix of addresses finds {:?}",
+            page.items
+        );
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    api.clean_up().await;
+}
+on_both_stacks!(a_prefix_of_thousands_of_addresses_reads_a_bounded_number_of_rows);

@@ -175,6 +175,10 @@ pub struct ReadCounts {
     /// Signals read one by one (`Store::get_signal`, which `Store::get_signals` reads through
     /// here): on CQL each is a read of its own.
     pub signals: AtomicUsize,
+    /// Users read one by one (`Store::get_user`).
+    pub users: AtomicUsize,
+    /// Rows of search terms read (`Store::user_terms`).
+    pub user_term_rows: AtomicUsize,
 }
 
 impl ReadCounts {
@@ -303,6 +307,7 @@ impl Store for HeldStore {
         self.inner.upsert_user(user).await
     }
     async fn get_user(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        self.reads.users.fetch_add(1, Ordering::SeqCst);
         self.inner.get_user(id).await
     }
     async fn user_terms(
@@ -311,7 +316,18 @@ impl Store for HeldStore {
         after: Option<(String, UserId)>,
         limit: usize,
     ) -> Result<Vec<(String, UserId)>, StoreError> {
-        self.inner.user_terms(prefix, after, limit).await
+        let rows = self.inner.user_terms(prefix, after, limit).await?;
+        self.reads
+            .user_term_rows
+            .fetch_add(rows.len(), Ordering::SeqCst);
+        Ok(rows)
+    }
+    async fn users_by_address(
+        &self,
+        address: &str,
+        limit: usize,
+    ) -> Result<Vec<UserId>, StoreError> {
+        self.inner.users_by_address(address, limit).await
     }
     async fn create_chat(&self, chat: &NewChat) -> Result<(), StoreError> {
         self.through(Held::ChatCreated, self.inner.create_chat(chat))

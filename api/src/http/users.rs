@@ -106,7 +106,8 @@ pub async fn me(Caller(user): Caller) -> Json<User> {
 #[serde(deny_unknown_fields)]
 pub struct SearchUsers {
     /// Prefix of a user name or display name, or a whole e-mail address (case-insensitive), 1 to 64
-    /// characters.
+    /// characters. A query with an `@` is an address, matched whole only; a name that is (or looks
+    /// like) an address is found only whole too.
     q: String,
     cursor: Option<String>,
     /// 1 to 100; default 50.
@@ -114,7 +115,8 @@ pub struct SearchUsers {
 }
 
 /// Users whose user name or display name starts with `q`, or whose e-mail address is `q`, each
-/// once. Each user's `email` is shown to that user only (`null` for others).
+/// once. Each user's `email` is shown to that user only (`null` for others). A page reads a bounded
+/// number of rows: it may hold fewer than `limit` (even none) and still have a `next_cursor`.
 #[utoipa::path(
     get, operation_id = "search_users", path = "/v1/users", tag = "users",
     params(SearchUsers),

@@ -36,6 +36,7 @@ macro_rules! store_conformance_tests {
             history_pages_newest_first_across_buckets,
             chats_do_not_share_history,
             user_search,
+            addresses_are_never_prefix_terms,
             membership_changes,
             members_among_answers_members_only,
             guarded_member_changes_serialize,
@@ -451,6 +452,91 @@ pub async fn user_search(store: Arc<dyn Store>) {
             .await
             .unwrap()
             .0
+            .is_empty()
+    );
+}
+
+/// An e-mail address, and a user name or display name that is or looks like one, are never among
+/// the terms a prefix scan reads: a part of an address finds no row at all (not even one a search
+/// would then skip, which would cost a read and show in the time it takes).
+pub async fn addresses_are_never_prefix_terms(store: Arc<dyn Store>) {
+    let store = &*store;
+    let tag = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let with_address = User {
+        id: UserId(Uuid::now_v7()),
+        username: format!("b{tag}-boss"),
+        display_name: "The Boss".into(),
+        email: Some(format!("C{tag}.ceo@corp.example")),
+    };
+    // An identity provider that uses the address as the user name (and as the display name when
+    // there is no name).
+    let named_by_address = User {
+        id: UserId(Uuid::now_v7()),
+        username: format!("d{tag}.dora@corp.example"),
+        display_name: format!("d{tag}.dora@corp.example"),
+        email: Some(format!("d{tag}.dora@corp.example")),
+    };
+    let address_like_name = User {
+        id: UserId(Uuid::now_v7()),
+        username: format!("e{tag}.erin@elsewhere.example"),
+        display_name: format!("E{tag} Erin"),
+        email: None,
+    };
+    for user in [&with_address, &named_by_address, &address_like_name] {
+        store.upsert_user(user).await.unwrap();
+    }
+    for prefix in [
+        format!("c{tag}"),
+        format!("c{tag}.ceo@corp"),
+        format!("d{tag}"),
+        format!("d{tag}.dora@"),
+        format!("e{tag}.erin"),
+    ] {
+        let rows = store.user_terms(&prefix, None, 50).await.unwrap();
+        assert!(rows.is_empty(), "{prefix} reaches the rows {rows:?}");
+    }
+    // The names that are not addresses are still there.
+    let rows = store
+        .user_terms(&format!("b{tag}"), None, 50)
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![(format!("b{tag}-boss"), with_address.id)]);
+    let rows = store
+        .user_terms(&format!("e{tag}"), None, 50)
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![(format!("e{tag} erin"), address_like_name.id)]);
+
+    // The addresses are found whole, lower-cased, and by nothing less.
+    for (address, user) in [
+        (format!("c{tag}.ceo@corp.example"), &with_address),
+        (format!("d{tag}.dora@corp.example"), &named_by_address),
+        (format!("e{tag}.erin@elsewhere.example"), &address_like_name),
+    ] {
+        let found = store.users_by_address(&address, 10).await.unwrap();
+        assert_eq!(found, vec![user.id], "{address}");
+        let part = &address[..address.len() - 1];
+        let found = store.users_by_address(part, 10).await.unwrap();
+        assert!(found.is_empty(), "{part} finds {found:?}");
+    }
+    // A changed address replaces the old one.
+    let moved = User {
+        email: Some(format!("c{tag}.chair@corp.example")),
+        ..with_address.clone()
+    };
+    store.upsert_user(&moved).await.unwrap();
+    let old = format!("c{tag}.ceo@corp.example");
+    assert!(store.users_by_address(&old, 10).await.unwrap().is_empty());
+    let new = format!("c{tag}.chair@corp.example");
+    assert_eq!(
+        store.users_by_address(&new, 10).await.unwrap(),
+        vec![with_address.id]
+    );
+    assert!(
+        store
+            .user_terms(&format!("c{tag}"), None, 50)
+            .await
+            .unwrap()
             .is_empty()
     );
 }

@@ -25,6 +25,7 @@ use confab_schema::{
     Signal, SignalId, SignalKind, User, UserId,
 };
 use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -329,6 +330,13 @@ pub trait Store: Send + Sync + 'static {
         after: Option<(String, UserId)>,
         limit: usize,
     ) -> Result<Vec<(String, UserId)>, StoreError>;
+    /// Up to `limit` users with `address` (lower-case) among their [`address_terms`]: an exact
+    /// match, never a prefix. May include users who no longer have it; [`search_users`] skips them.
+    async fn users_by_address(
+        &self,
+        address: &str,
+        limit: usize,
+    ) -> Result<Vec<UserId>, StoreError>;
 
     // Chats and membership.
 
@@ -984,71 +992,161 @@ pub struct OutboxWriter {
     pub seen_ms: i64,
 }
 
-/// The lower-cased search terms of a user: user name, display name and e-mail address.
+/// Whether a user name or display name is, or looks like, an e-mail address. Such a name is as
+/// private as the address: with an identity provider that uses the address as the user name (and
+/// the user name as the display name when there is none), it *is* the address.
+pub fn looks_like_address(name: &str) -> bool {
+    name.contains('@')
+}
+
+fn normalised(term: &str) -> String {
+    term.trim().to_lowercase()
+}
+
+/// The lower-cased terms a user is found by from a prefix: their user name and display name, but
+/// neither when it is, or looks like, an e-mail address (those are [`address_terms`]).
 pub fn search_terms(user: &User) -> Vec<String> {
-    let mut terms: Vec<String> = [
-        Some(&user.username),
-        Some(&user.display_name),
-        user.email.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|t| t.trim().to_lowercase())
-    .filter(|t| !t.is_empty())
-    .collect();
+    let email = user.email.as_deref().map(normalised);
+    let mut terms: Vec<String> = [&user.username, &user.display_name]
+        .into_iter()
+        .map(|t| normalised(t))
+        .filter(|t| !t.is_empty() && !looks_like_address(t) && email.as_ref() != Some(t))
+        .collect();
     terms.sort();
     terms.dedup();
     terms
 }
 
-/// The smallest of `user`'s terms that `query` matches: a user name or display name it begins, or
-/// the e-mail address it equals (an address is never found by a part of it).
+/// The lower-cased terms a user is found by only whole: their e-mail address, and a user name or
+/// display name that is, or looks like, an address. Kept apart from [`search_terms`] (in the
+/// store's table of addresses, [`Store::users_by_address`]), where no prefix scan reaches them.
+pub fn address_terms(user: &User) -> Vec<String> {
+    let email = user.email.as_deref().map(normalised);
+    let mut terms: Vec<String> = [&user.username, &user.display_name]
+        .into_iter()
+        .map(|t| normalised(t))
+        .filter(|t| looks_like_address(t) || email.as_ref() == Some(t))
+        .chain(email.clone())
+        .filter(|t| !t.is_empty())
+        .collect();
+    terms.sort();
+    terms.dedup();
+    terms
+}
+
+/// The smallest of `user`'s prefix terms that `query` begins.
 fn smallest_match(user: &User, query: &str) -> Option<String> {
-    let names = [&user.username, &user.display_name].map(|t| t.trim().to_lowercase());
-    let email = user.email.as_ref().map(|e| e.trim().to_lowercase());
-    search_terms(user).into_iter().find(|term| {
-        (names.contains(term) && term.starts_with(query))
-            || (email.as_ref() == Some(term) && term == query)
-    })
+    search_terms(user)
+        .into_iter()
+        .find(|term| term.starts_with(query))
 }
 
 /// The (term, user) position a user-search page stopped at.
 pub type UserSearchPosition = (String, UserId);
 
-/// Users whose user name or display name starts with `prefix`, or whose e-mail address is `prefix`
-/// (case-insensitive), each once, ordered by their smallest matching term, after `after`. Returns the page and, when more may
-/// follow, the position to continue from.
+/// A user search reads search terms this many at a time (at least; a page of more reads its size).
+const USER_SCAN: usize = 32;
+
+/// A user-search page reads at most this many batches of search terms, and reads the user of each
+/// row: where few of the rows under a prefix are users' current terms, a page stops short (even
+/// empty) with a cursor where its scan stopped, rather than reading every row under the prefix in
+/// one request.
+pub const USER_SCAN_BATCHES: usize = 3;
+
+/// The most rows of search terms one user-search page reads (and so the most users it reads): with
+/// the largest page, [`USER_SCAN_BATCHES`] batches of it.
+pub const fn user_scan_rows(limit: usize) -> usize {
+    let batch = if limit > USER_SCAN { limit } else { USER_SCAN };
+    batch * USER_SCAN_BATCHES
+}
+
+/// Users whose user name or display name starts with `query` (case-insensitive), each once,
+/// ordered by their smallest matching term, after `after`; or, when `query` is (or looks like) an
+/// address, the users whose e-mail address (or address-like name) is `query`, whole. A part of an
+/// address finds no one, and costs no more than a query nothing matches.
+///
+/// Returns the page and, when more may follow, the position to continue from. A page reads at
+/// most [`user_scan_rows`] rows and their users: it may hold fewer than `limit` (even none) and
+/// still have a position, where its scan stopped.
 pub async fn search_users(
     store: &dyn Store,
-    prefix: &str,
-    mut after: Option<UserSearchPosition>,
+    query: &str,
+    after: Option<UserSearchPosition>,
     limit: usize,
 ) -> Result<(Vec<User>, Option<UserSearchPosition>), StoreError> {
-    let prefix = prefix.trim().to_lowercase();
+    let query = normalised(query);
+    if query.is_empty() || limit == 0 {
+        return Ok((Vec::new(), None));
+    }
+    if looks_like_address(&query) {
+        // No prefix term holds an '@': an address is looked up whole, on one page.
+        if after.is_some() {
+            return Ok((Vec::new(), None));
+        }
+        return Ok((users_at_address(store, &query, limit).await?, None));
+    }
+    let batch_size = limit.max(USER_SCAN);
+    let mut after = after;
     let mut found = Vec::with_capacity(limit);
-    loop {
-        let batch = store
-            .user_terms(&prefix, after.clone(), limit.max(16))
+    for _ in 0..USER_SCAN_BATCHES {
+        let batch = store.user_terms(&query, after.clone(), batch_size).await?;
+        let exhausted = batch.len() < batch_size;
+        let batch_end = batch.last().cloned();
+        // Rows of an address (written before addresses had a table of their own) are skipped
+        // unread: they are never a match.
+        let rows: Vec<(String, UserId)> = batch
+            .into_iter()
+            .filter(|(term, _)| !looks_like_address(term))
+            .collect();
+        let ids: Vec<UserId> = rows.iter().map(|(_, user_id)| *user_id).collect();
+        let users: Vec<Option<User>> = futures::stream::iter(ids)
+            .map(|user_id| store.get_user(user_id))
+            .buffered(USER_READS_IN_FLIGHT)
+            .try_collect()
             .await?;
-        let exhausted = batch.len() < limit.max(16);
-        for (term, user_id) in batch {
-            after = Some((term.clone(), user_id));
-            let Some(user) = store.get_user(user_id).await? else {
+        for ((term, user_id), user) in rows.into_iter().zip(users) {
+            let Some(user) = user else {
                 continue;
             };
             // Each user appears once, at their smallest matching term; rows of old terms are stale.
-            if smallest_match(&user, &prefix).as_ref() != Some(&term) {
+            if smallest_match(&user, &query).as_ref() != Some(&term) {
                 continue;
             }
             found.push(user);
             if found.len() == limit {
-                return Ok((found, after));
+                return Ok((found, Some((term, user_id))));
             }
         }
         if exhausted {
             return Ok((found, None));
         }
+        after = batch_end.or(after);
     }
+    // Out of reads before the page filled: every row up to `after` has been looked at.
+    Ok((found, after))
+}
+
+/// How many users a user search reads at once.
+const USER_READS_IN_FLIGHT: usize = 16;
+
+/// The users (at most `limit`) whose e-mail address, or address-like name, is `address`.
+async fn users_at_address(
+    store: &dyn Store,
+    address: &str,
+    limit: usize,
+) -> Result<Vec<User>, StoreError> {
+    let ids = store.users_by_address(address, limit).await?;
+    let users: Vec<Option<User>> = futures::stream::iter(ids)
+        .map(|id| store.get_user(id))
+        .buffered(USER_READS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    // A row of an address the user no longer has is stale.
+    Ok(users
+        .into_iter()
+        .flatten()
+        .filter(|user| address_terms(user).iter().any(|a| a == address))
+        .collect())
 }
 
 /// What [`Store::put_circle_member`] did.

@@ -122,6 +122,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "user_sessions",
         cql: include_str!("migrations/0022_user_sessions.cql"),
     },
+    Migration {
+        version: 23,
+        name: "user_addresses",
+        cql: include_str!("migrations/0023_user_addresses.cql"),
+    },
 ];
 
 /// The table and column of `statement` when it is `ALTER TABLE <table> ADD <column> <type>`

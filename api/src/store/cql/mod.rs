@@ -46,7 +46,8 @@ use super::{
     CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, LEFT_CHATS_KEPT, LeftChat,
     ListedCall, MarkerKind, MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter,
     PendingCallSignal, Slot, SlotWrite, SmallObjectInfo, Store, StoreError, UNREAD_SCAN_LIMIT,
-    UnreadQuery, created_at, from_millis, millis, parse, search_terms, stored_text, text_and_call,
+    UnreadQuery, address_terms, created_at, from_millis, looks_like_address, millis, parse,
+    search_terms, stored_text, text_and_call,
 };
 
 /// How many of a chat's newest signals [`Store::count_unreads`] reads at once; a chat with more
@@ -227,6 +228,7 @@ async fn migrate_keyspace(options: &CqlOptions) -> Result<Vec<i32>, StoreError> 
             3 => backfill_tallies_and_summaries(&session).await?,
             11 => move_summaries_and_copy_read_markers(&session, keyspace).await?,
             12 => copy_chats_into_member_rows(&session, keyspace).await?,
+            23 => move_addresses_out_of_user_search(&session, keyspace).await?,
             _ => {}
         }
         session
@@ -417,6 +419,86 @@ async fn move_summaries_and_copy_read_markers(
                 {
                     session
                         .execute_unpaged(copy_marker, (user, chat, up_to, at))
+                        .await
+                        .map_err(unavailable)?;
+                }
+                Ok(())
+            }
+        })
+        .await
+}
+
+/// Migration 23: copies every user's addresses (their e-mail address, and a name that looks like
+/// one) to `user_addresses`, and deletes the rows of addresses from `user_search`: those of each
+/// user's current terms, and any row whose term looks like an address (one a user had before).
+/// Idempotent, so a migration re-run after a failure does it again.
+async fn move_addresses_out_of_user_search(
+    session: &Session,
+    keyspace: &str,
+) -> Result<(), StoreError> {
+    let prepare = |cql: &str| session.prepare(qualify(cql, keyspace));
+    let delete_term =
+        prepare("DELETE FROM user_search WHERE shard = ? AND term = ? AND user_id = ?")
+            .await
+            .map_err(unavailable)?;
+    let insert_address = prepare("INSERT INTO user_addresses (address, user_id) VALUES (?, ?)")
+        .await
+        .map_err(unavailable)?;
+    let users = session
+        .query_iter(
+            qualify(
+                "SELECT id, username, display_name, email FROM users",
+                keyspace,
+            ),
+            (),
+        )
+        .await
+        .map_err(unavailable)?
+        .rows_stream::<(Uuid, Option<String>, Option<String>, Option<String>)>()
+        .map_err(corrupt)?;
+    users
+        .map_err(corrupt)
+        .try_for_each_concurrent(32, |(id, username, display_name, email)| {
+            let (delete_term, insert_address) = (&delete_term, &insert_address);
+            async move {
+                let username = username.unwrap_or_default();
+                let user = User {
+                    id: UserId(id),
+                    display_name: display_name.unwrap_or_else(|| username.clone()),
+                    username,
+                    email,
+                };
+                for address in address_terms(&user) {
+                    session
+                        .execute_unpaged(delete_term, (shard(&address), address.as_str(), id))
+                        .await
+                        .map_err(unavailable)?;
+                    session
+                        .execute_unpaged(insert_address, (address.as_str(), id))
+                        .await
+                        .map_err(unavailable)?;
+                }
+                Ok(())
+            }
+        })
+        .await?;
+    let terms = session
+        .query_iter(
+            qualify("SELECT shard, term, user_id FROM user_search", keyspace),
+            (),
+        )
+        .await
+        .map_err(unavailable)?
+        .rows_stream::<(String, String, Uuid)>()
+        .map_err(corrupt)?;
+    terms
+        .map_err(corrupt)
+        .try_for_each_concurrent(32, |(shard, term, user)| {
+            let delete_term = &delete_term;
+            async move {
+                if looks_like_address(&term) {
+                    session
+                        .execute_unpaged(delete_term, (shard, term, user))
                         .await
                         .map_err(unavailable)?;
                 }
@@ -731,6 +813,9 @@ struct Statements {
     newest_buckets_in: PreparedStatement,
     insert_term: PreparedStatement,
     delete_term: PreparedStatement,
+    insert_address: PreparedStatement,
+    delete_address: PreparedStatement,
+    users_by_address: PreparedStatement,
     terms_from: PreparedStatement,
     terms_after: PreparedStatement,
     update_chat: PreparedStatement,
@@ -1036,6 +1121,9 @@ impl CqlStore {
                 .into(),
             insert_term: "INSERT INTO user_search (shard, term, user_id) VALUES (?, ?, ?)".into(),
             delete_term: "DELETE FROM user_search WHERE shard = ? AND term = ? AND user_id = ?".into(),
+            insert_address: "INSERT INTO user_addresses (address, user_id) VALUES (?, ?)".into(),
+            delete_address: "DELETE FROM user_addresses WHERE address = ? AND user_id = ?".into(),
+            users_by_address: "SELECT user_id FROM user_addresses WHERE address = ? LIMIT ?".into(),
             terms_from: "SELECT term, user_id FROM user_search WHERE shard = ? AND term >= ? AND term < ? LIMIT ?".into(),
             terms_after: "SELECT term, user_id FROM user_search WHERE shard = ? AND (term, user_id) > (?, ?) AND (term) < (?) LIMIT ?"
                     .into(),
@@ -1556,11 +1644,30 @@ impl Store for CqlStore {
     }
 
     async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
-        let old_terms = match self.get_user(user.id).await? {
-            Some(old) => search_terms(&old),
-            None => Vec::new(),
+        let (old_terms, old_addresses) = match self.get_user(user.id).await? {
+            Some(old) => (search_terms(&old), address_terms(&old)),
+            None => (Vec::new(), Vec::new()),
         };
         let new_terms = search_terms(user);
+        let new_addresses = address_terms(user);
+        for address in old_addresses.iter().filter(|a| !new_addresses.contains(a)) {
+            self.session
+                .execute_unpaged(
+                    &self.statements.delete_address,
+                    (address.as_str(), user.id.0),
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        for address in new_addresses.iter().filter(|a| !old_addresses.contains(a)) {
+            self.session
+                .execute_unpaged(
+                    &self.statements.insert_address,
+                    (address.as_str(), user.id.0),
+                )
+                .await
+                .map_err(unavailable)?;
+        }
         for term in old_terms.iter().filter(|t| !new_terms.contains(t)) {
             self.session
                 .execute_unpaged(
@@ -2115,6 +2222,25 @@ impl Store for CqlStore {
             .into_iter()
             .map(|(term, user)| Ok((term, UserId(user))))
             .collect()
+    }
+
+    async fn users_by_address(
+        &self,
+        address: &str,
+        limit: usize,
+    ) -> Result<Vec<UserId>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.statements.users_by_address,
+                (address, limit_i32(limit)),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows::<(Uuid,)>(result)?
+            .into_iter()
+            .map(|(user,)| UserId(user))
+            .collect())
     }
 
     async fn update_chat(

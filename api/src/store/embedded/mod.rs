@@ -29,8 +29,8 @@ use super::{
     CallRecord, ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted,
     LEFT_CHATS_KEPT, LeftChat, ListedCall, MarkerKind, MemberPut, MemberWrite, NewChat,
     OutboxEntry, OutboxWriter, PendingCallSignal, Slot, SlotState, SlotWrite, SmallObjectInfo,
-    Store, StoreError, UNREAD_SCAN_LIMIT, circle_pool, created_at, from_millis, millis, parse,
-    search_terms, stored_text, text_and_call,
+    Store, StoreError, UNREAD_SCAN_LIMIT, address_terms, circle_pool, created_at, from_millis,
+    millis, parse, search_terms, stored_text, text_and_call,
 };
 use std::collections::BTreeMap;
 
@@ -52,7 +52,11 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0014_call_joins.sql"),
     include_str!("schema/0015_left_chats.sql"),
     include_str!("schema/0016_user_sessions.sql"),
+    include_str!("schema/0017_user_addresses.sql"),
 ];
+
+/// The version whose migration writes every user's terms again ([`index_all_users`]).
+const USER_ADDRESSES_VERSION: usize = 17;
 
 pub struct EmbeddedStore {
     connection: Arc<Mutex<Connection>>,
@@ -149,11 +153,79 @@ fn migrate(connection: &Connection) -> Result<(), StoreError> {
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
         let version = index + 1;
         connection
-            .execute_batch(&format!(
-                "BEGIN; {migration} PRAGMA user_version = {version}; COMMIT;"
-            ))
+            .execute_batch(&format!("BEGIN; {migration}"))
             .map_err(unavailable)?;
+        // A migration's data step runs in its transaction: it is applied whole or not at all.
+        let data_step = match version {
+            USER_ADDRESSES_VERSION => index_all_users(connection),
+            _ => Ok(()),
+        };
+        let recorded = data_step.and_then(|()| {
+            connection
+                .execute_batch(&format!("PRAGMA user_version = {version}; COMMIT;"))
+                .map_err(unavailable)
+        });
+        if let Err(error) = recorded {
+            let _ = connection.execute_batch("ROLLBACK;");
+            return Err(error);
+        }
         tracing::info!(version, "embedded store migrated");
+    }
+    Ok(())
+}
+
+/// Migration 17: writes every user's search terms and addresses again, so that no address (nor a
+/// name that looks like one) is left among the terms a prefix scan reads.
+fn index_all_users(c: &Connection) -> Result<(), StoreError> {
+    c.execute("DELETE FROM user_terms", [])
+        .map_err(unavailable)?;
+    let users = all(
+        c,
+        "SELECT id, username, display_name, email FROM users",
+        [],
+        |row| {
+            Ok((
+                row.get::<_, Vec<u8>>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, Option<String>>(3)?,
+            ))
+        },
+    )?;
+    for (id, username, display_name, email) in users {
+        let user = User {
+            id: UserId(uuid_from(id)?),
+            username,
+            display_name,
+            email,
+        };
+        write_user_terms(c, &user)?;
+    }
+    Ok(())
+}
+
+/// Writes `user`'s search terms and addresses in place of those on record.
+fn write_user_terms(c: &Connection, user: &User) -> Result<(), StoreError> {
+    let id = blob(user.id.0);
+    c.prepare_cached("DELETE FROM user_terms WHERE user_id = ?1")
+        .map_err(unavailable)?
+        .execute(params![id])
+        .map_err(unavailable)?;
+    c.prepare_cached("DELETE FROM user_addresses WHERE user_id = ?1")
+        .map_err(unavailable)?
+        .execute(params![id])
+        .map_err(unavailable)?;
+    for term in search_terms(user) {
+        c.prepare_cached("INSERT OR IGNORE INTO user_terms (term, user_id) VALUES (?1, ?2)")
+            .map_err(unavailable)?
+            .execute(params![term, id])
+            .map_err(unavailable)?;
+    }
+    for address in address_terms(user) {
+        c.prepare_cached("INSERT OR IGNORE INTO user_addresses (address, user_id) VALUES (?1, ?2)")
+            .map_err(unavailable)?
+            .execute(params![address, id])
+            .map_err(unavailable)?;
     }
     Ok(())
 }
@@ -377,15 +449,7 @@ impl Store for EmbeddedStore {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
-            tx.execute("DELETE FROM user_terms WHERE user_id = ?1", params![blob(user.id.0)])
-                .map_err(unavailable)?;
-            for term in search_terms(&user) {
-                tx.execute(
-                    "INSERT OR IGNORE INTO user_terms (term, user_id) VALUES (?1, ?2)",
-                    params![term, blob(user.id.0)],
-                )
-                .map_err(unavailable)?;
-            }
+            write_user_terms(&tx, &user)?;
             tx.execute(
                 "INSERT INTO users (id, username, display_name, email, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (id) DO UPDATE SET username = ?2, display_name = ?3, email = ?4, updated_at = ?5",
@@ -908,6 +972,27 @@ impl Store for EmbeddedStore {
             .await?;
         rows.into_iter()
             .map(|(term, user)| Ok((term, UserId(uuid_from(user)?))))
+            .collect()
+    }
+
+    async fn users_by_address(
+        &self,
+        address: &str,
+        limit: usize,
+    ) -> Result<Vec<UserId>, StoreError> {
+        let address = address.to_owned();
+        let rows = self
+            .with(move |c| {
+                all(
+                    c,
+                    "SELECT user_id FROM user_addresses WHERE address = ?1 ORDER BY user_id LIMIT ?2",
+                    params![address, i64::try_from(limit).unwrap_or(i64::MAX)],
+                    |row| row.get::<_, Vec<u8>>(0),
+                )
+            })
+            .await?;
+        rows.into_iter()
+            .map(|user| Ok(UserId(uuid_from(user)?)))
             .collect()
     }
 
@@ -2906,4 +2991,126 @@ fn write_attachment_body(
     )
     .map_err(unavailable)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{search_users, user_scan_rows};
+
+    /// A user row, and its search terms as a store before migration 17 wrote them (the address
+    /// among them), written straight into `c`.
+    fn old_form_user(
+        c: &Connection,
+        username: &str,
+        display_name: &str,
+        email: Option<&str>,
+    ) -> UserId {
+        let id = UserId(Uuid::now_v7());
+        c.execute(
+            "INSERT INTO users (id, username, display_name, email, updated_at) VALUES (?1, ?2, ?3, ?4, 0)",
+            params![blob(id.0), username, display_name, email],
+        )
+        .unwrap();
+        for term in [Some(username), Some(display_name), email]
+            .into_iter()
+            .flatten()
+        {
+            c.execute(
+                "INSERT OR IGNORE INTO user_terms (term, user_id) VALUES (?1, ?2)",
+                params![term.trim().to_lowercase(), blob(id.0)],
+            )
+            .unwrap();
+        }
+        id
+    }
+
+    #[tokio::test]
+    async fn migration_17_moves_addresses_out_of_the_prefix_terms() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sqlite3");
+        let (boss, dora) = {
+            let c = Connection::open(&path).unwrap();
+            for (index, migration) in MIGRATIONS[..USER_ADDRESSES_VERSION - 1].iter().enumerate() {
+                c.execute_batch(&format!(
+                    "BEGIN; {migration} PRAGMA user_version = {}; COMMIT;",
+                    index + 1
+                ))
+                .unwrap();
+            }
+            let boss = old_form_user(&c, "boss", "The Boss", Some("CEO@Corp.example"));
+            let dora = old_form_user(
+                &c,
+                "dora@corp.example",
+                "dora@corp.example",
+                Some("dora@corp.example"),
+            );
+            (boss, dora)
+        };
+        let store = EmbeddedStore::open(&path).unwrap();
+        for prefix in ["ceo", "dora", "c", "d"] {
+            let rows = store.user_terms(prefix, None, 50).await.unwrap();
+            assert!(rows.is_empty(), "{prefix} reaches {rows:?}");
+        }
+        assert_eq!(
+            store.user_terms("b", None, 50).await.unwrap(),
+            vec![("boss".to_owned(), boss)]
+        );
+        assert_eq!(
+            store
+                .users_by_address("ceo@corp.example", 10)
+                .await
+                .unwrap(),
+            vec![boss]
+        );
+        assert_eq!(
+            store
+                .users_by_address("dora@corp.example", 10)
+                .await
+                .unwrap(),
+            vec![dora]
+        );
+    }
+
+    /// Rows of addresses a process of the previous version writes while a new one searches (or
+    /// any rows a search skips) cost a page no more than [`user_scan_rows`]: the page stops short
+    /// where its scan did, and the next goes on from there.
+    #[tokio::test]
+    async fn a_search_reads_a_bounded_number_of_rows_under_its_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("store.sqlite3")).unwrap();
+        let rows = 2000;
+        store
+            .with(move |c| {
+                for i in 0..rows {
+                    old_form_user(
+                        c,
+                        &format!("u{i}"),
+                        "User",
+                        Some(&format!("j{i:04}@corp.example")),
+                    );
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            pages += 1;
+            assert!(
+                pages <= rows / user_scan_rows(10) + 2,
+                "the pages never ended"
+            );
+            let (found, next) = search_users(&store, "j", after.clone(), 10).await.unwrap();
+            assert!(found.is_empty(), "{found:?}");
+            let Some(next) = next else { break };
+            // The page read exactly its budget of rows, and stopped at the last of them.
+            let read = store.user_terms("j", after.clone(), rows).await.unwrap();
+            assert!(read.len() > user_scan_rows(10));
+            assert_eq!(next, read[user_scan_rows(10) - 1]);
+            after = Some(next);
+        }
+        assert_eq!(pages, rows / user_scan_rows(10) + 1);
+    }
 }
