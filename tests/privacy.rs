@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use confab_api::Page;
 use confab_api::domain::inputs::{PageLimit, UserQuery};
 use confab_api::store::Store;
+use confab_api::store::conformance::chat_with;
 use confab_schema::{User, UserId};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -259,3 +260,63 @@ async fn a_prefix_of_thousands_of_addresses_reads_a_bounded_number_of_rows(stack
     api.clean_up().await;
 }
 on_both_stacks!(a_prefix_of_thousands_of_addresses_reads_a_bounded_number_of_rows);
+
+/// A user name that is an address (an identity provider that uses the address as the user name,
+/// and so as the display name when there is no name) is as private as the address: shown to its
+/// owner only, in searches and in the profile, and found only whole.
+async fn an_address_for_a_user_name_is_shown_to_its_owner_only(stack: Stack) {
+    let api = HeldApi::new(stack).await;
+    let tag = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let searcher = api.user(&format!("searcher-{tag}")).await;
+    let address = format!("dora.{tag}@corp.example");
+    let dora = User {
+        id: UserId(Uuid::now_v7()),
+        username: address.clone(),
+        display_name: address.clone(),
+        email: Some(address.clone()),
+    };
+    // An address-like user name with a name of its own, and no address on record.
+    let erin = User {
+        id: UserId(Uuid::now_v7()),
+        username: format!("erin.{tag}@elsewhere.example"),
+        display_name: format!("Erin {tag}"),
+        email: None,
+    };
+    for user in [&dora, &erin] {
+        api.store.upsert_user(user).await.unwrap();
+    }
+    let store: Arc<dyn Store> = Arc::clone(&api.store) as Arc<dyn Store>;
+    chat_with(&*store, searcher.id, &[dora.id, erin.id]).await;
+
+    for part in [format!("dora.{tag}"), format!("erin.{tag}")] {
+        let page = search_as(&api, searcher.id, &part, None, 10).await;
+        assert!(page.items.is_empty(), "{part} finds {:?}", page.items);
+    }
+    let whole = search_as(&api, searcher.id, &address, None, 10).await;
+    assert_eq!(whole.items.len(), 1, "{:?}", whole.items);
+    let profile = api.state.user_profile(searcher.id, dora.id).await.unwrap();
+    for shown in [&whole.items[0], &profile] {
+        assert_eq!(shown.id, dora.id);
+        let json = serde_json::to_string(shown).unwrap();
+        assert!(!json.contains('@'), "another user sees {json}");
+        assert!(!shown.username.is_empty() && !shown.display_name.is_empty());
+    }
+    // Erin is shown by her name; found by it, and by her whole user name.
+    let by_name = search_as(&api, searcher.id, &format!("erin {tag}"), None, 10).await;
+    let by_user_name = search_as(&api, searcher.id, &erin.username, None, 10).await;
+    for page in [&by_name, &by_user_name] {
+        assert_eq!(page.items.len(), 1, "{:?}", page.items);
+        assert_eq!(page.items[0].id, erin.id);
+        assert_eq!(page.items[0].username, erin.display_name);
+        assert_eq!(page.items[0].display_name, erin.display_name);
+    }
+    // Dora sees herself as she is.
+    let own = search_as(&api, dora.id, &address, None, 10).await;
+    assert_eq!(own.items, vec![dora.clone()]);
+    assert_eq!(
+        api.state.user_profile(dora.id, dora.id).await.unwrap(),
+        dora
+    );
+    api.clean_up().await;
+}
+on_both_stacks!(an_address_for_a_user_name_is_shown_to_its_owner_only);

@@ -357,7 +357,8 @@ $("new-chat-user").addEventListener("input", async () => {
       .filter((user) => user.id !== state.me.id)
       .map((user) => {
         const option = document.createElement("option");
-        option.value = [...before, user.username].join(", ");
+        // A user found by a whole address is named by it again (others are not shown it).
+        option.value = [...before, typed.includes("@") ? typed : user.username].join(", ");
         option.label = user.display_name || user.username;
         return option;
       }));
@@ -375,7 +376,10 @@ $("new-chat-form").addEventListener("submit", async (event) => {
     const users = [];
     for (const name of wanted) {
       const found = await api("GET", `/v1/users?q=${encodeURIComponent(name)}&limit=20`);
-      const user = found.items.find((u) => u.username.toLowerCase() === name);
+      // Others see a user name that is an address as the display name: a whole address is
+      // matched by the one user it finds.
+      const user = found.items.find((u) => u.username.toLowerCase() === name)
+        || (name.includes("@") && found.items.length === 1 ? found.items[0] : undefined);
       if (!user) throw new Error(`No user named ${name} has signed in yet`);
       if (user.id === state.me.id) continue;
       state.users.set(user.id, user);

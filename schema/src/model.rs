@@ -14,8 +14,13 @@ use crate::ids::{ChatId, SignalId, UserId};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct User {
     pub id: UserId,
+    /// To others, a user name that is the user's e-mail address, or contains an `@`, is shown as
+    /// `display_name`.
     pub username: String,
+    /// To others, a display name that is the user's e-mail address, or contains an `@`, is shown
+    /// as `user-` and the first 8 hex digits of `id`.
     pub display_name: String,
+    /// Shown to its user only (`null` for others).
     pub email: Option<String>,
 }
 

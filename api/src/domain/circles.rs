@@ -182,7 +182,8 @@ impl ApiState {
         let display_name = new
             .display_name
             .map(CircleDisplayName::into_inner)
-            .unwrap_or_else(|| caller.display_name.clone());
+            // Other members see it: never an address.
+            .unwrap_or_else(|| super::users::name_shown_to_others(&caller));
         self.store
             .put_circle_member(
                 circle.id,

@@ -229,7 +229,7 @@ impl ApiState {
                 match author_name {
                     Some(name) => name.to_owned(),
                     None => match self.store.get_user(created.author_id).await {
-                        Ok(Some(user)) => user.display_name,
+                        Ok(Some(user)) => super::users::name_shown_to_others(&user),
                         _ => String::new(),
                     },
                 }

@@ -173,9 +173,9 @@ impl ApiState {
             reactions: Default::default(),
             call: None,
         };
-        let recorded = self
-            .record(&signal, members, Some(&caller.display_name))
-            .await;
+        // The name pushes show the other members: never an address.
+        let author_name = super::users::name_shown_to_others(&caller);
+        let recorded = self.record(&signal, members, Some(&author_name)).await;
         match recorded {
             Ok(Inserted::Created(created)) => Ok(Outcome::Created(created)),
             Ok(Inserted::Existing(existing)) => {

@@ -9,7 +9,7 @@ use super::inputs::{PageLimit, UserQuery};
 use super::paging::{Page, Pager};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
-use crate::store::search_users;
+use crate::store::{looks_like_address, search_users};
 
 /// How long a provisioned profile is trusted before the store is written again.
 const PROVISION_REFRESH: Duration = Duration::from_secs(600);
@@ -44,22 +44,20 @@ impl ApiState {
     }
 
     /// A user's profile, for themself and for users who share a chat with them; their e-mail
-    /// address only for themself.
+    /// address (and a name that is one) only for themself.
     pub async fn user_profile(&self, caller: UserId, user: UserId) -> ApiResult<User> {
         self.require_shared_chat(caller, user).await?;
-        let mut profile = self
+        let profile = self
             .store
             .get_user(user)
             .await?
             .ok_or(ApiError::NotFound("no such user"))?;
-        if caller != user {
-            profile.email = None;
-        }
-        Ok(profile)
+        Ok(shown_to(profile, caller))
     }
 
     /// Users whose user name or display name starts with `query`, or whose e-mail address is
-    /// `query`, each once. E-mail addresses are private: each is shown to its own user only.
+    /// `query`, each once. E-mail addresses are private: each (and a name that is one) is shown to
+    /// its own user only. A page reads a bounded number of rows; it may stop short, with a cursor.
     pub async fn search_users(
         &self,
         caller: UserId,
@@ -80,10 +78,38 @@ impl ApiState {
     }
 }
 
-/// `user` as `viewer` may see them: their e-mail address only when it is their own.
+/// `user` as `viewer` may see them: their e-mail address only when it is their own, and likewise
+/// a user name or display name that is an address, or looks like one ([`name_shown_to_others`]
+/// stands in for it).
 pub fn shown_to(mut user: User, viewer: UserId) -> User {
     if user.id != viewer {
+        let shown = name_shown_to_others(&user);
+        if is_address_of(&user, &user.username) {
+            user.username = shown.clone();
+        }
+        user.display_name = shown;
         user.email = None;
     }
     user
+}
+
+/// What others see of `user`'s name: their display name, unless it is (or looks like) an e-mail
+/// address; then a neutral name made from their id, which they can see anyway.
+pub fn name_shown_to_others(user: &User) -> String {
+    if is_address_of(user, &user.display_name) {
+        let id = user.id.0.simple().to_string();
+        format!("user-{}", &id[..8])
+    } else {
+        user.display_name.clone()
+    }
+}
+
+/// Whether `name` (one of `user`'s names) is their e-mail address or looks like an address.
+fn is_address_of(user: &User, name: &str) -> bool {
+    let name = name.trim().to_lowercase();
+    looks_like_address(&name)
+        || user
+            .email
+            .as_deref()
+            .is_some_and(|email| email.trim().to_lowercase() == name)
 }
