@@ -183,7 +183,7 @@ impl ApiState {
             .display_name
             .map(CircleDisplayName::into_inner)
             // Other members see it: never an address.
-            .unwrap_or_else(|| super::users::name_shown_to_others(&caller));
+            .unwrap_or_else(|| super::users::name_shown_to_others(caller));
         self.store
             .put_circle_member(
                 circle.id,

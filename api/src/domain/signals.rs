@@ -174,7 +174,7 @@ impl ApiState {
             call: None,
         };
         // The name pushes show the other members: never an address.
-        let author_name = super::users::name_shown_to_others(&caller);
+        let author_name = super::users::name_shown_to_others(caller);
         let recorded = self.record(&signal, members, Some(&author_name)).await;
         match recorded {
             Ok(Inserted::Created(created)) => Ok(Outcome::Created(created)),
