@@ -315,7 +315,8 @@ impl DeviceDirectory for StoreDevices {
         self.0
             .get_user(user)
             .await
-            .map(|user| user.map(|user| user.display_name))
+            // Pushes show the name to the other members: never an address.
+            .map(|user| user.map(|user| confab_api::domain::users::name_shown_to_others(&user)))
             .map_err(|e| e.to_string())
     }
     async fn is_member(&self, user: UserId, chat: ChatId) -> Result<bool, String> {

@@ -113,3 +113,56 @@ fn is_address_of(user: &User, name: &str) -> bool {
             .as_deref()
             .is_some_and(|email| email.trim().to_lowercase() == name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(username: &str, display_name: &str, email: Option<&str>) -> User {
+        User {
+            id: UserId(uuid::Uuid::from_u128(
+                0x1234_5678_9abc_def0_1234_5678_9abc_def0,
+            )),
+            username: username.into(),
+            display_name: display_name.into(),
+            email: email.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn names_that_are_addresses_are_shown_to_their_owner_only() {
+        let other = UserId(uuid::Uuid::nil());
+        // The address as the user name and as the display name (no name in the token).
+        let dora = user(
+            "Dora@Corp.example",
+            "Dora@Corp.example",
+            Some("dora@corp.example"),
+        );
+        assert_eq!(name_shown_to_others(&dora), "user-12345678");
+        let shown = shown_to(dora.clone(), other);
+        assert_eq!(
+            (
+                shown.username.as_str(),
+                shown.display_name.as_str(),
+                shown.email
+            ),
+            ("user-12345678", "user-12345678", None)
+        );
+        assert_eq!(shown_to(dora.clone(), dora.id), dora);
+        // A user name equal to the address, without an '@' (a provider's own notion of one).
+        let odd = user("dora.corp", "Dora", Some(" DORA.corp "));
+        let shown = shown_to(odd, other);
+        assert_eq!(
+            (shown.username.as_str(), shown.display_name.as_str()),
+            ("Dora", "Dora")
+        );
+        // Names that are not addresses are shown as they are.
+        let bob = user("bob", "Bob", Some("bob@corp.example"));
+        assert_eq!(name_shown_to_others(&bob), "Bob");
+        let shown = shown_to(bob, other);
+        assert_eq!(
+            (shown.username.as_str(), shown.display_name.as_str()),
+            ("bob", "Bob")
+        );
+    }
+}
