@@ -708,7 +708,7 @@ async fn cql_migration_11_keeps_summaries_and_read_markers() {
 
     assert_eq!(
         cql::migrate(&options).await.expect("migrates"),
-        vec![11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
+        vec![11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]
     );
     let store = CqlStore::connect(&options).await.expect("connects");
     let listed = store.chat_list(reader, None, 10).await.expect("lists");
@@ -826,7 +826,7 @@ async fn cql_migration_12_copies_chats_into_member_rows() {
 
     assert_eq!(
         cql::migrate(&options).await.expect("migrates"),
-        vec![12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
+        vec![12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]
     );
     type Copies = (
         Option<String>,
@@ -1390,5 +1390,98 @@ async fn cql_a_circle_with_a_seat_free_takes_a_member_whatever_a_failed_join_lef
     let put = store.put_circle_member(circle.id, &member("w"), 3).await;
     assert_eq!(put.unwrap(), MemberPut::Full, "one seat came free");
     assert_eq!(store.circle_members(circle.id).await.unwrap().len(), 3);
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}
+
+/// Migration 23 moves addresses out of the prefix-scanned `user_search`: a user's address (and a
+/// user name that is one) is found whole from `user_addresses`, and no row of an address is left
+/// under any prefix, not even one of an address the user had before.
+#[tokio::test]
+async fn cql_migration_23_moves_addresses_out_of_user_search() {
+    use confab_schema::UserId;
+
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    // Migrated whole, then given rows as the build before wrote them, and migration 23 forgotten:
+    // its run then is the one an upgrade makes (it is safe to run again).
+    if !migrated(
+        &options,
+        "cql_migration_23_moves_addresses_out_of_user_search",
+    )
+    .await
+    {
+        return;
+    }
+    let session = scylla::client::session_builder::SessionBuilder::new()
+        .known_nodes(&options.contact_points)
+        .use_keyspace(&options.keyspace, false)
+        .build()
+        .await
+        .expect("connects");
+    let run = |cql: String| {
+        let session = &session;
+        async move { session.query_unpaged(cql, ()).await.expect("CQL runs") }
+    };
+    // Users and their terms as the build before wrote them: the address among the terms, and a
+    // row of the address the boss had before.
+    let (boss, dora) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
+    for (id, username, display_name, email) in [
+        (boss, "boss", "The Boss", "CEO@Corp.example"),
+        (
+            dora,
+            "dora@corp.example",
+            "dora@corp.example",
+            "dora@corp.example",
+        ),
+    ] {
+        run(format!(
+            "INSERT INTO users (id, username, display_name, email, updated_at) \
+             VALUES ({}, '{username}', '{display_name}', '{email}', toTimestamp(now()))",
+            id.0
+        ))
+        .await;
+        for term in [username, display_name, email] {
+            let term = term.to_lowercase();
+            let shard = &term[..1];
+            run(format!(
+                "INSERT INTO user_search (shard, term, user_id) VALUES ('{shard}', '{term}', {})",
+                id.0
+            ))
+            .await;
+        }
+    }
+    run(format!(
+        "INSERT INTO user_search (shard, term, user_id) VALUES ('c', 'chief@corp.example', {})",
+        boss.0
+    ))
+    .await;
+    run("DELETE FROM schema_migrations WHERE version = 23".into()).await;
+
+    assert_eq!(cql::migrate(&options).await.expect("migrates"), vec![23]);
+    let store = CqlStore::connect(&options).await.expect("connects");
+    for prefix in ["ceo", "chief", "c", "dora", "d"] {
+        let rows = store.user_terms(prefix, None, 50).await.expect("reads");
+        assert!(rows.is_empty(), "{prefix} reaches {rows:?}");
+    }
+    assert_eq!(
+        store.user_terms("b", None, 50).await.expect("reads"),
+        vec![("boss".to_owned(), boss)]
+    );
+    assert_eq!(
+        store
+            .users_by_address("ceo@corp.example", 10)
+            .await
+            .expect("reads"),
+        vec![boss]
+    );
+    assert_eq!(
+        store
+            .users_by_address("dora@corp.example", 10)
+            .await
+            .expect("reads"),
+        vec![dora]
+    );
+    // Applied once: a second run has nothing to do.
+    assert!(cql::migrate(&options).await.expect("migrates").is_empty());
+    drop(store);
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
