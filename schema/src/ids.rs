@@ -117,6 +117,17 @@ impl SignalId {
         SignalId(Uuid::now_v7())
     }
 
+    /// A new id as a signal created at `at` would get: history imported from elsewhere, and
+    /// tests of what happens to signals made long ago (signals sent now get [`SignalId::new`]).
+    pub fn made_at(at: OffsetDateTime) -> SignalId {
+        let nanos = at.unix_timestamp_nanos().max(0);
+        SignalId(Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            u64::try_from(nanos / 1_000_000_000).unwrap_or(u64::MAX),
+            (nanos % 1_000_000_000) as u32,
+        )))
+    }
+
     /// Milliseconds since the Unix epoch embedded in the id; `None` for ids that are not UUIDv7.
     pub fn unix_millis(&self) -> Option<i64> {
         let (secs, nanos) = self.0.get_timestamp()?.to_unix();
@@ -175,6 +186,18 @@ mod tests {
             millis >= before && millis <= before + 5_000,
             "{millis} vs {before}"
         );
+    }
+
+    #[test]
+    fn a_signal_id_made_at_a_time_carries_it() {
+        let at = OffsetDateTime::now_utc() - time::Duration::minutes(10);
+        let id = SignalId::made_at(at);
+        assert!(id.is_time_ordered());
+        assert_eq!(
+            id.unix_millis(),
+            Some((at.unix_timestamp_nanos() / 1_000_000) as i64)
+        );
+        assert_ne!(id, SignalId::made_at(at), "each id is new");
     }
 
     #[test]
