@@ -11,16 +11,18 @@ use support::on_both_stacks;
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_api::store::Store;
+use confab_api::store::{CLAIM_ORPHANED_AFTER, Store};
 use confab_api::{ApiState, routes};
 use confab_runtime::blobs::Blobs;
 use confab_runtime::bus::{Bus, ChatFilter, EmbeddedBus};
 use confab_runtime::config::Config;
 use confab_runtime::identity::DevIdentity;
-use confab_schema::{Event, SignalKind};
+use confab_schema::{AttachmentRef, ChatId, Event, Signal, SignalId, SignalKind, UserId};
 use serde_json::{Value, json};
 use support::held_store::{Held, HeldStore};
 use support::{DEADLINE, Stack};
+use time::OffsetDateTime;
+use uuid::Uuid;
 
 /// The API on a [`HeldStore`] (the embedded one, or CQL on a fresh keyspace), over HTTP.
 struct Harness {
@@ -580,3 +582,97 @@ async fn a_failed_send_gives_its_attachment_back_only_when_not_stored(stack: Sta
     harness.stop().await;
 }
 on_both_stacks!(a_failed_send_gives_its_attachment_back_only_when_not_stored);
+
+/// A send stopped (a crash, a kill) between the claim of its attachment and the store write of
+/// its message leaves the attachment held by a message that never exists. Once that claim is
+/// older than any live send takes to store its message, a send naming the attachment takes it
+/// over: the client's retry of the very send that stopped (its nonce) answers 201 with the
+/// attachment. Were the stopped send's write to land after all, its message would not carry it.
+async fn a_claim_left_by_a_stopped_send_is_taken_over(stack: Stack) {
+    let harness = Harness::start(stack).await;
+    // Nothing here waits on the image's pictures.
+    harness.store.lift(Held::Pictures);
+    let photo = harness.upload("photo.png", "image/png", png(8, 8)).await;
+    let id: Uuid = photo["id"].as_str().unwrap().parse().unwrap();
+    let chat: ChatId = harness.chat.parse().unwrap();
+    let alice: UserId = harness.json(&harness.alice, "/v1/me").await["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let made_long_ago = OffsetDateTime::now_utc() - CLAIM_ORPHANED_AFTER - Duration::from_secs(60);
+    let stopped = SignalId::made_at(made_long_ago);
+    let claimed = harness
+        .store
+        .inner
+        .claim_attachments(chat, &[id], stopped)
+        .await
+        .unwrap();
+    assert_eq!(claimed, [(id, stopped)]);
+
+    let signals = format!("/v1/chats/{}/signals", harness.chat);
+    let retried = harness
+        .send_json(
+            &signals,
+            &json!({"kind": "message", "text": "again", "nonce": "stopped",
+                    "attachments": [id]}),
+        )
+        .await;
+    let status = retried.status();
+    let retried: Value = retried.json().await.unwrap();
+    assert_eq!(status, 201, "{retried}");
+    let message = retried["id"].as_str().unwrap().to_owned();
+    assert_eq!(retried["attachments"][0]["id"], id.to_string(), "{retried}");
+    assert_eq!(retried["attachments"][0]["message_id"], message.as_str());
+
+    // The stopped send's write lands after all.
+    let attachment = harness.store.inner.get_attachments(&[id]).await.unwrap();
+    let late = Signal {
+        id: stopped,
+        chat_id: chat,
+        kind: SignalKind::Message,
+        author_id: alice,
+        created_at: made_long_ago,
+        nonce: None,
+        text: Some("late".into()),
+        reply_to: None,
+        attachments: attachment.into_iter().map(AttachmentRef::from).collect(),
+        edited_at: None,
+        deleted: false,
+        reactions: Default::default(),
+        call: None,
+    };
+    harness.store.inner.insert_signal(&late).await.unwrap();
+    let history = harness
+        .json(&harness.alice, &format!("{signals}?limit=10"))
+        .await;
+    let carried: Vec<(&str, usize)> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["kind"] == "message")
+        .map(|s| {
+            let attachments = s["attachments"].as_array().map_or(0, Vec::len);
+            (s["id"].as_str().unwrap(), attachments)
+        })
+        .collect();
+    let stopped = stopped.to_string();
+    assert_eq!(
+        carried,
+        [(message.as_str(), 1), (stopped.as_str(), 0)],
+        "{history}"
+    );
+    let listed = harness
+        .json(
+            &harness.alice,
+            &format!("/v1/chats/{}/attachments", harness.chat),
+        )
+        .await;
+    assert_eq!(
+        listed["items"][0]["message_id"],
+        message.as_str(),
+        "{listed}"
+    );
+    harness.stop().await;
+}
+on_both_stacks!(a_claim_left_by_a_stopped_send_is_taken_over);

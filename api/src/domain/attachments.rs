@@ -397,7 +397,9 @@ impl ApiState {
                     return Err(taken_meanwhile(contended));
                 }
                 // A holder made longer ago than the wait is a send that stopped before storing
-                // its message: nothing will come of waiting for it but reads.
+                // its message, or whose store write failed: nothing will come of waiting for it
+                // but reads. Once its claim is older than `CLAIM_ORPHANED_AFTER`, the claim above
+                // takes it over.
                 if holder
                     .created_at()
                     .is_none_or(|made| OffsetDateTime::now_utc() - made > CLAIM_WAIT)
@@ -456,7 +458,8 @@ impl ApiState {
     }
 
     /// Gives back the claims of `message`, which was not stored, on the attachments it names.
-    /// A failure is logged: the attachments then stay claimed by a message that does not exist.
+    /// A failure is logged: the attachments then stay claimed by a message that does not exist,
+    /// until a send takes the claims over ([`crate::store::CLAIM_ORPHANED_AFTER`]).
     pub(crate) async fn release_claims(&self, message: &Signal) {
         let ids: Vec<Uuid> = message.attachments.iter().map(AttachmentRef::id).collect();
         if ids.is_empty() {

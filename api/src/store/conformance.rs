@@ -13,8 +13,8 @@ use time::OffsetDateTime;
 use uuid::{Timestamp, Uuid};
 
 use super::{
-    ChatActivity, Inserted, MarkerKind, MemberPut, NewChat, Slot, SlotState, SlotWrite,
-    SmallObjectInfo, Store, UNREAD_CAP, UNREAD_SCAN_LIMIT, circle_pool, search_users,
+    CLAIM_ORPHANED_AFTER, ChatActivity, Inserted, MarkerKind, MemberPut, NewChat, Slot, SlotState,
+    SlotWrite, SmallObjectInfo, Store, UNREAD_CAP, UNREAD_SCAN_LIMIT, circle_pool, search_users,
 };
 use confab_schema::CircleId;
 use confab_schema::Member;
@@ -68,6 +68,7 @@ macro_rules! store_conformance_tests {
             a_message_claims_its_chats_unclaimed_attachments,
             racing_claims_leave_one_holder_and_a_release_frees,
             a_claim_given_back_after_pictures_frees_the_attachment,
+            an_orphaned_claim_is_taken_over,
             pictures_change_only_an_attachment_that_exists,
             the_collectors_marks,
             small_objects_by_name,
@@ -2687,6 +2688,105 @@ pub async fn a_claim_given_back_after_pictures_frees_the_attachment(store: Arc<d
         [(older.id, sent_long_ago)],
         "held by the message its record names"
     );
+}
+
+/// A claim whose message was not stored long after the claim was made (its send stopped between
+/// the two) is taken over by the next claim, from that holder alone: of claimants racing for it,
+/// exactly one takes it, and every one is told which. A claim not that old (a send still on its
+/// way) stays, and so does one whose message is stored, however old.
+pub async fn an_orphaned_claim_is_taken_over(store: Arc<dyn Store>) {
+    use confab_schema::AttachmentKind::File;
+    let owner = user("orphaner");
+    store.upsert_user(&owner).await.expect("user");
+    let chat = chat_with(store.as_ref(), owner.id, &[]).await;
+    let long_ago = OffsetDateTime::now_utc() - CLAIM_ORPHANED_AFTER - Duration::from_secs(60);
+    let upload = |name: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            let upload = attachment(chat, owner.id, File, &sha(name));
+            store.put_attachment(&upload).await.expect("puts");
+            upload.id
+        }
+    };
+    let claim = |id: Uuid, message: SignalId| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .claim_attachments(chat, &[id], message)
+                .await
+                .expect("claims")
+        }
+    };
+    let held = |id: Uuid| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .get_attachments(&[id])
+                .await
+                .expect("gets")
+                .pop()
+                .expect("is there")
+                .message_id
+        }
+    };
+
+    let orphaned = upload("orphaned").await;
+    let stopped = SignalId::made_at(long_ago);
+    assert_eq!(claim(orphaned, stopped).await, [(orphaned, stopped)]);
+    let taker = SignalId::new();
+    assert_eq!(
+        claim(orphaned, taker).await,
+        [(orphaned, taker)],
+        "a claim of a message made long ago and never stored is taken over"
+    );
+    assert_eq!(held(orphaned).await, Some(taker));
+    store
+        .release_attachments(chat, &[orphaned], stopped)
+        .await
+        .expect("releases");
+    assert_eq!(
+        held(orphaned).await,
+        Some(taker),
+        "the stopped send has nothing left to give back"
+    );
+    assert_eq!(
+        claim(orphaned, SignalId::new()).await,
+        [(orphaned, taker)],
+        "the taker's claim is not that old"
+    );
+
+    let on_its_way = upload("on its way").await;
+    let live = SignalId::new();
+    assert_eq!(claim(on_its_way, live).await, [(on_its_way, live)]);
+    assert_eq!(
+        claim(on_its_way, SignalId::new()).await,
+        [(on_its_way, live)],
+        "a recent claim stays with its send"
+    );
+
+    let sent = upload("sent long ago").await;
+    let old_message = message_at(chat, owner.id, SignalId::made_at(long_ago), None, "old");
+    assert_eq!(claim(sent, old_message.id).await, [(sent, old_message.id)]);
+    store.insert_signal(&old_message).await.expect("stores");
+    assert_eq!(
+        claim(sent, SignalId::new()).await,
+        [(sent, old_message.id)],
+        "a stored message keeps its attachment, however old"
+    );
+    assert_eq!(held(sent).await, Some(old_message.id));
+
+    let contested = upload("contested orphan").await;
+    let stopped = SignalId::made_at(long_ago);
+    claim(contested, stopped).await;
+    let takers: Vec<SignalId> = (0..8).map(|_| SignalId::new()).collect();
+    let claims =
+        futures::future::join_all(takers.iter().map(|&taker| claim(contested, taker))).await;
+    let winner = claims[0][0].1;
+    assert!(takers.contains(&winner), "{claims:?}");
+    for claim in &claims {
+        assert_eq!(claim, &[(contested, winner)], "one taker for all");
+    }
+    assert_eq!(held(contested).await, Some(winner));
 }
 
 pub async fn pictures_change_only_an_attachment_that_exists(store: Arc<dyn Store>) {

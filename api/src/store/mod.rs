@@ -184,6 +184,27 @@ pub(crate) fn text_and_call(
 /// within seconds or minutes; an hour also covers a client that lost a response and came back later.
 pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(3_600);
 
+/// How old (by the time its id carries) a message's claim on an attachment must be before a new
+/// claim takes it over when the message was not stored ([`Store::claim_attachments`]): its send
+/// stopped (a crash, a kill) between the claim and the store write. A live send, from the id it
+/// makes to its message stored, waits at most a few seconds on another send's claim and then
+/// makes a handful of writes in a row (the outbox entry, the nonce, the signal's rows), each
+/// given up after the store's request timeout (5 s by default): it has stored its message or
+/// failed well within this, even with a request timeout a few times the default (a deployment
+/// that sets it near this should raise this too). The rest is margin for the clocks of the
+/// processes, since the age is read from an id another process's clock made. A
+/// message that is stored later all the same (its write landed long after it timed out) no
+/// longer carries an attachment taken over meanwhile.
+pub const CLAIM_ORPHANED_AFTER: Duration = Duration::from_secs(120);
+
+/// Whether a claim held by `holder`, a message not stored, is old enough to be taken over
+/// ([`CLAIM_ORPHANED_AFTER`]). An id without a time (not one this API makes) never is.
+pub fn claim_orphaned(holder: SignalId, now: OffsetDateTime) -> bool {
+    holder
+        .created_at()
+        .is_some_and(|made| now - made > CLAIM_ORPHANED_AFTER)
+}
+
 /// How long the end of a membership is kept for [`Store::left_chats_of`]: a day longer than the
 /// log may keep events, so a resume finds every leaving whose events it can still replay, whatever
 /// the clocks of the processes that wrote and read it.
@@ -697,8 +718,11 @@ pub trait Store: Send + Sync + 'static {
         image: Option<&ImageInfo>,
     ) -> Result<Option<Attachment>, StoreError>;
     /// Claims for `message`, before it is stored or published, each attachment of `ids` that is
-    /// `chat`'s and that no message holds yet: of sends racing for one attachment exactly one
-    /// claim succeeds. Answers, for each of `ids` that exists and is `chat`'s, the message that
+    /// `chat`'s and that no message holds yet, or that a message made longer ago than
+    /// [`CLAIM_ORPHANED_AFTER`] and not stored holds (its send stopped between its claim and its
+    /// store write; the claim is taken over from that holder alone, and that message, stored
+    /// later all the same, does not carry the attachment): of sends racing for one attachment
+    /// exactly one claim succeeds. Answers, for each of `ids` that exists and is `chat`'s, the message that
     /// holds it after the call (`message` when this claim took it, or took it before). Only the
     /// record's `message_id` changes (pictures stored meanwhile by [`Store::update_derived`]
     /// stay); the chat's lists learn it from [`Store::list_claimed_attachments`] once the message

@@ -46,8 +46,8 @@ use super::{
     CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, LEFT_CHATS_KEPT, LeftChat,
     ListedCall, MarkerKind, MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter,
     PendingCallSignal, Slot, SlotWrite, SmallObjectInfo, Store, StoreError, UNREAD_SCAN_LIMIT,
-    UnreadQuery, address_terms, created_at, from_millis, looks_like_address, millis, parse,
-    search_terms, stored_text, text_and_call,
+    UnreadQuery, address_terms, claim_orphaned, created_at, from_millis, looks_like_address,
+    millis, parse, search_terms, stored_text, text_and_call,
 };
 
 /// How many of a chat's newest signals [`Store::count_unreads`] reads at once; a chat with more
@@ -879,6 +879,8 @@ struct Statements {
     /// transaction, and its release one too. They are the only writes of the record's
     /// `message_id` cell, so no plain write (whose timestamp Paxos does not order) can hide one.
     claim_attachment_if_free: PreparedStatement,
+    /// A claim taken over from the one message named, whose send stopped before storing it.
+    take_over_attachment_claim: PreparedStatement,
     release_attachment_if_held: PreparedStatement,
     /// The claim copied to the attachment's row in its chat's list, at a time of its choosing.
     claim_chat_attachment_at: PreparedStatement,
@@ -1204,6 +1206,7 @@ impl CqlStore {
             attachment_written: "SELECT body, WRITETIME(body), message_id FROM attachments WHERE id = ?".into(),
             chat_attachment_written: "SELECT body, WRITETIME(body), message_id FROM chat_attachments WHERE chat_id = ? AND kind = ? AND id = ?".into(),
             claim_attachment_if_free: "UPDATE attachments SET message_id = ? WHERE id = ? IF message_id = null".into(),
+            take_over_attachment_claim: "UPDATE attachments SET message_id = ? WHERE id = ? IF message_id = ?".into(),
             release_attachment_if_held: "UPDATE attachments SET message_id = null WHERE id = ? IF message_id = ?".into(),
             claim_chat_attachment_at: "UPDATE chat_attachments USING TIMESTAMP ? SET message_id = ? WHERE chat_id = ? AND kind = ? AND id = ?".into(),
             put_attachment_at: "INSERT INTO attachments (id, body) VALUES (?, ?) USING TIMESTAMP ?".into(),
@@ -1437,6 +1440,93 @@ impl CqlStore {
             }
         }
         Ok(())
+    }
+
+    /// [`Store::claim_attachments`] for one attachment: the message that holds it after the call,
+    /// `None` when it is not `chat`'s (or gone).
+    async fn claim_attachment(
+        &self,
+        chat: ChatId,
+        id: Uuid,
+        message: SignalId,
+    ) -> Result<Option<SignalId>, StoreError> {
+        // A claim read free or orphaned may be taken by another claimant before this one's
+        // condition is checked; the condition then shows it, and the record is read again. Each
+        // turn goes round only because another claim changed the cell, so a few are plenty.
+        for _ in 0..4 {
+            let Some(attachment) = self.get_attachments(&[id]).await?.pop() else {
+                return Ok(None);
+            };
+            if attachment.chat_id != chat {
+                return Ok(None);
+            }
+            let claimed = match attachment.message_id {
+                None => {
+                    self.session
+                        .execute_unpaged(&self.statements.claim_attachment_if_free, (message.0, id))
+                        .await
+                }
+                Some(holder) if holder == message => return Ok(Some(message)),
+                Some(holder) => {
+                    if !claim_orphaned(holder, OffsetDateTime::now_utc())
+                        || self.get_signal(chat, holder).await?.is_some()
+                    {
+                        return Ok(Some(holder));
+                    }
+                    self.session
+                        .execute_unpaged(
+                            &self.statements.take_over_attachment_claim,
+                            (message.0, id, holder.0),
+                        )
+                        .await
+                }
+            }
+            .map_err(unavailable)?;
+            match lwt_row(claimed, "message_id")? {
+                None => {
+                    if self.get_attachments(&[id]).await?.is_empty() {
+                        self.release_attachment(id, message).await?;
+                        return Ok(None);
+                    }
+                    return Ok(Some(message));
+                }
+                Some(Some(CqlValue::Uuid(holder))) if attachment.message_id.is_none() => {
+                    return Ok(Some(SignalId(holder)));
+                }
+                // The orphaned claim was taken over (or given back) meanwhile: read again, to
+                // see whether the new holder is itself one to take over or keep.
+                Some(Some(CqlValue::Uuid(_))) => continue,
+                Some(None | Some(CqlValue::Empty)) => {
+                    if attachment.message_id.is_none() {
+                        // Not applied, and nothing holds it: the row is gone.
+                        return Ok(None);
+                    }
+                    // The cell is empty: given back meanwhile, or a record that names its
+                    // message in its body alone (see `claimed_attachment`), which the condition
+                    // on the cell cannot take over.
+                    if self
+                        .get_attachments(&[id])
+                        .await?
+                        .pop()
+                        .and_then(|a| a.message_id)
+                        == attachment.message_id
+                    {
+                        return Ok(attachment.message_id);
+                    }
+                    continue;
+                }
+                Some(Some(other)) => {
+                    return Err(corrupt(format!("an attachment's message_id {other:?}")));
+                }
+            }
+        }
+        // Taken and taken again by other claimants all along: the holder as last read.
+        Ok(self
+            .get_attachments(&[id])
+            .await?
+            .pop()
+            .filter(|a| a.chat_id == chat)
+            .and_then(|a| a.message_id))
     }
 
     /// Gives up `message`'s claim on attachment `id`'s record, if it holds it.
@@ -3303,7 +3393,8 @@ impl Store for CqlStore {
     /// that names attachments: of sends racing for one, Paxos lets one claim through and shows
     /// the others the winner. A claim of a record deleted meanwhile (which the condition, on a
     /// row that is gone, lets through) is taken back: it would only be a lone cell that reads
-    /// as nothing.
+    /// as nothing. A claim orphaned by a send that stopped (old, its message not stored) is taken
+    /// over with `IF message_id = <that holder>`: of takers racing, one condition holds.
     async fn claim_attachments(
         &self,
         chat: ChatId,
@@ -3312,35 +3403,8 @@ impl Store for CqlStore {
     ) -> Result<Vec<(Uuid, SignalId)>, StoreError> {
         let mut holders = Vec::with_capacity(ids.len());
         for &id in ids {
-            let Some(attachment) = self.get_attachments(&[id]).await?.pop() else {
-                continue;
-            };
-            if attachment.chat_id != chat {
-                continue;
-            }
-            if let Some(holder) = attachment.message_id {
+            if let Some(holder) = self.claim_attachment(chat, id, message).await? {
                 holders.push((id, holder));
-                continue;
-            }
-            let claimed = self
-                .session
-                .execute_unpaged(&self.statements.claim_attachment_if_free, (message.0, id))
-                .await
-                .map_err(unavailable)?;
-            match lwt_row(claimed, "message_id")? {
-                None => {
-                    if self.get_attachments(&[id]).await?.is_empty() {
-                        self.release_attachment(id, message).await?;
-                        continue;
-                    }
-                    holders.push((id, message));
-                }
-                Some(Some(CqlValue::Uuid(holder))) => holders.push((id, SignalId(holder))),
-                // Not applied, and nothing holds it: the row is gone.
-                Some(None | Some(CqlValue::Empty)) => {}
-                Some(Some(other)) => {
-                    return Err(corrupt(format!("an attachment's message_id {other:?}")));
-                }
             }
         }
         Ok(holders)

@@ -29,7 +29,8 @@ use super::{
     CallRecord, ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted,
     LEFT_CHATS_KEPT, LeftChat, ListedCall, MarkerKind, MemberPut, MemberWrite, NewChat,
     OutboxEntry, OutboxWriter, PendingCallSignal, Slot, SlotState, SlotWrite, SmallObjectInfo,
-    Store, StoreError, UNREAD_SCAN_LIMIT, address_terms, circle_pool, created_at, from_millis,
+    Store, StoreError, UNREAD_SCAN_LIMIT, address_terms, circle_pool, claim_orphaned, created_at,
+    from_millis,
     millis, parse, search_terms, stored_text, text_and_call,
 };
 use std::collections::BTreeMap;
@@ -1651,16 +1652,20 @@ impl Store for EmbeddedStore {
     ) -> Result<Vec<(Uuid, SignalId)>, StoreError> {
         let ids = ids.to_vec();
         self.with(move |c| {
-            // One transaction: of two claims of one attachment, the second reads the first's.
+            // One transaction: of two claims of one attachment, the second reads the first's,
+            // and a claim taken over is the one read, its message still not stored.
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
+            let now = OffsetDateTime::now_utc();
             let mut holders = Vec::with_capacity(ids.len());
             for id in ids {
                 let Some(mut attachment) = attachment_in(&tx, id, chat)? else {
                     continue;
                 };
-                if let Some(holder) = attachment.message_id {
+                if let Some(holder) = attachment.message_id
+                    && !(claim_orphaned(holder, now) && !signal_stored(&tx, chat, holder)?)
+                {
                     holders.push((id, holder));
                     continue;
                 }
@@ -2977,6 +2982,18 @@ fn attachment_in(
     chat: ChatId,
 ) -> Result<Option<Attachment>, StoreError> {
     Ok(attachment_record(tx, id)?.filter(|attachment| attachment.chat_id == chat))
+}
+
+/// Whether signal `id` of `chat` is stored (a tombstone counts).
+fn signal_stored(
+    tx: &rusqlite::Transaction<'_>,
+    chat: ChatId,
+    id: SignalId,
+) -> Result<bool, StoreError> {
+    tx.prepare_cached("SELECT 1 FROM signals WHERE chat_id = ?1 AND id = ?2")
+        .map_err(unavailable)?
+        .exists(params![blob(chat.0), blob(id.0)])
+        .map_err(unavailable)
 }
 
 /// Writes `attachment`'s record over the stored one (its kind, and so its list, stays).
