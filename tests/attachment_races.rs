@@ -521,9 +521,9 @@ async fn attempts_of_one_message_race_to_one_answer(stack: Stack) {
 }
 on_both_stacks!(attempts_of_one_message_race_to_one_answer);
 
-/// A send whose store write fails gives its attachment back when its message was not stored, so
-/// that another message may carry it; one whose write was made all the same keeps it, and its
-/// retry (the same nonce) answers that message.
+/// A send whose store write fails gives its attachment back when the store says its message was
+/// not stored and never will be, so that another message may carry it; one whose write was made
+/// all the same keeps it, and its retry (the same nonce) answers that message.
 async fn a_failed_send_gives_its_attachment_back_only_when_not_stored(stack: Stack) {
     let harness = Harness::start(stack).await;
     // Nothing here waits on the image's pictures.
@@ -533,7 +533,7 @@ async fn a_failed_send_gives_its_attachment_back_only_when_not_stored(stack: Sta
     let signals = format!("/v1/chats/{}/signals", harness.chat);
     let with_nonce = |nonce: &str| json!({"kind": "message", "nonce": nonce, "attachments": [id]});
 
-    harness.store.fail_next(Held::MessageInserted);
+    harness.store.refuse_next(Held::MessageInserted);
     let failed = harness.send_json(&signals, &with_nonce("lost")).await;
     assert_eq!(failed.status(), 503);
     let got = harness
@@ -676,3 +676,62 @@ async fn a_claim_left_by_a_stopped_send_is_taken_over(stack: Stack) {
     harness.stop().await;
 }
 on_both_stacks!(a_claim_left_by_a_stopped_send_is_taken_over);
+
+/// A send whose store write failed without saying whether it was made (a timeout: the write may
+/// be applied all the same, later) keeps its attachment, since its message may yet appear naming
+/// it: another message cannot take it meanwhile. Once the write has landed, the client's retry
+/// (the same nonce) answers that message, carrying the attachment, and nothing else is stored.
+async fn a_send_whose_write_may_land_later_keeps_its_attachment(stack: Stack) {
+    let harness = Harness::start(stack).await;
+    // Nothing here waits on the image's pictures.
+    harness.store.lift(Held::Pictures);
+    let photo = harness.upload("photo.png", "image/png", png(8, 8)).await;
+    let id = photo["id"].as_str().unwrap().to_owned();
+    let signals = format!("/v1/chats/{}/signals", harness.chat);
+    let body = json!({"kind": "message", "text": "slow", "nonce": "slow", "attachments": [id]});
+
+    harness.store.fail_next_and_land_later();
+    let failed = harness.send_json(&signals, &body).await;
+    assert_eq!(failed.status(), 503);
+    let other = harness
+        .send_json(&signals, &json!({"kind": "message", "attachments": [id]}))
+        .await;
+    let status = other.status();
+    let other: Value = other.json().await.unwrap();
+    assert_eq!(
+        status, 409,
+        "taken from a message that may yet appear: {other}"
+    );
+
+    harness.store.land_late_messages().await;
+    let retried = harness.send_json(&signals, &body).await;
+    let status = retried.status();
+    let retried: Value = retried.json().await.unwrap();
+    assert_eq!(status, 200, "{retried}");
+    let message = retried["id"].as_str().unwrap();
+    assert_eq!(retried["attachments"][0]["id"], id.as_str(), "{retried}");
+    assert_eq!(
+        retried["attachments"][0]["message_id"], message,
+        "{retried}"
+    );
+    let history = harness
+        .json(&harness.alice, &format!("{signals}?limit=10"))
+        .await;
+    let messages: Vec<(&str, &Value)> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["kind"] == "message")
+        .map(|s| (s["id"].as_str().unwrap(), &s["attachments"][0]["id"]))
+        .collect();
+    assert_eq!(messages, [(message, &json!(id))], "{history}");
+    let listed = harness
+        .json(
+            &harness.alice,
+            &format!("/v1/chats/{}/attachments", harness.chat),
+        )
+        .await;
+    assert_eq!(listed["items"][0]["message_id"], message, "{listed}");
+    harness.stop().await;
+}
+on_both_stacks!(a_send_whose_write_may_land_later_keeps_its_attachment);

@@ -84,11 +84,13 @@ impl From<&ApiError> for Problem {
                 "payload-too-large",
                 why.clone(),
             ),
-            ApiError::Store(StoreError::Unavailable(_)) => Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store-unavailable",
-                "the signal store is unavailable; try again",
-            ),
+            ApiError::Store(StoreError::Unavailable(_) | StoreError::NotWritten(_)) => {
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store-unavailable",
+                    "the signal store is unavailable; try again",
+                )
+            }
             ApiError::Store(StoreError::Corrupt(_)) => Problem::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "store-corrupt",

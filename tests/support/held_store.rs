@@ -94,6 +94,11 @@ enum Fault {
     Fail,
     /// It is made, and fails all the same (a write that timed out after it was applied).
     FailAfter,
+    /// It is not made, and fails saying it never will be (a write refused, or rolled back).
+    Refuse,
+    /// It fails, and is made later, when the test lands it (a write that timed out before it
+    /// was applied, and was applied all the same). Messages only.
+    FailThenLand,
 }
 
 /// The writes of one kind a [`HeldStore`] does something to, and how many more (`None`: every
@@ -196,6 +201,8 @@ impl ReadCounts {
 pub struct HeldStore {
     pub inner: Arc<dyn Store>,
     rules: Mutex<Vec<Rule>>,
+    /// Messages whose write failed and is still to be made ([`HeldStore::land_late_messages`]).
+    late_messages: Mutex<Vec<Signal>>,
     pub gate: Gate,
     pub reads: ReadCounts,
 }
@@ -205,6 +212,7 @@ impl HeldStore {
         HeldStore {
             inner,
             rules: Mutex::new(Vec::new()),
+            late_messages: Mutex::new(Vec::new()),
             gate: Gate::new(),
             reads: ReadCounts::default(),
         }
@@ -261,6 +269,28 @@ impl HeldStore {
         self.rule(held, Fault::FailAfter, Some(1));
     }
 
+    /// Fails the next write of kind `held` without making it, saying that it never will be.
+    pub fn refuse_next(&self, held: Held) {
+        self.rule(held, Fault::Refuse, Some(1));
+    }
+
+    /// Fails the next message's write without making it; [`HeldStore::land_late_messages`] makes
+    /// it later: a write that timed out and was applied all the same.
+    pub fn fail_next_and_land_later(&self) {
+        self.rule(Held::MessageInserted, Fault::FailThenLand, Some(1));
+    }
+
+    /// Makes the messages' writes that failed to be made later, as they were sent.
+    pub async fn land_late_messages(&self) {
+        let late = std::mem::take(&mut *self.late_messages.lock().unwrap());
+        for message in late {
+            self.inner
+                .insert_signal(&message)
+                .await
+                .expect("the late write is made");
+        }
+    }
+
     /// What to do with a write of kind `write`: the first rule naming it, one use of it taken.
     fn fault(&self, write: Held) -> Option<Fault> {
         let mut rules = self.rules.lock().unwrap();
@@ -274,6 +304,15 @@ impl HeldStore {
             None => {}
         }
         Some(fault)
+    }
+
+    /// Whether the rule the next write of kind `write` meets does `fault`.
+    fn next_fault_is(&self, write: Held, fault: Fault) -> bool {
+        let rules = self.rules.lock().unwrap();
+        rules
+            .iter()
+            .find(|rule| rule.kind == write)
+            .is_some_and(|rule| rule.fault == fault)
     }
 
     fn failure(&self, write: Held) -> StoreError {
@@ -293,6 +332,12 @@ impl HeldStore {
             Some(Fault::FailAfter) => {
                 done.await?;
                 Err(self.failure(write))
+            }
+            Some(Fault::Refuse) => Err(StoreError::NotWritten(format!(
+                "{write:?} refused on purpose"
+            ))),
+            Some(Fault::FailThenLand) => {
+                unreachable!("{write:?}: only a message's write lands later")
             }
         }
     }
@@ -637,6 +682,11 @@ impl Store for HeldStore {
                 .await
             }
             None if signal.kind == SignalKind::Message => {
+                if self.next_fault_is(Held::MessageInserted, Fault::FailThenLand) {
+                    self.fault(Held::MessageInserted);
+                    self.late_messages.lock().unwrap().push(signal.clone());
+                    return Err(self.failure(Held::MessageInserted));
+                }
                 self.through(Held::MessageInserted, self.inner.insert_signal(signal))
                     .await
             }
@@ -898,6 +948,9 @@ impl Store for HeldStore {
             }
             Some(Fault::Hold) => self.gate.pass(self.inner.create_call(call)).await,
             Some(Fault::HoldAfter) => self.gate.pass_after(self.inner.create_call(call)).await,
+            Some(fault @ (Fault::Refuse | Fault::FailThenLand)) => {
+                unreachable!("a call's start is not made to fail with {fault:?}")
+            }
             None => self.inner.create_call(call).await,
         }
     }

@@ -62,6 +62,23 @@ impl NewMessage {
     }
 }
 
+/// Why [`ApiState::record`] failed, as far as the signal's write goes.
+#[derive(Debug)]
+enum Unrecorded {
+    /// The signal was not written and never will be.
+    NotWritten(ApiError),
+    /// Its write failed, and may have been made all the same, or be made yet.
+    MaybeWritten(ApiError),
+}
+
+impl From<Unrecorded> for ApiError {
+    fn from(unrecorded: Unrecorded) -> ApiError {
+        match unrecorded {
+            Unrecorded::NotWritten(error) | Unrecorded::MaybeWritten(error) => error,
+        }
+    }
+}
+
 /// Where a page of history starts.
 #[derive(Clone, Copy, Debug)]
 pub enum HistoryFrom {
@@ -129,7 +146,7 @@ impl ApiState {
     }
 
     /// Claims the message's attachments for a new signal, then stores and publishes it; gives the
-    /// claims back when it is not stored.
+    /// claims back when it is known not to be stored, and never will be.
     async fn claim_and_record(
         &self,
         caller: &User,
@@ -188,14 +205,16 @@ impl ApiState {
                 self.republish_if_recent(&existing).await;
                 Ok(Outcome::Existing(self.decorate_one(existing).await?))
             }
-            Err(error) => {
-                // Given back only when the message is known not to be stored: a write that
-                // failed may have been made all the same, and then it holds its attachments.
-                if let Ok(None) = self.store.get_signal(chat, id).await {
-                    self.release_claims(&signal).await;
-                }
+            Err(Unrecorded::NotWritten(error)) => {
+                self.release_claims(&signal).await;
                 Err(error)
             }
+            // The write may have been made, or be made yet (a timeout does not cancel a replica's
+            // write): a read that finds no message now proves nothing. The claims stay, so that
+            // the message, whenever it appears, holds its attachments. A retry of its nonce
+            // answers it once it is stored; if it never is, its claims are taken over once
+            // orphaned (`store::CLAIM_ORPHANED_AFTER`).
+            Err(Unrecorded::MaybeWritten(error)) => Err(error),
         }
     }
 
@@ -447,12 +466,20 @@ impl ApiState {
         signal: &Signal,
         members: Vec<UserId>,
         author_name: Option<&str>,
-    ) -> ApiResult<Inserted> {
+    ) -> Result<Inserted, Unrecorded> {
         let intent = self
             .outbox
             .intend(&*self.store, &Envelope::signal_created(signal.clone()))
-            .await?;
-        let inserted = self.store.insert_signal(signal).await?;
+            .await
+            .map_err(Unrecorded::NotWritten)?;
+        let inserted = self
+            .store
+            .insert_signal(signal)
+            .await
+            .map_err(|error| match error {
+                StoreError::NotWritten(_) => Unrecorded::NotWritten(error.into()),
+                error => Unrecorded::MaybeWritten(error.into()),
+            })?;
         match &inserted {
             Inserted::Created(created) => {
                 // Deliver first: the chat list order and the author's marker are not on the live

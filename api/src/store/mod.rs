@@ -31,9 +31,13 @@ use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database cannot be reached or did not answer in time.
+    /// The database cannot be reached or did not answer in time. A write that fails so may
+    /// have been made all the same, or be made yet: a timeout does not cancel a replica's write.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The write was not made and never will be: the database refused it, or rolled it back.
+    #[error("store unavailable: {0}")]
+    NotWritten(String),
     /// A stored row could not be read back (written by a newer version, or damaged).
     #[error("stored data unreadable: {0}")]
     Corrupt(String),
@@ -551,7 +555,8 @@ pub trait Store: Send + Sync + 'static {
     // Signals.
 
     /// Stores `signal` unless its author already stored one with the same nonce in the same chat, in
-    /// which case that one is returned. Holds when two requests race.
+    /// which case that one is returned. Holds when two requests race. A store that knows a failed
+    /// call wrote nothing, and never will, says so ([`StoreError::NotWritten`]).
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError>;
     async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError>;
     /// Signals of any chats (search hits), in the order asked, `None` for those not stored. The

@@ -903,6 +903,11 @@ impl Store for EmbeddedStore {
             Ok(Inserted::Created(signal))
         })
         .await
+        // One transaction: when it fails, it is rolled back, and nothing of it was written.
+        .map_err(|error| match error {
+            StoreError::Unavailable(why) => StoreError::NotWritten(why),
+            other => other,
+        })
     }
 
     async fn signals_before(
