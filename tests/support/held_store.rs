@@ -693,6 +693,14 @@ impl Store for HeldStore {
             None => self.inner.insert_signal(signal).await,
         }
     }
+    async fn nonce_holder(
+        &self,
+        chat: ChatId,
+        author: UserId,
+        nonce: &str,
+    ) -> Result<Option<SignalId>, StoreError> {
+        self.inner.nonce_holder(chat, author, nonce).await
+    }
     async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError> {
         self.reads
             .signals

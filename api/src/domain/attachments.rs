@@ -389,6 +389,12 @@ impl ApiState {
             let Some(nonce) = nonce else {
                 return Err(taken_meanwhile(contended));
             };
+            // Or by the nonce's record, which a store may write before the signal: an attempt
+            // whose signal write failed after it (and may never be made) holds them, and this
+            // send's insert, finding the nonce taken, writes that attempt's message.
+            if self.store.nonce_holder(chat, author, nonce).await? == Some(holder) {
+                return Ok(Claimed::AttemptOf(attachments));
+            }
             loop {
                 if let Some(sent) = self.store.get_signal(chat, holder).await? {
                     if sent.author_id == author && sent.nonce.as_deref() == Some(nonce) {
@@ -777,6 +783,10 @@ pub(crate) enum Claimed {
     Attachments(Vec<Attachment>),
     /// The send is a retry of this stored message, which holds them.
     RetryOf(Signal),
+    /// The send is a retry of an attempt of its nonce whose message the store has the nonce's
+    /// record of but may not have written; that attempt holds these attachments (its message
+    /// does), and storing this send's message answers with it.
+    AttemptOf(Vec<Attachment>),
 }
 
 /// What checking a message's attachments found.

@@ -157,7 +157,7 @@ impl ApiState {
         let id = SignalId::new();
         // The attachments are claimed before the message is stored and published: of sends that
         // race for one, only the one that holds it stores a message naming it.
-        let attachments = match self
+        let (attachments, claimed) = match self
             .claim_for_message(
                 chat,
                 caller.id,
@@ -167,7 +167,11 @@ impl ApiState {
             )
             .await?
         {
-            Claimed::Attachments(attachments) => attachments,
+            Claimed::Attachments(attachments) => (attachments, true),
+            // The insert below finds the nonce taken and answers that attempt's message, which
+            // holds them. (Were the nonce to expire in between, this message would be stored
+            // naming attachments another holds, and shown without them.)
+            Claimed::AttemptOf(attachments) => (attachments, false),
             Claimed::RetryOf(sent) => {
                 // The first attempt may have stored it and failed before its claim was listed.
                 self.list_claims(&sent).await;
@@ -197,7 +201,9 @@ impl ApiState {
             Ok(Inserted::Created(created)) => Ok(Outcome::Created(created)),
             Ok(Inserted::Existing(existing)) => {
                 // Another attempt of this nonce was stored: this one's claims are not history.
-                self.release_claims(&signal).await;
+                if claimed {
+                    self.release_claims(&signal).await;
+                }
                 // That attempt may have failed after its nonce was recorded and given its claims
                 // back; its message is history now (this send may have stored it again), so it
                 // takes back those still free.
@@ -206,7 +212,9 @@ impl ApiState {
                 Ok(Outcome::Existing(self.decorate_one(existing).await?))
             }
             Err(Unrecorded::NotWritten(error)) => {
-                self.release_claims(&signal).await;
+                if claimed {
+                    self.release_claims(&signal).await;
+                }
                 Err(error)
             }
             // The write may have been made, or be made yet (a timeout does not cancel a replica's

@@ -31,6 +31,7 @@ macro_rules! store_conformance_tests {
             users,
             chats_and_members,
             send_parity,
+            a_nonce_names_its_signal,
             racing_senders_store_one_signal,
             deleted_text_is_kept_nowhere,
             history_pages_newest_first_across_buckets,
@@ -279,6 +280,42 @@ pub async fn racing_senders_store_one_signal(store: Arc<dyn Store>) {
     let history = store.signals_before(chat, None, 10).await.unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(Some(history[0].id), ids.into_iter().next());
+}
+
+/// The signal a nonce is recorded for can be asked for by the nonce: by its author, in its chat.
+pub async fn a_nonce_names_its_signal(store: Arc<dyn Store>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = chat_with(store.as_ref(), alice.id, &[bob.id]).await;
+    let other = chat_with(store.as_ref(), alice.id, &[bob.id]).await;
+    assert_eq!(
+        store.nonce_holder(chat, alice.id, "n").await.unwrap(),
+        None,
+        "not sent yet"
+    );
+    let sent = message(chat, alice.id, Some("n"), "hello");
+    store.insert_signal(&sent).await.unwrap();
+    assert_eq!(
+        store.nonce_holder(chat, alice.id, "n").await.unwrap(),
+        Some(sent.id)
+    );
+    let again = message(chat, alice.id, Some("n"), "hello again");
+    store.insert_signal(&again).await.unwrap();
+    assert_eq!(
+        store.nonce_holder(chat, alice.id, "n").await.unwrap(),
+        Some(sent.id),
+        "the first signal keeps it"
+    );
+    for (chat, author, nonce) in [
+        (chat, bob.id, "n"),
+        (other, alice.id, "n"),
+        (chat, alice.id, "m"),
+    ] {
+        assert_eq!(
+            store.nonce_holder(chat, author, nonce).await.unwrap(),
+            None,
+            "{author:?} {nonce} in {chat:?}"
+        );
+    }
 }
 
 /// A UUIDv7 for a moment `days_ago` days before now, `offset_ms` later.

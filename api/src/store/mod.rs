@@ -558,6 +558,16 @@ pub trait Store: Send + Sync + 'static {
     /// which case that one is returned. Holds when two requests race. A store that knows a failed
     /// call wrote nothing, and never will, says so ([`StoreError::NotWritten`]).
     async fn insert_signal(&self, signal: &Signal) -> Result<Inserted, StoreError>;
+    /// The id of the signal `author`'s `nonce` in `chat` is recorded for by
+    /// [`Store::insert_signal`], while the nonce lives: a stored signal, or, on a store that
+    /// records the nonce before it writes the signal, one whose write failed after that (an
+    /// insert of any signal with this nonce then writes it). `None` when no signal holds it.
+    async fn nonce_holder(
+        &self,
+        chat: ChatId,
+        author: UserId,
+        nonce: &str,
+    ) -> Result<Option<SignalId>, StoreError>;
     async fn get_signal(&self, chat: ChatId, id: SignalId) -> Result<Option<Signal>, StoreError>;
     /// Signals of any chats (search hits), in the order asked, `None` for those not stored. The
     /// default reads them concurrently; a store that can read them in one round trip does.

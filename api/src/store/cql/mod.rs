@@ -806,6 +806,7 @@ struct Statements {
     mark_deleted: PreparedStatement,
     scrub_text: PreparedStatement,
     scrub_nonce: PreparedStatement,
+    nonce_holder: PreparedStatement,
     buckets_from: PreparedStatement,
     signals_in_bucket_after: PreparedStatement,
     unread_in_bucket: PreparedStatement,
@@ -1084,6 +1085,7 @@ impl CqlStore {
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?"
                     .into(),
             scrub_nonce: "UPDATE signal_nonces SET text = null WHERE chat_id = ? AND author_id = ? AND nonce = ? IF EXISTS".into(),
+            nonce_holder: "SELECT signal_id FROM signal_nonces WHERE chat_id = ? AND author_id = ? AND nonce = ?".into(),
             // The write timestamp is the signal's creation time, so a repair re-write of the original
             // never overwrites a later edit or deletion.
             insert_signal: format!(
@@ -2210,6 +2212,26 @@ impl Store for CqlStore {
         // Answer with the stored row, which carries any edits since.
         let stored = self.get_signal(holder.chat_id, holder.id).await?;
         Ok(Inserted::Existing(stored.unwrap_or(holder)))
+    }
+
+    async fn nonce_holder(
+        &self,
+        chat: ChatId,
+        author: UserId,
+        nonce: &str,
+    ) -> Result<Option<SignalId>, StoreError> {
+        if let Some(bucket) = &self.nonce_bucket {
+            return bucket.holder(chat, author, nonce).await;
+        }
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.nonce_holder, (chat.0, author.0, nonce))
+            .await
+            .map_err(unavailable)?;
+        Ok(rows::<(Uuid,)>(result)?
+            .into_iter()
+            .next()
+            .map(|(id,)| SignalId(id)))
     }
 
     async fn signals_before(

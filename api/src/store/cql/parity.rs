@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use confab_runtime::kv_bucket::KvBucket;
-use confab_schema::{ChatId, Signal, UserId};
+use confab_schema::{ChatId, Signal, SignalId, UserId};
 use sha2::{Digest, Sha256};
 
 use crate::store::StoreError;
@@ -121,6 +121,22 @@ impl NonceBucket {
             }
             Err(error) => Err(unavailable(error)),
         }
+    }
+
+    /// The id of the signal that holds the nonce, if any.
+    pub(crate) async fn holder(
+        &self,
+        chat: ChatId,
+        author: UserId,
+        nonce: &str,
+    ) -> Result<Option<SignalId>, StoreError> {
+        let key = Self::key(chat, author, nonce);
+        let Some(stored) = self.kv().await?.get(&key).await.map_err(unavailable)? else {
+            return Ok(None);
+        };
+        let holder: Signal = serde_json::from_slice(&stored)
+            .map_err(|e| StoreError::Corrupt(format!("nonce entry: {e}")))?;
+        Ok(Some(holder.id))
     }
 
     /// Replaces the record of a deleted signal's nonce by its tombstone, so no deleted text stays

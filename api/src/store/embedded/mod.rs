@@ -910,6 +910,39 @@ impl Store for EmbeddedStore {
         })
     }
 
+    async fn nonce_holder(
+        &self,
+        chat: ChatId,
+        author: UserId,
+        nonce: &str,
+    ) -> Result<Option<SignalId>, StoreError> {
+        let ttl = self.nonce_ttl_ms;
+        let nonce = nonce.to_owned();
+        self.with(move |c| {
+            let now = millis(time::OffsetDateTime::now_utc());
+            let holder: Option<Vec<u8>> = c
+                .prepare_cached(
+                    "SELECT signal_id FROM signal_nonces
+                     WHERE chat_id = ?1 AND author_id = ?2 AND nonce = ?3 AND claimed_at >= ?4",
+                )
+                .map_err(unavailable)?
+                .query_row(
+                    params![blob(chat.0), blob(author.0), nonce, now - ttl],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            holder
+                .map(|bytes| {
+                    Uuid::from_slice(&bytes)
+                        .map(SignalId)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))
+                })
+                .transpose()
+        })
+        .await
+    }
+
     async fn signals_before(
         &self,
         chat: ChatId,
