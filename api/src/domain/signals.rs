@@ -204,8 +204,8 @@ impl ApiState {
                 if claimed {
                     self.release_claims(&signal).await;
                 }
-                // That attempt may have failed after its nonce was recorded and given its claims
-                // back; its message is history now (this send may have stored it again), so it
+                // That attempt's claims may be gone, taken over once orphaned (by this send, among
+                // others): its message is history now (this send may have stored it again), so it
                 // takes back those still free.
                 self.reclaim(&existing).await;
                 self.republish_if_recent(&existing).await;
