@@ -1701,8 +1701,9 @@ impl Store for EmbeddedStore {
                 let Some(mut attachment) = attachment_in(&tx, id, chat)? else {
                     continue;
                 };
+                // Held, unless orphaned: old, and its message not stored.
                 if let Some(holder) = attachment.message_id
-                    && !(claim_orphaned(holder, now) && !signal_stored(&tx, chat, holder)?)
+                    && (!claim_orphaned(holder, now) || signal_stored(&tx, chat, holder)?)
                 {
                     holders.push((id, holder));
                     continue;
