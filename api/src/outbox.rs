@@ -282,10 +282,11 @@ impl Outbox {
             .map(|_| ())
     }
 
-    /// Records `envelope` before its change is stored.
+    /// Records `envelope` before its change is stored, without a signal's text (see
+    /// [`recorded_body`]).
     pub(crate) async fn intend(&self, store: &dyn Store, envelope: &Envelope) -> ApiResult<Intent> {
         self.register(store).await?;
-        let body = serde_json::to_vec(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let body = recorded_body(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let bucket = self
             .retained_mut()
             .write(confab_runtime::presence::now_ms(), envelope.id)
@@ -467,6 +468,31 @@ impl Outbox {
             }
         });
     }
+}
+
+/// An envelope as its outbox entry keeps it: a signal's event without the signal's text. An entry
+/// may wait in the store for the bus for a long time, and the message may be deleted meanwhile
+/// (or edited, which makes the text it held no longer the message's): deleted text is kept
+/// nowhere. Nothing needs it: a late publish reads the text from the store ([`stored_event`]).
+fn recorded_body(envelope: &Envelope) -> Result<Vec<u8>, serde_json::Error> {
+    let textless = |signal: &Signal| Signal {
+        text: None,
+        ..signal.clone()
+    };
+    let event = match &envelope.event {
+        Event::SignalCreated(signal) => Event::SignalCreated(textless(signal)),
+        Event::SignalUpdated(signal) => Event::SignalUpdated(textless(signal)),
+        Event::SignalDeleted(signal) => Event::SignalDeleted(textless(signal)),
+        _ => return serde_json::to_vec(envelope),
+    };
+    serde_json::to_vec(&Envelope {
+        id: envelope.id,
+        at: envelope.at,
+        chat_id: envelope.chat_id,
+        joined: envelope.joined.clone(),
+        left: envelope.left.clone(),
+        event,
+    })
 }
 
 /// How the sweeper runs.

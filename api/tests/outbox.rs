@@ -712,6 +712,228 @@ async fn real_a_working_writers_outbox_empties_after_a_burst() {
     }
 }
 
+/// The rows `writer` holds in the outbox, written since `first` (a bucket), as JSON text.
+async fn outbox_rows(store: &dyn Store, writer: &ApiState, first: i64) -> Vec<String> {
+    let last = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms());
+    store
+        .outbox_entries(writer.outbox_writer(), first, last)
+        .await
+        .expect("reads the outbox")
+        .into_iter()
+        .map(|row| String::from_utf8(row.envelope).expect("JSON is UTF-8"))
+        .collect()
+}
+
+/// Deleted text is kept nowhere: not by the outbox rows of a process whose bus refused its
+/// events (neither the deletion's own row nor those of the send and the edit before it, which
+/// wait for the bus too), nor by what a sweep publishes from them. A deletion tried again writes
+/// its row under the same id, so the log keeps one `signal.deleted`.
+async fn a_deleted_messages_text_is_kept_nowhere_in_the_outbox(parts: Parts) {
+    let alice = user("alice");
+    let chat = chat(&*parts.store, &alice).await;
+    let new_state = |bus: Arc<dyn Bus>| {
+        ApiState::new(
+            Arc::clone(&parts.store),
+            bus,
+            Arc::clone(&parts.identity),
+            &confab_runtime::signed::Keyring::random(),
+        )
+    };
+    let working = new_state(Arc::clone(&parts.bus));
+    let cut_off = new_state(Arc::new(RefusingBus::new(&parts.bus)) as Arc<dyn Bus>);
+    let first = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms()) - 1;
+    let message = |text: &str, nonce: &str| {
+        NewMessage::parse(
+            SignalKind::Message,
+            Some(text.into()),
+            Some(nonce.into()),
+            None,
+            Vec::new(),
+        )
+        .expect("a valid message")
+    };
+    let (Outcome::Created(published) | Outcome::Existing(published)) = working
+        .send_message(&alice, chat, message("before the edit", "n-edited"))
+        .await
+        .expect("sent");
+    let (Outcome::Created(unpublished) | Outcome::Existing(unpublished)) = cut_off
+        .send_message(&alice, chat, message("never announced", "n-cut-off"))
+        .await
+        .expect("stored although the bus refused");
+
+    cut_off
+        .edit_message(
+            alice.id,
+            chat,
+            published.id,
+            confab_api::domain::inputs::MessageText::parse("after the edit".into()).expect("text"),
+        )
+        .await
+        .expect("edits");
+
+    for id in [published.id, unpublished.id, published.id] {
+        let tombstone = cut_off
+            .delete_message(alice.id, chat, id)
+            .await
+            .expect("deletes");
+        assert!(tombstone.deleted && tombstone.text.is_none());
+    }
+    let rows = outbox_rows(&*parts.store, &cut_off, first).await;
+    let deletions = rows
+        .iter()
+        .filter(|row| row.contains("signal.deleted"))
+        .count();
+    assert!(
+        deletions >= 2,
+        "the deletions' rows wait for the bus: {rows:?}"
+    );
+    for text in ["before the edit", "after the edit", "never announced"] {
+        assert!(
+            rows.iter().all(|row| !row.contains(text)),
+            "an outbox row keeps the deleted text {text:?}: {rows:?}"
+        );
+    }
+
+    // The process dies; another one publishes what it left, as the store holds it.
+    let before_sweep = logged(&*parts.bus, chat).await.len();
+    alive_until_now(&*parts.store, &cut_off).await;
+    assert!(working.sweep_outbox(SWEEP_NOW).await.expect("sweeps") >= 2);
+    let events = logged_until(&*parts.bus, chat, |events| {
+        events
+            .iter()
+            .filter(|e| matches!(e.event, Event::SignalDeleted(_)))
+            .count()
+            >= 2
+    })
+    .await;
+    for id in [published.id, unpublished.id] {
+        let deleted: Vec<&Envelope> = events
+            .iter()
+            .filter(|e| matches!(&e.event, Event::SignalDeleted(s) if s.id == id))
+            .collect();
+        assert_eq!(
+            deleted.len(),
+            1,
+            "one signal.deleted per message: {events:?}"
+        );
+        assert_eq!(
+            deleted[0].id,
+            uuid::Uuid::new_v5(&id.as_uuid(), b"signal.deleted"),
+            "every attempt's event has one id"
+        );
+    }
+    let swept = serde_json::to_string(&events[before_sweep..]).expect("JSON");
+    for text in ["before the edit", "after the edit", "never announced"] {
+        assert!(
+            !swept.contains(text),
+            "a swept event keeps the deleted text {text:?}: {swept}"
+        );
+    }
+    assert_eq!(
+        outbox_rows(&*parts.store, &cut_off, first).await,
+        Vec::<String>::new(),
+        "the sweep removed every row"
+    );
+    if let Some(cleanup) = parts.cleanup {
+        cleanup.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_deleted_messages_text_is_kept_nowhere_in_the_outbox() {
+    if let Some(parts) = embedded().await {
+        Box::pin(a_deleted_messages_text_is_kept_nowhere_in_the_outbox(parts)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_a_deleted_messages_text_is_kept_nowhere_in_the_outbox() {
+    if let Some(parts) = Box::pin(real()).await {
+        Box::pin(a_deleted_messages_text_is_kept_nowhere_in_the_outbox(parts)).await;
+    }
+}
+
+/// An edit's outbox row does not keep the text the edit replaces: the row waits for the bus, and
+/// the old text is not the message's any more.
+async fn an_edits_outbox_row_keeps_not_the_text_it_replaces(parts: Parts) {
+    let alice = user("alice");
+    let chat = chat(&*parts.store, &alice).await;
+    let working = ApiState::new(
+        Arc::clone(&parts.store),
+        Arc::clone(&parts.bus),
+        Arc::clone(&parts.identity),
+        &confab_runtime::signed::Keyring::random(),
+    );
+    let cut_off = ApiState::new(
+        Arc::clone(&parts.store),
+        Arc::new(RefusingBus::new(&parts.bus)),
+        Arc::clone(&parts.identity),
+        &confab_runtime::signed::Keyring::random(),
+    );
+    let first = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms()) - 1;
+    let message = NewMessage::parse(
+        SignalKind::Message,
+        Some("before the edit".into()),
+        Some("n-edit".into()),
+        None,
+        Vec::new(),
+    )
+    .expect("a valid message");
+    let (Outcome::Created(sent) | Outcome::Existing(sent)) = working
+        .send_message(&alice, chat, message)
+        .await
+        .expect("sent");
+    let edited = cut_off
+        .edit_message(
+            alice.id,
+            chat,
+            sent.id,
+            confab_api::domain::inputs::MessageText::parse("after the edit".into()).expect("text"),
+        )
+        .await
+        .expect("edits");
+    assert_eq!(edited.text.as_deref(), Some("after the edit"));
+    let rows = outbox_rows(&*parts.store, &cut_off, first).await;
+    assert!(
+        rows.iter().any(|row| row.contains("signal.updated")),
+        "the edit's row waits for the bus: {rows:?}"
+    );
+    assert!(
+        rows.iter().all(|row| !row.contains("before the edit")),
+        "an outbox row keeps the text the edit replaced: {rows:?}"
+    );
+
+    // Its sweep publishes the edit as stored.
+    alive_until_now(&*parts.store, &cut_off).await;
+    assert_eq!(working.sweep_outbox(SWEEP_NOW).await.expect("sweeps"), 1);
+    let events = logged_until(&*parts.bus, chat, |events| events.len() >= 2).await;
+    let updates: Vec<Option<String>> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::SignalUpdated(s) if s.id == sent.id => Some(s.text.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(updates, vec![Some("after the edit".to_string())]);
+    if let Some(cleanup) = parts.cleanup {
+        cleanup.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_an_edits_outbox_row_keeps_not_the_text_it_replaces() {
+    if let Some(parts) = embedded().await {
+        Box::pin(an_edits_outbox_row_keeps_not_the_text_it_replaces(parts)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_an_edits_outbox_row_keeps_not_the_text_it_replaces() {
+    if let Some(parts) = Box::pin(real()).await {
+        Box::pin(an_edits_outbox_row_keeps_not_the_text_it_replaces(parts)).await;
+    }
+}
+
 /// A removal whose process stopped after the authoritative write (the conditional batch on
 /// `chat_members`), before the second one took the chat out of the member's own row of
 /// `user_chats`: the row still lists the chat to the member, so their search covers it and their

@@ -230,12 +230,16 @@ impl Envelope {
         }
     }
 
-    /// The deletion of `signal`. Every attempt to delete one signal makes an envelope with the
-    /// same id, so the log keeps one of them within its duplicate window.
+    /// The deletion of `signal`, which carries its tombstone whatever `signal` holds: deleted text
+    /// goes nowhere. Every attempt to delete one signal makes an envelope with the same id, so the
+    /// log keeps one of them within its duplicate window.
     pub fn signal_deleted(signal: Signal) -> Envelope {
         Envelope {
             id: Uuid::new_v5(&signal.id.as_uuid(), b"signal.deleted"),
-            ..Envelope::new(signal.chat_id, Event::SignalDeleted(signal))
+            ..Envelope::new(
+                signal.chat_id,
+                Event::SignalDeleted(signal.into_tombstone()),
+            )
         }
     }
 

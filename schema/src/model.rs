@@ -155,6 +155,18 @@ pub struct Signal {
     pub call: Option<CallSignal>,
 }
 
+impl Signal {
+    /// What history keeps of a deleted signal: that it was, and no text or attachments.
+    pub fn into_tombstone(self) -> Signal {
+        Signal {
+            deleted: true,
+            text: None,
+            attachments: Vec::new(),
+            ..self
+        }
+    }
+}
+
 /// Truncates a time to whole milliseconds, the precision every store keeps.
 pub fn to_millis(t: OffsetDateTime) -> OffsetDateTime {
     let nanos = t.unix_timestamp_nanos();

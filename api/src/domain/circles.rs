@@ -518,13 +518,7 @@ impl ApiState {
             before = page.last().map(|s| s.id);
             let done = page.len() < PAGE;
             for signal in page.into_iter().filter(|s| !s.deleted) {
-                let tombstone = confab_schema::Signal {
-                    deleted: true,
-                    text: None,
-                    attachments: Vec::new(),
-                    ..signal
-                };
-                self.publish(Envelope::signal_deleted(tombstone)).await;
+                self.publish(Envelope::signal_deleted(signal)).await;
             }
             if done {
                 return Ok(());

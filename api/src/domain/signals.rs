@@ -294,16 +294,20 @@ impl ApiState {
         self.require_member(chat, caller).await?;
         let signal = self.load_signal(chat, id).await?;
         rules::may_edit(caller, &signal)?;
-        let envelope = Envelope::new(chat, Event::SignalUpdated(signal));
+        let edited_at = to_millis(OffsetDateTime::now_utc());
+        // The entry announces the edit, not the text it replaces, which is the message's no more.
+        let envelope = Envelope::new(
+            chat,
+            Event::SignalUpdated(Signal {
+                text: Some(text.as_str().to_owned()),
+                edited_at: Some(edited_at),
+                ..signal
+            }),
+        );
         let intent = self.outbox.intend(&*self.store, &envelope).await?;
         let Some(mut signal) = self
             .store
-            .edit_signal(
-                chat,
-                id,
-                text.as_str(),
-                to_millis(OffsetDateTime::now_utc()),
-            )
+            .edit_signal(chat, id, text.as_str(), edited_at)
             .await?
         else {
             // Gone (its chat removed meanwhile): there is no change to announce.
@@ -340,6 +344,8 @@ impl ApiState {
         self.hide_attachments(&signal).await?;
         // A tombstone goes through the whole deletion again: the store's part is idempotent, and
         // the event has the first attempt's id, so the log keeps one within its duplicate window.
+        // The entry holds the tombstone: it may wait in the store for the bus long after the
+        // deletion, and deleted text is kept nowhere.
         let envelope = Envelope::signal_deleted(signal);
         let intent = self.outbox.intend(&*self.store, &envelope).await?;
         let Some(mut tombstone) = self.store.delete_signal(chat, id).await? else {
