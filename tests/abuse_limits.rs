@@ -167,6 +167,83 @@ async fn queue_and_circle_joins_are_rate_limited(stack: Stack) {
 }
 on_both_stacks!(queue_and_circle_joins_are_rate_limited);
 
+/// Sends `request` until it is answered 429, at most `most` times; answers how many went through
+/// before, with the refusal's problem.
+async fn until_limited<F, Fut>(most: usize, mut request: F) -> (usize, Value)
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = reqwest::Response>,
+{
+    for done in 0..most {
+        let response = request(done).await;
+        if response.status() == 429 {
+            return (done, assert_limited(response).await);
+        }
+        assert!(
+            response.status().is_success(),
+            "{}: {}",
+            response.status(),
+            response.text().await.unwrap()
+        );
+    }
+    panic!("still not limited after {most} requests");
+}
+
+/// Chats made, members added and calls started are limited per user with the default limits:
+/// each of them reaches others (a chat its up to a thousand members, a call rings every member
+/// and pushes to each who misses it), so one user must not flood thousands with them. A person
+/// making a few chats, adding a few members or calling a few times in a row is never refused;
+/// another user has their own allowance.
+async fn chats_members_and_calls_are_rate_limited(stack: Stack) {
+    let app = spawn(stack, |_| {}).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let carol = app.token("carol").await;
+    let bob_id = app.me(&bob).await;
+    let carol_id = app.me(&carol).await;
+
+    let group = json!({"kind": "group", "name": "many", "members": [bob_id]});
+    let first = app.group_chat(&alice, &[&bob_id]).await;
+    let (made, problem) = until_limited(200, |_| app.post(&alice, "/v1/chats", &group)).await;
+    assert!(made >= 10, "refused after {made} chats: {problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("chats"),
+        "{problem}"
+    );
+    // Adding members counts with making chats: they reach others the same way.
+    let add_carol = json!({"user_id": carol_id});
+    assert_limited(
+        app.post(&alice, &format!("/v1/chats/{first}/members"), &add_carol)
+            .await,
+    )
+    .await;
+    let chat = app.group_chat(&bob, &[&carol_id]).await;
+    let members = format!("/v1/chats/{chat}/members");
+    let alice_id = app.me(&alice).await;
+    let add_alice = json!({"user_id": alice_id});
+    assert_eq!(app.post(&bob, &members, &add_alice).await.status(), 201);
+    // Adding a member again answers 200, and counts all the same.
+    let (adds, _) = until_limited(200, |_| app.post(&bob, &members, &add_carol)).await;
+    assert!(adds >= 10, "refused after {adds} additions");
+    assert_eq!(
+        app.post(&carol, "/v1/chats", &group).await.status(),
+        201,
+        "carol has her own allowance"
+    );
+
+    // Calls have their own allowance: alice, refused chats, still calls.
+    let (calls, no_body) = (format!("/v1/chats/{chat}/calls"), json!({}));
+    let (started, problem) = until_limited(200, |_| app.post(&alice, &calls, &no_body)).await;
+    assert!(started >= 5, "refused after {started} calls: {problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("calls"),
+        "{problem}"
+    );
+    assert_eq!(app.post(&carol, &calls, &no_body).await.status(), 200);
+    app.stop().await;
+}
+on_both_stacks!(chats_members_and_calls_are_rate_limited);
+
 /// Listing who has read or received a signal has a limit of its own, views and deliveries
 /// counted together (each page reads up to a thousand markers of a large chat); another user has
 /// their own allowance.

@@ -28,6 +28,10 @@ pub enum Class {
     Queue,
     /// Joining circles by access code.
     CircleJoin,
+    /// Creating chats and adding members to them.
+    Chats,
+    /// Starting calls.
+    Calls,
 }
 
 /// A token bucket per user for each [`Class`].
@@ -41,6 +45,8 @@ pub struct RateLimits {
     upload: KeyedLimit<UserId>,
     queue: KeyedLimit<UserId>,
     circle_join: KeyedLimit<UserId>,
+    chats: KeyedLimit<UserId>,
+    calls: KeyedLimit<UserId>,
 }
 
 impl RateLimits {
@@ -54,6 +60,8 @@ impl RateLimits {
             upload: KeyedLimit::new("uploads", config.upload),
             queue: KeyedLimit::new("queue joins and leaves", config.queue),
             circle_join: KeyedLimit::new("circle joins", config.circle_join),
+            chats: KeyedLimit::new("chats created and members added", config.chats),
+            calls: KeyedLimit::new("calls started", config.calls),
         }
     }
 
@@ -76,6 +84,8 @@ impl ApiState {
             Class::Upload => &limits.upload,
             Class::Queue => &limits.queue,
             Class::CircleJoin => &limits.circle_join,
+            Class::Chats => &limits.chats,
+            Class::Calls => &limits.calls,
         };
         limit.check(&user).map_err(|limited| {
             metrics::counter!("confab_rate_limited_total", "class" => format!("{class:?}"))

@@ -643,6 +643,18 @@ pub struct LimitsConfig {
     /// Joins of circles by access code per user (`POST /v1/circles/join`), counted whether the code
     /// opens a circle or not, so codes are not tried fast. Default `{ per_second = 0.2, burst = 10 }`.
     pub circle_join: RateLimit,
+    /// Chats created and members added per user (`POST /v1/chats`, `POST
+    /// /v1/chats/{id}/members`, also over the WebSocket), counted together, a direct chat found
+    /// again and a member already in too: each reaches other users (a new group up to a thousand
+    /// of them), so one user must not put thousands into chats they did not ask for. A person
+    /// sets up a few chats at a time. Default `{ per_second = 0.05, burst = 20 }`: twenty in a
+    /// row, then three a minute.
+    pub chats: RateLimit,
+    /// Calls started per user (`POST /v1/chats/{id}/calls`, also over the WebSocket), a start
+    /// that joins the chat's live call too: each rings every member and pushes a missed call to
+    /// each who does not answer. Default `{ per_second = 0.05, burst = 10 }`: ten in a row,
+    /// then three a minute.
+    pub calls: RateLimit,
     /// Requests without an `Authorization` header, per client IP address (the peer address: behind
     /// a proxy, the proxy's), except `/health`, `/ready` and `/metrics`. Default
     /// `{ per_second = 50, burst = 500 }`.
@@ -675,6 +687,8 @@ impl Default for LimitsConfig {
             upload: RateLimit::new(5.0, 50),
             queue: RateLimit::new(1.0, 20),
             circle_join: RateLimit::new(0.2, 10),
+            chats: RateLimit::new(0.05, 20),
+            calls: RateLimit::new(0.05, 10),
             public: RateLimit::new(50.0, 500),
             cors_origins: String::new(),
             body_bytes: 64 * 1024,
@@ -697,6 +711,8 @@ impl LimitsConfig {
             &mut self.upload,
             &mut self.queue,
             &mut self.circle_join,
+            &mut self.chats,
+            &mut self.calls,
             &mut self.public,
         ] {
             *limit = RateLimit::OFF;
@@ -1413,6 +1429,7 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("CONFAB_LIMITS__SEND__PER_SECOND", "2.5");
             jail.set_env("CONFAB_LIMITS__SEND__BURST", "7");
+            jail.set_env("CONFAB_LIMITS__CALLS__BURST", "3");
             jail.set_env(
                 "CONFAB_LIMITS__CORS_ORIGINS",
                 "https://app.example.com, http://localhost:3000/",
@@ -1420,6 +1437,8 @@ mod tests {
             let config = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(config.limits.send, RateLimit::new(2.5, 7));
             assert_eq!(config.limits.edit, LimitsConfig::default().edit);
+            assert_eq!(config.limits.calls, RateLimit::new(0.05, 3));
+            assert_eq!(config.limits.chats, LimitsConfig::default().chats);
             assert_eq!(
                 config.limits.cors_origins(),
                 vec!["https://app.example.com", "http://localhost:3000"]

@@ -7,17 +7,18 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::responses::{CallerErrors, ChatErrors, Conflict, Invalid, TooLarge};
+use super::responses::{CallerErrors, ChatErrors, Conflict, Invalid, Limited, TooLarge};
 use super::{ApiJson, ApiPath, Caller};
 use crate::domain::Outcome;
 use crate::domain::inputs::{RelayTarget, SignalPayload};
 use crate::error::ApiResult;
+use crate::limits::Class;
 use crate::state::ApiState;
 
 /// Starts a call in a chat (members only): it rings the other members until `ring_until`, and a
 /// `call` signal with state `started` goes into the history. A chat has one live (ringing or
 /// active) call at most: in a chat that has one, the caller joins it (as `join_call` does) and
-/// gets it with 200.
+/// gets it with 200. Limited per user (`limits.calls`), a start that joins counted too.
 #[utoipa::path(
     post, operation_id = "start_call", path = "/v1/chats/{chat_id}/calls", tag = "calls",
     params(("chat_id" = ChatId, Path, description = "The chat")),
@@ -26,6 +27,7 @@ use crate::state::ApiState;
         (status = 200, description = "The chat's live call, which the caller is in now", body = Call),
         Conflict,
         ChatErrors,
+        Limited,
     ),
     security(("bearer" = []))
 )]
@@ -34,6 +36,7 @@ pub async fn start(
     Caller(caller): Caller,
     ApiPath(chat_id): ApiPath<ChatId>,
 ) -> ApiResult<(StatusCode, Json<Call>)> {
+    state.throttle(Class::Calls, caller.id)?;
     Ok(match state.start_call(&caller, chat_id).await? {
         Outcome::Created(call) => (StatusCode::CREATED, Json(call)),
         Outcome::Existing(call) => (StatusCode::OK, Json(call)),

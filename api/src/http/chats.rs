@@ -5,12 +5,13 @@ use confab_schema::{Chat, ChatId, ChatKind, UserId};
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
-use super::responses::{CallerErrors, ChatErrors, Invalid};
+use super::responses::{CallerErrors, ChatErrors, Invalid, Limited};
 use super::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::domain::chats::{ChatChange, ChatToCreate};
 use crate::domain::inputs::PageLimit;
 use crate::domain::{Outcome, Page};
 use crate::error::ApiResult;
+use crate::limits::Class;
 use crate::state::ApiState;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -29,14 +30,15 @@ pub struct CreateChat {
 }
 
 /// Creates a group (the caller as owner plus the named members) or a direct chat (the caller and
-/// exactly one other user; the same pair always gets the same chat back, with 200).
+/// exactly one other user; the same pair always gets the same chat back, with 200). Limited per
+/// user together with adding members (`limits.chats`).
 #[utoipa::path(
     post, operation_id = "create_chat", path = "/v1/chats", tag = "chats",
     request_body = CreateChat,
     responses(
         (status = 201, description = "Created", body = Chat),
         (status = 200, description = "The existing direct chat of this pair", body = Chat),
-        CallerErrors, Invalid,
+        CallerErrors, Limited, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -45,6 +47,7 @@ pub async fn create(
     Caller(caller): Caller,
     ApiJson(body): ApiJson<CreateChat>,
 ) -> ApiResult<(StatusCode, Json<Chat>)> {
+    state.throttle(Class::Chats, caller.id)?;
     let chat = ChatToCreate::parse(body.kind, body.name, body.description, body.members)?;
     Ok(match state.create_chat(&caller, chat).await? {
         Outcome::Created(chat) => (StatusCode::CREATED, Json(chat)),

@@ -5,11 +5,12 @@ use confab_schema::{ChatId, Member, MemberRole, UserId};
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
-use super::responses::{ChatErrors, Invalid};
+use super::responses::{ChatErrors, Invalid, Limited};
 use super::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::domain::inputs::PageLimit;
 use crate::domain::{Outcome, Page};
 use crate::error::ApiResult;
+use crate::limits::Class;
 use crate::state::ApiState;
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -54,7 +55,8 @@ pub struct AddMember {
     role: Option<MemberRole>,
 }
 
-/// Adds a member to a group (owners and admins). Written into the history as `joined`.
+/// Adds a member to a group (owners and admins). Written into the history as `joined`. Limited
+/// per user together with creating chats (`limits.chats`).
 #[utoipa::path(
     post, operation_id = "add_member", path = "/v1/chats/{chat_id}/members", tag = "members",
     params(("chat_id" = ChatId, Path, description = "The chat")),
@@ -62,7 +64,7 @@ pub struct AddMember {
     responses(
         (status = 201, description = "Added", body = Member),
         (status = 200, description = "Already a member", body = Member),
-        ChatErrors, Invalid,
+        ChatErrors, Limited, Invalid,
     ),
     security(("bearer" = []))
 )]
@@ -72,6 +74,7 @@ pub async fn add(
     ApiPath(chat_id): ApiPath<ChatId>,
     ApiJson(body): ApiJson<AddMember>,
 ) -> ApiResult<(StatusCode, Json<Member>)> {
+    state.throttle(Class::Chats, caller.id)?;
     Ok(
         match state
             .add_member(caller.id, chat_id, body.user_id, body.role)
