@@ -30,8 +30,7 @@ use super::{
     LEFT_CHATS_KEPT, LeftChat, ListedCall, MarkerKind, MemberPut, MemberWrite, NewChat,
     OutboxEntry, OutboxWriter, PendingCallSignal, Slot, SlotState, SlotWrite, SmallObjectInfo,
     Store, StoreError, UNREAD_SCAN_LIMIT, address_terms, circle_pool, claim_orphaned, created_at,
-    from_millis,
-    millis, parse, search_terms, stored_text, text_and_call,
+    from_millis, millis, parse, search_terms, stored_text, text_and_call,
 };
 use std::collections::BTreeMap;
 
