@@ -321,6 +321,110 @@ async fn codes_members_and_problems_on_the_real_stack() {
     Box::pin(codes_members_and_problems(Stack::Real)).await;
 }
 
+/// A member the owner removed cannot join again with the code they know: the join answers 403
+/// and they are not listed. A member who left by themself may come back with the same code.
+async fn a_member_the_owner_removed_cannot_join_again(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let p = people(&app, &USERS).await;
+    let (owner, removed, leaver) = (&p[0], &p[1], &p[2]);
+    let (id, code) = circle_of(&app, owner, &[removed, leaver], json!({"name": "Kept out"})).await;
+    assert_eq!(
+        app.delete(
+            &owner.token,
+            &format!("/v1/circles/{id}/members/{}", removed.id)
+        )
+        .await
+        .status(),
+        204
+    );
+    let refused = problem(
+        app.post(
+            &removed.token,
+            "/v1/circles/join",
+            &json!({"access_code": code, "display_name": "back again"}),
+        )
+        .await,
+        403,
+    )
+    .await;
+    assert!(
+        refused["detail"]
+            .as_str()
+            .is_some_and(|detail| detail.contains("removed")),
+        "{refused}"
+    );
+    let listed: Vec<Value> = app
+        .get(&owner.token, &format!("/v1/circles/{id}/members"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        listed.iter().all(|m| m["user_id"] != removed.id.as_str()),
+        "{listed:?}"
+    );
+    problem(
+        app.post(
+            &removed.token,
+            &format!("/v1/circles/{id}/pair"),
+            &json!({}),
+        )
+        .await,
+        403,
+    )
+    .await;
+
+    // Leaving by oneself is no removal: the same code lets the leaver in again.
+    assert_eq!(
+        app.delete(
+            &leaver.token,
+            &format!("/v1/circles/{id}/members/{}", leaver.id)
+        )
+        .await
+        .status(),
+        204
+    );
+    let rejoined = app
+        .post(
+            &leaver.token,
+            "/v1/circles/join",
+            &json!({"access_code": code, "display_name": "back"}),
+        )
+        .await;
+    assert_eq!(rejoined.status(), 201);
+    let listed: Vec<Value> = app
+        .get(&owner.token, &format!("/v1/circles/{id}/members"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        listed.iter().any(|m| m["user_id"] == leaver.id.as_str()),
+        "{listed:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_member_the_owner_removed_cannot_join_again_on_the_embedded_default() {
+    Box::pin(a_member_the_owner_removed_cannot_join_again(
+        Stack::Embedded,
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_member_the_owner_removed_cannot_join_again_on_the_real_stack() {
+    if !support::real_stack_available(
+        "a_member_the_owner_removed_cannot_join_again_on_the_real_stack",
+    )
+    .await
+    {
+        return;
+    }
+    Box::pin(a_member_the_owner_removed_cannot_join_again(Stack::Real)).await;
+}
+
 /// A model of the lobby, checked against what the API answers through many random rounds of
 /// entering and leaving: a pairing never repeats anyone's previous partner, a pair always has a
 /// partner who was waiting, and nobody waits while an eligible partner waits too.
@@ -1155,6 +1259,51 @@ async fn a_member_removed_while_entering_the_lobby_is_not_left_in_it(stack: Stac
 }
 
 on_both_stacks!(a_member_removed_while_entering_the_lobby_is_not_left_in_it);
+
+/// The owner removes a member whose join with the code (as a member: a rename) read no removal
+/// yet and has not written its member row (held there until the removal is done): the join,
+/// finding the removal after its write, takes itself out and is refused, and the removed member
+/// is not left in the circle.
+async fn a_join_racing_the_owners_removal_does_not_let_the_removed_back_in(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let owner = setup.user("owner").await;
+    let removed = setup.user("removed").await;
+    let circle = setup.circle(&owner, &[&removed]).await;
+    let code = AccessCode::parse(circle.access_code.as_deref().unwrap()).unwrap();
+    setup.store.hold_next(Held::CircleMemberPut);
+    let join = tokio::spawn({
+        let state = setup.state.clone();
+        let (user, code) = (removed.id, code.clone());
+        async move {
+            let name = CircleDisplayName::parse("back again".into()).unwrap();
+            state.join_circle(user, code, name).await
+        }
+    });
+    setup.store.gate.arrived(1).await;
+    setup
+        .state
+        .remove_circle_member(owner.id, circle.id, removed.id)
+        .await
+        .unwrap();
+    setup.store.gate.release(1).await;
+    let joined = join.await.unwrap();
+    assert!(
+        matches!(joined, Err(ApiError::Forbidden(_))),
+        "a removed member joined again: {joined:?}"
+    );
+    let members = setup.store.circle_members(circle.id).await.unwrap();
+    assert!(
+        members.iter().all(|m| m.user_id != removed.id),
+        "{members:?}"
+    );
+    // And a join after the removal is refused before it writes anything.
+    let name = CircleDisplayName::parse("again".into()).unwrap();
+    let again = setup.state.join_circle(removed.id, code, name).await;
+    assert!(matches!(again, Err(ApiError::Forbidden(_))), "{again:?}");
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_join_racing_the_owners_removal_does_not_let_the_removed_back_in);
 
 /// One sweep removes every expired circle, however many batches they take, and a circle whose
 /// removal fails holds up none of the others: it goes with the next sweep. A live circle stays.

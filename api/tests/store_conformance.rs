@@ -708,7 +708,7 @@ async fn cql_migration_11_keeps_summaries_and_read_markers() {
 
     assert_eq!(
         cql::migrate(&options).await.expect("migrates"),
-        vec![11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]
+        vec![11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]
     );
     let store = CqlStore::connect(&options).await.expect("connects");
     let listed = store.chat_list(reader, None, 10).await.expect("lists");
@@ -826,7 +826,7 @@ async fn cql_migration_12_copies_chats_into_member_rows() {
 
     assert_eq!(
         cql::migrate(&options).await.expect("migrates"),
-        vec![12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]
+        vec![12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]
     );
     type Copies = (
         Option<String>,

@@ -71,6 +71,8 @@ pub enum Held {
     Slots,
     /// A chat made with its members (`Store::create_chat`).
     ChatCreated,
+    /// A member added to a circle, or renamed in it (`Store::put_circle_member`).
+    CircleMemberPut,
     /// A circle's own rows removed (`Store::delete_circle`).
     CircleDeleted,
     /// A push device removed (`Store::delete_device`).
@@ -904,15 +906,34 @@ impl Store for HeldStore {
         member: &CircleMember,
         max_members: u32,
     ) -> Result<MemberPut, StoreError> {
-        self.inner
-            .put_circle_member(circle, member, max_members)
-            .await
+        self.through(
+            Held::CircleMemberPut,
+            self.inner.put_circle_member(circle, member, max_members),
+        )
+        .await
     }
     async fn circle_members(&self, circle: CircleId) -> Result<Vec<CircleMember>, StoreError> {
         self.inner.circle_members(circle).await
     }
     async fn remove_circle_member(&self, circle: CircleId, user: UserId) -> Result<(), StoreError> {
         self.inner.remove_circle_member(circle, user).await
+    }
+    async fn record_circle_removal(
+        &self,
+        circle: CircleId,
+        user: UserId,
+        circle_expires_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .record_circle_removal(circle, user, circle_expires_at)
+            .await
+    }
+    async fn removed_from_circle(
+        &self,
+        circle: CircleId,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        self.inner.removed_from_circle(circle, user).await
     }
     async fn add_circle_chat(&self, circle: CircleId, chat: ChatId) -> Result<(), StoreError> {
         self.inner.add_circle_chat(circle, chat).await

@@ -4,7 +4,9 @@
 //! Who may do what: anyone creates a circle (and owns it); anyone with its access code joins it;
 //! members list the members, wait in the lobby and end their own pairing; only the owner sees and
 //! rotates the access code and removes members; members leave, but the owner cannot (the circle
-//! ends when it expires). An expired circle answers 410 until the sweep has removed it, then 404.
+//! ends when it expires). A member the owner removed cannot join again, with any code: there is
+//! no undoing it for the circle's life (a member who left by themself may come back). An expired
+//! circle answers 410 until the sweep has removed it, then 404.
 
 use std::time::Duration;
 
@@ -28,6 +30,9 @@ use crate::store::{MemberPut, Slot, SlotState, circle_pool};
 
 /// How many expired circles a sweep reads at once.
 pub const EXPIRED_BATCH: usize = 100;
+
+/// Why a join of someone the owner removed is refused.
+const REMOVED_BY_OWNER: &str = "you were removed from this circle by its owner";
 
 /// How circles and queues behave (`circles.*` and `queues.*` in the configuration).
 #[derive(Clone, Debug)]
@@ -232,7 +237,10 @@ impl ApiState {
     }
 
     /// Joins the circle `code` opens under `display_name` (a member joining again is renamed):
-    /// 404 for a code that opens nothing, 410 when the circle expired, 409 when it is full.
+    /// 404 for a code that opens nothing, 410 when the circle expired, 409 when it is full, 403
+    /// for someone the owner removed. A removal racing the join is read again after the join's
+    /// own write (the removal is recorded before the member row goes): either the removal
+    /// deletes the row this join wrote, or this join sees the removal and takes itself out.
     pub async fn join_circle(
         &self,
         caller: UserId,
@@ -249,6 +257,9 @@ impl ApiState {
             // A code rotated away whose row a concurrent rotation has not removed yet.
             return Err(ApiError::NotFound("no circle has this access code"));
         }
+        if self.store.removed_from_circle(id, caller).await? {
+            return Err(ApiError::Forbidden(REMOVED_BY_OWNER));
+        }
         let member = CircleMember {
             user_id: caller,
             display_name: display_name.into_inner(),
@@ -259,6 +270,13 @@ impl ApiState {
             .store
             .put_circle_member(id, &member, circle.max_members)
             .await?;
+        if put != MemberPut::Full && self.store.removed_from_circle(id, caller).await? {
+            // Removed since the check above: out again, with any wait begun meanwhile (a lobby
+            // entry that read the row this join wrote).
+            self.store.remove_circle_member(id, caller).await?;
+            self.leave_lobby(id, caller, circle.owner_id).await?;
+            return Err(ApiError::Forbidden(REMOVED_BY_OWNER));
+        }
         let circle = view(circle, caller);
         match put {
             MemberPut::Added => Ok(Outcome::Created(circle)),
@@ -295,11 +313,13 @@ impl ApiState {
         Ok(members)
     }
 
-    /// Removes `user` from the circle: themself (leaving), or anyone by the owner. The member row
-    /// goes first, then their wait or pairing ends: an entry into the lobby racing the removal
-    /// reads the membership again after its own write, so either it sees the removal (and takes
-    /// itself out), or its slot is there for this removal to end. A removal that failed after its
-    /// member row went left the slot: a retry finds it and finishes the removal.
+    /// Removes `user` from the circle: themself (leaving), or anyone by the owner. A removal by
+    /// the owner is recorded first, so the user cannot join again (see [`Self::join_circle`] for
+    /// a join racing it); leaving is not recorded. The member row goes next, then their wait or
+    /// pairing ends: an entry into the lobby racing the removal reads the membership again after
+    /// its own write, so either it sees the removal (and takes itself out), or its slot is there
+    /// for this removal to end. A removal that failed after its member row went left the slot: a
+    /// retry finds it and finishes the removal (its record was written before the row went).
     pub async fn remove_circle_member(
         &self,
         caller: UserId,
@@ -327,6 +347,11 @@ impl ApiState {
             return self
                 .finish_removal(id, user, caller, ApiError::NotFound("no such member"))
                 .await;
+        }
+        if caller != user {
+            self.store
+                .record_circle_removal(id, user, circle.expires_at)
+                .await?;
         }
         self.store.remove_circle_member(id, user).await?;
         self.leave_lobby(id, user, caller).await

@@ -1,12 +1,13 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use confab_runtime::Problem;
 use confab_schema::circle::{Circle, CircleMember, PairingState, PairingStatus};
 use confab_schema::{CircleId, UserId};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::responses::{ChatErrors, CircleErrors, Invalid, Limited};
+use super::responses::{CallerErrors, ChatErrors, CircleErrors, Invalid, Limited};
 use super::{ApiJson, ApiPath, Caller};
 use crate::domain::Outcome;
 use crate::domain::circles::NewCircle;
@@ -83,15 +84,19 @@ pub struct JoinCircle {
 }
 
 /// Joins the circle an access code opens (again: changes the caller's name in it). 404 for a code
-/// that opens nothing, 409 when the circle is full, 410 when it expired. Limited per user
-/// (`limits.circle_join`), every try counted.
+/// that opens nothing, 409 when the circle is full, 410 when it expired, 403 for a user the owner
+/// removed from it (for the circle's life, whatever its code; one who left may join again).
+/// Limited per user (`limits.circle_join`), every try counted.
 #[utoipa::path(
     post, operation_id = "join_circle", path = "/v1/circles/join", tag = "circles",
     request_body = JoinCircle,
     responses(
         (status = 201, description = "Joined", body = Circle),
         (status = 200, description = "Already a member (renamed)", body = Circle),
-        ChatErrors, Limited, Invalid, CircleErrors,
+        CallerErrors,
+        (status = 403, description = "The circle's owner removed the caller from it: they cannot join it again", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No circle has this access code", body = Problem, content_type = "application/problem+json"),
+        Limited, Invalid, CircleErrors,
     ),
     security(("bearer" = []))
 )]
@@ -141,7 +146,8 @@ pub async fn members(
 }
 
 /// Leaves the circle (the caller's own id), or removes a member (the owner). A wait or pairing of
-/// theirs ends first.
+/// theirs ends first. A member the owner removed cannot join the circle again (its join answers
+/// 403); one who left may.
 #[utoipa::path(
     delete, operation_id = "remove_circle_member", path = "/v1/circles/{circle_id}/members/{user_id}", tag = "circles",
     params(

@@ -77,6 +77,7 @@ macro_rules! store_conformance_tests {
             the_outbox_keeps_each_writers_entries,
             circles_codes_members_and_expiry,
             racing_joins_never_overfill_a_circle,
+            an_owners_removals_last_as_long_as_the_circle,
             slot_writes_are_all_or_nothing,
             racing_pairings_pair_each_user_once,
             deleting_a_chat_removes_everything,
@@ -3316,6 +3317,66 @@ pub async fn racing_joins_never_overfill_a_circle(store: Arc<dyn Store>) {
         "leaving twice frees one seat"
     );
     store.delete_circle(circle.id).await.unwrap();
+}
+
+/// The members an owner removed are recorded per circle, once however often, and go with the
+/// circle.
+pub async fn an_owners_removals_last_as_long_as_the_circle(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (owner, removed, other) = (user("owner"), user("removed"), user("other"));
+    let circle = circle_of(
+        owner.id,
+        &format!("B{}", Uuid::new_v4().simple()),
+        Duration::from_secs(3_600),
+    );
+    let elsewhere = circle_of(
+        owner.id,
+        &format!("E{}", Uuid::new_v4().simple()),
+        Duration::from_secs(3_600),
+    );
+    for circle in [&circle, &elsewhere] {
+        store.create_circle(circle).await.unwrap();
+    }
+    assert!(
+        !store
+            .removed_from_circle(circle.id, removed.id)
+            .await
+            .unwrap()
+    );
+    for _ in 0..2 {
+        store
+            .record_circle_removal(circle.id, removed.id, circle.expires_at)
+            .await
+            .unwrap();
+    }
+    assert!(
+        store
+            .removed_from_circle(circle.id, removed.id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .removed_from_circle(circle.id, other.id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .removed_from_circle(elsewhere.id, removed.id)
+            .await
+            .unwrap(),
+        "a removal is from one circle"
+    );
+    store.delete_circle(circle.id).await.unwrap();
+    assert!(
+        !store
+            .removed_from_circle(circle.id, removed.id)
+            .await
+            .unwrap(),
+        "a removal goes with its circle"
+    );
+    store.delete_circle(elsewhere.id).await.unwrap();
 }
 
 pub async fn circles_codes_members_and_expiry(store: Arc<dyn Store>) {

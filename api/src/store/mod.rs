@@ -848,6 +848,18 @@ pub trait Store: Send + Sync + 'static {
     /// Every member of the circle (one partition).
     async fn circle_members(&self, circle: CircleId) -> Result<Vec<CircleMember>, StoreError>;
     async fn remove_circle_member(&self, circle: CircleId, user: UserId) -> Result<(), StoreError>;
+    /// Records that the circle's owner removed `user`, who may not join it again. Kept until
+    /// [`Store::delete_circle`] (CQL also lets the row expire a while after `circle_expires_at`,
+    /// should a removal race the sweep). Idempotent.
+    async fn record_circle_removal(
+        &self,
+        circle: CircleId,
+        user: UserId,
+        circle_expires_at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+    /// Whether the circle's owner removed `user` ([`Store::record_circle_removal`]).
+    async fn removed_from_circle(&self, circle: CircleId, user: UserId)
+    -> Result<bool, StoreError>;
     /// Records a chat made for a pairing of the circle, so that it goes with the circle.
     async fn add_circle_chat(&self, circle: CircleId, chat: ChatId) -> Result<(), StoreError>;
     async fn circle_chats(&self, circle: CircleId) -> Result<Vec<ChatId>, StoreError>;
@@ -857,8 +869,8 @@ pub trait Store: Send + Sync + 'static {
         now: OffsetDateTime,
         limit: usize,
     ) -> Result<Vec<CircleId>, StoreError>;
-    /// Removes a circle's own rows: the circle, its code, members, chat list, lobby and expiry
-    /// entry (its chats are removed with [`Store::delete_chat`] first). Idempotent.
+    /// Removes a circle's own rows: the circle, its code, members, removals, chat list, lobby
+    /// and expiry entry (its chats are removed with [`Store::delete_chat`] first). Idempotent.
     async fn delete_circle(&self, id: CircleId) -> Result<(), StoreError>;
     /// Every slot of a pairing pool (one partition).
     async fn slots(&self, pool: &str) -> Result<Vec<Slot>, StoreError>;

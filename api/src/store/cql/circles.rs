@@ -25,6 +25,12 @@ use crate::store::{
 /// The one partition of `circle_expiry`.
 const EXPIRY_SHARD: i32 = 0;
 
+/// How long past its circle's expiry a removal's row lives if the sweep does not remove it.
+const REMOVAL_KEPT_PAST_EXPIRY_SECS: i64 = 3_600;
+
+/// The longest time to live CQL accepts: 20 years.
+const MAX_TTL_SECS: i32 = 20 * 365 * 24 * 3_600;
+
 pub(super) struct CircleStatements {
     insert_circle: PreparedStatement,
     get_circle: PreparedStatement,
@@ -35,6 +41,9 @@ pub(super) struct CircleStatements {
     add_member: PreparedStatement,
     rename_member: PreparedStatement,
     remove_member: PreparedStatement,
+    record_removal: PreparedStatement,
+    removal: PreparedStatement,
+    delete_removals: PreparedStatement,
     seats_taken: PreparedStatement,
     member_seats: PreparedStatement,
     take_seats: PreparedStatement,
@@ -109,6 +118,15 @@ impl CircleStatements {
                 "DELETE FROM circle_members WHERE circle_id = ? AND user_id = ? IF EXISTS",
             )
             .await?,
+            record_removal: prepare(
+                "INSERT INTO circle_removals (circle_id, user_id, removed_at) VALUES (?, ?, ?) USING TTL ?",
+            )
+            .await?,
+            removal: prepare(
+                "SELECT user_id FROM circle_removals WHERE circle_id = ? AND user_id = ?",
+            )
+            .await?,
+            delete_removals: prepare("DELETE FROM circle_removals WHERE circle_id = ?").await?,
             // The seat counts that circles kept before they were kept with the members.
             delete_seats: prepare("DELETE FROM circle_seats WHERE circle_id = ?").await?,
             seats_taken: prepare("SELECT seats_taken FROM circle_members WHERE circle_id = ? LIMIT 1")
@@ -627,6 +645,43 @@ impl CqlStore {
         ))
     }
 
+    pub(super) async fn cql_record_circle_removal(
+        &self,
+        circle: CircleId,
+        user: UserId,
+        circle_expires_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let now = OffsetDateTime::now_utc();
+        // The sweep removes the row with the circle; the time to live only bounds a row written
+        // after the sweep went by (a removal racing the expiry). An hour past the expiry, so that
+        // a database clock ahead of the API's never lets the row go while the circle is live.
+        let live_secs = (circle_expires_at - now).whole_seconds() + REMOVAL_KEPT_PAST_EXPIRY_SECS;
+        let ttl =
+            i32::try_from(live_secs.clamp(1, i64::from(MAX_TTL_SECS))).unwrap_or(MAX_TTL_SECS);
+        self.session
+            .execute_unpaged(
+                &self.circle_statements().record_removal,
+                (circle.0, user.0, timestamp(now), ttl),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub(super) async fn cql_removed_from_circle(
+        &self,
+        circle: CircleId,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        let found: Vec<(Uuid,)> = rows(
+            self.session
+                .execute_unpaged(&self.circle_statements().removal, (circle.0, user.0))
+                .await
+                .map_err(unavailable)?,
+        )?;
+        Ok(!found.is_empty())
+    }
+
     pub(super) async fn cql_add_circle_chat(
         &self,
         circle: CircleId,
@@ -676,7 +731,12 @@ impl CqlStore {
             .execute_unpaged(&s.delete_pool, (circle_pool(id),))
             .await
             .map_err(unavailable)?;
-        for statement in [&s.delete_members, &s.delete_chats, &s.delete_seats] {
+        for statement in [
+            &s.delete_members,
+            &s.delete_removals,
+            &s.delete_chats,
+            &s.delete_seats,
+        ] {
             self.session
                 .execute_unpaged(statement, (id.0,))
                 .await

@@ -127,6 +127,11 @@ pub const CQL_MIGRATIONS: &[Migration] = &[
         name: "user_addresses",
         cql: include_str!("migrations/0023_user_addresses.cql"),
     },
+    Migration {
+        version: 24,
+        name: "circle_removals",
+        cql: include_str!("migrations/0024_circle_removals.cql"),
+    },
 ];
 
 /// The table and column of `statement` when it is `ALTER TABLE <table> ADD <column> <type>`

@@ -3739,6 +3739,24 @@ impl Store for CqlStore {
         self.cql_remove_circle_member(circle, user).await
     }
 
+    async fn record_circle_removal(
+        &self,
+        circle: CircleId,
+        user: UserId,
+        circle_expires_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.cql_record_circle_removal(circle, user, circle_expires_at)
+            .await
+    }
+
+    async fn removed_from_circle(
+        &self,
+        circle: CircleId,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        self.cql_removed_from_circle(circle, user).await
+    }
+
     async fn add_circle_chat(&self, circle: CircleId, chat: ChatId) -> Result<(), StoreError> {
         self.cql_add_circle_chat(circle, chat).await
     }

@@ -53,6 +53,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema/0015_left_chats.sql"),
     include_str!("schema/0016_user_sessions.sql"),
     include_str!("schema/0017_user_addresses.sql"),
+    include_str!("schema/0018_circle_removals.sql"),
 ];
 
 /// The version whose migration writes every user's terms again ([`index_all_users`]).
@@ -2814,6 +2815,43 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn record_circle_removal(
+        &self,
+        circle: CircleId,
+        user: UserId,
+        _circle_expires_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        // The sweep's transaction removes the row with the circle's: no expiry of its own.
+        let now = millis(OffsetDateTime::now_utc());
+        self.with(move |c| {
+            c.execute(
+                "INSERT OR IGNORE INTO circle_removals (circle_id, user_id, removed_at) VALUES (?1, ?2, ?3)",
+                params![blob(circle.0), blob(user.0), now],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn removed_from_circle(
+        &self,
+        circle: CircleId,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            c.query_row(
+                "SELECT 1 FROM circle_removals WHERE circle_id = ?1 AND user_id = ?2",
+                params![blob(circle.0), blob(user.0)],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|found| found.is_some())
+            .map_err(unavailable)
+        })
+        .await
+    }
+
     async fn add_circle_chat(&self, circle: CircleId, chat: ChatId) -> Result<(), StoreError> {
         self.with(move |c| {
             c.execute(
@@ -2876,7 +2914,7 @@ impl Store for EmbeddedStore {
                 params![key],
             )
             .map_err(unavailable)?;
-            for table in ["circle_members", "circle_chats"] {
+            for table in ["circle_members", "circle_removals", "circle_chats"] {
                 tx.execute(
                     &format!("DELETE FROM {table} WHERE circle_id = ?1"),
                     params![key],
