@@ -1305,6 +1305,45 @@ async fn a_join_racing_the_owners_removal_does_not_let_the_removed_back_in(stack
 
 on_both_stacks!(a_join_racing_the_owners_removal_does_not_let_the_removed_back_in);
 
+/// A join that failed after it wrote its member row and before it took itself out again (having
+/// found the owner's removal) left the removed member in the circle: the join's retry, refused,
+/// takes them out.
+async fn a_refused_join_takes_out_what_a_failed_one_left(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let owner = setup.user("owner").await;
+    let removed = setup.user("removed").await;
+    let circle = setup.circle(&owner, &[&removed]).await;
+    let code = AccessCode::parse(circle.access_code.as_deref().unwrap()).unwrap();
+    setup
+        .state
+        .remove_circle_member(owner.id, circle.id, removed.id)
+        .await
+        .unwrap();
+    // What the failed join left: its member row, written after the removal.
+    let left_behind = confab_schema::circle::CircleMember {
+        user_id: removed.id,
+        display_name: "back again".into(),
+        joined_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+    };
+    setup
+        .store
+        .put_circle_member(circle.id, &left_behind, circle.max_members)
+        .await
+        .unwrap();
+
+    let name = CircleDisplayName::parse("back again".into()).unwrap();
+    let again = setup.state.join_circle(removed.id, code, name).await;
+    assert!(matches!(again, Err(ApiError::Forbidden(_))), "{again:?}");
+    let members = setup.store.circle_members(circle.id).await.unwrap();
+    assert!(
+        members.iter().all(|m| m.user_id != removed.id),
+        "the refused join left the removed member in: {members:?}"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_refused_join_takes_out_what_a_failed_one_left);
+
 /// One sweep removes every expired circle, however many batches they take, and a circle whose
 /// removal fails holds up none of the others: it goes with the next sweep. A live circle stays.
 async fn one_sweep_removes_every_expired_circle_past_a_failing_one(stack: Stack) {

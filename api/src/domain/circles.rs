@@ -258,7 +258,21 @@ impl ApiState {
             return Err(ApiError::NotFound("no circle has this access code"));
         }
         if self.store.removed_from_circle(id, caller).await? {
-            return Err(ApiError::Forbidden(REMOVED_BY_OWNER));
+            // A join that failed after its member row was written, before the check below took
+            // it out again, left the row (and perhaps a wait): its retry takes them out.
+            self.store.remove_circle_member(id, caller).await?;
+            return match self
+                .finish_removal(
+                    id,
+                    caller,
+                    circle.owner_id,
+                    ApiError::Forbidden(REMOVED_BY_OWNER),
+                )
+                .await
+            {
+                Ok(()) => Err(ApiError::Forbidden(REMOVED_BY_OWNER)),
+                Err(refused) => Err(refused),
+            };
         }
         let member = CircleMember {
             user_id: caller,
