@@ -1485,3 +1485,114 @@ async fn cql_migration_23_moves_addresses_out_of_user_search() {
     drop(store);
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
+
+/// A user written by a process of the build before migration 23 (during a rolling upgrade, after
+/// the migration's scan) has no row in `user_addresses`; their next sign-in, which writes the same
+/// profile again, gives them one, so they are found by their address.
+#[tokio::test]
+async fn cql_a_user_written_without_an_address_row_gets_one_at_the_next_write() {
+    use confab_schema::{User, UserId};
+
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(
+        &options,
+        "cql_a_user_written_without_an_address_row_gets_one_at_the_next_write",
+    )
+    .await
+    {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let erin = User {
+        id: UserId(uuid::Uuid::new_v4()),
+        username: "erin".into(),
+        display_name: "Erin".into(),
+        email: Some("erin@corp.example".into()),
+    };
+    store.upsert_user(&erin).await.expect("writes");
+    // As the build before writes a user: its row, and no row of its address.
+    let session = scylla::client::session_builder::SessionBuilder::new()
+        .known_nodes(&options.contact_points)
+        .use_keyspace(&options.keyspace, false)
+        .build()
+        .await
+        .expect("connects");
+    session
+        .query_unpaged(
+            format!(
+                "DELETE FROM user_addresses WHERE address = 'erin@corp.example' AND user_id = {}",
+                erin.id.0
+            ),
+            (),
+        )
+        .await
+        .expect("CQL runs");
+    assert!(
+        store
+            .users_by_address("erin@corp.example", 10)
+            .await
+            .expect("reads")
+            .is_empty(),
+        "the address row is gone, as an old process leaves it"
+    );
+
+    store.upsert_user(&erin).await.expect("writes again");
+    assert_eq!(
+        store
+            .users_by_address("erin@corp.example", 10)
+            .await
+            .expect("reads"),
+        vec![erin.id],
+        "found by the address after the next write of the same profile"
+    );
+    drop(store);
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}
+
+/// A send whose nonce could not be claimed wrote nothing of its signal, and nothing of it will be
+/// written later: the store says so ([`StoreError::NotWritten`]), so the send gives its
+/// attachments back at once, and the client's retry is not refused while they wait to be taken
+/// over as a stopped send's.
+#[tokio::test]
+async fn cql_a_send_that_failed_before_its_nonce_was_won_wrote_nothing() {
+    use confab_api::store::StoreError;
+    use confab_schema::UserId;
+
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(
+        &options,
+        "cql_a_send_that_failed_before_its_nonce_was_won_wrote_nothing",
+    )
+    .await
+    {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let alice = UserId(uuid::Uuid::new_v4());
+    let chat = chat_with(&store, alice, &[]).await;
+    // The nonces' table gone: every claim of a nonce fails, before any write of the signal.
+    let session = scylla::client::session_builder::SessionBuilder::new()
+        .known_nodes(&options.contact_points)
+        .use_keyspace(&options.keyspace, false)
+        .build()
+        .await
+        .expect("connects");
+    session
+        .query_unpaged("DROP TABLE signal_nonces", ())
+        .await
+        .expect("CQL runs");
+
+    let signal = message(chat, alice, Some("n-1"), "hello");
+    let inserted = store.insert_signal(&signal).await;
+    assert!(
+        matches!(inserted, Err(StoreError::NotWritten(_))),
+        "a failed claim of the nonce answered {inserted:?}"
+    );
+    assert_eq!(
+        store.get_signal(chat, signal.id).await.expect("reads"),
+        None,
+        "nothing of the signal was written"
+    );
+    drop(store);
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}

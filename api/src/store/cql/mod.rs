@@ -102,6 +102,15 @@ impl CqlOptions {
     }
 }
 
+/// A failure of a call that wrote nothing of what it was asked to, and never will: told apart
+/// from one whose write may still be applied ([`StoreError::NotWritten`]).
+fn not_written(error: StoreError) -> StoreError {
+    match error {
+        StoreError::Unavailable(why) => StoreError::NotWritten(why),
+        other => other,
+    }
+}
+
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(error.to_string())
 }
@@ -1751,7 +1760,10 @@ impl Store for CqlStore {
                 .await
                 .map_err(unavailable)?;
         }
-        for address in new_addresses.iter().filter(|a| !old_addresses.contains(a)) {
+        // Every address is written, not only the new ones: a process of the build before
+        // migration 23 writes users without their rows here, and only a write like this one gives
+        // them back (the write is idempotent).
+        for address in &new_addresses {
             self.session
                 .execute_unpaged(
                     &self.statements.insert_address,
@@ -2192,12 +2204,19 @@ impl Store for CqlStore {
             self.write_signal(signal).await?;
             return Ok(Inserted::Created(signal.clone()));
         };
+        // `signal` is written only once its nonce is won, and only by the write below: a failure
+        // before that write, or on the way to answering another attempt's signal, leaves nothing
+        // of `signal` written, and nothing will be (even a claim of the nonce that timed out and
+        // was applied after all only lets a retry write the signal again, as its holder).
         let holder = match &self.nonce_bucket {
-            Some(bucket) => match bucket.claim(signal, nonce).await? {
+            Some(bucket) => match bucket.claim(signal, nonce).await.map_err(not_written)? {
                 Claim::Won => None,
                 Claim::Taken(holder) => Some(*holder),
             },
-            None => self.claim_nonce_with_lwt(signal, nonce).await?,
+            None => self
+                .claim_nonce_with_lwt(signal, nonce)
+                .await
+                .map_err(not_written)?,
         };
         let Some(holder) = holder else {
             self.write_signal(signal).await?;
@@ -2207,10 +2226,13 @@ impl Store for CqlStore {
         // again. Its write timestamp is the creation time, so this cannot undo a later edit or
         // deletion (those are written later in time; see `edit_signal`).
         if !holder.deleted {
-            self.write_signal(&holder).await?;
+            self.write_signal(&holder).await.map_err(not_written)?;
         }
         // Answer with the stored row, which carries any edits since.
-        let stored = self.get_signal(holder.chat_id, holder.id).await?;
+        let stored = self
+            .get_signal(holder.chat_id, holder.id)
+            .await
+            .map_err(not_written)?;
         Ok(Inserted::Existing(stored.unwrap_or(holder)))
     }
 
