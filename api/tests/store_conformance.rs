@@ -50,6 +50,17 @@ async fn migrated(options: &CqlOptions, test: &str) -> bool {
     }
 }
 
+/// A session of its own on the test's keyspace, for statements the store never makes (rows as an
+/// older build wrote them, a table taken away).
+async fn keyspace_session(options: &CqlOptions) -> scylla::client::session::Session {
+    scylla::client::session_builder::SessionBuilder::new()
+        .known_nodes(&options.contact_points)
+        .use_keyspace(&options.keyspace, false)
+        .build()
+        .await
+        .expect("connects")
+}
+
 /// A session on `options`' keyspace, created with the schema as migrations before `version` left
 /// it (their statements, and the columns migration 11 adds); `None` (after a loud line) when no
 /// CQL store answers and the tests may skip.
@@ -1411,12 +1422,7 @@ async fn cql_migration_23_moves_addresses_out_of_user_search() {
     {
         return;
     }
-    let session = scylla::client::session_builder::SessionBuilder::new()
-        .known_nodes(&options.contact_points)
-        .use_keyspace(&options.keyspace, false)
-        .build()
-        .await
-        .expect("connects");
+    let session = keyspace_session(&options).await;
     let run = |cql: String| {
         let session = &session;
         async move { session.query_unpaged(cql, ()).await.expect("CQL runs") }
@@ -1511,12 +1517,7 @@ async fn cql_a_user_written_without_an_address_row_gets_one_at_the_next_write() 
     };
     store.upsert_user(&erin).await.expect("writes");
     // As the build before writes a user: its row, and no row of its address.
-    let session = scylla::client::session_builder::SessionBuilder::new()
-        .known_nodes(&options.contact_points)
-        .use_keyspace(&options.keyspace, false)
-        .build()
-        .await
-        .expect("connects");
+    let session = keyspace_session(&options).await;
     session
         .query_unpaged(
             format!(
@@ -1571,12 +1572,7 @@ async fn cql_a_send_that_failed_before_its_nonce_was_won_wrote_nothing() {
     let alice = UserId(uuid::Uuid::new_v4());
     let chat = chat_with(&store, alice, &[]).await;
     // The nonces' table gone: every claim of a nonce fails, before any write of the signal.
-    let session = scylla::client::session_builder::SessionBuilder::new()
-        .known_nodes(&options.contact_points)
-        .use_keyspace(&options.keyspace, false)
-        .build()
-        .await
-        .expect("connects");
+    let session = keyspace_session(&options).await;
     session
         .query_unpaged("DROP TABLE signal_nonces", ())
         .await
