@@ -81,6 +81,8 @@ pub struct ApiState {
     pub(crate) circles: CircleSettings,
     /// The ring timeout and the TURN servers.
     pub(crate) calls: CallSettings,
+    /// Publishes retried in the background.
+    pub(crate) retrying_publishes: crate::domain::events::RetryingPublishes,
 }
 
 impl ApiState {
@@ -114,6 +116,7 @@ impl ApiState {
             rate_limits: Arc::new(RateLimits::off()),
             circles: CircleSettings::default(),
             calls: CallSettings::default(),
+            retrying_publishes: Default::default(),
         }
     }
 

@@ -664,6 +664,100 @@ async fn real_a_late_retry_never_undoes_a_later_change() {
     }
 }
 
+/// A send retried with its nonce publishes its message's event again, in case the first attempt
+/// could not (here it could not: its process is cut off from the bus for good, as if dead). When
+/// the bus refuses that copy too, it is retried in the background; by the time the bus takes it
+/// the message may be deleted, and the copy must not bring its text back after `signal.deleted`:
+/// the retry publishes the message as the store holds it then.
+async fn a_retried_sends_late_copy_never_brings_a_deleted_message_back(parts: Parts) {
+    let alice = user("alice");
+    let chat = chat(&*parts.store, &alice).await;
+    let new_state = |bus: Arc<dyn Bus>| {
+        ApiState::new(
+            Arc::clone(&parts.store),
+            bus,
+            Arc::clone(&parts.identity),
+            &confab_runtime::signed::Keyring::random(),
+        )
+    };
+    let working = new_state(Arc::clone(&parts.bus));
+    let refusing = Arc::new(RefusingBus::new(&parts.bus));
+    let cut_off = new_state(Arc::clone(&refusing) as Arc<dyn Bus>);
+    let dead = new_state(Arc::new(RefusingBus::new(&parts.bus)) as Arc<dyn Bus>);
+    let message = || {
+        NewMessage::parse(
+            SignalKind::Message,
+            Some("the secret".into()),
+            Some("n-again".into()),
+            None,
+            Vec::new(),
+        )
+        .expect("a valid message")
+    };
+    let Outcome::Created(sent) = dead
+        .send_message(&alice, chat, message())
+        .await
+        .expect("sent")
+    else {
+        panic!("the first send stores the message");
+    };
+    // The retry reaches the process cut off from the bus: its copy of the event waits in a retry.
+    let Outcome::Existing(again) = cut_off
+        .send_message(&alice, chat, message())
+        .await
+        .expect("sent again")
+    else {
+        panic!("a retry of the nonce answers the stored message");
+    };
+    assert_eq!(again.id, sent.id);
+    assert_eq!(cut_off.publishes_retrying(), 1, "the copy is being retried");
+    working
+        .delete_message(alice.id, chat, sent.id)
+        .await
+        .expect("deletes");
+
+    refusing.1.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while cut_off.publishes_retrying() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the copy is still being retried"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let events = logged(&*parts.bus, chat).await;
+    let deleted_at = events
+        .iter()
+        .position(|e| matches!(&e.event, Event::SignalDeleted(s) if s.id == sent.id))
+        .expect("the deletion");
+    assert!(
+        events[deleted_at..].iter().all(|e| !matches!(
+            &e.event,
+            Event::SignalCreated(s) | Event::SignalUpdated(s)
+                if s.id == sent.id && s.text.is_some()
+        )),
+        "the deleted message's text published after its deletion: {events:?}"
+    );
+    if let Some(cleanup) = parts.cleanup {
+        cleanup.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_retried_sends_late_copy_never_brings_a_deleted_message_back() {
+    if let Some(parts) = embedded().await {
+        Box::pin(a_retried_sends_late_copy_never_brings_a_deleted_message_back(parts)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_a_retried_sends_late_copy_never_brings_a_deleted_message_back() {
+    if let Some(parts) = Box::pin(real()).await {
+        Box::pin(a_retried_sends_late_copy_never_brings_a_deleted_message_back(parts)).await;
+    }
+}
+
 /// A writer whose events the bus takes leaves nothing in the outbox: a burst of sends is removed
 /// in a few requests, and every entry goes.
 async fn a_working_writers_outbox_empties_after_a_burst(parts: Parts) {

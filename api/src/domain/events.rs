@@ -6,6 +6,8 @@
 //! publish that fails is retried in the background with backoff, and counted; the log drops a copy
 //! of an event id it already holds, so a retry that races a slow first attempt publishes once.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use confab_schema::Envelope;
@@ -38,9 +40,13 @@ impl ApiState {
                 }
                 Err(error) => {
                     tracing::warn!(%error, event = kind, chat = %envelope.chat_id, "event not published yet; retrying in the background");
-                    let bus = std::sync::Arc::clone(&self.bus);
+                    let bus = Arc::clone(&self.bus);
                     let failed = std::iter::once(envelope).chain(envelopes).collect();
-                    tokio::spawn(retry_in_order(bus, failed));
+                    let retrying = self.retrying_publishes.start();
+                    tokio::spawn(async move {
+                        retry_in_order(bus, failed).await;
+                        drop(retrying);
+                    });
                     return;
                 }
             }
@@ -54,19 +60,37 @@ impl ApiState {
     /// undone or superseded since: a late copy of the envelope as it was would route a member
     /// removed since back into the chat, or show an edit's text after the message's deletion.
     pub(crate) async fn publish_intended(&self, envelope: Envelope, intent: Intent) {
+        self.publish_then_as_stored(envelope, Some(intent)).await;
+    }
+
+    /// Appends `envelope` again, whose change is stored and announced once already (a retried
+    /// send publishes its signal's event again in case its first attempt could not): as
+    /// [`ApiState::publish_intended`] does, with no outbox entry behind it, so its retries stop
+    /// after [`RETRY_ATTEMPTS`]. Each retry, too, publishes the change as the store holds it
+    /// then: the message as sent, retried after its deletion, would bring its text back.
+    pub(crate) async fn publish_again(&self, envelope: Envelope) {
+        self.publish_then_as_stored(envelope, None).await;
+    }
+
+    async fn publish_then_as_stored(&self, envelope: Envelope, intent: Option<Intent>) {
         let kind = envelope.event.kind().as_str();
         if self.bus.publish(&envelope).await.is_ok() {
             metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
-            self.outbox.settle(&self.store, intent);
+            if let Some(intent) = intent {
+                self.outbox.settle(&self.store, intent);
+            }
             return;
         }
         tracing::warn!(event = kind, chat = %envelope.chat_id, "event not published yet; retrying in the background");
         metrics::counter!("confab_events_publish_retries_total", "type" => kind).increment(1);
         // The retry below settles it: this process's own sweep need not look at it.
-        let intent = self.outbox.untrack(intent);
+        let intent = intent.map(|intent| self.outbox.untrack(intent));
         let state = self.clone();
+        let retrying = self.retrying_publishes.start();
         tokio::spawn(async move {
+            let _retrying = retrying;
             let mut delay = FIRST_RETRY;
+            let mut attempts = 0;
             loop {
                 tokio::time::sleep(delay).await;
                 match state.publish_as_stored(envelope.clone()).await {
@@ -75,12 +99,21 @@ impl ApiState {
                             metrics::counter!("confab_events_published_total", "type" => kind)
                                 .increment(1);
                         }
-                        state.outbox.settle_key(&state.store, intent);
+                        if let Some(intent) = intent {
+                            state.outbox.settle_key(&state.store, intent);
+                        }
                         return;
                     }
                     Err(error) => {
                         tracing::debug!(%error, event = kind, "event still not published");
                     }
+                }
+                attempts += 1;
+                if intent.is_none() && attempts >= RETRY_ATTEMPTS {
+                    metrics::counter!("confab_events_unpublished_total", "type" => kind)
+                        .increment(1);
+                    tracing::warn!(event = kind, chat = %envelope.chat_id, id = %envelope.id, "event not published again: the bus refused every retry");
+                    return;
                 }
                 delay = (delay * 2).min(LONGEST_RETRY);
             }
@@ -94,13 +127,45 @@ impl ApiState {
     }
 }
 
+/// The publishes being retried in the background, counted (`confab_events_publishes_retrying`):
+/// what a process shutting down, or a test, can wait for.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RetryingPublishes(Arc<AtomicUsize>);
+
+impl RetryingPublishes {
+    /// Counts one more until the guard returned is dropped.
+    fn start(&self) -> RetryingPublish {
+        let now = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+        metrics::gauge!("confab_events_publishes_retrying").set(now as f64);
+        RetryingPublish(Arc::clone(&self.0))
+    }
+
+    fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// One publish being retried; see [`RetryingPublishes`].
+struct RetryingPublish(Arc<AtomicUsize>);
+
+impl Drop for RetryingPublish {
+    fn drop(&mut self) {
+        let now = self.0.fetch_sub(1, Ordering::SeqCst) - 1;
+        metrics::gauge!("confab_events_publishes_retrying").set(now as f64);
+    }
+}
+
+impl ApiState {
+    /// How many publishes this process is retrying in the background now.
+    pub fn publishes_retrying(&self) -> usize {
+        self.retrying_publishes.count()
+    }
+}
+
 /// Publishes `envelopes` in their order, the first of which failed once: each is tried until the
 /// bus takes it or [`RETRY_ATTEMPTS`] retries are spent, then the next (one given up on is
 /// counted, and the next goes all the same).
-async fn retry_in_order(
-    bus: std::sync::Arc<dyn confab_runtime::bus::Bus>,
-    envelopes: Vec<Envelope>,
-) {
+async fn retry_in_order(bus: Arc<dyn confab_runtime::bus::Bus>, envelopes: Vec<Envelope>) {
     for (index, envelope) in envelopes.into_iter().enumerate() {
         let kind = envelope.event.kind().as_str();
         // Each one after the first has not been tried yet.

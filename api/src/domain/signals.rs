@@ -233,7 +233,7 @@ impl ApiState {
     async fn republish_if_recent(&self, existing: &Signal) {
         let age = OffsetDateTime::now_utc() - existing.created_at;
         if !existing.deleted && age < self.republish_window {
-            self.publish(Envelope::signal_created(existing.clone()))
+            self.publish_again(Envelope::signal_created(existing.clone()))
                 .await;
         }
     }
