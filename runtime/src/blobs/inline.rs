@@ -138,6 +138,7 @@ impl Blobs for InlineBlobs {
                 name: BlobName::of(&bytes),
                 head: bytes[..bytes.len().min(HEAD_BYTES)].to_vec(),
                 held: Some(bytes),
+                held_budget: None,
             }),
             Taken::Large(body) => self.inner.stage(body, length, max_bytes).await,
         }
@@ -145,15 +146,19 @@ impl Blobs for InlineBlobs {
 
     async fn commit(&self, staged: &Staged) -> Result<(), BlobError> {
         match &staged.held {
-            Some(bytes) => self.small.put(&staged.name, bytes.clone()).await,
-            None => self.inner.commit(staged).await,
+            // Held by this layer: what it takes is exactly what it holds. A larger body the
+            // storage below holds is its own to write.
+            Some(bytes) if self.holds(staged.size) => {
+                self.small.put(&staged.name, bytes.clone()).await
+            }
+            _ => self.inner.commit(staged).await,
         }
     }
 
     async fn discard(&self, staged: &Staged) -> Result<(), BlobError> {
         match staged.held {
-            Some(_) => Ok(()),
-            None => self.inner.discard(staged).await,
+            Some(_) if self.holds(staged.size) => Ok(()),
+            _ => self.inner.discard(staged).await,
         }
     }
 

@@ -15,6 +15,7 @@ mod inline;
 mod local;
 mod s3;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -117,9 +118,12 @@ pub struct Staged {
     pub name: BlobName,
     /// Up to [`HEAD_BYTES`] first bytes.
     pub head: Vec<u8>,
-    /// The whole body, for a body small enough that [`InlineBlobs`] holds it in memory until
-    /// the commit instead of staging it.
+    /// The whole body, for a body small enough that [`InlineBlobs`] (or [`S3Blobs`], up to a
+    /// part) holds it in memory until the commit instead of staging it.
     pub(crate) held: Option<Bytes>,
+    /// The share of the storage's memory budget that `held` takes, given back when the last
+    /// clone of this is dropped.
+    pub(crate) held_budget: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 /// An object as listed.
@@ -318,6 +322,7 @@ impl Hashing {
             name: BlobName::from_digest(self.hasher.finalize().into()),
             head: self.head,
             held: None,
+            held_budget: None,
         }
     }
 }

@@ -5,8 +5,10 @@
 //! largest PUT, so it is never held; one of unknown length up to a part as one PUT once read, and
 //! a longer one as a multipart upload, one part in flight while the next is read, so such an
 //! upload holds at most two parts in memory. A declared hash travels as `x-amz-checksum-sha256`,
-//! which the storage checks before it keeps anything. A commit is a server-side copy, so that a
-//! gateway which copies bytes (SeaweedFS does) writes a staged upload twice; an upload with a
+//! which the storage checks before it keeps anything. A staged upload of known length up to a
+//! part is held in memory (within [`HELD_BUDGET_BYTES`] for all of them) and written once, under
+//! its name, at the commit. A larger one is staged as an object, and its commit is a server-side
+//! copy, so that a gateway which copies bytes (SeaweedFS does) writes it twice; an upload with a
 //! declared hash goes straight to its object.
 
 use std::pin::Pin;
@@ -66,7 +68,19 @@ pub struct S3Blobs {
     verifies_checksums: Arc<OnceLock<bool>>,
     /// Whether that question is being asked in the background.
     probing: Arc<AtomicBool>,
+    /// The memory that staged bodies held until their commit may take, in KiB, all uploads
+    /// together ([`HELD_BUDGET_BYTES`]).
+    held_budget: Arc<tokio::sync::Semaphore>,
 }
+
+/// How much memory the bodies staged in memory may take together: an upload of known length up
+/// to a part is held, hashed, and written once under its name at the commit, instead of written
+/// to a staging object and copied (a gateway that copies bytes, as SeaweedFS does, would write it
+/// twice). With the budget taken, an upload is staged in the storage as before.
+pub const HELD_BUDGET_BYTES: usize = 64 * 1024 * 1024;
+
+/// The budget's unit.
+const HELD_BUDGET_UNIT: u64 = 1024;
 
 fn unavailable<E: std::error::Error + 'static, R: std::fmt::Debug>(
     error: SdkError<E, R>,
@@ -203,7 +217,46 @@ impl S3Blobs {
             part_bytes: settings.part_bytes.max(5 * 1024 * 1024),
             verifies_checksums: Arc::new(OnceLock::new()),
             probing: Arc::new(AtomicBool::new(false)),
+            held_budget: Arc::new(tokio::sync::Semaphore::new(
+                HELD_BUDGET_BYTES / HELD_BUDGET_UNIT as usize,
+            )),
         }
+    }
+
+    /// The memory the bodies staged in memory may take together ([`HELD_BUDGET_BYTES`] unless
+    /// set); 0 stages every upload in the storage.
+    pub fn with_held_budget(mut self, bytes: usize) -> S3Blobs {
+        self.held_budget = Arc::new(tokio::sync::Semaphore::new(
+            bytes / HELD_BUDGET_UNIT as usize,
+        ));
+        self
+    }
+
+    /// Reads a body of `length` (at most a part) whole, hashing it, into a [`Staged`] that holds
+    /// it with its share of the budget; `Ok(Err(body))` gives the body back untouched when the
+    /// budget is taken.
+    async fn hold(
+        &self,
+        body: ByteChunks,
+        length: u64,
+        max_bytes: u64,
+    ) -> Result<Result<Staged, ByteChunks>, BlobError> {
+        let units = u32::try_from(length.div_ceil(HELD_BUDGET_UNIT).max(1)).unwrap_or(u32::MAX);
+        let Ok(permit) = Arc::clone(&self.held_budget).try_acquire_many_owned(units) else {
+            return Ok(Err(body));
+        };
+        let mut hashing = Hashing::new(max_bytes);
+        let mut whole = BytesMut::with_capacity(usize::try_from(length).unwrap_or(0));
+        let mut body = of_length(body, Some(length));
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| BlobError::Body(e.to_string()))?;
+            hashing.update(&chunk)?;
+            whole.extend_from_slice(&chunk);
+        }
+        let mut staged = hashing.finish(String::new());
+        staged.held = Some(whole.freeze());
+        staged.held_budget = Some(Arc::new(permit));
+        Ok(Ok(staged))
     }
 
     /// The SDK client, configured as above.
@@ -565,6 +618,15 @@ impl Blobs for S3Blobs {
         length: Option<u64>,
         max_bytes: u64,
     ) -> Result<Staged, BlobError> {
+        let body = match length {
+            Some(length) if length <= self.part_bytes as u64 => {
+                match self.hold(body, length, max_bytes).await? {
+                    Ok(held) => return Ok(held),
+                    Err(body) => body,
+                }
+            }
+            _ => body,
+        };
         let key = uuid::Uuid::new_v4().simple().to_string();
         let mut hashing = Hashing::new(max_bytes);
         match length {
@@ -585,6 +647,13 @@ impl Blobs for S3Blobs {
     }
 
     async fn commit(&self, staged: &Staged) -> Result<(), BlobError> {
+        if let Some(bytes) = &staged.held {
+            // Written again when it exists: the same bytes under the same name, for what asking
+            // first would cost.
+            return self
+                .put_bytes(&self.object_key(&staged.name), bytes.clone())
+                .await;
+        }
         let staging = self.staging_key(&staged.key);
         if self.size(&staged.name).await?.is_none() {
             self.client
@@ -600,6 +669,9 @@ impl Blobs for S3Blobs {
     }
 
     async fn discard(&self, staged: &Staged) -> Result<(), BlobError> {
+        if staged.held.is_some() {
+            return Ok(());
+        }
         self.delete_key(&self.staging_key(&staged.key)).await
     }
 
