@@ -453,6 +453,51 @@ async fn refusals_keep_nothing(stack: Stack) {
 }
 on_both_stacks!(refusals_keep_nothing);
 
+/// A name with a bidirectional formatting character, the classic "invoice\u{202E}fdp.exe" that
+/// shows as "invoiceexe.pdf" among them, is refused like any other bad name (400, problem+json),
+/// and nothing of the upload is kept.
+async fn names_with_bidi_controls_are_refused_and_nothing_kept(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let (alice, bob) = (app.token("alice").await, app.token("bob").await);
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    for bidi in [
+        '\u{061C}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}',
+        '\u{202E}', '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}',
+    ] {
+        let name = format!("invoice{bidi}fdp.exe");
+        let response = upload(
+            &app,
+            &alice,
+            &chat,
+            &name,
+            Some("application/octet-stream"),
+            b"MZ not really".to_vec(),
+        )
+        .await;
+        assert_eq!(response.status(), 400, "{name:?}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json",
+            "{name:?}"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert!(
+            problem["detail"]
+                .as_str()
+                .is_some_and(|detail| detail.contains("bidirectional")),
+            "{name:?}: {problem}"
+        );
+    }
+    let listed = list(&app, &alice, &chat, "").await;
+    assert_eq!(listed["items"], json!([]), "{listed}");
+    assert_eq!(objects(&app).await, Vec::<BlobName>::new());
+    let blobs = app_blobs(&app).await;
+    assert_eq!(blobs.sweep_staging(Duration::ZERO).await.unwrap(), 0);
+    app.stop().await;
+}
+on_both_stacks!(names_with_bidi_controls_are_refused_and_nothing_kept);
+
 /// `Content-Digest` with the body's SHA-256 in RFC 9530's form.
 fn content_digest(bytes: &[u8]) -> String {
     use base64::Engine;

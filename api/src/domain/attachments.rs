@@ -22,7 +22,9 @@ use confab_schema::{
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::inputs::{AttachmentIds, AttachmentName, DeclaredDigest, DeclaredType, PageLimit};
+use super::inputs::{
+    AttachmentIds, AttachmentName, BidiRule, DeclaredDigest, DeclaredType, PageLimit,
+};
 use super::paging::{Page, Pager};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
@@ -179,8 +181,22 @@ pub enum Variant {
     Preview,
 }
 
-/// `Content-Disposition` for `name`: inline for images, else a download.
+/// `Content-Disposition` for `name`: inline for images, else a download. The header holds ASCII
+/// only: `filename` a fallback with `_` for anything else, `filename*` the name percent-encoded
+/// as UTF-8 (RFC 6266, RFC 8187), so no name can break the header. A name stored before uploads
+/// refused them may still hold control or bidirectional formatting characters: they become `_`
+/// in both, so the name a client saves the file under cannot be made to show another extension.
 fn disposition(inline: bool, name: &str) -> String {
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_control() || BidiRule::FileName.refuses(c) {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
     let ascii: String = name
         .chars()
         .map(|c| {
@@ -1034,4 +1050,34 @@ pub async fn collect_garbage(
 pub struct Made {
     pub bytes: Vec<u8>,
     pub derivative: Derivative,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::disposition;
+
+    #[test]
+    fn dispositions_carry_ascii_only_and_no_bidi_controls() {
+        assert_eq!(
+            disposition(false, "report (1).pdf"),
+            "attachment; filename=\"report (1).pdf\"; filename*=UTF-8''report%20%281%29.pdf"
+        );
+        assert_eq!(
+            disposition(true, "фото.jpg"),
+            "inline; filename=\"____.jpg\"; filename*=UTF-8''%D1%84%D0%BE%D1%82%D0%BE.jpg"
+        );
+        // A name stored before uploads refused such characters: the override shows in neither
+        // form (U+202E is E2 80 AE in UTF-8), nor does a line break.
+        for name in ["invoice\u{202E}fdp.exe", "a\u{200F}b\r\nc.txt"] {
+            let header = disposition(false, name);
+            assert!(header.is_ascii(), "{header}");
+            assert!(!header.contains("%E2%80"), "{header}");
+            assert!(!header.contains(['\r', '\n']), "{header}");
+            assert!(axum::http::HeaderValue::from_str(&header).is_ok());
+        }
+        assert_eq!(
+            disposition(false, "invoice\u{202E}fdp.exe"),
+            "attachment; filename=\"invoice_fdp.exe\"; filename*=UTF-8''invoice_fdp.exe"
+        );
+    }
 }

@@ -67,13 +67,86 @@ fn bounded(field: &str, value: String, max: usize) -> ApiResult<String> {
     Ok(value)
 }
 
-/// A group's name: 1 to 200 characters.
+/// Which Unicode bidirectional formatting characters (all of general category Cf, so
+/// `char::is_control` misses them) a field refuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BidiRule {
+    /// A name people read and pick a sender by: the embeddings, overrides and isolates (U+202A
+    /// to U+202E, U+2066 to U+2069) reorder the text around them, so "Bob\u{202E}ecila" shows as
+    /// "Bobalice" and a name can be made to render as someone else's. The marks (LRM U+200E, RLM
+    /// U+200F, ALM U+061C) only set the direction of neutral characters next to them, as
+    /// right-to-left writing needs, and stay allowed.
+    HumanName,
+    /// A file name: every bidirectional formatting character, the marks too. A file name is
+    /// seldom typed in a right-to-left script with marks, and what it shows must be what it is:
+    /// "invoice\u{202E}fdp.exe" shows as "invoiceexe.pdf".
+    FileName,
+}
+
+/// Whether `c` is a bidirectional embedding, override or isolate (U+202A to U+202E, U+2066 to
+/// U+2069).
+pub fn is_bidi_override(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Whether `c` is any bidirectional formatting character: an override (see
+/// [`is_bidi_override`]) or a mark (ALM U+061C, LRM U+200E, RLM U+200F).
+pub fn is_bidi_control(c: char) -> bool {
+    is_bidi_override(c) || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}')
+}
+
+impl BidiRule {
+    /// Whether a field under this rule refuses `c`: the one check of bidirectional formatting
+    /// characters every name goes through.
+    pub fn refuses(self, c: char) -> bool {
+        match self {
+            BidiRule::HumanName => is_bidi_override(c),
+            BidiRule::FileName => is_bidi_control(c),
+        }
+    }
+
+    /// `value` without the characters this rule refuses: for names that come from elsewhere (an
+    /// identity provider's token, a row stored before the rule) and cannot be refused.
+    pub fn without_refused(self, value: &str) -> String {
+        value.chars().filter(|&c| !self.refuses(c)).collect()
+    }
+
+    /// What a field under this rule refuses, for the refusal's message.
+    fn refused(self) -> &'static str {
+        match self {
+            BidiRule::HumanName => {
+                "bidirectional embeddings, overrides or isolates (U+202A to U+202E, U+2066 to U+2069)"
+            }
+            BidiRule::FileName => {
+                "bidirectional formatting characters (U+061C, U+200E, U+200F, U+202A to U+202E, \
+                 U+2066 to U+2069)"
+            }
+        }
+    }
+}
+
+/// A bounded, non-blank name people read (see [`BidiRule::HumanName`]).
+fn human_name(field: &str, value: String, max: usize) -> ApiResult<String> {
+    let value = bounded(field, value, max)?;
+    let rule = BidiRule::HumanName;
+    if value.chars().any(|c| rule.refuses(c)) {
+        return Err(ApiError::Unprocessable(format!(
+            "{field} must not contain {}",
+            rule.refused()
+        )));
+    }
+    Ok(value)
+}
+
+/// A group's (or a circle's) name: 1 to 200 characters, without bidirectional embeddings,
+/// overrides or isolates (422; they could make it render as another name, see
+/// [`BidiRule::HumanName`]). The marks LRM, RLM and ALM are allowed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatName(String);
 
 impl ChatName {
     pub fn parse(value: String) -> ApiResult<ChatName> {
-        bounded("name", value, MAX_CHAT_NAME_CHARS).map(ChatName)
+        human_name("name", value, MAX_CHAT_NAME_CHARS).map(ChatName)
     }
 
     pub fn into_inner(self) -> String {
@@ -307,7 +380,8 @@ impl DeclaredDigest {
 }
 
 /// An attachment's file name: 1 to 255 bytes, no path separators (`/`, `\\`), no control
-/// characters, not `.` or `..`.
+/// characters, no bidirectional formatting characters (not even the marks, see
+/// [`BidiRule::FileName`]), not `.` or `..`; else 400.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttachmentName(String);
 
@@ -321,10 +395,14 @@ impl AttachmentName {
                 "name must be 1 to {MAX_ATTACHMENT_NAME_BYTES} bytes"
             )));
         }
-        if value.contains(['/', '\\']) || value.chars().any(char::is_control) {
-            return Err(ApiError::BadRequest(
-                "name must not contain path separators or control characters".into(),
-            ));
+        let rule = BidiRule::FileName;
+        if value.contains(['/', '\\'])
+            || value.chars().any(|c| c.is_control() || rule.refuses(c))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "name must not contain path separators, control characters or {}",
+                rule.refused()
+            )));
         }
         if value == "." || value == ".." {
             return Err(ApiError::BadRequest("name must name a file".into()));
@@ -518,6 +596,42 @@ mod tests {
         assert!(UserQuery::parse(" ").is_err());
     }
 
+    /// The marks: left-to-right, right-to-left, Arabic letter.
+    const BIDI_MARKS: &[char] = &['\u{200E}', '\u{200F}', '\u{061C}'];
+    /// The embeddings, overrides (U+202A to U+202E) and isolates (U+2066 to U+2069).
+    const BIDI_OVERRIDES: &[char] = &[
+        '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}', '\u{2066}', '\u{2067}',
+        '\u{2068}', '\u{2069}',
+    ];
+
+    #[test]
+    fn human_names_refuse_overrides_and_keep_marks() {
+        for bidi in BIDI_OVERRIDES {
+            let name = format!("Bob{bidi}ecila");
+            for refused in [
+                ChatName::parse(name.clone()).map(|_| ()),
+                CircleDisplayName::parse(name.clone()).map(|_| ()),
+            ] {
+                assert!(
+                    matches!(&refused, Err(ApiError::Unprocessable(why)) if why.contains("overrides")),
+                    "{name:?}: {refused:?}"
+                );
+            }
+        }
+        // Right-to-left text needs the marks: "שלום" then a mark, "علي" with ALM.
+        for name in ["שלום\u{200F} (2)", "\u{200E}Dana", "علي\u{061C}"] {
+            assert!(ChatName::parse(name.into()).is_ok(), "{name:?}");
+            assert!(CircleDisplayName::parse(name.into()).is_ok(), "{name:?}");
+        }
+        assert!(BIDI_MARKS.iter().all(|&c| !BidiRule::HumanName.refuses(c)));
+        assert!(
+            BIDI_MARKS
+                .iter()
+                .chain(BIDI_OVERRIDES)
+                .all(|&c| BidiRule::FileName.refuses(c))
+        );
+    }
+
     #[test]
     fn attachment_names_and_types() {
         assert!(AttachmentName::parse(Some("report (1).pdf".into())).is_ok());
@@ -527,6 +641,16 @@ mod tests {
         }
         assert!(AttachmentName::parse(None).is_err());
         assert!(AttachmentName::parse(Some("x".repeat(256))).is_err());
+        // Every bidirectional formatting character, the marks too: "invoice\u{202E}fdp.exe"
+        // would show as "invoiceexe.pdf".
+        for bidi in BIDI_MARKS.iter().chain(BIDI_OVERRIDES) {
+            let name = format!("invoice{bidi}fdp.exe");
+            let refused = AttachmentName::parse(Some(name.clone())).expect_err(&name);
+            assert!(
+                matches!(&refused, ApiError::BadRequest(why) if why.contains("bidirectional")),
+                "{name:?}: {refused:?}"
+            );
+        }
         assert_eq!(
             DeclaredType::parse(Some("Image/PNG; q=1"))
                 .unwrap()
@@ -578,7 +702,9 @@ impl CircleRules {
     }
 }
 
-/// The name a member goes by in one circle: 1 to 64 characters, trimmed.
+/// The name a member goes by in one circle, which every member sees: 1 to 64 characters,
+/// trimmed, without bidirectional embeddings, overrides or isolates (422; see
+/// [`BidiRule::HumanName`], the marks are allowed).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CircleDisplayName(String);
 
@@ -586,7 +712,7 @@ impl CircleDisplayName {
     pub const MAX_CHARS: usize = 64;
 
     pub fn parse(value: String) -> ApiResult<CircleDisplayName> {
-        bounded("display_name", value.trim().to_owned(), Self::MAX_CHARS).map(CircleDisplayName)
+        human_name("display_name", value.trim().to_owned(), Self::MAX_CHARS).map(CircleDisplayName)
     }
 
     pub fn into_inner(self) -> String {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use confab_runtime::identity::Principal;
 use confab_schema::{User, UserId};
 
-use super::inputs::{PageLimit, UserQuery};
+use super::inputs::{BidiRule, PageLimit, UserQuery};
 use super::paging::{Page, Pager};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
@@ -17,14 +17,12 @@ const PROVISION_CACHE_MAX: usize = 100_000;
 
 impl ApiState {
     /// The user a verified token names, provisioned from its claims: written on first sight, and
-    /// again when the claims change or the cached copy is old.
+    /// again when the claims change or the cached copy is old. Their names come from the identity
+    /// provider, so they cannot be refused as a name given to confab is: bidirectional
+    /// embeddings, overrides and isolates, which could make them render as someone else's, are
+    /// left out instead ([`BidiRule::HumanName`]; the marks stay, right-to-left names need them).
     pub async fn provision(&self, principal: Principal) -> ApiResult<User> {
-        let user = User {
-            id: principal.user_id,
-            username: principal.username,
-            display_name: principal.display_name,
-            email: principal.email,
-        };
+        let user = user_of(principal);
         let fresh = self
             .provisioned
             .lock()
@@ -78,6 +76,26 @@ impl ApiState {
     }
 }
 
+/// The user `principal` describes, their names without bidirectional embeddings, overrides and
+/// isolates (a name of nothing else becomes [`neutral_name`]).
+fn user_of(principal: Principal) -> User {
+    let id = principal.user_id;
+    let name = |given: &str| {
+        let name = BidiRule::HumanName.without_refused(given);
+        if name.trim().is_empty() && !given.trim().is_empty() {
+            neutral_name(id)
+        } else {
+            name
+        }
+    };
+    User {
+        id,
+        username: name(&principal.username),
+        display_name: name(&principal.display_name),
+        email: principal.email,
+    }
+}
+
 /// `user` as `viewer` may see them: their e-mail address only when it is their own, and likewise
 /// a user name or display name that is an address, or looks like one ([`name_shown_to_others`]
 /// stands in for it).
@@ -97,11 +115,17 @@ pub fn shown_to(mut user: User, viewer: UserId) -> User {
 /// address; then a neutral name made from their id, which they can see anyway.
 pub fn name_shown_to_others(user: &User) -> String {
     if is_address_of(user, &user.display_name) {
-        let id = user.id.0.simple().to_string();
-        format!("user-{}", &id[..8])
+        neutral_name(user.id)
     } else {
         user.display_name.clone()
     }
+}
+
+/// The name others see in place of one of `user`'s that they may not see: `user-` and the first
+/// 8 hex digits of the id.
+pub fn neutral_name(user: UserId) -> String {
+    let id = user.0.simple().to_string();
+    format!("user-{}", &id[..8])
 }
 
 /// Whether `name` (one of `user`'s names) is their e-mail address or looks like an address.
@@ -127,6 +151,31 @@ mod tests {
             display_name: display_name.into(),
             email: email.map(str::to_owned),
         }
+    }
+
+    #[test]
+    fn provisioned_names_lose_bidi_overrides_and_keep_marks() {
+        let principal = |username: &str, display_name: &str| Principal {
+            user_id: UserId(uuid::Uuid::from_u128(
+                0x1234_5678_9abc_def0_1234_5678_9abc_def0,
+            )),
+            username: username.into(),
+            display_name: display_name.into(),
+            email: None,
+            expires_at: 0,
+            session: None,
+            issued_at: 0,
+        };
+        // "Bob\u{202E}ecila" would show as "Bobalice".
+        let user = user_of(principal("bob\u{2066}x\u{2069}", "Bob\u{202E}ecila"));
+        assert_eq!(
+            (user.username.as_str(), user.display_name.as_str()),
+            ("bobx", "Bobecila")
+        );
+        let user = user_of(principal("dana", "\u{202E}\u{202C}"));
+        assert_eq!(user.display_name, "user-12345678");
+        let user = user_of(principal("dana", "שלום\u{200F}\u{061C}\u{200E}"));
+        assert_eq!(user.display_name, "שלום\u{200F}\u{061C}\u{200E}");
     }
 
     #[test]

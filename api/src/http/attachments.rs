@@ -25,7 +25,9 @@ use crate::state::ApiState;
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UploadQuery {
-    /// The file name: 1 to 255 bytes, without path separators or control characters.
+    /// The file name: 1 to 255 bytes, without path separators, control characters or
+    /// bidirectional formatting characters (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to
+    /// U+2069); else 400.
     name: Option<String>,
 }
 

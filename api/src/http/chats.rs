@@ -18,7 +18,8 @@ use crate::state::ApiState;
 #[serde(deny_unknown_fields)]
 pub struct CreateChat {
     kind: ChatKind,
-    /// Groups only: 1 to 200 characters.
+    /// Groups only: 1 to 200 characters, without bidirectional embeddings, overrides or isolates
+    /// (U+202A to U+202E, U+2066 to U+2069).
     #[serde(default)]
     name: Option<String>,
     /// Groups only: 1 to 2,000 characters.
@@ -109,7 +110,8 @@ pub async fn get(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateChat {
-    /// New name, 1 to 200 characters.
+    /// New name, 1 to 200 characters, without bidirectional embeddings, overrides or isolates
+    /// (U+202A to U+202E, U+2066 to U+2069).
     #[serde(default)]
     name: Option<String>,
     /// New description, 1 to 2,000 characters; an empty string clears it.

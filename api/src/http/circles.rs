@@ -19,7 +19,8 @@ use crate::state::ApiState;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCircle {
-    /// 1 to 200 characters.
+    /// 1 to 200 characters, without bidirectional embeddings, overrides or isolates (U+202A to
+    /// U+202E, U+2066 to U+2069).
     name: String,
     description: Option<String>,
     /// 1 to 4,000 characters.
@@ -29,7 +30,7 @@ pub struct CreateCircle {
     ttl_hours: Option<f64>,
     /// Default and most: `circles.max_members` (200).
     max_members: Option<u32>,
-    /// The owner's name in the circle; default their display name.
+    /// The owner's name in the circle, as for joining; default their display name.
     display_name: Option<String>,
 }
 
@@ -79,7 +80,9 @@ pub async fn get(
 #[serde(deny_unknown_fields)]
 pub struct JoinCircle {
     access_code: String,
-    /// The caller's name in this circle: 1 to 64 characters.
+    /// The caller's name in this circle, which every member sees: 1 to 64 characters, without
+    /// bidirectional embeddings, overrides or isolates (U+202A to U+202E, U+2066 to U+2069); the
+    /// marks U+200E, U+200F, U+061C are allowed.
     display_name: String,
 }
 
