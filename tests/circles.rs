@@ -18,9 +18,9 @@ use confab_api::domain::inputs::{AccessCode, CircleDisplayName};
 use confab_api::domain::queues::queue_pool;
 use confab_api::error::ApiError;
 use confab_api::store::{Slot, SlotState, SlotWrite, Store, circle_pool};
-use confab_schema::circle::{Circle, PairingState, QueueKind};
+use confab_schema::circle::{Circle, CircleMember, PairingState, QueueKind};
 use confab_schema::event::EventKind;
-use confab_schema::{ChatId, CircleId, User};
+use confab_schema::{ChatId, CircleId, Event, User};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use support::held_store::{Held, HeldApi};
@@ -1976,3 +1976,78 @@ async fn an_end_stopped_between_its_two_closes_is_finished_by_its_retry(stack: S
 }
 
 on_both_stacks!(an_end_stopped_between_its_two_closes_is_finished_by_its_retry);
+
+/// Before circle names were kept from being addresses, an owner's name in their circle defaulted
+/// to their display name, which is their e-mail address when the identity provider uses it as the
+/// user name and sends no name. Such a row, stored as that code stored it, is shown to the other
+/// members neither in the circle's member list nor in `circle.paired`; its owner still sees it.
+async fn an_old_circle_name_that_is_an_address_is_not_shown_to_others(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let owner = setup.user("dora@corp.example").await;
+    let member = setup.user("erin").await;
+    let circle = setup.circle(&owner, &[&member]).await;
+    let address = owner.display_name.clone();
+    let mut stored = setup.store.circle_members(circle.id).await.unwrap();
+    let mut old = stored.remove(stored.iter().position(|m| m.user_id == owner.id).unwrap());
+    old.display_name = address.clone();
+    setup
+        .store
+        .put_circle_member(circle.id, &old, circle.max_members)
+        .await
+        .unwrap();
+    let neutral = format!("user-{}", &owner.id.0.simple().to_string()[..8]);
+
+    let name_in = |members: &[CircleMember]| {
+        members
+            .iter()
+            .find(|m| m.user_id == owner.id)
+            .map(|m| m.display_name.clone())
+            .unwrap()
+    };
+    let seen = setup
+        .state
+        .circle_members(member.id, circle.id)
+        .await
+        .unwrap();
+    assert_eq!(name_in(&seen), neutral, "{seen:?}");
+    let own = setup
+        .state
+        .circle_members(owner.id, circle.id)
+        .await
+        .unwrap();
+    assert_eq!(name_in(&own), address, "{own:?}");
+
+    setup
+        .state
+        .enter_circle_lobby(owner.id, circle.id)
+        .await
+        .unwrap();
+    let paired = setup
+        .state
+        .enter_circle_lobby(member.id, circle.id)
+        .await
+        .unwrap();
+    let chat = paired.chat_id.expect("paired");
+    let announced: Vec<_> = setup
+        .bus
+        .events_of(chat)
+        .await
+        .into_iter()
+        .filter_map(|logged| match logged.envelope.event {
+            Event::CirclePaired(pairing) => Some(pairing.members),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    let names: HashMap<_, _> = announced[0]
+        .iter()
+        .map(|m| (m.user_id, m.display_name.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        HashMap::from([(owner.id, neutral.as_str()), (member.id, "erin")])
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(an_old_circle_name_that_is_an_address_is_not_shown_to_others);

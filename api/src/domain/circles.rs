@@ -16,17 +16,17 @@ use confab_schema::circle::{
 use confab_schema::{Chat, ChatId, CircleId, Envelope, Event, User, UserId};
 use time::OffsetDateTime;
 
-use super::Outcome;
 use super::inputs::{
-    AccessCode, ChatDescription, ChatName, CircleDisplayName, CircleRules, CircleTtl,
+    AccessCode, BidiRule, ChatDescription, ChatName, CircleDisplayName, CircleRules, CircleTtl,
 };
 use super::pairing::{
     ATTEMPTS, Eligibility, Leaving, Pair, contended, in_pair_order, left_unclosed,
     matched_meanwhile, pair_chat, pairing_announcement, pairing_event,
 };
+use super::{Outcome, users};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
-use crate::store::{MemberPut, Slot, SlotState, circle_pool};
+use crate::store::{MemberPut, Slot, SlotState, circle_pool, looks_like_address};
 
 /// How many expired circles a sweep reads at once.
 pub const EXPIRED_BATCH: usize = 100;
@@ -137,6 +137,22 @@ pub(crate) fn pairing_status(slot: &Slot) -> Option<PairingStatus> {
     })
 }
 
+/// What other members see of `member`'s name in the circle: the name as stored without
+/// bidirectional embeddings, overrides or isolates, unless it is (or looks like) an e-mail
+/// address, or nothing is left, then [`users::neutral_name`]. A name given now has neither an `@`
+/// nor those characters ([`CircleDisplayName`]), but rows stored before may: an owner's name
+/// defaulted to their display name, which is their address when the identity provider uses it as
+/// the user name and sends no name. Applied where names are shown rather than rewritten in the
+/// store, so it holds for every row, also one an older process writes while a new one runs.
+pub(crate) fn circle_name_shown_to_others(member: &CircleMember) -> String {
+    let name = BidiRule::HumanName.without_refused(&member.display_name);
+    if looks_like_address(&name) || name.trim().is_empty() {
+        users::neutral_name(member.user_id)
+    } else {
+        name
+    }
+}
+
 /// The `circle.paired` of a pairing of `pair` into `chat`, each under their name among `members`,
 /// named as [`pairing_announcement`] names it, so its maker and an end that announces it again
 /// publish one event.
@@ -150,7 +166,7 @@ fn pairing_announcement_of_circle(
         members
             .iter()
             .find(|m| m.user_id == user)
-            .map(|m| m.display_name.clone())
+            .map(circle_name_shown_to_others)
             .unwrap_or_default()
     };
     let chat_id = chat.id;
@@ -188,7 +204,7 @@ impl ApiState {
             .display_name
             .map(CircleDisplayName::into_inner)
             // Other members see it: never an address.
-            .unwrap_or_else(|| super::users::name_shown_to_others(caller));
+            .unwrap_or_else(|| users::name_shown_to_others(caller));
         self.store
             .put_circle_member(
                 circle.id,
@@ -324,6 +340,9 @@ impl ApiState {
     ) -> ApiResult<Vec<CircleMember>> {
         let (_, mut members) = self.circle_as_member(id, caller).await?;
         members.sort_by_key(|m| (m.joined_at, m.user_id));
+        for member in members.iter_mut().filter(|m| m.user_id != caller) {
+            member.display_name = circle_name_shown_to_others(member);
+        }
         Ok(members)
     }
 
@@ -621,5 +640,38 @@ impl ApiState {
         self.store.delete_circle(circle).await?;
         tracing::info!(%circle, "expired circle removed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn circle_names_stored_before_their_rules_are_shown_to_others_without_what_they_refuse() {
+        let member = |display_name: &str| CircleMember {
+            user_id: UserId(uuid::Uuid::from_u128(
+                0x1234_5678_9abc_def0_1234_5678_9abc_def0,
+            )),
+            display_name: display_name.into(),
+            joined_at: OffsetDateTime::UNIX_EPOCH,
+        };
+        // The old default for an owner whose user name is their address.
+        assert_eq!(
+            circle_name_shown_to_others(&member("dora@corp.example")),
+            "user-12345678"
+        );
+        assert_eq!(
+            circle_name_shown_to_others(&member("Bob\u{202E}ecila")),
+            "Bobecila"
+        );
+        assert_eq!(
+            circle_name_shown_to_others(&member("\u{2067}\u{2069}")),
+            "user-12345678"
+        );
+        assert_eq!(
+            circle_name_shown_to_others(&member("שלום\u{200F}")),
+            "שלום\u{200F}"
+        );
     }
 }

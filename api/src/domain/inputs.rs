@@ -623,6 +623,16 @@ mod tests {
             assert!(ChatName::parse(name.into()).is_ok(), "{name:?}");
             assert!(CircleDisplayName::parse(name.into()).is_ok(), "{name:?}");
         }
+        // An address, or anything like one, is never a circle name others see.
+        for address in ["dora@corp.example", "a@b", " @ "] {
+            assert!(
+                matches!(
+                    CircleDisplayName::parse(address.into()),
+                    Err(ApiError::Unprocessable(_))
+                ),
+                "{address:?}"
+            );
+        }
         assert!(BIDI_MARKS.iter().all(|&c| !BidiRule::HumanName.refuses(c)));
         assert!(
             BIDI_MARKS
@@ -703,8 +713,11 @@ impl CircleRules {
 }
 
 /// The name a member goes by in one circle, which every member sees: 1 to 64 characters,
-/// trimmed, without bidirectional embeddings, overrides or isolates (422; see
-/// [`BidiRule::HumanName`], the marks are allowed).
+/// trimmed, without bidirectional embeddings, overrides or isolates (see [`BidiRule::HumanName`];
+/// the marks are allowed), and without an `@` (422 for either). A name with an `@` is, or looks
+/// like, an e-mail address, which other users never see (`users::name_shown_to_others`); refused
+/// here, so a member is told rather than shown under another name. A member row stored before
+/// this rule is masked where it is shown (`circles::circle_name_shown_to_others`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CircleDisplayName(String);
 
@@ -712,7 +725,14 @@ impl CircleDisplayName {
     pub const MAX_CHARS: usize = 64;
 
     pub fn parse(value: String) -> ApiResult<CircleDisplayName> {
-        human_name("display_name", value.trim().to_owned(), Self::MAX_CHARS).map(CircleDisplayName)
+        let value = human_name("display_name", value.trim().to_owned(), Self::MAX_CHARS)?;
+        if crate::store::looks_like_address(&value) {
+            return Err(ApiError::Unprocessable(
+                "display_name must not contain '@': others are never shown an e-mail address"
+                    .into(),
+            ));
+        }
+        Ok(CircleDisplayName(value))
     }
 
     pub fn into_inner(self) -> String {

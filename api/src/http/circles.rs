@@ -30,7 +30,8 @@ pub struct CreateCircle {
     ttl_hours: Option<f64>,
     /// Default and most: `circles.max_members` (200).
     max_members: Option<u32>,
-    /// The owner's name in the circle, as for joining; default their display name.
+    /// The owner's name in the circle, as for joining; default their display name as other users
+    /// see it (never an address).
     display_name: Option<String>,
 }
 
@@ -80,9 +81,10 @@ pub async fn get(
 #[serde(deny_unknown_fields)]
 pub struct JoinCircle {
     access_code: String,
-    /// The caller's name in this circle, which every member sees: 1 to 64 characters, without
-    /// bidirectional embeddings, overrides or isolates (U+202A to U+202E, U+2066 to U+2069); the
-    /// marks U+200E, U+200F, U+061C are allowed.
+    /// The caller's name in this circle, which every member sees: 1 to 64 characters, without `@`
+    /// (others are never shown an e-mail address) and without bidirectional embeddings, overrides
+    /// or isolates (U+202A to U+202E, U+2066 to U+2069); the marks U+200E, U+200F, U+061C are
+    /// allowed.
     display_name: String,
 }
 
