@@ -396,9 +396,7 @@ impl AttachmentName {
             )));
         }
         let rule = BidiRule::FileName;
-        if value.contains(['/', '\\'])
-            || value.chars().any(|c| c.is_control() || rule.refuses(c))
-        {
+        if value.contains(['/', '\\']) || value.chars().any(|c| c.is_control() || rule.refuses(c)) {
             return Err(ApiError::BadRequest(format!(
                 "name must not contain path separators, control characters or {}",
                 rule.refused()
