@@ -181,14 +181,11 @@ pub enum Variant {
     Preview,
 }
 
-/// `Content-Disposition` for `name`: inline for images, else a download. The header holds ASCII
-/// only: `filename` a fallback with `_` for anything else, `filename*` the name percent-encoded
-/// as UTF-8 (RFC 6266, RFC 8187), so no name can break the header. A name stored before uploads
-/// refused them may still hold control or bidirectional formatting characters: they become `_`
-/// in both, so the name a client saves the file under cannot be made to show another extension.
-fn disposition(inline: bool, name: &str) -> String {
-    let name: String = name
-        .chars()
+/// A file name as clients are shown it: a name stored before uploads refused them may hold
+/// control or bidirectional formatting characters ([`AttachmentName`]), which become `_`, so it
+/// cannot be made to show another extension ("invoice\u{202E}fdp.exe" as "invoiceexe.pdf").
+fn file_name_shown(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_control() || BidiRule::FileName.refuses(c) {
                 '_'
@@ -196,7 +193,22 @@ fn disposition(inline: bool, name: &str) -> String {
                 c
             }
         })
-        .collect();
+        .collect()
+}
+
+/// `attachment` as clients are shown it: its name as [`file_name_shown`] makes it. Every record
+/// the API answers or publishes goes through it.
+pub(crate) fn shown(mut attachment: Attachment) -> Attachment {
+    attachment.name = file_name_shown(&attachment.name);
+    attachment
+}
+
+/// `Content-Disposition` for `name`: inline for images, else a download. The header holds ASCII
+/// only: `filename` a fallback with `_` for anything else, `filename*` the name percent-encoded
+/// as UTF-8 (RFC 6266, RFC 8187), so no name can break the header; and the name is the one
+/// [`file_name_shown`] makes, so the one a client saves the file under shows what it is.
+fn disposition(inline: bool, name: &str) -> String {
+    let name = file_name_shown(name);
     let ascii: String = name
         .chars()
         .map(|c| {
@@ -563,6 +575,7 @@ impl ApiState {
                                 && a.message_id.is_none_or(|m| m == signal.id)
                         })
                         .cloned()
+                        .map(shown)
                         .map(AttachmentRef::from)
                 })
                 .collect();
@@ -611,6 +624,7 @@ impl ApiState {
             .get_attachments(&[id])
             .await?
             .pop()
+            .map(shown)
             .ok_or(ApiError::NotFound("no such attachment"))
     }
 
@@ -697,10 +711,13 @@ impl ApiState {
         let pager = Pager::new(self, list, limit);
         let before = pager.open::<Uuid>(cursor)?;
         self.require_member(chat, caller).await?;
-        let fetched = self
+        let fetched: Vec<Attachment> = self
             .store
             .chat_attachments(chat, kind, before, pager.fetch())
-            .await?;
+            .await?
+            .into_iter()
+            .map(shown)
+            .collect();
         Ok(pager.page(fetched, |last| last.id))
     }
 
@@ -1054,7 +1071,7 @@ pub struct Made {
 
 #[cfg(test)]
 mod tests {
-    use super::disposition;
+    use super::{disposition, file_name_shown};
 
     #[test]
     fn dispositions_carry_ascii_only_and_no_bidi_controls() {
@@ -1079,5 +1096,7 @@ mod tests {
             disposition(false, "invoice\u{202E}fdp.exe"),
             "attachment; filename=\"invoice_fdp.exe\"; filename*=UTF-8''invoice_fdp.exe"
         );
+        assert_eq!(file_name_shown("invoice\u{202E}fdp.exe"), "invoice_fdp.exe");
+        assert_eq!(file_name_shown("фото (1).jpg"), "фото (1).jpg");
     }
 }

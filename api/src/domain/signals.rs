@@ -188,7 +188,11 @@ impl ApiState {
             nonce: message.nonce.map(Nonce::into_inner),
             text: message.text.map(MessageText::into_inner),
             reply_to: message.reply_to,
-            attachments: attachments.into_iter().map(AttachmentRef::from).collect(),
+            attachments: attachments
+                .into_iter()
+                .map(super::attachments::shown)
+                .map(AttachmentRef::from)
+                .collect(),
             edited_at: None,
             deleted: false,
             reactions: Default::default(),
