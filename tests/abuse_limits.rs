@@ -189,42 +189,32 @@ where
     panic!("still not limited after {most} requests");
 }
 
-/// Chats made, members added and calls started are limited per user with the default limits:
-/// each of them reaches others (a chat its up to a thousand members, a call rings every member
-/// and pushes to each who misses it), so one user must not flood thousands with them. A person
-/// making a few chats, adding a few members or calling a few times in a row is never refused;
-/// another user has their own allowance.
+/// People put into chats and calls started are limited per user with the default limits: each
+/// of them reaches others (a chat's members get its messages, calls and pushes; a call rings every
+/// member and pushes to each who misses it), so one user must not flood thousands with them. A
+/// person making a few chats, adding a few members or calling a few times in a row is never
+/// refused; another user has their own allowance.
 async fn chats_members_and_calls_are_rate_limited(stack: Stack) {
     let app = spawn(stack, |_| {}).await;
     let alice = app.token("alice").await;
     let bob = app.token("bob").await;
     let carol = app.token("carol").await;
+    let dave = app.token("dave").await;
     let bob_id = app.me(&bob).await;
     let carol_id = app.me(&carol).await;
+    let dave_id = app.me(&dave).await;
 
-    let group = json!({"kind": "group", "name": "many", "members": [bob_id]});
-    let first = app.group_chat(&alice, &[&bob_id]).await;
-    let (made, problem) = until_limited(200, |_| app.post(&alice, "/v1/chats", &group)).await;
-    assert!(made >= 10, "refused after {made} chats: {problem}");
+    // Three people a group: the default allowance is a few hundred people, then a few a minute.
+    let group = json!({"kind": "group", "name": "many", "members": [bob_id, carol_id, dave_id]});
+    let (made, problem) = until_limited(400, |_| app.post(&alice, "/v1/chats", &group)).await;
+    assert!(
+        (60..150).contains(&made),
+        "refused after {made} chats of three: {problem}"
+    );
     assert!(
         problem["detail"].as_str().unwrap().contains("chats"),
         "{problem}"
     );
-    // Adding members counts with making chats: they reach others the same way.
-    let add_carol = json!({"user_id": carol_id});
-    assert_limited(
-        app.post(&alice, &format!("/v1/chats/{first}/members"), &add_carol)
-            .await,
-    )
-    .await;
-    let chat = app.group_chat(&bob, &[&carol_id]).await;
-    let members = format!("/v1/chats/{chat}/members");
-    let alice_id = app.me(&alice).await;
-    let add_alice = json!({"user_id": alice_id});
-    assert_eq!(app.post(&bob, &members, &add_alice).await.status(), 201);
-    // Adding a member again answers 200, and counts all the same.
-    let (adds, _) = until_limited(200, |_| app.post(&bob, &members, &add_carol)).await;
-    assert!(adds >= 10, "refused after {adds} additions");
     assert_eq!(
         app.post(&carol, "/v1/chats", &group).await.status(),
         201,
@@ -232,7 +222,16 @@ async fn chats_members_and_calls_are_rate_limited(stack: Stack) {
     );
 
     // Calls have their own allowance: alice, refused chats, still calls.
+    let chat = app.group_chat(&bob, &[&carol_id]).await;
     let (calls, no_body) = (format!("/v1/chats/{chat}/calls"), json!({}));
+    let alice_id = app.me(&alice).await;
+    let members = format!("/v1/chats/{chat}/members");
+    assert_eq!(
+        app.post(&bob, &members, &json!({"user_id": alice_id}))
+            .await
+            .status(),
+        201
+    );
     let (started, problem) = until_limited(200, |_| app.post(&alice, &calls, &no_body)).await;
     assert!(started >= 5, "refused after {started} calls: {problem}");
     assert!(
@@ -243,6 +242,162 @@ async fn chats_members_and_calls_are_rate_limited(stack: Stack) {
     app.stop().await;
 }
 on_both_stacks!(chats_members_and_calls_are_rate_limited);
+
+/// A user (and chat) id no one has.
+const NOBODY: &str = "00000000-0000-4000-8000-00000000b0d1";
+
+/// The chats allowance counts the people a user puts into chats, not requests: a new group costs
+/// its members other than the creator, a new direct chat one, an addition one. A request that
+/// changes nothing (a direct chat found again, a member added again) and one refused (by a rule,
+/// or by the limit itself) cost nothing.
+async fn the_chats_allowance_counts_people_put_into_chats(stack: Stack) {
+    // Four people each, and one more every 1,000 s: nothing flows in while the test runs.
+    let app = spawn(stack, |config| {
+        config.limits.chats = RateLimit::new(0.001, 4);
+    })
+    .await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let carol = app.token("carol").await;
+    let dave = app.token("dave").await;
+    let alice_id = app.me(&alice).await;
+    let bob_id = app.me(&bob).await;
+    let carol_id = app.me(&carol).await;
+    let dave_id = app.me(&dave).await;
+    let group = |members: &[&str]| json!({"kind": "group", "name": "team", "members": members});
+
+    // A group of three others costs three; a group of two more is then refused, and one of one
+    // fits (the refusal took nothing). The creator named, or a member named twice, is not counted.
+    let made = app
+        .post(&alice, "/v1/chats", &group(&[&bob_id, &carol_id, &dave_id]))
+        .await;
+    assert_eq!(made.status(), 201);
+    let problem = assert_limited(
+        app.post(&alice, "/v1/chats", &group(&[&bob_id, &carol_id]))
+            .await,
+    )
+    .await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("chats"),
+        "{problem}"
+    );
+    let made = app
+        .post(&alice, "/v1/chats", &group(&[&bob_id, &bob_id, &alice_id]))
+        .await;
+    assert_eq!(made.status(), 201);
+    assert_limited(app.post(&alice, "/v1/chats", &group(&[&carol_id])).await).await;
+
+    // A direct chat costs one, and finding it again nothing.
+    let direct = json!({"kind": "direct", "members": [carol_id]});
+    assert_eq!(app.post(&bob, "/v1/chats", &direct).await.status(), 201);
+    for _ in 0..6 {
+        assert_eq!(app.post(&bob, "/v1/chats", &direct).await.status(), 200);
+    }
+    // Adding a member costs one each, and adding one again nothing.
+    let chat = app.group_chat(&bob, &[&carol_id]).await;
+    let members = format!("/v1/chats/{chat}/members");
+    for _ in 0..6 {
+        let again = app
+            .post(&bob, &members, &json!({"user_id": carol_id}))
+            .await;
+        assert_eq!(again.status(), 200);
+    }
+    for user in [&dave_id, &alice_id] {
+        let added = app.post(&bob, &members, &json!({"user_id": user})).await;
+        assert_eq!(added.status(), 201);
+    }
+    // 1 + 1 + 2 = 4: the next addition is refused, the repeats cost nothing.
+    assert_eq!(
+        app.delete(&bob, &format!("{members}/{dave_id}"))
+            .await
+            .status(),
+        204
+    );
+    assert_limited(app.post(&bob, &members, &json!({"user_id": dave_id})).await).await;
+
+    // Refused requests cost nothing: a member who may not add (403), a chat that does not exist
+    // (404), an unknown user named (422).
+    let no_chat = format!("/v1/chats/{NOBODY}/members");
+    for _ in 0..6 {
+        let refused = app
+            .post(&carol, &members, &json!({"user_id": dave_id}))
+            .await;
+        assert_eq!(refused.status(), 403);
+        let refused = app
+            .post(&carol, &no_chat, &json!({"user_id": bob_id}))
+            .await;
+        assert_eq!(refused.status(), 404);
+        let refused = app
+            .post(&carol, "/v1/chats", &group(&[&bob_id, NOBODY]))
+            .await;
+        assert_eq!(refused.status(), 422);
+    }
+    // carol's four are all there.
+    let made = app
+        .post(&carol, "/v1/chats", &group(&[&alice_id, &bob_id, &dave_id]))
+        .await;
+    assert_eq!(made.status(), 201);
+    let direct = json!({"kind": "direct", "members": [dave_id]});
+    assert_eq!(app.post(&carol, "/v1/chats", &direct).await.status(), 201);
+    assert_limited(app.post(&carol, "/v1/chats", &group(&[&bob_id])).await).await;
+    app.stop().await;
+}
+on_both_stacks!(the_chats_allowance_counts_people_put_into_chats);
+
+/// A group may start with more people than the allowance holds: it is made when the allowance is
+/// full, and leaves its creator in debt, so their next chat waits until the allowance has refilled
+/// to cover it. When the allowance is not full, such a group waits until it is.
+async fn a_group_larger_than_the_allowance_is_made_and_leaves_a_debt(stack: Stack) {
+    // Two people each, one more every 1,000 s.
+    let app = spawn(stack, |config| {
+        config.limits.chats = RateLimit::new(0.001, 2);
+    })
+    .await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let carol = app.token("carol").await;
+    let dave = app.token("dave").await;
+    let alice_id = app.me(&alice).await;
+    let bob_id = app.me(&bob).await;
+    let carol_id = app.me(&carol).await;
+    let dave_id = app.me(&dave).await;
+    let group = |members: &[&str]| json!({"kind": "group", "name": "team", "members": members});
+
+    let made = app
+        .post(&alice, "/v1/chats", &group(&[&bob_id, &carol_id, &dave_id]))
+        .await;
+    assert_eq!(made.status(), 201);
+    // Three taken from two: one person in debt, and one more to cover: 2,000 s.
+    let direct = json!({"kind": "direct", "members": [bob_id]});
+    let problem = assert_limited(app.post(&alice, "/v1/chats", &direct).await).await;
+    let wait = problem["retry_after"].as_u64().unwrap();
+    assert!((1_990..=2_000).contains(&wait), "{problem}");
+
+    // bob, one person short of full, waits for it (1,000 s) before a group of three.
+    assert_eq!(
+        app.post(&bob, "/v1/chats", &group(&[&alice_id]))
+            .await
+            .status(),
+        201
+    );
+    let problem = assert_limited(
+        app.post(&bob, "/v1/chats", &group(&[&alice_id, &carol_id, &dave_id]))
+            .await,
+    )
+    .await;
+    let wait = problem["retry_after"].as_u64().unwrap();
+    assert!((990..=1_000).contains(&wait), "{problem}");
+    // The refused group took nothing: the last person bob has still goes.
+    assert_eq!(
+        app.post(&bob, "/v1/chats", &group(&[&carol_id]))
+            .await
+            .status(),
+        201
+    );
+    assert_limited(app.post(&bob, "/v1/chats", &group(&[&dave_id])).await).await;
+    app.stop().await;
+}
+on_both_stacks!(a_group_larger_than_the_allowance_is_made_and_leaves_a_debt);
 
 /// Listing who has read or received a signal has a limit of its own, views and deliveries
 /// counted together (each page reads up to a thousand markers of a large chat); another user has

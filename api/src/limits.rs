@@ -2,11 +2,15 @@
 //! (and so by WebSocket request frames, which go through the same handlers). In memory, per
 //! process.
 
+use std::future::Future;
+
+use confab_runtime::Problem;
 use confab_runtime::config::LimitsConfig;
-use confab_runtime::limits::KeyedLimit;
+use confab_runtime::limits::{KeyedLimit, Taken};
 use confab_schema::UserId;
 
-use crate::error::ApiResult;
+use crate::domain::Outcome;
+use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 
 /// The classes of requests limited per user.
@@ -28,7 +32,8 @@ pub enum Class {
     Queue,
     /// Joining circles by access code.
     CircleJoin,
-    /// Creating chats and adding members to them.
+    /// Putting people into chats: creating chats and adding members, counted in the people
+    /// added (see [`ApiState::charged`]).
     Chats,
     /// Starting calls.
     Calls,
@@ -60,7 +65,7 @@ impl RateLimits {
             upload: KeyedLimit::new("uploads", config.upload),
             queue: KeyedLimit::new("queue joins and leaves", config.queue),
             circle_join: KeyedLimit::new("circle joins", config.circle_join),
-            chats: KeyedLimit::new("chats created and members added", config.chats),
+            chats: KeyedLimit::new("people added to chats", config.chats),
             calls: KeyedLimit::new("calls started", config.calls),
         }
     }
@@ -71,26 +76,72 @@ impl RateLimits {
     }
 }
 
+impl RateLimits {
+    fn limit(&self, class: Class) -> &KeyedLimit<UserId> {
+        match class {
+            Class::Send => &self.send,
+            Class::Edit => &self.edit,
+            Class::React => &self.react,
+            Class::Search => &self.search,
+            Class::Receipts => &self.receipts,
+            Class::Upload => &self.upload,
+            Class::Queue => &self.queue,
+            Class::CircleJoin => &self.circle_join,
+            Class::Chats => &self.chats,
+            Class::Calls => &self.calls,
+        }
+    }
+}
+
 impl ApiState {
     /// Takes one request of `class` from `user`'s allowance, or refuses with 429.
     pub fn throttle(&self, class: Class, user: UserId) -> ApiResult<()> {
-        let limits = &self.rate_limits;
-        let limit = match class {
-            Class::Send => &limits.send,
-            Class::Edit => &limits.edit,
-            Class::React => &limits.react,
-            Class::Search => &limits.search,
-            Class::Receipts => &limits.receipts,
-            Class::Upload => &limits.upload,
-            Class::Queue => &limits.queue,
-            Class::CircleJoin => &limits.circle_join,
-            Class::Chats => &limits.chats,
-            Class::Calls => &limits.calls,
-        };
-        limit.check(&user).map_err(|limited| {
-            metrics::counter!("confab_rate_limited_total", "class" => format!("{class:?}"))
-                .increment(1);
-            limited.into()
-        })
+        drop(self.take(class, user, 1)?);
+        Ok(())
     }
+
+    /// Runs `change`, a creation that costs `cost` of `user`'s allowance of `class` (the people
+    /// it puts into chats, say), taken before it runs: over the allowance, it does not run and
+    /// is refused with 429. The cost is given back when the change is refused (a 4xx answer: the
+    /// domain refuses before it writes) or finds what it would make there already
+    /// ([`Outcome::Existing`]), so that only what is done is counted. It is kept when the change
+    /// fails otherwise (a 5xx may come after some writes, and its retry finds them `Existing`),
+    /// and when the request is dropped while the change runs (it may have been made).
+    pub async fn charged<T>(
+        &self,
+        class: Class,
+        user: UserId,
+        cost: u32,
+        change: impl Future<Output = ApiResult<Outcome<T>>>,
+    ) -> ApiResult<Outcome<T>> {
+        let taken = self.take(class, user, cost)?;
+        let outcome = change.await;
+        let changed_nothing = match &outcome {
+            Ok(Outcome::Created(_)) => false,
+            Ok(Outcome::Existing(_)) => true,
+            Err(error) => is_refusal(error),
+        };
+        if changed_nothing {
+            self.rate_limits.limit(class).give_back(taken);
+        } else {
+            drop(taken);
+        }
+        outcome
+    }
+
+    fn take(&self, class: Class, user: UserId, cost: u32) -> ApiResult<Taken<UserId>> {
+        self.rate_limits
+            .limit(class)
+            .take(&user, cost)
+            .map_err(|limited| {
+                metrics::counter!("confab_rate_limited_total", "class" => format!("{class:?}"))
+                    .increment(1);
+                limited.into()
+            })
+    }
+}
+
+/// Whether `error` refuses the request (a 4xx), as opposed to failing it (5xx).
+fn is_refusal(error: &ApiError) -> bool {
+    Problem::from(error).status < 500
 }

@@ -555,8 +555,8 @@ impl Default for NotifierConfig {
     }
 }
 
-/// A token bucket: `per_second` tokens flow in, up to `burst`; each request takes one. A
-/// `per_second` of 0 turns the limit off.
+/// A token bucket: `per_second` tokens flow in, up to `burst`; each request takes one (in
+/// `limits.chats`, one per person it puts into a chat). A `per_second` of 0 turns the limit off.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
@@ -643,12 +643,23 @@ pub struct LimitsConfig {
     /// Joins of circles by access code per user (`POST /v1/circles/join`), counted whether the code
     /// opens a circle or not, so codes are not tried fast. Default `{ per_second = 0.2, burst = 10 }`.
     pub circle_join: RateLimit,
-    /// Chats created and members added per user (`POST /v1/chats`, `POST
-    /// /v1/chats/{id}/members`, also over the WebSocket), counted together, a direct chat found
-    /// again and a member already in too: each reaches other users (a new group up to a thousand
-    /// of them), so one user must not put thousands into chats they did not ask for. A person
-    /// sets up a few chats at a time. Default `{ per_second = 0.05, burst = 20 }`: twenty in a
-    /// row, then three a minute.
+    /// People put into chats per user, chats created and members added counted together
+    /// (`POST /v1/chats`, `POST /v1/chats/{id}/members`, also over the WebSocket): a new group
+    /// counts its members other than its creator, a new direct chat one, an added member one.
+    /// A request that changes nothing (a direct chat found again, a member already in) and one
+    /// refused (4xx) count nothing. Each person put into a chat gets its messages, calls and
+    /// pushes, so it is people, not requests, that one user must not put into chats by the
+    /// thousand: counted in requests, twenty groups of a thousand would pass while an admin
+    /// adding members one by one would be held back. A group may start with more people than
+    /// `burst`: it is created when the allowance is full, and leaves it in debt (the user's
+    /// next request waits until it has refilled to cover it), so the allowance still bounds the
+    /// people reached over time and one large group is never refused for good. Default
+    /// `{ per_second = 0.5, burst = 300 }`: a person sets up a team of up to three hundred at
+    /// once, or hundreds of direct chats and additions in a row, without waiting, and then thirty
+    /// people a minute (an addition every 2 s, about as fast as someone picks people by hand);
+    /// the largest group, a thousand (`MAX_INITIAL_MEMBERS`), is made from a full allowance and
+    /// then the next chat waits about 23 minutes. An account that puts strangers into groups
+    /// reaches no more than 300 people at once and 1,800 an hour after that (per API process).
     pub chats: RateLimit,
     /// Calls started per user (`POST /v1/chats/{id}/calls`, also over the WebSocket), a start
     /// that joins the chat's live call too: each rings every member and pushes a missed call to
@@ -687,7 +698,7 @@ impl Default for LimitsConfig {
             upload: RateLimit::new(5.0, 50),
             queue: RateLimit::new(1.0, 20),
             circle_join: RateLimit::new(0.2, 10),
-            chats: RateLimit::new(0.05, 20),
+            chats: RateLimit::new(0.5, 300),
             calls: RateLimit::new(0.05, 10),
             public: RateLimit::new(50.0, 500),
             cors_origins: String::new(),
@@ -1430,6 +1441,7 @@ mod tests {
             jail.set_env("CONFAB_LIMITS__SEND__PER_SECOND", "2.5");
             jail.set_env("CONFAB_LIMITS__SEND__BURST", "7");
             jail.set_env("CONFAB_LIMITS__CALLS__BURST", "3");
+            jail.set_env("CONFAB_LIMITS__CHATS__PER_SECOND", "0.25");
             jail.set_env(
                 "CONFAB_LIMITS__CORS_ORIGINS",
                 "https://app.example.com, http://localhost:3000/",
@@ -1438,7 +1450,7 @@ mod tests {
             assert_eq!(config.limits.send, RateLimit::new(2.5, 7));
             assert_eq!(config.limits.edit, LimitsConfig::default().edit);
             assert_eq!(config.limits.calls, RateLimit::new(0.05, 3));
-            assert_eq!(config.limits.chats, LimitsConfig::default().chats);
+            assert_eq!(config.limits.chats, RateLimit::new(0.25, 300));
             assert_eq!(
                 config.limits.cors_origins(),
                 vec!["https://app.example.com", "http://localhost:3000"]

@@ -64,6 +64,22 @@ impl ChatToCreate {
     }
 }
 
+impl ChatToCreate {
+    /// The people the creation puts into a chat besides `creator`, what it costs of the
+    /// creator's allowance (`limits.chats`): one for a direct chat, the other members named
+    /// (each once) for a group, at least one.
+    pub fn people_added(&self, creator: UserId) -> u32 {
+        match self {
+            ChatToCreate::Group { members, .. } => {
+                let others: BTreeSet<UserId> =
+                    members.iter().copied().filter(|m| *m != creator).collect();
+                u32::try_from(others.len()).unwrap_or(u32::MAX).max(1)
+            }
+            ChatToCreate::Direct { .. } => 1,
+        }
+    }
+}
+
 /// A change to a group, checked: at least one of the two.
 #[derive(Clone, Debug)]
 pub struct ChatChange {

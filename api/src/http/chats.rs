@@ -32,7 +32,10 @@ pub struct CreateChat {
 
 /// Creates a group (the caller as owner plus the named members) or a direct chat (the caller and
 /// exactly one other user; the same pair always gets the same chat back, with 200). Limited per
-/// user together with adding members (`limits.chats`).
+/// user in the people put into chats, together with adding members (`limits.chats`): a group
+/// counts its members other than the caller, a direct chat one; one found again (200), and a
+/// refused request, nothing. A group larger than the whole allowance is created when the
+/// allowance is full, and the caller's next request waits until it has refilled to cover it.
 #[utoipa::path(
     post, operation_id = "create_chat", path = "/v1/chats", tag = "chats",
     request_body = CreateChat,
@@ -48,9 +51,15 @@ pub async fn create(
     Caller(caller): Caller,
     ApiJson(body): ApiJson<CreateChat>,
 ) -> ApiResult<(StatusCode, Json<Chat>)> {
-    state.throttle(Class::Chats, caller.id)?;
     let chat = ChatToCreate::parse(body.kind, body.name, body.description, body.members)?;
-    Ok(match state.create_chat(&caller, chat).await? {
+    let cost = chat.people_added(caller.id);
+    let created = state.charged(
+        Class::Chats,
+        caller.id,
+        cost,
+        state.create_chat(&caller, chat),
+    );
+    Ok(match created.await? {
         Outcome::Created(chat) => (StatusCode::CREATED, Json(chat)),
         Outcome::Existing(chat) => (StatusCode::OK, Json(chat)),
     })

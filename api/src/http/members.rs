@@ -56,7 +56,8 @@ pub struct AddMember {
 }
 
 /// Adds a member to a group (owners and admins). Written into the history as `joined`. Limited
-/// per user together with creating chats (`limits.chats`).
+/// per user in the people put into chats, together with creating chats (`limits.chats`): each
+/// addition counts one; one already a member (200), and a refused request, nothing.
 #[utoipa::path(
     post, operation_id = "add_member", path = "/v1/chats/{chat_id}/members", tag = "members",
     params(("chat_id" = ChatId, Path, description = "The chat")),
@@ -74,12 +75,9 @@ pub async fn add(
     ApiPath(chat_id): ApiPath<ChatId>,
     ApiJson(body): ApiJson<AddMember>,
 ) -> ApiResult<(StatusCode, Json<Member>)> {
-    state.throttle(Class::Chats, caller.id)?;
+    let added = state.add_member(caller.id, chat_id, body.user_id, body.role);
     Ok(
-        match state
-            .add_member(caller.id, chat_id, body.user_id, body.role)
-            .await?
-        {
+        match state.charged(Class::Chats, caller.id, 1, added).await? {
             Outcome::Created(member) => (StatusCode::CREATED, Json(member)),
             Outcome::Existing(member) => (StatusCode::OK, Json(member)),
         },
