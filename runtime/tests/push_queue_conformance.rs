@@ -515,3 +515,200 @@ async fn jetstream_an_older_ticket_stream_is_brought_up_to_date() {
     );
     queue.delete_bucket().await.expect("cleans up");
 }
+
+/// An entry left without a ticket (its process killed between writing the entry and its ticket,
+/// or the entry's create landing while its acknowledgement was lost) does not silence the chat
+/// for ever: the next message of the chat joins it and puts a ticket out for it, and the push,
+/// long overdue, is claimed with both messages. On JetStream only: the embedded queue finds due
+/// entries by an index of due times, with nothing beside the entry to lose.
+#[tokio::test]
+async fn jetstream_an_entry_left_without_a_ticket_is_claimed_after_the_next_message() {
+    use confab_runtime::push_queue::PushQueue;
+    use confab_schema::{ChatId, UserId};
+
+    let Some((queue, url, prefix)) = jetstream_queue().await else {
+        return;
+    };
+    let author = UserId::from_subject("ticketless", "author");
+    let now = confab_runtime::presence::now_ms();
+    // Another chat's push, due much later, makes the queue create its bucket and stream.
+    queue
+        .schedule(
+            UserId::from_subject("ticketless", "other"),
+            ChatId::new(),
+            &burst_message(author, 0),
+            now + 600_000,
+            now + 1_200_000,
+        )
+        .await
+        .expect("scheduled");
+    // The entry as a crash left it, its first message an hour old: in the bucket, no ticket.
+    let (user, chat) = (UserId::from_subject("ticketless", "reader"), ChatId::new());
+    let first = burst_message(author, 1);
+    let due = now - 3_600_000;
+    let entry = serde_json::json!({
+        "user": user,
+        "chat": chat,
+        "kind": "messages",
+        "newest": first.signal,
+        "author": author,
+        "author_name": "author",
+        "preview": "m1",
+        "count": 1,
+        "due_ms": due,
+        "expires_ms": now + 3_600_000,
+    });
+    let context = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connects"));
+    let bucket = context
+        .get_key_value(format!("{prefix}_push"))
+        .await
+        .expect("the bucket");
+    bucket
+        .create(
+            format!("{user}.{chat}"),
+            serde_json::to_vec(&entry).expect("encodes").into(),
+        )
+        .await
+        .expect("the entry without a ticket");
+
+    let second = burst_message(author, 2);
+    queue
+        .schedule(user, chat, &second, now + 300, now + 3_600_000)
+        .await
+        .expect("scheduled");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let claimed = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the push of an entry left without a ticket was never claimed"
+        );
+        let batch = queue
+            .claim_due(confab_runtime::presence::now_ms(), 10)
+            .await
+            .expect("claims");
+        if !batch.pushes.is_empty() {
+            break batch.pushes;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        claimed.len(),
+        1,
+        "only the ticketless entry's push: {claimed:?}"
+    );
+    let push = &claimed[0];
+    assert_eq!((push.user, push.chat), (user, chat));
+    assert_eq!(push.newest, second.signal);
+    assert_eq!(push.count, 2, "both messages announced");
+    queue.delete_bucket().await.expect("cleans up");
+}
+
+/// A ticket that comes before its entry (published first, as every ticket is, and taken by a
+/// node before the entry's create landed, which an entry due at once allows) is not dropped for
+/// finding nothing: it comes back shortly, finds the entry, and the push is claimed. On JetStream
+/// only, where the tickets are.
+#[tokio::test]
+async fn jetstream_a_ticket_that_comes_before_its_entry_still_claims_it() {
+    use confab_runtime::push_queue::PushQueue;
+    use confab_schema::{ChatId, UserId};
+
+    let Some((queue, url, prefix)) = jetstream_queue().await else {
+        return;
+    };
+    let author = UserId::from_subject("early", "author");
+    let now = confab_runtime::presence::now_ms();
+    // Another chat's push, due much later, makes the queue create its bucket and stream.
+    queue
+        .schedule(
+            UserId::from_subject("early", "other"),
+            ChatId::new(),
+            &burst_message(author, 0),
+            now + 600_000,
+            now + 1_200_000,
+        )
+        .await
+        .expect("scheduled");
+    let (user, chat) = (UserId::from_subject("early", "reader"), ChatId::new());
+    let key = format!("{user}.{chat}");
+    let context = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connects"));
+    // The ticket as the queue publishes it (key, due time, published), the entry not yet there.
+    context
+        .publish(
+            format!("{prefix}.push.due"),
+            format!("{key} {now} {now}").into(),
+        )
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    // Claims until the ticket was taken (and found no entry).
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = context
+        .get_stream(format!("{prefix}_push_due"))
+        .await
+        .expect("the ticket stream")
+        .get_consumer("senders")
+        .await
+        .expect("the consumer");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let batch = queue
+            .claim_due(confab_runtime::presence::now_ms(), 10)
+            .await
+            .expect("claims");
+        assert!(batch.pushes.is_empty(), "nothing to claim yet");
+        if consumer
+            .info()
+            .await
+            .expect("consumer info")
+            .delivered
+            .consumer_sequence
+            >= 1
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ticket was never taken"
+        );
+    }
+
+    let message = burst_message(author, 1);
+    let entry = serde_json::json!({
+        "user": user,
+        "chat": chat,
+        "kind": "messages",
+        "newest": message.signal,
+        "author": author,
+        "author_name": "author",
+        "preview": "m1",
+        "count": 1,
+        "due_ms": now,
+        "expires_ms": now + 3_600_000,
+    });
+    context
+        .get_key_value(format!("{prefix}_push"))
+        .await
+        .expect("the bucket")
+        .create(key, serde_json::to_vec(&entry).expect("encodes").into())
+        .await
+        .expect("the entry, after its ticket");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let claimed = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the entry whose ticket came first was never claimed"
+        );
+        let batch = queue
+            .claim_due(confab_runtime::presence::now_ms(), 10)
+            .await
+            .expect("claims");
+        if !batch.pushes.is_empty() {
+            break batch.pushes;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!((claimed[0].user, claimed[0].chat), (user, chat));
+    assert_eq!(claimed[0].newest, message.signal);
+    queue.delete_bucket().await.expect("cleans up");
+}

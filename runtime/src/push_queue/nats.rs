@@ -1,29 +1,38 @@
 //! The push queue on JetStream. Entries live in a key-value bucket (`<prefix>_push`, key
 //! `<user>.<chat>`), pushes sent lately in another (`<prefix>_push_sent`, aged out after
-//! [`SENT_MEMORY_MS`]). Finding the due ones without scanning every entry: each entry, when
-//! created, puts one ticket (its key and due time) on a work-queue stream (`<prefix>_push_due`)
-//! read by one durable consumer that every notifier node shares. A ticket due later than a
+//! [`SENT_MEMORY_MS`]). Finding the due ones without scanning every entry: each entry has one
+//! ticket (its key, its due time, and when the ticket was published), put on a work-queue stream
+//! (`<prefix>_push_due`) just before the entry is created, and read by one durable consumer that
+//! every notifier node shares. A ticket due later than a
 //! second or two is published as a message schedule (`Nats-Schedule: @at …`, NATS 2.12 or
-//! later) on a subject of its own below `<prefix>.push.at`: the server moves it to the consumer's
-//! subject [`LEAD_MS`] before the entry is due. Until then it is not delivered, so tickets of
-//! pushes not yet due take no place among the consumer's unacknowledged messages (capped at
-//! 100,000): however many wait, the due ones still come. A node that takes a ticket holds it
-//! until due, unacknowledged, within the hold horizon ([`DEFAULT_HOLD`], at most 5 s under the
-//! ack wait); one that comes early all the same (published at once, or handed back by a node
-//! that shut down) is handed back with a delay (a NAK with delay) to come again [`LEAD_MS`]
-//! before its due time. The ticket carries the entry's due time (which never moves), so it is
-//! decided without reading the entry. The horizon is short by default: a node killed while
-//! holding tickets lets them come back only after the ack wait (30 s), and holding every ticket
-//! from its first fetch (20 s) did not make pushes measurably more punctual
-//! (`confab bench-push --hold-ms`).
+//! later) on a subject of its own below `<prefix>.push.at` (one per key and due time): the server
+//! moves it to the consumer's subject [`LEAD_MS`] before the entry is due. Until then it is not
+//! delivered, so tickets of pushes not yet due take no place among the consumer's unacknowledged
+//! messages (capped at 100,000): however many wait, the due ones still come. A node that takes a
+//! ticket holds it until due, unacknowledged, within the hold horizon ([`DEFAULT_HOLD`], at most
+//! 5 s under the ack wait); one that comes early all the same (published at once, or handed back
+//! by a node that shut down) is handed back with a delay (a NAK with delay) to come again
+//! [`LEAD_MS`] before its due time. The ticket carries the entry's due time (which never moves,
+//! but for an entry given a fresh ticket, below), so it is decided without reading the entry. The
+//! horizon is short by default: a node killed while holding tickets lets them come back only
+//! after the ack wait (30 s), and holding every ticket from its first fetch (20 s) did not make
+//! pushes measurably more punctual (`confab bench-push --hold-ms`).
 //!
-//! Invariant: while an entry exists, a ticket for it is on the stream or in a node's hands. A
-//! ticket is acknowledged only once its entry is gone or claimed (compare-and-delete by one node),
-//! so a node that dies holding one lets it be redelivered after the ack wait, and a ticket whose
-//! entry was cancelled is dropped. A node that shuts down hands its held tickets back first
-//! ([`PushQueue::release`]), so they come again at their due time, not after the ack wait. Two
-//! tickets for one entry (created again after a cancel) are harmless: the first claims it, the
-//! second finds nothing.
+//! Invariant: while an entry exists, a ticket for it is on the stream or in a node's hands. The
+//! ticket is published before the entry is created, so neither a crash between the two nor a lost
+//! acknowledgement of the create (whose retry finds the entry and joins it) leaves an entry
+//! without one; a ticket whose create never landed finds no entry, and is dropped as one whose
+//! entry was cancelled is. A ticket that finds no entry within [`CREATE_GRACE_MS`] of its
+//! publication may have come before its entry's create landed (an entry due at once), so it comes
+//! back, a little later each time, until then. A ticket is acknowledged only once its entry is
+//! gone or claimed (compare-and-delete by one node), so a node that dies holding one lets it be
+//! redelivered after the ack wait. An entry that a join finds overdue by more than
+//! [`ORPHANED_AFTER`] (one written without a ticket by an older version, which created the entry
+//! first) is given a fresh ticket by that join, and made due at once. A node that shuts down hands
+//! its held tickets back first ([`PushQueue::release`]), so they come again at their due time,
+//! not after the ack wait. Two tickets for one entry (created again after a cancel, or a create
+//! that lost a race) are harmless: the first claims it, the second finds nothing (or the entry
+//! not due yet, and comes back when it is).
 
 use std::collections::{BinaryHeap, HashMap};
 use std::time::Duration;
@@ -408,18 +417,22 @@ impl NatsPushQueue {
             .map(|push| (push, entry.revision)))
     }
 
-    /// What `key`'s ticket finds at `now_ms`: the push, claimed, when it is due (then the ticket is
+    /// What `ticket` finds at `now_ms`: the push, claimed, when it is due (then the ticket is
     /// done); nothing and the ticket handed back until the due time when it is not; nothing and
-    /// the ticket done when the entry is gone.
+    /// the ticket done when the entry is gone (back shortly if the entry may be still to come).
     async fn claim_ticket(
         &self,
         kv: &kv::Store,
-        key: &str,
+        ticket: &Ticket,
         now_ms: i64,
     ) -> Result<Decision, BusError> {
+        let key = ticket.key.as_str();
         for _ in 0..16 {
             let Some((push, revision)) = self.pending(kv, key).await? else {
-                return Ok(Decision::Answer(None, AckKind::Ack));
+                return Ok(Decision::Answer(
+                    None,
+                    no_entry(ticket.published_ms, now_ms),
+                ));
             };
             if push.due_ms > now_ms {
                 return Ok(not_yet(push.due_ms, now_ms, self.hold_ms));
@@ -488,7 +501,7 @@ impl NatsPushQueue {
                         tracing::warn!(key = %parsed.key, "dropping a push ticket of no entry");
                         Decision::Answer(None, AckKind::Term)
                     }
-                    _ => match self.claim_ticket(kv, &parsed.key, now_ms).await {
+                    _ => match self.claim_ticket(kv, &parsed, now_ms).await {
                         Ok(decision) => {
                             self.undecided.recovered("decide");
                             decision
@@ -532,50 +545,40 @@ impl NatsPushQueue {
         Ok((claimed.into_iter().flatten().collect(), full))
     }
 
-    /// Puts `key`'s ticket on the stream, the entry just created at `revision`. When that fails
-    /// the entry is taken back, so no entry is left without a ticket.
-    async fn ticket(
-        &self,
-        kv: &kv::Store,
-        key: &str,
-        revision: u64,
-        due_ms: i64,
-    ) -> Result<(), BusError> {
+    /// Puts a ticket for `key`'s entry, due at `due_ms`, on the stream: before the entry is
+    /// created (or given a fresh ticket), so that no entry is ever without one. A ticket whose
+    /// entry is then not written finds none, and is dropped.
+    async fn ticket(&self, key: &str, due_ms: i64) -> Result<(), BusError> {
         self.consumer().await?;
-        let payload = Ticket::payload(key, due_ms);
-        let published = async {
-            let ack = match schedule_time(due_ms, crate::presence::now_ms()) {
-                // Due soon: on the due subject at once, held by whichever node takes it.
-                None => self
-                    .context
-                    .publish(self.ticket_subject.clone(), payload)
+        let now_ms = crate::presence::now_ms();
+        let payload = Ticket::payload(key, due_ms, now_ms);
+        let ack = match schedule_time(due_ms, now_ms) {
+            // Due soon: on the due subject at once, held by whichever node takes it.
+            None => self
+                .context
+                .publish(self.ticket_subject.clone(), payload)
+                .await
+                .map_err(unavailable)?,
+            // Due later: the server keeps it aside and moves it to the due subject at its time,
+            // so until then it takes no place among the consumer's unacknowledged tickets,
+            // however many wait. One subject per key and due time: a schedule replaces the one on
+            // its subject, which is a ticket for the same entry and time (a retry of this
+            // publish, or a create that lost a race), never another's.
+            Some(at) => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Schedule", at.as_str());
+                headers.insert("Nats-Schedule-Target", self.ticket_subject.as_str());
+                self.context
+                    .publish_with_headers(
+                        format!("{}.{key}.{due_ms}", self.schedule_subject),
+                        headers,
+                        payload,
+                    )
                     .await
-                    .map_err(unavailable)?,
-                // Due later: the server keeps it aside and moves it to the due subject at its
-                // time, so until then it takes no place among the consumer's unacknowledged
-                // tickets, however many wait. One subject per entry version: a schedule replaces
-                // the one on its subject, and a retry of this publish replaces itself.
-                Some(at) => {
-                    let mut headers = async_nats::HeaderMap::new();
-                    headers.insert("Nats-Schedule", at.as_str());
-                    headers.insert("Nats-Schedule-Target", self.ticket_subject.as_str());
-                    self.context
-                        .publish_with_headers(
-                            format!("{}.{key}.{revision}", self.schedule_subject),
-                            headers,
-                            payload,
-                        )
-                        .await
-                        .map_err(unavailable)?
-                }
-            };
-            ack.await.map_err(unavailable)
-        }
-        .await;
-        if let Err(error) = published {
-            let _ = kv.delete_expect_revision(key, Some(revision)).await;
-            return Err(error);
-        }
+                    .map_err(unavailable)?
+            }
+        };
+        ack.await.map_err(unavailable)?;
         Ok(())
     }
 }
@@ -600,6 +603,35 @@ fn schedule_time(due_ms: i64, now_ms: i64) -> Option<String> {
 /// How soon a ticket whose entry could not be read comes back.
 const RETRY_UNDECIDED: Duration = Duration::from_secs(1);
 
+/// How long after its publication a ticket that finds no entry is looked at again rather than
+/// dropped: its entry's create is the next request after the ticket's publication was
+/// acknowledged, and the client gives up on a request after 5 s.
+const CREATE_GRACE_MS: i64 = 10_000;
+
+/// The shortest wait before a ticket that found no entry within [`CREATE_GRACE_MS`] is looked at
+/// again; each wait after is as long as the ticket's age (so a few looks in all).
+const CREATE_RECHECK_MS: i64 = 100;
+
+/// What a ticket that found no entry at `now_ms` is answered: dropped, or, published less than
+/// [`CREATE_GRACE_MS`] ago (its entry's create may not have landed yet), back a little later.
+fn no_entry(published_ms: Option<i64>, now_ms: i64) -> AckKind {
+    let Some(age) = published_ms.map(|published| now_ms - published) else {
+        return AckKind::Ack;
+    };
+    if !(0..CREATE_GRACE_MS).contains(&age) {
+        return AckKind::Ack;
+    }
+    let back = age.max(CREATE_RECHECK_MS).min(CREATE_GRACE_MS - age);
+    AckKind::Nak(Some(Duration::from_millis(back.unsigned_abs())))
+}
+
+/// A join that finds its entry overdue by more than this gives it a fresh ticket: the entry's own
+/// ticket comes within the ack wait of its due time even from a node killed while holding it
+/// (and the server's schedule runs seconds late at worst), so an entry this late most likely has
+/// none (one left by an older version). A ticket too many is harmless: one claims, the other
+/// finds nothing.
+const ORPHANED_AFTER: Duration = Duration::from_secs(120);
+
 /// Whether `key` names an entry this queue writes (see [`super::key`]).
 fn is_entry_key(key: &str) -> bool {
     key.split_once('.').is_some_and(|(user, chat)| {
@@ -607,29 +639,30 @@ fn is_entry_key(key: &str) -> bool {
     })
 }
 
-/// A ticket: its entry's key, and the entry's due time when it was created (tickets of older
-/// versions carry the key alone).
+/// A ticket: its entry's key, the entry's due time, and when the ticket was published (tickets of
+/// older versions carry the key alone, or the key and the due time).
 struct Ticket {
     key: String,
     due_ms: Option<i64>,
+    published_ms: Option<i64>,
 }
 
 impl Ticket {
-    fn payload(key: &str, due_ms: i64) -> bytes::Bytes {
-        format!("{key} {due_ms}").into()
+    fn payload(key: &str, due_ms: i64, published_ms: i64) -> bytes::Bytes {
+        format!("{key} {due_ms} {published_ms}").into()
     }
 
     fn parse(payload: &[u8]) -> Ticket {
         let text = String::from_utf8_lossy(payload);
-        match text.rsplit_once(' ') {
-            Some((key, due)) => Ticket {
-                key: key.to_owned(),
-                due_ms: due.parse().ok(),
-            },
-            None => Ticket {
-                key: text.into_owned(),
-                due_ms: None,
-            },
+        let mut fields = text.split(' ');
+        let key = fields.next().unwrap_or_default().to_owned();
+        let mut number = || fields.next().and_then(|field| field.parse().ok());
+        let due_ms = number();
+        let published_ms = number();
+        Ticket {
+            key,
+            due_ms,
+            published_ms,
         }
     }
 }
@@ -656,6 +689,7 @@ impl NatsPushQueue {
                     None => (None, None),
                 },
             };
+            let stored_due_ms = pending.as_ref().map(|push| push.due_ms);
             let mut push = pending;
             for queued in batch {
                 push = Some(PendingPush::joined(
@@ -667,21 +701,31 @@ impl NatsPushQueue {
                     queued.expires_ms,
                 ));
             }
-            let Some(push) = push else {
+            let Some(mut push) = push else {
                 return Ok(()); // nothing queued and nothing pending: nothing to write
             };
-            let value: bytes::Bytes = serde_json::to_vec(&push)?.into();
             match revision {
                 // The entry's ticket is out already; it finds the entry as it is when it comes.
+                // Unless the entry is long overdue: then it most likely has none, and gets one
+                // (first, as a new entry does), due now at the latest.
                 Some(revision) => {
+                    let now_ms = crate::presence::now_ms();
+                    let orphaned_ms = i64::try_from(ORPHANED_AFTER.as_millis()).unwrap_or(i64::MAX);
+                    if stored_due_ms.is_some_and(|due| due < now_ms.saturating_sub(orphaned_ms)) {
+                        push.due_ms = push.due_ms.max(now_ms);
+                        self.ticket(key, push.due_ms).await?;
+                    }
+                    let value: bytes::Bytes = serde_json::to_vec(&push)?.into();
                     if let Ok(revision) = kv.update(key, value, revision).await {
                         self.remember(key, push, revision);
                         return Ok(());
                     }
                 }
+                // The ticket first: whatever stops this here, no entry is left without one.
                 None => {
+                    self.ticket(key, push.due_ms).await?;
+                    let value: bytes::Bytes = serde_json::to_vec(&push)?.into();
                     if let Ok(revision) = kv.create(key, value).await {
-                        self.ticket(kv, key, revision, push.due_ms).await?;
                         self.remember(key, push, revision);
                         return Ok(());
                     }
@@ -698,6 +742,49 @@ impl NatsPushQueue {
                 lost_a_race(attempt).await;
             }
         }
+    }
+
+    /// Forgets the push sent to `user` in `chat` if `covered` says it is to be withdrawn, and queues
+    /// its withdrawal unless it is forgotten by now; says whether it queued one. Called once
+    /// nothing is pending for the chat.
+    async fn withdraw_sent(
+        &self,
+        kv: &kv::Store,
+        user: UserId,
+        chat: ChatId,
+        covered: impl FnOnce(&SentPush) -> bool,
+        now_ms: i64,
+    ) -> Result<bool, BusError> {
+        let key = key(user, chat);
+        let sent = self.sent.store().await.map_err(unavailable)?;
+        let Some(entry) = sent.entry(&key).await.map_err(unavailable)? else {
+            return Ok(false);
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(false);
+        }
+        let Ok(record) = serde_json::from_slice::<SentPush>(&entry.value) else {
+            return Ok(false);
+        };
+        if !covered(&record) {
+            return Ok(false);
+        }
+        // Whoever deletes the record queues the withdrawal; a concurrent cancel does not.
+        if sent
+            .delete_expect_revision(&key, Some(entry.revision))
+            .await
+            .is_err()
+            || record.forget_ms <= now_ms
+        {
+            return Ok(false);
+        }
+        let withdrawal = PendingPush::withdrawal(user, chat, &record, now_ms);
+        let value: bytes::Bytes = serde_json::to_vec(&withdrawal)?.into();
+        // The ticket first, as for every entry; a push created meanwhile replaces the
+        // notification anyway (then no withdrawal is needed, and the ticket finds that push, not
+        // due yet, and comes back when it is).
+        self.ticket(&key, withdrawal.due_ms).await?;
+        Ok(kv.create(&key, value).await.is_ok())
     }
 
     /// Takes the preview off the pending push at `key`, if it has one; says whether it did.
@@ -915,33 +1002,10 @@ impl PushQueue for NatsPushQueue {
             return Err(unavailable("too many concurrent updates"));
         }
         // Nothing pending any more: a sent push that was read is withdrawn.
-        let sent = self.sent.store().await.map_err(unavailable)?;
-        let Some(entry) = sent.entry(&key).await.map_err(unavailable)? else {
-            return Ok(outcome);
-        };
-        if entry.operation != kv::Operation::Put {
-            return Ok(outcome);
-        }
-        let Ok(record) = serde_json::from_slice::<SentPush>(&entry.value) else {
-            return Ok(outcome);
-        };
-        if record.newest > up_to {
-            return Ok(outcome);
-        }
-        // Whoever deletes the record queues the withdrawal; a concurrent cancel does not.
-        if sent
-            .delete_expect_revision(&key, Some(entry.revision))
-            .await
-            .is_err()
-            || record.forget_ms <= now_ms
+        if self
+            .withdraw_sent(kv, user, chat, |sent| sent.newest <= up_to, now_ms)
+            .await?
         {
-            return Ok(outcome);
-        }
-        let withdrawal = PendingPush::withdrawal(user, chat, &record, now_ms);
-        let value: bytes::Bytes = serde_json::to_vec(&withdrawal)?.into();
-        // A push created meanwhile replaces the notification anyway: then none is needed.
-        if let Ok(revision) = kv.create(&key, value).await {
-            self.ticket(kv, &key, revision, withdrawal.due_ms).await?;
             outcome = Cancelled::Withdrawn;
         }
         Ok(outcome)
@@ -1057,7 +1121,8 @@ mod tests {
     use async_nats::jetstream::AckKind;
 
     use super::{
-        Decision, LEAD_MS, OUTAGE_REMINDER, OutageLog, Tell, Ticket, not_yet, schedule_time,
+        CREATE_GRACE_MS, CREATE_RECHECK_MS, Decision, LEAD_MS, OUTAGE_REMINDER, OutageLog, Tell,
+        Ticket, no_entry, not_yet, schedule_time,
     };
 
     /// A ticket due later comes by schedule, the lead before its due time rounded up to a whole
@@ -1133,11 +1198,34 @@ mod tests {
     #[test]
     fn a_ticket_carries_its_due_time_and_old_ones_still_read() {
         let key = "4f8c2b1e-0000-4000-8000-000000000001.0190c2b1-0000-7000-8000-000000000002";
-        let parsed = Ticket::parse(&Ticket::payload(key, 1_796_000_000_123));
+        let parsed = Ticket::parse(&Ticket::payload(key, 1_796_000_000_123, 1_796_000_000_001));
         assert_eq!(parsed.key, key);
         assert_eq!(parsed.due_ms, Some(1_796_000_000_123));
+        assert_eq!(parsed.published_ms, Some(1_796_000_000_001));
+        let due_only = Ticket::parse(format!("{key} 1796000000123").as_bytes());
+        assert_eq!(due_only.key, key);
+        assert_eq!(due_only.due_ms, Some(1_796_000_000_123));
+        assert_eq!(due_only.published_ms, None);
         let old = Ticket::parse(key.as_bytes());
         assert_eq!(old.key, key);
         assert_eq!(old.due_ms, None);
+    }
+
+    /// A ticket that finds no entry is dropped, unless it was published within the grace (its
+    /// entry's create may still be on its way): then it comes back, a little later each time,
+    /// never past the grace. One of an older version (no publication time) is dropped.
+    #[test]
+    fn a_young_ticket_that_finds_no_entry_comes_back() {
+        let published = 1_796_000_000_000;
+        let back = |now: i64| match no_entry(Some(published), now) {
+            AckKind::Nak(Some(delay)) => Some(i64::try_from(delay.as_millis()).unwrap()),
+            AckKind::Ack => None,
+            _ => panic!("acknowledged or handed back"),
+        };
+        assert_eq!(back(published + 2), Some(CREATE_RECHECK_MS));
+        assert_eq!(back(published + 1_000), Some(1_000));
+        assert_eq!(back(published + CREATE_GRACE_MS - 300), Some(300));
+        assert_eq!(back(published + CREATE_GRACE_MS), None);
+        assert!(matches!(no_entry(None, published), AckKind::Ack));
     }
 }
