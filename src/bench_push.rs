@@ -98,6 +98,17 @@ impl PushQueue for ClaimTimed {
     ) -> Result<Cancelled, BusError> {
         self.queue.cancel(user, chat, up_to, now_ms).await
     }
+    async fn message_deleted(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        deleted: SignalId,
+        now_ms: i64,
+    ) -> Result<Cancelled, BusError> {
+        self.queue
+            .message_deleted(user, chat, deleted, now_ms)
+            .await
+    }
     async fn drop_pending(&self, user: UserId, chat: ChatId) -> Result<bool, BusError> {
         self.queue.drop_pending(user, chat).await
     }

@@ -853,6 +853,61 @@ async fn deleted_and_edited_messages_on_the_real_stack() {
     }
 }
 
+/// Deleting the newest message of a burst before its push is due leaves the push of the others:
+/// it announces the newest message still there (its id, author and text), counts only what is
+/// left, and nothing of the deleted one reaches the device.
+async fn a_deleted_newest_message_leaves_the_push_of_the_others(stack: Stack) {
+    let BobsDevice {
+        app,
+        receiver,
+        alice,
+        bob,
+        bob_id,
+    } = bobs_device(stack, "laptop").await;
+    let alice_id = app.me(&alice).await;
+    let (burst, later) = (
+        app.group_chat(&alice, &[&bob_id]).await,
+        app.group_chat(&alice, &[&bob_id]).await,
+    );
+    // Bob's window for the burst: long enough for the deletion on a slow machine.
+    delay_in(&app, &bob, &burst, 2_000).await;
+    let kept = send(&app, &alice, &burst, "still here").await;
+    let deleted = send(&app, &alice, &burst, "deleted secret").await;
+    let removed = app
+        .http
+        .delete(format!("{}/v1/chats/{burst}/signals/{deleted}", app.base))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 200);
+
+    let push = receiver.next_for("laptop", &burst).await;
+    assert_eq!(push.payload["signal_id"], kept.as_str(), "{}", push.payload);
+    assert_eq!(
+        push.payload["author_id"],
+        alice_id.as_str(),
+        "{}",
+        push.payload
+    );
+    assert_eq!(push.payload["preview"], "still here", "{}", push.payload);
+    assert_eq!(push.payload["count"], 1, "{}", push.payload);
+    // A message sent after, with a shorter delay, arrives; the burst rang once.
+    send(&app, &alice, &later, "after").await;
+    receiver.next_for("laptop", &later).await;
+    assert_eq!(receiver.count_for(&burst), 1, "one push for the burst");
+    for received in receiver.received.lock().unwrap().iter() {
+        let text = received.payload.to_string();
+        assert!(
+            !text.contains(&deleted) && !text.contains("deleted secret"),
+            "the deleted message reached a device: {text}"
+        );
+    }
+    app.stop().await;
+}
+
+on_both_stacks!(a_deleted_newest_message_leaves_the_push_of_the_others);
+
 /// A call nobody answers rings out into a `missed` signal, and that signal is pushed to the
 /// callees (not to the caller) as a message is; the call's other signals push nothing.
 async fn missed_calls_are_pushed(stack: Stack) {

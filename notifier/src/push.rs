@@ -290,9 +290,14 @@ impl PushSender {
                 }
             };
             // The text it shows is the message's as it is now: never a deleted one's, nor the
-            // words an edit took back. (A deletion also drops the pending push, but one claimed
-            // already is on its way here.)
-            match self.devices.message(push.chat, push.newest).await {
+            // words an edit took back. (A deletion also takes the message out of the pending
+            // push, which then says so, but one claimed already is on its way here.)
+            let newest = if push.newest_deleted {
+                Ok(Announced::Deleted)
+            } else {
+                self.devices.message(push.chat, push.newest).await
+            };
+            match newest {
                 Ok(Announced::Deleted) => {
                     if !self.announce_remaining(&mut push, reached).await {
                         metrics::counter!("confab_pushes_cancelled_total").increment(1);
@@ -341,9 +346,14 @@ impl PushSender {
                 return false;
             }
         };
-        // The messages it announces besides the deleted newest one; the newest of them still
-        // there takes its place, and counts itself and those older.
-        let mut left = push.count.saturating_sub(1);
+        // The messages it announces besides the deleted newest one (which its count leaves out
+        // when the queue knew of the deletion); the newest of them still there takes its place,
+        // and counts itself and those older.
+        let mut left = if push.newest_deleted {
+            push.count
+        } else {
+            push.count.saturating_sub(1)
+        };
         let mut remaining = None;
         for signal in older {
             if left == 0 || reached.is_some_and(|reached| signal.id <= reached) {
@@ -370,6 +380,7 @@ impl PushSender {
             }
         };
         push.newest = remaining.id;
+        push.newest_deleted = false;
         push.author = remaining.author_id;
         push.author_name = author_name;
         push.count = left;
@@ -707,6 +718,7 @@ mod tests {
             author_name: "alice".into(),
             preview: Some("the text as it was".into()),
             count: 1,
+            newest_deleted: false,
             due_ms: now,
             expires_ms: now + 60_000,
         };
@@ -860,6 +872,32 @@ mod tests {
         let payload: serde_json::Value = serde_json::from_str(&received[0]).unwrap();
         assert_eq!(payload["signal_id"], kept.id.0.to_string());
         assert_eq!(payload["author_id"], kept.author_id.0.to_string());
+        assert_eq!(payload["author_name"], "carol");
+        assert_eq!(payload["preview"], "carol's words");
+        assert_eq!(payload["count"], 1);
+    }
+
+    /// A push that the queue already knew had lost its newest message to a deletion (which left
+    /// it only that message's id, and counts the others) announces the newest of the others still
+    /// there, with its text when previews are allowed, without reading the deleted one.
+    #[tokio::test]
+    async fn a_push_whose_newest_message_the_queue_knew_deleted_announces_the_one_before() {
+        let (sender, mut push, received) = setup(true, 0).await;
+        let kept = message_of(push.chat, "carol", "carol's words", false);
+        let gone = message_of(push.chat, "alice", "alice's secret", true);
+        push.newest = gone.id;
+        push.newest_deleted = true;
+        push.author = gone.author_id;
+        push.author_name = String::new();
+        push.preview = Some(String::new());
+        push.count = 1;
+        let sender = with_history(sender, &push, vec![kept.clone(), gone]).await;
+        sender.send(push).await;
+        let received = received.lock().unwrap();
+        assert_eq!(received.len(), 1, "the push goes out: {received:?}");
+        assert!(!received[0].contains("alice"), "{}", received[0]);
+        let payload: serde_json::Value = serde_json::from_str(&received[0]).unwrap();
+        assert_eq!(payload["signal_id"], kept.id.0.to_string());
         assert_eq!(payload["author_name"], "carol");
         assert_eq!(payload["preview"], "carol's words");
         assert_eq!(payload["count"], 1);

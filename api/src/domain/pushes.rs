@@ -357,15 +357,16 @@ impl ApiState {
         Ok(found)
     }
 
-    /// Takes the push of a deleted message away from its chat's members: a pending push that
-    /// announces nothing newer is dropped, and one already sent is withdrawn from their devices,
-    /// so its preview leaves their lock screens. (The sender also looks at the message before a
-    /// claimed push goes out.) On a task of its own, so that a deletion's answer waits for no
-    /// member's queue and a cancelled request still takes them all.
+    /// Takes a deleted message out of its chat's members' pushes: a pending push whose newest
+    /// message it was keeps announcing the other messages of its burst (the sender announces the
+    /// newest of them still there), or is dropped when it announced that one alone; a push
+    /// already sent announcing it is withdrawn from their devices, so its preview leaves their
+    /// lock screens. (The sender also looks at the message before a claimed push goes out.) On a
+    /// task of its own, so that a deletion's answer waits for no member's queue and a cancelled
+    /// request still takes them all.
     ///
-    /// The author is left out, as the push was never theirs. A member whose pending push
-    /// announces only older messages (their push of this one was never scheduled: the chat was
-    /// muted when it was sent) loses that push too, the lesser harm than a deleted text shown.
+    /// The author is left out, as the push was never theirs. A pending push announcing other
+    /// messages only is left alone: the deleted one is not what it shows.
     pub(crate) fn withdraw_pushes(&self, deleted: &Signal) {
         if self.push_queue.is_none() || deleted.kind != SignalKind::Message {
             return;
@@ -383,10 +384,31 @@ impl ApiState {
             futures::stream::iter(members.into_iter().filter(|m| m.user_id != author))
                 .for_each_concurrent(64, |member| {
                     let state = &state;
-                    async move { state.cancel_pushes(member.user_id, chat, id).await }
+                    async move { state.take_deleted_from_push(member.user_id, chat, id).await }
                 })
                 .await;
         });
+    }
+
+    /// Takes the deleted message `deleted` out of `user`'s push of `chat` (see
+    /// [`Self::withdraw_pushes`]).
+    async fn take_deleted_from_push(&self, user: UserId, chat: ChatId, deleted: SignalId) {
+        let Some(queue) = &self.push_queue else {
+            return;
+        };
+        match queue
+            .message_deleted(user, chat, deleted, confab_runtime::presence::now_ms())
+            .await
+        {
+            Ok(Cancelled::Pending) => {
+                metrics::counter!("confab_pushes_cancelled_total").increment(1)
+            }
+            Ok(Cancelled::Withdrawn) => {
+                metrics::counter!("confab_pushes_withdrawn_total").increment(1);
+            }
+            Ok(Cancelled::Narrowed | Cancelled::Nothing) => {}
+            Err(error) => tracing::warn!(%error, "a deleted message's push not taken back"),
+        }
     }
 
     /// Drops `user`'s pending push of `chat`, which they just muted: the sender does not read
@@ -432,7 +454,7 @@ impl ApiState {
             Ok(Cancelled::Withdrawn) => {
                 metrics::counter!("confab_pushes_withdrawn_total").increment(1);
             }
-            Ok(Cancelled::Nothing) => {}
+            Ok(Cancelled::Narrowed | Cancelled::Nothing) => {}
             Err(error) => tracing::warn!(%error, "push not cancelled"),
         }
     }

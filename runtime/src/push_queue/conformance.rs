@@ -374,6 +374,83 @@ pub async fn racing_handles_never_fail(fixture: Fixture) {
     );
 }
 
+/// A deleted message is taken out of the pending push that announces it as its newest: the push
+/// still announces the others, counted without it, and keeps nothing of the deleted message but
+/// its id (no author's name, no text). Deleting a push's only message drops the push; deleting
+/// any other message leaves a push as it is. A sent push is withdrawn when it announced the
+/// deleted message, not when it announced an older one.
+pub async fn a_deleted_message_is_taken_out_of_its_push(fixture: Fixture) {
+    let alice = user();
+    let (burst, lone, untouched, sent) =
+        (ChatId::new(), ChatId::new(), ChatId::new(), ChatId::new());
+    let (first, second) = (message("first"), message("second secret"));
+    let (older, newer) = (message("older"), message("newer"));
+    let only = message("only secret");
+    let due = now_ms() + 500;
+    schedule(&*fixture.first, alice, burst, &first, due).await;
+    schedule(&*fixture.first, alice, burst, &second, due).await;
+    schedule(&*fixture.first, alice, lone, &only, due).await;
+    schedule(&*fixture.first, alice, untouched, &older, due).await;
+    schedule(&*fixture.first, alice, untouched, &newer, due).await;
+    let deleted = |chat: ChatId, message: &PushMessage| {
+        let queue = Arc::clone(&fixture.second);
+        let signal = message.signal;
+        async move {
+            queue
+                .message_deleted(alice, chat, signal, now_ms())
+                .await
+                .expect("takes it out")
+        }
+    };
+    assert_eq!(deleted(burst, &second).await, Cancelled::Narrowed);
+    assert_eq!(
+        deleted(burst, &second).await,
+        Cancelled::Nothing,
+        "taken out once"
+    );
+    assert_eq!(deleted(lone, &only).await, Cancelled::Pending);
+    assert_eq!(deleted(untouched, &older).await, Cancelled::Nothing);
+
+    let claimed: HashMap<ChatId, PendingPush> = claim(&*fixture.first, 2)
+        .await
+        .into_iter()
+        .map(|push| (push.chat, push))
+        .collect();
+    assert_eq!(claimed.len(), 2, "claimed: {claimed:?}");
+    let narrowed = &claimed[&burst];
+    assert_eq!(narrowed.kind, PushKind::Messages);
+    assert!(narrowed.newest_deleted, "{narrowed:?}");
+    assert_eq!(narrowed.newest, second.signal, "where its messages end");
+    assert_eq!(narrowed.count, 1, "the deleted message not counted");
+    assert_eq!(narrowed.author_name, "");
+    assert_eq!(
+        narrowed.preview.as_deref(),
+        Some(""),
+        "previews allowed, no text kept"
+    );
+    let kept = &claimed[&untouched];
+    assert!(!kept.newest_deleted);
+    assert_eq!((kept.newest, kept.count), (newer.signal, 2));
+    assert_eq!(kept.preview.as_deref(), Some("newer"));
+    nothing_claimed(&*fixture.second, 200).await;
+
+    // Sent announcing `newer`: deleting an older message leaves it, deleting `newer` withdraws it.
+    schedule(&*fixture.first, alice, sent, &newer, now_ms()).await;
+    let claimed = claim(&*fixture.first, 1).await;
+    assert_eq!(claimed.len(), 1);
+    fixture
+        .first
+        .sent(&claimed[0], now_ms())
+        .await
+        .expect("remembers");
+    assert_eq!(deleted(sent, &older).await, Cancelled::Nothing);
+    assert_eq!(deleted(sent, &newer).await, Cancelled::Withdrawn);
+    let claimed = claim(&*fixture.second, 1).await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].kind, PushKind::Withdrawal);
+    assert_eq!(claimed[0].newest, newer.signal);
+}
+
 /// A push that was sent and is then read is withdrawn, once; one that a newer push will replace
 /// is not.
 pub async fn reading_a_sent_push_withdraws_it(fixture: Fixture) {
@@ -528,6 +605,7 @@ macro_rules! push_queue_conformance_tests {
             case!(claimers_share_without_doubles);
             case!(racing_handles_never_fail);
             case!(reading_a_sent_push_withdraws_it);
+            case!(a_deleted_message_is_taken_out_of_its_push);
             case!(settings_changes_reach_pending_pushes);
         }
     };

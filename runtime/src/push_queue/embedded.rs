@@ -9,8 +9,8 @@ use confab_schema::{ChatId, SignalId, UserId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    Cancelled, Claimed, PendingPush, PushKind, PushMessage, PushQueue, SentPush, key, unavailable,
-    user_prefix,
+    AfterDeletion, Cancelled, Claimed, PendingPush, PushKind, PushMessage, PushQueue, SentPush,
+    key, unavailable, user_prefix,
 };
 use crate::bus::BusError;
 
@@ -94,6 +94,34 @@ fn put_pending(connection: &Connection, key: &str, push: &PendingPush) -> Result
     Ok(())
 }
 
+/// Forgets the push sent to `user` in `chat` if `covered` says it is to be withdrawn, and queues
+/// its withdrawal unless it is forgotten by now; says whether it queued one. Nothing is pending
+/// for the chat.
+fn withdraw_sent(
+    tx: &Connection,
+    user: UserId,
+    chat: ChatId,
+    covered: impl FnOnce(&SentPush) -> bool,
+    now_ms: i64,
+) -> Result<bool, BusError> {
+    let key = key(user, chat);
+    let sent: Option<SentPush> = read(tx, "sent_pushes", &key)?;
+    let Some(sent) = sent.filter(|sent| covered(sent)) else {
+        return Ok(false);
+    };
+    tx.execute("DELETE FROM sent_pushes WHERE key = ?1", params![key])
+        .map_err(unavailable)?;
+    if sent.forget_ms <= now_ms {
+        return Ok(false);
+    }
+    put_pending(
+        tx,
+        &key,
+        &PendingPush::withdrawal(user, chat, &sent, now_ms),
+    )?;
+    Ok(true)
+}
+
 #[async_trait]
 impl PushQueue for EmbeddedPushQueue {
     async fn schedule(
@@ -142,21 +170,46 @@ impl PushQueue for EmbeddedPushQueue {
                 Some(_) => true,
                 None => false,
             };
-            if !still_pending {
-                let sent: Option<SentPush> = read(&tx, "sent_pushes", &key)?;
-                if let Some(sent) = sent.filter(|sent| sent.newest <= up_to) {
-                    tx.execute("DELETE FROM sent_pushes WHERE key = ?1", params![key])
-                        .map_err(unavailable)?;
-                    if sent.forget_ms > now_ms {
-                        put_pending(
-                            &tx,
-                            &key,
-                            &PendingPush::withdrawal(user, chat, &sent, now_ms),
-                        )?;
-                        outcome = Cancelled::Withdrawn;
-                    }
-                }
+            if !still_pending
+                && withdraw_sent(&tx, user, chat, |sent| sent.newest <= up_to, now_ms)?
+            {
+                outcome = Cancelled::Withdrawn;
             }
+            tx.commit().map_err(unavailable)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn message_deleted(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        deleted: SignalId,
+        now_ms: i64,
+    ) -> Result<Cancelled, BusError> {
+        self.with(move |connection| {
+            let key = key(user, chat);
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let pending: Option<PendingPush> = read(&tx, "pending_pushes", &key)?;
+            let outcome = match pending.map(|push| push.after_deletion(deleted)) {
+                Some(AfterDeletion::Untouched) => Cancelled::Nothing,
+                Some(AfterDeletion::Dropped) => {
+                    tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
+                        .map_err(unavailable)?;
+                    Cancelled::Pending
+                }
+                Some(AfterDeletion::Narrowed(push)) => {
+                    put_pending(&tx, &key, &push)?;
+                    Cancelled::Narrowed
+                }
+                None if withdraw_sent(&tx, user, chat, |sent| sent.newest == deleted, now_ms)? => {
+                    Cancelled::Withdrawn
+                }
+                None => Cancelled::Nothing,
+            };
             tx.commit().map_err(unavailable)?;
             Ok(outcome)
         })

@@ -80,10 +80,17 @@ pub struct PendingPush {
     pub author: UserId,
     #[serde(default)]
     pub author_name: String,
+    /// The newest message's text, cut (see [`preview`]). With `newest_deleted`, `Some` of nothing:
+    /// the recipient allows previews, and the text is to be the message's the sender announces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview: Option<String>,
-    /// Messages it announces (collapsed).
+    /// Messages it announces (collapsed), the deleted newest one (`newest_deleted`) not counted.
     pub count: u32,
+    /// The newest message was deleted while it waited: `newest` only says where the messages it
+    /// announces end, and nothing else of that message is kept (no author's name, no text). The
+    /// sender announces the newest of the others still there, or nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub newest_deleted: bool,
     /// When it is due (Unix ms).
     pub due_ms: i64,
     /// When it must no longer be sent (Unix ms).
@@ -106,6 +113,7 @@ impl PendingPush {
             Some(mut push) if push.kind == PushKind::Messages => {
                 if message.signal > push.newest {
                     push.newest = message.signal;
+                    push.newest_deleted = false;
                     push.author = message.author;
                     push.author_name.clone_from(&message.author_name);
                     push.preview.clone_from(&message.preview);
@@ -123,10 +131,31 @@ impl PendingPush {
                 author_name: message.author_name.clone(),
                 preview: message.preview.clone(),
                 count: 1,
+                newest_deleted: false,
                 due_ms,
                 expires_ms,
             },
         }
+    }
+
+    /// What the deletion of `deleted` makes of this pending push: one whose newest message it was
+    /// keeps announcing the others (the sender announces the newest of them still there), with
+    /// nothing of the deleted one but its id, as the place where they end; one that announced it
+    /// alone is dropped. Any other is left as it is: the deleted message is not what it shows.
+    fn after_deletion(mut self, deleted: SignalId) -> AfterDeletion {
+        if self.kind != PushKind::Messages || self.newest != deleted || self.newest_deleted {
+            return AfterDeletion::Untouched;
+        }
+        if self.count <= 1 {
+            return AfterDeletion::Dropped;
+        }
+        self.newest_deleted = true;
+        self.count -= 1;
+        self.author_name.clear();
+        if let Some(text) = self.preview.as_mut() {
+            text.clear();
+        }
+        AfterDeletion::Narrowed(self)
     }
 
     /// The withdrawal of a push that announced up to `newest`, due at `now_ms`.
@@ -140,10 +169,19 @@ impl PendingPush {
             author_name: String::new(),
             preview: None,
             count: 0,
+            newest_deleted: false,
             due_ms: now_ms,
             expires_ms: now_ms + WITHDRAWAL_TTL_MS,
         }
     }
+}
+
+/// What a message's deletion makes of a pending push (see [`PendingPush::after_deletion`]).
+enum AfterDeletion {
+    Untouched,
+    Dropped,
+    /// Announcing the others, written back as this.
+    Narrowed(PendingPush),
 }
 
 /// How long a sent push is remembered for its withdrawal: a week, after which a notification
@@ -182,6 +220,9 @@ pub enum Cancelled {
     Pending,
     /// A sent push was covered: its withdrawal is queued.
     Withdrawn,
+    /// The pending push's newest message was taken out of it (deleted); it still announces the
+    /// others.
+    Narrowed,
 }
 
 #[async_trait]
@@ -204,6 +245,18 @@ pub trait PushQueue: Send + Sync + 'static {
         user: UserId,
         chat: ChatId,
         up_to: SignalId,
+        now_ms: i64,
+    ) -> Result<Cancelled, BusError>;
+    /// Takes the deleted message `deleted` out of `user`'s push of `chat`: a pending push whose
+    /// newest message it was still announces the others (nothing of the deleted one stays in it
+    /// but its id), or is dropped when it announced that one alone; a push sent announcing it is
+    /// withdrawn, unless a push is pending (that one replaces the notification). A pending push
+    /// announcing other messages only, older or newer, is left as it is.
+    async fn message_deleted(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        deleted: SignalId,
         now_ms: i64,
     ) -> Result<Cancelled, BusError>;
     /// Drops `user`'s pending push of `chat`, whatever it announces: they muted the chat while it

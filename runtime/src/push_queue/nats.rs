@@ -45,8 +45,8 @@ use confab_schema::{ChatId, SignalId, UserId};
 use futures::{StreamExt, TryStreamExt};
 
 use super::{
-    Cancelled, Claimed, PendingPush, PushKind, PushMessage, PushQueue, SENT_MEMORY_MS, SentPush,
-    key, unavailable, user_prefix,
+    AfterDeletion, Cancelled, Claimed, PendingPush, PushKind, PushMessage, PushQueue,
+    SENT_MEMORY_MS, SentPush, key, unavailable, user_prefix,
 };
 use crate::bus::BusError;
 use crate::kv_bucket::{ENTRY_ATTEMPTS, EntryTurns, KvBucket, lost_a_race};
@@ -1009,6 +1009,59 @@ impl PushQueue for NatsPushQueue {
             outcome = Cancelled::Withdrawn;
         }
         Ok(outcome)
+    }
+
+    async fn message_deleted(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        deleted: SignalId,
+        now_ms: i64,
+    ) -> Result<Cancelled, BusError> {
+        let kv = self.kv().await?;
+        let key = key(user, chat);
+        let _turn = self.entry_turns.turn(&key).await;
+        for attempt in 0..ENTRY_ATTEMPTS {
+            if attempt > 0 {
+                lost_a_race(attempt).await;
+            }
+            let Some((push, revision)) = self.pending(kv, &key).await? else {
+                // Nothing pending: a push sent announcing it is withdrawn.
+                let withdrawn = self
+                    .withdraw_sent(kv, user, chat, |sent| sent.newest == deleted, now_ms)
+                    .await?;
+                return Ok(if withdrawn {
+                    Cancelled::Withdrawn
+                } else {
+                    Cancelled::Nothing
+                });
+            };
+            match push.after_deletion(deleted) {
+                AfterDeletion::Untouched => return Ok(Cancelled::Nothing),
+                // Its ticket finds the entry gone, and is dropped.
+                AfterDeletion::Dropped => {
+                    if kv
+                        .delete_expect_revision(&key, Some(revision))
+                        .await
+                        .is_ok()
+                    {
+                        self.forget(&key);
+                        return Ok(Cancelled::Pending);
+                    }
+                }
+                // The entry's ticket is out already, and its due time stays.
+                AfterDeletion::Narrowed(push) => {
+                    let value: bytes::Bytes = serde_json::to_vec(&push)?.into();
+                    if let Ok(revision) = kv.update(&key, value, revision).await {
+                        self.remember(&key, push, revision);
+                        return Ok(Cancelled::Narrowed);
+                    }
+                }
+            }
+            // Changed meanwhile: look again.
+            self.forget(&key);
+        }
+        Err(unavailable("too many concurrent updates"))
     }
 
     async fn drop_pending(&self, user: UserId, chat: ChatId) -> Result<bool, BusError> {
