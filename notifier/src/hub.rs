@@ -7,13 +7,15 @@
 //! rendered once per node and the same bytes are shared by every connection that receives it.
 //!
 //! Opening a stream without a gap or a duplicate (see `docs/ARCHITECTURE.md`, "Resume"):
-//! 1. the connection registers as *pending*: it receives every event the node dispatches, and the
-//!    hub notes its user's membership changes;
+//! 1. the connection registers as *pending*: it receives every event the node dispatches, in a
+//!    channel of its own that no full buffer drops it for (it notes that it missed some instead),
+//!    and the hub notes its user's membership changes;
 //! 2. the user's chats are read;
 //! 3. the connection is *installed*: the hub applies the noted changes to those chats, routes by
 //!    them from now on, and answers the sequence `installed_at` of the last event it dispatched;
 //! 4. a fresh stream delivers the pending events of the user's chats (filtered by [`visible`]),
-//!    then everything routed to it. A resumed stream replays the log after the client's last id up
+//!    or, when its pending channel filled, those events read from the log instead, then everything
+//!    routed to it. A resumed stream replays the log after the client's last id up
 //!    to `installed_at` instead, and then skips what it replayed: of the chats the user is in, and
 //!    of those they left recently ([`Membership::left_chats_of`]), up to the event that took them
 //!    out, as the stream would have delivered them had it stayed open.
@@ -174,6 +176,14 @@ struct Connection {
     /// The session of the token the stream was opened with, for logouts.
     session: StreamSession,
     sender: mpsc::Sender<Arc<Outgoing>>,
+    /// While pending, where everything the node dispatches goes: not `sender`, which it is
+    /// dropped for filling. It fills with the events of every chat, not only its user's, for as
+    /// long as the reads of its open take, so a full one only notes `missed_while_pending` (and
+    /// its events are read from the log). Dropped at the install.
+    pending_sender: Option<mpsc::Sender<Arc<Outgoing>>>,
+    /// Its pending channel was full when a logged event came: what it holds is not the whole
+    /// range up to the install.
+    missed_while_pending: bool,
     /// `None` while pending: it receives everything, and `changes` notes its user's membership
     /// changes (chat, joined) until it is installed.
     chats: Option<HashSet<ChatId>>,
@@ -323,6 +333,8 @@ struct Registration {
     /// The last sequence dispatched before it was registered: it receives what comes after.
     after: u64,
     events: mpsc::Receiver<Arc<Outgoing>>,
+    /// What the node dispatched while it was pending (see [`Connection::pending_sender`]).
+    pending_events: mpsc::Receiver<Arc<Outgoing>>,
     /// Why the hub ended it, if it said (see [`Connection::end`]).
     end: Arc<OnceLock<&'static str>>,
 }
@@ -633,6 +645,8 @@ struct Installed {
     chats: HashSet<ChatId>,
     /// The chats its user left while it was pending: their events up to that are in the log.
     left: HashSet<ChatId>,
+    /// Its pending channel missed events dispatched while it was pending (it filled).
+    missed: bool,
 }
 
 /// The part of a resume's replay still to read from the log.
@@ -791,6 +805,7 @@ impl Hub {
             at: installed_at,
             chats: current,
             left: left_while_pending,
+            missed: missed_while_pending,
         } = self.install(registration.id, chats)?;
         if registration.first_on_node {
             let hub = self.clone();
@@ -856,6 +871,42 @@ impl Hub {
                     }));
                 }
             }
+        } else if missed_while_pending {
+            // A fresh stream whose pending channel filled with the node's traffic: the events of
+            // the user's chats from its start up to the install are read from the log instead,
+            // as a resume from there reads them.
+            metrics::counter!("confab_notifier_pending_overflows_total").increment(1);
+            let read: HashSet<ChatId> = current
+                .iter()
+                .copied()
+                .chain(left_while_pending.iter().copied())
+                .collect();
+            match self
+                .check_replay(
+                    user,
+                    registration.after,
+                    installed_at,
+                    read,
+                    current.clone(),
+                    ReplayMembership::default(),
+                )
+                .await
+            {
+                Ok(checked) => {
+                    replay = Some(checked);
+                    skip_up_to = installed_at;
+                }
+                Err(ReadError::Bus(error)) => return Err(error.into()),
+                Err(error) => {
+                    metrics::counter!("confab_notifier_resets_total").increment(1);
+                    tracing::debug!(%user, %error, "opening range not replayable; resetting");
+                    queue.push_back(Item::Reset(match error {
+                        ReadError::Expired(_) => "expired",
+                        _ => "too-far-behind",
+                    }));
+                }
+            }
+            replayed = true;
         }
         // A logout that ended the session while its chats and its replay were read (which
         // `end_sessions` could not reach, the connection being pending): nothing goes to it.
@@ -866,15 +917,15 @@ impl Hub {
         {
             return Err(OpenError::Revoked);
         }
-        // What reached the connection while it was pending: the events of every chat.
+        // What reached the connection while it was pending: the events of every chat, and what
+        // was routed to it since.
         let mut pending = Vec::new();
+        while let Ok(event) = registration.pending_events.try_recv() {
+            pending.push(event);
+        }
         let mut routed = Vec::new();
         while let Ok(event) = registration.events.try_recv() {
-            if event.seq <= installed_at {
-                pending.push(event);
-            } else {
-                routed.push(event);
-            }
+            routed.push(event);
         }
         if !replayed {
             queue.extend(
@@ -1049,6 +1100,7 @@ impl Hub {
         replacing: Option<u64>,
     ) -> Result<Registration, OpenError> {
         let (sender, events) = mpsc::channel(self.buffer);
+        let (pending_sender, pending_events) = mpsc::channel(self.buffer);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let end = Arc::new(OnceLock::new());
         let mut first_on_node = false;
@@ -1077,6 +1129,8 @@ impl Hub {
                     user,
                     session,
                     sender,
+                    pending_sender: Some(pending_sender),
+                    missed_while_pending: false,
                     chats: None,
                     changes: Vec::new(),
                     end: Arc::clone(&end),
@@ -1116,6 +1170,7 @@ impl Hub {
             first_on_node,
             after,
             events,
+            pending_events,
             end,
         })
     }
@@ -1128,13 +1183,19 @@ impl Hub {
             .map_err(|_| OpenError::Membership("hub poisoned".into()))?;
         let mut left = HashSet::new();
         let Some(connection) = routes.connections.get_mut(&id) else {
-            // Dropped while pending (it fell behind already): the stream ends at once.
+            // Dropped while pending (a logout, a newer stream of its user, the node's subscription
+            // ending): the stream ends at once.
             return Ok(Installed {
                 at: routes.last_seq,
                 chats,
                 left,
+                missed: false,
             });
         };
+        // Nothing more is dispatched to it as pending: what its channel holds is the range up
+        // to the install, whole unless `missed`.
+        connection.pending_sender = None;
+        let missed = connection.missed_while_pending;
         for (chat, joined) in connection.changes.drain(..) {
             if joined {
                 chats.insert(chat);
@@ -1152,6 +1213,7 @@ impl Hub {
             at: routes.last_seq,
             chats,
             left,
+            missed,
         })
     }
 
@@ -1446,8 +1508,12 @@ impl Hub {
         }
         let outgoing = Arc::new(Outgoing::render(LoggedEvent { seq: 0, envelope }));
         for connection in targets {
+            let sender = connection
+                .pending_sender
+                .as_ref()
+                .unwrap_or(&connection.sender);
             // Ephemeral: a full buffer skips it rather than dropping the connection.
-            if connection.sender.try_send(Arc::clone(&outgoing)).is_ok() {
+            if sender.try_send(Arc::clone(&outgoing)).is_ok() {
                 metrics::counter!("confab_notifier_delivered_total").increment(1);
             }
         }
@@ -1494,9 +1560,20 @@ impl Hub {
         let outgoing = Arc::new(Outgoing::render(event));
         let mut slow = Vec::new();
         for id in targets {
-            let Some(connection) = routes.connections.get(&id) else {
+            let Some(connection) = routes.connections.get_mut(&id) else {
                 continue;
             };
+            if let Some(pending) = &connection.pending_sender {
+                // A pending connection is never slow: the events it misses are in the log.
+                match pending.try_send(Arc::clone(&outgoing)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        connection.missed_while_pending = true;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+                continue;
+            }
             match connection.sender.try_send(Arc::clone(&outgoing)) {
                 Ok(()) => metrics::counter!("confab_notifier_delivered_total").increment(1),
                 Err(mpsc::error::TrySendError::Full(_)) => slow.push(id),
@@ -2959,6 +3036,81 @@ mod tests {
         );
         shutdown.cancel();
         worker.await.expect("worker ends");
+    }
+
+    /// Opens `me`'s stream (fresh, or resumed after `resume_after`) on a hub holding 4 events per
+    /// connection, while the store's read of their chats waits: the node dispatches an event of
+    /// their chat, then more of other chats than the buffer holds, and only then the read
+    /// answers. Answers what the stream delivers up to an event of their chat published after.
+    async fn opened_through_a_busy_pending_phase(resume_after: Option<u64>) -> Vec<String> {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let me = UserId::from_subject("t", "me");
+        let mine = ChatId::new();
+        let membership = Arc::new(Gated {
+            chats: vec![mine],
+            asked: tokio::sync::Notify::new(),
+            answer: tokio::sync::Notify::new(),
+        });
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::clone(&membership) as Arc<dyn Membership>,
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            4,
+            100,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let before = bus
+            .publish(&message(mine, "before the open"))
+            .await
+            .expect("publishes");
+        dispatched_up_to(&hub, before).await;
+        let resume_after = resume_after.map(|_| before);
+        let opening = {
+            let hub = hub.clone();
+            tokio::spawn(async move { hub.open(me, resume_after).await })
+        };
+        membership.asked.notified().await;
+        let mut last = bus
+            .publish(&message(mine, "while it opens"))
+            .await
+            .expect("publishes");
+        let elsewhere = ChatId::new();
+        for i in 0..12 {
+            last = bus
+                .publish(&message(elsewhere, &format!("elsewhere {i}")))
+                .await
+                .expect("publishes");
+        }
+        dispatched_up_to(&hub, last).await;
+        membership.answer.notify_one();
+        let mut stream = tokio::time::timeout(Duration::from_secs(5), opening)
+            .await
+            .expect("the open ends")
+            .expect("the task")
+            .expect("opens");
+        bus.publish(&message(mine, "end")).await.expect("publishes");
+        let seen = texts_up_to_end(&mut stream).await;
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_fresh_stream_opening_on_a_busy_node_is_not_dropped() {
+        assert_eq!(
+            opened_through_a_busy_pending_phase(None).await,
+            ["while it opens", "end"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resume_opening_on_a_busy_node_is_not_dropped() {
+        assert_eq!(
+            opened_through_a_busy_pending_phase(Some(0)).await,
+            ["while it opens", "end"]
+        );
     }
 
     #[tokio::test]
