@@ -593,8 +593,27 @@ async fn ids_that_cannot_resume(stack: Stack) {
     assert_eq!(reset.event, "reset");
     assert_eq!(reset.data["type"], "reset");
     assert_eq!(reset.data["data"]["reason"], "unknown-id");
+    // The reset carries the position the stream stands at: a client that resumes from it (before
+    // any later event) is not told to reset again.
+    let reset_at = reset
+        .id
+        .clone()
+        .unwrap_or_else(|| panic!("a reset has an id: {reset:?}"));
+    drop(stream);
+    let mut stream = SseStream::open(
+        app.http
+            .get(events_url(&app))
+            .bearer_auth(&bob)
+            .header("Last-Event-ID", &reset_at),
+    )
+    .await;
     send(&app, &alice, &chat, "after the reset").await;
-    read_until_message(&mut stream, "after the reset").await;
+    let read = read_until_message(&mut stream, "after the reset").await;
+    assert_eq!(
+        read.iter().map(describe).map(|(kind, ..)| kind).collect::<Vec<_>>(),
+        ["signal.created"],
+        "resumed from the reset's id: {read:?}"
+    );
 
     for garbage in ["abc", "-1", "1.5", "99999999999999999999999"] {
         let response = app
@@ -747,6 +766,37 @@ async fn websocket_resumes(stack: Stack) {
     );
     send(&app, &alice, &chat, "still here").await;
     until_message(&mut ws, "still here").await;
+
+    // An id the log cannot resume from: a reset with the position the stream now stands at, from
+    // which the next resume needs no reset.
+    let resume = |id: &str| {
+        Message::Text(
+            json!({"type": "resume", "last_event_id": id})
+                .to_string()
+                .into(),
+        )
+    };
+    ws.send(resume("987654321987")).await.unwrap();
+    let mut frame = next_frame(&mut ws).await;
+    while frame["type"] != "reset" {
+        frame = next_frame(&mut ws).await;
+    }
+    assert_eq!(frame["reason"], "unknown-id");
+    let reset_at = frame["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a reset frame has an id: {frame}"))
+        .to_owned();
+    ws.send(resume(&reset_at)).await.unwrap();
+    let mut frame = next_frame(&mut ws).await;
+    while frame["type"] != "ready" {
+        frame = next_frame(&mut ws).await;
+    }
+    send(&app, &alice, &chat, "after the reset").await;
+    let frames = until_message(&mut ws, "after the reset").await;
+    assert!(
+        frames.iter().all(|f| f["type"] == "event"),
+        "resumed from the reset's id: {frames:?}"
+    );
     app.stop().await;
 }
 

@@ -162,7 +162,13 @@ pub enum Item {
     Event(Arc<Outgoing>),
     /// The stream could not resume where the client asked: it must re-read its chats and their
     /// history. Events after this one continue normally.
-    Reset(&'static str),
+    Reset {
+        reason: &'static str,
+        /// The position the stream stands at: it delivers the events after this sequence, so a
+        /// client that drops before its next event resumes from here (the reset's id), not from
+        /// the id it could not resume from, which would only get it another reset.
+        at: u64,
+    },
     /// The hub ended the stream, for this reason, and the client should not reconnect on its own.
     /// The last item: `replaced` (a newer stream of the same user took its place, see [`Caps`]).
     Closed(&'static str),
@@ -435,15 +441,18 @@ impl Subscription {
                 // No progress: the log ends before where it ended when the resume was checked.
                 Ok(_) => self.replay = None,
                 // The log dropped what is left since the resume was checked: the client re-reads.
-                Err(ReadError::Expired(_)) => {
+                Err(error @ (ReadError::Expired(_)
+                | ReadError::Unknown(_)
+                | ReadError::TooMany(_))) => {
+                    // What follows is routed: the events after the end of the replay.
+                    let at = replay.up_to;
                     self.replay = None;
                     metrics::counter!("confab_notifier_resets_total").increment(1);
-                    return Some(Item::Reset("expired"));
-                }
-                Err(ReadError::Unknown(_) | ReadError::TooMany(_)) => {
-                    self.replay = None;
-                    metrics::counter!("confab_notifier_resets_total").increment(1);
-                    return Some(Item::Reset("too-far-behind"));
+                    let reason = match error {
+                        ReadError::Expired(_) => "expired",
+                        _ => "too-far-behind",
+                    };
+                    return Some(Item::Reset { reason, at });
                 }
                 // The client resumes after the last event it took, on this node or another.
                 Err(ReadError::Bus(error)) => {
@@ -864,11 +873,15 @@ impl Hub {
                 Err(error) => {
                     metrics::counter!("confab_notifier_resets_total").increment(1);
                     tracing::debug!(%user, %error, "resume impossible; resetting");
-                    queue.push_back(Item::Reset(match error {
-                        ReadError::Expired(_) => "expired",
-                        ReadError::Unknown(_) => "unknown-id",
-                        _ => "too-far-behind",
-                    }));
+                    // What follows is routed: the events after the install.
+                    queue.push_back(Item::Reset {
+                        reason: match error {
+                            ReadError::Expired(_) => "expired",
+                            ReadError::Unknown(_) => "unknown-id",
+                            _ => "too-far-behind",
+                        },
+                        at: installed_at,
+                    });
                 }
             }
         } else if missed_while_pending {
@@ -900,10 +913,13 @@ impl Hub {
                 Err(error) => {
                     metrics::counter!("confab_notifier_resets_total").increment(1);
                     tracing::debug!(%user, %error, "opening range not replayable; resetting");
-                    queue.push_back(Item::Reset(match error {
-                        ReadError::Expired(_) => "expired",
-                        _ => "too-far-behind",
-                    }));
+                    queue.push_back(Item::Reset {
+                        reason: match error {
+                            ReadError::Expired(_) => "expired",
+                            _ => "too-far-behind",
+                        },
+                        at: installed_at,
+                    });
                 }
             }
             replayed = true;
@@ -1888,7 +1904,7 @@ mod tests {
             {
                 Item::Event(event) if event.seq == 0 => continue,
                 Item::Event(event) => return text(&event.envelope),
-                Item::Reset(reason) => return format!("reset:{reason}"),
+                Item::Reset { reason, .. } => return format!("reset:{reason}"),
                 Item::Closed(reason) => return format!("closed:{reason}"),
             }
         }
@@ -1921,7 +1937,7 @@ mod tests {
                     }
                     _ => {}
                 },
-                Item::Reset(reason) => panic!("reset: {reason}"),
+                Item::Reset { reason, .. } => panic!("reset: {reason}"),
                 Item::Closed(reason) => panic!("closed: {reason}"),
             }
         }
@@ -2237,7 +2253,7 @@ mod tests {
                             return relay.payload["sdp"].clone();
                         }
                     }
-                    Item::Reset(reason) => panic!("reset: {reason}"),
+                    Item::Reset { reason, .. } => panic!("reset: {reason}"),
                     Item::Closed(reason) => panic!("closed: {reason}"),
                 }
             }

@@ -2,7 +2,8 @@
 //! the event log), `event:` (its type) and `data:` (`{"type", "data"}` JSON). The first event,
 //! `ready`, tells the client its subscription is live. A reconnecting client sends the last id it
 //! saw (`Last-Event-ID`, as `EventSource` does, or `?last_event_id=`) and gets exactly the events it
-//! missed, or a `reset` event when they cannot be replayed. A user holds at most
+//! missed, or a `reset` event when they cannot be replayed, whose id the client resumes from next.
+//! A user holds at most
 //! `notifier.max_connections_per_user` streams on a node: a newer one takes the place of the
 //! oldest, which ends with a `closed` event (reason `replaced`) after which its client does not
 //! reconnect on its own.
@@ -126,7 +127,8 @@ async fn ticket(
 /// The caller's events as Server-Sent Events: `ready` first, then one event per change, each with an
 /// `id:` line (its sequence), the event type as `event:` and `{"type", "data"}` JSON as `data:`.
 /// With `Last-Event-ID` (or `last_event_id`) the stream first replays exactly the events after that
-/// id, or sends a `reset` event when the log no longer holds them or never issued the id.
+/// id, or sends a `reset` event when the log no longer holds them or never issued the id. The
+/// reset's `id:` is the position the stream continues from: the client's last id from then on.
 /// A user holds at most `notifier.max_connections_per_user` streams on a node: one more takes the
 /// place of their oldest, which ends with `event: closed` and `{"type": "closed", "data":
 /// {"reason": "replaced"}}`. A client must not reconnect on its own after that (it would push out
@@ -196,8 +198,10 @@ async fn events(
             // Rendered once per node; an ephemeral event has no id, so the client's last id stays
             // the last logged one.
             Item::Event(event) => event.sse_frame.clone(),
-            Item::Reset(reason) => Bytes::from(format!(
-                "event: reset\ndata: {}\n\n",
+            // With the position the stream stands at as its id: a client that resumes from there
+            // is not reset again.
+            Item::Reset { reason, at } => Bytes::from(format!(
+                "id: {at}\nevent: reset\ndata: {}\n\n",
                 serde_json::json!({"type": "reset", "data": {"reason": reason}})
             )),
             // The last frame: the stream ends after it.

@@ -7,7 +7,9 @@
 //!   fresh stream only: the position it starts after, for the client to resume from until its
 //!   first event (a resumed stream's `ready` has none: the client keeps its own last id);
 //! - `{"type": "event", "id": "<sequence>", "event": "signal.created", "data": {...}}`;
-//! - `{"type": "reset", "reason": "..."}` when a resume cannot be served: re-read chats and history;
+//! - `{"type": "reset", "reason": "...", "id": "<sequence>"}` when a resume cannot be served:
+//!   re-read chats and history, and resume from `id` (the position the stream now stands at) from
+//!   then on;
 //! - `{"type": "response", "id": ..., "status": 201, "body": {...}}` answering a request: the
 //!   API's JSON answer as it came (`null` when empty). An answer that is not JSON (an attachment's
 //!   bytes) is refused with status 406 and a `not-json` problem: fetch it over HTTP;
@@ -529,8 +531,9 @@ async fn serve(
                         break;
                     }
                 }
-                Some(Item::Reset(reason)) => {
-                    let frame = json!({"type": "reset", "reason": reason}).to_string();
+                Some(Item::Reset { reason, at }) => {
+                    // With the position the stream stands at: the client's last id from now on.
+                    let frame = json!({"type": "reset", "reason": reason, "id": at.to_string()}).to_string();
                     if send(&mut sink, Message::Text(frame.into())).await.is_err() {
                         break;
                     }
