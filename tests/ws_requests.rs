@@ -178,6 +178,33 @@ async fn the_socket_carries_the_api(stack: Stack) {
                 .ends_with("bad-frame")
         );
     }
+    // A request frame that cannot be read whole, but whose id can: its answer carries that id, so
+    // the client's call settles.
+    for (id, unreadable) in [
+        (json!(5), json!({"type": "request", "id": 5, "path": "/v1/me"})),
+        (
+            json!("typed"),
+            json!({"type": "request", "id": "typed", "method": 7, "path": "/v1/me"}),
+        ),
+        (
+            json!(6),
+            json!({"type": "request", "id": 6, "method": "GET", "path": "/v1/me", "extra": 1}),
+        ),
+    ] {
+        ws.send(Message::Text(unreadable.to_string().into()))
+            .await
+            .unwrap();
+        let reply = next(&mut ws).await;
+        assert_eq!(reply["type"], "response", "{unreadable}: {reply}");
+        assert_eq!(reply["id"], id, "{unreadable}: {reply}");
+        assert_eq!(reply["status"], 400, "{unreadable}: {reply}");
+        assert!(
+            reply["body"]["type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("bad-frame")),
+            "{unreadable}: {reply}"
+        );
+    }
     for (method, path) in [("TRACE", "/v1/me"), ("GET", "/v1/events"), ("GET", "me")] {
         let reply = call(
             &mut ws,

@@ -14,7 +14,9 @@
 //!   API's JSON answer as it came (`null` when empty). An answer that is not JSON (an attachment's
 //!   bytes) is refused with status 406 and a `not-json` problem: fetch it over HTTP;
 //! - `{"type": "auth", "expires_at": "..."}` accepting a refreshed token;
-//! - `{"type": "error", "problem": {...}}` (an RFC 9457 problem) for frames it cannot serve.
+//! - `{"type": "error", "problem": {...}}` (an RFC 9457 problem) for frames it cannot serve. A
+//!   request frame it cannot read whole but whose `id` it can is answered with a `response` of
+//!   that id instead (status 400, a `bad-frame` problem), so that the client's call settles.
 //!
 //! A user holds at most `notifier.max_connections_per_user` streams on a node: one more takes the
 //! place of their oldest, whose socket closes with code 4009 and reason `replaced`; its client
@@ -48,7 +50,7 @@ use confab_notifier::auth::{StreamAuth, StreamIdentity};
 use confab_notifier::hub::{Item, Subscription};
 use confab_notifier::sse::{open_problem, parse_last_event_id};
 use confab_runtime::Problem;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -450,13 +452,28 @@ impl Calls {
         let api = Arc::clone(&self.api);
         let sender = self.sender.clone();
         tokio::spawn(async move {
-            let frame = match api.call(request).await {
-                Ok(response) => response_frame(&id, &response),
-                Err(error) => {
+            // A handler that panics (in process, the API's router runs on this task) still
+            // answers its request, so that the client's call settles.
+            let call = std::panic::AssertUnwindSafe(api.call(request)).catch_unwind();
+            let frame = match call.await {
+                Ok(Ok(response)) => response_frame(&id, &response),
+                Ok(Err(error)) => {
                     if let api::CallError::Unreachable(_) = error {
                         tracing::warn!(%error, "API call over the socket failed");
                     }
                     problem_response(&id, &Problem::from(&error))
+                }
+                Err(_) => {
+                    metrics::counter!("confab_ws_call_panics_total").increment(1);
+                    tracing::error!("an API call over the socket panicked");
+                    problem_response(
+                        &id,
+                        &Problem::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "internal",
+                            "the server failed on this request",
+                        ),
+                    )
                 }
             };
             // The place goes with the answer: freed once it is sent, not once it is queued.
@@ -473,6 +490,26 @@ impl Calls {
     /// The next answer to send.
     async fn next(&mut self) -> Option<Answer> {
         self.answers.recv().await
+    }
+}
+
+/// The answer to a frame that is not one this socket accepts. A request frame whose id can be read
+/// (the rest of it cannot: a field missing, of the wrong type, or unknown) is answered as a request,
+/// with that id and a 400 problem, so that the client's call settles; any other frame gets an
+/// error frame.
+fn unreadable_frame(text: &str, error: &serde_json::Error) -> String {
+    let detail = format!("not a frame this socket accepts: {error}");
+    let request_id = serde_json::from_str::<Value>(text)
+        .ok()
+        .filter(|frame| frame["type"] == "request")
+        .map(|mut frame| frame["id"].take())
+        .filter(valid_request_id);
+    match request_id {
+        Some(id) => problem_response(
+            &id,
+            &Problem::new(StatusCode::BAD_REQUEST, "bad-frame", detail),
+        ),
+        None => bad_frame(&detail),
     }
 }
 
@@ -607,7 +644,7 @@ async fn serve(
                                 )))
                             }
                         }
-                        Err(error) => Some(bad_frame(&format!("not a frame this socket accepts: {error}"))),
+                        Err(error) => Some(unreadable_frame(&text, &error)),
                     };
                     if let Some(reply) = reply
                         && send(&mut sink, Message::Text(reply.into())).await.is_err()
@@ -758,6 +795,32 @@ mod tests {
         // Once one is sent, its place is free again.
         drop(answer(&mut calls).await);
         assert!(calls.start(json!(4), get()).is_none());
+    }
+
+    /// An API whose handler panics on every call.
+    struct Panicking;
+
+    #[async_trait::async_trait]
+    impl ApiCaller for Panicking {
+        async fn call(&self, _: Request<Body>) -> Result<ApiResponse, crate::api::CallError> {
+            panic!("a handler bug");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_handler_panics_is_answered_with_its_id() {
+        let mut calls = Calls::new(Arc::new(Panicking), 1);
+        assert!(calls.start(json!(9), get()).is_none());
+        let answered: Value = serde_json::from_str(&answer(&mut calls).await).expect("JSON");
+        assert_eq!(answered["type"], "response", "{answered}");
+        assert_eq!(answered["id"], 9, "{answered}");
+        assert_eq!(answered["status"], 500, "{answered}");
+        assert_eq!(
+            answered["body"]["status"], 500,
+            "a problem document: {answered}"
+        );
+        // Its place is free again.
+        assert!(calls.start(json!(10), get()).is_none());
     }
 
     #[test]
