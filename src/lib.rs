@@ -630,6 +630,7 @@ pub async fn build(
             per_user: config.notifier.max_connections_per_user,
         })
         .with_revocations(Arc::clone(&revocations))
+        .with_stream_open_limit(config.limits.stream_opens)
         .with_duplicate_window(config.log_settings().duplicate_window);
         workers.push(
             hub.start(shutdown.clone())

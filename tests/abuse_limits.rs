@@ -746,3 +746,109 @@ async fn slow_clients_are_cut_off() {
     trickle.abort();
     app.stop().await;
 }
+
+/// Stream opens and resumes are limited per user (`limits.stream_opens`), with the default limit:
+/// each reads the user's chats from the store, and a resume scans the log after its id, so a loop
+/// of `resume` frames or of `GET /v1/events?last_event_id=` must not cost that without end. A
+/// client reconnecting its streams is never refused; past the burst a `resume` frame gets an error
+/// frame (the socket keeps its stream) and an open over HTTP a 429; another user has their own
+/// allowance.
+async fn stream_opens_and_resumes_are_rate_limited(stack: Stack) {
+    let app = spawn(stack, |_| {}).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let url = format!("{}/v1/ws", app.base.replacen("http://", "ws://", 1));
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {bob}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut next_frame = async || -> Value {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                if let Message::Text(text) = ws.next().await.unwrap().unwrap() {
+                    return serde_json::from_str(&text).unwrap();
+                }
+            }
+        })
+        .await
+        .expect("a frame before the deadline")
+    };
+    let ready = next_frame().await;
+    assert_eq!(ready["type"], "ready", "{ready}");
+    let last_id = ready["id"].as_str().unwrap().to_owned();
+    drop(next_frame);
+    let resume = json!({"type": "resume", "last_event_id": last_id}).to_string();
+    let mut resumed = 0;
+    let refused = loop {
+        assert!(resumed < 100, "still not limited after {resumed} resumes");
+        ws.send(Message::Text(resume.clone().into())).await.unwrap();
+        let answer = tokio::time::timeout(DEADLINE, async {
+            loop {
+                if let Message::Text(text) = ws.next().await.unwrap().unwrap() {
+                    let frame: Value = serde_json::from_str(&text).unwrap();
+                    if frame["type"] == "ready" || frame["type"] == "error" {
+                        return frame;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("an answer to the resume");
+        if answer["type"] == "error" {
+            break answer;
+        }
+        resumed += 1;
+    };
+    // The socket's own open and 29 resumes at least: a client's reconnects are not refused.
+    assert!(resumed >= 29, "refused after {resumed} resumes: {refused}");
+    assert_eq!(refused["problem"]["status"], 429, "{refused}");
+    assert!(
+        refused["problem"]["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("too-many-requests"),
+        "{refused}"
+    );
+    assert!(refused["problem"]["retry_after"].as_u64().unwrap() >= 1);
+    // The refused resume left the socket its stream.
+    app.post(&alice, &format!("/v1/chats/{chat}/signals"), &message("live"))
+        .await;
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Message::Text(text) = ws.next().await.unwrap().unwrap() {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["event"] == "signal.created" {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the socket's stream goes on");
+
+    // Over HTTP, the same allowance: a stream open is refused with a 429 problem.
+    let events = app.url("/v1/events");
+    let (opened, problem) = until_limited(10, |_| {
+        let open = app
+            .http
+            .get(&events)
+            .bearer_auth(&bob)
+            .query(&[("last_event_id", last_id.as_str())])
+            .send();
+        async move { open.await.unwrap() }
+    })
+    .await;
+    assert!(opened <= 2, "{opened} opens after the limit was reached");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("stream"),
+        "{problem}"
+    );
+    let alices = app.http.get(&events).bearer_auth(&alice).send().await.unwrap();
+    assert_eq!(alices.status(), 200);
+    drop(ws);
+    app.stop().await;
+}
+on_both_stacks!(stream_opens_and_resumes_are_rate_limited);

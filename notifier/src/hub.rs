@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use confab_runtime::bus::{Bus, BusError, ChatFilter, ReadError, SCAN_FACTOR};
+use confab_runtime::config::RateLimit;
 use confab_runtime::kv_bucket::EntryTurns;
+use confab_runtime::limits::{KeyedLimit, Limited};
 use confab_runtime::presence::{Change, HEARTBEAT_EVERY, Presence, PresenceRecord, now_ms};
 use confab_runtime::revocation::{Revocation, Revocations};
 use confab_runtime::telemetry::ReadinessCheck;
@@ -279,6 +281,9 @@ pub enum OpenError {
     NodeFull,
     #[error("membership unavailable: {0}")]
     Membership(String),
+    /// The user opened or resumed too many streams lately (`limits.stream_opens`).
+    #[error(transparent)]
+    Limited(#[from] Limited),
     #[error(transparent)]
     Bus(#[from] BusError),
 }
@@ -320,6 +325,8 @@ pub struct Hub {
     buffer: usize,
     replay_limit: usize,
     caps: Caps,
+    /// Stream opens and resumes per user: each reads the store, and a resume the log.
+    stream_opens: Arc<KeyedLimit<UserId>>,
     alive: Arc<AtomicBool>,
     bus: Arc<dyn Bus>,
     membership: Arc<dyn Membership>,
@@ -695,6 +702,7 @@ impl Hub {
             buffer: buffer.max(1),
             replay_limit: replay_limit.max(1),
             caps: Caps::default(),
+            stream_opens: Arc::new(KeyedLimit::new("stream opens and resumes", RateLimit::OFF)),
             alive: Arc::new(AtomicBool::new(false)),
             bus,
             membership,
@@ -713,6 +721,13 @@ impl Hub {
     /// Ends the streams of sessions that log out.
     pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Hub {
         self.revocations = Some(revocations);
+        self
+    }
+
+    /// Limits how often one user opens or resumes a stream on this node (`limits.stream_opens`);
+    /// more are refused with [`OpenError::Limited`] before anything is read.
+    pub fn with_stream_open_limit(mut self, limit: RateLimit) -> Hub {
+        self.stream_opens = Arc::new(KeyedLimit::new("stream opens and resumes", limit));
         self
     }
 
@@ -775,6 +790,10 @@ impl Hub {
         if !self.is_alive() {
             return Err(OpenError::NotReady);
         }
+        // Before the stream registers: a refused resume leaves the stream it was to replace.
+        self.stream_opens.check(&user).inspect_err(|_| {
+            metrics::counter!("confab_rate_limited_total", "class" => "StreamOpens").increment(1);
+        })?;
         let mut registration = self.register(user, session.clone(), replacing)?;
         // A logout that arrived after the token was checked and before the stream registered.
         if self

@@ -92,6 +92,7 @@ pub fn open_problem(error: &OpenError) -> Problem {
             "unauthenticated",
             "the session of this token has ended (logged out)",
         ),
+        OpenError::Limited(limited) => Problem::from(limited),
         OpenError::NodeFull => Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "node-full",
@@ -140,7 +141,7 @@ async fn ticket(
         (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
         (status = 400, description = "Malformed query or last event id", body = confab_runtime::Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = confab_runtime::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Too many requests without a login from this address (`limits.public`; a stream opened with a ticket has no Authorization header)", body = confab_runtime::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many streams opened or resumed by this user lately (`limits.stream_opens`), or too many requests without a login from this address (`limits.public`; a stream opened with a ticket has no Authorization header)", body = confab_runtime::Problem, content_type = "application/problem+json"),
         (status = 503, description = "Events are unavailable on this node, or it holds as many streams as it may (`node-full`): retry, on another node", body = confab_runtime::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []), ())

@@ -666,6 +666,16 @@ pub struct LimitsConfig {
     /// each who does not answer. Default `{ per_second = 0.05, burst = 10 }`: ten in a row,
     /// then three a minute.
     pub calls: RateLimit,
+    /// Event streams opened and resumed per user (`GET /v1/events`, `GET /v1/ws`, and a socket's
+    /// `resume` frame), on each node: each reads the user's chats from the store, and a resume
+    /// also scans the log after its id (up to `notifier.replay_limit` × 20 events), so a loop of
+    /// them must not cost that without end. A client opens a stream per tab or device and reopens
+    /// it after a network change, a token's expiry or a node's restart, one reconnect per stream
+    /// at a time. Default `{ per_second = 1, burst = 30 }`: a user reconnecting most of the
+    /// streams a node holds for them at once (`notifier.max_connections_per_user`, 32) is not
+    /// refused, and then one a second, more than streams that each reconnect every few seconds
+    /// need.
+    pub stream_opens: RateLimit,
     /// Requests without an `Authorization` header, per client IP address (the peer address: behind
     /// a proxy, the proxy's), except `/health`, `/ready` and `/metrics`. Default
     /// `{ per_second = 50, burst = 500 }`.
@@ -700,6 +710,7 @@ impl Default for LimitsConfig {
             circle_join: RateLimit::new(0.2, 10),
             chats: RateLimit::new(0.5, 300),
             calls: RateLimit::new(0.05, 10),
+            stream_opens: RateLimit::new(1.0, 30),
             public: RateLimit::new(50.0, 500),
             cors_origins: String::new(),
             body_bytes: 64 * 1024,
@@ -724,6 +735,7 @@ impl LimitsConfig {
             &mut self.circle_join,
             &mut self.chats,
             &mut self.calls,
+            &mut self.stream_opens,
             &mut self.public,
         ] {
             *limit = RateLimit::OFF;
@@ -1188,6 +1200,9 @@ impl Config {
             ("upload", self.limits.upload),
             ("queue", self.limits.queue),
             ("circle_join", self.limits.circle_join),
+            ("chats", self.limits.chats),
+            ("calls", self.limits.calls),
+            ("stream_opens", self.limits.stream_opens),
             ("public", self.limits.public),
         ] {
             if !limit.per_second.is_finite() || limit.per_second < 0.0 {

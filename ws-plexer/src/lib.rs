@@ -31,7 +31,9 @@
 //!   expires; the socket then belongs to its session (that session's logout ends it). When it
 //!   expires the socket closes (code 4001, "token expired");
 //! - `{"type": "resume", "last_event_id": "<id>"}`: restart the stream after that id (also
-//!   `?last_event_id=` at connect).
+//!   `?last_event_id=` at connect). Opens and resumes count against the user's
+//!   `limits.stream_opens`: past it, an error frame with a 429 problem (`retry_after` in it), and
+//!   the socket keeps the stream it had.
 //!
 //! Authentication is the bearer header or a `?ticket=` from `POST /v1/events/ticket`, checked before
 //! the upgrade; a socket opened with a ticket makes API calls after an `auth` frame.
@@ -161,7 +163,7 @@ async fn send(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Too many requests without a login from this address (`limits.public`; a socket opened with a ticket has no Authorization header)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many streams opened or resumed by this user lately (`limits.stream_opens`), or too many requests without a login from this address (`limits.public`; a socket opened with a ticket has no Authorization header)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Events are unavailable on this node, or it holds as many streams as it may (`node-full`): retry, on another node", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []), ())
