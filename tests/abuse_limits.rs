@@ -765,21 +765,17 @@ async fn stream_opens_and_resumes_are_rate_limited(stack: Stack) {
         .headers_mut()
         .insert("authorization", format!("Bearer {bob}").parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-    let mut next_frame = async || -> Value {
-        tokio::time::timeout(DEADLINE, async {
-            loop {
-                if let Message::Text(text) = ws.next().await.unwrap().unwrap() {
-                    return serde_json::from_str(&text).unwrap();
-                }
+    let ready: Value = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Message::Text(text) = ws.next().await.unwrap().unwrap() {
+                return serde_json::from_str(&text).unwrap();
             }
-        })
-        .await
-        .expect("a frame before the deadline")
-    };
-    let ready = next_frame().await;
+        }
+    })
+    .await
+    .expect("a frame before the deadline");
     assert_eq!(ready["type"], "ready", "{ready}");
     let last_id = ready["id"].as_str().unwrap().to_owned();
-    drop(next_frame);
     let resume = json!({"type": "resume", "last_event_id": last_id}).to_string();
     let mut resumed = 0;
     let refused = loop {
@@ -814,8 +810,12 @@ async fn stream_opens_and_resumes_are_rate_limited(stack: Stack) {
     );
     assert!(refused["problem"]["retry_after"].as_u64().unwrap() >= 1);
     // The refused resume left the socket its stream.
-    app.post(&alice, &format!("/v1/chats/{chat}/signals"), &message("live"))
-        .await;
+    app.post(
+        &alice,
+        &format!("/v1/chats/{chat}/signals"),
+        &message("live"),
+    )
+    .await;
     tokio::time::timeout(DEADLINE, async {
         loop {
             if let Message::Text(text) = ws.next().await.unwrap().unwrap() {
@@ -846,7 +846,13 @@ async fn stream_opens_and_resumes_are_rate_limited(stack: Stack) {
         problem["detail"].as_str().unwrap().contains("stream"),
         "{problem}"
     );
-    let alices = app.http.get(&events).bearer_auth(&alice).send().await.unwrap();
+    let alices = app
+        .http
+        .get(&events)
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(alices.status(), 200);
     drop(ws);
     app.stop().await;

@@ -610,7 +610,10 @@ async fn ids_that_cannot_resume(stack: Stack) {
     send(&app, &alice, &chat, "after the reset").await;
     let read = read_until_message(&mut stream, "after the reset").await;
     assert_eq!(
-        read.iter().map(describe).map(|(kind, ..)| kind).collect::<Vec<_>>(),
+        read.iter()
+            .map(describe)
+            .map(|(kind, ..)| kind)
+            .collect::<Vec<_>>(),
         ["signal.created"],
         "resumed from the reset's id: {read:?}"
     );

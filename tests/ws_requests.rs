@@ -181,7 +181,10 @@ async fn the_socket_carries_the_api(stack: Stack) {
     // A request frame that cannot be read whole, but whose id can: its answer carries that id, so
     // the client's call settles.
     for (id, unreadable) in [
-        (json!(5), json!({"type": "request", "id": 5, "path": "/v1/me"})),
+        (
+            json!(5),
+            json!({"type": "request", "id": 5, "path": "/v1/me"}),
+        ),
         (
             json!("typed"),
             json!({"type": "request", "id": "typed", "method": 7, "path": "/v1/me"}),

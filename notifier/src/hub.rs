@@ -448,9 +448,9 @@ impl Subscription {
                 // No progress: the log ends before where it ended when the resume was checked.
                 Ok(_) => self.replay = None,
                 // The log dropped what is left since the resume was checked: the client re-reads.
-                Err(error @ (ReadError::Expired(_)
-                | ReadError::Unknown(_)
-                | ReadError::TooMany(_))) => {
+                Err(
+                    error @ (ReadError::Expired(_) | ReadError::Unknown(_) | ReadError::TooMany(_)),
+                ) => {
                     // What follows is routed: the events after the end of the replay.
                     let at = replay.up_to;
                     self.replay = None;
