@@ -127,9 +127,9 @@ const RETRIES: u32 = 4;
 const BATCH: usize = 256;
 /// Pushes in flight at a time.
 const CONCURRENCY: usize = 64;
-/// How many times a failed read of a claimed push's devices is tried again (after 250, 500 and
-/// 1,000 ms).
-const DEVICE_READ_RETRIES: u32 = 3;
+/// How many times a failed read for a claimed push (its devices, the recipient's membership and
+/// markers, the message) is tried again (after 250, 500 and 1,000 ms).
+const READ_RETRIES: u32 = 3;
 /// How long a shutdown waits for the pushes this node claimed to go out.
 const DRAIN: Duration = Duration::from_secs(10);
 /// How many signals before a deleted newest message are read, at most, for the newest one that
@@ -234,93 +234,26 @@ impl PushSender {
         // Claimed, the push is out of the queue: a store that fails for a moment is tried again,
         // a few times (about 2 s), not for the push's whole time to live, which would hold a
         // sender slot for as long while the store is down.
-        let mut wait = Duration::from_millis(250);
-        let mut attempt = 0;
-        let devices = loop {
-            match self.devices.devices_of(push.user).await {
-                Ok(devices) => break devices,
-                Err(error) if attempt < DEVICE_READ_RETRIES && push.expires_ms > now_ms() => {
-                    tracing::warn!(%error, "devices unavailable; trying again");
-                    tokio::time::sleep(wait).await;
-                    wait *= 2;
-                    attempt += 1;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "devices unavailable; push dropped");
-                    metrics::counter!("confab_pushes_failed_total", "platform" => "any")
-                        .increment(1);
-                    return;
-                }
+        let devices = match self
+            .read_again_on_failure(&push, "devices", || self.devices.devices_of(push.user))
+            .await
+        {
+            Ok(devices) => devices,
+            Err(error) => {
+                tracing::warn!(%error, "devices unavailable; push dropped");
+                metrics::counter!("confab_pushes_failed_total", "platform" => "any").increment(1);
+                return;
             }
         };
         if devices.is_empty() {
             return;
         }
-        // The last look before it rings: a marker that moved past what it announces while it
-        // waited (or before a large chat's background pass scheduled it) makes it unneeded, and
-        // so does the user's leaving the chat (or being removed): nothing of a chat goes to
-        // someone who is no longer in it. Their settings are not read: they were when it was
-        // scheduled, and a mute or previews turned off since changed its queue entry then
-        // (`PushQueue::drop_pending`, `PushQueue::drop_previews`).
-        if push.kind == PushKind::Messages {
-            let (reached, member) = futures::join!(
-                self.devices.reached(push.user, push.chat),
-                self.devices.is_member(push.user, push.chat),
-            );
-            match member {
-                Ok(true) => {}
-                Ok(false) => {
-                    metrics::counter!("confab_pushes_cancelled_total").increment(1);
-                    return;
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "membership unavailable; sent without its text");
-                    push.preview = None;
-                }
-            }
-            let reached = match reached {
-                Ok(Some(reached)) if reached >= push.newest => {
-                    metrics::counter!("confab_pushes_cancelled_total").increment(1);
-                    return;
-                }
-                Ok(reached) => reached,
-                Err(error) => {
-                    tracing::debug!(%error, "markers unavailable; sending anyway");
-                    None
-                }
-            };
-            // The text it shows is the message's as it is now: never a deleted one's, nor the
-            // words an edit took back. (A deletion also takes the message out of the pending
-            // push, which then says so, but one claimed already is on its way here.)
-            let newest = if push.newest_deleted {
-                Ok(Announced::Deleted)
-            } else {
-                self.devices.message(push.chat, push.newest).await
-            };
-            match newest {
-                Ok(Announced::Deleted) => {
-                    if !self.announce_remaining(&mut push, reached).await {
-                        metrics::counter!("confab_pushes_cancelled_total").increment(1);
-                        return;
-                    }
-                }
-                Ok(Announced::Text(text)) => {
-                    // (No preview when membership could not be read: it was taken above.)
-                    if push.preview.is_some() {
-                        push.preview = text.as_deref().map(preview);
-                    }
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "the message is unavailable; sent without its text");
-                    push.preview = None;
-                }
-            }
+        if push.kind == PushKind::Messages && !self.last_look(&mut push).await {
+            return;
         }
         // Remembered before it goes out, so a read while it is on its way still withdraws it (a
         // withdrawal of a push that then failed is harmless).
-        if let Err(error) = self.queue.sent(&push, now_ms()).await {
-            tracing::warn!(%error, "a push was not remembered; it will not be withdrawn");
-        }
+        self.remember(&push).await;
         let payload = payload(&push);
         futures::future::join_all(
             devices
@@ -328,6 +261,116 @@ impl PushSender {
                 .map(|device| self.deliver(&push, device, payload.as_bytes())),
         )
         .await;
+    }
+
+    /// Remembers `push` as sent, for its withdrawal.
+    async fn remember(&self, push: &PendingPush) {
+        if let Err(error) = self.queue.sent(push, now_ms()).await {
+            tracing::warn!(%error, "a push was not remembered; it will not be withdrawn");
+        }
+    }
+
+    /// The last look before a push of messages rings; false when it is not to go out, and then
+    /// it is not sent. A marker that moved past what it announces while it waited (or before a
+    /// large chat's background pass scheduled it) makes it unneeded, and so does the user's
+    /// leaving the chat (or being removed): nothing of a chat goes to someone who is no longer in
+    /// it. Their settings are not read: they were when it was scheduled, and a mute or previews
+    /// turned off since changed its queue entry then (`PushQueue::drop_pending`,
+    /// `PushQueue::drop_previews`). Membership or the message that cannot be read (after a few
+    /// tries) drop it: it must not go on what is not known, to someone who may have left, or
+    /// with the id and author of a message that may be deleted.
+    async fn last_look(&self, push: &mut PendingPush) -> bool {
+        let (reached, member) = futures::join!(
+            self.read_again_on_failure(push, "markers", || self
+                .devices
+                .reached(push.user, push.chat)),
+            self.read_again_on_failure(push, "membership", || self
+                .devices
+                .is_member(push.user, push.chat)),
+        );
+        match member {
+            Ok(true) => {}
+            Ok(false) => {
+                metrics::counter!("confab_pushes_cancelled_total").increment(1);
+                return false;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "membership unavailable; push dropped");
+                metrics::counter!("confab_pushes_failed_total", "platform" => "any").increment(1);
+                return false;
+            }
+        }
+        let reached = match reached {
+            Ok(Some(reached)) if reached >= push.newest => {
+                metrics::counter!("confab_pushes_cancelled_total").increment(1);
+                return false;
+            }
+            Ok(reached) => reached,
+            Err(error) => {
+                // Unlike membership, a marker tells nothing private: at worst it rings for what
+                // was read.
+                tracing::debug!(%error, "markers unavailable; sending anyway");
+                None
+            }
+        };
+        // The text it shows is the message's as it is now: never a deleted one's, nor the
+        // words an edit took back. (A deletion also takes the message out of the pending push,
+        // which then says so, but one claimed already is on its way here.)
+        let message = if push.newest_deleted {
+            Ok(Announced::Deleted)
+        } else {
+            self.read_again_on_failure(push, "the message", || {
+                self.devices.message(push.chat, push.newest)
+            })
+            .await
+        };
+        match message {
+            Ok(Announced::Deleted) => {
+                if !self.announce_remaining(push, reached).await {
+                    metrics::counter!("confab_pushes_cancelled_total").increment(1);
+                    return false;
+                }
+            }
+            Ok(Announced::Text(text)) => {
+                if push.preview.is_some() {
+                    push.preview = text.as_deref().map(preview);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the message is unavailable; push dropped");
+                metrics::counter!("confab_pushes_failed_total", "platform" => "any").increment(1);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// `read`, tried again after 250, 500 and 1,000 ms while it fails and `push` is not past its
+    /// time to live.
+    async fn read_again_on_failure<T, Read, Reading>(
+        &self,
+        push: &PendingPush,
+        what: &str,
+        read: Read,
+    ) -> Result<T, String>
+    where
+        Read: Fn() -> Reading,
+        Reading: std::future::Future<Output = Result<T, String>>,
+    {
+        let mut wait = Duration::from_millis(250);
+        let mut attempt = 0;
+        loop {
+            match read().await {
+                Ok(value) => return Ok(value),
+                Err(error) if attempt < READ_RETRIES && push.expires_ms > now_ms() => {
+                    tracing::warn!(%error, what, "unavailable; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// Makes `push`, whose newest message was deleted, announce the newest of its other messages
@@ -549,53 +592,82 @@ fn classify(response: reqwest::Result<reqwest::Response>) -> Delivery {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
     use std::sync::Mutex;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use confab_runtime::push_queue::EmbeddedPushQueue;
 
     use super::*;
 
-    /// A user's devices and the store's answers as a test sets them; the first `failures` reads
-    /// of the devices fail.
+    /// A user's devices and the store's answers as a test sets them.
     struct Directory {
         device: Device,
         member: bool,
-        failures: AtomicUsize,
+        /// How many of the next reads of each name fail.
+        failures: Mutex<HashMap<&'static str, usize>>,
+        /// How far the user has read or received the chat.
+        reached: Mutex<Option<SignalId>>,
         /// The chat's signals, newest first; empty, every message reads as still there.
         history: Vec<Signal>,
         /// The reads made of it, by name, in order.
         reads: Mutex<Vec<&'static str>>,
+        /// A read of the devices waits while a test holds this.
+        gate: tokio::sync::Mutex<()>,
+        /// Told when a read of the devices starts.
+        devices_read: tokio::sync::Notify,
     }
 
     impl Directory {
-        fn read(&self, what: &'static str) {
+        fn new(device: Device, member: bool, history: Vec<Signal>) -> Directory {
+            Directory {
+                device,
+                member,
+                failures: Mutex::default(),
+                reached: Mutex::default(),
+                history,
+                reads: Mutex::default(),
+                gate: tokio::sync::Mutex::new(()),
+                devices_read: tokio::sync::Notify::new(),
+            }
+        }
+
+        /// Makes the next `count` reads named `what` fail.
+        fn failing(self, what: &'static str, count: usize) -> Directory {
+            self.failures.lock().unwrap().insert(what, count);
+            self
+        }
+
+        /// Records the read `what`; an error when it is to fail.
+        fn read(&self, what: &'static str) -> Result<(), String> {
             self.reads.lock().unwrap().push(what);
+            let mut failures = self.failures.lock().unwrap();
+            match failures.get_mut(what) {
+                Some(left) if *left > 0 => {
+                    *left -= 1;
+                    Err("the store is unavailable".into())
+                }
+                _ => Ok(()),
+            }
         }
     }
 
     #[async_trait]
     impl DeviceDirectory for Directory {
         async fn devices_of(&self, _user: UserId) -> Result<Vec<Device>, String> {
-            self.read("devices_of");
-            if self
-                .failures
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                return Err("the store is unavailable".into());
-            }
+            self.devices_read.notify_one();
+            drop(self.gate.lock().await);
+            self.read("devices_of")?;
             Ok(vec![self.device.clone()])
         }
         async fn remove(&self, _user: UserId, _device: DeviceId) -> Result<(), String> {
             Ok(())
         }
         async fn reached(&self, _user: UserId, _chat: ChatId) -> Result<Option<SignalId>, String> {
-            self.read("reached");
-            Ok(None)
+            self.read("reached")?;
+            Ok(*self.reached.lock().unwrap())
         }
         async fn message(&self, _chat: ChatId, id: SignalId) -> Result<Announced, String> {
-            self.read("message");
+            self.read("message")?;
             Ok(match self.history.iter().find(|signal| signal.id == id) {
                 Some(signal) if signal.deleted => Announced::Deleted,
                 Some(signal) => Announced::Text(signal.text.clone()),
@@ -608,7 +680,7 @@ mod tests {
             before: SignalId,
             limit: usize,
         ) -> Result<Vec<Signal>, String> {
-            self.read("signals_before");
+            self.read("signals_before")?;
             Ok(self
                 .history
                 .iter()
@@ -618,14 +690,14 @@ mod tests {
                 .collect())
         }
         async fn display_name(&self, user: UserId) -> Result<Option<String>, String> {
-            self.read("display_name");
+            self.read("display_name")?;
             Ok(["alice", "carol"]
                 .into_iter()
                 .find(|name| UserId::from_subject("push-test", name) == user)
                 .map(str::to_owned))
         }
         async fn is_member(&self, _user: UserId, _chat: ChatId) -> Result<bool, String> {
-            self.read("is_member");
+            self.read("is_member")?;
             Ok(self.member)
         }
     }
@@ -693,13 +765,9 @@ mod tests {
         let path = tempfile::tempdir().unwrap().keep().join("push.sqlite3");
         let sender = PushSender {
             queue: Arc::new(EmbeddedPushQueue::open(&path).unwrap()),
-            devices: Arc::new(Directory {
-                device,
-                member,
-                failures: AtomicUsize::new(failures),
-                history: Vec::new(),
-                reads: Mutex::default(),
-            }),
+            devices: Arc::new(
+                Directory::new(device, member, Vec::new()).failing("devices_of", failures),
+            ),
             http: http_client(Duration::from_secs(5), allow_internal).unwrap(),
             vapid: None,
             subject: "mailto:test@example.com".into(),
@@ -766,13 +834,11 @@ mod tests {
     #[tokio::test]
     async fn a_push_reads_no_settings() {
         let (sender, push, received) = setup(true, 0).await;
-        let directory = Arc::new(Directory {
-            device: sender.devices.devices_of(push.user).await.unwrap()[0].clone(),
-            member: true,
-            failures: AtomicUsize::new(0),
-            history: Vec::new(),
-            reads: Mutex::default(),
-        });
+        let directory = Arc::new(Directory::new(
+            sender.devices.devices_of(push.user).await.unwrap()[0].clone(),
+            true,
+            Vec::new(),
+        ));
         let sender = PushSender {
             devices: Arc::clone(&directory) as Arc<dyn DeviceDirectory>,
             ..sender
@@ -839,13 +905,7 @@ mod tests {
         history.reverse();
         let device = sender.devices.devices_of(push.user).await.unwrap();
         PushSender {
-            devices: Arc::new(Directory {
-                device: device[0].clone(),
-                member: true,
-                failures: AtomicUsize::new(0),
-                history,
-                reads: Mutex::default(),
-            }),
+            devices: Arc::new(Directory::new(device[0].clone(), true, history)),
             ..sender
         }
     }
@@ -922,5 +982,57 @@ mod tests {
             "{:?}",
             received.lock().unwrap()
         );
+    }
+
+    /// `sender` reading through `directory`, whose device is the one `sender` had.
+    async fn reading_through(
+        sender: PushSender,
+        push: &PendingPush,
+        directory: impl FnOnce(Device) -> Directory,
+    ) -> (PushSender, Arc<Directory>) {
+        let device = sender.devices.devices_of(push.user).await.unwrap()[0].clone();
+        let directory = Arc::new(directory(device));
+        let sender = PushSender {
+            devices: Arc::clone(&directory) as Arc<dyn DeviceDirectory>,
+            ..sender
+        };
+        (sender, directory)
+    }
+
+    /// A push whose recipient's membership, or whose message, cannot be read goes nowhere: it
+    /// might reach someone who left the chat, or carry the id and author of a deleted message.
+    /// A store that fails for a moment delays it.
+    #[tokio::test]
+    async fn a_push_whose_membership_or_message_cannot_be_read_is_not_sent() {
+        for read in ["is_member", "message"] {
+            let (sender, push, received) = setup(true, 0).await;
+            let (sender, _) = reading_through(sender, &push, |device| {
+                Directory::new(device, true, Vec::new()).failing(read, usize::MAX)
+            })
+            .await;
+            sender.send(push).await;
+            assert!(
+                received.lock().unwrap().is_empty(),
+                "sent while {read} could not be read: {:?}",
+                received.lock().unwrap()
+            );
+
+            let (sender, push, received) = setup(true, 0).await;
+            let (sender, _) = reading_through(sender, &push, |device| {
+                Directory::new(device, true, Vec::new()).failing(read, 2)
+            })
+            .await;
+            sender.send(push).await;
+            let received = received.lock().unwrap();
+            assert_eq!(
+                received.len(),
+                1,
+                "{read} failed for a moment: {received:?}"
+            );
+            assert!(
+                received[0].contains("the text as it is now"),
+                "{received:?}"
+            );
+        }
     }
 }
