@@ -2,8 +2,9 @@
 //! delivers each to every device of its user. Web Push for real (RFC 8291 payload encryption,
 //! RFC 8292 VAPID); UnifiedPush as a plain POST to the distributor's endpoint; FCM and APNs in
 //! [`crate::push_fcm`] and [`crate::push_apns`]. A device whose push service says it is gone
-//! (404, 410, or the provider's own reason) is removed; 429 and 5xx are retried with backoff
-//! within the push's time to live; a push past it is dropped, not sent late.
+//! (404, 410, or the provider's own reason) is removed; 429 and 5xx are retried with backoff,
+//! not before the service's `Retry-After`, within the push's time to live; a push past it is
+//! dropped, not sent late. A request that may have reached the service is not sent twice.
 //!
 //! A push is remembered as it goes out, so that reading the chat later sends a withdrawal:
 //! a data message with the same `Topic` (Web Push) or collapse key, on which the client's service
@@ -578,15 +579,31 @@ fn payload(push: &PendingPush) -> String {
     }
 }
 
+/// What a Web Push service's or UnifiedPush distributor's answer means: a 429 or 5xx is tried
+/// again, not before its `Retry-After` when it gives one.
 fn classify(response: reqwest::Result<reqwest::Response>) -> Delivery {
     match response {
         Ok(response) => match response.status().as_u16() {
             200..=299 => Delivery::Sent,
             404 | 410 => Delivery::Gone,
-            429 | 500..=599 => Delivery::Retry,
+            429 | 500..=599 => crate::push_fcm::retry_after(response.headers())
+                .map_or(Delivery::Retry, Delivery::RetryAfter),
             _ => Delivery::Failed,
         },
-        Err(_) => Delivery::Retry,
+        Err(error) => unanswered(&error),
+    }
+}
+
+/// What a request that got no answer means. Only one that never reached the service (it could
+/// not connect) is tried again: one that timed out or broke off after it was sent may have been
+/// accepted, and a second copy would make the device alert twice (the notification is shown
+/// with `renotify`), which is worse than a push lost.
+pub(crate) fn unanswered(error: &reqwest::Error) -> Delivery {
+    if error.is_connect() {
+        Delivery::Retry
+    } else {
+        tracing::debug!(%error, "a push got no answer; not sent again");
+        Delivery::Failed
     }
 }
 
@@ -594,6 +611,7 @@ fn classify(response: reqwest::Result<reqwest::Response>) -> Delivery {
 mod tests {
     use std::collections::HashMap;
     use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use confab_runtime::push_queue::EmbeddedPushQueue;
 
@@ -1034,5 +1052,97 @@ mod tests {
                 "{received:?}"
             );
         }
+    }
+
+    /// A push endpoint on loopback that answers its first request 429 with `Retry-After: 2`,
+    /// and 201 after; when each request came.
+    async fn busy_endpoint() -> (String, Arc<Mutex<Vec<Instant>>>) {
+        use axum::response::IntoResponse as _;
+        let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let kept = Arc::clone(&arrivals);
+        let router = axum::Router::new().route(
+            "/busy",
+            axum::routing::post(move || async move {
+                let mut arrivals = kept.lock().unwrap();
+                arrivals.push(Instant::now());
+                if arrivals.len() == 1 {
+                    (
+                        axum::http::StatusCode::TOO_MANY_REQUESTS,
+                        [(axum::http::header::RETRY_AFTER, "2")],
+                    )
+                        .into_response()
+                } else {
+                    axum::http::StatusCode::CREATED.into_response()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        (format!("http://127.0.0.1:{port}/busy"), arrivals)
+    }
+
+    /// A push service that asks for a pause (429 with `Retry-After`) is not asked again sooner.
+    #[tokio::test]
+    async fn a_push_service_is_not_asked_again_before_its_retry_after() {
+        let (endpoint, arrivals) = busy_endpoint().await;
+        let (sender, push, _) = setup(true, 0).await;
+        let (sender, _) = reading_through(sender, &push, |mut device| {
+            device.endpoint = Some(endpoint);
+            Directory::new(device, true, Vec::new())
+        })
+        .await;
+        sender.send(push).await;
+        let arrivals = arrivals.lock().unwrap();
+        assert_eq!(arrivals.len(), 2, "asked once more, then accepted");
+        let waited = arrivals[1] - arrivals[0];
+        assert!(
+            waited >= Duration::from_secs(2),
+            "asked again after {waited:?}, before its Retry-After of 2 s"
+        );
+    }
+
+    /// A push whose request reached the service but got no answer (the connection broke off
+    /// after it was sent) is not sent again: the service may have accepted it, and a second copy
+    /// would make the device alert twice.
+    #[tokio::test]
+    async fn a_push_sent_without_an_answer_is_not_sent_again() {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&requests);
+        tokio::spawn(async move {
+            while let Ok((mut connection, _)) = listener.accept().await {
+                let counted = Arc::clone(&counted);
+                tokio::spawn(async move {
+                    // Read the whole request (its body ends it), then hang up unanswered.
+                    let mut request = Vec::new();
+                    let mut chunk = [0; 4096];
+                    while let Ok(read) = connection.read(&mut chunk).await {
+                        if read == 0 {
+                            break;
+                        }
+                        request.extend_from_slice(&chunk[..read]);
+                        if request.ends_with(b"}") {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let (sender, push, _) = setup(true, 0).await;
+        let (sender, _) = reading_through(sender, &push, |mut device| {
+            device.endpoint = Some(format!("http://127.0.0.1:{port}/up"));
+            Directory::new(device, true, Vec::new())
+        })
+        .await;
+        sender.send(push).await;
+        assert_eq!(
+            requests.load(Ordering::SeqCst),
+            1,
+            "the push was sent again"
+        );
     }
 }

@@ -182,7 +182,7 @@ fn message(token: &str, chat: &str, payload: &[u8], left_ms: i64) -> Value {
 async fn classify(response: reqwest::Result<reqwest::Response>) -> Delivery {
     let response = match response {
         Ok(response) => response,
-        Err(_) => return Delivery::Retry,
+        Err(error) => return crate::push::unanswered(&error),
     };
     let status = response.status().as_u16();
     if (200..300).contains(&status) {
