@@ -253,7 +253,8 @@ impl PushSender {
             return;
         }
         // Remembered before it goes out, so a read while it is on its way still withdraws it (a
-        // withdrawal of a push that then failed is harmless).
+        // withdrawal of a push that then failed is harmless). A read between its claim and this
+        // finds neither the pending entry nor the record: see docs/ARCHITECTURE.md, "Withdrawal".
         self.remember(&push).await;
         let payload = payload(&push);
         futures::future::join_all(
