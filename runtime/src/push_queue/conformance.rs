@@ -449,6 +449,30 @@ pub async fn a_deleted_message_is_taken_out_of_its_push(fixture: Fixture) {
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].kind, PushKind::Withdrawal);
     assert_eq!(claimed[0].newest, newer.signal);
+
+    // Sent announcing `first`, then `second` pending: deleting `first` leaves the pending push,
+    // which will replace the notification; deleting `second` too drops it, and the notification
+    // that shows `first` is withdrawn, as nothing replaces it now.
+    let twice = ChatId::new();
+    schedule(&*fixture.first, alice, twice, &first, now_ms()).await;
+    let claimed = claim(&*fixture.first, 1).await;
+    assert_eq!(claimed.len(), 1);
+    fixture
+        .first
+        .sent(&claimed[0], now_ms())
+        .await
+        .expect("remembers");
+    schedule(&*fixture.first, alice, twice, &second, now_ms() + 60_000).await;
+    assert_eq!(deleted(twice, &first).await, Cancelled::Nothing);
+    assert_eq!(deleted(twice, &second).await, Cancelled::Pending);
+    let claimed = claim(&*fixture.second, 1).await;
+    assert_eq!(
+        claimed.len(),
+        1,
+        "the notification that shows a deleted message stays"
+    );
+    assert_eq!(claimed[0].kind, PushKind::Withdrawal);
+    assert_eq!(claimed[0].newest, first.signal);
 }
 
 /// A push that was sent and is then read is withdrawn, once; one that a newer push will replace

@@ -199,6 +199,10 @@ impl PushQueue for EmbeddedPushQueue {
                 Some(AfterDeletion::Dropped) => {
                     tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
                         .map_err(unavailable)?;
+                    // The push dropped would have replaced the notification on screen, which may
+                    // show a message deleted while this one waited: nothing replaces it now, so
+                    // it is withdrawn.
+                    withdraw_sent(&tx, user, chat, |sent| sent.newest <= deleted, now_ms)?;
                     Cancelled::Pending
                 }
                 Some(AfterDeletion::Narrowed(push)) => {

@@ -615,10 +615,12 @@ const CREATE_RECHECK_MS: i64 = 100;
 /// What a ticket that found no entry at `now_ms` is answered: dropped, or, published less than
 /// [`CREATE_GRACE_MS`] ago (its entry's create may not have landed yet), back a little later.
 fn no_entry(published_ms: Option<i64>, now_ms: i64) -> AckKind {
-    let Some(age) = published_ms.map(|published| now_ms - published) else {
+    // The publisher's clock may be ahead of this node's: a ticket from its future is as young as
+    // can be, not one to drop.
+    let Some(age) = published_ms.map(|published| (now_ms - published).max(0)) else {
         return AckKind::Ack;
     };
-    if !(0..CREATE_GRACE_MS).contains(&age) {
+    if age >= CREATE_GRACE_MS {
         return AckKind::Ack;
     }
     let back = age.max(CREATE_RECHECK_MS).min(CREATE_GRACE_MS - age);
@@ -1046,6 +1048,11 @@ impl PushQueue for NatsPushQueue {
                         .is_ok()
                     {
                         self.forget(&key);
+                        // The push dropped would have replaced the notification on screen, which
+                        // may show a message deleted while this one waited: nothing replaces it
+                        // now, so it is withdrawn.
+                        self.withdraw_sent(kv, user, chat, |sent| sent.newest <= deleted, now_ms)
+                            .await?;
                         return Ok(Cancelled::Pending);
                     }
                 }
@@ -1280,5 +1287,7 @@ mod tests {
         assert_eq!(back(published + CREATE_GRACE_MS - 300), Some(300));
         assert_eq!(back(published + CREATE_GRACE_MS), None);
         assert!(matches!(no_entry(None, published), AckKind::Ack));
+        // Published by a clock ahead of this node's: as young as can be.
+        assert_eq!(back(published - 5), Some(CREATE_RECHECK_MS));
     }
 }
