@@ -66,15 +66,21 @@ impl ApiState {
     /// Appends `envelope` again, whose change is stored and announced once already (a retried
     /// send publishes its signal's event again in case its first attempt could not): as
     /// [`ApiState::publish_intended`] does, with no outbox entry behind it, so its retries stop
-    /// after [`RETRY_ATTEMPTS`]. Each retry, too, publishes the change as the store holds it
-    /// then: the message as sent, retried after its deletion, would bring its text back.
+    /// after [`RETRY_ATTEMPTS`]. Each attempt, the first too, publishes the change as the store
+    /// holds it then: the message as sent, retried after its deletion, would bring its text back.
     pub(crate) async fn publish_again(&self, envelope: Envelope) {
         self.publish_then_as_stored(envelope, None).await;
     }
 
     async fn publish_then_as_stored(&self, envelope: Envelope, intent: Option<Intent>) {
         let kind = envelope.event.kind().as_str();
-        if self.bus.publish(&envelope).await.is_ok() {
+        // A change just made is published as it is; a copy of one made earlier, as the store
+        // holds it now (deleted, say, since it was read).
+        let published = match intent {
+            Some(_) => self.bus.publish(&envelope).await.is_ok(),
+            None => self.publish_as_stored(envelope.clone()).await.is_ok(),
+        };
+        if published {
             metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
             if let Some(intent) = intent {
                 self.outbox.settle(&self.store, intent);
