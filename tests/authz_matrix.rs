@@ -826,13 +826,14 @@ async fn authorization_matrix(stack: Stack) {
     // Waiting callers keep their place in the queue while the matrix runs, though they keep no
     // stream open.
     config.queues.disconnect_grace_ms = 24 * 3_600_000;
-    // Each row's fixture has two users join a circle, makes a chat and starts a call in it, and
-    // the queue rows join and leave: far more than their rate limits (`abuse_limits` tests those)
-    // let the same users do in a few seconds.
+    // Each row's fixture has two users join a circle, makes a chat and starts a call in it, the
+    // queue rows join and leave, and every frame row opens a socket of its own: far more than
+    // their rate limits (`abuse_limits` tests those) let the same users do in a few seconds.
     config.limits.circle_join = confab_runtime::config::RateLimit::OFF;
     config.limits.queue = confab_runtime::config::RateLimit::OFF;
     config.limits.chats = confab_runtime::config::RateLimit::OFF;
     config.limits.calls = confab_runtime::config::RateLimit::OFF;
+    config.limits.stream_opens = confab_runtime::config::RateLimit::OFF;
     let app = support::spawn_with(stack, config, data).await;
     let mut cases = cases();
     // The rows that end sessions go last, so every other row runs with live tokens.

@@ -102,9 +102,10 @@ impl ApiState {
 
     /// Runs `change`, a creation that costs `cost` of `user`'s allowance of `class` (the people
     /// it puts into chats, say), taken before it runs: over the allowance, it does not run and
-    /// is refused with 429. The cost is given back when the change is refused (a 4xx answer: the
-    /// domain refuses before it writes) or finds what it would make there already
-    /// ([`Outcome::Existing`]), so that only what is done is counted. It is kept when the change
+    /// is refused with 429. The cost is given back when the change finds what it would make there
+    /// already ([`Outcome::Existing`]), and all of it but one token when it is refused (a 4xx
+    /// answer: the domain refuses before it writes, but after its reads), so that only what is
+    /// done is counted, and a refusal as one request. It is kept when the change
     /// fails otherwise (a 5xx may come after some writes, and its retry finds them `Existing`),
     /// and when the request is dropped while the change runs (it may have been made).
     pub async fn charged<T>(
@@ -116,15 +117,14 @@ impl ApiState {
     ) -> ApiResult<Outcome<T>> {
         let taken = self.take(class, user, cost)?;
         let outcome = change.await;
-        let changed_nothing = match &outcome {
-            Ok(Outcome::Created(_)) => false,
-            Ok(Outcome::Existing(_)) => true,
-            Err(error) => is_refusal(error),
-        };
-        if changed_nothing {
-            self.rate_limits.limit(class).give_back(taken);
-        } else {
-            drop(taken);
+        let limit = self.rate_limits.limit(class);
+        match &outcome {
+            Ok(Outcome::Created(_)) => drop(taken),
+            Ok(Outcome::Existing(_)) => limit.give_back(taken),
+            // One token kept: a refusal may come after a read per person named (a group of 999
+            // people and one unknown user), which must not be free to repeat.
+            Err(error) if is_refusal(error) => limit.give_back_all_but_one(taken),
+            Err(_) => drop(taken),
         }
         outcome
     }

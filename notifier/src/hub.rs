@@ -791,9 +791,28 @@ impl Hub {
             return Err(OpenError::NotReady);
         }
         // Before the stream registers: a refused resume leaves the stream it was to replace.
-        self.stream_opens.check(&user).inspect_err(|_| {
+        let taken = self.stream_opens.take(&user, 1).inspect_err(|_| {
             metrics::counter!("confab_rate_limited_total", "class" => "StreamOpens").increment(1);
         })?;
+        let opened = self
+            .open_counted(user, session, resume_after, replacing)
+            .await;
+        // An open that failed (a full node, a store read) is given back: its client's retry of
+        // a node that could not take it must not use up its allowance.
+        match &opened {
+            Ok(_) => drop(taken),
+            Err(_) => self.stream_opens.give_back(taken),
+        }
+        opened
+    }
+
+    async fn open_counted(
+        &self,
+        user: UserId,
+        session: StreamSession,
+        resume_after: Option<u64>,
+        replacing: Option<u64>,
+    ) -> Result<Subscription, OpenError> {
         let mut registration = self.register(user, session.clone(), replacing)?;
         // A logout that arrived after the token was checked and before the stream registered.
         if self

@@ -646,8 +646,8 @@ pub struct LimitsConfig {
     /// People put into chats per user, chats created and members added counted together
     /// (`POST /v1/chats`, `POST /v1/chats/{id}/members`, also over the WebSocket): a new group
     /// counts its members other than its creator, a new direct chat one, an added member one.
-    /// A request that changes nothing (a direct chat found again, a member already in) and one
-    /// refused (4xx) count nothing. Each person put into a chat gets its messages, calls and
+    /// A request that changes nothing (a direct chat found again, a member already in) counts
+    /// nothing, and one refused (4xx) one. Each person put into a chat gets its messages, calls and
     /// pushes, so it is people, not requests, that one user must not put into chats by the
     /// thousand: counted in requests, twenty groups of a thousand would pass while an admin
     /// adding members one by one would be held back. A group may start with more people than
@@ -671,10 +671,11 @@ pub struct LimitsConfig {
     /// also scans the log after its id (up to `notifier.replay_limit` × 20 events), so a loop of
     /// them must not cost that without end. A client opens a stream per tab or device and reopens
     /// it after a network change, a token's expiry or a node's restart, one reconnect per stream
-    /// at a time. Default `{ per_second = 1, burst = 30 }`: a user reconnecting most of the
-    /// streams a node holds for them at once (`notifier.max_connections_per_user`, 32) is not
-    /// refused, and then one a second, more than streams that each reconnect every few seconds
-    /// need.
+    /// at a time. Default `{ per_second = 1, burst = 64 }`: a user reconnecting all the streams
+    /// a node holds for them at once (`notifier.max_connections_per_user`, 32), twice, is not
+    /// refused (a browser's `EventSource` does not retry after a 429), and then one a second,
+    /// more than streams that each reconnect every few seconds need. An open that fails
+    /// otherwise (a full node, a store read) counts nothing.
     pub stream_opens: RateLimit,
     /// Requests without an `Authorization` header, per client IP address (the peer address: behind
     /// a proxy, the proxy's), except `/health`, `/ready` and `/metrics`. Default
@@ -710,7 +711,7 @@ impl Default for LimitsConfig {
             circle_join: RateLimit::new(0.2, 10),
             chats: RateLimit::new(0.5, 300),
             calls: RateLimit::new(0.05, 10),
-            stream_opens: RateLimit::new(1.0, 30),
+            stream_opens: RateLimit::new(1.0, 64),
             public: RateLimit::new(50.0, 500),
             cors_origins: String::new(),
             body_bytes: 64 * 1024,

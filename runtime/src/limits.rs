@@ -104,6 +104,16 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
             buckets.give_back_at(taken, buckets.now());
         }
     }
+
+    /// Gives back all but one token of what [`take`](KeyedLimit::take) took, as
+    /// [`give_back`](KeyedLimit::give_back) does: for a request refused once it ran, which cost
+    /// its checks, as any request does, but not what it would have made.
+    pub fn give_back_all_but_one(&self, taken: Taken<K>) {
+        if let (Some(buckets), Some(mut taken)) = (&self.buckets, taken.taken) {
+            taken.cost = taken.cost.saturating_sub(buckets.interval);
+            buckets.give_back_at(taken, buckets.now());
+        }
+    }
 }
 
 /// The buckets of a limit that is on. Times are nanoseconds from `epoch`.
@@ -130,9 +140,15 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
             .unwrap_or(Duration::MAX)
             .max(Duration::from_nanos(1))
             .as_nanos();
+        let burst = u64::from(limit.burst.max(1));
         Buckets {
-            interval: u64::try_from(interval).unwrap_or(u64::MAX),
-            burst: u64::from(limit.burst.max(1)),
+            // At most a quarter of the clock's range for the whole burst: the burst's tolerance
+            // must not saturate, or nothing would ever be past it (a rate of one in centuries is
+            // as good as none).
+            interval: u64::try_from(interval)
+                .unwrap_or(u64::MAX)
+                .min(u64::MAX / 4 / burst),
+            burst,
             epoch: Instant::now(),
             hasher: RandomState::new(),
             shards: (0..SHARDS)
@@ -279,6 +295,29 @@ mod tests {
         // A cost of 0 is a cost of 1.
         buckets.take_at(&1, 0, 4 * SECOND).unwrap();
         assert!(buckets.take_at(&1, 1, 4 * SECOND).is_err());
+    }
+
+    #[test]
+    fn a_refused_request_keeps_one_token_of_its_take() {
+        let limit = KeyedLimit::new("things", RateLimit::new(0.001, 10));
+        let taken = limit.take(&1, 8).unwrap();
+        limit.give_back_all_but_one(taken);
+        // Nine left: nine more go, the tenth does not.
+        let taken = limit.take(&1, 9).unwrap();
+        assert!(limit.check(&1).is_err());
+        limit.give_back(taken);
+        drop(limit.take(&1, 9).unwrap());
+        assert!(limit.check(&1).is_err());
+    }
+
+    #[test]
+    fn a_rate_of_one_in_centuries_still_refuses_past_its_burst() {
+        for limit in [RateLimit::new(1e-12, 1), RateLimit::new(1e-9, u32::MAX)] {
+            let limit = KeyedLimit::new("things", limit);
+            let burst = limit.buckets.as_ref().unwrap().burst;
+            drop(limit.take(&1, u32::try_from(burst).unwrap()).unwrap());
+            assert!(limit.check(&1).is_err(), "{limit:?} let one past its burst");
+        }
     }
 
     #[test]

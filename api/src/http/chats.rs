@@ -33,8 +33,8 @@ pub struct CreateChat {
 /// Creates a group (the caller as owner plus the named members) or a direct chat (the caller and
 /// exactly one other user; the same pair always gets the same chat back, with 200). Limited per
 /// user in the people put into chats, together with adding members (`limits.chats`): a group
-/// counts its members other than the caller, a direct chat one; one found again (200), and a
-/// refused request, nothing. A group larger than the whole allowance is created when the
+/// counts its members other than the caller, a direct chat one; one found again (200) nothing,
+/// and a refused request one. A group larger than the whole allowance is created when the
 /// allowance is full, and the caller's next request waits until it has refilled to cover it.
 #[utoipa::path(
     post, operation_id = "create_chat", path = "/v1/chats", tag = "chats",

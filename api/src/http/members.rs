@@ -57,7 +57,7 @@ pub struct AddMember {
 
 /// Adds a member to a group (owners and admins). Written into the history as `joined`. Limited
 /// per user in the people put into chats, together with creating chats (`limits.chats`): each
-/// addition counts one; one already a member (200), and a refused request, nothing.
+/// addition counts one, and so does a refused request; one already a member (200) nothing.
 #[utoipa::path(
     post, operation_id = "add_member", path = "/v1/chats/{chat_id}/members", tag = "members",
     params(("chat_id" = ChatId, Path, description = "The chat")),
