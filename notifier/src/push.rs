@@ -488,7 +488,15 @@ impl PushSender {
                     delay *= 2;
                 }
                 Delivery::RetryAfter(wait) if attempt < RETRIES => {
-                    tokio::time::sleep(wait.max(delay)).await;
+                    // A pause that outlasts the push would only hold its sending slot from the
+                    // pushes behind it.
+                    let wait = wait.max(delay);
+                    let left = u64::try_from(push.expires_ms - now_ms()).unwrap_or(0);
+                    if wait >= Duration::from_millis(left) {
+                        metrics::counter!("confab_pushes_expired_total").increment(1);
+                        return;
+                    }
+                    tokio::time::sleep(wait).await;
                     delay *= 2;
                 }
                 Delivery::Retry | Delivery::RetryAfter(_) => break,
