@@ -2303,18 +2303,45 @@ mod tests {
         worker.await.expect("worker ends");
     }
 
-    /// Membership that answers once the test lets it, after saying it was asked.
+    /// Membership that answers once the test lets it, after saying it was asked; from then on,
+    /// every read answers at once (the open may not be the only one to ask).
     struct Gated {
         chats: Vec<ChatId>,
         asked: tokio::sync::Notify,
         answer: tokio::sync::Notify,
+        answering: std::sync::atomic::AtomicBool,
+    }
+
+    impl Gated {
+        fn new(chats: Vec<ChatId>) -> Gated {
+            Gated {
+                chats,
+                asked: tokio::sync::Notify::new(),
+                answer: tokio::sync::Notify::new(),
+                answering: std::sync::atomic::AtomicBool::new(false),
+            }
+        }
+
+        /// Lets every read waiting, and every read after, answer.
+        fn release(&self) {
+            self.answering
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.answer.notify_waiters();
+            self.answer.notify_one();
+        }
     }
 
     #[async_trait]
     impl Membership for Gated {
         async fn chats_of(&self, _: UserId) -> Result<Vec<ChatId>, String> {
             self.asked.notify_one();
-            self.answer.notified().await;
+            loop {
+                let answered = self.answer.notified();
+                if self.answering.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                answered.await;
+            }
             Ok(self.chats.clone())
         }
         async fn left_chats_of(
@@ -2338,11 +2365,7 @@ mod tests {
             .await
             .expect("publishes");
         let revocations = Revocations::in_memory(Duration::from_secs(3600));
-        let membership = Arc::new(Gated {
-            chats: vec![chat],
-            asked: tokio::sync::Notify::new(),
-            answer: tokio::sync::Notify::new(),
-        });
+        let membership = Arc::new(Gated::new(vec![chat]));
         let hub = Hub::new(
             Arc::clone(&bus),
             Arc::clone(&membership) as Arc<dyn Membership>,
@@ -2372,7 +2395,7 @@ mod tests {
             .await
             .expect("records the logout");
         hub.end_sessions(&logout);
-        membership.answer.notify_one();
+        membership.release();
         let opened = tokio::time::timeout(Duration::from_secs(5), opening)
             .await
             .expect("the open ends")
@@ -3101,11 +3124,7 @@ mod tests {
             Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
         let me = UserId::from_subject("t", "me");
         let mine = ChatId::new();
-        let membership = Arc::new(Gated {
-            chats: vec![mine],
-            asked: tokio::sync::Notify::new(),
-            answer: tokio::sync::Notify::new(),
-        });
+        let membership = Arc::new(Gated::new(vec![mine]));
         let hub = Hub::new(
             Arc::clone(&bus),
             Arc::clone(&membership) as Arc<dyn Membership>,
@@ -3138,8 +3157,8 @@ mod tests {
                 .expect("publishes");
         }
         dispatched_up_to(&hub, last).await;
-        membership.answer.notify_one();
-        let mut stream = tokio::time::timeout(Duration::from_secs(5), opening)
+        membership.release();
+        let mut stream = tokio::time::timeout(Duration::from_secs(20), opening)
             .await
             .expect("the open ends")
             .expect("the task")
