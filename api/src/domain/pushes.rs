@@ -396,19 +396,10 @@ impl ApiState {
         let Some(queue) = &self.push_queue else {
             return;
         };
-        match queue
+        let taken_back = queue
             .message_deleted(user, chat, deleted, confab_runtime::presence::now_ms())
-            .await
-        {
-            Ok(Cancelled::Pending) => {
-                metrics::counter!("confab_pushes_cancelled_total").increment(1)
-            }
-            Ok(Cancelled::Withdrawn) => {
-                metrics::counter!("confab_pushes_withdrawn_total").increment(1);
-            }
-            Ok(Cancelled::Narrowed | Cancelled::Nothing) => {}
-            Err(error) => tracing::warn!(%error, "a deleted message's push not taken back"),
-        }
+            .await;
+        count_cancelled(taken_back, "a deleted message's push not taken back");
     }
 
     /// Drops `user`'s pending push of `chat`, which they just muted: the sender does not read
@@ -444,19 +435,20 @@ impl ApiState {
         let Some(queue) = &self.push_queue else {
             return;
         };
-        match queue
+        let cancelled = queue
             .cancel(user, chat, up_to, confab_runtime::presence::now_ms())
-            .await
-        {
-            Ok(Cancelled::Pending) => {
-                metrics::counter!("confab_pushes_cancelled_total").increment(1)
-            }
-            Ok(Cancelled::Withdrawn) => {
-                metrics::counter!("confab_pushes_withdrawn_total").increment(1);
-            }
-            Ok(Cancelled::Narrowed | Cancelled::Nothing) => {}
-            Err(error) => tracing::warn!(%error, "push not cancelled"),
-        }
+            .await;
+        count_cancelled(cancelled, "push not cancelled");
+    }
+}
+
+/// Counts what a cancel or a deletion did to a push; logs its failure as `failed`.
+fn count_cancelled<E: std::fmt::Display>(result: Result<Cancelled, E>, failed: &'static str) {
+    match result {
+        Ok(Cancelled::Pending) => metrics::counter!("confab_pushes_cancelled_total").increment(1),
+        Ok(Cancelled::Withdrawn) => metrics::counter!("confab_pushes_withdrawn_total").increment(1),
+        Ok(Cancelled::Narrowed | Cancelled::Nothing) => {}
+        Err(error) => tracing::warn!(%error, "{failed}"),
     }
 }
 
