@@ -913,11 +913,7 @@ impl Hub {
                     tracing::debug!(%user, %error, "resume impossible; resetting");
                     // What follows is routed: the events after the install.
                     queue.push_back(Item::Reset {
-                        reason: match error {
-                            ReadError::Expired(_) => "expired",
-                            ReadError::Unknown(_) => "unknown-id",
-                            _ => "too-far-behind",
-                        },
+                        reason: reset_reason(&error),
                         at: installed_at,
                     });
                 }
@@ -952,10 +948,7 @@ impl Hub {
                     metrics::counter!("confab_notifier_resets_total").increment(1);
                     tracing::debug!(%user, %error, "opening range not replayable; resetting");
                     queue.push_back(Item::Reset {
-                        reason: match error {
-                            ReadError::Expired(_) => "expired",
-                            _ => "too-far-behind",
-                        },
+                        reason: reset_reason(&error),
                         at: installed_at,
                     });
                 }
@@ -1784,6 +1777,15 @@ impl ReadinessCheck for HubReadiness {
                 Err("the node's subscription to the event log is down".into())
             }
         })
+    }
+}
+
+/// Why a stream that could not replay its range is told to reset.
+fn reset_reason(error: &ReadError) -> &'static str {
+    match error {
+        ReadError::Expired(_) => "expired",
+        ReadError::Unknown(_) => "unknown-id",
+        _ => "too-far-behind",
     }
 }
 
