@@ -21,6 +21,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
 
 use super::{BlobError, BlobInfo, BlobName, BlobRead, Blobs, ByteChunks, Presentation, Staged};
 
@@ -48,8 +49,8 @@ pub struct CachedBlobs {
 
 /// One read of an object from the storage, shared by the misses that wait for it: `None` while it
 /// is under way; then its bytes when it was small enough to keep and read whole, `Some(Ok(None))`
-/// when each waiting reader is to read on its own (too large, or the first reader stopped before
-/// the end), or the storage's error.
+/// when each waiting reader is to read on its own (too large, or the storage's read failed or
+/// ended short), or the storage's error.
 type Fill = tokio::sync::watch::Sender<Option<Result<Option<Bytes>, SharedError>>>;
 
 /// A [`BlobError`] of a shared read, for each of its readers.
@@ -175,8 +176,9 @@ impl CachedBlobs {
     /// until the whole object is in), while a copy is made and hashed on the way; a small object
     /// is kept once whole and true to its name, and the readers that waited get it from memory.
     /// A large one is only streamed, and every other reader makes its own read, as does each
-    /// waiting reader when the first one stopped before the end. `size` is the object's, when
-    /// the caller knows it.
+    /// waiting reader when the storage's read failed before the end. The storage's read of a
+    /// small object goes at the storage's pace, not the first reader's. `size` is the object's,
+    /// when the caller knows it.
     async fn fill(&self, name: &BlobName, size: Option<u64>) -> Result<BlobRead, BlobError> {
         let (fill, first) = {
             let mut filling = self
@@ -233,15 +235,34 @@ impl CachedBlobs {
             limits: self.limits,
             ending,
         };
-        let chunks = read
-            .chunks
-            .inspect(move |chunk| match chunk {
-                Ok(chunk) => copy.extend(chunk),
-                Err(_) => copy.ending.end(Ok(None)),
-            })
-            .boxed();
+        // The storage's read is drained by a task of its own, not by this reader's client: the
+        // readers waiting for the copy must not wait for a slow (or hostile) first reader that
+        // takes a byte at a time. What the first reader has not taken yet waits in the channel,
+        // at most the object, which is small (at most `object_bytes`); a first reader gone
+        // mid-way leaves the copy to be made for the others.
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let mut from_storage = read.chunks;
+        tokio::spawn(async move {
+            while let Some(chunk) = from_storage.next().await {
+                let failed = match &chunk {
+                    Ok(chunk) => {
+                        copy.extend(chunk);
+                        false
+                    }
+                    Err(_) => {
+                        copy.ending.end(Ok(None));
+                        true
+                    }
+                };
+                // The first reader may be gone: the copy goes on for the others.
+                let _ = sender.send(chunk);
+                if failed {
+                    return;
+                }
+            }
+        });
         Ok(BlobRead {
-            chunks,
+            chunks: futures::stream::poll_fn(move |cx| receiver.poll_recv(cx)).boxed(),
             len: read.len,
         })
     }
@@ -259,8 +280,8 @@ impl CachedBlobs {
 }
 
 /// The end of a shared read ([`CachedBlobs::fill`]): out of the reads in flight, its outcome
-/// handed to the readers waiting for it. Dropped before it ended (the first reader went away
-/// mid-way), it tells them to read on their own.
+/// handed to the readers waiting for it. Dropped before it ended (the storage's read ended
+/// short), it tells them to read on their own.
 struct FillEnding {
     name: BlobName,
     fill: Arc<Fill>,
@@ -809,7 +830,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_miss_whose_reader_goes_away_mid_way_is_not_kept_and_leaves_nothing_in_flight() {
+    async fn a_miss_whose_reader_goes_away_mid_way_is_still_kept_for_the_others() {
         let dir = tempfile::tempdir().expect("temp dir");
         let storage = LocalBlobs::open(dir.path()).expect("opens");
         let bytes: Vec<u8> = (0..3000u32).map(|i| (i % 227) as u8).collect();
@@ -818,20 +839,52 @@ mod tests {
             inner: storage,
             rest: tokio::sync::watch::Sender::new(false),
         });
-        let blobs = CachedBlobs::new(
+        let blobs = Arc::new(CachedBlobs::new(
             Arc::clone(&trickling) as Arc<dyn Blobs>,
             limits(10_000, 5_000),
-        );
+        ));
         let mut gone = blobs.get(&name, None).await.expect("reads");
         gone.chunks.next().await.expect("a chunk").expect("reads");
         drop(gone);
         assert!(!blobs.holds(&name), "a part of an object was kept");
-        assert!(blobs.filling.lock().expect("lock").is_empty());
+        let waiting = tokio::spawn({
+            let blobs = Arc::clone(&blobs);
+            let name = name.clone();
+            async move { read_all(blobs.get(&name, None).await.expect("reads")).await }
+        });
         trickling.rest.send_replace(true);
-        let again = blobs.get(&name, None).await.expect("reads");
-        assert_eq!(read_all(again).await, bytes);
+        let seen = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the waiting reader gets the object")
+            .expect("joins");
+        assert_eq!(seen, bytes);
         assert!(blobs.holds(&name));
-        assert_eq!(blobs.fills(), 2);
+        assert_eq!(
+            blobs.fills(),
+            1,
+            "the read the first reader left served the others"
+        );
+        assert!(blobs.filling.lock().expect("lock").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_slow_first_reader_does_not_hold_up_the_others() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let storage = LocalBlobs::open(dir.path()).expect("opens");
+        let bytes: Vec<u8> = (0..3000u32).map(|i| (i % 229) as u8).collect();
+        let name = storage.put(Bytes::from(bytes.clone())).await.expect("put");
+        let blobs = cached(dir.path(), limits(10_000, 5_000));
+        // The first reader's client takes nothing (a slow link, or a reader holding back on
+        // purpose): its read stays open, unpolled.
+        let first = blobs.get(&name, None).await.expect("reads");
+        let second = tokio::time::timeout(Duration::from_secs(10), async {
+            read_all(blobs.get(&name, None).await.expect("reads")).await
+        })
+        .await
+        .expect("a second reader is not held up by the first one's pace");
+        assert_eq!(second, bytes);
+        assert_eq!(blobs.fills(), 1);
+        assert_eq!(read_all(first).await, bytes);
     }
 
     #[tokio::test]
