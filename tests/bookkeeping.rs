@@ -19,7 +19,7 @@ use confab_api::{ApiState, routes};
 use confab_runtime::bus::{Bus, EmbeddedBus};
 use confab_runtime::identity::DevIdentity;
 use confab_schema::event::LoggedEvent;
-use confab_schema::{ChatId, Event, SignalId, UserId};
+use confab_schema::{ChatId, Event, SignalId, SignalKind, User, UserId};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde_json::{Value, json};
@@ -577,6 +577,113 @@ async fn a_removal_stops_the_members_streams_before_its_bookkeeping() {
     server.store.lift(Held::MarkerAdvanced);
     server.store.gate.release(1).await;
     assert!(removing.await.unwrap().status().is_success());
+}
+
+/// The signals of `kind` in the chat's history, once there is one (waiting for a write made in
+/// the background).
+async fn written_signals(server: &FlakyServer, kind: &str) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let history = server
+            .get(&server.alice, &format!("/v1/chats/{}/signals", server.chat))
+            .await;
+        let written: Vec<Value> = history["items"]
+            .as_array()
+            .expect("a page of history")
+            .iter()
+            .filter(|signal| signal["kind"] == kind)
+            .cloned()
+            .collect();
+        if !written.is_empty() {
+            return written;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no `{kind}` signal was ever written: {history}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An addition stored and announced has succeeded, even when the write of its `joined` signal
+/// fails: the signal is written all the same, once. It used to answer 503, and the retry found the
+/// member in (200) and wrote nothing, so the history never told of the join.
+#[tokio::test]
+async fn an_addition_whose_joined_signal_fails_succeeds_and_writes_it() {
+    let server = FlakyServer::start(false).await;
+    let carol = User {
+        id: UserId(uuid::Uuid::now_v7()),
+        username: "carol".into(),
+        display_name: "Carol".into(),
+        email: None,
+    };
+    server.store.upsert_user(&carol).await.unwrap();
+    server
+        .store
+        .fail_next(Held::SystemSignal(SignalKind::Joined));
+    let added = server
+        .http
+        .post(format!("{}/v1/chats/{}/members", server.base, server.chat))
+        .bearer_auth(&server.alice)
+        .json(&json!({ "user_id": carol.id }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        added.status(),
+        201,
+        "carol is in and `member.joined` is out: the addition succeeded"
+    );
+    let joined = written_signals(&server, "joined").await;
+    assert_eq!(joined.len(), 1, "{joined:?}");
+    assert_eq!(joined[0]["author_id"], json!(carol.id));
+}
+
+/// Likewise a removal, whose `left` signal used to be given up at its first failure.
+#[tokio::test]
+async fn a_removal_whose_left_signal_fails_writes_it_all_the_same() {
+    let server = FlakyServer::start(false).await;
+    let mut events = server.bus.subscribe().await.unwrap();
+    let bob: UserId =
+        serde_json::from_value(server.get(&server.bob, "/v1/me").await["id"].clone()).unwrap();
+    server.store.fail_next(Held::SystemSignal(SignalKind::Left));
+    let removed = server
+        .http
+        .delete(format!(
+            "{}/v1/chats/{}/members/{bob}",
+            server.base, server.chat
+        ))
+        .bearer_auth(&server.alice)
+        .send()
+        .await
+        .unwrap();
+    assert!(removed.status().is_success(), "{}", removed.status());
+    member_left(&mut events, bob).await;
+    let left = written_signals(&server, "left").await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["author_id"], json!(bob));
+}
+
+/// And a rename: stored, it has succeeded, and its `renamed` signal is written all the same.
+/// Its retry would find the name unchanged and write none.
+#[tokio::test]
+async fn a_rename_whose_renamed_signal_fails_succeeds_and_writes_it() {
+    let server = FlakyServer::start(false).await;
+    server
+        .store
+        .fail_next(Held::SystemSignal(SignalKind::Renamed));
+    let renamed = server
+        .http
+        .patch(format!("{}/v1/chats/{}", server.base, server.chat))
+        .bearer_auth(&server.alice)
+        .json(&json!({ "name": "steady" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renamed.status(), 200, "the chat is renamed");
+    let signals = written_signals(&server, "renamed").await;
+    assert_eq!(signals.len(), 1, "{signals:?}");
+    assert_eq!(signals[0]["text"], "steady");
 }
 
 /// Ending a circle pairing whose clean-up fails part-way is finished by its retry: both are out of

@@ -59,6 +59,9 @@ pub enum Held {
     MessageInserted,
     /// A `call` signal of this state stored (`Store::insert_signal`).
     CallSignal(CallState),
+    /// A signal the server writes of this kind (`joined`, `left`, `renamed`) stored
+    /// (`Store::insert_signal`).
+    SystemSignal(SignalKind),
     /// A call's status moved to this one (`Store::transition_call`).
     CallStatus(CallStatus),
     /// A call stored (`Store::create_call`). Failing it leaves what a CQL store's start that
@@ -692,7 +695,13 @@ impl Store for HeldStore {
                 self.through(Held::MessageInserted, self.inner.insert_signal(signal))
                     .await
             }
-            None => self.inner.insert_signal(signal).await,
+            None => {
+                self.through(
+                    Held::SystemSignal(signal.kind),
+                    self.inner.insert_signal(signal),
+                )
+                .await
+            }
         }
     }
     async fn nonce_holder(

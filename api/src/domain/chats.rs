@@ -255,7 +255,7 @@ impl ApiState {
             .await?;
         if renamed && name != chat.name {
             self.record_system_signal(chat_id, SignalKind::Renamed, caller, name.clone())
-                .await?;
+                .await;
         }
         let Some(updated) = self.store.get_chat(chat_id).await? else {
             // Gone (removed meanwhile): there is no change to announce.

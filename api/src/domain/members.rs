@@ -83,7 +83,7 @@ impl ApiState {
             }
             self.publish_intended(envelope, intent).await;
             self.record_system_signal(chat_id, SignalKind::Joined, user, None)
-                .await?;
+                .await;
             return Ok(Outcome::Created(member));
         }
         Err(contended())
@@ -133,12 +133,8 @@ impl ApiState {
             if let Err(error) = self.store.untouch_chat(chat_id, user).await {
                 tracing::warn!(%error, chat = %chat_id, %user, "taking a chat out of a leaving member's list failed; readers skip it");
             }
-            let recorded = self
-                .record_system_signal(chat_id, SignalKind::Left, user, None)
+            self.record_system_signal(chat_id, SignalKind::Left, user, None)
                 .await;
-            if let Err(error) = recorded {
-                tracing::warn!(%error, chat = %chat_id, %user, "writing `left` into the history failed");
-            }
             // Out of the chat, out of its calls. Should this fail, calls count the chat's members
             // only, so the member neither receives their signalling nor keeps them going.
             if let Err(error) = self.leave_calls_of_chat(chat_id, user).await {

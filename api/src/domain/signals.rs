@@ -366,16 +366,62 @@ impl ApiState {
         Ok(tombstone)
     }
 
-    /// Writes a `joined`, `left` or `renamed` signal into the history, for the current members.
+    /// Writes a `joined`, `left` or `renamed` signal into the history, for the current members,
+    /// once the change it tells of is stored. That change has succeeded whatever happens here, and
+    /// a retry of its request would find nothing left to do (the member in, or out, the name as
+    /// asked) and write no signal, so the signal's write is bookkeeping: it runs on a task of its
+    /// own, which the caller waits for and a cancelled request does not stop, and a failure is
+    /// retried in the background, never reported as the change's failure. Should the process die
+    /// before a retry writes it, the history lacks that signal; the change stands, announced by its
+    /// own event.
     pub(crate) async fn record_system_signal(
         &self,
         chat: ChatId,
         kind: SignalKind,
         author: UserId,
         text: Option<String>,
-    ) -> ApiResult<Signal> {
-        self.record_server_signal(chat, kind, author, text, None, None)
-            .await
+    ) {
+        let signal = server_signal(chat, kind, author, text, None, None);
+        let state = self.clone();
+        let recorded = tokio::spawn(async move {
+            if let Err(error) = state.record_for_members(&signal).await {
+                tracing::warn!(%error, %chat, kind = kind.as_str(), "writing a system signal failed; retrying in the background");
+                state.retry_system_signal(signal);
+            }
+        });
+        if let Err(error) = recorded.await {
+            tracing::error!(%error, "writing a system signal panicked");
+        }
+    }
+
+    /// Writes `signal`, a system signal whose write failed, again in the background, with backoff,
+    /// for a little over half a minute: the same signal, so that a write made all the same (one
+    /// that timed out) is found and not made twice.
+    fn retry_system_signal(&self, signal: Signal) {
+        let kind = signal.kind.as_str();
+        metrics::counter!("confab_system_signal_retries_total", "kind" => kind).increment(1);
+        let state = self.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            for _ in 0..8 {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+                match state.store.get_signal(signal.chat_id, signal.id).await {
+                    Ok(Some(stored)) => {
+                        // Its event may not be out: published again, the log keeps one copy.
+                        state.publish_again(Envelope::signal_created(stored)).await;
+                        return;
+                    }
+                    Ok(None) => {}
+                    Err(_) => continue,
+                }
+                if state.record_for_members(&signal).await.is_ok() {
+                    return;
+                }
+            }
+            metrics::counter!("confab_system_signal_failures_total", "kind" => kind).increment(1);
+            tracing::error!(chat = %signal.chat_id, signal = %signal.id, kind, "writing a system signal gave up; the history lacks it");
+        });
     }
 
     /// Writes a `call` signal into the history, for the current members, with send parity on
@@ -389,50 +435,27 @@ impl ApiState {
         call: CallSignal,
         nonce: String,
     ) -> ApiResult<Signal> {
-        self.record_server_signal(
+        let signal = server_signal(
             chat,
             SignalKind::Call,
             author,
             None,
             Some(call),
             Some(nonce),
-        )
-        .await
+        );
+        self.record_for_members(&signal).await
     }
 
-    async fn record_server_signal(
-        &self,
-        chat: ChatId,
-        kind: SignalKind,
-        author: UserId,
-        text: Option<String>,
-        call: Option<CallSignal>,
-        nonce: Option<String>,
-    ) -> ApiResult<Signal> {
-        let id = SignalId::new();
-        let signal = Signal {
-            id,
-            chat_id: chat,
-            kind,
-            author_id: author,
-            created_at: id.created_at().unwrap_or_else(OffsetDateTime::now_utc),
-            nonce,
-            text,
-            reply_to: None,
-            attachments: Vec::new(),
-            edited_at: None,
-            deleted: false,
-            reactions: Default::default(),
-            call,
-        };
+    /// Stores and publishes `signal`, a signal the server writes, for the chat's current members.
+    async fn record_for_members(&self, signal: &Signal) -> ApiResult<Signal> {
         let members = self
             .store
-            .members(chat)
+            .members(signal.chat_id)
             .await?
             .into_iter()
             .map(|m| m.user_id)
             .collect();
-        match self.record(&signal, members, None).await? {
+        match self.record(signal, members, None).await? {
             Inserted::Created(created) => Ok(created),
             Inserted::Existing(existing) => {
                 self.republish_if_recent(&existing).await;
@@ -587,5 +610,32 @@ impl ApiState {
                     .advance_marker(MarkerKind::Read, chat, author, newest)
             })
             .await
+    }
+}
+
+/// A signal the server writes, new.
+fn server_signal(
+    chat: ChatId,
+    kind: SignalKind,
+    author: UserId,
+    text: Option<String>,
+    call: Option<CallSignal>,
+    nonce: Option<String>,
+) -> Signal {
+    let id = SignalId::new();
+    Signal {
+        id,
+        chat_id: chat,
+        kind,
+        author_id: author,
+        created_at: id.created_at().unwrap_or_else(OffsetDateTime::now_utc),
+        nonce,
+        text,
+        reply_to: None,
+        attachments: Vec::new(),
+        edited_at: None,
+        deleted: false,
+        reactions: Default::default(),
+        call,
     }
 }
