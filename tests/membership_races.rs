@@ -1,12 +1,18 @@
 //! Racing membership changes settle to a valid state: a chat with members always keeps an owner,
 //! and racing additions of one user add them once, with one `joined` signal. Many concurrent
-//! requests, on the embedded default and on the real stack.
+//! requests, on the embedded default and on the real stack. An addition whose `member.joined`
+//! reaches the log after a later removal's `member.left` is followed by another `member.left`.
 
 mod support;
 
 use support::on_both_stacks;
 
+use confab_api::domain::Outcome;
+use confab_api::domain::chats::ChatToCreate;
+use confab_schema::event::EventKind;
+use confab_schema::{ChatKind, Envelope, Event, UserId};
 use serde_json::{Value, json};
+use support::held_store::HeldApi;
 use support::{Stack, TestApp, spawn_app};
 
 async fn members(app: &TestApp, token: &str, chat: &str) -> Vec<Value> {
@@ -131,3 +137,70 @@ async fn racing_additions_add_once(stack: Stack) {
     app.stop().await;
 }
 on_both_stacks!(racing_additions_add_once);
+
+/// Whether the user is a member after `envelope`, by what it says of them; `None` when it says
+/// nothing of them.
+fn membership_after(envelope: &Envelope, user: UserId) -> Option<bool> {
+    match &envelope.event {
+        Event::MemberJoined(change) | Event::MemberUpdated(change) if change.user_id == user => {
+            Some(true)
+        }
+        Event::MemberLeft(change) if change.user_id == user => Some(false),
+        _ => None,
+    }
+}
+
+/// An addition's store change is applied, and its `member.joined` held on its way to the log
+/// while a removal of the same user runs through, `member.left` and all. The log then has the
+/// join after the leaving; the addition's last word for that user must still be that they left,
+/// as the store has it, or their open streams would be routed the chat's messages again.
+async fn a_removal_racing_an_additions_publish_has_the_last_word(stack: Stack) {
+    let api = HeldApi::new(stack).await;
+    let alice = api.user("alice").await;
+    let bob = api.user("bob").await;
+    let carol = api.user("carol").await;
+    let chat =
+        ChatToCreate::parse(ChatKind::Group, Some("racing".into()), None, vec![bob.id]).unwrap();
+    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
+        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
+    };
+
+    api.bus.hold_next(EventKind::MemberJoined);
+    let addition = tokio::spawn({
+        let state = api.state.clone();
+        async move { state.add_member(alice.id, chat, carol.id, None).await }
+    });
+    api.bus.gate.arrived(1).await;
+    api.state
+        .remove_member(alice.id, chat, carol.id)
+        .await
+        .expect("carol is removed while her addition's event waits");
+    api.bus.gate.release(1).await;
+    let added = addition.await.unwrap();
+    assert!(matches!(added, Ok(Outcome::Created(_))), "{added:?}");
+
+    let events = api.bus.events_of(chat).await;
+    let changes: Vec<(u64, bool)> = events
+        .iter()
+        .filter_map(|logged| Some((logged.seq, membership_after(&logged.envelope, carol.id)?)))
+        .collect();
+    assert_eq!(
+        changes.last().map(|(_, member)| *member),
+        Some(false),
+        "the last word on carol in the log has her a member: {changes:?}"
+    );
+    let routed_last = events
+        .iter()
+        .rev()
+        .find(|logged| {
+            logged.envelope.joined.contains(&carol.id) || logged.envelope.left.contains(&carol.id)
+        })
+        .expect("the log routes carol in and out");
+    assert!(
+        routed_last.envelope.left.contains(&carol.id),
+        "the last event routing carol takes her in: {routed_last:?}"
+    );
+    assert_eq!(api.state.publishes_retrying(), 0);
+    api.clean_up().await;
+}
+on_both_stacks!(a_removal_racing_an_additions_publish_has_the_last_word);

@@ -664,8 +664,23 @@ impl ApiState {
     /// Publishes `envelope`'s event as the store holds its change now (see
     /// [`ApiState::republish`]): what a late publish sends, whether a sweep's or a request's
     /// retry, so that it never undoes what was stored and published since (a removal after the
-    /// join it announces, a deletion after the edit). `false` when nothing was published.
-    pub(crate) async fn publish_as_stored(&self, mut envelope: Envelope) -> ApiResult<bool> {
+    /// join it announces, a deletion after the edit). `false` when nothing was published. The
+    /// store read before the publish may be overtaken by a change published first, so the
+    /// publish has the last word checked after it ([`ApiState::have_the_last_word`]).
+    pub(crate) async fn publish_as_stored(&self, envelope: Envelope) -> ApiResult<bool> {
+        let Some(published) = self.publish_stored(envelope).await? else {
+            return Ok(false);
+        };
+        self.have_the_last_word(published).await;
+        Ok(true)
+    }
+
+    /// [`ApiState::publish_as_stored`] without the check after it: the envelope published, if
+    /// any.
+    pub(crate) async fn publish_stored(
+        &self,
+        mut envelope: Envelope,
+    ) -> ApiResult<Option<Envelope>> {
         if !envelope.joined.is_empty() {
             // Whoever left since must not be routed this chat's events again by a late copy.
             let members: HashSet<UserId> = self
@@ -679,7 +694,7 @@ impl ApiState {
         }
         let held = self.held(&envelope).await?;
         let Some(event) = stored_event(&envelope.event, held) else {
-            return Ok(false);
+            return Ok(None);
         };
         if let Event::MemberJoined(change) = &event {
             // Likewise an addition may have stopped before it listed the chat in the member's
@@ -705,12 +720,13 @@ impl ApiState {
             }
             other => other,
         };
+        let envelope = Envelope { event, ..envelope };
         self.bus
-            .publish(&Envelope { event, ..envelope })
+            .publish(&envelope)
             .await
             .map_err(crate::error::ApiError::from)?;
         metrics::counter!("confab_outbox_republished_total").increment(1);
-        Ok(true)
+        Ok(Some(envelope))
     }
 
     /// Sweeps every `settings.interval` until `shutdown`.

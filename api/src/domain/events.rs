@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use confab_schema::Envelope;
+use confab_schema::event::MemberChange;
+use confab_schema::{Envelope, Event};
 
+use crate::error::ApiResult;
 use crate::outbox::Intent;
 use crate::state::ApiState;
 
@@ -19,6 +21,10 @@ use crate::state::ApiState;
 const RETRY_ATTEMPTS: u32 = 12;
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LONGEST_RETRY: Duration = Duration::from_secs(30);
+
+/// How many corrections one publish is followed by at most ([`ApiState::have_the_last_word`]):
+/// one each time the change's subject changed again while the last was on its way.
+const LAST_WORD_ROUNDS: usize = 4;
 
 impl ApiState {
     /// Appends `envelope` to the event log. The change it describes is stored already, so a failed
@@ -59,6 +65,7 @@ impl ApiState {
     /// publishes the change as the store holds it then, as a sweep does, or nothing when it was
     /// undone or superseded since: a late copy of the envelope as it was would route a member
     /// removed since back into the chat, or show an edit's text after the message's deletion.
+    /// Once published, the change is read again ([`ApiState::have_the_last_word`]).
     pub(crate) async fn publish_intended(&self, envelope: Envelope, intent: Intent) {
         self.publish_then_as_stored(envelope, Some(intent)).await;
     }
@@ -84,6 +91,11 @@ impl ApiState {
             metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
             if let Some(intent) = intent {
                 self.outbox.settle(&self.store, intent);
+                // A send's own event needs no check: nobody knows the message before it is
+                // published. (`publish_as_stored` checks its own publish.)
+                if !matches!(envelope.event, Event::SignalCreated(_)) {
+                    self.have_the_last_word(envelope).await;
+                }
             }
             return;
         }
@@ -124,6 +136,92 @@ impl ApiState {
                 delay = (delay * 2).min(LONGEST_RETRY);
             }
         });
+    }
+
+    /// After `published` is in the log: reads its change's subject again (a member's role) and,
+    /// while the store holds something else than the last event published of it says, publishes
+    /// what it holds as a fresh event, so that the chat's log ends with the stored state. A
+    /// change's event goes out after its write, and the read it was made from (a request's own, or
+    /// a retry's or sweep's read of the store) can be overtaken: a removal written and published
+    /// between an addition's write and its `member.joined`. If the read after the publish still
+    /// finds what was published, any change after it is written after that publish, so its own
+    /// event comes later in the log; if it does not, the change that made the difference may have
+    /// been published first, and the correction follows both. No lock across processes.
+    pub(crate) async fn have_the_last_word(&self, published: Envelope) {
+        let mut published = published;
+        for _ in 0..LAST_WORD_ROUNDS {
+            let correction = match self.correction_of(&published).await {
+                Ok(Some(correction)) => correction,
+                Ok(None) => return,
+                Err(error) => {
+                    metrics::counter!("confab_events_unchecked_total").increment(1);
+                    tracing::warn!(%error, chat = %published.chat_id, id = %published.id, "an event's change not read again after its publish");
+                    return;
+                }
+            };
+            let kind = correction.event.kind().as_str();
+            metrics::counter!("confab_events_corrections_total", "type" => kind).increment(1);
+            match self.publish_stored(correction.clone()).await {
+                Ok(Some(correction)) => published = correction,
+                // Changed again since it was read: that change's event comes after this one.
+                Ok(None) => return,
+                Err(error) => {
+                    // Retried in the background, as the store holds it then, as a late copy is.
+                    tracing::warn!(%error, event = kind, chat = %correction.chat_id, "a correction not published yet; retrying in the background");
+                    let state = self.clone();
+                    let retrying = self.retrying_publishes.start();
+                    tokio::spawn(async move {
+                        let _retrying = retrying;
+                        let mut delay = FIRST_RETRY;
+                        for _ in 0..RETRY_ATTEMPTS {
+                            tokio::time::sleep(delay).await;
+                            if state.publish_stored(correction.clone()).await.is_ok() {
+                                return;
+                            }
+                            delay = (delay * 2).min(LONGEST_RETRY);
+                        }
+                        metrics::counter!("confab_events_unpublished_total", "type" => kind)
+                            .increment(1);
+                        tracing::warn!(event = kind, chat = %correction.chat_id, "a correction not published: the bus refused every retry");
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The event that tells what the store holds now of the change `published` announced, when
+    /// that is no longer what it says: a member gone, back or in another role. `None` when the
+    /// store holds what it says, or for events of other kinds.
+    async fn correction_of(&self, published: &Envelope) -> ApiResult<Option<Envelope>> {
+        let chat = published.chat_id;
+        Ok(match &published.event {
+            Event::MemberJoined(change)
+            | Event::MemberUpdated(change)
+            | Event::MemberLeft(change) => {
+                let said = match &published.event {
+                    Event::MemberLeft(_) => None,
+                    _ => change.role,
+                };
+                let user = change.user_id;
+                let held = self.store.member_role(chat, user).await?;
+                let change = MemberChange {
+                    user_id: user,
+                    role: held,
+                };
+                match (said, held) {
+                    (said, held) if said == held => None,
+                    (_, None) => {
+                        Some(Envelope::new(chat, Event::MemberLeft(change)).leaving(vec![user]))
+                    }
+                    (None, Some(_)) => {
+                        Some(Envelope::new(chat, Event::MemberJoined(change)).joining(vec![user]))
+                    }
+                    (Some(_), Some(_)) => Some(Envelope::new(chat, Event::MemberUpdated(change))),
+                }
+            }
+            _ => None,
+        })
     }
 
     /// Removes an outbox entry whose change was not stored (or whose event another request
