@@ -6,7 +6,8 @@
 //!
 //! Also: a deletion that fails after its tombstone is written is finished by its retry, and so is
 //! the end of a circle pairing that fails part-way; a removal applied despite its error is
-//! finished by its own request; a match whose chat fails leaves both waiting.
+//! finished by its own request; a match whose chat fails leaves both waiting. An edit published
+//! after the message's deletion is followed by the deletion again.
 
 mod support;
 
@@ -424,6 +425,66 @@ async fn a_cancelled_edit_is_published_by_its_process_own_sweep() {
         message.outbox_rows("signal.updated").await,
         Vec::<Value>::new()
     );
+}
+
+/// An edit whose write is made and read back, and whose publish waits while the message is deleted
+/// and its deletion published: the edit's `signal.updated` reaches the log after the
+/// `signal.deleted`, and clients applying the log in order would show its text on a deleted
+/// message. The deletion must be the message's last word in the log.
+#[tokio::test]
+async fn an_edit_published_after_the_deletion_leaves_the_deletion_last() {
+    let message = SentMessage::start(false).await;
+    let alice: UserId =
+        serde_json::from_value(message.get(&message.alice, "/v1/me").await["id"].clone()).unwrap();
+    let chat: ChatId = serde_json::from_value(json!(message.chat)).unwrap();
+    let id: SignalId = serde_json::from_value(json!(message.id)).unwrap();
+
+    message.store.hold_after(Held::SignalEdited);
+    let state = message.state.clone();
+    let edit = tokio::spawn(async move {
+        let text = confab_api::domain::inputs::MessageText::parse("too late".into()).unwrap();
+        state.edit_message(alice, chat, id, text).await
+    });
+    message.store.gate.arrived(1).await;
+    message.store.lift(Held::SignalEdited);
+    assert_eq!(message.delete().await.status(), 200);
+    message.store.gate.release(1).await;
+    edit.await
+        .unwrap()
+        .expect("the edit was stored before the deletion");
+
+    let last = message.bus.last_seq().await.unwrap();
+    let chats = std::collections::HashSet::from([chat]);
+    let states: Vec<(u64, &'static str, Option<String>)> = message
+        .bus
+        .read(
+            0,
+            last,
+            confab_runtime::bus::ChatFilter::Only(&chats),
+            1_000,
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|logged| match logged.envelope.event {
+            Event::SignalCreated(signal) if signal.id == id => {
+                Some((logged.seq, "created", signal.text))
+            }
+            Event::SignalUpdated(signal) if signal.id == id => {
+                Some((logged.seq, "updated", signal.text))
+            }
+            Event::SignalDeleted(signal) if signal.id == id => {
+                Some((logged.seq, "deleted", signal.text))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        states.last().map(|(_, kind, _)| *kind),
+        Some("deleted"),
+        "the message's last event is not its deletion: {states:?}"
+    );
+    assert_eq!(message.state.publishes_retrying(), 0);
 }
 
 /// A send whose request is cancelled once its signal is stored (a client gone, a timeout) still

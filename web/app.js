@@ -950,6 +950,8 @@ async function reveal(chatId, signalId) {
 }
 
 function upsertSignal(signal) {
+  // A deletion is final: no later event brings a deleted message back.
+  if (!signal.deleted && state.messages.get(signal.id)?.deleted) return;
   const chat = state.chats.get(signal.chat_id);
   if (chat && (!chat.latest_signal || chat.latest_signal.id <= signal.id)) chat.latest_signal = signal;
   if (signal.chat_id !== state.open) return renderChats();

@@ -60,8 +60,12 @@ pub struct UserPresence {
 pub enum Event {
     #[serde(rename = "signal.created")]
     SignalCreated(Signal),
+    /// A message edited. Never one deleted: a deletion is final, and an edit whose event would
+    /// reach the log after the deletion's is followed by another `signal.deleted`.
     #[serde(rename = "signal.updated")]
     SignalUpdated(Signal),
+    /// A message deleted (a tombstone, without text). Final: no later event shows it again; the
+    /// same message's deletion may come more than once.
     #[serde(rename = "signal.deleted")]
     SignalDeleted(Signal),
     #[serde(rename = "reaction.added")]

@@ -138,15 +138,16 @@ impl ApiState {
         });
     }
 
-    /// After `published` is in the log: reads its change's subject again (a member's role) and,
-    /// while the store holds something else than the last event published of it says, publishes
-    /// what it holds as a fresh event, so that the chat's log ends with the stored state. A
-    /// change's event goes out after its write, and the read it was made from (a request's own, or
-    /// a retry's or sweep's read of the store) can be overtaken: a removal written and published
-    /// between an addition's write and its `member.joined`. If the read after the publish still
-    /// finds what was published, any change after it is written after that publish, so its own
-    /// event comes later in the log; if it does not, the change that made the difference may have
-    /// been published first, and the correction follows both. No lock across processes.
+    /// After `published` is in the log: reads its change's subject again (a member's role, a
+    /// message) and, while the store holds something else than the last event published of it
+    /// says, publishes what it holds as a fresh event, so that the chat's log ends with the stored
+    /// state. A change's event goes out after its write, and the read it was made from (a
+    /// request's own, or a retry's or sweep's read of the store) can be overtaken: a removal
+    /// written and published between an addition's write and its `member.joined`, a deletion
+    /// published before an edit's `signal.updated`. If the read after the publish still finds
+    /// what was published, any change after it is written after that publish, so its own event
+    /// comes later in the log; if it does not, the change that made the difference may have been
+    /// published first, and the correction follows both. No lock across processes.
     pub(crate) async fn have_the_last_word(&self, published: Envelope) {
         let mut published = published;
         for _ in 0..LAST_WORD_ROUNDS {
@@ -191,8 +192,8 @@ impl ApiState {
     }
 
     /// The event that tells what the store holds now of the change `published` announced, when
-    /// that is no longer what it says: a member gone, back or in another role. `None` when the
-    /// store holds what it says, or for events of other kinds.
+    /// that is no longer what it says: a member gone, back or in another role; a message deleted
+    /// or edited again. `None` when the store holds what it says, or for events of other kinds.
     async fn correction_of(&self, published: &Envelope) -> ApiResult<Option<Envelope>> {
         let chat = published.chat_id;
         Ok(match &published.event {
@@ -218,6 +219,20 @@ impl ApiState {
                         Some(Envelope::new(chat, Event::MemberJoined(change)).joining(vec![user]))
                     }
                     (Some(_), Some(_)) => Some(Envelope::new(chat, Event::MemberUpdated(change))),
+                }
+            }
+            Event::SignalCreated(said) | Event::SignalUpdated(said) if !said.deleted => {
+                match self.store.get_signal(said.chat_id, said.id).await? {
+                    // Gone with its chat, whose removal has its own event.
+                    None => None,
+                    // A deletion is final: nothing after it in the log shows the message again.
+                    Some(held) if held.deleted => {
+                        Some(Envelope::new(chat, Event::SignalDeleted(held)))
+                    }
+                    Some(held) if held.text != said.text || held.edited_at != said.edited_at => {
+                        Some(Envelope::new(chat, Event::SignalUpdated(held)))
+                    }
+                    Some(_) => None,
                 }
             }
             _ => None,
