@@ -406,6 +406,111 @@ async fn cql_pictures_stored_across_a_deletion_do_not_bring_it_back() {
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
 
+/// An addition of a member, and a change of a member's role, each race a removal of that member
+/// that arrives between the change's conditional batch and its write of the member's row of
+/// `user_chats`: the removal wins, and the chat is neither among the member's chats nor in their
+/// chat list, even after a message sent to the members as they were before the removal. (The
+/// embedded store makes each change in one transaction, with no second row to write after it:
+/// nothing can arrive in between there.)
+#[tokio::test]
+async fn cql_a_removal_after_an_addition_or_a_change_of_role_wins() {
+    use confab_api::store::{GuardedChange, MemberWrite};
+    use confab_schema::{ChatId, Member, MemberRole, SignalId, UserId};
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(
+        &options,
+        "cql_a_removal_after_an_addition_or_a_change_of_role_wins",
+    )
+    .await
+    {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let (owner, admin) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
+    let chat = chat_with(&store, owner, &[admin]).await;
+    let promote = GuardedChange {
+        write: MemberWrite::SetRole(admin, MemberRole::Admin),
+        expect: vec![(owner, MemberRole::Owner), (admin, MemberRole::Member)],
+    };
+    assert!(store.change_member(chat, &promote).await.expect("promotes"));
+    let remove = |user: UserId, role: MemberRole| GuardedChange {
+        write: MemberWrite::Remove(user),
+        expect: vec![(owner, MemberRole::Owner), (user, role)],
+    };
+    let not_listed = |user: UserId, case: &'static str| {
+        let store = &store;
+        async move {
+            assert_eq!(store.member_role(chat, user).await.expect("reads"), None);
+            // A message sent to the members as read before the removal moves the chat for them.
+            store
+                .touch_chat(chat, &[owner, admin, user], SignalId::new(), None)
+                .await
+                .expect("touches");
+            let chats: Vec<ChatId> = store.chats_of(user).await.expect("lists");
+            assert!(
+                !chats.contains(&chat),
+                "{case}: among the chats of {chats:?}"
+            );
+            let entries = store.chat_entries(user, &[chat]).await.expect("reads");
+            assert!(entries.is_empty(), "{case}: an entry of {entries:?}");
+            let list = store.chat_list(user, None, 50).await.expect("lists");
+            assert!(
+                list.iter().all(|(row, _)| row.chat_id != chat),
+                "{case}: in the chat list {list:?}"
+            );
+        }
+    };
+
+    // The admin adds x; the owner removes x after the addition's batch.
+    let x = UserId(uuid::Uuid::new_v4());
+    let add = GuardedChange {
+        write: MemberWrite::Add(Member {
+            user_id: x,
+            role: MemberRole::Member,
+            joined_at: confab_schema::model::to_millis(time::OffsetDateTime::now_utc()),
+        }),
+        expect: vec![(admin, MemberRole::Admin)],
+    };
+    let added = store
+        .change_member_meanwhile(chat, &add, async {
+            let removal = remove(x, MemberRole::Member);
+            let removed = store.change_member(chat, &removal).await;
+            assert!(removed.expect("removes"), "x is removed");
+        })
+        .await
+        .expect("adds");
+    assert!(added, "x is added");
+    not_listed(x, "added, then removed").await;
+
+    // The owner makes y an admin; the owner removes y after the change's batch.
+    let y = UserId(uuid::Uuid::new_v4());
+    let add = GuardedChange {
+        write: MemberWrite::Add(Member {
+            user_id: y,
+            role: MemberRole::Member,
+            joined_at: confab_schema::model::to_millis(time::OffsetDateTime::now_utc()),
+        }),
+        expect: vec![(owner, MemberRole::Owner)],
+    };
+    assert!(store.change_member(chat, &add).await.expect("adds"));
+    assert!(store.chats_of(y).await.expect("lists").contains(&chat));
+    let promote = GuardedChange {
+        write: MemberWrite::SetRole(y, MemberRole::Admin),
+        expect: vec![(owner, MemberRole::Owner), (y, MemberRole::Member)],
+    };
+    let promoted = store
+        .change_member_meanwhile(chat, &promote, async {
+            let removal = remove(y, MemberRole::Admin);
+            let removed = store.change_member(chat, &removal).await;
+            assert!(removed.expect("removes"), "y is removed");
+        })
+        .await
+        .expect("promotes");
+    assert!(promoted, "y is made an admin");
+    not_listed(y, "made an admin, then removed").await;
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}
+
 /// A sent message's claim on its attachments, as it is copied to the chat's lists, races a
 /// deletion of its message, and the write of an image's pictures that re-files it as a file: the
 /// deleted attachment does not come back, and the re-filed one is listed once, among the files, as

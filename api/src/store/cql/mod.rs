@@ -841,7 +841,6 @@ struct Statements {
     member_if_role: PreparedStatement,
     add_member_if_absent: PreparedStatement,
     remove_member_if_role: PreparedStatement,
-    set_user_chat_role: PreparedStatement,
     insert_left_chat: PreparedStatement,
     left_chats_of: PreparedStatement,
     get_summary: PreparedStatement,
@@ -1151,7 +1150,6 @@ impl CqlStore {
             member_if_role: "UPDATE chat_members SET role = ? WHERE chat_id = ? AND user_id = ? IF role = ?".into(),
             add_member_if_absent: "INSERT INTO chat_members (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?) IF NOT EXISTS".into(),
             remove_member_if_role: "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ? IF role = ?".into(),
-            set_user_chat_role: "UPDATE user_chats SET role = ? WHERE user_id = ? AND chat_id = ?".into(),
             insert_left_chat: "INSERT INTO user_left_chats (user_id, left_at, chat_id) VALUES (?, ?, ?) USING TTL ?".into(),
             left_chats_of: "SELECT chat_id, left_at FROM user_left_chats WHERE user_id = ? AND left_at >= ? LIMIT ?".into(),
             // The chat list's summary lives in the chat's row, so one read gives both. Written
@@ -1266,6 +1264,116 @@ impl CqlStore {
     /// The raw session, for benchmarks that compare against driver-level inserts.
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// [`Store::change_member`], with `meanwhile` run after its conditional batch applied and
+    /// before its writes of the member's row of `user_chats`: how a test plays a change of the
+    /// same member that arrives in between.
+    pub async fn change_member_meanwhile(
+        &self,
+        chat: ChatId,
+        change: &GuardedChange,
+        meanwhile: impl Future<Output = ()>,
+    ) -> Result<bool, StoreError> {
+        use scylla::statement::batch::{Batch, BatchType};
+        // One conditional batch on the chat's partition of `chat_members`: Paxos serializes it
+        // with every other change of the chat's members, from any process, and applies it only if
+        // all its conditions hold.
+        let target = change.write.user();
+        let text = |role: MemberRole| CqlValue::Text(role.as_str().to_owned());
+        let mut batch = Batch::new(BatchType::Logged);
+        let mut values: Vec<Vec<CqlValue>> = Vec::new();
+        for (user, role) in change.expect.iter().filter(|(user, _)| *user != target) {
+            // Rewrites the role it requires: a write that changes nothing, for its condition.
+            batch.append_statement(self.statements.member_if_role.clone());
+            values.push(vec![
+                text(*role),
+                CqlValue::Uuid(chat.0),
+                CqlValue::Uuid(user.0),
+                text(*role),
+            ]);
+        }
+        let expected = |user: UserId| {
+            change
+                .expect
+                .iter()
+                .find(|(u, _)| *u == user)
+                .map(|(_, role)| *role)
+                .ok_or_else(|| corrupt("a re-role or removal without the target's expected role"))
+        };
+        match &change.write {
+            MemberWrite::Add(member) => {
+                batch.append_statement(self.statements.add_member_if_absent.clone());
+                values.push(vec![
+                    CqlValue::Uuid(chat.0),
+                    CqlValue::Uuid(member.user_id.0),
+                    text(member.role),
+                    CqlValue::Timestamp(CqlTimestamp(millis(member.joined_at))),
+                ]);
+            }
+            MemberWrite::SetRole(user, role) => {
+                batch.append_statement(self.statements.member_if_role.clone());
+                values.push(vec![
+                    text(*role),
+                    CqlValue::Uuid(chat.0),
+                    CqlValue::Uuid(user.0),
+                    text(expected(*user)?),
+                ]);
+            }
+            MemberWrite::Remove(user) => {
+                batch.append_statement(self.statements.remove_member_if_role.clone());
+                values.push(vec![
+                    CqlValue::Uuid(chat.0),
+                    CqlValue::Uuid(user.0),
+                    text(expected(*user)?),
+                ]);
+            }
+        }
+        let result = self
+            .session
+            .batch(&batch, values)
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(corrupt)?;
+        let row = result
+            .maybe_first_row::<Row>()
+            .map_err(corrupt)?
+            .ok_or_else(|| corrupt("a conditional batch returned no row"))?;
+        if !matches!(column(&row, 0), Some(CqlValue::Boolean(true))) {
+            return Ok(false);
+        }
+        meanwhile.await;
+        // The user's own index follows the authoritative row, read back after the batch and
+        // written at the role's write time (a later change's, if one came since): a removal of
+        // the member whose batch came before the read leaves nothing to write, and one after it
+        // deletes the row later than the role was written, so it wins over this write whichever
+        // arrives first. A write sent at its own time, with the change's values, could land
+        // after such a removal's deletion and list the chat to the removed member for good.
+        match &change.write {
+            MemberWrite::Add(member) => self.restore_joined_chat(chat, member.user_id).await?,
+            MemberWrite::SetRole(user, _) => {
+                self.list_as_of_role(chat, *user).await?;
+            }
+            MemberWrite::Remove(user) => {
+                // Not in the batch above: a conditional batch may not span tables or partitions.
+                // If this fails (or the process stops first), the user's row still lists the
+                // chat to them, to their search and to their streams, and no retry of the removal
+                // deletes it: the member is gone, so it is refused. The removal's outbox entry,
+                // written before the batch, is what finishes it: the sweep that publishes
+                // `member.left` for a removal the store holds calls `forget_left_chat` first.
+                //
+                // The deletion is made after this batch, so it is later than the batch of every
+                // addition or change of role of the member before it (Paxos orders them), and
+                // later than their rows here, written at their batches' time however late.
+                self.record_left_chat(chat, *user).await?;
+                self.session
+                    .execute_unpaged(&self.statements.delete_user_chat, (user.0, chat.0))
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(true)
     }
 
     /// [`Store::update_derived`], with `meanwhile` run between its reads and its writes: how a
@@ -2499,115 +2607,7 @@ impl Store for CqlStore {
         chat: ChatId,
         change: &GuardedChange,
     ) -> Result<bool, StoreError> {
-        use scylla::statement::batch::{Batch, BatchType};
-        // One conditional batch on the chat's partition of `chat_members`: Paxos serializes it
-        // with every other change of the chat's members, from any process, and applies it only if
-        // all its conditions hold.
-        let target = change.write.user();
-        let text = |role: MemberRole| CqlValue::Text(role.as_str().to_owned());
-        let mut batch = Batch::new(BatchType::Logged);
-        let mut values: Vec<Vec<CqlValue>> = Vec::new();
-        for (user, role) in change.expect.iter().filter(|(user, _)| *user != target) {
-            // Rewrites the role it requires: a write that changes nothing, for its condition.
-            batch.append_statement(self.statements.member_if_role.clone());
-            values.push(vec![
-                text(*role),
-                CqlValue::Uuid(chat.0),
-                CqlValue::Uuid(user.0),
-                text(*role),
-            ]);
-        }
-        let expected = |user: UserId| {
-            change
-                .expect
-                .iter()
-                .find(|(u, _)| *u == user)
-                .map(|(_, role)| *role)
-                .ok_or_else(|| corrupt("a re-role or removal without the target's expected role"))
-        };
-        match &change.write {
-            MemberWrite::Add(member) => {
-                batch.append_statement(self.statements.add_member_if_absent.clone());
-                values.push(vec![
-                    CqlValue::Uuid(chat.0),
-                    CqlValue::Uuid(member.user_id.0),
-                    text(member.role),
-                    CqlValue::Timestamp(CqlTimestamp(millis(member.joined_at))),
-                ]);
-            }
-            MemberWrite::SetRole(user, role) => {
-                batch.append_statement(self.statements.member_if_role.clone());
-                values.push(vec![
-                    text(*role),
-                    CqlValue::Uuid(chat.0),
-                    CqlValue::Uuid(user.0),
-                    text(expected(*user)?),
-                ]);
-            }
-            MemberWrite::Remove(user) => {
-                batch.append_statement(self.statements.remove_member_if_role.clone());
-                values.push(vec![
-                    CqlValue::Uuid(chat.0),
-                    CqlValue::Uuid(user.0),
-                    text(expected(*user)?),
-                ]);
-            }
-        }
-        let result = self
-            .session
-            .batch(&batch, values)
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(corrupt)?;
-        let row = result
-            .maybe_first_row::<Row>()
-            .map_err(corrupt)?
-            .ok_or_else(|| corrupt("a conditional batch returned no row"))?;
-        if !matches!(column(&row, 0), Some(CqlValue::Boolean(true))) {
-            return Ok(false);
-        }
-        // The user's own index follows the authoritative row.
-        match &change.write {
-            MemberWrite::Add(member) => {
-                self.session
-                    .execute_unpaged(
-                        &self.statements.insert_user_chat,
-                        (
-                            member.user_id.0,
-                            chat.0,
-                            member.role.as_str(),
-                            CqlTimestamp(millis(member.joined_at)),
-                        ),
-                    )
-                    .await
-                    .map_err(unavailable)?;
-                self.copy_info_to(chat, member.user_id).await?;
-            }
-            MemberWrite::SetRole(user, role) => {
-                self.session
-                    .execute_unpaged(
-                        &self.statements.set_user_chat_role,
-                        (role.as_str(), user.0, chat.0),
-                    )
-                    .await
-                    .map_err(unavailable)?;
-            }
-            MemberWrite::Remove(user) => {
-                // Not in the batch above: a conditional batch may not span tables or partitions.
-                // If this fails (or the process stops first), the user's row still lists the
-                // chat to them, to their search and to their streams, and no retry of the removal
-                // deletes it: the member is gone, so it is refused. The removal's outbox entry,
-                // written before the batch, is what finishes it: the sweep that publishes
-                // `member.left` for a removal the store holds calls `forget_left_chat` first.
-                self.record_left_chat(chat, *user).await?;
-                self.session
-                    .execute_unpaged(&self.statements.delete_user_chat, (user.0, chat.0))
-                    .await
-                    .map_err(unavailable)?;
-            }
-        }
-        Ok(true)
+        self.change_member_meanwhile(chat, change, async {}).await
     }
 
     async fn remove_member(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
@@ -2692,34 +2692,9 @@ impl Store for CqlStore {
     }
 
     async fn restore_joined_chat(&self, chat: ChatId, user: UserId) -> Result<(), StoreError> {
-        let row = self
-            .session
-            .execute_unpaged(&self.statements.member_written, (chat.0, user.0))
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(corrupt)?
-            .maybe_first_row::<(Option<String>, Option<CqlTimestamp>, Option<i64>)>()
-            .map_err(corrupt)?;
-        let Some((Some(role), joined_at, Some(written))) = row else {
+        if !self.list_as_of_role(chat, user).await? {
             return Ok(());
-        };
-        let role: MemberRole = parse(&role)?;
-        // At the role's own write time: a removal or a change of role written since is later,
-        // and wins over this copy whichever arrives first.
-        self.session
-            .execute_unpaged(
-                &self.statements.insert_user_chat_at,
-                (
-                    user.0,
-                    chat.0,
-                    role.as_str(),
-                    joined_at.unwrap_or(CqlTimestamp(0)),
-                    written,
-                ),
-            )
-            .await
-            .map_err(unavailable)?;
+        }
         self.copy_info_to(chat, user).await
     }
 
@@ -4295,6 +4270,40 @@ impl CqlStore {
             .maybe_first_row::<(Option<i64>,)>()
             .map_err(corrupt)?
             .and_then(|(written,)| written))
+    }
+
+    /// Writes `user`'s row of `user_chats` (role and `joined_at`) from their row of
+    /// `chat_members`, at the write time of the role read: a removal or a change of role written
+    /// since is later, and wins over this copy whichever arrives first. Nothing when they are not
+    /// a member. Whether they are.
+    async fn list_as_of_role(&self, chat: ChatId, user: UserId) -> Result<bool, StoreError> {
+        let row = self
+            .session
+            .execute_unpaged(&self.statements.member_written, (chat.0, user.0))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<String>, Option<CqlTimestamp>, Option<i64>)>()
+            .map_err(corrupt)?;
+        let Some((Some(role), joined_at, Some(written))) = row else {
+            return Ok(false);
+        };
+        let role: MemberRole = parse(&role)?;
+        self.session
+            .execute_unpaged(
+                &self.statements.insert_user_chat_at,
+                (
+                    user.0,
+                    chat.0,
+                    role.as_str(),
+                    joined_at.unwrap_or(CqlTimestamp(0)),
+                    written,
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(true)
     }
 
     /// Records that `user`'s membership of `chat` ended now ([`Store::left_chats_of`]). Every
