@@ -172,6 +172,35 @@ impl Harness {
             .collect()
     }
 
+    /// Attachment `id` as the chat lists it, once its pictures are stored (or it was re-filed as
+    /// a plain file).
+    async fn pictured(&self, id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let listed = self
+                .json(
+                    &self.alice,
+                    &format!("/v1/chats/{}/attachments?limit=100", self.chat),
+                )
+                .await;
+            let found = listed["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["id"] == id)
+                .cloned()
+                .unwrap();
+            if !found["image"].is_null() || found["kind"] == "file" {
+                return found;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no thumbnail in time: {found}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn stop(self) {
         if self.stack == Stack::Real {
             Box::pin(support::clean_up_real(&self.config)).await;
@@ -735,3 +764,92 @@ async fn a_send_whose_write_may_land_later_keeps_its_attachment(stack: Stack) {
     harness.stop().await;
 }
 on_both_stacks!(a_send_whose_write_may_land_later_keeps_its_attachment);
+
+/// The write of an image's pictures fails once (the store was briefly unavailable): they are made
+/// again, and the image gets its thumbnail and preview.
+async fn pictures_whose_write_failed_are_made_again(stack: Stack) {
+    let harness = Harness::start(stack).await;
+    harness.store.lift(Held::Pictures);
+    harness.store.fail_next(Held::Pictures);
+    let photo = harness.upload("photo.png", "image/png", png(64, 48)).await;
+    let id = photo["id"].as_str().unwrap();
+
+    let done = harness.pictured(id).await;
+    assert_eq!(done["kind"], "image", "{done}");
+    assert_eq!(done["image"]["width"], 64, "{done}");
+    let thumbnail = &done["image"]["thumbnail"];
+    assert!(thumbnail.is_object(), "{done}");
+    assert!(done["image"]["preview"].is_object(), "{done}");
+    let got = harness
+        .get(&format!("/v1/attachments/{id}/thumbnail"))
+        .await;
+    assert_eq!(got.status(), 200);
+    let bytes = got.bytes().await.unwrap();
+    assert_eq!(bytes.len() as u64, thumbnail["size"].as_u64().unwrap());
+    let preview = harness.get(&format!("/v1/attachments/{id}/preview")).await;
+    assert_eq!(preview.status(), 200);
+    harness.stop().await;
+}
+on_both_stacks!(pictures_whose_write_failed_are_made_again);
+
+/// The write of an image's pictures fails, and its message is deleted before the next attempt
+/// writes them: that attempt does not bring the image back, and leaves no reference that keeps its
+/// objects (its pictures' included) from the collector.
+async fn pictures_made_again_do_not_bring_back_a_deleted_image(stack: Stack) {
+    let harness = Harness::start(stack).await;
+    harness.store.lift(Held::Pictures);
+    harness.store.fail_next(Held::Pictures);
+    harness.store.hold_next(Held::Pictures);
+    let photo = harness.upload("photo.png", "image/png", png(64, 48)).await;
+    let id = photo["id"].as_str().unwrap();
+    let message = harness.send(&[&photo["id"]]).await;
+    // The first attempt failed; the next one waits to write the pictures.
+    harness.store.gate.arrived(1).await;
+    let deleted = harness
+        .http
+        .delete(format!(
+            "{}/v1/chats/{}/signals/{message}",
+            harness.base, harness.chat
+        ))
+        .bearer_auth(&harness.alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    harness.store.gate.release(1).await;
+
+    assert_eq!(
+        harness.get(&format!("/v1/attachments/{id}")).await.status(),
+        404,
+        "the deleted image came back"
+    );
+    for kind in [None, Some("image"), Some("file")] {
+        let listed = harness.listed(kind).await;
+        assert!(
+            !listed.contains(&photo["id"]),
+            "listed again among {kind:?}: {listed:?}"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        confab_api::domain::attachments::collect_garbage(
+            harness.store.inner.as_ref(),
+            harness.blobs.as_ref(),
+            Duration::ZERO,
+            |_| {},
+        )
+        .await
+        .unwrap();
+        let left = harness.blobs.list(None, 100).await.unwrap();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "objects kept: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    harness.stop().await;
+}
+on_both_stacks!(pictures_made_again_do_not_bring_back_a_deleted_image);

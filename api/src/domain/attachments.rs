@@ -28,7 +28,7 @@ use super::inputs::{
 use super::paging::{Page, Pager};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// How attachments are stored and served.
 #[derive(Clone)]
@@ -723,15 +723,41 @@ impl ApiState {
 
     /// Makes an image's thumbnail and preview off the request path, at most two at a time. An
     /// image that cannot be decoded, or is too large, becomes a plain file.
+    ///
+    /// An attempt that fails because the store or the storage was unavailable is made again,
+    /// after a backoff ([`DERIVATIVE_ATTEMPTS`] in all), without holding a place among the two
+    /// meanwhile. Attempts are idempotent: objects are content-addressed, references are a set,
+    /// and [`Store::update_derived`] writes only the kind and the pictures, and never brings back
+    /// an attachment deleted since; an attempt that finds it deleted drops the references it
+    /// wrote, those of an attempt before it included (they name the same objects). Not covered:
+    /// a process that stops while attempts remain leaves the image without pictures for good,
+    /// and so does a last attempt that fails; on CQL, the references to its pictures that a
+    /// failed attempt wrote outlive the attachment's deletion ([`Store::delete_attachments`]
+    /// removes only those its record names).
     fn spawn_derivatives(&self, attachment: Attachment) {
         let state = self.clone();
         tokio::spawn(async move {
-            let Ok(_permit) = state.image_work.acquire().await else {
-                return;
-            };
-            if let Err(error) = state.make_derivatives(attachment.clone()).await {
+            let mut backoff = DERIVATIVE_FIRST_BACKOFF;
+            for attempt in 1..=DERIVATIVE_ATTEMPTS {
+                let made = {
+                    let Ok(_permit) = state.image_work.acquire().await else {
+                        return;
+                    };
+                    state.make_derivatives(attachment.clone()).await
+                };
+                let Err(error) = made else {
+                    return;
+                };
+                if attempt < DERIVATIVE_ATTEMPTS && may_pass(&error) {
+                    metrics::counter!("confab_attachment_derivative_retries_total").increment(1);
+                    tracing::info!(%error, attachment = %attachment.id, attempt, "making an image's thumbnail failed; trying again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(DERIVATIVE_MAX_BACKOFF);
+                    continue;
+                }
                 metrics::counter!("confab_attachment_derivative_failures_total").increment(1);
-                tracing::warn!(%error, attachment = %attachment.id, "making an image's thumbnail failed");
+                tracing::warn!(%error, attachment = %attachment.id, attempt, "making an image's thumbnail failed");
+                return;
             }
         });
     }
@@ -929,6 +955,22 @@ async fn read_span(
             BlobError::NotFound => ApiError::NotFound("the attachment's bytes are gone"),
             other => ApiError::Blobs(other),
         })
+}
+
+/// Attempts at an image's pictures, at most (`spawn_derivatives`).
+const DERIVATIVE_ATTEMPTS: u32 = 6;
+/// The wait before the second attempt; it doubles for each attempt after, up to the most.
+const DERIVATIVE_FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const DERIVATIVE_MAX_BACKOFF: Duration = Duration::from_secs(8);
+
+/// Whether an attempt that failed with `error` may pass if made again: the store or the storage
+/// was unavailable, not what was read.
+fn may_pass(error: &ApiError) -> bool {
+    matches!(
+        error,
+        ApiError::Store(StoreError::Unavailable(_) | StoreError::NotWritten(_))
+            | ApiError::Blobs(BlobError::Unavailable(_))
+    )
 }
 
 async fn read_all(blobs: &Arc<dyn Blobs>, name: &BlobName, size: u64) -> ApiResult<Vec<u8>> {
