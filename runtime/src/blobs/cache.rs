@@ -45,7 +45,14 @@ pub struct CachedBlobs {
     filling: Arc<Mutex<HashMap<BlobName, Arc<Fill>>>>,
     /// Whole reads made from the storage on misses (tests).
     fills: AtomicU64,
+    /// How long a shared read may go without a chunk from the storage ([`FILL_IDLE`]).
+    fill_idle: Duration,
 }
+
+/// How long a shared read of a small object may wait for the storage's next chunk before it
+/// ends: the readers waiting for it then read on their own, and new misses start a new read,
+/// rather than all waiting for a storage connection that stopped sending.
+pub const FILL_IDLE: Duration = Duration::from_secs(20);
 
 /// One read of an object from the storage, shared by the misses that wait for it: `None` while it
 /// is under way; then its bytes when it was small enough to keep and read whole, `Some(Ok(None))`
@@ -134,7 +141,15 @@ impl CachedBlobs {
             kept: Arc::new(Mutex::new(Lru::default())),
             filling: Arc::new(Mutex::new(HashMap::new())),
             fills: AtomicU64::new(0),
+            fill_idle: FILL_IDLE,
         }
+    }
+
+    /// Ends a shared read after `idle` without a chunk from the storage instead of
+    /// [`FILL_IDLE`].
+    pub fn with_fill_idle(mut self, idle: Duration) -> CachedBlobs {
+        self.fill_idle = idle;
+        self
     }
 
     fn lru(&self) -> std::sync::MutexGuard<'_, Lru> {
@@ -242,8 +257,23 @@ impl CachedBlobs {
         // mid-way leaves the copy to be made for the others.
         let (sender, mut receiver) = mpsc::unbounded_channel();
         let mut from_storage = read.chunks;
+        let idle = self.fill_idle;
         tokio::spawn(async move {
-            while let Some(chunk) = from_storage.next().await {
+            loop {
+                let chunk = match tokio::time::timeout(idle, from_storage.next()).await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => return,
+                    Err(_) => {
+                        // The storage stopped sending: nobody waits on this read any longer.
+                        metrics::counter!("confab_blob_cache_fills_stalled_total").increment(1);
+                        copy.ending.end(Ok(None));
+                        let _ = sender.send(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the storage stopped sending",
+                        )));
+                        return;
+                    }
+                };
                 let failed = match &chunk {
                     Ok(chunk) => {
                         copy.extend(chunk);
@@ -865,6 +895,40 @@ mod tests {
             "the read the first reader left served the others"
         );
         assert!(blobs.filling.lock().expect("lock").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_storage_read_that_stalls_leaves_no_read_to_wait_on() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let storage = LocalBlobs::open(dir.path()).expect("opens");
+        let bytes: Vec<u8> = (0..3000u32).map(|i| (i % 211) as u8).collect();
+        let name = storage.put(Bytes::from(bytes.clone())).await.expect("put");
+        let trickling = Arc::new(Trickling {
+            inner: storage,
+            rest: tokio::sync::watch::Sender::new(false),
+        });
+        let blobs = CachedBlobs::new(
+            Arc::clone(&trickling) as Arc<dyn Blobs>,
+            limits(10_000, 5_000),
+        )
+        .with_fill_idle(Duration::from_millis(200));
+        let mut first = blobs.get(&name, None).await.expect("reads");
+        first.chunks.next().await.expect("a chunk").expect("reads");
+        // The storage sends nothing more.
+        let ended = tokio::time::timeout(Duration::from_secs(10), first.chunks.next())
+            .await
+            .expect("a read the storage stopped sending ends")
+            .expect("with an error");
+        assert!(ended.is_err());
+        assert!(
+            blobs.filling.lock().expect("lock").is_empty(),
+            "no stalled read is left for new misses to wait on"
+        );
+        trickling.rest.send_replace(true);
+        let again = blobs.get(&name, None).await.expect("reads");
+        assert_eq!(read_all(again).await, bytes);
+        assert_eq!(blobs.fills(), 2);
+        assert!(blobs.holds(&name));
     }
 
     #[tokio::test]
