@@ -179,12 +179,6 @@ pub struct AttachmentsConfig {
     /// `Content-Length` goes up in parts, and holds at most two in memory (one with its length
     /// goes up in one streamed PUT). Default 8388608 (8 MiB).
     pub part_bytes: usize,
-    /// The memory the parts of uploads read into memory may take, all uploads together, in bytes
-    /// (at least a part): a body sent without a `Content-Length`, or one with a `Content-Digest`
-    /// while the storage is not known to check it, is read a part at a time, and each part waits
-    /// for its share before its bytes are read (the client's body is not read meanwhile). Default
-    /// 268435456 (256 MiB).
-    pub part_budget_bytes: usize,
     /// The largest attachment, in bytes; a larger body is refused with 413 and nothing is kept.
     /// Default 104857600 (100 MiB).
     pub max_bytes: u64,
@@ -226,7 +220,6 @@ impl Default for AttachmentsConfig {
             s3_secret_key: String::new(),
             s3_prefix: "confab/".into(),
             part_bytes: crate::blobs::DEFAULT_PART_BYTES,
-            part_budget_bytes: crate::blobs::DEFAULT_PART_BUDGET_BYTES,
             max_bytes: 100 * 1024 * 1024,
             presigned_redirect: false,
             presigned_ttl_secs: 300,
@@ -249,7 +242,6 @@ impl AttachmentsConfig {
             secret_key: self.s3_secret_key.clone(),
             prefix: self.s3_prefix.clone(),
             part_bytes: self.part_bytes,
-            part_budget_bytes: self.part_budget_bytes,
         }
     }
 

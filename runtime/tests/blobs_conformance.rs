@@ -3,16 +3,11 @@
 //! and the gateway's own clean-up of the test bucket), each also behind the memory cache.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
 use confab_runtime::blobs::conformance::{self as suite, Fixture};
-use confab_runtime::blobs::{
-    BlobName, Blobs, ByteChunks, CacheLimits, CachedBlobs, LocalBlobs, S3Blobs,
-};
+use confab_runtime::blobs::{Blobs, CacheLimits, CachedBlobs, LocalBlobs, S3Blobs};
 use confab_runtime::blobs_conformance_tests;
 use futures::StreamExt;
-use tokio::time::timeout;
 
 async fn local() -> Option<Fixture> {
     let dir = tempfile::tempdir().expect("temp dir").keep();
@@ -126,120 +121,6 @@ async fn seaweedfs_s3_staged_bodies_are_held_within_the_memory_budget() {
     );
     blobs.discard(&again).await.expect("discards");
     for name in &names {
-        blobs.delete(name).await.expect("deletes");
-    }
-}
-
-/// A body fed through a channel of `capacity` chunks, and how many bytes it has given out.
-fn fed(
-    capacity: usize,
-) -> (
-    tokio::sync::mpsc::Sender<Bytes>,
-    ByteChunks,
-    tokio::sync::watch::Receiver<usize>,
-) {
-    let (feed, chunks) = tokio::sync::mpsc::channel::<Bytes>(capacity);
-    let (given, given_out) = tokio::sync::watch::channel(0usize);
-    let body = futures::stream::unfold((chunks, given), |(mut chunks, given)| async move {
-        let chunk = chunks.recv().await?;
-        given.send_modify(|n| *n += chunk.len());
-        Some((Ok(chunk), (chunks, given)))
-    })
-    .boxed();
-    (feed, body, given_out)
-}
-
-/// `len` bytes no earlier run wrote: a fresh id, then a pattern.
-fn fresh_bytes(len: usize) -> Vec<u8> {
-    let mut bytes: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(17)).collect();
-    bytes[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-    bytes
-}
-
-/// Uploads without a length read their parts into memory within one budget for all of them: with
-/// a budget of one part, a second upload's body is not read while a first one, stalled, holds it;
-/// the first goes on, and both complete with their bytes.
-#[tokio::test]
-async fn seaweedfs_s3_parts_read_into_memory_are_held_within_the_budget() {
-    let Some(settings) = suite::s3_settings().await else {
-        return;
-    };
-    const WAIT: Duration = Duration::from_secs(30);
-    let part = settings.part_bytes;
-    let chunk = 64 * 1024;
-    let blobs = S3Blobs::new(&settings).with_part_budget(part);
-    // Two parts each: a part and a fifth.
-    let (a_bytes, b_bytes) = (fresh_bytes(part + part / 5), fresh_bytes(part + part / 5));
-    let (a_name, b_name) = (BlobName::of(&a_bytes), BlobName::of(&b_bytes));
-    let (a_feed, a_body, mut a_given) = fed(4);
-    let (b_feed, b_body, b_given) = fed(4);
-    let upload = |body: ByteChunks, name: BlobName| {
-        let blobs = blobs.clone();
-        tokio::spawn(async move { blobs.put_declared(body, &name, None, 1 << 30).await })
-    };
-
-    let a = upload(a_body, a_name.clone());
-    let stalled_at = part / 5;
-    for piece in a_bytes[..stalled_at].chunks(chunk) {
-        a_feed
-            .send(Bytes::copy_from_slice(piece))
-            .await
-            .expect("A is read");
-    }
-    timeout(WAIT, a_given.wait_for(|n| *n == stalled_at))
-        .await
-        .expect("A's first bytes are read")
-        .expect("A's body is there");
-
-    let b = upload(b_body, b_name.clone());
-    let b_fed = tokio::spawn({
-        let b_bytes = b_bytes.clone();
-        async move {
-            for piece in b_bytes.chunks(chunk) {
-                if b_feed.send(Bytes::copy_from_slice(piece)).await.is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    let read_meanwhile = timeout(
-        Duration::from_secs(2),
-        b_given.clone().wait_for(|n| *n >= part / 5),
-    )
-    .await
-    .is_ok();
-    assert!(
-        !read_meanwhile,
-        "B's body was read ({} bytes) while A held the whole budget for parts",
-        *b_given.borrow()
-    );
-
-    for piece in a_bytes[stalled_at..].chunks(chunk) {
-        a_feed
-            .send(Bytes::copy_from_slice(piece))
-            .await
-            .expect("A is read");
-    }
-    drop(a_feed);
-    let a_size = timeout(WAIT, a)
-        .await
-        .expect("A completes")
-        .expect("A runs");
-    assert_eq!(a_size.expect("A is stored"), a_bytes.len() as u64);
-    let b_size = timeout(WAIT, b)
-        .await
-        .expect("B completes")
-        .expect("B runs");
-    assert_eq!(b_size.expect("B is stored"), b_bytes.len() as u64);
-    b_fed.await.expect("B was fed");
-    for (name, bytes) in [(&a_name, &a_bytes), (&b_name, &b_bytes)] {
-        let read = blobs.get(name, None).await.expect("reads");
-        let stored: Vec<u8> = read
-            .chunks
-            .map(|chunk| chunk.expect("a chunk").to_vec())
-            .concat()
-            .await;
-        assert!(stored == *bytes, "the object holds its upload's bytes");
         blobs.delete(name).await.expect("deletes");
     }
 }

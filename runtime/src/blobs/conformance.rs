@@ -44,7 +44,6 @@ pub async fn s3_settings() -> Option<S3Settings> {
         secret_key: var("SECRET_KEY", ""),
         prefix: format!("t{}/", uuid::Uuid::new_v4().simple()),
         part_bytes: 5 * 1024 * 1024,
-        part_budget_bytes: super::DEFAULT_PART_BUDGET_BYTES,
     })
 }
 

@@ -31,7 +31,7 @@ pub use aws_sdk_s3 as s3_sdk;
 pub use cache::{CacheLimits, CachedBlobs};
 pub use inline::{InlineBlobs, SmallObjects};
 pub use local::LocalBlobs;
-pub use s3::{DEFAULT_PART_BUDGET_BYTES, DEFAULT_PART_BYTES, S3Blobs, S3Settings};
+pub use s3::{DEFAULT_PART_BYTES, S3Blobs, S3Settings};
 
 use crate::telemetry::ReadinessCheck;
 

@@ -4,9 +4,7 @@
 //! (`Content-Length`) goes up as one PUT streamed as it arrives, whatever its size up to S3's
 //! largest PUT, so it is never held; one of unknown length up to a part as one PUT once read, and
 //! a longer one as a multipart upload, one part in flight while the next is read, so such an
-//! upload holds at most two parts in memory; the parts read into memory take at most
-//! [`DEFAULT_PART_BUDGET_BYTES`] (unless set) for all uploads together, a part waiting for its
-//! share before it is read. A declared hash travels as `x-amz-checksum-sha256`,
+//! upload holds at most two parts in memory. A declared hash travels as `x-amz-checksum-sha256`,
 //! which the storage checks before it keeps anything. A staged upload of known length up to a
 //! part is held in memory (within [`HELD_BUDGET_BYTES`] for all of them) and written once, under
 //! its name, at the commit. A larger one is staged as an object, and its commit is a server-side
@@ -32,7 +30,6 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use http_body::Frame;
 use time::OffsetDateTime;
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::{
     BlobError, BlobInfo, BlobName, BlobRead, Blobs, ByteChunks, Hashing, Presentation, Staged,
@@ -52,21 +49,10 @@ pub struct S3Settings {
     pub prefix: String,
     /// The size of a multipart upload's parts (at least 5 MiB, S3's minimum).
     pub part_bytes: usize,
-    /// The memory the parts read into memory may take, all uploads together (at least a part;
-    /// [`DEFAULT_PART_BUDGET_BYTES`] by default).
-    pub part_budget_bytes: usize,
 }
 
 /// The default part size: 8 MiB.
 pub const DEFAULT_PART_BYTES: usize = 8 * 1024 * 1024;
-
-/// How much memory the parts of uploads may take together by default: 256 MiB. A body without a
-/// `Content-Length`, or one with a declared hash while the storage is not known to check it, is
-/// read a part at a time, and a part's share of this budget is waited for before a byte of it is
-/// read: meanwhile the client's body is simply not read. An upload reads under one share at a
-/// time (the part it sent holds another until it is sent), so uploads waiting for one another
-/// cannot lock each other out.
-pub const DEFAULT_PART_BUDGET_BYTES: usize = 256 * 1024 * 1024;
 
 /// The largest body S3 takes in one PUT (5 GiB); a longer one of known length goes up in parts.
 const SINGLE_PUT_MAX_BYTES: u64 = 5 * 1024 * 1024 * 1024;
@@ -85,11 +71,6 @@ pub struct S3Blobs {
     /// The memory that staged bodies held until their commit may take, in KiB, all uploads
     /// together ([`HELD_BUDGET_BYTES`]).
     held_budget: Arc<tokio::sync::Semaphore>,
-    /// The memory that parts read into memory may take, in KiB, all uploads together
-    /// ([`DEFAULT_PART_BUDGET_BYTES`] unless set, at least a part); `part_budget_units` is all
-    /// of it, the most one part may ask for.
-    part_budget: Arc<tokio::sync::Semaphore>,
-    part_budget_units: u32,
 }
 
 /// How much memory the bodies staged in memory may take together: an upload of known length up
@@ -98,14 +79,8 @@ pub struct S3Blobs {
 /// twice). With the budget taken, an upload is staged in the storage as before.
 pub const HELD_BUDGET_BYTES: usize = 64 * 1024 * 1024;
 
-/// The budgets' unit.
-const BUDGET_UNIT: u64 = 1024;
-
-/// A budget of `bytes` for parts of `part_bytes` (at least one part), and its size in units.
-fn part_budget(bytes: usize, part_bytes: usize) -> (Arc<tokio::sync::Semaphore>, u32) {
-    let units = u32::try_from(bytes.max(part_bytes) as u64 / BUDGET_UNIT).unwrap_or(u32::MAX);
-    (Arc::new(tokio::sync::Semaphore::new(units as usize)), units)
-}
+/// The budget's unit.
+const HELD_BUDGET_UNIT: u64 = 1024;
 
 fn unavailable<E: std::error::Error + 'static, R: std::fmt::Debug>(
     error: SdkError<E, R>,
@@ -235,56 +210,26 @@ impl S3Blobs {
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(2))
             .http_client(http)
             .build();
-        let part_bytes = settings.part_bytes.max(5 * 1024 * 1024);
-        let (part_budget, part_budget_units) = part_budget(settings.part_budget_bytes, part_bytes);
         S3Blobs {
             client: Client::from_conf(config),
             bucket: settings.bucket.clone(),
             prefix: settings.prefix.clone(),
-            part_bytes,
+            part_bytes: settings.part_bytes.max(5 * 1024 * 1024),
             verifies_checksums: Arc::new(OnceLock::new()),
             probing: Arc::new(AtomicBool::new(false)),
             held_budget: Arc::new(tokio::sync::Semaphore::new(
-                HELD_BUDGET_BYTES / BUDGET_UNIT as usize,
+                HELD_BUDGET_BYTES / HELD_BUDGET_UNIT as usize,
             )),
-            part_budget,
-            part_budget_units,
         }
     }
 
     /// The memory the bodies staged in memory may take together ([`HELD_BUDGET_BYTES`] unless
     /// set); 0 stages every upload in the storage.
     pub fn with_held_budget(mut self, bytes: usize) -> S3Blobs {
-        self.held_budget = Arc::new(tokio::sync::Semaphore::new(bytes / BUDGET_UNIT as usize));
+        self.held_budget = Arc::new(tokio::sync::Semaphore::new(
+            bytes / HELD_BUDGET_UNIT as usize,
+        ));
         self
-    }
-
-    /// The memory the parts read into memory may take, all uploads together
-    /// ([`DEFAULT_PART_BUDGET_BYTES`] unless set); less than a part is taken as one part.
-    pub fn with_part_budget(mut self, bytes: usize) -> S3Blobs {
-        (self.part_budget, self.part_budget_units) = part_budget(bytes, self.part_bytes);
-        self
-    }
-
-    /// Waits for the share of the parts' budget of a part of `bytes` (a part at most), to be
-    /// taken before any of its bytes are read. The share is given back when it is dropped: once
-    /// its part is sent, or the upload ends.
-    async fn part_share(&self, bytes: u64) -> Result<OwnedSemaphorePermit, BlobError> {
-        let units = bytes
-            .min(self.part_bytes as u64)
-            .div_ceil(BUDGET_UNIT)
-            .max(1);
-        let units = u32::try_from(units)
-            .unwrap_or(u32::MAX)
-            .min(self.part_budget_units);
-        if let Ok(share) = Arc::clone(&self.part_budget).try_acquire_many_owned(units) {
-            return Ok(share);
-        }
-        metrics::counter!("confab_blob_part_budget_waits_total").increment(1);
-        Arc::clone(&self.part_budget)
-            .acquire_many_owned(units)
-            .await
-            .map_err(|e| BlobError::Unavailable(e.to_string()))
     }
 
     /// Reads a body of `length` (at most a part) whole, hashing it, into a [`Staged`] that holds
@@ -296,7 +241,7 @@ impl S3Blobs {
         length: u64,
         max_bytes: u64,
     ) -> Result<Result<Staged, ByteChunks>, BlobError> {
-        let units = u32::try_from(length.div_ceil(BUDGET_UNIT).max(1)).unwrap_or(u32::MAX);
+        let units = u32::try_from(length.div_ceil(HELD_BUDGET_UNIT).max(1)).unwrap_or(u32::MAX);
         let Ok(permit) = Arc::clone(&self.held_budget).try_acquire_many_owned(units) else {
             return Ok(Err(body));
         };
@@ -473,37 +418,21 @@ impl S3Blobs {
         Ok(())
     }
 
-    /// Reads `body` (of `length` when known) into `key`: one PUT when it fits a part, else a
-    /// multipart upload (aborted on any error). Each part is read under its share of the parts'
-    /// budget, waited for before its first byte is read; the share goes with the part while it
-    /// is sent, so that the upload holds a share for at most the part it reads and the one it
-    /// sends, and waits for one with only the one it sends, which needs no other upload to go
-    /// on. With `first_share`, the caller read and hashed the body's first chunk under it.
+    /// Reads `body` into `key`: one PUT when it fits a part, else a multipart upload (aborted on
+    /// any error).
     async fn upload(
         &self,
         key: &str,
         mut body: ByteChunks,
         hashing: &mut Hashing,
         expected: Option<&BlobName>,
-        first_share: Option<OwnedSemaphorePermit>,
-        length: Option<u64>,
+        first_hashed: bool,
     ) -> Result<(), BlobError> {
         let mut buffer = BytesMut::with_capacity(self.part_bytes.min(1024 * 1024));
         let mut multipart: Option<Multipart> = None;
         // The first chunk was hashed by the caller already.
-        let mut hashed = first_share.is_some();
-        let mut share = first_share;
-        // The bytes of the parts sent.
-        let mut sent = 0u64;
+        let mut hashed = first_hashed;
         loop {
-            if share.is_none() {
-                let left =
-                    length.map_or(self.part_bytes as u64, |length| length.saturating_sub(sent));
-                match self.part_share(left).await {
-                    Ok(taken) => share = Some(taken),
-                    Err(error) => return self.abort(multipart, error).await,
-                }
-            }
             let chunk = match body.next().await {
                 Some(Ok(chunk)) => chunk,
                 Some(Err(error)) => {
@@ -521,7 +450,6 @@ impl S3Blobs {
             buffer.extend_from_slice(&chunk);
             while buffer.len() >= self.part_bytes {
                 let part = buffer.split_to(self.part_bytes).freeze();
-                sent += part.len() as u64;
                 if multipart.is_none() {
                     match self.start_multipart(key).await {
                         Ok(started) => multipart = Some(started),
@@ -531,8 +459,7 @@ impl S3Blobs {
                 let Some(upload) = multipart.as_mut() else {
                     unreachable!("started above")
                 };
-                // A chunk longer than a part is in memory already: its other parts go without.
-                if let Err(error) = upload.send(self, part, share.take()).await {
+                if let Err(error) = upload.send(self, part).await {
                     return self.abort(multipart, error).await;
                 }
             }
@@ -550,7 +477,7 @@ impl S3Blobs {
             Some(mut upload) => {
                 let result = async {
                     if !buffer.is_empty() {
-                        upload.send(self, buffer.freeze(), share.take()).await?;
+                        upload.send(self, buffer.freeze()).await?;
                     }
                     upload.complete(self).await
                 }
@@ -618,14 +545,8 @@ struct Multipart {
 }
 
 impl Multipart {
-    /// Waits for the part in flight, then sends `part` in the background, holding its `share` of
-    /// the parts' budget until it is sent.
-    async fn send(
-        &mut self,
-        blobs: &S3Blobs,
-        part: Bytes,
-        share: Option<OwnedSemaphorePermit>,
-    ) -> Result<(), BlobError> {
+    /// Waits for the part in flight, then sends `part` in the background.
+    async fn send(&mut self, blobs: &S3Blobs, part: Bytes) -> Result<(), BlobError> {
         self.settle().await?;
         let number = i32::try_from(self.parts.len() + 1)
             .map_err(|_| BlobError::Unavailable("too many parts".into()))?;
@@ -638,9 +559,7 @@ impl Multipart {
             .part_number(number)
             .body(ByteStream::from(part));
         self.in_flight = Some(tokio::spawn(async move {
-            let sent = request.send().await.map_err(unavailable);
-            drop(share);
-            let sent = sent?;
+            let sent = request.send().await.map_err(unavailable)?;
             Ok(CompletedPart::builder()
                 .set_e_tag(sent.e_tag().map(str::to_owned))
                 .part_number(number)
@@ -720,15 +639,8 @@ impl Blobs for S3Blobs {
             }
             _ => {
                 let body = of_length(body, length);
-                self.upload(
-                    &self.staging_key(&key),
-                    body,
-                    &mut hashing,
-                    None,
-                    None,
-                    length,
-                )
-                .await?;
+                self.upload(&self.staging_key(&key), body, &mut hashing, None, false)
+                    .await?;
             }
         }
         Ok(hashing.finish(key))
@@ -796,11 +708,7 @@ impl Blobs for S3Blobs {
         }
         let mut body = of_length(body, length);
         // A body of one part goes up in one PUT, checked first; rewriting an object with the
-        // same bytes costs no more than asking whether it exists. Its first part is read under
-        // its share of the parts' budget.
-        let share = self
-            .part_share(length.unwrap_or(self.part_bytes as u64))
-            .await?;
+        // same bytes costs no more than asking whether it exists.
         let mut first = BytesMut::new();
         let mut ended = true;
         while let Some(chunk) = body.next().await {
@@ -822,8 +730,7 @@ impl Blobs for S3Blobs {
             return Ok(hashing.size);
         }
         if self.size(expected).await?.is_some() {
-            // Stored already: read the rest only to check it, holding nothing.
-            drop((first, share));
+            // Stored already: read the rest only to check it.
             return check_only(body, hashing, expected).await;
         }
         // Racing uploads of the same bytes both complete the same object with the same bytes.
@@ -835,8 +742,7 @@ impl Blobs for S3Blobs {
             rest,
             &mut hashing,
             Some(expected),
-            Some(share),
-            length,
+            true,
         )
         .await?;
         Ok(hashing.size)
