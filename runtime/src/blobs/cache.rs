@@ -45,14 +45,21 @@ pub struct CachedBlobs {
     filling: Arc<Mutex<HashMap<BlobName, Arc<Fill>>>>,
     /// Whole reads made from the storage on misses (tests).
     fills: AtomicU64,
-    /// How long a shared read may go without a chunk from the storage ([`FILL_IDLE`]).
+    /// How long a shared read may go without a chunk from the storage ([`FILL_IDLE`]), and
+    /// how long it may take in all ([`FILL_WHOLE`]).
     fill_idle: Duration,
+    fill_whole: Duration,
 }
 
 /// How long a shared read of a small object may wait for the storage's next chunk before it
 /// ends: the readers waiting for it then read on their own, and new misses start a new read,
 /// rather than all waiting for a storage connection that stopped sending.
 pub const FILL_IDLE: Duration = Duration::from_secs(20);
+
+/// How long a shared read of a small object (at most `object_bytes`) may take in all, however
+/// often the storage sends a little: the same end as [`FILL_IDLE`] for a connection that
+/// trickles.
+pub const FILL_WHOLE: Duration = Duration::from_secs(60);
 
 /// One read of an object from the storage, shared by the misses that wait for it: `None` while it
 /// is under way; then its bytes when it was small enough to keep and read whole, `Some(Ok(None))`
@@ -142,13 +149,15 @@ impl CachedBlobs {
             filling: Arc::new(Mutex::new(HashMap::new())),
             fills: AtomicU64::new(0),
             fill_idle: FILL_IDLE,
+            fill_whole: FILL_WHOLE,
         }
     }
 
-    /// Ends a shared read after `idle` without a chunk from the storage instead of
-    /// [`FILL_IDLE`].
-    pub fn with_fill_idle(mut self, idle: Duration) -> CachedBlobs {
+    /// Ends a shared read after `idle` without a chunk from the storage, or after `whole` in
+    /// all, instead of [`FILL_IDLE`] and [`FILL_WHOLE`].
+    pub fn with_fill_limits(mut self, idle: Duration, whole: Duration) -> CachedBlobs {
         self.fill_idle = idle;
+        self.fill_whole = whole;
         self
     }
 
@@ -258,13 +267,16 @@ impl CachedBlobs {
         let (sender, mut receiver) = mpsc::unbounded_channel();
         let mut from_storage = read.chunks;
         let idle = self.fill_idle;
+        let ends_at = tokio::time::Instant::now() + self.fill_whole;
         tokio::spawn(async move {
             loop {
-                let chunk = match tokio::time::timeout(idle, from_storage.next()).await {
+                let next_by = (tokio::time::Instant::now() + idle).min(ends_at);
+                let chunk = match tokio::time::timeout_at(next_by, from_storage.next()).await {
                     Ok(Some(chunk)) => chunk,
                     Ok(None) => return,
                     Err(_) => {
-                        // The storage stopped sending: nobody waits on this read any longer.
+                        // The storage stopped sending, or trickles: nobody waits on this read any
+                        // longer.
                         metrics::counter!("confab_blob_cache_fills_stalled_total").increment(1);
                         copy.ending.end(Ok(None));
                         let _ = sender.send(Err(std::io::Error::new(
@@ -911,7 +923,7 @@ mod tests {
             Arc::clone(&trickling) as Arc<dyn Blobs>,
             limits(10_000, 5_000),
         )
-        .with_fill_idle(Duration::from_millis(200));
+        .with_fill_limits(Duration::from_millis(200), Duration::from_secs(60));
         let mut first = blobs.get(&name, None).await.expect("reads");
         first.chunks.next().await.expect("a chunk").expect("reads");
         // The storage sends nothing more.
@@ -929,6 +941,117 @@ mod tests {
         assert_eq!(read_all(again).await, bytes);
         assert_eq!(blobs.fills(), 2);
         assert!(blobs.holds(&name));
+    }
+
+    /// A storage whose reads send their first 100 bytes, then one byte every 50 ms.
+    struct Dripping {
+        inner: LocalBlobs,
+    }
+
+    #[async_trait]
+    impl Blobs for Dripping {
+        async fn check(&self) -> Result<(), BlobError> {
+            self.inner.check().await
+        }
+        async fn stage(
+            &self,
+            body: ByteChunks,
+            length: Option<u64>,
+            max_bytes: u64,
+        ) -> Result<Staged, BlobError> {
+            self.inner.stage(body, length, max_bytes).await
+        }
+        async fn commit(&self, staged: &Staged) -> Result<(), BlobError> {
+            self.inner.commit(staged).await
+        }
+        async fn discard(&self, staged: &Staged) -> Result<(), BlobError> {
+            self.inner.discard(staged).await
+        }
+        async fn put(&self, bytes: Bytes) -> Result<BlobName, BlobError> {
+            self.inner.put(bytes).await
+        }
+        async fn size(&self, name: &BlobName) -> Result<Option<u64>, BlobError> {
+            self.inner.size(name).await
+        }
+        async fn get(
+            &self,
+            name: &BlobName,
+            range: Option<(u64, u64)>,
+        ) -> Result<BlobRead, BlobError> {
+            let read = self.inner.get(name, range).await?;
+            let len = read.len;
+            let bytes = Bytes::from(read_all(read).await);
+            let first = bytes.slice(..100);
+            let rest = bytes.slice(100..);
+            let drops = futures::stream::unfold(rest, |rest| async move {
+                if rest.is_empty() {
+                    return None;
+                }
+                // The storage's pace, not a wait for the test.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Some((Ok(rest.slice(..1)), rest.slice(1..)))
+            });
+            Ok(BlobRead {
+                chunks: futures::stream::once(async move { Ok(first) })
+                    .chain(drops)
+                    .boxed(),
+                len,
+            })
+        }
+        async fn presign(
+            &self,
+            name: &BlobName,
+            ttl: Duration,
+            presentation: &Presentation,
+        ) -> Result<Option<String>, BlobError> {
+            self.inner.presign(name, ttl, presentation).await
+        }
+        async fn list(
+            &self,
+            after: Option<&BlobName>,
+            limit: usize,
+        ) -> Result<Vec<BlobInfo>, BlobError> {
+            self.inner.list(after, limit).await
+        }
+        async fn delete(&self, name: &BlobName) -> Result<(), BlobError> {
+            self.inner.delete(name).await
+        }
+        async fn sweep_staging(&self, age: Duration) -> Result<u64, BlobError> {
+            self.inner.sweep_staging(age).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_storage_read_that_trickles_ends_in_time() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let storage = LocalBlobs::open(dir.path()).expect("opens");
+        let bytes: Vec<u8> = (0..3000u32).map(|i| (i % 199) as u8).collect();
+        let name = storage.put(Bytes::from(bytes)).await.expect("put");
+        let blobs = CachedBlobs::new(
+            Arc::new(Dripping { inner: storage }) as Arc<dyn Blobs>,
+            limits(10_000, 5_000),
+        )
+        .with_fill_limits(Duration::from_secs(1), Duration::from_millis(500));
+        let mut first = blobs.get(&name, None).await.expect("reads");
+        // Whole, the object would take 145 s to arrive.
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match first.chunks.next().await {
+                    Some(Ok(_)) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("a read the storage trickles ends");
+        assert!(
+            matches!(ended, Some(Err(_))),
+            "it ends short, with an error"
+        );
+        assert!(
+            blobs.filling.lock().expect("lock").is_empty(),
+            "no trickling read is left for new misses to wait on"
+        );
     }
 
     #[tokio::test]
