@@ -752,6 +752,9 @@ mod tests {
     struct Trickling {
         inner: LocalBlobs,
         rest: tokio::sync::watch::Sender<bool>,
+        /// With `Some`, the rest comes a byte at a time at that pace instead, without waiting
+        /// for `rest` (a storage connection that trickles).
+        drip: Option<Duration>,
     }
 
     #[async_trait]
@@ -788,13 +791,28 @@ mod tests {
             let bytes = read_all(read).await;
             let first = Bytes::copy_from_slice(&bytes[..100]);
             let rest = Bytes::copy_from_slice(&bytes[100..]);
-            let mut go = self.rest.subscribe();
-            let chunks = futures::stream::once(async move { Ok(first) })
-                .chain(futures::stream::once(async move {
-                    go.wait_for(|go| *go).await.expect("the test is running");
-                    Ok(rest)
-                }))
-                .boxed();
+            let first = futures::stream::once(async move { Ok(first) });
+            let chunks = match self.drip {
+                Some(every) => first
+                    .chain(futures::stream::unfold(rest, move |rest| async move {
+                        if rest.is_empty() {
+                            return None;
+                        }
+                        // The storage's pace, not a wait for the test.
+                        tokio::time::sleep(every).await;
+                        Some((Ok(rest.slice(..1)), rest.slice(1..)))
+                    }))
+                    .boxed(),
+                None => {
+                    let mut go = self.rest.subscribe();
+                    first
+                        .chain(futures::stream::once(async move {
+                            go.wait_for(|go| *go).await.expect("the test is running");
+                            Ok(rest)
+                        }))
+                        .boxed()
+                }
+            };
             Ok(BlobRead {
                 chunks,
                 len: bytes.len() as u64,
@@ -832,6 +850,7 @@ mod tests {
         let trickling = Arc::new(Trickling {
             inner: storage,
             rest: tokio::sync::watch::Sender::new(false),
+            drip: None,
         });
         let blobs = CachedBlobs::new(
             Arc::clone(&trickling) as Arc<dyn Blobs>,
@@ -880,6 +899,7 @@ mod tests {
         let trickling = Arc::new(Trickling {
             inner: storage,
             rest: tokio::sync::watch::Sender::new(false),
+            drip: None,
         });
         let blobs = Arc::new(CachedBlobs::new(
             Arc::clone(&trickling) as Arc<dyn Blobs>,
@@ -918,6 +938,7 @@ mod tests {
         let trickling = Arc::new(Trickling {
             inner: storage,
             rest: tokio::sync::watch::Sender::new(false),
+            drip: None,
         });
         let blobs = CachedBlobs::new(
             Arc::clone(&trickling) as Arc<dyn Blobs>,
@@ -943,95 +964,19 @@ mod tests {
         assert!(blobs.holds(&name));
     }
 
-    /// A storage whose reads send their first 100 bytes, then one byte every 50 ms.
-    struct Dripping {
-        inner: LocalBlobs,
-    }
-
-    #[async_trait]
-    impl Blobs for Dripping {
-        async fn check(&self) -> Result<(), BlobError> {
-            self.inner.check().await
-        }
-        async fn stage(
-            &self,
-            body: ByteChunks,
-            length: Option<u64>,
-            max_bytes: u64,
-        ) -> Result<Staged, BlobError> {
-            self.inner.stage(body, length, max_bytes).await
-        }
-        async fn commit(&self, staged: &Staged) -> Result<(), BlobError> {
-            self.inner.commit(staged).await
-        }
-        async fn discard(&self, staged: &Staged) -> Result<(), BlobError> {
-            self.inner.discard(staged).await
-        }
-        async fn put(&self, bytes: Bytes) -> Result<BlobName, BlobError> {
-            self.inner.put(bytes).await
-        }
-        async fn size(&self, name: &BlobName) -> Result<Option<u64>, BlobError> {
-            self.inner.size(name).await
-        }
-        async fn get(
-            &self,
-            name: &BlobName,
-            range: Option<(u64, u64)>,
-        ) -> Result<BlobRead, BlobError> {
-            let read = self.inner.get(name, range).await?;
-            let len = read.len;
-            let bytes = Bytes::from(read_all(read).await);
-            let first = bytes.slice(..100);
-            let rest = bytes.slice(100..);
-            let drops = futures::stream::unfold(rest, |rest| async move {
-                if rest.is_empty() {
-                    return None;
-                }
-                // The storage's pace, not a wait for the test.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Some((Ok(rest.slice(..1)), rest.slice(1..)))
-            });
-            Ok(BlobRead {
-                chunks: futures::stream::once(async move { Ok(first) })
-                    .chain(drops)
-                    .boxed(),
-                len,
-            })
-        }
-        async fn presign(
-            &self,
-            name: &BlobName,
-            ttl: Duration,
-            presentation: &Presentation,
-        ) -> Result<Option<String>, BlobError> {
-            self.inner.presign(name, ttl, presentation).await
-        }
-        async fn list(
-            &self,
-            after: Option<&BlobName>,
-            limit: usize,
-        ) -> Result<Vec<BlobInfo>, BlobError> {
-            self.inner.list(after, limit).await
-        }
-        async fn delete(&self, name: &BlobName) -> Result<(), BlobError> {
-            self.inner.delete(name).await
-        }
-        async fn sweep_staging(&self, age: Duration) -> Result<u64, BlobError> {
-            self.inner.sweep_staging(age).await
-        }
-    }
-
     #[tokio::test]
     async fn a_storage_read_that_trickles_ends_in_time() {
         let dir = tempfile::tempdir().expect("temp dir");
         let storage = LocalBlobs::open(dir.path()).expect("opens");
         let bytes: Vec<u8> = (0..3000u32).map(|i| (i % 199) as u8).collect();
         let name = storage.put(Bytes::from(bytes)).await.expect("put");
-        let blobs = CachedBlobs::new(
-            Arc::new(Dripping { inner: storage }) as Arc<dyn Blobs>,
-            limits(10_000, 5_000),
-        )
-        .with_fill_limits(Duration::from_secs(1), Duration::from_millis(500));
+        let dripping = Trickling {
+            inner: storage,
+            rest: tokio::sync::watch::Sender::new(false),
+            drip: Some(Duration::from_millis(50)),
+        };
+        let blobs = CachedBlobs::new(Arc::new(dripping) as Arc<dyn Blobs>, limits(10_000, 5_000))
+            .with_fill_limits(Duration::from_secs(1), Duration::from_millis(500));
         let mut first = blobs.get(&name, None).await.expect("reads");
         // Whole, the object would take 145 s to arrive.
         let ended = tokio::time::timeout(Duration::from_secs(10), async {
