@@ -1333,14 +1333,8 @@ impl CqlStore {
             .session
             .batch(&batch, values)
             .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(corrupt)?;
-        let row = result
-            .maybe_first_row::<Row>()
-            .map_err(corrupt)?
-            .ok_or_else(|| corrupt("a conditional batch returned no row"))?;
-        if !matches!(column(&row, 0), Some(CqlValue::Boolean(true))) {
+            .map_err(unavailable)?;
+        if !applied(result)? {
             return Ok(false);
         }
         meanwhile.await;
