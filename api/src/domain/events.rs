@@ -83,12 +83,15 @@ impl ApiState {
         let kind = envelope.event.kind().as_str();
         // A change just made is published as it is; a copy of one made earlier, as the store
         // holds it now (deleted, say, since it was read).
+        // `Some(false)`: taken, with nothing to publish (the change undone since); `None`: refused.
         let published = match intent {
-            Some(_) => self.bus.publish(&envelope).await.is_ok(),
-            None => self.publish_as_stored(envelope.clone()).await.is_ok(),
+            Some(_) => self.bus.publish(&envelope).await.ok().map(|_| true),
+            None => self.publish_as_stored(envelope.clone()).await.ok(),
         };
-        if published {
-            metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
+        if let Some(published) = published {
+            if published {
+                metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
+            }
             if let Some(intent) = intent {
                 self.outbox.settle(&self.store, intent);
                 // A send's own event needs no check: nobody knows the message before it is
