@@ -797,10 +797,11 @@ impl Hub {
         let opened = self
             .open_counted(user, session, resume_after, replacing)
             .await;
-        // An open that failed (a full node, a store read) is given back: its client's retry of
-        // a node that could not take it must not use up its allowance.
+        // An open refused before it read the log (a full node, a store read) is given back: its
+        // client's retry of a node that could not take it must not use up its allowance. One
+        // that failed on the log may have scanned it, which is what the allowance limits.
         match &opened {
-            Ok(_) => drop(taken),
+            Ok(_) | Err(OpenError::Bus(_)) => drop(taken),
             Err(_) => self.stream_opens.give_back(taken),
         }
         opened
