@@ -264,7 +264,7 @@ impl CachedBlobs {
         // takes a byte at a time. What the first reader has not taken yet waits in the channel,
         // at most the object, which is small (at most `object_bytes`); a first reader gone
         // mid-way leaves the copy to be made for the others.
-        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let (sender, receiver) = mpsc::unbounded_channel();
         let mut from_storage = read.chunks;
         let idle = self.fill_idle;
         let ends_at = tokio::time::Instant::now() + self.fill_whole;
@@ -304,7 +304,7 @@ impl CachedBlobs {
             }
         });
         Ok(BlobRead {
-            chunks: futures::stream::poll_fn(move |cx| receiver.poll_recv(cx)).boxed(),
+            chunks: tokio_stream::wrappers::UnboundedReceiverStream::new(receiver).boxed(),
             len: read.len,
         })
     }
