@@ -266,6 +266,10 @@ pub fn attachment_settings(config: &Config, blobs: Arc<dyn Blobs>) -> Attachment
             .max(config.attachments.inline_bytes as u64),
         presigned_ttl: config.attachments.presigned_ttl(),
         max_image_pixels: config.attachments.max_image_pixels,
+        upload_time: config
+            .attachments
+            .upload_timeout()
+            .min(confab_api::domain::attachments::MAX_UPLOAD_TIME),
     }
 }
 
@@ -804,11 +808,12 @@ pub async fn gc_blobs(config: &Config, min_age: Duration) -> anyhow::Result<()> 
     .await?;
     eprintln!();
     println!(
-        "gc-blobs: scanned {} objects, removed {} ({} bytes) and {} stale uploads in {:.1}s",
+        "gc-blobs: scanned {} objects, removed {} ({} bytes), {} stale uploads and {} orphaned references in {:.1}s",
         done.scanned,
         done.removed,
         done.removed_bytes,
         done.swept,
+        done.orphans_dropped,
         started.elapsed().as_secs_f64()
     );
     Ok(())

@@ -1033,6 +1033,179 @@ async fn an_upload_outlives_a_collection_of(app: &TestApp, len: usize, declared:
 }
 on_both_stacks!(an_upload_outlives_a_collection_of_its_bytes);
 
+/// An attachment id as an upload that began `ago` would have made it.
+fn id_begun(ago: Duration) -> uuid::Uuid {
+    let at = std::time::SystemTime::now() - ago;
+    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap();
+    uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        since.as_secs(),
+        since.subsec_nanos(),
+    ))
+}
+
+/// References no record will ever name do not keep their objects: an upload whose process
+/// stopped two days ago between its reference and its record, and a picture that a failed
+/// attempt referenced but its image's record does not name. The collector drops them and removes
+/// their objects; it keeps the object of an upload that began a minute ago (it may still
+/// finish) and the object a record names.
+async fn the_collector_drops_orphaned_references(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let alice_id = app.me(&alice).await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let store = confab::open_store(&app.config, false).await.unwrap();
+    let blobs = app_blobs(&app).await;
+    let body = |seed: u8| -> Vec<u8> { (0..10_000u32).map(|i| (i % 239) as u8 ^ seed).collect() };
+    let put = |bytes: Vec<u8>| {
+        let blobs = Arc::clone(&blobs);
+        async move { blobs.put(bytes.into()).await.unwrap() }
+    };
+    let stopped_upload = put(body(1)).await;
+    let running_upload = put(body(2)).await;
+    let recorded = put(body(3)).await;
+    let unnamed_picture = put(body(4)).await;
+
+    let two_days = Duration::from_secs(2 * 24 * 3600);
+    store
+        .add_blob_refs(id_begun(two_days), &[stopped_upload.to_string()])
+        .await
+        .unwrap();
+    store
+        .add_blob_refs(
+            id_begun(Duration::from_secs(60)),
+            &[running_upload.to_string()],
+        )
+        .await
+        .unwrap();
+    let image = confab_schema::Attachment {
+        id: id_begun(two_days),
+        chat_id: serde_json::from_value(json!(chat)).unwrap(),
+        name: "old.png".into(),
+        size: 10_000,
+        content_type: "image/png".into(),
+        sha256: recorded.to_string(),
+        kind: confab_schema::AttachmentKind::Image,
+        created_at: confab_schema::model::to_millis(time::OffsetDateTime::now_utc() - two_days),
+        uploader: serde_json::from_value(json!(alice_id)).unwrap(),
+        image: None,
+        message_id: None,
+    };
+    store.put_attachment(&image).await.unwrap();
+    store
+        .add_blob_refs(image.id, &[unnamed_picture.to_string()])
+        .await
+        .unwrap();
+
+    let run = confab_api::domain::attachments::collect_garbage(
+        store.as_ref(),
+        blobs.as_ref(),
+        Duration::ZERO,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let mut left = objects(&app).await;
+    left.sort();
+    let mut expected = vec![running_upload.clone(), recorded.clone()];
+    expected.sort();
+    assert_eq!(
+        left, expected,
+        "the orphans' objects go, the others stay: {run:?}"
+    );
+    assert_eq!((run.removed, run.orphans_dropped), (2, 2), "{run:?}");
+    assert!(
+        !store
+            .blob_referenced(stopped_upload.as_str())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .blob_referenced(unnamed_picture.as_str())
+            .await
+            .unwrap()
+    );
+    assert!(store.blob_referenced(recorded.as_str()).await.unwrap());
+    // The record is untouched, and a second run finds nothing more to do.
+    assert_eq!(store.get_attachments(&[image.id]).await.unwrap(), [image]);
+    let again = confab_api::domain::attachments::collect_garbage(
+        store.as_ref(),
+        blobs.as_ref(),
+        Duration::ZERO,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((again.removed, again.orphans_dropped), (0, 0), "{again:?}");
+    app.stop().await;
+}
+on_both_stacks!(the_collector_drops_orphaned_references);
+
+/// An upload may take `attachments.upload_timeout_secs` in all, however steadily its body
+/// trickles in (each chunk well within the idle timeout): past that, 408 and nothing is kept,
+/// neither a record nor an object, with a declared digest or without.
+async fn an_upload_past_its_time_limit_is_refused_and_keeps_nothing(stack: Stack) {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    config.attachments.upload_timeout_secs = 3;
+    let app = spawn_with(stack, config, data).await;
+    let alice = app.token("alice").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let bytes: Vec<u8> = (0..40 * 1024u32).map(|i| (i % 233) as u8).collect();
+    let store = confab::open_store(&app.config, false).await.unwrap();
+    for declared in [false, true] {
+        // 40 chunks 150 ms apart: 6 s in all.
+        let chunks: Vec<Vec<u8>> = bytes.chunks(1024).map(<[u8]>::to_vec).collect();
+        let trickle = futures::StreamExt::then(futures::stream::iter(chunks), |chunk| async move {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            Ok::<_, std::io::Error>(chunk)
+        });
+        let mut request = app
+            .http
+            .post(app.url(&format!("/v1/chats/{chat}/attachments")))
+            .query(&[("name", "slow.bin")])
+            .bearer_auth(&alice)
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(trickle));
+        if declared {
+            request = request.header("content-digest", content_digest(&bytes));
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 408, "declared: {declared}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert!(
+            problem["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("request-timeout"),
+            "{problem}"
+        );
+    }
+    assert_eq!(list(&app, &alice, &chat, "").await["items"], json!([]));
+    assert_eq!(objects(&app).await, Vec::<BlobName>::new());
+    let name = BlobName::of(&bytes);
+    assert!(!store.blob_referenced(name.as_str()).await.unwrap());
+    // A body that arrives in time is stored as ever.
+    uploaded(
+        &app,
+        &alice,
+        &chat,
+        "quick.bin",
+        "application/octet-stream",
+        &bytes,
+    )
+    .await;
+    app.stop().await;
+}
+on_both_stacks!(an_upload_past_its_time_limit_is_refused_and_keeps_nothing);
+
 async fn wait_for_image(app: &TestApp, token: &str, chat: &str, id: &Value) -> Value {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {

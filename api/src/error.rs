@@ -41,6 +41,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The request took longer than it may (an upload past `attachments.upload_timeout_secs`).
+    #[error("{0}")]
+    TimedOut(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -84,6 +87,9 @@ impl From<&ApiError> for Problem {
                 "payload-too-large",
                 why.clone(),
             ),
+            ApiError::TimedOut(why) => {
+                Problem::new(StatusCode::REQUEST_TIMEOUT, "request-timeout", why.clone())
+            }
             ApiError::Store(StoreError::Unavailable(_) | StoreError::NotWritten(_)) => {
                 Problem::new(
                     StatusCode::SERVICE_UNAVAILABLE,

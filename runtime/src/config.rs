@@ -203,6 +203,11 @@ pub struct AttachmentsConfig {
     /// in it. At most 65536; 0 writes every new body to the storage (bodies kept in the store
     /// before are still served and collected). Default 4096.
     pub inline_bytes: usize,
+    /// How long one upload may take in all, in seconds, however steadily its body arrives
+    /// (`limits.body_idle_timeout_secs` bounds the stalls); a slower upload is refused with 408
+    /// and nothing is kept. At most 72000 (20 hours): the collector takes a reference no record
+    /// names for an orphan a day after its upload began; 0 counts as 1. Default 14400 (4 hours).
+    pub upload_timeout_secs: u64,
 }
 
 /// The largest `attachments.inline_bytes`.
@@ -227,6 +232,7 @@ impl Default for AttachmentsConfig {
             cache_bytes: 32 * 1024 * 1024,
             cache_object_bytes: 1024 * 1024,
             inline_bytes: 4096,
+            upload_timeout_secs: 4 * 3600,
         }
     }
 }
@@ -251,6 +257,11 @@ impl AttachmentsConfig {
             total_bytes: self.cache_bytes,
             object_bytes: self.cache_object_bytes.min(self.cache_bytes),
         })
+    }
+
+    /// How long one upload may take, within 1 second and 20 hours.
+    pub fn upload_timeout(&self) -> Duration {
+        Duration::from_secs(self.upload_timeout_secs.clamp(1, 20 * 3600))
     }
 
     pub fn presigned_ttl(&self) -> Duration {

@@ -495,8 +495,16 @@ impl Store for HeldStore {
     ) -> Result<(), StoreError> {
         self.inner.delete_attachments(attachments).await
     }
-    async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError> {
-        self.inner.blob_referenced(sha256).await
+    async fn blob_referrers(
+        &self,
+        sha256: &str,
+        after: Option<uuid::Uuid>,
+        limit: usize,
+    ) -> Result<Vec<uuid::Uuid>, StoreError> {
+        self.inner.blob_referrers(sha256, after, limit).await
+    }
+    async fn drop_blob_ref(&self, sha256: &str, attachment: uuid::Uuid) -> Result<(), StoreError> {
+        self.inner.drop_blob_ref(sha256, attachment).await
     }
     async fn condemn_blob(
         &self,

@@ -44,6 +44,8 @@ pub struct AttachmentSettings {
     pub presigned_ttl: Duration,
     /// Images with more pixels than this are kept as plain files.
     pub max_image_pixels: u64,
+    /// How long one upload may take in all (at most [`MAX_UPLOAD_TIME`]).
+    pub upload_time: Duration,
 }
 
 /// How long the collector's mark on an object holds: it removes the object only well within it.
@@ -261,6 +263,42 @@ impl ApiState {
             self.require_member(chat, caller.id).await?;
             return Err(too_large(settings.max_bytes));
         }
+        let until = tokio::time::Instant::now() + settings.upload_time;
+        let uploaded = self
+            .upload_within(
+                caller,
+                chat,
+                (name, declared, declared_length, digest),
+                within(body, until, settings.upload_time),
+                &settings,
+            )
+            .await;
+        match uploaded {
+            // The body was cut at the deadline (the client's own failure would have come first).
+            Err(ApiError::Blobs(BlobError::Body(_))) if tokio::time::Instant::now() >= until => {
+                Err(ApiError::TimedOut(format!(
+                    "an upload may take at most {} s; nothing was kept",
+                    settings.upload_time.as_secs()
+                )))
+            }
+            uploaded => uploaded,
+        }
+    }
+
+    /// [`ApiState::upload_attachment`] with a body cut at its deadline.
+    async fn upload_within(
+        &self,
+        caller: &User,
+        chat: ChatId,
+        (name, declared, declared_length, digest): (
+            AttachmentName,
+            DeclaredType,
+            Option<u64>,
+            Option<DeclaredDigest>,
+        ),
+        body: ByteChunks,
+        settings: &AttachmentSettings,
+    ) -> ApiResult<Attachment> {
         // The membership check does not wait for the body's first bytes, nor they for it; a
         // refusal still comes before any complaint about the body.
         let (member, peeked) =
@@ -350,6 +388,7 @@ impl ApiState {
                 .await?;
             wait_out_collection(self.store.as_ref(), object).await?;
             attachment.size = make.await?;
+            in_time(attachment.id)?;
             self.store.put_attachment(&attachment).await?;
             Ok::<(), ApiError>(())
         }
@@ -731,9 +770,9 @@ impl ApiState {
     /// an attachment deleted since; an attempt that finds it deleted drops the references it
     /// wrote, those of an attempt before it included (they name the same objects). Not covered:
     /// a process that stops while attempts remain leaves the image without pictures for good,
-    /// and so does a last attempt that fails; on CQL, the references to its pictures that a
-    /// failed attempt wrote outlive the attachment's deletion ([`Store::delete_attachments`]
-    /// removes only those its record names).
+    /// and so does a last attempt that fails; the references to its pictures that a failed
+    /// attempt wrote are orphans, which the collector drops a day after the upload began
+    /// ([`ORPHANED_AFTER`]).
     fn spawn_derivatives(&self, attachment: Attachment) {
         let state = self.clone();
         tokio::spawn(async move {
@@ -791,12 +830,14 @@ impl ApiState {
                     thumbnail: Some(thumbnail),
                     preview: Some(preview),
                 });
+                in_time(attachment.id)?;
                 self.store.add_blob_refs(attachment.id, &names).await?;
                 for bytes in [made.thumbnail.bytes, made.preview.bytes] {
                     let name = BlobName::of(&bytes);
                     wait_out_collection(self.store.as_ref(), &name).await?;
                     settings.blobs.put(Bytes::from(bytes)).await?;
                 }
+                in_time(attachment.id)?;
                 self.store_derived(&updated, attachment.kind).await?;
             }
             Err(why) => {
@@ -1038,12 +1079,117 @@ async fn wait_out_collection(store: &dyn Store, name: &BlobName) -> ApiResult<()
     }
 }
 
+/// How long after an upload began its reference to an object may stand without a record naming
+/// the object: longer than an upload may take ([`MAX_UPLOAD_TIME`]) and than its pictures'
+/// attempts after it. A reference older than this that no record names is an orphan: its upload
+/// stopped with its process (or a removal stopped halfway, or a picture's last attempt failed),
+/// and no one will ever write that record.
+pub const ORPHANED_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// The longest `attachments.upload_timeout_secs` may make an upload, well within
+/// [`ORPHANED_AFTER`].
+pub const MAX_UPLOAD_TIME: Duration = Duration::from_secs(20 * 3600);
+/// How many references to one object the collector reads at a time.
+const REFERRERS_PAGE: usize = 20;
+/// The latest, after its upload began, that an upload or its pictures' attempt writes a record
+/// naming an object ([`in_time`]): well within [`ORPHANED_AFTER`], whatever held it up (a
+/// storage request that hung, a queue of images), so that no reference the collector takes for
+/// an orphan has a record still to come.
+const LAST_RECORD_WRITE: Duration = Duration::from_secs(22 * 3600);
+
+/// How long ago the upload that made attachment `id` began (a UUIDv7 carries the time); `None`
+/// for an id without a time.
+fn upload_age(id: Uuid, now: OffsetDateTime) -> Option<time::Duration> {
+    let (secs, nanos) = id.get_timestamp()?.to_unix();
+    let began = OffsetDateTime::from_unix_timestamp(i64::try_from(secs).ok()?).ok()?;
+    Some(now - (began + Duration::from_nanos(u64::from(nanos))))
+}
+
+/// Refuses to write a record naming objects for attachment `id` later than
+/// [`LAST_RECORD_WRITE`] after its upload began: by then the collector may have dropped the
+/// references.
+fn in_time(id: Uuid) -> ApiResult<()> {
+    match upload_age(id, OffsetDateTime::now_utc()) {
+        Some(age) if age > LAST_RECORD_WRITE => Err(ApiError::TimedOut(format!(
+            "attachment {id} began {} h ago, too long to be recorded now; nothing was kept",
+            age.whole_hours()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `body`, failing once `until` has passed: an upload cannot take longer than `limit` however
+/// steadily it trickles in.
+fn within(body: ByteChunks, until: tokio::time::Instant, limit: Duration) -> ByteChunks {
+    use futures::StreamExt;
+    let deadline = Box::pin(tokio::time::sleep_until(until));
+    futures::stream::unfold(Some((body, deadline)), move |state| async move {
+        let (mut body, mut deadline) = state?;
+        tokio::select! {
+            biased;
+            () = &mut deadline => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the upload took longer than {} s", limit.as_secs()),
+                )),
+                None,
+            )),
+            chunk = body.next() => chunk.map(|chunk| (chunk, Some((body, deadline)))),
+        }
+    })
+    // Polled again after its end, it ends again.
+    .fuse()
+    .boxed()
+}
+
+/// Whether the object `name` is in use: an attachment record names it, or an upload (or its
+/// pictures' attempt) that began within [`ORPHANED_AFTER`] references it and may still write
+/// that record. The references it finds orphaned are dropped on the way (counted in `done`).
+///
+/// An orphan never comes back to life: its attachment's record does not exist and never will, or
+/// exists and does not name the object and never will: an upload and its pictures' attempts
+/// write no record naming an object later than [`LAST_RECORD_WRITE`] after the upload began
+/// ([`in_time`]), and the body of an upload is cut after [`MAX_UPLOAD_TIME`].
+async fn referenced(store: &dyn Store, name: &BlobName, done: &mut Collected) -> ApiResult<bool> {
+    let now = OffsetDateTime::now_utc();
+    let mut after = None;
+    loop {
+        let referrers = store
+            .blob_referrers(name.as_str(), after, REFERRERS_PAGE)
+            .await?;
+        let Some(&last) = referrers.last() else {
+            return Ok(false);
+        };
+        after = Some(last);
+        // An id without a time in it is not an upload's: it is kept, whatever it is.
+        let recent = |id: &Uuid| upload_age(*id, now).is_none_or(|age| age < ORPHANED_AFTER);
+        if referrers.iter().any(recent) {
+            return Ok(true);
+        }
+        let records = store.get_attachments(&referrers).await?;
+        if records
+            .iter()
+            .any(|record| record.blobs().contains(&name.as_str()))
+        {
+            return Ok(true);
+        }
+        for orphan in &referrers {
+            store.drop_blob_ref(name.as_str(), *orphan).await?;
+            done.orphans_dropped += 1;
+        }
+        if referrers.len() < REFERRERS_PAGE {
+            return Ok(false);
+        }
+    }
+}
+
 /// What one run of the collector did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Collected {
     pub scanned: u64,
     pub removed: u64,
     pub removed_bytes: u64,
+    /// References to objects dropped as orphans (see [`ORPHANED_AFTER`]).
+    pub orphans_dropped: u64,
     /// Staging objects (and unfinished multipart uploads) older than a day, removed.
     pub swept: u64,
 }
@@ -1070,12 +1216,12 @@ pub async fn collect_garbage(
         for object in page {
             done.scanned += 1;
             let young = OffsetDateTime::now_utc() - object.modified < min_age;
-            if !young && !store.blob_referenced(object.name.as_str()).await? {
+            if !young && !referenced(store, &object.name, &mut done).await? {
                 let until = OffsetDateTime::now_utc() + CONDEMN_LEASE;
                 store.condemn_blob(object.name.as_str(), run, until).await?;
                 // After the mark: an upload that wrote its reference before it saw no mark is
                 // seen here; one that writes it later sees the mark and waits.
-                let referenced = store.blob_referenced(object.name.as_str()).await?;
+                let referenced = referenced(store, &object.name, &mut done).await?;
                 let left = until - OffsetDateTime::now_utc() - LEASE_MARGIN;
                 if !referenced && left.is_positive() {
                     // Within the mark, less the margin an upload waits beyond it: a removal (and

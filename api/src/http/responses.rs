@@ -88,6 +88,12 @@ pub(crate) enum UploadErrors {
     )]
     TooLarge(Problem),
     #[response(
+        status = 408,
+        description = "The upload took longer than attachments.upload_timeout_secs; nothing was kept",
+        content_type = "application/problem+json"
+    )]
+    TimedOut(Problem),
+    #[response(
         status = 415,
         description = "The declared type is malformed or contradicts the file's contents",
         content_type = "application/problem+json"

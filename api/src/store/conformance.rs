@@ -66,6 +66,7 @@ macro_rules! store_conformance_tests {
             markers_move_forward_only,
             attachments_page_newest_first_by_kind,
             attachments_reference_their_objects,
+            an_objects_referrers_page_and_drop,
             a_message_claims_its_chats_unclaimed_attachments,
             racing_claims_leave_one_holder_and_a_release_frees,
             a_claim_given_back_after_pictures_frees_the_attachment,
@@ -2469,6 +2470,68 @@ pub async fn attachments_reference_their_objects(store: Arc<dyn Store>) {
         .await
         .expect("again: idempotent");
     assert!(!store.blob_referenced(&shared).await.expect("reads"));
+}
+
+/// The references to one object page through in one order, every referrer once, and one
+/// dropped goes while the others stay.
+pub async fn an_objects_referrers_page_and_drop(store: Arc<dyn Store>) {
+    let object = sha("many");
+    let other = sha("other");
+    // A v4 id among v7 ones: the order is the store's own, whatever the ids' versions.
+    let mut referrers: Vec<Uuid> = (0..7).map(|_| Uuid::now_v7()).collect();
+    referrers.push(Uuid::new_v4());
+    for id in &referrers {
+        store
+            .add_blob_refs(*id, &[object.clone(), other.clone()])
+            .await
+            .expect("references");
+    }
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .blob_referrers(&object, after, 3)
+            .await
+            .expect("reads");
+        assert!(page.len() <= 3, "{page:?}");
+        let Some(last) = page.last() else { break };
+        after = Some(*last);
+        paged.extend(page);
+    }
+    let mut expected = referrers.clone();
+    expected.sort();
+    let mut got = paged.clone();
+    got.sort();
+    assert_eq!(got, expected, "every referrer once: {paged:?}");
+    for dropped in &referrers[..7] {
+        store.drop_blob_ref(&object, *dropped).await.expect("drops");
+    }
+    store
+        .drop_blob_ref(&object, referrers[0])
+        .await
+        .expect("again: idempotent");
+    assert_eq!(
+        store
+            .blob_referrers(&object, None, 100)
+            .await
+            .expect("reads"),
+        [referrers[7]]
+    );
+    assert!(store.blob_referenced(&object).await.expect("reads"));
+    assert_eq!(
+        store
+            .blob_referrers(&other, None, 100)
+            .await
+            .expect("reads")
+            .len(),
+        8,
+        "another object's references stay"
+    );
+    store
+        .drop_blob_ref(&object, referrers[7])
+        .await
+        .expect("drops");
+    assert!(!store.blob_referenced(&object).await.expect("reads"));
 }
 
 /// A sent message claims the attachments it names that are its chat's and that no message took

@@ -785,8 +785,22 @@ pub trait Store: Send + Sync + 'static {
     /// stored yet: [`Store::update_derived`] may still re-file it) and their references to
     /// objects. Idempotent.
     async fn delete_attachments(&self, attachments: &[Attachment]) -> Result<(), StoreError>;
+    /// Up to `limit` of the attachments that reference the object `sha256`
+    /// ([`Store::add_blob_refs`], [`Store::put_attachment`]), those after `after` (or from the
+    /// first), in the store's order of ids: the same order page after page.
+    async fn blob_referrers(
+        &self,
+        sha256: &str,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<Uuid>, StoreError>;
     /// Whether any attachment references the object `sha256`.
-    async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError>;
+    async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError> {
+        Ok(!self.blob_referrers(sha256, None, 1).await?.is_empty())
+    }
+    /// Removes `attachment`'s reference to the object `sha256` (the collector found it orphaned:
+    /// an upload that never finished, or a picture its record does not name). Idempotent.
+    async fn drop_blob_ref(&self, sha256: &str, attachment: Uuid) -> Result<(), StoreError>;
     /// Marks the object `sha256` as about to be removed by the collector's run `run`, until
     /// `until`. Each run has a mark of its own.
     async fn condemn_blob(

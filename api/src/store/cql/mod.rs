@@ -895,7 +895,7 @@ struct Statements {
     claim_chat_attachment_at: PreparedStatement,
     delete_chat_attachment_at: PreparedStatement,
     delete_blob_ref: PreparedStatement,
-    blob_ref: PreparedStatement,
+    blob_referrers: PreparedStatement,
     condemn_blob: PreparedStatement,
     blob_condemned: PreparedStatement,
     absolve_blob: PreparedStatement,
@@ -1222,7 +1222,7 @@ impl CqlStore {
             put_chat_attachment_at: "INSERT INTO chat_attachments (chat_id, kind, id, body) VALUES (?, ?, ?, ?) USING TIMESTAMP ?".into(),
             delete_chat_attachment_at: "DELETE FROM chat_attachments USING TIMESTAMP ? WHERE chat_id = ? AND kind = ? AND id = ?".into(),
             delete_blob_ref: "DELETE FROM blob_refs WHERE sha256 = ? AND attachment_id = ?".into(),
-            blob_ref: "SELECT attachment_id FROM blob_refs WHERE sha256 = ? LIMIT 1".into(),
+            blob_referrers: "SELECT attachment_id FROM blob_refs WHERE sha256 = ? AND attachment_id > ? LIMIT ?".into(),
             // A day: far past any mark's end, so a run that died leaves nothing for long.
             condemn_blob:
                 "INSERT INTO blob_marks (sha256, run, until) VALUES (?, ?, ?) USING TTL 86400"
@@ -3539,13 +3539,32 @@ impl Store for CqlStore {
         Ok(())
     }
 
-    async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError> {
+    async fn blob_referrers(
+        &self,
+        sha256: &str,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        // The nil id sorts before every other (`uuid` orders by version first).
+        let after = after.unwrap_or(Uuid::nil());
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
         let result = self
             .session
-            .execute_unpaged(&self.statements.blob_ref, (sha256,))
+            .execute_unpaged(&self.statements.blob_referrers, (sha256, after, limit))
             .await
             .map_err(unavailable)?;
-        Ok(!rows::<(Uuid,)>(result)?.is_empty())
+        Ok(rows::<(Uuid,)>(result)?
+            .into_iter()
+            .map(|(id,)| id)
+            .collect())
+    }
+
+    async fn drop_blob_ref(&self, sha256: &str, attachment: Uuid) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.statements.delete_blob_ref, (sha256, attachment))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn condemn_blob(

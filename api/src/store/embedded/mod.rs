@@ -1853,16 +1853,40 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError> {
+    async fn blob_referrers(
+        &self,
+        sha256: &str,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let sha = sha256.to_owned();
+        let after = blob(after.unwrap_or(Uuid::nil()));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(move |c| {
+            let mut statement = c
+                .prepare_cached(
+                    "SELECT attachment_id FROM blob_refs WHERE sha256 = ?1 AND attachment_id > ?2 \
+                     ORDER BY attachment_id LIMIT ?3",
+                )
+                .map_err(unavailable)?;
+            let ids = statement
+                .query_map(params![sha, after, limit], |row| row.get::<_, Vec<u8>>(0))
+                .map_err(unavailable)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable)?;
+            ids.into_iter().map(uuid_from).collect()
+        })
+        .await
+    }
+
+    async fn drop_blob_ref(&self, sha256: &str, attachment: Uuid) -> Result<(), StoreError> {
         let sha = sha256.to_owned();
         self.with(move |c| {
-            c.query_row(
-                "SELECT 1 FROM blob_refs WHERE sha256 = ?1 LIMIT 1",
-                params![sha],
-                |_| Ok(()),
+            c.execute(
+                "DELETE FROM blob_refs WHERE sha256 = ?1 AND attachment_id = ?2",
+                params![sha, blob(attachment)],
             )
-            .optional()
-            .map(|found| found.is_some())
+            .map(|_| ())
             .map_err(unavailable)
         })
         .await
