@@ -1697,3 +1697,104 @@ async fn cql_a_send_that_failed_before_its_nonce_was_won_wrote_nothing() {
     drop(store);
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
+
+/// A reaction's tally written from a clock ahead of the others' does not outlast the counts
+/// written after it. A stale count written with a timestamp a minute ahead (a recount that read
+/// long ago, on a process whose clock runs ahead) gives way to the next change's count; and a
+/// recount that read before a change and writes after that change's own recount, from a clock a
+/// minute ahead, sees that its count is stale and writes the new one. (The embedded store counts
+/// in the same transaction as the change.)
+#[tokio::test]
+async fn cql_reaction_counts_converge_whatever_the_clocks() {
+    use confab_schema::UserId;
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(&options, "cql_reaction_counts_converge_whatever_the_clocks").await {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let (owner, bob, carol) = (
+        UserId(uuid::Uuid::new_v4()),
+        UserId(uuid::Uuid::new_v4()),
+        UserId(uuid::Uuid::new_v4()),
+    );
+    let chat = chat_with(&store, owner, &[bob, carol]).await;
+    let signal = message(chat, owner, None, "react to me");
+    store.insert_signal(&signal).await.expect("inserts");
+    let thumbs = "\u{1F44D}";
+    let count = || async {
+        store
+            .reaction_counts(chat, signal.id)
+            .await
+            .expect("reads")
+            .get(thumbs)
+            .copied()
+    };
+    assert!(
+        store
+            .add_reaction(chat, signal.id, thumbs, owner)
+            .await
+            .expect("reacts")
+    );
+    assert_eq!(count().await, Some(1));
+
+    // A count of 7 written a minute ahead of this clock.
+    let session = keyspace_session(&options).await;
+    let ahead =
+        (time::OffsetDateTime::now_utc() + Duration::from_secs(60)).unix_timestamp_nanos() / 1_000;
+    let bucket = cql::signal_bucket(signal.id.unix_millis().expect("time-ordered"));
+    session
+        .query_unpaged(
+            "INSERT INTO reaction_tallies (chat_id, bucket, signal_id, emoji, count) \
+             VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?",
+            (
+                chat.0,
+                bucket,
+                signal.id.0,
+                thumbs,
+                7i32,
+                i64::try_from(ahead).unwrap(),
+            ),
+        )
+        .await
+        .expect("writes a stale count");
+    assert_eq!(count().await, Some(7));
+    assert!(
+        store
+            .add_reaction(chat, signal.id, thumbs, bob)
+            .await
+            .expect("reacts")
+    );
+    assert_eq!(
+        count().await,
+        Some(2),
+        "the count after the change, not the one from a clock ahead"
+    );
+
+    // A recount from a clock a minute ahead reads 2, then carol's reaction is added and counted
+    // (3), then the first recount writes its 2.
+    store
+        .recount_meanwhile(chat, signal.id, thumbs, Duration::from_secs(60), async {
+            assert!(
+                store
+                    .add_reaction(chat, signal.id, thumbs, carol)
+                    .await
+                    .expect("reacts")
+            );
+        })
+        .await
+        .expect("recounts");
+    assert_eq!(
+        count().await,
+        Some(3),
+        "the stale recount wrote the count it found after its write"
+    );
+    // And a removal after all this counts from the right number.
+    assert!(
+        store
+            .remove_reaction(chat, signal.id, thumbs, owner)
+            .await
+            .expect("unreacts")
+    );
+    assert_eq!(count().await, Some(2));
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}

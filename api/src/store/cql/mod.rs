@@ -864,6 +864,7 @@ struct Statements {
     release_reaction: PreparedStatement,
     recount_reaction: PreparedStatement,
     set_tally: PreparedStatement,
+    tally_written: PreparedStatement,
     tallies_between: PreparedStatement,
     has_reaction: PreparedStatement,
     reactions_first: PreparedStatement,
@@ -924,6 +925,9 @@ pub struct CqlStore {
 }
 
 const KNOWN_BUCKETS_MAX: usize = 100_000;
+/// How many times one recount of a reaction writes its tally at most
+/// (`CqlStore::recount_meanwhile`).
+const RECOUNT_ROUNDS: usize = 4;
 
 const SIGNAL_COLUMNS: &str =
     "id, kind, author_id, nonce, text, reply_to, attachments, edited_at, deleted";
@@ -1191,8 +1195,10 @@ impl CqlStore {
             claim_reaction: "INSERT INTO reactions (chat_id, signal_id, emoji, user_id) VALUES (?, ?, ?, ?) IF NOT EXISTS".into(),
             release_reaction: "DELETE FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ? AND user_id = ? IF EXISTS".into(),
             recount_reaction: "SELECT COUNT(*) FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ?".into(),
-            // The write timestamp is the recount's start: the newest recount wins.
+            // The write timestamp is later than the tally's as read (`CqlStore::recount_meanwhile`).
             set_tally: "INSERT INTO reaction_tallies (chat_id, bucket, signal_id, emoji, count) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+                    .into(),
+            tally_written: "SELECT count, WRITETIME(count) FROM reaction_tallies WHERE chat_id = ? AND bucket = ? AND signal_id = ? AND emoji = ?"
                     .into(),
             tallies_between: "SELECT signal_id, emoji, count FROM reaction_tallies WHERE chat_id = ? AND bucket = ? AND signal_id >= ? AND signal_id <= ?"
                     .into(),
@@ -4468,31 +4474,80 @@ impl CqlStore {
     /// the count started as write timestamp: a count that read later wins. Every change of a
     /// reaction, and every retry of one, ends with a recount, so counts converge.
     async fn recount(&self, chat: ChatId, signal: SignalId, emoji: &str) -> Result<(), StoreError> {
-        let started = change_timestamp(signal)?;
-        let result = self
-            .session
-            .execute_unpaged(&self.statements.recount_reaction, (chat.0, signal.0, emoji))
+        self.recount_meanwhile(chat, signal, emoji, Duration::ZERO, async {})
             .await
-            .map_err(unavailable)?;
-        let count = rows::<(i64,)>(result)?
+    }
+
+    /// The number of `emoji` reactions to `signal`, and its tally as stored with the tally's write
+    /// time, read together.
+    async fn count_and_tally(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+    ) -> Result<(i32, Option<(i32, i64)>), StoreError> {
+        let bucket = signal_bucket(created_millis(signal)?);
+        let (counted, tallied) = futures::join!(
+            self.session
+                .execute_unpaged(&self.statements.recount_reaction, (chat.0, signal.0, emoji)),
+            self.session.execute_unpaged(
+                &self.statements.tally_written,
+                (chat.0, bucket, signal.0, emoji)
+            )
+        );
+        let count = rows::<(i64,)>(counted.map_err(unavailable)?)?
             .into_iter()
             .next()
-            .map(|(count,)| count)
-            .unwrap_or(0);
-        self.session
-            .execute_unpaged(
-                &self.statements.set_tally,
-                (
-                    chat.0,
-                    signal_bucket(created_millis(signal)?),
-                    signal.0,
-                    emoji,
-                    i32::try_from(count).unwrap_or(i32::MAX),
-                    started,
-                ),
-            )
-            .await
-            .map_err(unavailable)?;
+            .map_or(0, |(count,)| count);
+        let tally = rows::<(Option<i32>, Option<i64>)>(tallied.map_err(unavailable)?)?
+            .into_iter()
+            .next()
+            .and_then(|row| match row {
+                (Some(count), Some(written)) => Some((count, written)),
+                _ => None,
+            });
+        Ok((i32::try_from(count).unwrap_or(i32::MAX), tally))
+    }
+
+    /// Recounts `emoji` on `signal` and writes the count ([`Store::add_reaction`] and
+    /// [`Store::remove_reaction`] do, after every change and every retry of one). The write's
+    /// timestamp is this process's clock, but later than the tally as read: a count written from
+    /// a clock ahead of this one does not outlast it. Then the count and the tally are read
+    /// again: until both are what was written (at most [`RECOUNT_ROUNDS`] times), the new count
+    /// is written, later again. So a recount that read before a change and wrote after that
+    /// change's own recount, from a clock ahead, sees its count is stale and writes the new one;
+    /// and a tally is left stale only while its emoji keeps changing. `ahead` and `meanwhile`
+    /// are for tests: a clock that far ahead of this one, and a change run after the first count
+    /// and before its write.
+    pub async fn recount_meanwhile(
+        &self,
+        chat: ChatId,
+        signal: SignalId,
+        emoji: &str,
+        ahead: Duration,
+        meanwhile: impl Future<Output = ()>,
+    ) -> Result<(), StoreError> {
+        let ahead = i64::try_from(ahead.as_micros()).unwrap_or(i64::MAX);
+        let bucket = signal_bucket(created_millis(signal)?);
+        let (mut count, mut tally) = self.count_and_tally(chat, signal, emoji).await?;
+        meanwhile.await;
+        for _ in 0..RECOUNT_ROUNDS {
+            let at = change_timestamp(signal)?
+                .saturating_add(ahead)
+                .max(tally.map_or(i64::MIN, |(_, written)| written + 1));
+            self.session
+                .execute_unpaged(
+                    &self.statements.set_tally,
+                    (chat.0, bucket, signal.0, emoji, count, at),
+                )
+                .await
+                .map_err(unavailable)?;
+            let (now, held) = self.count_and_tally(chat, signal, emoji).await?;
+            if now == count && held.is_some_and(|(held, _)| held == count) {
+                break;
+            }
+            (count, tally) = (now, held);
+        }
         self.refresh_latest(chat, signal).await
     }
 
