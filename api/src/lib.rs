@@ -4,6 +4,7 @@
 //!
 //! Invariant: the API is the only writer to the store, and nothing unchecked reaches it.
 
+mod backoff;
 pub mod coalesce;
 pub mod domain;
 pub mod error;

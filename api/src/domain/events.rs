@@ -13,6 +13,7 @@ use std::time::Duration;
 use confab_schema::event::MemberChange;
 use confab_schema::{Envelope, Event};
 
+use crate::backoff::Backoff;
 use crate::error::ApiResult;
 use crate::outbox::Intent;
 use crate::state::ApiState;
@@ -110,10 +111,14 @@ impl ApiState {
         let retrying = self.retrying_publishes.start();
         tokio::spawn(async move {
             let _retrying = retrying;
-            let mut delay = FIRST_RETRY;
-            let mut attempts = 0;
-            loop {
-                tokio::time::sleep(delay).await;
+            // With an outbox entry behind it, for as long as the process lives.
+            let attempts = if intent.is_some() {
+                u32::MAX
+            } else {
+                RETRY_ATTEMPTS
+            };
+            let mut backoff = Backoff::new(FIRST_RETRY, LONGEST_RETRY, attempts);
+            while backoff.wait().await {
                 match state.publish_as_stored(envelope.clone()).await {
                     Ok(published) => {
                         if published {
@@ -129,15 +134,9 @@ impl ApiState {
                         tracing::debug!(%error, event = kind, "event still not published");
                     }
                 }
-                attempts += 1;
-                if intent.is_none() && attempts >= RETRY_ATTEMPTS {
-                    metrics::counter!("confab_events_unpublished_total", "type" => kind)
-                        .increment(1);
-                    tracing::warn!(event = kind, chat = %envelope.chat_id, id = %envelope.id, "event not published again: the bus refused every retry");
-                    return;
-                }
-                delay = (delay * 2).min(LONGEST_RETRY);
             }
+            metrics::counter!("confab_events_unpublished_total", "type" => kind).increment(1);
+            tracing::warn!(event = kind, chat = %envelope.chat_id, id = %envelope.id, "event not published again: the bus refused every retry");
         });
     }
 
@@ -176,13 +175,11 @@ impl ApiState {
                     let retrying = self.retrying_publishes.start();
                     tokio::spawn(async move {
                         let _retrying = retrying;
-                        let mut delay = FIRST_RETRY;
-                        for _ in 0..RETRY_ATTEMPTS {
-                            tokio::time::sleep(delay).await;
+                        let mut backoff = Backoff::new(FIRST_RETRY, LONGEST_RETRY, RETRY_ATTEMPTS);
+                        while backoff.wait().await {
                             if state.publish_stored(correction.clone()).await.is_ok() {
                                 return;
                             }
-                            delay = (delay * 2).min(LONGEST_RETRY);
                         }
                         metrics::counter!("confab_events_unpublished_total", "type" => kind)
                             .increment(1);
@@ -296,15 +293,13 @@ async fn retry_in_order(bus: Arc<dyn confab_runtime::bus::Bus>, envelopes: Vec<E
             continue;
         }
         metrics::counter!("confab_events_publish_retries_total", "type" => kind).increment(1);
-        let mut delay = FIRST_RETRY;
+        let mut backoff = Backoff::new(FIRST_RETRY, LONGEST_RETRY, RETRY_ATTEMPTS);
         let mut published = false;
-        for _ in 0..RETRY_ATTEMPTS {
-            tokio::time::sleep(delay).await;
+        while backoff.wait().await {
             if bus.publish(&envelope).await.is_ok() {
                 published = true;
                 break;
             }
-            delay = (delay * 2).min(LONGEST_RETRY);
         }
         if published {
             metrics::counter!("confab_events_published_total", "type" => kind).increment(1);

@@ -16,6 +16,7 @@ use super::attachments::Claimed;
 use super::inputs::{AttachmentIds, MessageText, Nonce, PageLimit};
 use super::paging::{Page, Pager};
 use super::rules;
+use crate::backoff::Backoff;
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 use crate::store::{Inserted, MarkerKind, StoreError};
@@ -402,10 +403,8 @@ impl ApiState {
         metrics::counter!("confab_system_signal_retries_total", "kind" => kind).increment(1);
         let state = self.clone();
         tokio::spawn(async move {
-            let mut delay = Duration::from_millis(200);
-            for _ in 0..8 {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
+            let mut backoff = bookkeeping_backoff();
+            while backoff.wait().await {
                 match state.store.get_signal(signal.chat_id, signal.id).await {
                     Ok(Some(stored)) => {
                         // Its event may not be out: published again, the log keeps one copy.
@@ -567,9 +566,8 @@ impl ApiState {
         let state = self.clone();
         let created = created.clone();
         tokio::spawn(async move {
-            let mut delay = Duration::from_millis(200);
-            for _ in 0..8 {
-                tokio::time::sleep(delay).await;
+            let mut backoff = bookkeeping_backoff();
+            while backoff.wait().await {
                 let (touched, marked) = futures::join!(
                     state.touch(created.clone(), members.clone()),
                     state.mark_authors_read(&created)
@@ -577,7 +575,6 @@ impl ApiState {
                 if touched.is_ok() && marked.is_ok() {
                     return;
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
             }
             metrics::counter!("confab_bookkeeping_failures_total").increment(1);
             tracing::error!(chat = %created.chat_id, signal = %created.id, "bookkeeping after a send gave up");
@@ -611,6 +608,12 @@ impl ApiState {
             })
             .await
     }
+}
+
+/// The retries of bookkeeping after a change (a system signal; the chat list and the author's
+/// marker after a send) in the background: 8, over a little more than half a minute.
+fn bookkeeping_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(10), 8)
 }
 
 /// A signal the server writes, new.
