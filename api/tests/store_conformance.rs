@@ -1770,8 +1770,24 @@ async fn cql_reaction_counts_converge_whatever_the_clocks() {
         "the count after the change, not the one from a clock ahead"
     );
 
-    // A recount from a clock a minute ahead reads 2, then carol's reaction is added and counted
-    // (3), then the first recount writes its 2.
+    // A tally left wrong (5) by a failure, just after bob's count (written 1 µs after the stale
+    // one); then a recount from a clock a minute ahead reads 2 (and the time, later than any of
+    // those), carol's reaction is added and counted (3), and the first recount writes its 2.
+    session
+        .query_unpaged(
+            "INSERT INTO reaction_tallies (chat_id, bucket, signal_id, emoji, count) \
+             VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?",
+            (
+                chat.0,
+                bucket,
+                signal.id.0,
+                thumbs,
+                5i32,
+                i64::try_from(ahead).unwrap() + 2,
+            ),
+        )
+        .await
+        .expect("writes a wrong count");
     store
         .recount_meanwhile(chat, signal.id, thumbs, Duration::from_secs(60), async {
             assert!(

@@ -4470,9 +4470,9 @@ impl CqlStore {
         Ok(())
     }
 
-    /// Counts `emoji` on `signal` again and stores the count in its bucket's tallies, with the time
-    /// the count started as write timestamp: a count that read later wins. Every change of a
-    /// reaction, and every retry of one, ends with a recount, so counts converge.
+    /// Counts `emoji` on `signal` again and stores the count in its bucket's tallies
+    /// ([`CqlStore::recount_meanwhile`]). Every change of a reaction, and every retry of one, ends
+    /// with a recount, so counts converge.
     async fn recount(&self, chat: ChatId, signal: SignalId, emoji: &str) -> Result<(), StoreError> {
         self.recount_meanwhile(chat, signal, emoji, Duration::ZERO, async {})
             .await
@@ -4511,12 +4511,15 @@ impl CqlStore {
 
     /// Recounts `emoji` on `signal` and writes the count ([`Store::add_reaction`] and
     /// [`Store::remove_reaction`] do, after every change and every retry of one). The write's
-    /// timestamp is this process's clock, but later than the tally as read: a count written from
-    /// a clock ahead of this one does not outlast it. Then the count and the tally are read
-    /// again: until both are what was written (at most [`RECOUNT_ROUNDS`] times), the new count
-    /// is written, later again. So a recount that read before a change and wrote after that
-    /// change's own recount, from a clock ahead, sees its count is stale and writes the new one;
-    /// and a tally is left stale only while its emoji keeps changing. `ahead` and `meanwhile`
+    /// timestamp is this process's clock when the count was read (so with clocks in step the
+    /// count read last wins), but later than the tally as read: a count written from a clock
+    /// ahead of this one does not outlast it. Then the count and the tally are read again, and
+    /// until both are what was written (at most [`RECOUNT_ROUNDS`] writes) the new count is
+    /// written, later again. So a recount that read before a change and wrote after that change's
+    /// own recount, from a clock ahead, sees that its count is stale and writes the new one. A
+    /// recount that finds the tally right writes nothing. Left stale: a recount whose rounds all
+    /// met a change meanwhile, from a clock ahead of the last change's recount, until the next
+    /// change (counted in `confab_reaction_recounts_unsettled_total`). `ahead` and `meanwhile`
     /// are for tests: a clock that far ahead of this one, and a change run after the first count
     /// and before its write.
     pub async fn recount_meanwhile(
@@ -4529,12 +4532,15 @@ impl CqlStore {
     ) -> Result<(), StoreError> {
         let ahead = i64::try_from(ahead.as_micros()).unwrap_or(i64::MAX);
         let bucket = signal_bucket(created_millis(signal)?);
+        let mut read_at = change_timestamp(signal)?.saturating_add(ahead);
         let (mut count, mut tally) = self.count_and_tally(chat, signal, emoji).await?;
         meanwhile.await;
+        let mut settled = tally.is_some_and(|(held, _)| held == count);
         for _ in 0..RECOUNT_ROUNDS {
-            let at = change_timestamp(signal)?
-                .saturating_add(ahead)
-                .max(tally.map_or(i64::MIN, |(_, written)| written + 1));
+            if settled {
+                break;
+            }
+            let at = read_at.max(tally.map_or(i64::MIN, |(_, written)| written.saturating_add(1)));
             self.session
                 .execute_unpaged(
                     &self.statements.set_tally,
@@ -4542,11 +4548,14 @@ impl CqlStore {
                 )
                 .await
                 .map_err(unavailable)?;
+            read_at = change_timestamp(signal)?.saturating_add(ahead);
             let (now, held) = self.count_and_tally(chat, signal, emoji).await?;
-            if now == count && held.is_some_and(|(held, _)| held == count) {
-                break;
-            }
+            settled = now == count && held.is_some_and(|(held, _)| held == count);
             (count, tally) = (now, held);
+        }
+        if !settled {
+            metrics::counter!("confab_reaction_recounts_unsettled_total").increment(1);
+            tracing::warn!(%chat, %signal, "a reaction's count kept changing through every recount; the next change counts it again");
         }
         self.refresh_latest(chat, signal).await
     }
