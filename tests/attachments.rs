@@ -106,6 +106,16 @@ async fn objects(app: &TestApp) -> Vec<BlobName> {
         .collect()
 }
 
+/// One run of the collector, taking objects of any age.
+async fn collect(
+    store: &dyn confab_api::store::Store,
+    blobs: &dyn Blobs,
+) -> confab_api::domain::attachments::Collected {
+    confab_api::domain::attachments::collect_garbage(store, blobs, Duration::ZERO, |_| {})
+        .await
+        .unwrap()
+}
+
 async fn list(app: &TestApp, token: &str, chat: &str, query: &str) -> Value {
     let response = app
         .get(token, &format!("/v1/chats/{chat}/attachments{query}"))
@@ -903,14 +913,7 @@ async fn deletion_hides_and_the_collector_removes(stack: Stack) {
     // message is deleted.
     let store = confab::open_store(&app.config, false).await.unwrap();
     let blobs = app_blobs(&app).await;
-    let run = confab_api::domain::attachments::collect_garbage(
-        store.as_ref(),
-        blobs.as_ref(),
-        Duration::ZERO,
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let run = collect(store.as_ref(), blobs.as_ref()).await;
     assert_eq!(run.removed, 0, "{run:?}");
     let deleted = app
         .http
@@ -1021,14 +1024,7 @@ async fn an_upload_outlives_a_collection_of(app: &TestApp, len: usize, declared:
         "the object was made after the collection ({len} bytes, declared: {declared})"
     );
     // And a collection now keeps it.
-    let run = confab_api::domain::attachments::collect_garbage(
-        store.as_ref(),
-        blobs.as_ref(),
-        Duration::ZERO,
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let run = collect(store.as_ref(), blobs.as_ref()).await;
     assert_eq!(run.removed, 0);
 }
 on_both_stacks!(an_upload_outlives_a_collection_of_its_bytes);
@@ -1098,14 +1094,7 @@ async fn the_collector_drops_orphaned_references(stack: Stack) {
         .await
         .unwrap();
 
-    let run = confab_api::domain::attachments::collect_garbage(
-        store.as_ref(),
-        blobs.as_ref(),
-        Duration::ZERO,
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let run = collect(store.as_ref(), blobs.as_ref()).await;
     let mut left = objects(&app).await;
     left.sort();
     let mut expected = vec![running_upload.clone(), recorded.clone()];
@@ -1130,14 +1119,7 @@ async fn the_collector_drops_orphaned_references(stack: Stack) {
     assert!(store.blob_referenced(recorded.as_str()).await.unwrap());
     // The record is untouched, and a second run finds nothing more to do.
     assert_eq!(store.get_attachments(&[image.id]).await.unwrap(), [image]);
-    let again = confab_api::domain::attachments::collect_garbage(
-        store.as_ref(),
-        blobs.as_ref(),
-        Duration::ZERO,
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let again = collect(store.as_ref(), blobs.as_ref()).await;
     assert_eq!((again.removed, again.orphans_dropped), (0, 0), "{again:?}");
     app.stop().await;
 }
