@@ -266,10 +266,7 @@ pub fn attachment_settings(config: &Config, blobs: Arc<dyn Blobs>) -> Attachment
             .max(config.attachments.inline_bytes as u64),
         presigned_ttl: config.attachments.presigned_ttl(),
         max_image_pixels: config.attachments.max_image_pixels,
-        upload_time: config
-            .attachments
-            .upload_timeout()
-            .min(confab_api::domain::attachments::MAX_UPLOAD_TIME),
+        upload_time: config.attachments.upload_timeout(),
     }
 }
 

@@ -203,12 +203,16 @@ pub struct AttachmentsConfig {
     /// in it. At most 65536; 0 writes every new body to the storage (bodies kept in the store
     /// before are still served and collected). Default 4096.
     pub inline_bytes: usize,
-    /// How long one upload may take in all, in seconds, however steadily its body arrives
+    /// How long an upload's body may take to arrive in all, in seconds, however steadily it comes
     /// (`limits.body_idle_timeout_secs` bounds the stalls); a slower upload is refused with 408
-    /// and nothing is kept. At most 72000 (20 hours): the collector takes a reference no record
-    /// names for an orphan a day after its upload began; 0 counts as 1. Default 14400 (4 hours).
+    /// and nothing is kept. At most [`MAX_UPLOAD_TIMEOUT_SECS`] (20 hours): the collector takes a
+    /// reference no record names for an orphan a day after its upload began; 0 counts as 1.
+    /// Default 14400 (4 hours).
     pub upload_timeout_secs: u64,
 }
+
+/// The largest `attachments.upload_timeout_secs`: 20 hours.
+pub const MAX_UPLOAD_TIMEOUT_SECS: u64 = 20 * 3600;
 
 /// The largest `attachments.inline_bytes`.
 pub const MAX_INLINE_BYTES: usize = 64 * 1024;
@@ -259,9 +263,10 @@ impl AttachmentsConfig {
         })
     }
 
-    /// How long one upload may take, within 1 second and 20 hours.
+    /// How long an upload's body may take to arrive, within 1 second and
+    /// [`MAX_UPLOAD_TIMEOUT_SECS`].
     pub fn upload_timeout(&self) -> Duration {
-        Duration::from_secs(self.upload_timeout_secs.clamp(1, 20 * 3600))
+        Duration::from_secs(self.upload_timeout_secs.clamp(1, MAX_UPLOAD_TIMEOUT_SECS))
     }
 
     pub fn presigned_ttl(&self) -> Duration {
@@ -703,7 +708,8 @@ pub struct LimitsConfig {
     /// so clients that pool connections should drop them sooner. Default 10.
     pub header_timeout_secs: u64,
     /// How long a request may take until its response starts, in seconds (408 after that);
-    /// attachment uploads are exempt and bounded by `body_idle_timeout_secs`. Default 60.
+    /// attachment uploads are exempt, bounded by `body_idle_timeout_secs` and
+    /// `attachments.upload_timeout_secs`. Default 60.
     pub request_timeout_secs: u64,
     /// How long a request body may stall between two chunks, in seconds. Default 30.
     pub body_idle_timeout_secs: u64,

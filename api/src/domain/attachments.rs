@@ -44,7 +44,7 @@ pub struct AttachmentSettings {
     pub presigned_ttl: Duration,
     /// Images with more pixels than this are kept as plain files.
     pub max_image_pixels: u64,
-    /// How long one upload may take in all (at most [`MAX_UPLOAD_TIME`]).
+    /// How long an upload's body may take to arrive (at most [`MAX_UPLOAD_TIME`]).
     pub upload_time: Duration,
 }
 
@@ -1085,9 +1085,10 @@ async fn wait_out_collection(store: &dyn Store, name: &BlobName) -> ApiResult<()
 /// stopped with its process (or a removal stopped halfway, or a picture's last attempt failed),
 /// and no one will ever write that record.
 pub const ORPHANED_AFTER: Duration = Duration::from_secs(24 * 3600);
-/// The longest `attachments.upload_timeout_secs` may make an upload, well within
+/// The longest `attachments.upload_timeout_secs` may give an upload's body, well within
 /// [`ORPHANED_AFTER`].
-pub const MAX_UPLOAD_TIME: Duration = Duration::from_secs(20 * 3600);
+pub const MAX_UPLOAD_TIME: Duration =
+    Duration::from_secs(confab_runtime::config::MAX_UPLOAD_TIMEOUT_SECS);
 /// How many references to one object the collector reads at a time.
 const REFERRERS_PAGE: usize = 20;
 /// The latest, after its upload began, that an upload or its pictures' attempt writes a record
@@ -1221,19 +1222,19 @@ pub async fn collect_garbage(
                 store.condemn_blob(object.name.as_str(), run, until).await?;
                 // After the mark: an upload that wrote its reference before it saw no mark is
                 // seen here; one that writes it later sees the mark and waits.
-                let referenced = referenced(store, &object.name, &mut done).await?;
+                let still_referenced = referenced(store, &object.name, &mut done).await?;
                 let left = until - OffsetDateTime::now_utc() - LEASE_MARGIN;
-                if !referenced && left.is_positive() {
+                if !still_referenced && left.is_positive() {
                     // Within the mark, less the margin an upload waits beyond it: a removal (and
                     // the storage client's retries) still running after that could remove an
                     // object written again meanwhile.
-                    let within = Duration::try_from(left).unwrap_or_default();
-                    match tokio::time::timeout(within, blobs.delete(&object.name)).await {
+                    let remaining = Duration::try_from(left).unwrap_or_default();
+                    match tokio::time::timeout(remaining, blobs.delete(&object.name)).await {
                         Ok(deleted) => deleted?,
                         Err(_) => {
                             return Err(ApiError::Blobs(BlobError::Unavailable(format!(
                                 "removing an object took longer than {} s",
-                                within.as_secs()
+                                remaining.as_secs()
                             ))));
                         }
                     }

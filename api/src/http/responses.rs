@@ -77,7 +77,8 @@ pub(crate) enum ChatErrors {
 )]
 pub(crate) struct Invalid(Problem);
 
-/// Uploads: a body over the size limit, or a type that contradicts the bytes.
+/// Uploads: a body over the size limit, or slower than the time limit, or a type that
+/// contradicts the bytes.
 #[allow(dead_code)] // Variants exist for the OpenAPI description only.
 #[derive(IntoResponses)]
 pub(crate) enum UploadErrors {

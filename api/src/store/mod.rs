@@ -794,7 +794,8 @@ pub trait Store: Send + Sync + 'static {
         after: Option<Uuid>,
         limit: usize,
     ) -> Result<Vec<Uuid>, StoreError>;
-    /// Whether any attachment references the object `sha256`.
+    /// Whether any attachment references the object `sha256`, orphaned references included (the
+    /// collector tells those apart).
     async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError> {
         Ok(!self.blob_referrers(sha256, None, 1).await?.is_empty())
     }

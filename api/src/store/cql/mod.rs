@@ -1195,7 +1195,8 @@ impl CqlStore {
             claim_reaction: "INSERT INTO reactions (chat_id, signal_id, emoji, user_id) VALUES (?, ?, ?, ?) IF NOT EXISTS".into(),
             release_reaction: "DELETE FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ? AND user_id = ? IF EXISTS".into(),
             recount_reaction: "SELECT COUNT(*) FROM reactions WHERE chat_id = ? AND signal_id = ? AND emoji = ?".into(),
-            // The write timestamp is later than the tally's as read (`CqlStore::recount_meanwhile`).
+            // The write timestamp is the recount's read time, but later than the tally's as read
+            // (`CqlStore::recount_meanwhile`).
             set_tally: "INSERT INTO reaction_tallies (chat_id, bucket, signal_id, emoji, count) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
                     .into(),
             tally_written: "SELECT count, WRITETIME(count) FROM reaction_tallies WHERE chat_id = ? AND bucket = ? AND signal_id = ? AND emoji = ?"
@@ -4517,9 +4518,11 @@ impl CqlStore {
     /// until both are what was written (at most [`RECOUNT_ROUNDS`] writes) the new count is
     /// written, later again. So a recount that read before a change and wrote after that change's
     /// own recount, from a clock ahead, sees that its count is stale and writes the new one. A
-    /// recount that finds the tally right writes nothing. Left stale: a recount whose rounds all
-    /// met a change meanwhile, from a clock ahead of the last change's recount, until the next
-    /// change (counted in `confab_reaction_recounts_unsettled_total`). `ahead` and `meanwhile`
+    /// recount that finds the tally right writes nothing. Left stale, until the next change or
+    /// the client's retry: a recount whose rounds all met a change meanwhile, from a clock ahead
+    /// of the last change's recount (counted in `confab_reaction_recounts_unsettled_total`); and
+    /// one whose read after its write failed, when a recount after the change found the tally
+    /// right and wrote nothing. `ahead` and `meanwhile`
     /// are for tests: a clock that far ahead of this one, and a change run after the first count
     /// and before its write.
     pub async fn recount_meanwhile(
