@@ -25,7 +25,9 @@ export CONFAB_REQUIRE_SERVICES=1
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# A hung test must not eat the CI budget: the whole suite gets 40 minutes.
+# A hung test must not eat the CI budget: the whole suite gets 40 minutes to run. Building the
+# tests comes first, outside that limit: on a loaded host it alone took a fifth of it.
+cargo test --workspace --locked --no-run
 timeout --kill-after=30 2400 cargo test --workspace --locked 2>&1 | tee .infra/test-output.log
 
 # The OpenAPI description confab serves must be valid OpenAPI 3.1.
