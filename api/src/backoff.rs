@@ -9,7 +9,8 @@ use std::time::Duration;
 pub(crate) struct Backoff {
     next: Duration,
     longest: Duration,
-    left: u32,
+    /// Retries left; `None` for no end.
+    left: Option<u32>,
 }
 
 impl Backoff {
@@ -17,17 +18,27 @@ impl Backoff {
         Backoff {
             next: first,
             longest,
-            left: attempts,
+            left: Some(attempts),
+        }
+    }
+
+    /// As [`Backoff::new`], for as many retries as it takes.
+    pub(crate) fn without_end(first: Duration, longest: Duration) -> Backoff {
+        Backoff {
+            next: first,
+            longest,
+            left: None,
         }
     }
 
     /// Waits before the next retry and answers true; answers false at once when every retry is
     /// spent.
     pub(crate) async fn wait(&mut self) -> bool {
-        if self.left == 0 {
-            return false;
+        match &mut self.left {
+            Some(0) => return false,
+            Some(left) => *left -= 1,
+            None => {}
         }
-        self.left -= 1;
         tokio::time::sleep(self.next).await;
         self.next = (self.next * 2).min(self.longest);
         true
@@ -55,5 +66,17 @@ mod tests {
             last,
             "a spent backoff does not wait"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_without_end_keeps_waiting_the_longest() {
+        let mut backoff =
+            Backoff::without_end(Duration::from_millis(100), Duration::from_millis(300));
+        for _ in 0..1000 {
+            assert!(backoff.wait().await);
+        }
+        let before = tokio::time::Instant::now();
+        assert!(backoff.wait().await);
+        assert_eq!((tokio::time::Instant::now() - before).as_millis(), 300);
     }
 }

@@ -112,12 +112,10 @@ impl ApiState {
         tokio::spawn(async move {
             let _retrying = retrying;
             // With an outbox entry behind it, for as long as the process lives.
-            let attempts = if intent.is_some() {
-                u32::MAX
-            } else {
-                RETRY_ATTEMPTS
+            let mut backoff = match intent {
+                Some(_) => Backoff::without_end(FIRST_RETRY, LONGEST_RETRY),
+                None => Backoff::new(FIRST_RETRY, LONGEST_RETRY, RETRY_ATTEMPTS),
             };
-            let mut backoff = Backoff::new(FIRST_RETRY, LONGEST_RETRY, attempts);
             while backoff.wait().await {
                 match state.publish_as_stored(envelope.clone()).await {
                     Ok(published) => {
