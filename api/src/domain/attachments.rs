@@ -264,18 +264,21 @@ impl ApiState {
             return Err(too_large(settings.max_bytes));
         }
         let until = tokio::time::Instant::now() + settings.upload_time;
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let uploaded = self
             .upload_within(
                 caller,
                 chat,
                 (name, declared, declared_length, digest),
-                within(body, until, settings.upload_time),
+                within(body, until, settings.upload_time, Arc::clone(&cut)),
                 &settings,
             )
             .await;
         match uploaded {
-            // The body was cut at the deadline (the client's own failure would have come first).
-            Err(ApiError::Blobs(BlobError::Body(_))) if tokio::time::Instant::now() >= until => {
+            // The body was cut at the deadline, not by the client.
+            Err(ApiError::Blobs(BlobError::Body(_)))
+                if cut.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
                 Err(ApiError::TimedOut(format!(
                     "an upload may take at most {} s; nothing was kept",
                     settings.upload_time.as_secs()
@@ -1118,23 +1121,34 @@ fn in_time(id: Uuid) -> ApiResult<()> {
     }
 }
 
-/// `body`, failing once `until` has passed: an upload cannot take longer than `limit` however
-/// steadily it trickles in.
-fn within(body: ByteChunks, until: tokio::time::Instant, limit: Duration) -> ByteChunks {
+/// `body`, failing once `until` has passed (and then setting `cut`): an upload cannot take
+/// longer than `limit` however steadily it trickles in.
+fn within(
+    body: ByteChunks,
+    until: tokio::time::Instant,
+    limit: Duration,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+) -> ByteChunks {
     use futures::StreamExt;
     let deadline = Box::pin(tokio::time::sleep_until(until));
-    futures::stream::unfold(Some((body, deadline)), move |state| async move {
-        let (mut body, mut deadline) = state?;
-        tokio::select! {
-            biased;
-            () = &mut deadline => Some((
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("the upload took longer than {} s", limit.as_secs()),
-                )),
-                None,
-            )),
-            chunk = body.next() => chunk.map(|chunk| (chunk, Some((body, deadline)))),
+    futures::stream::unfold(Some((body, deadline)), move |state| {
+        let cut = Arc::clone(&cut);
+        async move {
+            let (mut body, mut deadline) = state?;
+            tokio::select! {
+                biased;
+                () = &mut deadline => {
+                    cut.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Some((
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("the upload took longer than {} s", limit.as_secs()),
+                        )),
+                        None,
+                    ))
+                }
+                chunk = body.next() => chunk.map(|chunk| (chunk, Some((body, deadline)))),
+            }
         }
     })
     // Polled again after its end, it ends again.
