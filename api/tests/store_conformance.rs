@@ -1741,22 +1741,23 @@ async fn cql_reaction_counts_converge_whatever_the_clocks() {
     let session = keyspace_session(&options).await;
     let ahead =
         (time::OffsetDateTime::now_utc() + Duration::from_secs(60)).unix_timestamp_nanos() / 1_000;
+    let ahead = i64::try_from(ahead).unwrap();
     let bucket = cql::signal_bucket(signal.id.unix_millis().expect("time-ordered"));
-    session
-        .query_unpaged(
-            "INSERT INTO reaction_tallies (chat_id, bucket, signal_id, emoji, count) \
-             VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?",
-            (
-                chat.0,
-                bucket,
-                signal.id.0,
-                thumbs,
-                7i32,
-                i64::try_from(ahead).unwrap(),
-            ),
-        )
-        .await
-        .expect("writes a stale count");
+    // A tally as a recount elsewhere would write it: `count` with write timestamp `at`.
+    let write_tally = |count: i32, at: i64| {
+        let session = &session;
+        async move {
+            session
+                .query_unpaged(
+                    "INSERT INTO reaction_tallies (chat_id, bucket, signal_id, emoji, count) \
+                     VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?",
+                    (chat.0, bucket, signal.id.0, thumbs, count, at),
+                )
+                .await
+                .expect("writes a tally");
+        }
+    };
+    write_tally(7, ahead).await;
     assert_eq!(count().await, Some(7));
     assert!(
         store
@@ -1773,21 +1774,7 @@ async fn cql_reaction_counts_converge_whatever_the_clocks() {
     // A tally left wrong (5) by a failure, just after bob's count (written 1 µs after the stale
     // one); then a recount from a clock a minute ahead reads 2 (and the time, later than any of
     // those), carol's reaction is added and counted (3), and the first recount writes its 2.
-    session
-        .query_unpaged(
-            "INSERT INTO reaction_tallies (chat_id, bucket, signal_id, emoji, count) \
-             VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?",
-            (
-                chat.0,
-                bucket,
-                signal.id.0,
-                thumbs,
-                5i32,
-                i64::try_from(ahead).unwrap() + 2,
-            ),
-        )
-        .await
-        .expect("writes a wrong count");
+    write_tally(5, ahead + 2).await;
     store
         .recount_meanwhile(chat, signal.id, thumbs, Duration::from_secs(60), async {
             assert!(
