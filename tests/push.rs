@@ -584,7 +584,7 @@ async fn settings_and_withdrawal(stack: Stack) {
     let alice_name: Value = app.get(&alice, "/v1/me").await.json().await.unwrap();
     receiver.register(&app, &bob, &["laptop", "phone"]).await;
     let mut chats = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..9 {
         chats.push(app.group_chat(&alice, &[&bob_id]).await);
     }
     let [
@@ -594,9 +594,10 @@ async fn settings_and_withdrawal(stack: Stack) {
         read_elsewhere,
         delivered,
         withdrawn,
+        answered,
         later,
         muted_later,
-    ] = <[String; 8]>::try_from(chats).unwrap();
+    ] = <[String; 9]>::try_from(chats).unwrap();
 
     // Settings: the defaults, then what bob chose; refused when out of range, unknown, or not his.
     let defaults: Value = app.get(&bob, "/v1/me/settings").await.json().await.unwrap();
@@ -681,6 +682,27 @@ async fn settings_and_withdrawal(stack: Stack) {
             withdrawal.topic, pushed.topic,
             "the withdrawal replaces the push"
         );
+    }
+
+    // Sent, then answered from another device, which moves bob's read marker past it without
+    // looking for the push; then read up to the answer, a marker that is already there: the
+    // notification is withdrawn all the same.
+    let asked = send(&app, &alice, &answered, "are you there?").await;
+    for device in ["laptop", "phone"] {
+        receiver.next_of("messages", device, &answered).await;
+    }
+    let answer = send(&app, &bob, &answered, "yes").await;
+    let read = app
+        .post(
+            &bob,
+            &format!("/v1/chats/{answered}/read"),
+            &json!({"up_to": answer}),
+        )
+        .await;
+    assert_eq!(read.status(), 200);
+    for device in ["laptop", "phone"] {
+        let withdrawal = receiver.next_of("withdrawn", device, &answered).await;
+        assert_eq!(withdrawal.payload["up_to"], asked.as_str());
     }
 
     // Read, or acknowledged as delivered, before the delay: nothing is sent.

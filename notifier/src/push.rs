@@ -252,10 +252,12 @@ impl PushSender {
         if push.kind == PushKind::Messages && !self.last_look(&mut push).await {
             return;
         }
-        // Remembered before it goes out, so a read while it is on its way still withdraws it (a
-        // withdrawal of a push that then failed is harmless). A read between its claim and this
-        // finds neither the pending entry nor the record: see docs/ARCHITECTURE.md, "Withdrawal".
+        // Remembered before it goes out, so a read or a deletion while it is on its way still
+        // withdraws it (a withdrawal of a push that then failed is harmless).
         self.remember(&push).await;
+        if push.kind == PushKind::Messages && !self.look_again(&push).await {
+            return;
+        }
         let payload = payload(&push);
         futures::future::join_all(
             devices
@@ -263,6 +265,54 @@ impl PushSender {
                 .map(|device| self.deliver(&push, device, payload.as_bytes())),
         )
         .await;
+    }
+
+    /// The look after `push` was remembered; false when it is not to go out after all. A read
+    /// of the chat, or a deletion of the message it announces, that came after the last look
+    /// and before [`Self::remember`] wrote its record found the push neither pending (claimed)
+    /// nor sent (not yet recorded), so it withdrew nothing; one after the record finds it and
+    /// withdraws it. Both write their change (the marker, the tombstone) before they look for
+    /// the push, so this look or theirs sees the other. A push dropped here is taken back
+    /// through the queue like one that went out: the record just written replaced the one of an
+    /// earlier push, whose notification the read or the deletion must still take away. A marker
+    /// that cannot be read lets it go, as at the last look; a message that cannot be read stops
+    /// it.
+    async fn look_again(&self, push: &PendingPush) -> bool {
+        let (reached, message) = futures::join!(
+            self.devices.reached(push.user, push.chat),
+            self.read_again_on_failure(push, "the message", || {
+                self.devices.message(push.chat, push.newest)
+            }),
+        );
+        let taken_back = match message {
+            Ok(Announced::Deleted) => {
+                self.queue
+                    .message_deleted(push.user, push.chat, push.newest, now_ms())
+                    .await
+            }
+            Ok(Announced::Text(_)) => match reached {
+                Ok(reached) if reached >= Some(push.newest) => {
+                    self.queue
+                        .cancel(push.user, push.chat, push.newest, now_ms())
+                        .await
+                }
+                Ok(_) => return true,
+                Err(error) => {
+                    tracing::debug!(%error, "markers unavailable; sending anyway");
+                    return true;
+                }
+            },
+            Err(error) => {
+                tracing::warn!(%error, "the message is unavailable; push dropped");
+                metrics::counter!("confab_pushes_failed_total", "platform" => "any").increment(1);
+                return false;
+            }
+        };
+        metrics::counter!("confab_pushes_cancelled_total").increment(1);
+        if let Err(error) = taken_back {
+            tracing::warn!(%error, "a dropped push's record was not taken back");
+        }
+        false
     }
 
     /// Remembers `push` as sent, for its withdrawal.
@@ -634,6 +684,12 @@ mod tests {
         failures: Mutex<HashMap<&'static str, usize>>,
         /// How far the user has read or received the chat.
         reached: Mutex<Option<SignalId>>,
+        /// After this many reads of the markers, they read as reaching this: the user read the
+        /// chat meanwhile.
+        read_meanwhile: Option<(usize, SignalId)>,
+        /// After this many reads of a message, it reads as deleted: its author deleted it
+        /// meanwhile.
+        deleted_meanwhile: Option<usize>,
         /// The chat's signals, newest first; empty, every message reads as still there.
         history: Vec<Signal>,
         /// The reads made of it, by name, in order.
@@ -651,6 +707,8 @@ mod tests {
                 member,
                 failures: Mutex::default(),
                 reached: Mutex::default(),
+                read_meanwhile: None,
+                deleted_meanwhile: None,
                 history,
                 reads: Mutex::default(),
                 gate: tokio::sync::Mutex::new(()),
@@ -662,6 +720,32 @@ mod tests {
         fn failing(self, what: &'static str, count: usize) -> Directory {
             self.failures.lock().unwrap().insert(what, count);
             self
+        }
+
+        /// Makes the markers read as reaching `to` after `looks` reads of them.
+        fn read_after(self, looks: usize, to: SignalId) -> Directory {
+            Directory {
+                read_meanwhile: Some((looks, to)),
+                ..self
+            }
+        }
+
+        /// Makes every message read as deleted after `reads` reads of messages.
+        fn deleted_after(self, reads: usize) -> Directory {
+            Directory {
+                deleted_meanwhile: Some(reads),
+                ..self
+            }
+        }
+
+        /// How many times `what` was read.
+        fn times_read(&self, what: &str) -> usize {
+            self.reads
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| **r == what)
+                .count()
         }
 
         /// Records the read `what`; an error when it is to fail.
@@ -691,10 +775,19 @@ mod tests {
         }
         async fn reached(&self, _user: UserId, _chat: ChatId) -> Result<Option<SignalId>, String> {
             self.read("reached")?;
-            Ok(*self.reached.lock().unwrap())
+            match self.read_meanwhile {
+                Some((after, to)) if self.times_read("reached") > after => Ok(Some(to)),
+                _ => Ok(*self.reached.lock().unwrap()),
+            }
         }
         async fn message(&self, _chat: ChatId, id: SignalId) -> Result<Announced, String> {
             self.read("message")?;
+            if self
+                .deleted_meanwhile
+                .is_some_and(|after| self.times_read("message") > after)
+            {
+                return Ok(Announced::Deleted);
+            }
             Ok(match self.history.iter().find(|signal| signal.id == id) {
                 Some(signal) if signal.deleted => Announced::Deleted,
                 Some(signal) => Announced::Text(signal.text.clone()),
@@ -856,7 +949,7 @@ mod tests {
     }
 
     /// One push of messages costs the reads that decide whether and what it announces (devices,
-    /// markers, membership, the message), and no read of the recipient's settings: a mute or
+    /// membership, and markers and the message before and after it is remembered), and no read of the recipient's settings: a mute or
     /// previews turned off while it waits change its queue entry when they are made.
     #[tokio::test]
     async fn a_push_reads_no_settings() {
@@ -874,7 +967,99 @@ mod tests {
         assert_eq!(received.lock().unwrap().len(), 1, "the push goes out");
         let mut reads = directory.reads.lock().unwrap().clone();
         reads.sort_unstable();
-        assert_eq!(reads, ["devices_of", "is_member", "message", "reached"]);
+        assert_eq!(
+            reads,
+            [
+                "devices_of",
+                "is_member",
+                "message",
+                "message",
+                "reached",
+                "reached"
+            ]
+        );
+    }
+
+    /// The pushes `sender`'s queue has due now, by kind.
+    async fn due_now(sender: &PushSender) -> Vec<PushKind> {
+        let claimed = sender.queue.claim_due(now_ms() + 1, 10).await.unwrap();
+        claimed.pushes.into_iter().map(|push| push.kind).collect()
+    }
+
+    /// A read that lands after the sender's last look at the markers and before it remembers
+    /// the push finds the push neither pending (it was claimed) nor sent (not yet remembered), so
+    /// it withdraws nothing: the push must not ring for a message already read, and the
+    /// notification of the push before it, which the read covers too, is still taken away.
+    #[tokio::test]
+    async fn a_read_between_the_last_look_and_the_record_stops_the_push() {
+        let (sender, push, received) = setup(true, 0).await;
+        let earlier = PendingPush {
+            newest: SignalId::new(),
+            ..push.clone()
+        };
+        let push = PendingPush {
+            newest: SignalId::new(),
+            ..push
+        };
+        sender.send(earlier).await;
+        assert_eq!(received.lock().unwrap().len(), 1, "the earlier push rings");
+        let (sender, _) = reading_through(sender, &push, |device| {
+            Directory::new(device, true, Vec::new()).read_after(1, push.newest)
+        })
+        .await;
+        sender.send(push).await;
+        let rang = received.lock().unwrap().clone();
+        assert_eq!(
+            rang.len(),
+            1,
+            "rang for a message read before it went out: {rang:?}"
+        );
+        assert_eq!(
+            due_now(&sender).await,
+            [PushKind::Withdrawal],
+            "the earlier push, read too, is to be taken away"
+        );
+
+        // Read up to an older message only, it still goes out.
+        let (sender, push, received) = setup(true, 0).await;
+        let older = SignalId::new();
+        let push = PendingPush {
+            newest: SignalId::new(),
+            ..push
+        };
+        let (sender, _) = reading_through(sender, &push, |device| {
+            Directory::new(device, true, Vec::new()).read_after(1, older)
+        })
+        .await;
+        sender.send(push).await;
+        assert_eq!(
+            received.lock().unwrap().len(),
+            1,
+            "an older read stops nothing"
+        );
+        assert!(due_now(&sender).await.is_empty(), "nothing to take away");
+    }
+
+    /// A message deleted after the sender read its text and before it remembered the push found
+    /// the push neither pending nor sent: its text, author and id must not reach a device.
+    #[tokio::test]
+    async fn a_deletion_between_the_last_look_and_the_record_stops_the_push() {
+        let (sender, push, received) = setup(true, 0).await;
+        let (sender, directory) = reading_through(sender, &push, |device| {
+            Directory::new(device, true, Vec::new()).deleted_after(1)
+        })
+        .await;
+        sender.send(push).await;
+        assert!(
+            received.lock().unwrap().is_empty(),
+            "a deleted message's push went out: {:?}",
+            received.lock().unwrap()
+        );
+        assert_eq!(
+            directory.times_read("message"),
+            2,
+            "the message is read again"
+        );
     }
 
     /// A push endpoint that redirects is not followed: a redirect would take the push to an

@@ -44,8 +44,12 @@ impl ApiState {
             ));
         }
         let before = self.store.marker(kind, chat, caller).await?;
-        if before.is_some_and(|b| b >= up_to) {
-            // Markers only move forward; an older one changes nothing.
+        if let Some(reached) = before.filter(|b| *b >= up_to) {
+            // Markers only move forward; an older one changes nothing. Its pushes are looked for
+            // all the same: the move that got the marker there may have failed to (its request
+            // is answered all the same, and a retry ends here), or not looked for them at all
+            // (the author's own marker, moved by their send).
+            self.cancel_pushes(caller, chat, reached).await;
             return Ok(before);
         }
         let change = MarkerChange {
