@@ -1099,6 +1099,11 @@ const REFERRERS_PAGE: usize = 20;
 /// storage request that hung, a queue of images), so that no reference the collector takes for
 /// an orphan has a record still to come.
 const LAST_RECORD_WRITE: Duration = Duration::from_secs(22 * 3600);
+// An upload ends before its last record write, which comes before its references are orphans.
+const _: () = assert!(
+    MAX_UPLOAD_TIME.as_secs() < LAST_RECORD_WRITE.as_secs()
+        && LAST_RECORD_WRITE.as_secs() < ORPHANED_AFTER.as_secs()
+);
 
 /// How long ago the upload that made attachment `id` began (a UUIDv7 carries the time); `None`
 /// for an id without a time.
@@ -1274,7 +1279,35 @@ pub struct Made {
 
 #[cfg(test)]
 mod tests {
-    use super::{disposition, file_name_shown};
+    use time::OffsetDateTime;
+    use uuid::Uuid;
+
+    use super::{disposition, file_name_shown, in_time};
+    use crate::error::ApiError;
+
+    /// The id of an attachment whose upload began `hours` ago.
+    fn began_hours_ago(hours: i64) -> Uuid {
+        let at = OffsetDateTime::now_utc() - time::Duration::hours(hours);
+        let secs = u64::try_from(at.unix_timestamp()).unwrap();
+        Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            secs,
+            at.nanosecond(),
+        ))
+    }
+
+    /// A record naming objects is written only well before the collector takes the upload's
+    /// references for orphans: not 23 hours after the upload began, still 21 hours after, and
+    /// always for an id that carries no time (written before ids were UUIDv7).
+    #[test]
+    fn records_are_written_only_well_before_references_are_orphans() {
+        assert!(
+            matches!(in_time(began_hours_ago(23)), Err(ApiError::TimedOut(_))),
+            "a record written 23 hours after its upload began"
+        );
+        assert!(in_time(began_hours_ago(21)).is_ok());
+        assert!(in_time(Uuid::new_v4()).is_ok());
+    }
 
     #[test]
     fn dispositions_carry_ascii_only_and_no_bidi_controls() {
