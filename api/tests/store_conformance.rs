@@ -276,6 +276,103 @@ async fn cql_nonces_expire_with_either_parity() {
     }
 }
 
+/// With the lightweight transaction's parity, a send whose nonce was claimed but whose row was
+/// never written (here the row's day could not be written; a process stopped in between does the
+/// same) is written by its retry as it was sent: a call signal keeps its call, and a message of
+/// attachments only is not taken for a deleted one.
+#[tokio::test]
+async fn cql_lwt_a_retry_writes_the_claimed_signal_as_it_was_sent() {
+    use confab_api::store::Inserted;
+    use confab_schema::call::{CallSignal, CallState};
+    use confab_schema::{AttachmentRef, Signal, SignalId, SignalKind, UserId};
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(
+        &options,
+        "cql_lwt_a_retry_writes_the_claimed_signal_as_it_was_sent",
+    )
+    .await
+    {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let alice = UserId::from_subject("t", "alice");
+    let chat = chat_with(&store, alice, &[]).await;
+    let mut call = message(chat, alice, Some("call:started"), "");
+    call.kind = SignalKind::Call;
+    call.text = None;
+    call.call = Some(CallSignal {
+        call_id: uuid::Uuid::now_v7(),
+        state: CallState::Started,
+    });
+    let mut photos = message(chat, alice, Some("photos"), "");
+    photos.text = None;
+    photos.attachments = vec![AttachmentRef::Id(uuid::Uuid::now_v7())];
+
+    // Each claims its nonce, then fails before its row.
+    let keyspace = &options.keyspace;
+    let run = |cql: String| store.session().query_unpaged(cql, ());
+    run(format!("DROP TABLE {keyspace}.signal_buckets"))
+        .await
+        .expect("drops");
+    store
+        .session()
+        .await_schema_agreement()
+        .await
+        .expect("agrees");
+    for sent in [&call, &photos] {
+        assert!(
+            store.insert_signal(sent).await.is_err(),
+            "written without its day"
+        );
+    }
+    run(format!(
+        "CREATE TABLE {keyspace}.signal_buckets (chat_id uuid, bucket int, \
+         PRIMARY KEY (chat_id, bucket)) WITH CLUSTERING ORDER BY (bucket DESC)"
+    ))
+    .await
+    .expect("creates");
+    store
+        .session()
+        .await_schema_agreement()
+        .await
+        .expect("agrees");
+
+    for sent in [&call, &photos] {
+        let retry = Signal {
+            id: SignalId::new(),
+            ..sent.clone()
+        };
+        let Inserted::Existing(answered) = store.insert_signal(&retry).await.expect("retried")
+        else {
+            panic!("the retry stored a second signal for {:?}", sent.nonce);
+        };
+        let stored = store
+            .get_signal(chat, sent.id)
+            .await
+            .expect("reads")
+            .expect("the claimed signal is written by the retry");
+        for (what, signal) in [("answered", &answered), ("stored", &stored)] {
+            assert_eq!(signal.id, sent.id, "{what}");
+            assert!(!signal.deleted, "{what} as deleted: {signal:?}");
+            assert_eq!(signal.call, sent.call, "{what}");
+            assert_eq!(signal.text, sent.text, "{what}");
+            assert_eq!(
+                signal
+                    .attachments
+                    .iter()
+                    .map(AttachmentRef::id)
+                    .collect::<Vec<_>>(),
+                sent.attachments
+                    .iter()
+                    .map(AttachmentRef::id)
+                    .collect::<Vec<_>>(),
+                "{what}"
+            );
+        }
+    }
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}
+
 /// A failure between writing a reaction and writing its count (here: the reaction row written
 /// directly, as if the process died right after it) is repaired when the client retries.
 #[tokio::test]

@@ -1687,7 +1687,8 @@ impl CqlStore {
                     nonce,
                     signal.id.0,
                     signal.kind.as_str(),
-                    signal.text.as_deref(),
+                    // As the signal's row keeps it: a call signal's call is in its text column.
+                    stored_text(signal),
                     signal.reply_to.map(|r| r.0),
                     attachments,
                     self.nonce_ttl_secs,
@@ -1719,9 +1720,22 @@ impl CqlStore {
             Some(CqlValue::Text(kind)) => parse(kind)?,
             _ => return Err(corrupt("nonce row without kind")),
         };
-        let text = match named("text") {
-            Some(CqlValue::Text(text)) => Some(text.clone()),
-            _ => None,
+        let (text, call) = text_and_call(
+            kind,
+            match named("text") {
+                Some(CqlValue::Text(text)) => Some(text.clone()),
+                _ => None,
+            },
+        )?;
+        let attachments: Vec<AttachmentRef> = match named("attachments") {
+            Some(CqlValue::List(items)) => items
+                .iter()
+                .filter_map(|item| match item {
+                    CqlValue::Uuid(id) => Some(AttachmentRef::Id(*id)),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
         };
         Ok(Some(Signal {
             id: SignalId(*existing_id),
@@ -1730,26 +1744,19 @@ impl CqlStore {
             author_id: signal.author_id,
             created_at: created_at(SignalId(*existing_id))?,
             nonce: Some(nonce.to_owned()),
-            // A message without text in its nonce row was deleted (its text scrubbed).
-            deleted: kind == SignalKind::Message && text.is_none(),
+            // A message with neither text nor attachments in its nonce row was deleted (its text
+            // scrubbed). One of attachments only that was deleted reads as not: it is written
+            // again at its creation time, under the deletion's later write.
+            deleted: kind == SignalKind::Message && text.is_none() && attachments.is_empty(),
             text,
             reply_to: match named("reply_to") {
                 Some(CqlValue::Uuid(id)) => Some(SignalId(*id)),
                 _ => None,
             },
-            attachments: match named("attachments") {
-                Some(CqlValue::List(items)) => items
-                    .iter()
-                    .filter_map(|item| match item {
-                        CqlValue::Uuid(id) => Some(AttachmentRef::Id(*id)),
-                        _ => None,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            },
+            attachments,
             edited_at: None,
             reactions: Default::default(),
-            call: None,
+            call,
         }))
     }
 
