@@ -395,6 +395,20 @@ async fn signalling_reaches_the_named_participant_only(stack: Stack) {
     assert_eq!(bad_frame["status"], 422, "{bad_frame}");
     assert_eq!(bad_frame["body"]["status"], 422);
 
+    // A client's nonce cannot be the one the server writes the call's end under (parity would
+    // answer with this message, and the end would never be history).
+    problem(
+        app.post(
+            &alice,
+            &format!("/v1/chats/{chat}/signals"),
+            &json!({"kind": "message", "text": "mine", "nonce": format!("call:{call_id}:ended")}),
+        )
+        .await,
+        422,
+        "a nonce of the server's call signals",
+    )
+    .await;
+
     // Bob leaves, alice ends it; then it takes no signalling and no one joins it.
     let left = json_of(
         app.post(&bob, &format!("/v1/calls/{call_id}/leave"), &json!({}))

@@ -40,7 +40,7 @@ use hmac::{Hmac, Mac};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::inputs::{RelayTarget, SignalPayload};
+use super::inputs::{CALL_NONCE_PREFIX, RelayTarget, SignalPayload};
 use super::{Outcome, rules};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
@@ -723,7 +723,7 @@ impl ApiState {
             record.chat_id,
             record.started_by,
             call_signal(record, state),
-            format!("call:{}:{state}", record.id),
+            format!("{CALL_NONCE_PREFIX}{}:{state}", record.id),
         )
         .await?;
         Ok(())
@@ -740,7 +740,10 @@ impl ApiState {
             record.chat_id,
             user,
             call_signal(record, change.state),
-            format!("call:{}:{}:{}", record.id, change.state, change.token),
+            format!(
+                "{CALL_NONCE_PREFIX}{}:{}:{}",
+                record.id, change.state, change.token
+            ),
         )
         .await?;
         Ok(())

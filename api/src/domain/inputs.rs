@@ -11,7 +11,12 @@ use confab_schema::attachment::{MAX_ATTACHMENT_NAME_BYTES, MAX_ATTACHMENTS_PER_M
 
 use crate::error::{ApiError, ApiResult};
 
-/// A client's send-parity token: 1 to 128 bytes.
+/// What the nonces of the call signals the server writes begin with (`call:<call>:<state>…`,
+/// under the call's starter or participant). Parity is per (chat, author, nonce), so a client's
+/// nonce with this beginning could take the place of a call's signal; none is accepted.
+pub(crate) const CALL_NONCE_PREFIX: &str = "call:";
+
+/// A client's send-parity token: 1 to 128 bytes, not beginning as the server's call nonces do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Nonce(String);
 
@@ -20,6 +25,11 @@ impl Nonce {
         if value.is_empty() || value.len() > MAX_NONCE_BYTES {
             return Err(ApiError::Unprocessable(format!(
                 "nonce must be 1 to {MAX_NONCE_BYTES} bytes"
+            )));
+        }
+        if value.starts_with(CALL_NONCE_PREFIX) {
+            return Err(ApiError::Unprocessable(format!(
+                "nonce must not begin with `{CALL_NONCE_PREFIX}`, kept for the server's call signals"
             )));
         }
         Ok(Nonce(value))
@@ -582,6 +592,8 @@ mod tests {
         assert!(MessageText::parse("x".repeat(MAX_TEXT_CHARS + 1)).is_err());
         assert!(Nonce::parse(String::new()).is_err());
         assert!(Nonce::parse("n".repeat(MAX_NONCE_BYTES + 1)).is_err());
+        assert!(Nonce::parse("call:0190a1b2-0000-7000-8000-000000000000:ended".into()).is_err());
+        assert!(Nonce::parse("recall:1".into()).is_ok());
         assert!(ChatName::parse("x".repeat(MAX_CHAT_NAME_CHARS + 1)).is_err());
         assert_eq!(
             DescriptionChange::parse(" ".into()).unwrap(),

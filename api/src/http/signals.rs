@@ -20,7 +20,8 @@ use crate::state::ApiState;
 pub struct CreateSignal {
     /// Clients post `message`; the server writes the other kinds.
     kind: SignalKind,
-    /// Send parity: the same author, chat and nonce give back the same signal. 1 to 128 bytes.
+    /// Send parity: the same author, chat and nonce give back the same signal. 1 to 128 bytes, not
+    /// beginning with `call:` (kept for the server's call signals).
     #[serde(default)]
     nonce: Option<String>,
     /// 1 to 4,000 characters; may be left out when the message has attachments.
