@@ -196,6 +196,49 @@ async fn a_stored_send_succeeds_when_bookkeeping_fails_and_catches_up() {
     }
 }
 
+/// A send whose message was stored although the store answered a failure (a write that timed
+/// out after it was applied) answers 503, with nothing after the store done: no chat moved, no
+/// marker. Its retry finds the message and answers it, and does that bookkeeping then: the chat
+/// shows the message at the top of bob's list, and alice's read marker reaches it.
+#[tokio::test]
+async fn a_retry_that_finds_its_message_stored_does_its_bookkeeping() {
+    let server = FlakyServer::start(false).await;
+    let chat = &server.chat;
+    server.store.fail_next_after(Held::MessageInserted);
+    let first = server.send("r-1", "stored, answered 503").await;
+    assert_eq!(first.status(), 503, "the store answered a failure");
+    let retried = server.send("r-1", "stored, answered 503").await;
+    assert_eq!(retried.status(), 200, "the retry finds the message");
+    let sent: Value = retried.json().await.unwrap();
+
+    let chats = server.get(&server.bob, "/v1/chats").await;
+    let entry = chats["items"]
+        .as_array()
+        .expect("a page of chats")
+        .iter()
+        .find(|c| c["id"] == chat.as_str())
+        .expect("the chat is listed")
+        .clone();
+    assert_eq!(
+        entry["latest_signal"]["id"], sent["id"],
+        "the chat shows the message: {entry}"
+    );
+    let views = server
+        .get(
+            &server.bob,
+            &format!(
+                "/v1/chats/{chat}/signals/{}/views",
+                sent["id"].as_str().unwrap()
+            ),
+        )
+        .await;
+    assert_eq!(
+        views["items"],
+        json!([{"user_id": sent["author_id"], "up_to": sent["id"]}]),
+        "alice's marker reaches her message"
+    );
+}
+
 /// A [`FlakyServer`] with alice's message, to edit or delete.
 struct SentMessage {
     server: FlakyServer,
@@ -698,6 +741,55 @@ async fn an_addition_whose_joined_signal_fails_succeeds_and_writes_it() {
     let joined = written_signals(&server, "joined").await;
     assert_eq!(joined.len(), 1, "{joined:?}");
     assert_eq!(joined[0]["author_id"], json!(carol.id));
+}
+
+/// An addition whose `joined` signal was stored although the store answered a failure (a write
+/// that timed out after it was applied): its background retry finds the signal, and does the
+/// bookkeeping its first write did not (here: the joiner's read marker reaches it).
+#[tokio::test]
+async fn a_joined_signal_found_stored_by_its_retry_gets_its_bookkeeping() {
+    let server = FlakyServer::start(false).await;
+    let carol = User {
+        id: UserId(uuid::Uuid::now_v7()),
+        username: "carol".into(),
+        display_name: "Carol".into(),
+        email: None,
+    };
+    server.store.upsert_user(&carol).await.unwrap();
+    server
+        .store
+        .fail_next_after(Held::SystemSignal(SignalKind::Joined));
+    let added = server
+        .http
+        .post(format!("{}/v1/chats/{}/members", server.base, server.chat))
+        .bearer_auth(&server.alice)
+        .json(&json!({ "user_id": carol.id }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), 201);
+    let joined = written_signals(&server, "joined").await;
+    assert_eq!(joined.len(), 1, "{joined:?}");
+    let views_path = format!(
+        "/v1/chats/{}/signals/{}/views",
+        server.chat,
+        joined[0]["id"].as_str().unwrap()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let views = server.get(&server.alice, &views_path).await;
+        if views["items"]
+            .as_array()
+            .is_some_and(|seen| seen.iter().any(|v| v["user_id"] == json!(carol.id)))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "carol's marker never reached her joined signal: {views}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Likewise a removal, whose `left` signal used to be given up at its first failure.

@@ -174,9 +174,11 @@ impl ApiState {
             // naming attachments another holds, and shown without them.)
             Claimed::AttemptOf(attachments) => (attachments, false),
             Claimed::RetryOf(sent) => {
-                // The first attempt may have stored it and failed before its claim was listed.
+                // The first attempt may have stored it and failed before its claim was listed,
+                // or before its bookkeeping.
                 self.list_claims(&sent).await;
                 self.republish_if_recent(&sent).await;
+                self.move_chat_and_marker(&sent, members).await;
                 return Ok(Outcome::Existing(self.decorate_one(sent).await?));
             }
         };
@@ -201,7 +203,9 @@ impl ApiState {
         };
         // The name pushes show the other members: never an address.
         let author_name = super::users::name_shown_to_others(caller);
-        let recorded = self.record(&signal, members, Some(&author_name)).await;
+        let recorded = self
+            .record(&signal, members.clone(), Some(&author_name))
+            .await;
         match recorded {
             Ok(Inserted::Created(created)) => Ok(Outcome::Created(created)),
             Ok(Inserted::Existing(existing)) => {
@@ -214,6 +218,8 @@ impl ApiState {
                 // takes back those still free.
                 self.reclaim(&existing).await;
                 self.republish_if_recent(&existing).await;
+                // Its attempt may have failed after the store, before its bookkeeping.
+                self.move_chat_and_marker(&existing, members).await;
                 Ok(Outcome::Existing(self.decorate_one(existing).await?))
             }
             Err(Unrecorded::NotWritten(error)) => {
@@ -407,8 +413,20 @@ impl ApiState {
             while backoff.wait().await {
                 match state.store.get_signal(signal.chat_id, signal.id).await {
                     Ok(Some(stored)) => {
-                        // Its event may not be out: published again, the log keeps one copy.
-                        state.publish_again(Envelope::signal_created(stored)).await;
+                        // Its event may not be out: published again, the log keeps one copy. Its
+                        // write failed after the store (a timeout), so nothing after it was done.
+                        state
+                            .publish_again(Envelope::signal_created(stored.clone()))
+                            .await;
+                        match state.store.members(stored.chat_id).await {
+                            Ok(members) => {
+                                let members = members.into_iter().map(|m| m.user_id).collect();
+                                state.move_chat_and_marker(&stored, members).await;
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, chat = %stored.chat_id, "a system signal found stored moved no chat: members unavailable");
+                            }
+                        }
                         return;
                     }
                     Ok(None) => {}
@@ -447,17 +465,19 @@ impl ApiState {
 
     /// Stores and publishes `signal`, a signal the server writes, for the chat's current members.
     async fn record_for_members(&self, signal: &Signal) -> ApiResult<Signal> {
-        let members = self
+        let members: Vec<UserId> = self
             .store
             .members(signal.chat_id)
             .await?
             .into_iter()
             .map(|m| m.user_id)
             .collect();
-        match self.record(signal, members, None).await? {
+        match self.record(signal, members.clone(), None).await? {
             Inserted::Created(created) => Ok(created),
             Inserted::Existing(existing) => {
                 self.republish_if_recent(&existing).await;
+                // Its first write may have failed after the store, before its bookkeeping.
+                self.move_chat_and_marker(&existing, members).await;
                 Ok(existing)
             }
         }
@@ -551,10 +571,20 @@ impl ApiState {
     /// here is not the sender's failure: it is retried in the background, and the send succeeds.
     async fn bookkeep(&self, created: &Signal, members: Vec<UserId>, author_name: Option<&str>) {
         self.schedule_pushes(created, &members, author_name).await;
-        let (touched, marked, ()) = futures::join!(
-            self.touch(created.clone(), members.clone()),
-            self.mark_authors_read(created),
+        futures::join!(
+            self.move_chat_and_marker(created, members),
             self.list_claims(created)
+        );
+    }
+
+    /// Moves the chat up to `created` in the lists of `members` and its author's read marker to
+    /// it; a failure is retried in the background. Both only ever move forward, so doing it again
+    /// for a signal a retry found stored (whose first attempt failed before, or during, its
+    /// bookkeeping) changes nothing that was done, and does what was not.
+    async fn move_chat_and_marker(&self, created: &Signal, members: Vec<UserId>) {
+        let (touched, marked) = futures::join!(
+            self.touch(created.clone(), members.clone()),
+            self.mark_authors_read(created)
         );
         if touched.is_ok() && marked.is_ok() {
             return;
