@@ -7,10 +7,17 @@ self.addEventListener("activate", (event) => event.waitUntil(self.clients.claim(
 // One notification per chat: a newer push replaces it (same tag).
 const tagOf = (chatId) => `chat:${chatId}`;
 
+// How far each chat's notifications were withdrawn, while this worker runs: a push of messages
+// no newer that arrives after its withdrawal (its delivery was retried, or came by another
+// route) announces what was read, and is not shown. Signal ids are UUIDv7: as strings, they sort
+// by time.
+const withdrawnUpTo = new Map();
+
 async function handlePush(push) {
   if (!push?.chat_id) return;
   const tag = tagOf(push.chat_id);
   if (push.type === "withdrawn") {
+    if (!(withdrawnUpTo.get(push.chat_id) >= push.up_to)) withdrawnUpTo.set(push.chat_id, push.up_to);
     // Read up to `up_to`: a notification of anything newer stays.
     for (const shown of await self.registration.getNotifications({ tag })) {
       if (!shown.data?.signal_id || shown.data.signal_id <= push.up_to) shown.close();
@@ -18,6 +25,7 @@ async function handlePush(push) {
     return;
   }
   if (push.type !== "messages") return;
+  if (push.signal_id && withdrawnUpTo.get(push.chat_id) >= push.signal_id) return;
   const author = push.author_name || "Someone";
   const title = push.count > 1 ? `${author} and others: ${push.count} new messages` : author;
   await self.registration.showNotification(title, {

@@ -301,6 +301,15 @@ test("the service worker shows a push, closes it when withdrawn, and a click ope
     push({ type: "withdrawn", chat_id: chatId, up_to: "0190a000-0000-7000-8000-000000000002" });
     await until(async () => (await shown()).length === 0);
   `);
+  // The push of what was withdrawn, arriving after its withdrawal (its delivery retried), is not
+  // shown again.
+  const late = await inWorker(`
+    push({ type: "messages", chat_id: chatId, signal_id: "0190a000-0000-7000-8000-000000000002",
+           author_id: "x", author_name: "Bob", count: 2, preview: "see you at noon" });
+    await self.pushesHandled;
+    return (await shown()).length;
+  `);
+  assert.equal(late, 0, "a push overtaken by its withdrawal was shown");
   // Shown again and clicked: the open page shows the chat.
   await alice.page.evaluate(() => {
     history.replaceState(null, "", "/");
