@@ -393,6 +393,70 @@ async fn a_photo_with_claims_held(stack: Stack) -> (Arc<Harness>, Value, String)
     (harness, photo, id)
 }
 
+/// The author of a message with an attachment leaves the chat while the message's claim waits
+/// (as it does for another send of the attachment): the message is refused (403), not stored.
+async fn a_message_whose_author_left_while_it_claimed_is_refused(stack: Stack) {
+    let (harness, photo, _) = a_photo_with_claims_held(stack).await;
+    let me = harness.json(&harness.alice, "/v1/me").await;
+    let members = format!("{}/v1/chats/{}/members", harness.base, harness.chat);
+    // Bob owns the chat too, so that alice may leave it.
+    let bob = harness
+        .json(
+            &harness.alice,
+            &format!("/v1/chats/{}/members", harness.chat),
+        )
+        .await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["user_id"] != me["id"])
+        .unwrap()["user_id"]
+        .clone();
+    let promoted = harness
+        .http
+        .patch(format!("{members}/{}", bob.as_str().unwrap()))
+        .bearer_auth(&harness.alice)
+        .json(&json!({"role": "owner"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(promoted.status(), 200);
+    let sending = {
+        let harness = Arc::clone(&harness);
+        tokio::spawn(async move {
+            harness
+                .send_json(
+                    &format!("/v1/chats/{}/signals", harness.chat),
+                    &json!({"kind": "message", "text": "sent while leaving",
+                            "attachments": [photo["id"]]}),
+                )
+                .await
+                .status()
+                .as_u16()
+        })
+    };
+    harness.store.gate.arrived(2).await;
+    let left = harness
+        .http
+        .delete(format!("{members}/{}", me["id"].as_str().unwrap()))
+        .bearer_auth(&harness.alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(left.status(), 204);
+    harness.store.gate.release(2).await;
+    assert_eq!(
+        sending.await.unwrap(),
+        403,
+        "a message stored after its author left"
+    );
+    Arc::into_inner(harness)
+        .expect("the send is done")
+        .stop()
+        .await;
+}
+on_both_stacks!(a_message_whose_author_left_while_it_claimed_is_refused);
+
 /// Two messages name one attachment at once: both pass the send's check before either claims it.
 /// One takes it and answers 201 with the attachment; the other is refused with 409 and stores and
 /// publishes nothing, so no answer, event or history ever shows an attachment on a message that

@@ -201,6 +201,17 @@ impl ApiState {
             reactions: Default::default(),
             call: None,
         };
+        // Its claim may have waited for another send of its attachments (up to `CLAIM_WAIT`),
+        // and the author may have left, or been removed, meanwhile: nothing they send after
+        // that is stored. (Without attachments, the time since the check is a read or two.)
+        if !signal.attachments.is_empty()
+            && let Err(refused) = self.require_member(chat, caller.id).await
+        {
+            if claimed {
+                self.release_claims(&signal).await;
+            }
+            return Err(refused);
+        }
         // The name pushes show the other members: never an address.
         let author_name = super::users::name_shown_to_others(caller);
         let recorded = self
