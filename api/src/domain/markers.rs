@@ -49,7 +49,10 @@ impl ApiState {
             // all the same: the move that got the marker there may have failed to (its request
             // is answered all the same, and a retry ends here), or not looked for them at all
             // (the author's own marker, moved by their send).
-            self.cancel_pushes(caller, chat, reached).await;
+            // In the background: most marks repeat one already made (a client marks on every
+            // open of a chat), and their answer does not wait for the push queue.
+            let state = self.clone();
+            tokio::spawn(async move { state.cancel_pushes(caller, chat, reached).await });
             return Ok(before);
         }
         let change = MarkerChange {
