@@ -1096,7 +1096,7 @@ impl CqlStore {
             claim_nonce: "INSERT INTO signal_nonces (chat_id, author_id, nonce, signal_id, kind, text, reply_to, attachments) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?"
                     .into(),
-            scrub_nonce: "UPDATE signal_nonces SET text = null WHERE chat_id = ? AND author_id = ? AND nonce = ? IF EXISTS".into(),
+            scrub_nonce: "UPDATE signal_nonces SET text = null, attachments = null WHERE chat_id = ? AND author_id = ? AND nonce = ? IF EXISTS".into(),
             nonce_holder: "SELECT signal_id FROM signal_nonces WHERE chat_id = ? AND author_id = ? AND nonce = ?".into(),
             // The write timestamp is the signal's creation time, so a repair re-write of the original
             // never overwrites a later edit or deletion.
@@ -1744,9 +1744,8 @@ impl CqlStore {
             author_id: signal.author_id,
             created_at: created_at(SignalId(*existing_id))?,
             nonce: Some(nonce.to_owned()),
-            // A message with neither text nor attachments in its nonce row was deleted (its text
-            // scrubbed). One of attachments only that was deleted reads as not: it is written
-            // again at its creation time, under the deletion's later write.
+            // A message with neither text nor attachments in its nonce row was deleted: a deletion
+            // scrubs both (a message has one or the other).
             deleted: kind == SignalKind::Message && text.is_none() && attachments.is_empty(),
             text,
             reply_to: match named("reply_to") {
