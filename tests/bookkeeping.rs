@@ -134,6 +134,26 @@ impl FlakyServer {
         self.store.lift(Held::MarkerAdvanced);
     }
 
+    /// Carol, a new user, added to the chat by alice; the addition as answered.
+    async fn add_carol(&self) -> (User, reqwest::Response) {
+        let carol = User {
+            id: UserId(uuid::Uuid::now_v7()),
+            username: "carol".into(),
+            display_name: "Carol".into(),
+            email: None,
+        };
+        self.store.upsert_user(&carol).await.unwrap();
+        let added = self
+            .http
+            .post(format!("{}/v1/chats/{}/members", self.base, self.chat))
+            .bearer_auth(&self.alice)
+            .json(&json!({ "user_id": carol.id }))
+            .send()
+            .await
+            .unwrap();
+        (carol, added)
+    }
+
     /// Alice's message to the chat, as sent.
     async fn send(&self, nonce: &str, text: &str) -> reqwest::Response {
         self.http
@@ -715,24 +735,10 @@ async fn written_signals(server: &FlakyServer, kind: &str) -> Vec<Value> {
 #[tokio::test]
 async fn an_addition_whose_joined_signal_fails_succeeds_and_writes_it() {
     let server = FlakyServer::start(false).await;
-    let carol = User {
-        id: UserId(uuid::Uuid::now_v7()),
-        username: "carol".into(),
-        display_name: "Carol".into(),
-        email: None,
-    };
-    server.store.upsert_user(&carol).await.unwrap();
     server
         .store
         .fail_next(Held::SystemSignal(SignalKind::Joined));
-    let added = server
-        .http
-        .post(format!("{}/v1/chats/{}/members", server.base, server.chat))
-        .bearer_auth(&server.alice)
-        .json(&json!({ "user_id": carol.id }))
-        .send()
-        .await
-        .unwrap();
+    let (carol, added) = server.add_carol().await;
     assert_eq!(
         added.status(),
         201,
@@ -749,24 +755,10 @@ async fn an_addition_whose_joined_signal_fails_succeeds_and_writes_it() {
 #[tokio::test]
 async fn a_joined_signal_found_stored_by_its_retry_gets_its_bookkeeping() {
     let server = FlakyServer::start(false).await;
-    let carol = User {
-        id: UserId(uuid::Uuid::now_v7()),
-        username: "carol".into(),
-        display_name: "Carol".into(),
-        email: None,
-    };
-    server.store.upsert_user(&carol).await.unwrap();
     server
         .store
         .fail_next_after(Held::SystemSignal(SignalKind::Joined));
-    let added = server
-        .http
-        .post(format!("{}/v1/chats/{}/members", server.base, server.chat))
-        .bearer_auth(&server.alice)
-        .json(&json!({ "user_id": carol.id }))
-        .send()
-        .await
-        .unwrap();
+    let (carol, added) = server.add_carol().await;
     assert_eq!(added.status(), 201);
     let joined = written_signals(&server, "joined").await;
     assert_eq!(joined.len(), 1, "{joined:?}");
