@@ -51,8 +51,10 @@ impl ApiState {
             // (the author's own marker, moved by their send).
             // In the background: most marks repeat one already made (a client marks on every
             // open of a chat), and their answer does not wait for the push queue.
-            let state = self.clone();
-            tokio::spawn(async move { state.cancel_pushes(caller, chat, reached).await });
+            if self.push_queue.is_some() {
+                let state = self.clone();
+                tokio::spawn(async move { state.cancel_pushes(caller, chat, reached).await });
+            }
             return Ok(before);
         }
         let change = MarkerChange {

@@ -1745,7 +1745,7 @@ impl CqlStore {
             created_at: created_at(SignalId(*existing_id))?,
             nonce: Some(nonce.to_owned()),
             // A message with neither text nor attachments in its nonce row was deleted: a deletion
-            // scrubs both (a message has one or the other).
+            // scrubs both (a message has at least one of them).
             deleted: kind == SignalKind::Message && text.is_none() && attachments.is_empty(),
             text,
             reply_to: match named("reply_to") {
