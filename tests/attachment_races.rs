@@ -394,9 +394,10 @@ async fn a_photo_with_claims_held(stack: Stack) -> (Arc<Harness>, Value, String)
 }
 
 /// The author of a message with an attachment leaves the chat while the message's claim waits
-/// (as it does for another send of the attachment): the message is refused (403), not stored.
+/// (as it does for another send of the attachment): the message is refused (403), not stored,
+/// and its claim is given back.
 async fn a_message_whose_author_left_while_it_claimed_is_refused(stack: Stack) {
-    let (harness, photo, _) = a_photo_with_claims_held(stack).await;
+    let (harness, photo, photo_id) = a_photo_with_claims_held(stack).await;
     let me = harness.json(&harness.alice, "/v1/me").await;
     let members = format!("{}/v1/chats/{}/members", harness.base, harness.chat);
     // Bob owns the chat too, so that alice may leave it.
@@ -449,6 +450,21 @@ async fn a_message_whose_author_left_while_it_claimed_is_refused(stack: Stack) {
         sending.await.unwrap(),
         403,
         "a message stored after its author left"
+    );
+    // Its claim was given back: a new claim of the photo takes it.
+    harness.store.lift(Held::Claim);
+    let chat = ChatId(harness.chat.parse().unwrap());
+    let photo_id: Uuid = photo_id.parse().unwrap();
+    let claimer = SignalId::new();
+    let holders = harness
+        .store
+        .claim_attachments(chat, &[photo_id], claimer)
+        .await
+        .unwrap();
+    assert_eq!(
+        holders,
+        [(photo_id, claimer)],
+        "the refused send kept its claim"
     );
     Arc::into_inner(harness)
         .expect("the send is done")
