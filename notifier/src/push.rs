@@ -291,36 +291,31 @@ impl PushSender {
             tracing::debug!(%error, "markers unavailable; sending anyway");
             None
         });
-        if reached >= Some(push.newest) {
-            metrics::counter!("confab_pushes_cancelled_total").increment(1);
-            let taken_back = self
-                .queue
+        let taken_back = if reached >= Some(push.newest) {
+            self.queue
                 .cancel(push.user, push.chat, push.newest, now_ms())
-                .await;
-            if let Err(error) = taken_back {
-                tracing::warn!(%error, "a push read meanwhile was not taken back");
-            }
-            return false;
-        }
-        match message {
-            Ok(Announced::Text(_)) => true,
-            Ok(Announced::Deleted) => {
-                metrics::counter!("confab_pushes_cancelled_total").increment(1);
-                let taken_back = self
-                    .queue
-                    .message_deleted(push.user, push.chat, push.newest, now_ms())
-                    .await;
-                if let Err(error) = taken_back {
-                    tracing::warn!(%error, "a push deleted meanwhile was not taken back");
+                .await
+        } else {
+            match message {
+                Ok(Announced::Text(_)) => return true,
+                Ok(Announced::Deleted) => {
+                    self.queue
+                        .message_deleted(push.user, push.chat, push.newest, now_ms())
+                        .await
                 }
-                false
+                Err(error) => {
+                    tracing::warn!(%error, "the message is unavailable; push dropped");
+                    metrics::counter!("confab_pushes_failed_total", "platform" => "any")
+                        .increment(1);
+                    return false;
+                }
             }
-            Err(error) => {
-                tracing::warn!(%error, "the message is unavailable; push dropped");
-                metrics::counter!("confab_pushes_failed_total", "platform" => "any").increment(1);
-                false
-            }
+        };
+        metrics::counter!("confab_pushes_cancelled_total").increment(1);
+        if let Err(error) = taken_back {
+            tracing::warn!(%error, "a push dropped after it was remembered was not taken back");
         }
+        false
     }
 
     /// Remembers `push` as sent, for its withdrawal.
