@@ -201,17 +201,23 @@ impl ApiState {
             reactions: Default::default(),
             call: None,
         };
-        // Its claim may have waited for another send of its attachments (up to `CLAIM_WAIT`),
-        // and the author may have left, or been removed, meanwhile: nothing they send after
-        // that is stored. (Without attachments, the time since the check is a read or two.)
-        if !signal.attachments.is_empty()
-            && let Err(refused) = self.require_member(chat, caller.id).await
-        {
-            if claimed {
-                self.release_claims(&signal).await;
+        // Its claim may have waited for another send of its attachments (up to `CLAIM_WAIT`):
+        // the author may have left, or been removed, meanwhile, and nothing they send after that
+        // is stored; the members it goes to are read again too. (Without attachments, the time
+        // since the first read is a read or two.)
+        let members = if signal.attachments.is_empty() {
+            members
+        } else {
+            match self.members_if_member(chat, caller.id).await {
+                Ok(now) => now.into_iter().map(|m| m.user_id).collect(),
+                Err(refused) => {
+                    if claimed {
+                        self.release_claims(&signal).await;
+                    }
+                    return Err(refused);
+                }
             }
-            return Err(refused);
-        }
+        };
         // The name pushes show the other members: never an address.
         let author_name = super::users::name_shown_to_others(caller);
         let recorded = self
