@@ -1168,7 +1168,8 @@ fn within(
 /// An orphan never comes back to life: its attachment's record does not exist and never will, or
 /// exists and does not name the object and never will: an upload and its pictures' attempts
 /// write no record naming an object later than [`LAST_RECORD_WRITE`] after the upload began
-/// ([`in_time`]), and the body of an upload is cut after [`MAX_UPLOAD_TIME`].
+/// ([`in_time`]), and the body of an upload is cut after `attachments.upload_timeout_secs`, at
+/// most [`MAX_UPLOAD_TIME`].
 async fn referenced(store: &dyn Store, name: &BlobName, done: &mut Collected) -> ApiResult<bool> {
     let now = OffsetDateTime::now_utc();
     let mut after = None;
