@@ -198,6 +198,11 @@ pub struct AttachmentsConfig {
     pub cache_bytes: usize,
     /// The largest object the memory cache keeps, in bytes. Default 1048576 (1 MiB).
     pub cache_object_bytes: usize,
+    /// Keep an object read from the storage from its first read on. By default an object is
+    /// kept from its second read (or a read while its first is still streaming): a first read
+    /// is passed through without the copy and hash that keeping costs, and objects read only
+    /// once push out nothing. Uploads are kept either way. Default false.
+    pub cache_keeps_first_reads: bool,
     /// Bodies up to this many bytes (small files, previews) are kept in the store's rows instead
     /// of the bucket or directory: no request to the storage to write or read them, and no object
     /// in it. At most 65536; 0 writes every new body to the storage (bodies kept in the store
@@ -235,6 +240,7 @@ impl Default for AttachmentsConfig {
             max_image_pixels: 50_000_000,
             cache_bytes: 32 * 1024 * 1024,
             cache_object_bytes: 1024 * 1024,
+            cache_keeps_first_reads: false,
             inline_bytes: 4096,
             upload_timeout_secs: 4 * 3600,
         }
@@ -260,6 +266,7 @@ impl AttachmentsConfig {
         (self.cache_bytes > 0 && self.cache_object_bytes > 0).then_some(crate::blobs::CacheLimits {
             total_bytes: self.cache_bytes,
             object_bytes: self.cache_object_bytes.min(self.cache_bytes),
+            keeps_first_reads: self.cache_keeps_first_reads,
         })
     }
 

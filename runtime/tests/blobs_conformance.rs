@@ -36,6 +36,7 @@ fn cached(fixture: Fixture) -> Fixture {
     let limits = CacheLimits {
         total_bytes: 16 * 1024,
         object_bytes: 8 * 1024,
+        keeps_first_reads: false,
     };
     Fixture {
         blobs: Arc::new(CachedBlobs::new(fixture.blobs, limits)),

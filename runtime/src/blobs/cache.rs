@@ -3,16 +3,24 @@
 //! Objects are named by the SHA-256 of their bytes and never change, so a cached copy can never be
 //! stale: the only question is which ones to keep. A chat attachment is read by every member soon
 //! after it is sent, and thumbnails on every scroll, so the cache keeps what was just written or
-//! read, up to a byte budget, and drops the least recently used first. Only objects up to a size
-//! limit are kept; larger ones stream from the storage as before. Readers that miss the same
+//! read again, up to a byte budget, and drops the least recently used first. Only objects up to a
+//! size limit are kept; larger ones stream from the storage as before. Readers that miss the same
 //! object at the same time share one read from the storage, which streams to the first of them
 //! as it arrives (a cold read is not held back until the whole object is in).
+//!
+//! An object's first read from the storage is passed through as it is, neither copied nor hashed
+//! nor kept, unless [`CacheLimits::keeps_first_reads`]: keeping costs a copy and a hash of the
+//! whole object on the reader's path (about a quarter of a cold 1 MiB read's throughput), which
+//! only pays when the object is read again, and an object read once (an attachment opened by its
+//! one recipient on this node) would push out ones read often. A second read of an object, or a
+//! read while its first is still streaming (a picture fetched by a whole group at once), is made
+//! as a shared read and kept (a "doorkeeper" in front of the LRU, as in TinyLFU).
 //!
 //! A copy enters the cache only with its hash checked: a declared upload is checked by the storage
 //! before it is made, a staged upload is named by the hash of the very bytes copied, and an object
 //! read on a miss is hashed here before it is kept.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,7 +40,15 @@ pub struct CacheLimits {
     pub total_bytes: usize,
     /// The largest object kept.
     pub object_bytes: usize,
+    /// Whether an object read from the storage is kept from its first read on, rather than from
+    /// its second (see the module's documentation).
+    pub keeps_first_reads: bool,
 }
+
+/// How many names of objects read once [`CachedBlobs`] remembers; it forgets them all when it
+/// reaches this many (then an object read a second time is passed through once more). At about
+/// 100 bytes a name, 1.6 MB at most.
+const READ_ONCE_NAMES: usize = 16_384;
 
 /// A [`Blobs`] that keeps small objects in memory (see the module's documentation).
 pub struct CachedBlobs {
@@ -43,6 +59,9 @@ pub struct CachedBlobs {
     /// from the storage instead of each making their own (a picture sent to a large group is
     /// fetched by every member at once).
     filling: Arc<Mutex<HashMap<BlobName, Arc<Fill>>>>,
+    /// Objects read from the storage once and passed through, not kept (at most
+    /// [`READ_ONCE_NAMES`]): their next miss keeps them.
+    read_once: Mutex<HashSet<BlobName>>,
     /// Whole reads made from the storage on misses (tests).
     fills: AtomicU64,
     /// How long a shared read may go without a chunk from the storage ([`FILL_IDLE`]), and
@@ -147,6 +166,7 @@ impl CachedBlobs {
             limits,
             kept: Arc::new(Mutex::new(Lru::default())),
             filling: Arc::new(Mutex::new(HashMap::new())),
+            read_once: Mutex::new(HashSet::new()),
             fills: AtomicU64::new(0),
             fill_idle: FILL_IDLE,
             fill_whole: FILL_WHOLE,
@@ -202,7 +222,8 @@ impl CachedBlobs {
     /// A large one is only streamed, and every other reader makes its own read, as does each
     /// waiting reader when the storage's read failed before the end. The storage's read of a
     /// small object goes at the storage's pace, not the first reader's. `size` is the object's,
-    /// when the caller knows it.
+    /// when the caller knows it. An object's first read, with none in flight, is passed through
+    /// instead (unless [`CacheLimits::keeps_first_reads`]).
     async fn fill(&self, name: &BlobName, size: Option<u64>) -> Result<BlobRead, BlobError> {
         let (fill, first) = {
             let mut filling = self
@@ -210,13 +231,18 @@ impl CachedBlobs {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             match filling.get(name) {
-                Some(fill) => (Arc::clone(fill), false),
+                Some(fill) => (Some(Arc::clone(fill)), false),
+                None if !self.limits.keeps_first_reads && self.first_read(name) => (None, true),
                 None => {
                     let fill = Arc::new(Fill::new(None));
                     filling.insert(name.clone(), Arc::clone(&fill));
-                    (fill, true)
+                    (Some(fill), true)
                 }
             }
+        };
+        let Some(fill) = fill else {
+            metrics::counter!("confab_blob_cache_first_reads_total").increment(1);
+            return self.read_underneath(name, size).await;
         };
         if !first {
             let mut outcome = fill.subscribe();
@@ -307,6 +333,22 @@ impl CachedBlobs {
             chunks: tokio_stream::wrappers::UnboundedReceiverStream::new(receiver).boxed(),
             len: read.len,
         })
+    }
+
+    /// Whether this is the first miss of `name` remembered: it is remembered from now on.
+    fn first_read(&self, name: &BlobName) -> bool {
+        let mut read_once = self
+            .read_once
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if read_once.remove(name) {
+            return false;
+        }
+        if read_once.len() >= READ_ONCE_NAMES {
+            read_once.clear();
+        }
+        read_once.insert(name.clone());
+        true
     }
 
     async fn read_underneath(
@@ -585,10 +627,12 @@ mod tests {
     use super::*;
     use crate::blobs::LocalBlobs;
 
+    /// Limits that keep an object from its first read on, for the tests of the shared read.
     fn limits(total_bytes: usize, object_bytes: usize) -> CacheLimits {
         CacheLimits {
             total_bytes,
             object_bytes,
+            keeps_first_reads: true,
         }
     }
 
@@ -1017,6 +1061,80 @@ mod tests {
         assert_eq!(second, bytes);
         assert_eq!(blobs.fills(), 1);
         assert_eq!(read_all(first).await, bytes);
+    }
+
+    #[tokio::test]
+    async fn an_object_is_kept_from_its_second_read_or_a_read_while_its_first_streams() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let storage = LocalBlobs::open(dir.path()).expect("opens");
+        let read_twice: Vec<u8> = (0..3000u32).map(|i| (i % 223) as u8).collect();
+        let read_together: Vec<u8> = (0..3000u32).map(|i| (i % 197) as u8).collect();
+        let read_twice_name = storage
+            .put(Bytes::from(read_twice.clone()))
+            .await
+            .expect("put");
+        let together_name = storage
+            .put(Bytes::from(read_together.clone()))
+            .await
+            .expect("put");
+        let trickling = Arc::new(Trickling {
+            inner: storage,
+            rest: tokio::sync::watch::Sender::new(true),
+            drip: None,
+        });
+        let blobs = Arc::new(CachedBlobs::new(
+            Arc::clone(&trickling) as Arc<dyn Blobs>,
+            CacheLimits {
+                keeps_first_reads: false,
+                ..limits(10_000, 5_000)
+            },
+        ));
+        let first = blobs.get(&read_twice_name, None).await.expect("reads");
+        assert_eq!(read_all(first).await, read_twice);
+        assert!(
+            !blobs.holds(&read_twice_name),
+            "an object read once is passed through, not kept"
+        );
+        assert_eq!(blobs.fills(), 0);
+        let second = blobs
+            .get_sized(&read_twice_name, 3000, None)
+            .await
+            .expect("reads");
+        assert_eq!(read_all(second).await, read_twice);
+        assert!(blobs.holds(&read_twice_name), "its second read keeps it");
+        assert_eq!(blobs.fills(), 1);
+
+        // Readers that come while an object's first read still streams share one read, which
+        // keeps it.
+        trickling.rest.send_replace(false);
+        let mut first = blobs.get(&together_name, None).await.expect("reads");
+        let head = first.chunks.next().await.expect("a chunk").expect("reads");
+        let others: Vec<_> = (0..4)
+            .map(|_| {
+                let blobs = Arc::clone(&blobs);
+                let name = together_name.clone();
+                tokio::spawn(
+                    async move { read_all(blobs.get(&name, None).await.expect("reads")).await },
+                )
+            })
+            .collect();
+        trickling.rest.send_replace(true);
+        let mut all = head.to_vec();
+        all.extend_from_slice(&read_all(first).await);
+        assert_eq!(all, read_together);
+        for other in others {
+            let seen = tokio::time::timeout(Duration::from_secs(10), other)
+                .await
+                .expect("every reader gets the object")
+                .expect("joins");
+            assert_eq!(seen, read_together);
+        }
+        assert!(blobs.holds(&together_name));
+        assert_eq!(
+            blobs.fills(),
+            2,
+            "the four readers behind the first shared one read"
+        );
     }
 
     #[tokio::test]
