@@ -712,3 +712,84 @@ async fn jetstream_a_ticket_that_comes_before_its_entry_still_claims_it() {
     assert_eq!(claimed[0].newest, message.signal);
     queue.delete_bucket().await.expect("cleans up");
 }
+
+/// A read whose withdrawal cannot be queued (the ticket stream is gone for a moment) leaves the
+/// sent push's record where it was, so that the next read withdraws the notification; it used to
+/// delete the record first, and the notification then stayed for good. On JetStream only: the
+/// embedded queue deletes the record and queues the withdrawal in one transaction.
+#[tokio::test]
+async fn jetstream_a_withdrawal_that_cannot_be_queued_keeps_its_record() {
+    use confab_runtime::push_queue::{Cancelled, PushKind, PushQueue};
+    use confab_schema::{ChatId, UserId};
+
+    let Some((queue, url, prefix)) = jetstream_queue().await else {
+        return;
+    };
+    let (user, chat) = (UserId::from_subject("withdraw", "reader"), ChatId::new());
+    let author = UserId::from_subject("withdraw", "author");
+    let now = confab_runtime::presence::now_ms();
+    queue
+        .schedule(user, chat, &burst_message(author, 0), now, now + 600_000)
+        .await
+        .expect("scheduled");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let push = loop {
+        let mut batch = queue
+            .claim_due(confab_runtime::presence::now_ms(), 16)
+            .await
+            .expect("claims");
+        if let Some(push) = batch.pushes.pop() {
+            break push;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the push was never claimed"
+        );
+    };
+    queue
+        .sent(&push, confab_runtime::presence::now_ms())
+        .await
+        .expect("remembers");
+
+    let client = async_nats::connect(&url).await.expect("connects");
+    let context = async_nats::jetstream::new(client);
+    let tickets = format!("{}_push_due", prefix.replace(['.', '-'], "_"));
+    context.delete_stream(&tickets).await.expect("deleted");
+    assert!(
+        queue
+            .cancel(user, chat, push.newest, confab_runtime::presence::now_ms())
+            .await
+            .is_err(),
+        "a withdrawal without its ticket is not queued"
+    );
+
+    // The stream is back (another node made it); the next read withdraws the notification.
+    let other = NatsPushQueue::connect(&url, &prefix)
+        .await
+        .expect("connects");
+    assert_eq!(
+        other
+            .cancel(user, chat, push.newest, confab_runtime::presence::now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Withdrawn,
+        "the sent push's record outlived the failed withdrawal"
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let withdrawal = loop {
+        let mut batch = other
+            .claim_due(confab_runtime::presence::now_ms(), 16)
+            .await
+            .expect("claims");
+        if let Some(push) = batch.pushes.pop() {
+            break push;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the withdrawal was never claimed"
+        );
+    };
+    assert_eq!(withdrawal.kind, PushKind::Withdrawal);
+    assert_eq!((withdrawal.user, withdrawal.chat), (user, chat));
+    other.delete_bucket().await.expect("cleans up");
+}

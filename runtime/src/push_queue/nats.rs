@@ -748,7 +748,8 @@ impl NatsPushQueue {
 
     /// Forgets the push sent to `user` in `chat` if `covered` says it is to be withdrawn, and queues
     /// its withdrawal unless it is forgotten by now; says whether it queued one. Called once
-    /// nothing is pending for the chat.
+    /// nothing is pending for the chat. A withdrawal that cannot be queued (an error) leaves the
+    /// record in place for the next read or deletion to try again.
     async fn withdraw_sent(
         &self,
         kv: &kv::Store,
@@ -785,8 +786,25 @@ impl NatsPushQueue {
         // The ticket first, as for every entry; a push created meanwhile replaces the
         // notification anyway (then no withdrawal is needed, and the ticket finds that push, not
         // due yet, and comes back when it is).
-        self.ticket(&key, withdrawal.due_ms).await?;
-        Ok(kv.create(&key, value).await.is_ok())
+        let queued = match self.ticket(&key, withdrawal.due_ms).await {
+            Ok(()) => match kv.create(&key, value).await {
+                Ok(_) => Ok(true),
+                Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(error) => Err(unavailable(error)),
+            },
+            Err(error) => Err(error),
+        };
+        if queued.is_err() {
+            // Deleted, and its withdrawal not queued: the record goes back, so that the next
+            // read or deletion withdraws the notification, which would otherwise stay for good.
+            // Not over the record of a push sent since (`create`), which replaced it.
+            if let Err(error) = sent.create(&key, entry.value.clone()).await
+                && error.kind() != kv::CreateErrorKind::AlreadyExists
+            {
+                tracing::warn!(%error, "a sent push's record was lost with its withdrawal");
+            }
+        }
+        queued
     }
 
     /// Takes the preview off the pending push at `key`, if it has one; says whether it did.
