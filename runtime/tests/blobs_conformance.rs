@@ -31,16 +31,25 @@ async fn s3() -> Option<Fixture> {
 }
 
 /// The memory cache in front of a storage, small enough that the suite's objects both fit and
-/// push each other out.
-fn cached(fixture: Fixture) -> Fixture {
+/// push each other out; `keeps_first_reads` as the setting (false by default).
+fn cached_with(fixture: Fixture, keeps_first_reads: bool) -> Fixture {
     let limits = CacheLimits {
         total_bytes: 16 * 1024,
         object_bytes: 8 * 1024,
-        keeps_first_reads: false,
+        keeps_first_reads,
     };
     Fixture {
         blobs: Arc::new(CachedBlobs::new(fixture.blobs, limits)),
     }
+}
+
+fn cached(fixture: Fixture) -> Fixture {
+    cached_with(fixture, false)
+}
+
+/// Every read from the storage made as a shared read and checked against its name, on S3.
+async fn cached_from_first_read_s3() -> Option<Fixture> {
+    s3().await.map(|fixture| cached_with(fixture, true))
 }
 
 async fn cached_local() -> Option<Fixture> {
@@ -55,6 +64,10 @@ blobs_conformance_tests!(local_directory, super::local);
 blobs_conformance_tests!(seaweedfs_s3, super::s3);
 blobs_conformance_tests!(cached_local_directory, super::cached_local);
 blobs_conformance_tests!(cached_seaweedfs_s3, super::cached_s3);
+blobs_conformance_tests!(
+    cached_from_first_read_seaweedfs_s3,
+    super::cached_from_first_read_s3
+);
 
 /// The staging objects under `prefix` now.
 async fn staging_objects(blobs: &S3Blobs, prefix: &str) -> usize {

@@ -10,8 +10,8 @@
 //!
 //! An object's first read from the storage is passed through as it is, neither copied nor hashed
 //! nor kept, unless [`CacheLimits::keeps_first_reads`]: keeping costs a copy and a hash of the
-//! whole object on the reader's path (about a quarter of a cold 1 MiB read's throughput), which
-//! only pays when the object is read again, and an object read once (an attachment opened by its
+//! whole object on the reader's path (measured in `docs/BENCHMARKS.md`), which only pays when the
+//! object is read again, and an object read once (an attachment opened by its
 //! one recipient on this node) would push out ones read often. A second read of an object, or a
 //! read while its first is still streaming (a picture fetched by a whole group at once), is made
 //! as a shared read and kept (a "doorkeeper" in front of the LRU, as in TinyLFU).

@@ -749,7 +749,7 @@ impl NatsPushQueue {
     /// Forgets the push sent to `user` in `chat` if `covered` says it is to be withdrawn, and queues
     /// its withdrawal unless it is forgotten by now; says whether it queued one. Called once
     /// nothing is pending for the chat. A withdrawal that cannot be queued (an error) leaves the
-    /// record in place for the next read or deletion to try again.
+    /// record, or puts it back, for the next read or deletion to try again.
     async fn withdraw_sent(
         &self,
         kv: &kv::Store,
@@ -772,32 +772,41 @@ impl NatsPushQueue {
         if !covered(&record) {
             return Ok(false);
         }
+        if record.forget_ms <= now_ms {
+            // Too old to withdraw: the record goes, as its age would take it.
+            let _ = sent
+                .delete_expect_revision(&key, Some(entry.revision))
+                .await;
+            return Ok(false);
+        }
+        let withdrawal = PendingPush::withdrawal(user, chat, &record, now_ms);
+        let value: bytes::Bytes = serde_json::to_vec(&withdrawal)?.into();
+        // The ticket first, as for every entry, and before the record is deleted: a ticket that
+        // cannot be put leaves the record for the next read or deletion, and one whose entry is
+        // then not created finds none and is dropped. (A push created meanwhile replaces the
+        // notification anyway: then no withdrawal is needed, and the ticket finds that push,
+        // not due yet, and comes back when it is.)
+        self.ticket(&key, withdrawal.due_ms).await?;
         // Whoever deletes the record queues the withdrawal; a concurrent cancel does not.
         if sent
             .delete_expect_revision(&key, Some(entry.revision))
             .await
             .is_err()
-            || record.forget_ms <= now_ms
         {
             return Ok(false);
         }
-        let withdrawal = PendingPush::withdrawal(user, chat, &record, now_ms);
-        let value: bytes::Bytes = serde_json::to_vec(&withdrawal)?.into();
-        // The ticket first, as for every entry; a push created meanwhile replaces the
-        // notification anyway (then no withdrawal is needed, and the ticket finds that push, not
-        // due yet, and comes back when it is).
-        let queued = match self.ticket(&key, withdrawal.due_ms).await {
-            Ok(()) => match kv.create(&key, value).await {
-                Ok(_) => Ok(true),
-                Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-                Err(error) => Err(unavailable(error)),
-            },
-            Err(error) => Err(error),
+        let queued = match kv.create(&key, value).await {
+            Ok(_) => Ok(true),
+            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(error) => Err(unavailable(error)),
         };
         if queued.is_err() {
             // Deleted, and its withdrawal not queued: the record goes back, so that the next
             // read or deletion withdraws the notification, which would otherwise stay for good.
-            // Not over the record of a push sent since (`create`), which replaced it.
+            // Not over the record of a push sent since (`create`), which replaced it. Should
+            // the withdrawal have been written after all (its answer lost), or the record have
+            // been read and deleted by another node meanwhile, the next read sends one more
+            // withdrawal of what it announced, which changes nothing on a device.
             if let Err(error) = sent.create(&key, entry.value.clone()).await
                 && error.kind() != kv::CreateErrorKind::AlreadyExists
             {
