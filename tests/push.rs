@@ -1090,7 +1090,8 @@ on_both_stacks!(logout_all_removes_push_devices);
 /// A member removed from a chat while a push of it waits for them gets nothing of that chat: not
 /// the push, and not the text the message was edited to after they lost access. (The removal's
 /// `left` signal moves their marker past the message; should that bookkeeping fail, the sender's
-/// membership check stops the push: `push::tests` in the notifier.)
+/// membership check stops the push: `push::tests` in the notifier.) A notification of the chat
+/// they already had is withdrawn from their devices when they are removed.
 async fn removed_members_get_no_push(stack: Stack) {
     let BobsDevice {
         app,
@@ -1099,6 +1100,22 @@ async fn removed_members_get_no_push(stack: Stack) {
         bob,
         bob_id,
     } = bobs_device(stack, "phone").await;
+
+    let notified = app.group_chat(&alice, &[&bob_id]).await;
+    delay_in(&app, &bob, &notified, 0).await;
+    let shown = send(&app, &alice, &notified, "seen on the lock screen").await;
+    let pushed = receiver.next_for("phone", &notified).await;
+    assert_eq!(pushed.payload["signal_id"], shown.as_str());
+    let removed = app
+        .http
+        .delete(format!("{}/v1/chats/{notified}/members/{bob_id}", app.base))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 204, "{}", removed.text().await.unwrap());
+    let withdrawn = receiver.next_of("withdrawn", "phone", &notified).await;
+    assert_eq!(withdrawn.payload["up_to"], shown.as_str());
     let (left, later) = (
         app.group_chat(&alice, &[&bob_id]).await,
         app.group_chat(&alice, &[&bob_id]).await,

@@ -268,47 +268,60 @@ impl PushSender {
     }
 
     /// The look after `push` was remembered; false when it is not to go out after all. A read
-    /// of the chat, or a deletion of the message it announces, that came after the last look
-    /// and before [`Self::remember`] wrote its record found the push neither pending (claimed)
-    /// nor sent (not yet recorded), so it did nothing to it; one after the record finds it. Both
-    /// write their change (the marker, the tombstone) before they look for the push, so this
-    /// look or theirs sees the other. A push dropped here is taken back through the queue as
-    /// the read or the deletion would have taken it back had it come after the record
-    /// (`PushQueue::cancel`, `PushQueue::message_deleted`): the record just written replaced the
-    /// one of an earlier push, whose notification this one would have replaced. (So a deletion
-    /// takes away the notification of the burst's other messages, as it does once the push is
-    /// out: re-announcing them here would need a second record and a second look, each with a
-    /// window of its own.) A marker that cannot be read lets it go, as at the last look; a
-    /// message that cannot be read stops it.
+    /// of the chat, a deletion of the message it announces, or the user's removal from the chat,
+    /// that came after the last look and before [`Self::remember`] wrote its record found the
+    /// push neither pending (claimed) nor sent (not yet recorded), so it did nothing to it; one
+    /// after the record finds it. Each writes its change (the marker, the tombstone, the
+    /// membership) before it looks for the push, so this look or theirs sees the other. A push
+    /// dropped here is taken back through the queue as the read, the deletion or the removal
+    /// would have taken it back had it come after the record (`PushQueue::cancel`,
+    /// `PushQueue::message_deleted`): the record just written replaced the one of an earlier
+    /// push, whose notification this one would have replaced. (So a deletion takes away the
+    /// notification of the burst's other messages, as it does once the push is out:
+    /// re-announcing them here would need a second record and a second look, each with a window
+    /// of its own.) A marker that cannot be read lets it go, as at the last look; a message or a
+    /// membership that cannot be read stops it.
     async fn look_again(&self, push: &PendingPush) -> bool {
-        let (reached, message) = futures::join!(
+        let (reached, message, member) = futures::join!(
             self.devices.reached(push.user, push.chat),
             self.read_again_on_failure(push, "the message", || {
                 self.devices.message(push.chat, push.newest)
+            }),
+            self.read_again_on_failure(push, "membership", || {
+                self.devices.is_member(push.user, push.chat)
             }),
         );
         let reached = reached.unwrap_or_else(|error| {
             tracing::debug!(%error, "markers unavailable; sending anyway");
             None
         });
-        let taken_back = if reached >= Some(push.newest) {
-            self.queue
-                .cancel(push.user, push.chat, push.newest, now_ms())
-                .await
-        } else {
-            match message {
-                Ok(Announced::Text(_)) => return true,
-                Ok(Announced::Deleted) => {
-                    self.queue
-                        .message_deleted(push.user, push.chat, push.newest, now_ms())
-                        .await
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "the message is unavailable; push dropped");
-                    metrics::counter!("confab_pushes_failed_total", "platform" => "any")
-                        .increment(1);
-                    return false;
-                }
+        let taken_back = match (member, message) {
+            (Err(error), _) => {
+                tracing::warn!(%error, "membership unavailable; push dropped");
+                metrics::counter!("confab_pushes_failed_total", "platform" => "any").increment(1);
+                return false;
+            }
+            // Out of the chat, or read: everything it announced is withdrawn.
+            (Ok(false), _) => {
+                self.queue
+                    .cancel(push.user, push.chat, push.newest, now_ms())
+                    .await
+            }
+            (Ok(true), _) if reached >= Some(push.newest) => {
+                self.queue
+                    .cancel(push.user, push.chat, push.newest, now_ms())
+                    .await
+            }
+            (Ok(true), Err(error)) => {
+                tracing::warn!(%error, "the message is unavailable; push dropped");
+                metrics::counter!("confab_pushes_failed_total", "platform" => "any").increment(1);
+                return false;
+            }
+            (Ok(true), Ok(Announced::Text(_))) => return true,
+            (Ok(true), Ok(Announced::Deleted)) => {
+                self.queue
+                    .message_deleted(push.user, push.chat, push.newest, now_ms())
+                    .await
             }
         };
         metrics::counter!("confab_pushes_cancelled_total").increment(1);
@@ -693,6 +706,8 @@ mod tests {
         /// After this many reads of a message, it reads as deleted: its author deleted it
         /// meanwhile.
         deleted_meanwhile: Option<usize>,
+        /// After this many reads of the membership, the user is out: removed meanwhile.
+        removed_meanwhile: Option<usize>,
         /// The chat's signals, newest first; empty, every message reads as still there.
         history: Vec<Signal>,
         /// The reads made of it, by name, in order.
@@ -712,6 +727,7 @@ mod tests {
                 reached: Mutex::default(),
                 read_meanwhile: None,
                 deleted_meanwhile: None,
+                removed_meanwhile: None,
                 history,
                 reads: Mutex::default(),
                 gate: tokio::sync::Mutex::new(()),
@@ -737,6 +753,14 @@ mod tests {
         fn deleted_after(self, reads: usize) -> Directory {
             Directory {
                 deleted_meanwhile: Some(reads),
+                ..self
+            }
+        }
+
+        /// Makes the user read as out of the chat after `reads` reads of the membership.
+        fn removed_after(self, reads: usize) -> Directory {
+            Directory {
+                removed_meanwhile: Some(reads),
                 ..self
             }
         }
@@ -821,6 +845,12 @@ mod tests {
         }
         async fn is_member(&self, _user: UserId, _chat: ChatId) -> Result<bool, String> {
             self.read("is_member")?;
+            if self
+                .removed_meanwhile
+                .is_some_and(|after| self.times_read("is_member") > after)
+            {
+                return Ok(false);
+            }
             Ok(self.member)
         }
     }
@@ -952,7 +982,7 @@ mod tests {
     }
 
     /// One push of messages costs the reads that decide whether and what it announces (devices,
-    /// membership, and markers and the message before and after it is remembered), and no read
+    /// and membership, markers and the message before and after it is remembered), and no read
     /// of the recipient's settings: a mute or previews turned off while it waits change its queue
     /// entry when they are made.
     #[tokio::test]
@@ -975,6 +1005,7 @@ mod tests {
             reads,
             [
                 "devices_of",
+                "is_member",
                 "is_member",
                 "message",
                 "message",
@@ -1068,6 +1099,45 @@ mod tests {
             due_now(&sender).await,
             [PushKind::Withdrawal],
             "taken back as the deletion would once the push was out"
+        );
+    }
+
+    /// A member removed after the sender's last look and before it remembered the push: their
+    /// removal found nothing to withdraw, so nothing of the chat must reach them now, and the
+    /// notification of the push before it is taken away too, as the removal would have.
+    #[tokio::test]
+    async fn a_removal_between_the_last_look_and_the_record_stops_the_push() {
+        let (sender, push, received) = setup(true, 0).await;
+        let earlier = PendingPush {
+            newest: SignalId::new(),
+            ..push.clone()
+        };
+        let push = PendingPush {
+            newest: SignalId::new(),
+            ..push
+        };
+        sender.send(earlier).await;
+        assert_eq!(received.lock().unwrap().len(), 1, "the earlier push rings");
+        let (sender, directory) = reading_through(sender, &push, |device| {
+            Directory::new(device, true, Vec::new()).removed_after(1)
+        })
+        .await;
+        sender.send(push).await;
+        let rang = received.lock().unwrap().clone();
+        assert_eq!(
+            rang.len(),
+            1,
+            "a push reached a member removed before it went out: {rang:?}"
+        );
+        assert_eq!(
+            directory.times_read("is_member"),
+            2,
+            "membership is read again"
+        );
+        assert_eq!(
+            due_now(&sender).await,
+            [PushKind::Withdrawal],
+            "the earlier push is taken away, as the removal would have"
         );
     }
 

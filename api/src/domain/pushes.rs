@@ -428,6 +428,24 @@ impl ApiState {
         }
     }
 
+    /// Takes back `user`'s pushes of `chat`, which they are out of now: a pending one is dropped
+    /// (the sender's last look would drop it too) and a notification sent is withdrawn from their
+    /// devices, so nothing of the chat stays on their lock screens. Called once the membership
+    /// is written: the sender looks at the membership again after it remembers a push, so this
+    /// or that look sees the other. On a task of its own, so that the removal's answer waits for
+    /// no queue.
+    pub(crate) fn withdraw_pushes_of_leaver(&self, user: UserId, chat: ChatId) {
+        if self.push_queue.is_none() {
+            return;
+        }
+        let state = self.clone();
+        tokio::spawn(async move {
+            state
+                .cancel_pushes(user, chat, SignalId(uuid::Uuid::max()))
+                .await;
+        });
+    }
+
     /// Cancels `user`'s pending push of `chat` when it announces nothing newer than `up_to`: they
     /// fetched, read or received that far. A push already sent that announced nothing newer is
     /// withdrawn from their devices.
