@@ -359,6 +359,17 @@ impl PushSender {
         match member {
             Ok(true) => {}
             Ok(false) => {
+                // Out of the chat: a notification of it they still have goes too. (Their removal
+                // withdraws it, but a push scheduled from a member list read before the removal
+                // may have been pending when it looked, which kept the record.) Up to what this
+                // push announces only: a push scheduled later may be for a member added back.
+                let taken_back = self
+                    .queue
+                    .cancel(push.user, push.chat, push.newest, now_ms())
+                    .await;
+                if let Err(error) = taken_back {
+                    tracing::warn!(%error, "a leaver's notification was not withdrawn");
+                }
                 metrics::counter!("confab_pushes_cancelled_total").increment(1);
                 return false;
             }
@@ -1138,6 +1149,35 @@ mod tests {
             due_now(&sender).await,
             [PushKind::Withdrawal],
             "the earlier push is taken away, as the removal would have"
+        );
+    }
+
+    /// A push claimed for someone no longer in the chat (scheduled from a member list read
+    /// before their removal) goes nowhere, and the notification of the chat they still have is
+    /// withdrawn: their removal may have found this push pending, and left the record alone.
+    #[tokio::test]
+    async fn a_push_for_someone_out_of_the_chat_withdraws_what_they_were_sent() {
+        let (sender, push, received) = setup(true, 0).await;
+        let earlier = PendingPush {
+            newest: SignalId::new(),
+            ..push.clone()
+        };
+        let push = PendingPush {
+            newest: SignalId::new(),
+            ..push
+        };
+        sender.send(earlier).await;
+        assert_eq!(received.lock().unwrap().len(), 1, "the earlier push rings");
+        let (sender, _) = reading_through(sender, &push, |device| {
+            Directory::new(device, false, Vec::new())
+        })
+        .await;
+        sender.send(push).await;
+        assert_eq!(received.lock().unwrap().len(), 1, "no push for a leaver");
+        assert_eq!(
+            due_now(&sender).await,
+            [PushKind::Withdrawal],
+            "the notification they had is withdrawn"
         );
     }
 

@@ -633,9 +633,16 @@ impl ApiState {
     async fn remove_expired_circle(&self, circle: CircleId) -> ApiResult<()> {
         self.end_pairings_of_expired_circle(circle).await?;
         for chat in self.store.circle_chats(circle).await? {
+            // For the withdrawal of their pushes afterwards, which is not worth failing the
+            // removal for.
+            let members = self.store.members(chat).await.unwrap_or_else(|error| {
+                tracing::warn!(%error, %chat, "an expired circle's chat's members unread; their pushes stay");
+                Vec::new()
+            });
             self.end_calls_of_chat(chat).await?;
             self.forget_history(chat).await?;
             self.store.delete_chat(chat).await?;
+            self.withdraw_pushes_of_leavers(chat, members.into_iter().map(|m| m.user_id).collect());
         }
         self.store.delete_circle(circle).await?;
         tracing::info!(%circle, "expired circle removed");

@@ -130,7 +130,7 @@ impl ApiState {
             // every member's list), and a failure of it fails no removal, which a retry could
             // not redo ("no such member").
             self.publish_intended(envelope, intent).await;
-            self.withdraw_pushes_of_leaver(user, chat_id);
+            self.withdraw_pushes_of_leavers(chat_id, vec![user]);
             if let Err(error) = self.store.untouch_chat(chat_id, user).await {
                 tracing::warn!(%error, chat = %chat_id, %user, "taking a chat out of a leaving member's list failed; readers skip it");
             }

@@ -651,6 +651,7 @@ impl ApiState {
             self.store.remove_member(chat, member).await?;
             self.store.untouch_chat(chat, member).await?;
         }
+        self.withdraw_pushes_of_leavers(chat, pair.to_vec());
         for member in pair {
             self.leave_calls_of_chat(chat, member).await?;
         }

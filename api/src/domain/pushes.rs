@@ -428,20 +428,36 @@ impl ApiState {
         }
     }
 
-    /// Takes back `user`'s pushes of `chat`, which they are out of now: a pending one is dropped
-    /// (the sender's last look would drop it too) and a notification sent is withdrawn from their
-    /// devices, so nothing of the chat stays on their lock screens. Called once the membership
-    /// is written: the sender looks at the membership again after it remembers a push, so this
-    /// or that look sees the other. On a task of its own, so that the removal's answer waits for
-    /// no queue.
-    pub(crate) fn withdraw_pushes_of_leaver(&self, user: UserId, chat: ChatId) {
-        if self.push_queue.is_none() {
+    /// Takes back the pushes of `chat` of each of `users`, who are out of it now (removed, left,
+    /// or the chat is gone): a pending one is dropped (the sender's last look would drop it too)
+    /// and a notification sent is withdrawn from their devices, so nothing of the chat stays on
+    /// their lock screens. Called once the membership is written: the sender looks at the
+    /// membership again after it remembers a push, so this or that look sees the other. On a
+    /// task of its own, so that the removal's answer waits for no queue; a user found a member
+    /// again by then (added back meanwhile) is left alone.
+    pub(crate) fn withdraw_pushes_of_leavers(&self, chat: ChatId, users: Vec<UserId>) {
+        if self.push_queue.is_none() || users.is_empty() {
             return;
         }
         let state = self.clone();
         tokio::spawn(async move {
-            state
-                .cancel_pushes(user, chat, SignalId(uuid::Uuid::max()))
+            futures::stream::iter(users)
+                .for_each_concurrent(16, |user| {
+                    let state = &state;
+                    async move {
+                        match state.store.member_role(chat, user).await {
+                            Ok(None) => {}
+                            Ok(Some(_)) => return,
+                            Err(error) => {
+                                tracing::warn!(%error, "a leaver's pushes were not withdrawn");
+                                return;
+                            }
+                        }
+                        state
+                            .cancel_pushes(user, chat, SignalId(uuid::Uuid::max()))
+                            .await;
+                    }
+                })
                 .await;
         });
     }
