@@ -1032,12 +1032,9 @@ mod tests {
         claimed.pushes.into_iter().map(|push| push.kind).collect()
     }
 
-    /// A read that lands after the sender's last look at the markers and before it remembers
-    /// the push finds the push neither pending (it was claimed) nor sent (not yet remembered), so
-    /// it withdraws nothing: the push must not ring for a message already read, and the
-    /// notification of the push before it, which the read covers too, is still taken away.
-    #[tokio::test]
-    async fn a_read_between_the_last_look_and_the_record_stops_the_push() {
+    /// A sender whose earlier push of the chat rang and was remembered, and the next push, of a
+    /// newer message.
+    async fn after_an_earlier_push() -> (PushSender, PendingPush, Arc<Mutex<Vec<String>>>) {
         let (sender, push, received) = setup(true, 0).await;
         let earlier = PendingPush {
             newest: SignalId::new(),
@@ -1049,6 +1046,16 @@ mod tests {
         };
         sender.send(earlier).await;
         assert_eq!(received.lock().unwrap().len(), 1, "the earlier push rings");
+        (sender, push, received)
+    }
+
+    /// A read that lands after the sender's last look at the markers and before it remembers
+    /// the push finds the push neither pending (it was claimed) nor sent (not yet remembered), so
+    /// it withdraws nothing: the push must not ring for a message already read, and the
+    /// notification of the push before it, which the read covers too, is still taken away.
+    #[tokio::test]
+    async fn a_read_between_the_last_look_and_the_record_stops_the_push() {
+        let (sender, push, received) = after_an_earlier_push().await;
         let (sender, _) = reading_through(sender, &push, |device| {
             Directory::new(device, true, Vec::new()).read_after(1, push.newest)
         })
@@ -1118,17 +1125,7 @@ mod tests {
     /// notification of the push before it is taken away too, as the removal would have.
     #[tokio::test]
     async fn a_removal_between_the_last_look_and_the_record_stops_the_push() {
-        let (sender, push, received) = setup(true, 0).await;
-        let earlier = PendingPush {
-            newest: SignalId::new(),
-            ..push.clone()
-        };
-        let push = PendingPush {
-            newest: SignalId::new(),
-            ..push
-        };
-        sender.send(earlier).await;
-        assert_eq!(received.lock().unwrap().len(), 1, "the earlier push rings");
+        let (sender, push, received) = after_an_earlier_push().await;
         let (sender, directory) = reading_through(sender, &push, |device| {
             Directory::new(device, true, Vec::new()).removed_after(1)
         })
@@ -1157,17 +1154,7 @@ mod tests {
     /// withdrawn: their removal may have found this push pending, and left the record alone.
     #[tokio::test]
     async fn a_push_for_someone_out_of_the_chat_withdraws_what_they_were_sent() {
-        let (sender, push, received) = setup(true, 0).await;
-        let earlier = PendingPush {
-            newest: SignalId::new(),
-            ..push.clone()
-        };
-        let push = PendingPush {
-            newest: SignalId::new(),
-            ..push
-        };
-        sender.send(earlier).await;
-        assert_eq!(received.lock().unwrap().len(), 1, "the earlier push rings");
+        let (sender, push, received) = after_an_earlier_push().await;
         let (sender, _) = reading_through(sender, &push, |device| {
             Directory::new(device, false, Vec::new())
         })

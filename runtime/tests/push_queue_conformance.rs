@@ -732,20 +732,7 @@ async fn jetstream_a_withdrawal_that_cannot_be_queued_keeps_its_record() {
         .schedule(user, chat, &burst_message(author, 0), now, now + 600_000)
         .await
         .expect("scheduled");
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    let push = loop {
-        let mut batch = queue
-            .claim_due(confab_runtime::presence::now_ms(), 16)
-            .await
-            .expect("claims");
-        if let Some(push) = batch.pushes.pop() {
-            break push;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the push was never claimed"
-        );
-    };
+    let push = claim_one(&*queue, "the push").await;
     queue
         .sent(&push, confab_runtime::presence::now_ms())
         .await
@@ -775,21 +762,29 @@ async fn jetstream_a_withdrawal_that_cannot_be_queued_keeps_its_record() {
         Cancelled::Withdrawn,
         "the sent push's record outlived the failed withdrawal"
     );
+    let withdrawal = claim_one(&other, "the withdrawal").await;
+    assert_eq!(withdrawal.kind, PushKind::Withdrawal);
+    assert_eq!((withdrawal.user, withdrawal.chat), (user, chat));
+    other.delete_bucket().await.expect("cleans up");
+}
+
+/// The next push `queue` claims, waited for up to 10 s; `what` names it when none comes.
+async fn claim_one(
+    queue: &dyn confab_runtime::push_queue::PushQueue,
+    what: &str,
+) -> confab_runtime::push_queue::PendingPush {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    let withdrawal = loop {
-        let mut batch = other
+    loop {
+        let mut batch = queue
             .claim_due(confab_runtime::presence::now_ms(), 16)
             .await
             .expect("claims");
         if let Some(push) = batch.pushes.pop() {
-            break push;
+            return push;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the withdrawal was never claimed"
+            "{what} was never claimed"
         );
-    };
-    assert_eq!(withdrawal.kind, PushKind::Withdrawal);
-    assert_eq!((withdrawal.user, withdrawal.chat), (user, chat));
-    other.delete_bucket().await.expect("cleans up");
+    }
 }
