@@ -540,6 +540,58 @@ pub async fn reading_a_sent_push_withdraws_it(fixture: Fixture) {
     );
 }
 
+/// A push sent while the withdrawal of the one before it waits (its message was read after the
+/// push was claimed, before it was remembered) is withdrawn by a read that covers it: the waiting
+/// withdrawal is widened to it, rather than the read finding a withdrawal on its way and leaving
+/// the newer notification on the devices.
+pub async fn a_waiting_withdrawal_is_widened_by_a_later_read(fixture: Fixture) {
+    let (alice, chat) = (user(), ChatId::new());
+    let (one, two) = (message("one"), message("two"));
+    let queue = &*fixture.first;
+    schedule(queue, alice, chat, &one, now_ms()).await;
+    let claimed = claim(queue, 1).await;
+    assert_eq!(claimed.len(), 1);
+    queue.sent(&claimed[0], now_ms()).await.expect("remembers");
+    schedule(queue, alice, chat, &two, now_ms()).await;
+    let newer = claim(queue, 1).await;
+    assert_eq!(newer.len(), 1);
+    // Read up to the first while the second is on its way: the first is to be withdrawn.
+    assert_eq!(
+        fixture
+            .second
+            .cancel(alice, chat, one.signal, now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Withdrawn
+    );
+    queue.sent(&newer[0], now_ms()).await.expect("remembers");
+    // Read up to the second before that withdrawal went out: one withdrawal covers both.
+    assert_eq!(
+        fixture
+            .second
+            .cancel(alice, chat, two.signal, now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Withdrawn,
+        "the notification of the second push stays on the devices"
+    );
+    let claimed = claim(&*fixture.second, 1).await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        (claimed[0].kind, claimed[0].newest),
+        (PushKind::Withdrawal, two.signal)
+    );
+    nothing_claimed(queue, 200).await;
+    assert_eq!(
+        queue
+            .cancel(alice, chat, two.signal, now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Nothing,
+        "withdrawn once"
+    );
+}
+
 /// A mute drops the user's pending push of that chat, and previews turned off take the text off
 /// each of their pending pushes, which still go out; another user's pushes, and a withdrawal on
 /// its way, are left as they were. Made through one handle, the changes are what the other claims.
@@ -629,6 +681,7 @@ macro_rules! push_queue_conformance_tests {
             case!(claimers_share_without_doubles);
             case!(racing_handles_never_fail);
             case!(reading_a_sent_push_withdraws_it);
+            case!(a_waiting_withdrawal_is_widened_by_a_later_read);
             case!(a_deleted_message_is_taken_out_of_its_push);
             case!(settings_changes_reach_pending_pushes);
         }

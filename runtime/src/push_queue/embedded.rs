@@ -96,13 +96,15 @@ fn put_pending(connection: &Connection, key: &str, push: &PendingPush) -> Result
 
 /// Forgets the push sent to `user` in `chat` if `covered` says it is to be withdrawn, and queues
 /// its withdrawal unless it is forgotten by now; says whether it queued one. Nothing is pending
-/// for the chat.
+/// for the chat but, with `waiting`, a withdrawal up to that message, which the new one replaces
+/// (it withdraws up to the newer of the two).
 fn withdraw_sent(
     tx: &Connection,
     user: UserId,
     chat: ChatId,
     covered: impl FnOnce(&SentPush) -> bool,
     now_ms: i64,
+    waiting: Option<SignalId>,
 ) -> Result<bool, BusError> {
     let key = key(user, chat);
     let sent: Option<SentPush> = read(tx, "sent_pushes", &key)?;
@@ -114,11 +116,11 @@ fn withdraw_sent(
     if sent.forget_ms <= now_ms {
         return Ok(false);
     }
-    put_pending(
-        tx,
-        &key,
-        &PendingPush::withdrawal(user, chat, &sent, now_ms),
-    )?;
+    let mut withdrawal = PendingPush::withdrawal(user, chat, &sent, now_ms);
+    if let Some(waiting) = waiting {
+        withdrawal.newest = withdrawal.newest.max(waiting);
+    }
+    put_pending(tx, &key, &withdrawal)?;
     Ok(true)
 }
 
@@ -160,18 +162,27 @@ impl PushQueue for EmbeddedPushQueue {
                 .map_err(unavailable)?;
             let mut outcome = Cancelled::Nothing;
             let pending: Option<PendingPush> = read(&tx, "pending_pushes", &key)?;
-            let still_pending = match pending {
+            let (still_pending, waiting) = match pending {
                 Some(push) if push.kind == PushKind::Messages && push.newest <= up_to => {
                     tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
                         .map_err(unavailable)?;
                     outcome = Cancelled::Pending;
-                    false
+                    (false, None)
                 }
-                Some(_) => true,
-                None => false,
+                // A withdrawal on its way: widened to a push sent since that this read covers.
+                Some(push) if push.kind == PushKind::Withdrawal => (false, Some(push.newest)),
+                Some(_) => (true, None),
+                None => (false, None),
             };
             if !still_pending
-                && withdraw_sent(&tx, user, chat, |sent| sent.newest <= up_to, now_ms)?
+                && withdraw_sent(
+                    &tx,
+                    user,
+                    chat,
+                    |sent| sent.newest <= up_to,
+                    now_ms,
+                    waiting,
+                )?
             {
                 outcome = Cancelled::Withdrawn;
             }
@@ -202,14 +213,22 @@ impl PushQueue for EmbeddedPushQueue {
                     // The push dropped would have replaced the notification on screen, which may
                     // show a message deleted while this one waited: nothing replaces it now, so
                     // it is withdrawn.
-                    withdraw_sent(&tx, user, chat, |sent| sent.newest <= deleted, now_ms)?;
+                    withdraw_sent(&tx, user, chat, |sent| sent.newest <= deleted, now_ms, None)?;
                     Cancelled::Pending
                 }
                 Some(AfterDeletion::Narrowed(push)) => {
                     put_pending(&tx, &key, &push)?;
                     Cancelled::Narrowed
                 }
-                None if withdraw_sent(&tx, user, chat, |sent| sent.newest == deleted, now_ms)? => {
+                None if withdraw_sent(
+                    &tx,
+                    user,
+                    chat,
+                    |sent| sent.newest == deleted,
+                    now_ms,
+                    None,
+                )? =>
+                {
                     Cancelled::Withdrawn
                 }
                 None => Cancelled::Nothing,

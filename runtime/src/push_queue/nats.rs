@@ -748,8 +748,10 @@ impl NatsPushQueue {
 
     /// Forgets the push sent to `user` in `chat` if `covered` says it is to be withdrawn, and queues
     /// its withdrawal unless it is forgotten by now; says whether it queued one. Called once
-    /// nothing is pending for the chat. A withdrawal that cannot be queued (an error) leaves the
-    /// record, or puts it back, for the next read or deletion to try again.
+    /// nothing is pending for the chat but, with `waiting`, a withdrawal up to that message at
+    /// that revision, which the new one replaces (it withdraws up to the newer of the two). A
+    /// withdrawal that cannot be queued (an error) leaves the record, or puts it back, for the
+    /// next read or deletion to try again.
     async fn withdraw_sent(
         &self,
         kv: &kv::Store,
@@ -757,6 +759,7 @@ impl NatsPushQueue {
         chat: ChatId,
         covered: impl FnOnce(&SentPush) -> bool,
         now_ms: i64,
+        waiting: Option<(SignalId, u64)>,
     ) -> Result<bool, BusError> {
         let key = key(user, chat);
         let sent = self.sent.store().await.map_err(unavailable)?;
@@ -779,7 +782,10 @@ impl NatsPushQueue {
                 .await;
             return Ok(false);
         }
-        let withdrawal = PendingPush::withdrawal(user, chat, &record, now_ms);
+        let mut withdrawal = PendingPush::withdrawal(user, chat, &record, now_ms);
+        if let Some((newest, _)) = waiting {
+            withdrawal.newest = withdrawal.newest.max(newest);
+        }
         let value: bytes::Bytes = serde_json::to_vec(&withdrawal)?.into();
         // The ticket first, as for every entry, and before the record is deleted: a ticket that
         // cannot be put leaves the record for the next read or deletion, and one whose entry is
@@ -795,18 +801,32 @@ impl NatsPushQueue {
         {
             return Ok(false);
         }
-        let queued = match kv.create(&key, value).await {
+        let created = match waiting {
+            Some((_, revision)) => match kv.update(&key, value.clone(), revision).await {
+                Ok(revision) => Ok(revision),
+                // Claimed meanwhile (on its way to the devices): a withdrawal of its own.
+                Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    kv.create(&key, value).await
+                }
+                Err(error) => Err(error.into()),
+            },
+            None => kv.create(&key, value).await,
+        };
+        self.forget(&key);
+        let queued = match created {
             Ok(_) => Ok(true),
             Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
             Err(error) => Err(unavailable(error)),
         };
-        if queued.is_err() {
-            // Deleted, and its withdrawal not queued: the record goes back, so that the next
-            // read or deletion withdraws the notification, which would otherwise stay for good.
-            // Not over the record of a push sent since (`create`), which replaced it. Should
-            // the withdrawal have been written after all (its answer lost), or the record have
-            // been read and deleted by another node meanwhile, the next read sends one more
-            // withdrawal of what it announced, which changes nothing on a device.
+        if !matches!(queued, Ok(true)) {
+            // Deleted, and its withdrawal not queued (an error, or a push created meanwhile,
+            // which may yet be cancelled before it replaces the notification): the record goes
+            // back, so that the next read or deletion withdraws the notification, which would
+            // otherwise stay for good. Not over the record of a push sent since (`create`),
+            // which replaced it. Should the withdrawal have been written after all (its answer
+            // lost), or the record have been read and deleted by another node meanwhile, the
+            // next read sends one more withdrawal of what it announced, which changes nothing on
+            // a device.
             if let Err(error) = sent.create(&key, entry.value.clone()).await
                 && error.kind() != kv::CreateErrorKind::AlreadyExists
             {
@@ -999,6 +1019,7 @@ impl PushQueue for NatsPushQueue {
         let _turn = self.entry_turns.turn(&key).await;
         let mut outcome = Cancelled::Nothing;
         let mut settled = false;
+        let mut waiting = None;
         for attempt in 0..ENTRY_ATTEMPTS {
             if attempt > 0 {
                 lost_a_race(attempt).await;
@@ -1019,7 +1040,13 @@ impl PushQueue for NatsPushQueue {
                     }
                     // Changed meanwhile: look again.
                 }
-                // Newer than what was read, or a withdrawal on its way: nothing to do.
+                // A withdrawal on its way: widened to a push sent since that this read covers.
+                Some((push, revision)) if push.kind == PushKind::Withdrawal => {
+                    waiting = Some((push.newest, revision));
+                    settled = true;
+                    break;
+                }
+                // Newer than what was read: nothing to do.
                 Some(_) => return Ok(outcome),
                 None => {
                     settled = true;
@@ -1030,9 +1057,10 @@ impl PushQueue for NatsPushQueue {
         if !settled {
             return Err(unavailable("too many concurrent updates"));
         }
-        // Nothing pending any more: a sent push that was read is withdrawn.
+        // Nothing pending any more (but perhaps a withdrawal): a sent push that was read is
+        // withdrawn.
         if self
-            .withdraw_sent(kv, user, chat, |sent| sent.newest <= up_to, now_ms)
+            .withdraw_sent(kv, user, chat, |sent| sent.newest <= up_to, now_ms, waiting)
             .await?
         {
             outcome = Cancelled::Withdrawn;
@@ -1057,7 +1085,7 @@ impl PushQueue for NatsPushQueue {
             let Some((push, revision)) = self.pending(kv, &key).await? else {
                 // Nothing pending: a push sent announcing it is withdrawn.
                 let withdrawn = self
-                    .withdraw_sent(kv, user, chat, |sent| sent.newest == deleted, now_ms)
+                    .withdraw_sent(kv, user, chat, |sent| sent.newest == deleted, now_ms, None)
                     .await?;
                 return Ok(if withdrawn {
                     Cancelled::Withdrawn
@@ -1078,8 +1106,15 @@ impl PushQueue for NatsPushQueue {
                         // The push dropped would have replaced the notification on screen, which
                         // may show a message deleted while this one waited: nothing replaces it
                         // now, so it is withdrawn.
-                        self.withdraw_sent(kv, user, chat, |sent| sent.newest <= deleted, now_ms)
-                            .await?;
+                        self.withdraw_sent(
+                            kv,
+                            user,
+                            chat,
+                            |sent| sent.newest <= deleted,
+                            now_ms,
+                            None,
+                        )
+                        .await?;
                         return Ok(Cancelled::Pending);
                     }
                 }
