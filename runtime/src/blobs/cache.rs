@@ -232,7 +232,14 @@ impl CachedBlobs {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             match filling.get(name) {
                 Some(fill) => (Some(Arc::clone(fill)), false),
-                None if !self.limits.keeps_first_reads && self.first_read(name) => (None, true),
+                // An object known to be too large to keep is not remembered: its reads are
+                // never kept anyway.
+                None if !self.limits.keeps_first_reads
+                    && size.is_none_or(|size| size <= self.limits.object_bytes as u64)
+                    && self.first_read(name) =>
+                {
+                    (None, true)
+                }
                 None => {
                     let fill = Arc::new(Fill::new(None));
                     filling.insert(name.clone(), Arc::clone(&fill));
@@ -1118,6 +1125,24 @@ mod tests {
                 )
             })
             .collect();
+        // All four are in before the first read's rest comes: one reads, three wait for it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting = blobs
+                .filling
+                .lock()
+                .expect("lock")
+                .get(&together_name)
+                .map(|fill| fill.receiver_count());
+            if waiting == Some(3) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the readers never joined one read: {waiting:?} waiting"
+            );
+            tokio::task::yield_now().await;
+        }
         trickling.rest.send_replace(true);
         let mut all = head.to_vec();
         all.extend_from_slice(&read_all(first).await);
@@ -1134,6 +1159,23 @@ mod tests {
             blobs.fills(),
             2,
             "the four readers behind the first shared one read"
+        );
+
+        // An object known to be too large to keep takes no place among the names read once.
+        let large = vec![9u8; 6000];
+        let large_name = trickling
+            .inner
+            .put(Bytes::from(large.clone()))
+            .await
+            .expect("put");
+        let read = blobs
+            .get_sized(&large_name, 6000, None)
+            .await
+            .expect("reads");
+        assert_eq!(read_all(read).await, large);
+        assert!(
+            !blobs.read_once.lock().expect("lock").contains(&large_name),
+            "a name that can never be kept was remembered"
         );
     }
 
