@@ -295,33 +295,33 @@ impl PushSender {
             tracing::debug!(%error, "markers unavailable; sending anyway");
             None
         });
-        let taken_back = match (member, message) {
-            (Err(error), _) => {
+        let member = match member {
+            Ok(member) => member,
+            Err(error) => {
                 tracing::warn!(%error, "membership unavailable; push dropped");
                 metrics::counter!("confab_pushes_failed_total", "platform" => "any").increment(1);
                 return false;
             }
-            // Out of the chat, or read: everything it announced is withdrawn.
-            (Ok(false), _) => {
-                self.queue
-                    .cancel(push.user, push.chat, push.newest, now_ms())
-                    .await
-            }
-            (Ok(true), _) if reached >= Some(push.newest) => {
-                self.queue
-                    .cancel(push.user, push.chat, push.newest, now_ms())
-                    .await
-            }
-            (Ok(true), Err(error)) => {
-                tracing::warn!(%error, "the message is unavailable; push dropped");
-                metrics::counter!("confab_pushes_failed_total", "platform" => "any").increment(1);
-                return false;
-            }
-            (Ok(true), Ok(Announced::Text(_))) => return true,
-            (Ok(true), Ok(Announced::Deleted)) => {
-                self.queue
-                    .message_deleted(push.user, push.chat, push.newest, now_ms())
-                    .await
+        };
+        // Out of the chat, or read: everything it announced is withdrawn.
+        let taken_back = if !member || reached >= Some(push.newest) {
+            self.queue
+                .cancel(push.user, push.chat, push.newest, now_ms())
+                .await
+        } else {
+            match message {
+                Ok(Announced::Text(_)) => return true,
+                Ok(Announced::Deleted) => {
+                    self.queue
+                        .message_deleted(push.user, push.chat, push.newest, now_ms())
+                        .await
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "the message is unavailable; push dropped");
+                    metrics::counter!("confab_pushes_failed_total", "platform" => "any")
+                        .increment(1);
+                    return false;
+                }
             }
         };
         metrics::counter!("confab_pushes_cancelled_total").increment(1);

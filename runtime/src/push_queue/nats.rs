@@ -789,9 +789,8 @@ impl NatsPushQueue {
         let value: bytes::Bytes = serde_json::to_vec(&withdrawal)?.into();
         // The ticket first, as for every entry, and before the record is deleted: a ticket that
         // cannot be put leaves the record for the next read or deletion, and one whose entry is
-        // then not created finds none and is dropped. (A push created meanwhile replaces the
-        // notification anyway: then no withdrawal is needed, and the ticket finds that push,
-        // not due yet, and comes back when it is.)
+        // then not created finds none and is dropped (or finds a push created meanwhile, not
+        // due yet, and comes back when it is).
         self.ticket(&key, withdrawal.due_ms).await?;
         // Whoever deletes the record queues the withdrawal; a concurrent cancel does not.
         if sent
@@ -812,7 +811,6 @@ impl NatsPushQueue {
             },
             None => kv.create(&key, value).await,
         };
-        self.forget(&key);
         let queued = match created {
             Ok(_) => Ok(true),
             Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
