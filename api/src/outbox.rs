@@ -711,6 +711,10 @@ impl ApiState {
             self.store
                 .forget_left_chat(envelope.chat_id, change.user_id)
                 .await?;
+            // Nor may it have taken back their pushes of the chat (a request withdraws them
+            // after its writes, in the background); likewise before the event.
+            self.withdraw_leaver(envelope.chat_id, change.user_id)
+                .await?;
         }
         let event = match event {
             Event::SignalUpdated(mut signal) => {

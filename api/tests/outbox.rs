@@ -559,6 +559,120 @@ async fn real_a_silent_writers_events_are_published_by_a_sweep() {
     }
 }
 
+/// A removal whose process died after its write, before it took back the member's pushes (a
+/// request does that in the background): the notification the member had of the chat stayed on
+/// their devices for good. The sweep that publishes the removal's `member.left` now withdraws it,
+/// before the event, so a failure leaves the entry for the next sweep.
+async fn a_removal_cut_short_has_its_pushes_withdrawn_by_the_sweep(parts: Parts) {
+    use confab_runtime::push_queue::{EmbeddedPushQueue, PushKind, PushMessage, PushQueue};
+
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = chat(&*parts.store, &alice).await;
+    parts.store.upsert_user(&bob).await.expect("user");
+    let queue: Arc<dyn PushQueue> = Arc::new(
+        EmbeddedPushQueue::open(&parts._dir.path().join("pushes.sqlite3")).expect("push queue"),
+    );
+    // Its own sends schedule no push: the one bob was sent is made below, by hand.
+    let survivor = ApiState::new(
+        Arc::clone(&parts.store),
+        Arc::clone(&parts.bus),
+        Arc::clone(&parts.identity),
+        &confab_runtime::signed::Keyring::random(),
+    );
+    survivor
+        .add_member(alice.id, chat, bob.id, None)
+        .await
+        .expect("adds bob");
+    let message = NewMessage::parse(
+        SignalKind::Message,
+        Some("on bob's lock screen".into()),
+        Some("n-pushed".into()),
+        None,
+        Vec::new(),
+    )
+    .expect("a valid message");
+    let (Outcome::Created(sent) | Outcome::Existing(sent)) = survivor
+        .send_message(&alice, chat, message)
+        .await
+        .expect("sent");
+    // Bob was sent a push of it.
+    let now = confab_runtime::presence::now_ms();
+    let announcing = PushMessage {
+        signal: sent.id,
+        author: alice.id,
+        author_name: "alice".into(),
+        preview: None,
+    };
+    queue
+        .schedule(bob.id, chat, &announcing, now, now + 60_000)
+        .await
+        .expect("scheduled");
+    let claimed = queue.claim_due(now, 10).await.expect("claims").pushes;
+    assert_eq!(claimed.len(), 1, "bob's push is due");
+    queue.sent(&claimed[0], now).await.expect("remembered");
+
+    // The process that dies: no push queue of its own (its background withdrawal never ran),
+    // and its event refused.
+    let doomed = ApiState::new(
+        Arc::clone(&parts.store),
+        Arc::new(RefusingBus::new(&parts.bus)),
+        Arc::clone(&parts.identity),
+        &confab_runtime::signed::Keyring::random(),
+    );
+    doomed
+        .remove_member(alice.id, chat, bob.id)
+        .await
+        .expect("removes bob");
+    alive_until_now(&*parts.store, &doomed).await;
+    assert!(
+        queue
+            .claim_due(confab_runtime::presence::now_ms(), 10)
+            .await
+            .expect("claims")
+            .pushes
+            .is_empty(),
+        "nothing was withdrawn before the sweep"
+    );
+
+    let survivor = survivor.with_push_queue(Arc::clone(&queue));
+    assert!(survivor.sweep_outbox(SWEEP_NOW).await.expect("sweeps") >= 1);
+    let due = queue
+        .claim_due(confab_runtime::presence::now_ms(), 10)
+        .await
+        .expect("claims")
+        .pushes;
+    assert_eq!(
+        due.iter()
+            .map(|p| (p.kind, p.user, p.chat, p.newest))
+            .collect::<Vec<_>>(),
+        vec![(PushKind::Withdrawal, bob.id, chat, sent.id)],
+        "the notification of the chat bob was removed from stays on his devices"
+    );
+    if let Some(cleanup) = parts.cleanup {
+        cleanup.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_removal_cut_short_has_its_pushes_withdrawn_by_the_sweep() {
+    if let Some(parts) = embedded().await {
+        Box::pin(a_removal_cut_short_has_its_pushes_withdrawn_by_the_sweep(
+            parts,
+        ))
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_a_removal_cut_short_has_its_pushes_withdrawn_by_the_sweep() {
+    if let Some(parts) = Box::pin(real()).await {
+        Box::pin(a_removal_cut_short_has_its_pushes_withdrawn_by_the_sweep(
+            parts,
+        ))
+        .await;
+    }
+}
+
 /// A process whose bus refused its events retries them in the background. When the bus takes
 /// them again, a retry publishes the change as the store holds it then: a member removed (by
 /// another process) since their join is not routed the chat again by a late `member.joined`, and

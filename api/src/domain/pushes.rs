@@ -13,8 +13,16 @@ use confab_schema::{ChatId, Signal, SignalId, SignalKind, UserId};
 use futures::StreamExt;
 use time::OffsetDateTime;
 
+use crate::backoff::Backoff;
+use crate::error::ApiResult;
 use crate::state::ApiState;
 use crate::store::StoreError;
+
+/// Retries of a leaver's withdrawal while the store or the queue fails: about half a minute in
+/// all, as a publish is retried.
+const LEAVER_FIRST_RETRY: Duration = Duration::from_millis(250);
+const LEAVER_LONGEST_RETRY: Duration = Duration::from_secs(8);
+const LEAVER_RETRIES: u32 = 6;
 
 /// Chats with more members than this are fanned out in the background, one pass in flight per
 /// chat, the messages sent meanwhile announced by the next pass (see `schedule_pushes`).
@@ -433,8 +441,9 @@ impl ApiState {
     /// and a notification sent is withdrawn from their devices, so nothing of the chat stays on
     /// their lock screens. Called once the membership is written: the sender looks at the
     /// membership again after it remembers a push, so this or that look sees the other. On a
-    /// task of its own, so that the removal's answer waits for no queue; a user found a member
-    /// again by then (added back meanwhile) is left alone.
+    /// task of its own, so that the removal's answer waits for no queue, and retried there while
+    /// the store or the queue fails. A removal cut short before this is finished by the late
+    /// publish of its `member.left`, which withdraws as well ([`ApiState::withdraw_leaver`]).
     pub(crate) fn withdraw_pushes_of_leavers(&self, chat: ChatId, users: Vec<UserId>) {
         if self.push_queue.is_none() || users.is_empty() {
             return;
@@ -445,21 +454,51 @@ impl ApiState {
                 .for_each_concurrent(16, |user| {
                     let state = &state;
                     async move {
-                        match state.store.member_role(chat, user).await {
-                            Ok(None) => {}
-                            Ok(Some(_)) => return,
-                            Err(error) => {
-                                tracing::warn!(%error, "a leaver's pushes were not withdrawn");
-                                return;
+                        let mut backoff = Backoff::new(
+                            LEAVER_FIRST_RETRY,
+                            LEAVER_LONGEST_RETRY,
+                            LEAVER_RETRIES,
+                        );
+                        loop {
+                            match state.withdraw_leaver(chat, user).await {
+                                Ok(()) => return,
+                                Err(error) if !backoff.wait().await => {
+                                    metrics::counter!("confab_pushes_leavers_unwithdrawn_total")
+                                        .increment(1);
+                                    tracing::warn!(%error, %chat, %user, "a leaver's pushes were not withdrawn: every retry failed");
+                                    return;
+                                }
+                                Err(error) => {
+                                    tracing::debug!(%error, "a leaver's pushes not withdrawn yet; retrying");
+                                }
                             }
                         }
-                        state
-                            .cancel_pushes(user, chat, SignalId(uuid::Uuid::max()))
-                            .await;
                     }
                 })
                 .await;
         });
+    }
+
+    /// Takes back `user`'s pushes of `chat` unless they are a member of it (again): see
+    /// [`ApiState::withdraw_pushes_of_leavers`]. Fails when the membership or the queue could not
+    /// be read, so that the caller tries again.
+    pub(crate) async fn withdraw_leaver(&self, chat: ChatId, user: UserId) -> ApiResult<()> {
+        let Some(queue) = &self.push_queue else {
+            return Ok(());
+        };
+        if self.store.member_role(chat, user).await?.is_some() {
+            return Ok(());
+        }
+        let cancelled = queue
+            .cancel(
+                user,
+                chat,
+                SignalId(uuid::Uuid::max()),
+                confab_runtime::presence::now_ms(),
+            )
+            .await?;
+        count(cancelled);
+        Ok(())
     }
 
     /// Cancels `user`'s pending push of `chat` when it announces nothing newer than `up_to`: they
@@ -479,10 +518,17 @@ impl ApiState {
 /// Counts what a cancel or a deletion did to a push; logs its failure as `failed`.
 fn count_cancelled<E: std::fmt::Display>(result: Result<Cancelled, E>, failed: &'static str) {
     match result {
-        Ok(Cancelled::Pending) => metrics::counter!("confab_pushes_cancelled_total").increment(1),
-        Ok(Cancelled::Withdrawn) => metrics::counter!("confab_pushes_withdrawn_total").increment(1),
-        Ok(Cancelled::Narrowed | Cancelled::Nothing) => {}
+        Ok(cancelled) => count(cancelled),
         Err(error) => tracing::warn!(%error, "{failed}"),
+    }
+}
+
+/// Counts what a cancel or a deletion did to a push.
+fn count(cancelled: Cancelled) {
+    match cancelled {
+        Cancelled::Pending => metrics::counter!("confab_pushes_cancelled_total").increment(1),
+        Cancelled::Withdrawn => metrics::counter!("confab_pushes_withdrawn_total").increment(1),
+        Cancelled::Narrowed | Cancelled::Nothing => {}
     }
 }
 

@@ -1,0 +1,194 @@
+//! A member taken out of a chat keeps no notification of it: the pushes they were sent are
+//! withdrawn from their devices after the removal, in the background, and that is tried again
+//! while the push queue fails. (A removal cut short before it is finished by the outbox sweep:
+//! `outbox.rs`.)
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use confab_api::domain::Outcome;
+use confab_api::domain::chats::ChatToCreate;
+use confab_api::domain::inputs::ChatName;
+use confab_api::domain::signals::NewMessage;
+use confab_api::state::ApiState;
+use confab_api::store::Store;
+use confab_api::store::embedded::EmbeddedStore;
+use confab_runtime::bus::{BusError, EmbeddedBus, LogSettings};
+use confab_runtime::identity::DevIdentity;
+use confab_runtime::push_queue::{
+    Cancelled, Claimed, EmbeddedPushQueue, PendingPush, PushKind, PushMessage, PushQueue,
+};
+use confab_schema::{ChatId, SignalId, SignalKind, User, UserId};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A push queue whose first `failures` cancels fail, as one does while NATS restarts.
+struct FailingCancels {
+    inner: EmbeddedPushQueue,
+    failures: AtomicU32,
+}
+
+#[async_trait]
+impl PushQueue for FailingCancels {
+    async fn schedule(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        message: &PushMessage,
+        due_ms: i64,
+        expires_ms: i64,
+    ) -> Result<(), BusError> {
+        self.inner
+            .schedule(user, chat, message, due_ms, expires_ms)
+            .await
+    }
+    async fn cancel(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        up_to: SignalId,
+        now_ms: i64,
+    ) -> Result<Cancelled, BusError> {
+        let left = self.failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures.store(left - 1, Ordering::SeqCst);
+            return Err(BusError::Unavailable("the push queue restarts".into()));
+        }
+        self.inner.cancel(user, chat, up_to, now_ms).await
+    }
+    async fn message_deleted(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        deleted: SignalId,
+        now_ms: i64,
+    ) -> Result<Cancelled, BusError> {
+        self.inner
+            .message_deleted(user, chat, deleted, now_ms)
+            .await
+    }
+    async fn drop_pending(&self, user: UserId, chat: ChatId) -> Result<bool, BusError> {
+        self.inner.drop_pending(user, chat).await
+    }
+    async fn drop_previews(&self, user: UserId) -> Result<usize, BusError> {
+        self.inner.drop_previews(user).await
+    }
+    async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Claimed, BusError> {
+        self.inner.claim_due(now_ms, limit).await
+    }
+    async fn sent(&self, push: &PendingPush, now_ms: i64) -> Result<(), BusError> {
+        self.inner.sent(push, now_ms).await
+    }
+}
+
+fn user(name: &str) -> User {
+    User {
+        id: UserId::from_subject("leavers", name),
+        username: name.into(),
+        display_name: name.into(),
+        email: None,
+    }
+}
+
+/// Before: the background withdrawal tried once, logged its failure and gave up, and the
+/// notification of the chat stayed on the removed member's devices for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_members_pushes_are_withdrawn_after_the_queue_failed_at_first() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&dir.path().join("store.sqlite3")).expect("store"));
+    let bus = Arc::new(
+        EmbeddedBus::open(&dir.path().join("events.sqlite3"), LogSettings::default()).expect("bus"),
+    );
+    let queue = Arc::new(FailingCancels {
+        inner: EmbeddedPushQueue::open(&dir.path().join("pushes.sqlite3")).expect("push queue"),
+        failures: AtomicU32::new(0),
+    });
+    let (alice, bob) = (user("alice"), user("bob"));
+    for u in [&alice, &bob] {
+        store.upsert_user(u).await.expect("user");
+    }
+    // Its sends schedule no push: the one bob was sent is made below, by hand.
+    let state = ApiState::new(
+        Arc::clone(&store),
+        bus,
+        Arc::new(DevIdentity::open(dir.path()).expect("identity")),
+        &confab_runtime::signed::Keyring::random(),
+    );
+    let (Outcome::Created(chat) | Outcome::Existing(chat)) = state
+        .create_chat(
+            &alice,
+            ChatToCreate::Group {
+                name: ChatName::parse("leavers".into()).expect("name"),
+                description: None,
+                members: vec![bob.id],
+            },
+        )
+        .await
+        .expect("chat");
+    let message = NewMessage::parse(
+        SignalKind::Message,
+        Some("on bob's lock screen".into()),
+        Some("n-pushed".into()),
+        None,
+        Vec::new(),
+    )
+    .expect("a valid message");
+    let (Outcome::Created(sent) | Outcome::Existing(sent)) = state
+        .send_message(&alice, chat.id, message)
+        .await
+        .expect("sent");
+    let now = confab_runtime::presence::now_ms();
+    let announcing = PushMessage {
+        signal: sent.id,
+        author: alice.id,
+        author_name: "alice".into(),
+        preview: None,
+    };
+    queue
+        .schedule(bob.id, chat.id, &announcing, now, now + 60_000)
+        .await
+        .expect("scheduled");
+    let claimed = queue.claim_due(now, 10).await.expect("claims").pushes;
+    assert_eq!(claimed.len(), 1, "bob's push is due");
+    queue.sent(&claimed[0], now).await.expect("remembered");
+
+    let state = state.with_push_queue(Arc::clone(&queue) as Arc<dyn PushQueue>);
+    queue.failures.store(2, Ordering::SeqCst);
+    state
+        .remove_member(alice.id, chat.id, bob.id)
+        .await
+        .expect("removes bob");
+
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let withdrawn = loop {
+        let due = queue
+            .claim_due(confab_runtime::presence::now_ms(), 10)
+            .await
+            .expect("claims")
+            .pushes;
+        if !due.is_empty() {
+            break due;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the notification of the chat bob was removed from stays on his devices ({} failures left)",
+            queue.failures.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        withdrawn
+            .iter()
+            .map(|p| (p.kind, p.user, p.chat, p.newest))
+            .collect::<Vec<_>>(),
+        vec![(PushKind::Withdrawal, bob.id, chat.id, sent.id)]
+    );
+    assert_eq!(
+        queue.failures.load(Ordering::SeqCst),
+        0,
+        "both failed first"
+    );
+}
