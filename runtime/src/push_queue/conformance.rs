@@ -545,6 +545,22 @@ pub async fn reading_a_sent_push_withdraws_it(fixture: Fixture) {
 /// withdrawal is widened to it, rather than the read finding a withdrawal on its way and leaving
 /// the newer notification on the devices.
 pub async fn a_waiting_withdrawal_is_widened_by_a_later_read(fixture: Fixture) {
+    a_waiting_withdrawal_is_widened(fixture, Covering::Read).await;
+}
+
+/// As [`a_waiting_withdrawal_is_widened_by_a_later_read`], for the deletion of the newer push's
+/// message: the notification would otherwise keep showing a deleted message.
+pub async fn a_waiting_withdrawal_is_widened_by_a_deletion(fixture: Fixture) {
+    a_waiting_withdrawal_is_widened(fixture, Covering::Deletion).await;
+}
+
+/// What covers the newer push of [`a_waiting_withdrawal_is_widened`].
+enum Covering {
+    Read,
+    Deletion,
+}
+
+async fn a_waiting_withdrawal_is_widened(fixture: Fixture, by: Covering) {
     let (alice, chat) = (user(), ChatId::new());
     let (one, two) = (message("one"), message("two"));
     let queue = &*fixture.first;
@@ -565,13 +581,15 @@ pub async fn a_waiting_withdrawal_is_widened_by_a_later_read(fixture: Fixture) {
         Cancelled::Withdrawn
     );
     queue.sent(&newer[0], now_ms()).await.expect("remembers");
-    // Read up to the second before that withdrawal went out: one withdrawal covers both.
-    assert_eq!(
-        fixture
+    // The second covered before that withdrawal went out: one withdrawal covers both.
+    let covered = match by {
+        Covering::Read => fixture.second.cancel(alice, chat, two.signal, now_ms()),
+        Covering::Deletion => fixture
             .second
-            .cancel(alice, chat, two.signal, now_ms())
-            .await
-            .expect("cancels"),
+            .message_deleted(alice, chat, two.signal, now_ms()),
+    };
+    assert_eq!(
+        covered.await.expect("covers"),
         Cancelled::Withdrawn,
         "the notification of the second push stays on the devices"
     );
@@ -682,6 +700,7 @@ macro_rules! push_queue_conformance_tests {
             case!(racing_handles_never_fail);
             case!(reading_a_sent_push_withdraws_it);
             case!(a_waiting_withdrawal_is_widened_by_a_later_read);
+            case!(a_waiting_withdrawal_is_widened_by_a_deletion);
             case!(a_deleted_message_is_taken_out_of_its_push);
             case!(settings_changes_reach_pending_pushes);
         }

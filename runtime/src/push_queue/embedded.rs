@@ -205,9 +205,26 @@ impl PushQueue for EmbeddedPushQueue {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
             let pending: Option<PendingPush> = read(&tx, "pending_pushes", &key)?;
-            let outcome = match pending.map(|push| push.after_deletion(deleted)) {
-                Some(AfterDeletion::Untouched) => Cancelled::Nothing,
-                Some(AfterDeletion::Dropped) => {
+            let outcome = match pending
+                .map(|push| (push.kind, push.newest, push.after_deletion(deleted)))
+            {
+                // A withdrawal on its way: widened to a push sent since that announced it.
+                Some((PushKind::Withdrawal, waiting, _)) => {
+                    if withdraw_sent(
+                        &tx,
+                        user,
+                        chat,
+                        |sent| sent.newest == deleted,
+                        now_ms,
+                        Some(waiting),
+                    )? {
+                        Cancelled::Withdrawn
+                    } else {
+                        Cancelled::Nothing
+                    }
+                }
+                Some((_, _, AfterDeletion::Untouched)) => Cancelled::Nothing,
+                Some((_, _, AfterDeletion::Dropped)) => {
                     tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
                         .map_err(unavailable)?;
                     // The push dropped would have replaced the notification on screen, which may
@@ -216,7 +233,7 @@ impl PushQueue for EmbeddedPushQueue {
                     withdraw_sent(&tx, user, chat, |sent| sent.newest <= deleted, now_ms, None)?;
                     Cancelled::Pending
                 }
-                Some(AfterDeletion::Narrowed(push)) => {
+                Some((_, _, AfterDeletion::Narrowed(push))) => {
                     put_pending(&tx, &key, &push)?;
                     Cancelled::Narrowed
                 }

@@ -1091,6 +1091,25 @@ impl PushQueue for NatsPushQueue {
                     Cancelled::Nothing
                 });
             };
+            if push.kind == PushKind::Withdrawal {
+                // A withdrawal on its way: widened to a push sent since that announced it.
+                let waiting = Some((push.newest, revision));
+                let withdrawn = self
+                    .withdraw_sent(
+                        kv,
+                        user,
+                        chat,
+                        |sent| sent.newest == deleted,
+                        now_ms,
+                        waiting,
+                    )
+                    .await?;
+                return Ok(if withdrawn {
+                    Cancelled::Withdrawn
+                } else {
+                    Cancelled::Nothing
+                });
+            }
             match push.after_deletion(deleted) {
                 AfterDeletion::Untouched => return Ok(Cancelled::Nothing),
                 // Its ticket finds the entry gone, and is dropped.
