@@ -712,9 +712,9 @@ impl ApiState {
                 .forget_left_chat(envelope.chat_id, change.user_id)
                 .await?;
             // Nor may it have taken back their pushes of the chat (a request withdraws them
-            // after its writes, in the background); likewise before the event.
-            self.withdraw_leaver(envelope.chat_id, change.user_id)
-                .await?;
+            // after its writes): in the background, so that a push queue that fails holds back
+            // neither this event, which stops their streams, nor a sweep's other entries.
+            self.withdraw_pushes_of_leavers(envelope.chat_id, vec![change.user_id]);
         }
         let event = match event {
             Event::SignalUpdated(mut signal) => {

@@ -3,11 +3,11 @@
 //! while the push queue fails. (A removal cut short before it is finished by the outbox sweep:
 //! `outbox.rs`.)
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
 
-use async_trait::async_trait;
 use confab_api::domain::Outcome;
 use confab_api::domain::chats::ChatToCreate;
 use confab_api::domain::inputs::ChatName;
@@ -15,73 +15,11 @@ use confab_api::domain::signals::NewMessage;
 use confab_api::state::ApiState;
 use confab_api::store::Store;
 use confab_api::store::embedded::EmbeddedStore;
-use confab_runtime::bus::{BusError, EmbeddedBus, LogSettings};
+use confab_runtime::bus::{EmbeddedBus, LogSettings};
 use confab_runtime::identity::DevIdentity;
-use confab_runtime::push_queue::{
-    Cancelled, Claimed, EmbeddedPushQueue, PendingPush, PushKind, PushMessage, PushQueue,
-};
-use confab_schema::{ChatId, SignalId, SignalKind, User, UserId};
-
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// A push queue whose first `failures` cancels fail, as one does while NATS restarts.
-struct FailingCancels {
-    inner: EmbeddedPushQueue,
-    failures: AtomicU32,
-}
-
-#[async_trait]
-impl PushQueue for FailingCancels {
-    async fn schedule(
-        &self,
-        user: UserId,
-        chat: ChatId,
-        message: &PushMessage,
-        due_ms: i64,
-        expires_ms: i64,
-    ) -> Result<(), BusError> {
-        self.inner
-            .schedule(user, chat, message, due_ms, expires_ms)
-            .await
-    }
-    async fn cancel(
-        &self,
-        user: UserId,
-        chat: ChatId,
-        up_to: SignalId,
-        now_ms: i64,
-    ) -> Result<Cancelled, BusError> {
-        let left = self.failures.load(Ordering::SeqCst);
-        if left > 0 {
-            self.failures.store(left - 1, Ordering::SeqCst);
-            return Err(BusError::Unavailable("the push queue restarts".into()));
-        }
-        self.inner.cancel(user, chat, up_to, now_ms).await
-    }
-    async fn message_deleted(
-        &self,
-        user: UserId,
-        chat: ChatId,
-        deleted: SignalId,
-        now_ms: i64,
-    ) -> Result<Cancelled, BusError> {
-        self.inner
-            .message_deleted(user, chat, deleted, now_ms)
-            .await
-    }
-    async fn drop_pending(&self, user: UserId, chat: ChatId) -> Result<bool, BusError> {
-        self.inner.drop_pending(user, chat).await
-    }
-    async fn drop_previews(&self, user: UserId) -> Result<usize, BusError> {
-        self.inner.drop_previews(user).await
-    }
-    async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Claimed, BusError> {
-        self.inner.claim_due(now_ms, limit).await
-    }
-    async fn sent(&self, push: &PendingPush, now_ms: i64) -> Result<(), BusError> {
-        self.inner.sent(push, now_ms).await
-    }
-}
+use confab_runtime::push_queue::{EmbeddedPushQueue, PushKind, PushMessage, PushQueue};
+use confab_schema::{SignalKind, User, UserId};
+use support::FailingCancels;
 
 fn user(name: &str) -> User {
     User {
@@ -162,33 +100,12 @@ async fn a_removed_members_pushes_are_withdrawn_after_the_queue_failed_at_first(
         .await
         .expect("removes bob");
 
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let withdrawn = loop {
-        let due = queue
-            .claim_due(confab_runtime::presence::now_ms(), 10)
-            .await
-            .expect("claims")
-            .pushes;
-        if !due.is_empty() {
-            break due;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the notification of the chat bob was removed from stays on his devices ({} failures left)",
-            queue.failures.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let withdrawn = support::due_within_the_deadline(&*queue).await;
     assert_eq!(
         withdrawn
             .iter()
             .map(|p| (p.kind, p.user, p.chat, p.newest))
             .collect::<Vec<_>>(),
         vec![(PushKind::Withdrawal, bob.id, chat.id, sent.id)]
-    );
-    assert_eq!(
-        queue.failures.load(Ordering::SeqCst),
-        0,
-        "both failed first"
     );
 }

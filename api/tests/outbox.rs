@@ -6,6 +6,8 @@
 //! and only refuses appends: it is how a NATS outage looks to the api between its readiness check
 //! and its publish.
 
+mod support;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -561,17 +563,21 @@ async fn real_a_silent_writers_events_are_published_by_a_sweep() {
 
 /// A removal whose process died after its write, before it took back the member's pushes (a
 /// request does that in the background): the notification the member had of the chat stayed on
-/// their devices for good. The sweep that publishes the removal's `member.left` now withdraws it,
-/// before the event, so a failure leaves the entry for the next sweep.
+/// their devices for good. The sweep that publishes the removal's `member.left` now withdraws it
+/// as well, in the background and tried again while the push queue fails, which holds back
+/// neither the event nor the sweep.
 async fn a_removal_cut_short_has_its_pushes_withdrawn_by_the_sweep(parts: Parts) {
     use confab_runtime::push_queue::{EmbeddedPushQueue, PushKind, PushMessage, PushQueue};
+    use std::sync::atomic::AtomicU32;
 
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = chat(&*parts.store, &alice).await;
     parts.store.upsert_user(&bob).await.expect("user");
-    let queue: Arc<dyn PushQueue> = Arc::new(
-        EmbeddedPushQueue::open(&parts._dir.path().join("pushes.sqlite3")).expect("push queue"),
-    );
+    let queue = Arc::new(support::FailingCancels {
+        inner: EmbeddedPushQueue::open(&parts._dir.path().join("pushes.sqlite3"))
+            .expect("push queue"),
+        failures: AtomicU32::new(0),
+    });
     // Its own sends schedule no push: the one bob was sent is made below, by hand.
     let survivor = ApiState::new(
         Arc::clone(&parts.store),
@@ -634,13 +640,22 @@ async fn a_removal_cut_short_has_its_pushes_withdrawn_by_the_sweep(parts: Parts)
         "nothing was withdrawn before the sweep"
     );
 
-    let survivor = survivor.with_push_queue(Arc::clone(&queue));
+    let survivor = survivor.with_push_queue(Arc::clone(&queue) as Arc<dyn PushQueue>);
+    queue.failures.store(2, Ordering::SeqCst);
     assert!(survivor.sweep_outbox(SWEEP_NOW).await.expect("sweeps") >= 1);
-    let due = queue
-        .claim_due(confab_runtime::presence::now_ms(), 10)
-        .await
-        .expect("claims")
-        .pushes;
+    let events = logged_until(&*parts.bus, chat, |events| {
+        events
+            .iter()
+            .any(|e| matches!(&e.event, Event::MemberLeft(change) if change.user_id == bob.id))
+    })
+    .await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(&e.event, Event::MemberLeft(change) if change.user_id == bob.id)),
+        "the sweep published no `member.left` while the push queue failed"
+    );
+    let due = support::due_within_the_deadline(&*queue).await;
     assert_eq!(
         due.iter()
             .map(|p| (p.kind, p.user, p.chat, p.newest))

@@ -18,11 +18,11 @@ use crate::error::ApiResult;
 use crate::state::ApiState;
 use crate::store::StoreError;
 
-/// Retries of a leaver's withdrawal while the store or the queue fails: about half a minute in
-/// all, as a publish is retried.
+/// Retries of a leaver's withdrawal while the store or the queue fails: waits of 250 ms
+/// doubling up to 8 s, about half a minute in all.
 const LEAVER_FIRST_RETRY: Duration = Duration::from_millis(250);
 const LEAVER_LONGEST_RETRY: Duration = Duration::from_secs(8);
-const LEAVER_RETRIES: u32 = 6;
+const LEAVER_RETRIES: u32 = 8;
 
 /// Chats with more members than this are fanned out in the background, one pass in flight per
 /// chat, the messages sent meanwhile announced by the next pass (see `schedule_pushes`).
@@ -443,7 +443,7 @@ impl ApiState {
     /// membership again after it remembers a push, so this or that look sees the other. On a
     /// task of its own, so that the removal's answer waits for no queue, and retried there while
     /// the store or the queue fails. A removal cut short before this is finished by the late
-    /// publish of its `member.left`, which withdraws as well ([`ApiState::withdraw_leaver`]).
+    /// publish of its `member.left` (`ApiState::publish_stored`), which calls this as well.
     pub(crate) fn withdraw_pushes_of_leavers(&self, chat: ChatId, users: Vec<UserId>) {
         if self.push_queue.is_none() || users.is_empty() {
             return;
@@ -482,20 +482,18 @@ impl ApiState {
     /// Takes back `user`'s pushes of `chat` unless they are a member of it (again): see
     /// [`ApiState::withdraw_pushes_of_leavers`]. Fails when the membership or the queue could not
     /// be read, so that the caller tries again.
-    pub(crate) async fn withdraw_leaver(&self, chat: ChatId, user: UserId) -> ApiResult<()> {
+    async fn withdraw_leaver(&self, chat: ChatId, user: UserId) -> ApiResult<()> {
         let Some(queue) = &self.push_queue else {
             return Ok(());
         };
+        // Only what was sent before they were found out of the chat: should they be added back
+        // right after, the pushes of the messages sent since are theirs.
+        let up_to = newest_id_at(confab_runtime::presence::now_ms());
         if self.store.member_role(chat, user).await?.is_some() {
             return Ok(());
         }
         let cancelled = queue
-            .cancel(
-                user,
-                chat,
-                SignalId(uuid::Uuid::max()),
-                confab_runtime::presence::now_ms(),
-            )
+            .cancel(user, chat, up_to, confab_runtime::presence::now_ms())
             .await?;
         count(cancelled);
         Ok(())
@@ -513,6 +511,13 @@ impl ApiState {
             .await;
         count_cancelled(cancelled, "push not cancelled");
     }
+}
+
+/// The greatest signal id made at `ms` (Unix milliseconds): every UUIDv7 of that millisecond or
+/// earlier sorts at or below it, every later one above.
+fn newest_id_at(ms: i64) -> SignalId {
+    let ms = u128::from(u64::try_from(ms).unwrap_or(0) & ((1 << 48) - 1));
+    SignalId(uuid::Uuid::from_u128((ms << 80) | ((1u128 << 80) - 1)))
 }
 
 /// Counts what a cancel or a deletion did to a push; logs its failure as `failed`.
@@ -537,6 +542,24 @@ mod tests {
     use super::*;
 
     const LONG: Duration = Duration::from_secs(600);
+
+    #[test]
+    fn the_newest_id_at_a_time_covers_that_millisecond_and_nothing_later() {
+        let ms: i64 = 1_796_000_000_123;
+        let made_at = |ms: i64| {
+            let ts = uuid::Timestamp::from_unix(
+                uuid::NoContext,
+                (ms / 1000) as u64,
+                ((ms % 1000) * 1_000_000) as u32,
+            );
+            SignalId(uuid::Uuid::new_v7(ts))
+        };
+        for _ in 0..100 {
+            assert!(made_at(ms) <= newest_id_at(ms));
+            assert!(made_at(ms - 1) <= newest_id_at(ms));
+            assert!(made_at(ms + 1) > newest_id_at(ms));
+        }
+    }
 
     fn muted() -> Arc<HashMap<UserId, ChatSettings>> {
         let settings = ChatSettings {

@@ -250,8 +250,9 @@ pub trait PushQueue: Send + Sync + 'static {
     /// Takes the deleted message `deleted` out of `user`'s push of `chat`: a pending push whose
     /// newest message it was still announces the others (nothing of the deleted one stays in it
     /// but its id), or is dropped when it announced that one alone; a push sent announcing it is
-    /// withdrawn, unless a push is pending (that one replaces the notification). A pending push
-    /// announcing other messages only, older or newer, is left as it is.
+    /// withdrawn, unless a push is pending (that one replaces the notification); a withdrawal
+    /// waiting to go out is widened to it. A pending push announcing other messages only, older
+    /// or newer, is left as it is.
     async fn message_deleted(
         &self,
         user: UserId,
