@@ -17,7 +17,7 @@ use confab_api::store::Store;
 use confab_api::store::embedded::EmbeddedStore;
 use confab_runtime::bus::{EmbeddedBus, LogSettings};
 use confab_runtime::identity::DevIdentity;
-use confab_runtime::push_queue::{EmbeddedPushQueue, PushKind, PushMessage, PushQueue};
+use confab_runtime::push_queue::{EmbeddedPushQueue, PushKind, PushQueue};
 use confab_schema::{SignalKind, User, UserId};
 use support::FailingCancels;
 
@@ -78,20 +78,7 @@ async fn a_removed_members_pushes_are_withdrawn_after_the_queue_failed_at_first(
         .send_message(&alice, chat.id, message)
         .await
         .expect("sent");
-    let now = confab_runtime::presence::now_ms();
-    let announcing = PushMessage {
-        signal: sent.id,
-        author: alice.id,
-        author_name: "alice".into(),
-        preview: None,
-    };
-    queue
-        .schedule(bob.id, chat.id, &announcing, now, now + 60_000)
-        .await
-        .expect("scheduled");
-    let claimed = queue.claim_due(now, 10).await.expect("claims").pushes;
-    assert_eq!(claimed.len(), 1, "bob's push is due");
-    queue.sent(&claimed[0], now).await.expect("remembered");
+    support::sent_a_push(&*queue, bob.id, chat.id, &sent).await;
 
     let state = state.with_push_queue(Arc::clone(&queue) as Arc<dyn PushQueue>);
     queue.failures.store(2, Ordering::SeqCst);

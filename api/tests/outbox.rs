@@ -567,7 +567,7 @@ async fn real_a_silent_writers_events_are_published_by_a_sweep() {
 /// as well, in the background and tried again while the push queue fails, which holds back
 /// neither the event nor the sweep.
 async fn a_removal_cut_short_has_its_pushes_withdrawn_by_the_sweep(parts: Parts) {
-    use confab_runtime::push_queue::{EmbeddedPushQueue, PushKind, PushMessage, PushQueue};
+    use confab_runtime::push_queue::{EmbeddedPushQueue, PushKind, PushQueue};
     use std::sync::atomic::AtomicU32;
 
     let (alice, bob) = (user("alice"), user("bob"));
@@ -602,20 +602,7 @@ async fn a_removal_cut_short_has_its_pushes_withdrawn_by_the_sweep(parts: Parts)
         .await
         .expect("sent");
     // Bob was sent a push of it.
-    let now = confab_runtime::presence::now_ms();
-    let announcing = PushMessage {
-        signal: sent.id,
-        author: alice.id,
-        author_name: "alice".into(),
-        preview: None,
-    };
-    queue
-        .schedule(bob.id, chat, &announcing, now, now + 60_000)
-        .await
-        .expect("scheduled");
-    let claimed = queue.claim_due(now, 10).await.expect("claims").pushes;
-    assert_eq!(claimed.len(), 1, "bob's push is due");
-    queue.sent(&claimed[0], now).await.expect("remembered");
+    support::sent_a_push(&*queue, bob.id, chat, &sent).await;
 
     // The process that dies: no push queue of its own (its background withdrawal never ran),
     // and its event refused.

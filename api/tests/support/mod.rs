@@ -8,7 +8,7 @@ use confab_runtime::bus::BusError;
 use confab_runtime::push_queue::{
     Cancelled, Claimed, EmbeddedPushQueue, PendingPush, PushMessage, PushQueue,
 };
-use confab_schema::{ChatId, SignalId, UserId};
+use confab_schema::{ChatId, Signal, SignalId, UserId};
 
 /// A push queue whose first `failures` cancels fail, as one does while NATS restarts.
 pub struct FailingCancels {
@@ -88,4 +88,23 @@ pub async fn due_within_the_deadline(queue: &dyn PushQueue) -> Vec<PendingPush> 
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Makes `queue` remember a push to `user` announcing `message`, as one sent: scheduled, claimed
+/// and recorded.
+pub async fn sent_a_push(queue: &dyn PushQueue, user: UserId, chat: ChatId, message: &Signal) {
+    let now = confab_runtime::presence::now_ms();
+    let announcing = PushMessage {
+        signal: message.id,
+        author: message.author_id,
+        author_name: "the author".into(),
+        preview: None,
+    };
+    queue
+        .schedule(user, chat, &announcing, now, now + 60_000)
+        .await
+        .expect("scheduled");
+    let claimed = queue.claim_due(now, 10).await.expect("claims").pushes;
+    assert_eq!(claimed.len(), 1, "the push is due");
+    queue.sent(&claimed[0], now).await.expect("remembered");
 }
