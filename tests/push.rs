@@ -1173,6 +1173,71 @@ async fn removed_members_get_no_push_on_the_real_stack() {
     }
 }
 
+/// A pairing that ends takes its chat's notification off the partners' devices, whether one of
+/// them leaves it or the circle expires (which ends its pairings and removes its chats): the
+/// partners are out of the chat, as a removed member is.
+async fn ended_pairings_withdraw_their_pushes(stack: Stack) {
+    let keys = VapidKeys::generate();
+    let receiver = start_receiver(&keys.public_key, &["phone"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = push_config(stack, &data, &keys, 300);
+    config.circles.sweep_interval_ms = 100;
+    let app = support::spawn_with(stack, config, data).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    receiver.register(&app, &bob, &["phone"]).await;
+    // The first pairing bob leaves; the second ends as its circle expires, twelve seconds after
+    // it was made.
+    for expires in [false, true] {
+        let ttl_hours = if expires { 12.0 / 3600.0 } else { 1.0 };
+        let created = app
+            .post(
+                &alice,
+                "/v1/circles",
+                &json!({"name": "pairs", "ttl_hours": ttl_hours, "display_name": "Al"}),
+            )
+            .await;
+        assert_eq!(created.status(), 201);
+        let circle: Value = created.json().await.unwrap();
+        let joined = app
+            .post(
+                &bob,
+                "/v1/circles/join",
+                &json!({"access_code": circle["access_code"], "display_name": "Bo"}),
+            )
+            .await;
+        assert_eq!(joined.status(), 201);
+        let pair = format!("/v1/circles/{}/pair", circle["id"].as_str().unwrap());
+        assert_eq!(app.post(&alice, &pair, &json!({})).await.status(), 202);
+        let paired = app.post(&bob, &pair, &json!({})).await;
+        assert_eq!(paired.status(), 200);
+        let paired: Value = paired.json().await.unwrap();
+        let chat = paired["chat_id"].as_str().unwrap().to_owned();
+        let shown = send(&app, &alice, &chat, "from the pairing").await;
+        let pushed = receiver.next_for("phone", &chat).await;
+        assert_eq!(pushed.payload["signal_id"], shown.as_str());
+        if !expires {
+            assert_eq!(app.delete(&bob, &pair).await.status(), 204);
+        }
+        let withdrawn = receiver
+            .next_within(
+                DEADLINE + Duration::from_secs(12),
+                "withdrawn",
+                "phone",
+                &chat,
+            )
+            .await;
+        assert_eq!(
+            withdrawn.payload["up_to"],
+            shown.as_str(),
+            "expired circle: {expires}"
+        );
+    }
+    app.stop().await;
+}
+
+on_both_stacks!(ended_pairings_withdraw_their_pushes);
+
 /// A node that shuts down while the pushes it claimed wait for a slow push service sends them
 /// before it stops: claimed, they are out of the queue, and no other node would. What it had not
 /// claimed yet is sent by the node started after it; each push arrives exactly once.
