@@ -487,8 +487,12 @@ impl ApiState {
             return Ok(());
         };
         // Only what was sent before they were found out of the chat: should they be added back
-        // right after, the pushes of the messages sent since are theirs.
-        let up_to = newest_id_at(confab_runtime::presence::now_ms());
+        // right after, the pushes of the messages sent since are theirs. Up to this millisecond,
+        // or the chat's newest message if a clock ahead of this one stamped it later; both known
+        // before the membership is read.
+        let now = newest_id_at(confab_runtime::presence::now_ms());
+        let newest = self.store.signals_before(chat, None, 1).await?;
+        let up_to = newest.first().map_or(now, |signal| signal.id.max(now));
         if self.store.member_role(chat, user).await?.is_some() {
             return Ok(());
         }
