@@ -66,6 +66,21 @@ async fn claim(queue: &dyn PushQueue, wanted: usize) -> Vec<PendingPush> {
 }
 
 /// Claims for a while and expects nothing.
+/// Schedules a push of `message` due now, claims it and remembers it as sent: what a sender does
+/// with it.
+async fn sent_push(
+    queue: &dyn PushQueue,
+    user: UserId,
+    chat: ChatId,
+    message: &PushMessage,
+) -> PendingPush {
+    schedule(queue, user, chat, message, now_ms()).await;
+    let claimed = claim(queue, 1).await;
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    queue.sent(&claimed[0], now_ms()).await.expect("remembers");
+    claimed.into_iter().next().expect("claimed")
+}
+
 async fn nothing_claimed(queue: &dyn PushQueue, for_ms: u64) {
     let until = tokio::time::Instant::now() + Duration::from_millis(for_ms);
     while tokio::time::Instant::now() < until {
@@ -481,11 +496,7 @@ pub async fn reading_a_sent_push_withdraws_it(fixture: Fixture) {
     let (alice, chat) = (user(), ChatId::new());
     let (one, two) = (message("one"), message("two"));
     let queue = &*fixture.first;
-    let now = now_ms();
-    schedule(queue, alice, chat, &one, now).await;
-    let claimed = claim(queue, 1).await;
-    assert_eq!(claimed.len(), 1);
-    queue.sent(&claimed[0], now_ms()).await.expect("remembers");
+    sent_push(queue, alice, chat, &one).await;
 
     // Read up to it: the notification is taken away.
     assert_eq!(
@@ -519,10 +530,7 @@ pub async fn reading_a_sent_push_withdraws_it(fixture: Fixture) {
     );
 
     // Sent, then a newer message pending: reading the first leaves the newer one to replace it.
-    let now = now_ms();
-    schedule(queue, alice, chat, &one, now).await;
-    let claimed = claim(queue, 1).await;
-    queue.sent(&claimed[0], now_ms()).await.expect("remembers");
+    sent_push(queue, alice, chat, &one).await;
     let due = now_ms() + 300;
     schedule(queue, alice, chat, &two, due).await;
     assert_eq!(
@@ -564,10 +572,7 @@ async fn a_waiting_withdrawal_is_widened(fixture: Fixture, by: Covering) {
     let (alice, chat) = (user(), ChatId::new());
     let (one, two) = (message("one"), message("two"));
     let queue = &*fixture.first;
-    schedule(queue, alice, chat, &one, now_ms()).await;
-    let claimed = claim(queue, 1).await;
-    assert_eq!(claimed.len(), 1);
-    queue.sent(&claimed[0], now_ms()).await.expect("remembers");
+    sent_push(queue, alice, chat, &one).await;
     schedule(queue, alice, chat, &two, now_ms()).await;
     let newer = claim(queue, 1).await;
     assert_eq!(newer.len(), 1);
@@ -618,10 +623,7 @@ pub async fn settings_changes_reach_pending_pushes(fixture: Fixture) {
     let (muted, private, withdrawn) = (ChatId::new(), ChatId::new(), ChatId::new());
     let queue = &*fixture.first;
     // A sent push of `withdrawn`, read since: its withdrawal waits to be claimed.
-    schedule(queue, alice, withdrawn, &message("read"), now_ms()).await;
-    let sent = claim(queue, 1).await;
-    assert_eq!(sent.len(), 1);
-    queue.sent(&sent[0], now_ms()).await.expect("remembers");
+    let sent = sent_push(queue, alice, withdrawn, &message("read")).await;
     let due = now_ms() + 400;
     schedule(queue, alice, muted, &message("muted"), due).await;
     schedule(queue, alice, private, &message("private"), due).await;
@@ -629,7 +631,7 @@ pub async fn settings_changes_reach_pending_pushes(fixture: Fixture) {
     assert_eq!(
         fixture
             .second
-            .cancel(alice, withdrawn, sent[0].newest, now_ms())
+            .cancel(alice, withdrawn, sent.newest, now_ms())
             .await
             .expect("cancels"),
         Cancelled::Withdrawn

@@ -205,50 +205,49 @@ impl PushQueue for EmbeddedPushQueue {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
             let pending: Option<PendingPush> = read(&tx, "pending_pushes", &key)?;
-            let outcome = match pending
-                .map(|push| (push.kind, push.newest, push.after_deletion(deleted)))
-            {
-                // A withdrawal on its way: widened to a push sent since that announced it.
-                Some((PushKind::Withdrawal, waiting, _)) => {
+            let outcome = match pending {
+                Some(push) if push.kind == PushKind::Messages => {
+                    match push.after_deletion(deleted) {
+                        AfterDeletion::Untouched => Cancelled::Nothing,
+                        AfterDeletion::Dropped => {
+                            tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
+                                .map_err(unavailable)?;
+                            // The push dropped would have replaced the notification on screen,
+                            // which may show a message deleted while this one waited: nothing
+                            // replaces it now, so it is withdrawn.
+                            withdraw_sent(
+                                &tx,
+                                user,
+                                chat,
+                                |sent| sent.newest <= deleted,
+                                now_ms,
+                                None,
+                            )?;
+                            Cancelled::Pending
+                        }
+                        AfterDeletion::Narrowed(push) => {
+                            put_pending(&tx, &key, &push)?;
+                            Cancelled::Narrowed
+                        }
+                    }
+                }
+                // Nothing pending, or a withdrawal on its way (widened to the push): a push sent
+                // announcing it is withdrawn.
+                waiting => {
+                    let waiting = waiting.map(|withdrawal| withdrawal.newest);
                     if withdraw_sent(
                         &tx,
                         user,
                         chat,
                         |sent| sent.newest == deleted,
                         now_ms,
-                        Some(waiting),
+                        waiting,
                     )? {
                         Cancelled::Withdrawn
                     } else {
                         Cancelled::Nothing
                     }
                 }
-                Some((_, _, AfterDeletion::Untouched)) => Cancelled::Nothing,
-                Some((_, _, AfterDeletion::Dropped)) => {
-                    tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
-                        .map_err(unavailable)?;
-                    // The push dropped would have replaced the notification on screen, which may
-                    // show a message deleted while this one waited: nothing replaces it now, so
-                    // it is withdrawn.
-                    withdraw_sent(&tx, user, chat, |sent| sent.newest <= deleted, now_ms, None)?;
-                    Cancelled::Pending
-                }
-                Some((_, _, AfterDeletion::Narrowed(push))) => {
-                    put_pending(&tx, &key, &push)?;
-                    Cancelled::Narrowed
-                }
-                None if withdraw_sent(
-                    &tx,
-                    user,
-                    chat,
-                    |sent| sent.newest == deleted,
-                    now_ms,
-                    None,
-                )? =>
-                {
-                    Cancelled::Withdrawn
-                }
-                None => Cancelled::Nothing,
             };
             tx.commit().map_err(unavailable)?;
             Ok(outcome)

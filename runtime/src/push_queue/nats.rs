@@ -1080,36 +1080,30 @@ impl PushQueue for NatsPushQueue {
             if attempt > 0 {
                 lost_a_race(attempt).await;
             }
-            let Some((push, revision)) = self.pending(kv, &key).await? else {
-                // Nothing pending: a push sent announcing it is withdrawn.
-                let withdrawn = self
-                    .withdraw_sent(kv, user, chat, |sent| sent.newest == deleted, now_ms, None)
-                    .await?;
-                return Ok(if withdrawn {
-                    Cancelled::Withdrawn
-                } else {
-                    Cancelled::Nothing
-                });
+            let (push, revision) = match self.pending(kv, &key).await? {
+                Some((push, revision)) if push.kind == PushKind::Messages => (push, revision),
+                // Nothing pending, or a withdrawal on its way (widened to the push): a push sent
+                // announcing it is withdrawn.
+                waiting => {
+                    let waiting =
+                        waiting.map(|(withdrawal, revision)| (withdrawal.newest, revision));
+                    let withdrawn = self
+                        .withdraw_sent(
+                            kv,
+                            user,
+                            chat,
+                            |sent| sent.newest == deleted,
+                            now_ms,
+                            waiting,
+                        )
+                        .await?;
+                    return Ok(if withdrawn {
+                        Cancelled::Withdrawn
+                    } else {
+                        Cancelled::Nothing
+                    });
+                }
             };
-            if push.kind == PushKind::Withdrawal {
-                // A withdrawal on its way: widened to a push sent since that announced it.
-                let waiting = Some((push.newest, revision));
-                let withdrawn = self
-                    .withdraw_sent(
-                        kv,
-                        user,
-                        chat,
-                        |sent| sent.newest == deleted,
-                        now_ms,
-                        waiting,
-                    )
-                    .await?;
-                return Ok(if withdrawn {
-                    Cancelled::Withdrawn
-                } else {
-                    Cancelled::Nothing
-                });
-            }
             match push.after_deletion(deleted) {
                 AfterDeletion::Untouched => return Ok(Cancelled::Nothing),
                 // Its ticket finds the entry gone, and is dropped.
