@@ -213,8 +213,12 @@ async fn cql_migrations_apply_once() {
 }
 
 /// Sends with one nonce until the store stores a new signal instead of answering with the first:
-/// the nonce has expired. Fails if that takes far longer than `ttl`.
-async fn nonce_expires(store: &dyn Store, ttl: Duration) {
+/// the nonce has expired. Fails if that takes far longer than `ttl`. Returns the first signal and
+/// the new one.
+async fn nonce_expires(
+    store: &dyn Store,
+    ttl: Duration,
+) -> (confab_schema::Signal, confab_schema::Signal) {
     use confab_api::store::Inserted;
     use confab_schema::UserId;
     let author = UserId::from_subject("t", &uuid::Uuid::new_v4().to_string());
@@ -234,7 +238,7 @@ async fn nonce_expires(store: &dyn Store, ttl: Duration) {
         match store.insert_signal(&send()).await.unwrap() {
             Inserted::Created(second) => {
                 assert_ne!(second.id, first.id);
-                return;
+                return (first, second);
             }
             Inserted::Existing(existing) => assert_eq!(existing.id, first.id),
         }
@@ -244,6 +248,107 @@ async fn nonce_expires(store: &dyn Store, ttl: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Deleting a message leaves the record of its nonce alone once the nonce has expired and been
+/// sent again: a retry of the later message still answers that message. Checked within `ttl` of
+/// the later message (else its nonce may have expired too).
+async fn a_deletion_spares_its_nonce_sent_again(
+    store: &dyn Store,
+    ttl: Duration,
+) -> confab_schema::Signal {
+    use confab_api::store::Inserted;
+    let (first, second) = nonce_expires(store, ttl).await;
+    let started = tokio::time::Instant::now();
+    let (chat, author) = (second.chat_id, second.author_id);
+    let nonce = second.nonce.clone().expect("sent with a nonce");
+    store.delete_signal(chat, first.id).await.unwrap();
+    let holder = store.nonce_holder(chat, author, &nonce).await.unwrap();
+    let retry = message(chat, author, Some(&nonce), "hi");
+    let answered = store.insert_signal(&retry).await.unwrap();
+    assert!(
+        started.elapsed() < ttl,
+        "too slow to tell: the later nonce may have expired too ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(
+        holder,
+        Some(second.id),
+        "the deletion of the first message took the nonce's record from the second"
+    );
+    let Inserted::Existing(answered) = answered else {
+        panic!("the retry stored a third message: {answered:?}");
+    };
+    assert_eq!(answered.id, second.id, "the retry answered {answered:?}");
+    assert!(!answered.deleted, "the retry answered {answered:?}");
+    assert_eq!(answered.text, second.text);
+    second
+}
+
+#[tokio::test]
+async fn embedded_a_deletion_spares_its_nonce_sent_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ttl = Duration::from_secs(2);
+    let store =
+        EmbeddedStore::open_with_nonce_ttl(&dir.path().join("store.sqlite3"), ttl).expect("opens");
+    a_deletion_spares_its_nonce_sent_again(&store, ttl).await;
+}
+
+/// As above, on CQL with either parity; with the lightweight transaction's, the record also keeps
+/// the later message's text (a retry of it writes it from there if its own write never happened).
+#[tokio::test]
+async fn cql_a_deletion_spares_its_nonce_sent_again() {
+    let ttl = Duration::from_secs(2);
+    let keyspace = fresh_keyspace();
+    let bucket = format!("{keyspace}_nonces");
+    for parity in [
+        SendParity::JetStream {
+            nats_url: nats_url(),
+            bucket: bucket.clone(),
+        },
+        SendParity::Lwt,
+    ] {
+        let options = cql_options(&keyspace, parity.clone(), ttl);
+        if !migrated(&options, "cql_a_deletion_spares_its_nonce_sent_again").await {
+            return;
+        }
+        let store = CqlStore::connect(&options).await.expect("connects");
+        let second = a_deletion_spares_its_nonce_sent_again(&store, ttl).await;
+        if parity == SendParity::Lwt {
+            let result = store
+                .session()
+                .query_unpaged(
+                    store.qualify(
+                        "SELECT text FROM signal_nonces WHERE chat_id = ? AND author_id = ? AND nonce = ?",
+                    ),
+                    (second.chat_id.0, second.author_id.0, second.nonce.as_deref()),
+                )
+                .await
+                .unwrap()
+                .into_rows_result()
+                .unwrap();
+            let texts: Vec<Option<String>> = result
+                .rows::<(Option<String>,)>()
+                .unwrap()
+                .map(|row| row.unwrap().0)
+                .collect();
+            assert_eq!(
+                texts,
+                vec![second.text.clone()],
+                "the deletion of the first message cleared the second's record"
+            );
+        }
+    }
+    cql::drop_keyspace(&cql_options(
+        &keyspace,
+        SendParity::JetStream {
+            nats_url: nats_url(),
+            bucket,
+        },
+        ttl,
+    ))
+    .await
+    .expect("drops keyspace");
 }
 
 #[tokio::test]

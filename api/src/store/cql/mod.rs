@@ -1096,7 +1096,8 @@ impl CqlStore {
             claim_nonce: "INSERT INTO signal_nonces (chat_id, author_id, nonce, signal_id, kind, text, reply_to, attachments) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?"
                     .into(),
-            scrub_nonce: "UPDATE signal_nonces SET text = null, attachments = null WHERE chat_id = ? AND author_id = ? AND nonce = ? IF EXISTS".into(),
+            // Only the deleted signal's own record: the nonce may have expired and been sent again.
+            scrub_nonce: "UPDATE signal_nonces SET text = null, attachments = null WHERE chat_id = ? AND author_id = ? AND nonce = ? IF signal_id = ?".into(),
             nonce_holder: "SELECT signal_id FROM signal_nonces WHERE chat_id = ? AND author_id = ? AND nonce = ?".into(),
             // The write timestamp is the signal's creation time, so a repair re-write of the original
             // never overwrites a later edit or deletion.
@@ -2971,7 +2972,7 @@ impl Store for CqlStore {
                     self.session
                         .execute_unpaged(
                             &self.statements.scrub_nonce,
-                            (chat.0, tombstone.author_id.0, nonce),
+                            (chat.0, tombstone.author_id.0, nonce, tombstone.id.0),
                         )
                         .await
                         .map_err(unavailable)?;

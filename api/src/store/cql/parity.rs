@@ -140,7 +140,8 @@ impl NonceBucket {
     }
 
     /// Replaces the record of a deleted signal's nonce by its tombstone, so no deleted text stays
-    /// in the bucket. A nonce that has already expired is left absent.
+    /// in the bucket. A nonce that has already expired is left absent, and one sent again since
+    /// (the record of another signal) is left as it is.
     pub(crate) async fn scrub(&self, tombstone: &Signal, nonce: &str) -> Result<(), StoreError> {
         let key = Self::key(tombstone.chat_id, tombstone.author_id, nonce);
         let kv = self.kv().await?;
@@ -148,6 +149,13 @@ impl NonceBucket {
             return Ok(());
         };
         if entry.operation != kv::Operation::Put {
+            return Ok(());
+        }
+        // The nonce may have expired and been sent again since: that record is the later
+        // message's, which a retry of it must still find.
+        let holder: Signal = serde_json::from_slice(&entry.value)
+            .map_err(|e| StoreError::Corrupt(format!("nonce entry: {e}")))?;
+        if holder.id != tombstone.id {
             return Ok(());
         }
         let value =
