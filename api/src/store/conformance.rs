@@ -65,6 +65,7 @@ macro_rules! store_conformance_tests {
             unread_counts_asked_together_are_the_counts_alone,
             markers_move_forward_only,
             attachments_page_newest_first_by_kind,
+            a_page_of_attachments_is_read_at_once,
             attachments_reference_their_objects,
             an_objects_referrers_page_and_drop,
             a_message_claims_its_chats_unclaimed_attachments,
@@ -2318,6 +2319,39 @@ fn sha(label: &str) -> String {
         "{:0>64}",
         format!("{:x}", Uuid::new_v4().as_u128()) + &label.len().to_string()
     )
+}
+
+/// The records of more attachments than one read of some stores may ask for (ScyllaDB takes at
+/// most 100 keys in an `IN`): a page of 50 messages names up to 500.
+pub async fn a_page_of_attachments_is_read_at_once(store: Arc<dyn Store>) {
+    use confab_schema::AttachmentKind::File;
+    let owner = user("uploader");
+    store.upsert_user(&owner).await.expect("user");
+    let chat = chat_with(store.as_ref(), owner.id, &[]).await;
+    let records: Vec<_> = (0..250)
+        .map(|_| attachment(chat, owner.id, File, &sha("page")))
+        .collect();
+    futures::stream::iter(&records)
+        .map(|record| {
+            let store = Arc::clone(&store);
+            async move { store.put_attachment(record).await.expect("stored") }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    let mut made: Vec<Uuid> = records.iter().map(|record| record.id).collect();
+    let mut asked = made.clone();
+    asked.push(Uuid::now_v7()); // not stored: not answered
+    let mut found: Vec<Uuid> = store
+        .get_attachments(&asked)
+        .await
+        .expect("reads them all")
+        .into_iter()
+        .map(|record| record.id)
+        .collect();
+    found.sort();
+    made.sort();
+    assert_eq!(found, made);
 }
 
 /// A chat's attachments page newest first, of one kind or both; other chats' are not listed.

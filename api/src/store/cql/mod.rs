@@ -56,6 +56,10 @@ const UNREAD_BATCH_ROWS: usize = 128;
 /// Chats per `IN` of [`Store::count_unreads`] (ScyllaDB refuses more than 100 partition keys).
 const UNREAD_BATCH_CHATS: usize = 50;
 
+/// Attachments per read of [`Store::get_attachments`] (ScyllaDB refuses more than 100 partition
+/// keys).
+const ATTACHMENTS_PER_READ: usize = 100;
+
 /// Users asked per read of [`Store::members_among`]: ScyllaDB refuses more than 100 clustering
 /// keys in one `IN` (`max_clustering_key_restrictions_per_query`).
 const MEMBERS_AMONG_PER_READ: usize = 100;
@@ -3470,16 +3474,20 @@ impl Store for CqlStore {
     }
 
     async fn get_attachments(&self, ids: &[Uuid]) -> Result<Vec<Attachment>, StoreError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let result = self
-            .session
-            .execute_unpaged(&self.statements.get_attachments, (ids.to_vec(),))
-            .await
-            .map_err(unavailable)?;
-        rows::<(Option<String>, Option<Uuid>)>(result)?
+        // A page of history names up to ten attachments per message: a bounded `IN` list at a
+        // time, the lists read concurrently.
+        let reads = ids.chunks(ATTACHMENTS_PER_READ).map(|chunk| async move {
+            let result = self
+                .session
+                .execute_unpaged(&self.statements.get_attachments, (chunk,))
+                .await
+                .map_err(unavailable)?;
+            rows::<(Option<String>, Option<Uuid>)>(result)
+        });
+        futures::future::try_join_all(reads)
+            .await?
             .into_iter()
+            .flatten()
             // A row with a claim's cell and no record is one deleted since (the deletion's
             // tombstone is newer than the record, not always than a late claim's cell).
             .filter_map(|(body, claimed)| body.map(|body| claimed_attachment(&body, claimed)))
