@@ -912,11 +912,15 @@ impl Hub {
                 Err(error) => {
                     metrics::counter!("confab_notifier_resets_total").increment(1);
                     tracing::debug!(%user, %error, "resume impossible; resetting");
-                    // What follows is routed: the events after the install.
+                    // What follows is routed: the events after the install. Not those that
+                    // reached the connection while it was pending, which are the reset's
+                    // position or before it, and which the client reads again from history.
                     queue.push_back(Item::Reset {
                         reason: reset_reason(&error),
                         at: installed_at,
                     });
+                    skip_up_to = installed_at;
+                    replayed = true;
                 }
             }
         } else if missed_while_pending {
@@ -2355,6 +2359,73 @@ mod tests {
         ) -> Result<Vec<LeftChat>, String> {
             Ok(Vec::new())
         }
+    }
+
+    /// A resume the log cannot replay (here a position it never issued) resets at the install,
+    /// and what follows the reset comes after it: not the events that reached the stream while
+    /// it opened, which the client's reread of history after the reset already holds.
+    #[tokio::test]
+    async fn a_reset_is_followed_only_by_events_after_it() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let alice = UserId::from_subject("t", "a");
+        let chat = ChatId::new();
+        bus.publish(&message(chat, "before"))
+            .await
+            .expect("publishes");
+        let membership = Arc::new(Gated::new(vec![chat]));
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::clone(&membership) as Arc<dyn Membership>,
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let opening = {
+            let hub = hub.clone();
+            tokio::spawn(async move { hub.open(alice, Some(1_000_000)).await })
+        };
+        membership.asked.notified().await;
+        let during = bus
+            .publish(&message(chat, "during the open"))
+            .await
+            .expect("publishes");
+        dispatched_up_to(&hub, during).await;
+        membership.release();
+        let mut stream = tokio::time::timeout(Duration::from_secs(5), opening)
+            .await
+            .expect("the open ends")
+            .expect("the task")
+            .expect("opens");
+        let reset_at = match tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("an item before the deadline")
+            .expect("open")
+        {
+            Item::Reset { at, .. } => at,
+            other => panic!("not a reset first: {other:?}"),
+        };
+        bus.publish(&message(chat, "end")).await.expect("publishes");
+        let mut after_reset = Vec::new();
+        while after_reset.last().is_none_or(|(_, text)| text != "end") {
+            match tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .expect("an item before the deadline")
+                .expect("open")
+            {
+                Item::Event(event) if event.seq == 0 => {}
+                Item::Event(event) => after_reset.push((event.seq, text(&event.envelope))),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(
+            after_reset.iter().all(|(seq, _)| *seq > reset_at),
+            "after a reset at {reset_at}: {after_reset:?}"
+        );
+        shutdown.cancel();
+        worker.await.expect("worker ends");
     }
 
     #[tokio::test]
