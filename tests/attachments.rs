@@ -196,6 +196,19 @@ async fn upload_and_download(stack: Stack) {
         .await
         .unwrap();
     assert_eq!(cached.status(), 304);
+    // `If-None-Match` compares weakly (RFC 9110, 13.1.2): a weak validator of the same bytes, in
+    // a list, is the same copy; another tag is not.
+    let if_none_match = |value: String| {
+        app.http
+            .get(app.url(&path))
+            .bearer_auth(&bob)
+            .header("if-none-match", value)
+            .send()
+    };
+    let weak = if_none_match(format!("\"other\", W/{etag}")).await.unwrap();
+    assert_eq!(weak.status(), 304, "a weak validator of the same bytes");
+    let other = if_none_match("W/\"other\"".into()).await.unwrap();
+    assert_eq!(other.status(), 200, "another tag");
 
     // The same bytes again, by someone else under another name: a new record, one object.
     let again = uploaded(&app, &bob, &chat, "copy.txt", "text/plain", &text).await;

@@ -967,10 +967,15 @@ impl Served {
         })
     }
 
-    /// Whether the client's copy (`If-None-Match`) is this object.
+    /// Whether the client's copy (`If-None-Match`) is this object. The comparison is weak (RFC
+    /// 9110, 13.1.2): `W/"…"` names the same copy as `"…"`.
     fn is_current(&self, if_none_match: Option<&str>) -> bool {
         let etag = format!("\"{}\"", self.sha256);
-        if_none_match.is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+        if_none_match.is_some_and(|v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
+        })
     }
 
     /// Whether this download is answered with a presigned URL, where the storage makes one.
