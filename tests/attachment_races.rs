@@ -35,7 +35,24 @@ struct Harness {
     base: String,
     alice: String,
     chat: String,
+    /// Requests whose handling the server dropped before it answered (a client gone).
+    dropped: Arc<std::sync::atomic::AtomicUsize>,
     _dir: tempfile::TempDir,
+}
+
+/// Counts a request's handling dropped before it answered, when dropped so.
+struct Unanswered {
+    dropped: Arc<std::sync::atomic::AtomicUsize>,
+    answered: bool,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 impl Harness {
@@ -61,6 +78,23 @@ impl Harness {
         )
         .with_attachments(confab::attachment_settings(&config, Arc::clone(&blobs)));
         let (router, _) = routes(state);
+        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&dropped);
+        let router = router.layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let dropped = Arc::clone(&counted);
+                async move {
+                    let mut unanswered = Unanswered {
+                        dropped,
+                        answered: false,
+                    };
+                    let response = next.run(request).await;
+                    unanswered.answered = true;
+                    drop(unanswered);
+                    response
+                }
+            },
+        ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, router).await });
@@ -74,6 +108,7 @@ impl Harness {
             base,
             alice,
             chat: String::new(),
+            dropped,
             _dir: dir,
         };
         let bob_id = harness.json(&bob, "/v1/me").await["id"].clone();
@@ -933,3 +968,112 @@ async fn pictures_made_again_do_not_bring_back_a_deleted_image(stack: Stack) {
     harness.stop().await;
 }
 on_both_stacks!(pictures_made_again_do_not_bring_back_a_deleted_image);
+
+/// An upload whose record could not be written answers 503 and keeps nothing: no record, no
+/// reference, and not the object its bytes were written to, which nothing else names. The same
+/// bytes uploaded again are stored.
+async fn an_upload_whose_record_failed_keeps_no_object(stack: Stack) {
+    use confab_runtime::blobs::BlobName;
+    let harness = Harness::start(stack).await;
+    // Larger than what the store keeps in its rows, so that the bytes go to the storage.
+    let bytes: Vec<u8> = (0..8192).flat_map(|_| *Uuid::new_v4().as_bytes()).collect();
+    let name = BlobName::of(&bytes);
+    let upload = || {
+        harness
+            .http
+            .post(format!(
+                "{}/v1/chats/{}/attachments",
+                harness.base, harness.chat
+            ))
+            .query(&[("name", "data.bin")])
+            .bearer_auth(&harness.alice)
+            .header("content-type", "application/octet-stream")
+            .body(bytes.clone())
+            .send()
+    };
+    harness.store.fail_next(Held::AttachmentPut);
+    let failed = upload().await.unwrap();
+    assert_eq!(failed.status(), 503);
+    let stored = || async {
+        harness
+            .blobs
+            .list(None, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .any(|object| object.name == name)
+    };
+    assert!(
+        !stored().await,
+        "the failed upload's object stayed in the storage"
+    );
+    assert!(!harness.store.blob_referenced(name.as_str()).await.unwrap());
+    assert!(harness.listed(None).await.is_empty());
+
+    let again = upload().await.unwrap();
+    assert_eq!(again.status(), 201);
+    assert!(stored().await, "stored when uploaded again");
+    harness.stop().await;
+}
+on_both_stacks!(an_upload_whose_record_failed_keeps_no_object);
+
+/// A client that goes away once its whole body is sent, while the upload is being recorded: the
+/// upload is finished all the same (a change runs to completion), never left halfway (a staging
+/// object, a reference without its record).
+async fn an_upload_whose_client_left_after_its_body_is_finished(stack: Stack) {
+    let harness = Harness::start(stack).await;
+    harness.store.hold_next(Held::BlobRefsAdded);
+    // Larger than what the store keeps in its rows, so that the bytes go to the storage.
+    let bytes: Vec<u8> = (0..8192).flat_map(|_| *Uuid::new_v4().as_bytes()).collect();
+    let name = confab_runtime::blobs::BlobName::of(&bytes);
+    let request = harness
+        .http
+        .post(format!(
+            "{}/v1/chats/{}/attachments",
+            harness.base, harness.chat
+        ))
+        .query(&[("name", "left.bin")])
+        .bearer_auth(&harness.alice)
+        .header("content-type", "application/octet-stream")
+        .body(bytes)
+        .send();
+    let client = tokio::spawn(request);
+    // The whole body was read: the upload waits to write its reference.
+    harness.store.gate.arrived(1).await;
+    client.abort();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while harness.dropped.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server never saw the client go"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The request's handling was dropped; the upload, on a task of its own, goes on.
+    harness.store.gate.release(1).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while harness.listed(None).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upload was left halfway: referenced {}, staging objects {}",
+            harness.store.blob_referenced(name.as_str()).await.unwrap(),
+            harness.blobs.sweep_staging(Duration::ZERO).await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stored = harness
+        .blobs
+        .list(None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .any(|object| object.name == name);
+    assert!(stored, "listed without its object");
+    assert_eq!(
+        harness.blobs.sweep_staging(Duration::ZERO).await.unwrap(),
+        0,
+        "a staging object was left"
+    );
+    harness.stop().await;
+}
+on_both_stacks!(an_upload_whose_client_left_after_its_body_is_finished);

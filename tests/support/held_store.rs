@@ -86,6 +86,10 @@ pub enum Held {
     DevicePut,
     /// The sessions recorded for a user read (`Store::sessions_of`).
     SessionsRead,
+    /// An upload's attachment record written (`Store::put_attachment`).
+    AttachmentPut,
+    /// An upload's references to its objects written (`Store::add_blob_refs`).
+    BlobRefsAdded,
 }
 
 /// What a [`HeldStore`] does with a write it names.
@@ -419,7 +423,8 @@ impl Store for HeldStore {
         &self,
         attachment: &confab_schema::Attachment,
     ) -> Result<(), StoreError> {
-        self.inner.put_attachment(attachment).await
+        self.through(Held::AttachmentPut, self.inner.put_attachment(attachment))
+            .await
     }
     async fn claim_attachments(
         &self,
@@ -472,7 +477,11 @@ impl Store for HeldStore {
         attachment: uuid::Uuid,
         blobs: &[String],
     ) -> Result<(), StoreError> {
-        self.inner.add_blob_refs(attachment, blobs).await
+        self.through(
+            Held::BlobRefsAdded,
+            self.inner.add_blob_refs(attachment, blobs),
+        )
+        .await
     }
     async fn get_attachments(
         &self,

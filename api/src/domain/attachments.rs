@@ -385,12 +385,14 @@ impl ApiState {
             image: None,
             message_id: None,
         };
+        let mut made = false;
         let committed = async {
             self.store
                 .add_blob_refs(attachment.id, std::slice::from_ref(&attachment.sha256))
                 .await?;
             wait_out_collection(self.store.as_ref(), object).await?;
             attachment.size = make.await?;
+            made = true;
             in_time(attachment.id)?;
             self.store.put_attachment(&attachment).await?;
             Ok::<(), ApiError>(())
@@ -403,6 +405,21 @@ impl ApiState {
                 .await
             {
                 tracing::error!(error = %undo, attachment = %attachment.id, "removing the record of a failed upload failed");
+            } else if made {
+                // The object was written for this upload: unless another upload or record names
+                // the same bytes, it goes too, the way the collector removes one.
+                let blobs = Arc::clone(&self.attachment_settings()?.blobs);
+                let removal = remove_unreferenced(
+                    self.store.as_ref(),
+                    blobs.as_ref(),
+                    object,
+                    Uuid::new_v4(),
+                    &mut Collected::default(),
+                )
+                .await;
+                if let Err(undo) = removal {
+                    tracing::warn!(error = %undo, attachment = %attachment.id, "removing the object of a failed upload failed; the collector removes it");
+                }
             }
             return Err(error);
         }
@@ -1242,31 +1259,9 @@ pub async fn collect_garbage(
         for object in page {
             done.scanned += 1;
             let young = OffsetDateTime::now_utc() - object.modified < min_age;
-            if !young && !referenced(store, &object.name, &mut done).await? {
-                let until = OffsetDateTime::now_utc() + CONDEMN_LEASE;
-                store.condemn_blob(object.name.as_str(), run, until).await?;
-                // After the mark: an upload that wrote its reference before it saw no mark is
-                // seen here; one that writes it later sees the mark and waits.
-                let still_referenced = referenced(store, &object.name, &mut done).await?;
-                let left = until - OffsetDateTime::now_utc() - LEASE_MARGIN;
-                if !still_referenced && left.is_positive() {
-                    // Within the mark, less the margin an upload waits beyond it: a removal (and
-                    // the storage client's retries) still running after that could remove an
-                    // object written again meanwhile.
-                    let remaining = Duration::try_from(left).unwrap_or_default();
-                    match tokio::time::timeout(remaining, blobs.delete(&object.name)).await {
-                        Ok(deleted) => deleted?,
-                        Err(_) => {
-                            return Err(ApiError::Blobs(BlobError::Unavailable(format!(
-                                "removing an object took longer than {} s",
-                                remaining.as_secs()
-                            ))));
-                        }
-                    }
-                    done.removed += 1;
-                    done.removed_bytes += object.size;
-                }
-                store.absolve_blob(object.name.as_str(), run).await?;
+            if !young && remove_unreferenced(store, blobs, &object.name, run, &mut done).await? {
+                done.removed += 1;
+                done.removed_bytes += object.size;
             }
             progress(&done);
         }
@@ -1274,6 +1269,45 @@ pub async fn collect_garbage(
     done.swept = blobs.sweep_staging(Duration::from_secs(24 * 3600)).await?;
     progress(&done);
     Ok(done)
+}
+
+/// Removes object `name` if nothing references it (see [`referenced`]), under a mark of
+/// collector run `run`: `true` when it was removed.
+async fn remove_unreferenced(
+    store: &dyn Store,
+    blobs: &dyn Blobs,
+    name: &BlobName,
+    run: Uuid,
+    done: &mut Collected,
+) -> ApiResult<bool> {
+    if referenced(store, name, done).await? {
+        return Ok(false);
+    }
+    let until = OffsetDateTime::now_utc() + CONDEMN_LEASE;
+    store.condemn_blob(name.as_str(), run, until).await?;
+    // After the mark: an upload that wrote its reference before it saw no mark is seen here; one
+    // that writes it later sees the mark and waits.
+    let still_referenced = referenced(store, name, done).await?;
+    let left = until - OffsetDateTime::now_utc() - LEASE_MARGIN;
+    let mut removed = false;
+    if !still_referenced && left.is_positive() {
+        // Within the mark, less the margin an upload waits beyond it: a removal (and the storage
+        // client's retries) still running after that could remove an object written again
+        // meanwhile.
+        let remaining = Duration::try_from(left).unwrap_or_default();
+        match tokio::time::timeout(remaining, blobs.delete(name)).await {
+            Ok(deleted) => deleted?,
+            Err(_) => {
+                return Err(ApiError::Blobs(BlobError::Unavailable(format!(
+                    "removing an object took longer than {} s",
+                    remaining.as_secs()
+                ))));
+            }
+        }
+        removed = true;
+    }
+    store.absolve_blob(name.as_str(), run).await?;
+    Ok(removed)
 }
 
 /// A made picture: its bytes and description (the hash is filled in by the caller).
