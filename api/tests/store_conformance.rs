@@ -2003,3 +2003,61 @@ async fn cql_reaction_counts_converge_whatever_the_clocks() {
     assert_eq!(count().await, Some(2));
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
+
+/// The chat list's copies of a chat's newest message show its deletion, also when a refresh of
+/// them (an edit's, a reaction's) on a process whose clock is ahead read the message before the
+/// deletion: whether it wrote its copies before the deletion (its write is later in time than the
+/// deletion's), or after the deletion was done.
+#[tokio::test]
+async fn cql_a_refresh_from_a_clock_ahead_does_not_bring_back_a_deleted_message() {
+    use confab_schema::UserId;
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(
+        &options,
+        "cql_a_refresh_from_a_clock_ahead_does_not_bring_back_a_deleted_message",
+    )
+    .await
+    {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let alice = UserId::from_subject("t", &uuid::Uuid::new_v4().to_string());
+    let bob = UserId::from_subject("t", &uuid::Uuid::new_v4().to_string());
+    let ahead = Duration::from_secs(5);
+    for meanwhile in ["the deletion between the read and the write", "none"] {
+        let chat = chat_with(&store, alice, &[bob]).await;
+        let secret = format!("secret {}", uuid::Uuid::new_v4());
+        let sent = message(chat, alice, None, &secret);
+        store.insert_signal(&sent).await.unwrap();
+        store
+            .touch_chat(chat, &[alice, bob], sent.id, Some(&sent))
+            .await
+            .unwrap();
+        if meanwhile == "none" {
+            // The refresh is done, then the deletion, from a clock behind it.
+            store
+                .refresh_latest_meanwhile(chat, sent.id, ahead, async {})
+                .await
+                .unwrap();
+            store.delete_signal(chat, sent.id).await.unwrap();
+        } else {
+            store
+                .refresh_latest_meanwhile(chat, sent.id, ahead, async {
+                    store.delete_signal(chat, sent.id).await.unwrap();
+                })
+                .await
+                .unwrap();
+        }
+        let entry = store.chat_entries(bob, &[chat]).await.unwrap();
+        let shown = entry[0]
+            .chat
+            .latest_signal
+            .clone()
+            .expect("a latest message");
+        assert!(
+            shown.deleted && shown.text.is_none(),
+            "{meanwhile}: bob's chat list shows {shown:?}"
+        );
+    }
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}

@@ -848,6 +848,7 @@ struct Statements {
     insert_left_chat: PreparedStatement,
     left_chats_of: PreparedStatement,
     get_summary: PreparedStatement,
+    latest_written: PreparedStatement,
     set_summary: PreparedStatement,
     set_latest: PreparedStatement,
     chats_in: PreparedStatement,
@@ -1165,6 +1166,7 @@ impl CqlStore {
             // with UPDATE (no row marker): a touch that races the chat's removal leaves no row
             // that looks like a chat.
             get_summary: "SELECT activity, latest FROM chats WHERE id = ?".into(),
+            latest_written: "SELECT latest, WRITETIME(latest) FROM chats WHERE id = ?".into(),
             set_summary: "UPDATE chats USING TIMESTAMP ? SET activity = ?, latest = ? WHERE id = ?".into(),
             set_latest: "UPDATE chats USING TIMESTAMP ? SET latest = ? WHERE id = ?".into(),
             chats_in: "SELECT id, kind, name, description, created_at, created_by, activity, latest FROM chats WHERE id IN ?".into(),
@@ -4451,7 +4453,28 @@ impl CqlStore {
     /// creation). A refresh that races a newer signal's touch may leave a copy of this older
     /// signal; readers see its id differ from `activity` and read the newest signal instead.
     async fn refresh_latest(&self, chat: ChatId, id: SignalId) -> Result<(), StoreError> {
-        let started = change_timestamp(id)?;
+        self.refresh_latest_meanwhile(chat, id, Duration::ZERO, async {})
+            .await
+    }
+
+    /// [`CqlStore::refresh_latest`]. A deletion must win over a refresh that read the signal
+    /// before it, also one whose clock is ahead (its copy, written later in time, would show the
+    /// deleted text). So each side reads after its writes: a refresh that copied a live signal
+    /// reads the signal again, and a refresh that copied a deleted one reads the chat's copy
+    /// with its write time; whichever sees the other's write writes the deleted copy again,
+    /// later than the live one. A refresh that read the signal live and wrote its copies before
+    /// the deletion's mark, is seen by the deletion's refresh, which comes after that mark; one
+    /// that wrote later reads the mark. `ahead` and `meanwhile` are for tests: a clock that far
+    /// ahead of this one, and a change run after the signal's read and before the copies' write.
+    pub async fn refresh_latest_meanwhile(
+        &self,
+        chat: ChatId,
+        id: SignalId,
+        ahead: Duration,
+        meanwhile: impl Future<Output = ()>,
+    ) -> Result<(), StoreError> {
+        let ahead = i64::try_from(ahead.as_micros()).unwrap_or(i64::MAX);
+        let started = change_timestamp(id)?.saturating_add(ahead);
         let Some((activity, _)) = self.summary_of(chat).await? else {
             return Ok(());
         };
@@ -4461,9 +4484,46 @@ impl CqlStore {
         let Some(latest) = self.decorated_signal(chat, id).await? else {
             return Ok(());
         };
-        let copy = summary_copy(&latest)?;
+        meanwhile.await;
+        self.write_latest(chat, &latest, started).await?;
+        if !latest.deleted {
+            if self
+                .get_signal(chat, id)
+                .await?
+                .is_some_and(|now| now.deleted)
+                && let Some(now) = self.decorated_signal(chat, id).await?
+            {
+                self.write_latest(chat, &now, started.saturating_add(1))
+                    .await?;
+            }
+            return Ok(());
+        }
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.latest_written, (chat.0,))
+            .await
+            .map_err(unavailable)?;
+        let written = rows::<(Option<Vec<u8>>, Option<i64>)>(result)?
+            .into_iter()
+            .next();
+        if let Some((Some(copy), Some(at))) = written
+            && at > started
+        {
+            let copied = read_summary_copy(&copy)?;
+            if copied.id == id && !copied.deleted {
+                self.write_latest(chat, &latest, at.saturating_add(1))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `latest` as the chat's copy of its newest signal, and as every member's, with
+    /// write timestamp `at`.
+    async fn write_latest(&self, chat: ChatId, latest: &Signal, at: i64) -> Result<(), StoreError> {
+        let copy = summary_copy(latest)?;
         self.session
-            .execute_unpaged(&self.statements.set_latest, (started, &copy, chat.0))
+            .execute_unpaged(&self.statements.set_latest, (at, &copy, chat.0))
             .await
             .map_err(unavailable)?;
         // And every member's copy, which the chat list reads.
@@ -4474,7 +4534,7 @@ impl CqlStore {
                 self.session
                     .execute_unpaged(
                         &self.statements.set_user_latest,
-                        (started, copy, member.user_id.0, chat.0),
+                        (at, copy, member.user_id.0, chat.0),
                     )
                     .await
                     .map(drop)
