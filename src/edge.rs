@@ -18,6 +18,7 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use confab_notifier::auth::StreamAuth;
 use confab_runtime::config::{LimitsConfig, ServerConfig};
 use confab_runtime::identity::{AuthError, Identity, bearer_token};
 use confab_runtime::limits::KeyedLimit;
@@ -32,16 +33,18 @@ use tower::ServiceExt;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::TimeoutBody;
 
-/// Wraps `router` in the edge's layers; `identity` tells the requests with a login from those
-/// without.
+/// Wraps `router` in the edge's layers; `identity` (and `streams`, for their tickets, on a node
+/// that serves event streams) tells the requests with a login from those without.
 pub fn layer(
     router: axum::Router,
     limits: &LimitsConfig,
     identity: Arc<dyn Identity>,
+    streams: Option<StreamAuth>,
 ) -> axum::Router {
     let public = Arc::new(PublicLimit {
         limit: KeyedLimit::new("requests without a login from this address", limits.public),
         identity,
+        streams,
     });
     let request_timeout = limits.request_timeout();
     let body_idle = limits.body_idle_timeout();
@@ -197,10 +200,32 @@ const PROBES: &[&str] = &["/health", "/ready", "/metrics"];
 struct PublicLimit {
     limit: KeyedLimit<IpAddr>,
     identity: Arc<dyn Identity>,
+    /// Checks the tickets browsers open event streams with (they cannot send a header).
+    streams: Option<StreamAuth>,
+}
+
+/// The paths a ticket opens (`?ticket=`).
+const STREAMS: &[&str] = &["/v1/events", "/v1/ws"];
+
+/// The `ticket` query parameter of `request`, on a stream's path.
+fn stream_ticket(request: &Request) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Ticket {
+        ticket: Option<String>,
+    }
+    if !STREAMS.contains(&request.uri().path()) {
+        return None;
+    }
+    axum::extract::Query::<Ticket>::try_from_uri(request.uri())
+        .ok()?
+        .0
+        .ticket
 }
 
 /// Requests without a login take a token of their peer address's bucket: those without an
-/// `Authorization` header, and those whose header does not hold a token that verifies (else any
+/// `Authorization` header (but for an event stream's with a valid ticket: behind a proxy every
+/// browser's reconnecting stream would share the proxy's bucket), and those whose header does not
+/// hold a token that verifies (else any
 /// header at all, even garbage, would pass unlimited, each forcing a verification). A signed-in
 /// user's requests go by their own limits (`limits.send` and the like), also from an address past
 /// its allowance. The identity remembers the signatures it checked, so checking here costs a
@@ -221,7 +246,10 @@ async fn limit_public(
         return next.run(request).await;
     }
     let without_login = match bearer_token(request.headers()) {
-        Err(_) => true,
+        // A browser's stream carries its login in a ticket.
+        Err(_) => !public.streams.as_ref().is_some_and(|streams| {
+            stream_ticket(&request).is_some_and(|ticket| streams.vouches_for(&ticket))
+        }),
         Ok(token) => match public.identity.authenticate(token).await {
             Ok(_) => false,
             // Not the caller's fault: the handler answers 503, unlimited here as with a login.

@@ -615,6 +615,8 @@ pub async fn build(
         };
         router = router.merge(crate::web::routes(sign_in));
     }
+    // Streams' tickets, which count as a login at the edge's per-address limit.
+    let mut stream_auth = None;
     if matches!(role, Role::Serve | Role::Notifier | Role::WsPlexer) {
         let hub = Hub::new(
             Arc::clone(&bus),
@@ -670,6 +672,7 @@ pub async fn build(
             Duration::from_secs(config.notifier.ticket_ttl_secs),
         )
         .with_revocations(Arc::clone(&revocations));
+        stream_auth = Some(auth.clone());
         if matches!(role, Role::Serve | Role::Notifier) {
             let (routes, doc) = confab_notifier::routes(NotifierState {
                 hub: hub.clone(),
@@ -727,6 +730,7 @@ pub async fn build(
             .method_not_allowed_fallback(problem::method_not_allowed),
         &config.limits,
         identity,
+        stream_auth,
     ));
     Ok(App {
         router,

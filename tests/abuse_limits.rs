@@ -509,6 +509,52 @@ async fn requests_whose_token_does_not_verify_are_limited_per_address() {
     app.stop().await;
 }
 
+/// A browser opens its event streams with a ticket, not a header: those are a signed-in user's
+/// requests, not counted per address (behind a proxy every browser would share its bucket, and a
+/// burst of reconnects would be refused). A ticket that does not verify is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_opened_with_a_ticket_are_not_limited_per_address() {
+    let app = spawn(Stack::Embedded, |config| {
+        config.limits.public = RateLimit::new(0.01, 3);
+    })
+    .await;
+    let alice = app.token("alice").await;
+    let issued = app
+        .http
+        .post(app.url("/v1/events/ticket"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(issued.status(), 200);
+    let ticket = issued.json::<Value>().await.unwrap()["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let open = |ticket: &str| {
+        app.http
+            .get(app.url("/v1/events"))
+            .query(&[("ticket", ticket)])
+            .send()
+    };
+    let mut streams = Vec::new();
+    for attempt in 0..5 {
+        let stream = open(&ticket).await.unwrap();
+        assert_eq!(stream.status(), 200, "stream {attempt}");
+        streams.push(stream);
+    }
+    drop(streams);
+    for attempt in 0..3 {
+        assert_eq!(
+            open("forged").await.unwrap().status(),
+            401,
+            "attempt {attempt}"
+        );
+    }
+    assert_limited(open("forged").await.unwrap()).await;
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_answers_configured_origins_only() {
     let allowed = "https://app.example.com";

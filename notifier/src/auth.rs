@@ -131,6 +131,13 @@ impl StreamAuth {
         })
     }
 
+    /// Whether `ticket` opens a stream now: signed here, not expired (a reconnect's allowance
+    /// included), and of a session that did not log out. A request carrying one is a signed-in
+    /// user's, not an anonymous one.
+    pub fn vouches_for(&self, ticket: &str) -> bool {
+        self.ticket(ticket, true).is_ok()
+    }
+
     /// Who a stream request is for: from its ticket when it has one, else its bearer token.
     /// `reconnect` is true when the request resumes after a last event id.
     pub async fn authenticate(
@@ -140,38 +147,41 @@ impl StreamAuth {
         reconnect: bool,
     ) -> Result<StreamIdentity, AuthError> {
         match ticket {
-            Some(ticket) => {
-                let ticket: Ticket = self
-                    .tickets
-                    .open(ticket)
-                    .map_err(|_| AuthError::Invalid("invalid ticket"))?;
-                let now = OffsetDateTime::now_utc().unix_timestamp();
-                let valid_until = if reconnect {
-                    ticket.x.max(ticket.e)
-                } else {
-                    ticket.e
-                };
-                if valid_until < now {
-                    return Err(AuthError::Expired);
-                }
-                if self
-                    .revocations
-                    .as_ref()
-                    .is_some_and(|r| r.is_revoked(ticket.u, ticket.s.as_deref(), ticket.i))
-                {
-                    return Err(AuthError::Revoked);
-                }
-                Ok(StreamIdentity {
-                    user: ticket.u,
-                    token: None,
-                    expires_at: ticket.x.max(ticket.e),
-                    session: StreamSession {
-                        id: ticket.s,
-                        issued_at: ticket.i,
-                    },
-                })
-            }
+            Some(ticket) => self.ticket(ticket, reconnect),
             None => self.token(bearer_token(headers)?).await,
         }
+    }
+
+    /// Who a ticket is for, if it opens a stream now (see [`StreamAuth::authenticate`]).
+    fn ticket(&self, ticket: &str, reconnect: bool) -> Result<StreamIdentity, AuthError> {
+        let ticket: Ticket = self
+            .tickets
+            .open(ticket)
+            .map_err(|_| AuthError::Invalid("invalid ticket"))?;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let valid_until = if reconnect {
+            ticket.x.max(ticket.e)
+        } else {
+            ticket.e
+        };
+        if valid_until < now {
+            return Err(AuthError::Expired);
+        }
+        if self
+            .revocations
+            .as_ref()
+            .is_some_and(|r| r.is_revoked(ticket.u, ticket.s.as_deref(), ticket.i))
+        {
+            return Err(AuthError::Revoked);
+        }
+        Ok(StreamIdentity {
+            user: ticket.u,
+            token: None,
+            expires_at: ticket.x.max(ticket.e),
+            session: StreamSession {
+                id: ticket.s,
+                issued_at: ticket.i,
+            },
+        })
     }
 }

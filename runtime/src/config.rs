@@ -701,8 +701,8 @@ pub struct LimitsConfig {
     /// otherwise (a full node, a store read) counts nothing.
     pub stream_opens: RateLimit,
     /// Requests without an `Authorization` header, per client IP address (the peer address: behind
-    /// a proxy, the proxy's), except `/health`, `/ready` and `/metrics`. Default
-    /// `{ per_second = 50, burst = 500 }`.
+    /// a proxy, the proxy's), except `/health`, `/ready` and `/metrics`, and event streams opened
+    /// with a valid ticket (a browser's login). Default `{ per_second = 50, burst = 500 }`.
     pub public: RateLimit,
     /// Origins (`https://app.example.com`) whose browser scripts may call the API, the ticket
     /// endpoint and the event streams (CORS), comma-separated; `*` allows any origin. Default: none.
