@@ -912,15 +912,15 @@ impl Hub {
                 Err(error) => {
                     metrics::counter!("confab_notifier_resets_total").increment(1);
                     tracing::debug!(%user, %error, "resume impossible; resetting");
-                    // What follows is routed: the events after the install. Not those that
-                    // reached the connection while it was pending, which are the reset's
-                    // position or before it, and which the client reads again from history.
+                    // What follows is routed: the events after the install. Of those that
+                    // reached the connection while it was pending, the logged ones are the reset's
+                    // position or before it, and the client reads them again from history; the
+                    // ephemeral ones (typing, presence, call signalling) are kept.
                     queue.push_back(Item::Reset {
                         reason: reset_reason(&error),
                         at: installed_at,
                     });
                     skip_up_to = installed_at;
-                    replayed = true;
                 }
             }
         } else if missed_while_pending {
@@ -980,6 +980,10 @@ impl Hub {
             routed.push(event);
         }
         if !replayed {
+            let pending = pending
+                .into_iter()
+                .filter(|e| e.seq == 0 || e.seq > skip_up_to)
+                .collect();
             queue.extend(
                 visible(user, pending, |e| &e.envelope, &current)
                     .into_iter()
@@ -2362,8 +2366,9 @@ mod tests {
     }
 
     /// A resume the log cannot replay (here a position it never issued) resets at the install,
-    /// and what follows the reset comes after it: not the events that reached the stream while
-    /// it opened, which the client's reread of history after the reset already holds.
+    /// and what follows the reset comes after it: not the logged events that reached the stream
+    /// while it opened, which the client's reread of history after the reset already holds; but
+    /// the ephemeral ones, which no reread brings back.
     #[tokio::test]
     async fn a_reset_is_followed_only_by_events_after_it() {
         let bus: Arc<dyn Bus> =
@@ -2393,6 +2398,14 @@ mod tests {
             .await
             .expect("publishes");
         dispatched_up_to(&hub, during).await;
+        let bob = UserId::from_subject("t", "b");
+        hub.dispatch_ephemeral(Envelope::new(
+            chat,
+            Event::Typing(confab_schema::event::TypingChange {
+                user_id: bob,
+                expires_in_ms: 3_000,
+            }),
+        ));
         membership.release();
         let mut stream = tokio::time::timeout(Duration::from_secs(5), opening)
             .await
@@ -2408,14 +2421,14 @@ mod tests {
             other => panic!("not a reset first: {other:?}"),
         };
         bus.publish(&message(chat, "end")).await.expect("publishes");
-        let mut after_reset = Vec::new();
+        let (mut after_reset, mut ephemeral) = (Vec::new(), Vec::new());
         while after_reset.last().is_none_or(|(_, text)| text != "end") {
             match tokio::time::timeout(Duration::from_secs(5), stream.next())
                 .await
                 .expect("an item before the deadline")
                 .expect("open")
             {
-                Item::Event(event) if event.seq == 0 => {}
+                Item::Event(event) if event.seq == 0 => ephemeral.push(event.envelope.clone()),
                 Item::Event(event) => after_reset.push((event.seq, text(&event.envelope))),
                 other => panic!("{other:?}"),
             }
@@ -2423,6 +2436,13 @@ mod tests {
         assert!(
             after_reset.iter().all(|(seq, _)| *seq > reset_at),
             "after a reset at {reset_at}: {after_reset:?}"
+        );
+        // Typing, which no log keeps, is not dropped with them.
+        assert!(
+            ephemeral
+                .iter()
+                .any(|e| matches!(&e.event, Event::Typing(t) if t.user_id == bob)),
+            "the typing sent while the stream opened was lost: {ephemeral:?}"
         );
         shutdown.cancel();
         worker.await.expect("worker ends");
