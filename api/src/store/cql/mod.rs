@@ -4485,8 +4485,10 @@ impl CqlStore {
             return Ok(());
         };
         meanwhile.await;
-        self.write_latest(chat, &latest, started).await?;
+        let written = self.write_latest(chat, &latest, started).await;
         if !latest.deleted {
+            // Also after a failed write, which may have been applied in part: a retry of the
+            // edit finds the message deleted and refreshes nothing.
             if self
                 .get_signal(chat, id)
                 .await?
@@ -4496,8 +4498,10 @@ impl CqlStore {
                 self.write_latest(chat, &now, started.saturating_add(1))
                     .await?;
             }
-            return Ok(());
+            return written;
         }
+        // A deletion whose write failed answers so, and its retry refreshes again.
+        written?;
         let result = self
             .session
             .execute_unpaged(&self.statements.latest_written, (chat.0,))
