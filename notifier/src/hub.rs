@@ -18,7 +18,8 @@
 //!    routed to it. A resumed stream replays the log after the client's last id up
 //!    to `installed_at` instead, and then skips what it replayed: of the chats the user is in, and
 //!    of those they left recently ([`Membership::left_chats_of`]), up to the event that took them
-//!    out, as the stream would have delivered them had it stayed open.
+//!    out, as the stream would have delivered them had it stayed open. Of its pending events it
+//!    delivers the ephemeral ones (typing, presence, call signalling), which no log keeps.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -979,17 +980,16 @@ impl Hub {
         while let Ok(event) = registration.events.try_recv() {
             routed.push(event);
         }
-        if !replayed {
-            let pending = pending
+        // Of what reached it while pending: on a fresh stream, everything; after a replay or a
+        // reset, only the ephemeral events (typing, presence, call signalling), which no log keeps:
+        // the logged ones are in the replay, or before the reset's position. Membership is decided
+        // on all of them, their joins and leaves included, then they are kept.
+        queue.extend(
+            visible(user, pending, |e| &e.envelope, &current)
                 .into_iter()
-                .filter(|e| e.seq == 0 || e.seq > skip_up_to)
-                .collect();
-            queue.extend(
-                visible(user, pending, |e| &e.envelope, &current)
-                    .into_iter()
-                    .map(Item::Event),
-            );
-        }
+                .filter(|e| e.seq == 0 || (!replayed && e.seq > skip_up_to))
+                .map(Item::Event),
+        );
         let routed = routed
             .into_iter()
             .filter(|e| e.seq == 0 || e.seq > skip_up_to)
@@ -2374,11 +2374,11 @@ mod tests {
         let bus: Arc<dyn Bus> =
             Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
         let alice = UserId::from_subject("t", "a");
-        let chat = ChatId::new();
+        let (chat, added) = (ChatId::new(), ChatId::new());
         bus.publish(&message(chat, "before"))
             .await
             .expect("publishes");
-        let membership = Arc::new(Gated::new(vec![chat]));
+        let membership = Arc::new(Gated::new(vec![chat, added]));
         let hub = Hub::new(
             Arc::clone(&bus),
             Arc::clone(&membership) as Arc<dyn Membership>,
@@ -2399,13 +2399,20 @@ mod tests {
             .expect("publishes");
         dispatched_up_to(&hub, during).await;
         let bob = UserId::from_subject("t", "b");
-        hub.dispatch_ephemeral(Envelope::new(
-            chat,
-            Event::Typing(confab_schema::event::TypingChange {
-                user_id: bob,
-                expires_in_ms: 3_000,
-            }),
-        ));
+        let typing = |chat: ChatId| {
+            Envelope::new(
+                chat,
+                Event::Typing(confab_schema::event::TypingChange {
+                    user_id: bob,
+                    expires_in_ms: 3_000,
+                }),
+            )
+        };
+        hub.dispatch_ephemeral(typing(chat));
+        // Typing in a chat alice is added to only after it: not hers.
+        hub.dispatch_ephemeral(typing(added));
+        let joined_at = bus.publish(&joined(added, alice)).await.expect("publishes");
+        dispatched_up_to(&hub, joined_at).await;
         membership.release();
         let mut stream = tokio::time::timeout(Duration::from_secs(5), opening)
             .await
@@ -2437,13 +2444,84 @@ mod tests {
             after_reset.iter().all(|(seq, _)| *seq > reset_at),
             "after a reset at {reset_at}: {after_reset:?}"
         );
-        // Typing, which no log keeps, is not dropped with them.
-        assert!(
-            ephemeral
-                .iter()
-                .any(|e| matches!(&e.event, Event::Typing(t) if t.user_id == bob)),
-            "the typing sent while the stream opened was lost: {ephemeral:?}"
+        // Typing, which no log keeps, is not dropped with them; but only in a chat she was in.
+        let typed_in: Vec<ChatId> = ephemeral
+            .iter()
+            .filter(|e| matches!(&e.event, Event::Typing(t) if t.user_id == bob))
+            .map(|e| e.chat_id)
+            .collect();
+        assert_eq!(
+            typed_in,
+            vec![chat],
+            "the typing sent while the stream opened: {ephemeral:?}"
         );
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    /// A resume that replays the log delivers the ephemeral events that reached the stream
+    /// while it opened (a call's offer must not be lost to a reconnect), besides the replay.
+    #[tokio::test]
+    async fn a_resume_keeps_the_ephemeral_events_that_came_while_it_opened() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let alice = UserId::from_subject("t", "a");
+        let bob = UserId::from_subject("t", "b");
+        let chat = ChatId::new();
+        let after = bus
+            .publish(&message(chat, "seen"))
+            .await
+            .expect("publishes");
+        bus.publish(&message(chat, "missed"))
+            .await
+            .expect("publishes");
+        let membership = Arc::new(Gated::new(vec![chat]));
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::clone(&membership) as Arc<dyn Membership>,
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let opening = {
+            let hub = hub.clone();
+            tokio::spawn(async move { hub.open(alice, Some(after)).await })
+        };
+        membership.asked.notified().await;
+        hub.dispatch_ephemeral(Envelope::new(
+            chat,
+            Event::Typing(confab_schema::event::TypingChange {
+                user_id: bob,
+                expires_in_ms: 3_000,
+            }),
+        ));
+        membership.release();
+        let mut stream = tokio::time::timeout(Duration::from_secs(5), opening)
+            .await
+            .expect("the open ends")
+            .expect("the task")
+            .expect("opens");
+        bus.publish(&message(chat, "end")).await.expect("publishes");
+        let (mut logged, mut typing) = (Vec::new(), 0);
+        while logged.last().is_none_or(|text| text != "end") {
+            match tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .expect("an item before the deadline")
+                .expect("open")
+            {
+                Item::Event(event) if event.seq == 0 => {
+                    if matches!(&event.envelope.event, Event::Typing(t) if t.user_id == bob) {
+                        typing += 1;
+                    }
+                }
+                Item::Event(event) => logged.push(text(&event.envelope)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(logged, ["missed", "end"]);
+        assert_eq!(typing, 1, "the typing sent while the stream opened");
         shutdown.cancel();
         worker.await.expect("worker ends");
     }
