@@ -207,19 +207,22 @@ struct PublicLimit {
 /// The paths a ticket opens (`?ticket=`).
 const STREAMS: &[&str] = &["/v1/events", "/v1/ws"];
 
-/// The `ticket` query parameter of `request`, on a stream's path.
-fn stream_ticket(request: &Request) -> Option<String> {
+/// The `ticket` query parameter of `request`, on a stream's path, and whether the request
+/// resumes (`Last-Event-ID`, or `last_event_id`), which a ticket allows for longer.
+fn stream_ticket(request: &Request) -> Option<(String, bool)> {
     #[derive(serde::Deserialize)]
-    struct Ticket {
+    struct StreamQuery {
         ticket: Option<String>,
+        last_event_id: Option<String>,
     }
     if !STREAMS.contains(&request.uri().path()) {
         return None;
     }
-    axum::extract::Query::<Ticket>::try_from_uri(request.uri())
+    let query = axum::extract::Query::<StreamQuery>::try_from_uri(request.uri())
         .ok()?
-        .0
-        .ticket
+        .0;
+    let resumes = request.headers().contains_key("last-event-id") || query.last_event_id.is_some();
+    Some((query.ticket?, resumes))
 }
 
 /// Requests without a login take a token of their peer address's bucket: those without an
@@ -248,7 +251,8 @@ async fn limit_public(
     let without_login = match bearer_token(request.headers()) {
         // A browser's stream carries its login in a ticket.
         Err(_) => !public.streams.as_ref().is_some_and(|streams| {
-            stream_ticket(&request).is_some_and(|ticket| streams.vouches_for(&ticket))
+            stream_ticket(&request)
+                .is_some_and(|(ticket, resumes)| streams.vouches_for(&ticket, resumes))
         }),
         Ok(token) => match public.identity.authenticate(token).await {
             Ok(_) => false,

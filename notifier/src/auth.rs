@@ -131,11 +131,11 @@ impl StreamAuth {
         })
     }
 
-    /// Whether `ticket` opens a stream now: signed here, not expired (a reconnect's allowance
-    /// included), and of a session that did not log out. A request carrying one is a signed-in
-    /// user's, not an anonymous one.
-    pub fn vouches_for(&self, ticket: &str) -> bool {
-        self.ticket(ticket, true).is_ok()
+    /// Whether `ticket` opens a stream now (`reconnect`: resumes one, which a ticket allows for
+    /// longer): signed here, not expired, and of a session that did not log out. A request
+    /// carrying one is a signed-in user's, not an anonymous one.
+    pub fn vouches_for(&self, ticket: &str, reconnect: bool) -> bool {
+        self.ticket(ticket, reconnect).is_ok()
     }
 
     /// Who a stream request is for: from its ticket when it has one, else its bearer token.

@@ -141,7 +141,7 @@ async fn ticket(
         (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
         (status = 400, description = "Malformed query or last event id", body = confab_runtime::Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = confab_runtime::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Too many streams opened or resumed by this user lately (`limits.stream_opens`), or too many requests without a login from this address (`limits.public`; a stream opened with a ticket has no Authorization header)", body = confab_runtime::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many streams opened or resumed by this user lately (`limits.stream_opens`), or too many requests without a login from this address (`limits.public`; a stream whose ticket does not verify counts as one without a login)", body = confab_runtime::Problem, content_type = "application/problem+json"),
         (status = 503, description = "Events are unavailable on this node, or it holds as many streams as it may (`node-full`): retry, on another node", body = confab_runtime::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []), ())

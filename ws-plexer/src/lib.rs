@@ -163,7 +163,7 @@ async fn send(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Too many streams opened or resumed by this user lately (`limits.stream_opens`), or too many requests without a login from this address (`limits.public`; a socket opened with a ticket has no Authorization header)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many streams opened or resumed by this user lately (`limits.stream_opens`), or too many requests without a login from this address (`limits.public`; a socket whose ticket does not verify counts as one without a login)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Events are unavailable on this node, or it holds as many streams as it may (`node-full`): retry, on another node", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []), ())
