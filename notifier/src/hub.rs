@@ -2365,20 +2365,20 @@ mod tests {
         }
     }
 
-    /// A resume the log cannot replay (here a position it never issued) resets at the install,
-    /// and what follows the reset comes after it: not the logged events that reached the stream
-    /// while it opened, which the client's reread of history after the reset already holds; but
-    /// the ephemeral ones, which no reread brings back.
-    #[tokio::test]
-    async fn a_reset_is_followed_only_by_events_after_it() {
+    /// A hub over a log in memory whose membership answers `chats` once released, started: the
+    /// log, the membership, the hub, the token that stops its worker, and the worker.
+    async fn gated_hub(
+        chats: Vec<ChatId>,
+    ) -> (
+        Arc<dyn Bus>,
+        Arc<Gated>,
+        Hub,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let bus: Arc<dyn Bus> =
             Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
-        let alice = UserId::from_subject("t", "a");
-        let (chat, added) = (ChatId::new(), ChatId::new());
-        bus.publish(&message(chat, "before"))
-            .await
-            .expect("publishes");
-        let membership = Arc::new(Gated::new(vec![chat, added]));
+        let membership = Arc::new(Gated::new(chats));
         let hub = Hub::new(
             Arc::clone(&bus),
             Arc::clone(&membership) as Arc<dyn Membership>,
@@ -2388,6 +2388,56 @@ mod tests {
         );
         let shutdown = CancellationToken::new();
         let worker = hub.start(shutdown.clone()).await.expect("starts");
+        (bus, membership, hub, shutdown, worker)
+    }
+
+    /// Bob typing in `chat`: an ephemeral event.
+    fn typing(chat: ChatId, bob: UserId) -> Envelope {
+        Envelope::new(
+            chat,
+            Event::Typing(confab_schema::event::TypingChange {
+                user_id: bob,
+                expires_in_ms: 3_000,
+            }),
+        )
+    }
+
+    /// The logged events (sequence and text) up to the one whose text is "end", and the ephemeral
+    /// ones among them.
+    async fn logged_and_ephemeral_up_to_end(
+        stream: &mut Subscription,
+    ) -> (Vec<(u64, String)>, Vec<Envelope>) {
+        let (mut logged, mut ephemeral) = (Vec::new(), Vec::new());
+        while logged
+            .last()
+            .is_none_or(|(_, text): &(u64, String)| text != "end")
+        {
+            match tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .expect("an item before the deadline")
+                .expect("open")
+            {
+                Item::Event(event) if event.seq == 0 => ephemeral.push(event.envelope.clone()),
+                Item::Event(event) => logged.push((event.seq, text(&event.envelope))),
+                other => panic!("{other:?}"),
+            }
+        }
+        (logged, ephemeral)
+    }
+
+    /// A resume the log cannot replay (here a position it never issued) resets at the install,
+    /// and what follows the reset comes after it: not the logged events that reached the stream
+    /// while it opened, which the client's reread of history after the reset already holds; but
+    /// the ephemeral ones, which no reread brings back.
+    #[tokio::test]
+    async fn a_reset_is_followed_only_by_events_after_it() {
+        let alice = UserId::from_subject("t", "a");
+        let bob = UserId::from_subject("t", "b");
+        let (chat, added) = (ChatId::new(), ChatId::new());
+        let (bus, membership, hub, shutdown, worker) = gated_hub(vec![chat, added]).await;
+        bus.publish(&message(chat, "before"))
+            .await
+            .expect("publishes");
         let opening = {
             let hub = hub.clone();
             tokio::spawn(async move { hub.open(alice, Some(1_000_000)).await })
@@ -2398,19 +2448,9 @@ mod tests {
             .await
             .expect("publishes");
         dispatched_up_to(&hub, during).await;
-        let bob = UserId::from_subject("t", "b");
-        let typing = |chat: ChatId| {
-            Envelope::new(
-                chat,
-                Event::Typing(confab_schema::event::TypingChange {
-                    user_id: bob,
-                    expires_in_ms: 3_000,
-                }),
-            )
-        };
-        hub.dispatch_ephemeral(typing(chat));
+        hub.dispatch_ephemeral(typing(chat, bob));
         // Typing in a chat alice is added to only after it: not hers.
-        hub.dispatch_ephemeral(typing(added));
+        hub.dispatch_ephemeral(typing(added, bob));
         let joined_at = bus.publish(&joined(added, alice)).await.expect("publishes");
         dispatched_up_to(&hub, joined_at).await;
         membership.release();
@@ -2428,18 +2468,7 @@ mod tests {
             other => panic!("not a reset first: {other:?}"),
         };
         bus.publish(&message(chat, "end")).await.expect("publishes");
-        let (mut after_reset, mut ephemeral) = (Vec::new(), Vec::new());
-        while after_reset.last().is_none_or(|(_, text)| text != "end") {
-            match tokio::time::timeout(Duration::from_secs(5), stream.next())
-                .await
-                .expect("an item before the deadline")
-                .expect("open")
-            {
-                Item::Event(event) if event.seq == 0 => ephemeral.push(event.envelope.clone()),
-                Item::Event(event) => after_reset.push((event.seq, text(&event.envelope))),
-                other => panic!("{other:?}"),
-            }
-        }
+        let (after_reset, ephemeral) = logged_and_ephemeral_up_to_end(&mut stream).await;
         assert!(
             after_reset.iter().all(|(seq, _)| *seq > reset_at),
             "after a reset at {reset_at}: {after_reset:?}"
@@ -2463,11 +2492,10 @@ mod tests {
     /// while it opened (a call's offer must not be lost to a reconnect), besides the replay.
     #[tokio::test]
     async fn a_resume_keeps_the_ephemeral_events_that_came_while_it_opened() {
-        let bus: Arc<dyn Bus> =
-            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
         let alice = UserId::from_subject("t", "a");
         let bob = UserId::from_subject("t", "b");
         let chat = ChatId::new();
+        let (bus, membership, hub, shutdown, worker) = gated_hub(vec![chat]).await;
         let after = bus
             .publish(&message(chat, "seen"))
             .await
@@ -2475,28 +2503,12 @@ mod tests {
         bus.publish(&message(chat, "missed"))
             .await
             .expect("publishes");
-        let membership = Arc::new(Gated::new(vec![chat]));
-        let hub = Hub::new(
-            Arc::clone(&bus),
-            Arc::clone(&membership) as Arc<dyn Membership>,
-            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
-            16,
-            100,
-        );
-        let shutdown = CancellationToken::new();
-        let worker = hub.start(shutdown.clone()).await.expect("starts");
         let opening = {
             let hub = hub.clone();
             tokio::spawn(async move { hub.open(alice, Some(after)).await })
         };
         membership.asked.notified().await;
-        hub.dispatch_ephemeral(Envelope::new(
-            chat,
-            Event::Typing(confab_schema::event::TypingChange {
-                user_id: bob,
-                expires_in_ms: 3_000,
-            }),
-        ));
+        hub.dispatch_ephemeral(typing(chat, bob));
         membership.release();
         let mut stream = tokio::time::timeout(Duration::from_secs(5), opening)
             .await
@@ -2504,23 +2516,13 @@ mod tests {
             .expect("the task")
             .expect("opens");
         bus.publish(&message(chat, "end")).await.expect("publishes");
-        let (mut logged, mut typing) = (Vec::new(), 0);
-        while logged.last().is_none_or(|text| text != "end") {
-            match tokio::time::timeout(Duration::from_secs(5), stream.next())
-                .await
-                .expect("an item before the deadline")
-                .expect("open")
-            {
-                Item::Event(event) if event.seq == 0 => {
-                    if matches!(&event.envelope.event, Event::Typing(t) if t.user_id == bob) {
-                        typing += 1;
-                    }
-                }
-                Item::Event(event) => logged.push(text(&event.envelope)),
-                other => panic!("{other:?}"),
-            }
-        }
-        assert_eq!(logged, ["missed", "end"]);
+        let (logged, ephemeral) = logged_and_ephemeral_up_to_end(&mut stream).await;
+        let texts: Vec<&str> = logged.iter().map(|(_, text)| text.as_str()).collect();
+        assert_eq!(texts, ["missed", "end"]);
+        let typing = ephemeral
+            .iter()
+            .filter(|e| matches!(&e.event, Event::Typing(t) if t.user_id == bob))
+            .count();
         assert_eq!(typing, 1, "the typing sent while the stream opened");
         shutdown.cancel();
         worker.await.expect("worker ends");
