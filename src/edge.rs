@@ -19,6 +19,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use confab_notifier::auth::StreamAuth;
+use confab_runtime::addresses::{self, TrustedProxies};
 use confab_runtime::config::{LimitsConfig, ServerConfig};
 use confab_runtime::identity::{AuthError, Identity, bearer_token};
 use confab_runtime::limits::KeyedLimit;
@@ -43,6 +44,8 @@ pub fn layer(
 ) -> axum::Router {
     let public = Arc::new(PublicLimit {
         limit: KeyedLimit::new("requests without a login from this address", limits.public),
+        // Validated with the configuration: a list that does not parse never gets here.
+        proxies: limits.trusted_proxies().unwrap_or_default(),
         identity,
         streams,
     });
@@ -198,7 +201,10 @@ const PROBES: &[&str] = &["/health", "/ready", "/metrics"];
 
 /// The per-address limit of requests without a login, and what tells a login from none.
 struct PublicLimit {
+    /// Keyed by [`addresses::limit_key`] of the client address.
     limit: KeyedLimit<IpAddr>,
+    /// Whose `X-Forwarded-For` names the client address.
+    proxies: TrustedProxies,
     identity: Arc<dyn Identity>,
     /// Checks the tickets browsers open event streams with (they cannot send a header).
     streams: Option<StreamAuth>,
@@ -225,7 +231,8 @@ fn stream_ticket(request: &Request) -> Option<(String, bool)> {
     Some((query.ticket?, resumes))
 }
 
-/// Requests without a login take a token of their peer address's bucket: those without an
+/// Requests without a login take a token of their client address's bucket (the peer's, or what
+/// trusted proxies forward; an IPv6 client's /64): those without an
 /// `Authorization` header (but for an event stream's with a valid ticket: behind a proxy every
 /// browser's reconnecting stream would share the proxy's bucket), and those whose header does not
 /// hold a token that verifies (else any
@@ -242,7 +249,7 @@ async fn limit_public(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip());
-    let Some(ip) = peer else {
+    let Some(peer) = peer else {
         return next.run(request).await;
     };
     if PROBES.contains(&request.uri().path()) {
@@ -261,7 +268,16 @@ async fn limit_public(
             Err(_) => true,
         },
     };
-    if without_login && let Err(limited) = public.limit.check(&ip) {
+    if !without_login {
+        return next.run(request).await;
+    }
+    let forwarded_for = request
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok());
+    let client = public.proxies.client_address(peer, forwarded_for);
+    if let Err(limited) = public.limit.check(&addresses::limit_key(client)) {
         return Problem::from(&limited).into_response();
     }
     next.run(request).await

@@ -555,6 +555,78 @@ async fn streams_opened_with_a_ticket_are_not_limited_per_address() {
     app.stop().await;
 }
 
+/// Behind a proxy every client has the proxy's address: only a trusted proxy's `X-Forwarded-For`
+/// says whose allowance a request takes, and only its own entry, not what the client wrote left
+/// of it. From any other peer the header changes nothing. IPv6 clients share their /64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_trusted_proxies_each_forwarded_client_has_its_own_allowance() {
+    let app = spawn(Stack::Embedded, |config| {
+        config.limits.public = RateLimit::new(0.01, 2);
+        config.limits.trusted_proxies = "127.0.0.0/8, ::1".into();
+    })
+    .await;
+    let from = |forwarded_for: &str| {
+        app.http
+            .get(app.url("/v1/openapi.json"))
+            .header("x-forwarded-for", forwarded_for)
+            .send()
+    };
+    for attempt in 0..2 {
+        assert_eq!(
+            from("203.0.113.5").await.unwrap().status(),
+            200,
+            "attempt {attempt}"
+        );
+    }
+    assert_limited(from("203.0.113.5").await.unwrap()).await;
+    // A client that writes other addresses before its own is still itself.
+    assert_limited(from("198.51.100.1, 203.0.113.5").await.unwrap()).await;
+    // Another client behind the same proxy has its own allowance.
+    assert_eq!(from("203.0.113.6").await.unwrap().status(), 200);
+    assert_eq!(
+        from("198.51.100.1, 203.0.113.6").await.unwrap().status(),
+        200
+    );
+    assert_limited(from("203.0.113.6").await.unwrap()).await;
+    // Another address of the same IPv6 /64 is the same client; the next /64 is another.
+    for attempt in 0..2 {
+        assert_eq!(
+            from("2001:db8:1:2::1").await.unwrap().status(),
+            200,
+            "attempt {attempt}"
+        );
+    }
+    assert_limited(from("2001:db8:1:2:ffff::9").await.unwrap()).await;
+    assert_eq!(from("2001:db8:1:3::1").await.unwrap().status(), 200);
+    app.stop().await;
+
+    // Without trusted proxies the peer's address counts, whatever the header says.
+    let app = spawn(Stack::Embedded, |config| {
+        config.limits.public = RateLimit::new(0.01, 2);
+    })
+    .await;
+    for (attempt, forwarded_for) in ["203.0.113.1", "203.0.113.2"].into_iter().enumerate() {
+        let response = app
+            .http
+            .get(app.url("/v1/openapi.json"))
+            .header("x-forwarded-for", forwarded_for)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "attempt {attempt}");
+    }
+    assert_limited(
+        app.http
+            .get(app.url("/v1/openapi.json"))
+            .header("x-forwarded-for", "203.0.113.3")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_answers_configured_origins_only() {
     let allowed = "https://app.example.com";

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::addresses::TrustedProxies;
+
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -700,10 +702,19 @@ pub struct LimitsConfig {
     /// more than streams that each reconnect every few seconds need. An open that fails
     /// otherwise (a full node, a store read) counts nothing.
     pub stream_opens: RateLimit,
-    /// Requests without an `Authorization` header, per client IP address (the peer address: behind
-    /// a proxy, the proxy's), except `/health`, `/ready` and `/metrics`, and event streams opened
-    /// with a valid ticket (a browser's login). Default `{ per_second = 50, burst = 500 }`.
+    /// Requests without a login (no `Authorization` header, or one whose token does not verify),
+    /// per client address, except `/health`, `/ready` and `/metrics`, and event streams opened
+    /// with a valid ticket (a browser's login). The client address is the peer's, or behind
+    /// `trusted_proxies` the one they forward; IPv6 clients are counted by their /64, the block
+    /// one host is given. Default `{ per_second = 50, burst = 500 }`.
     pub public: RateLimit,
+    /// The proxies (load balancers, ingresses) in front of confab whose `X-Forwarded-For` says
+    /// which address a request came from, as comma-separated addresses and ranges
+    /// (`10.0.0.0/8, fd00::/8`). The header is read from the right, past these proxies, to the
+    /// first address not among them; a client's own entries left of it are ignored, and so is the
+    /// header from any other peer. Without it, every client behind a proxy shares the proxy's
+    /// allowance in `public`. Default: none.
+    pub trusted_proxies: String,
     /// Origins (`https://app.example.com`) whose browser scripts may call the API, the ticket
     /// endpoint and the event streams (CORS), comma-separated; `*` allows any origin. Default: none.
     pub cors_origins: String,
@@ -737,6 +748,7 @@ impl Default for LimitsConfig {
             calls: RateLimit::new(0.05, 10),
             stream_opens: RateLimit::new(1.0, 64),
             public: RateLimit::new(50.0, 500),
+            trusted_proxies: String::new(),
             cors_origins: String::new(),
             body_bytes: 64 * 1024,
             header_timeout_secs: 10,
@@ -766,6 +778,12 @@ impl LimitsConfig {
             *limit = RateLimit::OFF;
         }
         self
+    }
+
+    /// The proxies whose `X-Forwarded-For` is believed.
+    pub fn trusted_proxies(&self) -> Result<TrustedProxies, ConfigError> {
+        TrustedProxies::parse(&self.trusted_proxies)
+            .map_err(|error| ConfigError::Invalid(format!("limits.trusted_proxies: {error}")))
     }
 
     /// The allowed CORS origins.
@@ -1236,6 +1254,7 @@ impl Config {
                 )));
             }
         }
+        self.limits.trusted_proxies()?;
         for origin in self.limits.cors_origins() {
             if origin != "*"
                 && !url::Url::parse(&origin)
@@ -1502,6 +1521,19 @@ mod tests {
             );
             assert!(Config::load(None).is_err());
             jail.set_env("CONFAB_LIMITS__CORS_ORIGINS", "");
+            jail.set_env("CONFAB_LIMITS__TRUSTED_PROXIES", "10.0.0.0/8, fd00::/8");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                config.limits.trusted_proxies().map_err(|e| e.to_string())?,
+                crate::addresses::TrustedProxies::parse("10.0.0.0/8,fd00::/8")?
+            );
+            jail.set_env("CONFAB_LIMITS__TRUSTED_PROXIES", "10.0.0.0/40");
+            let refused = Config::load(None).expect_err("a prefix longer than the address");
+            assert!(
+                refused.to_string().contains("limits.trusted_proxies"),
+                "{refused}"
+            );
+            jail.set_env("CONFAB_LIMITS__TRUSTED_PROXIES", "");
             jail.set_env("CONFAB_LIMITS__SEND__PER_SECOND", "-1");
             assert!(Config::load(None).is_err());
             Ok(())
