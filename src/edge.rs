@@ -275,7 +275,7 @@ async fn limit_public(
         .headers()
         .get_all("x-forwarded-for")
         .iter()
-        .filter_map(|value| value.to_str().ok());
+        .map(HeaderValue::as_bytes);
     let client = public.proxies.client_address(peer, forwarded_for);
     if let Err(limited) = public.limit.check(&addresses::limit_key(client)) {
         return Problem::from(&limited).into_response();

@@ -80,17 +80,30 @@ impl FromStr for IpRange {
             Some((address, prefix)) => (address, Some(prefix)),
             None => (text, None),
         };
-        let network = canonical(address.parse::<IpAddr>().map_err(|_| invalid())?);
-        let most = if network.is_ipv4() { 32 } else { 128 };
+        let address = address.parse::<IpAddr>().map_err(|_| invalid())?;
+        let most = if address.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => most,
-            Some(prefix) => prefix
-                .parse::<u8>()
-                .ok()
-                .filter(|prefix| *prefix <= most)
-                .ok_or_else(invalid)?,
+            Some(prefix) if !prefix.is_empty() && prefix.bytes().all(|b| b.is_ascii_digit()) => {
+                prefix
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|prefix| *prefix <= most)
+                    .ok_or_else(invalid)?
+            }
+            Some(_) => return Err(invalid()),
         };
-        Ok(IpRange { network, prefix })
+        // A range of IPv4 addresses mapped into IPv6 is that range of IPv4 addresses.
+        match (address, canonical(address)) {
+            (IpAddr::V6(_), IpAddr::V4(network)) if prefix >= 96 => Ok(IpRange {
+                network: IpAddr::V4(network),
+                prefix: prefix - 96,
+            }),
+            _ => Ok(IpRange {
+                network: address,
+                prefix,
+            }),
+        }
     }
 }
 
@@ -106,14 +119,22 @@ impl fmt::Display for IpRange {
 pub struct TrustedProxies(Vec<IpRange>);
 
 impl TrustedProxies {
-    /// Parses a comma-separated list of addresses and ranges; an empty list trusts no proxy.
+    /// Parses a comma-separated list of addresses and ranges; an empty list trusts no proxy. A
+    /// range of every address (`0.0.0.0/0`, `::/0`) is refused: any client could then name its
+    /// own address.
     pub fn parse(list: &str) -> Result<TrustedProxies, String> {
-        list.split(',')
+        let ranges: Vec<IpRange> = list
+            .split(',')
             .map(str::trim)
             .filter(|range| !range.is_empty())
             .map(str::parse)
-            .collect::<Result<_, _>>()
-            .map(TrustedProxies)
+            .collect::<Result<_, _>>()?;
+        if let Some(everything) = ranges.iter().find(|range| range.prefix == 0) {
+            return Err(format!(
+                "`{everything}` holds every address, so any client could name its own"
+            ));
+        }
+        Ok(TrustedProxies(ranges))
     }
 
     fn trusts(&self, ip: IpAddr) -> bool {
@@ -121,24 +142,29 @@ impl TrustedProxies {
     }
 
     /// The address a request came from, given its peer's and its `X-Forwarded-For` header values
-    /// in order. From a trusted peer, the forwarded addresses are read from the right (each proxy
-    /// appends the address it was reached from), past the trusted proxies, to the first address
-    /// no trusted proxy has: the client's. What lies left of it was written by the client and is
-    /// not believed. An entry that is not an address ends the walk at the proxy that added it; a
-    /// list of trusted proxies only gives its leftmost. From any other peer, the header is
-    /// ignored.
+    /// in order (as bytes: a value need not be text). From a trusted peer, the forwarded
+    /// addresses are read from the right (each proxy appends the address it was reached from),
+    /// past the trusted proxies, to the first address no trusted proxy has: the client's. What
+    /// lies left of it was written by the client and is not believed. An entry that is not an
+    /// address (text or not) ends the walk at the proxy that added it; a list of trusted proxies
+    /// only gives its leftmost. From any other peer, the header is ignored.
     pub fn client_address<'a>(
         &self,
         peer: IpAddr,
-        forwarded_for: impl Iterator<Item = &'a str>,
+        forwarded_for: impl Iterator<Item = &'a [u8]>,
     ) -> IpAddr {
         let mut client = canonical(peer);
         if !self.trusts(client) {
             return client;
         }
-        let hops: Vec<&str> = forwarded_for.flat_map(|value| value.split(',')).collect();
+        let hops: Vec<&[u8]> = forwarded_for
+            .flat_map(|value| value.split(|byte| *byte == b','))
+            .collect();
         for hop in hops.into_iter().rev() {
-            let Some(hop) = forwarded_address(hop.trim()) else {
+            let Some(hop) = std::str::from_utf8(hop)
+                .ok()
+                .and_then(|hop| forwarded_address(hop.trim()))
+            else {
                 break;
             };
             client = hop;
@@ -249,6 +275,15 @@ mod tests {
         let everything: IpRange = "0.0.0.0/0".parse().unwrap();
         assert!(everything.contains(ip("198.51.100.1")));
         assert!(!everything.contains(ip("2001:db8::1")));
+        let every_v6: IpRange = "::/0".parse().unwrap();
+        assert!(every_v6.contains(ip("2001:db8::1")));
+        assert!(!every_v6.contains(ip("198.51.100.1")));
+        let one_v6: IpRange = "2001:db8::7/128".parse().unwrap();
+        assert!(one_v6.contains(ip("2001:db8::7")));
+        assert!(!one_v6.contains(ip("2001:db8::8")));
+        let mapped: IpRange = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(mapped, "10.0.0.0/8".parse().unwrap());
+        assert!(mapped.contains(ip("10.9.8.7")));
         for invalid in [
             "",
             "10.0.0.0/33",
@@ -257,6 +292,8 @@ mod tests {
             "proxy",
             "10.0.0.0/-1",
             "10.0.0.0/",
+            "10.0.0.0/+8",
+            "10.0.0.0/ 8",
         ] {
             assert!(invalid.parse::<IpRange>().is_err(), "{invalid}");
         }
@@ -268,6 +305,9 @@ mod tests {
             2
         );
         assert!(TrustedProxies::parse("10.0.0.0/8, nope").is_err());
+        for everything in ["0.0.0.0/0", "10.0.0.0/8, ::/0"] {
+            assert!(TrustedProxies::parse(everything).is_err(), "{everything}");
+        }
     }
 
     #[test]
@@ -275,7 +315,7 @@ mod tests {
         let proxies = TrustedProxies::parse("10.0.0.0/8, 2001:db8:ffff::/48").unwrap();
         let client = |peer: &str, headers: &[&str]| {
             proxies
-                .client_address(ip(peer), headers.iter().copied())
+                .client_address(ip(peer), headers.iter().map(|value| value.as_bytes()))
                 .to_string()
         };
         // An untrusted peer's header is not believed.
@@ -283,7 +323,7 @@ mod tests {
         // Nor is any header without trusted proxies.
         assert_eq!(
             TrustedProxies::default()
-                .client_address(ip("10.0.0.1"), ["203.0.113.5"].into_iter())
+                .client_address(ip("10.0.0.1"), [b"203.0.113.5".as_slice()].into_iter())
                 .to_string(),
             "10.0.0.1"
         );
@@ -315,6 +355,18 @@ mod tests {
             client("10.0.0.1", &["203.0.113.5, 10.0.0.2, garbage"]),
             "10.0.0.1"
         );
+        // A value that is not text ends the walk as well: the client cannot have it skipped to
+        // reach the addresses it wrote itself.
+        let bytes = |values: [&'static [u8]; 2]| {
+            proxies
+                .client_address(ip("10.0.0.1"), values.into_iter())
+                .to_string()
+        };
+        assert_eq!(
+            bytes([b"198.51.100.77", b"\x80, 203.0.113.5"]),
+            "203.0.113.5"
+        );
+        assert_eq!(bytes([b"198.51.100.77", b"\x80"]), "10.0.0.1");
         // Only trusted proxies: the leftmost.
         assert_eq!(client("10.0.0.1", &["10.0.0.3, 10.0.0.2"]), "10.0.0.3");
     }

@@ -710,10 +710,13 @@ pub struct LimitsConfig {
     pub public: RateLimit,
     /// The proxies (load balancers, ingresses) in front of confab whose `X-Forwarded-For` says
     /// which address a request came from, as comma-separated addresses and ranges
-    /// (`10.0.0.0/8, fd00::/8`). The header is read from the right, past these proxies, to the
+    /// (`10.0.5.10, 10.0.6.0/28`). The header is read from the right, past these proxies, to the
     /// first address not among them; a client's own entries left of it are ignored, and so is the
-    /// header from any other peer. Without it, every client behind a proxy shares the proxy's
-    /// allowance in `public`. Default: none.
+    /// header from any other peer. List only proxies that append their peer's address to the
+    /// header, and keep the ranges narrow: any address listed that passes the header on untouched
+    /// (a plain TCP balancer), or a client inside a range listed, can name any address it likes
+    /// and take a fresh allowance with each. A range of every address is refused. Without it,
+    /// every client behind a proxy shares the proxy's allowance in `public`. Default: none.
     pub trusted_proxies: String,
     /// Origins (`https://app.example.com`) whose browser scripts may call the API, the ticket
     /// endpoint and the event streams (CORS), comma-separated; `*` allows any origin. Default: none.
