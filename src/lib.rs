@@ -458,6 +458,7 @@ fn call_settings(config: &Config) -> confab_api::domain::calls::CallSettings {
     let calls = &config.calls;
     confab_api::domain::calls::CallSettings {
         ring_timeout: calls.ring_timeout(),
+        disconnect_grace: calls.disconnect_grace(),
         turn: calls
             .turn_secret
             .clone()

@@ -1,7 +1,8 @@
 //! Calls, signalling only: a call's states are history (`call` signals), WebRTC signalling reaches
 //! the participant it names over SSE and WebSocket and nobody else (not the chat's other members,
 //! not outsiders), bad signalling gets 4xx problems over HTTP and over the socket, a call nobody
-//! answers becomes `missed` (also when the process that started it is gone), and TURN credentials
+//! answers becomes `missed` (also when the process that started it is gone), participants with no
+//! live stream past the disconnect grace are taken out (and a call left empty ends), and TURN credentials
 //! follow coturn's shared-secret scheme. On the embedded default and on the real stack.
 
 mod support;
@@ -921,6 +922,165 @@ async fn members_who_leave_the_chat_leave_its_calls(stack: Stack) {
         ["started", "left", "ended"]
     );
     app.stop().await;
+}
+
+/// Polls `user`'s presence, as `token` sees it, until it is `state`.
+async fn wait_for_presence(app: &TestApp, token: &str, user: &str, state: &str) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let presence = json_of(
+            app.get(token, &format!("/v1/users/{user}/presence")).await,
+            200,
+        )
+        .await;
+        if presence["state"] == state {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{user} never became {state}: {presence}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls the call, as `token` sees it, until `done` holds for its status and participants.
+async fn wait_for_call(
+    app: &TestApp,
+    token: &str,
+    call_id: &str,
+    what: &str,
+    done: impl Fn(&str, &[String]) -> bool,
+) -> (String, Vec<String>) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, participants) = participants_of(app, token, call_id).await;
+        if done(&status, &participants) {
+            return (status, participants);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} never happened: {status} with {participants:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A participant whose app went away without leaving (killed, its network gone) has no live event
+/// stream: past the disconnect grace, reading the call takes them out with a `left` signal, and
+/// a call nobody is left in ends, so the chat can ring again. Before, such a call stayed active
+/// for good, and every later start in the chat joined it and rang nobody.
+async fn participants_gone_away_are_taken_out_of_the_call(stack: Stack) {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    config.calls.disconnect_grace_secs = 1;
+    let app = support::spawn_with(stack, config, data).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let carol = app.token("carol").await;
+    let alice_id = app.me(&alice).await;
+    let bob_id = app.me(&bob).await;
+    let carol_id = app.me(&carol).await;
+    let chat = app.group_chat(&alice, &[&bob_id, &carol_id]).await;
+    let bob_sse = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&bob)).await;
+    let carol_sse = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&carol)).await;
+    for user in [&bob_id, &carol_id] {
+        wait_for_presence(&app, &alice, user, "online").await;
+    }
+
+    // Alice starts the call over HTTP and has no stream: once the grace has passed, she is gone.
+    let call = json_of(
+        app.post(&alice, &format!("/v1/chats/{chat}/calls"), &json!({}))
+            .await,
+        201,
+    )
+    .await;
+    let call_id = call["id"].as_str().unwrap().to_owned();
+    for token in [&bob, &carol] {
+        json_of(
+            app.post(token, &format!("/v1/calls/{call_id}/join"), &json!({}))
+                .await,
+            200,
+        )
+        .await;
+    }
+    let mut connected = vec![bob_id.clone(), carol_id.clone()];
+    connected.sort();
+    let (status, participants) = wait_for_call(&app, &bob, &call_id, "alice taken out", |_, p| {
+        !p.contains(&alice_id)
+    })
+    .await;
+    assert_eq!(
+        (status.as_str(), participants),
+        ("active", connected),
+        "those with a stream stay in the call"
+    );
+
+    // Both others go away too: the call ends when it is next read.
+    drop((bob_sse, carol_sse));
+    for user in [&bob_id, &carol_id] {
+        wait_for_presence(&app, &alice, user, "offline").await;
+    }
+    let (_, participants) = wait_for_call(&app, &alice, &call_id, "the call's end", |status, _| {
+        status == "ended"
+    })
+    .await;
+    assert!(participants.is_empty(), "{participants:?}");
+    let history = call_history(&app, &alice, &chat).await;
+    let of_call: Vec<(&str, &str)> = history
+        .iter()
+        .filter(|(_, call, _)| *call == call_id)
+        .map(|(state, _, author)| (state.as_str(), author.as_str()))
+        .collect();
+    for user in [&alice_id, &bob_id, &carol_id] {
+        assert_eq!(
+            of_call
+                .iter()
+                .filter(|(state, author)| *state == "left" && author == user)
+                .count(),
+            1,
+            "one `left` for {user}: {of_call:?}"
+        );
+    }
+    assert_eq!(
+        of_call
+            .iter()
+            .filter(|(state, _)| *state == "ended")
+            .count(),
+        1,
+        "{of_call:?}"
+    );
+    // The chat rings again: a new call, not the abandoned one.
+    let next = json_of(
+        app.post(&bob, &format!("/v1/chats/{chat}/calls"), &json!({}))
+            .await,
+        201,
+    )
+    .await;
+    assert_ne!(next["id"], call["id"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn participants_gone_away_are_taken_out_of_the_call_on_the_embedded_default() {
+    Box::pin(participants_gone_away_are_taken_out_of_the_call(
+        Stack::Embedded,
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn participants_gone_away_are_taken_out_of_the_call_on_the_real_stack() {
+    if support::real_stack_available(
+        "participants_gone_away_are_taken_out_of_the_call_on_the_real_stack",
+    )
+    .await
+    {
+        Box::pin(participants_gone_away_are_taken_out_of_the_call(
+            Stack::Real,
+        ))
+        .await;
+    }
 }
 
 #[tokio::test]

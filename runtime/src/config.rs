@@ -95,6 +95,14 @@ pub struct CallsConfig {
     /// How long a call rings before nobody having answered makes it `missed`, in seconds.
     /// Default 45.
     pub ring_timeout_secs: u64,
+    /// How long a participant of an answered call may have no live event stream (SSE or
+    /// WebSocket, as the notifiers' presence records show) before the call counts them gone, in
+    /// seconds: the next read of the call (its view, a join, a start in its chat) takes them out
+    /// with a `left` signal, and a call nobody is left in ends. Without it, a call whose apps were
+    /// all killed would stay active for good, and every later start in its chat would join it and
+    /// ring nobody. Media flows peer to peer, so a call may go on through a short loss of the
+    /// stream (a network change): the default leaves two minutes for a reconnect. Default 120.
+    pub disconnect_grace_secs: u64,
 }
 
 impl Default for CallsConfig {
@@ -104,6 +112,7 @@ impl Default for CallsConfig {
             turn_uris: String::new(),
             turn_ttl_secs: 3_600,
             ring_timeout_secs: 45,
+            disconnect_grace_secs: 120,
         }
     }
 }
@@ -146,6 +155,10 @@ impl CallsConfig {
 
     pub fn ring_timeout(&self) -> Duration {
         Duration::from_secs(self.ring_timeout_secs.clamp(1, 3_600))
+    }
+
+    pub fn disconnect_grace(&self) -> Duration {
+        Duration::from_secs(self.disconnect_grace_secs.clamp(1, 86_400))
     }
 }
 

@@ -4,7 +4,9 @@
 //! (offers, answers, ICE candidates) through the bus as ephemeral `call.signal` events, delivered to
 //! the target participant's connections only and never stored. A call that rings past its time with
 //! nobody answering becomes `missed`, found by [`ApiState::sweep_missed_calls`] in any API process,
-//! and its callees get a push as for a message.
+//! and its callees get a push as for a message. A participant with no live event stream for the
+//! disconnect grace is taken out by the next read of the call ([`ApiState::without_the_gone`]),
+//! so a call whose apps were all killed ends.
 //!
 //! Each change of a call gets its signal once, whatever fails between the change and its signal
 //! (a store or bus error, a timeout after a write was made, a process gone):
@@ -30,6 +32,8 @@
 
 use std::time::Duration;
 
+use confab_runtime::presence::now_ms;
+
 use base64::Engine;
 use confab_schema::call::{
     Call, CallRelay, CallSignal, CallSignalType, CallState, CallStatus, TurnCredentials,
@@ -48,6 +52,9 @@ use crate::store::{CallRecord, ListedCall, PendingCallSignal, StoreError};
 
 /// How long a call rings when no setting says otherwise.
 pub const DEFAULT_RING_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// How long a participant may have no live event stream when no setting says otherwise.
+pub const DEFAULT_DISCONNECT_GRACE: Duration = Duration::from_secs(120);
 
 /// How many times a start looks for its chat's live call before it gives up: each look after the
 /// first follows a live call found to have rung out.
@@ -71,10 +78,13 @@ pub const RING_GRACE: Duration = Duration::from_secs(10);
 /// as long as the CQL store keeps a row of its list.
 const LIVE_LISTING_KEPT: Duration = Duration::from_secs(86_400);
 
-/// How calls behave: the ring timeout and the TURN servers.
+/// How calls behave: the ring timeout, how long a participant may be away, and the TURN servers.
 #[derive(Clone, Debug)]
 pub struct CallSettings {
     pub ring_timeout: Duration,
+    /// How long a participant of an answered call may have no live event stream before the call
+    /// counts them gone ([`ApiState::without_the_gone`]).
+    pub disconnect_grace: Duration,
     /// `None`: no TURN servers configured (`GET /v1/calls/turn-credentials` answers 404).
     pub turn: Option<TurnSettings>,
 }
@@ -83,6 +93,7 @@ impl Default for CallSettings {
     fn default() -> Self {
         CallSettings {
             ring_timeout: DEFAULT_RING_TIMEOUT,
+            disconnect_grace: DEFAULT_DISCONNECT_GRACE,
             turn: None,
         }
     }
@@ -152,6 +163,7 @@ impl ApiState {
                 tracing::debug!(%error, call = %record.id, "an unstored call's listing is left to the sweep");
             }
             let live = self.rung_out(live).await;
+            let live = self.without_the_gone(live, caller.id).await;
             if live.status.is_live() {
                 return Ok(Outcome::Existing(self.join_call(caller.id, live.id).await?));
             }
@@ -181,6 +193,7 @@ impl ApiState {
     /// A call of a chat the caller is in.
     pub async fn get_call(&self, caller: UserId, id: Uuid) -> ApiResult<Call> {
         let (record, _) = self.load_call(caller, id).await?;
+        let record = self.without_the_gone(record, caller).await;
         let participants = self.present_participants(&record).await?;
         Ok(view(record, participants))
     }
@@ -190,6 +203,7 @@ impl ApiState {
     /// before it was written; joins of one user at once are one join, with one `joined`.
     pub async fn join_call(&self, caller: UserId, id: Uuid) -> ApiResult<Call> {
         let (record, _) = self.load_call(caller, id).await?;
+        let record = self.without_the_gone(record, caller).await;
         let mut participants = self.present_participants(&record).await?;
         let in_call = participants.contains(&caller);
         let mut pending = self.store.pending_call_signal(id, caller).await?;
@@ -299,7 +313,7 @@ impl ApiState {
         self.bus.check().await?;
         let direct = self.is_direct(record.chat_id).await?;
         let (participants, status) = self
-            .take_out(&record, caller, in_call, pending, direct)
+            .take_out(&record, caller, in_call, pending, direct, Uuid::now_v7())
             .await?;
         Ok(view(CallRecord { status, ..record }, participants))
     }
@@ -538,7 +552,7 @@ impl ApiState {
                 .contains(&user);
             let pending = self.store.pending_call_signal(record.id, user).await?;
             if was_in || pending.is_some_and(|p| p.state == CallState::Left) {
-                self.take_out(&record, user, was_in, pending, direct)
+                self.take_out(&record, user, was_in, pending, direct, Uuid::now_v7())
                     .await?;
             } else if self.present_participants(&record).await?.is_empty() {
                 self.finish(&record).await?;
@@ -551,8 +565,8 @@ impl ApiState {
     /// signal; then ends the call if nobody is left in it, or, in a direct chat, in any case. The
     /// leave is pending (with its token) from before the participant is taken out until all that
     /// is done, so a retry finds it and finishes it under the same token. A join of theirs whose
-    /// signal may be missing (`pending`) is written first. Answers the participants left and the
-    /// call's status.
+    /// signal may be missing (`pending`) is written first. A new leave goes under `leave_token`.
+    /// Answers the participants left and the call's status.
     async fn take_out(
         &self,
         record: &CallRecord,
@@ -560,6 +574,7 @@ impl ApiState {
         in_call: bool,
         pending: Option<PendingCallSignal>,
         direct: bool,
+        leave_token: Uuid,
     ) -> ApiResult<(Vec<UserId>, CallStatus)> {
         let leave = match pending {
             Some(leave) if leave.state == CallState::Left => leave,
@@ -584,7 +599,7 @@ impl ApiState {
                 }
                 PendingCallSignal {
                     state: CallState::Left,
-                    token: Uuid::now_v7(),
+                    token: leave_token,
                 }
             }
         };
@@ -607,6 +622,83 @@ impl ApiState {
             .set_pending_call_signal(record.id, user, None)
             .await?;
         Ok((participants, status))
+    }
+
+    /// `record`, with the participants who went away taken out: those but `here` (the caller,
+    /// present by their request) who have had no live event stream for the disconnect grace,
+    /// counting from the call's start at the earliest, as the notifiers' presence records show.
+    /// Each is taken out as a leave would take them (a `left` signal; a call nobody is left in,
+    /// or a direct chat's, ends), under the token of the join the leave ends, so that readers
+    /// taking one participant out at once write one `left`. Only an answered call older than the
+    /// grace is looked at, so a call's first minutes cost no presence reads; and, as with
+    /// [`ApiState::rung_out`], the repair never fails the read, which then shows the call as read.
+    async fn without_the_gone(&self, record: CallRecord, here: UserId) -> CallRecord {
+        let grace = self.calls.disconnect_grace;
+        if record.status != CallStatus::Active
+            || OffsetDateTime::now_utc() < record.started_at + grace
+        {
+            return record;
+        }
+        match self.take_out_the_gone(&record, here, grace).await {
+            Ok(status) => CallRecord { status, ..record },
+            Err(error) => {
+                tracing::debug!(%error, call = %record.id, "participants gone away were not taken out");
+                record
+            }
+        }
+    }
+
+    /// Takes the participants but `here` who went away out of `record`; answers its status after.
+    async fn take_out_the_gone(
+        &self,
+        record: &CallRecord,
+        here: UserId,
+        grace: Duration,
+    ) -> ApiResult<CallStatus> {
+        let now = now_ms();
+        let since = millis_of(record.started_at);
+        let grace = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        let others: Vec<UserId> = self
+            .present_participants(record)
+            .await?
+            .into_iter()
+            .filter(|user| *user != here)
+            .collect();
+        let presence =
+            futures::future::try_join_all(others.iter().map(|user| self.presence.get(*user)))
+                .await?;
+        let gone = others.into_iter().zip(presence).filter(|(_, presence)| {
+            !presence.online(now)
+                && now.saturating_sub(presence.last_seen_ms.unwrap_or(since).max(since)) > grace
+        });
+        let direct = self.is_direct(record.chat_id).await?;
+        let mut status = record.status;
+        for (user, _) in gone {
+            // Readers at once read the same join, so their leaves are one. No join: they were
+            // taken out meanwhile (and are skipped), or are the starter, in under the start,
+            // which records none, whose leave goes under the call's id.
+            let join = match self.store.call_participant_join(record.id, user).await? {
+                Some(join) => join,
+                None if self
+                    .store
+                    .call_participants(record.id)
+                    .await?
+                    .contains(&user) =>
+                {
+                    record.id
+                }
+                None => continue,
+            };
+            let pending = self.store.pending_call_signal(record.id, user).await?;
+            status = self
+                .take_out(record, user, true, pending, direct, join)
+                .await?
+                .1;
+            if !status.is_live() {
+                break;
+            }
+        }
+        Ok(status)
     }
 
     /// The participants of a call who are members of its chat. A member who leaves the chat
@@ -811,6 +903,11 @@ impl ApiState {
         };
         CallRecord { status, ..record }
     }
+}
+
+/// `t` in Unix milliseconds, as presence records keep time.
+fn millis_of(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or_default()
 }
 
 fn call_signal(record: &CallRecord, state: CallState) -> CallSignal {
