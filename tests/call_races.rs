@@ -209,6 +209,45 @@ async fn two_joins_of_one_member_at_once_are_one_join(stack: Stack) {
 
 on_both_stacks!(two_joins_of_one_member_at_once_are_one_join);
 
+/// Two leaves of one member at once (two devices hanging up together): both are held where they
+/// keep their leave as pending, after each read the member as in the call and no leave pending.
+/// Each leave goes under the join it ends, so the history has one `left`.
+async fn two_leaves_of_one_member_at_once_are_one_leave(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let chat = setup.group(&alice, &[&bob]).await;
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
+    setup.state.join_call(bob.id, call.id).await.unwrap();
+
+    setup.store.hold(Held::PendingCallSignal(CallState::Left));
+    let (bob_id, call_id) = (bob.id, call.id);
+    let leave = || {
+        let state = setup.state.clone();
+        tokio::spawn(async move { state.leave_call(bob_id, call_id).await })
+    };
+    let (first, second) = (leave(), leave());
+    setup.store.gate.arrived(2).await;
+    setup.store.gate.release(2).await;
+    for left in [first, second] {
+        let left = tokio::time::timeout(DEADLINE, left)
+            .await
+            .expect("the held leave ends")
+            .unwrap()
+            .unwrap();
+        assert_eq!(left.status, CallStatus::Active, "alice is still in");
+        assert!(!left.participants.contains(&bob.id), "{left:?}");
+    }
+    assert_eq!(
+        setup.states_by(chat, call.id, bob.id).await,
+        [CallState::Joined, CallState::Left],
+        "one `left` for two leaves at once"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(two_leaves_of_one_member_at_once_are_one_leave);
+
 impl HeldApi {
     /// How many `state` signals of call `id` the history holds, by `author`.
     async fn signals_of(

@@ -32,7 +32,7 @@
 
 use std::time::Duration;
 
-use confab_runtime::presence::now_ms;
+use confab_runtime::presence::{PresenceRecord, now_ms};
 
 use base64::Engine;
 use confab_schema::call::{
@@ -313,7 +313,7 @@ impl ApiState {
         self.bus.check().await?;
         let direct = self.is_direct(record.chat_id).await?;
         let (participants, status) = self
-            .take_out(&record, caller, in_call, pending, direct, Uuid::now_v7())
+            .take_out(&record, caller, in_call, pending, direct)
             .await?;
         Ok(view(CallRecord { status, ..record }, participants))
     }
@@ -552,7 +552,7 @@ impl ApiState {
                 .contains(&user);
             let pending = self.store.pending_call_signal(record.id, user).await?;
             if was_in || pending.is_some_and(|p| p.state == CallState::Left) {
-                self.take_out(&record, user, was_in, pending, direct, Uuid::now_v7())
+                self.take_out(&record, user, was_in, pending, direct)
                     .await?;
             } else if self.present_participants(&record).await?.is_empty() {
                 self.finish(&record).await?;
@@ -565,8 +565,11 @@ impl ApiState {
     /// signal; then ends the call if nobody is left in it, or, in a direct chat, in any case. The
     /// leave is pending (with its token) from before the participant is taken out until all that
     /// is done, so a retry finds it and finishes it under the same token. A join of theirs whose
-    /// signal may be missing (`pending`) is written first. A new leave goes under `leave_token`.
-    /// Answers the participants left and the call's status.
+    /// signal may be missing (`pending`) is written first. A leave goes under the token of the
+    /// join it ends (the call's id for the starter, in under the start, which records no join),
+    /// so that leaves of one join at once (two devices hanging up, a reader taking out a
+    /// participant gone away) write one `left`. Answers the participants left and the call's
+    /// status.
     async fn take_out(
         &self,
         record: &CallRecord,
@@ -574,22 +577,18 @@ impl ApiState {
         in_call: bool,
         pending: Option<PendingCallSignal>,
         direct: bool,
-        leave_token: Uuid,
     ) -> ApiResult<(Vec<UserId>, CallStatus)> {
         let leave = match pending {
             Some(leave) if leave.state == CallState::Left => leave,
             unannounced => {
+                let under = self.store.call_participant_join(record.id, user).await?;
                 if let Some(join) = unannounced
                     && in_call
                     && record.status.is_live()
                 {
                     // Under the join they are in under (a racing join of theirs may have put them
                     // in, and this pending one be its loser's).
-                    let token = self
-                        .store
-                        .call_participant_join(record.id, user)
-                        .await?
-                        .unwrap_or(join.token);
+                    let token = under.unwrap_or(join.token);
                     self.record_participant_change(
                         record,
                         user,
@@ -597,9 +596,20 @@ impl ApiState {
                     )
                     .await?;
                 }
-                PendingCallSignal {
-                    state: CallState::Left,
-                    token: leave_token,
+                match under {
+                    Some(join) => PendingCallSignal {
+                        state: CallState::Left,
+                        token: join,
+                    },
+                    // In under no join: the starter, or taken out since by a leave of theirs
+                    // still under way, whose token is pending.
+                    None => match self.store.pending_call_signal(record.id, user).await? {
+                        Some(leave) if leave.state == CallState::Left => leave,
+                        _ => PendingCallSignal {
+                            state: CallState::Left,
+                            token: record.id,
+                        },
+                    },
                 }
             }
         };
@@ -656,8 +666,13 @@ impl ApiState {
         grace: Duration,
     ) -> ApiResult<CallStatus> {
         let now = now_ms();
-        let since = millis_of(record.started_at);
+        let started = millis_of(record.started_at);
         let grace = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        // Away for the grace since `since` at the earliest.
+        let away = |presence: &PresenceRecord, since: i64| {
+            !presence.online(now)
+                && now.saturating_sub(presence.last_seen_ms.unwrap_or(since).max(since)) > grace
+        };
         let others: Vec<UserId> = self
             .present_participants(record)
             .await?
@@ -667,33 +682,37 @@ impl ApiState {
         let presence =
             futures::future::try_join_all(others.iter().map(|user| self.presence.get(*user)))
                 .await?;
-        let gone = others.into_iter().zip(presence).filter(|(_, presence)| {
-            !presence.online(now)
-                && now.saturating_sub(presence.last_seen_ms.unwrap_or(since).max(since)) > grace
-        });
-        let direct = self.is_direct(record.chat_id).await?;
+        let mut direct = None;
         let mut status = record.status;
-        for (user, _) in gone {
-            // Readers at once read the same join, so their leaves are one. No join: they were
-            // taken out meanwhile (and are skipped), or are the starter, in under the start,
-            // which records none, whose leave goes under the call's id.
-            let join = match self.store.call_participant_join(record.id, user).await? {
-                Some(join) => join,
-                None if self
+        for (user, presence) in others.into_iter().zip(presence) {
+            if !away(&presence, started) {
+                continue;
+            }
+            // Counted from their join too (its token is a time-ordered id), so one who joined a
+            // call long under way has the grace to open their stream.
+            let join = self.store.call_participant_join(record.id, user).await?;
+            if join
+                .and_then(millis_of_uuid)
+                .is_some_and(|joined| !away(&presence, joined))
+            {
+                continue;
+            }
+            if join.is_none()
+                && !self
                     .store
                     .call_participants(record.id)
                     .await?
-                    .contains(&user) =>
-                {
-                    record.id
-                }
-                None => continue,
+                    .contains(&user)
+            {
+                // Taken out meanwhile.
+                continue;
+            }
+            let direct = match direct {
+                Some(direct) => direct,
+                None => *direct.insert(self.is_direct(record.chat_id).await?),
             };
             let pending = self.store.pending_call_signal(record.id, user).await?;
-            status = self
-                .take_out(record, user, true, pending, direct, join)
-                .await?
-                .1;
+            status = self.take_out(record, user, true, pending, direct).await?.1;
             if !status.is_live() {
                 break;
             }
@@ -908,6 +927,15 @@ impl ApiState {
 /// `t` in Unix milliseconds, as presence records keep time.
 fn millis_of(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or_default()
+}
+
+/// When a time-ordered id (UUIDv7) was made, in Unix milliseconds.
+fn millis_of_uuid(id: Uuid) -> Option<i64> {
+    let (secs, nanos) = id.get_timestamp()?.to_unix();
+    i64::try_from(secs)
+        .ok()?
+        .checked_mul(1_000)?
+        .checked_add(i64::from(nanos / 1_000_000))
 }
 
 fn call_signal(record: &CallRecord, state: CallState) -> CallSignal {
