@@ -699,6 +699,7 @@ pub async fn build(
                 limits: Limits {
                     max_in_flight: config.ws_plexer.max_in_flight,
                     max_frame_bytes: config.ws_plexer.max_frame_bytes,
+                    request_timeout: config.limits.request_timeout(),
                 },
                 shutdown: shutdown.clone(),
             });

@@ -11,7 +11,8 @@ use tower::ServiceExt;
 /// The largest API response body a socket relays.
 pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
-/// An API response: its status, body and the body's media type.
+/// An API response: its status, body and the body's media type. A body that is not JSON, which a
+/// socket refuses whatever it holds, is only read as far as its first chunk, to tell it from none.
 pub struct ApiResponse {
     pub status: StatusCode,
     pub content_type: Option<String>,
@@ -85,7 +86,7 @@ impl ApiCaller for InProcess {
             .map_err(|e| CallError::Unreachable(e.to_string()))?;
         let status = response.status();
         let content_type = content_type(response.headers());
-        let body = relayable_body(response.into_body()).await?;
+        let body = relayable_body(response.into_body(), content_type.as_deref()).await?;
         Ok(ApiResponse {
             status,
             content_type,
@@ -95,14 +96,20 @@ impl ApiCaller for InProcess {
 }
 
 /// Reads a response body chunk by chunk and stops as soon as it passes [`MAX_RESPONSE_BYTES`], so
-/// a socket never holds more than that of one response. Both ways of calling the API read through
-/// here, so they relay the same bodies and refuse the same ones.
-async fn relayable_body(body: Body) -> Result<Bytes, CallError> {
+/// a socket never holds more than that of one response. A body whose `content_type` is not JSON
+/// is refused by the socket whatever it holds, so only its first chunk is read (an attachment's
+/// bytes are not fetched for nothing). Both ways of calling the API read through here, so they
+/// relay the same bodies and refuse the same ones.
+async fn relayable_body(body: Body, content_type: Option<&str>) -> Result<Bytes, CallError> {
     use futures::StreamExt;
+    let json = content_type.is_some_and(crate::is_json_media_type);
     let mut chunks = body.into_data_stream();
     let mut read = bytes::BytesMut::new();
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(|e| CallError::Unreachable(e.to_string()))?;
+        if !json && !chunk.is_empty() {
+            return Ok(chunk);
+        }
         if read.len() + chunk.len() > MAX_RESPONSE_BYTES {
             return Err(CallError::TooLarge);
         }
@@ -172,11 +179,59 @@ impl ApiCaller for OverHttp {
         let status =
             StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let content_type = content_type(response.headers());
-        let body = relayable_body(Body::from_stream(response.bytes_stream())).await?;
+        let body = relayable_body(
+            Body::from_stream(response.bytes_stream()),
+            content_type.as_deref(),
+        )
+        .await?;
         Ok(ApiResponse {
             status,
             content_type,
             body,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A body of `chunks` chunks of 64 KiB, counting those read into `read`.
+    fn counted(chunks: usize, read: &Arc<AtomicUsize>) -> Body {
+        let read = Arc::clone(read);
+        Body::from_stream(futures::stream::iter((0..chunks).map(move |_| {
+            read.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(Bytes::from(vec![7u8; 64 * 1024]))
+        })))
+    }
+
+    #[tokio::test]
+    async fn a_body_that_is_not_json_is_read_no_further_than_its_first_chunk() {
+        let read = Arc::new(AtomicUsize::new(0));
+        let body = relayable_body(counted(32, &read), Some("application/octet-stream"))
+            .await
+            .expect("read");
+        assert!(!body.is_empty(), "told from none");
+        assert_eq!(read.load(Ordering::SeqCst), 1, "one chunk of 32 read");
+        let empty = relayable_body(Body::empty(), Some("image/png"))
+            .await
+            .expect("read");
+        assert!(empty.is_empty());
+
+        let read = Arc::new(AtomicUsize::new(0));
+        let body = relayable_body(counted(32, &read), Some("application/json"))
+            .await
+            .expect("read");
+        assert_eq!(body.len(), 32 * 64 * 1024, "JSON is read whole");
+        assert_eq!(read.load(Ordering::SeqCst), 32);
+        // Past the limit, JSON is refused as soon as it passes it.
+        let read = Arc::new(AtomicUsize::new(0));
+        let chunks = MAX_RESPONSE_BYTES / (64 * 1024);
+        let refused = relayable_body(counted(chunks + 10, &read), Some("application/json")).await;
+        assert!(matches!(refused, Err(CallError::TooLarge)));
+        assert_eq!(read.load(Ordering::SeqCst), chunks + 1);
     }
 }

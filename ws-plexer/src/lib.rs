@@ -57,6 +57,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
 
 use crate::api::{ApiCaller, ApiResponse};
 use tokio_util::sync::CancellationToken;
@@ -78,6 +79,9 @@ pub struct PlexerState {
 pub struct Limits {
     pub max_in_flight: usize,
     pub max_frame_bytes: usize,
+    /// How long a request frame's call may take before it is answered 408, as over HTTP
+    /// (`limits.request_timeout_secs`).
+    pub request_timeout: Duration,
 }
 
 /// The subprotocol this socket speaks.
@@ -393,7 +397,7 @@ fn response_frame(id: &Value, response: &ApiResponse) -> String {
 }
 
 /// `application/json` or `application/…+json`, whatever its parameters.
-fn is_json_media_type(content_type: &str) -> bool {
+pub(crate) fn is_json_media_type(content_type: &str) -> bool {
     let essence = content_type
         .split(';')
         .next()
@@ -406,13 +410,18 @@ fn is_json_media_type(content_type: &str) -> bool {
 
 /// A socket's API calls: at most `max_in_flight` at once, counting those whose answer is not yet
 /// sent, so a client that stops reading holds at most that many answers (each at most
-/// [`api::MAX_RESPONSE_BYTES`] and its frame) in the plexer; its further requests get 429.
+/// [`api::MAX_RESPONSE_BYTES`] and its frame) in the plexer; its further requests get 429. A call
+/// that takes longer than `request_timeout` is answered 408, and the calls end with their socket
+/// (dropped with it), so slow calls neither hold a socket's places for good nor outlive it. A
+/// change the API makes runs to its end on a task of its own all the same.
 struct Calls {
     api: Arc<dyn ApiCaller>,
     max_in_flight: usize,
+    request_timeout: Duration,
     places: Arc<Semaphore>,
     sender: mpsc::Sender<Answer>,
     answers: mpsc::Receiver<Answer>,
+    tasks: JoinSet<()>,
 }
 
 /// An answer to send. It holds its call's place until it is sent (dropped).
@@ -422,22 +431,30 @@ struct Answer {
 }
 
 impl Calls {
-    fn new(api: Arc<dyn ApiCaller>, max_in_flight: usize) -> Calls {
+    fn new(api: Arc<dyn ApiCaller>, max_in_flight: usize, request_timeout: Duration) -> Calls {
         let max_in_flight = max_in_flight.max(1);
         // Never full: an answer needs a place, and there are as many as slots.
         let (sender, answers) = mpsc::channel(max_in_flight);
         Calls {
             api,
             max_in_flight,
+            request_timeout,
             places: Arc::new(Semaphore::new(max_in_flight)),
             sender,
             answers,
+            tasks: JoinSet::new(),
         }
     }
 
     /// Starts the call of request `id`, whose answer comes from [`Calls::next`]; or answers at
     /// once with 429 when `max_in_flight` calls are in flight or their answers unsent.
-    fn start(&self, id: Value, request: axum::http::Request<axum::body::Body>) -> Option<String> {
+    fn start(
+        &mut self,
+        id: Value,
+        request: axum::http::Request<axum::body::Body>,
+    ) -> Option<String> {
+        // The calls that ended are forgotten.
+        while self.tasks.try_join_next().is_some() {}
         let Ok(place) = Arc::clone(&self.places).try_acquire_owned() else {
             return Some(problem_response(
                 &id,
@@ -453,19 +470,31 @@ impl Calls {
         };
         let api = Arc::clone(&self.api);
         let sender = self.sender.clone();
-        tokio::spawn(async move {
+        let limit = self.request_timeout;
+        self.tasks.spawn(async move {
             // A handler that panics (in process, the API's router runs on this task) still
             // answers its request, so that the client's call settles.
             let call = std::panic::AssertUnwindSafe(api.call(request)).catch_unwind();
-            let frame = match call.await {
-                Ok(Ok(response)) => response_frame(&id, &response),
-                Ok(Err(error)) => {
+            let frame = match tokio::time::timeout(limit, call).await {
+                Err(_) => problem_response(
+                    &id,
+                    &Problem::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request-timeout",
+                        format!(
+                            "the request took longer than {} s; try again",
+                            limit.as_secs()
+                        ),
+                    ),
+                ),
+                Ok(Ok(Ok(response))) => response_frame(&id, &response),
+                Ok(Ok(Err(error))) => {
                     if let api::CallError::Unreachable(_) = error {
                         tracing::warn!(%error, "API call over the socket failed");
                     }
                     problem_response(&id, &Problem::from(&error))
                 }
-                Err(_) => {
+                Ok(Err(_)) => {
                     metrics::counter!("confab_ws_call_panics_total").increment(1);
                     tracing::error!("an API call over the socket panicked");
                     problem_response(
@@ -493,6 +522,14 @@ impl Calls {
     async fn next(&mut self) -> Option<Answer> {
         self.answers.recv().await
     }
+}
+
+/// The instant `wait` from now, or one far off when that is past what the clock can hold (a
+/// token whose expiry is absurdly far off).
+fn instant_after(wait: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }
 
 /// The answer to a frame that is not one this socket accepts. A request frame whose id can be read
@@ -549,7 +586,11 @@ async fn serve(
         metrics::gauge!("confab_ws_connections").decrement(1.0);
         return;
     }
-    let mut calls = Calls::new(Arc::clone(&state.api), state.limits.max_in_flight);
+    let mut calls = Calls::new(
+        Arc::clone(&state.api),
+        state.limits.max_in_flight,
+        state.limits.request_timeout,
+    );
     let expiry = tokio::time::sleep(caller.remaining());
     tokio::pin!(expiry);
     let mut ping = tokio::time::interval(PING_INTERVAL);
@@ -618,7 +659,7 @@ async fn serve(
                             Ok(fresh) if fresh.user == user => {
                                 caller = fresh;
                                 subscription.renew(caller.session.clone());
-                                expiry.as_mut().reset(tokio::time::Instant::now() + caller.remaining());
+                                expiry.as_mut().reset(instant_after(caller.remaining()));
                                 let expires_at = time::OffsetDateTime::from_unix_timestamp(caller.expires_at)
                                     .ok()
                                     .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
@@ -688,6 +729,9 @@ mod tests {
     use super::*;
     use crate::api::OverHttp;
 
+    /// A request timeout no test call reaches.
+    const LONG: Duration = Duration::from_secs(60);
+
     /// Paths that name something outside `/v1/` once a URL parser has removed their dot segments.
     const DOTTED: [&str; 6] = [
         "/v1/../metrics",
@@ -739,6 +783,7 @@ mod tests {
                 body: json.clone().into(),
             }),
             4,
+            LONG,
         );
         assert!(calls.start(json!(7), get()).is_none());
         let frame = answer(&mut calls).await;
@@ -758,6 +803,7 @@ mod tests {
                 body: vec![0u8; 4096].into(),
             }),
             4,
+            LONG,
         );
         assert!(calls.start(json!("bytes"), get()).is_none());
         let refused: Value = serde_json::from_str(&answer(&mut calls).await).expect("JSON");
@@ -778,6 +824,7 @@ mod tests {
                 body: format!("[{}0]", "0,".repeat(100_000)).into(),
             }),
             2,
+            LONG,
         );
         assert!(calls.start(json!(1), get()).is_none());
         assert!(calls.start(json!(2), get()).is_none());
@@ -811,7 +858,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_whose_handler_panics_is_answered_with_its_id() {
-        let mut calls = Calls::new(Arc::new(Panicking), 1);
+        let mut calls = Calls::new(Arc::new(Panicking), 1, LONG);
         assert!(calls.start(json!(9), get()).is_none());
         let answered: Value = serde_json::from_str(&answer(&mut calls).await).expect("JSON");
         assert_eq!(answered["type"], "response", "{answered}");
@@ -823,6 +870,65 @@ mod tests {
         );
         // Its place is free again.
         assert!(calls.start(json!(10), get()).is_none());
+    }
+
+    /// An API whose calls never end; each holds a clone of `alive` while it runs.
+    struct Stalled {
+        alive: Arc<()>,
+    }
+
+    #[async_trait::async_trait]
+    impl ApiCaller for Stalled {
+        async fn call(&self, _: Request<Body>) -> Result<ApiResponse, crate::api::CallError> {
+            let _alive = Arc::clone(&self.alive);
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_past_the_request_timeout_is_answered_408_and_calls_end_with_their_socket() {
+        let alive = Arc::new(());
+        let api = Arc::new(Stalled {
+            alive: Arc::clone(&alive),
+        });
+        let mut calls = Calls::new(api.clone(), 2, Duration::from_millis(50));
+        assert!(calls.start(json!("slow"), get()).is_none());
+        let answered: Value = serde_json::from_str(&answer(&mut calls).await).expect("JSON");
+        assert_eq!(answered["id"], "slow", "{answered}");
+        assert_eq!(answered["status"], 408, "{answered}");
+        assert!(
+            answered["body"]["type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("request-timeout")),
+            "{answered}"
+        );
+        // Its place is free again, and a socket that closes takes its calls with it.
+        let mut calls = Calls::new(api, 2, LONG);
+        assert!(calls.start(json!(1), get()).is_none());
+        assert!(calls.start(json!(2), get()).is_none());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&alive) < 4 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the calls never ran"
+            );
+            tokio::task::yield_now().await;
+        }
+        drop(calls);
+        // Left: `alive` itself and the API's own, which the first socket's calls still hold.
+        while Arc::strong_count(&alive) > 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "calls outlived their socket"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[test]
+    fn an_expiry_past_what_the_clock_holds_is_far_off_not_a_panic() {
+        let far = instant_after(Duration::MAX);
+        assert!(far > tokio::time::Instant::now() + Duration::from_secs(86_400));
     }
 
     #[test]
