@@ -416,6 +416,12 @@ impl Subscription {
             return Some(item);
         }
         while let Some(replay) = &mut self.replay {
+            if self.registration.events.is_closed() {
+                // The hub dropped this connection (its session logged out, it was replaced, the
+                // node is shutting down): the rest of the replay is not this stream's to send.
+                self.replay = None;
+                break;
+            }
             // Rendered only now: a page holds envelopes, not three copies of each.
             if let Some(event) = replay.page.pop_front() {
                 return Some(Item::Event(Arc::new(Outgoing::render(event))));
@@ -2578,6 +2584,50 @@ mod tests {
             matches!(opened, Err(OpenError::Revoked)),
             "a stream of an ended session opened, with its replay"
         );
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    #[tokio::test]
+    async fn a_replaying_stream_whose_session_logs_out_sends_no_more_of_its_replay() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let alice = UserId::from_subject("t", "a");
+        let chat = ChatId::new();
+        for i in 0..REPLAY_PAGE + 26 {
+            bus.publish(&message(chat, &format!("history {i}")))
+                .await
+                .expect("publishes");
+        }
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::from([(alice, vec![chat])]))),
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let session = StreamSession {
+            id: Some("stolen".to_owned()),
+            issued_at: 1,
+        };
+        let mut stream = hub.open_in(alice, session, Some(0)).await.expect("opens");
+        assert_eq!(next_text(&mut stream).await, "history 0");
+        hub.end_sessions(&Revocation {
+            user: Some(alice),
+            session: Some("stolen".to_owned()),
+            before: i64::MAX,
+        });
+        let mut after = 0;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while stream.next().await.is_some() {
+                after += 1;
+            }
+        })
+        .await
+        .expect("the stream ends");
+        assert_eq!(after, 0, "replayed after the logout");
         shutdown.cancel();
         worker.await.expect("worker ends");
     }
