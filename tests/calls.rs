@@ -7,6 +7,8 @@
 
 mod support;
 
+use support::on_both_stacks;
+
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -1061,27 +1063,7 @@ async fn participants_gone_away_are_taken_out_of_the_call(stack: Stack) {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn participants_gone_away_are_taken_out_of_the_call_on_the_embedded_default() {
-    Box::pin(participants_gone_away_are_taken_out_of_the_call(
-        Stack::Embedded,
-    ))
-    .await;
-}
-
-#[tokio::test]
-async fn participants_gone_away_are_taken_out_of_the_call_on_the_real_stack() {
-    if support::real_stack_available(
-        "participants_gone_away_are_taken_out_of_the_call_on_the_real_stack",
-    )
-    .await
-    {
-        Box::pin(participants_gone_away_are_taken_out_of_the_call(
-            Stack::Real,
-        ))
-        .await;
-    }
-}
+on_both_stacks!(participants_gone_away_are_taken_out_of_the_call);
 
 #[tokio::test]
 async fn members_who_leave_the_chat_leave_its_calls_on_the_embedded_default() {
