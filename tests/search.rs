@@ -218,6 +218,58 @@ async fn finds_what_the_caller_may_read_on_the_real_stack() {
     Box::pin(finds_what_the_caller_may_read(Stack::Real)).await;
 }
 
+/// A message edited while the index does not have the edit yet (its indexer a batch behind,
+/// failing, or having missed it; here, none runs) is not found by the words it no longer holds,
+/// and no highlight shows them.
+async fn an_edit_the_index_has_not_seen_hides_the_old_text(stack: Stack) {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = support::config_for(stack, data.path().to_path_buf());
+    let app = support::spawn_with(stack, config.clone(), data).await;
+    let alice = app.token("alice").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let id = post(&app, &alice, &chat, "the vault code is hunter").await;
+    wait_for(&app, &alice, &[("q", "hunter")], &set(&[&id])).await;
+    let data = app.stop_keeping_state().await;
+
+    config.search.indexer = false;
+    let app = support::spawn_with(stack, config, data).await;
+    let alice = app.token("alice").await;
+    let edited = app
+        .http
+        .patch(app.url(&format!("/v1/chats/{chat}/signals/{id}")))
+        .bearer_auth(&alice)
+        .json(&json!({"text": "the vault code was rotated"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(edited.status(), 200);
+    let found = page(&app, &alice, &[("q", "hunter")]).await;
+    assert_eq!(ids(&found), set(&[]), "found by its old text: {found}");
+    assert!(!found.to_string().contains("hunter"), "{found}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_edit_the_index_has_not_seen_hides_the_old_text_on_the_embedded_default() {
+    Box::pin(an_edit_the_index_has_not_seen_hides_the_old_text(
+        Stack::Embedded,
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn an_edit_the_index_has_not_seen_hides_the_old_text_on_the_real_stack() {
+    let test = "an_edit_the_index_has_not_seen_hides_the_old_text_on_the_real_stack";
+    if !support::real_stack_available(test).await || !support::meilisearch_available(test).await {
+        return;
+    }
+    Box::pin(an_edit_the_index_has_not_seen_hides_the_old_text(
+        Stack::Real,
+    ))
+    .await;
+}
+
 /// Pages are full until the last and continue through signed cursors bound to their query.
 async fn pages_through_cursors(stack: Stack) {
     let app = spawn_app(stack).await;

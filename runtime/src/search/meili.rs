@@ -98,6 +98,8 @@ fn without_operators(text: &str) -> String {
 struct Found {
     id: String,
     chat_id: String,
+    #[serde(default)]
+    text: String,
 }
 
 impl MeiliSearch {
@@ -313,7 +315,7 @@ impl Search for MeiliSearch {
                 .with_filter(filter)
                 .with_sort(&sort)
                 .with_matching_strategy(MatchingStrategies::ALL)
-                .with_attributes_to_retrieve(Selectors::Some(&["id", "chat_id"]))
+                .with_attributes_to_retrieve(Selectors::Some(&["id", "chat_id", "text"]))
                 .with_attributes_to_highlight(Selectors::Some(&["text"]))
                 .with_attributes_to_crop(Selectors::Some(&crop))
                 .with_crop_length(CROP_WORDS)
@@ -365,6 +367,7 @@ impl Search for MeiliSearch {
                 id,
                 chat_id,
                 highlight: render_highlight(raw),
+                indexed_text: hit.result.text,
             });
         }
         Ok(Hits { hits, more })

@@ -19,7 +19,7 @@ pub mod conformance;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use confab_schema::{ChatId, Envelope, Event, Signal, SignalId, UserId};
+use confab_schema::{ChatId, Envelope, Event, Signal, SignalId, SignalKind, UserId};
 use futures::future::BoxFuture;
 use time::OffsetDateTime;
 
@@ -63,9 +63,10 @@ pub struct Document {
 }
 
 impl Document {
-    /// The document of a signal: `None` when it has nothing to find (deleted, or no text).
+    /// The document of a signal: `None` when it has nothing to find (deleted, no text, or not a
+    /// message: a rename's text is the chat's name, which is no message of anyone's).
     pub fn of(signal: &Signal) -> Option<Document> {
-        if signal.deleted {
+        if signal.deleted || signal.kind != SignalKind::Message {
             return None;
         }
         let text = signal.text.as_ref().filter(|t| !t.trim().is_empty())?;
@@ -160,6 +161,17 @@ pub struct Hit {
     pub id: SignalId,
     pub chat_id: ChatId,
     pub highlight: String,
+    /// The text the message was indexed with, which the highlight shows and the query matched.
+    pub indexed_text: String,
+}
+
+impl Hit {
+    /// Whether the hit was indexed from `text`, the message's text now. A message edited since
+    /// it was indexed (the indexer a batch behind, failing, or having missed the edit) would
+    /// otherwise be found by words it no longer holds, its highlight showing them.
+    pub fn indexed_from(&self, text: &str) -> bool {
+        self.indexed_text == strip_marks(text)
+    }
 }
 
 /// A page of hits, best first (then newest first).
@@ -253,6 +265,42 @@ mod tests {
             "a &lt;b&gt; &amp; <mark>word</mark> &quot;q&quot;"
         );
         assert_eq!(strip_marks(&format!("x{MARK_START}y{MARK_END}")), "xy");
+    }
+
+    #[test]
+    fn only_messages_are_searchable() {
+        let signal = |kind: SignalKind| Signal {
+            id: SignalId::new(),
+            chat_id: ChatId::new(),
+            kind,
+            author_id: UserId::from_subject("t", "a"),
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            nonce: None,
+            text: Some("quarterly planning".into()),
+            reply_to: None,
+            attachments: Vec::new(),
+            edited_at: None,
+            deleted: false,
+            reactions: Default::default(),
+            call: None,
+        };
+        assert!(Document::of(&signal(SignalKind::Message)).is_some());
+        for kind in [
+            SignalKind::Renamed,
+            SignalKind::Call,
+            SignalKind::Joined,
+            SignalKind::Left,
+        ] {
+            let not_a_message = signal(kind);
+            assert_eq!(Document::of(&not_a_message), None, "{kind:?}");
+            assert_eq!(
+                Change::of_signal(&not_a_message),
+                Change::Remove(not_a_message.id)
+            );
+        }
+        let mut deleted = signal(SignalKind::Message);
+        deleted.deleted = true;
+        assert_eq!(Document::of(&deleted), None);
     }
 
     #[test]

@@ -300,10 +300,12 @@ impl Inner {
             };
             let id: SignalId = text(f.id).parse().map_err(failed)?;
             let chat_id: ChatId = text(f.chat_id).parse().map_err(failed)?;
+            let indexed_text = text(f.text);
             hits.push(Hit {
                 id,
                 chat_id,
-                highlight: self.highlight(&text(f.text), &words),
+                highlight: self.highlight(&indexed_text, &words),
+                indexed_text,
             });
         }
         Ok(Hits { hits, more })
