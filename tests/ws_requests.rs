@@ -315,6 +315,40 @@ async fn the_socket_carries_the_api_on_the_real_stack() {
 
 /// Requests beyond the in-flight limit are answered 429, never dropped: every id gets exactly one
 /// response.
+/// Each `auth` frame costs a signature check: a socket may send a few tokens that do not verify
+/// (each answered with an error frame, the socket kept), and is closed after that, as HTTP
+/// requests with such tokens are limited per address.
+#[tokio::test]
+async fn a_socket_sending_tokens_that_do_not_verify_is_closed() {
+    let app = spawn_app(Stack::Embedded).await;
+    let bob = app.token("bob").await;
+    let mut ws = connect(&app, Some(&bob), "").await;
+    let refused = |i: usize| {
+        Message::Text(
+            json!({"type": "auth", "token": format!("forged.{i}.token")})
+                .to_string()
+                .into(),
+        )
+    };
+    for i in 0..5 {
+        ws.send(refused(i)).await.unwrap();
+        let reply = next(&mut ws).await;
+        assert_eq!(reply["type"], "error", "refusal {i}: {reply}");
+    }
+    // Still open, and still bob's.
+    let me = call(
+        &mut ws,
+        json!({"type": "request", "id": "me", "method": "GET", "path": "/v1/me"}),
+    )
+    .await;
+    assert_eq!(me["status"], 200, "{me}");
+    ws.send(refused(5)).await.unwrap();
+    let closed = next(&mut ws).await;
+    assert_eq!(closed["type"], "closed", "{closed}");
+    assert_eq!(closed["code"], 4029, "{closed}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn every_request_is_answered_once_within_the_in_flight_limit() {
     let data = tempfile::tempdir().unwrap();

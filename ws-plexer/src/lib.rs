@@ -52,6 +52,7 @@ use confab_notifier::auth::{StreamAuth, StreamIdentity};
 use confab_notifier::hub::{Item, Subscription};
 use confab_notifier::sse::{open_problem, parse_last_event_id};
 use confab_runtime::Problem;
+use confab_runtime::identity::AuthError;
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -245,6 +246,13 @@ const WRONG_USER: u16 = 4003;
 /// A newer stream of the same user took this one's place (the hub's [`Item::Closed`] with
 /// [`confab_notifier::hub::REPLACED`]): the client must not reconnect on its own.
 const REPLACED: u16 = 4009;
+/// The socket sent more than [`MAX_REFUSED_TOKENS`] tokens that did not verify.
+const TOO_MANY_REFUSED_TOKENS: u16 = 4029;
+
+/// How many `auth` frames whose token does not verify a socket may send before it is closed. Each
+/// costs a signature check, which over HTTP the per-address limit bounds (`limits.public`); a
+/// client refreshing its token sends one that verifies, and one out of step a refused one or two.
+const MAX_REFUSED_TOKENS: u32 = 5;
 
 fn close(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
@@ -591,6 +599,7 @@ async fn serve(
         state.limits.max_in_flight,
         state.limits.request_timeout,
     );
+    let mut refused_tokens = 0;
     let expiry = tokio::time::sleep(caller.remaining());
     tokio::pin!(expiry);
     let mut ping = tokio::time::interval(PING_INTERVAL);
@@ -669,7 +678,17 @@ async fn serve(
                                 let _ = send(&mut sink, close(WRONG_USER, "a token of another user")).await;
                                 break;
                             }
-                            Err(error) => Some(error_frame(&Problem::from(&error))),
+                            Err(error) => {
+                                // Not the client's doing when the identity provider is down.
+                                if !matches!(error, AuthError::Unavailable(_)) {
+                                    refused_tokens += 1;
+                                }
+                                if refused_tokens > MAX_REFUSED_TOKENS {
+                                    let _ = send(&mut sink, close(TOO_MANY_REFUSED_TOKENS, "too many tokens that do not verify")).await;
+                                    break;
+                                }
+                                Some(error_frame(&Problem::from(&error)))
+                            }
                         },
                         Ok(ClientFrame::Request { id, method, path, body }) => {
                             if !valid_request_id(&id) {
