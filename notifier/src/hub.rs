@@ -417,10 +417,17 @@ impl Subscription {
         }
         while let Some(replay) = &mut self.replay {
             if self.registration.events.is_closed() {
-                // The hub dropped this connection (its session logged out, it was replaced, the
-                // node is shutting down): the rest of the replay is not this stream's to send.
+                // The hub dropped this connection (its session logged out, it fell behind, it
+                // was replaced, the node is shutting down): the rest of the replay is not this
+                // stream's to send. It ends here, as after a failed read of the log, so that a
+                // client that resumes does so after the last event it took: the events routed
+                // meanwhile would follow a gap.
                 self.replay = None;
-                break;
+                self.routed.clear();
+                self.interrupted = true;
+                let reason = self.registration.end.get().filter(|_| !self.told_end)?;
+                self.told_end = true;
+                return Some(Item::Closed(reason));
             }
             // Rendered only now: a page holds envelopes, not three copies of each.
             if let Some(event) = replay.page.pop_front() {
@@ -2628,6 +2635,62 @@ mod tests {
         .await
         .expect("the stream ends");
         assert_eq!(after, 0, "replayed after the logout");
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    /// A stream dropped as too slow while it replays (live events filled its buffer) ends there:
+    /// what it sent is a prefix of what it owed, with no gap for its resume to skip.
+    #[tokio::test]
+    async fn a_replaying_stream_dropped_as_slow_sends_nothing_past_a_gap() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let alice = UserId::from_subject("t", "a");
+        let chat = ChatId::new();
+        let history = REPLAY_PAGE + 26;
+        for i in 0..history {
+            bus.publish(&message(chat, &format!("history {i}")))
+                .await
+                .expect("publishes");
+        }
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::from([(alice, vec![chat])]))),
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let mut stream = hub.open(alice, Some(0)).await.expect("opens");
+        assert_eq!(next_text(&mut stream).await, "history 0");
+        for i in 0..40 {
+            bus.publish(&message(chat, &format!("live {i}")))
+                .await
+                .expect("publishes");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !stream.registration.events.is_closed() {
+            assert!(tokio::time::Instant::now() < deadline, "never dropped");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut sent = vec!["history 0".to_owned()];
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(item) = stream.next().await {
+                if let Item::Event(event) = item
+                    && event.seq != 0
+                {
+                    sent.push(text(&event.envelope));
+                }
+            }
+        })
+        .await
+        .expect("the stream ends");
+        let owed: Vec<String> = (0..history)
+            .map(|i| format!("history {i}"))
+            .chain((0..40).map(|i| format!("live {i}")))
+            .collect();
+        assert_eq!(sent, owed[..sent.len()], "a gap in what was sent");
         shutdown.cancel();
         worker.await.expect("worker ends");
     }
