@@ -75,6 +75,53 @@ async fn emails_are_shown_to_their_owner_only_and_found_whole(stack: Stack) {
 }
 on_both_stacks!(emails_are_shown_to_their_owner_only_and_found_whole);
 
+/// A direct chat's id is derived from its two users' ids, which others can learn: to anyone
+/// outside it, it answers as a chat that does not exist, so nobody learns who talks in private.
+async fn a_direct_chat_of_others_is_not_found(stack: Stack) {
+    let app = spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let carol = app.token("carol").await;
+    let bob_id = app.me(&app.token("bob").await).await;
+    let created = app
+        .post(
+            &alice,
+            "/v1/chats",
+            &json!({"kind": "direct", "members": [bob_id]}),
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    let direct = created.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let unknown = Uuid::now_v7().to_string();
+    for path in ["", "/signals", "/members"] {
+        let of_others = app.get(&carol, &format!("/v1/chats/{direct}{path}")).await;
+        let of_nobody = app.get(&carol, &format!("/v1/chats/{unknown}{path}")).await;
+        assert_eq!(
+            (of_others.status(), of_nobody.status()),
+            (404.try_into().unwrap(), 404.try_into().unwrap()),
+            "{path}"
+        );
+        assert_eq!(
+            of_others.json::<Value>().await.unwrap()["detail"],
+            of_nobody.json::<Value>().await.unwrap()["detail"],
+            "{path}"
+        );
+    }
+    // A group carol is not in still says so.
+    let group = app.group_chat(&alice, &[&bob_id]).await;
+    assert_eq!(
+        app.get(&carol, &format!("/v1/chats/{group}"))
+            .await
+            .status(),
+        403
+    );
+    app.stop().await;
+}
+
+on_both_stacks!(a_direct_chat_of_others_is_not_found);
+
 async fn views_leave_out_former_members(stack: Stack) {
     let app = spawn_app(stack).await;
     let alice = app.token("alice").await;

@@ -1,7 +1,7 @@
 //! Membership, checked against the store: only members read or post. The other rules are in
 //! [`super::rules`].
 
-use confab_schema::{Chat, ChatId, Member, MemberRole, UserId};
+use confab_schema::{Chat, ChatId, ChatKind, Member, MemberRole, UserId};
 
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
@@ -23,8 +23,8 @@ impl ApiState {
         }
     }
 
-    /// The caller's role in `chat`: 404 when the chat does not exist, 403 when it does but the
-    /// caller is not in it.
+    /// The caller's role in `chat`: 404 when the chat does not exist (or is a direct chat of
+    /// others), 403 when it does but the caller is not in it.
     pub async fn require_member(&self, chat: ChatId, caller: UserId) -> ApiResult<MemberRole> {
         match self.store.member_role(chat, caller).await? {
             Some(role) => Ok(role),
@@ -53,11 +53,15 @@ impl ApiState {
         Ok(members)
     }
 
-    /// The refusal for a non-member: 404 for an unknown chat, else 403.
+    /// The refusal for a non-member: 404 for an unknown chat, and for a direct chat, else 403. A
+    /// direct chat's id is derived from its two users' ids, which others can learn: a 403 would
+    /// tell anyone that the two talk in private.
     async fn not_member(&self, chat: ChatId) -> ApiError {
         match self.store.get_chat(chat).await {
-            Ok(Some(_)) => ApiError::Forbidden("you are not a member of this chat"),
-            Ok(None) => ApiError::NotFound("no such chat"),
+            Ok(Some(chat)) if chat.kind != ChatKind::Direct => {
+                ApiError::Forbidden("you are not a member of this chat")
+            }
+            Ok(_) => ApiError::NotFound("no such chat"),
             Err(error) => error.into(),
         }
     }
