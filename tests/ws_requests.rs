@@ -313,11 +313,9 @@ async fn the_socket_carries_the_api_on_the_real_stack() {
     }
 }
 
-/// Requests beyond the in-flight limit are answered 429, never dropped: every id gets exactly one
-/// response.
 /// Each `auth` frame costs a signature check: a socket may send a few tokens that do not verify
-/// (each answered with an error frame, the socket kept), and is closed after that, as HTTP
-/// requests with such tokens are limited per address.
+/// in ten minutes (each answered with an error frame, the socket kept), and is closed after that,
+/// as HTTP requests with such tokens are limited per address.
 #[tokio::test]
 async fn a_socket_sending_tokens_that_do_not_verify_is_closed() {
     let app = spawn_app(Stack::Embedded).await;
@@ -349,6 +347,8 @@ async fn a_socket_sending_tokens_that_do_not_verify_is_closed() {
     app.stop().await;
 }
 
+/// Requests beyond the in-flight limit are answered 429, never dropped: every id gets exactly one
+/// response.
 #[tokio::test]
 async fn every_request_is_answered_once_within_the_in_flight_limit() {
     let data = tempfile::tempdir().unwrap();

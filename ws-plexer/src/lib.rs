@@ -246,13 +246,16 @@ const WRONG_USER: u16 = 4003;
 /// A newer stream of the same user took this one's place (the hub's [`Item::Closed`] with
 /// [`confab_notifier::hub::REPLACED`]): the client must not reconnect on its own.
 const REPLACED: u16 = 4009;
-/// The socket sent more than [`MAX_REFUSED_TOKENS`] tokens that did not verify.
+/// The socket sent more than [`MAX_REFUSED_TOKENS`] tokens that did not verify in
+/// [`REFUSED_TOKENS_WINDOW`].
 const TOO_MANY_REFUSED_TOKENS: u16 = 4029;
 
-/// How many `auth` frames whose token does not verify a socket may send before it is closed. Each
-/// costs a signature check, which over HTTP the per-address limit bounds (`limits.public`); a
-/// client refreshing its token sends one that verifies, and one out of step a refused one or two.
-const MAX_REFUSED_TOKENS: u32 = 5;
+/// How many `auth` frames whose token does not verify a socket may send in
+/// [`REFUSED_TOKENS_WINDOW`] before it is closed. Each costs a signature check, which over HTTP
+/// the per-address limit bounds (`limits.public`); a client refreshing its token sends one that
+/// verifies, and one out of step (a token that expired on its way) a refused one now and then.
+const MAX_REFUSED_TOKENS: usize = 5;
+const REFUSED_TOKENS_WINDOW: Duration = Duration::from_secs(600);
 
 fn close(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
@@ -599,7 +602,9 @@ async fn serve(
         state.limits.max_in_flight,
         state.limits.request_timeout,
     );
-    let mut refused_tokens = 0;
+    // When the socket's recent refused tokens came.
+    let mut refused_tokens: std::collections::VecDeque<tokio::time::Instant> =
+        std::collections::VecDeque::new();
     let expiry = tokio::time::sleep(caller.remaining());
     tokio::pin!(expiry);
     let mut ping = tokio::time::interval(PING_INTERVAL);
@@ -681,9 +686,13 @@ async fn serve(
                             Err(error) => {
                                 // Not the client's doing when the identity provider is down.
                                 if !matches!(error, AuthError::Unavailable(_)) {
-                                    refused_tokens += 1;
+                                    let now = tokio::time::Instant::now();
+                                    while refused_tokens.front().is_some_and(|at| now.duration_since(*at) > REFUSED_TOKENS_WINDOW) {
+                                        refused_tokens.pop_front();
+                                    }
+                                    refused_tokens.push_back(now);
                                 }
-                                if refused_tokens > MAX_REFUSED_TOKENS {
+                                if refused_tokens.len() > MAX_REFUSED_TOKENS {
                                     let _ = send(&mut sink, close(TOO_MANY_REFUSED_TOKENS, "too many tokens that do not verify")).await;
                                     break;
                                 }

@@ -5,7 +5,7 @@
 use confab_runtime::search::{Query, Search};
 use std::collections::HashMap;
 
-use confab_schema::{ChatId, Signal, SignalId, UserId};
+use confab_schema::{ChatId, Signal, SignalId, SignalKind, UserId};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -115,8 +115,10 @@ impl ApiState {
             .into_iter()
             .filter_map(|hit| {
                 let signal = decorated.remove(&hit.id)?;
-                hit.indexed_from(signal.text.as_deref().unwrap_or(""))
-                    .then_some((hit, signal))
+                // Only messages: an index written before renames were left out still has them.
+                (signal.kind == SignalKind::Message
+                    && hit.indexed_from(signal.text.as_deref().unwrap_or("")))
+                .then_some((hit, signal))
             })
             .map(|(hit, signal)| SearchHit {
                 signal,
