@@ -42,6 +42,7 @@ macro_rules! store_conformance_tests {
             members_among_answers_members_only,
             guarded_member_changes_serialize,
             chats_of_a_user,
+            a_direct_chat_made_twice_is_one_chat,
             forgetting_a_left_chat_spares_members,
             left_chats_are_listed_newest_first,
             removing_a_non_member_ends_nothing,
@@ -1253,6 +1254,42 @@ pub async fn removing_a_non_member_ends_nothing(store: Arc<dyn Store>) {
         [second, first],
         "bob left the first chat before the second"
     );
+}
+
+/// A direct chat's id is derived from its two users, so two creations at once make the same chat
+/// twice: the second is no error, and there is one chat with both as owners.
+pub async fn a_direct_chat_made_twice_is_one_chat(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (alice, bob) = (user("alice"), user("bob"));
+    for u in [&alice, &bob] {
+        store.upsert_user(u).await.unwrap();
+    }
+    let chat = NewChat {
+        id: ChatId::new(),
+        kind: ChatKind::Direct,
+        name: None,
+        description: None,
+        created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+        created_by: alice.id,
+        members: vec![(alice.id, MemberRole::Owner), (bob.id, MemberRole::Owner)],
+    };
+    store.create_chat(&chat).await.expect("made");
+    store.create_chat(&chat).await.expect("made again");
+    assert_eq!(
+        store.get_chat(chat.id).await.unwrap().map(|c| c.kind),
+        Some(ChatKind::Direct)
+    );
+    let mut members: Vec<(UserId, MemberRole)> = store
+        .members(chat.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.user_id, m.role))
+        .collect();
+    members.sort_by_key(|(user, _)| *user);
+    let mut expected = chat.members.clone();
+    expected.sort_by_key(|(user, _)| *user);
+    assert_eq!(members, expected);
 }
 
 /// The chats a user is in: what a notifier routes their events by.

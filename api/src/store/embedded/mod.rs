@@ -495,7 +495,10 @@ impl Store for EmbeddedStore {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
             tx.execute(
-                "INSERT INTO chats (id, kind, name, description, created_at, created_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                // A direct chat's id is its two users': two first messages at once make it twice, and
+                // the second finds it made.
+                "INSERT INTO chats (id, kind, name, description, created_at, created_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (id) DO NOTHING",
                 params![
                     blob(chat.id.0),
                     chat.kind.as_str(),
