@@ -257,3 +257,54 @@ async fn a_page_of_views_reads_a_bounded_number_of_markers(stack: Stack) {
     api.clean_up().await;
 }
 on_both_stacks!(a_page_of_views_reads_a_bounded_number_of_markers);
+
+/// Two marks of one member at once (two devices), the one further on landing between the other's
+/// read of the marker and its write: both answer the marker where the store keeps it, the further
+/// one, never the earlier signal, which would show the marker going back.
+async fn marks_at_once_answer_the_furthest(stack: Stack) {
+    use support::held_store::Held;
+    let api = HeldApi::new(stack).await;
+    let store: Arc<dyn Store> = Arc::clone(&api.store) as Arc<dyn Store>;
+    let owner = api.user("owner").await;
+    let reader = api.user("reader").await;
+    let chat = chat_with(&*store, owner.id, &[reader.id]).await;
+    let earlier = message(chat, owner.id, None, "earlier");
+    store.insert_signal(&earlier).await.unwrap();
+    let later = message(chat, owner.id, None, "later");
+    store.insert_signal(&later).await.unwrap();
+
+    api.store.hold_next(Held::MarkerAdvanced);
+    let held = tokio::spawn({
+        let state = api.state.clone();
+        let (reader, earlier) = (reader.id, earlier.id);
+        async move { state.mark(MarkerKind::Read, reader, chat, earlier).await }
+    });
+    api.store.gate.arrived(1).await;
+    let further = api
+        .state
+        .mark(MarkerKind::Read, reader.id, chat, later.id)
+        .await
+        .unwrap();
+    api.store.gate.release(1).await;
+    let answered = tokio::time::timeout(support::DEADLINE, held)
+        .await
+        .expect("the held mark ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(further, Some(later.id));
+    assert_eq!(
+        answered,
+        Some(later.id),
+        "the held mark answered its own, earlier signal"
+    );
+    assert_eq!(
+        store
+            .marker(MarkerKind::Read, chat, reader.id)
+            .await
+            .unwrap(),
+        Some(later.id)
+    );
+    api.clean_up().await;
+}
+
+on_both_stacks!(marks_at_once_answer_the_furthest);

@@ -68,10 +68,27 @@ impl ApiState {
         let envelope = Envelope::new(chat, event);
         let intent = self.outbox.intend(&*self.store, &envelope).await?;
         self.store.advance_marker(kind, chat, caller, up_to).await?;
+        // Read after the write: a mark further on that ran at once (another device) may have
+        // landed between the read above and this write, and the store kept it. Answering and
+        // announcing this one's `up_to` would show the marker going back.
+        let reached = self
+            .store
+            .marker(kind, chat, caller)
+            .await?
+            .map_or(up_to, |stored| stored.max(up_to));
         // Read or received up to there (on any device): no push for it.
-        self.cancel_pushes(caller, chat, up_to).await;
-        self.publish_intended(envelope, intent).await;
-        Ok(Some(up_to))
+        self.cancel_pushes(caller, chat, reached).await;
+        let change = MarkerChange {
+            user_id: caller,
+            up_to: reached,
+        };
+        let event = match kind {
+            MarkerKind::Read => Event::ReadUpdated(change),
+            MarkerKind::Delivered => Event::DeliveredUpdated(change),
+        };
+        self.publish_intended(Envelope { event, ..envelope }, intent)
+            .await;
+        Ok(Some(reached))
     }
 
     /// Members whose `kind` marker has reached `signal` (members only); ex-members are left out.
