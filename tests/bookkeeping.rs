@@ -906,7 +906,7 @@ async fn an_unpairing_that_fails_part_way_is_finished_by_its_retry() {
     for (who, token) in [("alice", &server.alice), ("bob", &server.bob)] {
         assert_eq!(
             status_of(token).await,
-            403,
+            404,
             "{who} is out of the pairing's chat"
         );
     }

@@ -684,12 +684,12 @@ async fn pairs_chat_and_expire(stack: Stack) {
     assert!(liked.status().is_success(), "{}", liked.status());
     let like = alices.next_of("reaction.added").await;
     assert_eq!(like.data["data"]["count"], 1);
-    // Someone outside the pairing cannot read it.
+    // Someone outside the pairing cannot read it, nor learn that it exists (a direct chat).
     assert_eq!(
         app.get(&carol.token, &format!("/v1/chats/{chat}/signals"))
             .await
             .status(),
-        403
+        404
     );
 
     // The partner's connection events reach the other.
@@ -713,7 +713,7 @@ async fn pairs_chat_and_expire(stack: Stack) {
         app.get(&alice.token, &format!("/v1/chats/{chat}"))
             .await
             .status(),
-        403
+        404
     );
 
     // Expiry: 410 first or 404 once swept, and then everything is gone.

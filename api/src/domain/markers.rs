@@ -71,11 +71,14 @@ impl ApiState {
         // Read after the write: a mark further on that ran at once (another device) may have
         // landed between the read above and this write, and the store kept it. Answering and
         // announcing this one's `up_to` would show the marker going back.
-        let reached = self
-            .store
-            .marker(kind, chat, caller)
-            .await?
-            .map_or(up_to, |stored| stored.max(up_to));
+        // A failed read leaves it at this mark's own: the move is made and is answered so.
+        let reached = match self.store.marker(kind, chat, caller).await {
+            Ok(stored) => stored.map_or(up_to, |stored| stored.max(up_to)),
+            Err(error) => {
+                tracing::debug!(%error, %chat, "a marker was not read again after its move");
+                up_to
+            }
+        };
         // Read or received up to there (on any device): no push for it.
         self.cancel_pushes(caller, chat, reached).await;
         let change = MarkerChange {
