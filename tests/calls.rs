@@ -522,15 +522,34 @@ async fn signalling_reaches_the_named_participant_only_on_the_real_stack() {
 
 /// Polls the call until its status is `status`.
 async fn wait_for_status(app: &TestApp, token: &str, call_id: &str, status: &str) -> Value {
+    let path = format!("/v1/calls/{call_id}");
+    poll(
+        &format!("the call becoming {status}"),
+        || {
+            let path = path.clone();
+            async move { json_of(app.get(token, &path).await, 200).await }
+        },
+        |call| call["status"] == status,
+    )
+    .await
+}
+
+/// Reads `read` every 50 ms until `done` holds for what it read, and answers that; past the
+/// deadline, fails saying `what` never happened and what was read last.
+async fn poll<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+    what: &str,
+    mut read: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        let call = json_of(app.get(token, &format!("/v1/calls/{call_id}")).await, 200).await;
-        if call["status"] == status {
-            return call;
+        let last = read().await;
+        if done(&last) {
+            return last;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the call never became {status}: {call}"
+            "{what} never happened: {last:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -928,22 +947,16 @@ async fn members_who_leave_the_chat_leave_its_calls(stack: Stack) {
 
 /// Polls `user`'s presence, as `token` sees it, until it is `state`.
 async fn wait_for_presence(app: &TestApp, token: &str, user: &str, state: &str) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let presence = json_of(
-            app.get(token, &format!("/v1/users/{user}/presence")).await,
-            200,
-        )
-        .await;
-        if presence["state"] == state {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{user} never became {state}: {presence}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let path = format!("/v1/users/{user}/presence");
+    poll(
+        &format!("{user} becoming {state}"),
+        || {
+            let path = path.clone();
+            async move { json_of(app.get(token, &path).await, 200).await }
+        },
+        |presence| presence["state"] == state,
+    )
+    .await;
 }
 
 /// Polls the call, as `token` sees it, until `done` holds for its status and participants.
@@ -954,18 +967,12 @@ async fn wait_for_call(
     what: &str,
     done: impl Fn(&str, &[String]) -> bool,
 ) -> (String, Vec<String>) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let (status, participants) = participants_of(app, token, call_id).await;
-        if done(&status, &participants) {
-            return (status, participants);
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} never happened: {status} with {participants:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll(
+        what,
+        || participants_of(app, token, call_id),
+        |(status, participants)| done(status, participants),
+    )
+    .await
 }
 
 /// A participant whose app went away without leaving (killed, its network gone) has no live event

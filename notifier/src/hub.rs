@@ -2595,13 +2595,26 @@ mod tests {
         worker.await.expect("worker ends");
     }
 
-    #[tokio::test]
-    async fn a_replaying_stream_whose_session_logs_out_sends_no_more_of_its_replay() {
+    /// A hub started over a log holding more than a page of one chat's messages ("history 0"…),
+    /// of which alice is the one member: what a resume from the start replays page by page.
+    struct Replaying {
+        bus: Arc<dyn Bus>,
+        alice: UserId,
+        chat: ChatId,
+        history: usize,
+        hub: Hub,
+        shutdown: CancellationToken,
+        worker: tokio::task::JoinHandle<()>,
+    }
+
+    async fn replaying() -> Replaying {
         let bus: Arc<dyn Bus> =
             Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
         let alice = UserId::from_subject("t", "a");
         let chat = ChatId::new();
-        for i in 0..REPLAY_PAGE + 26 {
+        // Under the replay limit below (100), over a page.
+        let history = REPLAY_PAGE + 26;
+        for i in 0..history {
             bus.publish(&message(chat, &format!("history {i}")))
                 .await
                 .expect("publishes");
@@ -2615,6 +2628,26 @@ mod tests {
         );
         let shutdown = CancellationToken::new();
         let worker = hub.start(shutdown.clone()).await.expect("starts");
+        Replaying {
+            bus,
+            alice,
+            chat,
+            history,
+            hub,
+            shutdown,
+            worker,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replaying_stream_whose_session_logs_out_sends_no_more_of_its_replay() {
+        let Replaying {
+            alice,
+            hub,
+            shutdown,
+            worker,
+            ..
+        } = replaying().await;
         let session = StreamSession {
             id: Some("stolen".to_owned()),
             issued_at: 1,
@@ -2643,25 +2676,15 @@ mod tests {
     /// what it sent is a prefix of what it owed, with no gap for its resume to skip.
     #[tokio::test]
     async fn a_replaying_stream_dropped_as_slow_sends_nothing_past_a_gap() {
-        let bus: Arc<dyn Bus> =
-            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
-        let alice = UserId::from_subject("t", "a");
-        let chat = ChatId::new();
-        let history = REPLAY_PAGE + 26;
-        for i in 0..history {
-            bus.publish(&message(chat, &format!("history {i}")))
-                .await
-                .expect("publishes");
-        }
-        let hub = Hub::new(
-            Arc::clone(&bus),
-            Arc::new(Fixed(HashMap::from([(alice, vec![chat])]))),
-            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
-            16,
-            100,
-        );
-        let shutdown = CancellationToken::new();
-        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let Replaying {
+            bus,
+            alice,
+            chat,
+            history,
+            hub,
+            shutdown,
+            worker,
+        } = replaying().await;
         let mut stream = hub.open(alice, Some(0)).await.expect("opens");
         assert_eq!(next_text(&mut stream).await, "history 0");
         for i in 0..40 {
