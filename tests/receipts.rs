@@ -308,3 +308,59 @@ async fn marks_at_once_answer_the_furthest(stack: Stack) {
 }
 
 on_both_stacks!(marks_at_once_answer_the_furthest);
+
+/// The race a read before the publish cannot close: the earlier mark has read the marker (its
+/// own) and its event is held on its way to the log while the further mark runs through and is
+/// published. The earlier event lands last; its read after publishing finds the marker further
+/// on and publishes that, so the chat's log ends with the marker where the store keeps it.
+async fn the_log_ends_with_the_furthest_mark(stack: Stack) {
+    use confab_schema::Event;
+    use confab_schema::event::EventKind;
+    let api = HeldApi::new(stack).await;
+    let store: Arc<dyn Store> = Arc::clone(&api.store) as Arc<dyn Store>;
+    let owner = api.user("owner").await;
+    let reader = api.user("reader").await;
+    let chat = chat_with(&*store, owner.id, &[reader.id]).await;
+    let earlier = message(chat, owner.id, None, "earlier");
+    store.insert_signal(&earlier).await.unwrap();
+    let later = message(chat, owner.id, None, "later");
+    store.insert_signal(&later).await.unwrap();
+
+    api.bus.hold_next(EventKind::ReadUpdated);
+    let held = tokio::spawn({
+        let state = api.state.clone();
+        let (reader, earlier) = (reader.id, earlier.id);
+        async move { state.mark(MarkerKind::Read, reader, chat, earlier).await }
+    });
+    api.bus.gate.arrived(1).await;
+    api.state
+        .mark(MarkerKind::Read, reader.id, chat, later.id)
+        .await
+        .unwrap();
+    api.bus.gate.release(1).await;
+    tokio::time::timeout(support::DEADLINE, held)
+        .await
+        .expect("the held mark ends")
+        .unwrap()
+        .unwrap();
+    let marks: Vec<SignalId> = api
+        .bus
+        .events_of(chat)
+        .await
+        .into_iter()
+        .filter_map(|logged| match logged.envelope.event {
+            Event::ReadUpdated(change) if change.user_id == reader.id => Some(change.up_to),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        marks.last(),
+        Some(&later.id),
+        "the log ends with the earlier mark: {marks:?} (earlier {}, later {})",
+        earlier.id,
+        later.id
+    );
+    api.clean_up().await;
+}
+
+on_both_stacks!(the_log_ends_with_the_furthest_mark);

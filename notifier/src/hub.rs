@@ -405,7 +405,8 @@ impl Subscription {
     /// The next item, or `None` when the hub dropped this connection (it fell behind, its session
     /// logged out, or the node is shutting down): the client reconnects and resumes. A stream the
     /// hub ended with a reason its client must hear ([`REPLACED`]) gives the events it holds, then
-    /// [`Item::Closed`], then `None`.
+    /// [`Item::Closed`], then `None`. A stream dropped while it replays ends at once (after
+    /// [`Item::Closed`] when it has such a reason): what it held would follow a gap.
     ///
     /// Cancel safe: a replay page is read whole or not at all, so a `select!` may drop this.
     pub async fn next(&mut self) -> Option<Item> {

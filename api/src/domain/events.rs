@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use confab_schema::event::MemberChange;
+use confab_schema::event::{MarkerChange, MemberChange};
 use confab_schema::{Envelope, Event};
 
 use crate::backoff::Backoff;
 use crate::error::ApiResult;
 use crate::outbox::Intent;
 use crate::state::ApiState;
+use crate::store::MarkerKind;
 
 /// How long a failed publish is retried: the bus may be down for a while.
 const RETRY_ATTEMPTS: u32 = 12;
@@ -218,6 +219,28 @@ impl ApiState {
                     }
                     (Some(_), Some(_)) => Some(Envelope::new(chat, Event::MemberUpdated(change))),
                 }
+            }
+            // A marker only moves forward: one further on than the event says was moved by a
+            // mark whose event may have come first (two devices marking at once).
+            Event::ReadUpdated(said) | Event::DeliveredUpdated(said) => {
+                let kind = match &published.event {
+                    Event::ReadUpdated(_) => MarkerKind::Read,
+                    _ => MarkerKind::Delivered,
+                };
+                let held = self.store.marker(kind, chat, said.user_id).await?;
+                held.filter(|held| *held > said.up_to).map(|up_to| {
+                    let change = MarkerChange {
+                        user_id: said.user_id,
+                        up_to,
+                    };
+                    Envelope::new(
+                        chat,
+                        match kind {
+                            MarkerKind::Read => Event::ReadUpdated(change),
+                            MarkerKind::Delivered => Event::DeliveredUpdated(change),
+                        },
+                    )
+                })
             }
             Event::SignalCreated(said) | Event::SignalUpdated(said) if !said.deleted => {
                 match self.store.get_signal(said.chat_id, said.id).await? {
