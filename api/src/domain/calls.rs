@@ -666,7 +666,7 @@ impl ApiState {
         grace: Duration,
     ) -> ApiResult<CallStatus> {
         let now = now_ms();
-        let started = millis_of(record.started_at);
+        let started = crate::store::millis(record.started_at);
         let grace = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
         // Away for the grace since `since` at the earliest.
         let away = |presence: &PresenceRecord, since: i64| {
@@ -922,11 +922,6 @@ impl ApiState {
         };
         CallRecord { status, ..record }
     }
-}
-
-/// `t` in Unix milliseconds, as presence records keep time.
-fn millis_of(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or_default()
 }
 
 /// When a time-ordered id (UUIDv7) was made, in Unix milliseconds.
