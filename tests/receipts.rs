@@ -11,10 +11,12 @@ use std::sync::Arc;
 use confab_api::domain::inputs::PageLimit;
 use confab_api::store::conformance::{chat_with, message};
 use confab_api::store::{MarkerKind, Store};
+use confab_schema::Event;
+use confab_schema::event::EventKind;
 use confab_schema::{ChatId, Member, MemberRole, SignalId, UserId};
 use futures::StreamExt;
 use serde_json::Value;
-use support::held_store::HeldApi;
+use support::held_store::{Gate, Held, HeldApi};
 use support::{Stack, on_both_stacks, spawn_app};
 
 /// Most marker rows one page may read (five reads of two hundred).
@@ -258,53 +260,82 @@ async fn a_page_of_views_reads_a_bounded_number_of_markers(stack: Stack) {
 }
 on_both_stacks!(a_page_of_views_reads_a_bounded_number_of_markers);
 
+/// A member with two signals to mark, `earlier` and `later`, on a store and bus that can hold a
+/// write or a publish (two devices marking at once).
+struct TwoMarks {
+    api: HeldApi,
+    reader: UserId,
+    chat: ChatId,
+    earlier: SignalId,
+    later: SignalId,
+}
+
+impl TwoMarks {
+    async fn new(stack: Stack) -> TwoMarks {
+        let api = HeldApi::new(stack).await;
+        let store: Arc<dyn Store> = Arc::clone(&api.store) as Arc<dyn Store>;
+        let owner = api.user("owner").await;
+        let reader = api.user("reader").await.id;
+        let chat = chat_with(&*store, owner.id, &[reader]).await;
+        let earlier = message(chat, owner.id, None, "earlier");
+        store.insert_signal(&earlier).await.unwrap();
+        let later = message(chat, owner.id, None, "later");
+        store.insert_signal(&later).await.unwrap();
+        TwoMarks {
+            api,
+            reader,
+            chat,
+            earlier: earlier.id,
+            later: later.id,
+        }
+    }
+
+    /// Marks `earlier`, which the hold the caller set stops at `gate`; marks `later` meanwhile,
+    /// then lets the first go on. Answers what each mark answered, the earlier's first.
+    async fn race(&self, gate: &Gate) -> (Option<SignalId>, Option<SignalId>) {
+        let held = tokio::spawn({
+            let state = self.api.state.clone();
+            let (reader, chat, earlier) = (self.reader, self.chat, self.earlier);
+            async move { state.mark(MarkerKind::Read, reader, chat, earlier).await }
+        });
+        gate.arrived(1).await;
+        let further = self
+            .api
+            .state
+            .mark(MarkerKind::Read, self.reader, self.chat, self.later)
+            .await
+            .unwrap();
+        gate.release(1).await;
+        let answered = tokio::time::timeout(support::DEADLINE, held)
+            .await
+            .expect("the held mark ends")
+            .unwrap()
+            .unwrap();
+        (answered, further)
+    }
+}
+
 /// Two marks of one member at once (two devices), the one further on landing between the other's
 /// read of the marker and its write: both answer the marker where the store keeps it, the further
 /// one, never the earlier signal, which would show the marker going back.
 async fn marks_at_once_answer_the_furthest(stack: Stack) {
-    use support::held_store::Held;
-    let api = HeldApi::new(stack).await;
-    let store: Arc<dyn Store> = Arc::clone(&api.store) as Arc<dyn Store>;
-    let owner = api.user("owner").await;
-    let reader = api.user("reader").await;
-    let chat = chat_with(&*store, owner.id, &[reader.id]).await;
-    let earlier = message(chat, owner.id, None, "earlier");
-    store.insert_signal(&earlier).await.unwrap();
-    let later = message(chat, owner.id, None, "later");
-    store.insert_signal(&later).await.unwrap();
-
-    api.store.hold_next(Held::MarkerAdvanced);
-    let held = tokio::spawn({
-        let state = api.state.clone();
-        let (reader, earlier) = (reader.id, earlier.id);
-        async move { state.mark(MarkerKind::Read, reader, chat, earlier).await }
-    });
-    api.store.gate.arrived(1).await;
-    let further = api
-        .state
-        .mark(MarkerKind::Read, reader.id, chat, later.id)
-        .await
-        .unwrap();
-    api.store.gate.release(1).await;
-    let answered = tokio::time::timeout(support::DEADLINE, held)
-        .await
-        .expect("the held mark ends")
-        .unwrap()
-        .unwrap();
-    assert_eq!(further, Some(later.id));
+    let marks = TwoMarks::new(stack).await;
+    marks.api.store.hold_next(Held::MarkerAdvanced);
+    let (answered, further) = marks.race(&marks.api.store.gate).await;
+    assert_eq!(further, Some(marks.later));
     assert_eq!(
         answered,
-        Some(later.id),
+        Some(marks.later),
         "the held mark answered its own, earlier signal"
     );
-    assert_eq!(
-        store
-            .marker(MarkerKind::Read, chat, reader.id)
-            .await
-            .unwrap(),
-        Some(later.id)
-    );
-    api.clean_up().await;
+    let stored = marks
+        .api
+        .store
+        .marker(MarkerKind::Read, marks.chat, marks.reader)
+        .await
+        .unwrap();
+    assert_eq!(stored, Some(marks.later));
+    marks.api.clean_up().await;
 }
 
 on_both_stacks!(marks_at_once_answer_the_furthest);
@@ -314,53 +345,28 @@ on_both_stacks!(marks_at_once_answer_the_furthest);
 /// published. The earlier event lands last; its read after publishing finds the marker further
 /// on and publishes that, so the chat's log ends with the marker where the store keeps it.
 async fn the_log_ends_with_the_furthest_mark(stack: Stack) {
-    use confab_schema::Event;
-    use confab_schema::event::EventKind;
-    let api = HeldApi::new(stack).await;
-    let store: Arc<dyn Store> = Arc::clone(&api.store) as Arc<dyn Store>;
-    let owner = api.user("owner").await;
-    let reader = api.user("reader").await;
-    let chat = chat_with(&*store, owner.id, &[reader.id]).await;
-    let earlier = message(chat, owner.id, None, "earlier");
-    store.insert_signal(&earlier).await.unwrap();
-    let later = message(chat, owner.id, None, "later");
-    store.insert_signal(&later).await.unwrap();
-
-    api.bus.hold_next(EventKind::ReadUpdated);
-    let held = tokio::spawn({
-        let state = api.state.clone();
-        let (reader, earlier) = (reader.id, earlier.id);
-        async move { state.mark(MarkerKind::Read, reader, chat, earlier).await }
-    });
-    api.bus.gate.arrived(1).await;
-    api.state
-        .mark(MarkerKind::Read, reader.id, chat, later.id)
-        .await
-        .unwrap();
-    api.bus.gate.release(1).await;
-    tokio::time::timeout(support::DEADLINE, held)
-        .await
-        .expect("the held mark ends")
-        .unwrap()
-        .unwrap();
-    let marks: Vec<SignalId> = api
+    let marks = TwoMarks::new(stack).await;
+    marks.api.bus.hold_next(EventKind::ReadUpdated);
+    marks.race(&marks.api.bus.gate).await;
+    let logged: Vec<SignalId> = marks
+        .api
         .bus
-        .events_of(chat)
+        .events_of(marks.chat)
         .await
         .into_iter()
         .filter_map(|logged| match logged.envelope.event {
-            Event::ReadUpdated(change) if change.user_id == reader.id => Some(change.up_to),
+            Event::ReadUpdated(change) if change.user_id == marks.reader => Some(change.up_to),
             _ => None,
         })
         .collect();
     assert_eq!(
-        marks.last(),
-        Some(&later.id),
-        "the log ends with the earlier mark: {marks:?} (earlier {}, later {})",
-        earlier.id,
-        later.id
+        logged.last(),
+        Some(&marks.later),
+        "the log ends with the earlier mark: {logged:?} (earlier {}, later {})",
+        marks.earlier,
+        marks.later
     );
-    api.clean_up().await;
+    marks.api.clean_up().await;
 }
 
 on_both_stacks!(the_log_ends_with_the_furthest_mark);
