@@ -1025,11 +1025,21 @@ async fn participants_gone_away_are_taken_out_of_the_call(stack: Stack) {
         "those with a stream stay in the call"
     );
 
-    // Both others go away too: the call ends when it is next read.
+    // Both others go away too: the call ends when someone else next reads it.
     drop((bob_sse, carol_sse));
     for user in [&bob_id, &carol_id] {
         wait_for_presence(&app, &alice, user, "offline").await;
     }
+    // Bob reads the call without a stream: he is there, by his request; carol is taken out.
+    let (status, participants) = wait_for_call(&app, &bob, &call_id, "carol taken out", |_, p| {
+        !p.contains(&carol_id)
+    })
+    .await;
+    assert_eq!(
+        (status.as_str(), participants),
+        ("active", vec![bob_id.clone()]),
+        "the reader stays in"
+    );
     let (_, participants) = wait_for_call(&app, &alice, &call_id, "the call's end", |status, _| {
         status == "ended"
     })
