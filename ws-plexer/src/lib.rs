@@ -53,11 +53,13 @@ use confab_notifier::hub::{Item, Subscription};
 use confab_notifier::sse::{open_problem, parse_last_event_id};
 use confab_runtime::Problem;
 use confab_runtime::identity::AuthError;
+use futures::future::Shared;
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::api::{ApiCaller, ApiResponse};
@@ -425,6 +427,12 @@ pub(crate) fn is_json_media_type(content_type: &str) -> bool {
 /// that takes longer than `request_timeout` is answered 408, and the calls end with their socket
 /// (dropped with it), so slow calls neither hold a socket's places for good nor outlive it. A
 /// change the API makes runs to its end on a task of its own all the same.
+///
+/// Reads run at once, side by side. Changes (any method but `GET`) to one resource run one after
+/// another in the order their frames came, each once the one before is answered: a client that
+/// sends two messages into a chat without waiting has them stored in that order, as over one
+/// HTTP/1.1 connection. The resource is the path's first three segments (`/v1/chats/{id}`,
+/// `/v1/me/settings`), so changes to different chats do not wait on each other.
 struct Calls {
     api: Arc<dyn ApiCaller>,
     max_in_flight: usize,
@@ -433,6 +441,17 @@ struct Calls {
     sender: mpsc::Sender<Answer>,
     answers: mpsc::Receiver<Answer>,
     tasks: JoinSet<()>,
+    /// Per resource, the end of its latest change: the next change to it waits for that.
+    latest_changes: HashMap<String, Shared<oneshot::Receiver<()>>>,
+}
+
+/// The resource whose changes run in order: `None` for a read.
+fn ordered_resource(request: &axum::http::Request<axum::body::Body>) -> Option<String> {
+    if request.method() == axum::http::Method::GET {
+        return None;
+    }
+    let segments: Vec<&str> = request.uri().path().split('/').skip(1).take(3).collect();
+    Some(segments.join("/"))
 }
 
 /// An answer to send. It holds its call's place until it is sent (dropped).
@@ -454,6 +473,7 @@ impl Calls {
             sender,
             answers,
             tasks: JoinSet::new(),
+            latest_changes: HashMap::new(),
         }
     }
 
@@ -482,7 +502,17 @@ impl Calls {
         let api = Arc::clone(&self.api);
         let sender = self.sender.clone();
         let limit = self.request_timeout;
+        // Changes that ended are forgotten; the ones in flight are at most `max_in_flight`.
+        self.latest_changes
+            .retain(|_, change| change.clone().now_or_never().is_none());
+        let (ended, end) = oneshot::channel::<()>();
+        let before = ordered_resource(&request)
+            .and_then(|resource| self.latest_changes.insert(resource, end.shared()));
         self.tasks.spawn(async move {
+            if let Some(before) = before {
+                // Ended, or dropped with its task: either way this one may go.
+                let _ = before.await;
+            }
             // A handler that panics (in process, the API's router runs on this task) still
             // answers its request, so that the client's call settles.
             let call = std::panic::AssertUnwindSafe(api.call(request)).catch_unwind();
@@ -518,6 +548,8 @@ impl Calls {
                     )
                 }
             };
+            // The next change to the resource goes once this one is answered.
+            drop(ended);
             // The place goes with the answer: freed once it is sent, not once it is queued.
             let _ = sender
                 .send(Answer {
@@ -789,6 +821,93 @@ mod tests {
 
     fn get() -> Request<Body> {
         Request::get("/v1/me").body(Body::empty()).expect("request")
+    }
+
+    /// An API that notes each call as it comes in (by its `x-label` header); a call labelled
+    /// `held…` then waits until the test lets one go.
+    struct Noting {
+        entered: std::sync::Mutex<Vec<String>>,
+        gate: Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl ApiCaller for Noting {
+        async fn call(&self, request: Request<Body>) -> Result<ApiResponse, crate::api::CallError> {
+            let label = request.headers()["x-label"]
+                .to_str()
+                .expect("text")
+                .to_owned();
+            let held = label.starts_with("held");
+            self.entered.lock().expect("not poisoned").push(label);
+            if held {
+                self.gate.acquire().await.expect("open").forget();
+            }
+            Ok(ApiResponse {
+                status: StatusCode::OK,
+                content_type: Some("application/json".to_owned()),
+                body: "null".into(),
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_to_one_chat_run_in_the_order_sent_and_reads_do_not_wait() {
+        let api = Arc::new(Noting {
+            entered: std::sync::Mutex::default(),
+            gate: Semaphore::new(0),
+        });
+        let mut calls = Calls::new(Arc::clone(&api) as Arc<dyn ApiCaller>, 8, LONG);
+        let request = |method: &str, path: &str, label: &str| {
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .header("x-label", label)
+                .body(Body::empty())
+                .expect("request")
+        };
+        let frames = [
+            ("POST", "/v1/chats/a/signals", "held first"),
+            ("POST", "/v1/chats/a/signals?x=1", "second"),
+            ("GET", "/v1/chats/a/signals", "read"),
+            ("POST", "/v1/chats/b/signals", "other chat"),
+            ("PUT", "/v1/me/settings", "settings"),
+        ];
+        for (id, (method, path, label)) in frames.into_iter().enumerate() {
+            assert!(
+                calls
+                    .start(json!(id), request(method, path, label))
+                    .is_none()
+            );
+        }
+        // The clock is paused: this ends once every task has run as far as it can.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut entered = api.entered.lock().expect("not poisoned").clone();
+        entered.sort();
+        assert_eq!(
+            entered,
+            ["held first", "other chat", "read", "settings"],
+            "the second change to chat a waits for the first; the rest go at once"
+        );
+        api.gate.add_permits(1);
+        for _ in 0..frames.len() {
+            drop(answer(&mut calls).await);
+        }
+        let entered = api.entered.lock().expect("not poisoned").clone();
+        assert_eq!(
+            entered.last().map(String::as_str),
+            Some("second"),
+            "{entered:?}"
+        );
+        assert!(
+            calls
+                .start(json!(9), request("GET", "/v1/me", "read again"))
+                .is_none()
+        );
+        assert!(
+            calls.latest_changes.is_empty(),
+            "the ended changes are forgotten: {:?}",
+            calls.latest_changes.keys()
+        );
     }
 
     async fn answer(calls: &mut Calls) -> String {
