@@ -230,7 +230,11 @@ impl PushSender {
     async fn send(&self, mut push: PendingPush) {
         if push.expires_ms < now_ms() {
             metrics::counter!("confab_pushes_expired_total").increment(1);
-            return;
+            // The withdrawal it took the place of, if any, goes all the same.
+            match push.dropped(now_ms()) {
+                Some(withdrawal) => push = withdrawal,
+                None => return,
+            }
         }
         // Claimed, the push is out of the queue: a store that fails for a moment is tried again,
         // a few times (about 2 s), not for the push's whole time to live, which would hold a
@@ -250,7 +254,12 @@ impl PushSender {
             return;
         }
         if push.kind == PushKind::Messages && !self.last_look(&mut push).await {
-            return;
+            // Not going out: the withdrawal it took the place of (its notification would have
+            // replaced the one taken away) goes instead, if there was one.
+            match push.dropped(now_ms()) {
+                Some(withdrawal) => push = withdrawal,
+                None => return,
+            }
         }
         // Remembered before it goes out, so a read or a deletion while it is on its way still
         // withdraws it (a withdrawal of a push that then failed is harmless).
@@ -699,7 +708,7 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use confab_runtime::push_queue::EmbeddedPushQueue;
+    use confab_runtime::push_queue::{EmbeddedPushQueue, ReplacedWithdrawal};
 
     use super::*;
 
@@ -953,6 +962,7 @@ mod tests {
             newest_deleted: false,
             due_ms: now,
             expires_ms: now + 60_000,
+            replaced: None,
         };
         (sender, push, received)
     }
@@ -1047,6 +1057,36 @@ mod tests {
         sender.send(earlier).await;
         assert_eq!(received.lock().unwrap().len(), 1, "the earlier push rings");
         (sender, push, received)
+    }
+
+    /// A push that took the place of a waiting withdrawal (its notification would replace the one
+    /// taken away), and then does not go out, its message read before the sender's last look,
+    /// sends that withdrawal instead: the old notification, of a message read, would stay.
+    #[tokio::test]
+    async fn a_push_read_before_it_goes_sends_the_withdrawal_it_replaced() {
+        let (sender, push, received) = setup(true, 0).await;
+        let earlier = SignalId::new();
+        let push = PendingPush {
+            newest: SignalId::new(),
+            replaced: Some(ReplacedWithdrawal {
+                newest: earlier,
+                author: push.author,
+            }),
+            ..push
+        };
+        let (sender, _) = reading_through(sender, &push, |device| {
+            Directory::new(device, true, Vec::new()).read_after(0, push.newest)
+        })
+        .await;
+        sender.send(push).await;
+        let rang = received.lock().unwrap().clone();
+        assert_eq!(rang.len(), 1, "{rang:?}");
+        let body: serde_json::Value = serde_json::from_str(&rang[0]).expect("JSON");
+        assert_eq!(
+            (body["type"].as_str(), body["up_to"].as_str()),
+            (Some("withdrawn"), Some(earlier.to_string().as_str())),
+            "{body}"
+        );
     }
 
     /// A read that lands after the sender's last look at the markers and before it remembers

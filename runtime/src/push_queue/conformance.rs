@@ -615,6 +615,77 @@ async fn a_waiting_withdrawal_is_widened(fixture: Fixture, by: Covering) {
     );
 }
 
+/// A withdrawal waiting to go out takes second place to a push of a newer message, whose
+/// notification would replace the one it takes away. Should that push be dropped before it goes
+/// (its message read), the withdrawal still goes: the old notification, of a message read, would
+/// otherwise stay on the devices for good.
+pub async fn a_replaced_withdrawal_goes_when_the_push_is_read(fixture: Fixture) {
+    a_replaced_withdrawal_goes(fixture, Dropping::Read).await;
+}
+
+/// As [`a_replaced_withdrawal_goes_when_the_push_is_read`], for a push dropped by a mute.
+pub async fn a_replaced_withdrawal_goes_when_the_chat_is_muted(fixture: Fixture) {
+    a_replaced_withdrawal_goes(fixture, Dropping::Mute).await;
+}
+
+/// As [`a_replaced_withdrawal_goes_when_the_push_is_read`], for a push whose message is deleted.
+pub async fn a_replaced_withdrawal_goes_when_the_message_is_deleted(fixture: Fixture) {
+    a_replaced_withdrawal_goes(fixture, Dropping::Deletion).await;
+}
+
+/// What drops the push of [`a_replaced_withdrawal_goes`].
+enum Dropping {
+    Read,
+    Mute,
+    Deletion,
+}
+
+async fn a_replaced_withdrawal_goes(fixture: Fixture, by: Dropping) {
+    let (alice, chat) = (user(), ChatId::new());
+    let (one, two) = (message("one"), message("two"));
+    let queue = &*fixture.first;
+    sent_push(queue, alice, chat, &one).await;
+    assert_eq!(
+        fixture
+            .second
+            .cancel(alice, chat, one.signal, now_ms())
+            .await
+            .expect("cancels"),
+        Cancelled::Withdrawn
+    );
+    // Before the withdrawal is claimed, a newer message: its push, due later, takes its place.
+    schedule(queue, alice, chat, &two, now_ms() + HOUR_MS).await;
+    let second = &*fixture.second;
+    match by {
+        Dropping::Read => {
+            second
+                .cancel(alice, chat, two.signal, now_ms())
+                .await
+                .expect("cancels");
+        }
+        Dropping::Mute => {
+            assert!(second.drop_pending(alice, chat).await.expect("drops"));
+        }
+        Dropping::Deletion => {
+            second
+                .message_deleted(alice, chat, two.signal, now_ms())
+                .await
+                .expect("takes it out");
+        }
+    }
+    let claimed: Vec<(PushKind, SignalId)> = claim(queue, 1)
+        .await
+        .into_iter()
+        .map(|push| (push.kind, push.newest))
+        .collect();
+    assert_eq!(
+        claimed,
+        [(PushKind::Withdrawal, one.signal)],
+        "the first notification is taken away"
+    );
+    nothing_claimed(&*fixture.second, 200).await;
+}
+
 /// A mute drops the user's pending push of that chat, and previews turned off take the text off
 /// each of their pending pushes, which still go out; another user's pushes, and a withdrawal on
 /// its way, are left as they were. Made through one handle, the changes are what the other claims.
@@ -705,6 +776,9 @@ macro_rules! push_queue_conformance_tests {
             case!(a_waiting_withdrawal_is_widened_by_a_deletion);
             case!(a_deleted_message_is_taken_out_of_its_push);
             case!(settings_changes_reach_pending_pushes);
+            case!(a_replaced_withdrawal_goes_when_the_push_is_read);
+            case!(a_replaced_withdrawal_goes_when_the_chat_is_muted);
+            case!(a_replaced_withdrawal_goes_when_the_message_is_deleted);
         }
     };
 }

@@ -116,7 +116,7 @@ fn withdraw_sent(
     if sent.forget_ms <= now_ms {
         return Ok(false);
     }
-    let mut withdrawal = PendingPush::withdrawal(user, chat, &sent, now_ms);
+    let mut withdrawal = PendingPush::withdrawal(user, chat, sent.newest, sent.author, now_ms);
     if let Some(waiting) = waiting {
         withdrawal.newest = withdrawal.newest.max(waiting);
     }
@@ -164,10 +164,19 @@ impl PushQueue for EmbeddedPushQueue {
             let pending: Option<PendingPush> = read(&tx, "pending_pushes", &key)?;
             let (still_pending, waiting) = match pending {
                 Some(push) if push.kind == PushKind::Messages && push.newest <= up_to => {
-                    tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
-                        .map_err(unavailable)?;
                     outcome = Cancelled::Pending;
-                    (false, None)
+                    match push.dropped(now_ms) {
+                        Some(withdrawal) => {
+                            put_pending(&tx, &key, &withdrawal)?;
+                            outcome = Cancelled::Withdrawn;
+                            (false, Some(withdrawal.newest))
+                        }
+                        None => {
+                            tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
+                                .map_err(unavailable)?;
+                            (false, None)
+                        }
+                    }
                 }
                 // A withdrawal on its way: widened to a push sent since that this read covers.
                 Some(push) if push.kind == PushKind::Withdrawal => (false, Some(push.newest)),
@@ -209,9 +218,18 @@ impl PushQueue for EmbeddedPushQueue {
                 Some(push) if push.kind == PushKind::Messages => {
                     match push.after_deletion(deleted) {
                         AfterDeletion::Untouched => Cancelled::Nothing,
-                        AfterDeletion::Dropped => {
-                            tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
-                                .map_err(unavailable)?;
+                        AfterDeletion::Dropped(push) => {
+                            let replaced = push.dropped(now_ms);
+                            match &replaced {
+                                Some(withdrawal) => put_pending(&tx, &key, withdrawal)?,
+                                None => {
+                                    tx.execute(
+                                        "DELETE FROM pending_pushes WHERE key = ?1",
+                                        params![key],
+                                    )
+                                    .map_err(unavailable)?;
+                                }
+                            }
                             // The push dropped would have replaced the notification on screen,
                             // which may show a message deleted while this one waited: nothing
                             // replaces it now, so it is withdrawn.
@@ -221,7 +239,7 @@ impl PushQueue for EmbeddedPushQueue {
                                 chat,
                                 |sent| sent.newest <= deleted,
                                 now_ms,
-                                None,
+                                replaced.map(|withdrawal| withdrawal.newest),
                             )?;
                             Cancelled::Pending
                         }
@@ -262,13 +280,19 @@ impl PushQueue for EmbeddedPushQueue {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
             let pending: Option<PendingPush> = read(&tx, "pending_pushes", &key)?;
-            let dropped = pending.is_some_and(|push| push.kind == PushKind::Messages);
-            if dropped {
-                tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
-                    .map_err(unavailable)?;
+            let Some(push) = pending.filter(|push| push.kind == PushKind::Messages) else {
+                return Ok(false);
+            };
+            // The withdrawal it took the place of stays, as any other would.
+            match push.dropped(crate::presence::now_ms()) {
+                Some(withdrawal) => put_pending(&tx, &key, &withdrawal)?,
+                None => {
+                    tx.execute("DELETE FROM pending_pushes WHERE key = ?1", params![key])
+                        .map_err(unavailable)?;
+                }
             }
             tx.commit().map_err(unavailable)?;
-            Ok(dropped)
+            Ok(true)
         })
         .await
     }

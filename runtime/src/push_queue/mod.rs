@@ -95,6 +95,19 @@ pub struct PendingPush {
     pub due_ms: i64,
     /// When it must no longer be sent (Unix ms).
     pub expires_ms: i64,
+    /// The withdrawal this push took the place of: it was to go out when a new message came, and
+    /// the new notification would replace the one it took away. Should this push be dropped
+    /// instead (read, muted, its message deleted), the withdrawal goes out after all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<ReplacedWithdrawal>,
+}
+
+/// What a push keeps of the withdrawal it took the place of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplacedWithdrawal {
+    /// The newest message the withdrawn notification announced.
+    pub newest: SignalId,
+    pub author: UserId,
 }
 
 impl PendingPush {
@@ -123,6 +136,12 @@ impl PendingPush {
                 push
             }
             _ => PendingPush {
+                replaced: pending
+                    .filter(|push| push.kind == PushKind::Withdrawal)
+                    .map(|withdrawal| ReplacedWithdrawal {
+                        newest: withdrawal.newest,
+                        author: withdrawal.author,
+                    }),
                 user,
                 chat,
                 kind: PushKind::Messages,
@@ -147,7 +166,7 @@ impl PendingPush {
             return AfterDeletion::Untouched;
         }
         if self.count <= 1 {
-            return AfterDeletion::Dropped;
+            return AfterDeletion::Dropped(self);
         }
         self.newest_deleted = true;
         self.count -= 1;
@@ -158,20 +177,40 @@ impl PendingPush {
         AfterDeletion::Narrowed(self)
     }
 
+    /// What is left of this push when it is dropped before it goes out: the withdrawal it took
+    /// the place of, due at `now_ms`, or nothing.
+    pub fn dropped(&self, now_ms: i64) -> Option<PendingPush> {
+        let replaced = self.replaced?;
+        Some(PendingPush::withdrawal(
+            self.user,
+            self.chat,
+            replaced.newest,
+            replaced.author,
+            now_ms,
+        ))
+    }
+
     /// The withdrawal of a push that announced up to `newest`, due at `now_ms`.
-    fn withdrawal(user: UserId, chat: ChatId, sent: &SentPush, now_ms: i64) -> PendingPush {
+    fn withdrawal(
+        user: UserId,
+        chat: ChatId,
+        newest: SignalId,
+        author: UserId,
+        now_ms: i64,
+    ) -> PendingPush {
         PendingPush {
             user,
             chat,
             kind: PushKind::Withdrawal,
-            newest: sent.newest,
-            author: sent.author,
+            newest,
+            author,
             author_name: String::new(),
             preview: None,
             count: 0,
             newest_deleted: false,
             due_ms: now_ms,
             expires_ms: now_ms + WITHDRAWAL_TTL_MS,
+            replaced: None,
         }
     }
 }
@@ -179,7 +218,8 @@ impl PendingPush {
 /// What a message's deletion makes of a pending push (see [`PendingPush::after_deletion`]).
 enum AfterDeletion {
     Untouched,
-    Dropped,
+    /// It announced the deleted message alone, and goes (as itself).
+    Dropped(PendingPush),
     /// Announcing the others, written back as this.
     Narrowed(PendingPush),
 }

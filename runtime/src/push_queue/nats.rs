@@ -746,6 +746,38 @@ impl NatsPushQueue {
         }
     }
 
+    /// Drops the pending `push` at `key`, read at `revision`, before it goes out: deleted, or
+    /// made again the withdrawal it took the place of (a ticket first, as for every entry).
+    /// `None` when the entry changed meanwhile; else what is left of it: nothing, or that
+    /// withdrawal's newest message and its entry's revision.
+    async fn drop_entry(
+        &self,
+        kv: &kv::Store,
+        key: &str,
+        push: &PendingPush,
+        revision: u64,
+        now_ms: i64,
+    ) -> Result<Option<Option<(SignalId, u64)>>, BusError> {
+        let Some(withdrawal) = push.dropped(now_ms) else {
+            // Its ticket finds the entry gone, and is dropped.
+            if kv.delete_expect_revision(key, Some(revision)).await.is_ok() {
+                self.forget(key);
+                return Ok(Some(None));
+            }
+            return Ok(None);
+        };
+        self.ticket(key, withdrawal.due_ms).await?;
+        let value: bytes::Bytes = serde_json::to_vec(&withdrawal)?.into();
+        match kv.update(key, value, revision).await {
+            Ok(revision) => {
+                let newest = withdrawal.newest;
+                self.remember(key, withdrawal, revision);
+                Ok(Some(Some((newest, revision))))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
     /// Forgets the push sent to `user` in `chat` if `covered` says it is to be withdrawn, and queues
     /// its withdrawal unless it is forgotten by now; says whether it queued one. Called once
     /// nothing is pending for the chat but, with `waiting`, a withdrawal up to that message at
@@ -782,7 +814,8 @@ impl NatsPushQueue {
                 .await;
             return Ok(false);
         }
-        let mut withdrawal = PendingPush::withdrawal(user, chat, &record, now_ms);
+        let mut withdrawal =
+            PendingPush::withdrawal(user, chat, record.newest, record.author, now_ms);
         if let Some((newest, _)) = waiting {
             withdrawal.newest = withdrawal.newest.max(newest);
         }
@@ -1026,17 +1059,18 @@ impl PushQueue for NatsPushQueue {
                 Some((push, revision))
                     if push.kind == PushKind::Messages && push.newest <= up_to =>
                 {
-                    if kv
-                        .delete_expect_revision(&key, Some(revision))
-                        .await
-                        .is_ok()
-                    {
-                        self.forget(&key);
+                    if let Some(left) = self.drop_entry(kv, &key, &push, revision, now_ms).await? {
                         outcome = Cancelled::Pending;
+                        if left.is_some() {
+                            // The withdrawal it took the place of, again on its way.
+                            outcome = Cancelled::Withdrawn;
+                            waiting = left;
+                        }
                         settled = true;
                         break;
                     }
                     // Changed meanwhile: look again.
+                    self.forget(&key);
                 }
                 // A withdrawal on its way: widened to a push sent since that this read covers.
                 Some((push, revision)) if push.kind == PushKind::Withdrawal => {
@@ -1106,14 +1140,10 @@ impl PushQueue for NatsPushQueue {
             };
             match push.after_deletion(deleted) {
                 AfterDeletion::Untouched => return Ok(Cancelled::Nothing),
-                // Its ticket finds the entry gone, and is dropped.
-                AfterDeletion::Dropped => {
-                    if kv
-                        .delete_expect_revision(&key, Some(revision))
-                        .await
-                        .is_ok()
+                AfterDeletion::Dropped(push) => {
+                    if let Some(waiting) =
+                        self.drop_entry(kv, &key, &push, revision, now_ms).await?
                     {
-                        self.forget(&key);
                         // The push dropped would have replaced the notification on screen, which
                         // may show a message deleted while this one waited: nothing replaces it
                         // now, so it is withdrawn.
@@ -1123,7 +1153,7 @@ impl PushQueue for NatsPushQueue {
                             chat,
                             |sent| sent.newest <= deleted,
                             now_ms,
-                            None,
+                            waiting,
                         )
                         .await?;
                         return Ok(Cancelled::Pending);
@@ -1154,16 +1184,17 @@ impl PushQueue for NatsPushQueue {
             }
             match self.pending(kv, &key).await? {
                 Some((push, revision)) if push.kind == PushKind::Messages => {
-                    // Its ticket finds the entry gone, and is dropped.
-                    if kv
-                        .delete_expect_revision(&key, Some(revision))
-                        .await
-                        .is_ok()
+                    // The withdrawal it took the place of stays, as any other would.
+                    let now_ms = crate::presence::now_ms();
+                    if self
+                        .drop_entry(kv, &key, &push, revision, now_ms)
+                        .await?
+                        .is_some()
                     {
-                        self.forget(&key);
                         return Ok(true);
                     }
                     // Changed meanwhile: look again.
+                    self.forget(&key);
                 }
                 Some(_) | None => return Ok(false),
             }
