@@ -1514,6 +1514,101 @@ async fn a_removal_that_failed_half_way_is_finished_by_its_retry(stack: Stack) {
 
 on_both_stacks!(a_removal_that_failed_half_way_is_finished_by_its_retry);
 
+/// A removal from a circle fails after the member row went, before the removed member's wait in
+/// the lobby ended, and nobody retries it: the next member to enter is not paired with someone
+/// no longer in the circle (who would get a chat with them, and their name).
+async fn a_removed_member_left_in_the_lobby_is_paired_with_nobody(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let owner = setup.user("owner").await;
+    let removed = setup.user("removed").await;
+    let other = setup.user("other").await;
+    let circle = setup.circle(&owner, &[&removed, &other]).await;
+    let waiting = setup
+        .state
+        .enter_circle_lobby(removed.id, circle.id)
+        .await
+        .unwrap();
+    assert_eq!(waiting.state, PairingState::Waiting, "{waiting:?}");
+    setup.store.fail_next(Held::Slots);
+    let failed = setup
+        .state
+        .remove_circle_member(owner.id, circle.id, removed.id)
+        .await;
+    assert!(
+        failed.is_err(),
+        "the scenario: the removal failed: {failed:?}"
+    );
+    let entered = setup
+        .state
+        .enter_circle_lobby(other.id, circle.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        (entered.state, entered.partner_id),
+        (PairingState::Waiting, None),
+        "paired with a member removed: {entered:?}"
+    );
+    let left = chats_left_to(&setup.store, &other, &removed).await;
+    assert!(left.is_empty(), "{left}");
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_removed_member_left_in_the_lobby_is_paired_with_nobody);
+
+/// Bob's entry into the lobby passes its check while the circle is live, and pairs him with
+/// Alice only once it has expired (held until then): the sweep of the expired circle may have
+/// read its chats before that chat was recorded, so the pairing is undone and its chat goes, and
+/// Bob is told the circle expired. Before, the chat of the two outlived the circle for good.
+async fn a_pairing_made_as_its_circle_expires_does_not_outlive_it(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let owner = setup.user("owner").await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let expires_at = OffsetDateTime::now_utc() + Duration::from_secs(2);
+    let circle = setup.circle_expiring(&owner, expires_at).await;
+    for user in [&alice, &bob] {
+        let member = confab_schema::circle::CircleMember {
+            user_id: user.id,
+            display_name: user.username.clone(),
+            joined_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+        };
+        setup
+            .store
+            .put_circle_member(circle, &member, 3)
+            .await
+            .unwrap();
+    }
+    let waiting = setup
+        .state
+        .enter_circle_lobby(alice.id, circle)
+        .await
+        .unwrap();
+    assert_eq!(waiting.state, PairingState::Waiting, "{waiting:?}");
+    setup.store.hold_next(Held::Slots);
+    let entry = tokio::spawn({
+        let state = setup.state.clone();
+        let user = bob.id;
+        async move { state.enter_circle_lobby(user, circle).await }
+    });
+    setup.store.gate.arrived(1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while OffsetDateTime::now_utc() <= expires_at {
+        assert!(tokio::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    setup.store.gate.release(1).await;
+    let entered = entry.await.unwrap();
+    assert!(
+        matches!(entered, Err(ApiError::Gone(_))),
+        "an entry into an expired circle: {entered:?}"
+    );
+    let left = chats_left_to(&setup.store, &alice, &bob).await;
+    assert!(left.is_empty(), "{left}");
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_pairing_made_as_its_circle_expires_does_not_outlive_it);
+
 /// Alice, and Bob waiting in the `listen` queue, where the next to join `vent` is paired with him.
 async fn bob_listening(setup: &HeldApi) -> (User, User) {
     let alice = setup.user("alice").await;
@@ -1756,10 +1851,10 @@ async fn a_leave_racing_a_match_leaves_the_match_standing(stack: Stack) {
 on_both_stacks!(a_leave_racing_a_match_leaves_the_match_standing);
 
 /// The owner removes Bob, idle in the lobby, while an entry of his that passed its membership
-/// check before the removal puts him back to waiting, and Alice's entry pairs them: all of it
-/// between the removal's read of his slot and its removal of it (held there). The removal ends
-/// that pairing for both instead of taking his paired slot away: Alice is not left paired with
-/// someone no longer in the circle, in a chat nothing would close.
+/// check before the removal puts him back to waiting, and Alice enters: all of it between the
+/// removal's read of his slot and its removal of it (held there). Alice's entry, which reads the
+/// members after its own write, does not pair her with someone no longer in the circle; the
+/// removal then takes his wait away, and no chat of the two is left.
 async fn a_member_paired_while_removed_is_not_left_in_the_pairing(stack: Stack) {
     let setup = HeldApi::new(stack).await;
     let owner = setup.user("owner").await;
@@ -1819,12 +1914,16 @@ async fn a_member_paired_while_removed_is_not_left_in_the_pairing(stack: Stack) 
         .await
         .unwrap();
     assert!(rewaited);
-    let paired = setup
+    let entered = setup
         .state
         .enter_circle_lobby(alice.id, circle.id)
         .await
         .unwrap();
-    assert_eq!(paired.partner_id, Some(bob.id), "{paired:?}");
+    assert_eq!(
+        (entered.state, entered.partner_id),
+        (PairingState::Waiting, None),
+        "paired with a member removed: {entered:?}"
+    );
     setup.store.gate.release(1).await;
     removal.await.unwrap().unwrap();
 

@@ -20,7 +20,7 @@ use super::inputs::{
     AccessCode, BidiRule, ChatDescription, ChatName, CircleDisplayName, CircleRules, CircleTtl,
 };
 use super::pairing::{
-    ATTEMPTS, Eligibility, Leaving, Pair, contended, in_pair_order, left_unclosed,
+    ATTEMPTS, Eligibility, Leaving, Lobby, Pair, contended, in_pair_order, left_unclosed,
     matched_meanwhile, pair_chat, pairing_announcement, pairing_event,
 };
 use super::{Outcome, users};
@@ -166,8 +166,7 @@ fn pairing_announcement_of_circle(
         members
             .iter()
             .find(|m| m.user_id == user)
-            .map(circle_name_shown_to_others)
-            .unwrap_or_default()
+            .map_or_else(|| users::neutral_name(user), circle_name_shown_to_others)
     };
     let chat_id = chat.id;
     let event = Event::CirclePaired(Box::new(CirclePairing {
@@ -429,7 +428,7 @@ impl ApiState {
         caller: UserId,
         id: CircleId,
     ) -> ApiResult<PairingStatus> {
-        self.circle_as_member(id, caller).await?;
+        let (circle, _) = self.circle_as_member(id, caller).await?;
         let pool = circle_pool(id);
         if let Some(mine) = self.slot_of(&pool, caller).await?
             && left_unclosed(&mine).is_some()
@@ -449,11 +448,23 @@ impl ApiState {
         if mine.state == SlotState::Waiting {
             // Never with the partner of one's previous pairing in this circle.
             let pairs = self
-                .match_pool(&pool, Some(id), Eligibility::NotPrevious)
+                .match_pool(
+                    &pool,
+                    Some(Lobby {
+                        id,
+                        expires_at: circle.expires_at,
+                        members: &members,
+                    }),
+                    Eligibility::NotPrevious,
+                )
                 .await?;
             for pair in pairs {
                 self.announce_circle_pair(id, &members, pair).await;
             }
+        }
+        if circle.expires_at <= OffsetDateTime::now_utc() {
+            // Expired meanwhile: a pairing made now was undone (see `match_pool`).
+            return Err(ApiError::Gone("this circle has expired"));
         }
         let mine = self.slot_of(&pool, caller).await?;
         mine.as_ref()

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use confab_schema::circle::QueueKind;
+use confab_schema::circle::{CircleMember, QueueKind};
 use confab_schema::model::to_millis;
 use confab_schema::{
     Chat, ChatId, ChatKind, CircleId, Envelope, Event, MemberRole, SignalId, UserId,
@@ -243,6 +243,24 @@ fn pick_pair<'a>(
     Some((first, second))
 }
 
+/// The circle a pool is the lobby of, as an entry read it.
+pub(crate) struct Lobby<'a> {
+    pub id: CircleId,
+    pub expires_at: OffsetDateTime,
+    /// Its members, read after the entry was written.
+    pub members: &'a [CircleMember],
+}
+
+impl Lobby<'_> {
+    fn admits(&self, user: UserId) -> bool {
+        self.members.iter().any(|member| member.user_id == user)
+    }
+
+    fn expired(&self) -> bool {
+        self.expires_at <= OffsetDateTime::now_utc()
+    }
+}
+
 impl ApiState {
     /// Puts `user` in `pool` as waiting for a partner (`kind`: the queue, or empty in a circle).
     /// A user already waiting keeps their place; a user already paired stays paired (answered as
@@ -300,21 +318,25 @@ impl ApiState {
     }
 
     /// Pairs the waiting users of `pool` two by two (see the module's fairness rule) while any two
-    /// may be paired, each pair into a new direct chat; answers the pairs this call made. With a
-    /// `circle`, each chat is recorded as the circle's before the pairing is written, so it goes
-    /// when the circle does.
+    /// may be paired, each pair into a new direct chat; answers the pairs this call made. In a
+    /// circle's `lobby`, only its members are paired (a removal that stopped half-way may have
+    /// left a slot), each chat is recorded as the circle's before the pairing is written, so it
+    /// goes when the circle does, and a pairing made as the circle expired is undone: the sweep
+    /// of the expired circle may have read the circle's chats before it.
     pub(crate) async fn match_pool(
         &self,
         pool: &str,
-        circle: Option<CircleId>,
+        lobby: Option<Lobby<'_>>,
         eligibility: Eligibility,
     ) -> ApiResult<Vec<Pair>> {
+        let circle = lobby.as_ref().map(|lobby| lobby.id);
         let mut made = Vec::new();
         for _ in 0..ATTEMPTS {
             let slots = self.store.slots(pool).await?;
             let mut waiting: Vec<&Slot> = slots
                 .iter()
                 .filter(|s| s.state == SlotState::Waiting)
+                .filter(|s| lobby.as_ref().is_none_or(|lobby| lobby.admits(s.user_id)))
                 .collect();
             waiting.sort_by_key(|s| (s.since, s.user_id));
             let Some((first, second)) = pick_pair(&waiting, eligibility, &mut rand::rng()) else {
@@ -355,6 +377,25 @@ impl ApiState {
                         .await
                         .map(|stands| stands.then_some(opened)),
                     Err(error) => Err(error),
+                };
+                // Every write of the making came before the circle's end if this reads it
+                // later, and so before its sweep started: the sweep sees the chat and ends it.
+                // Otherwise the chat goes here, with nobody told of it.
+                let expired = lobby.as_ref().is_some_and(Lobby::expired);
+                let standing = match standing {
+                    Ok(Some(_)) | Ok(None) if expired => {
+                        let closed = self
+                            .close_pair_chat(chat, [a.user_id, b.user_id], true)
+                            .await;
+                        if let Err(error) = closed {
+                            if made.is_empty() {
+                                return Err(error);
+                            }
+                            tracing::warn!(%error, "the chat of a pair made as its circle expired stays");
+                        }
+                        return Ok(made);
+                    }
+                    standing => standing,
                 };
                 match standing {
                     Ok(Some(chat)) => made.push(Pair {
