@@ -23,7 +23,7 @@ pub struct Derived {
     pub preview: Made,
 }
 
-fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, String> {
+fn reader(bytes: &[u8], max_alloc: u64) -> Result<ImageReader<Cursor<&[u8]>>, String> {
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| e.to_string())?;
@@ -32,7 +32,7 @@ fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, String> {
         other => return Err(format!("not a supported image format: {other:?}")),
     }
     let mut limits = Limits::default();
-    limits.max_alloc = Some(MAX_DECODE_ALLOC);
+    limits.max_alloc = Some(max_alloc);
     reader.limits(limits);
     Ok(reader)
 }
@@ -40,17 +40,43 @@ fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, String> {
 /// Decodes `bytes` (at most `max_pixels` pixels) and makes its thumbnail (320 px on the longest
 /// side, PNG when the image has transparency, else JPEG) and preview (32 px, low-quality JPEG).
 pub fn derive(bytes: &[u8], max_pixels: u64) -> Result<Derived, String> {
-    let (width, height) = reader(bytes)?
+    derive_within(bytes, max_pixels, MAX_DECODE_ALLOC)
+}
+
+/// [`derive`], allocating at most `max_alloc` bytes for the decoded image (and its turned copy).
+fn derive_within(bytes: &[u8], max_pixels: u64, max_alloc: u64) -> Result<Derived, String> {
+    let (width, height) = reader(bytes, max_alloc)?
         .into_dimensions()
         .map_err(|e| e.to_string())?;
     if u64::from(width) * u64::from(height) > max_pixels {
         return Err(format!("{width}×{height} is more than {max_pixels} pixels"));
     }
-    let mut decoder = reader(bytes)?.into_decoder().map_err(|e| e.to_string())?;
+    let mut decoder = reader(bytes, max_alloc)?
+        .into_decoder()
+        .map_err(|e| e.to_string())?;
     // A camera stores a photo as its sensor saw it and says in EXIF how to turn it for viewing.
     // The derivatives keep no EXIF, so the turn is applied to their pixels, and the dimensions
     // given are the turned ones (a portrait photo is taller than wide).
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    // Decoding into an image does not hold the buffer it allocates to the reader's limits (only
+    // some decoders check them), and a quarter turn copies the whole image: both are counted
+    // here, before anything is allocated. (A 16-bit RGBA image within the pixel limit is
+    // 8 bytes a pixel.)
+    let turns = matches!(
+        orientation,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    );
+    let needed = decoder
+        .total_bytes()
+        .saturating_mul(if turns { 2 } else { 1 });
+    if needed > max_alloc {
+        return Err(format!(
+            "decoding needs {needed} bytes, more than {max_alloc}"
+        ));
+    }
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
     image.apply_orientation(orientation);
     let (width, height) = (image.width(), image.height());
@@ -145,7 +171,10 @@ mod tests {
     #[test]
     fn the_exif_orientation_is_applied_and_not_kept() {
         let bytes = jpeg_turned_by_exif();
-        let mut original = reader(&bytes).unwrap().into_decoder().unwrap();
+        let mut original = reader(&bytes, MAX_DECODE_ALLOC)
+            .unwrap()
+            .into_decoder()
+            .unwrap();
         assert_eq!(original.orientation().unwrap(), Orientation::Rotate90);
         let derived = derive(&bytes, 10_000_000).expect("derives");
         assert_eq!(
@@ -160,7 +189,10 @@ mod tests {
         assert!(thumbnail.get_pixel(50, 20)[0] > 200, "red on top");
         assert!(thumbnail.get_pixel(50, 180)[0] < 50, "black at the bottom");
         for made in [&derived.thumbnail, &derived.preview] {
-            let mut decoder = reader(&made.bytes).unwrap().into_decoder().unwrap();
+            let mut decoder = reader(&made.bytes, MAX_DECODE_ALLOC)
+                .unwrap()
+                .into_decoder()
+                .unwrap();
             assert_eq!(decoder.exif_metadata().unwrap(), None, "no EXIF kept");
         }
     }
@@ -184,6 +216,35 @@ mod tests {
         assert_eq!((t.width, t.height), (64, 48));
         let p = &derived.preview.derivative;
         assert_eq!((p.width, p.height), (32, 24));
+    }
+
+    /// The decoded image, and the copy a quarter turn makes, count against the allocation limit
+    /// before anything is decoded: a small PNG of 16-bit pixels, or a photo turned by its EXIF,
+    /// within the pixel limit, cannot make a decode take more memory than allowed.
+    #[test]
+    fn a_decode_is_held_to_its_allocation_limit() {
+        let wide = DynamicImage::ImageRgba16(image::ImageBuffer::from_pixel(
+            600,
+            600,
+            image::Rgba([1u16, 2, 3, 65535]),
+        ));
+        let mut bytes = Vec::new();
+        wide.write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
+            .expect("encodes");
+        assert!(bytes.len() < 100_000, "a small file: {}", bytes.len());
+        // 600 × 600 × 8 bytes = 2,880,000.
+        let refused = derive_within(&bytes, 10_000_000, 1 << 20).map(|d| (d.width, d.height));
+        assert!(refused.is_err(), "decoded within 1 MiB: {refused:?}");
+        assert!(derive_within(&bytes, 10_000_000, 3_000_000).is_ok());
+
+        // 200 × 100 × 3 bytes = 60,000, twice for the turn.
+        let turned = jpeg_turned_by_exif();
+        let refused = derive_within(&turned, 10_000_000, 100_000).map(|d| (d.width, d.height));
+        assert!(
+            refused.is_err(),
+            "decoded and turned within 100,000 bytes: {refused:?}"
+        );
+        assert!(derive_within(&turned, 10_000_000, 130_000).is_ok());
     }
 
     #[test]
