@@ -243,6 +243,54 @@ async fn log_out_everywhere(app: &TestApp, token: &str, listening: &mut SseStrea
     logged_out_at
 }
 
+/// An address the provider has not verified is neither kept nor found: anybody can type someone
+/// else's address into their profile at the provider, and others find a user by address. Once
+/// verified (a boolean, or the string some providers write), it is.
+#[tokio::test]
+async fn an_unverified_address_is_not_taken() {
+    let app = spawn_app(Stack::Embedded).await;
+    let address = "ceo@corp.example";
+    let mallory_with = |verified: Option<Value>| {
+        let mut claims = json!({
+            "iss": "confab-dev", "sub": "mallory", "aud": "confab-dev", "azp": "confab-dev",
+            "typ": "Bearer", "exp": now() + 600, "iat": now(), "preferred_username": "mallory",
+            "email": address,
+        });
+        if let Some(verified) = verified {
+            claims["email_verified"] = verified;
+        }
+        dev_signed(&app, &claims)
+    };
+    let bob = app.token("bob").await;
+    app.me(&bob).await;
+    let found_by_address = || async {
+        let response = app
+            .http
+            .get(app.url("/v1/users"))
+            .query(&[("q", address)])
+            .bearer_auth(&bob)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let page: Value = response.json().await.unwrap();
+        page["items"].as_array().unwrap().len()
+    };
+    for verified in [None, Some(json!(false)), Some(json!("false"))] {
+        let mallory = mallory_with(verified.clone());
+        let me: Value = app.get(&mallory, "/v1/me").await.json().await.unwrap();
+        assert!(me["email"].is_null(), "verified: {verified:?}: {me}");
+        assert_eq!(found_by_address().await, 0, "verified: {verified:?}");
+    }
+    for verified in [json!(true), json!("true")] {
+        let mallory = mallory_with(Some(verified.clone()));
+        let me: Value = app.get(&mallory, "/v1/me").await.json().await.unwrap();
+        assert_eq!(me["email"], address, "verified: {verified}");
+        assert_eq!(found_by_address().await, 1, "verified: {verified}");
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn tokens_with_bad_claims_are_refused() {
     let app = spawn_app(Stack::Embedded).await;

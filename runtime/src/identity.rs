@@ -112,6 +112,20 @@ struct Claims {
     name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     email: Option<String>,
+    /// Whether the provider checked that the address is the user's. A boolean, or (as some
+    /// providers write it) the string `"true"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    email_verified: Option<serde_json::Value>,
+}
+
+impl Claims {
+    /// The e-mail address, if the provider verified it: others find a user by their address, so
+    /// one anybody can type into their profile would let them pass for its owner.
+    fn verified_email(&self) -> Option<String> {
+        let verified = matches!(&self.email_verified, Some(serde_json::Value::Bool(true)))
+            || matches!(&self.email_verified, Some(serde_json::Value::String(s)) if s == "true");
+        self.email.clone().filter(|_| verified)
+    }
 }
 
 /// The claims of a back-channel logout token (OpenID Connect Back-Channel Logout 1.0, 2.4).
@@ -262,7 +276,7 @@ fn principal(
         user_id: UserId::from_subject(issuer, &claims.sub),
         display_name: claims.name.clone().unwrap_or_else(|| username.clone()),
         username,
-        email: claims.email.clone(),
+        email: claims.verified_email(),
         expires_at: claims.exp,
         session: claims.sid.clone().filter(|sid| !sid.is_empty()),
         issued_at: claims.iat.unwrap_or(0),
@@ -798,6 +812,7 @@ impl DevIdentity {
             preferred_username: Some(username.into()),
             name: Some(capitalise(username)),
             email: Some(format!("{username}@localhost")),
+            email_verified: Some(serde_json::Value::Bool(true)),
         };
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
         let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap_or_default());
@@ -990,6 +1005,7 @@ mod tests {
             preferred_username: Some("u".into()),
             name: None,
             email: None,
+            email_verified: None,
         }
     }
 
