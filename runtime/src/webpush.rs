@@ -66,6 +66,12 @@ pub fn encrypt(p256dh: &str, auth: &str, plaintext: &[u8]) -> Result<Vec<u8>, We
     }
 }
 
+/// Whether `bytes` is a P-256 public key, as a subscription's `p256dh` must be (an uncompressed
+/// point on the curve): pushes to a key that is not one could never be encrypted.
+pub fn is_p256_public_key(bytes: &[u8]) -> bool {
+    p256::PublicKey::from_sec1_bytes(bytes).is_ok()
+}
+
 /// [`encrypt`] with a given application-server key and salt (RFC 8291's test vector fixes both).
 pub fn encrypt_with(
     ephemeral: &p256::SecretKey,
@@ -144,16 +150,35 @@ pub fn vapid_authorization(
 }
 
 /// VAPID authorizations by push service origin, each reused until an hour before it expires: a
-/// token is an ECDSA signature, and one push service takes many pushes.
-#[derive(Default)]
+/// token is an ECDSA signature, and one push service takes many pushes. At most `capacity`
+/// origins are kept: a device's endpoint is the client's to choose, so the origins are too.
 pub struct VapidTokens {
     by_audience: std::sync::Mutex<std::collections::HashMap<String, (String, i64)>>,
+    capacity: usize,
+}
+
+/// How many push service origins [`VapidTokens`] keeps by default: the real push services are a
+/// handful, and a distributor per self-hosted server a few thousand at most.
+const VAPID_ORIGINS_KEPT: usize = 10_000;
+
+impl Default for VapidTokens {
+    fn default() -> Self {
+        VapidTokens::with_capacity(VAPID_ORIGINS_KEPT)
+    }
 }
 
 /// How long a VAPID token is valid (RFC 8292 allows at most 24 hours).
 const VAPID_VALIDITY_SECS: i64 = 12 * 3600;
 
 impl VapidTokens {
+    /// Keeps at most `capacity` origins' tokens.
+    pub fn with_capacity(capacity: usize) -> VapidTokens {
+        VapidTokens {
+            by_audience: std::sync::Mutex::default(),
+            capacity: capacity.max(1),
+        }
+    }
+
     /// The `Authorization` header for `endpoint` at `now` (Unix seconds): a cached one while it
     /// has more than an hour left, else a new one.
     pub fn authorization(
@@ -174,6 +199,14 @@ impl VapidTokens {
         let expires = now + VAPID_VALIDITY_SECS;
         let header = vapid_authorization(keys, endpoint, subject, expires)?;
         if let Ok(mut cache) = self.by_audience.lock() {
+            if cache.len() >= self.capacity && !cache.contains_key(&audience) {
+                // The ones past reuse go first; when none is, all of them (each is made again
+                // with one signature when next needed).
+                cache.retain(|_, (_, expires)| *expires - now > 3600);
+                if cache.len() >= self.capacity {
+                    cache.clear();
+                }
+            }
             cache.insert(audience, (header.clone(), expires));
         }
         Ok(header)
@@ -183,6 +216,24 @@ impl VapidTokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Endpoints are the clients' to choose: however many origins pushes go to, the tokens kept
+    /// stay within the capacity, and the newest one is kept.
+    #[test]
+    fn vapid_tokens_are_kept_for_at_most_capacity_origins() {
+        let keys = crate::vapid::VapidKeys::generate();
+        let tokens = VapidTokens::with_capacity(8);
+        let now = 1_800_000_000;
+        for i in 0..50 {
+            let endpoint = format!("https://push{i}.example/x");
+            tokens
+                .authorization(&keys, &endpoint, "mailto:ops@example.com", now)
+                .expect("signs");
+            let kept = tokens.by_audience.lock().unwrap();
+            assert!(kept.len() <= 8, "{} origins kept", kept.len());
+            assert!(kept.contains_key(&format!("https://push{i}.example")));
+        }
+    }
 
     /// RFC 8291, appendix A: the same keys, salt and message give the same body, byte for byte.
     #[test]

@@ -154,6 +154,12 @@ impl NewDevice {
                 absent(&fields.token, "token", name)?;
                 absent(&fields.topic, "topic", name)?;
                 let p256dh = base64url_of_len(fields.p256dh, "p256dh", 65)?;
+                let point = URL_SAFE_NO_PAD
+                    .decode(p256dh.trim_end_matches('='))
+                    .unwrap_or_default();
+                if !confab_runtime::webpush::is_p256_public_key(&point) {
+                    return Err(invalid("keys.p256dh is not a P-256 public key"));
+                }
                 let auth = base64url_of_len(fields.auth, "auth", 16)?;
                 Ok(NewDevice {
                     platform,
@@ -309,7 +315,7 @@ mod tests {
         DeviceFields {
             platform: Some("webpush".into()),
             endpoint: Some(endpoint.into()),
-            p256dh: Some(URL_SAFE_NO_PAD.encode([4u8; 65])),
+            p256dh: Some(confab_runtime::vapid::VapidKeys::generate().public_key),
             auth: Some(URL_SAFE_NO_PAD.encode([1u8; 16])),
             ..Default::default()
         }
@@ -367,6 +373,10 @@ mod tests {
         let mut bad_key = webpush("https://push.example/abc");
         bad_key.p256dh = Some(URL_SAFE_NO_PAD.encode([4u8; 10]));
         assert!(NewDevice::parse(bad_key, &settings()).is_err());
+        // 65 bytes, but no point of the curve: no push to it could be encrypted.
+        let mut off_the_curve = webpush("https://push.example/abc");
+        off_the_curve.p256dh = Some(URL_SAFE_NO_PAD.encode([4u8; 65]));
+        assert!(NewDevice::parse(off_the_curve, &settings()).is_err());
         let fcm = DeviceFields {
             platform: Some("fcm".into()),
             token: Some("abc:def".into()),
