@@ -263,7 +263,7 @@ impl Revocations {
             return Err("a revocation names a user or a session".into());
         };
         let keep = self.keep.of(lasting);
-        let recorded = Recorded {
+        let mut recorded = Recorded {
             until: Some(revocation.before.saturating_add(secs(keep))),
             revocation,
         };
@@ -276,6 +276,25 @@ impl Revocations {
             }
             Some(bucket) => {
                 let store = self.conformed_store(bucket).await?;
+                // One record per key: a later revocation of the same session or user never
+                // shortens what an earlier one kept (a back-channel logout, kept for a token's
+                // lifetime, after a logout everywhere, kept for the session's). Two at once may
+                // both read the older record; the one written last is kept, as before.
+                let earlier = store
+                    .get(&key)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|value| serde_json::from_slice::<Recorded>(&value).ok());
+                if let Some(earlier) = earlier {
+                    recorded.revocation.before =
+                        recorded.revocation.before.max(earlier.revocation.before);
+                    recorded.until =
+                        Some(recorded.until(&self.keep).max(earlier.until(&self.keep)));
+                }
+                let keep = keep.max(Duration::from_secs(
+                    u64::try_from(recorded.until(&self.keep) - now()).unwrap_or(0),
+                ));
                 let value = serde_json::to_vec(&recorded).map_err(|e| e.to_string())?;
                 put_with_ttl(bucket, store, &key, value, keep).await?;
                 // Refused here at once; the watch tells this process's streams, and every other
@@ -302,7 +321,9 @@ impl Revocations {
         if let Ok(mut known) = self.known.write() {
             match (&revocation.session, revocation.user) {
                 (Some(session), _) => {
-                    known.sessions.insert(session.clone(), until);
+                    // Never shortened by a later revocation of the same session.
+                    let kept = known.sessions.entry(session.clone()).or_insert(until);
+                    *kept = (*kept).max(until);
                 }
                 (None, Some(user)) => {
                     let ended = known
@@ -608,6 +629,43 @@ mod tests {
         let announced = ended.recv().await.unwrap();
         assert!(announced.ends(bob, Some("x"), t - 1));
         assert!(!announced.ends(alice, Some("x"), t - 1));
+    }
+
+    /// A logout everywhere keeps its session revoked for the session's lifetime; a back-channel
+    /// logout of the same session after it, kept for a token's, does not shorten that.
+    #[tokio::test]
+    async fn a_later_revocation_of_a_session_does_not_shorten_it() {
+        let revocations = Revocations::in_memory(Keep {
+            tokens: Duration::from_secs(3600),
+            sessions: Duration::from_secs(30 * 86_400),
+        });
+        let alice = UserId::from_subject("i", "alice");
+        let ended_at = now() - 7200;
+        let ended = |session: &str| Revocation {
+            user: Some(alice),
+            session: Some(session.to_owned()),
+            before: ended_at,
+        };
+        revocations
+            .revoke_lasting(ended("everywhere"), Lasting::Session)
+            .await
+            .unwrap();
+        revocations
+            .revoke_lasting(ended("everywhere"), Lasting::Tokens)
+            .await
+            .unwrap();
+        // Enough others, past their time, that the ones past theirs are forgotten.
+        for i in 0..10_001 {
+            revocations
+                .revoke_lasting(ended(&format!("other {i}")), Lasting::Tokens)
+                .await
+                .unwrap();
+        }
+        assert!(!revocations.is_revoked(alice, Some("other 0"), ended_at + 1));
+        assert!(
+            revocations.is_revoked(alice, Some("everywhere"), ended_at + 1),
+            "the session's revocation was cut to a token's lifetime"
+        );
     }
 
     #[tokio::test]

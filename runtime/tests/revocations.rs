@@ -234,3 +234,63 @@ async fn each_revocation_in_the_bucket_lasts_its_own_time() {
         .delete_key_value(&bucket_name)
         .await;
 }
+
+/// A session ended in confab (kept for a session's lifetime) and then at the provider (a
+/// back-channel logout, kept for a token's): the second does not cut the first's record short, so
+/// a process started after a token's lifetime still refuses the session.
+#[tokio::test]
+async fn a_later_revocation_of_a_session_does_not_shorten_its_record() {
+    let Some(url) = support::nats_url("revocations").await else {
+        return;
+    };
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let keep = Keep {
+        tokens: Duration::from_secs(1),
+        sessions: Duration::from_secs(3600),
+    };
+    let shutdown = CancellationToken::new();
+    let alice = UserId::from_subject("i", &prefix);
+    let at = time::OffsetDateTime::now_utc().unix_timestamp();
+    let ended = |session: &str| Revocation {
+        user: Some(alice),
+        session: Some(session.to_owned()),
+        before: at,
+    };
+    let first = started(&url, &prefix, keep, &shutdown).await;
+    first
+        .revoke_lasting(ended("everywhere"), Lasting::Session)
+        .await
+        .unwrap();
+    first
+        .revoke_lasting(ended("everywhere"), Lasting::Tokens)
+        .await
+        .unwrap();
+    // Written after both, kept for a token's lifetime: once it is gone, so would be a record
+    // the second one cut short.
+    first
+        .revoke_lasting(ended("marker"), Lasting::Tokens)
+        .await
+        .unwrap();
+    drop(first);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let later = started(&url, &prefix, keep, &shutdown).await;
+        let marked = later.is_revoked(alice, Some("marker"), at + 1);
+        assert!(
+            later.is_revoked(alice, Some("everywhere"), at + 1),
+            "the session's record was cut short (marker still there: {marked})"
+        );
+        if !marked {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a revocation lasting a token's lifetime (1s) is still read"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    shutdown.cancel();
+    let _ = jetstream::new(async_nats::connect(&url).await.unwrap())
+        .delete_key_value(format!("{prefix}_revocations"))
+        .await;
+}
