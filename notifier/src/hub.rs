@@ -1692,13 +1692,29 @@ impl Hub {
 
     /// Ends the streams `revocation` names: dropping a connection's sender ends its stream.
     pub fn end_sessions(&self, revocation: &Revocation) {
+        self.end_where(|c| revocation.ends(c.user, c.session.id.as_deref(), c.session.issued_at));
+    }
+
+    /// Ends every stream whose session or user is revoked: what the revocations missed (their
+    /// announcements came faster than they were handled) would have ended.
+    pub fn end_revoked(&self) {
+        let Some(revocations) = &self.revocations else {
+            return;
+        };
+        self.end_where(|c| {
+            revocations.is_revoked(c.user, c.session.id.as_deref(), c.session.issued_at)
+        });
+    }
+
+    /// Ends the streams of the connections `revoked` says, for a logout.
+    fn end_where(&self, revoked: impl Fn(&Connection) -> bool) {
         let Ok(mut routes) = self.routes.write() else {
             return;
         };
         let ended: Vec<u64> = routes
             .connections
             .iter()
-            .filter(|(_, c)| revocation.ends(c.user, c.session.id.as_deref(), c.session.issued_at))
+            .filter(|(_, c)| revoked(c))
             .map(|(id, _)| *id)
             .collect();
         let mut removed = Vec::new();
@@ -1757,7 +1773,9 @@ impl Hub {
                     } => match revocation {
                         Ok(revocation) => hub.end_sessions(&revocation),
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                            tracing::warn!(missed, "logouts missed; their streams end at token expiry");
+                            // Which ones is not known: every stream is looked at.
+                            tracing::warn!(missed, "logouts came faster than they were handled; every stream checked");
+                            hub.end_revoked();
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => revoked = None,
                     },
@@ -2779,6 +2797,63 @@ mod tests {
             while stream.next().await.is_some() {}
         });
         ended.await.expect("the stream ends");
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    /// More logouts at once than their announcements hold (a logout everywhere of a user with
+    /// many sessions, a wave of back-channel logouts): the hub misses some announcements, and
+    /// still ends the streams of every session they ended.
+    #[tokio::test]
+    async fn streams_of_logouts_missed_in_a_burst_end_all_the_same() {
+        use confab_runtime::revocation::Revocations;
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let (alice, bob) = (
+            UserId::from_subject("t", "a"),
+            UserId::from_subject("t", "b"),
+        );
+        let chat = ChatId::new();
+        let revocations = Revocations::in_memory(Duration::from_secs(3600));
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::from([
+                (alice, vec![chat]),
+                (bob, vec![chat]),
+            ]))),
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            100,
+        )
+        .with_revocations(Arc::clone(&revocations));
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let session = |id: &str| StreamSession {
+            id: Some(id.to_owned()),
+            issued_at: 1,
+        };
+        let mut ending = hub.open_in(alice, session("a"), None).await.expect("opens");
+        let mut staying = hub.open_in(bob, session("b"), None).await.expect("opens");
+        // In one go, without yielding to the hub (the test runs on one thread): the first
+        // announcement is long gone from the channel when the hub next looks.
+        for id in std::iter::once("a".to_owned()).chain((0..1_100).map(|i| format!("other {i}"))) {
+            revocations
+                .revoke(Revocation {
+                    user: Some(alice),
+                    session: Some(id),
+                    before: i64::MAX,
+                })
+                .await
+                .expect("records the logout");
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            while ending.next().await.is_some() {}
+        });
+        ended.await.expect("the stream of a logout missed ends");
+        bus.publish(&message(chat, "still here"))
+            .await
+            .expect("publishes");
+        assert_eq!(next_text(&mut staying).await, "still here");
         shutdown.cancel();
         worker.await.expect("worker ends");
     }
