@@ -14,7 +14,9 @@ use crate::state::ApiState;
 
 /// Ends every session of the caller, everywhere: their tokens issued until now are refused, and
 /// their open event streams and WebSockets end at once. Their push devices are removed too
-/// (register them again after signing in). Sign in again for a new token. A 503 may come after
+/// (register them again after signing in). Sign in again for a new token, after ending the
+/// session at the identity provider too (a browser: its `end_session_endpoint`): a sign-in within
+/// the provider's session gets that session's id back, which stays refused. A 503 may come after
 /// the sessions ended, when the devices could not all be removed: sign in again and repeat.
 #[utoipa::path(
     post, operation_id = "logout_all", path = "/v1/me/logout-all", tag = "users",
