@@ -438,3 +438,71 @@ async fn a_registration_racing_a_logout_everywhere_is_undone(stack: Stack) {
 }
 
 on_both_stacks!(a_registration_racing_a_logout_everywhere_is_undone);
+
+/// A device registered again (as an app does at every launch) by a request whose check of its
+/// session came before a logout everywhere: no write of that request comes after the check, so
+/// none brings the device back once the logout removed it.
+async fn a_registration_again_racing_a_logout_everywhere_leaves_no_device(stack: Stack) {
+    use confab_api::domain::devices::{DeviceFields, NewDevice, PushSettings};
+    use confab_api::domain::sessions::CallerSession;
+    use confab_api::error::ApiError;
+    use confab_runtime::identity::AuthError;
+    use support::held_store::{Held, HeldApi};
+
+    let api = HeldApi::new(stack).await;
+    let logouts = tempfile::tempdir().unwrap();
+    let (state, _) = recording_logouts(&api, &logouts);
+    let bob = api.user("bob").await;
+    let phone = NewDevice::parse(
+        DeviceFields {
+            platform: Some("fcm".into()),
+            token: Some(format!("phone-of-{}", bob.id.0)),
+            ..Default::default()
+        },
+        &PushSettings::default(),
+    )
+    .unwrap();
+    let session = CallerSession {
+        id: Some("bobs-phone".into()),
+        issued_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+    };
+    state
+        .register_device(bob.id, &session, phone.clone())
+        .await
+        .unwrap();
+
+    // The first write goes through; a second one, if the registration makes one, waits.
+    api.store.pass_next(Held::DevicePut);
+    api.store.hold_next(Held::DevicePut);
+    let mut registering = tokio::spawn({
+        let state = state.clone();
+        async move { state.register_device(bob.id, &session, phone).await }
+    });
+    let finished = tokio::select! {
+        () = api.store.gate.arrived(1) => {
+            // A write after the check: the logout comes in between.
+            state.logout_all(bob.id).await.unwrap();
+            api.store.gate.release(1).await;
+            let registered = registering.await.unwrap();
+            assert!(
+                matches!(registered, Err(ApiError::Auth(AuthError::Revoked))),
+                "answered as registered: {registered:?}"
+            );
+            None
+        }
+        registered = &mut registering => Some(registered.unwrap()),
+    };
+    if let Some(registered) = finished {
+        // Every write came before the check: the logout, after it, removes the device.
+        assert!(registered.is_ok(), "{registered:?}");
+        api.store.lift(Held::DevicePut);
+        state.logout_all(bob.id).await.unwrap();
+    }
+    assert!(
+        state.devices(bob.id).await.unwrap().is_empty(),
+        "the device outlived the logout"
+    );
+    api.clean_up().await;
+}
+
+on_both_stacks!(a_registration_again_racing_a_logout_everywhere_leaves_no_device);

@@ -95,6 +95,8 @@ pub enum Held {
 /// What a [`HeldStore`] does with a write it names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
+    /// It is made as it comes (a rule ahead of another, for the write after it).
+    Pass,
     /// It waits at the gate.
     Hold,
     /// It is made, then waits at the gate.
@@ -236,6 +238,12 @@ impl HeldStore {
         self.rule(held, Fault::Hold, None);
     }
 
+    /// Lets the next write of kind `held` be made as it comes: with a rule after this one, that
+    /// rule meets the write after it.
+    pub fn pass_next(&self, held: Held) {
+        self.rule(held, Fault::Pass, Some(1));
+    }
+
     /// Holds the next write of kind `held` only.
     pub fn hold_next(&self, held: Held) {
         self.rule(held, Fault::Hold, Some(1));
@@ -334,7 +342,7 @@ impl HeldStore {
         done: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         match self.fault(write) {
-            None => done.await,
+            None | Some(Fault::Pass) => done.await,
             Some(Fault::Hold) => self.gate.pass(done).await,
             Some(Fault::HoldAfter) => self.gate.pass_after(done).await,
             Some(Fault::Fail) => Err(self.failure(write)),
@@ -1006,7 +1014,7 @@ impl Store for HeldStore {
             Some(fault @ (Fault::Refuse | Fault::FailThenLand)) => {
                 unreachable!("a call's start is not made to fail with {fault:?}")
             }
-            None => self.inner.create_call(call).await,
+            None | Some(Fault::Pass) => self.inner.create_call(call).await,
         }
     }
     async fn get_call(&self, id: uuid::Uuid) -> Result<Option<CallRecord>, StoreError> {

@@ -241,7 +241,14 @@ impl ApiState {
                 "at most {MAX_DEVICES_PER_USER} devices per user: remove one first"
             )));
         }
-        let mut device = Device {
+        // Registered again (an app does at every launch): it keeps when it was first registered,
+        // in its one write. No write may come after the check of the session below, or it could
+        // bring back a device a logout everywhere removed after that check.
+        let created_at = registered.iter().find(|d| d.id == id).map_or_else(
+            || confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+            |d| d.created_at,
+        );
+        let device = Device {
             id,
             user_id: caller,
             platform: new.platform,
@@ -249,7 +256,7 @@ impl ApiState {
             keys: new.keys,
             token: new.token,
             topic: new.topic,
-            created_at: confab_schema::model::to_millis(OffsetDateTime::now_utc()),
+            created_at,
         };
         let previous = self.store.put_device(&device).await?;
         if self.has_ended(caller, session) {
@@ -265,14 +272,7 @@ impl ApiState {
             return Err(AuthError::Revoked.into());
         }
         match previous {
-            Some(previous) if previous.user_id == caller => {
-                if previous.created_at != device.created_at {
-                    // Keep when it was first registered.
-                    device.created_at = previous.created_at;
-                    self.store.put_device(&device).await?;
-                }
-                Ok(Outcome::Existing(device))
-            }
+            Some(previous) if previous.user_id == caller => Ok(Outcome::Existing(device)),
             _ => Ok(Outcome::Created(device)),
         }
     }
