@@ -1,7 +1,8 @@
 //! Racing membership changes settle to a valid state: a chat with members always keeps an owner,
 //! and racing additions of one user add them once, with one `joined` signal. Many concurrent
 //! requests, on the embedded default and on the real stack. An addition whose `member.joined`
-//! reaches the log after a later removal's `member.left` is followed by another `member.left`.
+//! reaches the log after a later removal's `member.left` is followed by another `member.left`;
+//! and a reaction whose event reaches the log after another's is followed by the stored count.
 
 mod support;
 
@@ -204,3 +205,61 @@ async fn a_removal_racing_an_additions_publish_has_the_last_word(stack: Stack) {
     api.clean_up().await;
 }
 on_both_stacks!(a_removal_racing_an_additions_publish_has_the_last_word);
+
+/// Alice's reaction is stored and counted (1), and its `reaction.added` held on its way to the
+/// log while Bob's reaction with the same emoji runs through (counted 2, published). The log then
+/// says 1 last; clients set the count from the events, so the last word must be the stored 2.
+async fn racing_reactions_leave_the_stored_count_last_in_the_log(stack: Stack) {
+    use confab_api::domain::inputs::{Emoji, MessageText};
+    use confab_api::domain::signals::NewMessage;
+    let api = HeldApi::new(stack).await;
+    let alice = api.user("alice").await;
+    let bob = api.user("bob").await;
+    let chat =
+        ChatToCreate::parse(ChatKind::Group, Some("reacting".into()), None, vec![bob.id]).unwrap();
+    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
+        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
+    };
+    let message = NewMessage {
+        nonce: None,
+        text: Some(MessageText::parse("react to me".into()).unwrap()),
+        reply_to: None,
+        attachments: Default::default(),
+    };
+    let message = match api.state.send_message(&alice, chat, message).await.unwrap() {
+        Outcome::Created(signal) | Outcome::Existing(signal) => signal.id,
+    };
+    let thumbs = || Emoji::parse("👍".into()).unwrap();
+
+    api.bus.hold_next(EventKind::ReactionAdded);
+    let alices = tokio::spawn({
+        let state = api.state.clone();
+        async move { state.add_reaction(alice.id, chat, message, thumbs()).await }
+    });
+    api.bus.gate.arrived(1).await;
+    api.state
+        .add_reaction(bob.id, chat, message, thumbs())
+        .await
+        .expect("bob reacts while alice's event waits");
+    api.bus.gate.release(1).await;
+    alices.await.unwrap().expect("alice reacts");
+
+    let counts: Vec<i64> = api
+        .bus
+        .events_of(chat)
+        .await
+        .iter()
+        .filter_map(|logged| match &logged.envelope.event {
+            Event::ReactionAdded(change) | Event::ReactionRemoved(change) => Some(change.count),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        counts.last(),
+        Some(&2),
+        "the log's last count of 👍 is not the stored one: {counts:?}"
+    );
+    assert_eq!(api.state.publishes_retrying(), 0);
+    api.clean_up().await;
+}
+on_both_stacks!(racing_reactions_leave_the_stored_count_last_in_the_log);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use confab_schema::event::{MarkerChange, MemberChange};
+use confab_schema::event::{MarkerChange, MemberChange, ReactionChange};
 use confab_schema::{Envelope, Event};
 
 use crate::backoff::Backoff;
@@ -192,7 +192,7 @@ impl ApiState {
 
     /// The event that tells what the store holds now of the change `published` announced, when
     /// that is no longer what it says: a member gone, back or in another role; a message deleted
-    /// or edited again. `None` when the store holds what it says, or for events of other kinds.
+    /// or edited again; a reaction taken back, or its emoji's count changed by another. `None` when the store holds what it says, or for events of other kinds.
     async fn correction_of(&self, published: &Envelope) -> ApiResult<Option<Envelope>> {
         let chat = published.chat_id;
         Ok(match &published.event {
@@ -238,6 +238,36 @@ impl ApiState {
                         match kind {
                             MarkerKind::Read => Event::ReadUpdated(change),
                             MarkerKind::Delivered => Event::DeliveredUpdated(change),
+                        },
+                    )
+                })
+            }
+            // Clients set an emoji's count from the events: one counted before another
+            // reaction's event was published says too little or too much after it.
+            Event::ReactionAdded(said) | Event::ReactionRemoved(said) => {
+                let added = matches!(published.event, Event::ReactionAdded(_));
+                let stored = self
+                    .store
+                    .has_reaction(chat, said.signal_id, &said.emoji, said.user_id)
+                    .await?;
+                let count = self
+                    .store
+                    .reaction_counts(chat, said.signal_id)
+                    .await?
+                    .get(&said.emoji)
+                    .copied()
+                    .unwrap_or(0);
+                (stored != added || count != said.count).then(|| {
+                    let change = ReactionChange {
+                        count,
+                        ..said.clone()
+                    };
+                    Envelope::new(
+                        chat,
+                        if stored {
+                            Event::ReactionAdded(change)
+                        } else {
+                            Event::ReactionRemoved(change)
                         },
                     )
                 })
