@@ -4,7 +4,8 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
-import { spawn } from "node:child_process";
+import { spawn, execFile } from "node:child_process";
+import { promisify } from "node:util";
 import { createInterface } from "node:readline";
 import { chromium } from "playwright-core";
 
@@ -12,13 +13,17 @@ const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const confab = process.env.CONFAB_BIN || join(root, "target", "debug", "confab");
 const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
 
+// This process's environment without its CONFAB_ variables: the server is configured by the test
+// alone.
+const envWithoutConfab = () => Object.fromEntries(
+  Object.entries(process.env).filter(([key]) => !key.startsWith("CONFAB_")),
+);
+
 // Starts `confab serve` in a fresh folder with `settings` as its only CONFAB_ variables; answers
 // its address and a stop function.
 export async function serve(settings) {
   const dataDir = mkdtempSync(join(tmpdir(), "confab-e2e-"));
-  const env = Object.fromEntries(
-    Object.entries(process.env).filter(([key]) => !key.startsWith("CONFAB_")),
-  );
+  const env = envWithoutConfab();
   Object.assign(env, { CONFAB_API__LISTEN: "127.0.0.1:0" }, settings);
   const server = spawn(confab, ["serve"], { cwd: dataDir, env, stdio: ["ignore", "pipe", "inherit"] });
   const base = await new Promise((resolve, reject) => {
@@ -48,6 +53,20 @@ export async function serve(settings) {
       rmSync(dataDir, { recursive: true, force: true });
     },
   };
+}
+
+// A fresh VAPID key pair from `confab vapid-keys`, as the settings that give it to `serve`.
+export async function vapidKeys() {
+  const dir = mkdtempSync(join(tmpdir(), "confab-e2e-"));
+  try {
+    const { stdout } = await promisify(execFile)(confab, ["vapid-keys"], { cwd: dir, env: envWithoutConfab() });
+    return Object.fromEntries(stdout.trim().split("\n").map((line) => {
+      const at = line.indexOf("=");
+      return [line.slice(0, at), line.slice(at + 1)];
+    }));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 export function launch() {

@@ -240,13 +240,43 @@ async function start() {
   }
   $("auto-load").checked = state.settings.auto_load_images !== false;
   $("low-quality").checked = Boolean(state.settings.low_quality_previews);
-  await loadChats();
+  // A step that fails leaves the others to run: without its chat list, a page still goes live.
+  await loadChatsAtStart();
   connect();
   registerWorker();
-  refreshCircles();
+  refreshCircles().catch((error) => console.warn("circles not read", error));
   const linked = new URLSearchParams(location.hash.slice(1)).get("chat");
-  if (linked && state.chats.has(linked)) await openChat(linked);
+  if (linked && state.chats.has(linked)) {
+    await openChat(linked).catch((error) => console.warn("linked chat not opened", error));
+  }
 }
+
+// The chat list at start-up: when it cannot be read, start-up goes on without it, and it is read
+// again, after a longer wait each time, until it comes.
+async function loadChatsAtStart(failures = 0) {
+  try {
+    await loadChats();
+  } catch (error) {
+    console.warn("chats not read; trying again", error);
+    const delay = Math.min(1000 * 2 ** failures, 30_000);
+    setTimeout(() => { if (state.me) loadChatsAtStart(failures + 1); }, delay);
+  }
+}
+
+// Start-up failed (the server answered 5xx, or could not be reached): said so, with a way to try
+// again, rather than a blank page.
+function startFailed(error) {
+  console.warn("start-up failed", error);
+  $("sign-in").hidden = true;
+  $("app").hidden = true;
+  $("start-error").textContent = `confab could not start: ${error.message}`;
+  $("start-failed").hidden = false;
+}
+
+$("retry-start").addEventListener("click", () => {
+  $("start-failed").hidden = true;
+  start().catch(startFailed);
+});
 
 $("sign-in-form").addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -259,12 +289,48 @@ $("sign-in-form").addEventListener("submit", async (event) => {
   }
 });
 
-$("sign-out").addEventListener("click", () => {
+$("sign-out").addEventListener("click", async () => {
+  $("sign-out").disabled = true;
+  // A server that does not answer must not keep anyone signed in: past this, sign-out goes on.
+  await Promise.race([forgetThisBrowser(), sleep(5000)]);
   session.token = null;
   disconnect();
   if (signInConfig.sign_in === "oidc") return oidc.signOut();
   location.reload();
 });
+
+// A browser may be shared: once signed out, its pushes must stop showing this user's messages
+// (author and preview), so its device is removed on the server (with the token, while it is
+// still here), the subscription ended, and what is shown closed. Any step may fail; the others
+// still run. The circles remembered for this user stay: no server keeps that list, so they would
+// be lost for good, and the page shows them to this user only.
+async function forgetThisBrowser() {
+  const registration = await navigator.serviceWorker?.getRegistration().catch(() => null);
+  try {
+    const subscription = await registration?.pushManager?.getSubscription();
+    if (subscription) {
+      try {
+        const devices = await api("GET", "/v1/devices");
+        for (const device of devices.items) {
+          if (device.platform === "webpush" && device.endpoint === subscription.endpoint) {
+            await api("DELETE", `/v1/devices/${device.id}`);
+          }
+        }
+      } catch (error) {
+        console.warn("the push device was not removed", error);
+      }
+      await subscription.unsubscribe();
+    }
+  } catch (error) {
+    console.warn("the push subscription was not ended", error);
+  }
+  try {
+    for (const shown of (await registration?.getNotifications()) || []) shown.close();
+  } catch (error) {
+    console.warn("notifications were not closed", error);
+  }
+  sessionStorage.removeItem("confab.expires_at");
+}
 
 // ---- Chats ----
 
@@ -435,7 +501,7 @@ async function openChat(chatId) {
     api("GET", `/v1/chats/${chatId}/members?limit=100`),
   ]);
   if (state.open !== chatId) return;
-  for (const signal of page.items) state.messages.set(signal.id, signal);
+  for (const signal of page.items) mergeSignal(signal);
   state.older = page.next_cursor;
   for (const member of members.items) learnUser(member.user_id);
   if (chat) learnPeer(chat).then(() => loadPresence(chatId));
@@ -452,7 +518,7 @@ $("older").addEventListener("click", async () => {
   const chatId = state.open;
   const page = await api("GET", `/v1/chats/${chatId}/signals?limit=50&cursor=${encodeURIComponent(state.older)}`);
   if (state.open !== chatId) return;
-  for (const signal of page.items) state.messages.set(signal.id, signal);
+  for (const signal of page.items) mergeSignal(signal);
   state.older = page.next_cursor;
   renderMessages();
 });
@@ -941,13 +1007,23 @@ async function reveal(chatId, signalId) {
   for (let pages = 0; !state.messages.has(signalId) && state.older && pages < 50; pages++) {
     const page = await api("GET", `/v1/chats/${chatId}/signals?limit=100&cursor=${encodeURIComponent(state.older)}`);
     if (state.open !== chatId) return;
-    for (const signal of page.items) state.messages.set(signal.id, signal);
+    for (const signal of page.items) mergeSignal(signal);
     state.older = page.next_cursor;
   }
   state.found = signalId;
   renderMessages();
   document.querySelector(`#messages [data-signal="${CSS.escape(signalId)}"]`)?.scrollIntoView({ block: "center" });
 }
+
+// A page of history is the chat as it was when the page was read: an event that came while the
+// page was on its way (a deletion, an edit) can be newer than the page's copy, and wins.
+function mergeSignal(signal) {
+  const known = state.messages.get(signal.id);
+  if (known && (known.deleted || (!signal.deleted && editedAt(known) > editedAt(signal)))) return;
+  state.messages.set(signal.id, signal);
+}
+
+const editedAt = (signal) => (signal.edited_at ? Date.parse(signal.edited_at) : 0);
 
 function upsertSignal(signal) {
   // A deletion is final: no later event brings a deleted message back.
@@ -1142,6 +1218,35 @@ const transport = {
   set kind(value) { localStorage.setItem("confab.transport", value); },
 };
 
+// The session is over (it expired, or was ended elsewhere): a ticket is refused, and would be at
+// every attempt. It is renewed once where the sign-in has a way to; otherwise the sign-in form
+// comes back, rather than an "offline" that never ends.
+async function sessionEnded() {
+  const refresh = sessionStorage.getItem("confab.refresh");
+  if (signInConfig.sign_in === "oidc" && refresh && !renewedSinceLive) {
+    renewedSinceLive = true;
+    try {
+      await oidc.tokens({ grant_type: "refresh_token", refresh_token: refresh });
+      return connect();
+    } catch (error) {
+      console.warn("the session could not be renewed", error);
+    }
+  }
+  clearTimeout(reconnectTimer);
+  clearTimeout(oidc.timer);
+  disconnect();
+  session.token = null;
+  sessionStorage.removeItem("confab.refresh");
+  // What the next sign-in shows is read again, for whoever it is.
+  state.lastEventId = null;
+  closeChat();
+  state.chats.clear();
+  renderChats();
+  state.me = null;
+  showSignIn();
+  $("sign-in-error").textContent = "Your session has ended: sign in again.";
+}
+
 function disconnect() {
   state.events?.close();
   state.events = null;
@@ -1152,7 +1257,21 @@ function disconnect() {
   state.calls.clear();
 }
 
+let reconnectTimer = null;
+let reconnectFailures = 0; // attempts since the stream was last live
+let renewedSinceLive = false; // whether the token was renewed for the stream since it was live
+
+// Another attempt later, each one after a longer wait (up to 30 s): a server that is down is not
+// asked every second by every page left open on it.
+function reconnectLater() {
+  clearTimeout(reconnectTimer);
+  const delay = Math.min(1000 * 2 ** reconnectFailures, 30_000);
+  reconnectFailures++;
+  reconnectTimer = setTimeout(connect, delay);
+}
+
 async function connect() {
+  clearTimeout(reconnectTimer);
   disconnect();
   state.replaced = false;
   let ticket;
@@ -1160,7 +1279,8 @@ async function connect() {
     ticket = (await api("POST", "/v1/events/ticket")).ticket;
   } catch (error) {
     setLive(false);
-    setTimeout(connect, 2000);
+    if (error.status === 401) return sessionEnded();
+    reconnectLater();
     return;
   }
   let query = `?ticket=${encodeURIComponent(ticket)}`;
@@ -1177,7 +1297,7 @@ function connectEventSource(query) {
     setLive(false);
     // The browser reconnects by itself (with Last-Event-ID); a stream it gave up on needs a
     // fresh ticket.
-    if (events.readyState === EventSource.CLOSED && state.events === events) setTimeout(connect, 1000);
+    if (events.readyState === EventSource.CLOSED && state.events === events) reconnectLater();
   };
   for (const type of Object.keys(handlers)) {
     events.addEventListener(type, (event) => {
@@ -1208,7 +1328,8 @@ function connectSocket(query) {
         dispatch(frame.event, frame.data, frame.chat_id, frame.id);
         break;
       case "reset":
-        dispatch("reset");
+        // Its id is where the stream now stands: the next resume starts there.
+        dispatch("reset", undefined, undefined, frame.id);
         break;
       case "response": {
         const call = state.calls.get(frame.id);
@@ -1228,7 +1349,7 @@ function connectSocket(query) {
     if (event.code === 4009) return replaced();
     setLive(false);
     disconnect();
-    setTimeout(connect, 1000);
+    reconnectLater();
   };
 }
 
@@ -1252,6 +1373,10 @@ $("use-socket").addEventListener("change", () => {
 });
 
 function setLive(live, text) {
+  if (live) {
+    reconnectFailures = 0;
+    renewedSinceLive = false;
+  }
   const badge = $("connection");
   badge.textContent = text || (live ? `live${transport.kind === "ws" ? " (WebSocket)" : ""}` : "offline");
   badge.classList.toggle("live", live);
@@ -1488,4 +1613,4 @@ document.addEventListener("visibilitychange", () => {
   if (state.replaced && session.token && state.me) connect();
 });
 
-start();
+start().catch(startFailed);
