@@ -294,6 +294,65 @@ async fn malformed_and_invalid_content_is_refused() {
     app.stop().await;
 }
 
+/// A message takes at most 20 different emoji (every page carries each one's count), and an
+/// emoji that looks like another (an invisible tag after it) is not one: 422 and 400, and the
+/// reactions it has are untouched.
+#[tokio::test]
+async fn reactions_are_bounded_per_message() {
+    let app = spawn_app(Stack::Embedded).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let sent: Value = app
+        .post(
+            &alice,
+            &format!("/v1/chats/{chat}/signals"),
+            &json!({"kind": "message", "text": "react to me"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let reactions = format!(
+        "/v1/chats/{chat}/signals/{}/reactions",
+        sent["id"].as_str().unwrap()
+    );
+    let react = |token: &str, emoji: String| {
+        let url = app.url(&format!("{reactions}/{}", urlencoding(&emoji)));
+        app.http.put(url).bearer_auth(token.to_owned()).send()
+    };
+    // 😀 to 😓: twenty different emoji.
+    for code in 0x1F600..0x1F614 {
+        let emoji = char::from_u32(code).unwrap().to_string();
+        assert_eq!(react(&alice, emoji).await.unwrap().status(), 201);
+    }
+    let one_more = char::from_u32(0x1F614).unwrap().to_string();
+    assert_problem(react(&bob, one_more).await.unwrap(), 422).await;
+    // One of those twenty, by another member: it is counted again.
+    let again = char::from_u32(0x1F600).unwrap().to_string();
+    assert_eq!(react(&bob, again).await.unwrap().status(), 201);
+    assert_problem(react(&bob, "😀\u{E0041}".into()).await.unwrap(), 400).await;
+
+    let listed: Value = app
+        .http
+        .get(app.url(&format!("{reactions}?limit=100")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().len(), 21, "{listed}");
+    app.stop().await;
+}
+
+/// `text` percent-encoded for a path segment.
+fn urlencoding(text: &str) -> String {
+    text.bytes().map(|b| format!("%{b:02X}")).collect()
+}
+
 #[tokio::test]
 async fn history_pages_with_opaque_cursors() {
     let app = spawn_app(Stack::Embedded).await;

@@ -249,25 +249,43 @@ fn is_pictographic(c: char) -> bool {
         | 0x303D | 0x3297 | 0x3299 | 0x1F000..=0x1FAFF)
 }
 
-/// Whether `c` may join or modify emoji in a sequence.
-fn is_emoji_component(c: char) -> bool {
-    matches!(c as u32,
-        0x200D                    // zero-width joiner
-        | 0xFE0F | 0xFE0E         // presentation selectors
-        | 0x20E3                  // combining keycap
-        | 0x1F3FB..=0x1F3FF       // skin tones
-        | 0xE0020..=0xE007F       // tag sequences (subdivision flags)
-        | 0x30..=0x39 | 0x23 | 0x2A) // keycap bases 0-9, #, *
+/// One emoji as Unicode writes it (UTS #51): a keycap (`1️⃣`), a flag of two regional
+/// indicators, a subdivision flag (🏴 and tags), or pictographs joined by zero-width joiners,
+/// each with at most an emoji presentation selector and a skin tone. Nothing else: two emoji, a
+/// joiner at an end, a stray keycap or tag would each be a reaction of its own that looks like
+/// another (`👍` and `👍` with an invisible tag), or many at once.
+fn valid_emoji(emoji: &str) -> bool {
+    if emoji.is_empty() || emoji.len() > MAX_EMOJI_BYTES {
+        return false;
+    }
+    let chars: Vec<char> = emoji.chars().collect();
+    let regional = |c: char| ('\u{1F1E6}'..='\u{1F1FF}').contains(&c);
+    let tag = |c: char| ('\u{E0020}'..='\u{E007E}').contains(&c);
+    match chars[..] {
+        ['0'..='9' | '#' | '*', ref rest @ ..] => {
+            matches!(rest, ['\u{FE0F}', '\u{20E3}'] | ['\u{20E3}'])
+        }
+        [first, second] if regional(first) => regional(second),
+        _ if chars.iter().any(|c| regional(*c)) => false,
+        ['\u{1F3F4}', ref tags @ .., '\u{E007F}'] if !tags.is_empty() => {
+            tags.iter().all(|c| tag(*c))
+        }
+        _ if chars.iter().any(|c| tag(*c) || *c == '\u{E007F}') => false,
+        _ => chars.split(|c| *c == '\u{200D}').all(valid_emoji_element),
+    }
 }
 
-/// At least one pictographic character, otherwise only joiners and modifiers.
-fn valid_emoji(emoji: &str) -> bool {
-    !emoji.is_empty()
-        && emoji.len() <= MAX_EMOJI_BYTES
-        && emoji.chars().any(|c| is_pictographic(c) || c == '\u{20E3}')
-        && emoji
-            .chars()
-            .all(|c| is_pictographic(c) || is_emoji_component(c))
+/// A pictograph, with at most an emoji presentation selector and a skin tone after it.
+fn valid_emoji_element(element: &[char]) -> bool {
+    let tone = |c: char| ('\u{1F3FB}'..='\u{1F3FF}').contains(&c);
+    match element {
+        [base, rest @ ..] if is_pictographic(*base) && !tone(*base) => match rest {
+            [] | ['\u{FE0F}'] => true,
+            [modifier] | ['\u{FE0F}', modifier] => tone(*modifier),
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// A page size: 1 to 100, 50 when absent.
@@ -570,6 +588,9 @@ mod tests {
         ] {
             assert!(Emoji::parse(ok.into()).is_ok(), "{ok}");
         }
+        for ok in ["🏳️‍🌈", "❤️‍🔥", "🧑🏽‍🚀", "☺", "🙂"] {
+            assert!(Emoji::parse(ok.into()).is_ok(), "{ok}");
+        }
         for bad in [
             "",
             "a",
@@ -579,6 +600,17 @@ mod tests {
             "👍x",
             "<script>",
             &"👍".repeat(17),
+            // Each of these would be a reaction of its own that looks like another, or many.
+            "👍👍",
+            "👍\u{E0041}",
+            "\u{20E3}",
+            "1\u{20E3}\u{20E3}",
+            "❤\u{200D}",
+            "\u{200D}❤",
+            "❤\u{FE0E}",
+            "🇫🇷🇫",
+            "🏴\u{E007F}",
+            "🏽",
         ] {
             assert!(Emoji::parse(bad.into()).is_err(), "{bad}");
         }

@@ -11,6 +11,10 @@ use super::paging::{Page, Pager};
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 
+/// How many different emoji one message takes: every history page and chat-list entry carries
+/// each one's count.
+pub const MAX_EMOJI_PER_SIGNAL: usize = 20;
+
 /// One reaction: who, with what.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Reaction {
@@ -28,6 +32,14 @@ impl ApiState {
         emoji: Emoji,
     ) -> ApiResult<Outcome<ReactionChange>> {
         self.reactable(caller, chat, signal).await?;
+        // Two new emoji at once may both pass; the bound is against abuse, not to count exactly.
+        let counts = self.store.reaction_counts(chat, signal).await?;
+        if counts.len() >= MAX_EMOJI_PER_SIGNAL && !counts.contains_key(emoji.as_str()) {
+            return Err(ApiError::Unprocessable(format!(
+                "a message takes at most {MAX_EMOJI_PER_SIGNAL} different emoji: react with one \
+                 of those"
+            )));
+        }
         let envelope = Envelope::new(chat, Event::ReactionAdded(intended(caller, signal, &emoji)));
         let intent = self.outbox.intend(&*self.store, &envelope).await?;
         let added = self
