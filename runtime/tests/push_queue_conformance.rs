@@ -788,3 +788,56 @@ async fn claim_one(
         );
     }
 }
+
+/// The pending bucket ages out what it holds, a bucket made by an earlier version (without an
+/// age) too once a queue opens it: every claim and cancel leaves a delete marker, one per user
+/// and chat that ever had a push, which would otherwise stay for good. On JetStream only.
+#[tokio::test]
+async fn jetstream_pending_entries_and_their_delete_markers_age_out() {
+    use async_nats::jetstream::kv;
+    use confab_runtime::push_queue::PENDING_MAX_AGE;
+    use confab_runtime::push_queue::PushQueue;
+    use confab_schema::{ChatId, UserId};
+
+    let Some(url) = support::nats_url("push queue").await else {
+        return;
+    };
+    let context = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connects"));
+    for made_before in [false, true] {
+        let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+        if made_before {
+            context
+                .create_key_value(kv::Config {
+                    bucket: format!("{prefix}_push"),
+                    history: 1,
+                    ..Default::default()
+                })
+                .await
+                .expect("the earlier bucket");
+        }
+        let queue = NatsPushQueue::connect(&url, &prefix)
+            .await
+            .expect("connects");
+        let now = confab_runtime::presence::now_ms();
+        queue
+            .schedule(
+                UserId::from_subject("aged", "user"),
+                ChatId::new(),
+                &burst_message(UserId::from_subject("aged", "author"), 0),
+                now + 600_000,
+                now + 1_200_000,
+            )
+            .await
+            .expect("scheduled");
+        let stream = context
+            .get_stream(format!("KV_{prefix}_push"))
+            .await
+            .expect("the bucket's stream");
+        assert_eq!(
+            stream.cached_info().config.max_age,
+            PENDING_MAX_AGE,
+            "made before: {made_before}"
+        );
+        let _ = context.delete_key_value(format!("{prefix}_push")).await;
+    }
+}

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::bus::BusError;
 
 pub use embedded::EmbeddedPushQueue;
-pub use nats::{NatsPushQueue, OutageLog};
+pub use nats::{NatsPushQueue, OutageLog, PENDING_MAX_AGE};
 
 /// How much of a message a push previews, in characters.
 pub const PREVIEW_CHARS: usize = 120;

@@ -54,6 +54,12 @@ use crate::kv_bucket::{ENTRY_ATTEMPTS, EntryTurns, KvBucket, lost_a_race};
 /// Tickets looked at concurrently by one claim.
 const TICKETS_IN_FLIGHT: usize = 32;
 
+/// How long the pending bucket keeps what was last written of an entry: a pending push is
+/// claimed at its due time, at most a day (the longest delay a user sets) after its last write,
+/// and this leaves as much again for an outage. Without an age, the delete marker a claim or a
+/// cancel leaves stays for good, one for every user and chat that ever had a push.
+pub const PENDING_MAX_AGE: Duration = Duration::from_secs(2 * 86_400);
+
 pub struct NatsPushQueue {
     context: jetstream::Context,
     pending: KvBucket,
@@ -64,6 +70,8 @@ pub struct NatsPushQueue {
     /// The subjects below which a ticket waits for its time: one subject per entry version.
     schedule_subject: String,
     consumer: tokio::sync::OnceCell<PullConsumer>,
+    /// Set once the pending bucket is known to age out what it holds ([`PENDING_MAX_AGE`]).
+    pending_aged: tokio::sync::OnceCell<()>,
     /// Tickets due within the hold horizon, held unacknowledged until their due time, the
     /// earliest on top: the node claims them then.
     held: std::sync::Mutex<BinaryHeap<Held>>,
@@ -287,6 +295,7 @@ impl NatsPushQueue {
                 bucket: format!("{name}_push"),
                 description: "confab pending pushes: one per (user, chat)".into(),
                 history: 1,
+                max_age: PENDING_MAX_AGE,
                 ..Default::default()
             },
         );
@@ -308,6 +317,7 @@ impl NatsPushQueue {
             ticket_subject: format!("{prefix}.push.due"),
             schedule_subject: format!("{prefix}.push.at"),
             consumer: tokio::sync::OnceCell::new(),
+            pending_aged: tokio::sync::OnceCell::new(),
             held: std::sync::Mutex::new(BinaryHeap::new()),
             hold_ms: i64::try_from(DEFAULT_HOLD.as_millis()).unwrap_or(i64::MAX),
             entry_turns: EntryTurns::default(),
@@ -347,7 +357,27 @@ impl NatsPushQueue {
     }
 
     async fn kv(&self) -> Result<&kv::Store, BusError> {
-        self.pending.store().await.map_err(unavailable)
+        let store = self.pending.store().await.map_err(unavailable)?;
+        self.pending_aged
+            .get_or_try_init(|| async {
+                // A bucket made by an earlier version kept every entry's delete marker for good.
+                let stream = self
+                    .context
+                    .get_stream(&store.stream_name)
+                    .await
+                    .map_err(unavailable)?;
+                let mut config = stream.cached_info().config.clone();
+                if config.max_age.is_zero() {
+                    config.max_age = PENDING_MAX_AGE;
+                    self.context
+                        .update_stream(config)
+                        .await
+                        .map_err(unavailable)?;
+                }
+                Ok::<(), BusError>(())
+            })
+            .await?;
+        Ok(store)
     }
 
     /// The consumer of due tickets, on a stream made (or brought up to date) on first use: it
