@@ -614,7 +614,10 @@ pub async fn build(
                     .to_owned(),
             },
         };
-        router = router.merge(crate::web::routes(sign_in));
+        let downloads_from = (config.attachments.presigned_redirect
+            && config.attachments.backend == BlobsBackend::S3)
+            .then_some(config.attachments.s3_endpoint.as_str());
+        router = router.merge(crate::web::routes(sign_in, downloads_from));
     }
     // Streams' tickets, which count as a login at the edge's per-address limit.
     let mut stream_auth = None;

@@ -56,8 +56,10 @@ pub enum WebSignIn {
     Unavailable,
 }
 
-/// The client's routes, its sign-in with them.
-pub fn routes(sign_in: WebSignIn) -> Router {
+/// The client's routes, its sign-in with them. `downloads_from`: where attachment downloads are
+/// redirected to (the storage's origin, with presigned redirects), which the page must be allowed
+/// to fetch from.
+pub fn routes(sign_in: WebSignIn, downloads_from: Option<&str>) -> Router {
     let (config, connect_to) = match &sign_in {
         WebSignIn::Dev(_) => (serde_json::json!({"sign_in": "dev"}), None),
         WebSignIn::Oidc { issuer, client_id } => (
@@ -66,11 +68,7 @@ pub fn routes(sign_in: WebSignIn) -> Router {
         ),
         WebSignIn::Unavailable => (serde_json::json!({"sign_in": "unavailable"}), None),
     };
-    // The page fetches from its own origin, and with OIDC from the issuer's (discovery, tokens).
-    let policy = format!(
-        "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'{}",
-        connect_to.map(|o| format!(" {o}")).unwrap_or_default()
-    );
+    let policy = content_policy(connect_to.as_deref(), downloads_from.and_then(origin_of));
     let policy = HeaderValue::from_str(&policy)
         .unwrap_or_else(|_| HeaderValue::from_static("default-src 'self'"));
     let config = Bytes::from(config.to_string());
@@ -92,6 +90,18 @@ pub fn routes(sign_in: WebSignIn) -> Router {
         );
     }
     router
+}
+
+/// The page's content security policy. It fetches from its own origin, with OIDC from the
+/// issuer's (discovery, tokens), and with presigned redirects from the storage's (a download's
+/// redirect is followed by the same fetch, which the policy checks again).
+fn content_policy(issuer: Option<&str>, storage: Option<String>) -> String {
+    let mut connect = String::from("'self'");
+    for origin in [issuer.map(str::to_owned), storage].into_iter().flatten() {
+        connect.push(' ');
+        connect.push_str(&origin);
+    }
+    format!("default-src 'self'; img-src 'self' blob: data:; connect-src {connect}")
 }
 
 /// `scheme://host[:port]` of a URL, for a content security policy.
@@ -172,7 +182,20 @@ async fn dev_sign_in(
 
 #[cfg(test)]
 mod tests {
-    use super::{dev_username, origin_of};
+    use super::{content_policy, dev_username, origin_of};
+
+    /// With presigned redirects, a download's fetch ends at the storage: the policy must let the
+    /// page fetch from there, or every large attachment fails to load.
+    #[test]
+    fn the_page_may_fetch_from_the_storage_it_is_redirected_to() {
+        let storage = origin_of("http://127.0.0.1:8333");
+        let policy = content_policy(Some("https://id.example.org"), storage);
+        assert!(
+            policy.ends_with("connect-src 'self' https://id.example.org http://127.0.0.1:8333"),
+            "{policy}"
+        );
+        assert!(content_policy(None, None).ends_with("connect-src 'self'"));
+    }
 
     #[test]
     fn the_issuer_origin_is_scheme_host_and_port() {

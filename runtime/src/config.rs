@@ -200,7 +200,9 @@ pub struct AttachmentsConfig {
     /// Answer downloads with a redirect to a short-lived presigned URL of the bucket instead of
     /// streaming the bytes through confab (s3 backend only). Bodies small enough for the memory
     /// cache (`cache_object_bytes`) are still served by confab: for them the redirect's extra
-    /// round trip costs more than it saves. Default false.
+    /// round trip costs more than it saves. The web client is then allowed to fetch from
+    /// `s3_endpoint`, which browsers must reach, and whose bucket must allow the client's origin
+    /// (CORS). Default false.
     pub presigned_redirect: bool,
     /// How long a presigned URL is valid, in seconds. Default 300.
     pub presigned_ttl_secs: u64,
