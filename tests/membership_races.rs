@@ -2,7 +2,8 @@
 //! and racing additions of one user add them once, with one `joined` signal. Many concurrent
 //! requests, on the embedded default and on the real stack. An addition whose `member.joined`
 //! reaches the log after a later removal's `member.left` is followed by another `member.left`;
-//! and a reaction whose event reaches the log after another's is followed by the stored count.
+//! and a reaction whose event reaches the log after another's is followed by the stored count,
+//! and one that reaches the store after its message's deletion does not stay on it.
 
 mod support;
 
@@ -263,3 +264,73 @@ async fn racing_reactions_leave_the_stored_count_last_in_the_log(stack: Stack) {
     api.clean_up().await;
 }
 on_both_stacks!(racing_reactions_leave_the_stored_count_last_in_the_log);
+
+/// Bob's reaction passes its check while the message is there, and reaches the store (held until
+/// then) only after Alice deleted the message: it does not stay on the deleted message (nothing
+/// could take it off), and Bob is told the message is gone. A reaction made before the deletion
+/// can still be taken back.
+async fn a_reaction_racing_its_messages_deletion_does_not_stay_on_it(stack: Stack) {
+    use confab_api::domain::inputs::{Emoji, MessageText};
+    use confab_api::domain::signals::NewMessage;
+    use confab_api::error::ApiError;
+    use confab_api::store::Store;
+    use support::held_store::Held;
+    let api = HeldApi::new(stack).await;
+    let alice = api.user("alice").await;
+    let bob = api.user("bob").await;
+    let chat =
+        ChatToCreate::parse(ChatKind::Group, Some("deleting".into()), None, vec![bob.id]).unwrap();
+    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
+        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
+    };
+    let message = NewMessage {
+        nonce: None,
+        text: Some(MessageText::parse("soon gone".into()).unwrap()),
+        reply_to: None,
+        attachments: Default::default(),
+    };
+    let message = match api.state.send_message(&alice, chat, message).await.unwrap() {
+        Outcome::Created(signal) | Outcome::Existing(signal) => signal.id,
+    };
+    let emoji = |e: &str| Emoji::parse(e.into()).unwrap();
+    api.state
+        .add_reaction(alice.id, chat, message, emoji("🎉"))
+        .await
+        .expect("alice reacts before the deletion");
+
+    api.store.hold_next(Held::ReactionAdded);
+    let bobs = tokio::spawn({
+        let state = api.state.clone();
+        async move { state.add_reaction(bob.id, chat, message, emoji("👍")).await }
+    });
+    api.store.gate.arrived(1).await;
+    api.state
+        .delete_message(alice.id, chat, message)
+        .await
+        .expect("alice deletes it while bob's reaction waits");
+    api.store.gate.release(1).await;
+    let reacted = bobs.await.unwrap();
+    assert!(
+        matches!(reacted, Err(ApiError::Unprocessable(_))),
+        "a reaction on a deleted message: {reacted:?}"
+    );
+    assert!(
+        !api.store
+            .has_reaction(chat, message, "👍", bob.id)
+            .await
+            .unwrap(),
+        "bob's reaction stays on the deleted message"
+    );
+    api.state
+        .remove_reaction(alice.id, chat, message, emoji("🎉"))
+        .await
+        .expect("a reaction made before the deletion is taken back");
+    assert!(
+        !api.store
+            .has_reaction(chat, message, "🎉", alice.id)
+            .await
+            .unwrap()
+    );
+    api.clean_up().await;
+}
+on_both_stacks!(a_reaction_racing_its_messages_deletion_does_not_stay_on_it);

@@ -90,6 +90,8 @@ pub enum Held {
     AttachmentPut,
     /// An upload's references to its objects written (`Store::add_blob_refs`).
     BlobRefsAdded,
+    /// A reaction stored (`Store::add_reaction`).
+    ReactionAdded,
 }
 
 /// What a [`HeldStore`] does with a write it names.
@@ -800,7 +802,11 @@ impl Store for HeldStore {
         emoji: &str,
         user: UserId,
     ) -> Result<bool, StoreError> {
-        self.inner.add_reaction(chat, signal, emoji, user).await
+        self.through(
+            Held::ReactionAdded,
+            self.inner.add_reaction(chat, signal, emoji, user),
+        )
+        .await
     }
     async fn remove_reaction(
         &self,

@@ -51,6 +51,17 @@ impl ApiState {
             let change = self.reaction_change(caller, chat, signal, emoji).await?;
             return Ok(Outcome::Existing(change));
         }
+        // Deleted since the check: the deletion came first, and a reaction on it would stay there
+        // for all to see. (One stored before a deletion is the deletion's to keep.)
+        if self.load_signal(chat, signal).await?.deleted {
+            self.store
+                .remove_reaction(chat, signal, emoji.as_str(), caller)
+                .await?;
+            self.forgo(intent);
+            return Err(ApiError::Unprocessable(
+                "deleted signals take no reactions".into(),
+            ));
+        }
         let change = self.reaction_change(caller, chat, signal, emoji).await?;
         self.publish_intended(
             Envelope {
@@ -63,7 +74,7 @@ impl ApiState {
         Ok(Outcome::Created(change))
     }
 
-    /// Removes the caller's reaction (idempotent).
+    /// Removes the caller's reaction (idempotent), also from a message deleted since.
     pub async fn remove_reaction(
         &self,
         caller: UserId,
@@ -71,7 +82,9 @@ impl ApiState {
         signal: SignalId,
         emoji: Emoji,
     ) -> ApiResult<ReactionChange> {
-        self.reactable(caller, chat, signal).await?;
+        // Also from a deleted message: what its members put on it before, they may take back.
+        self.require_member(chat, caller).await?;
+        self.load_signal(chat, signal).await?;
         let envelope = Envelope::new(
             chat,
             Event::ReactionRemoved(intended(caller, signal, &emoji)),
