@@ -1604,6 +1604,23 @@ async fn a_pairing_made_as_its_circle_expires_does_not_outlive_it(stack: Stack) 
     );
     let left = chats_left_to(&setup.store, &alice, &bob).await;
     assert!(left.is_empty(), "{left}");
+    // Nor does the circle's sweep announce it.
+    setup.state.sweep_expired_circles().await.unwrap();
+    let last = setup.bus.inner.last_seq().await.unwrap();
+    let announced: Vec<&'static str> = setup
+        .bus
+        .inner
+        .read(0, last, confab_runtime::bus::ChatFilter::All, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|logged| logged.envelope.event.kind().as_str())
+        .filter(|kind| kind.starts_with("circle."))
+        .collect();
+    assert!(
+        !announced.contains(&"circle.paired"),
+        "the undone pairing was announced: {announced:?}"
+    );
     setup.clean_up().await;
 }
 

@@ -384,6 +384,10 @@ impl ApiState {
                 let expired = lobby.as_ref().is_some_and(Lobby::expired);
                 let standing = match standing {
                     Ok(Some(_)) | Ok(None) if expired => {
+                        // The slots first, back as they were: paired, they would be ended, and
+                        // so announced, by the sweep.
+                        self.unpair_unopened(pool, chat, [(&first, &a), (&second, &b)])
+                            .await;
                         let closed = self
                             .close_pair_chat(chat, [a.user_id, b.user_id], true)
                             .await;
