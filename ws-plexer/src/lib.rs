@@ -429,9 +429,11 @@ pub(crate) fn is_json_media_type(content_type: &str) -> bool {
 /// change the API makes runs to its end on a task of its own all the same.
 ///
 /// Reads run at once, side by side. Changes (any method but `GET`) to one resource run one after
-/// another in the order their frames came, each once the one before is answered: a client that
-/// sends two messages into a chat without waiting has them stored in that order, as over one
-/// HTTP/1.1 connection. The resource is the path's first three segments (`/v1/chats/{id}`,
+/// another in the order their frames came, each once the one before is over: a client that sends
+/// two messages into a chat without waiting has them stored in that order, as over one HTTP/1.1
+/// connection. A change that takes longer than `request_timeout` is answered 408 and goes on
+/// (the API makes it whatever happens here), holding its place and the next change until it is
+/// over; one whose turn does not come in time is answered 408 and not made. The resource is the path's first three segments (`/v1/chats/{id}`,
 /// `/v1/me/settings`), so changes to different chats do not wait on each other.
 struct Calls {
     api: Arc<dyn ApiCaller>,
@@ -506,18 +508,14 @@ impl Calls {
         self.latest_changes
             .retain(|_, change| change.clone().now_or_never().is_none());
         let (ended, end) = oneshot::channel::<()>();
-        let before = ordered_resource(&request)
-            .and_then(|resource| self.latest_changes.insert(resource, end.shared()));
+        let resource = ordered_resource(&request);
+        let ordered = resource.is_some();
+        let before =
+            resource.and_then(|resource| self.latest_changes.insert(resource, end.shared()));
         self.tasks.spawn(async move {
-            if let Some(before) = before {
-                // Ended, or dropped with its task: either way this one may go.
-                let _ = before.await;
-            }
-            // A handler that panics (in process, the API's router runs on this task) still
-            // answers its request, so that the client's call settles.
-            let call = std::panic::AssertUnwindSafe(api.call(request)).catch_unwind();
-            let frame = match tokio::time::timeout(limit, call).await {
-                Err(_) => problem_response(
+            let deadline = tokio::time::Instant::now() + limit;
+            let timed_out = || {
+                problem_response(
                     &id,
                     &Problem::new(
                         StatusCode::REQUEST_TIMEOUT,
@@ -527,7 +525,50 @@ impl Calls {
                             limit.as_secs()
                         ),
                     ),
-                ),
+                )
+            };
+            // Its turn comes once the change before it to the same resource is over (ended, or
+            // dropped with its task), within the request's time.
+            let mut before = before;
+            let turn = match before.as_mut() {
+                Some(before) => tokio::time::timeout_at(deadline, before).await.is_ok(),
+                None => true,
+            };
+            if !turn {
+                // Never made: answered at once, and the next change still waits for the one
+                // before this, which is not over.
+                let _ = sender
+                    .send(Answer {
+                        frame: timed_out(),
+                        _place: None,
+                    })
+                    .await;
+                if let Some(before) = before {
+                    let _ = before.await;
+                }
+                drop((ended, place));
+                return;
+            }
+            // A handler that panics (in process, the API's router runs on this task) still
+            // answers its request, so that the client's call settles.
+            let mut call =
+                std::pin::pin!(std::panic::AssertUnwindSafe(api.call(request)).catch_unwind());
+            let frame = match tokio::time::timeout_at(deadline, call.as_mut()).await {
+                Err(_) if ordered => {
+                    // A change taking too long goes on (the API makes it whatever happens
+                    // here): answered now, it keeps its place and the next change to the
+                    // resource waiting until it is over, or their order would not hold.
+                    let _ = sender
+                        .send(Answer {
+                            frame: timed_out(),
+                            _place: None,
+                        })
+                        .await;
+                    let _ = call.await;
+                    drop((ended, place));
+                    return;
+                }
+                Err(_) => timed_out(),
                 Ok(Ok(Ok(response))) => response_frame(&id, &response),
                 Ok(Ok(Err(error))) => {
                     if let api::CallError::Unreachable(_) = error {
@@ -907,6 +948,54 @@ mod tests {
             calls.latest_changes.is_empty(),
             "the ended changes are forgotten: {:?}",
             calls.latest_changes.keys()
+        );
+    }
+
+    /// A change that times out is answered 408 but goes on in the API: the next change to the
+    /// same resource, sent later, still waits until it is over, or the two could be stored in
+    /// either order. One that times out waiting for its turn is answered 408 and never made.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_answered_408_still_holds_back_the_next() {
+        let api = Arc::new(Noting {
+            entered: std::sync::Mutex::default(),
+            gate: Semaphore::new(0),
+        });
+        let limit = Duration::from_secs(10);
+        let mut calls = Calls::new(Arc::clone(&api) as Arc<dyn ApiCaller>, 8, limit);
+        let post = |label: &str| {
+            Request::builder()
+                .method("POST")
+                .uri("/v1/chats/a/signals")
+                .header("x-label", label)
+                .body(Body::empty())
+                .expect("request")
+        };
+        assert!(calls.start(json!(1), post("held first")).is_none());
+        assert!(calls.start(json!(2), post("second")).is_none());
+        for _ in 0..2 {
+            let answered: Value =
+                serde_json::from_str(&calls.next().await.expect("answered").frame).expect("JSON");
+            assert_eq!(answered["status"], 408, "{answered}");
+        }
+        assert!(calls.start(json!(3), post("third")).is_none());
+        // The clock is paused: this ends once every task has run as far as it can.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            *api.entered.lock().expect("not poisoned"),
+            ["held first"],
+            "a change went while the one before it, answered 408, was still being made"
+        );
+        api.gate.add_permits(1);
+        let answered: Value =
+            serde_json::from_str(&calls.next().await.expect("answered").frame).expect("JSON");
+        assert_eq!(
+            (answered["id"].clone(), answered["status"].clone()),
+            (json!(3), json!(200))
+        );
+        assert_eq!(
+            *api.entered.lock().expect("not poisoned"),
+            ["held first", "third"],
+            "the change that timed out waiting was made"
         );
     }
 
