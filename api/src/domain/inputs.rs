@@ -171,8 +171,23 @@ pub struct StatusText(String);
 impl StatusText {
     pub const MAX_CHARS: usize = 100;
 
+    /// Shown next to the user's name: refused as a name is (bidirectional overrides), and with
+    /// no control character (a newline, NUL or escape) nor only invisible ones.
     pub fn parse(value: String) -> ApiResult<StatusText> {
-        bounded("text", value, Self::MAX_CHARS).map(StatusText)
+        let value = human_name("text", value, Self::MAX_CHARS)?;
+        if value.chars().any(char::is_control) {
+            return Err(ApiError::Unprocessable(
+                "text must not contain control characters".into(),
+            ));
+        }
+        let invisible = |c: char| {
+            c.is_whitespace()
+                || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}' | '\u{180E}' | '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}')
+        };
+        if value.chars().all(invisible) {
+            return Err(ApiError::Unprocessable("text must show something".into()));
+        }
+        Ok(StatusText(value))
     }
 
     pub fn into_inner(self) -> String {
@@ -225,6 +240,20 @@ pub struct Emoji(String);
 impl Emoji {
     pub fn parse(value: String) -> ApiResult<Emoji> {
         if !valid_emoji(&value) {
+            return Err(ApiError::BadRequest(
+                "a reaction is one emoji in Unicode form".into(),
+            ));
+        }
+        Ok(Emoji(value))
+    }
+
+    /// A reaction to take back: any that may be stored, also one an earlier version took that
+    /// [`Emoji::parse`] now refuses (it could not be taken back otherwise).
+    pub fn parse_stored(value: String) -> ApiResult<Emoji> {
+        if value.is_empty()
+            || value.len() > MAX_EMOJI_BYTES
+            || value.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(ApiError::BadRequest(
                 "a reaction is one emoji in Unicode form".into(),
             ));
@@ -571,6 +600,29 @@ mod tests {
         assert!(SearchText::parse("?!").is_err());
         assert!(SearchText::parse(&"a".repeat(MAX_SEARCH_CHARS)).is_ok());
         assert!(SearchText::parse(&"a".repeat(MAX_SEARCH_CHARS + 1)).is_err());
+    }
+
+    #[test]
+    fn status_texts_show_something_plain() {
+        assert!(StatusText::parse("at the clinic 🏥".into()).is_ok());
+        for bad in [
+            "a\u{202E}b",
+            "\u{0000}x",
+            "two\nlines",
+            "\u{200B}",
+            "\u{200B} \u{FEFF}",
+        ] {
+            assert!(StatusText::parse(bad.into()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_reaction_stored_before_is_taken_back_whatever_its_form() {
+        assert!(Emoji::parse("👍👍".into()).is_err());
+        assert!(Emoji::parse_stored("👍👍".into()).is_ok());
+        for bad in ["", "a b", &"x".repeat(65)] {
+            assert!(Emoji::parse_stored(bad.into()).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

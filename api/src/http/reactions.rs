@@ -68,7 +68,7 @@ pub async fn remove(
     ApiPath((chat_id, signal_id, emoji)): ApiPath<(ChatId, SignalId, String)>,
 ) -> ApiResult<Json<ReactionChange>> {
     state.throttle(Class::React, caller.id)?;
-    let emoji = Emoji::parse(emoji)?;
+    let emoji = Emoji::parse_stored(emoji)?;
     Ok(Json(
         state
             .remove_reaction(caller.id, chat_id, signal_id, emoji)
