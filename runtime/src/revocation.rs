@@ -280,11 +280,11 @@ impl Revocations {
                 // shortens what an earlier one kept (a back-channel logout, kept for a token's
                 // lifetime, after a logout everywhere, kept for the session's). Two at once may
                 // both read the older record; the one written last is kept, as before.
+                // Not read, it could be shortened: the revocation fails, and is tried again.
                 let earlier = store
                     .get(&key)
                     .await
-                    .ok()
-                    .flatten()
+                    .map_err(|e| format!("reading the revocation before it: {e}"))?
                     .and_then(|value| serde_json::from_slice::<Recorded>(&value).ok());
                 if let Some(earlier) = earlier {
                     recorded.revocation.before =

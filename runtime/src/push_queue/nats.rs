@@ -359,24 +359,24 @@ impl NatsPushQueue {
     async fn kv(&self) -> Result<&kv::Store, BusError> {
         let store = self.pending.store().await.map_err(unavailable)?;
         self.pending_aged
-            .get_or_try_init(|| async {
+            .get_or_init(|| async {
                 // A bucket made by an earlier version kept every entry's delete marker for good.
-                let stream = self
-                    .context
-                    .get_stream(&store.stream_name)
-                    .await
-                    .map_err(unavailable)?;
-                let mut config = stream.cached_info().config.clone();
-                if config.max_age.is_zero() {
-                    config.max_age = PENDING_MAX_AGE;
-                    self.context
-                        .update_stream(config)
-                        .await
-                        .map_err(unavailable)?;
+                // Tried once: the queue works without it (an account that may not change the
+                // stream, say), only its markers stay.
+                let aged = async {
+                    let stream = self.context.get_stream(&store.stream_name).await?;
+                    let mut config = stream.cached_info().config.clone();
+                    if config.max_age.is_zero() {
+                        config.max_age = PENDING_MAX_AGE;
+                        self.context.update_stream(config).await?;
+                    }
+                    Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+                };
+                if let Err(error) = aged.await {
+                    tracing::warn!(%error, "the pending pushes' bucket keeps its delete markers");
                 }
-                Ok::<(), BusError>(())
             })
-            .await?;
+            .await;
         Ok(store)
     }
 
