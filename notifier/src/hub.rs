@@ -31,7 +31,9 @@ use confab_runtime::bus::{Bus, BusError, ChatFilter, ReadError, SCAN_FACTOR};
 use confab_runtime::config::RateLimit;
 use confab_runtime::kv_bucket::EntryTurns;
 use confab_runtime::limits::{KeyedLimit, Limited};
-use confab_runtime::presence::{Change, HEARTBEAT_EVERY, Presence, PresenceRecord, now_ms};
+use confab_runtime::presence::{
+    Change, HEARTBEAT_EVERY, PRESENCE_TTL, Presence, PresenceRecord, now_ms,
+};
 use confab_runtime::revocation::{Revocation, Revocations};
 use confab_runtime::telemetry::ReadinessCheck;
 use confab_schema::{ChatId, Envelope, Event, LoggedEvent, UserId};
@@ -1455,9 +1457,15 @@ impl Hub {
     /// `shutdown`.
     async fn heartbeat(&self, shutdown: CancellationToken) {
         let mut every = tokio::time::interval(HEARTBEAT_EVERY);
+        // A sweep of many users takes long: it runs on a task of its own, one at a time, so that
+        // this node's own heartbeats never wait for it (late, this node would be swept in turn).
+        let mut sweeping: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
+                    if let Some(sweep) = sweeping.take() {
+                        sweep.abort();
+                    }
                     // A node that stops cleanly is nobody's to sweep.
                     if let Err(error) = self.presence.forget_node(&self.node).await {
                         tracing::debug!(%error, "node record not removed; it will be swept");
@@ -1467,8 +1475,19 @@ impl Hub {
                 _ = every.tick() => {}
             }
             let now = now_ms();
-            if let Err(error) = self.sweep_silent_nodes(now).await {
-                tracing::warn!(%error, "silent nodes not swept; trying again");
+            if let Err(error) = self.presence.node_alive(&self.node, now).await {
+                tracing::warn!(%error, "this node's heartbeat not recorded; trying again");
+            }
+            if sweeping
+                .as_ref()
+                .is_none_or(tokio::task::JoinHandle::is_finished)
+            {
+                let hub = self.clone();
+                sweeping = Some(tokio::spawn(async move {
+                    if let Err(error) = hub.sweep_claimed_nodes(now).await {
+                        tracing::warn!(%error, "silent nodes not swept; trying again");
+                    }
+                }));
             }
             let users: Vec<UserId> = match self.routes.read() {
                 Ok(routes) => routes.by_user.keys().copied().collect(),
@@ -1497,37 +1516,77 @@ impl Hub {
     /// chats of those who are offline now. Answers how many users it announced offline.
     pub async fn sweep_silent_nodes(&self, now: i64) -> Result<usize, BusError> {
         self.presence.node_alive(&self.node, now).await?;
+        self.sweep_claimed_nodes(now).await
+    }
+
+    /// The sweep of [`Hub::sweep_silent_nodes`], without this node's own record. Users are taken
+    /// out several at a time; one whose record cannot be changed is left for the next sweeper
+    /// (the node is forgotten only once all are done, and its claim lapses), and the others go
+    /// on. A node back since it was claimed keeps what it wrote since: only an entry silent for
+    /// longer than the presence TTL is taken out.
+    async fn sweep_claimed_nodes(&self, now: i64) -> Result<usize, BusError> {
+        let ttl = i64::try_from(PRESENCE_TTL.as_millis()).unwrap_or(i64::MAX);
         let mut announced = 0;
         for node in self.presence.claim_silent_nodes(&self.node, now).await? {
             let users = self.presence.users_on(&node).await?;
             tracing::info!(%node, users = users.len(), "sweeping a silent node's users");
-            for user in users {
-                let dead = node.clone();
-                let change: Change = Box::new(move |record| {
-                    if let Some(at) = record.nodes.remove(&dead) {
-                        record.last_seen_ms = record.last_seen_ms.max(Some(at));
-                    }
-                });
-                let (before, after) = self.presence.update(user, change).await?;
-                // Online elsewhere, or swept already: nothing to tell.
-                if !before.nodes.contains_key(&node) || after.online(now) {
-                    continue;
-                }
-                let chats = match self.membership.chats_of(user).await {
-                    Ok(chats) => chats,
-                    Err(error) => {
-                        tracing::warn!(%error, %user, "chats unknown; offline not announced");
-                        continue;
-                    }
-                };
-                metrics::counter!("confab_presence_swept_offline_total").increment(1);
-                self.publish_presence(user, chats, Event::UserDisconnected(after.view(user, now)))
-                    .await;
-                announced += 1;
+            let swept: Vec<Result<bool, BusError>> = futures::stream::iter(users)
+                .map(|user| {
+                    let node = node.clone();
+                    async move { self.sweep_user(user, node, now, ttl).await }
+                })
+                .buffer_unordered(32)
+                .collect()
+                .await;
+            let failed = swept.iter().filter(|swept| swept.is_err()).count();
+            announced += swept
+                .iter()
+                .filter(|swept| matches!(swept, Ok(true)))
+                .count();
+            if failed == 0 {
+                self.presence.forget_node(&node).await?;
+            } else {
+                tracing::warn!(%node, failed, "users of a silent node left for the next sweep");
             }
-            self.presence.forget_node(&node).await?;
         }
         Ok(announced)
+    }
+
+    /// Takes the silent `node` out of `user`'s record, if its entry there is still silent, and
+    /// tells their chats when they are offline now. Whether it told them.
+    async fn sweep_user(
+        &self,
+        user: UserId,
+        node: String,
+        now: i64,
+        ttl: i64,
+    ) -> Result<bool, BusError> {
+        let dead = node.clone();
+        let change: Change = Box::new(move |record| {
+            let silent = record.nodes.get(&dead).is_some_and(|at| now - *at >= ttl);
+            if silent && let Some(at) = record.nodes.remove(&dead) {
+                record.last_seen_ms = record.last_seen_ms.max(Some(at));
+            }
+        });
+        let (before, after) = self.presence.update(user, change).await.inspect_err(
+            |error| tracing::debug!(%error, %user, "a silent node's user not swept"),
+        )?;
+        // Online elsewhere (or on that node again), or swept already: nothing to tell.
+        if !before.nodes.contains_key(&node) || after.nodes.contains_key(&node) || after.online(now)
+        {
+            return Ok(false);
+        }
+        let chats = match self.membership.chats_of(user).await {
+            Ok(chats) => chats,
+            Err(error) => {
+                tracing::warn!(%error, %user, "chats unknown; offline not announced");
+                return Ok(false);
+            }
+        };
+        metrics::counter!("confab_presence_swept_offline_total").increment(1);
+        self.publish_presence(user, chats, Event::UserDisconnected(after.view(user, now)))
+            .await;
+        Ok(true)
     }
 
     /// Hands an ephemeral event to the connections of its chat (and to pending ones), except the
@@ -2091,6 +2150,154 @@ mod tests {
             b.sweep_silent_nodes(later).await.expect("sweeps"),
             0,
             "a node is swept once"
+        );
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+    }
+
+    /// Presence in memory where one node is silent and claimable for good, whose sweep reaches
+    /// `users_on`: there it waits for good (`stuck`), or first renews the node's entry of each
+    /// user it lists, at `renewed_at` (the node came back after it was claimed). Counts the
+    /// heartbeats of each node.
+    struct SweptPresence {
+        records: confab_runtime::presence::EmbeddedPresence,
+        silent: String,
+        users: Vec<UserId>,
+        stuck: bool,
+        renewed_at: i64,
+        alive: std::sync::Mutex<HashMap<String, usize>>,
+    }
+
+    #[async_trait]
+    impl Presence for SweptPresence {
+        async fn update(
+            &self,
+            user: UserId,
+            change: Change,
+        ) -> Result<(PresenceRecord, PresenceRecord), BusError> {
+            self.records.update(user, change).await
+        }
+        async fn get(&self, user: UserId) -> Result<PresenceRecord, BusError> {
+            self.records.get(user).await
+        }
+        async fn node_alive(&self, node: &str, now_ms: i64) -> Result<(), BusError> {
+            *self
+                .alive
+                .lock()
+                .expect("not poisoned")
+                .entry(node.to_owned())
+                .or_default() += 1;
+            self.records.node_alive(node, now_ms).await
+        }
+        async fn claim_silent_nodes(
+            &self,
+            _by: &str,
+            _now_ms: i64,
+        ) -> Result<Vec<String>, BusError> {
+            Ok(vec![self.silent.clone()])
+        }
+        async fn users_on(&self, node: &str) -> Result<Vec<UserId>, BusError> {
+            if self.stuck {
+                std::future::pending::<()>().await;
+            }
+            for user in &self.users {
+                let (node, at) = (node.to_owned(), self.renewed_at);
+                self.records
+                    .update(
+                        *user,
+                        Box::new(move |record| {
+                            record.nodes.insert(node.clone(), at);
+                        }),
+                    )
+                    .await?;
+            }
+            Ok(self.users.clone())
+        }
+        async fn forget_node(&self, node: &str) -> Result<(), BusError> {
+            self.records.forget_node(node).await
+        }
+    }
+
+    /// A node claimed as silent comes back (its heartbeat renews its users' entries) while the
+    /// sweep that claimed it runs: the sweep takes out no entry written since, and announces
+    /// nobody offline.
+    #[tokio::test]
+    async fn a_sweep_leaves_the_entries_a_node_back_since_wrote() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let bob = UserId::from_subject("t", "b");
+        let now = now_ms();
+        let ttl = i64::try_from(PRESENCE_TTL.as_millis()).expect("ms");
+        let presence = Arc::new(SweptPresence {
+            records: confab_runtime::presence::EmbeddedPresence::default(),
+            silent: "back".to_owned(),
+            users: vec![bob],
+            stuck: false,
+            renewed_at: now,
+            alive: std::sync::Mutex::default(),
+        });
+        // Bob's entry on node "back", written long ago.
+        presence
+            .records
+            .update(
+                bob,
+                Box::new(move |record| {
+                    record.nodes.insert("back".to_owned(), now - 2 * ttl);
+                }),
+            )
+            .await
+            .expect("written");
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::from([(bob, vec![ChatId::new()])]))),
+            Arc::clone(&presence) as Arc<dyn Presence>,
+            16,
+            100,
+        );
+        assert_eq!(hub.sweep_silent_nodes(now).await.expect("sweeps"), 0);
+        let record = presence.get(bob).await.expect("record");
+        assert_eq!(
+            record.nodes.get("back"),
+            Some(&now),
+            "the entry the node wrote since it was claimed was taken out"
+        );
+    }
+
+    /// A sweep that takes long (a silent node of many users) does not hold back this node's own
+    /// heartbeats: late, this node would be taken for silent and swept in turn.
+    #[tokio::test(start_paused = true)]
+    async fn a_long_sweep_does_not_hold_back_the_nodes_heartbeats() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let presence = Arc::new(SweptPresence {
+            records: confab_runtime::presence::EmbeddedPresence::default(),
+            silent: "stuck".to_owned(),
+            users: Vec::new(),
+            stuck: true,
+            renewed_at: 0,
+            alive: std::sync::Mutex::default(),
+        });
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::new())),
+            Arc::clone(&presence) as Arc<dyn Presence>,
+            16,
+            100,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        // The clock is paused: three heartbeat ticks pass (at 0, 15 and 30 s).
+        tokio::time::sleep(HEARTBEAT_EVERY * 2 + Duration::from_secs(5)).await;
+        let beats = presence
+            .alive
+            .lock()
+            .expect("not poisoned")
+            .get(&*hub.node)
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            beats >= 3,
+            "this node's heartbeat was recorded {beats} times in 35 s"
         );
         shutdown.cancel();
         worker.await.expect("worker ends");
