@@ -1300,6 +1300,28 @@ impl Hub {
     /// this node, and announces those users offline. Whoever removes a connection hands it here,
     /// once: the drop of its [`Registration`] finds it gone and announces nothing more.
     fn closed(&self, removed: Vec<(Connection, bool)>) {
+        let gone = Self::gone_users(removed);
+        if gone.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let hub = self.clone();
+        // One task, a few users at a time: a node whose subscription ends drops every user at once.
+        runtime.spawn(async move { hub.announce_gone(gone).await });
+    }
+
+    /// Writes the presence of the users `gone` left (their last connection here closed), and
+    /// tells their chats, a few at a time.
+    async fn announce_gone(&self, gone: Vec<(UserId, Option<Vec<ChatId>>)>) {
+        futures::stream::iter(gone)
+            .for_each_concurrent(32, |(user, chats)| self.announce(user, chats))
+            .await;
+    }
+
+    /// The users whose last connection here is among `removed`, with the chats it routed.
+    fn gone_users(removed: Vec<(Connection, bool)>) -> Vec<(UserId, Option<Vec<ChatId>>)> {
         let mut gone = Vec::new();
         for (connection, last) in removed {
             metrics::gauge!("confab_notifier_connections").decrement(1.0);
@@ -1311,19 +1333,7 @@ impl Hub {
                 ));
             }
         }
-        if gone.is_empty() {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let hub = self.clone();
-        // One task, a few users at a time: a node whose subscription ends drops every user at once.
-        runtime.spawn(async move {
-            futures::stream::iter(gone)
-                .for_each_concurrent(32, |(user, chats)| hub.announce(user, chats))
-                .await;
-        });
+        gone
     }
 
     /// Writes this node's part of `user`'s presence record as the routes have it now: a heartbeat
@@ -1857,10 +1867,22 @@ impl Hub {
                 }
                 Err(_) => Vec::new(),
             };
-            hub.closed(removed);
+            // Awaited here, within a bound: a process that stops right after would cancel a
+            // task of their own, leaving its users online to their peers, with no node record
+            // left for a sweep to find them by.
+            let gone = Self::gone_users(removed);
+            if tokio::time::timeout(SHUTDOWN_ANNOUNCING, hub.announce_gone(gone))
+                .await
+                .is_err()
+            {
+                tracing::warn!("users of a stopping node not all announced offline");
+            }
         }))
     }
 }
+
+/// How long a node that stops waits for its users' presence to be written offline.
+const SHUTDOWN_ANNOUNCING: Duration = Duration::from_secs(10);
 
 /// Readiness of a node's subscription to the log.
 pub struct HubReadiness(pub Hub);
@@ -2301,6 +2323,66 @@ mod tests {
         );
         shutdown.cancel();
         worker.await.expect("worker ends");
+    }
+
+    /// Presence in memory whose writes take a while, as over a network.
+    #[derive(Default)]
+    struct SlowPresence(confab_runtime::presence::EmbeddedPresence);
+
+    #[async_trait]
+    impl Presence for SlowPresence {
+        async fn update(
+            &self,
+            user: UserId,
+            change: Change,
+        ) -> Result<(PresenceRecord, PresenceRecord), BusError> {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.0.update(user, change).await
+        }
+        async fn get(&self, user: UserId) -> Result<PresenceRecord, BusError> {
+            self.0.get(user).await
+        }
+        async fn node_alive(&self, node: &str, now_ms: i64) -> Result<(), BusError> {
+            self.0.node_alive(node, now_ms).await
+        }
+        async fn claim_silent_nodes(&self, by: &str, now_ms: i64) -> Result<Vec<String>, BusError> {
+            self.0.claim_silent_nodes(by, now_ms).await
+        }
+        async fn users_on(&self, node: &str) -> Result<Vec<UserId>, BusError> {
+            self.0.users_on(node).await
+        }
+        async fn forget_node(&self, node: &str) -> Result<(), BusError> {
+            self.0.forget_node(node).await
+        }
+    }
+
+    /// A node that stops cleanly has written its users offline by the time its worker ends: the
+    /// process may stop right after, and its node record is gone, so no sweep would find them.
+    #[tokio::test]
+    async fn a_node_that_stops_has_written_its_users_offline() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let bob = UserId::from_subject("t", "b");
+        let presence = Arc::new(SlowPresence::default());
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::from([(bob, vec![ChatId::new()])]))),
+            Arc::clone(&presence) as Arc<dyn Presence>,
+            16,
+            100,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let _bobs = hub.open(bob, None).await.expect("opens");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while presence.get(bob).await.expect("record").nodes.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "bob never recorded");
+            tokio::task::yield_now().await;
+        }
+        shutdown.cancel();
+        worker.await.expect("worker ends");
+        let record = presence.get(bob).await.expect("record");
+        assert!(record.nodes.is_empty(), "bob is left online: {record:?}");
     }
 
     /// Presence in memory that counts its updates, so a test knows when the writes it started are
