@@ -106,6 +106,54 @@ async fn presence_follows_connections(stack: Stack) {
     app.stop().await;
 }
 
+/// A status cleared right after it was set (within the interval that holds status events
+/// back) is still announced cleared, once that interval is over: otherwise peers would go on
+/// seeing it. A status that ends by itself says when.
+#[tokio::test]
+async fn a_status_cleared_at_once_is_announced_cleared() {
+    let app = spawn_app(Stack::Embedded).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    app.me(&alice).await;
+    let bob_id = app.me(&bob).await;
+    app.group_chat(&alice, &[&bob_id]).await;
+    let mut alices = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&alice)).await;
+    let _bobs = SseStream::open(app.http.get(app.url("/v1/events")).bearer_auth(&bob)).await;
+    assert_eq!(
+        next_presence(&mut alices, &bob_id).await.event,
+        "user.connected"
+    );
+
+    let set_status = |body: Value| {
+        app.http
+            .put(app.url("/v1/me/status"))
+            .bearer_auth(&bob)
+            .json(&body)
+            .send()
+    };
+    let ends = "2999-01-01T00:00:00Z";
+    let set = set_status(json!({"text": "in a meeting", "expires_at": ends}))
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 200);
+    let told = next_presence(&mut alices, &bob_id).await;
+    assert_eq!(told.data["data"]["status_text"], "in a meeting");
+    assert_eq!(
+        told.data["data"]["status_expires_at"], ends,
+        "{:?}",
+        told.data
+    );
+    assert_eq!(set_status(json!({})).await.unwrap().status(), 200);
+    let cleared = next_presence(&mut alices, &bob_id).await;
+    assert_eq!(cleared.event, "presence.updated");
+    assert!(
+        cleared.data["data"]["status_text"].is_null(),
+        "the cleared status is still shown: {:?}",
+        cleared.data
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn presence_follows_connections_on_the_embedded_default() {
     Box::pin(presence_follows_connections(Stack::Embedded)).await;

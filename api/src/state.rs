@@ -57,8 +57,9 @@ pub struct ApiState {
     pub(crate) typing: Arc<Mutex<HashMap<(UserId, ChatId), Instant>>>,
     /// Presence records (written by the notifiers) and custom statuses.
     pub(crate) presence: Arc<dyn Presence>,
-    /// When each user's last status change was announced: see `domain::presence`.
-    pub(crate) status_events: Arc<Mutex<HashMap<UserId, Instant>>>,
+    /// Per user, when their status was last announced, and whether one more is coming: see
+    /// `domain::presence`.
+    pub(crate) status_events: Arc<Mutex<HashMap<UserId, (Instant, bool)>>>,
     /// How push registrations are checked.
     pub(crate) push: PushSettings,
     /// Members' push settings as last read: see `domain::pushes`.

@@ -441,6 +441,15 @@ impl PresenceRecord {
             status_text: self
                 .active_status(now_ms)
                 .and_then(|status| status.text.clone()),
+            status_expires_at: self
+                .active_status(now_ms)
+                .and_then(|status| status.expires_at_ms)
+                .and_then(|ms| {
+                    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                        .ok()?
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                }),
         }
     }
 }

@@ -51,6 +51,10 @@ pub struct UserPresence {
     /// Their custom status text, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_text: Option<String>,
+    /// When their custom status ends by itself (RFC 3339), if it does: no event says so then, a
+    /// client stops showing it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_expires_at: Option<String>,
 }
 
 /// What happened. Serialised as `{"type": "<kind>", "data": {...}}`; `type` is also the SSE event

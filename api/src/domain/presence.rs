@@ -64,15 +64,44 @@ impl ApiState {
             )
             .await?;
         let view = after.view(caller, now_ms());
-        if self.may_announce_status(caller) {
-            let chats = self.store.chats_of(caller).await?;
-            for chat in chats.into_iter().take(MAX_STATUS_FANOUT) {
-                self.bus
-                    .publish_ephemeral(&Envelope::new(chat, Event::PresenceUpdated(view.clone())))
-                    .await?;
+        match self.status_announcement(caller) {
+            StatusAnnouncement::Now => self.announce_status(caller, view.clone()).await?,
+            StatusAnnouncement::After(wait) => {
+                // One more, once the interval is over, of the status as it is then: without it,
+                // a status cleared right after it was set would stay shown to everyone.
+                let state = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    if let Ok(mut last) = state.status_events.lock() {
+                        last.insert(caller, (Instant::now(), false));
+                    }
+                    let announced = match state.presence.get(caller).await {
+                        Ok(record) => {
+                            state
+                                .announce_status(caller, record.view(caller, now_ms()))
+                                .await
+                        }
+                        Err(error) => Err(error.into()),
+                    };
+                    if let Err(error) = announced {
+                        tracing::debug!(%error, "a status change not announced");
+                    }
+                });
             }
+            StatusAnnouncement::Coming => {}
         }
         Ok(view)
+    }
+
+    /// Tells the members of `caller`'s chats (the first [`MAX_STATUS_FANOUT`]) their presence.
+    async fn announce_status(&self, caller: UserId, view: UserPresence) -> ApiResult<()> {
+        let chats = self.store.chats_of(caller).await?;
+        for chat in chats.into_iter().take(MAX_STATUS_FANOUT) {
+            self.bus
+                .publish_ephemeral(&Envelope::new(chat, Event::PresenceUpdated(view.clone())))
+                .await?;
+        }
+        Ok(())
     }
 
     /// A user's presence, for themselves and for users who share a chat with them; anyone else is
@@ -82,21 +111,38 @@ impl ApiState {
         Ok(self.presence.get(user).await?.view(user, now_ms()))
     }
 
-    fn may_announce_status(&self, caller: UserId) -> bool {
+    /// When `caller`'s status change is announced: at once, at most once per
+    /// [`STATUS_EVENT_INTERVAL`]; else once that interval is over (one announcement for all the
+    /// changes within it), or by the one already coming.
+    fn status_announcement(&self, caller: UserId) -> StatusAnnouncement {
         let now = Instant::now();
         let Ok(mut last) = self.status_events.lock() else {
-            return false;
+            return StatusAnnouncement::Coming;
         };
-        if last
-            .get(&caller)
-            .is_some_and(|at| now.duration_since(*at) < STATUS_EVENT_INTERVAL)
-        {
-            return false;
-        }
-        last.insert(caller, now);
+        let answer = match last.get(&caller).copied() {
+            Some((_, true)) => return StatusAnnouncement::Coming,
+            Some((at, false)) if now.duration_since(at) < STATUS_EVENT_INTERVAL => {
+                let wait = STATUS_EVENT_INTERVAL - now.duration_since(at);
+                last.insert(caller, (at, true));
+                StatusAnnouncement::After(wait)
+            }
+            _ => {
+                last.insert(caller, (now, false));
+                StatusAnnouncement::Now
+            }
+        };
         if last.len() > 100_000 {
-            last.retain(|_, at| now.duration_since(*at) < STATUS_EVENT_INTERVAL);
+            last.retain(|_, (at, coming)| {
+                *coming || now.duration_since(*at) < STATUS_EVENT_INTERVAL
+            });
         }
-        true
+        answer
     }
+}
+
+/// When a status change is announced (see [`ApiState::status_announcement`]).
+enum StatusAnnouncement {
+    Now,
+    After(Duration),
+    Coming,
 }
