@@ -46,6 +46,9 @@ pub struct Principal {
 pub struct Logout {
     pub user: Option<UserId>,
     pub session: Option<String>,
+    /// When the provider issued the logout token (its `iat`, Unix seconds, the provider's clock,
+    /// as the tokens it ends are stamped).
+    pub issued_at: i64,
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -330,7 +333,11 @@ fn logout(
     if user.is_none() && session.is_none() {
         return Err(AuthError::Invalid("a logout token names a sid or a sub"));
     }
-    Ok(Logout { user, session })
+    Ok(Logout {
+        user,
+        session,
+        issued_at: claims.iat,
+    })
 }
 
 /// Verifies access tokens issued by an OpenID Connect provider. The provider's keys are loaded and

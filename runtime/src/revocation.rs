@@ -45,12 +45,15 @@ pub struct Revocation {
 }
 
 impl Revocation {
-    /// A revocation of what a logout token names.
+    /// A revocation of what a logout token names: of a user, their tokens issued up to the
+    /// logout token's own issue (by the same clock; a token from a clock ahead of this one, up to
+    /// `now`). Not up to the time it arrives: the same token posted again later, which a logout
+    /// naming no session gives no way to tell, would end the sessions signed in since.
     pub fn of_logout(logout: &Logout, now: i64) -> Revocation {
         Revocation {
             user: logout.user,
             session: logout.session.clone(),
-            before: now,
+            before: logout.issued_at.min(now),
         }
     }
 
@@ -629,6 +632,29 @@ mod tests {
         let announced = ended.recv().await.unwrap();
         assert!(announced.ends(bob, Some("x"), t - 1));
         assert!(!announced.ends(alice, Some("x"), t - 1));
+    }
+
+    /// A logout token of a user (no session) ends their tokens issued up to it, not those issued
+    /// since: the same token posted again later ends no session signed in after it.
+    #[tokio::test]
+    async fn a_users_logout_posted_again_ends_no_later_sign_in() {
+        let revocations = Revocations::in_memory(Duration::from_secs(3600));
+        let alice = UserId::from_subject("i", "alice");
+        let logged_out_at = now() - 100;
+        let logout = Logout {
+            user: Some(alice),
+            session: None,
+            issued_at: logged_out_at,
+        };
+        revocations
+            .revoke(Revocation::of_logout(&logout, now()))
+            .await
+            .unwrap();
+        assert!(revocations.is_revoked(alice, Some("before"), logged_out_at - 1));
+        assert!(
+            !revocations.is_revoked(alice, Some("since"), logged_out_at + 50),
+            "a sign-in after the logout is ended by the same token posted again"
+        );
     }
 
     /// A logout everywhere keeps its session revoked for the session's lifetime; a back-channel
