@@ -524,9 +524,29 @@ pub async fn addresses_are_never_prefix_terms(store: Arc<dyn Store>) {
         display_name: format!("E{tag} Erin"),
         email: None,
     };
-    for user in [&with_address, &named_by_address, &address_like_name] {
+    // A display name that looks like someone's address: users choose it.
+    let posing = User {
+        id: UserId(Uuid::now_v7()),
+        username: format!("f{tag}-frank"),
+        display_name: format!("g{tag}.ceo@corp.example"),
+        email: None,
+    };
+    for user in [
+        &with_address,
+        &named_by_address,
+        &address_like_name,
+        &posing,
+    ] {
         store.upsert_user(user).await.unwrap();
     }
+    assert_eq!(
+        store
+            .users_by_address(&format!("g{tag}.ceo@corp.example"), 10)
+            .await
+            .unwrap(),
+        Vec::<UserId>::new(),
+        "found by a display name that looks like an address"
+    );
     for prefix in [
         format!("c{tag}"),
         format!("c{tag}.ceo@corp"),

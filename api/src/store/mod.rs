@@ -1083,12 +1083,14 @@ pub fn search_terms(user: &User) -> Vec<String> {
     terms
 }
 
-/// The lower-cased terms a user is found by only whole: their e-mail address, and a user name or
-/// display name that is, or looks like, an address. Kept apart from [`search_terms`] (in the
-/// store's table of addresses, [`Store::users_by_address`]), where no prefix scan reaches them.
+/// The lower-cased terms a user is found by only whole: their e-mail address (one the identity
+/// provider verified), and a user name that is, or looks like, an address (a provider that signs
+/// users in by address). Not a display name that looks like one: users choose it, and anybody
+/// could pass for an address's owner by it. Kept apart from [`search_terms`] (in the store's table
+/// of addresses, [`Store::users_by_address`]), where no prefix scan reaches them.
 pub fn address_terms(user: &User) -> Vec<String> {
     let email = user.email.as_deref().map(normalised);
-    let mut terms: Vec<String> = [&user.username, &user.display_name]
+    let mut terms: Vec<String> = [&user.username]
         .into_iter()
         .map(|t| normalised(t))
         .filter(|t| looks_like_address(t) || email.as_ref() == Some(t))
