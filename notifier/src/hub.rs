@@ -31,9 +31,7 @@ use confab_runtime::bus::{Bus, BusError, ChatFilter, ReadError, SCAN_FACTOR};
 use confab_runtime::config::RateLimit;
 use confab_runtime::kv_bucket::EntryTurns;
 use confab_runtime::limits::{KeyedLimit, Limited};
-use confab_runtime::presence::{
-    Change, HEARTBEAT_EVERY, PRESENCE_TTL, Presence, PresenceRecord, now_ms,
-};
+use confab_runtime::presence::{Change, HEARTBEAT_EVERY, Presence, PresenceRecord, now_ms};
 use confab_runtime::revocation::{Revocation, Revocations};
 use confab_runtime::telemetry::ReadinessCheck;
 use confab_schema::{ChatId, Envelope, Event, LoggedEvent, UserId};
@@ -1476,10 +1474,7 @@ impl Hub {
                     if let Some(sweep) = sweeping.take() {
                         sweep.abort();
                     }
-                    // A node that stops cleanly is nobody's to sweep.
-                    if let Err(error) = self.presence.forget_node(&self.node).await {
-                        tracing::debug!(%error, "node record not removed; it will be swept");
-                    }
+                    // The worker forgets this node, once its users are written offline.
                     return;
                 }
                 _ = every.tick() => {}
@@ -1501,7 +1496,12 @@ impl Hub {
             }
             let users: Vec<UserId> = match self.routes.read() {
                 Ok(routes) => routes.by_user.keys().copied().collect(),
-                Err(_) => return,
+                Err(_) => {
+                    if let Some(sweep) = sweeping.take() {
+                        sweep.abort();
+                    }
+                    return;
+                }
             };
             // Each user's heartbeat is a write of what the routes hold for them now, so that one
             // whose last connection closed since `users` was read is not renewed after the write
@@ -1532,28 +1532,33 @@ impl Hub {
     /// The sweep of [`Hub::sweep_silent_nodes`], without this node's own record. Users are taken
     /// out several at a time; one whose record cannot be changed is left for the next sweeper
     /// (the node is forgotten only once all are done, and its claim lapses), and the others go
-    /// on. A node back since it was claimed keeps what it wrote since: only an entry silent for
-    /// longer than the presence TTL is taken out.
+    /// on. A node back since it was claimed keeps what it wrote since (entries written after the
+    /// claim at `now`), and is not forgotten.
     async fn sweep_claimed_nodes(&self, now: i64) -> Result<usize, BusError> {
-        let ttl = i64::try_from(PRESENCE_TTL.as_millis()).unwrap_or(i64::MAX);
         let mut announced = 0;
         for node in self.presence.claim_silent_nodes(&self.node, now).await? {
             let users = self.presence.users_on(&node).await?;
             tracing::info!(%node, users = users.len(), "sweeping a silent node's users");
-            let swept: Vec<Result<bool, BusError>> = futures::stream::iter(users)
+            let swept: Vec<Result<Swept, BusError>> = futures::stream::iter(users)
                 .map(|user| {
                     let node = node.clone();
-                    async move { self.sweep_user(user, node, now, ttl).await }
+                    async move { self.sweep_user(user, node, now).await }
                 })
                 .buffer_unordered(32)
                 .collect()
                 .await;
             let failed = swept.iter().filter(|swept| swept.is_err()).count();
+            let back = swept
+                .iter()
+                .filter(|swept| matches!(swept, Ok(Swept::Back)))
+                .count();
             announced += swept
                 .iter()
-                .filter(|swept| matches!(swept, Ok(true)))
+                .filter(|swept| matches!(swept, Ok(Swept::Announced)))
                 .count();
-            if failed == 0 {
+            if back > 0 {
+                tracing::info!(%node, back, "a silent node is back; not forgotten");
+            } else if failed == 0 {
                 self.presence.forget_node(&node).await?;
             } else {
                 tracing::warn!(%node, failed, "users of a silent node left for the next sweep");
@@ -1562,41 +1567,47 @@ impl Hub {
         Ok(announced)
     }
 
-    /// Takes the silent `node` out of `user`'s record, if its entry there is still silent, and
-    /// tells their chats when they are offline now. Whether it told them.
+    /// Takes the silent `node`, claimed at `claimed_at`, out of `user`'s record, unless its entry
+    /// there was written since (the node is back), and tells their chats when they are offline
+    /// now.
     async fn sweep_user(
         &self,
         user: UserId,
         node: String,
-        now: i64,
-        ttl: i64,
-    ) -> Result<bool, BusError> {
+        claimed_at: i64,
+    ) -> Result<Swept, BusError> {
         let dead = node.clone();
         let change: Change = Box::new(move |record| {
-            let silent = record.nodes.get(&dead).is_some_and(|at| now - *at >= ttl);
-            if silent && let Some(at) = record.nodes.remove(&dead) {
+            let before_the_claim = record.nodes.get(&dead).is_some_and(|at| *at <= claimed_at);
+            if before_the_claim && let Some(at) = record.nodes.remove(&dead) {
                 record.last_seen_ms = record.last_seen_ms.max(Some(at));
             }
         });
         let (before, after) = self.presence.update(user, change).await.inspect_err(
             |error| tracing::debug!(%error, %user, "a silent node's user not swept"),
         )?;
-        // Online elsewhere (or on that node again), or swept already: nothing to tell.
-        if !before.nodes.contains_key(&node) || after.nodes.contains_key(&node) || after.online(now)
-        {
-            return Ok(false);
+        if after.nodes.contains_key(&node) {
+            return Ok(Swept::Back);
+        }
+        // Online elsewhere, or swept already: nothing to tell.
+        if !before.nodes.contains_key(&node) || after.online(now_ms()) {
+            return Ok(Swept::Quiet);
         }
         let chats = match self.membership.chats_of(user).await {
             Ok(chats) => chats,
             Err(error) => {
                 tracing::warn!(%error, %user, "chats unknown; offline not announced");
-                return Ok(false);
+                return Ok(Swept::Quiet);
             }
         };
         metrics::counter!("confab_presence_swept_offline_total").increment(1);
-        self.publish_presence(user, chats, Event::UserDisconnected(after.view(user, now)))
-            .await;
-        Ok(true)
+        self.publish_presence(
+            user,
+            chats,
+            Event::UserDisconnected(after.view(user, now_ms())),
+        )
+        .await;
+        Ok(Swept::Announced)
     }
 
     /// Hands an ephemeral event to the connections of its chat (and to pending ones), except the
@@ -1875,10 +1886,24 @@ impl Hub {
                 .await
                 .is_err()
             {
+                // Its record stays, for a sweep to find the users left.
                 tracing::warn!("users of a stopping node not all announced offline");
+            } else if let Err(error) = hub.presence.forget_node(&hub.node).await {
+                // A node that stops cleanly is nobody's to sweep.
+                tracing::debug!(%error, "node record not removed; it will be swept");
             }
         }))
     }
+}
+
+/// What the sweep of a silent node did to one of its users.
+enum Swept {
+    /// Taken out, and announced offline.
+    Announced,
+    /// Taken out (or gone already), and online elsewhere or not announced.
+    Quiet,
+    /// Left: the node wrote the entry after it was claimed.
+    Back,
 }
 
 /// How long a node that stops waits for its users' presence to be written offline.
@@ -2255,7 +2280,8 @@ mod tests {
             silent: "back".to_owned(),
             users: vec![bob],
             stuck: false,
-            renewed_at: now,
+            // Written after the claim: the node is back.
+            renewed_at: now + 1_000,
             alive: std::sync::Mutex::default(),
         });
         // Bob's entry on node "back", written long ago.
@@ -2280,9 +2306,45 @@ mod tests {
         let record = presence.get(bob).await.expect("record");
         assert_eq!(
             record.nodes.get("back"),
-            Some(&now),
+            Some(&(now + 1_000)),
             "the entry the node wrote since it was claimed was taken out"
         );
+    }
+
+    /// A node crashed a little after its last heartbeat, once a user connected to it: their
+    /// entry is younger than the presence TTL when the node is claimed, and still written before
+    /// the claim. The sweep takes it out and announces them offline (no later sweep would find
+    /// them: the node is forgotten).
+    #[tokio::test]
+    async fn a_sweep_takes_out_entries_written_after_the_nodes_last_heartbeat() {
+        let bus: Arc<dyn Bus> =
+            Arc::new(EmbeddedBus::in_memory(LogSettings::default()).expect("log"));
+        let bob = UserId::from_subject("t", "b");
+        let now = now_ms();
+        let presence = Arc::new(confab_runtime::presence::EmbeddedPresence::default());
+        presence
+            .node_alive("crashed", now - 60_000)
+            .await
+            .expect("alive once");
+        presence
+            .update(
+                bob,
+                Box::new(move |record| {
+                    record.nodes.insert("crashed".to_owned(), now - 40_000);
+                }),
+            )
+            .await
+            .expect("connected after that");
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::from([(bob, vec![ChatId::new()])]))),
+            Arc::clone(&presence) as Arc<dyn Presence>,
+            16,
+            100,
+        );
+        assert_eq!(hub.sweep_silent_nodes(now).await.expect("sweeps"), 1);
+        let record = presence.get(bob).await.expect("record");
+        assert!(record.nodes.is_empty(), "bob is left online: {record:?}");
     }
 
     /// A sweep that takes long (a silent node of many users) does not hold back this node's own
