@@ -433,7 +433,8 @@ pub(crate) fn is_json_media_type(content_type: &str) -> bool {
 /// two messages into a chat without waiting has them stored in that order, as over one HTTP/1.1
 /// connection. A change that takes longer than `request_timeout` is answered 408 and goes on
 /// (the API makes it whatever happens here), holding its place and the next change until it is
-/// over; one whose turn does not come in time is answered 408 and not made. The resource is the path's first three segments (`/v1/chats/{id}`,
+/// over (at most [`HELD_TURNS`] timeouts); one whose turn does not come in time is answered 408
+/// and not made. The resource is the path's first three segments (`/v1/chats/{id}`,
 /// `/v1/me/settings`), so changes to different chats do not wait on each other.
 struct Calls {
     api: Arc<dyn ApiCaller>,
@@ -446,6 +447,10 @@ struct Calls {
     /// Per resource, the end of its latest change: the next change to it waits for that.
     latest_changes: HashMap<String, Shared<oneshot::Receiver<()>>>,
 }
+
+/// How many request timeouts a change answered 408 holds the next change to its resource at
+/// most, while the API may still be making it.
+const HELD_TURNS: u32 = 5;
 
 /// The resource whose changes run in order: `None` for a read.
 fn ordered_resource(request: &axum::http::Request<axum::body::Body>) -> Option<String> {
@@ -564,7 +569,10 @@ impl Calls {
                             _place: None,
                         })
                         .await;
-                    let _ = call.await;
+                    // Not for ever: a call that never ends (a connection to the API left half
+                    // open) would hold the resource's changes until the socket closes.
+                    let held = limit.saturating_mul(HELD_TURNS);
+                    let _ = tokio::time::timeout(held, call).await;
                     drop((ended, place));
                     return;
                 }
