@@ -1857,6 +1857,58 @@ async fn cql_a_user_written_without_an_address_row_gets_one_at_the_next_write() 
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
 
+/// A display name that looks like an address was written as an address row by the build
+/// before; no longer one, the row goes at the user's next write, or it would stay for good (and
+/// take a place among the rows a search by that address reads).
+#[tokio::test]
+async fn cql_an_address_row_of_a_display_name_goes_at_the_next_write() {
+    use confab_schema::{User, UserId};
+
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(
+        &options,
+        "cql_an_address_row_of_a_display_name_goes_at_the_next_write",
+    )
+    .await
+    {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let frank = User {
+        id: UserId(uuid::Uuid::new_v4()),
+        username: "frank".into(),
+        display_name: "ceo@corp.example".into(),
+        email: None,
+    };
+    store.upsert_user(&frank).await.expect("writes");
+    // As the build before wrote it: a row of the display name.
+    let session = keyspace_session(&options).await;
+    session
+        .query_unpaged(
+            format!(
+                "INSERT INTO user_addresses (address, user_id) VALUES ('ceo@corp.example', {})",
+                frank.id.0
+            ),
+            (),
+        )
+        .await
+        .expect("CQL runs");
+    store.upsert_user(&frank).await.expect("writes again");
+    let rows = session
+        .query_unpaged(
+            "SELECT user_id FROM user_addresses WHERE address = 'ceo@corp.example'",
+            (),
+        )
+        .await
+        .expect("CQL runs")
+        .into_rows_result()
+        .expect("rows")
+        .rows_num();
+    assert_eq!(rows, 0, "the display name's address row stays");
+    drop(store);
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}
+
 /// A send whose nonce could not be claimed wrote nothing of its signal, and nothing of it will be
 /// written later: the store says so ([`StoreError::NotWritten`]), so the send gives its
 /// attachments back at once, and the client's retry is not refused while they wait to be taken

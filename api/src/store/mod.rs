@@ -1102,6 +1102,18 @@ pub fn address_terms(user: &User) -> Vec<String> {
     terms
 }
 
+/// The address terms an earlier version may have written for `user` as stored: also their
+/// display name when it looks like an address. What a write of the user takes out, when they
+/// are not among the terms now.
+pub fn address_terms_written_before(user: &User) -> Vec<String> {
+    let mut terms = address_terms(user);
+    let display = normalised(&user.display_name);
+    if looks_like_address(&display) && !terms.contains(&display) {
+        terms.push(display);
+    }
+    terms
+}
+
 /// The smallest of `user`'s prefix terms that `query` begins.
 fn smallest_match(user: &User, query: &str) -> Option<String> {
     search_terms(user)

@@ -46,8 +46,8 @@ use super::{
     CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, LEFT_CHATS_KEPT, LeftChat,
     ListedCall, MarkerKind, MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter,
     PendingCallSignal, Slot, SlotWrite, SmallObjectInfo, Store, StoreError, UNREAD_SCAN_LIMIT,
-    UnreadQuery, address_terms, claim_orphaned, created_at, from_millis, looks_like_address,
-    millis, parse, search_terms, stored_text, text_and_call,
+    UnreadQuery, address_terms, address_terms_written_before, claim_orphaned, created_at,
+    from_millis, looks_like_address, millis, parse, search_terms, stored_text, text_and_call,
 };
 
 /// How many of a chat's newest signals [`Store::count_unreads`] reads at once; a chat with more
@@ -1868,7 +1868,7 @@ impl Store for CqlStore {
 
     async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
         let (old_terms, old_addresses) = match self.get_user(user.id).await? {
-            Some(old) => (search_terms(&old), address_terms(&old)),
+            Some(old) => (search_terms(&old), address_terms_written_before(&old)),
             None => (Vec::new(), Vec::new()),
         };
         let new_terms = search_terms(user);
