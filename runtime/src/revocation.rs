@@ -46,14 +46,15 @@ pub struct Revocation {
 
 impl Revocation {
     /// A revocation of what a logout token names: of a user, their tokens issued up to the
-    /// logout token's own issue (by the same clock; a token from a clock ahead of this one, up to
-    /// `now`). Not up to the time it arrives: the same token posted again later, which a logout
-    /// naming no session gives no way to tell, would end the sessions signed in since.
-    pub fn of_logout(logout: &Logout, now: i64) -> Revocation {
+    /// logout token's own issue, by the provider's clock that stamps them all (a logout token
+    /// is accepted only within the leeway of this process's clock). Not up to the time it
+    /// arrives: the same token posted again later, which a logout naming no session gives no
+    /// way to tell, would end the sessions signed in since.
+    pub fn of_logout(logout: &Logout) -> Revocation {
         Revocation {
             user: logout.user,
             session: logout.session.clone(),
-            before: logout.issued_at.min(now),
+            before: logout.issued_at,
         }
     }
 
@@ -283,12 +284,16 @@ impl Revocations {
                 // shortens what an earlier one kept (a back-channel logout, kept for a token's
                 // lifetime, after a logout everywhere, kept for the session's). Two at once may
                 // both read the older record; the one written last is kept, as before.
-                // Not read, it could be shortened: the revocation fails, and is tried again.
-                let earlier = store
-                    .get(&key)
-                    .await
-                    .map_err(|e| format!("reading the revocation before it: {e}"))?
-                    .and_then(|value| serde_json::from_slice::<Recorded>(&value).ok());
+                // Not read, the earlier one may be shortened; but a logout the provider posts once
+                // must not be lost for it.
+                let earlier = match store.get(&key).await {
+                    Ok(value) => value,
+                    Err(error) => {
+                        tracing::warn!(%error, "the revocation before this one not read; written over");
+                        None
+                    }
+                }
+                .and_then(|value| serde_json::from_slice::<Recorded>(&value).ok());
                 if let Some(earlier) = earlier {
                     recorded.revocation.before =
                         recorded.revocation.before.max(earlier.revocation.before);
@@ -647,7 +652,7 @@ mod tests {
             issued_at: logged_out_at,
         };
         revocations
-            .revoke(Revocation::of_logout(&logout, now()))
+            .revoke(Revocation::of_logout(&logout))
             .await
             .unwrap();
         assert!(revocations.is_revoked(alice, Some("before"), logged_out_at - 1));

@@ -120,7 +120,10 @@ impl ApiState {
             return StatusAnnouncement::Coming;
         };
         let answer = match last.get(&caller).copied() {
-            Some((_, true)) => return StatusAnnouncement::Coming,
+            // Coming, unless its task never came (a runtime stopping, say): then at once.
+            Some((at, true)) if now.duration_since(at) < STATUS_EVENT_INTERVAL * 2 => {
+                return StatusAnnouncement::Coming;
+            }
             Some((at, false)) if now.duration_since(at) < STATUS_EVENT_INTERVAL => {
                 let wait = STATUS_EVENT_INTERVAL - now.duration_since(at);
                 last.insert(caller, (at, true));
@@ -132,9 +135,7 @@ impl ApiState {
             }
         };
         if last.len() > 100_000 {
-            last.retain(|_, (at, coming)| {
-                *coming || now.duration_since(*at) < STATUS_EVENT_INTERVAL
-            });
+            last.retain(|_, (at, _)| now.duration_since(*at) < STATUS_EVENT_INTERVAL * 2);
         }
         answer
     }

@@ -132,7 +132,7 @@ impl ApiState {
         };
         tracing::info!(user = ?logout.user, session = logout.session.is_some(), "back-channel logout");
         // The provider ended what it names: nothing renews in it, a token's lifetime will do.
-        self.revoke(Revocation::of_logout(&logout, now()), Lasting::Tokens)
+        self.revoke(Revocation::of_logout(&logout), Lasting::Tokens)
             .await?;
         // A device is not tied to a session: only the end of all of them takes the user's devices.
         match (logout.user, &logout.session) {
