@@ -3,7 +3,8 @@
 //! requests, on the embedded default and on the real stack. An addition whose `member.joined`
 //! reaches the log after a later removal's `member.left` is followed by another `member.left`;
 //! and a reaction whose event reaches the log after another's is followed by the stored count,
-//! and one that reaches the store after its message's deletion does not stay on it.
+//! and one that reaches the store after its message's deletion does not stay on it. A rename and a
+//! new description made at once both stay.
 
 mod support;
 
@@ -334,3 +335,50 @@ async fn a_reaction_racing_its_messages_deletion_does_not_stay_on_it(stack: Stac
     api.clean_up().await;
 }
 on_both_stacks!(a_reaction_racing_its_messages_deletion_does_not_stay_on_it);
+
+/// A rename and a change of the description at the same time (two devices, or two admins) both
+/// stay: the rename, held until the other change is made, does not write back the description it
+/// read before.
+async fn a_rename_racing_a_new_description_keeps_both(stack: Stack) {
+    use confab_api::domain::chats::ChatChange;
+    use support::held_store::Held;
+    let api = HeldApi::new(stack).await;
+    let alice = api.user("alice").await;
+    let bob = api.user("bob").await;
+    let chat = ChatToCreate::parse(
+        ChatKind::Group,
+        Some("before".into()),
+        Some("old".into()),
+        vec![bob.id],
+    )
+    .unwrap();
+    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
+        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
+    };
+    api.store.hold_next(Held::ChatUpdated);
+    let rename = tokio::spawn({
+        let state = api.state.clone();
+        async move {
+            let change = ChatChange::parse(Some("after".into()), None).unwrap();
+            state.update_chat(alice.id, chat, change).await
+        }
+    });
+    api.store.gate.arrived(1).await;
+    let change = ChatChange::parse(None, Some("new".into())).unwrap();
+    api.state
+        .update_chat(alice.id, chat, change)
+        .await
+        .expect("describes while the rename waits");
+    api.store.gate.release(1).await;
+    rename.await.unwrap().expect("renames");
+    for reader in [alice.id, bob.id] {
+        let shown = api.state.get_chat(reader, chat).await.unwrap();
+        assert_eq!(
+            (shown.name.as_deref(), shown.description.as_deref()),
+            (Some("after"), Some("new")),
+            "as {reader:?} sees it"
+        );
+    }
+    api.clean_up().await;
+}
+on_both_stacks!(a_rename_racing_a_new_description_keeps_both);

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_api::store::Store;
 use confab_api::store::conformance::{chat_with, message};
 use confab_api::store::cql::{self, CqlOptions, CqlStore, SendParity};
 use confab_api::store::embedded::EmbeddedStore;
+use confab_api::store::{InfoChange, Store};
 
 /// Whether a missing service fails the test (CI) or skips it loudly (a developer without infra/).
 fn services_required() -> bool {
@@ -1213,7 +1213,7 @@ async fn cql_migration_12_copies_chats_into_member_rows() {
     // Renamed since; then a member joins as the build before joined them (a row without copies),
     // and is listed from the chat's row.
     store
-        .update_chat(chat, Some("after"), None)
+        .update_chat(chat, InfoChange::both(Some("after"), None))
         .await
         .expect("renames");
     let late = UserId(uuid::Uuid::new_v4());
@@ -1265,7 +1265,7 @@ async fn cql_a_cleared_name_is_not_undone_by_an_older_copy() {
     let (alice, late) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
     let chat = chat_with(&store, alice, &[]).await;
     store
-        .update_chat(chat, Some("named"), Some("about"))
+        .update_chat(chat, InfoChange::both(Some("named"), Some("about")))
         .await
         .expect("renames");
     let session = store.session();
@@ -1283,7 +1283,10 @@ async fn cql_a_cleared_name_is_not_undone_by_an_older_copy() {
         .expect("rows")
         .first_row()
         .expect("a row");
-    store.update_chat(chat, None, None).await.expect("clears");
+    store
+        .update_chat(chat, InfoChange::both(None, None))
+        .await
+        .expect("clears");
     store
         .put_member(
             chat,

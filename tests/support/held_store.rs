@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use confab_api::store::{
-    CallRecord, ChatActivity, ChatEntry, Inserted, LeftChat, ListedCall, MarkerKind, MemberPut,
-    NewChat, OutboxEntry, OutboxWriter, PendingCallSignal, Slot, SlotWrite, SmallObjectInfo, Store,
-    StoreError,
+    CallRecord, ChatActivity, ChatEntry, InfoChange, Inserted, LeftChat, ListedCall, MarkerKind,
+    MemberPut, NewChat, OutboxEntry, OutboxWriter, PendingCallSignal, Slot, SlotWrite,
+    SmallObjectInfo, Store, StoreError,
 };
 use confab_runtime::bus::{Bus, BusError, ChatFilter, Page, ReadError};
 use confab_schema::call::{CallState, CallStatus};
@@ -92,6 +92,8 @@ pub enum Held {
     BlobRefsAdded,
     /// A reaction stored (`Store::add_reaction`).
     ReactionAdded,
+    /// A chat's name or description changed (`Store::update_chat`).
+    ChatUpdated,
 }
 
 /// What a [`HeldStore`] does with a write it names.
@@ -400,13 +402,9 @@ impl Store for HeldStore {
     async fn get_chat(&self, id: ChatId) -> Result<Option<Chat>, StoreError> {
         self.inner.get_chat(id).await
     }
-    async fn update_chat(
-        &self,
-        id: ChatId,
-        name: Option<&str>,
-        description: Option<&str>,
-    ) -> Result<(), StoreError> {
-        self.inner.update_chat(id, name, description).await
+    async fn update_chat(&self, id: ChatId, change: InfoChange<'_>) -> Result<(), StoreError> {
+        self.through(Held::ChatUpdated, self.inner.update_chat(id, change))
+            .await
     }
     async fn member_role(
         &self,

@@ -16,7 +16,7 @@ use super::paging::{Page, Pager};
 use super::rules;
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
-use crate::store::{ChatActivity, ChatEntry, NewChat, UNREAD_CAP, UnreadQuery};
+use crate::store::{ChatActivity, ChatEntry, InfoChange, NewChat, UNREAD_CAP, UnreadQuery};
 
 /// A chat to create, checked.
 #[derive(Clone, Debug)]
@@ -241,19 +241,20 @@ impl ApiState {
     ) -> ApiResult<Chat> {
         let (role, chat) = self.member_of(chat_id, caller).await?;
         rules::may_change_chat(role, chat.kind)?;
-        let renamed = change.name.is_some();
-        let name = change.name.map(ChatName::into_inner).or(chat.name.clone());
-        let description = match change.description {
-            Some(DescriptionChange::Clear) => None,
-            Some(DescriptionChange::Set(description)) => Some(description.into_inner()),
-            None => chat.description.clone(),
-        };
+        let name = change.name.map(ChatName::into_inner);
+        let description = change.description.map(|change| match change {
+            DescriptionChange::Clear => None,
+            DescriptionChange::Set(description) => Some(description.into_inner()),
+        });
         let envelope = Envelope::new(chat_id, Event::ChatUpdated(Box::new(chat.clone())));
         let intent = self.outbox.intend(&*self.store, &envelope).await?;
-        self.store
-            .update_chat(chat_id, name.as_deref(), description.as_deref())
-            .await?;
-        if renamed && name != chat.name {
+        // Only what the request changes: a change of the other field made meanwhile stays.
+        let stored_change = InfoChange {
+            name: name.as_deref().map(Some),
+            description: description.as_ref().map(Option::as_deref),
+        };
+        self.store.update_chat(chat_id, stored_change).await?;
+        if name.is_some() && name != chat.name {
             self.record_system_signal(chat_id, SignalKind::Renamed, caller, name.clone())
                 .await;
         }

@@ -13,8 +13,9 @@ use time::OffsetDateTime;
 use uuid::{Timestamp, Uuid};
 
 use super::{
-    CLAIM_ORPHANED_AFTER, ChatActivity, Inserted, MarkerKind, MemberPut, NewChat, Slot, SlotState,
-    SlotWrite, SmallObjectInfo, Store, UNREAD_CAP, UNREAD_SCAN_LIMIT, circle_pool, search_users,
+    CLAIM_ORPHANED_AFTER, ChatActivity, InfoChange, Inserted, MarkerKind, MemberPut, NewChat, Slot,
+    SlotState, SlotWrite, SmallObjectInfo, Store, UNREAD_CAP, UNREAD_SCAN_LIMIT, circle_pool,
+    search_users,
 };
 use confab_schema::CircleId;
 use confab_schema::Member;
@@ -61,6 +62,7 @@ macro_rules! store_conformance_tests {
             signals_and_counts_across_chats,
             chat_entries_show_role_latest_and_marker,
             a_rename_shows_in_every_members_entry,
+            a_change_of_one_field_keeps_the_other,
             the_chat_list_is_the_activity_order_with_entries,
             unread_counts_are_capped_and_the_scan_bounded,
             unread_counts_asked_together_are_the_counts_alone,
@@ -661,7 +663,7 @@ pub async fn membership_changes(store: Arc<dyn Store>) {
     assert_eq!(store.members(chat).await.unwrap().len(), 8);
 
     store
-        .update_chat(chat, Some("renamed"), Some("about"))
+        .update_chat(chat, InfoChange::both(Some("renamed"), Some("about")))
         .await
         .unwrap();
     let updated = store.get_chat(chat).await.unwrap().unwrap();
@@ -2117,6 +2119,62 @@ pub async fn chat_entries_show_role_latest_and_marker(store: Arc<dyn Store>) {
     );
 }
 
+/// A change of the name leaves the description as stored, and the other way round, in the chat
+/// and in every member's list: two members who change one each at the same time keep both.
+pub async fn a_change_of_one_field_keeps_the_other(store: Arc<dyn Store>) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let store = &*store;
+    let chat = chat_with(store, alice.id, &[bob.id]).await;
+    let hello = message(chat, alice.id, None, "hello");
+    store.insert_signal(&hello).await.unwrap();
+    store
+        .touch_chat(chat, &[alice.id, bob.id], hello.id, Some(&hello))
+        .await
+        .unwrap();
+    store
+        .update_chat(chat, InfoChange::both(Some("before"), Some("about")))
+        .await
+        .unwrap();
+    let shown = async |expected: (Option<&str>, Option<&str>)| {
+        let stored = store.get_chat(chat).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.name.as_deref(), stored.description.as_deref()),
+            expected,
+            "the chat"
+        );
+        for reader in [alice.id, bob.id] {
+            let listed = store.chat_list(reader, None, 10).await.unwrap();
+            let entry = listed[0].1.as_ref().expect("an entry");
+            assert_eq!(
+                (
+                    entry.chat.name.as_deref(),
+                    entry.chat.description.as_deref()
+                ),
+                expected,
+                "the list of {reader:?}"
+            );
+        }
+    };
+    let renamed = InfoChange {
+        name: Some(Some("after")),
+        description: None,
+    };
+    store.update_chat(chat, renamed).await.unwrap();
+    shown((Some("after"), Some("about"))).await;
+    let described = InfoChange {
+        name: None,
+        description: Some(Some("new about")),
+    };
+    store.update_chat(chat, described).await.unwrap();
+    shown((Some("after"), Some("new about"))).await;
+    let cleared = InfoChange {
+        name: None,
+        description: Some(None),
+    };
+    store.update_chat(chat, cleared).await.unwrap();
+    shown((Some("after"), None)).await;
+}
+
 /// A rename shows in every member's entry and chat list, also in those of a member who joins
 /// after it; renamed again, the newest name and description show.
 pub async fn a_rename_shows_in_every_members_entry(store: Arc<dyn Store>) {
@@ -2130,7 +2188,7 @@ pub async fn a_rename_shows_in_every_members_entry(store: Arc<dyn Store>) {
         .await
         .unwrap();
     store
-        .update_chat(chat, Some("renamed"), Some("about"))
+        .update_chat(chat, InfoChange::both(Some("renamed"), Some("about")))
         .await
         .unwrap();
     store
@@ -2171,7 +2229,10 @@ pub async fn a_rename_shows_in_every_members_entry(store: Arc<dyn Store>) {
         let entry = listed[0].1.as_ref().expect("an entry");
         assert_eq!(shown(entry), expected, "list of {reader:?}");
     }
-    store.update_chat(chat, Some("again"), None).await.unwrap();
+    store
+        .update_chat(chat, InfoChange::both(Some("again"), None))
+        .await
+        .unwrap();
     for reader in everyone {
         let listed = store.chat_list(reader, None, 10).await.unwrap();
         let entry = listed[0].1.as_ref().expect("an entry");

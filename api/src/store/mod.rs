@@ -184,6 +184,24 @@ pub(crate) fn text_and_call(
     ))
 }
 
+/// A change of a chat's name and description ([`Store::update_chat`]). A field left `None` is
+/// kept as stored; `Some(None)` clears it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InfoChange<'a> {
+    pub name: Option<Option<&'a str>>,
+    pub description: Option<Option<&'a str>>,
+}
+
+impl<'a> InfoChange<'a> {
+    /// Both fields set (or cleared) to these.
+    pub fn both(name: Option<&'a str>, description: Option<&'a str>) -> InfoChange<'a> {
+        InfoChange {
+            name: Some(name),
+            description: Some(description),
+        }
+    }
+}
+
 /// How long a nonce protects against a repeated send when no setting says otherwise. Retries come
 /// within seconds or minutes; an hour also covers a client that lost a response and came back later.
 pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(3_600);
@@ -369,13 +387,9 @@ pub trait Store: Send + Sync + 'static {
     async fn create_chat(&self, chat: &NewChat) -> Result<(), StoreError>;
     /// A chat as stored (`my_role`, `latest_signal` and `unread_count` left empty).
     async fn get_chat(&self, id: ChatId) -> Result<Option<Chat>, StoreError>;
-    /// Sets the chat's name and description.
-    async fn update_chat(
-        &self,
-        id: ChatId,
-        name: Option<&str>,
-        description: Option<&str>,
-    ) -> Result<(), StoreError>;
+    /// Changes the chat's name, description or both, leaving the other as it is: two changes
+    /// made at once, one of the name and one of the description, both stay.
+    async fn update_chat(&self, id: ChatId, change: InfoChange<'_>) -> Result<(), StoreError>;
     async fn member_role(
         &self,
         chat: ChatId,

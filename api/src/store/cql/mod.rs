@@ -43,8 +43,8 @@ use futures::{StreamExt, TryFutureExt, TryStreamExt};
 use confab_schema::call::CallStatus;
 
 use super::{
-    CallRecord, ChatActivity, ChatEntry, GuardedChange, Inserted, LEFT_CHATS_KEPT, LeftChat,
-    ListedCall, MarkerKind, MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter,
+    CallRecord, ChatActivity, ChatEntry, GuardedChange, InfoChange, Inserted, LEFT_CHATS_KEPT,
+    LeftChat, ListedCall, MarkerKind, MemberPut, MemberWrite, NewChat, OutboxEntry, OutboxWriter,
     PendingCallSignal, Slot, SlotWrite, SmallObjectInfo, Store, StoreError, UNREAD_SCAN_LIMIT,
     UnreadQuery, address_terms, address_terms_written_before, claim_orphaned, created_at,
     from_millis, looks_like_address, millis, parse, search_terms, stored_text, text_and_call,
@@ -2499,35 +2499,54 @@ impl Store for CqlStore {
             .collect())
     }
 
-    async fn update_chat(
-        &self,
-        id: ChatId,
-        name: Option<&str>,
-        description: Option<&str>,
-    ) -> Result<(), StoreError> {
+    async fn update_chat(&self, id: ChatId, change: InfoChange<'_>) -> Result<(), StoreError> {
         let Some(before) = self.chat_info(id).await? else {
             return Ok(());
         };
         // Later than what it replaces, whatever this process's clock says; the members' copies
-        // are written with the same timestamp.
+        // are written with the same timestamp. Only the changed columns are written, here and in
+        // the copies: a change of the other column made at the same time stays.
         let info = ChatInfo {
-            name: name.map(str::to_owned),
-            description: description.map(str::to_owned),
+            name: change
+                .name
+                .map_or(before.name.clone(), |name| name.map(str::to_owned)),
+            description: change
+                .description
+                .map_or(before.description.clone(), |d| d.map(str::to_owned)),
             written: now_micros().max(before.written + 1),
             ..before
         };
+        fn column(changed: Option<Option<&str>>) -> MaybeUnset<Option<&str>> {
+            changed.map_or(MaybeUnset::Unset, MaybeUnset::Set)
+        }
         self.session
             .execute_unpaged(
                 &self.statements.update_chat,
-                (info.written, name, description, info.written, id.0),
+                (
+                    info.written,
+                    column(change.name),
+                    column(change.description),
+                    info.written,
+                    id.0,
+                ),
             )
             .await
             .map_err(unavailable)?;
         // Members read after the write: a member added meanwhile either is among them or copies
         // the chat's row after this write (`copy_info_to`, which reads after its own write).
         let members = self.members(id).await?;
+        let info = &info;
         futures::stream::iter(members)
-            .map(|member| self.write_info_copy(id, member.user_id, &info))
+            .map(|member| async move {
+                self.session
+                    .execute_unpaged(
+                        &self.statements.copy_chat_info,
+                        info.change_values(member.user_id, id, change),
+                    )
+                    .await
+                    .map_err(unavailable)
+                    .map(drop)
+            })
             .buffer_unordered(32)
             .try_collect::<Vec<()>>()
             .await?;
@@ -4710,6 +4729,39 @@ impl ChatInfo {
             self.created_by,
             user.0,
             chat.0,
+        )
+    }
+
+    /// The values of `copy_chat_info` that carry `change` into `user`'s row of `chat`: only the
+    /// columns it changes, so that a copy of another change, made at the same time, stays.
+    #[allow(clippy::type_complexity)]
+    fn change_values<'a>(
+        &'a self,
+        user: UserId,
+        chat: ChatId,
+        change: InfoChange<'_>,
+    ) -> (
+        i64,
+        &'a str,
+        MaybeUnset<Option<&'a str>>,
+        MaybeUnset<Option<&'a str>>,
+        CqlTimestamp,
+        Uuid,
+        Uuid,
+        Uuid,
+    ) {
+        let (written, kind, name, description, created_at, created_by, user, chat) =
+            self.copy_values(user, chat, true);
+        let only = |changed: bool, value| if changed { value } else { MaybeUnset::Unset };
+        (
+            written,
+            kind,
+            only(change.name.is_some(), name),
+            only(change.description.is_some(), description),
+            created_at,
+            created_by,
+            user,
+            chat,
         )
     }
 }

@@ -26,7 +26,7 @@ use uuid::Uuid;
 use confab_schema::call::CallStatus;
 
 use super::{
-    CallRecord, ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, Inserted,
+    CallRecord, ChatActivity, ChatEntry, DEFAULT_NONCE_TTL, GuardedChange, InfoChange, Inserted,
     LEFT_CHATS_KEPT, LeftChat, ListedCall, MarkerKind, MemberPut, MemberWrite, NewChat,
     OutboxEntry, OutboxWriter, PendingCallSignal, Slot, SlotState, SlotWrite, SmallObjectInfo,
     Store, StoreError, UNREAD_SCAN_LIMIT, address_terms, circle_pool, claim_orphaned, created_at,
@@ -1038,20 +1038,27 @@ impl Store for EmbeddedStore {
             .collect()
     }
 
-    async fn update_chat(
-        &self,
-        id: ChatId,
-        name: Option<&str>,
-        description: Option<&str>,
-    ) -> Result<(), StoreError> {
-        let (name, description) = (name.map(str::to_owned), description.map(str::to_owned));
+    async fn update_chat(&self, id: ChatId, change: InfoChange<'_>) -> Result<(), StoreError> {
+        let owned = |changed: Option<Option<&str>>| changed.map(|value| value.map(str::to_owned));
+        let (name, description) = (owned(change.name), owned(change.description));
         self.with(move |c| {
-            c.execute(
-                "UPDATE chats SET name = ?2, description = ?3 WHERE id = ?1",
-                params![blob(id.0), name, description],
-            )
-            .map_err(unavailable)?;
-            Ok(())
+            // Only the changed columns: a change of the other one made at the same time stays.
+            let tx = c.transaction().map_err(unavailable)?;
+            if let Some(name) = name {
+                tx.execute(
+                    "UPDATE chats SET name = ?2 WHERE id = ?1",
+                    params![blob(id.0), name],
+                )
+                .map_err(unavailable)?;
+            }
+            if let Some(description) = description {
+                tx.execute(
+                    "UPDATE chats SET description = ?2 WHERE id = ?1",
+                    params![blob(id.0), description],
+                )
+                .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)
         })
         .await
     }
