@@ -208,18 +208,27 @@ impl Bus for NatsBus {
     }
 
     async fn subscribe(&self) -> Result<BoxStream<'static, LoggedEvent>, BusError> {
+        // The ordered consumer recreates itself after a gap or a reconnect and resumes after the
+        // last sequence it delivered, so the stream has no gap; it ends only on a terminal error.
+        // But one that has delivered nothing yet comes back from the start of the stream (the
+        // client's recreation asks for every message when it has none), so a node that was quiet
+        // through a NATS restart would hand its clients a day of past events as new ones: what
+        // is at or below the log's end when the subscription began, or already delivered, is
+        // passed over.
+        let (_, floor) = self.bounds().await?;
         let consumer = self
             .stream()
             .await?
             .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::New,
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: floor + 1,
+                },
                 ..Default::default()
             })
             .await
             .map_err(unavailable)?;
         let messages = consumer.messages().await.map_err(unavailable)?;
-        // The ordered consumer recreates itself after a gap or a reconnect and resumes after the
-        // last sequence it delivered, so the stream has no gap; it ends only on a terminal error.
+        let mut delivered = floor;
         Ok(messages
             .take_while(|message| {
                 let alive = match message {
@@ -231,10 +240,16 @@ impl Bus for NatsBus {
                 };
                 async move { alive }
             })
-            .filter_map(|message| async move {
-                let message = message.ok()?;
-                let seq = message.info().ok()?.stream_sequence;
-                decode(seq, message.subject.as_str(), &message.payload)
+            .filter_map(move |message| {
+                let event = message.ok().and_then(|message| {
+                    let seq = message.info().ok()?.stream_sequence;
+                    if seq <= delivered {
+                        return None;
+                    }
+                    delivered = seq;
+                    decode(seq, message.subject.as_str(), &message.payload)
+                });
+                std::future::ready(event)
             })
             .boxed())
     }
