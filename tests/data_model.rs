@@ -536,6 +536,15 @@ async fn data_model(stack: Stack) {
         .status(),
         422
     );
+    // Nobody moderates a direct chat: each of its two owners deletes only their own messages.
+    let carols = send(&app, &carol, &direct, "mine to take back").await;
+    let carols_id = carols["id"].as_str().unwrap();
+    let carols = format!("/v1/chats/{direct}/signals/{carols_id}");
+    assert_eq!(app.delete(&bob, &carols).await.status(), 403);
+    let history = all_pages(&app, &bob, &format!("/v1/chats/{direct}/signals"), 50).await;
+    let kept = history.iter().find(|s| s["id"] == carols_id).unwrap();
+    assert_eq!(kept["text"], "mine to take back", "{kept}");
+    assert_eq!(app.delete(&carol, &carols).await.status(), 200);
 
     app.stop().await;
 }

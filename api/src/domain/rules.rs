@@ -34,11 +34,17 @@ pub fn not_editable() -> ApiError {
     ApiError::Unprocessable("only messages that are not deleted can be edited".into())
 }
 
-/// The author, an owner or an admin deletes a message.
-pub fn may_delete(caller: UserId, role: MemberRole, signal: &Signal) -> ApiResult<()> {
-    if signal.author_id != caller && !role.is_admin() {
+/// The author, or a group's owner or admin, deletes a message. A direct chat has no moderators:
+/// its two members (both owners) delete only their own, so neither can erase what the other said.
+pub fn may_delete(
+    caller: UserId,
+    role: MemberRole,
+    kind: ChatKind,
+    signal: &Signal,
+) -> ApiResult<()> {
+    if signal.author_id != caller && (!role.is_admin() || kind == ChatKind::Direct) {
         return Err(ApiError::Forbidden(
-            "only the author or an admin deletes a signal",
+            "only the author or a group's admin deletes a signal",
         ));
     }
     if signal.kind != SignalKind::Message {
@@ -272,26 +278,25 @@ mod tests {
         };
         assert_eq!(status(may_edit(user("alice"), &joined)), 422);
 
-        assert_eq!(
-            status(may_delete(user("alice"), MemberRole::Member, &mine)),
-            200
-        );
-        assert_eq!(
-            status(may_delete(user("bob"), MemberRole::Member, &mine)),
-            403
-        );
-        assert_eq!(
-            status(may_delete(user("bob"), MemberRole::Admin, &mine)),
-            200
-        );
-        assert_eq!(
-            status(may_delete(user("bob"), MemberRole::Owner, &mine)),
-            200
-        );
-        assert_eq!(
-            status(may_delete(user("alice"), MemberRole::Owner, &joined)),
-            422
-        );
+        use ChatKind::{Direct, Group};
+        for kind in [Group, Direct] {
+            assert_eq!(
+                status(may_delete(user("alice"), MemberRole::Member, kind, &mine)),
+                200
+            );
+            assert_eq!(
+                status(may_delete(user("bob"), MemberRole::Member, kind, &mine)),
+                403
+            );
+            assert_eq!(
+                status(may_delete(user("alice"), MemberRole::Owner, kind, &joined)),
+                422
+            );
+        }
+        for role in [MemberRole::Admin, MemberRole::Owner] {
+            assert_eq!(status(may_delete(user("bob"), role, Group, &mine)), 200);
+            assert_eq!(status(may_delete(user("bob"), role, Direct, &mine)), 403);
+        }
     }
 
     #[test]

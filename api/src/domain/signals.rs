@@ -355,7 +355,7 @@ impl ApiState {
         Ok(signal)
     }
 
-    /// Deletes a message (its author, or an owner or admin): history keeps a tombstone without
+    /// Deletes a message (its author, or a group's owner or admin): history keeps a tombstone without
     /// text. Deleting it again answers the tombstone, and finishes whatever a deletion that failed
     /// after writing it left undone (the nonce's record, the chat list's copies, the event).
     pub async fn delete_message(
@@ -364,9 +364,9 @@ impl ApiState {
         chat: ChatId,
         id: SignalId,
     ) -> ApiResult<Signal> {
-        let role = self.require_member(chat, caller).await?;
+        let (role, stored_chat) = self.member_of(chat, caller).await?;
         let signal = self.load_signal(chat, id).await?;
-        rules::may_delete(caller, role, &signal)?;
+        rules::may_delete(caller, role, stored_chat.kind, &signal)?;
         // Attachments first: a deletion that fails half-way hides them, and its retry (which
         // finds the tombstone) hides them again.
         self.hide_attachments(&signal).await?;

@@ -146,7 +146,7 @@ pub async fn edit(
     ))
 }
 
-/// Deletes a message (its author, or an owner or admin): history keeps a tombstone without text.
+/// Deletes a message (its author, or a group's owner or admin; in a direct chat only its author): history keeps a tombstone without text.
 #[utoipa::path(
     delete, operation_id = "delete_signal", path = "/v1/chats/{chat_id}/signals/{signal_id}", tag = "signals",
     params(("chat_id" = ChatId, Path, description = "The chat"), ("signal_id" = SignalId, Path, description = "The signal")),
