@@ -380,6 +380,46 @@ async fn a_leave_whose_signal_failed_is_finished_by_its_retry(stack: Stack) {
 
 on_both_stacks!(a_leave_whose_signal_failed_is_finished_by_its_retry);
 
+/// A member who joins again while their leave is still under way, and whose join fails before
+/// its `joined` is written: the leave, ending after, does not take away the join's pending record,
+/// so the join's retry still writes its `joined` (the member is in the call; the history must say
+/// so).
+async fn a_rejoin_during_a_leave_keeps_its_pending_join(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let chat = setup.group(&alice, &[&bob]).await;
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
+    setup.state.join_call(bob.id, call.id).await.unwrap();
+
+    setup.store.hold_next(Held::CallSignal(CallState::Left));
+    let leave = tokio::spawn({
+        let state = setup.state.clone();
+        let (bob, call) = (bob.id, call.id);
+        async move { state.leave_call(bob, call).await }
+    });
+    setup.store.gate.arrived(1).await;
+    setup.store.fail_next(Held::CallSignal(CallState::Joined));
+    let failed = setup.state.join_call(bob.id, call.id).await;
+    assert!(failed.is_err(), "the join's signal failed: {failed:?}");
+    setup.store.gate.release(1).await;
+    let left = tokio::time::timeout(DEADLINE, leave)
+        .await
+        .expect("the held leave ends")
+        .unwrap();
+    assert!(left.is_ok(), "{left:?}");
+    let joined = setup.state.join_call(bob.id, call.id).await.unwrap();
+    assert!(joined.participants.contains(&bob.id), "{joined:?}");
+    assert_eq!(
+        setup.states_by(chat, call.id, bob.id).await,
+        [CallState::Joined, CallState::Left, CallState::Joined],
+        "bob is in the call, and the history says so"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_rejoin_during_a_leave_keeps_its_pending_join);
+
 /// An end whose `ended` signal was not written (the write failed, or the status change timed out
 /// after it was made): the call is over all the same, and the sweep writes the signal, once.
 async fn an_end_whose_signal_failed_is_finished_by_the_sweep(stack: Stack) {

@@ -1083,18 +1083,21 @@ impl Store for HeldStore {
         &self,
         id: uuid::Uuid,
         user: UserId,
-        pending: Option<&PendingCallSignal>,
+        pending: &PendingCallSignal,
     ) -> Result<(), StoreError> {
-        match pending {
-            Some(change) => {
-                self.through(
-                    Held::PendingCallSignal(change.state),
-                    self.inner.set_pending_call_signal(id, user, pending),
-                )
-                .await
-            }
-            None => self.inner.set_pending_call_signal(id, user, pending).await,
-        }
+        self.through(
+            Held::PendingCallSignal(pending.state),
+            self.inner.set_pending_call_signal(id, user, pending),
+        )
+        .await
+    }
+    async fn forget_pending_call_signal(
+        &self,
+        id: uuid::Uuid,
+        user: UserId,
+        done: &PendingCallSignal,
+    ) -> Result<(), StoreError> {
+        self.inner.forget_pending_call_signal(id, user, done).await
     }
     async fn list_call(&self, call: &ListedCall) -> Result<(), StoreError> {
         self.inner.list_call(call).await

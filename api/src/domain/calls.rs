@@ -211,7 +211,9 @@ impl ApiState {
             // The caller's last leave stopped before its signal: that comes first.
             self.record_participant_change(&record, caller, leave)
                 .await?;
-            self.store.set_pending_call_signal(id, caller, None).await?;
+            self.store
+                .forget_pending_call_signal(id, caller, &leave)
+                .await?;
             pending = None;
         }
         let unannounced = pending.filter(|p| p.state == CallState::Joined);
@@ -232,10 +234,10 @@ impl ApiState {
                 .set_pending_call_signal(
                     id,
                     caller,
-                    Some(&PendingCallSignal {
+                    &PendingCallSignal {
                         state: CallState::Joined,
                         token,
-                    }),
+                    },
                 )
                 .await?;
             self.store.put_call_participant(id, caller, token).await?
@@ -249,9 +251,12 @@ impl ApiState {
         if !in_call && join.token != token {
             // The pending join is theirs too, not this one's (which may have replaced it).
             self.store
-                .set_pending_call_signal(id, caller, Some(&join))
+                .set_pending_call_signal(id, caller, &join)
                 .await?;
         }
+        // The pending record this join is finished with: the one it stored, or, for a member in
+        // the call already, the one it found.
+        let pending_join = unannounced.filter(|_| in_call).unwrap_or(join);
         if !in_call
             && join.token == token
             && self.present_participants(&record).await?.len() > MAX_CALL_PARTICIPANTS
@@ -261,7 +266,9 @@ impl ApiState {
             // last of those that stay to write read after every other's write, so the call
             // never holds more than the cap (and joins at once may all be refused).
             self.store.remove_call_participant(id, caller).await?;
-            self.store.set_pending_call_signal(id, caller, None).await?;
+            self.store
+                .forget_pending_call_signal(id, caller, &pending_join)
+                .await?;
             return Err(ApiError::Conflict("the call is full".into()));
         }
         // An answer and the ring timeout race on the ringing status; exactly one moves it. Else
@@ -280,12 +287,17 @@ impl ApiState {
         if !status.is_live() {
             // Missed or ended while this answer was on its way.
             self.store.remove_call_participant(id, caller).await?;
-            self.store.set_pending_call_signal(id, caller, None).await?;
+            self.store
+                .forget_pending_call_signal(id, caller, &pending_join)
+                .await?;
             return Err(call_over());
         }
         self.record_participant_change(&record, caller, join)
             .await?;
-        self.store.set_pending_call_signal(id, caller, None).await?;
+        // Only this join's record: a leave of theirs stored since is still to be finished.
+        self.store
+            .forget_pending_call_signal(id, caller, &pending_join)
+            .await?;
         if !in_call {
             participants.push(caller);
         }
@@ -615,7 +627,7 @@ impl ApiState {
         };
         if in_call {
             self.store
-                .set_pending_call_signal(record.id, user, Some(&leave))
+                .set_pending_call_signal(record.id, user, &leave)
                 .await?;
             self.store.remove_call_participant(record.id, user).await?;
         }
@@ -628,8 +640,10 @@ impl ApiState {
         } else {
             record.status
         };
+        // Only this leave's record: a join of theirs stored since (they came back while this
+        // leave was finishing) keeps its own, which its retry needs to write its `joined`.
         self.store
-            .set_pending_call_signal(record.id, user, None)
+            .forget_pending_call_signal(record.id, user, &leave)
             .await?;
         Ok((participants, status))
     }

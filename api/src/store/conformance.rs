@@ -4243,7 +4243,7 @@ pub async fn the_sweepers_list_pages_and_keeps_calls_until_forgotten(store: Arc<
 }
 
 /// A participant's pending call signal is one at a time: a new one replaces the last, and it is
-/// gone once removed.
+/// gone once removed; a removal of one that was replaced since leaves the new one.
 pub async fn pending_call_signals_replace_each_other(store: Arc<dyn Store>) {
     use super::PendingCallSignal;
     use confab_schema::call::CallState;
@@ -4261,7 +4261,7 @@ pub async fn pending_call_signals_replace_each_other(store: Arc<dyn Store>) {
         token: Uuid::now_v7(),
     };
     store
-        .set_pending_call_signal(call, user, Some(&joined))
+        .set_pending_call_signal(call, user, &joined)
         .await
         .expect("stores");
     assert_eq!(
@@ -4274,15 +4274,32 @@ pub async fn pending_call_signals_replace_each_other(store: Arc<dyn Store>) {
         "another participant's is apart"
     );
     store
-        .set_pending_call_signal(call, user, Some(&left))
+        .set_pending_call_signal(call, user, &left)
         .await
         .expect("stores");
     assert_eq!(
         store.pending_call_signal(call, user).await.expect("reads"),
         Some(left)
     );
+    for replaced in [
+        joined,
+        PendingCallSignal {
+            token: joined.token,
+            ..left
+        },
+    ] {
+        store
+            .forget_pending_call_signal(call, user, &replaced)
+            .await
+            .expect("removes nothing");
+        assert_eq!(
+            store.pending_call_signal(call, user).await.expect("reads"),
+            Some(left),
+            "{replaced:?} was replaced: the new one stays"
+        );
+    }
     store
-        .set_pending_call_signal(call, user, None)
+        .forget_pending_call_signal(call, user, &left)
         .await
         .expect("removes");
     assert_eq!(

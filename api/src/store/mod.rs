@@ -977,13 +977,22 @@ pub trait Store: Send + Sync + 'static {
         id: Uuid,
         user: UserId,
     ) -> Result<Option<PendingCallSignal>, StoreError>;
-    /// Stores (`Some`, in place of any other) or removes (`None`) the join or leave of `user` in
-    /// call `id` whose signal may not be written yet.
+    /// Stores, in place of any other, the join or leave of `user` in call `id` whose signal may
+    /// not be written yet.
     async fn set_pending_call_signal(
         &self,
         id: Uuid,
         user: UserId,
-        pending: Option<&PendingCallSignal>,
+        pending: &PendingCallSignal,
+    ) -> Result<(), StoreError>;
+    /// Removes the pending join or leave of `user` in call `id` if it is still `done` (same state
+    /// and token): a change of theirs stored since (a join while their leave was finishing) keeps
+    /// its record, which its retry needs.
+    async fn forget_pending_call_signal(
+        &self,
+        id: Uuid,
+        user: UserId,
+        done: &PendingCallSignal,
     ) -> Result<(), StoreError>;
     /// Lists a call for the sweeper, due at `call.due`.
     async fn list_call(&self, call: &ListedCall) -> Result<(), StoreError>;

@@ -41,7 +41,8 @@ pub(super) struct CallStatements {
     delete_ringing: PreparedStatement,
     pending: PreparedStatement,
     insert_pending: PreparedStatement,
-    delete_pending: PreparedStatement,
+    pending_written: PreparedStatement,
+    delete_pending_written: PreparedStatement,
     insert_live: PreparedStatement,
     live_of_chat: PreparedStatement,
     delete_live: PreparedStatement,
@@ -118,8 +119,13 @@ impl CallStatements {
                 "INSERT INTO pending_call_signals (call_id, user_id, state, change_id) VALUES (?, ?, ?, ?)",
             )
             .await?,
-            delete_pending: prepare(
-                "DELETE FROM pending_call_signals WHERE call_id = ? AND user_id = ?",
+            pending_written: prepare(
+                "SELECT state, change_id, WRITETIME(change_id) FROM pending_call_signals WHERE call_id = ? AND user_id = ?",
+            )
+            .await?,
+            // With the timestamp of the record it removes: a record written after it stays.
+            delete_pending_written: prepare(
+                "DELETE FROM pending_call_signals USING TIMESTAMP ? WHERE call_id = ? AND user_id = ?",
             )
             .await?,
             insert_live: prepare("INSERT INTO live_calls (chat_id, call_id) VALUES (?, ?)").await?,
@@ -490,25 +496,42 @@ impl CqlStore {
         &self,
         id: Uuid,
         user: UserId,
-        pending: Option<&PendingCallSignal>,
+        pending: &PendingCallSignal,
     ) -> Result<(), StoreError> {
-        let s = &self.calls;
-        match pending {
-            Some(pending) => {
-                self.session
-                    .execute_unpaged(
-                        &s.insert_pending,
-                        (id, user.0, pending.state.as_str(), pending.token),
-                    )
-                    .await
-            }
-            None => {
-                self.session
-                    .execute_unpaged(&s.delete_pending, (id, user.0))
-                    .await
-            }
+        self.session
+            .execute_unpaged(
+                &self.calls.insert_pending,
+                (id, user.0, pending.state.as_str(), pending.token),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub(super) async fn cql_forget_pending_call_signal(
+        &self,
+        id: Uuid,
+        user: UserId,
+        done: &PendingCallSignal,
+    ) -> Result<(), StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.calls.pending_written, (id, user.0))
+            .await
+            .map_err(unavailable)?;
+        type Written = (Option<String>, Option<Uuid>, Option<i64>);
+        let Some((Some(state), Some(token), Some(written))) =
+            rows::<Written>(result)?.into_iter().next()
+        else {
+            return Ok(());
+        };
+        if token != done.token || state != done.state.as_str() {
+            return Ok(());
         }
-        .map_err(unavailable)?;
+        self.session
+            .execute_unpaged(&self.calls.delete_pending_written, (written, id, user.0))
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 

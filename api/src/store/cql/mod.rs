@@ -3945,9 +3945,18 @@ impl Store for CqlStore {
         &self,
         id: Uuid,
         user: UserId,
-        pending: Option<&PendingCallSignal>,
+        pending: &PendingCallSignal,
     ) -> Result<(), StoreError> {
         self.cql_set_pending_call_signal(id, user, pending).await
+    }
+
+    async fn forget_pending_call_signal(
+        &self,
+        id: Uuid,
+        user: UserId,
+        done: &PendingCallSignal,
+    ) -> Result<(), StoreError> {
+        self.cql_forget_pending_call_signal(id, user, done).await
     }
 
     async fn list_call(&self, call: &ListedCall) -> Result<(), StoreError> {

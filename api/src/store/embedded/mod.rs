@@ -2297,26 +2297,44 @@ impl Store for EmbeddedStore {
         &self,
         id: Uuid,
         user: UserId,
-        pending: Option<&PendingCallSignal>,
+        pending: &PendingCallSignal,
     ) -> Result<(), StoreError> {
-        let pending = pending.copied();
+        let pending = *pending;
         self.with(move |c| {
-            match pending {
-                Some(pending) => c.execute(
-                    "INSERT OR REPLACE INTO pending_call_signals (call_id, user_id, state, change_id)
-                     VALUES (?1, ?2, ?3, ?4)",
-                    params![
-                        blob(id),
-                        blob(user.0),
-                        pending.state.as_str(),
-                        blob(pending.token)
-                    ],
-                ),
-                None => c.execute(
-                    "DELETE FROM pending_call_signals WHERE call_id = ?1 AND user_id = ?2",
-                    params![blob(id), blob(user.0)],
-                ),
-            }
+            c.execute(
+                "INSERT OR REPLACE INTO pending_call_signals (call_id, user_id, state, change_id)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    blob(id),
+                    blob(user.0),
+                    pending.state.as_str(),
+                    blob(pending.token)
+                ],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn forget_pending_call_signal(
+        &self,
+        id: Uuid,
+        user: UserId,
+        done: &PendingCallSignal,
+    ) -> Result<(), StoreError> {
+        let done = *done;
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM pending_call_signals
+                 WHERE call_id = ?1 AND user_id = ?2 AND state = ?3 AND change_id = ?4",
+                params![
+                    blob(id),
+                    blob(user.0),
+                    done.state.as_str(),
+                    blob(done.token)
+                ],
+            )
             .map_err(unavailable)?;
             Ok(())
         })
