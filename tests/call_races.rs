@@ -420,6 +420,52 @@ async fn a_rejoin_during_a_leave_keeps_its_pending_join(stack: Stack) {
 
 on_both_stacks!(a_rejoin_during_a_leave_keeps_its_pending_join);
 
+/// A member taken out of a chat is taken out of its calls as best it can be; when that fails and
+/// they were the last one in, the call is left answered with nobody in it. It ends when next read:
+/// a new start rings as a new call instead of quietly joining the empty one.
+async fn an_answered_call_nobody_is_left_in_ends(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let carol = setup.user("carol").await;
+    let chat = setup.group(&alice, &[&bob, &carol]).await;
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
+    setup.state.join_call(bob.id, call.id).await.unwrap();
+    setup.state.leave_call(alice.id, call.id).await.unwrap();
+
+    setup.store.fail_next(Held::CallParticipant(false));
+    setup
+        .state
+        .remove_member(alice.id, chat, bob.id)
+        .await
+        .expect("bob is removed; taking him out of the call fails");
+    let again = setup.state.start_call(&carol, chat).await.unwrap();
+    assert!(
+        matches!(again, Outcome::Created(_)),
+        "a new call rings: {again:?}"
+    );
+    let again = the_call(again);
+    assert_ne!(again.id, call.id);
+    assert_eq!(again.status, CallStatus::Ringing);
+    assert_eq!(
+        setup
+            .state
+            .get_call(alice.id, call.id)
+            .await
+            .unwrap()
+            .status,
+        CallStatus::Ended
+    );
+    assert_eq!(
+        setup.states_by(chat, call.id, alice.id).await,
+        [CallState::Started, CallState::Left, CallState::Ended],
+        "the empty call's end is in the history"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(an_answered_call_nobody_is_left_in_ends);
+
 /// An end whose `ended` signal was not written (the write failed, or the status change timed out
 /// after it was made): the call is over all the same, and the sweep writes the signal, once.
 async fn an_end_whose_signal_failed_is_finished_by_the_sweep(stack: Stack) {

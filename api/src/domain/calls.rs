@@ -648,6 +648,30 @@ impl ApiState {
         Ok((participants, status))
     }
 
+    /// `record`, ended if it was answered and nobody is in it any more: a member taken out of
+    /// the chat is taken out of its calls as best it can be (`leave_calls_of_chat`), and when that
+    /// failed for the last one in, no leave ended the call. Without this, the call would stay
+    /// answered for good, and the chat's next start would join it without ringing anyone. As with
+    /// [`ApiState::rung_out`], the repair never fails the read.
+    async fn ended_if_nobody_is_in(&self, record: CallRecord) -> CallRecord {
+        if record.status != CallStatus::Active {
+            return record;
+        }
+        let ended = async {
+            if !self.present_participants(&record).await?.is_empty() {
+                return Ok(record.status);
+            }
+            self.finish(&record).await
+        };
+        match ended.await {
+            Ok(status) => CallRecord { status, ..record },
+            Err(error) => {
+                tracing::debug!(%error, call = %record.id, "an answered call nobody is in was not ended");
+                record
+            }
+        }
+    }
+
     /// `record`, with the participants who went away taken out: those but `here` (the caller,
     /// present by their request) who have had no live event stream for the disconnect grace,
     /// counting from the call's start at the earliest, as the notifiers' presence records show.
@@ -657,6 +681,7 @@ impl ApiState {
     /// grace is looked at, so a call's first minutes cost no presence reads; and, as with
     /// [`ApiState::rung_out`], the repair never fails the read, which then shows the call as read.
     async fn without_the_gone(&self, record: CallRecord, here: UserId) -> CallRecord {
+        let record = self.ended_if_nobody_is_in(record).await;
         let grace = self.calls.disconnect_grace;
         if record.status != CallStatus::Active
             || OffsetDateTime::now_utc() < record.started_at + grace
