@@ -717,6 +717,63 @@ async fn unanswered_calls_are_missed_on_the_real_stack() {
     }
 }
 
+/// The one called in a direct chat declines a ringing call: it ends for both, with an `ended` in
+/// the history, instead of ringing on for the ring time and then being missed. Nobody else is
+/// in a direct chat to end it.
+async fn a_direct_call_is_declined_by_the_one_called(stack: Stack) {
+    let app = support::spawn_app(stack).await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let direct = json_of(
+        app.post(
+            &alice,
+            "/v1/chats",
+            &json!({"kind": "direct", "members": [bob_id]}),
+        )
+        .await,
+        201,
+    )
+    .await;
+    let chat = direct["id"].as_str().unwrap().to_owned();
+    let call = json_of(
+        app.post(&alice, &format!("/v1/chats/{chat}/calls"), &json!({}))
+            .await,
+        201,
+    )
+    .await;
+    let call_id = call["id"].as_str().unwrap().to_owned();
+    assert_eq!(call["status"], "ringing");
+    let declined = json_of(
+        app.post(&bob, &format!("/v1/calls/{call_id}/end"), &json!({}))
+            .await,
+        200,
+    )
+    .await;
+    assert_eq!(declined["status"], "ended", "{declined}");
+    assert_eq!(
+        states_of_now(&app, &alice, &chat, &call_id).await,
+        ["started", "ended"]
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_direct_call_is_declined_by_the_one_called_on_the_embedded_default() {
+    Box::pin(a_direct_call_is_declined_by_the_one_called(Stack::Embedded)).await;
+}
+
+#[tokio::test]
+async fn a_direct_call_is_declined_by_the_one_called_on_the_real_stack() {
+    if support::real_stack_available(
+        "a_direct_call_is_declined_by_the_one_called_on_the_real_stack",
+    )
+    .await
+    {
+        Box::pin(a_direct_call_is_declined_by_the_one_called(Stack::Real)).await;
+    }
+}
+
 async fn turn_credentials(stack: Stack) {
     // Not configured: a 404 problem.
     let bare = support::spawn_app(stack).await;

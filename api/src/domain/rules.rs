@@ -169,17 +169,16 @@ fn owners(members: &[Member]) -> usize {
         .count()
 }
 
-/// Who ends a call for everyone: in a direct chat, either participant (hanging up); in a group, its
-/// starter or an owner or admin. Others leave it.
+/// Who ends a call for everyone: in a direct chat, either member (hanging up, or the one called
+/// declining while it rings); in a group, its starter or an owner or admin. Others leave it.
 pub fn may_end_call(
     caller: UserId,
     role: MemberRole,
     kind: ChatKind,
     started_by: UserId,
-    participant: bool,
 ) -> ApiResult<()> {
     let allowed = match kind {
-        ChatKind::Direct => participant,
+        ChatKind::Direct => true,
         ChatKind::Group => caller == started_by || role.is_admin(),
     };
     if !allowed {
@@ -365,11 +364,10 @@ mod tests {
     #[test]
     fn calls_end_by_their_starter_or_an_admin_and_signal_between_participants() {
         let (a, b, c) = (user("a"), user("b"), user("c"));
-        assert!(may_end_call(b, MemberRole::Member, ChatKind::Direct, a, true).is_ok());
-        assert!(may_end_call(b, MemberRole::Member, ChatKind::Direct, a, false).is_err());
-        assert!(may_end_call(a, MemberRole::Member, ChatKind::Group, a, true).is_ok());
-        assert!(may_end_call(c, MemberRole::Admin, ChatKind::Group, a, false).is_ok());
-        assert!(may_end_call(b, MemberRole::Member, ChatKind::Group, a, true).is_err());
+        assert!(may_end_call(b, MemberRole::Member, ChatKind::Direct, a).is_ok());
+        assert!(may_end_call(a, MemberRole::Member, ChatKind::Group, a).is_ok());
+        assert!(may_end_call(c, MemberRole::Admin, ChatKind::Group, a).is_ok());
+        assert!(may_end_call(b, MemberRole::Member, ChatKind::Group, a).is_err());
         assert!(may_relay(a, &[a, b], b).is_ok());
         assert!(matches!(
             may_relay(c, &[a, b], b),

@@ -99,7 +99,7 @@ pub async fn leave(
     Ok(Json(state.leave_call(caller.id, call_id).await?))
 }
 
-/// Ends a call for everyone: an `ended` signal. In a direct chat either participant ends it; in a
+/// Ends a call for everyone: an `ended` signal. In a direct chat either member ends it (the one called declines a ringing call so); in a
 /// group its starter or an owner or admin. A call that is over is answered as it is.
 #[utoipa::path(
     post, operation_id = "end_call", path = "/v1/calls/{call_id}/end", tag = "calls",
