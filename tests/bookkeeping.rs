@@ -7,7 +7,8 @@
 //! Also: a deletion that fails after its tombstone is written is finished by its retry, and so is
 //! the end of a circle pairing that fails part-way; a removal applied despite its error is
 //! finished by its own request; a match whose chat fails leaves both waiting. An edit published
-//! after the message's deletion is followed by the deletion again.
+//! after the message's deletion is followed by the deletion again. A new chat whose listing fails
+//! is made all the same, and listed in the background.
 
 mod support;
 
@@ -955,4 +956,41 @@ async fn a_match_whose_chat_fails_leaves_both_waiting() {
     })
     .await
     .expect("no queue.matched event");
+}
+
+/// A new chat whose place in its members' lists fails to be written is made all the same: the
+/// creation answers it (a retry would make a second group), and the list catches up in the
+/// background, so the chat does not stay out of its members' lists until someone writes in it.
+#[tokio::test]
+async fn a_new_chat_whose_listing_failed_is_listed_all_the_same() {
+    use confab_api::domain::Outcome;
+    use confab_api::domain::chats::ChatToCreate;
+    use confab_api::domain::inputs::PageLimit;
+    use confab_schema::ChatKind;
+    let api = support::held_store::HeldApi::new(support::Stack::Embedded).await;
+    let alice = api.user("alice").await;
+    let bob = api.user("bob").await;
+    api.store.fail_next(Held::ChatTouched);
+    let chat =
+        ChatToCreate::parse(ChatKind::Group, Some("new".into()), None, vec![bob.id]).unwrap();
+    let made = api.state.create_chat(&alice, chat).await;
+    let Ok(Outcome::Created(chat)) = made else {
+        panic!("the chat is made, its listing failed: {made:?}");
+    };
+    tokio::time::timeout(support::DEADLINE, async {
+        loop {
+            let listed = api
+                .state
+                .list_chats(bob.id, None, PageLimit::parse(None).unwrap())
+                .await
+                .unwrap();
+            if listed.items.iter().any(|listed| listed.id == chat.id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the chat is in bob's list before the deadline");
+    api.clean_up().await;
 }

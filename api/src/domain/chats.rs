@@ -14,9 +14,12 @@ use super::Outcome;
 use super::inputs::{ChatDescription, ChatName, DescriptionChange, PageLimit};
 use super::paging::{Page, Pager};
 use super::rules;
+use super::signals::bookkeeping_backoff;
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
-use crate::store::{ChatActivity, ChatEntry, InfoChange, NewChat, UNREAD_CAP, UnreadQuery};
+use crate::store::{
+    ChatActivity, ChatEntry, InfoChange, NewChat, StoreError, UNREAD_CAP, UnreadQuery,
+};
 
 /// A chat to create, checked.
 #[derive(Clone, Debug)]
@@ -197,11 +200,47 @@ impl ApiState {
         .joining(member_ids.clone());
         let intent = self.outbox.intend(&*self.store, &envelope).await?;
         self.store.create_chat(&new_chat).await?;
-        self.store
-            .touch_chat(id, &member_ids, SignalId::new(), None)
-            .await?;
+        // The chat exists from here: listing it is bookkeeping, and its failure fails no creation
+        // (a retry would make a second group, or find the direct chat made and never list it).
+        let listed_at = SignalId::new();
+        if let Err(error) = self
+            .store
+            .touch_chat(id, &member_ids, listed_at, None)
+            .await
+        {
+            self.list_new_chat_later(id, member_ids, listed_at, error);
+        }
         self.publish_intended(envelope, intent).await;
         Ok(Outcome::Created(chat))
+    }
+
+    /// Retries, in the background, putting a new chat into its members' lists (at `listed_at`, so
+    /// that a message sent meanwhile keeps its later place).
+    fn list_new_chat_later(
+        &self,
+        chat: ChatId,
+        members: Vec<UserId>,
+        listed_at: SignalId,
+        error: StoreError,
+    ) {
+        tracing::warn!(%error, %chat, "listing a new chat failed; retrying in the background");
+        metrics::counter!("confab_bookkeeping_retries_total").increment(1);
+        let state = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = bookkeeping_backoff();
+            while backoff.wait().await {
+                if state
+                    .store
+                    .touch_chat(chat, &members, listed_at, None)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            metrics::counter!("confab_bookkeeping_failures_total").increment(1);
+            tracing::error!(%chat, "listing a new chat gave up");
+        });
     }
 
     /// The caller's chats, most recent activity first, each with its latest signal and the

@@ -659,7 +659,7 @@ impl ApiState {
 
 /// The retries of bookkeeping after a change (a system signal; the chat list and the author's
 /// marker after a send) in the background: 8, over a little more than half a minute.
-fn bookkeeping_backoff() -> Backoff {
+pub(crate) fn bookkeeping_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(200), Duration::from_secs(10), 8)
 }
 
