@@ -408,7 +408,8 @@ impl Subscription {
     /// [`Item::Closed`], then `None`. A stream dropped while it replays ends at once (after
     /// [`Item::Closed`] when it has such a reason): what it held would follow a gap.
     ///
-    /// Cancel safe: a replay page is read whole or not at all, so a `select!` may drop this.
+    /// Cancel safe: a replay page's read goes on where it was at the next call, and is taken
+    /// whole or not at all, so a `select!` may drop this.
     pub async fn next(&mut self) -> Option<Item> {
         if self.interrupted {
             return None;
@@ -438,19 +439,28 @@ impl Subscription {
                 self.replay = None;
                 break;
             }
-            match self
-                .registration
-                .hub
-                .bus
-                .read_page(
-                    replay.position,
-                    replay.up_to,
-                    ChatFilter::Only(&replay.chats),
-                    REPLAY_PAGE,
-                    replay.max_scan,
-                )
-                .await
-            {
+            let reading = replay.reading.get_or_insert_with(|| {
+                let bus = Arc::clone(&self.registration.hub.bus);
+                let chats = Arc::clone(&replay.chats);
+                let (position, up_to, max_scan) = (replay.position, replay.up_to, replay.max_scan);
+                tokio::spawn(async move {
+                    bus.read_page(
+                        position,
+                        up_to,
+                        ChatFilter::Only(&chats),
+                        REPLAY_PAGE,
+                        max_scan,
+                    )
+                    .await
+                })
+            });
+            let read = reading.await.unwrap_or_else(|error| {
+                Err(ReadError::Bus(BusError::Unavailable(format!(
+                    "a replay read ended: {error}"
+                ))))
+            });
+            replay.reading = None;
+            match read {
                 Ok(page) if page.through > replay.position => {
                     replay.position = page.through;
                     let (user, current) = (replay.user, &replay.current);
@@ -685,7 +695,14 @@ struct Replay {
     user: UserId,
     /// The chats whose events it reads: those the user is in at the end (`current`), and those
     /// they left recently.
-    chats: HashSet<ChatId>,
+    chats: Arc<HashSet<ChatId>>,
+    /// The read of the next page, under way: kept across a `select!` that drops
+    /// [`Subscription::next`], so a socket that gets frames while it replays goes on with the
+    /// read it started instead of starting it again (on JetStream, a consumer each time, left to
+    /// expire) and never finishing.
+    /// On a task of its own, which a subscription dropped meanwhile leaves to finish (and, on
+    /// JetStream, delete its consumer).
+    reading: Option<tokio::task::JoinHandle<Result<confab_runtime::bus::Page, ReadError>>>,
     current: HashSet<ChatId>,
     membership: ReplayMembership,
     /// The page read and not yet taken.
@@ -1074,7 +1091,8 @@ impl Hub {
         let kept = first_page.is_some();
         let mut replay = Replay {
             user,
-            chats,
+            chats: Arc::new(chats),
+            reading: None,
             current,
             membership,
             page: VecDeque::new(),
@@ -3321,6 +3339,9 @@ mod tests {
         total: AtomicU64,
         /// The chats each read was filtered to (`None`: every chat), in order.
         filters: Mutex<Vec<Option<HashSet<ChatId>>>>,
+        /// Whether a page's read lets its caller's task go once before it reads (a read that is
+        /// under way when its caller is polled).
+        yielding: AtomicBool,
     }
 
     impl CountingReads {
@@ -3330,6 +3351,7 @@ mod tests {
                 largest: AtomicU64::new(0),
                 total: AtomicU64::new(0),
                 filters: Mutex::default(),
+                yielding: AtomicBool::new(false),
             }
         }
 
@@ -3382,6 +3404,9 @@ mod tests {
             max_scan: usize,
         ) -> Result<confab_runtime::bus::Page, ReadError> {
             self.filtered(chats);
+            if self.yielding.load(Ordering::SeqCst) {
+                tokio::task::yield_now().await;
+            }
             let page = self
                 .log
                 .read_page(after, up_to, chats, max, max_scan)
@@ -3403,6 +3428,59 @@ mod tests {
         async fn check(&self) -> Result<(), BusError> {
             self.log.check().await
         }
+    }
+
+    /// A replay's page read that its caller drops (a socket's `select!` taking a frame that came
+    /// first) goes on at the next call instead of starting again: a client sending frames while
+    /// it replays would otherwise have each page read started over and over (on JetStream, a
+    /// consumer each time, left to expire), and its replay never finish.
+    #[tokio::test]
+    async fn a_dropped_replay_read_goes_on_at_the_next_call() {
+        use futures::FutureExt;
+        let counting = Arc::new(CountingReads::over(Arc::new(
+            EmbeddedBus::in_memory(LogSettings::default()).expect("log"),
+        )));
+        let bus: Arc<dyn Bus> = counting.clone();
+        let me = UserId::from_subject("t", "me");
+        let chat = ChatId::new();
+        let hub = Hub::new(
+            Arc::clone(&bus),
+            Arc::new(Fixed(HashMap::from([(me, vec![chat])]))),
+            Arc::new(confab_runtime::presence::EmbeddedPresence::default()),
+            16,
+            10_000,
+        );
+        let shutdown = CancellationToken::new();
+        let worker = hub.start(shutdown.clone()).await.expect("starts");
+        let mut last = 0;
+        for i in 0..REPLAY_PAGE * 2 + 10 {
+            last = bus
+                .publish(&message(chat, &format!("missed {i}")))
+                .await
+                .expect("publishes");
+        }
+        dispatched_up_to(&hub, last).await;
+        let mut stream = hub.open(me, Some(0)).await.expect("opens");
+        assert_eq!(next_text(&mut stream).await, "missed 0");
+        for i in 1..REPLAY_PAGE {
+            assert_eq!(next_text(&mut stream).await, format!("missed {i}"));
+        }
+        counting.yielding.store(true, Ordering::SeqCst);
+        let reads_before = counting.filters.lock().expect("lock").len();
+        for _ in 0..20 {
+            assert!(
+                stream.next().now_or_never().is_none(),
+                "the read is under way"
+            );
+        }
+        assert_eq!(
+            next_text(&mut stream).await,
+            format!("missed {REPLAY_PAGE}")
+        );
+        let reads = counting.filters.lock().expect("lock").len() - reads_before;
+        assert_eq!(reads, 1, "the page was read once, not once per call");
+        shutdown.cancel();
+        worker.await.expect("worker ends");
     }
 
     #[tokio::test]
