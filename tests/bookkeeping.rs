@@ -677,6 +677,44 @@ async fn a_removal_applied_despite_its_error_is_finished_at_once() {
     removal_succeeds_and_is_announced(&server, &mut events, bob).await;
 }
 
+/// A change of role whose write was applied but answered with an error (a timeout) is a change
+/// of role: it succeeds and `member.updated` goes out at once. It used to answer 503, and its
+/// retry found the role set and answered without an event, which then waited for the outbox's
+/// sweep (not running here), while every other member's client showed the old role.
+#[tokio::test]
+async fn a_role_change_applied_despite_its_error_is_finished_at_once() {
+    let server = FlakyServer::start(false).await;
+    let mut events = server.bus.subscribe().await.unwrap();
+    let bob: UserId =
+        serde_json::from_value(server.get(&server.bob, "/v1/me").await["id"].clone()).unwrap();
+    server.store.fail_every_after(Held::MemberChanged);
+    let changed = server
+        .http
+        .patch(format!(
+            "{}/v1/chats/{}/members/{bob}",
+            server.base, server.chat
+        ))
+        .bearer_auth(&server.alice)
+        .json(&json!({"role": "admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(changed.status().is_success(), "{}", changed.status());
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(logged) = events.next().await {
+            if let Event::MemberUpdated(change) = &logged.envelope.event
+                && change.user_id == bob
+            {
+                assert_eq!(change.role, Some(confab_schema::MemberRole::Admin));
+                return;
+            }
+        }
+        panic!("the event stream ended");
+    })
+    .await
+    .expect("no member.updated event in time");
+}
+
 /// A removal publishes `member.left` before the `left` signal's bookkeeping (the chat's place in
 /// each member's list, the author's marker), which in a large group takes a while: until the
 /// event, the removed member's open streams still route the chat, and everything sent meanwhile

@@ -187,6 +187,27 @@ impl ApiState {
         Ok(true)
     }
 
+    /// After a change of role's write failed: `Ok(true)` when `user` has `role` all the same (the
+    /// write was applied and a later step of it failed, or it timed out), once their own row of
+    /// the chat says so too; else the write's `error`. The change then finishes as one that
+    /// succeeded, with its `member.updated` now: a retry of the request would find the role set
+    /// and answer without it, leaving the event to the outbox's sweep.
+    async fn role_set_all_the_same(
+        &self,
+        chat_id: ChatId,
+        user: UserId,
+        role: MemberRole,
+        error: StoreError,
+    ) -> ApiResult<bool> {
+        match self.store.member_role(chat_id, user).await {
+            Ok(Some(now)) if now == role => {}
+            Ok(_) | Err(_) => return Err(error.into()),
+        }
+        tracing::warn!(%error, chat = %chat_id, %user, "a change of role's write failed after it was made; finishing it");
+        self.store.restore_joined_chat(chat_id, user).await?;
+        Ok(true)
+    }
+
     /// The members of a chat the caller is in, the caller's role among them and the chat, for a
     /// change to decide on.
     async fn members_for_change(
@@ -236,7 +257,14 @@ impl ApiState {
                 }),
             );
             let intent = self.outbox.intend(&*self.store, &envelope).await?;
-            if !self.store.change_member(chat_id, &change).await? {
+            let applied = match self.store.change_member(chat_id, &change).await {
+                Ok(applied) => applied,
+                Err(error) => {
+                    self.role_set_all_the_same(chat_id, user, role, error)
+                        .await?
+                }
+            };
+            if !applied {
                 self.forgo(intent);
                 continue;
             }
