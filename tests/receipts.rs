@@ -22,8 +22,14 @@ use support::{Stack, on_both_stacks, spawn_app};
 /// Most marker rows one page may read (five reads of two hundred).
 const MARKERS_PER_PAGE: usize = 1000;
 
-async fn add_members(store: &Arc<dyn Store>, chat: ChatId, users: &[UserId]) {
-    let joined_at = confab_schema::model::to_millis(time::OffsetDateTime::now_utc());
+/// Adds `users` to `chat` as members since `joined_at`.
+async fn add_members(
+    store: &Arc<dyn Store>,
+    chat: ChatId,
+    users: &[UserId],
+    joined_at: time::OffsetDateTime,
+) {
+    let joined_at = confab_schema::model::to_millis(joined_at);
     futures::stream::iter(users.to_vec())
         .map(|user_id| {
             let store = Arc::clone(store);
@@ -98,6 +104,8 @@ fn each_once(listed: Vec<String>) -> HashSet<String> {
 /// with a cursor on.
 async fn views_of_a_large_chat_page_each_member_once(stack: Stack) {
     let app = spawn_app(stack).await;
+    // Members since before the messages: views list those a message was sent to.
+    let joined_at = time::OffsetDateTime::now_utc();
     let alice = app.token("alice").await;
     let alice_id = app.me(&alice).await;
     let bob = app.token("bob").await;
@@ -124,7 +132,7 @@ async fn views_of_a_large_chat_page_each_member_once(stack: Stack) {
     let members: Vec<UserId> = (0..2400)
         .map(|i| UserId::from_subject("receipts", &format!("{chat}-{i}")))
         .collect();
-    add_members(&store, chat_id, &members).await;
+    add_members(&store, chat_id, &members, joined_at).await;
     let reached_newer = |i: usize| i.is_multiple_of(800);
     let leaves = |i: usize| i % 800 == 1;
     let reads = members
@@ -201,7 +209,7 @@ async fn a_page_of_views_reads_a_bounded_number_of_markers(stack: Stack) {
     let members: Vec<UserId> = (0..3000)
         .map(|i| UserId::from_subject("receipts", &format!("{chat}-{i}")))
         .collect();
-    add_members(&store, chat, &members).await;
+    add_members(&store, chat, &members, time::OffsetDateTime::now_utc()).await;
     let before = message(chat, owner.id, None, "before");
     store.insert_signal(&before).await.unwrap();
     let signal = message(chat, owner.id, None, "seen by few");
@@ -370,3 +378,81 @@ async fn the_log_ends_with_the_furthest_mark(stack: Stack) {
 }
 
 on_both_stacks!(the_log_ends_with_the_furthest_mark);
+
+/// A member added after a message is not among those who saw it: their `joined` moves their read
+/// marker past the history before it (so it does not count as unread to them), but they were never
+/// sent that message. Views list the members a message was sent to who reached it.
+async fn a_member_added_later_has_not_seen_what_came_before(stack: Stack) {
+    use confab_api::domain::Outcome;
+    use confab_api::domain::chats::ChatToCreate;
+    use confab_api::domain::inputs::MessageText;
+    use confab_api::domain::signals::NewMessage;
+    use confab_schema::ChatKind;
+    let api = HeldApi::new(stack).await;
+    let alice = api.user("alice").await;
+    let bob = api.user("bob").await;
+    let carol = api.user("carol").await;
+    let chat =
+        ChatToCreate::parse(ChatKind::Group, Some("views".into()), None, vec![bob.id]).unwrap();
+    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
+        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
+    };
+    let send = |text: &str| NewMessage {
+        nonce: None,
+        text: Some(MessageText::parse(text.into()).unwrap()),
+        reply_to: None,
+        attachments: Default::default(),
+    };
+    let before = match api
+        .state
+        .send_message(&bob, chat, send("before carol"))
+        .await
+    {
+        Ok(Outcome::Created(signal) | Outcome::Existing(signal)) => signal.id,
+        other => panic!("{other:?}"),
+    };
+    api.state
+        .add_member(alice.id, chat, carol.id, Some(MemberRole::Member))
+        .await
+        .expect("adds carol");
+    let after = match api.state.send_message(&carol, chat, send("hello")).await {
+        Ok(Outcome::Created(signal) | Outcome::Existing(signal)) => signal.id,
+        other => panic!("{other:?}"),
+    };
+    let viewers = async |signal: SignalId| -> HashSet<UserId> {
+        let page = api
+            .state
+            .list_reached(
+                MarkerKind::Read,
+                alice.id,
+                chat,
+                signal,
+                None,
+                PageLimit::parse(Some(50)).unwrap(),
+            )
+            .await
+            .unwrap();
+        let page = serde_json::to_value(&page).unwrap();
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|seen| serde_json::from_value(seen["user_id"].clone()).unwrap())
+            .collect()
+    };
+    // Carol's marker moves with her own message (in the background, after the send).
+    tokio::time::timeout(support::DEADLINE, async {
+        while !viewers(after).await.contains(&carol.id) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("carol's marker reaches her own message");
+    assert!(
+        !viewers(before).await.contains(&carol.id),
+        "carol was not a member when bob's message was sent"
+    );
+    assert!(viewers(before).await.contains(&bob.id), "bob wrote it");
+    api.clean_up().await;
+}
+on_both_stacks!(a_member_added_later_has_not_seen_what_came_before);

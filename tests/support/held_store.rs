@@ -630,7 +630,7 @@ impl Store for HeldStore {
         &self,
         chat: ChatId,
         users: &[UserId],
-    ) -> Result<Vec<UserId>, StoreError> {
+    ) -> Result<Vec<Member>, StoreError> {
         self.inner.members_among(chat, users).await
     }
     async fn members_page(

@@ -121,7 +121,10 @@ impl ApiState {
                 .filter(|(_, up_to)| *up_to >= signal)
                 .map(|(user_id, _)| *user_id)
                 .collect();
-            // Ex-members' markers stay in the store; only current members are listed.
+            // Ex-members' markers stay in the store; only current members are listed, and only
+            // those who were members when the signal was sent: a member's `joined` moves their
+            // marker past the history before it, which they were never sent.
+            let sent_at = signal.created_at();
             let members: HashSet<UserId> = if reaching.is_empty() {
                 HashSet::new()
             } else {
@@ -129,6 +132,8 @@ impl ApiState {
                     .members_among(chat, &reaching)
                     .await?
                     .into_iter()
+                    .filter(|member| sent_at.is_none_or(|at| member.joined_at <= at))
+                    .map(|member| member.user_id)
                     .collect()
             };
             for (user_id, up_to) in batch {

@@ -465,7 +465,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         chat: ChatId,
         users: &[UserId],
-    ) -> Result<Vec<UserId>, StoreError>;
+    ) -> Result<Vec<Member>, StoreError>;
     /// Members of `chat` after `after`, in user-id order.
     async fn members_page(
         &self,

@@ -1150,7 +1150,7 @@ impl CqlStore {
             terms_after: "SELECT term, user_id FROM user_search WHERE shard = ? AND (term, user_id) > (?, ?) AND (term) < (?) LIMIT ?"
                     .into(),
             update_chat: "UPDATE chats USING TIMESTAMP ? SET name = ?, description = ?, info_at = ? WHERE id = ?".into(),
-            members_among: "SELECT user_id FROM chat_members WHERE chat_id = ? AND user_id IN ?".into(),
+            members_among: "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? AND user_id IN ?".into(),
             members_first: "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? LIMIT ?".into(),
             members_after: "SELECT user_id, role, joined_at FROM chat_members WHERE chat_id = ? AND user_id > ? LIMIT ?".into(),
             delete_chat_member: "DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?".into(),
@@ -2557,7 +2557,7 @@ impl Store for CqlStore {
         &self,
         chat: ChatId,
         users: &[UserId],
-    ) -> Result<Vec<UserId>, StoreError> {
+    ) -> Result<Vec<Member>, StoreError> {
         let reads = users.chunks(MEMBERS_AMONG_PER_READ).map(|chunk| {
             let ids: Vec<Uuid> = chunk.iter().map(|user| user.0).collect();
             async move {
@@ -2566,12 +2566,16 @@ impl Store for CqlStore {
                     .execute_unpaged(&self.statements.members_among, (chat.0, ids))
                     .await
                     .map_err(unavailable)?;
-                Ok::<_, StoreError>(
-                    rows::<(Uuid,)>(result)?
-                        .into_iter()
-                        .map(|(user,)| UserId(user))
-                        .collect::<Vec<_>>(),
-                )
+                rows::<(Uuid, String, CqlTimestamp)>(result)?
+                    .into_iter()
+                    .map(|(user, role, joined)| {
+                        Ok(Member {
+                            user_id: UserId(user),
+                            role: parse(&role)?,
+                            joined_at: from_millis(joined.0)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()
             }
         });
         Ok(futures::future::try_join_all(reads)

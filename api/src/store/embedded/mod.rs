@@ -1067,20 +1067,24 @@ impl Store for EmbeddedStore {
         &self,
         chat: ChatId,
         users: &[UserId],
-    ) -> Result<Vec<UserId>, StoreError> {
+    ) -> Result<Vec<Member>, StoreError> {
         let users = users.to_vec();
         self.with(move |c| {
             // One statement, asked once per user: SQLite answers a keyed lookup in microseconds.
             let mut statement = c
-                .prepare_cached("SELECT 1 FROM chat_members WHERE chat_id = ?1 AND user_id = ?2")
+                .prepare_cached(
+                    "SELECT user_id, role, joined_at FROM chat_members
+                     WHERE chat_id = ?1 AND user_id = ?2",
+                )
                 .map_err(unavailable)?;
             let mut members = Vec::new();
             for user in users {
-                if statement
-                    .exists(params![blob(chat.0), blob(user.0)])
-                    .map_err(unavailable)?
-                {
-                    members.push(user);
+                let row = statement
+                    .query_row(params![blob(chat.0), blob(user.0)], member_row)
+                    .optional()
+                    .map_err(unavailable)?;
+                if let Some(row) = row {
+                    members.push(to_member(row)?);
                 }
             }
             Ok(members)
