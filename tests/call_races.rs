@@ -466,6 +466,68 @@ async fn an_answered_call_nobody_is_left_in_ends(stack: Stack) {
 
 on_both_stacks!(an_answered_call_nobody_is_left_in_ends);
 
+/// A call's `ended` is written under its starter's name whoever ended it (here the one called,
+/// declining): it does not count as the starter reading the chat, so a message sent to them
+/// while it rang stays unread, and they are not among those who saw it.
+async fn a_call_ended_by_another_leaves_the_starters_unread(stack: Stack) {
+    use confab_api::domain::inputs::{MessageText, PageLimit};
+    use confab_api::domain::signals::NewMessage;
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let chat = ChatToCreate::parse(ChatKind::Direct, None, None, vec![bob.id]).unwrap();
+    let chat = match setup.state.create_chat(&alice, chat).await.unwrap() {
+        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
+    };
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
+    let message = NewMessage {
+        nonce: None,
+        text: Some(MessageText::parse("can't talk now".into()).unwrap()),
+        reply_to: None,
+        attachments: Default::default(),
+    };
+    let sent = match setup.state.send_message(&bob, chat, message).await.unwrap() {
+        Outcome::Created(signal) | Outcome::Existing(signal) => signal.id,
+    };
+    let ended = setup.state.end_call(bob.id, call.id).await.unwrap();
+    assert_eq!(ended.status, CallStatus::Ended);
+    assert_eq!(
+        setup.states_by(chat, call.id, alice.id).await,
+        [CallState::Started, CallState::Ended]
+    );
+    assert_eq!(
+        setup
+            .state
+            .get_chat(alice.id, chat)
+            .await
+            .unwrap()
+            .unread_count,
+        1,
+        "bob's message is unread to alice"
+    );
+    let seen = setup
+        .state
+        .list_reached(
+            confab_api::store::MarkerKind::Read,
+            bob.id,
+            chat,
+            sent,
+            None,
+            PageLimit::parse(Some(10)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let seen = serde_json::to_value(&seen).unwrap();
+    assert_eq!(
+        seen["items"].as_array().unwrap().len(),
+        1,
+        "bob only: {seen}"
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_call_ended_by_another_leaves_the_starters_unread);
+
 /// An end whose `ended` signal was not written (the write failed, or the status change timed out
 /// after it was made): the call is over all the same, and the sweep writes the signal, once.
 async fn an_end_whose_signal_failed_is_finished_by_the_sweep(stack: Stack) {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use confab_schema::call::CallSignal;
+use confab_schema::call::{CallSignal, CallState};
 use confab_schema::model::to_millis;
 use confab_schema::{
     AttachmentRef, ChatId, Envelope, Event, Signal, SignalId, SignalKind, User, UserId,
@@ -645,8 +645,23 @@ impl ApiState {
             .await
     }
 
-    /// Writing is reading: the author has seen their own signal.
+    /// Writing is reading: the author has seen their own signal. Not a signal the server writes
+    /// under their name for what others or time did (a call's `ended` or `missed` is its
+    /// starter's, whoever ended it or however long it rang; a `left` may be a removal), nor a
+    /// call's `joined`, answered from a notification as often as from the chat: the messages
+    /// sent meanwhile stay unread to them, and out of their "seen by".
     async fn mark_authors_read(&self, created: &Signal) -> Result<(), StoreError> {
+        let written_by_the_author = match created.kind {
+            SignalKind::Message | SignalKind::Joined | SignalKind::Renamed => true,
+            SignalKind::Left => false,
+            SignalKind::Call => created
+                .call
+                .as_ref()
+                .is_some_and(|call| call.state == CallState::Started),
+        };
+        if !written_by_the_author {
+            return Ok(());
+        }
         let (chat, author) = (created.chat_id, created.author_id);
         self.author_markers
             .advance((chat, author), created.id, (), |newest, ()| {
