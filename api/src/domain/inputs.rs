@@ -364,6 +364,12 @@ impl UserQuery {
 
 /// Longest message-search query.
 pub const MAX_SEARCH_CHARS: usize = 200;
+/// Most words a message-search query may have: Meilisearch reads the first ten of a query and
+/// ignores the rest, so a longer one would find messages without every word.
+pub const MAX_SEARCH_WORDS: usize = 10;
+/// Longest word (in bytes) a message search can find: the embedded engine indexes no longer word
+/// (nor reads one in a query), so a longer one would be left out of the query silently.
+pub const MAX_SEARCH_WORD_BYTES: usize = 63;
 
 /// What to find in messages: trimmed, 1 to 200 characters, with at least one letter or digit (a
 /// query of punctuation alone would match everything).
@@ -383,6 +389,21 @@ impl SearchText {
             return Err(ApiError::BadRequest(
                 "q must contain a letter or a digit".into(),
             ));
+        }
+        // Every word must match: a word an engine would drop must not be taken quietly.
+        let words: Vec<&str> = q
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|word| !word.is_empty())
+            .collect();
+        if words.len() > MAX_SEARCH_WORDS {
+            return Err(ApiError::BadRequest(format!(
+                "q may have at most {MAX_SEARCH_WORDS} words"
+            )));
+        }
+        if words.iter().any(|word| word.len() > MAX_SEARCH_WORD_BYTES) {
+            return Err(ApiError::BadRequest(format!(
+                "a word of q may be at most {MAX_SEARCH_WORD_BYTES} bytes long"
+            )));
         }
         Ok(SearchText(q.to_owned()))
     }
@@ -598,8 +619,21 @@ mod tests {
         assert!(SearchText::parse("").is_err());
         assert!(SearchText::parse("   ").is_err());
         assert!(SearchText::parse("?!").is_err());
-        assert!(SearchText::parse(&"a".repeat(MAX_SEARCH_CHARS)).is_ok());
-        assert!(SearchText::parse(&"a".repeat(MAX_SEARCH_CHARS + 1)).is_err());
+        let longest = format!("{} {}", vec!["b".repeat(19); 9].join(" "), "c".repeat(20));
+        assert_eq!(longest.chars().count(), MAX_SEARCH_CHARS);
+        assert!(SearchText::parse(&longest).is_ok());
+        assert!(SearchText::parse(&format!("{longest}d")).is_err());
+        // Every word must match: no more words than Meilisearch reads, none longer than the
+        // embedded engine indexes.
+        let ten = (0..MAX_SEARCH_WORDS)
+            .map(|i| format!("w{i}"))
+            .collect::<Vec<_>>();
+        assert!(SearchText::parse(&ten.join(" ")).is_ok());
+        assert!(SearchText::parse(&format!("{} secret", ten.join(" "))).is_err());
+        assert!(SearchText::parse(&format!("{}, secret!", ten.join("-"))).is_err());
+        assert!(SearchText::parse(&"f".repeat(MAX_SEARCH_WORD_BYTES)).is_ok());
+        assert!(SearchText::parse(&format!("deploy {}", "f".repeat(64))).is_err());
+        assert!(SearchText::parse(&"é".repeat(32)).is_err(), "64 bytes");
     }
 
     #[test]

@@ -17,7 +17,8 @@ use crate::state::ApiState;
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SearchMessages {
-    /// Words to find, 1 to 200 characters with at least one letter or digit. Every word must
+    /// Words to find, 1 to 200 characters with at least one letter or digit: at most 10 words
+    /// (runs of letters and digits), each at most 63 bytes. Every word must
     /// match; words of 5 to 8 characters may have one typo and longer ones two; the last word also
     /// matches the start of a word.
     q: String,
