@@ -7,7 +7,7 @@
 //! Meilisearch ranks by its rules (words, typo, proximity, attribute, then newest first, exactness);
 //! words are split on anything not a letter or digit, with no language-specific segmentation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -311,16 +311,33 @@ impl Inner {
         Ok(Hits { hits, more })
     }
 
-    /// The text around its first match, matched words marked, as Meilisearch crops it.
+    /// The text around its first match, matched words marked, as Meilisearch crops it. Each
+    /// distinct word of the text is looked at once, against each distinct query word: a long
+    /// message of one word repeated costs one comparison, not one per repetition.
     fn highlight(&self, text: &str, words: &[String]) -> String {
         let mut analyzer = self.analyzer.clone();
         let mut stream = analyzer.token_stream(text);
+        let mut query: Vec<(&str, bool)> = Vec::with_capacity(words.len());
+        for (i, word) in words.iter().enumerate() {
+            let prefix = i + 1 == words.len();
+            match query.iter_mut().find(|(seen, _)| *seen == word.as_str()) {
+                Some(seen) => seen.1 |= prefix,
+                None => query.push((word, prefix)),
+            }
+        }
+        let mut looked_at: HashMap<String, bool> = HashMap::new();
         let mut tokens = Vec::new();
         while let Some(token) = stream.next() {
-            let matched = words
-                .iter()
-                .enumerate()
-                .any(|(i, word)| word_matches(&token.text, word, i + 1 == words.len()));
+            let matched = match looked_at.get(&token.text) {
+                Some(&matched) => matched,
+                None => {
+                    let matched = query
+                        .iter()
+                        .any(|&(word, prefix)| word_matches(&token.text, word, prefix));
+                    looked_at.insert(token.text.clone(), matched);
+                    matched
+                }
+            };
             tokens.push((token.offset_from, token.offset_to, matched));
         }
         let first = tokens.iter().position(|t| t.2).unwrap_or(0);
@@ -371,36 +388,62 @@ fn word_matches(token: &str, word: &str, prefix: bool) -> bool {
     }
     let token: Vec<char> = token.chars().collect();
     let word: Vec<char> = word.chars().collect();
-    if !prefix {
-        return distance(&token, &word) <= typos;
-    }
-    let shortest = word.len().saturating_sub(typos);
-    (shortest..=(word.len() + typos).min(token.len()))
-        .any(|len| distance(&token[..len], &word) <= typos)
+    within_typos(&token, &word, typos, prefix)
 }
 
-/// Levenshtein distance with a transposition of neighbours counting as one edit.
-fn distance(a: &[char], b: &[char]) -> usize {
-    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in rows.iter_mut().enumerate() {
-        row[0] = i;
+/// Whether `token` (or, with `prefix`, one of its beginnings) is at most `typos` edits from
+/// `word`: Levenshtein, a transposition of neighbours counting as one edit. Only the cells within
+/// `typos` of the diagonal are worked out (no other can come within `typos`), and every
+/// beginning of the token comes from one table: the work is bounded by the word's length and
+/// the typos allowed, whatever the token.
+fn within_typos(token: &[char], word: &[char], typos: usize, prefix: bool) -> bool {
+    #[cfg(test)]
+    tests::COMPARISONS.with(|n| n.set(n.get() + 1));
+    let (rows, columns) = (token.len(), word.len());
+    if !prefix && rows.abs_diff(columns) > typos {
+        return false;
     }
-    for (j, cell) in rows[0].iter_mut().enumerate() {
-        *cell = j;
+    // A beginning longer than the word by more than `typos` is too far from it.
+    let rows = if prefix {
+        rows.min(columns + typos)
+    } else {
+        rows
+    };
+    if rows + typos < columns {
+        return false;
     }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut best = (rows[i - 1][j] + 1)
-                .min(rows[i][j - 1] + 1)
-                .min(rows[i - 1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                best = best.min(rows[i - 2][j - 2] + 1);
-            }
-            rows[i][j] = best;
+    let far = typos + 1;
+    let band = |i: usize| (i.saturating_sub(typos), (i + typos).min(columns));
+    let mut before = vec![far; columns + 1];
+    let mut previous: Vec<usize> = (0..=columns).map(|j| j.min(far)).collect();
+    let mut current = vec![far; columns + 1];
+    let mut best = if rows == 0 { previous[columns] } else { far };
+    for i in 1..=rows {
+        current.fill(far);
+        let (from, to) = band(i);
+        if from == 0 {
+            current[0] = i.min(far);
         }
+        for j in from.max(1)..=to {
+            let cost = usize::from(token[i - 1] != word[j - 1]);
+            let mut cell = (previous[j] + 1)
+                .min(current[j - 1] + 1)
+                .min(previous[j - 1] + cost);
+            if i > 1 && j > 1 && token[i - 1] == word[j - 2] && token[i - 2] == word[j - 1] {
+                cell = cell.min(before[j - 2] + 1);
+            }
+            current[j] = cell.min(far);
+        }
+        if prefix && i + typos >= columns {
+            best = best.min(current[columns]);
+        }
+        std::mem::swap(&mut before, &mut previous);
+        std::mem::swap(&mut previous, &mut current);
     }
-    rows[a.len()][b.len()]
+    if !prefix {
+        best = previous[columns];
+    }
+    best <= typos
 }
 
 #[async_trait]
@@ -459,6 +502,97 @@ impl Search for TantivySearch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// How many comparisons of a text's word with a query word took a table.
+        pub(super) static COMPARISONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A long message of one word repeated, searched with that word and its misspellings: each
+    /// distinct word of the text is compared once with each distinct query word, so a search
+    /// whose hits are such messages costs the service no more than short ones.
+    #[test]
+    fn a_highlight_compares_each_distinct_word_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let search = TantivySearch::open(dir.path()).expect("opens");
+        let text = format!("abcde {}", "abcdf ".repeat(600));
+        let words: Vec<String> = ["abcdx", "abcdy", "abcdx", "abcdz", "abcdx"]
+            .iter()
+            .map(|w| (*w).to_owned())
+            .collect();
+        COMPARISONS.with(|n| n.set(0));
+        let marked = search.inner.highlight(&text, &words);
+        assert!(marked.contains("<mark>abcde</mark>"), "{marked}");
+        let comparisons = COMPARISONS.with(std::cell::Cell::get);
+        // Two distinct words in the text, three distinct query words.
+        assert!(comparisons <= 2 * 3, "{comparisons} comparisons");
+    }
+
+    /// The banded table finds what the whole one finds.
+    #[test]
+    fn the_banded_table_agrees_with_the_whole_one() {
+        fn whole(a: &[char], b: &[char]) -> usize {
+            let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+            for (i, row) in rows.iter_mut().enumerate() {
+                row[0] = i;
+            }
+            for (j, cell) in rows[0].iter_mut().enumerate() {
+                *cell = j;
+            }
+            for i in 1..=a.len() {
+                for j in 1..=b.len() {
+                    let cost = usize::from(a[i - 1] != b[j - 1]);
+                    let mut best = (rows[i - 1][j] + 1)
+                        .min(rows[i][j - 1] + 1)
+                        .min(rows[i - 1][j - 1] + cost);
+                    if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                        best = best.min(rows[i - 2][j - 2] + 1);
+                    }
+                    rows[i][j] = best;
+                }
+            }
+            rows[a.len()][b.len()]
+        }
+        let samples = [
+            "",
+            "a",
+            "ab",
+            "ba",
+            "abc",
+            "hello",
+            "hellp",
+            "ehllo",
+            "helo",
+            "world",
+            "wonderful",
+            "wodner",
+            "wond",
+            "tomorrow",
+            "tomorow",
+            "abcdefghij",
+            "abdcefghji",
+            "xyz",
+        ];
+        for token in samples {
+            for word in samples {
+                let (t, w): (Vec<char>, Vec<char>) =
+                    (token.chars().collect(), word.chars().collect());
+                for typos in 1..=2 {
+                    assert_eq!(
+                        within_typos(&t, &w, typos, false),
+                        whole(&t, &w) <= typos,
+                        "{token} {word} {typos}"
+                    );
+                    let by_prefix = (0..=t.len()).any(|len| whole(&t[..len], &w) <= typos);
+                    assert_eq!(
+                        within_typos(&t, &w, typos, true),
+                        by_prefix,
+                        "{token} {word} {typos} as a prefix"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn words_match_with_typos_by_length_and_the_last_as_a_prefix() {
