@@ -466,6 +466,54 @@ async fn an_answered_call_nobody_is_left_in_ends(stack: Stack) {
 
 on_both_stacks!(an_answered_call_nobody_is_left_in_ends);
 
+/// A join that comes while the last participant's leave is under way (taken out, its `left` not
+/// written yet) joins the call: the leave reads who is left after its write, and finds the
+/// joiner. The end of a call nobody is in is only for calls no leave is deciding.
+async fn a_join_during_the_last_leave_keeps_the_call(stack: Stack) {
+    let setup = HeldApi::new(stack).await;
+    let alice = setup.user("alice").await;
+    let bob = setup.user("bob").await;
+    let carol = setup.user("carol").await;
+    let chat = setup.group(&alice, &[&bob, &carol]).await;
+    let call = the_call(setup.state.start_call(&alice, chat).await.unwrap());
+    setup.state.join_call(carol.id, call.id).await.unwrap();
+    setup.state.leave_call(carol.id, call.id).await.unwrap();
+
+    setup.store.hold_next(Held::CallSignal(CallState::Left));
+    let leave = tokio::spawn({
+        let state = setup.state.clone();
+        let (alice, call) = (alice.id, call.id);
+        async move { state.leave_call(alice, call).await }
+    });
+    setup.store.gate.arrived(1).await;
+    let joined = setup.state.join_call(bob.id, call.id).await;
+    assert!(
+        joined
+            .as_ref()
+            .is_ok_and(|joined| joined.status == CallStatus::Active),
+        "bob joins while alice's leave is under way: {joined:?}"
+    );
+    setup.store.gate.release(1).await;
+    let left = tokio::time::timeout(DEADLINE, leave)
+        .await
+        .expect("the held leave ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(left.status, CallStatus::Active, "bob is in: {left:?}");
+    assert_eq!(
+        setup
+            .state
+            .get_call(bob.id, call.id)
+            .await
+            .unwrap()
+            .participants,
+        [bob.id]
+    );
+    setup.clean_up().await;
+}
+
+on_both_stacks!(a_join_during_the_last_leave_keeps_the_call);
+
 /// A call's `ended` is written under its starter's name whoever ended it (here the one called,
 /// declining): it does not count as the starter reading the chat, so a message sent to them
 /// while it rang stays unread, and they are not among those who saw it.

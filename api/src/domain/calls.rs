@@ -642,9 +642,9 @@ impl ApiState {
         Ok((participants, status))
     }
 
-    /// `record`, ended if it was answered and nobody is in it any more: a member taken out of
-    /// the chat is taken out of its calls as best it can be (`leave_calls_of_chat`), and when that
-    /// failed for the last one in, no leave ended the call. Without this, the call would stay
+    /// `record`, ended if it was answered and everyone still in it is out of the chat: a member
+    /// taken out of the chat is taken out of its calls as best it can be (`leave_calls_of_chat`),
+    /// and when that failed for the last one in, no leave ended the call. Without this, the call would stay
     /// answered for good, and the chat's next start would join it without ringing anyone. As with
     /// [`ApiState::rung_out`], the repair never fails the read.
     async fn ended_if_nobody_is_in(&self, record: CallRecord) -> CallRecord {
@@ -652,7 +652,12 @@ impl ApiState {
             return record;
         }
         let ended = async {
-            if !self.present_participants(&record).await?.is_empty() {
+            // Nobody stored in it: a leave is under way (it takes its participant out, then
+            // reads who is left), and it decides; a join now must find the call going. Only
+            // participants stored and all out of the chat are left with no leave to end it.
+            if self.store.call_participants(record.id).await?.is_empty()
+                || !self.present_participants(&record).await?.is_empty()
+            {
                 return Ok(record.status);
             }
             self.finish(&record).await
