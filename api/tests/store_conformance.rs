@@ -1245,6 +1245,101 @@ async fn cql_migration_12_copies_chats_into_member_rows() {
     cql::drop_keyspace(&options).await.expect("drops keyspace");
 }
 
+/// A new member's copy of the chat carries the name and the description each at its own write
+/// time: a change of the description made at the same time as a rename, whose write time is
+/// older than the rename's and whose writes land after the copy, shows in the new member's list
+/// too (a copy of both at the rename's time shadowed it there, and only there).
+#[tokio::test]
+async fn cql_a_copy_keeps_each_columns_own_write_time() {
+    use confab_schema::{Member, MemberRole, SignalId, UserId};
+
+    let options = cql_options(&fresh_keyspace(), SendParity::Lwt, Duration::from_secs(60));
+    if !migrated(&options, "cql_a_copy_keeps_each_columns_own_write_time").await {
+        return;
+    }
+    let store = CqlStore::connect(&options).await.expect("connects");
+    let (alice, late) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
+    let chat = chat_with(&store, alice, &[]).await;
+    store
+        .update_chat(chat, InfoChange::both(Some("before"), Some("about")))
+        .await
+        .expect("names");
+    let session = store.session();
+    let written = async |column: &str| -> i64 {
+        let (at,): (i64,) = session
+            .query_unpaged(
+                format!(
+                    "SELECT WRITETIME({column}) FROM {}.chats WHERE id = ?",
+                    options.keyspace
+                ),
+                (chat.0,),
+            )
+            .await
+            .expect("reads")
+            .into_rows_result()
+            .expect("rows")
+            .first_row()
+            .expect("a row");
+        at
+    };
+    let described_at = written("description").await;
+    let renamed = InfoChange {
+        name: Some(Some("after")),
+        description: None,
+    };
+    store.update_chat(chat, renamed).await.expect("renames");
+    let renamed_at = written("name").await;
+    assert!(renamed_at > described_at + 1);
+    // The new member's copy, read after the rename and before the other change's write.
+    store
+        .put_member(
+            chat,
+            &Member {
+                user_id: late,
+                role: MemberRole::Member,
+                joined_at: confab_schema::model::to_millis(time::OffsetDateTime::now_utc()),
+            },
+        )
+        .await
+        .expect("adds");
+    store
+        .touch_chat(chat, &[alice, late], SignalId::new(), None)
+        .await
+        .expect("touches");
+    // The change of the description, timed between the two, landing now: the chat's row and the
+    // members' copies (the new member among them), as `update_chat` writes them.
+    let between = described_at + 1;
+    for (table, key) in [
+        ("chats", "id = ?"),
+        ("user_chats", "user_id = ? AND chat_id = ?"),
+    ] {
+        let cql = format!(
+            "UPDATE {}.{table} USING TIMESTAMP ? SET description = ? WHERE {key}",
+            options.keyspace
+        );
+        let written = if table == "chats" {
+            session
+                .query_unpaged(cql, (between, "new about", chat.0))
+                .await
+        } else {
+            session
+                .query_unpaged(cql, (between, "new about", late.0, chat.0))
+                .await
+        };
+        written.expect("writes");
+    }
+    let entries = store.chat_entries(late, &[chat]).await.expect("entries");
+    assert_eq!(
+        (
+            entries[0].chat.name.as_deref(),
+            entries[0].chat.description.as_deref()
+        ),
+        (Some("after"), Some("new about")),
+        "the new member's list"
+    );
+    cql::drop_keyspace(&options).await.expect("drops keyspace");
+}
+
 /// A rename that clears the name and the description leaves values without write timestamps. A
 /// member who joins after it still gets a copy newer than any earlier rename's, so that rename's
 /// copy arriving late (a slow fan-out) does not bring the old name back.

@@ -855,6 +855,8 @@ struct Statements {
     user_entries_in: PreparedStatement,
     chat_info_written: PreparedStatement,
     copy_chat_info: PreparedStatement,
+    copy_chat_name: PreparedStatement,
+    copy_chat_description: PreparedStatement,
     set_user_summary: PreparedStatement,
     set_user_latest: PreparedStatement,
     read_markers_in: PreparedStatement,
@@ -1186,6 +1188,11 @@ impl CqlStore {
             // overwrites a newer one, whichever arrives last.
             copy_chat_info: "UPDATE user_chats USING TIMESTAMP ? SET kind = ?, name = ?, description = ?, \
                  created_at = ?, created_by = ? WHERE user_id = ? AND chat_id = ?"
+                .into(),
+            // A copy of one column at that column's own write time (`write_info_copy`).
+            copy_chat_name: "UPDATE user_chats USING TIMESTAMP ? SET name = ? WHERE user_id = ? AND chat_id = ?"
+                .into(),
+            copy_chat_description: "UPDATE user_chats USING TIMESTAMP ? SET description = ? WHERE user_id = ? AND chat_id = ?"
                 .into(),
             set_user_summary: "UPDATE user_chats USING TIMESTAMP ? SET activity = ?, latest = ? WHERE user_id = ? AND chat_id = ?"
                 .into(),
@@ -1958,6 +1965,8 @@ impl Store for CqlStore {
             created_at: joined,
             created_by: chat.created_by.0,
             written: now_micros(),
+            name_written: None,
+            description_written: None,
         };
         for (user, role) in &chat.members {
             self.join_with_copy(chat.id, *user, role.as_str(), joined, &info)
@@ -4297,6 +4306,8 @@ impl CqlStore {
             description,
             created_at,
             created_by,
+            name_written: name_at,
+            description_written: description_at,
             written: [kind_at, name_at, description_at, info_at]
                 .into_iter()
                 .flatten()
@@ -4305,17 +4316,45 @@ impl CqlStore {
         }))
     }
 
-    /// Writes `user`'s copy of the chat's row.
+    /// Writes `user`'s copy of the chat's row: the name and the description each with its own
+    /// write time, since a change writes only the one it changes. A copy with both at the newer
+    /// one's time would shadow a change of the other made at the same time whose write time is
+    /// between theirs, in this member's copy only. An absent one (no write time) is written with
+    /// the newest write time of the row, which the change that cleared it wrote `info_at` with.
     async fn write_info_copy(
         &self,
         chat: ChatId,
         user: UserId,
         info: &ChatInfo,
     ) -> Result<(), StoreError> {
+        use scylla::statement::batch::{Batch, BatchType};
+        let (written, kind, _, _, created_at, created_by, user_id, chat_id) =
+            info.copy_values(user, chat, true);
+        let mut batch = Batch::new(BatchType::Unlogged);
+        batch.append_statement(self.statements.copy_chat_info.clone());
+        batch.append_statement(self.statements.copy_chat_name.clone());
+        batch.append_statement(self.statements.copy_chat_description.clone());
+        let unset = MaybeUnset::<Option<&str>>::Unset;
         self.session
-            .execute_unpaged(
-                &self.statements.copy_chat_info,
-                info.copy_values(user, chat, true),
+            .batch(
+                &batch,
+                (
+                    (
+                        written, kind, unset, unset, created_at, created_by, user_id, chat_id,
+                    ),
+                    (
+                        info.name_written.unwrap_or(written),
+                        info.name.as_deref(),
+                        user_id,
+                        chat_id,
+                    ),
+                    (
+                        info.description_written.unwrap_or(written),
+                        info.description.as_deref(),
+                        user_id,
+                        chat_id,
+                    ),
+                ),
             )
             .await
             .map_err(unavailable)?;
@@ -4705,6 +4744,10 @@ struct ChatInfo {
     created_at: CqlTimestamp,
     created_by: Uuid,
     written: i64,
+    /// The write times of the name and of the description, each its own (a change of one writes
+    /// only it): `None` for an absent one, or one not read from the chat's row.
+    name_written: Option<i64>,
+    description_written: Option<i64>,
 }
 
 impl ChatInfo {
