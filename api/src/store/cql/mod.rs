@@ -4737,6 +4737,19 @@ impl CqlStore {
 
 /// A chat's row as each member's row of `user_chats` copies it, and the write timestamp the copy
 /// is written with: that of the newest value it copies.
+/// The values of `copy_chat_info`: write time, kind, name, description, creation time, creator,
+/// user, chat.
+type CopyValues<'a> = (
+    i64,
+    &'a str,
+    MaybeUnset<Option<&'a str>>,
+    MaybeUnset<Option<&'a str>>,
+    CqlTimestamp,
+    Uuid,
+    Uuid,
+    Uuid,
+);
+
 struct ChatInfo {
     kind: String,
     name: Option<String>,
@@ -4756,22 +4769,7 @@ impl ChatInfo {
     /// older value; into a new member row of a new chat it is left unset, since a null would be a
     /// tombstone in the member's partition, which every read of their whole chat list passes over
     /// until compaction purges it.
-    #[allow(clippy::type_complexity)]
-    fn copy_values<'a>(
-        &'a self,
-        user: UserId,
-        chat: ChatId,
-        overwrite: bool,
-    ) -> (
-        i64,
-        &'a str,
-        MaybeUnset<Option<&'a str>>,
-        MaybeUnset<Option<&'a str>>,
-        CqlTimestamp,
-        Uuid,
-        Uuid,
-        Uuid,
-    ) {
+    fn copy_values<'a>(&'a self, user: UserId, chat: ChatId, overwrite: bool) -> CopyValues<'a> {
         let value = |v: Option<&'a str>| match (v, overwrite) {
             (None, false) => MaybeUnset::Unset,
             (v, _) => MaybeUnset::Set(v),
@@ -4790,22 +4788,12 @@ impl ChatInfo {
 
     /// The values of `copy_chat_info` that carry `change` into `user`'s row of `chat`: only the
     /// columns it changes, so that a copy of another change, made at the same time, stays.
-    #[allow(clippy::type_complexity)]
     fn change_values<'a>(
         &'a self,
         user: UserId,
         chat: ChatId,
         change: InfoChange<'_>,
-    ) -> (
-        i64,
-        &'a str,
-        MaybeUnset<Option<&'a str>>,
-        MaybeUnset<Option<&'a str>>,
-        CqlTimestamp,
-        Uuid,
-        Uuid,
-        Uuid,
-    ) {
+    ) -> CopyValues<'a> {
         let (written, kind, name, description, created_at, created_by, user, chat) =
             self.copy_values(user, chat, true);
         let only = |changed: bool, value| if changed { value } else { MaybeUnset::Unset };
