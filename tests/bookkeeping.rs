@@ -716,7 +716,7 @@ async fn a_role_change_applied_despite_its_error_is_finished_at_once() {
 }
 
 /// A removal publishes `member.left` before the `left` signal's bookkeeping (the chat's place in
-/// each member's list, the author's marker), which in a large group takes a while: until the
+/// each member's list), which in a large group takes a while: until the
 /// event, the removed member's open streams still route the chat, and everything sent meanwhile
 /// reached them.
 #[tokio::test]
@@ -725,7 +725,7 @@ async fn a_removal_stops_the_members_streams_before_its_bookkeeping() {
     let mut events = server.bus.subscribe().await.unwrap();
     let bob: UserId =
         serde_json::from_value(server.get(&server.bob, "/v1/me").await["id"].clone()).unwrap();
-    server.store.hold(Held::MarkerAdvanced);
+    server.store.hold(Held::ChatTouched);
     let removing = {
         let (http, url, alice) = (
             server.http.clone(),
@@ -735,9 +735,9 @@ async fn a_removal_stops_the_members_streams_before_its_bookkeeping() {
         tokio::spawn(async move { http.delete(url).bearer_auth(alice).send().await.unwrap() })
     };
     server.store.gate.arrived(1).await;
-    // The `left` signal's marker is held: `member.left` is out already.
+    // The `left` signal's place in the members' lists is held: `member.left` is out already.
     member_left(&mut events, bob).await;
-    server.store.lift(Held::MarkerAdvanced);
+    server.store.lift(Held::ChatTouched);
     server.store.gate.release(1).await;
     assert!(removing.await.unwrap().status().is_success());
 }
