@@ -1120,6 +1120,8 @@ impl Store for HeldStore {
 pub struct HeldBus {
     pub inner: Arc<dyn Bus>,
     held: Mutex<Vec<EventKind>>,
+    /// Kinds of events whose next publishing (logged or ephemeral) fails, once each.
+    failing: Mutex<Vec<EventKind>>,
     pub gate: Gate,
 }
 
@@ -1128,6 +1130,7 @@ impl HeldBus {
         HeldBus {
             inner,
             held: Mutex::new(Vec::new()),
+            failing: Mutex::new(Vec::new()),
             gate: Gate::new(),
         }
     }
@@ -1135,6 +1138,22 @@ impl HeldBus {
     /// Holds the next publishing of an event of kind `kind`.
     pub fn hold_next(&self, kind: EventKind) {
         self.held.lock().unwrap().push(kind);
+    }
+
+    /// Fails the next publishing of an event of kind `kind` (not made).
+    pub fn fail_next(&self, kind: EventKind) {
+        self.failing.lock().unwrap().push(kind);
+    }
+
+    /// Whether this publishing of `envelope` is one to fail (and forgets the rule).
+    fn fails(&self, envelope: &Envelope) -> bool {
+        let mut failing = self.failing.lock().unwrap();
+        let kind = envelope.event.kind();
+        failing
+            .iter()
+            .position(|k| *k == kind)
+            .map(|at| failing.remove(at))
+            .is_some()
     }
 
     /// Every logged event of `chat`, in the log's order.
@@ -1151,6 +1170,9 @@ impl HeldBus {
 #[async_trait]
 impl Bus for HeldBus {
     async fn publish(&self, envelope: &Envelope) -> Result<u64, BusError> {
+        if self.fails(envelope) {
+            return Err(BusError::Unavailable("failed on purpose".into()));
+        }
         let held = {
             let mut held = self.held.lock().unwrap();
             let kind = envelope.event.kind();
@@ -1187,6 +1209,9 @@ impl Bus for HeldBus {
         self.inner.appended_at(seq).await
     }
     async fn publish_ephemeral(&self, envelope: &Envelope) -> Result<(), BusError> {
+        if self.fails(envelope) {
+            return Err(BusError::Unavailable("failed on purpose".into()));
+        }
         self.inner.publish_ephemeral(envelope).await
     }
     async fn subscribe_ephemeral(&self) -> Result<BoxStream<'static, Envelope>, BusError> {

@@ -45,7 +45,15 @@ impl ApiState {
                 expires_in_ms: u64::try_from(TYPING_SHOWN_FOR.as_millis()).unwrap_or(6_000),
             }),
         );
-        self.bus.publish_ephemeral(&envelope).await?;
+        if let Err(error) = self.bus.publish_ephemeral(&envelope).await {
+            // Not published: the client's retry must be, not throttled as if it had been.
+            if let Ok(mut last) = self.typing.lock()
+                && last.get(&(caller, chat)) == Some(&now)
+            {
+                last.remove(&(caller, chat));
+            }
+            return Err(error.into());
+        }
         Ok(())
     }
 }
