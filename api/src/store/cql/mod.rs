@@ -2575,16 +2575,7 @@ impl Store for CqlStore {
                     .execute_unpaged(&self.statements.members_among, (chat.0, ids))
                     .await
                     .map_err(unavailable)?;
-                rows::<(Uuid, String, CqlTimestamp)>(result)?
-                    .into_iter()
-                    .map(|(user, role, joined)| {
-                        Ok(Member {
-                            user_id: UserId(user),
-                            role: parse(&role)?,
-                            joined_at: from_millis(joined.0)?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, StoreError>>()
+                member_rows(result)
             }
         });
         Ok(futures::future::try_join_all(reads)
@@ -2616,16 +2607,7 @@ impl Store for CqlStore {
             }
         }
         .map_err(unavailable)?;
-        rows::<(Uuid, String, CqlTimestamp)>(result)?
-            .into_iter()
-            .map(|(user, role, joined)| {
-                Ok(Member {
-                    user_id: UserId(user),
-                    role: parse(&role)?,
-                    joined_at: from_millis(joined.0)?,
-                })
-            })
-            .collect()
+        member_rows(result)
     }
 
     async fn put_member(&self, chat: ChatId, member: &Member) -> Result<(), StoreError> {
@@ -4808,6 +4790,22 @@ impl ChatInfo {
             chat,
         )
     }
+}
+
+/// The members in rows of `user_id, role, joined_at` of `chat_members`.
+fn member_rows(
+    result: scylla::response::query_result::QueryResult,
+) -> Result<Vec<Member>, StoreError> {
+    rows::<(Uuid, String, CqlTimestamp)>(result)?
+        .into_iter()
+        .map(|(user, role, joined)| {
+            Ok(Member {
+                user_id: UserId(user),
+                role: parse(&role)?,
+                joined_at: from_millis(joined.0)?,
+            })
+        })
+        .collect()
 }
 
 /// This process's clock, in microseconds since the epoch (a write timestamp).
