@@ -655,8 +655,13 @@ impl ApiState {
             // Nobody stored in it: a leave is under way (it takes its participant out, then
             // reads who is left), and it decides; a join now must find the call going. Only
             // participants stored and all out of the chat are left with no leave to end it.
-            if self.store.call_participants(record.id).await?.is_empty()
-                || !self.present_participants(&record).await?.is_empty()
+            let stored = self.store.call_participants(record.id).await?;
+            if stored.is_empty()
+                || !self
+                    .store
+                    .members_among(record.chat_id, &stored)
+                    .await?
+                    .is_empty()
             {
                 return Ok(record.status);
             }
