@@ -427,6 +427,65 @@ async fn views_and_deliveries_are_rate_limited(stack: Stack) {
 }
 on_both_stacks!(views_and_deliveries_are_rate_limited);
 
+/// Read and delivery markers have a limit of their own, counted together (each move is a store
+/// write and, in a group, an event to every member), and so do typing notices across all of a
+/// user's chats (each is an event to every member; the two-second throttle is per chat only).
+async fn markers_and_typing_are_rate_limited(stack: Stack) {
+    let app = spawn(stack, |config| {
+        config.limits.marks = RateLimit::new(0.01, 3);
+        config.limits.typing = RateLimit::new(0.01, 2);
+    })
+    .await;
+    let alice = app.token("alice").await;
+    let bob = app.token("bob").await;
+    let bob_id = app.me(&bob).await;
+    let chat = app.group_chat(&alice, &[&bob_id]).await;
+    let other = app.group_chat(&alice, &[&bob_id]).await;
+    let signals = format!("/v1/chats/{chat}/signals");
+    let sent = app.post(&alice, &signals, &message("m")).await;
+    assert_eq!(sent.status(), 201);
+    let sent: Value = sent.json().await.unwrap();
+    let up_to = json!({"up_to": sent["id"]});
+    let (read, delivered) = (
+        format!("/v1/chats/{chat}/read"),
+        format!("/v1/chats/{chat}/delivered"),
+    );
+    for path in [&delivered, &read, &read] {
+        assert_eq!(app.post(&bob, path, &up_to).await.status(), 200, "{path}");
+    }
+    let problem = assert_limited(app.post(&bob, &delivered, &up_to).await).await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("markers"),
+        "{problem}"
+    );
+    assert_limited(app.post(&bob, &read, &up_to).await).await;
+    // Typing is not counted with markers, and is limited across chats: a chat each time, so the
+    // per-chat throttle never holds one back.
+    let typing = |chat: &str| format!("/v1/chats/{chat}/typing");
+    assert_eq!(
+        app.post(&bob, &typing(&chat), &json!({})).await.status(),
+        204
+    );
+    assert_eq!(
+        app.post(&bob, &typing(&other), &json!({})).await.status(),
+        204
+    );
+    let problem = assert_limited(app.post(&bob, &typing(&chat), &json!({})).await).await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("typing"),
+        "{problem}"
+    );
+    // Other requests are not counted, and alice has her own allowances.
+    assert_eq!(app.post(&bob, &signals, &message("b")).await.status(), 201);
+    assert_eq!(app.post(&alice, &read, &up_to).await.status(), 200);
+    assert_eq!(
+        app.post(&alice, &typing(&chat), &json!({})).await.status(),
+        204
+    );
+    app.stop().await;
+}
+on_both_stacks!(markers_and_typing_are_rate_limited);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_a_login_are_limited_per_address() {
     let app = spawn(Stack::Embedded, |config| {

@@ -37,6 +37,10 @@ pub enum Class {
     Chats,
     /// Starting calls.
     Calls,
+    /// Moving read and delivery markers.
+    Marks,
+    /// Typing notices.
+    Typing,
 }
 
 /// A token bucket per user for each [`Class`].
@@ -52,6 +56,8 @@ pub struct RateLimits {
     circle_join: KeyedLimit<UserId>,
     chats: KeyedLimit<UserId>,
     calls: KeyedLimit<UserId>,
+    marks: KeyedLimit<UserId>,
+    typing: KeyedLimit<UserId>,
 }
 
 impl RateLimits {
@@ -67,6 +73,8 @@ impl RateLimits {
             circle_join: KeyedLimit::new("circle joins", config.circle_join),
             chats: KeyedLimit::new("people added to chats", config.chats),
             calls: KeyedLimit::new("calls started", config.calls),
+            marks: KeyedLimit::new("read and delivery markers moved", config.marks),
+            typing: KeyedLimit::new("typing notices", config.typing),
         }
     }
 
@@ -89,6 +97,8 @@ impl RateLimits {
             Class::CircleJoin => &self.circle_join,
             Class::Chats => &self.chats,
             Class::Calls => &self.calls,
+            Class::Marks => &self.marks,
+            Class::Typing => &self.typing,
         }
     }
 }

@@ -706,6 +706,15 @@ pub struct LimitsConfig {
     /// each who does not answer. Default `{ per_second = 0.05, burst = 10 }`: ten in a row,
     /// then three a minute.
     pub calls: RateLimit,
+    /// Read and delivery markers moved per user (`POST /v1/chats/{id}/read` and `/delivered`,
+    /// also over the WebSocket): each is a store write and, in a group, an event to every member.
+    /// A client moves a marker as it shows or receives messages, not once per message of a busy
+    /// chat. Default `{ per_second = 20, burst = 200 }`.
+    pub marks: RateLimit,
+    /// Typing notices per user (`POST /v1/chats/{id}/typing`, also over the WebSocket), across
+    /// all their chats: each is an event to every member of the chat. Within one chat, calls
+    /// closer than two seconds apart publish once anyway. Default `{ per_second = 2, burst = 30 }`.
+    pub typing: RateLimit,
     /// Event streams opened and resumed per user (`GET /v1/events`, `GET /v1/ws`, and a socket's
     /// `resume` frame), on each node: each reads the user's chats from the store, and a resume
     /// also scans the log after its id (up to `notifier.replay_limit` × 20 events), so a loop of
@@ -764,6 +773,8 @@ impl Default for LimitsConfig {
             circle_join: RateLimit::new(0.2, 10),
             chats: RateLimit::new(0.5, 300),
             calls: RateLimit::new(0.05, 10),
+            marks: RateLimit::new(20.0, 200),
+            typing: RateLimit::new(2.0, 30),
             stream_opens: RateLimit::new(1.0, 64),
             public: RateLimit::new(50.0, 500),
             trusted_proxies: String::new(),
@@ -790,6 +801,8 @@ impl LimitsConfig {
             &mut self.circle_join,
             &mut self.chats,
             &mut self.calls,
+            &mut self.marks,
+            &mut self.typing,
             &mut self.stream_opens,
             &mut self.public,
         ] {
@@ -1263,6 +1276,8 @@ impl Config {
             ("circle_join", self.limits.circle_join),
             ("chats", self.limits.chats),
             ("calls", self.limits.calls),
+            ("marks", self.limits.marks),
+            ("typing", self.limits.typing),
             ("stream_opens", self.limits.stream_opens),
             ("public", self.limits.public),
         ] {

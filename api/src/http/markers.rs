@@ -27,14 +27,15 @@ pub struct MarkerState {
     up_to: Option<SignalId>,
 }
 
-/// Moves the caller's read marker forward (never back). Unread counts follow from it.
+/// Moves the caller's read marker forward (never back). Unread counts follow from it. Counted,
+/// with delivery markers, against the caller's `marks` rate limit.
 #[utoipa::path(
     post, operation_id = "mark_read", path = "/v1/chats/{chat_id}/read", tag = "markers",
     params(("chat_id" = ChatId, Path, description = "The chat")),
     request_body = AdvanceMarker,
     responses(
         (status = 200, description = "OK", body = MarkerState),
-        ChatErrors, Invalid,
+        ChatErrors, Invalid, Limited,
     ),
     security(("bearer" = []))
 )]
@@ -44,6 +45,7 @@ pub async fn read(
     ApiPath(chat_id): ApiPath<ChatId>,
     ApiJson(body): ApiJson<AdvanceMarker>,
 ) -> ApiResult<Json<MarkerState>> {
+    state.throttle(Class::Marks, caller.id)?;
     let up_to = state
         .mark(MarkerKind::Read, caller.id, chat_id, body.up_to)
         .await?;
@@ -51,13 +53,14 @@ pub async fn read(
 }
 
 /// Moves the caller's delivery marker forward (a client acknowledges what it has received).
+/// Counted, with read markers, against the caller's `marks` rate limit.
 #[utoipa::path(
     post, operation_id = "mark_delivered", path = "/v1/chats/{chat_id}/delivered", tag = "markers",
     params(("chat_id" = ChatId, Path, description = "The chat")),
     request_body = AdvanceMarker,
     responses(
         (status = 200, description = "OK", body = MarkerState),
-        ChatErrors, Invalid,
+        ChatErrors, Invalid, Limited,
     ),
     security(("bearer" = []))
 )]
@@ -67,6 +70,7 @@ pub async fn delivered(
     ApiPath(chat_id): ApiPath<ChatId>,
     ApiJson(body): ApiJson<AdvanceMarker>,
 ) -> ApiResult<Json<MarkerState>> {
+    state.throttle(Class::Marks, caller.id)?;
     let up_to = state
         .mark(MarkerKind::Delivered, caller.id, chat_id, body.up_to)
         .await?;
