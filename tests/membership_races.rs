@@ -4,7 +4,8 @@
 //! reaches the log after a later removal's `member.left` is followed by another `member.left`;
 //! and a reaction whose event reaches the log after another's is followed by the stored count,
 //! and one that reaches the store after its message's deletion does not stay on it. A rename and a
-//! new description made at once both stay.
+//! new description made at once both stay, and of two renames the log ends with the stored
+//! name. A message sent after a removal whose `member.left` is retried comes after it in the log.
 
 mod support;
 
@@ -208,6 +209,72 @@ async fn a_removal_racing_an_additions_publish_has_the_last_word(stack: Stack) {
 }
 on_both_stacks!(a_removal_racing_an_additions_publish_has_the_last_word);
 
+/// Bob's removal is stored and its `member.left` fails to publish (a bus timeout), so it is
+/// retried in the background; Alice sends a message at once. Until `member.left` is in the log,
+/// Bob's open streams route the chat: the message must come after it, or it reaches the member
+/// just removed. It used to be published at once, and the retry of `member.left` after it.
+async fn a_message_after_a_removal_whose_event_is_retried_comes_after_it(stack: Stack) {
+    use confab_api::domain::inputs::MessageText;
+    use confab_api::domain::signals::NewMessage;
+    let api = HeldApi::new(stack).await;
+    let alice = api.user("alice").await;
+    let bob = api.user("bob").await;
+    let chat =
+        ChatToCreate::parse(ChatKind::Group, Some("removing".into()), None, vec![bob.id]).unwrap();
+    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
+        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
+    };
+
+    api.bus.fail_next(EventKind::MemberLeft);
+    api.state
+        .remove_member(alice.id, chat, bob.id)
+        .await
+        .expect("bob is removed though his member.left is not published yet");
+    let message = NewMessage {
+        nonce: None,
+        text: Some(MessageText::parse("not for bob".into()).unwrap()),
+        reply_to: None,
+        attachments: Default::default(),
+    };
+    let sent = match api.state.send_message(&alice, chat, message).await.unwrap() {
+        Outcome::Created(signal) | Outcome::Existing(signal) => signal.id,
+    };
+
+    let deadline = tokio::time::Instant::now() + support::DEADLINE;
+    let (left_at, sent_at) = loop {
+        let events = api.bus.events_of(chat).await;
+        let left_at = events.iter().position(|logged| {
+            matches!(&logged.envelope.event, Event::MemberLeft(change) if change.user_id == bob.id)
+        });
+        let sent_at = events.iter().position(|logged| {
+            matches!(&logged.envelope.event, Event::SignalCreated(signal) if signal.id == sent)
+        });
+        if let (Some(left_at), Some(sent_at)) = (left_at, sent_at) {
+            break (left_at, sent_at);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "member.left and the message not both in the log: {events:?}"
+        );
+        tokio::task::yield_now().await;
+    };
+    assert!(
+        left_at < sent_at,
+        "the message sent after bob's removal is in the log before his member.left \
+         ({sent_at} before {left_at}): his streams were routed it"
+    );
+    let deadline = tokio::time::Instant::now() + support::DEADLINE;
+    while api.state.publishes_retrying() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a publish still retrying"
+        );
+        tokio::task::yield_now().await;
+    }
+    api.clean_up().await;
+}
+on_both_stacks!(a_message_after_a_removal_whose_event_is_retried_comes_after_it);
+
 /// Alice's reaction is stored and counted (1), and its `reaction.added` held on its way to the
 /// log while Bob's reaction with the same emoji runs through (counted 2, published). The log then
 /// says 1 last; clients set the count from the events, so the last word must be the stored 2.
@@ -382,3 +449,52 @@ async fn a_rename_racing_a_new_description_keeps_both(stack: Stack) {
     api.clean_up().await;
 }
 on_both_stacks!(a_rename_racing_a_new_description_keeps_both);
+
+/// Alice's rename to "first" is stored and read back, and its `chat.updated` held on its way to
+/// the log while her rename to "second" runs through, event and all. The log then ends saying
+/// "first"; clients show a chat's name from the events, so its last word must be the stored one.
+async fn racing_renames_leave_the_stored_name_last_in_the_log(stack: Stack) {
+    use confab_api::domain::chats::ChatChange;
+    let api = HeldApi::new(stack).await;
+    let alice = api.user("alice").await;
+    let bob = api.user("bob").await;
+    let chat =
+        ChatToCreate::parse(ChatKind::Group, Some("before".into()), None, vec![bob.id]).unwrap();
+    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
+        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
+    };
+    let rename = |name: &str| ChatChange::parse(Some(name.into()), None).unwrap();
+
+    api.bus.hold_next(EventKind::ChatUpdated);
+    let first = tokio::spawn({
+        let state = api.state.clone();
+        let change = rename("first");
+        async move { state.update_chat(alice.id, chat, change).await }
+    });
+    api.bus.gate.arrived(1).await;
+    api.state
+        .update_chat(alice.id, chat, rename("second"))
+        .await
+        .expect("renames again while the first rename's event waits");
+    api.bus.gate.release(1).await;
+    first.await.unwrap().expect("renames");
+
+    let names: Vec<Option<String>> = api
+        .bus
+        .events_of(chat)
+        .await
+        .iter()
+        .filter_map(|logged| match &logged.envelope.event {
+            Event::ChatUpdated(updated) => Some(updated.name.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        names.last(),
+        Some(&Some("second".to_owned())),
+        "the log's last name of the chat is not the stored one: {names:?}"
+    );
+    assert_eq!(api.state.publishes_retrying(), 0);
+    api.clean_up().await;
+}
+on_both_stacks!(racing_renames_leave_the_stored_name_last_in_the_log);

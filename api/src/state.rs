@@ -44,7 +44,7 @@ pub struct ApiState {
     /// with the members to move it for and the newest signal.
     pub(crate) chat_activity: Arc<Coalescer<ChatId, (Vec<UserId>, Signal)>>,
     /// The push fan-out of each large chat: one pass in flight, the newest message next.
-    pub(crate) large_chat_pushes: Arc<Coalescer<ChatId, (Vec<UserId>, Signal)>>,
+    pub(crate) large_chat_pushes: Arc<Coalescer<ChatId, Signal>>,
     /// Authors' read markers, moved by their own signals.
     pub(crate) author_markers: Arc<Coalescer<(ChatId, UserId), ()>>,
     /// Users provisioned recently, and when: see `domain::users`.
@@ -84,6 +84,9 @@ pub struct ApiState {
     pub(crate) calls: CallSettings,
     /// Publishes retried in the background.
     pub(crate) retrying_publishes: crate::domain::events::RetryingPublishes,
+    /// Events taking members out of a chat whose publish is being retried: the chat's later
+    /// events wait for them.
+    pub(crate) pending_leaves: crate::domain::events::PendingLeaves,
 }
 
 impl ApiState {
@@ -118,6 +121,7 @@ impl ApiState {
             circles: CircleSettings::default(),
             calls: CallSettings::default(),
             retrying_publishes: Default::default(),
+            pending_leaves: Default::default(),
         }
     }
 

@@ -6,12 +6,14 @@
 //! publish that fails is retried in the background with backoff, and counted; the log drops a copy
 //! of an event id it already holds, so a retry that races a slow first attempt publishes once.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use confab_schema::event::{MarkerChange, MemberChange, ReactionChange};
-use confab_schema::{Envelope, Event};
+use confab_schema::{ChatId, Envelope, Event};
+use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::error::ApiResult;
@@ -42,7 +44,11 @@ impl ApiState {
         let mut envelopes = envelopes.into_iter();
         while let Some(envelope) = envelopes.next() {
             let kind = envelope.event.kind().as_str();
-            match self.bus.publish(&envelope).await {
+            let published = match self.leaves_published_before(&envelope).await {
+                Ok(()) => self.bus.publish(&envelope).await.map_err(Into::into),
+                Err(error) => Err(error),
+            };
+            match published {
                 Ok(_) => {
                     metrics::counter!("confab_events_published_total", "type" => kind).increment(1);
                 }
@@ -86,9 +92,14 @@ impl ApiState {
         // A change just made is published as it is; a copy of one made earlier, as the store
         // holds it now (deleted, say, since it was read).
         // `Some(false)`: taken, with nothing to publish (the change undone since); `None`: refused.
-        let published = match intent {
-            Some(_) => self.bus.publish(&envelope).await.ok().map(|_| true),
-            None => self.publish_as_stored(envelope.clone()).await.ok(),
+        // Not before a removal of this chat still on its way: its members' streams would be
+        // routed this event.
+        let published = match self.leaves_published_before(&envelope).await {
+            Err(_) => None,
+            Ok(()) => match intent {
+                Some(_) => self.bus.publish(&envelope).await.ok().map(|_| true),
+                None => self.publish_as_stored(envelope.clone()).await.ok(),
+            },
         };
         if let Some(published) = published {
             if published {
@@ -108,17 +119,24 @@ impl ApiState {
         metrics::counter!("confab_events_publish_retries_total", "type" => kind).increment(1);
         // The retry below settles it: this process's own sweep need not look at it.
         let intent = intent.map(|intent| self.outbox.untrack(intent));
+        // Until it is out, a removal keeps the chat's later events of this process back.
+        let leaving = self.pending_leaves.add(&envelope);
         let state = self.clone();
         let retrying = self.retrying_publishes.start();
         tokio::spawn(async move {
             let _retrying = retrying;
+            let _leaving = leaving;
             // With an outbox entry behind it, for as long as the process lives.
             let mut backoff = match intent {
                 Some(_) => Backoff::without_end(FIRST_RETRY, LONGEST_RETRY),
                 None => Backoff::new(FIRST_RETRY, LONGEST_RETRY, RETRY_ATTEMPTS),
             };
             while backoff.wait().await {
-                match state.publish_as_stored(envelope.clone()).await {
+                let attempt = match state.leaves_published_before(&envelope).await {
+                    Ok(()) => state.publish_as_stored(envelope.clone()).await,
+                    Err(error) => Err(error),
+                };
+                match attempt {
                     Ok(published) => {
                         if published {
                             metrics::counter!("confab_events_published_total", "type" => kind)
@@ -192,7 +210,8 @@ impl ApiState {
 
     /// The event that tells what the store holds now of the change `published` announced, when
     /// that is no longer what it says: a member gone, back or in another role; a message deleted
-    /// or edited again; a reaction taken back, or its emoji's count changed by another. `None` when the store holds what it says, or for events of other kinds.
+    /// or edited again; a reaction taken back, or its emoji's count changed by another; a chat
+    /// renamed or described again. `None` when the store holds what it says, or for events of other kinds.
     async fn correction_of(&self, published: &Envelope) -> ApiResult<Option<Envelope>> {
         let chat = published.chat_id;
         Ok(match &published.event {
@@ -272,6 +291,15 @@ impl ApiState {
                     )
                 })
             }
+            // A chat's name and description, as clients show them from the events: a change
+            // read back before another's write can be published after that one's event.
+            Event::ChatUpdated(said) => match self.store.get_chat(chat).await? {
+                Some(held) if held.name != said.name || held.description != said.description => {
+                    Some(Envelope::new(chat, Event::ChatUpdated(Box::new(held))))
+                }
+                // Gone with its removal, which has its own event; or as said.
+                _ => None,
+            },
             Event::SignalCreated(said) | Event::SignalUpdated(said) if !said.deleted => {
                 match self.store.get_signal(said.chat_id, said.id).await? {
                     // Gone with its chat, whose removal has its own event.
@@ -294,6 +322,90 @@ impl ApiState {
     /// publishes).
     pub(crate) fn forgo(&self, intent: Intent) {
         self.outbox.settle(&self.store, intent);
+    }
+
+    /// Publishes, as the store holds them, the events taking members out of `next`'s chat that
+    /// this process is still retrying (but `next` itself), so that `next` comes after them in
+    /// the log: a message sent after a removal whose `member.left` failed to publish would
+    /// otherwise reach the removed member's open streams, which route the chat until that event.
+    /// `Err` while one is still refused: `next` must wait too. The log keeps one copy of each
+    /// (same id) when its own retry publishes it as well.
+    async fn leaves_published_before(&self, next: &Envelope) -> ApiResult<()> {
+        for leave in self.pending_leaves.of(next.chat_id, next.id) {
+            let id = leave.id;
+            self.publish_as_stored(leave).await?;
+            self.pending_leaves.published(next.chat_id, id);
+        }
+        Ok(())
+    }
+}
+
+/// The events taking members out of a chat (`member.left`, a deletion of the chat: an envelope
+/// with `left`) whose publish failed and is being retried, by chat. Every later event of the chat
+/// this process publishes first publishes these ([`ApiState::leaves_published_before`]). Only
+/// this process's: another one publishing to the chat meanwhile does not know of them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PendingLeaves(Arc<Mutex<HashMap<ChatId, Vec<Envelope>>>>);
+
+impl PendingLeaves {
+    /// Records `envelope` when it takes members out of its chat, until the guard returned is
+    /// dropped (its retry ended) or it is [`PendingLeaves::published`].
+    fn add(&self, envelope: &Envelope) -> Option<PendingLeave> {
+        if envelope.left.is_empty() {
+            return None;
+        }
+        self.lock()
+            .entry(envelope.chat_id)
+            .or_default()
+            .push(envelope.clone());
+        Some(PendingLeave {
+            leaves: self.clone(),
+            chat: envelope.chat_id,
+            id: envelope.id,
+        })
+    }
+
+    /// The pending leaves of `chat` other than `except`, oldest first.
+    fn of(&self, chat: ChatId, except: Uuid) -> Vec<Envelope> {
+        let leaves = self.lock();
+        leaves.get(&chat).map_or_else(Vec::new, |pending| {
+            pending
+                .iter()
+                .filter(|leave| leave.id != except)
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// Forgets the leave `id` of `chat`: it is in the log (or there was nothing left to publish).
+    fn published(&self, chat: ChatId, id: Uuid) {
+        let mut leaves = self.lock();
+        if let Some(pending) = leaves.get_mut(&chat) {
+            pending.retain(|leave| leave.id != id);
+            if pending.is_empty() {
+                leaves.remove(&chat);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChatId, Vec<Envelope>>> {
+        // A panic while the map is held leaves it whole: each change is one call.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A leave recorded in [`PendingLeaves`], forgotten when dropped.
+struct PendingLeave {
+    leaves: PendingLeaves,
+    chat: ChatId,
+    id: Uuid,
+}
+
+impl Drop for PendingLeave {
+    fn drop(&mut self) {
+        self.leaves.published(self.chat, self.id);
     }
 }
 

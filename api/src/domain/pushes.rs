@@ -185,19 +185,35 @@ impl ApiState {
             // and to repeat for each message of a burst: a large chat is fanned out in the
             // background, one pass in flight per chat; the messages sent during a pass ride on
             // the next one, which announces the newest (a recipient's push then counts passes,
-            // not messages).
+            // not messages). A pass reads the members itself: the sends waiting for it hold
+            // their message only, not a list of tens of thousands each while a slow pass runs.
             let state = self.clone();
             let passes = Arc::clone(&self.large_chat_pushes);
-            let (created, members) = (created.clone(), members.to_vec());
+            let created = created.clone();
             tokio::spawn(async move {
                 let fanned = passes
                     .advance(
                         created.chat_id,
                         created.id,
-                        (members, created),
-                        |_, (members, created)| async move {
+                        created,
+                        |_, created| async move {
                             metrics::counter!("confab_pushes_large_chat_passes_total").increment(1);
-                            state.schedule_for(&created, &members, None, false).await;
+                            match state.store.members(created.chat_id).await {
+                                Ok(members) => {
+                                    // Those who were sent it: not a member added since.
+                                    let members: Vec<UserId> = members
+                                        .into_iter()
+                                        .filter(|member| member.joined_at <= created.created_at)
+                                        .map(|member| member.user_id)
+                                        .collect();
+                                    state.schedule_for(&created, &members, None, false).await;
+                                }
+                                Err(error) => {
+                                    metrics::counter!("confab_pushes_schedule_failures_total")
+                                        .increment(1);
+                                    tracing::warn!(%error, chat = %created.chat_id, "a large chat's members unavailable; no pushes scheduled");
+                                }
+                            }
                             Ok::<(), std::convert::Infallible>(())
                         },
                     )
