@@ -456,3 +456,82 @@ async fn a_member_added_later_has_not_seen_what_came_before(stack: Stack) {
     api.clean_up().await;
 }
 on_both_stacks!(a_member_added_later_has_not_seen_what_came_before);
+
+/// On CQL a read marker is written twice: in the chat, and in the reader's own partition for
+/// their chat list's unread counts. A mark whose second write failed answered 503, and its retry
+/// found the chat's marker there already and answered without writing again: the chat list
+/// counted the message unread until a further mark. The retry now writes the marker again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_the_retry_of_a_half_written_mark_writes_the_readers_copy() {
+    use confab_api::domain::Outcome;
+    use confab_api::domain::chats::ChatToCreate;
+    use confab_api::domain::inputs::MessageText;
+    use confab_api::domain::signals::NewMessage;
+    use confab_api::store::cql::{CqlOptions, CqlStore};
+    use confab_schema::ChatKind;
+
+    let name = "cql_the_retry_of_a_half_written_mark_writes_the_readers_copy";
+    if !support::real_stack_available(name).await {
+        return;
+    }
+    let api = HeldApi::new(Stack::Real).await;
+    let alice = api.user("alice").await;
+    let bob = api.user("bob").await;
+    let chat =
+        ChatToCreate::parse(ChatKind::Group, Some("halves".into()), None, vec![bob.id]).unwrap();
+    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
+        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
+    };
+    let message = NewMessage {
+        nonce: None,
+        text: Some(MessageText::parse("read me".into()).unwrap()),
+        reply_to: None,
+        attachments: Default::default(),
+    };
+    let sent = match api.state.send_message(&alice, chat, message).await.unwrap() {
+        Outcome::Created(signal) | Outcome::Existing(signal) => signal.id,
+    };
+    let unread = async || {
+        let listed = api
+            .state
+            .list_chats(bob.id, None, PageLimit::parse(None).unwrap())
+            .await
+            .unwrap();
+        listed
+            .items
+            .iter()
+            .find(|listed| listed.id == chat)
+            .expect("the chat is in bob's list")
+            .unread_count
+    };
+    // The half of bob's mark that landed: the chat's marker, as the store writes it.
+    let options = CqlOptions::from_config(&api.config);
+    let store = CqlStore::connect(&options).await.unwrap();
+    let at = sent.unix_millis().unwrap() * 1000;
+    store
+        .session()
+        .query_unpaged(
+            format!(
+                "INSERT INTO {}.markers (chat_id, kind, user_id, up_to) VALUES (?, ?, ?, ?) \
+                 USING TIMESTAMP ?",
+                options.keyspace
+            ),
+            (chat.0, MarkerKind::Read.as_str(), bob.id.0, sent.0, at),
+        )
+        .await
+        .unwrap();
+    assert!(unread().await >= 1, "the half-written mark counts as read");
+
+    let marked = api
+        .state
+        .mark(MarkerKind::Read, bob.id, chat, sent)
+        .await
+        .unwrap();
+    assert_eq!(marked, Some(sent));
+    assert_eq!(
+        unread().await,
+        0,
+        "bob's chat list still counts what his retried mark read"
+    );
+    api.clean_up().await;
+}
