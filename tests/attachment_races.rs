@@ -34,6 +34,8 @@ struct Harness {
     http: reqwest::Client,
     base: String,
     alice: String,
+    bob: String,
+    bob_id: String,
     chat: String,
     /// Requests whose handling the server dropped before it answered (a client gone).
     dropped: Arc<std::sync::atomic::AtomicUsize>,
@@ -107,11 +109,14 @@ impl Harness {
             http: reqwest::Client::new(),
             base,
             alice,
+            bob,
+            bob_id: String::new(),
             chat: String::new(),
             dropped,
             _dir: dir,
         };
-        let bob_id = harness.json(&bob, "/v1/me").await["id"].clone();
+        let bob_id = harness.json(&harness.bob, "/v1/me").await["id"].clone();
+        harness.bob_id = bob_id.as_str().unwrap().to_owned();
         let chat = harness
             .send_json(
                 "/v1/chats",
@@ -157,15 +162,26 @@ impl Harness {
             .unwrap()
     }
 
+    /// The upload of `bytes` to the chat, named `name`, by `token`'s user.
+    fn upload_request(
+        &self,
+        token: &str,
+        name: &str,
+        content_type: &str,
+        bytes: Vec<u8>,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}/v1/chats/{}/attachments", self.base, self.chat))
+            .query(&[("name", name)])
+            .bearer_auth(token)
+            .header("content-type", content_type)
+            .body(bytes)
+    }
+
     /// Alice's upload of `bytes` to the chat, as answered.
     async fn upload(&self, name: &str, content_type: &str, bytes: Vec<u8>) -> Value {
         let response = self
-            .http
-            .post(format!("{}/v1/chats/{}/attachments", self.base, self.chat))
-            .query(&[("name", name)])
-            .bearer_auth(&self.alice)
-            .header("content-type", content_type)
-            .body(bytes)
+            .upload_request(&self.alice, name, content_type, bytes)
             .send()
             .await
             .unwrap();
@@ -980,15 +996,12 @@ async fn an_upload_whose_record_failed_keeps_no_object(stack: Stack) {
     let name = BlobName::of(&bytes);
     let upload = || {
         harness
-            .http
-            .post(format!(
-                "{}/v1/chats/{}/attachments",
-                harness.base, harness.chat
-            ))
-            .query(&[("name", "data.bin")])
-            .bearer_auth(&harness.alice)
-            .header("content-type", "application/octet-stream")
-            .body(bytes.clone())
+            .upload_request(
+                &harness.alice,
+                "data.bin",
+                "application/octet-stream",
+                bytes.clone(),
+            )
             .send()
     };
     harness.store.fail_next(Held::AttachmentPut);
@@ -1027,15 +1040,12 @@ async fn an_upload_whose_client_left_after_its_body_is_finished(stack: Stack) {
     let bytes: Vec<u8> = (0..8192).flat_map(|_| *Uuid::new_v4().as_bytes()).collect();
     let name = confab_runtime::blobs::BlobName::of(&bytes);
     let request = harness
-        .http
-        .post(format!(
-            "{}/v1/chats/{}/attachments",
-            harness.base, harness.chat
-        ))
-        .query(&[("name", "left.bin")])
-        .bearer_auth(&harness.alice)
-        .header("content-type", "application/octet-stream")
-        .body(bytes)
+        .upload_request(
+            &harness.alice,
+            "left.bin",
+            "application/octet-stream",
+            bytes,
+        )
         .send();
     let client = tokio::spawn(request);
     // The whole body was read: the upload waits to write its reference.
@@ -1077,3 +1087,143 @@ async fn an_upload_whose_client_left_after_its_body_is_finished(stack: Stack) {
     harness.stop().await;
 }
 on_both_stacks!(an_upload_whose_client_left_after_its_body_is_finished);
+
+/// Bob's upload has its body read and its record's write held when Alice removes him from the
+/// chat: the upload is refused and leaves nothing. Membership was checked only as an upload
+/// began, and a large one takes hours: it was recorded all the same, listed to the chat and
+/// downloadable by every member, uploaded by someone no longer in it.
+async fn an_upload_whose_uploader_left_meanwhile_is_not_recorded(stack: Stack) {
+    let harness = Harness::start(stack).await;
+    harness.store.hold_next(Held::AttachmentPut);
+    // Larger than what the store keeps in its rows, so that the bytes go to the storage.
+    let bytes: Vec<u8> = (0..8192).flat_map(|_| *Uuid::new_v4().as_bytes()).collect();
+    let name = confab_runtime::blobs::BlobName::of(&bytes);
+    let upload = tokio::spawn(
+        harness
+            .upload_request(&harness.bob, "late.bin", "application/octet-stream", bytes)
+            .send(),
+    );
+    harness.store.gate.arrived(1).await;
+    let removed = harness
+        .http
+        .delete(format!(
+            "{}/v1/chats/{}/members/{}",
+            harness.base, harness.chat, harness.bob_id
+        ))
+        .bearer_auth(&harness.alice)
+        .send()
+        .await
+        .unwrap();
+    assert!(removed.status().is_success(), "{}", removed.status());
+    harness.store.gate.release(1).await;
+    let answered = upload.await.unwrap().unwrap();
+    let status = answered.status();
+    assert!(
+        status.is_client_error(),
+        "{status}: {}",
+        answered.text().await.unwrap()
+    );
+    assert!(
+        harness.listed(None).await.is_empty(),
+        "the chat lists the upload of a member removed while it was recorded"
+    );
+    assert!(!harness.store.blob_referenced(name.as_str()).await.unwrap());
+    let stored = harness
+        .blobs
+        .list(None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .any(|object| object.name == name);
+    assert!(!stored, "the refused upload's object stayed in the storage");
+    harness.stop().await;
+}
+on_both_stacks!(an_upload_whose_uploader_left_meanwhile_is_not_recorded);
+
+/// The same image uploaded again gets the pictures made for the first upload instead of a decode
+/// of its own: its bytes are stored once, and a decode of a large image costs hundreds of
+/// megabytes and a core for a while, so uploads of one image, free in storage, queued them
+/// without end. Shown with a second API whose pixel limit refuses to decode it: its upload of
+/// the same bytes has the first's pictures, where a decode would keep it as a plain file.
+async fn an_image_uploaded_again_has_the_pictures_made_before(stack: Stack) {
+    use confab_api::domain::Outcome;
+    use confab_api::domain::chats::ChatToCreate;
+    use confab_api::domain::inputs::{AttachmentName, DeclaredType};
+    use confab_schema::ChatKind;
+    use futures::StreamExt;
+    use support::held_store::HeldApi;
+
+    let api = HeldApi::new(stack).await;
+    let blobs = confab::open_blobs(&api.config, Arc::clone(&api.store) as Arc<dyn Store>).unwrap();
+    let state = api
+        .state
+        .clone()
+        .with_attachments(confab::attachment_settings(&api.config, Arc::clone(&blobs)));
+    let mut strict = api.config.clone();
+    strict.attachments.max_image_pixels = 1;
+    let strict = api
+        .state
+        .clone()
+        .with_attachments(confab::attachment_settings(&strict, Arc::clone(&blobs)));
+    let alice = api.user("alice").await;
+    let bob = api.user("bob").await;
+    let chat =
+        ChatToCreate::parse(ChatKind::Group, Some("again".into()), None, vec![bob.id]).unwrap();
+    let chat = match state.create_chat(&alice, chat).await.unwrap() {
+        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
+    };
+    let picture = png(64, 48);
+    let upload = |state: &ApiState| {
+        let body = futures::stream::once({
+            let bytes = bytes::Bytes::from(picture.clone());
+            async move { Ok(bytes) }
+        })
+        .boxed();
+        let state = state.clone();
+        let alice = alice.clone();
+        let length = picture.len() as u64;
+        async move {
+            state
+                .upload_attachment(
+                    &alice,
+                    chat,
+                    AttachmentName::parse(Some("again.png".into())).unwrap(),
+                    DeclaredType::parse(Some("image/png")).unwrap(),
+                    Some(length),
+                    None,
+                    body,
+                )
+                .await
+                .expect("uploaded")
+        }
+    };
+    // Once its pictures are made, or it was kept as a plain file.
+    let settled = async |id: Uuid| {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let stored = api.store.get_attachments(&[id]).await.unwrap();
+            let stored = stored.into_iter().next().expect("the upload is stored");
+            if stored.image.is_some() || stored.kind == confab_schema::AttachmentKind::File {
+                return stored;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no pictures in time"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let first = settled(upload(&state).await.id).await;
+    assert!(
+        first.image.is_some(),
+        "the first upload's pictures: {first:?}"
+    );
+    let again = settled(upload(&strict).await.id).await;
+    assert_eq!(
+        again.image, first.image,
+        "the image uploaded again was decoded again (and refused by the pixel limit)"
+    );
+    assert_eq!(again.kind, confab_schema::AttachmentKind::Image);
+    api.clean_up().await;
+}
+on_both_stacks!(an_image_uploaded_again_has_the_pictures_made_before);

@@ -395,6 +395,11 @@ impl ApiState {
             made = true;
             in_time(attachment.id)?;
             self.store.put_attachment(&attachment).await?;
+            // Membership was checked as the upload began, and a large body takes hours: the
+            // uploader may have left since, or the chat been deleted (its attachments with it).
+            // Read after the record's write, so that a removal or deletion that passed before it
+            // landed is seen too; the record and object are then taken out below.
+            self.require_member(attachment.chat_id, caller.id).await?;
             Ok::<(), ApiError>(())
         }
         .await;
@@ -826,6 +831,15 @@ impl ApiState {
         let name = BlobName::parse(&attachment.sha256)
             .ok_or_else(|| ApiError::BadRequest("bad hash".into()))?;
         let mut updated = attachment.clone();
+        if let Some(image) = self
+            .pictures_made_before(&attachment, settings.blobs.as_ref())
+            .await?
+        {
+            metrics::counter!("confab_attachment_pictures_reused_total").increment(1);
+            updated.image = Some(image);
+            in_time(attachment.id)?;
+            return self.store_derived(&updated, attachment.kind).await;
+        }
         let made = if attachment.size > MAX_IMAGE_BYTES {
             Err("too many bytes to decode".to_owned())
         } else {
@@ -867,6 +881,63 @@ impl ApiState {
             }
         }
         Ok(())
+    }
+
+    /// The pictures another attachment of the same bytes has, once `attachment` references their
+    /// objects and they are still there: the same image uploaded again (its bytes stored once)
+    /// is not decoded again. Each decode of a large image costs hundreds of megabytes and a
+    /// core for a while, and uploads of one image, free in storage, would otherwise queue them
+    /// without end. `None` when no such attachment has its pictures yet (its own decode may be
+    /// running), or an object of them went meanwhile (the collector removed it with its last
+    /// attachment): the caller makes them, under the same names.
+    async fn pictures_made_before(
+        &self,
+        attachment: &Attachment,
+        blobs: &dyn Blobs,
+    ) -> ApiResult<Option<ImageInfo>> {
+        let others: Vec<Uuid> = self
+            .store
+            .blob_referrers(&attachment.sha256, None, SAME_BYTES_LOOKED_AT)
+            .await?
+            .into_iter()
+            .filter(|id| *id != attachment.id)
+            .collect();
+        if others.is_empty() {
+            return Ok(None);
+        }
+        let Some(image) = self
+            .store
+            .get_attachments(&others)
+            .await?
+            .into_iter()
+            .filter(|other| other.sha256 == attachment.sha256)
+            .find_map(|other| {
+                other
+                    .image
+                    .filter(|image| image.thumbnail.is_some() && image.preview.is_some())
+            })
+        else {
+            return Ok(None);
+        };
+        let names: Vec<String> = [&image.thumbnail, &image.preview]
+            .into_iter()
+            .flatten()
+            .map(|picture| picture.sha256.clone())
+            .collect();
+        // References first, as for pictures made here: from then on the collector keeps them.
+        in_time(attachment.id)?;
+        self.store.add_blob_refs(attachment.id, &names).await?;
+        for name in &names {
+            let Some(name) = BlobName::parse(name) else {
+                return Ok(None);
+            };
+            // A run of the collector that marked it before the reference landed may remove it.
+            wait_out_collection(self.store.as_ref(), &name).await?;
+            if blobs.size(&name).await?.is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(image))
     }
 
     /// Stores what making an image's pictures found (`derived`'s kind and pictures), unless its
@@ -1110,6 +1181,9 @@ async fn wait_out_collection(store: &dyn Store, name: &BlobName) -> ApiResult<()
 /// stopped with its process (or a removal stopped halfway, or a picture's last attempt failed),
 /// and no one will ever write that record.
 pub const ORPHANED_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// How many other attachments of an image's bytes are looked at for pictures made already
+/// ([`ApiState::pictures_made_before`]).
+const SAME_BYTES_LOOKED_AT: usize = 16;
 /// The longest `attachments.upload_timeout_secs` may give an upload's body, well within
 /// [`ORPHANED_AFTER`].
 pub const MAX_UPLOAD_TIME: Duration =
