@@ -227,7 +227,10 @@ fn stream_ticket(request: &Request) -> Option<(String, bool)> {
     let query = axum::extract::Query::<StreamQuery>::try_from_uri(request.uri())
         .ok()?
         .0;
-    let resumes = request.headers().contains_key("last-event-id") || query.last_event_id.is_some();
+    // Only `EventSource` reconnects with the URL it was given: a socket's ticket is never
+    // allowed longer (see the ws-plexer's upgrade).
+    let resumes = request.uri().path() == "/v1/events"
+        && (request.headers().contains_key("last-event-id") || query.last_event_id.is_some());
     Some((query.ticket?, resumes))
 }
 

@@ -287,6 +287,10 @@ pub enum OpenError {
     Limited(#[from] Limited),
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The stream a resume was to take the place of has ended already (replaced by a newer
+    /// stream, dropped): its socket closes, and must not take another stream's place.
+    #[error("the stream to resume has ended")]
+    Ended,
 }
 
 /// How many streams a node, and a user on it, may hold.
@@ -1205,6 +1209,12 @@ impl Hub {
                     .get(&user)
                     .is_some_and(|mine| mine.contains(r))
             });
+            // The stream to be replaced, ended meanwhile (a newer one of the user's took its
+            // place, and its socket had not read that yet): a resume of it would take the place
+            // of the user's next oldest, on another device, which would be told not to come back.
+            if replacing.is_some() && own.is_none() {
+                return Err(OpenError::Ended);
+            }
             // A stream that takes another's place leaves the node's count as it is.
             if theirs < per_user && own.is_none() && routes.connections.len() >= self.caps.per_node
             {
@@ -3296,6 +3306,21 @@ mod tests {
         let _latest = hub.open(alice, None).await.expect("opens on a full node");
         let mut replaced = alices.remove(0);
         assert_eq!(next_text(&mut replaced).await, "closed:replaced");
+        // The resume of a stream replaced already (its socket had not read that yet) opens
+        // nothing: it took the place of her oldest stream left, another device's.
+        let oldest_left = alices[0].registration.id;
+        assert!(matches!(
+            hub.open_replacing(&replaced, alice, StreamSession::default(), Some(0))
+                .await,
+            Err(OpenError::Ended)
+        ));
+        {
+            let routes = hub.routes.read().expect("lock");
+            assert!(
+                routes.by_user[&alice].contains(&oldest_left),
+                "the resume of a replaced stream pushed out another"
+            );
+        }
 
         // A stream opened to take the place of one of the same client's (a WebSocket's resume)
         // makes room with that one, which ends without a reason (its client resumes).

@@ -98,6 +98,11 @@ pub fn open_problem(error: &OpenError) -> Problem {
             "node-full",
             "this node holds as many event streams as it may; retry on another",
         ),
+        OpenError::Ended => Problem::new(
+            StatusCode::CONFLICT,
+            "stream-ended",
+            "this socket's event stream has ended (replaced by a newer one); the socket closes",
+        ),
         _ => {
             tracing::warn!(%error, "event stream not opened");
             Problem::new(

@@ -190,9 +190,13 @@ async fn upgrade(
         Some(Ok(seq)) => Some(seq),
         Some(Err(problem)) => return problem.into_response(),
     };
+    // A ticket opens a socket within its own lifetime only, resuming or not: the longer life of
+    // a resuming ticket is for `EventSource`, which reconnects with the URL it was given. No
+    // browser reconnects a socket by itself (clients ask for a fresh ticket each time), and a
+    // ticket read from a logged URL must not open the user's events until their token expires.
     let caller = match state
         .auth
-        .authenticate(&headers, query.ticket.as_deref(), resume_after.is_some())
+        .authenticate(&headers, query.ticket.as_deref(), false)
         .await
     {
         Ok(caller) => caller,
@@ -741,19 +745,37 @@ async fn serve(
                             match parsed {
                                 Err(problem) => Some(error_frame(&problem)),
                                 // At the per-user cap, this socket's own stream makes room.
-                                Ok(after) => match state.hub.open_replacing(&subscription, user, caller.session.clone(), Some(after)).await {
-                                    Ok(resumed) => {
+                                // Within a request's time, as the same open over HTTP: meanwhile
+                                // this loop sends no ping, answer or expiry.
+                                Ok(after) => match tokio::time::timeout(
+                                    state.limits.request_timeout,
+                                    state.hub.open_replacing(&subscription, user, caller.session.clone(), Some(after)),
+                                ).await {
+                                    Ok(Ok(resumed)) => {
                                         subscription = resumed;
                                         Some(ready_frame(&subscription))
                                     }
-                                    Err(error) => Some(error_frame(&open_problem(&error))),
+                                    Ok(Err(error)) => Some(error_frame(&open_problem(&error))),
+                                    // The stream it was to replace may be gone: if so it ends,
+                                    // and the socket with it, and its client resumes.
+                                    Err(_) => Some(error_frame(&Problem::new(
+                                        StatusCode::SERVICE_UNAVAILABLE,
+                                        "unavailable",
+                                        "the resume took too long; retry",
+                                    ))),
                                 },
                             }
                         }
                         Ok(ClientFrame::Auth { token }) => match state.auth.token(&token).await {
                             Ok(fresh) if fresh.user == user => {
+                                // Moving the stream to another session takes the hub's routing
+                                // lock, which every event's dispatch on the node needs: only
+                                // when the session changed, not on every frame repeating a token.
+                                let moved = fresh.session != caller.session;
                                 caller = fresh;
-                                subscription.renew(caller.session.clone());
+                                if moved {
+                                    subscription.renew(caller.session.clone());
+                                }
                                 expiry.as_mut().reset(instant_after(caller.remaining()));
                                 let expires_at = time::OffsetDateTime::from_unix_timestamp(caller.expires_at)
                                     .ok()
