@@ -539,6 +539,7 @@ impl ApiState {
         self.store
             .outbox_heartbeat(outbox.writer, outbox.entries_from_ms(), now)
             .await?;
+        let mut beat_ms = now;
         let silent_after = i64::try_from(settings.silent_after.as_millis()).unwrap_or(i64::MAX);
         let mut published = 0;
         for silent in self.store.outbox_writers().await? {
@@ -560,6 +561,16 @@ impl ApiState {
                 .await?;
             tracing::info!(writer = %silent.writer, entries = entries.len(), "sweeping the outbox of a silent api process");
             for entry in entries {
+                // A long sweep (a backlog after an outage) beats on as it goes: else this writer
+                // falls silent to the others, which would sweep its live entries, publishing
+                // changes its requests have not finished writing.
+                let now = confab_runtime::presence::now_ms();
+                if now - beat_ms > silent_after / 4 {
+                    self.store
+                        .outbox_heartbeat(outbox.writer, outbox.entries_from_ms(), now)
+                        .await?;
+                    beat_ms = now;
+                }
                 if self.republish(&entry).await? {
                     published += 1;
                 }
@@ -716,6 +727,12 @@ impl ApiState {
             // neither this event, which stops their streams, nor a sweep's other entries.
             self.withdraw_pushes_of_leavers(envelope.chat_id, vec![change.user_id]);
         }
+        if let Event::SignalDeleted(deleted) = &event {
+            // Nor the deleted message's pushes (its request withdraws them after its publish): a
+            // notification showing deleted text must not stay on anyone's screen. Taking the
+            // message out of a push again changes nothing.
+            self.withdraw_pushes(deleted);
+        }
         let event = match event {
             Event::SignalUpdated(mut signal) => {
                 self.resolve_attachments(std::slice::from_mut(&mut signal))
@@ -839,9 +856,14 @@ fn stored_event(intended: &Event, held: Held) -> Option<Event> {
                 }
             }))
         }
-        // An edit of a message deleted since: the deletion's event tells the truth.
-        (Event::SignalUpdated(_), Held::Signal(Some(stored)))
-            if !stored.deleted && stored.edited_at.is_some() =>
+        // An edit of a message deleted since: the deletion's event tells the truth. An edit whose
+        // write has not landed (its writer is alive, only slow to beat): the message holds an
+        // older edit, whose own event told it, and this one's id must stay free for the writer's
+        // publish of the text it writes (the log keeps the first of an id).
+        (Event::SignalUpdated(intended), Held::Signal(Some(stored)))
+            if !stored.deleted
+                && stored.edited_at.is_some()
+                && stored.edited_at >= intended.edited_at =>
         {
             Some(Event::SignalUpdated(stored))
         }
@@ -1001,6 +1023,37 @@ mod tests {
             ),
             None,
             "a role changed again since"
+        );
+    }
+
+    /// A live writer slow to beat may be swept while its edit is on its way: the message holds
+    /// an older edit, and publishing that under the new edit's id took the id from the writer's
+    /// own publish (the log keeps the first of an id), so the new text was never announced.
+    #[test]
+    fn an_edit_not_landed_yet_is_not_published_with_an_older_edits_text() {
+        let first = Signal {
+            text: Some("first edit".into()),
+            edited_at: Some(time::OffsetDateTime::from_unix_timestamp(1_000).unwrap()),
+            ..signal("sent")
+        };
+        let intended = Event::SignalUpdated(Signal {
+            text: None,
+            edited_at: Some(time::OffsetDateTime::from_unix_timestamp(2_000).unwrap()),
+            ..first.clone()
+        });
+        assert_eq!(
+            stored_event(&intended, Held::Signal(Some(first.clone()))),
+            None,
+            "the older edit's text published as this edit"
+        );
+        let landed = Signal {
+            text: Some("second edit".into()),
+            edited_at: Some(time::OffsetDateTime::from_unix_timestamp(2_000).unwrap()),
+            ..first
+        };
+        assert_eq!(
+            stored_event(&intended, Held::Signal(Some(landed.clone()))),
+            Some(Event::SignalUpdated(landed))
         );
     }
 

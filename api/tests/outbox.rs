@@ -675,6 +675,97 @@ async fn real_a_removal_cut_short_has_its_pushes_withdrawn_by_the_sweep() {
     }
 }
 
+/// A deletion whose process died after its write, before it took the message out of the pushes
+/// (a request does that after its publish): a notification showing the deleted text stayed on
+/// the members' devices for good. The sweep that publishes the deletion now takes it out as well.
+async fn a_deletion_cut_short_has_its_pushes_withdrawn_by_the_sweep(parts: Parts) {
+    use confab_runtime::push_queue::{EmbeddedPushQueue, PushKind, PushQueue};
+
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = chat(&*parts.store, &alice).await;
+    parts.store.upsert_user(&bob).await.expect("user");
+    let queue: Arc<dyn PushQueue> = Arc::new(
+        EmbeddedPushQueue::open(&parts._dir.path().join("pushes.sqlite3")).expect("push queue"),
+    );
+    // Its own sends schedule no push: the one bob was sent is made below, by hand.
+    let survivor = ApiState::new(
+        Arc::clone(&parts.store),
+        Arc::clone(&parts.bus),
+        Arc::clone(&parts.identity),
+        &confab_runtime::signed::Keyring::random(),
+    );
+    survivor
+        .add_member(alice.id, chat, bob.id, None)
+        .await
+        .expect("adds bob");
+    let message = NewMessage::parse(
+        SignalKind::Message,
+        Some("regretted".into()),
+        Some("n-regretted".into()),
+        None,
+        Vec::new(),
+    )
+    .expect("a valid message");
+    let (Outcome::Created(sent) | Outcome::Existing(sent)) = survivor
+        .send_message(&alice, chat, message)
+        .await
+        .expect("sent");
+    support::sent_a_push(&*queue, bob.id, chat, &sent).await;
+
+    // The process that dies: no push queue of its own, and its event refused.
+    let doomed = ApiState::new(
+        Arc::clone(&parts.store),
+        Arc::new(RefusingBus::new(&parts.bus)),
+        Arc::clone(&parts.identity),
+        &confab_runtime::signed::Keyring::random(),
+    );
+    doomed
+        .delete_message(alice.id, chat, sent.id)
+        .await
+        .expect("deletes");
+    alive_until_now(&*parts.store, &doomed).await;
+
+    let survivor = survivor.with_push_queue(Arc::clone(&queue));
+    assert!(survivor.sweep_outbox(SWEEP_NOW).await.expect("sweeps") >= 1);
+    logged_until(&*parts.bus, chat, |events| {
+        events
+            .iter()
+            .any(|e| matches!(&e.event, Event::SignalDeleted(deleted) if deleted.id == sent.id))
+    })
+    .await;
+    let due = support::due_within_the_deadline(&*queue).await;
+    assert_eq!(
+        due.iter()
+            .map(|p| (p.kind, p.user, p.chat, p.newest))
+            .collect::<Vec<_>>(),
+        vec![(PushKind::Withdrawal, bob.id, chat, sent.id)],
+        "the notification of the deleted message stays on bob's devices"
+    );
+    if let Some(cleanup) = parts.cleanup {
+        cleanup.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_deletion_cut_short_has_its_pushes_withdrawn_by_the_sweep() {
+    if let Some(parts) = embedded().await {
+        Box::pin(a_deletion_cut_short_has_its_pushes_withdrawn_by_the_sweep(
+            parts,
+        ))
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_a_deletion_cut_short_has_its_pushes_withdrawn_by_the_sweep() {
+    if let Some(parts) = Box::pin(real()).await {
+        Box::pin(a_deletion_cut_short_has_its_pushes_withdrawn_by_the_sweep(
+            parts,
+        ))
+        .await;
+    }
+}
+
 /// A process whose bus refused its events retries them in the background. When the bus takes
 /// them again, a retry publishes the change as the store holds it then: a member removed (by
 /// another process) since their join is not routed the chat again by a late `member.joined`, and
