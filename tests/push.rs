@@ -1558,3 +1558,58 @@ async fn pushes_survive_a_killed_notifier_on_the_real_stack() {
         Box::pin(pushes_survive_a_killed_sender(Stack::Real)).await;
     }
 }
+
+/// Bob's page of the newest messages fails (a store read, 503) after its signals were read: he
+/// saw nothing, so the push of what it would have shown still comes. The page used to cancel the
+/// push before it was made, and the message then reached him neither way.
+async fn a_failed_history_page_cancels_no_push(stack: Stack) {
+    use confab_api::domain::Outcome;
+    use confab_api::domain::chats::ChatToCreate;
+    use confab_api::domain::inputs::{MessageText, PageLimit};
+    use confab_api::domain::signals::{HistoryFrom, NewMessage};
+    use confab_runtime::push_queue::{Cancelled, EmbeddedPushQueue, PushQueue};
+    use confab_schema::ChatKind;
+    use support::held_store::{Held, HeldApi};
+
+    let api = HeldApi::new(stack).await;
+    let dir = tempfile::tempdir().unwrap();
+    let queue: Arc<dyn PushQueue> =
+        Arc::new(EmbeddedPushQueue::open(&dir.path().join("pushes.sqlite3")).unwrap());
+    let state = api.state.clone().with_push_queue(Arc::clone(&queue));
+    let alice = api.user("alice").await;
+    let bob = api.user("bob").await;
+    let chat =
+        ChatToCreate::parse(ChatKind::Group, Some("pushed".into()), None, vec![bob.id]).unwrap();
+    let chat = match state.create_chat(&alice, chat).await.unwrap() {
+        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
+    };
+    let message = NewMessage {
+        nonce: None,
+        text: Some(MessageText::parse("are you there?".into()).unwrap()),
+        reply_to: None,
+        attachments: Default::default(),
+    };
+    let sent = match state.send_message(&alice, chat, message).await.unwrap() {
+        Outcome::Created(signal) | Outcome::Existing(signal) => signal.id,
+    };
+
+    api.store.fail_next(Held::ReactionCountsRead);
+    let page = state
+        .history(
+            bob.id,
+            chat,
+            HistoryFrom::Newest,
+            None,
+            PageLimit::parse(None).unwrap(),
+        )
+        .await;
+    assert!(page.is_err(), "the page was to fail: {page:?}");
+    let now_ms = confab_runtime::presence::now_ms();
+    assert_eq!(
+        queue.cancel(bob.id, chat, sent, now_ms).await.unwrap(),
+        Cancelled::Pending,
+        "the failed page cancelled bob's push"
+    );
+    api.clean_up().await;
+}
+on_both_stacks!(a_failed_history_page_cancels_no_push);

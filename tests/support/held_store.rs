@@ -94,6 +94,9 @@ pub enum Held {
     ReactionAdded,
     /// A chat's name or description changed (`Store::update_chat`).
     ChatUpdated,
+    /// Reaction counts of signals read (`Store::reaction_counts_of`), as a page of history is
+    /// made.
+    ReactionCountsRead,
 }
 
 /// What a [`HeldStore`] does with a write it names.
@@ -829,7 +832,11 @@ impl Store for HeldStore {
         chat: ChatId,
         signals: &[SignalId],
     ) -> Result<HashMap<SignalId, BTreeMap<String, i64>>, StoreError> {
-        self.inner.reaction_counts_of(chat, signals).await
+        self.through(
+            Held::ReactionCountsRead,
+            self.inner.reaction_counts_of(chat, signals),
+        )
+        .await
     }
     async fn reactions_page(
         &self,

@@ -14,7 +14,7 @@ use super::Outcome;
 use super::inputs::{ChatDescription, ChatName, DescriptionChange, PageLimit};
 use super::paging::{Page, Pager};
 use super::rules;
-use super::signals::bookkeeping_backoff;
+use super::signals::retry_bookkeeping;
 use crate::error::{ApiError, ApiResult};
 use crate::state::ApiState;
 use crate::store::{
@@ -224,22 +224,16 @@ impl ApiState {
         error: StoreError,
     ) {
         tracing::warn!(%error, %chat, "listing a new chat failed; retrying in the background");
-        metrics::counter!("confab_bookkeeping_retries_total").increment(1);
         let state = self.clone();
-        tokio::spawn(async move {
-            let mut backoff = bookkeeping_backoff();
-            while backoff.wait().await {
-                if state
+        retry_bookkeeping(chat, "listing a new chat", move || {
+            let (state, members) = (state.clone(), members.clone());
+            async move {
+                state
                     .store
                     .touch_chat(chat, &members, listed_at, None)
                     .await
                     .is_ok()
-                {
-                    return;
-                }
             }
-            metrics::counter!("confab_bookkeeping_failures_total").increment(1);
-            tracing::error!(%chat, "listing a new chat gave up");
         });
     }
 

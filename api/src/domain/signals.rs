@@ -302,11 +302,20 @@ impl ApiState {
             (true, _) => page.next_cursor.is_none(),
             (false, Some(_)) => false,
         };
-        if reaches_newest && let Some(newest) = page.items.iter().map(|s| s.id).max() {
+        let newest = page
+            .items
+            .iter()
+            .map(|s| s.id)
+            .max()
+            .filter(|_| reaches_newest);
+        // Only once the page is made: a page that fails (503) shows nothing, and its push must
+        // still come.
+        let items = self.decorate(page.items).await?;
+        if let Some(newest) = newest {
             self.cancel_pushes(caller, chat, newest).await;
         }
         Ok(Page {
-            items: self.decorate(page.items).await?,
+            items,
             next_cursor: page.next_cursor,
         })
     }
@@ -609,22 +618,17 @@ impl ApiState {
         for error in [touched.err(), marked.err()].into_iter().flatten() {
             tracing::warn!(%error, chat = %created.chat_id, "bookkeeping after a send failed; retrying in the background");
         }
-        metrics::counter!("confab_bookkeeping_retries_total").increment(1);
         let state = self.clone();
         let created = created.clone();
-        tokio::spawn(async move {
-            let mut backoff = bookkeeping_backoff();
-            while backoff.wait().await {
+        retry_bookkeeping(created.chat_id, "bookkeeping after a send", move || {
+            let (state, created, members) = (state.clone(), created.clone(), members.clone());
+            async move {
                 let (touched, marked) = futures::join!(
-                    state.touch(created.clone(), members.clone()),
+                    state.touch(created.clone(), members),
                     state.mark_authors_read(&created)
                 );
-                if touched.is_ok() && marked.is_ok() {
-                    return;
-                }
+                touched.is_ok() && marked.is_ok()
             }
-            metrics::counter!("confab_bookkeeping_failures_total").increment(1);
-            tracing::error!(chat = %created.chat_id, signal = %created.id, "bookkeeping after a send gave up");
         });
     }
 
@@ -674,8 +678,31 @@ impl ApiState {
 
 /// The retries of bookkeeping after a change (a system signal; the chat list and the author's
 /// marker after a send) in the background: 8, over a little more than half a minute.
-pub(crate) fn bookkeeping_backoff() -> Backoff {
+fn bookkeeping_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(200), Duration::from_secs(10), 8)
+}
+
+/// Runs `attempt` again in the background, with backoff, until it succeeds or the attempts run
+/// out: bookkeeping of a change that is made (a chat's place in lists, a marker), whose failure is
+/// not the request's. Counted, and a give-up logged as `what`'s.
+pub(crate) fn retry_bookkeeping<Attempt>(
+    chat: ChatId,
+    what: &'static str,
+    attempt: impl Fn() -> Attempt + Send + 'static,
+) where
+    Attempt: std::future::Future<Output = bool> + Send,
+{
+    metrics::counter!("confab_bookkeeping_retries_total").increment(1);
+    tokio::spawn(async move {
+        let mut backoff = bookkeeping_backoff();
+        while backoff.wait().await {
+            if attempt().await {
+                return;
+            }
+        }
+        metrics::counter!("confab_bookkeeping_failures_total").increment(1);
+        tracing::error!(%chat, "{what} gave up");
+    });
 }
 
 /// A signal the server writes, new.
