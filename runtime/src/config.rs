@@ -712,8 +712,9 @@ pub struct LimitsConfig {
     /// chat. Default `{ per_second = 20, burst = 200 }`.
     pub marks: RateLimit,
     /// Typing notices per user (`POST /v1/chats/{id}/typing`, also over the WebSocket), across
-    /// all their chats: each is an event to every member of the chat. Within one chat, calls
-    /// closer than two seconds apart publish once anyway. Default `{ per_second = 2, burst = 30 }`.
+    /// all their chats: each is an event to every member of the chat. Only calls that publish
+    /// count: within one chat, calls closer than two seconds apart publish once, and the others
+    /// cost nothing. Default `{ per_second = 2, burst = 30 }`.
     pub typing: RateLimit,
     /// Event streams opened and resumed per user (`GET /v1/events`, `GET /v1/ws`, and a socket's
     /// `resume` frame), on each node: each reads the user's chats from the store, and a resume

@@ -6,6 +6,7 @@ use confab_schema::event::TypingChange;
 use confab_schema::{ChatId, Envelope, Event, UserId};
 
 use crate::error::ApiResult;
+use crate::limits::Class;
 use crate::state::ApiState;
 
 /// A user's typing in a chat is published at most this often; clients renew it while typing.
@@ -33,6 +34,9 @@ impl ApiState {
                 metrics::counter!("confab_typing_throttled_total").increment(1);
                 return Ok(());
             }
+            // Only what publishes counts against the user's allowance: a client calls on every
+            // keystroke, and the calls the throttle above holds back cost nothing.
+            self.throttle(Class::Typing, caller)?;
             last.insert((caller, chat), now);
             if last.len() > FORGET_WHEN_OVER {
                 last.retain(|_, at| now.duration_since(*at) < FORGET_AFTER);

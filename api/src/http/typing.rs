@@ -7,7 +7,6 @@ use utoipa::ToSchema;
 use super::responses::{ChatErrors, Invalid, Limited};
 use super::{ApiJson, ApiPath, Caller};
 use crate::error::ApiResult;
-use crate::limits::Class;
 use crate::state::ApiState;
 
 /// No fields yet: `{}`.
@@ -17,7 +16,8 @@ pub struct Typing {}
 
 /// Tells the chat's other members the caller is typing: a `typing` event, never stored, that
 /// clients show for a few seconds. Call it again while typing; calls closer than two seconds apart
-/// publish once. Counted, across all the caller's chats, against their `typing` rate limit.
+/// publish once. The calls that publish count, across all the caller's chats, against their
+/// `typing` rate limit.
 #[utoipa::path(
     post, operation_id = "typing", path = "/v1/chats/{chat_id}/typing", tag = "chats",
     params(("chat_id" = ChatId, Path, description = "The chat")),
@@ -34,7 +34,6 @@ pub async fn typing(
     ApiPath(chat_id): ApiPath<ChatId>,
     ApiJson(_): ApiJson<Typing>,
 ) -> ApiResult<StatusCode> {
-    state.throttle(Class::Typing, caller.id)?;
     state.typing(caller.id, chat_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
