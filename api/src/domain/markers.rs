@@ -44,13 +44,15 @@ impl ApiState {
             ));
         }
         let before = self.store.marker(kind, chat, caller).await?;
-        if before == Some(up_to) {
+        if kind == MarkerKind::Read && before == Some(up_to) {
             // The same mark again, maybe the retry of one whose write failed part-way: a store
-            // may keep a marker in more than one place (on CQL a read marker is also copied into
-            // the reader's own partition, for their chat list's unread counts), and the read
-            // above sees only the first. Written again, so no half stays; the write is
-            // idempotent.
-            self.store.advance_marker(kind, chat, caller, up_to).await?;
+            // may keep a read marker in more than one place (on CQL it is also copied into the
+            // reader's own partition, for their chat list's unread counts), and the read above
+            // sees only the first. Written again, so no half stays; the write is idempotent. A
+            // failure changes nothing of what this mark answers.
+            if let Err(error) = self.store.advance_marker(kind, chat, caller, up_to).await {
+                tracing::warn!(%error, %chat, "a read marker repeated was not written again");
+            }
         }
         if let Some(reached) = before.filter(|b| *b >= up_to) {
             // Markers only move forward; an older one changes nothing. Its pushes are looked for
