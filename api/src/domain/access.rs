@@ -56,7 +56,7 @@ impl ApiState {
     /// The refusal for a non-member: 404 for an unknown chat, and for a direct chat, else 403. A
     /// direct chat's id is derived from its two users' ids, which others can learn: a 403 would
     /// tell anyone that the two talk in private.
-    async fn not_member(&self, chat: ChatId) -> ApiError {
+    pub(crate) async fn not_member(&self, chat: ChatId) -> ApiError {
         match self.store.get_chat(chat).await {
             Ok(Some(chat)) if chat.kind != ChatKind::Direct => {
                 ApiError::Forbidden("you are not a member of this chat")

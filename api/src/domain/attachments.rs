@@ -398,8 +398,15 @@ impl ApiState {
             // Membership was checked as the upload began, and a large body takes hours: the
             // uploader may have left since, or the chat been deleted (its attachments with it).
             // Read after the record's write, so that a removal or deletion that passed before it
-            // landed is seen too; the record and object are then taken out below.
-            self.require_member(attachment.chat_id, caller.id).await?;
+            // landed is seen too; the record and object are then taken out below. Only on that
+            // answer: a read that fails keeps an upload that may have taken hours.
+            match self.store.member_role(attachment.chat_id, caller.id).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(self.not_member(attachment.chat_id).await),
+                Err(error) => {
+                    tracing::warn!(%error, attachment = %attachment.id, "an upload's uploader not checked again: kept");
+                }
+            }
             Ok::<(), ApiError>(())
         }
         .await;
