@@ -566,10 +566,17 @@ impl ApiState {
                 // changes its requests have not finished writing.
                 let now = confab_runtime::presence::now_ms();
                 if now - beat_ms > silent_after / 4 {
-                    self.store
+                    // A beat that fails stops no sweep: the next is tried a little later.
+                    match self
+                        .store
                         .outbox_heartbeat(outbox.writer, outbox.entries_from_ms(), now)
-                        .await?;
-                    beat_ms = now;
+                        .await
+                    {
+                        Ok(()) => beat_ms = now,
+                        Err(error) => {
+                            tracing::warn!(%error, "a heartbeat during a sweep failed");
+                        }
+                    }
                 }
                 if self.republish(&entry).await? {
                     published += 1;

@@ -330,8 +330,20 @@ impl ApiState {
     /// otherwise reach the removed member's open streams, which route the chat until that event.
     /// `Err` while one is still refused: `next` must wait too. The log keeps one copy of each
     /// (same id) when its own retry publishes it as well.
+    ///
+    /// Tried at most once per [`FIRST_RETRY`] per chat, whatever the number of events waiting:
+    /// each try reads the store (and finishes the removal's bookkeeping), and while the bus is
+    /// down every event of a busy chat and each of their retries would try again.
     async fn leaves_published_before(&self, next: &Envelope) -> ApiResult<()> {
-        for leave in self.pending_leaves.of(next.chat_id, next.id) {
+        let leaves = self
+            .pending_leaves
+            .to_try(next.chat_id, next.id, FIRST_RETRY)
+            .map_err(|()| {
+                crate::error::ApiError::Bus(confab_runtime::bus::BusError::Unavailable(
+                    "a removal of the chat is still being published".into(),
+                ))
+            })?;
+        for leave in leaves {
             let id = leave.id;
             self.publish_as_stored(leave).await?;
             self.pending_leaves.published(next.chat_id, id);
@@ -345,7 +357,14 @@ impl ApiState {
 /// this process publishes first publishes these ([`ApiState::leaves_published_before`]). Only
 /// this process's: another one publishing to the chat meanwhile does not know of them.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct PendingLeaves(Arc<Mutex<HashMap<ChatId, Vec<Envelope>>>>);
+pub(crate) struct PendingLeaves(Arc<Mutex<HashMap<ChatId, PendingOfChat>>>);
+
+/// A chat's pending leaves, oldest first, and when a later event last tried them.
+#[derive(Debug, Default)]
+struct PendingOfChat {
+    leaves: Vec<Envelope>,
+    tried: Option<std::time::Instant>,
+}
 
 impl PendingLeaves {
     /// Records `envelope` when it takes members out of its chat, until the guard returned is
@@ -357,6 +376,7 @@ impl PendingLeaves {
         self.lock()
             .entry(envelope.chat_id)
             .or_default()
+            .leaves
             .push(envelope.clone());
         Some(PendingLeave {
             leaves: self.clone(),
@@ -365,30 +385,46 @@ impl PendingLeaves {
         })
     }
 
-    /// The pending leaves of `chat` other than `except`, oldest first.
-    fn of(&self, chat: ChatId, except: Uuid) -> Vec<Envelope> {
-        let leaves = self.lock();
-        leaves.get(&chat).map_or_else(Vec::new, |pending| {
-            pending
-                .iter()
-                .filter(|leave| leave.id != except)
-                .cloned()
-                .collect()
-        })
+    /// The pending leaves of `chat` other than `except`, oldest first, to be tried now; `Err`
+    /// when a later event of the chat tried them less than `gap` ago (they are still pending:
+    /// that try failed, or is under way).
+    fn to_try(&self, chat: ChatId, except: Uuid, gap: Duration) -> Result<Vec<Envelope>, ()> {
+        let mut leaves = self.lock();
+        let Some(pending) = leaves.get_mut(&chat) else {
+            return Ok(Vec::new());
+        };
+        let others: Vec<Envelope> = pending
+            .leaves
+            .iter()
+            .filter(|leave| leave.id != except)
+            .cloned()
+            .collect();
+        if others.is_empty() {
+            return Ok(others);
+        }
+        let now = std::time::Instant::now();
+        if pending
+            .tried
+            .is_some_and(|tried| now.duration_since(tried) < gap)
+        {
+            return Err(());
+        }
+        pending.tried = Some(now);
+        Ok(others)
     }
 
     /// Forgets the leave `id` of `chat`: it is in the log (or there was nothing left to publish).
     fn published(&self, chat: ChatId, id: Uuid) {
         let mut leaves = self.lock();
         if let Some(pending) = leaves.get_mut(&chat) {
-            pending.retain(|leave| leave.id != id);
-            if pending.is_empty() {
+            pending.leaves.retain(|leave| leave.id != id);
+            if pending.leaves.is_empty() {
                 leaves.remove(&chat);
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChatId, Vec<Envelope>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChatId, PendingOfChat>> {
         // A panic while the map is held leaves it whole: each change is one call.
         self.0
             .lock()
