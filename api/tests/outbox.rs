@@ -263,6 +263,48 @@ async fn alive_until_now(store: &dyn Store, doomed: &ApiState) {
         .expect("a heartbeat");
 }
 
+/// An API process on `parts`' store, publishing to `bus`.
+fn state_on(parts: &Parts, bus: Arc<dyn Bus>) -> ApiState {
+    ApiState::new(
+        Arc::clone(&parts.store),
+        bus,
+        Arc::clone(&parts.identity),
+        &confab_runtime::signed::Keyring::random(),
+    )
+}
+
+/// A chat of alice's with bob in it, alice's message `text` in it, and bob sent a push of it
+/// through `queue` (made by hand: the process answered, with no push queue of its own, schedules
+/// none). Answers that process, bob, the chat and the message.
+async fn bob_was_pushed(
+    parts: &Parts,
+    queue: &dyn confab_runtime::push_queue::PushQueue,
+    text: &str,
+) -> (ApiState, User, User, ChatId, confab_schema::Signal) {
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chat = chat(&*parts.store, &alice).await;
+    parts.store.upsert_user(&bob).await.expect("user");
+    let survivor = state_on(parts, Arc::clone(&parts.bus));
+    survivor
+        .add_member(alice.id, chat, bob.id, None)
+        .await
+        .expect("adds bob");
+    let message = NewMessage::parse(
+        SignalKind::Message,
+        Some(text.into()),
+        Some("n-pushed".into()),
+        None,
+        Vec::new(),
+    )
+    .expect("a valid message");
+    let (Outcome::Created(sent) | Outcome::Existing(sent)) = survivor
+        .send_message(&alice, chat, message)
+        .await
+        .expect("sent");
+    support::sent_a_push(queue, bob.id, chat, &sent).await;
+    (survivor, alice, bob, chat, sent)
+}
+
 const SWEEP_NOW: SweepSettings = SweepSettings {
     interval: Duration::from_millis(100),
     silent_after: Duration::ZERO,
@@ -273,12 +315,7 @@ async fn a_silent_writers_events_are_published_by_a_sweep(parts: Parts) {
     let chat = chat(&*parts.store, &alice).await;
     let refused: Arc<dyn Bus> = Arc::new(RefusingBus::new(&parts.bus));
     // The process that crashes: it stores, but the bus refuses its appends.
-    let doomed = ApiState::new(
-        Arc::clone(&parts.store),
-        refused,
-        Arc::clone(&parts.identity),
-        &confab_runtime::signed::Keyring::random(),
-    );
+    let doomed = state_on(&parts, refused);
     let message = |text: &str, nonce: &str| {
         NewMessage::parse(
             SignalKind::Message,
@@ -323,12 +360,7 @@ async fn a_silent_writers_events_are_published_by_a_sweep(parts: Parts) {
 
     // Another process, with the bus working: the first finds nothing to do while `doomed` is
     // within its silence allowance, then sweeps it.
-    let survivor = ApiState::new(
-        Arc::clone(&parts.store),
-        Arc::clone(&parts.bus),
-        Arc::clone(&parts.identity),
-        &confab_runtime::signed::Keyring::random(),
-    );
+    let survivor = state_on(&parts, Arc::clone(&parts.bus));
     let patient = SweepSettings {
         silent_after: Duration::from_secs(3600),
         ..SWEEP_NOW
@@ -408,12 +440,7 @@ async fn a_silent_writers_reactions_markers_and_membership_are_published_by_a_sw
     for member in [&bob, &carol] {
         parts.store.upsert_user(member).await.expect("user");
     }
-    let survivor = ApiState::new(
-        Arc::clone(&parts.store),
-        Arc::clone(&parts.bus),
-        Arc::clone(&parts.identity),
-        &confab_runtime::signed::Keyring::random(),
-    );
+    let survivor = state_on(&parts, Arc::clone(&parts.bus));
     let message = NewMessage::parse(
         SignalKind::Message,
         Some("react to me".into()),
@@ -428,12 +455,7 @@ async fn a_silent_writers_reactions_markers_and_membership_are_published_by_a_sw
         .expect("sent");
 
     // The process that crashes: every change is stored, every event refused.
-    let doomed = ApiState::new(
-        Arc::clone(&parts.store),
-        Arc::new(RefusingBus::new(&parts.bus)),
-        Arc::clone(&parts.identity),
-        &confab_runtime::signed::Keyring::random(),
-    );
+    let doomed = state_on(&parts, Arc::new(RefusingBus::new(&parts.bus)));
     let emoji = |e: &str| Emoji::parse(e.into()).expect("an emoji");
     doomed
         .add_member(alice.id, chat, bob.id, None)
@@ -570,48 +592,17 @@ async fn a_removal_cut_short_has_its_pushes_withdrawn_by_the_sweep(parts: Parts)
     use confab_runtime::push_queue::{EmbeddedPushQueue, PushKind, PushQueue};
     use std::sync::atomic::AtomicU32;
 
-    let (alice, bob) = (user("alice"), user("bob"));
-    let chat = chat(&*parts.store, &alice).await;
-    parts.store.upsert_user(&bob).await.expect("user");
     let queue = Arc::new(support::FailingCancels {
         inner: EmbeddedPushQueue::open(&parts._dir.path().join("pushes.sqlite3"))
             .expect("push queue"),
         failures: AtomicU32::new(0),
     });
-    // Its own sends schedule no push: the one bob was sent is made below, by hand.
-    let survivor = ApiState::new(
-        Arc::clone(&parts.store),
-        Arc::clone(&parts.bus),
-        Arc::clone(&parts.identity),
-        &confab_runtime::signed::Keyring::random(),
-    );
-    survivor
-        .add_member(alice.id, chat, bob.id, None)
-        .await
-        .expect("adds bob");
-    let message = NewMessage::parse(
-        SignalKind::Message,
-        Some("on bob's lock screen".into()),
-        Some("n-pushed".into()),
-        None,
-        Vec::new(),
-    )
-    .expect("a valid message");
-    let (Outcome::Created(sent) | Outcome::Existing(sent)) = survivor
-        .send_message(&alice, chat, message)
-        .await
-        .expect("sent");
-    // Bob was sent a push of it.
-    support::sent_a_push(&*queue, bob.id, chat, &sent).await;
+    let (survivor, alice, bob, chat, sent) =
+        bob_was_pushed(&parts, &*queue, "on bob's lock screen").await;
 
     // The process that dies: no push queue of its own (its background withdrawal never ran),
     // and its event refused.
-    let doomed = ApiState::new(
-        Arc::clone(&parts.store),
-        Arc::new(RefusingBus::new(&parts.bus)),
-        Arc::clone(&parts.identity),
-        &confab_runtime::signed::Keyring::random(),
-    );
+    let doomed = state_on(&parts, Arc::new(RefusingBus::new(&parts.bus)));
     doomed
         .remove_member(alice.id, chat, bob.id)
         .await
@@ -681,44 +672,13 @@ async fn real_a_removal_cut_short_has_its_pushes_withdrawn_by_the_sweep() {
 async fn a_deletion_cut_short_has_its_pushes_withdrawn_by_the_sweep(parts: Parts) {
     use confab_runtime::push_queue::{EmbeddedPushQueue, PushKind, PushQueue};
 
-    let (alice, bob) = (user("alice"), user("bob"));
-    let chat = chat(&*parts.store, &alice).await;
-    parts.store.upsert_user(&bob).await.expect("user");
     let queue: Arc<dyn PushQueue> = Arc::new(
         EmbeddedPushQueue::open(&parts._dir.path().join("pushes.sqlite3")).expect("push queue"),
     );
-    // Its own sends schedule no push: the one bob was sent is made below, by hand.
-    let survivor = ApiState::new(
-        Arc::clone(&parts.store),
-        Arc::clone(&parts.bus),
-        Arc::clone(&parts.identity),
-        &confab_runtime::signed::Keyring::random(),
-    );
-    survivor
-        .add_member(alice.id, chat, bob.id, None)
-        .await
-        .expect("adds bob");
-    let message = NewMessage::parse(
-        SignalKind::Message,
-        Some("regretted".into()),
-        Some("n-regretted".into()),
-        None,
-        Vec::new(),
-    )
-    .expect("a valid message");
-    let (Outcome::Created(sent) | Outcome::Existing(sent)) = survivor
-        .send_message(&alice, chat, message)
-        .await
-        .expect("sent");
-    support::sent_a_push(&*queue, bob.id, chat, &sent).await;
+    let (survivor, alice, bob, chat, sent) = bob_was_pushed(&parts, &*queue, "regretted").await;
 
     // The process that dies: no push queue of its own, and its event refused.
-    let doomed = ApiState::new(
-        Arc::clone(&parts.store),
-        Arc::new(RefusingBus::new(&parts.bus)),
-        Arc::clone(&parts.identity),
-        &confab_runtime::signed::Keyring::random(),
-    );
+    let doomed = state_on(&parts, Arc::new(RefusingBus::new(&parts.bus)));
     doomed
         .delete_message(alice.id, chat, sent.id)
         .await
@@ -774,14 +734,7 @@ async fn a_late_retry_never_undoes_a_later_change(parts: Parts) {
     let (alice, bob) = (user("alice"), user("bob"));
     let chat = chat(&*parts.store, &alice).await;
     parts.store.upsert_user(&bob).await.expect("user");
-    let new_state = |bus: Arc<dyn Bus>| {
-        ApiState::new(
-            Arc::clone(&parts.store),
-            bus,
-            Arc::clone(&parts.identity),
-            &confab_runtime::signed::Keyring::random(),
-        )
-    };
+    let new_state = |bus: Arc<dyn Bus>| state_on(&parts, bus);
     let working = new_state(Arc::clone(&parts.bus));
     let refusing = Arc::new(RefusingBus::new(&parts.bus));
     let cut_off = new_state(Arc::clone(&refusing) as Arc<dyn Bus>);
@@ -879,14 +832,7 @@ async fn real_a_late_retry_never_undoes_a_later_change() {
 async fn a_retried_sends_late_copy_never_brings_a_deleted_message_back(parts: Parts) {
     let alice = user("alice");
     let chat = chat(&*parts.store, &alice).await;
-    let new_state = |bus: Arc<dyn Bus>| {
-        ApiState::new(
-            Arc::clone(&parts.store),
-            bus,
-            Arc::clone(&parts.identity),
-            &confab_runtime::signed::Keyring::random(),
-        )
-    };
+    let new_state = |bus: Arc<dyn Bus>| state_on(&parts, bus);
     let working = new_state(Arc::clone(&parts.bus));
     let refusing = Arc::new(RefusingBus::new(&parts.bus));
     let cut_off = new_state(Arc::clone(&refusing) as Arc<dyn Bus>);
@@ -970,12 +916,7 @@ async fn real_a_retried_sends_late_copy_never_brings_a_deleted_message_back() {
 async fn a_working_writers_outbox_empties_after_a_burst(parts: Parts) {
     let alice = user("alice");
     let chat = chat(&*parts.store, &alice).await;
-    let state = ApiState::new(
-        Arc::clone(&parts.store),
-        Arc::clone(&parts.bus),
-        Arc::clone(&parts.identity),
-        &confab_runtime::signed::Keyring::random(),
-    );
+    let state = state_on(&parts, Arc::clone(&parts.bus));
     let first = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms());
     let sends = (0..60).map(|i| {
         let message = NewMessage::parse(
@@ -1032,14 +973,7 @@ async fn outbox_rows(store: &dyn Store, writer: &ApiState, first: i64) -> Vec<St
 async fn a_deleted_messages_text_is_kept_nowhere_in_the_outbox(parts: Parts) {
     let alice = user("alice");
     let chat = chat(&*parts.store, &alice).await;
-    let new_state = |bus: Arc<dyn Bus>| {
-        ApiState::new(
-            Arc::clone(&parts.store),
-            bus,
-            Arc::clone(&parts.identity),
-            &confab_runtime::signed::Keyring::random(),
-        )
-    };
+    let new_state = |bus: Arc<dyn Bus>| state_on(&parts, bus);
     let working = new_state(Arc::clone(&parts.bus));
     let cut_off = new_state(Arc::new(RefusingBus::new(&parts.bus)) as Arc<dyn Bus>);
     let first = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms()) - 1;
@@ -1159,18 +1093,8 @@ async fn real_a_deleted_messages_text_is_kept_nowhere_in_the_outbox() {
 async fn an_edits_outbox_row_keeps_not_the_text_it_replaces(parts: Parts) {
     let alice = user("alice");
     let chat = chat(&*parts.store, &alice).await;
-    let working = ApiState::new(
-        Arc::clone(&parts.store),
-        Arc::clone(&parts.bus),
-        Arc::clone(&parts.identity),
-        &confab_runtime::signed::Keyring::random(),
-    );
-    let cut_off = ApiState::new(
-        Arc::clone(&parts.store),
-        Arc::new(RefusingBus::new(&parts.bus)),
-        Arc::clone(&parts.identity),
-        &confab_runtime::signed::Keyring::random(),
-    );
+    let working = state_on(&parts, Arc::clone(&parts.bus));
+    let cut_off = state_on(&parts, Arc::new(RefusingBus::new(&parts.bus)));
     let first = confab_api::outbox::bucket_of(confab_runtime::presence::now_ms()) - 1;
     let message = NewMessage::parse(
         SignalKind::Message,
