@@ -162,6 +162,16 @@ impl Harness {
             .unwrap()
     }
 
+    /// Whether the storage holds the object `name`.
+    async fn holds_object(&self, name: &confab_runtime::blobs::BlobName) -> bool {
+        self.blobs
+            .list(None, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .any(|object| object.name == *name)
+    }
+
     /// The upload of `bytes` to the chat, named `name`, by `token`'s user.
     fn upload_request(
         &self,
@@ -1007,15 +1017,7 @@ async fn an_upload_whose_record_failed_keeps_no_object(stack: Stack) {
     harness.store.fail_next(Held::AttachmentPut);
     let failed = upload().await.unwrap();
     assert_eq!(failed.status(), 503);
-    let stored = || async {
-        harness
-            .blobs
-            .list(None, 1000)
-            .await
-            .unwrap()
-            .into_iter()
-            .any(|object| object.name == name)
-    };
+    let stored = || async { harness.holds_object(&name).await };
     assert!(
         !stored().await,
         "the failed upload's object stayed in the storage"
@@ -1071,13 +1073,7 @@ async fn an_upload_whose_client_left_after_its_body_is_finished(stack: Stack) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let stored = harness
-        .blobs
-        .list(None, 1000)
-        .await
-        .unwrap()
-        .into_iter()
-        .any(|object| object.name == name);
+    let stored = harness.holds_object(&name).await;
     assert!(stored, "listed without its object");
     assert_eq!(
         harness.blobs.sweep_staging(Duration::ZERO).await.unwrap(),
@@ -1128,13 +1124,7 @@ async fn an_upload_whose_uploader_left_meanwhile_is_not_recorded(stack: Stack) {
         "the chat lists the upload of a member removed while it was recorded"
     );
     assert!(!harness.store.blob_referenced(name.as_str()).await.unwrap());
-    let stored = harness
-        .blobs
-        .list(None, 1000)
-        .await
-        .unwrap()
-        .into_iter()
-        .any(|object| object.name == name);
+    let stored = harness.holds_object(&name).await;
     assert!(!stored, "the refused upload's object stayed in the storage");
     harness.stop().await;
 }
@@ -1146,10 +1136,8 @@ on_both_stacks!(an_upload_whose_uploader_left_meanwhile_is_not_recorded);
 /// without end. Shown with a second API whose pixel limit refuses to decode it: its upload of
 /// the same bytes has the first's pictures, where a decode would keep it as a plain file.
 async fn an_image_uploaded_again_has_the_pictures_made_before(stack: Stack) {
-    use confab_api::domain::Outcome;
-    use confab_api::domain::chats::ChatToCreate;
     use confab_api::domain::inputs::{AttachmentName, DeclaredType};
-    use confab_schema::ChatKind;
+
     use futures::StreamExt;
     use support::held_store::HeldApi;
 
@@ -1167,11 +1155,7 @@ async fn an_image_uploaded_again_has_the_pictures_made_before(stack: Stack) {
         .with_attachments(confab::attachment_settings(&strict, Arc::clone(&blobs)));
     let alice = api.user("alice").await;
     let bob = api.user("bob").await;
-    let chat =
-        ChatToCreate::parse(ChatKind::Group, Some("again".into()), None, vec![bob.id]).unwrap();
-    let chat = match state.create_chat(&alice, chat).await.unwrap() {
-        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
-    };
+    let chat = support::held_store::group(&state, &alice, "again", &[bob.id]).await;
     let picture = png(64, 48);
     let upload = |state: &ApiState| {
         let body = futures::stream::once({

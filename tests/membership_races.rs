@@ -163,11 +163,7 @@ async fn a_removal_racing_an_additions_publish_has_the_last_word(stack: Stack) {
     let alice = api.user("alice").await;
     let bob = api.user("bob").await;
     let carol = api.user("carol").await;
-    let chat =
-        ChatToCreate::parse(ChatKind::Group, Some("racing".into()), None, vec![bob.id]).unwrap();
-    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
-        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
-    };
+    let chat = support::held_store::group(&api.state, &alice, "racing", &[bob.id]).await;
 
     api.bus.hold_next(EventKind::MemberJoined);
     let addition = tokio::spawn({
@@ -214,31 +210,17 @@ on_both_stacks!(a_removal_racing_an_additions_publish_has_the_last_word);
 /// Bob's open streams route the chat: the message must come after it, or it reaches the member
 /// just removed. It used to be published at once, and the retry of `member.left` after it.
 async fn a_message_after_a_removal_whose_event_is_retried_comes_after_it(stack: Stack) {
-    use confab_api::domain::inputs::MessageText;
-    use confab_api::domain::signals::NewMessage;
     let api = HeldApi::new(stack).await;
     let alice = api.user("alice").await;
     let bob = api.user("bob").await;
-    let chat =
-        ChatToCreate::parse(ChatKind::Group, Some("removing".into()), None, vec![bob.id]).unwrap();
-    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
-        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
-    };
+    let chat = support::held_store::group(&api.state, &alice, "removing", &[bob.id]).await;
 
     api.bus.fail_next(EventKind::MemberLeft);
     api.state
         .remove_member(alice.id, chat, bob.id)
         .await
         .expect("bob is removed though his member.left is not published yet");
-    let message = NewMessage {
-        nonce: None,
-        text: Some(MessageText::parse("not for bob".into()).unwrap()),
-        reply_to: None,
-        attachments: Default::default(),
-    };
-    let sent = match api.state.send_message(&alice, chat, message).await.unwrap() {
-        Outcome::Created(signal) | Outcome::Existing(signal) => signal.id,
-    };
+    let sent = support::held_store::message(&api.state, &alice, chat, "not for bob").await;
 
     let deadline = tokio::time::Instant::now() + support::DEADLINE;
     let (left_at, sent_at) = loop {
@@ -279,25 +261,13 @@ on_both_stacks!(a_message_after_a_removal_whose_event_is_retried_comes_after_it)
 /// log while Bob's reaction with the same emoji runs through (counted 2, published). The log then
 /// says 1 last; clients set the count from the events, so the last word must be the stored 2.
 async fn racing_reactions_leave_the_stored_count_last_in_the_log(stack: Stack) {
-    use confab_api::domain::inputs::{Emoji, MessageText};
-    use confab_api::domain::signals::NewMessage;
+    use confab_api::domain::inputs::Emoji;
+
     let api = HeldApi::new(stack).await;
     let alice = api.user("alice").await;
     let bob = api.user("bob").await;
-    let chat =
-        ChatToCreate::parse(ChatKind::Group, Some("reacting".into()), None, vec![bob.id]).unwrap();
-    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
-        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
-    };
-    let message = NewMessage {
-        nonce: None,
-        text: Some(MessageText::parse("react to me".into()).unwrap()),
-        reply_to: None,
-        attachments: Default::default(),
-    };
-    let message = match api.state.send_message(&alice, chat, message).await.unwrap() {
-        Outcome::Created(signal) | Outcome::Existing(signal) => signal.id,
-    };
+    let chat = support::held_store::group(&api.state, &alice, "reacting", &[bob.id]).await;
+    let message = support::held_store::message(&api.state, &alice, chat, "react to me").await;
     let thumbs = || Emoji::parse("👍".into()).unwrap();
 
     api.bus.hold_next(EventKind::ReactionAdded);
@@ -338,28 +308,16 @@ on_both_stacks!(racing_reactions_leave_the_stored_count_last_in_the_log);
 /// could take it off), and Bob is told the message is gone. A reaction made before the deletion
 /// can still be taken back.
 async fn a_reaction_racing_its_messages_deletion_does_not_stay_on_it(stack: Stack) {
-    use confab_api::domain::inputs::{Emoji, MessageText};
-    use confab_api::domain::signals::NewMessage;
+    use confab_api::domain::inputs::Emoji;
+
     use confab_api::error::ApiError;
     use confab_api::store::Store;
     use support::held_store::Held;
     let api = HeldApi::new(stack).await;
     let alice = api.user("alice").await;
     let bob = api.user("bob").await;
-    let chat =
-        ChatToCreate::parse(ChatKind::Group, Some("deleting".into()), None, vec![bob.id]).unwrap();
-    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
-        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
-    };
-    let message = NewMessage {
-        nonce: None,
-        text: Some(MessageText::parse("soon gone".into()).unwrap()),
-        reply_to: None,
-        attachments: Default::default(),
-    };
-    let message = match api.state.send_message(&alice, chat, message).await.unwrap() {
-        Outcome::Created(signal) | Outcome::Existing(signal) => signal.id,
-    };
+    let chat = support::held_store::group(&api.state, &alice, "deleting", &[bob.id]).await;
+    let message = support::held_store::message(&api.state, &alice, chat, "soon gone").await;
     let emoji = |e: &str| Emoji::parse(e.into()).unwrap();
     api.state
         .add_reaction(alice.id, chat, message, emoji("🎉"))
@@ -458,11 +416,7 @@ async fn racing_renames_leave_the_stored_name_last_in_the_log(stack: Stack) {
     let api = HeldApi::new(stack).await;
     let alice = api.user("alice").await;
     let bob = api.user("bob").await;
-    let chat =
-        ChatToCreate::parse(ChatKind::Group, Some("before".into()), None, vec![bob.id]).unwrap();
-    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
-        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
-    };
+    let chat = support::held_store::group(&api.state, &alice, "before", &[bob.id]).await;
     let rename = |name: &str| ChatChange::parse(Some(name.into()), None).unwrap();
 
     api.bus.hold_next(EventKind::ChatUpdated);

@@ -1563,12 +1563,10 @@ async fn pushes_survive_a_killed_notifier_on_the_real_stack() {
 /// saw nothing, so the push of what it would have shown still comes. The page used to cancel the
 /// push before it was made, and the message then reached him neither way.
 async fn a_failed_history_page_cancels_no_push(stack: Stack) {
-    use confab_api::domain::Outcome;
-    use confab_api::domain::chats::ChatToCreate;
-    use confab_api::domain::inputs::{MessageText, PageLimit};
-    use confab_api::domain::signals::{HistoryFrom, NewMessage};
+    use confab_api::domain::inputs::PageLimit;
+    use confab_api::domain::signals::HistoryFrom;
     use confab_runtime::push_queue::{Cancelled, EmbeddedPushQueue, PushQueue};
-    use confab_schema::ChatKind;
+
     use support::held_store::{Held, HeldApi};
 
     let api = HeldApi::new(stack).await;
@@ -1578,20 +1576,8 @@ async fn a_failed_history_page_cancels_no_push(stack: Stack) {
     let state = api.state.clone().with_push_queue(Arc::clone(&queue));
     let alice = api.user("alice").await;
     let bob = api.user("bob").await;
-    let chat =
-        ChatToCreate::parse(ChatKind::Group, Some("pushed".into()), None, vec![bob.id]).unwrap();
-    let chat = match state.create_chat(&alice, chat).await.unwrap() {
-        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
-    };
-    let message = NewMessage {
-        nonce: None,
-        text: Some(MessageText::parse("are you there?".into()).unwrap()),
-        reply_to: None,
-        attachments: Default::default(),
-    };
-    let sent = match state.send_message(&alice, chat, message).await.unwrap() {
-        Outcome::Created(signal) | Outcome::Existing(signal) => signal.id,
-    };
+    let chat = support::held_store::group(&state, &alice, "pushed", &[bob.id]).await;
+    let sent = support::held_store::message(&state, &alice, chat, "are you there?").await;
 
     api.store.fail_next(Held::ReactionCountsRead);
     let page = state

@@ -384,19 +384,15 @@ on_both_stacks!(the_log_ends_with_the_furthest_mark);
 /// sent that message. Views list the members a message was sent to who reached it.
 async fn a_member_added_later_has_not_seen_what_came_before(stack: Stack) {
     use confab_api::domain::Outcome;
-    use confab_api::domain::chats::ChatToCreate;
+
     use confab_api::domain::inputs::MessageText;
     use confab_api::domain::signals::NewMessage;
-    use confab_schema::ChatKind;
+
     let api = HeldApi::new(stack).await;
     let alice = api.user("alice").await;
     let bob = api.user("bob").await;
     let carol = api.user("carol").await;
-    let chat =
-        ChatToCreate::parse(ChatKind::Group, Some("views".into()), None, vec![bob.id]).unwrap();
-    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
-        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
-    };
+    let chat = support::held_store::group(&api.state, &alice, "views", &[bob.id]).await;
     let send = |text: &str| NewMessage {
         nonce: None,
         text: Some(MessageText::parse(text.into()).unwrap()),
@@ -463,12 +459,7 @@ on_both_stacks!(a_member_added_later_has_not_seen_what_came_before);
 /// counted the message unread until a further mark. The retry now writes the marker again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cql_the_retry_of_a_half_written_mark_writes_the_readers_copy() {
-    use confab_api::domain::Outcome;
-    use confab_api::domain::chats::ChatToCreate;
-    use confab_api::domain::inputs::MessageText;
-    use confab_api::domain::signals::NewMessage;
     use confab_api::store::cql::{CqlOptions, CqlStore};
-    use confab_schema::ChatKind;
 
     let name = "cql_the_retry_of_a_half_written_mark_writes_the_readers_copy";
     if !support::real_stack_available(name).await {
@@ -477,20 +468,8 @@ async fn cql_the_retry_of_a_half_written_mark_writes_the_readers_copy() {
     let api = HeldApi::new(Stack::Real).await;
     let alice = api.user("alice").await;
     let bob = api.user("bob").await;
-    let chat =
-        ChatToCreate::parse(ChatKind::Group, Some("halves".into()), None, vec![bob.id]).unwrap();
-    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
-        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
-    };
-    let message = NewMessage {
-        nonce: None,
-        text: Some(MessageText::parse("read me".into()).unwrap()),
-        reply_to: None,
-        attachments: Default::default(),
-    };
-    let sent = match api.state.send_message(&alice, chat, message).await.unwrap() {
-        Outcome::Created(signal) | Outcome::Existing(signal) => signal.id,
-    };
+    let chat = support::held_store::group(&api.state, &alice, "halves", &[bob.id]).await;
+    let sent = support::held_store::message(&api.state, &alice, chat, "read me").await;
     let unread = async || {
         let listed = api
             .state

@@ -242,20 +242,14 @@ async fn the_asyncapi_document_describes_every_event_received() {
 /// A typing call whose publish failed does not count for the throttle: the client's retry, within
 /// the throttle's interval, publishes (it used to answer 204 and publish nothing).
 async fn a_typing_whose_publish_failed_is_published_by_its_retry(stack: Stack) {
-    use confab_api::domain::Outcome;
-    use confab_api::domain::chats::ChatToCreate;
+    use confab_schema::Event;
     use confab_schema::event::EventKind;
-    use confab_schema::{ChatKind, Event};
     use futures::StreamExt;
     use support::held_store::HeldApi;
     let api = HeldApi::new(stack).await;
     let alice = api.user("alice").await;
     let bob = api.user("bob").await;
-    let chat =
-        ChatToCreate::parse(ChatKind::Group, Some("typing".into()), None, vec![bob.id]).unwrap();
-    let chat = match api.state.create_chat(&alice, chat).await.unwrap() {
-        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
-    };
+    let chat = support::held_store::group(&api.state, &alice, "typing", &[bob.id]).await;
     let mut ephemeral = confab_runtime::bus::Bus::subscribe_ephemeral(&*api.bus)
         .await
         .unwrap();

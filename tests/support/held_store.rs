@@ -1288,3 +1288,45 @@ impl HeldApi {
         }
     }
 }
+
+/// A group of `owner`'s named `name` with `members`, made through `state`'s operation.
+pub async fn group(
+    state: &confab_api::ApiState,
+    owner: &User,
+    name: &str,
+    members: &[UserId],
+) -> ChatId {
+    use confab_api::domain::Outcome;
+    use confab_api::domain::chats::ChatToCreate;
+    let chat = ChatToCreate::parse(
+        confab_schema::ChatKind::Group,
+        Some(name.into()),
+        None,
+        members.to_vec(),
+    )
+    .unwrap();
+    match state.create_chat(owner, chat).await.unwrap() {
+        Outcome::Created(chat) | Outcome::Existing(chat) => chat.id,
+    }
+}
+
+/// `author`'s message `text` in `chat`, sent through `state`'s operation: its id.
+pub async fn message(
+    state: &confab_api::ApiState,
+    author: &User,
+    chat: ChatId,
+    text: &str,
+) -> confab_schema::SignalId {
+    use confab_api::domain::Outcome;
+    use confab_api::domain::inputs::MessageText;
+    use confab_api::domain::signals::NewMessage;
+    let message = NewMessage {
+        nonce: None,
+        text: Some(MessageText::parse(text.into()).unwrap()),
+        reply_to: None,
+        attachments: Default::default(),
+    };
+    match state.send_message(author, chat, message).await.unwrap() {
+        Outcome::Created(signal) | Outcome::Existing(signal) => signal.id,
+    }
+}
