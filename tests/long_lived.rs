@@ -15,15 +15,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// A ticket for `token`'s user, as `POST /v1/events/ticket` answers it.
 async fn issue_ticket(app: &support::TestApp, token: &str) -> Value {
-    app.http
-        .post(app.url("/v1/events/ticket"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    let issued = app.post(token, "/v1/events/ticket", &json!({})).await;
+    assert_eq!(issued.status(), 200);
+    issued.json().await.unwrap()
 }
 
 /// Waits until `issued`, a ticket, is past its own lifetime.
@@ -201,16 +195,7 @@ async fn a_stream_opened_with_a_ticket_ends_when_its_token_expires() {
         .unwrap()
         .mint("bob", Duration::from_secs(2));
     app.me(&short).await;
-    let issued: Value = app
-        .http
-        .post(app.url("/v1/events/ticket"))
-        .bearer_auth(&short)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let issued = issue_ticket(&app, &short).await;
     let ticket = issued["ticket"].as_str().unwrap();
     SseStream::open(
         app.http
